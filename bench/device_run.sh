@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device session: GPU correctness of the fused backend, then the layer benchmark, logs in $OUT.
+#   source .whl/gpu_env.sh && bash bench/device_run.sh [STEPS...]   (steps: check2 check4 bench4 ...)
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD:${PYTHONPATH:-} FLASHMOE_COMMIT=${FLASHMOE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+NG=$(nvidia-smi -L | wc -l)
+run() {  # name, limit_s, nproc, script args...
+  local name=$1 limit=$2 n=$3; shift 3
+  echo "=== $name (n=$n, limit ${limit}s) $(date -u +%FT%TZ)"
+  timeout -k 10 "$limit" torchrun --nproc-per-node "$n" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== $name rc=$? $(date -u +%FT%TZ)"; tail -n 25 "$OUT/$name.log"
+}
+for step in "$@"; do
+  case $step in
+    check*) n=${step#check}; run "check_w$n" 420 "$n" tests/gpu/check_flash.py --calls "${CALLS:-1000}" \
+              ${PRESETS:+--presets} --out "$OUT/check_w$n.json" ;;
+    bench*) n=${step#bench}; run "bench_w$n" 540 "$n" bench/layer.py --backends torch flash \
+              ${BENCH_ARGS:-} --out "$OUT/bench_w$n.json" ;;
+  esac
+done

@@ -1,0 +1,298 @@
+"""The MoE layer benchmark: torchrun over presets, token counts, routing skews and backends.
+
+    torchrun --nproc-per-node N bench/layer.py [--preset P ...] [--tokens T ...] [--backends B ...]
+
+On GPUs (NCCL) it measures the node's ceilings first, checks every backend against the reference,
+then times each point (CUDA events, median over iterations and input sets, max over ranks). On a
+CPU-only machine it runs the `tiny` preset over gloo. Rank 0 prints a table and writes JSON rows."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flashmoe_py as fm  # noqa: E402
+from flashmoe_py import PRESETS, MoEConfig, MoELayer, reference_forward  # noqa: E402
+from flashmoe_py.heap import heap_bytes_for  # noqa: E402
+from flashmoe_py.runtime import detect_launcher  # noqa: E402
+
+ROUTINGS = ("uniform", "zipf", "one_hot")
+CHECK_TOKENS = 256  # tokens per rank compared against the float32 reference before timing
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", nargs="+", default=None, help=f"of {sorted(PRESETS)}; default: "
+                   "the three model presets on GPUs, 'tiny' on the CPU")
+    p.add_argument("--custom", nargs=4, type=int, metavar=("HIDDEN", "FFN", "EXPERTS", "TOP_K"),
+                   help="a custom shape, benchmarked beside the presets")
+    p.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+    p.add_argument("--tokens", nargs="+", type=int, default=None,
+                   help="tokens per rank (default 128 ... 16384 on GPUs, 64 256 on the CPU)")
+    p.add_argument("--backends", nargs="+", default=["torch"])
+    p.add_argument("--routing", nargs="+", default=["uniform"], choices=ROUTINGS)
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per input set")
+    p.add_argument("--input-sets", type=int, default=3)
+    p.add_argument("--out", default=None, help="JSON file (default bench/results/layer-<device>-<world>.json)")
+    return p.parse_args(argv)
+
+
+def setup_distributed(heap_bytes: int | None) -> tuple[int, int, torch.device]:
+    """torch.distributed (NCCL on GPUs, gloo on the CPU); with NVSHMEM too for the fused backend
+    (heap_bytes given)."""
+    if heap_bytes is not None:
+        rt = fm.init(heap_bytes=heap_bytes)
+        return rt.rank, rt.world_size, rt.device
+    if "RANK" not in os.environ:  # plain `python bench/layer.py`: one rank
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        os.environ[var] = "1" if var != "NCCL_NVLS_ENABLE" else "0"
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def steer_routing(layer: MoELayer, x: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+    """Bias the router along one direction u that every token shares, so the expert popularity
+    follows `kind`: uniform (no bias), zipf (bias log 1/(i+1) for a shuffled rank i), one_hot
+    (one expert wins every token's first choice). Modifies layer.router_weight; returns new x."""
+    E, H = layer.config.num_experts, layer.config.hidden_size
+    if kind == "uniform":
+        return x
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(H, generator=g)
+    u = (u / u.norm()).to(x.device)
+    if kind == "zipf":
+        bias = -torch.log(torch.randperm(E, generator=g).float() + 1.0) * 2.0
+    else:
+        bias = torch.zeros(E)
+        bias[int(torch.randint(E, (1,), generator=g))] = 50.0
+    c = 4.0  # every token's component along u
+    xf = x.float()
+    xf = xf - (xf @ u)[:, None] * u + c * u
+    with torch.no_grad():
+        w = layer.router_weight.float()
+        w = w - (w @ u)[:, None] * u + (bias.to(x.device) / c)[:, None] * u
+        layer.router_weight.copy_(w)
+    return xf.to(x.dtype)
+
+
+class Timer:
+    """Median of per-iteration times in µs: CUDA events on GPUs, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn, iters: int, warmup: int) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        dist.barrier()
+        times = []
+        for _ in range(iters):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+        return times
+
+
+def max_over_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def measure_ceilings(device: torch.device, world: int) -> dict:
+    """This node's bf16 GEMM rate, HBM copy bandwidth and all-to-all bandwidth per GPU."""
+    if device.type != "cuda":
+        return {}
+    timer = Timer(device)
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    gemm_us = statistics.median(timer.time(lambda: a @ b, 10, 3))
+    src = torch.randn(1 << 29, device=device, dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_us = statistics.median(timer.time(lambda: dst.copy_(src), 10, 3))
+    del a, b, src, dst
+    # The slowest rank's rates (max of negatives).
+    out = {"bf16_tflops": -max_over_ranks(-2 * n**3 / gemm_us / 1e6, device),
+           "hbm_gbps": -max_over_ranks(-2 * (1 << 30) / copy_us / 1e3, device)}
+    if world > 1:
+        per_rank = 256 << 20
+        send = torch.randn(per_rank // 2, device=device, dtype=torch.bfloat16)
+        recv = torch.empty_like(send)
+        a2a_us = max_over_ranks(statistics.median(
+            timer.time(lambda: dist.all_to_all_single(recv, send), 10, 3)), device)
+        out["a2a_gbps"] = per_rank * (world - 1) / world / a2a_us / 1e3
+    return out
+
+
+def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict) -> float | None:
+    """The physical floor per forward: max of the compute, HBM and NVLink terms (µs)."""
+    if not ceilings:
+        return None
+    bytes_el = torch.tensor([], dtype=cfg.torch_dtype).element_size()
+    H, F, Fin, k = cfg.hidden_size, cfg.ffn_size, cfg.ffn_in_size, cfg.top_k
+    slots = tokens * k  # per rank, balanced on average
+    compute = 2 * slots * H * (Fin + F) / (ceilings["bf16_tflops"] * 1e6)
+    L = cfg.num_experts // world
+    weights = L * H * (Fin + F) * bytes_el
+    acts = tokens * H * bytes_el * 2 + slots * H * bytes_el * 4  # x, out, slot rows in and out
+    hbm = (weights + acts) / (ceilings["hbm_gbps"] * 1e3)
+    link = 0.0
+    if world > 1:
+        link = 2 * slots * H * bytes_el * (world - 1) / world / (ceilings["a2a_gbps"] * 1e3)
+    return max(compute, hbm, link)
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("FLASHMOE_COMMIT", "unknown")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
+    """One (config, backend, routing, tokens) point -> a JSON row (on every rank)."""
+    extra = {"max_tokens_per_rank": tokens} if backend == "flash" else {}
+    layer = MoELayer(cfg, backend=backend, device=device, seed=seed, **extra)
+    gen = torch.Generator().manual_seed(seed * 131 + rank)
+    xs = [torch.randn(tokens, cfg.hidden_size, generator=gen).to(device, cfg.torch_dtype)
+          for _ in range(args.input_sets)]
+    xs = [steer_routing(layer, x, routing, seed) for x in xs]  # same steering on every rank
+    with torch.inference_mode():
+        out = layer(xs[0])[:CHECK_TOKENS]
+        ref = reference_forward(xs[0][:CHECK_TOKENS], *layer.full_weights(), cfg)
+        layer.synchronize()
+    err = max_over_ranks(rel_err(out, ref), device)
+    tol = 1e-2 if cfg.dtype == "bfloat16" else (1e-4 if device.type == "cuda" else 1e-5)
+    row = {"config": cfg.to_dict(), "tokens_per_rank": tokens, "world": world, "backend": backend,
+           "routing": routing, "rel_err": err, "ok": err <= tol}
+    row["median_us"] = None
+    if row["ok"]:
+        iters = args.iters or (20 if device.type == "cuda" else 5)
+        times = []
+        with torch.inference_mode():
+            for x in xs:
+                times += Timer(device).time(lambda: layer(x), iters, warmup=3)
+            layer.synchronize()
+        row["median_us"] = max_over_ranks(statistics.median(times), device)
+    if backend == "flash":
+        layer.backend.close()
+    return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    gpu = torch.cuda.is_available()
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    names = args.preset or (["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3"] if gpu else ["tiny"])
+    configs = [(n, PRESETS[n].replace(dtype=dtype)) for n in names]
+    if args.custom:
+        h, f, e, k = args.custom
+        configs.append(("custom", MoEConfig(h, f, e, k, dtype=dtype)))
+    tokens_list = args.tokens or ([128, 512, 2048, 4096, 8192, 16384] if gpu else [64, 256])
+    heap = None
+    if "flash" in args.backends:
+        world = detect_launcher().world_size
+        heap = max(heap_bytes_for(c, world, max(tokens_list)) for _, c in configs)
+    rank, world, device = setup_distributed(heap)
+    ceilings = measure_ceilings(device, world)
+    meta = {"device": torch.cuda.get_device_name(device) if gpu else "cpu",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "torch": torch.__version__, "comm": dist.get_backend()}
+    points = [(n, c, b, r, t) for n, c in configs for r in args.routing for t in tokens_list
+              for b in args.backends]
+    progress = None
+    if rank == 0:
+        try:
+            from tqdm import tqdm
+            progress = tqdm(total=len(points), desc="sweep", file=sys.stderr)
+        except ImportError:
+            pass
+    rows = []
+    for i, (name, cfg, backend, routing, tokens) in enumerate(points):
+        row = bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed=1000 + i)
+        row.update(preset=name, floor_us=floor_us(cfg, tokens, world, ceilings), **meta)
+        if row["median_us"]:
+            slots = tokens * cfg.top_k
+            row["tokens_per_s"] = tokens * world / row["median_us"] * 1e6
+            row["tflops"] = 2 * slots * cfg.hidden_size * (cfg.ffn_in_size + cfg.ffn_size) / row["median_us"] / 1e6
+        rows.append(row)
+        if progress:
+            progress.update()
+        if gpu:
+            torch.cuda.empty_cache()
+    if progress:
+        progress.close()
+    if rank == 0:
+        for row in rows:  # speed-up over each other backend at the same point
+            same = [r for r in rows if r["median_us"] and (r["preset"], r["routing"], r["tokens_per_rank"])
+                    == (row["preset"], row["routing"], row["tokens_per_rank"])]
+            if row["median_us"]:
+                row["speedup"] = {r["backend"]: r["median_us"] / row["median_us"] for r in same}
+        print_table(rows, ceilings, meta, world)
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                       f"layer-{'gpu' if gpu else 'cpu'}-w{world}.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"meta": {**meta, "world": world, "ceilings": ceilings}, "rows": rows}, f, indent=1)
+        print(f"wrote {out}")
+    if "flash" in args.backends:
+        fm.finalize()
+    else:
+        dist.destroy_process_group()
+
+
+def print_table(rows, ceilings, meta, world):
+    print(f"\n{meta['device']} x{world}  {meta['comm']}  torch {meta['torch']}  commit {meta['commit']}  "
+          f"{meta['date']}")
+    if ceilings:
+        print("ceilings: " + "  ".join(f"{k}={v:.0f}" for k, v in ceilings.items()))
+    head = f"{'preset':<14}{'routing':<9}{'tokens':>7} {'backend':<9}{'median_us':>11}{'floor_us':>10}" \
+           f"{'of_floor':>9}{'TFLOP/s':>9}{'rel_err':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        med = f"{r['median_us']:.1f}" if r["median_us"] else "FAILED"
+        fl = f"{r['floor_us']:.1f}" if r["floor_us"] else "-"
+        frac = f"{r['floor_us'] / r['median_us']:.0%}" if r["floor_us"] and r["median_us"] else "-"
+        tf = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
+        print(f"{r['preset']:<14}{r['routing']:<9}{r['tokens_per_rank']:>7} {r['backend']:<9}{med:>11}"
+              f"{fl:>10}{frac:>9}{tf:>9}{r['rel_err']:>10.1e}")
+
+
+if __name__ == "__main__":
+    main()

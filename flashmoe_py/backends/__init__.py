@@ -1,0 +1,1 @@
+"""Implementations of the MoE forward selected by MoELayer(backend=...)."""

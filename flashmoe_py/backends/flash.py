@@ -1,0 +1,223 @@
+"""backend="flash": launcher for the persistent fused kernel (kernels/fused_moe.py).
+
+Per forward: a routing plan in torch ops (no host synchronisation), then one kernel launch that
+dispatches, runs the expert FFN and combines. Buffers live on the NVSHMEM symmetric heap and are
+reached through peer addresses (transport "p2p")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..config import MoEConfig
+from ..kernels.fused_moe import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, WAIT_HIDDEN, launch_fused
+from ..routing import route
+
+STATUS_WAITS = {WAIT_COUNTS.value: "count words (what each source sends)",
+                WAIT_CHUNK.value: "a dispatched chunk to arrive",
+                WAIT_HIDDEN.value: "a hidden tile from another program",
+                WAIT_COMBINE.value: "expert outputs to come back"}
+
+
+class FusedKernelError(RuntimeError):
+    """A bounded wait in the fused kernel timed out; the layer is unusable afterwards."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Tile sizes and buffer extents shared by the launcher, the heap plan and the kernel.
+
+    S:    rows of one source's region at a destination: every slot it can send there
+          (tokens * min(top_k, L)) plus one partly filled BM-chunk per local expert.
+    MAXC: BM-chunks one (source, expert) pair can fill (each token picks an expert once)."""
+
+    world_size: int
+    local_experts: int
+    max_tokens: int
+    hidden: int
+    ffn: int
+    top_k: int
+    BM: int = 64
+    BN: int = 128
+    BF: int = 128
+    BK: int = 64
+    BT: int = 32
+
+    @property
+    def S(self) -> int:
+        return self.max_tokens * min(self.top_k, self.local_experts) + self.local_experts * self.BM
+
+    @property
+    def MAXC(self) -> int:
+        return triton.cdiv(max(self.max_tokens, 1), self.BM)
+
+    @property
+    def MAXQ(self) -> int:
+        """Expert tiles a rank can have to run: every slot it can receive, plus one partial tile
+        per local expert."""
+        return triton.cdiv(self.world_size * self.max_tokens * min(self.top_k, self.local_experts),
+                           self.BM) + self.local_experts
+
+    @property
+    def NF(self) -> int:
+        return triton.cdiv(self.ffn, self.BF)
+
+    @property
+    def NN(self) -> int:
+        return triton.cdiv(self.hidden, self.BN)
+
+    def symmetric_buffers(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Buffers every rank must hold at the same symmetric address."""
+        W, L, S, H = self.world_size, self.local_experts, self.S, self.hidden
+        return {"recv_x": ((W, S, H), dtype), "combine_y": ((W, S, H), dtype),
+                "count_words": ((2, W, L), torch.int64),
+                "chunk_flags": ((W, L, self.MAXC), torch.int32),
+                "combine_counts": ((W, L, self.MAXC, self.NN), torch.int64)}
+
+    @classmethod
+    def for_config(cls, config: MoEConfig, world_size: int, max_tokens: int) -> Geometry:
+        return cls(world_size, config.local_experts(world_size), max_tokens, config.hidden_size,
+                   config.ffn_size, config.top_k)
+
+
+@dataclass
+class RoutingPlan:
+    """Where each of this rank's token-slots goes (E = W*L pairs in (rank, slot) order, K = top_k):
+    send_tok [T*K] int32, pos_start/send_counts/region_off [E] int32, chunk_pos/chunk_c [C] int32,
+    slot_dest/slot_row/slot_flag [T, K] int32 (-1 for dropped slots), slot_w [T, K] fp32;
+    chunk_rows [E, MAXC] int64: rows this rank sends in each chunk (what comes back into it)."""
+
+    send_tok: torch.Tensor
+    pos_start: torch.Tensor
+    send_counts: torch.Tensor
+    region_off: torch.Tensor
+    chunk_pos: torch.Tensor
+    chunk_c: torch.Tensor
+    slot_dest: torch.Tensor
+    slot_row: torch.Tensor
+    slot_flag: torch.Tensor
+    slot_w: torch.Tensor
+    chunk_rows: torch.Tensor
+    stats: dict
+
+
+def routing_plan(x: torch.Tensor, router_weight: torch.Tensor, positions: torch.Tensor,
+                 config: MoEConfig, geo: Geometry) -> RoutingPlan:
+    """x: [T, H]; positions: [E] int64 (placement). Torch ops only, no host synchronisation."""
+    T, K, E, L, BM = x.shape[0], config.top_k, config.num_experts, geo.local_experts, geo.BM
+    dev = x.device
+    r = route(x, router_weight, config)
+    flat = positions[r.experts].reshape(-1)
+    if r.kept is not None:
+        flat = torch.where(r.kept.reshape(-1), flat, E)  # dropped slots sort last, into bin E
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=E + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_pos = torch.empty_like(flat)
+    rank_in_pos[order] = torch.arange(flat.numel(), device=dev) - starts[flat[order]]
+    counts, starts = counts[:E], starts[:E]
+    nchunks = (counts + BM - 1) // BM
+    padded = (nchunks * BM).view(-1, L)
+    region_off = (torch.cumsum(padded, 1) - padded).reshape(E)
+    live = flat < E
+    pos = flat.clamp(max=E - 1)
+    slot_dest = torch.where(live, pos // L, -1)
+    slot_row = torch.where(live, region_off[pos] + rank_in_pos, -1)
+    slot_flag = torch.where(live, pos * geo.MAXC + rank_in_pos // BM, -1)
+    n_send = triton.cdiv(T * K, BM) + E
+    cum = torch.cumsum(nchunks, 0)
+    q = torch.arange(n_send, device=dev)
+    chunk_pos = torch.searchsorted(cum, q, right=True).clamp(max=E - 1)
+    chunk_c = q - (cum - nchunks)[chunk_pos]
+    chunk_pos = torch.where(q < cum[-1], chunk_pos, -1)
+    first_row = torch.arange(geo.MAXC, device=dev) * BM
+    chunk_rows = (counts[:, None] - first_row).clamp(0, BM)
+    i32 = torch.int32
+    stats = {"expert_counts": torch.bincount(r.experts.reshape(-1), minlength=E),
+             "dropped_slots": (~live).sum()}
+    return RoutingPlan(
+        send_tok=(order // K).to(i32), pos_start=starts.to(i32), send_counts=counts.to(i32),
+        region_off=region_off.to(i32), chunk_pos=chunk_pos.to(i32), chunk_c=chunk_c.to(i32),
+        slot_dest=slot_dest.view(T, K).to(i32), slot_row=slot_row.view(T, K).to(i32),
+        slot_flag=slot_flag.view(T, K).to(i32), slot_w=r.weights.float().contiguous(),
+        chunk_rows=chunk_rows, stats=stats)
+
+
+class FlashBackend:
+    """Owns one layer's symmetric buffers, local scratch and epoch, and launches the fused kernel.
+
+    Collective at construction (symmetric allocation). Needs flashmoe_py.init() with NVSHMEM first."""
+
+    name = "flash"
+
+    def __init__(self, layer, max_tokens_per_rank: int, timeout_s: float):
+        from .. import runtime
+        from ..heap import SymmetricHeap
+        rt = runtime.require_fused()
+        cfg = layer.config
+        self.layer = layer
+        self.geo = geo = Geometry.for_config(cfg, layer.world_size, max_tokens_per_rank)
+        self.heap = SymmetricHeap(rt)
+        self.heap.allocate(geo.symmetric_buffers(cfg.torch_dtype))
+        self.sym = {name: self.heap[name] for name in geo.symmetric_buffers(cfg.torch_dtype)}
+        for t in self.sym.values():
+            t.zero_()
+        self.peers = {name: self.heap.peer_ptrs(name) for name in self.sym}
+        dev = layer.device
+        self.h = torch.empty(geo.world_size, geo.S, cfg.ffn_size, dtype=cfg.torch_dtype, device=dev)
+        self.h_flags = torch.zeros(geo.MAXQ, geo.NF, dtype=torch.int32, device=dev)
+        self.comb_expect = torch.zeros(geo.world_size, geo.local_experts, geo.MAXC, dtype=torch.int64,
+                                       device=dev)
+        self.ctl = torch.tensor([1, 0, 0], dtype=torch.int64, device=dev)
+        self.status = torch.zeros(8, dtype=torch.int64, device=dev)
+        self.status_host = torch.zeros(8, dtype=torch.int64).pin_memory()
+        self.status_ready = torch.cuda.Event()
+        self.programs = torch.cuda.get_device_properties(dev).multi_processor_count
+        # A round of the bounded spin polls a flag in local memory: well under a microsecond.
+        self.spin_limit = max(1, int(timeout_s * 2e6))
+        self.failed: str | None = None
+        rt.barrier()  # zeroed flags everywhere before any peer can signal into them
+
+    def forward(self, x: torch.Tensor, error: str | None):
+        """x: [T, H]. A rank whose input is rejected still runs the kernel with no tokens, so its
+        peers' forwards complete; then it raises."""
+        self.raise_if_failed(block=False)
+        layer, geo = self.layer, self.geo
+        if error is None and x.shape[0] > geo.max_tokens:
+            error = f"x has {x.shape[0]} tokens; max_tokens_per_rank={geo.max_tokens}"
+        if error is not None:
+            x = torch.empty(0, geo.hidden, dtype=layer.config.torch_dtype, device=layer.device)
+        plan = routing_plan(x, layer.router_weight, layer.expert_positions, layer.config, geo)
+        out = torch.empty_like(x)
+        self.comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
+        launch_fused(x, out, layer.w_in, layer.w_out, plan, self.sym, self.peers, self.h, self.h_flags,
+                     self.comb_expect, self.ctl, self.status, geo=geo, activation=layer.config.activation,
+                     rank=layer.rank, spin_limit=self.spin_limit, programs=self.programs)
+        self.status_host.copy_(self.status, non_blocking=True)
+        self.status_ready.record()
+        if error is not None:
+            raise ValueError(error)
+        return out, plan.stats
+
+    def raise_if_failed(self, block: bool) -> None:
+        """Raise FusedKernelError if a finished launch recorded a timeout (block: wait for it)."""
+        if self.failed is None:
+            if block:
+                self.status_ready.synchronize()
+            elif not self.status_ready.query():
+                return
+            code, wait, pe, pair, chunk, epoch = self.status_host[:6].tolist()
+            if code:
+                L = self.geo.local_experts
+                self.failed = (f"fused MoE kernel on rank {self.layer.rank} timed out in call {epoch} "
+                               f"waiting for {STATUS_WAITS.get(wait, wait)}"
+                               + (f" from rank {pe}" if pe >= 0 else "")
+                               + (f" (source rank {pair // L}, local expert {pair % L}, chunk {chunk})"
+                                  if pair >= 0 else ""))
+        if self.failed is not None:
+            raise FusedKernelError(self.failed)
+
+    def close(self) -> None:
+        self.heap.free()

@@ -1,0 +1,142 @@
+"""backend="torch": route, all-to-all dispatch, grouped expert FFN, all-to-all combine, weighted sum.
+
+The portable path (gloo on the CPU, NCCL on GPUs) and the baseline the fused kernel must beat. One
+host synchronisation per forward is inherent to it: the all-to-all split sizes must be on the host."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+
+from ..reference import activate
+from ..routing import route
+
+
+class PeerInputError(RuntimeError):
+    """Another rank rejected its input; this rank aborts the same forward instead of hanging."""
+
+
+@functools.cache
+def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs and is right for this device and dtype (probed once)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(48, 32, generator=g).to(device_type, dtype)
+        b = torch.randn(3, 32, 16, generator=g).to(device_type, dtype)
+        offs = torch.tensor([16, 16, 48], dtype=torch.int32, device=device_type)
+        got = torch._grouped_mm(a, b, offs=offs).float()
+        want = torch.cat([a[:16].float() @ b[0].float(), a[16:48].float() @ b[2].float()])
+        return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+               activation: str) -> torch.Tensor:
+    """Grouped expert FFN over rows sorted by local expert.
+
+    x: [N, hidden]; counts: [local_experts] int64 rows per expert (sum N); w_in: [L, hidden, ffn_in];
+    w_out: [L, ffn, hidden]. Returns [N, hidden] in x.dtype; activation math in fp32."""
+    if x.shape[0] == 0:
+        return x.new_empty(0, w_out.shape[-1])
+    if _grouped_mm_works(x.device.type, x.dtype):
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = torch._grouped_mm(x, w_in, offs=offs)
+        a = activate(h.float(), activation).to(x.dtype)
+        return torch._grouped_mm(a, w_out, offs=offs)
+    out = torch.empty(x.shape[0], w_out.shape[-1], dtype=x.dtype, device=x.device)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            h = x[start:start + n] @ w_in[e]
+            out[start:start + n] = activate(h.float(), activation).to(x.dtype) @ w_out[e]
+            start += n
+    return out
+
+
+class TorchEPBackend:
+    """Expert parallelism with torch.distributed all-to-all (single process when world_size == 1)."""
+
+    name = "torch"
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, error: str | None):
+        """x: [T, hidden] in the layer's dtype and device, or anything when `error` says why it was
+        rejected; the error is shared with every rank before it is raised. -> (out [T, hidden], stats)."""
+        layer, cfg = self.layer, self.layer.config
+        W, L, E, k = layer.world_size, layer.local_experts, cfg.num_experts, cfg.top_k
+        device = layer.router_weight.device
+        if error is None:
+            r = route(x, layer.router_weight, cfg)
+            T = x.shape[0]
+            slot_pos = layer.expert_positions[r.experts].reshape(-1)  # [T*k] (rank, slot) order
+            slot_tok = torch.arange(T, device=device).repeat_interleave(k)
+            slot_w = r.weights.reshape(-1)
+            if r.kept is not None:
+                keep = r.kept.reshape(-1)
+                slot_pos, slot_tok, slot_w = slot_pos[keep], slot_tok[keep], slot_w[keep]
+            order = torch.sort(slot_pos, stable=True).indices
+            slot_tok, slot_w = slot_tok[order], slot_w[order]
+            send_counts = torch.bincount(slot_pos, minlength=E).view(W, L)
+            stats = {"expert_counts": torch.bincount(r.experts.reshape(-1), minlength=E),
+                     "dropped_slots": (torch.zeros((), dtype=torch.int64, device=device)
+                                       if r.kept is None else (~r.kept).sum())}
+        else:
+            send_counts = torch.zeros(W, L, dtype=torch.int64, device=device)
+
+        if W == 1:
+            if error is not None:
+                raise ValueError(error)
+            recv_counts = send_counts
+            y_sorted = expert_ffn(x[slot_tok], send_counts[0], layer.w_in, layer.w_out, cfg.activation)
+        else:
+            recv_counts = self._exchange_counts(send_counts, error)
+            y_sorted = self._dispatch_compute_combine(x[slot_tok], send_counts, recv_counts)
+
+        out = torch.zeros(x.shape[0], cfg.hidden_size, dtype=torch.float32, device=device)
+        out.index_add_(0, slot_tok, y_sorted.float() * slot_w.unsqueeze(1))
+        return out.to(x.dtype), stats
+
+    def _exchange_counts(self, send_counts: torch.Tensor, error: str | None) -> torch.Tensor:
+        """send_counts: [W, L] rows this rank sends to each (rank, local expert). Returns recv_counts
+        [W, L]: rows each source rank sends to this rank's experts. A flag column carries input
+        errors, so a rank that rejects its input still completes this exchange, then all raise."""
+        layer = self.layer
+        flag = torch.full((layer.world_size, 1), int(error is not None), dtype=torch.int64,
+                          device=send_counts.device)
+        send = torch.cat([send_counts, flag], dim=1).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=layer.process_group)
+        if error is not None:
+            raise ValueError(error)
+        bad = torch.nonzero(recv[:, -1]).flatten().tolist()
+        if bad:
+            raise PeerInputError(f"rank(s) {bad} rejected their input to this MoE forward; "
+                                 f"rank {layer.rank} aborts it too (see the error on those ranks)")
+        return recv[:, :-1]
+
+    def _dispatch_compute_combine(self, send_x: torch.Tensor, send_counts: torch.Tensor,
+                                  recv_counts: torch.Tensor) -> torch.Tensor:
+        """send_x: [S, hidden] rows sorted by (dest rank, local expert). Returns each row's expert
+        output, in the same order."""
+        layer, cfg = self.layer, self.layer.config
+        group, L = layer.process_group, layer.local_experts
+        counts = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one host sync
+        send_splits, recv_splits = counts
+        recv_x = send_x.new_empty(sum(recv_splits), cfg.hidden_size)
+        dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=group)
+        # Received rows are ordered (source rank, local expert); the FFN wants (local expert, source).
+        row_expert = torch.arange(L, device=recv_x.device).repeat(layer.world_size)
+        row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=recv_x.shape[0])
+        perm = torch.sort(row_expert, stable=True).indices
+        y = torch.empty_like(recv_x)
+        y[perm] = expert_ffn(recv_x[perm], recv_counts.sum(0), layer.w_in, layer.w_out, cfg.activation)
+        back = send_x.new_empty(send_x.shape[0], cfg.hidden_size)
+        dist.all_to_all_single(back, y, send_splits, recv_splits, group=group)
+        return back

@@ -1,0 +1,1 @@
+"""Triton kernels: the fused persistent MoE kernel and its device-side transport."""

@@ -1,0 +1,359 @@
+"""The persistent fused MoE kernel: dispatch -> expert FFN -> combine in one launch per GPU.
+
+Work is a single queue of tasks per GPU, taken in increasing order from an atomic counter:
+
+    [publish counts] [dispatch chunk ...] [ffn_in tile ...] [ffn_out tile ...] [combine tile ...]
+
+  publish counts  tell every destination how many rows of each of its experts this rank sends;
+  dispatch_chunk  copy up to BM token rows of one (destination, expert) pair into the destination's
+                  receive slots, then raise that chunk's arrival flag there;
+  ffn_in_tile     BM rows of one local expert, gathered across source regions, once their chunks
+                  have arrived: h = act(x_rows @ w_in[e][:, f-tile]) -> h_buf;
+  ffn_out_tile    y = h_rows @ w_out[e][:, n-tile], streaming over f-tiles as their flags rise,
+                  written straight into each row's source rank, whose per-chunk row counter it bumps;
+  combine_tile    for BT of this rank's tokens and one n-tile: wait for its k expert rows, weighted sum.
+
+An expert's tiles span all sources, so its weights are read once per BM rows it received in all,
+not once per source.
+
+Deadlock freedom: a task waits only on tasks with smaller ids (here) or on tasks of other GPUs that
+wait only on smaller phases there; ids are handed out in order, so a waited-on task has already been
+taken by a running program. Every wait is bounded (spin_limit rounds); a timeout records
+(code, wait, peer, pair, chunk, epoch) in the status word and every program stops taking tasks.
+
+Epochs: ctl[0] holds the call number (from 1). Flags store it, so none is reset. Count words are
+double-buffered by epoch parity: a fast peer may publish call n+1's counts while a slow program
+here still reads call n's. Combine counters only grow; the source compares them with its own
+running total of rows it expects (comb_expect, advanced by the launcher before each call).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .transport import peer, signal, wait_all_at_least, wait_all_equal
+
+# Status word codes for the wait that timed out (Python reads .value).
+WAIT_COUNTS = tl.constexpr(1)
+WAIT_CHUNK = tl.constexpr(2)
+WAIT_HIDDEN = tl.constexpr(3)
+WAIT_COMBINE = tl.constexpr(4)
+ACT_CODES = {"swiglu": 0, "gelu": 1, "relu": 2}
+
+
+@triton.jit
+def _report_timeout(status_ptr, wait, pe, pair, chunk, epoch):
+    if tl.atomic_cas(status_ptr, tl.cast(0, tl.int64), tl.cast(1, tl.int64), sem="relaxed") == 0:
+        tl.store(status_ptr + 1, wait)
+        tl.store(status_ptr + 2, pe)
+        tl.store(status_ptr + 3, pair)
+        tl.store(status_ptr + 4, chunk)
+        tl.store(status_ptr + 5, epoch)
+
+
+@triton.jit
+def _activate(gate, up, ACT: tl.constexpr):
+    """gate/up: [BM, BF] fp32 accumulators -> activation in fp32 (up unused unless swiglu)."""
+    if ACT == 0:  # swiglu
+        return gate / (1.0 + tl.exp(-gate)) * up
+    elif ACT == 1:  # gelu, exact erf form
+        return 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    else:  # relu
+        return tl.maximum(gate, 0.0)
+
+
+@triton.jit
+def publish_counts(count_peers, send_counts_ptr, epoch, rank, W, L, E_POW2: tl.constexpr):
+    """Write (epoch << 32 | rows) for every (destination, local expert) into the destination's
+    count words [2, W, L] (parity slot epoch % 2, row `rank`)."""
+    pos = tl.arange(0, E_POW2)
+    valid = pos < W * L
+    dest = pos // L
+    counts = tl.load(send_counts_ptr + pos, mask=valid, other=0).to(tl.int64)
+    base = tl.load(count_peers + dest, mask=valid, other=0).to(tl.pointer_type(tl.int64))
+    offset = ((epoch % 2) * W + rank) * L + pos % L
+    tl.atomic_xchg(base + offset, (epoch << 32) | counts, mask=valid, sem="release", scope="sys")
+
+
+@triton.jit
+def dispatch_chunk(q, x_ptr, send_tok_ptr, pos_start_ptr, send_counts_ptr, region_off_ptr,
+                   chunk_pos_ptr, chunk_c_ptr, recv_x_peers, chunk_flag_peers,
+                   epoch, rank, H, S, L, MAXC,
+                   BM: tl.constexpr, BN: tl.constexpr):
+    """Copy send chunk q (BM rows of one (dest, expert) pair) to the destination; raise its flag."""
+    pos = tl.load(chunk_pos_ptr + q)
+    if pos >= 0:
+        c = tl.load(chunk_c_ptr + q)
+        count = tl.load(send_counts_ptr + pos)
+        i = tl.arange(0, BM)
+        valid = c * BM + i < count
+        slot = tl.load(pos_start_ptr + pos).to(tl.int64) + c * BM + i
+        tok = tl.load(send_tok_ptr + slot, mask=valid, other=0).to(tl.int64)
+        dest, e = pos // L, pos % L
+        row = (rank * S + tl.load(region_off_ptr + pos) + c * BM + i).to(tl.int64)
+        dst = peer(recv_x_peers, dest).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        for n0 in range(0, H, BN):
+            cols = n0 + tl.arange(0, BN)
+            m = valid[:, None] & (cols[None, :] < H)
+            v = tl.load(x_ptr + tok[:, None] * H + cols[None, :], mask=m)
+            tl.store(dst + row[:, None] * H + cols[None, :], v, mask=m)
+        flags = peer(chunk_flag_peers, dest).to(tl.pointer_type(tl.int32))
+        signal(flags + (rank * L + e) * MAXC + c, epoch.to(tl.int32))
+
+
+@triton.jit
+def _count_table(words, W, L, W_POW2: tl.constexpr, L_POW2: tl.constexpr):
+    """[W_POW2, L_POW2] int32 rows each source sends to each local expert (count words, acquired)."""
+    src = tl.arange(0, W_POW2)[:, None]
+    e = tl.arange(0, L_POW2)[None, :]
+    m = (src < W) & (e < L)
+    return (tl.load(words + src * L + e, mask=m, other=0, volatile=True) & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _expert_tile(q, words, W, L, S, BM: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr):
+    """Expert tile q -> (local expert e, and per row: source rank, row in that source's region,
+    chunk of the (source, e) pair, valid). Rows of expert e are numbered source by source."""
+    counts = _count_table(words, W, L, W_POW2, L_POW2)
+    e_idx = tl.arange(0, L_POW2)
+    tiles = (tl.sum(counts, axis=0) + BM - 1) // BM
+    cum = tl.cumsum(tiles, 0)
+    e = tl.sum((cum <= q).to(tl.int32))
+    c = q - tl.sum(tl.where(e_idx < e, tiles, 0))
+    cols = e_idx[None, :]
+    per_src = tl.sum(tl.where(cols == e, counts, 0), axis=1)  # [W_POW2]
+    region = tl.sum(tl.where(cols < e, (counts + BM - 1) // BM * BM, 0), axis=1)
+    first = tl.cumsum(per_src, 0) - per_src
+    j = c * BM + tl.arange(0, BM)
+    valid = j < tl.sum(per_src)
+    s_idx = tl.arange(0, W_POW2)[None, :]
+    src = tl.sum(((first[None, :] <= j[:, None]) & (s_idx < W)).to(tl.int32), axis=1) - 1
+    pick = s_idx == src[:, None]
+    r = j - tl.sum(tl.where(pick, first[None, :], 0), axis=1)
+    row = tl.sum(tl.where(pick, region[None, :], 0), axis=1) + r
+    return e, src, row, r // BM, valid
+
+
+@triton.jit
+def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag_ptr, status_ptr,
+                epoch, spin_limit, W, L, H, F, S, MAXC, NF,
+                ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
+                BF: tl.constexpr, BK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr):
+    """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived."""
+    e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, W_POW2, L_POW2)
+    flags = chunk_flag_ptr + (src * L + e) * MAXC + chunk
+    if wait_all_equal(flags, valid, epoch.to(tl.int32), spin_limit) == 0:
+        _report_timeout(status_ptr, WAIT_CHUNK, tl.max(tl.where(valid, src, -1)), e, q, epoch)
+    else:
+        r = (src * S + row).to(tl.int64)
+        f = j * BF + tl.arange(0, BF)
+        fmask = f < F
+        F_IN = F * (2 if GATED else 1)
+        w_base = w_in_ptr + e.to(tl.int64) * H * F_IN
+        gate = tl.zeros((BM, BF), dtype=tl.float32)
+        up = tl.zeros((BM, BF), dtype=tl.float32)
+        for k0 in range(0, H, BK):
+            k = k0 + tl.arange(0, BK)
+            kmask = k < H
+            a = tl.load(recv_x_ptr + r[:, None] * H + k[None, :], mask=valid[:, None] & kmask[None, :],
+                        other=0.0, cache_modifier=".cg")
+            wm = kmask[:, None] & fmask[None, :]
+            b = tl.load(w_base + k[:, None] * F_IN + f[None, :], mask=wm, other=0.0)
+            gate = tl.dot(a, b, gate, input_precision=PRECISION)
+            if GATED:
+                b2 = tl.load(w_base + k[:, None] * F_IN + F + f[None, :], mask=wm, other=0.0)
+                up = tl.dot(a, b2, up, input_precision=PRECISION)
+        h = _activate(gate, up, ACT)
+        tl.store(h_ptr + r[:, None] * F + f[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=valid[:, None] & fmask[None, :])
+        signal(h_flag_ptr + q * NF + j, epoch.to(tl.int32))
+
+
+@triton.jit
+def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers,
+                 status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC, NF, NN,
+                 PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BF: tl.constexpr,
+                 BK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr):
+    """y[rows of expert tile q, n-tile] = h_rows @ w_out[e][:, n-tile], stored into each row's
+    source rank (its combine_y region for this rank mirrors recv_x), then one count per row."""
+    e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, W_POW2, L_POW2)
+    r = (src * S + row).to(tl.int64)
+    cols = n * BN + tl.arange(0, BN)
+    cmask = cols < H
+    w_base = w_out_ptr + e.to(tl.int64) * F * H
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    one = tl.arange(0, 1)
+    ok = 1
+    j = 0
+    while (j < NF) & (ok == 1):
+        ok = wait_all_equal(h_flag_ptr + q * NF + j + one, one == 0, epoch.to(tl.int32), spin_limit)
+        if ok == 1:
+            for kk in range(0, BF, BK):
+                f = j * BF + kk + tl.arange(0, BK)
+                fmask = f < F
+                a = tl.load(h_ptr + r[:, None] * F + f[None, :], mask=valid[:, None] & fmask[None, :],
+                            other=0.0, cache_modifier=".cg")
+                b = tl.load(w_base + f[:, None] * H + cols[None, :], mask=fmask[:, None] & cmask[None, :],
+                            other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        j += 1
+    if ok == 0:
+        _report_timeout(status_ptr, WAIT_HIDDEN, rank, e, q, epoch)
+    else:
+        dtype = h_ptr.dtype.element_ty
+        dst = peer(combine_y_peers, tl.where(valid, src, rank)).to(tl.pointer_type(dtype))
+        dst_row = (rank * S + row).to(tl.int64)
+        tl.store(dst[:, None] + dst_row[:, None] * H + cols[None, :], acc.to(dtype),
+                 mask=valid[:, None] & cmask[None, :])
+        tl.debug_barrier()
+        counters = peer(comb_count_peers, tl.where(valid, src, rank)).to(tl.pointer_type(tl.int64))
+        slot = ((rank * L + e) * MAXC + chunk).to(tl.int64) * NN + n
+        tl.atomic_add(counters + slot, tl.full((BM,), 1, tl.int64), mask=valid, sem="release", scope="sys")
+
+
+@triton.jit
+def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr, slot_dest_ptr,
+                 slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch, spin_limit, T, H, S, NN,
+                 TOP_K: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
+    """out[tokens, n-tile] = sum_k w[t, k] * y[slot(t, k), n-tile] for BT tokens, once each slot's
+    chunk counter has reached the rows this rank expects in it."""
+    t = tt * BT + tl.arange(0, BT)
+    tmask = t < T
+    cols = n * BN + tl.arange(0, BN)
+    cmask = cols < H
+    acc = tl.zeros((BT, BN), dtype=tl.float32)
+    ok = 1
+    for kk in tl.static_range(TOP_K):
+        s = t.to(tl.int64) * TOP_K + kk
+        dest = tl.load(slot_dest_ptr + s, mask=tmask, other=-1)
+        live = tmask & (dest >= 0)
+        row = tl.load(slot_row_ptr + s, mask=live, other=0).to(tl.int64)
+        chunk = tl.load(slot_flag_ptr + s, mask=live, other=0).to(tl.int64)
+        w = tl.load(slot_w_ptr + s, mask=live, other=0.0)
+        expect = tl.load(comb_expect_ptr + chunk, mask=live, other=0)
+        got = wait_all_at_least(comb_count_ptr + chunk * NN + n, live, expect, spin_limit)
+        ok = ok & got
+        y = tl.load(combine_y_ptr + (dest.to(tl.int64) * S + row)[:, None] * H + cols[None, :],
+                    mask=live[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * y.to(tl.float32)
+    if ok == 0:
+        _report_timeout(status_ptr, WAIT_COMBINE, -1, -1, tt, epoch)
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=tmask[:, None] & cmask[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "spin_limit", "rank", "SEND_CHUNKS"])
+def fused_moe_kernel(
+        x_ptr, out_ptr, w_in_ptr, w_out_ptr,
+        send_tok_ptr, pos_start_ptr, send_counts_ptr, region_off_ptr, chunk_pos_ptr, chunk_c_ptr,
+        slot_dest_ptr, slot_row_ptr, slot_flag_ptr, slot_w_ptr, comb_expect_ptr,
+        recv_x_peers, combine_y_peers, count_peers, chunk_flag_peers, comb_count_peers,
+        recv_x_ptr, combine_y_ptr, count_ptr, chunk_flag_ptr, comb_count_ptr,
+        h_ptr, h_flag_ptr, ctl_ptr, status_ptr,
+        T, spin_limit, rank, W, L, H, F, S, MAXC, SEND_CHUNKS,
+        TOP_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+        E_POW2: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr, BM: tl.constexpr,
+        BN: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+    """See the module docstring. Shapes (E = W * L pairs in (rank, slot) order, K = TOP_K):
+    x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H];
+    send_tok: [T*K] int32 (token of each sorted slot); pos_start, send_counts, region_off: [E] int32;
+    chunk_pos, chunk_c: [SEND_CHUNKS] int32 (-1 padded); slot_dest/row/flag: [T, K] int32, slot_w
+    fp32; comb_expect: [W, L, MAXC] int64 rows expected back per chunk, cumulative over calls;
+    symmetric: recv_x/combine_y [W, S, H]; count words [2, W, L] int64; chunk flags [W, L, MAXC]
+    int32; combine counters [W, L, MAXC, NN] int64; local: h [W, S, F]; h flags [MAXQ, NF] int32;
+    ctl: [3] int64 (epoch, task counter, programs done); status: [8] int64."""
+    NF = tl.cdiv(F, BF)
+    NN = tl.cdiv(H, BN)
+    epoch = tl.load(ctl_ptr)
+    n_front = 1 + SEND_CHUNKS
+    task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
+    healthy = tl.load(status_ptr, volatile=True) == 0
+    while (task < n_front) & healthy:
+        if task == 0:
+            publish_counts(count_peers, send_counts_ptr, epoch, rank, W, L, E_POW2)
+        else:
+            dispatch_chunk(task - 1, x_ptr, send_tok_ptr, pos_start_ptr, send_counts_ptr,
+                           region_off_ptr, chunk_pos_ptr, chunk_c_ptr, recv_x_peers, chunk_flag_peers,
+                           epoch, rank, H, S, L, MAXC, BM, BN)
+        task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
+        healthy = tl.load(status_ptr, volatile=True) == 0
+
+    # What every source sends to this rank's experts this call.
+    words = count_ptr + (epoch % 2) * W * L
+    idx = tl.arange(0, E_POW2)
+    valid = idx < W * L
+    spins = 0
+    now = tl.atomic_add(words + idx, 0, mask=valid, sem="acquire", scope="sys")
+    pending = tl.sum(tl.where(valid, ((now >> 32) != epoch).to(tl.int32), 0))
+    while (pending > 0) & (spins < spin_limit) & healthy:
+        now = tl.atomic_add(words + idx, 0, mask=valid, sem="acquire", scope="sys")
+        pending = tl.sum(tl.where(valid, ((now >> 32) != epoch).to(tl.int32), 0))
+        spins += 1
+    if pending > 0:
+        _report_timeout(status_ptr, WAIT_COUNTS, -1, -1, -1, epoch)
+    healthy = healthy & (pending == 0)
+    tiles = tl.sum((tl.sum(_count_table(words, W, L, W_POW2, L_POW2), axis=0) + BM - 1) // BM)
+    n_in = tiles * NF
+    n_out = tiles * NN
+    n_comb = tl.cdiv(T, BT) * NN
+    while (task < n_front + n_in + n_out + n_comb) & healthy:
+        q = task - n_front
+        if q < n_in:
+            ffn_in_tile(q // NF, q % NF, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag_ptr,
+                        status_ptr, epoch, spin_limit, W, L, H, F, S, MAXC, NF,
+                        ACT, GATED, PRECISION, BM, BF, BK, W_POW2, L_POW2)
+        elif q < n_in + n_out:
+            q -= n_in
+            ffn_out_tile(q // NN, q % NN, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers,
+                         comb_count_peers, status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC,
+                         NF, NN, PRECISION, BM, BN, BF, BK, W_POW2, L_POW2)
+        else:
+            q -= n_in + n_out
+            combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
+                         slot_dest_ptr, slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch,
+                         spin_limit, T, H, S, NN, TOP_K, BT, BN)
+        task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
+        healthy = tl.load(status_ptr, volatile=True) == 0
+
+    # The last program out rewinds the task counter and opens the next epoch.
+    if tl.atomic_add(ctl_ptr + 2, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        tl.store(ctl_ptr + 1, 0)
+        tl.store(ctl_ptr + 2, 0)
+        tl.store(ctl_ptr, epoch + 1)
+
+
+def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, comb_expect, ctl,
+                 status, *, geo, activation: str, rank: int, spin_limit: int, programs: int,
+                 num_warps: int = 8):
+    """Check shapes and launch one forward.
+
+    x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H] (one dtype); plan: a RoutingPlan;
+    sym: this rank's symmetric buffers by name (geo.symmetric_buffers); peers: the same names ->
+    [W] int64 peer base addresses; h: [W, S, F] x.dtype; h_flags: [MAXQ, NF] int32;
+    comb_expect: [W, L, MAXC] int64; ctl: [3] int64; status: [8] int64; all on x's device."""
+    T, H = x.shape
+    W, L, F = geo.world_size, geo.local_experts, geo.ffn
+    gated = activation == "swiglu"
+    expect = {"x": (x, (T, H)), "out": (out, (T, H)), "w_in": (w_in, (L, H, F * (2 if gated else 1))),
+              "w_out": (w_out, (L, F, H)), "h": (h, (W, geo.S, F)), "h_flags": (h_flags, (geo.MAXQ, geo.NF)),
+              "comb_expect": (comb_expect, (W, L, geo.MAXC))}
+    for name, (t, shape) in expect.items():
+        if tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor of shape {shape}, got "
+                             f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
+    if T > geo.max_tokens:
+        raise ValueError(f"{T} tokens exceed max_tokens_per_rank={geo.max_tokens}")
+    precision = "tf32x3" if x.dtype == torch.float32 else "tf32"
+    fused_moe_kernel[(programs,)](
+        x, out, w_in, w_out,
+        plan.send_tok, plan.pos_start, plan.send_counts, plan.region_off, plan.chunk_pos, plan.chunk_c,
+        plan.slot_dest, plan.slot_row, plan.slot_flag, plan.slot_w, comb_expect,
+        peers["recv_x"], peers["combine_y"], peers["count_words"], peers["chunk_flags"],
+        peers["combine_counts"],
+        sym["recv_x"], sym["combine_y"], sym["count_words"], sym["chunk_flags"], sym["combine_counts"],
+        h, h_flags, ctl, status,
+        T, spin_limit, rank, W, L, H, F, geo.S, geo.MAXC, plan.chunk_pos.numel(),
+        TOP_K=plan.slot_dest.shape[1], ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
+        E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
+        L_POW2=triton.next_power_of_2(L), BM=geo.BM, BN=geo.BN, BF=geo.BF, BK=geo.BK, BT=geo.BT,
+        num_warps=num_warps)

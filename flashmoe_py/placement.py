@@ -1,0 +1,183 @@
+"""Expert placement: which rank holds each global expert, and in which local slot.
+
+Every rank holds exactly `local_experts = num_experts // world_size` experts, so weight shards and
+symmetric-heap buffers have the same shape everywhere. A placement is a pure value: build it the same
+way on every rank (or serialise it with `to_dict`) and the layer checks that all ranks agree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+POLICIES = ("contiguous", "round_robin", "load_balanced")
+
+
+class PlacementError(ValueError):
+    """An invalid placement or placement request."""
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """rank_of[e], slot_of[e]: the rank holding global expert e and its local slot there."""
+
+    num_experts: int
+    world_size: int
+    rank_of: tuple[int, ...]
+    slot_of: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        E, W = self.num_experts, self.world_size
+        if W < 1 or E < 1 or E % W:
+            raise PlacementError(
+                f"num_experts={E} must be a positive multiple of world_size={W}")
+        if len(self.rank_of) != E or len(self.slot_of) != E:
+            raise PlacementError(f"rank_of and slot_of must have num_experts={E} entries")
+        L = E // W
+        seen = set()
+        for e, (r, s) in enumerate(zip(self.rank_of, self.slot_of)):
+            if not (0 <= r < W and 0 <= s < L):
+                raise PlacementError(f"expert {e} placed at (rank {r}, slot {s}), outside "
+                                     f"{W} ranks x {L} slots")
+            if (r, s) in seen:
+                raise PlacementError(f"two experts placed at (rank {r}, slot {s})")
+            seen.add((r, s))
+
+    @property
+    def local_experts(self) -> int:
+        return self.num_experts // self.world_size
+
+    def experts_on(self, rank: int) -> list[int]:
+        """Global expert ids held by `rank`, in local-slot order."""
+        held = sorted((s, e) for e, (r, s) in enumerate(zip(self.rank_of, self.slot_of))
+                      if r == rank)
+        return [e for _, e in held]
+
+    def positions(self, device=None) -> torch.Tensor:
+        """[num_experts] int64: rank_of[e] * local_experts + slot_of[e], the expert's place in the
+        (rank, slot) order that dispatch sorts by."""
+        pos = [r * self.local_experts + s for r, s in zip(self.rank_of, self.slot_of)]
+        return torch.tensor(pos, dtype=torch.int64, device=device)
+
+    def rank_loads(self, expert_load) -> list[float]:
+        """Sum of `expert_load` ([num_experts]) over the experts each rank holds."""
+        load = [float(v) for v in expert_load]
+        totals = [0.0] * self.world_size
+        for e, r in enumerate(self.rank_of):
+            totals[r] += load[e]
+        return totals
+
+    def to_dict(self) -> dict:
+        return {"num_experts": self.num_experts, "world_size": self.world_size,
+                "rank_of": list(self.rank_of), "slot_of": list(self.slot_of)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExpertPlacement:
+        return cls(d["num_experts"], d["world_size"], tuple(d["rank_of"]), tuple(d["slot_of"]))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, s: str) -> ExpertPlacement:
+        return cls.from_dict(json.loads(s))
+
+    @classmethod
+    def from_rank_lists(cls, experts_by_rank: list[list[int]]) -> ExpertPlacement:
+        """Build from, for each rank, the global experts it holds in slot order."""
+        E = sum(len(x) for x in experts_by_rank)
+        rank_of, slot_of = [-1] * E, [-1] * E
+        for r, experts in enumerate(experts_by_rank):
+            for s, e in enumerate(experts):
+                if not 0 <= e < E or rank_of[e] != -1:
+                    raise PlacementError(f"expert {e} is out of range or placed twice")
+                rank_of[e], slot_of[e] = r, s
+        return cls(E, len(experts_by_rank), tuple(rank_of), tuple(slot_of))
+
+    @classmethod
+    def contiguous(cls, num_experts: int, world_size: int) -> ExpertPlacement:
+        """Rank r holds experts [r*L, (r+1)*L)."""
+        L = _local(num_experts, world_size)
+        return cls.from_rank_lists([list(range(r * L, (r + 1) * L)) for r in range(world_size)])
+
+    @classmethod
+    def round_robin(cls, num_experts: int, world_size: int) -> ExpertPlacement:
+        """Expert e goes to rank e % world_size."""
+        _local(num_experts, world_size)
+        return cls.from_rank_lists([list(range(r, num_experts, world_size))
+                                    for r in range(world_size)])
+
+    @classmethod
+    def load_balanced(cls, expert_load, world_size: int) -> ExpertPlacement:
+        """Minimise the most-loaded rank's total for an observed per-expert load histogram.
+
+        Greedy longest-processing-time (heaviest expert to the lightest rank with a free slot),
+        refined by pairwise swaps that lower the maximum; the result is never worse than the
+        contiguous or round-robin placement, because those are candidates too.
+        """
+        load = [float(v) for v in expert_load]
+        if any(v < 0 or v != v for v in load):
+            raise PlacementError("expert_load must be finite and non-negative")
+        E = len(load)
+        L = _local(E, world_size)
+        bins: list[list[int]] = [[] for _ in range(world_size)]
+        totals = [0.0] * world_size
+        for e in sorted(range(E), key=lambda e: (-load[e], e)):
+            r = min((r for r in range(world_size) if len(bins[r]) < L), key=lambda r: (totals[r], r))
+            bins[r].append(e)
+            totals[r] += load[e]
+        _improve_by_swaps(bins, totals, load)
+        greedy = cls.from_rank_lists([sorted(b) for b in bins])
+        candidates = [greedy, cls.contiguous(E, world_size), cls.round_robin(E, world_size)]
+        return min(candidates, key=lambda p: max(p.rank_loads(load)))
+
+    @classmethod
+    def build(cls, policy: str, num_experts: int, world_size: int,
+              expert_load=None) -> ExpertPlacement:
+        """A placement by policy name: 'contiguous', 'round_robin' or 'load_balanced'
+        (the last needs `expert_load`, [num_experts])."""
+        if policy == "contiguous":
+            return cls.contiguous(num_experts, world_size)
+        if policy == "round_robin":
+            return cls.round_robin(num_experts, world_size)
+        if policy == "load_balanced":
+            if expert_load is None or len(expert_load) != num_experts:
+                raise PlacementError("policy 'load_balanced' needs expert_load with "
+                                     f"num_experts={num_experts} entries")
+            return cls.load_balanced(expert_load, world_size)
+        raise PlacementError(f"unknown placement policy {policy!r}; known: {POLICIES}")
+
+
+def _local(num_experts: int, world_size: int) -> int:
+    if world_size < 1 or num_experts < 1 or num_experts % world_size:
+        raise PlacementError(f"num_experts={num_experts} is not divisible by "
+                             f"world_size={world_size}")
+    return num_experts // world_size
+
+
+def _improve_by_swaps(bins: list[list[int]], totals: list[float], load: list[float]) -> None:
+    """Swap an expert on the heaviest rank with a lighter one elsewhere while the max drops."""
+    for _ in range(4 * sum(len(b) for b in bins)):
+        hi = max(range(len(bins)), key=lambda r: totals[r])
+        best = None  # (new max of the pair, lo rank, i, j)
+        for lo in range(len(bins)):
+            if lo == hi:
+                continue
+            for i, a in enumerate(bins[hi]):
+                for j, b in enumerate(bins[lo]):
+                    d = load[a] - load[b]
+                    if d <= 0:
+                        continue
+                    pair_max = max(totals[hi] - d, totals[lo] + d)
+                    if pair_max < totals[hi] and (best is None or pair_max < best[0]):
+                        best = (pair_max, lo, i, j)
+        if best is None:
+            return
+        _, lo, i, j = best
+        a, b = bins[hi][i], bins[lo][j]
+        d = load[a] - load[b]
+        bins[hi][i], bins[lo][j] = b, a
+        totals[hi] -= d
+        totals[lo] += d

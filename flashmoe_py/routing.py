@@ -1,0 +1,49 @@
+"""Router scoring, top-k and the capacity policy (torch ops; the torch backend's first stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import MoEConfig
+
+
+@dataclass
+class Routing:
+    """weights: [tokens, top_k] fp32; experts: [tokens, top_k] int64 global expert ids;
+    kept: [tokens, top_k] bool, or None when dropless."""
+
+    weights: torch.Tensor
+    experts: torch.Tensor
+    kept: torch.Tensor | None
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> Routing:
+    """x: [tokens, hidden]; router_weight: [num_experts, hidden]. Scores are a softmax over all
+    experts in fp32; the top-k weights are renormalised to sum to 1 when config.renormalize."""
+    logits = x.float() @ router_weight.float().t()
+    probs = torch.softmax(logits, dim=-1)
+    weights, experts = torch.topk(probs, config.top_k, dim=-1)
+    if config.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    kept = None
+    capacity = config.capacity(x.shape[0])
+    if capacity is not None:
+        kept = keep_within_capacity(experts, config.num_experts, capacity)
+    return Routing(weights, experts, kept)
+
+
+def keep_within_capacity(experts: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """experts: [tokens, top_k] -> kept: [tokens, top_k] bool.
+
+    Slots claim an expert's `capacity` places in order of (choice rank k, token index), so every
+    token's first choice is served before any second choice."""
+    tokens, top_k = experts.shape
+    flat = experts.t().reshape(-1)  # slot order (k, token)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    group_start = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.empty_like(flat)
+    rank_in_expert[order] = torch.arange(flat.numel(), device=flat.device) - group_start[flat[order]]
+    return (rank_in_expert < capacity).view(top_k, tokens).t()

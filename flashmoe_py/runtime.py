@@ -1,0 +1,251 @@
+"""Bootstrap: torch.distributed and NVSHMEM together, under torchrun or mpirun; one runtime handle.
+
+    rt = flashmoe_py.init()          # idempotent; detects the launcher
+    ...
+    flashmoe_py.finalize()           # frees every symmetric buffer, then NVSHMEM, then the group
+
+nvshmem4py and CUDA are imported only when asked for, so the package (and backend="torch") works on
+a machine with neither."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+NO_MULTICAST = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0",
+                "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+class ConsistencyError(RuntimeError):
+    """Ranks disagree on something that must be identical everywhere (config, placement, sizes)."""
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    launcher: str  # "torchrun", "mpirun" or "single"
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+_LAUNCHERS = [  # (name, rank, world size, local rank, local world size) environment variables
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+    ("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("mpirun", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+]
+
+
+def detect_launcher(env=None) -> LaunchInfo:
+    """How this process was started: torchrun, Open MPI or MPICH (Hydra) mpirun, or alone."""
+    env = os.environ if env is None else env
+    for name, r, w, lr, lw in _LAUNCHERS:
+        if r in env:
+            vals = {}
+            for var, default in ((r, None), (w, None), (lr, env.get(r)), (lw, env.get(w))):
+                raw = env.get(var, default)
+                try:
+                    vals[var] = int(raw)
+                except (TypeError, ValueError):
+                    raise ValueError(f"environment variable {var}={raw!r} is not an integer "
+                                     f"(launcher {name})") from None
+            rank, world, local, local_world = vals[r], vals[w], vals[lr], vals[lw]
+            if not (0 <= rank < world and 0 <= local < local_world <= world):
+                raise ValueError(f"inconsistent launcher environment: {r}={rank}, {w}={world}, "
+                                 f"{lr}={local}, {lw}={local_world}")
+            return LaunchInfo(name, rank, world, local, local_world)
+    return LaunchInfo("single", 0, 1, 0, 1)
+
+
+def find_mismatch(per_rank: list[dict], prefix: str = "") -> str | None:
+    """The first field whose value differs across ranks, as a sentence naming the ranks, or None.
+
+    per_rank: one dict per rank (nested dicts are compared field by field)."""
+    for key in per_rank[0]:
+        values = [d.get(key) for d in per_rank]
+        if all(isinstance(v, dict) for v in values):
+            found = find_mismatch(values, f"{prefix}{key}.")
+            if found:
+                return found
+        elif any(v != values[0] for v in values):
+            odd = next(r for r, v in enumerate(values) if v != values[0])
+            return (f"{prefix}{key} differs across ranks: rank 0 has {values[0]!r}, "
+                    f"rank {odd} has {values[odd]!r}")
+    return None
+
+
+class Runtime:
+    """The process's one handle on torch.distributed and NVSHMEM (see init())."""
+
+    def __init__(self, info: LaunchInfo, device: torch.device, owns_group: bool, nvshmem: bool):
+        self.info, self.device, self.owns_group, self.nvshmem = info, device, owns_group, nvshmem
+        self.rank, self.world_size, self.local_rank = info.rank, info.world_size, info.local_rank
+        self.launcher = info.launcher
+        self.heaps: list = []  # SymmetricHeaps allocated under this runtime, freed at finalize
+
+    def barrier(self) -> None:
+        """Every rank's queued device work is done before any rank goes on."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def check_consistent(self, **values) -> None:
+        """Raise ConsistencyError on every rank unless each value (dict, number, string) is the
+        same on all ranks; the message names the first field that differs."""
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, values)
+        mismatch = find_mismatch(everyone)
+        if mismatch:
+            raise ConsistencyError(mismatch)
+
+    def finalize(self) -> None:
+        global _current
+        for heap in list(self.heaps):
+            heap.free()
+        if self.nvshmem:
+            import nvshmem.core as nv
+            self.barrier()
+            nv.finalize()
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        _current = None
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finalize()
+
+
+_current: Runtime | None = None
+
+
+def current() -> Runtime | None:
+    return _current
+
+
+def fused_unavailable_reason() -> str | None:
+    """Why backend='flash' cannot run in this process now, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    try:
+        import nvshmem.core  # noqa: F401
+    except ImportError as e:
+        return f"nvshmem4py is not importable ({e}); pip install nvshmem4py-cu13"
+    if _current is None or not _current.nvshmem:
+        return "NVSHMEM is not initialised: call flashmoe_py.init() first"
+    return None
+
+
+def require_fused() -> Runtime:
+    reason = fused_unavailable_reason()
+    if reason:
+        raise RuntimeError(f"backend='flash' is unavailable: {reason}")
+    return _current
+
+
+def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runtime:
+    """Bring up torch.distributed (NCCL with CUDA, else gloo) and, if `nvshmem`, NVSHMEM on this
+    process's GPU (cuda:local_rank), with NVLink multicast off. Idempotent: a second call returns
+    the same runtime. Raises RuntimeError naming what is missing when NVSHMEM cannot be used.
+
+    The symmetric heap is sized before NVSHMEM starts: `heap_bytes`, or enough for `layers`, a
+    list of (MoEConfig, max_tokens_per_rank) for the fused layers this process will build (each
+    holds its own buffers); a user-set NVSHMEM_SYMMETRIC_SIZE that is too small is refused."""
+    global _current
+    if _current is not None:
+        if nvshmem and not _current.nvshmem:
+            raise RuntimeError("flashmoe_py.init(nvshmem=True) after init(nvshmem=False): "
+                               "call finalize() first")
+        return _current
+    os.environ.update(NO_MULTICAST)
+    info = detect_launcher()
+    if nvshmem and not torch.cuda.is_available():
+        raise RuntimeError("flashmoe_py.init(nvshmem=True) needs a CUDA GPU; none is visible "
+                           "(use init(nvshmem=False) and backend='torch' on the CPU)")
+    if nvshmem:
+        try:
+            import nvshmem.core  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"NVSHMEM needs nvshmem4py: pip install nvshmem4py-cu13 ({e})") from e
+    if layers:
+        from .heap import heap_bytes_for
+        heap_bytes = max(heap_bytes or 0, sum(heap_bytes_for(c, info.world_size, t) for c, t in layers))
+    if nvshmem and heap_bytes is not None:
+        _set_heap_size(heap_bytes)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        _init_process_group(info, device)
+    if nvshmem:
+        _init_nvshmem(info)
+    _current = Runtime(info, device, owns_group, nvshmem)
+    return _current
+
+
+def finalize() -> None:
+    """Tear down the runtime from init(), if any (frees symmetric buffers first)."""
+    if _current is not None:
+        _current.finalize()
+
+
+def _set_heap_size(needed: int) -> None:
+    """Size NVSHMEM's symmetric heap before init; a user-set NVSHMEM_SYMMETRIC_SIZE that is too
+    small is refused, a larger one kept."""
+    user = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
+    if user is None:
+        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(needed)
+    elif _parse_size(user) < needed:
+        from .heap import format_bytes
+        raise RuntimeError(f"the symmetric heap needs {format_bytes(needed)} ({needed} bytes) but "
+                           f"NVSHMEM_SYMMETRIC_SIZE={user} allows {format_bytes(_parse_size(user))}; "
+                           f"raise it or lower max_tokens_per_rank")
+
+
+def _parse_size(text: str) -> int:
+    """NVSHMEM size syntax: a number with an optional K/M/G/T suffix (powers of 1024)."""
+    text = text.strip().upper().rstrip("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def _init_process_group(info: LaunchInfo, device: torch.device) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if info.launcher == "mpirun" and "MASTER_ADDR" not in os.environ:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        addr_port = None
+        if info.rank == 0:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                addr_port = (socket.gethostname(), s.getsockname()[1])
+        addr_port = comm.bcast(addr_port, root=0)
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr_port[0], str(addr_port[1])
+    elif info.launcher == "single":
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, **kwargs)
+
+
+def _init_nvshmem(info: LaunchInfo) -> None:
+    """UID bootstrap: rank 0 makes the id, torch.distributed carries its bytes to every rank."""
+    import numpy as np
+    import nvshmem.core as nv
+    from cuda.core import Device
+    dev = Device(info.local_rank)
+    dev.set_current()
+    uid = nv.get_unique_id(empty=info.rank != 0)
+    raw = [bytes(uid._data.view(np.int8).tobytes())]
+    dist.broadcast_object_list(raw, src=0)
+    uid._data.view(np.int8)[:] = np.frombuffer(raw[0], dtype=np.int8)
+    nv.init(device=dev, uid=uid, rank=info.rank, nranks=info.world_size, initializer_method="uid")

@@ -1,0 +1,114 @@
+"""GPU correctness of backend="flash" against the reference; run one process per GPU:
+
+    bash launch/torchrun.sh tests/gpu/check_flash.py [--calls 1000] [--out results.json]
+
+Every case: fresh random inputs, uneven token counts (one rank with none), outputs poisoned first,
+relative error against the float32 reference (max over ranks). Exit code 1 if any case fails."""
+
+import argparse
+import json
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import flashmoe_py as fm
+from flashmoe_py import MoEConfig, MoELayer, reference_forward
+from flashmoe_py.heap import heap_bytes_for
+from flashmoe_py.runtime import detect_launcher
+
+TOL = {"bfloat16": 1e-2, "float32": 1e-4}
+
+
+def rel_err(out, ref):
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def max_all(v: float) -> float:
+    t = torch.tensor([v], device="cuda", dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def skew(layer, hot):
+    with torch.no_grad():
+        layer.router_weight.mul_(0.01)
+        for j, e in enumerate(hot):
+            layer.router_weight[e] = (20.0 - j) / layer.config.hidden_size
+
+
+def tokens_for(rank, world, max_tokens, gen):
+    if rank == world - 1 and world > 1:
+        return 0  # a rank with no tokens
+    return int(torch.randint(1, max_tokens + 1, (1,), generator=gen))
+
+
+def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1):
+    seed = random.SystemRandom().randrange(2**31)
+    seed = int(max_all(seed))  # the same weights on every rank
+    layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=max_tokens, seed=seed)
+    if hot is not None:
+        skew(layer, hot)
+    full = layer.full_weights()
+    gen = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
+    worst, t0 = 0.0, time.perf_counter()
+    for call in range(calls):
+        T = tokens_for(rank, world, max_tokens, gen) if calls == 1 or call % 3 else max_tokens
+        x = torch.randn(T, cfg.hidden_size, generator=gen).to("cuda", cfg.torch_dtype)
+        if hot is not None:
+            x = x.abs() + 0.1
+        out = layer(x)
+        ref = reference_forward(x, *full, cfg)
+        if T:
+            worst = max(worst, rel_err(out, ref) if out.isfinite().all() else float("inf"))
+    layer.synchronize()
+    err = max_all(worst)
+    layer.backend.close()
+    row = {"case": name, "config": cfg.to_dict(), "max_tokens": max_tokens, "world": world,
+           "calls": calls, "rel_err": err, "ok": err <= TOL[cfg.dtype],
+           "seconds": round(time.perf_counter() - t0, 2)}
+    if rank == 0:
+        print(json.dumps(row), flush=True)
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--calls", type=int, default=1000)
+    p.add_argument("--presets", action="store_true", help="also the full-size model presets")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    world = detect_launcher().world_size
+    E = 4 * world
+    small = dict(hidden_size=256, ffn_size=384, num_experts=E)
+    cases = [
+        ("fp32 swiglu k2", MoEConfig(**small, top_k=2, dtype="float32"), 100, None),
+        ("fp32 gelu k1", MoEConfig(**small, top_k=1, activation="gelu", dtype="float32"), 77, None),
+        ("fp32 relu k8", MoEConfig(**{**small, "num_experts": 8 * world}, top_k=8, activation="relu",
+                                   dtype="float32"), 64, None),
+        ("bf16 swiglu k4 odd shapes", MoEConfig(hidden_size=200, ffn_size=136, num_experts=E, top_k=4),
+         150, None),
+        ("bf16 skewed to one expert k1", MoEConfig(**small, top_k=1), 300, [E - 1]),
+        ("bf16 skewed k2", MoEConfig(**small, top_k=2), 300, [E - 1, 0]),
+        ("bf16 capacity 1.0", MoEConfig(**small, top_k=2, capacity_factor=1.0), 128, None),
+    ]
+    if args.presets:
+        cases += [(n, fm.preset(n), t, None) for n, t in
+                  [("mixtral_8x7b", 512), ("qwen3_30b_a3b", 512), ("deepseek_v3", 256)]]
+    soak = MoEConfig(**small, top_k=2)
+    rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, t) for _, c, t, _ in cases))
+    rank = rt.rank
+    rows = [run_case(n, c, t, rank, world, hot) for n, c, t, hot in cases]
+    if args.calls:
+        rows.append(run_case(f"back-to-back x{args.calls}", soak, 256, rank, world, calls=args.calls))
+    if rank == 0 and args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "world": world, "rows": rows}, f, indent=1)
+    fm.finalize()
+    sys.exit(0 if all(r["ok"] for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()

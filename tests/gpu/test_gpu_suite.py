@@ -1,0 +1,24 @@
+"""The GPU suite: multi-rank scripts under torchrun, one process per visible GPU (marker `gpu`)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def torchrun(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    n = torch.cuda.device_count()
+    env = {**os.environ, "NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0",
+           "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
+                           os.path.join(HERE, script), *args], env=env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.gpu
+def test_flash_backend_matches_reference_on_all_gpus():
+    assert torchrun("check_flash.py", "--calls", "1000").returncode == 0

@@ -1,0 +1,223 @@
+"""MoELayer(backend="torch") against the float64 reference, on 1, 2 and 4 gloo ranks."""
+
+import random
+
+import pytest
+import torch
+
+from dist_pool import RankError
+from flashmoe_py import ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, reference_forward
+
+FP32_TOL = 1e-5
+BF16_TOL = 1e-2
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def make_tokens(seed: int, rank: int, tokens: int, hidden: int, dtype, skewed=False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1009 + rank)
+    x = torch.randn(tokens, hidden, generator=g)
+    return (x.abs() + 0.1 if skewed else x).to(dtype)
+
+
+def skew_router(layer: MoELayer, hot: list[int]) -> None:
+    """Route every (positive) token to the experts `hot`, first choice first."""
+    with torch.no_grad():
+        w = layer.router_weight
+        w.mul_(0.01)
+        for j, e in enumerate(hot):
+            w[e] = (20.0 - j) / layer.config.hidden_size
+
+
+# --- functions run on every rank of a DistPool: fn(rank, world_size, *args) ---
+
+def layer_vs_reference(rank, world, cfg: dict, tokens_per_rank, seed, placement=None, hot=None):
+    cfg = MoEConfig.from_dict(cfg)
+    pl = ExpertPlacement.from_dict(placement) if placement else None
+    layer = MoELayer(cfg, placement=pl, seed=seed)
+    if hot is not None:
+        skew_router(layer, hot)
+    x = make_tokens(seed, rank, tokens_per_rank[rank], cfg.hidden_size, cfg.torch_dtype, hot is not None)
+    out = torch.full_like(x, float("nan"))
+    out.copy_(layer(x))
+    full = layer.full_weights()
+    ref = reference_forward(x, *full, cfg, compute_dtype=torch.float64)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    return {"err": rel_err(out, ref) if x.shape[0] else float(out.numel()),
+            "dropped": int(layer.last_stats.dropped_slots),
+            "counts": layer.last_stats.expert_counts.tolist()}
+
+
+def forward_3d(rank, world, cfg: dict, seed):
+    cfg = MoEConfig.from_dict(cfg)
+    layer = MoELayer(cfg, seed=seed)
+    x = make_tokens(seed, rank, 2 * 5, cfg.hidden_size, cfg.torch_dtype).view(2, 5, -1)
+    out = layer(x)
+    ref = reference_forward(x.view(10, -1), *layer.full_weights(), cfg, torch.float64)
+    return out.shape == x.shape, rel_err(out.view(10, -1), ref)
+
+
+def bad_forward(rank, world, cfg: dict, bad_rank, kind):
+    cfg = MoEConfig.from_dict(cfg)
+    layer = MoELayer(cfg)
+    x = make_tokens(1, rank, 6, cfg.hidden_size, cfg.torch_dtype)
+    if rank == bad_rank:
+        x = {"hidden": lambda: make_tokens(1, rank, 6, cfg.hidden_size + 1, cfg.torch_dtype),
+             "dtype": lambda: x.double(),
+             "device": lambda: x.to("meta"),
+             "rank1": lambda: x[0]}[kind]()
+    layer(x)
+
+
+def build_layer(rank, world, cfgs: list, placements=None):
+    cfg = MoEConfig.from_dict(cfgs[rank])
+    pl = ExpertPlacement.from_dict(placements[rank]) if placements else None
+    MoELayer(cfg, placement=pl)
+
+
+# --- tests ---
+
+SMALL = dict(hidden_size=32, ffn_size=48, num_experts=8, dtype="float32")
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
+@pytest.mark.parametrize("top_k", range(1, 9))
+def test_matches_reference(dist_pools, world, activation, top_k):
+    cfg = MoEConfig(**SMALL, top_k=top_k, activation=activation)
+    tokens = [37, 5, 64, 1][:world]
+    errs = [r["err"] for r in dist_pools(world).run(layer_vs_reference, cfg.to_dict(), tokens, fresh_seed())]
+    assert max(errs) <= FP32_TOL, errs
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rank_with_zero_tokens(dist_pools, world):
+    cfg = MoEConfig(**SMALL, top_k=2)
+    tokens = [0] + [19] * (world - 1)
+    res = dist_pools(world).run(layer_vs_reference, cfg.to_dict(), tokens, fresh_seed())
+    assert res[0]["err"] == 0.0  # an empty output
+    assert max(r["err"] for r in res[1:]) <= FP32_TOL
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("top_k", [1, 4])
+def test_fully_skewed_routing(dist_pools, world, top_k):
+    """Every token of every rank goes to the same top_k experts (all on the last rank)."""
+    cfg = MoEConfig(**SMALL, top_k=top_k)
+    hot = list(range(8 - top_k, 8))
+    res = dist_pools(world).run(layer_vs_reference, cfg.to_dict(), [23, 40, 7, 16][:world],
+                                fresh_seed(), None, hot)
+    assert max(r["err"] for r in res) <= FP32_TOL
+    for r, n in zip(res, [23, 40, 7, 16]):
+        assert sum(r["counts"][e] for e in hot) == n * top_k
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "load_balanced"])
+def test_other_placements_match_reference(dist_pools, policy):
+    load = [random.random() ** 3 * 100 for _ in range(8)]
+    pl = ExpertPlacement.build(policy, 8, 4, expert_load=load)
+    cfg = MoEConfig(**SMALL, top_k=3)
+    res = dist_pools(4).run(layer_vs_reference, cfg.to_dict(), [9, 33, 12, 20], fresh_seed(), pl.to_dict())
+    assert max(r["err"] for r in res) <= FP32_TOL
+
+
+def test_bf16_matches_reference(dist_pools):
+    cfg = MoEConfig(**{**SMALL, "dtype": "bfloat16"}, top_k=2)
+    res = dist_pools(2).run(layer_vs_reference, cfg.to_dict(), [50, 30], fresh_seed())
+    assert max(r["err"] for r in res) <= BF16_TOL
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_batch_seq_hidden_input(dist_pools, world):
+    cfg = MoEConfig(**SMALL, top_k=2)
+    for same_shape, err in dist_pools(world).run(forward_3d, cfg.to_dict(), fresh_seed()):
+        assert same_shape and err <= FP32_TOL
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_capacity_drops_are_counted_exactly(dist_pools, world):
+    """With a capacity factor, outputs still match the reference (which drops the same slots) and
+    the dropped count equals the reference's."""
+    cfg = MoEConfig(**SMALL, top_k=2, capacity_factor=0.5)
+    hot = [6, 7]  # skewed, so the hot experts overflow
+    tokens = [40, 12, 25, 8][:world]
+    res = dist_pools(world).run(layer_vs_reference, cfg.to_dict(), tokens, fresh_seed(), None, hot)
+    for r, n in zip(res, tokens):
+        capacity = -(-n * 2 // 16)  # ceil(0.5 * n * 2 / 8)
+        assert r["dropped"] == 2 * (n - capacity)
+        assert r["err"] <= FP32_TOL
+
+
+def test_dropless_never_drops(dist_pools):
+    cfg = MoEConfig(**SMALL, top_k=2)
+    res = dist_pools(2).run(layer_vs_reference, cfg.to_dict(), [64, 64], fresh_seed(), None, [7, 6])
+    assert [r["dropped"] for r in res] == [0, 0]
+
+
+@pytest.mark.parametrize("kind,field", [("hidden", "hidden_size"), ("dtype", "dtype"),
+                                        ("device", "meta"), ("rank1", "shape")])
+def test_bad_input_raises_on_every_rank(dist_pools, kind, field):
+    out = dist_pools(2).run_all(bad_forward, MoEConfig(**SMALL, top_k=2).to_dict(), 0, kind)
+    (ok0, err0), (ok1, err1) = out
+    assert not ok0 and err0[0] == "ValueError" and field in err0[1]
+    assert not ok1 and err1[0] == "PeerInputError" and "rank(s) [0]" in err1[1]
+
+
+def test_bad_input_single_rank(dist_pools):
+    with pytest.raises(RankError, match="hidden_size=32"):
+        dist_pools(1).run(bad_forward, MoEConfig(**SMALL, top_k=2).to_dict(), 0, "hidden")
+
+
+def test_experts_not_divisible_raises_on_every_rank(dist_pools):
+    cfg = MoEConfig(hidden_size=16, ffn_size=16, num_experts=6, top_k=2).to_dict()
+    out = dist_pools(4).run_all(build_layer, [cfg] * 4)
+    assert all(not ok and "not divisible by world_size=4" in err[1] for ok, err in out)
+
+
+def test_mismatched_config_raises_on_every_rank(dist_pools):
+    a = MoEConfig(**SMALL, top_k=2).to_dict()
+    b = MoEConfig(**SMALL, top_k=3).to_dict()
+    out = dist_pools(2).run_all(build_layer, [a, b])
+    for ok, err in out:
+        assert not ok and err[0] == ConsistencyError.__name__ and "top_k" in err[1]
+
+
+def test_mismatched_placement_raises_on_every_rank(dist_pools):
+    cfg = MoEConfig(**SMALL, top_k=2).to_dict()
+    pls = [ExpertPlacement.contiguous(8, 2).to_dict(), ExpertPlacement.round_robin(8, 2).to_dict()]
+    out = dist_pools(2).run_all(build_layer, [cfg, cfg], pls)
+    for ok, err in out:
+        assert not ok and err[0] == ConsistencyError.__name__ and "placement" in err[1]
+
+
+def test_load_full_weights_keeps_own_shard(dist_pools):
+    res = dist_pools(2).run(load_and_gather, fresh_seed())
+    assert all(res)
+
+
+def load_and_gather(rank, world, seed):
+    cfg = MoEConfig(**SMALL, top_k=2)
+    g = torch.Generator().manual_seed(seed)
+    full = (torch.randn(8, 32, generator=g), torch.randn(8, 32, 96, generator=g),
+            torch.randn(8, 48, 32, generator=g))
+    layer = MoELayer(cfg, placement=ExpertPlacement.round_robin(8, world))
+    layer.load_full_weights(*full)
+    assert torch.equal(layer.w_in[1], full[1][2 + rank])  # round robin: slot 1 holds expert world + rank
+    return all(torch.equal(a, b) for a, b in zip(layer.full_weights(), full))
+
+
+def test_load_full_weights_checks_shapes():
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    with pytest.raises(ValueError, match="w_out has shape"):
+        layer.load_full_weights(torch.zeros(8, 32), torch.zeros(8, 32, 96), torch.zeros(8, 32, 48))
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(ValueError, match="backend='cuda_magic'"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), backend="cuda_magic")

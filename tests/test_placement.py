@@ -1,0 +1,71 @@
+"""Expert placement policies: exact cover, serialisation, and load balancing."""
+
+import random
+
+import pytest
+
+from flashmoe_py import ExpertPlacement, PlacementError
+
+
+def assert_exact_cover(p: ExpertPlacement):
+    held = [p.experts_on(r) for r in range(p.world_size)]
+    assert all(len(h) == p.local_experts for h in held)
+    assert sorted(e for h in held for e in h) == list(range(p.num_experts))
+
+
+@pytest.mark.parametrize("E,W", [(8, 1), (8, 2), (8, 8), (128, 4), (256, 8)])
+@pytest.mark.parametrize("policy", ["contiguous", "round_robin", "load_balanced"])
+def test_every_expert_placed_exactly_once(E, W, policy):
+    load = [random.random() for _ in range(E)]
+    p = ExpertPlacement.build(policy, E, W, expert_load=load)
+    assert_exact_cover(p)
+    assert ExpertPlacement.from_json(p.to_json()) == p
+
+
+def test_contiguous_and_round_robin_layouts():
+    assert ExpertPlacement.contiguous(8, 4).experts_on(1) == [2, 3]
+    assert ExpertPlacement.round_robin(8, 4).experts_on(1) == [1, 5]
+    assert ExpertPlacement.contiguous(8, 4).positions().tolist() == list(range(8))
+
+
+def zipf_load(E, s, seed):
+    rng = random.Random(seed)
+    load = [1000.0 / (i + 1) ** s for i in range(E)]
+    rng.shuffle(load)
+    return load
+
+
+@pytest.mark.parametrize("E,W", [(8, 2), (64, 4), (128, 8), (256, 8)])
+@pytest.mark.parametrize("s", [0.5, 1.0, 2.0])
+def test_load_balanced_no_worse_than_contiguous_on_skew(E, W, s):
+    for seed in range(5):
+        load = zipf_load(E, s, seed)
+        lb = max(ExpertPlacement.load_balanced(load, W).rank_loads(load))
+        assert lb <= max(ExpertPlacement.contiguous(E, W).rank_loads(load)) + 1e-9
+        assert lb <= max(ExpertPlacement.round_robin(E, W).rank_loads(load)) + 1e-9
+        assert lb >= max(max(load), sum(load) / W) - 1e-9  # cannot beat the lower bound
+
+
+def test_load_balanced_beats_contiguous_when_hot_experts_are_adjacent():
+    load = [100, 90, 80, 70] + [1] * 12
+    lb = ExpertPlacement.load_balanced(load, 4)
+    assert max(lb.rank_loads(load)) < max(ExpertPlacement.contiguous(16, 4).rank_loads(load))
+    assert max(lb.rank_loads(load)) == 103  # one hot expert per rank
+
+
+@pytest.mark.parametrize("bad", [
+    dict(num_experts=8, world_size=3, rank_of=(0,) * 8, slot_of=tuple(range(8))),
+    dict(num_experts=4, world_size=2, rank_of=(0, 0, 1, 1), slot_of=(0, 0, 0, 1)),
+    dict(num_experts=4, world_size=2, rank_of=(0, 0, 1, 2), slot_of=(0, 1, 0, 1)),
+    dict(num_experts=4, world_size=2, rank_of=(0, 0, 1), slot_of=(0, 1, 0)),
+])
+def test_invalid_placements_are_refused(bad):
+    with pytest.raises(PlacementError):
+        ExpertPlacement(**bad)
+
+
+def test_load_balanced_needs_a_histogram():
+    with pytest.raises(PlacementError, match="expert_load"):
+        ExpertPlacement.build("load_balanced", 8, 2)
+    with pytest.raises(PlacementError, match="unknown placement policy"):
+        ExpertPlacement.build("random", 8, 2)
