@@ -42,8 +42,15 @@ def keep_within_capacity(experts: torch.Tensor, num_experts: int, capacity: int)
     tokens, top_k = experts.shape
     flat = experts.t().reshape(-1)  # slot order (k, token)
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = histogram(flat, num_experts)
     group_start = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.empty_like(flat)
     rank_in_expert[order] = torch.arange(flat.numel(), device=flat.device) - group_start[flat[order]]
     return (rank_in_expert < capacity).view(top_k, tokens).t()
+
+
+def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """[bins] int64 counts of int64 `values` in [0, bins); unlike torch.bincount on CUDA, this
+    needs no host synchronisation."""
+    counts = torch.zeros(bins, dtype=torch.int64, device=values.device)
+    return counts.scatter_add_(0, values, torch.ones_like(values))

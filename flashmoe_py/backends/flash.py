@@ -13,7 +13,7 @@ import triton
 
 from ..config import MoEConfig
 from ..kernels.fused_moe import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, WAIT_HIDDEN, launch_fused
-from ..routing import route
+from ..routing import histogram, route
 
 STATUS_WAITS = {WAIT_COUNTS.value: "count words (what each source sends)",
                 WAIT_CHUNK.value: "a dispatched chunk to arrive",
@@ -113,7 +113,7 @@ def routing_plan(x: torch.Tensor, router_weight: torch.Tensor, positions: torch.
     if r.kept is not None:
         flat = torch.where(r.kept.reshape(-1), flat, E)  # dropped slots sort last, into bin E
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=E + 1)
+    counts = histogram(flat, E + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_pos = torch.empty_like(flat)
     rank_in_pos[order] = torch.arange(flat.numel(), device=dev) - starts[flat[order]]
@@ -135,7 +135,7 @@ def routing_plan(x: torch.Tensor, router_weight: torch.Tensor, positions: torch.
     first_row = torch.arange(geo.MAXC, device=dev) * BM
     chunk_rows = (counts[:, None] - first_row).clamp(0, BM)
     i32 = torch.int32
-    stats = {"expert_counts": torch.bincount(r.experts.reshape(-1), minlength=E),
+    stats = {"expert_counts": histogram(r.experts.reshape(-1), E),
              "dropped_slots": (~live).sum()}
     return RoutingPlan(
         send_tok=(order // K).to(i32), pos_start=starts.to(i32), send_counts=counts.to(i32),
@@ -195,27 +195,31 @@ class FlashBackend:
         launch_fused(x, out, layer.w_in, layer.w_out, plan, self.sym, self.peers, self.h, self.h_flags,
                      self.comb_expect, self.ctl, self.status, geo=geo, activation=layer.config.activation,
                      rank=layer.rank, spin_limit=self.spin_limit, programs=self.programs)
-        self.status_host.copy_(self.status, non_blocking=True)
-        self.status_ready.record()
+        if not torch.cuda.is_current_stream_capturing():  # a graph's replays are checked by synchronize()
+            self.status_host.copy_(self.status, non_blocking=True)
+            self.status_ready.record()
         if error is not None:
             raise ValueError(error)
         return out, plan.stats
 
     def raise_if_failed(self, block: bool) -> None:
-        """Raise FusedKernelError if a finished launch recorded a timeout (block: wait for it)."""
-        if self.failed is None:
+        """Raise FusedKernelError if a launch recorded a timeout. block=False looks only at the
+        status copied after the last eager launch, if it has landed; block=True waits for all
+        queued work (CUDA-graph replays included) and reads the status word itself."""
+        if self.failed is None and not torch.cuda.is_current_stream_capturing():
             if block:
-                self.status_ready.synchronize()
-            elif not self.status_ready.query():
+                torch.cuda.current_stream().synchronize()
+                status = self.status.tolist()
+            elif self.status_ready.query():
+                status = self.status_host.tolist()
+            else:
                 return
-            code, wait, pe, pair, chunk, epoch = self.status_host[:6].tolist()
+            code, wait, pe, e, tile, epoch = status[:6]
             if code:
-                L = self.geo.local_experts
                 self.failed = (f"fused MoE kernel on rank {self.layer.rank} timed out in call {epoch} "
                                f"waiting for {STATUS_WAITS.get(wait, wait)}"
                                + (f" from rank {pe}" if pe >= 0 else "")
-                               + (f" (source rank {pair // L}, local expert {pair % L}, chunk {chunk})"
-                                  if pair >= 0 else ""))
+                               + (f" (local expert {e}, tile {tile})" if e >= 0 else ""))
         if self.failed is not None:
             raise FusedKernelError(self.failed)
 

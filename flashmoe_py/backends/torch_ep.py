@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..reference import activate
-from ..routing import route
+from ..routing import histogram, route
 
 
 class PeerInputError(RuntimeError):
@@ -83,8 +83,8 @@ class TorchEPBackend:
                 slot_pos, slot_tok, slot_w = slot_pos[keep], slot_tok[keep], slot_w[keep]
             order = torch.sort(slot_pos, stable=True).indices
             slot_tok, slot_w = slot_tok[order], slot_w[order]
-            send_counts = torch.bincount(slot_pos, minlength=E).view(W, L)
-            stats = {"expert_counts": torch.bincount(r.experts.reshape(-1), minlength=E),
+            send_counts = histogram(slot_pos, E).view(W, L)
+            stats = {"expert_counts": histogram(r.experts.reshape(-1), E),
                      "dropped_slots": (torch.zeros((), dtype=torch.int64, device=device)
                                        if r.kept is None else (~r.kept).sum())}
         else:

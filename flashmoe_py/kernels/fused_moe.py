@@ -42,12 +42,13 @@ ACT_CODES = {"swiglu": 0, "gelu": 1, "relu": 2}
 
 
 @triton.jit
-def _report_timeout(status_ptr, wait, pe, pair, chunk, epoch):
+def _report_timeout(status_ptr, wait, pe, expert, tile, epoch):
+    """status = [1, wait, peer rank, local expert, tile, epoch]; the first timeout wins."""
     if tl.atomic_cas(status_ptr, tl.cast(0, tl.int64), tl.cast(1, tl.int64), sem="relaxed") == 0:
         tl.store(status_ptr + 1, wait)
         tl.store(status_ptr + 2, pe)
-        tl.store(status_ptr + 3, pair)
-        tl.store(status_ptr + 4, chunk)
+        tl.store(status_ptr + 3, expert)
+        tl.store(status_ptr + 4, tile)
         tl.store(status_ptr + 5, epoch)
 
 
@@ -138,7 +139,8 @@ def _expert_tile(q, words, W, L, S, BM: tl.constexpr, W_POW2: tl.constexpr, L_PO
 def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag_ptr, status_ptr,
                 epoch, spin_limit, W, L, H, F, S, MAXC, NF,
                 ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
-                BF: tl.constexpr, BK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr):
+                BF: tl.constexpr, BK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr,
+                STAGES: tl.constexpr):
     """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived."""
     e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, W_POW2, L_POW2)
     flags = chunk_flag_ptr + (src * L + e) * MAXC + chunk
@@ -152,7 +154,7 @@ def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag
         w_base = w_in_ptr + e.to(tl.int64) * H * F_IN
         gate = tl.zeros((BM, BF), dtype=tl.float32)
         up = tl.zeros((BM, BF), dtype=tl.float32)
-        for k0 in range(0, H, BK):
+        for k0 in tl.range(0, H, BK, num_stages=STAGES):
             k = k0 + tl.arange(0, BK)
             kmask = k < H
             a = tl.load(recv_x_ptr + r[:, None] * H + k[None, :], mask=valid[:, None] & kmask[None, :],
@@ -172,31 +174,29 @@ def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag
 @triton.jit
 def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers,
                  status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC, NF, NN,
-                 PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BF: tl.constexpr,
-                 BK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr):
-    """y[rows of expert tile q, n-tile] = h_rows @ w_out[e][:, n-tile], stored into each row's
-    source rank (its combine_y region for this rank mirrors recv_x), then one count per row."""
+                 PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 W_POW2: tl.constexpr, L_POW2: tl.constexpr, NF_POW2: tl.constexpr,
+                 STAGES: tl.constexpr):
+    """y[rows of expert tile q, n-tile] = h_rows @ w_out[e][:, n-tile] once all f-tiles of h are
+    written, stored into each row's source rank (its combine_y region for this rank mirrors
+    recv_x), then one count per row."""
     e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, W_POW2, L_POW2)
     r = (src * S + row).to(tl.int64)
     cols = n * BN + tl.arange(0, BN)
     cmask = cols < H
     w_base = w_out_ptr + e.to(tl.int64) * F * H
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    one = tl.arange(0, 1)
-    ok = 1
-    j = 0
-    while (j < NF) & (ok == 1):
-        ok = wait_all_equal(h_flag_ptr + q * NF + j + one, one == 0, epoch.to(tl.int32), spin_limit)
-        if ok == 1:
-            for kk in range(0, BF, BK):
-                f = j * BF + kk + tl.arange(0, BK)
-                fmask = f < F
-                a = tl.load(h_ptr + r[:, None] * F + f[None, :], mask=valid[:, None] & fmask[None, :],
-                            other=0.0, cache_modifier=".cg")
-                b = tl.load(w_base + f[:, None] * H + cols[None, :], mask=fmask[:, None] & cmask[None, :],
-                            other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        j += 1
+    f_tiles = tl.arange(0, NF_POW2)
+    ok = wait_all_equal(h_flag_ptr + q * NF + f_tiles, f_tiles < NF, epoch.to(tl.int32), spin_limit)
+    if ok == 1:
+        for k0 in tl.range(0, F, BK, num_stages=STAGES):
+            f = k0 + tl.arange(0, BK)
+            fmask = f < F
+            a = tl.load(h_ptr + r[:, None] * F + f[None, :], mask=valid[:, None] & fmask[None, :],
+                        other=0.0, cache_modifier=".cg")
+            b = tl.load(w_base + f[:, None] * H + cols[None, :], mask=fmask[:, None] & cmask[None, :],
+                        other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if ok == 0:
         _report_timeout(status_ptr, WAIT_HIDDEN, rank, e, q, epoch)
     else:
@@ -253,7 +253,8 @@ def fused_moe_kernel(
         T, spin_limit, rank, W, L, H, F, S, MAXC, SEND_CHUNKS,
         TOP_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
         E_POW2: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr, BM: tl.constexpr,
-        BN: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+        BN: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+        NF_POW2: tl.constexpr, STAGES: tl.constexpr):
     """See the module docstring. Shapes (E = W * L pairs in (rank, slot) order, K = TOP_K):
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H];
     send_tok: [T*K] int32 (token of each sorted slot); pos_start, send_counts, region_off: [E] int32;
@@ -301,12 +302,12 @@ def fused_moe_kernel(
         if q < n_in:
             ffn_in_tile(q // NF, q % NF, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag_ptr,
                         status_ptr, epoch, spin_limit, W, L, H, F, S, MAXC, NF,
-                        ACT, GATED, PRECISION, BM, BF, BK, W_POW2, L_POW2)
+                        ACT, GATED, PRECISION, BM, BF, BK, W_POW2, L_POW2, STAGES)
         elif q < n_in + n_out:
             q -= n_in
             ffn_out_tile(q // NN, q % NN, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers,
                          comb_count_peers, status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC,
-                         NF, NN, PRECISION, BM, BN, BF, BK, W_POW2, L_POW2)
+                         NF, NN, PRECISION, BM, BN, BK, W_POW2, L_POW2, NF_POW2, STAGES)
         else:
             q -= n_in + n_out
             combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
@@ -324,7 +325,7 @@ def fused_moe_kernel(
 
 def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, comb_expect, ctl,
                  status, *, geo, activation: str, rank: int, spin_limit: int, programs: int,
-                 num_warps: int = 8):
+                 num_warps: int = 8, stages: int = 3):
     """Check shapes and launch one forward.
 
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H] (one dtype); plan: a RoutingPlan;
@@ -356,4 +357,4 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
         TOP_K=plan.slot_dest.shape[1], ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
         E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
         L_POW2=triton.next_power_of_2(L), BM=geo.BM, BN=geo.BN, BF=geo.BF, BK=geo.BK, BT=geo.BT,
-        num_warps=num_warps)
+        NF_POW2=triton.next_power_of_2(geo.NF), STAGES=stages, num_warps=num_warps)

@@ -74,6 +74,37 @@ def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1):
     return row
 
 
+def run_graph_case(cfg, tokens, rank, world, replays=5):
+    """The forward captured once in a CUDA graph, replayed on fresh inputs copied into its input."""
+    seed = int(max_all(random.SystemRandom().randrange(2**31)))
+    layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=tokens, seed=seed)
+    full = layer.full_weights()
+    gen = torch.Generator().manual_seed(seed + rank)
+    static = torch.randn(tokens, cfg.hidden_size, generator=gen).to("cuda", cfg.torch_dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(static)
+    worst = 0.0
+    for _ in range(replays):
+        static.copy_(torch.randn(tokens, cfg.hidden_size, generator=gen).to("cuda", cfg.torch_dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        worst = max(worst, rel_err(out, reference_forward(static, *full, cfg)))
+    layer.synchronize()
+    err = max_all(worst)
+    layer.backend.close()
+    row = {"case": f"cuda graph x{replays} replays", "config": cfg.to_dict(), "max_tokens": tokens,
+           "world": world, "calls": replays, "rel_err": err, "ok": err <= TOL[cfg.dtype]}
+    if rank == 0:
+        print(json.dumps(row), flush=True)
+    return row
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=1000)
@@ -101,6 +132,7 @@ def main():
     rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, t) for _, c, t, _ in cases))
     rank = rt.rank
     rows = [run_case(n, c, t, rank, world, hot) for n, c, t, hot in cases]
+    rows.append(run_graph_case(soak, 200, rank, world))
     if args.calls:
         rows.append(run_case(f"back-to-back x{args.calls}", soak, 256, rank, world, calls=args.calls))
     if rank == 0 and args.out:
