@@ -16,6 +16,10 @@ for step in "$@"; do
   case $step in
     check*) n=${step#check}; run "check_w$n" 420 "$n" tests/gpu/check_flash.py --calls "${CALLS:-1000}" \
               ${PRESETS:+--presets} --out "$OUT/check_w$n.json" ;;
+    mpicheck*) n=${step#mpicheck}; echo "=== mpirun check (n=$n)"
+              NGPUS=$n timeout -k 10 420 bash launch/mpirun.sh tests/gpu/check_flash.py --calls "${CALLS:-1000}" \
+              --out "$OUT/mpicheck_w$n.json" > "$OUT/mpicheck_w$n.log" 2>&1; echo "=== mpicheck rc=$?"
+              tail -n 25 "$OUT/mpicheck_w$n.log" ;;
     bench*) n=${step#bench}; run "bench_w$n" 540 "$n" bench/layer.py --backends torch flash \
               ${BENCH_ARGS:-} --out "$OUT/bench_w$n.json" ;;
   esac

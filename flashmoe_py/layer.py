@@ -43,12 +43,15 @@ class MoELayer(nn.Module):
 
     backend: "torch" (all-to-all over torch.distributed; CPU or GPU) or "flash" (the fused NVSHMEM
     kernel; needs flashmoe_py.init() first, `max_tokens_per_rank` to size its buffers, and bounds
-    every device-side wait by about `timeout_s` seconds).
+    every device-side wait by about `timeout_s` seconds). With `cuda_graphs` (default), the fused
+    forward is replayed from a CUDA graph per token count after its first call at that count: it
+    reads the current weights (in place), so replace weights with copy_, not new tensors.
     """
 
     def __init__(self, config: MoEConfig, *, placement: ExpertPlacement | None = None,
                  process_group=None, backend: str = "torch", device=None, seed: int = 0,
-                 max_tokens_per_rank: int | None = None, timeout_s: float = 10.0):
+                 max_tokens_per_rank: int | None = None, timeout_s: float = 10.0,
+                 cuda_graphs: bool = True):
         super().__init__()
         distributed = dist.is_available() and dist.is_initialized()
         self.process_group = process_group if distributed else None
@@ -71,7 +74,7 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
         self.reset_parameters(seed)
         self.backend = (TorchEPBackend(self) if backend == "torch"
-                        else FlashBackend(self, max_tokens_per_rank, timeout_s))
+                        else FlashBackend(self, max_tokens_per_rank, timeout_s, cuda_graphs))
         self.last_stats: MoEStats | None = None
 
     def _setup_problem(self, config, placement, backend, max_tokens_per_rank) -> str | None:

@@ -166,6 +166,10 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
         return _current
     os.environ.update(NO_MULTICAST)
     info = detect_launcher()
+    if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (info.rank, info.world_size):
+        # Joining a group the caller made without a launcher's environment (e.g. mp.spawn).
+        rank, world = dist.get_rank(), dist.get_world_size()
+        info = LaunchInfo(info.launcher, rank, world, rank % max(1, torch.cuda.device_count()), world)
     if nvshmem and not torch.cuda.is_available():
         raise RuntimeError("flashmoe_py.init(nvshmem=True) needs a CUDA GPU; none is visible "
                            "(use init(nvshmem=False) and backend='torch' on the CPU)")

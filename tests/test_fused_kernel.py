@@ -47,7 +47,7 @@ class OneRank:
         self.positions = ExpertPlacement.contiguous(E, world).positions()
         self.gen = gen
 
-    def forward(self, tokens: int, spin_limit: int = 1000):
+    def forward(self, tokens: int, spin_limit: int = 1000, block_m: int = 64):
         cfg = self.cfg
         x = torch.randn(tokens, cfg.hidden_size, generator=self.gen).to(cfg.torch_dtype)
         out = torch.full_like(x, float("nan"))
@@ -56,18 +56,20 @@ class OneRank:
         self.comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
         launch_fused(x, out, self.w_in[:L].contiguous(), self.w_out[:L].contiguous(), plan, self.sym,
                      self.peers, self.h, self.h_flags, self.comb_expect, self.ctl, self.status, geo=self.geo,
-                     activation=cfg.activation, rank=0, spin_limit=spin_limit, programs=1)
+                     activation=cfg.activation, rank=0, spin_limit=spin_limit, programs=1,
+                     block_m=block_m)
         return x, out
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
 @pytest.mark.parametrize("top_k", [1, 3])
-def test_whole_kernel_matches_reference(activation, top_k):
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_whole_kernel_matches_reference(activation, top_k, block_m):
     cfg = MoEConfig(hidden_size=48, ffn_size=80, num_experts=4, top_k=top_k, activation=activation,
                     dtype="float32")
     rank = OneRank(cfg, max_tokens=80)
     for call, tokens in enumerate([37, 80, 0, 5]):  # epochs 1..4, no flag reset in between
-        x, out = rank.forward(tokens)
+        x, out = rank.forward(tokens, block_m=block_m)
         assert int(rank.status[0]) == 0
         if tokens:
             ref = reference_forward(x, rank.router, rank.w_in, rank.w_out, cfg, torch.float64)
@@ -85,10 +87,10 @@ def test_missing_peer_times_out_with_status():
 
 
 @triton.jit
-def _expert_tile_probe(q_ptr, words, out_ptr, W, L, S, BM: tl.constexpr, W_POW2: tl.constexpr,
-                       L_POW2: tl.constexpr):
+def _expert_tile_probe(q_ptr, words, out_ptr, W, L, S, BM: tl.constexpr, CHUNK: tl.constexpr,
+                       W_POW2: tl.constexpr, L_POW2: tl.constexpr):
     q = tl.load(q_ptr + tl.program_id(0))
-    e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, W_POW2, L_POW2)
+    e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, CHUNK, W_POW2, L_POW2)
     i = tl.arange(0, BM)
     base = out_ptr + tl.program_id(0) * 4 * BM
     tl.store(base + i, tl.where(valid, src, -1))
@@ -97,30 +99,32 @@ def _expert_tile_probe(q_ptr, words, out_ptr, W, L, S, BM: tl.constexpr, W_POW2:
     tl.store(base + 3 * BM + i, tl.where(valid, e, -1))
 
 
-def expected_expert_tiles(counts, BM):
+def expected_expert_tiles(counts, BM, CHUNK):
     """counts [W, L] -> per expert tile: rows (src, row in src region, chunk), expert by expert."""
     W, L = counts.shape
     tiles = []
     for e in range(L):
         rows = []
         for s in range(W):
-            region = sum(-(-int(counts[s, e2]) // BM) * BM for e2 in range(e))
-            rows += [(s, region + r, r // BM) for r in range(int(counts[s, e]))]
+            region = sum(-(-int(counts[s, e2]) // CHUNK) * CHUNK for e2 in range(e))
+            rows += [(s, region + r, r // CHUNK) for r in range(int(counts[s, e]))]
         tiles += [(e, rows[i:i + BM]) for i in range(0, len(rows), BM)]
     return tiles
 
 
 @pytest.mark.parametrize("W,L", [(1, 4), (3, 5), (4, 2), (8, 3)])
-def test_expert_tiles_gather_rows_across_sources(W, L):
-    """The tile decode covers every received row exactly once, expert by expert, source by source."""
-    BM = 16
+@pytest.mark.parametrize("BM", [8, 16, 32])
+def test_expert_tiles_gather_rows_across_sources(W, L, BM):
+    """The tile decode covers every received row exactly once, expert by expert, source by source,
+    for tiles smaller than, equal to and larger than the dispatch chunk."""
+    CHUNK = 16
     counts = torch.randint(0, 40, (W, L))
     counts[0, 0] = 0  # an empty pair
     words = (torch.full((W, L), 7, dtype=torch.int64) << 32) | counts
-    tiles = expected_expert_tiles(counts, BM)
+    tiles = expected_expert_tiles(counts, BM, CHUNK)
     q = torch.arange(len(tiles), dtype=torch.int32)
     out = torch.full((len(tiles), 4, BM), -2, dtype=torch.int32)
-    _expert_tile_probe[(len(tiles),)](q, words, out, W, L, 1000, BM=BM,
+    _expert_tile_probe[(len(tiles),)](q, words, out, W, L, 1000, BM=BM, CHUNK=CHUNK,
                                       W_POW2=triton.next_power_of_2(W), L_POW2=triton.next_power_of_2(L))
     for t, (e, rows) in enumerate(tiles):
         got = [tuple(out[t, :3, i].tolist()) for i in range(len(rows))]

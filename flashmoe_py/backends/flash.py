@@ -30,8 +30,10 @@ class Geometry:
     """Tile sizes and buffer extents shared by the launcher, the heap plan and the kernel.
 
     S:    rows of one source's region at a destination: every slot it can send there
-          (tokens * min(top_k, L)) plus one partly filled BM-chunk per local expert.
-    MAXC: BM-chunks one (source, expert) pair can fill (each token picks an expert once)."""
+          (tokens * min(top_k, L)) plus one partly filled CHUNK per local expert.
+    MAXC: CHUNKs one (source, expert) pair can fill (each token picks an expert once).
+    CHUNK is the dispatch granularity (one arrival flag each); expert tiles of BM_MIN or more rows
+    gather rows across chunks and sources."""
 
     world_size: int
     local_experts: int
@@ -39,7 +41,8 @@ class Geometry:
     hidden: int
     ffn: int
     top_k: int
-    BM: int = 64
+    CHUNK: int = 64
+    BM_MIN: int = 64
     BN: int = 128
     BF: int = 128
     BK: int = 64
@@ -47,18 +50,18 @@ class Geometry:
 
     @property
     def S(self) -> int:
-        return self.max_tokens * min(self.top_k, self.local_experts) + self.local_experts * self.BM
+        return self.max_tokens * min(self.top_k, self.local_experts) + self.local_experts * self.CHUNK
 
     @property
     def MAXC(self) -> int:
-        return triton.cdiv(max(self.max_tokens, 1), self.BM)
+        return triton.cdiv(max(self.max_tokens, 1), self.CHUNK)
 
     @property
     def MAXQ(self) -> int:
         """Expert tiles a rank can have to run: every slot it can receive, plus one partial tile
         per local expert."""
         return triton.cdiv(self.world_size * self.max_tokens * min(self.top_k, self.local_experts),
-                           self.BM) + self.local_experts
+                           self.BM_MIN) + self.local_experts
 
     @property
     def NF(self) -> int:
@@ -106,7 +109,7 @@ class RoutingPlan:
 def routing_plan(x: torch.Tensor, router_weight: torch.Tensor, positions: torch.Tensor,
                  config: MoEConfig, geo: Geometry) -> RoutingPlan:
     """x: [T, H]; positions: [E] int64 (placement). Torch ops only, no host synchronisation."""
-    T, K, E, L, BM = x.shape[0], config.top_k, config.num_experts, geo.local_experts, geo.BM
+    T, K, E, L, BM = x.shape[0], config.top_k, config.num_experts, geo.local_experts, geo.CHUNK
     dev = x.device
     r = route(x, router_weight, config)
     flat = positions[r.experts].reshape(-1)
@@ -152,7 +155,9 @@ class FlashBackend:
 
     name = "flash"
 
-    def __init__(self, layer, max_tokens_per_rank: int, timeout_s: float):
+    MAX_GRAPHS = 8
+
+    def __init__(self, layer, max_tokens_per_rank: int, timeout_s: float, cuda_graphs: bool = True):
         from .. import runtime
         from ..heap import SymmetricHeap
         rt = runtime.require_fused()
@@ -178,28 +183,68 @@ class FlashBackend:
         # A round of the bounded spin polls a flag in local memory: well under a microsecond.
         self.spin_limit = max(1, int(timeout_s * 2e6))
         self.failed: str | None = None
+        self.cuda_graphs = cuda_graphs
+        self.graphs: dict[int, tuple] = {}  # tokens -> (graph, static x, static out, static stats)
+        self.seen: set[int] = set()
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 
     def forward(self, x: torch.Tensor, error: str | None):
-        """x: [T, H]. A rank whose input is rejected still runs the kernel with no tokens, so its
-        peers' forwards complete; then it raises."""
+        """x: [T, H] -> (out [T, H], stats). A rank whose input is rejected still runs the kernel
+        with no tokens, so its peers' forwards complete; then it raises.
+
+        With cuda_graphs, the second forward at a token count captures the whole forward (routing
+        plan and kernel) in a CUDA graph, and later ones replay it: the launch overhead of the
+        plan's small ops is paid once. Graphs are kept for the MAX_GRAPHS latest token counts."""
         self.raise_if_failed(block=False)
         layer, geo = self.layer, self.geo
         if error is None and x.shape[0] > geo.max_tokens:
             error = f"x has {x.shape[0]} tokens; max_tokens_per_rank={geo.max_tokens}"
         if error is not None:
-            x = torch.empty(0, geo.hidden, dtype=layer.config.torch_dtype, device=layer.device)
+            self._launch(torch.empty(0, geo.hidden, dtype=layer.config.torch_dtype, device=layer.device))
+            raise ValueError(error)
+        T = x.shape[0]
+        if not self.cuda_graphs or torch.cuda.is_current_stream_capturing():
+            return self._launch(x)
+        if T not in self.graphs:
+            if T not in self.seen:  # first time at this size: run eagerly (compiles the kernel)
+                self.seen.add(T)
+                return self._launch(x)
+            self.graphs[T] = self._capture(x)
+            if len(self.graphs) > self.MAX_GRAPHS:
+                self.graphs.pop(next(iter(self.graphs)))
+        self.graphs[T] = entry = self.graphs.pop(T)  # most recently used last
+        graph, static_x, static_out, stats = entry
+        static_x.copy_(x)
+        graph.replay()
+        self.status_ready.record()
+        return static_out.clone(), {k: v.clone() for k, v in stats.items()}
+
+    def _capture(self, x: torch.Tensor):
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out, stats = self._launch(static_x, copy_status=True)
+        return graph, static_x, static_out, stats
+
+    def _launch(self, x: torch.Tensor, copy_status: bool = False):
+        """Routing plan + one kernel launch for x: [T, H] (T may be 0). -> (out, stats)."""
+        layer, geo = self.layer, self.geo
         plan = routing_plan(x, layer.router_weight, layer.expert_positions, layer.config, geo)
         out = torch.empty_like(x)
         self.comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
+        # Taller expert tiles once an expert gets enough rows (on average) to fill them: fewer
+        # re-reads of its weights. fp32 keeps 64 rows: its tiles would not fit shared memory.
+        rows_per_expert = x.shape[0] * layer.config.top_k // geo.local_experts
+        block_m = 128 if rows_per_expert >= 128 and x.dtype == torch.bfloat16 else 64
         launch_fused(x, out, layer.w_in, layer.w_out, plan, self.sym, self.peers, self.h, self.h_flags,
                      self.comb_expect, self.ctl, self.status, geo=geo, activation=layer.config.activation,
-                     rank=layer.rank, spin_limit=self.spin_limit, programs=self.programs)
-        if not torch.cuda.is_current_stream_capturing():  # a graph's replays are checked by synchronize()
+                     rank=layer.rank, spin_limit=self.spin_limit, programs=self.programs,
+                     block_m=block_m)
+        capturing = torch.cuda.is_current_stream_capturing()
+        if copy_status or not capturing:
             self.status_host.copy_(self.status, non_blocking=True)
+        if not capturing:
             self.status_ready.record()
-        if error is not None:
-            raise ValueError(error)
         return out, plan.stats
 
     def raise_if_failed(self, block: bool) -> None:
@@ -224,4 +269,6 @@ class FlashBackend:
             raise FusedKernelError(self.failed)
 
     def close(self) -> None:
+        """Free the symmetric buffers (collective); the layer cannot run afterwards."""
+        self.graphs.clear()
         self.heap.free()

@@ -5,7 +5,7 @@ Work is a single queue of tasks per GPU, taken in increasing order from an atomi
     [publish counts] [dispatch chunk ...] [ffn_in tile ...] [ffn_out tile ...] [combine tile ...]
 
   publish counts  tell every destination how many rows of each of its experts this rank sends;
-  dispatch_chunk  copy up to BM token rows of one (destination, expert) pair into the destination's
+  dispatch_chunk  copy up to CHUNK token rows of one (destination, expert) pair into the destination's
                   receive slots, then raise that chunk's arrival flag there;
   ffn_in_tile     BM rows of one local expert, gathered across source regions, once their chunks
                   have arrived: h = act(x_rows @ w_in[e][:, f-tile]) -> h_buf;
@@ -80,18 +80,18 @@ def publish_counts(count_peers, send_counts_ptr, epoch, rank, W, L, E_POW2: tl.c
 def dispatch_chunk(q, x_ptr, send_tok_ptr, pos_start_ptr, send_counts_ptr, region_off_ptr,
                    chunk_pos_ptr, chunk_c_ptr, recv_x_peers, chunk_flag_peers,
                    epoch, rank, H, S, L, MAXC,
-                   BM: tl.constexpr, BN: tl.constexpr):
-    """Copy send chunk q (BM rows of one (dest, expert) pair) to the destination; raise its flag."""
+                   CHUNK: tl.constexpr, BN: tl.constexpr):
+    """Copy send chunk q (CHUNK rows of one (dest, expert) pair) to the destination; raise its flag."""
     pos = tl.load(chunk_pos_ptr + q)
     if pos >= 0:
         c = tl.load(chunk_c_ptr + q)
         count = tl.load(send_counts_ptr + pos)
-        i = tl.arange(0, BM)
-        valid = c * BM + i < count
-        slot = tl.load(pos_start_ptr + pos).to(tl.int64) + c * BM + i
+        i = tl.arange(0, CHUNK)
+        valid = c * CHUNK + i < count
+        slot = tl.load(pos_start_ptr + pos).to(tl.int64) + c * CHUNK + i
         tok = tl.load(send_tok_ptr + slot, mask=valid, other=0).to(tl.int64)
         dest, e = pos // L, pos % L
-        row = (rank * S + tl.load(region_off_ptr + pos) + c * BM + i).to(tl.int64)
+        row = (rank * S + tl.load(region_off_ptr + pos) + c * CHUNK + i).to(tl.int64)
         dst = peer(recv_x_peers, dest).to(tl.pointer_type(x_ptr.dtype.element_ty))
         for n0 in range(0, H, BN):
             cols = n0 + tl.arange(0, BN)
@@ -112,9 +112,11 @@ def _count_table(words, W, L, W_POW2: tl.constexpr, L_POW2: tl.constexpr):
 
 
 @triton.jit
-def _expert_tile(q, words, W, L, S, BM: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr):
-    """Expert tile q -> (local expert e, and per row: source rank, row in that source's region,
-    chunk of the (source, e) pair, valid). Rows of expert e are numbered source by source."""
+def _expert_tile(q, words, W, L, S, BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr,
+                 L_POW2: tl.constexpr):
+    """Expert tile q (BM rows) -> (local expert e, and per row: source rank, row in that source's
+    region, CHUNK-chunk of the (source, e) pair, valid). Rows of expert e are numbered source by
+    source; each pair's rows start at a CHUNK-aligned offset of its source's region."""
     counts = _count_table(words, W, L, W_POW2, L_POW2)
     e_idx = tl.arange(0, L_POW2)
     tiles = (tl.sum(counts, axis=0) + BM - 1) // BM
@@ -123,7 +125,7 @@ def _expert_tile(q, words, W, L, S, BM: tl.constexpr, W_POW2: tl.constexpr, L_PO
     c = q - tl.sum(tl.where(e_idx < e, tiles, 0))
     cols = e_idx[None, :]
     per_src = tl.sum(tl.where(cols == e, counts, 0), axis=1)  # [W_POW2]
-    region = tl.sum(tl.where(cols < e, (counts + BM - 1) // BM * BM, 0), axis=1)
+    region = tl.sum(tl.where(cols < e, (counts + CHUNK - 1) // CHUNK * CHUNK, 0), axis=1)
     first = tl.cumsum(per_src, 0) - per_src
     j = c * BM + tl.arange(0, BM)
     valid = j < tl.sum(per_src)
@@ -132,17 +134,17 @@ def _expert_tile(q, words, W, L, S, BM: tl.constexpr, W_POW2: tl.constexpr, L_PO
     pick = s_idx == src[:, None]
     r = j - tl.sum(tl.where(pick, first[None, :], 0), axis=1)
     row = tl.sum(tl.where(pick, region[None, :], 0), axis=1) + r
-    return e, src, row, r // BM, valid
+    return e, src, row, r // CHUNK, valid
 
 
 @triton.jit
 def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag_ptr, status_ptr,
                 epoch, spin_limit, W, L, H, F, S, MAXC, NF,
                 ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
-                BF: tl.constexpr, BK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr,
+                CHUNK: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr,
                 STAGES: tl.constexpr):
     """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived."""
-    e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, W_POW2, L_POW2)
+    e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, CHUNK, W_POW2, L_POW2)
     flags = chunk_flag_ptr + (src * L + e) * MAXC + chunk
     if wait_all_equal(flags, valid, epoch.to(tl.int32), spin_limit) == 0:
         _report_timeout(status_ptr, WAIT_CHUNK, tl.max(tl.where(valid, src, -1)), e, q, epoch)
@@ -174,13 +176,14 @@ def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag
 @triton.jit
 def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers,
                  status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC, NF, NN,
-                 PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 PRECISION: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr,
                  W_POW2: tl.constexpr, L_POW2: tl.constexpr, NF_POW2: tl.constexpr,
                  STAGES: tl.constexpr):
     """y[rows of expert tile q, n-tile] = h_rows @ w_out[e][:, n-tile] once all f-tiles of h are
     written, stored into each row's source rank (its combine_y region for this rank mirrors
     recv_x), then one count per row."""
-    e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, W_POW2, L_POW2)
+    e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, CHUNK, W_POW2, L_POW2)
     r = (src * S + row).to(tl.int64)
     cols = n * BN + tl.arange(0, BN)
     cmask = cols < H
@@ -253,6 +256,7 @@ def fused_moe_kernel(
         T, spin_limit, rank, W, L, H, F, S, MAXC, SEND_CHUNKS,
         TOP_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
         E_POW2: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr, BM: tl.constexpr,
+        CHUNK: tl.constexpr,
         BN: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         NF_POW2: tl.constexpr, STAGES: tl.constexpr):
     """See the module docstring. Shapes (E = W * L pairs in (rank, slot) order, K = TOP_K):
@@ -275,7 +279,7 @@ def fused_moe_kernel(
         else:
             dispatch_chunk(task - 1, x_ptr, send_tok_ptr, pos_start_ptr, send_counts_ptr,
                            region_off_ptr, chunk_pos_ptr, chunk_c_ptr, recv_x_peers, chunk_flag_peers,
-                           epoch, rank, H, S, L, MAXC, BM, BN)
+                           epoch, rank, H, S, L, MAXC, CHUNK, BN)
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
@@ -302,12 +306,12 @@ def fused_moe_kernel(
         if q < n_in:
             ffn_in_tile(q // NF, q % NF, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag_ptr,
                         status_ptr, epoch, spin_limit, W, L, H, F, S, MAXC, NF,
-                        ACT, GATED, PRECISION, BM, BF, BK, W_POW2, L_POW2, STAGES)
+                        ACT, GATED, PRECISION, BM, CHUNK, BF, BK, W_POW2, L_POW2, STAGES)
         elif q < n_in + n_out:
             q -= n_in
             ffn_out_tile(q // NN, q % NN, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers,
                          comb_count_peers, status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC,
-                         NF, NN, PRECISION, BM, BN, BK, W_POW2, L_POW2, NF_POW2, STAGES)
+                         NF, NN, PRECISION, BM, CHUNK, BN, BK, W_POW2, L_POW2, NF_POW2, STAGES)
         else:
             q -= n_in + n_out
             combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
@@ -325,13 +329,14 @@ def fused_moe_kernel(
 
 def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, comb_expect, ctl,
                  status, *, geo, activation: str, rank: int, spin_limit: int, programs: int,
-                 num_warps: int = 8, stages: int = 3):
+                 block_m: int = 64, num_warps: int = 8, stages: int = 3):
     """Check shapes and launch one forward.
 
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H] (one dtype); plan: a RoutingPlan;
     sym: this rank's symmetric buffers by name (geo.symmetric_buffers); peers: the same names ->
     [W] int64 peer base addresses; h: [W, S, F] x.dtype; h_flags: [MAXQ, NF] int32;
-    comb_expect: [W, L, MAXC] int64; ctl: [3] int64; status: [8] int64; all on x's device."""
+    comb_expect: [W, L, MAXC] int64; ctl: [3] int64; status: [8] int64; all on x's device.
+    block_m: rows per expert tile (64 or 128; geo.MAXQ is sized for 64)."""
     T, H = x.shape
     W, L, F = geo.world_size, geo.local_experts, geo.ffn
     gated = activation == "swiglu"
@@ -356,5 +361,5 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
         T, spin_limit, rank, W, L, H, F, geo.S, geo.MAXC, plan.chunk_pos.numel(),
         TOP_K=plan.slot_dest.shape[1], ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
         E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
-        L_POW2=triton.next_power_of_2(L), BM=geo.BM, BN=geo.BN, BF=geo.BF, BK=geo.BK, BT=geo.BT,
+        L_POW2=triton.next_power_of_2(L), BM=block_m, CHUNK=geo.CHUNK, BN=geo.BN, BF=geo.BF, BK=geo.BK, BT=geo.BT,
         NF_POW2=triton.next_power_of_2(geo.NF), STAGES=stages, num_warps=num_warps)

@@ -127,7 +127,7 @@ def main():
     ]
     if args.presets:
         cases += [(n, fm.preset(n), t, None) for n, t in
-                  [("mixtral_8x7b", 512), ("qwen3_30b_a3b", 512), ("deepseek_v3", 256)]]
+                  [("mixtral_8x7b", 1024), ("qwen3_30b_a3b", 2048), ("deepseek_v3", 16384)]]
     soak = MoEConfig(**small, top_k=2)
     rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, t) for _, c, t, _ in cases))
     rank = rt.rank

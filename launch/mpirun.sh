@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run a flashmoe_py program on every GPU of this node (or NGPUS of them) under Open MPI's mpirun:
+# one process per GPU; flashmoe_py.init() reads OMPI_COMM_WORLD_* (or PMI_* under MPICH) and
+# brings up torch.distributed (rendezvous address broadcast with mpi4py) and NVSHMEM itself.
+#   bash launch/mpirun.sh                          # the layer benchmark, all backends
+#   bash launch/mpirun.sh tests/gpu/check_flash.py # the GPU correctness suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+NGPUS=${NGPUS:-$(nvidia-smi -L | wc -l)}
+if [ $# -eq 0 ]; then set -- bench/layer.py --backends torch flash; fi
+exec mpirun --allow-run-as-root --oversubscribe --bind-to none -np "$NGPUS" \
+  -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x PYTHONPATH \
+  -x PYTHONUNBUFFERED -x LD_LIBRARY_PATH -x PATH python3 "$@"

@@ -1,0 +1,106 @@
+"""The runtime without GPUs: launcher detection, heap sizing, cross-rank consistency, clear errors."""
+
+import pytest
+
+import flashmoe_py as fm
+from flashmoe_py.backends.flash import Geometry
+from flashmoe_py.heap import format_bytes, heap_bytes_for
+from flashmoe_py.runtime import (ConsistencyError, LaunchInfo, _parse_size, _set_heap_size,
+                                 detect_launcher, find_mismatch, fused_unavailable_reason)
+
+
+@pytest.mark.parametrize("env,expect", [
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"},
+     LaunchInfo("torchrun", 3, 8, 3, 8)),
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, LaunchInfo("mpirun", 1, 4, 1, 4)),
+    ({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "4"},
+     LaunchInfo("mpirun", 2, 4, 2, 4)),
+    ({}, LaunchInfo("single", 0, 1, 0, 1)),
+])
+def test_detects_the_launcher(env, expect):
+    assert detect_launcher(env) == expect
+
+
+@pytest.mark.parametrize("env,name", [
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2"),
+    ({"OMPI_COMM_WORLD_RANK": "0"}, "OMPI_COMM_WORLD_SIZE"),
+])
+def test_garbled_launcher_environment_names_the_variable(env, name):
+    with pytest.raises(ValueError, match=name):
+        detect_launcher(env)
+
+
+def test_find_mismatch_names_field_and_ranks():
+    same = {"config": {"top_k": 2, "hidden_size": 64}, "max_tokens_per_rank": 128}
+    assert find_mismatch([same, same, same]) is None
+    other = {"config": {"top_k": 4, "hidden_size": 64}, "max_tokens_per_rank": 128}
+    msg = find_mismatch([same, same, other])
+    assert msg == "config.top_k differs across ranks: rank 0 has 2, rank 2 has 4"
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3"])
+def test_heap_sizing_grows_with_tokens_and_covers_buffers(world, name):
+    cfg = fm.preset(name)
+    small, large = heap_bytes_for(cfg, world, 128), heap_bytes_for(cfg, world, 16384)
+    assert small < large
+    geo = Geometry.for_config(cfg, world, 16384)
+    payload = 2 * world * geo.S * cfg.hidden_size * 2  # recv_x + combine_y, bf16
+    assert payload < large < payload * 1.1 + (128 << 20)
+
+
+def test_geometry_bounds_hold_for_8_ranks():
+    """Every slot one source can send one destination fits its region, on 8 ranks too."""
+    cfg = fm.preset("deepseek_v3")
+    geo = Geometry.for_config(cfg, 8, 4096)
+    L = geo.local_experts
+    assert L == 32 and geo.S >= 4096 * min(cfg.top_k, L) + L * geo.CHUNK
+    assert geo.MAXQ * geo.BM_MIN >= 8 * 4096 * min(cfg.top_k, L)
+
+
+def test_too_small_user_heap_is_refused_with_sizes(monkeypatch):
+    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "1G")
+    need = 3 << 30
+    with pytest.raises(RuntimeError, match=f"needs {format_bytes(need)} .*allows 1.00 GiB"):
+        _set_heap_size(need)
+    monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE")
+    _set_heap_size(need)
+    import os
+    assert int(os.environ["NVSHMEM_SYMMETRIC_SIZE"]) == need
+
+
+def test_parse_size():
+    assert _parse_size("2G") == 2 << 30 and _parse_size("512M") == 512 << 20 and _parse_size("100") == 100
+
+
+def test_fused_backend_unavailable_on_cpu_says_why():
+    reason = fused_unavailable_reason()
+    assert reason and ("CUDA" in reason or "nvshmem4py" in reason)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU|nvshmem4py"):
+        fm.init(nvshmem=True)
+    with pytest.raises(ValueError, match="backend='flash' is unavailable"):
+        fm.MoELayer(fm.MoEConfig(hidden_size=16, ffn_size=16, num_experts=2, top_k=1),
+                    backend="flash", max_tokens_per_rank=8)
+
+
+def check_consistent_on_ranks(rank, world, top_k):
+    rt = fm.init(nvshmem=False)
+    cfg = fm.MoEConfig(hidden_size=16, ffn_size=16, num_experts=4, top_k=top_k[rank])
+    try:
+        rt.check_consistent(config=cfg.to_dict())
+        return "agreed"
+    except ConsistencyError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_runtime_consistency_check_raises_on_every_rank(dist_pools, world):
+    """Eight gloo ranks: the runtime joins the existing group, one rank's top_k differs."""
+    top_k = [2] * world
+    assert dist_pools(world).run(check_consistent_on_ranks, top_k) == ["agreed"] * world
+    top_k[world - 1] = 3
+    res = dist_pools(world).run(check_consistent_on_ranks, top_k)
+    assert all(f"config.top_k differs across ranks: rank 0 has 2, rank {world - 1} has 3" == r
+               for r in res)
