@@ -4,7 +4,7 @@
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
-export PYTHONPATH=$PWD:${PYTHONPATH:-} FLASHMOE_COMMIT=${FLASHMOE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export PYTHONPATH=$PWD:${PYTHONPATH:-} FLASHMOE_COMMIT=${FLASHMOE_COMMIT:-unknown}
 NG=$(nvidia-smi -L | wc -l)
 run() {  # name, limit_s, nproc, script args...
   local name=$1 limit=$2 n=$3; shift 3

@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--routing", nargs="+", default=["uniform"], choices=ROUTINGS)
     p.add_argument("--iters", type=int, default=None, help="timed iterations per input set")
     p.add_argument("--input-sets", type=int, default=3)
+    p.add_argument("--user-graph", action="store_true",
+                   help="also time backend flash captured whole in a caller's CUDA graph")
     p.add_argument("--out", default=None, help="JSON file (default bench/results/layer-<device>-<world>.json)")
     return p.parse_args(argv)
 
@@ -172,12 +174,14 @@ def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict) -> float |
 
 
 def git_commit() -> str:
+    if os.environ.get("FLASHMOE_COMMIT"):  # set by the caller where the tree has no .git
+        return os.environ["FLASHMOE_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FLASHMOE_COMMIT", "unknown")
+        return "unknown"
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -210,7 +214,7 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
                 times += Timer(device).time(lambda: layer(x), iters, warmup=3)
             layer.synchronize()
         row["median_us"] = max_over_ranks(statistics.median(times), device)
-        if backend == "flash":  # the same forward replayed from a CUDA graph: no CPU in the way
+        if backend == "flash" and args.user_graph:  # replayed from the caller's own CUDA graph
             rows.append({**row, "backend": "flash+graph", "median_us": graph_median_us(layer, xs, iters, device)})
     if backend == "flash":
         layer.backend.close()
