@@ -11,6 +11,6 @@ setup(
         "gpu": ["nvshmem4py-cu13", "cuda-python"],
         "mpi": ["mpi4py"],
         "bench": ["matplotlib", "tqdm"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=5"],
     },
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +78,8 @@ class MoELayer(nn.Module):
         self.backend = (TorchEPBackend(self) if backend == "torch"
                         else FlashBackend(self, max_tokens_per_rank, timeout_s, cuda_graphs))
         self.last_stats: MoEStats | None = None
+        self._op_id = next(_layer_ids)
+        _LAYERS[self._op_id] = self
 
     def _setup_problem(self, config, placement, backend, max_tokens_per_rank) -> str | None:
         """What is wrong with the constructor arguments on this rank, or None."""
@@ -171,6 +175,11 @@ class MoELayer(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque op for the compiler: no graph break here
+            return torch.ops.flashmoe.moe_forward(x, self._op_id)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         problem = self._input_problem(x)
         x2d = x.reshape(-1, self.config.hidden_size).contiguous() if problem is None else x
         out, stats = self.backend.forward(x2d, problem)
@@ -188,6 +197,21 @@ class MoELayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.config}, rank={self.rank}/{self.world_size}, "
                 f"local_experts={self.local_experts}, backend={self.backend.name!r}")
+
+
+_layer_ids = itertools.count()
+_LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("flashmoe::moe_forward", mutates_args=())
+def _moe_forward(x: torch.Tensor, layer_id: int) -> torch.Tensor:
+    """MoELayer.forward as a custom op, so torch.compile keeps the layer whole."""
+    return _LAYERS[layer_id]._forward(x)
+
+
+@_moe_forward.register_fake
+def _(x: torch.Tensor, layer_id: int) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 def _default_device(distributed: bool) -> torch.device:
