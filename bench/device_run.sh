@@ -16,6 +16,7 @@ for step in "$@"; do
   case $step in
     check*) n=${step#check}; run "check_w$n" 420 "$n" tests/gpu/check_flash.py --calls "${CALLS:-1000}" \
               ${PRESETS:+--presets} --out "$OUT/check_w$n.json" ;;
+    hf*) n=${step#hf}; run "hf_w$n" 300 "$n" tests/gpu/check_hf.py --out "$OUT/hf_w$n.json" ;;
     mpicheck*) n=${step#mpicheck}; echo "=== mpirun check (n=$n)"
               NGPUS=$n timeout -k 10 420 bash launch/mpirun.sh tests/gpu/check_flash.py --calls "${CALLS:-1000}" \
               --out "$OUT/mpicheck_w$n.json" > "$OUT/mpicheck_w$n.log" 2>&1; echo "=== mpicheck rc=$?"

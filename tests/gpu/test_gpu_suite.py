@@ -22,3 +22,8 @@ def torchrun(script: str, *args: str, timeout: int = 900) -> subprocess.Complete
 @pytest.mark.gpu
 def test_flash_backend_matches_reference_on_all_gpus():
     assert torchrun("check_flash.py", "--calls", "1000").returncode == 0
+
+
+@pytest.mark.gpu
+def test_patched_hf_models_match_on_all_gpus():
+    assert torchrun("check_hf.py").returncode == 0
