@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 def torchrun(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     n = torch.cuda.device_count()
     env = {**os.environ, "NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0",
-           "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONPATH": ROOT}
+           "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
                            os.path.join(HERE, script), *args], env=env, timeout=timeout, cwd=ROOT)
 
@@ -27,3 +28,8 @@ def test_flash_backend_matches_reference_on_all_gpus():
 @pytest.mark.gpu
 def test_patched_hf_models_match_on_all_gpus():
     assert torchrun("check_hf.py").returncode == 0
+
+
+@pytest.mark.gpu
+def test_missing_peer_is_a_bounded_error_not_a_hang():
+    assert torchrun("check_faults.py", timeout=300).returncode == 0
