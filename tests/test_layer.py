@@ -221,3 +221,34 @@ def test_load_full_weights_checks_shapes():
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="backend='cuda_magic'"):
         MoELayer(MoEConfig(**SMALL, top_k=2), backend="cuda_magic")
+
+
+def test_eight_ranks_match_reference(dist_pools):
+    """Nothing assumes at most 4 ranks: 8 gloo ranks, one with no tokens, 16 experts, top-4."""
+    cfg = MoEConfig(**{**SMALL, "num_experts": 16}, top_k=4)
+    tokens = [11, 0, 23, 5, 40, 1, 17, 9]
+    res = dist_pools(8).run(layer_vs_reference, cfg.to_dict(), tokens, fresh_seed())
+    assert max(r["err"] for i, r in enumerate(res) if tokens[i]) <= FP32_TOL
+
+
+def nan_forward(rank, world, cfg: dict):
+    layer = MoELayer(MoEConfig.from_dict(cfg))
+    x = make_tokens(2, rank, 8, 32, torch.float32)
+    x[3, 5] = float("nan")
+    x[6, 0] = float("inf")
+    out = layer(x)
+    finite_rows = [t for t in range(8) if t not in (3, 6)]
+    return bool(out[3].isnan().all()), bool(out[finite_rows].isfinite().all())
+
+
+def test_nan_and_inf_propagate_without_hanging(dist_pools):
+    """A NaN/Inf token poisons its own output row (and nothing else); every rank completes."""
+    for nan_row, others_finite in dist_pools(2).run(nan_forward, MoEConfig(**SMALL, top_k=2).to_dict()):
+        assert nan_row and others_finite
+
+
+def test_non_contiguous_input_is_accepted():
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    x = torch.randn(10, 64)[:, ::2]  # strided: [10, 32], not contiguous
+    assert not x.is_contiguous()
+    torch.testing.assert_close(layer(x), layer(x.contiguous()))
