@@ -1,0 +1,55 @@
+"""GPU soak: 10,000 back-to-back fused forwards with changing inputs and token counts.
+
+Spot-checks against the reference every 500 calls; GPU memory after warm-up must stay flat (the
+symmetric heap is allocated once, at construction).   bash launch/torchrun.sh tests/gpu/check_soak.py"""
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import flashmoe_py as fm
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--calls", type=int, default=10_000)
+    args = p.parse_args()
+    cfg = fm.MoEConfig(hidden_size=512, ffn_size=512, num_experts=32, top_k=4)
+    rt = fm.init(layers=[(cfg, 512)])
+    layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=512, seed=7)
+    full = layer.full_weights()
+    sizes = [512, 96, 1, 300, 0 if rt.rank == 1 else 17, 256]  # graphs for each, then replays
+    gen = torch.Generator(device="cuda").manual_seed(rt.rank)
+    worst, checks, mem_after_warmup = 0.0, 0, None
+    t0 = time.perf_counter()
+    for call in range(args.calls):
+        T = sizes[call % len(sizes)]
+        x = torch.randn(T, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
+        out = layer(x)
+        if call % 500 == 499 and T:
+            ref = fm.reference_forward(x, *full, cfg)
+            worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
+            checks += 1
+        if call == 100:
+            layer.synchronize()
+            mem_after_warmup = torch.cuda.memory_allocated()
+    layer.synchronize()
+    mem_end = torch.cuda.memory_allocated()
+    stats = torch.tensor([worst, mem_end - mem_after_warmup], device="cuda", dtype=torch.float64)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    row = {"calls": args.calls, "world": rt.world_size, "seconds": round(time.perf_counter() - t0, 1),
+           "spot_checks_per_rank": checks, "worst_rel_err": float(stats[0]),
+           "memory_growth_bytes_max_over_ranks": int(stats[1]), "device": torch.cuda.get_device_name()}
+    row["ok"] = row["worst_rel_err"] <= 1e-2 and row["memory_growth_bytes_max_over_ranks"] <= 0
+    if rt.rank == 0:
+        print(json.dumps(row), flush=True)
+    fm.finalize()
+    sys.exit(0 if row["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
