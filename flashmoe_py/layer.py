@@ -14,7 +14,7 @@ from .backends.flash import FlashBackend
 from .backends.torch_ep import TorchEPBackend
 from .config import MoEConfig
 from .placement import ExpertPlacement
-from .runtime import ConsistencyError, find_mismatch
+from .runtime import ConsistencyError, find_mismatch, fused_unavailable_reason
 
 BACKENDS = ("torch", "flash")
 
@@ -91,10 +91,11 @@ class MoELayer(nn.Module):
             if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
                 return (f"backend='flash' needs max_tokens_per_rank, a positive int (it sizes the "
                         f"symmetric heap); got {max_tokens_per_rank!r}")
-            from .runtime import fused_unavailable_reason
             reason = fused_unavailable_reason()
             if reason:
                 return f"backend='flash' is unavailable: {reason}"
+            if self.process_group not in (None, dist.group.WORLD):
+                return "backend='flash' spans all NVSHMEM PEs: use the default process group"
         if config.num_experts % self.world_size:
             return (f"MoEConfig.num_experts={config.num_experts} is not divisible by "
                     f"world_size={self.world_size}: every rank must hold the same number of experts")
