@@ -1,5 +1,6 @@
-"""The fused kernel, run whole in the Triton interpreter (one rank, one program) on the CPU,
-against the float64 reference; and its bounded waits."""
+"""The fused kernel in the Triton interpreter on the CPU, against the float64 reference: whole, on
+one rank; whole, on 2-3 ranks in separate processes sharing 'symmetric' buffers; its tile decode;
+and its bounded waits."""
 
 import os
 import random
@@ -130,3 +131,59 @@ def test_expert_tiles_gather_rows_across_sources(W, L, BM):
         got = [tuple(out[t, :3, i].tolist()) for i in range(len(rows))]
         assert got == rows
         assert (out[t, 3, :len(rows)] == e).all() and (out[t, 0, len(rows):] == -1).all()
+
+
+def shared_symmetric_buffers(cfg: MoEConfig, world: int, max_tokens: int):
+    """Each rank's symmetric buffers in shared memory, so ranks in separate processes can reach
+    their peers' copies (each process builds its own peer-address table from its own mapping)."""
+    geo = Geometry.for_config(cfg, world, max_tokens)
+    return [{n: torch.zeros(shape, dtype=dt).share_memory_()
+             for n, (shape, dt) in geo.symmetric_buffers(cfg.torch_dtype).items()} for _ in range(world)]
+
+
+def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inputs, block_m):
+    """One rank of the fused kernel (one program) in this process; -> [(rel err, status, epoch)]."""
+    cfg = MoEConfig.from_dict(cfg_dict)
+    geo = Geometry.for_config(cfg, world, max_tokens)
+    L = geo.local_experts
+    peers = {n: torch.tensor([bufs[r][n].data_ptr() for r in range(world)]) for n in bufs[0]}
+    router, w_in, w_out = weights
+    mine = slice(rank * L, (rank + 1) * L)
+    h = torch.zeros(world, geo.S, cfg.ffn_size)
+    h_flags = torch.zeros(geo.MAXQ, geo.NF, dtype=torch.int32)
+    comb_expect = torch.zeros(world, L, geo.MAXC, dtype=torch.int64)
+    ctl, status = torch.tensor([1, 0, 0]), torch.zeros(8, dtype=torch.int64)
+    positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
+    results = []
+    for x in inputs[rank]:
+        plan = routing_plan(x, router, positions, cfg, geo)
+        comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
+        out = torch.full_like(x, float("nan"))
+        launch_fused(x, out, w_in[mine].contiguous(), w_out[mine].contiguous(), plan, bufs[rank], peers,
+                     h, h_flags, comb_expect, ctl, status, geo=geo, activation=cfg.activation, rank=rank,
+                     spin_limit=10**7, programs=1, block_m=block_m)
+        err = rel_err(out, reference_forward(x, router, w_in, w_out, cfg, torch.float64)) if len(x) else 0.0
+        results.append((err, int(status[0]), int(ctl[0])))
+    return results
+
+
+@pytest.mark.parametrize("world,top_k,activation,block_m", [
+    (2, 2, "swiglu", 64), (2, 3, "relu", 128), (3, 1, "gelu", 64)])
+def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activation, block_m):
+    """The multi-rank protocol (counts, dispatch to peers, tiles across sources, combine counters,
+    epochs) with each rank's kernel in its own process, on shared-memory 'symmetric' buffers."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=2 * world, top_k=top_k,
+                    activation=activation, dtype="float32")
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    E, H, F = cfg.num_experts, cfg.hidden_size, cfg.ffn_size
+    weights = (torch.randn(E, H, generator=gen) / H**0.5,
+               torch.randn(E, H, cfg.ffn_in_size, generator=gen) / H**0.5,
+               torch.randn(E, F, H, generator=gen) / F**0.5)
+    calls = [[37, 0, 40, 9], [5, 40, 0, 9], [19, 3, 1, 9]][:world]  # per rank, 4 epochs; zeros too
+    inputs = [[torch.randn(t, H, generator=gen) for t in ts] for ts in calls]
+    bufs = shared_symmetric_buffers(cfg, world, 40)
+    results = dist_pools(world).run(rank_runs_whole_kernel, cfg.to_dict(), 40, bufs, weights, inputs,
+                                    block_m)
+    for rank_results in results:
+        assert [(status, epoch) for _, status, epoch in rank_results] == [(0, 2), (0, 3), (0, 4), (0, 5)]
+        assert max(err for err, _, _ in rank_results) <= 1e-5
