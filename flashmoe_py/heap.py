@@ -71,7 +71,10 @@ class SymmetricHeap:
         if name not in self._peers:
             import nvshmem.core as nv
             t = self[name]
-            ptrs = [nv.get_peer_tensor(t, pe).data_ptr() for pe in range(self.rt.world_size)]
+            # Own PE: the local address itself. nvshmem4py's get_peer_tensor on the own PE takes a
+            # reference to the buffer that free_tensor does not drop.
+            ptrs = [t.data_ptr() if pe == self.rt.rank else nv.get_peer_tensor(t, pe).data_ptr()
+                    for pe in range(self.rt.world_size)]
             self._peers[name] = torch.tensor(ptrs, dtype=torch.int64, device=t.device)
         return self._peers[name]
 
