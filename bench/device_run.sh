@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device session: GPU correctness of the fused backend, then the layer benchmark, logs in $OUT.
+# One device session: GPU checks of the fused backend, tuning, the layer benchmark; logs in $OUT.
 #   source .whl/gpu_env.sh && bash bench/device_run.sh [STEPS...]   (steps: check2 check4 bench4 ...)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,12 +17,17 @@ for step in "$@"; do
     check*) n=${step#check}; run "check_w$n" 420 "$n" tests/gpu/check_flash.py --calls "${CALLS:-1000}" \
               ${PRESETS:+--presets} --out "$OUT/check_w$n.json" ;;
     faults*) n=${step#faults}; run "faults_w$n" 120 "$n" tests/gpu/check_faults.py ;;
+    inputs*) n=${step#inputs}; run "inputs_w$n" 300 "$n" tests/gpu/check_inputs.py --out "$OUT/inputs_w$n.json" ;;
+    killed*) n=${step#killed}; echo "=== killed rank (n=$n)"
+              timeout -k 10 240 python3 tests/gpu/check_killed_rank.py --gpus "$n" --out "$OUT/killed_w$n.json" \
+              > "$OUT/killed_w$n.log" 2>&1; echo "=== killed rc=$?"; tail -n 40 "$OUT/killed_w$n.log" ;;
     soak*) n=${step#soak}; run "soak_w$n" 400 "$n" tests/gpu/check_soak.py ;;
     hf*) n=${step#hf}; run "hf_w$n" 300 "$n" tests/gpu/check_hf.py --out "$OUT/hf_w$n.json" ;;
     mpicheck*) n=${step#mpicheck}; echo "=== mpirun check (n=$n)"
               NGPUS=$n timeout -k 10 420 bash launch/mpirun.sh tests/gpu/check_flash.py --calls "${CALLS:-1000}" \
               --out "$OUT/mpicheck_w$n.json" > "$OUT/mpicheck_w$n.log" 2>&1; echo "=== mpicheck rc=$?"
               tail -n 25 "$OUT/mpicheck_w$n.log" ;;
+    tune*) n=${step#tune}; run "tune_w$n" 500 "$n" bench/tune.py ${TUNE_ARGS:-} --out "$OUT/tune_w$n.json" ;;
     bench*) n=${step#bench}; run "bench_w$n" 540 "$n" bench/layer.py --backends torch flash \
               ${BENCH_ARGS:-} --out "$OUT/bench_w$n.json" ;;
   esac

@@ -41,24 +41,37 @@ class SymmetricHeap:
         self.rt = rt
         self.tensors: dict[str, torch.Tensor] = {}
         self._peers: dict[str, torch.Tensor] = {}
+        self.bytes = 0  # heap bytes held (granule-rounded, without NVSHMEM's reserve)
 
     def allocate(self, buffers: dict) -> None:
         """buffers: {name: (shape, dtype)}. Every rank allocates the same names in the same (sorted)
-        order, as NVSHMEM requires; the shapes are checked to agree first."""
+        order, as NVSHMEM requires; the shapes are checked to agree first. Raises RuntimeError with
+        the needed and the free bytes, on every rank, when the heap cannot hold them."""
         import nvshmem.core as nv
         self.rt.check_consistent(symmetric_buffers={n: [list(s), str(d)] for n, (s, d) in buffers.items()})
-        for name in sorted(buffers):
+        for name in buffers:
             if name in self.tensors:
                 raise ValueError(f"symmetric buffer {name!r} is already allocated")
+        need = heap_bytes(buffers) - RESERVE
+        free = self.rt.heap_capacity - RESERVE - self.rt.heap_used()
+        if need > free:
+            raise RuntimeError(
+                f"the symmetric heap cannot hold this layer's buffers: they need {format_bytes(need)} "
+                f"({need} bytes), {format_bytes(max(free, 0))} is free of NVSHMEM_SYMMETRIC_SIZE="
+                f"{format_bytes(self.rt.heap_capacity)}; size it with flashmoe_py.init(layers=[(config, "
+                f"max_tokens_per_rank), ...]) or lower max_tokens_per_rank")
+        self.rt.heaps.append(self)
+        for name in sorted(buffers):
             shape, dtype = buffers[name]
             try:
                 self.tensors[name] = nv.tensor(shape, dtype=dtype)
             except Exception as e:  # nvshmem4py raises its own error types
+                self.free()
                 raise RuntimeError(
                     f"could not allocate symmetric buffer {name!r} {tuple(shape)} {dtype}: {e}. The "
-                    f"buffers need {format_bytes(heap_bytes(buffers))}; NVSHMEM_SYMMETRIC_SIZE is "
-                    f"{self._allowed()} (size it with flashmoe_py.init(layers=...))") from e
-        self.rt.heaps.append(self)
+                    f"buffers need {format_bytes(need)} of NVSHMEM_SYMMETRIC_SIZE="
+                    f"{format_bytes(self.rt.heap_capacity)}") from e
+            self.bytes += heap_bytes({name: buffers[name]}) - RESERVE
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
@@ -79,18 +92,16 @@ class SymmetricHeap:
         return self._peers[name]
 
     def free(self) -> None:
-        """Free every buffer (collective, reverse allocation order); idempotent."""
-        if not self.tensors:
-            return
-        import nvshmem.core as nv
-        self.rt.barrier()  # no peer may still be writing into them
-        self._peers.clear()
-        for name in sorted(self.tensors, reverse=True):
-            nv.free_tensor(self.tensors.pop(name))
+        """Free every buffer (collective, reverse allocation order); idempotent. After a fused
+        kernel timed out (rt.failed) nothing collective is safe: the buffers are kept, unused,
+        until the process exits."""
         if self in self.rt.heaps:
             self.rt.heaps.remove(self)
-
-    @staticmethod
-    def _allowed() -> str:
-        import os
-        return os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "the default (1 GiB)")
+        self.bytes = 0
+        if not self.tensors or self.rt.failed is not None:
+            return
+        self._peers.clear()
+        import nvshmem.core as nv
+        self.rt.barrier()  # no peer may still be writing into them
+        for name in sorted(self.tensors, reverse=True):
+            nv.free_tensor(self.tensors.pop(name))

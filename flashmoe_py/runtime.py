@@ -87,6 +87,10 @@ class Runtime:
         self.rank, self.world_size, self.local_rank = info.rank, info.world_size, info.local_rank
         self.launcher = info.launcher
         self.heaps: list = []  # SymmetricHeaps allocated under this runtime, freed at finalize
+        # NVSHMEM_SYMMETRIC_SIZE as NVSHMEM read it at init (its default is 1 GiB).
+        self.heap_capacity = _parse_size(os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "1G"))
+        # Set when a fused kernel timed out: a peer may be gone, so teardown stays local.
+        self.failed: str | None = None
 
     def barrier(self) -> None:
         """Every rank's queued device work is done before any rank goes on."""
@@ -98,22 +102,36 @@ class Runtime:
     def check_consistent(self, **values) -> None:
         """Raise ConsistencyError on every rank unless each value (dict, number, string) is the
         same on all ranks; the message names the first field that differs."""
+        if self.world_size == 1:
+            return
         everyone = [None] * self.world_size
         dist.all_gather_object(everyone, values)
         mismatch = find_mismatch(everyone)
         if mismatch:
             raise ConsistencyError(mismatch)
 
+    def heap_used(self) -> int:
+        """Bytes of the symmetric heap held by this runtime's buffers (granule-rounded)."""
+        return sum(heap.bytes for heap in self.heaps)
+
     def finalize(self) -> None:
+        """Free the symmetric buffers, then NVSHMEM, then the process group (collective).
+
+        After a fused kernel timed out (`failed`), a peer may be dead or stuck, and any collective
+        could hang: the buffers and NVSHMEM are then left to process exit, and the process group
+        is aborted instead of destroyed, so the process can still exit."""
         global _current
         for heap in list(self.heaps):
             heap.free()
-        if self.nvshmem:
+        if self.nvshmem and self.failed is None:
             import nvshmem.core as nv
             self.barrier()
             nv.finalize()
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            if self.failed is not None and dist.get_backend() == "nccl":
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
         _current = None
 
     def __enter__(self) -> Runtime:

@@ -79,11 +79,13 @@ def test_whole_kernel_matches_reference(activation, top_k, block_m):
 
 
 def test_missing_peer_times_out_with_status():
-    """Rank 1 never runs: rank 0's wait for its count words gives up and says which wait."""
-    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=4, top_k=2, dtype="float32")
-    rank = OneRank(cfg, max_tokens=16, world=2)
+    """Ranks 1 and 2 never run: rank 0's wait for their count words gives up and says which wait
+    and the first rank it missed."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=6, top_k=2, dtype="float32")
+    rank = OneRank(cfg, max_tokens=16, world=3)
     rank.forward(9, spin_limit=50)
-    assert int(rank.status[0]) == 1 and int(rank.status[1]) == WAIT_COUNTS.value
+    status = rank.status.tolist()
+    assert status[:3] == [1, WAIT_COUNTS.value, 1] and status[5] == 1  # (timed out, wait, peer, ..., epoch)
     assert int(rank.ctl[0]) == 2  # the program still left cleanly and opened the next epoch
 
 

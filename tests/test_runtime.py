@@ -1,11 +1,15 @@
 """The runtime without GPUs: launcher detection, heap sizing, cross-rank consistency, clear errors."""
 
+import sys
+import types
+
 import pytest
+import torch
 
 import flashmoe_py as fm
 from flashmoe_py.backends.flash import Geometry
-from flashmoe_py.heap import format_bytes, heap_bytes_for
-from flashmoe_py.runtime import (ConsistencyError, LaunchInfo, _parse_size, _set_heap_size,
+from flashmoe_py.heap import SymmetricHeap, format_bytes, heap_bytes_for
+from flashmoe_py.runtime import (ConsistencyError, LaunchInfo, Runtime, _parse_size, _set_heap_size,
                                  detect_launcher, find_mismatch, fused_unavailable_reason)
 
 
@@ -104,3 +108,54 @@ def test_runtime_consistency_check_raises_on_every_rank(dist_pools, world):
     res = dist_pools(world).run(check_consistent_on_ranks, top_k)
     assert all(f"config.top_k differs across ranks: rank 0 has 2, rank {world - 1} has 3" == r
                for r in res)
+
+
+class FakeNvshmem:
+    """Stands in for nvshmem.core: counts allocations and frees (CPU tensors)."""
+
+    def __init__(self):
+        self.live = 0
+
+    def tensor(self, shape, dtype):
+        self.live += 1
+        return torch.empty(shape, dtype=dtype)
+
+    def free_tensor(self, t):
+        self.live -= 1
+
+
+@pytest.fixture
+def fake_heap(monkeypatch):
+    fake = FakeNvshmem()
+    monkeypatch.setitem(sys.modules, "nvshmem", types.ModuleType("nvshmem"))
+    monkeypatch.setitem(sys.modules, "nvshmem.core", fake)
+    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "200M")
+    rt = Runtime(LaunchInfo("single", 0, 1, 0, 1), torch.device("cpu"), owns_group=False, nvshmem=False)
+    return rt, fake
+
+
+def test_heap_refuses_buffers_beyond_its_size_before_allocating(fake_heap):
+    rt, fake = fake_heap
+    first = SymmetricHeap(rt)
+    first.allocate({"a": ((50 << 20,), torch.uint8)})  # 50 MiB of 200 - 64 reserved
+    assert rt.heap_used() == 50 << 20 and fake.live == 1
+    second = SymmetricHeap(rt)
+    with pytest.raises(RuntimeError, match=r"need 100.00 MiB \(104857600 bytes\), 86.00 MiB is free of "
+                                           r"NVSHMEM_SYMMETRIC_SIZE=200.00 MiB"):
+        second.allocate({"b": ((100 << 20,), torch.uint8)})
+    assert fake.live == 1 and rt.heap_used() == 50 << 20
+    first.free()
+    assert fake.live == 0 and rt.heap_used() == 0
+    second.allocate({"b": ((100 << 20,), torch.uint8)})  # fits once the first is freed
+    assert fake.live == 1
+
+
+def test_after_a_kernel_timeout_teardown_is_local(fake_heap):
+    """A timed-out fused kernel may mean a dead peer: freeing (a collective) would hang, so the
+    buffers are kept until the process exits, and finalize does not wait on anyone."""
+    rt, fake = fake_heap
+    heap = SymmetricHeap(rt)
+    heap.allocate({"a": ((1 << 20,), torch.uint8)})
+    rt.failed = "fused MoE kernel on rank 0 timed out"
+    rt.finalize()
+    assert fake.live == 1 and rt.heap_used() == 0 and fm.runtime.current() is None

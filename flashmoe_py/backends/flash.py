@@ -160,7 +160,7 @@ class FlashBackend:
     def __init__(self, layer, max_tokens_per_rank: int, timeout_s: float, cuda_graphs: bool = True):
         from .. import runtime
         from ..heap import SymmetricHeap
-        rt = runtime.require_fused()
+        self.rt = rt = runtime.require_fused()
         cfg = layer.config
         self.layer = layer
         self.geo = geo = Geometry.for_config(cfg, layer.world_size, max_tokens_per_rank)
@@ -183,6 +183,8 @@ class FlashBackend:
         # A round of the bounded spin polls a flag in local memory: well under a microsecond.
         self.spin_limit = max(1, int(timeout_s * 2e6))
         self.failed: str | None = None
+        # Launch overrides for tuning (keys of launch_fused: block_m, num_warps, stages, group).
+        self.tuning: dict = {}
         self.cuda_graphs = cuda_graphs
         self.graphs: dict[int, tuple] = {}  # tokens -> (graph, static x, static out, static stats)
         self.seen: set[int] = set()
@@ -239,7 +241,7 @@ class FlashBackend:
         launch_fused(x, out, layer.w_in, layer.w_out, plan, self.sym, self.peers, self.h, self.h_flags,
                      self.comb_expect, self.ctl, self.status, geo=geo, activation=layer.config.activation,
                      rank=layer.rank, spin_limit=self.spin_limit, programs=self.programs,
-                     block_m=block_m)
+                     **{"block_m": block_m, **self.tuning})
         capturing = torch.cuda.is_current_stream_capturing()
         if copy_status or not capturing:
             self.status_host.copy_(self.status, non_blocking=True)
@@ -265,6 +267,7 @@ class FlashBackend:
                                f"waiting for {STATUS_WAITS.get(wait, wait)}"
                                + (f" from rank {pe}" if pe >= 0 else "")
                                + (f" (local expert {e}, tile {tile})" if e >= 0 else ""))
+                self.rt.failed = self.failed  # teardown must not wait on peers now
         if self.failed is not None:
             raise FusedKernelError(self.failed)
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .transport import peer, signal, wait_all_at_least, wait_all_equal
+from .transport import peer, signal, wait_at_least
 
 # Status word codes for the wait that timed out (Python reads .value).
 WAIT_COUNTS = tl.constexpr(1)
@@ -50,6 +50,17 @@ def _report_timeout(status_ptr, wait, pe, expert, tile, epoch):
         tl.store(status_ptr + 3, expert)
         tl.store(status_ptr + 4, tile)
         tl.store(status_ptr + 5, epoch)
+
+
+@triton.jit
+def _grouped(t, rows, cols, GROUP: tl.constexpr):
+    """Task t of a rows x cols grid of tiles -> (row, col), taking GROUP rows at a time column by
+    column: programs running side by side share a few row tiles and a few weight tiles in L2,
+    instead of every program streaming a different slice of an expert's weights from HBM."""
+    first = (t // (GROUP * cols)) * GROUP
+    size = tl.minimum(rows - first, GROUP)
+    r = t - first * cols
+    return first + r % size, r // size
 
 
 @triton.jit
@@ -146,8 +157,9 @@ def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag
     """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived."""
     e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, CHUNK, W_POW2, L_POW2)
     flags = chunk_flag_ptr + (src * L + e) * MAXC + chunk
-    if wait_all_equal(flags, valid, epoch.to(tl.int32), spin_limit) == 0:
-        _report_timeout(status_ptr, WAIT_CHUNK, tl.max(tl.where(valid, src, -1)), e, q, epoch)
+    short = wait_at_least(flags, valid, epoch.to(tl.int32), spin_limit)
+    if tl.sum(short.to(tl.int32)) > 0:
+        _report_timeout(status_ptr, WAIT_CHUNK, tl.min(tl.where(short, src, W)), e, q, epoch)
     else:
         r = (src * S + row).to(tl.int64)
         f = j * BF + tl.arange(0, BF)
@@ -190,8 +202,9 @@ def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, com
     w_base = w_out_ptr + e.to(tl.int64) * F * H
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     f_tiles = tl.arange(0, NF_POW2)
-    ok = wait_all_equal(h_flag_ptr + q * NF + f_tiles, f_tiles < NF, epoch.to(tl.int32), spin_limit)
-    if ok == 1:
+    short = wait_at_least(h_flag_ptr + q * NF + f_tiles, f_tiles < NF, epoch.to(tl.int32), spin_limit)
+    ok = tl.sum(short.to(tl.int32)) == 0
+    if ok:
         for k0 in tl.range(0, F, BK, num_stages=STAGES):
             f = k0 + tl.arange(0, BK)
             fmask = f < F
@@ -200,7 +213,7 @@ def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, com
             b = tl.load(w_base + f[:, None] * H + cols[None, :], mask=fmask[:, None] & cmask[None, :],
                         other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    if ok == 0:
+    if not ok:
         _report_timeout(status_ptr, WAIT_HIDDEN, rank, e, q, epoch)
     else:
         dtype = h_ptr.dtype.element_ty
@@ -216,7 +229,7 @@ def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, com
 
 @triton.jit
 def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr, slot_dest_ptr,
-                 slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch, spin_limit, T, H, S, NN,
+                 slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch, spin_limit, T, H, S, NN, W,
                  TOP_K: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
     """out[tokens, n-tile] = sum_k w[t, k] * y[slot(t, k), n-tile] for BT tokens, once each slot's
     chunk counter has reached the rows this rank expects in it."""
@@ -225,7 +238,7 @@ def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
     cols = n * BN + tl.arange(0, BN)
     cmask = cols < H
     acc = tl.zeros((BT, BN), dtype=tl.float32)
-    ok = 1
+    missing = W  # the lowest rank whose expert rows did not come back (W: none)
     for kk in tl.static_range(TOP_K):
         s = t.to(tl.int64) * TOP_K + kk
         dest = tl.load(slot_dest_ptr + s, mask=tmask, other=-1)
@@ -234,13 +247,13 @@ def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
         chunk = tl.load(slot_flag_ptr + s, mask=live, other=0).to(tl.int64)
         w = tl.load(slot_w_ptr + s, mask=live, other=0.0)
         expect = tl.load(comb_expect_ptr + chunk, mask=live, other=0)
-        got = wait_all_at_least(comb_count_ptr + chunk * NN + n, live, expect, spin_limit)
-        ok = ok & got
+        short = wait_at_least(comb_count_ptr + chunk * NN + n, live, expect, spin_limit)
+        missing = tl.minimum(missing, tl.min(tl.where(short, dest, W)))
         y = tl.load(combine_y_ptr + (dest.to(tl.int64) * S + row)[:, None] * H + cols[None, :],
                     mask=live[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
         acc += w[:, None] * y.to(tl.float32)
-    if ok == 0:
-        _report_timeout(status_ptr, WAIT_COMBINE, -1, -1, tt, epoch)
+    if missing < W:
+        _report_timeout(status_ptr, WAIT_COMBINE, missing, -1, tt, epoch)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=tmask[:, None] & cmask[None, :])
 
@@ -258,7 +271,7 @@ def fused_moe_kernel(
         E_POW2: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr, BM: tl.constexpr,
         CHUNK: tl.constexpr,
         BN: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-        NF_POW2: tl.constexpr, STAGES: tl.constexpr):
+        NF_POW2: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr):
     """See the module docstring. Shapes (E = W * L pairs in (rank, slot) order, K = TOP_K):
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H];
     send_tok: [T*K] int32 (token of each sorted slot); pos_start, send_counts, region_off: [E] int32;
@@ -283,20 +296,16 @@ def fused_moe_kernel(
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
-    # What every source sends to this rank's experts this call.
+    # What every source sends to this rank's experts this call: a word is current once its epoch
+    # field reaches this call's (a source cannot be two calls ahead of this rank).
     words = count_ptr + (epoch % 2) * W * L
     idx = tl.arange(0, E_POW2)
-    valid = idx < W * L
-    spins = 0
-    now = tl.atomic_add(words + idx, 0, mask=valid, sem="acquire", scope="sys")
-    pending = tl.sum(tl.where(valid, ((now >> 32) != epoch).to(tl.int32), 0))
-    while (pending > 0) & (spins < spin_limit) & healthy:
-        now = tl.atomic_add(words + idx, 0, mask=valid, sem="acquire", scope="sys")
-        pending = tl.sum(tl.where(valid, ((now >> 32) != epoch).to(tl.int32), 0))
-        spins += 1
-    if pending > 0:
-        _report_timeout(status_ptr, WAIT_COUNTS, -1, -1, -1, epoch)
-    healthy = healthy & (pending == 0)
+    pairs = idx < W * L * healthy.to(tl.int32)  # nothing to wait for once a program has failed
+    short = wait_at_least(words + idx, pairs, epoch << 32, spin_limit)
+    n_short = tl.sum(short.to(tl.int32))
+    if n_short > 0:
+        _report_timeout(status_ptr, WAIT_COUNTS, tl.min(tl.where(short, idx // L, W)), -1, -1, epoch)
+    healthy = healthy & (n_short == 0)
     tiles = tl.sum((tl.sum(_count_table(words, W, L, W_POW2, L_POW2), axis=0) + BM - 1) // BM)
     n_in = tiles * NF
     n_out = tiles * NN
@@ -304,19 +313,20 @@ def fused_moe_kernel(
     while (task < n_front + n_in + n_out + n_comb) & healthy:
         q = task - n_front
         if q < n_in:
-            ffn_in_tile(q // NF, q % NF, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag_ptr,
+            q, j = _grouped(q, tiles, NF, GROUP)
+            ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag_ptr,
                         status_ptr, epoch, spin_limit, W, L, H, F, S, MAXC, NF,
                         ACT, GATED, PRECISION, BM, CHUNK, BF, BK, W_POW2, L_POW2, STAGES)
         elif q < n_in + n_out:
-            q -= n_in
-            ffn_out_tile(q // NN, q % NN, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers,
+            q, n = _grouped(q - n_in, tiles, NN, GROUP)
+            ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers,
                          comb_count_peers, status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC,
                          NF, NN, PRECISION, BM, CHUNK, BN, BK, W_POW2, L_POW2, NF_POW2, STAGES)
         else:
             q -= n_in + n_out
             combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
                          slot_dest_ptr, slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch,
-                         spin_limit, T, H, S, NN, TOP_K, BT, BN)
+                         spin_limit, T, H, S, NN, W, TOP_K, BT, BN)
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
@@ -329,14 +339,15 @@ def fused_moe_kernel(
 
 def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, comb_expect, ctl,
                  status, *, geo, activation: str, rank: int, spin_limit: int, programs: int,
-                 block_m: int = 64, num_warps: int = 8, stages: int = 3):
+                 block_m: int = 64, num_warps: int = 8, stages: int = 3, group: int = 8):
     """Check shapes and launch one forward.
 
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H] (one dtype); plan: a RoutingPlan;
     sym: this rank's symmetric buffers by name (geo.symmetric_buffers); peers: the same names ->
     [W] int64 peer base addresses; h: [W, S, F] x.dtype; h_flags: [MAXQ, NF] int32;
     comb_expect: [W, L, MAXC] int64; ctl: [3] int64; status: [8] int64; all on x's device.
-    block_m: rows per expert tile (64 or 128; geo.MAXQ is sized for 64)."""
+    block_m: rows per expert tile (64 or 128; geo.MAXQ is sized for 64); group: expert tiles that
+    neighbouring programs work on together (L2 reuse of weights)."""
     T, H = x.shape
     W, L, F = geo.world_size, geo.local_experts, geo.ffn
     gated = activation == "swiglu"
@@ -362,4 +373,4 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
         TOP_K=plan.slot_dest.shape[1], ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
         E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
         L_POW2=triton.next_power_of_2(L), BM=block_m, CHUNK=geo.CHUNK, BN=geo.BN, BF=geo.BF, BK=geo.BK, BT=geo.BT,
-        NF_POW2=triton.next_power_of_2(geo.NF), STAGES=stages, num_warps=num_warps)
+        NF_POW2=triton.next_power_of_2(geo.NF), STAGES=stages, GROUP=group, num_warps=num_warps)

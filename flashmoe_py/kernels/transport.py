@@ -7,7 +7,7 @@ Protocol: a producer stores its payload with ordinary stores, makes every thread
 a release atomic at system scope (`tl.debug_barrier()` then `signal` or a release `atomic_add`), and
 the consumer acquires the same word at system scope before loading the payload (with `.cg`, past
 the L1, which is not coherent with stores from other GPUs). Flags carry the call's epoch and
-counters only grow, so none needs a reset."""
+counters only grow, so none needs a reset, and every wait is a wait for "at least"."""
 
 import triton
 import triton.language as tl
@@ -29,26 +29,13 @@ def signal(flag_ptr, value):
 
 
 @triton.jit
-def wait_all_at_least(counter_ptrs, mask, targets, spin_limit):
-    """Spin until every masked counter reaches its target, at most `spin_limit` rounds. -> 1 if so."""
-    pending = tl.sum(tl.where(mask, (tl.atomic_add(counter_ptrs, 0, mask=mask, sem="acquire", scope="sys")
-                                     < targets).to(tl.int32), 0))
+def wait_at_least(ptrs, mask, targets, spin_limit):
+    """Spin until every masked word (flag or counter; they only grow) reaches its target, acquiring
+    at system scope, at most `spin_limit` rounds. -> bool mask of the words still short (none set
+    on success), so a timeout can name what it waited for."""
+    short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys") < targets)
     spins = 0
-    while (pending > 0) & (spins < spin_limit):
-        pending = tl.sum(tl.where(mask, (tl.atomic_add(counter_ptrs, 0, mask=mask, sem="acquire",
-                                                       scope="sys") < targets).to(tl.int32), 0))
+    while (tl.sum(short.to(tl.int32)) > 0) & (spins < spin_limit):
+        short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys") < targets)
         spins += 1
-    return (pending == 0).to(tl.int32)
-
-
-@triton.jit
-def wait_all_equal(flag_ptrs, mask, value, spin_limit):
-    """Spin until every masked flag equals `value`, at most `spin_limit` rounds. -> 1 if they do."""
-    pending = tl.sum(tl.where(mask, (tl.atomic_add(flag_ptrs, 0, mask=mask, sem="acquire", scope="sys")
-                                     != value).to(tl.int32), 0))
-    spins = 0
-    while (pending > 0) & (spins < spin_limit):
-        pending = tl.sum(tl.where(mask, (tl.atomic_add(flag_ptrs, 0, mask=mask, sem="acquire",
-                                                       scope="sys") != value).to(tl.int32), 0))
-        spins += 1
-    return (pending == 0).to(tl.int32)
+    return short

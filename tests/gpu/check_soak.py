@@ -1,7 +1,7 @@
 """GPU soak: 10,000 back-to-back fused forwards with changing inputs and token counts.
 
-Spot-checks against the reference every 500 calls; GPU memory after warm-up must stay flat (the
-symmetric heap is allocated once, at construction).   bash launch/torchrun.sh tests/gpu/check_soak.py"""
+Spot-checks against the reference every 500 calls; GPU memory after warm-up and the symmetric
+heap's use must stay flat.   bash launch/torchrun.sh tests/gpu/check_soak.py"""
 
 import argparse
 import json
@@ -22,6 +22,7 @@ def main():
     rt = fm.init(layers=[(cfg, 512)])
     layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=512, seed=7)
     full = layer.full_weights()
+    heap_start = rt.heap_used()
     sizes = [512, 96, 1, 300, 0 if rt.rank == 1 else 17, 256]  # graphs for each, then replays
     gen = torch.Generator(device="cuda").manual_seed(rt.rank)
     worst, checks, mem_after_warmup = 0.0, 0, None
@@ -45,8 +46,10 @@ def main():
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     row = {"calls": args.calls, "world": rt.world_size, "seconds": round(time.perf_counter() - t0, 1),
            "spot_checks_per_rank": checks, "worst_rel_err": float(stats[0]),
-           "memory_growth_bytes_max_over_ranks": int(stats[1]), "device": torch.cuda.get_device_name()}
-    row["ok"] = row["worst_rel_err"] <= 1e-2 and row["memory_growth_bytes_max_over_ranks"] <= 0
+           "memory_growth_bytes_max_over_ranks": int(stats[1]),
+           "symmetric_heap_bytes": [heap_start, rt.heap_used()], "device": torch.cuda.get_device_name()}
+    row["ok"] = (row["worst_rel_err"] <= 1e-2 and row["memory_growth_bytes_max_over_ranks"] <= 0
+                 and heap_start == rt.heap_used() > 0)
     if rt.rank == 0:
         print(json.dumps(row), flush=True)
     fm.finalize()

@@ -33,3 +33,14 @@ def test_patched_hf_models_match_on_all_gpus():
 @pytest.mark.gpu
 def test_missing_peer_is_a_bounded_error_not_a_hang():
     assert torchrun("check_faults.py", timeout=300).returncode == 0
+
+
+@pytest.mark.gpu
+def test_bad_input_nan_capacity_and_heap_limits_on_all_gpus():
+    assert torchrun("check_inputs.py", timeout=300).returncode == 0
+
+
+@pytest.mark.gpu
+def test_killed_rank_is_a_bounded_error_and_survivors_exit():
+    assert subprocess.run([sys.executable, os.path.join(HERE, "check_killed_rank.py")], timeout=300,
+                          cwd=ROOT).returncode == 0

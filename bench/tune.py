@@ -1,0 +1,72 @@
+"""Launch settings of the fused kernel, compared at full size: each setting checked against the
+reference, then timed (CUDA events, median over iterations and two input sets, max over ranks).
+
+    torchrun --nproc-per-node N bench/tune.py --preset mixtral_8x7b --tokens 4096 16384 \\
+        --settings 128,8,3,8 128,8,3,1 [--out tune.json]
+
+A setting is block_m,num_warps,stages,group (see flashmoe_py.kernels.fused_moe.launch_fused)."""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flashmoe_py as fm  # noqa: E402
+from flashmoe_py.heap import heap_bytes_for  # noqa: E402
+from flashmoe_py.runtime import detect_launcher  # noqa: E402
+from layer import CHECK_TOKENS, Timer, git_commit, max_over_ranks, rel_err  # noqa: E402
+
+KEYS = ("block_m", "num_warps", "stages", "group")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", nargs="+", default=["mixtral_8x7b"])
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    p.add_argument("--settings", nargs="+", default=["128,8,3,8", "128,8,3,1"])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    settings = [dict(zip(KEYS, map(int, s.split(",")))) for s in args.settings]
+    world = detect_launcher().world_size
+    configs = [fm.preset(n) for n in args.preset]
+    rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, max(args.tokens)) for c in configs))
+    timer, rows = Timer(rt.device), []
+    for name, cfg in zip(args.preset, configs):
+        for T in args.tokens:
+            layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=T, seed=17)
+            gen = torch.Generator().manual_seed(rt.rank + 1)
+            xs = [torch.randn(T, cfg.hidden_size, generator=gen).to(rt.device, cfg.torch_dtype) for _ in range(2)]
+            ref = fm.reference_forward(xs[0][:CHECK_TOKENS], *layer.full_weights(), cfg)
+            for setting in settings:
+                layer.backend.tuning = setting
+                layer.backend.graphs.clear()
+                layer.backend.seen.clear()
+                with torch.inference_mode():
+                    err = max_over_ranks(rel_err(layer(xs[0])[:CHECK_TOKENS], ref), rt.device)
+                    times = []
+                    for x in xs:
+                        times += timer.time(lambda: layer(x), args.iters, warmup=3)
+                    layer.synchronize()
+                us = max_over_ranks(statistics.median(times), rt.device)
+                rows.append({"preset": name, "tokens_per_rank": T, "world": world, **setting,
+                             "median_us": us, "rel_err": err, "ok": err <= 1e-2})
+                if rt.rank == 0:
+                    print(json.dumps(rows[-1]), flush=True)
+            layer.backend.close()
+    if rt.rank == 0 and args.out:
+        meta = {"device": torch.cuda.get_device_name(), "commit": git_commit(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    fm.finalize()
+
+
+if __name__ == "__main__":
+    main()
