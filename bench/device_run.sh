@@ -16,6 +16,8 @@ for step in "$@"; do
   case $step in
     check*) n=${step#check}; run "check_w$n" 420 "$n" tests/gpu/check_flash.py --calls "${CALLS:-1000}" \
               ${PRESETS:+--presets} --out "$OUT/check_w$n.json" ;;
+    nvcheck*) n=${step#nvcheck}; run "nvcheck_w$n" 420 "$n" tests/gpu/check_flash.py --transport nvshmem \
+              --calls "${CALLS:-1000}" ${PRESETS:+--presets} --out "$OUT/nvcheck_w$n.json" ;;
     faults*) n=${step#faults}; run "faults_w$n" 120 "$n" tests/gpu/check_faults.py ;;
     inputs*) n=${step#inputs}; run "inputs_w$n" 300 "$n" tests/gpu/check_inputs.py --out "$OUT/inputs_w$n.json" ;;
     killed*) n=${step#killed}; echo "=== killed rank (n=$n)"

@@ -28,6 +28,8 @@ from flashmoe_py.heap import heap_bytes_for  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 
 ROUTINGS = ("uniform", "zipf", "one_hot")
+FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem"}  # benchmark backend -> fused-kernel transport
+BACKENDS = ("torch", *FLASH)
 CHECK_TOKENS = 256  # tokens per rank compared against the float32 reference before timing
 
 
@@ -40,7 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
     p.add_argument("--tokens", nargs="+", type=int, default=None,
                    help="tokens per rank (default 128 ... 16384 on GPUs, 64 256 on the CPU)")
-    p.add_argument("--backends", nargs="+", default=["torch"])
+    p.add_argument("--backends", nargs="+", default=["torch"], choices=BACKENDS,
+                   help="flash: the fused kernel (p2p transport); flash_nvshmem: the same kernel over "
+                        "NVSHMEM device-API puts; torch: NCCL all-to-all + grouped GEMM")
     p.add_argument("--routing", nargs="+", default=["uniform"], choices=ROUTINGS)
     p.add_argument("--iters", type=int, default=None, help="timed iterations per input set")
     p.add_argument("--input-sets", type=int, default=3)
@@ -190,8 +194,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     """One (config, backend, routing, tokens) point -> a JSON row (on every rank)."""
-    extra = {"max_tokens_per_rank": tokens} if backend == "flash" else {}
-    layer = MoELayer(cfg, backend=backend, device=device, seed=seed, **extra)
+    extra = {"max_tokens_per_rank": tokens, "transport": FLASH[backend]} if backend in FLASH else {}
+    layer = MoELayer(cfg, backend="flash" if backend in FLASH else backend, device=device, seed=seed, **extra)
     gen = torch.Generator().manual_seed(seed * 131 + rank)
     xs = [torch.randn(tokens, cfg.hidden_size, generator=gen).to(device, cfg.torch_dtype)
           for _ in range(args.input_sets)]
@@ -214,9 +218,9 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
                 times += Timer(device).time(lambda: layer(x), iters, warmup=3)
             layer.synchronize()
         row["median_us"] = max_over_ranks(statistics.median(times), device)
-        if backend == "flash" and args.user_graph:  # replayed from the caller's own CUDA graph
+        if backend in FLASH and args.user_graph:  # replayed from the caller's own CUDA graph
             rows.append({**row, "backend": "flash+graph", "median_us": graph_median_us(layer, xs, iters, device)})
-    if backend == "flash":
+    if backend in FLASH:
         layer.backend.close()
     return rows
 
@@ -252,9 +256,10 @@ def main(argv=None):
         configs.append(("custom", MoEConfig(h, f, e, k, dtype=dtype)))
     tokens_list = args.tokens or ([128, 512, 2048, 4096, 8192, 16384] if gpu else [64, 256])
     heap = None
-    if "flash" in args.backends:
+    fused = [b for b in args.backends if b in FLASH]
+    if fused:
         world = detect_launcher().world_size
-        heap = max(heap_bytes_for(c, world, max(tokens_list)) for _, c in configs)
+        heap = max(heap_bytes_for(c, world, max(tokens_list), FLASH[b]) for _, c in configs for b in fused)
     rank, world, device = setup_distributed(heap)
     ceilings = measure_ceilings(device, world)
     meta = {"device": torch.cuda.get_device_name(device) if gpu else "cpu",
@@ -298,7 +303,7 @@ def main(argv=None):
         with open(out, "w") as f:
             json.dump({"meta": {**meta, "world": world, "ceilings": ceilings}, "rows": rows}, f, indent=1)
         print(f"wrote {out}")
-    if "flash" in args.backends:
+    if fused:
         fm.finalize()
     else:
         dist.destroy_process_group()

@@ -27,11 +27,11 @@ def heap_bytes(buffers: dict) -> int:
     return total
 
 
-def heap_bytes_for(config, world_size: int, max_tokens_per_rank: int) -> int:
-    """Heap bytes one fused layer needs (config: MoEConfig)."""
+def heap_bytes_for(config, world_size: int, max_tokens_per_rank: int, transport: str = "p2p") -> int:
+    """Heap bytes one fused layer needs (config: MoEConfig; transport: "p2p" or "nvshmem")."""
     from .backends.flash import Geometry
     geo = Geometry.for_config(config, world_size, max_tokens_per_rank)
-    return heap_bytes(geo.symmetric_buffers(config.torch_dtype))
+    return heap_bytes(geo.symmetric_buffers(config.torch_dtype, transport))
 
 
 class SymmetricHeap:

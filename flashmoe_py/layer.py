@@ -17,6 +17,7 @@ from .placement import ExpertPlacement
 from .runtime import ConsistencyError, find_mismatch, fused_unavailable_reason
 
 BACKENDS = ("torch", "flash")
+TRANSPORTS = ("p2p", "nvshmem")
 
 
 @dataclass
@@ -45,7 +46,9 @@ class MoELayer(nn.Module):
 
     backend: "torch" (all-to-all over torch.distributed; CPU or GPU) or "flash" (the fused NVSHMEM
     kernel; needs flashmoe_py.init() first, `max_tokens_per_rank` to size its buffers, and bounds
-    every device-side wait by about `timeout_s` seconds). With `cuda_graphs` (default), the fused
+    every device-side wait by about `timeout_s` seconds). `transport` (flash only): "p2p" (stores
+    through NVLink peer mappings; default, one node) or "nvshmem" (NVSHMEM device-API puts and
+    signals; reaches any PE NVSHMEM can, e.g. other nodes). With `cuda_graphs` (default), the fused
     forward is replayed from a CUDA graph per token count after its first call at that count: it
     reads the current weights (in place), so replace weights with copy_, not new tensors.
     """
@@ -53,15 +56,15 @@ class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, *, placement: ExpertPlacement | None = None,
                  process_group=None, backend: str = "torch", device=None, seed: int = 0,
                  max_tokens_per_rank: int | None = None, timeout_s: float = 10.0,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, transport: str = "p2p"):
         super().__init__()
         distributed = dist.is_available() and dist.is_initialized()
         self.process_group = process_group if distributed else None
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.rank = dist.get_rank(process_group) if distributed else 0
-        problem = self._setup_problem(config, placement, backend, max_tokens_per_rank)
+        problem = self._setup_problem(config, placement, backend, max_tokens_per_rank, transport)
         if self.world_size > 1:
-            self._check_ranks_agree(config, placement, backend, max_tokens_per_rank, problem)
+            self._check_ranks_agree(config, placement, backend, max_tokens_per_rank, transport, problem)
         if problem:
             raise ValueError(problem)
         self.config = config
@@ -76,17 +79,19 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
         self.reset_parameters(seed)
         self.backend = (TorchEPBackend(self) if backend == "torch"
-                        else FlashBackend(self, max_tokens_per_rank, timeout_s, cuda_graphs))
+                        else FlashBackend(self, max_tokens_per_rank, timeout_s, cuda_graphs, transport))
         self.last_stats: MoEStats | None = None
         self._op_id = next(_layer_ids)
         _LAYERS[self._op_id] = self
 
-    def _setup_problem(self, config, placement, backend, max_tokens_per_rank) -> str | None:
+    def _setup_problem(self, config, placement, backend, max_tokens_per_rank, transport) -> str | None:
         """What is wrong with the constructor arguments on this rank, or None."""
         if not isinstance(config, MoEConfig):
             return f"config must be a MoEConfig, got {type(config).__name__}"
         if backend not in BACKENDS:
             return f"backend={backend!r} is not available; choose one of {BACKENDS}"
+        if transport not in TRANSPORTS:
+            return f"transport={transport!r} is not available; choose one of {TRANSPORTS}"
         if backend == "flash":
             if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
                 return (f"backend='flash' needs max_tokens_per_rank, a positive int (it sizes the "
@@ -105,9 +110,10 @@ class MoELayer(nn.Module):
                     f"ranks, but the layer has {config.num_experts} experts on {self.world_size}")
         return None
 
-    def _check_ranks_agree(self, config, placement, backend, max_tokens, problem) -> None:
+    def _check_ranks_agree(self, config, placement, backend, max_tokens, transport, problem) -> None:
         """Every rank must build the same layer; compared before any forward can hang on it."""
         mine = {"problem": problem, "backend": backend, "max_tokens_per_rank": max_tokens,
+                "transport": transport,
                 "config": config.to_dict() if isinstance(config, MoEConfig) else repr(config),
                 "placement": placement.to_dict() if placement is not None else "contiguous"}
         everyone = [None] * self.world_size

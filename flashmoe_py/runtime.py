@@ -174,7 +174,7 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
     the same runtime. Raises RuntimeError naming what is missing when NVSHMEM cannot be used.
 
     The symmetric heap is sized before NVSHMEM starts: `heap_bytes`, or enough for `layers`, a
-    list of (MoEConfig, max_tokens_per_rank) for the fused layers this process will build (each
+    list of (MoEConfig, max_tokens_per_rank[, transport]) for the fused layers this process will build (each
     holds its own buffers); a user-set NVSHMEM_SYMMETRIC_SIZE that is too small is refused."""
     global _current
     if _current is not None:
@@ -198,7 +198,8 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
             raise RuntimeError(f"NVSHMEM needs nvshmem4py: pip install nvshmem4py-cu13 ({e})") from e
     if layers:
         from .heap import heap_bytes_for
-        heap_bytes = max(heap_bytes or 0, sum(heap_bytes_for(c, info.world_size, t) for c, t in layers))
+        heap_bytes = max(heap_bytes or 0, sum(heap_bytes_for(c, info.world_size, *rest)
+                                                   for c, *rest in layers))
     if nvshmem and heap_bytes is not None:
         _set_heap_size(heap_bytes)
     device = torch.device("cpu")

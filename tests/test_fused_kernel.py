@@ -93,7 +93,7 @@ def test_missing_peer_times_out_with_status():
 def _expert_tile_probe(q_ptr, words, out_ptr, W, L, S, BM: tl.constexpr, CHUNK: tl.constexpr,
                        W_POW2: tl.constexpr, L_POW2: tl.constexpr):
     q = tl.load(q_ptr + tl.program_id(0))
-    e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, CHUNK, W_POW2, L_POW2)
+    e, src, row, chunk, valid = _expert_tile(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
     i = tl.arange(0, BM)
     base = out_ptr + tl.program_id(0) * 4 * BM
     tl.store(base + i, tl.where(valid, src, -1))

@@ -223,6 +223,11 @@ def test_unknown_backend_is_named():
         MoELayer(MoEConfig(**SMALL, top_k=2), backend="cuda_magic")
 
 
+def test_unknown_transport_is_named():
+    with pytest.raises(ValueError, match="transport='ib' is not available; choose one of"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), transport="ib")
+
+
 def test_eight_ranks_match_reference(dist_pools):
     """Nothing assumes at most 4 ranks: 8 gloo ranks, one with no tokens, 16 experts, top-4."""
     cfg = MoEConfig(**{**SMALL, "num_experts": 16}, top_k=4)

@@ -2,7 +2,7 @@
 
 Per forward: a routing plan in torch ops (no host synchronisation), then one kernel launch that
 dispatches, runs the expert FFN and combines. Buffers live on the NVSHMEM symmetric heap and are
-reached through peer addresses (transport "p2p")."""
+reached through peer addresses (transport "p2p") or NVSHMEM's device API ("nvshmem")."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import triton
 
 from ..config import MoEConfig
 from ..kernels.fused_moe import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, WAIT_HIDDEN, launch_fused
+from ..kernels.transport import nvshmem_device_library
 from ..routing import histogram, route
 
 STATUS_WAITS = {WAIT_COUNTS.value: "count words (what each source sends)",
@@ -71,13 +72,19 @@ class Geometry:
     def NN(self) -> int:
         return triton.cdiv(self.hidden, self.BN)
 
-    def symmetric_buffers(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Buffers every rank must hold at the same symmetric address."""
+    def symmetric_buffers(self, dtype: torch.dtype,
+                          transport: str = "p2p") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Buffers every rank must hold at the same symmetric address (flags and counters are
+        uint64-sized: NVSHMEM signals them). Transport "nvshmem" puts from local symmetric
+        memory, so it also stages the rows it sends (send_x, one row per token-slot)."""
         W, L, S, H = self.world_size, self.local_experts, self.S, self.hidden
-        return {"recv_x": ((W, S, H), dtype), "combine_y": ((W, S, H), dtype),
-                "count_words": ((2, W, L), torch.int64),
-                "chunk_flags": ((W, L, self.MAXC), torch.int32),
-                "combine_counts": ((W, L, self.MAXC, self.NN), torch.int64)}
+        buffers = {"recv_x": ((W, S, H), dtype), "combine_y": ((W, S, H), dtype),
+                   "count_words": ((2, W, L), torch.int64),
+                   "chunk_flags": ((W, L, self.MAXC), torch.int64),
+                   "combine_counts": ((W, L, self.MAXC, self.NN), torch.int64)}
+        if transport == "nvshmem":
+            buffers["send_x"] = ((self.max_tokens * self.top_k, H), dtype)
+        return buffers
 
     @classmethod
     def for_config(cls, config: MoEConfig, world_size: int, max_tokens: int) -> Geometry:
@@ -157,19 +164,27 @@ class FlashBackend:
 
     MAX_GRAPHS = 8
 
-    def __init__(self, layer, max_tokens_per_rank: int, timeout_s: float, cuda_graphs: bool = True):
+    def __init__(self, layer, max_tokens_per_rank: int, timeout_s: float, cuda_graphs: bool = True,
+                 transport: str = "p2p"):
         from .. import runtime
         from ..heap import SymmetricHeap
         self.rt = rt = runtime.require_fused()
         cfg = layer.config
         self.layer = layer
         self.geo = geo = Geometry.for_config(cfg, layer.world_size, max_tokens_per_rank)
+        self.transport = transport
+        buffers = geo.symmetric_buffers(cfg.torch_dtype, transport)
+        if transport == "nvshmem":
+            nvshmem_device_library()  # fail here, not at the first forward, if it is missing
         self.heap = SymmetricHeap(rt)
-        self.heap.allocate(geo.symmetric_buffers(cfg.torch_dtype))
-        self.sym = {name: self.heap[name] for name in geo.symmetric_buffers(cfg.torch_dtype)}
+        self.heap.allocate(buffers)
+        self.sym = {name: self.heap[name] for name in buffers}
         for t in self.sym.values():
             t.zero_()
-        self.peers = {name: self.heap.peer_ptrs(name) for name in self.sym}
+        # NVSHMEM's puts take this rank's addresses; only p2p maps the peers' buffers.
+        self.peers = {name: (self.heap.peer_ptrs(name) if transport == "p2p" else
+                             torch.full((geo.world_size,), t.data_ptr(), dtype=torch.int64, device=t.device))
+                      for name, t in self.sym.items()}
         dev = layer.device
         self.h = torch.empty(geo.world_size, geo.S, cfg.ffn_size, dtype=cfg.torch_dtype, device=dev)
         self.h_flags = torch.zeros(geo.MAXQ, geo.NF, dtype=torch.int32, device=dev)
@@ -241,7 +256,7 @@ class FlashBackend:
         launch_fused(x, out, layer.w_in, layer.w_out, plan, self.sym, self.peers, self.h, self.h_flags,
                      self.comb_expect, self.ctl, self.status, geo=geo, activation=layer.config.activation,
                      rank=layer.rank, spin_limit=self.spin_limit, programs=self.programs,
-                     **{"block_m": block_m, **self.tuning})
+                     transport=self.transport, **{"block_m": block_m, **self.tuning})
         capturing = torch.cuda.is_current_stream_capturing()
         if copy_status or not capturing:
             self.status_host.copy_(self.status, non_blocking=True)

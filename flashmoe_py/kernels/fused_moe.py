@@ -27,11 +27,15 @@ here still reads call n's. Combine counters only grow; the source compares them 
 running total of rows it expects (comb_expect, advanced by the launcher before each call).
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
-from .transport import peer, signal, wait_at_least
+from .transport import (NVSHMEM, SIGNAL_ADD, SIGNAL_SET, TRANSPORTS, nvshmem_device_library,
+                        nvshmem_launch, peer, put_rows, put_signal_block, quiet, signal, signal_remote,
+                        wait_at_least)
 
 # Status word codes for the wait that timed out (Python reads .value).
 WAIT_COUNTS = tl.constexpr(1)
@@ -75,9 +79,16 @@ def _activate(gate, up, ACT: tl.constexpr):
 
 
 @triton.jit
-def publish_counts(count_peers, send_counts_ptr, epoch, rank, W, L, E_POW2: tl.constexpr):
+def publish_counts(count_peers, count_ptr, send_counts_ptr, epoch, rank, W, L, E_POW2: tl.constexpr,
+                   TRANSPORT: tl.constexpr):
     """Write (epoch << 32 | rows) for every (destination, local expert) into the destination's
     count words [2, W, L] (parity slot epoch % 2, row `rank`)."""
+    if TRANSPORT == NVSHMEM:
+        for p in range(W * L):
+            rows = tl.load(send_counts_ptr + p).to(tl.int64)
+            word = count_ptr + ((epoch % 2) * W + rank) * L + p % L
+            signal_remote(word, (epoch << 32) | rows, SIGNAL_SET, p // L)
+        return
     pos = tl.arange(0, E_POW2)
     valid = pos < W * L
     dest = pos // L
@@ -89,10 +100,12 @@ def publish_counts(count_peers, send_counts_ptr, epoch, rank, W, L, E_POW2: tl.c
 
 @triton.jit
 def dispatch_chunk(q, x_ptr, send_tok_ptr, pos_start_ptr, send_counts_ptr, region_off_ptr,
-                   chunk_pos_ptr, chunk_c_ptr, recv_x_peers, chunk_flag_peers,
-                   epoch, rank, H, S, L, MAXC,
-                   CHUNK: tl.constexpr, BN: tl.constexpr):
-    """Copy send chunk q (CHUNK rows of one (dest, expert) pair) to the destination; raise its flag."""
+                   chunk_pos_ptr, chunk_c_ptr, recv_x_peers, chunk_flag_peers, recv_x_ptr, send_x_ptr,
+                   chunk_flag_ptr, epoch, rank, H, S, L, MAXC,
+                   CHUNK: tl.constexpr, BN: tl.constexpr, TRANSPORT: tl.constexpr):
+    """Copy send chunk q (CHUNK rows of one (dest, expert) pair) to the destination; raise its flag.
+    P2P stores the rows there directly; NVSHMEM gathers them into send_x (local, symmetric; rows
+    in sorted-slot order) and puts them as one block that carries the flag."""
     pos = tl.load(chunk_pos_ptr + q)
     if pos >= 0:
         c = tl.load(chunk_c_ptr + q)
@@ -103,14 +116,27 @@ def dispatch_chunk(q, x_ptr, send_tok_ptr, pos_start_ptr, send_counts_ptr, regio
         tok = tl.load(send_tok_ptr + slot, mask=valid, other=0).to(tl.int64)
         dest, e = pos // L, pos % L
         row = (rank * S + tl.load(region_off_ptr + pos) + c * CHUNK + i).to(tl.int64)
-        dst = peer(recv_x_peers, dest).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        if TRANSPORT == NVSHMEM:
+            dst = send_x_ptr
+            row = slot
+        else:
+            dst = peer(recv_x_peers, dest).to(tl.pointer_type(x_ptr.dtype.element_ty))
         for n0 in range(0, H, BN):
             cols = n0 + tl.arange(0, BN)
             m = valid[:, None] & (cols[None, :] < H)
             v = tl.load(x_ptr + tok[:, None] * H + cols[None, :], mask=m)
             tl.store(dst + row[:, None] * H + cols[None, :], v, mask=m)
-        flags = peer(chunk_flag_peers, dest).to(tl.pointer_type(tl.int32))
-        signal(flags + (rank * L + e) * MAXC + c, epoch.to(tl.int32))
+        flag_off = (rank * L + e) * MAXC + c
+        if TRANSPORT == NVSHMEM:
+            tl.debug_barrier()  # the staged rows are in memory before any thread puts them
+            first = tl.min(slot)
+            rows = tl.minimum(count - c * CHUNK, CHUNK).to(tl.int64)
+            ELT: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth // 8
+            put_signal_block(recv_x_ptr + (rank * S + tl.load(region_off_ptr + pos) + c * CHUNK) * H,
+                             send_x_ptr + first * H, rows * H * ELT, chunk_flag_ptr + flag_off, epoch,
+                             SIGNAL_SET, dest)
+        else:
+            signal(peer(chunk_flag_peers, dest).to(tl.pointer_type(tl.int64)) + flag_off, epoch)
 
 
 @triton.jit
@@ -123,11 +149,12 @@ def _count_table(words, W, L, W_POW2: tl.constexpr, L_POW2: tl.constexpr):
 
 
 @triton.jit
-def _expert_tile(q, words, W, L, S, BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr,
-                 L_POW2: tl.constexpr):
-    """Expert tile q (BM rows) -> (local expert e, and per row: source rank, row in that source's
-    region, CHUNK-chunk of the (source, e) pair, valid). Rows of expert e are numbered source by
-    source; each pair's rows start at a CHUNK-aligned offset of its source's region."""
+def _expert_sources(q, words, W, L, BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr,
+                    L_POW2: tl.constexpr):
+    """Expert tile q (BM rows) -> (local expert e, tile index c within e, and per source rank
+    [W_POW2]: rows of e it sent, the first of them in e's numbering, their offset in its region).
+    Rows of expert e are numbered source by source; each pair's rows start at a CHUNK-aligned
+    offset of its source's region."""
     counts = _count_table(words, W, L, W_POW2, L_POW2)
     e_idx = tl.arange(0, L_POW2)
     tiles = (tl.sum(counts, axis=0) + BM - 1) // BM
@@ -138,6 +165,15 @@ def _expert_tile(q, words, W, L, S, BM: tl.constexpr, CHUNK: tl.constexpr, W_POW
     per_src = tl.sum(tl.where(cols == e, counts, 0), axis=1)  # [W_POW2]
     region = tl.sum(tl.where(cols < e, (counts + CHUNK - 1) // CHUNK * CHUNK, 0), axis=1)
     first = tl.cumsum(per_src, 0) - per_src
+    return e, c, per_src, first, region
+
+
+@triton.jit
+def _expert_tile(q, words, W, L, BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr,
+                 L_POW2: tl.constexpr):
+    """Expert tile q (BM rows) -> (local expert e, and per row: source rank, row in that source's
+    region, CHUNK-chunk of the (source, e) pair, valid); see _expert_sources."""
+    e, c, per_src, first, region = _expert_sources(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
     j = c * BM + tl.arange(0, BM)
     valid = j < tl.sum(per_src)
     s_idx = tl.arange(0, W_POW2)[None, :]
@@ -155,9 +191,9 @@ def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag
                 CHUNK: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr,
                 STAGES: tl.constexpr):
     """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived."""
-    e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, CHUNK, W_POW2, L_POW2)
+    e, src, row, chunk, valid = _expert_tile(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
     flags = chunk_flag_ptr + (src * L + e) * MAXC + chunk
-    short = wait_at_least(flags, valid, epoch.to(tl.int32), spin_limit)
+    short = wait_at_least(flags, valid, epoch, spin_limit)
     if tl.sum(short.to(tl.int32)) > 0:
         _report_timeout(status_ptr, WAIT_CHUNK, tl.min(tl.where(short, src, W)), e, q, epoch)
     else:
@@ -187,15 +223,20 @@ def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag
 
 @triton.jit
 def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers,
+                 recv_x_ptr, combine_y_ptr, comb_count_ptr,
                  status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC, NF, NN,
                  PRECISION: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr,
                  W_POW2: tl.constexpr, L_POW2: tl.constexpr, NF_POW2: tl.constexpr,
-                 STAGES: tl.constexpr):
+                 STAGES: tl.constexpr, TRANSPORT: tl.constexpr):
     """y[rows of expert tile q, n-tile] = h_rows @ w_out[e][:, n-tile] once all f-tiles of h are
-    written, stored into each row's source rank (its combine_y region for this rank mirrors
-    recv_x), then one count per row."""
-    e, src, row, chunk, valid = _expert_tile(q, words, W, L, S, BM, CHUNK, W_POW2, L_POW2)
+    written, sent into each row's source rank (its combine_y region for this rank mirrors
+    recv_x), then the rows are counted there per (this rank, e, chunk, n-tile).
+
+    P2P stores the rows there and adds 1 per row. NVSHMEM stages the tile in recv_x's rows of
+    the tile (their x is consumed: every f-tile of h is done), puts each row from its own thread,
+    and adds one count per (source, chunk) run of rows from one thread."""
+    e, src, row, chunk, valid = _expert_tile(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
     r = (src * S + row).to(tl.int64)
     cols = n * BN + tl.arange(0, BN)
     cmask = cols < H
@@ -215,6 +256,28 @@ def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, com
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if not ok:
         _report_timeout(status_ptr, WAIT_HIDDEN, rank, e, q, epoch)
+    elif TRANSPORT == NVSHMEM:
+        dtype = h_ptr.dtype.element_ty
+        ELT: tl.constexpr = dtype.primitive_bitwidth // 8
+        tl.store(recv_x_ptr + r[:, None] * H + cols[None, :], acc.to(dtype), mask=valid[:, None] & cmask[None, :])
+        tl.debug_barrier()
+        width = (tl.minimum(H - n * BN, BN) * ELT).to(tl.int64)
+        dst_row = (rank * S + row).to(tl.int64)
+        put_rows(combine_y_ptr + dst_row * H + n * BN, recv_x_ptr + r * H + n * BN,
+                 tl.where(valid, width, 0), tl.where(valid, src, rank))
+        quiet()
+        tl.debug_barrier()  # every thread's rows have landed before the counts go out
+        _, c, per_src, first, _ = _expert_sources(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
+        s_idx = tl.arange(0, W_POW2)
+        for s in range(W):
+            n_s = tl.sum(tl.where(s_idx == s, per_src, 0))
+            f_s = tl.sum(tl.where(s_idx == s, first, 0))
+            lo = tl.maximum(c * BM - f_s, 0)  # this tile's rows of source s, in the pair's numbering
+            hi = tl.minimum((c + 1) * BM - f_s, n_s)
+            for k in range(lo // CHUNK, (hi + CHUNK - 1) // CHUNK):
+                rows = tl.minimum(hi, (k + 1) * CHUNK) - tl.maximum(lo, k * CHUNK)
+                slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n
+                signal_remote(comb_count_ptr + slot, rows.to(tl.int64), SIGNAL_ADD, s)
     else:
         dtype = h_ptr.dtype.element_ty
         dst = peer(combine_y_peers, tl.where(valid, src, rank)).to(tl.pointer_type(dtype))
@@ -264,22 +327,23 @@ def fused_moe_kernel(
         send_tok_ptr, pos_start_ptr, send_counts_ptr, region_off_ptr, chunk_pos_ptr, chunk_c_ptr,
         slot_dest_ptr, slot_row_ptr, slot_flag_ptr, slot_w_ptr, comb_expect_ptr,
         recv_x_peers, combine_y_peers, count_peers, chunk_flag_peers, comb_count_peers,
-        recv_x_ptr, combine_y_ptr, count_ptr, chunk_flag_ptr, comb_count_ptr,
+        recv_x_ptr, combine_y_ptr, count_ptr, chunk_flag_ptr, comb_count_ptr, send_x_ptr,
         h_ptr, h_flag_ptr, ctl_ptr, status_ptr,
         T, spin_limit, rank, W, L, H, F, S, MAXC, SEND_CHUNKS,
         TOP_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
         E_POW2: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr, BM: tl.constexpr,
         CHUNK: tl.constexpr,
         BN: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-        NF_POW2: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr):
+        NF_POW2: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr, TRANSPORT: tl.constexpr):
     """See the module docstring. Shapes (E = W * L pairs in (rank, slot) order, K = TOP_K):
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H];
     send_tok: [T*K] int32 (token of each sorted slot); pos_start, send_counts, region_off: [E] int32;
     chunk_pos, chunk_c: [SEND_CHUNKS] int32 (-1 padded); slot_dest/row/flag: [T, K] int32, slot_w
     fp32; comb_expect: [W, L, MAXC] int64 rows expected back per chunk, cumulative over calls;
     symmetric: recv_x/combine_y [W, S, H]; count words [2, W, L] int64; chunk flags [W, L, MAXC]
-    int32; combine counters [W, L, MAXC, NN] int64; local: h [W, S, F]; h flags [MAXQ, NF] int32;
-    ctl: [3] int64 (epoch, task counter, programs done); status: [8] int64."""
+    int64; combine counters [W, L, MAXC, NN] int64; send_x [T*K, H] (TRANSPORT NVSHMEM; any
+    buffer otherwise); local: h [W, S, F]; h flags [MAXQ, NF] int32; ctl: [3] int64 (epoch, task
+    counter, programs done); status: [8] int64."""
     NF = tl.cdiv(F, BF)
     NN = tl.cdiv(H, BN)
     epoch = tl.load(ctl_ptr)
@@ -288,11 +352,12 @@ def fused_moe_kernel(
     healthy = tl.load(status_ptr, volatile=True) == 0
     while (task < n_front) & healthy:
         if task == 0:
-            publish_counts(count_peers, send_counts_ptr, epoch, rank, W, L, E_POW2)
+            publish_counts(count_peers, count_ptr, send_counts_ptr, epoch, rank, W, L, E_POW2, TRANSPORT)
         else:
             dispatch_chunk(task - 1, x_ptr, send_tok_ptr, pos_start_ptr, send_counts_ptr,
                            region_off_ptr, chunk_pos_ptr, chunk_c_ptr, recv_x_peers, chunk_flag_peers,
-                           epoch, rank, H, S, L, MAXC, CHUNK, BN)
+                           recv_x_ptr, send_x_ptr, chunk_flag_ptr, epoch, rank, H, S, L, MAXC, CHUNK, BN,
+                           TRANSPORT)
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
@@ -320,8 +385,9 @@ def fused_moe_kernel(
         elif q < n_in + n_out:
             q, n = _grouped(q - n_in, tiles, NN, GROUP)
             ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers,
-                         comb_count_peers, status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC,
-                         NF, NN, PRECISION, BM, CHUNK, BN, BK, W_POW2, L_POW2, NF_POW2, STAGES)
+                         comb_count_peers, recv_x_ptr, combine_y_ptr, comb_count_ptr, status_ptr, epoch,
+                         spin_limit, rank, W, L, H, F, S, MAXC, NF, NN, PRECISION, BM, CHUNK, BN, BK,
+                         W_POW2, L_POW2, NF_POW2, STAGES, TRANSPORT)
         else:
             q -= n_in + n_out
             combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
@@ -330,6 +396,8 @@ def fused_moe_kernel(
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
+    if TRANSPORT == NVSHMEM:
+        quiet()  # this program's puts are complete before the kernel ends
     # The last program out rewinds the task counter and opens the next epoch.
     if tl.atomic_add(ctl_ptr + 2, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         tl.store(ctl_ptr + 1, 0)
@@ -339,7 +407,8 @@ def fused_moe_kernel(
 
 def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, comb_expect, ctl,
                  status, *, geo, activation: str, rank: int, spin_limit: int, programs: int,
-                 block_m: int = 64, num_warps: int = 8, stages: int = 3, group: int = 8):
+                 block_m: int = 64, num_warps: int = 8, stages: int = 3, group: int = 8,
+                 transport: str = "p2p"):
     """Check shapes and launch one forward.
 
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H] (one dtype); plan: a RoutingPlan;
@@ -347,7 +416,8 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
     [W] int64 peer base addresses; h: [W, S, F] x.dtype; h_flags: [MAXQ, NF] int32;
     comb_expect: [W, L, MAXC] int64; ctl: [3] int64; status: [8] int64; all on x's device.
     block_m: rows per expert tile (64 or 128; geo.MAXQ is sized for 64); group: expert tiles that
-    neighbouring programs work on together (L2 reuse of weights)."""
+    neighbouring programs work on together (L2 reuse of weights); transport: "p2p" or "nvshmem"
+    (kernels/transport.py; sym then also holds send_x)."""
     T, H = x.shape
     W, L, F = geo.world_size, geo.local_experts, geo.ffn
     gated = activation == "swiglu"
@@ -360,17 +430,24 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
                              f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
     if T > geo.max_tokens:
         raise ValueError(f"{T} tokens exceed max_tokens_per_rank={geo.max_tokens}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport={transport!r}; choose one of {sorted(TRANSPORTS)}")
+    nvshmem = transport == "nvshmem"
     precision = "tf32x3" if x.dtype == torch.float32 else "tf32"
-    fused_moe_kernel[(programs,)](
-        x, out, w_in, w_out,
-        plan.send_tok, plan.pos_start, plan.send_counts, plan.region_off, plan.chunk_pos, plan.chunk_c,
-        plan.slot_dest, plan.slot_row, plan.slot_flag, plan.slot_w, comb_expect,
-        peers["recv_x"], peers["combine_y"], peers["count_words"], peers["chunk_flags"],
-        peers["combine_counts"],
-        sym["recv_x"], sym["combine_y"], sym["count_words"], sym["chunk_flags"], sym["combine_counts"],
-        h, h_flags, ctl, status,
-        T, spin_limit, rank, W, L, H, F, geo.S, geo.MAXC, plan.chunk_pos.numel(),
-        TOP_K=plan.slot_dest.shape[1], ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
-        E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
-        L_POW2=triton.next_power_of_2(L), BM=block_m, CHUNK=geo.CHUNK, BN=geo.BN, BF=geo.BF, BK=geo.BK, BT=geo.BT,
-        NF_POW2=triton.next_power_of_2(geo.NF), STAGES=stages, GROUP=group, num_warps=num_warps)
+    extra = {"extern_libs": {"libnvshmem_device": nvshmem_device_library()}} if nvshmem else {}
+    with nvshmem_launch() if nvshmem else contextlib.nullcontext():
+        fused_moe_kernel[(programs,)](
+            x, out, w_in, w_out,
+            plan.send_tok, plan.pos_start, plan.send_counts, plan.region_off, plan.chunk_pos, plan.chunk_c,
+            plan.slot_dest, plan.slot_row, plan.slot_flag, plan.slot_w, comb_expect,
+            peers["recv_x"], peers["combine_y"], peers["count_words"], peers["chunk_flags"],
+            peers["combine_counts"],
+            sym["recv_x"], sym["combine_y"], sym["count_words"], sym["chunk_flags"], sym["combine_counts"],
+            sym["send_x"] if nvshmem else sym["recv_x"],
+            h, h_flags, ctl, status,
+            T, spin_limit, rank, W, L, H, F, geo.S, geo.MAXC, plan.chunk_pos.numel(),
+            TOP_K=plan.slot_dest.shape[1], ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
+            E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
+            L_POW2=triton.next_power_of_2(L), BM=block_m, CHUNK=geo.CHUNK, BN=geo.BN, BF=geo.BF, BK=geo.BK,
+            BT=geo.BT, NF_POW2=triton.next_power_of_2(geo.NF), STAGES=stages, GROUP=group,
+            TRANSPORT=TRANSPORTS[transport], num_warps=num_warps, **extra)

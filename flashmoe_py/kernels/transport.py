@@ -1,16 +1,32 @@
-"""Device-side transport for the fused kernel: peer addresses on the NVSHMEM symmetric heap ("p2p").
+"""How the fused kernel reaches other GPUs: two transports over the NVSHMEM symmetric heap.
 
-The stages call only these functions to reach another GPU, so a second transport (the NVSHMEM
-device API) can replace them without touching the stages.
+P2P ("p2p", TRANSPORT=0): peer addresses. A producer stores its payload with ordinary stores
+through the peer's mapped address, makes every thread's stores precede a release atomic at system
+scope (`tl.debug_barrier()` then `signal` or a release `atomic_add`), and the consumer acquires the
+same word at system scope before loading the payload (with `.cg`, past the L1, which is not
+coherent with stores from other GPUs). NVLink peers only.
 
-Protocol: a producer stores its payload with ordinary stores, makes every thread's stores precede
-a release atomic at system scope (`tl.debug_barrier()` then `signal` or a release `atomic_add`), and
-the consumer acquires the same word at system scope before loading the payload (with `.cg`, past
-the L1, which is not coherent with stores from other GPUs). Flags carry the call's epoch and
-counters only grow, so none needs a reset, and every wait is a wait for "at least"."""
+NVSHMEM ("nvshmem", TRANSPORT=1): NVSHMEM's device library (libnvshmem_device.bc, linked when the
+kernel is compiled; each loaded module is initialised for NVSHMEM before its first launch). Payload
+goes from local symmetric memory with puts (`put_signal_block`: one block-wide put whose signal
+lands after its data; `put_rows`: one put per thread), flags and counters are set or added with
+`signal_remote`, and `quiet` completes a thread's puts. Reaches any PE NVSHMEM reaches.
+
+Either way, waits are local: acquire loads of this rank's symmetric flags (`wait_at_least`). Flags
+carry the call's epoch and counters only grow, so none needs a reset, and every wait is a wait for
+"at least"."""
+
+import os
 
 import triton
 import triton.language as tl
+from triton.language import core
+
+P2P = tl.constexpr(0)
+NVSHMEM = tl.constexpr(1)
+TRANSPORTS = {"p2p": 0, "nvshmem": 1}
+SIGNAL_SET = tl.constexpr(9)   # NVSHMEM_SIGNAL_SET / NVSHMEM_SIGNAL_ADD in NVSHMEM 3.x's headers
+SIGNAL_ADD = tl.constexpr(10)
 
 
 @triton.jit
@@ -39,3 +55,115 @@ def wait_at_least(ptrs, mask, targets, spin_limit):
         short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys") < targets)
         spins += 1
     return short
+
+
+# NVSHMEM device functions. Triton's extern calls take no pointer arguments and return a value:
+# addresses go as int64, void functions are declared to return an int32 that nobody reads. A
+# scalar extern call runs in every thread of the program: *_block calls are collective over the
+# program (NVSHMEM elects one thread for their signal), others are issued from one thread.
+
+def _extern(symbol, args, types, ret, semantic, pure=False):
+    cast = [core.cast(a, t, _semantic=semantic) for a, t in zip(args, types)]
+    return core.extern_elementwise("", "", cast, {tuple(types): (symbol, ret)}, is_pure=pure,
+                                   _semantic=semantic)
+
+
+@core.extern
+def _putmem_signal_nbi_block(dst, src, nbytes, sig, value, op, pe, _semantic=None):
+    return _extern("nvshmemx_putmem_signal_nbi_block", [dst, src, nbytes, sig, value, op, pe],
+                   [core.int64] * 4 + [core.uint64, core.int32, core.int32], core.int32, _semantic)
+
+
+@core.extern
+def _putmem_nbi(dst, src, nbytes, pe, _semantic=None):
+    return _extern("nvshmem_putmem_nbi", [dst, src, nbytes, pe],
+                   [core.int64] * 3 + [core.int32], core.int32, _semantic)
+
+
+@core.extern
+def _signal_op(sig, value, op, pe, _semantic=None):
+    return _extern("nvshmemx_signal_op", [sig, value, op, pe],
+                   [core.int64, core.uint64, core.int32, core.int32], core.int32, _semantic)
+
+
+@core.extern
+def quiet(_semantic=None):
+    """Complete this thread's outstanding puts (nvshmem_quiet)."""
+    return _extern("nvshmem_quiet", [], [], core.int32, _semantic)
+
+
+@core.extern
+def _thread_id(_semantic=None):
+    return _extern("llvm.nvvm.read.ptx.sreg.tid.x", [], [], core.int32, _semantic)
+
+
+@triton.jit
+def put_signal_block(dst, src, nbytes, sig, value, op, pe):
+    """Whole program: copy nbytes from local symmetric `src` to `dst` on PE `pe` (dst, sig: this
+    rank's addresses of the symmetric buffers), then apply `op` (SIGNAL_SET/ADD) with `value` to
+    the uint64 word `sig` there, after the data. Every thread must call it (no divergent branch)."""
+    _putmem_signal_nbi_block(dst, src, nbytes, sig, value, op, pe)
+
+
+@triton.jit
+def put_rows(dst, src, nbytes, pe):
+    """Per element (each thread its own): copy nbytes from local symmetric `src` to `dst` on `pe`
+    (tensors of addresses, sizes and PEs; nbytes 0 for nothing). Complete with quiet()."""
+    _putmem_nbi(dst, src, nbytes, pe)
+
+
+@triton.jit
+def signal_remote(sig, value, op, pe):
+    """From one thread of the program: apply `op` with `value` to the uint64 word `sig` on `pe`,
+    after this thread's earlier puts to `pe` (call quiet() and tl.debug_barrier() first when
+    other threads' puts must land before it)."""
+    if _thread_id() == 0:
+        _signal_op(sig, value, op, pe)
+
+
+# Host side of transport "nvshmem": the device library and per-module initialisation.
+
+_init_next_load = False  # set by nvshmem_launch() while a kernel of that transport launches
+_module_hook_installed = False
+
+
+def nvshmem_device_library() -> str:
+    """Path of libnvshmem_device.bc (from the NVSHMEM that nvshmem4py uses); RuntimeError if none."""
+    import nvshmem.core as nv
+    try:
+        path = nv.find_device_bitcode_library()
+    except Exception as e:  # nvshmem4py raises its own error types
+        raise RuntimeError(f"transport='nvshmem' needs NVSHMEM's device bitcode "
+                           f"(libnvshmem_device.bc, from nvidia-nvshmem-cu13): {e}") from e
+    if not os.path.isfile(path):
+        raise RuntimeError(f"transport='nvshmem': {path} does not exist")
+    return path
+
+
+def _init_module(module, function, name, metadata_group, hash) -> None:
+    """Triton calls this after loading each compiled module; the fused kernel of transport
+    'nvshmem' needs nvshmemx_cumodule_init on its module before it runs."""
+    global _init_next_load
+    if _init_next_load:
+        import nvshmem.bindings as bindings
+        status = bindings.cumodule_init(int(module))
+        if status not in (0, None):
+            raise RuntimeError(f"nvshmemx_cumodule_init failed for {name} (status {status})")
+        _init_next_load = False
+
+
+class nvshmem_launch:
+    """Context for launching a kernel of transport 'nvshmem': a module Triton loads inside it
+    (its first launch on this device) is initialised for NVSHMEM before it runs."""
+
+    def __enter__(self):
+        global _init_next_load, _module_hook_installed
+        if not _module_hook_installed:
+            triton.knobs.runtime.kernel_load_end_hook.add(_init_module)
+            _module_hook_installed = True
+        _init_next_load = True
+        return self
+
+    def __exit__(self, *exc):
+        global _init_next_load
+        _init_next_load = False

@@ -1,6 +1,6 @@
 """GPU correctness of backend="flash" against the reference; run one process per GPU:
 
-    bash launch/torchrun.sh tests/gpu/check_flash.py [--calls 1000] [--out results.json]
+    bash launch/torchrun.sh tests/gpu/check_flash.py [--calls 1000] [--transport nvshmem] [--out results.json]
 
 Every case: fresh random inputs, uneven token counts (one rank with none), outputs poisoned first,
 relative error against the float32 reference (max over ranks). Exit code 1 if any case fails."""
@@ -20,6 +20,7 @@ from flashmoe_py.heap import heap_bytes_for
 from flashmoe_py.runtime import detect_launcher
 
 TOL = {"bfloat16": 1e-2, "float32": 1e-4}
+TRANSPORT = "p2p"  # --transport
 
 
 def rel_err(out, ref):
@@ -48,7 +49,7 @@ def tokens_for(rank, world, max_tokens, gen):
 def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1):
     seed = random.SystemRandom().randrange(2**31)
     seed = int(max_all(seed))  # the same weights on every rank
-    layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=max_tokens, seed=seed)
+    layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=max_tokens, seed=seed, transport=TRANSPORT)
     if hot is not None:
         skew(layer, hot)
     full = layer.full_weights()
@@ -66,7 +67,7 @@ def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1):
     layer.synchronize()
     err = max_all(worst)
     layer.backend.close()
-    row = {"case": name, "config": cfg.to_dict(), "max_tokens": max_tokens, "world": world,
+    row = {"case": name, "transport": TRANSPORT, "config": cfg.to_dict(), "max_tokens": max_tokens, "world": world,
            "calls": calls, "rel_err": err, "ok": err <= TOL[cfg.dtype],
            "seconds": round(time.perf_counter() - t0, 2)}
     if rank == 0:
@@ -77,7 +78,7 @@ def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1):
 def run_graph_case(cfg, tokens, rank, world, replays=5):
     """The forward captured once in a CUDA graph, replayed on fresh inputs copied into its input."""
     seed = int(max_all(random.SystemRandom().randrange(2**31)))
-    layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=tokens, seed=seed)
+    layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=tokens, seed=seed, transport=TRANSPORT)
     full = layer.full_weights()
     gen = torch.Generator().manual_seed(seed + rank)
     static = torch.randn(tokens, cfg.hidden_size, generator=gen).to("cuda", cfg.torch_dtype)
@@ -98,7 +99,8 @@ def run_graph_case(cfg, tokens, rank, world, replays=5):
     layer.synchronize()
     err = max_all(worst)
     layer.backend.close()
-    row = {"case": f"cuda graph x{replays} replays", "config": cfg.to_dict(), "max_tokens": tokens,
+    row = {"case": f"cuda graph x{replays} replays", "transport": TRANSPORT, "config": cfg.to_dict(),
+           "max_tokens": tokens,
            "world": world, "calls": replays, "rel_err": err, "ok": err <= TOL[cfg.dtype]}
     if rank == 0:
         print(json.dumps(row), flush=True)
@@ -109,8 +111,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=1000)
     p.add_argument("--presets", action="store_true", help="also the full-size model presets")
+    p.add_argument("--transport", default="p2p", choices=["p2p", "nvshmem"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    global TRANSPORT
+    TRANSPORT = args.transport
     world = detect_launcher().world_size
     E = 4 * world
     small = dict(hidden_size=256, ffn_size=384, num_experts=E)
@@ -129,7 +134,7 @@ def main():
         cases += [(n, fm.preset(n), t, None) for n, t in
                   [("mixtral_8x7b", 1024), ("qwen3_30b_a3b", 2048), ("deepseek_v3", 16384)]]
     soak = MoEConfig(**small, top_k=2)
-    rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, t) for _, c, t, _ in cases))
+    rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, t, TRANSPORT) for _, c, t, _ in cases))
     rank = rt.rank
     rows = [run_case(n, c, t, rank, world, hot) for n, c, t, hot in cases]
     rows.append(run_graph_case(soak, 200, rank, world))
