@@ -30,7 +30,7 @@ for step in "$@"; do
               --out "$OUT/mpicheck_w$n.json" > "$OUT/mpicheck_w$n.log" 2>&1; echo "=== mpicheck rc=$?"
               tail -n 25 "$OUT/mpicheck_w$n.log" ;;
     tune*) n=${step#tune}; run "tune_w$n" 500 "$n" bench/tune.py ${TUNE_ARGS:-} --out "$OUT/tune_w$n.json" ;;
-    bench*) n=${step#bench}; run "bench_w$n" 540 "$n" bench/layer.py --backends torch flash \
+    bench*) n=${step#bench}; run "bench_w$n" 540 "$n" bench/layer.py --backends ${BACKENDS:-torch flash} \
               ${BENCH_ARGS:-} --out "$OUT/bench_w$n.json" ;;
   esac
 done
