@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .transport import (NVSHMEM, SIGNAL_ADD, SIGNAL_SET, TRANSPORTS, nvshmem_device_library,
-                        nvshmem_launch, peer, put_rows, put_signal_block, quiet, signal, signal_remote,
+                        nvshmem_launch, peer, add, put_rows, put_signal_block, quiet, signal, signal_remote,
                         wait_at_least)
 
 # Status word codes for the wait that timed out (Python reads .value).
@@ -233,9 +233,9 @@ def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, com
     written, sent into each row's source rank (its combine_y region for this rank mirrors
     recv_x), then the rows are counted there per (this rank, e, chunk, n-tile).
 
-    P2P stores the rows there and adds 1 per row. NVSHMEM stages the tile in recv_x's rows of
-    the tile (their x is consumed: every f-tile of h is done), puts each row from its own thread,
-    and adds one count per (source, chunk) run of rows from one thread."""
+    P2P stores the rows there; NVSHMEM stages the tile in recv_x's rows of the tile (their x is
+    consumed: every f-tile of h is done) and puts each row from its own thread. Then one thread
+    adds one count per (source, chunk) run of the tile's rows."""
     e, src, row, chunk, valid = _expert_tile(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
     r = (src * S + row).to(tl.int64)
     cols = n * BN + tl.arange(0, BN)
@@ -256,17 +256,23 @@ def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, com
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if not ok:
         _report_timeout(status_ptr, WAIT_HIDDEN, rank, e, q, epoch)
-    elif TRANSPORT == NVSHMEM:
+    else:
         dtype = h_ptr.dtype.element_ty
-        ELT: tl.constexpr = dtype.primitive_bitwidth // 8
-        tl.store(recv_x_ptr + r[:, None] * H + cols[None, :], acc.to(dtype), mask=valid[:, None] & cmask[None, :])
-        tl.debug_barrier()
-        width = (tl.minimum(H - n * BN, BN) * ELT).to(tl.int64)
+        m2 = valid[:, None] & cmask[None, :]
         dst_row = (rank * S + row).to(tl.int64)
-        put_rows(combine_y_ptr + dst_row * H + n * BN, recv_x_ptr + r * H + n * BN,
-                 tl.where(valid, width, 0), tl.where(valid, src, rank))
-        quiet()
+        if TRANSPORT == NVSHMEM:
+            ELT: tl.constexpr = dtype.primitive_bitwidth // 8
+            tl.store(recv_x_ptr + r[:, None] * H + cols[None, :], acc.to(dtype), mask=m2)
+            tl.debug_barrier()
+            width = (tl.minimum(H - n * BN, BN) * ELT).to(tl.int64)
+            put_rows(combine_y_ptr + dst_row * H + n * BN, recv_x_ptr + r * H + n * BN,
+                     tl.where(valid, width, 0), tl.where(valid, src, rank))
+            quiet()
+        else:
+            dst = peer(combine_y_peers, tl.where(valid, src, rank)).to(tl.pointer_type(dtype))
+            tl.store(dst[:, None] + dst_row[:, None] * H + cols[None, :], acc.to(dtype), mask=m2)
         tl.debug_barrier()  # every thread's rows have landed before the counts go out
+        # One count per (source, chunk) run of this tile's rows, from one thread.
         _, c, per_src, first, _ = _expert_sources(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
         s_idx = tl.arange(0, W_POW2)
         for s in range(W):
@@ -275,19 +281,12 @@ def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, com
             lo = tl.maximum(c * BM - f_s, 0)  # this tile's rows of source s, in the pair's numbering
             hi = tl.minimum((c + 1) * BM - f_s, n_s)
             for k in range(lo // CHUNK, (hi + CHUNK - 1) // CHUNK):
-                rows = tl.minimum(hi, (k + 1) * CHUNK) - tl.maximum(lo, k * CHUNK)
+                rows = (tl.minimum(hi, (k + 1) * CHUNK) - tl.maximum(lo, k * CHUNK)).to(tl.int64)
                 slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n
-                signal_remote(comb_count_ptr + slot, rows.to(tl.int64), SIGNAL_ADD, s)
-    else:
-        dtype = h_ptr.dtype.element_ty
-        dst = peer(combine_y_peers, tl.where(valid, src, rank)).to(tl.pointer_type(dtype))
-        dst_row = (rank * S + row).to(tl.int64)
-        tl.store(dst[:, None] + dst_row[:, None] * H + cols[None, :], acc.to(dtype),
-                 mask=valid[:, None] & cmask[None, :])
-        tl.debug_barrier()
-        counters = peer(comb_count_peers, tl.where(valid, src, rank)).to(tl.pointer_type(tl.int64))
-        slot = ((rank * L + e) * MAXC + chunk).to(tl.int64) * NN + n
-        tl.atomic_add(counters + slot, tl.full((BM,), 1, tl.int64), mask=valid, sem="release", scope="sys")
+                if TRANSPORT == NVSHMEM:
+                    signal_remote(comb_count_ptr + slot, rows, SIGNAL_ADD, s)
+                else:
+                    add(peer(comb_count_peers, s).to(tl.pointer_type(tl.int64)) + slot, rows)
 
 
 @triton.jit

@@ -45,6 +45,12 @@ def signal(flag_ptr, value):
 
 
 @triton.jit
+def add(counter_ptr, value):
+    """Add `value` to a (possibly remote) counter after this program's preceding stores."""
+    tl.atomic_add(counter_ptr, value, sem="release", scope="sys")
+
+
+@triton.jit
 def wait_at_least(ptrs, mask, targets, spin_limit):
     """Spin until every masked word (flag or counter; they only grow) reaches its target, acquiring
     at system scope, at most `spin_limit` rounds. -> bool mask of the words still short (none set
