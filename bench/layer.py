@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -29,7 +30,7 @@ from flashmoe_py.runtime import detect_launcher  # noqa: E402
 
 ROUTINGS = ("uniform", "zipf", "one_hot")
 FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem"}  # benchmark backend -> fused-kernel transport
-BACKENDS = ("torch", *FLASH)
+BACKENDS = ("torch", "symm_mem", *FLASH)
 CHECK_TOKENS = 256  # tokens per rank compared against the float32 reference before timing
 
 
@@ -44,13 +45,16 @@ def parse_args(argv=None):
                    help="tokens per rank (default 128 ... 16384 on GPUs, 64 256 on the CPU)")
     p.add_argument("--backends", nargs="+", default=["torch"], choices=BACKENDS,
                    help="flash: the fused kernel (p2p transport); flash_nvshmem: the same kernel over "
-                        "NVSHMEM device-API puts; torch: NCCL all-to-all + grouped GEMM")
+                        "NVSHMEM device-API puts; torch: NCCL all-to-all + grouped GEMM; symm_mem: "
+                        "PyTorch's NVSHMEM all_to_all_vdev(_2d) + grouped GEMM (GPU only; run in "
+                        "separate processes when a flash backend is benchmarked too)")
     p.add_argument("--routing", nargs="+", default=["uniform"], choices=ROUTINGS)
     p.add_argument("--iters", type=int, default=None, help="timed iterations per input set")
     p.add_argument("--input-sets", type=int, default=3)
     p.add_argument("--user-graph", action="store_true",
                    help="also time backend flash captured whole in a caller's CUDA graph")
     p.add_argument("--out", default=None, help="JSON file (default bench/results/layer-<device>-<world>.json)")
+    p.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # internal: the symm_mem child
     return p.parse_args(argv)
 
 
@@ -195,19 +199,24 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     """One (config, backend, routing, tokens) point -> a JSON row (on every rank)."""
     extra = {"max_tokens_per_rank": tokens, "transport": FLASH[backend]} if backend in FLASH else {}
-    layer = MoELayer(cfg, backend="flash" if backend in FLASH else backend, device=device, seed=seed, **extra)
+    layer = MoELayer(cfg, backend="flash" if backend in FLASH else "torch", device=device, seed=seed, **extra)
+    forward, mode = layer, None
+    if backend == "symm_mem":
+        from symm_mem_ep import SymmMemEP
+        forward = SymmMemEP(layer, tokens)
+        mode = forward.mode
     gen = torch.Generator().manual_seed(seed * 131 + rank)
     xs = [torch.randn(tokens, cfg.hidden_size, generator=gen).to(device, cfg.torch_dtype)
           for _ in range(args.input_sets)]
     xs = [steer_routing(layer, x, routing, seed) for x in xs]  # same steering on every rank
     with torch.inference_mode():
-        out = layer(xs[0])[:CHECK_TOKENS]
+        out = forward(xs[0])[:CHECK_TOKENS]
         ref = reference_forward(xs[0][:CHECK_TOKENS], *layer.full_weights(), cfg)
         layer.synchronize()
     err = max_over_ranks(rel_err(out, ref), device)
     tol = 1e-2 if cfg.dtype == "bfloat16" else (1e-4 if device.type == "cuda" else 1e-5)
     row = {"config": cfg.to_dict(), "tokens_per_rank": tokens, "world": world, "backend": backend,
-           "routing": routing, "rel_err": err, "ok": err <= tol}
+           "routing": routing, "rel_err": err, "ok": err <= tol, **({"mode": mode} if mode else {})}
     row["median_us"] = None
     rows = [row]
     if row["ok"]:
@@ -215,7 +224,7 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
         times = []
         with torch.inference_mode():
             for x in xs:
-                times += Timer(device).time(lambda: layer(x), iters, warmup=3)
+                times += Timer(device).time(lambda: forward(x), iters, warmup=3)
             layer.synchronize()
         row["median_us"] = max_over_ranks(statistics.median(times), device)
         if backend in FLASH and args.user_graph:  # replayed from the caller's own CUDA graph
@@ -257,16 +266,30 @@ def main(argv=None):
     tokens_list = args.tokens or ([128, 512, 2048, 4096, 8192, 16384] if gpu else [64, 256])
     heap = None
     fused = [b for b in args.backends if b in FLASH]
+    backends = list(args.backends)
+    apart = []  # rows measured by the symm_mem child processes
+    if fused and "symm_mem" in backends:  # two NVSHMEM owners cannot share a process
+        apart = run_symm_mem_apart(args)
+        backends.remove("symm_mem")
     if fused:
         world = detect_launcher().world_size
         heap = max(heap_bytes_for(c, world, max(tokens_list), FLASH[b]) for _, c in configs for b in fused)
+    if "symm_mem" in backends:
+        if not gpu:
+            raise SystemExit("backend symm_mem needs CUDA GPUs")
+        from symm_mem_ep import heap_bytes as symm_heap_bytes
+        world = detect_launcher().world_size
+        # Sized before PyTorch starts NVSHMEM (at its first allocation); twice the largest case,
+        # as buffers of one case may still be held when the next one allocates.
+        os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(
+            2 * max(symm_heap_bytes(c, world, max(tokens_list)) for _, c in configs)))
     rank, world, device = setup_distributed(heap)
-    ceilings = measure_ceilings(device, world)
+    ceilings = {} if args.rows_out else measure_ceilings(device, world)
     meta = {"device": torch.cuda.get_device_name(device) if gpu else "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "torch": torch.__version__, "comm": dist.get_backend()}
-    points = [(n, c, b, r, t) for n, c in configs for r in args.routing for t in tokens_list
-              for b in args.backends]
+    cases = [(n, c, r, t) for n, c in configs for r in args.routing for t in tokens_list]
+    points = [(*case, b, 1000 + i) for i, case in enumerate(cases) for b in backends]  # seed per case
     progress = None
     if rank == 0:
         try:
@@ -275,14 +298,9 @@ def main(argv=None):
         except ImportError:
             pass
     rows = []
-    for i, (name, cfg, backend, routing, tokens) in enumerate(points):
-        for row in bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed=1000 + i):
-            row.update(preset=name, floor_us=floor_us(cfg, tokens, world, ceilings), **meta)
-            if row["median_us"]:
-                slots = tokens * cfg.top_k
-                row["tokens_per_s"] = tokens * world / row["median_us"] * 1e6
-                row["tflops"] = (2 * slots * cfg.hidden_size * (cfg.ffn_in_size + cfg.ffn_size)
-                                 / row["median_us"] / 1e6)
+    for name, cfg, routing, tokens, backend, seed in points:
+        for row in bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
+            row.update(preset=name, **meta)
             rows.append(row)
         if progress:
             progress.update()
@@ -290,6 +308,18 @@ def main(argv=None):
             torch.cuda.empty_cache()
     if progress:
         progress.close()
+    if args.rows_out:
+        if rank == 0:
+            with open(args.rows_out, "w") as f:
+                json.dump(rows, f)
+        dist.destroy_process_group()
+        return
+    case_index = {(n, r, t): i for i, (n, _, r, t) in enumerate(cases)}
+    backend_index = {b: i for i, b in enumerate(args.backends)}
+    rows = sorted(rows + apart, key=lambda r: (case_index[r["preset"], r["routing"], r["tokens_per_rank"]],
+                                               backend_index.get(r["backend"], len(backend_index))))
+    for row in rows:
+        add_derived(row, world, ceilings)
     if rank == 0:
         for row in rows:  # speed-up over each other backend at the same point
             same = [r for r in rows if r["median_us"] and (r["preset"], r["routing"], r["tokens_per_rank"])
@@ -309,12 +339,48 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def add_derived(row: dict, world: int, ceilings: dict) -> None:
+    """The floor, tokens/s and TFLOP/s of a timed row."""
+    cfg, tokens = MoEConfig.from_dict(row["config"]), row["tokens_per_rank"]
+    row["floor_us"] = floor_us(cfg, tokens, world, ceilings)
+    if row["median_us"]:
+        row["tokens_per_s"] = tokens * world / row["median_us"] * 1e6
+        row["tflops"] = (2 * tokens * cfg.top_k * cfg.hidden_size * (cfg.ffn_in_size + cfg.ffn_size)
+                         / row["median_us"] / 1e6)
+
+
+def run_symm_mem_apart(args) -> list[dict]:
+    """Benchmark backend symm_mem in a child process per rank (same cases, same seeds), before this
+    process starts NVSHMEM for the fused kernel: PyTorch and flashmoe_py each own NVSHMEM in their
+    process. One node: the children meet at 127.0.0.1. -> the rows (on rank 0; [] elsewhere)."""
+    info = detect_launcher()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "PMIX_"))}
+    env.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
+               LOCAL_WORLD_SIZE=str(info.local_world_size), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(int(os.environ.get("MASTER_PORT", "29500")) + 17))
+    argv = ["--backends", "symm_mem", "--routing", *args.routing, "--input-sets", str(args.input_sets)]
+    for flag, value in (("--preset", args.preset), ("--tokens", args.tokens), ("--custom", args.custom)):
+        if value:
+            argv += [flag, *map(str, value)]
+    for flag, value in (("--dtype", args.dtype), ("--iters", args.iters)):
+        if value:
+            argv += [flag, str(value)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rows.json")
+        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--rows-out", path], env=env,
+                       check=True)
+        if info.rank != 0:
+            return []
+        with open(path) as f:
+            return json.load(f)
+
+
 def print_table(rows, ceilings, meta, world):
     print(f"\n{meta['device']} x{world}  {meta['comm']}  torch {meta['torch']}  commit {meta['commit']}  "
           f"{meta['date']}")
     if ceilings:
         print("ceilings: " + "  ".join(f"{k}={v:.0f}" for k, v in ceilings.items()))
-    head = f"{'preset':<14}{'routing':<9}{'tokens':>7} {'backend':<12}{'median_us':>11}{'floor_us':>10}" \
+    head = f"{'preset':<14}{'routing':<9}{'tokens':>7} {'backend':<16}{'median_us':>11}{'floor_us':>10}" \
            f"{'of_floor':>9}{'TFLOP/s':>9}{'rel_err':>10}"
     print(head)
     print("-" * len(head))
@@ -323,8 +389,12 @@ def print_table(rows, ceilings, meta, world):
         fl = f"{r['floor_us']:.1f}" if r["floor_us"] else "-"
         frac = f"{r['floor_us'] / r['median_us']:.0%}" if r["floor_us"] and r["median_us"] else "-"
         tf = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
-        print(f"{r['preset']:<14}{r['routing']:<9}{r['tokens_per_rank']:>7} {r['backend']:<12}{med:>11}"
+        label = r["backend"] + (" (1d)" if r.get("mode") == "1d+regroup" else "")
+        print(f"{r['preset']:<14}{r['routing']:<9}{r['tokens_per_rank']:>7} {label:<16}{med:>11}"
               f"{fl:>10}{frac:>9}{tf:>9}{r['rel_err']:>10.1e}")
+    if any(r.get("mode") == "1d+regroup" for r in rows):
+        print("(1d): torch's all_to_all_vdev_2d refuses >= 16 experts per rank; symm_mem ran "
+              "all_to_all_vdev + a local regroup by expert instead")
 
 
 if __name__ == "__main__":
