@@ -367,9 +367,12 @@ def run_symm_mem_apart(args) -> list[dict]:
             argv += [flag, str(value)]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rows.json")
-        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--rows-out", path], env=env,
-                       check=True)
+        rc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--rows-out", path],
+                            env=env).returncode
         if info.rank != 0:
+            return []
+        if rc != 0 or not os.path.exists(path):
+            print(f"backend symm_mem failed (child exit code {rc}); its rows are missing", file=sys.stderr)
             return []
         with open(path) as f:
             return json.load(f)
