@@ -31,6 +31,7 @@ from flashmoe_py.runtime import detect_launcher  # noqa: E402
 ROUTINGS = ("uniform", "zipf", "one_hot")
 FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem"}  # benchmark backend -> fused-kernel transport
 BACKENDS = ("torch", "symm_mem", *FLASH)
+CHILD_TIMEOUT_S = 1800  # the symm_mem child's whole sweep
 CHECK_TOKENS = 256  # tokens per rank compared against the float32 reference before timing
 
 
@@ -269,7 +270,7 @@ def main(argv=None):
     backends = list(args.backends)
     apart = []  # rows measured by the symm_mem child processes
     if fused and "symm_mem" in backends:  # two NVSHMEM owners cannot share a process
-        apart = run_symm_mem_apart(args)
+        apart = run_apart(args, "symm_mem")
         backends.remove("symm_mem")
     if fused:
         world = detect_launcher().world_size
@@ -349,16 +350,19 @@ def add_derived(row: dict, world: int, ceilings: dict) -> None:
                          / row["median_us"] / 1e6)
 
 
-def run_symm_mem_apart(args) -> list[dict]:
-    """Benchmark backend symm_mem in a child process per rank (same cases, same seeds), before this
-    process starts NVSHMEM for the fused kernel: PyTorch and flashmoe_py each own NVSHMEM in their
+def run_apart(args, backend: str) -> list[dict]:
+    """Benchmark `backend` in a child process per rank (same cases, same seeds), before this process
+    starts anything: used for symm_mem, since PyTorch and flashmoe_py each own NVSHMEM in their
     process. One node: the children meet at 127.0.0.1. -> the rows (on rank 0; [] elsewhere)."""
     info = detect_launcher()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "PMIX_"))}
+    # The children make their own group: not torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE
+    # would have them wait for a store nobody serves), not the MPI job.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_"))}
     env.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
                LOCAL_WORLD_SIZE=str(info.local_world_size), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(int(os.environ.get("MASTER_PORT", "29500")) + 17))
-    argv = ["--backends", "symm_mem", "--routing", *args.routing, "--input-sets", str(args.input_sets)]
+    argv = ["--backends", backend, "--routing", *args.routing, "--input-sets", str(args.input_sets)]
     for flag, value in (("--preset", args.preset), ("--tokens", args.tokens), ("--custom", args.custom)):
         if value:
             argv += [flag, *map(str, value)]
@@ -367,12 +371,15 @@ def run_symm_mem_apart(args) -> list[dict]:
             argv += [flag, str(value)]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rows.json")
-        rc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--rows-out", path],
-                            env=env).returncode
+        try:
+            rc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--rows-out", path],
+                                env=env, timeout=CHILD_TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"none: killed after {CHILD_TIMEOUT_S} s"
         if info.rank != 0:
             return []
         if rc != 0 or not os.path.exists(path):
-            print(f"backend symm_mem failed (child exit code {rc}); its rows are missing", file=sys.stderr)
+            print(f"backend {backend} failed (child exit code {rc}); its rows are missing", file=sys.stderr)
             return []
         with open(path) as f:
             return json.load(f)

@@ -28,3 +28,26 @@ def test_cpu_benchmark_runs_and_its_json_validates(tmp_path):
         assert ROW_KEYS <= set(row)
         assert row["ok"] and row["rel_err"] <= 1e-5 and row["median_us"] > 0
         assert row["device"] == "cpu" and row["backend"] == "torch"
+
+
+APART = """
+import os, sys
+sys.path.insert(0, {bench!r})
+import layer
+rows = layer.run_apart(layer.parse_args(["--tokens", "16", "--iters", "1", "--input-sets", "1"]), "torch")
+if os.environ["RANK"] == "0":
+    print("ROWS", len(rows), rows[0]["backend"], rows[0]["ok"], rows[0]["world"])
+"""
+
+
+def test_a_backend_runs_apart_in_child_processes_under_torchrun(tmp_path):
+    """How symm_mem is benchmarked beside the fused kernel: each torchrun rank starts a child that
+    joins a group of its own (not torchrun's agent store) and hands its rows back."""
+    script = tmp_path / "apart.py"
+    script.write_text(APART.format(bench=os.path.join(ROOT, "bench")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           "--master-port=29623", str(script)],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ROWS 1 torch True 2" in proc.stdout
