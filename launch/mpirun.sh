@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 NGPUS=${NGPUS:-$(nvidia-smi -L | wc -l)}
-if [ $# -eq 0 ]; then set -- bench/layer.py --backends torch flash; fi
+if [ $# -eq 0 ]; then set -- bench/layer.py --backends torch symm_mem flash flash_nvshmem; fi
 exec mpirun --allow-run-as-root --oversubscribe --bind-to none -np "$NGPUS" \
   -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x PYTHONPATH \
   -x PYTHONUNBUFFERED -x LD_LIBRARY_PATH -x PATH python3 "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run a flashmoe_py program on every GPU of this node (or NGPUS of them) under torchrun.
-#   bash launch/torchrun.sh                          # the layer benchmark, all backends
+#   bash launch/torchrun.sh                          # the layer benchmark, every backend
 #   bash launch/torchrun.sh tests/gpu/check_flash.py # the GPU correctness suite
 #   NGPUS=2 bash launch/torchrun.sh bench/layer.py --preset mixtral_8x7b
 # NVLink multicast stays off: it can take a shared host's GPUs down.
@@ -9,5 +9,5 @@ cd "$(dirname "$0")/.."
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 NGPUS=${NGPUS:-$(nvidia-smi -L | wc -l)}
-if [ $# -eq 0 ]; then set -- bench/layer.py --backends torch flash; fi
+if [ $# -eq 0 ]; then set -- bench/layer.py --backends torch symm_mem flash flash_nvshmem; fi
 exec torchrun --standalone --nproc-per-node "$NGPUS" "$@"
