@@ -26,6 +26,11 @@ def test_flash_backend_matches_reference_on_all_gpus():
 
 
 @pytest.mark.gpu
+def test_flash_backend_over_the_nvshmem_transport_matches_reference_on_all_gpus():
+    assert torchrun("check_flash.py", "--transport", "nvshmem", "--calls", "200").returncode == 0
+
+
+@pytest.mark.gpu
 def test_patched_hf_models_match_on_all_gpus():
     assert torchrun("check_hf.py").returncode == 0
 
