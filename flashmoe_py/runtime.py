@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +84,10 @@ def find_mismatch(per_rank: list[dict], prefix: str = "") -> str | None:
 class Runtime:
     """The process's one handle on torch.distributed and NVSHMEM (see init())."""
 
-    def __init__(self, info: LaunchInfo, device: torch.device, owns_group: bool, nvshmem: bool):
+    def __init__(self, info: LaunchInfo, device: torch.device, owns_group: bool, nvshmem: bool,
+                 job_id: str = ""):
         self.info, self.device, self.owns_group, self.nvshmem = info, device, owns_group, nvshmem
+        self.job_id = job_id  # the same on every rank: names this runtime's keys in the group's store
         self.rank, self.world_size, self.local_rank = info.rank, info.world_size, info.local_rank
         self.launcher = info.launcher
         self.heaps: list = []  # SymmetricHeaps allocated under this runtime, freed at finalize
@@ -91,6 +95,8 @@ class Runtime:
         self.heap_capacity = _parse_size(os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "1G"))
         # Set when a fused kernel timed out: a peer may be gone, so teardown stays local.
         self.failed: str | None = None
+        # How long finalize() waits for every rank to arrive before tearing down alone.
+        self.finalize_wait_s = 60.0
 
     def barrier(self) -> None:
         """Every rank's queued device work is done before any rank goes on."""
@@ -115,12 +121,14 @@ class Runtime:
         return sum(heap.bytes for heap in self.heaps)
 
     def finalize(self) -> None:
-        """Free the symmetric buffers, then NVSHMEM, then the process group (collective).
-
-        After a fused kernel timed out (`failed`), a peer may be dead or stuck, and any collective
-        could hang: the buffers and NVSHMEM are then left to process exit, and the process group
-        is aborted instead of destroyed, so the process can still exit."""
+        """Free the symmetric buffers, then NVSHMEM, then the process group: collectively when
+        every rank is healthy and arrives (see teardown_together), else alone: the buffers and
+        NVSHMEM are left to process exit and the process group is aborted, not destroyed, so no
+        rank waits on a peer that is dead, stuck, or tearing down alone. Either way the process
+        can exit."""
         global _current
+        if not self.teardown_together() and self.failed is None:
+            self.failed = "a peer failed or did not reach finalize()"
         for heap in list(self.heaps):
             heap.free()
         if self.nvshmem and self.failed is None:
@@ -133,6 +141,30 @@ class Runtime:
             else:
                 dist.destroy_process_group()
         _current = None
+
+    def teardown_together(self) -> bool:
+        """Whether all ranks tear down collectively: one decision for every rank, through the
+        process group's store (which needs no collective). Each rank posts "ok" or "failed"; a
+        healthy rank waits up to finalize_wait_s for all of them. All ok -> together; a failed
+        rank, or one missing at the deadline -> alone, and ranks arriving later read the same."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return self.failed is None
+        store = dist.distributed_c10d._get_default_store()
+        prefix = f"flashmoe/finalize/{self.job_id}/"
+        keys = [prefix + str(r) for r in range(self.world_size)]
+        decision = prefix + "decision"
+        store.set(keys[self.rank], "failed" if self.failed else "ok")
+        verdict = "alone"
+        deadline = time.monotonic() + self.finalize_wait_s
+        while self.failed is None and time.monotonic() < deadline and not store.check([decision]):
+            posted = [store.get(k) for k in keys if store.check([k])]
+            if b"failed" in posted:
+                break
+            if len(posted) == len(keys):
+                verdict = "together"
+                break
+            time.sleep(0.01)
+        return store.compare_set(decision, "", verdict) == b"together"
 
     def __enter__(self) -> Runtime:
         return self
@@ -209,9 +241,12 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
     owns_group = not dist.is_initialized()
     if owns_group:
         _init_process_group(info, device)
+    job_id = [uuid.uuid4().hex]
+    if info.world_size > 1:
+        dist.broadcast_object_list(job_id, src=0)
     if nvshmem:
         _init_nvshmem(info)
-    _current = Runtime(info, device, owns_group, nvshmem)
+    _current = Runtime(info, device, owns_group, nvshmem, job_id[0])
     return _current
 
 

@@ -1,6 +1,7 @@
 """The runtime without GPUs: launcher detection, heap sizing, cross-rank consistency, clear errors."""
 
 import sys
+import time
 import types
 
 import pytest
@@ -159,3 +160,28 @@ def test_after_a_kernel_timeout_teardown_is_local(fake_heap):
     rt.failed = "fused MoE kernel on rank 0 timed out"
     rt.finalize()
     assert fake.live == 1 and rt.heap_used() == 0 and fm.runtime.current() is None
+
+
+def finalize_on_ranks(rank, world, failed_rank, late_rank):
+    rt = fm.init(nvshmem=False)  # joins the pool's group: finalize leaves the group alone
+    rt.finalize_wait_s = 3.0
+    if rank == failed_rank:
+        rt.failed = "fused MoE kernel timed out"
+    if rank == late_rank:
+        time.sleep(rt.finalize_wait_s + 0.5)
+    t0 = time.monotonic()
+    rt.finalize()
+    return rt.failed is None, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_finalize_is_collective_only_when_every_rank_is_healthy_and_present(dist_pools, world):
+    """After a kernel timeout on one rank, or with a rank that never arrives, no rank may enter a
+    collective teardown that could hang: every rank decides the same, within the wait."""
+    healthy = dist_pools(world).run(finalize_on_ranks, -1, -1)
+    assert all(together and seconds < 1.0 for together, seconds in healthy)
+    one_failed = dist_pools(world).run(finalize_on_ranks, 0, -1)
+    assert all(not together and seconds < 1.0 for together, seconds in one_failed)
+    one_late = dist_pools(world).run(finalize_on_ranks, -1, world - 1)
+    assert all(not together for together, _ in one_late)
+    assert all(2.5 < seconds < 5.0 for _, seconds in one_late[:-1])  # waited, then went alone
