@@ -4,6 +4,8 @@ and its bounded waits."""
 
 import os
 import random
+import sys
+import types
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import triton.language as tl
 
 from flashmoe_py import ExpertPlacement, MoEConfig, reference_forward
 from flashmoe_py.backends.flash import Geometry, routing_plan
+from flashmoe_py.kernels import transport
 from flashmoe_py.kernels.fused_moe import WAIT_COUNTS, _expert_tile, launch_fused
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -189,3 +192,33 @@ def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activa
     for rank_results in results:
         assert [(status, epoch) for _, status, epoch in rank_results] == [(0, 2), (0, 3), (0, 4), (0, 5)]
         assert max(err for err, _, _ in rank_results) <= 1e-5
+
+
+def test_nvshmem_modules_are_initialised_only_when_loaded_for_that_transport(monkeypatch):
+    """Triton reports each module it loads; only one loaded inside nvshmem_launch() (the kernel of
+    transport 'nvshmem', on its first launch) gets nvshmemx_cumodule_init, and a failure raises."""
+    calls = []
+    bindings = types.SimpleNamespace(cumodule_init=lambda m: calls.append(m) or 0)
+    monkeypatch.setitem(sys.modules, "nvshmem", types.SimpleNamespace(bindings=bindings))
+    monkeypatch.setitem(sys.modules, "nvshmem.bindings", bindings)
+    hooks = []
+    monkeypatch.setattr(triton.knobs.runtime, "kernel_load_end_hook", types.SimpleNamespace(add=hooks.append))
+    monkeypatch.setattr(transport, "_module_hook_installed", False)
+    with transport.nvshmem_launch():
+        (hook,) = hooks
+        hook(0x1000, None, "fused_moe_kernel", {}, "h1")
+        hook(0x2000, None, "fused_moe_kernel", {}, "h2")  # one load per launch: not this one
+    hook(0x3000, None, "fused_moe_kernel", {}, "h3")  # a p2p kernel
+    assert calls == [0x1000]
+    bindings.cumodule_init = lambda m: 7
+    with pytest.raises(RuntimeError, match="nvshmemx_cumodule_init failed"), transport.nvshmem_launch():
+        hook(0x4000, None, "fused_moe_kernel", {}, "h4")
+    assert len(hooks) == 1  # installed once
+
+
+def test_nvshmem_transport_heap_adds_a_staging_row_per_token_slot():
+    cfg = MoEConfig(hidden_size=256, ffn_size=128, num_experts=8, top_k=2)
+    geo = Geometry.for_config(cfg, 4, 1000)
+    p2p, nv = geo.symmetric_buffers(torch.bfloat16), geo.symmetric_buffers(torch.bfloat16, "nvshmem")
+    assert set(nv) - set(p2p) == {"send_x"} and nv["send_x"] == ((1000 * 2, 256), torch.bfloat16)
+    assert all(dtype == torch.int64 for name, (_, dtype) in p2p.items() if "count" in name or "flag" in name)
