@@ -33,9 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .transport import (NVSHMEM, SIGNAL_ADD, SIGNAL_SET, TRANSPORTS, nvshmem_device_library,
-                        nvshmem_launch, peer, add, put_rows, put_signal_block, quiet, signal, signal_remote,
-                        wait_at_least)
+from .transport import (TRANSPORTS, add_count, nvshmem_device_library, nvshmem_launch, puts_complete,
+                        rows_sent, rows_target, send_tile, set_count_words, signal, wait_at_least)
 
 # Status word codes for the wait that timed out (Python reads .value).
 WAIT_COUNTS = tl.constexpr(1)
@@ -83,19 +82,8 @@ def publish_counts(count_peers, count_ptr, send_counts_ptr, epoch, rank, W, L, E
                    TRANSPORT: tl.constexpr):
     """Write (epoch << 32 | rows) for every (destination, local expert) into the destination's
     count words [2, W, L] (parity slot epoch % 2, row `rank`)."""
-    if TRANSPORT == NVSHMEM:
-        for p in range(W * L):
-            rows = tl.load(send_counts_ptr + p).to(tl.int64)
-            word = count_ptr + ((epoch % 2) * W + rank) * L + p % L
-            signal_remote(word, (epoch << 32) | rows, SIGNAL_SET, p // L)
-        return
-    pos = tl.arange(0, E_POW2)
-    valid = pos < W * L
-    dest = pos // L
-    counts = tl.load(send_counts_ptr + pos, mask=valid, other=0).to(tl.int64)
-    base = tl.load(count_peers + dest, mask=valid, other=0).to(tl.pointer_type(tl.int64))
-    offset = ((epoch % 2) * W + rank) * L + pos % L
-    tl.atomic_xchg(base + offset, (epoch << 32) | counts, mask=valid, sem="release", scope="sys")
+    set_count_words(count_peers, count_ptr, send_counts_ptr, ((epoch % 2) * W + rank) * L, W, L, epoch,
+                    E_POW2, TRANSPORT)
 
 
 @triton.jit
@@ -116,27 +104,17 @@ def dispatch_chunk(q, x_ptr, send_tok_ptr, pos_start_ptr, send_counts_ptr, regio
         tok = tl.load(send_tok_ptr + slot, mask=valid, other=0).to(tl.int64)
         dest, e = pos // L, pos % L
         row = (rank * S + tl.load(region_off_ptr + pos) + c * CHUNK + i).to(tl.int64)
-        if TRANSPORT == NVSHMEM:
-            dst = send_x_ptr
-            row = slot
-        else:
-            dst = peer(recv_x_peers, dest).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        dst, row = rows_target(recv_x_peers, dest, send_x_ptr, row, slot, TRANSPORT)
         for n0 in range(0, H, BN):
             cols = n0 + tl.arange(0, BN)
             m = valid[:, None] & (cols[None, :] < H)
             v = tl.load(x_ptr + tok[:, None] * H + cols[None, :], mask=m)
             tl.store(dst + row[:, None] * H + cols[None, :], v, mask=m)
-        flag_off = (rank * L + e) * MAXC + c
-        if TRANSPORT == NVSHMEM:
-            tl.debug_barrier()  # the staged rows are in memory before any thread puts them
-            first = tl.min(slot)
-            rows = tl.minimum(count - c * CHUNK, CHUNK).to(tl.int64)
-            ELT: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth // 8
-            put_signal_block(recv_x_ptr + (rank * S + tl.load(region_off_ptr + pos) + c * CHUNK) * H,
-                             send_x_ptr + first * H, rows * H * ELT, chunk_flag_ptr + flag_off, epoch,
-                             SIGNAL_SET, dest)
-        else:
-            signal(peer(chunk_flag_peers, dest).to(tl.pointer_type(tl.int64)) + flag_off, epoch)
+        rows = tl.minimum(count - c * CHUNK, CHUNK).to(tl.int64)
+        ELT: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth // 8
+        rows_sent(chunk_flag_peers, chunk_flag_ptr, (rank * L + e) * MAXC + c, epoch, dest,
+                  recv_x_ptr + (rank * S + tl.load(region_off_ptr + pos) + c * CHUNK) * H,
+                  send_x_ptr + tl.min(slot) * H, rows * H * ELT, TRANSPORT)
 
 
 @triton.jit
@@ -257,20 +235,10 @@ def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, com
     if not ok:
         _report_timeout(status_ptr, WAIT_HIDDEN, rank, e, q, epoch)
     else:
-        dtype = h_ptr.dtype.element_ty
-        m2 = valid[:, None] & cmask[None, :]
-        dst_row = (rank * S + row).to(tl.int64)
-        if TRANSPORT == NVSHMEM:
-            ELT: tl.constexpr = dtype.primitive_bitwidth // 8
-            tl.store(recv_x_ptr + r[:, None] * H + cols[None, :], acc.to(dtype), mask=m2)
-            tl.debug_barrier()
-            width = (tl.minimum(H - n * BN, BN) * ELT).to(tl.int64)
-            put_rows(combine_y_ptr + dst_row * H + n * BN, recv_x_ptr + r * H + n * BN,
-                     tl.where(valid, width, 0), tl.where(valid, src, rank))
-            quiet()
-        else:
-            dst = peer(combine_y_peers, tl.where(valid, src, rank)).to(tl.pointer_type(dtype))
-            tl.store(dst[:, None] + dst_row[:, None] * H + cols[None, :], acc.to(dtype), mask=m2)
+        # recv_x's rows of this tile are the staging space: their x is consumed (every f-tile of h
+        # is done) and the source sends nothing new into them before these rows reach it.
+        send_tile(acc, combine_y_peers, combine_y_ptr, (rank * S + row).to(tl.int64),
+                  tl.where(valid, src, rank), recv_x_ptr, r, valid, n * BN, H, BN, TRANSPORT)
         tl.debug_barrier()  # every thread's rows have landed before the counts go out
         # One count per (source, chunk) run of this tile's rows, from one thread.
         _, c, per_src, first, _ = _expert_sources(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
@@ -283,10 +251,7 @@ def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, com
             for k in range(lo // CHUNK, (hi + CHUNK - 1) // CHUNK):
                 rows = (tl.minimum(hi, (k + 1) * CHUNK) - tl.maximum(lo, k * CHUNK)).to(tl.int64)
                 slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n
-                if TRANSPORT == NVSHMEM:
-                    signal_remote(comb_count_ptr + slot, rows, SIGNAL_ADD, s)
-                else:
-                    add(peer(comb_count_peers, s).to(tl.pointer_type(tl.int64)) + slot, rows)
+                add_count(comb_count_peers, comb_count_ptr, slot, rows, s, TRANSPORT)
 
 
 @triton.jit
@@ -395,8 +360,7 @@ def fused_moe_kernel(
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
-    if TRANSPORT == NVSHMEM:
-        quiet()  # this program's puts are complete before the kernel ends
+    puts_complete(TRANSPORT)
     # The last program out rewinds the task counter and opens the next epoch.
     if tl.atomic_add(ctl_ptr + 2, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         tl.store(ctl_ptr + 1, 0)

@@ -173,3 +173,89 @@ class nvshmem_launch:
     def __exit__(self, *exc):
         global _init_next_load
         _init_next_load = False
+
+
+# The verbs the kernel's stages call; TRANSPORT (a constexpr) picks how each is done.
+
+@triton.jit
+def set_count_words(count_peers, count_ptr, send_counts_ptr, first_word, W, L, epoch,
+                    E_POW2: tl.constexpr, TRANSPORT: tl.constexpr):
+    """For every (destination d, local expert e) pair p = d * L + e < W * L: word first_word + e
+    of the int64 count words on PE d := epoch << 32 | send_counts[p] (count_peers: [W] addresses,
+    count_ptr: this rank's copy)."""
+    if TRANSPORT == NVSHMEM:
+        for p in range(W * L):
+            rows = tl.load(send_counts_ptr + p).to(tl.int64)
+            signal_remote(count_ptr + first_word + p % L, (epoch << 32) | rows, SIGNAL_SET, p // L)
+    else:
+        pos = tl.arange(0, E_POW2)
+        valid = pos < W * L
+        dest = pos // L
+        counts = tl.load(send_counts_ptr + pos, mask=valid, other=0).to(tl.int64)
+        base = tl.load(count_peers + dest, mask=valid, other=0).to(tl.pointer_type(tl.int64))
+        tl.atomic_xchg(base + first_word + pos % L, (epoch << 32) | counts, mask=valid, sem="release",
+                       scope="sys")
+
+
+@triton.jit
+def rows_target(peers, pe, staging_ptr, row, slot, TRANSPORT: tl.constexpr):
+    """Where a stage stores rows bound for row `row` of a symmetric buffer on PE pe -> (base,
+    row index): p2p straight into pe's buffer (peers: [W] addresses); nvshmem into local
+    symmetric staging at `slot`, for rows_sent to put."""
+    if TRANSPORT == NVSHMEM:
+        return staging_ptr, slot
+    else:
+        return peer(peers, pe).to(tl.pointer_type(staging_ptr.dtype.element_ty)), row
+
+
+@triton.jit
+def rows_sent(flag_peers, flag_ptr, flag_off, value, pe, dst_ptr, staged_ptr, nbytes,
+              TRANSPORT: tl.constexpr):
+    """After rows were stored via rows_target: set the int64 flag at flag_off on PE pe to `value`
+    once they have landed. nvshmem first puts the staged block (nbytes from staged_ptr to dst_ptr,
+    this rank's address of the destination rows) and carries the flag with it."""
+    if TRANSPORT == NVSHMEM:
+        tl.debug_barrier()  # the staged rows are in memory before any thread puts them
+        put_signal_block(dst_ptr, staged_ptr, nbytes, flag_ptr + flag_off, value, SIGNAL_SET, pe)
+    else:
+        signal(peer(flag_peers, pe).to(tl.pointer_type(tl.int64)) + flag_off, value)
+
+
+@triton.jit
+def send_tile(tile, peers, dst_ptr, dst_rows, pes, stage_ptr, stage_rows, valid, col0, H,
+              BN: tl.constexpr, TRANSPORT: tl.constexpr):
+    """tile: [BM, BN] -> columns col0.. of rows dst_rows [BM] of a symmetric [*, H] buffer, row i on
+    PE pes[i] (valid rows only; dst_ptr: this rank's copy, peers: [W] addresses). p2p stores
+    straight there; nvshmem stores the tile into local symmetric rows stage_rows first (free to
+    overwrite) and puts each row from its own thread. Complete when this returns."""
+    dtype = dst_ptr.dtype.element_ty
+    cols = col0 + tl.arange(0, BN)
+    mask = valid[:, None] & (cols[None, :] < H)
+    if TRANSPORT == NVSHMEM:
+        ELT: tl.constexpr = dtype.primitive_bitwidth // 8
+        tl.store(stage_ptr + stage_rows[:, None] * H + cols[None, :], tile.to(dtype), mask=mask)
+        tl.debug_barrier()
+        width = (tl.minimum(H - col0, BN) * ELT).to(tl.int64)
+        put_rows(dst_ptr + dst_rows * H + col0, stage_ptr + stage_rows * H + col0,
+                 tl.where(valid, width, 0), pes)
+        quiet()
+    else:
+        dst = peer(peers, pes).to(tl.pointer_type(dtype))
+        tl.store(dst[:, None] + dst_rows[:, None] * H + cols[None, :], tile.to(dtype), mask=mask)
+
+
+@triton.jit
+def add_count(peers, counter_ptr, offset, value, pe, TRANSPORT: tl.constexpr):
+    """From one thread: the int64 counter at `offset` on PE pe += value, after this program's
+    earlier stores and puts have landed (call tl.debug_barrier() first)."""
+    if TRANSPORT == NVSHMEM:
+        signal_remote(counter_ptr + offset, value, SIGNAL_ADD, pe)
+    else:
+        add(peer(peers, pe).to(tl.pointer_type(tl.int64)) + offset, value)
+
+
+@triton.jit
+def puts_complete(TRANSPORT: tl.constexpr):
+    """Before a program ends: its outstanding puts have completed (nothing to do for p2p stores)."""
+    if TRANSPORT == NVSHMEM:
+        quiet()
