@@ -12,7 +12,10 @@ goes from local symmetric memory with puts (`put_signal_block`: one block-wide p
 lands after its data; `put_rows`: one put per thread), flags and counters are set or added with
 `signal_remote`, and `quiet` completes a thread's puts. Reaches any PE NVSHMEM reaches.
 
-Either way, waits are local: acquire loads of this rank's symmetric flags (`wait_at_least`). Flags
+The kernel's stages reach other GPUs only through the verbs at the end of this file
+(`set_count_words`, `rows_target` + `rows_sent`, `send_tile`, `add_count`, `puts_complete`),
+which take TRANSPORT as a constexpr. Either way, waits are local: acquire loads of this rank's
+symmetric flags (`wait_at_least`). Flags
 carry the call's epoch and counters only grow, so none needs a reset, and every wait is a wait for
 "at least"."""
 
