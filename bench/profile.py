@@ -1,9 +1,19 @@
-"""Where a forward's time goes: torch.profiler over repeated forwards on rank 0 (GPU).
+"""Where a forward's time goes (GPU).
 
-    torchrun --nproc-per-node N bench/profile.py --preset qwen3_30b_a3b --tokens 128 --backend flash"""
+Default: torch.profiler over repeated forwards on rank 0 (the routing plan's ops and the kernel).
+--trace: inside the fused kernel, from its task timestamps (kernels/fused_moe.py, TRACE): per task
+kind, how many, when the first started and the last ended, median and summed durations, and how
+long programs waited for the count words; one table per rank, JSON with --out.
+
+    torchrun --nproc-per-node N bench/profile.py --preset qwen3_30b_a3b --tokens 128 --backend flash
+    torchrun --nproc-per-node N bench/profile.py --preset deepseek_v3 --tokens 16384 --trace \\
+        --transport p2p nvshmem --out trace.json"""
 
 import argparse
+import datetime
+import json
 import os
+import statistics
 import sys
 
 import torch
@@ -12,39 +22,117 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py.heap import heap_bytes_for  # noqa: E402
+from flashmoe_py.kernels.fused_moe import (TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT,  # noqa: E402
+                                           TASK_PUBLISH, WAITED_COUNTS)
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
+from layer import git_commit  # noqa: E402
+
+KINDS = {TASK_PUBLISH.value: "publish", TASK_DISPATCH.value: "dispatch", TASK_FFN_IN.value: "ffn_in",
+         TASK_FFN_OUT.value: "ffn_out", TASK_COMBINE.value: "combine", WAITED_COUNTS.value: "wait_counts"}
+
+
+def summarize(trace: list[list[int]]) -> dict:
+    """trace: rows (program, kind, start_ns, end_ns) of one launch (unwritten rows: program -1).
+    -> {"span_us", "programs", "busy", kinds: {name: {n, first_start_us, last_end_us, median_us,
+    sum_us}}}; times relative to the earliest start; busy: task time / (programs * span)."""
+    rows = [r for r in trace if r[0] >= 0]
+    if not rows:
+        raise ValueError("the trace holds no rows: was the kernel launched with it?")
+    t0 = min(r[2] for r in rows)
+    span = max(r[3] for r in rows) - t0
+    programs = len({r[0] for r in rows})
+    kinds = {}
+    for code, name in KINDS.items():
+        durs = [(r[3] - r[2]) / 1e3 for r in rows if r[1] == code]
+        if durs:
+            kinds[name] = {"n": len(durs), "first_start_us": min(r[2] - t0 for r in rows if r[1] == code) / 1e3,
+                           "last_end_us": max(r[3] - t0 for r in rows if r[1] == code) / 1e3,
+                           "median_us": statistics.median(durs), "sum_us": sum(durs)}
+    tasks = sum(v["sum_us"] for k, v in kinds.items() if k != "wait_counts")
+    return {"span_us": span / 1e3, "programs": programs, "busy": tasks / (programs * span / 1e3),
+            "kinds": kinds}
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"kernel span {s['span_us']:.1f} us over {s['programs']} programs, busy {s['busy']:.0%}",
+             f"{'kind':<12}{'n':>8}{'first_us':>10}{'last_us':>10}{'median_us':>11}{'per_prog_us':>12}"]
+    for name, k in s["kinds"].items():
+        lines.append(f"{name:<12}{k['n']:>8}{k['first_start_us']:>10.1f}{k['last_end_us']:>10.1f}"
+                     f"{k['median_us']:>11.2f}{k['sum_us'] / s['programs']:>12.1f}")
+    return "\n".join(lines)
+
+
+def trace_forward(layer, x, rt) -> dict:
+    """One traced forward after warm-up (graph replays, as in the benchmark) -> summary."""
+    backend = layer.backend
+    rows = backend.geo.trace_rows(x.shape[0], backend.programs)
+    backend.trace = torch.full((rows, 4), -1, dtype=torch.int64, device=rt.device)
+    for _ in range(5):
+        layer(x)
+    layer.synchronize()
+    dist.barrier()
+    backend.trace.fill_(-1)
+    layer(x)
+    layer.synchronize()
+    summary = summarize(backend.trace.tolist())
+    backend.trace = None
+    return summary
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3_30b_a3b")
     p.add_argument("--tokens", type=int, nargs="+", default=[128])
     p.add_argument("--backend", default="flash")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--trace", action="store_true", help="the fused kernel's task trace instead")
+    p.add_argument("--transport", nargs="+", default=["p2p"])
+    p.add_argument("--out", default=None)
     args = p.parse_args()
     cfg = fm.preset(args.preset)
     world = detect_launcher().world_size
-    rt = fm.init(heap_bytes=max(heap_bytes_for(cfg, world, t) for t in args.tokens))
+    transports = args.transport if args.trace or args.backend == "flash" else [None]
+    rt = fm.init(heap_bytes=max(heap_bytes_for(cfg, world, t, tr or "p2p") for t in args.tokens
+                                for tr in transports))
+    results = []
     for T in args.tokens:
-        extra = {"max_tokens_per_rank": T} if args.backend == "flash" else {}
-        layer = fm.MoELayer(cfg, backend=args.backend, **extra)
-        x = torch.randn(T, cfg.hidden_size, device=rt.device, dtype=cfg.torch_dtype)
-        with torch.inference_mode():
-            for _ in range(5):
-                layer(x)
-            layer.synchronize()
-            dist.barrier()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                    torch.profiler.ProfilerActivity.CPU]) as prof:
-                for _ in range(args.iters):
-                    layer(x)
-                layer.synchronize()
-            dist.barrier()
-        if rt.rank == 0:
-            print(f"\n### {args.preset} {args.backend} tokens={T} world={world}: per-forward averages")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
-        if args.backend == "flash":
-            layer.backend.close()
+        for transport in transports:
+            extra = {"max_tokens_per_rank": T, "transport": transport} if transport else {}
+            layer = fm.MoELayer(cfg, backend="flash" if args.trace else args.backend, **extra)
+            x = torch.randn(T, cfg.hidden_size, device=rt.device, dtype=cfg.torch_dtype)
+            title = f"{args.preset} {transport or args.backend} tokens={T} world={world}"
+            with torch.inference_mode():
+                if args.trace:
+                    summary = trace_forward(layer, x, rt)
+                    every = [None] * world
+                    dist.all_gather_object(every, summary)
+                    results.append({"preset": args.preset, "tokens_per_rank": T, "world": world,
+                                    "transport": transport, "ranks": every})
+                    if rt.rank == 0:
+                        for r, s in enumerate(every):
+                            print(f"\n### {title}: trace, rank {r}\n{format_summary(s)}", flush=True)
+                else:
+                    for _ in range(5):
+                        layer(x)
+                    layer.synchronize()
+                    dist.barrier()
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+                        for _ in range(args.iters):
+                            layer(x)
+                        layer.synchronize()
+                    dist.barrier()
+                    if rt.rank == 0:
+                        print(f"\n### {title}: per-forward averages")
+                        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
+                                                        max_name_column_width=60))
+            if layer.backend.name == "flash":
+                layer.backend.close()
+    if rt.rank == 0 and args.out:
+        meta = {"device": torch.cuda.get_device_name(), "commit": git_commit(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": results}, f, indent=1)
     fm.finalize()
 
 

@@ -51,3 +51,35 @@ def test_a_backend_runs_apart_in_child_processes_under_torchrun(tmp_path):
                           env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ROWS 1 torch True 2" in proc.stdout
+
+
+def _summarize():
+    """bench/profile.py's summarize (loaded by path: the stdlib owns the module name `profile`)."""
+    import importlib.util
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    spec = importlib.util.spec_from_file_location("bench_profile", os.path.join(ROOT, "bench", "profile.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.summarize
+
+
+def test_a_kernel_trace_is_summarised_per_task_kind():
+    summarize = _summarize()
+    # (program, kind, start_ns, end_ns): two programs, kernel from t=1000 to t=11000 ns.
+    trace = [[0, 5, 1000, 1000], [1, 5, 1000, 3000],       # count-word waits (one row per program)
+             [0, 1, 1000, 2000], [1, 0, 1000, 1500],        # a dispatch chunk, the count publication
+             [0, 2, 2000, 6000], [1, 2, 3000, 9000],        # two ffn_in tiles: 4 and 6 us
+             [0, 4, 6000, 11000],                           # one combine tile
+             [-1, -1, -1, -1]]                              # a row no task wrote
+    s = summarize(trace)
+    assert s["span_us"] == 10.0 and s["programs"] == 2
+    assert s["kinds"]["ffn_in"] == {"n": 2, "first_start_us": 1.0, "last_end_us": 8.0, "median_us": 5.0,
+                                    "sum_us": 10.0}
+    assert s["kinds"]["wait_counts"]["sum_us"] == 2.0 and "ffn_out" not in s["kinds"]
+    assert s["busy"] == (1.0 + 0.5 + 10.0 + 5.0) / 20.0
+
+
+def test_an_empty_trace_is_an_error():
+    import pytest
+    with pytest.raises(ValueError, match="no rows"):
+        _summarize()([[-1, -1, -1, -1]])

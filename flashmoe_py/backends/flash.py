@@ -86,6 +86,12 @@ class Geometry:
             buffers["send_x"] = ((self.max_tokens * self.top_k, H), dtype)
         return buffers
 
+    def trace_rows(self, tokens: int, programs: int) -> int:
+        """Rows of a kernel trace of one forward with `tokens` tokens: one per program, one per task."""
+        pairs = self.world_size * self.local_experts
+        return (programs + 1 + triton.cdiv(tokens * self.top_k, self.CHUNK) + pairs
+                + self.MAXQ * (self.NF + self.NN) + triton.cdiv(tokens, self.BT) * self.NN)
+
     @classmethod
     def for_config(cls, config: MoEConfig, world_size: int, max_tokens: int) -> Geometry:
         return cls(world_size, config.local_experts(world_size), max_tokens, config.hidden_size,
@@ -200,6 +206,9 @@ class FlashBackend:
         self.failed: str | None = None
         # Launch overrides for tuning (keys of launch_fused: block_m, num_warps, stages, group).
         self.tuning: dict = {}
+        # bench/profile.py: an int64 [geo.trace_rows(tokens, programs), 4] tensor here makes each
+        # launch record its tasks' timestamps into it (kernels/fused_moe.py).
+        self.trace: torch.Tensor | None = None
         self.cuda_graphs = cuda_graphs
         self.graphs: dict[int, tuple] = {}  # tokens -> (graph, static x, static out, static stats)
         self.seen: set[int] = set()
@@ -256,7 +265,7 @@ class FlashBackend:
         launch_fused(x, out, layer.w_in, layer.w_out, plan, self.sym, self.peers, self.h, self.h_flags,
                      self.comb_expect, self.ctl, self.status, geo=geo, activation=layer.config.activation,
                      rank=layer.rank, spin_limit=self.spin_limit, programs=self.programs,
-                     transport=self.transport, **{"block_m": block_m, **self.tuning})
+                     transport=self.transport, trace=self.trace, **{"block_m": block_m, **self.tuning})
         capturing = torch.cuda.is_current_stream_capturing()
         if copy_status or not capturing:
             self.status_host.copy_(self.status, non_blocking=True)

@@ -21,6 +21,10 @@ wait only on smaller phases there; ids are handed out in order, so a waited-on t
 taken by a running program. Every wait is bounded (spin_limit rounds); a timeout records
 (code, wait, peer, pair, chunk, epoch) in the status word and every program stops taking tasks.
 
+Trace (TRACE=True, for bench/profile.py): each program stamps this GPU's nanosecond clock around its
+tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done, counts acquired), row
+num_programs + task holds (pid, kind, start, end) with kind one of the TASK_* codes.
+
 Epochs: ctl[0] holds the call number (from 1). Flags store it, so none is reset. Count words are
 double-buffered by epoch parity: a fast peer may publish call n+1's counts while a slow program
 here still reads call n's. Combine counters only grow; the source compares them with its own
@@ -42,6 +46,31 @@ WAIT_CHUNK = tl.constexpr(2)
 WAIT_HIDDEN = tl.constexpr(3)
 WAIT_COMBINE = tl.constexpr(4)
 ACT_CODES = {"swiglu": 0, "gelu": 1, "relu": 2}
+# Trace row kinds.
+TASK_PUBLISH = tl.constexpr(0)
+TASK_DISPATCH = tl.constexpr(1)
+TASK_FFN_IN = tl.constexpr(2)
+TASK_FFN_OUT = tl.constexpr(3)
+TASK_COMBINE = tl.constexpr(4)
+WAITED_COUNTS = tl.constexpr(5)
+
+
+@triton.jit
+def _now():
+    """This GPU's global nanosecond clock (%globaltimer), int64."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def _stamp(trace_ptr, row, kind, start, TRACE: tl.constexpr):
+    """Trace row `row` := (this program, kind, start, now) when tracing."""
+    if TRACE:
+        p = trace_ptr + row.to(tl.int64) * 4
+        tl.store(p, tl.program_id(0).to(tl.int64))
+        tl.store(p + 1, tl.cast(kind, tl.int64))
+        tl.store(p + 2, start)
+        tl.store(p + 3, _now())
 
 
 @triton.jit
@@ -292,13 +321,14 @@ def fused_moe_kernel(
         slot_dest_ptr, slot_row_ptr, slot_flag_ptr, slot_w_ptr, comb_expect_ptr,
         recv_x_peers, combine_y_peers, count_peers, chunk_flag_peers, comb_count_peers,
         recv_x_ptr, combine_y_ptr, count_ptr, chunk_flag_ptr, comb_count_ptr, send_x_ptr,
-        h_ptr, h_flag_ptr, ctl_ptr, status_ptr,
+        h_ptr, h_flag_ptr, ctl_ptr, status_ptr, trace_ptr,
         T, spin_limit, rank, W, L, H, F, S, MAXC, SEND_CHUNKS,
         TOP_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
         E_POW2: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr, BM: tl.constexpr,
         CHUNK: tl.constexpr,
         BN: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-        NF_POW2: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr, TRANSPORT: tl.constexpr):
+        NF_POW2: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr, TRANSPORT: tl.constexpr,
+        TRACE: tl.constexpr):
     """See the module docstring. Shapes (E = W * L pairs in (rank, slot) order, K = TOP_K):
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H];
     send_tok: [T*K] int32 (token of each sorted slot); pos_start, send_counts, region_off: [E] int32;
@@ -307,14 +337,16 @@ def fused_moe_kernel(
     symmetric: recv_x/combine_y [W, S, H]; count words [2, W, L] int64; chunk flags [W, L, MAXC]
     int64; combine counters [W, L, MAXC, NN] int64; send_x [T*K, H] (TRANSPORT NVSHMEM; any
     buffer otherwise); local: h [W, S, F]; h flags [MAXQ, NF] int32; ctl: [3] int64 (epoch, task
-    counter, programs done); status: [8] int64."""
+    counter, programs done); status: [8] int64; trace: [num_programs + tasks, 4] int64 (TRACE)."""
     NF = tl.cdiv(F, BF)
     NN = tl.cdiv(H, BN)
     epoch = tl.load(ctl_ptr)
     n_front = 1 + SEND_CHUNKS
+    P = tl.num_programs(0)
     task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
     healthy = tl.load(status_ptr, volatile=True) == 0
     while (task < n_front) & healthy:
+        start = _now() if TRACE else 0
         if task == 0:
             publish_counts(count_peers, count_ptr, send_counts_ptr, epoch, rank, W, L, E_POW2, TRANSPORT)
         else:
@@ -322,12 +354,14 @@ def fused_moe_kernel(
                            region_off_ptr, chunk_pos_ptr, chunk_c_ptr, recv_x_peers, chunk_flag_peers,
                            recv_x_ptr, send_x_ptr, chunk_flag_ptr, epoch, rank, H, S, L, MAXC, CHUNK, BN,
                            TRANSPORT)
+        _stamp(trace_ptr, P + task, tl.minimum(task, TASK_DISPATCH), start, TRACE)
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
     # What every source sends to this rank's experts this call: a word is current once its epoch
     # field reaches this call's (a source cannot be two calls ahead of this rank).
     words = count_ptr + (epoch % 2) * W * L
+    start = _now() if TRACE else 0
     idx = tl.arange(0, E_POW2)
     pairs = idx < W * L * healthy.to(tl.int32)  # nothing to wait for once a program has failed
     short = wait_at_least(words + idx, pairs, epoch << 32, spin_limit)
@@ -335,11 +369,13 @@ def fused_moe_kernel(
     if n_short > 0:
         _report_timeout(status_ptr, WAIT_COUNTS, tl.min(tl.where(short, idx // L, W)), -1, -1, epoch)
     healthy = healthy & (n_short == 0)
+    _stamp(trace_ptr, tl.program_id(0), WAITED_COUNTS, start, TRACE)
     tiles = tl.sum((tl.sum(_count_table(words, W, L, W_POW2, L_POW2), axis=0) + BM - 1) // BM)
     n_in = tiles * NF
     n_out = tiles * NN
     n_comb = tl.cdiv(T, BT) * NN
     while (task < n_front + n_in + n_out + n_comb) & healthy:
+        start = _now() if TRACE else 0
         q = task - n_front
         if q < n_in:
             q, j = _grouped(q, tiles, NF, GROUP)
@@ -357,12 +393,15 @@ def fused_moe_kernel(
             combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
                          slot_dest_ptr, slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch,
                          spin_limit, T, H, S, NN, W, TOP_K, BT, BN)
+        q = task - n_front
+        kind = tl.where(q < n_in, TASK_FFN_IN, tl.where(q < n_in + n_out, TASK_FFN_OUT, TASK_COMBINE))
+        _stamp(trace_ptr, P + task, kind, start, TRACE)
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
     puts_complete(TRANSPORT)
     # The last program out rewinds the task counter and opens the next epoch.
-    if tl.atomic_add(ctl_ptr + 2, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+    if tl.atomic_add(ctl_ptr + 2, 1, sem="acq_rel") == P - 1:
         tl.store(ctl_ptr + 1, 0)
         tl.store(ctl_ptr + 2, 0)
         tl.store(ctl_ptr, epoch + 1)
@@ -371,7 +410,7 @@ def fused_moe_kernel(
 def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, comb_expect, ctl,
                  status, *, geo, activation: str, rank: int, spin_limit: int, programs: int,
                  block_m: int = 64, num_warps: int = 8, stages: int = 3, group: int = 8,
-                 transport: str = "p2p"):
+                 transport: str = "p2p", trace: torch.Tensor | None = None):
     """Check shapes and launch one forward.
 
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H] (one dtype); plan: a RoutingPlan;
@@ -380,7 +419,8 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
     comb_expect: [W, L, MAXC] int64; ctl: [3] int64; status: [8] int64; all on x's device.
     block_m: rows per expert tile (64 or 128; geo.MAXQ is sized for 64); group: expert tiles that
     neighbouring programs work on together (L2 reuse of weights); transport: "p2p" or "nvshmem"
-    (kernels/transport.py; sym then also holds send_x)."""
+    (kernels/transport.py; sym then also holds send_x); trace: None, or [geo.trace_rows(T, programs),
+    4] int64 that receives the kernel's task timestamps (module docstring; bench/profile.py)."""
     T, H = x.shape
     W, L, F = geo.world_size, geo.local_experts, geo.ffn
     gated = activation == "swiglu"
@@ -395,6 +435,10 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
         raise ValueError(f"{T} tokens exceed max_tokens_per_rank={geo.max_tokens}")
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r}; choose one of {sorted(TRANSPORTS)}")
+    if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 2 or trace.shape[1] != 4
+                              or trace.shape[0] < geo.trace_rows(T, programs)):
+        raise ValueError(f"trace: expected int64 [{geo.trace_rows(T, programs)}, 4], got "
+                         f"{trace.dtype} {tuple(trace.shape)}")
     nvshmem = transport == "nvshmem"
     precision = "tf32x3" if x.dtype == torch.float32 else "tf32"
     extra = {"extern_libs": {"libnvshmem_device": nvshmem_device_library()}} if nvshmem else {}
@@ -407,10 +451,10 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
             peers["combine_counts"],
             sym["recv_x"], sym["combine_y"], sym["count_words"], sym["chunk_flags"], sym["combine_counts"],
             sym["send_x"] if nvshmem else sym["recv_x"],
-            h, h_flags, ctl, status,
+            h, h_flags, ctl, status, status if trace is None else trace,
             T, spin_limit, rank, W, L, H, F, geo.S, geo.MAXC, plan.chunk_pos.numel(),
             TOP_K=plan.slot_dest.shape[1], ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
             E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
             L_POW2=triton.next_power_of_2(L), BM=block_m, CHUNK=geo.CHUNK, BN=geo.BN, BF=geo.BF, BK=geo.BK,
             BT=geo.BT, NF_POW2=triton.next_power_of_2(geo.NF), STAGES=stages, GROUP=group,
-            TRANSPORT=TRANSPORTS[transport], num_warps=num_warps, **extra)
+            TRANSPORT=TRANSPORTS[transport], TRACE=trace is not None, num_warps=num_warps, **extra)
