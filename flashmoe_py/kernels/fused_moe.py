@@ -10,7 +10,9 @@ Work is a single queue of tasks per GPU, taken in increasing order from an atomi
   ffn_in_tile     BM rows of one local expert, gathered across source regions, once their chunks
                   have arrived: h = act(x_rows @ w_in[e][:, f-tile]) -> h_buf;
   ffn_out_tile    y = h_rows @ w_out[e][:, n-tile], streaming over f-tiles as their flags rise,
-                  written straight into each row's source rank, whose per-chunk row counter it bumps;
+                  written straight into each row's source rank, whose per-chunk row counters a
+                  program bumps one tile later (count_tile_rows): after its next tile's GEMM, so
+                  the rows drain over NVLink while it computes, or before it takes a combine tile;
   combine_tile    for BT of this rank's tokens and one n-tile: wait for its k expert rows, weighted sum.
 
 An expert's tiles span all sources, so its weights are read once per BM rows it received in all,
@@ -38,7 +40,8 @@ import triton
 import triton.language as tl
 
 from .transport import (TRANSPORTS, add_count, nvshmem_device_library, nvshmem_launch, puts_complete,
-                        rows_sent, rows_target, send_tile, set_count_words, signal, wait_at_least)
+                        rows_landed, rows_sent, rows_target, send_tile, set_count_words, signal,
+                        wait_at_least)
 
 # Status word codes for the wait that timed out (Python reads .value).
 WAIT_COUNTS = tl.constexpr(1)
@@ -229,8 +232,30 @@ def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag
 
 
 @triton.jit
-def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers,
-                 recv_x_ptr, combine_y_ptr, comb_count_ptr,
+def count_tile_rows(q, n, words, comb_count_peers, comb_count_ptr, rank, W, L, MAXC, NN,
+                    BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr,
+                    TRANSPORT: tl.constexpr):
+    """Expert tile q's rows of n-tile n, sent by ffn_out_tile, are counted at their sources: once
+    every thread's rows have landed, one count per (source, chunk) run of the tile's rows, from
+    one thread."""
+    rows_landed(TRANSPORT)
+    tl.debug_barrier()
+    e, c, per_src, first, _ = _expert_sources(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
+    s_idx = tl.arange(0, W_POW2)
+    for s in range(W):
+        n_s = tl.sum(tl.where(s_idx == s, per_src, 0))
+        f_s = tl.sum(tl.where(s_idx == s, first, 0))
+        lo = tl.maximum(c * BM - f_s, 0)  # this tile's rows of source s, in the pair's numbering
+        hi = tl.minimum((c + 1) * BM - f_s, n_s)
+        for k in range(lo // CHUNK, (hi + CHUNK - 1) // CHUNK):
+            rows = (tl.minimum(hi, (k + 1) * CHUNK) - tl.maximum(lo, k * CHUNK)).to(tl.int64)
+            slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n
+            add_count(comb_count_peers, comb_count_ptr, slot, rows, s, TRANSPORT)
+
+
+@triton.jit
+def ffn_out_tile(q, n, pend_q, pend_n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers,
+                 comb_count_peers, recv_x_ptr, combine_y_ptr, comb_count_ptr,
                  status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC, NF, NN,
                  PRECISION: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr,
@@ -238,11 +263,11 @@ def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, com
                  STAGES: tl.constexpr, TRANSPORT: tl.constexpr):
     """y[rows of expert tile q, n-tile] = h_rows @ w_out[e][:, n-tile] once all f-tiles of h are
     written, sent into each row's source rank (its combine_y region for this rank mirrors
-    recv_x), then the rows are counted there per (this rank, e, chunk, n-tile).
+    recv_x). The program's previous tile (pend_q, pend_n; pend_q < 0: none) is counted between
+    this tile's GEMM and its sends. -> the tile left to count: (q, n), int64.
 
     P2P stores the rows there; NVSHMEM stages the tile in recv_x's rows of the tile (their x is
-    consumed: every f-tile of h is done) and puts each row from its own thread. Then one thread
-    adds one count per (source, chunk) run of the tile's rows."""
+    consumed: every f-tile of h is done) and puts each row from its own thread."""
     e, src, row, chunk, valid = _expert_tile(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
     r = (src * S + row).to(tl.int64)
     cols = n * BN + tl.arange(0, BN)
@@ -264,49 +289,44 @@ def ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, com
     if not ok:
         _report_timeout(status_ptr, WAIT_HIDDEN, rank, e, q, epoch)
     else:
+        if pend_q >= 0:
+            count_tile_rows(pend_q, pend_n, words, comb_count_peers, comb_count_ptr, rank, W, L, MAXC,
+                            NN, BM, CHUNK, W_POW2, L_POW2, TRANSPORT)
         # recv_x's rows of this tile are the staging space: their x is consumed (every f-tile of h
         # is done) and the source sends nothing new into them before these rows reach it.
         send_tile(acc, combine_y_peers, combine_y_ptr, (rank * S + row).to(tl.int64),
                   tl.where(valid, src, rank), recv_x_ptr, r, valid, n * BN, H, BN, TRANSPORT)
-        tl.debug_barrier()  # every thread's rows have landed before the counts go out
-        # One count per (source, chunk) run of this tile's rows, from one thread.
-        _, c, per_src, first, _ = _expert_sources(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
-        s_idx = tl.arange(0, W_POW2)
-        for s in range(W):
-            n_s = tl.sum(tl.where(s_idx == s, per_src, 0))
-            f_s = tl.sum(tl.where(s_idx == s, first, 0))
-            lo = tl.maximum(c * BM - f_s, 0)  # this tile's rows of source s, in the pair's numbering
-            hi = tl.minimum((c + 1) * BM - f_s, n_s)
-            for k in range(lo // CHUNK, (hi + CHUNK - 1) // CHUNK):
-                rows = (tl.minimum(hi, (k + 1) * CHUNK) - tl.maximum(lo, k * CHUNK)).to(tl.int64)
-                slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n
-                add_count(comb_count_peers, comb_count_ptr, slot, rows, s, TRANSPORT)
+    return tl.where(ok, q, pend_q).to(tl.int64), tl.where(ok, n, pend_n).to(tl.int64)
 
 
 @triton.jit
 def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr, slot_dest_ptr,
                  slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch, spin_limit, T, H, S, NN, W,
-                 TOP_K: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
+                 TOP_K: tl.constexpr, K_POW2: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
     """out[tokens, n-tile] = sum_k w[t, k] * y[slot(t, k), n-tile] for BT tokens, once each slot's
-    chunk counter has reached the rows this rank expects in it."""
+    chunk counter has reached the rows this rank expects in it (one wait for all BT x TOP_K slots,
+    then every row's load can be in flight at once)."""
     t = tt * BT + tl.arange(0, BT)
     tmask = t < T
     cols = n * BN + tl.arange(0, BN)
     cmask = cols < H
+    k = tl.arange(0, K_POW2)
+    slots = t.to(tl.int64)[:, None] * TOP_K + k[None, :]
+    dest = tl.load(slot_dest_ptr + slots, mask=tmask[:, None] & (k[None, :] < TOP_K), other=-1)
+    live = dest >= 0
+    chunk = tl.load(slot_flag_ptr + slots, mask=live, other=0).to(tl.int64)
+    expect = tl.load(comb_expect_ptr + chunk, mask=live, other=0)
+    short = wait_at_least(comb_count_ptr + chunk * NN + n, live, expect, spin_limit)
+    missing = tl.min(tl.where(short, dest, W))  # the lowest rank whose rows did not come back (W: none)
     acc = tl.zeros((BT, BN), dtype=tl.float32)
-    missing = W  # the lowest rank whose expert rows did not come back (W: none)
     for kk in tl.static_range(TOP_K):
         s = t.to(tl.int64) * TOP_K + kk
-        dest = tl.load(slot_dest_ptr + s, mask=tmask, other=-1)
-        live = tmask & (dest >= 0)
-        row = tl.load(slot_row_ptr + s, mask=live, other=0).to(tl.int64)
-        chunk = tl.load(slot_flag_ptr + s, mask=live, other=0).to(tl.int64)
-        w = tl.load(slot_w_ptr + s, mask=live, other=0.0)
-        expect = tl.load(comb_expect_ptr + chunk, mask=live, other=0)
-        short = wait_at_least(comb_count_ptr + chunk * NN + n, live, expect, spin_limit)
-        missing = tl.minimum(missing, tl.min(tl.where(short, dest, W)))
-        y = tl.load(combine_y_ptr + (dest.to(tl.int64) * S + row)[:, None] * H + cols[None, :],
-                    mask=live[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+        d = tl.load(slot_dest_ptr + s, mask=tmask, other=-1)
+        ok = d >= 0
+        row = tl.load(slot_row_ptr + s, mask=ok, other=0).to(tl.int64)
+        w = tl.load(slot_w_ptr + s, mask=ok, other=0.0)
+        y = tl.load(combine_y_ptr + (d.to(tl.int64) * S + row)[:, None] * H + cols[None, :],
+                    mask=ok[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
         acc += w[:, None] * y.to(tl.float32)
     if missing < W:
         _report_timeout(status_ptr, WAIT_COMBINE, missing, -1, tt, epoch)
@@ -323,7 +343,7 @@ def fused_moe_kernel(
         recv_x_ptr, combine_y_ptr, count_ptr, chunk_flag_ptr, comb_count_ptr, send_x_ptr,
         h_ptr, h_flag_ptr, ctl_ptr, status_ptr, trace_ptr,
         T, spin_limit, rank, W, L, H, F, S, MAXC, SEND_CHUNKS,
-        TOP_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+        TOP_K: tl.constexpr, K_POW2: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
         E_POW2: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr, BM: tl.constexpr,
         CHUNK: tl.constexpr,
         BN: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
@@ -374,6 +394,8 @@ def fused_moe_kernel(
     n_in = tiles * NF
     n_out = tiles * NN
     n_comb = tl.cdiv(T, BT) * NN
+    pend_q = tl.full((), -1, tl.int64)  # this program's GEMM2 tile whose rows are not counted yet
+    pend_n = tl.full((), 0, tl.int64)
     while (task < n_front + n_in + n_out + n_comb) & healthy:
         start = _now() if TRACE else 0
         q = task - n_front
@@ -384,21 +406,29 @@ def fused_moe_kernel(
                         ACT, GATED, PRECISION, BM, CHUNK, BF, BK, W_POW2, L_POW2, STAGES)
         elif q < n_in + n_out:
             q, n = _grouped(q - n_in, tiles, NN, GROUP)
-            ffn_out_tile(q, n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers,
-                         comb_count_peers, recv_x_ptr, combine_y_ptr, comb_count_ptr, status_ptr, epoch,
-                         spin_limit, rank, W, L, H, F, S, MAXC, NF, NN, PRECISION, BM, CHUNK, BN, BK,
-                         W_POW2, L_POW2, NF_POW2, STAGES, TRANSPORT)
+            pend_q, pend_n = ffn_out_tile(q, n, pend_q, pend_n, words, h_ptr, w_out_ptr, h_flag_ptr,
+                                          combine_y_peers, comb_count_peers, recv_x_ptr, combine_y_ptr,
+                                          comb_count_ptr, status_ptr, epoch, spin_limit, rank, W, L, H, F,
+                                          S, MAXC, NF, NN, PRECISION, BM, CHUNK, BN, BK, W_POW2, L_POW2,
+                                          NF_POW2, STAGES, TRANSPORT)
         else:
+            if pend_q >= 0:  # combine tiles wait for counts: none may be left pending behind them
+                count_tile_rows(pend_q, pend_n, words, comb_count_peers, comb_count_ptr, rank, W, L,
+                                MAXC, NN, BM, CHUNK, W_POW2, L_POW2, TRANSPORT)
+                pend_q = tl.full((), -1, tl.int64)
             q -= n_in + n_out
             combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
                          slot_dest_ptr, slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch,
-                         spin_limit, T, H, S, NN, W, TOP_K, BT, BN)
+                         spin_limit, T, H, S, NN, W, TOP_K, K_POW2, BT, BN)
         q = task - n_front
         kind = tl.where(q < n_in, TASK_FFN_IN, tl.where(q < n_in + n_out, TASK_FFN_OUT, TASK_COMBINE))
         _stamp(trace_ptr, P + task, kind, start, TRACE)
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
+    if pend_q >= 0:
+        count_tile_rows(pend_q, pend_n, words, comb_count_peers, comb_count_ptr, rank, W, L, MAXC, NN,
+                        BM, CHUNK, W_POW2, L_POW2, TRANSPORT)
     puts_complete(TRANSPORT)
     # The last program out rewinds the task counter and opens the next epoch.
     if tl.atomic_add(ctl_ptr + 2, 1, sem="acq_rel") == P - 1:
@@ -453,7 +483,7 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
             sym["send_x"] if nvshmem else sym["recv_x"],
             h, h_flags, ctl, status, status if trace is None else trace,
             T, spin_limit, rank, W, L, H, F, geo.S, geo.MAXC, plan.chunk_pos.numel(),
-            TOP_K=plan.slot_dest.shape[1], ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
+            TOP_K=plan.slot_dest.shape[1], K_POW2=triton.next_power_of_2(plan.slot_dest.shape[1]), ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
             E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
             L_POW2=triton.next_power_of_2(L), BM=block_m, CHUNK=geo.CHUNK, BN=geo.BN, BF=geo.BF, BK=geo.BK,
             BT=geo.BT, NF_POW2=triton.next_power_of_2(geo.NF), STAGES=stages, GROUP=group,

@@ -13,7 +13,8 @@ lands after its data; `put_rows`: one put per thread), flags and counters are se
 `signal_remote`, and `quiet` completes a thread's puts. Reaches any PE NVSHMEM reaches.
 
 The kernel's stages reach other GPUs only through the verbs at the end of this file
-(`set_count_words`, `rows_target` + `rows_sent`, `send_tile`, `add_count`, `puts_complete`),
+(`set_count_words`, `rows_target` + `rows_sent`, `send_tile` + `rows_landed`, `add_count`,
+`puts_complete`),
 which take TRANSPORT as a constexpr. Either way, waits are local: acquire loads of this rank's
 symmetric flags (`wait_at_least`). Flags
 carry the call's epoch and counters only grow, so none needs a reset, and every wait is a wait for
@@ -231,8 +232,9 @@ def send_tile(tile, peers, dst_ptr, dst_rows, pes, stage_ptr, stage_rows, valid,
               BN: tl.constexpr, TRANSPORT: tl.constexpr):
     """tile: [BM, BN] -> columns col0.. of rows dst_rows [BM] of a symmetric [*, H] buffer, row i on
     PE pes[i] (valid rows only; dst_ptr: this rank's copy, peers: [W] addresses). p2p stores
-    straight there; nvshmem stores the tile into local symmetric rows stage_rows first (free to
-    overwrite) and puts each row from its own thread. Complete when this returns."""
+    straight there; nvshmem stores the tile into local symmetric rows stage_rows first (left
+    untouched until rows_landed) and puts each row from its own thread. The rows may still be in
+    flight when this returns: rows_landed, then tl.debug_barrier(), before counting them."""
     dtype = dst_ptr.dtype.element_ty
     cols = col0 + tl.arange(0, BN)
     mask = valid[:, None] & (cols[None, :] < H)
@@ -243,10 +245,17 @@ def send_tile(tile, peers, dst_ptr, dst_rows, pes, stage_ptr, stage_rows, valid,
         width = (tl.minimum(H - col0, BN) * ELT).to(tl.int64)
         put_rows(dst_ptr + dst_rows * H + col0, stage_ptr + stage_rows * H + col0,
                  tl.where(valid, width, 0), pes)
-        quiet()
     else:
         dst = peer(peers, pes, dtype)
         tl.store(dst[:, None] + dst_rows[:, None] * H + cols[None, :], tile.to(dtype), mask=mask)
+
+
+@triton.jit
+def rows_landed(TRANSPORT: tl.constexpr):
+    """This thread's rows sent by send_tile have landed (nvshmem: its puts completed). p2p stores
+    need nothing here: add_count's release orders them before the count."""
+    if TRANSPORT == NVSHMEM:
+        quiet()
 
 
 @triton.jit
