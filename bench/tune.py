@@ -2,9 +2,9 @@
 reference, then timed (CUDA events, median over iterations and two input sets, max over ranks).
 
     torchrun --nproc-per-node N bench/tune.py --preset mixtral_8x7b --tokens 4096 16384 \\
-        --settings 128,8,3,8 128,8,3,1 [--out tune.json]
+        --settings 128,8,3,8,256 128,8,3,8,128 [--out tune.json]
 
-A setting is block_m,num_warps,stages,group (see flashmoe_py.kernels.fused_moe.launch_fused)."""
+A setting is block_m,num_warps,stages,group[,block_n] (see flashmoe_py.kernels.fused_moe.launch_fused)."""
 
 import argparse
 import datetime
@@ -22,14 +22,14 @@ from flashmoe_py.heap import heap_bytes_for  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 from layer import CHECK_TOKENS, Timer, git_commit, max_over_ranks, rel_err  # noqa: E402
 
-KEYS = ("block_m", "num_warps", "stages", "group")
+KEYS = ("block_m", "num_warps", "stages", "group", "block_n")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["mixtral_8x7b"])
     p.add_argument("--tokens", type=int, nargs="+", default=[4096])
-    p.add_argument("--settings", nargs="+", default=["128,8,3,8", "128,8,3,1"])
+    p.add_argument("--settings", nargs="+", default=["128,8,3,8,256", "128,8,3,8,128"])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -51,7 +51,7 @@ class OneRank:
         self.positions = ExpertPlacement.contiguous(E, world).positions()
         self.gen = gen
 
-    def forward(self, tokens: int, spin_limit: int = 1000, block_m: int = 64):
+    def forward(self, tokens: int, spin_limit: int = 1000, block_m: int = 64, block_n: int | None = None):
         cfg = self.cfg
         x = torch.randn(tokens, cfg.hidden_size, generator=self.gen).to(cfg.torch_dtype)
         out = torch.full_like(x, float("nan"))
@@ -61,7 +61,7 @@ class OneRank:
         launch_fused(x, out, self.w_in[:L].contiguous(), self.w_out[:L].contiguous(), plan, self.sym,
                      self.peers, self.h, self.h_flags, self.comb_expect, self.ctl, self.status, geo=self.geo,
                      activation=cfg.activation, rank=0, spin_limit=spin_limit, programs=1,
-                     block_m=block_m)
+                     block_m=block_m, block_n=block_n)
         return x, out
 
 
@@ -79,6 +79,24 @@ def test_whole_kernel_matches_reference(activation, top_k, block_m):
             ref = reference_forward(x, rank.router, rank.w_in, rank.w_out, cfg, torch.float64)
             assert rel_err(out, ref) <= 1e-5
         assert int(rank.ctl[0]) == call + 2 and int(rank.ctl[1]) == 0
+
+
+def test_gemm2_tile_width_may_change_between_calls():
+    """GEMM2 tiles of 128 or 256 columns (hidden 384: the last wide tile is half outside) count
+    rows per 128-column combine tile, so calls of either width share the cumulative counters."""
+    cfg = MoEConfig(hidden_size=384, ffn_size=48, num_experts=4, top_k=2, dtype="float32")
+    rank = OneRank(cfg, max_tokens=40)
+    for call, (tokens, block_n) in enumerate([(40, 256), (23, 128), (40, 256)]):
+        x, out = rank.forward(tokens, block_n=block_n)
+        assert int(rank.status[0]) == 0
+        ref = reference_forward(x, rank.router, rank.w_in, rank.w_out, cfg, torch.float64)
+        assert rel_err(out, ref) <= 1e-5
+
+
+def test_gemm2_tile_width_must_be_a_power_of_two_multiple_of_the_combine_tile():
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
+    with pytest.raises(ValueError, match="block_n=192"):
+        OneRank(cfg, max_tokens=8).forward(4, block_n=192)
 
 
 def test_missing_peer_times_out_with_status():

@@ -204,7 +204,7 @@ class FlashBackend:
         # A round of the bounded spin polls a flag in local memory: well under a microsecond.
         self.spin_limit = max(1, int(timeout_s * 2e6))
         self.failed: str | None = None
-        # Launch overrides for tuning (keys of launch_fused: block_m, num_warps, stages, group).
+        # Launch overrides for tuning (keys of launch_fused: block_m, block_n, num_warps, stages, group).
         self.tuning: dict = {}
         # bench/profile.py: an int64 [geo.trace_rows(tokens, programs), 4] tensor here makes each
         # launch record its tasks' timestamps into it (kernels/fused_moe.py).
@@ -258,14 +258,17 @@ class FlashBackend:
         plan = routing_plan(x, layer.router_weight, layer.expert_positions, layer.config, geo)
         out = torch.empty_like(x)
         self.comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
-        # Taller expert tiles once an expert gets enough rows (on average) to fill them: fewer
-        # re-reads of its weights. fp32 keeps 64 rows: its tiles would not fit shared memory.
+        # Taller expert tiles, and twice as wide GEMM2 tiles, once an expert gets enough rows (on
+        # average) to fill them: fewer re-reads of its weights and of h, more math per byte loaded.
+        # fp32 keeps 64 x 128: its tiles would not fit shared memory.
         rows_per_expert = x.shape[0] * layer.config.top_k // geo.local_experts
-        block_m = 128 if rows_per_expert >= 128 and x.dtype == torch.bfloat16 else 64
+        large = rows_per_expert >= 128 and x.dtype == torch.bfloat16
         launch_fused(x, out, layer.w_in, layer.w_out, plan, self.sym, self.peers, self.h, self.h_flags,
                      self.comb_expect, self.ctl, self.status, geo=geo, activation=layer.config.activation,
                      rank=layer.rank, spin_limit=self.spin_limit, programs=self.programs,
-                     transport=self.transport, trace=self.trace, **{"block_m": block_m, **self.tuning})
+                     transport=self.transport, trace=self.trace,
+                     **{"block_m": 128 if large else 64, "block_n": 2 * geo.BN if large else geo.BN,
+                        **self.tuning})
         capturing = torch.cuda.is_current_stream_capturing()
         if copy_status or not capturing:
             self.status_host.copy_(self.status, non_blocking=True)

@@ -234,10 +234,12 @@ def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag
 @triton.jit
 def count_tile_rows(q, n, words, comb_count_peers, comb_count_ptr, rank, W, L, MAXC, NN,
                     BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr,
-                    TRANSPORT: tl.constexpr):
-    """Expert tile q's rows of n-tile n, sent by ffn_out_tile, are counted at their sources: once
-    every thread's rows have landed, one count per (source, chunk) run of the tile's rows, from
-    one thread."""
+                    SPLIT: tl.constexpr, TRANSPORT: tl.constexpr):
+    """Expert tile q's rows of GEMM2 column tile n (SPLIT combine column tiles of BN: n * SPLIT ..,
+    those < NN), sent by ffn_out_tile, are counted at their sources: once every thread's rows have
+    landed, one count per (source, chunk) run of the tile's rows and combine column tile, from one
+    thread. Counters are kept per combine column tile whatever the GEMM2 tile width, so calls
+    with different widths share them."""
     rows_landed(TRANSPORT)
     tl.debug_barrier()
     e, c, per_src, first, _ = _expert_sources(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
@@ -249,8 +251,10 @@ def count_tile_rows(q, n, words, comb_count_peers, comb_count_ptr, rank, W, L, M
         hi = tl.minimum((c + 1) * BM - f_s, n_s)
         for k in range(lo // CHUNK, (hi + CHUNK - 1) // CHUNK):
             rows = (tl.minimum(hi, (k + 1) * CHUNK) - tl.maximum(lo, k * CHUNK)).to(tl.int64)
-            slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n
-            add_count(comb_count_peers, comb_count_ptr, slot, rows, s, TRANSPORT)
+            for half in tl.static_range(SPLIT):
+                if n * SPLIT + half < NN:
+                    slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n * SPLIT + half
+                    add_count(comb_count_peers, comb_count_ptr, slot, rows, s, TRANSPORT)
 
 
 @triton.jit
@@ -258,10 +262,10 @@ def ffn_out_tile(q, n, pend_q, pend_n, words, h_ptr, w_out_ptr, h_flag_ptr, comb
                  comb_count_peers, recv_x_ptr, combine_y_ptr, comb_count_ptr,
                  status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC, NF, NN,
                  PRECISION: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr,
+                 BN_OUT: tl.constexpr, BK: tl.constexpr,
                  W_POW2: tl.constexpr, L_POW2: tl.constexpr, NF_POW2: tl.constexpr,
                  STAGES: tl.constexpr, TRANSPORT: tl.constexpr):
-    """y[rows of expert tile q, n-tile] = h_rows @ w_out[e][:, n-tile] once all f-tiles of h are
+    """y[rows of expert tile q, n-tile (BN_OUT columns)] = h_rows @ w_out[e][:, n-tile] once all f-tiles of h are
     written, sent into each row's source rank (its combine_y region for this rank mirrors
     recv_x). The program's previous tile (pend_q, pend_n; pend_q < 0: none) is counted between
     this tile's GEMM and its sends. -> the tile left to count: (q, n), int64.
@@ -270,10 +274,10 @@ def ffn_out_tile(q, n, pend_q, pend_n, words, h_ptr, w_out_ptr, h_flag_ptr, comb
     consumed: every f-tile of h is done) and puts each row from its own thread."""
     e, src, row, chunk, valid = _expert_tile(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
     r = (src * S + row).to(tl.int64)
-    cols = n * BN + tl.arange(0, BN)
+    cols = n * BN_OUT + tl.arange(0, BN_OUT)
     cmask = cols < H
     w_base = w_out_ptr + e.to(tl.int64) * F * H
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BM, BN_OUT), dtype=tl.float32)
     f_tiles = tl.arange(0, NF_POW2)
     short = wait_at_least(h_flag_ptr + q * NF + f_tiles, f_tiles < NF, epoch.to(tl.int32), spin_limit)
     ok = tl.sum(short.to(tl.int32)) == 0
@@ -291,11 +295,11 @@ def ffn_out_tile(q, n, pend_q, pend_n, words, h_ptr, w_out_ptr, h_flag_ptr, comb
     else:
         if pend_q >= 0:
             count_tile_rows(pend_q, pend_n, words, comb_count_peers, comb_count_ptr, rank, W, L, MAXC,
-                            NN, BM, CHUNK, W_POW2, L_POW2, TRANSPORT)
+                            NN, BM, CHUNK, W_POW2, L_POW2, BN_OUT // BN, TRANSPORT)
         # recv_x's rows of this tile are the staging space: their x is consumed (every f-tile of h
         # is done) and the source sends nothing new into them before these rows reach it.
         send_tile(acc, combine_y_peers, combine_y_ptr, (rank * S + row).to(tl.int64),
-                  tl.where(valid, src, rank), recv_x_ptr, r, valid, n * BN, H, BN, TRANSPORT)
+                  tl.where(valid, src, rank), recv_x_ptr, r, valid, n * BN_OUT, H, BN_OUT, TRANSPORT)
     return tl.where(ok, q, pend_q).to(tl.int64), tl.where(ok, n, pend_n).to(tl.int64)
 
 
@@ -346,7 +350,7 @@ def fused_moe_kernel(
         TOP_K: tl.constexpr, K_POW2: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
         E_POW2: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr, BM: tl.constexpr,
         CHUNK: tl.constexpr,
-        BN: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+        BN: tl.constexpr, BN_OUT: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         NF_POW2: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr, TRANSPORT: tl.constexpr,
         TRACE: tl.constexpr):
     """See the module docstring. Shapes (E = W * L pairs in (rank, slot) order, K = TOP_K):
@@ -359,7 +363,8 @@ def fused_moe_kernel(
     buffer otherwise); local: h [W, S, F]; h flags [MAXQ, NF] int32; ctl: [3] int64 (epoch, task
     counter, programs done); status: [8] int64; trace: [num_programs + tasks, 4] int64 (TRACE)."""
     NF = tl.cdiv(F, BF)
-    NN = tl.cdiv(H, BN)
+    NN = tl.cdiv(H, BN)  # combine column tiles (and combine counters per chunk)
+    NN_OUT = tl.cdiv(H, BN_OUT)  # GEMM2 column tiles
     epoch = tl.load(ctl_ptr)
     n_front = 1 + SEND_CHUNKS
     P = tl.num_programs(0)
@@ -392,7 +397,7 @@ def fused_moe_kernel(
     _stamp(trace_ptr, tl.program_id(0), WAITED_COUNTS, start, TRACE)
     tiles = tl.sum((tl.sum(_count_table(words, W, L, W_POW2, L_POW2), axis=0) + BM - 1) // BM)
     n_in = tiles * NF
-    n_out = tiles * NN
+    n_out = tiles * NN_OUT
     n_comb = tl.cdiv(T, BT) * NN
     pend_q = tl.full((), -1, tl.int64)  # this program's GEMM2 tile whose rows are not counted yet
     pend_n = tl.full((), 0, tl.int64)
@@ -405,16 +410,17 @@ def fused_moe_kernel(
                         status_ptr, epoch, spin_limit, W, L, H, F, S, MAXC, NF,
                         ACT, GATED, PRECISION, BM, CHUNK, BF, BK, W_POW2, L_POW2, STAGES)
         elif q < n_in + n_out:
-            q, n = _grouped(q - n_in, tiles, NN, GROUP)
+            q, n = _grouped(q - n_in, tiles, NN_OUT, GROUP)
             pend_q, pend_n = ffn_out_tile(q, n, pend_q, pend_n, words, h_ptr, w_out_ptr, h_flag_ptr,
                                           combine_y_peers, comb_count_peers, recv_x_ptr, combine_y_ptr,
                                           comb_count_ptr, status_ptr, epoch, spin_limit, rank, W, L, H, F,
-                                          S, MAXC, NF, NN, PRECISION, BM, CHUNK, BN, BK, W_POW2, L_POW2,
+                                          S, MAXC, NF, NN, PRECISION, BM, CHUNK, BN, BN_OUT, BK, W_POW2,
+                                          L_POW2,
                                           NF_POW2, STAGES, TRANSPORT)
         else:
             if pend_q >= 0:  # combine tiles wait for counts: none may be left pending behind them
                 count_tile_rows(pend_q, pend_n, words, comb_count_peers, comb_count_ptr, rank, W, L,
-                                MAXC, NN, BM, CHUNK, W_POW2, L_POW2, TRANSPORT)
+                                MAXC, NN, BM, CHUNK, W_POW2, L_POW2, BN_OUT // BN, TRANSPORT)
                 pend_q = tl.full((), -1, tl.int64)
             q -= n_in + n_out
             combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
@@ -428,7 +434,7 @@ def fused_moe_kernel(
 
     if pend_q >= 0:
         count_tile_rows(pend_q, pend_n, words, comb_count_peers, comb_count_ptr, rank, W, L, MAXC, NN,
-                        BM, CHUNK, W_POW2, L_POW2, TRANSPORT)
+                        BM, CHUNK, W_POW2, L_POW2, BN_OUT // BN, TRANSPORT)
     puts_complete(TRANSPORT)
     # The last program out rewinds the task counter and opens the next epoch.
     if tl.atomic_add(ctl_ptr + 2, 1, sem="acq_rel") == P - 1:
@@ -439,7 +445,8 @@ def fused_moe_kernel(
 
 def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, comb_expect, ctl,
                  status, *, geo, activation: str, rank: int, spin_limit: int, programs: int,
-                 block_m: int = 64, num_warps: int = 8, stages: int = 3, group: int = 8,
+                 block_m: int = 64, block_n: int | None = None, num_warps: int = 8, stages: int = 3,
+                 group: int = 8,
                  transport: str = "p2p", trace: torch.Tensor | None = None):
     """Check shapes and launch one forward.
 
@@ -447,7 +454,8 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
     sym: this rank's symmetric buffers by name (geo.symmetric_buffers); peers: the same names ->
     [W] int64 peer base addresses; h: [W, S, F] x.dtype; h_flags: [MAXQ, NF] int32;
     comb_expect: [W, L, MAXC] int64; ctl: [3] int64; status: [8] int64; all on x's device.
-    block_m: rows per expert tile (64 or 128; geo.MAXQ is sized for 64); group: expert tiles that
+    block_m: rows per expert tile (64 or 128; geo.MAXQ is sized for 64); block_n: columns per GEMM2
+    tile (geo.BN, the default, or a power-of-two multiple of it); group: expert tiles that
     neighbouring programs work on together (L2 reuse of weights); transport: "p2p" or "nvshmem"
     (kernels/transport.py; sym then also holds send_x); trace: None, or [geo.trace_rows(T, programs),
     4] int64 that receives the kernel's task timestamps (module docstring; bench/profile.py)."""
@@ -469,6 +477,9 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
                               or trace.shape[0] < geo.trace_rows(T, programs)):
         raise ValueError(f"trace: expected int64 [{geo.trace_rows(T, programs)}, 4], got "
                          f"{trace.dtype} {tuple(trace.shape)}")
+    block_n = geo.BN if block_n is None else block_n
+    if block_n % geo.BN or not triton.next_power_of_2(block_n // geo.BN) == block_n // geo.BN:
+        raise ValueError(f"block_n={block_n}: expected {geo.BN} times a power of two")
     nvshmem = transport == "nvshmem"
     precision = "tf32x3" if x.dtype == torch.float32 else "tf32"
     extra = {"extern_libs": {"libnvshmem_device": nvshmem_device_library()}} if nvshmem else {}
@@ -485,6 +496,6 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
             T, spin_limit, rank, W, L, H, F, geo.S, geo.MAXC, plan.chunk_pos.numel(),
             TOP_K=plan.slot_dest.shape[1], K_POW2=triton.next_power_of_2(plan.slot_dest.shape[1]), ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
             E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
-            L_POW2=triton.next_power_of_2(L), BM=block_m, CHUNK=geo.CHUNK, BN=geo.BN, BF=geo.BF, BK=geo.BK,
+            L_POW2=triton.next_power_of_2(L), BM=block_m, CHUNK=geo.CHUNK, BN=geo.BN, BN_OUT=block_n, BF=geo.BF, BK=geo.BK,
             BT=geo.BT, NF_POW2=triton.next_power_of_2(geo.NF), STAGES=stages, GROUP=group,
             TRANSPORT=TRANSPORTS[transport], TRACE=trace is not None, num_warps=num_warps, **extra)
