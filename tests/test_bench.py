@@ -54,13 +54,14 @@ def test_a_backend_runs_apart_in_child_processes_under_torchrun(tmp_path):
 
 
 def _summarize():
-    """bench/profile.py's summarize (loaded by path: the stdlib owns the module name `profile`)."""
-    import importlib.util
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    spec = importlib.util.spec_from_file_location("bench_profile", os.path.join(ROOT, "bench", "profile.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.summarize
+    """bench/kernel_profile.py's summarize."""
+    bench = os.path.join(ROOT, "bench")
+    sys.path.insert(0, bench)
+    try:
+        import kernel_profile
+    finally:
+        sys.path.remove(bench)
+    return kernel_profile.summarize
 
 
 def test_a_kernel_trace_is_summarised_per_task_kind():

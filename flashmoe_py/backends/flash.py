@@ -206,7 +206,7 @@ class FlashBackend:
         self.failed: str | None = None
         # Launch overrides for tuning (keys of launch_fused: block_m, block_n, num_warps, stages, group).
         self.tuning: dict = {}
-        # bench/profile.py: an int64 [geo.trace_rows(tokens, programs), 4] tensor here makes each
+        # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), 4] tensor here makes each
         # launch record its tasks' timestamps into it (kernels/fused_moe.py).
         self.trace: torch.Tensor | None = None
         self.cuda_graphs = cuda_graphs

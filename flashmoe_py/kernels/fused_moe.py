@@ -23,7 +23,7 @@ wait only on smaller phases there; ids are handed out in order, so a waited-on t
 taken by a running program. Every wait is bounded (spin_limit rounds); a timeout records
 (code, wait, peer, pair, chunk, epoch) in the status word and every program stops taking tasks.
 
-Trace (TRACE=True, for bench/profile.py): each program stamps this GPU's nanosecond clock around its
+Trace (TRACE=True, for bench/kernel_profile.py): each program stamps this GPU's nanosecond clock around its
 tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done, counts acquired), row
 num_programs + task holds (pid, kind, start, end) with kind one of the TASK_* codes.
 
@@ -458,7 +458,7 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
     tile (geo.BN, the default, or a power-of-two multiple of it); group: expert tiles that
     neighbouring programs work on together (L2 reuse of weights); transport: "p2p" or "nvshmem"
     (kernels/transport.py; sym then also holds send_x); trace: None, or [geo.trace_rows(T, programs),
-    4] int64 that receives the kernel's task timestamps (module docstring; bench/profile.py)."""
+    4] int64 that receives the kernel's task timestamps (module docstring; bench/kernel_profile.py)."""
     T, H = x.shape
     W, L, F = geo.world_size, geo.local_experts, geo.ffn
     gated = activation == "swiglu"

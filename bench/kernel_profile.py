@@ -5,8 +5,8 @@ Default: torch.profiler over repeated forwards on rank 0 (the routing plan's ops
 kind, how many, when the first started and the last ended, median and summed durations, and how
 long programs waited for the count words; one table per rank, JSON with --out.
 
-    torchrun --nproc-per-node N bench/profile.py --preset qwen3_30b_a3b --tokens 128 --backend flash
-    torchrun --nproc-per-node N bench/profile.py --preset deepseek_v3 --tokens 16384 --trace \\
+    torchrun --nproc-per-node N bench/kernel_profile.py --preset qwen3_30b_a3b --tokens 128 --backend flash
+    torchrun --nproc-per-node N bench/kernel_profile.py --preset deepseek_v3 --tokens 16384 --trace \\
         --transport p2p nvshmem --out trace.json"""
 
 import argparse
