@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MoEConfig
+from .kernels.router import MAX_EXPERTS, router_topk
 
 
 @dataclass
@@ -21,12 +22,18 @@ class Routing:
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> Routing:
     """x: [tokens, hidden]; router_weight: [num_experts, hidden]. Scores are a softmax over all
-    experts in fp32; the top-k weights are renormalised to sum to 1 when config.renormalize."""
-    logits = x.float() @ router_weight.float().t()
-    probs = torch.softmax(logits, dim=-1)
-    weights, experts = torch.topk(probs, config.top_k, dim=-1)
-    if config.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    experts in fp32; the top-k weights are renormalised to sum to 1 when config.renormalize.
+    On a GPU, with x and router_weight of one dtype and up to MAX_EXPERTS experts, one kernel
+    does it all (kernels/router.py)."""
+    if x.is_cuda and router_weight.dtype == x.dtype and config.num_experts <= MAX_EXPERTS:
+        weights, experts = router_topk(x.contiguous(), router_weight.contiguous(), config.top_k,
+                                       config.renormalize)
+    else:
+        logits = x.float() @ router_weight.float().t()
+        probs = torch.softmax(logits, dim=-1)
+        weights, experts = torch.topk(probs, config.top_k, dim=-1)
+        if config.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
     kept = None
     capacity = config.capacity(x.shape[0])
     if capacity is not None:

@@ -1,0 +1,84 @@
+"""The router kernel (kernels/router.py) against float64 routing: the same experts in the same
+order, and the same weights. On a GPU, or in the Triton interpreter on the CPU (fp32 only there:
+the interpreter's bf16 dot returns garbage, so bf16 cases carry the `gpu` marker)."""
+
+import os
+import random
+
+import pytest
+import torch
+
+from flashmoe_py import MoEConfig
+from flashmoe_py.kernels.router import router_topk
+from flashmoe_py.reference import reference_routing
+from flashmoe_py.routing import route
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs a GPU or the Triton interpreter")
+
+
+def decided_rows(x, w, top_k, margin=1e-3):
+    """Rows whose k+1 largest float64 logits are more than margin apart: no summation order can
+    change their top-k experts or the order of them."""
+    logits = (x.double() @ w.double().t()).sort(dim=1, descending=True).values[:, :top_k + 1]
+    return (logits[:, :-1] - logits[:, 1:]).min(dim=1).values > margin
+
+
+@pytest.mark.parametrize("dtype", [pytest.param("bfloat16", marks=pytest.mark.gpu), "float32"])
+@pytest.mark.parametrize("experts,top_k,renormalize", [(8, 2, True), (60, 4, False), (256, 8, True),
+                                                       (16, 1, True), (3, 3, False)])
+def test_router_matches_float64_routing(dtype, experts, top_k, renormalize):
+    cfg = MoEConfig(hidden_size=96, ffn_size=32, num_experts=experts, top_k=top_k, dtype=dtype,
+                    renormalize=renormalize)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    tokens = random.choice([1, 37, 100, 1000])
+    x = torch.randn(tokens, cfg.hidden_size, generator=gen).to(cfg.torch_dtype)
+    w = (torch.randn(experts, cfg.hidden_size, generator=gen) / cfg.hidden_size**0.5).to(cfg.torch_dtype)
+    weights, chosen = (t.cpu() for t in router_topk(x.to(DEVICE), w.to(DEVICE), top_k, renormalize))
+    ref_w, ref_e, _ = reference_routing(x, w, cfg, torch.float64)
+    rows = decided_rows(x, w, top_k)
+    assert rows.float().mean() > 0.5
+    assert weights.dtype == torch.float32 and chosen.dtype == torch.int64
+    assert weights.shape == chosen.shape == (tokens, top_k)
+    assert torch.equal(chosen[rows], ref_e[rows])
+    torch.testing.assert_close(weights[rows].double(), ref_w[rows].double(), rtol=1e-5, atol=1e-6)
+    if renormalize:
+        torch.testing.assert_close(weights.sum(1), torch.ones(tokens), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_route_on_a_gpu_agrees_with_float32_routing():
+    cfg = MoEConfig(hidden_size=512, ffn_size=64, num_experts=64, top_k=6, dtype="bfloat16")
+    x = torch.randn(4096, 512, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(64, 512, device=DEVICE, dtype=torch.bfloat16) / 512**0.5
+    r = route(x, w, cfg)
+    ref_w, ref_e, _ = reference_routing(x.cpu(), w.cpu(), cfg, torch.float32)
+    rows = decided_rows(x.cpu(), w.cpu(), cfg.top_k)
+    assert torch.equal(r.experts.cpu()[rows], ref_e[rows]) and r.kept is None
+    torch.testing.assert_close(r.weights.cpu()[rows], ref_w[rows], rtol=1e-5, atol=1e-6)
+
+
+def test_router_takes_a_block_of_tokens_per_program_and_zero_tokens():
+    x = torch.randn(70, 64, device=DEVICE)
+    w = torch.randn(32, 64, device=DEVICE) / 8
+    full = router_topk(x, w, 4, True)
+    for block_t in (16, 128):
+        got = router_topk(x, w, 4, True, block_t=block_t)
+        assert torch.equal(got[1], full[1]) and torch.allclose(got[0], full[0])
+    weights, chosen = router_topk(x[:0], w, 4, True)
+    assert weights.shape == chosen.shape == (0, 4)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, w: router_topk(x, w.t().contiguous(), 2, True), "router_weight"),
+    (lambda x, w: router_topk(x, w.double(), 2, True), "router_weight"),
+    (lambda x, w: router_topk(x.t(), w, 2, True), "x: expected"),
+    (lambda x, w: router_topk(x, w, 9, True), "top_k=9"),
+    (lambda x, w: router_topk(x, torch.zeros(300, 64, device=x.device), 2, True), "300 experts"),
+    (lambda x, w: router_topk(x, w, 2, True, block_t=24), "block_t=24"),
+])
+def test_router_rejects_bad_arguments_by_name(bad, match):
+    x, w = torch.randn(8, 64, device=DEVICE), torch.randn(16, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        bad(x, w)
