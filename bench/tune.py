@@ -4,7 +4,7 @@ reference, then timed (CUDA events, median over iterations and two input sets, m
     torchrun --nproc-per-node N bench/tune.py --preset mixtral_8x7b --tokens 4096 16384 \\
         --settings 128,8,3,8,256 128,8,3,8,128 [--out tune.json]
 
-A setting is block_m,num_warps,stages,group[,block_n] (see flashmoe_py.kernels.fused_moe.launch_fused)."""
+A setting is block_m,num_warps,stages,group[,block_n[,dispatch_programs]] (see flashmoe_py.kernels.fused_moe.launch_fused)."""
 
 import argparse
 import datetime
@@ -22,7 +22,7 @@ from flashmoe_py.heap import heap_bytes_for  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 from layer import CHECK_TOKENS, Timer, git_commit, max_over_ranks, rel_err  # noqa: E402
 
-KEYS = ("block_m", "num_warps", "stages", "group", "block_n")
+KEYS = ("block_m", "num_warps", "stages", "group", "block_n", "dispatch_programs")
 
 
 def main():

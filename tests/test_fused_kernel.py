@@ -40,7 +40,7 @@ class OneRank:
         self.h = torch.zeros(world, g.S, cfg.ffn_size, dtype=cfg.torch_dtype)
         self.h_flags = torch.zeros(g.MAXQ, g.NF, dtype=torch.int32)
         self.comb_expect = torch.zeros(world, g.local_experts, g.MAXC, dtype=torch.int64)
-        self.ctl = torch.tensor([1, 0, 0], dtype=torch.int64)
+        self.ctl = torch.tensor([1, 0, 0, 0], dtype=torch.int64)
         self.status = torch.zeros(8, dtype=torch.int64)
         gen = torch.Generator().manual_seed(random.randrange(2**31))
         E, H, F = cfg.num_experts, cfg.hidden_size, cfg.ffn_size
@@ -51,17 +51,18 @@ class OneRank:
         self.positions = ExpertPlacement.contiguous(E, world).positions()
         self.gen = gen
 
-    def forward(self, tokens: int, spin_limit: int = 1000, block_m: int = 64, block_n: int | None = None):
+    def forward(self, tokens: int, spin_limit: int = 1000, block_m: int = 64, block_n: int | None = None,
+                programs: int = 1, dispatch_programs: int | None = None):
         cfg = self.cfg
         x = torch.randn(tokens, cfg.hidden_size, generator=self.gen).to(cfg.torch_dtype)
         out = torch.full_like(x, float("nan"))
-        plan = routing_plan(x, self.router, self.positions, cfg, self.geo)
+        plan = routing_plan(x, self.router, self.positions, cfg, self.geo, 0)
         L = self.geo.local_experts
         self.comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
         launch_fused(x, out, self.w_in[:L].contiguous(), self.w_out[:L].contiguous(), plan, self.sym,
                      self.peers, self.h, self.h_flags, self.comb_expect, self.ctl, self.status, geo=self.geo,
-                     activation=cfg.activation, rank=0, spin_limit=spin_limit, programs=1,
-                     block_m=block_m, block_n=block_n)
+                     activation=cfg.activation, rank=0, spin_limit=spin_limit, programs=programs,
+                     block_m=block_m, block_n=block_n, dispatch_programs=dispatch_programs)
         return x, out
 
 
@@ -78,7 +79,45 @@ def test_whole_kernel_matches_reference(activation, top_k, block_m):
         if tokens:
             ref = reference_forward(x, rank.router, rank.w_in, rank.w_out, cfg, torch.float64)
             assert rel_err(out, ref) <= 1e-5
-        assert int(rank.ctl[0]) == call + 2 and int(rank.ctl[1]) == 0
+        assert rank.ctl.tolist() == [call + 2, 0, 0, 0]  # next epoch open, task counters rewound
+
+
+@pytest.mark.parametrize("programs,dispatch_programs", [(3, 1), (3, 2), (2, None)])
+def test_programs_split_between_dispatch_and_compute(programs, dispatch_programs):
+    """Only the first dispatch_programs programs send chunks; every task is still done once (the
+    interpreter runs programs one after another, so later programs find the queues drained)."""
+    cfg = MoEConfig(hidden_size=40, ffn_size=48, num_experts=4, top_k=2, dtype="float32")
+    rank = OneRank(cfg, max_tokens=50)
+    for call, tokens in enumerate([50, 17]):
+        x, out = rank.forward(tokens, programs=programs, dispatch_programs=dispatch_programs)
+        assert int(rank.status[0]) == 0 and rank.ctl.tolist() == [call + 2, 0, 0, 0]
+        ref = reference_forward(x, rank.router, rank.w_in, rank.w_out, cfg, torch.float64)
+        assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dispatch_programs", [0, 3])
+def test_dispatch_programs_must_be_some_of_the_programs(dispatch_programs):
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
+    with pytest.raises(ValueError, match=f"dispatch_programs={dispatch_programs}"):
+        OneRank(cfg, max_tokens=8).forward(4, programs=2, dispatch_programs=dispatch_programs)
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (3, 0), (3, 2), (4, 1)])
+def test_chunks_are_sent_expert_slot_by_slot_to_rotating_destinations(world, rank):
+    """The send queue: every chunk of every (destination, expert) pair once, in order of local
+    expert slot, then destination rank, rank + 1, ... (mod world)."""
+    cfg = MoEConfig(hidden_size=16, ffn_size=16, num_experts=2 * world, top_k=2, dtype="float32")
+    geo = Geometry.for_config(cfg, world, 300)
+    x = torch.randn(300, 16)
+    router = torch.randn(cfg.num_experts, 16)
+    plan = routing_plan(x, router, ExpertPlacement.contiguous(cfg.num_experts, world).positions(), cfg, geo,
+                        rank)
+    L, counts = geo.local_experts, plan.send_counts.tolist()
+    expected = [(d * L + e, c) for e in range(L) for d in [(rank + i) % world for i in range(world)]
+                for c in range(-(-counts[d * L + e] // geo.CHUNK))]
+    sent = [(p, c) for p, c in zip(plan.chunk_pos.tolist(), plan.chunk_c.tolist()) if p >= 0]
+    assert sent == expected
+    assert all(p == -1 for p in plan.chunk_pos.tolist()[len(sent):])
 
 
 def test_gemm2_tile_width_may_change_between_calls():
@@ -175,11 +214,11 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
     h = torch.zeros(world, geo.S, cfg.ffn_size)
     h_flags = torch.zeros(geo.MAXQ, geo.NF, dtype=torch.int32)
     comb_expect = torch.zeros(world, L, geo.MAXC, dtype=torch.int64)
-    ctl, status = torch.tensor([1, 0, 0]), torch.zeros(8, dtype=torch.int64)
+    ctl, status = torch.tensor([1, 0, 0, 0]), torch.zeros(8, dtype=torch.int64)
     positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
     results = []
     for x in inputs[rank]:
-        plan = routing_plan(x, router, positions, cfg, geo)
+        plan = routing_plan(x, router, positions, cfg, geo, rank)
         comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
         out = torch.full_like(x, float("nan"))
         launch_fused(x, out, w_in[mine].contiguous(), w_out[mine].contiguous(), plan, bufs[rank], peers,

@@ -120,9 +120,14 @@ class RoutingPlan:
 
 
 def routing_plan(x: torch.Tensor, router_weight: torch.Tensor, positions: torch.Tensor,
-                 config: MoEConfig, geo: Geometry) -> RoutingPlan:
-    """x: [T, H]; positions: [E] int64 (placement). Torch ops only, no host synchronisation."""
+                 config: MoEConfig, geo: Geometry, rank: int) -> RoutingPlan:
+    """x: [T, H] on `rank`; positions: [E] int64 (placement). Torch ops only, no host synchronisation.
+
+    Chunks are sent expert slot by expert slot (the order destinations compute their experts in),
+    and for each, to destinations rank, rank + 1, ... (mod W), so not every source sends to the
+    same GPU at once."""
     T, K, E, L, BM = x.shape[0], config.top_k, config.num_experts, geo.local_experts, geo.CHUNK
+    W = geo.world_size
     dev = x.device
     r = route(x, router_weight, config)
     flat = positions[r.experts].reshape(-1)
@@ -143,11 +148,13 @@ def routing_plan(x: torch.Tensor, router_weight: torch.Tensor, positions: torch.
     slot_row = torch.where(live, region_off[pos] + rank_in_pos, -1)
     slot_flag = torch.where(live, pos * geo.MAXC + rank_in_pos // BM, -1)
     n_send = triton.cdiv(T * K, BM) + E
-    cum = torch.cumsum(nchunks, 0)
+    send_order = ((rank + torch.arange(W, device=dev)) % W * L + torch.arange(L, device=dev)[:, None]).reshape(E)
+    in_order = nchunks[send_order]
+    cum = torch.cumsum(in_order, 0)
     q = torch.arange(n_send, device=dev)
-    chunk_pos = torch.searchsorted(cum, q, right=True).clamp(max=E - 1)
-    chunk_c = q - (cum - nchunks)[chunk_pos]
-    chunk_pos = torch.where(q < cum[-1], chunk_pos, -1)
+    nth = torch.searchsorted(cum, q, right=True).clamp(max=E - 1)
+    chunk_c = q - (cum - in_order)[nth]
+    chunk_pos = torch.where(q < cum[-1], send_order[nth], -1)
     first_row = torch.arange(geo.MAXC, device=dev) * BM
     chunk_rows = (counts[:, None] - first_row).clamp(0, BM)
     i32 = torch.int32
@@ -196,7 +203,7 @@ class FlashBackend:
         self.h_flags = torch.zeros(geo.MAXQ, geo.NF, dtype=torch.int32, device=dev)
         self.comb_expect = torch.zeros(geo.world_size, geo.local_experts, geo.MAXC, dtype=torch.int64,
                                        device=dev)
-        self.ctl = torch.tensor([1, 0, 0], dtype=torch.int64, device=dev)
+        self.ctl = torch.tensor([1, 0, 0, 0], dtype=torch.int64, device=dev)
         self.status = torch.zeros(8, dtype=torch.int64, device=dev)
         self.status_host = torch.zeros(8, dtype=torch.int64).pin_memory()
         self.status_ready = torch.cuda.Event()
@@ -255,7 +262,7 @@ class FlashBackend:
     def _launch(self, x: torch.Tensor, copy_status: bool = False):
         """Routing plan + one kernel launch for x: [T, H] (T may be 0). -> (out, stats)."""
         layer, geo = self.layer, self.geo
-        plan = routing_plan(x, layer.router_weight, layer.expert_positions, layer.config, geo)
+        plan = routing_plan(x, layer.router_weight, layer.expert_positions, layer.config, geo, layer.rank)
         out = torch.empty_like(x)
         self.comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
         # Taller expert tiles, and twice as wide GEMM2 tiles, once an expert gets enough rows (on

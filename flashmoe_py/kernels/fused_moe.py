@@ -1,8 +1,14 @@
 """The persistent fused MoE kernel: dispatch -> expert FFN -> combine in one launch per GPU.
 
-Work is a single queue of tasks per GPU, taken in increasing order from an atomic counter:
+Work is two queues of tasks per GPU, each taken in increasing order from its atomic counter:
 
-    [publish counts] [dispatch chunk ...] [ffn_in tile ...] [ffn_out tile ...] [combine tile ...]
+    front:   [publish counts] [dispatch chunk ...]
+    compute: [ffn_in tile ...] [ffn_out tile ...] [combine tile ...]
+
+The first DISPATCH_PROGRAMS programs take front tasks until none are left, then join the others on
+the compute queue; the rest start on it at once, so expert tiles whose rows have arrived are
+computed while later chunks are still on their way. Sources send chunks expert by expert
+(routing_plan's order), which is the order destinations take their expert tiles in.
 
   publish counts  tell every destination how many rows of each of its experts this rank sends;
   dispatch_chunk  copy up to CHUNK token rows of one (destination, expert) pair into the destination's
@@ -18,14 +24,16 @@ Work is a single queue of tasks per GPU, taken in increasing order from an atomi
 An expert's tiles span all sources, so its weights are read once per BM rows it received in all,
 not once per source.
 
-Deadlock freedom: a task waits only on tasks with smaller ids (here) or on tasks of other GPUs that
-wait only on smaller phases there; ids are handed out in order, so a waited-on task has already been
-taken by a running program. Every wait is bounded (spin_limit rounds); a timeout records
+Deadlock freedom: front tasks wait on nothing, and some program takes them from the start; a compute
+task waits only on front tasks (here or on other GPUs), on compute tasks with smaller ids here, or
+on tasks of other GPUs that wait only on smaller phases there; ids are handed out in order, so a
+waited-on task has already been taken by a running program. Every wait is bounded (spin_limit rounds); a timeout records
 (code, wait, peer, pair, chunk, epoch) in the status word and every program stops taking tasks.
 
 Trace (TRACE=True, for bench/kernel_profile.py): each program stamps this GPU's nanosecond clock around its
 tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done, counts acquired), row
-num_programs + task holds (pid, kind, start, end) with kind one of the TASK_* codes.
+num_programs + task holds (pid, kind, start, end) with kind one of the TASK_* codes (compute
+tasks numbered after the front tasks).
 
 Epochs: ctl[0] holds the call number (from 1). Flags store it, so none is reset. Count words are
 double-buffered by epoch parity: a fast peer may publish call n+1's counts while a slow program
@@ -338,7 +346,7 @@ def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
              mask=tmask[:, None] & cmask[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "spin_limit", "rank", "SEND_CHUNKS"])
+@triton.jit(do_not_specialize=["T", "spin_limit", "rank", "SEND_CHUNKS", "DISPATCH_PROGRAMS"])
 def fused_moe_kernel(
         x_ptr, out_ptr, w_in_ptr, w_out_ptr,
         send_tok_ptr, pos_start_ptr, send_counts_ptr, region_off_ptr, chunk_pos_ptr, chunk_c_ptr,
@@ -346,7 +354,7 @@ def fused_moe_kernel(
         recv_x_peers, combine_y_peers, count_peers, chunk_flag_peers, comb_count_peers,
         recv_x_ptr, combine_y_ptr, count_ptr, chunk_flag_ptr, comb_count_ptr, send_x_ptr,
         h_ptr, h_flag_ptr, ctl_ptr, status_ptr, trace_ptr,
-        T, spin_limit, rank, W, L, H, F, S, MAXC, SEND_CHUNKS,
+        T, spin_limit, rank, W, L, H, F, S, MAXC, SEND_CHUNKS, DISPATCH_PROGRAMS,
         TOP_K: tl.constexpr, K_POW2: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
         E_POW2: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr, BM: tl.constexpr,
         CHUNK: tl.constexpr,
@@ -360,15 +368,18 @@ def fused_moe_kernel(
     fp32; comb_expect: [W, L, MAXC] int64 rows expected back per chunk, cumulative over calls;
     symmetric: recv_x/combine_y [W, S, H]; count words [2, W, L] int64; chunk flags [W, L, MAXC]
     int64; combine counters [W, L, MAXC, NN] int64; send_x [T*K, H] (TRANSPORT NVSHMEM; any
-    buffer otherwise); local: h [W, S, F]; h flags [MAXQ, NF] int32; ctl: [3] int64 (epoch, task
-    counter, programs done); status: [8] int64; trace: [num_programs + tasks, 4] int64 (TRACE)."""
+    buffer otherwise); local: h [W, S, F]; h flags [MAXQ, NF] int32; ctl: [4] int64 (epoch, front
+    task counter, programs done, compute task counter); status: [8] int64; trace: [num_programs +
+    tasks, 4] int64 (TRACE)."""
     NF = tl.cdiv(F, BF)
     NN = tl.cdiv(H, BN)  # combine column tiles (and combine counters per chunk)
     NN_OUT = tl.cdiv(H, BN_OUT)  # GEMM2 column tiles
     epoch = tl.load(ctl_ptr)
     n_front = 1 + SEND_CHUNKS
     P = tl.num_programs(0)
-    task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
+    task = tl.cast(n_front, tl.int64)
+    if tl.program_id(0) < DISPATCH_PROGRAMS:
+        task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
     healthy = tl.load(status_ptr, volatile=True) == 0
     while (task < n_front) & healthy:
         start = _now() if TRACE else 0
@@ -401,6 +412,7 @@ def fused_moe_kernel(
     n_comb = tl.cdiv(T, BT) * NN
     pend_q = tl.full((), -1, tl.int64)  # this program's GEMM2 tile whose rows are not counted yet
     pend_n = tl.full((), 0, tl.int64)
+    task = n_front + tl.atomic_add(ctl_ptr + 3, 1, sem="relaxed")
     while (task < n_front + n_in + n_out + n_comb) & healthy:
         start = _now() if TRACE else 0
         q = task - n_front
@@ -429,34 +441,37 @@ def fused_moe_kernel(
         q = task - n_front
         kind = tl.where(q < n_in, TASK_FFN_IN, tl.where(q < n_in + n_out, TASK_FFN_OUT, TASK_COMBINE))
         _stamp(trace_ptr, P + task, kind, start, TRACE)
-        task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
+        task = n_front + tl.atomic_add(ctl_ptr + 3, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
     if pend_q >= 0:
         count_tile_rows(pend_q, pend_n, words, comb_count_peers, comb_count_ptr, rank, W, L, MAXC, NN,
                         BM, CHUNK, W_POW2, L_POW2, BN_OUT // BN, TRANSPORT)
     puts_complete(TRANSPORT)
-    # The last program out rewinds the task counter and opens the next epoch.
+    # The last program out rewinds the task counters and opens the next epoch.
     if tl.atomic_add(ctl_ptr + 2, 1, sem="acq_rel") == P - 1:
         tl.store(ctl_ptr + 1, 0)
         tl.store(ctl_ptr + 2, 0)
+        tl.store(ctl_ptr + 3, 0)
         tl.store(ctl_ptr, epoch + 1)
 
 
 def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, comb_expect, ctl,
                  status, *, geo, activation: str, rank: int, spin_limit: int, programs: int,
                  block_m: int = 64, block_n: int | None = None, num_warps: int = 8, stages: int = 3,
-                 group: int = 8,
+                 group: int = 8, dispatch_programs: int | None = None,
                  transport: str = "p2p", trace: torch.Tensor | None = None):
     """Check shapes and launch one forward.
 
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H] (one dtype); plan: a RoutingPlan;
     sym: this rank's symmetric buffers by name (geo.symmetric_buffers); peers: the same names ->
     [W] int64 peer base addresses; h: [W, S, F] x.dtype; h_flags: [MAXQ, NF] int32;
-    comb_expect: [W, L, MAXC] int64; ctl: [3] int64; status: [8] int64; all on x's device.
+    comb_expect: [W, L, MAXC] int64; ctl: [4] int64; status: [8] int64; all on x's device.
     block_m: rows per expert tile (64 or 128; geo.MAXQ is sized for 64); block_n: columns per GEMM2
     tile (geo.BN, the default, or a power-of-two multiple of it); group: expert tiles that
-    neighbouring programs work on together (L2 reuse of weights); transport: "p2p" or "nvshmem"
+    neighbouring programs work on together (L2 reuse of weights); dispatch_programs: programs that
+    send the dispatch chunks before joining the compute queue (1..programs; default all of them);
+    transport: "p2p" or "nvshmem"
     (kernels/transport.py; sym then also holds send_x); trace: None, or [geo.trace_rows(T, programs),
     4] int64 that receives the kernel's task timestamps (module docstring; bench/kernel_profile.py)."""
     T, H = x.shape
@@ -464,7 +479,7 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
     gated = activation == "swiglu"
     expect = {"x": (x, (T, H)), "out": (out, (T, H)), "w_in": (w_in, (L, H, F * (2 if gated else 1))),
               "w_out": (w_out, (L, F, H)), "h": (h, (W, geo.S, F)), "h_flags": (h_flags, (geo.MAXQ, geo.NF)),
-              "comb_expect": (comb_expect, (W, L, geo.MAXC))}
+              "comb_expect": (comb_expect, (W, L, geo.MAXC)), "ctl": (ctl, (4,))}
     for name, (t, shape) in expect.items():
         if tuple(t.shape) != shape or not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor of shape {shape}, got "
@@ -480,6 +495,9 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
     block_n = geo.BN if block_n is None else block_n
     if block_n % geo.BN or not triton.next_power_of_2(block_n // geo.BN) == block_n // geo.BN:
         raise ValueError(f"block_n={block_n}: expected {geo.BN} times a power of two")
+    dispatch_programs = programs if dispatch_programs is None else dispatch_programs
+    if not 1 <= dispatch_programs <= programs:
+        raise ValueError(f"dispatch_programs={dispatch_programs}: expected 1..programs={programs}")
     nvshmem = transport == "nvshmem"
     precision = "tf32x3" if x.dtype == torch.float32 else "tf32"
     extra = {"extern_libs": {"libnvshmem_device": nvshmem_device_library()}} if nvshmem else {}
@@ -493,7 +511,7 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
             sym["recv_x"], sym["combine_y"], sym["count_words"], sym["chunk_flags"], sym["combine_counts"],
             sym["send_x"] if nvshmem else sym["recv_x"],
             h, h_flags, ctl, status, status if trace is None else trace,
-            T, spin_limit, rank, W, L, H, F, geo.S, geo.MAXC, plan.chunk_pos.numel(),
+            T, spin_limit, rank, W, L, H, F, geo.S, geo.MAXC, plan.chunk_pos.numel(), dispatch_programs,
             TOP_K=plan.slot_dest.shape[1], K_POW2=triton.next_power_of_2(plan.slot_dest.shape[1]), ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
             E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
             L_POW2=triton.next_power_of_2(L), BM=block_m, CHUNK=geo.CHUNK, BN=geo.BN, BN_OUT=block_n, BF=geo.BF, BK=geo.BK,
