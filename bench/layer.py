@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -305,7 +306,8 @@ def main(argv=None):
             rows.append(row)
         if progress:
             progress.update()
-        if gpu:
+        if gpu:  # a finished point's layer sits in a reference cycle (backend <-> layer): free it now
+            gc.collect()
             torch.cuda.empty_cache()
     if progress:
         progress.close()
