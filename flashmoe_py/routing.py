@@ -1,4 +1,5 @@
-"""Router scoring, top-k and the capacity policy (torch ops; the torch backend's first stage)."""
+"""Router scoring, top-k and the capacity policy: every backend's first stage (the router kernel
+on GPUs, torch ops otherwise)."""
 
 from __future__ import annotations
 

@@ -148,7 +148,8 @@ def routing_plan(x: torch.Tensor, router_weight: torch.Tensor, positions: torch.
     slot_row = torch.where(live, region_off[pos] + rank_in_pos, -1)
     slot_flag = torch.where(live, pos * geo.MAXC + rank_in_pos // BM, -1)
     n_send = triton.cdiv(T * K, BM) + E
-    send_order = ((rank + torch.arange(W, device=dev)) % W * L + torch.arange(L, device=dev)[:, None]).reshape(E)
+    dests = (rank + torch.arange(W, device=dev)) % W
+    send_order = (dests * L + torch.arange(L, device=dev)[:, None]).reshape(E)  # [L, W] slot-major
     in_order = nchunks[send_order]
     cum = torch.cumsum(in_order, 0)
     q = torch.arange(n_send, device=dev)

@@ -27,11 +27,12 @@ not once per source.
 Deadlock freedom: front tasks wait on nothing, and some program takes them from the start; a compute
 task waits only on front tasks (here or on other GPUs), on compute tasks with smaller ids here, or
 on tasks of other GPUs that wait only on smaller phases there; ids are handed out in order, so a
-waited-on task has already been taken by a running program. Every wait is bounded (spin_limit rounds); a timeout records
-(code, wait, peer, pair, chunk, epoch) in the status word and every program stops taking tasks.
+waited-on task has already been taken by a running program. Every wait is bounded (spin_limit
+rounds); a timeout records (code, wait, peer, pair, chunk, epoch) in the status word and every
+program stops taking tasks.
 
-Trace (TRACE=True, for bench/kernel_profile.py): each program stamps this GPU's nanosecond clock around its
-tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done, counts acquired), row
+Trace (TRACE=True, for bench/kernel_profile.py): each program stamps this GPU's nanosecond clock
+around its tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done, counts acquired), row
 num_programs + task holds (pid, kind, start, end) with kind one of the TASK_* codes (compute
 tasks numbered after the front tasks).
 

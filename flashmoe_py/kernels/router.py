@@ -1,11 +1,13 @@
 """Router kernel: logits -> softmax -> top-k -> (renormalised) weights, one launch for BT tokens a program.
 
-Same semantics as routing.route's torch ops: logits x @ router_weight^T accumulated in fp32 (bf16
-products are exact in fp32, so a bf16 dot with an fp32 accumulator matches the upcast GEMM up to
-summation order), a softmax over all E experts in fp32, the k largest probabilities in descending
-order (ties: the lower expert id), rescaled to sum to 1 when renormalising. Without this kernel
-the upcast copy of x and an fp32 (non tensor-core) GEMM took 1.5 ms of the 2.0 ms routing plan at
-16,384 tokens of deepseek_v3 on an H200."""
+Same semantics as routing.route's torch ops: logits x @ router_weight^T with an fp32 accumulator, a
+softmax over all E experts in fp32, the k largest probabilities in descending order (ties: the
+lower expert id), rescaled to sum to 1 when renormalising. fp32 inputs take the exact fp32 dot;
+bf16 inputs take the tensor cores, whose fp32 accumulation is a little coarser than an FMA GEMM's:
+on an H200, 12 of 3 x 16,384 deepseek_v3 tokens picked a different top-8 than float64 routing
+(near-ties; the fp32 GEMM of the upcast inputs: 2), 5 for qwen3, 0 for mixtral
+(bench/results/2026-11-23-h200x2-sweep/router_accuracy.log). In exchange, routing 16,384
+deepseek_v3 tokens went from 1.72 ms (upcast copy of x, FMA GEMM, softmax, top-k) to 0.24 ms."""
 
 import torch
 import triton
@@ -32,8 +34,6 @@ def router_topk_kernel(x_ptr, w_ptr, weights_ptr, experts_ptr, T, H, E,
                     other=0.0)
         b = tl.load(w_ptr + e.to(tl.int64)[None, :] * H + k[:, None], mask=kmask[:, None] & emask[None, :],
                     other=0.0)
-        # A fresh accumulator per block, added in fp32 registers: the tensor cores' own running
-        # sum over all of H lost enough bits to flip near-tied experts (7 of 16,384 tokens).
         logits += tl.dot(a, b, input_precision=PRECISION)
     logits = tl.where(emask[None, :], logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
@@ -65,7 +65,8 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
         raise ValueError(f"x: expected a contiguous [tokens, hidden] tensor, got {tuple(x.shape)}")
     T, H = x.shape
     E = router_weight.shape[0]
-    if tuple(router_weight.shape) != (E, H) or not router_weight.is_contiguous() or router_weight.dtype != x.dtype:
+    if (tuple(router_weight.shape) != (E, H) or not router_weight.is_contiguous()
+            or router_weight.dtype != x.dtype):
         raise ValueError(f"router_weight: expected a contiguous [E, {H}] {x.dtype} tensor, got "
                          f"{router_weight.dtype} {tuple(router_weight.shape)}")
     if not 1 <= E <= MAX_EXPERTS:
