@@ -86,6 +86,15 @@ class Geometry:
             buffers["send_x"] = ((self.max_tokens * self.top_k, H), dtype)
         return buffers
 
+    def send_order(self, rank: int, device=None) -> torch.Tensor:
+        """[W * L] int64: the (destination, expert slot) pairs, as destination * L + slot, in the
+        order `rank` sends their chunks: slot by slot (the order destinations compute their experts
+        in), and for each, to destinations rank, rank + 1, ... (mod W), so not every source sends to
+        the same GPU at once."""
+        W, L = self.world_size, self.local_experts
+        dests = (rank + torch.arange(W, device=device)) % W
+        return (dests * L + torch.arange(L, device=device)[:, None]).reshape(W * L)
+
     def trace_rows(self, tokens: int, programs: int) -> int:
         """Rows of a kernel trace of one forward with `tokens` tokens: one per program, one per task."""
         pairs = self.world_size * self.local_experts
@@ -120,14 +129,10 @@ class RoutingPlan:
 
 
 def routing_plan(x: torch.Tensor, router_weight: torch.Tensor, positions: torch.Tensor,
-                 config: MoEConfig, geo: Geometry, rank: int) -> RoutingPlan:
-    """x: [T, H] on `rank`; positions: [E] int64 (placement). Torch ops only, no host synchronisation.
-
-    Chunks are sent expert slot by expert slot (the order destinations compute their experts in),
-    and for each, to destinations rank, rank + 1, ... (mod W), so not every source sends to the
-    same GPU at once."""
+                 config: MoEConfig, geo: Geometry, send_order: torch.Tensor) -> RoutingPlan:
+    """x: [T, H]; positions: [E] int64 (placement); send_order: geo.send_order(this rank), on x's
+    device. Torch ops only, no host synchronisation."""
     T, K, E, L, BM = x.shape[0], config.top_k, config.num_experts, geo.local_experts, geo.CHUNK
-    W = geo.world_size
     dev = x.device
     r = route(x, router_weight, config)
     flat = positions[r.experts].reshape(-1)
@@ -148,8 +153,6 @@ def routing_plan(x: torch.Tensor, router_weight: torch.Tensor, positions: torch.
     slot_row = torch.where(live, region_off[pos] + rank_in_pos, -1)
     slot_flag = torch.where(live, pos * geo.MAXC + rank_in_pos // BM, -1)
     n_send = triton.cdiv(T * K, BM) + E
-    dests = (rank + torch.arange(W, device=dev)) % W
-    send_order = (dests * L + torch.arange(L, device=dev)[:, None]).reshape(E)  # [L, W] slot-major
     in_order = nchunks[send_order]
     cum = torch.cumsum(in_order, 0)
     q = torch.arange(n_send, device=dev)
@@ -204,6 +207,7 @@ class FlashBackend:
         self.h_flags = torch.zeros(geo.MAXQ, geo.NF, dtype=torch.int32, device=dev)
         self.comb_expect = torch.zeros(geo.world_size, geo.local_experts, geo.MAXC, dtype=torch.int64,
                                        device=dev)
+        self.send_order = geo.send_order(layer.rank, dev)
         self.ctl = torch.tensor([1, 0, 0, 0], dtype=torch.int64, device=dev)
         self.status = torch.zeros(8, dtype=torch.int64, device=dev)
         self.status_host = torch.zeros(8, dtype=torch.int64).pin_memory()
@@ -212,7 +216,8 @@ class FlashBackend:
         # A round of the bounded spin polls a flag in local memory: well under a microsecond.
         self.spin_limit = max(1, int(timeout_s * 2e6))
         self.failed: str | None = None
-        # Launch overrides for tuning (keys of launch_fused: block_m, block_n, num_warps, stages, group).
+        # Launch overrides for tuning (keys of launch_fused: block_m, block_n, num_warps, stages, group,
+        # dispatch_programs).
         self.tuning: dict = {}
         # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), 4] tensor here makes each
         # launch record its tasks' timestamps into it (kernels/fused_moe.py).
@@ -263,7 +268,8 @@ class FlashBackend:
     def _launch(self, x: torch.Tensor, copy_status: bool = False):
         """Routing plan + one kernel launch for x: [T, H] (T may be 0). -> (out, stats)."""
         layer, geo = self.layer, self.geo
-        plan = routing_plan(x, layer.router_weight, layer.expert_positions, layer.config, geo, layer.rank)
+        plan = routing_plan(x, layer.router_weight, layer.expert_positions, layer.config, geo,
+                            self.send_order)
         out = torch.empty_like(x)
         self.comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
         # Taller expert tiles, and twice as wide GEMM2 tiles, once an expert gets enough rows (on
