@@ -10,8 +10,6 @@ long programs waited for the count words; one table per rank, JSON with --out.
         --transport p2p nvshmem --out trace.json"""
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -25,7 +23,7 @@ from flashmoe_py.heap import heap_bytes_for  # noqa: E402
 from flashmoe_py.kernels.fused_moe import (TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT,  # noqa: E402
                                            TASK_PUBLISH, WAITED_COUNTS)
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
-from layer import git_commit  # noqa: E402
+from layer import save_rows  # noqa: E402
 
 KINDS = {TASK_PUBLISH.value: "publish", TASK_DISPATCH.value: "dispatch", TASK_FFN_IN.value: "ffn_in",
          TASK_FFN_OUT.value: "ffn_out", TASK_COMBINE.value: "combine", WAITED_COUNTS.value: "wait_counts"}
@@ -129,10 +127,7 @@ def main():
             if layer.backend.name == "flash":
                 layer.backend.close()
     if rt.rank == 0 and args.out:
-        meta = {"device": torch.cuda.get_device_name(), "commit": git_commit(),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": results}, f, indent=1)
+        save_rows(args.out, results)
     fm.finalize()
 
 

@@ -12,7 +12,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -192,6 +191,14 @@ def git_commit() -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def save_rows(path: str, rows: list) -> None:
+    """{"meta": {device, commit, date}, "rows": rows} as JSON at path (GPU scripts' results)."""
+    meta = {"device": torch.cuda.get_device_name(), "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

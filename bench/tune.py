@@ -4,23 +4,22 @@ reference, then timed (CUDA events, median over iterations and two input sets, m
     torchrun --nproc-per-node N bench/tune.py --preset mixtral_8x7b --tokens 4096 16384 \\
         --settings 128,8,3,8,256 128,8,3,8,128 [--out tune.json]
 
-A setting is block_m,num_warps,stages,group[,block_n[,dispatch_programs]] (see flashmoe_py.kernels.fused_moe.launch_fused)."""
+A setting is block_m,num_warps,stages,group[,block_n[,dispatch_programs]] (see
+flashmoe_py.kernels.fused_moe.launch_fused)."""
 
 import argparse
-import datetime
 import json
 import os
 import statistics
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py.heap import heap_bytes_for  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
-from layer import CHECK_TOKENS, Timer, git_commit, max_over_ranks, rel_err  # noqa: E402
+from layer import CHECK_TOKENS, Timer, max_over_ranks, rel_err, save_rows  # noqa: E402
 
 KEYS = ("block_m", "num_warps", "stages", "group", "block_n", "dispatch_programs")
 
@@ -61,10 +60,7 @@ def main():
                     print(json.dumps(rows[-1]), flush=True)
             layer.backend.close()
     if rt.rank == 0 and args.out:
-        meta = {"device": torch.cuda.get_device_name(), "commit": git_commit(),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        save_rows(args.out, rows)
     fm.finalize()
 
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import MAX_TOP_K
+
 MAX_EXPERTS = 256  # the whole row of logits lives in registers
 
 
@@ -71,8 +73,8 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
                          f"{router_weight.dtype} {tuple(router_weight.shape)}")
     if not 1 <= E <= MAX_EXPERTS:
         raise ValueError(f"router_weight has {E} experts; the router kernel takes 1..{MAX_EXPERTS}")
-    if not 1 <= top_k <= min(8, E):
-        raise ValueError(f"top_k={top_k}: expected 1..min(8, {E})")
+    if not 1 <= top_k <= min(MAX_TOP_K, E):
+        raise ValueError(f"top_k={top_k}: expected 1..min({MAX_TOP_K}, {E})")
     if block_t is not None and (block_t < 16 or triton.next_power_of_2(block_t) != block_t):
         raise ValueError(f"block_t={block_t}: expected a power of two >= 16")
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
