@@ -313,7 +313,8 @@ def main(argv=None):
             rows.append(row)
         if progress:
             progress.update()
-        if gpu:  # a finished point's layer sits in a reference cycle (backend <-> layer): free it now
+        if gpu:  # whatever a finished point left in reference cycles goes before the next allocates
+            # (a backend <-> layer cycle, broken since, once kept deepseek layers alive until OOM)
             gc.collect()
             torch.cuda.empty_cache()
     if progress:

@@ -169,6 +169,27 @@ def test_bad_input_raises_on_every_rank(dist_pools, kind, field):
     assert not ok1 and err1[0] == "PeerInputError" and "rank(s) [0]" in err1[1]
 
 
+def dropped_layer_is_freed(rank, world, cfg: dict):
+    """A layer the caller lets go of is freed at once, without the garbage collector (its weights
+    are GPU memory): -> whether it was."""
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        cfg = MoEConfig.from_dict(cfg)
+        layer = MoELayer(cfg)
+        layer(torch.randn(5, cfg.hidden_size))
+        ref = weakref.ref(layer)
+        del layer
+        return ref() is None
+    finally:
+        gc.enable()
+
+
+def test_a_dropped_layer_is_freed_without_the_garbage_collector(dist_pools):
+    assert dist_pools(2).run(dropped_layer_is_freed, MoEConfig(**SMALL, top_k=2).to_dict()) == [True, True]
+
+
 def test_bad_input_single_rank(dist_pools):
     with pytest.raises(RankError, match="hidden_size=32"):
         dist_pools(1).run(bad_forward, MoEConfig(**SMALL, top_k=2).to_dict(), 0, "hidden")

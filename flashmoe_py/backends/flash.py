@@ -6,6 +6,7 @@ reached through peer addresses (transport "p2p") or NVSHMEM's device API ("nvshm
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -187,7 +188,7 @@ class FlashBackend:
         from ..heap import SymmetricHeap
         self.rt = rt = runtime.require_fused()
         cfg = layer.config
-        self.layer = layer
+        self.layer = weakref.proxy(layer)  # the layer owns the backend: no cycle to keep it alive
         self.geo = geo = Geometry.for_config(cfg, layer.world_size, max_tokens_per_rank)
         self.transport = transport
         buffers = geo.symmetric_buffers(cfg.torch_dtype, transport)

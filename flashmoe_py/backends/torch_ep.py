@@ -6,6 +6,7 @@ host synchronisation per forward is inherent to it: the all-to-all split sizes m
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -64,7 +65,7 @@ class TorchEPBackend:
     name = "torch"
 
     def __init__(self, layer):
-        self.layer = layer
+        self.layer = weakref.proxy(layer)  # the layer owns the backend: no cycle to keep it alive
 
     def forward(self, x: torch.Tensor, error: str | None):
         """x: [T, hidden] in the layer's dtype and device, or anything when `error` says why it was
