@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py.heap import heap_bytes_for  # noqa: E402
 from flashmoe_py.kernels.fused_moe import (TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT,  # noqa: E402
-                                           TASK_PUBLISH, WAITED_COUNTS)
+                                           TASK_PUBLISH, TRACE_COLS, WAITED_COUNTS)
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 from layer import save_rows  # noqa: E402
 
@@ -30,22 +30,27 @@ KINDS = {TASK_PUBLISH.value: "publish", TASK_DISPATCH.value: "dispatch", TASK_FF
 
 
 def summarize(trace: list[list[int]]) -> dict:
-    """trace: rows (program, kind, start_ns, end_ns) of one launch (unwritten rows: program -1).
-    -> {"span_us", "programs", "busy", kinds: {name: {n, first_start_us, last_end_us, median_us,
-    sum_us}}}; times relative to the earliest start; busy: task time / (programs * span)."""
+    """trace: rows (program, kind, start_ns, ready_ns, done_ns, end_ns) of one launch (unwritten
+    rows: program -1; kernels/fused_moe.py). -> {"span_us", "programs", "busy", kinds: {name: {n,
+    first_start_us, last_end_us, median_us, sum_us, wait_us, math_us, tail_us}}}; times relative
+    to the earliest start; wait/math/tail: medians of start->ready, ready->done, done->end;
+    busy: task time / (programs * span)."""
     rows = [r for r in trace if r[0] >= 0]
     if not rows:
         raise ValueError("the trace holds no rows: was the kernel launched with it?")
     t0 = min(r[2] for r in rows)
-    span = max(r[3] for r in rows) - t0
+    span = max(r[5] for r in rows) - t0
     programs = len({r[0] for r in rows})
     kinds = {}
     for code, name in KINDS.items():
-        durs = [(r[3] - r[2]) / 1e3 for r in rows if r[1] == code]
-        if durs:
-            kinds[name] = {"n": len(durs), "first_start_us": min(r[2] - t0 for r in rows if r[1] == code) / 1e3,
-                           "last_end_us": max(r[3] - t0 for r in rows if r[1] == code) / 1e3,
-                           "median_us": statistics.median(durs), "sum_us": sum(durs)}
+        mine = [r for r in rows if r[1] == code]
+        if mine:
+            def median_us(a, b):
+                return statistics.median((r[b] - r[a]) / 1e3 for r in mine)
+            kinds[name] = {"n": len(mine), "first_start_us": (min(r[2] for r in mine) - t0) / 1e3,
+                           "last_end_us": (max(r[5] for r in mine) - t0) / 1e3, "median_us": median_us(2, 5),
+                           "sum_us": sum(r[5] - r[2] for r in mine) / 1e3, "wait_us": median_us(2, 3),
+                           "math_us": median_us(3, 4), "tail_us": median_us(4, 5)}
     tasks = sum(v["sum_us"] for k, v in kinds.items() if k != "wait_counts")
     return {"span_us": span / 1e3, "programs": programs, "busy": tasks / (programs * span / 1e3),
             "kinds": kinds}
@@ -53,10 +58,12 @@ def summarize(trace: list[list[int]]) -> dict:
 
 def format_summary(s: dict) -> str:
     lines = [f"kernel span {s['span_us']:.1f} us over {s['programs']} programs, busy {s['busy']:.0%}",
-             f"{'kind':<12}{'n':>8}{'first_us':>10}{'last_us':>10}{'median_us':>11}{'per_prog_us':>12}"]
+             f"{'kind':<12}{'n':>8}{'first_us':>10}{'last_us':>10}{'median_us':>11}{'wait':>8}{'math':>8}"
+             f"{'tail':>8}{'per_prog_us':>12}"]
     for name, k in s["kinds"].items():
         lines.append(f"{name:<12}{k['n']:>8}{k['first_start_us']:>10.1f}{k['last_end_us']:>10.1f}"
-                     f"{k['median_us']:>11.2f}{k['sum_us'] / s['programs']:>12.1f}")
+                     f"{k['median_us']:>11.2f}{k['wait_us']:>8.2f}{k['math_us']:>8.2f}{k['tail_us']:>8.2f}"
+                     f"{k['sum_us'] / s['programs']:>12.1f}")
     return "\n".join(lines)
 
 
@@ -64,7 +71,7 @@ def trace_forward(layer, x, rt) -> dict:
     """One traced forward after warm-up (graph replays, as in the benchmark) -> summary."""
     backend = layer.backend
     rows = backend.geo.trace_rows(x.shape[0], backend.programs)
-    backend.trace = torch.full((rows, 4), -1, dtype=torch.int64, device=rt.device)
+    backend.trace = torch.full((rows, TRACE_COLS.value), -1, dtype=torch.int64, device=rt.device)
     for _ in range(5):
         layer(x)
     layer.synchronize()

@@ -66,16 +66,17 @@ def _summarize():
 
 def test_a_kernel_trace_is_summarised_per_task_kind():
     summarize = _summarize()
-    # (program, kind, start_ns, end_ns): two programs, kernel from t=1000 to t=11000 ns.
-    trace = [[0, 5, 1000, 1000], [1, 5, 1000, 3000],       # count-word waits (one row per program)
-             [0, 1, 1000, 2000], [1, 0, 1000, 1500],        # a dispatch chunk, the count publication
-             [0, 2, 2000, 6000], [1, 2, 3000, 9000],        # two ffn_in tiles: 4 and 6 us
-             [0, 4, 6000, 11000],                           # one combine tile
-             [-1, -1, -1, -1]]                              # a row no task wrote
+    # (program, kind, start, ready, done, end) in ns: two programs, kernel from t=1000 to t=11000.
+    trace = [[0, 5, 1000, 1000, 1000, 1000], [1, 5, 1000, 1000, 1000, 3000],  # count-word waits
+             [0, 1, 1000, 1000, 1000, 2000], [1, 0, 1000, 1000, 1000, 1500],  # a chunk, the counts
+             [0, 2, 2000, 2500, 5500, 6000], [1, 2, 3000, 3500, 8500, 9000],  # ffn_in tiles: 4, 6 us
+             [0, 4, 6000, 7000, 10000, 11000],                                 # one combine tile
+             [-1, -1, -1, -1, -1, -1]]                                         # a row no task wrote
     s = summarize(trace)
     assert s["span_us"] == 10.0 and s["programs"] == 2
     assert s["kinds"]["ffn_in"] == {"n": 2, "first_start_us": 1.0, "last_end_us": 8.0, "median_us": 5.0,
-                                    "sum_us": 10.0}
+                                    "sum_us": 10.0, "wait_us": 0.5, "math_us": 4.0, "tail_us": 0.5}
+    assert s["kinds"]["combine"]["wait_us"] == 1.0 and s["kinds"]["combine"]["tail_us"] == 1.0
     assert s["kinds"]["wait_counts"]["sum_us"] == 2.0 and "ffn_out" not in s["kinds"]
     assert s["busy"] == (1.0 + 0.5 + 10.0 + 5.0) / 20.0
 
@@ -83,4 +84,4 @@ def test_a_kernel_trace_is_summarised_per_task_kind():
 def test_an_empty_trace_is_an_error():
     import pytest
     with pytest.raises(ValueError, match="no rows"):
-        _summarize()([[-1, -1, -1, -1]])
+        _summarize()([[-1, -1, -1, -1, -1, -1]])

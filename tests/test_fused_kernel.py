@@ -15,7 +15,7 @@ import triton.language as tl
 from flashmoe_py import ExpertPlacement, MoEConfig, reference_forward
 from flashmoe_py.backends.flash import Geometry, routing_plan
 from flashmoe_py.kernels import transport
-from flashmoe_py.kernels.fused_moe import WAIT_COUNTS, _expert_tile, launch_fused
+from flashmoe_py.kernels.fused_moe import WAIT_COUNTS, _expert_tile, _tile_table, launch_fused
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter test (the GPU suite runs the kernel for real)")
@@ -138,6 +138,13 @@ def test_gemm2_tile_width_must_be_a_power_of_two_multiple_of_the_combine_tile():
         OneRank(cfg, max_tokens=8).forward(4, block_n=192)
 
 
+@pytest.mark.parametrize("block_m", [32, 96])
+def test_expert_tile_height_must_be_a_power_of_two_multiple_of_the_chunk(block_m):
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
+    with pytest.raises(ValueError, match=f"block_m={block_m}"):
+        OneRank(cfg, max_tokens=8).forward(4, block_m=block_m)
+
+
 def test_missing_peer_times_out_with_status():
     """Ranks 1 and 2 never run: rank 0's wait for their count words gives up and says which wait
     and the first rank it missed."""
@@ -153,7 +160,9 @@ def test_missing_peer_times_out_with_status():
 def _expert_tile_probe(q_ptr, words, out_ptr, W, L, S, BM: tl.constexpr, CHUNK: tl.constexpr,
                        W_POW2: tl.constexpr, L_POW2: tl.constexpr):
     q = tl.load(q_ptr + tl.program_id(0))
-    e, src, row, chunk, valid = _expert_tile(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
+    counts, tiles, cum, first, region = _tile_table(words, W, L, BM, CHUNK, W_POW2, L_POW2)
+    e, _, _, _, src, row, chunk, valid = _expert_tile(q, counts, tiles, cum, first, region, W, BM, CHUNK,
+                                                      W_POW2, L_POW2)
     i = tl.arange(0, BM)
     base = out_ptr + tl.program_id(0) * 4 * BM
     tl.store(base + i, tl.where(valid, src, -1))

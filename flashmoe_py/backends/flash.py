@@ -220,7 +220,7 @@ class FlashBackend:
         # Launch overrides for tuning (keys of launch_fused: block_m, block_n, num_warps, stages, group,
         # dispatch_programs).
         self.tuning: dict = {}
-        # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), 4] tensor here makes each
+        # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), TRACE_COLS] tensor here makes each
         # launch record its tasks' timestamps into it (kernels/fused_moe.py).
         self.trace: torch.Tensor | None = None
         self.cuda_graphs = cuda_graphs

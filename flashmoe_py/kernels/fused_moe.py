@@ -32,9 +32,10 @@ rounds); a timeout records (code, wait, peer, pair, chunk, epoch) in the status 
 program stops taking tasks.
 
 Trace (TRACE=True, for bench/kernel_profile.py): each program stamps this GPU's nanosecond clock
-around its tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done, counts acquired), row
-num_programs + task holds (pid, kind, start, end) with kind one of the TASK_* codes (compute
-tasks numbered after the front tasks).
+around its tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done, counts acquired, same,
+same), row num_programs + task holds (pid, kind, start, ready, math done, end) with kind one of the
+TASK_* codes (compute tasks numbered after the front tasks): ready when the task's waits are
+over, math done after its GEMM loop (combine: after its weighted sum; front tasks: both = start).
 
 Epochs: ctl[0] holds the call number (from 1). Flags store it, so none is reset. Count words are
 double-buffered by epoch parity: a fast peer may publish call n+1's counts while a slow program
@@ -48,9 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .transport import (TRANSPORTS, add_count, nvshmem_device_library, nvshmem_launch, puts_complete,
-                        rows_landed, rows_sent, rows_target, send_tile, set_count_words, signal,
-                        wait_at_least)
+from .transport import (NVSHMEM, TRANSPORTS, add_count, nvshmem_device_library, nvshmem_launch, order_counts,
+                        puts_complete, rows_landed, rows_sent, rows_target, send_tile, set_count_words,
+                        signal, wait_at_least)
 
 # Status word codes for the wait that timed out (Python reads .value).
 WAIT_COUNTS = tl.constexpr(1)
@@ -65,6 +66,7 @@ TASK_FFN_IN = tl.constexpr(2)
 TASK_FFN_OUT = tl.constexpr(3)
 TASK_COMBINE = tl.constexpr(4)
 WAITED_COUNTS = tl.constexpr(5)
+TRACE_COLS = tl.constexpr(6)  # int64 words per trace row
 
 
 @triton.jit
@@ -75,14 +77,16 @@ def _now():
 
 
 @triton.jit
-def _stamp(trace_ptr, row, kind, start, TRACE: tl.constexpr):
-    """Trace row `row` := (this program, kind, start, now) when tracing."""
+def _stamp(trace_ptr, row, kind, start, ready, done, TRACE: tl.constexpr):
+    """Trace row `row` := (this program, kind, start, ready, done, now) when tracing."""
     if TRACE:
-        p = trace_ptr + row.to(tl.int64) * 4
+        p = trace_ptr + row.to(tl.int64) * TRACE_COLS
         tl.store(p, tl.program_id(0).to(tl.int64))
         tl.store(p + 1, tl.cast(kind, tl.int64))
         tl.store(p + 2, start)
-        tl.store(p + 3, _now())
+        tl.store(p + 3, ready)
+        tl.store(p + 4, done)
+        tl.store(p + 5, _now())
 
 
 @triton.jit
@@ -168,31 +172,42 @@ def _count_table(words, W, L, W_POW2: tl.constexpr, L_POW2: tl.constexpr):
 
 
 @triton.jit
-def _expert_sources(q, words, W, L, BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr,
-                    L_POW2: tl.constexpr):
-    """Expert tile q (BM rows) -> (local expert e, tile index c within e, and per source rank
-    [W_POW2]: rows of e it sent, the first of them in e's numbering, their offset in its region).
-    Rows of expert e are numbered source by source; each pair's rows start at a CHUNK-aligned
-    offset of its source's region."""
+def _tile_table(words, W, L, BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr,
+                L_POW2: tl.constexpr):
+    """The count words (acquired), as each program keeps them in registers for the call ->
+    counts [W_POW2, L_POW2] int32: rows each source sends each local expert; tiles [L_POW2]:
+    BM-row tiles of each expert; cum [L_POW2]: their inclusive prefix sum (expert tiles are
+    numbered expert by expert); first [W_POW2, L_POW2]: each pair's first row in its expert's
+    numbering (rows numbered source by source); region [W_POW2, L_POW2]: each pair's offset in
+    its source's region (pairs CHUNK-aligned, expert by expert)."""
     counts = _count_table(words, W, L, W_POW2, L_POW2)
-    e_idx = tl.arange(0, L_POW2)
     tiles = (tl.sum(counts, axis=0) + BM - 1) // BM
-    cum = tl.cumsum(tiles, 0)
+    padded = (counts + CHUNK - 1) // CHUNK * CHUNK
+    return counts, tiles, tl.cumsum(tiles, 0), tl.cumsum(counts, 0) - counts, tl.cumsum(padded, 1) - padded
+
+
+@triton.jit
+def _expert_sources(q, counts, tiles, cum, first_all, region_all, L_POW2: tl.constexpr):
+    """Expert tile q of a _tile_table -> (local expert e, tile index c within e, and per source
+    rank [W_POW2]: rows of e it sent, the first of them in e's numbering, their offset in its
+    region)."""
+    e_idx = tl.arange(0, L_POW2)
     e = tl.sum((cum <= q).to(tl.int32))
-    c = q - tl.sum(tl.where(e_idx < e, tiles, 0))
-    cols = e_idx[None, :]
-    per_src = tl.sum(tl.where(cols == e, counts, 0), axis=1)  # [W_POW2]
-    region = tl.sum(tl.where(cols < e, (counts + CHUNK - 1) // CHUNK * CHUNK, 0), axis=1)
-    first = tl.cumsum(per_src, 0) - per_src
+    pick = e_idx == e
+    c = q - tl.sum(tl.where(pick, cum - tiles, 0))
+    per_src = tl.sum(tl.where(pick[None, :], counts, 0), axis=1)
+    first = tl.sum(tl.where(pick[None, :], first_all, 0), axis=1)
+    region = tl.sum(tl.where(pick[None, :], region_all, 0), axis=1)
     return e, c, per_src, first, region
 
 
 @triton.jit
-def _expert_tile(q, words, W, L, BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr,
-                 L_POW2: tl.constexpr):
-    """Expert tile q (BM rows) -> (local expert e, and per row: source rank, row in that source's
-    region, CHUNK-chunk of the (source, e) pair, valid); see _expert_sources."""
-    e, c, per_src, first, region = _expert_sources(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
+def _expert_tile(q, counts, tiles, cum, first_all, region_all, W, BM: tl.constexpr, CHUNK: tl.constexpr,
+                 W_POW2: tl.constexpr, L_POW2: tl.constexpr):
+    """Expert tile q (BM rows) of a _tile_table -> (e, c, per_src, first as _expert_sources, and
+    per row: source rank, row in that source's region, CHUNK-chunk of the (source, e) pair,
+    valid)."""
+    e, c, per_src, first, region = _expert_sources(q, counts, tiles, cum, first_all, region_all, L_POW2)
     j = c * BM + tl.arange(0, BM)
     valid = j < tl.sum(per_src)
     s_idx = tl.arange(0, W_POW2)[None, :]
@@ -200,19 +215,24 @@ def _expert_tile(q, words, W, L, BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: 
     pick = s_idx == src[:, None]
     r = j - tl.sum(tl.where(pick, first[None, :], 0), axis=1)
     row = tl.sum(tl.where(pick, region[None, :], 0), axis=1) + r
-    return e, src, row, r // CHUNK, valid
+    return e, c, per_src, first, src, row, r // CHUNK, valid
 
 
 @triton.jit
-def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag_ptr, status_ptr,
-                epoch, spin_limit, W, L, H, F, S, MAXC, NF,
+def ffn_in_tile(q, j, counts, tiles, cum, first_all, region_all, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr,
+                h_flag_ptr, status_ptr, epoch, spin_limit, W, L, H, F, S, MAXC, NF,
                 ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
                 CHUNK: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr,
-                STAGES: tl.constexpr):
-    """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived."""
-    e, src, row, chunk, valid = _expert_tile(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
+                STAGES: tl.constexpr, TRACE: tl.constexpr):
+    """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived
+    (counts .. region_all: the call's _tile_table). -> (ready, done) clock stamps when TRACE
+    (module docstring), else zeros."""
+    e, _, _, _, src, row, chunk, valid = _expert_tile(q, counts, tiles, cum, first_all, region_all, W, BM,
+                                                      CHUNK, W_POW2, L_POW2)
     flags = chunk_flag_ptr + (src * L + e) * MAXC + chunk
-    short = wait_at_least(flags, valid, epoch, spin_limit)
+    short = wait_at_least(flags, valid, epoch, spin_limit, "sys")
+    ready = _now() if TRACE else 0
+    done = ready
     if tl.sum(short.to(tl.int32)) > 0:
         _report_timeout(status_ptr, WAIT_CHUNK, tl.min(tl.where(short, src, W)), e, q, epoch)
     else:
@@ -234,62 +254,81 @@ def ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag
             if GATED:
                 b2 = tl.load(w_base + k[:, None] * F_IN + F + f[None, :], mask=wm, other=0.0)
                 up = tl.dot(a, b2, up, input_precision=PRECISION)
+        done = _now() if TRACE else 0
         h = _activate(gate, up, ACT)
         tl.store(h_ptr + r[:, None] * F + f[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=valid[:, None] & fmask[None, :])
-        signal(h_flag_ptr + q * NF + j, epoch.to(tl.int32))
+        signal(h_flag_ptr + q * NF + j, epoch.to(tl.int32), "gpu")  # h and its readers: this GPU
+    return ready, done
 
 
 @triton.jit
-def count_tile_rows(q, n, words, comb_count_peers, comb_count_ptr, rank, W, L, MAXC, NN,
-                    BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr,
-                    SPLIT: tl.constexpr, TRANSPORT: tl.constexpr):
-    """Expert tile q's rows of GEMM2 column tile n (SPLIT combine column tiles of BN: n * SPLIT ..,
-    those < NN), sent by ffn_out_tile, are counted at their sources: once every thread's rows have
-    landed, one count per (source, chunk) run of the tile's rows and combine column tile, from one
-    thread. Counters are kept per combine column tile whatever the GEMM2 tile width, so calls
-    with different widths share them."""
+def count_tile_rows(e, c, per_src, first, n, comb_count_peers, comb_count_ptr, rank, L, MAXC, NN,
+                    BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr, SPLIT: tl.constexpr,
+                    TRANSPORT: tl.constexpr, FENCE: tl.constexpr):
+    """Tile c of local expert e (per_src, first: _expert_sources), its rows of GEMM2 column tile n
+    (SPLIT combine column tiles of BN: n * SPLIT .., those < NN) sent by ffn_out_tile, are counted
+    at their sources: once every thread's rows have landed, one count per (source, chunk) run of
+    the tile's rows and combine column tile. P2P adds them all at once, behind one system-scope
+    fence (FENCE: transport.release_fence); NVSHMEM signals them one by one from one thread.
+    Counters are kept per combine column tile whatever the GEMM2 tile width, so calls with
+    different widths share them. BM: a power-of-two multiple of CHUNK."""
     rows_landed(TRANSPORT)
     tl.debug_barrier()
-    e, c, per_src, first, _ = _expert_sources(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
+    order_counts(TRANSPORT, FENCE)
+    lo = tl.maximum(c * BM - first, 0)  # the tile's rows of each source, in the pair's numbering
+    hi = tl.minimum((c + 1) * BM - first, per_src)
     s_idx = tl.arange(0, W_POW2)
-    for s in range(W):
-        n_s = tl.sum(tl.where(s_idx == s, per_src, 0))
-        f_s = tl.sum(tl.where(s_idx == s, first, 0))
-        lo = tl.maximum(c * BM - f_s, 0)  # this tile's rows of source s, in the pair's numbering
-        hi = tl.minimum((c + 1) * BM - f_s, n_s)
-        for k in range(lo // CHUNK, (hi + CHUNK - 1) // CHUNK):
-            rows = (tl.minimum(hi, (k + 1) * CHUNK) - tl.maximum(lo, k * CHUNK)).to(tl.int64)
-            for half in tl.static_range(SPLIT):
-                if n * SPLIT + half < NN:
-                    slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n * SPLIT + half
-                    add_count(comb_count_peers, comb_count_ptr, slot, rows, s, TRANSPORT)
+    if TRANSPORT == NVSHMEM:
+        for s in range(W_POW2):
+            lo_s = tl.sum(tl.where(s_idx == s, lo, 0))
+            hi_s = tl.sum(tl.where(s_idx == s, hi, 0))
+            for k in range(lo_s // CHUNK, (hi_s + CHUNK - 1) // CHUNK):
+                rows = (tl.minimum(hi_s, (k + 1) * CHUNK) - tl.maximum(lo_s, k * CHUNK)).to(tl.int64)
+                for half in tl.static_range(SPLIT):
+                    if n * SPLIT + half < NN:
+                        slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n * SPLIT + half
+                        add_count(comb_count_peers, comb_count_ptr, slot, rows, s, True, TRANSPORT, FENCE)
+    else:
+        KMAX: tl.constexpr = 2 * BM // CHUNK  # chunks a tile's rows of one source can touch, and more
+        k = (lo // CHUNK)[:, None] + tl.arange(0, KMAX)[None, :]
+        rows = tl.minimum(hi[:, None], (k + 1) * CHUNK) - tl.maximum(lo[:, None], k * CHUNK)
+        live = rows > 0
+        pe = tl.where(live, s_idx[:, None], rank)  # a valid rank for every element
+        for half in tl.static_range(SPLIT):
+            if n * SPLIT + half < NN:
+                slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n * SPLIT + half
+                add_count(comb_count_peers, comb_count_ptr, slot, rows.to(tl.int64), pe, live, TRANSPORT, FENCE)
 
 
 @triton.jit
-def ffn_out_tile(q, n, pend_q, pend_n, words, h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers,
-                 comb_count_peers, recv_x_ptr, combine_y_ptr, comb_count_ptr,
-                 status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC, NF, NN,
+def ffn_out_tile(q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, tiles, cum, first_all, region_all,
+                 h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers, recv_x_ptr, combine_y_ptr,
+                 comb_count_ptr, status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC, NF, NN,
                  PRECISION: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr,
                  BN_OUT: tl.constexpr, BK: tl.constexpr,
                  W_POW2: tl.constexpr, L_POW2: tl.constexpr, NF_POW2: tl.constexpr,
-                 STAGES: tl.constexpr, TRANSPORT: tl.constexpr):
+                 STAGES: tl.constexpr, TRANSPORT: tl.constexpr, FENCE: tl.constexpr, TRACE: tl.constexpr):
     """y[rows of expert tile q, n-tile (BN_OUT columns)] = h_rows @ w_out[e][:, n-tile] once all f-tiles of h are
     written, sent into each row's source rank (its combine_y region for this rank mirrors
-    recv_x). The program's previous tile (pend_q, pend_n; pend_q < 0: none) is counted between
-    this tile's GEMM and its sends. -> the tile left to count: (q, n), int64.
+    recv_x). The program's previous tile (pend_*: count_tile_rows's e, c, per_src, first, n;
+    pend_e < 0: none) is counted between this tile's GEMM and its sends. -> (the tile left to
+    count, as pend_*; ready, done clock stamps when TRACE, else zeros).
 
     P2P stores the rows there; NVSHMEM stages the tile in recv_x's rows of the tile (their x is
     consumed: every f-tile of h is done) and puts each row from its own thread."""
-    e, src, row, chunk, valid = _expert_tile(q, words, W, L, BM, CHUNK, W_POW2, L_POW2)
+    e, c, per_src, first, src, row, chunk, valid = _expert_tile(q, counts, tiles, cum, first_all, region_all,
+                                                                W, BM, CHUNK, W_POW2, L_POW2)
     r = (src * S + row).to(tl.int64)
     cols = n * BN_OUT + tl.arange(0, BN_OUT)
     cmask = cols < H
     w_base = w_out_ptr + e.to(tl.int64) * F * H
     acc = tl.zeros((BM, BN_OUT), dtype=tl.float32)
     f_tiles = tl.arange(0, NF_POW2)
-    short = wait_at_least(h_flag_ptr + q * NF + f_tiles, f_tiles < NF, epoch.to(tl.int32), spin_limit)
+    short = wait_at_least(h_flag_ptr + q * NF + f_tiles, f_tiles < NF, epoch.to(tl.int32), spin_limit,
+                          "gpu")
     ok = tl.sum(short.to(tl.int32)) == 0
+    ready = _now() if TRACE else 0
     if ok:
         for k0 in tl.range(0, F, BK, num_stages=STAGES):
             f = k0 + tl.arange(0, BK)
@@ -299,26 +338,29 @@ def ffn_out_tile(q, n, pend_q, pend_n, words, h_ptr, w_out_ptr, h_flag_ptr, comb
             b = tl.load(w_base + f[:, None] * H + cols[None, :], mask=fmask[:, None] & cmask[None, :],
                         other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    done = _now() if TRACE else 0
     if not ok:
         _report_timeout(status_ptr, WAIT_HIDDEN, rank, e, q, epoch)
     else:
-        if pend_q >= 0:
-            count_tile_rows(pend_q, pend_n, words, comb_count_peers, comb_count_ptr, rank, W, L, MAXC,
-                            NN, BM, CHUNK, W_POW2, L_POW2, BN_OUT // BN, TRANSPORT)
+        if pend_e >= 0:
+            count_tile_rows(pend_e, pend_c, pend_rows, pend_first, pend_n, comb_count_peers, comb_count_ptr,
+                            rank, L, MAXC, NN, BM, CHUNK, W_POW2, BN_OUT // BN, TRANSPORT, FENCE)
         # recv_x's rows of this tile are the staging space: their x is consumed (every f-tile of h
         # is done) and the source sends nothing new into them before these rows reach it.
         send_tile(acc, combine_y_peers, combine_y_ptr, (rank * S + row).to(tl.int64),
                   tl.where(valid, src, rank), recv_x_ptr, r, valid, n * BN_OUT, H, BN_OUT, TRANSPORT)
-    return tl.where(ok, q, pend_q).to(tl.int64), tl.where(ok, n, pend_n).to(tl.int64)
+    return (tl.where(ok, e, pend_e), tl.where(ok, c, pend_c), tl.where(ok, per_src, pend_rows),
+            tl.where(ok, first, pend_first), tl.where(ok, n, pend_n), ready, done)
 
 
 @triton.jit
 def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr, slot_dest_ptr,
                  slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch, spin_limit, T, H, S, NN, W,
-                 TOP_K: tl.constexpr, K_POW2: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
+                 TOP_K: tl.constexpr, K_POW2: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+                 TRACE: tl.constexpr):
     """out[tokens, n-tile] = sum_k w[t, k] * y[slot(t, k), n-tile] for BT tokens, once each slot's
     chunk counter has reached the rows this rank expects in it (one wait for all BT x TOP_K slots,
-    then every row's load can be in flight at once)."""
+    then every row's load can be in flight at once). -> (ready, done) clock stamps when TRACE."""
     t = tt * BT + tl.arange(0, BT)
     tmask = t < T
     cols = n * BN + tl.arange(0, BN)
@@ -329,8 +371,9 @@ def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
     live = dest >= 0
     chunk = tl.load(slot_flag_ptr + slots, mask=live, other=0).to(tl.int64)
     expect = tl.load(comb_expect_ptr + chunk, mask=live, other=0)
-    short = wait_at_least(comb_count_ptr + chunk * NN + n, live, expect, spin_limit)
+    short = wait_at_least(comb_count_ptr + chunk * NN + n, live, expect, spin_limit, "sys")
     missing = tl.min(tl.where(short, dest, W))  # the lowest rank whose rows did not come back (W: none)
+    ready = _now() if TRACE else 0
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     for kk in tl.static_range(TOP_K):
         s = t.to(tl.int64) * TOP_K + kk
@@ -341,10 +384,12 @@ def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
         y = tl.load(combine_y_ptr + (d.to(tl.int64) * S + row)[:, None] * H + cols[None, :],
                     mask=ok[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
         acc += w[:, None] * y.to(tl.float32)
+    done = _now() if TRACE else 0
     if missing < W:
         _report_timeout(status_ptr, WAIT_COMBINE, missing, -1, tt, epoch)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=tmask[:, None] & cmask[None, :])
+    return ready, done
 
 
 @triton.jit(do_not_specialize=["T", "spin_limit", "rank", "SEND_CHUNKS", "DISPATCH_PROGRAMS"])
@@ -361,7 +406,7 @@ def fused_moe_kernel(
         CHUNK: tl.constexpr,
         BN: tl.constexpr, BN_OUT: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         NF_POW2: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr, TRANSPORT: tl.constexpr,
-        TRACE: tl.constexpr):
+        FENCE: tl.constexpr, TRACE: tl.constexpr):
     """See the module docstring. Shapes (E = W * L pairs in (rank, slot) order, K = TOP_K):
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H];
     send_tok: [T*K] int32 (token of each sorted slot); pos_start, send_counts, region_off: [E] int32;
@@ -371,7 +416,8 @@ def fused_moe_kernel(
     int64; combine counters [W, L, MAXC, NN] int64; send_x [T*K, H] (TRANSPORT NVSHMEM; any
     buffer otherwise); local: h [W, S, F]; h flags [MAXQ, NF] int32; ctl: [4] int64 (epoch, front
     task counter, programs done, compute task counter); status: [8] int64; trace: [num_programs +
-    tasks, 4] int64 (TRACE)."""
+    tasks, TRACE_COLS] int64 (TRACE). FENCE: the GPU runs PTX (not the interpreter), so a release
+    fence can publish several counts (transport.release_fence)."""
     NF = tl.cdiv(F, BF)
     NN = tl.cdiv(H, BN)  # combine column tiles (and combine counters per chunk)
     NN_OUT = tl.cdiv(H, BN_OUT)  # GEMM2 column tiles
@@ -391,7 +437,7 @@ def fused_moe_kernel(
                            region_off_ptr, chunk_pos_ptr, chunk_c_ptr, recv_x_peers, chunk_flag_peers,
                            recv_x_ptr, send_x_ptr, chunk_flag_ptr, epoch, rank, H, S, L, MAXC, CHUNK, BN,
                            TRANSPORT)
-        _stamp(trace_ptr, P + task, tl.minimum(task, TASK_DISPATCH), start, TRACE)
+        _stamp(trace_ptr, P + task, tl.minimum(task, TASK_DISPATCH), start, start, start, TRACE)
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
@@ -401,53 +447,62 @@ def fused_moe_kernel(
     start = _now() if TRACE else 0
     idx = tl.arange(0, E_POW2)
     pairs = idx < W * L * healthy.to(tl.int32)  # nothing to wait for once a program has failed
-    short = wait_at_least(words + idx, pairs, epoch << 32, spin_limit)
+    short = wait_at_least(words + idx, pairs, epoch << 32, spin_limit, "sys")
     n_short = tl.sum(short.to(tl.int32))
     if n_short > 0:
         _report_timeout(status_ptr, WAIT_COUNTS, tl.min(tl.where(short, idx // L, W)), -1, -1, epoch)
     healthy = healthy & (n_short == 0)
-    _stamp(trace_ptr, tl.program_id(0), WAITED_COUNTS, start, TRACE)
-    tiles = tl.sum((tl.sum(_count_table(words, W, L, W_POW2, L_POW2), axis=0) + BM - 1) // BM)
-    n_in = tiles * NF
-    n_out = tiles * NN_OUT
+    _stamp(trace_ptr, tl.program_id(0), WAITED_COUNTS, start, start, start, TRACE)
+    counts, tiles, cum, first_all, region_all = _tile_table(words, W, L, BM, CHUNK, W_POW2, L_POW2)
+    n_tiles = tl.sum(tiles)
+    n_in = n_tiles * NF
+    n_out = n_tiles * NN_OUT
     n_comb = tl.cdiv(T, BT) * NN
-    pend_q = tl.full((), -1, tl.int64)  # this program's GEMM2 tile whose rows are not counted yet
+    # This program's GEMM2 tile whose rows are not counted yet (count_tile_rows's arguments; none
+    # while pend_e < 0).
+    pend_e = tl.full((), -1, tl.int32)
+    pend_c = tl.full((), 0, tl.int64)
+    pend_rows = tl.zeros((W_POW2,), dtype=tl.int32)
+    pend_first = tl.zeros((W_POW2,), dtype=tl.int32)
     pend_n = tl.full((), 0, tl.int64)
     task = n_front + tl.atomic_add(ctl_ptr + 3, 1, sem="relaxed")
     while (task < n_front + n_in + n_out + n_comb) & healthy:
         start = _now() if TRACE else 0
+        ready = start
+        done = start
         q = task - n_front
         if q < n_in:
-            q, j = _grouped(q, tiles, NF, GROUP)
-            ffn_in_tile(q, j, words, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr, h_flag_ptr,
-                        status_ptr, epoch, spin_limit, W, L, H, F, S, MAXC, NF,
-                        ACT, GATED, PRECISION, BM, CHUNK, BF, BK, W_POW2, L_POW2, STAGES)
+            q, j = _grouped(q, n_tiles, NF, GROUP)
+            ready, done = ffn_in_tile(q, j, counts, tiles, cum, first_all, region_all, recv_x_ptr, w_in_ptr,
+                                      h_ptr, chunk_flag_ptr, h_flag_ptr, status_ptr, epoch, spin_limit, W, L,
+                                      H, F, S, MAXC, NF, ACT, GATED, PRECISION, BM, CHUNK, BF, BK, W_POW2,
+                                      L_POW2, STAGES, TRACE)
         elif q < n_in + n_out:
-            q, n = _grouped(q - n_in, tiles, NN_OUT, GROUP)
-            pend_q, pend_n = ffn_out_tile(q, n, pend_q, pend_n, words, h_ptr, w_out_ptr, h_flag_ptr,
-                                          combine_y_peers, comb_count_peers, recv_x_ptr, combine_y_ptr,
-                                          comb_count_ptr, status_ptr, epoch, spin_limit, rank, W, L, H, F,
-                                          S, MAXC, NF, NN, PRECISION, BM, CHUNK, BN, BN_OUT, BK, W_POW2,
-                                          L_POW2,
-                                          NF_POW2, STAGES, TRANSPORT)
+            q, n = _grouped(q - n_in, n_tiles, NN_OUT, GROUP)
+            pend_e, pend_c, pend_rows, pend_first, pend_n, ready, done = ffn_out_tile(
+                q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, tiles, cum, first_all, region_all,
+                h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers, recv_x_ptr, combine_y_ptr,
+                comb_count_ptr, status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC, NF, NN, PRECISION,
+                BM, CHUNK, BN, BN_OUT, BK, W_POW2, L_POW2, NF_POW2, STAGES, TRANSPORT, FENCE, TRACE)
         else:
-            if pend_q >= 0:  # combine tiles wait for counts: none may be left pending behind them
-                count_tile_rows(pend_q, pend_n, words, comb_count_peers, comb_count_ptr, rank, W, L,
-                                MAXC, NN, BM, CHUNK, W_POW2, L_POW2, BN_OUT // BN, TRANSPORT)
-                pend_q = tl.full((), -1, tl.int64)
+            if pend_e >= 0:  # combine tiles wait for counts: none may be left pending behind them
+                count_tile_rows(pend_e, pend_c, pend_rows, pend_first, pend_n, comb_count_peers,
+                                comb_count_ptr, rank, L, MAXC, NN, BM, CHUNK, W_POW2, BN_OUT // BN,
+                                TRANSPORT, FENCE)
+                pend_e = tl.full((), -1, tl.int32)
             q -= n_in + n_out
-            combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
-                         slot_dest_ptr, slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch,
-                         spin_limit, T, H, S, NN, W, TOP_K, K_POW2, BT, BN)
+            ready, done = combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
+                                       slot_dest_ptr, slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr,
+                                       epoch, spin_limit, T, H, S, NN, W, TOP_K, K_POW2, BT, BN, TRACE)
         q = task - n_front
         kind = tl.where(q < n_in, TASK_FFN_IN, tl.where(q < n_in + n_out, TASK_FFN_OUT, TASK_COMBINE))
-        _stamp(trace_ptr, P + task, kind, start, TRACE)
+        _stamp(trace_ptr, P + task, kind, start, ready, done, TRACE)
         task = n_front + tl.atomic_add(ctl_ptr + 3, 1, sem="relaxed")
         healthy = tl.load(status_ptr, volatile=True) == 0
 
-    if pend_q >= 0:
-        count_tile_rows(pend_q, pend_n, words, comb_count_peers, comb_count_ptr, rank, W, L, MAXC, NN,
-                        BM, CHUNK, W_POW2, L_POW2, BN_OUT // BN, TRANSPORT)
+    if pend_e >= 0:
+        count_tile_rows(pend_e, pend_c, pend_rows, pend_first, pend_n, comb_count_peers, comb_count_ptr, rank,
+                        L, MAXC, NN, BM, CHUNK, W_POW2, BN_OUT // BN, TRANSPORT, FENCE)
     puts_complete(TRANSPORT)
     # The last program out rewinds the task counters and opens the next epoch.
     if tl.atomic_add(ctl_ptr + 2, 1, sem="acq_rel") == P - 1:
@@ -474,7 +529,7 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
     send the dispatch chunks before joining the compute queue (1..programs; default all of them);
     transport: "p2p" or "nvshmem"
     (kernels/transport.py; sym then also holds send_x); trace: None, or [geo.trace_rows(T, programs),
-    4] int64 that receives the kernel's task timestamps (module docstring; bench/kernel_profile.py)."""
+    TRACE_COLS] int64 that receives the kernel's task timestamps (module docstring; bench/kernel_profile.py)."""
     T, H = x.shape
     W, L, F = geo.world_size, geo.local_experts, geo.ffn
     gated = activation == "swiglu"
@@ -489,10 +544,14 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
         raise ValueError(f"{T} tokens exceed max_tokens_per_rank={geo.max_tokens}")
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r}; choose one of {sorted(TRANSPORTS)}")
-    if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 2 or trace.shape[1] != 4
+    if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 2
+                              or trace.shape[1] != TRACE_COLS.value
                               or trace.shape[0] < geo.trace_rows(T, programs)):
-        raise ValueError(f"trace: expected int64 [{geo.trace_rows(T, programs)}, 4], got "
+        raise ValueError(f"trace: expected int64 [{geo.trace_rows(T, programs)}, {TRACE_COLS.value}], got "
                          f"{trace.dtype} {tuple(trace.shape)}")
+    if block_m < geo.BM_MIN or block_m % geo.CHUNK or block_m & (block_m - 1):
+        raise ValueError(f"block_m={block_m}: expected a power of two, at least {geo.BM_MIN} and a multiple "
+                         f"of the dispatch chunk ({geo.CHUNK})")
     block_n = geo.BN if block_n is None else block_n
     if block_n % geo.BN or not triton.next_power_of_2(block_n // geo.BN) == block_n // geo.BN:
         raise ValueError(f"block_n={block_n}: expected {geo.BN} times a power of two")
@@ -517,4 +576,4 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
             E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
             L_POW2=triton.next_power_of_2(L), BM=block_m, CHUNK=geo.CHUNK, BN=geo.BN, BN_OUT=block_n, BF=geo.BF, BK=geo.BK,
             BT=geo.BT, NF_POW2=triton.next_power_of_2(geo.NF), STAGES=stages, GROUP=group,
-            TRANSPORT=TRANSPORTS[transport], TRACE=trace is not None, num_warps=num_warps, **extra)
+            TRANSPORT=TRANSPORTS[transport], FENCE=x.is_cuda, TRACE=trace is not None, num_warps=num_warps, **extra)

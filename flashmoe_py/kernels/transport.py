@@ -1,10 +1,10 @@
 """How the fused kernel reaches other GPUs: two transports over the NVSHMEM symmetric heap.
 
 P2P ("p2p", TRANSPORT=0): peer addresses. A producer stores its payload with ordinary stores
-through the peer's mapped address, makes every thread's stores precede a release atomic at system
-scope (`tl.debug_barrier()` then `signal` or a release `atomic_add`), and the consumer acquires the
-same word at system scope before loading the payload (with `.cg`, past the L1, which is not
-coherent with stores from other GPUs). NVLink peers only.
+through the peer's mapped address, makes every thread's stores precede a release at system scope
+(`tl.debug_barrier()`, then `signal`, or `release_fence` and relaxed atomics), and the consumer
+acquires the same word at system scope before loading the payload (with `.cg`, past the L1,
+which is not coherent with stores from other GPUs). NVLink peers only.
 
 NVSHMEM ("nvshmem", TRANSPORT=1): NVSHMEM's device library (libnvshmem_device.bc, linked when the
 kernel is compiled; each loaded module is initialised for NVSHMEM before its first launch). Payload
@@ -13,7 +13,8 @@ lands after its data; `put_rows`: one put per thread), flags and counters are se
 `signal_remote`, and `quiet` completes a thread's puts. Reaches any PE NVSHMEM reaches.
 
 The kernel's stages reach other GPUs only through the verbs at the end of this file
-(`set_count_words`, `rows_target` + `rows_sent`, `send_tile` + `rows_landed`, `add_count`,
+(`set_count_words`, `rows_target` + `rows_sent`, `send_tile` + `rows_landed` + `order_counts`,
+`add_count`,
 `puts_complete`),
 which take TRANSPORT as a constexpr. Either way, waits are local: acquire loads of this rank's
 symmetric flags (`wait_at_least`). Flags
@@ -44,27 +45,36 @@ def peer(table_ptr, pe, dtype: tl.constexpr):
 
 
 @triton.jit
-def signal(flag_ptr, value):
-    """Publish `value` at a (possibly remote) flag after this program's preceding stores."""
+def signal(flag_ptr, value, SCOPE: tl.constexpr):
+    """Publish `value` at a flag after this program's preceding stores, released at SCOPE ("sys"
+    for a flag other GPUs read or that this program's stores to other GPUs must precede, "gpu"
+    for a flag only this GPU reads, of stores to this GPU)."""
     tl.debug_barrier()
-    tl.atomic_xchg(flag_ptr, value, sem="release", scope="sys")
+    tl.atomic_xchg(flag_ptr, value, sem="release", scope=SCOPE)
 
 
 @triton.jit
-def add(counter_ptr, value):
-    """Add `value` to a (possibly remote) counter after this program's preceding stores."""
-    tl.atomic_add(counter_ptr, value, sem="release", scope="sys")
+def release_fence(FENCE: tl.constexpr):
+    """A system-scope release fence (PTX fence.acq_rel.sys) in every thread: after it, relaxed
+    atomics publish this thread's earlier stores, and those of the program's other threads made
+    visible to it by a tl.debug_barrier(), as release atomics would, for one fence in all.
+    FENCE=False (the Triton interpreter, which runs no PTX): nothing; callers then release each
+    atomic instead."""
+    if FENCE:
+        tl.inline_asm_elementwise("fence.acq_rel.sys;\n mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
-def wait_at_least(ptrs, mask, targets, spin_limit):
+def wait_at_least(ptrs, mask, targets, spin_limit, SCOPE: tl.constexpr):
     """Spin until every masked word (flag or counter; they only grow) reaches its target, acquiring
-    at system scope, at most `spin_limit` rounds. -> bool mask of the words still short (none set
-    on success), so a timeout can name what it waited for."""
-    short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys") < targets)
+    at SCOPE ("sys" for words other GPUs write, "gpu" for this GPU's own), at most `spin_limit`
+    rounds. -> bool mask of the words still short (none set on success), so a timeout can name
+    what it waited for."""
+    short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
     spins = 0
     while (tl.sum(short.to(tl.int32)) > 0) & (spins < spin_limit):
-        short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys") < targets)
+        short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
         spins += 1
     return short
 
@@ -224,7 +234,7 @@ def rows_sent(flag_peers, flag_ptr, flag_off, value, pe, dst_ptr, staged_ptr, nb
         tl.debug_barrier()  # the staged rows are in memory before any thread puts them
         put_signal_block(dst_ptr, staged_ptr, nbytes, flag_ptr + flag_off, value, SIGNAL_SET, pe)
     else:
-        signal(peer(flag_peers, pe, tl.int64) + flag_off, value)
+        signal(peer(flag_peers, pe, tl.int64) + flag_off, value, "sys")
 
 
 @triton.jit
@@ -259,13 +269,28 @@ def rows_landed(TRANSPORT: tl.constexpr):
 
 
 @triton.jit
-def add_count(peers, counter_ptr, offset, value, pe, TRANSPORT: tl.constexpr):
-    """From one thread: the int64 counter at `offset` on PE pe += value, after this program's
-    earlier stores and puts have landed (call tl.debug_barrier() first)."""
+def order_counts(TRANSPORT: tl.constexpr, FENCE: tl.constexpr):
+    """After rows_landed and tl.debug_barrier(): the program's rows precede the add_count calls
+    that follow (p2p: one release_fence for all of them)."""
+    if TRANSPORT == P2P:
+        release_fence(FENCE)
+
+
+@triton.jit
+def add_count(peers, counter_ptr, offset, value, pe, mask, TRANSPORT: tl.constexpr, FENCE: tl.constexpr):
+    """The int64 counter at `offset` on PE pe += value where mask, after this program's earlier
+    stores and puts have landed (rows_landed, tl.debug_barrier() and order_counts first: p2p adds
+    are relaxed behind its fence, or each a release without one). p2p: offset, value, pe and mask
+    may be tensors (one add per element); nvshmem: scalars, signalled from one thread."""
     if TRANSPORT == NVSHMEM:
-        signal_remote(counter_ptr + offset, value, SIGNAL_ADD, pe)
+        if mask:
+            signal_remote(counter_ptr + offset, value, SIGNAL_ADD, pe)
     else:
-        add(peer(peers, pe, tl.int64) + offset, value)
+        counters = tl.load(peers + pe).to(tl.pointer_type(tl.int64))  # single words: no alignment to declare
+        if FENCE:
+            tl.atomic_add(counters + offset, value, mask=mask, sem="relaxed", scope="sys")
+        else:
+            tl.atomic_add(counters + offset, value, mask=mask, sem="release", scope="sys")
 
 
 @triton.jit
