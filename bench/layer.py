@@ -3,8 +3,9 @@
     torchrun --nproc-per-node N bench/layer.py [--preset P ...] [--tokens T ...] [--backends B ...]
 
 On GPUs (NCCL) it measures the node's ceilings first, checks every backend against the reference,
-then times each point (CUDA events, median over iterations and input sets, max over ranks). On a
-CPU-only machine it runs the `tiny` preset over gloo. Rank 0 prints a table and writes JSON rows."""
+then times each point (calls issued back to back, CUDA events around each, median over calls and
+input sets, max over ranks). On a CPU-only machine it runs the `tiny` preset over gloo. Rank 0
+prints a table and writes JSON rows."""
 
 from __future__ import annotations
 
@@ -107,7 +108,10 @@ def steer_routing(layer: MoELayer, x: torch.Tensor, kind: str, seed: int) -> tor
 
 
 class Timer:
-    """Median of per-iteration times in µs: CUDA events on GPUs, perf_counter on the CPU."""
+    """Per-call times in µs of calls issued back to back, as a model issues its layers: on GPUs,
+    CUDA events recorded around each call on the stream, the host waiting only after the last
+    call (so a backend's own host synchronisation counts, the host's launch of the next call
+    does not, unless the GPU waits for it); on the CPU, perf_counter per call."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -116,19 +120,20 @@ class Timer:
         for _ in range(warmup):
             fn()
         dist.barrier()
-        times = []
-        for _ in range(iters):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if self.cuda:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(iters)]
+            for start, end in events:
                 start.record()
                 fn()
                 end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e6)
+            torch.cuda.synchronize()
+            return [start.elapsed_time(end) * 1e3 for start, end in events]
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
         return times
 
 

@@ -56,9 +56,9 @@ class OneRank:
         cfg = self.cfg
         x = torch.randn(tokens, cfg.hidden_size, generator=self.gen).to(cfg.torch_dtype)
         out = torch.full_like(x, float("nan"))
-        plan = routing_plan(x, self.router, self.positions, cfg, self.geo, self.geo.send_order(0))
+        plan = routing_plan(x, self.router, self.positions, cfg, self.geo, self.geo.send_order(0),
+                            self.comb_expect)
         L = self.geo.local_experts
-        self.comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
         launch_fused(x, out, self.w_in[:L].contiguous(), self.w_out[:L].contiguous(), plan, self.sym,
                      self.peers, self.h, self.h_flags, self.comb_expect, self.ctl, self.status, geo=self.geo,
                      activation=cfg.activation, rank=0, spin_limit=spin_limit, programs=programs,
@@ -111,7 +111,7 @@ def test_chunks_are_sent_expert_slot_by_slot_to_rotating_destinations(world, ran
     x = torch.randn(300, 16)
     router = torch.randn(cfg.num_experts, 16)
     plan = routing_plan(x, router, ExpertPlacement.contiguous(cfg.num_experts, world).positions(), cfg, geo,
-                        geo.send_order(rank))
+                        geo.send_order(rank), torch.zeros(world, geo.local_experts, geo.MAXC, dtype=torch.int64))
     L, counts = geo.local_experts, plan.send_counts.tolist()
     expected = [(d * L + e, c) for e in range(L) for d in [(rank + i) % world for i in range(world)]
                 for c in range(-(-counts[d * L + e] // geo.CHUNK))]
@@ -227,8 +227,7 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
     positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
     results = []
     for x in inputs[rank]:
-        plan = routing_plan(x, router, positions, cfg, geo, geo.send_order(rank))
-        comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
+        plan = routing_plan(x, router, positions, cfg, geo, geo.send_order(rank), comb_expect)
         out = torch.full_like(x, float("nan"))
         launch_fused(x, out, w_in[mine].contiguous(), w_out[mine].contiguous(), plan, bufs[rank], peers,
                      h, h_flags, comb_expect, ctl, status, geo=geo, activation=cfg.activation, rank=rank,

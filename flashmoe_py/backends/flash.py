@@ -1,7 +1,7 @@
 """backend="flash": launcher for the persistent fused kernel (kernels/fused_moe.py).
 
-Per forward: a routing plan in torch ops (no host synchronisation), then one kernel launch that
-dispatches, runs the expert FFN and combines. Buffers live on the NVSHMEM symmetric heap and are
+Per forward: the router and the routing plan (kernels/router.py, kernels/plan.py; no host
+synchronisation), then one kernel launch that dispatches, runs the expert FFN and combines. Buffers live on the NVSHMEM symmetric heap and are
 reached through peer addresses (transport "p2p") or NVSHMEM's device API ("nvshmem")."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import triton
 
 from ..config import MoEConfig
 from ..kernels.fused_moe import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, WAIT_HIDDEN, launch_fused
+from ..kernels.plan import build_plan
 from ..kernels.transport import nvshmem_device_library
-from ..routing import histogram, route
+from ..routing import route
 
 STATUS_WAITS = {WAIT_COUNTS.value: "count words (what each source sends)",
                 WAIT_CHUNK.value: "a dispatched chunk to arrive",
@@ -112,8 +113,8 @@ class Geometry:
 class RoutingPlan:
     """Where each of this rank's token-slots goes (E = W*L pairs in (rank, slot) order, K = top_k):
     send_tok [T*K] int32, pos_start/send_counts/region_off [E] int32, chunk_pos/chunk_c [C] int32,
-    slot_dest/slot_row/slot_flag [T, K] int32 (-1 for dropped slots), slot_w [T, K] fp32;
-    chunk_rows [E, MAXC] int64: rows this rank sends in each chunk (what comes back into it)."""
+    slot_dest/slot_row/slot_flag [T, K] int32 (-1 for dropped slots), slot_w [T, K] fp32
+    (kernels/plan.py)."""
 
     send_tok: torch.Tensor
     pos_start: torch.Tensor
@@ -125,52 +126,20 @@ class RoutingPlan:
     slot_row: torch.Tensor
     slot_flag: torch.Tensor
     slot_w: torch.Tensor
-    chunk_rows: torch.Tensor
     stats: dict
 
 
 def routing_plan(x: torch.Tensor, router_weight: torch.Tensor, positions: torch.Tensor,
-                 config: MoEConfig, geo: Geometry, send_order: torch.Tensor) -> RoutingPlan:
+                 config: MoEConfig, geo: Geometry, send_order: torch.Tensor,
+                 comb_expect: torch.Tensor) -> RoutingPlan:
     """x: [T, H]; positions: [E] int64 (placement); send_order: geo.send_order(this rank), on x's
-    device. Torch ops only, no host synchronisation."""
-    T, K, E, L, BM = x.shape[0], config.top_k, config.num_experts, geo.local_experts, geo.CHUNK
-    dev = x.device
+    device; comb_expect: [W, L, MAXC] int64, to which the rows this rank will get back in each
+    chunk are added. The router, then three small kernels; no host synchronisation."""
     r = route(x, router_weight, config)
-    flat = positions[r.experts].reshape(-1)
-    if r.kept is not None:
-        flat = torch.where(r.kept.reshape(-1), flat, E)  # dropped slots sort last, into bin E
-    order = torch.sort(flat, stable=True).indices
-    counts = histogram(flat, E + 1)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_in_pos = torch.empty_like(flat)
-    rank_in_pos[order] = torch.arange(flat.numel(), device=dev) - starts[flat[order]]
-    counts, starts = counts[:E], starts[:E]
-    nchunks = (counts + BM - 1) // BM
-    padded = (nchunks * BM).view(-1, L)
-    region_off = (torch.cumsum(padded, 1) - padded).reshape(E)
-    live = flat < E
-    pos = flat.clamp(max=E - 1)
-    slot_dest = torch.where(live, pos // L, -1)
-    slot_row = torch.where(live, region_off[pos] + rank_in_pos, -1)
-    slot_flag = torch.where(live, pos * geo.MAXC + rank_in_pos // BM, -1)
-    n_send = triton.cdiv(T * K, BM) + E
-    in_order = nchunks[send_order]
-    cum = torch.cumsum(in_order, 0)
-    q = torch.arange(n_send, device=dev)
-    nth = torch.searchsorted(cum, q, right=True).clamp(max=E - 1)
-    chunk_c = q - (cum - in_order)[nth]
-    chunk_pos = torch.where(q < cum[-1], send_order[nth], -1)
-    first_row = torch.arange(geo.MAXC, device=dev) * BM
-    chunk_rows = (counts[:, None] - first_row).clamp(0, BM)
-    i32 = torch.int32
-    stats = {"expert_counts": histogram(r.experts.reshape(-1), E),
-             "dropped_slots": (~live).sum()}
-    return RoutingPlan(
-        send_tok=(order // K).to(i32), pos_start=starts.to(i32), send_counts=counts.to(i32),
-        region_off=region_off.to(i32), chunk_pos=chunk_pos.to(i32), chunk_c=chunk_c.to(i32),
-        slot_dest=slot_dest.view(T, K).to(i32), slot_row=slot_row.view(T, K).to(i32),
-        slot_flag=slot_flag.view(T, K).to(i32), slot_w=r.weights.float().contiguous(),
-        chunk_rows=chunk_rows, stats=stats)
+    plan = build_plan(r.experts, r.kept, positions, send_order, comb_expect, local_experts=geo.local_experts,
+                      chunk=geo.CHUNK, maxc=geo.MAXC)
+    stats = {"expert_counts": plan.pop("expert_counts"), "dropped_slots": plan.pop("dropped_slots")}
+    return RoutingPlan(**plan, slot_w=r.weights.float().contiguous(), stats=stats)
 
 
 class FlashBackend:
@@ -270,9 +239,8 @@ class FlashBackend:
         """Routing plan + one kernel launch for x: [T, H] (T may be 0). -> (out, stats)."""
         layer, geo = self.layer, self.geo
         plan = routing_plan(x, layer.router_weight, layer.expert_positions, layer.config, geo,
-                            self.send_order)
+                            self.send_order, self.comb_expect)
         out = torch.empty_like(x)
-        self.comb_expect.view_as(plan.chunk_rows).add_(plan.chunk_rows)
         # Taller expert tiles, and twice as wide GEMM2 tiles, once an expert gets enough rows (on
         # average) to fill them: fewer re-reads of its weights and of h, more math per byte loaded.
         # fp32 keeps 64 x 128: its tiles would not fit shared memory.

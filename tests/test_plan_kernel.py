@@ -1,0 +1,57 @@
+"""The routing plan kernels (kernels/plan.py) against the plan's definition, in the Triton
+interpreter on CPU-only machines (on a GPU where there is one)."""
+
+import os
+
+import pytest
+import torch
+
+from flashmoe_py.kernels.plan import build_plan
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+def random_routing(T, K, E, W, drop: float, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    experts = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]) if T else \
+        torch.empty(0, K, dtype=torch.int64)
+    kept = torch.rand(T, K, generator=gen) >= drop if drop else None
+    positions = torch.randperm(E, generator=gen)  # any placement: expert -> (rank, slot) pair
+    rank = int(torch.randint(W, (1,), generator=gen))
+    L = E // W
+    send_order = ((rank + torch.arange(W)) % W * L + torch.arange(L)[:, None]).reshape(E)
+    return experts, kept, positions, send_order
+
+
+@pytest.mark.parametrize("T,K,E,W,drop", [(300, 2, 8, 2, 0.0), (257, 4, 12, 3, 0.0), (100, 8, 64, 4, 0.0),
+                                          (200, 3, 8, 1, 0.3), (0, 2, 8, 2, 0.0), (1500, 2, 4, 2, 0.0)])
+def test_plan_places_every_kept_slot_once_in_its_pairs_rows(T, K, E, W, drop):
+    CHUNK, MAXC = 16, -(-max(T, 1) // 16)
+    experts, kept, positions, send_order = random_routing(T, K, E, W, drop, seed=T * 31 + E)
+    L = E // W
+    comb_expect = torch.full((E, MAXC), 5, dtype=torch.int64, device=DEVICE)  # cumulative: the plan adds
+    plan = build_plan(*(t.to(DEVICE) if t is not None else None for t in (experts, kept, positions, send_order)),
+                      comb_expect, local_experts=L, chunk=CHUNK, maxc=MAXC)
+    plan = {k: v.cpu() for k, v in plan.items()}
+    live = kept if kept is not None else torch.ones(T, K, dtype=torch.bool)
+    pos = positions[experts]
+    counts = torch.bincount(pos[live], minlength=E)
+    assert plan["send_counts"].tolist() == counts.tolist()
+    assert plan["pos_start"].tolist() == (torch.cumsum(counts, 0) - counts).tolist()
+    padded = (counts + CHUNK - 1) // CHUNK * CHUNK
+    assert plan["region_off"].tolist() == [int(padded[p // L * L:p].sum()) for p in range(E)]
+    assert (plan["slot_dest"][~live] == -1).all() and (plan["slot_row"][~live] == -1).all()
+    assert (plan["slot_flag"][~live] == -1).all()
+    assert int(plan["dropped_slots"]) == int((~live).sum())
+    assert plan["expert_counts"].tolist() == torch.bincount(experts.reshape(-1), minlength=E).tolist()
+    for p in range(E):
+        mine = live & (pos == p)
+        rows = plan["slot_row"][mine] - plan["region_off"][p]  # each slot's place within its pair
+        assert sorted(rows.tolist()) == list(range(int(counts[p])))
+        assert (plan["slot_dest"][mine] == p // L).all()
+        assert (plan["slot_flag"][mine] == p * MAXC + rows // CHUNK).all()
+        assert (plan["send_tok"][plan["pos_start"][p] + rows] == torch.nonzero(mine)[:, 0]).all()
+    rows_back = (counts[:, None] - torch.arange(MAXC) * CHUNK).clamp(0, CHUNK)
+    assert torch.equal(comb_expect.cpu(), 5 + rows_back)
