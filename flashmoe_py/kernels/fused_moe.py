@@ -8,7 +8,8 @@ Work is two queues of tasks per GPU, each taken in increasing order from its ato
 The first DISPATCH_PROGRAMS programs take front tasks until none are left, then join the others on
 the compute queue; the rest start on it at once, so expert tiles whose rows have arrived are
 computed while later chunks are still on their way. Sources send chunks expert by expert
-(routing_plan's order), which is the order destinations take their expert tiles in.
+(the routing plan's order, kernels/plan.py), which is the order destinations take their expert
+tiles in.
 
   publish counts  tell every destination how many rows of each of its experts this rank sends;
   dispatch_chunk  copy up to CHUNK token rows of one (destination, expert) pair into the destination's
@@ -32,15 +33,15 @@ rounds); a timeout records (code, wait, peer, pair, chunk, epoch) in the status 
 program stops taking tasks.
 
 Trace (TRACE=True, for bench/kernel_profile.py): each program stamps this GPU's nanosecond clock
-around its tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done, counts acquired, same,
-same), row num_programs + task holds (pid, kind, start, ready, math done, end) with kind one of the
+around its tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done three times, counts
+acquired), row num_programs + task holds (pid, kind, start, ready, math done, end) with kind one of the
 TASK_* codes (compute tasks numbered after the front tasks): ready when the task's waits are
 over, math done after its GEMM loop (combine: after its weighted sum; front tasks: both = start).
 
 Epochs: ctl[0] holds the call number (from 1). Flags store it, so none is reset. Count words are
 double-buffered by epoch parity: a fast peer may publish call n+1's counts while a slow program
 here still reads call n's. Combine counters only grow; the source compares them with its own
-running total of rows it expects (comb_expect, advanced by the launcher before each call).
+running total of rows it expects (comb_expect, advanced by the routing plan before each call).
 """
 
 import contextlib
