@@ -1,8 +1,9 @@
 """backend="flash": launcher for the persistent fused kernel (kernels/fused_moe.py).
 
 Per forward: the router and the routing plan (kernels/router.py, kernels/plan.py; no host
-synchronisation), then one kernel launch that dispatches, runs the expert FFN and combines. Buffers live on the NVSHMEM symmetric heap and are
-reached through peer addresses (transport "p2p") or NVSHMEM's device API ("nvshmem")."""
+synchronisation), then one kernel launch that dispatches, runs the expert FFN and combines.
+Buffers live on the NVSHMEM symmetric heap and are reached through peer addresses (transport
+"p2p") or NVSHMEM's device API ("nvshmem")."""
 
 from __future__ import annotations
 
@@ -189,8 +190,8 @@ class FlashBackend:
         # Launch overrides for tuning (keys of launch_fused: block_m, block_n, num_warps, stages, group,
         # dispatch_programs).
         self.tuning: dict = {}
-        # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), TRACE_COLS] tensor here makes each
-        # launch record its tasks' timestamps into it (kernels/fused_moe.py).
+        # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), TRACE_COLS] tensor here
+        # makes each launch record its tasks' timestamps into it (kernels/fused_moe.py).
         self.trace: torch.Tensor | None = None
         self.cuda_graphs = cuda_graphs
         self.graphs: dict[int, tuple] = {}  # tokens -> (graph, static x, static out, static stats)

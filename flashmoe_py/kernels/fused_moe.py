@@ -271,7 +271,7 @@ def count_tile_rows(e, c, per_src, first, n, comb_count_peers, comb_count_ptr, r
     (SPLIT combine column tiles of BN: n * SPLIT .., those < NN) sent by ffn_out_tile, are counted
     at their sources: once every thread's rows have landed, one count per (source, chunk) run of
     the tile's rows and combine column tile. P2P adds them all at once, behind one system-scope
-    fence (FENCE: transport.release_fence); NVSHMEM signals them one by one from one thread.
+    fence (FENCE: transport.order_counts); NVSHMEM signals them one by one from one thread.
     Counters are kept per combine column tile whatever the GEMM2 tile width, so calls with
     different widths share them. BM: a power-of-two multiple of CHUNK."""
     rows_landed(TRANSPORT)
@@ -418,7 +418,7 @@ def fused_moe_kernel(
     buffer otherwise); local: h [W, S, F]; h flags [MAXQ, NF] int32; ctl: [4] int64 (epoch, front
     task counter, programs done, compute task counter); status: [8] int64; trace: [num_programs +
     tasks, TRACE_COLS] int64 (TRACE). FENCE: the GPU runs PTX (not the interpreter), so a release
-    fence can publish several counts (transport.release_fence)."""
+    fence can publish several counts (transport.order_counts)."""
     NF = tl.cdiv(F, BF)
     NN = tl.cdiv(H, BN)  # combine column tiles (and combine counters per chunk)
     NN_OUT = tl.cdiv(H, BN_OUT)  # GEMM2 column tiles

@@ -2,7 +2,7 @@
 
 P2P ("p2p", TRANSPORT=0): peer addresses. A producer stores its payload with ordinary stores
 through the peer's mapped address, makes every thread's stores precede a release at system scope
-(`tl.debug_barrier()`, then `signal`, or `release_fence` and relaxed atomics), and the consumer
+(`tl.debug_barrier()`, then `signal`, or `order_counts` and relaxed atomics), and the consumer
 acquires the same word at system scope before loading the payload (with `.cg`, past the L1,
 which is not coherent with stores from other GPUs). NVLink peers only.
 
@@ -13,11 +13,9 @@ lands after its data; `put_rows`: one put per thread), flags and counters are se
 `signal_remote`, and `quiet` completes a thread's puts. Reaches any PE NVSHMEM reaches.
 
 The kernel's stages reach other GPUs only through the verbs at the end of this file
-(`set_count_words`, `rows_target` + `rows_sent`, `send_tile` + `rows_landed` + `order_counts`,
-`add_count`,
-`puts_complete`),
-which take TRANSPORT as a constexpr. Either way, waits are local: acquire loads of this rank's
-symmetric flags (`wait_at_least`). Flags
+(`set_count_words`, `rows_target` + `rows_sent`, `send_tile` + `rows_landed` + `order_counts` +
+`add_count`, `puts_complete`), which take TRANSPORT as a constexpr. Either way, waits are local:
+acquire loads of this rank's symmetric flags (`wait_at_least`). Flags
 carry the call's epoch and counters only grow, so none needs a reset, and every wait is a wait for
 "at least"."""
 
@@ -51,18 +49,6 @@ def signal(flag_ptr, value, SCOPE: tl.constexpr):
     for a flag only this GPU reads, of stores to this GPU)."""
     tl.debug_barrier()
     tl.atomic_xchg(flag_ptr, value, sem="release", scope=SCOPE)
-
-
-@triton.jit
-def release_fence(FENCE: tl.constexpr):
-    """A system-scope release fence (PTX fence.acq_rel.sys) in every thread: after it, relaxed
-    atomics publish this thread's earlier stores, and those of the program's other threads made
-    visible to it by a tl.debug_barrier(), as release atomics would, for one fence in all.
-    FENCE=False (the Triton interpreter, which runs no PTX): nothing; callers then release each
-    atomic instead."""
-    if FENCE:
-        tl.inline_asm_elementwise("fence.acq_rel.sys;\n mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -271,9 +257,14 @@ def rows_landed(TRANSPORT: tl.constexpr):
 @triton.jit
 def order_counts(TRANSPORT: tl.constexpr, FENCE: tl.constexpr):
     """After rows_landed and tl.debug_barrier(): the program's rows precede the add_count calls
-    that follow (p2p: one release_fence for all of them)."""
+    that follow. p2p: one system-scope release fence (PTX fence.acq_rel.sys) in every thread;
+    after it, relaxed atomics publish this thread's earlier stores, and those of the program's
+    other threads made visible to it by the barrier, as release atomics would. FENCE=False (the
+    Triton interpreter, which runs no PTX): nothing; add_count then releases each atomic."""
     if TRANSPORT == P2P:
-        release_fence(FENCE)
+        if FENCE:
+            tl.inline_asm_elementwise("fence.acq_rel.sys;\n mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                      is_pure=False, pack=1)
 
 
 @triton.jit
