@@ -23,6 +23,9 @@ for step in "$@"; do
     killed*) n=${step#killed}; echo "=== killed rank (n=$n)"
               timeout -k 10 240 python3 tests/gpu/check_killed_rank.py --gpus "$n" --out "$OUT/killed_w$n.json" \
               > "$OUT/killed_w$n.log" 2>&1; echo "=== killed rc=$?"; tail -n 40 "$OUT/killed_w$n.log" ;;
+    timeouts*) echo "=== timeouts (one GPU, one process)"
+              timeout -k 10 240 python3 tests/gpu/check_timeouts.py --out "$OUT/timeouts.json" > "$OUT/timeouts.log" 2>&1
+              echo "=== timeouts rc=$?"; tail -n 10 "$OUT/timeouts.log" ;;
     soak*) n=${step#soak}; run "soak_w$n" 400 "$n" tests/gpu/check_soak.py ;;
     hf*) n=${step#hf}; run "hf_w$n" 300 "$n" tests/gpu/check_hf.py --out "$OUT/hf_w$n.json" ;;
     mpicheck*) n=${step#mpicheck}; echo "=== mpirun check (n=$n)"

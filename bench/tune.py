@@ -5,7 +5,7 @@ reference, then timed (CUDA events, median over iterations and two input sets, m
         --settings 128,8,3,8,256 128,8,3,8,128 [--out tune.json]
 
 A setting is block_m,num_warps,stages,group[,block_n[,dispatch_programs]] (see
-flashmoe_py.kernels.fused_moe.launch_fused)."""
+flashmoe_py.kernels.fused_moe.launch_fused), or `auto`: what the layer picks by itself."""
 
 import argparse
 import json
@@ -32,7 +32,7 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    settings = [dict(zip(KEYS, map(int, s.split(",")))) for s in args.settings]
+    settings = [{} if s == "auto" else dict(zip(KEYS, map(int, s.split(",")))) for s in args.settings]
     world = detect_launcher().world_size
     configs = [fm.preset(n) for n in args.preset]
     rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, max(args.tokens)) for c in configs))

@@ -45,8 +45,8 @@ class MoELayer(nn.Module):
     no backward pass is defined.
 
     backend: "torch" (all-to-all over torch.distributed; CPU or GPU) or "flash" (the fused NVSHMEM
-    kernel; needs flashmoe_py.init() first, `max_tokens_per_rank` to size its buffers, and bounds
-    every device-side wait by about `timeout_s` seconds). `transport` (flash only): "p2p" (stores
+    kernel; needs flashmoe_py.init() first, `max_tokens_per_rank` to size its buffers, and ends
+    any device-side wait that lasts `timeout_s` seconds of the GPU's clock with FusedKernelError). `transport` (flash only): "p2p" (stores
     through NVLink peer mappings; default, one node) or "nvshmem" (NVSHMEM device-API puts and
     signals; reaches any PE NVSHMEM can, e.g. other nodes). With `cuda_graphs` (default), the fused
     forward is replayed from a CUDA graph per token count after its first call at that count: it
@@ -62,7 +62,7 @@ class MoELayer(nn.Module):
         self.process_group = process_group if distributed else None
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.rank = dist.get_rank(process_group) if distributed else 0
-        problem = self._setup_problem(config, placement, backend, max_tokens_per_rank, transport)
+        problem = self._setup_problem(config, placement, backend, max_tokens_per_rank, transport, timeout_s)
         if self.world_size > 1:
             self._check_ranks_agree(config, placement, backend, max_tokens_per_rank, transport, problem)
         if problem:
@@ -84,7 +84,8 @@ class MoELayer(nn.Module):
         self._op_id = next(_layer_ids)
         _LAYERS[self._op_id] = self
 
-    def _setup_problem(self, config, placement, backend, max_tokens_per_rank, transport) -> str | None:
+    def _setup_problem(self, config, placement, backend, max_tokens_per_rank, transport,
+                       timeout_s) -> str | None:
         """What is wrong with the constructor arguments on this rank, or None."""
         if not isinstance(config, MoEConfig):
             return f"config must be a MoEConfig, got {type(config).__name__}"
@@ -96,6 +97,8 @@ class MoELayer(nn.Module):
             if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
                 return (f"backend='flash' needs max_tokens_per_rank, a positive int (it sizes the "
                         f"symmetric heap); got {max_tokens_per_rank!r}")
+            if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+                return f"timeout_s must be a positive, finite number of seconds; got {timeout_s!r}"
             reason = fused_unavailable_reason()
             if reason:
                 return f"backend='flash' is unavailable: {reason}"

@@ -12,10 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from one_rank import OneRank
+
 from flashmoe_py import ExpertPlacement, MoEConfig, reference_forward
 from flashmoe_py.backends.flash import Geometry, routing_plan
 from flashmoe_py.kernels import transport
-from flashmoe_py.kernels.fused_moe import WAIT_COUNTS, _expert_tile, _tile_table, launch_fused
+from flashmoe_py.kernels.fused_moe import (WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, _expert_tile, _tile_table,
+                                           launch_fused)
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter test (the GPU suite runs the kernel for real)")
@@ -23,47 +26,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 def rel_err(out, ref):
     return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
-class OneRank:
-    """Buffers for rank 0 of `world` ranks where only rank 0 exists: peers > 0 point at scratch."""
-
-    def __init__(self, cfg: MoEConfig, max_tokens: int, world: int = 1):
-        self.cfg, self.world = cfg, world
-        self.geo = Geometry.for_config(cfg, world, max_tokens)
-        self.sym = {n: torch.zeros(shape, dtype=dt) for n, (shape, dt) in
-                    self.geo.symmetric_buffers(cfg.torch_dtype).items()}
-        self.scratch = {n: torch.zeros_like(t) for n, t in self.sym.items()}
-        self.peers = {n: torch.tensor([t.data_ptr()] + [self.scratch[n].data_ptr()] * (world - 1))
-                      for n, t in self.sym.items()}
-        g = self.geo
-        self.h = torch.zeros(world, g.S, cfg.ffn_size, dtype=cfg.torch_dtype)
-        self.h_flags = torch.zeros(g.MAXQ, g.NF, dtype=torch.int32)
-        self.comb_expect = torch.zeros(world, g.local_experts, g.MAXC, dtype=torch.int64)
-        self.ctl = torch.tensor([1, 0, 0, 0], dtype=torch.int64)
-        self.status = torch.zeros(8, dtype=torch.int64)
-        gen = torch.Generator().manual_seed(random.randrange(2**31))
-        E, H, F = cfg.num_experts, cfg.hidden_size, cfg.ffn_size
-        dt = cfg.torch_dtype
-        self.router = (torch.randn(E, H, generator=gen) / H**0.5).to(dt)
-        self.w_in = (torch.randn(E, H, cfg.ffn_in_size, generator=gen) / H**0.5).to(dt)
-        self.w_out = (torch.randn(E, F, H, generator=gen) / F**0.5).to(dt)
-        self.positions = ExpertPlacement.contiguous(E, world).positions()
-        self.gen = gen
-
-    def forward(self, tokens: int, spin_limit: int = 1000, block_m: int = 64, block_n: int | None = None,
-                programs: int = 1, dispatch_programs: int | None = None):
-        cfg = self.cfg
-        x = torch.randn(tokens, cfg.hidden_size, generator=self.gen).to(cfg.torch_dtype)
-        out = torch.full_like(x, float("nan"))
-        plan = routing_plan(x, self.router, self.positions, cfg, self.geo, self.geo.send_order(0),
-                            self.comb_expect)
-        L = self.geo.local_experts
-        launch_fused(x, out, self.w_in[:L].contiguous(), self.w_out[:L].contiguous(), plan, self.sym,
-                     self.peers, self.h, self.h_flags, self.comb_expect, self.ctl, self.status, geo=self.geo,
-                     activation=cfg.activation, rank=0, spin_limit=spin_limit, programs=programs,
-                     block_m=block_m, block_n=block_n, dispatch_programs=dispatch_programs)
-        return x, out
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
@@ -150,10 +112,25 @@ def test_missing_peer_times_out_with_status():
     and the first rank it missed."""
     cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=6, top_k=2, dtype="float32")
     rank = OneRank(cfg, max_tokens=16, world=3)
-    rank.forward(9, spin_limit=50)
+    rank.forward(9, timeout_s=0.05)
     status = rank.status.tolist()
     assert status[:3] == [1, WAIT_COUNTS.value, 1] and status[5] == 1  # (timed out, wait, peer, ..., epoch)
     assert int(rank.ctl[0]) == 2  # the program still left cleanly and opened the next epoch
+
+
+@pytest.mark.parametrize("peer_rows,wait", [(24, WAIT_CHUNK), (0, WAIT_COMBINE)])
+def test_a_peer_that_stops_after_publishing_its_counts_is_named_with_the_wait(peer_rows, wait):
+    """Rank 1 announces its rows for this call, then never runs: rank 0 gives up waiting for the
+    rows it announced (peer_rows > 0), or, if it announced none, for the expert outputs rank 0's
+    tokens should get back from it; either way the status word names the wait and rank 1, and the
+    kernel still leaves with the next epoch open."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=4, top_k=2, dtype="float32")
+    rank = OneRank(cfg, max_tokens=24, world=2)
+    rank.peer_published(1, peer_rows)
+    rank.forward(24, timeout_s=0.05)
+    status = rank.status.tolist()
+    assert status[:3] == [1, wait.value, 1] and status[5] == 1
+    assert rank.ctl.tolist() == [2, 0, 0, 0]
 
 
 @triton.jit
@@ -231,7 +208,7 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
         out = torch.full_like(x, float("nan"))
         launch_fused(x, out, w_in[mine].contiguous(), w_out[mine].contiguous(), plan, bufs[rank], peers,
                      h, h_flags, comb_expect, ctl, status, geo=geo, activation=cfg.activation, rank=rank,
-                     spin_limit=10**7, programs=1, block_m=block_m)
+                     timeout_s=120.0, programs=1, block_m=block_m)
         err = rel_err(out, reference_forward(x, router, w_in, w_out, cfg, torch.float64)) if len(x) else 0.0
         results.append((err, int(status[0]), int(ctl[0])))
     return results

@@ -249,6 +249,12 @@ def test_unknown_transport_is_named():
         MoELayer(MoEConfig(**SMALL, top_k=2), transport="ib")
 
 
+@pytest.mark.parametrize("timeout_s", [0, -1.0, float("inf"), float("nan"), "10", None])
+def test_fused_timeout_must_be_positive_finite_seconds(timeout_s):
+    with pytest.raises(ValueError, match="timeout_s must be a positive, finite number of seconds"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), backend="flash", max_tokens_per_rank=8, timeout_s=timeout_s)
+
+
 def test_eight_ranks_match_reference(dist_pools):
     """Nothing assumes at most 4 ranks: 8 gloo ranks, one with no tokens, 16 experts, top-4."""
     cfg = MoEConfig(**{**SMALL, "num_experts": 16}, top_k=4)

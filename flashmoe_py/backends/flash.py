@@ -184,8 +184,7 @@ class FlashBackend:
         self.status_host = torch.zeros(8, dtype=torch.int64).pin_memory()
         self.status_ready = torch.cuda.Event()
         self.programs = torch.cuda.get_device_properties(dev).multi_processor_count
-        # A round of the bounded spin polls a flag in local memory: well under a microsecond.
-        self.spin_limit = max(1, int(timeout_s * 2e6))
+        self.timeout_s = timeout_s
         self.failed: str | None = None
         # Launch overrides for tuning (keys of launch_fused: block_m, block_n, num_warps, stages, group,
         # dispatch_programs).
@@ -254,7 +253,7 @@ class FlashBackend:
         overlap = large and layer.config.ffn_size < layer.config.hidden_size
         launch_fused(x, out, layer.w_in, layer.w_out, plan, self.sym, self.peers, self.h, self.h_flags,
                      self.comb_expect, self.ctl, self.status, geo=geo, activation=layer.config.activation,
-                     rank=layer.rank, spin_limit=self.spin_limit, programs=self.programs,
+                     rank=layer.rank, timeout_s=self.timeout_s, programs=self.programs,
                      transport=self.transport, trace=self.trace,
                      **{"block_m": 128 if large else 64, "block_n": 2 * geo.BN if large else geo.BN,
                         "dispatch_programs": self.programs // 2 if overlap else self.programs,

@@ -28,9 +28,10 @@ not once per source.
 Deadlock freedom: front tasks wait on nothing, and some program takes them from the start; a compute
 task waits only on front tasks (here or on other GPUs), on compute tasks with smaller ids here, or
 on tasks of other GPUs that wait only on smaller phases there; ids are handed out in order, so a
-waited-on task has already been taken by a running program. Every wait is bounded (spin_limit
-rounds); a timeout records (code, wait, peer, pair, chunk, epoch) in the status word and every
-program stops taking tasks.
+waited-on task has already been taken by a running program. Every wait is bounded (wait_limit
+nanoseconds of the GPU's clock; rounds in the interpreter); a timeout records (code, wait, peer,
+pair, chunk, epoch) in the status word, every program stops taking tasks, and waits in progress
+give up at once.
 
 Trace (TRACE=True, for bench/kernel_profile.py): each program stamps this GPU's nanosecond clock
 around its tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done three times, counts
@@ -50,9 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .transport import (NVSHMEM, TRANSPORTS, add_count, nvshmem_device_library, nvshmem_launch, order_counts,
-                        puts_complete, rows_landed, rows_sent, rows_target, send_tile, set_count_words,
-                        signal, wait_at_least)
+from .transport import (NVSHMEM, TRANSPORTS, add_count, clock_ns, nvshmem_device_library, nvshmem_launch,
+                        order_counts, puts_complete, rows_landed, rows_sent, rows_target, send_tile,
+                        set_count_words, signal, wait_at_least)
 
 # Status word codes for the wait that timed out (Python reads .value).
 WAIT_COUNTS = tl.constexpr(1)
@@ -60,6 +61,9 @@ WAIT_CHUNK = tl.constexpr(2)
 WAIT_HIDDEN = tl.constexpr(3)
 WAIT_COMBINE = tl.constexpr(4)
 ACT_CODES = {"swiglu": 0, "gelu": 1, "relu": 2}
+# The interpreter runs no PTX, so has no clock: its waits count polling rounds instead (about 0.7 ms
+# each on a CPU for a wait on a few words).
+INTERPRETER_ROUNDS_PER_S = 1000
 # Trace row kinds.
 TASK_PUBLISH = tl.constexpr(0)
 TASK_DISPATCH = tl.constexpr(1)
@@ -68,13 +72,6 @@ TASK_FFN_OUT = tl.constexpr(3)
 TASK_COMBINE = tl.constexpr(4)
 WAITED_COUNTS = tl.constexpr(5)
 TRACE_COLS = tl.constexpr(6)  # int64 words per trace row
-
-
-@triton.jit
-def _now():
-    """This GPU's global nanosecond clock (%globaltimer), int64."""
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
-                                     pack=1)
 
 
 @triton.jit
@@ -87,7 +84,7 @@ def _stamp(trace_ptr, row, kind, start, ready, done, TRACE: tl.constexpr):
         tl.store(p + 2, start)
         tl.store(p + 3, ready)
         tl.store(p + 4, done)
-        tl.store(p + 5, _now())
+        tl.store(p + 5, clock_ns())
 
 
 @triton.jit
@@ -221,18 +218,18 @@ def _expert_tile(q, counts, tiles, cum, first_all, region_all, W, BM: tl.constex
 
 @triton.jit
 def ffn_in_tile(q, j, counts, tiles, cum, first_all, region_all, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr,
-                h_flag_ptr, status_ptr, epoch, spin_limit, W, L, H, F, S, MAXC, NF,
+                h_flag_ptr, status_ptr, epoch, wait_limit, W, L, H, F, S, MAXC, NF,
                 ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
                 CHUNK: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr,
-                STAGES: tl.constexpr, TRACE: tl.constexpr):
+                STAGES: tl.constexpr, PTX: tl.constexpr, TRACE: tl.constexpr):
     """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived
     (counts .. region_all: the call's _tile_table). -> (ready, done) clock stamps when TRACE
     (module docstring), else zeros."""
     e, _, _, _, src, row, chunk, valid = _expert_tile(q, counts, tiles, cum, first_all, region_all, W, BM,
                                                       CHUNK, W_POW2, L_POW2)
     flags = chunk_flag_ptr + (src * L + e) * MAXC + chunk
-    short = wait_at_least(flags, valid, epoch, spin_limit, "sys")
-    ready = _now() if TRACE else 0
+    short = wait_at_least(flags, valid, epoch, wait_limit, status_ptr, "sys", PTX)
+    ready = clock_ns() if TRACE else 0
     done = ready
     if tl.sum(short.to(tl.int32)) > 0:
         _report_timeout(status_ptr, WAIT_CHUNK, tl.min(tl.where(short, src, W)), e, q, epoch)
@@ -255,7 +252,7 @@ def ffn_in_tile(q, j, counts, tiles, cum, first_all, region_all, recv_x_ptr, w_i
             if GATED:
                 b2 = tl.load(w_base + k[:, None] * F_IN + F + f[None, :], mask=wm, other=0.0)
                 up = tl.dot(a, b2, up, input_precision=PRECISION)
-        done = _now() if TRACE else 0
+        done = clock_ns() if TRACE else 0
         h = _activate(gate, up, ACT)
         tl.store(h_ptr + r[:, None] * F + f[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=valid[:, None] & fmask[None, :])
@@ -266,17 +263,17 @@ def ffn_in_tile(q, j, counts, tiles, cum, first_all, region_all, recv_x_ptr, w_i
 @triton.jit
 def count_tile_rows(e, c, per_src, first, n, comb_count_peers, comb_count_ptr, rank, L, MAXC, NN,
                     BM: tl.constexpr, CHUNK: tl.constexpr, W_POW2: tl.constexpr, SPLIT: tl.constexpr,
-                    TRANSPORT: tl.constexpr, FENCE: tl.constexpr):
+                    TRANSPORT: tl.constexpr, PTX: tl.constexpr):
     """Tile c of local expert e (per_src, first: _expert_sources), its rows of GEMM2 column tile n
     (SPLIT combine column tiles of BN: n * SPLIT .., those < NN) sent by ffn_out_tile, are counted
     at their sources: once every thread's rows have landed, one count per (source, chunk) run of
     the tile's rows and combine column tile. P2P adds them all at once, behind one system-scope
-    fence (FENCE: transport.order_counts); NVSHMEM signals them one by one from one thread.
+    fence (PTX: transport.order_counts); NVSHMEM signals them one by one from one thread.
     Counters are kept per combine column tile whatever the GEMM2 tile width, so calls with
     different widths share them. BM: a power-of-two multiple of CHUNK."""
     rows_landed(TRANSPORT)
     tl.debug_barrier()
-    order_counts(TRANSPORT, FENCE)
+    order_counts(TRANSPORT, PTX)
     lo = tl.maximum(c * BM - first, 0)  # the tile's rows of each source, in the pair's numbering
     hi = tl.minimum((c + 1) * BM - first, per_src)
     s_idx = tl.arange(0, W_POW2)
@@ -289,7 +286,7 @@ def count_tile_rows(e, c, per_src, first, n, comb_count_peers, comb_count_ptr, r
                 for half in tl.static_range(SPLIT):
                     if n * SPLIT + half < NN:
                         slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n * SPLIT + half
-                        add_count(comb_count_peers, comb_count_ptr, slot, rows, s, True, TRANSPORT, FENCE)
+                        add_count(comb_count_peers, comb_count_ptr, slot, rows, s, True, TRANSPORT, PTX)
     else:
         KMAX: tl.constexpr = 2 * BM // CHUNK  # chunks a tile's rows of one source can touch, and more
         k = (lo // CHUNK)[:, None] + tl.arange(0, KMAX)[None, :]
@@ -299,17 +296,17 @@ def count_tile_rows(e, c, per_src, first, n, comb_count_peers, comb_count_ptr, r
         for half in tl.static_range(SPLIT):
             if n * SPLIT + half < NN:
                 slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n * SPLIT + half
-                add_count(comb_count_peers, comb_count_ptr, slot, rows.to(tl.int64), pe, live, TRANSPORT, FENCE)
+                add_count(comb_count_peers, comb_count_ptr, slot, rows.to(tl.int64), pe, live, TRANSPORT, PTX)
 
 
 @triton.jit
 def ffn_out_tile(q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, tiles, cum, first_all, region_all,
                  h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers, recv_x_ptr, combine_y_ptr,
-                 comb_count_ptr, status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC, NF, NN,
+                 comb_count_ptr, status_ptr, epoch, wait_limit, rank, W, L, H, F, S, MAXC, NF, NN,
                  PRECISION: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr,
                  BN_OUT: tl.constexpr, BK: tl.constexpr,
                  W_POW2: tl.constexpr, L_POW2: tl.constexpr, NF_POW2: tl.constexpr,
-                 STAGES: tl.constexpr, TRANSPORT: tl.constexpr, FENCE: tl.constexpr, TRACE: tl.constexpr):
+                 STAGES: tl.constexpr, TRANSPORT: tl.constexpr, PTX: tl.constexpr, TRACE: tl.constexpr):
     """y[rows of expert tile q, n-tile (BN_OUT columns)] = h_rows @ w_out[e][:, n-tile] once all f-tiles of h are
     written, sent into each row's source rank (its combine_y region for this rank mirrors
     recv_x). The program's previous tile (pend_*: count_tile_rows's e, c, per_src, first, n;
@@ -326,10 +323,10 @@ def ffn_out_tile(q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, ti
     w_base = w_out_ptr + e.to(tl.int64) * F * H
     acc = tl.zeros((BM, BN_OUT), dtype=tl.float32)
     f_tiles = tl.arange(0, NF_POW2)
-    short = wait_at_least(h_flag_ptr + q * NF + f_tiles, f_tiles < NF, epoch.to(tl.int32), spin_limit,
-                          "gpu")
+    short = wait_at_least(h_flag_ptr + q * NF + f_tiles, f_tiles < NF, epoch.to(tl.int32), wait_limit,
+                          status_ptr, "gpu", PTX)
     ok = tl.sum(short.to(tl.int32)) == 0
-    ready = _now() if TRACE else 0
+    ready = clock_ns() if TRACE else 0
     if ok:
         for k0 in tl.range(0, F, BK, num_stages=STAGES):
             f = k0 + tl.arange(0, BK)
@@ -339,13 +336,13 @@ def ffn_out_tile(q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, ti
             b = tl.load(w_base + f[:, None] * H + cols[None, :], mask=fmask[:, None] & cmask[None, :],
                         other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    done = _now() if TRACE else 0
+    done = clock_ns() if TRACE else 0
     if not ok:
         _report_timeout(status_ptr, WAIT_HIDDEN, rank, e, q, epoch)
     else:
         if pend_e >= 0:
             count_tile_rows(pend_e, pend_c, pend_rows, pend_first, pend_n, comb_count_peers, comb_count_ptr,
-                            rank, L, MAXC, NN, BM, CHUNK, W_POW2, BN_OUT // BN, TRANSPORT, FENCE)
+                            rank, L, MAXC, NN, BM, CHUNK, W_POW2, BN_OUT // BN, TRANSPORT, PTX)
         # recv_x's rows of this tile are the staging space: their x is consumed (every f-tile of h
         # is done) and the source sends nothing new into them before these rows reach it.
         send_tile(acc, combine_y_peers, combine_y_ptr, (rank * S + row).to(tl.int64),
@@ -356,9 +353,9 @@ def ffn_out_tile(q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, ti
 
 @triton.jit
 def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr, slot_dest_ptr,
-                 slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch, spin_limit, T, H, S, NN, W,
+                 slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch, wait_limit, T, H, S, NN, W,
                  TOP_K: tl.constexpr, K_POW2: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-                 TRACE: tl.constexpr):
+                 PTX: tl.constexpr, TRACE: tl.constexpr):
     """out[tokens, n-tile] = sum_k w[t, k] * y[slot(t, k), n-tile] for BT tokens, once each slot's
     chunk counter has reached the rows this rank expects in it (one wait for all BT x TOP_K slots,
     then every row's load can be in flight at once). -> (ready, done) clock stamps when TRACE."""
@@ -372,9 +369,9 @@ def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
     live = dest >= 0
     chunk = tl.load(slot_flag_ptr + slots, mask=live, other=0).to(tl.int64)
     expect = tl.load(comb_expect_ptr + chunk, mask=live, other=0)
-    short = wait_at_least(comb_count_ptr + chunk * NN + n, live, expect, spin_limit, "sys")
+    short = wait_at_least(comb_count_ptr + chunk * NN + n, live, expect, wait_limit, status_ptr, "sys", PTX)
     missing = tl.min(tl.where(short, dest, W))  # the lowest rank whose rows did not come back (W: none)
-    ready = _now() if TRACE else 0
+    ready = clock_ns() if TRACE else 0
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     for kk in tl.static_range(TOP_K):
         s = t.to(tl.int64) * TOP_K + kk
@@ -385,7 +382,7 @@ def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
         y = tl.load(combine_y_ptr + (d.to(tl.int64) * S + row)[:, None] * H + cols[None, :],
                     mask=ok[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
         acc += w[:, None] * y.to(tl.float32)
-    done = _now() if TRACE else 0
+    done = clock_ns() if TRACE else 0
     if missing < W:
         _report_timeout(status_ptr, WAIT_COMBINE, missing, -1, tt, epoch)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -393,7 +390,7 @@ def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
     return ready, done
 
 
-@triton.jit(do_not_specialize=["T", "spin_limit", "rank", "SEND_CHUNKS", "DISPATCH_PROGRAMS"])
+@triton.jit(do_not_specialize=["T", "wait_limit", "rank", "SEND_CHUNKS", "DISPATCH_PROGRAMS"])
 def fused_moe_kernel(
         x_ptr, out_ptr, w_in_ptr, w_out_ptr,
         send_tok_ptr, pos_start_ptr, send_counts_ptr, region_off_ptr, chunk_pos_ptr, chunk_c_ptr,
@@ -401,13 +398,13 @@ def fused_moe_kernel(
         recv_x_peers, combine_y_peers, count_peers, chunk_flag_peers, comb_count_peers,
         recv_x_ptr, combine_y_ptr, count_ptr, chunk_flag_ptr, comb_count_ptr, send_x_ptr,
         h_ptr, h_flag_ptr, ctl_ptr, status_ptr, trace_ptr,
-        T, spin_limit, rank, W, L, H, F, S, MAXC, SEND_CHUNKS, DISPATCH_PROGRAMS,
+        T, wait_limit, rank, W, L, H, F, S, MAXC, SEND_CHUNKS, DISPATCH_PROGRAMS,
         TOP_K: tl.constexpr, K_POW2: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
         E_POW2: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr, BM: tl.constexpr,
         CHUNK: tl.constexpr,
         BN: tl.constexpr, BN_OUT: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         NF_POW2: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr, TRANSPORT: tl.constexpr,
-        FENCE: tl.constexpr, TRACE: tl.constexpr):
+        PTX: tl.constexpr, TRACE: tl.constexpr):
     """See the module docstring. Shapes (E = W * L pairs in (rank, slot) order, K = TOP_K):
     x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H];
     send_tok: [T*K] int32 (token of each sorted slot); pos_start, send_counts, region_off: [E] int32;
@@ -417,8 +414,9 @@ def fused_moe_kernel(
     int64; combine counters [W, L, MAXC, NN] int64; send_x [T*K, H] (TRANSPORT NVSHMEM; any
     buffer otherwise); local: h [W, S, F]; h flags [MAXQ, NF] int32; ctl: [4] int64 (epoch, front
     task counter, programs done, compute task counter); status: [8] int64; trace: [num_programs +
-    tasks, TRACE_COLS] int64 (TRACE). FENCE: the GPU runs PTX (not the interpreter), so a release
-    fence can publish several counts (transport.order_counts)."""
+    tasks, TRACE_COLS] int64 (TRACE). PTX: the GPU runs PTX (not the interpreter), so a release
+    fence can publish several counts (transport.order_counts) and waits are bounded by the GPU's
+    clock; wait_limit: nanoseconds (PTX) or rounds a wait may last."""
     NF = tl.cdiv(F, BF)
     NN = tl.cdiv(H, BN)  # combine column tiles (and combine counters per chunk)
     NN_OUT = tl.cdiv(H, BN_OUT)  # GEMM2 column tiles
@@ -430,7 +428,7 @@ def fused_moe_kernel(
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
     healthy = tl.load(status_ptr, volatile=True) == 0
     while (task < n_front) & healthy:
-        start = _now() if TRACE else 0
+        start = clock_ns() if TRACE else 0
         if task == 0:
             publish_counts(count_peers, count_ptr, send_counts_ptr, epoch, rank, W, L, E_POW2, TRANSPORT)
         else:
@@ -445,10 +443,10 @@ def fused_moe_kernel(
     # What every source sends to this rank's experts this call: a word is current once its epoch
     # field reaches this call's (a source cannot be two calls ahead of this rank).
     words = count_ptr + (epoch % 2) * W * L
-    start = _now() if TRACE else 0
+    start = clock_ns() if TRACE else 0
     idx = tl.arange(0, E_POW2)
     pairs = idx < W * L * healthy.to(tl.int32)  # nothing to wait for once a program has failed
-    short = wait_at_least(words + idx, pairs, epoch << 32, spin_limit, "sys")
+    short = wait_at_least(words + idx, pairs, epoch << 32, wait_limit, status_ptr, "sys", PTX)
     n_short = tl.sum(short.to(tl.int32))
     if n_short > 0:
         _report_timeout(status_ptr, WAIT_COUNTS, tl.min(tl.where(short, idx // L, W)), -1, -1, epoch)
@@ -468,33 +466,34 @@ def fused_moe_kernel(
     pend_n = tl.full((), 0, tl.int64)
     task = n_front + tl.atomic_add(ctl_ptr + 3, 1, sem="relaxed")
     while (task < n_front + n_in + n_out + n_comb) & healthy:
-        start = _now() if TRACE else 0
+        start = clock_ns() if TRACE else 0
         ready = start
         done = start
         q = task - n_front
         if q < n_in:
             q, j = _grouped(q, n_tiles, NF, GROUP)
             ready, done = ffn_in_tile(q, j, counts, tiles, cum, first_all, region_all, recv_x_ptr, w_in_ptr,
-                                      h_ptr, chunk_flag_ptr, h_flag_ptr, status_ptr, epoch, spin_limit, W, L,
+                                      h_ptr, chunk_flag_ptr, h_flag_ptr, status_ptr, epoch, wait_limit, W, L,
                                       H, F, S, MAXC, NF, ACT, GATED, PRECISION, BM, CHUNK, BF, BK, W_POW2,
-                                      L_POW2, STAGES, TRACE)
+                                      L_POW2, STAGES, PTX, TRACE)
         elif q < n_in + n_out:
             q, n = _grouped(q - n_in, n_tiles, NN_OUT, GROUP)
             pend_e, pend_c, pend_rows, pend_first, pend_n, ready, done = ffn_out_tile(
                 q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, tiles, cum, first_all, region_all,
                 h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers, recv_x_ptr, combine_y_ptr,
-                comb_count_ptr, status_ptr, epoch, spin_limit, rank, W, L, H, F, S, MAXC, NF, NN, PRECISION,
-                BM, CHUNK, BN, BN_OUT, BK, W_POW2, L_POW2, NF_POW2, STAGES, TRANSPORT, FENCE, TRACE)
+                comb_count_ptr, status_ptr, epoch, wait_limit, rank, W, L, H, F, S, MAXC, NF, NN, PRECISION,
+                BM, CHUNK, BN, BN_OUT, BK, W_POW2, L_POW2, NF_POW2, STAGES, TRANSPORT, PTX, TRACE)
         else:
             if pend_e >= 0:  # combine tiles wait for counts: none may be left pending behind them
                 count_tile_rows(pend_e, pend_c, pend_rows, pend_first, pend_n, comb_count_peers,
                                 comb_count_ptr, rank, L, MAXC, NN, BM, CHUNK, W_POW2, BN_OUT // BN,
-                                TRANSPORT, FENCE)
+                                TRANSPORT, PTX)
                 pend_e = tl.full((), -1, tl.int32)
             q -= n_in + n_out
             ready, done = combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
                                        slot_dest_ptr, slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr,
-                                       epoch, spin_limit, T, H, S, NN, W, TOP_K, K_POW2, BT, BN, TRACE)
+                                       epoch, wait_limit, T, H, S, NN, W, TOP_K, K_POW2, BT, BN, PTX,
+                                       TRACE)
         q = task - n_front
         kind = tl.where(q < n_in, TASK_FFN_IN, tl.where(q < n_in + n_out, TASK_FFN_OUT, TASK_COMBINE))
         _stamp(trace_ptr, P + task, kind, start, ready, done, TRACE)
@@ -503,7 +502,7 @@ def fused_moe_kernel(
 
     if pend_e >= 0:
         count_tile_rows(pend_e, pend_c, pend_rows, pend_first, pend_n, comb_count_peers, comb_count_ptr, rank,
-                        L, MAXC, NN, BM, CHUNK, W_POW2, BN_OUT // BN, TRANSPORT, FENCE)
+                        L, MAXC, NN, BM, CHUNK, W_POW2, BN_OUT // BN, TRANSPORT, PTX)
     puts_complete(TRANSPORT)
     # The last program out rewinds the task counters and opens the next epoch.
     if tl.atomic_add(ctl_ptr + 2, 1, sem="acq_rel") == P - 1:
@@ -514,7 +513,7 @@ def fused_moe_kernel(
 
 
 def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, comb_expect, ctl,
-                 status, *, geo, activation: str, rank: int, spin_limit: int, programs: int,
+                 status, *, geo, activation: str, rank: int, timeout_s: float, programs: int,
                  block_m: int = 64, block_n: int | None = None, num_warps: int = 8, stages: int = 3,
                  group: int = 8, dispatch_programs: int | None = None,
                  transport: str = "p2p", trace: torch.Tensor | None = None):
@@ -524,7 +523,8 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
     sym: this rank's symmetric buffers by name (geo.symmetric_buffers); peers: the same names ->
     [W] int64 peer base addresses; h: [W, S, F] x.dtype; h_flags: [MAXQ, NF] int32;
     comb_expect: [W, L, MAXC] int64; ctl: [4] int64; status: [8] int64; all on x's device.
-    block_m: rows per expert tile (64 or 128; geo.MAXQ is sized for 64); block_n: columns per GEMM2
+    timeout_s: how long any one wait in the kernel may last (on GPUs by the GPU's clock; in the
+    interpreter, INTERPRETER_ROUNDS_PER_S polling rounds a second). block_m: rows per expert tile (64 or 128; geo.MAXQ is sized for 64); block_n: columns per GEMM2
     tile (geo.BN, the default, or a power-of-two multiple of it); group: expert tiles that
     neighbouring programs work on together (L2 reuse of weights); dispatch_programs: programs that
     send the dispatch chunks before joining the compute queue (1..programs; default all of them);
@@ -559,6 +559,9 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
     dispatch_programs = programs if dispatch_programs is None else dispatch_programs
     if not 1 <= dispatch_programs <= programs:
         raise ValueError(f"dispatch_programs={dispatch_programs}: expected 1..programs={programs}")
+    if not timeout_s > 0 or timeout_s == float("inf"):
+        raise ValueError(f"timeout_s={timeout_s}: expected a positive, finite number of seconds")
+    wait_limit = int(timeout_s * (1e9 if x.is_cuda else INTERPRETER_ROUNDS_PER_S)) or 1
     nvshmem = transport == "nvshmem"
     precision = "tf32x3" if x.dtype == torch.float32 else "tf32"
     extra = {"extern_libs": {"libnvshmem_device": nvshmem_device_library()}} if nvshmem else {}
@@ -572,9 +575,9 @@ def launch_fused(x, out, w_in, w_out, plan, sym: dict, peers: dict, h, h_flags, 
             sym["recv_x"], sym["combine_y"], sym["count_words"], sym["chunk_flags"], sym["combine_counts"],
             sym["send_x"] if nvshmem else sym["recv_x"],
             h, h_flags, ctl, status, status if trace is None else trace,
-            T, spin_limit, rank, W, L, H, F, geo.S, geo.MAXC, plan.chunk_pos.numel(), dispatch_programs,
+            T, wait_limit, rank, W, L, H, F, geo.S, geo.MAXC, plan.chunk_pos.numel(), dispatch_programs,
             TOP_K=plan.slot_dest.shape[1], K_POW2=triton.next_power_of_2(plan.slot_dest.shape[1]), ACT=ACT_CODES[activation], GATED=gated, PRECISION=precision,
             E_POW2=triton.next_power_of_2(W * L), W_POW2=triton.next_power_of_2(W),
             L_POW2=triton.next_power_of_2(L), BM=block_m, CHUNK=geo.CHUNK, BN=geo.BN, BN_OUT=block_n, BF=geo.BF, BK=geo.BK,
             BT=geo.BT, NF_POW2=triton.next_power_of_2(geo.NF), STAGES=stages, GROUP=group,
-            TRANSPORT=TRANSPORTS[transport], FENCE=x.is_cuda, TRACE=trace is not None, num_warps=num_warps, **extra)
+            TRANSPORT=TRANSPORTS[transport], PTX=x.is_cuda, TRACE=trace is not None, num_warps=num_warps, **extra)

@@ -15,7 +15,7 @@ lands after its data; `put_rows`: one put per thread), flags and counters are se
 The kernel's stages reach other GPUs only through the verbs at the end of this file
 (`set_count_words`, `rows_target` + `rows_sent`, `send_tile` + `rows_landed` + `order_counts` +
 `add_count`, `puts_complete`), which take TRANSPORT as a constexpr. Either way, waits are local:
-acquire loads of this rank's symmetric flags (`wait_at_least`). Flags
+acquire loads of this rank's symmetric flags (`wait_at_least`, bounded by the GPU's clock). Flags
 carry the call's epoch and counters only grow, so none needs a reset, and every wait is a wait for
 "at least"."""
 
@@ -52,16 +52,29 @@ def signal(flag_ptr, value, SCOPE: tl.constexpr):
 
 
 @triton.jit
-def wait_at_least(ptrs, mask, targets, spin_limit, SCOPE: tl.constexpr):
+def clock_ns():
+    """This GPU's global nanosecond clock (PTX %globaltimer), int64. PTX only: not in the interpreter."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def wait_at_least(ptrs, mask, targets, limit, status_ptr, SCOPE: tl.constexpr, PTX: tl.constexpr):
     """Spin until every masked word (flag or counter; they only grow) reaches its target, acquiring
-    at SCOPE ("sys" for words other GPUs write, "gpu" for this GPU's own), at most `spin_limit`
-    rounds. -> bool mask of the words still short (none set on success), so a timeout can name
-    what it waited for."""
+    at SCOPE ("sys" for words other GPUs write, "gpu" for this GPU's own). Bounded: gives up after
+    `limit` nanoseconds of the GPU's clock (PTX), or `limit` rounds in the interpreter (which runs no
+    PTX), and at once when the kernel's status word (status_ptr) records a failure, so a program
+    whose wait depends on a failed one leaves with it. -> bool mask of the words still short (none
+    set on success), so a timeout can name what it waited for."""
     short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
-    spins = 0
-    while (tl.sum(short.to(tl.int32)) > 0) & (spins < spin_limit):
+    start = clock_ns() if PTX else tl.cast(0, tl.int64)
+    spent = tl.cast(0, tl.int64)
+    while (tl.sum(short.to(tl.int32)) > 0) & (spent < limit):
+        # The status load comes before the acquire, so the two are in flight together.
+        failed = tl.load(status_ptr, volatile=True) != 0
         short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
-        spins += 1
+        spent = clock_ns() - start if PTX else spent + 1
+        spent = tl.where(failed, limit, spent)
     return short
 
 
@@ -255,20 +268,20 @@ def rows_landed(TRANSPORT: tl.constexpr):
 
 
 @triton.jit
-def order_counts(TRANSPORT: tl.constexpr, FENCE: tl.constexpr):
+def order_counts(TRANSPORT: tl.constexpr, PTX: tl.constexpr):
     """After rows_landed and tl.debug_barrier(): the program's rows precede the add_count calls
     that follow. p2p: one system-scope release fence (PTX fence.acq_rel.sys) in every thread;
     after it, relaxed atomics publish this thread's earlier stores, and those of the program's
-    other threads made visible to it by the barrier, as release atomics would. FENCE=False (the
+    other threads made visible to it by the barrier, as release atomics would. PTX=False (the
     Triton interpreter, which runs no PTX): nothing; add_count then releases each atomic."""
     if TRANSPORT == P2P:
-        if FENCE:
+        if PTX:
             tl.inline_asm_elementwise("fence.acq_rel.sys;\n mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
                                       is_pure=False, pack=1)
 
 
 @triton.jit
-def add_count(peers, counter_ptr, offset, value, pe, mask, TRANSPORT: tl.constexpr, FENCE: tl.constexpr):
+def add_count(peers, counter_ptr, offset, value, pe, mask, TRANSPORT: tl.constexpr, PTX: tl.constexpr):
     """The int64 counter at `offset` on PE pe += value where mask, after this program's earlier
     stores and puts have landed (rows_landed, tl.debug_barrier() and order_counts first: p2p adds
     are relaxed behind its fence, or each a release without one). p2p: offset, value, pe and mask
@@ -278,7 +291,7 @@ def add_count(peers, counter_ptr, offset, value, pe, mask, TRANSPORT: tl.constex
             signal_remote(counter_ptr + offset, value, SIGNAL_ADD, pe)
     else:
         counters = tl.load(peers + pe).to(tl.pointer_type(tl.int64))  # single words: no alignment to declare
-        if FENCE:
+        if PTX:
             tl.atomic_add(counters + offset, value, mask=mask, sem="relaxed", scope="sys")
         else:
             tl.atomic_add(counters + offset, value, mask=mask, sem="release", scope="sys")

@@ -46,6 +46,12 @@ def test_bad_input_nan_capacity_and_heap_limits_on_all_gpus():
 
 
 @pytest.mark.gpu
+def test_every_kind_of_stalled_peer_ends_the_kernel_within_the_timeout():
+    assert subprocess.run([sys.executable, os.path.join(HERE, "check_timeouts.py")], timeout=300,
+                          cwd=ROOT).returncode == 0
+
+
+@pytest.mark.gpu
 def test_killed_rank_is_a_bounded_error_and_survivors_exit():
     assert subprocess.run([sys.executable, os.path.join(HERE, "check_killed_rank.py")], timeout=300,
                           cwd=ROOT).returncode == 0

@@ -1,0 +1,70 @@
+"""GPU, one process, no NVSHMEM: the fused kernel's bounded waits, timed by the host.
+
+Rank 0 of a 2-rank layer runs alone on this GPU (tests/one_rank.py; rank 1's buffers are scratch):
+rank 1 never publishes its counts, or announces rows and never sends them, or announces none and
+never returns rank 0's expert outputs. Each time the kernel (every SM's program) must record the
+wait and rank 1 in its status word and end within timeout_s plus a little, not a multiple of it,
+however many of its programs were waiting: a wait gives up after timeout_s of the GPU's clock, and
+the others at once after the first failure.   python tests/gpu/check_timeouts.py [--out rows.json]"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from one_rank import OneRank  # noqa: E402
+
+from flashmoe_py import MoEConfig  # noqa: E402
+from flashmoe_py.backends.flash import STATUS_WAITS  # noqa: E402
+from flashmoe_py.kernels.fused_moe import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS  # noqa: E402
+
+SLACK_S = 0.25  # routing, launch and the host's wake-up, beside timeout_s
+
+
+def timed_failure(cfg, tokens, peer_rows, timeout_s, programs):
+    """A fresh rank 0; rank 1 publishes peer_rows rows per expert (None: publishes nothing).
+    -> (status list, seconds from launch to the kernel's end, ctl list)."""
+    rank = OneRank(cfg, max_tokens=tokens, world=2, device="cuda")
+    if peer_rows is not None:
+        rank.peer_published(1, peer_rows)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    rank.forward(tokens, timeout_s=timeout_s, programs=programs)
+    torch.cuda.synchronize()
+    return rank.status.tolist(), time.perf_counter() - t0, rank.ctl.tolist()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    programs = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = MoEConfig(hidden_size=1024, ffn_size=512, num_experts=16, top_k=4)
+    tokens = 2048
+    timed_failure(cfg, tokens, None, 0.1, programs)  # compiles the kernel
+    cases = [("peer never publishes its counts", None, WAIT_COUNTS, 0.5),
+             ("peer never publishes its counts", None, WAIT_COUNTS, 2.0),
+             ("peer announces rows, never sends them", 512, WAIT_CHUNK, 1.0),
+             ("peer announces no rows, never returns outputs", 0, WAIT_COMBINE, 1.0)]
+    rows = []
+    for name, peer_rows, wait, timeout_s in cases:
+        status, seconds, ctl = timed_failure(cfg, tokens, peer_rows, timeout_s, programs)
+        ok = (status[:3] == [1, wait.value, 1] and timeout_s <= seconds <= timeout_s + SLACK_S
+              and ctl == [2, 0, 0, 0])
+        rows.append({"case": name, "timeout_s": timeout_s, "seconds_to_kernel_end": round(seconds, 3),
+                     "wait": STATUS_WAITS.get(status[1], status[1]), "peer": status[2], "status": status[:6],
+                     "ctl_after": ctl, "programs": programs, "ok": ok})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                       "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"), "rows": rows}, f, indent=1)
+    sys.exit(0 if all(r["ok"] for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()
