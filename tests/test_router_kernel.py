@@ -70,6 +70,27 @@ def test_router_takes_a_block_of_tokens_per_program_and_zero_tokens():
     assert weights.shape == chosen.shape == (0, 4)
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=pytest.mark.gpu), torch.float32])
+def test_non_finite_tokens_get_k_distinct_experts_with_nan_weights(dtype):
+    """A token whose logits are not all finite (NaN or Inf in its activations, or in a router
+    row) gets NaN weights, as under torch's softmax, on k distinct experts that exist, and every
+    other token is routed as without it."""
+    x = torch.randn(40, 64, device=DEVICE).to(dtype)
+    w = (torch.randn(12, 64, device=DEVICE) / 8).to(dtype)
+    clean = router_topk(x, w, 3, True)
+    x[3, 5], x[7, 0] = float("nan"), float("inf")
+    weights, chosen = router_topk(x, w, 3, True)
+    bad = torch.zeros(40, dtype=torch.bool, device=DEVICE)
+    bad[[3, 7]] = True
+    assert not weights[bad].isfinite().any()
+    assert torch.equal(chosen[~bad], clean[1][~bad]) and torch.equal(weights[~bad], clean[0][~bad])
+    w[0] = float("inf")
+    weights, chosen = router_topk(x, w, 3, True)
+    assert not weights.isfinite().any()
+    assert 0 <= int(chosen.min()) and int(chosen.max()) < 12
+    assert all(len(set(row)) == 3 for row in chosen.tolist())
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda x, w: router_topk(x, w.t().contiguous(), 2, True), "router_weight"),
     (lambda x, w: router_topk(x, w.double(), 2, True), "router_weight"),

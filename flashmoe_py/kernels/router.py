@@ -43,11 +43,15 @@ def router_topk_kernel(x_ptr, w_ptr, weights_ptr, experts_ptr, T, H, E,
     kk = tl.arange(0, K_POW2)[None, :]
     top_w = tl.zeros((BT, K_POW2), dtype=tl.float32)
     top_e = tl.zeros((BT, K_POW2), dtype=tl.int32)
-    left = tl.where(emask[None, :], p, -1.0)  # taken and padding columns drop below every probability
+    # A non-finite logit makes its token's whole row of probabilities NaN, as in torch's softmax.
+    # NaN equals nothing, so it would match no maximum (the pick would be a padding column): it
+    # ranks as 2.0, above every probability, and the token still gets k distinct experts of its
+    # own (the lowest ids first, as torch.topk ranks NaN above numbers) with NaN weights.
+    left = tl.where(emask[None, :], tl.where(p == p, p, 2.0), -1.0)  # taken, padding: below all
     for j in tl.static_range(TOP_K):
         best = tl.max(left, axis=1)
         pick = tl.min(tl.where(left == best[:, None], e[None, :], E_POW2), axis=1)
-        top_w = tl.where(kk == j, best[:, None], top_w)
+        top_w = tl.where(kk == j, tl.where(best > 1.0, float("nan"), best)[:, None], top_w)
         top_e = tl.where(kk == j, pick[:, None], top_e)
         left = tl.where(e[None, :] == pick[:, None], -1.0, left)
     if RENORMALIZE:
