@@ -99,6 +99,14 @@ def _report_timeout(status_ptr, wait, pe, expert, tile, epoch):
 
 
 @triton.jit
+def _healthy(status_ptr):
+    """No program has recorded a failure in the status word. One thread reads it (an atomic) and
+    the program shares the value, so all its warps take the same branch: loads of their own could
+    disagree when the word changes between them, and split the warps around a barrier (a hang)."""
+    return tl.atomic_add(status_ptr, 0, sem="relaxed") == 0
+
+
+@triton.jit
 def _grouped(t, rows, cols, GROUP: tl.constexpr):
     """Task t of a rows x cols grid of tiles -> (row, col), taking GROUP rows at a time column by
     column: programs running side by side share a few row tiles and a few weight tiles in L2,
@@ -426,7 +434,7 @@ def fused_moe_kernel(
     task = tl.cast(n_front, tl.int64)
     if tl.program_id(0) < DISPATCH_PROGRAMS:
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
-    healthy = tl.load(status_ptr, volatile=True) == 0
+    healthy = _healthy(status_ptr)
     while (task < n_front) & healthy:
         start = clock_ns() if TRACE else 0
         if task == 0:
@@ -438,7 +446,7 @@ def fused_moe_kernel(
                            TRANSPORT)
         _stamp(trace_ptr, P + task, tl.minimum(task, TASK_DISPATCH), start, start, start, TRACE)
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
-        healthy = tl.load(status_ptr, volatile=True) == 0
+        healthy = _healthy(status_ptr)
 
     # What every source sends to this rank's experts this call: a word is current once its epoch
     # field reaches this call's (a source cannot be two calls ahead of this rank).
@@ -498,7 +506,7 @@ def fused_moe_kernel(
         kind = tl.where(q < n_in, TASK_FFN_IN, tl.where(q < n_in + n_out, TASK_FFN_OUT, TASK_COMBINE))
         _stamp(trace_ptr, P + task, kind, start, ready, done, TRACE)
         task = n_front + tl.atomic_add(ctl_ptr + 3, 1, sem="relaxed")
-        healthy = tl.load(status_ptr, volatile=True) == 0
+        healthy = _healthy(status_ptr)
 
     if pend_e >= 0:
         count_tile_rows(pend_e, pend_c, pend_rows, pend_first, pend_n, comb_count_peers, comb_count_ptr, rank,

@@ -68,13 +68,18 @@ def wait_at_least(ptrs, mask, targets, limit, status_ptr, SCOPE: tl.constexpr, P
     set on success), so a timeout can name what it waited for."""
     short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
     start = clock_ns() if PTX else tl.cast(0, tl.int64)
-    spent = tl.cast(0, tl.int64)
-    while (tl.sum(short.to(tl.int32)) > 0) & (spent < limit):
-        # The status load comes before the acquire, so the two are in flight together.
-        failed = tl.load(status_ptr, volatile=True) != 0
+    rounds = tl.cast(0, tl.int64)
+    give_up = tl.full((), 0, tl.int1)
+    # Each thread reads the clock and the status word itself, so threads may disagree for a round
+    # about giving up. Whether to go on is the program-wide count of words still short in threads
+    # still waiting: a sum, the same in every thread. Warps that left a loop with a barrier in it
+    # at different rounds would deadlock.
+    while tl.sum(tl.where(give_up, 0, short.to(tl.int32))) > 0:
+        failed = tl.load(status_ptr, volatile=True) != 0  # before the acquire: both in flight at once
         short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
-        spent = clock_ns() - start if PTX else spent + 1
-        spent = tl.where(failed, limit, spent)
+        rounds += 1
+        waited = clock_ns() - start if PTX else rounds
+        give_up = failed | (waited >= limit)
     return short
 
 

@@ -5,7 +5,10 @@ rank 1 never publishes its counts, or announces rows and never sends them, or an
 never returns rank 0's expert outputs. Each time the kernel (every SM's program) must record the
 wait and rank 1 in its status word and end within timeout_s plus a little, not a multiple of it,
 however many of its programs were waiting: a wait gives up after timeout_s of the GPU's clock, and
-the others at once after the first failure.   python tests/gpu/check_timeouts.py [--out rows.json]"""
+the others at once after the first failure. A kernel that hangs instead is reported with its
+status and control words, and the check exits 2.
+
+    python tests/gpu/check_timeouts.py [--repeat N] [--out rows.json]"""
 
 import argparse
 import json
@@ -23,23 +26,37 @@ from flashmoe_py.backends.flash import STATUS_WAITS  # noqa: E402
 from flashmoe_py.kernels.fused_moe import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS  # noqa: E402
 
 SLACK_S = 0.25  # routing, launch and the host's wake-up, beside timeout_s
+HUNG_S = 10.0  # past timeout_s: the kernel is hung; say so and what its control words hold, then exit
 
 
 def timed_failure(cfg, tokens, peer_rows, timeout_s, programs):
     """A fresh rank 0; rank 1 publishes peer_rows rows per expert (None: publishes nothing).
-    -> (status list, seconds from launch to the kernel's end, ctl list)."""
+    -> (status list, seconds from launch to the kernel's end, ctl list). A kernel still running
+    HUNG_S after its timeout ends the process (status and ctl copied out beside it first)."""
     rank = OneRank(cfg, max_tokens=tokens, world=2, device="cuda")
     if peer_rows is not None:
         rank.peer_published(1, peer_rows)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     rank.forward(tokens, timeout_s=timeout_s, programs=programs)
-    torch.cuda.synchronize()
+    done = torch.cuda.Event()
+    done.record()
+    while not done.query():
+        if time.perf_counter() - t0 > timeout_s + HUNG_S:
+            side = torch.cuda.Stream()  # not ordered after the running kernel; copies need no SM
+            with torch.cuda.stream(side):
+                status, ctl = (t.to("cpu", non_blocking=True) for t in (rank.status, rank.ctl))
+            side.synchronize()
+            print(json.dumps({"hung_after_s": round(time.perf_counter() - t0, 1), "peer_rows": peer_rows,
+                              "status": status.tolist(), "ctl": ctl.tolist()}), flush=True)
+            os._exit(2)
+        time.sleep(0.001)
     return rank.status.tolist(), time.perf_counter() - t0, rank.ctl.tolist()
 
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--repeat", type=int, default=1, help="run the cases this many times")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     programs = torch.cuda.get_device_properties(0).multi_processor_count
@@ -51,7 +68,7 @@ def main():
              ("peer announces rows, never sends them", 512, WAIT_CHUNK, 1.0),
              ("peer announces no rows, never returns outputs", 0, WAIT_COMBINE, 1.0)]
     rows = []
-    for name, peer_rows, wait, timeout_s in cases:
+    for name, peer_rows, wait, timeout_s in cases * args.repeat:
         status, seconds, ctl = timed_failure(cfg, tokens, peer_rows, timeout_s, programs)
         ok = (status[:3] == [1, wait.value, 1] and timeout_s <= seconds <= timeout_s + SLACK_S
               and ctl == [2, 0, 0, 0])
