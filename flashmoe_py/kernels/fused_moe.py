@@ -30,8 +30,8 @@ task waits only on front tasks (here or on other GPUs), on compute tasks with sm
 on tasks of other GPUs that wait only on smaller phases there; ids are handed out in order, so a
 waited-on task has already been taken by a running program. Every wait is bounded (wait_limit
 nanoseconds of the GPU's clock; rounds in the interpreter); a timeout records (code, wait, peer,
-pair, chunk, epoch) in the status word, every program stops taking tasks, and waits in progress
-give up at once.
+pair, chunk, epoch) in the status word and closes the task queues (their counters jump past the
+end), so every program stops taking tasks, and waits in progress give up at once.
 
 Trace (TRACE=True, for bench/kernel_profile.py): each program stamps this GPU's nanosecond clock
 around its tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done three times, counts
@@ -72,6 +72,7 @@ TASK_FFN_OUT = tl.constexpr(3)
 TASK_COMBINE = tl.constexpr(4)
 WAITED_COUNTS = tl.constexpr(5)
 TRACE_COLS = tl.constexpr(6)  # int64 words per trace row
+QUEUES_CLOSED = tl.constexpr(1 << 40)  # added to the task counters by the first timeout
 
 
 @triton.jit
@@ -88,22 +89,18 @@ def _stamp(trace_ptr, row, kind, start, ready, done, TRACE: tl.constexpr):
 
 
 @triton.jit
-def _report_timeout(status_ptr, wait, pe, expert, tile, epoch):
-    """status = [1, wait, peer rank, local expert, tile, epoch]; the first timeout wins."""
+def _report_timeout(status_ptr, ctl_ptr, wait, pe, expert, tile, epoch):
+    """status = [1, wait, peer rank, local expert, tile, epoch]; the first timeout wins, and closes
+    both task queues (every later take from their counters is past the end), so programs stop
+    taking tasks without reading the status word for each."""
     if tl.atomic_cas(status_ptr, tl.cast(0, tl.int64), tl.cast(1, tl.int64), sem="relaxed") == 0:
         tl.store(status_ptr + 1, wait)
         tl.store(status_ptr + 2, pe)
         tl.store(status_ptr + 3, expert)
         tl.store(status_ptr + 4, tile)
         tl.store(status_ptr + 5, epoch)
-
-
-@triton.jit
-def _healthy(status_ptr):
-    """No program has recorded a failure in the status word. One thread reads it (an atomic) and
-    the program shares the value, so all its warps take the same branch: loads of their own could
-    disagree when the word changes between them, and split the warps around a barrier (a hang)."""
-    return tl.atomic_add(status_ptr, 0, sem="relaxed") == 0
+        tl.atomic_add(ctl_ptr + 1, QUEUES_CLOSED, sem="relaxed")
+        tl.atomic_add(ctl_ptr + 3, QUEUES_CLOSED, sem="relaxed")
 
 
 @triton.jit
@@ -226,7 +223,7 @@ def _expert_tile(q, counts, tiles, cum, first_all, region_all, W, BM: tl.constex
 
 @triton.jit
 def ffn_in_tile(q, j, counts, tiles, cum, first_all, region_all, recv_x_ptr, w_in_ptr, h_ptr, chunk_flag_ptr,
-                h_flag_ptr, status_ptr, epoch, wait_limit, W, L, H, F, S, MAXC, NF,
+                h_flag_ptr, status_ptr, ctl_ptr, epoch, wait_limit, W, L, H, F, S, MAXC, NF,
                 ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
                 CHUNK: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, W_POW2: tl.constexpr, L_POW2: tl.constexpr,
                 STAGES: tl.constexpr, PTX: tl.constexpr, TRACE: tl.constexpr):
@@ -240,7 +237,7 @@ def ffn_in_tile(q, j, counts, tiles, cum, first_all, region_all, recv_x_ptr, w_i
     ready = clock_ns() if TRACE else 0
     done = ready
     if tl.sum(short.to(tl.int32)) > 0:
-        _report_timeout(status_ptr, WAIT_CHUNK, tl.min(tl.where(short, src, W)), e, q, epoch)
+        _report_timeout(status_ptr, ctl_ptr, WAIT_CHUNK, tl.min(tl.where(short, src, W)), e, q, epoch)
     else:
         r = (src * S + row).to(tl.int64)
         f = j * BF + tl.arange(0, BF)
@@ -310,8 +307,8 @@ def count_tile_rows(e, c, per_src, first, n, comb_count_peers, comb_count_ptr, r
 @triton.jit
 def ffn_out_tile(q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, tiles, cum, first_all, region_all,
                  h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers, recv_x_ptr, combine_y_ptr,
-                 comb_count_ptr, status_ptr, epoch, wait_limit, rank, W, L, H, F, S, MAXC, NF, NN,
-                 PRECISION: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr,
+                 comb_count_ptr, status_ptr, ctl_ptr, epoch, wait_limit, rank, W, L, H, F, S, MAXC, NF,
+                 NN, PRECISION: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr,
                  BN_OUT: tl.constexpr, BK: tl.constexpr,
                  W_POW2: tl.constexpr, L_POW2: tl.constexpr, NF_POW2: tl.constexpr,
                  STAGES: tl.constexpr, TRANSPORT: tl.constexpr, PTX: tl.constexpr, TRACE: tl.constexpr):
@@ -346,7 +343,7 @@ def ffn_out_tile(q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, ti
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     done = clock_ns() if TRACE else 0
     if not ok:
-        _report_timeout(status_ptr, WAIT_HIDDEN, rank, e, q, epoch)
+        _report_timeout(status_ptr, ctl_ptr, WAIT_HIDDEN, rank, e, q, epoch)
     else:
         if pend_e >= 0:
             count_tile_rows(pend_e, pend_c, pend_rows, pend_first, pend_n, comb_count_peers, comb_count_ptr,
@@ -361,7 +358,8 @@ def ffn_out_tile(q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, ti
 
 @triton.jit
 def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr, slot_dest_ptr,
-                 slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, epoch, wait_limit, T, H, S, NN, W,
+                 slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, ctl_ptr, epoch, wait_limit, T, H, S,
+                 NN, W,
                  TOP_K: tl.constexpr, K_POW2: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
                  PTX: tl.constexpr, TRACE: tl.constexpr):
     """out[tokens, n-tile] = sum_k w[t, k] * y[slot(t, k), n-tile] for BT tokens, once each slot's
@@ -392,7 +390,7 @@ def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
         acc += w[:, None] * y.to(tl.float32)
     done = clock_ns() if TRACE else 0
     if missing < W:
-        _report_timeout(status_ptr, WAIT_COMBINE, missing, -1, tt, epoch)
+        _report_timeout(status_ptr, ctl_ptr, WAIT_COMBINE, missing, -1, tt, epoch)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=tmask[:, None] & cmask[None, :])
     return ready, done
@@ -434,8 +432,7 @@ def fused_moe_kernel(
     task = tl.cast(n_front, tl.int64)
     if tl.program_id(0) < DISPATCH_PROGRAMS:
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
-    healthy = _healthy(status_ptr)
-    while (task < n_front) & healthy:
+    while task < n_front:
         start = clock_ns() if TRACE else 0
         if task == 0:
             publish_counts(count_peers, count_ptr, send_counts_ptr, epoch, rank, W, L, E_POW2, TRANSPORT)
@@ -446,19 +443,18 @@ def fused_moe_kernel(
                            TRANSPORT)
         _stamp(trace_ptr, P + task, tl.minimum(task, TASK_DISPATCH), start, start, start, TRACE)
         task = tl.atomic_add(ctl_ptr + 1, 1, sem="relaxed")
-        healthy = _healthy(status_ptr)
 
     # What every source sends to this rank's experts this call: a word is current once its epoch
     # field reaches this call's (a source cannot be two calls ahead of this rank).
     words = count_ptr + (epoch % 2) * W * L
     start = clock_ns() if TRACE else 0
     idx = tl.arange(0, E_POW2)
-    pairs = idx < W * L * healthy.to(tl.int32)  # nothing to wait for once a program has failed
+    pairs = idx < W * L
     short = wait_at_least(words + idx, pairs, epoch << 32, wait_limit, status_ptr, "sys", PTX)
     n_short = tl.sum(short.to(tl.int32))
     if n_short > 0:
-        _report_timeout(status_ptr, WAIT_COUNTS, tl.min(tl.where(short, idx // L, W)), -1, -1, epoch)
-    healthy = healthy & (n_short == 0)
+        _report_timeout(status_ptr, ctl_ptr, WAIT_COUNTS, tl.min(tl.where(short, idx // L, W)), -1, -1, epoch)
+    healthy = n_short == 0  # a sum: the same in every warp (the counts are not to be used otherwise)
     _stamp(trace_ptr, tl.program_id(0), WAITED_COUNTS, start, start, start, TRACE)
     counts, tiles, cum, first_all, region_all = _tile_table(words, W, L, BM, CHUNK, W_POW2, L_POW2)
     n_tiles = tl.sum(tiles)
@@ -481,7 +477,7 @@ def fused_moe_kernel(
         if q < n_in:
             q, j = _grouped(q, n_tiles, NF, GROUP)
             ready, done = ffn_in_tile(q, j, counts, tiles, cum, first_all, region_all, recv_x_ptr, w_in_ptr,
-                                      h_ptr, chunk_flag_ptr, h_flag_ptr, status_ptr, epoch, wait_limit, W, L,
+                                      h_ptr, chunk_flag_ptr, h_flag_ptr, status_ptr, ctl_ptr, epoch, wait_limit, W, L,
                                       H, F, S, MAXC, NF, ACT, GATED, PRECISION, BM, CHUNK, BF, BK, W_POW2,
                                       L_POW2, STAGES, PTX, TRACE)
         elif q < n_in + n_out:
@@ -489,7 +485,8 @@ def fused_moe_kernel(
             pend_e, pend_c, pend_rows, pend_first, pend_n, ready, done = ffn_out_tile(
                 q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, tiles, cum, first_all, region_all,
                 h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers, recv_x_ptr, combine_y_ptr,
-                comb_count_ptr, status_ptr, epoch, wait_limit, rank, W, L, H, F, S, MAXC, NF, NN, PRECISION,
+                comb_count_ptr, status_ptr, ctl_ptr, epoch, wait_limit, rank, W, L, H, F, S, MAXC, NF, NN,
+                PRECISION,
                 BM, CHUNK, BN, BN_OUT, BK, W_POW2, L_POW2, NF_POW2, STAGES, TRANSPORT, PTX, TRACE)
         else:
             if pend_e >= 0:  # combine tiles wait for counts: none may be left pending behind them
@@ -500,13 +497,12 @@ def fused_moe_kernel(
             q -= n_in + n_out
             ready, done = combine_tile(q // NN, q % NN, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr,
                                        slot_dest_ptr, slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr,
-                                       epoch, wait_limit, T, H, S, NN, W, TOP_K, K_POW2, BT, BN, PTX,
+                                       ctl_ptr, epoch, wait_limit, T, H, S, NN, W, TOP_K, K_POW2, BT, BN, PTX,
                                        TRACE)
         q = task - n_front
         kind = tl.where(q < n_in, TASK_FFN_IN, tl.where(q < n_in + n_out, TASK_FFN_OUT, TASK_COMBINE))
         _stamp(trace_ptr, P + task, kind, start, ready, done, TRACE)
         task = n_front + tl.atomic_add(ctl_ptr + 3, 1, sem="relaxed")
-        healthy = _healthy(status_ptr)
 
     if pend_e >= 0:
         count_tile_rows(pend_e, pend_c, pend_rows, pend_first, pend_n, comb_count_peers, comb_count_ptr, rank,
