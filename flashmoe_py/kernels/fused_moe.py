@@ -359,8 +359,7 @@ def ffn_out_tile(q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, ti
 @triton.jit
 def combine_tile(tt, n, out_ptr, combine_y_ptr, comb_count_ptr, comb_expect_ptr, slot_dest_ptr,
                  slot_row_ptr, slot_flag_ptr, slot_w_ptr, status_ptr, ctl_ptr, epoch, wait_limit, T, H, S,
-                 NN, W,
-                 TOP_K: tl.constexpr, K_POW2: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+                 NN, W, TOP_K: tl.constexpr, K_POW2: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
                  PTX: tl.constexpr, TRACE: tl.constexpr):
     """out[tokens, n-tile] = sum_k w[t, k] * y[slot(t, k), n-tile] for BT tokens, once each slot's
     chunk counter has reached the rows this rank expects in it (one wait for all BT x TOP_K slots,
@@ -477,8 +476,8 @@ def fused_moe_kernel(
         if q < n_in:
             q, j = _grouped(q, n_tiles, NF, GROUP)
             ready, done = ffn_in_tile(q, j, counts, tiles, cum, first_all, region_all, recv_x_ptr, w_in_ptr,
-                                      h_ptr, chunk_flag_ptr, h_flag_ptr, status_ptr, ctl_ptr, epoch, wait_limit, W, L,
-                                      H, F, S, MAXC, NF, ACT, GATED, PRECISION, BM, CHUNK, BF, BK, W_POW2,
+                                      h_ptr, chunk_flag_ptr, h_flag_ptr, status_ptr, ctl_ptr, epoch, wait_limit,
+                                      W, L, H, F, S, MAXC, NF, ACT, GATED, PRECISION, BM, CHUNK, BF, BK, W_POW2,
                                       L_POW2, STAGES, PTX, TRACE)
         elif q < n_in + n_out:
             q, n = _grouped(q - n_in, n_tiles, NN_OUT, GROUP)
@@ -486,8 +485,7 @@ def fused_moe_kernel(
                 q, n, pend_e, pend_c, pend_rows, pend_first, pend_n, counts, tiles, cum, first_all, region_all,
                 h_ptr, w_out_ptr, h_flag_ptr, combine_y_peers, comb_count_peers, recv_x_ptr, combine_y_ptr,
                 comb_count_ptr, status_ptr, ctl_ptr, epoch, wait_limit, rank, W, L, H, F, S, MAXC, NF, NN,
-                PRECISION,
-                BM, CHUNK, BN, BN_OUT, BK, W_POW2, L_POW2, NF_POW2, STAGES, TRANSPORT, PTX, TRACE)
+                PRECISION, BM, CHUNK, BN, BN_OUT, BK, W_POW2, L_POW2, NF_POW2, STAGES, TRANSPORT, PTX, TRACE)
         else:
             if pend_e >= 0:  # combine tiles wait for counts: none may be left pending behind them
                 count_tile_rows(pend_e, pend_c, pend_rows, pend_first, pend_n, comb_count_peers,
