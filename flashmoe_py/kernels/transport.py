@@ -68,7 +68,7 @@ def wait_at_least(ptrs, mask, targets, limit, status_ptr, SCOPE: tl.constexpr, P
     set on success), so a timeout can name what it waited for."""
     short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
     start = clock_ns() if PTX else tl.cast(0, tl.int64)
-    rounds = tl.cast(0, tl.int64)
+    waited = tl.cast(0, tl.int64)  # nanoseconds (PTX) or rounds
     give_up = tl.full((), 0, tl.int1)
     # Each thread reads the clock and the status word itself, so threads may disagree for a round
     # about giving up. Whether to go on is the program-wide count of words still short in threads
@@ -77,8 +77,7 @@ def wait_at_least(ptrs, mask, targets, limit, status_ptr, SCOPE: tl.constexpr, P
     while tl.sum(tl.where(give_up, 0, short.to(tl.int32))) > 0:
         failed = tl.load(status_ptr, volatile=True) != 0  # before the acquire: both in flight at once
         short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
-        rounds += 1
-        waited = clock_ns() - start if PTX else rounds
+        waited = clock_ns() - start if PTX else waited + 1
         give_up = failed | (waited >= limit)
     return short
 
