@@ -13,11 +13,11 @@ from torch import nn
 from .backends.flash import FlashBackend
 from .backends.torch_ep import TorchEPBackend
 from .config import MoEConfig
+from .options import FusedOptions
 from .placement import ExpertPlacement
 from .runtime import ConsistencyError, find_mismatch, fused_unavailable_reason
 
 BACKENDS = ("torch", "flash")
-TRANSPORTS = ("p2p", "nvshmem")
 
 
 @dataclass
@@ -41,8 +41,12 @@ class MoELayer(nn.Module):
     Weights are drawn from `seed` per global expert, so a layer is the same function at any world size.
 
     forward(x): x [tokens, H] or [batch, seq, H] in config.dtype on the layer's device; returns the
-    same shape and dtype. After each forward, `last_stats` holds this rank's MoEStats. Forward only:
-    no backward pass is defined.
+    same shape and dtype. After each forward, `last_stats` holds this rank's MoEStats.
+
+    Gradients: only backend "torch" at world_size 1 with routing in torch ops (x on the CPU) has a
+    tested backward. Elsewhere, a forward that would record a graph (grad mode on, and x or a
+    parameter requiring grad) raises NotImplementedError on every rank instead of returning an
+    output whose gradients would be wrong: run it under torch.no_grad() or torch.inference_mode().
 
     backend: "torch" (all-to-all over torch.distributed; CPU or GPU) or "flash" (the fused NVSHMEM
     kernel; needs flashmoe_py.init() first, `max_tokens_per_rank` to size its buffers, and ends
@@ -62,12 +66,17 @@ class MoELayer(nn.Module):
         self.process_group = process_group if distributed else None
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.rank = dist.get_rank(process_group) if distributed else 0
-        problem = self._setup_problem(config, placement, backend, max_tokens_per_rank, transport, timeout_s)
+        options, problem = None, None
+        try:
+            options = FusedOptions(max_tokens_per_rank, timeout_s, cuda_graphs, transport)
+        except ValueError as e:
+            problem = str(e)
+        problem = problem or self._setup_problem(config, placement, backend, options)
         if self.world_size > 1:
-            self._check_ranks_agree(config, placement, backend, max_tokens_per_rank, transport, problem)
+            self._check_ranks_agree(config, placement, backend, options, problem)
         if problem:
             raise ValueError(problem)
-        self.config = config
+        self.config, self.options = config, options
         self.placement = placement or ExpertPlacement.contiguous(config.num_experts, self.world_size)
         self.local_experts = self.placement.local_experts
         self.device = torch.device(device) if device is not None else _default_device(distributed)
@@ -78,45 +87,41 @@ class MoELayer(nn.Module):
         self.w_out = nn.Parameter(torch.empty(L, F, H, dtype=dtype, device=self.device))
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
         self.reset_parameters(seed)
-        self.backend = (TorchEPBackend(self) if backend == "torch"
-                        else FlashBackend(self, max_tokens_per_rank, timeout_s, cuda_graphs, transport))
+        self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
         self.last_stats: MoEStats | None = None
         self._op_id = next(_layer_ids)
         _LAYERS[self._op_id] = self
 
-    def _setup_problem(self, config, placement, backend, max_tokens_per_rank, transport,
-                       timeout_s) -> str | None:
+    def _setup_problem(self, config, placement, backend, options: FusedOptions) -> str | None:
         """What is wrong with the constructor arguments on this rank, or None."""
         if not isinstance(config, MoEConfig):
             return f"config must be a MoEConfig, got {type(config).__name__}"
         if backend not in BACKENDS:
             return f"backend={backend!r} is not available; choose one of {BACKENDS}"
-        if transport not in TRANSPORTS:
-            return f"transport={transport!r} is not available; choose one of {TRANSPORTS}"
         if backend == "flash":
-            if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
-                return (f"backend='flash' needs max_tokens_per_rank, a positive int (it sizes the "
-                        f"symmetric heap); got {max_tokens_per_rank!r}")
-            if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
-                return f"timeout_s must be a positive, finite number of seconds; got {timeout_s!r}"
+            try:
+                options.require_max_tokens()
+            except ValueError as e:
+                return str(e)
             reason = fused_unavailable_reason()
             if reason:
                 return f"backend='flash' is unavailable: {reason}"
             if self.process_group not in (None, dist.group.WORLD):
                 return "backend='flash' spans all NVSHMEM PEs: use the default process group"
-        if config.num_experts % self.world_size:
-            return (f"MoEConfig.num_experts={config.num_experts} is not divisible by "
-                    f"world_size={self.world_size}: every rank must hold the same number of experts")
+        try:
+            config.local_experts(self.world_size)
+        except ValueError as e:
+            return str(e)
         if placement is not None and (placement.num_experts, placement.world_size) != (
                 config.num_experts, self.world_size):
             return (f"placement is for {placement.num_experts} experts on {placement.world_size} "
                     f"ranks, but the layer has {config.num_experts} experts on {self.world_size}")
         return None
 
-    def _check_ranks_agree(self, config, placement, backend, max_tokens, transport, problem) -> None:
+    def _check_ranks_agree(self, config, placement, backend, options, problem) -> None:
         """Every rank must build the same layer; compared before any forward can hang on it."""
-        mine = {"problem": problem, "backend": backend, "max_tokens_per_rank": max_tokens,
-                "transport": transport,
+        mine = {"problem": problem, "backend": backend,
+                "options": options.to_dict() if options is not None else None,
                 "config": config.to_dict() if isinstance(config, MoEConfig) else repr(config),
                 "placement": placement.to_dict() if placement is not None else "contiguous"}
         everyone = [None] * self.world_size
@@ -171,21 +176,42 @@ class MoELayer(nn.Module):
         full_in[order], full_out[order] = w_in, w_out
         return self.router_weight.detach().clone(), full_in, full_out
 
-    def _input_problem(self, x) -> str | None:
+    def _input_problem(self, x) -> Exception | None:
+        """What is wrong with this forward on this rank (raised on every rank by the backend), or None."""
         cfg = self.config
         if not isinstance(x, torch.Tensor):
-            return f"x must be a torch.Tensor, got {type(x).__name__}"
+            return ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
-            return (f"x has shape {tuple(x.shape)}; expected [tokens, {cfg.hidden_size}] or "
-                    f"[batch, seq, {cfg.hidden_size}] (hidden_size={cfg.hidden_size})")
+            return ValueError(f"x has shape {tuple(x.shape)}; expected [tokens, {cfg.hidden_size}] or "
+                              f"[batch, seq, {cfg.hidden_size}] (hidden_size={cfg.hidden_size})")
         if x.dtype != cfg.torch_dtype:
-            return f"x has dtype {x.dtype}; the layer's dtype is {cfg.torch_dtype}"
+            return ValueError(f"x has dtype {x.dtype}; the layer's dtype is {cfg.torch_dtype}")
         if x.device != self.device:
-            return f"x is on {x.device}; the layer's experts are on {self.device}"
+            return ValueError(f"x is on {x.device}; the layer's experts are on {self.device}")
+        tokens, limit = x.numel() // cfg.hidden_size, self.options.max_tokens_per_rank
+        if limit is not None and tokens > limit:
+            return ValueError(f"x has {tokens} tokens; max_tokens_per_rank={limit}")
+        if self._records_graph(x) and not self._backward_supported(x):
+            return NotImplementedError(
+                f"MoELayer backward is not implemented for backend={self.backend.name!r} at "
+                f"world_size={self.world_size} on {x.device.type}: this forward would record a graph "
+                "whose gradients are wrong. Run it under torch.no_grad() or torch.inference_mode(), "
+                "or call requires_grad_(False) on x and the layer's parameters")
         return None
+
+    def _records_graph(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _backward_supported(self, x: torch.Tensor) -> bool:
+        """Where autograd through the forward is tested against the reference: torch ops only
+        (tests/test_backward.py)."""
+        return self.backend.name == "torch" and self.world_size == 1 and not x.is_cuda
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque op for the compiler: no graph break here
+            if self._records_graph(x):  # the op has no autograd formula: refuse, as _forward does
+                raise NotImplementedError("MoELayer under torch.compile has no backward: compile the "
+                                          "model for inference (torch.no_grad() or inference_mode())")
             return torch.ops.flashmoe.moe_forward(x, self._op_id)
         return self._forward(x)
 

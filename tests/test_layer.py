@@ -37,6 +37,7 @@ def skew_router(layer: MoELayer, hot: list[int]) -> None:
 
 # --- functions run on every rank of a DistPool: fn(rank, world_size, *args) ---
 
+@torch.no_grad()
 def layer_vs_reference(rank, world, cfg: dict, tokens_per_rank, seed, placement=None, hot=None):
     cfg = MoEConfig.from_dict(cfg)
     pl = ExpertPlacement.from_dict(placement) if placement else None
@@ -54,6 +55,7 @@ def layer_vs_reference(rank, world, cfg: dict, tokens_per_rank, seed, placement=
             "counts": layer.last_stats.expert_counts.tolist()}
 
 
+@torch.no_grad()
 def forward_3d(rank, world, cfg: dict, seed):
     cfg = MoEConfig.from_dict(cfg)
     layer = MoELayer(cfg, seed=seed)
@@ -63,6 +65,7 @@ def forward_3d(rank, world, cfg: dict, seed):
     return out.shape == x.shape, rel_err(out.view(10, -1), ref)
 
 
+@torch.no_grad()
 def bad_forward(rank, world, cfg: dict, bad_rank, kind):
     cfg = MoEConfig.from_dict(cfg)
     layer = MoELayer(cfg)
@@ -169,6 +172,7 @@ def test_bad_input_raises_on_every_rank(dist_pools, kind, field):
     assert not ok1 and err1[0] == "PeerInputError" and "rank(s) [0]" in err1[1]
 
 
+@torch.no_grad()
 def dropped_layer_is_freed(rank, world, cfg: dict):
     """A layer the caller lets go of is freed at once, without the garbage collector (its weights
     are GPU memory): -> whether it was."""
@@ -263,6 +267,7 @@ def test_eight_ranks_match_reference(dist_pools):
     assert max(r["err"] for i, r in enumerate(res) if tokens[i]) <= FP32_TOL
 
 
+@torch.no_grad()
 def nan_forward(rank, world, cfg: dict):
     layer = MoELayer(MoEConfig.from_dict(cfg))
     x = make_tokens(2, rank, 8, 32, torch.float32)
@@ -284,3 +289,30 @@ def test_non_contiguous_input_is_accepted():
     x = torch.randn(10, 64)[:, ::2]  # strided: [10, 32], not contiguous
     assert not x.is_contiguous()
     torch.testing.assert_close(layer(x), layer(x.contiguous()))
+
+
+@pytest.mark.parametrize("backend", ["torch", "flash"])
+@pytest.mark.parametrize("max_tokens", [0, -4, 2.5, True])
+def test_max_tokens_per_rank_must_be_a_positive_int_on_every_backend(backend, max_tokens):
+    with pytest.raises(ValueError, match="max_tokens_per_rank must be a positive int"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), backend=backend, max_tokens_per_rank=max_tokens)
+
+
+def test_torch_backend_refuses_a_bad_timeout_too():
+    with pytest.raises(ValueError, match="timeout_s must be a positive, finite number of seconds"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), timeout_s=-1.0)
+
+
+def test_torch_backend_enforces_max_tokens_per_rank():
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), max_tokens_per_rank=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="x has 5 tokens; max_tokens_per_rank=4"):
+        layer(torch.randn(5, 32))
+
+
+def build_with_timeout(rank, world, cfg: dict):
+    MoELayer(MoEConfig.from_dict(cfg), timeout_s=5.0 + rank)
+
+
+def test_layer_options_must_agree_across_ranks(dist_pools):
+    out = dist_pools(2).run_all(build_with_timeout, MoEConfig(**SMALL, top_k=2).to_dict())
+    assert all(not ok and err[0] == "ConsistencyError" and "options.timeout_s differs" in err[1] for ok, err in out)

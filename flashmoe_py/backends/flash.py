@@ -152,15 +152,14 @@ class FlashBackend:
 
     MAX_GRAPHS = 8
 
-    def __init__(self, layer, max_tokens_per_rank: int, timeout_s: float, cuda_graphs: bool = True,
-                 transport: str = "p2p"):
+    def __init__(self, layer, options):
         from .. import runtime
         from ..heap import SymmetricHeap
         self.rt = rt = runtime.require_fused()
         cfg = layer.config
         self.layer = weakref.proxy(layer)  # the layer owns the backend: no cycle to keep it alive
-        self.geo = geo = Geometry.for_config(cfg, layer.world_size, max_tokens_per_rank)
-        self.transport = transport
+        self.geo = geo = Geometry.for_config(cfg, layer.world_size, options.require_max_tokens())
+        self.transport = transport = options.transport
         buffers = geo.symmetric_buffers(cfg.torch_dtype, transport)
         if transport == "nvshmem":
             nvshmem_device_library()  # fail here, not at the first forward, if it is missing
@@ -184,7 +183,7 @@ class FlashBackend:
         self.status_host = torch.zeros(8, dtype=torch.int64).pin_memory()
         self.status_ready = torch.cuda.Event()
         self.programs = torch.cuda.get_device_properties(dev).multi_processor_count
-        self.timeout_s = timeout_s
+        self.timeout_s = options.timeout_s
         self.failed: str | None = None
         # Launch overrides for tuning (keys of launch_fused: block_m, block_n, num_warps, stages, group,
         # dispatch_programs).
@@ -192,12 +191,12 @@ class FlashBackend:
         # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), TRACE_COLS] tensor here
         # makes each launch record its tasks' timestamps into it (kernels/fused_moe.py).
         self.trace: torch.Tensor | None = None
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = options.cuda_graphs
         self.graphs: dict[int, tuple] = {}  # tokens -> (graph, static x, static out, static stats)
         self.seen: set[int] = set()
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 
-    def forward(self, x: torch.Tensor, error: str | None):
+    def forward(self, x: torch.Tensor, error: Exception | None):
         """x: [T, H] -> (out [T, H], stats). A rank whose input is rejected still runs the kernel
         with no tokens, so its peers' forwards complete; then it raises.
 
@@ -206,11 +205,9 @@ class FlashBackend:
         plan's small ops is paid once. Graphs are kept for the MAX_GRAPHS latest token counts."""
         self.raise_if_failed(block=False)
         layer, geo = self.layer, self.geo
-        if error is None and x.shape[0] > geo.max_tokens:
-            error = f"x has {x.shape[0]} tokens; max_tokens_per_rank={geo.max_tokens}"
         if error is not None:
             self._launch(torch.empty(0, geo.hidden, dtype=layer.config.torch_dtype, device=layer.device))
-            raise ValueError(error)
+            raise error
         T = x.shape[0]
         if not self.cuda_graphs or torch.cuda.is_current_stream_capturing():
             return self._launch(x)

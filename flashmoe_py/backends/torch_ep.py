@@ -67,7 +67,7 @@ class TorchEPBackend:
     def __init__(self, layer):
         self.layer = weakref.proxy(layer)  # the layer owns the backend: no cycle to keep it alive
 
-    def forward(self, x: torch.Tensor, error: str | None):
+    def forward(self, x: torch.Tensor, error: Exception | None):
         """x: [T, hidden] in the layer's dtype and device, or anything when `error` says why it was
         rejected; the error is shared with every rank before it is raised. -> (out [T, hidden], stats)."""
         layer, cfg = self.layer, self.layer.config
@@ -93,7 +93,7 @@ class TorchEPBackend:
 
         if W == 1:
             if error is not None:
-                raise ValueError(error)
+                raise error
             recv_counts = send_counts
             y_sorted = expert_ffn(x[slot_tok], send_counts[0], layer.w_in, layer.w_out, cfg.activation)
         else:
@@ -104,7 +104,7 @@ class TorchEPBackend:
         out.index_add_(0, slot_tok, y_sorted.float() * slot_w.unsqueeze(1))
         return out.to(x.dtype), stats
 
-    def _exchange_counts(self, send_counts: torch.Tensor, error: str | None) -> torch.Tensor:
+    def _exchange_counts(self, send_counts: torch.Tensor, error: Exception | None) -> torch.Tensor:
         """send_counts: [W, L] rows this rank sends to each (rank, local expert). Returns recv_counts
         [W, L]: rows each source rank sends to this rank's experts. A flag column carries input
         errors, so a rank that rejects its input still completes this exchange, then all raise."""
@@ -115,7 +115,7 @@ class TorchEPBackend:
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=layer.process_group)
         if error is not None:
-            raise ValueError(error)
+            raise error
         bad = torch.nonzero(recv[:, -1]).flatten().tolist()
         if bad:
             raise PeerInputError(f"rank(s) {bad} rejected their input to this MoE forward; "

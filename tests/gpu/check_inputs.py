@@ -43,15 +43,17 @@ class Case:
         x = self.x(T or MAX_TOKENS)
         return rel_err(self.layer(x), fm.reference_forward(x, *self.full, self.cfg))
 
-    def bad_rank(self, name, bad_input, expect_error: str):
-        """Rank 0 passes bad_input (and must get ValueError containing expect_error); the others run
-        a good forward at the same time and must match the reference; then everyone runs a good one."""
+    def bad_rank(self, name, bad_input, expect_error: str, error=ValueError, grad=False):
+        """Rank 0 passes bad_input, in grad mode if `grad` (and must get `error` containing
+        expect_error); the others run a good forward at the same time and must match the
+        reference; then everyone runs a good one."""
         ok, note = True, ""
         if self.rank == 0:
             try:
-                self.layer(bad_input)
+                with torch.set_grad_enabled(grad):
+                    self.layer(bad_input)
                 ok, note = False, "no error"
-            except ValueError as e:
+            except error as e:
                 note = str(e)
                 ok = expect_error in note
         else:
@@ -62,6 +64,7 @@ class Case:
 
 
 def main():
+    torch.set_grad_enabled(False)  # inference checks: a forward that records a graph raises
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -85,6 +88,8 @@ def main():
     rows.append(c.bad_rank("on the CPU", c.x(64).cpu(), "cpu"))
     rows.append(c.bad_rank("more tokens than max_tokens_per_rank", c.x(MAX_TOKENS + 1),
                            f"max_tokens_per_rank={MAX_TOKENS}"))
+    rows.append(c.bad_rank("grad mode (no fused backward)", c.x(64).requires_grad_(),
+                           "backward is not implemented", NotImplementedError, grad=True))
 
     # Non-contiguous input is accepted (copied contiguous) and correct.
     x = c.x(2 * MAX_TOKENS)[::2]

@@ -26,6 +26,7 @@ def worker():
     import flashmoe_py as fm
     from flashmoe_py.backends.flash import FusedKernelError
 
+    torch.set_grad_enabled(False)  # inference check: a forward that records a graph raises
     cfg = fm.MoEConfig(hidden_size=256, ffn_size=256, num_experts=16, top_k=2)
     rt = fm.init(layers=[(cfg, 128)])
     layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=128, timeout_s=TIMEOUT_S)

@@ -1,0 +1,47 @@
+"""The fused backend's layer options: one frozen, validated value, built by MoELayer for every
+backend (so a bad value is refused wherever it is given) and compared across ranks with the config."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+TRANSPORTS = ("p2p", "nvshmem")
+
+
+@dataclass(frozen=True)
+class FusedOptions:
+    """max_tokens_per_rank: tokens one rank may pass to a forward; sizes the fused backend's
+    symmetric buffers (needed by backend "flash", optional elsewhere, where it is enforced too).
+    timeout_s: seconds of the GPU's clock any device-side wait of the fused kernel may last.
+    cuda_graphs: replay the fused forward from a CUDA graph per token count.
+    transport: "p2p" (stores through NVLink peer mappings) or "nvshmem" (device-API puts)."""
+
+    max_tokens_per_rank: int | None = None
+    timeout_s: float = 10.0
+    cuda_graphs: bool = True
+    transport: str = "p2p"
+
+    def __post_init__(self) -> None:
+        mt = self.max_tokens_per_rank
+        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
+            raise ValueError(f"max_tokens_per_rank must be a positive int (it sizes the symmetric heap) "
+                             f"or None; got {mt!r}")
+        t = self.timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+            raise ValueError(f"timeout_s must be a positive, finite number of seconds; got {t!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a bool; got {self.cuda_graphs!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport={self.transport!r} is not available; choose one of {TRANSPORTS}")
+
+    def require_max_tokens(self) -> int:
+        """max_tokens_per_rank, which backend "flash" cannot do without."""
+        if self.max_tokens_per_rank is None:
+            raise ValueError("backend='flash' needs max_tokens_per_rank, a positive int (it sizes the "
+                             "symmetric heap); got None")
+        return self.max_tokens_per_rank
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,76 @@
+"""Gradients through MoELayer: right where a backward is claimed, refused everywhere else.
+
+Where a backward exists (backend "torch", one rank, routing in torch ops), every gradient matches
+float64 autograd through reference_forward. Elsewhere a forward that would record a graph raises
+NotImplementedError on every rank, so no wrong gradient is ever handed back."""
+
+import pytest
+import torch
+
+from flashmoe_py import MoEConfig, MoELayer, reference_forward
+
+SMALL = dict(hidden_size=32, ffn_size=48, num_experts=4, dtype="float32")
+
+
+def rel_err(got, want):
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+def reference_grads(layer, x, dy):
+    """d(sum(out * dy)) / d(x, router_weight, w_in, w_out) in float64 through the reference."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, *layer.full_weights())]
+    out = reference_forward(*leaves, layer.config, compute_dtype=torch.float64)
+    return torch.autograd.grad((out * dy.double()).sum(), leaves)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
+@pytest.mark.parametrize("top_k,capacity_factor,renormalize", [(1, None, False), (2, None, True), (3, 0.7, True)])
+def test_one_rank_gradients_match_reference(activation, top_k, capacity_factor, renormalize):
+    """(top-1 is not renormalised: its one weight would be 1, and the router's gradient 0.)"""
+    cfg = MoEConfig(**SMALL, top_k=top_k, activation=activation, capacity_factor=capacity_factor,
+                    renormalize=renormalize)
+    layer = MoELayer(cfg, seed=torch.seed() % 2**31)
+    x = torch.randn(2, 9, cfg.hidden_size, requires_grad=True)  # [batch, seq, H]
+    dy = torch.randn(2, 9, cfg.hidden_size)
+    (layer(x) * dy).sum().backward()
+    want = reference_grads(layer, x.view(18, -1), dy.view(18, -1))
+    got = [x.grad.view(18, -1), layer.router_weight.grad, layer.w_in.grad, layer.w_out.grad]
+    for name, g, w in zip(("x", "router_weight", "w_in", "w_out"), got, want):
+        assert g is not None, name
+        assert rel_err(g, w) <= 1e-5, name
+
+
+def forward_in_grad_mode(rank, world, cfg: dict):
+    layer = MoELayer(MoEConfig.from_dict(cfg))
+    x = torch.randn(6, cfg["hidden_size"], requires_grad=True)
+    layer(x)
+
+
+def test_no_backward_across_ranks_raises_on_every_rank(dist_pools):
+    """World 2: the all-to-all has no backward yet, so grad mode is refused by both ranks, the
+    rank that saw it and its peer (which must not wait for a forward that never comes)."""
+    out = dist_pools(2).run_all(forward_in_grad_mode, MoEConfig(**SMALL, top_k=2).to_dict())
+    assert [ok for ok, _ in out] == [False, False]
+    assert {err[0] for _, err in out} <= {"NotImplementedError", "PeerInputError"}
+    assert any(err[0] == "NotImplementedError" and "backward is not implemented" in err[1] for _, err in out)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_inference_contexts_record_nothing(context):
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    with context():
+        out = layer(torch.randn(5, 32, requires_grad=True))
+    assert out.grad_fn is None and not out.requires_grad
+
+
+def test_frozen_layer_and_input_need_no_backward():
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2)).requires_grad_(False)
+    assert layer(torch.randn(5, 32)).grad_fn is None
+
+
+def test_compiled_layer_refuses_grad_mode():
+    """The compiled layer is one custom op with no autograd formula: grad mode is refused there."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="no backward"):
+        compiled(torch.randn(5, 32))
