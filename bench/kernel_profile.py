@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
-from flashmoe_py.heap import heap_bytes_for  # noqa: E402
-from flashmoe_py.kernels.fused_moe import (TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT,  # noqa: E402
-                                           TASK_PUBLISH, TRACE_COLS, WAITED_COUNTS)
+from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
+from flashmoe_py.kernels.layout import (TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT,  # noqa: E402
+                                        TASK_PUBLISH, TRACE_COLS, WAITED_COUNTS)
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 from layer import save_rows  # noqa: E402
 
@@ -45,7 +45,7 @@ def summarize(trace: list[list[int]]) -> dict:
     for code, name in KINDS.items():
         mine = [r for r in rows if r[1] == code]
         if mine:
-            def median_us(a, b):
+            def median_us(a, b, mine=mine):
                 return statistics.median((r[b] - r[a]) / 1e3 for r in mine)
             kinds[name] = {"n": len(mine), "first_start_us": (min(r[2] for r in mine) - t0) / 1e3,
                            "last_end_us": (max(r[5] for r in mine) - t0) / 1e3, "median_us": median_us(2, 5),

@@ -26,7 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py import PRESETS, MoEConfig, MoELayer, reference_forward  # noqa: E402
-from flashmoe_py.heap import heap_bytes_for  # noqa: E402
+from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 
 ROUTINGS = ("uniform", "zipf", "one_hot")
@@ -55,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--input-sets", type=int, default=3)
     p.add_argument("--user-graph", action="store_true",
                    help="also time backend flash captured whole in a caller's CUDA graph")
-    p.add_argument("--out", default=None, help="JSON file (default bench/results/layer-<device>-<world>.json)")
+    p.add_argument("--out", default=None, help="JSON file (default bench/out/layer-<device>-w<world>.json, "
+                   "git-ignored: results are committed under bench/results/ on purpose); the plot "
+                   "goes beside it")
     p.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # internal: the symm_mem child
     return p.parse_args(argv)
 
@@ -155,7 +157,7 @@ def measure_ceilings(device: torch.device, world: int) -> dict:
     src = torch.randn(1 << 29, device=device, dtype=torch.bfloat16)  # 1 GiB
     dst = torch.empty_like(src)
     copy_us = statistics.median(timer.time(lambda: dst.copy_(src), 10, 3))
-    del a, b, src, dst
+    a = b = src = dst = None  # 2.5 GiB back before the all-to-all buffers
     # The slowest rank's rates (max of negatives).
     out = {"bf16_tflops": -max_over_ranks(-2 * n**3 / gemm_us / 1e6, device),
            "hbm_gbps": -max_over_ranks(-2 * (1 << 30) / copy_us / 1e3, device)}
@@ -238,7 +240,7 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
         times = []
         with torch.inference_mode():
             for x in xs:
-                times += Timer(device).time(lambda: forward(x), iters, warmup=3)
+                times += Timer(device).time(lambda x=x: forward(x), iters, warmup=3)
             layer.synchronize()
         row["median_us"] = max_over_ranks(statistics.median(times), device)
         if backend in FLASH and args.user_graph:  # replayed from the caller's own CUDA graph
@@ -343,16 +345,28 @@ def main(argv=None):
             if row["median_us"]:
                 row["speedup"] = {r["backend"]: r["median_us"] / row["median_us"] for r in same}
         print_table(rows, ceilings, meta, world)
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
                                        f"layer-{'gpu' if gpu else 'cpu'}-w{world}.json")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        data = {"meta": {**meta, "world": world, "ceilings": ceilings}, "rows": rows}
         with open(out, "w") as f:
-            json.dump({"meta": {**meta, "world": world, "ceilings": ceilings}, "rows": rows}, f, indent=1)
+            json.dump(data, f, indent=1)
         print(f"wrote {out}")
+        write_plot(data, os.path.splitext(out)[0] + ".png")
     if fused:
         fm.finalize()
     else:
         dist.destroy_process_group()
+
+
+def write_plot(data: dict, out: str) -> None:
+    """The latency plot beside the JSON (bench/plot.py), where matplotlib is installed."""
+    try:
+        from plot import plot
+    except ImportError as e:
+        print(f"no plot ({e}); draw it later with: python bench/plot.py <the JSON>")
+        return
+    print(f"wrote {plot(data, out)}")
 
 
 def add_derived(row: dict, world: int, ceilings: dict) -> None:

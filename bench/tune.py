@@ -4,8 +4,9 @@ reference, then timed (CUDA events, median over iterations and two input sets, m
     torchrun --nproc-per-node N bench/tune.py --preset mixtral_8x7b --tokens 4096 16384 \\
         --settings 128,8,3,8,256 128,8,3,8,128 [--out tune.json]
 
-A setting is block_m,num_warps,stages,group[,block_n[,dispatch_programs]] (see
-flashmoe_py.kernels.fused_moe.launch_fused), or `auto`: what the layer picks by itself."""
+A setting is block_m,num_warps,stages,group[,block_n[,dispatch_programs]] (the fields of
+flashmoe_py.kernels.launch_config.LaunchConfig), or `auto`: what the layer picks by itself. Each
+setting is a layer of its own, built with MoELayer(launch_override=...)."""
 
 import argparse
 import json
@@ -17,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
-from flashmoe_py.heap import heap_bytes_for  # noqa: E402
+from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 from layer import CHECK_TOKENS, Timer, max_over_ranks, rel_err, save_rows  # noqa: E402
 
@@ -39,26 +40,25 @@ def main():
     timer, rows = Timer(rt.device), []
     for name, cfg in zip(args.preset, configs):
         for T in args.tokens:
-            layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=T, seed=17)
             gen = torch.Generator().manual_seed(rt.rank + 1)
             xs = [torch.randn(T, cfg.hidden_size, generator=gen).to(rt.device, cfg.torch_dtype) for _ in range(2)]
-            ref = fm.reference_forward(xs[0][:CHECK_TOKENS], *layer.full_weights(), cfg)
+            ref = None
             for setting in settings:
-                layer.backend.tuning = setting
-                layer.backend.graphs.clear()
-                layer.backend.seen.clear()
+                layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=T, seed=17, launch_override=setting)
+                if ref is None:  # the same seed: every setting's layer is the same function
+                    ref = fm.reference_forward(xs[0][:CHECK_TOKENS], *layer.full_weights(), cfg)
                 with torch.inference_mode():
                     err = max_over_ranks(rel_err(layer(xs[0])[:CHECK_TOKENS], ref), rt.device)
                     times = []
                     for x in xs:
-                        times += timer.time(lambda: layer(x), args.iters, warmup=3)
+                        times += timer.time(lambda layer=layer, x=x: layer(x), args.iters, warmup=3)
                     layer.synchronize()
                 us = max_over_ranks(statistics.median(times), rt.device)
                 rows.append({"preset": name, "tokens_per_rank": T, "world": world, **setting,
                              "median_us": us, "rel_err": err, "ok": err <= 1e-2})
                 if rt.rank == 0:
                     print(json.dumps(rows[-1]), flush=True)
-            layer.backend.close()
+                layer.backend.close()
     if rt.rank == 0 and args.out:
         save_rows(args.out, rows)
     fm.finalize()

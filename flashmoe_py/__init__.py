@@ -1,12 +1,21 @@
-"""flashmoe_py: a distributed, expert-parallel Mixture-of-Experts layer for one multi-GPU node."""
+"""flashmoe_py: a distributed, expert-parallel Mixture-of-Experts layer for one multi-GPU node.
 
+Logging: the package logs graph captures, heap sizing and teardown decisions to the
+"flashmoe_py" logger (logging.getLogger("flashmoe_py")), silent unless configured."""
+
+import logging
+
+from .backends.flash import FusedKernelError
+from .backends.torch_ep import PeerInputError
 from .config import PRESETS, ConfigError, MoEConfig, preset
-from .hf import patch_model
+from .hf import UnsupportedBlock, patch_model
 from .layer import MoELayer, MoEStats
 from .placement import ExpertPlacement, PlacementError
 from .reference import reference_forward
 from .runtime import ConsistencyError, finalize, init
 
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
 __all__ = ["MoEConfig", "MoELayer", "MoEStats", "ExpertPlacement", "PRESETS", "preset",
            "reference_forward", "init", "finalize", "patch_model", "ConfigError", "PlacementError",
-           "ConsistencyError"]
+           "ConsistencyError", "PeerInputError", "FusedKernelError", "UnsupportedBlock"]

@@ -1,41 +1,20 @@
 """The symmetric heap: named NVSHMEM buffers with the same shape on every rank, and their peers'
-addresses for kernels."""
+addresses for kernels (how much each layer needs: kernels/layout.py)."""
 
 from __future__ import annotations
 
-import math
+import logging
 
 import torch
 
-ALIGN = 1 << 21          # NVSHMEM maps the heap in 2 MiB granules; count each buffer rounded up
-RESERVE = 64 << 20       # NVSHMEM's own state and signal buffers on the heap
+from .kernels.layout import HEAP_RESERVE, format_bytes, heap_bytes
 
-
-def format_bytes(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-def heap_bytes(buffers: dict) -> int:
-    """Heap bytes for {name: (shape, dtype)}, each buffer rounded up to NVSHMEM's granule."""
-    total = RESERVE
-    for shape, dtype in buffers.values():
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        total += -(-size // ALIGN) * ALIGN
-    return total
-
-
-def heap_bytes_for(config, world_size: int, max_tokens_per_rank: int, transport: str = "p2p") -> int:
-    """Heap bytes one fused layer needs (config: MoEConfig; transport: "p2p" or "nvshmem")."""
-    from .backends.flash import Geometry
-    geo = Geometry.for_config(config, world_size, max_tokens_per_rank)
-    return heap_bytes(geo.symmetric_buffers(config.torch_dtype, transport))
+log = logging.getLogger("flashmoe_py")
 
 
 class SymmetricHeap:
-    """Named buffers on the NVSHMEM symmetric heap of runtime `rt` (collective operations)."""
+    """Named buffers on the NVSHMEM symmetric heap of runtime `rt` (collective operations); an
+    allocator for kernels/workspace.Workspace."""
 
     def __init__(self, rt):
         self.rt = rt
@@ -43,23 +22,26 @@ class SymmetricHeap:
         self._peers: dict[str, torch.Tensor] = {}
         self.bytes = 0  # heap bytes held (granule-rounded, without NVSHMEM's reserve)
 
-    def allocate(self, buffers: dict) -> None:
-        """buffers: {name: (shape, dtype)}. Every rank allocates the same names in the same (sorted)
-        order, as NVSHMEM requires; the shapes are checked to agree first. Raises RuntimeError with
-        the needed and the free bytes, on every rank, when the heap cannot hold them."""
+    def allocate(self, buffers: dict) -> dict[str, torch.Tensor]:
+        """buffers: {name: (shape, dtype)} -> {name: this rank's copy, zeroed}. Every rank allocates
+        the same names in the same (sorted) order, as NVSHMEM requires; the shapes are checked to
+        agree first. Raises RuntimeError with the needed and the free bytes, on every rank, when the
+        heap cannot hold them."""
         import nvshmem.core as nv
         self.rt.check_consistent(symmetric_buffers={n: [list(s), str(d)] for n, (s, d) in buffers.items()})
         for name in buffers:
             if name in self.tensors:
                 raise ValueError(f"symmetric buffer {name!r} is already allocated")
-        need = heap_bytes(buffers) - RESERVE
-        free = self.rt.heap_capacity - RESERVE - self.rt.heap_used()
+        need = heap_bytes(buffers) - HEAP_RESERVE
+        free = self.rt.heap_capacity - HEAP_RESERVE - self.rt.heap_used()
         if need > free:
             raise RuntimeError(
                 f"the symmetric heap cannot hold this layer's buffers: they need {format_bytes(need)} "
                 f"({need} bytes), {format_bytes(max(free, 0))} is free of NVSHMEM_SYMMETRIC_SIZE="
                 f"{format_bytes(self.rt.heap_capacity)}; size it with flashmoe_py.init(layers=[(config, "
                 f"max_tokens_per_rank), ...]) or lower max_tokens_per_rank")
+        log.info("rank %d: %s of the symmetric heap for %s (%s free of %s)", self.rt.rank, format_bytes(need),
+                 sorted(buffers), format_bytes(free), format_bytes(self.rt.heap_capacity))
         self.rt.heaps.append(self)
         for name in sorted(buffers):
             shape, dtype = buffers[name]
@@ -71,7 +53,9 @@ class SymmetricHeap:
                     f"could not allocate symmetric buffer {name!r} {tuple(shape)} {dtype}: {e}. The "
                     f"buffers need {format_bytes(need)} of NVSHMEM_SYMMETRIC_SIZE="
                     f"{format_bytes(self.rt.heap_capacity)}") from e
-            self.bytes += heap_bytes({name: buffers[name]}) - RESERVE
+            self.tensors[name].zero_()
+            self.bytes += heap_bytes({name: buffers[name]}) - HEAP_RESERVE
+        return {name: self.tensors[name] for name in buffers}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
@@ -98,7 +82,11 @@ class SymmetricHeap:
         if self in self.rt.heaps:
             self.rt.heaps.remove(self)
         self.bytes = 0
-        if not self.tensors or self.rt.failed is not None:
+        if not self.tensors:
+            return
+        if self.rt.failed is not None:
+            log.warning("rank %d: keeping %d symmetric buffers until exit (a fused kernel failed: nothing "
+                        "collective is safe)", self.rt.rank, len(self.tensors))
             return
         self._peers.clear()
         import nvshmem.core as nv

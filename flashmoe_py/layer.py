@@ -50,17 +50,20 @@ class MoELayer(nn.Module):
 
     backend: "torch" (all-to-all over torch.distributed; CPU or GPU) or "flash" (the fused NVSHMEM
     kernel; needs flashmoe_py.init() first, `max_tokens_per_rank` to size its buffers, and ends
-    any device-side wait that lasts `timeout_s` seconds of the GPU's clock with FusedKernelError). `transport` (flash only): "p2p" (stores
+    any device-side wait that lasts `timeout_s` seconds of the GPU's clock with
+    FusedKernelError). `transport` (flash only): "p2p" (stores
     through NVLink peer mappings; default, one node) or "nvshmem" (NVSHMEM device-API puts and
     signals; reaches any PE NVSHMEM can, e.g. other nodes). With `cuda_graphs` (default), the fused
     forward is replayed from a CUDA graph per token count after its first call at that count: it
     reads the current weights (in place), so replace weights with copy_, not new tensors.
+    `launch_override` (flash only, for tuning): launch settings fixed instead of chosen per call
+    (kernels/launch_config.py). All of these are options.FusedOptions, compared across ranks.
     """
 
     def __init__(self, config: MoEConfig, *, placement: ExpertPlacement | None = None,
                  process_group=None, backend: str = "torch", device=None, seed: int = 0,
                  max_tokens_per_rank: int | None = None, timeout_s: float = 10.0,
-                 cuda_graphs: bool = True, transport: str = "p2p"):
+                 cuda_graphs: bool = True, transport: str = "p2p", launch_override: dict | None = None):
         super().__init__()
         distributed = dist.is_available() and dist.is_initialized()
         self.process_group = process_group if distributed else None
@@ -68,7 +71,7 @@ class MoELayer(nn.Module):
         self.rank = dist.get_rank(process_group) if distributed else 0
         options, problem = None, None
         try:
-            options = FusedOptions(max_tokens_per_rank, timeout_s, cuda_graphs, transport)
+            options = FusedOptions(max_tokens_per_rank, timeout_s, cuda_graphs, transport, launch_override)
         except ValueError as e:
             problem = str(e)
         problem = problem or self._setup_problem(config, placement, backend, options)

@@ -16,12 +16,15 @@ class FusedOptions:
     symmetric buffers (needed by backend "flash", optional elsewhere, where it is enforced too).
     timeout_s: seconds of the GPU's clock any device-side wait of the fused kernel may last.
     cuda_graphs: replay the fused forward from a CUDA graph per token count.
-    transport: "p2p" (stores through NVLink peer mappings) or "nvshmem" (device-API puts)."""
+    transport: "p2p" (stores through NVLink peer mappings) or "nvshmem" (device-API puts).
+    launch_override: for tuning, launch settings fixed instead of chosen per call ({field:
+    value} of kernels/launch_config.FIELDS; checked when a forward is launched)."""
 
     max_tokens_per_rank: int | None = None
     timeout_s: float = 10.0
     cuda_graphs: bool = True
     transport: str = "p2p"
+    launch_override: dict | None = None
 
     def __post_init__(self) -> None:
         mt = self.max_tokens_per_rank
@@ -35,6 +38,9 @@ class FusedOptions:
             raise ValueError(f"cuda_graphs must be a bool; got {self.cuda_graphs!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport={self.transport!r} is not available; choose one of {TRANSPORTS}")
+        if self.launch_override is not None and not isinstance(self.launch_override, dict):
+            raise ValueError(f"launch_override must be a dict of launch settings or None; got "
+                             f"{self.launch_override!r}")
 
     def require_max_tokens(self) -> int:
         """max_tokens_per_rank, which backend "flash" cannot do without."""

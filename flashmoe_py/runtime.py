@@ -9,6 +9,7 @@ a machine with neither."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -17,6 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .kernels.layout import format_bytes, heap_bytes_for
+
+log = logging.getLogger("flashmoe_py")
 
 NO_MULTICAST = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0",
                 "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -127,8 +132,11 @@ class Runtime:
         rank waits on a peer that is dead, stuck, or tearing down alone. Either way the process
         can exit."""
         global _current
-        if not self.teardown_together() and self.failed is None:
+        together = self.teardown_together()
+        if not together and self.failed is None:
             self.failed = "a peer failed or did not reach finalize()"
+        log.info("rank %d: tearing down %s%s", self.rank, "with every rank" if together else "alone",
+                 "" if together else f" ({self.failed})")
         for heap in list(self.heaps):
             heap.free()
         if self.nvshmem and self.failed is None:
@@ -229,11 +237,12 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
         except ImportError as e:
             raise RuntimeError(f"NVSHMEM needs nvshmem4py: pip install nvshmem4py-cu13 ({e})") from e
     if layers:
-        from .heap import heap_bytes_for
         heap_bytes = max(heap_bytes or 0, sum(heap_bytes_for(c, info.world_size, *rest)
                                                    for c, *rest in layers))
     if nvshmem and heap_bytes is not None:
         _set_heap_size(heap_bytes)
+        log.info("symmetric heap: %s per rank (NVSHMEM_SYMMETRIC_SIZE=%s)", format_bytes(heap_bytes),
+                 os.environ["NVSHMEM_SYMMETRIC_SIZE"])
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", info.local_rank)
@@ -263,7 +272,6 @@ def _set_heap_size(needed: int) -> None:
     if user is None:
         os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(needed)
     elif _parse_size(user) < needed:
-        from .heap import format_bytes
         raise RuntimeError(f"the symmetric heap needs {format_bytes(needed)} ({needed} bytes) but "
                            f"NVSHMEM_SYMMETRIC_SIZE={user} allows {format_bytes(_parse_size(user))}; "
                            f"raise it or lower max_tokens_per_rank")

@@ -20,6 +20,7 @@ def test_cpu_benchmark_runs_and_its_json_validates(tmp_path):
                           env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "median_us" in proc.stdout  # the table
+    assert (tmp_path / "bench.png").stat().st_size > 0  # the plot, beside the JSON
     data = json.loads(out.read_text())
     assert data["meta"]["world"] == 2 and data["meta"]["comm"] == "gloo"
     rows = data["rows"]

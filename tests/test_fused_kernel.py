@@ -6,6 +6,7 @@ import os
 import random
 import sys
 import types
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -15,10 +16,12 @@ import triton.language as tl
 from one_rank import OneRank
 
 from flashmoe_py import ExpertPlacement, MoEConfig, reference_forward
-from flashmoe_py.backends.flash import Geometry, routing_plan
+from flashmoe_py.backends.flash import routing_plan
 from flashmoe_py.kernels import transport
-from flashmoe_py.kernels.fused_moe import (WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, _expert_tile, _tile_table,
-                                           launch_fused)
+from flashmoe_py.kernels.fused_moe import _expert_tile, _tile_table, launch_fused
+from flashmoe_py.kernels.launch_config import LaunchConfig
+from flashmoe_py.kernels.layout import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, Geometry
+from flashmoe_py.kernels.workspace import Workspace
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter test (the GPU suite runs the kernel for real)")
@@ -72,11 +75,12 @@ def test_chunks_are_sent_expert_slot_by_slot_to_rotating_destinations(world, ran
     geo = Geometry.for_config(cfg, world, 300)
     x = torch.randn(300, 16)
     router = torch.randn(cfg.num_experts, 16)
-    plan = routing_plan(x, router, ExpertPlacement.contiguous(cfg.num_experts, world).positions(), cfg, geo,
-                        geo.send_order(rank), torch.zeros(world, geo.local_experts, geo.MAXC, dtype=torch.int64))
+    plan, _ = routing_plan(x, router, ExpertPlacement.contiguous(cfg.num_experts, world).positions(), cfg, geo,
+                           geo.send_order(rank), torch.zeros(world, geo.local_experts, geo.max_chunks,
+                                                             dtype=torch.int64))
     L, counts = geo.local_experts, plan.send_counts.tolist()
     expected = [(d * L + e, c) for e in range(L) for d in [(rank + i) % world for i in range(world)]
-                for c in range(-(-counts[d * L + e] // geo.CHUNK))]
+                for c in range(-(-counts[d * L + e] // geo.chunk))]
     sent = [(p, c) for p, c in zip(plan.chunk_pos.tolist(), plan.chunk_c.tolist()) if p >= 0]
     assert sent == expected
     assert all(p == -1 for p in plan.chunk_pos.tolist()[len(sent):])
@@ -87,7 +91,7 @@ def test_gemm2_tile_width_may_change_between_calls():
     rows per 128-column combine tile, so calls of either width share the cumulative counters."""
     cfg = MoEConfig(hidden_size=384, ffn_size=48, num_experts=4, top_k=2, dtype="float32")
     rank = OneRank(cfg, max_tokens=40)
-    for call, (tokens, block_n) in enumerate([(40, 256), (23, 128), (40, 256)]):
+    for tokens, block_n in [(40, 256), (23, 128), (40, 256)]:
         x, out = rank.forward(tokens, block_n=block_n)
         assert int(rank.status[0]) == 0
         ref = reference_forward(x, rank.router, rank.w_in, rank.w_out, cfg, torch.float64)
@@ -133,19 +137,29 @@ def test_a_peer_that_stops_after_publishing_its_counts_is_named_with_the_wait(pe
     assert rank.ctl.tolist() == [2, 0, 0, 0]
 
 
+class ProbeDims(NamedTuple):  # the fields of fused_moe.Dims the tile decode reads
+    world: int
+    local_experts: int
+
+
+class ProbeMeta(NamedTuple):  # the fields of fused_moe.Meta the tile decode reads
+    BM: tl.constexpr
+    CHUNK: tl.constexpr
+    W_POW2: tl.constexpr
+    L_POW2: tl.constexpr
+
+
 @triton.jit
-def _expert_tile_probe(q_ptr, words, out_ptr, W, L, S, BM: tl.constexpr, CHUNK: tl.constexpr,
-                       W_POW2: tl.constexpr, L_POW2: tl.constexpr):
+def _expert_tile_probe(q_ptr, words, out_ptr, dims, meta):
+    BM: tl.constexpr = meta.BM
     q = tl.load(q_ptr + tl.program_id(0))
-    counts, tiles, cum, first, region = _tile_table(words, W, L, BM, CHUNK, W_POW2, L_POW2)
-    e, _, _, _, src, row, chunk, valid = _expert_tile(q, counts, tiles, cum, first, region, W, BM, CHUNK,
-                                                      W_POW2, L_POW2)
+    t = _expert_tile(q, _tile_table(words, dims, meta), dims.world, meta)
     i = tl.arange(0, BM)
     base = out_ptr + tl.program_id(0) * 4 * BM
-    tl.store(base + i, tl.where(valid, src, -1))
-    tl.store(base + BM + i, tl.where(valid, row, -1))
-    tl.store(base + 2 * BM + i, tl.where(valid, chunk, -1))
-    tl.store(base + 3 * BM + i, tl.where(valid, e, -1))
+    tl.store(base + i, tl.where(t.valid, t.src, -1))
+    tl.store(base + BM + i, tl.where(t.valid, t.row, -1))
+    tl.store(base + 2 * BM + i, tl.where(t.valid, t.chunk, -1))
+    tl.store(base + 3 * BM + i, tl.where(t.valid, t.e, -1))
 
 
 def expected_expert_tiles(counts, BM, CHUNK):
@@ -173,8 +187,9 @@ def test_expert_tiles_gather_rows_across_sources(W, L, BM):
     tiles = expected_expert_tiles(counts, BM, CHUNK)
     q = torch.arange(len(tiles), dtype=torch.int32)
     out = torch.full((len(tiles), 4, BM), -2, dtype=torch.int32)
-    _expert_tile_probe[(len(tiles),)](q, words, out, W, L, 1000, BM=BM, CHUNK=CHUNK,
-                                      W_POW2=triton.next_power_of_2(W), L_POW2=triton.next_power_of_2(L))
+    c = tl.constexpr
+    meta = ProbeMeta(c(BM), c(CHUNK), c(triton.next_power_of_2(W)), c(triton.next_power_of_2(L)))
+    _expert_tile_probe[(len(tiles),)](q, words, out, ProbeDims(W, L), meta)
     for t, (e, rows) in enumerate(tiles):
         got = [tuple(out[t, :3, i].tolist()) for i in range(len(rows))]
         assert got == rows
@@ -189,28 +204,37 @@ def shared_symmetric_buffers(cfg: MoEConfig, world: int, max_tokens: int):
              for n, (shape, dt) in geo.symmetric_buffers(cfg.torch_dtype).items()} for _ in range(world)]
 
 
+class SharedMemoryBuffers:
+    """A workspace allocator over shared_symmetric_buffers, as rank `rank` sees them."""
+
+    def __init__(self, bufs, rank):
+        self.bufs, self.rank = bufs, rank
+
+    def allocate(self, buffers):
+        return {n: self.bufs[self.rank][n] for n in buffers}
+
+    def peer_ptrs(self, name):
+        return torch.tensor([b[name].data_ptr() for b in self.bufs])
+
+
 def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inputs, block_m):
     """One rank of the fused kernel (one program) in this process; -> [(rel err, status, epoch)]."""
     cfg = MoEConfig.from_dict(cfg_dict)
     geo = Geometry.for_config(cfg, world, max_tokens)
+    ws = Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", SharedMemoryBuffers(bufs, rank))
     L = geo.local_experts
-    peers = {n: torch.tensor([bufs[r][n].data_ptr() for r in range(world)]) for n in bufs[0]}
     router, w_in, w_out = weights
     mine = slice(rank * L, (rank + 1) * L)
-    h = torch.zeros(world, geo.S, cfg.ffn_size)
-    h_flags = torch.zeros(geo.MAXQ, geo.NF, dtype=torch.int32)
-    comb_expect = torch.zeros(world, L, geo.MAXC, dtype=torch.int64)
-    ctl, status = torch.tensor([1, 0, 0, 0]), torch.zeros(8, dtype=torch.int64)
     positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
+    launch = LaunchConfig(programs=1, block_m=block_m, block_n=geo.block_n)
     results = []
     for x in inputs[rank]:
-        plan = routing_plan(x, router, positions, cfg, geo, geo.send_order(rank), comb_expect)
+        plan, _ = routing_plan(x, router, positions, cfg, geo, geo.send_order(rank), ws.scratch.comb_expect)
         out = torch.full_like(x, float("nan"))
-        launch_fused(x, out, w_in[mine].contiguous(), w_out[mine].contiguous(), plan, bufs[rank], peers,
-                     h, h_flags, comb_expect, ctl, status, geo=geo, activation=cfg.activation, rank=rank,
-                     timeout_s=120.0, programs=1, block_m=block_m)
+        launch_fused(x, out, w_in[mine].contiguous(), w_out[mine].contiguous(), plan, ws, launch,
+                     activation=cfg.activation, rank=rank, timeout_s=120.0)
         err = rel_err(out, reference_forward(x, router, w_in, w_out, cfg, torch.float64)) if len(x) else 0.0
-        results.append((err, int(status[0]), int(ctl[0])))
+        results.append((err, int(ws.scratch.status[0]), int(ws.scratch.ctl[0])))
     return results
 
 

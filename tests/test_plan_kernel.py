@@ -32,9 +32,14 @@ def test_plan_places_every_kept_slot_once_in_its_pairs_rows(T, K, E, W, drop):
     experts, kept, positions, send_order = random_routing(T, K, E, W, drop, seed=T * 31 + E)
     L = E // W
     comb_expect = torch.full((E, MAXC), 5, dtype=torch.int64, device=DEVICE)  # cumulative: the plan adds
-    plan = build_plan(*(t.to(DEVICE) if t is not None else None for t in (experts, kept, positions, send_order)),
-                      comb_expect, local_experts=L, chunk=CHUNK, maxc=MAXC)
-    plan = {k: v.cpu() for k, v in plan.items()}
+    weights = torch.rand(T, K, device=DEVICE)
+    experts, kept, positions, send_order = (t.to(DEVICE) if t is not None else None
+                                            for t in (experts, kept, positions, send_order))
+    plan, stats = build_plan(experts, kept, weights, positions, send_order, comb_expect, local_experts=L,
+                             chunk=CHUNK, maxc=MAXC)
+    plan = {**{k: v.cpu() for k, v in plan._asdict().items()}, **{k: v.cpu() for k, v in stats.items()}}
+    experts, positions = experts.cpu(), positions.cpu()
+    kept = kept.cpu() if kept is not None else None
     live = kept if kept is not None else torch.ones(T, K, dtype=torch.bool)
     pos = positions[experts]
     counts = torch.bincount(pos[live], minlength=E)
@@ -43,7 +48,7 @@ def test_plan_places_every_kept_slot_once_in_its_pairs_rows(T, K, E, W, drop):
     padded = (counts + CHUNK - 1) // CHUNK * CHUNK
     assert plan["region_off"].tolist() == [int(padded[p // L * L:p].sum()) for p in range(E)]
     assert (plan["slot_dest"][~live] == -1).all() and (plan["slot_row"][~live] == -1).all()
-    assert (plan["slot_flag"][~live] == -1).all()
+    assert (plan["slot_chunk"][~live] == -1).all()
     assert int(plan["dropped_slots"]) == int((~live).sum())
     assert plan["expert_counts"].tolist() == torch.bincount(experts.reshape(-1), minlength=E).tolist()
     for p in range(E):
@@ -51,7 +56,8 @@ def test_plan_places_every_kept_slot_once_in_its_pairs_rows(T, K, E, W, drop):
         rows = plan["slot_row"][mine] - plan["region_off"][p]  # each slot's place within its pair
         assert sorted(rows.tolist()) == list(range(int(counts[p])))
         assert (plan["slot_dest"][mine] == p // L).all()
-        assert (plan["slot_flag"][mine] == p * MAXC + rows // CHUNK).all()
+        assert (plan["slot_chunk"][mine] == p * MAXC + rows // CHUNK).all()
         assert (plan["send_tok"][plan["pos_start"][p] + rows] == torch.nonzero(mine)[:, 0]).all()
+    assert torch.equal(plan["slot_w"], weights.cpu())
     rows_back = (counts[:, None] - torch.arange(MAXC) * CHUNK).clamp(0, CHUNK)
     assert torch.equal(comb_expect.cpu(), 5 + rows_back)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import flashmoe_py as fm
-from flashmoe_py.backends.flash import Geometry
-from flashmoe_py.heap import SymmetricHeap, format_bytes, heap_bytes_for
+from flashmoe_py.heap import SymmetricHeap
+from flashmoe_py.kernels.layout import Geometry, format_bytes, heap_bytes_for
 from flashmoe_py.runtime import (ConsistencyError, LaunchInfo, Runtime, _parse_size, _set_heap_size,
                                  detect_launcher, find_mismatch, fused_unavailable_reason)
 
@@ -52,7 +52,7 @@ def test_heap_sizing_grows_with_tokens_and_covers_buffers(world, name):
     small, large = heap_bytes_for(cfg, world, 128), heap_bytes_for(cfg, world, 16384)
     assert small < large
     geo = Geometry.for_config(cfg, world, 16384)
-    payload = 2 * world * geo.S * cfg.hidden_size * 2  # recv_x + combine_y, bf16
+    payload = 2 * world * geo.source_rows * cfg.hidden_size * 2  # recv_x + combine_y, bf16
     assert payload < large < payload * 1.1 + (128 << 20)
 
 
@@ -61,8 +61,8 @@ def test_geometry_bounds_hold_for_8_ranks():
     cfg = fm.preset("deepseek_v3")
     geo = Geometry.for_config(cfg, 8, 4096)
     L = geo.local_experts
-    assert L == 32 and geo.S >= 4096 * min(cfg.top_k, L) + L * geo.CHUNK
-    assert geo.MAXQ * geo.BM_MIN >= 8 * 4096 * min(cfg.top_k, L)
+    assert L == 32 and geo.source_rows >= 4096 * min(cfg.top_k, L) + L * geo.chunk
+    assert geo.max_tiles * geo.min_block_m >= 8 * 4096 * min(cfg.top_k, L)
 
 
 def test_too_small_user_heap_is_refused_with_sizes(monkeypatch):

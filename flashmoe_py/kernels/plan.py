@@ -16,11 +16,37 @@ forward for qwen3_30b_a3b at 4,096 tokens on an H200, sort included):
 Pairs are numbered pos = destination * L + slot (E = W * L of them); a dropped slot (capacity)
 has pos = E."""
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 BLOCK = 1024  # slots or send chunks a program of slot_ranks / slot_plan handles
+
+
+class RoutingPlan(NamedTuple):
+    """Where each of this rank's token-slots goes, as the fused kernel reads it (E = W * L pairs
+    in (rank, slot) order, K = top_k, C = send chunks):
+
+    send_tok [T*K] int32: the token of each slot, slots sorted by pair;
+    pos_start, send_counts, region_off [E] int32: each pair's first sorted slot, its slots, and its
+    CHUNK-aligned offset in this rank's region at the destination;
+    chunk_pos, chunk_c [C] int32: each send chunk's pair and index within it (-1 past the last);
+    slot_dest, slot_row, slot_chunk [T, K] int32: each slot's destination rank, row in this
+    rank's region there, and chunk counter (pair * MAXC + chunk), -1 for dropped slots;
+    slot_w [T, K] fp32: each slot's routing weight."""
+
+    send_tok: torch.Tensor
+    pos_start: torch.Tensor
+    send_counts: torch.Tensor
+    region_off: torch.Tensor
+    chunk_pos: torch.Tensor
+    chunk_c: torch.Tensor
+    slot_dest: torch.Tensor
+    slot_row: torch.Tensor
+    slot_chunk: torch.Tensor
+    slot_w: torch.Tensor
 
 
 @triton.jit
@@ -64,12 +90,12 @@ def pair_table_kernel(counts_ptr, send_order_ptr, pos_start_ptr, region_off_ptr,
 
 @triton.jit
 def slot_plan_kernel(pos_ptr, rank_ptr, counts_ptr, pos_start_ptr, region_off_ptr, chunk_cum_ptr, send_order_ptr,
-                     send_tok_ptr, slot_dest_ptr, slot_row_ptr, slot_flag_ptr, chunk_pos_ptr, chunk_c_ptr,
+                     send_tok_ptr, slot_dest_ptr, slot_row_ptr, slot_chunk_ptr, chunk_pos_ptr, chunk_c_ptr,
                      comb_expect_ptr, NS, E, L, MAXC, SEND_CHUNKS, SLOT_PROGRAMS, CHUNK_PROGRAMS,
                      TOP_K: tl.constexpr, CHUNK: tl.constexpr, E_POW2: tl.constexpr, MAXC_POW2: tl.constexpr,
                      BLOCK: tl.constexpr):
     """Programs [0, SLOT_PROGRAMS): BLOCK slots each -> send_tok [NS] int32 (the token of each
-    sorted slot), slot_dest/slot_row/slot_flag [NS] int32 (-1 when dropped). The next
+    sorted slot), slot_dest/slot_row/slot_chunk [NS] int32 (-1 when dropped). The next
     CHUNK_PROGRAMS: BLOCK send chunks each -> chunk_pos, chunk_c [SEND_CHUNKS] int32 (-1 past the
     last). The last E: one pair each -> comb_expect[pair, c] (int64, [E, MAXC]) += rows of chunk c."""
     pid = tl.program_id(0)
@@ -84,7 +110,7 @@ def slot_plan_kernel(pos_ptr, rank_ptr, counts_ptr, pos_start_ptr, region_off_pt
         tl.store(send_tok_ptr + first + rank, s // TOP_K, mask=live)
         tl.store(slot_dest_ptr + s, tl.where(live, pos // L, -1), mask=m)
         tl.store(slot_row_ptr + s, tl.where(live, row, -1), mask=m)
-        tl.store(slot_flag_ptr + s, tl.where(live, pos * MAXC + rank // CHUNK, -1), mask=m)
+        tl.store(slot_chunk_ptr + s, tl.where(live, pos * MAXC + rank // CHUNK, -1), mask=m)
     elif pid < SLOT_PROGRAMS + CHUNK_PROGRAMS:
         q = (pid - SLOT_PROGRAMS) * BLOCK + tl.arange(0, BLOCK)
         live = q < tl.load(chunk_cum_ptr + E - 1)  # chunks past the last are padding
@@ -111,13 +137,13 @@ def slot_plan_kernel(pos_ptr, rank_ptr, counts_ptr, pos_start_ptr, region_off_pt
         tl.store(ptrs, tl.load(ptrs, mask=c < MAXC) + rows, mask=c < MAXC)
 
 
-def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, positions: torch.Tensor, send_order: torch.Tensor,
-               comb_expect: torch.Tensor, *, local_experts: int, chunk: int, maxc: int) -> dict:
-    """experts: [T, K] int64 global expert ids; kept: [T, K] bool or None (dropless);
-    positions: [E] int64 expert -> pair; send_order: [E] int64 pairs in send order; comb_expect:
-    [E, maxc] int64 (any view of that size), added to. -> the RoutingPlan fields send_tok,
-    pos_start, send_counts, region_off, chunk_pos, chunk_c, slot_dest, slot_row, slot_flag (int32;
-    slot_* [T, K]) and the stats expert_counts ([E] int64) and dropped_slots (int64 scalar)."""
+def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, weights: torch.Tensor, positions: torch.Tensor,
+               send_order: torch.Tensor, comb_expect: torch.Tensor, *, local_experts: int, chunk: int,
+               maxc: int) -> tuple[RoutingPlan, dict]:
+    """experts: [T, K] int64 global expert ids; kept: [T, K] bool or None (dropless); weights:
+    [T, K] routing weights; positions: [E] int64 expert -> pair; send_order: [E] int64 pairs in
+    send order; comb_expect: [E, maxc] int64 (any view of that size), added to. -> (the
+    RoutingPlan, stats {expert_counts: [E] int64, dropped_slots: int64 scalar})."""
     T, K = experts.shape
     E, NS, dev = positions.numel(), T * K, experts.device
     if send_order.shape != (E,) or comb_expect.numel() != E * maxc:
@@ -138,15 +164,16 @@ def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, positions: torc
     pair_table_kernel[(1,)](counts, send_order, pos_start, region_off, chunk_cum, E, local_experts, CHUNK=chunk,
                             E_POW2=E_POW2)
     send_chunks = triton.cdiv(NS, chunk) + E
-    out = {name: torch.empty(NS, dtype=i32, device=dev) for name in ("send_tok", "slot_dest", "slot_row", "slot_flag")}
-    chunk_pos, chunk_c = torch.empty(send_chunks, dtype=i32, device=dev), torch.empty(send_chunks, dtype=i32, device=dev)
+    out = {name: torch.empty(NS, dtype=i32, device=dev)
+           for name in ("send_tok", "slot_dest", "slot_row", "slot_chunk")}
+    chunk_pos, chunk_c = (torch.empty(send_chunks, dtype=i32, device=dev) for _ in range(2))
     chunk_programs = triton.cdiv(send_chunks, BLOCK)
     slot_plan_kernel[(slot_programs + chunk_programs + E,)](
         pos, rank, counts, pos_start, region_off, chunk_cum, send_order, out["send_tok"], out["slot_dest"],
-        out["slot_row"], out["slot_flag"], chunk_pos, chunk_c, comb_expect, NS, E, local_experts, maxc, send_chunks,
+        out["slot_row"], out["slot_chunk"], chunk_pos, chunk_c, comb_expect, NS, E, local_experts, maxc, send_chunks,
         slot_programs, chunk_programs, TOP_K=K, CHUNK=chunk, E_POW2=E_POW2, MAXC_POW2=triton.next_power_of_2(maxc),
         BLOCK=BLOCK)
-    return {"send_tok": out["send_tok"], "pos_start": pos_start, "send_counts": counts[:E], "region_off": region_off,
-            "chunk_pos": chunk_pos, "chunk_c": chunk_c, "slot_dest": out["slot_dest"].view(T, K),
-            "slot_row": out["slot_row"].view(T, K), "slot_flag": out["slot_flag"].view(T, K),
-            "expert_counts": expert_counts, "dropped_slots": counts[E].to(torch.int64)}
+    plan = RoutingPlan(out["send_tok"], pos_start, counts[:E], region_off, chunk_pos, chunk_c,
+                       out["slot_dest"].view(T, K), out["slot_row"].view(T, K), out["slot_chunk"].view(T, K),
+                       weights.float().contiguous())
+    return plan, {"expert_counts": expert_counts, "dropped_slots": counts[E].to(torch.int64)}

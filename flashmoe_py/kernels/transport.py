@@ -14,7 +14,8 @@ lands after its data; `put_rows`: one put per thread), flags and counters are se
 
 The kernel's stages reach other GPUs only through the verbs at the end of this file
 (`set_count_words`, `rows_target` + `rows_sent`, `send_tile` + `rows_landed` + `order_counts` +
-`add_count`, `puts_complete`), which take TRANSPORT as a constexpr. Either way, waits are local:
+`add_count`, `puts_complete`), which take symmetric buffers as workspace.SymBuffer (this rank's
+copy and the peer address table) and TRANSPORT as a constexpr. Either way, waits are local:
 acquire loads of this rank's symmetric flags (`wait_at_least`, bounded by the GPU's clock). Flags
 carry the call's epoch and counters only grow, so none needs a reset, and every wait is a wait for
 "at least"."""
@@ -59,16 +60,17 @@ def clock_ns():
 
 
 @triton.jit
-def wait_at_least(ptrs, mask, targets, limit, status_ptr, SCOPE: tl.constexpr, PTX: tl.constexpr):
+def wait_at_least(ptrs, mask, targets, limit, status_ptr, SCOPE: tl.constexpr, ON_GPU: tl.constexpr):
     """Spin until every masked word (flag or counter; they only grow) reaches its target, acquiring
     at SCOPE ("sys" for words other GPUs write, "gpu" for this GPU's own). Bounded: gives up after
-    `limit` nanoseconds of the GPU's clock (PTX), or `limit` rounds in the interpreter (which runs no
-    PTX), and at once when the kernel's status word (status_ptr) records a failure, so a program
+    `limit` nanoseconds of the GPU's clock (ON_GPU), or `limit` rounds in the Triton interpreter
+    (which runs no PTX, so has no clock), and at once when the kernel's status word (status_ptr,
+    layout.STATUS_FAILED) records a failure, so a program
     whose wait depends on a failed one leaves with it. -> bool mask of the words still short (none
     set on success), so a timeout can name what it waited for."""
     short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
-    start = clock_ns() if PTX else tl.cast(0, tl.int64)
-    waited = tl.cast(0, tl.int64)  # nanoseconds (PTX) or rounds
+    start = clock_ns() if ON_GPU else tl.cast(0, tl.int64)
+    waited = tl.cast(0, tl.int64)  # nanoseconds (ON_GPU) or rounds
     give_up = tl.full((), 0, tl.int1)
     # Each thread reads the clock and the status word itself, so threads may disagree for a round
     # about giving up. Whether to go on is the program-wide count of words still short in threads
@@ -77,7 +79,7 @@ def wait_at_least(ptrs, mask, targets, limit, status_ptr, SCOPE: tl.constexpr, P
     while tl.sum(tl.where(give_up, 0, short.to(tl.int32))) > 0:
         failed = tl.load(status_ptr, volatile=True) != 0  # before the acquire: both in flight at once
         short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
-        waited = clock_ns() - start if PTX else waited + 1
+        waited = clock_ns() - start if ON_GPU else waited + 1
         give_up = failed | (waited >= limit)
     return short
 
@@ -197,57 +199,57 @@ class nvshmem_launch:
 # The verbs the kernel's stages call; TRANSPORT (a constexpr) picks how each is done.
 
 @triton.jit
-def set_count_words(count_peers, count_ptr, send_counts_ptr, first_word, W, L, epoch,
-                    E_POW2: tl.constexpr, TRANSPORT: tl.constexpr):
+def set_count_words(words, send_counts_ptr, first_word, W, L, epoch, E_POW2: tl.constexpr,
+                    TRANSPORT: tl.constexpr):
     """For every (destination d, local expert e) pair p = d * L + e < W * L: word first_word + e
-    of the int64 count words on PE d := epoch << 32 | send_counts[p] (count_peers: [W] addresses,
-    count_ptr: this rank's copy)."""
+    of the int64 count words (words: SymBuffer) on PE d := epoch << 32 | send_counts[p]."""
     if TRANSPORT == NVSHMEM:
         for p in range(W * L):
             rows = tl.load(send_counts_ptr + p).to(tl.int64)
-            signal_remote(count_ptr + first_word + p % L, (epoch << 32) | rows, SIGNAL_SET, p // L)
+            signal_remote(words.local + first_word + p % L, (epoch << 32) | rows, SIGNAL_SET, p // L)
     else:
         pos = tl.arange(0, E_POW2)
         valid = pos < W * L
         dest = pos // L
         counts = tl.load(send_counts_ptr + pos, mask=valid, other=0).to(tl.int64)
-        base = tl.load(count_peers + dest, mask=valid, other=0).to(tl.pointer_type(tl.int64))
+        base = tl.load(words.peers + dest, mask=valid, other=0).to(tl.pointer_type(tl.int64))
         tl.atomic_xchg(base + first_word + pos % L, (epoch << 32) | counts, mask=valid, sem="release",
                        scope="sys")
 
 
 @triton.jit
-def rows_target(peers, pe, staging_ptr, row, slot, TRANSPORT: tl.constexpr):
-    """Where a stage stores rows bound for row `row` of a symmetric buffer on PE pe -> (base,
-    row index): p2p straight into pe's buffer (peers: [W] addresses); nvshmem into local
-    symmetric staging at `slot`, for rows_sent to put."""
+def rows_target(buf, pe, staging_ptr, row, slot, TRANSPORT: tl.constexpr):
+    """Where a stage stores rows bound for row `row` of symmetric buffer `buf` (SymBuffer) on PE
+    pe -> (base, row index): p2p straight into pe's copy; nvshmem into local symmetric staging at
+    `slot`, for rows_sent to put."""
     if TRANSPORT == NVSHMEM:
         return staging_ptr, slot
     else:
-        return peer(peers, pe, staging_ptr.dtype.element_ty), row
+        return peer(buf.peers, pe, staging_ptr.dtype.element_ty), row
 
 
 @triton.jit
-def rows_sent(flag_peers, flag_ptr, flag_off, value, pe, dst_ptr, staged_ptr, nbytes,
-              TRANSPORT: tl.constexpr):
-    """After rows were stored via rows_target: set the int64 flag at flag_off on PE pe to `value`
-    once they have landed. nvshmem first puts the staged block (nbytes from staged_ptr to dst_ptr,
-    this rank's address of the destination rows) and carries the flag with it."""
+def rows_sent(flags, flag_off, value, pe, dst_ptr, staged_ptr, nbytes, TRANSPORT: tl.constexpr):
+    """After rows were stored via rows_target: set the int64 flag at flag_off of `flags`
+    (SymBuffer) on PE pe to `value` once they have landed. nvshmem first puts the staged block
+    (nbytes from staged_ptr to dst_ptr, this rank's address of the destination rows) and carries
+    the flag with it."""
     if TRANSPORT == NVSHMEM:
         tl.debug_barrier()  # the staged rows are in memory before any thread puts them
-        put_signal_block(dst_ptr, staged_ptr, nbytes, flag_ptr + flag_off, value, SIGNAL_SET, pe)
+        put_signal_block(dst_ptr, staged_ptr, nbytes, flags.local + flag_off, value, SIGNAL_SET, pe)
     else:
-        signal(peer(flag_peers, pe, tl.int64) + flag_off, value, "sys")
+        signal(peer(flags.peers, pe, tl.int64) + flag_off, value, "sys")
 
 
 @triton.jit
-def send_tile(tile, peers, dst_ptr, dst_rows, pes, stage_ptr, stage_rows, valid, col0, H,
-              BN: tl.constexpr, TRANSPORT: tl.constexpr):
-    """tile: [BM, BN] -> columns col0.. of rows dst_rows [BM] of a symmetric [*, H] buffer, row i on
-    PE pes[i] (valid rows only; dst_ptr: this rank's copy, peers: [W] addresses). p2p stores
-    straight there; nvshmem stores the tile into local symmetric rows stage_rows first (left
-    untouched until rows_landed) and puts each row from its own thread. The rows may still be in
-    flight when this returns: rows_landed, then tl.debug_barrier(), before counting them."""
+def send_tile(tile, buf, dst_rows, pes, stage_ptr, stage_rows, valid, col0, H, BN: tl.constexpr,
+              TRANSPORT: tl.constexpr):
+    """tile: [BM, BN] -> columns col0.. of rows dst_rows [BM] of symmetric [*, H] buffer `buf`
+    (SymBuffer), row i on PE pes[i] (valid rows only). p2p stores straight there; nvshmem stores
+    the tile into local symmetric rows stage_rows first (left untouched until rows_landed) and
+    puts each row from its own thread. The rows may still be in flight when this returns:
+    rows_landed, then tl.debug_barrier(), before counting them."""
+    dst_ptr = buf.local
     dtype = dst_ptr.dtype.element_ty
     cols = col0 + tl.arange(0, BN)
     mask = valid[:, None] & (cols[None, :] < H)
@@ -259,7 +261,7 @@ def send_tile(tile, peers, dst_ptr, dst_rows, pes, stage_ptr, stage_rows, valid,
         put_rows(dst_ptr + dst_rows * H + col0, stage_ptr + stage_rows * H + col0,
                  tl.where(valid, width, 0), pes)
     else:
-        dst = peer(peers, pes, dtype)
+        dst = peer(buf.peers, pes, dtype)
         tl.store(dst[:, None] + dst_rows[:, None] * H + cols[None, :], tile.to(dtype), mask=mask)
 
 
@@ -272,33 +274,34 @@ def rows_landed(TRANSPORT: tl.constexpr):
 
 
 @triton.jit
-def order_counts(TRANSPORT: tl.constexpr, PTX: tl.constexpr):
+def order_counts(TRANSPORT: tl.constexpr, ON_GPU: tl.constexpr):
     """After rows_landed and tl.debug_barrier(): the program's rows precede the add_count calls
     that follow. p2p: one system-scope release fence (PTX fence.acq_rel.sys) in every thread;
     after it, relaxed atomics publish this thread's earlier stores, and those of the program's
-    other threads made visible to it by the barrier, as release atomics would. PTX=False (the
+    other threads made visible to it by the barrier, as release atomics would. ON_GPU=False (the
     Triton interpreter, which runs no PTX): nothing; add_count then releases each atomic."""
     if TRANSPORT == P2P:
-        if PTX:
+        if ON_GPU:
             tl.inline_asm_elementwise("fence.acq_rel.sys;\n mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
                                       is_pure=False, pack=1)
 
 
 @triton.jit
-def add_count(peers, counter_ptr, offset, value, pe, mask, TRANSPORT: tl.constexpr, PTX: tl.constexpr):
-    """The int64 counter at `offset` on PE pe += value where mask, after this program's earlier
-    stores and puts have landed (rows_landed, tl.debug_barrier() and order_counts first: p2p adds
-    are relaxed behind its fence, or each a release without one). p2p: offset, value, pe and mask
-    may be tensors (one add per element); nvshmem: scalars, signalled from one thread."""
+def add_count(counters, offset, value, pe, mask, TRANSPORT: tl.constexpr, ON_GPU: tl.constexpr):
+    """The int64 counter at `offset` of `counters` (SymBuffer) on PE pe += value where mask, after
+    this program's earlier stores and puts have landed (rows_landed, tl.debug_barrier() and
+    order_counts first: p2p adds are relaxed behind its fence, or each a release without one).
+    p2p: offset, value, pe and mask may be tensors (one add per element); nvshmem: scalars,
+    signalled from one thread."""
     if TRANSPORT == NVSHMEM:
         if mask:
-            signal_remote(counter_ptr + offset, value, SIGNAL_ADD, pe)
+            signal_remote(counters.local + offset, value, SIGNAL_ADD, pe)
     else:
-        counters = tl.load(peers + pe).to(tl.pointer_type(tl.int64))  # single words: no alignment to declare
-        if PTX:
-            tl.atomic_add(counters + offset, value, mask=mask, sem="relaxed", scope="sys")
+        base = tl.load(counters.peers + pe).to(tl.pointer_type(tl.int64))  # single words: no alignment to declare
+        if ON_GPU:
+            tl.atomic_add(base + offset, value, mask=mask, sem="relaxed", scope="sys")
         else:
-            tl.atomic_add(counters + offset, value, mask=mask, sem="release", scope="sys")
+            tl.atomic_add(base + offset, value, mask=mask, sem="release", scope="sys")
 
 
 @triton.jit

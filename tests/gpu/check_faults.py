@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import flashmoe_py as fm
-from flashmoe_py.backends.flash import FusedKernelError
+from flashmoe_py import FusedKernelError
 
 TIMEOUT_S = 2.0
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import flashmoe_py as fm
 from flashmoe_py import MoEConfig, MoELayer, reference_forward
-from flashmoe_py.heap import heap_bytes_for
+from flashmoe_py.kernels.layout import heap_bytes_for
 from flashmoe_py.runtime import detect_launcher
 
 TOL = {"bfloat16": 1e-2, "float32": 1e-4}

@@ -24,7 +24,7 @@ def worker():
     import torch.distributed as dist
 
     import flashmoe_py as fm
-    from flashmoe_py.backends.flash import FusedKernelError
+    from flashmoe_py import FusedKernelError
 
     torch.set_grad_enabled(False)  # inference check: a forward that records a graph raises
     cfg = fm.MoEConfig(hidden_size=256, ffn_size=256, num_experts=16, top_k=2)

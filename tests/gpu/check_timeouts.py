@@ -22,8 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from one_rank import OneRank  # noqa: E402
 
 from flashmoe_py import MoEConfig  # noqa: E402
-from flashmoe_py.backends.flash import STATUS_WAITS  # noqa: E402
-from flashmoe_py.kernels.fused_moe import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS  # noqa: E402
+from flashmoe_py.kernels.layout import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, WAITS  # noqa: E402
 
 SLACK_S = 0.25  # routing, launch and the host's wake-up, beside timeout_s
 HUNG_S = 10.0  # past timeout_s: the kernel is hung; say so and what its control words hold, then exit
@@ -73,7 +72,7 @@ def main():
         ok = (status[:3] == [1, wait.value, 1] and timeout_s <= seconds <= timeout_s + SLACK_S
               and ctl == [2, 0, 0, 0])
         rows.append({"case": name, "timeout_s": timeout_s, "seconds_to_kernel_end": round(seconds, 3),
-                     "wait": STATUS_WAITS.get(status[1], status[1]), "peer": status[2], "status": status[:6],
+                     "wait": WAITS.get(status[1], status[1]), "peer": status[2], "status": status[:6],
                      "ctl_after": ctl, "programs": programs, "ok": ok})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:

@@ -1,0 +1,76 @@
+"""How the fused kernel is launched for a call: one frozen, validated LaunchConfig, chosen by a
+pure function of the geometry, the call's token count, the dtype and the GPU's SM count
+(choose_launch), with explicit overrides for tuning (bench/tune.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import Geometry
+
+FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """programs: persistent programs (one per SM: every program must be resident at once);
+    block_m: rows of an expert tile; block_n: columns of a GEMM2 tile (the combine tile width
+    times a power of two); num_warps, stages: per program, and the K loops' pipeline depth;
+    group: expert tiles that neighbouring programs work on together (L2 reuse of weights);
+    dispatch_programs: programs that send the dispatch chunks before joining the compute queue."""
+
+    programs: int
+    block_m: int
+    block_n: int
+    num_warps: int = 8
+    stages: int = 3
+    group: int = 8
+    dispatch_programs: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LaunchConfig.{name}={value!r}: expected a positive int")
+        if self.dispatch_programs is None:
+            object.__setattr__(self, "dispatch_programs", self.programs)
+        if not 1 <= self.dispatch_programs <= self.programs:
+            raise ValueError(f"dispatch_programs={self.dispatch_programs}: expected 1..programs={self.programs}")
+        if self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps={self.num_warps}: expected a power of two")
+
+    def check(self, geo: Geometry) -> LaunchConfig:
+        """Raise ValueError unless the tiles fit the geometry's buffers and counters; -> self."""
+        bm = self.block_m
+        if bm < geo.min_block_m or bm % geo.chunk or bm & (bm - 1):
+            raise ValueError(f"block_m={bm}: expected a power of two, at least {geo.min_block_m} and a "
+                             f"multiple of the dispatch chunk ({geo.chunk})")
+        ratio = self.block_n // geo.block_n
+        if self.block_n % geo.block_n or ratio & (ratio - 1):
+            raise ValueError(f"block_n={self.block_n}: expected {geo.block_n} times a power of two")
+        return self
+
+
+def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
+                  override: dict | None = None) -> LaunchConfig:
+    """The launch for a call of `tokens` tokens on a GPU of `sm_count` SMs; `override` fixes any of
+    FIELDS instead (tuning). Checked against the geometry."""
+    # Taller expert tiles, and twice as wide GEMM2 tiles, once an expert gets enough rows (on
+    # average) to fill them: fewer re-reads of its weights and of h, more math per byte loaded.
+    # fp32 keeps 64 x 128: its tiles would not fit shared memory.
+    rows_per_expert = tokens * geo.top_k // geo.local_experts
+    large = rows_per_expert >= 128 and dtype == torch.bfloat16
+    # Then, for experts narrower than the hidden size (dispatch bytes weigh more against their
+    # GEMMs), half the programs send the dispatch chunks while the rest compute the expert tiles
+    # that have arrived. 2xH200, 4,096-16,384 tokens, 64 of 132 programs against all: qwen3
+    # -5..-6%, deepseek -1..-3%, but mixtral (ffn 3.5x hidden) +2..+4%.
+    overlap = large and geo.ffn < geo.hidden
+    chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if large else geo.block_n,
+              "dispatch_programs": sm_count // 2 if overlap else sm_count}
+    override = dict(override or {})
+    unknown = sorted(set(override) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"launch override {unknown}: expected fields of {FIELDS}")
+    return LaunchConfig(programs=sm_count, **{**chosen, **override}).check(geo)

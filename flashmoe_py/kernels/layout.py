@@ -1,0 +1,184 @@
+"""The contract between the launcher, the symmetric heap and the fused kernel: buffer geometry,
+the control and status words, the wait codes, the trace layout and heap sizing.
+
+Nothing here launches or allocates; kernels/fused_moe.py, kernels/workspace.py, heap.py and
+runtime.py all read it, so it imports none of them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+
+from ..config import MoEConfig
+
+# ctl: [CTL_WORDS] int64, this GPU's task queues and call number.
+CTL_EPOCH = tl.constexpr(0)          # the call number, from 1; flags carry it, so none is reset
+CTL_FRONT_TASKS = tl.constexpr(1)    # counter of the front queue (publish counts, dispatch chunks)
+CTL_PROGRAMS_DONE = tl.constexpr(2)  # programs that finished this call; the last one rewinds
+CTL_COMPUTE_TASKS = tl.constexpr(3)  # counter of the compute queue (ffn_in, ffn_out, combine)
+CTL_WORDS = 4
+QUEUES_CLOSED = tl.constexpr(1 << 40)  # added to both task counters by the first timeout
+
+# status: [STATUS_WORDS] int64, written once, by the first wait that times out.
+STATUS_FAILED = tl.constexpr(0)  # 1 once a wait timed out
+STATUS_WAIT = tl.constexpr(1)    # which wait: one of the WAIT_* codes
+STATUS_PEER = tl.constexpr(2)    # the rank it waited for (-1: none in particular)
+STATUS_EXPERT = tl.constexpr(3)  # local expert (-1: none)
+STATUS_TILE = tl.constexpr(4)    # tile (expert tile or combine token tile; -1: none)
+STATUS_EPOCH = tl.constexpr(5)   # the call it happened in
+STATUS_WORDS = 8
+
+WAIT_COUNTS = tl.constexpr(1)
+WAIT_CHUNK = tl.constexpr(2)
+WAIT_HIDDEN = tl.constexpr(3)
+WAIT_COMBINE = tl.constexpr(4)
+WAITS = {WAIT_COUNTS.value: "count words (what each source sends)",
+         WAIT_CHUNK.value: "a dispatched chunk to arrive",
+         WAIT_HIDDEN.value: "a hidden tile from another program",
+         WAIT_COMBINE.value: "expert outputs to come back"}
+
+# Kernel trace (bench/kernel_profile.py): int64 rows of TRACE_COLS words, (program, kind, start,
+# ready, math done, end) in this GPU's nanoseconds; kinds:
+TASK_PUBLISH = tl.constexpr(0)
+TASK_DISPATCH = tl.constexpr(1)
+TASK_FFN_IN = tl.constexpr(2)
+TASK_FFN_OUT = tl.constexpr(3)
+TASK_COMBINE = tl.constexpr(4)
+WAITED_COUNTS = tl.constexpr(5)
+TRACE_COLS = tl.constexpr(6)
+
+# The symmetric heap: NVSHMEM maps it in granules, and keeps its own state on it.
+HEAP_GRANULE = 1 << 21
+HEAP_RESERVE = 64 << 20
+
+
+def describe_timeout(status: list[int], rank: int) -> str | None:
+    """The status words of a launch -> a sentence naming the wait that timed out, or None."""
+    if not status[STATUS_FAILED.value]:
+        return None
+    wait, pe, expert, tile, epoch = (status[s.value] for s in (STATUS_WAIT, STATUS_PEER, STATUS_EXPERT,
+                                                               STATUS_TILE, STATUS_EPOCH))
+    return (f"fused MoE kernel on rank {rank} timed out in call {epoch} waiting for {WAITS.get(wait, wait)}"
+            + (f" from rank {pe}" if pe >= 0 else "")
+            + (f" (local expert {expert}, tile {tile})" if expert >= 0 else ""))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Tile sizes and buffer extents of one fused layer on one rank.
+
+    chunk: rows of one dispatch chunk, the unit that carries an arrival flag; expert tiles of
+    min_block_m or more rows gather rows across chunks and sources. block_n: columns of a combine
+    tile, and of the combine counters; block_f, block_k: GEMM1's FFN columns and both GEMMs' K
+    step; block_t: tokens of a combine tile."""
+
+    world_size: int
+    local_experts: int
+    max_tokens: int
+    hidden: int
+    ffn: int
+    top_k: int
+    chunk: int = 64
+    min_block_m: int = 64
+    block_n: int = 128
+    block_f: int = 128
+    block_k: int = 64
+    block_t: int = 32
+
+    @classmethod
+    def for_config(cls, config: MoEConfig, world_size: int, max_tokens: int) -> Geometry:
+        return cls(world_size, config.local_experts(world_size), max_tokens, config.hidden_size,
+                   config.ffn_size, config.top_k)
+
+    @property
+    def source_rows(self) -> int:
+        """Rows of one source's region at a destination: every slot it can send there
+        (max_tokens * min(top_k, L)) plus one partly filled chunk per local expert."""
+        return self.max_tokens * min(self.top_k, self.local_experts) + self.local_experts * self.chunk
+
+    @property
+    def max_chunks(self) -> int:
+        """Chunks one (source, expert) pair can fill (a token picks an expert at most once)."""
+        return -(-max(self.max_tokens, 1) // self.chunk)
+
+    @property
+    def max_tiles(self) -> int:
+        """Expert tiles a rank can have to run: every slot it can receive, in min_block_m-row
+        tiles, plus one partial tile per local expert."""
+        slots = self.world_size * self.max_tokens * min(self.top_k, self.local_experts)
+        return -(-slots // self.min_block_m) + self.local_experts
+
+    @property
+    def ffn_tiles(self) -> int:
+        """GEMM1 column tiles (block_f wide) of one expert's FFN."""
+        return -(-self.ffn // self.block_f)
+
+    @property
+    def hidden_tiles(self) -> int:
+        """Combine column tiles (block_n wide) of the hidden size; one combine counter each."""
+        return -(-self.hidden // self.block_n)
+
+    def symmetric_buffers(self, dtype: torch.dtype, transport: str = "p2p") -> dict:
+        """{name: (shape, dtype)} every rank holds at the same symmetric address (flags and
+        counters are uint64-sized: NVSHMEM signals them). Transport "nvshmem" puts from local
+        symmetric memory, so it also stages the rows it sends (send_x, one row per token-slot)."""
+        W, L, S, H = self.world_size, self.local_experts, self.source_rows, self.hidden
+        buffers = {"recv_x": ((W, S, H), dtype), "combine_y": ((W, S, H), dtype),
+                   "count_words": ((2, W, L), torch.int64),
+                   "chunk_flags": ((W, L, self.max_chunks), torch.int64),
+                   "combine_counts": ((W, L, self.max_chunks, self.hidden_tiles), torch.int64)}
+        if transport == "nvshmem":
+            buffers["send_x"] = ((self.max_tokens * self.top_k, H), dtype)
+        return buffers
+
+    def local_buffers(self, dtype: torch.dtype) -> dict:
+        """{name: (shape, dtype)} of the rank's own scratch (zeroed once, reused every call):
+        h, GEMM1's output, with the recv_x layout; h_flags, one per (expert tile, f-tile);
+        comb_expect, the rows this rank expects back per (pair, chunk), cumulative over calls."""
+        W, L = self.world_size, self.local_experts
+        return {"h": ((W, self.source_rows, self.ffn), dtype),
+                "h_flags": ((self.max_tiles, self.ffn_tiles), torch.int32),
+                "comb_expect": ((W, L, self.max_chunks), torch.int64),
+                "ctl": ((CTL_WORDS,), torch.int64), "status": ((STATUS_WORDS,), torch.int64)}
+
+    def send_order(self, rank: int, device=None) -> torch.Tensor:
+        """[W * L] int64: the (destination, expert slot) pairs, as destination * L + slot, in the
+        order `rank` sends their chunks: slot by slot (the order destinations compute their experts
+        in), and for each, to destinations rank, rank + 1, ... (mod W), so not every source sends to
+        the same GPU at once."""
+        W, L = self.world_size, self.local_experts
+        dests = (rank + torch.arange(W, device=device)) % W
+        return (dests * L + torch.arange(L, device=device)[:, None]).reshape(W * L)
+
+    def trace_rows(self, tokens: int, programs: int) -> int:
+        """Rows of a kernel trace of one forward with `tokens` tokens: one per program, one per task."""
+        pairs = self.world_size * self.local_experts
+        return (programs + 1 + -(-tokens * self.top_k // self.chunk) + pairs
+                + self.max_tiles * (self.ffn_tiles + self.hidden_tiles)
+                + -(-tokens // self.block_t) * self.hidden_tiles)
+
+
+def heap_bytes(buffers: dict) -> int:
+    """Heap bytes for {name: (shape, dtype)}, each buffer rounded up to NVSHMEM's granule, plus
+    NVSHMEM's reserve."""
+    total = HEAP_RESERVE
+    for shape, dtype in buffers.values():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        total += -(-size // HEAP_GRANULE) * HEAP_GRANULE
+    return total
+
+
+def heap_bytes_for(config: MoEConfig, world_size: int, max_tokens_per_rank: int, transport: str = "p2p") -> int:
+    """Heap bytes one fused layer needs (transport: "p2p" or "nvshmem")."""
+    geo = Geometry.for_config(config, world_size, max_tokens_per_rank)
+    return heap_bytes(geo.symmetric_buffers(config.torch_dtype, transport))
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"

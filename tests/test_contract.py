@@ -1,0 +1,100 @@
+"""The contract between launcher, heap and kernel (kernels/layout.py, workspace.py,
+launch_config.py): what a layer allocates, how a launch is chosen, how a timeout is reported."""
+
+import pytest
+import torch
+
+from flashmoe_py import MoEConfig, preset
+from flashmoe_py.kernels.launch_config import FIELDS, LaunchConfig, choose_launch
+from flashmoe_py.kernels.layout import (STATUS_WORDS, WAIT_CHUNK, WAIT_COUNTS, Geometry, describe_timeout,
+                                        heap_bytes, heap_bytes_for)
+from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
+
+SMS = 132
+
+
+def geometry(name="qwen3_30b_a3b", world=1, tokens=4096, **changes):
+    return Geometry.for_config(preset(name, **changes), world, tokens)
+
+
+@pytest.mark.parametrize("transport", ["p2p", "nvshmem"])
+def test_workspace_holds_every_buffer_of_the_geometry_zeroed(transport):
+    geo = geometry("tiny", world=4, tokens=50)
+    ws = Workspace.allocate(geo, torch.float32, transport, "cpu", LocalBuffers("cpu", 4))
+    buffers = geo.symmetric_buffers(torch.float32, transport)
+    for name in ("recv_x", "combine_y", "count_words", "chunk_flags", "combine_counts"):
+        buf = getattr(ws.sym, name)
+        assert (tuple(buf.local.shape), buf.local.dtype) == buffers[name] and not buf.local.any()
+        assert buf.peers.shape == (4,) and int(buf.peers[0]) == buf.local.data_ptr()
+    if transport == "nvshmem":  # NVSHMEM's puts take this rank's addresses, for every peer
+        assert (ws.sym.recv_x.peers == ws.sym.recv_x.local.data_ptr()).all()
+        assert tuple(ws.sym.send_x.shape) == buffers["send_x"][0]
+    else:  # peers 1.. point at a scratch copy, never at rank 0's own
+        assert len(set(ws.sym.recv_x.peers.tolist())) == 2
+    for name, (shape, dtype) in geo.local_buffers(torch.float32).items():
+        t = getattr(ws.scratch, name)
+        assert (tuple(t.shape), t.dtype) == (shape, dtype)
+    assert ws.scratch.ctl.tolist() == [1, 0, 0, 0] and not ws.scratch.status.any()
+
+
+def test_heap_bytes_are_granule_rounded_buffers_plus_the_reserve():
+    geo = geometry("deepseek_v3", world=8, tokens=4096)
+    buffers = geo.symmetric_buffers(torch.bfloat16)
+    assert heap_bytes_for(preset("deepseek_v3"), 8, 4096) == heap_bytes(buffers)
+    assert heap_bytes({"a": ((1,), torch.uint8)}) == (64 << 20) + (2 << 20)
+
+
+def test_a_timeout_is_described_by_its_status_words():
+    status = [0] * STATUS_WORDS
+    assert describe_timeout(status, rank=3) is None
+    status[:6] = [1, WAIT_CHUNK.value, 2, 5, 17, 9]
+    assert describe_timeout(status, rank=3) == ("fused MoE kernel on rank 3 timed out in call 9 waiting for "
+                                                "a dispatched chunk to arrive from rank 2 (local expert 5, tile 17)")
+    status[:6] = [1, WAIT_COUNTS.value, -1, -1, -1, 4]
+    assert describe_timeout(status, rank=0).endswith("waiting for count words (what each source sends)")
+
+
+@pytest.mark.parametrize("tokens,block_m,block_n", [(128, 64, 128), (2047, 64, 128), (2048, 128, 256)])
+def test_tall_wide_tiles_once_experts_fill_them(tokens, block_m, block_n):
+    """qwen3 at world 1: 128 experts, top-8 -> tokens / 16 rows per expert; 128 rows or more take
+    128 x 256 tiles."""
+    launch = choose_launch(geometry(tokens=tokens), tokens, torch.bfloat16, SMS)
+    assert (launch.block_m, launch.block_n) == (block_m, block_n)
+
+
+def test_fp32_keeps_small_tiles():
+    launch = choose_launch(geometry(tokens=16384), 16384, torch.float32, SMS)
+    assert (launch.block_m, launch.block_n) == (64, 128)
+
+
+@pytest.mark.parametrize("name,split", [("qwen3_30b_a3b", True), ("deepseek_v3", True), ("mixtral_8x7b", False)])
+def test_half_the_programs_dispatch_for_experts_narrower_than_hidden(name, split):
+    launch = choose_launch(geometry(name, tokens=16384), 16384, torch.bfloat16, SMS)
+    assert launch.programs == SMS and launch.dispatch_programs == (SMS // 2 if split else SMS)
+
+
+def test_overrides_fix_settings_and_are_checked():
+    geo = geometry(tokens=4096)
+    launch = choose_launch(geo, 4096, torch.bfloat16, SMS, {"block_m": 64, "num_warps": 4, "stages": 4})
+    assert (launch.block_m, launch.block_n, launch.num_warps, launch.stages) == (64, 256, 4, 4)
+    with pytest.raises(ValueError, match=r"launch override \['blockm'\]"):
+        choose_launch(geo, 4096, torch.bfloat16, SMS, {"blockm": 64})
+    with pytest.raises(ValueError, match="block_n=192"):
+        choose_launch(geo, 4096, torch.bfloat16, SMS, {"block_n": 192})
+    with pytest.raises(ValueError, match="block_m=96"):
+        choose_launch(geo, 4096, torch.bfloat16, SMS, {"block_m": 96})
+    with pytest.raises(ValueError, match="dispatch_programs=200"):
+        choose_launch(geo, 4096, torch.bfloat16, SMS, {"dispatch_programs": 200})
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_launch_settings_must_be_positive_ints(field):
+    fields = dict(programs=4, block_m=64, block_n=128)
+    with pytest.raises(ValueError, match=field):
+        LaunchConfig(**{**fields, field: 0})
+
+
+def test_the_chooser_is_a_pure_function_of_its_inputs():
+    geo = geometry(tokens=8192)
+    assert choose_launch(geo, 8192, torch.bfloat16, SMS) == choose_launch(geo, 8192, torch.bfloat16, SMS)
+    assert Geometry.for_config(MoEConfig(64, 64, 4, 2), 2, 10).local_experts == 2
