@@ -31,7 +31,7 @@ from flashmoe_py.runtime import detect_launcher  # noqa: E402
 
 ROUTINGS = ("uniform", "zipf", "one_hot")
 FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem"}  # benchmark backend -> fused-kernel transport
-BACKENDS = ("torch", "symm_mem", *FLASH)
+BACKENDS = ("torch", "symm_mem", "triton_kernels", *FLASH)
 CHILD_TIMEOUT_S = 1800  # the symm_mem child's whole sweep
 CHECK_TOKENS = 256  # tokens per rank compared against the float32 reference before timing
 
@@ -49,7 +49,9 @@ def parse_args(argv=None):
                    help="flash: the fused kernel (p2p transport); flash_nvshmem: the same kernel over "
                         "NVSHMEM device-API puts; torch: NCCL all-to-all + grouped GEMM; symm_mem: "
                         "PyTorch's NVSHMEM all_to_all_vdev(_2d) + grouped GEMM (GPU only; run in "
-                        "separate processes when a flash backend is benchmarked too)")
+                        "separate processes when a flash backend is benchmarked too); triton_kernels: "
+                        "its matmul_ogs on the layer's experts and router (one GPU, swiglu; an optional "
+                        "import, bench/triton_kernels_moe.py)")
     p.add_argument("--routing", nargs="+", default=["uniform"], choices=ROUTINGS)
     p.add_argument("--iters", type=int, default=None, help="timed iterations per input set")
     p.add_argument("--input-sets", type=int, default=3)
@@ -179,8 +181,11 @@ def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict) -> float |
     H, F, Fin, k = cfg.hidden_size, cfg.ffn_size, cfg.ffn_in_size, cfg.top_k
     slots = tokens * k  # per rank, balanced on average
     compute = 2 * slots * H * (Fin + F) / (ceilings["bf16_tflops"] * 1e6)
-    L = cfg.num_experts // world
-    weights = L * H * (Fin + F) * bytes_el
+    # The weights of the experts some token picks: of a rank's L, each is missed by all W * slots
+    # uniformly routed slots with probability (1 - 1/E)^(W * slots).
+    E, L = cfg.num_experts, cfg.num_experts // world
+    touched = L * (1 - (1 - 1 / E) ** (world * slots))
+    weights = touched * H * (Fin + F) * bytes_el
     acts = tokens * H * bytes_el * 2 + slots * H * bytes_el * 4  # x, out, slot rows in and out
     hbm = (weights + acts) / (ceilings["hbm_gbps"] * 1e3)
     link = 0.0
@@ -221,12 +226,22 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
         from symm_mem_ep import SymmMemEP
         forward = SymmMemEP(layer, tokens)
         mode = forward.mode
+    elif backend == "triton_kernels":
+        from triton_kernels_moe import TritonKernelsMoE
+        forward = TritonKernelsMoE(layer)
+        mode = forward.mode
     gen = torch.Generator().manual_seed(seed * 131 + rank)
     xs = [torch.randn(tokens, cfg.hidden_size, generator=gen).to(device, cfg.torch_dtype)
           for _ in range(args.input_sets)]
     xs = [steer_routing(layer, x, routing, seed) for x in xs]  # same steering on every rank
     with torch.inference_mode():
-        out = forward(xs[0])[:CHECK_TOKENS]
+        try:
+            out = forward(xs[0])[:CHECK_TOKENS]
+        except Exception as e:  # an optional peer that cannot run this point fails its row, not the sweep
+            if backend != "triton_kernels":
+                raise
+            print(f"backend {backend} failed at {tokens} tokens: {e!r}", file=sys.stderr)
+            out = torch.full_like(xs[0][:CHECK_TOKENS], float("nan"))
         ref = reference_forward(xs[0][:CHECK_TOKENS], *layer.full_weights(), cfg)
         layer.synchronize()
     err = max_over_ranks(rel_err(out, ref), device)
@@ -290,6 +305,12 @@ def main(argv=None):
     if fused:
         world = detect_launcher().world_size
         heap = max(heap_bytes_for(c, world, max(tokens_list), FLASH[b]) for _, c in configs for b in fused)
+    if "triton_kernels" in backends:
+        from triton_kernels_moe import available
+        why = available() or (None if gpu and detect_launcher().world_size == 1 else "it runs on one GPU")
+        if why:
+            print(f"backend triton_kernels skipped: {why}", file=sys.stderr)
+            backends.remove("triton_kernels")
     if "symm_mem" in backends:
         if not gpu:
             raise SystemExit("backend symm_mem needs CUDA GPUs")

@@ -13,6 +13,7 @@ from torch import nn
 from .backends.flash import FlashBackend
 from .backends.torch_ep import TorchEPBackend
 from .config import MoEConfig
+from .kernels.fused_moe import TMA_ROW_MULTIPLE
 from .options import FusedOptions
 from .placement import ExpertPlacement
 from .runtime import ConsistencyError, find_mismatch, fused_unavailable_reason
@@ -106,6 +107,9 @@ class MoELayer(nn.Module):
                 options.require_max_tokens()
             except ValueError as e:
                 return str(e)
+            if config.hidden_size % TMA_ROW_MULTIPLE or config.ffn_size % TMA_ROW_MULTIPLE:
+                return (f"backend='flash' needs hidden_size and ffn_size multiples of {TMA_ROW_MULTIPLE} "
+                        f"(16-byte weight rows for its TMA loads); got {config.hidden_size} and {config.ffn_size}")
             reason = fused_unavailable_reason()
             if reason:
                 return f"backend='flash' is unavailable: {reason}"

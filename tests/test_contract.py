@@ -67,9 +67,11 @@ def test_fp32_keeps_small_tiles():
     assert (launch.block_m, launch.block_n) == (64, 128)
 
 
-@pytest.mark.parametrize("name,split", [("qwen3_30b_a3b", True), ("deepseek_v3", True), ("mixtral_8x7b", False)])
-def test_half_the_programs_dispatch_for_experts_narrower_than_hidden(name, split):
-    launch = choose_launch(geometry(name, tokens=16384), 16384, torch.bfloat16, SMS)
+@pytest.mark.parametrize("name,world,split", [("qwen3_30b_a3b", 2, True), ("deepseek_v3", 4, True),
+                                              ("mixtral_8x7b", 2, False), ("qwen3_30b_a3b", 1, False)])
+def test_half_the_programs_dispatch_for_experts_narrower_than_hidden(name, world, split):
+    """... on several ranks: one rank has nothing to dispatch (its tiles read x itself)."""
+    launch = choose_launch(geometry(name, world, tokens=16384), 16384, torch.bfloat16, SMS)
     assert launch.programs == SMS and launch.dispatch_programs == (SMS // 2 if split else SMS)
 
 

@@ -316,3 +316,8 @@ def build_with_timeout(rank, world, cfg: dict):
 def test_layer_options_must_agree_across_ranks(dist_pools):
     out = dist_pools(2).run_all(build_with_timeout, MoEConfig(**SMALL, top_k=2).to_dict())
     assert all(not ok and err[0] == "ConsistencyError" and "options.timeout_s differs" in err[1] for ok, err in out)
+
+
+def test_fused_backend_needs_16_byte_weight_rows():
+    with pytest.raises(ValueError, match="hidden_size and ffn_size multiples of 8"):
+        MoELayer(MoEConfig(hidden_size=36, ffn_size=48, num_experts=4, top_k=2), backend="flash", max_tokens_per_rank=8)

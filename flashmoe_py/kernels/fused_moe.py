@@ -13,9 +13,10 @@ tiles in.
 
   publish counts  tell every destination how many rows of each of its experts this rank sends;
   dispatch_chunk  copy up to CHUNK token rows of one (destination, expert) pair into the destination's
-                  receive slots, then raise that chunk's arrival flag there;
-  ffn_in_tile     BM rows of one local expert, gathered across source regions, once their chunks
-                  have arrived: h = act(x_rows @ w_in[e][:, f-tile]) -> h_buf;
+                  receive slots, then raise that chunk's arrival flag there (other ranks only);
+  ffn_in_tile     BM rows of one local expert, gathered across source regions once their chunks
+                  have arrived, this rank's own rows straight from x:
+                  h = act(x_rows @ w_in[e][:, f-tile]) -> h_buf;
   ffn_out_tile    y = h_rows @ w_out[e][:, n-tile], streaming over f-tiles as their flags rise,
                   written straight into each row's source rank, whose per-chunk row counters a
                   program bumps one tile later (count_tile_rows): after its next tile's GEMM, so
@@ -23,7 +24,8 @@ tiles in.
   combine_tile    for BT of this rank's tokens and one n-tile: wait for its k expert rows, weighted sum.
 
 An expert's tiles span all sources, so its weights are read once per BM rows it received in all,
-not once per source.
+not once per source. Weight tiles come through the tensor memory accelerator (TMA: Weights),
+token rows through gathered loads.
 
 Deadlock freedom: front tasks wait on nothing, and some program takes them from the start; a compute
 task waits only on front tasks (here or on other GPUs), on compute tasks with smaller ids here, or
@@ -56,6 +58,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .layout import (CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, QUEUES_CLOSED,
                      STATUS_EPOCH, STATUS_EXPERT, STATUS_FAILED, STATUS_PEER, STATUS_TILE, STATUS_WAIT,
@@ -69,6 +72,18 @@ ACT_CODES = {"swiglu": 0, "gelu": 1, "relu": 2}
 # The interpreter runs no PTX, so has no clock: its waits count polling rounds instead (about 0.7 ms
 # each on a CPU for a wait on a few words).
 INTERPRETER_ROUNDS_PER_S = 1000
+# TMA reads rows of 16-byte multiples: hidden and ffn sizes in multiples of 8 (bf16) elements.
+TMA_ROW_MULTIPLE = 8
+
+
+class Weights(NamedTuple):
+    """This rank's expert weights as tensor descriptors, so their tiles are loaded by the tensor
+    memory accelerator (TMA) and zero-filled past each expert's edges: w_in [L, H, F_in] in
+    [1, BK, BF] blocks (F_in = 2F for swiglu: gate columns, then up columns), w_out [L, F, H] in
+    [1, BK, BN_OUT] blocks."""
+
+    w_in: TensorDescriptor
+    w_out: TensorDescriptor
 
 
 class Dims(NamedTuple):
@@ -132,8 +147,8 @@ class TileTable(NamedTuple):
 class ExpertTile(NamedTuple):
     """One BM-row expert tile (_expert_tile): local expert e, its tile index c within e, per
     source [W_POW2] the rows of e it sent (per_src) and the first of them in e's numbering; per
-    row [BM]: source rank, row in that source's region, CHUNK-chunk of the (source, e) pair,
-    valid."""
+    row [BM]: source rank, row in that source's region, row within the (source, e) pair and its
+    CHUNK-chunk, valid."""
 
     e: tl.tensor
     c: tl.tensor
@@ -141,6 +156,7 @@ class ExpertTile(NamedTuple):
     first: tl.tensor
     src: tl.tensor
     row: tl.tensor
+    pair_row: tl.tensor
     chunk: tl.tensor
     valid: tl.tensor
 
@@ -220,11 +236,12 @@ def publish_counts(sym, plan, dims, epoch, rank, meta):
 def dispatch_chunk(q, x_ptr, plan, sym, dims, epoch, rank, meta):
     """Copy send chunk q (CHUNK rows of one (dest, expert) pair) to the destination; raise its flag.
     P2P stores the rows there directly; NVSHMEM gathers them into send_x (local, symmetric; rows
-    in sorted-slot order) and puts them as one block that carries the flag."""
+    in sorted-slot order) and puts them as one block that carries the flag. Chunks for this rank
+    itself are not copied: its expert tiles read those rows from x (ffn_in_tile)."""
     H, S, L, MAXC = dims.hidden, dims.source_rows, dims.local_experts, dims.max_chunks
     CHUNK: tl.constexpr = meta.CHUNK
     pos = tl.load(plan.chunk_pos + q)
-    if pos >= 0:
+    if (pos >= 0) & (pos // L != rank):
         c = tl.load(plan.chunk_c + q)
         count = tl.load(plan.send_counts + pos)
         i = tl.arange(0, CHUNK)
@@ -294,44 +311,48 @@ def _expert_tile(q, table, W, meta):
     pick = s_idx == src[:, None]
     r = j - tl.sum(tl.where(pick, first[None, :], 0), axis=1)
     row = tl.sum(tl.where(pick, region[None, :], 0), axis=1) + r
-    return ExpertTile(e, c, per_src, first, src, row, r // meta.CHUNK, valid)
+    return ExpertTile(e, c, per_src, first, src, row, r, r // meta.CHUNK, valid)
 
 
 @triton.jit
-def ffn_in_tile(q, j, table, w_in_ptr, sym, scratch, dims, epoch, wait_limit, meta):
+def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wait_limit, rank, meta):
     """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived
-    (table: the call's TileTable). -> (ready, done) clock stamps when TRACE (module docstring),
-    else zeros."""
+    (table: the call's TileTable; weights: Weights): rows from other ranks from recv_x once their
+    chunks' flags rise, this rank's own rows straight from x (by the plan's token of each slot),
+    never copied. -> (ready, done) clock stamps when TRACE (module docstring), else zeros. A gate
+    tile of the last f-tile may reach into the up columns when F is not a multiple of BF: those
+    columns of h are never stored."""
     W, L, H, F, S, MAXC = dims.world, dims.local_experts, dims.hidden, dims.ffn, dims.source_rows, dims.max_chunks
     BM: tl.constexpr = meta.BM
     BF: tl.constexpr = meta.BF
     BK: tl.constexpr = meta.BK
     NF = tl.cdiv(F, BF)
     t = _expert_tile(q, table, W, meta)
+    own = t.valid & (t.src == rank)
     flags = sym.chunk_flags.local + (t.src * L + t.e) * MAXC + t.chunk
-    short = wait_at_least(flags, t.valid, epoch, wait_limit, scratch.status, "sys", meta.ON_GPU)
+    short = wait_at_least(flags, t.valid & ~own, epoch, wait_limit, scratch.status, "sys", meta.ON_GPU)
     ready = clock_ns() if meta.TRACE else 0
     done = ready
     if tl.sum(short.to(tl.int32)) > 0:
         _report_timeout(scratch, WAIT_CHUNK, tl.min(tl.where(short, t.src, W)), t.e, q, epoch)
     else:
         r = (t.src * S + t.row).to(tl.int64)
+        first_own = tl.load(plan.pos_start + rank * L + t.e)  # the pair (this rank, e)'s first sorted slot
+        tok = tl.load(plan.send_tok + first_own + t.pair_row, mask=own, other=0).to(tl.int64)
+        a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
         f = j * BF + tl.arange(0, BF)
         fmask = f < F
-        F_IN = F * (2 if meta.GATED else 1)
-        w_base = w_in_ptr + t.e.to(tl.int64) * H * F_IN
         gate = tl.zeros((BM, BF), dtype=tl.float32)
         up = tl.zeros((BM, BF), dtype=tl.float32)
+        col = (j * BF).to(tl.int32)  # of the gate block; the up block is F columns further
         for k0 in tl.range(0, H, BK, num_stages=meta.STAGES):
             k = k0 + tl.arange(0, BK)
-            kmask = k < H
-            a = tl.load(sym.recv_x.local + r[:, None] * H + k[None, :], mask=t.valid[:, None] & kmask[None, :],
-                        other=0.0, cache_modifier=".cg")
-            wm = kmask[:, None] & fmask[None, :]
-            b = tl.load(w_base + k[:, None] * F_IN + f[None, :], mask=wm, other=0.0)
+            a = tl.load(a_rows[:, None] + k[None, :], mask=t.valid[:, None] & (k < H)[None, :], other=0.0,
+                        cache_modifier=".cg")
+            b = weights.w_in.load([t.e, k0, col]).reshape(BK, BF)
             gate = tl.dot(a, b, gate, input_precision=meta.PRECISION)
             if meta.GATED:
-                b2 = tl.load(w_base + k[:, None] * F_IN + F + f[None, :], mask=wm, other=0.0)
+                b2 = weights.w_in.load([t.e, k0, F + col]).reshape(BK, BF)
                 up = tl.dot(a, b2, up, input_precision=meta.PRECISION)
         done = clock_ns() if meta.TRACE else 0
         h = _activate(gate, up, meta.ACT)
@@ -384,7 +405,7 @@ def count_tile_rows(pend, sym, dims, rank, meta):
 
 
 @triton.jit
-def ffn_out_tile(q, n, pend, table, w_out_ptr, sym, scratch, dims, epoch, wait_limit, rank, meta):
+def ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_limit, rank, meta):
     """y[rows of expert tile q, n-tile (BN_OUT columns)] = h_rows @ w_out[e][:, n-tile] once all
     f-tiles of h are written, sent into each row's source rank (its combine_y region for this rank
     mirrors recv_x). The program's previous tile (pend: PendingTile) is counted between this
@@ -400,10 +421,8 @@ def ffn_out_tile(q, n, pend, table, w_out_ptr, sym, scratch, dims, epoch, wait_l
     NF = tl.cdiv(F, meta.BF)
     t = _expert_tile(q, table, W, meta)
     r = (t.src * S + t.row).to(tl.int64)
-    cols = n * BN_OUT + tl.arange(0, BN_OUT)
-    cmask = cols < H
-    w_base = w_out_ptr + t.e.to(tl.int64) * F * H
     acc = tl.zeros((BM, BN_OUT), dtype=tl.float32)
+    col = (n * BN_OUT).to(tl.int32)
     f_tiles = tl.arange(0, meta.NF_POW2)
     short = wait_at_least(scratch.h_flags + q * NF + f_tiles, f_tiles < NF, epoch.to(tl.int32), wait_limit,
                           scratch.status, "gpu", meta.ON_GPU)
@@ -415,8 +434,7 @@ def ffn_out_tile(q, n, pend, table, w_out_ptr, sym, scratch, dims, epoch, wait_l
             fmask = f < F
             a = tl.load(scratch.h + r[:, None] * F + f[None, :], mask=t.valid[:, None] & fmask[None, :],
                         other=0.0, cache_modifier=".cg")
-            b = tl.load(w_base + f[:, None] * H + cols[None, :], mask=fmask[:, None] & cmask[None, :],
-                        other=0.0)
+            b = weights.w_out.load([t.e, k0, col]).reshape(BK, BN_OUT)
             acc = tl.dot(a, b, acc, input_precision=meta.PRECISION)
     done = clock_ns() if meta.TRACE else 0
     if not ok:
@@ -476,13 +494,12 @@ def combine_tile(tt, n, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_l
 
 
 @triton.jit(do_not_specialize=["tokens", "wait_limit", "rank", "send_chunks", "dispatch_programs"])
-def fused_moe_kernel(x_ptr, out_ptr, w_in_ptr, w_out_ptr, plan, sym, scratch, dims,
+def fused_moe_kernel(x_ptr, out_ptr, weights, plan, sym, scratch, dims,
                      tokens, wait_limit, rank, send_chunks, dispatch_programs, meta):
-    """See the module docstring. x, out: [tokens, H]; w_in: [L, H, F_in]; w_out: [L, F, H];
-    plan: kernels/plan.RoutingPlan; sym: workspace.Symmetric; scratch: workspace.Scratch;
-    dims: Dims; send_chunks: entries of plan.chunk_pos; dispatch_programs: programs that start on
-    the front queue; wait_limit: nanoseconds (meta.ON_GPU) or rounds any one wait may last;
-    meta: Meta."""
+    """See the module docstring. x, out: [tokens, H]; weights: Weights; plan:
+    kernels/plan.RoutingPlan; sym: workspace.Symmetric; scratch: workspace.Scratch; dims: Dims;
+    send_chunks: entries of plan.chunk_pos; dispatch_programs: programs that start on the front
+    queue; wait_limit: nanoseconds (meta.ON_GPU) or rounds any one wait may last; meta: Meta."""
     W, L, H, F = dims.world, dims.local_experts, dims.hidden, dims.ffn
     NF = tl.cdiv(F, meta.BF)
     NN = tl.cdiv(H, meta.BN)  # combine column tiles (and combine counters per chunk)
@@ -531,10 +548,11 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in_ptr, w_out_ptr, plan, sym, scratch, di
         q = task - n_front
         if q < n_in:
             q, j = _grouped(q, n_tiles, NF, meta.GROUP)
-            ready, done = ffn_in_tile(q, j, table, w_in_ptr, sym, scratch, dims, epoch, wait_limit, meta)
+            ready, done = ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wait_limit, rank,
+                                      meta)
         elif q < n_in + n_out:
             q, n = _grouped(q - n_in, n_tiles, NN_OUT, meta.GROUP)
-            pend, ready, done = ffn_out_tile(q, n, pend, table, w_out_ptr, sym, scratch, dims, epoch, wait_limit,
+            pend, ready, done = ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_limit,
                                              rank, meta)
         else:
             if pend.e >= 0:  # combine tiles wait for counts: none may be left pending behind them
@@ -564,7 +582,8 @@ def fused_kernel_args(x, out, w_in, w_out, plan, ws, launch, *, activation: str,
     """Check shapes and build fused_moe_kernel's arguments for one forward -> (args, kwargs;
     kwargs hold the constexpr-free launch options num_warps and, for NVSHMEM, extern_libs).
 
-    x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H] (one dtype, x's device); plan: a
+    x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H] (one dtype, x's device; rows of 16-byte
+    multiples, as TMA needs: hidden and ffn multiples of 8, checked by the layer); plan: a
     kernels/plan.RoutingPlan of x; ws: the layer's workspace.Workspace; launch: a
     launch_config.LaunchConfig; timeout_s: how long any one wait in the kernel may last (on
     GPUs by the GPU's clock; in the interpreter, INTERPRETER_ROUNDS_PER_S polling rounds a
@@ -582,6 +601,8 @@ def fused_kernel_args(x, out, w_in, w_out, plan, ws, launch, *, activation: str,
                              f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
     if T > geo.max_tokens:
         raise ValueError(f"{T} tokens exceed max_tokens_per_rank={geo.max_tokens}")
+    if H % TMA_ROW_MULTIPLE or F % TMA_ROW_MULTIPLE:
+        raise ValueError(f"hidden={H}, ffn={F}: the weights' TMA loads need multiples of {TMA_ROW_MULTIPLE}")
     if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 2
                               or trace.shape[1] != TRACE_COLS.value
                               or trace.shape[0] < geo.trace_rows(T, launch.programs)):
@@ -600,7 +621,9 @@ def fused_kernel_args(x, out, w_in, w_out, plan, ws, launch, *, activation: str,
                 NF_POW2=c(triton.next_power_of_2(geo.ffn_tiles)), STAGES=c(launch.stages), GROUP=c(launch.group),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None))
     dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks)
-    args = (x, out, w_in, w_out, plan, ws.sym, ws.with_trace(trace), dims, T, wait_limit, rank,
+    weights = Weights(TensorDescriptor.from_tensor(w_in, [1, geo.block_k, geo.block_f]),
+                      TensorDescriptor.from_tensor(w_out, [1, geo.block_k, launch.block_n]))
+    args = (x, out, weights, plan, ws.sym, ws.with_trace(trace), dims, T, wait_limit, rank,
             plan.chunk_pos.numel(), launch.dispatch_programs, meta)
     kwargs = {"num_warps": launch.num_warps}
     if ws.transport == "nvshmem":

@@ -65,8 +65,9 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # Then, for experts narrower than the hidden size (dispatch bytes weigh more against their
     # GEMMs), half the programs send the dispatch chunks while the rest compute the expert tiles
     # that have arrived. 2xH200, 4,096-16,384 tokens, 64 of 132 programs against all: qwen3
-    # -5..-6%, deepseek -1..-3%, but mixtral (ffn 3.5x hidden) +2..+4%.
-    overlap = large and geo.ffn < geo.hidden
+    # -5..-6%, deepseek -1..-3%, but mixtral (ffn 3.5x hidden) +2..+4%. One rank sends nothing
+    # (its tiles read x itself).
+    overlap = large and geo.ffn < geo.hidden and geo.world_size > 1
     chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if large else geo.block_n,
               "dispatch_programs": sm_count // 2 if overlap else sm_count}
     override = dict(override or {})

@@ -1,0 +1,95 @@
+"""The `triton_kernels` baseline (world 1): OpenAI's triton_kernels `matmul_ogs`, the fastest
+single-GPU MoE expert path measured here, run on a layer's experts with the layer's own router.
+
+Users install `triton_kernels` from the Triton repository's `python/triton_kernels` at the tag of
+their triton (on the device machines, `../shared/gpu/prepare.sh` carries v3.6.0). One forward:
+
+  1. the project's router (flashmoe_py.routing.route: the router kernel), weights [T, k] fp32 and
+     experts [T, k];
+  2. triton_kernels' topk over a dense [T, E] copy of those weights at those experts (it builds
+     the bitmatrix and keeps the weights as they are), then its ragged routing metadata;
+  3. matmul_ogs gathering x's rows per expert with SwiGLU fused on the accumulator;
+  4. matmul_ogs scattering each row's weighted output back to its token (gammas = the weights),
+     the k rows of a token summed by its reduction.
+
+Its SwiGLU is gpt-oss's, s * (up + 1) with s = gate * sigmoid(alpha * gate): with alpha = 1 and a
+bias of -1 on the up columns it is silu(gate) * up, the layer's. Its weights are copies in its own
+layout (gate and up interleaved column by column). The whole forward is replayed from a CUDA
+graph, as the fused layer's is."""
+
+from __future__ import annotations
+
+import torch
+
+from flashmoe_py.routing import route
+
+
+def available() -> str | None:
+    """None if triton_kernels is importable here, else why not."""
+    try:
+        import triton_kernels.matmul_ogs  # noqa: F401
+    except ImportError as e:
+        return f"triton_kernels is not importable ({e})"
+    return None
+
+
+class TritonKernelsMoE:
+    """The layer's forward through triton_kernels (one rank, swiglu). x: [T, H] -> [T, H]."""
+
+    mode = "graph"
+
+    def __init__(self, layer):
+        from triton_kernels.matmul_ogs import FnSpecs, FusedActivation
+        from triton_kernels.swiglu import swiglu_fn
+        cfg = layer.config
+        if layer.world_size != 1 or cfg.activation != "swiglu":
+            raise ValueError("the triton_kernels baseline runs one rank with swiglu experts")
+        self.layer, self.cfg = layer, cfg
+        F = cfg.ffn_size
+        w_in = layer.w_in.detach()  # [E, H, 2F]: gate | up
+        self.w1 = torch.stack([w_in[..., :F], w_in[..., F:]], dim=-1).reshape(w_in.shape).contiguous()
+        self.b1 = torch.zeros(cfg.num_experts, 2 * F, dtype=torch.float32, device=w_in.device)
+        self.b1[:, 1::2] = -1.0  # (up - 1) + 1 = up
+        self.w2 = layer.w_out.detach().contiguous()
+        self.act = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit")), (1.0, None), 2)
+        self.graphs: dict[int, tuple] = {}
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        from triton_kernels.matmul_ogs import GatherIndx, RoutingData, ScatterIndx, matmul_ogs
+        from triton_kernels.tensor import SparseMatrix, make_ragged_tensor_metadata
+        from triton_kernels.topk import topk
+        cfg = self.cfg
+        r = route(x, self.layer.router_weight, cfg)
+        dense = torch.zeros(x.shape[0], cfg.num_experts, dtype=torch.float32, device=x.device)
+        dense.scatter_(1, r.experts, r.weights)
+        picked = topk(dense, cfg.top_k, apply_softmax=False, y_indx=r.experts.to(torch.int16))
+        sparse = SparseMatrix(indx=picked.indx, vals=picked.vals, mask=picked.mask)
+        dispatch = sparse.mask_metadata.col_sorted_indx
+        combine = sparse.mask_metadata.row_sorted_indx
+        ragged = make_ragged_tensor_metadata(sparse.mask_metadata.col_sum, dispatch.shape[0])
+        gate_scal = sparse.vals.flatten()[combine]
+        rdata = RoutingData(gate_scal, ragged.slice_sizes, cfg.num_experts, cfg.top_k, ragged)
+        h = matmul_ogs(x, self.w1, self.b1, rdata, gather_indx=GatherIndx(combine, dispatch),
+                       fused_activation=self.act)
+        y = matmul_ogs(h, self.w2, None, rdata, scatter_indx=ScatterIndx(dispatch, combine),
+                       gammas=rdata.gate_scal)
+        return y.reshape(x.shape[0], cfg.hidden_size)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The first call at a token count runs eagerly (compiles), the second captures a CUDA
+        graph, later ones replay it."""
+        T = x.shape[0]
+        entry = self.graphs.get(T)
+        if entry is None:
+            self.graphs[T] = "seen"
+            return self._forward(x)
+        if entry == "seen":
+            static_x = x.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._forward(static_x)
+            self.graphs[T] = entry = (graph, static_x, static_out)
+        graph, static_x, static_out = entry
+        static_x.copy_(x)
+        graph.replay()
+        return static_out
