@@ -24,7 +24,8 @@ class RankError(Exception):
         self.rank, self.exc_type, self.message = rank, exc_type, message
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -55,7 +56,7 @@ class DistPool:
         self.broken = False
         self.jobs = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.jobs[r], self.results),
                                   daemon=True) for r in range(world_size)]
         for p in self.procs:

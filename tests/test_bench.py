@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from dist_pool import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = {"config", "tokens_per_rank", "world", "backend", "routing", "median_us", "rel_err",
             "floor_us", "device", "date", "commit", "ok", "preset"}
@@ -12,9 +14,10 @@ ROW_KEYS = {"config", "tokens_per_rank", "world", "backend", "routing", "median_
 
 def test_cpu_benchmark_runs_and_its_json_validates(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29611"}
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                           "--master-port=29611", os.path.join(ROOT, "bench", "layer.py"),
+                           f"--master-port={port}", os.path.join(ROOT, "bench", "layer.py"),
                            "--tokens", "16", "40", "--routing", "uniform", "zipf", "--iters", "2",
                            "--input-sets", "1", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
@@ -48,7 +51,7 @@ def test_a_backend_runs_apart_in_child_processes_under_torchrun(tmp_path):
     script.write_text(APART.format(bench=os.path.join(ROOT, "bench")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                           "--master-port=29623", str(script)],
+                           f"--master-port={free_port()}", str(script)],
                           env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ROWS 1 torch True 2" in proc.stdout
