@@ -306,10 +306,44 @@ class MoEConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Real shapes and routing, as the models' published config.json files give them. Where a comment
+# says "= ...Config defaults", transformers 5.24's configuration class has the same values (checked
+# against it); the others were written without network access, from the published files.
 PRESETS: dict[str, MoEConfig] = {
+    # mistralai/Mixtral-8x7B-v0.1: intermediate_size 14336, 8 local experts, 2 per token.
     "mixtral_8x7b": MoEConfig(hidden_size=4096, ffn_size=14336, num_experts=8, top_k=2),
+    # Qwen/Qwen3-30B-A3B: moe_intermediate_size 768, 128 experts, 8 per token, norm_topk_prob.
     "qwen3_30b_a3b": MoEConfig(hidden_size=2048, ffn_size=768, num_experts=128, top_k=8),
-    "deepseek_v3": MoEConfig(hidden_size=7168, ffn_size=2048, num_experts=256, top_k=8),
+    # deepseek-ai/DeepSeek-V3 (= DeepseekV3Config defaults): moe_intermediate_size 2048,
+    # n_routed_experts 256, 8 per token, n_group 8, topk_group 4, norm_topk_prob,
+    # routed_scaling_factor 2.5, n_shared_experts 1.
+    "deepseek_v3": MoEConfig(hidden_size=7168, ffn_size=2048, num_experts=256, top_k=8,
+                             routing="sigmoid_grouped", n_group=8, topk_group=4,
+                             routed_scaling_factor=2.5, shared_experts=1),
+    # moonshotai/Kimi-K2-Instruct (DeepSeek-V3's architecture): 384 routed experts, 8 per token,
+    # n_group 1, topk_group 1, norm_topk_prob, routed_scaling_factor 2.827, n_shared_experts 1.
+    "kimi_k2": MoEConfig(hidden_size=7168, ffn_size=2048, num_experts=384, top_k=8,
+                         routing="sigmoid_grouped", routed_scaling_factor=2.827, shared_experts=1),
+    # zai-org/GLM-4.5: hidden_size 5120, moe_intermediate_size 1536, n_routed_experts 160, 8 per
+    # token, n_group 1, topk_group 1, norm_topk_prob, routed_scaling_factor 2.5, n_shared_experts 1.
+    # (Glm4MoeConfig's defaults are GLM-4.5-Air's: 4096, 1408, 128 experts, scaling 1.0.)
+    "glm45": MoEConfig(hidden_size=5120, ffn_size=1536, num_experts=160, top_k=8,
+                       routing="sigmoid_grouped", routed_scaling_factor=2.5, shared_experts=1),
+    # openai/gpt-oss-120b (= GptOssConfig defaults): hidden and intermediate 2880, 128 local
+    # experts, 4 per token, router and expert biases, swiglu_alpha 1.702, swiglu_limit 7.0.
+    "gpt_oss_120b": MoEConfig(hidden_size=2880, ffn_size=2880, num_experts=128, top_k=4,
+                              activation="clamped_swiglu", routing="topk_softmax", router_bias=True,
+                              expert_bias=True),
+    # meta-llama/Llama-4-Scout-17B-16E (= Llama4TextConfig defaults): hidden 5120, intermediate
+    # 8192 for the 16 routed experts and the one shared expert, 1 per token, sigmoid weight on
+    # the expert's input.
+    "llama4_scout": MoEConfig(hidden_size=5120, ffn_size=8192, num_experts=16, top_k=1,
+                              routing="topk_sigmoid", renormalize=False, weight_on_input=True,
+                              shared_experts=1),
+    # Qwen/Qwen3-Next-80B-A3B-Instruct (= Qwen3NextConfig defaults): moe_intermediate_size 512,
+    # 512 experts, 10 per token, norm_topk_prob, one shared expert of 512 with a sigmoid gate.
+    "qwen3_next": MoEConfig(hidden_size=2048, ffn_size=512, num_experts=512, top_k=10,
+                            shared_experts=1, shared_ffn_size=512, shared_expert_gate=True),
     # Small enough for a 2-core CPU: the fresh-machine benchmark and smoke tests.
     "tiny": MoEConfig(hidden_size=256, ffn_size=512, num_experts=8, top_k=2, dtype="float32"),
 }

@@ -165,3 +165,22 @@ def test_new_fields_roundtrip():
     cfg = MoEConfig(**ROUTED, routed_scaling_factor=2.5, shared_experts=1, router_dtype="float32")
     assert MoEConfig.from_dict(cfg.to_dict()) == cfg
 
+
+def test_presets_carry_the_models_routing():
+    ds = preset("deepseek_v3")
+    assert (ds.routing, ds.n_group, ds.topk_group, ds.top_k, ds.routed_scaling_factor, ds.shared_experts,
+            ds.renormalize) == ("sigmoid_grouped", 8, 4, 8, 2.5, 1, True)
+    assert (ds.hidden_size, ds.ffn_size, ds.num_experts) == (7168, 2048, 256)
+    kimi = preset("kimi_k2")
+    assert (kimi.num_experts, kimi.n_group, kimi.routed_scaling_factor) == (384, 1, 2.827)
+    glm = preset("glm45")
+    assert (glm.hidden_size, glm.ffn_size, glm.num_experts, glm.routed_scaling_factor) == (5120, 1536, 160, 2.5)
+    oss = preset("gpt_oss_120b")
+    assert (oss.routing, oss.router_bias, oss.expert_bias, oss.activation, oss.swiglu_alpha,
+            oss.swiglu_limit, oss.num_experts, oss.top_k) == ("topk_softmax", True, True, "clamped_swiglu",
+                                                              1.702, 7.0, 128, 4)
+    scout = preset("llama4_scout")
+    assert (scout.routing, scout.top_k, scout.weight_on_input, scout.renormalize, scout.shared_width) == (
+        "topk_sigmoid", 1, True, False, 8192)
+    nxt = preset("qwen3_next")
+    assert (nxt.num_experts, nxt.top_k, nxt.shared_width, nxt.shared_expert_gate) == (512, 10, 512, True)

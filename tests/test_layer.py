@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_pool import RankError
-from flashmoe_py import ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, reference_forward
+from flashmoe_py import ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, preset, reference_forward
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -531,3 +531,13 @@ def test_replicated_weights_loaded_differently_raise_on_every_rank(dist_pools, n
 def test_expert_weights_may_differ_across_ranks(dist_pools):
     """Each rank loads only its own experts: what it was given for the others is not compared."""
     dist_pools(2).run(load_rank_dependent, FULL.to_dict(), "w_in")
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "kimi_k2", "glm45", "gpt_oss_120b", "llama4_scout", "qwen3_next"])
+def test_model_presets_at_a_small_width_match_reference(dist_pools, name):
+    """Each preset's expert count, top-k, routing and expert variant, with narrow experts."""
+    cfg = preset(name, hidden_size=16, ffn_size=8, dtype="float32")
+    if cfg.shared_ffn_size:
+        cfg = cfg.replace(shared_ffn_size=12)
+    errs = dist_pools(2).run(variant_vs_reference, cfg.to_dict(), [33, 20], fresh_seed())
+    assert max(errs) <= FP32_TOL
