@@ -8,9 +8,26 @@ from dataclasses import dataclass
 
 import torch
 
-ACTIVATIONS = ("swiglu", "gelu", "relu")
+ACTIVATIONS = ("swiglu", "gelu", "relu", "clamped_swiglu")
+GATED_ACTIVATIONS = ("swiglu", "clamped_swiglu")
+ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_grouped", "topk_sigmoid")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MAX_TOP_K = 8
+TOP_K_LIMIT = 16          # Qwen3-Next routes every token to 10 experts
+NUM_EXPERTS_LIMIT = 512   # Qwen3-Next has 512 experts, Kimi-K2 384
+MAX_TOP_K = 8             # what the router kernel and the fused kernel take today (kernels/router.py)
+GPT_OSS_SWIGLU_ALPHA = 1.702  # gpt-oss's clamped SwiGLU (transformers' GptOssConfig defaults)
+GPT_OSS_SWIGLU_LIMIT = 7.0
+
+# The weights every layer has, then the optional ones a config may add, by name; the per-expert
+# ones (sharded over ranks along dim 0) are EXPERT_WEIGHTS, the others are replicated on every rank.
+WEIGHTS = ("router_weight", "w_in", "w_out")
+OPTIONAL_WEIGHTS = ("router_bias", "e_score_correction_bias", "b_in", "b_out", "shared_w_in",
+                    "shared_w_out", "shared_gate_weight")
+EXPERT_WEIGHTS = ("w_in", "w_out", "b_in", "b_out")
+_NEEDS = {"router_weight": "a router", "w_in": "experts", "w_out": "experts",
+          "router_bias": "router_bias=True", "e_score_correction_bias": "routing='sigmoid_grouped'",
+          "b_in": "expert_bias=True", "b_out": "expert_bias=True", "shared_w_in": "shared_experts >= 1",
+          "shared_w_out": "shared_experts >= 1", "shared_gate_weight": "shared_expert_gate=True"}
 
 
 class ConfigError(ValueError):
@@ -21,20 +38,64 @@ def _fail(field: str, value, allowed: str) -> None:
     raise ConfigError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
 @dataclass(frozen=True)
 class MoEConfig:
-    """What defines an MoE layer, independent of how many ranks run it.
+    """What defines an MoE layer, independent of how many ranks run it. Names follow the models'
+    own configs where they have one (transformers' name in brackets).
 
     hidden_size:     token width H.
-    ffn_size:        expert FFN width F (for swiglu: the width of each of the gate and up projections).
-    num_experts:     E, global expert count.
-    top_k:           experts per token, 1 <= top_k <= min(8, E).
-    activation:      'swiglu' (silu(x W_gate) * (x W_up)), 'gelu' (exact erf form) or 'relu'.
+    ffn_size:        expert FFN width F (gated activations: the width of each of the gate and up
+                     projections) [moe_intermediate_size, intermediate_size].
+    num_experts:     E, global routed-expert count, 1..512 [num_local_experts, n_routed_experts].
+    top_k:           experts per token, 1 <= top_k <= min(16, E) [num_experts_per_tok].
+    activation:      'swiglu' (silu(x W_gate) * (x W_up)), 'gelu' (exact erf form), 'relu', or
+                     'clamped_swiglu' (gpt-oss: gate clamped to <= swiglu_limit, up to
+                     +-swiglu_limit, gate * sigmoid(swiglu_alpha * gate) * (up + 1)).
     dtype:           parameter and activation dtype, 'bfloat16' or 'float32'.
-    renormalize:     after softmax over all E experts and top-k, rescale the k weights to sum to 1.
+    renormalize:     rescale the k routing weights to sum to 1 [norm_topk_prob]: by their sum for
+                     'softmax_topk', by their sum + 1e-20 for the sigmoid routings; a no-op for
+                     'topk_softmax', whose weights always sum to 1.
     capacity_factor: None = dropless. Otherwise each source rank keeps, per expert, at most
                      ceil(capacity_factor * tokens * top_k / num_experts) token-slots, in order of
                      (choice rank k, token index); the rest are dropped and counted.
+
+    Routing (logits = x @ router_weight^T [+ router_bias], in fp32):
+    routing:         'softmax_topk': softmax over all E experts, the k largest (Mixtral, Qwen, OLMoE);
+                     'topk_softmax': the k largest logits, softmax over those k (gpt-oss);
+                     'sigmoid_grouped': scores = sigmoid(logits); the k experts with the largest
+                        scores + e_score_correction_bias (a per-expert buffer that only steers the
+                        choice), among the topk_group best of n_group equal groups (a group scores
+                        the sum of its two largest biased scores); weights = the picked experts'
+                        unbiased scores (DeepSeek-V3, GLM-4.5, Kimi-K2);
+                     'topk_sigmoid': the k largest logits, sigmoid of each (Llama-4).
+    router_bias:     logits get a learned per-expert bias (gpt-oss).
+    n_group, topk_group: 'sigmoid_grouped' only; E divisible by n_group, 1 <= topk_group <= n_group.
+    routed_scaling_factor: the k weights are multiplied by it, after any renormalisation.
+    router_dtype:    dtype of router_weight and router_bias; None = dtype. DeepSeek-V3 and GLM-4.5
+                     keep their router in 'float32' in bf16 models.
+
+    Experts:
+    expert_bias:     both projections have a bias, b_in [E, F_in] and b_out [E, H] (gpt-oss).
+    swiglu_alpha, swiglu_limit: 'clamped_swiglu' only (gpt-oss: 1.702 and 7.0).
+    weight_on_input: the routing weight scales the expert's input, not its output (Llama-4):
+                     expert(w * x) instead of w * expert(x).
+
+    Shared experts (dense experts every token goes through, added to the routed output):
+    shared_experts:  how many [n_shared_experts]; 0 = none.
+    shared_ffn_size: the width of each; None = ffn_size [shared_expert_intermediate_size].
+                     They run as one FFN of width shared_experts * shared_ffn_size, with the
+                     routed experts' activation and no biases.
+    shared_expert_gate: the shared output is scaled by sigmoid(x @ shared_gate_weight^T), a
+                     learned scalar per token (Qwen2-MoE, Qwen3-Next).
     """
 
     hidden_size: int
@@ -45,39 +106,178 @@ class MoEConfig:
     dtype: str = "bfloat16"
     renormalize: bool = True
     capacity_factor: float | None = None
+    routing: str = "softmax_topk"
+    router_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    router_dtype: str | None = None
+    expert_bias: bool = False
+    swiglu_alpha: float = GPT_OSS_SWIGLU_ALPHA
+    swiglu_limit: float = GPT_OSS_SWIGLU_LIMIT
+    weight_on_input: bool = False
+    shared_experts: int = 0
+    shared_ffn_size: int | None = None
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "ffn_size", "num_experts", "top_k"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 _fail(field, value, "must be a positive int")
-        if self.top_k > min(MAX_TOP_K, self.num_experts):
+        if self.num_experts > NUM_EXPERTS_LIMIT:
+            _fail("num_experts", self.num_experts, f"must be <= {NUM_EXPERTS_LIMIT}")
+        if self.top_k > min(TOP_K_LIMIT, self.num_experts):
             _fail("top_k", self.top_k,
-                  f"must be <= min({MAX_TOP_K}, num_experts={self.num_experts})")
+                  f"must be <= min({TOP_K_LIMIT}, num_experts={self.num_experts})")
         if self.activation not in ACTIVATIONS:
             _fail("activation", self.activation, f"must be one of {ACTIVATIONS}")
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"must be one of {tuple(DTYPES)}")
-        if not isinstance(self.renormalize, bool):
-            _fail("renormalize", self.renormalize, "must be a bool")
+        if self.router_dtype is not None and self.router_dtype not in DTYPES:
+            _fail("router_dtype", self.router_dtype, f"must be None (= dtype) or one of {tuple(DTYPES)}")
+        for field in ("renormalize", "router_bias", "expert_bias", "weight_on_input", "shared_expert_gate"):
+            if not isinstance(getattr(self, field), bool):
+                _fail(field, getattr(self, field), "must be a bool")
         cf = self.capacity_factor
-        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float))
-                               or not math.isfinite(cf) or cf <= 0):
+        if cf is not None and not _is_positive_number(cf):
             _fail("capacity_factor", cf, "must be None (dropless) or a finite number > 0")
+        self._check_routing()
+        self._check_clamped_swiglu()
+        self._check_shared_experts()
+
+    def _check_routing(self) -> None:
+        if self.routing not in ROUTINGS:
+            _fail("routing", self.routing, f"must be one of {ROUTINGS}")
+        for field in ("n_group", "topk_group"):
+            value = getattr(self, field)
+            if not _is_int(value) or value < 1:
+                _fail(field, value, "must be a positive int")
+            if value != 1 and self.routing != "sigmoid_grouped":
+                _fail(field, value, "only routing='sigmoid_grouped' has expert groups "
+                                    f"(routing={self.routing!r}); leave it at 1")
+        if self.num_experts % self.n_group:
+            _fail("n_group", self.n_group, f"must divide num_experts={self.num_experts}")
+        per_group = self.num_experts // self.n_group
+        if self.n_group > 1 and per_group < 2:
+            _fail("n_group", self.n_group, "a group scores its two best experts: it needs >= 2 experts "
+                                           f"per group (num_experts={self.num_experts})")
+        if self.topk_group > self.n_group:
+            _fail("topk_group", self.topk_group, f"must be <= n_group={self.n_group}")
+        if self.top_k > self.topk_group * per_group:
+            _fail("top_k", self.top_k, f"must be <= topk_group * num_experts / n_group = "
+                                       f"{self.topk_group * per_group}: the experts of the kept groups")
+        if not _is_positive_number(self.routed_scaling_factor):
+            _fail("routed_scaling_factor", self.routed_scaling_factor, "must be a finite number > 0")
+
+    def _check_clamped_swiglu(self) -> None:
+        defaults = {"swiglu_alpha": GPT_OSS_SWIGLU_ALPHA, "swiglu_limit": GPT_OSS_SWIGLU_LIMIT}
+        for field, default in defaults.items():
+            value = getattr(self, field)
+            if not _is_positive_number(value):
+                _fail(field, value, "must be a finite number > 0")
+            if value != default and self.activation != "clamped_swiglu":
+                _fail(field, value, "only activation='clamped_swiglu' uses it "
+                                    f"(activation={self.activation!r})")
+
+    def _check_shared_experts(self) -> None:
+        if not _is_int(self.shared_experts) or self.shared_experts < 0:
+            _fail("shared_experts", self.shared_experts, "must be an int >= 0")
+        size = self.shared_ffn_size
+        if size is not None and (not _is_int(size) or size < 1):
+            _fail("shared_ffn_size", size, "must be None (= ffn_size) or a positive int")
+        if self.shared_experts == 0:
+            for field, unset in (("shared_ffn_size", None), ("shared_expert_gate", False)):
+                if getattr(self, field) != unset:
+                    _fail(field, getattr(self, field), "needs shared_experts >= 1")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
     @property
+    def router_torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.router_dtype or self.dtype]
+
+    @property
     def gated(self) -> bool:
         """True when the first projection has two halves (gate | up)."""
-        return self.activation == "swiglu"
+        return self.activation in GATED_ACTIVATIONS
 
     @property
     def ffn_in_size(self) -> int:
-        """Columns of the first expert weight: 2F for swiglu (gate then up), F otherwise."""
+        """Columns of the first expert weight: 2F for gated activations (gate then up), F otherwise."""
         return 2 * self.ffn_size if self.gated else self.ffn_size
+
+    @property
+    def shared_width(self) -> int:
+        """F_s: the width of the shared FFN, all shared experts side by side (0 when none)."""
+        return self.shared_experts * (self.shared_ffn_size or self.ffn_size)
+
+    def weight_shapes(self, experts: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Every weight of a layer with this config, by name, in order: WEIGHTS, then the
+        OPTIONAL_WEIGHTS this config has. experts: how many experts the per-expert ones
+        (EXPERT_WEIGHTS) hold; default num_experts, the full (unsharded) layer.
+
+        router_weight [E, H]; w_in [E, H, F_in] (gated: gate columns, then up columns);
+        w_out [E, F, H]; router_bias [E]; e_score_correction_bias [E] ('sigmoid_grouped');
+        b_in [E, F_in] and b_out [E, H] (expert_bias); shared_w_in [H, F_s_in] (gated: gate | up)
+        and shared_w_out [F_s, H] (shared experts); shared_gate_weight [1, H]."""
+        E, H, F = self.num_experts, self.hidden_size, self.ffn_size
+        L = E if experts is None else experts
+        Fs = self.shared_width
+        shapes = {"router_weight": (E, H), "w_in": (L, H, self.ffn_in_size), "w_out": (L, F, H)}
+        if self.router_bias:
+            shapes["router_bias"] = (E,)
+        if self.routing == "sigmoid_grouped":
+            shapes["e_score_correction_bias"] = (E,)
+        if self.expert_bias:
+            shapes["b_in"], shapes["b_out"] = (L, self.ffn_in_size), (L, H)
+        if self.shared_experts:
+            shapes["shared_w_in"], shapes["shared_w_out"] = (H, 2 * Fs if self.gated else Fs), (Fs, H)
+        if self.shared_expert_gate:
+            shapes["shared_gate_weight"] = (1, H)
+        return shapes
+
+    def check_weights(self, weights: dict, experts: int | None = None) -> None:
+        """Raise, naming it, for the first of `weights` (name -> tensor or None) that this
+        config's layer lacks but is given, has but is None, is not a tensor (TypeError), or has
+        another shape than weight_shapes(experts) gives."""
+        shapes = self.weight_shapes(experts)
+        for name, t in weights.items():
+            if name not in shapes:
+                if t is not None:
+                    raise ValueError(f"{name} was given, but only a layer with {_NEEDS[name]} has it")
+            elif t is None:
+                raise ValueError(f"{name} is missing: this config has {_NEEDS[name]}")
+            elif not isinstance(t, torch.Tensor):
+                hint = " (torch.from_numpy converts it)" if type(t).__module__ == "numpy" else ""
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}{hint}")
+            elif tuple(t.shape) != shapes[name]:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shapes[name]}")
+
+    def weight_dtype(self, name: str) -> torch.dtype:
+        """The dtype a layer keeps weight `name` in: the router's in router_dtype, the correction
+        bias in float32 (a selection threshold, as transformers keeps it), the rest in dtype."""
+        if name in ("router_weight", "router_bias"):
+            return self.router_torch_dtype
+        return torch.float32 if name == "e_score_correction_bias" else self.torch_dtype
+
+    def fused_unsupported(self) -> str | None:
+        """The first feature of this config that backend 'flash' (the fused kernel) does not have
+        yet, as a phrase naming the field, or None when the fused kernel runs it."""
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        for field in ("routing", "router_bias", "routed_scaling_factor", "expert_bias", "weight_on_input",
+                      "shared_experts"):
+            if getattr(self, field) != default[field]:
+                return f"{field}={getattr(self, field)!r}"
+        if self.router_torch_dtype != self.torch_dtype:
+            return f"router_dtype={self.router_dtype!r} (with dtype={self.dtype!r})"
+        if self.activation == "clamped_swiglu":
+            return "activation='clamped_swiglu'"
+        if self.top_k > MAX_TOP_K:
+            return f"top_k={self.top_k} (the fused path takes up to {MAX_TOP_K})"
+        return None
 
     def local_experts(self, world_size: int) -> int:
         """Experts per rank; raises unless num_experts divides evenly over world_size."""
@@ -106,10 +306,44 @@ class MoEConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Real shapes and routing, as the models' published config.json files give them. Where a comment
+# says "= ...Config defaults", transformers 5.24's configuration class has the same values (checked
+# against it); the others were written without network access, from the published files.
 PRESETS: dict[str, MoEConfig] = {
+    # mistralai/Mixtral-8x7B-v0.1: intermediate_size 14336, 8 local experts, 2 per token.
     "mixtral_8x7b": MoEConfig(hidden_size=4096, ffn_size=14336, num_experts=8, top_k=2),
+    # Qwen/Qwen3-30B-A3B: moe_intermediate_size 768, 128 experts, 8 per token, norm_topk_prob.
     "qwen3_30b_a3b": MoEConfig(hidden_size=2048, ffn_size=768, num_experts=128, top_k=8),
-    "deepseek_v3": MoEConfig(hidden_size=7168, ffn_size=2048, num_experts=256, top_k=8),
+    # deepseek-ai/DeepSeek-V3 (= DeepseekV3Config defaults): moe_intermediate_size 2048,
+    # n_routed_experts 256, 8 per token, n_group 8, topk_group 4, norm_topk_prob,
+    # routed_scaling_factor 2.5, n_shared_experts 1.
+    "deepseek_v3": MoEConfig(hidden_size=7168, ffn_size=2048, num_experts=256, top_k=8,
+                             routing="sigmoid_grouped", n_group=8, topk_group=4,
+                             routed_scaling_factor=2.5, shared_experts=1),
+    # moonshotai/Kimi-K2-Instruct (DeepSeek-V3's architecture): 384 routed experts, 8 per token,
+    # n_group 1, topk_group 1, norm_topk_prob, routed_scaling_factor 2.827, n_shared_experts 1.
+    "kimi_k2": MoEConfig(hidden_size=7168, ffn_size=2048, num_experts=384, top_k=8,
+                         routing="sigmoid_grouped", routed_scaling_factor=2.827, shared_experts=1),
+    # zai-org/GLM-4.5: hidden_size 5120, moe_intermediate_size 1536, n_routed_experts 160, 8 per
+    # token, n_group 1, topk_group 1, norm_topk_prob, routed_scaling_factor 2.5, n_shared_experts 1.
+    # (Glm4MoeConfig's defaults are GLM-4.5-Air's: 4096, 1408, 128 experts, scaling 1.0.)
+    "glm45": MoEConfig(hidden_size=5120, ffn_size=1536, num_experts=160, top_k=8,
+                       routing="sigmoid_grouped", routed_scaling_factor=2.5, shared_experts=1),
+    # openai/gpt-oss-120b (= GptOssConfig defaults): hidden and intermediate 2880, 128 local
+    # experts, 4 per token, router and expert biases, swiglu_alpha 1.702, swiglu_limit 7.0.
+    "gpt_oss_120b": MoEConfig(hidden_size=2880, ffn_size=2880, num_experts=128, top_k=4,
+                              activation="clamped_swiglu", routing="topk_softmax", router_bias=True,
+                              expert_bias=True),
+    # meta-llama/Llama-4-Scout-17B-16E (= Llama4TextConfig defaults): hidden 5120, intermediate
+    # 8192 for the 16 routed experts and the one shared expert, 1 per token, sigmoid weight on
+    # the expert's input.
+    "llama4_scout": MoEConfig(hidden_size=5120, ffn_size=8192, num_experts=16, top_k=1,
+                              routing="topk_sigmoid", renormalize=False, weight_on_input=True,
+                              shared_experts=1),
+    # Qwen/Qwen3-Next-80B-A3B-Instruct (= Qwen3NextConfig defaults): moe_intermediate_size 512,
+    # 512 experts, 10 per token, norm_topk_prob, one shared expert of 512 with a sigmoid gate.
+    "qwen3_next": MoEConfig(hidden_size=2048, ffn_size=512, num_experts=512, top_k=10,
+                            shared_experts=1, shared_ffn_size=512, shared_expert_gate=True),
     # Small enough for a 2-core CPU: the fresh-machine benchmark and smoke tests.
     "tiny": MoEConfig(hidden_size=256, ffn_size=512, num_experts=8, top_k=2, dtype="float32"),
 }

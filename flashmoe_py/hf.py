@@ -1,17 +1,26 @@
 """Hugging Face transformers MoE blocks -> MoELayer, and a one-call model patcher.
 
-Supported (transformers 5.x layout: router `gate.weight` [E, H], experts `gate_up_proj` [E, 2F, H]
-and `down_proj` [E, H, F], SiLU-gated): Mixtral, Qwen3-MoE, Qwen2-MoE (its shared expert and
-sigmoid gate run beside the layer, outside the fused path) and OLMoE. DeepSeek-V3's router
-(sigmoid scores, expert groups, a correction bias, a scaling factor) is not softmax top-k, so its
-blocks are reported as unsupported rather than converted to something else."""
+Converted, each to a layer that computes the block's function (transformers 5.x layouts):
+- Mixtral, Qwen3-MoE, OLMoE (...SparseMoeBlock): 'softmax_topk', SiLU-gated experts;
+- Qwen2-MoE, Qwen3-Next (...SparseMoeBlock): the same, plus one sigmoid-gated shared expert;
+- DeepSeek-V3, GLM-4.5 (DeepseekV3MoE, Glm4MoeMoE; Kimi-K2 loads as DeepSeek-V3):
+  'sigmoid_grouped' with the correction bias and scaling factor, plus n_shared_experts;
+- Llama-4 (Llama4TextMoe): 'topk_sigmoid', the weight on the expert's input, one shared expert;
+- gpt-oss (GptOssMLP): 'topk_softmax' with a router bias, expert biases, the clamped SwiGLU.
+
+A block's router module stays in the HFMoEBlock, reading the layer's router parameters, for what
+transformers takes from it: the router logits it records (output_router_logits=True), and the
+router output gpt-oss and Llama-4 blocks return beside their hidden states."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import MoEConfig
+from .config import DTYPES, ConfigError, MoEConfig
 from .layer import MoELayer
 
 
@@ -19,44 +28,173 @@ class UnsupportedBlock(ValueError):
     """The module looks like an MoE block this adapter cannot reproduce exactly."""
 
 
+@dataclass
+class Conversion:
+    """What one transformers block becomes.
+
+    config: the layer's MoEConfig; weights: load_full_weights' arguments (full, unsharded);
+    gate_up_layout: how w_in's gate and up columns are laid out; router: the block's router module;
+    router_output: None when the block returns hidden states only, else (index into the router's
+    output that the block returns beside them, whether those hidden states are [tokens, H])."""
+
+    config: MoEConfig
+    weights: dict[str, torch.Tensor]
+    router: nn.Module
+    gate_up_layout: str = "halves"
+    router_output: tuple[int, bool] | None = None
+
+
 class HFMoEBlock(nn.Module):
-    """A drop-in for a transformers sparse-MoE block: [batch, seq, H] -> [batch, seq, H].
+    """A drop-in for a transformers MoE block: [batch, seq, H] -> what that block returns.
 
-    moe: the expert-parallel MoELayer (routed experts); shared_expert / shared_expert_gate: the
-    Qwen2-MoE shared path, added as sigmoid(gate(x)) * shared_expert(x), or None."""
+    moe: the expert-parallel MoELayer (router, routed and shared experts). router: the block's own
+    router module, its parameters tied to the layer's; it runs only when transformers records its
+    output (output_router_logits=True hooks it) or the block returns part of it (router_output)."""
 
-    def __init__(self, moe: MoELayer, shared_expert: nn.Module | None = None,
-                 shared_expert_gate: nn.Module | None = None):
+    def __init__(self, moe: MoELayer, router: nn.Module, router_output: tuple[int, bool] | None = None):
         super().__init__()
-        self.moe, self.shared_expert, self.shared_expert_gate = moe, shared_expert, shared_expert_gate
+        self.moe, self.router, self.router_output = moe, router, router_output
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor):
         out = self.moe(hidden_states)
-        if self.shared_expert is not None:
-            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-            shared = torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-            out = out + shared.view_as(out)
-        return out
+        if self.router_output is None and not self.router._forward_hooks:
+            return out
+        router_out = self.router(hidden_states.reshape(-1, hidden_states.shape[-1]))
+        if self.router_output is None:
+            return out
+        index, flat = self.router_output
+        return (out.reshape(-1, out.shape[-1]) if flat else out), router_out[index]
+
+
+def _dtype_name(t: torch.Tensor, what: str) -> str:
+    name = next((n for n, d in DTYPES.items() if d == t.dtype), None)
+    if name is None:
+        raise UnsupportedBlock(f"{what} has dtype {t.dtype}; flashmoe_py takes {tuple(DTYPES)}")
+    return name
+
+
+def _require_silu(act: nn.Module, what: str) -> None:
+    if "silu" not in type(act).__name__.lower():
+        raise UnsupportedBlock(f"{what} activation {type(act).__name__} is not SiLU (swiglu)")
+
+
+def _common(router_weight: torch.Tensor, expert_weight: torch.Tensor, **fields) -> dict:
+    """MoEConfig fields every block shares: sizes and dtypes (a router kept in another dtype than
+    the experts, as DeepSeek-V3's float32 router, gets router_dtype)."""
+    dtype = _dtype_name(expert_weight, "the experts")
+    router_dtype = _dtype_name(router_weight, "the router")
+    E, H = router_weight.shape
+    return dict(hidden_size=H, num_experts=E, dtype=dtype,
+                router_dtype=None if router_dtype == dtype else router_dtype, **fields)
+
+
+def _shared_mlp(mlp: nn.Module, act: nn.Module) -> tuple[dict[str, torch.Tensor], int]:
+    """A gate_proj / up_proj / down_proj MLP -> (shared_w_in [H, 2F_s] (gate | up) and
+    shared_w_out [F_s, H], F_s)."""
+    for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        if proj.bias is not None:
+            raise UnsupportedBlock("the shared expert's projections have biases")
+    _require_silu(act, "the shared expert's")
+    w_in = torch.cat([mlp.gate_proj.weight.t(), mlp.up_proj.weight.t()], dim=1)
+    return {"shared_w_in": w_in, "shared_w_out": mlp.down_proj.weight.t()}, mlp.gate_proj.out_features
+
+
+def _softmax_block(block: nn.Module) -> Conversion:
+    """Mixtral, Qwen3-MoE, OLMoE; Qwen2-MoE and Qwen3-Next with their gated shared expert.
+    Experts: gate_up_proj [E, 2F, H] (gate | up rows), down_proj [E, H, F]."""
+    gate, experts = block.gate, block.experts
+    _require_silu(experts.act_fn, "expert")
+    if getattr(block, "jitter_noise", 0):
+        raise UnsupportedBlock(f"router_jitter_noise={block.jitter_noise} (training-time input noise) "
+                               "is not implemented")
+    weights = {"router_weight": gate.weight, "w_in": experts.gate_up_proj.transpose(1, 2),
+               "w_out": experts.down_proj.transpose(1, 2)}
+    fields = dict(ffn_size=experts.gate_up_proj.shape[1] // 2, top_k=gate.top_k,
+                  renormalize=bool(getattr(gate, "norm_topk_prob", True)))  # Mixtral always renormalises
+    if getattr(block, "shared_expert", None) is not None:
+        if block.shared_expert_gate.bias is not None:
+            raise UnsupportedBlock("the shared expert's gate has a bias")
+        shared, width = _shared_mlp(block.shared_expert, block.shared_expert.act_fn)
+        weights |= shared | {"shared_gate_weight": block.shared_expert_gate.weight}
+        fields |= dict(shared_experts=1, shared_ffn_size=width, shared_expert_gate=True)
+    return Conversion(MoEConfig(**_common(gate.weight, experts.gate_up_proj, **fields)), weights, gate)
+
+
+def _sigmoid_grouped_block(block: nn.Module) -> Conversion:
+    """DeepSeek-V3 and GLM-4.5: grouped sigmoid routing with a correction bias and a scaling
+    factor; n_shared_experts shared experts as one MLP of width n * moe_intermediate_size.
+    Experts as in _softmax_block."""
+    gate, experts = block.gate, block.experts
+    _require_silu(experts.act_fn, "expert")
+    F = experts.gate_up_proj.shape[1] // 2
+    shared, width = _shared_mlp(block.shared_experts, block.shared_experts.act_fn)
+    if width % F:
+        raise UnsupportedBlock(f"the shared experts' width {width} is not a multiple of the experts' {F}")
+    weights = {"router_weight": gate.weight, "w_in": experts.gate_up_proj.transpose(1, 2),
+               "w_out": experts.down_proj.transpose(1, 2),
+               "e_score_correction_bias": gate.e_score_correction_bias, **shared}
+    fields = dict(ffn_size=F, top_k=gate.top_k, routing="sigmoid_grouped", n_group=gate.num_group,
+                  topk_group=gate.topk_group, renormalize=bool(gate.norm_topk_prob),
+                  routed_scaling_factor=float(gate.routed_scaling_factor), shared_experts=width // F)
+    return Conversion(MoEConfig(**_common(gate.weight, experts.gate_up_proj, **fields)), weights, gate)
+
+
+def _llama4_block(block: nn.Module) -> Conversion:
+    """Llama-4: top-k logits, their sigmoid scales the expert's input; one shared expert. Experts:
+    gate_up_proj [E, H, 2F] (gate | up columns), down_proj [E, F, H]. Returns (hidden states
+    [tokens, H], router logits)."""
+    router, experts = block.router, block.experts
+    _require_silu(experts.act_fn, "expert")
+    if router.bias is not None:
+        raise UnsupportedBlock("the Llama-4 router has a bias")
+    shared, width = _shared_mlp(block.shared_expert, block.shared_expert.activation_fn)
+    weights = {"router_weight": router.weight, "w_in": experts.gate_up_proj, "w_out": experts.down_proj,
+               **shared}
+    fields = dict(ffn_size=experts.gate_up_proj.shape[2] // 2, top_k=router.top_k, routing="topk_sigmoid",
+                  renormalize=False, weight_on_input=True, shared_experts=1, shared_ffn_size=width)
+    return Conversion(MoEConfig(**_common(router.weight, experts.gate_up_proj, **fields)), weights, router,
+                      router_output=(1, True))
+
+
+def _gpt_oss_block(block: nn.Module) -> Conversion:
+    """gpt-oss: router with a bias, softmax over the top-k logits; experts with biases and the
+    clamped SwiGLU, gate and up columns interleaved: gate_up_proj [E, H, 2F], gate_up_proj_bias
+    [E, 2F], down_proj [E, F, H], down_proj_bias [E, H]. Returns (hidden states, routing weights)."""
+    router, experts = block.router, block.experts
+    weights = {"router_weight": router.weight, "router_bias": router.bias, "w_in": experts.gate_up_proj,
+               "b_in": experts.gate_up_proj_bias, "w_out": experts.down_proj, "b_out": experts.down_proj_bias}
+    fields = dict(ffn_size=experts.gate_up_proj.shape[2] // 2, top_k=router.top_k, routing="topk_softmax",
+                  router_bias=True, expert_bias=True, activation="clamped_swiglu",
+                  swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))
+    return Conversion(MoEConfig(**_common(router.weight, experts.gate_up_proj, **fields)), weights, router,
+                      gate_up_layout="interleaved", router_output=(1, False))
+
+
+ADAPTERS: dict[str, Callable[[nn.Module], Conversion]] = {
+    "MixtralSparseMoeBlock": _softmax_block, "Qwen3MoeSparseMoeBlock": _softmax_block,
+    "OlmoeSparseMoeBlock": _softmax_block, "Qwen2MoeSparseMoeBlock": _softmax_block,
+    "Qwen3NextSparseMoeBlock": _softmax_block,
+    "DeepseekV3MoE": _sigmoid_grouped_block, "Glm4MoeMoE": _sigmoid_grouped_block,
+    "Llama4TextMoe": _llama4_block, "GptOssMLP": _gpt_oss_block,
+}
+
+
+def convert_block(block: nn.Module) -> Conversion:
+    """The Conversion that reproduces `block` (raises UnsupportedBlock, saying why). A block is
+    known by its class or a base class's name (ADAPTERS)."""
+    adapter = next((ADAPTERS[c.__name__] for c in type(block).__mro__ if c.__name__ in ADAPTERS), None)
+    if adapter is None:
+        raise UnsupportedBlock(f"{type(block).__name__}: no adapter for this block; flashmoe_py converts "
+                               f"{', '.join(ADAPTERS)}")
+    try:
+        return adapter(block)
+    except (UnsupportedBlock, ConfigError) as e:
+        raise UnsupportedBlock(f"{type(block).__name__}: {e}") from None
 
 
 def block_config(block: nn.Module) -> MoEConfig:
     """The MoEConfig that reproduces `block` (raises UnsupportedBlock, saying why)."""
-    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-    if gate is None or experts is None or not hasattr(experts, "gate_up_proj"):
-        raise UnsupportedBlock(f"{type(block).__name__}: expected .gate.weight and .experts.gate_up_proj")
-    if hasattr(gate, "e_score_correction_bias"):
-        raise UnsupportedBlock(f"{type(block).__name__}: grouped sigmoid routing (DeepSeek-V3 style) "
-                               "is not the softmax top-k router flashmoe_py implements")
-    if "silu" not in type(experts.act_fn).__name__.lower():
-        raise UnsupportedBlock(f"{type(block).__name__}: expert activation "
-                               f"{type(experts.act_fn).__name__} is not SiLU (swiglu)")
-    E, H = gate.weight.shape
-    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(gate.weight.dtype)
-    if dtype is None:
-        raise UnsupportedBlock(f"{type(block).__name__}: dtype {gate.weight.dtype} is not supported")
-    return MoEConfig(hidden_size=H, ffn_size=experts.gate_up_proj.shape[1] // 2, num_experts=E,
-                     top_k=gate.top_k, activation="swiglu", dtype=dtype,
-                     renormalize=bool(getattr(gate, "norm_topk_prob", True)))
+    return convert_block(block).config
 
 
 @torch.no_grad()
@@ -65,22 +203,27 @@ def from_hf_block(block: nn.Module, **layer_kwargs) -> HFMoEBlock:
 
     layer_kwargs go to MoELayer (backend, placement, process_group, max_tokens_per_rank, ...);
     the device defaults to the block's. Collective when torch.distributed is initialised."""
-    cfg = block_config(block)
-    layer_kwargs.setdefault("device", block.gate.weight.device)
-    moe = MoELayer(cfg, **layer_kwargs)
-    experts = block.experts
-    moe.load_full_weights(block.gate.weight, experts.gate_up_proj.transpose(1, 2),
-                          experts.down_proj.transpose(1, 2))
-    return HFMoEBlock(moe, getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None))
+    conv = convert_block(block)
+    layer_kwargs.setdefault("device", conv.weights["w_in"].device)
+    moe = MoELayer(conv.config, **layer_kwargs)
+    moe.load_full_weights(**conv.weights, gate_up_layout=conv.gate_up_layout)
+    router = conv.router
+    router.weight = moe.router_weight  # one set of router parameters, one set of gradients
+    if moe.router_bias is not None:
+        router.bias = moe.router_bias
+    if moe.e_score_correction_bias is not None:
+        router.e_score_correction_bias = moe.e_score_correction_bias
+    return HFMoEBlock(moe, router, conv.router_output)
 
 
 def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
-    """Replace every supported sparse-MoE block in `model` (in place) by an HFMoEBlock on this
-    rank. Returns {module name: "replaced" or the reason it was left alone}. Every rank must call
-    it on the same model (the layers compare their configs across ranks)."""
+    """Replace every MoE block of `model` that ADAPTERS converts (in place) by an HFMoEBlock on
+    this rank. Returns {module name: "replaced" or the reason it was left alone} for every module
+    with an `experts` submodule. Every rank must call it on the same model (the layers compare
+    their configs and router weights across ranks)."""
     report = {}
     for name, module in list(model.named_modules()):
-        if not (hasattr(module, "gate") and hasattr(module, "experts")) or isinstance(module, HFMoEBlock):
+        if isinstance(module, HFMoEBlock) or not isinstance(getattr(module, "experts", None), nn.Module):
             continue
         try:
             new = from_hf_block(module, **layer_kwargs)

@@ -12,7 +12,7 @@ from torch import nn
 
 from .backends.flash import FlashBackend
 from .backends.torch_ep import TorchEPBackend
-from .config import MoEConfig
+from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
 from .kernels.fused_moe import TMA_ROW_MULTIPLE
 from .options import FusedOptions
 from .placement import ExpertPlacement
@@ -35,11 +35,20 @@ class MoEStats:
 class MoELayer(nn.Module):
     """An expert-parallel MoE block: replicated router, this rank's experts only.
 
-    Parameters (E = num_experts, L = local experts on this rank, H = hidden, F = ffn):
-      router_weight: [E, H]            (like nn.Linear(H, E).weight)
-      w_in:          [L, H, F_in]      F_in = 2F for swiglu (gate columns, then up columns), else F
+    Parameters (E = num_experts, L = local experts on this rank, H = hidden, F = ffn, F_s = the
+    shared experts' width; MoEConfig.weight_shapes names them all), None where the config has none:
+      router_weight: [E, H]            (like nn.Linear(H, E).weight), in config.router_dtype
+      router_bias:   [E]               router_bias=True
+      e_score_correction_bias: [E]     fp32 buffer, routing='sigmoid_grouped' (selection only)
+      w_in:          [L, H, F_in]      F_in = 2F for gated activations (gate columns, then up), else F
       w_out:         [L, F, H]
-    Weights are drawn from `seed` per global expert, so a layer is the same function at any world size.
+      b_in, b_out:   [L, F_in], [L, H] expert_bias=True
+      shared_w_in:   [H, F_s_in]       shared experts, replicated like the router (gated: gate | up)
+      shared_w_out:  [F_s, H]
+      shared_gate_weight: [1, H]       shared_expert_gate=True
+    Weights are drawn from `seed` per global expert, so a layer is the same function at any world
+    size; replicated weights (router, shared experts) must be identical on every rank, which
+    construction and load_full_weights check (ConsistencyError).
 
     forward(x): x [tokens, H] or [batch, seq, H] in config.dtype on the layer's device; returns the
     same shape and dtype. After each forward, `last_stats` holds this rank's MoEStats.
@@ -84,11 +93,7 @@ class MoELayer(nn.Module):
         self.placement = placement or ExpertPlacement.contiguous(config.num_experts, self.world_size)
         self.local_experts = self.placement.local_experts
         self.device = torch.device(device) if device is not None else _default_device(distributed)
-        dtype = config.torch_dtype
-        H, F, L = config.hidden_size, config.ffn_size, self.local_experts
-        self.router_weight = nn.Parameter(torch.empty(config.num_experts, H, dtype=dtype, device=self.device))
-        self.w_in = nn.Parameter(torch.empty(L, H, config.ffn_in_size, dtype=dtype, device=self.device))
-        self.w_out = nn.Parameter(torch.empty(L, F, H, dtype=dtype, device=self.device))
+        self._make_weights()
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
         self.reset_parameters(seed)
         self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
@@ -103,6 +108,10 @@ class MoELayer(nn.Module):
         if backend not in BACKENDS:
             return f"backend={backend!r} is not available; choose one of {BACKENDS}"
         if backend == "flash":
+            unsupported = config.fused_unsupported()
+            if unsupported:
+                return (f"backend='flash' does not support {unsupported} yet (the fused kernel has "
+                        "today's routing and experts only); use backend='torch'")
             try:
                 options.require_max_tokens()
             except ValueError as e:
@@ -140,48 +149,121 @@ class MoELayer(nn.Module):
         if mismatch:
             raise ConsistencyError(mismatch)
 
+    def _make_weights(self) -> None:
+        """Every weight MoEConfig.weight_shapes names, this rank's experts only; the optional ones
+        the config lacks are None. The correction bias is a buffer: it only steers selection."""
+        cfg = self.config
+        shapes = cfg.weight_shapes(self.local_experts)
+        for name in WEIGHTS + OPTIONAL_WEIGHTS:
+            t = None
+            if name in shapes:
+                t = torch.empty(shapes[name], dtype=cfg.weight_dtype(name), device=self.device)
+            if name == "e_score_correction_bias":
+                self.register_buffer(name, t)
+            else:
+                self.register_parameter(name, None if t is None else nn.Parameter(t))
+
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
-        """Router from `seed`; expert e's weights from `seed + 1 + e` (independent of placement)."""
+        """Replicated weights (router, correction bias, shared experts) from `seed`, drawn in
+        weight_shapes order; expert e's weights (w_in, w_out, b_in, b_out) from `seed + 1 + e`
+        (independent of placement). Each is N(0, 1 / fan_in), biases included, so a fresh layer
+        exercises every path. Collective when world_size > 1 (replicas compared: ConsistencyError)."""
         cfg = self.config
+        H, F = cfg.hidden_size, cfg.ffn_size
+        fan_in = {"router_weight": H, "router_bias": H, "e_score_correction_bias": H, "w_in": H, "b_in": H,
+                  "w_out": F, "b_out": F, "shared_w_in": H, "shared_w_out": cfg.shared_width,
+                  "shared_gate_weight": H}
+        names = list(cfg.weight_shapes())
         gen = torch.Generator(device=self.device)
+
+        def draw(t: torch.Tensor, name: str) -> None:
+            t.copy_(torch.randn(t.shape, generator=gen, device=self.device) / fan_in[name] ** 0.5)
+
         gen.manual_seed(seed)
-        self.router_weight.copy_(torch.randn(self.router_weight.shape, generator=gen, device=self.device)
-                                 / cfg.hidden_size ** 0.5)
+        for name in names:
+            if name not in EXPERT_WEIGHTS:
+                draw(getattr(self, name), name)
         for slot, e in enumerate(self.placement.experts_on(self.rank)):
             gen.manual_seed(seed + 1 + e)
-            self.w_in[slot].copy_(torch.randn(self.w_in.shape[1:], generator=gen, device=self.device)
-                                  / cfg.hidden_size ** 0.5)
-            self.w_out[slot].copy_(torch.randn(self.w_out.shape[1:], generator=gen, device=self.device)
-                                   / cfg.ffn_size ** 0.5)
+            for name in names:
+                if name in EXPERT_WEIGHTS:
+                    draw(getattr(self, name)[slot], name)
+        self._check_replicas_agree("reset_parameters")
 
     @torch.no_grad()
-    def load_full_weights(self, router_weight: torch.Tensor, w_in: torch.Tensor,
-                          w_out: torch.Tensor) -> None:
-        """Load unsharded weights and keep this rank's shard.
+    def load_full_weights(self, router_weight: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, *,
+                          gate_up_layout: str = "halves", router_bias: torch.Tensor | None = None,
+                          e_score_correction_bias: torch.Tensor | None = None,
+                          b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+                          shared_w_in: torch.Tensor | None = None, shared_w_out: torch.Tensor | None = None,
+                          shared_gate_weight: torch.Tensor | None = None) -> None:
+        """Load the full (unsharded) layer's weights and keep this rank's experts.
 
-        router_weight: [E, H]; w_in: [E, H, F_in] (swiglu: gate | up); w_out: [E, F, H]; any dtype/device."""
-        cfg = self.config
-        E, H, F = cfg.num_experts, cfg.hidden_size, cfg.ffn_size
-        for name, t, shape in (("router_weight", router_weight, (E, H)),
-                               ("w_in", w_in, (E, H, cfg.ffn_in_size)), ("w_out", w_out, (E, F, H))):
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+        Names and shapes as MoEConfig.weight_shapes() gives them (full_weight_dict() returns them
+        so): router_weight [E, H]; w_in [E, H, F_in]; w_out [E, F, H]; and each optional weight the
+        config has, which is then required (one it lacks is refused). Any dtype and device.
+        gate_up_layout: how the gated w_in, b_in and shared_w_in lay out their last dimension:
+        'halves' (every gate column, then every up column) or 'interleaved' (gate, up, gate, up,
+        ...: gpt-oss). Collective when world_size > 1: the replicated weights are compared across
+        ranks (ConsistencyError if they differ)."""
+        given = {"router_weight": router_weight, "w_in": w_in, "w_out": w_out, "router_bias": router_bias,
+                 "e_score_correction_bias": e_score_correction_bias, "b_in": b_in, "b_out": b_out,
+                 "shared_w_in": shared_w_in, "shared_w_out": shared_w_out,
+                 "shared_gate_weight": shared_gate_weight}
+        self.config.check_weights(given)
+        if gate_up_layout not in GATE_UP_LAYOUTS:
+            raise ValueError(f"gate_up_layout={gate_up_layout!r}; choose one of {GATE_UP_LAYOUTS}")
+        if gate_up_layout != "halves" and not self.config.gated:
+            raise ValueError(f"gate_up_layout={gate_up_layout!r} needs a gated activation; "
+                             f"activation={self.config.activation!r} has no gate")
         mine = torch.tensor(self.placement.experts_on(self.rank), dtype=torch.long)
-        self.router_weight.copy_(router_weight)
-        self.w_in.copy_(w_in[mine.to(w_in.device)])
-        self.w_out.copy_(w_out[mine.to(w_out.device)])
+        for name, t in given.items():
+            if t is None:
+                continue
+            if name in ("w_in", "b_in", "shared_w_in"):
+                t = _gate_up_halves(t, gate_up_layout)
+            getattr(self, name).copy_(t[mine.to(t.device)] if name in EXPERT_WEIGHTS else t)
+        self._check_replicas_agree("load_full_weights")
+
+    def full_weight_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight of the full (unsharded) layer, named and shaped as MoEConfig.weight_shapes()
+        gives them and load_full_weights and reference_forward take them (gated: gate | up halves):
+        the per-expert ones gathered from every rank in global expert order (collective when
+        world_size > 1), the replicated ones copied."""
+        order = torch.argsort(self.expert_positions)  # position p holds expert order[p]
+        full = {}
+        for name in self.config.weight_shapes():
+            t = getattr(self, name).detach()
+            if name in EXPERT_WEIGHTS:
+                if self.world_size > 1:
+                    t = _all_gather_cat(t, self.process_group)
+                full[name] = torch.empty_like(t)
+                full[name][order] = t
+            else:
+                full[name] = t.clone()
+        return full
 
     def full_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(router_weight [E, H], w_in [E, H, F_in], w_out [E, F, H]) gathered from every rank, in
-        global expert order (collective when world_size > 1)."""
-        w_in, w_out = self.w_in.detach(), self.w_out.detach()
-        if self.world_size > 1:
-            w_in, w_out = (_all_gather_cat(w, self.process_group) for w in (w_in, w_out))
-        order = torch.argsort(self.expert_positions)  # position p holds expert order[p]
-        full_in, full_out = torch.empty_like(w_in), torch.empty_like(w_out)
-        full_in[order], full_out[order] = w_in, w_out
-        return self.router_weight.detach().clone(), full_in, full_out
+        """(router_weight [E, H], w_in [E, H, F_in], w_out [E, F, H]) of the full layer, as
+        full_weight_dict() has them (collective when world_size > 1)."""
+        full = self.full_weight_dict()
+        return full["router_weight"], full["w_in"], full["w_out"]
+
+    def _check_replicas_agree(self, after: str) -> None:
+        """The replicated weights must be bit-identical on every rank (a rank-dependent seed or
+        differently loaded weights would route each rank's tokens differently): their checksums
+        are compared, and a difference raises ConsistencyError on every rank."""
+        if self.world_size == 1:
+            return
+        mine = {name: _checksum(getattr(self, name)) for name in self.config.weight_shapes()
+                if name not in EXPERT_WEIGHTS}
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.process_group)
+        mismatch = find_mismatch(everyone)
+        if mismatch:
+            raise ConsistencyError(f"after {after}, the replicated weights differ: {mismatch}. Every rank "
+                                   "must use the same seed and load the same router and shared weights")
 
     def _input_problem(self, x) -> Exception | None:
         """What is wrong with this forward on this rank (raised on every rank by the backend), or None."""
@@ -261,6 +343,32 @@ def _default_device(distributed: bool) -> torch.device:
     if torch.cuda.is_available() and (not distributed or dist.get_backend() == "nccl"):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+GATE_UP_LAYOUTS = ("halves", "interleaved")
+
+
+def _gate_up_halves(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t: [..., 2F] with gate and up columns in `layout` -> [..., 2F] as the layer keeps them:
+    (gate | up) halves. The one place besides reference.activate that knows the split."""
+    if layout == "interleaved":
+        return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
+    return t
+
+
+def _checksum(t: torch.Tensor) -> str:
+    """An exact fingerprint of t's bits, the same whatever order a device sums in: the sum of
+    each element's bits times (its position mod 65521, plus 1), in wrapping int64."""
+    bits = t.detach().contiguous().view(-1).view(_SAME_SIZE_INT[t.element_size()])
+    total = torch.zeros((), dtype=torch.int64, device=t.device)
+    chunk = 1 << 22  # bounds the int64 copies to 32 MiB each
+    for start in range(0, bits.numel(), chunk):
+        part = bits[start:start + chunk].long()
+        total += (part * (torch.arange(start, start + part.numel(), device=t.device) % 65521 + 1)).sum()
+    return f"checksum {int(total) & (2**64 - 1):#018x}"
+
+
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _all_gather_cat(t: torch.Tensor, group) -> torch.Tensor:

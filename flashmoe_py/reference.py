@@ -1,7 +1,8 @@
 """The single-process reference forward: the semantics every backend is tested against.
 
 Written for clarity, not speed: float32 (or float64) math, a plain loop over experts and over
-token-slots for the capacity policy."""
+token-slots for the capacity policy. MoEConfig's docstring states each routing and expert
+variant in words; this is the same in code."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig
+from .config import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT, MoEConfig
 
 
-def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """h: [n, ffn_in] -> [n, ffn]; swiglu splits h into (gate | up) halves."""
-    if activation == "swiglu":
+def activate(h: torch.Tensor, activation: str, swiglu_alpha: float = GPT_OSS_SWIGLU_ALPHA,
+             swiglu_limit: float = GPT_OSS_SWIGLU_LIMIT) -> torch.Tensor:
+    """h: [n, ffn_in] -> [n, ffn]; the gated activations split h into (gate | up) halves."""
+    if activation in ("swiglu", "clamped_swiglu"):
         gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        if activation == "swiglu":
+            return F.silu(gate) * up
+        gate = gate.clamp(max=swiglu_limit)
+        up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
+        return gate * torch.sigmoid(swiglu_alpha * gate) * (up + 1)
     if activation == "gelu":
         return F.gelu(h)
     if activation == "relu":
@@ -25,14 +31,46 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
+def route_tokens(logits: torch.Tensor, config: MoEConfig,
+                 e_score_correction_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (weights [T, k], experts [T, k] int64), best first, before scaling."""
+    k = config.top_k
+    if config.routing == "softmax_topk":
+        weights, experts = torch.softmax(logits, dim=-1).topk(k)
+        return (weights / weights.sum(-1, keepdim=True) if config.renormalize else weights), experts
+    if config.routing == "topk_softmax":
+        top, experts = logits.topk(k)
+        return torch.softmax(top, dim=-1), experts
+    if config.routing == "topk_sigmoid":
+        top, experts = logits.topk(k)
+        weights = torch.sigmoid(top)
+    else:  # sigmoid_grouped
+        scores = torch.sigmoid(logits)
+        biased = scores.detach() + e_score_correction_bias.to(logits.dtype)
+        if config.topk_group < config.n_group:
+            per_group = config.num_experts // config.n_group
+            group = torch.arange(config.num_experts, device=logits.device) // per_group   # [E]
+            group_score = torch.stack([biased[:, group == g].topk(2).values.sum(-1)
+                                       for g in range(config.n_group)], dim=-1)           # [T, n_group]
+            best_groups = group_score.topk(config.topk_group).indices                      # [T, topk_group]
+            allowed = (group[None, None, :] == best_groups[:, :, None]).any(dim=1)         # [T, E]
+            biased = biased.masked_fill(~allowed, float("-inf"))
+        experts = biased.topk(k).indices
+        weights = scores.gather(-1, experts)
+    return (weights / (weights.sum(-1, keepdim=True) + 1e-20) if config.renormalize else weights), experts
+
+
 def reference_routing(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig,
-                      compute_dtype: torch.dtype = torch.float32):
-    """-> (weights [T, k], experts [T, k] int64, kept [T, k] bool)."""
+                      compute_dtype: torch.dtype = torch.float32, *,
+                      router_bias: torch.Tensor | None = None,
+                      e_score_correction_bias: torch.Tensor | None = None):
+    """x: [T, H] -> (weights [T, k] compute_dtype, experts [T, k] int64, kept [T, k] bool)."""
+    config.check_weights({"router_bias": router_bias, "e_score_correction_bias": e_score_correction_bias})
     logits = x.to(compute_dtype) @ router_weight.to(compute_dtype).t()
-    probs = torch.softmax(logits, dim=-1)
-    weights, experts = torch.topk(probs, config.top_k, dim=-1)
-    if config.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if router_bias is not None:
+        logits = logits + router_bias.to(compute_dtype)
+    weights, experts = route_tokens(logits, config, e_score_correction_bias)
+    weights = weights * config.routed_scaling_factor
     kept = torch.ones_like(experts, dtype=torch.bool)
     if config.capacity_factor is not None:
         capacity = math.ceil(config.capacity_factor * x.shape[0] * config.top_k / config.num_experts)
@@ -46,22 +84,54 @@ def reference_routing(x: torch.Tensor, router_weight: torch.Tensor, config: MoEC
     return weights, experts, kept
 
 
+def ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, config: MoEConfig,
+        b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert (or the shared experts): x [n, H] @ w_in [H, F_in] (+ b_in), activation,
+    @ w_out [F, H] (+ b_out), in x's dtype."""
+    h = x @ w_in.to(x.dtype)
+    if b_in is not None:
+        h = h + b_in.to(x.dtype)
+    y = activate(h, config.activation, config.swiglu_alpha, config.swiglu_limit) @ w_out.to(x.dtype)
+    return y + b_out.to(x.dtype) if b_out is not None else y
+
+
 def reference_forward(x: torch.Tensor, router_weight: torch.Tensor, w_in: torch.Tensor,
                       w_out: torch.Tensor, config: MoEConfig,
-                      compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      compute_dtype: torch.dtype = torch.float32, *,
+                      router_bias: torch.Tensor | None = None,
+                      e_score_correction_bias: torch.Tensor | None = None,
+                      b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+                      shared_w_in: torch.Tensor | None = None, shared_w_out: torch.Tensor | None = None,
+                      shared_gate_weight: torch.Tensor | None = None) -> torch.Tensor:
     """One rank's tokens through the full (unsharded) layer.
 
-    x: [T, hidden]; router_weight: [E, hidden]; w_in: [E, hidden, ffn_in] (swiglu: gate | up);
-    w_out: [E, ffn, hidden]. Returns [T, hidden] in compute_dtype. Capacity, if configured, is
-    applied per source rank, so pass exactly the tokens one rank routes."""
-    weights, experts, kept = reference_routing(x, router_weight, config, compute_dtype)
-    xc = x.to(compute_dtype)
+    x: [T, hidden] or [batch, seq, hidden]. Weights (any dtype) named and shaped as
+    MoEConfig.weight_shapes() gives them: router_weight [E, H]; w_in [E, H, F_in] (gated: gate |
+    up); w_out [E, F, H]; and those of the optional ones the config has (MoELayer.full_weight_dict()
+    returns them all). Returns x's shape in compute_dtype. Capacity, if configured, is applied per
+    source rank, so pass exactly the tokens one rank routes."""
+    config.check_weights({"router_weight": router_weight, "w_in": w_in, "w_out": w_out, "b_in": b_in,
+                          "b_out": b_out, "shared_w_in": shared_w_in, "shared_w_out": shared_w_out,
+                          "shared_gate_weight": shared_gate_weight})
+    xc = x.reshape(-1, config.hidden_size).to(compute_dtype)
+    weights, experts, kept = reference_routing(xc, router_weight, config, compute_dtype,
+                                               router_bias=router_bias,
+                                               e_score_correction_bias=e_score_correction_bias)
     out = torch.zeros_like(xc)
     for e in range(config.num_experts):
         token, k = torch.nonzero((experts == e) & kept, as_tuple=True)
         if token.numel() == 0:
             continue
-        h = activate(xc[token] @ w_in[e].to(compute_dtype), config.activation)
-        y = h @ w_out[e].to(compute_dtype)
-        out.index_add_(0, token, y * weights[token, k].unsqueeze(1))
-    return out
+        w = weights[token, k].unsqueeze(1)
+        biases = (b_in[e], b_out[e]) if config.expert_bias else (None, None)
+        if config.weight_on_input:
+            y = ffn(w * xc[token], w_in[e], w_out[e], config, *biases)
+        else:
+            y = w * ffn(xc[token], w_in[e], w_out[e], config, *biases)
+        out.index_add_(0, token, y)
+    if config.shared_experts:
+        shared = ffn(xc, shared_w_in, shared_w_out, config)
+        if config.shared_expert_gate:
+            shared = torch.sigmoid(xc @ shared_gate_weight.to(compute_dtype).t()) * shared
+        out = out + shared
+    return out.view(x.shape)

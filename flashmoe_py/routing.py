@@ -1,5 +1,5 @@
 """Router scoring, top-k and the capacity policy: every backend's first stage (the router kernel
-on GPUs, torch ops otherwise)."""
+on GPUs for today's softmax routing, torch ops for every routing everywhere)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import MoEConfig
+from .config import MAX_TOP_K, MoEConfig
 from .kernels.router import MAX_EXPERTS, router_topk
 
 
@@ -21,25 +21,78 @@ class Routing:
     kept: torch.Tensor | None
 
 
-def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> Routing:
-    """x: [tokens, hidden]; router_weight: [num_experts, hidden]. Scores are a softmax over all
-    experts in fp32; the top-k weights are renormalised to sum to 1 when config.renormalize.
-    On a GPU, with x and router_weight of one dtype and up to MAX_EXPERTS experts, one kernel
-    does it all (kernels/router.py)."""
-    if x.is_cuda and router_weight.dtype == x.dtype and config.num_experts <= MAX_EXPERTS:
+def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
+          router_bias: torch.Tensor | None = None,
+          e_score_correction_bias: torch.Tensor | None = None) -> Routing:
+    """x: [tokens, hidden]; router_weight: [num_experts, hidden]; router_bias: [num_experts] when
+    config.router_bias; e_score_correction_bias: [num_experts] when config.routing is
+    'sigmoid_grouped' (MoEConfig describes each routing). Scores in fp32, the best expert first.
+    On a GPU, today's routing ('softmax_topk', no router bias or scaling, top_k <= MAX_TOP_K) with
+    x and router_weight of one dtype and up to MAX_EXPERTS experts is one kernel
+    (kernels/router.py)."""
+    config.check_weights({"router_bias": router_bias, "e_score_correction_bias": e_score_correction_bias})
+    if _router_kernel_fits(x, router_weight, config):
         weights, experts = router_topk(x.contiguous(), router_weight.contiguous(), config.top_k,
                                        config.renormalize)
     else:
         logits = x.float() @ router_weight.float().t()
-        probs = torch.softmax(logits, dim=-1)
-        weights, experts = torch.topk(probs, config.top_k, dim=-1)
-        if config.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if router_bias is not None:
+            logits = logits + router_bias.float()
+        weights, experts = _SCORERS[config.routing](logits, config, e_score_correction_bias)
+        if config.routed_scaling_factor != 1.0:
+            weights = weights * config.routed_scaling_factor
     kept = None
     capacity = config.capacity(x.shape[0])
     if capacity is not None:
         kept = keep_within_capacity(experts, config.num_experts, capacity)
     return Routing(weights, experts, kept)
+
+
+def _router_kernel_fits(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> bool:
+    return (x.is_cuda and config.routing == "softmax_topk" and not config.router_bias
+            and config.routed_scaling_factor == 1.0 and router_weight.dtype == x.dtype
+            and config.num_experts <= MAX_EXPERTS and config.top_k <= MAX_TOP_K)
+
+
+# Each scorer: logits [T, E] fp32 -> (weights [T, k], experts [T, k] int64), before scaling.
+
+def _softmax_topk(logits: torch.Tensor, config: MoEConfig, _correction) -> tuple[torch.Tensor, torch.Tensor]:
+    weights, experts = torch.topk(torch.softmax(logits, dim=-1), config.top_k, dim=-1)
+    if config.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def _topk_softmax(logits: torch.Tensor, config: MoEConfig, _correction) -> tuple[torch.Tensor, torch.Tensor]:
+    top, experts = torch.topk(logits, config.top_k, dim=-1)
+    return torch.softmax(top, dim=-1), experts
+
+
+def _topk_sigmoid(logits: torch.Tensor, config: MoEConfig, _correction) -> tuple[torch.Tensor, torch.Tensor]:
+    top, experts = torch.topk(logits, config.top_k, dim=-1)
+    return _renormalize_sigmoid(torch.sigmoid(top), config), experts
+
+
+def _sigmoid_grouped(logits: torch.Tensor, config: MoEConfig,
+                     correction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.sigmoid(logits)
+    choice = scores.detach() + correction  # steers the choice only: no gradient through it
+    if config.topk_group < config.n_group:
+        T, E = choice.shape
+        group_score = choice.view(T, config.n_group, E // config.n_group).topk(2, dim=-1).values.sum(dim=-1)
+        kept_groups = group_score.topk(config.topk_group, dim=-1).indices
+        dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, kept_groups, False)
+        choice = choice.masked_fill(dropped.repeat_interleave(E // config.n_group, dim=1), float("-inf"))
+    experts = torch.topk(choice, config.top_k, dim=-1).indices
+    return _renormalize_sigmoid(scores.gather(1, experts), config), experts
+
+
+def _renormalize_sigmoid(weights: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) if config.renormalize else weights
+
+
+_SCORERS = {"softmax_topk": _softmax_topk, "topk_softmax": _topk_softmax,
+            "sigmoid_grouped": _sigmoid_grouped, "topk_sigmoid": _topk_sigmoid}
 
 
 def keep_within_capacity(experts: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """MoEConfig validation: every invalid value is a ConfigError that names its field."""
 
+import numpy as np
 import pytest
+import torch
 
 from flashmoe_py import PRESETS, ConfigError, MoEConfig, preset
 
@@ -9,7 +11,7 @@ GOOD = dict(hidden_size=64, ffn_size=128, num_experts=8, top_k=2)
 
 @pytest.mark.parametrize("field,value", [
     ("hidden_size", 0), ("hidden_size", 3.0), ("ffn_size", -1), ("num_experts", True),
-    ("top_k", 0), ("top_k", 9), ("activation", "tanh"), ("dtype", "float16"),
+    ("top_k", 0), ("top_k", 17), ("activation", "tanh"), ("dtype", "float16"),
     ("renormalize", 1), ("capacity_factor", 0.0), ("capacity_factor", float("inf")),
 ])
 def test_invalid_value_names_the_field(field, value):
@@ -46,3 +48,139 @@ def test_roundtrip_and_presets():
 def test_ffn_in_size_doubles_for_swiglu():
     assert MoEConfig(**GOOD).ffn_in_size == 256
     assert MoEConfig(**GOOD, activation="relu").ffn_in_size == 128
+
+
+ROUTED = dict(GOOD, routing="sigmoid_grouped", n_group=4, topk_group=2)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("routing", "sparsemixer", "must be one of"),
+    ("router_bias", 1, "must be a bool"),
+    ("n_group", 3, "must divide num_experts=8"),
+    ("n_group", 8, "needs >= 2 experts per group"),
+    ("n_group", 0, "must be a positive int"),
+    ("topk_group", 5, "must be <= n_group=4"),
+    ("routed_scaling_factor", 0.0, "finite number > 0"),
+    ("routed_scaling_factor", float("nan"), "finite number > 0"),
+    ("router_dtype", "float16", "None \\(= dtype\\) or one of"),
+])
+def test_invalid_routing_value_names_the_field(field, value, match):
+    with pytest.raises(ConfigError, match=f"MoEConfig.{field}=.*{match}"):
+        MoEConfig(**{**ROUTED, field: value})
+
+
+def test_groups_belong_to_grouped_sigmoid_routing_only():
+    with pytest.raises(ConfigError, match="MoEConfig.n_group=2 .*only routing='sigmoid_grouped'"):
+        MoEConfig(**GOOD, n_group=2)
+    with pytest.raises(ConfigError, match="MoEConfig.topk_group=2 .*only routing='sigmoid_grouped'"):
+        MoEConfig(**GOOD, routing="topk_sigmoid", topk_group=2)
+
+
+def test_top_k_must_fit_the_kept_groups():
+    """Two kept groups of 2 experts each leave 4 experts to pick from."""
+    with pytest.raises(ConfigError, match="MoEConfig.top_k=5 .*topk_group \\* num_experts / n_group = 4"):
+        MoEConfig(**{**ROUTED, "top_k": 5})
+
+
+def test_limits_are_16_per_token_and_512_experts():
+    assert MoEConfig(hidden_size=8, ffn_size=8, num_experts=512, top_k=16).top_k == 16
+    with pytest.raises(ConfigError, match="MoEConfig.top_k=17 .*min\\(16, num_experts=512\\)"):
+        MoEConfig(hidden_size=8, ffn_size=8, num_experts=512, top_k=17)
+    with pytest.raises(ConfigError, match="MoEConfig.num_experts=513 .*<= 512"):
+        MoEConfig(hidden_size=8, ffn_size=8, num_experts=513, top_k=2)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("expert_bias", "yes", "must be a bool"),
+    ("weight_on_input", None, "must be a bool"),
+    ("swiglu_limit", 5.0, "only activation='clamped_swiglu' uses it"),
+    ("swiglu_alpha", 1.0, "only activation='clamped_swiglu' uses it"),
+    ("shared_experts", -1, "int >= 0"),
+    ("shared_ffn_size", 16, "needs shared_experts >= 1"),
+    ("shared_expert_gate", True, "needs shared_experts >= 1"),
+])
+def test_invalid_expert_value_names_the_field(field, value, match):
+    with pytest.raises(ConfigError, match=f"MoEConfig.{field}=.*{match}"):
+        MoEConfig(**{**GOOD, field: value})
+
+
+@pytest.mark.parametrize("field", ["swiglu_alpha", "swiglu_limit"])
+@pytest.mark.parametrize("value", [0, -1.0, float("inf"), True])
+def test_clamped_swiglu_constants_are_positive_finite(field, value):
+    with pytest.raises(ConfigError, match=f"MoEConfig.{field}=.*finite number > 0"):
+        MoEConfig(**GOOD, activation="clamped_swiglu", **{field: value})
+
+
+def test_shared_ffn_size_must_be_positive():
+    with pytest.raises(ConfigError, match="MoEConfig.shared_ffn_size=0 .*positive int"):
+        MoEConfig(**GOOD, shared_experts=1, shared_ffn_size=0)
+
+
+def test_weight_shapes_name_every_weight_of_the_config():
+    cfg = MoEConfig(**ROUTED, activation="clamped_swiglu", router_bias=True, expert_bias=True,
+                    shared_experts=2, shared_ffn_size=16, shared_expert_gate=True)
+    assert cfg.weight_shapes(experts=2) == {
+        "router_weight": (8, 64), "w_in": (2, 64, 256), "w_out": (2, 128, 64), "router_bias": (8,),
+        "e_score_correction_bias": (8,), "b_in": (2, 256), "b_out": (2, 64),
+        "shared_w_in": (64, 64), "shared_w_out": (32, 64), "shared_gate_weight": (1, 64)}
+    assert list(MoEConfig(**GOOD).weight_shapes()) == ["router_weight", "w_in", "w_out"]
+
+
+def test_check_weights_names_the_weight():
+    cfg = MoEConfig(**GOOD, router_bias=True)
+    with pytest.raises(ValueError, match="router_bias is missing: this config has router_bias=True"):
+        cfg.check_weights({"router_bias": None})
+    with pytest.raises(ValueError, match="b_in was given, but only a layer with expert_bias=True has it"):
+        cfg.check_weights({"b_in": torch.zeros(8, 256)})
+    with pytest.raises(TypeError, match="router_bias must be a torch.Tensor, got ndarray .*torch.from_numpy"):
+        cfg.check_weights({"router_bias": np.zeros(8)})
+    with pytest.raises(ValueError, match="router_bias has shape \\(9,\\), expected \\(8,\\)"):
+        cfg.check_weights({"router_bias": torch.zeros(9)})
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"routing": "topk_softmax"}, "routing='topk_softmax'"),
+    ({"routing": "sigmoid_grouped"}, "routing='sigmoid_grouped'"),
+    ({"routing": "topk_sigmoid", "renormalize": False}, "routing='topk_sigmoid'"),
+    ({"router_bias": True}, "router_bias=True"),
+    ({"routed_scaling_factor": 2.5}, "routed_scaling_factor=2.5"),
+    ({"router_dtype": "float32"}, "router_dtype='float32'"),
+    ({"expert_bias": True}, "expert_bias=True"),
+    ({"activation": "clamped_swiglu"}, "activation='clamped_swiglu'"),
+    ({"weight_on_input": True}, "weight_on_input=True"),
+    ({"shared_experts": 1}, "shared_experts=1"),
+    ({"top_k": 10, "num_experts": 16}, "top_k=10"),
+])
+def test_fused_unsupported_names_the_first_new_feature(change, named):
+    assert MoEConfig(**{**GOOD, **change}).fused_unsupported().startswith(named)
+
+
+@pytest.mark.parametrize("change", [{}, {"activation": "gelu", "renormalize": False, "capacity_factor": 1.0},
+                                    {"dtype": "float32", "router_dtype": "float32", "top_k": 8}])
+def test_todays_features_run_fused(change):
+    assert MoEConfig(**{**GOOD, **change}).fused_unsupported() is None
+
+
+def test_new_fields_roundtrip():
+    cfg = MoEConfig(**ROUTED, routed_scaling_factor=2.5, shared_experts=1, router_dtype="float32")
+    assert MoEConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_presets_carry_the_models_routing():
+    ds = preset("deepseek_v3")
+    assert (ds.routing, ds.n_group, ds.topk_group, ds.top_k, ds.routed_scaling_factor, ds.shared_experts,
+            ds.renormalize) == ("sigmoid_grouped", 8, 4, 8, 2.5, 1, True)
+    assert (ds.hidden_size, ds.ffn_size, ds.num_experts) == (7168, 2048, 256)
+    kimi = preset("kimi_k2")
+    assert (kimi.num_experts, kimi.n_group, kimi.routed_scaling_factor) == (384, 1, 2.827)
+    glm = preset("glm45")
+    assert (glm.hidden_size, glm.ffn_size, glm.num_experts, glm.routed_scaling_factor) == (5120, 1536, 160, 2.5)
+    oss = preset("gpt_oss_120b")
+    assert (oss.routing, oss.router_bias, oss.expert_bias, oss.activation, oss.swiglu_alpha,
+            oss.swiglu_limit, oss.num_experts, oss.top_k) == ("topk_softmax", True, True, "clamped_swiglu",
+                                                              1.702, 7.0, 128, 4)
+    scout = preset("llama4_scout")
+    assert (scout.routing, scout.top_k, scout.weight_on_input, scout.renormalize, scout.shared_width) == (
+        "topk_sigmoid", 1, True, False, 8192)
+    nxt = preset("qwen3_next")
+    assert (nxt.num_experts, nxt.top_k, nxt.shared_width, nxt.shared_expert_gate) == (512, 10, 512, True)

@@ -1,39 +1,76 @@
-"""Hugging Face MoE blocks swapped for MoELayer: same outputs, on 1 and 2 ranks; torch.compile."""
+"""Hugging Face MoE blocks swapped for MoELayer: same outputs, on 1 and 2 ranks, for every family
+hf.py converts; the same routing as HF's own routers; router logits for transformers' loss; what
+is left alone is reported with its reason; torch.compile."""
 
 import random
 
 import pytest
 import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
 from flashmoe_py import MoELayer  # noqa: E402
-from flashmoe_py.hf import HFMoEBlock, UnsupportedBlock, block_config, from_hf_block, patch_model  # noqa: E402
+from flashmoe_py.hf import HFMoEBlock, block_config, convert_block, from_hf_block, patch_model  # noqa: E402
+from flashmoe_py.routing import route  # noqa: E402
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+
+
+def tiny_config(kind: str):
+    """A two-layer model of `kind`, every layer's MLP an MoE block, with routing options that matter."""
+    if kind == "mixtral":
+        return transformers.MixtralConfig(**TINY, num_local_experts=8, num_experts_per_tok=2)
+    if kind == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**TINY, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=3,
+                                           norm_topk_prob=True, head_dim=8)
+    if kind == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(**TINY, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                                           shared_expert_intermediate_size=40, norm_topk_prob=False)
+    if kind == "olmoe":
+        return transformers.OlmoeConfig(**TINY, num_experts=8, num_experts_per_tok=2)
+    if kind == "deepseek_v3":
+        return transformers.DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, **MLA, moe_intermediate_size=16,
+                                             n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                             routed_scaling_factor=2.5, n_shared_experts=2, first_k_dense_replace=0)
+    if kind == "glm4_moe":
+        return transformers.Glm4MoeConfig(**TINY, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                                          n_group=2, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False,
+                                          first_k_dense_replace=0, head_dim=8)
+    if kind == "llama4":
+        return transformers.Llama4TextConfig(**TINY, intermediate_size_mlp=40, num_local_experts=4,
+                                             num_experts_per_tok=2, head_dim=8)
+    if kind == "gpt_oss":  # a small limit, so that the clamps of its SwiGLU are hit
+        return transformers.GptOssConfig(**TINY, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+                                         swiglu_limit=0.5)
+    assert kind == "qwen3_next"
+    return transformers.Qwen3NextConfig(**TINY, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                        num_experts=8, num_experts_per_tok=2, head_dim=8, linear_key_head_dim=8,
+                                        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                                        layer_types=["linear_attention", "full_attention"])
+
+
+MODELS = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+          "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+          "llama4": "Llama4ForCausalLM", "gpt_oss": "GptOssForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
 
 
 def tiny_model(kind: str, seed: int):
     torch.manual_seed(seed)
-    if kind == "mixtral":
-        cfg = transformers.MixtralConfig(**TINY, num_local_experts=8, num_experts_per_tok=2)
-        model = transformers.MixtralForCausalLM(cfg)
-    elif kind == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(**TINY, moe_intermediate_size=24, num_experts=8,
-                                          num_experts_per_tok=3, norm_topk_prob=True, head_dim=8)
-        model = transformers.Qwen3MoeForCausalLM(cfg)
-    elif kind == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(**TINY, moe_intermediate_size=24, num_experts=8,
-                                          num_experts_per_tok=2, shared_expert_intermediate_size=40,
-                                          norm_topk_prob=False)
-        model = transformers.Qwen2MoeForCausalLM(cfg)
-    else:
-        cfg = transformers.OlmoeConfig(**TINY, num_experts=8, num_experts_per_tok=2)
-        model = transformers.OlmoeForCausalLM(cfg)
+    model = getattr(transformers, MODELS[kind])(tiny_config(kind))
     for p in model.parameters():  # HF leaves some weights at zero; make every path matter
         p.data.normal_(0, 0.2)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.normal_(0, 0.2)
     return model.eval()
+
+
+def moe_block(model):
+    layer = model.model.layers[0]
+    return layer.feed_forward if hasattr(layer, "feed_forward") else layer.mlp
 
 
 def patched_vs_original(rank, world, kind, seed):
@@ -48,12 +85,66 @@ def patched_vs_original(rank, world, kind, seed):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("kind", list(MODELS))
 def test_patched_model_matches_original(dist_pools, world, kind):
     seed = random.SystemRandom().randrange(2**20)
     for replaced, err in dist_pools(world).run(patched_vs_original, kind, seed):
         assert replaced == 2  # one MoE block per decoder layer
         assert err <= 1e-5
+
+
+def dense(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, k] weights of [T, k] experts -> [T, E], zero where not picked (order-free)."""
+    return torch.zeros(weights.shape[0], num_experts, dtype=weights.dtype).scatter_(1, experts, weights)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_route_matches_hf_router(kind):
+    """routing.route on the converted config and weights picks HF's experts with HF's weights."""
+    block = moe_block(tiny_model(kind, random.SystemRandom().randrange(2**20)))
+    conv = convert_block(block)
+    x = torch.randn(64, conv.config.hidden_size)
+    w = conv.weights
+    r = route(x, w["router_weight"], conv.config, router_bias=w.get("router_bias"),
+              e_score_correction_bias=w.get("e_score_correction_bias"))
+    E = conv.config.num_experts
+    with torch.no_grad():
+        if kind == "llama4":  # (scores [T, E], logits): sigmoid, 0 where not picked
+            want = conv.router(x)[0]
+        else:  # (logits, weights [T, k], experts [T, k])
+            _, hf_weights, hf_experts = conv.router(x)
+            want = dense(hf_weights, hf_experts, E)
+    torch.testing.assert_close(dense(r.weights, r.experts, E), want.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_router_logits_are_recorded_for_transformers(kind):
+    """output_router_logits=True on a patched model (patched before its first call): the router
+    logits HF records, and the load-balancing loss of the models that compute one."""
+    seed = random.SystemRandom().randrange(2**20)
+    original, patched = tiny_model(kind, seed), tiny_model(kind, seed)
+    assert set(patch_model(patched).values()) == {"replaced"}
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        want, got = (m(ids, output_router_logits=True) for m in (original, patched))
+    assert len(got.router_logits) == len(want.router_logits) == 2
+    for g, w in zip(got.router_logits, want.router_logits):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    if want.aux_loss is not None:
+        torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama4", "gpt_oss"])
+def test_blocks_that_return_router_output_still_do(kind):
+    """Llama-4: (hidden [tokens, H], router logits); gpt-oss: (hidden [batch, seq, H], weights)."""
+    block = moe_block(tiny_model(kind, 3))
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = block(x)
+        got = from_hf_block(block)(x)
+    assert isinstance(got, tuple) and [t.shape for t in got] == [t.shape for t in want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_block_adapter_keeps_only_this_ranks_experts():
@@ -64,19 +155,52 @@ def test_block_adapter_keeps_only_this_ranks_experts():
     new = from_hf_block(block)
     assert isinstance(new, HFMoEBlock) and new.moe.w_in.shape == (8, 32, 96)
     torch.testing.assert_close(new.moe.w_out[3], block.experts.down_proj[3].t())
+    assert new.router.weight is new.moe.router_weight  # one router, one set of gradients
 
 
-def test_deepseek_router_is_reported_not_converted():
-    cfg = transformers.DeepseekV3Config(**{**TINY, "hidden_size": 64}, moe_intermediate_size=16,
-                                        n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-                                        topk_group=1, first_k_dense_replace=0, kv_lora_rank=16,
-                                        q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                        v_head_dim=8)
-    model = transformers.DeepseekV3ForCausalLM(cfg)
+@pytest.mark.parametrize("kind,fields", [
+    ("deepseek_v3", dict(routing="sigmoid_grouped", n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                         renormalize=True, shared_experts=2, shared_ffn_size=None, top_k=3)),
+    ("glm4_moe", dict(routing="sigmoid_grouped", n_group=2, topk_group=1, routed_scaling_factor=1.5,
+                      renormalize=False, shared_experts=1)),
+    ("llama4", dict(routing="topk_sigmoid", weight_on_input=True, renormalize=False, shared_experts=1,
+                    shared_ffn_size=48, ffn_size=48)),
+    ("gpt_oss", dict(routing="topk_softmax", router_bias=True, expert_bias=True, activation="clamped_swiglu",
+                     swiglu_alpha=1.702, swiglu_limit=0.5)),
+    ("qwen3_next", dict(shared_experts=1, shared_ffn_size=40, shared_expert_gate=True, ffn_size=24)),
+])
+def test_block_config_reads_the_models_routing(kind, fields):
+    cfg = block_config(moe_block(tiny_model(kind, 0)))
+    assert {f: getattr(cfg, f) for f in fields} == fields
+
+
+def test_float32_router_of_a_bf16_deepseek_is_kept():
+    """transformers keeps DeepSeek-V3's router weight and correction bias in float32."""
+    model = tiny_model("deepseek_v3", 0).to(torch.bfloat16)
+    block = moe_block(model)
+    block.gate.float()
+    cfg = block_config(block)
+    assert (cfg.dtype, cfg.router_dtype) == ("bfloat16", "float32")
+
+
+class Odd(nn.Module):
+    """An MoE-looking block no adapter knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+
+def test_blocks_left_alone_are_reported_with_their_reason():
+    model = tiny_model("mixtral", 0)
+    model.model.layers[1].mlp.jitter_noise = 0.1
+    model.model.extra = Odd()
     report = patch_model(model)
-    assert report and all("grouped sigmoid routing" in v for v in report.values())
-    with pytest.raises(UnsupportedBlock):
-        block_config(model.model.layers[0].mlp)
+    assert report["model.layers.0.mlp"] == "replaced"
+    assert report["model.layers.1.mlp"] == ("MixtralSparseMoeBlock: router_jitter_noise=0.1 (training-time "
+                                            "input noise) is not implemented")
+    assert report["model.extra"].startswith("Odd: no adapter for this block; flashmoe_py converts "
+                                            "MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock")
 
 
 def test_compiled_layer_has_no_graph_break():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_pool import RankError
-from flashmoe_py import ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, reference_forward
+from flashmoe_py import ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, preset, reference_forward
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -321,3 +321,228 @@ def test_layer_options_must_agree_across_ranks(dist_pools):
 def test_fused_backend_needs_16_byte_weight_rows():
     with pytest.raises(ValueError, match="hidden_size and ffn_size multiples of 8"):
         MoELayer(MoEConfig(hidden_size=36, ffn_size=48, num_experts=4, top_k=2), backend="flash", max_tokens_per_rank=8)
+
+
+# --- routing modes, expert variants and shared experts (MoEConfig documents each) ---
+
+VARIANTS = {
+    "topk_softmax, router bias": dict(top_k=2, routing="topk_softmax", router_bias=True),
+    "sigmoid_grouped, 2 of 4 groups, scaled": dict(top_k=3, routing="sigmoid_grouped", n_group=4, topk_group=2,
+                                                   routed_scaling_factor=2.5),
+    "sigmoid_grouped, one group, shared expert": dict(top_k=2, routing="sigmoid_grouped", shared_experts=1),
+    "topk_sigmoid, weight on input, shared expert": dict(top_k=1, routing="topk_sigmoid", renormalize=False,
+                                                         weight_on_input=True, shared_experts=1),
+    "clamped_swiglu, expert biases": dict(top_k=2, activation="clamped_swiglu", swiglu_limit=1.0,
+                                          expert_bias=True),
+    "relu, two gated shared experts": dict(top_k=2, activation="relu", shared_experts=2, shared_ffn_size=16,
+                                           shared_expert_gate=True),
+    "grouped, capacity, biases": dict(top_k=2, routing="sigmoid_grouped", n_group=2, topk_group=1,
+                                      capacity_factor=0.5, expert_bias=True),
+    "top-10 of 16": dict(top_k=10, num_experts=16),
+}
+
+
+@torch.no_grad()
+def variant_vs_reference(rank, world, cfg: dict, tokens_per_rank, seed, placement=None):
+    """Like layer_vs_reference, with every weight the config has handed to the reference."""
+    cfg = MoEConfig.from_dict(cfg)
+    layer = MoELayer(cfg, placement=ExpertPlacement.from_dict(placement) if placement else None, seed=seed)
+    x = make_tokens(seed, rank, tokens_per_rank[rank], cfg.hidden_size, cfg.torch_dtype)
+    out = layer(x)
+    ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **layer.full_weight_dict())
+    return rel_err(out, ref) if x.shape[0] else float(out.numel())
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_match_reference(dist_pools, world, variant):
+    cfg = MoEConfig(**{**SMALL, **VARIANTS[variant]})
+    errs = dist_pools(world).run(variant_vs_reference, cfg.to_dict(), [29, 0, 41, 6][:world], fresh_seed())
+    assert max(errs) <= FP32_TOL, errs
+
+
+def test_variants_with_round_robin_placement(dist_pools):
+    cfg = MoEConfig(**SMALL, top_k=2, routing="topk_softmax", router_bias=True, expert_bias=True,
+                    activation="clamped_swiglu", shared_experts=1)
+    pl = ExpertPlacement.round_robin(8, 4).to_dict()
+    errs = dist_pools(4).run(variant_vs_reference, cfg.to_dict(), [9, 33, 12, 20], fresh_seed(), pl)
+    assert max(errs) <= FP32_TOL
+
+
+def test_float32_router_in_a_bf16_layer(dist_pools):
+    """DeepSeek-V3's router stays in float32 while its experts are bf16."""
+    cfg = MoEConfig(**{**SMALL, "dtype": "bfloat16"}, top_k=2, routing="sigmoid_grouped", router_dtype="float32",
+                    shared_experts=1)
+    errs = dist_pools(2).run(variant_vs_reference, cfg.to_dict(), [50, 30], fresh_seed())
+    assert max(errs) <= BF16_TOL
+
+
+def test_router_weights_keep_the_router_dtype():
+    layer = MoELayer(MoEConfig(**{**SMALL, "dtype": "bfloat16"}, top_k=2, routing="topk_softmax",
+                               router_bias=True, router_dtype="float32", expert_bias=True))
+    assert layer.router_weight.dtype == layer.router_bias.dtype == torch.float32
+    assert layer.w_in.dtype == layer.b_in.dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def nan_forward_variant(rank, world, cfg: dict):
+    layer = MoELayer(MoEConfig.from_dict(cfg))
+    x = make_tokens(2, rank, 8, 32, torch.float32)
+    x[3, 5] = float("nan")
+    out = layer(x)
+    return bool(out[3].isnan().all()), bool(out[[t for t in range(8) if t != 3]].isfinite().all())
+
+
+@pytest.mark.parametrize("routing", ["topk_softmax", "sigmoid_grouped", "topk_sigmoid"])
+def test_nan_token_poisons_its_row_only_in_every_routing(dist_pools, routing):
+    cfg = MoEConfig(**SMALL, top_k=2, routing=routing, **({"n_group": 4, "topk_group": 2}
+                                                          if routing == "sigmoid_grouped" else {}))
+    for nan_row, others_finite in dist_pools(2).run(nan_forward_variant, cfg.to_dict()):
+        assert nan_row and others_finite
+
+
+def test_layer_holds_the_parameters_of_its_config():
+    cfg = MoEConfig(**SMALL, top_k=2, routing="sigmoid_grouped", expert_bias=True, shared_experts=2,
+                    shared_ffn_size=16, shared_expert_gate=True)
+    layer = MoELayer(cfg)
+    assert {n: tuple(p.shape) for n, p in layer.named_parameters()} == {
+        "router_weight": (8, 32), "w_in": (8, 32, 96), "w_out": (8, 48, 32), "b_in": (8, 96), "b_out": (8, 32),
+        "shared_w_in": (32, 64), "shared_w_out": (32, 32), "shared_gate_weight": (1, 32)}
+    assert layer.e_score_correction_bias.dtype == torch.float32 and "e_score_correction_bias" in layer.state_dict()
+    assert layer.router_bias is None
+    plain = MoELayer(MoEConfig(**SMALL, top_k=2))
+    assert [n for n, _ in plain.named_parameters()] == ["router_weight", "w_in", "w_out"]
+
+
+def test_fresh_draws_match_the_old_layers_for_todays_configs():
+    """New parameters are drawn after the old ones, so a config without them gets the same layer."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    a, b = MoELayer(cfg, seed=5), MoELayer(cfg.replace(expert_bias=True, shared_experts=1), seed=5)
+    for name in ("router_weight", "w_in", "w_out"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("change,named", [({"routing": "sigmoid_grouped"}, "routing='sigmoid_grouped'"),
+                                          ({"expert_bias": True}, "expert_bias=True"),
+                                          ({"activation": "clamped_swiglu"}, "activation='clamped_swiglu'"),
+                                          ({"weight_on_input": True}, "weight_on_input=True"),
+                                          ({"shared_experts": 1}, "shared_experts=1")])
+def test_flash_refuses_what_the_fused_kernel_does_not_have(change, named):
+    with pytest.raises(ValueError, match=f"backend='flash' does not support {named} yet .*use backend='torch'"):
+        MoELayer(MoEConfig(**SMALL, top_k=2, **change), backend="flash", max_tokens_per_rank=8)
+
+
+# --- full weights: every weight by name, and the rank checks of the replicated ones ---
+
+def full_variant_weights(cfg: MoEConfig, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g) for name, shape in cfg.weight_shapes().items()}
+
+
+FULL = MoEConfig(**SMALL, top_k=2, routing="sigmoid_grouped", router_bias=True, expert_bias=True,
+                 shared_experts=1, shared_expert_gate=True)
+
+
+def load_and_gather_every_weight(rank, world, cfg: dict, seed):
+    cfg = MoEConfig.from_dict(cfg)
+    full = full_variant_weights(cfg, seed)
+    layer = MoELayer(cfg, placement=ExpertPlacement.round_robin(8, world))
+    layer.load_full_weights(**full)
+    assert torch.equal(layer.b_in[1], full["b_in"][world + rank])  # slot 1 holds expert world + rank
+    gathered = layer.full_weight_dict()
+    return list(gathered) == list(full) and all(torch.equal(gathered[n], full[n]) for n in full)
+
+
+def test_full_weight_dict_roundtrips_every_weight(dist_pools):
+    assert dist_pools(2).run(load_and_gather_every_weight, FULL.to_dict(), fresh_seed()) == [True, True]
+
+
+def test_interleaved_gate_up_columns_are_converted_when_loaded():
+    """gpt-oss stores gate and up columns alternately; the layer keeps gate | up halves."""
+    cfg = MoEConfig(**SMALL, top_k=2, activation="clamped_swiglu", expert_bias=True, shared_experts=1)
+    full = full_variant_weights(cfg, 0)
+    layer = MoELayer(cfg)
+    interleaved = {n: (torch.stack(t.chunk(2, dim=-1), dim=-1).flatten(-2) if n in ("w_in", "b_in", "shared_w_in")
+                       else t) for n, t in full.items()}
+    assert torch.equal(interleaved["w_in"][..., 1], full["w_in"][..., 48])  # the first up column
+    layer.load_full_weights(**interleaved, gate_up_layout="interleaved")
+    assert all(torch.equal(layer.full_weight_dict()[n], full[n]) for n in full)
+
+
+def test_gate_up_layout_is_checked():
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2, activation="gelu"))
+    full = full_variant_weights(layer.config, 0)
+    with pytest.raises(ValueError, match="gate_up_layout='interleaved' needs a gated activation"):
+        layer.load_full_weights(**full, gate_up_layout="interleaved")
+    with pytest.raises(ValueError, match="gate_up_layout='pairs'; choose one of"):
+        layer.load_full_weights(**full, gate_up_layout="pairs")
+
+
+def test_load_full_weights_names_a_numpy_argument():
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    full = full_variant_weights(layer.config, 0)
+    with pytest.raises(TypeError, match="w_in must be a torch.Tensor, got ndarray"):
+        layer.load_full_weights(full["router_weight"], full["w_in"].numpy(), full["w_out"])
+
+
+def test_load_full_weights_names_a_missing_or_unexpected_weight():
+    layer = MoELayer(FULL)
+    full = full_variant_weights(FULL, 0)
+    with pytest.raises(ValueError, match="shared_gate_weight is missing: this config has shared_expert_gate=True"):
+        layer.load_full_weights(**{**full, "shared_gate_weight": None})
+    plain = MoELayer(MoEConfig(**SMALL, top_k=2))
+    with pytest.raises(ValueError, match="b_out was given, but only a layer with expert_bias=True has it"):
+        plain.load_full_weights(full["router_weight"], full["w_in"], full["w_out"], b_out=full["b_out"])
+
+
+def test_reference_forward_takes_batch_seq_hidden():
+    layer = MoELayer(FULL)
+    x = torch.randn(3, 5, 32)
+    out = reference_forward(x, config=FULL, compute_dtype=torch.float64, **layer.full_weight_dict())
+    flat = reference_forward(x.view(15, 32), config=FULL, compute_dtype=torch.float64, **layer.full_weight_dict())
+    assert out.shape == x.shape and torch.equal(out.view(15, 32), flat)
+
+
+def build_with_rank_seed(rank, world, cfg: dict):
+    MoELayer(MoEConfig.from_dict(cfg), seed=rank)
+
+
+def test_rank_dependent_seed_raises_on_every_rank(dist_pools):
+    out = dist_pools(2).run_all(build_with_rank_seed, MoEConfig(**SMALL, top_k=2).to_dict())
+    for ok, err in out:
+        assert not ok and err[0] == "ConsistencyError"
+        assert "after reset_parameters, the replicated weights differ: router_weight differs" in err[1]
+
+
+def load_rank_dependent(rank, world, cfg: dict, name):
+    cfg = MoEConfig.from_dict(cfg)
+    full = full_variant_weights(cfg, 7)
+    if rank == 1:
+        full[name] = full[name].clone()
+        full[name].view(-1)[3] += 1e-3
+    layer = MoELayer(cfg)
+    layer.load_full_weights(**full)
+
+
+@pytest.mark.parametrize("name", ["router_weight", "router_bias", "e_score_correction_bias", "shared_w_out",
+                                  "shared_gate_weight"])
+def test_replicated_weights_loaded_differently_raise_on_every_rank(dist_pools, name):
+    out = dist_pools(2).run_all(load_rank_dependent, FULL.to_dict(), name)
+    for ok, err in out:
+        assert not ok and err[0] == "ConsistencyError"
+        assert f"after load_full_weights, the replicated weights differ: {name} differs across ranks" in err[1]
+
+
+def test_expert_weights_may_differ_across_ranks(dist_pools):
+    """Each rank loads only its own experts: what it was given for the others is not compared."""
+    dist_pools(2).run(load_rank_dependent, FULL.to_dict(), "w_in")
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "kimi_k2", "glm45", "gpt_oss_120b", "llama4_scout", "qwen3_next"])
+def test_model_presets_at_a_small_width_match_reference(dist_pools, name):
+    """Each preset's expert count, top-k, routing and expert variant, with narrow experts."""
+    cfg = preset(name, hidden_size=16, ffn_size=8, dtype="float32")
+    if cfg.shared_ffn_size:
+        cfg = cfg.replace(shared_ffn_size=12)
+    errs = dist_pools(2).run(variant_vs_reference, cfg.to_dict(), [33, 20], fresh_seed())
+    assert max(errs) <= FP32_TOL

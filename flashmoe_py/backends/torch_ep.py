@@ -11,6 +11,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from ..config import MoEConfig
 from ..reference import activate
 from ..routing import histogram, route
 
@@ -37,26 +38,50 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
-               activation: str) -> torch.Tensor:
+               config: MoEConfig, b_in: torch.Tensor | None = None,
+               b_out: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped expert FFN over rows sorted by local expert.
 
     x: [N, hidden]; counts: [local_experts] int64 rows per expert (sum N); w_in: [L, hidden, ffn_in];
-    w_out: [L, ffn, hidden]. Returns [N, hidden] in x.dtype; activation math in fp32."""
+    w_out: [L, ffn, hidden]; b_in: [L, ffn_in] and b_out: [L, hidden], or None. Returns [N, hidden]
+    in x.dtype; biases and activation in fp32."""
     if x.shape[0] == 0:
         return x.new_empty(0, w_out.shape[-1])
+
+    def act(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        h = h.float() if bias is None else h.float() + bias.float()
+        return activate(h, config.activation, config.swiglu_alpha, config.swiglu_limit).to(x.dtype)
+
+    def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return y if bias is None else (y.float() + bias.float()).to(x.dtype)
+
     if _grouped_mm_works(x.device.type, x.dtype):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = torch._grouped_mm(x, w_in, offs=offs)
-        a = activate(h.float(), activation).to(x.dtype)
-        return torch._grouped_mm(a, w_out, offs=offs)
+
+        def per_row(bias: torch.Tensor | None) -> torch.Tensor | None:  # [L, n] -> [N, n]
+            return None if bias is None else bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
+
+        a = act(torch._grouped_mm(x, w_in, offs=offs), per_row(b_in))
+        return add_bias(torch._grouped_mm(a, w_out, offs=offs), per_row(b_out))
     out = torch.empty(x.shape[0], w_out.shape[-1], dtype=x.dtype, device=x.device)
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n:
-            h = x[start:start + n] @ w_in[e]
-            out[start:start + n] = activate(h.float(), activation).to(x.dtype) @ w_out[e]
+            a = act(x[start:start + n] @ w_in[e], None if b_in is None else b_in[e])
+            out[start:start + n] = add_bias(a @ w_out[e], None if b_out is None else b_out[e])
             start += n
     return out
+
+
+def shared_experts(x: torch.Tensor, layer) -> torch.Tensor:
+    """The layer's shared experts on every row of x [T, hidden] -> [T, hidden] fp32, gated by
+    sigmoid(x @ shared_gate_weight^T) when the config has that gate."""
+    cfg = layer.config
+    counts = torch.full((1,), x.shape[0], dtype=torch.int64, device=x.device)
+    y = expert_ffn(x, counts, layer.shared_w_in[None], layer.shared_w_out[None], cfg).float()
+    if cfg.shared_expert_gate:
+        y = y * torch.sigmoid(x.float() @ layer.shared_gate_weight.float().t())
+    return y
 
 
 class TorchEPBackend:
@@ -74,7 +99,8 @@ class TorchEPBackend:
         W, L, E, k = layer.world_size, layer.local_experts, cfg.num_experts, cfg.top_k
         device = layer.router_weight.device
         if error is None:
-            r = route(x, layer.router_weight, cfg)
+            r = route(x, layer.router_weight, cfg, router_bias=layer.router_bias,
+                      e_score_correction_bias=layer.e_score_correction_bias)
             T = x.shape[0]
             slot_pos = layer.expert_positions[r.experts].reshape(-1)  # [T*k] (rank, slot) order
             slot_tok = torch.arange(T, device=device).repeat_interleave(k)
@@ -94,15 +120,32 @@ class TorchEPBackend:
         if W == 1:
             if error is not None:
                 raise error
-            recv_counts = send_counts
-            y_sorted = expert_ffn(x[slot_tok], send_counts[0], layer.w_in, layer.w_out, cfg.activation)
+            y_sorted = self._local_experts(self._rows(x, slot_tok, slot_w), send_counts[0])
         else:
             recv_counts = self._exchange_counts(send_counts, error)
-            y_sorted = self._dispatch_compute_combine(x[slot_tok], send_counts, recv_counts)
+            rows = self._rows(x, slot_tok, slot_w)
+            y_sorted = self._dispatch_compute_combine(rows, send_counts, recv_counts)
 
         out = torch.zeros(x.shape[0], cfg.hidden_size, dtype=torch.float32, device=device)
-        out.index_add_(0, slot_tok, y_sorted.float() * slot_w.unsqueeze(1))
+        if cfg.weight_on_input:  # the weight was applied to the expert's input
+            out.index_add_(0, slot_tok, y_sorted.float())
+        else:
+            out.index_add_(0, slot_tok, y_sorted.float() * slot_w.unsqueeze(1))
+        if cfg.shared_experts:
+            out += shared_experts(x, layer)
         return out.to(x.dtype), stats
+
+    def _rows(self, x: torch.Tensor, slot_tok: torch.Tensor, slot_w: torch.Tensor) -> torch.Tensor:
+        """The rows sent to the experts, one per token-slot: the token, or (weight_on_input) the
+        token times its routing weight."""
+        if not self.layer.config.weight_on_input:
+            return x[slot_tok]
+        return (x[slot_tok].float() * slot_w.unsqueeze(1)).to(x.dtype)
+
+    def _local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows: [N, hidden] sorted by this rank's local expert, counts: [L] -> [N, hidden]."""
+        layer = self.layer
+        return expert_ffn(rows, counts, layer.w_in, layer.w_out, layer.config, layer.b_in, layer.b_out)
 
     def _exchange_counts(self, send_counts: torch.Tensor, error: Exception | None) -> torch.Tensor:
         """send_counts: [W, L] rows this rank sends to each (rank, local expert). Returns recv_counts
@@ -137,7 +180,7 @@ class TorchEPBackend:
         row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=recv_x.shape[0])
         perm = torch.sort(row_expert, stable=True).indices
         y = torch.empty_like(recv_x)
-        y[perm] = expert_ffn(recv_x[perm], recv_counts.sum(0), layer.w_in, layer.w_out, cfg.activation)
+        y[perm] = self._local_experts(recv_x[perm], recv_counts.sum(0))
         back = send_x.new_empty(send_x.shape[0], cfg.hidden_size)
         dist.all_to_all_single(back, y, send_splits, recv_splits, group=group)
         return back
