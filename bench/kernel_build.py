@@ -80,9 +80,11 @@ def build(cfg: MoEConfig, world: int, tokens: int, transport: str = "p2p", trace
     trace_t = torch.zeros(geo.trace_rows(tokens, launch.programs), 6, dtype=torch.int64) if trace else None
     if transport == "nvshmem":
         fused_moe.nvshmem_device_library = lambda: nvshmem_bitcode
-    args, kwargs = fused_moe.fused_kernel_args(x, torch.empty_like(x), w_in, w_out, zero_plan(tokens, geo), ws,
-                                               launch, activation=cfg.activation, rank=0, timeout_s=1.0,
-                                               trace=trace_t)
+    experts = {"w_in": w_in, "w_out": w_out}
+    if cfg.expert_bias:
+        experts.update(b_in=torch.zeros(L, cfg.ffn_in_size, dtype=dt), b_out=torch.zeros(L, H, dtype=dt))
+    args, kwargs = fused_moe.fused_kernel_args(x, torch.empty_like(x), experts, zero_plan(tokens, geo), ws,
+                                               launch, config=cfg, rank=0, timeout_s=1.0, trace=trace_t)
     meta = args[-1]._replace(ON_GPU=triton.language.constexpr(True))  # x is on the CPU here
     return fused_moe.fused_moe_kernel.warmup(*args[:-1], meta, grid=(launch.programs,), **kwargs), launch
 
@@ -122,6 +124,8 @@ CASES = {  # name -> (config, world, tokens, transport, trace)
     "deepseek_4096_w2_nvshmem": (preset("deepseek_v3"), 2, 4096, "nvshmem", False),
     "tiny_fp32_gelu": (preset("tiny", activation="gelu"), 2, 256, "p2p", False),
     "qwen3_4096_trace": (preset("qwen3_30b_a3b"), 1, 4096, "p2p", True),
+    "gpt_oss_4096": (preset("gpt_oss_120b"), 1, 4096, "p2p", False),
+    "llama4_scout_4096_w2": (preset("llama4_scout", shared_experts=0), 2, 4096, "p2p", False),
 }
 
 

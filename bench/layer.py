@@ -242,7 +242,7 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
                 raise
             print(f"backend {backend} failed at {tokens} tokens: {e!r}", file=sys.stderr)
             out = torch.full_like(xs[0][:CHECK_TOKENS], float("nan"))
-        ref = reference_forward(xs[0][:CHECK_TOKENS], *layer.full_weights(), cfg)
+        ref = reference_forward(xs[0][:CHECK_TOKENS], config=cfg, **layer.full_weight_dict())
         layer.synchronize()
     err = max_over_ranks(rel_err(out, ref), device)
     tol = 1e-2 if cfg.dtype == "bfloat16" else (1e-4 if device.type == "cuda" else 1e-5)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm_mem
 
 from flashmoe_py.reference import activate
-from flashmoe_py.routing import histogram, route
+from flashmoe_py.routing import histogram
 
 ALIGN = 16           # rows: each expert's block starts aligned, as the grouped GEMM wants
 MAX_2D_EXPERTS = 16  # all_to_all_vdev_2d needs fewer local experts than this (torch 2.11)
@@ -68,7 +68,7 @@ class SymmMemEP:
         layer, cfg = self.layer, self.cfg
         W, L, K, E = layer.world_size, layer.local_experts, cfg.top_k, cfg.num_experts
         T = x.shape[0]
-        r = route(x, layer.router_weight, cfg)
+        r = layer.route(x)
         slot_pos = layer.expert_positions[r.experts].reshape(-1)
         order = torch.sort(slot_pos, stable=True).indices
         slot_tok = order // K

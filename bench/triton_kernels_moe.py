@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from flashmoe_py.routing import route
-
 
 def available() -> str | None:
     """None if triton_kernels is importable here, else why not."""
@@ -59,7 +57,7 @@ class TritonKernelsMoE:
         from triton_kernels.tensor import SparseMatrix, make_ragged_tensor_metadata
         from triton_kernels.topk import topk
         cfg = self.cfg
-        r = route(x, self.layer.router_weight, cfg)
+        r = self.layer.route(x)
         dense = torch.zeros(x.shape[0], cfg.num_experts, dtype=torch.float32, device=x.device)
         dense.scatter_(1, r.experts, r.weights)
         picked = topk(dense, cfg.top_k, apply_softmax=False, y_indx=r.experts.to(torch.int16))

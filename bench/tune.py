@@ -46,7 +46,7 @@ def main():
             for setting in settings:
                 layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=T, seed=17, launch_override=setting)
                 if ref is None:  # the same seed: every setting's layer is the same function
-                    ref = fm.reference_forward(xs[0][:CHECK_TOKENS], *layer.full_weights(), cfg)
+                    ref = fm.reference_forward(xs[0][:CHECK_TOKENS], config=cfg, **layer.full_weight_dict())
                 with torch.inference_mode():
                     err = max_over_ranks(rel_err(layer(xs[0])[:CHECK_TOKENS], ref), rt.device)
                     times = []

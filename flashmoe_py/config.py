@@ -14,7 +14,6 @@ ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_grouped", "topk_sigmoid")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOP_K_LIMIT = 16          # Qwen3-Next routes every token to 10 experts
 NUM_EXPERTS_LIMIT = 512   # Qwen3-Next has 512 experts, Kimi-K2 384
-MAX_TOP_K = 8             # what the router kernel and the fused kernel take today (kernels/router.py)
 GPT_OSS_SWIGLU_ALPHA = 1.702  # gpt-oss's clamped SwiGLU (transformers' GptOssConfig defaults)
 GPT_OSS_SWIGLU_LIMIT = 7.0
 
@@ -266,17 +265,8 @@ class MoEConfig:
     def fused_unsupported(self) -> str | None:
         """The first feature of this config that backend 'flash' (the fused kernel) does not have
         yet, as a phrase naming the field, or None when the fused kernel runs it."""
-        default = {f.name: f.default for f in dataclasses.fields(self)}
-        for field in ("routing", "router_bias", "routed_scaling_factor", "expert_bias", "weight_on_input",
-                      "shared_experts"):
-            if getattr(self, field) != default[field]:
-                return f"{field}={getattr(self, field)!r}"
-        if self.router_torch_dtype != self.torch_dtype:
-            return f"router_dtype={self.router_dtype!r} (with dtype={self.dtype!r})"
-        if self.activation == "clamped_swiglu":
-            return "activation='clamped_swiglu'"
-        if self.top_k > MAX_TOP_K:
-            return f"top_k={self.top_k} (the fused path takes up to {MAX_TOP_K})"
+        if self.shared_experts:
+            return f"shared_experts={self.shared_experts!r}"
         return None
 
     def local_experts(self, world_size: int) -> int:

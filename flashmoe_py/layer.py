@@ -16,6 +16,7 @@ from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
 from .kernels.fused_moe import TMA_ROW_MULTIPLE
 from .options import FusedOptions
 from .placement import ExpertPlacement
+from .routing import Routing, route
 from .runtime import ConsistencyError, find_mismatch, fused_unavailable_reason
 
 BACKENDS = ("torch", "flash")
@@ -243,6 +244,11 @@ class MoELayer(nn.Module):
             else:
                 full[name] = t.clone()
         return full
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """This rank's tokens x [T, H] through the layer's router (routing.route, with its biases)."""
+        return route(x, self.router_weight, self.config, router_bias=self.router_bias,
+                     e_score_correction_bias=self.e_score_correction_bias)
 
     def full_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router_weight [E, H], w_in [E, H, F_in], w_out [E, F, H]) of the full layer, as

@@ -1,5 +1,5 @@
 """Router scoring, top-k and the capacity policy: every backend's first stage (the router kernel
-on GPUs for today's softmax routing, torch ops for every routing everywhere)."""
+on GPUs, torch ops otherwise; both for every routing MoEConfig has)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import MAX_TOP_K, MoEConfig
+from .config import MoEConfig
 from .kernels.router import MAX_EXPERTS, router_topk
 
 
@@ -27,13 +27,14 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
     """x: [tokens, hidden]; router_weight: [num_experts, hidden]; router_bias: [num_experts] when
     config.router_bias; e_score_correction_bias: [num_experts] when config.routing is
     'sigmoid_grouped' (MoEConfig describes each routing). Scores in fp32, the best expert first.
-    On a GPU, today's routing ('softmax_topk', no router bias or scaling, top_k <= MAX_TOP_K) with
-    x and router_weight of one dtype and up to MAX_EXPERTS experts is one kernel
-    (kernels/router.py)."""
+    On a GPU, with router_weight in x's dtype or fp32 and up to MAX_EXPERTS experts, every
+    routing is one kernel (kernels/router.py)."""
     config.check_weights({"router_bias": router_bias, "e_score_correction_bias": e_score_correction_bias})
     if _router_kernel_fits(x, router_weight, config):
-        weights, experts = router_topk(x.contiguous(), router_weight.contiguous(), config.top_k,
-                                       config.renormalize)
+        weights, experts = router_topk(
+            x.contiguous(), router_weight.contiguous(), config.top_k, config.renormalize, routing=config.routing,
+            router_bias=router_bias, correction_bias=e_score_correction_bias, n_group=config.n_group,
+            topk_group=config.topk_group, scaling=config.routed_scaling_factor)
     else:
         logits = x.float() @ router_weight.float().t()
         if router_bias is not None:
@@ -49,9 +50,8 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
 
 
 def _router_kernel_fits(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> bool:
-    return (x.is_cuda and config.routing == "softmax_topk" and not config.router_bias
-            and config.routed_scaling_factor == 1.0 and router_weight.dtype == x.dtype
-            and config.num_experts <= MAX_EXPERTS and config.top_k <= MAX_TOP_K)
+    return (x.is_cuda and router_weight.dtype in (x.dtype, torch.float32)
+            and config.num_experts <= MAX_EXPERTS)
 
 
 # Each scorer: logits [T, E] fp32 -> (weights [T, k], experts [T, k] int64), before scaling.

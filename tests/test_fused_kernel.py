@@ -16,12 +16,14 @@ import triton.language as tl
 from one_rank import OneRank
 
 from flashmoe_py import ExpertPlacement, MoEConfig, reference_forward
+from flashmoe_py.config import EXPERT_WEIGHTS
 from flashmoe_py.backends.flash import routing_plan
 from flashmoe_py.kernels import transport
 from flashmoe_py.kernels.fused_moe import _expert_tile, _tile_table, launch_fused
 from flashmoe_py.kernels.launch_config import LaunchConfig
 from flashmoe_py.kernels.layout import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, Geometry
 from flashmoe_py.kernels.workspace import Workspace
+from flashmoe_py.routing import route
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter test (the GPU suite runs the kernel for real)")
@@ -75,9 +77,9 @@ def test_chunks_are_sent_expert_slot_by_slot_to_rotating_destinations(world, ran
     geo = Geometry.for_config(cfg, world, 300)
     x = torch.randn(300, 16)
     router = torch.randn(cfg.num_experts, 16)
-    plan, _ = routing_plan(x, router, ExpertPlacement.contiguous(cfg.num_experts, world).positions(), cfg, geo,
-                           geo.send_order(rank), torch.zeros(world, geo.local_experts, geo.max_chunks,
-                                                             dtype=torch.int64))
+    plan, _ = routing_plan(route(x, router, cfg), ExpertPlacement.contiguous(cfg.num_experts, world).positions(),
+                           geo, geo.send_order(rank), torch.zeros(world, geo.local_experts, geo.max_chunks,
+                                                                  dtype=torch.int64))
     L, counts = geo.local_experts, plan.send_counts.tolist()
     expected = [(d * L + e, c) for e in range(L) for d in [(rank + i) % world for i in range(world)]
                 for c in range(-(-counts[d * L + e] // geo.chunk))]
@@ -218,38 +220,42 @@ class SharedMemoryBuffers:
 
 
 def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inputs, block_m):
-    """One rank of the fused kernel (one program) in this process; -> [(rel err, status, epoch)]."""
+    """One rank of the fused kernel (one program) in this process; weights: every full weight by
+    name; -> [(rel err, status, epoch)]."""
     cfg = MoEConfig.from_dict(cfg_dict)
     geo = Geometry.for_config(cfg, world, max_tokens)
     ws = Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", SharedMemoryBuffers(bufs, rank))
     L = geo.local_experts
-    router, w_in, w_out = weights
     mine = slice(rank * L, (rank + 1) * L)
+    experts = {name: t[mine].contiguous() for name, t in weights.items() if name in EXPERT_WEIGHTS}
+    router = {name: t for name, t in weights.items() if name in ("router_bias", "e_score_correction_bias")}
     positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
     launch = LaunchConfig(programs=1, block_m=block_m, block_n=geo.block_n)
     results = []
     for x in inputs[rank]:
-        plan, _ = routing_plan(x, router, positions, cfg, geo, geo.send_order(rank), ws.scratch.comb_expect)
+        r = route(x, weights["router_weight"], cfg, **router)
+        plan, _ = routing_plan(r, positions, geo, geo.send_order(rank), ws.scratch.comb_expect)
         out = torch.full_like(x, float("nan"))
-        launch_fused(x, out, w_in[mine].contiguous(), w_out[mine].contiguous(), plan, ws, launch,
-                     activation=cfg.activation, rank=rank, timeout_s=120.0)
-        err = rel_err(out, reference_forward(x, router, w_in, w_out, cfg, torch.float64)) if len(x) else 0.0
-        results.append((err, int(ws.scratch.status[0]), int(ws.scratch.ctl[0])))
+        launch_fused(x, out, experts, plan, ws, launch, config=cfg, rank=rank, timeout_s=120.0)
+        ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **weights)
+        results.append((rel_err(out, ref) if len(x) else 0.0, int(ws.scratch.status[0]), int(ws.scratch.ctl[0])))
     return results
 
 
-@pytest.mark.parametrize("world,top_k,activation,block_m", [
-    (2, 2, "swiglu", 64), (2, 3, "relu", 128), (3, 1, "gelu", 64)])
-def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activation, block_m):
+@pytest.mark.parametrize("world,top_k,activation,block_m,variant", [
+    (2, 2, "swiglu", 64, {}), (2, 3, "relu", 128, {}), (3, 1, "gelu", 64, {}),
+    (2, 2, "clamped_swiglu", 64, dict(expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
+                                      renormalize=False))])
+def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activation, block_m, variant):
     """The multi-rank protocol (counts, dispatch to peers, tiles across sources, combine counters,
-    epochs) with each rank's kernel in its own process, on shared-memory 'symmetric' buffers."""
+    epochs) with each rank's kernel in its own process, on shared-memory 'symmetric' buffers; and
+    the expert variants whose rows are scaled before they are sent (weight_on_input)."""
     cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=2 * world, top_k=top_k,
-                    activation=activation, dtype="float32")
+                    activation=activation, dtype="float32", **variant)
     gen = torch.Generator().manual_seed(random.randrange(2**31))
-    E, H, F = cfg.num_experts, cfg.hidden_size, cfg.ffn_size
-    weights = (torch.randn(E, H, generator=gen) / H**0.5,
-               torch.randn(E, H, cfg.ffn_in_size, generator=gen) / H**0.5,
-               torch.randn(E, F, H, generator=gen) / F**0.5)
+    H = cfg.hidden_size
+    weights = {name: torch.randn(shape, generator=gen) / shape[-2 if len(shape) > 1 else -1] ** 0.5
+               for name, shape in cfg.weight_shapes().items()}
     calls = [[37, 0, 40, 9], [5, 40, 0, 9], [19, 3, 1, 9]][:world]  # per rank, 4 epochs; zeros too
     inputs = [[torch.randn(t, H, generator=gen) for t in ts] for ts in calls]
     bufs = shared_symmetric_buffers(cfg, world, 40)
@@ -288,3 +294,25 @@ def test_nvshmem_transport_heap_adds_a_staging_row_per_token_slot():
     p2p, nv = geo.symmetric_buffers(torch.bfloat16), geo.symmetric_buffers(torch.bfloat16, "nvshmem")
     assert set(nv) - set(p2p) == {"send_x"} and nv["send_x"] == ((1000 * 2, 256), torch.bfloat16)
     assert all(dtype == torch.int64 for name, (_, dtype) in p2p.items() if "count" in name or "flag" in name)
+
+
+@pytest.mark.parametrize("fields", [dict(top_k=2, num_experts=8, expert_bias=True),
+                                    dict(top_k=2, num_experts=8, activation="clamped_swiglu", expert_bias=True,
+                                         routing="topk_softmax", router_bias=True),
+                                    dict(top_k=1, num_experts=4, weight_on_input=True, routing="topk_sigmoid",
+                                         renormalize=False),
+                                    dict(top_k=3, num_experts=8, weight_on_input=True, expert_bias=True),
+                                    dict(top_k=10, num_experts=16),
+                                    dict(top_k=3, num_experts=8, routing="sigmoid_grouped", n_group=4, topk_group=2,
+                                         routed_scaling_factor=2.5),
+                                    dict(top_k=2, num_experts=8, routing="topk_softmax", router_bias=True)])
+def test_whole_kernel_with_every_routing_and_expert_variant(fields):
+    """The kernel takes whatever the router picked (up to 16 experts a token, weights that need not
+    sum to 1) and the expert variants: biases, gpt-oss's clamped SwiGLU, the weight on the input."""
+    cfg = MoEConfig(hidden_size=40, ffn_size=48, dtype="float32", **fields)
+    rank = OneRank(cfg, max_tokens=30)
+    for tokens in (30, 7):
+        x, out = rank.forward(tokens)
+        assert int(rank.status[0]) == 0
+        ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+        assert rel_err(out, ref) <= 1e-5

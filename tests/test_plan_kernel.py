@@ -57,7 +57,8 @@ def test_plan_places_every_kept_slot_once_in_its_pairs_rows(T, K, E, W, drop):
         assert sorted(rows.tolist()) == list(range(int(counts[p])))
         assert (plan["slot_dest"][mine] == p // L).all()
         assert (plan["slot_chunk"][mine] == p * MAXC + rows // CHUNK).all()
-        assert (plan["send_tok"][plan["pos_start"][p] + rows] == torch.nonzero(mine)[:, 0]).all()
+        slots = torch.nonzero(mine.reshape(-1))[:, 0]  # slot = token * K + choice
+        assert (plan["send_slot"][plan["pos_start"][p] + rows] == slots).all()
     assert torch.equal(plan["slot_w"], weights.cpu())
     rows_back = (counts[:, None] - torch.arange(MAXC) * CHUNK).clamp(0, CHUNK)
     assert torch.equal(comb_expect.cpu(), 5 + rows_back)

@@ -95,11 +95,77 @@ def test_non_finite_tokens_get_k_distinct_experts_with_nan_weights(dtype):
     (lambda x, w: router_topk(x, w.t().contiguous(), 2, True), "router_weight"),
     (lambda x, w: router_topk(x, w.double(), 2, True), "router_weight"),
     (lambda x, w: router_topk(x.t(), w, 2, True), "x: expected"),
-    (lambda x, w: router_topk(x, w, 9, True), "top_k=9"),
-    (lambda x, w: router_topk(x, torch.zeros(300, 64, device=x.device), 2, True), "300 experts"),
+    (lambda x, w: router_topk(x, w, 17, True), "top_k=17"),
+    (lambda x, w: router_topk(x, torch.zeros(600, 64, device=x.device), 2, True), "600 experts"),
     (lambda x, w: router_topk(x, w, 2, True, block_t=24), "block_t=24"),
 ])
 def test_router_rejects_bad_arguments_by_name(bad, match):
     x, w = torch.randn(8, 64, device=DEVICE), torch.randn(16, 64, device=DEVICE)
     with pytest.raises(ValueError, match=match):
         bad(x, w)
+
+
+ROUTINGS = [  # (config fields, whether the router has a bias, an fp32 router in a bf16 model)
+    (dict(routing="topk_softmax", router_bias=True), True),
+    (dict(routing="topk_sigmoid", renormalize=False), False),
+    (dict(routing="topk_sigmoid", renormalize=True, routed_scaling_factor=2.5), False),
+    (dict(routing="sigmoid_grouped", n_group=8, topk_group=4, routed_scaling_factor=2.5), False),
+    (dict(routing="sigmoid_grouped", n_group=4, topk_group=4, renormalize=False), False),
+    (dict(routing="softmax_topk", routed_scaling_factor=0.5), False),
+]
+
+
+@pytest.mark.parametrize("fields,bias", ROUTINGS)
+@pytest.mark.parametrize("experts,top_k", [(64, 8), (32, 3), (512, 10)])
+def test_every_routing_matches_the_reference(fields, bias, experts, top_k):
+    """fp32 (the interpreter's dot): the kernel's experts and weights are the reference's on every
+    token whose choice no rounding can change (biased scores and group scores well apart)."""
+    cfg = MoEConfig(hidden_size=64, ffn_size=32, num_experts=experts, top_k=top_k, dtype="float32", **fields)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    x = torch.randn(70, 64, generator=gen)
+    w = torch.randn(experts, 64, generator=gen) / 8
+    router_bias = torch.randn(experts, generator=gen) / 4 if bias else None
+    correction = torch.rand(experts, generator=gen) / 4 if cfg.routing == "sigmoid_grouped" else None
+    extra = {"router_bias": router_bias, "e_score_correction_bias": correction}
+    ref_w, ref_e, _ = reference_routing(x, w, cfg, torch.float64, **extra)
+    got_w, got_e = (t.cpu() for t in router_topk(
+        x.to(DEVICE), w.to(DEVICE), top_k, cfg.renormalize, routing=cfg.routing,
+        router_bias=None if router_bias is None else router_bias.to(DEVICE),
+        correction_bias=None if correction is None else correction.to(DEVICE), n_group=cfg.n_group,
+        topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor))
+    rows = decided_rows(x, w, top_k) if cfg.routing != "sigmoid_grouped" else torch.ones(70, dtype=torch.bool)
+    if bias or correction is not None:  # the choice is on biased values: compare where it is clear
+        rows = decided_choice(x, w, cfg, router_bias, correction)
+    assert rows.float().mean() > 0.3
+    assert torch.equal(got_e[rows], ref_e[rows])
+    torch.testing.assert_close(got_w[rows].double(), ref_w[rows].double(), rtol=1e-5, atol=1e-6)
+
+
+def decided_choice(x, w, cfg, router_bias, correction, margin=1e-4):
+    """Rows whose biased choice values (and, grouped, group scores) are all more than margin apart."""
+    logits = x.double() @ w.double().t() + (0 if router_bias is None else router_bias.double())
+    choice = logits.sigmoid() + correction.double() if correction is not None else logits
+    top = choice.sort(dim=1, descending=True).values[:, :cfg.top_k + 1]
+    ok = (top[:, :-1] - top[:, 1:]).min(dim=1).values > margin
+    if cfg.routing == "sigmoid_grouped" and cfg.n_group > 1:
+        groups = choice.view(len(x), cfg.n_group, -1).topk(2, dim=-1).values.sum(-1).sort(dim=1).values
+        ok &= (groups[:, 1:] - groups[:, :-1]).min(dim=1).values > margin
+    return ok
+
+
+@pytest.mark.gpu
+def test_an_fp32_router_in_a_bf16_layer_takes_the_exact_dot_on_upcast_activations():
+    """DeepSeek-V3's router stays fp32 in a bf16 model: its logits are the fp32 product of the
+    upcast activations, so the picks match float64 routing on every decided token."""
+    cfg = MoEConfig(hidden_size=512, ffn_size=64, num_experts=256, top_k=8, routing="sigmoid_grouped",
+                    n_group=8, topk_group=4, routed_scaling_factor=2.5, router_dtype="float32")
+    x = torch.randn(2048, 512, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(256, 512, device=DEVICE) / 512**0.5
+    correction = torch.rand(256, device=DEVICE) / 4
+    got_w, got_e = router_topk(x, w, 8, True, routing="sigmoid_grouped", correction_bias=correction, n_group=8,
+                               topk_group=4, scaling=2.5)
+    ref_w, ref_e, _ = reference_routing(x.cpu(), w.cpu(), cfg, torch.float64,
+                                        e_score_correction_bias=correction.cpu())
+    rows = decided_choice(x.cpu(), w.cpu(), cfg, None, correction.cpu())
+    assert rows.float().mean() > 0.5 and torch.equal(got_e.cpu()[rows], ref_e[rows])
+    torch.testing.assert_close(got_w.cpu()[rows].double(), ref_w[rows].double(), rtol=1e-5, atol=1e-6)

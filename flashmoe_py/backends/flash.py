@@ -20,7 +20,7 @@ from ..kernels.plan import RoutingPlan, build_plan
 from ..kernels.fused_moe import launch_fused
 from ..kernels.transport import nvshmem_device_library
 from ..kernels.workspace import Workspace
-from ..routing import route
+from ..routing import Routing
 
 log = logging.getLogger("flashmoe_py")
 
@@ -29,13 +29,12 @@ class FusedKernelError(RuntimeError):
     """A bounded wait in the fused kernel timed out; the layer is unusable afterwards."""
 
 
-def routing_plan(x: torch.Tensor, router_weight: torch.Tensor, positions: torch.Tensor, config,
-                 geo: Geometry, send_order: torch.Tensor, comb_expect: torch.Tensor) -> tuple[RoutingPlan, dict]:
-    """x: [T, H]; positions: [E] int64 (placement); send_order: geo.send_order(this rank), on x's
-    device; comb_expect: [W, L, MAXC] int64, to which the rows this rank will get back in each
-    chunk are added. The router, then three small kernels; no host synchronisation.
-    -> (the plan, stats {expert_counts, dropped_slots})."""
-    r = route(x, router_weight, config)
+def routing_plan(r: Routing, positions: torch.Tensor, geo: Geometry, send_order: torch.Tensor,
+                 comb_expect: torch.Tensor) -> tuple[RoutingPlan, dict]:
+    """r: this rank's routing (routing.route); positions: [E] int64 (placement); send_order:
+    geo.send_order(this rank), on r's device; comb_expect: [W, L, MAXC] int64, to which the rows
+    this rank will get back in each chunk are added. Three small kernels; no host
+    synchronisation. -> (the plan, stats {expert_counts, dropped_slots})."""
     return build_plan(r.experts, r.kept, r.weights, positions, send_order, comb_expect,
                       local_experts=geo.local_experts, chunk=geo.chunk, maxc=geo.max_chunks)
 
@@ -115,12 +114,14 @@ class FlashBackend:
     def _launch(self, x: torch.Tensor, copy_status: bool = False):
         """Routing plan + one kernel launch for x: [T, H] (T may be 0). -> (out, stats)."""
         layer, geo, ws = self.layer, self.geo, self.ws
-        plan, stats = routing_plan(x, layer.router_weight, layer.expert_positions, layer.config, geo,
-                                   self.send_order, ws.scratch.comb_expect)
+        plan, stats = routing_plan(layer.route(x), layer.expert_positions, geo, self.send_order,
+                                   ws.scratch.comb_expect)
         out = torch.empty_like(x)
         launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override)
-        launch_fused(x, out, layer.w_in, layer.w_out, plan, ws, launch, activation=layer.config.activation,
-                     rank=layer.rank, timeout_s=self.options.timeout_s, trace=self.trace)
+        experts = {name: getattr(layer, name) for name in ("w_in", "w_out", "b_in", "b_out")
+                   if getattr(layer, name) is not None}
+        launch_fused(x, out, experts, plan, ws, launch, config=layer.config, rank=layer.rank,
+                     timeout_s=self.options.timeout_s, trace=self.trace)
         capturing = torch.cuda.is_current_stream_capturing()
         if copy_status or not capturing:
             self.status_host.copy_(ws.scratch.status, non_blocking=True)

@@ -68,7 +68,7 @@ from .transport import (NVSHMEM, TRANSPORTS, add_count, clock_ns, nvshmem_device
                         order_counts, puts_complete, rows_landed, rows_sent, rows_target, send_tile,
                         set_count_words, signal, wait_at_least)
 
-ACT_CODES = {"swiglu": 0, "gelu": 1, "relu": 2}
+ACT_CODES = {"swiglu": 0, "gelu": 1, "relu": 2, "clamped_swiglu": 3}
 # The interpreter runs no PTX, so has no clock: its waits count polling rounds instead (about 0.7 ms
 # each on a CPU for a wait on a few words).
 INTERPRETER_ROUNDS_PER_S = 1000
@@ -77,13 +77,16 @@ TMA_ROW_MULTIPLE = 8
 
 
 class Weights(NamedTuple):
-    """This rank's expert weights as tensor descriptors, so their tiles are loaded by the tensor
-    memory accelerator (TMA) and zero-filled past each expert's edges: w_in [L, H, F_in] in
-    [1, BK, BF] blocks (F_in = 2F for swiglu: gate columns, then up columns), w_out [L, F, H] in
-    [1, BK, BN_OUT] blocks."""
+    """This rank's expert weights: w_in [L, H, F_in] and w_out [L, F, H] as tensor descriptors,
+    so their tiles are loaded by the tensor memory accelerator (TMA) and zero-filled past each
+    expert's edges ([1, BK, BF] and [1, BK, BN_OUT] blocks; F_in = 2F for the gated activations:
+    gate columns, then up columns); the biases b_in [L, F_in] and b_out [L, H] (Meta.HAS_BIAS;
+    any tensor otherwise, unread)."""
 
     w_in: TensorDescriptor
     w_out: TensorDescriptor
+    b_in: torch.Tensor
+    b_out: torch.Tensor
 
 
 class Dims(NamedTuple):
@@ -100,7 +103,9 @@ class Dims(NamedTuple):
 
 class Meta(NamedTuple):
     """Compile-time settings, each a tl.constexpr: TOP_K (K_POW2 its power of two); ACT
-    (ACT_CODES) and GATED (swiglu: gate and up halves); PRECISION of fp32 dots; E_POW2, W_POW2,
+    (ACT_CODES), GATED (gate and up halves), SWIGLU_ALPHA and SWIGLU_LIMIT of clamped_swiglu;
+    HAS_BIAS (expert biases); WEIGHT_ON_INPUT (a slot's routing weight scales the expert's input,
+    not its output); PRECISION of fp32 dots; E_POW2, W_POW2,
     L_POW2 powers of two >= W * L, W, L; tiles BM (expert rows), CHUNK (dispatch rows), BN
     (combine columns), BN_OUT (GEMM2 columns), BF (GEMM1 columns), BK (K step), BT (combine
     tokens), NF_POW2 (>= GEMM1 column tiles); STAGES of the K loops; GROUP of expert tiles taken
@@ -111,6 +116,10 @@ class Meta(NamedTuple):
     K_POW2: tl.constexpr
     ACT: tl.constexpr
     GATED: tl.constexpr
+    SWIGLU_ALPHA: tl.constexpr
+    SWIGLU_LIMIT: tl.constexpr
+    HAS_BIAS: tl.constexpr
+    WEIGHT_ON_INPUT: tl.constexpr
     PRECISION: tl.constexpr
     E_POW2: tl.constexpr
     W_POW2: tl.constexpr
@@ -213,14 +222,20 @@ def _grouped(t, rows, cols, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _activate(gate, up, ACT: tl.constexpr):
-    """gate/up: [BM, BF] fp32 accumulators -> activation in fp32 (up unused unless swiglu)."""
-    if ACT == 0:  # swiglu
+def _activate(gate, up, meta):
+    """gate/up: [BM, BF] fp32 accumulators -> activation in fp32 (up unused unless gated)."""
+    if meta.ACT == 0:  # swiglu
         return gate / (1.0 + tl.exp(-gate)) * up
-    elif ACT == 1:  # gelu, exact erf form
+    elif meta.ACT == 1:  # gelu, exact erf form
         return 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-    else:  # relu
+    elif meta.ACT == 2:  # relu
         return tl.maximum(gate, 0.0)
+    else:  # clamped_swiglu (gpt-oss): gate <= limit, |up| <= limit, gate * sigmoid(alpha * gate) * (up + 1)
+        limit = tl.full((), meta.SWIGLU_LIMIT, tl.float32)
+        alpha = tl.full((), meta.SWIGLU_ALPHA, tl.float32)
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return gate / (1.0 + tl.exp(-(alpha * gate))) * (up + 1.0)
 
 
 @triton.jit
@@ -237,7 +252,8 @@ def dispatch_chunk(q, x_ptr, plan, sym, dims, epoch, rank, meta):
     """Copy send chunk q (CHUNK rows of one (dest, expert) pair) to the destination; raise its flag.
     P2P stores the rows there directly; NVSHMEM gathers them into send_x (local, symmetric; rows
     in sorted-slot order) and puts them as one block that carries the flag. Chunks for this rank
-    itself are not copied: its expert tiles read those rows from x (ffn_in_tile)."""
+    itself are not copied: its expert tiles read those rows from x (ffn_in_tile). WEIGHT_ON_INPUT:
+    each row goes out times its slot's routing weight (rounded to x's dtype, as the models do)."""
     H, S, L, MAXC = dims.hidden, dims.source_rows, dims.local_experts, dims.max_chunks
     CHUNK: tl.constexpr = meta.CHUNK
     pos = tl.load(plan.chunk_pos + q)
@@ -247,7 +263,10 @@ def dispatch_chunk(q, x_ptr, plan, sym, dims, epoch, rank, meta):
         i = tl.arange(0, CHUNK)
         valid = c * CHUNK + i < count
         slot = tl.load(plan.pos_start + pos).to(tl.int64) + c * CHUNK + i
-        tok = tl.load(plan.send_tok + slot, mask=valid, other=0).to(tl.int64)
+        routed = tl.load(plan.send_slot + slot, mask=valid, other=0)  # token * TOP_K + choice
+        tok = (routed // meta.TOP_K).to(tl.int64)
+        if meta.WEIGHT_ON_INPUT:
+            w = tl.load(plan.slot_w + routed, mask=valid, other=0.0)
         dest, e = pos // L, pos % L
         row = (rank * S + tl.load(plan.region_off + pos) + c * CHUNK + i).to(tl.int64)
         dst, row = rows_target(sym.recv_x, dest, sym.send_x, row, slot, meta.TRANSPORT)
@@ -255,6 +274,8 @@ def dispatch_chunk(q, x_ptr, plan, sym, dims, epoch, rank, meta):
             cols = n0 + tl.arange(0, meta.BN)
             m = valid[:, None] & (cols[None, :] < H)
             v = tl.load(x_ptr + tok[:, None] * H + cols[None, :], mask=m)
+            if meta.WEIGHT_ON_INPUT:
+                v = (v.to(tl.float32) * w[:, None]).to(x_ptr.dtype.element_ty)
             tl.store(dst + row[:, None] * H + cols[None, :], v, mask=m)
         rows = tl.minimum(count - c * CHUNK, CHUNK).to(tl.int64)
         ELT: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth // 8
@@ -321,7 +342,8 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wa
     chunks' flags rise, this rank's own rows straight from x (by the plan's token of each slot),
     never copied. -> (ready, done) clock stamps when TRACE (module docstring), else zeros. A gate
     tile of the last f-tile may reach into the up columns when F is not a multiple of BF: those
-    columns of h are never stored."""
+    columns of h are never stored. WEIGHT_ON_INPUT: own rows' products are scaled by their
+    slots' weights here (x W is linear in x), other ranks' rows came scaled (dispatch_chunk)."""
     W, L, H, F, S, MAXC = dims.world, dims.local_experts, dims.hidden, dims.ffn, dims.source_rows, dims.max_chunks
     BM: tl.constexpr = meta.BM
     BF: tl.constexpr = meta.BF
@@ -338,7 +360,8 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wa
     else:
         r = (t.src * S + t.row).to(tl.int64)
         first_own = tl.load(plan.pos_start + rank * L + t.e)  # the pair (this rank, e)'s first sorted slot
-        tok = tl.load(plan.send_tok + first_own + t.pair_row, mask=own, other=0).to(tl.int64)
+        routed = tl.load(plan.send_slot + first_own + t.pair_row, mask=own, other=0)  # token * TOP_K + choice
+        tok = (routed // meta.TOP_K).to(tl.int64)
         a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
         f = j * BF + tl.arange(0, BF)
         fmask = f < F
@@ -355,7 +378,16 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wa
                 b2 = weights.w_in.load([t.e, k0, F + col]).reshape(BK, BF)
                 up = tl.dot(a, b2, up, input_precision=meta.PRECISION)
         done = clock_ns() if meta.TRACE else 0
-        h = _activate(gate, up, meta.ACT)
+        if meta.WEIGHT_ON_INPUT:
+            scale = tl.where(own, tl.load(plan.slot_w + routed, mask=own, other=1.0), 1.0)[:, None]
+            gate = gate * scale
+            up = up * scale
+        if meta.HAS_BIAS:
+            b_in = weights.b_in + t.e.to(tl.int64) * (2 * F if meta.GATED else F)
+            gate += tl.load(b_in + f, mask=fmask, other=0.0).to(tl.float32)[None, :]
+            if meta.GATED:
+                up += tl.load(b_in + F + f, mask=fmask, other=0.0).to(tl.float32)[None, :]
+        h = _activate(gate, up, meta)
         tl.store(scratch.h + r[:, None] * F + f[None, :], h.to(scratch.h.dtype.element_ty),
                  mask=t.valid[:, None] & fmask[None, :])
         signal(scratch.h_flags + q * NF + j, epoch.to(tl.int32), "gpu")  # h and its readers: this GPU
@@ -437,6 +469,9 @@ def ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_lim
             b = weights.w_out.load([t.e, k0, col]).reshape(BK, BN_OUT)
             acc = tl.dot(a, b, acc, input_precision=meta.PRECISION)
     done = clock_ns() if meta.TRACE else 0
+    if meta.HAS_BIAS:
+        cols = n * BN_OUT + tl.arange(0, BN_OUT)
+        acc += tl.load(weights.b_out + t.e.to(tl.int64) * H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
     if not ok:
         _report_timeout(scratch, WAIT_HIDDEN, rank, t.e, q, epoch)
     else:
@@ -481,7 +516,10 @@ def combine_tile(tt, n, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_l
         d = tl.load(plan.slot_dest + s, mask=tmask, other=-1)
         ok = d >= 0
         row = tl.load(plan.slot_row + s, mask=ok, other=0).to(tl.int64)
-        w = tl.load(plan.slot_w + s, mask=ok, other=0.0)
+        if meta.WEIGHT_ON_INPUT:  # the weight went in with the rows: their outputs add as they are
+            w = tl.where(ok, 1.0, 0.0)
+        else:
+            w = tl.load(plan.slot_w + s, mask=ok, other=0.0)
         y = tl.load(sym.combine_y.local + (d.to(tl.int64) * S + row)[:, None] * H + cols[None, :],
                     mask=ok[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
         acc += w[:, None] * y.to(tl.float32)
@@ -577,13 +615,15 @@ def fused_moe_kernel(x_ptr, out_ptr, weights, plan, sym, scratch, dims,
         tl.store(ctl + CTL_EPOCH, epoch + 1)
 
 
-def fused_kernel_args(x, out, w_in, w_out, plan, ws, launch, *, activation: str, rank: int, timeout_s: float,
+def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: int, timeout_s: float,
                       trace: torch.Tensor | None = None) -> tuple[tuple, dict]:
     """Check shapes and build fused_moe_kernel's arguments for one forward -> (args, kwargs;
     kwargs hold the constexpr-free launch options num_warps and, for NVSHMEM, extern_libs).
 
-    x, out: [T, H]; w_in: [L, H, F_in]; w_out: [L, F, H] (one dtype, x's device; rows of 16-byte
-    multiples, as TMA needs: hidden and ffn multiples of 8, checked by the layer); plan: a
+    x, out: [T, H]; experts: this rank's expert weights by name, w_in [L, H, F_in], w_out [L, F, H]
+    and, when config.expert_bias, b_in [L, F_in], b_out [L, H] (x's dtype and device; rows of
+    16-byte multiples, as TMA needs: hidden and ffn multiples of 8, checked by the layer);
+    config: the layer's MoEConfig; plan: a
     kernels/plan.RoutingPlan of x; ws: the layer's workspace.Workspace; launch: a
     launch_config.LaunchConfig; timeout_s: how long any one wait in the kernel may last (on
     GPUs by the GPU's clock; in the interpreter, INTERPRETER_ROUNDS_PER_S polling rounds a
@@ -592,9 +632,12 @@ def fused_kernel_args(x, out, w_in, w_out, plan, ws, launch, *, activation: str,
     geo = ws.geo
     T, H = x.shape
     W, L, F = geo.world_size, geo.local_experts, geo.ffn
-    gated = activation == "swiglu"
+    gated = config.gated
+    w_in, w_out = experts["w_in"], experts["w_out"]
     expect = {"x": (x, (T, geo.hidden)), "out": (out, (T, H)), "w_in": (w_in, (L, H, F * (2 if gated else 1))),
               "w_out": (w_out, (L, F, H))}
+    if config.expert_bias:
+        expect.update(b_in=(experts["b_in"], (L, F * (2 if gated else 1))), b_out=(experts["b_out"], (L, H)))
     for name, (t, shape) in expect.items():
         if tuple(t.shape) != shape or not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor of shape {shape}, got "
@@ -613,8 +656,10 @@ def fused_kernel_args(x, out, w_in, w_out, plan, ws, launch, *, activation: str,
     wait_limit = int(timeout_s * (1e9 if on_gpu else INTERPRETER_ROUNDS_PER_S)) or 1
     top_k = plan.slot_dest.shape[1]
     c = tl.constexpr
-    meta = Meta(TOP_K=c(top_k), K_POW2=c(triton.next_power_of_2(top_k)), ACT=c(ACT_CODES[activation]),
-                GATED=c(gated), PRECISION=c("tf32x3" if x.dtype == torch.float32 else "tf32"),
+    meta = Meta(TOP_K=c(top_k), K_POW2=c(triton.next_power_of_2(top_k)), ACT=c(ACT_CODES[config.activation]),
+                GATED=c(gated), SWIGLU_ALPHA=c(float(config.swiglu_alpha)), SWIGLU_LIMIT=c(float(config.swiglu_limit)),
+                HAS_BIAS=c(config.expert_bias), WEIGHT_ON_INPUT=c(config.weight_on_input),
+                PRECISION=c("tf32x3" if x.dtype == torch.float32 else "tf32"),
                 E_POW2=c(triton.next_power_of_2(W * L)), W_POW2=c(triton.next_power_of_2(W)),
                 L_POW2=c(triton.next_power_of_2(L)), BM=c(launch.block_m), CHUNK=c(geo.chunk), BN=c(geo.block_n),
                 BN_OUT=c(launch.block_n), BF=c(geo.block_f), BK=c(geo.block_k), BT=c(geo.block_t),
@@ -622,7 +667,8 @@ def fused_kernel_args(x, out, w_in, w_out, plan, ws, launch, *, activation: str,
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None))
     dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks)
     weights = Weights(TensorDescriptor.from_tensor(w_in, [1, geo.block_k, geo.block_f]),
-                      TensorDescriptor.from_tensor(w_out, [1, geo.block_k, launch.block_n]))
+                      TensorDescriptor.from_tensor(w_out, [1, geo.block_k, launch.block_n]),
+                      experts.get("b_in", w_in), experts.get("b_out", w_in))
     args = (x, out, weights, plan, ws.sym, ws.with_trace(trace), dims, T, wait_limit, rank,
             plan.chunk_pos.numel(), launch.dispatch_programs, meta)
     kwargs = {"num_warps": launch.num_warps}
@@ -631,10 +677,10 @@ def fused_kernel_args(x, out, w_in, w_out, plan, ws, launch, *, activation: str,
     return args, kwargs
 
 
-def launch_fused(x, out, w_in, w_out, plan, ws, launch, *, activation: str, rank: int, timeout_s: float,
+def launch_fused(x, out, experts: dict, plan, ws, launch, *, config, rank: int, timeout_s: float,
                  trace: torch.Tensor | None = None) -> None:
     """One forward's kernel launch on launch.programs programs (arguments: fused_kernel_args)."""
-    args, kwargs = fused_kernel_args(x, out, w_in, w_out, plan, ws, launch, activation=activation, rank=rank,
+    args, kwargs = fused_kernel_args(x, out, experts, plan, ws, launch, config=config, rank=rank,
                                      timeout_s=timeout_s, trace=trace)
     with nvshmem_launch() if ws.transport == "nvshmem" else contextlib.nullcontext():
         fused_moe_kernel[(launch.programs,)](*args, **kwargs)

@@ -29,7 +29,7 @@ class RoutingPlan(NamedTuple):
     """Where each of this rank's token-slots goes, as the fused kernel reads it (E = W * L pairs
     in (rank, slot) order, K = top_k, C = send chunks):
 
-    send_tok [T*K] int32: the token of each slot, slots sorted by pair;
+    send_slot [T*K] int32: the slots sorted by pair (slot = token * K + choice);
     pos_start, send_counts, region_off [E] int32: each pair's first sorted slot, its slots, and its
     CHUNK-aligned offset in this rank's region at the destination;
     chunk_pos, chunk_c [C] int32: each send chunk's pair and index within it (-1 past the last);
@@ -37,7 +37,7 @@ class RoutingPlan(NamedTuple):
     rank's region there, and chunk counter (pair * MAXC + chunk), -1 for dropped slots;
     slot_w [T, K] fp32: each slot's routing weight."""
 
-    send_tok: torch.Tensor
+    send_slot: torch.Tensor
     pos_start: torch.Tensor
     send_counts: torch.Tensor
     region_off: torch.Tensor
@@ -90,12 +90,11 @@ def pair_table_kernel(counts_ptr, send_order_ptr, pos_start_ptr, region_off_ptr,
 
 @triton.jit
 def slot_plan_kernel(pos_ptr, rank_ptr, counts_ptr, pos_start_ptr, region_off_ptr, chunk_cum_ptr, send_order_ptr,
-                     send_tok_ptr, slot_dest_ptr, slot_row_ptr, slot_chunk_ptr, chunk_pos_ptr, chunk_c_ptr,
+                     send_slot_ptr, slot_dest_ptr, slot_row_ptr, slot_chunk_ptr, chunk_pos_ptr, chunk_c_ptr,
                      comb_expect_ptr, NS, E, L, MAXC, SEND_CHUNKS, SLOT_PROGRAMS, CHUNK_PROGRAMS,
-                     TOP_K: tl.constexpr, CHUNK: tl.constexpr, E_POW2: tl.constexpr, MAXC_POW2: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """Programs [0, SLOT_PROGRAMS): BLOCK slots each -> send_tok [NS] int32 (the token of each
-    sorted slot), slot_dest/slot_row/slot_chunk [NS] int32 (-1 when dropped). The next
+                     CHUNK: tl.constexpr, E_POW2: tl.constexpr, MAXC_POW2: tl.constexpr, BLOCK: tl.constexpr):
+    """Programs [0, SLOT_PROGRAMS): BLOCK slots each -> send_slot [NS] int32 (the slots in
+    sorted order), slot_dest/slot_row/slot_chunk [NS] int32 (-1 when dropped). The next
     CHUNK_PROGRAMS: BLOCK send chunks each -> chunk_pos, chunk_c [SEND_CHUNKS] int32 (-1 past the
     last). The last E: one pair each -> comb_expect[pair, c] (int64, [E, MAXC]) += rows of chunk c."""
     pid = tl.program_id(0)
@@ -107,7 +106,7 @@ def slot_plan_kernel(pos_ptr, rank_ptr, counts_ptr, pos_start_ptr, region_off_pt
         live = m & (pos < E)
         first = tl.load(pos_start_ptr + pos, mask=live, other=0)
         row = tl.load(region_off_ptr + pos, mask=live, other=0) + rank
-        tl.store(send_tok_ptr + first + rank, s // TOP_K, mask=live)
+        tl.store(send_slot_ptr + first + rank, s, mask=live)
         tl.store(slot_dest_ptr + s, tl.where(live, pos // L, -1), mask=m)
         tl.store(slot_row_ptr + s, tl.where(live, row, -1), mask=m)
         tl.store(slot_chunk_ptr + s, tl.where(live, pos * MAXC + rank // CHUNK, -1), mask=m)
@@ -165,15 +164,15 @@ def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, weights: torch.
                             E_POW2=E_POW2)
     send_chunks = triton.cdiv(NS, chunk) + E
     out = {name: torch.empty(NS, dtype=i32, device=dev)
-           for name in ("send_tok", "slot_dest", "slot_row", "slot_chunk")}
+           for name in ("send_slot", "slot_dest", "slot_row", "slot_chunk")}
     chunk_pos, chunk_c = (torch.empty(send_chunks, dtype=i32, device=dev) for _ in range(2))
     chunk_programs = triton.cdiv(send_chunks, BLOCK)
     slot_plan_kernel[(slot_programs + chunk_programs + E,)](
-        pos, rank, counts, pos_start, region_off, chunk_cum, send_order, out["send_tok"], out["slot_dest"],
+        pos, rank, counts, pos_start, region_off, chunk_cum, send_order, out["send_slot"], out["slot_dest"],
         out["slot_row"], out["slot_chunk"], chunk_pos, chunk_c, comb_expect, NS, E, local_experts, maxc, send_chunks,
-        slot_programs, chunk_programs, TOP_K=K, CHUNK=chunk, E_POW2=E_POW2, MAXC_POW2=triton.next_power_of_2(maxc),
+        slot_programs, chunk_programs, CHUNK=chunk, E_POW2=E_POW2, MAXC_POW2=triton.next_power_of_2(maxc),
         BLOCK=BLOCK)
-    plan = RoutingPlan(out["send_tok"], pos_start, counts[:E], region_off, chunk_pos, chunk_c,
+    plan = RoutingPlan(out["send_slot"], pos_start, counts[:E], region_off, chunk_pos, chunk_c,
                        out["slot_dest"].view(T, K), out["slot_row"].view(T, K), out["slot_chunk"].view(T, K),
                        weights.float().contiguous())
     return plan, {"expert_counts": expert_counts, "dropped_slots": counts[E].to(torch.int64)}

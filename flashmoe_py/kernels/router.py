@@ -1,94 +1,227 @@
-"""Router kernel: logits -> softmax -> top-k -> (renormalised) weights, one launch for BT tokens a program.
+"""Router kernel: logits -> scores -> top-k -> weights, one launch for BT tokens a program, for
+every routing the layer has (MoEConfig describes them; routing.route uses this kernel on GPUs):
 
-Same semantics as routing.route's torch ops: logits x @ router_weight^T with an fp32 accumulator, a
-softmax over all E experts in fp32, the k largest probabilities in descending order (ties: the
-lower expert id), rescaled to sum to 1 when renormalising. fp32 inputs take the exact fp32 dot;
-bf16 inputs take the tensor cores, whose fp32 accumulation is a little coarser than an FMA GEMM's:
-on an H200, 12 of 3 x 16,384 deepseek_v3 tokens picked a different top-8 than float64 routing
-(near-ties; the fp32 GEMM of the upcast inputs: 2), 5 for qwen3, 0 for mixtral
-(bench/results/2026-11-23-h200x2-sweep/router_accuracy.log). In exchange, routing 16,384
-deepseek_v3 tokens went from 1.72 ms (upcast copy of x, FMA GEMM, softmax, top-k) to 0.24 ms."""
+  softmax_topk     softmax over all E experts, the k largest probabilities, optionally rescaled
+                   to sum to 1 (Mixtral, Qwen, OLMoE);
+  topk_softmax     the k largest logits, softmax over those k (gpt-oss, with a router bias);
+  sigmoid_grouped  scores = sigmoid(logits); the k largest of scores + a correction bias, among
+                   the topk_group best of n_group equal groups (a group scores the sum of its two
+                   largest biased scores); weights = the picked experts' unbiased scores,
+                   optionally over their sum + 1e-20 (DeepSeek-V3, GLM-4.5, Kimi-K2);
+  topk_sigmoid     the k largest logits, sigmoid of each, optionally over their sum + 1e-20
+                   (Llama-4).
+
+Then every routing's weights are multiplied by the scaling factor. Logits are x @ router_weight^T
+(+ router_bias) with an fp32 accumulator: a bf16 router takes the tensor cores, whose fp32
+accumulation is a little coarser than an FMA GEMM's (on an H200, 12 of 3 x 16,384 deepseek_v3
+tokens picked a different top-8 than float64 routing: near-ties;
+bench/results/2026-11-23-h200x2-sweep/router_accuracy.log); an fp32 router (DeepSeek-V3 and
+GLM-4.5 keep theirs in fp32) takes the exact fp32 dot of the upcast activations. The k experts
+come best first (ties: the lower expert id). A token with a non-finite logit gets k distinct,
+existing experts with non-finite weights, as under torch's ops (which rank NaN above numbers)."""
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..config import MAX_TOP_K
+from ..config import NUM_EXPERTS_LIMIT, TOP_K_LIMIT
 
-MAX_EXPERTS = 256  # the whole row of logits lives in registers
+MAX_EXPERTS = NUM_EXPERTS_LIMIT  # the whole row of logits lives in registers
+MAX_TOP_K = TOP_K_LIMIT
+ROUTINGS = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_grouped": 2, "topk_sigmoid": 3}
+SOFTMAX_TOPK = tl.constexpr(0)
+TOPK_SOFTMAX = tl.constexpr(1)
+SIGMOID_GROUPED = tl.constexpr(2)
+TOPK_SIGMOID = tl.constexpr(3)
+
+
+class RouterMeta(NamedTuple):
+    """Compile-time settings (tl.constexpr each): ROUTING (ROUTINGS), TOP_K (K_POW2 its power of
+    two), E_POW2 >= E, RENORMALIZE, HAS_BIAS (router bias), N_GROUP (NG_POW2 its power of two),
+    TOPK_GROUP and GROUP_SIZE (E / N_GROUP) of sigmoid_grouped, UPCAST (an fp32 router: x is
+    upcast, the dot is exact fp32), PRECISION of fp32 dots, BT tokens a program, BK the K step."""
+
+    ROUTING: tl.constexpr
+    TOP_K: tl.constexpr
+    K_POW2: tl.constexpr
+    E_POW2: tl.constexpr
+    RENORMALIZE: tl.constexpr
+    HAS_BIAS: tl.constexpr
+    N_GROUP: tl.constexpr
+    NG_POW2: tl.constexpr
+    TOPK_GROUP: tl.constexpr
+    GROUP_SIZE: tl.constexpr
+    UPCAST: tl.constexpr
+    PRECISION: tl.constexpr
+    BT: tl.constexpr
+    BK: tl.constexpr
 
 
 @triton.jit
-def router_topk_kernel(x_ptr, w_ptr, weights_ptr, experts_ptr, T, H, E,
-                       TOP_K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
-                       RENORMALIZE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
-                       BK: tl.constexpr):
-    """x: [T, H]; w: [E, H] (x's dtype); weights: [T, TOP_K] fp32; experts: [T, TOP_K] int64."""
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    tmask = t < T
-    e = tl.arange(0, E_POW2)
-    emask = e < E
-    logits = tl.zeros((BT, E_POW2), dtype=tl.float32)
-    for k0 in range(0, H, BK):
-        k = k0 + tl.arange(0, BK)
+def _logits(x_ptr, w_ptr, bias_ptr, t, tmask, e, emask, H, meta):
+    """[BT, E_POW2] fp32 logits of tokens t (padding columns -inf)."""
+    logits = tl.zeros((meta.BT, meta.E_POW2), dtype=tl.float32)
+    for k0 in range(0, H, meta.BK):
+        k = k0 + tl.arange(0, meta.BK)
         kmask = k < H
         a = tl.load(x_ptr + t.to(tl.int64)[:, None] * H + k[None, :], mask=tmask[:, None] & kmask[None, :],
                     other=0.0)
         b = tl.load(w_ptr + e.to(tl.int64)[None, :] * H + k[:, None], mask=kmask[:, None] & emask[None, :],
                     other=0.0)
-        logits += tl.dot(a, b, input_precision=PRECISION)
-    logits = tl.where(emask[None, :], logits, float("-inf"))
-    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    p = p / tl.sum(p, axis=1)[:, None]
-    kk = tl.arange(0, K_POW2)[None, :]
-    top_w = tl.zeros((BT, K_POW2), dtype=tl.float32)
-    top_e = tl.zeros((BT, K_POW2), dtype=tl.int32)
-    # A non-finite logit makes its token's whole row of probabilities NaN, as in torch's softmax.
-    # NaN equals nothing, so it would match no maximum (the pick would be a padding column): it
-    # ranks as 2.0, above every probability, and the token still gets k distinct experts of its
-    # own (the lowest ids first, as torch.topk ranks NaN above numbers) with NaN weights.
-    left = tl.where(emask[None, :], tl.where(p == p, p, 2.0), -1.0)  # taken, padding: below all
+        if meta.UPCAST:
+            a = a.to(tl.float32)
+        logits += tl.dot(a, b, input_precision=meta.PRECISION)
+    if meta.HAS_BIAS:
+        logits += tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(emask[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def _take_best(key, avail, e, E_POW2: tl.constexpr):
+    """Per row, the available column with the largest key (NaN above everything; ties: the
+    lowest column) -> (its column [BT], its key [BT])."""
+    key = tl.where(key != key, float("inf"), key)
+    best = tl.max(tl.where(avail, key, float("-inf")), axis=1)
+    pick = tl.min(tl.where(avail & (key == best[:, None]), e[None, :], E_POW2), axis=1)
+    return pick, best
+
+
+@triton.jit
+def _kept_groups(choice, emask, e, meta):
+    """sigmoid_grouped: [BT, E_POW2] bool, the experts of each token's TOPK_GROUP best groups
+    (a group scores the sum of its two largest `choice` values)."""
+    NG_POW2: tl.constexpr = meta.NG_POW2
+    g_idx = tl.arange(0, NG_POW2)[None, :]
+    group_of = e // meta.GROUP_SIZE
+    g_score = tl.full((meta.BT, NG_POW2), float("-inf"), tl.float32)
+    for g in tl.static_range(meta.N_GROUP):
+        in_g = emask[None, :] & (group_of == g)[None, :]
+        first, top1 = _take_best(choice, in_g, e, meta.E_POW2)
+        _, top2 = _take_best(choice, in_g & (e[None, :] != first[:, None]), e, meta.E_POW2)
+        g_score = tl.where(g_idx == g, (top1 + top2)[:, None], g_score)
+    g_avail = g_idx < meta.N_GROUP
+    kept = tl.zeros((meta.BT, NG_POW2), dtype=tl.int1)
+    for _ in tl.static_range(meta.TOPK_GROUP):
+        gp, _ = _take_best(g_score, g_avail & ~kept, tl.arange(0, NG_POW2), NG_POW2)
+        kept = kept | (g_idx == gp[:, None])
+    in_kept = tl.zeros((meta.BT, meta.E_POW2), dtype=tl.int1)
+    for g in tl.static_range(meta.N_GROUP):
+        g_kept = tl.sum(tl.where(g_idx == g, kept.to(tl.int32), 0), axis=1) > 0
+        in_kept = in_kept | (g_kept[:, None] & (group_of == g)[None, :])
+    return in_kept
+
+
+@triton.jit
+def router_kernel(x_ptr, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_ptr, T, H, E, scaling, meta):
+    """x: [T, H]; w: [E, H] (x's dtype, or fp32 with UPCAST); bias, correction: [E] fp32 (read
+    when HAS_BIAS / sigmoid_grouped); weights: [T, TOP_K] fp32; experts: [T, TOP_K] int64."""
+    BT: tl.constexpr = meta.BT
+    TOP_K: tl.constexpr = meta.TOP_K
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    tmask = t < T
+    e = tl.arange(0, meta.E_POW2)
+    emask = e < E
+    logits = _logits(x_ptr, w_ptr, bias_ptr, t, tmask, e, emask, H, meta)
+    if meta.ROUTING == SOFTMAX_TOPK:
+        # A non-finite logit makes its token's whole row NaN, as in torch's softmax.
+        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        value = p / tl.sum(p, axis=1)[:, None]
+        choice = value
+    elif meta.ROUTING == SIGMOID_GROUPED:
+        value = tl.sigmoid(logits)
+        choice = value + tl.load(correction_ptr + e, mask=emask, other=0.0)[None, :]
+    else:
+        value = logits
+        choice = logits
+    avail = emask[None, :] & tmask[:, None]
+    if meta.ROUTING == SIGMOID_GROUPED:
+        if meta.TOPK_GROUP < meta.N_GROUP:
+            avail = avail & _kept_groups(choice, emask, e, meta)
+    kk = tl.arange(0, meta.K_POW2)[None, :]
+    top_v = tl.zeros((BT, meta.K_POW2), dtype=tl.float32)
+    top_e = tl.zeros((BT, meta.K_POW2), dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(left, axis=1)
-        pick = tl.min(tl.where(left == best[:, None], e[None, :], E_POW2), axis=1)
-        top_w = tl.where(kk == j, tl.where(best > 1.0, float("nan"), best)[:, None], top_w)
+        pick, _ = _take_best(choice, avail, e, meta.E_POW2)
+        v = tl.sum(tl.where(e[None, :] == pick[:, None], value, 0.0), axis=1)
+        top_v = tl.where(kk == j, v[:, None], top_v)
         top_e = tl.where(kk == j, pick[:, None], top_e)
-        left = tl.where(e[None, :] == pick[:, None], -1.0, left)
-    if RENORMALIZE:
-        top_w = top_w / tl.sum(top_w, axis=1)[:, None]
+        avail = avail & (e[None, :] != pick[:, None])
+    live = kk < TOP_K
+    if meta.ROUTING == TOPK_SOFTMAX:
+        p = tl.where(live, tl.exp(top_v - tl.max(tl.where(live, top_v, float("-inf")), axis=1)[:, None]), 0.0)
+        top_w = p / tl.sum(p, axis=1)[:, None]
+    elif meta.ROUTING == TOPK_SIGMOID:
+        top_w = tl.sigmoid(top_v)
+    else:
+        top_w = top_v
+    if meta.RENORMALIZE:
+        total = tl.sum(tl.where(live, top_w, 0.0), axis=1)[:, None]
+        if meta.ROUTING == SOFTMAX_TOPK:
+            top_w = top_w / total
+        elif meta.ROUTING != TOPK_SOFTMAX:
+            top_w = top_w / (total + 1e-20)
+    top_w = top_w * scaling
     out = t.to(tl.int64)[:, None] * TOP_K + kk
-    m = tmask[:, None] & (kk < TOP_K)
+    m = tmask[:, None] & live
     tl.store(weights_ptr + out, top_w, mask=m)
     tl.store(experts_ptr + out, top_e.to(tl.int64), mask=m)
 
 
-def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renormalize: bool,
-                block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [T, H]; router_weight: [E, H], E <= MAX_EXPERTS, x's dtype and device; block_t: tokens
-    per program (a power of two >= 16; default by E).
+def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renormalize: bool = True, *,
+                routing: str = "softmax_topk", router_bias: torch.Tensor | None = None,
+                correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+                scaling: float = 1.0, block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, H]; router_weight: [E, H] in x's dtype or fp32, E <= MAX_EXPERTS, on x's device;
+    router_bias: [E] or None; correction_bias: [E] (routing 'sigmoid_grouped'); n_group,
+    topk_group: sigmoid_grouped's groups; scaling: every weight's factor; block_t: tokens per
+    program (a power of two >= 16; default by E).
     -> (weights [T, top_k] fp32, experts [T, top_k] int64), best expert first."""
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"x: expected a contiguous [tokens, hidden] tensor, got {tuple(x.shape)}")
     T, H = x.shape
     E = router_weight.shape[0]
     if (tuple(router_weight.shape) != (E, H) or not router_weight.is_contiguous()
-            or router_weight.dtype != x.dtype):
-        raise ValueError(f"router_weight: expected a contiguous [E, {H}] {x.dtype} tensor, got "
+            or router_weight.dtype not in (x.dtype, torch.float32)):
+        raise ValueError(f"router_weight: expected a contiguous [E, {H}] tensor of {x.dtype} or float32, got "
                          f"{router_weight.dtype} {tuple(router_weight.shape)}")
     if not 1 <= E <= MAX_EXPERTS:
         raise ValueError(f"router_weight has {E} experts; the router kernel takes 1..{MAX_EXPERTS}")
     if not 1 <= top_k <= min(MAX_TOP_K, E):
         raise ValueError(f"top_k={top_k}: expected 1..min({MAX_TOP_K}, {E})")
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing={routing!r}: expected one of {sorted(ROUTINGS)}")
+    grouped = routing == "sigmoid_grouped"
+    if grouped and (correction_bias is None or E % n_group or not 1 <= topk_group <= n_group
+                    or topk_group * (E // n_group) < top_k):
+        raise ValueError(f"routing='sigmoid_grouped': expected correction_bias [E] and n_group dividing E={E} "
+                         f"with 1 <= topk_group <= n_group and top_k <= topk_group * E / n_group; got "
+                         f"n_group={n_group}, topk_group={topk_group}")
+    for name, t in (("router_bias", router_bias), ("correction_bias", correction_bias)):
+        if t is not None and (tuple(t.shape) != (E,) or t.device != x.device):
+            raise ValueError(f"{name}: expected [{E}] on {x.device}, got {tuple(t.shape)} on {t.device}")
     if block_t is not None and (block_t < 16 or triton.next_power_of_2(block_t) != block_t):
         raise ValueError(f"block_t={block_t}: expected a power of two >= 16")
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     experts = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
     if T:
         e_pow2 = max(16, triton.next_power_of_2(E))
-        bt = block_t or (64 if e_pow2 <= 128 else 32)
-        router_topk_kernel[(triton.cdiv(T, bt),)](
-            x, router_weight, weights, experts, T, H, E,
-            TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k), E_POW2=e_pow2, RENORMALIZE=renormalize,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BT=bt, BK=64,
+        bt = block_t or (64 if e_pow2 <= 128 else 32 if e_pow2 <= 256 else 16)
+        upcast = router_weight.dtype == torch.float32 and x.dtype != torch.float32
+        c = tl.constexpr
+        meta = RouterMeta(ROUTING=c(ROUTINGS[routing]), TOP_K=c(top_k), K_POW2=c(triton.next_power_of_2(top_k)),
+                          E_POW2=c(e_pow2), RENORMALIZE=c(renormalize), HAS_BIAS=c(router_bias is not None),
+                          N_GROUP=c(n_group if grouped else 1),
+                          NG_POW2=c(triton.next_power_of_2(n_group if grouped else 1)),
+                          TOPK_GROUP=c(topk_group if grouped else 1),
+                          GROUP_SIZE=c(E // n_group if grouped else E), UPCAST=c(upcast),
+                          PRECISION=c("ieee" if router_weight.dtype == torch.float32 else "tf32"), BT=c(bt),
+                          BK=c(64))
+        dummy = weights  # for pointers a routing does not read
+        bias = router_bias.float().contiguous() if router_bias is not None else dummy
+        correction = correction_bias.float().contiguous() if grouped else dummy
+        router_kernel[(triton.cdiv(T, bt),)](
+            x, router_weight, bias, correction, weights, experts, T, H, E, float(scaling), meta,
             num_warps=8 if bt * e_pow2 >= 8192 else 4)
     return weights, experts

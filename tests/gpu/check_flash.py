@@ -52,7 +52,7 @@ def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1):
     layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=max_tokens, seed=seed, transport=TRANSPORT)
     if hot is not None:
         skew(layer, hot)
-    full = layer.full_weights()
+    full = layer.full_weight_dict()
     gen = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
     worst, t0 = 0.0, time.perf_counter()
     for call in range(calls):
@@ -61,7 +61,7 @@ def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1):
         if hot is not None:
             x = x.abs() + 0.1
         out = layer(x)
-        ref = reference_forward(x, *full, cfg)
+        ref = reference_forward(x, config=cfg, **full)
         if T:
             worst = max(worst, rel_err(out, ref) if out.isfinite().all() else float("inf"))
     layer.synchronize()
@@ -79,7 +79,7 @@ def run_graph_case(cfg, tokens, rank, world, replays=5):
     """The forward captured once in a CUDA graph, replayed on fresh inputs copied into its input."""
     seed = int(max_all(random.SystemRandom().randrange(2**31)))
     layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=tokens, seed=seed, transport=TRANSPORT)
-    full = layer.full_weights()
+    full = layer.full_weight_dict()
     gen = torch.Generator().manual_seed(seed + rank)
     static = torch.randn(tokens, cfg.hidden_size, generator=gen).to("cuda", cfg.torch_dtype)
     side = torch.cuda.Stream()
@@ -95,7 +95,7 @@ def run_graph_case(cfg, tokens, rank, world, replays=5):
         static.copy_(torch.randn(tokens, cfg.hidden_size, generator=gen).to("cuda", cfg.torch_dtype))
         out.fill_(float("nan"))
         graph.replay()
-        worst = max(worst, rel_err(out, reference_forward(static, *full, cfg)))
+        worst = max(worst, rel_err(out, reference_forward(static, config=cfg, **full)))
     layer.synchronize()
     err = max_all(worst)
     layer.backend.close()
@@ -130,6 +130,13 @@ def main():
         ("bf16 skewed to one expert k1", MoEConfig(**small, top_k=1), 300, [E - 1]),
         ("bf16 skewed k2", MoEConfig(**small, top_k=2), 300, [E - 1, 0]),
         ("bf16 capacity 1.0", MoEConfig(**small, top_k=2, capacity_factor=1.0), 128, None),
+        ("bf16 topk_softmax, router bias, k4", MoEConfig(**small, top_k=4, routing="topk_softmax", router_bias=True),
+         128, None),
+        ("bf16 sigmoid_grouped, fp32 router, 2 of 4 groups, k4",
+         MoEConfig(**{**small, "num_experts": 8 * world}, top_k=4, routing="sigmoid_grouped", n_group=4,
+                   topk_group=2, routed_scaling_factor=2.5, router_dtype="float32"), 128, None),
+        ("bf16 topk_sigmoid k1", MoEConfig(**small, top_k=1, routing="topk_sigmoid", renormalize=False), 128, None),
+        ("bf16 k10 of 16 per rank", MoEConfig(**{**small, "num_experts": 16 * world}, top_k=10), 64, None),
     ]
     if args.presets:
         cases += [(n, fm.preset(n), t, None) for n, t in

@@ -41,7 +41,7 @@ class Case:
     def good(self, T=None):
         """One forward with fresh input; -> relative error against the reference."""
         x = self.x(T or MAX_TOKENS)
-        return rel_err(self.layer(x), fm.reference_forward(x, *self.full, self.cfg))
+        return rel_err(self.layer(x), fm.reference_forward(x, config=self.cfg, **self.full))
 
     def bad_rank(self, name, bad_input, expect_error: str, error=ValueError, grad=False):
         """Rank 0 passes bad_input, in grad mode if `grad` (and must get `error` containing
@@ -78,7 +78,7 @@ def main():
     dist.broadcast(seed_t, 0)
     seed = int(seed_t)
     layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=MAX_TOKENS, seed=seed, timeout_s=5.0)
-    c = Case(layer, layer.full_weights(), cfg, rank, torch.Generator().manual_seed(seed + rank))
+    c = Case(layer, layer.full_weight_dict(), cfg, rank, torch.Generator().manual_seed(seed + rank))
     rows = []
     H = cfg.hidden_size
 
@@ -93,13 +93,13 @@ def main():
 
     # Non-contiguous input is accepted (copied contiguous) and correct.
     x = c.x(2 * MAX_TOKENS)[::2]
-    err = rel_err(layer(x), fm.reference_forward(x, *c.full, cfg))
+    err = rel_err(layer(x), fm.reference_forward(x, config=cfg, **c.full))
     rows.append({"case": "non-contiguous input", "ok": all_true(err <= 1e-2), "rel_err": err})
 
     # [batch, seq, H] input keeps its shape.
     x = c.x(MAX_TOKENS).view(4, MAX_TOKENS // 4, H)
     out = layer(x)
-    err = rel_err(out.view(-1, H), fm.reference_forward(x.view(-1, H), *c.full, cfg))
+    err = rel_err(out.view(-1, H), fm.reference_forward(x.view(-1, H), config=cfg, **c.full))
     rows.append({"case": "[batch, seq, H] input", "ok": all_true(out.shape == x.shape and err <= 1e-2),
                  "rel_err": err})
 
@@ -110,7 +110,7 @@ def main():
         x[3, 5] = float("nan")
         x[7, 0] = float("inf")
     out = layer(x)
-    ref = fm.reference_forward(x, *c.full, cfg)
+    ref = fm.reference_forward(x, config=cfg, **c.full)
     finite = ref.isfinite().all(dim=1)
     ok = bool(out[finite].isfinite().all()) and rel_err(out[finite], ref[finite]) <= 1e-2
     if rank == 0:
@@ -137,12 +137,12 @@ def main():
     clayer = fm.MoELayer(capped, backend="flash", max_tokens_per_rank=MAX_TOKENS, seed=seed)
     with torch.no_grad():  # a hot expert, so the capacity binds
         clayer.router_weight[1] += 0.3 * clayer.router_weight.abs().mean()
-    cfull = clayer.full_weights()
+    cfull = clayer.full_weight_dict()
     x = c.x(MAX_TOKENS).abs()
     out = clayer(x)
-    _, _, kept = reference_routing(x, cfull[0], capped)
+    _, _, kept = reference_routing(x, cfull["router_weight"], capped)
     dropped = int(clayer.last_stats.dropped_slots)
-    err = rel_err(out, fm.reference_forward(x, *cfull, capped))
+    err = rel_err(out, fm.reference_forward(x, config=capped, **cfull))
     rows.append({"case": "capacity 1.0: dropped slots counted exactly",
                  "ok": all_true(dropped == int((~kept).sum()) and dropped > 0 and err <= 1e-2),
                  "dropped_rank0": dropped, "expected_rank0": int((~kept).sum()), "rel_err": err})

@@ -24,7 +24,7 @@ def main():
     cfg = fm.MoEConfig(hidden_size=512, ffn_size=512, num_experts=32, top_k=4)
     rt = fm.init(layers=[(cfg, 512)])
     layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=512, seed=7)
-    full = layer.full_weights()
+    full = layer.full_weight_dict()
     heap_start = rt.heap_used()
     sizes = [512, 96, 1, 300, 0 if rt.rank == 1 else 17, 256]  # graphs for each, then replays
     gen = torch.Generator(device="cuda").manual_seed(rt.rank)
@@ -35,7 +35,7 @@ def main():
         x = torch.randn(T, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
         out = layer(x)
         if call % 500 == 99 and T:
-            ref = fm.reference_forward(x, *full, cfg)
+            ref = fm.reference_forward(x, config=cfg, **full)
             worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
             checks += 1
             del ref
