@@ -25,8 +25,11 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> Ro
     """x: [tokens, hidden]; router_weight: [num_experts, hidden]. Scores are a softmax over all
     experts in fp32; the top-k weights are renormalised to sum to 1 when config.renormalize.
     On a GPU, with x and router_weight of one dtype and up to MAX_EXPERTS experts, one kernel
-    does it all (kernels/router.py)."""
-    if x.is_cuda and router_weight.dtype == x.dtype and config.num_experts <= MAX_EXPERTS:
+    does it all (kernels/router.py), unless autograd records a graph through x or router_weight:
+    the kernel has no backward, so the torch ops route then (in bf16 a near-tied token may pick
+    another k-th expert than the kernel would)."""
+    if (x.is_cuda and router_weight.dtype == x.dtype and config.num_experts <= MAX_EXPERTS
+            and not _records_graph(x, router_weight)):
         weights, experts = router_topk(x.contiguous(), router_weight.contiguous(), config.top_k,
                                        config.renormalize)
     else:
@@ -40,6 +43,10 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> Ro
     if capacity is not None:
         kept = keep_within_capacity(experts, config.num_experts, capacity)
     return Routing(weights, experts, kept)
+
+
+def _records_graph(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def keep_within_capacity(experts: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from ..reference import activate
 from ..routing import histogram, route
+from .autograd_ops import Exchange, dispatch_experts_combine, grouped_mm
 
 
 class PeerInputError(RuntimeError):
@@ -46,9 +47,9 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out:
         return x.new_empty(0, w_out.shape[-1])
     if _grouped_mm_works(x.device.type, x.dtype):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = torch._grouped_mm(x, w_in, offs=offs)
+        h = grouped_mm(x, w_in, offs)
         a = activate(h.float(), activation).to(x.dtype)
-        return torch._grouped_mm(a, w_out, offs=offs)
+        return grouped_mm(a, w_out, offs)
     out = torch.empty(x.shape[0], w_out.shape[-1], dtype=x.dtype, device=x.device)
     start = 0
     for e, n in enumerate(counts.tolist()):
@@ -97,47 +98,62 @@ class TorchEPBackend:
             recv_counts = send_counts
             y_sorted = expert_ffn(x[slot_tok], send_counts[0], layer.w_in, layer.w_out, cfg.activation)
         else:
-            recv_counts = self._exchange_counts(send_counts, error)
-            y_sorted = self._dispatch_compute_combine(x[slot_tok], send_counts, recv_counts)
+            in_graph = error is None and layer._records_graph(x)
+            recv_counts = self._exchange_counts(send_counts, error, in_graph)
+            y_sorted = self._dispatch_compute_combine(x[slot_tok], send_counts, recv_counts, in_graph)
 
         out = torch.zeros(x.shape[0], cfg.hidden_size, dtype=torch.float32, device=device)
         out.index_add_(0, slot_tok, y_sorted.float() * slot_w.unsqueeze(1))
         return out.to(x.dtype), stats
 
-    def _exchange_counts(self, send_counts: torch.Tensor, error: Exception | None) -> torch.Tensor:
+    def _exchange_counts(self, send_counts: torch.Tensor, error: Exception | None,
+                         in_graph: bool) -> torch.Tensor:
         """send_counts: [W, L] rows this rank sends to each (rank, local expert). Returns recv_counts
         [W, L]: rows each source rank sends to this rank's experts. A flag column carries input
-        errors, so a rank that rejects its input still completes this exchange, then all raise."""
+        errors, so a rank that rejects its input still completes this exchange, then all raise;
+        a second one whether this rank records a graph, which every rank must (check_graphs_agree)."""
         layer = self.layer
-        flag = torch.full((layer.world_size, 1), int(error is not None), dtype=torch.int64,
-                          device=send_counts.device)
-        send = torch.cat([send_counts, flag], dim=1).contiguous()
+        flags = torch.tensor([[int(error is not None), int(in_graph)]], device=send_counts.device)
+        send = torch.cat([send_counts, flags.expand(layer.world_size, 2)], dim=1).contiguous()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=layer.process_group)
         if error is not None:
             raise error
-        bad = torch.nonzero(recv[:, -1]).flatten().tolist()
+        bad = torch.nonzero(recv[:, -2]).flatten().tolist()
         if bad:
             raise PeerInputError(f"rank(s) {bad} rejected their input to this MoE forward; "
                                  f"rank {layer.rank} aborts it too (see the error on those ranks)")
-        return recv[:, :-1]
+        check_graphs_agree(recv[:, -1].tolist())
+        return recv[:, :-2]
 
     def _dispatch_compute_combine(self, send_x: torch.Tensor, send_counts: torch.Tensor,
-                                  recv_counts: torch.Tensor) -> torch.Tensor:
+                                  recv_counts: torch.Tensor, in_graph: bool) -> torch.Tensor:
         """send_x: [S, hidden] rows sorted by (dest rank, local expert). Returns each row's expert
-        output, in the same order."""
+        output, in the same order; differentiable when in_graph (every rank records a graph)."""
         layer, cfg = self.layer, self.layer.config
-        group, L = layer.process_group, layer.local_experts
+        L = layer.local_experts
         counts = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one host sync
-        send_splits, recv_splits = counts
-        recv_x = send_x.new_empty(sum(recv_splits), cfg.hidden_size)
-        dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=group)
+        exchange = Exchange(*counts, group=layer.process_group)
         # Received rows are ordered (source rank, local expert); the FFN wants (local expert, source).
-        row_expert = torch.arange(L, device=recv_x.device).repeat(layer.world_size)
-        row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=recv_x.shape[0])
+        row_expert = torch.arange(L, device=send_x.device).repeat(layer.world_size)
+        row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=sum(counts[1]))
         perm = torch.sort(row_expert, stable=True).indices
-        y = torch.empty_like(recv_x)
-        y[perm] = expert_ffn(recv_x[perm], recv_counts.sum(0), layer.w_in, layer.w_out, cfg.activation)
-        back = send_x.new_empty(send_x.shape[0], cfg.hidden_size)
-        dist.all_to_all_single(back, y, send_splits, recv_splits, group=group)
-        return back
+
+        def experts(recv_x, w_in, w_out):
+            y = torch.empty_like(recv_x)
+            y[perm] = expert_ffn(recv_x[perm], recv_counts.sum(0), w_in, w_out, cfg.activation)
+            return y
+
+        return dispatch_experts_combine(send_x, layer.w_in, layer.w_out, experts, exchange, in_graph=in_graph)
+
+def check_graphs_agree(in_graph: list[int]) -> None:
+    """in_graph: [W] whether each rank records this forward's graph. The backward is collective
+    (an all-to-all per dispatch and combine), so a rank that records one while a peer does not
+    would wait forever in backward: raise on every rank instead."""
+    if len(set(in_graph)) > 1:
+        on = [r for r, f in enumerate(in_graph) if f]
+        off = [r for r, f in enumerate(in_graph) if not f]
+        raise RuntimeError(
+            f"rank(s) {on} record an autograd graph for this MoE forward and rank(s) {off} do not: "
+            "its backward is collective, so run the forward in the same grad mode on every rank "
+            "(x or a layer parameter requiring grad under grad mode on all, or on none)")
