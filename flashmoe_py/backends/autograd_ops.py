@@ -1,11 +1,11 @@
-"""The torch backend's differentiable pieces: dispatch -> local experts -> combine as one autograd
-node, and the grouped GEMM.
+"""The torch backend's differentiable pieces: the dispatch and combine all-to-alls, and the grouped
+GEMM.
 
 A dispatch is an all-to-all of token rows, so its backward is the all-to-all of their gradients
 back to the sources (split sizes swapped), i.e. a combine; a combine's backward is likewise a
 dispatch. These all-to-alls are collective in the backward too: if one rank skipped one, its
-peers would wait forever. So the round trip is one node, recorded on every rank that records a
-graph, whose backward always makes both exchanges, whatever this rank's experts received."""
+peers would wait forever. So on every rank that records a graph, both are recorded and both
+backwards run, whatever this rank's experts received."""
 
 from __future__ import annotations
 
@@ -48,42 +48,38 @@ def dispatch_experts_combine(send_x: torch.Tensor, w_in: torch.Tensor, w_out: to
     outputs [R, hidden] of the received rows, in their order. Returns [S, hidden]: each sent row's
     expert output (collective).
 
-    in_graph: every rank of the group records this forward's graph (they must agree). The round
-    trip is then one autograd node even where neither send_x nor the weights need a gradient on
-    this rank, so that its backward (collective) runs on every rank."""
-    if not in_graph:
-        return exchange.combine(experts(exchange.dispatch(send_x), w_in, w_out))
-    if not send_x.requires_grad:
+    in_graph: every rank of the group records this forward's graph (they must agree). Both
+    all-to-alls are then recorded even where send_x needs no gradient on this rank, and the
+    combine's backward always leads to the dispatch's (even where the experts got no rows)."""
+    if in_graph and not send_x.requires_grad:
         send_x = send_x.detach().requires_grad_()
-    return _DispatchExpertsCombine.apply(send_x, w_in, w_out, experts, exchange)
+    recv_x = _Dispatch.apply(send_x, exchange)
+    return _Combine.apply(experts(recv_x, w_in, w_out), recv_x, exchange)
 
 
-class _DispatchExpertsCombine(torch.autograd.Function):
-    """Forward: dispatch, the experts (their graph recorded on the received rows), combine.
-    Backward: dispatch of the output gradients (combine's backward), the experts' backward (dX
-    and the per-expert dW), combine of the received rows' gradients (dispatch's backward)."""
+class _Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, send_x, exchange):
+        ctx.exchange = exchange
+        return exchange.dispatch(send_x)
 
     @staticmethod
-    def forward(ctx, send_x, w_in, w_out, experts, exchange):
-        with torch.enable_grad():
-            leaves = [exchange.dispatch(send_x).requires_grad_(), w_in.detach().requires_grad_(),
-                      w_out.detach().requires_grad_()]
-            y = experts(*leaves)
-        ctx.exchange, ctx.leaves, ctx.y = exchange, leaves, y
-        return exchange.combine(y.detach())
+    def backward(ctx, grad_recv):
+        return ctx.exchange.combine(grad_recv), None
+
+
+class _Combine(torch.autograd.Function):
+    """combine(y); recv_x, the dispatch's output, is an input only so that the dispatch's backward
+    follows this one on every rank: its gradient from here is zero."""
+
+    @staticmethod
+    def forward(ctx, y, recv_x, exchange):
+        ctx.exchange = exchange
+        return exchange.combine(y)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_y = ctx.exchange.dispatch(grad_out)
-        wanted = [0] + [i for i in (1, 2) if ctx.needs_input_grad[i]]  # rows' gradients: always
-        grads = [None] * 3
-        if ctx.y.requires_grad:  # not when this rank's experts received no rows
-            got = torch.autograd.grad(ctx.y, [ctx.leaves[i] for i in wanted], grad_y, allow_unused=True)
-            for i, g in zip(wanted, got):
-                grads[i] = g
-        grad_recv = grads[0] if grads[0] is not None else torch.zeros_like(ctx.leaves[0])
-        del ctx.y, ctx.leaves
-        return ctx.exchange.combine(grad_recv), grads[1], grads[2], None, None
+        return ctx.exchange.dispatch(grad_out), None, None
 
 
 class _ContiguousGrad(torch.autograd.Function):
