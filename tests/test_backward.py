@@ -166,6 +166,14 @@ def test_expert_ffn_takes_a_stride_0_gradient():
     assert not leaves[1].grad[1].any() and not leaves[2].grad[1].any()
 
 
+@pytest.mark.parametrize("hidden_size,ffn_size", [(30, 48), (32, 21)])
+def test_gradients_for_sizes_grouped_mm_cannot_take(hidden_size, ffn_size):
+    """torch._grouped_mm wants rows of a multiple of 16 bytes; other sizes take the per-expert loop."""
+    cfg = MoEConfig(**{**SMALL, "hidden_size": hidden_size, "ffn_size": ffn_size}, top_k=2)
+    errs = layer_grad_errors(0, 1, cfg.to_dict(), fresh_seed(), shapes_for(1))
+    assert max(errs.values()) <= FP32_TOL, errs
+
+
 def test_grad_mode_mismatch_raises_on_every_rank(dist_pools):
     """Rank 0 records a graph and rank 1 does not: rank 0's backward would wait for rank 1 forever,
     so both refuse the forward."""

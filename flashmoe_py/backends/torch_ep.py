@@ -37,6 +37,11 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+def _grouped_mm_aligned(x: torch.Tensor, w_out: torch.Tensor) -> bool:
+    """torch._grouped_mm needs row strides of a multiple of 16 bytes: hidden and ffn sizes."""
+    return all(n * x.element_size() % 16 == 0 for n in w_out.shape[1:])
+
+
 def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                activation: str) -> torch.Tensor:
     """Grouped expert FFN over rows sorted by local expert.
@@ -45,7 +50,7 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out:
     w_out: [L, ffn, hidden]. Returns [N, hidden] in x.dtype; activation math in fp32."""
     if x.shape[0] == 0:
         return x.new_empty(0, w_out.shape[-1])
-    if _grouped_mm_works(x.device.type, x.dtype):
+    if _grouped_mm_works(x.device.type, x.dtype) and _grouped_mm_aligned(x, w_out):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = grouped_mm(x, w_in, offs)
         a = activate(h.float(), activation).to(x.dtype)
