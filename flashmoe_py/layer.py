@@ -54,10 +54,17 @@ class MoELayer(nn.Module):
     forward(x): x [tokens, H] or [batch, seq, H] in config.dtype on the layer's device; returns the
     same shape and dtype. After each forward, `last_stats` holds this rank's MoEStats.
 
-    Gradients: only backend "torch" at world_size 1 with routing in torch ops (x on the CPU) has a
-    tested backward. Elsewhere, a forward that would record a graph (grad mode on, and x or a
-    parameter requiring grad) raises NotImplementedError on every rank instead of returning an
-    output whose gradients would be wrong: run it under torch.no_grad() or torch.inference_mode().
+    Gradients (backend "torch", any world size and device): autograd gives x, router_weight, w_in
+    and w_out their gradients of the sum of every rank's loss; capacity-dropped slots get none.
+    w_in/w_out.grad on a rank sums every rank's tokens routed to its experts (the backward's
+    all-to-alls bring them); router_weight is replicated, and its .grad holds only this rank's
+    tokens' part, to be summed over ranks with the other replicated parameters, as data
+    parallelism does (exclude w_in and w_out from that: they are sharded, not replicated). The
+    backward is collective: every rank must record the forward (grad mode on, and x or a
+    parameter requiring grad, on all ranks or on none; a mismatch raises on every rank) and run
+    backward through it. Backend "flash" has no backward: there, a forward that would record a
+    graph raises NotImplementedError on every rank; run it under torch.no_grad() or
+    torch.inference_mode().
 
     backend: "torch" (all-to-all over torch.distributed; CPU or GPU) or "flash" (the fused NVSHMEM
     kernel; needs flashmoe_py.init() first, `max_tokens_per_rank` to size its buffers, and ends
@@ -286,7 +293,7 @@ class MoELayer(nn.Module):
         tokens, limit = x.numel() // cfg.hidden_size, self.options.max_tokens_per_rank
         if limit is not None and tokens > limit:
             return ValueError(f"x has {tokens} tokens; max_tokens_per_rank={limit}")
-        if self._records_graph(x) and not self._backward_supported(x):
+        if self._records_graph(x) and not self._backward_supported():
             return NotImplementedError(
                 f"MoELayer backward is not implemented for backend={self.backend.name!r} at "
                 f"world_size={self.world_size} on {x.device.type}: this forward would record a graph "
@@ -297,10 +304,10 @@ class MoELayer(nn.Module):
     def _records_graph(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
-    def _backward_supported(self, x: torch.Tensor) -> bool:
-        """Where autograd through the forward is tested against the reference: torch ops only
-        (tests/test_backward.py)."""
-        return self.backend.name == "torch" and self.world_size == 1 and not x.is_cuda
+    def _backward_supported(self) -> bool:
+        """Where autograd through the forward is tested against the reference: backend "torch"
+        (tests/test_backward.py, tests/test_training.py); the fused kernel has no backward yet."""
+        return self.backend.name == "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque op for the compiler: no graph break here

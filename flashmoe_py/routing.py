@@ -28,9 +28,11 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
     config.router_bias; e_score_correction_bias: [num_experts] when config.routing is
     'sigmoid_grouped' (MoEConfig describes each routing). Scores in fp32, the best expert first.
     On a GPU, with router_weight in x's dtype or fp32 and up to MAX_EXPERTS experts, every
-    routing is one kernel (kernels/router.py)."""
+    routing is one kernel (kernels/router.py), unless autograd records a graph through x,
+    router_weight or router_bias: the kernel has no backward, so the torch ops route then (in
+    bf16 a near-tied token may pick another k-th expert than the kernel would)."""
     config.check_weights({"router_bias": router_bias, "e_score_correction_bias": e_score_correction_bias})
-    if _router_kernel_fits(x, router_weight, config):
+    if _router_kernel_fits(x, router_weight, config) and not _records_graph(x, router_weight, router_bias):
         weights, experts = router_topk(
             x.contiguous(), router_weight.contiguous(), config.top_k, config.renormalize, routing=config.routing,
             router_bias=router_bias, correction_bias=e_score_correction_bias, n_group=config.n_group,
@@ -93,6 +95,10 @@ def _renormalize_sigmoid(weights: torch.Tensor, config: MoEConfig) -> torch.Tens
 
 _SCORERS = {"softmax_topk": _softmax_topk, "topk_softmax": _topk_softmax,
             "sigmoid_grouped": _sigmoid_grouped, "topk_sigmoid": _topk_sigmoid}
+
+
+def _records_graph(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def keep_within_capacity(experts: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:

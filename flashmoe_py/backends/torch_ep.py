@@ -14,6 +14,7 @@ import torch.distributed as dist
 from ..config import MoEConfig
 from ..reference import activate
 from ..routing import histogram, route
+from .autograd_ops import Exchange, dispatch_experts_combine, grouped_mm
 
 
 class PeerInputError(RuntimeError):
@@ -37,6 +38,11 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+def _grouped_mm_aligned(x: torch.Tensor, w_out: torch.Tensor) -> bool:
+    """torch._grouped_mm needs row strides of a multiple of 16 bytes: hidden and ffn sizes."""
+    return all(n * x.element_size() % 16 == 0 for n in w_out.shape[1:])
+
+
 def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                config: MoEConfig, b_in: torch.Tensor | None = None,
                b_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,14 +61,14 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out:
     def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return y if bias is None else (y.float() + bias.float()).to(x.dtype)
 
-    if _grouped_mm_works(x.device.type, x.dtype):
+    if _grouped_mm_works(x.device.type, x.dtype) and _grouped_mm_aligned(x, w_out):
         offs = torch.cumsum(counts, 0).to(torch.int32)
 
         def per_row(bias: torch.Tensor | None) -> torch.Tensor | None:  # [L, n] -> [N, n]
             return None if bias is None else bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
 
-        a = act(torch._grouped_mm(x, w_in, offs=offs), per_row(b_in))
-        return add_bias(torch._grouped_mm(a, w_out, offs=offs), per_row(b_out))
+        a = act(grouped_mm(x, w_in, offs), per_row(b_in))
+        return add_bias(grouped_mm(a, w_out, offs), per_row(b_out))
     out = torch.empty(x.shape[0], w_out.shape[-1], dtype=x.dtype, device=x.device)
     start = 0
     for e, n in enumerate(counts.tolist()):
@@ -122,9 +128,10 @@ class TorchEPBackend:
                 raise error
             y_sorted = self._local_experts(self._rows(x, slot_tok, slot_w), send_counts[0])
         else:
-            recv_counts = self._exchange_counts(send_counts, error)
+            in_graph = error is None and layer._records_graph(x)
+            recv_counts = self._exchange_counts(send_counts, error, in_graph)
             rows = self._rows(x, slot_tok, slot_w)
-            y_sorted = self._dispatch_compute_combine(rows, send_counts, recv_counts)
+            y_sorted = self._dispatch_compute_combine(rows, send_counts, recv_counts, in_graph)
 
         out = torch.zeros(x.shape[0], cfg.hidden_size, dtype=torch.float32, device=device)
         if cfg.weight_on_input:  # the weight was applied to the expert's input
@@ -147,40 +154,55 @@ class TorchEPBackend:
         layer = self.layer
         return expert_ffn(rows, counts, layer.w_in, layer.w_out, layer.config, layer.b_in, layer.b_out)
 
-    def _exchange_counts(self, send_counts: torch.Tensor, error: Exception | None) -> torch.Tensor:
+    def _exchange_counts(self, send_counts: torch.Tensor, error: Exception | None,
+                         in_graph: bool) -> torch.Tensor:
         """send_counts: [W, L] rows this rank sends to each (rank, local expert). Returns recv_counts
         [W, L]: rows each source rank sends to this rank's experts. A flag column carries input
-        errors, so a rank that rejects its input still completes this exchange, then all raise."""
+        errors, so a rank that rejects its input still completes this exchange, then all raise;
+        a second one whether this rank records a graph, which every rank must (check_graphs_agree)."""
         layer = self.layer
-        flag = torch.full((layer.world_size, 1), int(error is not None), dtype=torch.int64,
-                          device=send_counts.device)
-        send = torch.cat([send_counts, flag], dim=1).contiguous()
+        flags = torch.tensor([[int(error is not None), int(in_graph)]], device=send_counts.device)
+        send = torch.cat([send_counts, flags.expand(layer.world_size, 2)], dim=1).contiguous()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=layer.process_group)
         if error is not None:
             raise error
-        bad = torch.nonzero(recv[:, -1]).flatten().tolist()
+        bad = torch.nonzero(recv[:, -2]).flatten().tolist()
         if bad:
             raise PeerInputError(f"rank(s) {bad} rejected their input to this MoE forward; "
                                  f"rank {layer.rank} aborts it too (see the error on those ranks)")
-        return recv[:, :-1]
+        check_graphs_agree(recv[:, -1].tolist())
+        return recv[:, :-2]
 
     def _dispatch_compute_combine(self, send_x: torch.Tensor, send_counts: torch.Tensor,
-                                  recv_counts: torch.Tensor) -> torch.Tensor:
+                                  recv_counts: torch.Tensor, in_graph: bool) -> torch.Tensor:
         """send_x: [S, hidden] rows sorted by (dest rank, local expert). Returns each row's expert
-        output, in the same order."""
-        layer, cfg = self.layer, self.layer.config
-        group, L = layer.process_group, layer.local_experts
+        output, in the same order; differentiable when in_graph (every rank records a graph)."""
+        layer = self.layer
+        L = layer.local_experts
         counts = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one host sync
-        send_splits, recv_splits = counts
-        recv_x = send_x.new_empty(sum(recv_splits), cfg.hidden_size)
-        dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=group)
+        exchange = Exchange(*counts, group=layer.process_group)
         # Received rows are ordered (source rank, local expert); the FFN wants (local expert, source).
-        row_expert = torch.arange(L, device=recv_x.device).repeat(layer.world_size)
-        row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=recv_x.shape[0])
+        row_expert = torch.arange(L, device=send_x.device).repeat(layer.world_size)
+        row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=sum(counts[1]))
         perm = torch.sort(row_expert, stable=True).indices
-        y = torch.empty_like(recv_x)
-        y[perm] = self._local_experts(recv_x[perm], recv_counts.sum(0))
-        back = send_x.new_empty(send_x.shape[0], cfg.hidden_size)
-        dist.all_to_all_single(back, y, send_splits, recv_splits, group=group)
-        return back
+
+        def experts(recv_x):
+            y = torch.empty_like(recv_x)
+            y[perm] = self._local_experts(recv_x[perm], recv_counts.sum(0))
+            return y
+
+        return dispatch_experts_combine(send_x, experts, exchange, in_graph=in_graph)
+
+
+def check_graphs_agree(in_graph: list[int]) -> None:
+    """in_graph: [W] whether each rank records this forward's graph. The backward is collective
+    (an all-to-all per dispatch and combine), so a rank that records one while a peer does not
+    would wait forever in backward: raise on every rank instead."""
+    if len(set(in_graph)) > 1:
+        on = [r for r, f in enumerate(in_graph) if f]
+        off = [r for r, f in enumerate(in_graph) if not f]
+        raise RuntimeError(
+            f"rank(s) {on} record an autograd graph for this MoE forward and rank(s) {off} do not: "
+            "its backward is collective, so run the forward in the same grad mode on every rank "
+            "(x or a layer parameter requiring grad under grad mode on all, or on none)")

@@ -55,3 +55,8 @@ def test_every_kind_of_stalled_peer_ends_the_kernel_within_the_timeout():
 def test_killed_rank_is_a_bounded_error_and_survivors_exit():
     assert subprocess.run([sys.executable, os.path.join(HERE, "check_killed_rank.py")], timeout=300,
                           cwd=ROOT).returncode == 0
+
+
+@pytest.mark.gpu
+def test_torch_backend_gradients_match_reference_on_all_gpus():
+    assert torchrun("check_backward.py", timeout=300).returncode == 0
