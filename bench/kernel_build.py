@@ -27,6 +27,7 @@ from triton.runtime import driver
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashmoe_py import MoEConfig, preset  # noqa: E402
+from flashmoe_py.backends.flash import FUSED_WEIGHTS  # noqa: E402
 from flashmoe_py.kernels import fused_moe  # noqa: E402
 from flashmoe_py.kernels.launch_config import choose_launch  # noqa: E402
 from flashmoe_py.kernels.layout import Geometry  # noqa: E402
@@ -81,8 +82,9 @@ def build(cfg: MoEConfig, world: int, tokens: int, transport: str = "p2p", trace
     if transport == "nvshmem":
         fused_moe.nvshmem_device_library = lambda: nvshmem_bitcode
     experts = {"w_in": w_in, "w_out": w_out}
-    if cfg.expert_bias:
-        experts.update(b_in=torch.zeros(L, cfg.ffn_in_size, dtype=dt), b_out=torch.zeros(L, H, dtype=dt))
+    shapes = cfg.weight_shapes(experts=L)
+    experts.update({name: torch.zeros(shapes[name], dtype=dt) for name in FUSED_WEIGHTS
+                    if name in shapes and name not in experts})
     args, kwargs = fused_moe.fused_kernel_args(x, torch.empty_like(x), experts, zero_plan(tokens, geo), ws,
                                                launch, config=cfg, rank=0, timeout_s=1.0, trace=trace_t)
     meta = args[-1]._replace(ON_GPU=triton.language.constexpr(True))  # x is on the CPU here

@@ -21,12 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.kernels.layout import (TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT,  # noqa: E402
-                                        TASK_PUBLISH, TRACE_COLS, WAITED_COUNTS)
+                                        TASK_PUBLISH, TASK_SHARED_IN, TASK_SHARED_OUT, TRACE_COLS,
+                                        WAITED_COUNTS)
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 from layer import save_rows  # noqa: E402
 
 KINDS = {TASK_PUBLISH.value: "publish", TASK_DISPATCH.value: "dispatch", TASK_FFN_IN.value: "ffn_in",
-         TASK_FFN_OUT.value: "ffn_out", TASK_COMBINE.value: "combine", WAITED_COUNTS.value: "wait_counts"}
+         TASK_FFN_OUT.value: "ffn_out", TASK_COMBINE.value: "combine", WAITED_COUNTS.value: "wait_counts",
+         TASK_SHARED_IN.value: "shared_in", TASK_SHARED_OUT.value: "shared_out"}
 
 
 def summarize(trace: list[list[int]]) -> dict:

@@ -262,13 +262,6 @@ class MoEConfig:
             return self.router_torch_dtype
         return torch.float32 if name == "e_score_correction_bias" else self.torch_dtype
 
-    def fused_unsupported(self) -> str | None:
-        """The first feature of this config that backend 'flash' (the fused kernel) does not have
-        yet, as a phrase naming the field, or None when the fused kernel runs it."""
-        if self.shared_experts:
-            return f"shared_experts={self.shared_experts!r}"
-        return None
-
     def local_experts(self, world_size: int) -> int:
         """Experts per rank; raises unless num_experts divides evenly over world_size."""
         if not isinstance(world_size, int) or world_size < 1:

@@ -116,17 +116,14 @@ class MoELayer(nn.Module):
         if backend not in BACKENDS:
             return f"backend={backend!r} is not available; choose one of {BACKENDS}"
         if backend == "flash":
-            unsupported = config.fused_unsupported()
-            if unsupported:
-                return (f"backend='flash' does not support {unsupported} yet (the fused kernel has "
-                        "today's routing and experts only); use backend='torch'")
             try:
                 options.require_max_tokens()
             except ValueError as e:
                 return str(e)
-            if config.hidden_size % TMA_ROW_MULTIPLE or config.ffn_size % TMA_ROW_MULTIPLE:
-                return (f"backend='flash' needs hidden_size and ffn_size multiples of {TMA_ROW_MULTIPLE} "
-                        f"(16-byte weight rows for its TMA loads); got {config.hidden_size} and {config.ffn_size}")
+            widths = (config.hidden_size, config.ffn_size, config.shared_width)
+            if any(n % TMA_ROW_MULTIPLE for n in widths):
+                return (f"backend='flash' needs hidden_size, ffn_size and the shared experts' width in multiples "
+                        f"of {TMA_ROW_MULTIPLE} (16-byte weight rows for its TMA loads); got {widths}")
             reason = fused_unavailable_reason()
             if reason:
                 return f"backend='flash' is unavailable: {reason}"

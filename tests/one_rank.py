@@ -9,7 +9,7 @@ import torch
 
 from flashmoe_py import ExpertPlacement, MoEConfig
 from flashmoe_py.config import EXPERT_WEIGHTS
-from flashmoe_py.backends.flash import routing_plan
+from flashmoe_py.backends.flash import FUSED_WEIGHTS, routing_plan
 from flashmoe_py.kernels.fused_moe import launch_fused
 from flashmoe_py.kernels.launch_config import LaunchConfig
 from flashmoe_py.kernels.layout import CTL_EPOCH, Geometry
@@ -27,28 +27,30 @@ class OneRank:
         self.ws = Workspace.allocate(self.geo, cfg.torch_dtype, transport, device, LocalBuffers(device, world))
         self.status, self.ctl = self.ws.scratch.status, self.ws.scratch.ctl
         gen = torch.Generator().manual_seed(random.randrange(2**31))
-        E, H, F = cfg.num_experts, cfg.hidden_size, cfg.ffn_size
-        dt = cfg.torch_dtype
-        self.router = (torch.randn(E, H, generator=gen) / H**0.5).to(device, dt)
-        self.w_in = (torch.randn(E, H, cfg.ffn_in_size, generator=gen) / H**0.5).to(device, dt)
-        self.w_out = (torch.randn(E, F, H, generator=gen) / F**0.5).to(device, dt)
-        self.positions = ExpertPlacement.contiguous(E, world).positions(device)
-        self.b_in = (torch.randn(E, cfg.ffn_in_size, generator=gen) / 4).to(device, dt) if cfg.expert_bias else None
-        self.b_out = (torch.randn(E, H, generator=gen) / 4).to(device, dt) if cfg.expert_bias else None
-        self.router_bias = (torch.randn(E, generator=gen) / 4).to(device) if cfg.router_bias else None
-        self.correction = (torch.rand(E, generator=gen) / 4).to(device) if cfg.routing == "sigmoid_grouped" else None
         self.gen = gen
+        self.weights = {name: self._draw(name, shape) for name, shape in cfg.weight_shapes().items()}
+        self.router, self.w_in, self.w_out = (self.weights[n] for n in ("router_weight", "w_in", "w_out"))
+        self.positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions(device)
+
+    def _draw(self, name: str, shape) -> torch.Tensor:
+        """Random weights scaled by fan-in (biases small, the correction bias in [0, 1/4))."""
+        if name == "e_score_correction_bias":
+            return (torch.rand(shape, generator=self.gen) / 4).to(self.device)
+        if name in ("router_weight", "shared_gate_weight"):
+            scale = shape[-1] ** -0.5  # [out, H]
+        elif name in ("w_in", "w_out", "shared_w_in", "shared_w_out"):
+            scale = shape[-2] ** -0.5  # [..., in, out]
+        else:  # biases
+            scale = 0.25
+        return (torch.randn(shape, generator=self.gen) * scale).to(self.device, self.cfg.weight_dtype(name))
 
     def router_extras(self) -> dict:
         """The router's biases by reference_forward's names (those the config has)."""
-        extras = {"router_bias": self.router_bias, "e_score_correction_bias": self.correction}
-        return {name: t for name, t in extras.items() if t is not None}
+        return {n: t for n, t in self.weights.items() if n in ("router_bias", "e_score_correction_bias")}
 
     def full_weights(self) -> dict:
         """Every weight of the layer (all experts) by reference_forward's names."""
-        extras = {"b_in": self.b_in, "b_out": self.b_out, **self.router_extras()}
-        return {"router_weight": self.router, "w_in": self.w_in, "w_out": self.w_out,
-                **{name: t for name, t in extras.items() if t is not None}}
+        return dict(self.weights)
 
     def peer_published(self, src: int, rows: int) -> None:
         """Peer `src` published, for the next call, that it sends `rows` rows to each of rank 0's
@@ -67,6 +69,7 @@ class OneRank:
         launch = LaunchConfig(programs=programs, block_m=block_m, block_n=block_n or geo.block_n,
                               dispatch_programs=dispatch_programs)
         L = geo.local_experts
-        experts = {name: t[:L].contiguous() for name, t in self.full_weights().items() if name in EXPERT_WEIGHTS}
+        experts = {name: t[:L].contiguous() if name in EXPERT_WEIGHTS else t for name, t in self.weights.items()
+                   if name in FUSED_WEIGHTS}
         launch_fused(x, out, experts, plan, self.ws, launch, config=cfg, rank=0, timeout_s=timeout_s)
         return x, out

@@ -138,24 +138,6 @@ def test_check_weights_names_the_weight():
         cfg.check_weights({"router_bias": torch.zeros(9)})
 
 
-@pytest.mark.parametrize("change,named", [
-    ({"shared_experts": 1}, "shared_experts=1"),
-])
-def test_fused_unsupported_names_the_first_new_feature(change, named):
-    assert MoEConfig(**{**GOOD, **change}).fused_unsupported().startswith(named)
-
-
-@pytest.mark.parametrize("change", [{}, {"activation": "gelu", "renormalize": False, "capacity_factor": 1.0},
-                                    {"dtype": "float32", "router_dtype": "float32", "top_k": 8},
-                                    {"routing": "topk_softmax", "router_bias": True},
-                                    {"routing": "sigmoid_grouped", "routed_scaling_factor": 2.5,
-                                     "router_dtype": "float32"},
-                                    {"routing": "topk_sigmoid", "renormalize": False, "top_k": 10, "num_experts": 16},
-                                    {"activation": "clamped_swiglu", "expert_bias": True, "weight_on_input": True}])
-def test_todays_features_run_fused(change):
-    assert MoEConfig(**{**GOOD, **change}).fused_unsupported() is None
-
-
 def test_new_fields_roundtrip():
     cfg = MoEConfig(**ROUTED, routed_scaling_factor=2.5, shared_experts=1, router_dtype="float32")
     assert MoEConfig.from_dict(cfg.to_dict()) == cfg

@@ -17,7 +17,7 @@ from one_rank import OneRank
 
 from flashmoe_py import ExpertPlacement, MoEConfig, reference_forward
 from flashmoe_py.config import EXPERT_WEIGHTS
-from flashmoe_py.backends.flash import routing_plan
+from flashmoe_py.backends.flash import FUSED_WEIGHTS, routing_plan
 from flashmoe_py.kernels import transport
 from flashmoe_py.kernels.fused_moe import _expert_tile, _tile_table, launch_fused
 from flashmoe_py.kernels.launch_config import LaunchConfig
@@ -227,7 +227,8 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
     ws = Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", SharedMemoryBuffers(bufs, rank))
     L = geo.local_experts
     mine = slice(rank * L, (rank + 1) * L)
-    experts = {name: t[mine].contiguous() for name, t in weights.items() if name in EXPERT_WEIGHTS}
+    experts = {name: t[mine].contiguous() if name in EXPERT_WEIGHTS else t for name, t in weights.items()
+               if name in FUSED_WEIGHTS}
     router = {name: t for name, t in weights.items() if name in ("router_bias", "e_score_correction_bias")}
     positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
     launch = LaunchConfig(programs=1, block_m=block_m, block_n=geo.block_n)
@@ -245,11 +246,13 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
 @pytest.mark.parametrize("world,top_k,activation,block_m,variant", [
     (2, 2, "swiglu", 64, {}), (2, 3, "relu", 128, {}), (3, 1, "gelu", 64, {}),
     (2, 2, "clamped_swiglu", 64, dict(expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
-                                      renormalize=False))])
+                                      renormalize=False)),
+    (3, 2, "swiglu", 64, dict(shared_experts=1, shared_expert_gate=True, shared_ffn_size=40))])
 def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activation, block_m, variant):
     """The multi-rank protocol (counts, dispatch to peers, tiles across sources, combine counters,
     epochs) with each rank's kernel in its own process, on shared-memory 'symmetric' buffers; and
-    the expert variants whose rows are scaled before they are sent (weight_on_input)."""
+    the expert variants whose rows are scaled before they are sent (weight_on_input), and shared
+    experts computed beside the routed ones."""
     cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=2 * world, top_k=top_k,
                     activation=activation, dtype="float32", **variant)
     gen = torch.Generator().manual_seed(random.randrange(2**31))
@@ -316,3 +319,21 @@ def test_whole_kernel_with_every_routing_and_expert_variant(fields):
         assert int(rank.status[0]) == 0
         ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
         assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("fields", [dict(shared_experts=1), dict(shared_experts=2, shared_ffn_size=24,
+                                                                 shared_expert_gate=True, activation="gelu"),
+                                    dict(shared_experts=1, shared_expert_gate=True, routing="sigmoid_grouped",
+                                         n_group=2, topk_group=1, routed_scaling_factor=2.5)])
+@pytest.mark.parametrize("block_m,block_n", [(64, 128), (128, 256)])
+def test_shared_experts_are_tasks_of_the_kernel(fields, block_m, block_n):
+    """The shared experts' FFN (and its gate) over this rank's tokens runs as tasks of the same
+    launch, and the combine adds it; calls of either tile size share the epoch-tagged flags."""
+    cfg = MoEConfig(hidden_size=384, ffn_size=48, num_experts=8, top_k=2, dtype="float32", **fields)
+    rank = OneRank(cfg, max_tokens=150)
+    for tokens in (150, 33, 0, 77):
+        x, out = rank.forward(tokens, block_m=block_m, block_n=block_n, programs=2)
+        assert int(rank.status[0]) == 0
+        if tokens:
+            ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+            assert rel_err(out, ref) <= 1e-5

@@ -23,6 +23,8 @@ from ..kernels.workspace import Workspace
 from ..routing import Routing
 
 log = logging.getLogger("flashmoe_py")
+# The layer's weights the fused kernel reads (those a config has); the router's go to route().
+FUSED_WEIGHTS = ("w_in", "w_out", "b_in", "b_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
 
 
 class FusedKernelError(RuntimeError):
@@ -118,8 +120,7 @@ class FlashBackend:
                                    ws.scratch.comb_expect)
         out = torch.empty_like(x)
         launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override)
-        experts = {name: getattr(layer, name) for name in ("w_in", "w_out", "b_in", "b_out")
-                   if getattr(layer, name) is not None}
+        experts = {name: getattr(layer, name) for name in FUSED_WEIGHTS if getattr(layer, name) is not None}
         launch_fused(x, out, experts, plan, ws, launch, config=layer.config, rank=layer.rank,
                      timeout_s=self.options.timeout_s, trace=self.trace)
         capturing = torch.cuda.is_current_stream_capturing()

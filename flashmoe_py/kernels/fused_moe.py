@@ -3,7 +3,7 @@
 Work is two queues of tasks per GPU, each taken in increasing order from its atomic counter:
 
     front:   [publish counts] [dispatch chunk ...]
-    compute: [ffn_in tile ...] [ffn_out tile ...] [combine tile ...]
+    compute: [shared_in tile ...] [shared_out tile ...] [ffn_in tile ...] [ffn_out tile ...] [combine tile ...]
 
 The first DISPATCH_PROGRAMS programs take front tasks until none are left, then join the others on
 the compute queue; the rest start on it at once, so expert tiles whose rows have arrived are
@@ -21,7 +21,12 @@ tiles in.
                   written straight into each row's source rank, whose per-chunk row counters a
                   program bumps one tile later (count_tile_rows): after its next tile's GEMM, so
                   the rows drain over NVLink while it computes, or before it takes a combine tile;
-  combine_tile    for BT of this rank's tokens and one n-tile: wait for its k expert rows, weighted sum.
+  shared_in_tile  (shared experts) BM of this rank's tokens: h_s = act(x @ shared_w_in[:, f-tile]),
+                  and with a shared gate, its sigmoid(x . g) per token; local, no waits: done while
+                  this rank's rows are still on their way to and from the experts;
+  shared_out_tile y_s = h_s @ shared_w_out[:, n-tile] (times the gate) once h_s is written;
+  combine_tile    for BT of this rank's tokens and one n-tile: wait for its k expert rows (and the
+                  shared output), weighted sum.
 
 An expert's tiles span all sources, so its weights are read once per BM rows it received in all,
 not once per source. Weight tiles come through the tensor memory accelerator (TMA: Weights),
@@ -62,7 +67,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .layout import (CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, QUEUES_CLOSED,
                      STATUS_EPOCH, STATUS_EXPERT, STATUS_FAILED, STATUS_PEER, STATUS_TILE, STATUS_WAIT,
-                     TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT, TRACE_COLS, WAIT_CHUNK,
+                     TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT, TASK_SHARED_IN, TASK_SHARED_OUT,
+                     TRACE_COLS, WAIT_CHUNK,
                      WAIT_COMBINE, WAIT_COUNTS, WAIT_HIDDEN, WAITED_COUNTS)
 from .transport import (NVSHMEM, TRANSPORTS, add_count, clock_ns, nvshmem_device_library, nvshmem_launch,
                         order_counts, puts_complete, rows_landed, rows_sent, rows_target, send_tile,
@@ -80,18 +86,24 @@ class Weights(NamedTuple):
     """This rank's expert weights: w_in [L, H, F_in] and w_out [L, F, H] as tensor descriptors,
     so their tiles are loaded by the tensor memory accelerator (TMA) and zero-filled past each
     expert's edges ([1, BK, BF] and [1, BK, BN_OUT] blocks; F_in = 2F for the gated activations:
-    gate columns, then up columns); the biases b_in [L, F_in] and b_out [L, H] (Meta.HAS_BIAS;
-    any tensor otherwise, unread)."""
+    gate columns, then up columns); the biases b_in [L, F_in] and b_out [L, H] (Meta.HAS_BIAS); the
+    shared experts (Meta.SHARED), one FFN of width Fs: shared_w_in [1, H, Fs_in] and shared_w_out
+    [1, Fs, H] descriptors as the experts', and the gate's weights shared_gate [H] (SHARED_GATE).
+    What a config lacks is some other tensor or descriptor, unread."""
 
     w_in: TensorDescriptor
     w_out: TensorDescriptor
     b_in: torch.Tensor
     b_out: torch.Tensor
+    shared_w_in: TensorDescriptor
+    shared_w_out: TensorDescriptor
+    shared_gate: torch.Tensor
 
 
 class Dims(NamedTuple):
     """The layer's sizes on this rank (Geometry): ranks, local experts, hidden, ffn, rows of one
-    source's region at a destination (S), chunks per (source, expert) pair (MAXC)."""
+    source's region at a destination (S), chunks per (source, expert) pair (MAXC), the shared
+    experts' width (Fs; 0 without)."""
 
     world: int
     local_experts: int
@@ -99,6 +111,7 @@ class Dims(NamedTuple):
     ffn: int
     source_rows: int
     max_chunks: int
+    shared_ffn: int
 
 
 class Meta(NamedTuple):
@@ -108,7 +121,8 @@ class Meta(NamedTuple):
     not its output); PRECISION of fp32 dots; E_POW2, W_POW2,
     L_POW2 powers of two >= W * L, W, L; tiles BM (expert rows), CHUNK (dispatch rows), BN
     (combine columns), BN_OUT (GEMM2 columns), BF (GEMM1 columns), BK (K step), BT (combine
-    tokens), NF_POW2 (>= GEMM1 column tiles); STAGES of the K loops; GROUP of expert tiles taken
+    tokens), NF_POW2 (>= GEMM1 column tiles); SHARED, SHARED_GATE (shared experts, their sigmoid
+    gate) and NFS_POW2 (>= their GEMM1 column tiles); STAGES of the K loops; GROUP of expert tiles taken
     together; TRANSPORT (transport.TRANSPORTS); ON_GPU: compiled for a GPU (not the Triton
     interpreter, which runs no PTX: no clock, no fences); TRACE: record task timestamps."""
 
@@ -132,6 +146,9 @@ class Meta(NamedTuple):
     BK: tl.constexpr
     BT: tl.constexpr
     NF_POW2: tl.constexpr
+    SHARED: tl.constexpr
+    SHARED_GATE: tl.constexpr
+    NFS_POW2: tl.constexpr
     STAGES: tl.constexpr
     GROUP: tl.constexpr
     TRANSPORT: tl.constexpr
@@ -336,6 +353,40 @@ def _expert_tile(q, table, W, meta):
 
 
 @triton.jit
+def _gemm_in(a_rows, valid, w_in, e, col, F, H, meta):
+    """GEMM1 of one tile: a_rows [BM] row starts of H elements (rows where valid) @ expert e of
+    the descriptor w_in, columns col.. -> (gate, up) [BM, BF] fp32 (up: the columns F further;
+    zeros unless GATED)."""
+    BK: tl.constexpr = meta.BK
+    BF: tl.constexpr = meta.BF
+    gate = tl.zeros((meta.BM, BF), dtype=tl.float32)
+    up = tl.zeros((meta.BM, BF), dtype=tl.float32)
+    for k0 in tl.range(0, H, BK, num_stages=meta.STAGES):
+        k = k0 + tl.arange(0, BK)
+        a = tl.load(a_rows[:, None] + k[None, :], mask=valid[:, None] & (k < H)[None, :], other=0.0,
+                    cache_modifier=".cg")
+        gate = tl.dot(a, w_in.load([e, k0, col]).reshape(BK, BF), gate, input_precision=meta.PRECISION)
+        if meta.GATED:
+            up = tl.dot(a, w_in.load([e, k0, F + col]).reshape(BK, BF), up, input_precision=meta.PRECISION)
+    return gate, up
+
+
+@triton.jit
+def _gemm_out(a_rows, valid, w_out, e, col, F, meta):
+    """GEMM2 of one tile: a_rows [BM] row starts of F elements (rows where valid) @ expert e of
+    the descriptor w_out, columns col.. -> [BM, BN_OUT] fp32."""
+    BK: tl.constexpr = meta.BK
+    BN_OUT: tl.constexpr = meta.BN_OUT
+    acc = tl.zeros((meta.BM, BN_OUT), dtype=tl.float32)
+    for k0 in tl.range(0, F, BK, num_stages=meta.STAGES):
+        f = k0 + tl.arange(0, BK)
+        a = tl.load(a_rows[:, None] + f[None, :], mask=valid[:, None] & (f < F)[None, :], other=0.0,
+                    cache_modifier=".cg")
+        acc = tl.dot(a, w_out.load([e, k0, col]).reshape(BK, BN_OUT), acc, input_precision=meta.PRECISION)
+    return acc
+
+
+@triton.jit
 def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wait_limit, rank, meta):
     """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived
     (table: the call's TileTable; weights: Weights): rows from other ranks from recv_x once their
@@ -345,9 +396,7 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wa
     columns of h are never stored. WEIGHT_ON_INPUT: own rows' products are scaled by their
     slots' weights here (x W is linear in x), other ranks' rows came scaled (dispatch_chunk)."""
     W, L, H, F, S, MAXC = dims.world, dims.local_experts, dims.hidden, dims.ffn, dims.source_rows, dims.max_chunks
-    BM: tl.constexpr = meta.BM
     BF: tl.constexpr = meta.BF
-    BK: tl.constexpr = meta.BK
     NF = tl.cdiv(F, BF)
     t = _expert_tile(q, table, W, meta)
     own = t.valid & (t.src == rank)
@@ -365,18 +414,7 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wa
         a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
         f = j * BF + tl.arange(0, BF)
         fmask = f < F
-        gate = tl.zeros((BM, BF), dtype=tl.float32)
-        up = tl.zeros((BM, BF), dtype=tl.float32)
-        col = (j * BF).to(tl.int32)  # of the gate block; the up block is F columns further
-        for k0 in tl.range(0, H, BK, num_stages=meta.STAGES):
-            k = k0 + tl.arange(0, BK)
-            a = tl.load(a_rows[:, None] + k[None, :], mask=t.valid[:, None] & (k < H)[None, :], other=0.0,
-                        cache_modifier=".cg")
-            b = weights.w_in.load([t.e, k0, col]).reshape(BK, BF)
-            gate = tl.dot(a, b, gate, input_precision=meta.PRECISION)
-            if meta.GATED:
-                b2 = weights.w_in.load([t.e, k0, F + col]).reshape(BK, BF)
-                up = tl.dot(a, b2, up, input_precision=meta.PRECISION)
+        gate, up = _gemm_in(a_rows, t.valid, weights.w_in, t.e, (j * BF).to(tl.int32), F, H, meta)
         done = clock_ns() if meta.TRACE else 0
         if meta.WEIGHT_ON_INPUT:
             scale = tl.where(own, tl.load(plan.slot_w + routed, mask=own, other=1.0), 1.0)[:, None]
@@ -447,27 +485,18 @@ def ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_lim
     P2P stores the rows there; NVSHMEM stages the tile in recv_x's rows of the tile (their x is
     consumed: every f-tile of h is done) and puts each row from its own thread."""
     W, H, F, S = dims.world, dims.hidden, dims.ffn, dims.source_rows
-    BM: tl.constexpr = meta.BM
     BN_OUT: tl.constexpr = meta.BN_OUT
-    BK: tl.constexpr = meta.BK
     NF = tl.cdiv(F, meta.BF)
     t = _expert_tile(q, table, W, meta)
     r = (t.src * S + t.row).to(tl.int64)
-    acc = tl.zeros((BM, BN_OUT), dtype=tl.float32)
-    col = (n * BN_OUT).to(tl.int32)
+    acc = tl.zeros((meta.BM, BN_OUT), dtype=tl.float32)
     f_tiles = tl.arange(0, meta.NF_POW2)
     short = wait_at_least(scratch.h_flags + q * NF + f_tiles, f_tiles < NF, epoch.to(tl.int32), wait_limit,
                           scratch.status, "gpu", meta.ON_GPU)
     ok = tl.sum(short.to(tl.int32)) == 0
     ready = clock_ns() if meta.TRACE else 0
     if ok:
-        for k0 in tl.range(0, F, BK, num_stages=meta.STAGES):
-            f = k0 + tl.arange(0, BK)
-            fmask = f < F
-            a = tl.load(scratch.h + r[:, None] * F + f[None, :], mask=t.valid[:, None] & fmask[None, :],
-                        other=0.0, cache_modifier=".cg")
-            b = weights.w_out.load([t.e, k0, col]).reshape(BK, BN_OUT)
-            acc = tl.dot(a, b, acc, input_precision=meta.PRECISION)
+        acc = _gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), F, meta)
     done = clock_ns() if meta.TRACE else 0
     if meta.HAS_BIAS:
         cols = n * BN_OUT + tl.arange(0, BN_OUT)
@@ -487,10 +516,80 @@ def ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_lim
 
 
 @triton.jit
+def shared_in_tile(m, j, x_ptr, weights, scratch, dims, tokens, epoch, meta):
+    """h_s[tokens m*BM.., f-tile j] = act(x @ shared_w_in[:, f-tile]) for this rank's own tokens;
+    the tile j = 0 also stores each token's shared gate, sigmoid(x . shared_gate), when there is
+    one. Nothing to wait for."""
+    H, FS = dims.hidden, dims.shared_ffn
+    BF: tl.constexpr = meta.BF
+    BK: tl.constexpr = meta.BK
+    t = m * meta.BM + tl.arange(0, meta.BM)
+    valid = t < tokens
+    rows = x_ptr + t.to(tl.int64) * H
+    gate, up = _gemm_in(rows, valid, weights.shared_w_in, 0, (j * BF).to(tl.int32), FS, H, meta)
+    f = j * BF + tl.arange(0, BF)
+    tl.store(scratch.shared_h + t.to(tl.int64)[:, None] * FS + f[None, :],
+             _activate(gate, up, meta).to(scratch.shared_h.dtype.element_ty), mask=valid[:, None] & (f < FS)[None, :])
+    if meta.SHARED_GATE:
+        if j == 0:
+            logit = tl.zeros((meta.BM,), dtype=tl.float32)
+            for k0 in range(0, H, BK):
+                k = k0 + tl.arange(0, BK)
+                a = tl.load(rows[:, None] + k[None, :], mask=valid[:, None] & (k < H)[None, :], other=0.0)
+                g = tl.load(weights.shared_gate + k, mask=k < H, other=0.0)
+                logit += tl.sum(a.to(tl.float32) * g.to(tl.float32)[None, :], axis=1)
+            tl.store(scratch.shared_scale + t, tl.sigmoid(logit), mask=valid)
+    signal(scratch.shared_h_flags + m * tl.cdiv(FS, BF) + j, epoch.to(tl.int32), "gpu")
+
+
+@triton.jit
+def shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, rank, meta):
+    """y_s[tokens m*BM.., n-tile] = h_s @ shared_w_out[:, n-tile] (times the shared gate) once every
+    f-tile of h_s is written. -> ready clock stamp when TRACE, else zero."""
+    H, FS = dims.hidden, dims.shared_ffn
+    BN_OUT: tl.constexpr = meta.BN_OUT
+    NFS = tl.cdiv(FS, meta.BF)
+    f_tiles = tl.arange(0, meta.NFS_POW2)
+    short = wait_at_least(scratch.shared_h_flags + m * NFS + f_tiles, f_tiles < NFS, epoch.to(tl.int32),
+                          wait_limit, scratch.status, "gpu", meta.ON_GPU)
+    ready = clock_ns() if meta.TRACE else 0
+    if tl.sum(short.to(tl.int32)) > 0:
+        _report_timeout(scratch, WAIT_HIDDEN, rank, -1, m, epoch)
+    else:
+        t = m * meta.BM + tl.arange(0, meta.BM)
+        valid = t < tokens
+        acc = _gemm_out(scratch.shared_h + t.to(tl.int64) * FS, valid, weights.shared_w_out, 0,
+                        (n * BN_OUT).to(tl.int32), FS, meta)
+        if meta.SHARED_GATE:
+            acc = acc * tl.load(scratch.shared_scale + t, mask=valid, other=0.0)[:, None]
+        cols = n * BN_OUT + tl.arange(0, BN_OUT)
+        tl.store(scratch.shared_y + t.to(tl.int64)[:, None] * H + cols[None, :],
+                 acc.to(scratch.shared_y.dtype.element_ty), mask=valid[:, None] & (cols < H)[None, :])
+        signal(scratch.shared_y_flags + m * tl.cdiv(H, meta.BN) + n, epoch.to(tl.int32), "gpu")
+    return ready
+
+
+@triton.jit
+def _shared_task(s, n_sin, n_rows, x_ptr, weights, scratch, dims, tokens, epoch, wait_limit, rank, meta):
+    """Shared-expert task s: shared_in tiles first, then shared_out tiles, each grid grouped as the
+    experts' are. -> ready clock stamp when TRACE. Compiled only with shared experts."""
+    ready = clock_ns() if meta.TRACE else 0
+    if meta.SHARED:
+        if s < n_sin:
+            m, j = _grouped(s, n_rows, tl.cdiv(dims.shared_ffn, meta.BF), meta.GROUP)
+            shared_in_tile(m, j, x_ptr, weights, scratch, dims, tokens, epoch, meta)
+        else:
+            m, n = _grouped(s - n_sin, n_rows, tl.cdiv(dims.hidden, meta.BN_OUT), meta.GROUP)
+            ready = shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, rank, meta)
+    return ready
+
+
+@triton.jit
 def combine_tile(tt, n, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_limit, meta):
-    """out[tokens, n-tile] = sum_k w[t, k] * y[slot(t, k), n-tile] for BT tokens, once each slot's
-    chunk counter has reached the rows this rank expects in it (one wait for all BT x TOP_K slots,
-    then every row's load can be in flight at once). -> (ready, done) clock stamps when TRACE."""
+    """out[tokens, n-tile] = sum_k w[t, k] * y[slot(t, k), n-tile] (+ y_s[tokens, n-tile]) for BT
+    tokens, once each slot's chunk counter has reached the rows this rank expects in it (one wait
+    for all BT x TOP_K slots, then every row's load can be in flight at once), and the shared
+    output's tile is written. -> (ready, done) clock stamps when TRACE."""
     W, H, S = dims.world, dims.hidden, dims.source_rows
     NN = tl.cdiv(H, meta.BN)
     TOP_K: tl.constexpr = meta.TOP_K
@@ -509,8 +608,16 @@ def combine_tile(tt, n, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_l
     short = wait_at_least(sym.combine_counts.local + chunk * NN + n, live, expect, wait_limit, scratch.status,
                           "sys", meta.ON_GPU)
     missing = tl.min(tl.where(short, dest, W))  # the lowest rank whose rows did not come back (W: none)
-    ready = clock_ns() if meta.TRACE else 0
     acc = tl.zeros((BT, BN), dtype=tl.float32)
+    if meta.SHARED:  # the shared output tile holding these tokens and columns (BT | BM, BN | BN_OUT)
+        one = tl.arange(0, 1)
+        flag = scratch.shared_y_flags + (tt * BT) // meta.BM * NN + (n * BN) // meta.BN_OUT + one
+        if tl.sum(wait_at_least(flag, one == 0, epoch.to(tl.int32), wait_limit, scratch.status, "gpu",
+                                meta.ON_GPU).to(tl.int32)) > 0:
+            _report_timeout(scratch, WAIT_HIDDEN, -1, -1, tt, epoch)
+        acc += tl.load(scratch.shared_y + t.to(tl.int64)[:, None] * H + cols[None, :],
+                       mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    ready = clock_ns() if meta.TRACE else 0
     for kk in tl.static_range(TOP_K):
         s = t.to(tl.int64) * TOP_K + kk
         d = tl.load(plan.slot_dest + s, mask=tmask, other=-1)
@@ -575,16 +682,24 @@ def fused_moe_kernel(x_ptr, out_ptr, weights, plan, sym, scratch, dims,
     n_in = n_tiles * NF
     n_out = n_tiles * NN_OUT
     n_comb = tl.cdiv(tokens, meta.BT) * NN
+    n_rows = tl.cdiv(tokens, meta.BM)  # shared-expert row tiles
+    n_sin = n_rows * tl.cdiv(dims.shared_ffn, meta.BF) if meta.SHARED else 0
+    n_sout = n_rows * NN_OUT if meta.SHARED else 0
+    n_shared = n_sin + n_sout
     # This program's GEMM2 tile whose rows are not counted yet (none while pend.e < 0).
     pend = PendingTile(tl.full((), -1, tl.int32), tl.full((), 0, tl.int64), tl.zeros((meta.W_POW2,), dtype=tl.int32),
                        tl.zeros((meta.W_POW2,), dtype=tl.int32), tl.full((), 0, tl.int64))
     task = n_front + tl.atomic_add(ctl + CTL_COMPUTE_TASKS, 1, sem="relaxed")
-    while (task < n_front + n_in + n_out + n_comb) & healthy:
+    while (task < n_front + n_shared + n_in + n_out + n_comb) & healthy:
         start = clock_ns() if meta.TRACE else 0
         ready = start
         done = start
-        q = task - n_front
-        if q < n_in:
+        q = task - n_front - n_shared
+        if q < 0:  # only with shared experts
+            ready = _shared_task(q + n_shared, n_sin, n_rows, x_ptr, weights, scratch, dims, tokens, epoch,
+                                 wait_limit, rank, meta)
+            done = clock_ns() if meta.TRACE else 0
+        elif q < n_in:
             q, j = _grouped(q, n_tiles, NF, meta.GROUP)
             ready, done = ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wait_limit, rank,
                                       meta)
@@ -599,8 +714,9 @@ def fused_moe_kernel(x_ptr, out_ptr, weights, plan, sym, scratch, dims,
             q -= n_in + n_out
             ready, done = combine_tile(q // NN, q % NN, out_ptr, plan, sym, scratch, dims, tokens, epoch,
                                        wait_limit, meta)
-        q = task - n_front
+        q = task - n_front - n_shared
         kind = tl.where(q < n_in, TASK_FFN_IN, tl.where(q < n_in + n_out, TASK_FFN_OUT, TASK_COMBINE))
+        kind = tl.where(q < -n_sout, TASK_SHARED_IN, tl.where(q < 0, TASK_SHARED_OUT, kind))
         _stamp(scratch.trace, P + task, kind, start, ready, done, meta.TRACE)
         task = n_front + tl.atomic_add(ctl + CTL_COMPUTE_TASKS, 1, sem="relaxed")
 
@@ -638,14 +754,23 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
               "w_out": (w_out, (L, F, H))}
     if config.expert_bias:
         expect.update(b_in=(experts["b_in"], (L, F * (2 if gated else 1))), b_out=(experts["b_out"], (L, H)))
+    FS = config.shared_width
+    if FS:
+        expect.update(shared_w_in=(experts["shared_w_in"], (H, FS * (2 if gated else 1))),
+                      shared_w_out=(experts["shared_w_out"], (FS, H)))
+    if config.shared_expert_gate:
+        expect["shared_gate_weight"] = (experts["shared_gate_weight"], (1, H))
     for name, (t, shape) in expect.items():
         if tuple(t.shape) != shape or not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor of shape {shape}, got "
                              f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
     if T > geo.max_tokens:
         raise ValueError(f"{T} tokens exceed max_tokens_per_rank={geo.max_tokens}")
-    if H % TMA_ROW_MULTIPLE or F % TMA_ROW_MULTIPLE:
-        raise ValueError(f"hidden={H}, ffn={F}: the weights' TMA loads need multiples of {TMA_ROW_MULTIPLE}")
+    if H % TMA_ROW_MULTIPLE or F % TMA_ROW_MULTIPLE or FS % TMA_ROW_MULTIPLE:
+        raise ValueError(f"hidden={H}, ffn={F}, shared ffn={FS}: the weights' TMA loads need multiples of "
+                         f"{TMA_ROW_MULTIPLE}")
+    if FS != geo.shared_ffn:
+        raise ValueError(f"the workspace holds shared experts of width {geo.shared_ffn}, the config {FS}")
     if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 2
                               or trace.shape[1] != TRACE_COLS.value
                               or trace.shape[0] < geo.trace_rows(T, launch.programs)):
@@ -663,12 +788,21 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 E_POW2=c(triton.next_power_of_2(W * L)), W_POW2=c(triton.next_power_of_2(W)),
                 L_POW2=c(triton.next_power_of_2(L)), BM=c(launch.block_m), CHUNK=c(geo.chunk), BN=c(geo.block_n),
                 BN_OUT=c(launch.block_n), BF=c(geo.block_f), BK=c(geo.block_k), BT=c(geo.block_t),
-                NF_POW2=c(triton.next_power_of_2(geo.ffn_tiles)), STAGES=c(launch.stages), GROUP=c(launch.group),
+                NF_POW2=c(triton.next_power_of_2(geo.ffn_tiles)), SHARED=c(FS > 0),
+                SHARED_GATE=c(config.shared_expert_gate),
+                NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),
+                STAGES=c(launch.stages), GROUP=c(launch.group),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None))
-    dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks)
-    weights = Weights(TensorDescriptor.from_tensor(w_in, [1, geo.block_k, geo.block_f]),
-                      TensorDescriptor.from_tensor(w_out, [1, geo.block_k, launch.block_n]),
-                      experts.get("b_in", w_in), experts.get("b_out", w_in))
+    dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS)
+    w_in_blocks, w_out_blocks = [1, geo.block_k, geo.block_f], [1, geo.block_k, launch.block_n]
+    w_in_desc = TensorDescriptor.from_tensor(w_in, w_in_blocks)
+    w_out_desc = TensorDescriptor.from_tensor(w_out, w_out_blocks)
+    if FS:  # one FFN: a descriptor of one expert
+        s_in = TensorDescriptor.from_tensor(experts["shared_w_in"][None], w_in_blocks)
+        s_out = TensorDescriptor.from_tensor(experts["shared_w_out"][None], w_out_blocks)
+    weights = Weights(w_in_desc, w_out_desc, experts.get("b_in", w_in), experts.get("b_out", w_in),
+                      s_in if FS else w_in_desc, s_out if FS else w_out_desc,
+                      experts.get("shared_gate_weight", w_in))
     args = (x, out, weights, plan, ws.sym, ws.with_trace(trace), dims, T, wait_limit, rank,
             plan.chunk_pos.numel(), launch.dispatch_programs, meta)
     kwargs = {"num_warps": launch.num_warps}

@@ -48,6 +48,8 @@ TASK_FFN_IN = tl.constexpr(2)
 TASK_FFN_OUT = tl.constexpr(3)
 TASK_COMBINE = tl.constexpr(4)
 WAITED_COUNTS = tl.constexpr(5)
+TASK_SHARED_IN = tl.constexpr(6)
+TASK_SHARED_OUT = tl.constexpr(7)
 TRACE_COLS = tl.constexpr(6)
 
 # The symmetric heap: NVSHMEM maps it in granules, and keeps its own state on it.
@@ -73,7 +75,8 @@ class Geometry:
     chunk: rows of one dispatch chunk, the unit that carries an arrival flag; expert tiles of
     min_block_m or more rows gather rows across chunks and sources. block_n: columns of a combine
     tile, and of the combine counters; block_f, block_k: GEMM1's FFN columns and both GEMMs' K
-    step; block_t: tokens of a combine tile."""
+    step; block_t: tokens of a combine tile; shared_ffn: the width of the shared experts' one FFN
+    (0: none)."""
 
     world_size: int
     local_experts: int
@@ -87,11 +90,12 @@ class Geometry:
     block_f: int = 128
     block_k: int = 64
     block_t: int = 32
+    shared_ffn: int = 0
 
     @classmethod
     def for_config(cls, config: MoEConfig, world_size: int, max_tokens: int) -> Geometry:
         return cls(world_size, config.local_experts(world_size), max_tokens, config.hidden_size,
-                   config.ffn_size, config.top_k)
+                   config.ffn_size, config.top_k, shared_ffn=config.shared_width)
 
     @property
     def source_rows(self) -> int:
@@ -117,6 +121,16 @@ class Geometry:
         return -(-self.ffn // self.block_f)
 
     @property
+    def shared_ffn_tiles(self) -> int:
+        """GEMM1 column tiles of the shared experts' FFN (0 without)."""
+        return -(-self.shared_ffn // self.block_f)
+
+    @property
+    def row_tiles(self) -> int:
+        """Tiles of min_block_m of this rank's own tokens (the shared experts' tiles)."""
+        return -(-self.max_tokens // self.min_block_m)
+
+    @property
     def hidden_tiles(self) -> int:
         """Combine column tiles (block_n wide) of the hidden size; one combine counter each."""
         return -(-self.hidden // self.block_n)
@@ -137,12 +151,20 @@ class Geometry:
     def local_buffers(self, dtype: torch.dtype) -> dict:
         """{name: (shape, dtype)} of the rank's own scratch (zeroed once, reused every call):
         h, GEMM1's output, with the recv_x layout; h_flags, one per (expert tile, f-tile);
-        comb_expect, the rows this rank expects back per (pair, chunk), cumulative over calls."""
+        comb_expect, the rows this rank expects back per (pair, chunk), cumulative over calls; the
+        shared experts' GEMM1 output, gate and output per own token, shared_h, shared_scale,
+        shared_y, and their flags per (row tile, column tile) (empty without shared experts)."""
         W, L = self.world_size, self.local_experts
+        T = self.max_tokens if self.shared_ffn else 0
+        tiles = self.row_tiles if self.shared_ffn else 0
         return {"h": ((W, self.source_rows, self.ffn), dtype),
                 "h_flags": ((self.max_tiles, self.ffn_tiles), torch.int32),
                 "comb_expect": ((W, L, self.max_chunks), torch.int64),
-                "ctl": ((CTL_WORDS,), torch.int64), "status": ((STATUS_WORDS,), torch.int64)}
+                "ctl": ((CTL_WORDS,), torch.int64), "status": ((STATUS_WORDS,), torch.int64),
+                "shared_h": ((T, self.shared_ffn), dtype), "shared_scale": ((T,), torch.float32),
+                "shared_y": ((T, self.hidden), dtype),
+                "shared_h_flags": ((tiles, self.shared_ffn_tiles), torch.int32),
+                "shared_y_flags": ((tiles, self.hidden_tiles), torch.int32)}
 
     def send_order(self, rank: int, device=None) -> torch.Tensor:
         """[W * L] int64: the (destination, expert slot) pairs, as destination * L + slot, in the
@@ -156,8 +178,9 @@ class Geometry:
     def trace_rows(self, tokens: int, programs: int) -> int:
         """Rows of a kernel trace of one forward with `tokens` tokens: one per program, one per task."""
         pairs = self.world_size * self.local_experts
+        shared = -(-tokens // self.min_block_m) * (self.shared_ffn_tiles + self.hidden_tiles) if self.shared_ffn else 0
         return (programs + 1 + -(-tokens * self.top_k // self.chunk) + pairs
-                + self.max_tiles * (self.ffn_tiles + self.hidden_tiles)
+                + self.max_tiles * (self.ffn_tiles + self.hidden_tiles) + shared
                 + -(-tokens // self.block_t) * self.hidden_tiles)
 
 

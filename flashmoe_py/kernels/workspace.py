@@ -49,6 +49,11 @@ class Scratch(NamedTuple):
     comb_expect: torch.Tensor
     ctl: torch.Tensor
     status: torch.Tensor
+    shared_h: torch.Tensor
+    shared_scale: torch.Tensor
+    shared_y: torch.Tensor
+    shared_h_flags: torch.Tensor
+    shared_y_flags: torch.Tensor
     trace: torch.Tensor
 
 
