@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm_mem
 
 from flashmoe_py.reference import activate
+from flashmoe_py.backends.torch_ep import shared_experts
 from flashmoe_py.routing import histogram
 
 ALIGN = 16           # rows: each expert's block starts aligned, as the grouped GEMM wants
@@ -34,12 +35,13 @@ def heap_bytes(cfg, world_size: int, max_tokens: int) -> int:
 
 class SymmMemEP:
     """Forward of `layer` (an MoELayer with backend="torch": its weights, router and placement) over
-    PyTorch symmetric memory. Collective at construction. Dropless routing only."""
+    PyTorch symmetric memory. Collective at construction. Dropless routing, experts without biases
+    or input weighting; shared experts are added by the layer's torch path."""
 
     def __init__(self, layer, max_tokens: int):
         cfg = layer.config
-        if cfg.capacity_factor is not None:
-            raise ValueError("the symm_mem baseline is dropless: capacity_factor must be None")
+        if cfg.capacity_factor is not None or cfg.expert_bias or cfg.weight_on_input:
+            raise ValueError("the symm_mem baseline is dropless, with experts without biases or input weighting")
         symm_mem.set_backend("NVSHMEM")
         self.layer, self.cfg = layer, cfg
         W, L, K, H = layer.world_size, layer.local_experts, cfg.top_k, cfg.hidden_size
@@ -81,13 +83,16 @@ class SymmMemEP:
             y_rows = self._ffn_1d(counts.view(W, L))
         out = torch.zeros(T, cfg.hidden_size, dtype=torch.float32, device=x.device)
         out.index_add_(0, slot_tok, y_rows[:n].float() * r.weights.reshape(-1)[order, None])
+        if cfg.shared_experts:
+            out += shared_experts(x, layer)
         return out.to(x.dtype)
 
     def _grouped_ffn(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """Expert FFN over rows grouped by local expert; ends: [L] int32 end row of each group."""
         w_in, w_out = self.layer.w_in, self.layer.w_out
         h = torch._grouped_mm(rows, w_in, offs=ends)
-        return torch._grouped_mm(activate(h, self.cfg.activation), w_out, offs=ends)
+        cfg = self.cfg
+        return torch._grouped_mm(activate(h, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit), w_out, offs=ends)
 
     def _ffn_2d(self, counts: torch.Tensor) -> torch.Tensor:
         W, L = self.layer.world_size, self.layer.local_experts

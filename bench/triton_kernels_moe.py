@@ -12,14 +12,18 @@ their triton (on the device machines, `../shared/gpu/prepare.sh` carries v3.6.0)
   4. matmul_ogs scattering each row's weighted output back to its token (gammas = the weights),
      the k rows of a token summed by its reduction.
 
-Its SwiGLU is gpt-oss's, s * (up + 1) with s = gate * sigmoid(alpha * gate): with alpha = 1 and a
-bias of -1 on the up columns it is silu(gate) * up, the layer's. Its weights are copies in its own
-layout (gate and up interleaved column by column). The whole forward is replayed from a CUDA
-graph, as the fused layer's is."""
+Its SwiGLU is gpt-oss's, s * (up + 1) with s = gate * sigmoid(alpha * gate) (clamped to a limit):
+that is the layer's clamped_swiglu as it is, and with alpha = 1, no limit and a bias of -1 on the
+up columns it is silu(gate) * up, the layer's swiglu. Expert biases go to its bias inputs; shared
+experts are added by the layer's torch path. Its weights are copies in its own layout (gate and up
+interleaved column by column). The whole forward is replayed from a CUDA graph, as the fused
+layer's is."""
 
 from __future__ import annotations
 
 import torch
+
+from flashmoe_py.backends.torch_ep import shared_experts
 
 
 def available() -> str | None:
@@ -40,16 +44,27 @@ class TritonKernelsMoE:
         from triton_kernels.matmul_ogs import FnSpecs, FusedActivation
         from triton_kernels.swiglu import swiglu_fn
         cfg = layer.config
-        if layer.world_size != 1 or cfg.activation != "swiglu":
-            raise ValueError("the triton_kernels baseline runs one rank with swiglu experts")
+        if (layer.world_size != 1 or cfg.activation not in ("swiglu", "clamped_swiglu") or cfg.weight_on_input
+                or cfg.capacity_factor is not None):
+            raise ValueError("the triton_kernels baseline runs one rank, dropless, with (clamped) swiglu experts "
+                             "weighted at their output")
         self.layer, self.cfg = layer, cfg
         F = cfg.ffn_size
-        w_in = layer.w_in.detach()  # [E, H, 2F]: gate | up
-        self.w1 = torch.stack([w_in[..., :F], w_in[..., F:]], dim=-1).reshape(w_in.shape).contiguous()
-        self.b1 = torch.zeros(cfg.num_experts, 2 * F, dtype=torch.float32, device=w_in.device)
-        self.b1[:, 1::2] = -1.0  # (up - 1) + 1 = up
+
+        def interleave(t):  # [..., 2F] gate | up -> gate, up column by column
+            return torch.stack([t[..., :F], t[..., F:]], dim=-1).reshape(t.shape).contiguous()
+
+        self.w1 = interleave(layer.w_in.detach())
+        self.b1 = interleave(layer.b_in.detach().float()) if cfg.expert_bias else torch.zeros(
+            cfg.num_experts, 2 * F, dtype=torch.float32, device=layer.device)
         self.w2 = layer.w_out.detach().contiguous()
-        self.act = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit")), (1.0, None), 2)
+        self.b2 = layer.b_out.detach().float().contiguous() if cfg.expert_bias else None
+        if cfg.activation == "swiglu":
+            self.b1[:, 1::2] -= 1.0  # (up - 1) + 1 = up
+            alpha_limit = (1.0, None)
+        else:
+            alpha_limit = (cfg.swiglu_alpha, cfg.swiglu_limit)
+        self.act = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit")), alpha_limit, 2)
         self.graphs: dict[int, tuple] = {}
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,9 +84,11 @@ class TritonKernelsMoE:
         rdata = RoutingData(gate_scal, ragged.slice_sizes, cfg.num_experts, cfg.top_k, ragged)
         h = matmul_ogs(x, self.w1, self.b1, rdata, gather_indx=GatherIndx(combine, dispatch),
                        fused_activation=self.act)
-        y = matmul_ogs(h, self.w2, None, rdata, scatter_indx=ScatterIndx(dispatch, combine),
-                       gammas=rdata.gate_scal)
-        return y.reshape(x.shape[0], cfg.hidden_size)
+        y = matmul_ogs(h, self.w2, self.b2, rdata, scatter_indx=ScatterIndx(dispatch, combine),
+                       gammas=rdata.gate_scal).reshape(x.shape[0], cfg.hidden_size)
+        if cfg.shared_experts:
+            y = (y.float() + shared_experts(x, self.layer)).to(x.dtype)
+        return y
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The first call at a token count runs eagerly (compiles), the second captures a CUDA

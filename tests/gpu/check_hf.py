@@ -1,37 +1,31 @@
-"""GPU: tiny Mixtral and Qwen3-MoE models (fp32), patched with backend="flash", against the
-unpatched model on the same rank's input; eager, replayed from the layer's CUDA graphs, and under
-torch.compile (aot_eager: the graph capture is tested, not inductor's code). One process per GPU:
+"""GPU: tiny models of every family patch_model converts (fp32; from tests/test_hf.py, every
+parameter re-drawn), patched with backend="flash", against the unpatched model on the same rank's
+input; eager, replayed from the layer's CUDA graphs, and under torch.compile (aot_eager: the graph
+capture is tested, not inductor's code). One process per GPU:
 
     bash launch/torchrun.sh tests/gpu/check_hf.py [--out results.json]"""
 
 import argparse
 import json
+import os
 import sys
 
 import torch
-import transformers
 
-import flashmoe_py as fm
-from flashmoe_py.hf import block_config, patch_model
-from flashmoe_py.runtime import detect_launcher
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_hf import MODELS, moe_block, tiny_model  # noqa: E402
 
-TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)
+import flashmoe_py as fm  # noqa: E402
+from flashmoe_py.hf import block_config  # noqa: E402
+from flashmoe_py.hf import patch_model  # noqa: E402
+from flashmoe_py.runtime import detect_launcher  # noqa: E402
+
 TOKENS = (2, 64)  # batch, seq per rank
+SEED = 1234
 
 
-def tiny_model(kind: str, world: int):
-    torch.manual_seed(1234)
-    if kind == "mixtral":
-        cfg = transformers.MixtralConfig(**TINY, num_local_experts=2 * world, num_experts_per_tok=2)
-        model = transformers.MixtralForCausalLM(cfg)
-    else:
-        cfg = transformers.Qwen3MoeConfig(**TINY, moe_intermediate_size=128, num_experts=8 * world,
-                                          num_experts_per_tok=4, norm_topk_prob=True, head_dim=64)
-        model = transformers.Qwen3MoeForCausalLM(cfg)
-    for p in model.parameters():
-        p.data.normal_(0, 0.05)
-    return model.to("cuda", torch.float32).eval()  # fp32: HF and flashmoe_py route identically
+def model_on_gpu(kind: str):
+    return tiny_model(kind, SEED).to("cuda", torch.float32)  # fp32: HF and flashmoe_py route alike
 
 
 def main():
@@ -40,13 +34,14 @@ def main():
     args = p.parse_args()
     world = detect_launcher().world_size
     max_tokens = TOKENS[0] * TOKENS[1]
-    layers = [(block_config(tiny_model(k, world).model.layers[0].mlp), max_tokens)
-              for k in ("mixtral", "qwen3_moe") for _ in range(2)]
+    kinds = [k for k in MODELS if block_config(moe_block(tiny_model(k, SEED))).num_experts % world == 0]
+    layers = [(block_config(moe_block(tiny_model(k, SEED))), max_tokens) for k in kinds for _ in range(2)]
     rt = fm.init(layers=layers)
     rows = []
-    for kind in ("mixtral", "qwen3_moe"):
-        model = tiny_model(kind, world)
-        ids = torch.randint(0, 1000, TOKENS, device="cuda", generator=torch.Generator("cuda").manual_seed(rt.rank))
+    for kind in kinds:
+        model = model_on_gpu(kind)
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, TOKENS, device="cuda", generator=torch.Generator("cuda").manual_seed(rt.rank))
         with torch.no_grad():
             want = model(ids).logits.float()
             report = patch_model(model, backend="flash", max_tokens_per_rank=max_tokens)
