@@ -91,6 +91,17 @@ def build(cfg: MoEConfig, world: int, tokens: int, transport: str = "p2p", trace
     return fused_moe.fused_moe_kernel.warmup(*args[:-1], meta, grid=(launch.programs,), **kwargs), launch
 
 
+def check_launcher(kernel) -> None:
+    """Generate the host launcher's source as the driver would at the first launch (no compile):
+    it rejects argument layouts the compiler accepts (e.g. tensor descriptors inside a tuple,
+    refused by triton 3.6's launcher)."""
+    from triton.backends.nvidia.driver import make_launcher
+    src = kernel.src
+    arg_idx = lambda x: (src.fn.arg_names.index(x),) if isinstance(x, str) else x  # noqa: E731
+    constants = {arg_idx(idx): value for idx, value in getattr(src, "constants", {}).items()}
+    make_launcher(constants, dict(src.signature), getattr(kernel.metadata, "tensordesc_meta", None))
+
+
 def ptx_instructions(ptx: str) -> collections.Counter:
     """Opcode (with its modifiers) -> count, over the PTX's instructions."""
     counts = collections.Counter()
@@ -148,6 +159,7 @@ def main():
         if transport == "nvshmem" and not args.nvshmem_bitcode:
             continue
         kernel, launch = build(cfg, world, tokens, transport, trace, args.nvshmem_bitcode)
+        check_launcher(kernel)
         ptx = kernel.asm["ptx"]
         if args.out:
             with open(os.path.join(args.out, f"{name}.ptx"), "w") as f:

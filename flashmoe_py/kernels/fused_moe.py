@@ -82,8 +82,18 @@ INTERPRETER_ROUNDS_PER_S = 1000
 TMA_ROW_MULTIPLE = 8
 
 
+class Biases(NamedTuple):
+    """The weights of Weights that are plain tensors, as the kernel takes them (Triton 3.6's
+    launcher takes tensor descriptors only as arguments of their own, not inside a tuple)."""
+
+    b_in: torch.Tensor
+    b_out: torch.Tensor
+    shared_gate: torch.Tensor
+
+
 class Weights(NamedTuple):
-    """This rank's expert weights: w_in [L, H, F_in] and w_out [L, F, H] as tensor descriptors,
+    """This rank's expert weights, as the kernel's stages see them (fused_moe_kernel builds it from
+    its descriptor arguments and Biases): w_in [L, H, F_in] and w_out [L, F, H] as tensor descriptors,
     so their tiles are loaded by the tensor memory accelerator (TMA) and zero-filled past each
     expert's edges ([1, BK, BF] and [1, BK, BN_OUT] blocks; F_in = 2F for the gated activations:
     gate columns, then up columns); the biases b_in [L, F_in] and b_out [L, H] (Meta.HAS_BIAS); the
@@ -103,7 +113,7 @@ class Weights(NamedTuple):
 class Dims(NamedTuple):
     """The layer's sizes on this rank (Geometry): ranks, local experts, hidden, ffn, rows of one
     source's region at a destination (S), chunks per (source, expert) pair (MAXC), the shared
-    experts' width (Fs; 0 without)."""
+    experts' width (Fs; 0 without), and this rank."""
 
     world: int
     local_experts: int
@@ -112,6 +122,7 @@ class Dims(NamedTuple):
     source_rows: int
     max_chunks: int
     shared_ffn: int
+    rank: int
 
 
 class Meta(NamedTuple):
@@ -638,13 +649,16 @@ def combine_tile(tt, n, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_l
     return ready, done
 
 
-@triton.jit(do_not_specialize=["tokens", "wait_limit", "rank", "send_chunks", "dispatch_programs"])
-def fused_moe_kernel(x_ptr, out_ptr, weights, plan, sym, scratch, dims,
-                     tokens, wait_limit, rank, send_chunks, dispatch_programs, meta):
-    """See the module docstring. x, out: [tokens, H]; weights: Weights; plan:
-    kernels/plan.RoutingPlan; sym: workspace.Symmetric; scratch: workspace.Scratch; dims: Dims;
-    send_chunks: entries of plan.chunk_pos; dispatch_programs: programs that start on the front
-    queue; wait_limit: nanoseconds (meta.ON_GPU) or rounds any one wait may last; meta: Meta."""
+@triton.jit(do_not_specialize=["tokens", "wait_limit", "send_chunks", "dispatch_programs"])
+def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, plan, sym, scratch, dims,
+                     tokens, wait_limit, send_chunks, dispatch_programs, meta):
+    """See the module docstring. x, out: [tokens, H]; w_in .. shared_w_out: the descriptors of
+    Weights, biases: Biases; plan: kernels/plan.RoutingPlan; sym: workspace.Symmetric; scratch:
+    workspace.Scratch; dims: Dims; send_chunks: entries of plan.chunk_pos; dispatch_programs:
+    programs that start on the front queue; wait_limit: nanoseconds (meta.ON_GPU) or rounds any
+    one wait may last; meta: Meta."""
+    weights = Weights(w_in, w_out, biases.b_in, biases.b_out, shared_w_in, shared_w_out, biases.shared_gate)
+    rank = dims.rank
     W, L, H, F = dims.world, dims.local_experts, dims.hidden, dims.ffn
     NF = tl.cdiv(F, meta.BF)
     NN = tl.cdiv(H, meta.BN)  # combine column tiles (and combine counters per chunk)
@@ -793,18 +807,16 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),
                 STAGES=c(launch.stages), GROUP=c(launch.group),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None))
-    dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS)
+    dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS, rank)
     w_in_blocks, w_out_blocks = [1, geo.block_k, geo.block_f], [1, geo.block_k, launch.block_n]
     w_in_desc = TensorDescriptor.from_tensor(w_in, w_in_blocks)
     w_out_desc = TensorDescriptor.from_tensor(w_out, w_out_blocks)
     if FS:  # one FFN: a descriptor of one expert
         s_in = TensorDescriptor.from_tensor(experts["shared_w_in"][None], w_in_blocks)
         s_out = TensorDescriptor.from_tensor(experts["shared_w_out"][None], w_out_blocks)
-    weights = Weights(w_in_desc, w_out_desc, experts.get("b_in", w_in), experts.get("b_out", w_in),
-                      s_in if FS else w_in_desc, s_out if FS else w_out_desc,
-                      experts.get("shared_gate_weight", w_in))
-    args = (x, out, weights, plan, ws.sym, ws.with_trace(trace), dims, T, wait_limit, rank,
-            plan.chunk_pos.numel(), launch.dispatch_programs, meta)
+    biases = Biases(experts.get("b_in", w_in), experts.get("b_out", w_in), experts.get("shared_gate_weight", w_in))
+    args = (x, out, w_in_desc, w_out_desc, s_in if FS else w_in_desc, s_out if FS else w_out_desc, biases, plan,
+            ws.sym, ws.with_trace(trace), dims, T, wait_limit, plan.chunk_pos.numel(), launch.dispatch_programs, meta)
     kwargs = {"num_warps": launch.num_warps}
     if ws.transport == "nvshmem":
         kwargs["extern_libs"] = {"libnvshmem_device": nvshmem_device_library()}

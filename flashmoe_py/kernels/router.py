@@ -209,6 +209,8 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
         e_pow2 = max(16, triton.next_power_of_2(E))
         bt = block_t or (64 if e_pow2 <= 128 else 32 if e_pow2 <= 256 else 16)
         upcast = router_weight.dtype == torch.float32 and x.dtype != torch.float32
+        # The router's [BK, E] tile, pipelined: at most 32 KB a stage (fp32 x 512 experts: BK 16).
+        bk = max(16, min(64, 32768 // (e_pow2 * router_weight.element_size())))
         c = tl.constexpr
         meta = RouterMeta(ROUTING=c(ROUTINGS[routing]), TOP_K=c(top_k), K_POW2=c(triton.next_power_of_2(top_k)),
                           E_POW2=c(e_pow2), RENORMALIZE=c(renormalize), HAS_BIAS=c(router_bias is not None),
@@ -217,7 +219,7 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
                           TOPK_GROUP=c(topk_group if grouped else 1),
                           GROUP_SIZE=c(E // n_group if grouped else E), UPCAST=c(upcast),
                           PRECISION=c("ieee" if router_weight.dtype == torch.float32 else "tf32"), BT=c(bt),
-                          BK=c(64))
+                          BK=c(bk))
         dummy = weights  # for pointers a routing does not read
         bias = router_bias.float().contiguous() if router_bias is not None else dummy
         correction = correction_bias.float().contiguous() if grouped else dummy
