@@ -64,7 +64,7 @@ class TritonKernelsMoE:
             alpha_limit = (1.0, None)
         else:
             alpha_limit = (cfg.swiglu_alpha, cfg.swiglu_limit)
-        self.act = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit")), alpha_limit, 2)
+        self.act = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit"), reduction_n=2), alpha_limit)
         self.graphs: dict[int, tuple] = {}
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
