@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from decided import decided_choice
 
 from flashmoe_py import MoEConfig
 from flashmoe_py.kernels.router import router_topk
@@ -139,18 +140,6 @@ def test_every_routing_matches_the_reference(fields, bias, experts, top_k):
     assert rows.float().mean() > 0.3
     assert torch.equal(got_e[rows], ref_e[rows])
     torch.testing.assert_close(got_w[rows].double(), ref_w[rows].double(), rtol=1e-5, atol=1e-6)
-
-
-def decided_choice(x, w, cfg, router_bias, correction, margin=1e-4):
-    """Rows whose biased choice values (and, grouped, group scores) are all more than margin apart."""
-    logits = x.double() @ w.double().t() + (0 if router_bias is None else router_bias.double())
-    choice = logits.sigmoid() + correction.double() if correction is not None else logits
-    top = choice.sort(dim=1, descending=True).values[:, :cfg.top_k + 1]
-    ok = (top[:, :-1] - top[:, 1:]).min(dim=1).values > margin
-    if cfg.routing == "sigmoid_grouped" and cfg.n_group > 1:
-        groups = choice.view(len(x), cfg.n_group, -1).topk(2, dim=-1).values.sum(-1).sort(dim=1).values
-        ok &= (groups[:, 1:] - groups[:, :-1]).min(dim=1).values > margin
-    return ok
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ properties MoEConfig's docstring states for each. (HF's own routers: tests/test_
 
 import pytest
 import torch
+from decided import decided_choice
 
 from flashmoe_py import MoEConfig
 from flashmoe_py.reference import reference_routing
@@ -43,7 +44,8 @@ def test_route_matches_reference(mode):
     x = torch.randn(61, cfg.hidden_size, generator=gen)
     r = route(x, router_weight, cfg, **biases)
     w, e, kept = reference_routing(x, router_weight, cfg, torch.float64, **biases)
-    rows = decided(x, router_weight, cfg, **biases)
+    rows = decided_choice(x, router_weight, cfg, biases.get("router_bias"), biases.get("e_score_correction_bias"),
+                          margin=1e-5)
     assert rows.float().mean() > 0.5
     assert torch.equal(r.experts[rows], e[rows])
     torch.testing.assert_close(r.weights.double()[rows], w[rows], rtol=1e-5, atol=1e-7)
@@ -52,21 +54,6 @@ def test_route_matches_reference(mode):
         assert torch.equal(r.kept, kept)
     else:
         assert r.kept is None
-
-
-def decided(x, router_weight, cfg, router_bias=None, e_score_correction_bias=None, margin=1e-5):
-    """Tokens whose choice no float32 rounding can change: the k+1 largest float64 choice values
-    (and, grouped, the group scores) more than margin apart."""
-    logits = x.double() @ router_weight.double().t() + (0 if router_bias is None else router_bias.double())
-    choice = logits
-    if cfg.routing == "sigmoid_grouped":
-        choice = logits.sigmoid() + e_score_correction_bias.double()
-    top = choice.sort(dim=1, descending=True).values[:, :cfg.top_k + 1]
-    ok = (top[:, :-1] - top[:, 1:]).min(dim=1).values > margin
-    if cfg.routing == "sigmoid_grouped" and cfg.n_group > 1:
-        groups = choice.view(len(x), cfg.n_group, -1).topk(2, dim=-1).values.sum(-1).sort(dim=1).values
-        ok &= (groups[:, 1:] - groups[:, :-1]).min(dim=1).values > margin
-    return ok
 
 
 def test_grouped_routing_picks_from_the_best_groups_only():
