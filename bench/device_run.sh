@@ -10,6 +10,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-} FLASHMOE_COMMIT=${FLASHMOE_COMMIT:-unknown}
 NG=$(nvidia-smi -L | wc -l)
+if [ -f .tcache/triton_cache.tgz ]; then mkdir -p ~/.triton && tar -xzf .tcache/triton_cache.tgz -C ~/.triton; fi
 run() {  # name, limit_s, nproc, script args...
   local name=$1 limit=$2 n=$3; shift 3
   echo "=== $name (n=$n, limit ${limit}s) $(date -u +%FT%TZ)"
@@ -41,8 +42,15 @@ for step in "$@"; do
               ${BENCH_ARGS:-} --out "$OUT/bench_w$n.json" ;;
     kernels) echo "=== kernel tests"; timeout -k 10 300 python3 -m pytest -q tests/test_router_kernel.py \
               tests/test_plan_kernel.py > "$OUT/kernels.log" 2>&1; echo "=== kernels rc=$?"; tail -n 3 "$OUT/kernels.log" ;;
-    sweep1) run sweep_w1 540 1 bench/layer.py --backends flash triton_kernels torch \
-              --tokens ${TOKENS:-128 2048 4096 16384} --iters 20 --input-sets 2 ${BENCH_ARGS:-} --out "$OUT/sweep_w1.json" ;;
+    sweep1) for p in ${SWEEP_PRESETS:-mixtral_8x7b qwen3_30b_a3b deepseek_v3}; do
+              run "sweep_w1_$p" "${SWEEP_LIMIT:-300}" 1 bench/layer.py --preset "$p" \
+                --backends ${SWEEP_BACKENDS:-flash triton_kernels torch} --tokens ${TOKENS:-128 2048 4096 16384} \
+                --iters 20 --input-sets 2 ${BENCH_ARGS:-} --out "$OUT/sweep_w1_$p.json"; done ;;
+    random1) run random_w1 "${SWEEP_LIMIT:-300}" 1 bench/layer.py --preset --random "${RANDOM_SHAPES:-6}" \
+              --backends ${SWEEP_BACKENDS:-flash triton_kernels torch} --tokens ${TOKENS:-128 2048 4096 16384} \
+              --iters 20 --input-sets 2 ${BENCH_ARGS:-} --out "$OUT/random_w1.json" ;;
+    backward1) run backward_w1 200 1 tests/gpu/check_backward.py --out "$OUT/backward_w1.json" ;;
+    cache) tar -czf "$OUT/triton_cache.tgz" -C ~/.triton cache && ls -la "$OUT/triton_cache.tgz" ;;
     variants) for root in .variants/* .; do tag=$([ "$root" = . ] && echo current || basename "$root")
               run "tune_$tag" 300 1 "$root/bench/tune.py" --preset mixtral_8x7b qwen3_30b_a3b \
                 --tokens 4096 --settings auto --iters 20 --out "$OUT/tune_$tag.json"; done ;;

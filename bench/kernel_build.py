@@ -68,12 +68,13 @@ def zero_plan(tokens: int, geo: Geometry) -> RoutingPlan:
 
 
 def build(cfg: MoEConfig, world: int, tokens: int, transport: str = "p2p", trace: bool = False,
-          nvshmem_bitcode: str | None = None):
+          nvshmem_bitcode: str | None = None, override: dict | None = None):
     """The compiled fused kernel (triton CompiledKernel) for `tokens` tokens per rank of `cfg`
-    at `world` ranks, with the launch choose_launch makes on an SM90_PROGRAMS-SM GPU."""
+    at `world` ranks, with the launch choose_launch makes on an SM90_PROGRAMS-SM GPU (override:
+    LaunchConfig fields fixed instead, as MoELayer's launch_override)."""
     geo = Geometry.for_config(cfg, world, tokens)
     ws = Workspace.allocate(geo, cfg.torch_dtype, transport, "cpu", LocalBuffers("cpu", world))
-    launch = choose_launch(geo, tokens, cfg.torch_dtype, SM90_PROGRAMS)
+    launch = choose_launch(geo, tokens, cfg.torch_dtype, SM90_PROGRAMS, override)
     dt, L, H = cfg.torch_dtype, geo.local_experts, cfg.hidden_size
     x = torch.zeros(tokens, H, dtype=dt)
     w_in = torch.zeros(L, H, cfg.ffn_in_size, dtype=dt)
@@ -149,6 +150,8 @@ def main():
                    help="libnvshmem_device.bc (from nvidia-nvshmem-cu13) for the nvshmem builds; skipped without")
     p.add_argument("--out", default=None, help="folder for each build's .ptx and .cubin")
     p.add_argument("--json", default=None, help="write the table's rows here")
+    p.add_argument("--override", default=None, type=json.loads,
+                   help='LaunchConfig fields as JSON for every build, e.g. \'{"stages": 4}\'')
     args = p.parse_args()
     driver.set_active(OfflineSm90())
     workdir = args.out or os.path.join(os.environ.get("TMPDIR", "/tmp"), "flashmoe_kernel_build")
@@ -158,7 +161,7 @@ def main():
         cfg, world, tokens, transport, trace = CASES[name]
         if transport == "nvshmem" and not args.nvshmem_bitcode:
             continue
-        kernel, launch = build(cfg, world, tokens, transport, trace, args.nvshmem_bitcode)
+        kernel, launch = build(cfg, world, tokens, transport, trace, args.nvshmem_bitcode, args.override)
         check_launcher(kernel)
         ptx = kernel.asm["ptx"]
         if args.out:

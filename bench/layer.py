@@ -26,11 +26,14 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py import PRESETS, MoEConfig, MoELayer, reference_forward  # noqa: E402
+from flashmoe_py.backends.torch_ep import shared_experts  # noqa: E402
 from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 
 ROUTINGS = ("uniform", "zipf", "one_hot")
-FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem"}  # benchmark backend -> fused-kernel transport
+# benchmark backend -> fused-kernel transport; flash_shared_torch: the routed experts in the fused
+# kernel, the shared experts after it in torch (SharedOutside)
+FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem", "flash_shared_torch": "p2p"}
 BACKENDS = ("torch", "symm_mem", "triton_kernels", *FLASH)
 CHILD_TIMEOUT_S = 1800  # the symm_mem child's whole sweep
 CHECK_TOKENS = 256  # tokens per rank compared against the float32 reference before timing
@@ -38,10 +41,15 @@ CHECK_TOKENS = 256  # tokens per rank compared against the float32 reference bef
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", nargs="+", default=None, help=f"of {sorted(PRESETS)}; default: "
-                   "the three model presets on GPUs, 'tiny' on the CPU")
+    p.add_argument("--preset", nargs="*", default=None, help=f"of {sorted(PRESETS)}; default: "
+                   "the three model presets on GPUs, 'tiny' on the CPU; none (the flag alone) with "
+                   "--custom or --random")
     p.add_argument("--custom", nargs=4, type=int, metavar=("HIDDEN", "FFN", "EXPERTS", "TOP_K"),
                    help="a custom shape, benchmarked beside the presets")
+    p.add_argument("--random", type=int, default=0, metavar="N",
+                   help="also N shapes drawn at random (random_shapes: hidden 2048-7168, expert FFN "
+                        "512-14336, 8-256 experts, top-k 1-8, at most 16 GB of expert weights)")
+    p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
     p.add_argument("--tokens", nargs="+", type=int, default=None,
                    help="tokens per rank (default 128 ... 16384 on GPUs, 64 256 on the CPU)")
@@ -51,7 +59,9 @@ def parse_args(argv=None):
                         "PyTorch's NVSHMEM all_to_all_vdev(_2d) + grouped GEMM (GPU only; run in "
                         "separate processes when a flash backend is benchmarked too); triton_kernels: "
                         "its matmul_ogs on the layer's experts and router (one GPU, swiglu; an optional "
-                        "import, bench/triton_kernels_moe.py)")
+                        "import, bench/triton_kernels_moe.py); flash_shared_torch: presets with shared "
+                        "experts only, the fused kernel on the routed experts and the shared experts "
+                        "after it in torch (what running them inside the kernel saves)")
     p.add_argument("--routing", nargs="+", default=["uniform"], choices=ROUTINGS)
     p.add_argument("--iters", type=int, default=None, help="timed iterations per input set")
     p.add_argument("--input-sets", type=int, default=3)
@@ -180,12 +190,14 @@ def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict) -> float |
     bytes_el = torch.tensor([], dtype=cfg.torch_dtype).element_size()
     H, F, Fin, k = cfg.hidden_size, cfg.ffn_size, cfg.ffn_in_size, cfg.top_k
     slots = tokens * k  # per rank, balanced on average
-    compute = 2 * slots * H * (Fin + F) / (ceilings["bf16_tflops"] * 1e6)
+    FS = cfg.shared_width  # shared experts: one FFN over every token
+    FS_in = 2 * FS if cfg.gated else FS
+    compute = 2 * H * (slots * (Fin + F) + tokens * (FS_in + FS)) / (ceilings["bf16_tflops"] * 1e6)
     # The weights of the experts some token picks: of a rank's L, each is missed by all W * slots
     # uniformly routed slots with probability (1 - 1/E)^(W * slots).
     E, L = cfg.num_experts, cfg.num_experts // world
     touched = L * (1 - (1 - 1 / E) ** (world * slots))
-    weights = touched * H * (Fin + F) * bytes_el
+    weights = (touched * (Fin + F) + FS_in + FS) * H * bytes_el
     acts = tokens * H * bytes_el * 2 + slots * H * bytes_el * 4  # x, out, slot rows in and out
     hbm = (weights + acts) / (ceilings["hbm_gbps"] * 1e3)
     link = 0.0
@@ -219,11 +231,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     """One (config, backend, routing, tokens) point -> a JSON row (on every rank)."""
-    extra = {"max_tokens_per_rank": tokens, "transport": FLASH[backend]} if backend in FLASH else {}
-    layer = MoELayer(cfg, backend="flash" if backend in FLASH else "torch", device=device, seed=seed, **extra)
+    fused = backend in FLASH and backend != "flash_shared_torch"
+    extra = {"max_tokens_per_rank": tokens, "transport": FLASH[backend]} if fused else {}
+    layer = MoELayer(cfg, backend="flash" if fused else "torch", device=device, seed=seed, **extra)
     forward, mode = layer, None
     try:
-        if backend == "symm_mem":
+        if backend == "flash_shared_torch":
+            forward = SharedOutside(layer, tokens)
+        elif backend == "symm_mem":
             from symm_mem_ep import SymmMemEP
             forward = SymmMemEP(layer, tokens)
             mode = forward.mode
@@ -262,11 +277,52 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
                 times += Timer(device).time(lambda x=x: forward(x), iters, warmup=3)
             layer.synchronize()
         row["median_us"] = max_over_ranks(statistics.median(times), device)
-        if backend in FLASH and args.user_graph:  # replayed from the caller's own CUDA graph
+        if fused and args.user_graph:  # replayed from the caller's own CUDA graph
             rows.append({**row, "backend": "flash+graph", "median_us": graph_median_us(layer, xs, iters, device)})
-    if backend in FLASH:
+    if fused:
         layer.backend.close()
+    elif backend == "flash_shared_torch":
+        forward.routed.backend.close()
     return rows
+
+
+class SharedOutside:
+    """Backend flash_shared_torch: layer's routed experts through a fused layer of their own (the
+    same weights, no shared experts), then its shared experts in torch on every row, added in
+    fp32. layer: a backend-torch MoELayer with shared experts (it keeps the weights)."""
+
+    def __init__(self, layer: MoELayer, tokens: int):
+        cfg = layer.config
+        if not cfg.shared_experts:
+            raise ValueError("flash_shared_torch needs a config with shared experts")
+        routed_cfg = cfg.replace(shared_experts=0, shared_ffn_size=None, shared_expert_gate=False)
+        self.layer = layer
+        self.routed = MoELayer(routed_cfg, backend="flash", device=layer.router_weight.device,
+                               max_tokens_per_rank=tokens)
+        self.routed.load_full_weights(**{k: v for k, v in layer.full_weight_dict().items()
+                                         if not k.startswith("shared_")})
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.routed(x).float() + shared_experts(x, self.layer)).to(x.dtype)
+
+
+def random_shapes(n: int, seed: int, dtype: str) -> list[tuple[str, MoEConfig]]:
+    """n swiglu shapes drawn at random (hidden 2048-7168 and expert FFN 512-14336 in steps of 256,
+    8-256 experts, top-k 1-8 and at most the expert count), redrawn until the expert weights fit
+    in 16 GB. -> [(name, config)], names random_<H>x<F>_e<E>k<k>."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    shapes = []
+    while len(shapes) < n:
+        h, f, e = 256 * draw(8, 28), 256 * draw(2, 56), draw(8, 256)
+        k = min(draw(1, 8), e)
+        if e * 3 * h * f * 2 > 16e9:
+            continue
+        shapes.append((f"random_{h}x{f}_e{e}k{k}", MoEConfig(h, f, e, k, dtype=dtype)))
+    return shapes
 
 
 def graph_median_us(layer, xs, iters, device) -> float:
@@ -293,11 +349,13 @@ def main(argv=None):
     args = parse_args(argv)
     gpu = torch.cuda.is_available()
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    names = args.preset or (["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3"] if gpu else ["tiny"])
+    names = args.preset if args.preset is not None else (
+        ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3"] if gpu else ["tiny"])
     configs = [(n, PRESETS[n].replace(dtype=dtype)) for n in names]
     if args.custom:
         h, f, e, k = args.custom
         configs.append(("custom", MoEConfig(h, f, e, k, dtype=dtype)))
+    configs += random_shapes(args.random, args.random_seed, dtype)
     tokens_list = args.tokens or ([128, 512, 2048, 4096, 8192, 16384] if gpu else [64, 256])
     heap = None
     fused = [b for b in args.backends if b in FLASH]
@@ -400,7 +458,9 @@ def add_derived(row: dict, world: int, ceilings: dict) -> None:
     row["floor_us"] = floor_us(cfg, tokens, world, ceilings)
     if row["median_us"]:
         row["tokens_per_s"] = tokens * world / row["median_us"] * 1e6
-        row["tflops"] = (2 * tokens * cfg.top_k * cfg.hidden_size * (cfg.ffn_in_size + cfg.ffn_size)
+        FS = cfg.shared_width
+        shared = (2 * FS if cfg.gated else FS) + FS
+        row["tflops"] = (2 * tokens * cfg.hidden_size * (cfg.top_k * (cfg.ffn_in_size + cfg.ffn_size) + shared)
                          / row["median_us"] / 1e6)
 
 
@@ -417,9 +477,13 @@ def run_apart(args, backend: str) -> list[dict]:
                LOCAL_WORLD_SIZE=str(info.local_world_size), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(int(os.environ.get("MASTER_PORT", "29500")) + 17))
     argv = ["--backends", backend, "--routing", *args.routing, "--input-sets", str(args.input_sets)]
-    for flag, value in (("--preset", args.preset), ("--tokens", args.tokens), ("--custom", args.custom)):
+    if args.preset is not None:
+        argv += ["--preset", *args.preset]
+    for flag, value in (("--tokens", args.tokens), ("--custom", args.custom)):
         if value:
             argv += [flag, *map(str, value)]
+    if args.random:
+        argv += ["--random", str(args.random), "--random-seed", str(args.random_seed)]
     for flag, value in (("--dtype", args.dtype), ("--iters", args.iters)):
         if value:
             argv += [flag, str(value)]

@@ -67,24 +67,45 @@ class TritonKernelsMoE:
         self.act = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit"), reduction_n=2), alpha_limit)
         self.graphs: dict[int, tuple] = {}
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        from triton_kernels.matmul_ogs import GatherIndx, RoutingData, ScatterIndx, matmul_ogs
+    def _routing(self, r):
+        """triton_kernels' routing metadata for the layer's routing r (weights/experts [T, k]).
+
+        Sorted position p (rows grouped by expert) and flat index i = t * k + j: col_sorted[p] = i,
+        row_sorted[i] = p. Gather and the gate scales read by p; the scatter writes by i. Its
+        topk/bitmatrix kernels build these when k is a power of two (their tiles are k wide);
+        otherwise a stable argsort does."""
+        from triton_kernels.matmul_ogs import GatherIndx, RoutingData, ScatterIndx
         from triton_kernels.tensor import SparseMatrix, make_ragged_tensor_metadata
         from triton_kernels.topk import topk
         cfg = self.cfg
-        r = self.layer.route(x)
-        dense = torch.zeros(x.shape[0], cfg.num_experts, dtype=torch.float32, device=x.device)
-        dense.scatter_(1, r.experts, r.weights)
-        picked = topk(dense, cfg.top_k, apply_softmax=False, y_indx=r.experts.to(torch.int16))
-        sparse = SparseMatrix(indx=picked.indx, vals=picked.vals, mask=picked.mask)
-        dispatch = sparse.mask_metadata.col_sorted_indx
-        combine = sparse.mask_metadata.row_sorted_indx
-        ragged = make_ragged_tensor_metadata(sparse.mask_metadata.col_sum, dispatch.shape[0])
-        gate_scal = sparse.vals.flatten()[combine]
-        rdata = RoutingData(gate_scal, ragged.slice_sizes, cfg.num_experts, cfg.top_k, ragged)
-        h = matmul_ogs(x, self.w1, self.b1, rdata, gather_indx=GatherIndx(combine, dispatch),
+        T, k = r.experts.shape
+        if k & (k - 1) == 0:
+            dense = torch.zeros(T, cfg.num_experts, dtype=torch.float32, device=r.weights.device)
+            dense.scatter_(1, r.experts, r.weights)
+            picked = topk(dense, k, apply_softmax=False, y_indx=r.experts.to(torch.int16))
+            sparse = SparseMatrix(indx=picked.indx, vals=picked.vals, mask=picked.mask)
+            col_sorted = sparse.mask_metadata.col_sorted_indx
+            row_sorted = sparse.mask_metadata.row_sorted_indx
+            col_sum = sparse.mask_metadata.col_sum
+            vals = sparse.vals.flatten()
+        else:
+            flat = r.experts.flatten()
+            col_sorted = torch.argsort(flat, stable=True).to(torch.int32)
+            row_sorted = torch.empty_like(col_sorted)
+            row_sorted[col_sorted.long()] = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
+            col_sum = torch.bincount(flat, minlength=cfg.num_experts).to(torch.int32)
+            vals = r.weights.flatten().float()
+        ragged = make_ragged_tensor_metadata(col_sum, col_sorted.shape[0])
+        rdata = RoutingData(vals[col_sorted.long()], ragged.slice_sizes, cfg.num_experts, k, ragged)
+        return rdata, GatherIndx(col_sorted, row_sorted), ScatterIndx(row_sorted, col_sorted)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        from triton_kernels.matmul_ogs import matmul_ogs
+        cfg = self.cfg
+        rdata, gather, scatter = self._routing(self.layer.route(x))
+        h = matmul_ogs(x, self.w1, self.b1, rdata, gather_indx=gather,
                        fused_activation=self.act)
-        y = matmul_ogs(h, self.w2, self.b2, rdata, scatter_indx=ScatterIndx(dispatch, combine),
+        y = matmul_ogs(h, self.w2, self.b2, rdata, scatter_indx=scatter,
                        gammas=rdata.gate_scal).reshape(x.shape[0], cfg.hidden_size)
         if cfg.shared_experts:
             y = (y.float() + shared_experts(x, self.layer)).to(x.dtype)

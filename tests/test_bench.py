@@ -89,3 +89,35 @@ def test_an_empty_trace_is_an_error():
     import pytest
     with pytest.raises(ValueError, match="no rows"):
         _summarize()([[-1, -1, -1, -1, -1, -1]])
+
+
+def _bench_layer_module():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import layer
+    return layer
+
+
+def test_random_shapes_are_drawn_within_the_issue_s_ranges_and_repeat_by_seed():
+    layer = _bench_layer_module()
+    shapes = layer.random_shapes(40, seed=3, dtype="bfloat16")
+    assert len(shapes) == 40 and shapes == layer.random_shapes(40, seed=3, dtype="bfloat16")
+    assert shapes != layer.random_shapes(40, seed=4, dtype="bfloat16")
+    for name, cfg in shapes:
+        assert 2048 <= cfg.hidden_size <= 7168 and 512 <= cfg.ffn_size <= 14336
+        assert 8 <= cfg.num_experts <= 256 and 1 <= cfg.top_k <= 8
+        assert cfg.num_experts * 3 * cfg.hidden_size * cfg.ffn_size * 2 <= 16e9
+        assert name == f"random_{cfg.hidden_size}x{cfg.ffn_size}_e{cfg.num_experts}k{cfg.top_k}"
+
+
+def test_the_floor_counts_shared_experts():
+    layer = _bench_layer_module()
+    from flashmoe_py import PRESETS
+    cfg = PRESETS["deepseek_v3"]
+    ceilings = {"bf16_tflops": 800.0, "hbm_gbps": 4000.0}
+    routed_only = cfg.replace(shared_experts=0)
+    for tokens in (128, 16384):
+        assert layer.floor_us(cfg, tokens, 1, ceilings) > layer.floor_us(routed_only, tokens, 1, ceilings)
+    # 16,384 tokens are compute-bound: the shared FFN adds 2 * T * H * 3 * 2048 FLOPs
+    extra = 2 * 16384 * cfg.hidden_size * 3 * 2048 / (800.0 * 1e6)
+    assert abs(layer.floor_us(cfg, 16384, 1, ceilings) - layer.floor_us(routed_only, 16384, 1, ceilings)
+               - extra) < 1e-6 * extra
