@@ -6,8 +6,8 @@ their triton (on the device machines, `../shared/gpu/prepare.sh` carries v3.6.0)
 
   1. the project's router (flashmoe_py.routing.route: the router kernel), weights [T, k] fp32 and
      experts [T, k];
-  2. triton_kernels' topk over a dense [T, E] copy of those weights at those experts (it builds
-     the bitmatrix and keeps the weights as they are), then its ragged routing metadata;
+  2. the routing metadata matmul_ogs takes (rows sorted by expert: a stable argsort, then its
+     ragged-tensor metadata kernel);
   3. matmul_ogs gathering x's rows per expert with SwiGLU fused on the accumulator;
   4. matmul_ogs scattering each row's weighted output back to its token (gammas = the weights),
      the k rows of a token summed by its reduction.
@@ -70,33 +70,23 @@ class TritonKernelsMoE:
     def _routing(self, r):
         """triton_kernels' routing metadata for the layer's routing r (weights/experts [T, k]).
 
-        Sorted position p (rows grouped by expert) and flat index i = t * k + j: col_sorted[p] = i,
-        row_sorted[i] = p. Gather and the gate scales read by p; the scatter writes by i. Its
-        topk/bitmatrix kernels build these when k is a power of two (their tiles are k wide);
-        otherwise a stable argsort does."""
+        Sorted position p (rows grouped by expert, stably) and flat index i = t * k + j:
+        col_sorted[p] = i, row_sorted[i] = p. The gather and the gate scales read by p; the
+        scatter writes by i. Built with a stable argsort and a bincount: its own topk kernel,
+        given the layer's expert indices (y_indx), built a wrong bitmatrix on an H200 at 128
+        experts (histogram summing past T * k, then an illegal address in the second GEMM;
+        bench/NOTES.md), and its metadata kernels need a power-of-two k."""
         from triton_kernels.matmul_ogs import GatherIndx, RoutingData, ScatterIndx
-        from triton_kernels.tensor import SparseMatrix, make_ragged_tensor_metadata
-        from triton_kernels.topk import topk
+        from triton_kernels.tensor import make_ragged_tensor_metadata
         cfg = self.cfg
-        T, k = r.experts.shape
-        if k & (k - 1) == 0:
-            dense = torch.zeros(T, cfg.num_experts, dtype=torch.float32, device=r.weights.device)
-            dense.scatter_(1, r.experts, r.weights)
-            picked = topk(dense, k, apply_softmax=False, y_indx=r.experts.to(torch.int16))
-            sparse = SparseMatrix(indx=picked.indx, vals=picked.vals, mask=picked.mask)
-            col_sorted = sparse.mask_metadata.col_sorted_indx
-            row_sorted = sparse.mask_metadata.row_sorted_indx
-            col_sum = sparse.mask_metadata.col_sum
-            vals = sparse.vals.flatten()
-        else:
-            flat = r.experts.flatten()
-            col_sorted = torch.argsort(flat, stable=True).to(torch.int32)
-            row_sorted = torch.empty_like(col_sorted)
-            row_sorted[col_sorted.long()] = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
-            col_sum = torch.bincount(flat, minlength=cfg.num_experts).to(torch.int32)
-            vals = r.weights.flatten().float()
+        flat = r.experts.flatten()
+        col_sorted = torch.argsort(flat, stable=True).to(torch.int32)
+        row_sorted = torch.empty_like(col_sorted)
+        row_sorted[col_sorted.long()] = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
+        col_sum = torch.bincount(flat, minlength=cfg.num_experts).to(torch.int32)
         ragged = make_ragged_tensor_metadata(col_sum, col_sorted.shape[0])
-        rdata = RoutingData(vals[col_sorted.long()], ragged.slice_sizes, cfg.num_experts, k, ragged)
+        gate_scal = r.weights.flatten().float()[col_sorted.long()]
+        rdata = RoutingData(gate_scal, ragged.slice_sizes, cfg.num_experts, r.experts.shape[1], ragged)
         return rdata, GatherIndx(col_sorted, row_sorted), ScatterIndx(row_sorted, col_sorted)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
