@@ -72,7 +72,7 @@ class TritonKernelsMoE:
 
         Sorted position p (rows grouped by expert, stably) and flat index i = t * k + j:
         col_sorted[p] = i, row_sorted[i] = p. The gather and the gate scales read by p; the
-        scatter writes by i. Built with a stable argsort and a bincount: its own topk kernel,
+        scatter writes by i. Built with a stable argsort and a histogram: its own topk kernel,
         given the layer's expert indices (y_indx), built a wrong bitmatrix on an H200 at 128
         experts (histogram summing past T * k, then an illegal address in the second GEMM;
         bench/NOTES.md), and its metadata kernels need a power-of-two k."""
@@ -83,7 +83,8 @@ class TritonKernelsMoE:
         col_sorted = torch.argsort(flat, stable=True).to(torch.int32)
         row_sorted = torch.empty_like(col_sorted)
         row_sorted[col_sorted.long()] = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
-        col_sum = torch.bincount(flat, minlength=cfg.num_experts).to(torch.int32)
+        col_sum = torch.zeros(cfg.num_experts, dtype=torch.int32, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))  # bincount would sync: no graph capture
         ragged = make_ragged_tensor_metadata(col_sum, col_sorted.shape[0])
         gate_scal = r.weights.flatten().float()[col_sorted.long()]
         rdata = RoutingData(gate_scal, ragged.slice_sizes, cfg.num_experts, r.experts.shape[1], ragged)
