@@ -51,7 +51,7 @@ for step in "$@"; do
               --iters 20 --input-sets 2 ${BENCH_ARGS:-} --out "$OUT/random_w1.json" ;;
     backward1) run backward_w1 200 1 tests/gpu/check_backward.py --out "$OUT/backward_w1.json" ;;
     cache) tar -czf "$OUT/triton_cache.tgz" -C ~/.triton cache && ls -la "$OUT/triton_cache.tgz" ;;
-    variants) for root in .variants/*/ .; do tag=$([ "$root" = . ] && echo current || basename "$root")
+    variants) shopt -s nullglob; for root in .variants/*/ .; do tag=$([ "$root" = . ] && echo current || basename "$root")
               run "tune_$tag" 300 1 "$root/bench/tune.py" --preset mixtral_8x7b qwen3_30b_a3b \
                 --tokens ${VARIANT_TOKENS:-4096} --settings ${VARIANT_SETTINGS:-auto} --iters 20 \
                 --out "$OUT/tune_$tag.json"; done ;;

@@ -121,3 +121,20 @@ def test_the_floor_counts_shared_experts():
     extra = 2 * 16384 * cfg.hidden_size * 3 * 2048 / (800.0 * 1e6)
     assert abs(layer.floor_us(cfg, 16384, 1, ceilings) - layer.floor_us(routed_only, 16384, 1, ceilings)
                - extra) < 1e-6 * extra
+
+
+def test_the_summary_compares_flash_with_the_fastest_peer_at_each_point():
+    _bench_layer_module()
+    import summary
+
+    def row(backend, tokens, us, ok=True):
+        return {"preset": "p", "routing": "uniform", "tokens_per_rank": tokens, "backend": backend,
+                "median_us": us, "ok": ok, "floor_us": 50.0}
+
+    rows = [row("flash", 128, 100.0), row("triton_kernels", 128, 80.0), row("torch", 128, 200.0),
+            row("flash", 4096, 100.0), row("triton_kernels", 4096, 125.0, ok=False), row("torch", 4096, 125.0),
+            row("flash", 16384, 100.0)]  # no peer timed: not a point
+    pts = summary.points(rows, "flash", ["triton_kernels", "torch"])
+    assert [(q["tokens"], q["best"], q["speedup"], q["of_floor"]) for q in pts] == [
+        (128, "triton_kernels", 0.8, 0.5), (4096, "torch", 1.25, 0.5)]  # a failed check does not count
+    assert abs(summary.geomean([q["speedup"] for q in pts]) - 1.0) < 1e-12

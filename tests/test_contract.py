@@ -54,17 +54,18 @@ def test_a_timeout_is_described_by_its_status_words():
     assert describe_timeout(status, rank=0).endswith("waiting for count words (what each source sends)")
 
 
-@pytest.mark.parametrize("tokens,block_m,block_n", [(128, 64, 128), (2047, 64, 128), (2048, 128, 256)])
-def test_tall_wide_tiles_once_experts_fill_them(tokens, block_m, block_n):
+@pytest.mark.parametrize("tokens,block_m,stages", [(128, 64, 4), (2047, 64, 4), (2048, 128, 3)])
+def test_bf16_tiles_grow_tall_once_experts_fill_them_and_stream_deeper_before(tokens, block_m, stages):
     """qwen3 at world 1: 128 experts, top-8 -> tokens / 16 rows per expert; 128 rows or more take
-    128 x 256 tiles."""
+    128 x 256 tiles, fewer 64 x 256 tiles with a fourth pipeline stage (weight-bound decode)."""
     launch = choose_launch(geometry(tokens=tokens), tokens, torch.bfloat16, SMS)
-    assert (launch.block_m, launch.block_n) == (block_m, block_n)
+    assert (launch.block_m, launch.block_n, launch.stages) == (block_m, 256, stages)
 
 
 def test_fp32_keeps_small_tiles():
-    launch = choose_launch(geometry(tokens=16384), 16384, torch.float32, SMS)
-    assert (launch.block_m, launch.block_n) == (64, 128)
+    for tokens in (128, 16384):
+        launch = choose_launch(geometry(tokens=tokens), tokens, torch.float32, SMS)
+        assert (launch.block_m, launch.block_n, launch.stages) == (64, 128, 3)
 
 
 @pytest.mark.parametrize("name,world,split", [("qwen3_30b_a3b", 2, True), ("deepseek_v3", 4, True),

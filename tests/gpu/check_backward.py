@@ -22,7 +22,7 @@ from flashmoe_py.routing import route
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 from grad_reference import grad_errors
 
-TOL = {"bfloat16": 2e-2, "float32": 1e-5}
+TOL = {"bfloat16": 1e-2, "float32": 1e-5}
 CASES = [  # (name, config overrides); hidden 64, ffn 96, 16 experts unless overridden
     ("fp32 swiglu top-2", dict(top_k=2)),
     ("fp32 gelu top-1, not renormalised", dict(top_k=1, activation="gelu", renormalize=False)),
