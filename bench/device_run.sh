@@ -49,7 +49,7 @@ for step in "$@"; do
     random1) run random_w1 "${SWEEP_LIMIT:-300}" 1 bench/layer.py --preset --random "${RANDOM_SHAPES:-6}" \
               --backends ${SWEEP_BACKENDS:-flash triton_kernels torch} --tokens ${TOKENS:-128 2048 4096 16384} \
               --iters 20 --input-sets 2 ${BENCH_ARGS:-} --out "$OUT/random_w1.json" ;;
-    backward1) run backward_w1 200 1 tests/gpu/check_backward.py --out "$OUT/backward_w1.json" ;;
+    backward*) n=${step#backward}; run "backward_w$n" 200 "$n" tests/gpu/check_backward.py --out "$OUT/backward_w$n.json" ;;
     cache) tar -czf "$OUT/triton_cache.tgz" -C ~/.triton cache && ls -la "$OUT/triton_cache.tgz" ;;
     variants) shopt -s nullglob; for root in .variants/*/ .; do tag=$([ "$root" = . ] && echo current || basename "$root")
               run "tune_$tag" 300 1 "$root/bench/tune.py" --preset mixtral_8x7b qwen3_30b_a3b \

@@ -35,6 +35,7 @@ from flashmoe_py.kernels.plan import RoutingPlan  # noqa: E402
 from flashmoe_py.kernels.workspace import LocalBuffers, Workspace  # noqa: E402
 
 SM90_PROGRAMS = 132  # an H100/H200's SM count: the launch the chooser makes there
+SM90_SHARED_LIMIT = 232448  # bytes of shared memory one program may use there (Triton's OutOfResources)
 
 
 class OfflineSm90(CudaDriver):
@@ -137,6 +138,7 @@ CASES = {  # name -> (config, world, tokens, transport, trace)
     "deepseek_4096_w2": (preset("deepseek_v3"), 2, 4096, "p2p", False),
     "deepseek_4096_w2_nvshmem": (preset("deepseek_v3"), 2, 4096, "nvshmem", False),
     "tiny_fp32_gelu": (preset("tiny", activation="gelu"), 2, 256, "p2p", False),
+    "tiny_fp32_swiglu": (preset("tiny"), 2, 256, "p2p", False),
     "qwen3_4096_trace": (preset("qwen3_30b_a3b"), 1, 4096, "p2p", True),
     "gpt_oss_4096": (preset("gpt_oss_120b"), 1, 4096, "p2p", False),
     "llama4_scout_4096_w2": (preset("llama4_scout", shared_experts=0), 2, 4096, "p2p", False),
@@ -156,7 +158,7 @@ def main():
     driver.set_active(OfflineSm90())
     workdir = args.out or os.path.join(os.environ.get("TMPDIR", "/tmp"), "flashmoe_kernel_build")
     os.makedirs(workdir, exist_ok=True)
-    rows = []
+    rows, failed = [], False
     for name in args.cases:
         cfg, world, tokens, transport, trace = CASES[name]
         if transport == "nvshmem" and not args.nvshmem_bitcode:
@@ -174,9 +176,15 @@ def main():
             os.replace(os.path.join(workdir, "kernel.cubin"), os.path.join(args.out, f"{name}.cubin"))
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if row["shared"] > SM90_SHARED_LIMIT:
+            print(f"{name}: {row['shared']} bytes of shared memory exceed the {SM90_SHARED_LIMIT} an H100/H200 "
+                  "program has: it would not launch there", file=sys.stderr)
+            failed = True
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

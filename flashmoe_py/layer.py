@@ -13,6 +13,8 @@ from torch import nn
 from .backends.flash import FlashBackend
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
+from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
+from .gate_up import to_halves, to_pairs
 from .kernels.fused_moe import TMA_ROW_MULTIPLE
 from .options import FusedOptions
 from .placement import ExpertPlacement
@@ -41,10 +43,11 @@ class MoELayer(nn.Module):
       router_weight: [E, H]            (like nn.Linear(H, E).weight), in config.router_dtype
       router_bias:   [E]               router_bias=True
       e_score_correction_bias: [E]     fp32 buffer, routing='sigmoid_grouped' (selection only)
-      w_in:          [L, H, F_in]      F_in = 2F for gated activations (gate columns, then up), else F
+      w_in:          [L, H, F_in]      F_in = 2F for gated activations (gate and up columns in pairs,
+                                       flashmoe_py/gate_up.py), else F
       w_out:         [L, F, H]
-      b_in, b_out:   [L, F_in], [L, H] expert_bias=True
-      shared_w_in:   [H, F_s_in]       shared experts, replicated like the router (gated: gate | up)
+      b_in, b_out:   [L, F_in], [L, H] expert_bias=True (b_in's columns as w_in's)
+      shared_w_in:   [H, F_s_in]       shared experts, replicated like the router (gated: in pairs)
       shared_w_out:  [F_s, H]
       shared_gate_weight: [1, H]       shared_expert_gate=True
     Weights are drawn from `seed` per global expert, so a layer is the same function at any world
@@ -73,7 +76,8 @@ class MoELayer(nn.Module):
     through NVLink peer mappings; default, one node) or "nvshmem" (NVSHMEM device-API puts and
     signals; reaches any PE NVSHMEM can, e.g. other nodes). With `cuda_graphs` (default), the fused
     forward is replayed from a CUDA graph per token count after its first call at that count: it
-    reads the current weights (in place), so replace weights with copy_, not new tensors.
+    reads the current weights (in place), so replace weights with copy_ (gated w_in, b_in and
+    shared_w_in in the layer's pairs) or load_full_weights (any layout), not new tensors.
     `launch_override` (flash only, for tuning): launch settings fixed instead of chosen per call
     (kernels/launch_config.py). All of these are options.FusedOptions, compared across ranks.
     """
@@ -210,8 +214,9 @@ class MoELayer(nn.Module):
         config has, which is then required (one it lacks is refused). Any dtype and device.
         gate_up_layout: how the gated w_in, b_in and shared_w_in lay out their last dimension:
         'halves' (every gate column, then every up column) or 'interleaved' (gate, up, gate, up,
-        ...: gpt-oss). Collective when world_size > 1: the replicated weights are compared across
-        ranks (ConsistencyError if they differ)."""
+        ...: gpt-oss); the layer keeps them in its own pairs (gate_up.py). Collective when
+        world_size > 1: the replicated weights are compared across ranks (ConsistencyError if
+        they differ)."""
         given = {"router_weight": router_weight, "w_in": w_in, "w_out": w_out, "router_bias": router_bias,
                  "e_score_correction_bias": e_score_correction_bias, "b_in": b_in, "b_out": b_out,
                  "shared_w_in": shared_w_in, "shared_w_out": shared_w_out,
@@ -219,21 +224,23 @@ class MoELayer(nn.Module):
         self.config.check_weights(given)
         if gate_up_layout not in GATE_UP_LAYOUTS:
             raise ValueError(f"gate_up_layout={gate_up_layout!r}; choose one of {GATE_UP_LAYOUTS}")
-        if gate_up_layout != "halves" and not self.config.gated:
+        gated = self.config.gated
+        if gate_up_layout != "halves" and not gated:
             raise ValueError(f"gate_up_layout={gate_up_layout!r} needs a gated activation; "
                              f"activation={self.config.activation!r} has no gate")
         mine = torch.tensor(self.placement.experts_on(self.rank), dtype=torch.long)
         for name, t in given.items():
             if t is None:
                 continue
-            if name in ("w_in", "b_in", "shared_w_in"):
-                t = _gate_up_halves(t, gate_up_layout)
+            if gated and name in GATE_UP_WEIGHTS:
+                t = to_pairs(t, gate_up_layout)
             getattr(self, name).copy_(t[mine.to(t.device)] if name in EXPERT_WEIGHTS else t)
         self._check_replicas_agree("load_full_weights")
 
     def full_weight_dict(self) -> dict[str, torch.Tensor]:
         """Every weight of the full (unsharded) layer, named and shaped as MoEConfig.weight_shapes()
-        gives them and load_full_weights and reference_forward take them (gated: gate | up halves):
+        gives them and load_full_weights and reference_forward take them (gated: gate | up halves,
+        converted from the layer's pairs):
         the per-expert ones gathered from every rank in global expert order (collective when
         world_size > 1), the replicated ones copied."""
         order = torch.argsort(self.expert_positions)  # position p holds expert order[p]
@@ -247,6 +254,8 @@ class MoELayer(nn.Module):
                 full[name][order] = t
             else:
                 full[name] = t.clone()
+            if self.config.gated and name in GATE_UP_WEIGHTS:
+                full[name] = to_halves(full[name])
         return full
 
     def route(self, x: torch.Tensor) -> Routing:
@@ -329,10 +338,25 @@ class MoELayer(nn.Module):
         elif self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    # state_dict version: 2 keeps the gated weights in gate/up pairs (gate_up.py); 1 (and no
+    # version) in halves, converted when such a state_dict is loaded.
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        if (local_metadata.get("version") or 1) < 2 and self.config.gated:
+            for name in GATE_UP_WEIGHTS:
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = to_pairs(state_dict[prefix + name])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
         return (f"{self.config}, rank={self.rank}/{self.world_size}, "
                 f"local_experts={self.local_experts}, backend={self.backend.name!r}")
 
+
+GATE_UP_WEIGHTS = ("w_in", "b_in", "shared_w_in")  # gated: their last dimension holds gate and up
 
 _layer_ids = itertools.count()
 _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionary()
@@ -353,17 +377,6 @@ def _default_device(distributed: bool) -> torch.device:
     if torch.cuda.is_available() and (not distributed or dist.get_backend() == "nccl"):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-GATE_UP_LAYOUTS = ("halves", "interleaved")
-
-
-def _gate_up_halves(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """t: [..., 2F] with gate and up columns in `layout` -> [..., 2F] as the layer keeps them:
-    (gate | up) halves. The one place besides reference.activate that knows the split."""
-    if layout == "interleaved":
-        return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
-    return t
 
 
 def _checksum(t: torch.Tensor) -> str:

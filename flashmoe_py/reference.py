@@ -12,18 +12,22 @@ import torch
 import torch.nn.functional as F
 
 from .config import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT, MoEConfig
+from .gate_up import gate_and_up
 
 
 def activate(h: torch.Tensor, activation: str, swiglu_alpha: float = GPT_OSS_SWIGLU_ALPHA,
-             swiglu_limit: float = GPT_OSS_SWIGLU_LIMIT) -> torch.Tensor:
-    """h: [n, ffn_in] -> [n, ffn]; the gated activations split h into (gate | up) halves."""
+             swiglu_limit: float = GPT_OSS_SWIGLU_LIMIT, paired: bool = False) -> torch.Tensor:
+    """h: [n, ffn_in] -> [n, ffn]; the gated activations split h into (gate | up) halves, or, with
+    `paired`, into the layer's own pairs of columns (flashmoe_py/gate_up.py)."""
     if activation in ("swiglu", "clamped_swiglu"):
-        gate, up = h.chunk(2, dim=-1)
+        gate, up = gate_and_up(h) if paired else h.chunk(2, dim=-1)
         if activation == "swiglu":
-            return F.silu(gate) * up
-        gate = gate.clamp(max=swiglu_limit)
-        up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
-        return gate * torch.sigmoid(swiglu_alpha * gate) * (up + 1)
+            out = F.silu(gate) * up
+        else:
+            gate = gate.clamp(max=swiglu_limit)
+            up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
+            out = gate * torch.sigmoid(swiglu_alpha * gate) * (up + 1)
+        return out.flatten(-2) if paired else out
     if activation == "gelu":
         return F.gelu(h)
     if activation == "relu":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the fused backend on this node's GPUs (or NGPUS of them): correctness over both
 # transports, bad input / NaN / capacity / heap limits, every kind of stalled peer (timed, one GPU),
-# a peer that never launches, a rank killed mid-job, the 10,000-call soak and the patched HF models.
+# a peer that never launches, a rank killed mid-job, the 10,000-call soak, the patched HF models and
+# the torch backend's gradients (NCCL).
 # Logs and JSON go to OUT.
 #   bash launch/gpu_checks.sh                      # all of them
 #   STEPS="soak faults" NGPUS=2 bash launch/gpu_checks.sh
@@ -10,5 +11,5 @@ cd "$(dirname "$0")/.."
 NGPUS=${NGPUS:-$(nvidia-smi -L | wc -l)}
 export OUT=${OUT:-bench/results/gpu-checks-$(date -u +%F)-w$NGPUS}
 steps=()
-for s in ${STEPS:-check nvcheck inputs timeouts faults killed soak hf}; do steps+=("$s$NGPUS"); done
+for s in ${STEPS:-check nvcheck inputs timeouts faults killed soak hf backward}; do steps+=("$s$NGPUS"); done
 exec bash bench/device_run.sh "${steps[@]}"

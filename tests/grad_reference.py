@@ -12,6 +12,8 @@ import torch.distributed as dist
 
 from flashmoe_py import MoELayer, reference_forward
 from flashmoe_py.config import EXPERT_WEIGHTS
+from flashmoe_py.gate_up import to_halves
+from flashmoe_py.layer import GATE_UP_WEIGHTS
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -47,5 +49,7 @@ def grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor) -> dict:
     want = reference_grads(layer, x.reshape(-1, H), dy.reshape(-1, H))
     got = {"x": None if x.grad is None else x.grad.reshape(-1, H)}
     got |= {name: p.grad for name, p in layer.named_parameters()}
+    if layer.config.gated:  # the layer's gate/up pairs -> the reference's halves
+        got |= {n: to_halves(got[n]) for n in GATE_UP_WEIGHTS if got.get(n) is not None}
     assert set(got) == set(want), (sorted(got), sorted(want))
     return {n: None if got[n] is None else rel_err(got[n], want[n]) for n in want}

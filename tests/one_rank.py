@@ -9,12 +9,24 @@ import torch
 
 from flashmoe_py import ExpertPlacement, MoEConfig
 from flashmoe_py.config import EXPERT_WEIGHTS
+from flashmoe_py.layer import GATE_UP_WEIGHTS
 from flashmoe_py.backends.flash import FUSED_WEIGHTS, routing_plan
+from flashmoe_py.gate_up import to_pairs
 from flashmoe_py.kernels.fused_moe import launch_fused
 from flashmoe_py.kernels.launch_config import LaunchConfig
 from flashmoe_py.kernels.layout import CTL_EPOCH, Geometry
 from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
 from flashmoe_py.routing import route
+
+
+def kernel_weights(weights: dict, cfg: MoEConfig, mine: slice) -> dict:
+    """The fused kernel's weights of the experts `mine` from the full layer's (reference_forward's
+    names, gated ones in halves): the layer's own gate/up pairs, as its flash backend passes them."""
+    experts = {name: t[mine].contiguous() if name in EXPERT_WEIGHTS else t for name, t in weights.items()
+               if name in FUSED_WEIGHTS}
+    if cfg.gated:
+        experts.update({n: to_pairs(experts[n]) for n in GATE_UP_WEIGHTS if n in experts})
+    return experts
 
 
 class OneRank:
@@ -69,7 +81,6 @@ class OneRank:
         launch = LaunchConfig(programs=programs, block_m=block_m, block_n=block_n or geo.block_n,
                               dispatch_programs=dispatch_programs)
         L = geo.local_experts
-        experts = {name: t[:L].contiguous() if name in EXPERT_WEIGHTS else t for name, t in self.weights.items()
-                   if name in FUSED_WEIGHTS}
+        experts = kernel_weights(self.weights, cfg, slice(0, L))
         launch_fused(x, out, experts, plan, self.ws, launch, config=cfg, rank=0, timeout_s=timeout_s)
         return x, out

@@ -13,11 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from one_rank import OneRank
+from one_rank import OneRank, kernel_weights
 
 from flashmoe_py import ExpertPlacement, MoEConfig, reference_forward
-from flashmoe_py.config import EXPERT_WEIGHTS
-from flashmoe_py.backends.flash import FUSED_WEIGHTS, routing_plan
+from flashmoe_py.backends.flash import routing_plan
 from flashmoe_py.kernels import transport
 from flashmoe_py.kernels.fused_moe import _expert_tile, _tile_table, launch_fused
 from flashmoe_py.kernels.launch_config import LaunchConfig
@@ -227,8 +226,7 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
     ws = Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", SharedMemoryBuffers(bufs, rank))
     L = geo.local_experts
     mine = slice(rank * L, (rank + 1) * L)
-    experts = {name: t[mine].contiguous() if name in EXPERT_WEIGHTS else t for name, t in weights.items()
-               if name in FUSED_WEIGHTS}
+    experts = kernel_weights(weights, cfg, mine)
     router = {name: t for name, t in weights.items() if name in ("router_bias", "e_score_correction_bias")}
     positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
     launch = LaunchConfig(programs=1, block_m=block_m, block_n=geo.block_n)

@@ -7,6 +7,7 @@ import torch
 
 from dist_pool import RankError
 from flashmoe_py import ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, preset, reference_forward
+from flashmoe_py.gate_up import to_halves
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -233,7 +234,7 @@ def load_and_gather(rank, world, seed):
             torch.randn(8, 48, 32, generator=g))
     layer = MoELayer(cfg, placement=ExpertPlacement.round_robin(8, world))
     layer.load_full_weights(*full)
-    assert torch.equal(layer.w_in[1], full[1][2 + rank])  # round robin: slot 1 holds expert world + rank
+    assert torch.equal(to_halves(layer.w_in[1]), full[1][2 + rank])  # round robin: slot 1 holds expert world + rank
     return all(torch.equal(a, b) for a, b in zip(layer.full_weights(), full))
 
 
@@ -438,7 +439,7 @@ def load_and_gather_every_weight(rank, world, cfg: dict, seed):
     full = full_variant_weights(cfg, seed)
     layer = MoELayer(cfg, placement=ExpertPlacement.round_robin(8, world))
     layer.load_full_weights(**full)
-    assert torch.equal(layer.b_in[1], full["b_in"][world + rank])  # slot 1 holds expert world + rank
+    assert torch.equal(to_halves(layer.b_in[1]), full["b_in"][world + rank])  # slot 1 holds expert world + rank
     gathered = layer.full_weight_dict()
     return list(gathered) == list(full) and all(torch.equal(gathered[n], full[n]) for n in full)
 
@@ -448,7 +449,7 @@ def test_full_weight_dict_roundtrips_every_weight(dist_pools):
 
 
 def test_interleaved_gate_up_columns_are_converted_when_loaded():
-    """gpt-oss stores gate and up columns alternately; the layer keeps gate | up halves."""
+    """gpt-oss stores gate and up columns alternately; full_weight_dict gives gate | up halves."""
     cfg = MoEConfig(**SMALL, top_k=2, activation="clamped_swiglu", expert_bias=True, shared_experts=1)
     full = full_variant_weights(cfg, 0)
     layer = MoELayer(cfg)

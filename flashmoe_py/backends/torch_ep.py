@@ -49,14 +49,15 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out:
     """Grouped expert FFN over rows sorted by local expert.
 
     x: [N, hidden]; counts: [local_experts] int64 rows per expert (sum N); w_in: [L, hidden, ffn_in];
-    w_out: [L, ffn, hidden]; b_in: [L, ffn_in] and b_out: [L, hidden], or None. Returns [N, hidden]
-    in x.dtype; biases and activation in fp32."""
+    w_out: [L, ffn, hidden]; b_in: [L, ffn_in] and b_out: [L, hidden], or None; gated w_in and b_in
+    in the layer's pairs of columns (gate_up.py). Returns [N, hidden] in x.dtype; biases and
+    activation in fp32."""
     if x.shape[0] == 0:
         return x.new_empty(0, w_out.shape[-1])
 
     def act(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         h = h.float() if bias is None else h.float() + bias.float()
-        return activate(h, config.activation, config.swiglu_alpha, config.swiglu_limit).to(x.dtype)
+        return activate(h, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(x.dtype)
 
     def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return y if bias is None else (y.float() + bias.float()).to(x.dtype)

@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..gate_up import PAIR_MAX, pair_width
 from .layout import (CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, QUEUES_CLOSED,
                      STATUS_EPOCH, STATUS_EXPERT, STATUS_FAILED, STATUS_PEER, STATUS_TILE, STATUS_WAIT,
                      TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT, TASK_SHARED_IN, TASK_SHARED_OUT,
@@ -127,7 +128,8 @@ class Dims(NamedTuple):
 
 class Meta(NamedTuple):
     """Compile-time settings, each a tl.constexpr: TOP_K (K_POW2 its power of two); ACT
-    (ACT_CODES), GATED (gate and up halves), SWIGLU_ALPHA and SWIGLU_LIMIT of clamped_swiglu;
+    (ACT_CODES), GATED (gate and up columns, in pairs of PAIR columns of w_in and SHARED_PAIR
+    of shared_w_in: gate_up.py), SWIGLU_ALPHA and SWIGLU_LIMIT of clamped_swiglu;
     HAS_BIAS (expert biases); WEIGHT_ON_INPUT (a slot's routing weight scales the expert's input,
     not its output); PRECISION of fp32 dots; E_POW2, W_POW2,
     L_POW2 powers of two >= W * L, W, L; tiles BM (expert rows), CHUNK (dispatch rows), BN
@@ -141,6 +143,8 @@ class Meta(NamedTuple):
     K_POW2: tl.constexpr
     ACT: tl.constexpr
     GATED: tl.constexpr
+    PAIR: tl.constexpr
+    SHARED_PAIR: tl.constexpr
     SWIGLU_ALPHA: tl.constexpr
     SWIGLU_LIMIT: tl.constexpr
     HAS_BIAS: tl.constexpr
@@ -364,22 +368,35 @@ def _expert_tile(q, table, W, meta):
 
 
 @triton.jit
-def _gemm_in(a_rows, valid, w_in, e, col, F, H, meta):
+def _gemm_in(a_rows, valid, w_in, e, j, H, meta, PAIR: tl.constexpr):
     """GEMM1 of one tile: a_rows [BM] row starts of H elements (rows where valid) @ expert e of
-    the descriptor w_in, columns col.. -> (gate, up) [BM, BF] fp32 (up: the columns F further;
-    zeros unless GATED)."""
+    the descriptor w_in, FFN columns j*BF.. -> (gate, up) [BM, BF] fp32 (up: gate again unless
+    GATED). GATED: w_in holds gate and up in pairs of PAIR columns (gate_up.py), so the gate
+    columns of tile j and their up columns are the 2*BF columns from 2*j*BF: one TMA box and one
+    tensor-core product [BM, 2*BF], whose registers then split into gate and up in place."""
     BK: tl.constexpr = meta.BK
     BF: tl.constexpr = meta.BF
-    gate = tl.zeros((meta.BM, BF), dtype=tl.float32)
-    up = tl.zeros((meta.BM, BF), dtype=tl.float32)
+    WIDTH: tl.constexpr = 2 * BF if meta.GATED else BF
+    acc = tl.zeros((meta.BM, WIDTH), dtype=tl.float32)
     for k0 in tl.range(0, H, BK, num_stages=meta.STAGES):
         k = k0 + tl.arange(0, BK)
         a = tl.load(a_rows[:, None] + k[None, :], mask=valid[:, None] & (k < H)[None, :], other=0.0,
                     cache_modifier=".cg")
-        gate = tl.dot(a, w_in.load([e, k0, col]).reshape(BK, BF), gate, input_precision=meta.PRECISION)
-        if meta.GATED:
-            up = tl.dot(a, w_in.load([e, k0, F + col]).reshape(BK, BF), up, input_precision=meta.PRECISION)
+        acc = tl.dot(a, w_in.load([e, k0, (j * WIDTH).to(tl.int32)]).reshape(BK, WIDTH), acc,
+                     input_precision=meta.PRECISION)
+    if meta.GATED:
+        pairs = acc.reshape(meta.BM, BF // PAIR, 2, PAIR).permute(0, 2, 1, 3).reshape(meta.BM, 2, BF)
+        gate, up = pairs.permute(0, 2, 1).split()
+    else:
+        gate = acc
+        up = acc
     return gate, up
+
+
+@triton.jit
+def _pair_col(f, PAIR: tl.constexpr):
+    """FFN column f's gate column in a last dimension of gate/up pairs (its up column: + PAIR)."""
+    return 2 * PAIR * (f // PAIR) + f % PAIR
 
 
 @triton.jit
@@ -402,10 +419,10 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wa
     """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived
     (table: the call's TileTable; weights: Weights): rows from other ranks from recv_x once their
     chunks' flags rise, this rank's own rows straight from x (by the plan's token of each slot),
-    never copied. -> (ready, done) clock stamps when TRACE (module docstring), else zeros. A gate
-    tile of the last f-tile may reach into the up columns when F is not a multiple of BF: those
-    columns of h are never stored. WEIGHT_ON_INPUT: own rows' products are scaled by their
-    slots' weights here (x W is linear in x), other ranks' rows came scaled (dispatch_chunk)."""
+    never copied. -> (ready, done) clock stamps when TRACE (module docstring), else zeros. The
+    last f-tile's columns past F are zeros (the descriptor's edge) and never stored.
+    WEIGHT_ON_INPUT: own rows' products are scaled by their slots' weights here (x W is linear in
+    x), other ranks' rows came scaled (dispatch_chunk)."""
     W, L, H, F, S, MAXC = dims.world, dims.local_experts, dims.hidden, dims.ffn, dims.source_rows, dims.max_chunks
     BF: tl.constexpr = meta.BF
     NF = tl.cdiv(F, BF)
@@ -425,7 +442,7 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wa
         a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
         f = j * BF + tl.arange(0, BF)
         fmask = f < F
-        gate, up = _gemm_in(a_rows, t.valid, weights.w_in, t.e, (j * BF).to(tl.int32), F, H, meta)
+        gate, up = _gemm_in(a_rows, t.valid, weights.w_in, t.e, j, H, meta, meta.PAIR)
         done = clock_ns() if meta.TRACE else 0
         if meta.WEIGHT_ON_INPUT:
             scale = tl.where(own, tl.load(plan.slot_w + routed, mask=own, other=1.0), 1.0)[:, None]
@@ -433,9 +450,11 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wa
             up = up * scale
         if meta.HAS_BIAS:
             b_in = weights.b_in + t.e.to(tl.int64) * (2 * F if meta.GATED else F)
-            gate += tl.load(b_in + f, mask=fmask, other=0.0).to(tl.float32)[None, :]
             if meta.GATED:
-                up += tl.load(b_in + F + f, mask=fmask, other=0.0).to(tl.float32)[None, :]
+                gate += tl.load(b_in + _pair_col(f, meta.PAIR), mask=fmask, other=0.0).to(tl.float32)[None, :]
+                up += tl.load(b_in + _pair_col(f, meta.PAIR) + meta.PAIR, mask=fmask, other=0.0).to(tl.float32)[None, :]
+            else:
+                gate += tl.load(b_in + f, mask=fmask, other=0.0).to(tl.float32)[None, :]
         h = _activate(gate, up, meta)
         tl.store(scratch.h + r[:, None] * F + f[None, :], h.to(scratch.h.dtype.element_ty),
                  mask=t.valid[:, None] & fmask[None, :])
@@ -537,7 +556,7 @@ def shared_in_tile(m, j, x_ptr, weights, scratch, dims, tokens, epoch, meta):
     t = m * meta.BM + tl.arange(0, meta.BM)
     valid = t < tokens
     rows = x_ptr + t.to(tl.int64) * H
-    gate, up = _gemm_in(rows, valid, weights.shared_w_in, 0, (j * BF).to(tl.int32), FS, H, meta)
+    gate, up = _gemm_in(rows, valid, weights.shared_w_in, 0, j, H, meta, meta.SHARED_PAIR)
     f = j * BF + tl.arange(0, BF)
     tl.store(scratch.shared_h + t.to(tl.int64)[:, None] * FS + f[None, :],
              _activate(gate, up, meta).to(scratch.shared_h.dtype.element_ty), mask=valid[:, None] & (f < FS)[None, :])
@@ -751,7 +770,8 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
     kwargs hold the constexpr-free launch options num_warps and, for NVSHMEM, extern_libs).
 
     x, out: [T, H]; experts: this rank's expert weights by name, w_in [L, H, F_in], w_out [L, F, H]
-    and, when config.expert_bias, b_in [L, F_in], b_out [L, H] (x's dtype and device; rows of
+    and, when config.expert_bias, b_in [L, F_in], b_out [L, H] (gated: w_in, b_in and shared_w_in
+    in the layer's gate/up pairs, gate_up.py; x's dtype and device; rows of
     16-byte multiples, as TMA needs: hidden and ffn multiples of 8, checked by the layer);
     config: the layer's MoEConfig; plan: a
     kernels/plan.RoutingPlan of x; ws: the layer's workspace.Workspace; launch: a
@@ -783,6 +803,8 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
     if H % TMA_ROW_MULTIPLE or F % TMA_ROW_MULTIPLE or FS % TMA_ROW_MULTIPLE:
         raise ValueError(f"hidden={H}, ffn={F}, shared ffn={FS}: the weights' TMA loads need multiples of "
                          f"{TMA_ROW_MULTIPLE}")
+    if geo.block_f % PAIR_MAX:
+        raise ValueError(f"block_f={geo.block_f}: GEMM1 tiles must hold whole gate/up pairs ({PAIR_MAX} columns)")
     if FS != geo.shared_ffn:
         raise ValueError(f"the workspace holds shared experts of width {geo.shared_ffn}, the config {FS}")
     if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 2
@@ -796,7 +818,8 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
     top_k = plan.slot_dest.shape[1]
     c = tl.constexpr
     meta = Meta(TOP_K=c(top_k), K_POW2=c(triton.next_power_of_2(top_k)), ACT=c(ACT_CODES[config.activation]),
-                GATED=c(gated), SWIGLU_ALPHA=c(float(config.swiglu_alpha)), SWIGLU_LIMIT=c(float(config.swiglu_limit)),
+                GATED=c(gated), PAIR=c(pair_width(F)), SHARED_PAIR=c(pair_width(FS) if FS else 1),
+                SWIGLU_ALPHA=c(float(config.swiglu_alpha)), SWIGLU_LIMIT=c(float(config.swiglu_limit)),
                 HAS_BIAS=c(config.expert_bias), WEIGHT_ON_INPUT=c(config.weight_on_input),
                 PRECISION=c("tf32x3" if x.dtype == torch.float32 else "tf32"),
                 E_POW2=c(triton.next_power_of_2(W * L)), W_POW2=c(triton.next_power_of_2(W)),
@@ -808,7 +831,9 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 STAGES=c(launch.stages), GROUP=c(launch.group),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None))
     dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS, rank)
-    w_in_blocks, w_out_blocks = [1, geo.block_k, geo.block_f], [1, geo.block_k, launch.block_n]
+    # GEMM1 boxes: gated, a tile's gate and up columns side by side (w_in in gate_up.py's pairs)
+    w_in_blocks = [1, geo.block_k, geo.block_f * (2 if gated else 1)]
+    w_out_blocks = [1, geo.block_k, launch.block_n]
     w_in_desc = TensorDescriptor.from_tensor(w_in, w_in_blocks)
     w_out_desc = TensorDescriptor.from_tensor(w_out, w_out_blocks)
     if FS:  # one FFN: a descriptor of one expert

@@ -71,9 +71,11 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # Fewer rows (decode) in bf16: the GEMMs stream weights, so GEMM2 tiles twice as wide and a
     # fourth stage keep more weight bytes in flight per SM (160 KB of shared memory at 64 rows).
     # One H200, 128 tokens, against 64 x 128 with 3 stages: gpt_oss -13%, qwen3 -16%, mixtral -7%.
+    # fp32 tiles hold twice the bytes: two stages (a gated GEMM1 box, 64 x 256 fp32, needs 295 KB
+    # of shared memory at three, 213 KB at two).
     bf16 = dtype == torch.bfloat16
     chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
-              "stages": 4 if bf16 and not large else 3,
+              "stages": (4 if not large else 3) if bf16 else 2,
               "dispatch_programs": sm_count // 2 if overlap else sm_count}
     override = dict(override or {})
     unknown = sorted(set(override) - set(FIELDS))
