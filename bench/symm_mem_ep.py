@@ -88,11 +88,13 @@ class SymmMemEP:
         return out.to(x.dtype)
 
     def _grouped_ffn(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        """Expert FFN over rows grouped by local expert; ends: [L] int32 end row of each group."""
+        """Expert FFN over rows grouped by local expert; ends: [L] int32 end row of each group (the
+        layer's w_in: gated ones in gate/up pairs)."""
         w_in, w_out = self.layer.w_in, self.layer.w_out
         h = torch._grouped_mm(rows, w_in, offs=ends)
         cfg = self.cfg
-        return torch._grouped_mm(activate(h, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit), w_out, offs=ends)
+        return torch._grouped_mm(activate(h, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit, paired=True), w_out,
+                                offs=ends)
 
     def _ffn_2d(self, counts: torch.Tensor) -> torch.Tensor:
         W, L = self.layer.world_size, self.layer.local_experts

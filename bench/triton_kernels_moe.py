@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from flashmoe_py.backends.torch_ep import shared_experts
+from flashmoe_py.gate_up import to_halves
 
 
 def available() -> str | None:
@@ -51,7 +52,8 @@ class TritonKernelsMoE:
         self.layer, self.cfg = layer, cfg
         F = cfg.ffn_size
 
-        def interleave(t):  # [..., 2F] gate | up -> gate, up column by column
+        def interleave(t):  # [..., 2F] in the layer's gate/up pairs -> gate, up column by column
+            t = to_halves(t)
             return torch.stack([t[..., :F], t[..., F:]], dim=-1).reshape(t.shape).contiguous()
 
         self.w1 = interleave(layer.w_in.detach())
