@@ -29,6 +29,7 @@ from flashmoe_py import PRESETS, MoEConfig, MoELayer, reference_forward  # noqa:
 from flashmoe_py.backends.torch_ep import shared_experts  # noqa: E402
 from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
+import summary  # noqa: E402  (bench/, beside this file)
 
 ROUTINGS = ("uniform", "zipf", "one_hot")
 # benchmark backend -> fused-kernel transport; flash_shared_torch: the routed experts in the fused
@@ -428,6 +429,12 @@ def main(argv=None):
             if row["median_us"]:
                 row["speedup"] = {r["backend"]: r["median_us"] / row["median_us"] for r in same}
         print_table(rows, ceilings, meta, world)
+        peers = [b for b in args.backends if b in ("triton_kernels", "torch", "symm_mem")]
+        pts = summary.points(rows, "flash", peers) if "flash" in args.backends and peers else []
+        if pts:
+            speedups = [q["speedup"] for q in pts]
+            print(f"flash against the fastest of {peers}: geometric mean {summary.geomean(speedups):.3f}x over "
+                  f"{len(pts)} points, {sum(v < 1 for v in speedups)} below 1.0x (bench/summary.py lists them)")
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
                                        f"layer-{'gpu' if gpu else 'cpu'}-w{world}.json")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -137,10 +137,13 @@ def main():
                    topk_group=2, routed_scaling_factor=2.5, router_dtype="float32"), 128, None),
         ("bf16 topk_sigmoid k1", MoEConfig(**small, top_k=1, routing="topk_sigmoid", renormalize=False), 128, None),
         ("bf16 k10 of 16 per rank", MoEConfig(**{**small, "num_experts": 16 * world}, top_k=10), 64, None),
+        ("bf16 gated shared expert 200 wide (gate/up pairs of 8), expert biases, k2",
+         MoEConfig(**small, top_k=2, expert_bias=True, shared_experts=1, shared_ffn_size=200,
+                   shared_expert_gate=True), 128, None),
     ]
     if args.presets:
         cases += [(n, fm.preset(n), t, None) for n, t in
-                  [("mixtral_8x7b", 1024), ("qwen3_30b_a3b", 2048), ("deepseek_v3", 16384)]]
+                  [("mixtral_8x7b", 1024), ("qwen3_30b_a3b", 2048), ("gpt_oss_120b", 2048), ("deepseek_v3", 16384)]]
     # Experts narrower than hidden at 128 rows per expert: the back-to-back calls run with half the
     # programs dispatching while the rest compute (backends/flash.py picks that split).
     soak = MoEConfig(**{**small, "ffn_size": 128}, top_k=2)
