@@ -218,10 +218,12 @@ class MoEConfig:
         OPTIONAL_WEIGHTS this config has. experts: how many experts the per-expert ones
         (EXPERT_WEIGHTS) hold; default num_experts, the full (unsharded) layer.
 
-        router_weight [E, H]; w_in [E, H, F_in] (gated: gate columns, then up columns);
-        w_out [E, F, H]; router_bias [E]; e_score_correction_bias [E] ('sigmoid_grouped');
-        b_in [E, F_in] and b_out [E, H] (expert_bias); shared_w_in [H, F_s_in] (gated: gate | up)
-        and shared_w_out [F_s, H] (shared experts); shared_gate_weight [1, H]."""
+        router_weight [E, H]; w_in [E, H, F_in]; w_out [E, F, H]; router_bias [E];
+        e_score_correction_bias [E] ('sigmoid_grouped'); b_in [E, F_in] and b_out [E, H]
+        (expert_bias); shared_w_in [H, F_s_in] and shared_w_out [F_s, H] (shared experts);
+        shared_gate_weight [1, H]. Gated, the last dimension of w_in, b_in and shared_w_in holds
+        gate and up columns: as halves in full weights (reference_forward, load_full_weights),
+        in pairs in a layer's own parameters (gate_up.py)."""
         E, H, F = self.num_experts, self.hidden_size, self.ffn_size
         L = E if experts is None else experts
         Fs = self.shared_width

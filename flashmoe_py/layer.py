@@ -106,6 +106,8 @@ class MoELayer(nn.Module):
         self.local_experts = self.placement.local_experts
         self.device = torch.device(device) if device is not None else _default_device(distributed)
         self._make_weights()
+        # the gated weights' layout in state_dicts (1: gate_up.py's pairs; absent: halves, older)
+        self.register_buffer(GATE_UP_MARKER, torch.tensor(1, dtype=torch.int64, device=self.device))
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
         self.reset_parameters(seed)
         self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
@@ -232,9 +234,11 @@ class MoELayer(nn.Module):
         for name, t in given.items():
             if t is None:
                 continue
+            if name in EXPERT_WEIGHTS:
+                t = t[mine.to(t.device)]  # this rank's experts first: only they are converted
             if gated and name in GATE_UP_WEIGHTS:
                 t = to_pairs(t, gate_up_layout)
-            getattr(self, name).copy_(t[mine.to(t.device)] if name in EXPERT_WEIGHTS else t)
+            getattr(self, name).copy_(t)
         self._check_replicas_agree("load_full_weights")
 
     def full_weight_dict(self) -> dict[str, torch.Tensor]:
@@ -338,16 +342,21 @@ class MoELayer(nn.Module):
         elif self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # state_dict version: 2 keeps the gated weights in gate/up pairs (gate_up.py); 1 (and no
-    # version) in halves, converted when such a state_dict is loaded.
-    _version = 2
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        if (local_metadata.get("version") or 1) < 2 and self.config.gated:
-            for name in GATE_UP_WEIGHTS:
-                if prefix + name in state_dict:
-                    state_dict[prefix + name] = to_pairs(state_dict[prefix + name])
+        """A state_dict without the GATE_UP_MARKER entry predates the gate/up pairs: its gated
+        weights are halves, converted here (a plain dict, safetensors and the like keep the
+        entry; optimizer moments of such a checkpoint stay in halves: build a fresh optimizer)."""
+        marker = prefix + GATE_UP_MARKER
+        if marker not in state_dict:
+            if self.config.gated:
+                for name in GATE_UP_WEIGHTS:
+                    if prefix + name in state_dict:
+                        state_dict[prefix + name] = to_pairs(state_dict[prefix + name])
+            state_dict[marker] = getattr(self, GATE_UP_MARKER).clone()
+        elif int(state_dict[marker]) != int(getattr(self, GATE_UP_MARKER)):
+            error_msgs.append(f"{marker}={int(state_dict[marker])}: a gate/up layout this version does not know")
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -357,6 +366,7 @@ class MoELayer(nn.Module):
 
 
 GATE_UP_WEIGHTS = ("w_in", "b_in", "shared_w_in")  # gated: their last dimension holds gate and up
+GATE_UP_MARKER = "gate_up_pairs"
 
 _layer_ids = itertools.count()
 _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionary()

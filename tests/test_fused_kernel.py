@@ -306,11 +306,16 @@ def test_nvshmem_transport_heap_adds_a_staging_row_per_token_slot():
                                     dict(top_k=10, num_experts=16),
                                     dict(top_k=3, num_experts=8, routing="sigmoid_grouped", n_group=4, topk_group=2,
                                          routed_scaling_factor=2.5),
-                                    dict(top_k=2, num_experts=8, routing="topk_softmax", router_bias=True)])
+                                    dict(top_k=2, num_experts=8, routing="topk_softmax", router_bias=True),
+                                    dict(top_k=2, num_experts=4, ffn_size=200, expert_bias=True, shared_experts=1,
+                                         shared_ffn_size=136),
+                                    dict(top_k=2, num_experts=4, ffn_size=136, activation="clamped_swiglu",
+                                         expert_bias=True, shared_experts=1, shared_ffn_size=200)])
 def test_whole_kernel_with_every_routing_and_expert_variant(fields):
     """The kernel takes whatever the router picked (up to 16 experts a token, weights that need not
-    sum to 1) and the expert variants: biases, gpt-oss's clamped SwiGLU, the weight on the input."""
-    cfg = MoEConfig(hidden_size=40, ffn_size=48, dtype="float32", **fields)
+    sum to 1) and the expert variants: biases, gpt-oss's clamped SwiGLU, the weight on the input;
+    and expert widths past one 128-column tile, not a multiple of it (gate/up pairs of 8)."""
+    cfg = MoEConfig(**{"hidden_size": 40, "ffn_size": 48, "dtype": "float32", **fields})
     rank = OneRank(cfg, max_tokens=30)
     for tokens in (30, 7):
         x, out = rank.forward(tokens)

@@ -56,11 +56,15 @@ def test_a_state_dict_of_halves_from_before_the_pairs_loads_converted():
     cfg = MoEConfig(hidden_size=16, ffn_size=48, num_experts=2, top_k=1, expert_bias=True, dtype="float32")
     saved = MoELayer(cfg, seed=1)
     state = saved.state_dict()
-    assert state._metadata[""]["version"] == 2
-    fresh = MoELayer(cfg, seed=2)
-    fresh.load_state_dict(state)  # this version: taken as it is
-    assert torch.equal(fresh.w_in, saved.w_in)
-    old = {n: (to_halves(t) if n in ("w_in", "b_in") else t) for n, t in state.items()}  # version 1: halves
+    assert int(state["gate_up_pairs"]) == 1
+    for current in (state, dict(state)):  # a plain dict (safetensors, dcp) has no _metadata: the same
+        fresh = MoELayer(cfg, seed=2)
+        fresh.load_state_dict(current)
+        assert torch.equal(fresh.w_in, saved.w_in) and torch.equal(fresh.b_in, saved.b_in)
+    old = {n: (to_halves(t) if n in ("w_in", "b_in") else t) for n, t in state.items() if n != "gate_up_pairs"}
     older = MoELayer(cfg, seed=3)
-    older.load_state_dict(old)  # no _metadata: an older checkpoint
+    older.load_state_dict(old)  # strict: the missing marker is what says "halves"
     assert torch.equal(older.w_in, saved.w_in) and torch.equal(older.b_in, saved.b_in)
+    unknown = {**state, "gate_up_pairs": torch.tensor(7)}
+    with pytest.raises(RuntimeError, match="gate_up_pairs=7"):
+        MoELayer(cfg).load_state_dict(unknown)
