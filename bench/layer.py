@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--routing", nargs="+", default=["uniform"], choices=ROUTINGS)
     p.add_argument("--iters", type=int, default=None, help="timed iterations per input set")
     p.add_argument("--input-sets", type=int, default=3)
+    p.add_argument("--fwd-bwd", action="store_true",
+                   help="also time forward + backward of sum(y * dy) (rows with mode 'fwd+bwd', dx checked "
+                        "against float64 autograd through the reference), on the backends that have a backward")
     p.add_argument("--user-graph", action="store_true",
                    help="also time backend flash captured whole in a caller's CUDA graph")
     p.add_argument("--out", default=None, help="JSON file (default bench/out/layer-<device>-w<world>.json, "
@@ -280,11 +283,48 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
         row["median_us"] = max_over_ranks(statistics.median(times), device)
         if fused and args.user_graph:  # replayed from the caller's own CUDA graph
             rows.append({**row, "backend": "flash+graph", "median_us": graph_median_us(layer, xs, iters, device)})
+        if args.fwd_bwd and forward is layer:
+            rows += fwd_bwd_rows(row, layer, xs, iters, tol, device)
     if fused:
         layer.backend.close()
     elif backend == "flash_shared_torch":
         forward.routed.backend.close()
     return rows
+
+
+def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, device) -> list[dict]:
+    """row's point timed as forward + backward of sum(layer(x) * dy) (x and every parameter
+    requiring grad), after dx on CHECK_TOKENS tokens is checked against float64 autograd through
+    the reference -> [a row with mode 'fwd+bwd'], or [] where the backend has no backward."""
+    cfg = layer.config
+    gen = torch.Generator().manual_seed(7)
+    dys = [torch.randn(x.shape, generator=gen).to(device, x.dtype) for x in xs]
+    x = xs[0][:CHECK_TOKENS].detach().clone().requires_grad_(True)
+    try:
+        (layer(x).float() * dys[0][:CHECK_TOKENS].float()).sum().backward()
+    except NotImplementedError as e:
+        print(f"fwd+bwd skipped for backend {row['backend']}: {e}", file=sys.stderr)
+        return []
+    xr = x.detach().double().requires_grad_(True)
+    weights = {n: t.double() for n, t in layer.full_weight_dict().items()}
+    (reference_forward(xr, config=cfg, compute_dtype=torch.float64, **weights)
+     * dys[0][:CHECK_TOKENS].double()).sum().backward()
+    err = max_over_ranks(rel_err(x.grad, xr.grad), device)
+    out = {**row, "mode": "fwd+bwd", "rel_err": err, "ok": err <= tol, "median_us": None}
+    if out["ok"]:
+        times = []
+        for x, dy in zip(xs, dys):
+            x = x.detach().requires_grad_(True)
+
+            def step(x=x, dy=dy):
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+                (layer(x) * dy).sum().backward()
+
+            times += Timer(device).time(step, iters, warmup=3)
+        layer.synchronize()
+        out["median_us"] = max_over_ranks(statistics.median(times), device)
+    return [out]
 
 
 class SharedOutside:
@@ -425,7 +465,8 @@ def main(argv=None):
     if rank == 0:
         for row in rows:  # speed-up over each other backend at the same point
             same = [r for r in rows if r["median_us"] and (r["preset"], r["routing"], r["tokens_per_rank"])
-                    == (row["preset"], row["routing"], row["tokens_per_rank"])]
+                    == (row["preset"], row["routing"], row["tokens_per_rank"])
+                    and (r.get("mode") == "fwd+bwd") == (row.get("mode") == "fwd+bwd")]
             if row["median_us"]:
                 row["speedup"] = {r["backend"]: r["median_us"] / row["median_us"] for r in same}
         print_table(rows, ceilings, meta, world)
@@ -460,14 +501,17 @@ def write_plot(data: dict, out: str) -> None:
 
 
 def add_derived(row: dict, world: int, ceilings: dict) -> None:
-    """The floor, tokens/s and TFLOP/s of a timed row."""
+    """The floor, tokens/s and TFLOP/s of a timed row (fwd+bwd: three times the forward's floor and
+    FLOPs, as the backward's dgrad and wgrad GEMMs each match the forward's)."""
     cfg, tokens = MoEConfig.from_dict(row["config"]), row["tokens_per_rank"]
-    row["floor_us"] = floor_us(cfg, tokens, world, ceilings)
+    passes = 3 if row.get("mode") == "fwd+bwd" else 1  # a backward: twice the forward's GEMMs
+    floor = floor_us(cfg, tokens, world, ceilings)
+    row["floor_us"] = None if floor is None else passes * floor
     if row["median_us"]:
         row["tokens_per_s"] = tokens * world / row["median_us"] * 1e6
         FS = cfg.shared_width
         shared = (2 * FS if cfg.gated else FS) + FS
-        row["tflops"] = (2 * tokens * cfg.hidden_size * (cfg.top_k * (cfg.ffn_in_size + cfg.ffn_size) + shared)
+        row["tflops"] = (passes * 2 * tokens * cfg.hidden_size * (cfg.top_k * (cfg.ffn_in_size + cfg.ffn_size) + shared)
                          / row["median_us"] / 1e6)
 
 
@@ -524,7 +568,7 @@ def print_table(rows, ceilings, meta, world):
         fl = f"{r['floor_us']:.1f}" if r["floor_us"] else "-"
         frac = f"{r['floor_us'] / r['median_us']:.0%}" if r["floor_us"] and r["median_us"] else "-"
         tf = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
-        label = r["backend"] + (" (1d)" if r.get("mode") == "1d+regroup" else "")
+        label = r["backend"] + {"1d+regroup": " (1d)", "fwd+bwd": " +bwd"}.get(r.get("mode"), "")
         print(f"{r['preset']:<14}{r['routing']:<9}{r['tokens_per_rank']:>7} {label:<16}{med:>11}"
               f"{fl:>10}{frac:>9}{tf:>9}{r['rel_err']:>10.1e}")
     if any(r.get("mode") == "1d+regroup" for r in rows):

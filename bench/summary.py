@@ -13,12 +13,13 @@ import math
 
 
 def points(rows: list[dict], flash: str, peers: list[str]) -> list[dict]:
-    """rows (bench/layer.py JSON rows) -> one dict per (preset, routing, tokens) where flash and at
+    """rows (bench/layer.py JSON rows; forward rows, not mode 'fwd+bwd') -> one dict per (preset,
+    routing, tokens) where flash and at
     least one peer were timed: flash_us, {peer: us}, best peer, speedup = best peer's us / flash's,
     of_floor = floor / flash."""
     by_point: dict[tuple, dict] = {}
     for r in rows:
-        if r.get("median_us") and r.get("ok"):
+        if r.get("median_us") and r.get("ok") and r.get("mode") != "fwd+bwd":  # forwards only
             by_point.setdefault((r["preset"], r["routing"], r["tokens_per_rank"]), {})[r["backend"]] = r
     out = []
     for (preset, routing, tokens), got in by_point.items():

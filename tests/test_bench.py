@@ -138,3 +138,20 @@ def test_the_summary_compares_flash_with_the_fastest_peer_at_each_point():
     assert [(q["tokens"], q["best"], q["speedup"], q["of_floor"]) for q in pts] == [
         (128, "triton_kernels", 0.8, 0.5), (4096, "torch", 1.25, 0.5)]  # a failed check does not count
     assert abs(summary.geomean([q["speedup"] for q in pts]) - 1.0) < 1e-12
+
+
+def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path):
+    """--fwd-bwd: each backend with a backward gets a second row, mode 'fwd+bwd', whose dx was
+    compared with autograd through the reference before it was timed (world 2, gloo)."""
+    out = tmp_path / "bench.json"
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           f"--master-port={port}", os.path.join(ROOT, "bench", "layer.py"), "--tokens", "24",
+                           "--iters", "2", "--input-sets", "1", "--fwd-bwd", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r.get("mode") for r in rows] == [None, "fwd+bwd"]
+    assert all(r["ok"] and r["rel_err"] <= 1e-5 and r["median_us"] > 0 for r in rows)
+    assert "torch +bwd" in proc.stdout
