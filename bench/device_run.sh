@@ -10,7 +10,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-} FLASHMOE_COMMIT=${FLASHMOE_COMMIT:-unknown}
 NG=$(nvidia-smi -L | wc -l)
-if [ -f .tcache/triton_cache.tgz ]; then mkdir -p ~/.triton && tar -xzf .tcache/triton_cache.tgz -C ~/.triton; fi
+if [ -f .tcache/triton_cache.tgz ] && [ ! -e ~/.triton/.unpacked ]; then  # once per machine
+  mkdir -p ~/.triton && tar -xzf .tcache/triton_cache.tgz -C ~/.triton && touch ~/.triton/.unpacked
+fi
 run() {  # name, limit_s, nproc, script args...
   local name=$1 limit=$2 n=$3; shift 3
   echo "=== $name (n=$n, limit ${limit}s) $(date -u +%FT%TZ)"

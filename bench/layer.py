@@ -32,10 +32,11 @@ from flashmoe_py.runtime import detect_launcher  # noqa: E402
 import summary  # noqa: E402  (bench/, beside this file)
 
 ROUTINGS = ("uniform", "zipf", "one_hot")
-# benchmark backend -> fused-kernel transport; flash_shared_torch: the routed experts in the fused
-# kernel, the shared experts after it in torch (SharedOutside)
-FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem", "flash_shared_torch": "p2p"}
-BACKENDS = ("torch", "symm_mem", "triton_kernels", *FLASH)
+FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem"}  # benchmark backend -> fused-kernel transport
+# every backend that builds a fused layer (so needs the heap), by transport; flash_shared_torch:
+# the routed experts in the fused kernel, the shared experts after it in torch (SharedOutside)
+FUSED_LAYERS = {**FLASH, "flash_shared_torch": "p2p"}
+BACKENDS = ("torch", "symm_mem", "triton_kernels", *FUSED_LAYERS)
 CHILD_TIMEOUT_S = 1800  # the symm_mem child's whole sweep
 CHECK_TOKENS = 256  # tokens per rank compared against the float32 reference before timing
 
@@ -235,7 +236,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     """One (config, backend, routing, tokens) point -> a JSON row (on every rank)."""
-    fused = backend in FLASH and backend != "flash_shared_torch"
+    fused = backend in FLASH
     extra = {"max_tokens_per_rank": tokens, "transport": FLASH[backend]} if fused else {}
     layer = MoELayer(cfg, backend="flash" if fused else "torch", device=device, seed=seed, **extra)
     forward, mode = layer, None
@@ -399,7 +400,7 @@ def main(argv=None):
     configs += random_shapes(args.random, args.random_seed, dtype)
     tokens_list = args.tokens or ([128, 512, 2048, 4096, 8192, 16384] if gpu else [64, 256])
     heap = None
-    fused = [b for b in args.backends if b in FLASH]
+    fused = [b for b in args.backends if b in FUSED_LAYERS]
     backends = list(args.backends)
     apart = []  # rows measured by the symm_mem child processes
     if fused and "symm_mem" in backends:  # two NVSHMEM owners cannot share a process
@@ -407,7 +408,7 @@ def main(argv=None):
         backends.remove("symm_mem")
     if fused:
         world = detect_launcher().world_size
-        heap = max(heap_bytes_for(c, world, max(tokens_list), FLASH[b]) for _, c in configs for b in fused)
+        heap = max(heap_bytes_for(c, world, max(tokens_list), FUSED_LAYERS[b]) for _, c in configs for b in fused)
     if "triton_kernels" in backends:
         from triton_kernels_moe import available
         why = available() or (None if gpu and detect_launcher().world_size == 1 else "it runs on one GPU")

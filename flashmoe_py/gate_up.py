@@ -18,6 +18,11 @@ import torch
 
 PAIR_MAX = 128  # the fused kernel's GEMM1 tile width (kernels/layout.Geometry.block_f) divides by it
 LAYOUTS = ("halves", "interleaved")
+WEIGHTS = ("w_in", "b_in", "shared_w_in")  # gated: their last dimension holds gate and up columns
+# A layer's state_dict entry saying its gated weights are in pairs (value PAIRS_VERSION); a
+# state_dict without it predates the pairs and holds halves.
+STATE_DICT_MARKER = "gate_up_pairs"
+PAIRS_VERSION = 1
 
 
 def pair_width(ffn: int) -> int:

@@ -14,7 +14,8 @@ from .backends.flash import FlashBackend
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
 from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
-from .gate_up import to_halves, to_pairs
+from .gate_up import PAIRS_VERSION, STATE_DICT_MARKER, to_halves, to_pairs
+from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from .kernels.fused_moe import TMA_ROW_MULTIPLE
 from .options import FusedOptions
 from .placement import ExpertPlacement
@@ -106,8 +107,7 @@ class MoELayer(nn.Module):
         self.local_experts = self.placement.local_experts
         self.device = torch.device(device) if device is not None else _default_device(distributed)
         self._make_weights()
-        # the gated weights' layout in state_dicts (1: gate_up.py's pairs; absent: halves, older)
-        self.register_buffer(GATE_UP_MARKER, torch.tensor(1, dtype=torch.int64, device=self.device))
+        self.register_buffer(STATE_DICT_MARKER, torch.tensor(PAIRS_VERSION, device=self.device))  # gate_up.py
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
         self.reset_parameters(seed)
         self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
@@ -344,17 +344,17 @@ class MoELayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """A state_dict without the GATE_UP_MARKER entry predates the gate/up pairs: its gated
+        """A state_dict without gate_up.STATE_DICT_MARKER predates the gate/up pairs: its gated
         weights are halves, converted here (a plain dict, safetensors and the like keep the
         entry; optimizer moments of such a checkpoint stay in halves: build a fresh optimizer)."""
-        marker = prefix + GATE_UP_MARKER
+        marker = prefix + STATE_DICT_MARKER
         if marker not in state_dict:
             if self.config.gated:
                 for name in GATE_UP_WEIGHTS:
                     if prefix + name in state_dict:
                         state_dict[prefix + name] = to_pairs(state_dict[prefix + name])
-            state_dict[marker] = getattr(self, GATE_UP_MARKER).clone()
-        elif int(state_dict[marker]) != int(getattr(self, GATE_UP_MARKER)):
+            state_dict[marker] = torch.tensor(PAIRS_VERSION)
+        elif int(state_dict[marker]) != PAIRS_VERSION:
             error_msgs.append(f"{marker}={int(state_dict[marker])}: a gate/up layout this version does not know")
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -364,9 +364,6 @@ class MoELayer(nn.Module):
         return (f"{self.config}, rank={self.rank}/{self.world_size}, "
                 f"local_experts={self.local_experts}, backend={self.backend.name!r}")
 
-
-GATE_UP_WEIGHTS = ("w_in", "b_in", "shared_w_in")  # gated: their last dimension holds gate and up
-GATE_UP_MARKER = "gate_up_pairs"
 
 _layer_ids = itertools.count()
 _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionary()

@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from flashmoe_py import MoELayer, reference_forward
 from flashmoe_py.config import EXPERT_WEIGHTS
+from flashmoe_py.gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from flashmoe_py.gate_up import to_halves
-from flashmoe_py.layer import GATE_UP_WEIGHTS
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -9,8 +9,8 @@ import torch
 
 from flashmoe_py import ExpertPlacement, MoEConfig
 from flashmoe_py.config import EXPERT_WEIGHTS
-from flashmoe_py.layer import GATE_UP_WEIGHTS
 from flashmoe_py.backends.flash import FUSED_WEIGHTS, routing_plan
+from flashmoe_py.gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from flashmoe_py.gate_up import to_pairs
 from flashmoe_py.kernels.fused_moe import launch_fused
 from flashmoe_py.kernels.launch_config import LaunchConfig

@@ -450,11 +450,10 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wa
             up = up * scale
         if meta.HAS_BIAS:
             b_in = weights.b_in + t.e.to(tl.int64) * (2 * F if meta.GATED else F)
+            g = _pair_col(f, meta.PAIR) if meta.GATED else f
+            gate += tl.load(b_in + g, mask=fmask, other=0.0).to(tl.float32)[None, :]
             if meta.GATED:
-                gate += tl.load(b_in + _pair_col(f, meta.PAIR), mask=fmask, other=0.0).to(tl.float32)[None, :]
-                up += tl.load(b_in + _pair_col(f, meta.PAIR) + meta.PAIR, mask=fmask, other=0.0).to(tl.float32)[None, :]
-            else:
-                gate += tl.load(b_in + f, mask=fmask, other=0.0).to(tl.float32)[None, :]
+                up += tl.load(b_in + g + meta.PAIR, mask=fmask, other=0.0).to(tl.float32)[None, :]
         h = _activate(gate, up, meta)
         tl.store(scratch.h + r[:, None] * F + f[None, :], h.to(scratch.h.dtype.element_ty),
                  mask=t.valid[:, None] & fmask[None, :])
