@@ -306,9 +306,11 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
     except NotImplementedError as e:
         print(f"fwd+bwd skipped for backend {row['backend']}: {e}", file=sys.stderr)
         return []
+    layer.zero_grad(set_to_none=True)
     xr = x.detach().double().requires_grad_(True)
-    weights = {n: t.double() for n, t in layer.full_weight_dict().items()}
-    (reference_forward(xr, config=cfg, compute_dtype=torch.float64, **weights)
+    # the weights stay in the layer's dtype: the reference upcasts one expert at a time (a float64
+    # copy of every expert at once would not fit beside deepseek_v3's on one GPU)
+    (reference_forward(xr, config=cfg, compute_dtype=torch.float64, **layer.full_weight_dict())
      * dys[0][:CHECK_TOKENS].double()).sum().backward()
     err = max_over_ranks(rel_err(x.grad, xr.grad), device)
     out = {**row, "mode": "fwd+bwd", "rel_err": err, "ok": err <= tol, "median_us": None}
