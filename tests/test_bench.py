@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dist_pool import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,3 +157,20 @@ def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path
     assert [r.get("mode") for r in rows] == [None, "fwd+bwd"]
     assert all(r["ok"] and r["rel_err"] <= 1e-5 and r["median_us"] > 0 for r in rows)
     assert "torch +bwd" in proc.stdout
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel in the interpreter")
+@pytest.mark.parametrize("flatten", [False, True])
+def test_gemm1_loop_study_matches_float32(flatten):
+    """bench/gemm1_loop.py's kernel, both schedules: gathered rows @ paired w_in, SwiGLU, against
+    the float32 reference, every row of two experts (the last row tile part full); fp32 dots in
+    the interpreter."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import torch
+
+    import gemm1_loop
+    x, w, rows, tiles = gemm1_loop.problem(2, 64, 256, 24, 16, "cpu", dtype=torch.float32)
+    h = torch.full((rows.shape[0], 256), float("nan"))
+    gemm1_loop.launch(x, w, rows, tiles, h, flatten, sms=3, BM=16, BF=128, BK=32)
+    ref = gemm1_loop.reference(x, w, rows, 24, torch.arange(rows.shape[0]))
+    assert float((h - ref).norm() / ref.norm()) <= 1e-5
