@@ -5,8 +5,9 @@ reference, then timed (CUDA events, median over iterations and two input sets, m
         --settings 128,8,3,8,256 128,8,3,8,128 [--out tune.json]
 
 A setting is block_m,num_warps,stages,group[,block_n[,dispatch_programs]] (the fields of
-flashmoe_py.kernels.launch_config.LaunchConfig), or `auto`: what the layer picks by itself. Each
-setting is a layer of its own, built with MoELayer(launch_override=...)."""
+flashmoe_py.kernels.launch_config.LaunchConfig), or `auto`: what the layer picks by itself, or
+fields by name over `auto` (`block_t=64`, `block_t=128,stages=4`). Each setting is a layer of its
+own, built with MoELayer(launch_override=...)."""
 
 import argparse
 import json
@@ -25,6 +26,15 @@ from layer import CHECK_TOKENS, Timer, max_over_ranks, rel_err, save_rows  # noq
 KEYS = ("block_m", "num_warps", "stages", "group", "block_n", "dispatch_programs")
 
 
+def parse_setting(text: str) -> dict:
+    """'auto' -> {}; 'block_t=64,stages=4' -> those fields; '128,8,3,8' -> KEYS in order."""
+    if text == "auto":
+        return {}
+    if "=" in text:
+        return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+    return dict(zip(KEYS, map(int, text.split(","))))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["mixtral_8x7b"])
@@ -33,7 +43,7 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    settings = [{} if s == "auto" else dict(zip(KEYS, map(int, s.split(",")))) for s in args.settings]
+    settings = [parse_setting(s) for s in args.settings]
     world = detect_launcher().world_size
     configs = [fm.preset(n) for n in args.preset]
     rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, max(args.tokens)) for c in configs))

@@ -174,3 +174,11 @@ def test_gemm1_loop_study_matches_float32(flatten):
     gemm1_loop.launch(x, w, rows, tiles, h, flatten, sms=3, BM=16, BF=128, BK=32)
     ref = gemm1_loop.reference(x, w, rows, 24, torch.arange(rows.shape[0]))
     assert float((h - ref).norm() / ref.norm()) <= 1e-5
+
+
+def test_tune_settings_are_positional_or_named_over_auto():
+    _bench_layer_module()
+    import tune
+    assert tune.parse_setting("auto") == {}
+    assert tune.parse_setting("128,8,3,8,256") == dict(block_m=128, num_warps=8, stages=3, group=8, block_n=256)
+    assert tune.parse_setting("block_t=64,stages=4") == dict(block_t=64, stages=4)

@@ -105,6 +105,26 @@ def test_gemm2_tile_width_must_be_a_power_of_two_multiple_of_the_combine_tile():
         OneRank(cfg, max_tokens=8).forward(4, block_n=192)
 
 
+def test_combine_tiles_may_hold_more_tokens():
+    """Combine tiles of 64 or 128 tokens (block_t) sum the same rows as those of 32, shared
+    expert included (a combine tile reads one shared tile of block_m rows); calls may switch."""
+    cfg = MoEConfig(hidden_size=256, ffn_size=48, num_experts=4, top_k=3, dtype="float32",
+                    shared_experts=1, shared_ffn_size=40)
+    rank = OneRank(cfg, max_tokens=150)
+    for tokens, block_t in [(150, 128), (150, 64), (70, 64), (150, 32), (1, 128)]:
+        x, out = rank.forward(tokens, block_m=128, block_t=block_t, programs=2)
+        assert int(rank.status[0]) == 0
+        ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+        assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("block_t", [16, 48, 256])
+def test_combine_tile_height_must_be_a_power_of_two_up_to_the_expert_tile(block_t):
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
+    with pytest.raises(ValueError, match=f"block_t={block_t}"):
+        OneRank(cfg, max_tokens=8).forward(4, block_m=128, block_t=block_t)
+
+
 @pytest.mark.parametrize("block_m", [32, 96])
 def test_expert_tile_height_must_be_a_power_of_two_multiple_of_the_chunk(block_m):
     cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")

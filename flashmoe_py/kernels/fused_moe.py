@@ -823,7 +823,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 PRECISION=c("tf32x3" if x.dtype == torch.float32 else "tf32"),
                 E_POW2=c(triton.next_power_of_2(W * L)), W_POW2=c(triton.next_power_of_2(W)),
                 L_POW2=c(triton.next_power_of_2(L)), BM=c(launch.block_m), CHUNK=c(geo.chunk), BN=c(geo.block_n),
-                BN_OUT=c(launch.block_n), BF=c(geo.block_f), BK=c(geo.block_k), BT=c(geo.block_t),
+                BN_OUT=c(launch.block_n), BF=c(geo.block_f), BK=c(geo.block_k), BT=c(launch.block_t),
                 NF_POW2=c(triton.next_power_of_2(geo.ffn_tiles)), SHARED=c(FS > 0),
                 SHARED_GATE=c(config.shared_expert_gate),
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),

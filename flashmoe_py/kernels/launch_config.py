@@ -10,7 +10,7 @@ import torch
 
 from .layout import Geometry
 
-FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs")
+FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t")
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,9 @@ class LaunchConfig:
     block_m: rows of an expert tile; block_n: columns of a GEMM2 tile (the combine tile width
     times a power of two); num_warps, stages: per program, and the K loops' pipeline depth;
     group: expert tiles that neighbouring programs work on together (L2 reuse of weights);
-    dispatch_programs: programs that send the dispatch chunks before joining the compute queue."""
+    dispatch_programs: programs that send the dispatch chunks before joining the compute queue;
+    block_t: tokens of a combine tile (a power of two from the geometry's block_t up to block_m:
+    one combine tile reads one shared-expert tile)."""
 
     programs: int
     block_m: int
@@ -28,9 +30,10 @@ class LaunchConfig:
     stages: int = 3
     group: int = 8
     dispatch_programs: int | None = None
+    block_t: int = Geometry.block_t
 
     def __post_init__(self) -> None:
-        for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group"):
+        for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group", "block_t"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LaunchConfig.{name}={value!r}: expected a positive int")
@@ -50,6 +53,10 @@ class LaunchConfig:
         ratio = self.block_n // geo.block_n
         if self.block_n % geo.block_n or ratio & (ratio - 1):
             raise ValueError(f"block_n={self.block_n}: expected {geo.block_n} times a power of two")
+        bt = self.block_t
+        if bt < geo.block_t or bt > bm or bt & (bt - 1):
+            # the trace holds one row per combine tile of geo.block_t tokens
+            raise ValueError(f"block_t={bt}: expected a power of two from {geo.block_t} to block_m={bm}")
         return self
 
 

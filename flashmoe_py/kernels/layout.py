@@ -75,7 +75,8 @@ class Geometry:
     chunk: rows of one dispatch chunk, the unit that carries an arrival flag; expert tiles of
     min_block_m or more rows gather rows across chunks and sources. block_n: columns of a combine
     tile, and of the combine counters; block_f, block_k: GEMM1's FFN columns and both GEMMs' K
-    step; block_t: tokens of a combine tile; shared_ffn: the width of the shared experts' one FFN
+    step; block_t: tokens of the smallest combine tile (the trace is sized for it; the launch
+    may take taller ones, LaunchConfig.block_t); shared_ffn: the width of the shared experts' one FFN
     (0: none)."""
 
     world_size: int
