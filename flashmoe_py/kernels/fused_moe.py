@@ -136,8 +136,10 @@ class Meta(NamedTuple):
     (combine columns), BN_OUT (GEMM2 columns), BF (GEMM1 columns), BK (K step), BT (combine
     tokens), NF_POW2 (>= GEMM1 column tiles); SHARED, SHARED_GATE (shared experts, their sigmoid
     gate) and NFS_POW2 (>= their GEMM1 column tiles); STAGES of the K loops; GROUP of expert tiles taken
-    together; TRANSPORT (transport.TRANSPORTS); ON_GPU: compiled for a GPU (not the Triton
-    interpreter, which runs no PTX: no clock, no fences); TRACE: record task timestamps."""
+    together; FLAT_IN (world 1 only): the GEMM1 tiles in a static order, one loop flattened over
+    each program's tiles, before the compute queue (which then holds the other tasks); TRANSPORT
+    (transport.TRANSPORTS); ON_GPU: compiled for a GPU (not the Triton interpreter, which runs no
+    PTX: no clock, no fences); TRACE: record task timestamps."""
 
     TOP_K: tl.constexpr
     K_POW2: tl.constexpr
@@ -166,6 +168,7 @@ class Meta(NamedTuple):
     NFS_POW2: tl.constexpr
     STAGES: tl.constexpr
     GROUP: tl.constexpr
+    FLAT_IN: tl.constexpr
     TRANSPORT: tl.constexpr
     ON_GPU: tl.constexpr
     TRACE: tl.constexpr
@@ -368,22 +371,36 @@ def _expert_tile(q, table, W, meta):
 
 
 @triton.jit
-def _gemm_in(a_rows, valid, w_in, e, j, H, meta, PAIR: tl.constexpr):
+def _gemm_in(a_rows, valid, w_in, e, j, H, meta, PAIR: tl.constexpr, FLAT: tl.constexpr):
     """GEMM1 of one tile: a_rows [BM] row starts of H elements (rows where valid) @ expert e of
     the descriptor w_in, FFN columns j*BF.. -> (gate, up) [BM, BF] fp32 (up: gate again unless
     GATED). GATED: w_in holds gate and up in pairs of PAIR columns (gate_up.py), so the gate
     columns of tile j and their up columns are the 2*BF columns from 2*j*BF: one TMA box and one
-    tensor-core product [BM, 2*BF], whose registers then split into gate and up in place."""
+    tensor-core product [BM, 2*BF], whose registers then split into gate and up in place.
+    FLAT: the K loop in the form the compiler can flatten into an enclosing loop over tiles
+    (bench/gemm1_loop.py): a trip count known to be positive and loop-carried row pointers; rows
+    that are not valid are then read (a_rows must point at some row of H elements) but not used."""
     BK: tl.constexpr = meta.BK
     BF: tl.constexpr = meta.BF
     WIDTH: tl.constexpr = 2 * BF if meta.GATED else BF
     acc = tl.zeros((meta.BM, WIDTH), dtype=tl.float32)
-    for k0 in tl.range(0, H, BK, num_stages=meta.STAGES):
-        k = k0 + tl.arange(0, BK)
-        a = tl.load(a_rows[:, None] + k[None, :], mask=valid[:, None] & (k < H)[None, :], other=0.0,
-                    cache_modifier=".cg")
-        acc = tl.dot(a, w_in.load([e, k0, (j * WIDTH).to(tl.int32)]).reshape(BK, WIDTH), acc,
-                     input_precision=meta.PRECISION)
+    if FLAT:
+        k_tiles = tl.cdiv(H, BK)
+        tl.assume(k_tiles > 0)
+        a_ptrs = a_rows[:, None] + tl.arange(0, BK)[None, :]
+        for ki in tl.range(k_tiles):
+            k0 = ki * BK
+            a = tl.load(a_ptrs, mask=(k0 + tl.arange(0, BK) < H)[None, :], other=0.0, cache_modifier=".cg")
+            acc = tl.dot(a, w_in.load([e, k0, (j * WIDTH).to(tl.int32)]).reshape(BK, WIDTH), acc,
+                         input_precision=meta.PRECISION)
+            a_ptrs += BK
+    else:
+        for k0 in tl.range(0, H, BK, num_stages=meta.STAGES):
+            k = k0 + tl.arange(0, BK)
+            a = tl.load(a_rows[:, None] + k[None, :], mask=valid[:, None] & (k < H)[None, :], other=0.0,
+                        cache_modifier=".cg")
+            acc = tl.dot(a, w_in.load([e, k0, (j * WIDTH).to(tl.int32)]).reshape(BK, WIDTH), acc,
+                         input_precision=meta.PRECISION)
     if meta.GATED:
         pairs = acc.reshape(meta.BM, BF // PAIR, 2, PAIR).permute(0, 2, 1, 3).reshape(meta.BM, 2, BF)
         gate, up = pairs.permute(0, 2, 1).split()
@@ -418,14 +435,9 @@ def _gemm_out(a_rows, valid, w_out, e, col, F, meta):
 def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wait_limit, rank, meta):
     """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived
     (table: the call's TileTable; weights: Weights): rows from other ranks from recv_x once their
-    chunks' flags rise, this rank's own rows straight from x (by the plan's token of each slot),
-    never copied. -> (ready, done) clock stamps when TRACE (module docstring), else zeros. The
-    last f-tile's columns past F are zeros (the descriptor's edge) and never stored.
-    WEIGHT_ON_INPUT: own rows' products are scaled by their slots' weights here (x W is linear in
-    x), other ranks' rows came scaled (dispatch_chunk)."""
-    W, L, H, F, S, MAXC = dims.world, dims.local_experts, dims.hidden, dims.ffn, dims.source_rows, dims.max_chunks
-    BF: tl.constexpr = meta.BF
-    NF = tl.cdiv(F, BF)
+    chunks' flags rise, this rank's own rows straight from x (ffn_in_rows). -> (ready, done) clock
+    stamps when TRACE (module docstring), else zeros."""
+    W, L, MAXC = dims.world, dims.local_experts, dims.max_chunks
     t = _expert_tile(q, table, W, meta)
     own = t.valid & (t.src == rank)
     flags = sym.chunk_flags.local + (t.src * L + t.e) * MAXC + t.chunk
@@ -435,30 +447,49 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wa
     if tl.sum(short.to(tl.int32)) > 0:
         _report_timeout(scratch, WAIT_CHUNK, tl.min(tl.where(short, t.src, W)), t.e, q, epoch)
     else:
-        r = (t.src * S + t.row).to(tl.int64)
-        first_own = tl.load(plan.pos_start + rank * L + t.e)  # the pair (this rank, e)'s first sorted slot
-        routed = tl.load(plan.send_slot + first_own + t.pair_row, mask=own, other=0)  # token * TOP_K + choice
-        tok = (routed // meta.TOP_K).to(tl.int64)
-        a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
-        f = j * BF + tl.arange(0, BF)
-        fmask = f < F
-        gate, up = _gemm_in(a_rows, t.valid, weights.w_in, t.e, j, H, meta, meta.PAIR)
-        done = clock_ns() if meta.TRACE else 0
-        if meta.WEIGHT_ON_INPUT:
-            scale = tl.where(own, tl.load(plan.slot_w + routed, mask=own, other=1.0), 1.0)[:, None]
-            gate = gate * scale
-            up = up * scale
-        if meta.HAS_BIAS:
-            b_in = weights.b_in + t.e.to(tl.int64) * (2 * F if meta.GATED else F)
-            g = _pair_col(f, meta.PAIR) if meta.GATED else f
-            gate += tl.load(b_in + g, mask=fmask, other=0.0).to(tl.float32)[None, :]
-            if meta.GATED:
-                up += tl.load(b_in + g + meta.PAIR, mask=fmask, other=0.0).to(tl.float32)[None, :]
-        h = _activate(gate, up, meta)
-        tl.store(scratch.h + r[:, None] * F + f[None, :], h.to(scratch.h.dtype.element_ty),
-                 mask=t.valid[:, None] & fmask[None, :])
-        signal(scratch.h_flags + q * NF + j, epoch.to(tl.int32), "gpu")  # h and its readers: this GPU
+        done = ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, dims, epoch, rank, meta, False)
     return ready, done
+
+
+@triton.jit
+def ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, dims, epoch, rank, meta, FLAT: tl.constexpr):
+    """The work of ffn_in_tile once expert tile t (ExpertTile q) has its rows: this rank's own rows
+    straight from x (by the plan's token of each slot), never copied, others' from recv_x; GEMM1
+    (FLAT: _gemm_in's flattenable loop), biases, activation, h stored, the tile's h flag raised
+    (FLAT: not here, by the caller after its loop: a barrier or an atomic in the loop's body keeps
+    the compiler from pipelining it). -> the clock after the GEMM when TRACE. The last f-tile's
+    columns past F are zeros (the descriptor's edge) and never stored. WEIGHT_ON_INPUT: own rows'
+    products are scaled by their slots' weights here (x W is linear in x), other ranks' rows came
+    scaled (dispatch_chunk)."""
+    L, H, F, S = dims.local_experts, dims.hidden, dims.ffn, dims.source_rows
+    BF: tl.constexpr = meta.BF
+    NF = tl.cdiv(F, BF)
+    own = t.valid & (t.src == rank)
+    r = (t.src * S + t.row).to(tl.int64)
+    first_own = tl.load(plan.pos_start + rank * L + t.e)  # the pair (this rank, e)'s first sorted slot
+    routed = tl.load(plan.send_slot + first_own + t.pair_row, mask=own, other=0)  # token * TOP_K + choice
+    tok = (routed // meta.TOP_K).to(tl.int64)
+    a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
+    f = j * BF + tl.arange(0, BF)
+    fmask = f < F
+    gate, up = _gemm_in(a_rows, t.valid, weights.w_in, t.e, j, H, meta, meta.PAIR, FLAT)
+    done = clock_ns() if meta.TRACE else 0
+    if meta.WEIGHT_ON_INPUT:
+        scale = tl.where(own, tl.load(plan.slot_w + routed, mask=own, other=1.0), 1.0)[:, None]
+        gate = gate * scale
+        up = up * scale
+    if meta.HAS_BIAS:
+        b_in = weights.b_in + t.e.to(tl.int64) * (2 * F if meta.GATED else F)
+        g = _pair_col(f, meta.PAIR) if meta.GATED else f
+        gate += tl.load(b_in + g, mask=fmask, other=0.0).to(tl.float32)[None, :]
+        if meta.GATED:
+            up += tl.load(b_in + g + meta.PAIR, mask=fmask, other=0.0).to(tl.float32)[None, :]
+    h = _activate(gate, up, meta)
+    tl.store(scratch.h + r[:, None] * F + f[None, :], h.to(scratch.h.dtype.element_ty),
+             mask=t.valid[:, None] & fmask[None, :])
+    if not FLAT:
+        signal(scratch.h_flags + q * NF + j, epoch.to(tl.int32), "gpu")  # h and its readers: this GPU
+    return done
 
 
 @triton.jit
@@ -555,7 +586,7 @@ def shared_in_tile(m, j, x_ptr, weights, scratch, dims, tokens, epoch, meta):
     t = m * meta.BM + tl.arange(0, meta.BM)
     valid = t < tokens
     rows = x_ptr + t.to(tl.int64) * H
-    gate, up = _gemm_in(rows, valid, weights.shared_w_in, 0, j, H, meta, meta.SHARED_PAIR)
+    gate, up = _gemm_in(rows, valid, weights.shared_w_in, 0, j, H, meta, meta.SHARED_PAIR, False)
     f = j * BF + tl.arange(0, BF)
     tl.store(scratch.shared_h + t.to(tl.int64)[:, None] * FS + f[None, :],
              _activate(gate, up, meta).to(scratch.shared_h.dtype.element_ty), mask=valid[:, None] & (f < FS)[None, :])
@@ -718,15 +749,34 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     n_sin = n_rows * tl.cdiv(dims.shared_ffn, meta.BF) if meta.SHARED else 0
     n_sout = n_rows * NN_OUT if meta.SHARED else 0
     n_shared = n_sin + n_sout
+    if meta.FLAT_IN:  # world 1: GEMM1 tiles wait for nothing (their rows are x's), so a static order
+        # cannot deadlock, and one loop over this program's tiles lets the compiler issue a tile's
+        # first loads while the previous one ends. The queue then skips them (skip below). Their h
+        # flags rise after the loop, all at once (none may be inside it), before any program of
+        # this GPU can take a GEMM2 tile that waits for them.
+        n_mine = tl.where(healthy, n_in, 0)
+        for i in tl.range(tl.program_id(0), n_mine, P, flatten=True):
+            start = clock_ns() if meta.TRACE else 0
+            qi, j = _grouped(i, n_tiles, NF, meta.GROUP)
+            done = ffn_in_rows(_expert_tile(qi, table, W, meta), qi, j, x_ptr, plan, weights, sym, scratch, dims,
+                               epoch, rank, meta, True)
+            _stamp(scratch.trace, P + n_front + n_shared + i, TASK_FFN_IN, start, start, done, meta.TRACE)
+        for i in range(tl.program_id(0), n_mine, P):
+            qi, j = _grouped(i, n_tiles, NF, meta.GROUP)
+            signal(scratch.h_flags + qi * NF + j, epoch.to(tl.int32), "gpu")
+    skip = n_in if meta.FLAT_IN else 0  # queue ids past the shared tasks shift by it
     # This program's GEMM2 tile whose rows are not counted yet (none while pend.e < 0).
     pend = PendingTile(tl.full((), -1, tl.int32), tl.full((), 0, tl.int64), tl.zeros((meta.W_POW2,), dtype=tl.int32),
                        tl.zeros((meta.W_POW2,), dtype=tl.int32), tl.full((), 0, tl.int64))
     task = n_front + tl.atomic_add(ctl + CTL_COMPUTE_TASKS, 1, sem="relaxed")
-    while (task < n_front + n_shared + n_in + n_out + n_comb) & healthy:
+    while (task < n_front + n_shared + n_in + n_out + n_comb - skip) & healthy:
         start = clock_ns() if meta.TRACE else 0
         ready = start
         done = start
         q = task - n_front - n_shared
+        if meta.FLAT_IN:
+            q = tl.where(q < 0, q, q + skip)
+        q_task = q  # the task's id past the front and shared tasks
         if q < 0:  # only with shared experts
             ready = _shared_task(q + n_shared, n_sin, n_rows, x_ptr, weights, scratch, dims, tokens, epoch,
                                  wait_limit, rank, meta)
@@ -746,10 +796,10 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
             q -= n_in + n_out
             ready, done = combine_tile(q // NN, q % NN, out_ptr, plan, sym, scratch, dims, tokens, epoch,
                                        wait_limit, meta)
-        q = task - n_front - n_shared
+        q = q_task
         kind = tl.where(q < n_in, TASK_FFN_IN, tl.where(q < n_in + n_out, TASK_FFN_OUT, TASK_COMBINE))
         kind = tl.where(q < -n_sout, TASK_SHARED_IN, tl.where(q < 0, TASK_SHARED_OUT, kind))
-        _stamp(scratch.trace, P + task, kind, start, ready, done, meta.TRACE)
+        _stamp(scratch.trace, P + n_front + n_shared + q, kind, start, ready, done, meta.TRACE)
         task = n_front + tl.atomic_add(ctl + CTL_COMPUTE_TASKS, 1, sem="relaxed")
 
     if pend.e >= 0:
@@ -813,6 +863,10 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                          f"{trace.dtype} {tuple(trace.shape)}")
     launch.check(geo)
     on_gpu = x.is_cuda
+    if launch.flat_ffn_in and triton.knobs.runtime.interpret and launch.programs > 1:
+        # a program's GEMM2 tiles wait for other programs' static GEMM1 tiles: all must run at once
+        raise ValueError("flat_ffn_in=1 in the Triton interpreter needs programs=1: it runs programs "
+                         "one after another")
     wait_limit = int(timeout_s * (1e9 if on_gpu else INTERPRETER_ROUNDS_PER_S)) or 1
     top_k = plan.slot_dest.shape[1]
     c = tl.constexpr
@@ -827,7 +881,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 NF_POW2=c(triton.next_power_of_2(geo.ffn_tiles)), SHARED=c(FS > 0),
                 SHARED_GATE=c(config.shared_expert_gate),
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),
-                STAGES=c(launch.stages), GROUP=c(launch.group),
+                STAGES=c(launch.stages), GROUP=c(launch.group), FLAT_IN=c(bool(launch.flat_ffn_in)),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None))
     dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS, rank)
     # GEMM1 boxes: gated, a tile's gate and up columns side by side (w_in in gate_up.py's pairs)

@@ -10,7 +10,7 @@ import torch
 
 from .layout import Geometry
 
-FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t")
+FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t", "flat_ffn_in")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,9 @@ class LaunchConfig:
     group: expert tiles that neighbouring programs work on together (L2 reuse of weights);
     dispatch_programs: programs that send the dispatch chunks before joining the compute queue;
     block_t: tokens of a combine tile (a power of two from the geometry's block_t up to block_m:
-    one combine tile reads one shared-expert tile)."""
+    one combine tile reads one shared-expert tile); flat_ffn_in: 1 to take the GEMM1 tiles in a
+    static order in one loop flattened over each program's tiles (bench/gemm1_loop.py), 0 for the
+    task queue; world 1 only, where those tiles wait for nothing."""
 
     programs: int
     block_m: int
@@ -31,6 +33,7 @@ class LaunchConfig:
     group: int = 8
     dispatch_programs: int | None = None
     block_t: int = Geometry.block_t
+    flat_ffn_in: int = 0
 
     def __post_init__(self) -> None:
         for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group", "block_t"):
@@ -41,6 +44,8 @@ class LaunchConfig:
             object.__setattr__(self, "dispatch_programs", self.programs)
         if not 1 <= self.dispatch_programs <= self.programs:
             raise ValueError(f"dispatch_programs={self.dispatch_programs}: expected 1..programs={self.programs}")
+        if self.flat_ffn_in not in (0, 1) or isinstance(self.flat_ffn_in, bool):
+            raise ValueError(f"LaunchConfig.flat_ffn_in={self.flat_ffn_in!r}: expected 0 or 1")
         if self.num_warps & (self.num_warps - 1):
             raise ValueError(f"num_warps={self.num_warps}: expected a power of two")
 
@@ -57,6 +62,9 @@ class LaunchConfig:
         if bt < geo.block_t or bt > bm or bt & (bt - 1):
             # the trace holds one row per combine tile of geo.block_t tokens
             raise ValueError(f"block_t={bt}: expected a power of two from {geo.block_t} to block_m={bm}")
+        if self.flat_ffn_in and geo.world_size != 1:
+            raise ValueError(f"flat_ffn_in=1 at world_size={geo.world_size}: only at world 1, where GEMM1 "
+                             "tiles wait for no other rank's rows")
         return self
 
 
