@@ -23,7 +23,8 @@ class LaunchConfig:
     block_t: tokens of a combine tile (a power of two from the geometry's block_t up to block_m:
     one combine tile reads one shared-expert tile); flat_ffn_in: 1 to take the GEMM1 tiles in a
     static order in one loop flattened over each program's tiles (bench/gemm1_loop.py), 0 for the
-    task queue; world 1 only, where those tiles wait for nothing."""
+    task queue; world 1 only, where those tiles wait for nothing (interpreter-tested and compiled
+    for sm_90, not yet run on a GPU as of 2026-12-02)."""
 
     programs: int
     block_m: int
