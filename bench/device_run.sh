@@ -10,8 +10,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-} FLASHMOE_COMMIT=${FLASHMOE_COMMIT:-unknown}
 NG=$(nvidia-smi -L | wc -l)
-if [ -f .tcache/triton_cache.tgz ] && [ ! -e ~/.triton/.unpacked ]; then  # once per machine
-  mkdir -p ~/.triton && tar -xzf .tcache/triton_cache.tgz -C ~/.triton && touch ~/.triton/.unpacked
+if ls .tcache/triton_cache.tgz.part-* > /dev/null 2>&1 && [ ! -e ~/.triton/.unpacked ]; then  # once per machine
+  mkdir -p ~/.triton && cat .tcache/triton_cache.tgz.part-* | tar -xz -C ~/.triton && touch ~/.triton/.unpacked
 fi
 run() {  # name, limit_s, nproc, script args...
   local name=$1 limit=$2 n=$3; shift 3
@@ -52,7 +52,8 @@ for step in "$@"; do
               --backends ${SWEEP_BACKENDS:-flash triton_kernels torch} --tokens ${TOKENS:-128 2048 4096 16384} \
               --iters 20 --input-sets 2 ${BENCH_ARGS:-} --out "$OUT/random_w1.json" ;;
     backward*) n=${step#backward}; run "backward_w$n" 200 "$n" tests/gpu/check_backward.py --out "$OUT/backward_w$n.json" ;;
-    cache) tar -czf "$OUT/triton_cache.tgz" -C ~/.triton cache && ls -la "$OUT/triton_cache.tgz" ;;
+    cache) tar -cz -C ~/.triton cache | split -b 15m - "$OUT/triton_cache.tgz.part-"  # files come back under 16 MB
+           ls -la "$OUT"/triton_cache.tgz.part-* ;;
     variants) shopt -s nullglob; for root in .variants/*/ .; do tag=$([ "$root" = . ] && echo current || basename "$root")
               run "tune_$tag" 300 1 "$root/bench/tune.py" --preset mixtral_8x7b qwen3_30b_a3b \
                 --tokens ${VARIANT_TOKENS:-4096} --settings ${VARIANT_SETTINGS:-auto} --iters 20 \
