@@ -97,7 +97,7 @@ def test_launch_settings_must_be_positive_ints(field):
         LaunchConfig(**{**fields, field: 0})
 
 
-@pytest.mark.parametrize("value", [2, -1, True])
+@pytest.mark.parametrize("value", [2, -1, True, 1.0])
 def test_the_gemm1_schedule_is_0_or_1(value):
     with pytest.raises(ValueError, match="flat_ffn_in"):
         LaunchConfig(programs=4, block_m=64, block_n=128, flat_ffn_in=value)

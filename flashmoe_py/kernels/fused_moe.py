@@ -469,7 +469,10 @@ def ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, dims, epoch, rank, 
     first_own = tl.load(plan.pos_start + rank * L + t.e)  # the pair (this rank, e)'s first sorted slot
     routed = tl.load(plan.send_slot + first_own + t.pair_row, mask=own, other=0)  # token * TOP_K + choice
     tok = (routed // meta.TOP_K).to(tl.int64)
-    a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
+    if FLAT:  # world 1: every row is this rank's; rows past the tile's read token 0's (unused)
+        a_rows = x_ptr + tok * H
+    else:
+        a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
     f = j * BF + tl.arange(0, BF)
     fmask = f < F
     gate, up = _gemm_in(a_rows, t.valid, weights.w_in, t.e, j, H, meta, meta.PAIR, FLAT)
@@ -752,10 +755,10 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     if meta.FLAT_IN:  # world 1: GEMM1 tiles wait for nothing (their rows are x's), so a static order
         # cannot deadlock, and one loop over this program's tiles lets the compiler issue a tile's
         # first loads while the previous one ends. The queue then skips them (skip below). Their h
-        # flags rise after the loop, all at once (none may be inside it), before any program of
-        # this GPU can take a GEMM2 tile that waits for them.
+        # flags rise after the loop, all at once (none may be inside it: a barrier or an atomic
+        # there stops the pipelining), so GEMM2 tiles wait for most programs' whole loops.
         n_mine = tl.where(healthy, n_in, 0)
-        for i in tl.range(tl.program_id(0), n_mine, P, flatten=True):
+        for i in tl.range(tl.program_id(0), n_mine, P, num_stages=meta.STAGES, flatten=True):
             start = clock_ns() if meta.TRACE else 0
             qi, j = _grouped(i, n_tiles, NF, meta.GROUP)
             done = ffn_in_rows(_expert_tile(qi, table, W, meta), qi, j, x_ptr, plan, weights, sym, scratch, dims,

@@ -23,8 +23,10 @@ class LaunchConfig:
     block_t: tokens of a combine tile (a power of two from the geometry's block_t up to block_m:
     one combine tile reads one shared-expert tile); flat_ffn_in: 1 to take the GEMM1 tiles in a
     static order in one loop flattened over each program's tiles (bench/gemm1_loop.py), 0 for the
-    task queue; world 1 only, where those tiles wait for nothing (interpreter-tested and compiled
-    for sm_90, not yet run on a GPU as of 2026-12-02)."""
+    task queue; world 1 only, where those tiles wait for nothing. It needs every program running
+    at once (one per SM on a GPU of its own): GEMM2 tiles wait for the GEMM1 tiles of fixed
+    programs, so a program held back (another kernel, an SM limit) ends the call at the timeout.
+    Interpreter-tested and compiled for sm_90, not yet run on a GPU as of 2026-12-02."""
 
     programs: int
     block_m: int
@@ -45,7 +47,7 @@ class LaunchConfig:
             object.__setattr__(self, "dispatch_programs", self.programs)
         if not 1 <= self.dispatch_programs <= self.programs:
             raise ValueError(f"dispatch_programs={self.dispatch_programs}: expected 1..programs={self.programs}")
-        if self.flat_ffn_in not in (0, 1) or isinstance(self.flat_ffn_in, bool):
+        if type(self.flat_ffn_in) is not int or self.flat_ffn_in not in (0, 1):  # not bool, not float
             raise ValueError(f"LaunchConfig.flat_ffn_in={self.flat_ffn_in!r}: expected 0 or 1")
         if self.num_warps & (self.num_warps - 1):
             raise ValueError(f"num_warps={self.num_warps}: expected a power of two")
