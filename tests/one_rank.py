@@ -72,7 +72,7 @@ class OneRank:
 
     def forward(self, tokens: int, timeout_s: float = 1.0, block_m: int = 64, block_n: int | None = None,
                 programs: int = 1, dispatch_programs: int | None = None, block_t: int | None = None,
-                flat_ffn_in: int = 0):
+                flat_ffn_in: int = 0, flat_ffn_out: int = 0):
         """One launch on `tokens` fresh random tokens -> (x, out); out is NaN where not written."""
         cfg, geo = self.cfg, self.geo
         x = torch.randn(tokens, cfg.hidden_size, generator=self.gen).to(self.device, cfg.torch_dtype)
@@ -81,7 +81,7 @@ class OneRank:
         plan, _ = routing_plan(r, self.positions, geo, geo.send_order(0, self.device), self.ws.scratch.comb_expect)
         launch = LaunchConfig(programs=programs, block_m=block_m, block_n=block_n or geo.block_n,
                               dispatch_programs=dispatch_programs, block_t=block_t or geo.block_t,
-                              flat_ffn_in=flat_ffn_in)
+                              flat_ffn_in=flat_ffn_in, flat_ffn_out=flat_ffn_out)
         L = geo.local_experts
         experts = kernel_weights(self.weights, cfg, slice(0, L))
         launch_fused(x, out, experts, plan, self.ws, launch, config=cfg, rank=0, timeout_s=timeout_s)

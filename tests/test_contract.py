@@ -90,17 +90,18 @@ def test_overrides_fix_settings_and_are_checked():
         choose_launch(geo, 4096, torch.bfloat16, SMS, {"dispatch_programs": 200})
 
 
-@pytest.mark.parametrize("field", [f for f in FIELDS if f != "flat_ffn_in"])
+@pytest.mark.parametrize("field", [f for f in FIELDS if not f.startswith("flat_")])
 def test_launch_settings_must_be_positive_ints(field):
     fields = dict(programs=4, block_m=64, block_n=128)
     with pytest.raises(ValueError, match=field):
         LaunchConfig(**{**fields, field: 0})
 
 
+@pytest.mark.parametrize("field", ["flat_ffn_in", "flat_ffn_out"])
 @pytest.mark.parametrize("value", [2, -1, True, 1.0])
-def test_the_gemm1_schedule_is_0_or_1(value):
-    with pytest.raises(ValueError, match="flat_ffn_in"):
-        LaunchConfig(programs=4, block_m=64, block_n=128, flat_ffn_in=value)
+def test_the_gemm_schedules_are_0_or_1(field, value):
+    with pytest.raises(ValueError, match=field):
+        LaunchConfig(programs=4, block_m=64, block_n=128, **{"flat_ffn_in": 1, field: value})
 
 
 def test_the_chooser_is_a_pure_function_of_its_inputs():

@@ -123,15 +123,18 @@ def test_combine_tiles_may_hold_more_tokens():
     dict(activation="clamped_swiglu", expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
          renormalize=False),
     dict(activation="gelu", shared_experts=1, shared_ffn_size=40, shared_expert_gate=True)])
-def test_gemm1_tiles_in_one_flattened_loop_at_world_1(fields):
+@pytest.mark.parametrize("flat_out", [0, 1])
+def test_gemm_tiles_in_flattened_loops_at_world_1(fields, flat_out):
     """flat_ffn_in=1: GEMM1 tiles in a static order (their h flags raised after the loop), the
-    rest from the queue; outputs as the reference's over calls of the queue order and this one
-    in turn (epochs shared), an empty call included. One program: the interpreter runs programs
-    one after another, and a static order needs them all at once."""
-    cfg = MoEConfig(hidden_size=72, ffn_size=200, num_experts=4, top_k=2, dtype="float32", **fields)
+    rest from the queue; flat_ffn_out=1 too: GEMM2 tiles so as well once every h flag is up (their
+    rows counted after the loop), the queue holding the shared and combine tasks. Outputs as the
+    reference's over calls of the queue order and this one in turn (epochs and counters shared),
+    an empty call included. One program: the interpreter runs programs one after another, and a
+    static order needs them all at once."""
+    cfg = MoEConfig(hidden_size=264, ffn_size=200, num_experts=4, top_k=2, dtype="float32", **fields)
     rank = OneRank(cfg, max_tokens=90)
     for tokens, flat in [(90, 1), (31, 0), (0, 1), (57, 1)]:
-        x, out = rank.forward(tokens, flat_ffn_in=flat)
+        x, out = rank.forward(tokens, flat_ffn_in=flat, flat_ffn_out=flat * flat_out)
         assert int(rank.status[0]) == 0
         if tokens:
             ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
@@ -145,6 +148,8 @@ def test_flattened_gemm1_tiles_are_refused_across_ranks_and_between_interpreted_
     cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
     with pytest.raises(ValueError, match="needs programs=1"):
         OneRank(cfg, max_tokens=8).forward(4, programs=2, flat_ffn_in=1)
+    with pytest.raises(ValueError, match="flat_ffn_out=1 needs flat_ffn_in=1"):
+        OneRank(cfg, max_tokens=8).forward(4, flat_ffn_out=1)
 
 
 @pytest.mark.parametrize("block_t", [16, 48, 256])

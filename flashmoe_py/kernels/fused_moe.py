@@ -137,7 +137,8 @@ class Meta(NamedTuple):
     tokens), NF_POW2 (>= GEMM1 column tiles); SHARED, SHARED_GATE (shared experts, their sigmoid
     gate) and NFS_POW2 (>= their GEMM1 column tiles); STAGES of the K loops; GROUP of expert tiles taken
     together; FLAT_IN (world 1 only): the GEMM1 tiles in a static order, one loop flattened over
-    each program's tiles, before the compute queue (which then holds the other tasks); TRANSPORT
+    each program's tiles, before the compute queue (which then holds the other tasks); FLAT_OUT
+    (with FLAT_IN): the GEMM2 tiles likewise, after every h flag is up; TRANSPORT
     (transport.TRANSPORTS); ON_GPU: compiled for a GPU (not the Triton interpreter, which runs no
     PTX: no clock, no fences); TRACE: record task timestamps."""
 
@@ -169,6 +170,7 @@ class Meta(NamedTuple):
     STAGES: tl.constexpr
     GROUP: tl.constexpr
     FLAT_IN: tl.constexpr
+    FLAT_OUT: tl.constexpr
     TRANSPORT: tl.constexpr
     ON_GPU: tl.constexpr
     TRACE: tl.constexpr
@@ -371,36 +373,45 @@ def _expert_tile(q, table, W, meta):
 
 
 @triton.jit
+def _k_loop(acc, a_rows, valid, desc, e, col, K, meta, FLAT: tl.constexpr):
+    """acc [BM, N] fp32 + the rows a_rows [BM] (row starts of K elements; rows where valid) @ the
+    [K, N] block of expert e of the 3-D descriptor desc from column col, BK at a time (TMA boxes
+    [1, BK, N]). FLAT: the loop in the form the compiler can flatten into an enclosing loop over
+    tiles (bench/gemm1_loop.py): a trip count known to be positive and loop-carried row
+    pointers; every row is then read (a_rows must point at some row of K elements) and only the
+    valid ones are to be used."""
+    BK: tl.constexpr = meta.BK
+    N: tl.constexpr = acc.shape[1]
+    if FLAT:
+        k_tiles = tl.cdiv(K, BK)
+        tl.assume(k_tiles > 0)
+        a_ptrs = a_rows[:, None] + tl.arange(0, BK)[None, :]
+        for ki in tl.range(k_tiles):
+            k0 = ki * BK
+            a = tl.load(a_ptrs, mask=(k0 + tl.arange(0, BK) < K)[None, :], other=0.0, cache_modifier=".cg")
+            acc = tl.dot(a, desc.load([e, k0, col]).reshape(BK, N), acc, input_precision=meta.PRECISION)
+            a_ptrs += BK
+    else:
+        for k0 in tl.range(0, K, BK, num_stages=meta.STAGES):
+            k = k0 + tl.arange(0, BK)
+            a = tl.load(a_rows[:, None] + k[None, :], mask=valid[:, None] & (k < K)[None, :], other=0.0,
+                        cache_modifier=".cg")
+            acc = tl.dot(a, desc.load([e, k0, col]).reshape(BK, N), acc, input_precision=meta.PRECISION)
+    return acc
+
+
+@triton.jit
 def _gemm_in(a_rows, valid, w_in, e, j, H, meta, PAIR: tl.constexpr, FLAT: tl.constexpr):
     """GEMM1 of one tile: a_rows [BM] row starts of H elements (rows where valid) @ expert e of
     the descriptor w_in, FFN columns j*BF.. -> (gate, up) [BM, BF] fp32 (up: gate again unless
     GATED). GATED: w_in holds gate and up in pairs of PAIR columns (gate_up.py), so the gate
     columns of tile j and their up columns are the 2*BF columns from 2*j*BF: one TMA box and one
     tensor-core product [BM, 2*BF], whose registers then split into gate and up in place.
-    FLAT: the K loop in the form the compiler can flatten into an enclosing loop over tiles
-    (bench/gemm1_loop.py): a trip count known to be positive and loop-carried row pointers; rows
-    that are not valid are then read (a_rows must point at some row of H elements) but not used."""
-    BK: tl.constexpr = meta.BK
+    FLAT: _k_loop's."""
     BF: tl.constexpr = meta.BF
     WIDTH: tl.constexpr = 2 * BF if meta.GATED else BF
-    acc = tl.zeros((meta.BM, WIDTH), dtype=tl.float32)
-    if FLAT:
-        k_tiles = tl.cdiv(H, BK)
-        tl.assume(k_tiles > 0)
-        a_ptrs = a_rows[:, None] + tl.arange(0, BK)[None, :]
-        for ki in tl.range(k_tiles):
-            k0 = ki * BK
-            a = tl.load(a_ptrs, mask=(k0 + tl.arange(0, BK) < H)[None, :], other=0.0, cache_modifier=".cg")
-            acc = tl.dot(a, w_in.load([e, k0, (j * WIDTH).to(tl.int32)]).reshape(BK, WIDTH), acc,
-                         input_precision=meta.PRECISION)
-            a_ptrs += BK
-    else:
-        for k0 in tl.range(0, H, BK, num_stages=meta.STAGES):
-            k = k0 + tl.arange(0, BK)
-            a = tl.load(a_rows[:, None] + k[None, :], mask=valid[:, None] & (k < H)[None, :], other=0.0,
-                        cache_modifier=".cg")
-            acc = tl.dot(a, w_in.load([e, k0, (j * WIDTH).to(tl.int32)]).reshape(BK, WIDTH), acc,
-                         input_precision=meta.PRECISION)
+    acc = _k_loop(tl.zeros((meta.BM, WIDTH), dtype=tl.float32), a_rows, valid, w_in, e, (j * WIDTH).to(tl.int32),
+                  H, meta, FLAT)
     if meta.GATED:
         pairs = acc.reshape(meta.BM, BF // PAIR, 2, PAIR).permute(0, 2, 1, 3).reshape(meta.BM, 2, BF)
         gate, up = pairs.permute(0, 2, 1).split()
@@ -417,18 +428,10 @@ def _pair_col(f, PAIR: tl.constexpr):
 
 
 @triton.jit
-def _gemm_out(a_rows, valid, w_out, e, col, F, meta):
+def _gemm_out(a_rows, valid, w_out, e, col, F, meta, FLAT: tl.constexpr):
     """GEMM2 of one tile: a_rows [BM] row starts of F elements (rows where valid) @ expert e of
-    the descriptor w_out, columns col.. -> [BM, BN_OUT] fp32."""
-    BK: tl.constexpr = meta.BK
-    BN_OUT: tl.constexpr = meta.BN_OUT
-    acc = tl.zeros((meta.BM, BN_OUT), dtype=tl.float32)
-    for k0 in tl.range(0, F, BK, num_stages=meta.STAGES):
-        f = k0 + tl.arange(0, BK)
-        a = tl.load(a_rows[:, None] + f[None, :], mask=valid[:, None] & (f < F)[None, :], other=0.0,
-                    cache_modifier=".cg")
-        acc = tl.dot(a, w_out.load([e, k0, col]).reshape(BK, BN_OUT), acc, input_precision=meta.PRECISION)
-    return acc
+    the descriptor w_out, columns col.. -> [BM, BN_OUT] fp32. FLAT: _k_loop's."""
+    return _k_loop(tl.zeros((meta.BM, meta.BN_OUT), dtype=tl.float32), a_rows, valid, w_out, e, col, F, meta, FLAT)
 
 
 @triton.jit
@@ -559,7 +562,7 @@ def ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_lim
     ok = tl.sum(short.to(tl.int32)) == 0
     ready = clock_ns() if meta.TRACE else 0
     if ok:
-        acc = _gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), F, meta)
+        acc = _gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), F, meta, False)
     done = clock_ns() if meta.TRACE else 0
     if meta.HAS_BIAS:
         cols = n * BN_OUT + tl.arange(0, BN_OUT)
@@ -576,6 +579,25 @@ def ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_lim
     pend = PendingTile(tl.where(ok, t.e, pend.e), tl.where(ok, t.c, pend.c), tl.where(ok, t.per_src, pend.per_src),
                        tl.where(ok, t.first, pend.first), tl.where(ok, n, pend.n))
     return pend, ready, done
+
+
+@triton.jit
+def ffn_out_rows(t, n, weights, sym, scratch, dims, rank, meta):
+    """ffn_out_tile's GEMM and sends for expert tile t (ExpertTile) and GEMM2 column tile n, in the
+    form a loop flattened over tiles takes (FLAT_OUT: every f-tile of h is known to be written;
+    the rows are counted by the caller after its loop). Padding rows read h's first row. -> the
+    clock after the GEMM when TRACE."""
+    H, F, S = dims.hidden, dims.ffn, dims.source_rows
+    BN_OUT: tl.constexpr = meta.BN_OUT
+    r = tl.where(t.valid, (t.src * S + t.row).to(tl.int64), 0)
+    acc = _gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), F, meta, True)
+    done = clock_ns() if meta.TRACE else 0
+    if meta.HAS_BIAS:
+        cols = n * BN_OUT + tl.arange(0, BN_OUT)
+        acc += tl.load(weights.b_out + t.e.to(tl.int64) * H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+    send_tile(acc, sym.combine_y, (rank * S + t.row).to(tl.int64), tl.where(t.valid, t.src, rank),
+              sym.recv_x.local, r, t.valid, n * BN_OUT, H, BN_OUT, meta.TRANSPORT)
+    return done
 
 
 @triton.jit
@@ -622,7 +644,7 @@ def shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, ran
         t = m * meta.BM + tl.arange(0, meta.BM)
         valid = t < tokens
         acc = _gemm_out(scratch.shared_h + t.to(tl.int64) * FS, valid, weights.shared_w_out, 0,
-                        (n * BN_OUT).to(tl.int32), FS, meta)
+                        (n * BN_OUT).to(tl.int32), FS, meta, False)
         if meta.SHARED_GATE:
             acc = acc * tl.load(scratch.shared_scale + t, mask=valid, other=0.0)[:, None]
         cols = n * BN_OUT + tl.arange(0, BN_OUT)
@@ -767,7 +789,27 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
         for i in range(tl.program_id(0), n_mine, P):
             qi, j = _grouped(i, n_tiles, NF, meta.GROUP)
             signal(scratch.h_flags + qi * NF + j, epoch.to(tl.int32), "gpu")
-    skip = n_in if meta.FLAT_IN else 0  # queue ids past the shared tasks shift by it
+    if meta.FLAT_OUT:  # then the GEMM2 tiles the same way, once every GEMM1 tile's h flag is up
+        # (raised by every program's loops above: all run at once, none waits for the queue)
+        h_ok = healthy
+        for f0 in range(0, tl.where(healthy, n_in, 0), 1024):
+            flag = f0 + tl.arange(0, 1024)
+            late = tl.sum(wait_at_least(scratch.h_flags + flag, flag < n_in, epoch.to(tl.int32), wait_limit,
+                                        scratch.status, "gpu", meta.ON_GPU).to(tl.int32))
+            if late > 0:
+                _report_timeout(scratch, WAIT_HIDDEN, rank, -1, -1, epoch)
+            h_ok = h_ok & (late == 0)
+        n_mine_out = tl.where(h_ok, n_out, 0)
+        for i in tl.range(tl.program_id(0), n_mine_out, P, num_stages=meta.STAGES, flatten=True):
+            start = clock_ns() if meta.TRACE else 0
+            qo, n = _grouped(i, n_tiles, NN_OUT, meta.GROUP)
+            done = ffn_out_rows(_expert_tile(qo, table, W, meta), n, weights, sym, scratch, dims, rank, meta)
+            _stamp(scratch.trace, P + n_front + n_shared + n_in + i, TASK_FFN_OUT, start, start, done, meta.TRACE)
+        for i in range(tl.program_id(0), n_mine_out, P):  # their rows counted (fences: not in the loop)
+            qo, n = _grouped(i, n_tiles, NN_OUT, meta.GROUP)
+            t = _expert_tile(qo, table, W, meta)
+            count_tile_rows(PendingTile(t.e, t.c, t.per_src, t.first, n), sym, dims, rank, meta)
+    skip = (n_in + n_out if meta.FLAT_OUT else n_in) if meta.FLAT_IN else 0  # queue ids past the shared tasks
     # This program's GEMM2 tile whose rows are not counted yet (none while pend.e < 0).
     pend = PendingTile(tl.full((), -1, tl.int32), tl.full((), 0, tl.int64), tl.zeros((meta.W_POW2,), dtype=tl.int32),
                        tl.zeros((meta.W_POW2,), dtype=tl.int32), tl.full((), 0, tl.int64))
@@ -885,6 +927,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 SHARED_GATE=c(config.shared_expert_gate),
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),
                 STAGES=c(launch.stages), GROUP=c(launch.group), FLAT_IN=c(bool(launch.flat_ffn_in)),
+                FLAT_OUT=c(bool(launch.flat_ffn_out)),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None))
     dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS, rank)
     # GEMM1 boxes: gated, a tile's gate and up columns side by side (w_in in gate_up.py's pairs)

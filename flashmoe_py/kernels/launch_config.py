@@ -10,7 +10,8 @@ import torch
 
 from .layout import Geometry
 
-FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t", "flat_ffn_in")
+FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t", "flat_ffn_in",
+          "flat_ffn_out")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,9 @@ class LaunchConfig:
     task queue; world 1 only, where those tiles wait for nothing. It needs every program running
     at once (one per SM on a GPU of its own): GEMM2 tiles wait for the GEMM1 tiles of fixed
     programs, so a program held back (another kernel, an SM limit) ends the call at the timeout.
-    Interpreter-tested and compiled for sm_90, not yet run on a GPU as of 2026-12-02."""
+    flat_ffn_out: 1 (with flat_ffn_in) to take the GEMM2 tiles so as well, once every GEMM1 tile is
+    done, their rows counted after the loop. Interpreter-tested and compiled for sm_90, not yet
+    run on a GPU as of 2026-12-02."""
 
     programs: int
     block_m: int
@@ -37,6 +40,7 @@ class LaunchConfig:
     dispatch_programs: int | None = None
     block_t: int = Geometry.block_t
     flat_ffn_in: int = 0
+    flat_ffn_out: int = 0
 
     def __post_init__(self) -> None:
         for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group", "block_t"):
@@ -47,8 +51,13 @@ class LaunchConfig:
             object.__setattr__(self, "dispatch_programs", self.programs)
         if not 1 <= self.dispatch_programs <= self.programs:
             raise ValueError(f"dispatch_programs={self.dispatch_programs}: expected 1..programs={self.programs}")
-        if type(self.flat_ffn_in) is not int or self.flat_ffn_in not in (0, 1):  # not bool, not float
-            raise ValueError(f"LaunchConfig.flat_ffn_in={self.flat_ffn_in!r}: expected 0 or 1")
+        for name in ("flat_ffn_in", "flat_ffn_out"):
+            value = getattr(self, name)
+            if type(value) is not int or value not in (0, 1):  # not bool, not float
+                raise ValueError(f"LaunchConfig.{name}={value!r}: expected 0 or 1")
+        if self.flat_ffn_out and not self.flat_ffn_in:
+            raise ValueError("flat_ffn_out=1 needs flat_ffn_in=1: its tiles wait for every GEMM1 tile, which the "
+                             "queue would hold behind them")
         if self.num_warps & (self.num_warps - 1):
             raise ValueError(f"num_warps={self.num_warps}: expected a power of two")
 
