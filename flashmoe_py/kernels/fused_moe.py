@@ -564,18 +564,13 @@ def ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_lim
     if ok:
         acc = _gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), F, meta, False)
     done = clock_ns() if meta.TRACE else 0
-    if meta.HAS_BIAS:
-        cols = n * BN_OUT + tl.arange(0, BN_OUT)
-        acc += tl.load(weights.b_out + t.e.to(tl.int64) * H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+    acc = _add_out_bias(acc, t.e, n, weights, H, meta)
     if not ok:
         _report_timeout(scratch, WAIT_HIDDEN, rank, t.e, q, epoch)
     else:
         if pend.e >= 0:
             count_tile_rows(pend, sym, dims, rank, meta)
-        # recv_x's rows of this tile are the staging space: their x is consumed (every f-tile of h
-        # is done) and the source sends nothing new into them before these rows reach it.
-        send_tile(acc, sym.combine_y, (rank * S + t.row).to(tl.int64), tl.where(t.valid, t.src, rank),
-                  sym.recv_x.local, r, t.valid, n * BN_OUT, H, BN_OUT, meta.TRANSPORT)
+        _send_out(acc, t, r, n, sym, S, H, rank, meta)
     pend = PendingTile(tl.where(ok, t.e, pend.e), tl.where(ok, t.c, pend.c), tl.where(ok, t.per_src, pend.per_src),
                        tl.where(ok, t.first, pend.first), tl.where(ok, n, pend.n))
     return pend, ready, done
@@ -588,16 +583,30 @@ def ffn_out_rows(t, n, weights, sym, scratch, dims, rank, meta):
     the rows are counted by the caller after its loop). Padding rows read h's first row. -> the
     clock after the GEMM when TRACE."""
     H, F, S = dims.hidden, dims.ffn, dims.source_rows
-    BN_OUT: tl.constexpr = meta.BN_OUT
     r = tl.where(t.valid, (t.src * S + t.row).to(tl.int64), 0)
-    acc = _gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), F, meta, True)
+    acc = _gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * meta.BN_OUT).to(tl.int32), F, meta, True)
     done = clock_ns() if meta.TRACE else 0
-    if meta.HAS_BIAS:
-        cols = n * BN_OUT + tl.arange(0, BN_OUT)
-        acc += tl.load(weights.b_out + t.e.to(tl.int64) * H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
-    send_tile(acc, sym.combine_y, (rank * S + t.row).to(tl.int64), tl.where(t.valid, t.src, rank),
-              sym.recv_x.local, r, t.valid, n * BN_OUT, H, BN_OUT, meta.TRANSPORT)
+    _send_out(_add_out_bias(acc, t.e, n, weights, H, meta), t, r, n, sym, S, H, rank, meta)
     return done
+
+
+@triton.jit
+def _add_out_bias(acc, e, n, weights, H, meta):
+    """acc [BM, BN_OUT] of GEMM2 column tile n of expert e, plus b_out's columns when HAS_BIAS."""
+    if meta.HAS_BIAS:
+        cols = n * meta.BN_OUT + tl.arange(0, meta.BN_OUT)
+        acc += tl.load(weights.b_out + e.to(tl.int64) * H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _send_out(acc, t, r, n, sym, S, H, rank, meta):
+    """GEMM2 column tile n of expert tile t into each valid row's source rank (its combine_y rows
+    for this rank mirror recv_x). recv_x's rows r of this tile are the staging space: their x is
+    consumed (every f-tile of h is done) and the source sends nothing new into them before these
+    rows reach it."""
+    send_tile(acc, sym.combine_y, (rank * S + t.row).to(tl.int64), tl.where(t.valid, t.src, rank),
+              sym.recv_x.local, r, t.valid, n * meta.BN_OUT, H, meta.BN_OUT, meta.TRANSPORT)
 
 
 @triton.jit
@@ -723,6 +732,58 @@ def combine_tile(tt, n, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_l
     return ready, done
 
 
+@triton.jit
+def flat_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, sym, scratch, dims, epoch, rank, meta):
+    """FLAT_IN (world 1): this program's GEMM1 tasks i = program, program + P, .. < n_in (the
+    queue's grouped order), in one loop the compiler flattens over tiles, so a tile's first loads
+    are issued while the previous one ends. Those tiles wait for nothing (their rows are x's), so
+    the static order cannot deadlock while every program runs. Their h flags rise after the loop,
+    all at once (none may be inside it: a barrier or an atomic there stops the pipelining), so
+    GEMM2 tiles wait for most programs' whole loops. trace_row: the trace row of task 0."""
+    W, NF = dims.world, tl.cdiv(dims.ffn, meta.BF)
+    P = tl.num_programs(0)
+    for i in tl.range(tl.program_id(0), n_in, P, num_stages=meta.STAGES, flatten=True):
+        start = clock_ns() if meta.TRACE else 0
+        q, j = _grouped(i, n_tiles, NF, meta.GROUP)
+        done = ffn_in_rows(_expert_tile(q, table, W, meta), q, j, x_ptr, plan, weights, sym, scratch, dims, epoch,
+                           rank, meta, True)
+        _stamp(scratch.trace, trace_row + i, TASK_FFN_IN, start, start, done, meta.TRACE)
+    for i in range(tl.program_id(0), n_in, P):
+        q, j = _grouped(i, n_tiles, NF, meta.GROUP)
+        signal(scratch.h_flags + q * NF + j, epoch.to(tl.int32), "gpu")
+
+
+@triton.jit
+def flat_ffn_out_tiles(n_in, n_out, n_tiles, trace_row, table, weights, sym, scratch, dims, epoch, wait_limit, rank,
+                       meta):
+    """FLAT_OUT (after flat_ffn_in_tiles): once every one of the n_in GEMM1 tiles' h flags is up
+    (raised by every program's flat_ffn_in_tiles, none of which waits for the queue), this
+    program's GEMM2 tasks i = program, program + P, .. < n_out in one flattened loop, then their
+    rows counted at their sources in a loop after it (fences: not inside). A flag that stays down
+    is reported (WAIT_HIDDEN) and the GEMM2 tiles are skipped. trace_row: that of GEMM2 task 0."""
+    FLAGS: tl.constexpr = 1024  # h flags waited for at a time
+    W, NN_OUT = dims.world, tl.cdiv(dims.hidden, meta.BN_OUT)
+    P = tl.num_programs(0)
+    h_ok = n_in >= 0  # a tensor: it is carried through the loop
+    for f0 in range(0, n_in, FLAGS):
+        flag = f0 + tl.arange(0, FLAGS)
+        late = tl.sum(wait_at_least(scratch.h_flags + flag, flag < n_in, epoch.to(tl.int32), wait_limit, scratch.status,
+                                    "gpu", meta.ON_GPU).to(tl.int32))
+        if late > 0:
+            _report_timeout(scratch, WAIT_HIDDEN, rank, -1, -1, epoch)
+        h_ok = h_ok & (late == 0)
+    n_mine = tl.where(h_ok, n_out, 0)
+    for i in tl.range(tl.program_id(0), n_mine, P, num_stages=meta.STAGES, flatten=True):
+        start = clock_ns() if meta.TRACE else 0
+        q, n = _grouped(i, n_tiles, NN_OUT, meta.GROUP)
+        done = ffn_out_rows(_expert_tile(q, table, W, meta), n, weights, sym, scratch, dims, rank, meta)
+        _stamp(scratch.trace, trace_row + i, TASK_FFN_OUT, start, start, done, meta.TRACE)
+    for i in range(tl.program_id(0), n_mine, P):
+        q, n = _grouped(i, n_tiles, NN_OUT, meta.GROUP)
+        t = _expert_tile(q, table, W, meta)
+        count_tile_rows(PendingTile(t.e, t.c, t.per_src, t.first, n), sym, dims, rank, meta)
+
+
 @triton.jit(do_not_specialize=["tokens", "wait_limit", "send_chunks", "dispatch_programs"])
 def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, plan, sym, scratch, dims,
                      tokens, wait_limit, send_chunks, dispatch_programs, meta):
@@ -774,42 +835,14 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     n_sin = n_rows * tl.cdiv(dims.shared_ffn, meta.BF) if meta.SHARED else 0
     n_sout = n_rows * NN_OUT if meta.SHARED else 0
     n_shared = n_sin + n_sout
-    if meta.FLAT_IN:  # world 1: GEMM1 tiles wait for nothing (their rows are x's), so a static order
-        # cannot deadlock, and one loop over this program's tiles lets the compiler issue a tile's
-        # first loads while the previous one ends. The queue then skips them (skip below). Their h
-        # flags rise after the loop, all at once (none may be inside it: a barrier or an atomic
-        # there stops the pipelining), so GEMM2 tiles wait for most programs' whole loops.
-        n_mine = tl.where(healthy, n_in, 0)
-        for i in tl.range(tl.program_id(0), n_mine, P, num_stages=meta.STAGES, flatten=True):
-            start = clock_ns() if meta.TRACE else 0
-            qi, j = _grouped(i, n_tiles, NF, meta.GROUP)
-            done = ffn_in_rows(_expert_tile(qi, table, W, meta), qi, j, x_ptr, plan, weights, sym, scratch, dims,
-                               epoch, rank, meta, True)
-            _stamp(scratch.trace, P + n_front + n_shared + i, TASK_FFN_IN, start, start, done, meta.TRACE)
-        for i in range(tl.program_id(0), n_mine, P):
-            qi, j = _grouped(i, n_tiles, NF, meta.GROUP)
-            signal(scratch.h_flags + qi * NF + j, epoch.to(tl.int32), "gpu")
-    if meta.FLAT_OUT:  # then the GEMM2 tiles the same way, once every GEMM1 tile's h flag is up
-        # (raised by every program's loops above: all run at once, none waits for the queue)
-        h_ok = healthy
-        for f0 in range(0, tl.where(healthy, n_in, 0), 1024):
-            flag = f0 + tl.arange(0, 1024)
-            late = tl.sum(wait_at_least(scratch.h_flags + flag, flag < n_in, epoch.to(tl.int32), wait_limit,
-                                        scratch.status, "gpu", meta.ON_GPU).to(tl.int32))
-            if late > 0:
-                _report_timeout(scratch, WAIT_HIDDEN, rank, -1, -1, epoch)
-            h_ok = h_ok & (late == 0)
-        n_mine_out = tl.where(h_ok, n_out, 0)
-        for i in tl.range(tl.program_id(0), n_mine_out, P, num_stages=meta.STAGES, flatten=True):
-            start = clock_ns() if meta.TRACE else 0
-            qo, n = _grouped(i, n_tiles, NN_OUT, meta.GROUP)
-            done = ffn_out_rows(_expert_tile(qo, table, W, meta), n, weights, sym, scratch, dims, rank, meta)
-            _stamp(scratch.trace, P + n_front + n_shared + n_in + i, TASK_FFN_OUT, start, start, done, meta.TRACE)
-        for i in range(tl.program_id(0), n_mine_out, P):  # their rows counted (fences: not in the loop)
-            qo, n = _grouped(i, n_tiles, NN_OUT, meta.GROUP)
-            t = _expert_tile(qo, table, W, meta)
-            count_tile_rows(PendingTile(t.e, t.c, t.per_src, t.first, n), sym, dims, rank, meta)
-    skip = (n_in + n_out if meta.FLAT_OUT else n_in) if meta.FLAT_IN else 0  # queue ids past the shared tasks
+    first_ffn = P + n_front + n_shared  # the trace row of the first GEMM1 task
+    if meta.FLAT_IN:
+        flat_ffn_in_tiles(tl.where(healthy, n_in, 0), n_tiles, first_ffn, x_ptr, plan, table, weights, sym, scratch,
+                          dims, epoch, rank, meta)
+    if meta.FLAT_OUT:
+        flat_ffn_out_tiles(tl.where(healthy, n_in, 0), tl.where(healthy, n_out, 0), n_tiles, first_ffn + n_in, table,
+                           weights, sym, scratch, dims, epoch, wait_limit, rank, meta)
+    skip = (n_in if meta.FLAT_IN else 0) + (n_out if meta.FLAT_OUT else 0)  # queue ids past the shared tasks
     # This program's GEMM2 tile whose rows are not counted yet (none while pend.e < 0).
     pend = PendingTile(tl.full((), -1, tl.int32), tl.full((), 0, tl.int64), tl.zeros((meta.W_POW2,), dtype=tl.int32),
                        tl.zeros((meta.W_POW2,), dtype=tl.int32), tl.full((), 0, tl.int64))
@@ -844,7 +877,7 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
         q = q_task
         kind = tl.where(q < n_in, TASK_FFN_IN, tl.where(q < n_in + n_out, TASK_FFN_OUT, TASK_COMBINE))
         kind = tl.where(q < -n_sout, TASK_SHARED_IN, tl.where(q < 0, TASK_SHARED_OUT, kind))
-        _stamp(scratch.trace, P + n_front + n_shared + q, kind, start, ready, done, meta.TRACE)
+        _stamp(scratch.trace, first_ffn + q, kind, start, ready, done, meta.TRACE)
         task = n_front + tl.atomic_add(ctl + CTL_COMPUTE_TASKS, 1, sem="relaxed")
 
     if pend.e >= 0:
