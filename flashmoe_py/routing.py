@@ -41,9 +41,8 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
         logits = x.float() @ router_weight.float().t()
         if router_bias is not None:
             logits = logits + router_bias.float()
-        weights, experts = _SCORERS[config.routing](logits, config, e_score_correction_bias)
-        if config.routed_scaling_factor != 1.0:
-            weights = weights * config.routed_scaling_factor
+        experts = _CHOOSERS[config.routing](logits, config, e_score_correction_bias)
+        weights = weights_for(logits, experts, config)
     kept = None
     capacity = config.capacity(x.shape[0])
     if capacity is not None:
@@ -56,45 +55,46 @@ def _router_kernel_fits(x: torch.Tensor, router_weight: torch.Tensor, config: Mo
             and config.num_experts <= MAX_EXPERTS)
 
 
-# Each scorer: logits [T, E] fp32 -> (weights [T, k], experts [T, k] int64), before scaling.
+# Each chooser: logits [T, E] fp32 -> experts [T, k] int64, best first; weights_for scores them.
 
-def _softmax_topk(logits: torch.Tensor, config: MoEConfig, _correction) -> tuple[torch.Tensor, torch.Tensor]:
-    weights, experts = torch.topk(torch.softmax(logits, dim=-1), config.top_k, dim=-1)
-    if config.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, experts
+def _choose_softmax_topk(logits: torch.Tensor, config: MoEConfig, _correction) -> torch.Tensor:
+    return torch.topk(torch.softmax(logits, dim=-1), config.top_k, dim=-1).indices
 
 
-def _topk_softmax(logits: torch.Tensor, config: MoEConfig, _correction) -> tuple[torch.Tensor, torch.Tensor]:
-    top, experts = torch.topk(logits, config.top_k, dim=-1)
-    return torch.softmax(top, dim=-1), experts
+def _choose_top_logits(logits: torch.Tensor, config: MoEConfig, _correction) -> torch.Tensor:
+    return torch.topk(logits, config.top_k, dim=-1).indices
 
 
-def _topk_sigmoid(logits: torch.Tensor, config: MoEConfig, _correction) -> tuple[torch.Tensor, torch.Tensor]:
-    top, experts = torch.topk(logits, config.top_k, dim=-1)
-    return _renormalize_sigmoid(torch.sigmoid(top), config), experts
-
-
-def _sigmoid_grouped(logits: torch.Tensor, config: MoEConfig,
-                     correction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = torch.sigmoid(logits)
-    choice = scores.detach() + correction  # steers the choice only: no gradient through it
+def _choose_sigmoid_grouped(logits: torch.Tensor, config: MoEConfig, correction: torch.Tensor) -> torch.Tensor:
+    choice = torch.sigmoid(logits).detach() + correction  # steers the choice only: no gradient through it
     if config.topk_group < config.n_group:
         T, E = choice.shape
         group_score = choice.view(T, config.n_group, E // config.n_group).topk(2, dim=-1).values.sum(dim=-1)
         kept_groups = group_score.topk(config.topk_group, dim=-1).indices
         dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, kept_groups, False)
         choice = choice.masked_fill(dropped.repeat_interleave(E // config.n_group, dim=1), float("-inf"))
-    experts = torch.topk(choice, config.top_k, dim=-1).indices
-    return _renormalize_sigmoid(scores.gather(1, experts), config), experts
+    return torch.topk(choice, config.top_k, dim=-1).indices
 
 
-def _renormalize_sigmoid(weights: torch.Tensor, config: MoEConfig) -> torch.Tensor:
-    return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) if config.renormalize else weights
+_CHOOSERS = {"softmax_topk": _choose_softmax_topk, "topk_softmax": _choose_top_logits,
+             "sigmoid_grouped": _choose_sigmoid_grouped, "topk_sigmoid": _choose_top_logits}
 
 
-_SCORERS = {"softmax_topk": _softmax_topk, "topk_softmax": _topk_softmax,
-            "sigmoid_grouped": _sigmoid_grouped, "topk_sigmoid": _topk_sigmoid}
+def weights_for(logits: torch.Tensor, experts: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """logits: [T, E] fp32; experts: [T, k] int64, the experts config.routing chose for them ->
+    their routing weights [T, k] fp32, scaled, differentiable in logits (the choice held fixed:
+    the backward scores the forward's experts again, whichever kernel chose them)."""
+    if config.routing == "softmax_topk":
+        weights = torch.softmax(logits, dim=-1).gather(1, experts)
+        if config.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    elif config.routing == "topk_softmax":
+        weights = torch.softmax(logits.gather(1, experts), dim=-1)
+    else:  # topk_sigmoid, sigmoid_grouped
+        weights = torch.sigmoid(logits.gather(1, experts))
+        if config.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * config.routed_scaling_factor if config.routed_scaling_factor != 1.0 else weights
 
 
 def _records_graph(*tensors: torch.Tensor | None) -> bool:
