@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .backends.flash import FlashBackend
+from .backends.recompute import recomputed_forward
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
 from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
@@ -58,17 +59,18 @@ class MoELayer(nn.Module):
     forward(x): x [tokens, H] or [batch, seq, H] in config.dtype on the layer's device; returns the
     same shape and dtype. After each forward, `last_stats` holds this rank's MoEStats.
 
-    Gradients (backend "torch", any world size and device): autograd gives x, router_weight, w_in
-    and w_out their gradients of the sum of every rank's loss; capacity-dropped slots get none.
-    w_in/w_out.grad on a rank sums every rank's tokens routed to its experts (the backward's
-    all-to-alls bring them); router_weight is replicated, and its .grad holds only this rank's
-    tokens' part, to be summed over ranks with the other replicated parameters, as data
-    parallelism does (exclude w_in and w_out from that: they are sharded, not replicated). The
-    backward is collective: every rank must record the forward (grad mode on, and x or a
-    parameter requiring grad, on all ranks or on none; a mismatch raises on every rank) and run
-    backward through it. Backend "flash" has no backward: there, a forward that would record a
-    graph raises NotImplementedError on every rank; run it under torch.no_grad() or
-    torch.inference_mode().
+    Gradients (either backend, any world size): autograd gives x and every parameter their
+    gradients of the sum of every rank's loss; capacity-dropped slots get none. w_in/w_out.grad
+    on a rank sums every rank's tokens routed to its experts; router_weight and the shared
+    experts are replicated, and their .grad holds only this rank's tokens' part, to be summed over
+    ranks with the other replicated parameters, as data parallelism does (exclude w_in, w_out,
+    b_in and b_out from that: they are sharded, not replicated). `backward`: "autograd" (backend
+    torch's default) records the torch backend's ops and saves their activations; "recompute"
+    (backend flash's only one) runs the forward as for inference, saves only x, and in backward
+    routes again and recomputes each expert's first GEMM (backends/recompute.py). The backward is
+    collective: every rank must record the forward (grad mode on, and x or a parameter requiring
+    grad, on all ranks or on none; a mismatch raises on every rank, except that backend flash
+    cannot see a rank under no_grad beside one recording) and run backward through it.
 
     backend: "torch" (all-to-all over torch.distributed; CPU or GPU) or "flash" (the fused NVSHMEM
     kernel; needs flashmoe_py.init() first, `max_tokens_per_rank` to size its buffers, and ends
@@ -80,13 +82,15 @@ class MoELayer(nn.Module):
     reads the current weights (in place), so replace weights with copy_ (gated w_in, b_in and
     shared_w_in in the layer's pairs) or load_full_weights (any layout), not new tensors.
     `launch_override` (flash only, for tuning): launch settings fixed instead of chosen per call
-    (kernels/launch_config.py). All of these are options.FusedOptions, compared across ranks.
+    (kernels/launch_config.py). All of these and `backward` are options.FusedOptions, compared
+    across ranks.
     """
 
     def __init__(self, config: MoEConfig, *, placement: ExpertPlacement | None = None,
                  process_group=None, backend: str = "torch", device=None, seed: int = 0,
                  max_tokens_per_rank: int | None = None, timeout_s: float = 10.0,
-                 cuda_graphs: bool = True, transport: str = "p2p", launch_override: dict | None = None):
+                 cuda_graphs: bool = True, transport: str = "p2p", launch_override: dict | None = None,
+                 backward: str | None = None):
         super().__init__()
         distributed = dist.is_available() and dist.is_initialized()
         self.process_group = process_group if distributed else None
@@ -94,7 +98,8 @@ class MoELayer(nn.Module):
         self.rank = dist.get_rank(process_group) if distributed else 0
         options, problem = None, None
         try:
-            options = FusedOptions(max_tokens_per_rank, timeout_s, cuda_graphs, transport, launch_override)
+            options = FusedOptions(max_tokens_per_rank, timeout_s, cuda_graphs, transport, launch_override,
+                                   backward)
         except ValueError as e:
             problem = str(e)
         problem = problem or self._setup_problem(config, placement, backend, options)
@@ -135,6 +140,9 @@ class MoELayer(nn.Module):
                 return f"backend='flash' is unavailable: {reason}"
             if self.process_group not in (None, dist.group.WORLD):
                 return "backend='flash' spans all NVSHMEM PEs: use the default process group"
+            if options.backward == "autograd":
+                return ("backward='autograd' records the torch backend's ops; backend='flash' runs one kernel "
+                        "with none to record: its backward is 'recompute' (None picks it)")
         try:
             config.local_experts(self.world_size)
         except ValueError as e:
@@ -303,21 +311,10 @@ class MoELayer(nn.Module):
         tokens, limit = x.numel() // cfg.hidden_size, self.options.max_tokens_per_rank
         if limit is not None and tokens > limit:
             return ValueError(f"x has {tokens} tokens; max_tokens_per_rank={limit}")
-        if self._records_graph(x) and not self._backward_supported():
-            return NotImplementedError(
-                f"MoELayer backward is not implemented for backend={self.backend.name!r} at "
-                f"world_size={self.world_size} on {x.device.type}: this forward would record a graph "
-                "whose gradients are wrong. Run it under torch.no_grad() or torch.inference_mode(), "
-                "or call requires_grad_(False) on x and the layer's parameters")
         return None
 
     def _records_graph(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-
-    def _backward_supported(self) -> bool:
-        """Where autograd through the forward is tested against the reference: backend "torch"
-        (tests/test_backward.py, tests/test_training.py); the fused kernel has no backward yet."""
-        return self.backend.name == "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque op for the compiler: no graph break here
@@ -330,7 +327,19 @@ class MoELayer(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         problem = self._input_problem(x)
         x2d = x.reshape(-1, self.config.hidden_size).contiguous() if problem is None else x
-        out, stats = self.backend.forward(x2d, problem)
+        # None: grad mode off, so no rank can record; else whether this rank does (ranks must agree)
+        in_graph = None if not torch.is_grad_enabled() else problem is None and self._records_graph(x)
+        if in_graph and self.options.backward_for(self.backend.name) == "recompute":
+            stats = {}
+
+            def run(rows: torch.Tensor) -> torch.Tensor:
+                out, got = self.backend.forward(rows, None, in_graph=True)
+                stats.update(got)
+                return out
+
+            out = recomputed_forward(self, x2d, run)
+        else:
+            out, stats = self.backend.forward(x2d, problem, in_graph=in_graph)
         self.last_stats = MoEStats(**stats)
         return out.view(x.shape)
 

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 TRANSPORTS = ("p2p", "nvshmem")
+BACKWARDS = ("autograd", "recompute")
 
 
 @dataclass(frozen=True)
@@ -18,13 +19,17 @@ class FusedOptions:
     cuda_graphs: replay the fused forward from a CUDA graph per token count.
     transport: "p2p" (stores through NVLink peer mappings) or "nvshmem" (device-API puts).
     launch_override: for tuning, launch settings fixed instead of chosen per call ({field:
-    value} of kernels/launch_config.FIELDS; checked when a forward is launched)."""
+    value} of kernels/launch_config.FIELDS; checked when a forward is launched).
+    backward: how gradients are taken (backends/recompute.py): "autograd" records the torch
+    backend's ops and saves their activations; "recompute" saves only x and runs explicit steps
+    that route and run GEMM1 again (backend "flash" has only this); None: the backend's own."""
 
     max_tokens_per_rank: int | None = None
     timeout_s: float = 10.0
     cuda_graphs: bool = True
     transport: str = "p2p"
     launch_override: dict | None = None
+    backward: str | None = None
 
     def __post_init__(self) -> None:
         mt = self.max_tokens_per_rank
@@ -41,6 +46,12 @@ class FusedOptions:
         if self.launch_override is not None and not isinstance(self.launch_override, dict):
             raise ValueError(f"launch_override must be a dict of launch settings or None; got "
                              f"{self.launch_override!r}")
+        if self.backward is not None and self.backward not in BACKWARDS:
+            raise ValueError(f"backward={self.backward!r}; choose one of {BACKWARDS} or None")
+
+    def backward_for(self, backend: str) -> str:
+        """The backward a layer of `backend` takes: the one asked for, or the backend's own."""
+        return self.backward or ("recompute" if backend == "flash" else "autograd")
 
     def require_max_tokens(self) -> int:
         """max_tokens_per_rank, which backend "flash" cannot do without."""

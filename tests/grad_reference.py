@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from flashmoe_py import MoELayer, reference_forward
+from flashmoe_py.reference import ffn, reference_routing
 from flashmoe_py.config import EXPERT_WEIGHTS
 from flashmoe_py.gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from flashmoe_py.gate_up import to_halves
@@ -53,3 +54,62 @@ def grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor) -> dict:
         got |= {n: to_halves(got[n]) for n in GATE_UP_WEIGHTS if got.get(n) is not None}
     assert set(got) == set(want), (sorted(got), sorted(want))
     return {n: None if got[n] is None else rel_err(got[n], want[n]) for n in want}
+
+
+def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=torch.float32) -> dict:
+    """grad_errors for full-size layers at world 1, whose float64 copy would not fit beside them:
+    the reference in `dtype`, one expert's weights upcast at a time, each expert's part of the
+    loss differentiated on its own (the routing weights' gradient gathered, then taken through the
+    router once); the errors are summed norms over experts. x: [T, H] (x.requires_grad)."""
+    assert layer.world_size == 1
+    cfg = layer.config
+    (layer(x) * dy).sum().backward()
+    full = layer.full_weight_dict()
+    got = {n: p.grad for n, p in layer.named_parameters()}
+    if cfg.gated:
+        got |= {n: to_halves(got[n]) for n in GATE_UP_WEIGHTS if got.get(n) is not None}
+    norms = {n: [0.0, 0.0] for n in ["x", *got]}  # [|got - want|^2, |want|^2]
+
+    def add(name: str, g: torch.Tensor, want: torch.Tensor) -> None:
+        norms[name][0] += float((g.double() - want.double()).square().sum())
+        norms[name][1] += float(want.double().square().sum())
+
+    xr = x.detach().to(dtype).requires_grad_()
+    router = {n: full[n].to(dtype).requires_grad_() for n in ("router_weight", "router_bias") if n in full}
+    weights, experts, kept = reference_routing(xr, router["router_weight"], cfg, dtype,
+                                               router_bias=router.get("router_bias"),
+                                               e_score_correction_bias=full.get("e_score_correction_bias"))
+    dyr, xd = dy.to(dtype), xr.detach()
+    dx, dw = torch.zeros_like(xd), torch.zeros_like(weights)
+    expert_names = [n for n in EXPERT_WEIGHTS if n in full]
+    for e in range(cfg.num_experts):
+        token, k = torch.nonzero((experts == e) & kept, as_tuple=True)
+        leaves = {n: full[n][e].to(dtype).requires_grad_() for n in expert_names}
+        rows, w = xd[token].requires_grad_(), weights[token, k].detach().unsqueeze(1).requires_grad_()
+        biases = (leaves.get("b_in"), leaves.get("b_out"))
+        if cfg.weight_on_input:
+            y = ffn(w * rows, leaves["w_in"], leaves["w_out"], cfg, *biases)
+        else:
+            y = w * ffn(rows, leaves["w_in"], leaves["w_out"], cfg, *biases)
+        inputs = [rows, w, *leaves.values()]
+        g_rows, g_w, *g_params = torch.autograd.grad((y * dyr[token]).sum(), inputs, allow_unused=True)
+        dx.index_add_(0, token, g_rows)
+        dw[token, k] = g_w[:, 0]
+        for n, g in zip(leaves, g_params):
+            add(n, got[n][e], torch.zeros_like(leaves[n]) if g is None else g)
+    router_grads = torch.autograd.grad(weights, [xr, *router.values()], dw, allow_unused=True)
+    dx += router_grads[0]
+    for n, g in zip(router, router_grads[1:]):
+        add(n, got[n], g)
+    if cfg.shared_experts:
+        shared = {n: full[n].to(dtype).requires_grad_() for n in full if n.startswith("shared_")}
+        xs = xd.clone().requires_grad_()
+        y = ffn(xs, shared["shared_w_in"], shared["shared_w_out"], cfg)
+        if cfg.shared_expert_gate:
+            y = torch.sigmoid(xs @ shared["shared_gate_weight"].t()) * y
+        g_x, *g_shared = torch.autograd.grad((y * dyr).sum(), [xs, *shared.values()])
+        dx += g_x
+        for n, g in zip(shared, g_shared):
+            add(n, got[n], g)
+    add("x", x.grad, dx)
+    return {n: (d / w) ** 0.5 if w > 0 else d ** 0.5 for n, (d, w) in norms.items()}

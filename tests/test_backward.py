@@ -1,14 +1,17 @@
 """Gradients through MoELayer(backend="torch") against float64 autograd through the reference,
-at 1, 2 and 4 gloo ranks (what each rank's .grad must hold: tests/grad_reference.py)."""
+at 1, 2 and 4 gloo ranks (what each rank's .grad must hold: tests/grad_reference.py), for both
+backwards: "autograd" (through the torch backend's ops) and "recompute" (backends/recompute.py:
+explicit steps after an inference forward, backend "flash"'s backward)."""
 
 import random
 
 import pytest
 import torch
-from grad_reference import grad_errors, rel_err
+from grad_reference import grad_errors, lean_grad_errors, rel_err
 
 from flashmoe_py import MoEConfig, MoELayer
 from flashmoe_py.backends import torch_ep
+from flashmoe_py.options import BACKWARDS
 
 SMALL = dict(hidden_size=32, ffn_size=48, num_experts=8, dtype="float32")
 FP32_TOL = 1e-5
@@ -42,22 +45,22 @@ VARIANTS = {
 
 # --- functions run on every rank of a DistPool: fn(rank, world_size, *args) ---
 
-def layer_grad_errors(rank, world, cfg: dict, seed, shapes, x_needs_grad=None) -> dict:
+def layer_grad_errors(rank, world, cfg: dict, seed, shapes, x_needs_grad=None, backward=None) -> dict:
     """Backward of sum(layer(x) * dy) for fresh x of shapes[rank] (+ [H]) on every rank ->
     {gradient: relative error against the reference}; None where .grad is None."""
     cfg = MoEConfig.from_dict(cfg)
-    layer = MoELayer(cfg, seed=seed)
+    layer = MoELayer(cfg, seed=seed, backward=backward)
     g = torch.Generator().manual_seed(seed * 1009 + rank)
     x = torch.randn(*shapes[rank], cfg.hidden_size, generator=g).to(cfg.torch_dtype)
     x.requires_grad_(x_needs_grad is None or x_needs_grad[rank])
     return grad_errors(layer, x, torch.randn(x.shape, generator=g).to(cfg.torch_dtype))
 
 
-def dropped_token_grads(rank, world, cfg: dict, seed) -> tuple[list[float], int]:
+def dropped_token_grads(rank, world, cfg: dict, seed, backward) -> tuple[list[float], int]:
     """Every token ranks the last top_k experts alike, so capacity keeps the first tokens' slots
     and drops every slot of the later ones: -> (|x.grad| of each of those, how many there are)."""
     cfg = MoEConfig.from_dict(cfg)
-    layer = MoELayer(cfg, seed=seed)
+    layer = MoELayer(cfg, seed=seed, backward=backward)
     with torch.no_grad():
         layer.router_weight.mul_(0.01)
         for j in range(cfg.top_k):  # positive tokens: choice j is expert E - 1 - j
@@ -69,15 +72,15 @@ def dropped_token_grads(rank, world, cfg: dict, seed) -> tuple[list[float], int]
     return x.grad[capacity:].norm(dim=1).tolist(), 16 - capacity
 
 
-def forward_with_grad_mode(rank, world, cfg: dict, grad_mode):
-    layer = MoELayer(MoEConfig.from_dict(cfg))
+def forward_with_grad_mode(rank, world, cfg: dict, grad_mode, backward):
+    layer = MoELayer(MoEConfig.from_dict(cfg), backward=backward)
     with torch.set_grad_enabled(grad_mode[rank]):
         layer(torch.randn(6, cfg["hidden_size"]))
 
 
-def forward_in_context(rank, world, cfg: dict, context: str) -> bool:
+def forward_in_context(rank, world, cfg: dict, context: str, backward) -> bool:
     """-> whether the output of a forward under `context` records nothing."""
-    layer = MoELayer(MoEConfig.from_dict(cfg))
+    layer = MoELayer(MoEConfig.from_dict(cfg), backward=backward)
     with {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[context]():
         out = layer(torch.randn(5, cfg["hidden_size"], requires_grad=True))
     return out.grad_fn is None and not out.requires_grad
@@ -90,84 +93,101 @@ def shapes_for(world: int) -> list[tuple[int, int]]:
     return [(2, 5 + 3 * r) for r in range(world)]
 
 
+# The recompute backward over fewer top-k values: it shares the routing and exchange code paths
+# whatever k is (the autograd one is the layer's default).
+TOP_K = {"autograd": range(1, 9), "recompute": (1, 3, 8)}
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
-@pytest.mark.parametrize("top_k", range(1, 9))
+@pytest.mark.parametrize("backward,top_k", [(b, k) for b in BACKWARDS for k in TOP_K[b]])
 @pytest.mark.parametrize("capacity_factor", [None, 0.7])
-def test_gradients_match_reference(dist_pools, world, activation, top_k, capacity_factor):
+def test_gradients_match_reference(dist_pools, world, activation, backward, top_k, capacity_factor):
     """[batch, seq, H] input; top-1 is not renormalised (its one weight would be 1, and the
     router's gradient exactly 0)."""
     cfg = MoEConfig(**SMALL, top_k=top_k, activation=activation, capacity_factor=capacity_factor,
                     renormalize=top_k > 1)
-    for errs in dist_pools(world).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes_for(world)):
+    for errs in dist_pools(world).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes_for(world),
+                                      None, backward):
         assert max(errs.values()) <= FP32_TOL, errs
 
 
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("top_k", [2, 8])
-def test_gradients_without_renormalisation(dist_pools, world, top_k):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_gradients_without_renormalisation(dist_pools, world, top_k, backward):
     cfg = MoEConfig(**SMALL, top_k=top_k, renormalize=False)
-    for errs in dist_pools(world).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes_for(world)):
+    for errs in dist_pools(world).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes_for(world),
+                                      None, backward):
         assert max(errs.values()) <= FP32_TOL, errs
 
 
-def test_bf16_gradients_match_reference(dist_pools):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_bf16_gradients_match_reference(dist_pools, backward):
     """bf16 weights and activations (fp32 activation math): measured 3-5e-3 at top-k 1-8."""
     cfg = MoEConfig(**{**SMALL, "dtype": "bfloat16"}, top_k=4)
-    for errs in dist_pools(2).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes_for(2)):
+    for errs in dist_pools(2).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes_for(2), None, backward):
         assert max(errs.values()) <= 1e-2, errs
 
 
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gradients_match_reference_for_every_variant(dist_pools, world, variant):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_gradients_match_reference_for_every_variant(dist_pools, world, variant, backward):
     """Router, expert and shared-expert parameters, biases included, and the input."""
     cfg = MoEConfig(**{**SMALL, **VARIANTS[variant]})
-    for errs in dist_pools(world).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes_for(world)):
+    for errs in dist_pools(world).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes_for(world),
+                                      None, backward):
         assert max(errs.values()) <= FP32_TOL, errs
 
 
-def test_gradients_with_a_rank_without_tokens(dist_pools):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_gradients_with_a_rank_without_tokens(dist_pools, backward):
     """Rank 0 routes nothing; it still serves the others' backward (its x.grad is empty)."""
     cfg = MoEConfig(**SMALL, top_k=2)
-    res = dist_pools(4).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), [(0, 3), (1, 9), (2, 7), (1, 1)])
+    res = dist_pools(4).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), [(0, 3), (1, 9), (2, 7), (1, 1)],
+                            None, backward)
     assert res[0]["x"] == 0.0
     for errs in res:
         assert max(errs.values()) <= FP32_TOL, errs
 
 
-def test_gradients_when_only_one_ranks_input_needs_grad(dist_pools):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_gradients_when_only_one_ranks_input_needs_grad(dist_pools, backward):
     """Rank 1's x needs no gradient, but rank 0's tokens at rank 1's experts still get theirs."""
     cfg = MoEConfig(**SMALL, top_k=3)
-    res = dist_pools(2).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes_for(2), [True, False])
+    res = dist_pools(2).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes_for(2), [True, False],
+                            backward)
     assert res[1]["x"] is None
     for errs in res:
         assert max(e for e in errs.values() if e is not None) <= FP32_TOL, errs
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_dropped_slots_get_no_gradient(dist_pools, world):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_dropped_slots_get_no_gradient(dist_pools, world, backward):
     """A token whose every slot is over capacity does not reach the output: its gradient is 0.
     (The hot experts are on the last rank, so at world 2 rank 0's experts get no rows; its
     backward must still take part in both all-to-alls.)"""
     cfg = MoEConfig(**SMALL, top_k=2, capacity_factor=1.0)
-    for norms, dropped in dist_pools(world).run(dropped_token_grads, cfg.to_dict(), fresh_seed()):
+    for norms, dropped in dist_pools(world).run(dropped_token_grads, cfg.to_dict(), fresh_seed(), backward):
         assert dropped > 0 and norms == [0.0] * dropped
 
 
-def test_gradients_without_grouped_mm(monkeypatch):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_gradients_without_grouped_mm(monkeypatch, backward):
     """Where torch._grouped_mm is missing (e.g. fp32 on some GPUs), the per-expert loop is
     differentiable too."""
-    monkeypatch.setattr(torch_ep, "_grouped_mm_works", lambda device_type, dtype: False)
-    errs = layer_grad_errors(0, 1, MoEConfig(**SMALL, top_k=3, capacity_factor=0.7).to_dict(), fresh_seed(),
-                       shapes_for(1))
+    monkeypatch.setattr(torch_ep, "grouped_mm_works", lambda device_type, dtype: False)
+    errs = layer_grad_errors(0, 1, MoEConfig(**SMALL, top_k=3, capacity_factor=0.7, expert_bias=True).to_dict(),
+                             fresh_seed(), shapes_for(1), None, backward)
     assert max(errs.values()) <= FP32_TOL, errs
 
 
-def backward_twice(rank, world, cfg: dict, seed) -> float:
+def backward_twice(rank, world, cfg: dict, seed, backward) -> float:
     """-> relative difference between the gradients of two backward passes through one retained
     graph and twice those of one."""
-    layer = MoELayer(MoEConfig.from_dict(cfg), seed=seed)
+    layer = MoELayer(MoEConfig.from_dict(cfg), seed=seed, backward=backward)
     x = torch.randn(9 + rank, cfg["hidden_size"], generator=torch.Generator().manual_seed(seed + rank))
     loss = layer(x).square().sum()
     loss.backward(retain_graph=True)
@@ -176,8 +196,9 @@ def backward_twice(rank, world, cfg: dict, seed) -> float:
     return max(rel_err(p.grad, 2 * g) for p, g in zip(layer.parameters(), once))
 
 
-def test_backward_twice_through_a_retained_graph(dist_pools):
-    errs = dist_pools(2).run(backward_twice, MoEConfig(**SMALL, top_k=2).to_dict(), fresh_seed())
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_backward_twice_through_a_retained_graph(dist_pools, backward):
+    errs = dist_pools(2).run(backward_twice, MoEConfig(**SMALL, top_k=2).to_dict(), fresh_seed(), backward)
     assert max(errs) <= FP32_TOL
 
 
@@ -199,30 +220,61 @@ def test_expert_ffn_takes_a_stride_0_gradient():
 
 
 @pytest.mark.parametrize("hidden_size,ffn_size", [(30, 48), (32, 21)])
-def test_gradients_for_sizes_grouped_mm_cannot_take(hidden_size, ffn_size):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_gradients_for_sizes_grouped_mm_cannot_take(hidden_size, ffn_size, backward):
     """torch._grouped_mm wants rows of a multiple of 16 bytes; other sizes take the per-expert loop."""
     cfg = MoEConfig(**{**SMALL, "hidden_size": hidden_size, "ffn_size": ffn_size}, top_k=2)
-    errs = layer_grad_errors(0, 1, cfg.to_dict(), fresh_seed(), shapes_for(1))
+    errs = layer_grad_errors(0, 1, cfg.to_dict(), fresh_seed(), shapes_for(1), None, backward)
     assert max(errs.values()) <= FP32_TOL, errs
 
 
-def test_grad_mode_mismatch_raises_on_every_rank(dist_pools):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_grad_mode_mismatch_raises_on_every_rank(dist_pools, backward):
     """Rank 0 records a graph and rank 1 does not: rank 0's backward would wait for rank 1 forever,
     so both refuse the forward."""
-    out = dist_pools(2).run_all(forward_with_grad_mode, MoEConfig(**SMALL, top_k=2).to_dict(), [True, False])
+    out = dist_pools(2).run_all(forward_with_grad_mode, MoEConfig(**SMALL, top_k=2).to_dict(), [True, False],
+                                backward)
     for ok, err in out:
         assert not ok and err[0] == "RuntimeError" and "rank(s) [0] record an autograd graph" in err[1]
 
 
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
-def test_inference_contexts_record_nothing(dist_pools, world, context):
-    assert all(dist_pools(world).run(forward_in_context, MoEConfig(**SMALL, top_k=2).to_dict(), context))
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_inference_contexts_record_nothing(dist_pools, world, context, backward):
+    assert all(dist_pools(world).run(forward_in_context, MoEConfig(**SMALL, top_k=2).to_dict(), context, backward))
 
 
-def test_frozen_layer_and_input_need_no_backward():
-    layer = MoELayer(MoEConfig(**SMALL, top_k=2)).requires_grad_(False)
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_frozen_layer_and_input_need_no_backward(backward):
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), backward=backward).requires_grad_(False)
     assert layer(torch.randn(5, 32)).grad_fn is None
+
+
+def test_the_recompute_backward_saves_only_the_input():
+    """backward="recompute" keeps x and the parameters for its backward, none of the experts'
+    activations: the graph holds one node, whatever the expert FFN's size."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), backward="recompute")
+    x = torch.randn(7, 32, requires_grad=True)
+    node = layer(x).grad_fn.next_functions[0][0]  # under the output's view: the layer's one node
+    saved = node.saved_tensors
+    assert saved[0].data_ptr() == x.data_ptr() and saved[0].shape == x.shape  # x itself (a view)
+    assert [id(t) for t in saved[1:]] == [id(p) for p in layer.parameters()]
+
+
+def test_an_unknown_backward_is_refused():
+    with pytest.raises(ValueError, match="backward='saved'"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), backward="saved")
+
+
+def test_an_in_place_update_between_forward_and_backward_is_caught():
+    """The parameters are saved for the backward: changing one before it raises, as autograd does."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), backward="recompute")
+    out = layer(torch.randn(7, 32, requires_grad=True))
+    with torch.no_grad():
+        layer.w_in.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_compiled_layer_refuses_grad_mode():
@@ -231,3 +283,16 @@ def test_compiled_layer_refuses_grad_mode():
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match="no backward"):
         compiled(torch.randn(5, 32))
+
+
+@pytest.mark.parametrize("variant", ["topk_softmax, router bias", "everything at once"])
+def test_the_lean_reference_agrees_with_the_float64_one(variant):
+    """tests/gpu/check_backward.py's full-size reference (one expert at a time, each expert's loss
+    on its own) against grad_errors' float64 autograd through reference_forward."""
+    cfg = MoEConfig(**{**SMALL, **VARIANTS[variant]})
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    x, dy = torch.randn(13, cfg.hidden_size, generator=g), torch.randn(13, cfg.hidden_size, generator=g)
+    lean = lean_grad_errors(MoELayer(cfg, seed=seed), x.clone().requires_grad_(), dy, torch.float64)
+    full = grad_errors(MoELayer(cfg, seed=seed), x.clone().requires_grad_(), dy)
+    assert set(lean) == set(full) and max(lean.values()) <= FP32_TOL, (lean, full)

@@ -1,4 +1,4 @@
-"""MoELayer(backend="torch") in a training loop, at 1 and 2 gloo ranks.
+"""MoELayer(backend="torch") in a training loop, at 1 and 2 gloo ranks, with either backward (autograd, recompute).
 
 The model: token embedding -> h + MoELayer(h) -> linear head, cross-entropy against a fixed
 random token -> token map. Each rank trains on its own batches; the loss is the mean over ranks,
@@ -17,6 +17,7 @@ from grad_reference import rel_err
 from torch import nn
 
 from flashmoe_py import MoEConfig, MoELayer, reference_forward
+from flashmoe_py.options import BACKWARDS
 from flashmoe_py.reference import reference_routing
 
 CFG = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, dtype="float32")
@@ -102,12 +103,12 @@ def sum_replicated_grads(model: TinyMoEModel, scalars: torch.Tensor, world: int)
 
 # --- functions run on every rank of a DistPool: fn(rank, world_size, *args) ---
 
-def train_both(rank, world, cfg: dict, seed, optimizer: str, steps: int) -> tuple[list, list, list]:
+def train_both(rank, world, cfg: dict, seed, optimizer: str, steps: int, backward) -> tuple[list, list, list]:
     """`steps` optimizer steps of the layer's model and of the float64 reference on the same
     batches -> (layer losses, reference losses, routing differs), at each step: the mean loss over
     ranks, and whether the layer routed any rank's batch to other experts than the reference did
     (per-expert counts compared)."""
-    moe = MoELayer(MoEConfig.from_dict(cfg), seed=seed)
+    moe = MoELayer(MoEConfig.from_dict(cfg), seed=seed, backward=backward)
     model = TinyMoEModel(moe, seed)
     ref = ReferenceModel(model)
     opt, ref_opt = make_optimizer(optimizer, model.parameters()), make_optimizer(optimizer, ref.params)
@@ -132,10 +133,10 @@ def train_both(rank, world, cfg: dict, seed, optimizer: str, steps: int) -> tupl
     return losses, ref_losses, routing_differs
 
 
-def accumulation_errors(rank, world, cfg: dict, seed) -> dict:
+def accumulation_errors(rank, world, cfg: dict, seed, backward) -> dict:
     """Gradients of one batch's summed loss, and of its two halves' losses accumulated by two
     backward calls -> {parameter: relative difference}."""
-    model = TinyMoEModel(MoELayer(MoEConfig.from_dict(cfg), seed=seed), seed)
+    model = TinyMoEModel(MoELayer(MoEConfig.from_dict(cfg), seed=seed, backward=backward), seed)
     tokens, targets = batch(seed, 0, rank, torch.randperm(VOCAB, generator=torch.Generator().manual_seed(seed)))
     F.cross_entropy(model(tokens), targets, reduction="sum").backward()
     one_batch = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -145,11 +146,11 @@ def accumulation_errors(rank, world, cfg: dict, seed) -> dict:
     return {n: rel_err(p.grad, one_batch[n]) for n, p in model.named_parameters()}
 
 
-def forward_after_a_step(rank, world, cfg: dict, seed) -> tuple[float, float]:
+def forward_after_a_step(rank, world, cfg: dict, seed, backward) -> tuple[float, float]:
     """One SGD step on a layer -> (relative error of its next output against the reference with
     the stepped weights, relative change of that output from the one before the step)."""
     cfg = MoEConfig.from_dict(cfg)
-    layer = MoELayer(cfg, seed=seed)
+    layer = MoELayer(cfg, seed=seed, backward=backward)
     g = torch.Generator().manual_seed(seed + rank)
     x, dy = torch.randn(20, cfg.hidden_size, generator=g), torch.randn(20, cfg.hidden_size, generator=g)
     before = layer(x)
@@ -165,7 +166,8 @@ def forward_after_a_step(rank, world, cfg: dict, seed) -> tuple[float, float]:
 
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_losses_track_the_float64_reference(dist_pools, world, optimizer):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_losses_track_the_float64_reference(dist_pools, world, optimizer, backward):
     """200 steps. Each step's loss is within 1e-5 (relative) of the reference's until the first
     step at which the layer routes some token to other experts than the reference (a near-tie that
     float32 and float64 resolve differently: a legitimate discrete difference), and within 1e-2
@@ -175,7 +177,7 @@ def test_losses_track_the_float64_reference(dist_pools, world, optimizer):
     (Adam's eps is 1e-6: with 1e-8, gradient elements at the level of float32 rounding became
     full-size steps of random sign, and one run in 60 parted by 2.7e-2 with no routing difference.)"""
     losses, ref_losses, routing_differs = dist_pools(world).run(
-        train_both, CFG.to_dict(), fresh_seed(), optimizer, 200)[0]
+        train_both, CFG.to_dict(), fresh_seed(), optimizer, 200, backward)[0]
     dev = [abs(a - b) / b for a, b in zip(losses, ref_losses)]
     first = routing_differs.index(True) if any(routing_differs) else len(dev)
     assert losses[-1] < 0.85 * losses[0]  # the model learns: the comparison is not of constants
@@ -184,21 +186,24 @@ def test_losses_track_the_float64_reference(dist_pools, world, optimizer):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_two_accumulated_micro_batches_equal_one_batch(dist_pools, world):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_two_accumulated_micro_batches_equal_one_batch(dist_pools, world, backward):
     """Dropless (capacity depends on a forward's token count, so it would differ by design)."""
-    for errs in dist_pools(world).run(accumulation_errors, CFG.to_dict(), fresh_seed()):
+    for errs in dist_pools(world).run(accumulation_errors, CFG.to_dict(), fresh_seed(), backward):
         assert max(errs.values()) <= 1e-5, errs
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_an_optimizer_step_changes_what_the_next_forward_computes(dist_pools, world):
-    for err, change in dist_pools(world).run(forward_after_a_step, CFG.to_dict(), fresh_seed()):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_an_optimizer_step_changes_what_the_next_forward_computes(dist_pools, world, backward):
+    for err, change in dist_pools(world).run(forward_after_a_step, CFG.to_dict(), fresh_seed(), backward):
         assert err <= 1e-5 and change > 1e-3
 
 
-def test_eval_mode_computes_the_same_and_still_has_gradients():
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_eval_mode_computes_the_same_and_still_has_gradients(backward):
     """The layer has no train-only behaviour: eval() changes nothing, not even the backward."""
-    layer = MoELayer(CFG, seed=fresh_seed())
+    layer = MoELayer(CFG, seed=fresh_seed(), backward=backward)
     x = torch.randn(12, CFG.hidden_size, requires_grad=True)
     trained = layer.train()(x)
     evaluated = layer.eval()(x)

@@ -11,6 +11,7 @@ import logging
 import weakref
 
 import torch
+import torch.distributed as dist
 
 from .. import runtime
 from ..heap import SymmetricHeap
@@ -21,10 +22,20 @@ from ..kernels.fused_moe import launch_fused
 from ..kernels.transport import nvshmem_device_library
 from ..kernels.workspace import Workspace
 from ..routing import Routing
+from .torch_ep import check_graphs_agree
 
 log = logging.getLogger("flashmoe_py")
 # The layer's weights the fused kernel reads (those a config has); the router's go to route().
 FUSED_WEIGHTS = ("w_in", "w_out", "b_in", "b_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
+
+
+def _check_graphs_agree(layer, in_graph: bool, error: Exception | None) -> None:
+    """Every rank in grad mode says whether it records this forward (a rank whose input is
+    rejected records nothing and is left out); raise on all of them if those that take part differ."""
+    mine = torch.tensor([int(in_graph), int(error is not None)], device=layer.device)
+    flags = torch.empty(layer.world_size, 2, dtype=mine.dtype, device=layer.device)
+    dist.all_gather_into_tensor(flags, mine, group=layer.process_group)
+    check_graphs_agree([f if not bad else None for f, bad in flags.tolist()])
 
 
 class FusedKernelError(RuntimeError):
@@ -73,15 +84,21 @@ class FlashBackend:
         self.seen: set[int] = set()
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 
-    def forward(self, x: torch.Tensor, error: Exception | None):
+    def forward(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None = None):
         """x: [T, H] -> (out [T, H], stats). A rank whose input is rejected still runs the kernel
-        with no tokens, so its peers' forwards complete; then it raises.
+        with no tokens, so its peers' forwards complete; then it raises. in_graph: whether this
+        rank records the forward for a backward (None: grad mode off); at world > 1 the ranks in
+        grad mode compare it first (one small all-gather and a host synchronisation), since the
+        backward is collective (a rank under no_grad beside one recording is not seen: the
+        recording rank's backward then waits for it until the process group's timeout).
 
         With cuda_graphs, the second forward at a token count captures the whole forward (routing
         plan and kernel) in a CUDA graph, and later ones replay it: the launch overhead of the
         plan's small ops is paid once. Graphs are kept for the MAX_GRAPHS latest token counts."""
         self.raise_if_failed(block=False)
         layer, geo = self.layer, self.geo
+        if in_graph is not None and layer.world_size > 1:
+            _check_graphs_agree(layer, in_graph, error)
         if error is not None:
             self._launch(torch.empty(0, geo.hidden, dtype=layer.config.torch_dtype, device=layer.device))
             raise error

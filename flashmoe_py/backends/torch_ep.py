@@ -22,7 +22,7 @@ class PeerInputError(RuntimeError):
 
 
 @functools.cache
-def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs and is right for this device and dtype (probed once)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -38,7 +38,7 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def _grouped_mm_aligned(x: torch.Tensor, w_out: torch.Tensor) -> bool:
+def grouped_mm_aligned(x: torch.Tensor, w_out: torch.Tensor) -> bool:
     """torch._grouped_mm needs row strides of a multiple of 16 bytes: hidden and ffn sizes."""
     return all(n * x.element_size() % 16 == 0 for n in w_out.shape[1:])
 
@@ -62,7 +62,7 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out:
     def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return y if bias is None else (y.float() + bias.float()).to(x.dtype)
 
-    if _grouped_mm_works(x.device.type, x.dtype) and _grouped_mm_aligned(x, w_out):
+    if grouped_mm_works(x.device.type, x.dtype) and grouped_mm_aligned(x, w_out):
         offs = torch.cumsum(counts, 0).to(torch.int32)
 
         def per_row(bias: torch.Tensor | None) -> torch.Tensor | None:  # [L, n] -> [N, n]
@@ -99,9 +99,11 @@ class TorchEPBackend:
     def __init__(self, layer):
         self.layer = weakref.proxy(layer)  # the layer owns the backend: no cycle to keep it alive
 
-    def forward(self, x: torch.Tensor, error: Exception | None):
+    def forward(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None = None):
         """x: [T, hidden] in the layer's dtype and device, or anything when `error` says why it was
-        rejected; the error is shared with every rank before it is raised. -> (out [T, hidden], stats)."""
+        rejected; the error is shared with every rank before it is raised. in_graph: whether this
+        rank records the forward's graph (compared across ranks; None: grad mode off).
+        -> (out [T, hidden], stats)."""
         layer, cfg = self.layer, self.layer.config
         W, L, E, k = layer.world_size, layer.local_experts, cfg.num_experts, cfg.top_k
         device = layer.router_weight.device
@@ -129,10 +131,9 @@ class TorchEPBackend:
                 raise error
             y_sorted = self._local_experts(self._rows(x, slot_tok, slot_w), send_counts[0])
         else:
-            in_graph = error is None and layer._records_graph(x)
-            recv_counts = self._exchange_counts(send_counts, error, in_graph)
+            recv_counts = self._exchange_counts(send_counts, error, bool(in_graph))
             rows = self._rows(x, slot_tok, slot_w)
-            y_sorted = self._dispatch_compute_combine(rows, send_counts, recv_counts, in_graph)
+            y_sorted = self._dispatch_compute_combine(rows, send_counts, recv_counts, bool(in_graph))
 
         out = torch.zeros(x.shape[0], cfg.hidden_size, dtype=torch.float32, device=device)
         if cfg.weight_on_input:  # the weight was applied to the expert's input
@@ -196,13 +197,13 @@ class TorchEPBackend:
         return dispatch_experts_combine(send_x, experts, exchange, in_graph=in_graph)
 
 
-def check_graphs_agree(in_graph: list[int]) -> None:
-    """in_graph: [W] whether each rank records this forward's graph. The backward is collective
-    (an all-to-all per dispatch and combine), so a rank that records one while a peer does not
-    would wait forever in backward: raise on every rank instead."""
-    if len(set(in_graph)) > 1:
+def check_graphs_agree(in_graph: list[int | None]) -> None:
+    """in_graph: [W] whether each rank records this forward's graph (None: a rank left out). The
+    backward is collective (all-to-alls), so a rank that records one while a peer does not would
+    wait forever in backward: raise on every rank instead."""
+    if len({f for f in in_graph if f is not None}) > 1:
         on = [r for r, f in enumerate(in_graph) if f]
-        off = [r for r, f in enumerate(in_graph) if not f]
+        off = [r for r, f in enumerate(in_graph) if f == 0]
         raise RuntimeError(
             f"rank(s) {on} record an autograd graph for this MoE forward and rank(s) {off} do not: "
             "its backward is collective, so run the forward in the same grad mode on every rank "

@@ -1,28 +1,36 @@
-"""GPU gradients of backend="torch" (NCCL, routing in torch ops while a graph is recorded)
-against float64 autograd through the reference; run one process per GPU:
+"""GPU gradients of MoELayer against autograd through the reference, for backend "torch" (NCCL,
+routing in torch ops while a graph is recorded; both backwards) and backend "flash" (the fused
+forward, then backward="recompute": backends/recompute.py); run one process per GPU:
 
-    bash launch/torchrun.sh tests/gpu/check_backward.py [--out results.json]
+    bash launch/torchrun.sh tests/gpu/check_backward.py [--presets] [--out results.json]
 
 Every case: fresh random [batch, seq, H] inputs, uneven token counts (one rank with none when
-there are several), all four gradients (what each rank's must be: tests/grad_reference.py).
-Exit code 1 if any case fails."""
+there are several), every gradient (what each rank's must be: tests/grad_reference.py), against
+float64. --presets (world 1): the full-size presets on backend flash, against a float32 reference
+taken one expert at a time (grad_reference.lean_grad_errors). Exit code 1 if any case fails."""
 
 import argparse
 import json
 import os
 import random
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
+import flashmoe_py as fm
 from flashmoe_py import MoEConfig, MoELayer
+from flashmoe_py.kernels.layout import heap_bytes_for
 from flashmoe_py.routing import route
+from flashmoe_py.runtime import detect_launcher
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
-from grad_reference import grad_errors
+from grad_reference import grad_errors, lean_grad_errors  # noqa: E402
 
 TOL = {"bfloat16": 1e-2, "float32": 1e-5}
+FLASH_FP32_TOL = 1e-4  # a GPU kernel's bar (its forward is the fused kernel's)
+PRESET_TOKENS = {"mixtral_8x7b": 1024, "qwen3_30b_a3b": 2048, "gpt_oss_120b": 2048, "deepseek_v3": 2048}
 CASES = [  # (name, config overrides); hidden 64, ffn 96, 16 experts unless overridden
     ("fp32 swiglu top-2", dict(top_k=2)),
     ("fp32 gelu top-1, not renormalised", dict(top_k=1, activation="gelu", renormalize=False)),
@@ -39,18 +47,55 @@ def same_seed() -> int:
     return int(t)
 
 
-def run_case(name, overrides, rank, world) -> dict:
-    cfg = MoEConfig(**{"hidden_size": 64, "ffn_size": 96, "num_experts": 16, "dtype": "float32", **overrides})
+def make_layer(cfg: MoEConfig, backend: str, backward: str | None, seed: int, tokens: int) -> MoELayer:
+    if backend == "flash":
+        return MoELayer(cfg, backend="flash", seed=seed, max_tokens_per_rank=tokens)
+    return MoELayer(cfg, backend="torch", seed=seed, backward=backward)
+
+
+def case_config(overrides: dict) -> MoEConfig:
+    return MoEConfig(**{"hidden_size": 64, "ffn_size": 96, "num_experts": 16, "dtype": "float32", **overrides})
+
+
+def max_tokens(world: int) -> int:
+    """The most tokens a rank passes in run_case (3 x (37 + 11 rank))."""
+    return 3 * (37 + 11 * (world - 1))
+
+
+def run_case(name, overrides, backend, backward, rank, world) -> dict:
+    cfg = case_config(overrides)
     seed = same_seed()
-    layer = MoELayer(cfg, backend="torch", seed=seed)
+    layer = make_layer(cfg, backend, backward, seed, max_tokens(world))
     g = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
     seq = 0 if world > 1 and rank == world - 1 else 37 + 11 * rank
     x = torch.randn(3, seq, cfg.hidden_size, generator=g).to("cuda", cfg.torch_dtype).requires_grad_()
     dy = torch.randn(x.shape, generator=g).to("cuda", cfg.torch_dtype)
     errs = grad_errors(layer, x, dy)
-    worst = torch.tensor([max(errs.values())], device="cuda", dtype=torch.float64)
+    return finish(layer, name, backend, backward or layer.options.backward_for(backend), cfg, errs)
+
+
+def run_preset(name: str, rank: int) -> dict:
+    """A full-size preset on backend flash at world 1, bf16, against the lean float32 reference."""
+    cfg, tokens = fm.preset(name), PRESET_TOKENS[name]
+    seed = same_seed()
+    layer = make_layer(cfg, "flash", None, seed, tokens)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(tokens, cfg.hidden_size, generator=g).to("cuda", cfg.torch_dtype).requires_grad_()
+    dy = torch.randn(x.shape, generator=g).to("cuda", cfg.torch_dtype)
+    start = time.perf_counter()
+    errs = lean_grad_errors(layer, x, dy)
+    return finish(layer, f"preset {name}, {tokens} tokens", "flash", "recompute", cfg, errs,
+                  seconds=round(time.perf_counter() - start, 1))
+
+
+def finish(layer, name, backend, backward, cfg, errs, **extra) -> dict:
+    worst = torch.tensor([max(e for e in errs.values() if e is not None)], device="cuda", dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return {"case": name, "max_rel_err": float(worst), "ok": float(worst) <= TOL[cfg.dtype], **errs}
+    if backend == "flash":
+        layer.backend.close()
+    tol = FLASH_FP32_TOL if backend == "flash" and cfg.dtype == "float32" else TOL[cfg.dtype]
+    return {"case": name, "backend": backend, "backward": backward, "dtype": cfg.dtype,
+            "max_rel_err": float(worst), "ok": float(worst) <= tol, **errs, **extra}
 
 
 def router_kernel_kept_for_inference(rank) -> dict:
@@ -67,20 +112,28 @@ def router_kernel_kept_for_inference(rank) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", action="store_true", help="also the full-size presets (world 1, flash)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    rows = [run_case(name, o, rank, world) for name, o in CASES] + [router_kernel_kept_for_inference(rank)]
+    world = detect_launcher().world_size
+    presets = list(PRESET_TOKENS) if args.presets and world == 1 else []
+    configs = [(fm.preset(n), PRESET_TOKENS[n]) for n in presets]
+    configs += [(case_config(o), max_tokens(world)) for _, o in CASES]
+    rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, t) for c, t in configs))
+    rank = rt.rank
+    runs = [("torch", "autograd"), ("torch", "recompute"), ("flash", None)]
+    rows = [run_case(name, o, backend, backward, rank, world) for backend, backward in runs for name, o in CASES]
+    rows += [router_kernel_kept_for_inference(rank)] + [run_preset(n, rank) for n in presets]
     if rank == 0:
         for r in rows:
-            print(("ok  " if r["ok"] else "FAIL"), r["case"], {k: v for k, v in r.items() if k not in ("case", "ok")})
+            print(("ok  " if r["ok"] else "FAIL"), r["case"], {k: v for k, v in r.items() if k not in ("case", "ok")},
+                  flush=True)
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"world_size": world, "rows": rows}, f, indent=1)
+                json.dump({"device": torch.cuda.get_device_name(), "world_size": world,
+                           "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"), "rows": rows}, f, indent=1)
     ok = all(r["ok"] for r in rows)
-    dist.destroy_process_group()
+    fm.finalize()
     return 0 if ok else 1
 
 

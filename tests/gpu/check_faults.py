@@ -18,7 +18,7 @@ TIMEOUT_S = 2.0
 
 
 def main():
-    torch.set_grad_enabled(False)  # inference checks: a forward that records a graph raises
+    torch.set_grad_enabled(False)  # inference checks: no graph, nothing saved for a backward
     cfg = fm.MoEConfig(hidden_size=256, ffn_size=256, num_experts=16, top_k=2)
     rt = fm.init(layers=[(cfg, 128)])
     layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=128, timeout_s=TIMEOUT_S,

@@ -108,7 +108,7 @@ def run_graph_case(cfg, tokens, rank, world, replays=5):
 
 
 def main():
-    torch.set_grad_enabled(False)  # inference checks: a forward that records a graph raises
+    torch.set_grad_enabled(False)  # inference checks: no graph, nothing saved for a backward
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=1000)
     p.add_argument("--presets", action="store_true", help="also the full-size model presets")

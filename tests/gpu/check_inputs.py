@@ -43,15 +43,14 @@ class Case:
         x = self.x(T or MAX_TOKENS)
         return rel_err(self.layer(x), fm.reference_forward(x, config=self.cfg, **self.full))
 
-    def bad_rank(self, name, bad_input, expect_error: str, error=ValueError, grad=False):
-        """Rank 0 passes bad_input, in grad mode if `grad` (and must get `error` containing
-        expect_error); the others run a good forward at the same time and must match the
-        reference; then everyone runs a good one."""
+    def bad_rank(self, name, bad_input, expect_error: str, error=ValueError):
+        """Rank 0 passes bad_input (and must get `error` containing expect_error); the others
+        run a good forward at the same time and must match the reference; then everyone runs a
+        good one."""
         ok, note = True, ""
         if self.rank == 0:
             try:
-                with torch.set_grad_enabled(grad):
-                    self.layer(bad_input)
+                self.layer(bad_input)
                 ok, note = False, "no error"
             except error as e:
                 note = str(e)
@@ -64,7 +63,7 @@ class Case:
 
 
 def main():
-    torch.set_grad_enabled(False)  # inference checks: a forward that records a graph raises
+    torch.set_grad_enabled(False)  # inference checks: no graph, nothing saved for a backward
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -88,8 +87,12 @@ def main():
     rows.append(c.bad_rank("on the CPU", c.x(64).cpu(), "cpu"))
     rows.append(c.bad_rank("more tokens than max_tokens_per_rank", c.x(MAX_TOKENS + 1),
                            f"max_tokens_per_rank={MAX_TOKENS}"))
-    rows.append(c.bad_rank("grad mode (no fused backward)", c.x(64).requires_grad_(),
-                           "backward is not implemented", NotImplementedError, grad=True))
+    try:  # every rank: a refusal before any symmetric allocation, so none waits on another
+        fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=MAX_TOKENS, backward="autograd")
+        rows.append({"case": "backward='autograd' refused", "ok": all_true(False), "error": "none"})
+    except ValueError as e:
+        rows.append({"case": "backward='autograd' refused", "ok": all_true("backward='autograd'" in str(e)),
+                     "error": str(e)})
 
     # Non-contiguous input is accepted (copied contiguous) and correct.
     x = c.x(2 * MAX_TOKENS)[::2]

@@ -26,7 +26,7 @@ def worker():
     import flashmoe_py as fm
     from flashmoe_py import FusedKernelError
 
-    torch.set_grad_enabled(False)  # inference check: a forward that records a graph raises
+    torch.set_grad_enabled(False)  # an inference check: no graph, nothing saved for a backward
     cfg = fm.MoEConfig(hidden_size=256, ffn_size=256, num_experts=16, top_k=2)
     rt = fm.init(layers=[(cfg, 128)])
     layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=128, timeout_s=TIMEOUT_S)

@@ -17,7 +17,7 @@ import flashmoe_py as fm
 
 
 def main():
-    torch.set_grad_enabled(False)  # inference checks: a forward that records a graph raises
+    torch.set_grad_enabled(False)  # inference checks: no graph, nothing saved for a backward
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=10_000)
     args = p.parse_args()

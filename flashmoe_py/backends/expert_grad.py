@@ -1,0 +1,131 @@
+"""The routed experts' backward in explicit steps, their activations recomputed from the rows:
+nothing of the expert FFN is saved by the forward but its input (backward="recompute").
+
+Rows are sorted by local expert, counts[e] of them for expert e. For a row r of expert e:
+pre = r w_in[e] (+ b_in[e]), h = act(pre), y = h w_out[e] (+ b_out[e]); the row enters the layer's
+output as scale * y (scale: the slot's routing weight, or 1 where the weight went into r). With dy
+the gradient of the layer's output at the row's token:
+
+    g      = dy w_out[e]^T                      [N, F]       (GEMM2 transposed)
+    dot    = <dy, y> = sum(h * g) + <dy, b_out>  [N]          (y is not recomputed)
+    d_pre  = act'(pre) (scale * g)              [N, F_in]
+    d_rows = d_pre w_in[e]^T                    [N, H]
+    dw_in[e] = r_e^T d_pre_e,  dw_out[e] = h_e^T (scale dy)_e,  db_in, db_out: their column sums.
+
+dot is the gradient of the slot's scale; d_rows that of its row. GEMM1 runs again (pre), GEMM2
+does not."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MoEConfig
+from ..reference import activate
+from . import torch_ep
+
+
+@dataclass
+class ExpertGrads:
+    """d_rows: [N, H] fp32; dot: [N] fp32; params: {w_in, w_out[, b_in, b_out]} gradients, in the
+    weights' shapes and dtypes (gated w_in and b_in in the layer's gate/up pairs)."""
+
+    d_rows: torch.Tensor
+    dot: torch.Tensor
+    params: dict[str, torch.Tensor]
+
+
+def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor,
+                        weights: dict[str, torch.Tensor | None], config: MoEConfig) -> ExpertGrads:
+    """rows, dy: [N, H] in the layer's dtype, sorted by local expert; scale: [N] fp32;
+    counts: [L] int64 (sum N); weights: the layer's w_in [L, H, F_in], w_out [L, F, H] and b_in
+    [L, F_in], b_out [L, H] or None. Activation math in fp32, GEMMs in the rows' dtype."""
+    w_in, w_out, b_in, b_out = (weights.get(n) for n in ("w_in", "w_out", "b_in", "b_out"))
+    groups = _Groups(counts, rows, w_out)
+    dtype = rows.dtype
+    pre = groups.rows_times(rows, w_in).float()
+    if b_in is not None:
+        pre = pre + groups.per_row(b_in).float()
+    g = groups.rows_times(dy, w_out.transpose(1, 2)).float()
+    with torch.enable_grad():
+        pre.requires_grad_()
+        h = activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True)
+        d_pre, = torch.autograd.grad(h, pre, g * scale[:, None])
+    h = h.detach()
+    dot = (h * g).sum(1)
+    if b_out is not None:
+        dot = dot + (dy.float() * groups.per_row(b_out).float()).sum(1)
+    d_pre_low = d_pre.to(dtype)
+    scaled_dy = (dy.float() * scale[:, None]).to(dtype)
+    params = {"w_in": groups.outer(rows, d_pre_low), "w_out": groups.outer(h.to(dtype), scaled_dy)}
+    if b_in is not None:
+        params["b_in"] = groups.column_sums(d_pre).to(b_in.dtype)
+        params["b_out"] = groups.column_sums(scaled_dy.float()).to(b_out.dtype)
+    d_rows = groups.rows_times(d_pre_low, w_in.transpose(1, 2)).float()
+    return ExpertGrads(d_rows, dot, params)
+
+
+class _Groups:
+    """Per-expert products over rows sorted by expert: torch._grouped_mm where it runs and is right
+    for these sizes, else a loop over experts (one host synchronisation, for the row counts)."""
+
+    def __init__(self, counts: torch.Tensor, rows: torch.Tensor, w_out: torch.Tensor):
+        self.counts, self.n = counts, rows.shape[0]
+        self.grouped = (torch_ep.grouped_mm_works(rows.device.type, rows.dtype)
+                        and torch_ep.grouped_mm_aligned(rows, w_out)
+                        and _grouped_outer_works(rows.device.type, rows.dtype))
+        if self.grouped:
+            self.offs = torch.cumsum(counts, 0).to(torch.int32)
+        else:
+            ends = torch.cumsum(counts, 0).tolist()
+            self.slices = [slice(end - int(n), end) for n, end in zip(counts.tolist(), ends)]
+
+    def rows_times(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a: [N, K]; b: [L, K, M] -> [N, M], each expert's rows times its b."""
+        if self.grouped:
+            return torch._grouped_mm(a, b, offs=self.offs)
+        out = a.new_empty(self.n, b.shape[-1])
+        for e, s in enumerate(self.slices):
+            out[s] = a[s] @ b[e]
+        return out
+
+    def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a: [N, K]; b: [N, M] -> [L, K, M], each expert's a^T b over its rows (zero without rows)."""
+        if self.grouped:
+            return torch._grouped_mm(a.t(), b, offs=self.offs)
+        out = a.new_zeros(len(self.slices), a.shape[1], b.shape[1])
+        for e, s in enumerate(self.slices):
+            if s.stop > s.start:
+                out[e] = a[s].t() @ b[s]
+        return out
+
+    def column_sums(self, a: torch.Tensor) -> torch.Tensor:
+        """a: [N, M] fp32 -> [L, M], each expert's rows summed."""
+        return a.new_zeros(self.counts.shape[0], a.shape[1]).index_add_(0, self._row_expert(), a)
+
+    def per_row(self, t: torch.Tensor) -> torch.Tensor:
+        """t: [L, M] -> [N, M], each row its expert's."""
+        return t[self._row_expert()]
+
+    def _row_expert(self) -> torch.Tensor:
+        experts = torch.arange(self.counts.shape[0], device=self.counts.device)
+        return experts.repeat_interleave(self.counts, output_size=self.n)
+
+
+@functools.cache
+def _grouped_outer_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm takes groups along K (a [K_total, M]^T with b [K_total, N]), as the
+    weight gradients need, and is right for this device and dtype (probed once)."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(48, 32, generator=g).to(device_type, dtype)
+        b = torch.randn(48, 16, generator=g).to(device_type, dtype)
+        offs = torch.tensor([16, 16, 48], dtype=torch.int32, device=device_type)
+        got = torch._grouped_mm(a.t(), b, offs=offs).float()
+        want = torch.stack([a[:16].float().t() @ b[:16].float(), torch.zeros(32, 16, device=device_type),
+                            a[16:].float().t() @ b[16:].float()])
+        return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-1))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
