@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .backends.flash import FlashBackend
-from .backends.recompute import recomputed_forward
+from .backends.recompute import moe_backward, recomputed_forward
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
 from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
@@ -317,11 +317,9 @@ class MoELayer(nn.Module):
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # one opaque op for the compiler: no graph break here
-            if self._records_graph(x):  # the op has no autograd formula: refuse, as _forward does
-                raise NotImplementedError("MoELayer under torch.compile has no backward: compile the "
-                                          "model for inference (torch.no_grad() or inference_mode())")
-            return torch.ops.flashmoe.moe_forward(x, self._op_id)
+        if torch.compiler.is_compiling():  # one opaque op per direction for the compiler: no graph break
+            in_graph = -1 if not torch.is_grad_enabled() else int(self._records_graph(x))
+            return torch.ops.flashmoe.moe_forward(x, list(self.parameters()), self._op_id, in_graph)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -340,6 +338,15 @@ class MoELayer(nn.Module):
             out = recomputed_forward(self, x2d, run)
         else:
             out, stats = self.backend.forward(x2d, problem, in_graph=in_graph)
+        self.last_stats = MoEStats(**stats)
+        return out.view(x.shape)
+
+    def _inference_forward(self, x: torch.Tensor, in_graph: bool | None) -> torch.Tensor:
+        """The forward without a graph (the compiled op's body); in_graph as the caller's, for the
+        ranks' agreement."""
+        problem = self._input_problem(x)
+        x2d = x.reshape(-1, self.config.hidden_size).contiguous() if problem is None else x
+        out, stats = self.backend.forward(x2d, problem, in_graph=in_graph and problem is None)
         self.last_stats = MoEStats(**stats)
         return out.view(x.shape)
 
@@ -378,15 +385,51 @@ _layer_ids = itertools.count()
 _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionary()
 
 
+# Under torch.compile the layer is two custom ops, forward and backward, with a registered autograd
+# (whatever the layer's `backward`, the compiled one is backward="recompute"'s). `params` is the
+# layer's parameters, inputs only so that autograd hands them gradients; in_graph: -1 grad mode
+# off, else whether the caller records the forward (compared across ranks).
+
 @torch.library.custom_op("flashmoe::moe_forward", mutates_args=())
-def _moe_forward(x: torch.Tensor, layer_id: int) -> torch.Tensor:
+def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int) -> torch.Tensor:
     """MoELayer.forward as a custom op, so torch.compile keeps the layer whole."""
-    return _LAYERS[layer_id]._forward(x)
+    return _LAYERS[layer_id]._inference_forward(x, None if in_graph < 0 else bool(in_graph))
 
 
 @_moe_forward.register_fake
-def _(x: torch.Tensor, layer_id: int) -> torch.Tensor:
+def _(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("flashmoe::moe_backward", mutates_args=())
+def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_id: int) -> list[torch.Tensor]:
+    """-> [dx, one gradient per parameter] of sum(layer(x) * dy) (backends/recompute.py; collective)."""
+    layer = _LAYERS[layer_id]
+    H = layer.config.hidden_size
+    names = [name for name, _ in layer.named_parameters()]
+    grads = moe_backward(layer, x.reshape(-1, H).contiguous(), dy.reshape(-1, H).contiguous(), set(names),
+                         x_needs_grad=True)
+    return [grads["x"].view(x.shape)] + [grads[name] for name in names]
+
+
+@_moe_backward.register_fake
+def _(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_id: int) -> list[torch.Tensor]:
+    return [torch.empty_like(x)] + [torch.empty_like(p) for p in params]
+
+
+def _setup_moe_forward(ctx, inputs, output) -> None:
+    x, params, layer_id, _ = inputs
+    ctx.layer_id = layer_id
+    ctx.save_for_backward(x, *params)
+
+
+def _moe_forward_backward(ctx, dy):
+    x, *params = ctx.saved_tensors
+    dx, *grads = torch.ops.flashmoe.moe_backward(x, dy.contiguous(), params, ctx.layer_id)
+    return dx, grads, None, None
+
+
+_moe_forward.register_autograd(_moe_forward_backward, setup_context=_setup_moe_forward)
 
 
 def _default_device(distributed: bool) -> torch.device:

@@ -97,6 +97,38 @@ def weights_for(logits: torch.Tensor, experts: torch.Tensor, config: MoEConfig) 
     return weights * config.routed_scaling_factor if config.routed_scaling_factor != 1.0 else weights
 
 
+def weights_backward(logits: torch.Tensor, experts: torch.Tensor, config: MoEConfig,
+                     grad: torch.Tensor) -> torch.Tensor:
+    """weights_for's backward: logits [T, E] fp32, experts [T, k], grad [T, k] fp32 (of the scaled
+    weights) -> the logits' gradient [T, E] fp32 (zero off the chosen experts, except through a
+    softmax over all of them), by the derivatives written out (no autograd)."""
+    grad = grad * config.routed_scaling_factor
+
+    def through_renormalisation(w: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """w = s / total, total = sum(s): d s from d w."""
+        return (grad - (grad * w).sum(-1, keepdim=True)) / total
+
+    out = torch.zeros_like(logits)
+    if config.routing == "softmax_topk":
+        probs = torch.softmax(logits, dim=-1)
+        chosen = probs.gather(1, experts)
+        d_chosen = grad
+        if config.renormalize:
+            total = chosen.sum(-1, keepdim=True)
+            d_chosen = through_renormalisation(chosen / total, total)
+        d_probs = out.scatter_(1, experts, d_chosen)
+        return probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))
+    if config.routing == "topk_softmax":
+        w = torch.softmax(logits.gather(1, experts), dim=-1)
+        return out.scatter_(1, experts, w * (grad - (w * grad).sum(-1, keepdim=True)))
+    s = torch.sigmoid(logits.gather(1, experts))  # topk_sigmoid, sigmoid_grouped
+    d_s = grad
+    if config.renormalize:
+        total = s.sum(-1, keepdim=True) + 1e-20
+        d_s = through_renormalisation(s / total, total)
+    return out.scatter_(1, experts, d_s * s * (1 - s))
+
+
 def _records_graph(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 

@@ -42,10 +42,11 @@ def reference_grads(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor) -> dict:
     return grads
 
 
-def grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor) -> dict:
-    """Backward of sum(layer(x) * dy), x [..., H] -> {x or parameter name: relative error against
-    the reference}; None where .grad is None (x that needs no gradient)."""
-    (layer(x) * dy).sum().backward()
+def grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, forward=None) -> dict:
+    """Backward of sum(forward(x) * dy), x [..., H], forward the layer or a wrapper of it (a
+    compiled one) -> {x or parameter name: relative error against the reference}; None where
+    .grad is None (x that needs no gradient)."""
+    ((layer if forward is None else forward)(x) * dy).sum().backward()
     H = layer.config.hidden_size
     want = reference_grads(layer, x.reshape(-1, H), dy.reshape(-1, H))
     got = {"x": None if x.grad is None else x.grad.reshape(-1, H)}

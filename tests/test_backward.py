@@ -277,12 +277,22 @@ def test_an_in_place_update_between_forward_and_backward_is_caught():
         out.sum().backward()
 
 
-def test_compiled_layer_refuses_grad_mode():
-    """The compiled layer is one custom op with no autograd formula: grad mode is refused there."""
-    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+def compiled_grad_errors(rank, world, cfg: dict, seed, shapes) -> dict:
+    """layer_grad_errors through torch.compile(fullgraph=True): the layer is one forward op and one
+    backward op (backward="recompute"'s steps) with no graph break."""
+    cfg = MoEConfig.from_dict(cfg)
+    layer = MoELayer(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed * 1009 + rank)
+    x = torch.randn(*shapes[rank], cfg.hidden_size, generator=g).requires_grad_()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    with pytest.raises(Exception, match="no backward"):
-        compiled(torch.randn(5, 32))
+    return grad_errors(layer, x, torch.randn(x.shape, generator=g), compiled)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_compiled_layer_gradients_match_reference(dist_pools, world):
+    cfg = MoEConfig(**{**SMALL, **VARIANTS["everything at once"]})
+    for errs in dist_pools(world).run(compiled_grad_errors, cfg.to_dict(), fresh_seed(), shapes_for(world)):
+        assert max(errs.values()) <= FP32_TOL, errs
 
 
 @pytest.mark.parametrize("variant", ["topk_softmax, router bias", "everything at once"])

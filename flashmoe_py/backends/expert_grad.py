@@ -18,12 +18,13 @@ does not."""
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..config import MoEConfig
-from ..reference import activate
+from ..gate_up import gate_and_up
 from . import torch_ep
 
 
@@ -49,11 +50,7 @@ def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
     if b_in is not None:
         pre = pre + groups.per_row(b_in).float()
     g = groups.rows_times(dy, w_out.transpose(1, 2)).float()
-    with torch.enable_grad():
-        pre.requires_grad_()
-        h = activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True)
-        d_pre, = torch.autograd.grad(h, pre, g * scale[:, None])
-    h = h.detach()
+    h, d_pre = activation_backward(pre, g * scale[:, None], config)
     dot = (h * g).sum(1)
     if b_out is not None:
         dot = dot + (dy.float() * groups.per_row(b_out).float()).sum(1)
@@ -65,6 +62,37 @@ def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
         params["b_out"] = groups.column_sums(scaled_dy.float()).to(b_out.dtype)
     d_rows = groups.rows_times(d_pre_low, w_in.transpose(1, 2)).float()
     return ExpertGrads(d_rows, dot, params)
+
+
+def activation_backward(pre: torch.Tensor, grad: torch.Tensor, config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """pre: [N, F_in] fp32 (gated: the layer's gate/up pairs); grad: [N, F] fp32, the gradient of
+    h = act(pre) -> (h [N, F], d_pre [N, F_in]), by the derivatives written out (no autograd: this
+    runs inside a custom op's body too, below the autograd keys)."""
+    act = config.activation
+    if act == "relu":
+        return pre.clamp_min(0), grad * (pre > 0)
+    if act == "gelu":
+        cdf = 0.5 * (1 + torch.erf(pre * 0.5 ** 0.5))
+        return pre * cdf, grad * (cdf + pre * torch.exp(-0.5 * pre * pre) * (2 * math.pi) ** -0.5)
+    gate, up = gate_and_up(pre)
+    grad = grad.view(gate.shape)
+    d_pre = torch.empty_like(pre)
+    d_gate, d_up = gate_and_up(d_pre)
+    if act == "swiglu":
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        d_gate.copy_(grad * up * sig * (1 + gate * (1 - sig)))
+        d_up.copy_(grad * silu)
+        return (silu * up).flatten(-2), d_pre
+    if act != "clamped_swiglu":
+        raise ValueError(f"unknown activation {act!r}")
+    alpha, limit = config.swiglu_alpha, config.swiglu_limit
+    g_c, u_c = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    sig = torch.sigmoid(alpha * g_c)
+    glu = g_c * sig
+    d_gate.copy_(grad * (u_c + 1) * sig * (1 + alpha * g_c * (1 - sig)) * (gate <= limit))
+    d_up.copy_(grad * glu * ((up >= -limit) & (up <= limit)))
+    return (glu * (u_c + 1)).flatten(-2), d_pre
 
 
 class _Groups:

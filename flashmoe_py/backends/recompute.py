@@ -2,16 +2,20 @@
 fused kernel or the torch backend, no graph recorded) and saves only x; the backward is explicit
 steps in torch ops (one host synchronisation for the all-to-all split sizes at world > 1):
 
-1. route x again, without a graph: the same experts and capacity drops as the forward's, since
-   routing is deterministic (the router kernel on GPUs, torch ops elsewhere); then the routing
-   weights of those experts, in torch ops through a graph (routing.weights_for);
+1. route x again: the same experts and capacity drops as the forward's, since routing is
+   deterministic (the router kernel on GPUs, torch ops elsewhere); then the routing weights of
+   those experts from fp32 logits (routing.weights_for);
 2. send each kept slot's row (x, or its weight times x for weight_on_input), dy at its token and
    its scale (its weight, or 1) to the rank that holds its expert: an all-to-all with the
    forward's split sizes (at world 1, a gather);
 3. the expert FFN's backward where the rows are (expert_grad.py): each slot's row gradient and
    <dy, y>, and the weight gradients of this rank's experts over the rows every rank sent;
-4. both sent back and summed per token into dx; the slots' weight gradients go through step 1's
-   graph into the router's parameters and x; the shared experts run again under a graph.
+4. both sent back and summed per token into dx; the slots' weight gradients go back through
+   step 1 (routing.weights_backward) into the router's parameters and x; the shared experts are
+   step 3 over every token.
+
+Every derivative is written out: no autograd inside, so the compiled layer's backward op (a
+custom op's body runs below the autograd keys) is the same code.
 
 Capacity-dropped slots are not sent: they get no gradient. The backward is collective at world >
 1, as the torch backend's is: every rank that recorded the forward runs it."""
@@ -23,14 +27,11 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..routing import histogram, weights_for
+from ..routing import histogram, weights_backward, weights_for
 from .autograd_ops import Exchange
 from .expert_grad import expert_ffn_backward
-from .torch_ep import shared_experts
 
-ROUTER_PARAMS = ("router_weight", "router_bias")
 EXPERT_PARAMS = ("w_in", "w_out", "b_in", "b_out")
-SHARED_PARAMS = ("shared_w_in", "shared_w_out", "shared_gate_weight")
 
 
 def recomputed_forward(layer, x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -57,10 +58,11 @@ class _Recomputed(torch.autograd.Function):
 
 def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_needs_grad: bool) -> dict:
     """x, dy: [T, H] in the layer's dtype -> {"x" (if x_needs_grad) and each parameter name in
-    want: its gradient} of sum(layer(x) * dy); collective at world > 1."""
+    want: its gradient} of sum(layer(x) * dy); collective at world > 1. No autograd inside (the
+    compiled layer's backward op runs it below the autograd keys)."""
     cfg = layer.config
     T, k = x.shape[0], cfg.top_k
-    with torch.no_grad():
+    with torch.no_grad():  # the forward's routing (the router kernel, on GPUs), even under create_graph
         r = layer.route(x)
     slot = torch.arange(T * k, device=x.device)  # slot t * k + j: token t's j-th expert
     pos = layer.expert_positions[r.experts].reshape(-1)  # (rank, local expert) of each slot
@@ -71,36 +73,32 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     tok = slot // k
     send_counts = histogram(pos, cfg.num_experts).view(layer.world_size, layer.local_experts)
 
-    router_params = [n for n in ROUTER_PARAMS if n in want]
-    router_inputs = ([x.detach().requires_grad_()] if x_needs_grad else []) + [getattr(layer, n) for n in router_params]
-    with torch.enable_grad():
-        leaf_x = router_inputs[0] if x_needs_grad else x
-        logits = leaf_x.float() @ layer.router_weight.float().t()
-        if layer.router_bias is not None:
-            logits = logits + layer.router_bias.float()
-        weights = weights_for(logits, r.experts, cfg)  # [T, k]
-    slot_w = weights.detach().reshape(-1)[slot]
+    xf, router_weight = x.float(), layer.router_weight.float()
+    logits = xf @ router_weight.t()
+    if layer.router_bias is not None:
+        logits = logits + layer.router_bias.float()
+    slot_w = weights_for(logits, r.experts, cfg).reshape(-1)[slot]
     if cfg.weight_on_input:
-        rows, scale = (x[tok].float() * slot_w[:, None]).to(x.dtype), torch.ones_like(slot_w)
+        rows, scale = (xf[tok] * slot_w[:, None]).to(x.dtype), torch.ones_like(slot_w)
     else:
         rows, scale = x[tok], slot_w
-    d_rows, dot, expert_grads = _at_the_experts(layer, send_counts, rows, dy[tok].to(x.dtype), scale)
+    d_rows, dot, expert_grads = _at_the_experts(layer, send_counts, rows, dy[tok], scale)
 
     if cfg.weight_on_input:  # the slot's row was w x: d(w x) = d_rows
-        dx_slot, dw_slot = d_rows * slot_w[:, None], (d_rows * x[tok].float()).sum(1)
+        dx_slot, dw_slot = d_rows * slot_w[:, None], (d_rows * xf[tok]).sum(1)
     else:
         dx_slot, dw_slot = d_rows, dot
     grads = {name: g for name, g in expert_grads.items() if name in want}
     dx = torch.zeros(T, cfg.hidden_size, dtype=torch.float32, device=x.device).index_add_(0, tok, dx_slot)
-    if router_inputs:
-        dw = torch.zeros(T * k, dtype=torch.float32, device=x.device).index_copy_(0, slot, dw_slot)
-        got = torch.autograd.grad(weights, router_inputs, dw.view(T, k), allow_unused=True)
-        if x_needs_grad:
-            dx += got[0]
-            got = got[1:]
-        grads |= {n: _zero_if_none(g, getattr(layer, n)) for n, g in zip(router_params, got)}
+    dw = torch.zeros(T * k, dtype=torch.float32, device=x.device).index_copy_(0, slot, dw_slot)
+    d_logits = weights_backward(logits, r.experts, cfg, dw.view(T, k))
+    dx += d_logits @ router_weight
+    if "router_weight" in want:
+        grads["router_weight"] = (d_logits.t() @ xf).to(layer.router_weight.dtype)
+    if "router_bias" in want:
+        grads["router_bias"] = d_logits.sum(0).to(layer.router_bias.dtype)
     if cfg.shared_experts:
-        grads |= _shared_grads(layer, x, dy, want, x_needs_grad, dx)
+        grads |= {n: g for n, g in _shared_grads(layer, x, dy, dx).items() if n in want}
     if x_needs_grad:
         grads["x"] = dx.to(x.dtype)
     return grads
@@ -132,22 +130,23 @@ def _at_the_experts(layer, send_counts: torch.Tensor, rows: torch.Tensor, dy: to
     return back[:, :-1], back[:, -1], g.params
 
 
-def _shared_grads(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_needs_grad: bool,
-                  dx: torch.Tensor) -> dict:
-    """The shared experts' parameter gradients (those in want), run again under a graph; their
-    part of x's gradient is added to dx [T, H] fp32."""
-    names = [n for n in SHARED_PARAMS if n in want]
-    with torch.enable_grad():
-        leaf_x = x.detach().requires_grad_(x_needs_grad)
-        inputs = ([leaf_x] if x_needs_grad else []) + [getattr(layer, n) for n in names]
-        if not inputs:
-            return {}
-        got = torch.autograd.grad(shared_experts(leaf_x, layer), inputs, dy.float(), allow_unused=True)
-    if x_needs_grad:
-        dx += got[0].float()
-        got = got[1:]
-    return {n: _zero_if_none(g, getattr(layer, n)) for n, g in zip(names, got)}
-
-
-def _zero_if_none(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(param) if grad is None else grad
+def _shared_grads(layer, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> dict:
+    """The shared experts' parameter gradients (one expert over every row, its output scaled by
+    sigmoid(x shared_gate_weight^T) when gated); their part of x's gradient is added to dx [T, H]
+    fp32."""
+    cfg = layer.config
+    counts = torch.full((1,), x.shape[0], dtype=torch.int64, device=x.device)
+    weights = {"w_in": layer.shared_w_in[None], "w_out": layer.shared_w_out[None]}
+    gate = None
+    if cfg.shared_expert_gate:
+        gate_weight = layer.shared_gate_weight.float()  # [1, H]
+        gate = torch.sigmoid(x.float() @ gate_weight.t())[:, 0]
+    scale = torch.ones(x.shape[0], device=x.device) if gate is None else gate
+    g = expert_ffn_backward(x, dy, scale, counts, weights, cfg)
+    dx += g.d_rows
+    grads = {"shared_w_in": g.params["w_in"][0], "shared_w_out": g.params["w_out"][0]}
+    if gate is not None:
+        d_logit = g.dot * gate * (1 - gate)  # [T]
+        dx += d_logit[:, None] * gate_weight
+        grads["shared_gate_weight"] = (d_logit @ x.float())[None].to(layer.shared_gate_weight.dtype)
+    return grads
