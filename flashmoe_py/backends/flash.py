@@ -80,8 +80,8 @@ class FlashBackend:
         # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), TRACE_COLS] tensor here
         # makes each launch record its tasks' timestamps into it (kernels/fused_moe.py).
         self.trace: torch.Tensor | None = None
-        self.graphs: dict[int, tuple] = {}  # tokens -> (graph, static x, static out, static stats)
-        self.seen: set[int] = set()
+        self.graphs: dict[tuple, tuple] = {}  # (tokens, inference_mode) -> (graph, static x, out, stats)
+        self.seen: set[tuple] = set()
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 
     def forward(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None = None):
@@ -102,18 +102,21 @@ class FlashBackend:
         if error is not None:
             self._launch(torch.empty(0, geo.hidden, dtype=layer.config.torch_dtype, device=layer.device))
             raise error
-        T = x.shape[0]
         if not self.options.cuda_graphs or torch.cuda.is_current_stream_capturing():
             return self._launch(x)
+        # A graph's static tensors made under inference_mode cannot be written outside it (a
+        # training forward after an inference_mode one): one graph per token count and mode.
+        T = (x.shape[0], torch.is_inference_mode_enabled())
         if T not in self.graphs:
             if T not in self.seen:  # first time at this size: run eagerly (compiles the kernel)
                 self.seen.add(T)
                 return self._launch(x)
-            log.info("rank %d: capturing the fused forward at %d tokens in a CUDA graph", layer.rank, T)
+            log.info("rank %d: capturing the fused forward at %s (tokens, inference_mode) in a CUDA graph",
+                     layer.rank, T)
             self.graphs[T] = self._capture(x)
             if len(self.graphs) > self.MAX_GRAPHS:
                 dropped = next(iter(self.graphs))
-                log.info("rank %d: dropping the CUDA graph of %d tokens (more than %d sizes)", layer.rank,
+                log.info("rank %d: dropping the CUDA graph of %s (more than %d kept)", layer.rank,
                          dropped, self.MAX_GRAPHS)
                 self.graphs.pop(dropped)
         self.graphs[T] = entry = self.graphs.pop(T)  # most recently used last
