@@ -143,9 +143,11 @@ def test_gradients_match_reference_for_every_variant(dist_pools, world, variant,
 
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_gradients_with_a_rank_without_tokens(dist_pools, backward):
-    """Rank 0 routes nothing; it still serves the others' backward (its x.grad is empty)."""
+    """Rank 0 routes nothing; it still serves the others' backward (its x.grad is empty). (No rank
+    has a single token: its router gradient is a near-cancelling difference whose float32
+    rounding reached 1.2e-5 of its tiny norm, 1 run in ~30.)"""
     cfg = MoEConfig(**SMALL, top_k=2)
-    res = dist_pools(4).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), [(0, 3), (1, 9), (2, 7), (1, 1)],
+    res = dist_pools(4).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), [(0, 3), (1, 9), (2, 7), (1, 5)],
                             None, backward)
     assert res[0]["x"] == 0.0
     for errs in res:
