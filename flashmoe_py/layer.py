@@ -313,21 +313,25 @@ class MoELayer(nn.Module):
             return ValueError(f"x has {tokens} tokens; max_tokens_per_rank={limit}")
         return None
 
-    def _records_graph(self, x: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+    def _records_graph(self, x) -> bool:
+        return torch.is_grad_enabled() and (getattr(x, "requires_grad", False)
+                                            or any(p.requires_grad for p in self.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # None: grad mode off, so no rank can record; else whether this rank does (ranks must agree)
+        in_graph = self._records_graph(x) if torch.is_grad_enabled() else None
         if torch.compiler.is_compiling():  # one opaque op per direction for the compiler: no graph break
-            in_graph = -1 if not torch.is_grad_enabled() else int(self._records_graph(x))
-            return torch.ops.flashmoe.moe_forward(x, list(self.parameters()), self._op_id, in_graph)
-        return self._forward(x)
+            flag = -1 if in_graph is None else int(in_graph)
+            return torch.ops.flashmoe.moe_forward(x, list(self.parameters()), self._op_id, flag)
+        return self._forward(x, in_graph, record=bool(in_graph))
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, in_graph: bool | None, record: bool) -> torch.Tensor:
+        """record: run under backward="recompute"'s autograd Function (else no graph of the
+        layer's own, or backend torch's autograd ops when in_graph and backward="autograd")."""
         problem = self._input_problem(x)
         x2d = x.reshape(-1, self.config.hidden_size).contiguous() if problem is None else x
-        # None: grad mode off, so no rank can record; else whether this rank does (ranks must agree)
-        in_graph = None if not torch.is_grad_enabled() else problem is None and self._records_graph(x)
-        if in_graph and self.options.backward_for(self.backend.name) == "recompute":
+        in_graph = in_graph and problem is None
+        if record and problem is None and self.options.backward_for(self.backend.name) == "recompute":
             stats = {}
 
             def run(rows: torch.Tensor) -> torch.Tensor:
@@ -338,15 +342,6 @@ class MoELayer(nn.Module):
             out = recomputed_forward(self, x2d, run)
         else:
             out, stats = self.backend.forward(x2d, problem, in_graph=in_graph)
-        self.last_stats = MoEStats(**stats)
-        return out.view(x.shape)
-
-    def _inference_forward(self, x: torch.Tensor, in_graph: bool | None) -> torch.Tensor:
-        """The forward without a graph (the compiled op's body); in_graph as the caller's, for the
-        ranks' agreement."""
-        problem = self._input_problem(x)
-        x2d = x.reshape(-1, self.config.hidden_size).contiguous() if problem is None else x
-        out, stats = self.backend.forward(x2d, problem, in_graph=in_graph and problem is None)
         self.last_stats = MoEStats(**stats)
         return out.view(x.shape)
 
@@ -393,7 +388,7 @@ _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionar
 @torch.library.custom_op("flashmoe::moe_forward", mutates_args=())
 def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int) -> torch.Tensor:
     """MoELayer.forward as a custom op, so torch.compile keeps the layer whole."""
-    return _LAYERS[layer_id]._inference_forward(x, None if in_graph < 0 else bool(in_graph))
+    return _LAYERS[layer_id]._forward(x, None if in_graph < 0 else bool(in_graph), record=False)
 
 
 @_moe_forward.register_fake

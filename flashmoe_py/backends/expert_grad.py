@@ -101,6 +101,8 @@ class _Groups:
 
     def __init__(self, counts: torch.Tensor, rows: torch.Tensor, w_out: torch.Tensor):
         self.counts, self.n = counts, rows.shape[0]
+        experts = torch.arange(counts.shape[0], device=counts.device)
+        self.row_expert = experts.repeat_interleave(counts, output_size=self.n)  # [N]
         self.grouped = (torch_ep.grouped_mm_works(rows.device.type, rows.dtype)
                         and torch_ep.grouped_mm_aligned(rows, w_out)
                         and _grouped_outer_works(rows.device.type, rows.dtype))
@@ -131,15 +133,11 @@ class _Groups:
 
     def column_sums(self, a: torch.Tensor) -> torch.Tensor:
         """a: [N, M] fp32 -> [L, M], each expert's rows summed."""
-        return a.new_zeros(self.counts.shape[0], a.shape[1]).index_add_(0, self._row_expert(), a)
+        return a.new_zeros(self.counts.shape[0], a.shape[1]).index_add_(0, self.row_expert, a)
 
     def per_row(self, t: torch.Tensor) -> torch.Tensor:
         """t: [L, M] -> [N, M], each row its expert's."""
-        return t[self._row_expert()]
-
-    def _row_expert(self) -> torch.Tensor:
-        experts = torch.arange(self.counts.shape[0], device=self.counts.device)
-        return experts.repeat_interleave(self.counts, output_size=self.n)
+        return t[self.row_expert]
 
 
 @functools.cache

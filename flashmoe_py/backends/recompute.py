@@ -27,9 +27,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..routing import histogram, weights_backward, weights_for
-from .autograd_ops import Exchange
+from ..routing import weights_backward, weights_for
 from .expert_grad import expert_ffn_backward
+from .torch_ep import exchange_for, slots_by_destination
 
 EXPERT_PARAMS = ("w_in", "w_out", "b_in", "b_out")
 
@@ -64,14 +64,8 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     T, k = x.shape[0], cfg.top_k
     with torch.no_grad():  # the forward's routing (the router kernel, on GPUs), even under create_graph
         r = layer.route(x)
-    slot = torch.arange(T * k, device=x.device)  # slot t * k + j: token t's j-th expert
-    pos = layer.expert_positions[r.experts].reshape(-1)  # (rank, local expert) of each slot
-    if r.kept is not None:
-        slot, pos = slot[r.kept.reshape(-1)], pos[r.kept.reshape(-1)]
-    order = torch.sort(pos, stable=True).indices
-    slot, pos = slot[order], pos[order]
+    slot, send_counts = slots_by_destination(r, layer)  # slot t * k + j: token t's j-th expert
     tok = slot // k
-    send_counts = histogram(pos, cfg.num_experts).view(layer.world_size, layer.local_experts)
 
     xf, router_weight = x.float(), layer.router_weight.float()
     logits = xf @ router_weight.t()
@@ -113,15 +107,9 @@ def _at_the_experts(layer, send_counts: torch.Tensor, rows: torch.Tensor, dy: to
     if layer.world_size == 1:
         g = expert_ffn_backward(rows, dy, scale, send_counts[0], weights, layer.config)
         return g.d_rows, g.dot, g.params
-    W, L = layer.world_size, layer.local_experts
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=layer.process_group)
-    splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one host sync
-    exchange = Exchange(*splits, group=layer.process_group)
-    # Received rows are ordered (source rank, local expert); the experts want (local expert, source).
-    row_expert = torch.arange(L, device=rows.device).repeat(W)
-    row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=sum(splits[1]))
-    perm = torch.sort(row_expert, stable=True).indices
+    exchange, perm = exchange_for(send_counts, recv_counts, layer.process_group)
     recv = [exchange.dispatch(t)[perm] for t in (rows, dy, scale[:, None])]
     g = expert_ffn_backward(recv[0], recv[1], recv[2][:, 0], recv_counts.sum(0), weights, layer.config)
     back = torch.empty(g.d_rows.shape[0], g.d_rows.shape[1] + 1, dtype=torch.float32, device=rows.device)

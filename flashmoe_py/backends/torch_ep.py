@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..config import MoEConfig
 from ..reference import activate
-from ..routing import histogram, route
+from ..routing import Routing, histogram, route
 from .autograd_ops import Exchange, dispatch_experts_combine, grouped_mm
 
 
@@ -110,16 +110,8 @@ class TorchEPBackend:
         if error is None:
             r = route(x, layer.router_weight, cfg, router_bias=layer.router_bias,
                       e_score_correction_bias=layer.e_score_correction_bias)
-            T = x.shape[0]
-            slot_pos = layer.expert_positions[r.experts].reshape(-1)  # [T*k] (rank, slot) order
-            slot_tok = torch.arange(T, device=device).repeat_interleave(k)
-            slot_w = r.weights.reshape(-1)
-            if r.kept is not None:
-                keep = r.kept.reshape(-1)
-                slot_pos, slot_tok, slot_w = slot_pos[keep], slot_tok[keep], slot_w[keep]
-            order = torch.sort(slot_pos, stable=True).indices
-            slot_tok, slot_w = slot_tok[order], slot_w[order]
-            send_counts = histogram(slot_pos, E).view(W, L)
+            slot, send_counts = slots_by_destination(r, layer)
+            slot_tok, slot_w = slot // k, r.weights.reshape(-1)[slot]
             stats = {"expert_counts": histogram(r.experts.reshape(-1), E),
                      "dropped_slots": (torch.zeros((), dtype=torch.int64, device=device)
                                        if r.kept is None else (~r.kept).sum())}
@@ -181,13 +173,7 @@ class TorchEPBackend:
         """send_x: [S, hidden] rows sorted by (dest rank, local expert). Returns each row's expert
         output, in the same order; differentiable when in_graph (every rank records a graph)."""
         layer = self.layer
-        L = layer.local_experts
-        counts = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one host sync
-        exchange = Exchange(*counts, group=layer.process_group)
-        # Received rows are ordered (source rank, local expert); the FFN wants (local expert, source).
-        row_expert = torch.arange(L, device=send_x.device).repeat(layer.world_size)
-        row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=sum(counts[1]))
-        perm = torch.sort(row_expert, stable=True).indices
+        exchange, perm = exchange_for(send_counts, recv_counts, layer.process_group)
 
         def experts(recv_x):
             y = torch.empty_like(recv_x)
@@ -195,6 +181,29 @@ class TorchEPBackend:
             return y
 
         return dispatch_experts_combine(send_x, experts, exchange, in_graph=in_graph)
+
+
+def slots_by_destination(r: Routing, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """r: a forward's routing of T tokens -> (slot [S] int64: the kept slots t * top_k + j, sorted
+    stably by the (rank, local expert) that holds their expert; send_counts [W, L] int64)."""
+    slot = torch.arange(r.experts.numel(), device=r.experts.device)
+    pos = layer.expert_positions[r.experts].reshape(-1)
+    if r.kept is not None:
+        slot, pos = slot[r.kept.reshape(-1)], pos[r.kept.reshape(-1)]
+    order = torch.sort(pos, stable=True).indices
+    send_counts = histogram(pos, layer.config.num_experts).view(layer.world_size, layer.local_experts)
+    return slot[order], send_counts
+
+
+def exchange_for(send_counts: torch.Tensor, recv_counts: torch.Tensor, group) -> tuple[Exchange, torch.Tensor]:
+    """[W, L] rows sent to / received from each (rank, local expert) -> (the all-to-all with those
+    splits, perm: received rows [perm] are in (local expert, source) order, as the experts take
+    them, from their (source, local expert) order). One host synchronisation."""
+    W, L = recv_counts.shape
+    splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
+    row_expert = torch.arange(L, device=recv_counts.device).repeat(W)
+    row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=sum(splits[1]))
+    return Exchange(*splits, group=group), torch.sort(row_expert, stable=True).indices
 
 
 def check_graphs_agree(in_graph: list[int | None]) -> None:
