@@ -51,7 +51,8 @@ for step in "$@"; do
     random1) run random_w1 "${SWEEP_LIMIT:-300}" 1 bench/layer.py --preset --random "${RANDOM_SHAPES:-6}" \
               --backends ${SWEEP_BACKENDS:-flash triton_kernels torch} --tokens ${TOKENS:-128 2048 4096 16384} \
               --iters 20 --input-sets 2 ${BENCH_ARGS:-} --out "$OUT/random_w1.json" ;;
-    backward*) n=${step#backward}; run "backward_w$n" 200 "$n" tests/gpu/check_backward.py --out "$OUT/backward_w$n.json" ;;
+    backward*) n=${step#backward}; run "backward_w$n" 300 "$n" tests/gpu/check_backward.py ${PRESETS:+--presets} \
+              --out "$OUT/backward_w$n.json" ;;
     cache) tar -cz -C ~/.triton cache | split -b 15m - "$OUT/triton_cache.tgz.part-"  # files come back under 16 MB
            ls -la "$OUT"/triton_cache.tgz.part-* ;;
     variants) shopt -s nullglob; for root in .variants/*/ .; do tag=$([ "$root" = . ] && echo current || basename "$root")

@@ -69,10 +69,11 @@ def zero_plan(tokens: int, geo: Geometry) -> RoutingPlan:
 
 
 def build(cfg: MoEConfig, world: int, tokens: int, transport: str = "p2p", trace: bool = False,
-          nvshmem_bitcode: str | None = None, override: dict | None = None):
+          nvshmem_bitcode: str | None = None, override: dict | None = None, save: bool = False):
     """The compiled fused kernel (triton CompiledKernel) for `tokens` tokens per rank of `cfg`
     at `world` ranks, with the launch choose_launch makes on an SM90_PROGRAMS-SM GPU (override:
-    LaunchConfig fields fixed instead, as MoELayer's launch_override)."""
+    LaunchConfig fields fixed instead, as MoELayer's launch_override); save: the training
+    forward's build for backward="saved", which also writes GEMM1's outputs (fused_moe.Saved)."""
     geo = Geometry.for_config(cfg, world, tokens)
     ws = Workspace.allocate(geo, cfg.torch_dtype, transport, "cpu", LocalBuffers("cpu", world))
     launch = choose_launch(geo, tokens, cfg.torch_dtype, SM90_PROGRAMS, override)
@@ -87,8 +88,14 @@ def build(cfg: MoEConfig, world: int, tokens: int, transport: str = "p2p", trace
     shapes = cfg.weight_shapes(experts=L)
     experts.update({name: torch.zeros(shapes[name], dtype=dt) for name in FUSED_WEIGHTS
                     if name in shapes and name not in experts})
+    saved = None
+    if save:
+        gated = 2 if cfg.gated else 1
+        saved = fused_moe.Saved(torch.zeros(world * tokens * min(cfg.top_k, L), cfg.ffn_size * gated, dtype=dt),
+                                torch.zeros(tokens, max(cfg.shared_width, 1) * gated, dtype=dt))
     args, kwargs = fused_moe.fused_kernel_args(x, torch.empty_like(x), experts, zero_plan(tokens, geo), ws,
-                                               launch, config=cfg, rank=0, timeout_s=1.0, trace=trace_t)
+                                               launch, config=cfg, rank=0, timeout_s=1.0, trace=trace_t,
+                                               saved=saved)
     meta = args[-1]._replace(ON_GPU=triton.language.constexpr(True))  # x is on the CPU here
     return fused_moe.fused_moe_kernel.warmup(*args[:-1], meta, grid=(launch.programs,), **kwargs), launch
 
@@ -152,6 +159,7 @@ def main():
                    help="libnvshmem_device.bc (from nvidia-nvshmem-cu13) for the nvshmem builds; skipped without")
     p.add_argument("--out", default=None, help="folder for each build's .ptx and .cubin")
     p.add_argument("--json", default=None, help="write the table's rows here")
+    p.add_argument("--save", action="store_true", help="the training forward's builds (backward='saved')")
     p.add_argument("--override", default=None, type=json.loads,
                    help='LaunchConfig fields as JSON for every build, e.g. \'{"stages": 4}\'')
     args = p.parse_args()
@@ -163,13 +171,13 @@ def main():
         cfg, world, tokens, transport, trace = CASES[name]
         if transport == "nvshmem" and not args.nvshmem_bitcode:
             continue
-        kernel, launch = build(cfg, world, tokens, transport, trace, args.nvshmem_bitcode, args.override)
+        kernel, launch = build(cfg, world, tokens, transport, trace, args.nvshmem_bitcode, args.override, args.save)
         check_launcher(kernel)
         ptx = kernel.asm["ptx"]
         if args.out:
             with open(os.path.join(args.out, f"{name}.ptx"), "w") as f:
                 f.write(ptx)
-        row = {"case": name, "triton": triton.__version__, "block_m": launch.block_m, "block_n": launch.block_n,
+        row = {"case": name, "save": args.save, "triton": triton.__version__, "block_m": launch.block_m, "block_n": launch.block_n,
                "num_warps": launch.num_warps, "stages": launch.stages, "shared": kernel.metadata.shared,
                "ptx_instructions": sum(ptx_instructions(ptx).values()), **cubin_stats(kernel.asm["cubin"], workdir)}
         if args.out:

@@ -10,6 +10,7 @@ prints a table and writes JSON rows."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -28,6 +29,7 @@ import flashmoe_py as fm  # noqa: E402
 from flashmoe_py import PRESETS, MoEConfig, MoELayer, reference_forward  # noqa: E402
 from flashmoe_py.backends.torch_ep import shared_experts  # noqa: E402
 from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
+from flashmoe_py.options import BACKWARDS  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 import summary  # noqa: E402  (bench/, beside this file)
 
@@ -70,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--fwd-bwd", action="store_true",
                    help="also time forward + backward of sum(y * dy) (rows with mode 'fwd+bwd', dx checked "
                         "against float64 autograd through the reference), on the backends that have a backward")
+    p.add_argument("--backwards", nargs="+", default=None, choices=BACKWARDS,
+                   help="the backwards of the fwd+bwd rows, one row each where the backend has it (flash: "
+                        "saved, recompute); default: each backend's own")
     p.add_argument("--user-graph", action="store_true",
                    help="also time backend flash captured whole in a caller's CUDA graph")
     p.add_argument("--out", default=None, help="JSON file (default bench/out/layer-<device>-w<world>.json, "
@@ -285,7 +290,10 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
         if fused and args.user_graph:  # replayed from the caller's own CUDA graph
             rows.append({**row, "backend": "flash+graph", "median_us": graph_median_us(layer, xs, iters, device)})
         if args.fwd_bwd and forward is layer:
-            rows += fwd_bwd_rows(row, layer, xs, iters, tol, device)
+            for backward in args.backwards or [layer.options.backward_for(layer.backend.name)]:
+                if not (fused and backward == "autograd"):  # the fused kernel has no ops to record
+                    layer.options = dataclasses.replace(layer.options, backward=backward)
+                    rows += fwd_bwd_rows(row, layer, xs, iters, tol, device)
     if fused:
         layer.backend.close()
     elif backend == "flash_shared_torch":
@@ -295,8 +303,9 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
 
 def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, device) -> list[dict]:
     """row's point timed as forward + backward of sum(layer(x) * dy) (x and every parameter
-    requiring grad), after dx on CHECK_TOKENS tokens is checked against float64 autograd through
-    the reference -> [a row with mode 'fwd+bwd'], or [] where the backend has no backward."""
+    requiring grad) with the layer's backward, after dx on CHECK_TOKENS tokens is checked against
+    float64 autograd through the reference -> [a row with mode 'fwd+bwd' and its backward], or []
+    where the backend has no backward."""
     cfg = layer.config
     gen = torch.Generator().manual_seed(7)
     dys = [torch.randn(x.shape, generator=gen).to(device, x.dtype) for x in xs]
@@ -313,7 +322,8 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
     (reference_forward(xr, config=cfg, compute_dtype=torch.float64, **layer.full_weight_dict())
      * dys[0][:CHECK_TOKENS].double()).sum().backward()
     err = max_over_ranks(rel_err(x.grad, xr.grad), device)
-    out = {**row, "mode": "fwd+bwd", "rel_err": err, "ok": err <= tol, "median_us": None}
+    out = {**row, "mode": "fwd+bwd", "backward": layer.options.backward_for(layer.backend.name), "rel_err": err,
+           "ok": err <= tol, "median_us": None}
     if out["ok"]:
         times = []
         for x, dy in zip(xs, dys):
@@ -471,7 +481,7 @@ def main(argv=None):
                     == (row["preset"], row["routing"], row["tokens_per_rank"])
                     and (r.get("mode") == "fwd+bwd") == (row.get("mode") == "fwd+bwd")]
             if row["median_us"]:
-                row["speedup"] = {r["backend"]: r["median_us"] / row["median_us"] for r in same}
+                row["speedup"] = {row_name(r): r["median_us"] / row["median_us"] for r in same}
         print_table(rows, ceilings, meta, world)
         peers = [b for b in args.backends if b in ("triton_kernels", "torch", "symm_mem")]
         pts = summary.points(rows, "flash", peers) if "flash" in args.backends and peers else []
@@ -557,6 +567,11 @@ def run_apart(args, backend: str) -> list[dict]:
             return json.load(f)
 
 
+def row_name(row: dict) -> str:
+    """A row's backend, and for fwd+bwd rows its backward: backend/backward."""
+    return row["backend"] + (f"/{row['backward']}" if row.get("backward") else "")
+
+
 def print_table(rows, ceilings, meta, world):
     print(f"\n{meta['device']} x{world}  {meta['comm']}  torch {meta['torch']}  commit {meta['commit']}  "
           f"{meta['date']}")
@@ -571,7 +586,7 @@ def print_table(rows, ceilings, meta, world):
         fl = f"{r['floor_us']:.1f}" if r["floor_us"] else "-"
         frac = f"{r['floor_us'] / r['median_us']:.0%}" if r["floor_us"] and r["median_us"] else "-"
         tf = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
-        label = r["backend"] + {"1d+regroup": " (1d)", "fwd+bwd": " +bwd"}.get(r.get("mode"), "")
+        label = row_name(r) + {"1d+regroup": " (1d)", "fwd+bwd": " +bwd"}.get(r.get("mode"), "")
         print(f"{r['preset']:<14}{r['routing']:<9}{r['tokens_per_rank']:>7} {label:<16}{med:>11}"
               f"{fl:>10}{frac:>9}{tf:>9}{r['rel_err']:>10.1e}")
     if any(r.get("mode") == "1d+regroup" for r in rows):

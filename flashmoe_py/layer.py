@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .backends.flash import FlashBackend
-from .backends.recompute import moe_backward, recomputed_forward
+from .backends.explicit_backward import explicit_forward, moe_backward
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
 from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
@@ -65,9 +65,12 @@ class MoELayer(nn.Module):
     experts are replicated, and their .grad holds only this rank's tokens' part, to be summed over
     ranks with the other replicated parameters, as data parallelism does (exclude w_in, w_out,
     b_in and b_out from that: they are sharded, not replicated). `backward`: "autograd" (backend
-    torch's default) records the torch backend's ops and saves their activations; "recompute"
-    (backend flash's only one) runs the forward as for inference, saves only x, and in backward
-    routes again and recomputes each expert's first GEMM (backends/recompute.py). The backward is
+    torch's default) records the torch backend's ops and saves their activations; "saved"
+    (backend flash's default) runs the forward as for inference, keeping x, its routing and each
+    expert's first GEMM output before the activation (the fused kernel writes them as it goes;
+    backend flash's training forwards are then not replayed from CUDA graphs), and takes the
+    gradients from them in explicit steps; "recompute" keeps only x, and in backward routes again
+    and recomputes each expert's first GEMM (backends/explicit_backward.py). The backward is
     collective: every rank must record the forward (grad mode on, and x or a parameter requiring
     grad, on all ranks or on none; a mismatch raises on every rank, except that backend flash
     cannot see a rank under no_grad beside one recording) and run backward through it.
@@ -142,7 +145,7 @@ class MoELayer(nn.Module):
                 return "backend='flash' spans all NVSHMEM PEs: use the default process group"
             if options.backward == "autograd":
                 return ("backward='autograd' records the torch backend's ops; backend='flash' runs one kernel "
-                        "with none to record: its backward is 'recompute' (None picks it)")
+                        "with none to record: its backward is 'saved' (None picks it) or 'recompute'")
         try:
             config.local_experts(self.world_size)
         except ValueError as e:
@@ -326,20 +329,25 @@ class MoELayer(nn.Module):
         return self._forward(x, in_graph, record=bool(in_graph))
 
     def _forward(self, x: torch.Tensor, in_graph: bool | None, record: bool) -> torch.Tensor:
-        """record: run under backward="recompute"'s autograd Function (else no graph of the
-        layer's own, or backend torch's autograd ops when in_graph and backward="autograd")."""
+        """record: run under the explicit backward's autograd Function when backward is "saved"
+        or "recompute" (else no graph of the layer's own, or backend torch's autograd ops when
+        in_graph and backward="autograd")."""
         problem = self._input_problem(x)
         x2d = x.reshape(-1, self.config.hidden_size).contiguous() if problem is None else x
         in_graph = in_graph and problem is None
-        if record and problem is None and self.options.backward_for(self.backend.name) == "recompute":
+        mode = self.options.backward_for(self.backend.name)
+        if record and problem is None and mode != "autograd":
             stats = {}
 
-            def run(rows: torch.Tensor) -> torch.Tensor:
-                out, got = self.backend.forward(rows, None, in_graph=True)
+            def run(rows: torch.Tensor):
+                if mode == "saved":
+                    out, got, saved = self.backend.forward_saving(rows)
+                else:
+                    (out, got), saved = self.backend.forward(rows, None, in_graph=True), None
                 stats.update(got)
-                return out
+                return out, saved
 
-            out = recomputed_forward(self, x2d, run)
+            out = explicit_forward(self, x2d, run)
         else:
             out, stats = self.backend.forward(x2d, problem, in_graph=in_graph)
         self.last_stats = MoEStats(**stats)
@@ -381,7 +389,8 @@ _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionar
 
 
 # Under torch.compile the layer is two custom ops, forward and backward, with a registered autograd
-# (whatever the layer's `backward`, the compiled one is backward="recompute"'s). `params` is the
+# (whatever the layer's `backward`, the compiled one is backward="recompute"'s: an op's outputs
+# would have to carry what "saved" keeps). `params` is the
 # layer's parameters, inputs only so that autograd hands them gradients; in_graph: -1 grad mode
 # off, else whether the caller records the forward (compared across ranks).
 
@@ -398,7 +407,8 @@ def _(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int)
 
 @torch.library.custom_op("flashmoe::moe_backward", mutates_args=())
 def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_id: int) -> list[torch.Tensor]:
-    """-> [dx, one gradient per parameter] of sum(layer(x) * dy) (backends/recompute.py; collective)."""
+    """-> [dx, one gradient per parameter] of sum(layer(x) * dy) (backends/explicit_backward.py;
+    collective)."""
     layer = _LAYERS[layer_id]
     H = layer.config.hidden_size
     names = [name for name, _ in layer.named_parameters()]

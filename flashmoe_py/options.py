@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 
 TRANSPORTS = ("p2p", "nvshmem")
-BACKWARDS = ("autograd", "recompute")
+BACKWARDS = ("autograd", "saved", "recompute")
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,11 @@ class FusedOptions:
     transport: "p2p" (stores through NVLink peer mappings) or "nvshmem" (device-API puts).
     launch_override: for tuning, launch settings fixed instead of chosen per call ({field:
     value} of kernels/launch_config.FIELDS; checked when a forward is launched).
-    backward: how gradients are taken (backends/recompute.py): "autograd" records the torch
-    backend's ops and saves their activations; "recompute" saves only x and runs explicit steps
-    that route and run GEMM1 again (backend "flash" has only this); None: the backend's own."""
+    backward: how gradients are taken (backends/explicit_backward.py): "autograd" records the
+    torch backend's ops and saves their activations; "saved" keeps x, the routing and GEMM1's
+    outputs before the activation (backends/saved.py) and runs explicit steps from them (backend
+    "flash"'s default); "recompute" keeps only x and routes and runs GEMM1 again in those steps
+    (the least memory); None: the backend's own."""
 
     max_tokens_per_rank: int | None = None
     timeout_s: float = 10.0
@@ -51,7 +53,7 @@ class FusedOptions:
 
     def backward_for(self, backend: str) -> str:
         """The backward a layer of `backend` takes: the one asked for, or the backend's own."""
-        return self.backward or ("recompute" if backend == "flash" else "autograd")
+        return self.backward or ("saved" if backend == "flash" else "autograd")
 
     def require_max_tokens(self) -> int:
         """max_tokens_per_rank, which backend "flash" cannot do without."""

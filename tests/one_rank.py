@@ -12,7 +12,7 @@ from flashmoe_py.config import EXPERT_WEIGHTS
 from flashmoe_py.backends.flash import FUSED_WEIGHTS, routing_plan
 from flashmoe_py.gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from flashmoe_py.gate_up import to_pairs
-from flashmoe_py.kernels.fused_moe import launch_fused
+from flashmoe_py.kernels.fused_moe import Saved, launch_fused
 from flashmoe_py.kernels.launch_config import LaunchConfig
 from flashmoe_py.kernels.layout import CTL_EPOCH, Geometry
 from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
@@ -72,8 +72,10 @@ class OneRank:
 
     def forward(self, tokens: int, timeout_s: float = 1.0, block_m: int = 64, block_n: int | None = None,
                 programs: int = 1, dispatch_programs: int | None = None, block_t: int | None = None,
-                flat_ffn_in: int = 0, flat_ffn_out: int = 0):
-        """One launch on `tokens` fresh random tokens -> (x, out); out is NaN where not written."""
+                flat_ffn_in: int = 0, flat_ffn_out: int = 0, save: bool = False):
+        """One launch on `tokens` fresh random tokens -> (x, out); out is NaN where not written.
+        The call's routing plan is left in self.plan; save: the launch also fills self.saved
+        (kernels/fused_moe.Saved, NaN where not written)."""
         cfg, geo = self.cfg, self.geo
         x = torch.randn(tokens, cfg.hidden_size, generator=self.gen).to(self.device, cfg.torch_dtype)
         out = torch.full_like(x, float("nan"))
@@ -84,5 +86,11 @@ class OneRank:
                               flat_ffn_in=flat_ffn_in, flat_ffn_out=flat_ffn_out)
         L = geo.local_experts
         experts = kernel_weights(self.weights, cfg, slice(0, L))
-        launch_fused(x, out, experts, plan, self.ws, launch, config=cfg, rank=0, timeout_s=timeout_s)
+        self.plan, self.saved = plan, None
+        if save:
+            f_in, fs_in = (n * (2 if cfg.gated else 1) for n in (cfg.ffn_size, cfg.shared_width))
+            self.saved = Saved(*(torch.full((rows, cols), float("nan"), dtype=cfg.torch_dtype, device=self.device)
+                                 for rows, cols in ((tokens * min(cfg.top_k, L), f_in), (tokens, fs_in))))
+        launch_fused(x, out, experts, plan, self.ws, launch, config=cfg, rank=0, timeout_s=timeout_s,
+                     saved=self.saved)
         return x, out

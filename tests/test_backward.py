@@ -1,7 +1,8 @@
 """Gradients through MoELayer(backend="torch") against float64 autograd through the reference,
-at 1, 2 and 4 gloo ranks (what each rank's .grad must hold: tests/grad_reference.py), for both
-backwards: "autograd" (through the torch backend's ops) and "recompute" (backends/recompute.py:
-explicit steps after an inference forward, backend "flash"'s backward)."""
+at 1, 2 and 4 gloo ranks (what each rank's .grad must hold: tests/grad_reference.py), for every
+backward: "autograd" (through the torch backend's ops), "saved" and "recompute"
+(backends/explicit_backward.py: explicit steps after an inference forward, from what it saved or
+with routing and GEMM1 run again; backend "flash"'s backwards)."""
 
 import random
 
@@ -93,9 +94,10 @@ def shapes_for(world: int) -> list[tuple[int, int]]:
     return [(2, 5 + 3 * r) for r in range(world)]
 
 
-# The recompute backward over fewer top-k values: it shares the routing and exchange code paths
-# whatever k is (the autograd one is the layer's default).
-TOP_K = {"autograd": range(1, 9), "recompute": (1, 3, 8)}
+# The explicit backwards over fewer top-k values: they share the routing and exchange code paths
+# whatever k is (the autograd one is the layer's default), and each other's but for where the
+# routing and GEMM1's outputs come from.
+TOP_K = {"autograd": range(1, 9), "saved": (1, 3, 8), "recompute": (2,)}
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -221,6 +223,20 @@ def test_expert_ffn_takes_a_stride_0_gradient():
     assert not leaves[1].grad[1].any() and not leaves[2].grad[1].any()
 
 
+def test_experts_without_rows_get_zero_gradients_not_none():
+    """A rank whose experts receive no row this step (routing can leave them all idle) still hands
+    autograd zero gradients for them, as the reference's are; None would fail an optimizer's
+    bookkeeping and the gradient checks (seen once in CI-sized runs at world 2)."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=2, top_k=1, dtype="float32", expert_bias=True)
+    weights = [torch.randn(2, 32, 96), torch.randn(2, 48, 32), torch.randn(2, 96), torch.randn(2, 32)]
+    leaves = [t.requires_grad_() for t in weights]
+    y = torch_ep.expert_ffn(torch.randn(0, 32), torch.zeros(2, dtype=torch.int64), leaves[0], leaves[1], cfg,
+                            leaves[2], leaves[3])
+    y.sum().backward()
+    assert y.shape == (0, 32)
+    assert all(t.grad is not None and not t.grad.any() for t in leaves)
+
+
 @pytest.mark.parametrize("hidden_size,ffn_size", [(30, 48), (32, 21)])
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_gradients_for_sizes_grouped_mm_cannot_take(hidden_size, ffn_size, backward):
@@ -253,6 +269,23 @@ def test_frozen_layer_and_input_need_no_backward(backward):
     assert layer(torch.randn(5, 32)).grad_fn is None
 
 
+def test_the_saved_backward_keeps_the_routing_and_gemm1_outputs():
+    """backward="saved" keeps x, the parameters, and of the experts only GEMM1's outputs before the
+    activation, one row per kept slot in the experts' order."""
+    cfg = MoEConfig(**SMALL, top_k=2, expert_bias=True)
+    layer = MoELayer(cfg, backward="saved")
+    x = torch.randn(7, 32, requires_grad=True)
+    node = layer(x).grad_fn.next_functions[0][0]
+    assert [id(t) for t in node.saved_tensors[1:]] == [id(p) for p in layer.parameters()]
+    saved = node.saved_forward
+    experts = saved.routing.experts.reshape(-1)[saved.slot]
+    assert torch.equal(experts, experts.sort().values)  # one rank: in the experts' order
+    with torch.no_grad():
+        want = torch.stack([x[s // 2] @ layer.w_in[e] + layer.b_in[e] for s, e in zip(saved.slot, experts)])
+    assert saved.pre.shape == (14, 2 * 48) and rel_err(saved.pre, want) <= FP32_TOL
+    assert saved.shared_pre is None
+
+
 def test_the_recompute_backward_saves_only_the_input():
     """backward="recompute" keeps x and the parameters for its backward, none of the experts'
     activations: the graph holds one node, whatever the expert FFN's size."""
@@ -265,13 +298,14 @@ def test_the_recompute_backward_saves_only_the_input():
 
 
 def test_an_unknown_backward_is_refused():
-    with pytest.raises(ValueError, match="backward='saved'"):
-        MoELayer(MoEConfig(**SMALL, top_k=2), backward="saved")
+    with pytest.raises(ValueError, match="backward='remember'"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), backward="remember")
 
 
-def test_an_in_place_update_between_forward_and_backward_is_caught():
+@pytest.mark.parametrize("backward", ["saved", "recompute"])
+def test_an_in_place_update_between_forward_and_backward_is_caught(backward):
     """The parameters are saved for the backward: changing one before it raises, as autograd does."""
-    layer = MoELayer(MoEConfig(**SMALL, top_k=2), backward="recompute")
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), backward=backward)
     out = layer(torch.randn(7, 32, requires_grad=True))
     with torch.no_grad():
         layer.w_in.mul_(2)

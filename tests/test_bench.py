@@ -143,20 +143,23 @@ def test_the_summary_compares_flash_with_the_fastest_peer_at_each_point():
 
 
 def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path):
-    """--fwd-bwd: each backend with a backward gets a second row, mode 'fwd+bwd', whose dx was
-    compared with autograd through the reference before it was timed (world 2, gloo)."""
+    """--fwd-bwd: each backend with a backward gets a row per backward asked for, mode 'fwd+bwd',
+    whose dx was compared with autograd through the reference before it was timed (world 2,
+    gloo)."""
     out = tmp_path / "bench.json"
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                            f"--master-port={port}", os.path.join(ROOT, "bench", "layer.py"), "--tokens", "24",
-                           "--iters", "2", "--input-sets", "1", "--fwd-bwd", "--out", str(out)],
+                           "--iters", "2", "--input-sets", "1", "--fwd-bwd", "--backwards", "autograd", "saved",
+                           "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r.get("mode") for r in rows] == [None, "fwd+bwd"]
+    assert [(r.get("mode"), r.get("backward")) for r in rows] == [(None, None), ("fwd+bwd", "autograd"),
+                                                                   ("fwd+bwd", "saved")]
     assert all(r["ok"] and r["rel_err"] <= 1e-5 and r["median_us"] > 0 for r in rows)
-    assert "torch +bwd" in proc.stdout
+    assert "torch/saved +bwd" in proc.stdout and set(rows[1]["speedup"]) == {"torch/autograd", "torch/saved"}
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel in the interpreter")

@@ -18,7 +18,8 @@ from one_rank import OneRank, kernel_weights
 from flashmoe_py import ExpertPlacement, MoEConfig, reference_forward
 from flashmoe_py.backends.flash import routing_plan
 from flashmoe_py.kernels import transport
-from flashmoe_py.kernels.fused_moe import _expert_tile, _tile_table, launch_fused
+from flashmoe_py.gate_up import to_pairs
+from flashmoe_py.kernels.fused_moe import Saved, _expert_tile, _tile_table, launch_fused
 from flashmoe_py.kernels.launch_config import LaunchConfig
 from flashmoe_py.kernels.layout import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, Geometry
 from flashmoe_py.kernels.workspace import Workspace
@@ -30,6 +31,32 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 def rel_err(out, ref):
     return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def expected_pre(cfg, weights, dest, sent):
+    """GEMM1's outputs before the activation (float64, in gate/up pairs) of every row rank `dest`'s
+    experts receive, in Saved's order: local expert, then source, then the row's place in its
+    pair. weights: the full layer's, in halves; sent: per source rank (x, send_slot, pos_start,
+    send_counts, slot_w) of its plan."""
+    L = cfg.local_experts(len(sent))
+    w_in, b_in = weights["w_in"].double(), weights.get("b_in")
+    if cfg.gated:
+        w_in, b_in = to_pairs(w_in), None if b_in is None else to_pairs(b_in)
+    rows = []
+    for e in range(L):
+        g = dest * L + e
+        for x, send_slot, pos_start, send_counts, slot_w in sent:
+            slots = send_slot[int(pos_start[g]):int(pos_start[g]) + int(send_counts[g])].long()
+            a = x[slots // cfg.top_k].double()
+            if cfg.weight_on_input:
+                a = a * slot_w.reshape(-1)[slots].double()[:, None]
+            rows.append(a @ w_in[g] + (0 if b_in is None else b_in[g].double()))
+    return torch.cat(rows)
+
+
+def expected_shared_pre(cfg, weights, x):
+    w = weights["shared_w_in"].double()
+    return x.double() @ (to_pairs(w) if cfg.gated else w)
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
@@ -116,6 +143,37 @@ def test_combine_tiles_may_hold_more_tokens():
         assert int(rank.status[0]) == 0
         ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
         assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("fields", [
+    dict(),
+    dict(activation="clamped_swiglu", expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
+         renormalize=False, capacity_factor=0.6),
+    dict(activation="gelu", shared_experts=1, shared_ffn_size=40, shared_expert_gate=True),
+    dict(activation="swiglu", shared_experts=2, shared_ffn_size=72, top_k=3)])
+@pytest.mark.parametrize("flat", [0, 1])
+def test_a_training_forward_saves_gemm1_outputs_in_the_experts_order(fields, flat):
+    """save: besides the same output, GEMM1's product with biases and input weights, before the
+    activation, lands in Saved.pre row by row in the experts' order (the plan's sorted slots at
+    world 1) and nowhere past the kept rows (capacity drops some); the shared experts' per token
+    in Saved.shared_pre. Both GEMM1 schedules (queue and flat_ffn_in)."""
+    cfg = MoEConfig(**{**dict(hidden_size=72, ffn_size=200, num_experts=4, top_k=2, dtype="float32"), **fields})
+    rank = OneRank(cfg, max_tokens=90)
+    for tokens, save in [(90, True), (31, False), (57, True)]:
+        x, out = rank.forward(tokens, save=save, flat_ffn_in=flat)
+        assert int(rank.status[0]) == 0
+        ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+        assert rel_err(out, ref) <= 1e-5
+        if not save:
+            continue
+        p = rank.plan
+        pre = expected_pre(cfg, rank.weights, 0, [(x, p.send_slot, p.pos_start, p.send_counts, p.slot_w)])
+        kept = pre.shape[0]
+        assert kept == int(p.send_counts.sum()) and (kept < tokens * cfg.top_k) == (cfg.capacity_factor is not None)
+        assert rel_err(rank.saved.pre[:kept], pre) <= 1e-5
+        assert rank.saved.pre[kept:].isnan().all()
+        if cfg.shared_experts:
+            assert rel_err(rank.saved.shared_pre, expected_shared_pre(cfg, rank.weights, x)) <= 1e-5
 
 
 @pytest.mark.parametrize("fields", [
@@ -274,7 +332,9 @@ class SharedMemoryBuffers:
 
 def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inputs, block_m):
     """One rank of the fused kernel (one program) in this process; weights: every full weight by
-    name; -> [(rel err, status, epoch)]."""
+    name; odd calls save GEMM1's outputs (Saved, room for every row any source could send) ->
+    [(rel err, status, epoch, None or (what it sent: x and its plan's send_slot, pos_start,
+    send_counts, slot_w), saved.pre, saved.shared_pre)]."""
     cfg = MoEConfig.from_dict(cfg_dict)
     geo = Geometry.for_config(cfg, world, max_tokens)
     ws = Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", SharedMemoryBuffers(bufs, rank))
@@ -285,13 +345,20 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
     positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
     launch = LaunchConfig(programs=1, block_m=block_m, block_n=geo.block_n)
     results = []
-    for x in inputs[rank]:
+    f_in, fs_in = (n * (2 if cfg.gated else 1) for n in (cfg.ffn_size, cfg.shared_width))
+    for call, x in enumerate(inputs[rank]):
         r = route(x, weights["router_weight"], cfg, **router)
         plan, _ = routing_plan(r, positions, geo, geo.send_order(rank), ws.scratch.comb_expect)
         out = torch.full_like(x, float("nan"))
-        launch_fused(x, out, experts, plan, ws, launch, config=cfg, rank=rank, timeout_s=120.0)
+        saved = None
+        if call % 2:
+            saved = Saved(torch.full((world * max_tokens * min(cfg.top_k, L), f_in), float("nan")),
+                          torch.full((len(x), fs_in), float("nan")))
+        launch_fused(x, out, experts, plan, ws, launch, config=cfg, rank=rank, timeout_s=120.0, saved=saved)
         ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **weights)
-        results.append((rel_err(out, ref) if len(x) else 0.0, int(ws.scratch.status[0]), int(ws.scratch.ctl[0])))
+        sent = (x, plan.send_slot, plan.pos_start, plan.send_counts, plan.slot_w)
+        results.append((rel_err(out, ref) if len(x) else 0.0, int(ws.scratch.status[0]), int(ws.scratch.ctl[0]),
+                        saved and (sent, *saved)))
     return results
 
 
@@ -317,8 +384,18 @@ def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activa
     results = dist_pools(world).run(rank_runs_whole_kernel, cfg.to_dict(), 40, bufs, weights, inputs,
                                     block_m)
     for rank_results in results:
-        assert [(status, epoch) for _, status, epoch in rank_results] == [(0, 2), (0, 3), (0, 4), (0, 5)]
-        assert max(err for err, _, _ in rank_results) <= 1e-5
+        assert [(status, epoch) for _, status, epoch, _ in rank_results] == [(0, 2), (0, 3), (0, 4), (0, 5)]
+        assert max(err for err, _, _, _ in rank_results) <= 1e-5
+    for call in (1, 3):  # the calls that saved GEMM1's outputs: each rank's rows, in its experts' order
+        sent = [rank_results[call][3][0] for rank_results in results]
+        for dest, rank_results in enumerate(results):
+            _, pre, shared_pre = rank_results[call][3]
+            want = expected_pre(cfg, weights, dest, sent)
+            if len(want):
+                assert rel_err(pre[:len(want)], want) <= 1e-5
+            assert pre[len(want):].isnan().all()
+            if cfg.shared_experts and len(sent[dest][0]):
+                assert rel_err(shared_pre, expected_shared_pre(cfg, weights, sent[dest][0])) <= 1e-5
 
 
 def test_nvshmem_modules_are_initialised_only_when_loaded_for_that_transport(monkeypatch):

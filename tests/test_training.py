@@ -1,4 +1,5 @@
-"""MoELayer(backend="torch") in a training loop, at 1 and 2 gloo ranks, with either backward (autograd, recompute).
+"""MoELayer(backend="torch") in a training loop, at 1 and 2 gloo ranks, with every backward (autograd, saved,
+recompute).
 
 The model: token embedding -> h + MoELayer(h) -> linear head, cross-entropy against a fixed
 random token -> token map. Each rank trains on its own batches; the loss is the mean over ranks,

@@ -1,5 +1,5 @@
-"""The routed experts' backward in explicit steps, their activations recomputed from the rows:
-nothing of the expert FFN is saved by the forward but its input (backward="recompute").
+"""The routed experts' backward in explicit steps, from GEMM1's outputs the forward saved
+(backward="saved") or with GEMM1 run again on the rows (backward="recompute").
 
 Rows are sorted by local expert, counts[e] of them for expert e. For a row r of expert e:
 pre = r w_in[e] (+ b_in[e]), h = act(pre), y = h w_out[e] (+ b_out[e]); the row enters the layer's
@@ -12,8 +12,8 @@ the gradient of the layer's output at the row's token:
     d_rows = d_pre w_in[e]^T                    [N, H]
     dw_in[e] = r_e^T d_pre_e,  dw_out[e] = h_e^T (scale dy)_e,  db_in, db_out: their column sums.
 
-dot is the gradient of the slot's scale; d_rows that of its row. GEMM1 runs again (pre), GEMM2
-does not."""
+dot is the gradient of the slot's scale; d_rows that of its row. GEMM2 never runs again; GEMM1
+(pre) does only when the forward did not save it."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch
 
 from ..config import MoEConfig
 from ..gate_up import gate_and_up
+from ..kernels.activation_grad import activation_grad
 from . import torch_ep
 
 
@@ -39,29 +40,42 @@ class ExpertGrads:
 
 
 def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor,
-                        weights: dict[str, torch.Tensor | None], config: MoEConfig) -> ExpertGrads:
+                        weights: dict[str, torch.Tensor | None], config: MoEConfig,
+                        pre: torch.Tensor | None = None) -> ExpertGrads:
     """rows, dy: [N, H] in the layer's dtype, sorted by local expert; scale: [N] fp32;
     counts: [L] int64 (sum N); weights: the layer's w_in [L, H, F_in], w_out [L, F, H] and b_in
-    [L, F_in], b_out [L, H] or None. Activation math in fp32, GEMMs in the rows' dtype."""
+    [L, F_in], b_out [L, H] or None; pre: [N, F_in], GEMM1's output with b_in as the forward saved
+    it, or None to compute it. Activation math in fp32, GEMMs in the rows' dtype."""
     w_in, w_out, b_in, b_out = (weights.get(n) for n in ("w_in", "w_out", "b_in", "b_out"))
     groups = _Groups(counts, rows, w_out)
     dtype = rows.dtype
-    pre = groups.rows_times(rows, w_in).float()
-    if b_in is not None:
-        pre = pre + groups.per_row(b_in).float()
-    g = groups.rows_times(dy, w_out.transpose(1, 2)).float()
-    h, d_pre = activation_backward(pre, g * scale[:, None], config)
-    dot = (h * g).sum(1)
+    if pre is None:
+        pre = groups.rows_times(rows, w_in)
+        if b_in is not None:
+            pre = (pre.float() + groups.per_row(b_in).float()).to(dtype)
+    g = groups.rows_times(dy, w_out.transpose(1, 2))
+    h, d_pre, dot = _activation_grad(pre, g, scale, config)
     if b_out is not None:
         dot = dot + (dy.float() * groups.per_row(b_out).float()).sum(1)
     d_pre_low = d_pre.to(dtype)
     scaled_dy = (dy.float() * scale[:, None]).to(dtype)
     params = {"w_in": groups.outer(rows, d_pre_low), "w_out": groups.outer(h.to(dtype), scaled_dy)}
     if b_in is not None:
-        params["b_in"] = groups.column_sums(d_pre).to(b_in.dtype)
+        params["b_in"] = groups.column_sums(d_pre.float()).to(b_in.dtype)
         params["b_out"] = groups.column_sums(scaled_dy.float()).to(b_out.dtype)
     d_rows = groups.rows_times(d_pre_low, w_in.transpose(1, 2)).float()
     return ExpertGrads(d_rows, dot, params)
+
+
+def _activation_grad(pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
+                     config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pre: [N, F_in], g = dy w_out^T: [N, F] -> (h = act(pre) [N, F], d_pre [N, F_in], <h, g> [N]
+    fp32): one kernel pass on GPUs (kernels/activation_grad.py), torch ops in fp32 elsewhere."""
+    if pre.is_cuda:
+        return activation_grad(pre.contiguous(), g.contiguous(), scale.contiguous(), config)
+    g = g.float()
+    h, d_pre = activation_backward(pre.float(), g * scale[:, None], config)
+    return h, d_pre, (h * g).sum(1)
 
 
 def activation_backward(pre: torch.Tensor, grad: torch.Tensor, config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """backend="flash": launcher for the persistent fused kernel (kernels/fused_moe.py).
 
 Per forward: the router and the routing plan (kernels/router.py, kernels/plan.py; no host
-synchronisation), then one kernel launch that dispatches, runs the expert FFN and combines.
+synchronisation), then one kernel launch that dispatches, runs the expert FFN and combines (and,
+for backward="saved", keeps GEMM1's outputs: backends/saved.py).
 Buffers live on the NVSHMEM symmetric heap and are reached through peer addresses (transport
 "p2p") or NVSHMEM's device API ("nvshmem")."""
 
@@ -18,10 +19,11 @@ from ..heap import SymmetricHeap
 from ..kernels.launch_config import choose_launch
 from ..kernels.layout import Geometry, describe_timeout
 from ..kernels.plan import RoutingPlan, build_plan
-from ..kernels.fused_moe import launch_fused
+from ..kernels.fused_moe import Saved, launch_fused
 from ..kernels.transport import nvshmem_device_library
 from ..kernels.workspace import Workspace
 from ..routing import Routing
+from .saved import SavedForward
 from .torch_ep import check_graphs_agree
 
 log = logging.getLogger("flashmoe_py")
@@ -29,13 +31,15 @@ log = logging.getLogger("flashmoe_py")
 FUSED_WEIGHTS = ("w_in", "w_out", "b_in", "b_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
 
 
-def _check_graphs_agree(layer, in_graph: bool, error: Exception | None) -> None:
+def _check_graphs_agree(layer, in_graph: bool, error: Exception | None, tokens: int) -> list[int]:
     """Every rank in grad mode says whether it records this forward (a rank whose input is
-    rejected records nothing and is left out); raise on all of them if those that take part differ."""
-    mine = torch.tensor([int(in_graph), int(error is not None)], device=layer.device)
-    flags = torch.empty(layer.world_size, 2, dtype=mine.dtype, device=layer.device)
+    rejected records nothing and is left out) and how many tokens it runs; raise on all of them
+    if those that take part differ. -> every rank's tokens (0 where rejected)."""
+    mine = torch.tensor([int(in_graph), int(error is not None), 0 if error else tokens], device=layer.device)
+    flags = torch.empty(layer.world_size, 3, dtype=mine.dtype, device=layer.device)
     dist.all_gather_into_tensor(flags, mine, group=layer.process_group)
-    check_graphs_agree([f if not bad else None for f, bad in flags.tolist()])
+    check_graphs_agree([f if not bad else None for f, bad, _ in flags.tolist()])
+    return flags[:, 2].tolist()
 
 
 class FusedKernelError(RuntimeError):
@@ -98,19 +102,19 @@ class FlashBackend:
         self.raise_if_failed(block=False)
         layer, geo = self.layer, self.geo
         if in_graph is not None and layer.world_size > 1:
-            _check_graphs_agree(layer, in_graph, error)
+            _check_graphs_agree(layer, in_graph, error, 0 if error else x.shape[0])
         if error is not None:
             self._launch(torch.empty(0, geo.hidden, dtype=layer.config.torch_dtype, device=layer.device))
             raise error
         if not self.options.cuda_graphs or torch.cuda.is_current_stream_capturing():
-            return self._launch(x)
+            return self._launch(x)[:2]
         # A graph's static tensors made under inference_mode cannot be written outside it (a
         # training forward after an inference_mode one): one graph per token count and mode.
         T = (x.shape[0], torch.is_inference_mode_enabled())
         if T not in self.graphs:
             if T not in self.seen:  # first time at this size: run eagerly (compiles the kernel)
                 self.seen.add(T)
-                return self._launch(x)
+                return self._launch(x)[:2]
             log.info("rank %d: capturing the fused forward at %s (tokens, inference_mode) in a CUDA graph",
                      layer.rank, T)
             self.graphs[T] = self._capture(x)
@@ -126,29 +130,47 @@ class FlashBackend:
         self.status_ready.record()
         return static_out.clone(), {k: v.clone() for k, v in stats.items()}
 
+    def forward_saving(self, x: torch.Tensor):
+        """A training forward of backward="saved" (every rank runs one): x [T, H] -> (out, stats,
+        SavedForward); the kernel writes GEMM1's outputs before the activation into new tensors as
+        it goes (room for every row the ranks' token counts allow). Launched, not replayed: a CUDA
+        graph's buffers would be overwritten by the next replay before this forward's backward."""
+        self.raise_if_failed(block=False)
+        layer, geo, cfg = self.layer, self.geo, self.layer.config
+        T = x.shape[0]
+        tokens = _check_graphs_agree(layer, True, None, T) if layer.world_size > 1 else [T]
+        gated = 2 if cfg.gated else 1
+        pre = torch.empty(sum(tokens) * min(cfg.top_k, geo.local_experts), geo.ffn * gated, dtype=x.dtype,
+                          device=x.device)
+        shared_pre = torch.empty(T, geo.shared_ffn * gated, dtype=x.dtype, device=x.device) if geo.shared_ffn else pre
+        out, stats, r, plan = self._launch(x, saved=Saved(pre, shared_pre))
+        send_counts = plan.send_counts.view(layer.world_size, geo.local_experts)
+        return out, stats, SavedForward(r, plan.send_slot, send_counts, pre, shared_pre if geo.shared_ffn else None)
+
     def _capture(self, x: torch.Tensor):
         static_x = x.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out, stats = self._launch(static_x, copy_status=True)
+            static_out, stats, _, _ = self._launch(static_x, copy_status=True)
         return graph, static_x, static_out, stats
 
-    def _launch(self, x: torch.Tensor, copy_status: bool = False):
-        """Routing plan + one kernel launch for x: [T, H] (T may be 0). -> (out, stats)."""
+    def _launch(self, x: torch.Tensor, copy_status: bool = False, saved: Saved | None = None):
+        """Routing plan + one kernel launch for x: [T, H] (T may be 0), filling `saved` when
+        given. -> (out, stats, the routing, the RoutingPlan)."""
         layer, geo, ws = self.layer, self.geo, self.ws
-        plan, stats = routing_plan(layer.route(x), layer.expert_positions, geo, self.send_order,
-                                   ws.scratch.comb_expect)
+        r = layer.route(x)
+        plan, stats = routing_plan(r, layer.expert_positions, geo, self.send_order, ws.scratch.comb_expect)
         out = torch.empty_like(x)
         launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override)
         experts = {name: getattr(layer, name) for name in FUSED_WEIGHTS if getattr(layer, name) is not None}
         launch_fused(x, out, experts, plan, ws, launch, config=layer.config, rank=layer.rank,
-                     timeout_s=self.options.timeout_s, trace=self.trace)
+                     timeout_s=self.options.timeout_s, trace=self.trace, saved=saved)
         capturing = torch.cuda.is_current_stream_capturing()
         if copy_status or not capturing:
             self.status_host.copy_(ws.scratch.status, non_blocking=True)
         if not capturing:
             self.status_ready.record()
-        return out, stats
+        return out, stats, r, plan
 
     def raise_if_failed(self, block: bool) -> None:
         """Raise FusedKernelError if a launch recorded a timeout. block=False looks only at the

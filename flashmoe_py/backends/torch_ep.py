@@ -14,6 +14,7 @@ import torch.distributed as dist
 from ..config import MoEConfig
 from ..reference import activate
 from ..routing import Routing, histogram, route
+from .saved import SavedForward
 from .autograd_ops import Exchange, dispatch_experts_combine, grouped_mm
 
 
@@ -52,15 +53,32 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out:
     w_out: [L, ffn, hidden]; b_in: [L, ffn_in] and b_out: [L, hidden], or None; gated w_in and b_in
     in the layer's pairs of columns (gate_up.py). Returns [N, hidden] in x.dtype; biases and
     activation in fp32."""
-    if x.shape[0] == 0:
-        return x.new_empty(0, w_out.shape[-1])
+    return _expert_ffn(x, counts, w_in, w_out, config, b_in, b_out, keep_pre=False)[0]
+
+
+def expert_ffn_keeping_pre(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+                           config: MoEConfig, b_in: torch.Tensor | None = None,
+                           b_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_ffn's output and pre [N, ffn_in] in x.dtype: GEMM1's output plus b_in, before the
+    activation, for backward="saved"."""
+    return _expert_ffn(x, counts, w_in, w_out, config, b_in, b_out, keep_pre=True)
+
+
+def _expert_ffn(x, counts, w_in, w_out, config, b_in, b_out, keep_pre: bool):
+    kept = []
 
     def act(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         h = h.float() if bias is None else h.float() + bias.float()
+        if keep_pre:
+            kept.append(h.to(x.dtype))
         return activate(h, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(x.dtype)
 
     def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return y if bias is None else (y.float() + bias.float()).to(x.dtype)
+
+    if x.shape[0] == 0:  # empty products, still of the weights: a recorded graph gives them zero gradients
+        a = act(x @ w_in[0], None if b_in is None else b_in[0])
+        return add_bias(a @ w_out[0], None if b_out is None else b_out[0]), kept[0] if keep_pre else None
 
     if grouped_mm_works(x.device.type, x.dtype) and grouped_mm_aligned(x, w_out):
         offs = torch.cumsum(counts, 0).to(torch.int32)
@@ -69,7 +87,7 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out:
             return None if bias is None else bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
 
         a = act(grouped_mm(x, w_in, offs), per_row(b_in))
-        return add_bias(grouped_mm(a, w_out, offs), per_row(b_out))
+        return add_bias(grouped_mm(a, w_out, offs), per_row(b_out)), kept[0] if keep_pre else None
     out = torch.empty(x.shape[0], w_out.shape[-1], dtype=x.dtype, device=x.device)
     start = 0
     for e, n in enumerate(counts.tolist()):
@@ -77,18 +95,24 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out:
             a = act(x[start:start + n] @ w_in[e], None if b_in is None else b_in[e])
             out[start:start + n] = add_bias(a @ w_out[e], None if b_out is None else b_out[e])
             start += n
-    return out
+    return out, torch.cat(kept) if keep_pre else None
 
 
 def shared_experts(x: torch.Tensor, layer) -> torch.Tensor:
     """The layer's shared experts on every row of x [T, hidden] -> [T, hidden] fp32, gated by
     sigmoid(x @ shared_gate_weight^T) when the config has that gate."""
+    return _shared_experts(x, layer, keep_pre=False)[0]
+
+
+def _shared_experts(x: torch.Tensor, layer, keep_pre: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """shared_experts' output, and with keep_pre their GEMM1 output [T, shared ffn_in]."""
     cfg = layer.config
     counts = torch.full((1,), x.shape[0], dtype=torch.int64, device=x.device)
-    y = expert_ffn(x, counts, layer.shared_w_in[None], layer.shared_w_out[None], cfg).float()
+    y, pre = _expert_ffn(x, counts, layer.shared_w_in[None], layer.shared_w_out[None], cfg, None, None, keep_pre)
+    y = y.float()
     if cfg.shared_expert_gate:
         y = y * torch.sigmoid(x.float() @ layer.shared_gate_weight.float().t())
-    return y
+    return y, pre
 
 
 class TorchEPBackend:
@@ -104,6 +128,15 @@ class TorchEPBackend:
         rejected; the error is shared with every rank before it is raised. in_graph: whether this
         rank records the forward's graph (compared across ranks; None: grad mode off).
         -> (out [T, hidden], stats)."""
+        return self._run(x, error, in_graph, keep=False)[:2]
+
+    def forward_saving(self, x: torch.Tensor):
+        """A training forward of backward="saved" (collective; every rank in it): x [T, hidden]
+        -> (out [T, hidden], stats, SavedForward), no graph recorded."""
+        with torch.no_grad():
+            return self._run(x, None, True, keep=True)
+
+    def _run(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None, keep: bool):
         layer, cfg = self.layer, self.layer.config
         W, L, E, k = layer.world_size, layer.local_experts, cfg.num_experts, cfg.top_k
         device = layer.router_weight.device
@@ -121,20 +154,23 @@ class TorchEPBackend:
         if W == 1:
             if error is not None:
                 raise error
-            y_sorted = self._local_experts(self._rows(x, slot_tok, slot_w), send_counts[0])
+            y_sorted, pre = self._local_experts(self._rows(x, slot_tok, slot_w), send_counts[0], keep)
         else:
             recv_counts = self._exchange_counts(send_counts, error, bool(in_graph))
             rows = self._rows(x, slot_tok, slot_w)
-            y_sorted = self._dispatch_compute_combine(rows, send_counts, recv_counts, bool(in_graph))
+            y_sorted, pre = self._dispatch_compute_combine(rows, send_counts, recv_counts, bool(in_graph), keep)
 
         out = torch.zeros(x.shape[0], cfg.hidden_size, dtype=torch.float32, device=device)
         if cfg.weight_on_input:  # the weight was applied to the expert's input
             out.index_add_(0, slot_tok, y_sorted.float())
         else:
             out.index_add_(0, slot_tok, y_sorted.float() * slot_w.unsqueeze(1))
+        shared_pre = None
         if cfg.shared_experts:
-            out += shared_experts(x, layer)
-        return out.to(x.dtype), stats
+            y_shared, shared_pre = _shared_experts(x, layer, keep)
+            out += y_shared
+        saved = SavedForward(r, slot, send_counts, pre, shared_pre) if keep else None
+        return out.to(x.dtype), stats, saved
 
     def _rows(self, x: torch.Tensor, slot_tok: torch.Tensor, slot_w: torch.Tensor) -> torch.Tensor:
         """The rows sent to the experts, one per token-slot: the token, or (weight_on_input) the
@@ -143,10 +179,11 @@ class TorchEPBackend:
             return x[slot_tok]
         return (x[slot_tok].float() * slot_w.unsqueeze(1)).to(x.dtype)
 
-    def _local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """rows: [N, hidden] sorted by this rank's local expert, counts: [L] -> [N, hidden]."""
+    def _local_experts(self, rows: torch.Tensor, counts: torch.Tensor, keep: bool):
+        """rows: [N, hidden] sorted by this rank's local expert, counts: [L] -> ([N, hidden], and
+        with keep GEMM1's output [N, ffn_in] before the activation, else None)."""
         layer = self.layer
-        return expert_ffn(rows, counts, layer.w_in, layer.w_out, layer.config, layer.b_in, layer.b_out)
+        return _expert_ffn(rows, counts, layer.w_in, layer.w_out, layer.config, layer.b_in, layer.b_out, keep)
 
     def _exchange_counts(self, send_counts: torch.Tensor, error: Exception | None,
                          in_graph: bool) -> torch.Tensor:
@@ -169,18 +206,21 @@ class TorchEPBackend:
         return recv[:, :-2]
 
     def _dispatch_compute_combine(self, send_x: torch.Tensor, send_counts: torch.Tensor,
-                                  recv_counts: torch.Tensor, in_graph: bool) -> torch.Tensor:
+                                  recv_counts: torch.Tensor, in_graph: bool, keep: bool):
         """send_x: [S, hidden] rows sorted by (dest rank, local expert). Returns each row's expert
-        output, in the same order; differentiable when in_graph (every rank records a graph)."""
+        output, in the same order, differentiable when in_graph (every rank records a graph); and
+        with keep the received rows' GEMM1 outputs in the experts' order, else None."""
         layer = self.layer
         exchange, perm = exchange_for(send_counts, recv_counts, layer.process_group)
+        pre = []
 
         def experts(recv_x):
             y = torch.empty_like(recv_x)
-            y[perm] = self._local_experts(recv_x[perm], recv_counts.sum(0))
+            y[perm], kept = self._local_experts(recv_x[perm], recv_counts.sum(0), keep)
+            pre.append(kept)
             return y
 
-        return dispatch_experts_combine(send_x, experts, exchange, in_graph=in_graph)
+        return dispatch_experts_combine(send_x, experts, exchange, in_graph=in_graph), pre[0]
 
 
 def slots_by_destination(r: Routing, layer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,6 +111,18 @@ class Weights(NamedTuple):
     shared_gate: torch.Tensor
 
 
+class Saved(NamedTuple):
+    """What a training forward keeps for backward="saved" (Meta.SAVE; otherwise other tensors,
+    unwritten): pre [R, F_in], GEMM1's output before the activation (biases and input weights
+    in; gated: the layer's gate/up pairs) of every row this rank's experts receive, in the
+    experts' numbering: local expert, then source rank, then the row's place in its (source,
+    expert) pair; R at least the rows received (every source's T * min(K, L) bounds it);
+    shared_pre [T, Fs_in], the shared experts' own, per token."""
+
+    pre: torch.Tensor
+    shared_pre: torch.Tensor
+
+
 class Dims(NamedTuple):
     """The layer's sizes on this rank (Geometry): ranks, local experts, hidden, ffn, rows of one
     source's region at a destination (S), chunks per (source, expert) pair (MAXC), the shared
@@ -140,7 +152,8 @@ class Meta(NamedTuple):
     each program's tiles, before the compute queue (which then holds the other tasks); FLAT_OUT
     (with FLAT_IN): the GEMM2 tiles likewise, after every h flag is up; TRANSPORT
     (transport.TRANSPORTS); ON_GPU: compiled for a GPU (not the Triton interpreter, which runs no
-    PTX: no clock, no fences); TRACE: record task timestamps."""
+    PTX: no clock, no fences); TRACE: record task timestamps; SAVE: GEMM1's outputs before the
+    activation into Saved."""
 
     TOP_K: tl.constexpr
     K_POW2: tl.constexpr
@@ -174,6 +187,7 @@ class Meta(NamedTuple):
     TRANSPORT: tl.constexpr
     ON_GPU: tl.constexpr
     TRACE: tl.constexpr
+    SAVE: tl.constexpr
 
 
 class TileTable(NamedTuple):
@@ -194,7 +208,8 @@ class ExpertTile(NamedTuple):
     """One BM-row expert tile (_expert_tile): local expert e, its tile index c within e, per
     source [W_POW2] the rows of e it sent (per_src) and the first of them in e's numbering; per
     row [BM]: source rank, row in that source's region, row within the (source, e) pair and its
-    CHUNK-chunk, valid."""
+    CHUNK-chunk, valid; base: the rows of the experts before e (Saved numbers e's rows from
+    there)."""
 
     e: tl.tensor
     c: tl.tensor
@@ -205,6 +220,7 @@ class ExpertTile(NamedTuple):
     pair_row: tl.tensor
     chunk: tl.tensor
     valid: tl.tensor
+    base: tl.tensor
 
 
 class PendingTile(NamedTuple):
@@ -369,7 +385,8 @@ def _expert_tile(q, table, W, meta):
     pick = s_idx == src[:, None]
     r = j - tl.sum(tl.where(pick, first[None, :], 0), axis=1)
     row = tl.sum(tl.where(pick, region[None, :], 0), axis=1) + r
-    return ExpertTile(e, c, per_src, first, src, row, r, r // meta.CHUNK, valid)
+    base = tl.sum(tl.where(tl.arange(0, meta.L_POW2) < e, tl.sum(table.counts, axis=0), 0))
+    return ExpertTile(e, c, per_src, first, src, row, r, r // meta.CHUNK, valid, base)
 
 
 @triton.jit
@@ -422,6 +439,21 @@ def _gemm_in(a_rows, valid, w_in, e, j, H, meta, PAIR: tl.constexpr, FLAT: tl.co
 
 
 @triton.jit
+def _save_pre(pre, rows, valid, gate, up, f, F, PAIR: tl.constexpr, meta):
+    """pre[rows, FFN columns f] := gate, and (GATED) their up columns := up, [BM, BF] fp32 each,
+    in pre's dtype; pre holds F_in columns a row (gated: gate/up pairs of PAIR columns)."""
+    r = rows.to(tl.int64)[:, None]
+    m = valid[:, None] & (f < F)[None, :]
+    if meta.GATED:
+        col = _pair_col(f, PAIR)
+        gate_at = pre + r * (2 * F) + col[None, :]
+        tl.store(gate_at, gate.to(pre.dtype.element_ty), mask=m)
+        tl.store(gate_at + PAIR, up.to(pre.dtype.element_ty), mask=m)
+    else:
+        tl.store(pre + r * F + f[None, :], gate.to(pre.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _pair_col(f, PAIR: tl.constexpr):
     """FFN column f's gate column in a last dimension of gate/up pairs (its up column: + PAIR)."""
     return 2 * PAIR * (f // PAIR) + f % PAIR
@@ -435,7 +467,7 @@ def _gemm_out(a_rows, valid, w_out, e, col, F, meta, FLAT: tl.constexpr):
 
 
 @triton.jit
-def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wait_limit, rank, meta):
+def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch, wait_limit, rank, meta):
     """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived
     (table: the call's TileTable; weights: Weights): rows from other ranks from recv_x once their
     chunks' flags rise, this rank's own rows straight from x (ffn_in_rows). -> (ready, done) clock
@@ -450,12 +482,12 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wa
     if tl.sum(short.to(tl.int32)) > 0:
         _report_timeout(scratch, WAIT_CHUNK, tl.min(tl.where(short, t.src, W)), t.e, q, epoch)
     else:
-        done = ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, dims, epoch, rank, meta, False)
+        done = ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta, False)
     return ready, done
 
 
 @triton.jit
-def ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, dims, epoch, rank, meta, FLAT: tl.constexpr):
+def ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta, FLAT: tl.constexpr):
     """The work of ffn_in_tile once expert tile t (ExpertTile q) has its rows: this rank's own rows
     straight from x (by the plan's token of each slot), never copied, others' from recv_x; GEMM1
     (FLAT: _gemm_in's flattenable loop), biases, activation, h stored, the tile's h flag raised
@@ -463,7 +495,7 @@ def ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, dims, epoch, rank, 
     the compiler from pipelining it). -> the clock after the GEMM when TRACE. The last f-tile's
     columns past F are zeros (the descriptor's edge) and never stored. WEIGHT_ON_INPUT: own rows'
     products are scaled by their slots' weights here (x W is linear in x), other ranks' rows came
-    scaled (dispatch_chunk)."""
+    scaled (dispatch_chunk). SAVE: gate and up (biases in) also into saved.pre, in pairs."""
     L, H, F, S = dims.local_experts, dims.hidden, dims.ffn, dims.source_rows
     BF: tl.constexpr = meta.BF
     NF = tl.cdiv(F, BF)
@@ -490,6 +522,9 @@ def ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, dims, epoch, rank, 
         gate += tl.load(b_in + g, mask=fmask, other=0.0).to(tl.float32)[None, :]
         if meta.GATED:
             up += tl.load(b_in + g + meta.PAIR, mask=fmask, other=0.0).to(tl.float32)[None, :]
+    if meta.SAVE:
+        rows = t.base + t.c * meta.BM + tl.arange(0, meta.BM)
+        _save_pre(saved.pre, rows, t.valid, gate, up, f, F, meta.PAIR, meta)
     h = _activate(gate, up, meta)
     tl.store(scratch.h + r[:, None] * F + f[None, :], h.to(scratch.h.dtype.element_ty),
              mask=t.valid[:, None] & fmask[None, :])
@@ -610,7 +645,7 @@ def _send_out(acc, t, r, n, sym, S, H, rank, meta):
 
 
 @triton.jit
-def shared_in_tile(m, j, x_ptr, weights, scratch, dims, tokens, epoch, meta):
+def shared_in_tile(m, j, x_ptr, weights, scratch, saved, dims, tokens, epoch, meta):
     """h_s[tokens m*BM.., f-tile j] = act(x @ shared_w_in[:, f-tile]) for this rank's own tokens;
     the tile j = 0 also stores each token's shared gate, sigmoid(x . shared_gate), when there is
     one. Nothing to wait for."""
@@ -622,6 +657,8 @@ def shared_in_tile(m, j, x_ptr, weights, scratch, dims, tokens, epoch, meta):
     rows = x_ptr + t.to(tl.int64) * H
     gate, up = _gemm_in(rows, valid, weights.shared_w_in, 0, j, H, meta, meta.SHARED_PAIR, False)
     f = j * BF + tl.arange(0, BF)
+    if meta.SAVE:
+        _save_pre(saved.shared_pre, t, valid, gate, up, f, FS, meta.SHARED_PAIR, meta)
     tl.store(scratch.shared_h + t.to(tl.int64)[:, None] * FS + f[None, :],
              _activate(gate, up, meta).to(scratch.shared_h.dtype.element_ty), mask=valid[:, None] & (f < FS)[None, :])
     if meta.SHARED_GATE:
@@ -664,14 +701,14 @@ def shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, ran
 
 
 @triton.jit
-def _shared_task(s, n_sin, n_rows, x_ptr, weights, scratch, dims, tokens, epoch, wait_limit, rank, meta):
+def _shared_task(s, n_sin, n_rows, x_ptr, weights, scratch, saved, dims, tokens, epoch, wait_limit, rank, meta):
     """Shared-expert task s: shared_in tiles first, then shared_out tiles, each grid grouped as the
     experts' are. -> ready clock stamp when TRACE. Compiled only with shared experts."""
     ready = clock_ns() if meta.TRACE else 0
     if meta.SHARED:
         if s < n_sin:
             m, j = _grouped(s, n_rows, tl.cdiv(dims.shared_ffn, meta.BF), meta.GROUP)
-            shared_in_tile(m, j, x_ptr, weights, scratch, dims, tokens, epoch, meta)
+            shared_in_tile(m, j, x_ptr, weights, scratch, saved, dims, tokens, epoch, meta)
         else:
             m, n = _grouped(s - n_sin, n_rows, tl.cdiv(dims.hidden, meta.BN_OUT), meta.GROUP)
             ready = shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, rank, meta)
@@ -733,7 +770,8 @@ def combine_tile(tt, n, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_l
 
 
 @triton.jit
-def flat_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, sym, scratch, dims, epoch, rank, meta):
+def flat_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch, rank,
+                      meta):
     """FLAT_IN (world 1): this program's GEMM1 tasks i = program, program + P, .. < n_in (the
     queue's grouped order), in one loop the compiler flattens over tiles, so a tile's first loads
     are issued while the previous one ends. Those tiles wait for nothing (their rows are x's), so
@@ -745,8 +783,8 @@ def flat_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, sym
     for i in tl.range(tl.program_id(0), n_in, P, num_stages=meta.STAGES, flatten=True):
         start = clock_ns() if meta.TRACE else 0
         q, j = _grouped(i, n_tiles, NF, meta.GROUP)
-        done = ffn_in_rows(_expert_tile(q, table, W, meta), q, j, x_ptr, plan, weights, sym, scratch, dims, epoch,
-                           rank, meta, True)
+        done = ffn_in_rows(_expert_tile(q, table, W, meta), q, j, x_ptr, plan, weights, sym, scratch, saved, dims,
+                           epoch, rank, meta, True)
         _stamp(scratch.trace, trace_row + i, TASK_FFN_IN, start, start, done, meta.TRACE)
     for i in range(tl.program_id(0), n_in, P):
         q, j = _grouped(i, n_tiles, NF, meta.GROUP)
@@ -785,11 +823,11 @@ def flat_ffn_out_tiles(n_in, n_out, n_tiles, trace_row, table, weights, sym, scr
 
 
 @triton.jit(do_not_specialize=["tokens", "wait_limit", "send_chunks", "dispatch_programs"])
-def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, plan, sym, scratch, dims,
-                     tokens, wait_limit, send_chunks, dispatch_programs, meta):
+def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, plan, sym, scratch, saved,
+                     dims, tokens, wait_limit, send_chunks, dispatch_programs, meta):
     """See the module docstring. x, out: [tokens, H]; w_in .. shared_w_out: the descriptors of
     Weights, biases: Biases; plan: kernels/plan.RoutingPlan; sym: workspace.Symmetric; scratch:
-    workspace.Scratch; dims: Dims; send_chunks: entries of plan.chunk_pos; dispatch_programs:
+    workspace.Scratch; saved: Saved; dims: Dims; send_chunks: entries of plan.chunk_pos; dispatch_programs:
     programs that start on the front queue; wait_limit: nanoseconds (meta.ON_GPU) or rounds any
     one wait may last; meta: Meta."""
     weights = Weights(w_in, w_out, biases.b_in, biases.b_out, shared_w_in, shared_w_out, biases.shared_gate)
@@ -838,7 +876,7 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     first_ffn = P + n_front + n_shared  # the trace row of the first GEMM1 task
     if meta.FLAT_IN:
         flat_ffn_in_tiles(tl.where(healthy, n_in, 0), n_tiles, first_ffn, x_ptr, plan, table, weights, sym, scratch,
-                          dims, epoch, rank, meta)
+                          saved, dims, epoch, rank, meta)
     if meta.FLAT_OUT:
         flat_ffn_out_tiles(tl.where(healthy, n_in, 0), tl.where(healthy, n_out, 0), n_tiles, first_ffn + n_in, table,
                            weights, sym, scratch, dims, epoch, wait_limit, rank, meta)
@@ -856,13 +894,13 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
             q = tl.where(q < 0, q, q + skip)
         q_task = q  # the task's id past the front and shared tasks
         if q < 0:  # only with shared experts
-            ready = _shared_task(q + n_shared, n_sin, n_rows, x_ptr, weights, scratch, dims, tokens, epoch,
+            ready = _shared_task(q + n_shared, n_sin, n_rows, x_ptr, weights, scratch, saved, dims, tokens, epoch,
                                  wait_limit, rank, meta)
             done = clock_ns() if meta.TRACE else 0
         elif q < n_in:
             q, j = _grouped(q, n_tiles, NF, meta.GROUP)
-            ready, done = ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, dims, epoch, wait_limit, rank,
-                                      meta)
+            ready, done = ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch, wait_limit,
+                                      rank, meta)
         elif q < n_in + n_out:
             q, n = _grouped(q - n_in, n_tiles, NN_OUT, meta.GROUP)
             pend, ready, done = ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_limit,
@@ -892,7 +930,7 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
 
 
 def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: int, timeout_s: float,
-                      trace: torch.Tensor | None = None) -> tuple[tuple, dict]:
+                      trace: torch.Tensor | None = None, saved: Saved | None = None) -> tuple[tuple, dict]:
     """Check shapes and build fused_moe_kernel's arguments for one forward -> (args, kwargs;
     kwargs hold the constexpr-free launch options num_warps and, for NVSHMEM, extern_libs).
 
@@ -905,7 +943,10 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
     launch_config.LaunchConfig; timeout_s: how long any one wait in the kernel may last (on
     GPUs by the GPU's clock; in the interpreter, INTERPRETER_ROUNDS_PER_S polling rounds a
     second); trace: None, or [geo.trace_rows(T, launch.programs), TRACE_COLS] int64 that receives
-    the kernel's task timestamps (module docstring; bench/kernel_profile.py)."""
+    the kernel's task timestamps (module docstring; bench/kernel_profile.py); saved: None, or the
+    Saved tensors this launch fills for backward="saved" (x's dtype and device: pre [R, F_in]
+    with R at least the rows this rank's experts receive; shared_pre [T, Fs_in] with shared
+    experts)."""
     geo = ws.geo
     T, H = x.shape
     W, L, F = geo.world_size, geo.local_experts, geo.ffn
@@ -934,6 +975,8 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
         raise ValueError(f"block_f={geo.block_f}: GEMM1 tiles must hold whole gate/up pairs ({PAIR_MAX} columns)")
     if FS != geo.shared_ffn:
         raise ValueError(f"the workspace holds shared experts of width {geo.shared_ffn}, the config {FS}")
+    if saved is not None:
+        _check_saved(saved, x, geo, config)
     if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 2
                               or trace.shape[1] != TRACE_COLS.value
                               or trace.shape[0] < geo.trace_rows(T, launch.programs)):
@@ -961,7 +1004,8 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),
                 STAGES=c(launch.stages), GROUP=c(launch.group), FLAT_IN=c(bool(launch.flat_ffn_in)),
                 FLAT_OUT=c(bool(launch.flat_ffn_out)),
-                TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None))
+                TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None),
+                SAVE=c(saved is not None))
     dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS, rank)
     # GEMM1 boxes: gated, a tile's gate and up columns side by side (w_in in gate_up.py's pairs)
     w_in_blocks = [1, geo.block_k, geo.block_f * (2 if gated else 1)]
@@ -973,17 +1017,36 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
         s_out = TensorDescriptor.from_tensor(experts["shared_w_out"][None], w_out_blocks)
     biases = Biases(experts.get("b_in", w_in), experts.get("b_out", w_in), experts.get("shared_gate_weight", w_in))
     args = (x, out, w_in_desc, w_out_desc, s_in if FS else w_in_desc, s_out if FS else w_out_desc, biases, plan,
-            ws.sym, ws.with_trace(trace), dims, T, wait_limit, plan.chunk_pos.numel(), launch.dispatch_programs, meta)
+            ws.sym, ws.with_trace(trace), saved or Saved(out, out), dims, T, wait_limit, plan.chunk_pos.numel(),
+            launch.dispatch_programs, meta)
     kwargs = {"num_warps": launch.num_warps}
     if ws.transport == "nvshmem":
         kwargs["extern_libs"] = {"libnvshmem_device": nvshmem_device_library()}
     return args, kwargs
 
 
+def _check_saved(saved: Saved, x: torch.Tensor, geo, config) -> None:
+    """saved's tensors: x's dtype and device, contiguous, F_in (Fs_in) columns; pre with at
+    least the rows of x's slots at world 1 (where nothing else arrives), shared_pre a row per
+    token."""
+    T = x.shape[0]
+    f_in = geo.ffn * (2 if config.gated else 1)
+    fs_in = geo.shared_ffn * (2 if config.gated else 1)
+    rows = T * min(geo.top_k, geo.local_experts) if geo.world_size == 1 else saved.pre.shape[0]
+    expect = {"pre": (saved.pre, rows, f_in)}
+    if fs_in:
+        expect["shared_pre"] = (saved.shared_pre, T, fs_in)
+    for name, (t, least, cols) in expect.items():
+        if (t.dim() != 2 or t.shape[0] < least or t.shape[1] != cols or t.dtype != x.dtype or t.device != x.device
+                or not t.is_contiguous()):
+            raise ValueError(f"saved.{name}: expected a contiguous {x.dtype} tensor of at least {least} rows and "
+                             f"{cols} columns on {x.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
 def launch_fused(x, out, experts: dict, plan, ws, launch, *, config, rank: int, timeout_s: float,
-                 trace: torch.Tensor | None = None) -> None:
+                 trace: torch.Tensor | None = None, saved: Saved | None = None) -> None:
     """One forward's kernel launch on launch.programs programs (arguments: fused_kernel_args)."""
     args, kwargs = fused_kernel_args(x, out, experts, plan, ws, launch, config=config, rank=rank,
-                                     timeout_s=timeout_s, trace=trace)
+                                     timeout_s=timeout_s, trace=trace, saved=saved)
     with nvshmem_launch() if ws.transport == "nvshmem" else contextlib.nullcontext():
         fused_moe_kernel[(launch.programs,)](*args, **kwargs)

@@ -1,6 +1,7 @@
 """GPU gradients of MoELayer against autograd through the reference, for backend "torch" (NCCL,
-routing in torch ops while a graph is recorded; both backwards) and backend "flash" (the fused
-forward, then backward="recompute": backends/recompute.py); run one process per GPU:
+routing in torch ops while a graph is recorded; backwards "autograd" and "saved") and backend
+"flash" (the fused forward, then backward="saved", which reads the GEMM1 outputs the kernel
+kept, or "recompute": backends/explicit_backward.py); run one process per GPU:
 
     bash launch/torchrun.sh tests/gpu/check_backward.py [--presets] [--out results.json]
 
@@ -49,7 +50,7 @@ def same_seed() -> int:
 
 def make_layer(cfg: MoEConfig, backend: str, backward: str | None, seed: int, tokens: int) -> MoELayer:
     if backend == "flash":
-        return MoELayer(cfg, backend="flash", seed=seed, max_tokens_per_rank=tokens)
+        return MoELayer(cfg, backend="flash", seed=seed, max_tokens_per_rank=tokens, backward=backward)
     return MoELayer(cfg, backend="torch", seed=seed, backward=backward)
 
 
@@ -84,7 +85,7 @@ def run_preset(name: str, rank: int) -> dict:
     dy = torch.randn(x.shape, generator=g).to("cuda", cfg.torch_dtype)
     start = time.perf_counter()
     errs = lean_grad_errors(layer, x, dy)
-    return finish(layer, f"preset {name}, {tokens} tokens", "flash", "recompute", cfg, errs,
+    return finish(layer, f"preset {name}, {tokens} tokens", "flash", layer.options.backward_for("flash"), cfg, errs,
                   seconds=round(time.perf_counter() - start, 1))
 
 
@@ -121,7 +122,7 @@ def main() -> int:
     configs += [(case_config(o), max_tokens(world)) for _, o in CASES]
     rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, t) for c, t in configs))
     rank = rt.rank
-    runs = [("torch", "autograd"), ("torch", "recompute"), ("flash", None)]
+    runs = [("torch", "autograd"), ("torch", "saved"), ("flash", "saved"), ("flash", "recompute")]
     rows = [run_case(name, o, backend, backward, rank, world) for backend, backward in runs for name, o in CASES]
     rows += [router_kernel_kept_for_inference(rank)] + [run_preset(n, rank) for n in presets]
     if rank == 0:

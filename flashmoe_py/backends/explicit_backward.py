@@ -1,15 +1,18 @@
-"""The layer's autograd with backward="recompute": the forward runs as it does for inference (the
-fused kernel or the torch backend, no graph recorded) and saves only x; the backward is explicit
-steps in torch ops (one host synchronisation for the all-to-all split sizes at world > 1):
+"""The layer's autograd with backward="saved" or "recompute": the forward runs as it does for
+inference (the fused kernel or the torch backend, no graph recorded) and keeps x, and under
+"saved" what backends/saved.py says (its routing, and GEMM1's outputs where the experts ran);
+the backward is explicit steps in torch ops (one host synchronisation for the all-to-all split
+sizes at world > 1, or for the kept slots under capacity):
 
-1. route x again: the same experts and capacity drops as the forward's, since routing is
-   deterministic (the router kernel on GPUs, torch ops elsewhere); then the routing weights of
-   those experts from fp32 logits (routing.weights_for);
+1. the forward's routing ("saved"), or x routed again ("recompute": the same experts and
+   capacity drops, since routing is deterministic: the router kernel on GPUs, torch ops
+   elsewhere); then the routing weights of those experts from fp32 logits (routing.weights_for);
 2. send each kept slot's row (x, or its weight times x for weight_on_input), dy at its token and
    its scale (its weight, or 1) to the rank that holds its expert: an all-to-all with the
    forward's split sizes (at world 1, a gather);
-3. the expert FFN's backward where the rows are (expert_grad.py): each slot's row gradient and
-   <dy, y>, and the weight gradients of this rank's experts over the rows every rank sent;
+3. the expert FFN's backward where the rows are (expert_grad.py, from the saved GEMM1 outputs or
+   with GEMM1 run again): each slot's row gradient and <dy, y>, and the weight gradients of this
+   rank's experts over the rows every rank sent;
 4. both sent back and summed per token into dx; the slots' weight gradients go back through
    step 1 (routing.weights_backward) into the router's parameters and x; the shared experts are
    step 3 over every token.
@@ -29,42 +32,52 @@ import torch.distributed as dist
 
 from ..routing import weights_backward, weights_for
 from .expert_grad import expert_ffn_backward
+from .saved import SavedForward
 from .torch_ep import exchange_for, slots_by_destination
 
 EXPERT_PARAMS = ("w_in", "w_out", "b_in", "b_out")
 
 
-def recomputed_forward(layer, x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """x: [T, H] -> run(x), the layer's inference forward, with the backward above recorded for x
-    and every parameter of the layer."""
+def explicit_forward(layer, x: torch.Tensor,
+                     run: Callable[[torch.Tensor], tuple[torch.Tensor, SavedForward | None]]) -> torch.Tensor:
+    """x: [T, H] -> the output of run(x), the layer's inference forward (with what it saved for
+    backward="saved", or None), with the backward above recorded for x and every parameter of
+    the layer."""
     names = [name for name, _ in layer.named_parameters()]
-    return _Recomputed.apply(x, layer, run, names, *(p for _, p in layer.named_parameters()))
+    return _Explicit.apply(x, layer, run, names, *(p for _, p in layer.named_parameters()))
 
 
-class _Recomputed(torch.autograd.Function):
+class _Explicit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer, run, names, *params):
         ctx.layer, ctx.names = layer, names
         ctx.save_for_backward(x, *params)  # saved: an in-place update before backward is caught
-        return run(x)
+        out, ctx.saved_forward = run(x)
+        return out
 
     @staticmethod
     def backward(ctx, dy):
         x, *_ = ctx.saved_tensors
         want = {name for name, needs in zip(ctx.names, ctx.needs_input_grad[4:]) if needs}
-        grads = moe_backward(ctx.layer, x, dy, want, x_needs_grad=ctx.needs_input_grad[0])
+        grads = moe_backward(ctx.layer, x, dy, want, x_needs_grad=ctx.needs_input_grad[0], saved=ctx.saved_forward)
         return (grads.get("x"), None, None, None, *(grads.get(name) for name in ctx.names))
 
 
-def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_needs_grad: bool) -> dict:
+def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_needs_grad: bool,
+                 saved: SavedForward | None = None) -> dict:
     """x, dy: [T, H] in the layer's dtype -> {"x" (if x_needs_grad) and each parameter name in
-    want: its gradient} of sum(layer(x) * dy); collective at world > 1. No autograd inside (the
+    want: its gradient} of sum(layer(x) * dy); collective at world > 1. saved: what the forward
+    kept (backward="saved"), or None to route and run GEMM1 again. No autograd inside (the
     compiled layer's backward op runs it below the autograd keys)."""
     cfg = layer.config
     T, k = x.shape[0], cfg.top_k
-    with torch.no_grad():  # the forward's routing (the router kernel, on GPUs), even under create_graph
-        r = layer.route(x)
-    slot, send_counts = slots_by_destination(r, layer)  # slot t * k + j: token t's j-th expert
+    if saved is None:
+        with torch.no_grad():  # the forward's routing (the router kernel, on GPUs), even under create_graph
+            r = layer.route(x)
+        slot, send_counts = slots_by_destination(r, layer)  # slot t * k + j: token t's j-th expert
+    else:
+        r, send_counts = saved.routing, saved.send_counts.long()
+        slot = saved.slot.long() if r.kept is None else saved.slot[:int(send_counts.sum())].long()
     tok = slot // k
 
     xf, router_weight = x.float(), layer.router_weight.float()
@@ -76,7 +89,8 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
         rows, scale = (xf[tok] * slot_w[:, None]).to(x.dtype), torch.ones_like(slot_w)
     else:
         rows, scale = x[tok], slot_w
-    d_rows, dot, expert_grads = _at_the_experts(layer, send_counts, rows, dy[tok], scale)
+    d_rows, dot, expert_grads = _at_the_experts(layer, send_counts, rows, dy[tok], scale,
+                                                None if saved is None else saved.pre)
 
     if cfg.weight_on_input:  # the slot's row was w x: d(w x) = d_rows
         dx_slot, dw_slot = d_rows * slot_w[:, None], (d_rows * xf[tok]).sum(1)
@@ -92,36 +106,40 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     if "router_bias" in want:
         grads["router_bias"] = d_logits.sum(0).to(layer.router_bias.dtype)
     if cfg.shared_experts:
-        grads |= {n: g for n, g in _shared_grads(layer, x, dy, dx).items() if n in want}
+        shared_pre = None if saved is None else saved.shared_pre
+        grads |= {n: g for n, g in _shared_grads(layer, x, dy, dx, shared_pre).items() if n in want}
     if x_needs_grad:
         grads["x"] = dx.to(x.dtype)
     return grads
 
 
 def _at_the_experts(layer, send_counts: torch.Tensor, rows: torch.Tensor, dy: torch.Tensor,
-                    scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                    scale: torch.Tensor, pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """send_counts: [W, L] slots this rank sends to each (rank, local expert); rows, dy: [S, H] and
-    scale: [S] fp32, the slots in that order. -> (d_rows [S, H] fp32, dot [S] fp32, this rank's
-    expert weight gradients), each slot's from the rank that holds its expert."""
+    scale: [S] fp32, the slots in that order; pre: SavedForward.pre, or None. -> (d_rows [S, H]
+    fp32, dot [S] fp32, this rank's expert weight gradients), each slot's from the rank that
+    holds its expert."""
     weights = {n: getattr(layer, n) for n in EXPERT_PARAMS}
     if layer.world_size == 1:
-        g = expert_ffn_backward(rows, dy, scale, send_counts[0], weights, layer.config)
+        g = expert_ffn_backward(rows, dy, scale, send_counts[0], weights, layer.config,
+                                None if pre is None else pre[:rows.shape[0]])
         return g.d_rows, g.dot, g.params
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=layer.process_group)
     exchange, perm = exchange_for(send_counts, recv_counts, layer.process_group)
     recv = [exchange.dispatch(t)[perm] for t in (rows, dy, scale[:, None])]
-    g = expert_ffn_backward(recv[0], recv[1], recv[2][:, 0], recv_counts.sum(0), weights, layer.config)
+    g = expert_ffn_backward(recv[0], recv[1], recv[2][:, 0], recv_counts.sum(0), weights, layer.config,
+                            None if pre is None else pre[:recv[0].shape[0]])
     back = torch.empty(g.d_rows.shape[0], g.d_rows.shape[1] + 1, dtype=torch.float32, device=rows.device)
     back[perm] = torch.cat([g.d_rows, g.dot[:, None]], dim=1)
     back = exchange.combine(back)
     return back[:, :-1], back[:, -1], g.params
 
 
-def _shared_grads(layer, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> dict:
+def _shared_grads(layer, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pre: torch.Tensor | None) -> dict:
     """The shared experts' parameter gradients (one expert over every row, its output scaled by
-    sigmoid(x shared_gate_weight^T) when gated); their part of x's gradient is added to dx [T, H]
-    fp32."""
+    sigmoid(x shared_gate_weight^T) when gated; pre: their saved GEMM1 output [T, Fs_in], or
+    None); their part of x's gradient is added to dx [T, H] fp32."""
     cfg = layer.config
     counts = torch.full((1,), x.shape[0], dtype=torch.int64, device=x.device)
     weights = {"w_in": layer.shared_w_in[None], "w_out": layer.shared_w_out[None]}
@@ -130,7 +148,7 @@ def _shared_grads(layer, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) ->
         gate_weight = layer.shared_gate_weight.float()  # [1, H]
         gate = torch.sigmoid(x.float() @ gate_weight.t())[:, 0]
     scale = torch.ones(x.shape[0], device=x.device) if gate is None else gate
-    g = expert_ffn_backward(x, dy, scale, counts, weights, cfg)
+    g = expert_ffn_backward(x, dy, scale, counts, weights, cfg, pre)
     dx += g.d_rows
     grads = {"shared_w_in": g.params["w_in"][0], "shared_w_out": g.params["w_out"][0]}
     if gate is not None:

@@ -1,0 +1,28 @@
+"""What a training forward keeps for backward="saved": its routing, where each kept slot went,
+and GEMM1's outputs before the activation where the experts ran them, so the backward runs
+neither the router's top-k nor GEMM1 again (backends/explicit_backward.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..routing import Routing
+
+
+@dataclass
+class SavedForward:
+    """routing: the forward's (its experts and capacity drops); slot: [>= S] int, the S kept slots
+    (token * top_k + choice) first, sorted by the (rank, local expert) of their expert and, within
+    one, in the order that expert numbered them; send_counts: [W, L] int, the kept slots per
+    (rank, local expert), S in all; pre: [>= R, ffn_in] in the layer's dtype, GEMM1's output with
+    b_in (and the input weight) before the activation, of the R rows this rank's experts received,
+    in the experts' order (local expert, then source rank, then the source's order; gated: the
+    layer's gate/up pairs); shared_pre: [T, shared ffn_in], the shared experts' own, or None."""
+
+    routing: Routing
+    slot: torch.Tensor
+    send_counts: torch.Tensor
+    pre: torch.Tensor
+    shared_pre: torch.Tensor | None

@@ -1,0 +1,57 @@
+"""The activation backward's kernel (kernels/activation_grad.py) in the Triton interpreter,
+against the torch steps the CPU backward takes (backends/expert_grad.activation_backward) and
+against autograd of the reference activation, on fresh random rows."""
+
+import os
+import random
+
+import pytest
+import torch
+
+from flashmoe_py import MoEConfig
+from flashmoe_py.backends.expert_grad import activation_backward
+from flashmoe_py.gate_up import to_halves
+from flashmoe_py.kernels.activation_grad import activation_grad
+from flashmoe_py.reference import activate
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="interpreter test (the GPU backward check runs the kernel for real)")
+
+
+def rel_err(got, want):
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "clamped_swiglu", "gelu", "relu"])
+@pytest.mark.parametrize("rows,ffn", [(45, 200), (3, 136), (70, 48)])
+def test_one_pass_matches_the_activations_derivatives(activation, rows, ffn):
+    """ffn 200 and 136: gate/up pairs of 8 across column blocks of 128 and a partial last block;
+    70 rows: a partial row block. A small clamp limit, so that clamped_swiglu's clamps are hit."""
+    clamp = {"swiglu_limit": 0.8} if activation == "clamped_swiglu" else {}
+    cfg = MoEConfig(hidden_size=32, ffn_size=ffn, num_experts=2, top_k=1, activation=activation, dtype="float32",
+                    **clamp)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    f_in = 2 * ffn if cfg.gated else ffn
+    pre = torch.randn(rows, f_in, generator=gen)
+    g = torch.randn(rows, ffn, generator=gen)
+    scale = torch.rand(rows, generator=gen) + 0.5
+    h, d_pre, dot = activation_grad(pre, g, scale, cfg)
+
+    leaf = pre.double().requires_grad_()
+    want_h = activate(leaf, activation, cfg.swiglu_alpha, cfg.swiglu_limit, paired=True)
+    (want_h * (g.double() * scale.double()[:, None])).sum().backward()
+    assert rel_err(h, want_h) <= 1e-6
+    assert rel_err(d_pre, leaf.grad) <= 1e-6
+    assert rel_err(dot, (want_h * g.double()).sum(1)) <= 1e-6
+    torch_h, torch_d_pre = activation_backward(pre, g * scale[:, None], cfg)
+    assert rel_err(d_pre, torch_d_pre) <= 1e-6 and rel_err(h, torch_h) <= 1e-6
+    if cfg.gated:  # the pairs, not halves: the up gradient of gate column f sits PAIR columns on
+        assert rel_err(to_halves(d_pre), to_halves(leaf.grad)) <= 1e-6
+
+
+def test_shapes_and_dtypes_are_checked():
+    cfg = MoEConfig(hidden_size=32, ffn_size=16, num_experts=2, top_k=1, dtype="float32")
+    with pytest.raises(ValueError, match="pre"):
+        activation_grad(torch.randn(4, 16), torch.randn(4, 16), torch.ones(4), cfg)  # gated: 32 columns
+    with pytest.raises(ValueError, match="scale"):
+        activation_grad(torch.randn(4, 32), torch.randn(4, 16), torch.ones(4, dtype=torch.float64), cfg)
