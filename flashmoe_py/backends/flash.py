@@ -65,6 +65,9 @@ class FlashBackend:
     name = "flash"
 
     MAX_GRAPHS = 8
+    # A replayed training forward copies what it saved out of the graph (bytes up to this); a
+    # larger one is launched: its copy would cost more than the ~0.6 ms of host time a replay saves.
+    GRAPHED_SAVE_BYTES = 64 << 20
 
     def __init__(self, layer, options):
         self.rt = rt = runtime.require_fused()
@@ -84,7 +87,7 @@ class FlashBackend:
         # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), TRACE_COLS] tensor here
         # makes each launch record its tasks' timestamps into it (kernels/fused_moe.py).
         self.trace: torch.Tensor | None = None
-        self.graphs: dict[tuple, tuple] = {}  # (tokens, inference_mode) -> (graph, static x, out, stats)
+        self.graphs: dict[tuple, tuple] = {}  # _run's key -> (graph, static x, _launch's outputs)
         self.seen: set[tuple] = set()
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 
@@ -106,71 +109,87 @@ class FlashBackend:
         if error is not None:
             self._launch(torch.empty(0, geo.hidden, dtype=layer.config.torch_dtype, device=layer.device))
             raise error
-        if not self.options.cuda_graphs or torch.cuda.is_current_stream_capturing():
-            return self._launch(x)[:2]
         # A graph's static tensors made under inference_mode cannot be written outside it (a
         # training forward after an inference_mode one): one graph per token count and mode.
-        T = (x.shape[0], torch.is_inference_mode_enabled())
-        if T not in self.graphs:
-            if T not in self.seen:  # first time at this size: run eagerly (compiles the kernel)
-                self.seen.add(T)
-                return self._launch(x)[:2]
-            log.info("rank %d: capturing the fused forward at %s (tokens, inference_mode) in a CUDA graph",
-                     layer.rank, T)
-            self.graphs[T] = self._capture(x)
-            if len(self.graphs) > self.MAX_GRAPHS:
-                dropped = next(iter(self.graphs))
-                log.info("rank %d: dropping the CUDA graph of %s (more than %d kept)", layer.rank,
-                         dropped, self.MAX_GRAPHS)
-                self.graphs.pop(dropped)
-        self.graphs[T] = entry = self.graphs.pop(T)  # most recently used last
-        graph, static_x, static_out, stats = entry
-        static_x.copy_(x)
-        graph.replay()
-        self.status_ready.record()
-        return static_out.clone(), {k: v.clone() for k, v in stats.items()}
+        out, stats, _ = self._run(x, (x.shape[0], torch.is_inference_mode_enabled()))
+        return out, stats
 
     def forward_saving(self, x: torch.Tensor):
         """A training forward of backward="saved" (every rank runs one): x [T, H] -> (out, stats,
-        SavedForward); the kernel writes GEMM1's outputs before the activation into new tensors as
-        it goes (room for every row the ranks' token counts allow). Launched, not replayed: a CUDA
-        graph's buffers would be overwritten by the next replay before this forward's backward."""
+        SavedForward); the kernel writes GEMM1's outputs before the activation as it goes, room
+        made for every row the ranks' token counts allow. Replayed from a CUDA graph as forward()
+        is while those outputs take at most GRAPHED_SAVE_BYTES, then copied out of the graph's
+        buffers, which the next replay overwrites; larger ones are launched, into new tensors
+        (there the copy would cost more than the host time a replay saves)."""
         self.raise_if_failed(block=False)
         layer, geo, cfg = self.layer, self.geo, self.layer.config
         T = x.shape[0]
         tokens = _check_graphs_agree(layer, True, None, T) if layer.world_size > 1 else [T]
         gated = 2 if cfg.gated else 1
-        pre = torch.empty(sum(tokens) * min(cfg.top_k, geo.local_experts), geo.ffn * gated, dtype=x.dtype,
-                          device=x.device)
-        shared_pre = torch.empty(T, geo.shared_ffn * gated, dtype=x.dtype, device=x.device) if geo.shared_ffn else pre
-        out, stats, r, plan = self._launch(x, saved=Saved(pre, shared_pre))
-        send_counts = plan.send_counts.view(layer.world_size, geo.local_experts)
-        return out, stats, SavedForward(r, plan.send_slot, send_counts, pre, shared_pre if geo.shared_ffn else None)
+        saving = ((sum(tokens) * min(cfg.top_k, geo.local_experts), geo.ffn * gated),
+                  (T, geo.shared_ffn * gated) if geo.shared_ffn else None)
+        size = sum(a * b for a, b in filter(None, saving)) * x.element_size()
+        return self._run(x, (T, False, saving) if size <= self.GRAPHED_SAVE_BYTES else None, saving)
 
-    def _capture(self, x: torch.Tensor):
+    def _run(self, x: torch.Tensor, key: tuple | None, saving: tuple | None = None):
+        """The routing plan and kernel for x [T, H], replayed from the CUDA graph of `key`
+        (captured at its second call; the first runs eagerly and compiles the kernel) unless key is
+        None or graphs are off. saving: (pre's shape, shared_pre's or None) for backward="saved".
+        -> (out, stats, SavedForward or None), copied out of a graph's buffers when replayed.
+        Graphs are kept for the MAX_GRAPHS latest keys."""
+        if key is None or not self.options.cuda_graphs or torch.cuda.is_current_stream_capturing():
+            return self._launch(x, saving=saving)
+        layer = self.layer
+        if key not in self.graphs:
+            if key not in self.seen:  # first time at this size: run eagerly (compiles the kernel)
+                self.seen.add(key)
+                return self._launch(x, saving=saving)
+            log.info("rank %d: capturing the fused forward at %s (tokens, inference_mode[, saved shapes]) in a "
+                     "CUDA graph", layer.rank, key)
+            self.graphs[key] = self._capture(x, saving)
+            if len(self.graphs) > self.MAX_GRAPHS:
+                dropped = next(iter(self.graphs))
+                log.info("rank %d: dropping the CUDA graph of %s (more than %d kept)", layer.rank,
+                         dropped, self.MAX_GRAPHS)
+                self.graphs.pop(dropped)
+        self.graphs[key] = entry = self.graphs.pop(key)  # most recently used last
+        graph, static_x, (out, stats, saved) = entry
+        static_x.copy_(x)
+        graph.replay()
+        self.status_ready.record()
+        return out.clone(), {k: v.clone() for k, v in stats.items()}, saved and _copied(saved)
+
+    def _capture(self, x: torch.Tensor, saving: tuple | None):
         static_x = x.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out, stats, _, _ = self._launch(static_x, copy_status=True)
-        return graph, static_x, static_out, stats
+            outputs = self._launch(static_x, copy_status=True, saving=saving)
+        return graph, static_x, outputs
 
-    def _launch(self, x: torch.Tensor, copy_status: bool = False, saved: Saved | None = None):
-        """Routing plan + one kernel launch for x: [T, H] (T may be 0), filling `saved` when
-        given. -> (out, stats, the routing, the RoutingPlan)."""
+    def _launch(self, x: torch.Tensor, copy_status: bool = False, saving: tuple | None = None):
+        """Routing plan + one kernel launch for x: [T, H] (T may be 0); saving: as _run's.
+        -> (out, stats, SavedForward or None)."""
         layer, geo, ws = self.layer, self.geo, self.ws
         r = layer.route(x)
         plan, stats = routing_plan(r, layer.expert_positions, geo, self.send_order, ws.scratch.comb_expect)
         out = torch.empty_like(x)
         launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override)
         experts = {name: getattr(layer, name) for name in FUSED_WEIGHTS if getattr(layer, name) is not None}
+        saved = None
+        if saving is not None:
+            pre, shared_pre = (None if shape is None else torch.empty(shape, dtype=x.dtype, device=x.device)
+                               for shape in saving)
+            saved = SavedForward(r, plan.send_slot, plan.send_counts.view(layer.world_size, geo.local_experts), pre,
+                                 shared_pre)
         launch_fused(x, out, experts, plan, ws, launch, config=layer.config, rank=layer.rank,
-                     timeout_s=self.options.timeout_s, trace=self.trace, saved=saved)
+                     timeout_s=self.options.timeout_s, trace=self.trace,
+                     saved=saved and Saved(saved.pre, saved.pre if saved.shared_pre is None else saved.shared_pre))
         capturing = torch.cuda.is_current_stream_capturing()
         if copy_status or not capturing:
             self.status_host.copy_(ws.scratch.status, non_blocking=True)
         if not capturing:
             self.status_ready.record()
-        return out, stats, r, plan
+        return out, stats, saved
 
     def raise_if_failed(self, block: bool) -> None:
         """Raise FusedKernelError if a launch recorded a timeout. block=False looks only at the
@@ -195,3 +214,11 @@ class FlashBackend:
         """Free the symmetric buffers (collective); the layer cannot run afterwards."""
         self.graphs.clear()
         self.heap.free()
+
+
+def _copied(saved: SavedForward) -> SavedForward:
+    """A replayed graph's SavedForward, copied out of its buffers."""
+    r = saved.routing
+    routing = Routing(r.weights.clone(), r.experts.clone(), None if r.kept is None else r.kept.clone())
+    return SavedForward(routing, saved.slot.clone(), saved.send_counts.clone(), saved.pre.clone(),
+                        None if saved.shared_pre is None else saved.shared_pre.clone())
