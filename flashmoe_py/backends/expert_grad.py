@@ -10,7 +10,8 @@ the gradient of the layer's output at the row's token:
     dot    = <dy, y> = sum(h * g) + <dy, b_out>  [N]          (y is not recomputed)
     d_pre  = act'(pre) (scale * g)              [N, F_in]
     d_rows = d_pre w_in[e]^T                    [N, H]
-    dw_in[e] = r_e^T d_pre_e,  dw_out[e] = h_e^T (scale dy)_e,  db_in, db_out: their column sums.
+    dw_in[e] = r_e^T d_pre_e,  dw_out[e] = (scale h)_e^T dy_e,  db_in, db_out: the column sums of
+    d_pre and scale dy.
 
 dot is the gradient of the slot's scale; d_rows that of its row. GEMM2 never runs again; GEMM1
 (pre) does only when the forward did not save it."""
@@ -31,8 +32,9 @@ from . import torch_ep
 
 @dataclass
 class ExpertGrads:
-    """d_rows: [N, H] fp32; dot: [N] fp32; params: {w_in, w_out[, b_in, b_out]} gradients, in the
-    weights' shapes and dtypes (gated w_in and b_in in the layer's gate/up pairs)."""
+    """d_rows: [N, H] in the rows' dtype; dot: [N] fp32; params: {w_in, w_out[, b_in, b_out]}
+    gradients, in the weights' shapes and dtypes (gated w_in and b_in in the layer's gate/up
+    pairs)."""
 
     d_rows: torch.Tensor
     dot: torch.Tensor
@@ -54,28 +56,27 @@ def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
         if b_in is not None:
             pre = (pre.float() + groups.per_row(b_in).float()).to(dtype)
     g = groups.rows_times(dy, w_out.transpose(1, 2))
-    h, d_pre, dot = _activation_grad(pre, g, scale, config)
+    sh, d_pre, dot = _activation_grad(pre, g, scale, config)
     if b_out is not None:
         dot = dot + (dy.float() * groups.per_row(b_out).float()).sum(1)
     d_pre_low = d_pre.to(dtype)
-    scaled_dy = (dy.float() * scale[:, None]).to(dtype)
-    params = {"w_in": groups.outer(rows, d_pre_low), "w_out": groups.outer(h.to(dtype), scaled_dy)}
+    params = {"w_in": groups.outer(rows, d_pre_low), "w_out": groups.outer(sh.to(dtype), dy)}
     if b_in is not None:
         params["b_in"] = groups.column_sums(d_pre.float()).to(b_in.dtype)
-        params["b_out"] = groups.column_sums(scaled_dy.float()).to(b_out.dtype)
-    d_rows = groups.rows_times(d_pre_low, w_in.transpose(1, 2)).float()
-    return ExpertGrads(d_rows, dot, params)
+        params["b_out"] = groups.column_sums(dy.float() * scale[:, None]).to(b_out.dtype)
+    return ExpertGrads(groups.rows_times(d_pre_low, w_in.transpose(1, 2)), dot, params)
 
 
 def _activation_grad(pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
                      config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """pre: [N, F_in], g = dy w_out^T: [N, F] -> (h = act(pre) [N, F], d_pre [N, F_in], <h, g> [N]
-    fp32): one kernel pass on GPUs (kernels/activation_grad.py), torch ops in fp32 elsewhere."""
+    """pre: [N, F_in], g = dy w_out^T: [N, F], scale: [N] fp32 -> (scale * act(pre) [N, F], d_pre
+    [N, F_in], <act(pre), g> [N] fp32): one kernel pass on GPUs (kernels/activation_grad.py),
+    torch ops in fp32 elsewhere."""
     if pre.is_cuda:
         return activation_grad(pre.contiguous(), g.contiguous(), scale.contiguous(), config)
     g = g.float()
     h, d_pre = activation_backward(pre.float(), g * scale[:, None], config)
-    return h, d_pre, (h * g).sum(1)
+    return h * scale[:, None], d_pre, (h * g).sum(1)
 
 
 def activation_backward(pre: torch.Tensor, grad: torch.Tensor, config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:

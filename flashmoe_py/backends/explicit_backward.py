@@ -93,11 +93,12 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
                                                 None if saved is None else saved.pre)
 
     if cfg.weight_on_input:  # the slot's row was w x: d(w x) = d_rows
+        d_rows = d_rows.float()
         dx_slot, dw_slot = d_rows * slot_w[:, None], (d_rows * xf[tok]).sum(1)
     else:
         dx_slot, dw_slot = d_rows, dot
     grads = {name: g for name, g in expert_grads.items() if name in want}
-    dx = torch.zeros(T, cfg.hidden_size, dtype=torch.float32, device=x.device).index_add_(0, tok, dx_slot)
+    dx = _per_token(dx_slot, slot, T, k)
     dw = torch.zeros(T * k, dtype=torch.float32, device=x.device).index_copy_(0, slot, dw_slot)
     d_logits = weights_backward(logits, r.experts, cfg, dw.view(T, k))
     dx += d_logits @ router_weight
@@ -113,12 +114,20 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     return grads
 
 
+def _per_token(rows: torch.Tensor, slot: torch.Tensor, T: int, k: int) -> torch.Tensor:
+    """rows: [S, H], one per kept slot (slot [S]: token * k + choice) -> [T, H] fp32, each token's
+    rows summed: placed by slot, then the k of a token added in fp32 (no atomics)."""
+    per_slot = rows.new_zeros(T * k, rows.shape[1])
+    per_slot[slot] = rows
+    return per_slot.view(T, k, rows.shape[1]).sum(1, dtype=torch.float32)
+
+
 def _at_the_experts(layer, send_counts: torch.Tensor, rows: torch.Tensor, dy: torch.Tensor,
                     scale: torch.Tensor, pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """send_counts: [W, L] slots this rank sends to each (rank, local expert); rows, dy: [S, H] and
     scale: [S] fp32, the slots in that order; pre: SavedForward.pre, or None. -> (d_rows [S, H]
-    fp32, dot [S] fp32, this rank's expert weight gradients), each slot's from the rank that
-    holds its expert."""
+    (rows' dtype at world 1, fp32 otherwise), dot [S] fp32, this rank's expert weight gradients),
+    each slot's from the rank that holds its expert."""
     weights = {n: getattr(layer, n) for n in EXPERT_PARAMS}
     if layer.world_size == 1:
         g = expert_ffn_backward(rows, dy, scale, send_counts[0], weights, layer.config,
@@ -131,7 +140,7 @@ def _at_the_experts(layer, send_counts: torch.Tensor, rows: torch.Tensor, dy: to
     g = expert_ffn_backward(recv[0], recv[1], recv[2][:, 0], recv_counts.sum(0), weights, layer.config,
                             None if pre is None else pre[:recv[0].shape[0]])
     back = torch.empty(g.d_rows.shape[0], g.d_rows.shape[1] + 1, dtype=torch.float32, device=rows.device)
-    back[perm] = torch.cat([g.d_rows, g.dot[:, None]], dim=1)
+    back[perm] = torch.cat([g.d_rows.float(), g.dot[:, None]], dim=1)
     back = exchange.combine(back)
     return back[:, :-1], back[:, -1], g.params
 

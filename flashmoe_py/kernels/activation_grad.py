@@ -1,11 +1,12 @@
 """The expert FFN's activation backward in one pass over its rows (the explicit backward's
-elementwise step, backends/expert_grad.py): from GEMM1's output before the activation and the
-gradient of the activation's output, the activation itself (for dW_out), the gradient of GEMM1's
-output, and each row's <h, g> (the router's gradient), each element read and written once.
+elementwise step, backends/expert_grad.py): from GEMM1's output before the activation, the
+gradient g of the expert's output (before its routing weight: scale) and that weight, the
+activation scaled by it (dW_out = (scale h)^T dy), the gradient of GEMM1's output, and each row's
+<h, g> (the router's gradient), each element read and written once.
 
-    h     = act(pre)                 [N, F]     in pre's dtype
+    sh    = scale * act(pre)         [N, F]     in pre's dtype
     d_pre = act'(pre) * (scale g)    [N, F_in]  in pre's dtype (gated: gate/up pairs, as pre)
-    dot   = sum_f h * g              [N]        fp32
+    dot   = sum_f act(pre) * g       [N]        fp32
 
 The grid is (row blocks, column blocks): each program writes its columns' part of dot into a row
 of partial sums, summed after the launch in a fixed order (no atomics: the same bits every run)."""
@@ -29,14 +30,15 @@ def activation_grad_kernel(pre_ptr, g_ptr, scale_ptr, h_ptr, d_pre_ptr, dot_ptr,
                            ACT: tl.constexpr, GATED: tl.constexpr, PAIR: tl.constexpr,
                            ALPHA: tl.constexpr, LIMIT: tl.constexpr,
                            BR: tl.constexpr, BC: tl.constexpr):
-    """pre: [N, F_in]; g: [N, F]; scale: [N] fp32 -> h [N, F], d_pre [N, F_in] (pre's dtype) and
+    """pre: [N, F_in]; g: [N, F]; scale: [N] fp32 -> sh [N, F], d_pre [N, F_in] (pre's dtype) and
     dot: [column blocks, N] fp32, this block's partial sums of h * g."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     f = tl.program_id(1) * BC + tl.arange(0, BC)
     m = (rows < N)[:, None] & (f < F)[None, :]
     r = rows.to(tl.int64)[:, None]
     g = tl.load(g_ptr + r * F + f[None, :], mask=m, other=0.0).to(tl.float32)
-    sg = g * tl.load(scale_ptr + rows, mask=rows < N, other=0.0)[:, None]
+    scale = tl.load(scale_ptr + rows, mask=rows < N, other=0.0)[:, None]
+    sg = g * scale
     if GATED:
         gate_at = pre_ptr + r * (2 * F) + (2 * PAIR * (f // PAIR) + f % PAIR)[None, :]
         gate = tl.load(gate_at, mask=m, other=0.0).to(tl.float32)
@@ -68,7 +70,7 @@ def activation_grad_kernel(pre_ptr, g_ptr, scale_ptr, h_ptr, d_pre_ptr, dot_ptr,
             h = tl.maximum(pre, 0.0)
             d = tl.where(pre > 0, sg, 0.0)
         tl.store(d_pre_ptr + r * F + f[None, :], d.to(d_pre_ptr.dtype.element_ty), mask=m)
-    tl.store(h_ptr + r * F + f[None, :], h.to(h_ptr.dtype.element_ty), mask=m)
+    tl.store(h_ptr + r * F + f[None, :], (scale * h).to(h_ptr.dtype.element_ty), mask=m)
     tl.store(dot_ptr + tl.program_id(1).to(tl.int64) * N + rows, tl.sum(tl.where(m, h * g, 0.0), axis=1),
              mask=rows < N)
 
@@ -76,7 +78,7 @@ def activation_grad_kernel(pre_ptr, g_ptr, scale_ptr, h_ptr, d_pre_ptr, dot_ptr,
 def activation_grad(pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
                     config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """pre: [N, F_in] (gated: the layer's gate/up pairs) and g: [N, F] in one dtype, contiguous;
-    scale: [N] fp32 -> (h [N, F], d_pre [N, F_in] in pre's dtype, dot [N] fp32), as the module
+    scale: [N] fp32 -> (sh [N, F], d_pre [N, F_in] in pre's dtype, dot [N] fp32), as the module
     docstring says; math in fp32."""
     N, F = g.shape
     f_in = 2 * F if config.gated else F
@@ -86,13 +88,13 @@ def activation_grad(pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
                          f"scale [N] float32")
     if not (pre.is_contiguous() and g.is_contiguous() and scale.is_contiguous()):
         raise ValueError("activation_grad: pre, g and scale must be contiguous")
-    h = torch.empty_like(g)
+    sh = torch.empty_like(g)
     d_pre = torch.empty_like(pre)
     blocks = (triton.cdiv(N, BLOCK_ROWS), triton.cdiv(F, BLOCK_COLS))
     partial = torch.empty(blocks[1], N, dtype=torch.float32, device=g.device)
     if N and F:
-        activation_grad_kernel[blocks](pre, g, scale, h, d_pre, partial, N, F, ACT=ACT_CODES[config.activation],
+        activation_grad_kernel[blocks](pre, g, scale, sh, d_pre, partial, N, F, ACT=ACT_CODES[config.activation],
                                        GATED=config.gated, PAIR=pair_width(F) if config.gated else 1,
                                        ALPHA=float(config.swiglu_alpha), LIMIT=float(config.swiglu_limit),
                                        BR=BLOCK_ROWS, BC=BLOCK_COLS)
-    return h, d_pre, partial.sum(0)
+    return sh, d_pre, partial.sum(0)
