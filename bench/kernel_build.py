@@ -177,8 +177,9 @@ def main():
         if args.out:
             with open(os.path.join(args.out, f"{name}.ptx"), "w") as f:
                 f.write(ptx)
-        row = {"case": name, "save": args.save, "triton": triton.__version__, "block_m": launch.block_m, "block_n": launch.block_n,
-               "num_warps": launch.num_warps, "stages": launch.stages, "shared": kernel.metadata.shared,
+        row = {"case": name, "save": args.save, "triton": triton.__version__, "block_m": launch.block_m,
+               "block_n": launch.block_n, "num_warps": launch.num_warps, "stages": launch.stages,
+               "shared": kernel.metadata.shared,
                "ptx_instructions": sum(ptx_instructions(ptx).values()), **cubin_stats(kernel.asm["cubin"], workdir)}
         if args.out:
             os.replace(os.path.join(workdir, "kernel.cubin"), os.path.join(args.out, f"{name}.cubin"))
