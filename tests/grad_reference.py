@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from flashmoe_py import MoELayer, reference_forward
 from flashmoe_py.reference import ffn, reference_routing
+from flashmoe_py.routing import weights_for
 from flashmoe_py.config import EXPERT_WEIGHTS
 from flashmoe_py.gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from flashmoe_py.gate_up import to_halves
@@ -57,11 +58,17 @@ def grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, forward=None
     return {n: None if got[n] is None else rel_err(got[n], want[n]) for n in want}
 
 
-def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=torch.float32) -> dict:
+def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=torch.float32,
+                     report: dict | None = None) -> dict:
     """grad_errors for full-size layers at world 1, whose float64 copy would not fit beside them:
     the reference in `dtype`, one expert's weights upcast at a time, each expert's part of the
     loss differentiated on its own (the routing weights' gradient gathered, then taken through the
-    router once); the errors are summed norms over experts. x: [T, H] (x.requires_grad)."""
+    router once); the errors are summed norms over experts. x: [T, H] (x.requires_grad).
+
+    A token whose experts the layer's router (the router kernel, on GPUs) chose otherwise than
+    the reference's, a near tie in bf16 x (one such token among 2,048 moves every error by ~1e-2),
+    is taken with the layer's experts, scored by the reference's logits: the gradient of the
+    function the layer computed. report, when given, receives how many: tokens_routed_otherwise."""
     assert layer.world_size == 1
     cfg = layer.config
     (layer(x) * dy).sum().backward()
@@ -80,6 +87,14 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
     weights, experts, kept = reference_routing(xr, router["router_weight"], cfg, dtype,
                                                router_bias=router.get("router_bias"),
                                                e_score_correction_bias=full.get("e_score_correction_bias"))
+    chosen = layer.route(x.detach()).experts.to(experts.device)
+    otherwise = (chosen.sort(1).values != experts.sort(1).values).any(1)
+    if report is not None:
+        report["tokens_routed_otherwise"] = int(otherwise.sum())
+    if otherwise.any():
+        logits = xr @ router["router_weight"].t() + (router["router_bias"] if "router_bias" in router else 0)
+        weights = torch.where(otherwise[:, None], weights_for(logits, chosen, cfg), weights)
+        experts = torch.where(otherwise[:, None], chosen, experts)
     dyr, xd = dy.to(dtype), xr.detach()
     dx, dw = torch.zeros_like(xd), torch.zeros_like(weights)
     expert_names = [n for n in EXPERT_WEIGHTS if n in full]

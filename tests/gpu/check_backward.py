@@ -91,9 +91,10 @@ def run_preset(name: str, rank: int) -> dict:
     x = torch.randn(tokens, cfg.hidden_size, generator=g).to("cuda", cfg.torch_dtype).requires_grad_()
     dy = torch.randn(x.shape, generator=g).to("cuda", cfg.torch_dtype)
     start = time.perf_counter()
-    errs = lean_grad_errors(layer, x, dy)
+    report: dict = {}
+    errs = lean_grad_errors(layer, x, dy, report=report)
     return finish(layer, f"preset {name}, {tokens} tokens", "flash", layer.options.backward_for("flash"), cfg, errs,
-                  seconds=round(time.perf_counter() - start, 1))
+                  seconds=round(time.perf_counter() - start, 1), **report)
 
 
 def finish(layer, name, backend, backward, cfg, errs, **extra) -> dict:
