@@ -68,9 +68,10 @@ class MoELayer(nn.Module):
     torch's default) records the torch backend's ops and saves their activations; "saved"
     (backend flash's default) runs the forward as for inference, keeping x, its routing and each
     expert's first GEMM output before the activation (the fused kernel writes them as it goes;
-    backend flash's training forwards are then not replayed from CUDA graphs), and takes the
-    gradients from them in explicit steps; "recompute" keeps only x, and in backward routes again
-    and recomputes each expert's first GEMM (backends/explicit_backward.py). The backward is
+    backend flash replays a small training forward from a CUDA graph and copies those out, and
+    launches larger ones), and takes the gradients from them in explicit steps; "recompute" keeps
+    only x, and in backward routes again and recomputes each expert's first GEMM
+    (backends/explicit_backward.py). The backward is
     collective: every rank must record the forward (grad mode on, and x or a parameter requiring
     grad, on all ranks or on none; a mismatch raises on every rank, except that backend flash
     cannot see a rank under no_grad beside one recording) and run backward through it.

@@ -33,9 +33,9 @@ FUSED_WEIGHTS = ("w_in", "w_out", "b_in", "b_out", "shared_w_in", "shared_w_out"
 
 def _check_graphs_agree(layer, in_graph: bool, error: Exception | None, tokens: int) -> list[int]:
     """Every rank in grad mode says whether it records this forward (a rank whose input is
-    rejected records nothing and is left out) and how many tokens it runs; raise on all of them
-    if those that take part differ. -> every rank's tokens (0 where rejected)."""
-    mine = torch.tensor([int(in_graph), int(error is not None), 0 if error else tokens], device=layer.device)
+    rejected records nothing and is left out) and how many tokens it runs (0 where rejected); raise
+    on all of them if those that take part differ. -> every rank's tokens."""
+    mine = torch.tensor([int(in_graph), int(error is not None), tokens], device=layer.device)
     flags = torch.empty(layer.world_size, 3, dtype=mine.dtype, device=layer.device)
     dist.all_gather_into_tensor(flags, mine, group=layer.process_group)
     check_graphs_agree([f if not bad else None for f, bad, _ in flags.tolist()])
@@ -125,9 +125,8 @@ class FlashBackend:
         layer, geo, cfg = self.layer, self.geo, self.layer.config
         T = x.shape[0]
         tokens = _check_graphs_agree(layer, True, None, T) if layer.world_size > 1 else [T]
-        gated = 2 if cfg.gated else 1
-        saving = ((sum(tokens) * min(cfg.top_k, geo.local_experts), geo.ffn * gated),
-                  (T, geo.shared_ffn * gated) if geo.shared_ffn else None)
+        saving = ((sum(tokens) * min(cfg.top_k, geo.local_experts), cfg.ffn_in_size),
+                  (T, geo.shared_ffn * (2 if cfg.gated else 1)) if geo.shared_ffn else None)
         size = sum(a * b for a, b in filter(None, saving)) * x.element_size()
         return self._run(x, (T, False, saving) if size <= self.GRAPHED_SAVE_BYTES else None, saving)
 
@@ -157,7 +156,7 @@ class FlashBackend:
         static_x.copy_(x)
         graph.replay()
         self.status_ready.record()
-        return out.clone(), {k: v.clone() for k, v in stats.items()}, saved and _copied(saved)
+        return out.clone(), {k: v.clone() for k, v in stats.items()}, saved and saved.cloned()
 
     def _capture(self, x: torch.Tensor, saving: tuple | None):
         static_x = x.clone()
@@ -214,11 +213,3 @@ class FlashBackend:
         """Free the symmetric buffers (collective); the layer cannot run afterwards."""
         self.graphs.clear()
         self.heap.free()
-
-
-def _copied(saved: SavedForward) -> SavedForward:
-    """A replayed graph's SavedForward, copied out of its buffers."""
-    r = saved.routing
-    routing = Routing(r.weights.clone(), r.experts.clone(), None if r.kept is None else r.kept.clone())
-    return SavedForward(routing, saved.slot.clone(), saved.send_counts.clone(), saved.pre.clone(),
-                        None if saved.shared_pre is None else saved.shared_pre.clone())

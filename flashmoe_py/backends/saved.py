@@ -26,3 +26,10 @@ class SavedForward:
     send_counts: torch.Tensor
     pre: torch.Tensor
     shared_pre: torch.Tensor | None
+
+    def cloned(self) -> SavedForward:
+        """A copy of every tensor (a CUDA graph's buffers, which its next replay overwrites)."""
+        r = self.routing
+        routing = Routing(r.weights.clone(), r.experts.clone(), None if r.kept is None else r.kept.clone())
+        return SavedForward(routing, self.slot.clone(), self.send_counts.clone(), self.pre.clone(),
+                            None if self.shared_pre is None else self.shared_pre.clone())

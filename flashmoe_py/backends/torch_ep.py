@@ -56,15 +56,9 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out:
     return _expert_ffn(x, counts, w_in, w_out, config, b_in, b_out, keep_pre=False)[0]
 
 
-def expert_ffn_keeping_pre(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
-                           config: MoEConfig, b_in: torch.Tensor | None = None,
-                           b_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """expert_ffn's output and pre [N, ffn_in] in x.dtype: GEMM1's output plus b_in, before the
-    activation, for backward="saved"."""
-    return _expert_ffn(x, counts, w_in, w_out, config, b_in, b_out, keep_pre=True)
-
-
 def _expert_ffn(x, counts, w_in, w_out, config, b_in, b_out, keep_pre: bool):
+    """expert_ffn's output, and with keep_pre (backward="saved") pre [N, ffn_in] in x.dtype: GEMM1's
+    output plus b_in, before the activation (else None)."""
     kept = []
 
     def act(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

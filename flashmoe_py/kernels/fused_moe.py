@@ -1030,8 +1030,7 @@ def _check_saved(saved: Saved, x: torch.Tensor, geo, config) -> None:
     least the rows of x's slots at world 1 (where nothing else arrives), shared_pre a row per
     token."""
     T = x.shape[0]
-    f_in = geo.ffn * (2 if config.gated else 1)
-    fs_in = geo.shared_ffn * (2 if config.gated else 1)
+    f_in, fs_in = config.ffn_in_size, geo.shared_ffn * (2 if config.gated else 1)
     rows = T * min(geo.top_k, geo.local_experts) if geo.world_size == 1 else saved.pre.shape[0]
     expect = {"pre": (saved.pre, rows, f_in)}
     if fs_in:
