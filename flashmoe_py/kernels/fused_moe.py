@@ -153,7 +153,8 @@ class Meta(NamedTuple):
     (with FLAT_IN): the GEMM2 tiles likewise, after every h flag is up; TRANSPORT
     (transport.TRANSPORTS); ON_GPU: compiled for a GPU (not the Triton interpreter, which runs no
     PTX: no clock, no fences); TRACE: record task timestamps; SAVE: GEMM1's outputs before the
-    activation into Saved."""
+    activation into Saved; APPROX_ACT: bf16 data, whose activations may take the GPU's approximate
+    sigmoid (_times_sigmoid)."""
 
     TOP_K: tl.constexpr
     K_POW2: tl.constexpr
@@ -188,6 +189,7 @@ class Meta(NamedTuple):
     ON_GPU: tl.constexpr
     TRACE: tl.constexpr
     SAVE: tl.constexpr
+    APPROX_ACT: tl.constexpr
 
 
 class TileTable(NamedTuple):
@@ -278,7 +280,7 @@ def _grouped(t, rows, cols, GROUP: tl.constexpr):
 def _activate(gate, up, meta):
     """gate/up: [BM, BF] fp32 accumulators -> activation in fp32 (up unused unless gated)."""
     if meta.ACT == 0:  # swiglu
-        return gate / (1.0 + tl.exp(-gate)) * up
+        return _times_sigmoid(gate, gate, meta) * up
     elif meta.ACT == 1:  # gelu, exact erf form
         return 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
     elif meta.ACT == 2:  # relu
@@ -288,7 +290,22 @@ def _activate(gate, up, meta):
         alpha = tl.full((), meta.SWIGLU_ALPHA, tl.float32)
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
-        return gate / (1.0 + tl.exp(-(alpha * gate))) * (up + 1.0)
+        return _times_sigmoid(gate, alpha * gate, meta) * (up + 1.0)
+
+
+@triton.jit
+def _times_sigmoid(a, z, meta):
+    """a * sigmoid(z), fp32. APPROX_ACT on a GPU: sigmoid(z) = (1 + tanh(z / 2)) / 2 through the
+    GPU's tanh.approx (one special-function op; its relative error 2^-11 is below the rounding of
+    the bf16 h it feeds), instead of an exp and a full-range division (two special-function ops
+    and their range checks: about 14 instructions an element against 5 in the epilogue of every
+    GEMM1 tile)."""
+    if meta.ON_GPU and meta.APPROX_ACT:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * z], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return a * (0.5 * t + 0.5)
+    else:
+        return a / (1.0 + tl.exp(-z))
 
 
 @triton.jit
@@ -467,11 +484,13 @@ def _gemm_out(a_rows, valid, w_out, e, col, F, meta, FLAT: tl.constexpr):
 
 
 @triton.jit
-def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch, wait_limit, rank, meta):
+def ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch, wait_limit, rank, meta):
     """h[rows of expert tile q, f-tile j] = act(x_rows @ w_in[e][:, f-tile]) once the rows arrived
     (table: the call's TileTable; weights: Weights): rows from other ranks from recv_x once their
-    chunks' flags rise, this rank's own rows straight from x (ffn_in_rows). -> (ready, done) clock
-    stamps when TRACE (module docstring), else zeros."""
+    chunks' flags rise, this rank's own rows straight from x (ffn_in_rows). held: the h flag of
+    this program's previous GEMM1 tile, not raised yet (-1: none); ffn_in_rows raises it. -> (ready,
+    done) clock stamps when TRACE (module docstring), else zeros, and the flag now held: this
+    tile's, or still `held` if the rows never came (a timeout, reported)."""
     W, L, MAXC = dims.world, dims.local_experts, dims.max_chunks
     t = _expert_tile(q, table, W, meta)
     own = t.valid & (t.src == rank)
@@ -482,23 +501,27 @@ def ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, saved, dims, ep
     if tl.sum(short.to(tl.int32)) > 0:
         _report_timeout(scratch, WAIT_CHUNK, tl.min(tl.where(short, t.src, W)), t.e, q, epoch)
     else:
-        done = ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta, False)
-    return ready, done
+        done = ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta, False)
+        held = q * tl.cdiv(dims.ffn, meta.BF) + j
+    return ready, done, held
 
 
 @triton.jit
-def ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta, FLAT: tl.constexpr):
+def ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta,
+                FLAT: tl.constexpr):
     """The work of ffn_in_tile once expert tile t (ExpertTile q) has its rows: this rank's own rows
     straight from x (by the plan's token of each slot), never copied, others' from recv_x; GEMM1
-    (FLAT: _gemm_in's flattenable loop), biases, activation, h stored, the tile's h flag raised
-    (FLAT: not here, by the caller after its loop: a barrier or an atomic in the loop's body keeps
-    the compiler from pipelining it). -> the clock after the GEMM when TRACE. The last f-tile's
-    columns past F are zeros (the descriptor's edge) and never stored. WEIGHT_ON_INPUT: own rows'
-    products are scaled by their slots' weights here (x W is linear in x), other ranks' rows came
-    scaled (dispatch_chunk). SAVE: gate and up (biases in) also into saved.pre, in pairs."""
+    (FLAT: _gemm_in's flattenable loop), then the h flag `held` of the program's previous GEMM1
+    tile raised (unless -1; never when FLAT), biases, activation, h stored. The tile's own h flag is
+    left to the caller (FLAT: after its loop, as a barrier or an atomic in the loop's body keeps
+    the compiler from pipelining it): raised one tile late, its release finds the stores it
+    orders long done, where raised at once it waits for them to reach L2 while the tensor cores
+    idle. -> the clock after the GEMM when TRACE. The last f-tile's columns past F are zeros (the
+    descriptor's edge) and never stored. WEIGHT_ON_INPUT: own rows' products are scaled by their
+    slots' weights here (x W is linear in x), other ranks' rows came scaled (dispatch_chunk). SAVE:
+    gate and up (biases in) also into saved.pre, in pairs."""
     L, H, F, S = dims.local_experts, dims.hidden, dims.ffn, dims.source_rows
     BF: tl.constexpr = meta.BF
-    NF = tl.cdiv(F, BF)
     own = t.valid & (t.src == rank)
     r = (t.src * S + t.row).to(tl.int64)
     first_own = tl.load(plan.pos_start + rank * L + t.e)  # the pair (this rank, e)'s first sorted slot
@@ -512,6 +535,9 @@ def ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, saved, dims, epoch,
     fmask = f < F
     gate, up = _gemm_in(a_rows, t.valid, weights.w_in, t.e, j, H, meta, meta.PAIR, FLAT)
     done = clock_ns() if meta.TRACE else 0
+    if not FLAT:
+        if held >= 0:
+            signal(scratch.h_flags + held, epoch.to(tl.int32), "gpu")  # h and its readers: this GPU
     if meta.WEIGHT_ON_INPUT:
         scale = tl.where(own, tl.load(plan.slot_w + routed, mask=own, other=1.0), 1.0)[:, None]
         gate = gate * scale
@@ -528,8 +554,6 @@ def ffn_in_rows(t, q, j, x_ptr, plan, weights, sym, scratch, saved, dims, epoch,
     h = _activate(gate, up, meta)
     tl.store(scratch.h + r[:, None] * F + f[None, :], h.to(scratch.h.dtype.element_ty),
              mask=t.valid[:, None] & fmask[None, :])
-    if not FLAT:
-        signal(scratch.h_flags + q * NF + j, epoch.to(tl.int32), "gpu")  # h and its readers: this GPU
     return done
 
 
@@ -783,8 +807,8 @@ def flat_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, sym
     for i in tl.range(tl.program_id(0), n_in, P, num_stages=meta.STAGES, flatten=True):
         start = clock_ns() if meta.TRACE else 0
         q, j = _grouped(i, n_tiles, NF, meta.GROUP)
-        done = ffn_in_rows(_expert_tile(q, table, W, meta), q, j, x_ptr, plan, weights, sym, scratch, saved, dims,
-                           epoch, rank, meta, True)
+        done = ffn_in_rows(_expert_tile(q, table, W, meta), q, j, -1, x_ptr, plan, weights, sym, scratch, saved,
+                           dims, epoch, rank, meta, True)
         _stamp(scratch.trace, trace_row + i, TASK_FFN_IN, start, start, done, meta.TRACE)
     for i in range(tl.program_id(0), n_in, P):
         q, j = _grouped(i, n_tiles, NF, meta.GROUP)
@@ -884,6 +908,9 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     # This program's GEMM2 tile whose rows are not counted yet (none while pend.e < 0).
     pend = PendingTile(tl.full((), -1, tl.int32), tl.full((), 0, tl.int64), tl.zeros((meta.W_POW2,), dtype=tl.int32),
                        tl.zeros((meta.W_POW2,), dtype=tl.int32), tl.full((), 0, tl.int64))
+    # The h flag of this program's last GEMM1 tile, raised late (ffn_in_rows; -1: none): before
+    # any other kind of task, which may wait for it, and at the end.
+    held = tl.full((), -1, tl.int64)
     task = n_front + tl.atomic_add(ctl + CTL_COMPUTE_TASKS, 1, sem="relaxed")
     while (task < n_front + n_shared + n_in + n_out + n_comb - skip) & healthy:
         start = clock_ns() if meta.TRACE else 0
@@ -893,14 +920,17 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
         if meta.FLAT_IN:
             q = tl.where(q < 0, q, q + skip)
         q_task = q  # the task's id past the front and shared tasks
+        if (held >= 0) & ((q < 0) | (q >= n_in)):
+            signal(scratch.h_flags + held, epoch.to(tl.int32), "gpu")
+            held = tl.full((), -1, tl.int64)
         if q < 0:  # only with shared experts
             ready = _shared_task(q + n_shared, n_sin, n_rows, x_ptr, weights, scratch, saved, dims, tokens, epoch,
                                  wait_limit, rank, meta)
             done = clock_ns() if meta.TRACE else 0
         elif q < n_in:
             q, j = _grouped(q, n_tiles, NF, meta.GROUP)
-            ready, done = ffn_in_tile(q, j, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch, wait_limit,
-                                      rank, meta)
+            ready, done, held = ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch,
+                                            wait_limit, rank, meta)
         elif q < n_in + n_out:
             q, n = _grouped(q - n_in, n_tiles, NN_OUT, meta.GROUP)
             pend, ready, done = ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_limit,
@@ -918,6 +948,8 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
         _stamp(scratch.trace, first_ffn + q, kind, start, ready, done, meta.TRACE)
         task = n_front + tl.atomic_add(ctl + CTL_COMPUTE_TASKS, 1, sem="relaxed")
 
+    if held >= 0:
+        signal(scratch.h_flags + held, epoch.to(tl.int32), "gpu")
     if pend.e >= 0:
         count_tile_rows(pend, sym, dims, rank, meta)
     puts_complete(meta.TRANSPORT)
@@ -1005,7 +1037,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 STAGES=c(launch.stages), GROUP=c(launch.group), FLAT_IN=c(bool(launch.flat_ffn_in)),
                 FLAT_OUT=c(bool(launch.flat_ffn_out)),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None),
-                SAVE=c(saved is not None))
+                SAVE=c(saved is not None), APPROX_ACT=c(x.dtype == torch.bfloat16))
     dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS, rank)
     # GEMM1 boxes: gated, a tile's gate and up columns side by side (w_in in gate_up.py's pairs)
     w_in_blocks = [1, geo.block_k, geo.block_f * (2 if gated else 1)]
