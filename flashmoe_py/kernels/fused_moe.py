@@ -154,7 +154,10 @@ class Meta(NamedTuple):
     (transport.TRANSPORTS); ON_GPU: compiled for a GPU (not the Triton interpreter, which runs no
     PTX: no clock, no fences); TRACE: record task timestamps; SAVE: GEMM1's outputs before the
     activation into Saved; APPROX_ACT: bf16 data, whose activations may take the GPU's approximate
-    sigmoid (_times_sigmoid)."""
+    sigmoid (_times_sigmoid); PEER_SCOPE: the memory scope of the words and rows ranks exchange,
+    "sys" (other GPUs read and write them), or "gpu" at world 1, where no other GPU takes part and
+    a GPU-scope fence or atomic suffices (cheaper than a system-scope one, which each GEMM2 tile's
+    row count and each combine tile's wait would pay)."""
 
     TOP_K: tl.constexpr
     K_POW2: tl.constexpr
@@ -190,6 +193,7 @@ class Meta(NamedTuple):
     TRACE: tl.constexpr
     SAVE: tl.constexpr
     APPROX_ACT: tl.constexpr
+    PEER_SCOPE: tl.constexpr
 
 
 class TileTable(NamedTuple):
@@ -495,7 +499,7 @@ def ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, di
     t = _expert_tile(q, table, W, meta)
     own = t.valid & (t.src == rank)
     flags = sym.chunk_flags.local + (t.src * L + t.e) * MAXC + t.chunk
-    short = wait_at_least(flags, t.valid & ~own, epoch, wait_limit, scratch.status, "sys", meta.ON_GPU)
+    short = wait_at_least(flags, t.valid & ~own, epoch, wait_limit, scratch.status, meta.PEER_SCOPE, meta.ON_GPU)
     ready = clock_ns() if meta.TRACE else 0
     done = ready
     if tl.sum(short.to(tl.int32)) > 0:
@@ -573,7 +577,7 @@ def count_tile_rows(pend, sym, dims, rank, meta):
     e, c, n = pend.e, pend.c, pend.n
     rows_landed(meta.TRANSPORT)
     tl.debug_barrier()
-    order_counts(meta.TRANSPORT, meta.ON_GPU)
+    order_counts(meta.TRANSPORT, meta.ON_GPU, meta.PEER_SCOPE)
     lo = tl.maximum(c * BM - pend.first, 0)  # the tile's rows of each source, in the pair's numbering
     hi = tl.minimum((c + 1) * BM - pend.first, pend.per_src)
     s_idx = tl.arange(0, meta.W_POW2)
@@ -586,7 +590,8 @@ def count_tile_rows(pend, sym, dims, rank, meta):
                 for half in tl.static_range(SPLIT):
                     if n * SPLIT + half < NN:
                         slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n * SPLIT + half
-                        add_count(sym.combine_counts, slot, rows, s, True, meta.TRANSPORT, meta.ON_GPU)
+                        add_count(sym.combine_counts, slot, rows, s, True, meta.TRANSPORT, meta.ON_GPU,
+                                  meta.PEER_SCOPE)
     else:
         KMAX: tl.constexpr = 2 * BM // CHUNK  # chunks a tile's rows of one source can touch, and more
         k = (lo // CHUNK)[:, None] + tl.arange(0, KMAX)[None, :]
@@ -596,7 +601,8 @@ def count_tile_rows(pend, sym, dims, rank, meta):
         for half in tl.static_range(SPLIT):
             if n * SPLIT + half < NN:
                 slot = ((rank * L + e) * MAXC + k).to(tl.int64) * NN + n * SPLIT + half
-                add_count(sym.combine_counts, slot, rows.to(tl.int64), pe, live, meta.TRANSPORT, meta.ON_GPU)
+                add_count(sym.combine_counts, slot, rows.to(tl.int64), pe, live, meta.TRANSPORT, meta.ON_GPU,
+                          meta.PEER_SCOPE)
 
 
 @triton.jit
@@ -761,7 +767,7 @@ def combine_tile(tt, n, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_l
     chunk = tl.load(plan.slot_chunk + slots, mask=live, other=0).to(tl.int64)
     expect = tl.load(scratch.comb_expect + chunk, mask=live, other=0)
     short = wait_at_least(sym.combine_counts.local + chunk * NN + n, live, expect, wait_limit, scratch.status,
-                          "sys", meta.ON_GPU)
+                          meta.PEER_SCOPE, meta.ON_GPU)
     missing = tl.min(tl.where(short, dest, W))  # the lowest rank whose rows did not come back (W: none)
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     if meta.SHARED:  # the shared output tile holding these tokens and columns (BT | BM, BN | BN_OUT)
@@ -882,7 +888,7 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     start = clock_ns() if meta.TRACE else 0
     idx = tl.arange(0, meta.E_POW2)
     pairs = idx < W * L
-    short = wait_at_least(words + idx, pairs, epoch << 32, wait_limit, scratch.status, "sys", meta.ON_GPU)
+    short = wait_at_least(words + idx, pairs, epoch << 32, wait_limit, scratch.status, meta.PEER_SCOPE, meta.ON_GPU)
     n_short = tl.sum(short.to(tl.int32))
     if n_short > 0:
         _report_timeout(scratch, WAIT_COUNTS, tl.min(tl.where(short, idx // L, W)), -1, -1, epoch)
@@ -1037,7 +1043,8 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 STAGES=c(launch.stages), GROUP=c(launch.group), FLAT_IN=c(bool(launch.flat_ffn_in)),
                 FLAT_OUT=c(bool(launch.flat_ffn_out)),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None),
-                SAVE=c(saved is not None), APPROX_ACT=c(x.dtype == torch.bfloat16))
+                SAVE=c(saved is not None), APPROX_ACT=c(x.dtype == torch.bfloat16),
+                PEER_SCOPE=c("gpu" if W == 1 else "sys"))
     dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS, rank)
     # GEMM1 boxes: gated, a tile's gate and up columns side by side (w_in in gate_up.py's pairs)
     w_in_blocks = [1, geo.block_k, geo.block_f * (2 if gated else 1)]

@@ -274,23 +274,30 @@ def rows_landed(TRANSPORT: tl.constexpr):
 
 
 @triton.jit
-def order_counts(TRANSPORT: tl.constexpr, ON_GPU: tl.constexpr):
+def order_counts(TRANSPORT: tl.constexpr, ON_GPU: tl.constexpr, SCOPE: tl.constexpr):
     """After rows_landed and tl.debug_barrier(): the program's rows precede the add_count calls
-    that follow. p2p: one system-scope release fence (PTX fence.acq_rel.sys) in every thread;
+    that follow. p2p: one release fence at SCOPE (PTX fence.acq_rel.sys, or .gpu where no other
+    GPU takes part in the call: world 1) in every thread;
     after it, relaxed atomics publish this thread's earlier stores, and those of the program's
     other threads made visible to it by the barrier, as release atomics would. ON_GPU=False (the
     Triton interpreter, which runs no PTX): nothing; add_count then releases each atomic."""
     if TRANSPORT == P2P:
         if ON_GPU:
-            tl.inline_asm_elementwise("fence.acq_rel.sys;\n mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                                      is_pure=False, pack=1)
+            if SCOPE == "gpu":
+                tl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise("fence.acq_rel.sys;\n mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                          is_pure=False, pack=1)
 
 
 @triton.jit
-def add_count(counters, offset, value, pe, mask, TRANSPORT: tl.constexpr, ON_GPU: tl.constexpr):
+def add_count(counters, offset, value, pe, mask, TRANSPORT: tl.constexpr, ON_GPU: tl.constexpr,
+              SCOPE: tl.constexpr):
     """The int64 counter at `offset` of `counters` (SymBuffer) on PE pe += value where mask, after
     this program's earlier stores and puts have landed (rows_landed, tl.debug_barrier() and
-    order_counts first: p2p adds are relaxed behind its fence, or each a release without one).
+    order_counts first: p2p adds are relaxed behind its fence, or each a release without one),
+    atomic at SCOPE (order_counts').
     p2p: offset, value, pe and mask may be tensors (one add per element); nvshmem: scalars,
     signalled from one thread."""
     if TRANSPORT == NVSHMEM:
@@ -299,9 +306,9 @@ def add_count(counters, offset, value, pe, mask, TRANSPORT: tl.constexpr, ON_GPU
     else:
         base = tl.load(counters.peers + pe).to(tl.pointer_type(tl.int64))  # single words: no alignment to declare
         if ON_GPU:
-            tl.atomic_add(base + offset, value, mask=mask, sem="relaxed", scope="sys")
+            tl.atomic_add(base + offset, value, mask=mask, sem="relaxed", scope=SCOPE)
         else:
-            tl.atomic_add(base + offset, value, mask=mask, sem="release", scope="sys")
+            tl.atomic_add(base + offset, value, mask=mask, sem="release", scope=SCOPE)
 
 
 @triton.jit
