@@ -139,25 +139,24 @@ class Dims(NamedTuple):
 
 
 class Meta(NamedTuple):
-    """Compile-time settings, each a tl.constexpr: TOP_K (K_POW2 its power of two); ACT
-    (ACT_CODES), GATED (gate and up columns, in pairs of PAIR columns of w_in and SHARED_PAIR
-    of shared_w_in: gate_up.py), SWIGLU_ALPHA and SWIGLU_LIMIT of clamped_swiglu;
-    HAS_BIAS (expert biases); WEIGHT_ON_INPUT (a slot's routing weight scales the expert's input,
-    not its output); PRECISION of fp32 dots; E_POW2, W_POW2,
-    L_POW2 powers of two >= W * L, W, L; tiles BM (expert rows), CHUNK (dispatch rows), BN
-    (combine columns), BN_OUT (GEMM2 columns), BF (GEMM1 columns), BK (K step), BT (combine
-    tokens), NF_POW2 (>= GEMM1 column tiles); SHARED, SHARED_GATE (shared experts, their sigmoid
-    gate) and NFS_POW2 (>= their GEMM1 column tiles); STAGES of the K loops; GROUP of expert tiles taken
-    together; FLAT_IN (world 1 only): the GEMM1 tiles in a static order, one loop flattened over
-    each program's tiles, before the compute queue (which then holds the other tasks); FLAT_OUT
-    (with FLAT_IN): the GEMM2 tiles likewise, after every h flag is up; TRANSPORT
-    (transport.TRANSPORTS); ON_GPU: compiled for a GPU (not the Triton interpreter, which runs no
-    PTX: no clock, no fences); TRACE: record task timestamps; SAVE: GEMM1's outputs before the
-    activation into Saved; APPROX_ACT: bf16 data, whose activations may take the GPU's approximate
-    sigmoid (_times_sigmoid); PEER_SCOPE: the memory scope of the words and rows ranks exchange,
-    "sys" (other GPUs read and write them), or "gpu" at world 1, where no other GPU takes part and
-    a GPU-scope fence or atomic suffices (cheaper than a system-scope one, which each GEMM2 tile's
-    row count and each combine tile's wait would pay)."""
+    """Compile-time settings, each a tl.constexpr: TOP_K (K_POW2 its power of two); ACT (ACT_CODES),
+    GATED (gate and up columns, in pairs of PAIR columns of w_in and SHARED_PAIR of shared_w_in:
+    gate_up.py), SWIGLU_ALPHA and SWIGLU_LIMIT of clamped_swiglu; HAS_BIAS (expert biases);
+    WEIGHT_ON_INPUT (a slot's routing weight scales the expert's input, not its output); PRECISION
+    of fp32 dots; E_POW2, W_POW2, L_POW2 powers of two >= W * L, W, L; tiles BM (expert rows), CHUNK
+    (dispatch rows), BN (combine columns), BN_OUT (GEMM2 columns), BF (GEMM1 columns), BK (K step),
+    BT (combine tokens), SPAN (combine column tiles of one combine task), NF_POW2 (>= GEMM1 column
+    tiles); SHARED, SHARED_GATE (shared experts, their sigmoid gate) and NFS_POW2 (>= their GEMM1
+    column tiles); STAGES of the K loops; GROUP of expert tiles taken together; FLAT_IN (world 1
+    only): the GEMM1 tiles in a static order, one loop flattened over each program's tiles, before
+    the compute queue (which then holds the other tasks); FLAT_OUT (with FLAT_IN): the GEMM2 tiles
+    likewise, after every h flag is up; TRANSPORT (transport.TRANSPORTS); ON_GPU: compiled for a GPU
+    (not the Triton interpreter, which runs no PTX: no clock, no fences); TRACE: record task
+    timestamps; SAVE: GEMM1's outputs before the activation into Saved; APPROX_ACT: bf16 data, whose
+    activations may take the GPU's approximate sigmoid (_times_sigmoid); PEER_SCOPE: the memory
+    scope of the words and rows ranks exchange, "sys" (other GPUs read and write them), or "gpu" at
+    world 1, where no other GPU takes part and a GPU-scope fence or atomic suffices (cheaper than a
+    system-scope one, which each GEMM2 tile's row count and each combine tile's wait would pay)."""
 
     TOP_K: tl.constexpr
     K_POW2: tl.constexpr
@@ -180,6 +179,7 @@ class Meta(NamedTuple):
     BF: tl.constexpr
     BK: tl.constexpr
     BT: tl.constexpr
+    SPAN: tl.constexpr
     NF_POW2: tl.constexpr
     SHARED: tl.constexpr
     SHARED_GATE: tl.constexpr
@@ -746,56 +746,65 @@ def _shared_task(s, n_sin, n_rows, x_ptr, weights, scratch, saved, dims, tokens,
 
 
 @triton.jit
-def combine_tile(tt, n, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_limit, meta):
-    """out[tokens, n-tile] = sum_k w[t, k] * y[slot(t, k), n-tile] (+ y_s[tokens, n-tile]) for BT
-    tokens, once each slot's chunk counter has reached the rows this rank expects in it (one wait
-    for all BT x TOP_K slots, then every row's load can be in flight at once), and the shared
-    output's tile is written. -> (ready, done) clock stamps when TRACE."""
+def combine_tile(tt, n0, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_limit, meta):
+    """out[tokens, n-tiles] = sum_k w[t, k] * y[slot(t, k), n-tile] (+ y_s[tokens, n-tile]) for BT
+    tokens and the SPAN column tiles of BN from n0 (those < NN), once each slot's chunk counters
+    have reached the rows this rank expects in them (one wait for all BT x TOP_K slots and SPAN
+    columns, then every row's load of a column tile can be in flight at once), and the shared
+    output's tiles are written. The slots' routing (destination, row, weight, chunk) is read once
+    for all SPAN column tiles. -> (ready, done) clock stamps when TRACE."""
     W, H, S = dims.world, dims.hidden, dims.source_rows
     NN = tl.cdiv(H, meta.BN)
     TOP_K: tl.constexpr = meta.TOP_K
     BT: tl.constexpr = meta.BT
     BN: tl.constexpr = meta.BN
+    SPAN: tl.constexpr = meta.SPAN
     t = tt * BT + tl.arange(0, BT)
     tmask = t < tokens
-    cols = n * BN + tl.arange(0, BN)
-    cmask = cols < H
     k = tl.arange(0, meta.K_POW2)
     slots = t.to(tl.int64)[:, None] * TOP_K + k[None, :]
     dest = tl.load(plan.slot_dest + slots, mask=tmask[:, None] & (k[None, :] < TOP_K), other=-1)
     live = dest >= 0
     chunk = tl.load(plan.slot_chunk + slots, mask=live, other=0).to(tl.int64)
+    row = tl.load(plan.slot_row + slots, mask=live, other=0).to(tl.int64)
+    if meta.WEIGHT_ON_INPUT:  # the weight went in with the rows: their outputs add as they are
+        w = tl.where(live, 1.0, 0.0)
+    else:
+        w = tl.load(plan.slot_w + slots, mask=live, other=0.0)
     expect = tl.load(scratch.comb_expect + chunk, mask=live, other=0)
-    short = wait_at_least(sym.combine_counts.local + chunk * NN + n, live, expect, wait_limit, scratch.status,
-                          meta.PEER_SCOPE, meta.ON_GPU)
-    missing = tl.min(tl.where(short, dest, W))  # the lowest rank whose rows did not come back (W: none)
-    acc = tl.zeros((BT, BN), dtype=tl.float32)
-    if meta.SHARED:  # the shared output tile holding these tokens and columns (BT | BM, BN | BN_OUT)
-        one = tl.arange(0, 1)
-        flag = scratch.shared_y_flags + (tt * BT) // meta.BM * NN + (n * BN) // meta.BN_OUT + one
-        if tl.sum(wait_at_least(flag, one == 0, epoch.to(tl.int32), wait_limit, scratch.status, "gpu",
+    span = n0 + tl.arange(0, SPAN)
+    words = (chunk * NN)[:, :, None] + span[None, None, :]
+    short = wait_at_least(sym.combine_counts.local + words, live[:, :, None] & (span < NN)[None, None, :],
+                          expect[:, :, None], wait_limit, scratch.status, meta.PEER_SCOPE, meta.ON_GPU)
+    missing = tl.min(tl.where(short, dest[:, :, None], W))  # the lowest rank whose rows did not come back (W: none)
+    if meta.SHARED:  # the shared output tiles holding these tokens and columns (BT | BM, BN | BN_OUT)
+        flags = scratch.shared_y_flags + (tt * BT) // meta.BM * NN + (span * BN) // meta.BN_OUT
+        if tl.sum(wait_at_least(flags, span < NN, epoch.to(tl.int32), wait_limit, scratch.status, "gpu",
                                 meta.ON_GPU).to(tl.int32)) > 0:
             _report_timeout(scratch, WAIT_HIDDEN, -1, -1, tt, epoch)
-        acc += tl.load(scratch.shared_y + t.to(tl.int64)[:, None] * H + cols[None, :],
-                       mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
     ready = clock_ns() if meta.TRACE else 0
-    for kk in tl.static_range(TOP_K):
-        s = t.to(tl.int64) * TOP_K + kk
-        d = tl.load(plan.slot_dest + s, mask=tmask, other=-1)
-        ok = d >= 0
-        row = tl.load(plan.slot_row + s, mask=ok, other=0).to(tl.int64)
-        if meta.WEIGHT_ON_INPUT:  # the weight went in with the rows: their outputs add as they are
-            w = tl.where(ok, 1.0, 0.0)
-        else:
-            w = tl.load(plan.slot_w + s, mask=ok, other=0.0)
-        y = tl.load(sym.combine_y.local + (d.to(tl.int64) * S + row)[:, None] * H + cols[None, :],
-                    mask=ok[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * y.to(tl.float32)
+    y_off = tl.where(live, dest.to(tl.int64) * S + row, 0) * H  # [BT, K_POW2]: where each slot's row starts
+    for c in tl.static_range(SPAN):
+        if n0 + c < NN:
+            cols = (n0 + c) * BN + tl.arange(0, BN)
+            cmask = cols < H
+            acc = tl.zeros((BT, BN), dtype=tl.float32)
+            if meta.SHARED:
+                acc += tl.load(scratch.shared_y + t.to(tl.int64)[:, None] * H + cols[None, :],
+                               mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            for kk in tl.static_range(TOP_K):
+                pick = k[None, :] == kk
+                ok = tl.sum(tl.where(pick, live.to(tl.int32), 0), axis=1) > 0
+                off = tl.sum(tl.where(pick, y_off, 0), axis=1)
+                wk = tl.sum(tl.where(pick, w, 0.0), axis=1)
+                y = tl.load(sym.combine_y.local + off[:, None] + cols[None, :], mask=ok[:, None] & cmask[None, :],
+                            other=0.0, cache_modifier=".cg")
+                acc += wk[:, None] * y.to(tl.float32)
+            tl.store(out_ptr + t.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=tmask[:, None] & cmask[None, :])
     done = clock_ns() if meta.TRACE else 0
     if missing < W:
         _report_timeout(scratch, WAIT_COMBINE, missing, -1, tt, epoch)
-    tl.store(out_ptr + t.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=tmask[:, None] & cmask[None, :])
     return ready, done
 
 
@@ -898,7 +907,8 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     n_tiles = tl.sum(table.tiles)
     n_in = n_tiles * NF
     n_out = n_tiles * NN_OUT
-    n_comb = tl.cdiv(tokens, meta.BT) * NN
+    NN_COMB = tl.cdiv(NN, meta.SPAN)  # combine tasks per BT tokens
+    n_comb = tl.cdiv(tokens, meta.BT) * NN_COMB
     n_rows = tl.cdiv(tokens, meta.BM)  # shared-expert row tiles
     n_sin = n_rows * tl.cdiv(dims.shared_ffn, meta.BF) if meta.SHARED else 0
     n_sout = n_rows * NN_OUT if meta.SHARED else 0
@@ -946,8 +956,8 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
                 count_tile_rows(pend, sym, dims, rank, meta)
                 pend = PendingTile(tl.full((), -1, tl.int32), pend.c, pend.per_src, pend.first, pend.n)
             q -= n_in + n_out
-            ready, done = combine_tile(q // NN, q % NN, out_ptr, plan, sym, scratch, dims, tokens, epoch,
-                                       wait_limit, meta)
+            ready, done = combine_tile(q // NN_COMB, (q % NN_COMB) * meta.SPAN, out_ptr, plan, sym, scratch, dims,
+                                       tokens, epoch, wait_limit, meta)
         q = q_task
         kind = tl.where(q < n_in, TASK_FFN_IN, tl.where(q < n_in + n_out, TASK_FFN_OUT, TASK_COMBINE))
         kind = tl.where(q < -n_sout, TASK_SHARED_IN, tl.where(q < 0, TASK_SHARED_OUT, kind))
@@ -1037,6 +1047,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 E_POW2=c(triton.next_power_of_2(W * L)), W_POW2=c(triton.next_power_of_2(W)),
                 L_POW2=c(triton.next_power_of_2(L)), BM=c(launch.block_m), CHUNK=c(geo.chunk), BN=c(geo.block_n),
                 BN_OUT=c(launch.block_n), BF=c(geo.block_f), BK=c(geo.block_k), BT=c(launch.block_t),
+                SPAN=c(launch.combine_span),
                 NF_POW2=c(triton.next_power_of_2(geo.ffn_tiles)), SHARED=c(FS > 0),
                 SHARED_GATE=c(config.shared_expert_gate),
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),

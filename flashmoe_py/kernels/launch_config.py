@@ -10,8 +10,8 @@ import torch
 
 from .layout import Geometry
 
-FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t", "flat_ffn_in",
-          "flat_ffn_out")
+FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t", "combine_span",
+          "flat_ffn_in", "flat_ffn_out")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class LaunchConfig:
     group: expert tiles that neighbouring programs work on together (L2 reuse of weights);
     dispatch_programs: programs that send the dispatch chunks before joining the compute queue;
     block_t: tokens of a combine tile (a power of two from the geometry's block_t up to block_m:
-    one combine tile reads one shared-expert tile); flat_ffn_in: 1 to take the GEMM1 tiles in a
+    one combine tile reads one shared-expert tile); combine_span: combine column tiles (of the
+    geometry's block_n) one combine task takes, its slots' routing read and its counters waited
+    for once for all of them (1: a task per column tile); flat_ffn_in: 1 to take the GEMM1 tiles in a
     static order in one loop flattened over each program's tiles (bench/gemm1_loop.py), 0 for the
     task queue; world 1 only, where those tiles wait for nothing. It needs every program running
     at once (one per SM on a GPU of its own): GEMM2 tiles wait for the GEMM1 tiles of fixed
@@ -39,11 +41,12 @@ class LaunchConfig:
     group: int = 8
     dispatch_programs: int | None = None
     block_t: int = Geometry.block_t
+    combine_span: int = 1
     flat_ffn_in: int = 0
     flat_ffn_out: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group", "block_t"):
+        for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group", "block_t", "combine_span"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LaunchConfig.{name}={value!r}: expected a positive int")
