@@ -6,6 +6,9 @@ count, bf16, rows spread evenly over the experts as uniform routing does:
     d_rows = d_pre w_in[e]^T     rows_times(d_pre, w_in, transpose=True)  [N, F_in] x [H, F_in]^T
     dw_in  = rows^T d_pre        outer(rows, d_pre)                       per expert [H, F_in]
     dw_out = sh^T dy             outer(sh, dy)                            per expert [F, H]
+    g+act  = g, then the activation's backward: dgrad_activation (g never stored) against
+             torch._grouped_mm and the activation_grad kernel (what the GPU backward runs today);
+             checked on d_pre
 
 Each checked against float32 on three experts first (bf16 bar 1e-2), then timed (CUDA events,
 median of --iters calls after warm-up, two input sets), with the floor of each: its FLOPs at the
@@ -26,7 +29,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
-from flashmoe_py.kernels.grouped_gemm import outer, rows_times  # noqa: E402
+from flashmoe_py.backends.expert_grad import activation_backward  # noqa: E402
+from flashmoe_py.kernels.activation_grad import activation_grad  # noqa: E402
+from flashmoe_py.kernels.grouped_gemm import dgrad_activation, outer, rows_times  # noqa: E402
 
 
 def timed(fn, iters: int) -> float:
@@ -56,7 +61,10 @@ def ceilings(dev) -> tuple[float, float]:
 def per_expert_reference(name: str, t: dict, e: int) -> torch.Tensor:
     """float32 result of GEMM `name` for expert e (its rows, or its weight-gradient block)."""
     s = t["slices"][e]
-    rows = {k: t[k][s].float() for k in ("rows", "dy", "d_pre", "sh")}
+    rows = {k: t[k][s].float() for k in ("rows", "dy", "d_pre", "sh", "pre")}
+    if name == "g+act":
+        g = rows["dy"] @ t["w_out"][e].float().t()
+        return activation_backward(rows["pre"], g * t["scale"][s][:, None], t["cfg"])[1]
     if name == "g":
         return rows["dy"] @ t["w_out"][e].float().t()
     if name == "d_rows":
@@ -66,7 +74,7 @@ def per_expert_reference(name: str, t: dict, e: int) -> torch.Tensor:
     return rows["sh"].t() @ rows["dy"]
 
 
-def gemms(w_in: torch.Tensor, w_out: torch.Tensor, counts: torch.Tensor) -> dict:
+def gemms(w_in: torch.Tensor, w_out: torch.Tensor, counts: torch.Tensor, cfg) -> dict:
     """name -> (ours(t), torch's(t), multiply-adds, elements moved at least once), t an input set."""
     offs = torch.cumsum(counts, 0).to(torch.int32)
     N = int(counts.sum())
@@ -84,6 +92,10 @@ def gemms(w_in: torch.Tensor, w_out: torch.Tensor, counts: torch.Tensor) -> dict
         "dw_out": (lambda t: outer(t["sh"], t["dy"], counts),
                    lambda t: torch._grouped_mm(t["sh"].t(), t["dy"], offs=offs), N * F * H,
                    w_out.numel() + N * (F + H)),
+        "g+act": (lambda t: dgrad_activation(t["dy"], w_out, t["pre"], t["scale"], counts, cfg)[1],
+                  lambda t: activation_grad(t["pre"], torch._grouped_mm(t["dy"], w_out.transpose(1, 2), offs=offs),
+                                            t["scale"], cfg)[1], N * H * F,
+                  w_out.numel() + N * (H + 2 * f_in + F)),
     }
 
 
@@ -94,7 +106,7 @@ def measure(gemm: str, fn, sets: list[dict], iters: int) -> dict:
     errs = []
     for e in (0, L // 2, L - 1):
         want = per_expert_reference(gemm, sets[0], e)
-        part = got[sets[0]["slices"][e]] if gemm in ("g", "d_rows") else got[e]
+        part = got[sets[0]["slices"][e]] if gemm in ("g", "d_rows", "g+act") else got[e]
         errs.append(float((part - want).norm() / want.norm()))
     us = statistics.median([timed(lambda t=t: fn(t), iters) for t in sets])
     return {"us": us, "rel_err": max(errs), "ok": max(errs) <= 1e-2}
@@ -125,8 +137,10 @@ def main():
             slices = [slice(end - int(n), end) for n, end in zip(counts.tolist(), ends)]
             sets = [{"rows": torch.randn(N, H, generator=gen, **bf), "dy": torch.randn(N, H, generator=gen, **bf),
                      "d_pre": torch.randn(N, f_in, generator=gen, **bf), "sh": torch.randn(N, F, generator=gen, **bf),
-                     "w_in": w_in, "w_out": w_out, "slices": slices} for _ in range(2)]
-            for gemm, (ours, theirs, macs, elems) in gemms(w_in, w_out, counts).items():
+                     "pre": torch.randn(N, f_in, generator=gen, **bf),
+                     "scale": torch.rand(N, generator=gen, device=dev) + 0.5,
+                     "w_in": w_in, "w_out": w_out, "slices": slices, "cfg": cfg} for _ in range(2)]
+            for gemm, (ours, theirs, macs, elems) in gemms(w_in, w_out, counts, cfg).items():
                 floor = max(2 * macs / flop_rate, 2 * elems / byte_rate) * 1e6
                 row = {"preset": name, "tokens": T, "gemm": gemm, "floor_us": floor,
                        "device": torch.cuda.get_device_name(), "commit": os.environ.get("FLASHMOE_COMMIT", "unknown")}

@@ -26,18 +26,12 @@ BLOCK_COLS = 128
 
 
 @triton.jit
-def activation_grad_kernel(pre_ptr, g_ptr, scale_ptr, h_ptr, d_pre_ptr, dot_ptr, N, F,
-                           ACT: tl.constexpr, GATED: tl.constexpr, PAIR: tl.constexpr,
-                           ALPHA: tl.constexpr, LIMIT: tl.constexpr,
-                           BR: tl.constexpr, BC: tl.constexpr):
-    """pre: [N, F_in]; g: [N, F]; scale: [N] fp32 -> sh [N, F], d_pre [N, F_in] (pre's dtype) and
-    dot: [column blocks, N] fp32, this block's partial sums of h * g."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    f = tl.program_id(1) * BC + tl.arange(0, BC)
-    m = (rows < N)[:, None] & (f < F)[None, :]
-    r = rows.to(tl.int64)[:, None]
-    g = tl.load(g_ptr + r * F + f[None, :], mask=m, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + rows, mask=rows < N, other=0.0)[:, None]
+def activation_backward_tile(pre_ptr, d_pre_ptr, r, f, m, g, scale, F, ACT: tl.constexpr, GATED: tl.constexpr,
+                             PAIR: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    """One tile of rows r ([BR, 1] int64) and FFN columns f ([BC]) where m ([BR, BC]): from pre
+    ([N, F_in], gated: gate/up pairs of PAIR), the gradient g of h ([BR, BC] fp32) and the rows'
+    scale ([BR, 1] fp32), stores d_pre = act'(pre) * (scale g) into d_pre_ptr (pre's layout) and
+    -> h = act(pre) [BR, BC] fp32."""
     sg = g * scale
     if GATED:
         gate_at = pre_ptr + r * (2 * F) + (2 * PAIR * (f // PAIR) + f % PAIR)[None, :]
@@ -70,6 +64,23 @@ def activation_grad_kernel(pre_ptr, g_ptr, scale_ptr, h_ptr, d_pre_ptr, dot_ptr,
             h = tl.maximum(pre, 0.0)
             d = tl.where(pre > 0, sg, 0.0)
         tl.store(d_pre_ptr + r * F + f[None, :], d.to(d_pre_ptr.dtype.element_ty), mask=m)
+    return h
+
+
+@triton.jit
+def activation_grad_kernel(pre_ptr, g_ptr, scale_ptr, h_ptr, d_pre_ptr, dot_ptr, N, F,
+                           ACT: tl.constexpr, GATED: tl.constexpr, PAIR: tl.constexpr,
+                           ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+                           BR: tl.constexpr, BC: tl.constexpr):
+    """pre: [N, F_in]; g: [N, F]; scale: [N] fp32 -> sh [N, F], d_pre [N, F_in] (pre's dtype) and
+    dot: [column blocks, N] fp32, this block's partial sums of h * g."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    f = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (rows < N)[:, None] & (f < F)[None, :]
+    r = rows.to(tl.int64)[:, None]
+    g = tl.load(g_ptr + r * F + f[None, :], mask=m, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + rows, mask=rows < N, other=0.0)[:, None]
+    h = activation_backward_tile(pre_ptr, d_pre_ptr, r, f, m, g, scale, F, ACT, GATED, PAIR, ALPHA, LIMIT)
     tl.store(h_ptr + r * F + f[None, :], (scale * h).to(h_ptr.dtype.element_ty), mask=m)
     tl.store(dot_ptr + tl.program_id(1).to(tl.int64) * N + rows, tl.sum(tl.where(m, h * g, 0.0), axis=1),
              mask=rows < N)
