@@ -213,6 +213,13 @@ def test_flattened_gemm1_tiles_are_refused_across_ranks_and_between_interpreted_
         OneRank(cfg, max_tokens=8).forward(4, flat_ffn_out=1)
 
 
+@pytest.mark.parametrize("span", [3, 128])
+def test_combine_span_must_be_a_power_of_two_the_kernel_can_unroll(span):
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
+    with pytest.raises(ValueError, match=f"combine_span={span}"):
+        OneRank(cfg, max_tokens=8).forward(4, combine_span=span)
+
+
 @pytest.mark.parametrize("block_t", [16, 48, 256])
 def test_combine_tile_height_must_be_a_power_of_two_up_to_the_expert_tile(block_t):
     cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")

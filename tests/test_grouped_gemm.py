@@ -66,7 +66,7 @@ def test_outer_sums_each_experts_rows_and_zeros_an_expert_without_rows(counts):
 def test_dgrad_with_the_activation_backward_in_its_epilogue(activation):
     """g = dy w_out[e]^T is never stored: sh = scale act(pre), d_pre and <act(pre), g> come out of
     the GEMM's epilogue, against float64 g through the torch steps of the CPU backward; FFN 200
-    (gate/up pairs of 8 across column tiles of 128, a partial last one), a small clamp limit so
+    (gate/up pairs of 8 across column tiles of 64, a partial last one), a small clamp limit so
     that clamped_swiglu's clamps are hit."""
     clamp = {"swiglu_limit": 0.8} if activation == "clamped_swiglu" else {}
     cfg = MoEConfig(hidden_size=72, ffn_size=200, num_experts=3, top_k=1, activation=activation, dtype="float32",

@@ -25,8 +25,8 @@ tiles in.
                   and with a shared gate, its sigmoid(x . g) per token; local, no waits: done while
                   this rank's rows are still on their way to and from the experts;
   shared_out_tile y_s = h_s @ shared_w_out[:, n-tile] (times the gate) once h_s is written;
-  combine_tile    for BT of this rank's tokens and one n-tile: wait for its k expert rows (and the
-                  shared output), weighted sum.
+  combine_tile    for BT of this rank's tokens and SPAN n-tiles: wait for its k expert rows (and
+                  the shared output), weighted sum.
 
 An expert's tiles span all sources, so its weights are read once per BM rows it received in all,
 not once per source. Weight tiles come through the tensor memory accelerator (TMA: Weights),
@@ -300,10 +300,10 @@ def _activate(gate, up, meta):
 @triton.jit
 def _times_sigmoid(a, z, meta):
     """a * sigmoid(z), fp32. APPROX_ACT on a GPU: sigmoid(z) = (1 + tanh(z / 2)) / 2 through the
-    GPU's tanh.approx (one special-function op; its relative error 2^-11 is below the rounding of
-    the bf16 h it feeds), instead of an exp and a full-range division (two special-function ops
-    and their range checks: about 14 instructions an element against 5 in the epilogue of every
-    GEMM1 tile)."""
+    GPU's tanh.approx (one special-function op; tanh's error, 2^-11 relative, puts sigmoid within
+    ~3e-4 absolute, below the rounding of the bf16 h it feeds), instead of an exp and a full-range
+    division (two special-function ops and their range checks: about 14 instructions an element
+    against 5 in the epilogue of every GEMM1 tile)."""
     if meta.ON_GPU and meta.APPROX_ACT:
         t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * z], dtype=tl.float32,
                                       is_pure=True, pack=1)
@@ -566,7 +566,7 @@ def count_tile_rows(pend, sym, dims, rank, meta):
     """The rows of a sent GEMM2 tile (pend: PendingTile; SPLIT = BN_OUT / BN combine column tiles
     of BN: n * SPLIT .., those < NN) are counted at their sources: once every thread's rows have
     landed, one count per (source, chunk) run of the tile's rows and combine column tile. P2P adds
-    them all at once, behind one system-scope fence (transport.order_counts); NVSHMEM signals them
+    them all at once, behind one fence at PEER_SCOPE (transport.order_counts); NVSHMEM signals them
     one by one from one thread. Counters are kept per combine column tile whatever the GEMM2 tile
     width, so calls with different widths share them. BM: a power-of-two multiple of CHUNK."""
     L, MAXC = dims.local_experts, dims.max_chunks

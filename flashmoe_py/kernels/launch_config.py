@@ -12,6 +12,7 @@ from .layout import Geometry
 
 FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t", "combine_span",
           "flat_ffn_in", "flat_ffn_out")
+MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class LaunchConfig:
                              "queue would hold behind them")
         if self.num_warps & (self.num_warps - 1):
             raise ValueError(f"num_warps={self.num_warps}: expected a power of two")
+        if self.combine_span & (self.combine_span - 1) or self.combine_span > MAX_COMBINE_SPAN:
+            raise ValueError(f"combine_span={self.combine_span}: expected a power of two up to {MAX_COMBINE_SPAN} "
+                             "(the kernel unrolls its column tiles)")
 
     def check(self, geo: Geometry) -> LaunchConfig:
         """Raise ValueError unless the tiles fit the geometry's buffers and counters; -> self."""

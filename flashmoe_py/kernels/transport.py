@@ -4,7 +4,8 @@ P2P ("p2p", TRANSPORT=0): peer addresses. A producer stores its payload with ord
 through the peer's mapped address, makes every thread's stores precede a release at system scope
 (`tl.debug_barrier()`, then `signal`, or `order_counts` and relaxed atomics), and the consumer
 acquires the same word at system scope before loading the payload (with `.cg`, past the L1,
-which is not coherent with stores from other GPUs). NVLink peers only.
+which is not coherent with stores from other GPUs). NVLink peers only. At world 1 the fused
+kernel passes GPU scope instead (Meta.PEER_SCOPE): no other GPU takes part.
 
 NVSHMEM ("nvshmem", TRANSPORT=1): NVSHMEM's device library (libnvshmem_device.bc, linked when the
 kernel is compiled; each loaded module is initialised for NVSHMEM before its first launch). Payload
