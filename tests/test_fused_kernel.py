@@ -340,7 +340,7 @@ class SharedMemoryBuffers:
         return torch.tensor([b[name].data_ptr() for b in self.bufs])
 
 
-def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inputs, block_m):
+def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inputs, block_m, combine_span=1):
     """One rank of the fused kernel (one program) in this process; weights: every full weight by
     name; odd calls save GEMM1's outputs (Saved, room for every row any source could send) ->
     [(rel err, status, epoch, None or (what it sent: x and its plan's send_slot, pos_start,
@@ -353,7 +353,7 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
     experts = kernel_weights(weights, cfg, mine)
     router = {name: t for name, t in weights.items() if name in ("router_bias", "e_score_correction_bias")}
     positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
-    launch = LaunchConfig(programs=1, block_m=block_m, block_n=geo.block_n)
+    launch = LaunchConfig(programs=1, block_m=block_m, block_n=geo.block_n, combine_span=combine_span)
     results = []
     f_in, fs_in = (n * (2 if cfg.gated else 1) for n in (cfg.ffn_size, cfg.shared_width))
     for call, x in enumerate(inputs[rank]):
@@ -376,14 +376,17 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
     (2, 2, "swiglu", 64, {}), (2, 3, "relu", 128, {}), (3, 1, "gelu", 64, {}),
     (2, 2, "clamped_swiglu", 64, dict(expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
                                       renormalize=False)),
-    (3, 2, "swiglu", 64, dict(shared_experts=1, shared_expert_gate=True, shared_ffn_size=40))])
+    (3, 2, "swiglu", 64, dict(shared_experts=1, shared_expert_gate=True, shared_ffn_size=40)),
+    (2, 2, "swiglu", 64, dict(hidden_size=320, combine_span=2))])
 def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activation, block_m, variant):
     """The multi-rank protocol (counts, dispatch to peers, tiles across sources, combine counters,
     epochs) with each rank's kernel in its own process, on shared-memory 'symmetric' buffers; and
-    the expert variants whose rows are scaled before they are sent (weight_on_input), and shared
-    experts computed beside the routed ones."""
-    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=2 * world, top_k=top_k,
-                    activation=activation, dtype="float32", **variant)
+    the expert variants whose rows are scaled before they are sent (weight_on_input), shared
+    experts computed beside the routed ones, and combine tasks of two column tiles (of 3)."""
+    variant = dict(variant)
+    span = variant.pop("combine_span", 1)
+    cfg = MoEConfig(**{**dict(hidden_size=32, ffn_size=48, num_experts=2 * world, top_k=top_k,
+                              activation=activation, dtype="float32"), **variant})
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     H = cfg.hidden_size
     weights = {name: torch.randn(shape, generator=gen) / shape[-2 if len(shape) > 1 else -1] ** 0.5
@@ -392,7 +395,7 @@ def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activa
     inputs = [[torch.randn(t, H, generator=gen) for t in ts] for ts in calls]
     bufs = shared_symmetric_buffers(cfg, world, 40)
     results = dist_pools(world).run(rank_runs_whole_kernel, cfg.to_dict(), 40, bufs, weights, inputs,
-                                    block_m)
+                                    block_m, span)
     for rank_results in results:
         assert [(status, epoch) for _, status, epoch, _ in rank_results] == [(0, 2), (0, 3), (0, 4), (0, 5)]
         assert max(err for err, _, _, _ in rank_results) <= 1e-5
