@@ -90,9 +90,8 @@ def build(cfg: MoEConfig, world: int, tokens: int, transport: str = "p2p", trace
                     if name in shapes and name not in experts})
     saved = None
     if save:
-        gated = 2 if cfg.gated else 1
-        saved = fused_moe.Saved(torch.zeros(world * tokens * min(cfg.top_k, L), cfg.ffn_size * gated, dtype=dt),
-                                torch.zeros(tokens, max(cfg.shared_width, 1) * gated, dtype=dt))
+        saved = fused_moe.Saved(torch.zeros(world * tokens * min(cfg.top_k, L), cfg.ffn_in_size, dtype=dt),
+                                torch.zeros(tokens, max(cfg.shared_ffn_in_size, 1), dtype=dt))
     args, kwargs = fused_moe.fused_kernel_args(x, torch.empty_like(x), experts, zero_plan(tokens, geo), ws,
                                                launch, config=cfg, rank=0, timeout_s=1.0, trace=trace_t,
                                                saved=saved)

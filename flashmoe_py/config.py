@@ -213,6 +213,11 @@ class MoEConfig:
         """F_s: the width of the shared FFN, all shared experts side by side (0 when none)."""
         return self.shared_experts * (self.shared_ffn_size or self.ffn_size)
 
+    @property
+    def shared_ffn_in_size(self) -> int:
+        """Columns of shared_w_in: 2 F_s for gated activations (gate/up pairs), F_s otherwise."""
+        return 2 * self.shared_width if self.gated else self.shared_width
+
     def weight_shapes(self, experts: int | None = None) -> dict[str, tuple[int, ...]]:
         """Every weight of a layer with this config, by name, in order: WEIGHTS, then the
         OPTIONAL_WEIGHTS this config has. experts: how many experts the per-expert ones

@@ -88,7 +88,7 @@ class OneRank:
         experts = kernel_weights(self.weights, cfg, slice(0, L))
         self.plan, self.saved = plan, None
         if save:
-            f_in, fs_in = (n * (2 if cfg.gated else 1) for n in (cfg.ffn_size, cfg.shared_width))
+            f_in, fs_in = cfg.ffn_in_size, cfg.shared_ffn_in_size
             self.saved = Saved(*(torch.full((rows, cols), float("nan"), dtype=cfg.torch_dtype, device=self.device)
                                  for rows, cols in ((tokens * min(cfg.top_k, L), f_in), (tokens, fs_in))))
         launch_fused(x, out, experts, plan, self.ws, launch, config=cfg, rank=0, timeout_s=timeout_s,

@@ -355,7 +355,7 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
     positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
     launch = LaunchConfig(programs=1, block_m=block_m, block_n=geo.block_n, combine_span=combine_span)
     results = []
-    f_in, fs_in = (n * (2 if cfg.gated else 1) for n in (cfg.ffn_size, cfg.shared_width))
+    f_in, fs_in = cfg.ffn_in_size, cfg.shared_ffn_in_size
     for call, x in enumerate(inputs[rank]):
         r = route(x, weights["router_weight"], cfg, **router)
         plan, _ = routing_plan(r, positions, geo, geo.send_order(rank), ws.scratch.comb_expect)

@@ -126,7 +126,7 @@ class FlashBackend:
         T = x.shape[0]
         tokens = _check_graphs_agree(layer, True, None, T) if layer.world_size > 1 else [T]
         saving = ((sum(tokens) * min(cfg.top_k, geo.local_experts), cfg.ffn_in_size),
-                  (T, geo.shared_ffn * (2 if cfg.gated else 1)) if geo.shared_ffn else None)
+                  (T, cfg.shared_ffn_in_size) if cfg.shared_experts else None)
         size = sum(a * b for a, b in filter(None, saving)) * x.element_size()
         return self._run(x, (T, False, saving) if size <= self.GRAPHED_SAVE_BYTES else None, saving)
 

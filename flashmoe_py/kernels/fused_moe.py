@@ -540,8 +540,7 @@ def ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, 
     gate, up = _gemm_in(a_rows, t.valid, weights.w_in, t.e, j, H, meta, meta.PAIR, FLAT)
     done = clock_ns() if meta.TRACE else 0
     if not FLAT:
-        if held >= 0:
-            signal(scratch.h_flags + held, epoch.to(tl.int32), "gpu")  # h and its readers: this GPU
+        _raise_held(held, scratch, epoch)
     if meta.WEIGHT_ON_INPUT:
         scale = tl.where(own, tl.load(plan.slot_w + routed, mask=own, other=1.0), 1.0)[:, None]
         gate = gate * scale
@@ -559,6 +558,15 @@ def ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, 
     tl.store(scratch.h + r[:, None] * F + f[None, :], h.to(scratch.h.dtype.element_ty),
              mask=t.valid[:, None] & fmask[None, :])
     return done
+
+
+@triton.jit
+def _raise_held(held, scratch, epoch):
+    """Raise the h flag `held` (a GEMM1 tile's, kept back by its program: ffn_in_rows) unless it is
+    -1 (none) -> -1, nothing held."""
+    if held >= 0:
+        signal(scratch.h_flags + held, epoch.to(tl.int32), "gpu")  # h and its readers: this GPU
+    return tl.full((), -1, tl.int64)
 
 
 @triton.jit
@@ -937,8 +945,7 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
             q = tl.where(q < 0, q, q + skip)
         q_task = q  # the task's id past the front and shared tasks
         if (held >= 0) & ((q < 0) | (q >= n_in)):
-            signal(scratch.h_flags + held, epoch.to(tl.int32), "gpu")
-            held = tl.full((), -1, tl.int64)
+            held = _raise_held(held, scratch, epoch)
         if q < 0:  # only with shared experts
             ready = _shared_task(q + n_shared, n_sin, n_rows, x_ptr, weights, scratch, saved, dims, tokens, epoch,
                                  wait_limit, rank, meta)
@@ -964,8 +971,7 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
         _stamp(scratch.trace, first_ffn + q, kind, start, ready, done, meta.TRACE)
         task = n_front + tl.atomic_add(ctl + CTL_COMPUTE_TASKS, 1, sem="relaxed")
 
-    if held >= 0:
-        signal(scratch.h_flags + held, epoch.to(tl.int32), "gpu")
+    _raise_held(held, scratch, epoch)
     if pend.e >= 0:
         count_tile_rows(pend, sym, dims, rank, meta)
     puts_complete(meta.TRANSPORT)
@@ -1080,7 +1086,7 @@ def _check_saved(saved: Saved, x: torch.Tensor, geo, config) -> None:
     least the rows of x's slots at world 1 (where nothing else arrives), shared_pre a row per
     token."""
     T = x.shape[0]
-    f_in, fs_in = config.ffn_in_size, geo.shared_ffn * (2 if config.gated else 1)
+    f_in, fs_in = config.ffn_in_size, config.shared_ffn_in_size
     rows = T * min(geo.top_k, geo.local_experts) if geo.world_size == 1 else saved.pre.shape[0]
     expect = {"pre": (saved.pre, rows, f_in)}
     if fs_in:

@@ -131,6 +131,11 @@ def outer_kernel(a_ptr, b_ptr, out_ptr, row_cum_ptr, K, M, PRECISION: tl.constex
              mask=(ks < K)[:, None] & (ns < M)[None, :])
 
 
+def _tile_cum(counts: torch.Tensor, BM: int) -> torch.Tensor:
+    """counts [L] -> int32 [L] inclusive prefix sums of each expert's BM-row tiles (_tile_of's)."""
+    return torch.cumsum(torch.div(counts + BM - 1, BM, rounding_mode="floor"), 0).to(torch.int32)
+
+
 def _row_cum(counts: torch.Tensor) -> torch.Tensor:
     """counts [L] -> int32 [L + 1] exclusive prefix sums (on counts' device, no synchronisation)."""
     return torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
@@ -157,11 +162,10 @@ def rows_times(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, transpose
     out = torch.empty(N, M, dtype=a.dtype, device=a.device) if out is None else out
     if N == 0 or M == 0:
         return out
-    tile_cum = torch.cumsum(torch.div(counts + BM - 1, BM, rounding_mode="floor"), 0).to(torch.int32)
     desc = TensorDescriptor.from_tensor(w, [1, BN, BK] if transpose else [1, BK, BN])
     grid = (triton.cdiv(N, BM) + L, triton.cdiv(M, BN))
     stages = 3 if a.dtype != torch.float32 else 2
-    rows_times_kernel[grid](a, desc, out, tile_cum, _row_cum(counts), L, K, M, TRANSPOSE=transpose,
+    rows_times_kernel[grid](a, desc, out, _tile_cum(counts, BM), _row_cum(counts), L, K, M, TRANSPOSE=transpose,
                             PRECISION=_precision(a.dtype), L_POW2=triton.next_power_of_2(L), BM=BM, BN=BN, BK=BK,
                             STAGES=stages, num_warps=8)
     return out
@@ -188,10 +192,10 @@ def dgrad_activation(dy: torch.Tensor, w_out: torch.Tensor, pre: torch.Tensor, s
     d_pre = torch.empty_like(pre)
     partial = torch.empty(triton.cdiv(F, BN), N, dtype=torch.float32, device=dy.device)
     if N and F:
-        tile_cum = torch.cumsum(torch.div(counts + BM - 1, BM, rounding_mode="floor"), 0).to(torch.int32)
         desc = TensorDescriptor.from_tensor(w_out, [1, BN, BK])
         grid = (triton.cdiv(N, BM) + L, triton.cdiv(F, BN))
-        dgrad_activation_kernel[grid](dy, desc, pre, scale, sh, d_pre, partial, tile_cum, _row_cum(counts), L, N, H, F,
+        dgrad_activation_kernel[grid](dy, desc, pre, scale, sh, d_pre, partial, _tile_cum(counts, BM),
+                                      _row_cum(counts), L, N, H, F,
                                       ACT=ACT_CODES[config.activation], GATED=config.gated,
                                       PAIR=pair_width(F) if config.gated else 1, ALPHA=float(config.swiglu_alpha),
                                       LIMIT=float(config.swiglu_limit), PRECISION=_precision(dy.dtype),
