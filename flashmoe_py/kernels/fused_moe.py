@@ -759,8 +759,10 @@ def combine_tile(tt, n0, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_
     tokens and the SPAN column tiles of BN from n0 (those < NN), once each slot's chunk counters
     have reached the rows this rank expects in them (one wait for all BT x TOP_K slots and SPAN
     columns, then every row's load of a column tile can be in flight at once), and the shared
-    output's tiles are written. The slots' routing (destination, row, weight, chunk) is read once
-    for all SPAN column tiles. -> (ready, done) clock stamps when TRACE."""
+    output's tiles are written. Each column tile reads its slots' rows and weights per k as [BT]
+    vectors in the tile's own row layout (a [BT, TOP_K] table split per k would cost a layout
+    conversion through shared memory per k: +10% on qwen3 at SPAN 1, bench/NOTES.md item 52).
+    -> (ready, done) clock stamps when TRACE."""
     W, H, S = dims.world, dims.hidden, dims.source_rows
     NN = tl.cdiv(H, meta.BN)
     TOP_K: tl.constexpr = meta.TOP_K
@@ -774,24 +776,23 @@ def combine_tile(tt, n0, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_
     dest = tl.load(plan.slot_dest + slots, mask=tmask[:, None] & (k[None, :] < TOP_K), other=-1)
     live = dest >= 0
     chunk = tl.load(plan.slot_chunk + slots, mask=live, other=0).to(tl.int64)
-    row = tl.load(plan.slot_row + slots, mask=live, other=0).to(tl.int64)
-    if meta.WEIGHT_ON_INPUT:  # the weight went in with the rows: their outputs add as they are
-        w = tl.where(live, 1.0, 0.0)
-    else:
-        w = tl.load(plan.slot_w + slots, mask=live, other=0.0)
     expect = tl.load(scratch.comb_expect + chunk, mask=live, other=0)
     span = n0 + tl.arange(0, SPAN)
-    words = (chunk * NN)[:, :, None] + span[None, None, :]
-    short = wait_at_least(sym.combine_counts.local + words, live[:, :, None] & (span < NN)[None, None, :],
-                          expect[:, :, None], wait_limit, scratch.status, meta.PEER_SCOPE, meta.ON_GPU)
-    missing = tl.min(tl.where(short, dest[:, :, None], W))  # the lowest rank whose rows did not come back (W: none)
+    if SPAN == 1:
+        short = wait_at_least(sym.combine_counts.local + chunk * NN + n0, live, expect, wait_limit, scratch.status,
+                              meta.PEER_SCOPE, meta.ON_GPU)
+        missing = tl.min(tl.where(short, dest, W))  # the lowest rank whose rows did not come back (W: none)
+    else:
+        words = (chunk * NN)[:, :, None] + span[None, None, :]
+        short = wait_at_least(sym.combine_counts.local + words, live[:, :, None] & (span < NN)[None, None, :],
+                              expect[:, :, None], wait_limit, scratch.status, meta.PEER_SCOPE, meta.ON_GPU)
+        missing = tl.min(tl.where(short, dest[:, :, None], W))
     if meta.SHARED:  # the shared output tiles holding these tokens and columns (BT | BM, BN | BN_OUT)
         flags = scratch.shared_y_flags + (tt * BT) // meta.BM * NN + (span * BN) // meta.BN_OUT
         if tl.sum(wait_at_least(flags, span < NN, epoch.to(tl.int32), wait_limit, scratch.status, "gpu",
                                 meta.ON_GPU).to(tl.int32)) > 0:
             _report_timeout(scratch, WAIT_HIDDEN, -1, -1, tt, epoch)
     ready = clock_ns() if meta.TRACE else 0
-    y_off = tl.where(live, dest.to(tl.int64) * S + row, 0) * H  # [BT, K_POW2]: where each slot's row starts
     for c in tl.static_range(SPAN):
         if n0 + c < NN:
             cols = (n0 + c) * BN + tl.arange(0, BN)
@@ -801,13 +802,17 @@ def combine_tile(tt, n0, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_
                 acc += tl.load(scratch.shared_y + t.to(tl.int64)[:, None] * H + cols[None, :],
                                mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             for kk in tl.static_range(TOP_K):
-                pick = k[None, :] == kk
-                ok = tl.sum(tl.where(pick, live.to(tl.int32), 0), axis=1) > 0
-                off = tl.sum(tl.where(pick, y_off, 0), axis=1)
-                wk = tl.sum(tl.where(pick, w, 0.0), axis=1)
-                y = tl.load(sym.combine_y.local + off[:, None] + cols[None, :], mask=ok[:, None] & cmask[None, :],
-                            other=0.0, cache_modifier=".cg")
-                acc += wk[:, None] * y.to(tl.float32)
+                s = t.to(tl.int64) * TOP_K + kk
+                d = tl.load(plan.slot_dest + s, mask=tmask, other=-1)
+                ok = d >= 0
+                row = tl.load(plan.slot_row + s, mask=ok, other=0).to(tl.int64)
+                if meta.WEIGHT_ON_INPUT:  # the weight went in with the rows: their outputs add as they are
+                    w = tl.where(ok, 1.0, 0.0)
+                else:
+                    w = tl.load(plan.slot_w + s, mask=ok, other=0.0)
+                y = tl.load(sym.combine_y.local + (d.to(tl.int64) * S + row)[:, None] * H + cols[None, :],
+                            mask=ok[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+                acc += w[:, None] * y.to(tl.float32)
             tl.store(out_ptr + t.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=tmask[:, None] & cmask[None, :])
     done = clock_ns() if meta.TRACE else 0
