@@ -76,6 +76,14 @@ def test_half_the_programs_dispatch_for_experts_narrower_than_hidden(name, world
     assert launch.programs == SMS and launch.dispatch_programs == (SMS // 2 if split else SMS)
 
 
+@pytest.mark.parametrize("world,tokens,span", [(1, 4096, 2), (1, 128, 1), (2, 4096, 1)])
+def test_combine_tasks_take_two_column_tiles_at_world_1_with_many_tokens(world, tokens, span):
+    """Measured on one H200 only: several ranks keep a task per column tile; so does decode,
+    where halving the combine tasks would leave programs idle."""
+    launch = choose_launch(geometry("qwen3_30b_a3b", world, tokens=tokens), tokens, torch.bfloat16, SMS)
+    assert launch.combine_span == span
+
+
 def test_overrides_fix_settings_and_are_checked():
     geo = geometry(tokens=4096)
     launch = choose_launch(geo, 4096, torch.bfloat16, SMS, {"block_m": 64, "num_warps": 4, "stages": 4})

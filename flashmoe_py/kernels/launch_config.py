@@ -108,9 +108,13 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # fp32 tiles hold twice the bytes: two stages (a gated GEMM1 box, 64 x 256 fp32, needs 295 KB
     # of shared memory at three, 213 KB at two).
     bf16 = dtype == torch.bfloat16
+    # Combine tasks of two column tiles once there are many tokens, at world 1: one H200, 4,096 and
+    # 16,384 tokens, against one: 11 of 12 pairs faster, -0.3..-4.5% (bench/NOTES.md item 52).
+    # Not measured on several GPUs, where a task's one wait would cover rows from more sources.
     chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
               "stages": (4 if not large else 3) if bf16 else 2,
-              "dispatch_programs": sm_count // 2 if overlap else sm_count}
+              "dispatch_programs": sm_count // 2 if overlap else sm_count,
+              "combine_span": 2 if large and geo.world_size == 1 else 1}
     override = dict(override or {})
     unknown = sorted(set(override) - set(FIELDS))
     if unknown:
