@@ -109,8 +109,9 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # of shared memory at three, 213 KB at two).
     bf16 = dtype == torch.bfloat16
     # Combine tasks of two column tiles once there are many tokens, at world 1: one H200, 4,096 and
-    # 16,384 tokens, against one: 11 of 12 pairs faster, -0.3..-4.5% (bench/NOTES.md item 52).
-    # Not measured on several GPUs, where a task's one wait would cover rows from more sources.
+    # 16,384 tokens, against one: 5 of 6 pairs faster (-0.3..-2.4%, one +0.8%; -0.9% on the
+    # geometric mean), a small gain beside the ~2% spread of one setting between runs (bench/NOTES.md
+    # item 52). Not measured on several GPUs, where a task's one wait covers rows from more sources.
     chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
               "stages": (4 if not large else 3) if bf16 else 2,
               "dispatch_programs": sm_count // 2 if overlap else sm_count,
