@@ -4,7 +4,8 @@
 # kernels: the router and plan kernels' GPU tests; sweep1: the one-GPU sweep beside triton_kernels
 # and torch; variants: tune.py's `auto` launch at 4,096 tokens for each tree under .variants/ (other
 # commits, carried; not deepseek_v3, whose preset changed with issue 18) and this one, one after
-# another on the same GPU; sass: the compiled builds.
+# another on the same GPU; profbwd: torch.profiler over flash/saved training steps; sass: the
+# compiled builds.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -59,6 +60,9 @@ for step in "$@"; do
               run "tune_$tag" 300 1 "$root/bench/tune.py" --preset mixtral_8x7b qwen3_30b_a3b \
                 --tokens ${VARIANT_TOKENS:-4096} --settings ${VARIANT_SETTINGS:-auto} --iters 20 \
                 --out "$OUT/tune_$tag.json"; done ;;
+    profbwd) for p in ${PROF_PRESETS:-qwen3_30b_a3b deepseek_v3}; do  # where a training step's time goes
+              run "profile_bwd_$p" 240 1 bench/kernel_profile.py --preset "$p" --tokens ${TOKENS:-4096} --fwd-bwd \
+                --backward saved --iters 5; done ;;
     sass) echo "=== sass"; bash .whl/sass_stats.sh fused_moe_kernel > "$OUT/sass.txt" 2>&1; cat "$OUT/sass.txt" ;;
   esac
 done

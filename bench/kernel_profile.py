@@ -1,15 +1,20 @@
 """Where a forward's time goes (GPU).
 
-Default: torch.profiler over repeated forwards on rank 0 (the routing plan's ops and the kernel).
+Default: torch.profiler over repeated forwards on rank 0 (the routing plan's ops and the kernel);
+--fwd-bwd: over training steps instead, forward and the backward of sum(layer(x) * dy), with the
+layer's backward (--backward), to see where a step's time goes.
 --trace: inside the fused kernel, from its task timestamps (kernels/fused_moe.py, TRACE): per task
 kind, how many, when the first started and the last ended, median and summed durations, and how
 long programs waited for the count words; one table per rank, JSON with --out.
 
     torchrun --nproc-per-node N bench/kernel_profile.py --preset qwen3_30b_a3b --tokens 128 --backend flash
+    torchrun --nproc-per-node N bench/kernel_profile.py --preset qwen3_30b_a3b --tokens 4096 --fwd-bwd \\
+        --backward saved
     torchrun --nproc-per-node N bench/kernel_profile.py --preset deepseek_v3 --tokens 16384 --trace \\
         --transport p2p nvshmem --out trace.json"""
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -86,6 +91,37 @@ def trace_forward(layer, x, rt) -> dict:
     return summary
 
 
+def profile_steps(layer, x: torch.Tensor, iters: int, fwd_bwd: bool):
+    """torch.profiler over `iters` forwards of x [T, H] (inference mode) or, fwd_bwd, training
+    steps (forward, then backward of sum(layer(x) * dy), x and the parameters requiring grad),
+    after five of them to warm up (graphs captured, kernels compiled) -> the profile."""
+    if fwd_bwd:
+        x = x.detach().requires_grad_(True)
+        dy = torch.randn_like(x)
+
+        def step():
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            (layer(x) * dy).sum().backward()
+    else:
+        def step():
+            layer(x)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if x.is_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with contextlib.nullcontext() if fwd_bwd else torch.inference_mode():
+        for _ in range(5):
+            step()
+        layer.synchronize()
+        dist.barrier()
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(iters):
+                step()
+            layer.synchronize()
+        dist.barrier()
+    return prof
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3_30b_a3b")
@@ -93,46 +129,42 @@ def main():
     p.add_argument("--backend", default="flash")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--trace", action="store_true", help="the fused kernel's task trace instead")
+    p.add_argument("--fwd-bwd", action="store_true", help="profile training steps, forward and backward")
+    p.add_argument("--backward", default=None, help="the layer's backward with --fwd-bwd (MoELayer(backward=))")
     p.add_argument("--transport", nargs="+", default=["p2p"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cfg = fm.preset(args.preset)
     world = detect_launcher().world_size
-    transports = args.transport if args.trace or args.backend == "flash" else [None]
-    rt = fm.init(heap_bytes=max(heap_bytes_for(cfg, world, t, tr or "p2p") for t in args.tokens
-                                for tr in transports))
+    fused = args.trace or args.backend == "flash"
+    transports = args.transport if fused else [None]
+    rt = fm.init(nvshmem=fused, heap_bytes=max(heap_bytes_for(cfg, world, t, tr or "p2p") for t in args.tokens
+                                               for tr in transports) if fused else None)
     results = []
     for T in args.tokens:
         for transport in transports:
             extra = {"max_tokens_per_rank": T, "transport": transport} if transport else {}
-            layer = fm.MoELayer(cfg, backend="flash" if args.trace else args.backend, **extra)
+            layer = fm.MoELayer(cfg, backend="flash" if args.trace else args.backend,
+                                backward=args.backward if args.fwd_bwd else None, **extra)
             x = torch.randn(T, cfg.hidden_size, device=rt.device, dtype=cfg.torch_dtype)
             title = f"{args.preset} {transport or args.backend} tokens={T} world={world}"
-            with torch.inference_mode():
-                if args.trace:
+            if args.trace:
+                with torch.inference_mode():
                     summary = trace_forward(layer, x, rt)
-                    every = [None] * world
-                    dist.all_gather_object(every, summary)
-                    results.append({"preset": args.preset, "tokens_per_rank": T, "world": world,
-                                    "transport": transport, "ranks": every})
-                    if rt.rank == 0:
-                        for r, s in enumerate(every):
-                            print(f"\n### {title}: trace, rank {r}\n{format_summary(s)}", flush=True)
-                else:
-                    for _ in range(5):
-                        layer(x)
-                    layer.synchronize()
-                    dist.barrier()
-                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                            torch.profiler.ProfilerActivity.CPU]) as prof:
-                        for _ in range(args.iters):
-                            layer(x)
-                        layer.synchronize()
-                    dist.barrier()
-                    if rt.rank == 0:
-                        print(f"\n### {title}: per-forward averages")
-                        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
-                                                        max_name_column_width=60))
+                every = [None] * world
+                dist.all_gather_object(every, summary)
+                results.append({"preset": args.preset, "tokens_per_rank": T, "world": world,
+                                "transport": transport, "ranks": every})
+                if rt.rank == 0:
+                    for r, s in enumerate(every):
+                        print(f"\n### {title}: trace, rank {r}\n{format_summary(s)}", flush=True)
+            else:
+                prof = profile_steps(layer, x, args.iters, args.fwd_bwd)
+                if rt.rank == 0:
+                    what = "training steps (forward + backward)" if args.fwd_bwd else "forwards"
+                    sort = "cuda_time_total" if x.is_cuda else "cpu_time_total"
+                    print(f"\n### {title}: totals over {args.iters} {what}")
+                    print(prof.key_averages().table(sort_by=sort, row_limit=24, max_name_column_width=60))
             if layer.backend.name == "flash":
                 layer.backend.close()
     if rt.rank == 0 and args.out:
