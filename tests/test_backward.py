@@ -114,6 +114,16 @@ def test_gradients_match_reference(dist_pools, world, activation, backward, top_
         assert max(errs.values()) <= FP32_TOL, errs
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_eight_ranks_gradients_match_reference(dist_pools, backward):
+    """A node's worth of ranks (8 gloo processes): 16 experts, top-4, capacity on, uneven token
+    counts with one rank holding none; every rank's gradients as the reference says."""
+    cfg = MoEConfig(**{**SMALL, "num_experts": 16}, top_k=4, capacity_factor=1.0)
+    shapes = [(1, n) for n in (11, 0, 23, 5, 30, 1, 17, 9)]
+    for errs in dist_pools(8).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes, None, backward):
+        assert max(v for v in errs.values() if v is not None) <= FP32_TOL, errs
+
+
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("top_k", [2, 8])
 @pytest.mark.parametrize("backward", BACKWARDS)
