@@ -377,13 +377,14 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
     (2, 2, "clamped_swiglu", 64, dict(expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
                                       renormalize=False)),
     (3, 2, "swiglu", 64, dict(shared_experts=1, shared_expert_gate=True, shared_ffn_size=40)),
-    (2, 2, "swiglu", 64, dict(hidden_size=320, combine_span=2)), (4, 2, "swiglu", 64, {})])
+    (2, 2, "swiglu", 64, dict(hidden_size=320, combine_span=2)), (4, 2, "swiglu", 64, {}),
+    (8, 2, "swiglu", 64, {})])
 def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activation, block_m, variant):
     """The multi-rank protocol (counts, dispatch to peers, tiles across sources, combine counters,
     epochs) with each rank's kernel in its own process, on shared-memory 'symmetric' buffers; and
     the expert variants whose rows are scaled before they are sent (weight_on_input), shared
-    experts computed beside the routed ones, and combine tasks of two column tiles (of 3); up to 4
-    ranks (each sending to three peers, a rank with no tokens in the first call)."""
+    experts computed beside the routed ones, and combine tasks of two column tiles (of 3); up to 8
+    ranks, a node's worth (each sending to every peer, ranks with no tokens in some calls)."""
     variant = dict(variant)
     span = variant.pop("combine_span", 1)
     cfg = MoEConfig(**{**dict(hidden_size=32, ffn_size=48, num_experts=2 * world, top_k=top_k,
@@ -392,7 +393,8 @@ def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activa
     H = cfg.hidden_size
     weights = {name: torch.randn(shape, generator=gen) / shape[-2 if len(shape) > 1 else -1] ** 0.5
                for name, shape in cfg.weight_shapes().items()}
-    calls = [[37, 0, 40, 9], [5, 40, 0, 9], [19, 3, 1, 9], [0, 12, 40, 2]][:world]  # per rank, 4 epochs; zeros too
+    calls = [[37, 0, 40, 9], [5, 40, 0, 9], [19, 3, 1, 9], [0, 12, 40, 2], [8, 1, 0, 33], [40, 40, 2, 0], [1, 7, 13, 1],
+             [22, 0, 6, 40]][:world]  # per rank, 4 epochs; zeros too
     inputs = [[torch.randn(t, H, generator=gen) for t in ts] for ts in calls]
     bufs = shared_symmetric_buffers(cfg, world, 40)
     results = dist_pools(world).run(rank_runs_whole_kernel, cfg.to_dict(), 40, bufs, weights, inputs,
