@@ -10,7 +10,17 @@ the layer keeps them), SwiGLU on the accumulator, h stored. Two schedules of the
   flattened   tl.range(..., flatten=True) over the tiles (as triton_kernels' persistent matmul
               does): the next tile's first loads are issued while this tile ends.
 
-    python bench/gemm1_loop.py             # a GPU: check each against float32, time it
+and three epilogues:
+
+  stg         each thread stores its part of the h tile (the fused kernel's today);
+  tma         the tile goes out as one asynchronous TMA store (every tile full: rows per expert a
+              multiple of BM);
+  none        h is computed but stored nowhere (a mask false at run time): the loop's own speed.
+
+--peer also times triton_kernels' GEMM1 (`matmul_ogs`, the same rows gathered, SwiGLU fused, its
+own launch choice) on the same problem, checked the same way.
+
+    python bench/gemm1_loop.py [--peer]    # a GPU: check each against float32, time it
     python bench/gemm1_loop.py --offline   # any machine: compile for sm_90, print resources
 
 Needs no routing: each expert's rows are drawn at random from x (rows per expert fixed)."""
@@ -18,6 +28,7 @@ Needs no routing: each expert's rows are drawn at random from x (rows per expert
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -28,15 +39,17 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 SCHEDULES = {"nested": False, "flattened": True}
+EPILOGUES = ("stg", "tma", "none")
 SHAPES = [(8, 4096, 14336, 4096), (128, 2048, 768, 1024), (128, 2048, 1536, 512)]  # E, H, F, rows per expert
 
 
 @triton.jit
-def gemm1_kernel(x_ptr, rows_ptr, tiles_ptr, w_desc, h_ptr, num_row_tiles, H, F,
+def gemm1_kernel(x_ptr, rows_ptr, tiles_ptr, w_desc, h_ptr, h_desc, num_row_tiles, H, F,
                  BM: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, NUM_SMS: tl.constexpr,
-                 FLATTEN: tl.constexpr, GROUP: tl.constexpr):
+                 FLATTEN: tl.constexpr, GROUP: tl.constexpr, EPILOGUE: tl.constexpr):
     """x [T, H]; rows [R] int32 x's row of each expert row; tiles [num_row_tiles, 3] int32
-    (expert, first expert row, rows); w_desc over w_in [E, H, 2F]; h [R, F]."""
+    (expert, first expert row, rows); w_desc over w_in [E, H, 2F]; h [R, F], h_desc over it in
+    [BM, BF] boxes; EPILOGUE: one of EPILOGUES."""
     n_f = F // BF
     for t in tl.range(tl.program_id(0), num_row_tiles * n_f, NUM_SMS, flatten=FLATTEN):
         per_group = GROUP * n_f
@@ -47,7 +60,8 @@ def gemm1_kernel(x_ptr, rows_ptr, tiles_ptr, w_desc, h_ptr, num_row_tiles, H, F,
         e = tl.load(tiles_ptr + 3 * rt)
         r0 = tl.load(tiles_ptr + 3 * rt + 1)
         m = tl.arange(0, BM)
-        valid = m < tl.load(tiles_ptr + 3 * rt + 2)
+        n_rows = tl.load(tiles_ptr + 3 * rt + 2)
+        valid = m < n_rows
         src = tl.load(rows_ptr + r0 + m, mask=valid, other=0).to(tl.int64) * H  # rows past: row 0
         a_ptrs = x_ptr + src[:, None] + tl.arange(0, BK)[None, :]
         k_tiles = tl.maximum(H // BK, 1)
@@ -57,9 +71,14 @@ def gemm1_kernel(x_ptr, rows_ptr, tiles_ptr, w_desc, h_ptr, num_row_tiles, H, F,
             acc = tl.dot(tl.load(a_ptrs), w_desc.load([e, ki * BK, j * 2 * BF]).reshape(BK, 2 * BF), acc)
             a_ptrs += BK
         gate, up = acc.reshape(BM, 2, BF).permute(0, 2, 1).split()
-        cols = j * BF + tl.arange(0, BF)
-        tl.store(h_ptr + (r0 + m).to(tl.int64)[:, None] * F + cols[None, :],
-                 (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty), mask=valid[:, None])
+        h = (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
+        h_at = h_ptr + (r0 + m).to(tl.int64)[:, None] * F + (j * BF + tl.arange(0, BF))[None, :]
+        if EPILOGUE == "none":
+            tl.store(h_at, h, mask=valid[:, None] & (H < 0))  # H > 0: nothing stored
+        elif EPILOGUE == "tma":  # full tiles only (launch): a part-full box would write the next expert's rows
+            h_desc.store([r0, j * BF], h)
+        else:
+            tl.store(h_at, h, mask=valid[:, None])
 
 
 def problem(E: int, H: int, F: int, rows_per_expert: int, BM: int, device,
@@ -76,12 +95,16 @@ def problem(E: int, H: int, F: int, rows_per_expert: int, BM: int, device,
     return x, w, rows, tiles.to(device)
 
 
-def launch(x, w, rows, tiles, h, flatten: bool, sms: int, warmup: bool = False,
+def launch(x, w, rows, tiles, h, flatten: bool, sms: int, warmup: bool = False, epilogue: str = "stg",
            BM: int = 128, BF: int = 128, BK: int = 64, stages: int = 3):
-    """One launch (or, warmup, its compile only) writing h [R, F]."""
+    """One launch (or, warmup, its compile only) writing h [R, F] (epilogue: one of EPILOGUES)."""
     E, H, F2 = w.shape
-    args = (x, rows, tiles, TensorDescriptor.from_tensor(w, [1, BK, 2 * BF]), h, tiles.shape[0], H, F2 // 2)
-    kw = dict(BM=BM, BF=BF, BK=BK, NUM_SMS=sms, FLATTEN=flatten, GROUP=8, num_warps=8, num_stages=stages)
+    if epilogue == "tma" and (tiles[:, 2] != BM).any():
+        raise ValueError(f"epilogue='tma' needs full tiles of BM={BM} rows")
+    args = (x, rows, tiles, TensorDescriptor.from_tensor(w, [1, BK, 2 * BF]), h,
+            TensorDescriptor.from_tensor(h, [BM, BF]), tiles.shape[0], H, F2 // 2)
+    kw = dict(BM=BM, BF=BF, BK=BK, NUM_SMS=sms, FLATTEN=flatten, GROUP=8, EPILOGUE=epilogue, num_warps=8,
+              num_stages=stages)
     if warmup:
         return gemm1_kernel.warmup(*args, grid=(sms,), **kw)
     return gemm1_kernel[(sms,)](*args, **kw)
@@ -101,32 +124,73 @@ def reference(x, w, rows, rows_per_expert: int, sample: torch.Tensor) -> torch.T
     return torch.nn.functional.silu(gate) * up
 
 
-def on_gpu(iters: int) -> None:
+def peer(x, w, rows, rows_per_expert: int):
+    """-> a function running triton_kernels' GEMM1 on the problem: h [R, F] of the same rows
+    (gathered by `rows`), SwiGLU fused (its gpt-oss form with alpha 1 and -1 on the up columns'
+    bias is silu(gate) * up), its weights a copy with gate and up interleaved column by column."""
+    from triton_kernels.matmul_ogs import FnSpecs, FusedActivation, GatherIndx, RoutingData, matmul_ogs
+    from triton_kernels.swiglu import swiglu_fn
+    from triton_kernels.tensor import make_ragged_tensor_metadata
+    E, H, F2 = w.shape
+    pairs = w.reshape(E, H, F2 // 256, 2, 128)
+    w1 = torch.stack([pairs[:, :, :, 0], pairs[:, :, :, 1]], dim=-1).reshape(E, H, F2).contiguous()
+    b1 = torch.zeros(E, F2, dtype=torch.float32, device=w.device)
+    b1[:, 1::2] = -1.0
+    act = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit"), reduction_n=2), (1.0, None))
+    R = rows.shape[0]
+    ragged = make_ragged_tensor_metadata(torch.full((E,), rows_per_expert, dtype=torch.int32, device=w.device), R)
+    rdata = RoutingData(torch.ones(R, device=w.device), ragged.slice_sizes, E, 1, ragged)
+    gather = GatherIndx(rows, torch.arange(R, dtype=torch.int32, device=w.device))  # k = 1: row p reads rows[p]
+    return lambda: matmul_ogs(x, w1, b1, rdata, gather_indx=gather, fused_activation=act).reshape(R, F2 // 2)
+
+
+def median_us(fn, iters: int) -> float:
+    """Median µs of `iters` calls of fn (CUDA events around each), after 3 calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def time_shape(E: int, H: int, F: int, rpe: int, sms: int, iters: int, with_peer: bool) -> None:
+    """Check every schedule and epilogue (and, with_peer, triton_kernels) on one problem against
+    float32 on every 97th row, then print each one's median time."""
     dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    for E, H, F, rpe in SHAPES:
-        x, w, rows, tiles = problem(E, H, F, rpe, 128, dev)
-        sample = torch.arange(0, rows.shape[0], 97, device=dev)
-        ref = reference(x, w, rows, rpe, sample)
-        for name, flatten in SCHEDULES.items():
-            h = torch.full((rows.shape[0], F), float("nan"), dtype=torch.bfloat16, device=dev)
-            launch(x, w, rows, tiles, h, flatten, sms)
-            err = float((h[sample].float() - ref).norm() / ref.norm())
+    x, w, rows, tiles = problem(E, H, F, rpe, 128, dev)
+    sample = torch.arange(0, rows.shape[0], 97, device=dev)
+    ref = reference(x, w, rows, rpe, sample)
+    runs = {f"{name} {epilogue}": functools.partial(launch, x, w, rows, tiles, flatten=flatten, sms=sms,
+                                                     epilogue=epilogue)
+            for name, flatten in SCHEDULES.items() for epilogue in EPILOGUES}
+    if with_peer:
+        runs["triton_kernels"] = peer(x, w, rows, rpe)
+    for name, run in runs.items():
+        h = torch.full((rows.shape[0], F), float("nan"), dtype=torch.bfloat16, device=dev)
+        timed = run if name == "triton_kernels" else functools.partial(run, h)
+        if name == "triton_kernels":
+            h.copy_(run())  # its own output, copied here to be checked
+        else:
+            timed()
+        err = float((h[sample].float() - ref).norm() / ref.norm())
+        if not name.endswith("none"):
             assert err <= 1e-2, f"{name}: rel err {err:.1e}"
-            for _ in range(3):
-                launch(x, w, rows, tiles, h, flatten, sms)
-            times = []
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                launch(x, w, rows, tiles, h, flatten, sms)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) * 1e3)
-            us = statistics.median(times)
-            tflops = 2 * rows.shape[0] * H * 2 * F / us / 1e6
-            print(f"E{E} H{H} F{F} rows/expert {rpe} {name}: {us:.0f} us, {tflops:.0f} TFLOP/s, "
-                  f"rel err {err:.1e}", flush=True)
+        us = median_us(timed, iters)
+        tflops = 2 * rows.shape[0] * H * 2 * F / us / 1e6
+        print(f"E{E} H{H} F{F} rows/expert {rpe} {name}: {us:.0f} us, {tflops:.0f} TFLOP/s"
+              + ("" if name.endswith("none") else f", rel err {err:.1e}"), flush=True)
+
+
+def on_gpu(iters: int, with_peer: bool) -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for E, H, F, rpe in SHAPES:
+        time_shape(E, H, F, rpe, sms, iters, with_peer)
 
 
 def offline() -> None:
@@ -136,13 +200,15 @@ def offline() -> None:
     x, w, rows, tiles = problem(8, 4096, 14336, 256, 128, "cpu")
     h = torch.empty(rows.shape[0], 14336, dtype=torch.bfloat16)
     for name, flatten in SCHEDULES.items():
-        k = launch(x, w, rows, tiles, h, flatten, 132, warmup=True)
-        print(name, {"shared": k.metadata.shared, **cubin_stats(k.asm["cubin"], "/tmp")})
+        for epilogue in EPILOGUES:
+            k = launch(x, w, rows, tiles, h, flatten, 132, warmup=True, epilogue=epilogue)
+            print(name, epilogue, {"shared": k.metadata.shared, **cubin_stats(k.asm["cubin"], "/tmp")})
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--offline", action="store_true", help="compile for sm_90 only (no GPU needed)")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--peer", action="store_true", help="time triton_kernels' GEMM1 on the same problem too")
     args = p.parse_args()
-    offline() if args.offline else on_gpu(args.iters)
+    offline() if args.offline else on_gpu(args.iters, args.peer)

@@ -179,19 +179,31 @@ def test_training_steps_are_profiled_with_their_backward():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel in the interpreter")
 @pytest.mark.parametrize("flatten", [False, True])
-def test_gemm1_loop_study_matches_float32(flatten):
+@pytest.mark.parametrize("epilogue,rows_per_expert", [("stg", 24), ("tma", 32)])
+def test_gemm1_loop_study_matches_float32(flatten, epilogue, rows_per_expert):
     """bench/gemm1_loop.py's kernel, both schedules: gathered rows @ paired w_in, SwiGLU, against
-    the float32 reference, every row of two experts (the last row tile part full); fp32 dots in
-    the interpreter."""
+    the float32 reference, every row of two experts; fp32 dots in the interpreter. Stores by
+    thread with a part-full last row tile; the TMA store (full tiles only) at a multiple of BM."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import torch
+
+    import gemm1_loop
+    x, w, rows, tiles = gemm1_loop.problem(2, 64, 256, rows_per_expert, 16, "cpu", dtype=torch.float32)
+    h = torch.full((rows.shape[0], 256), float("nan"))
+    gemm1_loop.launch(x, w, rows, tiles, h, flatten, sms=3, BM=16, BF=128, BK=32, epilogue=epilogue)
+    ref = gemm1_loop.reference(x, w, rows, rows_per_expert, torch.arange(rows.shape[0]))
+    assert float((h - ref).norm() / ref.norm()) <= 1e-5
+
+
+def test_gemm1_loop_tma_epilogue_refuses_part_full_tiles():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import torch
 
     import gemm1_loop
     x, w, rows, tiles = gemm1_loop.problem(2, 64, 256, 24, 16, "cpu", dtype=torch.float32)
-    h = torch.full((rows.shape[0], 256), float("nan"))
-    gemm1_loop.launch(x, w, rows, tiles, h, flatten, sms=3, BM=16, BF=128, BK=32)
-    ref = gemm1_loop.reference(x, w, rows, 24, torch.arange(rows.shape[0]))
-    assert float((h - ref).norm() / ref.norm()) <= 1e-5
+    with pytest.raises(ValueError, match="full tiles"):
+        gemm1_loop.launch(x, w, rows, tiles, torch.empty(rows.shape[0], 256), False, sms=3, BM=16, BF=128, BK=32,
+                          epilogue="tma")
 
 
 def test_tune_settings_are_positional_or_named_over_auto():

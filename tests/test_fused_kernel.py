@@ -202,6 +202,29 @@ def test_gemm_tiles_in_flattened_loops_at_world_1(fields, flat_out):
             assert rel_err(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("fields", [
+    dict(),
+    dict(activation="clamped_swiglu", expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
+         renormalize=False),
+    dict(activation="gelu", shared_experts=1, shared_ffn_size=40, shared_expert_gate=True)])
+def test_gemm1_tiles_in_a_static_order_at_world_1(fields):
+    """static_ffn_in=1: GEMM1 tiles in the static order, each with its own K loop and its h flag
+    raised one tile late, the rest from the queue. Outputs as the reference's, and gate and up
+    saved for the backward, over calls of the queue order and this one in turn (epochs and
+    counters shared), an empty call included; one program (as flat_ffn_in's test)."""
+    cfg = MoEConfig(hidden_size=264, ffn_size=200, num_experts=4, top_k=2, dtype="float32", **fields)
+    rank = OneRank(cfg, max_tokens=90)
+    for tokens, static in [(90, 1), (31, 0), (0, 1), (57, 1)]:
+        x, out = rank.forward(tokens, static_ffn_in=static, save=tokens > 0)
+        assert int(rank.status[0]) == 0
+        if tokens:
+            ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+            assert rel_err(out, ref) <= 1e-5
+            p = rank.plan
+            pre = expected_pre(cfg, rank.weights, 0, [(x, p.send_slot, p.pos_start, p.send_counts, p.slot_w)])
+            assert rel_err(rank.saved.pre[:pre.shape[0]], pre) <= 1e-5
+
+
 def test_flattened_gemm1_tiles_are_refused_across_ranks_and_between_interpreted_programs():
     geo = Geometry.for_config(MoEConfig(hidden_size=32, ffn_size=32, num_experts=4, top_k=1), 2, 16)
     with pytest.raises(ValueError, match="flat_ffn_in=1 at world_size=2"):
@@ -211,6 +234,12 @@ def test_flattened_gemm1_tiles_are_refused_across_ranks_and_between_interpreted_
         OneRank(cfg, max_tokens=8).forward(4, programs=2, flat_ffn_in=1)
     with pytest.raises(ValueError, match="flat_ffn_out=1 needs flat_ffn_in=1"):
         OneRank(cfg, max_tokens=8).forward(4, flat_ffn_out=1)
+    with pytest.raises(ValueError, match="static_ffn_in=1 at world_size=2"):
+        LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, static_ffn_in=1).check(geo)
+    with pytest.raises(ValueError, match="static_ffn_in=1 in the Triton interpreter needs programs=1"):
+        OneRank(cfg, max_tokens=8).forward(4, programs=2, static_ffn_in=1)
+    with pytest.raises(ValueError, match="two schedules"):
+        LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, flat_ffn_in=1, static_ffn_in=1)
 
 
 @pytest.mark.parametrize("span", [3, 128])

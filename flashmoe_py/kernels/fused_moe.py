@@ -149,7 +149,8 @@ class Meta(NamedTuple):
     tiles); SHARED, SHARED_GATE (shared experts, their sigmoid gate) and NFS_POW2 (>= their GEMM1
     column tiles); STAGES of the K loops; GROUP of expert tiles taken together; FLAT_IN (world 1
     only): the GEMM1 tiles in a static order, one loop flattened over each program's tiles, before
-    the compute queue (which then holds the other tasks); FLAT_OUT (with FLAT_IN): the GEMM2 tiles
+    the compute queue (which then holds the other tasks); STATIC_IN (world 1 only): the GEMM1 tiles
+    in that static order, each with its own K loop as from the queue; FLAT_OUT (with FLAT_IN): the GEMM2 tiles
     likewise, after every h flag is up; TRANSPORT (transport.TRANSPORTS); ON_GPU: compiled for a GPU
     (not the Triton interpreter, which runs no PTX: no clock, no fences); TRACE: record task
     timestamps; SAVE: GEMM1's outputs before the activation into Saved; APPROX_ACT: bf16 data, whose
@@ -187,6 +188,7 @@ class Meta(NamedTuple):
     STAGES: tl.constexpr
     GROUP: tl.constexpr
     FLAT_IN: tl.constexpr
+    STATIC_IN: tl.constexpr
     FLAT_OUT: tl.constexpr
     TRANSPORT: tl.constexpr
     ON_GPU: tl.constexpr
@@ -497,16 +499,20 @@ def ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, di
     tile's, or still `held` if the rows never came (a timeout, reported)."""
     W, L, MAXC = dims.world, dims.local_experts, dims.max_chunks
     t = _expert_tile(q, table, W, meta)
-    own = t.valid & (t.src == rank)
-    flags = sym.chunk_flags.local + (t.src * L + t.e) * MAXC + t.chunk
-    short = wait_at_least(flags, t.valid & ~own, epoch, wait_limit, scratch.status, meta.PEER_SCOPE, meta.ON_GPU)
+    n_short = 0
+    if meta.W_POW2 > 1:  # at world 1 every row is x's own: no chunk to wait for
+        own = t.valid & (t.src == rank)
+        flags = sym.chunk_flags.local + (t.src * L + t.e) * MAXC + t.chunk
+        short = wait_at_least(flags, t.valid & ~own, epoch, wait_limit, scratch.status, meta.PEER_SCOPE,
+                              meta.ON_GPU)
+        n_short = tl.sum(short.to(tl.int32))
+        if n_short > 0:
+            _report_timeout(scratch, WAIT_CHUNK, tl.min(tl.where(short, t.src, W)), t.e, q, epoch)
     ready = clock_ns() if meta.TRACE else 0
     done = ready
-    if tl.sum(short.to(tl.int32)) > 0:
-        _report_timeout(scratch, WAIT_CHUNK, tl.min(tl.where(short, t.src, W)), t.e, q, epoch)
-    else:
+    if n_short == 0:
         done = ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta, False)
-        held = q * tl.cdiv(dims.ffn, meta.BF) + j
+        held = (q * tl.cdiv(dims.ffn, meta.BF) + j).to(tl.int64)
     return ready, done, held
 
 
@@ -844,6 +850,26 @@ def flat_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, sym
 
 
 @triton.jit
+def static_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch,
+                        wait_limit, rank, meta):
+    """STATIC_IN (world 1): this program's GEMM1 tasks i = program, program + P, .. < n_in (the
+    queue's grouped order), each as the queue runs one (ffn_in_tile: its own K loop, the previous
+    tile's h flag raised after it), without the queue's atomic per task. Those tiles wait for
+    nothing (their rows are x's), so the static order cannot deadlock while every program runs.
+    trace_row: the trace row of task 0. -> the h flag of the program's last tile, still held."""
+    NF = tl.cdiv(dims.ffn, meta.BF)
+    P = tl.num_programs(0)
+    held = tl.full((), -1, tl.int64)
+    for i in range(tl.program_id(0), n_in, P):
+        start = clock_ns() if meta.TRACE else 0
+        q, j = _grouped(i, n_tiles, NF, meta.GROUP)
+        ready, done, held = ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch,
+                                        wait_limit, rank, meta)
+        _stamp(scratch.trace, trace_row + i, TASK_FFN_IN, start, ready, done, meta.TRACE)
+    return held
+
+
+@triton.jit
 def flat_ffn_out_tiles(n_in, n_out, n_tiles, trace_row, table, weights, sym, scratch, dims, epoch, wait_limit, rank,
                        meta):
     """FLAT_OUT (after flat_ffn_in_tiles): once every one of the n_in GEMM1 tiles' h flags is up
@@ -933,20 +959,24 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     if meta.FLAT_OUT:
         flat_ffn_out_tiles(tl.where(healthy, n_in, 0), tl.where(healthy, n_out, 0), n_tiles, first_ffn + n_in, table,
                            weights, sym, scratch, dims, epoch, wait_limit, rank, meta)
-    skip = (n_in if meta.FLAT_IN else 0) + (n_out if meta.FLAT_OUT else 0)  # queue ids past the shared tasks
-    # This program's GEMM2 tile whose rows are not counted yet (none while pend.e < 0).
-    pend = PendingTile(tl.full((), -1, tl.int32), tl.full((), 0, tl.int64), tl.zeros((meta.W_POW2,), dtype=tl.int32),
-                       tl.zeros((meta.W_POW2,), dtype=tl.int32), tl.full((), 0, tl.int64))
     # The h flag of this program's last GEMM1 tile, raised late (ffn_in_rows; -1: none): before
     # any other kind of task, which may wait for it, and at the end.
     held = tl.full((), -1, tl.int64)
+    if meta.STATIC_IN:
+        held = static_ffn_in_tiles(tl.where(healthy, n_in, 0), n_tiles, first_ffn, x_ptr, plan, table, weights, sym,
+                                   scratch, saved, dims, epoch, wait_limit, rank, meta)
+    static_in = meta.FLAT_IN or meta.STATIC_IN
+    skip = (n_in if static_in else 0) + (n_out if meta.FLAT_OUT else 0)  # queue ids past the shared tasks
+    # This program's GEMM2 tile whose rows are not counted yet (none while pend.e < 0).
+    pend = PendingTile(tl.full((), -1, tl.int32), tl.full((), 0, tl.int64), tl.zeros((meta.W_POW2,), dtype=tl.int32),
+                       tl.zeros((meta.W_POW2,), dtype=tl.int32), tl.full((), 0, tl.int64))
     task = n_front + tl.atomic_add(ctl + CTL_COMPUTE_TASKS, 1, sem="relaxed")
     while (task < n_front + n_shared + n_in + n_out + n_comb - skip) & healthy:
         start = clock_ns() if meta.TRACE else 0
         ready = start
         done = start
         q = task - n_front - n_shared
-        if meta.FLAT_IN:
+        if static_in:
             q = tl.where(q < 0, q, q + skip)
         q_task = q  # the task's id past the front and shared tasks
         if (held >= 0) & ((q < 0) | (q >= n_in)):
@@ -956,9 +986,10 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
                                  wait_limit, rank, meta)
             done = clock_ns() if meta.TRACE else 0
         elif q < n_in:
-            q, j = _grouped(q, n_tiles, NF, meta.GROUP)
-            ready, done, held = ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch,
-                                            wait_limit, rank, meta)
+            if not static_in:  # else the static loop took every GEMM1 tile: this is never reached
+                q, j = _grouped(q, n_tiles, NF, meta.GROUP)
+                ready, done, held = ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, dims,
+                                                epoch, wait_limit, rank, meta)
         elif q < n_in + n_out:
             q, n = _grouped(q - n_in, n_tiles, NN_OUT, meta.GROUP)
             pend, ready, done = ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_limit,
@@ -1043,9 +1074,10 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                          f"{trace.dtype} {tuple(trace.shape)}")
     launch.check(geo)
     on_gpu = x.is_cuda
-    if launch.flat_ffn_in and triton.knobs.runtime.interpret and launch.programs > 1:
+    static = "flat_ffn_in" if launch.flat_ffn_in else "static_ffn_in" if launch.static_ffn_in else None
+    if static and triton.knobs.runtime.interpret and launch.programs > 1:
         # a program's GEMM2 tiles wait for other programs' static GEMM1 tiles: all must run at once
-        raise ValueError("flat_ffn_in=1 in the Triton interpreter needs programs=1: it runs programs "
+        raise ValueError(f"{static}=1 in the Triton interpreter needs programs=1: it runs programs "
                          "one after another")
     wait_limit = int(timeout_s * (1e9 if on_gpu else INTERPRETER_ROUNDS_PER_S)) or 1
     top_k = plan.slot_dest.shape[1]
@@ -1063,7 +1095,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 SHARED_GATE=c(config.shared_expert_gate),
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),
                 STAGES=c(launch.stages), GROUP=c(launch.group), FLAT_IN=c(bool(launch.flat_ffn_in)),
-                FLAT_OUT=c(bool(launch.flat_ffn_out)),
+                STATIC_IN=c(bool(launch.static_ffn_in)), FLAT_OUT=c(bool(launch.flat_ffn_out)),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None),
                 SAVE=c(saved is not None), APPROX_ACT=c(x.dtype == torch.bfloat16),
                 PEER_SCOPE=c("gpu" if W == 1 else "sys"))

@@ -11,7 +11,7 @@ import torch
 from .layout import Geometry
 
 FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t", "combine_span",
-          "flat_ffn_in", "flat_ffn_out")
+          "flat_ffn_in", "static_ffn_in", "flat_ffn_out")
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
 
 
@@ -30,6 +30,9 @@ class LaunchConfig:
     task queue; world 1 only, where those tiles wait for nothing. It needs every program running
     at once (one per SM on a GPU of its own): GEMM2 tiles wait for the GEMM1 tiles of fixed
     programs, so a program held back (another kernel, an SM limit) ends the call at the timeout.
+    static_ffn_in: 1 to take the GEMM1 tiles in that static order, but each with its own K loop as
+    from the queue (no queue atomic per tile; h flags raised one tile late); world 1 only, needing
+    every program at once, as flat_ffn_in (`auto` at world 1 from 64 rows an expert: choose_launch).
     flat_ffn_out: 1 (with flat_ffn_in) to take the GEMM2 tiles so as well, once every GEMM1 tile is
     done, their rows counted after the loop. Both off by default: on one H200 flat_ffn_in was
     within -0.5%..+9% of the queue, and with flat_ffn_out 14-38% slower (bench/NOTES.md item 38)."""
@@ -44,6 +47,7 @@ class LaunchConfig:
     block_t: int = Geometry.block_t
     combine_span: int = 1
     flat_ffn_in: int = 0
+    static_ffn_in: int = 0
     flat_ffn_out: int = 0
 
     def __post_init__(self) -> None:
@@ -55,10 +59,12 @@ class LaunchConfig:
             object.__setattr__(self, "dispatch_programs", self.programs)
         if not 1 <= self.dispatch_programs <= self.programs:
             raise ValueError(f"dispatch_programs={self.dispatch_programs}: expected 1..programs={self.programs}")
-        for name in ("flat_ffn_in", "flat_ffn_out"):
+        for name in ("flat_ffn_in", "static_ffn_in", "flat_ffn_out"):
             value = getattr(self, name)
             if type(value) is not int or value not in (0, 1):  # not bool, not float
                 raise ValueError(f"LaunchConfig.{name}={value!r}: expected 0 or 1")
+        if self.flat_ffn_in and self.static_ffn_in:
+            raise ValueError("flat_ffn_in=1 and static_ffn_in=1: two schedules for the same GEMM1 tiles")
         if self.flat_ffn_out and not self.flat_ffn_in:
             raise ValueError("flat_ffn_out=1 needs flat_ffn_in=1: its tiles wait for every GEMM1 tile, which the "
                              "queue would hold behind them")
@@ -81,9 +87,10 @@ class LaunchConfig:
         if bt < geo.block_t or bt > bm or bt & (bt - 1):
             # the trace holds one row per combine tile of geo.block_t tokens
             raise ValueError(f"block_t={bt}: expected a power of two from {geo.block_t} to block_m={bm}")
-        if self.flat_ffn_in and geo.world_size != 1:
-            raise ValueError(f"flat_ffn_in=1 at world_size={geo.world_size}: only at world 1, where GEMM1 "
-                             "tiles wait for no other rank's rows")
+        for name in ("flat_ffn_in", "static_ffn_in"):
+            if getattr(self, name) and geo.world_size != 1:
+                raise ValueError(f"{name}=1 at world_size={geo.world_size}: only at world 1, where GEMM1 "
+                                 "tiles wait for no other rank's rows")
         return self
 
 
@@ -112,11 +119,20 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # 16,384 tokens, against one: 5 of 6 pairs faster (-0.3..-2.4%, one +0.8%; -0.9% on the
     # geometric mean), a small gain beside the ~2% spread of one setting between runs (bench/NOTES.md
     # item 52). Not measured on several GPUs, where a task's one wait covers rows from more sources.
+    # At world 1, with 64 or more rows an expert, the GEMM1 tiles in a static order, each program
+    # its own (no queue atomic per tile). One H200, against the queue, same call: mixtral / qwen3 /
+    # gpt_oss at 4,096 tokens -4.1% / -4.1% / -6.4%, at 16,384 -1.0% / -0.8% / -2.9%; qwen3 and
+    # gpt_oss at 2,048 -2.5..-3.4%, deepseek_v3 (64 rows) +0.3..+1.0%; at 128 tokens no difference
+    # (+-0.9%), so decode keeps the queue (bench/NOTES.md item 55). It needs every program resident
+    # at once (LaunchConfig), as a GPU of its own gives.
     chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
               "stages": (4 if not large else 3) if bf16 else 2,
               "dispatch_programs": sm_count // 2 if overlap else sm_count,
-              "combine_span": 2 if large and geo.world_size == 1 else 1}
+              "combine_span": 2 if large and geo.world_size == 1 else 1,
+              "static_ffn_in": int(geo.world_size == 1 and rows_per_expert >= 64)}
     override = dict(override or {})
+    if override.get("flat_ffn_in"):  # the other static schedule of the GEMM1 tiles
+        chosen["static_ffn_in"] = 0
     unknown = sorted(set(override) - set(FIELDS))
     if unknown:
         raise ValueError(f"launch override {unknown}: expected fields of {FIELDS}")
