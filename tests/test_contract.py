@@ -90,14 +90,9 @@ def test_gemm1_tiles_take_a_static_order_at_world_1_from_64_rows_an_expert(world
     """qwen3: tokens / 16 rows per expert at world 1. Decode keeps the queue (no difference
     measured there); several ranks must (their GEMM1 tiles wait for other ranks' rows)."""
     launch = choose_launch(geometry("qwen3_30b_a3b", world, tokens=tokens), tokens, torch.bfloat16, SMS)
-    assert (launch.static_ffn_in, launch.flat_ffn_in) == (static, 0)
-
-
-def test_a_flat_gemm1_override_replaces_the_static_order():
-    geo = geometry(tokens=4096)
-    launch = choose_launch(geo, 4096, torch.bfloat16, SMS, {"flat_ffn_in": 1})
-    assert (launch.flat_ffn_in, launch.static_ffn_in) == (1, 0)
-    assert choose_launch(geo, 4096, torch.bfloat16, SMS, {"static_ffn_in": 0}).static_ffn_in == 0
+    assert launch.static_ffn_in == static
+    assert choose_launch(geometry("qwen3_30b_a3b", world, tokens=tokens), tokens, torch.bfloat16, SMS,
+                         {"static_ffn_in": 0}).static_ffn_in == 0
 
 
 def test_overrides_fix_settings_and_are_checked():
@@ -114,19 +109,17 @@ def test_overrides_fix_settings_and_are_checked():
         choose_launch(geo, 4096, torch.bfloat16, SMS, {"dispatch_programs": 200})
 
 
-@pytest.mark.parametrize("field", [f for f in FIELDS if not f.endswith("_ffn_in") and not f.endswith("_ffn_out")])
+@pytest.mark.parametrize("field", [f for f in FIELDS if f != "static_ffn_in"])
 def test_launch_settings_must_be_positive_ints(field):
     fields = dict(programs=4, block_m=64, block_n=128)
     with pytest.raises(ValueError, match=field):
         LaunchConfig(**{**fields, field: 0})
 
 
-@pytest.mark.parametrize("field", ["flat_ffn_in", "static_ffn_in", "flat_ffn_out"])
 @pytest.mark.parametrize("value", [2, -1, True, 1.0])
-def test_the_gemm_schedules_are_0_or_1(field, value):
-    base = {} if field == "static_ffn_in" else {"flat_ffn_in": 1}
-    with pytest.raises(ValueError, match=field):
-        LaunchConfig(programs=4, block_m=64, block_n=128, **{**base, field: value})
+def test_the_gemm1_schedule_is_0_or_1(value):
+    with pytest.raises(ValueError, match="static_ffn_in"):
+        LaunchConfig(programs=4, block_m=64, block_n=128, static_ffn_in=value)
 
 
 def test_the_chooser_is_a_pure_function_of_its_inputs():

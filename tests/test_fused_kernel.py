@@ -154,16 +154,16 @@ def test_combine_tiles_may_hold_more_tokens_and_columns():
          renormalize=False, capacity_factor=0.6),
     dict(activation="gelu", shared_experts=1, shared_ffn_size=40, shared_expert_gate=True),
     dict(activation="swiglu", shared_experts=2, shared_ffn_size=72, top_k=3)])
-@pytest.mark.parametrize("flat", [0, 1])
-def test_a_training_forward_saves_gemm1_outputs_in_the_experts_order(fields, flat):
+@pytest.mark.parametrize("static", [0, 1])
+def test_a_training_forward_saves_gemm1_outputs_in_the_experts_order(fields, static):
     """save: besides the same output, GEMM1's product with biases and input weights, before the
     activation, lands in Saved.pre row by row in the experts' order (the plan's sorted slots at
     world 1) and nowhere past the kept rows (capacity drops some); the shared experts' per token
-    in Saved.shared_pre. Both GEMM1 schedules (queue and flat_ffn_in)."""
+    in Saved.shared_pre. Both GEMM1 schedules (queue and static_ffn_in)."""
     cfg = MoEConfig(**{**dict(hidden_size=72, ffn_size=200, num_experts=4, top_k=2, dtype="float32"), **fields})
     rank = OneRank(cfg, max_tokens=90)
     for tokens, save in [(90, True), (31, False), (57, True)]:
-        x, out = rank.forward(tokens, save=save, flat_ffn_in=flat)
+        x, out = rank.forward(tokens, save=save, static_ffn_in=static)
         assert int(rank.status[0]) == 0
         ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
         assert rel_err(out, ref) <= 1e-5
@@ -184,34 +184,12 @@ def test_a_training_forward_saves_gemm1_outputs_in_the_experts_order(fields, fla
     dict(activation="clamped_swiglu", expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
          renormalize=False),
     dict(activation="gelu", shared_experts=1, shared_ffn_size=40, shared_expert_gate=True)])
-@pytest.mark.parametrize("flat_out", [0, 1])
-def test_gemm_tiles_in_flattened_loops_at_world_1(fields, flat_out):
-    """flat_ffn_in=1: GEMM1 tiles in a static order (their h flags raised after the loop), the
-    rest from the queue; flat_ffn_out=1 too: GEMM2 tiles so as well once every h flag is up (their
-    rows counted after the loop), the queue holding the shared and combine tasks. Outputs as the
-    reference's over calls of the queue order and this one in turn (epochs and counters shared),
-    an empty call included. One program: the interpreter runs programs one after another, and a
-    static order needs them all at once."""
-    cfg = MoEConfig(hidden_size=264, ffn_size=200, num_experts=4, top_k=2, dtype="float32", **fields)
-    rank = OneRank(cfg, max_tokens=90)
-    for tokens, flat in [(90, 1), (31, 0), (0, 1), (57, 1)]:
-        x, out = rank.forward(tokens, flat_ffn_in=flat, flat_ffn_out=flat * flat_out)
-        assert int(rank.status[0]) == 0
-        if tokens:
-            ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
-            assert rel_err(out, ref) <= 1e-5
-
-
-@pytest.mark.parametrize("fields", [
-    dict(),
-    dict(activation="clamped_swiglu", expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
-         renormalize=False),
-    dict(activation="gelu", shared_experts=1, shared_ffn_size=40, shared_expert_gate=True)])
 def test_gemm1_tiles_in_a_static_order_at_world_1(fields):
     """static_ffn_in=1: GEMM1 tiles in the static order, each with its own K loop and its h flag
     raised one tile late, the rest from the queue. Outputs as the reference's, and gate and up
     saved for the backward, over calls of the queue order and this one in turn (epochs and
-    counters shared), an empty call included; one program (as flat_ffn_in's test)."""
+    counters shared), an empty call included. One program: the interpreter runs programs one after
+    another, and a static order needs them all at once."""
     cfg = MoEConfig(hidden_size=264, ffn_size=200, num_experts=4, top_k=2, dtype="float32", **fields)
     rank = OneRank(cfg, max_tokens=90)
     for tokens, static in [(90, 1), (31, 0), (0, 1), (57, 1)]:
@@ -225,21 +203,13 @@ def test_gemm1_tiles_in_a_static_order_at_world_1(fields):
             assert rel_err(rank.saved.pre[:pre.shape[0]], pre) <= 1e-5
 
 
-def test_flattened_gemm1_tiles_are_refused_across_ranks_and_between_interpreted_programs():
+def test_static_gemm1_tiles_are_refused_across_ranks_and_between_interpreted_programs():
     geo = Geometry.for_config(MoEConfig(hidden_size=32, ffn_size=32, num_experts=4, top_k=1), 2, 16)
-    with pytest.raises(ValueError, match="flat_ffn_in=1 at world_size=2"):
-        LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, flat_ffn_in=1).check(geo)
-    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
-    with pytest.raises(ValueError, match="needs programs=1"):
-        OneRank(cfg, max_tokens=8).forward(4, programs=2, flat_ffn_in=1)
-    with pytest.raises(ValueError, match="flat_ffn_out=1 needs flat_ffn_in=1"):
-        OneRank(cfg, max_tokens=8).forward(4, flat_ffn_out=1)
     with pytest.raises(ValueError, match="static_ffn_in=1 at world_size=2"):
         LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, static_ffn_in=1).check(geo)
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
     with pytest.raises(ValueError, match="static_ffn_in=1 in the Triton interpreter needs programs=1"):
         OneRank(cfg, max_tokens=8).forward(4, programs=2, static_ffn_in=1)
-    with pytest.raises(ValueError, match="two schedules"):
-        LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, flat_ffn_in=1, static_ffn_in=1)
 
 
 @pytest.mark.parametrize("span", [3, 128])

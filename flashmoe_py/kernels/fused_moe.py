@@ -40,6 +40,13 @@ nanoseconds of the GPU's clock; rounds in the interpreter); a timeout records (c
 pair, chunk, epoch) in the status word and closes the task queues (their counters jump past the
 end), so every program stops taking tasks, and waits in progress give up at once.
 
+At world 1 from 64 rows an expert (STATIC_IN, LaunchConfig.static_ffn_in) the ffn_in tiles leave
+the compute queue: program p takes tiles p, p + P, .. in the queue's order, each with its own K
+loop, before joining the queue for the rest (saving an atomic per tile). They wait for nothing
+(their rows are x's), so the argument holds while every program is resident at once, as one
+program per SM on a GPU of its own gives; a program held back makes the ffn_out tiles that wait
+for its tiles end the call at the timeout, not hang it.
+
 Trace (TRACE=True, for bench/kernel_profile.py): each program stamps this GPU's nanosecond clock
 around its tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done three times, counts
 acquired), row num_programs + task holds (pid, kind, start, ready, math done, end) with kind one of the
@@ -147,11 +154,9 @@ class Meta(NamedTuple):
     (dispatch rows), BN (combine columns), BN_OUT (GEMM2 columns), BF (GEMM1 columns), BK (K step),
     BT (combine tokens), SPAN (combine column tiles of one combine task), NF_POW2 (>= GEMM1 column
     tiles); SHARED, SHARED_GATE (shared experts, their sigmoid gate) and NFS_POW2 (>= their GEMM1
-    column tiles); STAGES of the K loops; GROUP of expert tiles taken together; FLAT_IN (world 1
-    only): the GEMM1 tiles in a static order, one loop flattened over each program's tiles, before
-    the compute queue (which then holds the other tasks); STATIC_IN (world 1 only): the GEMM1 tiles
-    in that static order, each with its own K loop as from the queue; FLAT_OUT (with FLAT_IN): the GEMM2 tiles
-    likewise, after every h flag is up; TRANSPORT (transport.TRANSPORTS); ON_GPU: compiled for a GPU
+    column tiles); STAGES of the K loops; GROUP of expert tiles taken together; STATIC_IN (world 1
+    only): the GEMM1 tiles in a static order (the queue's, program by program), before the compute
+    queue, which then holds the other tasks; TRANSPORT (transport.TRANSPORTS); ON_GPU: compiled for a GPU
     (not the Triton interpreter, which runs no PTX: no clock, no fences); TRACE: record task
     timestamps; SAVE: GEMM1's outputs before the activation into Saved; APPROX_ACT: bf16 data, whose
     activations may take the GPU's approximate sigmoid (_times_sigmoid); PEER_SCOPE: the memory
@@ -187,9 +192,7 @@ class Meta(NamedTuple):
     NFS_POW2: tl.constexpr
     STAGES: tl.constexpr
     GROUP: tl.constexpr
-    FLAT_IN: tl.constexpr
     STATIC_IN: tl.constexpr
-    FLAT_OUT: tl.constexpr
     TRANSPORT: tl.constexpr
     ON_GPU: tl.constexpr
     TRACE: tl.constexpr
@@ -413,45 +416,31 @@ def _expert_tile(q, table, W, meta):
 
 
 @triton.jit
-def _k_loop(acc, a_rows, valid, desc, e, col, K, meta, FLAT: tl.constexpr):
+def _k_loop(acc, a_rows, valid, desc, e, col, K, meta):
     """acc [BM, N] fp32 + the rows a_rows [BM] (row starts of K elements; rows where valid) @ the
     [K, N] block of expert e of the 3-D descriptor desc from column col, BK at a time (TMA boxes
-    [1, BK, N]). FLAT: the loop in the form the compiler can flatten into an enclosing loop over
-    tiles (bench/gemm1_loop.py): a trip count known to be positive and loop-carried row
-    pointers; every row is then read (a_rows must point at some row of K elements) and only the
-    valid ones are to be used."""
+    [1, BK, N])."""
     BK: tl.constexpr = meta.BK
     N: tl.constexpr = acc.shape[1]
-    if FLAT:
-        k_tiles = tl.cdiv(K, BK)
-        tl.assume(k_tiles > 0)
-        a_ptrs = a_rows[:, None] + tl.arange(0, BK)[None, :]
-        for ki in tl.range(k_tiles):
-            k0 = ki * BK
-            a = tl.load(a_ptrs, mask=(k0 + tl.arange(0, BK) < K)[None, :], other=0.0, cache_modifier=".cg")
-            acc = tl.dot(a, desc.load([e, k0, col]).reshape(BK, N), acc, input_precision=meta.PRECISION)
-            a_ptrs += BK
-    else:
-        for k0 in tl.range(0, K, BK, num_stages=meta.STAGES):
-            k = k0 + tl.arange(0, BK)
-            a = tl.load(a_rows[:, None] + k[None, :], mask=valid[:, None] & (k < K)[None, :], other=0.0,
-                        cache_modifier=".cg")
-            acc = tl.dot(a, desc.load([e, k0, col]).reshape(BK, N), acc, input_precision=meta.PRECISION)
+    for k0 in tl.range(0, K, BK, num_stages=meta.STAGES):
+        k = k0 + tl.arange(0, BK)
+        a = tl.load(a_rows[:, None] + k[None, :], mask=valid[:, None] & (k < K)[None, :], other=0.0,
+                    cache_modifier=".cg")
+        acc = tl.dot(a, desc.load([e, k0, col]).reshape(BK, N), acc, input_precision=meta.PRECISION)
     return acc
 
 
 @triton.jit
-def _gemm_in(a_rows, valid, w_in, e, j, H, meta, PAIR: tl.constexpr, FLAT: tl.constexpr):
+def _gemm_in(a_rows, valid, w_in, e, j, H, meta, PAIR: tl.constexpr):
     """GEMM1 of one tile: a_rows [BM] row starts of H elements (rows where valid) @ expert e of
     the descriptor w_in, FFN columns j*BF.. -> (gate, up) [BM, BF] fp32 (up: gate again unless
     GATED). GATED: w_in holds gate and up in pairs of PAIR columns (gate_up.py), so the gate
     columns of tile j and their up columns are the 2*BF columns from 2*j*BF: one TMA box and one
-    tensor-core product [BM, 2*BF], whose registers then split into gate and up in place.
-    FLAT: _k_loop's."""
+    tensor-core product [BM, 2*BF], whose registers then split into gate and up in place."""
     BF: tl.constexpr = meta.BF
     WIDTH: tl.constexpr = 2 * BF if meta.GATED else BF
     acc = _k_loop(tl.zeros((meta.BM, WIDTH), dtype=tl.float32), a_rows, valid, w_in, e, (j * WIDTH).to(tl.int32),
-                  H, meta, FLAT)
+                  H, meta)
     if meta.GATED:
         pairs = acc.reshape(meta.BM, BF // PAIR, 2, PAIR).permute(0, 2, 1, 3).reshape(meta.BM, 2, BF)
         gate, up = pairs.permute(0, 2, 1).split()
@@ -483,10 +472,10 @@ def _pair_col(f, PAIR: tl.constexpr):
 
 
 @triton.jit
-def _gemm_out(a_rows, valid, w_out, e, col, F, meta, FLAT: tl.constexpr):
+def _gemm_out(a_rows, valid, w_out, e, col, F, meta):
     """GEMM2 of one tile: a_rows [BM] row starts of F elements (rows where valid) @ expert e of
-    the descriptor w_out, columns col.. -> [BM, BN_OUT] fp32. FLAT: _k_loop's."""
-    return _k_loop(tl.zeros((meta.BM, meta.BN_OUT), dtype=tl.float32), a_rows, valid, w_out, e, col, F, meta, FLAT)
+    the descriptor w_out, columns col.. -> [BM, BN_OUT] fp32."""
+    return _k_loop(tl.zeros((meta.BM, meta.BN_OUT), dtype=tl.float32), a_rows, valid, w_out, e, col, F, meta)
 
 
 @triton.jit
@@ -511,25 +500,22 @@ def ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, di
     ready = clock_ns() if meta.TRACE else 0
     done = ready
     if n_short == 0:
-        done = ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta, False)
+        done = ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta)
         held = (q * tl.cdiv(dims.ffn, meta.BF) + j).to(tl.int64)
     return ready, done, held
 
 
 @triton.jit
-def ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta,
-                FLAT: tl.constexpr):
+def ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta):
     """The work of ffn_in_tile once expert tile t (ExpertTile q) has its rows: this rank's own rows
-    straight from x (by the plan's token of each slot), never copied, others' from recv_x; GEMM1
-    (FLAT: _gemm_in's flattenable loop), then the h flag `held` of the program's previous GEMM1
-    tile raised (unless -1; never when FLAT), biases, activation, h stored. The tile's own h flag is
-    left to the caller (FLAT: after its loop, as a barrier or an atomic in the loop's body keeps
-    the compiler from pipelining it): raised one tile late, its release finds the stores it
-    orders long done, where raised at once it waits for them to reach L2 while the tensor cores
-    idle. -> the clock after the GEMM when TRACE. The last f-tile's columns past F are zeros (the
-    descriptor's edge) and never stored. WEIGHT_ON_INPUT: own rows' products are scaled by their
-    slots' weights here (x W is linear in x), other ranks' rows came scaled (dispatch_chunk). SAVE:
-    gate and up (biases in) also into saved.pre, in pairs."""
+    straight from x (by the plan's token of each slot), never copied, others' from recv_x; GEMM1,
+    then the h flag `held` of the program's previous GEMM1 tile raised (unless -1), biases,
+    activation, h stored. The tile's own h flag is left to the caller: raised one tile late, its
+    release finds the stores it orders long done, where raised at once it waits for them to reach
+    L2 while the tensor cores idle. -> the clock after the GEMM when TRACE. The last f-tile's
+    columns past F are zeros (the descriptor's edge) and never stored. WEIGHT_ON_INPUT: own rows'
+    products are scaled by their slots' weights here (x W is linear in x), other ranks' rows came
+    scaled (dispatch_chunk). SAVE: gate and up (biases in) also into saved.pre, in pairs."""
     L, H, F, S = dims.local_experts, dims.hidden, dims.ffn, dims.source_rows
     BF: tl.constexpr = meta.BF
     own = t.valid & (t.src == rank)
@@ -537,16 +523,12 @@ def ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, 
     first_own = tl.load(plan.pos_start + rank * L + t.e)  # the pair (this rank, e)'s first sorted slot
     routed = tl.load(plan.send_slot + first_own + t.pair_row, mask=own, other=0)  # token * TOP_K + choice
     tok = (routed // meta.TOP_K).to(tl.int64)
-    if FLAT:  # world 1: every row is this rank's; rows past the tile's read token 0's (unused)
-        a_rows = x_ptr + tok * H
-    else:
-        a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
+    a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
     f = j * BF + tl.arange(0, BF)
     fmask = f < F
-    gate, up = _gemm_in(a_rows, t.valid, weights.w_in, t.e, j, H, meta, meta.PAIR, FLAT)
+    gate, up = _gemm_in(a_rows, t.valid, weights.w_in, t.e, j, H, meta, meta.PAIR)
     done = clock_ns() if meta.TRACE else 0
-    if not FLAT:
-        _raise_held(held, scratch, epoch)
+    _raise_held(held, scratch, epoch)
     if meta.WEIGHT_ON_INPUT:
         scale = tl.where(own, tl.load(plan.slot_w + routed, mask=own, other=1.0), 1.0)[:, None]
         gate = gate * scale
@@ -641,7 +623,7 @@ def ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_lim
     ok = tl.sum(short.to(tl.int32)) == 0
     ready = clock_ns() if meta.TRACE else 0
     if ok:
-        acc = _gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), F, meta, False)
+        acc = _gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), F, meta)
     done = clock_ns() if meta.TRACE else 0
     acc = _add_out_bias(acc, t.e, n, weights, H, meta)
     if not ok:
@@ -653,20 +635,6 @@ def ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_lim
     pend = PendingTile(tl.where(ok, t.e, pend.e), tl.where(ok, t.c, pend.c), tl.where(ok, t.per_src, pend.per_src),
                        tl.where(ok, t.first, pend.first), tl.where(ok, n, pend.n))
     return pend, ready, done
-
-
-@triton.jit
-def ffn_out_rows(t, n, weights, sym, scratch, dims, rank, meta):
-    """ffn_out_tile's GEMM and sends for expert tile t (ExpertTile) and GEMM2 column tile n, in the
-    form a loop flattened over tiles takes (FLAT_OUT: every f-tile of h is known to be written;
-    the rows are counted by the caller after its loop). Padding rows read h's first row. -> the
-    clock after the GEMM when TRACE."""
-    H, F, S = dims.hidden, dims.ffn, dims.source_rows
-    r = tl.where(t.valid, (t.src * S + t.row).to(tl.int64), 0)
-    acc = _gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * meta.BN_OUT).to(tl.int32), F, meta, True)
-    done = clock_ns() if meta.TRACE else 0
-    _send_out(_add_out_bias(acc, t.e, n, weights, H, meta), t, r, n, sym, S, H, rank, meta)
-    return done
 
 
 @triton.jit
@@ -699,7 +667,7 @@ def shared_in_tile(m, j, x_ptr, weights, scratch, saved, dims, tokens, epoch, me
     t = m * meta.BM + tl.arange(0, meta.BM)
     valid = t < tokens
     rows = x_ptr + t.to(tl.int64) * H
-    gate, up = _gemm_in(rows, valid, weights.shared_w_in, 0, j, H, meta, meta.SHARED_PAIR, False)
+    gate, up = _gemm_in(rows, valid, weights.shared_w_in, 0, j, H, meta, meta.SHARED_PAIR)
     f = j * BF + tl.arange(0, BF)
     if meta.SAVE:
         _save_pre(saved.shared_pre, t, valid, gate, up, f, FS, meta.SHARED_PAIR, meta)
@@ -734,7 +702,7 @@ def shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, ran
         t = m * meta.BM + tl.arange(0, meta.BM)
         valid = t < tokens
         acc = _gemm_out(scratch.shared_h + t.to(tl.int64) * FS, valid, weights.shared_w_out, 0,
-                        (n * BN_OUT).to(tl.int32), FS, meta, False)
+                        (n * BN_OUT).to(tl.int32), FS, meta)
         if meta.SHARED_GATE:
             acc = acc * tl.load(scratch.shared_scale + t, mask=valid, other=0.0)[:, None]
         cols = n * BN_OUT + tl.arange(0, BN_OUT)
@@ -828,28 +796,6 @@ def combine_tile(tt, n0, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_
 
 
 @triton.jit
-def flat_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch, rank,
-                      meta):
-    """FLAT_IN (world 1): this program's GEMM1 tasks i = program, program + P, .. < n_in (the
-    queue's grouped order), in one loop the compiler flattens over tiles, so a tile's first loads
-    are issued while the previous one ends. Those tiles wait for nothing (their rows are x's), so
-    the static order cannot deadlock while every program runs. Their h flags rise after the loop,
-    all at once (none may be inside it: a barrier or an atomic there stops the pipelining), so
-    GEMM2 tiles wait for most programs' whole loops. trace_row: the trace row of task 0."""
-    W, NF = dims.world, tl.cdiv(dims.ffn, meta.BF)
-    P = tl.num_programs(0)
-    for i in tl.range(tl.program_id(0), n_in, P, num_stages=meta.STAGES, flatten=True):
-        start = clock_ns() if meta.TRACE else 0
-        q, j = _grouped(i, n_tiles, NF, meta.GROUP)
-        done = ffn_in_rows(_expert_tile(q, table, W, meta), q, j, -1, x_ptr, plan, weights, sym, scratch, saved,
-                           dims, epoch, rank, meta, True)
-        _stamp(scratch.trace, trace_row + i, TASK_FFN_IN, start, start, done, meta.TRACE)
-    for i in range(tl.program_id(0), n_in, P):
-        q, j = _grouped(i, n_tiles, NF, meta.GROUP)
-        signal(scratch.h_flags + q * NF + j, epoch.to(tl.int32), "gpu")
-
-
-@triton.jit
 def static_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch,
                         wait_limit, rank, meta):
     """STATIC_IN (world 1): this program's GEMM1 tasks i = program, program + P, .. < n_in (the
@@ -867,37 +813,6 @@ def static_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, s
                                         wait_limit, rank, meta)
         _stamp(scratch.trace, trace_row + i, TASK_FFN_IN, start, ready, done, meta.TRACE)
     return held
-
-
-@triton.jit
-def flat_ffn_out_tiles(n_in, n_out, n_tiles, trace_row, table, weights, sym, scratch, dims, epoch, wait_limit, rank,
-                       meta):
-    """FLAT_OUT (after flat_ffn_in_tiles): once every one of the n_in GEMM1 tiles' h flags is up
-    (raised by every program's flat_ffn_in_tiles, none of which waits for the queue), this
-    program's GEMM2 tasks i = program, program + P, .. < n_out in one flattened loop, then their
-    rows counted at their sources in a loop after it (fences: not inside). A flag that stays down
-    is reported (WAIT_HIDDEN) and the GEMM2 tiles are skipped. trace_row: that of GEMM2 task 0."""
-    FLAGS: tl.constexpr = 1024  # h flags waited for at a time
-    W, NN_OUT = dims.world, tl.cdiv(dims.hidden, meta.BN_OUT)
-    P = tl.num_programs(0)
-    h_ok = n_in >= 0  # a tensor: it is carried through the loop
-    for f0 in range(0, n_in, FLAGS):
-        flag = f0 + tl.arange(0, FLAGS)
-        late = tl.sum(wait_at_least(scratch.h_flags + flag, flag < n_in, epoch.to(tl.int32), wait_limit, scratch.status,
-                                    "gpu", meta.ON_GPU).to(tl.int32))
-        if late > 0:
-            _report_timeout(scratch, WAIT_HIDDEN, rank, -1, -1, epoch)
-        h_ok = h_ok & (late == 0)
-    n_mine = tl.where(h_ok, n_out, 0)
-    for i in tl.range(tl.program_id(0), n_mine, P, num_stages=meta.STAGES, flatten=True):
-        start = clock_ns() if meta.TRACE else 0
-        q, n = _grouped(i, n_tiles, NN_OUT, meta.GROUP)
-        done = ffn_out_rows(_expert_tile(q, table, W, meta), n, weights, sym, scratch, dims, rank, meta)
-        _stamp(scratch.trace, trace_row + i, TASK_FFN_OUT, start, start, done, meta.TRACE)
-    for i in range(tl.program_id(0), n_mine, P):
-        q, n = _grouped(i, n_tiles, NN_OUT, meta.GROUP)
-        t = _expert_tile(q, table, W, meta)
-        count_tile_rows(PendingTile(t.e, t.c, t.per_src, t.first, n), sym, dims, rank, meta)
 
 
 @triton.jit(do_not_specialize=["tokens", "wait_limit", "send_chunks", "dispatch_programs"])
@@ -953,20 +868,13 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     n_sout = n_rows * NN_OUT if meta.SHARED else 0
     n_shared = n_sin + n_sout
     first_ffn = P + n_front + n_shared  # the trace row of the first GEMM1 task
-    if meta.FLAT_IN:
-        flat_ffn_in_tiles(tl.where(healthy, n_in, 0), n_tiles, first_ffn, x_ptr, plan, table, weights, sym, scratch,
-                          saved, dims, epoch, rank, meta)
-    if meta.FLAT_OUT:
-        flat_ffn_out_tiles(tl.where(healthy, n_in, 0), tl.where(healthy, n_out, 0), n_tiles, first_ffn + n_in, table,
-                           weights, sym, scratch, dims, epoch, wait_limit, rank, meta)
     # The h flag of this program's last GEMM1 tile, raised late (ffn_in_rows; -1: none): before
     # any other kind of task, which may wait for it, and at the end.
     held = tl.full((), -1, tl.int64)
     if meta.STATIC_IN:
         held = static_ffn_in_tiles(tl.where(healthy, n_in, 0), n_tiles, first_ffn, x_ptr, plan, table, weights, sym,
                                    scratch, saved, dims, epoch, wait_limit, rank, meta)
-    static_in = meta.FLAT_IN or meta.STATIC_IN
-    skip = (n_in if static_in else 0) + (n_out if meta.FLAT_OUT else 0)  # queue ids past the shared tasks
+    skip = n_in if meta.STATIC_IN else 0  # queue ids past the shared tasks
     # This program's GEMM2 tile whose rows are not counted yet (none while pend.e < 0).
     pend = PendingTile(tl.full((), -1, tl.int32), tl.full((), 0, tl.int64), tl.zeros((meta.W_POW2,), dtype=tl.int32),
                        tl.zeros((meta.W_POW2,), dtype=tl.int32), tl.full((), 0, tl.int64))
@@ -976,7 +884,7 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
         ready = start
         done = start
         q = task - n_front - n_shared
-        if static_in:
+        if meta.STATIC_IN:
             q = tl.where(q < 0, q, q + skip)
         q_task = q  # the task's id past the front and shared tasks
         if (held >= 0) & ((q < 0) | (q >= n_in)):
@@ -986,7 +894,7 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
                                  wait_limit, rank, meta)
             done = clock_ns() if meta.TRACE else 0
         elif q < n_in:
-            if not static_in:  # else the static loop took every GEMM1 tile: this is never reached
+            if not meta.STATIC_IN:  # else the static loop took every GEMM1 tile: this is never reached
                 q, j = _grouped(q, n_tiles, NF, meta.GROUP)
                 ready, done, held = ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, dims,
                                                 epoch, wait_limit, rank, meta)
@@ -1074,10 +982,9 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                          f"{trace.dtype} {tuple(trace.shape)}")
     launch.check(geo)
     on_gpu = x.is_cuda
-    static = "flat_ffn_in" if launch.flat_ffn_in else "static_ffn_in" if launch.static_ffn_in else None
-    if static and triton.knobs.runtime.interpret and launch.programs > 1:
+    if launch.static_ffn_in and triton.knobs.runtime.interpret and launch.programs > 1:
         # a program's GEMM2 tiles wait for other programs' static GEMM1 tiles: all must run at once
-        raise ValueError(f"{static}=1 in the Triton interpreter needs programs=1: it runs programs "
+        raise ValueError("static_ffn_in=1 in the Triton interpreter needs programs=1: it runs programs "
                          "one after another")
     wait_limit = int(timeout_s * (1e9 if on_gpu else INTERPRETER_ROUNDS_PER_S)) or 1
     top_k = plan.slot_dest.shape[1]
@@ -1094,8 +1001,8 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 NF_POW2=c(triton.next_power_of_2(geo.ffn_tiles)), SHARED=c(FS > 0),
                 SHARED_GATE=c(config.shared_expert_gate),
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),
-                STAGES=c(launch.stages), GROUP=c(launch.group), FLAT_IN=c(bool(launch.flat_ffn_in)),
-                STATIC_IN=c(bool(launch.static_ffn_in)), FLAT_OUT=c(bool(launch.flat_ffn_out)),
+                STAGES=c(launch.stages), GROUP=c(launch.group),
+                STATIC_IN=c(bool(launch.static_ffn_in)),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None),
                 SAVE=c(saved is not None), APPROX_ACT=c(x.dtype == torch.bfloat16),
                 PEER_SCOPE=c("gpu" if W == 1 else "sys"))

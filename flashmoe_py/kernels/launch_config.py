@@ -11,7 +11,7 @@ import torch
 from .layout import Geometry
 
 FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t", "combine_span",
-          "flat_ffn_in", "static_ffn_in", "flat_ffn_out")
+          "static_ffn_in")
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
 
 
@@ -25,17 +25,14 @@ class LaunchConfig:
     block_t: tokens of a combine tile (a power of two from the geometry's block_t up to block_m:
     one combine tile reads one shared-expert tile); combine_span: combine column tiles (of the
     geometry's block_n) one combine task takes, its slots' routing read and its counters waited
-    for once for all of them (1: a task per column tile); flat_ffn_in: 1 to take the GEMM1 tiles in a
-    static order in one loop flattened over each program's tiles (bench/gemm1_loop.py), 0 for the
-    task queue; world 1 only, where those tiles wait for nothing. It needs every program running
-    at once (one per SM on a GPU of its own): GEMM2 tiles wait for the GEMM1 tiles of fixed
+    for once for all of them (1: a task per column tile); static_ffn_in: 1 to take the GEMM1 tiles
+    in a static order, program p tiles p, p + programs, .. of the queue's order, each with its own
+    K loop (no queue atomic per tile), 0 from the task queue; world 1 only, where those tiles wait
+    for nothing (`auto` there from 64 rows an expert: choose_launch). It needs every program
+    running at once (one per SM on a GPU of its own): GEMM2 tiles wait for the GEMM1 tiles of fixed
     programs, so a program held back (another kernel, an SM limit) ends the call at the timeout.
-    static_ffn_in: 1 to take the GEMM1 tiles in that static order, but each with its own K loop as
-    from the queue (no queue atomic per tile; h flags raised one tile late); world 1 only, needing
-    every program at once, as flat_ffn_in (`auto` at world 1 from 64 rows an expert: choose_launch).
-    flat_ffn_out: 1 (with flat_ffn_in) to take the GEMM2 tiles so as well, once every GEMM1 tile is
-    done, their rows counted after the loop. Both off by default: on one H200 flat_ffn_in was
-    within -0.5%..+9% of the queue, and with flat_ffn_out 14-38% slower (bench/NOTES.md item 38)."""
+    Flattening those tiles into one loop (bench/gemm1_loop.py) and a static order for the GEMM2
+    tiles were measured and dropped (bench/NOTES.md items 38, 55)."""
 
     programs: int
     block_m: int
@@ -46,9 +43,7 @@ class LaunchConfig:
     dispatch_programs: int | None = None
     block_t: int = Geometry.block_t
     combine_span: int = 1
-    flat_ffn_in: int = 0
     static_ffn_in: int = 0
-    flat_ffn_out: int = 0
 
     def __post_init__(self) -> None:
         for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group", "block_t", "combine_span"):
@@ -59,15 +54,8 @@ class LaunchConfig:
             object.__setattr__(self, "dispatch_programs", self.programs)
         if not 1 <= self.dispatch_programs <= self.programs:
             raise ValueError(f"dispatch_programs={self.dispatch_programs}: expected 1..programs={self.programs}")
-        for name in ("flat_ffn_in", "static_ffn_in", "flat_ffn_out"):
-            value = getattr(self, name)
-            if type(value) is not int or value not in (0, 1):  # not bool, not float
-                raise ValueError(f"LaunchConfig.{name}={value!r}: expected 0 or 1")
-        if self.flat_ffn_in and self.static_ffn_in:
-            raise ValueError("flat_ffn_in=1 and static_ffn_in=1: two schedules for the same GEMM1 tiles")
-        if self.flat_ffn_out and not self.flat_ffn_in:
-            raise ValueError("flat_ffn_out=1 needs flat_ffn_in=1: its tiles wait for every GEMM1 tile, which the "
-                             "queue would hold behind them")
+        if type(self.static_ffn_in) is not int or self.static_ffn_in not in (0, 1):  # not bool, not float
+            raise ValueError(f"LaunchConfig.static_ffn_in={self.static_ffn_in!r}: expected 0 or 1")
         if self.num_warps & (self.num_warps - 1):
             raise ValueError(f"num_warps={self.num_warps}: expected a power of two")
         if self.combine_span & (self.combine_span - 1) or self.combine_span > MAX_COMBINE_SPAN:
@@ -87,10 +75,9 @@ class LaunchConfig:
         if bt < geo.block_t or bt > bm or bt & (bt - 1):
             # the trace holds one row per combine tile of geo.block_t tokens
             raise ValueError(f"block_t={bt}: expected a power of two from {geo.block_t} to block_m={bm}")
-        for name in ("flat_ffn_in", "static_ffn_in"):
-            if getattr(self, name) and geo.world_size != 1:
-                raise ValueError(f"{name}=1 at world_size={geo.world_size}: only at world 1, where GEMM1 "
-                                 "tiles wait for no other rank's rows")
+        if self.static_ffn_in and geo.world_size != 1:
+            raise ValueError(f"static_ffn_in=1 at world_size={geo.world_size}: only at world 1, where GEMM1 "
+                             "tiles wait for no other rank's rows")
         return self
 
 
@@ -131,8 +118,6 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
               "combine_span": 2 if large and geo.world_size == 1 else 1,
               "static_ffn_in": int(geo.world_size == 1 and rows_per_expert >= 64)}
     override = dict(override or {})
-    if override.get("flat_ffn_in"):  # the other static schedule of the GEMM1 tiles
-        chosen["static_ffn_in"] = 0
     unknown = sorted(set(override) - set(FIELDS))
     if unknown:
         raise ValueError(f"launch override {unknown}: expected fields of {FIELDS}")
