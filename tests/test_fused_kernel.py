@@ -19,7 +19,8 @@ from flashmoe_py import ExpertPlacement, MoEConfig, reference_forward
 from flashmoe_py.backends.flash import routing_plan
 from flashmoe_py.kernels import transport
 from flashmoe_py.gate_up import to_pairs
-from flashmoe_py.kernels.fused_moe import Saved, _expert_tile, _tile_table, launch_fused
+from flashmoe_py.kernels.fused_moe import Saved, launch_fused
+from flashmoe_py.kernels.fused_moe_details.tasks import expert_tile, tile_table
 from flashmoe_py.kernels.launch_config import LaunchConfig
 from flashmoe_py.kernels.layout import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, Geometry
 from flashmoe_py.kernels.workspace import Workspace
@@ -275,7 +276,7 @@ class ProbeMeta(NamedTuple):  # the fields of fused_moe.Meta the tile decode rea
 def _expert_tile_probe(q_ptr, words, out_ptr, dims, meta):
     BM: tl.constexpr = meta.BM
     q = tl.load(q_ptr + tl.program_id(0))
-    t = _expert_tile(q, _tile_table(words, dims, meta), dims.world, meta)
+    t = expert_tile(q, tile_table(words, dims, meta), dims.world, meta)
     i = tl.arange(0, BM)
     base = out_ptr + tl.program_id(0) * 4 * BM
     tl.store(base + i, tl.where(t.valid, t.src, -1))
