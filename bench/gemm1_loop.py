@@ -97,10 +97,9 @@ def problem(E: int, H: int, F: int, rows_per_expert: int, BM: int, device,
 
 def launch(x, w, rows, tiles, h, flatten: bool, sms: int, warmup: bool = False, epilogue: str = "stg",
            BM: int = 128, BF: int = 128, BK: int = 64, stages: int = 3):
-    """One launch (or, warmup, its compile only) writing h [R, F] (epilogue: one of EPILOGUES)."""
+    """One launch (or, warmup, its compile only) writing h [R, F] (epilogue: one of EPILOGUES; "tma"
+    takes full tiles only: check_epilogue first)."""
     E, H, F2 = w.shape
-    if epilogue == "tma" and (tiles[:, 2] != BM).any():
-        raise ValueError(f"epilogue='tma' needs full tiles of BM={BM} rows")
     args = (x, rows, tiles, TensorDescriptor.from_tensor(w, [1, BK, 2 * BF]), h,
             TensorDescriptor.from_tensor(h, [BM, BF]), tiles.shape[0], H, F2 // 2)
     kw = dict(BM=BM, BF=BF, BK=BK, NUM_SMS=sms, FLATTEN=flatten, GROUP=8, EPILOGUE=epilogue, num_warps=8,
@@ -144,18 +143,27 @@ def peer(x, w, rows, rows_per_expert: int):
     return lambda: matmul_ogs(x, w1, b1, rdata, gather_indx=gather, fused_activation=act).reshape(R, F2 // 2)
 
 
-def median_us(fn, iters: int) -> float:
-    """Median µs of `iters` calls of fn (CUDA events around each), after 3 calls."""
+def check_epilogue(tiles: torch.Tensor, BM: int, epilogue: str) -> None:
+    """Raise ValueError unless `epilogue` can write these tiles: "tma" stores whole [BM, BF] boxes,
+    so a part-full tile would overwrite the next expert's first rows."""
+    if epilogue == "tma" and bool((tiles[:, 2] != BM).any()):
+        raise ValueError(f"epilogue='tma' needs full tiles of BM={BM} rows")
+
+
+def median_us(fn, iters: int, reps: int = 5) -> float:
+    """Median over `iters` samples, after 3 calls, of the µs per call of `reps` calls of fn issued
+    back to back between two CUDA events (the host's launch work overlaps the GPU's, as in a model)."""
     for _ in range(3):
         fn()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / reps)
     return statistics.median(times)
 
 
@@ -164,6 +172,8 @@ def time_shape(E: int, H: int, F: int, rpe: int, sms: int, iters: int, with_peer
     float32 on every 97th row, then print each one's median time."""
     dev = torch.device("cuda")
     x, w, rows, tiles = problem(E, H, F, rpe, 128, dev)
+    for epilogue in EPILOGUES:
+        check_epilogue(tiles, 128, epilogue)
     sample = torch.arange(0, rows.shape[0], 97, device=dev)
     ref = reference(x, w, rows, rpe, sample)
     runs = {f"{name} {epilogue}": functools.partial(launch, x, w, rows, tiles, flatten=flatten, sms=sms,

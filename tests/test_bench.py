@@ -189,6 +189,7 @@ def test_gemm1_loop_study_matches_float32(flatten, epilogue, rows_per_expert):
 
     import gemm1_loop
     x, w, rows, tiles = gemm1_loop.problem(2, 64, 256, rows_per_expert, 16, "cpu", dtype=torch.float32)
+    gemm1_loop.check_epilogue(tiles, 16, epilogue)
     h = torch.full((rows.shape[0], 256), float("nan"))
     gemm1_loop.launch(x, w, rows, tiles, h, flatten, sms=3, BM=16, BF=128, BK=32, epilogue=epilogue)
     ref = gemm1_loop.reference(x, w, rows, rows_per_expert, torch.arange(rows.shape[0]))
@@ -200,10 +201,10 @@ def test_gemm1_loop_tma_epilogue_refuses_part_full_tiles():
     import torch
 
     import gemm1_loop
-    x, w, rows, tiles = gemm1_loop.problem(2, 64, 256, 24, 16, "cpu", dtype=torch.float32)
+    _, _, _, tiles = gemm1_loop.problem(2, 64, 256, 24, 16, "cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="full tiles"):
-        gemm1_loop.launch(x, w, rows, tiles, torch.empty(rows.shape[0], 256), False, sms=3, BM=16, BF=128, BK=32,
-                          epilogue="tma")
+        gemm1_loop.check_epilogue(tiles, 16, "tma")
+    gemm1_loop.check_epilogue(tiles, 16, "stg")
 
 
 def test_tune_settings_are_positional_or_named_over_auto():

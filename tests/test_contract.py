@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from flashmoe_py import MoEConfig, preset
+from flashmoe_py.backends.flash import sms_limited_by_mps
 from flashmoe_py.kernels.launch_config import FIELDS, LaunchConfig, choose_launch
-from flashmoe_py.kernels.layout import (STATUS_WORDS, WAIT_CHUNK, WAIT_COUNTS, Geometry, describe_timeout,
+from flashmoe_py.kernels.layout import (STATUS_WORDS, WAIT_CHUNK, WAIT_COUNTS, WAIT_HIDDEN, Geometry, describe_timeout,
                                         heap_bytes, heap_bytes_for)
 from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
 
@@ -42,6 +43,13 @@ def test_heap_bytes_are_granule_rounded_buffers_plus_the_reserve():
     buffers = geo.symmetric_buffers(torch.bfloat16)
     assert heap_bytes_for(preset("deepseek_v3"), 8, 4096) == heap_bytes(buffers)
     assert heap_bytes({"a": ((1,), torch.uint8)}) == (64 << 20) + (2 << 20)
+
+
+def test_a_missing_hidden_tile_names_the_static_order_as_the_likely_cause():
+    status = [0] * STATUS_WORDS
+    status[:6] = [1, WAIT_HIDDEN.value, 0, 2, 7, 3]
+    text = describe_timeout(status, rank=0)
+    assert "a hidden tile from another program" in text and "launch_override={'static_ffn_in': 0}" in text
 
 
 def test_a_timeout_is_described_by_its_status_words():
@@ -93,6 +101,16 @@ def test_gemm1_tiles_take_a_static_order_at_world_1_from_64_rows_an_expert(world
     assert launch.static_ffn_in == static
     assert choose_launch(geometry("qwen3_30b_a3b", world, tokens=tokens), tokens, torch.bfloat16, SMS,
                          {"static_ffn_in": 0}).static_ffn_in == 0
+
+
+def test_a_gpu_whose_sms_are_shared_keeps_every_tile_on_the_queue():
+    """Under CUDA MPS with an SM limit not every program is resident at once, which the static
+    order needs (a GEMM2 tile would wait for a program that has no SM)."""
+    geo = geometry(tokens=4096)
+    assert choose_launch(geo, 4096, torch.bfloat16, SMS, resident=False).static_ffn_in == 0
+    assert not sms_limited_by_mps({})
+    assert not sms_limited_by_mps({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100"})
+    assert sms_limited_by_mps({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"})
 
 
 def test_overrides_fix_settings_and_are_checked():

@@ -9,6 +9,7 @@ Buffers live on the NVSHMEM symmetric heap and are reached through peer addresse
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 
 import torch
@@ -40,6 +41,17 @@ def _check_graphs_agree(layer, in_graph: bool, error: Exception | None, tokens: 
     dist.all_gather_into_tensor(flags, mine, group=layer.process_group)
     check_graphs_agree([f if not bad else None for f, bad, _ in flags.tolist()])
     return flags[:, 2].tolist()
+
+
+def sms_limited_by_mps(env=None) -> bool:
+    """Whether CUDA MPS gives this process only part of the GPU's SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE
+    below 100), so not every persistent program of the fused kernel is resident at once: then its
+    launches keep all tiles on the task queue (launch_config.choose_launch, resident=False)."""
+    value = (os.environ if env is None else env).get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    try:
+        return value is not None and float(value) < 100
+    except ValueError:
+        return False
 
 
 class FusedKernelError(RuntimeError):
@@ -83,6 +95,7 @@ class FlashBackend:
         self.status_host = torch.zeros_like(self.ws.scratch.status, device="cpu").pin_memory()
         self.status_ready = torch.cuda.Event()
         self.programs = torch.cuda.get_device_properties(layer.device).multi_processor_count
+        self.resident = not sms_limited_by_mps()
         self.failed: str | None = None
         # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), TRACE_COLS] tensor here
         # makes each launch record its tasks' timestamps into it (kernels/fused_moe.py).
@@ -172,7 +185,8 @@ class FlashBackend:
         r = layer.route(x)
         plan, stats = routing_plan(r, layer.expert_positions, geo, self.send_order, ws.scratch.comb_expect)
         out = torch.empty_like(x)
-        launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override)
+        launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,
+                               resident=self.resident)
         experts = {name: getattr(layer, name) for name in FUSED_WEIGHTS if getattr(layer, name) is not None}
         saved = None
         if saving is not None:

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..config import MoEConfig
 from ..gate_up import pair_width
-from .fused_moe_details.expert_ffn import ACT_CODES
+from .layout import ACT_CODES
 
 BLOCK_ROWS = 32
 BLOCK_COLS = 128

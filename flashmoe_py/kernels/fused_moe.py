@@ -44,8 +44,10 @@ At world 1 from 64 rows an expert (STATIC_IN, LaunchConfig.static_ffn_in) the ff
 the compute queue: program p takes tiles p, p + P, .. in the queue's order, each with its own K
 loop, before joining the queue for the rest (saving an atomic per tile). They wait for nothing
 (their rows are x's), so the argument holds while every program is resident at once, as one
-program per SM on a GPU of its own gives; a program held back makes the ffn_out tiles that wait
-for its tiles end the call at the timeout, not hang it.
+program per SM on a GPU of its own gives; a program held back (another process's kernels under
+MPS, say) delays the ffn_out tiles that wait for its tiles, and if it stays out longer than the
+wait limit they end the call at the timeout: no hang. The launcher keeps the queue where it knows
+SMs are shared (backends/flash.py).
 
 Trace (TRACE=True, for bench/kernel_profile.py): each program stamps this GPU's nanosecond clock
 around its tasks: row pid of the trace holds (pid, WAITED_COUNTS, front done three times, counts
@@ -77,13 +79,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..gate_up import PAIR_MAX, pair_width
 from .fused_moe_details.combine import combine_tile
 from .fused_moe_details.dispatch import dispatch_chunk, publish_counts
-from .fused_moe_details.expert_ffn import (ACT_CODES, count_tile_rows, ffn_in_tile, ffn_out_tile, raise_held,
-                                           static_ffn_in_tiles)
+from .fused_moe_details.expert_ffn import count_tile_rows, ffn_in_tile, ffn_out_tile, raise_held
 from .fused_moe_details.shared_experts import shared_task
 from .fused_moe_details.tasks import PendingTile, grouped, report_timeout, stamp, tile_table
-from .layout import (CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, TASK_COMBINE, TASK_DISPATCH,
-                     TASK_FFN_IN, TASK_FFN_OUT, TASK_SHARED_IN, TASK_SHARED_OUT, TRACE_COLS, WAITED_COUNTS,
-                     WAIT_COUNTS)
+from .layout import (ACT_CODES, CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, TASK_COMBINE,
+                     TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT, TASK_SHARED_IN, TASK_SHARED_OUT, TRACE_COLS,
+                     WAITED_COUNTS, WAIT_COUNTS)
 from .transport import TRANSPORTS, clock_ns, nvshmem_device_library, nvshmem_launch, puts_complete, wait_at_least
 
 # The interpreter runs no PTX, so has no clock: its waits count polling rounds instead (about 0.7 ms
@@ -202,6 +203,26 @@ class Meta(NamedTuple):
     SAVE: tl.constexpr
     APPROX_ACT: tl.constexpr
     PEER_SCOPE: tl.constexpr
+
+
+@triton.jit
+def static_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch,
+                        wait_limit, rank, meta):
+    """STATIC_IN (world 1): this program's GEMM1 tasks i = program, program + P, .. < n_in (the
+    queue's grouped order), each as the queue runs one (ffn_in_tile: its own K loop, the previous
+    tile's h flag raised after it), without the queue's atomic per task. Those tiles wait for
+    nothing (their rows are x's), so the static order cannot deadlock while every program runs.
+    trace_row: the trace row of task 0. -> the h flag of the program's last tile, still held."""
+    NF = tl.cdiv(dims.ffn, meta.BF)
+    P = tl.num_programs(0)
+    held = tl.full((), -1, tl.int64)
+    for i in range(tl.program_id(0), n_in, P):
+        start = clock_ns() if meta.TRACE else 0
+        q, j = grouped(i, n_tiles, NF, meta.GROUP)
+        ready, done, held = ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch,
+                                        wait_limit, rank, meta)
+        stamp(scratch.trace, trace_row + i, TASK_FFN_IN, start, ready, done, meta.TRACE)
+    return held
 
 
 @triton.jit(do_not_specialize=["tokens", "wait_limit", "send_chunks", "dispatch_programs"])

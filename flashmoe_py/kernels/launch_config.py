@@ -30,7 +30,8 @@ class LaunchConfig:
     K loop (no queue atomic per tile), 0 from the task queue; world 1 only, where those tiles wait
     for nothing (`auto` there from 64 rows an expert: choose_launch). It needs every program
     running at once (one per SM on a GPU of its own): GEMM2 tiles wait for the GEMM1 tiles of fixed
-    programs, so a program held back (another kernel, an SM limit) ends the call at the timeout.
+    programs, so a program held back (another kernel, an SM limit) delays the call, or ends it at
+    the timeout if held back longer than timeout_s.
     Flattening those tiles into one loop (bench/gemm1_loop.py) and a static order for the GEMM2
     tiles were measured and dropped (bench/NOTES.md items 38, 55)."""
 
@@ -82,9 +83,11 @@ class LaunchConfig:
 
 
 def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
-                  override: dict | None = None) -> LaunchConfig:
+                  override: dict | None = None, resident: bool = True) -> LaunchConfig:
     """The launch for a call of `tokens` tokens on a GPU of `sm_count` SMs; `override` fixes any of
-    FIELDS instead (tuning). Checked against the geometry."""
+    FIELDS instead (tuning). resident: every program can be resident at once (the GPU is this
+    process's alone); False keeps every tile on the queue, whose order needs no program to have
+    started. Checked against the geometry."""
     # Taller expert tiles, and twice as wide GEMM2 tiles, once an expert gets enough rows (on
     # average) to fill them: fewer re-reads of its weights and of h, more math per byte loaded.
     # fp32 keeps 64 x 128: its tiles would not fit shared memory.
@@ -111,12 +114,12 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # gpt_oss at 4,096 tokens -4.1% / -4.1% / -6.4%, at 16,384 -1.0% / -0.8% / -2.9%; qwen3 and
     # gpt_oss at 2,048 -2.5..-3.4%, deepseek_v3 (64 rows) +0.3..+1.0%; at 128 tokens no difference
     # (+-0.9%), so decode keeps the queue (bench/NOTES.md item 55). It needs every program resident
-    # at once (LaunchConfig), as a GPU of its own gives.
+    # at once (LaunchConfig), as a GPU of its own gives: not when `resident` is False.
     chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
               "stages": (4 if not large else 3) if bf16 else 2,
               "dispatch_programs": sm_count // 2 if overlap else sm_count,
               "combine_span": 2 if large and geo.world_size == 1 else 1,
-              "static_ffn_in": int(geo.world_size == 1 and rows_per_expert >= 64)}
+              "static_ffn_in": int(resident and geo.world_size == 1 and rows_per_expert >= 64)}
     override = dict(override or {})
     unknown = sorted(set(override) - set(FIELDS))
     if unknown:

@@ -1,5 +1,6 @@
 """The contract between the launcher, the symmetric heap and the fused kernel: buffer geometry,
-the control and status words, the wait codes, the trace layout and heap sizing.
+the control and status words, the wait codes, the activation codes, the trace layout and heap
+sizing.
 
 Nothing here launches or allocates; kernels/fused_moe.py, kernels/workspace.py, heap.py and
 runtime.py all read it, so it imports none of them."""
@@ -14,11 +15,14 @@ import triton.language as tl
 
 from ..config import MoEConfig
 
+# Meta.ACT of each activation, as the forward kernel and the backward's activation kernel take it.
+ACT_CODES = {"swiglu": 0, "gelu": 1, "relu": 2, "clamped_swiglu": 3}
+
 # ctl: [CTL_WORDS] int64, this GPU's task queues and call number.
 CTL_EPOCH = tl.constexpr(0)          # the call number, from 1; flags carry it, so none is reset
 CTL_FRONT_TASKS = tl.constexpr(1)    # counter of the front queue (publish counts, dispatch chunks)
 CTL_PROGRAMS_DONE = tl.constexpr(2)  # programs that finished this call; the last one rewinds
-CTL_COMPUTE_TASKS = tl.constexpr(3)  # counter of the compute queue (ffn_in, ffn_out, combine)
+CTL_COMPUTE_TASKS = tl.constexpr(3)  # counter of the compute queue (shared, ffn_in unless static, ffn_out, combine)
 CTL_WORDS = 4
 QUEUES_CLOSED = tl.constexpr(1 << 40)  # added to both task counters by the first timeout
 
@@ -39,6 +43,10 @@ WAITS = {WAIT_COUNTS.value: "count words (what each source sends)",
          WAIT_CHUNK.value: "a dispatched chunk to arrive",
          WAIT_HIDDEN.value: "a hidden tile from another program",
          WAIT_COMBINE.value: "expert outputs to come back"}
+# A hidden tile that never comes at world 1 is most likely a program that never got an SM.
+HIDDEN_HINT = ("; if other work shares this GPU's SMs (other processes under MPS, other streams), the "
+               "static order of GEMM1 tiles at world 1 needs every program resident at once: pass "
+               "launch_override={'static_ffn_in': 0}")
 
 # Kernel trace (bench/kernel_profile.py): int64 rows of TRACE_COLS words, (program, kind, start,
 # ready, math done, end) in this GPU's nanoseconds; kinds:
@@ -65,7 +73,8 @@ def describe_timeout(status: list[int], rank: int) -> str | None:
                                                                STATUS_TILE, STATUS_EPOCH))
     return (f"fused MoE kernel on rank {rank} timed out in call {epoch} waiting for {WAITS.get(wait, wait)}"
             + (f" from rank {pe}" if pe >= 0 else "")
-            + (f" (local expert {expert}, tile {tile})" if expert >= 0 else ""))
+            + (f" (local expert {expert}, tile {tile})" if expert >= 0 else "")
+            + (HIDDEN_HINT if wait == WAIT_HIDDEN.value else ""))
 
 
 @dataclass(frozen=True)

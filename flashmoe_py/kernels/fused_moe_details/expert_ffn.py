@@ -5,13 +5,9 @@ tiles (y = h_rows @ w_out, sent to each row's source and counted there)."""
 import triton
 import triton.language as tl
 
-from ..layout import TASK_FFN_IN, WAIT_CHUNK, WAIT_HIDDEN
+from ..layout import WAIT_CHUNK, WAIT_HIDDEN
 from ..transport import NVSHMEM, add_count, clock_ns, order_counts, rows_landed, send_tile, signal, wait_at_least
-from .tasks import PendingTile, expert_tile, grouped, report_timeout, stamp
-
-
-# Meta.ACT of each activation (kernels/activation_grad.py takes the same codes).
-ACT_CODES = {"swiglu": 0, "gelu": 1, "relu": 2, "clamped_swiglu": 3}
+from .tasks import PendingTile, expert_tile, report_timeout
 
 
 @triton.jit
@@ -115,7 +111,7 @@ def ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, di
     (table: the call's TileTable; weights: Weights): rows from other ranks from recv_x once their
     chunks' flags rise, this rank's own rows straight from x (ffn_in_rows). held: the h flag of
     this program's previous GEMM1 tile, not raised yet (-1: none); ffn_in_rows raises it. -> (ready,
-    done) clock stamps when TRACE (module docstring), else zeros, and the flag now held: this
+    done) clock stamps when TRACE (kernels/fused_moe.py's module docstring), else zeros, and the flag now held: this
     tile's, or still `held` if the rows never came (a timeout, reported)."""
     W, L, MAXC = dims.world, dims.local_experts, dims.max_chunks
     t = expert_tile(q, table, W, meta)
@@ -186,26 +182,6 @@ def raise_held(held, scratch, epoch):
     if held >= 0:
         signal(scratch.h_flags + held, epoch.to(tl.int32), "gpu")  # h and its readers: this GPU
     return tl.full((), -1, tl.int64)
-
-
-@triton.jit
-def static_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch,
-                        wait_limit, rank, meta):
-    """STATIC_IN (world 1): this program's GEMM1 tasks i = program, program + P, .. < n_in (the
-    queue's grouped order), each as the queue runs one (ffn_in_tile: its own K loop, the previous
-    tile's h flag raised after it), without the queue's atomic per task. Those tiles wait for
-    nothing (their rows are x's), so the static order cannot deadlock while every program runs.
-    trace_row: the trace row of task 0. -> the h flag of the program's last tile, still held."""
-    NF = tl.cdiv(dims.ffn, meta.BF)
-    P = tl.num_programs(0)
-    held = tl.full((), -1, tl.int64)
-    for i in range(tl.program_id(0), n_in, P):
-        start = clock_ns() if meta.TRACE else 0
-        q, j = grouped(i, n_tiles, NF, meta.GROUP)
-        ready, done, held = ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, dims, epoch,
-                                        wait_limit, rank, meta)
-        stamp(scratch.trace, trace_row + i, TASK_FFN_IN, start, ready, done, meta.TRACE)
-    return held
 
 
 @triton.jit

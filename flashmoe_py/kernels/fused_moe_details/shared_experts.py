@@ -6,8 +6,8 @@ import triton.language as tl
 
 from ..layout import WAIT_HIDDEN
 from ..transport import clock_ns, signal, wait_at_least
-from .tasks import grouped, report_timeout
 from .expert_ffn import activate, gemm_in, gemm_out, save_pre
+from .tasks import grouped, report_timeout
 
 
 @triton.jit

@@ -1,6 +1,7 @@
-"""How the fused kernel numbers its work: the call's expert tiles from the count words (TileTable,
-ExpertTile), the grouped order of tile tasks, the tile a GEMM2 task leaves to count (PendingTile),
-and each task's trace stamps and timeout report."""
+"""The fused kernel's expert tiles and task helpers: the call's expert tiles from the count words
+(TileTable, ExpertTile), the grouped order of tile tasks, the tile a GEMM2 task leaves to count
+(PendingTile), and each task's trace stamps and timeout report. The queues' numbering itself is
+kernels/fused_moe.py's."""
 
 from typing import NamedTuple
 
