@@ -5,8 +5,12 @@ rank 1 never publishes its counts, or announces rows and never sends them, or an
 never returns rank 0's expert outputs. Each time the kernel (every SM's program) must record the
 wait and rank 1 in its status word and end within timeout_s plus a little, not a multiple of it,
 however many of its programs were waiting: a wait gives up after timeout_s of the GPU's clock, and
-the others at once after the first failure. A kernel that hangs instead is reported with its
-status and control words, and the check exits 2.
+the others at once after the first failure. Then a 1-rank layer launched with twice as many
+programs as SMs, so half of them wait for an SM: in the static GEMM1 order (static_ffn_in=1) the
+GEMM2 tiles that need those programs' tiles must end the call at the timeout with the hidden-tile
+wait, whose description names the override; on the task queue the same launch must simply finish,
+its output the reference's. A kernel that hangs instead is reported with its status and control
+words, and the check exits 2.
 
     python tests/gpu/check_timeouts.py [--repeat N] [--out rows.json]"""
 
@@ -21,23 +25,25 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from one_rank import OneRank  # noqa: E402
 
-from flashmoe_py import MoEConfig  # noqa: E402
-from flashmoe_py.kernels.layout import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, WAITS  # noqa: E402
+from flashmoe_py import MoEConfig, reference_forward  # noqa: E402
+from flashmoe_py.kernels.layout import (WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, WAIT_HIDDEN, WAITS,  # noqa: E402
+                                        describe_timeout)
 
 SLACK_S = 0.25  # routing, launch and the host's wake-up, beside timeout_s
 HUNG_S = 10.0  # past timeout_s: the kernel is hung; say so and what its control words hold, then exit
 
 
-def timed_failure(cfg, tokens, peer_rows, timeout_s, programs):
-    """A fresh rank 0; rank 1 publishes peer_rows rows per expert (None: publishes nothing).
-    -> (status list, seconds from launch to the kernel's end, ctl list). A kernel still running
-    HUNG_S after its timeout ends the process (status and ctl copied out beside it first)."""
-    rank = OneRank(cfg, max_tokens=tokens, world=2, device="cuda")
+def timed_failure(cfg, tokens, peer_rows, timeout_s, programs, world=2, static_ffn_in=0):
+    """A fresh rank 0 of `world` ranks; rank 1 publishes peer_rows rows per expert (None: publishes
+    nothing). -> (status list, seconds from launch to the kernel's end, ctl list, rel err of the
+    output against the float32 reference). A kernel still running HUNG_S after its timeout ends the
+    process (status and ctl copied out beside it first)."""
+    rank = OneRank(cfg, max_tokens=tokens, world=world, device="cuda")
     if peer_rows is not None:
         rank.peer_published(1, peer_rows)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    rank.forward(tokens, timeout_s=timeout_s, programs=programs)
+    x, out = rank.forward(tokens, timeout_s=timeout_s, programs=programs, static_ffn_in=static_ffn_in)
     done = torch.cuda.Event()
     done.record()
     while not done.query():
@@ -50,7 +56,12 @@ def timed_failure(cfg, tokens, peer_rows, timeout_s, programs):
                               "status": status.tolist(), "ctl": ctl.tolist()}), flush=True)
             os._exit(2)
         time.sleep(0.001)
-    return rank.status.tolist(), time.perf_counter() - t0, rank.ctl.tolist()
+    seconds = time.perf_counter() - t0
+    err = float("nan")
+    if world == 1:
+        ref = reference_forward(x, config=cfg, compute_dtype=torch.float32, **rank.full_weights())
+        err = float((out.float() - ref).norm() / ref.norm())
+    return rank.status.tolist(), seconds, rank.ctl.tolist(), err
 
 
 def main():
@@ -68,12 +79,27 @@ def main():
              ("peer announces no rows, never returns outputs", 0, WAIT_COMBINE, 1.0)]
     rows = []
     for name, peer_rows, wait, timeout_s in cases * args.repeat:
-        status, seconds, ctl = timed_failure(cfg, tokens, peer_rows, timeout_s, programs)
+        status, seconds, ctl, _ = timed_failure(cfg, tokens, peer_rows, timeout_s, programs)
         ok = (status[:3] == [1, wait.value, 1] and timeout_s <= seconds <= timeout_s + SLACK_S
               and ctl == [2, 0, 0, 0])
         rows.append({"case": name, "timeout_s": timeout_s, "seconds_to_kernel_end": round(seconds, 3),
                      "wait": WAITS.get(status[1], status[1]), "peer": status[2], "status": status[:6],
                      "ctl_after": ctl, "programs": programs, "ok": ok})
+        print(json.dumps(rows[-1]), flush=True)
+    # Half the programs without an SM at first (one program fills an SM): the static order waits
+    # for them and must end at the timeout, naming the override; the queue must not wait at all.
+    for static, timeout_s in [(1, 1.0), (0, 1.0)] * args.repeat:
+        status, seconds, ctl, err = timed_failure(cfg, tokens, None, timeout_s, 2 * programs, world=1,
+                                                  static_ffn_in=static)
+        text = describe_timeout(status, 0) or ""
+        if static:
+            ok = (status[:2] == [1, WAIT_HIDDEN.value] and "static_ffn_in" in text
+                  and timeout_s <= seconds <= timeout_s + SLACK_S and ctl == [2, 0, 0, 0])
+        else:
+            ok = status[0] == 0 and seconds < timeout_s and err <= 1e-2 and ctl == [2, 0, 0, 0]
+        rows.append({"case": f"twice as many programs as SMs, static_ffn_in={static}", "timeout_s": timeout_s,
+                     "seconds_to_kernel_end": round(seconds, 3), "status": status[:6], "timeout": text,
+                     "rel_err": err, "ctl_after": ctl, "programs": 2 * programs, "ok": ok})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
