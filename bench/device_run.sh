@@ -3,8 +3,9 @@
 #   source .whl/gpu_env.sh && bash bench/device_run.sh [STEPS...]   (steps: check2 check4 bench4 ...)
 # kernels: the router and plan kernels' GPU tests; sweep1: the one-GPU sweep beside triton_kernels
 # and torch; variants: tune.py's `auto` launch at 4,096 tokens for each tree under .variants/ (other
-# commits, carried; not deepseek_v3, whose preset changed with issue 18) and this one, one after
-# another on the same GPU; profbwd: torch.profiler over flash/saved training steps; sass: the
+# commits, carried: `git archive C flashmoe_py bench tests/one_rank.py | tar -x -C .variants/C`) and
+# this one, one after another on the same GPU, VARIANT_ROUNDS times in turn (a setting's time moves
+# ~2% between runs: alternate, compare the rounds); profbwd: torch.profiler over flash/saved training steps; sass: the
 # compiled builds.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -56,10 +57,11 @@ for step in "$@"; do
               --out "$OUT/backward_w$n.json" ;;
     cache) tar -cz -C ~/.triton cache | split -b 15m - "$OUT/triton_cache.tgz.part-"  # files come back under 16 MB
            ls -la "$OUT"/triton_cache.tgz.part-* ;;
-    variants) shopt -s nullglob; for root in .variants/*/ .; do tag=$([ "$root" = . ] && echo current || basename "$root")
-              run "tune_$tag" 300 1 "$root/bench/tune.py" --preset mixtral_8x7b qwen3_30b_a3b \
+    variants) shopt -s nullglob; for round in $(seq "${VARIANT_ROUNDS:-2}"); do for root in .variants/*/ .; do
+              tag=$([ "$root" = . ] && echo current || basename "$root")
+              run "tune_${tag}_$round" 300 1 "$root/bench/tune.py" --preset ${VARIANT_PRESETS:-mixtral_8x7b qwen3_30b_a3b} \
                 --tokens ${VARIANT_TOKENS:-4096} --settings ${VARIANT_SETTINGS:-auto} --iters 20 \
-                --out "$OUT/tune_$tag.json"; done ;;
+                --out "$OUT/tune_${tag}_$round.json"; done; done ;;
     profbwd) for p in ${PROF_PRESETS:-qwen3_30b_a3b deepseek_v3}; do  # where a training step's time goes
               run "profile_bwd_$p" 240 1 bench/kernel_profile.py --preset "$p" --tokens ${TOKENS:-4096} --fwd-bwd \
                 --backward saved --iters 5; done ;;
