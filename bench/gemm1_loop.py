@@ -125,17 +125,13 @@ def reference(x, w, rows, rows_per_expert: int, sample: torch.Tensor) -> torch.T
 
 def peer(x, w, rows, rows_per_expert: int):
     """-> a function running triton_kernels' GEMM1 on the problem: h [R, F] of the same rows
-    (gathered by `rows`), SwiGLU fused (its gpt-oss form with alpha 1 and -1 on the up columns'
-    bias is silu(gate) * up), its weights a copy with gate and up interleaved column by column."""
-    from triton_kernels.matmul_ogs import FnSpecs, FusedActivation, GatherIndx, RoutingData, matmul_ogs
-    from triton_kernels.swiglu import swiglu_fn
+    (gathered by `rows`), SwiGLU fused, its weights converted as the triton_kernels baseline
+    converts the layer's (triton_kernels_moe.swiglu_gemm1)."""
+    from triton_kernels.matmul_ogs import GatherIndx, RoutingData, matmul_ogs
     from triton_kernels.tensor import make_ragged_tensor_metadata
+    from triton_kernels_moe import swiglu_gemm1
     E, H, F2 = w.shape
-    pairs = w.reshape(E, H, F2 // 256, 2, 128)
-    w1 = torch.stack([pairs[:, :, :, 0], pairs[:, :, :, 1]], dim=-1).reshape(E, H, F2).contiguous()
-    b1 = torch.zeros(E, F2, dtype=torch.float32, device=w.device)
-    b1[:, 1::2] = -1.0
-    act = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit"), reduction_n=2), (1.0, None))
+    w1, b1, act = swiglu_gemm1(w, None)
     R = rows.shape[0]
     ragged = make_ragged_tensor_metadata(torch.full((E,), rows_per_expert, dtype=torch.int32, device=w.device), R)
     rdata = RoutingData(torch.ones(R, device=w.device), ragged.slice_sizes, E, 1, ragged)
@@ -150,26 +146,11 @@ def check_epilogue(tiles: torch.Tensor, BM: int, epilogue: str) -> None:
         raise ValueError(f"epilogue='tma' needs full tiles of BM={BM} rows")
 
 
-def median_us(fn, iters: int, reps: int = 5) -> float:
-    """Median over `iters` samples, after 3 calls, of the µs per call of `reps` calls of fn issued
-    back to back between two CUDA events (the host's launch work overlaps the GPU's, as in a model)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return statistics.median(times)
-
-
 def time_shape(E: int, H: int, F: int, rpe: int, sms: int, iters: int, with_peer: bool) -> None:
     """Check every schedule and epilogue (and, with_peer, triton_kernels) on one problem against
-    float32 on every 97th row, then print each one's median time."""
+    float32 on every 97th row, then print each one's median time (calls issued back to back, as
+    bench/layer.py's Timer times a layer)."""
+    from layer import Timer  # bench/, beside this file
     dev = torch.device("cuda")
     x, w, rows, tiles = problem(E, H, F, rpe, 128, dev)
     for epilogue in EPILOGUES:
@@ -191,7 +172,7 @@ def time_shape(E: int, H: int, F: int, rpe: int, sms: int, iters: int, with_peer
         err = float((h[sample].float() - ref).norm() / ref.norm())
         if not name.endswith("none"):
             assert err <= 1e-2, f"{name}: rel err {err:.1e}"
-        us = median_us(timed, iters)
+        us = statistics.median(Timer(dev).time(timed, iters, warmup=3))
         tflops = 2 * rows.shape[0] * H * 2 * F / us / 1e6
         print(f"E{E} H{H} F{F} rows/expert {rpe} {name}: {us:.0f} us, {tflops:.0f} TFLOP/s"
               + ("" if name.endswith("none") else f", rel err {err:.1e}"), flush=True)

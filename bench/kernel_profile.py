@@ -29,7 +29,7 @@ from flashmoe_py.kernels.layout import (TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN
                                         TASK_PUBLISH, TASK_SHARED_IN, TASK_SHARED_OUT, TRACE_COLS,
                                         WAITED_COUNTS)
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
-from layer import save_rows  # noqa: E402
+from layer import save_rows, training_step  # noqa: E402
 
 KINDS = {TASK_PUBLISH.value: "publish", TASK_DISPATCH.value: "dispatch", TASK_FFN_IN.value: "ffn_in",
          TASK_FFN_OUT.value: "ffn_out", TASK_COMBINE.value: "combine", WAITED_COUNTS.value: "wait_counts",
@@ -97,12 +97,7 @@ def profile_steps(layer, x: torch.Tensor, iters: int, fwd_bwd: bool):
     after five of them to warm up (graphs captured, kernels compiled) -> the profile."""
     if fwd_bwd:
         x = x.detach().requires_grad_(True)
-        dy = torch.randn_like(x)
-
-        def step():
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-            (layer(x) * dy).sum().backward()
+        step = training_step(layer, x, torch.randn_like(x))
     else:
         def step():
             layer(x)

@@ -143,7 +143,8 @@ class Timer:
     def time(self, fn, iters: int, warmup: int) -> list[float]:
         for _ in range(warmup):
             fn()
-        dist.barrier()
+        if dist.is_initialized():  # ranks start timing together (a single process: nothing to wait for)
+            dist.barrier()
         if self.cuda:
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(iters)]
@@ -301,6 +302,16 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     return rows
 
 
+def training_step(layer, x: torch.Tensor, dy: torch.Tensor):
+    """-> a training step of layer on x [T, H] (requiring grad): the layer's and x's gradients
+    cleared, then the backward of sum(layer(x) * dy)."""
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        (layer(x) * dy).sum().backward()
+    return step
+
+
 def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, device) -> list[dict]:
     """row's point timed as forward + backward of sum(layer(x) * dy) (x and every parameter
     requiring grad) with the layer's backward, after dx on CHECK_TOKENS tokens is checked against
@@ -327,14 +338,7 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
     if out["ok"]:
         times = []
         for x, dy in zip(xs, dys):
-            x = x.detach().requires_grad_(True)
-
-            def step(x=x, dy=dy):
-                layer.zero_grad(set_to_none=True)
-                x.grad = None
-                (layer(x) * dy).sum().backward()
-
-            times += Timer(device).time(step, iters, warmup=3)
+            times += Timer(device).time(training_step(layer, x.detach().requires_grad_(True), dy), iters, warmup=3)
         layer.synchronize()
         out["median_us"] = max_over_ranks(statistics.median(times), device)
     return [out]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from flashmoe_py.backends.torch_ep import shared_experts
-from flashmoe_py.gate_up import to_halves
+from flashmoe_py.gate_up import to_interleaved
 
 
 def available() -> str | None:
@@ -36,37 +36,43 @@ def available() -> str | None:
     return None
 
 
+def swiglu_gemm1(w_in: torch.Tensor, b_in: torch.Tensor | None, activation: str = "swiglu",
+                 swiglu_alpha: float = 1.0, swiglu_limit: float | None = None) -> tuple:
+    """A GEMM1 with a gated activation ("swiglu" or "clamped_swiglu", MoEConfig's) as matmul_ogs
+    takes it: w_in [E, H, 2F] (and b_in [E, 2F] or None) in the layer's gate/up pairs -> (w1
+    [E, H, 2F] and b1 [E, 2F] fp32 with gate and up interleaved column by column, its fused
+    activation). Its gpt-oss form s * (up + 1) is swiglu with alpha 1, no limit and -1 on the up
+    columns' bias."""
+    from triton_kernels.matmul_ogs import FnSpecs, FusedActivation
+    from triton_kernels.swiglu import swiglu_fn
+    E, _, F2 = w_in.shape
+    w1 = to_interleaved(w_in).contiguous()
+    b1 = (to_interleaved(b_in.float()) if b_in is not None
+          else torch.zeros(E, F2, dtype=torch.float32, device=w_in.device))
+    if activation == "swiglu":
+        b1[:, 1::2] -= 1.0  # (up - 1) + 1 = up
+        alpha_limit = (1.0, None)
+    else:
+        alpha_limit = (swiglu_alpha, swiglu_limit)
+    return w1, b1, FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit"), reduction_n=2), alpha_limit)
+
+
 class TritonKernelsMoE:
     """The layer's forward through triton_kernels (one rank, swiglu). x: [T, H] -> [T, H]."""
 
     mode = "graph"
 
     def __init__(self, layer):
-        from triton_kernels.matmul_ogs import FnSpecs, FusedActivation
-        from triton_kernels.swiglu import swiglu_fn
         cfg = layer.config
         if (layer.world_size != 1 or cfg.activation not in ("swiglu", "clamped_swiglu") or cfg.weight_on_input
                 or cfg.capacity_factor is not None):
             raise ValueError("the triton_kernels baseline runs one rank, dropless, with (clamped) swiglu experts "
                              "weighted at their output")
         self.layer, self.cfg = layer, cfg
-        F = cfg.ffn_size
-
-        def interleave(t):  # [..., 2F] in the layer's gate/up pairs -> gate, up column by column
-            t = to_halves(t)
-            return torch.stack([t[..., :F], t[..., F:]], dim=-1).reshape(t.shape).contiguous()
-
-        self.w1 = interleave(layer.w_in.detach())
-        self.b1 = interleave(layer.b_in.detach().float()) if cfg.expert_bias else torch.zeros(
-            cfg.num_experts, 2 * F, dtype=torch.float32, device=layer.device)
+        self.w1, self.b1, self.act = swiglu_gemm1(layer.w_in.detach(), layer.b_in.detach() if cfg.expert_bias else None,
+                                                  cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
         self.w2 = layer.w_out.detach().contiguous()
         self.b2 = layer.b_out.detach().float().contiguous() if cfg.expert_bias else None
-        if cfg.activation == "swiglu":
-            self.b1[:, 1::2] -= 1.0  # (up - 1) + 1 = up
-            alpha_limit = (1.0, None)
-        else:
-            alpha_limit = (cfg.swiglu_alpha, cfg.swiglu_limit)
-        self.act = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit"), reduction_n=2), alpha_limit)
         self.graphs: dict[int, tuple] = {}
 
     def _routing(self, r):

@@ -10,7 +10,7 @@ sits beside its up value (bench/NOTES.md, item 29).
 
 Callers speak halves (every gate column, then every up column: full_weight_dict,
 reference_forward, load_full_weights by default) or gpt-oss's interleaved columns (g = 1);
-to_pairs and to_halves convert. Non-gated activations have one F-wide block: nothing to convert."""
+to_pairs, to_halves and to_interleaved convert. Non-gated activations have one F-wide block: nothing to convert."""
 
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ def to_halves(t: torch.Tensor) -> torch.Tensor:
     F = t.shape[-1] // 2
     g = pair_width(F)
     return t.unflatten(-1, (F // g, 2, g)).transpose(-3, -2).flatten(-3)
+
+
+def to_interleaved(t: torch.Tensor) -> torch.Tensor:
+    """t [..., 2F] in pairs -> [..., 2F] with gate and up interleaved column by column (gate column f
+    at 2f, its up column at 2f + 1: gpt-oss's layout; a new tensor)."""
+    F = t.shape[-1] // 2
+    g = pair_width(F)
+    return t.unflatten(-1, (F // g, 2, g)).transpose(-2, -1).flatten(-3)
 
 
 def gate_and_up(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

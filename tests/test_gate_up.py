@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flashmoe_py import MoEConfig, MoELayer, reference_forward
-from flashmoe_py.gate_up import gate_and_up, pair_width, to_halves, to_pairs
+from flashmoe_py.gate_up import gate_and_up, pair_width, to_halves, to_interleaved, to_pairs
 from flashmoe_py.reference import activate
 
 
@@ -24,6 +24,7 @@ def test_gate_column_f_sits_at_2g_f_div_g_plus_f_mod_g_and_its_up_column_g_furth
     assert torch.equal(to_halves(pairs), halves)
     interleaved = torch.stack([halves[:, :ffn], halves[:, ffn:]], dim=-1).flatten(-2)
     assert torch.equal(to_pairs(interleaved, "interleaved"), pairs)
+    assert torch.equal(to_interleaved(pairs), interleaved)
     gate, up = gate_and_up(pairs)
     assert torch.equal(gate.flatten(-2), halves[:, :ffn]) and torch.equal(up.flatten(-2), halves[:, ffn:])
 
