@@ -10,6 +10,14 @@ the layer keeps them), SwiGLU on the accumulator, h stored. Two schedules of the
   flattened   tl.range(..., flatten=True) over the tiles (as triton_kernels' persistent matmul
               does): the next tile's first loads are issued while this tile ends.
 
+two ways to the rows:
+
+  gathered    each row loaded from x by its index (cp.async by thread; the fused kernel's GEMM1
+              today);
+  sorted      the rows copied beforehand into expert order (x_sorted [R, H]), a tile's rows one
+              block, loaded as one TMA box a K step (what the fused kernel's GEMM1 would load if
+              it copied its own rows first; the copy is not timed);
+
 and three epilogues:
 
   stg         each thread stores its part of the h tile (the fused kernel's today);
@@ -44,12 +52,13 @@ SHAPES = [(8, 4096, 14336, 4096), (128, 2048, 768, 1024), (128, 2048, 1536, 512)
 
 
 @triton.jit
-def gemm1_kernel(x_ptr, rows_ptr, tiles_ptr, w_desc, h_ptr, h_desc, num_row_tiles, H, F,
+def gemm1_kernel(x_ptr, rows_ptr, tiles_ptr, w_desc, h_ptr, h_desc, a_desc, num_row_tiles, H, F,
                  BM: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, NUM_SMS: tl.constexpr,
-                 FLATTEN: tl.constexpr, GROUP: tl.constexpr, EPILOGUE: tl.constexpr):
+                 FLATTEN: tl.constexpr, GROUP: tl.constexpr, EPILOGUE: tl.constexpr, SORTED: tl.constexpr):
     """x [T, H]; rows [R] int32 x's row of each expert row; tiles [num_row_tiles, 3] int32
     (expert, first expert row, rows); w_desc over w_in [E, H, 2F]; h [R, F], h_desc over it in
-    [BM, BF] boxes; EPILOGUE: one of EPILOGUES."""
+    [BM, BF] boxes; a_desc over x_sorted [R, H] = x[rows] in [BM, BK] boxes, read instead of x
+    when SORTED; EPILOGUE: one of EPILOGUES."""
     n_f = F // BF
     for t in tl.range(tl.program_id(0), num_row_tiles * n_f, NUM_SMS, flatten=FLATTEN):
         per_group = GROUP * n_f
@@ -68,7 +77,11 @@ def gemm1_kernel(x_ptr, rows_ptr, tiles_ptr, w_desc, h_ptr, h_desc, num_row_tile
         tl.assume(k_tiles > 0)  # without it the flattened loop loads A through registers
         acc = tl.zeros((BM, 2 * BF), dtype=tl.float32)
         for ki in tl.range(k_tiles):
-            acc = tl.dot(tl.load(a_ptrs), w_desc.load([e, ki * BK, j * 2 * BF]).reshape(BK, 2 * BF), acc)
+            if SORTED:
+                a = a_desc.load([r0, ki * BK])
+            else:
+                a = tl.load(a_ptrs)
+            acc = tl.dot(a, w_desc.load([e, ki * BK, j * 2 * BF]).reshape(BK, 2 * BF), acc)
             a_ptrs += BK
         gate, up = acc.reshape(BM, 2, BF).permute(0, 2, 1).split()
         h = (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
@@ -96,14 +109,17 @@ def problem(E: int, H: int, F: int, rows_per_expert: int, BM: int, device,
 
 
 def launch(x, w, rows, tiles, h, flatten: bool, sms: int, warmup: bool = False, epilogue: str = "stg",
-           BM: int = 128, BF: int = 128, BK: int = 64, stages: int = 3):
+           BM: int = 128, BF: int = 128, BK: int = 64, stages: int = 3, x_sorted: torch.Tensor | None = None):
     """One launch (or, warmup, its compile only) writing h [R, F] (epilogue: one of EPILOGUES; "tma"
-    takes full tiles only: check_epilogue first)."""
+    takes full tiles only: check_epilogue first); x_sorted: x[rows] [R, H], read by TMA instead of
+    gathering from x."""
     E, H, F2 = w.shape
+    a = x_sorted if x_sorted is not None else x
     args = (x, rows, tiles, TensorDescriptor.from_tensor(w, [1, BK, 2 * BF]), h,
-            TensorDescriptor.from_tensor(h, [BM, BF]), tiles.shape[0], H, F2 // 2)
-    kw = dict(BM=BM, BF=BF, BK=BK, NUM_SMS=sms, FLATTEN=flatten, GROUP=8, EPILOGUE=epilogue, num_warps=8,
-              num_stages=stages)
+            TensorDescriptor.from_tensor(h, [BM, BF]), TensorDescriptor.from_tensor(a, [BM, BK]), tiles.shape[0],
+            H, F2 // 2)
+    kw = dict(BM=BM, BF=BF, BK=BK, NUM_SMS=sms, FLATTEN=flatten, GROUP=8, EPILOGUE=epilogue,
+              SORTED=x_sorted is not None, num_warps=8, num_stages=stages)
     if warmup:
         return gemm1_kernel.warmup(*args, grid=(sms,), **kw)
     return gemm1_kernel[(sms,)](*args, **kw)
@@ -160,6 +176,10 @@ def time_shape(E: int, H: int, F: int, rpe: int, sms: int, iters: int, with_peer
     runs = {f"{name} {epilogue}": functools.partial(launch, x, w, rows, tiles, flatten=flatten, sms=sms,
                                                      epilogue=epilogue)
             for name, flatten in SCHEDULES.items() for epilogue in EPILOGUES}
+    x_sorted = x[rows.long()]
+    runs.update({f"{name} stg sorted": functools.partial(launch, x, w, rows, tiles, flatten=flatten, sms=sms,
+                                                          x_sorted=x_sorted)
+                 for name, flatten in SCHEDULES.items()})
     if with_peer:
         runs["triton_kernels"] = peer(x, w, rows, rpe)
     for name, run in runs.items():

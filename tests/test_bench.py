@@ -179,11 +179,13 @@ def test_training_steps_are_profiled_with_their_backward():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel in the interpreter")
 @pytest.mark.parametrize("flatten", [False, True])
-@pytest.mark.parametrize("epilogue,rows_per_expert", [("stg", 24), ("tma", 32)])
-def test_gemm1_loop_study_matches_float32(flatten, epilogue, rows_per_expert):
-    """bench/gemm1_loop.py's kernel, both schedules: gathered rows @ paired w_in, SwiGLU, against
-    the float32 reference, every row of two experts; fp32 dots in the interpreter. Stores by
-    thread with a part-full last row tile; the TMA store (full tiles only) at a multiple of BM."""
+@pytest.mark.parametrize("epilogue,rows_per_expert,sorted_rows", [("stg", 24, False), ("stg", 24, True),
+                                                                    ("tma", 32, False)])
+def test_gemm1_loop_study_matches_float32(flatten, epilogue, rows_per_expert, sorted_rows):
+    """bench/gemm1_loop.py's kernel, both schedules: gathered rows (or the rows copied in expert
+    order, through TMA) @ paired w_in, SwiGLU, against the float32 reference, every row of two
+    experts; fp32 dots in the interpreter. Stores by thread with a part-full last row tile (whose
+    sorted box reads the next expert's rows); the TMA store (full tiles only) at a multiple of BM."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import torch
 
@@ -191,7 +193,8 @@ def test_gemm1_loop_study_matches_float32(flatten, epilogue, rows_per_expert):
     x, w, rows, tiles = gemm1_loop.problem(2, 64, 256, rows_per_expert, 16, "cpu", dtype=torch.float32)
     gemm1_loop.check_epilogue(tiles, 16, epilogue)
     h = torch.full((rows.shape[0], 256), float("nan"))
-    gemm1_loop.launch(x, w, rows, tiles, h, flatten, sms=3, BM=16, BF=128, BK=32, epilogue=epilogue)
+    gemm1_loop.launch(x, w, rows, tiles, h, flatten, sms=3, BM=16, BF=128, BK=32, epilogue=epilogue,
+                      x_sorted=x[rows.long()] if sorted_rows else None)
     ref = gemm1_loop.reference(x, w, rows, rows_per_expert, torch.arange(rows.shape[0]))
     assert float((h - ref).norm() / ref.norm()) <= 1e-5
 

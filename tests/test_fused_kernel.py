@@ -204,10 +204,32 @@ def test_gemm1_tiles_in_a_static_order_at_world_1(fields):
             assert rel_err(rank.saved.pre[:pre.shape[0]], pre) <= 1e-5
 
 
+@pytest.mark.parametrize("fields", [
+    dict(),
+    dict(activation="clamped_swiglu", expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
+         renormalize=False, capacity_factor=0.6),
+    dict(activation="gelu", shared_experts=1, shared_ffn_size=40, shared_expert_gate=True, top_k=3)])
+def test_gemm2_rows_through_tma_at_world_1(fields):
+    """h_tma=1: a GEMM2 tile's h rows load as one TMA box a K step (a part-full tile's box reads
+    rows past its expert's, whose products are never sent). Outputs as the reference's, from the
+    queue and after GEMM1 tiles in the static order, over calls with and without it in turn
+    (flags, epochs and counters shared), an empty call included."""
+    cfg = MoEConfig(**{**dict(hidden_size=264, ffn_size=200, num_experts=4, top_k=2, dtype="float32"), **fields})
+    rank = OneRank(cfg, max_tokens=90)
+    for tokens, static, h_tma in [(90, 0, 1), (31, 1, 1), (57, 1, 0), (0, 0, 1), (75, 1, 1)]:
+        x, out = rank.forward(tokens, static_ffn_in=static, h_tma=h_tma)
+        assert int(rank.status[0]) == 0
+        if tokens:
+            ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+            assert rel_err(out, ref) <= 1e-5
+
+
 def test_static_gemm1_tiles_are_refused_across_ranks_and_between_interpreted_programs():
     geo = Geometry.for_config(MoEConfig(hidden_size=32, ffn_size=32, num_experts=4, top_k=1), 2, 16)
     with pytest.raises(ValueError, match="static_ffn_in=1 at world_size=2"):
         LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, static_ffn_in=1).check(geo)
+    with pytest.raises(ValueError, match="h_tma=1 at world_size=2"):
+        LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, h_tma=1).check(geo)
     cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
     with pytest.raises(ValueError, match="static_ffn_in=1 in the Triton interpreter needs programs=1"):
         OneRank(cfg, max_tokens=8).forward(4, programs=2, static_ffn_in=1)

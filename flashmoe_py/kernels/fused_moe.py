@@ -160,13 +160,15 @@ class Meta(NamedTuple):
     tiles); SHARED, SHARED_GATE (shared experts, their sigmoid gate) and NFS_POW2 (>= their GEMM1
     column tiles); STAGES of the K loops; GROUP of expert tiles taken together; STATIC_IN (world 1
     only): the GEMM1 tiles in a static order (the queue's, program by program), before the compute
-    queue, which then holds the other tasks; TRANSPORT (transport.TRANSPORTS); ON_GPU: compiled for a GPU
-    (not the Triton interpreter, which runs no PTX: no clock, no fences); TRACE: record task
-    timestamps; SAVE: GEMM1's outputs before the activation into Saved; APPROX_ACT: bf16 data, whose
-    activations may take the GPU's approximate sigmoid (_times_sigmoid); PEER_SCOPE: the memory
-    scope of the words and rows ranks exchange, "sys" (other GPUs read and write them), or "gpu" at
-    world 1, where no other GPU takes part and a GPU-scope fence or atomic suffices (cheaper than a
-    system-scope one, which each GEMM2 tile's row count and each combine tile's wait would pay)."""
+    queue, which then holds the other tasks; H_TMA (world 1 only): GEMM2 loads a tile's h rows,
+    one block, through TMA (h_rows) instead of gathering them; TRANSPORT (transport.TRANSPORTS);
+    ON_GPU: compiled for a GPU (not the Triton interpreter, which runs no PTX: no clock, no
+    fences); TRACE: record task timestamps; SAVE: GEMM1's outputs before the activation into
+    Saved; APPROX_ACT: bf16 data, whose activations may take the GPU's approximate sigmoid
+    (_times_sigmoid); PEER_SCOPE: the memory scope of the words and rows ranks exchange, "sys"
+    (other GPUs read and write them), or "gpu" at world 1, where no other GPU takes part and a
+    GPU-scope fence or atomic suffices (cheaper than a system-scope one, which each GEMM2 tile's
+    row count and each combine tile's wait would pay)."""
 
     TOP_K: tl.constexpr
     K_POW2: tl.constexpr
@@ -197,6 +199,7 @@ class Meta(NamedTuple):
     STAGES: tl.constexpr
     GROUP: tl.constexpr
     STATIC_IN: tl.constexpr
+    H_TMA: tl.constexpr
     TRANSPORT: tl.constexpr
     ON_GPU: tl.constexpr
     TRACE: tl.constexpr
@@ -226,10 +229,11 @@ def static_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, s
 
 
 @triton.jit(do_not_specialize=["tokens", "wait_limit", "send_chunks", "dispatch_programs"])
-def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, plan, sym, scratch, saved,
-                     dims, tokens, wait_limit, send_chunks, dispatch_programs, meta):
+def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, h_rows, plan, sym, scratch,
+                     saved, dims, tokens, wait_limit, send_chunks, dispatch_programs, meta):
     """See the module docstring. x, out: [tokens, H]; w_in .. shared_w_out: the descriptors of
-    Weights, biases: Biases; plan: kernels/plan.RoutingPlan; sym: workspace.Symmetric; scratch:
+    Weights, biases: Biases; h_rows: scratch.h as a [W * S, F] descriptor (boxes [BM, BK]), GEMM2's
+    rows with H_TMA; plan: kernels/plan.RoutingPlan; sym: workspace.Symmetric; scratch:
     workspace.Scratch; saved: Saved; dims: Dims; send_chunks: entries of plan.chunk_pos; dispatch_programs:
     programs that start on the front queue; wait_limit: nanoseconds (meta.ON_GPU) or rounds any
     one wait may last; meta: Meta."""
@@ -310,8 +314,8 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
                                                 epoch, wait_limit, rank, meta)
         elif q < n_in + n_out:
             q, n = grouped(q - n_in, n_tiles, NN_OUT, meta.GROUP)
-            pend, ready, done = ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_limit,
-                                             rank, meta)
+            pend, ready, done = ffn_out_tile(q, n, pend, table, weights, h_rows, sym, scratch, dims, epoch,
+                                             wait_limit, rank, meta)
         else:
             if pend.e >= 0:  # combine tiles wait for counts: none may be left pending behind them
                 count_tile_rows(pend, sym, dims, rank, meta)
@@ -412,7 +416,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 SHARED_GATE=c(config.shared_expert_gate),
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),
                 STAGES=c(launch.stages), GROUP=c(launch.group),
-                STATIC_IN=c(bool(launch.static_ffn_in)),
+                STATIC_IN=c(bool(launch.static_ffn_in)), H_TMA=c(bool(launch.h_tma)),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None),
                 SAVE=c(saved is not None), APPROX_ACT=c(x.dtype == torch.bfloat16),
                 PEER_SCOPE=c("gpu" if W == 1 else "sys"))
@@ -426,8 +430,10 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
         s_in = TensorDescriptor.from_tensor(experts["shared_w_in"][None], w_in_blocks)
         s_out = TensorDescriptor.from_tensor(experts["shared_w_out"][None], w_out_blocks)
     biases = Biases(experts.get("b_in", w_in), experts.get("b_out", w_in), experts.get("shared_gate_weight", w_in))
-    args = (x, out, w_in_desc, w_out_desc, s_in if FS else w_in_desc, s_out if FS else w_out_desc, biases, plan,
-            ws.sym, ws.with_trace(trace), saved or Saved(out, out), dims, T, wait_limit, plan.chunk_pos.numel(),
+    scratch = ws.with_trace(trace)
+    h_rows = TensorDescriptor.from_tensor(scratch.h.view(-1, F), [launch.block_m, geo.block_k])
+    args = (x, out, w_in_desc, w_out_desc, s_in if FS else w_in_desc, s_out if FS else w_out_desc, biases, h_rows,
+            plan, ws.sym, scratch, saved or Saved(out, out), dims, T, wait_limit, plan.chunk_pos.numel(),
             launch.dispatch_programs, meta)
     kwargs = {"num_warps": launch.num_warps}
     if ws.transport == "nvshmem":

@@ -11,7 +11,7 @@ import torch
 from .layout import Geometry
 
 FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t", "combine_span",
-          "static_ffn_in")
+          "static_ffn_in", "h_tma")
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
 
 
@@ -33,7 +33,9 @@ class LaunchConfig:
     programs, so a program held back (another kernel, an SM limit) delays the call, or ends it at
     the timeout if held back longer than timeout_s.
     Flattening those tiles into one loop (bench/gemm1_loop.py) and a static order for the GEMM2
-    tiles were measured and dropped (bench/NOTES.md items 38, 55)."""
+    tiles were measured and dropped (bench/NOTES.md items 38, 55). h_tma: 1 to load a GEMM2 tile's
+    h rows as TMA boxes, 0 to gather them row by row; world 1 only, where a tile's rows are one
+    block (with several ranks they can come from several sources)."""
 
     programs: int
     block_m: int
@@ -45,6 +47,7 @@ class LaunchConfig:
     block_t: int = Geometry.block_t
     combine_span: int = 1
     static_ffn_in: int = 0
+    h_tma: int = 0
 
     def __post_init__(self) -> None:
         for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group", "block_t", "combine_span"):
@@ -55,8 +58,10 @@ class LaunchConfig:
             object.__setattr__(self, "dispatch_programs", self.programs)
         if not 1 <= self.dispatch_programs <= self.programs:
             raise ValueError(f"dispatch_programs={self.dispatch_programs}: expected 1..programs={self.programs}")
-        if type(self.static_ffn_in) is not int or self.static_ffn_in not in (0, 1):  # not bool, not float
-            raise ValueError(f"LaunchConfig.static_ffn_in={self.static_ffn_in!r}: expected 0 or 1")
+        for name in ("static_ffn_in", "h_tma"):
+            value = getattr(self, name)
+            if type(value) is not int or value not in (0, 1):  # not bool, not float
+                raise ValueError(f"LaunchConfig.{name}={value!r}: expected 0 or 1")
         if self.num_warps & (self.num_warps - 1):
             raise ValueError(f"num_warps={self.num_warps}: expected a power of two")
         if self.combine_span & (self.combine_span - 1) or self.combine_span > MAX_COMBINE_SPAN:
@@ -79,6 +84,9 @@ class LaunchConfig:
         if self.static_ffn_in and geo.world_size != 1:
             raise ValueError(f"static_ffn_in=1 at world_size={geo.world_size}: only at world 1, where GEMM1 "
                              "tiles wait for no other rank's rows")
+        if self.h_tma and geo.world_size != 1:
+            raise ValueError(f"h_tma=1 at world_size={geo.world_size}: only at world 1, where a GEMM2 tile's "
+                             "rows all come from one source")
         return self
 
 
@@ -115,11 +123,16 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # gpt_oss at 2,048 -2.5..-3.4%, deepseek_v3 (64 rows) +0.3..+1.0%; at 128 tokens no difference
     # (+-0.9%), so decode keeps the queue (bench/NOTES.md item 55). It needs every program resident
     # at once (LaunchConfig), as a GPU of its own gives: not when `resident` is False.
+    # At world 1, for experts at least twice as wide as hidden (GEMM2's K loop long), h rows through
+    # TMA boxes. One H200, two runs each, against gathered rows: mixtral (ffn 3.5x hidden) at 4,096
+    # / 16,384 tokens -2.8% / -1.5% (2,048: +1.4%, within that point's run-to-run spread); gpt_oss
+    # (1x) +0.6..+3.1% and qwen3 (0.375x) +0.3..+1.0% (bench/NOTES.md item 57).
     chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
               "stages": (4 if not large else 3) if bf16 else 2,
               "dispatch_programs": sm_count // 2 if overlap else sm_count,
               "combine_span": 2 if large and geo.world_size == 1 else 1,
-              "static_ffn_in": int(resident and geo.world_size == 1 and rows_per_expert >= 64)}
+              "static_ffn_in": int(resident and geo.world_size == 1 and rows_per_expert >= 64),
+              "h_tma": int(geo.world_size == 1 and geo.ffn >= 2 * geo.hidden)}
     override = dict(override or {})
     unknown = sorted(set(override) - set(FIELDS))
     if unknown:

@@ -85,6 +85,16 @@ def wait_at_least(ptrs, mask, targets, limit, status_ptr, SCOPE: tl.constexpr, O
     return short
 
 
+@triton.jit
+def async_proxy_fence(ON_GPU: tl.constexpr):
+    """After acquiring a flag for data other programs wrote with ordinary stores: make that data
+    visible to this thread's TMA loads (the async proxy; PTX fence.proxy.async.global), which the
+    acquire alone orders for ordinary loads only. Nothing in the interpreter (no PTX)."""
+    if ON_GPU:
+        tl.inline_asm_elementwise("fence.proxy.async.global;\n mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
 # NVSHMEM device functions. Triton's extern calls take no pointer arguments and return a value:
 # addresses go as int64, void functions are declared to return an int32 that nobody reads. A
 # scalar extern call runs in every thread of the program: *_block calls are collective over the

@@ -88,6 +88,8 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     # Half the programs without an SM at first (one program fills an SM): the static order waits
     # for them and must end at the timeout, naming the override; the queue must not wait at all.
+    for static in (1, 0):  # compiles both world-1 kernels (seconds each) before any is timed
+        timed_failure(cfg, tokens, None, 0.1, 2 * programs, world=1, static_ffn_in=static)
     for static, timeout_s in [(1, 1.0), (0, 1.0)] * args.repeat:
         status, seconds, ctl, err = timed_failure(cfg, tokens, None, timeout_s, 2 * programs, world=1,
                                                   static_ffn_in=static)

@@ -6,7 +6,8 @@ import triton
 import triton.language as tl
 
 from ..layout import WAIT_CHUNK, WAIT_HIDDEN
-from ..transport import NVSHMEM, add_count, clock_ns, order_counts, rows_landed, send_tile, signal, wait_at_least
+from ..transport import (NVSHMEM, add_count, async_proxy_fence, clock_ns, order_counts, rows_landed, send_tile, signal,
+                         wait_at_least)
 from .tasks import PendingTile, expert_tile, report_timeout
 
 
@@ -43,16 +44,21 @@ def _times_sigmoid(a, z, meta):
 
 
 @triton.jit
-def _k_loop(acc, a_rows, valid, desc, e, col, K, meta):
+def _k_loop(acc, a_rows, valid, desc, e, col, K, meta, a_desc=None, a_row0=0):
     """acc [BM, N] fp32 + the rows a_rows [BM] (row starts of K elements; rows where valid) @ the
     [K, N] block of expert e of the 3-D descriptor desc from column col, BK at a time (TMA boxes
-    [1, BK, N])."""
+    [1, BK, N]). With a_desc (a 2-D descriptor, boxes [BM, BK]) the rows are its BM consecutive
+    rows from a_row0 instead, through TMA too: rows past the valid ones are read (and their
+    products never used), rows past a_desc's end are zeros."""
     BK: tl.constexpr = meta.BK
     N: tl.constexpr = acc.shape[1]
     for k0 in tl.range(0, K, BK, num_stages=meta.STAGES):
-        k = k0 + tl.arange(0, BK)
-        a = tl.load(a_rows[:, None] + k[None, :], mask=valid[:, None] & (k < K)[None, :], other=0.0,
-                    cache_modifier=".cg")
+        if a_desc is None:
+            k = k0 + tl.arange(0, BK)
+            a = tl.load(a_rows[:, None] + k[None, :], mask=valid[:, None] & (k < K)[None, :], other=0.0,
+                        cache_modifier=".cg")
+        else:
+            a = a_desc.load([a_row0, k0])
         acc = tl.dot(a, desc.load([e, k0, col]).reshape(BK, N), acc, input_precision=meta.PRECISION)
     return acc
 
@@ -99,10 +105,12 @@ def pair_col(f, PAIR: tl.constexpr):
 
 
 @triton.jit
-def gemm_out(a_rows, valid, w_out, e, col, F, meta):
-    """GEMM2 of one tile: a_rows [BM] row starts of F elements (rows where valid) @ expert e of
-    the descriptor w_out, columns col.. -> [BM, BN_OUT] fp32."""
-    return _k_loop(tl.zeros((meta.BM, meta.BN_OUT), dtype=tl.float32), a_rows, valid, w_out, e, col, F, meta)
+def gemm_out(a_rows, valid, w_out, e, col, F, meta, a_desc=None, a_row0=0):
+    """GEMM2 of one tile: a_rows [BM] row starts of F elements (rows where valid), or a_desc's
+    BM rows from a_row0 (_k_loop), @ expert e of the descriptor w_out, columns col.. -> [BM,
+    BN_OUT] fp32."""
+    return _k_loop(tl.zeros((meta.BM, meta.BN_OUT), dtype=tl.float32), a_rows, valid, w_out, e, col, F, meta,
+                   a_desc, a_row0)
 
 
 @triton.jit
@@ -147,7 +155,10 @@ def ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, 
     BF: tl.constexpr = meta.BF
     own = t.valid & (t.src == rank)
     r = (t.src * S + t.row).to(tl.int64)
-    first_own = tl.load(plan.pos_start + rank * L + t.e)  # the pair (this rank, e)'s first sorted slot
+    if meta.W_POW2 == 1:  # the pair (this rank, e)'s first sorted slot: the rows of the experts before e
+        first_own = t.base
+    else:
+        first_own = tl.load(plan.pos_start + rank * L + t.e)
     routed = tl.load(plan.send_slot + first_own + t.pair_row, mask=own, other=0)  # token * TOP_K + choice
     tok = (routed // meta.TOP_K).to(tl.int64)
     a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
@@ -229,12 +240,14 @@ def count_tile_rows(pend, sym, dims, rank, meta):
 
 
 @triton.jit
-def ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_limit, rank, meta):
+def ffn_out_tile(q, n, pend, table, weights, h_rows, sym, scratch, dims, epoch, wait_limit, rank, meta):
     """y[rows of expert tile q, n-tile (BN_OUT columns)] = h_rows @ w_out[e][:, n-tile] once all
     f-tiles of h are written, sent into each row's source rank (its combine_y region for this rank
     mirrors recv_x). The program's previous tile (pend: PendingTile) is counted between this
-    tile's GEMM and its sends. -> (the tile left to count, a PendingTile; ready, done clock stamps
-    when TRACE, else zeros).
+    tile's GEMM and its sends. h_rows: scratch.h as a [W * S, F] descriptor, boxes [BM, BK]:
+    with H_TMA (world 1) a tile's rows are consecutive there (one source), and come through TMA.
+    -> (the tile left to count, a PendingTile; ready, done clock stamps when TRACE, else
+    zeros).
 
     P2P stores the rows there; NVSHMEM stages the tile in recv_x's rows of the tile (their x is
     consumed: every f-tile of h is done) and puts each row from its own thread."""
@@ -250,7 +263,13 @@ def ffn_out_tile(q, n, pend, table, weights, sym, scratch, dims, epoch, wait_lim
     ok = tl.sum(short.to(tl.int32)) == 0
     ready = clock_ns() if meta.TRACE else 0
     if ok:
-        acc = gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), F, meta)
+        col = (n * BN_OUT).to(tl.int32)
+        if meta.H_TMA:  # world 1: the tile's rows are one block
+            async_proxy_fence(meta.ON_GPU)  # h came from other programs' stores
+            acc = gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, col, F, meta, h_rows,
+                           tl.min(r).to(tl.int32))
+        else:
+            acc = gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, col, F, meta)
     done = clock_ns() if meta.TRACE else 0
     acc = _add_out_bias(acc, t.e, n, weights, H, meta)
     if not ok:
