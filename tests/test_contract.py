@@ -7,8 +7,8 @@ import torch
 from flashmoe_py import MoEConfig, preset
 from flashmoe_py.backends.flash import sms_limited_by_mps
 from flashmoe_py.kernels.launch_config import FIELDS, LaunchConfig, choose_launch
-from flashmoe_py.kernels.layout import (STATUS_WORDS, WAIT_CHUNK, WAIT_COUNTS, WAIT_HIDDEN, Geometry, describe_timeout,
-                                        heap_bytes, heap_bytes_for)
+from flashmoe_py.kernels.layout import (STATUS_WORDS, WAIT_CHUNK, WAIT_COUNTS, WAIT_HIDDEN, WAIT_HIDDEN_STATIC,
+                                        Geometry, describe_timeout, heap_bytes, heap_bytes_for)
 from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
 
 SMS = 132
@@ -45,11 +45,14 @@ def test_heap_bytes_are_granule_rounded_buffers_plus_the_reserve():
     assert heap_bytes({"a": ((1,), torch.uint8)}) == (64 << 20) + (2 << 20)
 
 
-def test_a_missing_hidden_tile_names_the_static_order_as_the_likely_cause():
+def test_a_missing_hidden_tile_of_the_static_order_names_it_as_the_likely_cause():
     status = [0] * STATUS_WORDS
-    status[:6] = [1, WAIT_HIDDEN.value, 0, 2, 7, 3]
+    status[:6] = [1, WAIT_HIDDEN_STATIC.value, 0, 2, 7, 3]
     text = describe_timeout(status, rank=0)
     assert "a hidden tile from another program" in text and "launch_override={'static_ffn_in': 0}" in text
+    status[1] = WAIT_HIDDEN.value  # from the queue, or a shared expert's: no static order to blame
+    text = describe_timeout(status, rank=0)
+    assert "a hidden tile from another program" in text and "static_ffn_in" not in text
 
 
 def test_a_timeout_is_described_by_its_status_words():

@@ -30,7 +30,8 @@ tiles in.
 
 An expert's tiles span all sources, so its weights are read once per BM rows it received in all,
 not once per source. Weight tiles come through the tensor memory accelerator (TMA: Weights),
-token rows through gathered loads.
+token rows through gathered loads, except GEMM2's h rows at world 1 for wide experts (H_TMA):
+one source, so a tile's rows are one block, loaded as TMA boxes too.
 
 Deadlock freedom: front tasks wait on nothing, and some program takes them from the start; a compute
 task waits only on front tasks (here or on other GPUs), on compute tasks with smaller ids here, or

@@ -39,11 +39,13 @@ WAIT_COUNTS = tl.constexpr(1)
 WAIT_CHUNK = tl.constexpr(2)
 WAIT_HIDDEN = tl.constexpr(3)
 WAIT_COMBINE = tl.constexpr(4)
+WAIT_HIDDEN_STATIC = tl.constexpr(5)  # WAIT_HIDDEN for a GEMM1 tile of the static order (STATIC_IN)
 WAITS = {WAIT_COUNTS.value: "count words (what each source sends)",
          WAIT_CHUNK.value: "a dispatched chunk to arrive",
          WAIT_HIDDEN.value: "a hidden tile from another program",
-         WAIT_COMBINE.value: "expert outputs to come back"}
-# A hidden tile that never comes at world 1 is most likely a program that never got an SM.
+         WAIT_COMBINE.value: "expert outputs to come back",
+         WAIT_HIDDEN_STATIC.value: "a hidden tile from another program (GEMM1 tiles in the static order)"}
+# A static-order GEMM1 tile that never comes is most likely a program that never got an SM.
 HIDDEN_HINT = ("; if other work shares this GPU's SMs (other processes under MPS, other streams), the "
                "static order of GEMM1 tiles at world 1 needs every program resident at once: pass "
                "launch_override={'static_ffn_in': 0}")
@@ -74,7 +76,7 @@ def describe_timeout(status: list[int], rank: int) -> str | None:
     return (f"fused MoE kernel on rank {rank} timed out in call {epoch} waiting for {WAITS.get(wait, wait)}"
             + (f" from rank {pe}" if pe >= 0 else "")
             + (f" (local expert {expert}, tile {tile})" if expert >= 0 else "")
-            + (HIDDEN_HINT if wait == WAIT_HIDDEN.value else ""))
+            + (HIDDEN_HINT if wait == WAIT_HIDDEN_STATIC.value else ""))
 
 
 @dataclass(frozen=True)

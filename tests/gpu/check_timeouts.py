@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from one_rank import OneRank  # noqa: E402
 
 from flashmoe_py import MoEConfig, reference_forward  # noqa: E402
-from flashmoe_py.kernels.layout import (WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, WAIT_HIDDEN, WAITS,  # noqa: E402
-                                        describe_timeout)
+from flashmoe_py.kernels.layout import (WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, WAIT_HIDDEN_STATIC,  # noqa: E402
+                                        WAITS, describe_timeout)
 
 SLACK_S = 0.25  # routing, launch and the host's wake-up, beside timeout_s
 HUNG_S = 10.0  # past timeout_s: the kernel is hung; say so and what its control words hold, then exit
@@ -95,7 +95,7 @@ def main():
                                                   static_ffn_in=static)
         text = describe_timeout(status, 0) or ""
         if static:
-            ok = (status[:2] == [1, WAIT_HIDDEN.value] and "static_ffn_in" in text
+            ok = (status[:2] == [1, WAIT_HIDDEN_STATIC.value] and "static_ffn_in" in text
                   and timeout_s <= seconds <= timeout_s + SLACK_S and ctl == [2, 0, 0, 0])
         else:
             ok = status[0] == 0 and seconds < timeout_s and err <= 1e-2 and ctl == [2, 0, 0, 0]

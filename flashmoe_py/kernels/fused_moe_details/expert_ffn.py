@@ -5,7 +5,7 @@ tiles (y = h_rows @ w_out, sent to each row's source and counted there)."""
 import triton
 import triton.language as tl
 
-from ..layout import WAIT_CHUNK, WAIT_HIDDEN
+from ..layout import WAIT_CHUNK, WAIT_HIDDEN, WAIT_HIDDEN_STATIC
 from ..transport import (NVSHMEM, add_count, async_proxy_fence, clock_ns, order_counts, rows_landed, send_tile, signal,
                          wait_at_least)
 from .tasks import PendingTile, expert_tile, report_timeout
@@ -273,7 +273,7 @@ def ffn_out_tile(q, n, pend, table, weights, h_rows, sym, scratch, dims, epoch, 
     done = clock_ns() if meta.TRACE else 0
     acc = _add_out_bias(acc, t.e, n, weights, H, meta)
     if not ok:
-        report_timeout(scratch, WAIT_HIDDEN, rank, t.e, q, epoch)
+        report_timeout(scratch, WAIT_HIDDEN_STATIC if meta.STATIC_IN else WAIT_HIDDEN, rank, t.e, q, epoch)
     else:
         if pend.e >= 0:
             count_tile_rows(pend, sym, dims, rank, meta)
