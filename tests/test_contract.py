@@ -111,7 +111,9 @@ def test_gemm1_tiles_take_a_static_order_at_world_1_from_64_rows_an_expert(world
 def test_gemm2_rows_come_through_tma_at_world_1_for_experts_twice_as_wide_as_hidden(preset, world, h_tma):
     """Measured faster for mixtral (ffn 3.5x hidden) only; several ranks cannot (a tile's rows come
     from several sources)."""
-    assert choose_launch(geometry(preset, world, tokens=4096), 4096, torch.bfloat16, SMS).h_tma == h_tma
+    geo = geometry(preset, world, tokens=4096)
+    assert choose_launch(geo, 4096, torch.bfloat16, SMS).h_tma == h_tma
+    assert choose_launch(geo, 4096, torch.float32, SMS).h_tma == 0  # measured in bf16 only
 
 
 def test_a_gpu_whose_sms_are_shared_keeps_every_tile_on_the_queue():

@@ -123,16 +123,17 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # gpt_oss at 2,048 -2.5..-3.4%, deepseek_v3 (64 rows) +0.3..+1.0%; at 128 tokens no difference
     # (+-0.9%), so decode keeps the queue (bench/NOTES.md item 55). It needs every program resident
     # at once (LaunchConfig), as a GPU of its own gives: not when `resident` is False.
-    # At world 1, for experts at least twice as wide as hidden (GEMM2's K loop long), h rows through
-    # TMA boxes. One H200, two runs each, against gathered rows: mixtral (ffn 3.5x hidden) at 4,096
-    # / 16,384 tokens -2.8% / -1.5% (2,048: +1.4%, within that point's run-to-run spread); gpt_oss
-    # (1x) +0.6..+3.1% and qwen3 (0.375x) +0.3..+1.0% (bench/NOTES.md item 57).
+    # At world 1, for bf16 experts at least twice as wide as hidden (GEMM2's K loop long), h
+    # rows through TMA boxes (fp32: not measured). One H200, two runs each, against gathered
+    # rows: mixtral (ffn 3.5x hidden) at 4,096 / 16,384 tokens -2.8% / -1.5% (2,048: +1.4%,
+    # within that point's run-to-run spread); gpt_oss (1x) +0.6..+3.1% and qwen3 (0.375x)
+    # +0.3..+1.0% (bench/NOTES.md item 57).
     chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
               "stages": (4 if not large else 3) if bf16 else 2,
               "dispatch_programs": sm_count // 2 if overlap else sm_count,
               "combine_span": 2 if large and geo.world_size == 1 else 1,
               "static_ffn_in": int(resident and geo.world_size == 1 and rows_per_expert >= 64),
-              "h_tma": int(geo.world_size == 1 and geo.ffn >= 2 * geo.hidden)}
+              "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden)}
     override = dict(override or {})
     unknown = sorted(set(override) - set(FIELDS))
     if unknown:
