@@ -6,7 +6,7 @@ import torch
 
 from flashmoe_py import MoEConfig, preset
 from flashmoe_py.backends.flash import sms_limited_by_mps
-from flashmoe_py.kernels.launch_config import FIELDS, LaunchConfig, choose_launch
+from flashmoe_py.kernels.launch_config import FIELDS, SWITCHES, LaunchConfig, choose_launch
 from flashmoe_py.kernels.layout import (STATUS_WORDS, WAIT_CHUNK, WAIT_COUNTS, WAIT_HIDDEN, WAIT_HIDDEN_STATIC,
                                         Geometry, describe_timeout, heap_bytes, heap_bytes_for)
 from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
@@ -140,16 +140,16 @@ def test_overrides_fix_settings_and_are_checked():
         choose_launch(geo, 4096, torch.bfloat16, SMS, {"dispatch_programs": 200})
 
 
-@pytest.mark.parametrize("field", [f for f in FIELDS if f not in ("static_ffn_in", "h_tma")])
+@pytest.mark.parametrize("field", [f for f in FIELDS if f not in SWITCHES])
 def test_launch_settings_must_be_positive_ints(field):
     fields = dict(programs=4, block_m=64, block_n=128)
     with pytest.raises(ValueError, match=field):
         LaunchConfig(**{**fields, field: 0})
 
 
-@pytest.mark.parametrize("field", ["static_ffn_in", "h_tma"])
+@pytest.mark.parametrize("field", SWITCHES)
 @pytest.mark.parametrize("value", [2, -1, True, 1.0])
-def test_the_gemm1_switches_are_0_or_1(field, value):
+def test_the_switches_are_0_or_1(field, value):
     with pytest.raises(ValueError, match=field):
         LaunchConfig(programs=4, block_m=64, block_n=128, **{field: value})
 

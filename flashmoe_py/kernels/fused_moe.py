@@ -232,12 +232,12 @@ def static_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, s
 @triton.jit(do_not_specialize=["tokens", "wait_limit", "send_chunks", "dispatch_programs"])
 def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, h_rows, plan, sym, scratch,
                      saved, dims, tokens, wait_limit, send_chunks, dispatch_programs, meta):
-    """See the module docstring. x, out: [tokens, H]; w_in .. shared_w_out: the descriptors of
-    Weights, biases: Biases; h_rows: scratch.h as a [W * S, F] descriptor (boxes [BM, BK]), GEMM2's
-    rows with H_TMA; plan: kernels/plan.RoutingPlan; sym: workspace.Symmetric; scratch:
-    workspace.Scratch; saved: Saved; dims: Dims; send_chunks: entries of plan.chunk_pos; dispatch_programs:
-    programs that start on the front queue; wait_limit: nanoseconds (meta.ON_GPU) or rounds any
-    one wait may last; meta: Meta."""
+    """See the module docstring. x, out: [tokens, H]; w_in .. shared_w_out: the descriptors of Weights,
+    biases: Biases; h_rows: scratch.h as a [W * S, F] descriptor (boxes [BM, BK]), GEMM2's rows
+    with H_TMA (another descriptor, unread, without); plan: kernels/plan.RoutingPlan; sym:
+    workspace.Symmetric; scratch: workspace.Scratch; saved: Saved; dims: Dims; send_chunks:
+    entries of plan.chunk_pos; dispatch_programs: programs that start on the front queue;
+    wait_limit: nanoseconds (meta.ON_GPU) or rounds any one wait may last; meta: Meta."""
     weights = Weights(w_in, w_out, biases.b_in, biases.b_out, shared_w_in, shared_w_out, biases.shared_gate)
     rank = dims.rank
     W, L, H, F = dims.world, dims.local_experts, dims.hidden, dims.ffn
@@ -432,7 +432,9 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
         s_out = TensorDescriptor.from_tensor(experts["shared_w_out"][None], w_out_blocks)
     biases = Biases(experts.get("b_in", w_in), experts.get("b_out", w_in), experts.get("shared_gate_weight", w_in))
     scratch = ws.with_trace(trace)
-    h_rows = TensorDescriptor.from_tensor(scratch.h.view(-1, F), [launch.block_m, geo.block_k])
+    # GEMM2's h rows as TMA boxes, with h_tma (otherwise another descriptor, unread)
+    h_rows = (TensorDescriptor.from_tensor(scratch.h.view(-1, F), [launch.block_m, geo.block_k]) if launch.h_tma
+              else w_out_desc)
     args = (x, out, w_in_desc, w_out_desc, s_in if FS else w_in_desc, s_out if FS else w_out_desc, biases, h_rows,
             plan, ws.sym, scratch, saved or Saved(out, out), dims, T, wait_limit, plan.chunk_pos.numel(),
             launch.dispatch_programs, meta)

@@ -10,8 +10,9 @@ import torch
 
 from .layout import Geometry
 
+SWITCHES = ("static_ffn_in", "h_tma")  # the fields that are 0 or 1
 FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t", "combine_span",
-          "static_ffn_in", "h_tma")
+          *SWITCHES)
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
 
 
@@ -58,7 +59,7 @@ class LaunchConfig:
             object.__setattr__(self, "dispatch_programs", self.programs)
         if not 1 <= self.dispatch_programs <= self.programs:
             raise ValueError(f"dispatch_programs={self.dispatch_programs}: expected 1..programs={self.programs}")
-        for name in ("static_ffn_in", "h_tma"):
+        for name in SWITCHES:
             value = getattr(self, name)
             if type(value) is not int or value not in (0, 1):  # not bool, not float
                 raise ValueError(f"LaunchConfig.{name}={value!r}: expected 0 or 1")

@@ -244,8 +244,8 @@ def ffn_out_tile(q, n, pend, table, weights, h_rows, sym, scratch, dims, epoch, 
     """y[rows of expert tile q, n-tile (BN_OUT columns)] = h_rows @ w_out[e][:, n-tile] once all
     f-tiles of h are written, sent into each row's source rank (its combine_y region for this rank
     mirrors recv_x). The program's previous tile (pend: PendingTile) is counted between this
-    tile's GEMM and its sends. h_rows: scratch.h as a [W * S, F] descriptor, boxes [BM, BK]:
-    with H_TMA (world 1) a tile's rows are consecutive there (one source), and come through TMA.
+    tile's GEMM and its sends. h_rows (read with H_TMA only): scratch.h as a [W * S, F]
+    descriptor, boxes [BM, BK]; at world 1 a tile's rows are consecutive there (one source).
     -> (the tile left to count, a PendingTile; ready, done clock stamps when TRACE, else
     zeros).
 
@@ -263,13 +263,10 @@ def ffn_out_tile(q, n, pend, table, weights, h_rows, sym, scratch, dims, epoch, 
     ok = tl.sum(short.to(tl.int32)) == 0
     ready = clock_ns() if meta.TRACE else 0
     if ok:
-        col = (n * BN_OUT).to(tl.int32)
-        if meta.H_TMA:  # world 1: the tile's rows are one block
+        if meta.H_TMA:  # world 1: the tile's rows are one block, loaded through TMA
             async_proxy_fence(meta.ON_GPU)  # h came from other programs' stores
-            acc = gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, col, F, meta, h_rows,
-                           tl.min(r).to(tl.int32))
-        else:
-            acc = gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, col, F, meta)
+        acc = gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), F, meta,
+                       h_rows if meta.H_TMA else None, tl.min(r).to(tl.int32))
     done = clock_ns() if meta.TRACE else 0
     acc = _add_out_bias(acc, t.e, n, weights, H, meta)
     if not ok:
