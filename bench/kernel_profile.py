@@ -38,10 +38,12 @@ KINDS = {TASK_PUBLISH.value: "publish", TASK_DISPATCH.value: "dispatch", TASK_FF
 
 def summarize(trace: list[list[int]]) -> dict:
     """trace: rows (program, kind, start_ns, ready_ns, done_ns, end_ns) of one launch (unwritten
-    rows: program -1; kernels/fused_moe.py). -> {"span_us", "programs", "busy", kinds: {name: {n,
-    first_start_us, last_end_us, median_us, sum_us, wait_us, math_us, tail_us}}}; times relative
-    to the earliest start; wait/math/tail: medians of start->ready, ready->done, done->end;
-    busy: task time / (programs * span)."""
+    rows: program -1; kernels/fused_moe.py). -> {"span_us", "programs", "busy", "idle_end_us",
+    kinds: {name: {n, first_start_us, last_end_us, median_us, sum_us, wait_us, math_us,
+    tail_us}}}; times relative to the earliest start; wait/math/tail: medians of start->ready,
+    ready->done, done->end;
+    busy: task time / (programs * span); idle_end_us: how long a program sits idle after its last
+    task until the kernel's last one ends, on average (the call's tail)."""
     rows = [r for r in trace if r[0] >= 0]
     if not rows:
         raise ValueError("the trace holds no rows: was the kernel launched with it?")
@@ -59,12 +61,17 @@ def summarize(trace: list[list[int]]) -> dict:
                            "sum_us": sum(r[5] - r[2] for r in mine) / 1e3, "wait_us": median_us(2, 3),
                            "math_us": median_us(3, 4), "tail_us": median_us(4, 5)}
     tasks = sum(v["sum_us"] for k, v in kinds.items() if k != "wait_counts")
+    last_end = {}
+    for r in rows:
+        last_end[r[0]] = max(last_end.get(r[0], r[5]), r[5])
+    idle_end = statistics.mean(t0 + span - end for end in last_end.values()) / 1e3
     return {"span_us": span / 1e3, "programs": programs, "busy": tasks / (programs * span / 1e3),
-            "kinds": kinds}
+            "idle_end_us": idle_end, "kinds": kinds}
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"kernel span {s['span_us']:.1f} us over {s['programs']} programs, busy {s['busy']:.0%}",
+    lines = [f"kernel span {s['span_us']:.1f} us over {s['programs']} programs, busy {s['busy']:.0%}, "
+             f"idle after a program's last task {s['idle_end_us']:.1f} us",
              f"{'kind':<12}{'n':>8}{'first_us':>10}{'last_us':>10}{'median_us':>11}{'wait':>8}{'math':>8}"
              f"{'tail':>8}{'per_prog_us':>12}"]
     for name, k in s["kinds"].items():

@@ -85,6 +85,7 @@ def test_a_kernel_trace_is_summarised_per_task_kind():
     assert s["kinds"]["combine"]["wait_us"] == 1.0 and s["kinds"]["combine"]["tail_us"] == 1.0
     assert s["kinds"]["wait_counts"]["sum_us"] == 2.0 and "ffn_out" not in s["kinds"]
     assert s["busy"] == (1.0 + 0.5 + 10.0 + 5.0) / 20.0
+    assert s["idle_end_us"] == 1.0  # program 1's last task ends at 9 us of the kernel's 11
 
 
 def test_an_empty_trace_is_an_error():
