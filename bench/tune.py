@@ -3,6 +3,7 @@ reference, then timed (CUDA events, median over iterations and two input sets, m
 
     torchrun --nproc-per-node N bench/tune.py --preset mixtral_8x7b --tokens 4096 16384 \\
         --settings 128,8,3,8,256 128,8,3,8,128 [--out tune.json]
+    torchrun --nproc-per-node 1 bench/tune.py --random 6 --only random_4864x768_e18k2 --settings auto block_m=64
 
 A setting is block_m,num_warps,stages,group[,block_n[,dispatch_programs]] (the fields of
 flashmoe_py.kernels.launch_config.LaunchConfig), or `auto`: what the layer picks by itself, or
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
-from layer import CHECK_TOKENS, Timer, max_over_ranks, rel_err, save_rows  # noqa: E402
+from layer import CHECK_TOKENS, Timer, max_over_ranks, random_shapes, rel_err, save_rows  # noqa: E402
 
 KEYS = ("block_m", "num_warps", "stages", "group", "block_n", "dispatch_programs")
 
@@ -35,9 +36,25 @@ def parse_setting(text: str) -> dict:
     return dict(zip(KEYS, map(int, text.split(","))))
 
 
+def tuned_shapes(presets: list[str] | None, n_random: int, only: list[str] | None, seed: int) -> list[tuple]:
+    """-> [(name, MoEConfig)]: the presets named (mixtral_8x7b when none is named and no random
+    shape is asked for), then bench/layer.py's first n_random random shapes (bf16), only those
+    named in `only` if given (a name among none of them is an error)."""
+    names = presets if presets is not None else ([] if n_random else ["mixtral_8x7b"])
+    drawn = random_shapes(n_random, seed, "bfloat16")
+    unknown = sorted(set(only or ()) - {n for n, _ in drawn})
+    if unknown:
+        raise ValueError(f"--only {unknown}: not among the random shapes {[n for n, _ in drawn]}")
+    return [(n, fm.preset(n)) for n in names] + [(n, c) for n, c in drawn if only is None or n in only]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", nargs="+", default=["mixtral_8x7b"])
+    p.add_argument("--preset", nargs="*", default=None, help="preset names (default mixtral_8x7b unless --random)")
+    p.add_argument("--random", type=int, default=0, metavar="N",
+                   help="also bench/layer.py's first N random shapes (random_shapes, --random-seed)")
+    p.add_argument("--only", nargs="*", default=None, help="of the random shapes, only those named")
+    p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--tokens", type=int, nargs="+", default=[4096])
     p.add_argument("--settings", nargs="+", default=["128,8,3,8,256", "128,8,3,8,128"])
     p.add_argument("--iters", type=int, default=10)
@@ -45,10 +62,10 @@ def main():
     args = p.parse_args()
     settings = [parse_setting(s) for s in args.settings]
     world = detect_launcher().world_size
-    configs = [fm.preset(n) for n in args.preset]
-    rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, max(args.tokens)) for c in configs))
+    shapes = tuned_shapes(args.preset, args.random, args.only, args.random_seed)
+    rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, max(args.tokens)) for _, c in shapes))
     timer, rows = Timer(rt.device), []
-    for name, cfg in zip(args.preset, configs):
+    for name, cfg in shapes:
         for T in args.tokens:
             gen = torch.Generator().manual_seed(rt.rank + 1)
             xs = [torch.randn(T, cfg.hidden_size, generator=gen).to(rt.device, cfg.torch_dtype) for _ in range(2)]

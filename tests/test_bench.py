@@ -217,3 +217,17 @@ def test_tune_settings_are_positional_or_named_over_auto():
     assert tune.parse_setting("auto") == {}
     assert tune.parse_setting("128,8,3,8,256") == dict(block_m=128, num_warps=8, stages=3, group=8, block_n=256)
     assert tune.parse_setting("block_t=64,stages=4") == dict(block_t=64, stages=4)
+
+
+def test_tune_takes_presets_and_named_random_shapes():
+    import pytest
+    _bench_layer_module()
+    import tune
+    assert [n for n, _ in tune.tuned_shapes(None, 0, None, 0)] == ["mixtral_8x7b"]
+    every = [n for n, _ in tune.tuned_shapes(None, 3, None, 0)]
+    assert len(every) == 3 and all(n.startswith("random_") for n in every)
+    picked = tune.tuned_shapes(["qwen3_30b_a3b"], 3, [every[1]], 0)
+    assert [n for n, _ in picked] == ["qwen3_30b_a3b", every[1]]
+    assert picked[1][1].dtype == "bfloat16"
+    with pytest.raises(ValueError, match="--only"):
+        tune.tuned_shapes(None, 3, ["random_1x1_e1k1"], 0)
