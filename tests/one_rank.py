@@ -38,7 +38,9 @@ class OneRank:
         self.geo = Geometry.for_config(cfg, world, max_tokens)
         self.ws = Workspace.allocate(self.geo, cfg.torch_dtype, transport, device, LocalBuffers(device, world))
         self.status, self.ctl = self.ws.scratch.status, self.ws.scratch.ctl
-        gen = torch.Generator().manual_seed(random.randrange(2**31))
+        self.seed = random.randrange(2**31)  # every draw below and in forward() follows from it
+        print(f"OneRank seed: {self.seed}")  # shown by pytest when a test fails: replay with it
+        gen = torch.Generator().manual_seed(self.seed)
         self.gen = gen
         self.weights = {name: self._draw(name, shape) for name, shape in cfg.weight_shapes().items()}
         self.router, self.w_in, self.w_out = (self.weights[n] for n in ("router_weight", "w_in", "w_out"))

@@ -4,11 +4,11 @@ backward: "autograd" (through the torch backend's ops), "saved" and "recompute"
 (backends/explicit_backward.py: explicit steps after an inference forward, from what it saved or
 with routing and GEMM1 run again; backend "flash"'s backwards)."""
 
-import random
 
 import pytest
 import torch
 from grad_reference import grad_errors, lean_grad_errors, rel_err
+from seeds import fresh_seed
 
 from flashmoe_py import MoEConfig, MoELayer
 from flashmoe_py.backends import torch_ep
@@ -16,10 +16,6 @@ from flashmoe_py.options import BACKWARDS
 
 SMALL = dict(hidden_size=32, ffn_size=48, num_experts=8, dtype="float32")
 FP32_TOL = 1e-5
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
 
 
 VARIANTS = {

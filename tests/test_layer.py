@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dist_pool import RankError
+from seeds import fresh_seed
 from flashmoe_py import ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, preset, reference_forward
 from flashmoe_py.gate_up import to_halves
 
@@ -15,10 +16,6 @@ BF16_TOL = 1e-2
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
 
 
 def make_tokens(seed: int, rank: int, tokens: int, hidden: int, dtype, skewed=False) -> torch.Tensor:

@@ -8,13 +8,13 @@ parameters' gradients (embedding, head, router) are summed over ranks here, as d
 would. The reference is the same model in float64 in one process, its MoE reference_forward on
 each rank's batch (capacity, if any, per rank)."""
 
-import random
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from grad_reference import rel_err
+from seeds import fresh_seed
 from torch import nn
 
 from flashmoe_py import MoEConfig, MoELayer, reference_forward
@@ -23,10 +23,6 @@ from flashmoe_py.reference import reference_routing
 
 CFG = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, dtype="float32")
 VOCAB, BATCH = 64, 32
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
 
 
 class TinyMoEModel(nn.Module):
