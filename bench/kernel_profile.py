@@ -41,9 +41,8 @@ def summarize(trace: list[list[int]]) -> dict:
     rows: program -1; kernels/fused_moe.py). -> {"span_us", "programs", "busy", "idle_end_us",
     kinds: {name: {n, first_start_us, last_end_us, median_us, sum_us, wait_us, math_us,
     tail_us}}}; times relative to the earliest start; wait/math/tail: medians of start->ready,
-    ready->done, done->end;
-    busy: task time / (programs * span); idle_end_us: how long a program sits idle after its last
-    task until the kernel's last one ends, on average (the call's tail)."""
+    ready->done, done->end; busy: task time / (programs * span); idle_end_us: how long a program
+    sits idle after its last task until the kernel's last one ends, on average (the call's tail)."""
     rows = [r for r in trace if r[0] >= 0]
     if not rows:
         raise ValueError("the trace holds no rows: was the kernel launched with it?")
@@ -61,10 +60,10 @@ def summarize(trace: list[list[int]]) -> dict:
                            "sum_us": sum(r[5] - r[2] for r in mine) / 1e3, "wait_us": median_us(2, 3),
                            "math_us": median_us(3, 4), "tail_us": median_us(4, 5)}
     tasks = sum(v["sum_us"] for k, v in kinds.items() if k != "wait_counts")
-    last_end = {}
+    ends = {}  # each program's last task end
     for r in rows:
-        last_end[r[0]] = max(last_end.get(r[0], r[5]), r[5])
-    idle_end = statistics.mean(t0 + span - end for end in last_end.values()) / 1e3
+        ends[r[0]] = max(ends.get(r[0], r[5]), r[5])
+    idle_end = statistics.mean(t0 + span - end for end in ends.values()) / 1e3
     return {"span_us": span / 1e3, "programs": programs, "busy": tasks / (programs * span / 1e3),
             "idle_end_us": idle_end, "kinds": kinds}
 

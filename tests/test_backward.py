@@ -4,7 +4,6 @@ backward: "autograd" (through the torch backend's ops), "saved" and "recompute"
 (backends/explicit_backward.py: explicit steps after an inference forward, from what it saved or
 with routing and GEMM1 run again; backend "flash"'s backwards)."""
 
-
 import pytest
 import torch
 from grad_reference import grad_errors, lean_grad_errors, rel_err

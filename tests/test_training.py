@@ -8,7 +8,6 @@ parameters' gradients (embedding, head, router) are summed over ranks here, as d
 would. The reference is the same model in float64 in one process, its MoE reference_forward on
 each rank's batch (capacity, if any, per rank)."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
