@@ -15,6 +15,7 @@ long programs waited for the count words; one table per rank, JSON with --out.
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -133,6 +134,8 @@ def main():
     p.add_argument("--fwd-bwd", action="store_true", help="profile training steps, forward and backward")
     p.add_argument("--backward", default=None, help="the layer's backward with --fwd-bwd (MoELayer(backward=))")
     p.add_argument("--transport", nargs="+", default=["p2p"])
+    p.add_argument("--override", type=json.loads, default=None,
+                   help="launch settings as JSON, e.g. '{\"stages\": 4}' (MoELayer's launch_override)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cfg = fm.preset(args.preset)
@@ -144,7 +147,8 @@ def main():
     results = []
     for T in args.tokens:
         for transport in transports:
-            extra = {"max_tokens_per_rank": T, "transport": transport} if transport else {}
+            extra = ({"max_tokens_per_rank": T, "transport": transport, "launch_override": args.override}
+                     if transport else {})
             layer = fm.MoELayer(cfg, backend="flash" if args.trace else args.backend,
                                 backward=args.backward if args.fwd_bwd else None, **extra)
             x = torch.randn(T, cfg.hidden_size, device=rt.device, dtype=cfg.torch_dtype)

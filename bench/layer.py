@@ -135,10 +135,13 @@ class Timer:
     """Per-call times in µs of calls issued back to back, as a model issues its layers: on GPUs,
     CUDA events recorded around each call on the stream, the host waiting only after the last
     call (so a backend's own host synchronisation counts, the host's launch of the next call
-    does not, unless the GPU waits for it); on the CPU, perf_counter per call."""
+    does not, unless the GPU waits for it); on the CPU, perf_counter per call. host: every timed
+    call's host time in µs (perf_counter around its issue): where it reaches the GPU's time, the
+    GPU waits for the host, and the calls run at the host's pace."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.host: list[float] = []
 
     def time(self, fn, iters: int, warmup: int) -> list[float]:
         for _ in range(warmup):
@@ -149,9 +152,11 @@ class Timer:
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(iters)]
             for start, end in events:
+                t0 = time.perf_counter()
                 start.record()
                 fn()
                 end.record()
+                self.host.append((time.perf_counter() - t0) * 1e6)
             torch.cuda.synchronize()
             return [start.elapsed_time(end) * 1e3 for start, end in events]
         times = []
@@ -159,6 +164,7 @@ class Timer:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e6)
+        self.host += times
         return times
 
 
@@ -282,14 +288,16 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     rows = [row]
     if row["ok"]:
         iters = args.iters or (20 if device.type == "cuda" else 5)
-        times = []
+        times, timer = [], Timer(device)
         with torch.inference_mode():
             for x in xs:
-                times += Timer(device).time(lambda x=x: forward(x), iters, warmup=3)
+                times += timer.time(lambda x=x: forward(x), iters, warmup=3)
             layer.synchronize()
         row["median_us"] = max_over_ranks(statistics.median(times), device)
+        row["host_us"] = max_over_ranks(statistics.median(timer.host), device)
         if fused and args.user_graph:  # replayed from the caller's own CUDA graph
-            rows.append({**row, "backend": "flash+graph", "median_us": graph_median_us(layer, xs, iters, device)})
+            us, host_us = graph_median_us(layer, xs, iters, device)
+            rows.append({**row, "backend": "flash+graph", "median_us": us, "host_us": host_us})
         if args.fwd_bwd and forward is layer:
             for backward in args.backwards or [layer.options.backward_for(layer.backend.name)]:
                 if not (fused and backward == "autograd"):  # the fused kernel has no ops to record
@@ -336,11 +344,12 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
     out = {**row, "mode": "fwd+bwd", "backward": layer.options.backward_for(layer.backend.name), "rel_err": err,
            "ok": err <= tol, "median_us": None}
     if out["ok"]:
-        times = []
+        times, timer = [], Timer(device)
         for x, dy in zip(xs, dys):
-            times += Timer(device).time(training_step(layer, x.detach().requires_grad_(True), dy), iters, warmup=3)
+            times += timer.time(training_step(layer, x.detach().requires_grad_(True), dy), iters, warmup=3)
         layer.synchronize()
         out["median_us"] = max_over_ranks(statistics.median(times), device)
+        out["host_us"] = max_over_ranks(statistics.median(timer.host), device)
     return [out]
 
 
@@ -383,8 +392,9 @@ def random_shapes(n: int, seed: int, dtype: str) -> list[tuple[str, MoEConfig]]:
     return shapes
 
 
-def graph_median_us(layer, xs, iters, device) -> float:
-    """Capture one forward on a static input, then time replays with each input set copied in."""
+def graph_median_us(layer, xs, iters, device) -> tuple[float, float]:
+    """Capture one forward on a static input, then time replays with each input set copied in ->
+    (median µs, median host µs: Timer)."""
     static = xs[0].clone()
     with torch.inference_mode():
         side = torch.cuda.Stream()
@@ -395,12 +405,13 @@ def graph_median_us(layer, xs, iters, device) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             layer(static)
-        times = []
+        times, timer = [], Timer(device)
         for x in xs:
             static.copy_(x)
-            times += Timer(device).time(graph.replay, iters, warmup=3)
+            times += timer.time(graph.replay, iters, warmup=3)
         layer.synchronize()
-    return max_over_ranks(statistics.median(times), device)
+    return (max_over_ranks(statistics.median(times), device),
+            max_over_ranks(statistics.median(timer.host), device))
 
 
 def main(argv=None):

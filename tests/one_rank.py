@@ -72,20 +72,18 @@ class OneRank:
         epoch = int(self.ctl[CTL_EPOCH.value])
         self.ws.sym.count_words.local[epoch % 2, src] = (epoch << 32) | rows
 
-    def forward(self, tokens: int, timeout_s: float = 1.0, block_m: int = 64, block_n: int | None = None,
-                programs: int = 1, dispatch_programs: int | None = None, block_t: int | None = None,
-                combine_span: int = 1, static_ffn_in: int = 0, h_tma: int = 0, save: bool = False):
+    def forward(self, tokens: int, timeout_s: float = 1.0, save: bool = False, **launch):
         """One launch on `tokens` fresh random tokens -> (x, out); out is NaN where not written.
-        The call's routing plan is left in self.plan; save: the launch also fills self.saved
-        (kernels/fused_moe.Saved, NaN where not written)."""
+        launch: LaunchConfig's fields (default one program, 64-row tiles, the geometry's block_n
+        and block_t). The call's routing plan is left in self.plan; save: the launch also fills
+        self.saved (kernels/fused_moe.Saved, NaN where not written)."""
         cfg, geo = self.cfg, self.geo
         x = torch.randn(tokens, cfg.hidden_size, generator=self.gen).to(self.device, cfg.torch_dtype)
         out = torch.full_like(x, float("nan"))
         r = route(x, self.router, cfg, **self.router_extras())
         plan, _ = routing_plan(r, self.positions, geo, geo.send_order(0, self.device), self.ws.scratch.comb_expect)
-        launch = LaunchConfig(programs=programs, block_m=block_m, block_n=block_n or geo.block_n,
-                              dispatch_programs=dispatch_programs, block_t=block_t or geo.block_t,
-                              combine_span=combine_span, static_ffn_in=static_ffn_in, h_tma=h_tma)
+        launch = LaunchConfig(**{"programs": 1, "block_m": 64, "block_n": geo.block_n, "block_t": geo.block_t,
+                                 **launch})
         L = geo.local_experts
         experts = kernel_weights(self.weights, cfg, slice(0, L))
         self.plan, self.saved = plan, None

@@ -10,7 +10,7 @@ import pytest
 from dist_pool import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROW_KEYS = {"config", "tokens_per_rank", "world", "backend", "routing", "median_us", "rel_err",
+ROW_KEYS = {"config", "tokens_per_rank", "world", "backend", "routing", "median_us", "host_us", "rel_err",
             "floor_us", "device", "date", "commit", "ok", "preset"}
 
 
@@ -159,7 +159,7 @@ def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path
     rows = json.loads(out.read_text())["rows"]
     assert [(r.get("mode"), r.get("backward")) for r in rows] == [(None, None), ("fwd+bwd", "autograd"),
                                                                    ("fwd+bwd", "saved")]
-    assert all(r["ok"] and r["rel_err"] <= 1e-5 and r["median_us"] > 0 for r in rows)
+    assert all(r["ok"] and r["rel_err"] <= 1e-5 and r["median_us"] > 0 and r["host_us"] > 0 for r in rows)
     assert "torch/saved +bwd" in proc.stdout and set(rows[1]["speedup"]) == {"torch/autograd", "torch/saved"}
 
 

@@ -362,11 +362,12 @@ class SharedMemoryBuffers:
         return torch.tensor([b[name].data_ptr() for b in self.bufs])
 
 
-def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inputs, block_m, combine_span=1):
+def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inputs, launch_fields):
     """One rank of the fused kernel (one program) in this process; weights: every full weight by
-    name; odd calls save GEMM1's outputs (Saved, room for every row any source could send) ->
-    [(rel err, status, epoch, None or (what it sent: x and its plan's send_slot, pos_start,
-    send_counts, slot_w), saved.pre, saved.shared_pre)]."""
+    name; launch_fields: LaunchConfig's fields besides programs and block_n; odd calls save
+    GEMM1's outputs (Saved, room for every row any source could send) -> [(rel err, status,
+    epoch, None or (what it sent: x and its plan's send_slot, pos_start, send_counts, slot_w),
+    saved.pre, saved.shared_pre)]."""
     cfg = MoEConfig.from_dict(cfg_dict)
     geo = Geometry.for_config(cfg, world, max_tokens)
     ws = Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", SharedMemoryBuffers(bufs, rank))
@@ -375,7 +376,7 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
     experts = kernel_weights(weights, cfg, mine)
     router = {name: t for name, t in weights.items() if name in ("router_bias", "e_score_correction_bias")}
     positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
-    launch = LaunchConfig(programs=1, block_m=block_m, block_n=geo.block_n, combine_span=combine_span)
+    launch = LaunchConfig(programs=1, block_n=geo.block_n, **launch_fields)
     results = []
     f_in, fs_in = cfg.ffn_in_size, cfg.shared_ffn_in_size
     for call, x in enumerate(inputs[rank]):
@@ -408,7 +409,7 @@ def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activa
     experts computed beside the routed ones, and combine tasks of two column tiles (of 3); up to 8
     ranks, a node's worth (each sending to every peer, ranks with no tokens in some calls)."""
     variant = dict(variant)
-    span = variant.pop("combine_span", 1)
+    launch_fields = {"block_m": block_m, "combine_span": variant.pop("combine_span", 1)}
     cfg = MoEConfig(**{**dict(hidden_size=32, ffn_size=48, num_experts=2 * world, top_k=top_k,
                               activation=activation, dtype="float32"), **variant})
     gen = torch.Generator().manual_seed(random.randrange(2**31))
@@ -420,7 +421,7 @@ def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activa
     inputs = [[torch.randn(t, H, generator=gen) for t in ts] for ts in calls]
     bufs = shared_symmetric_buffers(cfg, world, 40)
     results = dist_pools(world).run(rank_runs_whole_kernel, cfg.to_dict(), 40, bufs, weights, inputs,
-                                    block_m, span)
+                                    launch_fields)
     for rank_results in results:
         assert [(status, epoch) for _, status, epoch, _ in rank_results] == [(0, 2), (0, 3), (0, 4), (0, 5)]
         assert max(err for err, _, _, _ in rank_results) <= 1e-5
