@@ -11,6 +11,9 @@ from seeds import fresh_seed
 
 from flashmoe_py import MoEConfig, MoELayer
 from flashmoe_py.backends import torch_ep
+from flashmoe_py.backends.flash import _Captured
+from flashmoe_py.backends.saved import SavedForward
+from flashmoe_py.routing import Routing
 from flashmoe_py.options import BACKWARDS
 
 SMALL = dict(hidden_size=32, ffn_size=48, num_experts=8, dtype="float32")
@@ -347,3 +350,35 @@ def test_the_lean_reference_agrees_with_the_float64_one(variant):
     lean = lean_grad_errors(MoELayer(cfg, seed=seed), x.clone().requires_grad_(), dy, torch.float64)
     full = grad_errors(MoELayer(cfg, seed=seed), x.clone().requires_grad_(), dy)
     assert set(lean) == set(full) and max(lean.values()) <= FP32_TOL, (lean, full)
+
+
+class _Replays:
+    """A captured forward's stand-in for a CUDA graph: each replay writes its call number into
+    the saved buffer, as a replay overwrites the graph's outputs in place."""
+
+    def __init__(self, pre: torch.Tensor):
+        self.pre, self.calls = pre, 0
+
+    def replay(self) -> None:
+        self.calls += 1
+        self.pre.fill_(self.calls)
+
+
+def test_a_replayed_training_forward_lends_its_saved_outputs_until_the_next_replay():
+    """A replayed saving forward hands out the graph's own buffers, no copy. The next replay
+    first gives the SavedForward lent before copies of them if it is still alive (its backward
+    has not run), and copies nothing once it is gone (a forward, then its backward)."""
+    pre = torch.zeros(6, 4)
+    routing = Routing(torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int64), None)
+    static = SavedForward(routing, torch.arange(6), torch.tensor([[6]]), pre, None)
+    captured = _Captured(_Replays(pre), torch.zeros(3, 4), (torch.zeros(3, 4), {}, static))
+    first = captured.replay(torch.ones(3, 4))[2]
+    assert first.pre is pre and (pre == 1).all()
+    second = captured.replay(torch.ones(3, 4))[2]  # the first is still waiting for its backward
+    assert first.pre is not pre and (first.pre == 1).all() and first.slot is not static.slot
+    assert second.pre is pre and (pre == 2).all()
+    del first, second  # their backwards ran
+    assert captured.lent() is None
+    third = captured.replay(torch.ones(3, 4))[2]
+    assert third.pre is pre and (pre == 3).all() and third.routing is routing
+

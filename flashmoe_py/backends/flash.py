@@ -8,6 +8,7 @@ Buffers live on the NVSHMEM symmetric heap and are reached through peer addresse
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import weakref
@@ -68,6 +69,30 @@ def routing_plan(r: Routing, positions: torch.Tensor, geo: Geometry, send_order:
                       local_experts=geo.local_experts, chunk=geo.chunk, maxc=geo.max_chunks)
 
 
+class _Captured:
+    """One forward captured in a CUDA graph: its static input and _launch's outputs, which every
+    replay overwrites; the SavedForward last lent out of them (a weak reference: None or dead once
+    its backward has run and released it)."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, static_x: torch.Tensor, outputs: tuple):
+        self.graph, self.static_x, self.outputs = graph, static_x, outputs
+        self.lent: weakref.ref | None = None
+
+    def replay(self, x: torch.Tensor) -> tuple:
+        """Copy x in and replay -> the graph's (out, stats, SavedForward or None), the SavedForward
+        a new one over the graph's buffers; the one lent before keeps copies if still alive."""
+        held = self.lent and self.lent()
+        if held is not None:
+            held.keep_copies()
+        self.static_x.copy_(x)
+        self.graph.replay()
+        out, stats, saved = self.outputs
+        if saved is not None:
+            saved = dataclasses.replace(saved)
+            self.lent = weakref.ref(saved)
+        return out, stats, saved
+
+
 class FlashBackend:
     """Owns one layer's workspace (symmetric buffers, local scratch, epoch) and launches the fused kernel.
 
@@ -77,9 +102,11 @@ class FlashBackend:
     name = "flash"
 
     MAX_GRAPHS = 8
-    # A replayed training forward copies what it saved out of the graph (bytes up to this); a
-    # larger one is launched: its copy would cost more than the ~0.6 ms of host time a replay saves.
-    GRAPHED_SAVE_BYTES = 64 << 20
+    # A training forward is replayed from a graph while what it saves takes at most this (the
+    # graph keeps that much memory per token count). One H200, qwen3 at 4,096 tokens (100 MB
+    # saved): launched instead, the forward added ~0.4-0.9 ms of host time to a step whose host
+    # time then reached its GPU time (bench/NOTES.md items 60, 61).
+    GRAPHED_SAVE_BYTES = 512 << 20
 
     def __init__(self, layer, options):
         self.rt = rt = runtime.require_fused()
@@ -100,7 +127,7 @@ class FlashBackend:
         # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), TRACE_COLS] tensor here
         # makes each launch record its tasks' timestamps into it (kernels/fused_moe.py).
         self.trace: torch.Tensor | None = None
-        self.graphs: dict[tuple, tuple] = {}  # _run's key -> (graph, static x, _launch's outputs)
+        self.graphs: dict[tuple, _Captured] = {}  # by _run's key
         self.seen: set[tuple] = set()
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 
@@ -131,9 +158,11 @@ class FlashBackend:
         """A training forward of backward="saved" (every rank runs one): x [T, H] -> (out, stats,
         SavedForward); the kernel writes GEMM1's outputs before the activation as it goes, room
         made for every row the ranks' token counts allow. Replayed from a CUDA graph as forward()
-        is while those outputs take at most GRAPHED_SAVE_BYTES, then copied out of the graph's
-        buffers, which the next replay overwrites; larger ones are launched, into new tensors
-        (there the copy would cost more than the host time a replay saves)."""
+        is while those outputs take at most GRAPHED_SAVE_BYTES (larger ones are launched, into new
+        tensors): the SavedForward then holds the graph's own buffers, lent until the graph's next
+        replay, which first copies them out if that SavedForward is still alive (its backward has
+        not run yet: several forwards before their backwards). A forward then a backward, step
+        after step, copies nothing."""
         self.raise_if_failed(block=False)
         layer, geo, cfg = self.layer, self.geo, self.layer.config
         T = x.shape[0]
@@ -147,7 +176,8 @@ class FlashBackend:
         """The routing plan and kernel for x [T, H], replayed from the CUDA graph of `key`
         (captured at its second call; the first runs eagerly and compiles the kernel) unless key is
         None or graphs are off. saving: (pre's shape, shared_pre's or None) for backward="saved".
-        -> (out, stats, SavedForward or None), copied out of a graph's buffers when replayed.
+        -> (out, stats, SavedForward or None); when replayed, out and stats are copied out of the
+        graph's buffers and the SavedForward is lent (_Captured).
         Graphs are kept for the MAX_GRAPHS latest keys."""
         if key is None or not self.options.cuda_graphs or torch.cuda.is_current_stream_capturing():
             return self._launch(x, saving=saving)
@@ -165,18 +195,16 @@ class FlashBackend:
                          dropped, self.MAX_GRAPHS)
                 self.graphs.pop(dropped)
         self.graphs[key] = entry = self.graphs.pop(key)  # most recently used last
-        graph, static_x, (out, stats, saved) = entry
-        static_x.copy_(x)
-        graph.replay()
+        out, stats, saved = entry.replay(x)
         self.status_ready.record()
-        return out.clone(), {k: v.clone() for k, v in stats.items()}, saved and saved.cloned()
+        return out.clone(), {k: v.clone() for k, v in stats.items()}, saved
 
-    def _capture(self, x: torch.Tensor, saving: tuple | None):
+    def _capture(self, x: torch.Tensor, saving: tuple | None) -> _Captured:
         static_x = x.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self._launch(static_x, copy_status=True, saving=saving)
-        return graph, static_x, outputs
+        return _Captured(graph, static_x, outputs)
 
     def _launch(self, x: torch.Tensor, copy_status: bool = False, saving: tuple | None = None):
         """Routing plan + one kernel launch for x: [T, H] (T may be 0); saving: as _run's.

@@ -27,9 +27,10 @@ class SavedForward:
     pre: torch.Tensor
     shared_pre: torch.Tensor | None
 
-    def cloned(self) -> SavedForward:
-        """A copy of every tensor (a CUDA graph's buffers, which its next replay overwrites)."""
+    def keep_copies(self) -> None:
+        """Hold copies of every tensor from now on (it held a CUDA graph's buffers, which the
+        graph's next replay overwrites)."""
         r = self.routing
-        routing = Routing(r.weights.clone(), r.experts.clone(), None if r.kept is None else r.kept.clone())
-        return SavedForward(routing, self.slot.clone(), self.send_counts.clone(), self.pre.clone(),
-                            None if self.shared_pre is None else self.shared_pre.clone())
+        self.routing = Routing(r.weights.clone(), r.experts.clone(), None if r.kept is None else r.kept.clone())
+        self.slot, self.send_counts, self.pre = self.slot.clone(), self.send_counts.clone(), self.pre.clone()
+        self.shared_pre = None if self.shared_pre is None else self.shared_pre.clone()

@@ -65,20 +65,32 @@ def max_tokens(world: int) -> int:
 
 def run_case(name, overrides, backend, backward, rank, world) -> dict:
     """Backend flash takes three steps at one token count, each on fresh inputs: the first
-    launched, the second captured in a CUDA graph, the third replayed from it (a small training
-    forward of backward="saved" is replayed, and what it saved copied out); the worst counts."""
+    launched, the second captured in a CUDA graph, the third replayed from it (a training forward
+    of backward="saved" is replayed, what it saved lent out of the graph's buffers); then two
+    forwards before their two backwards (the second replay must leave the first forward's saved
+    outputs as they were). The worst error counts."""
     cfg = case_config(overrides)
     seed = same_seed()
     layer = make_layer(cfg, backend, backward, seed, max_tokens(world))
     g = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
     seq = 0 if world > 1 and rank == world - 1 else 37 + 11 * rank
     errs: dict = {}
-    for _ in range(3 if backend == "flash" else 1):
-        layer.zero_grad(set_to_none=True)
+    def draw():
         x = torch.randn(3, seq, cfg.hidden_size, generator=g).to("cuda", cfg.torch_dtype).requires_grad_()
-        dy = torch.randn(x.shape, generator=g).to("cuda", cfg.torch_dtype)
-        for n, e in grad_errors(layer, x, dy).items():
+        return x, torch.randn(x.shape, generator=g).to("cuda", cfg.torch_dtype)
+
+    def step(x, dy, y=None):
+        layer.zero_grad(set_to_none=True)
+        for n, e in grad_errors(layer, x, dy, y=y).items():
             errs[n] = e if errs.get(n) is None or e is None else max(errs[n], e)
+
+    for _ in range(3 if backend == "flash" else 1):
+        step(*draw())
+    if backend == "flash":
+        inputs = [draw(), draw()]
+        outputs = [layer(x) for x, _ in inputs]
+        for (x, dy), y in zip(inputs, outputs):
+            step(x, dy, y)
     return finish(layer, name, backend, backward or layer.options.backward_for(backend), cfg, errs)
 
 
