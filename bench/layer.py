@@ -592,8 +592,8 @@ def print_table(rows, ceilings, meta, world):
           f"{meta['date']}")
     if ceilings:
         print("ceilings: " + "  ".join(f"{k}={v:.0f}" for k, v in ceilings.items()))
-    head = f"{'preset':<14}{'routing':<9}{'tokens':>7} {'backend':<16}{'median_us':>11}{'floor_us':>10}" \
-           f"{'of_floor':>9}{'TFLOP/s':>9}{'rel_err':>10}"
+    head = f"{'preset':<14}{'routing':<9}{'tokens':>7} {'backend':<16}{'median_us':>11}{'host_us':>9}" \
+           f"{'floor_us':>10}{'of_floor':>9}{'TFLOP/s':>9}{'rel_err':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -601,8 +601,9 @@ def print_table(rows, ceilings, meta, world):
         fl = f"{r['floor_us']:.1f}" if r["floor_us"] else "-"
         frac = f"{r['floor_us'] / r['median_us']:.0%}" if r["floor_us"] and r["median_us"] else "-"
         tf = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
+        host = f"{r['host_us']:.0f}" if r.get("host_us") else "-"
         label = row_name(r) + {"1d+regroup": " (1d)", "fwd+bwd": " +bwd"}.get(r.get("mode"), "")
-        print(f"{r['preset']:<14}{r['routing']:<9}{r['tokens_per_rank']:>7} {label:<16}{med:>11}"
+        print(f"{r['preset']:<14}{r['routing']:<9}{r['tokens_per_rank']:>7} {label:<16}{med:>11}{host:>9}"
               f"{fl:>10}{frac:>9}{tf:>9}{r['rel_err']:>10.1e}")
     if any(r.get("mode") == "1d+regroup" for r in rows):
         print("(1d): torch's all_to_all_vdev_2d refuses >= 16 experts per rank; symm_mem ran "

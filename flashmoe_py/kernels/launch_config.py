@@ -29,14 +29,13 @@ class LaunchConfig:
     for once for all of them (1: a task per column tile); static_ffn_in: 1 to take the GEMM1 tiles
     in a static order, program p tiles p, p + programs, .. of the queue's order, each with its own
     K loop (no queue atomic per tile), 0 from the task queue; world 1 only, where those tiles wait
-    for nothing (`auto` there from 64 rows an expert: choose_launch). It needs every program
-    running at once (one per SM on a GPU of its own): GEMM2 tiles wait for the GEMM1 tiles of fixed
-    programs, so a program held back (another kernel, an SM limit) delays the call, or ends it at
-    the timeout if held back longer than timeout_s.
-    Flattening those tiles into one loop (bench/gemm1_loop.py) and a static order for the GEMM2
-    tiles were measured and dropped (bench/NOTES.md items 38, 55). h_tma: 1 to load a GEMM2 tile's
-    h rows as TMA boxes, 0 to gather them row by row; world 1 only, where a tile's rows are one
-    block (with several ranks they can come from several sources)."""
+    for nothing (`auto` there from 64 rows an expert: choose_launch); it needs every program
+    resident at once (kernels/fused_moe.py's docstring says why, and what a program held back
+    does). Flattening those tiles into one loop (bench/gemm1_loop.py), a static order for the
+    GEMM2 tiles, and wide last tiles were measured and dropped (bench/NOTES.md items 38, 55, 60).
+    h_tma: 1 to load a GEMM2 tile's h rows as TMA boxes, 0 to gather them row by row; world 1
+    only, where a tile's rows are one block (with several ranks they can come from several
+    sources)."""
 
     programs: int
     block_m: int
