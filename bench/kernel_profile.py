@@ -138,6 +138,8 @@ def main():
                    help="launch settings as JSON, e.g. '{\"stages\": 4}' (MoELayer's launch_override)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.override is not None and not args.trace and args.backend != "flash":
+        p.error(f"--override sets the fused kernel's launch: backend {args.backend!r} has none")
     cfg = fm.preset(args.preset)
     world = detect_launcher().world_size
     fused = args.trace or args.backend == "flash"
@@ -159,7 +161,7 @@ def main():
                 every = [None] * world
                 dist.all_gather_object(every, summary)
                 results.append({"preset": args.preset, "tokens_per_rank": T, "world": world,
-                                "transport": transport, "ranks": every})
+                                "transport": transport, "override": args.override, "ranks": every})
                 if rt.rank == 0:
                     for r, s in enumerate(every):
                         print(f"\n### {title}: trace, rank {r}\n{format_summary(s)}", flush=True)

@@ -137,7 +137,9 @@ class Timer:
     call (so a backend's own host synchronisation counts, the host's launch of the next call
     does not, unless the GPU waits for it); on the CPU, perf_counter per call. host: every timed
     call's host time in µs (perf_counter around its issue): where it reaches the GPU's time, the
-    GPU waits for the host, and the calls run at the host's pace."""
+    GPU waits for the host and the calls run at the host's pace, unless the call itself waits for
+    the GPU (then the two match whatever the bottleneck: a training forward at world > 1, which
+    compares the ranks' token counts, and a backward's all-to-all split sizes or capacity drops)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -284,7 +286,7 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     tol = 1e-2 if cfg.dtype == "bfloat16" else (1e-4 if device.type == "cuda" else 1e-5)
     row = {"config": cfg.to_dict(), "tokens_per_rank": tokens, "world": world, "backend": backend,
            "routing": routing, "rel_err": err, "ok": err <= tol, **({"mode": mode} if mode else {})}
-    row["median_us"] = None
+    row["median_us"] = row["host_us"] = None
     rows = [row]
     if row["ok"]:
         iters = args.iters or (20 if device.type == "cuda" else 5)
@@ -342,7 +344,7 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
      * dys[0][:CHECK_TOKENS].double()).sum().backward()
     err = max_over_ranks(rel_err(x.grad, xr.grad), device)
     out = {**row, "mode": "fwd+bwd", "backward": layer.options.backward_for(layer.backend.name), "rel_err": err,
-           "ok": err <= tol, "median_us": None}
+           "ok": err <= tol, "median_us": None, "host_us": None}
     if out["ok"]:
         times, timer = [], Timer(device)
         for x, dy in zip(xs, dys):

@@ -72,9 +72,9 @@ class OneRank:
         epoch = int(self.ctl[CTL_EPOCH.value])
         self.ws.sym.count_words.local[epoch % 2, src] = (epoch << 32) | rows
 
-    def forward(self, tokens: int, timeout_s: float = 1.0, save: bool = False, **launch):
+    def forward(self, tokens: int, timeout_s: float = 1.0, save: bool = False, **fields):
         """One launch on `tokens` fresh random tokens -> (x, out); out is NaN where not written.
-        launch: LaunchConfig's fields (default one program, 64-row tiles, the geometry's block_n
+        fields: LaunchConfig's (default one program, 64-row tiles, the geometry's block_n
         and block_t). The call's routing plan is left in self.plan; save: the launch also fills
         self.saved (kernels/fused_moe.Saved, NaN where not written)."""
         cfg, geo = self.cfg, self.geo
@@ -83,7 +83,7 @@ class OneRank:
         r = route(x, self.router, cfg, **self.router_extras())
         plan, _ = routing_plan(r, self.positions, geo, geo.send_order(0, self.device), self.ws.scratch.comb_expect)
         launch = LaunchConfig(**{"programs": 1, "block_m": 64, "block_n": geo.block_n, "block_t": geo.block_t,
-                                 **launch})
+                                 **fields})
         L = geo.local_experts
         experts = kernel_weights(self.weights, cfg, slice(0, L))
         self.plan, self.saved = plan, None

@@ -11,7 +11,7 @@ from seeds import fresh_seed
 
 from flashmoe_py import MoEConfig, MoELayer
 from flashmoe_py.backends import torch_ep
-from flashmoe_py.backends.flash import _Captured
+from flashmoe_py.backends.flash import _Captured, graphs_to_drop
 from flashmoe_py.backends.saved import SavedForward
 from flashmoe_py.routing import Routing
 from flashmoe_py.options import BACKWARDS
@@ -354,31 +354,59 @@ def test_the_lean_reference_agrees_with_the_float64_one(variant):
 
 class _Replays:
     """A captured forward's stand-in for a CUDA graph: each replay writes its call number into
-    the saved buffer, as a replay overwrites the graph's outputs in place."""
+    the saved buffers, as a replay overwrites the graph's outputs in place."""
 
-    def __init__(self, pre: torch.Tensor):
-        self.pre, self.calls = pre, 0
+    def __init__(self, *buffers: torch.Tensor):
+        self.buffers, self.calls = buffers, 0
 
     def replay(self) -> None:
         self.calls += 1
-        self.pre.fill_(self.calls)
+        for b in self.buffers:
+            b.fill_(self.calls)
 
 
 def test_a_replayed_training_forward_lends_its_saved_outputs_until_the_next_replay():
     """A replayed saving forward hands out the graph's own buffers, no copy. The next replay
     first gives the SavedForward lent before copies of them if it is still alive (its backward
     has not run), and copies nothing once it is gone (a forward, then its backward)."""
-    pre = torch.zeros(6, 4)
-    routing = Routing(torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int64), None)
-    static = SavedForward(routing, torch.arange(6), torch.tensor([[6]]), pre, None)
-    captured = _Captured(_Replays(pre), torch.zeros(3, 4), (torch.zeros(3, 4), {}, static))
+    pre, shared_pre, kept = torch.zeros(6, 4), torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.bool)
+    routing = Routing(torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int64), kept)
+    static = SavedForward(routing, torch.arange(6), torch.tensor([[6]]), pre, shared_pre)
+    captured = _Captured(_Replays(pre, shared_pre), torch.zeros(3, 4), (torch.zeros(3, 4), {}, static))
     first = captured.replay(torch.ones(3, 4))[2]
     assert first.pre is pre and (pre == 1).all()
     second = captured.replay(torch.ones(3, 4))[2]  # the first is still waiting for its backward
-    assert first.pre is not pre and (first.pre == 1).all() and first.slot is not static.slot
+    assert (first.pre == 1).all() and (first.shared_pre == 1).all()
+    assert all(a is not b for a, b in [(first.pre, pre), (first.shared_pre, shared_pre), (first.slot, static.slot),
+                                       (first.routing.kept, kept), (first.routing.weights, routing.weights)])
     assert second.pre is pre and (pre == 2).all()
-    del first, second  # their backwards ran
+    del first, second  # both released (explicit_backward drops its SavedForward when its backward runs)
     assert captured.lent() is None
     third = captured.replay(torch.ones(3, 4))[2]
     assert third.pre is pre and (pre == 3).all() and third.routing is routing
+
+
+def test_a_backward_releases_what_the_forward_saved_while_its_loss_is_still_held():
+    """The usual loop holds the last loss (and its autograd graph) into the next forward: the
+    saved forward must be released by its backward, not by the graph, or a CUDA graph's next
+    replay would copy it every step. A second backward through the retained graph recomputes
+    (test_backward_twice_through_a_retained_graph)."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=fresh_seed(), backward="saved")
+    x = torch.randn(12, SMALL["hidden_size"], requires_grad=True)
+    loss = layer(x).square().sum()
+    node = loss.grad_fn
+    while type(node).__name__ != "_ExplicitBackward":
+        node = node.next_functions[0][0]
+    assert node.saved_forward is not None
+    loss.backward()
+    assert node.saved_forward is None and loss.grad_fn is not None
+
+
+def test_kept_graphs_hold_few_training_forwards():
+    """Graphs are dropped least recently used first: training forwards' (keys of three fields,
+    holding what they saved) past their own limit, then any past the overall one."""
+    keys = [(64, False, "s"), (8, True), (128, False, "s"), (16, True), (256, False, "s")]
+    assert graphs_to_drop(keys, max_graphs=8, max_saving=2) == [(64, False, "s")]
+    assert graphs_to_drop(keys, max_graphs=3, max_saving=2) == [(64, False, "s"), (8, True)]
+    assert graphs_to_drop(keys, max_graphs=8, max_saving=3) == []
 

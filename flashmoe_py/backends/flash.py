@@ -69,18 +69,34 @@ def routing_plan(r: Routing, positions: torch.Tensor, geo: Geometry, send_order:
                       local_experts=geo.local_experts, chunk=geo.chunk, maxc=geo.max_chunks)
 
 
+def graphs_to_drop(keys: list[tuple], max_graphs: int, max_saving: int) -> list[tuple]:
+    """keys: the kept graphs' keys (FlashBackend._run's), least recently used first -> those to
+    drop, so that at most max_saving are training forwards' (keys of three fields: they hold
+    what the forward saves) and at most max_graphs are left in all."""
+    saving = [k for k in keys if len(k) == 3]
+    drop = saving[:max(0, len(saving) - max_saving)]
+    rest = [k for k in keys if k not in drop]
+    return drop + rest[:max(0, len(rest) - max_graphs)]
+
+
 class _Captured:
     """One forward captured in a CUDA graph: its static input and _launch's outputs, which every
-    replay overwrites; the SavedForward last lent out of them (a weak reference: None or dead once
-    its backward has run and released it)."""
+    replay overwrites; the SavedForward last lent out of them (a weak reference, dead once its
+    backward has run: explicit_backward releases it there) and the stream of that replay, on
+    which autograd runs that backward."""
 
     def __init__(self, graph: torch.cuda.CUDAGraph, static_x: torch.Tensor, outputs: tuple):
         self.graph, self.static_x, self.outputs = graph, static_x, outputs
         self.lent: weakref.ref | None = None
+        self.lent_on: torch.cuda.Stream | None = None
 
     def replay(self, x: torch.Tensor) -> tuple:
         """Copy x in and replay -> the graph's (out, stats, SavedForward or None), the SavedForward
-        a new one over the graph's buffers; the one lent before keeps copies if still alive."""
+        a new one over the graph's buffers. The one lent before keeps copies if still alive (its
+        backward has not run); on another stream than its own, this replay first waits for that
+        stream (where its backward read the buffers)."""
+        if self.lent_on is not None and self.lent_on != torch.cuda.current_stream():
+            torch.cuda.current_stream().wait_stream(self.lent_on)
         held = self.lent and self.lent()
         if held is not None:
             held.keep_copies()
@@ -90,6 +106,7 @@ class _Captured:
         if saved is not None:
             saved = dataclasses.replace(saved)
             self.lent = weakref.ref(saved)
+            self.lent_on = torch.cuda.current_stream() if x.is_cuda else None
         return out, stats, saved
 
 
@@ -102,11 +119,14 @@ class FlashBackend:
     name = "flash"
 
     MAX_GRAPHS = 8
-    # A training forward is replayed from a graph while what it saves takes at most this (the
-    # graph keeps that much memory per token count). One H200, qwen3 at 4,096 tokens (100 MB
-    # saved): launched instead, the forward added ~0.4-0.9 ms of host time to a step whose host
-    # time then reached its GPU time (bench/NOTES.md items 60, 61).
+    # A training forward is replayed from a graph while what it saves takes at most this many
+    # bytes. One H200, qwen3 at 4,096 tokens (100 MiB saved): launched instead, the forward added
+    # ~0.4-0.9 ms of host time to a step whose host time then reached its GPU time
+    # (bench/NOTES.md items 60, 61). Such a graph keeps those bytes while it is kept (a training
+    # step's saved activations of this layer need them anyway), so at most MAX_SAVING_GRAPHS of
+    # the MAX_GRAPHS are training forwards' (the least recently used dropped first).
     GRAPHED_SAVE_BYTES = 512 << 20
+    MAX_SAVING_GRAPHS = 2
 
     def __init__(self, layer, options):
         self.rt = rt = runtime.require_fused()
@@ -161,8 +181,8 @@ class FlashBackend:
         is while those outputs take at most GRAPHED_SAVE_BYTES (larger ones are launched, into new
         tensors): the SavedForward then holds the graph's own buffers, lent until the graph's next
         replay, which first copies them out if that SavedForward is still alive (its backward has
-        not run yet: several forwards before their backwards). A forward then a backward, step
-        after step, copies nothing."""
+        not run yet: several forwards before their backwards; _Captured). A forward then its
+        backward, step after step, copies nothing."""
         self.raise_if_failed(block=False)
         layer, geo, cfg = self.layer, self.geo, self.layer.config
         T = x.shape[0]
@@ -177,8 +197,8 @@ class FlashBackend:
         (captured at its second call; the first runs eagerly and compiles the kernel) unless key is
         None or graphs are off. saving: (pre's shape, shared_pre's or None) for backward="saved".
         -> (out, stats, SavedForward or None); when replayed, out and stats are copied out of the
-        graph's buffers and the SavedForward is lent (_Captured).
-        Graphs are kept for the MAX_GRAPHS latest keys."""
+        graph's buffers and the SavedForward is lent (_Captured). Graphs are kept for the latest
+        keys (graphs_to_drop)."""
         if key is None or not self.options.cuda_graphs or torch.cuda.is_current_stream_capturing():
             return self._launch(x, saving=saving)
         layer = self.layer
@@ -189,10 +209,9 @@ class FlashBackend:
             log.info("rank %d: capturing the fused forward at %s (tokens, inference_mode[, saved shapes]) in a "
                      "CUDA graph", layer.rank, key)
             self.graphs[key] = self._capture(x, saving)
-            if len(self.graphs) > self.MAX_GRAPHS:
-                dropped = next(iter(self.graphs))
-                log.info("rank %d: dropping the CUDA graph of %s (more than %d kept)", layer.rank,
-                         dropped, self.MAX_GRAPHS)
+            for dropped in graphs_to_drop(list(self.graphs), self.MAX_GRAPHS, self.MAX_SAVING_GRAPHS):
+                log.info("rank %d: dropping the CUDA graph of %s (more than %d kept, or %d of training "
+                         "forwards)", layer.rank, dropped, self.MAX_GRAPHS, self.MAX_SAVING_GRAPHS)
                 self.graphs.pop(dropped)
         self.graphs[key] = entry = self.graphs.pop(key)  # most recently used last
         out, stats, saved = entry.replay(x)

@@ -29,8 +29,10 @@ class SavedForward:
 
     def keep_copies(self) -> None:
         """Hold copies of every tensor from now on (it held a CUDA graph's buffers, which the
-        graph's next replay overwrites)."""
+        graph's next replay overwrites); every copy is made before any field changes."""
         r = self.routing
-        self.routing = Routing(r.weights.clone(), r.experts.clone(), None if r.kept is None else r.kept.clone())
-        self.slot, self.send_counts, self.pre = self.slot.clone(), self.send_counts.clone(), self.pre.clone()
-        self.shared_pre = None if self.shared_pre is None else self.shared_pre.clone()
+        routing = Routing(r.weights.clone(), r.experts.clone(), None if r.kept is None else r.kept.clone())
+        copies = (self.slot.clone(), self.send_counts.clone(), self.pre.clone(),
+                  None if self.shared_pre is None else self.shared_pre.clone())
+        self.routing = routing
+        self.slot, self.send_counts, self.pre, self.shared_pre = copies

@@ -75,6 +75,7 @@ def run_case(name, overrides, backend, backward, rank, world) -> dict:
     g = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
     seq = 0 if world > 1 and rank == world - 1 else 37 + 11 * rank
     errs: dict = {}
+
     def draw():
         x = torch.randn(3, seq, cfg.hidden_size, generator=g).to("cuda", cfg.torch_dtype).requires_grad_()
         return x, torch.randn(x.shape, generator=g).to("cuda", cfg.torch_dtype)
