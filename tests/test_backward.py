@@ -11,7 +11,7 @@ from seeds import fresh_seed
 
 from flashmoe_py import MoEConfig, MoELayer
 from flashmoe_py.backends import torch_ep
-from flashmoe_py.backends.flash import _Captured, graphs_to_drop
+from flashmoe_py.backends.flash import CapturedForward, graphs_to_drop
 from flashmoe_py.backends.saved import SavedForward
 from flashmoe_py.routing import Routing
 from flashmoe_py.options import BACKWARDS
@@ -372,7 +372,7 @@ def test_a_replayed_training_forward_lends_its_saved_outputs_until_the_next_repl
     pre, shared_pre, kept = torch.zeros(6, 4), torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.bool)
     routing = Routing(torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int64), kept)
     static = SavedForward(routing, torch.arange(6), torch.tensor([[6]]), pre, shared_pre)
-    captured = _Captured(_Replays(pre, shared_pre), torch.zeros(3, 4), (torch.zeros(3, 4), {}, static))
+    captured = CapturedForward(_Replays(pre, shared_pre), torch.zeros(3, 4), (torch.zeros(3, 4), {}, static))
     first = captured.replay(torch.ones(3, 4))[2]
     assert first.pre is pre and (pre == 1).all()
     second = captured.replay(torch.ones(3, 4))[2]  # the first is still waiting for its backward

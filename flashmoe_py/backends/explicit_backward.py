@@ -60,7 +60,7 @@ class _Explicit(torch.autograd.Function):
         x, *_ = ctx.saved_tensors
         want = {name for name, needs in zip(ctx.names, ctx.needs_input_grad[4:]) if needs}
         # Released here, not when the autograd graph goes (a caller's `loss` can hold it into the
-        # next forward): a CUDA graph lends its buffers only until then (backends/flash._Captured).
+        # next forward): a CUDA graph lends its buffers only until then (backends/flash.CapturedForward).
         # A second backward through a retained graph recomputes instead: the same gradients.
         saved, ctx.saved_forward = ctx.saved_forward, None
         grads = moe_backward(ctx.layer, x, dy, want, x_needs_grad=ctx.needs_input_grad[0], saved=saved)

@@ -79,7 +79,7 @@ def graphs_to_drop(keys: list[tuple], max_graphs: int, max_saving: int) -> list[
     return drop + rest[:max(0, len(rest) - max_graphs)]
 
 
-class _Captured:
+class CapturedForward:
     """One forward captured in a CUDA graph: its static input and _launch's outputs, which every
     replay overwrites; the SavedForward last lent out of them (a weak reference, dead once its
     backward has run: explicit_backward releases it there) and the stream of that replay, on
@@ -147,7 +147,7 @@ class FlashBackend:
         # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), TRACE_COLS] tensor here
         # makes each launch record its tasks' timestamps into it (kernels/fused_moe.py).
         self.trace: torch.Tensor | None = None
-        self.graphs: dict[tuple, _Captured] = {}  # by _run's key
+        self.graphs: dict[tuple, CapturedForward] = {}  # by _run's key
         self.seen: set[tuple] = set()
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 
@@ -181,7 +181,7 @@ class FlashBackend:
         is while those outputs take at most GRAPHED_SAVE_BYTES (larger ones are launched, into new
         tensors): the SavedForward then holds the graph's own buffers, lent until the graph's next
         replay, which first copies them out if that SavedForward is still alive (its backward has
-        not run yet: several forwards before their backwards; _Captured). A forward then its
+        not run yet: several forwards before their backwards; CapturedForward). A forward then its
         backward, step after step, copies nothing."""
         self.raise_if_failed(block=False)
         layer, geo, cfg = self.layer, self.geo, self.layer.config
@@ -197,7 +197,7 @@ class FlashBackend:
         (captured at its second call; the first runs eagerly and compiles the kernel) unless key is
         None or graphs are off. saving: (pre's shape, shared_pre's or None) for backward="saved".
         -> (out, stats, SavedForward or None); when replayed, out and stats are copied out of the
-        graph's buffers and the SavedForward is lent (_Captured). Graphs are kept for the latest
+        graph's buffers and the SavedForward is lent (CapturedForward). Graphs are kept for the latest
         keys (graphs_to_drop)."""
         if key is None or not self.options.cuda_graphs or torch.cuda.is_current_stream_capturing():
             return self._launch(x, saving=saving)
@@ -218,12 +218,12 @@ class FlashBackend:
         self.status_ready.record()
         return out.clone(), {k: v.clone() for k, v in stats.items()}, saved
 
-    def _capture(self, x: torch.Tensor, saving: tuple | None) -> _Captured:
+    def _capture(self, x: torch.Tensor, saving: tuple | None) -> CapturedForward:
         static_x = x.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self._launch(static_x, copy_status=True, saving=saving)
-        return _Captured(graph, static_x, outputs)
+        return CapturedForward(graph, static_x, outputs)
 
     def _launch(self, x: torch.Tensor, copy_status: bool = False, saving: tuple | None = None):
         """Routing plan + one kernel launch for x: [T, H] (T may be 0); saving: as _run's.
