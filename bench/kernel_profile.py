@@ -138,11 +138,11 @@ def main():
                    help="launch settings as JSON, e.g. '{\"stages\": 4}' (MoELayer's launch_override)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if args.override is not None and not args.trace and args.backend != "flash":
+    fused = args.trace or args.backend == "flash"
+    if args.override is not None and not fused:
         p.error(f"--override sets the fused kernel's launch: backend {args.backend!r} has none")
     cfg = fm.preset(args.preset)
     world = detect_launcher().world_size
-    fused = args.trace or args.backend == "flash"
     transports = args.transport if fused else [None]
     rt = fm.init(nvshmem=fused, heap_bytes=max(heap_bytes_for(cfg, world, t, tr or "p2p") for t in args.tokens
                                                for tr in transports) if fused else None)

@@ -13,8 +13,8 @@ from flashmoe_py import MoEConfig, MoELayer
 from flashmoe_py.backends import torch_ep
 from flashmoe_py.backends.flash import CapturedForward, graphs_to_drop
 from flashmoe_py.backends.saved import SavedForward
-from flashmoe_py.routing import Routing
 from flashmoe_py.options import BACKWARDS
+from flashmoe_py.routing import Routing
 
 SMALL = dict(hidden_size=32, ffn_size=48, num_experts=8, dtype="float32")
 FP32_TOL = 1e-5
@@ -409,4 +409,3 @@ def test_kept_graphs_hold_few_training_forwards():
     assert graphs_to_drop(keys, max_graphs=8, max_saving=2) == [(64, False, "s")]
     assert graphs_to_drop(keys, max_graphs=3, max_saving=2) == [(64, False, "s"), (8, True)]
     assert graphs_to_drop(keys, max_graphs=8, max_saving=3) == []
-

@@ -220,7 +220,6 @@ def test_tune_settings_are_positional_or_named_over_auto():
 
 
 def test_tune_takes_presets_and_named_random_shapes():
-    import pytest
     _bench_layer_module()
     import tune
     assert [n for n, _ in tune.tuned_shapes(None, 0, None, 0)] == ["mixtral_8x7b"]
