@@ -136,6 +136,7 @@ def main():
     p.add_argument("--transport", nargs="+", default=["p2p"])
     p.add_argument("--override", type=json.loads, default=None,
                    help="launch settings as JSON, e.g. '{\"stages\": 4}' (MoELayer's launch_override)")
+    p.add_argument("--rows", type=int, default=40, help="rows of the profile's table (by self time)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     fused = args.trace or args.backend == "flash"
@@ -169,9 +170,9 @@ def main():
                 prof = profile_steps(layer, x, args.iters, args.fwd_bwd)
                 if rt.rank == 0:
                     what = "training steps (forward + backward)" if args.fwd_bwd else "forwards"
-                    sort = "cuda_time_total" if x.is_cuda else "cpu_time_total"
+                    sort = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
                     print(f"\n### {title}: totals over {args.iters} {what}")
-                    print(prof.key_averages().table(sort_by=sort, row_limit=24, max_name_column_width=60))
+                    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
             if layer.backend.name == "flash":
                 layer.backend.close()
     if rt.rank == 0 and args.out:

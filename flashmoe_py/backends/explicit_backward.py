@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ..kernels.token_sum import token_sum
 from ..routing import weights_backward, weights_for
 from .expert_grad import expert_ffn_backward
 from .saved import SavedForward
@@ -84,8 +85,8 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
         slot = saved.slot.long() if r.kept is None else saved.slot[:int(send_counts.sum())].long()
     tok = slot // k
 
-    xf, router_weight = x.float(), layer.router_weight.float()
-    logits = xf @ router_weight.t()
+    router_weight, xf = layer.router_weight, x.float()
+    logits = xf @ router_weight.float().t()
     if layer.router_bias is not None:
         logits = logits + layer.router_bias.float()
     slot_w = weights_for(logits, r.experts, cfg).reshape(-1)[slot]
@@ -102,12 +103,11 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     else:
         dx_slot, dw_slot = d_rows, dot
     grads = {name: g for name, g in expert_grads.items() if name in want}
-    dx = _per_token(dx_slot, slot, T, k)
     dw = torch.zeros(T * k, dtype=torch.float32, device=x.device).index_copy_(0, slot, dw_slot)
     d_logits = weights_backward(logits, r.experts, cfg, dw.view(T, k))
-    dx += d_logits @ router_weight
+    dx = _per_token(dx_slot, slot, T, k, d_logits, router_weight)
     if "router_weight" in want:
-        grads["router_weight"] = (d_logits.t() @ xf).to(layer.router_weight.dtype)
+        grads["router_weight"] = (d_logits.t() @ xf).to(router_weight.dtype)
     if "router_bias" in want:
         grads["router_bias"] = d_logits.sum(0).to(layer.router_bias.dtype)
     if cfg.shared_experts:
@@ -118,17 +118,22 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     return grads
 
 
-def _per_token(rows: torch.Tensor, slot: torch.Tensor, T: int, k: int) -> torch.Tensor:
-    """rows: [S, H], one per kept slot (slot [S]: token * k + choice, each at most once) -> [T, H]
-    fp32, each token's rows summed: gathered into slot order (a dropped slot reads a zero row),
-    then the k of a token added in fp32 (no atomics). A gather, not a scatter of the rows: on an
-    H200 the scatter took 306 us of qwen3's 3.4 ms step at 4,096 tokens (bench/NOTES.md item 53)."""
+def _per_token(rows: torch.Tensor, slot: torch.Tensor, T: int, k: int, d_logits: torch.Tensor,
+               router_weight: torch.Tensor) -> torch.Tensor:
+    """rows: [S, H], one per kept slot (slot [S]: token * k + choice, each at most once);
+    d_logits: [T, E] fp32; router_weight: [E, H] -> dx [T, H] fp32: each token's rows summed
+    (a dropped slot adds nothing), plus d_logits @ router_weight. One kernel pass on GPUs
+    (kernels/token_sum.py); elsewhere the rows gathered into slot order (a dropped slot reads a zero
+    row), the k of a token added in fp32, then the product. Never a scatter of the rows: on an H200
+    the scatter took 306 us of qwen3's 3.4 ms step at 4,096 tokens (bench/NOTES.md item 53)."""
     S, H = rows.shape
     where = torch.full((T * k,), S, dtype=torch.int64, device=rows.device)
     where[slot] = torch.arange(S, device=rows.device)
+    if rows.is_cuda:
+        return token_sum(rows, where.view(T, k), d_logits.contiguous(), router_weight.contiguous())
     if S < T * k:  # dropped slots: their index S reads the zero row
         rows = torch.cat([rows, rows.new_zeros(1, H)])
-    return rows[where].view(T, k, H).sum(1, dtype=torch.float32)
+    return rows[where].view(T, k, H).sum(1, dtype=torch.float32) + d_logits @ router_weight.float()
 
 
 def _at_the_experts(layer, send_counts: torch.Tensor, rows: torch.Tensor, dy: torch.Tensor,

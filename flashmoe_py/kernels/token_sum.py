@@ -1,0 +1,77 @@
+"""The explicit backward's last step on x's gradient in one pass (backends/explicit_backward.py):
+each token's kept slots' row gradients summed, plus the router's term, written once.
+
+    dx[t] = sum_j rows[where[t, j]]  +  d_logits[t] @ router_weight      [T, H] fp32
+
+where[t, j] is the row of token t's j-th slot among `rows`, or S (rows' count) or more for a slot
+with no row (capacity-dropped): it adds nothing. The k rows are added in slot order (the same bits
+every run); the router term is one tensor-core product a tile (tf32x3 on a GPU: fp32's accuracy).
+In torch ops the same step gathered the rows into slot order ([T * k, H], written and read
+again), summed them and added a separate GEMM's output (bench/NOTES.md item 62)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_TOKENS = 32
+BLOCK_COLS = 128
+BLOCK_EXPERTS = 32
+
+
+@triton.jit
+def token_sum_kernel(rows_ptr, row_stride, where_ptr, S, d_logits_ptr, router_ptr, out_ptr, T, H,
+                     E: tl.constexpr, K: tl.constexpr, ROUTER: tl.constexpr, PRECISION: tl.constexpr,
+                     BT: tl.constexpr, BH: tl.constexpr, BE: tl.constexpr, E_BLOCKS: tl.constexpr):
+    """rows: [S, H] (row stride row_stride, columns contiguous); where: [T, K] int64;
+    d_logits: [T, E] fp32 and router: [E, H] when ROUTER -> out [T, H] fp32, one [BT, BH] tile.
+    E and E_BLOCKS (E's blocks of BE) are constexprs, that loop unrolled: a loop to a runtime E
+    fails in Triton 3.6's interpreter."""
+    t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    h = tl.program_id(1) * BH + tl.arange(0, BH)
+    t_in, h_in = t < T, h < H
+    acc = tl.zeros((BT, BH), dtype=tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(where_ptr + t * K + j, mask=t_in, other=S)
+        has = (row < S)[:, None] & h_in[None, :]
+        acc += tl.load(rows_ptr + row[:, None] * row_stride + h[None, :], mask=has, other=0.0).to(tl.float32)
+    if ROUTER:
+        for b in tl.static_range(E_BLOCKS):
+            e = b * BE + tl.arange(0, BE)
+            d = tl.load(d_logits_ptr + t[:, None] * E + e[None, :], mask=t_in[:, None] & (e < E)[None, :], other=0.0)
+            w = tl.load(router_ptr + e.to(tl.int64)[:, None] * H + h[None, :], mask=(e < E)[:, None] & h_in[None, :],
+                        other=0.0).to(tl.float32)
+            acc = tl.dot(d, w, acc, input_precision=PRECISION)
+    tl.store(out_ptr + t[:, None] * H + h[None, :], acc, mask=t_in[:, None] & h_in[None, :])
+
+
+def token_sum(rows: torch.Tensor, where: torch.Tensor, d_logits: torch.Tensor | None = None,
+              router_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """rows: [S, H], any float dtype, columns contiguous; where: [T, k] int64, each slot's row
+    (S or more: none); d_logits: [T, E] fp32 with router_weight: [E, H], or both None -> dx
+    [T, H] fp32, as the module docstring says."""
+    if where.dim() != 2 or where.dtype != torch.int64 or not where.is_contiguous():
+        raise ValueError(f"token_sum: where is {where.dtype} {tuple(where.shape)}; expected a contiguous [T, k] int64")
+    if rows.dim() != 2 or rows.stride(1) != 1:
+        raise ValueError(f"token_sum: rows {tuple(rows.shape)} with strides {rows.stride()}; expected [S, H] "
+                         "with contiguous columns")
+    (S, H), T = rows.shape, where.shape[0]
+    if (d_logits is None) != (router_weight is None):
+        raise ValueError("token_sum: d_logits and router_weight come together")
+    E = 0
+    if d_logits is not None:
+        E = d_logits.shape[1]
+        if (d_logits.shape != (T, E) or d_logits.dtype != torch.float32 or not d_logits.is_contiguous()
+                or router_weight.shape != (E, H) or not router_weight.is_contiguous()):
+            raise ValueError(f"token_sum: d_logits {d_logits.dtype} {tuple(d_logits.shape)} and router_weight "
+                             f"{tuple(router_weight.shape)}; expected contiguous [{T}, E] float32 and [E, {H}]")
+    out = torch.empty(T, H, dtype=torch.float32, device=rows.device)
+    if T and H:
+        grid = (triton.cdiv(T, BLOCK_TOKENS), triton.cdiv(H, BLOCK_COLS))
+        token_sum_kernel[grid](rows, rows.stride(0), where, S, d_logits if E else out, router_weight if E else out,
+                               out, T, H, E, K=where.shape[1], ROUTER=E > 0,
+                               PRECISION="tf32x3" if rows.is_cuda else "ieee",
+                               BT=BLOCK_TOKENS, BH=BLOCK_COLS, BE=BLOCK_EXPERTS,
+                               E_BLOCKS=triton.cdiv(E, BLOCK_EXPERTS), num_warps=4)
+    return out
