@@ -130,7 +130,7 @@ def _per_token(rows: torch.Tensor, slot: torch.Tensor, T: int, k: int, d_logits:
     where = torch.full((T * k,), S, dtype=torch.int64, device=rows.device)
     where[slot] = torch.arange(S, device=rows.device)
     if rows.is_cuda:
-        return token_sum(rows, where.view(T, k), d_logits.contiguous(), router_weight.contiguous())
+        return token_sum(rows, where.view(T, k), d_logits, router_weight.contiguous())
     if S < T * k:  # dropped slots: their index S reads the zero row
         rows = torch.cat([rows, rows.new_zeros(1, H)])
     return rows[where].view(T, k, H).sum(1, dtype=torch.float32) + d_logits @ router_weight.float()

@@ -3,8 +3,8 @@ each token's kept slots' row gradients summed, plus the router's term, written o
 
     dx[t] = sum_j rows[where[t, j]]  +  d_logits[t] @ router_weight      [T, H] fp32
 
-where[t, j] is the row of token t's j-th slot among `rows`, or S (rows' count) or more for a slot
-with no row (capacity-dropped): it adds nothing. The k rows are added in slot order (the same bits
+where[t, j] is the row of token t's j-th slot among `rows` (0 <= where < S, rows' count), or S or
+more for a slot with no row (capacity-dropped): it adds nothing. The k rows are added in slot order (the same bits
 every run); the router term is one tensor-core product a tile (tf32x3 on a GPU: fp32's accuracy).
 In torch ops the same step gathered the rows into slot order ([T * k, H], written and read
 again), summed them and added a separate GEMM's output (bench/NOTES.md item 62)."""
@@ -26,8 +26,9 @@ def token_sum_kernel(rows_ptr, row_stride, where_ptr, S, d_logits_ptr, router_pt
                      BT: tl.constexpr, BH: tl.constexpr, BE: tl.constexpr, E_BLOCKS: tl.constexpr):
     """rows: [S, H] (row stride row_stride, columns contiguous); where: [T, K] int64;
     d_logits: [T, E] fp32 and router: [E, H] when ROUTER -> out [T, H] fp32, one [BT, BH] tile.
-    E and E_BLOCKS (E's blocks of BE) are constexprs, that loop unrolled: a loop to a runtime E
-    fails in Triton 3.6's interpreter."""
+    E and E_BLOCKS (E's blocks of BE) are constexprs from the launcher, that loop unrolled: a loop
+    to a runtime E fails in Triton 3.6's interpreter, and tl.static_range takes no computed count
+    when compiled."""
     t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     t_in, h_in = t < T, h < H
@@ -48,24 +49,31 @@ def token_sum_kernel(rows_ptr, row_stride, where_ptr, S, d_logits_ptr, router_pt
 
 def token_sum(rows: torch.Tensor, where: torch.Tensor, d_logits: torch.Tensor | None = None,
               router_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """rows: [S, H], any float dtype, columns contiguous; where: [T, k] int64, each slot's row
-    (S or more: none); d_logits: [T, E] fp32 with router_weight: [E, H], or both None -> dx
-    [T, H] fp32, as the module docstring says."""
+    """rows: [S, H], a float dtype, columns contiguous; where: [T, k] int64, each slot's row
+    (S or more: none); d_logits: [T, E] fp32 with router_weight: [E, H] (a float dtype), or both
+    None; all on one device -> dx [T, H] fp32, as the module docstring says."""
     if where.dim() != 2 or where.dtype != torch.int64 or not where.is_contiguous():
         raise ValueError(f"token_sum: where is {where.dtype} {tuple(where.shape)}; expected a contiguous [T, k] int64")
-    if rows.dim() != 2 or rows.stride(1) != 1:
-        raise ValueError(f"token_sum: rows {tuple(rows.shape)} with strides {rows.stride()}; expected [S, H] "
-                         "with contiguous columns")
+    if rows.dim() != 2 or rows.stride(1) != 1 or not rows.is_floating_point():
+        raise ValueError(f"token_sum: rows {rows.dtype} {tuple(rows.shape)} with strides {rows.stride()}; expected "
+                         "a float [S, H] with contiguous columns")
     (S, H), T = rows.shape, where.shape[0]
     if (d_logits is None) != (router_weight is None):
-        raise ValueError("token_sum: d_logits and router_weight come together")
+        given, missing = ("d_logits", "router_weight") if router_weight is None else ("router_weight", "d_logits")
+        raise ValueError(f"token_sum: {given} without {missing}: the router term needs both")
+    devices = {t.device for t in (rows, where, d_logits, router_weight) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"token_sum: rows, where, d_logits and router_weight on {sorted(map(str, devices))}; "
+                         "expected one device")
     E = 0
     if d_logits is not None:
         E = d_logits.shape[1]
         if (d_logits.shape != (T, E) or d_logits.dtype != torch.float32 or not d_logits.is_contiguous()
-                or router_weight.shape != (E, H) or not router_weight.is_contiguous()):
+                or router_weight.shape != (E, H) or not router_weight.is_contiguous()
+                or not router_weight.is_floating_point()):
             raise ValueError(f"token_sum: d_logits {d_logits.dtype} {tuple(d_logits.shape)} and router_weight "
-                             f"{tuple(router_weight.shape)}; expected contiguous [{T}, E] float32 and [E, {H}]")
+                             f"{router_weight.dtype} {tuple(router_weight.shape)}; expected contiguous [{T}, E] "
+                             f"float32 and a float [E, {H}]")
     out = torch.empty(T, H, dtype=torch.float32, device=rows.device)
     if T and H:
         grid = (triton.cdiv(T, BLOCK_TOKENS), triton.cdiv(H, BLOCK_COLS))
