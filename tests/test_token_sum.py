@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from grad_reference import rel_err
 
 from flashmoe_py.backends.explicit_backward import _per_token
 from flashmoe_py.kernels.token_sum import token_sum
@@ -13,10 +14,6 @@ from seeds import fresh_seed
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter test (the GPU backward check runs the kernel for real)")
-
-
-def rel_err(got, want):
-    return float((got.double() - want.double()).norm() / want.double().norm())
 
 
 def slots(gen, T, k, S):

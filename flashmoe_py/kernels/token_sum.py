@@ -4,8 +4,9 @@ each token's kept slots' row gradients summed, plus the router's term, written o
     dx[t] = sum_j rows[where[t, j]]  +  d_logits[t] @ router_weight      [T, H] fp32
 
 where[t, j] is the row of token t's j-th slot among `rows` (0 <= where < S, rows' count), or S or
-more for a slot with no row (capacity-dropped): it adds nothing. The k rows are added in slot order (the same bits
-every run); the router term is one tensor-core product a tile (tf32x3 on a GPU: fp32's accuracy).
+more for a slot with no row (capacity-dropped): it adds nothing. The k rows are added in slot
+order (the same bits every run); the router term is one tensor-core product a tile (tf32x3 on a
+GPU: fp32's accuracy).
 In torch ops the same step gathered the rows into slot order ([T * k, H], written and read
 again), summed them and added a separate GEMM's output (bench/NOTES.md item 62)."""
 
