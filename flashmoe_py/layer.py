@@ -274,10 +274,11 @@ class MoELayer(nn.Module):
                 full[name] = to_halves(full[name])
         return full
 
-    def route(self, x: torch.Tensor) -> Routing:
-        """This rank's tokens x [T, H] through the layer's router (routing.route, with its biases)."""
+    def route(self, x: torch.Tensor, *, keep_logits: bool = False) -> Routing:
+        """This rank's tokens x [T, H] through the layer's router (routing.route, with its biases;
+        keep_logits: the Routing holds the logits too)."""
         return route(x, self.router_weight, self.config, router_bias=self.router_bias,
-                     e_score_correction_bias=self.e_score_correction_bias)
+                     e_score_correction_bias=self.e_score_correction_bias, keep_logits=keep_logits)
 
     def full_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router_weight [E, H], w_in [E, H, F_in], w_out [E, F, H]) of the full layer, as

@@ -14,29 +14,35 @@ from .kernels.router import MAX_EXPERTS, router_topk
 @dataclass
 class Routing:
     """weights: [tokens, top_k] fp32; experts: [tokens, top_k] int64 global expert ids;
-    kept: [tokens, top_k] bool, or None when dropless."""
+    kept: [tokens, top_k] bool, or None when dropless; logits: [tokens, num_experts] fp32 (router
+    bias included), the scores' inputs, when route() was asked to keep them (the explicit
+    backward's), else None."""
 
     weights: torch.Tensor
     experts: torch.Tensor
     kept: torch.Tensor | None
+    logits: torch.Tensor | None = None
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
           router_bias: torch.Tensor | None = None,
-          e_score_correction_bias: torch.Tensor | None = None) -> Routing:
+          e_score_correction_bias: torch.Tensor | None = None, keep_logits: bool = False) -> Routing:
     """x: [tokens, hidden]; router_weight: [num_experts, hidden]; router_bias: [num_experts] when
     config.router_bias; e_score_correction_bias: [num_experts] when config.routing is
     'sigmoid_grouped' (MoEConfig describes each routing). Scores in fp32, the best expert first.
     On a GPU, with router_weight in x's dtype or fp32 and up to MAX_EXPERTS experts, every
     routing is one kernel (kernels/router.py), unless autograd records a graph through x,
     router_weight or router_bias: the kernel has no backward, so the torch ops route then (in
-    bf16 a near-tied token may pick another k-th expert than the kernel would)."""
+    bf16 a near-tied token may pick another k-th expert than the kernel would). keep_logits: the
+    Routing also holds the logits the experts were chosen from (the kernel writes them as it goes)."""
     config.check_weights({"router_bias": router_bias, "e_score_correction_bias": e_score_correction_bias})
     if _router_kernel_fits(x, router_weight, config) and not _records_graph(x, router_weight, router_bias):
+        logits = (torch.empty(x.shape[0], config.num_experts, dtype=torch.float32, device=x.device)
+                  if keep_logits else None)
         weights, experts = router_topk(
             x.contiguous(), router_weight.contiguous(), config.top_k, config.renormalize, routing=config.routing,
             router_bias=router_bias, correction_bias=e_score_correction_bias, n_group=config.n_group,
-            topk_group=config.topk_group, scaling=config.routed_scaling_factor)
+            topk_group=config.topk_group, scaling=config.routed_scaling_factor, logits_out=logits)
     else:
         logits = x.float() @ router_weight.float().t()
         if router_bias is not None:
@@ -47,7 +53,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
     capacity = config.capacity(x.shape[0])
     if capacity is not None:
         kept = keep_within_capacity(experts, config.num_experts, capacity)
-    return Routing(weights, experts, kept)
+    return Routing(weights, experts, kept, logits.detach() if keep_logits else None)
 
 
 def _router_kernel_fits(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> bool:

@@ -11,6 +11,7 @@ from seeds import fresh_seed
 
 from flashmoe_py import MoEConfig, MoELayer
 from flashmoe_py.backends import torch_ep
+from flashmoe_py.backends.explicit_backward import moe_backward
 from flashmoe_py.backends.flash import CapturedForward, graphs_to_drop
 from flashmoe_py.backends.saved import SavedForward
 from flashmoe_py.options import BACKWARDS
@@ -292,6 +293,18 @@ def test_the_saved_backward_keeps_the_routing_and_gemm1_outputs():
         want = torch.stack([x[s // 2] @ layer.w_in[e] + layer.b_in[e] for s, e in zip(saved.slot, experts)])
     assert saved.pre.shape == (14, 2 * 48) and rel_err(saved.pre, want) <= FP32_TOL
     assert saved.shared_pre is None
+    assert rel_err(saved.routing.logits, x.detach() @ layer.router_weight.detach().t()) <= FP32_TOL
+
+
+def test_a_backward_from_a_routing_without_logits_is_refused():
+    """The explicit backward takes the routing weights' derivatives from the forward's logits; a
+    SavedForward routed without them is a caller's mistake, named, not a silent recomputation."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), backward="saved")
+    x = torch.randn(7, 32, requires_grad=True)
+    node = layer(x).grad_fn.next_functions[0][0]
+    node.saved_forward.routing.logits = None
+    with pytest.raises(ValueError, match="no logits"):
+        moe_backward(layer, x.detach(), torch.randn(7, 32), {"w_in"}, True, saved=node.saved_forward)
 
 
 def test_the_recompute_backward_saves_only_the_input():
@@ -370,7 +383,7 @@ def test_a_replayed_training_forward_lends_its_saved_outputs_until_the_next_repl
     first gives the SavedForward lent before copies of them if it is still alive (its backward
     has not run), and copies nothing once it is gone (a forward, then its backward)."""
     pre, shared_pre, kept = torch.zeros(6, 4), torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.bool)
-    routing = Routing(torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int64), kept)
+    routing = Routing(torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int64), kept, torch.rand(3, 8))
     static = SavedForward(routing, torch.arange(6), torch.tensor([[6]]), pre, shared_pre)
     captured = CapturedForward(_Replays(pre, shared_pre), torch.zeros(3, 4), (torch.zeros(3, 4), {}, static))
     first = captured.replay(torch.ones(3, 4))[2]
@@ -378,7 +391,8 @@ def test_a_replayed_training_forward_lends_its_saved_outputs_until_the_next_repl
     second = captured.replay(torch.ones(3, 4))[2]  # the first is still waiting for its backward
     assert (first.pre == 1).all() and (first.shared_pre == 1).all()
     assert all(a is not b for a, b in [(first.pre, pre), (first.shared_pre, shared_pre), (first.slot, static.slot),
-                                       (first.routing.kept, kept), (first.routing.weights, routing.weights)])
+                                       (first.routing.kept, kept), (first.routing.weights, routing.weights),
+                                       (first.routing.logits, routing.logits)])
     assert second.pre is pre and (pre == 2).all()
     del first, second  # both released (explicit_backward drops its SavedForward when its backward runs)
     assert captured.lent() is None

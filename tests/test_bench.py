@@ -230,3 +230,23 @@ def test_tune_takes_presets_and_named_random_shapes():
     assert picked[1][1].dtype == "bfloat16"
     with pytest.raises(ValueError, match="--only"):
         tune.tuned_shapes(None, 3, ["random_1x1_e1k1"], 0)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernels in the interpreter")
+def test_backward_kernels_bench_checks_every_variant_against_float64():
+    """bench/backward_kernels.py on a small config: every token-sum tile and the router gradient,
+    each beside its torch steps, within 1e-5 of float64; token_sum's own tiles restored after."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import backward_kernels
+    from flashmoe_py import MoEConfig
+    from flashmoe_py.kernels import token_sum
+
+    tiles = (token_sum.BLOCK_TOKENS, token_sum.BLOCK_TOKENS_MANY_EXPERTS, token_sum.BLOCK_COLS, token_sum.NUM_WARPS)
+    cfg = MoEConfig(hidden_size=160, ffn_size=32, num_experts=72, top_k=3, dtype="bfloat16")
+    rows = backward_kernels.bench_config("small", cfg, 70, iters=1, input_sets=1, device="cpu")
+    assert {(r["op"], r["variant"]) for r in rows} >= {("token_sum", "torch"), ("token_sum", "chosen tiles"),
+                                                        ("router_grad", "torch"), ("router_grad", "kernel")}
+    assert len(rows) == len(backward_kernels.TOKEN_SUM_TILES) + 5
+    assert all(r["ok"] and r["rel_err"] <= 1e-5 and r["median_us"] > 0 and r["floor_us"] > 0 for r in rows)
+    assert tiles == (token_sum.BLOCK_TOKENS, token_sum.BLOCK_TOKENS_MANY_EXPERTS, token_sum.BLOCK_COLS,
+                     token_sum.NUM_WARPS)

@@ -102,6 +102,8 @@ def test_non_finite_tokens_get_k_distinct_experts_with_nan_weights(dtype):
     (lambda x, w: router_topk(x, w, 17, True), "top_k=17"),
     (lambda x, w: router_topk(x, torch.zeros(600, 64, device=x.device), 2, True), "600 experts"),
     (lambda x, w: router_topk(x, w, 2, True, block_t=24), "block_t=24"),
+    (lambda x, w: router_topk(x, w, 2, True, logits_out=torch.empty(8, 15, device=x.device)), "logits_out"),
+    (lambda x, w: router_topk(x, w, 2, True, logits_out=torch.empty(8, 16, device=x.device).half()), "logits_out"),
 ])
 def test_router_rejects_bad_arguments_by_name(bad, match):
     x, w = torch.randn(8, 64, device=DEVICE), torch.randn(16, 64, device=DEVICE)
@@ -161,3 +163,24 @@ def test_an_fp32_router_in_a_bf16_layer_takes_the_exact_dot_on_upcast_activation
     rows = decided_choice(x.cpu(), w.cpu(), cfg, None, correction.cpu())
     assert rows.float().mean() > 0.5 and torch.equal(got_e.cpu()[rows], ref_e[rows])
     torch.testing.assert_close(got_w.cpu()[rows].double(), ref_w[rows].double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fields,bias", ROUTINGS)
+def test_the_router_writes_the_logits_it_chose_from_and_chooses_the_same(fields, bias):
+    """logits_out (NaN before the kernel) holds x @ w^T + bias, every token and expert; asking for
+    it changes no weight and no expert."""
+    experts, top_k = 40, 4
+    cfg = MoEConfig(hidden_size=80, ffn_size=32, num_experts=experts, top_k=top_k, dtype="float32", **fields)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    x, w = torch.randn(70, 80, generator=gen), torch.randn(experts, 80, generator=gen) / 8
+    router_bias = torch.randn(experts, generator=gen) if bias else None
+    correction = torch.rand(experts, generator=gen) / 4 if cfg.routing == "sigmoid_grouped" else None
+    kwargs = dict(routing=cfg.routing, router_bias=None if router_bias is None else router_bias.to(DEVICE),
+                  correction_bias=None if correction is None else correction.to(DEVICE), n_group=cfg.n_group,
+                  topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor)
+    logits = torch.full((70, experts), float("nan"), device=DEVICE)
+    with_logits = router_topk(x.to(DEVICE), w.to(DEVICE), top_k, cfg.renormalize, logits_out=logits, **kwargs)
+    without = router_topk(x.to(DEVICE), w.to(DEVICE), top_k, cfg.renormalize, **kwargs)
+    want = x.double() @ w.double().t() + (0 if router_bias is None else router_bias.double())
+    assert (logits.cpu().double() - want).norm() / want.norm() <= 1e-6
+    assert torch.equal(with_logits[1], without[1]) and torch.equal(with_logits[0], without[0])

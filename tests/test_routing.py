@@ -50,6 +50,10 @@ def test_route_matches_reference(mode):
             break
     r = route(x, router_weight, cfg, **biases)
     w, e, kept = reference_routing(x, router_weight, cfg, torch.float64, **biases)
+    assert r.logits is None  # kept only when asked for
+    logits = route(x, router_weight, cfg, **biases, keep_logits=True).logits
+    want = x.double() @ router_weight.double().t() + biases.get("router_bias", torch.zeros(())).double()
+    assert logits.dtype == torch.float32 and (logits.double() - want).norm() / want.norm() <= 1e-6
     assert rows.float().mean() > 0.5
     assert torch.equal(r.experts[rows], e[rows])
     torch.testing.assert_close(r.weights.double()[rows], w[rows], rtol=1e-5, atol=1e-7)

@@ -6,7 +6,8 @@ sizes at world > 1, or for the kept slots under capacity):
 
 1. the forward's routing ("saved"), or x routed again ("recompute": the same experts and
    capacity drops, since routing is deterministic: the router kernel on GPUs, torch ops
-   elsewhere); then the routing weights of those experts from fp32 logits (routing.weights_for);
+   elsewhere); then the routing weights of those experts from the fp32 logits that routing kept
+   (routing.weights_for);
 2. send each kept slot's row (x, or its weight times x for weight_on_input), dy at its token and
    its scale (its weight, or 1) to the rank that holds its expert: an all-to-all with the
    forward's split sizes (at world 1, a gather);
@@ -30,6 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ..kernels.router_grad import router_weight_grad
 from ..kernels.token_sum import token_sum
 from ..routing import weights_backward, weights_for
 from .expert_grad import expert_ffn_backward
@@ -78,20 +80,21 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     T, k = x.shape[0], cfg.top_k
     if saved is None:
         with torch.no_grad():  # the forward's routing (the router kernel, on GPUs), even under create_graph
-            r = layer.route(x)
+            r = layer.route(x, keep_logits=True)
         slot, send_counts = slots_by_destination(r, layer)  # slot t * k + j: token t's j-th expert
     else:
         r, send_counts = saved.routing, saved.send_counts.long()
         slot = saved.slot.long() if r.kept is None else saved.slot[:int(send_counts.sum())].long()
+    if r.logits is None:
+        raise ValueError("moe_backward: the forward's routing has no logits; a saving forward routes with "
+                         "keep_logits=True")
     tok = slot // k
 
-    router_weight, xf = layer.router_weight, x.float()
-    logits = xf @ router_weight.float().t()
-    if layer.router_bias is not None:
-        logits = logits + layer.router_bias.float()
+    router_weight, logits = layer.router_weight, r.logits
     slot_w = weights_for(logits, r.experts, cfg).reshape(-1)[slot]
     if cfg.weight_on_input:
-        rows, scale = (xf[tok] * slot_w[:, None]).to(x.dtype), torch.ones_like(slot_w)
+        x_slot = x[tok].float()
+        rows, scale = (x_slot * slot_w[:, None]).to(x.dtype), torch.ones_like(slot_w)
     else:
         rows, scale = x[tok], slot_w
     d_rows, dot, expert_grads = _at_the_experts(layer, send_counts, rows, dy[tok], scale,
@@ -99,7 +102,7 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
 
     if cfg.weight_on_input:  # the slot's row was w x: d(w x) = d_rows
         d_rows = d_rows.float()
-        dx_slot, dw_slot = d_rows * slot_w[:, None], (d_rows * xf[tok]).sum(1)
+        dx_slot, dw_slot = d_rows * slot_w[:, None], (d_rows * x_slot).sum(1)
     else:
         dx_slot, dw_slot = d_rows, dot
     grads = {name: g for name, g in expert_grads.items() if name in want}
@@ -107,7 +110,7 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     d_logits = weights_backward(logits, r.experts, cfg, dw.view(T, k))
     dx = _per_token(dx_slot, slot, T, k, d_logits, router_weight)
     if "router_weight" in want:
-        grads["router_weight"] = (d_logits.t() @ xf).to(router_weight.dtype)
+        grads["router_weight"] = _router_weight_grad(d_logits, x).to(router_weight.dtype)
     if "router_bias" in want:
         grads["router_bias"] = d_logits.sum(0).to(layer.router_bias.dtype)
     if cfg.shared_experts:
@@ -134,6 +137,15 @@ def _per_token(rows: torch.Tensor, slot: torch.Tensor, T: int, k: int, d_logits:
     if S < T * k:  # dropped slots: their index S reads the zero row
         rows = torch.cat([rows, rows.new_zeros(1, H)])
     return rows[where].view(T, k, H).sum(1, dtype=torch.float32) + d_logits @ router_weight.float()
+
+
+def _router_weight_grad(d_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d_logits: [T, E] fp32; x: [T, H] -> d_logits^T @ x, [E, H] fp32: on GPUs one kernel on the
+    tensor cores (kernels/router_grad.py: x read in its own dtype, no fp32 copy of it), elsewhere
+    an fp32 matmul."""
+    if x.is_cuda:
+        return router_weight_grad(d_logits, x.contiguous())
+    return d_logits.t() @ x.float()
 
 
 def _at_the_experts(layer, send_counts: torch.Tensor, rows: torch.Tensor, dy: torch.Tensor,

@@ -189,7 +189,7 @@ class FlashBackend:
         tokens = _check_graphs_agree(layer, True, None, T) if layer.world_size > 1 else [T]
         saving = ((sum(tokens) * min(cfg.top_k, geo.local_experts), cfg.ffn_in_size),
                   (T, cfg.shared_ffn_in_size) if cfg.shared_experts else None)
-        size = sum(a * b for a, b in filter(None, saving)) * x.element_size()
+        size = sum(a * b for a, b in filter(None, saving)) * x.element_size() + T * cfg.num_experts * 4  # + logits
         return self._run(x, (T, False, saving) if size <= self.GRAPHED_SAVE_BYTES else None, saving)
 
     def _run(self, x: torch.Tensor, key: tuple | None, saving: tuple | None = None):
@@ -229,7 +229,7 @@ class FlashBackend:
         """Routing plan + one kernel launch for x: [T, H] (T may be 0); saving: as _run's.
         -> (out, stats, SavedForward or None)."""
         layer, geo, ws = self.layer, self.geo, self.ws
-        r = layer.route(x)
+        r = layer.route(x, keep_logits=saving is not None)
         plan, stats = routing_plan(r, layer.expert_positions, geo, self.send_order, ws.scratch.comb_expect)
         out = torch.empty_like(x)
         launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..config import MoEConfig
 from ..reference import activate
-from ..routing import Routing, histogram, route
+from ..routing import Routing, histogram
 from .saved import SavedForward
 from .autograd_ops import Exchange, dispatch_experts_combine, grouped_mm
 
@@ -135,8 +135,7 @@ class TorchEPBackend:
         W, L, E, k = layer.world_size, layer.local_experts, cfg.num_experts, cfg.top_k
         device = layer.router_weight.device
         if error is None:
-            r = route(x, layer.router_weight, cfg, router_bias=layer.router_bias,
-                      e_score_correction_bias=layer.e_score_correction_bias)
+            r = layer.route(x, keep_logits=keep)
             slot, send_counts = slots_by_destination(r, layer)
             slot_tok, slot_w = slot // k, r.weights.reshape(-1)[slot]
             stats = {"expert_counts": histogram(r.experts.reshape(-1), E),

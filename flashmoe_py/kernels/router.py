@@ -41,7 +41,8 @@ class RouterMeta(NamedTuple):
     """Compile-time settings (tl.constexpr each): ROUTING (ROUTINGS), TOP_K (K_POW2 its power of
     two), E_POW2 >= E, RENORMALIZE, HAS_BIAS (router bias), N_GROUP (NG_POW2 its power of two),
     TOPK_GROUP and GROUP_SIZE (E / N_GROUP) of sigmoid_grouped, UPCAST (an fp32 router: x is
-    upcast, the dot is exact fp32), PRECISION of fp32 dots, BT tokens a program, BK the K step."""
+    upcast, the dot is exact fp32), PRECISION of fp32 dots, SAVE_LOGITS (also write the logits, for
+    a training forward's backward), BT tokens a program, BK the K step."""
 
     ROUTING: tl.constexpr
     TOP_K: tl.constexpr
@@ -55,6 +56,7 @@ class RouterMeta(NamedTuple):
     GROUP_SIZE: tl.constexpr
     UPCAST: tl.constexpr
     PRECISION: tl.constexpr
+    SAVE_LOGITS: tl.constexpr
     BT: tl.constexpr
     BK: tl.constexpr
 
@@ -114,9 +116,11 @@ def _kept_groups(choice, emask, e, meta):
 
 
 @triton.jit
-def router_kernel(x_ptr, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_ptr, T, H, E, scaling, meta):
+def router_kernel(x_ptr, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_ptr, logits_ptr, T, H, E, scaling,
+                  meta):
     """x: [T, H]; w: [E, H] (x's dtype, or fp32 with UPCAST); bias, correction: [E] fp32 (read
-    when HAS_BIAS / sigmoid_grouped); weights: [T, TOP_K] fp32; experts: [T, TOP_K] int64."""
+    when HAS_BIAS / sigmoid_grouped); weights: [T, TOP_K] fp32; experts: [T, TOP_K] int64;
+    logits: [T, E] fp32, written when SAVE_LOGITS (with the router bias)."""
     BT: tl.constexpr = meta.BT
     TOP_K: tl.constexpr = meta.TOP_K
     t = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -124,6 +128,8 @@ def router_kernel(x_ptr, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_p
     e = tl.arange(0, meta.E_POW2)
     emask = e < E
     logits = _logits(x_ptr, w_ptr, bias_ptr, t, tmask, e, emask, H, meta)
+    if meta.SAVE_LOGITS:
+        tl.store(logits_ptr + t.to(tl.int64)[:, None] * E + e[None, :], logits, mask=tmask[:, None] & emask[None, :])
     if meta.ROUTING == SOFTMAX_TOPK:
         # A non-finite logit makes its token's whole row NaN, as in torch's softmax.
         p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
@@ -172,11 +178,14 @@ def router_kernel(x_ptr, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_p
 def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renormalize: bool = True, *,
                 routing: str = "softmax_topk", router_bias: torch.Tensor | None = None,
                 correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
-                scaling: float = 1.0, block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                scaling: float = 1.0, block_t: int | None = None,
+                logits_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [T, H]; router_weight: [E, H] in x's dtype or fp32, E <= MAX_EXPERTS, on x's device;
     router_bias: [E] or None; correction_bias: [E] (routing 'sigmoid_grouped'); n_group,
     topk_group: sigmoid_grouped's groups; scaling: every weight's factor; block_t: tokens per
-    program (a power of two >= 16; default by E).
+    program (a power of two >= 16; default by E); logits_out: a contiguous [T, E] fp32 tensor on
+    x's device into which the logits the choice was made from are written (router bias
+    included), or None.
     -> (weights [T, top_k] fp32, experts [T, top_k] int64), best expert first."""
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"x: expected a contiguous [tokens, hidden] tensor, got {tuple(x.shape)}")
@@ -201,6 +210,10 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
     for name, t in (("router_bias", router_bias), ("correction_bias", correction_bias)):
         if t is not None and (tuple(t.shape) != (E,) or t.device != x.device):
             raise ValueError(f"{name}: expected [{E}] on {x.device}, got {tuple(t.shape)} on {t.device}")
+    if logits_out is not None and (tuple(logits_out.shape) != (T, E) or logits_out.dtype != torch.float32
+                                   or not logits_out.is_contiguous() or logits_out.device != x.device):
+        raise ValueError(f"logits_out: expected a contiguous [{T}, {E}] float32 tensor on {x.device}, got "
+                         f"{logits_out.dtype} {tuple(logits_out.shape)} on {logits_out.device}")
     if block_t is not None and (block_t < 16 or triton.next_power_of_2(block_t) != block_t):
         raise ValueError(f"block_t={block_t}: expected a power of two >= 16")
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
@@ -218,12 +231,13 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
                           NG_POW2=c(triton.next_power_of_2(n_group if grouped else 1)),
                           TOPK_GROUP=c(topk_group if grouped else 1),
                           GROUP_SIZE=c(E // n_group if grouped else E), UPCAST=c(upcast),
-                          PRECISION=c("ieee" if router_weight.dtype == torch.float32 else "tf32"), BT=c(bt),
-                          BK=c(bk))
+                          PRECISION=c("ieee" if router_weight.dtype == torch.float32 else "tf32"),
+                          SAVE_LOGITS=c(logits_out is not None), BT=c(bt), BK=c(bk))
         dummy = weights  # for pointers a routing does not read
         bias = router_bias.float().contiguous() if router_bias is not None else dummy
         correction = correction_bias.float().contiguous() if grouped else dummy
         router_kernel[(triton.cdiv(T, bt),)](
-            x, router_weight, bias, correction, weights, experts, T, H, E, float(scaling), meta,
+            x, router_weight, bias, correction, weights, experts, dummy if logits_out is None else logits_out, T, H,
+            E, float(scaling), meta,
             num_warps=8 if bt * e_pow2 >= 8192 else 4)
     return weights, experts

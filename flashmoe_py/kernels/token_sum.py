@@ -5,8 +5,8 @@ each token's kept slots' row gradients summed, plus the router's term, written o
 
 where[t, j] is the row of token t's j-th slot among `rows` (0 <= where < S, rows' count), or S or
 more for a slot with no row (capacity-dropped): it adds nothing. The k rows are added in slot
-order (the same bits every run); the router term is one tensor-core product a tile (tf32x3 on a
-GPU: fp32's accuracy).
+order (the same bits every run); the router term is a tensor-core product a tile at fp32's
+accuracy (a bf16 router: kernels/split_dot.py; otherwise tf32x3 on a GPU).
 In torch ops the same step gathered the rows into slot order ([T * k, H], written and read
 again), summed them and added a separate GEMM's output (bench/NOTES.md item 62)."""
 
@@ -16,17 +16,25 @@ import torch
 import triton
 import triton.language as tl
 
+from .split_dot import split_dot
+
 BLOCK_TOKENS = 32
+BLOCK_TOKENS_MANY_EXPERTS = 64
+MANY_EXPERTS = 64
 BLOCK_COLS = 128
 BLOCK_EXPERTS = 32
+NUM_WARPS = 4
 
 
 @triton.jit
 def token_sum_kernel(rows_ptr, row_stride, where_ptr, S, d_logits_ptr, router_ptr, out_ptr, T, H,
-                     E: tl.constexpr, K: tl.constexpr, ROUTER: tl.constexpr, PRECISION: tl.constexpr,
-                     BT: tl.constexpr, BH: tl.constexpr, BE: tl.constexpr, E_BLOCKS: tl.constexpr):
+                     E: tl.constexpr, K: tl.constexpr, ROUTER: tl.constexpr, SPLIT: tl.constexpr,
+                     F32_DOTS: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+                     BE: tl.constexpr, E_BLOCKS: tl.constexpr):
     """rows: [S, H] (row stride row_stride, columns contiguous); where: [T, K] int64;
     d_logits: [T, E] fp32 and router: [E, H] when ROUTER -> out [T, H] fp32, one [BT, BH] tile.
+    SPLIT (a bf16 router): the router term as split_dot's bf16 products (F32_DOTS: as fp32 dots, for
+    the interpreter); otherwise one fp32 dot of PRECISION.
     E and E_BLOCKS (E's blocks of BE) are constexprs from the launcher, that loop unrolled: a loop
     to a runtime E fails in Triton 3.6's interpreter, and tl.static_range takes no computed count
     when compiled."""
@@ -43,9 +51,20 @@ def token_sum_kernel(rows_ptr, row_stride, where_ptr, S, d_logits_ptr, router_pt
             e = b * BE + tl.arange(0, BE)
             d = tl.load(d_logits_ptr + t[:, None] * E + e[None, :], mask=t_in[:, None] & (e < E)[None, :], other=0.0)
             w = tl.load(router_ptr + e.to(tl.int64)[:, None] * H + h[None, :], mask=(e < E)[:, None] & h_in[None, :],
-                        other=0.0).to(tl.float32)
-            acc = tl.dot(d, w, acc, input_precision=PRECISION)
+                        other=0.0)
+            if SPLIT:
+                acc = split_dot(d, w, acc, F32_DOTS)
+            else:
+                acc = tl.dot(d, w.to(tl.float32), acc, input_precision=PRECISION)
     tl.store(out_ptr + t[:, None] * H + h[None, :], acc, mask=t_in[:, None] & h_in[None, :])
+
+
+def block_tokens(E: int) -> int:
+    """Tokens a program sums, by the router term's experts E: more with many experts, whose d_logits
+    and router tiles then take most of a program's loads. On one H200 at 4,096 tokens, 64 tokens
+    took qwen3's sum (E = 128) 152 -> 118 us and deepseek_v3's (E = 256) 498 -> 396 us, while
+    mixtral's (E = 8) went 88 -> 111 us (bench/backward_kernels.py, bench/NOTES.md item 63)."""
+    return BLOCK_TOKENS_MANY_EXPERTS if E >= MANY_EXPERTS else BLOCK_TOKENS
 
 
 def token_sum(rows: torch.Tensor, where: torch.Tensor, d_logits: torch.Tensor | None = None,
@@ -77,10 +96,12 @@ def token_sum(rows: torch.Tensor, where: torch.Tensor, d_logits: torch.Tensor | 
                              f"float32 and a float [E, {H}]")
     out = torch.empty(T, H, dtype=torch.float32, device=rows.device)
     if T and H:
-        grid = (triton.cdiv(T, BLOCK_TOKENS), triton.cdiv(H, BLOCK_COLS))
+        bt = block_tokens(E)
+        grid = (triton.cdiv(T, bt), triton.cdiv(H, BLOCK_COLS))
         token_sum_kernel[grid](rows, rows.stride(0), where, S, d_logits if E else out, router_weight if E else out,
                                out, T, H, E, K=where.shape[1], ROUTER=E > 0,
+                               SPLIT=E > 0 and router_weight.dtype == torch.bfloat16, F32_DOTS=not rows.is_cuda,
                                PRECISION="tf32x3" if rows.is_cuda else "ieee",
-                               BT=BLOCK_TOKENS, BH=BLOCK_COLS, BE=BLOCK_EXPERTS,
-                               E_BLOCKS=triton.cdiv(E, BLOCK_EXPERTS), num_warps=4)
+                               BT=bt, BH=BLOCK_COLS, BE=BLOCK_EXPERTS,
+                               E_BLOCKS=triton.cdiv(E, BLOCK_EXPERTS), num_warps=NUM_WARPS)
     return out

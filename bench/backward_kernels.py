@@ -1,0 +1,161 @@
+"""The explicit backward's router-side kernels alone on a GPU, beside the torch steps they replace
+and the HBM floor, at the presets' sizes (one process, one GPU):
+
+    python bench/backward_kernels.py [--preset P ...] [--tokens T] [--out results.json]
+
+  token_sum   each token's slot rows summed plus d_logits @ router_weight (kernels/token_sum.py),
+              against rows[where].sum + an fp32 GEMM: at fixed tiles (tokens x columns, warps),
+              at the tiles it chooses, and those without the router term;
+  router_grad d_logits^T @ x (kernels/router_grad.py), against d_logits.t() @ x.float().
+
+Every variant is checked against a float64 product first (fresh random inputs), then timed with
+CUDA events: median over --iters calls on each of --input-sets input sets, after warm-up."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flashmoe_py import preset  # noqa: E402
+from flashmoe_py.kernels import router_grad, token_sum  # noqa: E402
+
+HBM_BYTES_PER_S = 4.8e12  # an H200's
+TOKEN_SUM_TILES = [(32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 128, 8), (16, 128, 4)]  # tokens, columns, warps
+
+
+DEFAULT_TILES = (token_sum.BLOCK_TOKENS, token_sum.BLOCK_TOKENS_MANY_EXPERTS, token_sum.BLOCK_COLS, token_sum.NUM_WARPS)
+
+
+def restore() -> None:
+    """token_sum's own tiles back."""
+    (token_sum.BLOCK_TOKENS, token_sum.BLOCK_TOKENS_MANY_EXPERTS, token_sum.BLOCK_COLS,
+     token_sum.NUM_WARPS) = DEFAULT_TILES
+
+
+def timed(fn, sets: list, iters: int) -> float:
+    """Median µs of fn(*inputs) over iters calls on each input set (after two warm-up calls); CUDA
+    events on a GPU, the host's clock elsewhere (the Triton interpreter: a check of this script)."""
+    times = []
+    for inputs in sets:
+        for _ in range(2):
+            fn(*inputs)
+        for _ in range(iters):
+            if not inputs[0].is_cuda:
+                start = time.perf_counter()
+                fn(*inputs)
+                times.append((time.perf_counter() - start) * 1e6)
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*inputs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).norm() / want.norm())
+
+
+def token_sum_inputs(T: int, k: int, H: int, E: int, router_dtype: torch.dtype, gen: torch.Generator,
+                     device: str):
+    """rows [T*k, H] bf16 in a random slot order, where [T, k], d_logits [T, E], router [E, H]."""
+    rows = torch.randn(T * k, H, generator=gen).to(device, torch.bfloat16)
+    where = torch.randperm(T * k, generator=gen).view(T, k).to(device)
+    d_logits = (torch.randn(T, E, generator=gen) / E).to(device)
+    router = (torch.randn(E, H, generator=gen) / H**0.5).to(device, router_dtype)
+    return rows, where, d_logits, router
+
+
+def bench_config(name: str, cfg, T: int, iters: int, input_sets: int, device: str = "cuda") -> list[dict]:
+    """Rows for one MoEConfig at T tokens: each variant's median µs, floor, error against float64."""
+    H, E, k = cfg.hidden_size, cfg.num_experts, cfg.top_k
+    router_dtype = cfg.router_torch_dtype
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    out_rows = []
+
+    ts_sets = [token_sum_inputs(T, k, H, E, router_dtype, gen, device) for _ in range(input_sets)]
+    rows, where, d, w = ts_sets[0]
+    want = rows.double()[where].sum(1) + d.double() @ w.double()
+    # Bytes: the rows read once, dx written once in fp32, d_logits and the router weight read once.
+    ts_floor = (rows.numel() * 2 + T * H * 4 + d.numel() * 4 + w.numel() * w.element_size()) / HBM_BYTES_PER_S * 1e6
+
+    def torch_token_sum(rows, where, d, w):
+        return rows[where].sum(1, dtype=torch.float32) + d @ w.float()
+
+    variants = {"torch": torch_token_sum}
+    for bt, bh, warps in TOKEN_SUM_TILES:
+        def run(rows, where, d, w, bt=bt, bh=bh, warps=warps):
+            token_sum.BLOCK_TOKENS = token_sum.BLOCK_TOKENS_MANY_EXPERTS = bt
+            token_sum.BLOCK_COLS, token_sum.NUM_WARPS = bh, warps
+            return token_sum.token_sum(rows, where, d, w)
+        variants[f"kernel {bt}x{bh} w{warps}"] = run
+
+    def chosen(rows, where, d, w):
+        restore()
+        return token_sum.token_sum(rows, where, d, w)
+
+    def chosen_rows_only(rows, where, d, w):
+        restore()
+        return token_sum.token_sum(rows, where)
+
+    variants["chosen tiles"], variants["chosen tiles, no router term"] = chosen, chosen_rows_only
+    try:
+        for label, fn in variants.items():
+            got = fn(rows, where, d, w)
+            ref = want if "no router" not in label else rows.double()[where].sum(1)
+            err = rel(got, ref)
+            us = timed(fn, ts_sets, iters)
+            out_rows.append({"preset": name, "tokens": T, "op": "token_sum", "variant": label, "median_us": us,
+                             "floor_us": ts_floor, "rel_err": err, "ok": err <= 1e-5})
+    finally:
+        restore()
+
+    rg_sets = [((torch.randn(T, E, generator=gen) / E).to(device),
+                torch.randn(T, H, generator=gen).to(device, cfg.torch_dtype)) for _ in range(input_sets)]
+    d, x = rg_sets[0]
+    want = d.double().t() @ x.double()
+    rg_floor = (d.numel() * 4 + x.numel() * x.element_size() + E * H * 4) / HBM_BYTES_PER_S * 1e6
+    for label, fn in {"torch": lambda d, x: d.t() @ x.float(), "kernel": router_grad.router_weight_grad}.items():
+        err = rel(fn(d, x), want)
+        us = timed(fn, rg_sets, iters)
+        out_rows.append({"preset": name, "tokens": T, "op": "router_grad", "variant": label, "median_us": us,
+                         "floor_us": rg_floor, "rel_err": err, "ok": err <= 1e-5})
+    return out_rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", nargs="+", default=["qwen3_30b_a3b", "deepseek_v3", "mixtral_8x7b"])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--input-sets", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = []
+    for name in args.preset:
+        rows += bench_config(name, preset(name), args.tokens, args.iters, args.input_sets)
+    meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"), "torch": torch.__version__}
+    print(f"{'preset':14} {'op':11} {'variant':34} {'median_us':>9} {'floor_us':>8} {'of_floor':>8} {'rel_err':>8}")
+    for r in rows:
+        r.update(meta)
+        print(f"{r['preset']:14} {r['op']:11} {r['variant']:34} {r['median_us']:9.1f} {r['floor_us']:8.1f} "
+              f"{r['floor_us'] / r['median_us']:8.0%} {r['rel_err']:8.1e}{'' if r['ok'] else '  FAIL'}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    sys.exit(0 if all(r["ok"] for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The router weight's gradient in the explicit backward (backends/explicit_backward.py): the backward
+of the router's logits = x @ router_weight^T,
+
+    d_router_weight = d_logits^T @ x      [E, H] fp32
+
+with d_logits [T, E] fp32 and x [T, H] in its own float dtype (bf16, fp16 or fp32), read as it is,
+on the tensor cores at fp32's accuracy: bf16 x by split_dot (kernels/split_dot.py), other x as
+tf32x3 products. It replaces the torch step there: a CUDA-core fp32 GEMM,
+d_logits.t() @ x.float(), after an fp32 copy of x ([T, H], written and read again).
+
+The grid is (expert blocks, column blocks, runs): the T tokens are cut into runs of RUN tokens (a
+power of two; enough runs for about TARGET_PROGRAMS programs, at most MAX_RUNS: token_runs); each
+program sums its run's tokens in token order into one [BE, BH] tile of a partial sum [runs, E, H],
+and the runs' partials are added after the launch in run order (no atomics: the same bits every
+run). One run writes the output directly."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .split_dot import split_dot
+
+BLOCK_COLS = 128
+BLOCK_TOKENS = 64
+MAX_BLOCK_EXPERTS = 64
+TARGET_PROGRAMS = 256  # about two a streaming multiprocessor on an H100 / H200
+MAX_RUNS = 16
+X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def router_grad_kernel(d_logits_ptr, x_ptr, out_ptr, T, E, H, RUN: tl.constexpr, SPLIT: tl.constexpr,
+                       F32_DOTS: tl.constexpr, PRECISION: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr,
+                       BT: tl.constexpr):
+    """d_logits: [T, E] fp32 and x: [T, H] (a float dtype), both contiguous -> out [runs, E, H] fp32:
+    out[r] = d_logits[tokens of run r]^T @ x[those tokens], one [BE, BH] tile of it; run r is
+    tokens [r * RUN, (r + 1) * RUN), summed BT at a time in token order. SPLIT (bf16 x): each
+    step's product by split_dot (F32_DOTS: its fp32 form, for the interpreter); otherwise one fp32
+    dot of PRECISION. RUN is a constexpr: a loop to a runtime bound fails in Triton 3.6's interpreter."""
+    e = tl.program_id(0) * BE + tl.arange(0, BE)
+    h = tl.program_id(1) * BH + tl.arange(0, BH)
+    run = tl.program_id(2).to(tl.int64)
+    e_in, h_in = e < E, h < H
+    acc = tl.zeros((BE, BH), dtype=tl.float32)
+    # The last run's steps past T are masked, not skipped: an `if` around a step stops the compiler
+    # prefetching the next tiles (no cp.async in the sm_90 build).
+    for t0 in range(0, RUN, BT):
+        t = run * RUN + t0 + tl.arange(0, BT)
+        t_in = t < T
+        d = tl.load(d_logits_ptr + e[:, None] + t[None, :] * E, mask=e_in[:, None] & t_in[None, :], other=0.0)
+        xt = tl.load(x_ptr + t[:, None] * H + h[None, :], mask=t_in[:, None] & h_in[None, :], other=0.0)
+        if SPLIT:
+            acc = split_dot(d, xt, acc, F32_DOTS)
+        else:
+            acc = tl.dot(d, xt.to(tl.float32), acc, input_precision=PRECISION)
+    tl.store(out_ptr + (run * E + e[:, None]) * H + h[None, :], acc, mask=e_in[:, None] & h_in[None, :])
+
+
+def block_experts(E: int) -> int:
+    """Experts a program's tile covers (a power of two, 16..MAX_BLOCK_EXPERTS)."""
+    return min(MAX_BLOCK_EXPERTS, max(16, triton.next_power_of_2(E)))
+
+
+def token_runs(T: int, tiles: int) -> tuple[int, int]:
+    """T tokens over an output of `tiles` [BE, BH] tiles -> (RUN, runs): tokens a run (a power of
+    two, at least BLOCK_TOKENS) and the runs' count, at most MAX_RUNS and enough to give about
+    TARGET_PROGRAMS programs; RUN * runs >= T."""
+    want = min(MAX_RUNS, max(1, triton.cdiv(TARGET_PROGRAMS, tiles)))
+    run = max(BLOCK_TOKENS, triton.next_power_of_2(triton.cdiv(T, want)))
+    return run, triton.cdiv(T, run)
+
+
+def router_weight_grad(d_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d_logits: [T, E] fp32, contiguous; x: [T, H] in bf16, fp16 or fp32, contiguous; one device
+    -> d_router_weight = d_logits^T @ x, [E, H] fp32, as the module docstring says (T == 0: zeros)."""
+    if d_logits.dim() != 2 or d_logits.dtype != torch.float32 or not d_logits.is_contiguous():
+        raise ValueError(f"router_weight_grad: d_logits is {d_logits.dtype} {tuple(d_logits.shape)} with strides "
+                         f"{d_logits.stride()}; expected a contiguous [T, E] float32")
+    if x.dim() != 2 or x.dtype not in X_DTYPES or not x.is_contiguous():
+        raise ValueError(f"router_weight_grad: x is {x.dtype} {tuple(x.shape)} with strides {x.stride()}; "
+                         "expected a contiguous [T, H] in bfloat16, float16 or float32")
+    (T, E), H = d_logits.shape, x.shape[1]
+    if x.shape[0] != T:
+        raise ValueError(f"router_weight_grad: x has {x.shape[0]} tokens (rows), d_logits {T}; expected the same T")
+    if x.device != d_logits.device:
+        raise ValueError(f"router_weight_grad: d_logits on {d_logits.device}, x on {x.device}; expected one device")
+    if not (T and E and H):
+        return torch.zeros(E, H, dtype=torch.float32, device=x.device)
+    BE = block_experts(E)
+    tiles = (triton.cdiv(E, BE), triton.cdiv(H, BLOCK_COLS))
+    RUN, runs = token_runs(T, tiles[0] * tiles[1])
+    partials = torch.empty(runs, E, H, dtype=torch.float32, device=x.device)
+    router_grad_kernel[(*tiles, runs)](d_logits, x, partials, T, E, H, RUN=RUN, SPLIT=x.dtype == torch.bfloat16,
+                                       F32_DOTS=not x.is_cuda, PRECISION="tf32x3" if x.is_cuda else "ieee", BE=BE,
+                                       BH=BLOCK_COLS, BT=BLOCK_TOKENS, num_warps=4)
+    return partials[0] if runs == 1 else partials.sum(0)

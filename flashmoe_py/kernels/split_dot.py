@@ -1,0 +1,30 @@
+"""An fp32 x bf16 product on the tensor cores at fp32's accuracy, for the backward's router terms
+(kernels/token_sum.py, kernels/router_grad.py): the fp32 operand as three bf16 parts whose sum it
+is (8 + 8 + 8 significant bits), each part times the bf16 operand a bf16 product, exact in the fp32
+accumulator. Where tf32x3 would need both operands with K contiguous (Hopper's tf32 products take
+no other layout; these operands have N or M contiguous, and a transpose costs a shared-memory
+round trip), bf16 products take any layout."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def split_dot(a, b, acc, F32_DOTS: tl.constexpr):
+    """a: [M, K] fp32; b: [K, N] bf16; acc: [M, N] fp32 -> acc + a @ b, the parts' products added
+    smallest first. F32_DOTS: the same products as fp32 dots (Triton's interpreter computes bf16
+    dots wrongly; a bf16 times a bf16 is exact in fp32 either way)."""
+    hi = a.to(tl.bfloat16)
+    rest = a - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    if F32_DOTS:
+        bf = b.to(tl.float32)
+        acc = tl.dot(lo.to(tl.float32), bf, acc, input_precision="ieee")
+        acc = tl.dot(mid.to(tl.float32), bf, acc, input_precision="ieee")
+        acc = tl.dot(hi.to(tl.float32), bf, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(lo, b, acc)
+        acc = tl.dot(mid, b, acc)
+        acc = tl.dot(hi, b, acc)
+    return acc
