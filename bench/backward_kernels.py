@@ -9,7 +9,9 @@ and the HBM floor, at the presets' sizes (one process, one GPU):
   router_grad d_logits^T @ x (kernels/router_grad.py), against d_logits.t() @ x.float().
 
 Every variant is checked against a float64 product first (fresh random inputs), then timed with
-CUDA events: median over --iters calls on each of --input-sets input sets, after warm-up."""
+CUDA events around --iters calls back to back, on each of --input-sets input sets, the variants in
+turn for --rounds rounds: the median, least and most µs a call. (The 2026-12-03g results took one
+event pair a call, with its launch gap, and varied 10-30% between calls.)"""
 
 from __future__ import annotations
 
@@ -29,8 +31,6 @@ from flashmoe_py.kernels import router_grad, token_sum  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12  # an H200's
 TOKEN_SUM_TILES = [(32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 128, 8), (16, 128, 4)]  # tokens, columns, warps
-
-
 DEFAULT_TILES = (token_sum.BLOCK_TOKENS, token_sum.BLOCK_TOKENS_MANY_EXPERTS, token_sum.BLOCK_COLS, token_sum.NUM_WARPS)
 
 
@@ -40,26 +40,33 @@ def restore() -> None:
      token_sum.NUM_WARPS) = DEFAULT_TILES
 
 
-def timed(fn, sets: list, iters: int) -> float:
-    """Median µs of fn(*inputs) over iters calls on each input set (after two warm-up calls); CUDA
-    events on a GPU, the host's clock elsewhere (the Triton interpreter: a check of this script)."""
-    times = []
-    for inputs in sets:
-        for _ in range(2):
+def timed(cases: list, iters: int, rounds: int) -> list[list[float]]:
+    """cases: [(fn, input sets)] -> for each case, the µs of one call in every round and input set:
+    iters calls back to back between one pair of CUDA events (the host launches ahead of the GPU:
+    no launch gap is timed), the cases taken in turn in each round (so a drift of the GPU's pace
+    falls on all of them). The host's clock where there is no GPU (the Triton interpreter: a check
+    of this script)."""
+    for fn, sets in cases:  # warm-up: compiles, allocator
+        for inputs in sets:
             fn(*inputs)
-        for _ in range(iters):
-            if not inputs[0].is_cuda:
-                start = time.perf_counter()
-                fn(*inputs)
-                times.append((time.perf_counter() - start) * 1e6)
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*inputs)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    times = [[] for _ in cases]
+    for _ in range(rounds):
+        for (fn, sets), out in zip(cases, times):
+            for inputs in sets:
+                if not inputs[0].is_cuda:
+                    start = time.perf_counter()
+                    for _ in range(iters):
+                        fn(*inputs)
+                    out.append((time.perf_counter() - start) * 1e6 / iters)
+                    continue
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    fn(*inputs)
+                end.record()
+                end.synchronize()
+                out.append(start.elapsed_time(end) * 1e3 / iters)
+    return times
 
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -76,18 +83,21 @@ def token_sum_inputs(T: int, k: int, H: int, E: int, router_dtype: torch.dtype, 
     return rows, where, d_logits, router
 
 
-def bench_config(name: str, cfg, T: int, iters: int, input_sets: int, device: str = "cuda") -> list[dict]:
-    """Rows for one MoEConfig at T tokens: each variant's median µs, floor, error against float64."""
+def bench_config(name: str, cfg, T: int, iters: int, input_sets: int, rounds: int,
+                 device: str = "cuda") -> list[dict]:
+    """Rows for one MoEConfig at T tokens: each variant's median, least and most µs a call over the
+    rounds and input sets, its floor, and its error against float64."""
     H, E, k = cfg.hidden_size, cfg.num_experts, cfg.top_k
     router_dtype = cfg.router_torch_dtype
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     out_rows = []
 
     ts_sets = [token_sum_inputs(T, k, H, E, router_dtype, gen, device) for _ in range(input_sets)]
-    rows, where, d, w = ts_sets[0]
-    want = rows.double()[where].sum(1) + d.double() @ w.double()
+    rows, where, d_ts, w = ts_sets[0]
+    want = rows.double()[where].sum(1) + d_ts.double() @ w.double()
     # Bytes: the rows read once, dx written once in fp32, d_logits and the router weight read once.
-    ts_floor = (rows.numel() * 2 + T * H * 4 + d.numel() * 4 + w.numel() * w.element_size()) / HBM_BYTES_PER_S * 1e6
+    ts_floor = ((rows.numel() * 2 + T * H * 4 + d_ts.numel() * 4 + w.numel() * w.element_size())
+                / HBM_BYTES_PER_S * 1e6)
 
     def torch_token_sum(rows, where, d, w):
         return rows[where].sum(1, dtype=torch.float32) + d @ w.float()
@@ -109,27 +119,29 @@ def bench_config(name: str, cfg, T: int, iters: int, input_sets: int, device: st
         return token_sum.token_sum(rows, where)
 
     variants["chosen tiles"], variants["chosen tiles, no router term"] = chosen, chosen_rows_only
-    try:
-        for label, fn in variants.items():
-            got = fn(rows, where, d, w)
-            ref = want if "no router" not in label else rows.double()[where].sum(1)
-            err = rel(got, ref)
-            us = timed(fn, ts_sets, iters)
-            out_rows.append({"preset": name, "tokens": T, "op": "token_sum", "variant": label, "median_us": us,
-                             "floor_us": ts_floor, "rel_err": err, "ok": err <= 1e-5})
-    finally:
-        restore()
-
     rg_sets = [((torch.randn(T, E, generator=gen) / E).to(device),
                 torch.randn(T, H, generator=gen).to(device, cfg.torch_dtype)) for _ in range(input_sets)]
     d, x = rg_sets[0]
-    want = d.double().t() @ x.double()
+    rg_want = d.double().t() @ x.double()
     rg_floor = (d.numel() * 4 + x.numel() * x.element_size() + E * H * 4) / HBM_BYTES_PER_S * 1e6
-    for label, fn in {"torch": lambda d, x: d.t() @ x.float(), "kernel": router_grad.router_weight_grad}.items():
-        err = rel(fn(d, x), want)
-        us = timed(fn, rg_sets, iters)
-        out_rows.append({"preset": name, "tokens": T, "op": "router_grad", "variant": label, "median_us": us,
-                         "floor_us": rg_floor, "rel_err": err, "ok": err <= 1e-5})
+    rg_variants = {"torch": lambda d, x: d.t() @ x.float(), "kernel": router_grad.router_weight_grad}
+
+    cases, meta = [], []
+    try:
+        for label, fn in variants.items():
+            ref = want if "no router" not in label else rows.double()[where].sum(1)
+            cases.append((fn, ts_sets))
+            meta.append(("token_sum", label, ts_floor, rel(fn(rows, where, d_ts, w), ref)))
+        for label, fn in rg_variants.items():
+            cases.append((fn, rg_sets))
+            meta.append(("router_grad", label, rg_floor, rel(fn(d, x), rg_want)))
+        times = timed(cases, iters, rounds)
+    finally:
+        restore()
+    for (op, label, floor, err), us in zip(meta, times):
+        out_rows.append({"preset": name, "tokens": T, "op": op, "variant": label, "median_us": statistics.median(us),
+                         "min_us": min(us), "max_us": max(us), "floor_us": floor, "rel_err": err,
+                         "ok": err <= 1e-5})
     return out_rows
 
 
@@ -137,13 +149,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["qwen3_30b_a3b", "deepseek_v3", "mixtral_8x7b"])
     p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--iters", type=int, default=20, help="calls back to back between two events")
+    p.add_argument("--rounds", type=int, default=5, help="every variant once a round, in turn")
     p.add_argument("--input-sets", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = []
     for name in args.preset:
-        rows += bench_config(name, preset(name), args.tokens, args.iters, args.input_sets)
+        rows += bench_config(name, preset(name), args.tokens, args.iters, args.input_sets, args.rounds)
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"), "torch": torch.__version__}
     print(f"{'preset':14} {'op':11} {'variant':34} {'median_us':>9} {'floor_us':>8} {'of_floor':>8} {'rel_err':>8}")

@@ -243,10 +243,11 @@ def test_backward_kernels_bench_checks_every_variant_against_float64():
 
     tiles = (token_sum.BLOCK_TOKENS, token_sum.BLOCK_TOKENS_MANY_EXPERTS, token_sum.BLOCK_COLS, token_sum.NUM_WARPS)
     cfg = MoEConfig(hidden_size=160, ffn_size=32, num_experts=72, top_k=3, dtype="bfloat16")
-    rows = backward_kernels.bench_config("small", cfg, 70, iters=1, input_sets=1, device="cpu")
+    rows = backward_kernels.bench_config("small", cfg, 70, iters=1, input_sets=2, rounds=2, device="cpu")
     assert {(r["op"], r["variant"]) for r in rows} >= {("token_sum", "torch"), ("token_sum", "chosen tiles"),
                                                         ("router_grad", "torch"), ("router_grad", "kernel")}
     assert len(rows) == len(backward_kernels.TOKEN_SUM_TILES) + 5
-    assert all(r["ok"] and r["rel_err"] <= 1e-5 and r["median_us"] > 0 and r["floor_us"] > 0 for r in rows)
+    assert all(r["ok"] and r["rel_err"] <= 1e-5 and r["floor_us"] > 0 for r in rows)
+    assert all(0 < r["min_us"] <= r["median_us"] <= r["max_us"] for r in rows)
     assert tiles == (token_sum.BLOCK_TOKENS, token_sum.BLOCK_TOKENS_MANY_EXPERTS, token_sum.BLOCK_COLS,
                      token_sum.NUM_WARPS)

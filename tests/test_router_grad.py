@@ -17,7 +17,7 @@ from seeds import fresh_seed
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs a GPU or the Triton interpreter")
-TOL = 1e-6 if DEVICE == "cpu" else 1e-5  # the interpreter's ieee fp32 dots; tf32x3 on a GPU
+TOL = 1e-6 if DEVICE == "cpu" else 1e-5  # the interpreter's ieee fp32 dots; tensor cores on a GPU
 
 CASES = {  # T, E, H
     "partial tiles in every dimension": (45, 40, 200),
@@ -49,7 +49,8 @@ def test_gradient_is_d_logits_transposed_times_x(case, dtype):
 @pytest.mark.parametrize("T,E,H", [(4096, 256, 7168), (16384, 128, 2048), (4096, 8, 4096)],
                          ids=["deepseek_v3", "qwen3 at 16384 tokens", "mixtral"])
 def test_the_presets_gradient_on_a_gpu_keeps_fp32_accuracy(T, E, H):
-    """tf32x3 products over many runs: within 1e-5 of float64 at the presets' sizes, bf16 x."""
+    """bf16 x (split_dot's products) over several runs: within 1e-5 of float64 at the presets'
+    sizes."""
     gen = torch.Generator().manual_seed(fresh_seed())
     d_logits, x = torch.randn(T, E, generator=gen) / 64, torch.randn(T, H, generator=gen).to(torch.bfloat16)
     got = router_weight_grad(d_logits.to(DEVICE), x.to(DEVICE)).cpu()

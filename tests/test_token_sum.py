@@ -9,7 +9,7 @@ import torch
 from grad_reference import rel_err
 
 from flashmoe_py.backends.explicit_backward import _per_token
-from flashmoe_py.kernels.token_sum import token_sum
+from flashmoe_py.kernels.token_sum import BLOCK_TOKENS, BLOCK_TOKENS_MANY_EXPERTS, MANY_EXPERTS, block_tokens, token_sum
 from seeds import fresh_seed
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -32,6 +32,7 @@ CASES = {  # T, k, H, E, dropped slots, rows' stride wider than H
     "every slot dropped": (5, 8, 72, 33, 40, True),
     "top-16": (9, 16, 64, 5, 20, False),
     "no tokens": (0, 2, 64, 8, 0, False),
+    "72 experts: the many-expert tile": (100, 4, 136, 72, 9, False),
 }
 
 
@@ -83,3 +84,8 @@ def test_bad_arguments_are_named():
         token_sum(rows, where, d_logits, torch.zeros(4, 8))
     with pytest.raises(ValueError, match="one device"):
         token_sum(rows, where.to("meta"))
+
+
+def test_many_experts_take_the_taller_tile():
+    assert block_tokens(0) == block_tokens(MANY_EXPERTS - 1) == BLOCK_TOKENS
+    assert block_tokens(MANY_EXPERTS) == block_tokens(512) == BLOCK_TOKENS_MANY_EXPERTS > BLOCK_TOKENS

@@ -62,8 +62,9 @@ def token_sum_kernel(rows_ptr, row_stride, where_ptr, S, d_logits_ptr, router_pt
 def block_tokens(E: int) -> int:
     """Tokens a program sums, by the router term's experts E: more with many experts, whose d_logits
     and router tiles then take most of a program's loads. On one H200 at 4,096 tokens, 64 tokens
-    took qwen3's sum (E = 128) 152 -> 118 us and deepseek_v3's (E = 256) 498 -> 396 us, while
-    mixtral's (E = 8) went 88 -> 111 us (bench/backward_kernels.py, bench/NOTES.md item 63)."""
+    took qwen3's sum (E = 128) from 128.5 to 108.5 us, deepseek_v3's (E = 256) from 500 to 370-420;
+    mixtral's (E = 8) was 80 us either way, and stays at 32 (bench/backward_kernels.py, bench/NOTES.md
+    item 63: kernel times there move 10-30% between calls)."""
     return BLOCK_TOKENS_MANY_EXPERTS if E >= MANY_EXPERTS else BLOCK_TOKENS
 
 
