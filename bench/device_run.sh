@@ -5,8 +5,10 @@
 # and torch; variants: tune.py's `auto` launch at 4,096 tokens for each tree under .variants/ (other
 # commits, carried: `git archive C flashmoe_py bench tests/one_rank.py | tar -x -C .variants/C`) and
 # this one, one after another on the same GPU, VARIANT_ROUNDS times in turn (a setting's time moves
-# ~2% between runs: alternate, compare the rounds); profbwd: torch.profiler over flash/saved training steps; sass: the
-# compiled builds.
+# ~2% between runs: alternate, compare the rounds); fbvariants: the same for flash/saved fwd+bwd
+# (bench/layer.py --fwd-bwd, FB_PRESETS at TOKENS); backkernels: the backward's token-sum and
+# router-gradient kernels alone (bench/backward_kernels.py); profbwd: torch.profiler over flash/saved
+# training steps; sass: the compiled builds.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -62,6 +64,12 @@ for step in "$@"; do
               run "tune_${tag}_$round" 300 1 "$root/bench/tune.py" --preset ${VARIANT_PRESETS:-mixtral_8x7b qwen3_30b_a3b} \
                 --tokens ${VARIANT_TOKENS:-4096} --settings ${VARIANT_SETTINGS:-auto} --iters 20 \
                 --out "$OUT/tune_${tag}_$round.json"; done; done ;;
+    fbvariants) shopt -s nullglob; for round in $(seq "${VARIANT_ROUNDS:-2}"); do for root in .variants/*/ .; do
+              tag=$([ "$root" = . ] && echo current || basename "$root")
+              run "fb_${tag}_$round" 300 1 "$root/bench/layer.py" --preset ${FB_PRESETS:-qwen3_30b_a3b deepseek_v3} \
+                --tokens ${TOKENS:-4096} --backends flash --fwd-bwd --backwards saved --iters 20 --input-sets 2 \
+                --out "$OUT/fb_${tag}_$round.json"; done; done ;;
+    backkernels) run backward_kernels 240 1 bench/backward_kernels.py --out "$OUT/backward_kernels.json" ;;
     profbwd) for p in ${PROF_PRESETS:-qwen3_30b_a3b deepseek_v3}; do  # where a training step's time goes
               run "profile_bwd_$p" 240 1 bench/kernel_profile.py --preset "$p" --tokens ${TOKENS:-4096} --fwd-bwd \
                 --backward saved --iters 5; done ;;
