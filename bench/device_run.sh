@@ -69,7 +69,7 @@ for step in "$@"; do
               run "fb_${tag}_$round" 300 1 "$root/bench/layer.py" --preset ${FB_PRESETS:-qwen3_30b_a3b deepseek_v3} \
                 --tokens ${TOKENS:-4096} --backends flash --fwd-bwd --backwards saved --iters 20 --input-sets 2 \
                 --out "$OUT/fb_${tag}_$round.json"; done; done ;;
-    backkernels) run backward_kernels 240 1 bench/backward_kernels.py --out "$OUT/backward_kernels.json" ;;
+    backkernels) run backward_kernels 240 1 bench/backward_kernels.py ${BACK_ARGS:-} --out "$OUT/backward_kernels.json" ;;
     profbwd) for p in ${PROF_PRESETS:-qwen3_30b_a3b deepseek_v3}; do  # where a training step's time goes
               run "profile_bwd_$p" 240 1 bench/kernel_profile.py --preset "$p" --tokens ${TOKENS:-4096} --fwd-bwd \
                 --backward saved --iters 5; done ;;
