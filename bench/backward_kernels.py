@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashmoe_py import preset  # noqa: E402
 from flashmoe_py.kernels import router_grad, token_sum  # noqa: E402
+from layer import rel_err  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12  # an H200's
 TOKEN_SUM_TILES = [(32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 128, 8), (16, 128, 4)]  # tokens, columns, warps
@@ -67,10 +68,6 @@ def timed(cases: list, iters: int, rounds: int) -> list[list[float]]:
                 end.synchronize()
                 out.append(start.elapsed_time(end) * 1e3 / iters)
     return times
-
-
-def rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want).norm() / want.norm())
 
 
 def token_sum_inputs(T: int, k: int, H: int, E: int, router_dtype: torch.dtype, gen: torch.Generator,
@@ -131,10 +128,10 @@ def bench_config(name: str, cfg, T: int, iters: int, input_sets: int, rounds: in
         for label, fn in variants.items():
             ref = want if "no router" not in label else rows.double()[where].sum(1)
             cases.append((fn, ts_sets))
-            meta.append(("token_sum", label, ts_floor, rel(fn(rows, where, d_ts, w), ref)))
+            meta.append(("token_sum", label, ts_floor, rel_err(fn(rows, where, d_ts, w), ref)))
         for label, fn in rg_variants.items():
             cases.append((fn, rg_sets))
-            meta.append(("router_grad", label, rg_floor, rel(fn(d, x), rg_want)))
+            meta.append(("router_grad", label, rg_floor, rel_err(fn(d, x), rg_want)))
         times = timed(cases, iters, rounds)
     finally:
         restore()
