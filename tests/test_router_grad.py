@@ -10,8 +10,8 @@ import torch
 import triton
 from grad_reference import rel_err
 
-from flashmoe_py.kernels.router_grad import (BLOCK_COLS, BLOCK_TOKENS, MAX_RUNS, TARGET_PROGRAMS, block_experts,
-                                             router_weight_grad, token_runs)
+from flashmoe_py.kernels.router_grad import (BLOCK_COLS, BLOCK_TOKENS, MAX_RUN_TOKENS, MAX_RUNS, TARGET_PROGRAMS,
+                                             block_experts, router_weight_grad, token_runs)
 from seeds import fresh_seed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,12 +80,13 @@ def test_no_tokens_give_exact_zeros():
 
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 1300, 8192, 8193, 65536, 70000, 10**6])
 @pytest.mark.parametrize("tiles", [1, 7, 32, 224, 1000])
-def test_token_runs_are_powers_of_two_enough_for_the_target_programs(T, tiles):
+def test_token_runs_are_bounded_powers_of_two_enough_for_the_target_programs(T, tiles):
     run, runs = token_runs(T, tiles)
     want = min(MAX_RUNS, max(1, triton.cdiv(TARGET_PROGRAMS, tiles)))
-    assert run >= BLOCK_TOKENS and run & (run - 1) == 0 and 1 <= runs <= want
+    assert BLOCK_TOKENS <= run <= MAX_RUN_TOKENS and run & (run - 1) == 0
+    assert 1 <= runs <= max(want, triton.cdiv(T, MAX_RUN_TOKENS))
     assert run * runs >= T > run * (runs - 1)  # every token in a run, no run empty
-    assert run == BLOCK_TOKENS or triton.cdiv(T, run // 2) > want  # the smallest such run
+    assert run in (BLOCK_TOKENS, MAX_RUN_TOKENS) or triton.cdiv(T, run // 2) > want  # the smallest such run
 
 
 def test_no_tokens_take_no_runs():

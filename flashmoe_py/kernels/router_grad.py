@@ -9,13 +9,13 @@ tf32x3 products. It replaces the torch step there: a CUDA-core fp32 GEMM,
 d_logits.t() @ x.float(), after an fp32 copy of x ([T, H], written and read again).
 
 The grid is (expert blocks, column blocks, runs): the T tokens are cut into runs of RUN tokens (a
-power of two; enough runs for about TARGET_PROGRAMS programs, at most MAX_RUNS: token_runs); each
-program sums its run's tokens in token order into one [BE, BH] tile of a partial sum [runs, E, H],
-and the runs' partials are added after the launch in a fixed order (no atomics: the same bits every
-run). One run writes the output directly. Accuracy: the tensor cores' fp32 accumulator over RUN
-tokens (kernels/split_dot.py): on an H200, 1.6e-6 of float64 at RUN = 512 and 6.8e-6 at 2,048,
-growing with RUN, which grows with T once the runs reach token_runs' count (bench/NOTES.md
-item 63)."""
+power of two; enough runs for about TARGET_PROGRAMS programs, at most MAX_RUNS unless runs of
+MAX_RUN_TOKENS need more: token_runs); each program sums its run's tokens in token order into one
+[BE, BH] tile of a partial sum [runs, E, H], and the runs' partials are added after the launch in a
+fixed order (no atomics: the same bits every run). One run writes the output directly. Accuracy:
+the tensor cores' fp32 accumulator over RUN tokens (kernels/split_dot.py), on an H200 1.6e-6 of
+float64 at RUN = 512 and 6.8e-6 at 2,048, grows with RUN, so RUN stops at MAX_RUN_TOKENS (2.7e-5
+at deepseek_v3's 16,384 tokens in two runs without that bound: bench/NOTES.md item 64)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ BLOCK_TOKENS = 64
 MAX_BLOCK_EXPERTS = 64
 TARGET_PROGRAMS = 256  # about two a streaming multiprocessor on an H100 / H200
 MAX_RUNS = 16
+MAX_RUN_TOKENS = 2048  # tokens one accumulator sums, for accuracy (the module docstring)
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -68,10 +69,11 @@ def block_experts(E: int) -> int:
 
 def token_runs(T: int, tiles: int) -> tuple[int, int]:
     """T tokens over an output of `tiles` [BE, BH] tiles -> (RUN, runs): tokens a run (a power of
-    two, at least BLOCK_TOKENS) and the runs' count, at most MAX_RUNS and enough to give about
-    TARGET_PROGRAMS programs; RUN * runs >= T."""
+    two from BLOCK_TOKENS to MAX_RUN_TOKENS) and the runs' count, enough to give about
+    TARGET_PROGRAMS programs, and at most MAX_RUNS unless runs of MAX_RUN_TOKENS need more;
+    RUN * runs >= T."""
     want = min(MAX_RUNS, max(1, triton.cdiv(TARGET_PROGRAMS, tiles)))
-    run = max(BLOCK_TOKENS, triton.next_power_of_2(triton.cdiv(T, want)))
+    run = min(MAX_RUN_TOKENS, max(BLOCK_TOKENS, triton.next_power_of_2(triton.cdiv(T, want))))
     return run, triton.cdiv(T, run)
 
 

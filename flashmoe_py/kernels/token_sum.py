@@ -35,9 +35,10 @@ def token_sum_kernel(rows_ptr, row_stride, where_ptr, S, d_logits_ptr, router_pt
     d_logits: [T, E] fp32 and router: [E, H] when ROUTER -> out [T, H] fp32, one [BT, BH] tile.
     SPLIT (a bf16 router): the router term as split_dot's bf16 products (F32_DOTS: as fp32 dots, for
     the interpreter); otherwise one fp32 dot of PRECISION.
-    E and E_BLOCKS (E's blocks of BE) are constexprs from the launcher, that loop unrolled: a loop
-    to a runtime E fails in Triton 3.6's interpreter, and tl.static_range takes no computed count
-    when compiled."""
+    E and E_BLOCKS (E's blocks of BE) are constexprs from the launcher (a loop to a runtime E fails
+    in Triton 3.6's interpreter), the loop over E_BLOCKS not unrolled: unrolled, the sm_90 build
+    kept every block's tiles live and spilled (deepseek_v3's fp32 router at 64 tokens: a 976-byte
+    stack; as a loop: none, and its loads pipelined)."""
     t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     t_in, h_in = t < T, h < H
@@ -47,7 +48,7 @@ def token_sum_kernel(rows_ptr, row_stride, where_ptr, S, d_logits_ptr, router_pt
         has = (row < S)[:, None] & h_in[None, :]
         acc += tl.load(rows_ptr + row[:, None] * row_stride + h[None, :], mask=has, other=0.0).to(tl.float32)
     if ROUTER:
-        for b in tl.static_range(E_BLOCKS):
+        for b in range(E_BLOCKS):
             e = b * BE + tl.arange(0, BE)
             d = tl.load(d_logits_ptr + t[:, None] * E + e[None, :], mask=t_in[:, None] & (e < E)[None, :], other=0.0)
             w = tl.load(router_ptr + e.to(tl.int64)[:, None] * H + h[None, :], mask=(e < E)[:, None] & h_in[None, :],
