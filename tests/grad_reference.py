@@ -88,7 +88,8 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
     weights, experts, kept = reference_routing(xr, router["router_weight"], cfg, dtype,
                                                router_bias=router.get("router_bias"),
                                                e_score_correction_bias=full.get("e_score_correction_bias"))
-    chosen = layer.route(x.detach()).experts.to(experts.device)
+    with torch.no_grad():  # as the forward routes: the router kernel on GPUs (with grad, torch ops would)
+        chosen = layer.route(x.detach()).experts.to(experts.device)
     otherwise = (chosen.sort(1).values != experts.sort(1).values).any(1)
     if report is not None:
         report["tokens_routed_otherwise"] = int(otherwise.sum())

@@ -132,6 +132,28 @@ def router_kernel_kept_for_inference(rank) -> dict:
     return {"case": "router kernel without a graph, torch ops with one", "ok": inference and training}
 
 
+def router_builds_agree(presets: list[str], draws: int = 16, tokens: int = 2048) -> dict:
+    """The router kernel chooses the same experts and weights, bit for bit, with and without
+    keep_logits (its SAVE_LOGITS build): backward="recompute" routes again with the logits kept
+    after a forward that routed without them. Fresh random x and router weights, each preset's
+    routing at full size."""
+    differ = 0
+    for name in presets:
+        cfg = fm.preset(name)
+        E, H = cfg.num_experts, cfg.hidden_size
+        for _ in range(draws):
+            x = torch.randn(tokens, H, device="cuda", dtype=cfg.torch_dtype)
+            w = (torch.randn(E, H, device="cuda") / H**0.5).to(cfg.weight_dtype("router_weight"))
+            biases = {"router_bias": (torch.randn(E, device="cuda").to(cfg.weight_dtype("router_bias"))
+                                      if cfg.router_bias else None),
+                      "e_score_correction_bias": (torch.randn(E, device="cuda") / 10
+                                                  if cfg.routing == "sigmoid_grouped" else None)}
+            plain, kept = route(x, w, cfg, **biases), route(x, w, cfg, keep_logits=True, **biases)
+            differ += int(((plain.experts != kept.experts) | (plain.weights != kept.weights)).any(1).sum())
+    return {"case": "router kernel's choice with and without keep_logits", "ok": differ == 0,
+            "tokens_differing": differ, "tokens": draws * tokens * len(presets)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", action="store_true", help="also the full-size presets (world 1, flash)")
@@ -145,7 +167,11 @@ def main() -> int:
     rank = rt.rank
     runs = [("torch", "autograd"), ("torch", "saved"), ("flash", "saved"), ("flash", "recompute")]
     rows = [run_case(name, o, backend, backward, rank, world) for backend, backward in runs for name, o in CASES]
-    rows += [router_kernel_kept_for_inference(rank)] + [run_preset(n, rank) for n in presets]
+    rows += [router_kernel_kept_for_inference(rank)]
+    if presets:
+        with torch.no_grad():
+            rows.append(router_builds_agree(presets))
+    rows += [run_preset(n, rank) for n in presets]
     if rank == 0:
         for r in rows:
             print(("ok  " if r["ok"] else "FAIL"), r["case"], {k: v for k, v in r.items() if k not in ("case", "ok")},
