@@ -1,0 +1,132 @@
+"""Probe: the weight-gradient GEMMs (a^T b per expert over its rows) in other layouts than the
+explicit backward's torch._grouped_mm(a.t(), b, offs), on one GPU, at the presets' sizes:
+
+    python bench/wgrad_probe.py [--preset P ...] [--tokens T] [--out results.json]
+
+  grouped      torch._grouped_mm(a.t(), b, offs)             (today: backends/expert_grad.py)
+  grouped_pad8    the same over each expert's rows padded with zeros to a multiple of 8
+  grouped_aT_pad8 that with a^T stored contiguous ([K, S8]: the GEMM's A K-contiguous, which
+                  torch._grouped_mm takes only for groups of whole 16 bytes)
+  bmm_padded      torch.bmm over the experts' rows padded with zeros to the largest count
+
+a: [S, K] bf16, b: [S, N] bf16, S = T * top_k rows sorted by expert (uniform random routing).
+Every variant is checked against `grouped`, then timed (CUDA events around --iters calls, the
+variants in turn, --rounds rounds); the layout copies are not timed."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flashmoe_py import preset  # noqa: E402
+
+TFLOPS, HBM = 792e12, 4.256e12  # an H200's measured ceilings (bench/layer.py)
+
+
+def padded(t: torch.Tensor, counts: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """t: [S, M] sorted by expert, counts[e] rows each -> [sum(width), M], expert e's rows then
+    zeros up to width[e] rows."""
+    starts, new_starts = torch.cumsum(counts, 0) - counts, torch.cumsum(width, 0) - width
+    out = t.new_zeros(int(width.sum()), t.shape[1])
+    e = torch.repeat_interleave(torch.arange(counts.shape[0], device=t.device), counts)
+    pos = torch.arange(t.shape[0], device=t.device) - starts[e] + new_starts[e]
+    return out.index_copy_(0, pos, t)
+
+
+def variants(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> tuple[dict, int]:
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    E, most = counts.shape[0], int(counts.max())
+    w8 = (counts + 7) // 8 * 8
+    offs8 = torch.cumsum(w8, 0).to(torch.int32)
+    a8, b8 = padded(a, counts, w8), padded(b, counts, w8)
+    a8T = a8.t().contiguous()
+    a_pad = padded(a, counts, torch.full_like(counts, most)).view(E, most, -1)
+    b_pad = padded(b, counts, torch.full_like(counts, most)).view(E, most, -1)
+    return {
+        "grouped": lambda: torch._grouped_mm(a.t(), b, offs=offs),
+        "grouped_pad8": lambda: torch._grouped_mm(a8.t(), b8, offs=offs8),
+        "grouped_aT_pad8": lambda: torch._grouped_mm(a8T, b8, offs=offs8),
+        "bmm_padded": lambda: torch.bmm(a_pad.transpose(1, 2), b_pad),
+    }, E * most - a.shape[0]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| over [E, K, N] bf16, 16 experts at a time (deepseek_v3's are 15 GB)."""
+    num = den = 0.0
+    for o, r in zip(out.split(16), ref.split(16)):
+        o, r = o.float(), r.float()
+        num, den = num + float((o - r).square().sum()), den + float(r.square().sum())
+    return (num / den) ** 0.5
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", nargs="+", default=["qwen3_30b_a3b", "deepseek_v3", "mixtral_8x7b", "gpt_oss_120b"])
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    p.add_argument("--skew", type=float, nargs="+", default=[0.0],
+                   help="experts' popularity: log-weights N(0, skew), k drawn without replacement (0: uniform)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name in args.preset:
+        cfg = preset(name)
+        H, F, E, k = cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k
+        f_in = 2 * F if cfg.activation in ("swiglu", "clamped_swiglu") else F
+        for T, skew in ((T, skew) for T in args.tokens for skew in args.skew):
+            bias = torch.randn(E, device="cuda", generator=gen) * skew
+            gumbel = -torch.empty(T, E, device="cuda").exponential_(generator=gen).log()
+            experts = (gumbel + bias).topk(k, dim=1).indices
+            counts = torch.bincount(experts.flatten(), minlength=E)
+            S = T * k
+            for gemm, K, N in (("dw_in", H, f_in), ("dw_out", F, H)):
+                a = torch.randn(S, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+                b = torch.randn(S, N, device="cuda", generator=gen, dtype=torch.bfloat16)
+                fns, pad = variants(a, b, counts)
+                ref = fns["grouped"]()
+                errs = {v: rel_err(fn(), ref) for v, fn in fns.items()}
+                del ref
+                times = {v: [] for v in fns}
+                for fn in fns.values():
+                    fn()
+                for _ in range(args.rounds):
+                    for v, fn in fns.items():
+                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        s.record()
+                        for _ in range(args.iters):
+                            fn()
+                        e.record()
+                        e.synchronize()
+                        times[v].append(s.elapsed_time(e) * 1e3 / args.iters)
+                flops = 2.0 * S * K * N
+                bytes_ = 2.0 * (E * K * N + S * (K + N))
+                floor = max(flops / TFLOPS, bytes_ / HBM) * 1e6
+                for v in fns:
+                    med = statistics.median(times[v])
+                    row = {"preset": name, "tokens": T, "skew": skew, "most_over_mean": float(counts.max() * E / S),
+                           "gemm": gemm, "variant": v, "median_us": med,
+                           "floor_us": floor, "of_floor": floor / med, "rel_err": errs[v], "pad_rows": pad,
+                           "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"),
+                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                    rows.append(row)
+                    print(f"{name:14s} {T:6d} {row['most_over_mean']:4.2f} {gemm:7s} {v:13s} {med:9.1f} us  "
+                          f"floor {floor:8.1f}  {floor / med:5.0%}  err {errs[v]:.1e}", flush=True)
+                del a, b, fns
+                torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
