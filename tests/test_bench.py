@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dist_pool import free_port
 
@@ -251,3 +252,23 @@ def test_backward_kernels_bench_checks_every_variant_against_float64():
     assert all(0 < r["min_us"] <= r["median_us"] <= r["max_us"] for r in rows)
     assert tiles == (token_sum.BLOCK_TOKENS, token_sum.BLOCK_TOKENS_MANY_EXPERTS, token_sum.BLOCK_COLS,
                      token_sum.NUM_WARPS)
+
+
+def test_wgrad_probe_variants_are_each_expert_s_product_over_its_rows():
+    """bench/wgrad_probe.py's layouts (padded groups, bmm over rows padded to the busiest expert)
+    give every expert's a^T b over its own rows, an expert with none included (zeros)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import wgrad_probe
+
+    gen = torch.Generator().manual_seed(7)
+    counts = torch.tensor([5, 0, 17, 3, 11])
+    a = torch.randn(int(counts.sum()), 24, generator=gen).to(torch.bfloat16)
+    b = torch.randn(int(counts.sum()), 40, generator=gen).to(torch.bfloat16)
+    ends = torch.cumsum(counts, 0).tolist()
+    want = torch.stack([a[e - n:e].double().t() @ b[e - n:e].double() for n, e in zip(counts.tolist(), ends)])
+    fns, pad = wgrad_probe.variants(a, b, counts)
+    assert pad == 5 * 17 - int(counts.sum())
+    for name, fn in fns.items():
+        got = fn().double()
+        assert got.shape == want.shape and (got - want).norm() / want.norm() <= 1e-2, name
+        assert torch.equal(got[1], torch.zeros_like(got[1])), name
