@@ -10,6 +10,7 @@ import torch
 import triton
 from grad_reference import rel_err
 
+from flashmoe_py.kernels import router_grad
 from flashmoe_py.kernels.router_grad import (BLOCK_COLS, BLOCK_TOKENS, MAX_RUN_TOKENS, MAX_RUNS, TARGET_PROGRAMS,
                                              block_experts, router_weight_grad, token_runs)
 from seeds import fresh_seed
@@ -46,8 +47,8 @@ def test_gradient_is_d_logits_transposed_times_x(case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,E,H", [(4096, 256, 7168), (16384, 128, 2048), (4096, 8, 4096)],
-                         ids=["deepseek_v3", "qwen3 at 16384 tokens", "mixtral"])
+@pytest.mark.parametrize("T,E,H", [(4096, 256, 7168), (16384, 256, 7168), (16384, 128, 2048), (4096, 8, 4096)],
+                         ids=["deepseek_v3", "deepseek_v3 at 16384 tokens", "qwen3 at 16384 tokens", "mixtral"])
 def test_the_presets_gradient_on_a_gpu_keeps_fp32_accuracy(T, E, H):
     """bf16 x (split_dot's products) over several runs: within 1e-5 of float64 at the presets'
     sizes."""
@@ -73,6 +74,19 @@ def test_each_run_adds_only_its_own_tokens():
         assert torch.equal(got, want) if DEVICE == "cpu" else rel_err(got, want) <= TOL
 
 
+def test_runs_beyond_the_partial_sum_s_depth_are_launched_in_turn(monkeypatch):
+    """More capped runs than MAX_PARTIALS: several launches over consecutive tokens, each one's
+    sum added to the output, still d_logits^T @ x (here runs of 64 tokens, 4 a launch)."""
+    monkeypatch.setattr(router_grad, "MAX_RUN_TOKENS", BLOCK_TOKENS)
+    monkeypatch.setattr(router_grad, "MAX_PARTIALS", 4)
+    T, E, H = 1300, 24, 136
+    assert runs_for(T, E, H) > 4 * 4  # five launches, the last of one partial run
+    gen = torch.Generator().manual_seed(fresh_seed())
+    d_logits, x = torch.randn(T, E, generator=gen), torch.randn(T, H, generator=gen)
+    got = router_weight_grad(d_logits.to(DEVICE), x.to(DEVICE)).cpu()
+    assert rel_err(got, d_logits.double().t() @ x.double()) <= TOL
+
+
 def test_no_tokens_give_exact_zeros():
     got = router_weight_grad(torch.zeros(0, 7), torch.zeros(0, 33, dtype=torch.bfloat16))
     assert got.dtype == torch.float32 and got.shape == (7, 33) and torch.equal(got, torch.zeros(7, 33))
@@ -84,9 +98,9 @@ def test_token_runs_are_bounded_powers_of_two_enough_for_the_target_programs(T, 
     run, runs = token_runs(T, tiles)
     want = min(MAX_RUNS, max(1, triton.cdiv(TARGET_PROGRAMS, tiles)))
     assert BLOCK_TOKENS <= run <= MAX_RUN_TOKENS and run & (run - 1) == 0
-    assert 1 <= runs <= max(want, triton.cdiv(T, MAX_RUN_TOKENS))
+    assert 1 <= runs and (runs <= want or run == MAX_RUN_TOKENS)  # more runs only when they are capped
     assert run * runs >= T > run * (runs - 1)  # every token in a run, no run empty
-    assert run in (BLOCK_TOKENS, MAX_RUN_TOKENS) or triton.cdiv(T, run // 2) > want  # the smallest such run
+    assert run == BLOCK_TOKENS or triton.cdiv(T, run // 2) > want  # the smallest such run
 
 
 def test_no_tokens_take_no_runs():

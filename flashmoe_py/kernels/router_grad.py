@@ -15,7 +15,9 @@ MAX_RUN_TOKENS need more: token_runs); each program sums its run's tokens in tok
 fixed order (no atomics: the same bits every run). One run writes the output directly. Accuracy:
 the tensor cores' fp32 accumulator over RUN tokens (kernels/split_dot.py), on an H200 1.6e-6 of
 float64 at RUN = 512 and 6.8e-6 at 2,048, grows with RUN, so RUN stops at MAX_RUN_TOKENS (2.7e-5
-at deepseek_v3's 16,384 tokens in two runs without that bound: bench/NOTES.md item 64)."""
+at deepseek_v3's 16,384 tokens in two runs without that bound: bench/NOTES.md item 64). Memory:
+the partial sum holds at most MAX_PARTIALS runs (E * H * 4 bytes each); more runs than that are
+launched MAX_PARTIALS at a time, each launch's sum added to the output in token order."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ MAX_BLOCK_EXPERTS = 64
 TARGET_PROGRAMS = 256  # about two a streaming multiprocessor on an H100 / H200
 MAX_RUNS = 16
 MAX_RUN_TOKENS = 2048  # tokens one accumulator sums, for accuracy (the module docstring)
+MAX_PARTIALS = 32  # runs a launch: deepseek_v3's partial sum at most 235 MB (65,536 tokens a launch)
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -96,8 +99,15 @@ def router_weight_grad(d_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     BE = block_experts(E)
     tiles = (triton.cdiv(E, BE), triton.cdiv(H, BLOCK_COLS))
     RUN, runs = token_runs(T, tiles[0] * tiles[1])
-    partials = torch.empty(runs, E, H, dtype=torch.float32, device=x.device)
-    router_grad_kernel[(*tiles, runs)](d_logits, x, partials, T, E, H, RUN=RUN, SPLIT=x.dtype == torch.bfloat16,
-                                       F32_DOTS=not x.is_cuda, PRECISION="tf32x3" if x.is_cuda else "ieee", BE=BE,
-                                       BH=BLOCK_COLS, BT=BLOCK_TOKENS, num_warps=4)
-    return partials[0] if runs == 1 else partials.sum(0)
+    partials = torch.empty(min(runs, MAX_PARTIALS), E, H, dtype=torch.float32, device=x.device)
+    out = None
+    for first in range(0, T, MAX_PARTIALS * RUN):  # one launch unless there are more runs than MAX_PARTIALS
+        n = min(T - first, MAX_PARTIALS * RUN)
+        launch_runs = triton.cdiv(n, RUN)
+        router_grad_kernel[(*tiles, launch_runs)](
+            d_logits[first:], x[first:], partials, n, E, H, RUN=RUN, SPLIT=x.dtype == torch.bfloat16,
+            F32_DOTS=not x.is_cuda, PRECISION="tf32x3" if x.is_cuda else "ieee", BE=BE, BH=BLOCK_COLS,
+            BT=BLOCK_TOKENS, num_warps=4)
+        part = partials[0] if launch_runs == 1 else partials[:launch_runs].sum(0)
+        out = part if out is None else out.add_(part)
+    return out
