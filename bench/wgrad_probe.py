@@ -1,22 +1,25 @@
 """Probe: the weight-gradient GEMMs (a^T b per expert over its rows) in other layouts than the
 explicit backward's torch._grouped_mm(a.t(), b, offs), on one GPU, at the presets' sizes:
 
-    python bench/wgrad_probe.py [--preset P ...] [--tokens T] [--out results.json]
+    python bench/wgrad_probe.py [--preset P ...] [--tokens T ...] [--skew S ...] [--out results.json]
 
-  grouped      torch._grouped_mm(a.t(), b, offs)             (today: backends/expert_grad.py)
+  grouped         torch._grouped_mm(a.t(), b, offs)             (today: backends/expert_grad.py)
   grouped_pad8    the same over each expert's rows padded with zeros to a multiple of 8
   grouped_aT_pad8 that with a^T stored contiguous ([K, S8]: the GEMM's A K-contiguous, which
                   torch._grouped_mm takes only for groups of whole 16 bytes)
   bmm_padded      torch.bmm over the experts' rows padded with zeros to the largest count
 
-a: [S, K] bf16, b: [S, N] bf16, S = T * top_k rows sorted by expert (uniform random routing).
-Every variant is checked against `grouped`, then timed (CUDA events around --iters calls, the
-variants in turn, --rounds rounds); the layout copies are not timed."""
+a: [S, K] bf16, b: [S, N] bf16, S = T * top_k rows sorted by expert, routed at random: k experts a
+token drawn without replacement, expert e with weight exp(N(0, skew)) (0: uniform); a row's
+most_over_mean is the busiest expert's rows over the mean. Every variant is checked against
+`grouped` (ok: within 1e-2; exit code 1 otherwise), then timed (CUDA events around --iters calls,
+the variants in turn, --rounds rounds); the layout copies are not timed."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -27,7 +30,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashmoe_py import preset  # noqa: E402
 
-TFLOPS, HBM = 792e12, 4.256e12  # an H200's measured ceilings (bench/layer.py)
+# An H200's rates as bench/layer.py's measure_ceilings found them (its rows in
+# bench/results/2026-12-03h-h200x1-token-sum-loop/fb_*.json: 792-805 TFLOP/s, 4,229-4,257 GB/s).
+TFLOPS, HBM = 792e12, 4.256e12
 
 
 def padded(t: torch.Tensor, counts: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
@@ -66,7 +71,32 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (num / den) ** 0.5
 
 
-def main() -> None:
+def expert_counts(T: int, E: int, k: int, skew: float, gen: torch.Generator) -> torch.Tensor:
+    """[E] int64: the rows each expert gets when T tokens each draw k distinct experts, expert e
+    with weight exp(N(0, skew)) (Gumbel top-k)."""
+    bias = torch.randn(E, device=gen.device, generator=gen) * skew
+    gumbel = -torch.empty(T, E, device=gen.device).exponential_(generator=gen).log()
+    return torch.bincount((gumbel + bias).topk(k, dim=1).indices.flatten(), minlength=E)
+
+
+def time_variants(fns: dict, iters: int, rounds: int) -> dict[str, float]:
+    """{variant: median µs a call}: CUDA events around iters calls, the variants in turn, rounds times."""
+    times = {v: [] for v in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for v, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            times[v].append(start.elapsed_time(end) * 1e3 / iters)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", nargs="+", default=["qwen3_30b_a3b", "deepseek_v3", "mixtral_8x7b", "gpt_oss_120b"])
     p.add_argument("--tokens", type=int, nargs="+", default=[4096])
@@ -78,55 +108,38 @@ def main() -> None:
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for name in args.preset:
+    for name, T, skew in itertools.product(args.preset, args.tokens, args.skew):
         cfg = preset(name)
         H, F, E, k = cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k
-        f_in = 2 * F if cfg.activation in ("swiglu", "clamped_swiglu") else F
-        for T, skew in ((T, skew) for T in args.tokens for skew in args.skew):
-            bias = torch.randn(E, device="cuda", generator=gen) * skew
-            gumbel = -torch.empty(T, E, device="cuda").exponential_(generator=gen).log()
-            experts = (gumbel + bias).topk(k, dim=1).indices
-            counts = torch.bincount(experts.flatten(), minlength=E)
-            S = T * k
-            for gemm, K, N in (("dw_in", H, f_in), ("dw_out", F, H)):
-                a = torch.randn(S, K, device="cuda", generator=gen, dtype=torch.bfloat16)
-                b = torch.randn(S, N, device="cuda", generator=gen, dtype=torch.bfloat16)
-                fns, pad = variants(a, b, counts)
-                ref = fns["grouped"]()
-                errs = {v: rel_err(fn(), ref) for v, fn in fns.items()}
-                del ref
-                times = {v: [] for v in fns}
-                for fn in fns.values():
-                    fn()
-                for _ in range(args.rounds):
-                    for v, fn in fns.items():
-                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        s.record()
-                        for _ in range(args.iters):
-                            fn()
-                        e.record()
-                        e.synchronize()
-                        times[v].append(s.elapsed_time(e) * 1e3 / args.iters)
-                flops = 2.0 * S * K * N
-                bytes_ = 2.0 * (E * K * N + S * (K + N))
-                floor = max(flops / TFLOPS, bytes_ / HBM) * 1e6
-                for v in fns:
-                    med = statistics.median(times[v])
-                    row = {"preset": name, "tokens": T, "skew": skew, "most_over_mean": float(counts.max() * E / S),
-                           "gemm": gemm, "variant": v, "median_us": med,
-                           "floor_us": floor, "of_floor": floor / med, "rel_err": errs[v], "pad_rows": pad,
-                           "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                           "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"),
-                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-                    rows.append(row)
-                    print(f"{name:14s} {T:6d} {row['most_over_mean']:4.2f} {gemm:7s} {v:13s} {med:9.1f} us  "
-                          f"floor {floor:8.1f}  {floor / med:5.0%}  err {errs[v]:.1e}", flush=True)
-                del a, b, fns
-                torch.cuda.empty_cache()
+        f_in = 2 * F if cfg.gated else F
+        counts, S = expert_counts(T, E, k, skew, gen), T * k
+        for gemm, K, N in (("dw_in", H, f_in), ("dw_out", F, H)):
+            a = torch.randn(S, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+            b = torch.randn(S, N, device="cuda", generator=gen, dtype=torch.bfloat16)
+            fns, pad = variants(a, b, counts)
+            ref = fns["grouped"]()
+            errs = {v: rel_err(fn(), ref) for v, fn in fns.items()}
+            del ref
+            medians = time_variants(fns, args.iters, args.rounds)
+            floor = max(2.0 * S * K * N / TFLOPS, 2.0 * (E * K * N + S * (K + N)) / HBM) * 1e6
+            for v, med in medians.items():
+                row = {"preset": name, "tokens": T, "skew": skew, "most_over_mean": float(counts.max() * E / S),
+                       "gemm": gemm, "variant": v, "median_us": med, "floor_us": floor, "of_floor": floor / med,
+                       "rel_err": errs[v], "ok": errs[v] <= 1e-2, "pad_rows": pad,
+                       "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"),
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                rows.append(row)
+                print(f"{name:14s} {T:6d} {row['most_over_mean']:4.2f} {gemm:7s} {v:15s} {med:9.1f} us  "
+                      f"floor {floor:8.1f}  {floor / med:5.0%}  err {errs[v]:.1e}{'' if row['ok'] else '  FAIL'}",
+                      flush=True)
+            del a, b, fns
+            torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

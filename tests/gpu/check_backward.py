@@ -169,8 +169,7 @@ def main() -> int:
     rows = [run_case(name, o, backend, backward, rank, world) for backend, backward in runs for name, o in CASES]
     rows += [router_kernel_kept_for_inference(rank)]
     if presets:
-        with torch.no_grad():
-            rows.append(router_builds_agree(presets))
+        rows.append(router_builds_agree(presets))
     rows += [run_preset(n, rank) for n in presets]
     if rank == 0:
         for r in rows:
