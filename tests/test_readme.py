@@ -15,6 +15,8 @@ def test_the_cpu_example_runs_as_written():
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "README.md", "exec"), {})
-    shape_and_err, counts = printed.getvalue().splitlines()
+    shape_and_err, counts, losses = printed.getvalue().splitlines()
     assert shape_and_err.startswith("torch.Size([4, 16, 256])") and float(shape_and_err.split()[-1]) <= 1e-6
     assert sum(int(c) for c in re.findall(r"\d+", counts)) == 4 * 16 * 2  # every token's two slots
+    before, after = map(float, losses.split())
+    assert after < before  # one optimizer step on the layer's gradients lowers its loss
