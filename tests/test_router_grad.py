@@ -47,8 +47,10 @@ def test_gradient_is_d_logits_transposed_times_x(case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,E,H", [(4096, 256, 7168), (16384, 256, 7168), (16384, 128, 2048), (4096, 8, 4096)],
-                         ids=["deepseek_v3", "deepseek_v3 at 16384 tokens", "qwen3 at 16384 tokens", "mixtral"])
+@pytest.mark.parametrize("T,E,H", [(4096, 256, 7168), (16384, 256, 7168), (69632, 256, 7168), (16384, 128, 2048),
+                                   (4096, 8, 4096)],
+                         ids=["deepseek_v3", "deepseek_v3 at 16384 tokens", "deepseek_v3 in two launches",
+                              "qwen3 at 16384 tokens", "mixtral"])
 def test_the_presets_gradient_on_a_gpu_keeps_fp32_accuracy(T, E, H):
     """bf16 x (split_dot's products) over several runs: within 1e-5 of float64 at the presets'
     sizes."""
