@@ -4,10 +4,12 @@ explicit backward's torch._grouped_mm(a.t(), b, offs), on one GPU, at the preset
     python bench/wgrad_probe.py [--preset P ...] [--tokens T ...] [--skew S ...] [--out results.json]
 
   grouped         torch._grouped_mm(a.t(), b, offs)             (today: backends/expert_grad.py)
-  grouped_pad8    the same over each expert's rows padded with zeros to a multiple of 8
+  grouped_swapped b^T a per expert, read transposed (the CUTLASS tile's wide side on K, not N)
+  grouped_pad8    grouped over each expert's rows padded with zeros to a multiple of 8
   grouped_aT_pad8 that with a^T stored contiguous ([K, S8]: the GEMM's A K-contiguous, which
                   torch._grouped_mm takes only for groups of whole 16 bytes)
   bmm_padded      torch.bmm over the experts' rows padded with zeros to the largest count
+  grouped_compiled (--compiled) the grouped call under torch.compile's max-autotune
 
 a: [S, K] bf16, b: [S, N] bf16, S = T * top_k rows sorted by expert, routed at random: k experts a
 token drawn without replacement, expert e with weight exp(N(0, skew)) (0: uniform); a row's
@@ -45,7 +47,10 @@ def padded(t: torch.Tensor, counts: torch.Tensor, width: torch.Tensor) -> torch.
     return out.index_copy_(0, pos, t)
 
 
-def variants(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> tuple[dict, int]:
+def variants(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, compiled: bool = False) -> tuple[dict, int]:
+    """a: [S, K], b: [S, N] sorted by expert, counts [E] -> ({variant: a call giving [E, K, N]}, the
+    rows bmm_padded adds). compiled: also torch.compile's max-autotune choice (ATen or Triton
+    templates, ragged K included) for the grouped call: minutes of autotuning a shape."""
     offs = torch.cumsum(counts, 0).to(torch.int32)
     E, most = counts.shape[0], int(counts.max())
     w8 = (counts + 7) // 8 * 8
@@ -54,12 +59,20 @@ def variants(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> tuple[di
     a8T = a8.t().contiguous()
     a_pad = padded(a, counts, torch.full_like(counts, most)).view(E, most, -1)
     b_pad = padded(b, counts, torch.full_like(counts, most)).view(E, most, -1)
-    return {
+    fns = {
         "grouped": lambda: torch._grouped_mm(a.t(), b, offs=offs),
+        "grouped_swapped": lambda: torch._grouped_mm(b.t(), a, offs=offs).transpose(1, 2),  # [E, N, K] read [E, K, N]
         "grouped_pad8": lambda: torch._grouped_mm(a8.t(), b8, offs=offs8),
         "grouped_aT_pad8": lambda: torch._grouped_mm(a8T, b8, offs=offs8),
         "bmm_padded": lambda: torch.bmm(a_pad.transpose(1, 2), b_pad),
-    }, E * most - a.shape[0]
+    }
+    if compiled:
+        import torch._inductor.config as inductor_config
+        inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
+        grouped = torch.compile(lambda a, b, offs: torch._grouped_mm(a.t(), b, offs=offs),
+                                mode="max-autotune-no-cudagraphs", dynamic=False)
+        fns["grouped_compiled"] = lambda: grouped(a, b, offs)
+    return fns, E * most - a.shape[0]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -102,6 +115,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[4096])
     p.add_argument("--skew", type=float, nargs="+", default=[0.0],
                    help="experts' popularity: log-weights N(0, skew), k drawn without replacement (0: uniform)")
+    p.add_argument("--compiled", action="store_true", help="also torch.compile max-autotune's grouped_mm")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None)
@@ -116,7 +130,7 @@ def main() -> int:
         for gemm, K, N in (("dw_in", H, f_in), ("dw_out", F, H)):
             a = torch.randn(S, K, device="cuda", generator=gen, dtype=torch.bfloat16)
             b = torch.randn(S, N, device="cuda", generator=gen, dtype=torch.bfloat16)
-            fns, pad = variants(a, b, counts)
+            fns, pad = variants(a, b, counts, args.compiled)
             ref = fns["grouped"]()
             errs = {v: rel_err(fn(), ref) for v, fn in fns.items()}
             del ref
