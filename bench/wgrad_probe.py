@@ -14,8 +14,9 @@ explicit backward's torch._grouped_mm(a.t(), b, offs), on one GPU, at the preset
 a: [S, K] bf16, b: [S, N] bf16, S = T * top_k rows sorted by expert, routed at random: k experts a
 token drawn without replacement, expert e with weight exp(N(0, skew)) (0: uniform); a row's
 most_over_mean is the busiest expert's rows over the mean. Every variant is checked against
-`grouped` (ok: within 1e-2; exit code 1 otherwise), then timed (CUDA events around --iters calls,
-the variants in turn, --rounds rounds); the layout copies are not timed."""
+`grouped` (ok: within 1e-2; exit code 1 otherwise), then timed as bench/backward_kernels.py times
+(CUDA events around --iters calls, the variants in turn, --rounds rounds); the layout copies are
+not timed."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from backward_kernels import timed  # noqa: E402
+
 from flashmoe_py import preset  # noqa: E402
 
 # An H200's rates as bench/layer.py's measure_ceilings found them (its rows in
@@ -48,30 +51,35 @@ def padded(t: torch.Tensor, counts: torch.Tensor, width: torch.Tensor) -> torch.
 
 
 def variants(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, compiled: bool = False) -> tuple[dict, int]:
-    """a: [S, K], b: [S, N] sorted by expert, counts [E] -> ({variant: a call giving [E, K, N]}, the
-    rows bmm_padded adds). compiled: also torch.compile's max-autotune choice (ATen or Triton
-    templates, ragged K included) for the grouped call: minutes of autotuning a shape."""
+    """a: [S, K], b: [S, N] sorted by expert, counts [E] -> ({variant: (fn, args), fn(*args) giving
+    [E, K, N]}, the rows bmm_padded adds). compiled: also torch.compile's max-autotune choice (ATen or
+    Triton templates, ragged K included) for the grouped call: minutes of autotuning a shape."""
     offs = torch.cumsum(counts, 0).to(torch.int32)
     E, most = counts.shape[0], int(counts.max())
     w8 = (counts + 7) // 8 * 8
     offs8 = torch.cumsum(w8, 0).to(torch.int32)
     a8, b8 = padded(a, counts, w8), padded(b, counts, w8)
-    a8T = a8.t().contiguous()
     a_pad = padded(a, counts, torch.full_like(counts, most)).view(E, most, -1)
     b_pad = padded(b, counts, torch.full_like(counts, most)).view(E, most, -1)
+
+    def grouped(a_t, b, offs):
+        return torch._grouped_mm(a_t, b, offs=offs)
+
+    def swapped(b_t, a, offs):  # [E, N, K] read as [E, K, N]
+        return torch._grouped_mm(b_t, a, offs=offs).transpose(1, 2)
+
     fns = {
-        "grouped": lambda: torch._grouped_mm(a.t(), b, offs=offs),
-        "grouped_swapped": lambda: torch._grouped_mm(b.t(), a, offs=offs).transpose(1, 2),  # [E, N, K] read [E, K, N]
-        "grouped_pad8": lambda: torch._grouped_mm(a8.t(), b8, offs=offs8),
-        "grouped_aT_pad8": lambda: torch._grouped_mm(a8T, b8, offs=offs8),
-        "bmm_padded": lambda: torch.bmm(a_pad.transpose(1, 2), b_pad),
+        "grouped": (grouped, (a.t(), b, offs)),
+        "grouped_swapped": (swapped, (b.t(), a, offs)),
+        "grouped_pad8": (grouped, (a8.t(), b8, offs8)),
+        "grouped_aT_pad8": (grouped, (a8.t().contiguous(), b8, offs8)),
+        "bmm_padded": (torch.bmm, (a_pad.transpose(1, 2), b_pad)),
     }
     if compiled:
         import torch._inductor.config as inductor_config
         inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
-        grouped = torch.compile(lambda a, b, offs: torch._grouped_mm(a.t(), b, offs=offs),
-                                mode="max-autotune-no-cudagraphs", dynamic=False)
-        fns["grouped_compiled"] = lambda: grouped(a, b, offs)
+        fns["grouped_compiled"] = (torch.compile(grouped, mode="max-autotune-no-cudagraphs", dynamic=False),
+                                   (a.t(), b, offs))
     return fns, E * most - a.shape[0]
 
 
@@ -90,23 +98,6 @@ def expert_counts(T: int, E: int, k: int, skew: float, gen: torch.Generator) -> 
     bias = torch.randn(E, device=gen.device, generator=gen) * skew
     gumbel = -torch.empty(T, E, device=gen.device).exponential_(generator=gen).log()
     return torch.bincount((gumbel + bias).topk(k, dim=1).indices.flatten(), minlength=E)
-
-
-def time_variants(fns: dict, iters: int, rounds: int) -> dict[str, float]:
-    """{variant: median µs a call}: CUDA events around iters calls, the variants in turn, rounds times."""
-    times = {v: [] for v in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for v, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            times[v].append(start.elapsed_time(end) * 1e3 / iters)
-    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def main() -> int:
@@ -131,10 +122,12 @@ def main() -> int:
             a = torch.randn(S, K, device="cuda", generator=gen, dtype=torch.bfloat16)
             b = torch.randn(S, N, device="cuda", generator=gen, dtype=torch.bfloat16)
             fns, pad = variants(a, b, counts, args.compiled)
-            ref = fns["grouped"]()
-            errs = {v: rel_err(fn(), ref) for v, fn in fns.items()}
+            fn, fn_args = fns["grouped"]
+            ref = fn(*fn_args)
+            errs = {v: rel_err(fn(*fn_args), ref) for v, (fn, fn_args) in fns.items()}
             del ref
-            medians = time_variants(fns, args.iters, args.rounds)
+            times = timed([(fn, [fn_args]) for fn, fn_args in fns.values()], args.iters, args.rounds)
+            medians = {v: statistics.median(us) for v, us in zip(fns, times)}
             floor = max(2.0 * S * K * N / TFLOPS, 2.0 * (E * K * N + S * (K + N)) / HBM) * 1e6
             for v, med in medians.items():
                 row = {"preset": name, "tokens": T, "skew": skew, "most_over_mean": float(counts.max() * E / S),
