@@ -32,6 +32,7 @@ from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.options import BACKWARDS  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 import summary  # noqa: E402  (bench/, beside this file)
+from energy import EnergyMeter  # noqa: E402
 
 ROUTINGS = ("uniform", "zipf", "one_hot")
 FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem"}  # benchmark backend -> fused-kernel transport
@@ -68,6 +69,9 @@ def parse_args(argv=None):
                         "after it in torch (what running them inside the kernel saves)")
     p.add_argument("--routing", nargs="+", default=["uniform"], choices=ROUTINGS)
     p.add_argument("--iters", type=int, default=None, help="timed iterations per input set")
+    p.add_argument("--energy-seconds", type=float, default=0.0, metavar="S",
+                   help="on GPUs with NVML, also each point's board energy a call (joules_per_call), "
+                        "from the first input set's calls repeated for at least S seconds after its timing")
     p.add_argument("--input-sets", type=int, default=3)
     p.add_argument("--fwd-bwd", action="store_true",
                    help="also time forward + backward of sum(y * dy) (rows with mode 'fwd+bwd', dx checked "
@@ -139,11 +143,14 @@ class Timer:
     call's host time in µs (perf_counter around its issue): where it reaches the GPU's time, the
     GPU waits for the host and the calls run at the host's pace, unless the call itself waits for
     the GPU (then the two match whatever the bottleneck: a training forward at world > 1, which
-    compares the ranks' token counts, and a backward's all-to-all split sizes or capacity drops)."""
+    compares the ranks' token counts, and a backward's all-to-all split sizes or capacity drops).
+    joules: one call's board energy in J from each `energy` loop (GPUs with NVML only)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.host: list[float] = []
+        self.joules: list[float] = []
+        self.meter = EnergyMeter.for_device(device)
 
     def time(self, fn, iters: int, warmup: int) -> list[float]:
         for _ in range(warmup):
@@ -168,6 +175,31 @@ class Timer:
             times.append((time.perf_counter() - t0) * 1e6)
         self.host += times
         return times
+
+    def energy(self, fn, seconds: float) -> None:
+        """Calls fn back to back for at least `seconds` (NVML refreshes the board's counter every
+        few milliseconds, so a loop of a few calls would read its steps, not the calls), then
+        appends the counter's rise over them per call to self.joules; nothing without a meter."""
+        if self.meter is None or seconds <= 0:
+            return
+        torch.cuda.synchronize()
+        mj, t0, calls = self.meter.millijoules(), time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(8):
+                fn()
+            calls += 8
+            torch.cuda.synchronize()
+        after = self.meter.millijoules()
+        if mj is not None and after is not None:
+            self.joules.append((after - mj) / 1e3 / calls)
+
+
+def energy_of(timer: Timer, device) -> dict:
+    """{"joules_per_call": one call's board energy (the median over the timer's energy loops), the
+    largest over ranks} where every rank read its GPU's counter, else {} (on every rank)."""
+    if -max_over_ranks(-1.0 if timer.joules else 0.0, device) == 0.0:
+        return {}
+    return {"joules_per_call": max_over_ranks(statistics.median(timer.joules), device)}
 
 
 def max_over_ranks(value: float, device) -> float:
@@ -294,9 +326,11 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
         with torch.inference_mode():
             for x in xs:
                 times += timer.time(lambda x=x: forward(x), iters, warmup=3)
+            timer.energy(lambda: forward(xs[0]), args.energy_seconds)
             layer.synchronize()
         row["median_us"] = max_over_ranks(statistics.median(times), device)
         row["host_us"] = max_over_ranks(statistics.median(timer.host), device)
+        row |= energy_of(timer, device)
         if fused and args.user_graph:  # replayed from the caller's own CUDA graph
             us, host_us = graph_median_us(layer, xs, iters, device)
             rows.append({**row, "backend": "flash+graph", "median_us": us, "host_us": host_us})
@@ -304,7 +338,7 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
             for backward in args.backwards or [layer.options.backward_for(layer.backend.name)]:
                 if not (fused and backward == "autograd"):  # the fused kernel has no ops to record
                     layer.options = dataclasses.replace(layer.options, backward=backward)
-                    rows += fwd_bwd_rows(row, layer, xs, iters, tol, device)
+                    rows += fwd_bwd_rows(row, layer, xs, iters, tol, device, args.energy_seconds)
     if fused:
         layer.backend.close()
     elif backend == "flash_shared_torch":
@@ -322,7 +356,8 @@ def training_step(layer, x: torch.Tensor, dy: torch.Tensor):
     return step
 
 
-def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, device) -> list[dict]:
+def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, device,
+                 energy_seconds: float = 0.0) -> list[dict]:
     """row's point timed as forward + backward of sum(layer(x) * dy) (x and every parameter
     requiring grad) with the layer's backward, after dx on CHECK_TOKENS tokens is checked against
     float64 autograd through the reference -> [a row with mode 'fwd+bwd' and its backward], or []
@@ -349,9 +384,11 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
         times, timer = [], Timer(device)
         for x, dy in zip(xs, dys):
             times += timer.time(training_step(layer, x.detach().requires_grad_(True), dy), iters, warmup=3)
+        timer.energy(training_step(layer, xs[0].detach().requires_grad_(True), dys[0]), energy_seconds)
         layer.synchronize()
         out["median_us"] = max_over_ranks(statistics.median(times), device)
         out["host_us"] = max_over_ranks(statistics.median(timer.host), device)
+        out |= energy_of(timer, device)
     return [out]
 
 
@@ -595,7 +632,7 @@ def print_table(rows, ceilings, meta, world):
     if ceilings:
         print("ceilings: " + "  ".join(f"{k}={v:.0f}" for k, v in ceilings.items()))
     head = f"{'preset':<14}{'routing':<9}{'tokens':>7} {'backend':<16}{'median_us':>11}{'host_us':>9}" \
-           f"{'floor_us':>10}{'of_floor':>9}{'TFLOP/s':>9}{'rel_err':>10}"
+           f"{'floor_us':>10}{'of_floor':>9}{'TFLOP/s':>9}{'J/call':>8}{'rel_err':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -604,9 +641,10 @@ def print_table(rows, ceilings, meta, world):
         frac = f"{r['floor_us'] / r['median_us']:.0%}" if r["floor_us"] and r["median_us"] else "-"
         tf = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
         host = f"{r['host_us']:.0f}" if r.get("host_us") else "-"
+        joules = f"{r['joules_per_call']:.3f}" if r.get("joules_per_call") else "-"
         label = row_name(r) + {"1d+regroup": " (1d)", "fwd+bwd": " +bwd"}.get(r.get("mode"), "")
         print(f"{r['preset']:<14}{r['routing']:<9}{r['tokens_per_rank']:>7} {label:<16}{med:>11}{host:>9}"
-              f"{fl:>10}{frac:>9}{tf:>9}{r['rel_err']:>10.1e}")
+              f"{fl:>10}{frac:>9}{tf:>9}{joules:>8}{r['rel_err']:>10.1e}")
     if any(r.get("mode") == "1d+regroup" for r in rows):
         print("(1d): torch's all_to_all_vdev_2d refuses >= 16 experts per rank; symm_mem ran "
               "all_to_all_vdev + a local regroup by expert instead")

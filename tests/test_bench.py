@@ -272,3 +272,54 @@ def test_wgrad_probe_variants_are_each_expert_s_product_over_its_rows():
         got = fn(*args).double()
         assert got.shape == want.shape and (got - want).norm() / want.norm() <= 1e-2, name
         assert torch.equal(got[1], torch.zeros_like(got[1])), name
+
+
+def test_energy_per_call_is_the_counter_s_rise_over_a_loop_of_calls(monkeypatch):
+    """--energy-seconds: the board's counter read around at least that many seconds of calls, per
+    call; no joules_per_call at all where a rank has no counter (a CPU, or a GPU without NVML)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import energy
+    import layer
+    monkeypatch.setattr(layer, "max_over_ranks", lambda value, device: value)  # one rank
+    timer = layer.Timer(torch.device("cpu"))
+    assert timer.meter is None and energy.EnergyMeter.for_device(torch.device("cpu")) is None
+    timer.energy(lambda: None, 0.01)
+    assert timer.joules == [] and layer.energy_of(timer, "cpu") == {}
+
+    class Meter:  # a board that draws 250 mJ a call
+        mj = 7000
+
+        def millijoules(self):
+            return self.mj
+
+    def call():
+        timer.meter.mj += 250
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    timer.meter = Meter()
+    timer.energy(call, 0.02)
+    timer.energy(call, 0.0)  # no loop: nothing appended
+    assert timer.joules == [0.25] and timer.meter.mj > 7000 + 250 * 8
+    timer.joules = [2.0, 9.0, 3.0]
+    assert layer.energy_of(timer, "cpu") == {"joules_per_call": 3.0}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_gpu_s_energy_counter_counts_a_loop_of_products():
+    """The board's counter rises over half a second of bf16 products, by a power between an idle
+    board's and a few times an H200's 700 W limit."""
+    import time
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import energy
+    meter = energy.EnergyMeter.for_device(torch.device("cuda", torch.cuda.current_device()))
+    assert meter is not None, "no NVML energy counter for this GPU"
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    mj, t0 = meter.millijoules(), time.perf_counter()
+    while time.perf_counter() - t0 < 0.5:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+    watts = (meter.millijoules() - mj) / 1e3 / (time.perf_counter() - t0)
+    assert 30 < watts < 3000, watts
