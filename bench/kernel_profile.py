@@ -98,10 +98,11 @@ def trace_forward(layer, x, rt) -> dict:
     return summary
 
 
-def profile_steps(layer, x: torch.Tensor, iters: int, fwd_bwd: bool):
+def profile_steps(layer, x: torch.Tensor, iters: int, fwd_bwd: bool, shapes: bool = False):
     """torch.profiler over `iters` forwards of x [T, H] (inference mode) or, fwd_bwd, training
     steps (forward, then backward of sum(layer(x) * dy), x and the parameters requiring grad),
-    after five of them to warm up (graphs captured, kernels compiled) -> the profile."""
+    after five of them to warm up (graphs captured, kernels compiled) -> the profile (with each
+    op's input shapes recorded if shapes)."""
     if fwd_bwd:
         x = x.detach().requires_grad_(True)
         step = training_step(layer, x, torch.randn_like(x))
@@ -116,7 +117,7 @@ def profile_steps(layer, x: torch.Tensor, iters: int, fwd_bwd: bool):
             step()
         layer.synchronize()
         dist.barrier()
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=shapes) as prof:
             for _ in range(iters):
                 step()
             layer.synchronize()
@@ -137,6 +138,8 @@ def main():
     p.add_argument("--override", type=json.loads, default=None,
                    help="launch settings as JSON, e.g. '{\"stages\": 4}' (MoELayer's launch_override)")
     p.add_argument("--rows", type=int, default=40, help="rows of the profile's table (by self time)")
+    p.add_argument("--shapes", action="store_true",
+                   help="a row per op and input shapes (which of several calls of an op takes the time)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     fused = args.trace or args.backend == "flash"
@@ -167,12 +170,13 @@ def main():
                     for r, s in enumerate(every):
                         print(f"\n### {title}: trace, rank {r}\n{format_summary(s)}", flush=True)
             else:
-                prof = profile_steps(layer, x, args.iters, args.fwd_bwd)
+                prof = profile_steps(layer, x, args.iters, args.fwd_bwd, args.shapes)
                 if rt.rank == 0:
                     what = "training steps (forward + backward)" if args.fwd_bwd else "forwards"
                     sort = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
                     print(f"\n### {title}: totals over {args.iters} {what}")
-                    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+                    print(prof.key_averages(group_by_input_shape=args.shapes).table(
+                        sort_by=sort, row_limit=args.rows, max_name_column_width=60))
             if layer.backend.name == "flash":
                 layer.backend.close()
     if rt.rank == 0 and args.out:

@@ -166,17 +166,19 @@ def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path
 
 def test_training_steps_are_profiled_with_their_backward():
     """bench/kernel_profile.py --fwd-bwd: torch.profiler over forward + backward steps (world 2,
-    gloo, backend torch, backward 'saved'), its table showing the backward's ops."""
+    gloo, backend torch, backward 'saved'), its table showing the backward's ops, a row per input
+    shapes with --shapes."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                            f"--master-port={port}", os.path.join(ROOT, "bench", "kernel_profile.py"),
                            "--preset", "tiny", "--backend", "torch", "--tokens", "24", "--iters", "2", "--fwd-bwd",
-                           "--backward", "saved"],
+                           "--backward", "saved", "--shapes"],
                           env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "totals over 2 training steps (forward + backward)" in proc.stdout
     assert "_ExplicitBackward" in proc.stdout  # the 'saved' backward's autograd node ran and was timed
+    assert "Input Shapes" in proc.stdout
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel in the interpreter")
