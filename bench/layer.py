@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -32,7 +33,7 @@ from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.options import BACKWARDS  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 import summary  # noqa: E402  (bench/, beside this file)
-from energy import EnergyMeter  # noqa: E402
+from energy import meter_for  # noqa: E402
 
 ROUTINGS = ("uniform", "zipf", "one_hot")
 FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem"}  # benchmark backend -> fused-kernel transport
@@ -70,8 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--routing", nargs="+", default=["uniform"], choices=ROUTINGS)
     p.add_argument("--iters", type=int, default=None, help="timed iterations per input set")
     p.add_argument("--energy-seconds", type=float, default=0.0, metavar="S",
-                   help="on GPUs with NVML, also each point's board energy a call (joules_per_call), "
-                        "from the first input set's calls repeated for at least S seconds after its timing")
+                   help="on GPUs with NVML, also each point's board energy a call (joules_per_call, "
+                        "energy_loop_us), over about S seconds of the first input set's calls after its timing")
     p.add_argument("--input-sets", type=int, default=3)
     p.add_argument("--fwd-bwd", action="store_true",
                    help="also time forward + backward of sum(y * dy) (rows with mode 'fwd+bwd', dx checked "
@@ -143,14 +144,11 @@ class Timer:
     call's host time in µs (perf_counter around its issue): where it reaches the GPU's time, the
     GPU waits for the host and the calls run at the host's pace, unless the call itself waits for
     the GPU (then the two match whatever the bottleneck: a training forward at world > 1, which
-    compares the ranks' token counts, and a backward's all-to-all split sizes or capacity drops).
-    joules: one call's board energy in J from each `energy` loop (GPUs with NVML only)."""
+    compares the ranks' token counts, and a backward's all-to-all split sizes or capacity drops)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.host: list[float] = []
-        self.joules: list[float] = []
-        self.meter = EnergyMeter.for_device(device)
 
     def time(self, fn, iters: int, warmup: int) -> list[float]:
         for _ in range(warmup):
@@ -176,30 +174,47 @@ class Timer:
         self.host += times
         return times
 
-    def energy(self, fn, seconds: float) -> None:
-        """Calls fn back to back for at least `seconds` (NVML refreshes the board's counter every
-        few milliseconds, so a loop of a few calls would read its steps, not the calls), then
-        appends the counter's rise over them per call to self.joules; nothing without a meter."""
-        if self.meter is None or seconds <= 0:
-            return
-        torch.cuda.synchronize()
-        mj, t0, calls = self.meter.millijoules(), time.perf_counter(), 0
-        while time.perf_counter() - t0 < seconds:
-            for _ in range(8):
-                fn()
-            calls += 8
-            torch.cuda.synchronize()
-        after = self.meter.millijoules()
-        if mj is not None and after is not None:
-            self.joules.append((after - mj) / 1e3 / calls)
+
+ENERGY_LOOPS = 3  # loops a point, their median taken (the counter refreshes coarsely: bench/energy.py)
+ENERGY_KEYS = ("joules_per_call", "energy_loop_us")
 
 
-def energy_of(timer: Timer, device) -> dict:
-    """{"joules_per_call": one call's board energy (the median over the timer's energy loops), the
-    largest over ranks} where every rank read its GPU's counter, else {} (on every rank)."""
-    if -max_over_ranks(-1.0 if timer.joules else 0.0, device) == 0.0:
+def energy_row(fn, seconds: float, median_us: float, device) -> dict:
+    """{"joules_per_call": one call's board energy in J, "energy_loop_us": one call's time in those
+    loops}, each the median of ENERGY_LOOPS loops and the largest over ranks; {} when seconds <= 0,
+    or when any rank has no energy counter (then no rank calls fn). A loop is the same number of
+    calls on every rank (fn may be collective), about seconds / ENERGY_LOOPS of them at median_us
+    (already the largest over ranks) each. Under a power cap, joules ~ the cap times
+    energy_loop_us: compare both, and energy_loop_us with median_us."""
+    if seconds <= 0:
         return {}
-    return {"joules_per_call": max_over_ranks(statistics.median(timer.joules), device)}
+    meter = meter_for(device)
+    if max_over_ranks(0.0 if meter else 1.0, device) > 0:
+        return {}
+    calls = max(1, math.ceil(seconds / ENERGY_LOOPS / (median_us * 1e-6)))
+    loops = [_energy_loop(meter, fn, calls) for _ in range(ENERGY_LOOPS)]
+    if max_over_ranks(1.0 if any(j is None for j, _ in loops) else 0.0, device) > 0:
+        return {}
+    return {"joules_per_call": max_over_ranks(statistics.median(j for j, _ in loops), device),
+            "energy_loop_us": max_over_ranks(statistics.median(us for _, us in loops), device)}
+
+
+def _energy_loop(meter, fn, calls: int) -> tuple[float | None, float]:
+    """`calls` calls of fn back to back -> (the board's energy a call in J, or None if the counter
+    was not read; µs a call, host clock between synchronisations)."""
+    torch.cuda.synchronize()
+    mj, t0 = meter.millijoules(), time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    us = (time.perf_counter() - t0) * 1e6 / calls
+    after = meter.millijoules()
+    return (None if mj is None or after is None else (after - mj) / 1e3 / calls), us
+
+
+def without_energy(row: dict) -> dict:
+    """row less its energy keys (a row derived from it measures its own, or none)."""
+    return {k: v for k, v in row.items() if k not in ENERGY_KEYS}
 
 
 def max_over_ranks(value: float, device) -> float:
@@ -326,14 +341,13 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
         with torch.inference_mode():
             for x in xs:
                 times += timer.time(lambda x=x: forward(x), iters, warmup=3)
-            timer.energy(lambda: forward(xs[0]), args.energy_seconds)
             layer.synchronize()
-        row["median_us"] = max_over_ranks(statistics.median(times), device)
-        row["host_us"] = max_over_ranks(statistics.median(timer.host), device)
-        row |= energy_of(timer, device)
+            row["median_us"] = max_over_ranks(statistics.median(times), device)
+            row["host_us"] = max_over_ranks(statistics.median(timer.host), device)
+            row |= energy_row(lambda: forward(xs[0]), args.energy_seconds, row["median_us"], device)
         if fused and args.user_graph:  # replayed from the caller's own CUDA graph
             us, host_us = graph_median_us(layer, xs, iters, device)
-            rows.append({**row, "backend": "flash+graph", "median_us": us, "host_us": host_us})
+            rows.append({**without_energy(row), "backend": "flash+graph", "median_us": us, "host_us": host_us})
         if args.fwd_bwd and forward is layer:
             for backward in args.backwards or [layer.options.backward_for(layer.backend.name)]:
                 if not (fused and backward == "autograd"):  # the fused kernel has no ops to record
@@ -378,17 +392,17 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
     (reference_forward(xr, config=cfg, compute_dtype=torch.float64, **layer.full_weight_dict())
      * dys[0][:CHECK_TOKENS].double()).sum().backward()
     err = max_over_ranks(rel_err(x.grad, xr.grad), device)
-    out = {**row, "mode": "fwd+bwd", "backward": layer.options.backward_for(layer.backend.name), "rel_err": err,
-           "ok": err <= tol, "median_us": None, "host_us": None}
+    out = {**without_energy(row), "mode": "fwd+bwd", "backward": layer.options.backward_for(layer.backend.name),
+           "rel_err": err, "ok": err <= tol, "median_us": None, "host_us": None}
     if out["ok"]:
         times, timer = [], Timer(device)
         for x, dy in zip(xs, dys):
             times += timer.time(training_step(layer, x.detach().requires_grad_(True), dy), iters, warmup=3)
-        timer.energy(training_step(layer, xs[0].detach().requires_grad_(True), dys[0]), energy_seconds)
         layer.synchronize()
         out["median_us"] = max_over_ranks(statistics.median(times), device)
         out["host_us"] = max_over_ranks(statistics.median(timer.host), device)
-        out |= energy_of(timer, device)
+        out |= energy_row(training_step(layer, xs[0].detach().requires_grad_(True), dys[0]), energy_seconds,
+                          out["median_us"], device)
     return [out]
 
 

@@ -276,52 +276,78 @@ def test_wgrad_probe_variants_are_each_expert_s_product_over_its_rows():
         assert torch.equal(got[1], torch.zeros_like(got[1])), name
 
 
-def test_energy_per_call_is_the_counter_s_rise_over_a_loop_of_calls(monkeypatch):
-    """--energy-seconds: the board's counter read around at least that many seconds of calls, per
-    call; no joules_per_call at all where a rank has no counter (a CPU, or a GPU without NVML)."""
+class _Board:
+    """A fake energy counter that rises 250 mJ a call of its `call`."""
+
+    def __init__(self):
+        self.mj, self.calls = 7000, 0
+
+    def millijoules(self):
+        return self.mj
+
+    def call(self):
+        self.mj += 250
+        self.calls += 1
+
+
+def _energy_bench(monkeypatch, board, other_rank=()):
+    """bench/layer.py with a fake board and a second rank whose values for max_over_ranks come from
+    other_rank, in order (none: one rank), and no CUDA synchronisation."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import layer
+    other = iter(other_rank)
+    monkeypatch.setattr(layer, "max_over_ranks", lambda value, device: max(value, next(other, value)))
+    monkeypatch.setattr(layer, "meter_for", lambda device: board)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    return layer
+
+
+def test_energy_per_call_is_the_median_of_loops_of_one_call_count_on_every_rank(monkeypatch):
+    """--energy-seconds S: ENERGY_LOOPS loops, each of S / ENERGY_LOOPS at the point's median time
+    (so the same count on every rank: a call may be collective); the counter's rise a call."""
+    board = _Board()
+    layer = _energy_bench(monkeypatch, board)
+    got = layer.energy_row(board.call, 0.03, 1000.0, torch.device("cuda"))
+    assert board.calls == 30 and layer.ENERGY_LOOPS == 3  # 10 calls of 1 ms a loop
+    assert got["joules_per_call"] == 0.25 and got["energy_loop_us"] > 0
+    assert layer.energy_row(board.call, 0.0, 1000.0, torch.device("cuda")) == {} and board.calls == 30
+
+
+def test_no_energy_anywhere_when_a_rank_has_no_counter(monkeypatch):
+    """A rank without a counter (a CPU, or a GPU without NVML): no rank loops and no row gets
+    joules_per_call; a counter that fails mid-way: every rank loops, no row gets it either."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import energy
-    import layer
-    monkeypatch.setattr(layer, "max_over_ranks", lambda value, device: value)  # one rank
-    timer = layer.Timer(torch.device("cpu"))
-    assert timer.meter is None and energy.EnergyMeter.for_device(torch.device("cpu")) is None
-    timer.energy(lambda: None, 0.01)
-    assert timer.joules == [] and layer.energy_of(timer, "cpu") == {}
-
-    class Meter:  # a board that draws 250 mJ a call
-        mj = 7000
-
-        def millijoules(self):
-            return self.mj
-
-    def call():
-        timer.meter.mj += 250
-
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    timer.meter = Meter()
-    timer.energy(call, 0.02)
-    timer.energy(call, 0.0)  # no loop: nothing appended
-    assert timer.joules == [0.25] and timer.meter.mj > 7000 + 250 * 8
-    timer.joules = [2.0, 9.0, 3.0]
-    assert layer.energy_of(timer, "cpu") == {"joules_per_call": 3.0}
+    assert energy.meter_for(torch.device("cpu")) is None
+    board = _Board()
+    layer = _energy_bench(monkeypatch, board, other_rank=[1.0])  # the other rank has no meter
+    assert layer.energy_row(board.call, 0.03, 1000.0, torch.device("cuda")) == {} and board.calls == 0
+    layer = _energy_bench(monkeypatch, board, other_rank=[0.0, 1.0])  # its counter failed
+    assert layer.energy_row(board.call, 0.03, 1000.0, torch.device("cuda")) == {} and board.calls == 30
+    row = {"median_us": 5.0, "joules_per_call": 1.0, "energy_loop_us": 6.0}
+    assert layer.without_energy(row) == {"median_us": 5.0}  # a derived row measures its own
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_the_gpu_s_energy_counter_counts_a_loop_of_products():
-    """The board's counter rises over half a second of bf16 products, by a power between an idle
-    board's and a few times an H200's 700 W limit."""
+    """The board's counter rises faster over half a second of bf16 products than over half a
+    second idle, by more than 100 W (a handle to another, idle GPU would not)."""
     import time
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import energy
-    meter = energy.EnergyMeter.for_device(torch.device("cuda", torch.cuda.current_device()))
+    meter = energy.meter_for(torch.device("cuda", torch.cuda.current_device()))
     assert meter is not None, "no NVML energy counter for this GPU"
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    torch.cuda.synchronize()
-    mj, t0 = meter.millijoules(), time.perf_counter()
-    while time.perf_counter() - t0 < 0.5:
-        for _ in range(10):
-            a @ a
+
+    def watts(work):
         torch.cuda.synchronize()
-    watts = (meter.millijoules() - mj) / 1e3 / (time.perf_counter() - t0)
-    assert 30 < watts < 3000, watts
+        mj, t0 = meter.millijoules(), time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:
+            work()
+            torch.cuda.synchronize()
+        return (meter.millijoules() - mj) / 1e3 / (time.perf_counter() - t0)
+
+    idle = watts(lambda: time.sleep(0.01))
+    busy = watts(lambda: [a @ a for _ in range(10)])
+    assert busy > idle + 100 and busy < 3000, (idle, busy)
