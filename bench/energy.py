@@ -44,7 +44,7 @@ def meter_for(device: torch.device) -> EnergyMeter | None:
         handle = ctypes.c_void_p()
         if lib.nvmlInit_v2() != 0 or lib.nvmlDeviceGetHandleByUUID(uuid, ctypes.byref(handle)) != 0:
             return None
+        meter = EnergyMeter(lib, handle)
+        return meter if meter.millijoules() is not None else None
     except (OSError, AttributeError):  # no driver library, or a symbol or torch field missing
         return None
-    meter = EnergyMeter(lib, handle)
-    return meter if meter.millijoules() is not None else None

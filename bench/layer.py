@@ -181,7 +181,8 @@ ENERGY_KEYS = ("joules_per_call", "energy_loop_us")
 
 def energy_row(fn, seconds: float, median_us: float, device) -> dict:
     """{"joules_per_call": one call's board energy in J, "energy_loop_us": one call's time in those
-    loops}, each the median of ENERGY_LOOPS loops and the largest over ranks; {} when seconds <= 0,
+    loops}, each the median of ENERGY_LOOPS loops (the two medians may come from different loops) and
+    the largest over ranks (one board's, not the node's sum); {} when seconds <= 0,
     or when any rank has no energy counter (then no rank calls fn). A loop is the same number of
     calls on every rank (fn may be collective), about seconds / ENERGY_LOOPS of them at median_us
     (already the largest over ranks) each. Under a power cap, joules ~ the cap times
@@ -345,6 +346,7 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
             row["median_us"] = max_over_ranks(statistics.median(times), device)
             row["host_us"] = max_over_ranks(statistics.median(timer.host), device)
             row |= energy_row(lambda: forward(xs[0]), args.energy_seconds, row["median_us"], device)
+            layer.synchronize()  # a failed wait in the energy loops raises here too
         if fused and args.user_graph:  # replayed from the caller's own CUDA graph
             us, host_us = graph_median_us(layer, xs, iters, device)
             rows.append({**without_energy(row), "backend": "flash+graph", "median_us": us, "host_us": host_us})
@@ -403,6 +405,7 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
         out["host_us"] = max_over_ranks(statistics.median(timer.host), device)
         out |= energy_row(training_step(layer, xs[0].detach().requires_grad_(True), dys[0]), energy_seconds,
                           out["median_us"], device)
+        layer.synchronize()
     return [out]
 
 

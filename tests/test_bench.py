@@ -292,25 +292,32 @@ class _Board:
 
 def _energy_bench(monkeypatch, board, other_rank=()):
     """bench/layer.py with a fake board and a second rank whose values for max_over_ranks come from
-    other_rank, in order (none: one rank), and no CUDA synchronisation."""
+    other_rank, in order (none: one rank), and no CUDA synchronisation -> (the module, the list of
+    values this rank passed to max_over_ranks: one entry a collective call)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import layer
-    other = iter(other_rank)
-    monkeypatch.setattr(layer, "max_over_ranks", lambda value, device: max(value, next(other, value)))
+    other, collectives = iter(other_rank), []
+
+    def max_over_ranks(value, device):
+        collectives.append(value)
+        return max(value, next(other, value))
+    monkeypatch.setattr(layer, "max_over_ranks", max_over_ranks)
     monkeypatch.setattr(layer, "meter_for", lambda device: board)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    return layer
+    return layer, collectives
 
 
 def test_energy_per_call_is_the_median_of_loops_of_one_call_count_on_every_rank(monkeypatch):
     """--energy-seconds S: ENERGY_LOOPS loops, each of S / ENERGY_LOOPS at the point's median time
     (so the same count on every rank: a call may be collective); the counter's rise a call."""
     board = _Board()
-    layer = _energy_bench(monkeypatch, board)
+    layer, collectives = _energy_bench(monkeypatch, board)
     got = layer.energy_row(board.call, 0.03, 1000.0, torch.device("cuda"))
     assert board.calls == 30 and layer.ENERGY_LOOPS == 3  # 10 calls of 1 ms a loop
     assert got["joules_per_call"] == 0.25 and got["energy_loop_us"] > 0
+    assert len(collectives) == 4  # has a counter, a read failed, the two medians: the same on every rank
     assert layer.energy_row(board.call, 0.0, 1000.0, torch.device("cuda")) == {} and board.calls == 30
+    assert len(collectives) == 4  # seconds 0: no collective at all
 
 
 def test_no_energy_anywhere_when_a_rank_has_no_counter(monkeypatch):
@@ -320,10 +327,12 @@ def test_no_energy_anywhere_when_a_rank_has_no_counter(monkeypatch):
     import energy
     assert energy.meter_for(torch.device("cpu")) is None
     board = _Board()
-    layer = _energy_bench(monkeypatch, board, other_rank=[1.0])  # the other rank has no meter
+    layer, collectives = _energy_bench(monkeypatch, board, other_rank=[1.0])  # the other rank has no meter
     assert layer.energy_row(board.call, 0.03, 1000.0, torch.device("cuda")) == {} and board.calls == 0
-    layer = _energy_bench(monkeypatch, board, other_rank=[0.0, 1.0])  # its counter failed
+    assert len(collectives) == 1
+    layer, collectives = _energy_bench(monkeypatch, board, other_rank=[0.0, 1.0])  # its counter failed
     assert layer.energy_row(board.call, 0.03, 1000.0, torch.device("cuda")) == {} and board.calls == 30
+    assert len(collectives) == 2
     row = {"median_us": 5.0, "joules_per_call": 1.0, "energy_loop_us": 6.0}
     assert layer.without_energy(row) == {"median_us": 5.0}  # a derived row measures its own
 
