@@ -32,13 +32,6 @@ from layer import rel_err  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12  # an H200's
 TOKEN_SUM_TILES = [(32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 128, 8), (16, 128, 4)]  # tokens, columns, warps
-DEFAULT_TILES = (token_sum.BLOCK_TOKENS, token_sum.BLOCK_TOKENS_MANY_EXPERTS, token_sum.BLOCK_COLS, token_sum.NUM_WARPS)
-
-
-def restore() -> None:
-    """token_sum's own tiles back."""
-    (token_sum.BLOCK_TOKENS, token_sum.BLOCK_TOKENS_MANY_EXPERTS, token_sum.BLOCK_COLS,
-     token_sum.NUM_WARPS) = DEFAULT_TILES
 
 
 def timed(cases: list, iters: int, rounds: int) -> list[list[float]]:
@@ -100,19 +93,15 @@ def bench_config(name: str, cfg, T: int, iters: int, input_sets: int, rounds: in
         return rows[where].sum(1, dtype=torch.float32) + d @ w.float()
 
     variants = {"torch": torch_token_sum}
-    for bt, bh, warps in TOKEN_SUM_TILES:
-        def run(rows, where, d, w, bt=bt, bh=bh, warps=warps):
-            token_sum.BLOCK_TOKENS = token_sum.BLOCK_TOKENS_MANY_EXPERTS = bt
-            token_sum.BLOCK_COLS, token_sum.NUM_WARPS = bh, warps
-            return token_sum.token_sum(rows, where, d, w)
-        variants[f"kernel {bt}x{bh} w{warps}"] = run
+    for tile in TOKEN_SUM_TILES:
+        def run(rows, where, d, w, tile=tile):
+            return token_sum.token_sum(rows, where, d, w, tile=tile)
+        variants["kernel {}x{} w{}".format(*tile)] = run
 
     def chosen(rows, where, d, w):
-        restore()
         return token_sum.token_sum(rows, where, d, w)
 
     def chosen_rows_only(rows, where, d, w):
-        restore()
         return token_sum.token_sum(rows, where)
 
     variants["chosen tiles"], variants["chosen tiles, no router term"] = chosen, chosen_rows_only
@@ -124,17 +113,14 @@ def bench_config(name: str, cfg, T: int, iters: int, input_sets: int, rounds: in
     rg_variants = {"torch": lambda d, x: d.t() @ x.float(), "kernel": router_grad.router_weight_grad}
 
     cases, meta = [], []
-    try:
-        for label, fn in variants.items():
-            ref = want if "no router" not in label else rows.double()[where].sum(1)
-            cases.append((fn, ts_sets))
-            meta.append(("token_sum", label, ts_floor, rel_err(fn(rows, where, d_ts, w), ref)))
-        for label, fn in rg_variants.items():
-            cases.append((fn, rg_sets))
-            meta.append(("router_grad", label, rg_floor, rel_err(fn(d, x), rg_want)))
-        times = timed(cases, iters, rounds)
-    finally:
-        restore()
+    for label, fn in variants.items():
+        ref = want if "no router" not in label else rows.double()[where].sum(1)
+        cases.append((fn, ts_sets))
+        meta.append(("token_sum", label, ts_floor, rel_err(fn(rows, where, d_ts, w), ref)))
+    for label, fn in rg_variants.items():
+        cases.append((fn, rg_sets))
+        meta.append(("router_grad", label, rg_floor, rel_err(fn(d, x), rg_want)))
+    times = timed(cases, iters, rounds)
     for (op, label, floor, err), us in zip(meta, times):
         out_rows.append({"preset": name, "tokens": T, "op": op, "variant": label, "median_us": statistics.median(us),
                          "min_us": min(us), "max_us": max(us), "floor_us": floor, "rel_err": err,

@@ -84,10 +84,10 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
         slot, send_counts = slots_by_destination(r, layer)  # slot t * k + j: token t's j-th expert
     else:
         r, send_counts = saved.routing, saved.send_counts.long()
+        if r.logits is None:  # route(keep_logits=True) above always has them
+            raise ValueError("moe_backward: the forward's routing has no logits; a saving forward routes with "
+                             "keep_logits=True")
         slot = saved.slot.long() if r.kept is None else saved.slot[:int(send_counts.sum())].long()
-    if r.logits is None:
-        raise ValueError("moe_backward: the forward's routing has no logits; a saving forward routes with "
-                         "keep_logits=True")
     tok = slot // k
 
     router_weight, logits = layer.router_weight, r.logits

@@ -189,7 +189,8 @@ class FlashBackend:
         tokens = _check_graphs_agree(layer, True, None, T) if layer.world_size > 1 else [T]
         saving = ((sum(tokens) * min(cfg.top_k, geo.local_experts), cfg.ffn_in_size),
                   (T, cfg.shared_ffn_in_size) if cfg.shared_experts else None)
-        size = sum(a * b for a, b in filter(None, saving)) * x.element_size() + T * cfg.num_experts * 4  # + logits
+        logits_bytes = T * cfg.num_experts * torch.float32.itemsize
+        size = sum(a * b for a, b in filter(None, saving)) * x.element_size() + logits_bytes
         return self._run(x, (T, False, saving) if size <= self.GRAPHED_SAVE_BYTES else None, saving)
 
     def _run(self, x: torch.Tensor, key: tuple | None, saving: tuple | None = None):

@@ -70,10 +70,12 @@ def block_tokens(E: int) -> int:
 
 
 def token_sum(rows: torch.Tensor, where: torch.Tensor, d_logits: torch.Tensor | None = None,
-              router_weight: torch.Tensor | None = None) -> torch.Tensor:
+              router_weight: torch.Tensor | None = None, *, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """rows: [S, H], a float dtype, columns contiguous; where: [T, k] int64, each slot's row
     (S or more: none); d_logits: [T, E] fp32 with router_weight: [E, H] (a float dtype), or both
-    None; all on one device -> dx [T, H] fp32, as the module docstring says."""
+    None; all on one device -> dx [T, H] fp32, as the module docstring says. tile: (tokens,
+    columns, warps) a program, or None for the module's own (block_tokens(E), BLOCK_COLS,
+    NUM_WARPS); bench/backward_kernels.py compares others."""
     if where.dim() != 2 or where.dtype != torch.int64 or not where.is_contiguous():
         raise ValueError(f"token_sum: where is {where.dtype} {tuple(where.shape)}; expected a contiguous [T, k] int64")
     if rows.dim() != 2 or rows.stride(1) != 1 or not rows.is_floating_point():
@@ -98,12 +100,12 @@ def token_sum(rows: torch.Tensor, where: torch.Tensor, d_logits: torch.Tensor | 
                              f"float32 and a float [E, {H}]")
     out = torch.empty(T, H, dtype=torch.float32, device=rows.device)
     if T and H:
-        bt = block_tokens(E)
-        grid = (triton.cdiv(T, bt), triton.cdiv(H, BLOCK_COLS))
+        bt, bh, warps = tile or (block_tokens(E), BLOCK_COLS, NUM_WARPS)
+        grid = (triton.cdiv(T, bt), triton.cdiv(H, bh))
         token_sum_kernel[grid](rows, rows.stride(0), where, S, d_logits if E else out, router_weight if E else out,
                                out, T, H, E, K=where.shape[1], ROUTER=E > 0,
                                SPLIT=E > 0 and router_weight.dtype == torch.bfloat16, F32_DOTS=not rows.is_cuda,
                                PRECISION="tf32x3" if rows.is_cuda else "ieee",
-                               BT=bt, BH=BLOCK_COLS, BE=BLOCK_EXPERTS,
-                               E_BLOCKS=triton.cdiv(E, BLOCK_EXPERTS), num_warps=NUM_WARPS)
+                               BT=bt, BH=bh, BE=BLOCK_EXPERTS,
+                               E_BLOCKS=triton.cdiv(E, BLOCK_EXPERTS), num_warps=warps)
     return out
