@@ -88,8 +88,8 @@ _CHOOSERS = {"softmax_topk": _choose_softmax_topk, "topk_softmax": _choose_top_l
 
 def weights_for(logits: torch.Tensor, experts: torch.Tensor, config: MoEConfig) -> torch.Tensor:
     """logits: [T, E] fp32; experts: [T, k] int64, the experts config.routing chose for them ->
-    their routing weights [T, k] fp32, scaled, differentiable in logits (the choice held fixed:
-    the backward scores the forward's experts again, whichever kernel chose them)."""
+    their routing weights [T, k] fp32, scaled, differentiable in logits (the choice held fixed;
+    weights_backward is its derivative written out)."""
     if config.routing == "softmax_topk":
         weights = torch.softmax(logits, dim=-1).gather(1, experts)
         if config.renormalize:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .split_dot import split_dot
+from .split_dot import dot_modes, fp32_dot
 
 BLOCK_COLS = 128
 BLOCK_TOKENS = 64
@@ -43,9 +43,9 @@ def router_grad_kernel(d_logits_ptr, x_ptr, out_ptr, T, E, H, RUN: tl.constexpr,
                        BT: tl.constexpr):
     """d_logits: [T, E] fp32 and x: [T, H] (a float dtype), both contiguous -> out [runs, E, H] fp32:
     out[r] = d_logits[tokens of run r]^T @ x[those tokens], one [BE, BH] tile of it; run r is
-    tokens [r * RUN, (r + 1) * RUN), summed BT at a time in token order. SPLIT (bf16 x): each
-    step's product by split_dot (F32_DOTS: its fp32 form, for the interpreter); otherwise one fp32
-    dot of PRECISION. RUN is a constexpr (a power of two: few compiled versions)."""
+    tokens [r * RUN, (r + 1) * RUN), summed BT at a time in token order, each step's product by
+    fp32_dot (SPLIT, F32_DOTS, PRECISION: split_dot.dot_modes of x). RUN is a constexpr (a power
+    of two: few compiled versions)."""
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     run = tl.program_id(2).to(tl.int64)
@@ -58,10 +58,7 @@ def router_grad_kernel(d_logits_ptr, x_ptr, out_ptr, T, E, H, RUN: tl.constexpr,
         t_in = t < T
         d = tl.load(d_logits_ptr + e[:, None] + t[None, :] * E, mask=e_in[:, None] & t_in[None, :], other=0.0)
         xt = tl.load(x_ptr + t[:, None] * H + h[None, :], mask=t_in[:, None] & h_in[None, :], other=0.0)
-        if SPLIT:
-            acc = split_dot(d, xt, acc, F32_DOTS)
-        else:
-            acc = tl.dot(d, xt.to(tl.float32), acc, input_precision=PRECISION)
+        acc = fp32_dot(d, xt, acc, SPLIT, F32_DOTS, PRECISION)
     tl.store(out_ptr + (run * E + e[:, None]) * H + h[None, :], acc, mask=e_in[:, None] & h_in[None, :])
 
 
@@ -105,9 +102,8 @@ def router_weight_grad(d_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         n = min(T - first, MAX_PARTIALS * RUN)
         launch_runs = triton.cdiv(n, RUN)
         router_grad_kernel[(*tiles, launch_runs)](
-            d_logits[first:], x[first:], partials, n, E, H, RUN=RUN, SPLIT=x.dtype == torch.bfloat16,
-            F32_DOTS=not x.is_cuda, PRECISION="tf32x3" if x.is_cuda else "ieee", BE=BE, BH=BLOCK_COLS,
-            BT=BLOCK_TOKENS, num_warps=4)
+            d_logits[first:], x[first:], partials, n, E, H, RUN=RUN, **dot_modes(x.dtype, x.is_cuda), BE=BE,
+            BH=BLOCK_COLS, BT=BLOCK_TOKENS, num_warps=4)
         part = partials[0] if launch_runs == 1 else partials[:launch_runs].sum(0)
         out = part if out is None else out.add_(part)
     return out

@@ -9,6 +9,7 @@ contiguous, and a transpose costs a shared-memory round trip), bf16 products tak
 A non-finite part (a = ±inf, or |a| past bf16's range) makes its products' rows NaN where an fp32
 product would give ±inf: non-finite either way."""
 
+import torch
 import triton
 import triton.language as tl
 
@@ -32,3 +33,20 @@ def split_dot(a, b, acc, F32_DOTS: tl.constexpr):
         acc = tl.dot(mid, b, acc)
         acc = tl.dot(hi, b, acc)
     return acc
+
+
+@triton.jit
+def fp32_dot(a, b, acc, SPLIT: tl.constexpr, F32_DOTS: tl.constexpr, PRECISION: tl.constexpr):
+    """a: [M, K] fp32; b: [K, N] (a float dtype); acc: [M, N] fp32 -> acc + a @ b at fp32's accuracy
+    on the tensor cores: SPLIT (b bf16) by split_dot, otherwise one fp32 dot of PRECISION (tf32x3
+    on a GPU). The constexprs are dot_modes'."""
+    if SPLIT:
+        return split_dot(a, b, acc, F32_DOTS)
+    else:
+        return tl.dot(a, b.to(tl.float32), acc, input_precision=PRECISION)
+
+
+def dot_modes(b_dtype: torch.dtype, on_gpu: bool) -> dict:
+    """fp32_dot's constexprs for a b operand of b_dtype: split_dot for bf16; the fp32 products
+    (ieee) in the Triton interpreter, which computes bf16 and tf32 dots wrongly."""
+    return {"SPLIT": b_dtype == torch.bfloat16, "F32_DOTS": not on_gpu, "PRECISION": "tf32x3" if on_gpu else "ieee"}

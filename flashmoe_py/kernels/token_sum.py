@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .split_dot import split_dot
+from .split_dot import dot_modes, fp32_dot
 
 BLOCK_TOKENS = 32
 BLOCK_TOKENS_MANY_EXPERTS = 64
@@ -33,8 +33,7 @@ def token_sum_kernel(rows_ptr, row_stride, where_ptr, S, d_logits_ptr, router_pt
                      BE: tl.constexpr, E_BLOCKS: tl.constexpr):
     """rows: [S, H] (row stride row_stride, columns contiguous); where: [T, K] int64;
     d_logits: [T, E] fp32 and router: [E, H] when ROUTER -> out [T, H] fp32, one [BT, BH] tile.
-    SPLIT (a bf16 router): the router term as split_dot's bf16 products (F32_DOTS: as fp32 dots, for
-    the interpreter); otherwise one fp32 dot of PRECISION.
+    The router term by fp32_dot (SPLIT, F32_DOTS, PRECISION: split_dot.dot_modes of the router).
     E and E_BLOCKS (E's blocks of BE) are constexprs from the launcher (a loop to a runtime E fails
     in Triton 3.6's interpreter), the loop over E_BLOCKS not unrolled: unrolled, the sm_90 build
     kept every block's tiles live and spilled (deepseek_v3's fp32 router at 64 tokens: a 976-byte
@@ -53,10 +52,7 @@ def token_sum_kernel(rows_ptr, row_stride, where_ptr, S, d_logits_ptr, router_pt
             d = tl.load(d_logits_ptr + t[:, None] * E + e[None, :], mask=t_in[:, None] & (e < E)[None, :], other=0.0)
             w = tl.load(router_ptr + e.to(tl.int64)[:, None] * H + h[None, :], mask=(e < E)[:, None] & h_in[None, :],
                         other=0.0)
-            if SPLIT:
-                acc = split_dot(d, w, acc, F32_DOTS)
-            else:
-                acc = tl.dot(d, w.to(tl.float32), acc, input_precision=PRECISION)
+            acc = fp32_dot(d, w, acc, SPLIT, F32_DOTS, PRECISION)
     tl.store(out_ptr + t[:, None] * H + h[None, :], acc, mask=t_in[:, None] & h_in[None, :])
 
 
@@ -104,8 +100,7 @@ def token_sum(rows: torch.Tensor, where: torch.Tensor, d_logits: torch.Tensor | 
         grid = (triton.cdiv(T, bt), triton.cdiv(H, bh))
         token_sum_kernel[grid](rows, rows.stride(0), where, S, d_logits if E else out, router_weight if E else out,
                                out, T, H, E, K=where.shape[1], ROUTER=E > 0,
-                               SPLIT=E > 0 and router_weight.dtype == torch.bfloat16, F32_DOTS=not rows.is_cuda,
-                               PRECISION="tf32x3" if rows.is_cuda else "ieee",
+                               **dot_modes(router_weight.dtype if E else torch.float32, rows.is_cuda),
                                BT=bt, BH=bh, BE=BLOCK_EXPERTS,
                                E_BLOCKS=triton.cdiv(E, BLOCK_EXPERTS), num_warps=warps)
     return out
