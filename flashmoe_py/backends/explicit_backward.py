@@ -6,8 +6,8 @@ sizes at world > 1, or for the kept slots under capacity):
 
 1. the forward's routing ("saved"), or x routed again ("recompute": the same experts and
    capacity drops, since routing is deterministic: the router kernel on GPUs, torch ops
-   elsewhere), its routing weights (those the forward scaled the experts' outputs by) and the
-   fp32 logits they came from;
+   elsewhere), its routing weights (those the forward used: each slot's expert output, or with
+   weight_on_input its input, scaled by them) and the fp32 logits they came from;
 2. send each kept slot's row (x, or its weight times x for weight_on_input), dy at its token and
    its scale (its weight, or 1) to the rank that holds its expert: an all-to-all with the
    forward's split sizes (at world 1, a gather);
@@ -91,7 +91,7 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     tok = slot // k
 
     router_weight, logits = layer.router_weight, r.logits
-    slot_w = r.weights.reshape(-1)[slot]  # the forward's: the router kernel's on GPUs
+    slot_w = r.weights.reshape(-1)[slot]  # the forward's (the router kernel's where it ran)
     if cfg.weight_on_input:
         x_slot = x[tok].float()
         rows, scale = (x_slot * slot_w[:, None]).to(x.dtype), torch.ones_like(slot_w)

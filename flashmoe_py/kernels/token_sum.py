@@ -100,6 +100,7 @@ def token_sum(rows: torch.Tensor, where: torch.Tensor, d_logits: torch.Tensor | 
         grid = (triton.cdiv(T, bt), triton.cdiv(H, bh))
         token_sum_kernel[grid](rows, rows.stride(0), where, S, d_logits if E else out, router_weight if E else out,
                                out, T, H, E, K=where.shape[1], ROUTER=E > 0,
+                               # no router term (E == 0): any dtype, the dot is not traced (ROUTER False)
                                **dot_modes(router_weight.dtype if E else torch.float32, rows.is_cuda),
                                BT=bt, BH=bh, BE=BLOCK_EXPERTS,
                                E_BLOCKS=triton.cdiv(E, BLOCK_EXPERTS), num_warps=warps)
