@@ -25,6 +25,10 @@ and three epilogues:
               multiple of BM);
   none        h is computed but stored nowhere (a mask false at run time): the loop's own speed.
 
+and, on a GPU, the same GEMM1 warp-specialised in Gluon (bench/gemm1_gluon.py, `ws gluon`: a
+producer warp group gathers the rows by cp.async into an mbarrier ring, two consumer warp groups
+take 64-row tiles in turn, h out by TMA stores; gathered rows, every tile full).
+
 --peer also times triton_kernels' GEMM1 (`matmul_ogs`, the same rows gathered, SwiGLU fused, its
 own launch choice) on the same problem, checked the same way.
 
@@ -103,9 +107,13 @@ def problem(E: int, H: int, F: int, rows_per_expert: int, BM: int, device,
     x = torch.randn(T, H, generator=g).to(device, dtype)
     w = (torch.randn(E, H, 2 * F, generator=g) / H ** 0.5).to(device, dtype)
     rows = torch.randint(0, T, (E * rows_per_expert,), generator=g, dtype=torch.int32).to(device)
-    tiles = torch.tensor([(e, e * rows_per_expert + r, min(BM, rows_per_expert - r))
-                          for e in range(E) for r in range(0, rows_per_expert, BM)], dtype=torch.int32)
-    return x, w, rows, tiles.to(device)
+    return x, w, rows, row_tiles(E, rows_per_expert, BM, device)
+
+
+def row_tiles(E: int, rows_per_expert: int, BM: int, device) -> torch.Tensor:
+    """-> [row tiles, 3] int32: (expert, first expert row, rows) of each tile of at most BM rows."""
+    return torch.tensor([(e, e * rows_per_expert + r, min(BM, rows_per_expert - r))
+                         for e in range(E) for r in range(0, rows_per_expert, BM)], dtype=torch.int32).to(device)
 
 
 def launch(x, w, rows, tiles, h, flatten: bool, sms: int, warmup: bool = False, epilogue: str = "stg",
@@ -180,6 +188,8 @@ def time_shape(E: int, H: int, F: int, rpe: int, sms: int, iters: int, with_peer
     runs.update({f"{name} stg sorted": functools.partial(launch, x, w, rows, tiles, flatten=flatten, sms=sms,
                                                           x_sorted=x_sorted)
                  for name, flatten in SCHEDULES.items()})
+    from gemm1_gluon import BM as WS_BM, gemm1_ws  # Gluon: imported only where it runs
+    runs["ws gluon"] = functools.partial(gemm1_ws, x, w, rows, row_tiles(E, rpe, WS_BM.value, dev), sms=sms)
     if with_peer:
         runs["triton_kernels"] = peer(x, w, rows, rpe)
     for name, run in runs.items():
@@ -214,6 +224,9 @@ def offline() -> None:
         for epilogue in EPILOGUES:
             k = launch(x, w, rows, tiles, h, flatten, 132, warmup=True, epilogue=epilogue)
             print(name, epilogue, {"shared": k.metadata.shared, **cubin_stats(k.asm["cubin"], "/tmp")})
+    from gemm1_gluon import BM as WS_BM, gemm1_ws
+    k = gemm1_ws(x, w, rows, row_tiles(8, 256, WS_BM.value, "cpu"), h, 132, warmup=True)
+    print("ws gluon", {"shared": k.metadata.shared, **cubin_stats(k.asm["cubin"], "/tmp")})
 
 
 if __name__ == "__main__":
