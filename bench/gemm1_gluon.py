@@ -137,7 +137,7 @@ def _consumer(p, c: gl.constexpr):
     tma.store_wait(pendings=0)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["num_row_tiles"])  # one row tile would make it a constexpr
 def gemm1_ws_kernel(x_ptr, rows_ptr, tiles_ptr, num_row_tiles, H, w_desc, h_desc, STAGES: gl.constexpr,
                     GROUP: gl.constexpr, BK: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
@@ -162,17 +162,31 @@ def gemm1_ws_kernel(x_ptr, rows_ptr, tiles_ptr, num_row_tiles, H, w_desc, h_desc
                        [CONSUMER_REGS, PRODUCER_REGS])
 
 
+def check_ws(w, tiles, BK: int = 64, stages: int = 4) -> None:
+    """Raise ValueError unless gemm1_ws can run these operands: hidden a multiple of BK, 2F of 256
+    (pairs of 128 gate and 128 up columns), at least two ring stages (one would deadlock: a stage is
+    released once the next one's products are issued), every tile of BM rows (whole boxes of h are
+    stored). Reads tiles on the host: call it once, outside any timing."""
+    E, H, F2 = w.shape
+    if H % BK or F2 % 256 or stages < 2:
+        raise ValueError(f"gemm1_ws: hidden {H} must be a multiple of BK={BK}, 2F={F2} of 256, stages={stages} "
+                         "at least 2")
+    if bool((tiles[:, 2] != BM.value).any()):
+        raise ValueError(f"gemm1_ws: every tile must have {BM.value} rows")
+
+
 def gemm1_ws(x, w, rows, tiles, h, sms: int, warmup: bool = False, BK: int = 64, stages: int = 4,
              consumer_regs: int = 224, producer_regs: int = 56):
     """One launch (or, warmup, its compile only) writing h [R, F] from gemm1_loop.problem's
-    operands, with tiles of BM rows, every one full (a whole [BM, BF] box is stored)."""
+    operands (check_ws first: this only launches, so that a timed call does not wait for the GPU).
+    Row tiles are walked in groups of 16 (1,024 rows, as the Triton loop's 8 tiles of 128)."""
     E, H, F2 = w.shape
-    if H % BK or bool((tiles[:, 2] != BM.value).any()):
-        raise ValueError(f"gemm1_ws: hidden {H} must be a multiple of BK={BK} and every tile {BM.value} rows")
+    if h.shape[1] * 2 != F2:
+        raise ValueError(f"gemm1_ws: h has {h.shape[1]} columns, w_in {F2}: expected h's to be half")
     lay = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.bfloat16)  # noqa: E731
     w_desc = TensorDescriptor.from_tensor(w.view(E * H, F2), [BK, 256], lay([BK, 256]))
     h_desc = TensorDescriptor.from_tensor(h, [BM.value, 128], lay([BM.value, 128]))
-    args = (x, rows, tiles, tiles.shape[0], H, w_desc, h_desc, stages, 8, BK, consumer_regs, producer_regs)
+    args = (x, rows, tiles, tiles.shape[0], H, w_desc, h_desc, stages, 16, BK, consumer_regs, producer_regs)
     if warmup:
         return gemm1_ws_kernel.warmup(*args, num_warps=4, grid=(sms, ))
     return gemm1_ws_kernel[(sms, )](*args, num_warps=4)

@@ -188,8 +188,10 @@ def time_shape(E: int, H: int, F: int, rpe: int, sms: int, iters: int, with_peer
     runs.update({f"{name} stg sorted": functools.partial(launch, x, w, rows, tiles, flatten=flatten, sms=sms,
                                                           x_sorted=x_sorted)
                  for name, flatten in SCHEDULES.items()})
-    from gemm1_gluon import BM as WS_BM, gemm1_ws  # Gluon: imported only where it runs
-    runs["ws gluon"] = functools.partial(gemm1_ws, x, w, rows, row_tiles(E, rpe, WS_BM.value, dev), sms=sms)
+    from gemm1_gluon import BM as WS_BM, check_ws, gemm1_ws  # Gluon: imported only where it runs
+    ws_tiles = row_tiles(E, rpe, WS_BM.value, dev)
+    check_ws(w, ws_tiles)
+    runs["ws gluon"] = functools.partial(gemm1_ws, x, w, rows, ws_tiles, sms=sms)
     if with_peer:
         runs["triton_kernels"] = peer(x, w, rows, rpe)
     for name, run in runs.items():

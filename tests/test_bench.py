@@ -214,24 +214,25 @@ def test_gemm1_loop_tma_epilogue_refuses_part_full_tiles():
     gemm1_loop.check_epilogue(tiles, 16, "stg")
 
 
-def test_gemm1_ws_refuses_part_full_tiles_before_building():
-    """bench/gemm1_gluon.py's warp-specialised GEMM1 stores whole 64-row boxes of h: a part-full
-    tile (96 rows an expert: 64 + 32) is refused before any descriptor or kernel is built; full
-    tiles pass that check."""
+def test_gemm1_ws_checks_its_operands_before_any_launch():
+    """bench/gemm1_gluon.py's warp-specialised GEMM1 stores whole 64-row boxes of h and needs two
+    ring stages: a part-full tile (96 rows an expert: 64 + 32) or one stage is refused by check_ws,
+    full tiles pass it; gemm1_ws refuses an h that is not half w_in's width."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import torch
 
     import gemm1_gluon
     import gemm1_loop
-    x, w, rows, _ = gemm1_loop.problem(2, 64, 128, 96, 16, "cpu", dtype=torch.bfloat16)
-    h = torch.empty(rows.shape[0], 128, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="every tile 64 rows"):
-        gemm1_gluon.gemm1_ws(x, w, rows, gemm1_loop.row_tiles(2, 96, 64, "cpu"), h, sms=1)
+    _, w, _, _ = gemm1_loop.problem(2, 64, 128, 96, 16, "cpu", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="every tile must have 64 rows"):
+        gemm1_gluon.check_ws(w, gemm1_loop.row_tiles(2, 96, 64, "cpu"))
+    full = gemm1_loop.row_tiles(2, 128, 64, "cpu")
+    gemm1_gluon.check_ws(w, full)
+    with pytest.raises(ValueError, match="stages=1 at least 2"):
+        gemm1_gluon.check_ws(w, full, stages=1)
     x, w, rows, _ = gemm1_loop.problem(2, 64, 128, 128, 16, "cpu", dtype=torch.bfloat16)
-    h = torch.empty(rows.shape[0], 128, dtype=torch.bfloat16)
-    with pytest.raises(Exception) as full:  # past the check: no GPU to build or launch for here
-        gemm1_gluon.gemm1_ws(x, w, rows, gemm1_loop.row_tiles(2, 128, 64, "cpu"), h, sms=1)
-    assert "every tile" not in str(full.value)
+    with pytest.raises(ValueError, match="expected h's to be half"):
+        gemm1_gluon.gemm1_ws(x, w, rows, full, torch.empty(rows.shape[0], 256, dtype=torch.bfloat16), sms=1)
 
 
 def test_tune_settings_are_positional_or_named_over_auto():
