@@ -8,7 +8,9 @@
 # ~2% between runs: alternate, compare the rounds); fbvariants: the same for flash/saved fwd+bwd
 # (bench/layer.py --fwd-bwd, FB_PRESETS at TOKENS); backkernels: the backward's token-sum and
 # router-gradient kernels alone (bench/backward_kernels.py); profbwd: torch.profiler over flash/saved
-# training steps (PROF_ARGS=--shapes: a row per op and input shapes); sass: the compiled builds.
+# training steps (PROF_ARGS=--shapes: a row per op and input shapes); gemm1: bench/gemm1_loop.py --peer
+# (the GEMM1 loop's schedules, the warp-specialised Gluon one, triton_kernels; GEMM1_LIMIT seconds at
+# most); sass: the compiled builds.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -73,6 +75,9 @@ for step in "$@"; do
     profbwd) for p in ${PROF_PRESETS:-qwen3_30b_a3b deepseek_v3}; do  # where a training step's time goes
               run "profile_bwd_$p" 240 1 bench/kernel_profile.py --preset "$p" --tokens ${TOKENS:-4096} --fwd-bwd \
                 --backward saved --iters 5 ${PROF_ARGS:-}; done ;;
+    gemm1) echo "=== gemm1 loop (Triton schedules, ws gluon, triton_kernels)"  # bench/gemm1_loop.py, one GPU
+              timeout -k 10 "${GEMM1_LIMIT:-300}" python3 bench/gemm1_loop.py --peer > "$OUT/gemm1_loop.log" 2>&1
+              echo "=== gemm1 rc=$?"; tail -n 30 "$OUT/gemm1_loop.log" ;;
     sass) echo "=== sass"; bash .whl/sass_stats.sh fused_moe_kernel > "$OUT/sass.txt" 2>&1; cat "$OUT/sass.txt" ;;
   esac
 done
