@@ -59,6 +59,16 @@ def grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, forward=None
     return {n: None if got[n] is None else rel_err(got[n], want[n]) for n in want}
 
 
+def routed_otherwise(layer: MoELayer, x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, H]; experts: [T, k], another routing's choice for x (a reference's) -> (the layer's
+    router's choice [T, k] on experts' device, bool [T]: the tokens whose experts differ as sets).
+    The layer routes as its forward does: under no_grad, so the router kernel on GPUs (with a graph
+    recorded, route() would take torch ops)."""
+    with torch.no_grad():
+        chosen = layer.route(x.detach()).experts.to(experts.device)
+    return chosen, (chosen.sort(1).values != experts.sort(1).values).any(1)
+
+
 def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=torch.float32,
                      report: dict | None = None) -> dict:
     """grad_errors for full-size layers at world 1, whose float64 copy would not fit beside them:
@@ -88,9 +98,7 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
     weights, experts, kept = reference_routing(xr, router["router_weight"], cfg, dtype,
                                                router_bias=router.get("router_bias"),
                                                e_score_correction_bias=full.get("e_score_correction_bias"))
-    with torch.no_grad():  # as the forward routes: the router kernel on GPUs (with grad, torch ops would)
-        chosen = layer.route(x.detach()).experts.to(experts.device)
-    otherwise = (chosen.sort(1).values != experts.sort(1).values).any(1)
+    chosen, otherwise = routed_otherwise(layer, x, experts)
     if report is not None:
         report["tokens_routed_otherwise"] = int(otherwise.sum())
     if otherwise.any():

@@ -8,6 +8,7 @@ relative error against the float32 reference (max over ranks). Exit code 1 if an
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -20,6 +21,9 @@ from flashmoe_py import MoEConfig, MoELayer, reference_forward
 from flashmoe_py.reference import reference_routing
 from flashmoe_py.kernels.layout import heap_bytes_for
 from flashmoe_py.runtime import detect_launcher
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from grad_reference import routed_otherwise  # noqa: E402
 
 TOL = {"bfloat16": 1e-2, "float32": 1e-4}
 TRANSPORT = "p2p"  # --transport
@@ -51,15 +55,14 @@ def tokens_for(rank, world, max_tokens, gen):
     return int(torch.randint(1, max_tokens + 1, (1,), generator=gen))
 
 
-def routed_otherwise(layer, x, full) -> int:
+def tokens_routed_otherwise(layer, x, full) -> int:
     """Tokens of x [T, H] whose experts the layer's router (the router kernel, on GPUs) chose
     otherwise than the float32 reference's routing."""
-    with torch.no_grad():  # as the forward routes (with a graph recorded, route() takes torch ops)
-        chosen = layer.route(x).experts
+    with torch.no_grad():
         _, experts, _ = reference_routing(x, full["router_weight"], layer.config,
                                           router_bias=full.get("router_bias"),
                                           e_score_correction_bias=full.get("e_score_correction_bias"))
-    return int((chosen.sort(1).values != experts.sort(1).values).any(1).sum())
+    return int(routed_otherwise(layer, x, experts)[1].sum())
 
 
 def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1):
@@ -82,7 +85,7 @@ def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1):
             err = rel_err(out, ref) if out.isfinite().all() else math.inf
             if err >= worst:
                 worst_call = {"rel_err": err, "tokens": T,
-                              "tokens_routed_otherwise": routed_otherwise(layer, x, full)}
+                              "tokens_routed_otherwise": tokens_routed_otherwise(layer, x, full)}
                 worst = err
     layer.synchronize()
     err = max_all(worst)
