@@ -26,6 +26,7 @@ import torch
 
 from ..config import MoEConfig
 from ..gate_up import gate_and_up
+from ..kernels import expert_wgrad
 from ..kernels.activation_grad import activation_grad
 from . import torch_ep
 
@@ -137,7 +138,11 @@ class _Groups:
         return out
 
     def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a: [N, K]; b: [N, M] -> [L, K, M], each expert's a^T b over its rows (zero without rows)."""
+        """a: [N, K]; b: [N, M] -> [L, K, M], each expert's a^T b over its rows (zero without rows):
+        kernels/expert_wgrad.py where it suits (Hopper, bf16, few rows an expert), else
+        torch._grouped_mm where it runs, else a loop."""
+        if self.grouped and expert_wgrad.suits(a, b, self.counts.shape[0]):
+            return expert_wgrad.expert_wgrad(a, b, self.offs)
         if self.grouped:
             return torch._grouped_mm(a.t(), b, offs=self.offs)
         out = a.new_zeros(len(self.slices), a.shape[1], b.shape[1])

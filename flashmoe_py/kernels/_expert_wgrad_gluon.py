@@ -1,0 +1,175 @@
+"""The Gluon kernel behind expert_wgrad.py (its docstring has the schedule). Imported only where it
+launches: Gluon builds for a GPU, and the Triton interpreter does not run it."""
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.core import _aggregate as aggregate
+
+from .expert_wgrad import BM, BN, BR
+
+CONSUMER_REGS, PRODUCER_REGS = 232, 40
+
+
+@aggregate
+class WgradParts:
+    """What every partition reads: the operands, the ring of stages and the barriers."""
+    ends_ptr: gl.tensor
+    num_tiles: gl.tensor
+    K: gl.tensor
+    a_desc: tma.tensor_descriptor
+    b_desc: tma.tensor_descriptor
+    out_desc: tma.tensor_descriptor
+    a_bufs: gl.shared_memory_descriptor
+    b_bufs: gl.shared_memory_descriptor
+    out_bufs: gl.shared_memory_descriptor
+    ready: gl.shared_memory_descriptor
+    empty: gl.shared_memory_descriptor
+
+    @gluon.constexpr_function
+    def __init__(self, ends_ptr, num_tiles, K, a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty):
+        self.ends_ptr, self.num_tiles, self.K = ends_ptr, num_tiles, K
+        self.a_desc, self.b_desc, self.out_desc = a_desc, b_desc, out_desc
+        self.a_bufs, self.b_bufs, self.out_bufs = a_bufs, b_bufs, out_bufs
+        self.ready, self.empty = ready, empty
+
+
+@gluon.jit
+def _tile(p, t):
+    """Tile t -> (first of its expert's rows, their count, row of out, first column, row of w):
+    expert-major, then column tiles fastest (neighbouring programs share a's [rows, BM] block). A
+    tile is [BM, 2 BN]: each consumer's half one [BM, BN] box of out."""
+    TM: gl.constexpr = p.out_desc.block_type.shape[0]
+    TN: gl.constexpr = 2 * p.out_desc.block_type.shape[1]
+    n_n = gl.cdiv(p.b_desc.shape[1], TN)
+    per_expert = (p.K // TM) * n_n
+    e = t // per_expert
+    m = (t % per_expert) // n_n
+    start = gl.load(p.ends_ptr + e - 1, mask=e > 0, other=0)
+    end = gl.load(p.ends_ptr + e)
+    return start, end - start, e * p.K + m * TM, (t % per_expert % n_n) * TN, m * TM
+
+
+@gluon.jit
+def _producer(p, unused: gl.constexpr):
+    S: gl.constexpr = p.a_bufs.type.shape[0]
+    R: gl.constexpr = p.a_bufs.type.shape[1]
+    HALF: gl.constexpr = p.b_bufs.type.shape[2]
+    pos = 0
+    for t in range(gl.program_id(0), p.num_tiles, gl.num_programs(0)):
+        start, rows, out_row, col, m0 = _tile(p, t)
+        for k in range(gl.cdiv(rows, R)):
+            s = pos % S
+            mbarrier.wait(p.empty.index(s), ((pos // S) & 1) ^ 1)
+            bar = p.ready.index(s)
+            mbarrier.expect(bar, p.a_desc.block_type.nbytes + 2 * p.b_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(p.a_desc, [start + k * R, m0], bar, p.a_bufs.index(s))
+            for c in gl.static_range(2):  # columns past b's width arrive as zeros
+                tma.async_copy_global_to_shared(p.b_desc, [start + k * R, col + c * HALF], bar,
+                                                p.b_bufs.index(2 * s + c))
+            pos += 1
+
+
+@gluon.jit
+def _consumer(p, c: gl.constexpr):
+    S: gl.constexpr = p.a_bufs.type.shape[0]
+    R: gl.constexpr = p.a_bufs.type.shape[1]
+    TM: gl.constexpr = p.out_desc.block_type.shape[0]
+    HALF: gl.constexpr = p.out_desc.block_type.shape[1]
+    OUT_BUFS: gl.constexpr = p.out_bufs.type.shape[0] // 2
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, HALF, 16])
+    b_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    step_row = gl.arange(0, R, layout=gl.SliceLayout(1, b_layout))
+    pos = 0
+    j = 0  # the program's tiles so far
+    for t in range(gl.program_id(0), p.num_tiles, gl.num_programs(0)):
+        start, rows, out_row, col, m0 = _tile(p, t)
+        steps = gl.cdiv(rows, R)
+        acc = gl.zeros((TM, HALF), dtype=gl.float32, layout=acc_layout)
+        for k in range(steps):
+            s = pos % S
+            mbarrier.wait(p.ready.index(s), (pos // S) & 1)
+            b_buf = p.b_bufs.index(2 * s + c)  # this group's own: rows past the expert's last zeroed here
+            if rows - k * R < R:
+                b = b_buf.load(b_layout)
+                b_buf.store(gl.where((step_row < rows - k * R)[:, None], b, gl.zeros_like(b)))
+                fence_async_shared()
+                gl.thread_barrier()  # the group's four warps: every zero written before the products read
+            acc = warpgroup_mma(p.a_bufs.index(s).permute((1, 0)), b_buf, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            mbarrier.arrive(p.empty.index((pos + S - 1) % S), pred=k > 0)  # step k - 1's products are done
+            pos += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(p.empty.index((pos + S - 1) % S), pred=steps > 0)
+        out_buf = p.out_bufs.index(c * OUT_BUFS + j % OUT_BUFS)
+        tma.store_wait(pendings=OUT_BUFS - 1)  # the store that last read out_buf is done
+        out_buf.store(acc.to(p.out_desc.dtype))
+        fence_async_shared()
+        if col + c * HALF < p.b_desc.shape[1]:
+            tma.async_copy_shared_to_global(p.out_desc, [out_row, col + c * HALF], out_buf)
+        j += 1
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit(do_not_specialize=["num_tiles", "K"])
+def wgrad_kernel(ends_ptr, num_tiles, K, a_desc, b_desc, out_desc, STAGES: gl.constexpr, OUT_BUFS: gl.constexpr,
+                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """One persistent program an SM: consumer 0 (columns [0, BN) of each tile) in the kernel's 4
+    warps, consumer 1 ([BN, 2 BN)) and the producer (one warp) in workers."""
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [2 * STAGES] + b_desc.block_type.shape, b_desc.layout)
+    out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2 * OUT_BUFS] + out_desc.block_type.shape, out_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)  # the expect, with the three boxes' bytes
+        mbarrier.init(empty.index(i), count=2)  # both consumers read the stage
+    p = WgradParts(ends_ptr, num_tiles, K, a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty)
+    gl.warp_specialize([(_consumer, (p, 0)), (_consumer, (p, 1)), (_producer, (p, 0))], [4, 1],
+                       [CONSUMER_REGS, PRODUCER_REGS])
+
+
+_LAYOUTS = {}  # box shape -> its shared-memory layout, made once
+_COMPILED = {}  # (device, stages, out_bufs) -> (the compiled kernel, the device's SMs)
+
+
+def _descs(a, b, out):
+    def desc(t, box):
+        if box not in _LAYOUTS:
+            _LAYOUTS[box] = gl.NVMMASharedLayout.get_default_for(list(box), gl.bfloat16)
+        return TensorDescriptor.from_tensor(t, list(box), _LAYOUTS[box])
+
+    E, K, N = out.shape
+    return desc(a, (BR, BM)), desc(b, (BR, BN)), desc(out.view(E * K, N), (BM, BN))
+
+
+def launch(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torch.Tensor, stages: int,
+           out_bufs: int, sms: int | None = None, warmup: bool = False):
+    """One launch (or, warmup, its compile only) writing out; expert_wgrad checks the operands.
+    One persistent program an SM, at most one a tile. The first call of a device and setting goes
+    through Triton's launch (which works out every argument's specialisation each call); later ones
+    launch the kernel it compiled directly, the form the training-step timings were taken with
+    (bench/results/2026-12-04a-h200x1-expert-wgrad/NOTE.md). ends' alignment is the one
+    specialisation that can change between calls: unaligned, the call goes through Triton's launch."""
+    E, K, N = out.shape
+    num_tiles = E * (K // BM) * triton.cdiv(N, 2 * BN)
+    key = (a.device, stages, out_bufs)
+    if warmup or key not in _COMPILED or ends.data_ptr() % 16:
+        sms = sms or torch.cuda.get_device_properties(a.device).multi_processor_count
+        grid = (max(1, min(sms, num_tiles)), )
+        args = (ends, num_tiles, K, *_descs(a, b, out), stages, out_bufs, CONSUMER_REGS, PRODUCER_REGS)
+        if warmup:
+            return wgrad_kernel.warmup(*args, num_warps=4, grid=grid)
+        kernel = wgrad_kernel[grid](*args, num_warps=4)
+        if ends.data_ptr() % 16 == 0:
+            _COMPILED[key] = (kernel, sms)
+        return kernel
+    kernel, sms = _COMPILED[key]
+    kernel[(max(1, min(sms, num_tiles)), 1, 1)](ends, num_tiles, K, *_descs(a, b, out), stages, out_bufs,
+                                                CONSUMER_REGS, PRODUCER_REGS, 4)
+    return kernel

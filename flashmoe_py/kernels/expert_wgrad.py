@@ -1,0 +1,88 @@
+"""Per-expert weight gradients, out[e] = a_e^T b_e over each expert's rows (the backward's w_in and
+w_out gradients), as one persistent, warp-specialised Gluon kernel for Hopper (sm_90).
+
+    a [S, K], b [S, N] bf16, rows sorted by expert; ends [E] int32, the cumulative row counts (the
+    offs of torch._grouped_mm); out [E, K, N] bf16 (zeros for an expert without rows).
+
+Each expert's reduction is short where experts are many (deepseek_v3 at 4,096 tokens: 128 rows an
+expert, two steps of 64) while its output is large (deepseek_v3's dw_in: 15 GB a call), so a tile is
+a few products between its loads and its store, and the schedule must keep loads and stores in
+flight across tiles:
+
+  producer    one warp: each tile's row steps, a's [BR, BM] box and b's two [BR, BN] boxes by TMA
+              into a ring of stages, tile after tile, waiting only for a free stage;
+  consumers   two warp groups on every tile, group c the columns [c BN, (c + 1) BN) of the
+              program's [BM, 2 BN] tile: each step's products a^T b_c from shared memory (a read
+              transposed), one step's in flight while the next step's boxes land; then the tile
+              through the group's own buffer out by an asynchronous TMA store, which drains while
+              the next tile's products run.
+
+A step's box can reach into the next expert's rows: the group zeroes those rows of its own b box in
+shared memory before the products (a's box is shared by both groups; zeroing b_c needs no barrier
+between them). Rows past S arrive as zeros from TMA."""
+
+from __future__ import annotations
+
+import torch
+
+BM, BN, BR = 128, 128, 64  # each consumer's output tile [BM, BN] (a program's tile [BM, 2 BN]); rows a step
+# Where it is used in place of torch._grouped_mm (backends/expert_grad.py): up to this many rows an
+# expert on average. Measured on one H200 at 4,096 tokens (bench/wgrad_probe.py, uniform and skewed
+# routing, bench/results/2026-12-04a-h200x1-expert-wgrad/): 0.6-21% faster at deepseek_v3's 128 and
+# qwen3_30b_a3b's 256 rows an expert, 4-27% slower at mixtral_8x7b's 1,024 (longer reductions,
+# where the grouped kernel's products run closer to the tensor cores' rate); between 256 and 1,024
+# not measured, so left to torch.
+MAX_MEAN_ROWS = 256
+
+
+def suits(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> bool:
+    """Whether expert_wgrad takes these operands (check_wgrad's conditions, a Hopper GPU with
+    Gluon) and is the faster choice for them (at most MAX_MEAN_ROWS rows an expert on average)."""
+    if not (a.is_cuda and b.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0)):
+        return False
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or not (a.is_contiguous() and b.is_contiguous()):
+        return False
+    if a.shape[1] % BM or b.shape[1] % 8 or a.shape[0] > MAX_MEAN_ROWS * num_experts:
+        return False
+    try:
+        from . import _expert_wgrad_gluon  # noqa: F401  (Gluon's Hopper API as Triton 3.6 has it)
+    except ImportError:
+        return False
+    return True
+
+
+def check_wgrad(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> None:
+    """Raise ValueError (naming the argument) unless expert_wgrad can take these operands: bf16 a
+    [S, K] and b [S, N] on one CUDA device, contiguous, K a multiple of BM (tiles must not cross
+    experts in out) and N of 8 (TMA rows of whole 16 bytes); ends [E] int32 on the same device."""
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+        raise ValueError(f"expert_wgrad: a and b must be bfloat16, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"expert_wgrad: a [S, K] and b [S, N] must share S, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not (a.is_contiguous() and b.is_contiguous()):
+        raise ValueError("expert_wgrad: a and b must be contiguous")
+    if a.shape[1] % BM or b.shape[1] % 8:
+        raise ValueError(f"expert_wgrad: a's width {a.shape[1]} must be a multiple of {BM}, b's {b.shape[1]} of 8")
+    if ends.dim() != 1 or ends.dtype != torch.int32:
+        raise ValueError(f"expert_wgrad: ends must be [E] int32, got {tuple(ends.shape)} {ends.dtype}")
+    if not (a.device == b.device == ends.device and a.is_cuda):
+        raise ValueError(f"expert_wgrad: a, b and ends must be on one CUDA device, got {a.device}, {b.device}, "
+                         f"{ends.device}")
+
+
+def expert_wgrad(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torch.Tensor | None = None,
+                 stages: int = 3, out_bufs: int = 1) -> torch.Tensor:
+    """a [S, K], b [S, N] bf16 sorted by expert; ends [E] int32 (cumulative counts, ends[-1] = S) ->
+    out [E, K, N] bf16, out[e] = a[ends[e-1]:ends[e]]^T b[ends[e-1]:ends[e]] in fp32 accumulation.
+    One launch, no host synchronisation. Hopper only (Gluon's warp groups and TMA). stages: the
+    ring's depth (48 KB each); out_bufs: each consumer's output buffers (32 KB each), so that a
+    consumer writes one while its last store drains."""
+    check_wgrad(a, b, ends)
+    from ._expert_wgrad_gluon import launch  # Gluon: imported only where it runs
+    E, K, N = ends.shape[0], a.shape[1], b.shape[1]
+    if out is None:
+        out = torch.empty(E, K, N, dtype=a.dtype, device=a.device)
+    elif out.shape != (E, K, N) or out.dtype != a.dtype or not out.is_contiguous():
+        raise ValueError(f"expert_wgrad: out must be a contiguous [{E}, {K}, {N}] {a.dtype} tensor")
+    launch(a, b, ends, out, stages, out_bufs)
+    return out
