@@ -73,10 +73,41 @@ def _ok():
     (lambda a, b, e: (a, b[:, :60].contiguous(), e), "of 8"),
     (lambda a, b, e: (a, b[:, ::2], e), "contiguous"),
     (lambda a, b, e: (a, b, e.long()), "int32"),
+    (lambda a, b, e: (a, b, torch.tensor([2, 0, 4, 0], dtype=torch.int32, device=e.device)[::2]), "contiguous"),
 ])
 def test_bad_operands_are_refused_by_name(bad, match):
     with pytest.raises(ValueError, match=match):
         check_wgrad(*bad(*_ok()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="Gluon kernel for sm_90")
+@pytest.mark.parametrize("settings, match", [(dict(stages=1), "stages"), (dict(out_bufs=0), "out_bufs"),
+                                             (dict(out_bufs=2), "multiple of 256")])
+def test_settings_that_would_hang_or_race_are_refused(settings, match):
+    a, b, e = _ok()  # b 64 wide: a second output buffer could be overwritten while its store reads it
+    with pytest.raises(ValueError, match=match):
+        expert_wgrad(a, b, e, **settings)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="Gluon kernel for sm_90")
+def test_no_rows_give_zeros():
+    a = torch.empty(0, BM, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty(0, 64, dtype=torch.bfloat16, device="cuda")
+    out = expert_wgrad(a, b, torch.zeros(3, dtype=torch.int32, device="cuda"))
+    assert out.shape == (3, BM, 64) and not out.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="Gluon kernel for sm_90")
+def test_two_output_buffers_and_two_stages():
+    """The setting the probe also times (bench/wgrad_probe.py's s2o2), against float64."""
+    counts = [70, 0, 129, 64, 200, 1]
+    a = torch.randn(sum(counts), 256, device="cuda").to(torch.bfloat16)
+    b = torch.randn(sum(counts), 512, device="cuda").to(torch.bfloat16)
+    ends = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    assert rel_err(expert_wgrad(a, b, ends, stages=2, out_bufs=2), reference(a, b, counts)) <= 1e-2
 
 
 def test_cpu_tensors_are_refused():

@@ -167,9 +167,9 @@ def launch(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torch.Tens
             return wgrad_kernel.warmup(*args, num_warps=4, grid=grid)
         kernel = wgrad_kernel[grid](*args, num_warps=4)
         if ends.data_ptr() % 16 == 0:
-            _COMPILED[key] = (kernel, sms)
+            _COMPILED[key] = (kernel, torch.cuda.get_device_properties(a.device).multi_processor_count)
         return kernel
-    kernel, sms = _COMPILED[key]
-    kernel[(max(1, min(sms, num_tiles)), 1, 1)](ends, num_tiles, K, *_descs(a, b, out), stages, out_bufs,
-                                                CONSUMER_REGS, PRODUCER_REGS, 4)
+    kernel, device_sms = _COMPILED[key]
+    kernel[(max(1, min(sms or device_sms, num_tiles)), 1, 1)](ends, num_tiles, K, *_descs(a, b, out), stages,
+                                                              out_bufs, CONSUMER_REGS, PRODUCER_REGS, 4)
     return kernel

@@ -24,6 +24,7 @@ between them). Rows past S arrive as zeros from TMA."""
 from __future__ import annotations
 
 import torch
+import triton
 
 BM, BN, BR = 128, 128, 64  # each consumer's output tile [BM, BN] (a program's tile [BM, 2 BN]); rows a step
 # Where it is used in place of torch._grouped_mm (backends/expert_grad.py): up to this many rows an
@@ -36,9 +37,12 @@ MAX_MEAN_ROWS = 256
 
 
 def suits(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> bool:
-    """Whether expert_wgrad takes these operands (check_wgrad's conditions, a Hopper GPU with
-    Gluon) and is the faster choice for them (at most MAX_MEAN_ROWS rows an expert on average)."""
+    """Whether expert_wgrad takes these operands (check_wgrad's conditions, a Hopper GPU, the
+    Triton it was built and measured with: Gluon's API moves between releases) and is the faster
+    choice for them (at most MAX_MEAN_ROWS rows an expert on average)."""
     if not (a.is_cuda and b.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0)):
+        return False
+    if not triton.__version__.startswith("3.6."):
         return False
     if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or not (a.is_contiguous() and b.is_contiguous()):
         return False
@@ -54,7 +58,8 @@ def suits(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> bool:
 def check_wgrad(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> None:
     """Raise ValueError (naming the argument) unless expert_wgrad can take these operands: bf16 a
     [S, K] and b [S, N] on one CUDA device, contiguous, K a multiple of BM (tiles must not cross
-    experts in out) and N of 8 (TMA rows of whole 16 bytes); ends [E] int32 on the same device."""
+    experts in out) and N of 8 (TMA rows of whole 16 bytes); ends [E] int32, contiguous, on the
+    same device."""
     if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
         raise ValueError(f"expert_wgrad: a and b must be bfloat16, got {a.dtype} and {b.dtype}")
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
@@ -63,8 +68,9 @@ def check_wgrad(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> None:
         raise ValueError("expert_wgrad: a and b must be contiguous")
     if a.shape[1] % BM or b.shape[1] % 8:
         raise ValueError(f"expert_wgrad: a's width {a.shape[1]} must be a multiple of {BM}, b's {b.shape[1]} of 8")
-    if ends.dim() != 1 or ends.dtype != torch.int32:
-        raise ValueError(f"expert_wgrad: ends must be [E] int32, got {tuple(ends.shape)} {ends.dtype}")
+    if ends.dim() != 1 or ends.dtype != torch.int32 or not ends.is_contiguous():
+        raise ValueError(f"expert_wgrad: ends must be a contiguous [E] int32 tensor, got {tuple(ends.shape)} "
+                         f"{ends.dtype} with strides {ends.stride()}")
     if not (a.device == b.device == ends.device and a.is_cuda):
         raise ValueError(f"expert_wgrad: a, b and ends must be on one CUDA device, got {a.device}, {b.device}, "
                          f"{ends.device}")
@@ -74,15 +80,24 @@ def expert_wgrad(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torc
                  stages: int = 3, out_bufs: int = 1) -> torch.Tensor:
     """a [S, K], b [S, N] bf16 sorted by expert; ends [E] int32 (cumulative counts, ends[-1] = S) ->
     out [E, K, N] bf16, out[e] = a[ends[e-1]:ends[e]]^T b[ends[e-1]:ends[e]] in fp32 accumulation.
-    One launch, no host synchronisation. Hopper only (Gluon's warp groups and TMA). stages: the
-    ring's depth (48 KB each); out_bufs: each consumer's output buffers (32 KB each), so that a
-    consumer writes one while its last store drains."""
+    One launch, no host synchronisation (none where there is nothing to reduce: out is zeroed).
+    Hopper only (Gluon's warp groups and TMA). stages: the ring's depth (48 KB each, at least 2: a
+    stage is released once the next step's products are issued, so one would deadlock); out_bufs:
+    each consumer's output buffers (32 KB each), so that a consumer writes one while its last store
+    drains (more than one only where N is a multiple of 2 BN: a half past N stores nothing, and the
+    kernel counts a buffer's turn by tiles, not stores). A row of the next expert that holds inf or
+    NaN in a turns this expert's sums NaN (its b row is zeroed, and 0 * inf is NaN)."""
     check_wgrad(a, b, ends)
-    from ._expert_wgrad_gluon import launch  # Gluon: imported only where it runs
     E, K, N = ends.shape[0], a.shape[1], b.shape[1]
+    if stages < 2 or out_bufs < 1 or (out_bufs > 1 and N % (2 * BN)):
+        raise ValueError(f"expert_wgrad: stages={stages} must be at least 2 and out_bufs={out_bufs} at least 1, "
+                         f"and 1 unless b's width {N} is a multiple of {2 * BN}")
     if out is None:
         out = torch.empty(E, K, N, dtype=a.dtype, device=a.device)
     elif out.shape != (E, K, N) or out.dtype != a.dtype or not out.is_contiguous():
         raise ValueError(f"expert_wgrad: out must be a contiguous [{E}, {K}, {N}] {a.dtype} tensor")
+    if a.shape[0] == 0 or out.numel() == 0:  # TMA descriptors need positive sizes
+        return out.zero_()
+    from ._expert_wgrad_gluon import launch  # Gluon: imported only where it runs
     launch(a, b, ends, out, stages, out_bufs)
     return out
