@@ -10,7 +10,9 @@
 # router-gradient kernels alone (bench/backward_kernels.py); profbwd: torch.profiler over flash/saved
 # training steps (PROF_ARGS=--shapes: a row per op and input shapes); gemm1: bench/gemm1_loop.py --peer
 # (the GEMM1 loop's schedules, the warp-specialised Gluon one, triton_kernels; GEMM1_LIMIT seconds at
-# most); sass: the compiled builds.
+# most); wgrad: the weight-gradient kernel's GPU tests, then bench/wgrad_probe.py against torch's
+# grouped products (WGRAD_PRESETS at WGRAD_TOKENS, uniform and skewed routing); sass: the compiled
+# builds.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -78,6 +80,11 @@ for step in "$@"; do
     gemm1) echo "=== gemm1 loop (Triton schedules, ws gluon, triton_kernels)"  # bench/gemm1_loop.py, one GPU
               timeout -k 10 "${GEMM1_LIMIT:-300}" python3 bench/gemm1_loop.py --peer > "$OUT/gemm1_loop.log" 2>&1
               echo "=== gemm1 rc=$?"; tail -n 30 "$OUT/gemm1_loop.log" ;;
+    wgrad) echo "=== wgrad"; timeout -k 10 150 python3 -m pytest -q tests/test_expert_wgrad.py > "$OUT/wgrad_tests.log" 2>&1
+              echo "=== wgrad tests rc=$?"; tail -n 3 "$OUT/wgrad_tests.log"
+              timeout -k 10 "${WGRAD_LIMIT:-300}" python3 bench/wgrad_probe.py --preset ${WGRAD_PRESETS:-qwen3_30b_a3b deepseek_v3} \
+                --tokens ${WGRAD_TOKENS:-4096 8192} --skew 0 1 --out "$OUT/wgrad_probe.json" > "$OUT/wgrad_probe.log" 2>&1
+              echo "=== wgrad probe rc=$?"; grep -E "grouped  |gluon" "$OUT/wgrad_probe.log" ;;
     sass) echo "=== sass"; bash .whl/sass_stats.sh fused_moe_kernel > "$OUT/sass.txt" 2>&1; cat "$OUT/sass.txt" ;;
   esac
 done
