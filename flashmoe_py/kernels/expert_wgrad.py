@@ -37,37 +37,35 @@ MAX_MEAN_ROWS = 256
 
 
 def suits(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> bool:
-    """Whether expert_wgrad takes these operands (check_wgrad's conditions, a Hopper GPU, the
-    Triton it was built and measured with: Gluon's API moves between releases) and is the faster
-    choice for them (at most MAX_MEAN_ROWS rows an expert on average)."""
+    """Whether expert_wgrad takes these operands (check_wgrad's conditions on a and b, a Hopper
+    GPU, the Triton it was built and measured with: Gluon's API moves between releases) and is the
+    faster choice for them (at most MAX_MEAN_ROWS rows an expert on average)."""
     if not (a.is_cuda and b.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0)):
         return False
-    if not triton.__version__.startswith("3.6."):
-        return False
-    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or not (a.is_contiguous() and b.is_contiguous()):
-        return False
-    if a.shape[1] % BM or b.shape[1] % 8 or a.shape[0] > MAX_MEAN_ROWS * num_experts:
-        return False
-    try:
-        from . import _expert_wgrad_gluon  # noqa: F401  (Gluon's Hopper API as Triton 3.6 has it)
-    except ImportError:
-        return False
-    return True
+    return (triton.__version__.startswith("3.6.") and _operand_problem(a, b) is None
+            and a.shape[0] <= MAX_MEAN_ROWS * num_experts)
+
+
+def _operand_problem(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """What keeps a and b from the kernel (bf16 [S, K] and [S, N], contiguous, K a multiple of BM
+    so that tiles do not cross experts in out, N of 8 for TMA rows of whole 16 bytes), or None."""
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+        return f"a and b must be bfloat16, got {a.dtype} and {b.dtype}"
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        return f"a [S, K] and b [S, N] must share S, got {tuple(a.shape)} and {tuple(b.shape)}"
+    if not (a.is_contiguous() and b.is_contiguous()):
+        return "a and b must be contiguous"
+    if a.shape[1] % BM or b.shape[1] % 8:
+        return f"a's width {a.shape[1]} must be a multiple of {BM}, b's {b.shape[1]} of 8"
+    return None
 
 
 def check_wgrad(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> None:
-    """Raise ValueError (naming the argument) unless expert_wgrad can take these operands: bf16 a
-    [S, K] and b [S, N] on one CUDA device, contiguous, K a multiple of BM (tiles must not cross
-    experts in out) and N of 8 (TMA rows of whole 16 bytes); ends [E] int32, contiguous, on the
-    same device."""
-    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
-        raise ValueError(f"expert_wgrad: a and b must be bfloat16, got {a.dtype} and {b.dtype}")
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
-        raise ValueError(f"expert_wgrad: a [S, K] and b [S, N] must share S, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if not (a.is_contiguous() and b.is_contiguous()):
-        raise ValueError("expert_wgrad: a and b must be contiguous")
-    if a.shape[1] % BM or b.shape[1] % 8:
-        raise ValueError(f"expert_wgrad: a's width {a.shape[1]} must be a multiple of {BM}, b's {b.shape[1]} of 8")
+    """Raise ValueError (naming the argument) unless expert_wgrad can take these operands: a and b
+    as _operand_problem asks, on one CUDA device with ends [E] int32, contiguous."""
+    problem = _operand_problem(a, b)
+    if problem:
+        raise ValueError(f"expert_wgrad: {problem}")
     if ends.dim() != 1 or ends.dtype != torch.int32 or not ends.is_contiguous():
         raise ValueError(f"expert_wgrad: ends must be a contiguous [E] int32 tensor, got {tuple(ends.shape)} "
                          f"{ends.dtype} with strides {ends.stride()}")
