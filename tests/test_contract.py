@@ -85,6 +85,8 @@ def test_half_the_programs_dispatch_for_experts_narrower_than_hidden(name, world
     """... on several ranks: one rank has nothing to dispatch (its tiles read x itself)."""
     launch = choose_launch(geometry(name, world, tokens=16384), 16384, torch.bfloat16, SMS)
     assert launch.programs == SMS and launch.dispatch_programs == (SMS // 2 if split else SMS)
+    more = choose_launch(geometry(name, world, tokens=16384), 16384, torch.bfloat16, SMS, {"programs": 2 * SMS})
+    assert more.dispatch_programs == (SMS if split else 2 * SMS)  # half of the programs asked for
 
 
 @pytest.mark.parametrize("world,tokens,span", [(1, 4096, 2), (1, 128, 1), (2, 4096, 1)])
@@ -138,6 +140,11 @@ def test_overrides_fix_settings_and_are_checked():
         choose_launch(geo, 4096, torch.bfloat16, SMS, {"block_m": 96})
     with pytest.raises(ValueError, match="dispatch_programs=200"):
         choose_launch(geo, 4096, torch.bfloat16, SMS, {"dispatch_programs": 200})
+    two_a_sm = choose_launch(geo, 4096, torch.bfloat16, SMS, {"programs": 2 * SMS})
+    assert (two_a_sm.programs, two_a_sm.dispatch_programs) == (2 * SMS, 2 * SMS)
+    for bad in (0, "264"):
+        with pytest.raises(ValueError, match="programs="):
+            choose_launch(geo, 4096, torch.bfloat16, SMS, {"programs": bad})
 
 
 @pytest.mark.parametrize("field", [f for f in FIELDS if f not in SWITCHES])

@@ -11,14 +11,15 @@ import torch
 from .layout import Geometry
 
 SWITCHES = ("static_ffn_in", "h_tma")  # the fields that are 0 or 1
-FIELDS = ("block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t", "combine_span",
-          *SWITCHES)
+FIELDS = ("programs", "block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t",
+          "combine_span", *SWITCHES)
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """programs: persistent programs (one per SM: every program must be resident at once);
+    """programs: persistent programs (one per SM by default: every program must be resident at
+    once; two an SM, at 4 warps and 64-row tiles, were 14-35% slower: bench/NOTES.md item 68);
     block_m: rows of an expert tile; block_n: columns of a GEMM2 tile (the combine tile width
     times a power of two); num_warps, stages: per program, and the K loops' pipeline depth;
     group: expert tiles that neighbouring programs work on together (L2 reuse of weights);
@@ -93,9 +94,10 @@ class LaunchConfig:
 def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
                   override: dict | None = None, resident: bool = True) -> LaunchConfig:
     """The launch for a call of `tokens` tokens on a GPU of `sm_count` SMs; `override` fixes any of
-    FIELDS instead (tuning). resident: every program can be resident at once (the GPU is this
-    process's alone); False keeps every tile on the queue, whose order needs no program to have
-    started. Checked against the geometry."""
+    FIELDS instead (tuning; `programs` above the SM count puts several programs on an SM, all of
+    which must still be resident at once where the static order is taken). resident: every
+    program can be resident at once (the GPU is this process's alone); False keeps every tile on
+    the queue, whose order needs no program to have started. Checked against the geometry."""
     # Taller expert tiles, and twice as wide GEMM2 tiles, once an expert gets enough rows (on
     # average) to fill them: fewer re-reads of its weights and of h, more math per byte loaded.
     # fp32 keeps 64 x 128: its tiles would not fit shared memory.
@@ -128,9 +130,10 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # rows: mixtral (ffn 3.5x hidden) at 4,096 / 16,384 tokens -2.8% / -1.5% (2,048: +1.4%,
     # within that point's run-to-run spread); gpt_oss (1x) +0.6..+3.1% and qwen3 (0.375x)
     # +0.3..+1.0% (bench/NOTES.md item 57).
+    programs = (override or {}).get("programs", sm_count)  # LaunchConfig checks it
     chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
               "stages": (4 if not large else 3) if bf16 else 2,
-              "dispatch_programs": sm_count // 2 if overlap else sm_count,
+              "dispatch_programs": max(1, programs // 2) if overlap and type(programs) is int else None,
               "combine_span": 2 if large and geo.world_size == 1 else 1,
               "static_ffn_in": int(resident and geo.world_size == 1 and rows_per_expert >= 64),
               "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden)}
@@ -138,4 +141,4 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     unknown = sorted(set(override) - set(FIELDS))
     if unknown:
         raise ValueError(f"launch override {unknown}: expected fields of {FIELDS}")
-    return LaunchConfig(programs=sm_count, **{**chosen, **override}).check(geo)
+    return LaunchConfig(**{"programs": programs, **chosen, **override}).check(geo)
