@@ -28,14 +28,16 @@ class WgradParts:
     b_bufs: gl.shared_memory_descriptor
     out_bufs: gl.shared_memory_descriptor
     ready: gl.shared_memory_descriptor
+    masked: gl.shared_memory_descriptor
     empty: gl.shared_memory_descriptor
 
     @gluon.constexpr_function
-    def __init__(self, ends_ptr, num_tiles, K, a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty):
+    def __init__(self, ends_ptr, num_tiles, K, a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, masked,
+                 empty):
         self.ends_ptr, self.num_tiles, self.K = ends_ptr, num_tiles, K
         self.a_desc, self.b_desc, self.out_desc = a_desc, b_desc, out_desc
         self.a_bufs, self.b_bufs, self.out_bufs = a_bufs, b_bufs, out_bufs
-        self.ready, self.empty = ready, empty
+        self.ready, self.masked, self.empty = ready, masked, empty
 
 
 @gluon.jit
@@ -55,6 +57,25 @@ def _tile(p, t):
 
 
 @gluon.jit
+def _zero_rows_from(buf, v):
+    """Rows v.. of buf [R, W] (a stage's box of a, in shared memory) := 0, by one warp in chunks of 8
+    rows x 64 columns: stores only, but for the chunk that holds row v."""
+    R: gl.constexpr = buf.type.shape[0]
+    W: gl.constexpr = buf.type.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [1, 1], [1, 0])
+    row = gl.arange(0, 8, layout=gl.SliceLayout(1, layout))
+    for i in gl.static_range(R // 8):
+        if (i + 1) * 8 > v:
+            for h in gl.static_range(W // 64):
+                chunk = buf.slice(i * 8, 8, dim=0).slice(h * 64, 64, dim=1)
+                if i * 8 >= v:
+                    chunk.store(gl.zeros([8, 64], buf.dtype, layout))
+                else:
+                    x = chunk.load(layout)
+                    chunk.store(gl.where((row < v - i * 8)[:, None], x, gl.zeros_like(x)))
+
+
+@gluon.jit
 def _producer(p, unused: gl.constexpr):
     S: gl.constexpr = p.a_bufs.type.shape[0]
     R: gl.constexpr = p.a_bufs.type.shape[1]
@@ -71,6 +92,12 @@ def _producer(p, unused: gl.constexpr):
             for c in gl.static_range(2):  # columns past b's width arrive as zeros
                 tma.async_copy_global_to_shared(p.b_desc, [start + k * R, col + c * HALF], bar,
                                                 p.b_bufs.index(2 * s + c))
+            if rows - k * R < R:  # the box reaches into the next expert: its rows of a := 0 once landed
+                mbarrier.wait(bar, (pos // S) & 1)
+                _zero_rows_from(p.a_bufs.index(s), rows - k * R)
+                fence_async_shared()
+                gl.thread_barrier()
+            mbarrier.arrive(p.masked.index(s))
             pos += 1
 
 
@@ -83,8 +110,6 @@ def _consumer(p, c: gl.constexpr):
     OUT_BUFS: gl.constexpr = p.out_bufs.type.shape[0] // 2
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                           instr_shape=[16, HALF, 16])
-    b_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    step_row = gl.arange(0, R, layout=gl.SliceLayout(1, b_layout))
     pos = 0
     j = 0  # the program's tiles so far
     for t in range(gl.program_id(0), p.num_tiles, gl.num_programs(0)):
@@ -93,14 +118,9 @@ def _consumer(p, c: gl.constexpr):
         acc = gl.zeros((TM, HALF), dtype=gl.float32, layout=acc_layout)
         for k in range(steps):
             s = pos % S
-            mbarrier.wait(p.ready.index(s), (pos // S) & 1)
-            b_buf = p.b_bufs.index(2 * s + c)  # this group's own: rows past the expert's last zeroed here
-            if rows - k * R < R:
-                b = b_buf.load(b_layout)
-                b_buf.store(gl.where((step_row < rows - k * R)[:, None], b, gl.zeros_like(b)))
-                fence_async_shared()
-                gl.thread_barrier()  # the group's four warps: every zero written before the products read
-            acc = warpgroup_mma(p.a_bufs.index(s).permute((1, 0)), b_buf, acc, is_async=True)
+            mbarrier.wait(p.ready.index(s), (pos // S) & 1)  # the boxes landed
+            mbarrier.wait(p.masked.index(s), (pos // S) & 1)  # and a's rows of the next expert are zeros
+            acc = warpgroup_mma(p.a_bufs.index(s).permute((1, 0)), p.b_bufs.index(2 * s + c), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             mbarrier.arrive(p.empty.index((pos + S - 1) % S), pred=k > 0)  # step k - 1's products are done
             pos += 1
@@ -125,11 +145,13 @@ def wgrad_kernel(ends_ptr, num_tiles, K, a_desc, b_desc, out_desc, STAGES: gl.co
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [2 * STAGES] + b_desc.block_type.shape, b_desc.layout)
     out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2 * OUT_BUFS] + out_desc.block_type.shape, out_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    masked = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)  # the expect, with the three boxes' bytes
+        mbarrier.init(masked.index(i), count=1)  # the producer, once a's rows past the expert are zeros
         mbarrier.init(empty.index(i), count=2)  # both consumers read the stage
-    p = WgradParts(ends_ptr, num_tiles, K, a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty)
+    p = WgradParts(ends_ptr, num_tiles, K, a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, masked, empty)
     gl.warp_specialize([(_consumer, (p, 0)), (_consumer, (p, 1)), (_producer, (p, 0))], [4, 1],
                        [CONSUMER_REGS, PRODUCER_REGS])
 

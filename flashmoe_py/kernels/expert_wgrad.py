@@ -10,16 +10,19 @@ a few products between its loads and its store, and the schedule must keep loads
 flight across tiles:
 
   producer    one warp: each tile's row steps, a's [BR, BM] box and b's two [BR, BN] boxes by TMA
-              into a ring of stages, tile after tile, waiting only for a free stage;
+              into a ring of stages, tile after tile, waiting for a free stage (and, at a step
+              that reaches past its expert, for the boxes to land: below);
   consumers   two warp groups on every tile, group c the columns [c BN, (c + 1) BN) of the
               program's [BM, 2 BN] tile: each step's products a^T b_c from shared memory (a read
               transposed), one step's in flight while the next step's boxes land; then the tile
               through the group's own buffer out by an asynchronous TMA store, which drains while
               the next tile's products run.
 
-A step's box can reach into the next expert's rows: the group zeroes those rows of its own b box in
-shared memory before the products (a's box is shared by both groups; zeroing b_c needs no barrier
-between them). Rows past S arrive as zeros from TMA."""
+A step's box can reach into the next expert's rows: the producer zeroes those rows of a's box in
+shared memory once it has landed (stores only, but for the 8 rows that hold the expert's last), then
+releases the stage to the consumers on a barrier of its own, so the consumers never touch a box
+(they zeroed their b boxes before: 9-14% slower on one H200, bench/NOTES.md item 68). Rows past S
+arrive as zeros from TMA."""
 
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ BM, BN, BR = 128, 128, 64  # each consumer's output tile [BM, BN] (a program's t
 # expert on average. Measured on one H200 at 4,096 tokens (bench/wgrad_probe.py, uniform and skewed
 # routing, bench/results/2026-12-04a-h200x1-expert-wgrad/): 0.6-21% faster at deepseek_v3's 128 and
 # qwen3_30b_a3b's 256 rows an expert, 4-27% slower at mixtral_8x7b's 1,024 (longer reductions,
-# where the grouped kernel's products run closer to the tensor cores' rate); between 256 and 1,024
-# not measured, so left to torch.
+# where the grouped kernel's products run closer to the tensor cores' rate); at qwen3_30b_a3b's 512
+# (8,192 tokens) up to 8% faster but up to 7% slower under skewed routing (before the producer
+# zeroed a: bench/results/2026-12-04b-h200x1-table-wgrad-zeroing/), so left to torch from 257.
 MAX_MEAN_ROWS = 256
 
 
@@ -84,7 +88,7 @@ def expert_wgrad(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torc
     each consumer's output buffers (32 KB each), so that a consumer writes one while its last store
     drains (more than one only where N is a multiple of 2 BN: a half past N stores nothing, and the
     kernel counts a buffer's turn by tiles, not stores). A row of the next expert that holds inf or
-    NaN in a turns this expert's sums NaN (its b row is zeroed, and 0 * inf is NaN)."""
+    NaN in b turns this expert's sums NaN (its a row is zeroed, and 0 * inf is NaN)."""
     check_wgrad(a, b, ends)
     E, K, N = ends.shape[0], a.shape[1], b.shape[1]
     if stages < 2 or out_bufs < 1 or (out_bufs > 1 and N % (2 * BN)):
