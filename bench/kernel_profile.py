@@ -84,7 +84,8 @@ def format_summary(s: dict) -> str:
 def trace_forward(layer, x, rt) -> dict:
     """One traced forward after warm-up (graph replays, as in the benchmark) -> summary."""
     backend = layer.backend
-    rows = backend.geo.trace_rows(x.shape[0], backend.programs)
+    programs = (backend.options.launch_override or {}).get("programs", backend.programs)  # the launch's
+    rows = backend.geo.trace_rows(x.shape[0], programs)
     backend.trace = torch.full((rows, TRACE_COLS.value), -1, dtype=torch.int64, device=rt.device)
     for _ in range(5):
         layer(x)

@@ -23,6 +23,34 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(diff / norm) if norm > 0 else float(diff)
 
 
+def near_a_kink(x: torch.Tensor, full: dict, config) -> bool:
+    """Whether a pre-activation of x [..., H] (x w_in[e] (+ b_in[e]) at any expert, and x
+    shared_w_in) lies within float32's rounding of a point where the activation's derivative jumps:
+    relu's 0, clamped_swiglu's gate at swiglu_limit and up at +-swiglu_limit (the smooth ones have
+    none). There the layer's float32 and the reference's float64 can fall on either side, and a
+    whole row's part of the weight gradient with them: both are right, and an fp32 bar would fail on
+    rounding (a relu pre-activation of 5e-10 in float64, -5.6e-8 in float32, put w_in's gradient
+    1.1e-2 off; bench/NOTES.md item 68). full: MoELayer.full_weight_dict()."""
+    if config.activation not in ("relu", "clamped_swiglu"):
+        return False
+    x = x.reshape(-1, x.shape[-1]).double()
+    blocks = [(full["w_in"].double(), None if full.get("b_in") is None else full["b_in"].double())]
+    if full.get("shared_w_in") is not None:
+        blocks.append((full["shared_w_in"].double()[None], None))
+    for w, b in blocks:  # w [E, H, F_in], b [E, F_in]
+        pre = torch.einsum("th,ehf->tef", x, w) + (0 if b is None else b[None])
+        rounding = 1e-5 * (x.norm(dim=1)[:, None, None] * w.norm(dim=1)[None] + (0 if b is None else b.abs()[None]))
+        if config.activation == "relu":
+            to_kink = pre.abs()
+        else:  # gate | up halves
+            gate, up = pre.chunk(2, dim=-1)
+            limit = config.swiglu_limit
+            to_kink = torch.cat([(gate - limit).abs(), torch.minimum((up - limit).abs(), (up + limit).abs())], -1)
+        if bool((to_kink < rounding).any()):
+            return True
+    return False
+
+
 def reference_grads(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor) -> dict:
     """d(sum(out * dy)) / d(x and each of the layer's parameters), by name, for this rank's tokens
     x [T, H], in float64 (collective: the expert weights' gradients are summed over ranks, then

@@ -6,7 +6,7 @@ with routing and GEMM1 run again; backend "flash"'s backwards)."""
 
 import pytest
 import torch
-from grad_reference import grad_errors, lean_grad_errors, rel_err
+from grad_reference import grad_errors, lean_grad_errors, near_a_kink, rel_err
 from seeds import fresh_seed
 
 from flashmoe_py import MoEConfig, MoELayer
@@ -47,11 +47,15 @@ VARIANTS = {
 
 def layer_grad_errors(rank, world, cfg: dict, seed, shapes, x_needs_grad=None, backward=None) -> dict:
     """Backward of sum(layer(x) * dy) for fresh x of shapes[rank] (+ [H]) on every rank ->
-    {gradient: relative error against the reference}; None where .grad is None."""
+    {gradient: relative error against the reference}; None where .grad is None. x is drawn again
+    while a pre-activation sits on a kink of the activation (near_a_kink)."""
     cfg = MoEConfig.from_dict(cfg)
     layer = MoELayer(cfg, seed=seed, backward=backward)
     g = torch.Generator().manual_seed(seed * 1009 + rank)
+    full = layer.full_weight_dict()  # collective: every rank, once
     x = torch.randn(*shapes[rank], cfg.hidden_size, generator=g).to(cfg.torch_dtype)
+    while near_a_kink(x, full, cfg):
+        x = torch.randn(*shapes[rank], cfg.hidden_size, generator=g).to(cfg.torch_dtype)
     x.requires_grad_(x_needs_grad is None or x_needs_grad[rank])
     return grad_errors(layer, x, torch.randn(x.shape, generator=g).to(cfg.torch_dtype))
 
@@ -121,6 +125,27 @@ def test_eight_ranks_gradients_match_reference(dist_pools, backward):
     shapes = [(1, n) for n in (11, 0, 23, 5, 30, 1, 17, 9)]
     for errs in dist_pools(8).run(layer_grad_errors, cfg.to_dict(), fresh_seed(), shapes, None, backward):
         assert max(errs.values()) <= FP32_TOL, errs
+
+
+@pytest.mark.parametrize("activation", ["relu", "clamped_swiglu"])
+def test_inputs_on_a_kink_are_found(activation):
+    """near_a_kink (which layer_grad_errors draws x away from) finds a row whose pre-activation
+    sits on a kink of the activation (within float32 rounding), and only there."""
+    limit = {"swiglu_limit": 1.0} if activation == "clamped_swiglu" else {}
+    cfg = MoEConfig(**SMALL, top_k=2, activation=activation, **limit, expert_bias=True, shared_experts=1,
+                    shared_ffn_size=16)
+    full = MoELayer(cfg, seed=fresh_seed()).full_weight_dict()
+    x = torch.randn(6, cfg.hidden_size, dtype=torch.float64)
+    while near_a_kink(x, full, cfg):
+        x = torch.randn(6, cfg.hidden_size, dtype=torch.float64)
+    kink = 0.0 if activation == "relu" else -1.0  # up's lower limit (the up half: columns F..)
+    for w, b, col in ((full["w_in"][3].double(), full["b_in"][3].double(), cfg.ffn_in_size - 1),
+                      (full["shared_w_in"].double(), None, cfg.shared_ffn_in_size - 1)):
+        on = x.clone()  # row 2 moved along column col's weights until its pre-activation is the kink
+        pre = on[2] @ w[:, col] + (0 if b is None else b[col])
+        on[2] += (kink - pre + 1e-9) * w[:, col] / w[:, col].square().sum()
+        assert near_a_kink(on, full, cfg)
+    assert not near_a_kink(x, full, MoEConfig(**SMALL, top_k=2, activation="swiglu"))
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -141,9 +141,11 @@ def test_overrides_fix_settings_and_are_checked():
     with pytest.raises(ValueError, match="dispatch_programs=200"):
         choose_launch(geo, 4096, torch.bfloat16, SMS, {"dispatch_programs": 200})
     two_a_sm = choose_launch(geo, 4096, torch.bfloat16, SMS, {"programs": 2 * SMS})
-    assert (two_a_sm.programs, two_a_sm.dispatch_programs) == (2 * SMS, 2 * SMS)
+    assert (two_a_sm.programs, two_a_sm.dispatch_programs, two_a_sm.static_ffn_in) == (2 * SMS, 2 * SMS, 0)
+    asked = choose_launch(geo, 4096, torch.bfloat16, SMS, {"programs": 2 * SMS, "static_ffn_in": 1})
+    assert asked.static_ffn_in == 1 and choose_launch(geo, 4096, torch.bfloat16, SMS).static_ffn_in == 1
     for bad in (0, "264"):
-        with pytest.raises(ValueError, match="programs="):
+        with pytest.raises(ValueError, match=r"LaunchConfig\.programs="):
             choose_launch(geo, 4096, torch.bfloat16, SMS, {"programs": bad})
 
 

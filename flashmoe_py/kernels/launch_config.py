@@ -94,8 +94,9 @@ class LaunchConfig:
 def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
                   override: dict | None = None, resident: bool = True) -> LaunchConfig:
     """The launch for a call of `tokens` tokens on a GPU of `sm_count` SMs; `override` fixes any of
-    FIELDS instead (tuning; `programs` above the SM count puts several programs on an SM, all of
-    which must still be resident at once where the static order is taken). resident: every
+    FIELDS instead (tuning; `programs` other than sm_count keeps the GEMM1 tiles on the queue
+    unless static_ffn_in is asked for too: the static order needs every program resident at once,
+    which the SM count alone does not promise for more programs than SMs). resident: every
     program can be resident at once (the GPU is this process's alone); False keeps every tile on
     the queue, whose order needs no program to have started. Checked against the geometry."""
     # Taller expert tiles, and twice as wide GEMM2 tiles, once an expert gets enough rows (on
@@ -135,7 +136,8 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
               "stages": (4 if not large else 3) if bf16 else 2,
               "dispatch_programs": max(1, programs // 2) if overlap and type(programs) is int else None,
               "combine_span": 2 if large and geo.world_size == 1 else 1,
-              "static_ffn_in": int(resident and geo.world_size == 1 and rows_per_expert >= 64),
+              "static_ffn_in": int(resident and programs == sm_count and geo.world_size == 1
+                                   and rows_per_expert >= 64),
               "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden)}
     override = dict(override or {})
     unknown = sorted(set(override) - set(FIELDS))
