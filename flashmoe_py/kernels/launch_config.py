@@ -131,7 +131,11 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # rows: mixtral (ffn 3.5x hidden) at 4,096 / 16,384 tokens -2.8% / -1.5% (2,048: +1.4%,
     # within that point's run-to-run spread); gpt_oss (1x) +0.6..+3.1% and qwen3 (0.375x)
     # +0.3..+1.0% (bench/NOTES.md item 57).
-    programs = (override or {}).get("programs", sm_count)  # LaunchConfig checks it
+    override = dict(override or {})
+    unknown = sorted(set(override) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"launch override {unknown}: expected fields of {FIELDS}")
+    programs = override.get("programs", sm_count)  # LaunchConfig checks it
     chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
               "stages": (4 if not large else 3) if bf16 else 2,
               "dispatch_programs": max(1, programs // 2) if overlap and type(programs) is int else None,
@@ -139,8 +143,4 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
               "static_ffn_in": int(resident and programs == sm_count and geo.world_size == 1
                                    and rows_per_expert >= 64),
               "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden)}
-    override = dict(override or {})
-    unknown = sorted(set(override) - set(FIELDS))
-    if unknown:
-        raise ValueError(f"launch override {unknown}: expected fields of {FIELDS}")
     return LaunchConfig(**{"programs": programs, **chosen, **override}).check(geo)
