@@ -21,8 +21,9 @@ flight across tiles:
 A step's box can reach into the next expert's rows: the producer zeroes those rows of a's box in
 shared memory once it has landed (stores only, but for the 8 rows that hold the expert's last), then
 releases the stage to the consumers on a barrier of its own, so the consumers never touch a box
-(they zeroed their b boxes before: 6-14% slower on one H200, bench/NOTES.md item 68). Rows past S
-arrive as zeros from TMA."""
+(they zeroed their b boxes before: 6-14% slower on one H200, bench/NOTES.md item 68). The consumers
+wait on that barrier only at such steps; the producer arrives on it at every step, so its phases
+keep in step with the ring's (items 68-69). Rows past S arrive as zeros from TMA."""
 
 from __future__ import annotations
 
