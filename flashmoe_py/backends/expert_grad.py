@@ -26,7 +26,7 @@ import torch
 
 from ..config import MoEConfig
 from ..gate_up import gate_and_up
-from ..kernels import expert_wgrad
+from ..kernels import expert_dgrad, expert_wgrad
 from ..kernels.activation_grad import activation_grad
 from . import torch_ep
 
@@ -56,7 +56,7 @@ def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
         pre = groups.rows_times(rows, w_in)
         if b_in is not None:
             pre = (pre.float() + groups.per_row(b_in).float()).to(dtype)
-    g = groups.rows_times(dy, w_out.transpose(1, 2))
+    g = groups.rows_times_t(dy, w_out)
     sh, d_pre, dot = _activation_grad(pre, g, scale, config)
     if b_out is not None:
         dot = dot + (dy.float() * groups.per_row(b_out).float()).sum(1)
@@ -65,7 +65,7 @@ def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
     if b_in is not None:
         params["b_in"] = groups.column_sums(d_pre.float()).to(b_in.dtype)
         params["b_out"] = groups.column_sums(dy.float() * scale[:, None]).to(b_out.dtype)
-    return ExpertGrads(groups.rows_times(d_pre_low, w_in.transpose(1, 2)), dot, params)
+    return ExpertGrads(groups.rows_times_t(d_pre_low, w_in), dot, params)
 
 
 def _activation_grad(pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
@@ -124,6 +124,7 @@ class _Groups:
                         and _grouped_outer_works(rows.device.type, rows.dtype))
         if self.grouped:
             self.offs = torch.cumsum(counts, 0).to(torch.int32)
+            self.row_tiles: expert_dgrad.RowTiles | None = None
         else:
             ends = torch.cumsum(counts, 0).tolist()
             self.slices = [slice(end - int(n), end) for n, end in zip(counts.tolist(), ends)]
@@ -136,6 +137,15 @@ class _Groups:
         for e, s in enumerate(self.slices):
             out[s] = a[s] @ b[e]
         return out
+
+    def rows_times_t(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """a: [N, K]; w: [L, M, K] -> [N, M], each expert's rows times its w^T:
+        kernels/expert_dgrad.py where it suits (Hopper, bf16, few rows an expert), else rows_times."""
+        if self.grouped and expert_dgrad.suits(a, w, self.counts.shape[0]):
+            if self.row_tiles is None:  # one table a backward, for both products
+                self.row_tiles = expert_dgrad.RowTiles.of(self.offs, self.n, expert_dgrad.TILES.block_m)
+            return expert_dgrad.expert_dgrad(a, w, self.offs, self.row_tiles)
+        return self.rows_times(a, w.transpose(1, 2))
 
     def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a: [N, K]; b: [N, M] -> [L, K, M], each expert's a^T b over its rows (zero without rows):

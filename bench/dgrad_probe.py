@@ -1,0 +1,111 @@
+"""Probe: the backward's products with transposed weights (g = dy w_out[e]^T, d_rows = d_pre
+w_in[e]^T, rows sorted by expert) as torch._grouped_mm (the explicit backward's today) and as
+kernels/expert_dgrad.py at several tile shapes, on one GPU, at the presets' sizes:
+
+    python bench/dgrad_probe.py [--preset P ...] [--tokens T ...] [--skew S ...] [--out results.json]
+
+a: [S, K] bf16, w: [E, N, K] bf16 (as the layer stores w_out, and w_in with N = H), S = T * top_k
+rows routed at random as bench/wgrad_probe.py routes them. Every variant is checked against a
+float32 product per expert (ok: within 1e-2; exit code 1 otherwise) with its output poisoned
+first, then timed as bench/backward_kernels.py times (CUDA events around --iters calls, the
+variants in turn, --rounds rounds). The floor is the larger of the products at TFLOPS and the
+bytes (w once, a and out once) at HBM."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from backward_kernels import timed  # noqa: E402
+from wgrad_probe import HBM, TFLOPS, expert_counts  # noqa: E402
+
+from flashmoe_py import preset  # noqa: E402
+from flashmoe_py.kernels.expert_dgrad import DgradTiles, RowTiles, expert_dgrad  # noqa: E402
+
+SHAPES = {  # name: (block_m, block_n, block_k, stages, warps)
+    "128x256s4w8": DgradTiles(128, 256, 64, 4, 8),
+    "128x256s3w8": DgradTiles(128, 256, 64, 3, 8),
+    "128x128s4w4": DgradTiles(128, 128, 64, 4, 4),
+    "128x128s5w8": DgradTiles(128, 128, 64, 5, 8),
+    "64x256s5w4": DgradTiles(64, 256, 64, 5, 4),
+    "256x128s4w8": DgradTiles(256, 128, 64, 4, 8),
+}
+
+
+def reference_err(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, counts: list[int]) -> float:
+    """||out - ref|| / ||ref||, ref each expert's rows times its w^T in float32."""
+    num = den = 0.0
+    start = 0
+    for e, n in enumerate(counts):
+        ref = a[start:start + n].float() @ w[e].float().t()
+        num += float((out[start:start + n].float() - ref).square().sum())
+        den += float(ref.square().sum())
+        start += n
+    return (num / den) ** 0.5
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", nargs="+", default=["deepseek_v3", "qwen3_30b_a3b"])
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    p.add_argument("--skew", type=float, nargs="+", default=[0.0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name, T, skew in itertools.product(args.preset, args.tokens, args.skew):
+        cfg = preset(name)
+        H, F, E, k = cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k
+        f_in = 2 * F if cfg.gated else F
+        counts, S = expert_counts(T, E, k, skew, gen), T * k
+        ends = torch.cumsum(counts, 0).to(torch.int32)
+        for gemm, K, N in (("g", H, F), ("d_rows", f_in, H)):
+            a = torch.randn(S, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+            w = torch.randn(E, N, K, device="cuda", generator=gen, dtype=torch.bfloat16) / K ** 0.5
+            w_t = w.transpose(1, 2)
+            fns = {"grouped": (lambda a, w_t, ends: torch._grouped_mm(a, w_t, offs=ends), (a, w_t, ends))}
+            for v in args.shapes:
+                tiles = RowTiles.of(ends, S, SHAPES[v].block_m)
+                fns[v] = (lambda a, w, ends, tiles=tiles, shape=SHAPES[v]:
+                          expert_dgrad(a, w, ends, tiles, shape), (a, w, ends))
+            errs = {"grouped": reference_err(torch._grouped_mm(a, w_t, offs=ends), a, w, counts.tolist())}
+            for v in args.shapes:
+                out = torch.full((S, N), float("nan"), dtype=a.dtype, device=a.device)
+                expert_dgrad(a, w, ends, shape=SHAPES[v], out=out)
+                errs[v] = reference_err(out, a, w, counts.tolist())
+                del out
+            times = timed([(fn, [fn_args]) for fn, fn_args in fns.values()], args.iters, args.rounds)
+            floor = max(2.0 * S * K * N / TFLOPS, 2.0 * (E * K * N + S * (K + N)) / HBM) * 1e6
+            for v, us in zip(fns, times):
+                med = statistics.median(us)
+                row = {"preset": name, "tokens": T, "skew": skew, "most_over_mean": float(counts.max() * E / S),
+                       "gemm": gemm, "variant": v, "median_us": med, "floor_us": floor, "of_floor": floor / med,
+                       "rel_err": errs[v], "ok": errs[v] <= 1e-2,
+                       "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"),
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                rows.append(row)
+                print(f"{name:14s} {T:6d} {row['most_over_mean']:4.2f} {gemm:7s} {v:12s} {med:9.1f} us  "
+                      f"floor {floor:8.1f}  {floor / med:5.0%}  err {errs[v]:.1e}{'' if row['ok'] else '  FAIL'}",
+                      flush=True)
+            del a, w, w_t, fns
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

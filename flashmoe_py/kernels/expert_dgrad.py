@@ -1,0 +1,171 @@
+"""Per-expert products with transposed weights, out[r] = a[r] w[e(r)]^T for rows sorted by expert
+(the backward's g = dy w_out[e]^T and d_rows = d_pre w_in[e]^T), as one Triton kernel whose weight
+tiles and row tiles come through TMA.
+
+    a [S, K] bf16, rows sorted by expert; w [E, N, K] bf16 (K contiguous: w_out as stored, or
+    w_in [E, H, F_in] as stored, N = H); ends [E] int32, the cumulative row counts (the offs of
+    torch._grouped_mm); out [S, N] bf16.
+
+Where experts are many and their rows few (deepseek_v3 at 4,096 tokens: 128 rows an expert) each
+expert's weights are read once and used by few rows, so the products stream weights: one program a
+[BM, BN] tile of one expert, its K loop pipelined through TMA boxes of a's rows and w's rows (w read
+as stored, its box transposed in shared memory for the tensor cores). A row tile that reaches past
+its expert reads the next expert's rows (TMA fills rows past S with zeros); their products land in
+output rows that are not stored. Tiles are numbered row tile major, column tile minor, so the
+programs that run together share a row tile's a in L2 and read distinct weight tiles.
+
+The row tiles come from `RowTiles` (on the GPU, no host synchronisation), made once per routing and
+shared by every product over the same rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+@dataclass(frozen=True)
+class DgradTiles:
+    """A launch's tile shape: block_m rows by block_n columns, block_k deep a step, `stages` steps
+    in flight, `warps` warps a program."""
+
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 64
+    stages: int = 4
+    warps: int = 8
+
+
+# Where it is used in place of torch._grouped_mm (backends/expert_grad.py): up to this many rows an
+# expert on average. Measured on one H200 (bench/dgrad_probe.py, uniform and skewed routing,
+# bench/results/2026-12-04c-h200x1-expert-dgrad/), TILES against torch's time: 0.79-0.87x at 64 rows
+# an expert (deepseek_v3, gpt_oss_120b at 2,048 tokens), 0.74-0.85x at 128 (those at 4,096, qwen3_30b_a3b
+# at 2,048); at 256 0.87-1.04x (qwen3_30b_a3b at 4,096 up to 4% slower), at 512 0.91-1.22x, at
+# mixtral_8x7b's 1,024 1.09-1.29x (products closer to the tensor cores' rate, where CUTLASS's tiles
+# are faster).
+MAX_MEAN_ROWS = 128
+# The measured tile: 128 x 128 with 5 stages was the fastest of six shapes or within 4% of it at
+# every point above (128 x 256 with 4 stages: 4% faster at deepseek_v3's d_rows at 4,096 tokens,
+# 2-19% slower at most others).
+TILES = DgradTiles(128, 128, 64, 5, 8)
+
+
+def suits(a: torch.Tensor, w: torch.Tensor, num_experts: int) -> bool:
+    """Whether expert_dgrad takes these operands (check_dgrad's conditions, bf16, a Hopper GPU) and
+    is the faster choice for them (at most MAX_MEAN_ROWS rows an expert on average)."""
+    if not (a.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0) and a.dtype == torch.bfloat16):
+        return False
+    return _operand_problem(a, w) is None and a.shape[0] <= MAX_MEAN_ROWS * num_experts
+
+
+@dataclass(frozen=True)
+class RowTiles:
+    """Each row tile's expert and first row, for block_m-row tiles that do not cross experts.
+
+    expert [T] int32 (E where the tile is past the last: the bound T = S // block_m + E holds every
+    routing's tiles); first [T] int32; ends [E] int32, the cumulative counts."""
+
+    expert: torch.Tensor
+    first: torch.Tensor
+    ends: torch.Tensor
+    block_m: int
+
+    @staticmethod
+    def of(ends: torch.Tensor, rows: int, block_m: int) -> RowTiles:
+        """ends [E] int32 cumulative row counts (ends[-1] = rows) -> the row tiles, on ends'
+        device, without a host synchronisation."""
+        counts = torch.diff(ends, prepend=ends.new_zeros(1)).long()
+        tiles = (counts + block_m - 1) // block_m
+        tile_ends = torch.cumsum(tiles, 0)
+        t = torch.arange(ends.shape[0] + rows // block_m, device=ends.device)
+        expert = torch.searchsorted(tile_ends, t, right=True)
+        e = expert.clamp(max=ends.shape[0] - 1)
+        first = (ends.long() - counts)[e] + (t - (tile_ends - tiles)[e]) * block_m
+        return RowTiles(expert.to(torch.int32), first.to(torch.int32), ends, block_m)
+
+
+
+@triton.jit
+def _expert_dgrad_kernel(a_desc, w_desc, out_ptr, tile_expert_ptr, tile_first_ptr, ends_ptr, N, K,
+                         stride_out, n_tiles_n, num_experts,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    mt = pid // n_tiles_n
+    nt = pid % n_tiles_n
+    e = tl.load(tile_expert_ptr + mt)
+    if e < num_experts:
+        first = tl.load(tile_first_ptr + mt)
+        end = tl.load(ends_ptr + e)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in tl.range(0, K, BK, num_stages=STAGES):
+            a = a_desc.load([first, k])
+            w = w_desc.load([e * N + nt * BN, k])
+            acc = tl.dot(a, w.T, acc)
+        rows = first + tl.arange(0, BM)
+        cols = nt * BN + tl.arange(0, BN)
+        mask = (rows < end)[:, None] & (cols < N)[None, :]
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def _operand_problem(a: torch.Tensor, w: torch.Tensor) -> str | None:
+    """What keeps a and w from the kernel (one dtype, bf16 or fp32 (the interpreter's); a [S, K]
+    and w [E, N, K] contiguous, K a whole number of 16 bytes for TMA rows), or None."""
+    if a.dtype not in (torch.bfloat16, torch.float32) or w.dtype != a.dtype:
+        return f"a and w must share a dtype (bfloat16, or float32 for the interpreter), got {a.dtype} and {w.dtype}"
+    if a.dim() != 2 or w.dim() != 3 or w.shape[2] != a.shape[1]:
+        return f"a [S, K] and w [E, N, K] must share K, got {tuple(a.shape)} and {tuple(w.shape)}"
+    if not (a.is_contiguous() and w.is_contiguous()):
+        return "a and w must be contiguous (w's K innermost)"
+    if (a.shape[1] * a.element_size()) % 16:
+        return f"a's rows ({a.shape[1]} wide) must be whole 16-byte units for TMA"
+    return None
+
+
+def check_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> None:
+    """Raise ValueError (naming the argument) unless expert_dgrad takes these operands."""
+    problem = _operand_problem(a, w)
+    if problem:
+        raise ValueError(f"expert_dgrad: {problem}")
+    if ends.dim() != 1 or ends.dtype != torch.int32 or ends.shape[0] != w.shape[0]:
+        raise ValueError(f"expert_dgrad: ends must be [E] int32 with E = w.shape[0] = {w.shape[0]}, got "
+                         f"{tuple(ends.shape)} {ends.dtype}")
+    if not (a.device == w.device == ends.device):
+        raise ValueError(f"expert_dgrad: a, w and ends must be on one device, got {a.device}, {w.device}, "
+                         f"{ends.device}")
+
+
+def expert_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, tiles: RowTiles | None = None,
+                 shape: DgradTiles | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a [S, K], w [E, N, K], ends [E] int32 (ends[-1] = S) -> out [S, N] in a's dtype, each row
+    times its expert's w^T in fp32 accumulation. shape: TILES unless given; tiles:
+    RowTiles.of(ends, S, shape.block_m), made once per routing and reused (made here otherwise).
+    ends[-1] must be S (not checked: that would synchronise). One launch, no host synchronisation."""
+    check_dgrad(a, w, ends)
+    S, K = a.shape
+    E, N = w.shape[0], w.shape[1]
+    shape = shape or TILES
+    if tiles is None:
+        tiles = RowTiles.of(ends, S, shape.block_m)
+    elif tiles.block_m != shape.block_m or tiles.ends is not ends:
+        raise ValueError(f"expert_dgrad: tiles were made for block_m={tiles.block_m} and other ends; "
+                         f"this launch has block_m={shape.block_m}")
+    if out is None:
+        out = torch.empty(S, N, dtype=a.dtype, device=a.device)
+    elif out.shape != (S, N) or out.dtype != a.dtype or out.stride(1) != 1:
+        raise ValueError(f"expert_dgrad: out must be [{S}, {N}] {a.dtype} with unit column stride")
+    if S == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    BM, BN, BK = shape.block_m, shape.block_n, shape.block_k
+    a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
+    w_desc = TensorDescriptor.from_tensor(w.view(E * N, K), [BN, BK])
+    n_tiles_n = triton.cdiv(N, BN)
+    grid = (tiles.expert.shape[0] * n_tiles_n,)
+    _expert_dgrad_kernel[grid](a_desc, w_desc, out, tiles.expert, tiles.first, ends, N, K, out.stride(0),
+                               n_tiles_n, E, BM=BM, BN=BN, BK=BK, STAGES=shape.stages, num_warps=shape.warps)
+    return out

@@ -1,0 +1,125 @@
+"""The per-expert products with transposed weights (kernels/expert_dgrad.py): out[r] = a[r] w[e(r)]^T
+for rows sorted by expert. In the Triton interpreter (float32, small tiles) and on a Hopper GPU
+(bf16, the measured tile) against float64 products on fresh random inputs (an expert without
+rows, one with one row, row tiles that reach into the next expert's rows and past the last row,
+an output width that is not a multiple of the tile), the output poisoned first; everywhere, the
+row-tile table and the launcher's argument checks."""
+
+import os
+
+import pytest
+import torch
+from grad_reference import rel_err
+
+from flashmoe_py.kernels.expert_dgrad import MAX_MEAN_ROWS, DgradTiles, RowTiles, check_dgrad, expert_dgrad, suits
+from seeds import fresh_seed
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+SMALL = DgradTiles(block_m=32, block_n=64, block_k=32, stages=2, warps=4)  # the interpreter's
+
+CASES = {  # counts of rows an expert, K, N
+    "uneven counts, an empty expert, one row": ([70, 0, 1, 129, 64, 33], 64, 96),
+    "one expert": ([50], 96, 64),
+    "every expert empty but the last": ([0, 0, 0, 45], 32, 128),
+    "many experts, few rows": ([3, 17, 0, 64, 65, 1, 31, 2] * 4, 64, 160),
+}
+
+
+def reference(a, w, counts):
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return torch.cat([a[end - n:end].double() @ w[e].double().t() for e, (n, end) in enumerate(zip(counts, ends))])
+
+
+def run_case(counts, K, N, device, dtype, shape):
+    g = torch.Generator(device=device).manual_seed(fresh_seed())
+    S, E = sum(counts), len(counts)
+    a = torch.randn(S, K, device=device, generator=g).to(dtype)
+    w = torch.randn(E, N, K, device=device, generator=g).to(dtype)
+    ends = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+    out = torch.full((S, N), float("nan"), dtype=dtype, device=device)
+    expert_dgrad(a, w, ends, shape=shape, out=out)
+    return out, reference(a, w, counts)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="interpreter test (the GPU test runs the measured tiles)")
+@pytest.mark.parametrize("case", CASES)
+def test_each_row_gets_its_experts_product_in_the_interpreter(case):
+    """Within fp32's CPU bar of float64; no row left poisoned."""
+    out, want = run_case(*CASES[case], "cpu", torch.float32, SMALL)
+    assert not out.isnan().any()
+    assert rel_err(out, want) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="measured for sm_90")
+@pytest.mark.parametrize("n_scale", [1, 64], ids=["narrow", "wide"])
+@pytest.mark.parametrize("case", CASES)
+def test_each_row_gets_its_experts_product_on_the_gpu(case, n_scale):
+    """bf16 within 1e-2 of float64 with the measured tile (none given); nothing poisoned."""
+    counts, K, N = CASES[case]
+    out, want = run_case(counts, K, N * n_scale, "cuda", torch.bfloat16, None)
+    assert not out.isnan().any()
+    assert rel_err(out, want) <= 1e-2
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="interpreter test")
+def test_rows_of_the_next_expert_do_not_leak():
+    """A row tile of expert 0 reaches into expert 1's rows, which hold large values: expert 0's rows
+    stay its own product, and expert 1's rows are written by expert 1's tile only."""
+    a = torch.randn(40, 32)
+    a[10:] *= 1000
+    w = torch.randn(2, 64, 32)
+    ends = torch.tensor([10, 40], dtype=torch.int32)
+    out = expert_dgrad(a, w, ends, shape=SMALL)
+    assert rel_err(out[:10], a[:10].double() @ w[0].double().t()) <= 1e-5
+    assert rel_err(out[10:], a[10:].double() @ w[1].double().t()) <= 1e-5
+
+
+def test_row_tiles_cover_every_experts_rows_once():
+    """The table lists, expert by expert, a tile at every block_m rows of the expert and nothing
+    else; past the last tile, the expert is E (skipped)."""
+    counts = [70, 0, 1, 129, 64, 33]
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    tiles = RowTiles.of(ends, sum(counts), 32)
+    want, start = [], 0
+    for e, n in enumerate(counts):
+        want += [(e, start + i) for i in range(0, n, 32)]
+        start += n
+    got = [(int(e), int(f)) for e, f in zip(tiles.expert, tiles.first) if e < len(counts)]
+    assert got == want
+    assert tiles.expert.shape[0] == len(counts) + sum(counts) // 32
+    assert (tiles.expert[len(want):] == len(counts)).all()
+
+
+def test_where_it_suits():
+    """The kernel is never chosen off a Hopper GPU, for other dtypes than bf16, or above MAX_MEAN_ROWS
+    rows an expert on average."""
+    a, w = torch.zeros(MAX_MEAN_ROWS * 4, 64, dtype=torch.bfloat16), torch.zeros(4, 32, 64, dtype=torch.bfloat16)
+    assert not suits(a, w, 4)  # on the CPU
+    if HOPPER:
+        assert suits(a.cuda(), w.cuda(), 4)
+        assert not suits(a.float().cuda(), w.float().cuda(), 4)
+        assert not suits(torch.zeros(MAX_MEAN_ROWS * 4 + 1, 64, dtype=torch.bfloat16, device="cuda"), w.cuda(), 4)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"a": torch.zeros(8, 32, dtype=torch.float16)}, "share a dtype"),
+    ({"w": torch.zeros(2, 16, 48)}, "must share K"),
+    ({"w": torch.zeros(2, 32, 16).transpose(1, 2)}, "contiguous"),
+    ({"a": torch.zeros(8, 3), "w": torch.zeros(2, 16, 3)}, "16-byte"),
+    ({"ends": torch.tensor([4, 8])}, "int32"),
+    ({"ends": torch.tensor([8], dtype=torch.int32)}, "E = w.shape"),
+])
+def test_bad_operands_are_refused_by_name(bad, message):
+    args = {"a": torch.zeros(8, 32), "w": torch.zeros(2, 16, 32), "ends": torch.tensor([4, 8], dtype=torch.int32)}
+    args.update(bad)
+    with pytest.raises(ValueError, match=message):
+        check_dgrad(args["a"], args["w"], args["ends"])
+
+
+def test_tiles_made_for_another_launch_are_refused():
+    a, w = torch.zeros(8, 32), torch.zeros(2, 16, 32)
+    ends = torch.tensor([4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="tiles were made"):
+        expert_dgrad(a, w, ends, RowTiles.of(ends, 8, 64), SMALL)
