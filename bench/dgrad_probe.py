@@ -37,6 +37,10 @@ SHAPES = {  # name: (block_m, block_n, block_k, stages, warps)
     "128x128s5w8": DgradTiles(128, 128, 64, 5, 8),
     "64x256s5w4": DgradTiles(64, 256, 64, 5, 4),
     "256x128s4w8": DgradTiles(256, 128, 64, 4, 8),
+    "128x128s3w4": DgradTiles(128, 128, 64, 3, 4),  # 96 KB of shared memory: two programs an SM
+    "128x128s3w8": DgradTiles(128, 128, 64, 3, 8),
+    "64x128s4w4": DgradTiles(64, 128, 64, 4, 4),
+    "128x64s6w4": DgradTiles(128, 64, 64, 6, 4),
 }
 
 

@@ -41,11 +41,11 @@ class DgradTiles:
 
 # Where it is used in place of torch._grouped_mm (backends/expert_grad.py): up to this many rows an
 # expert on average. Measured on one H200 (bench/dgrad_probe.py, uniform and skewed routing,
-# bench/results/2026-12-04c-h200x1-expert-dgrad/), TILES against torch's time: 0.79-0.87x at 64 rows
+# bench/results/2026-12-04c-h200x1-expert-dgrad/), TILES against torch's time: 0.78-0.87x at 64 rows
 # an expert (deepseek_v3, gpt_oss_120b at 2,048 tokens), 0.74-0.85x at 128 (those at 4,096, qwen3_30b_a3b
-# at 2,048); at 256 0.87-1.04x (qwen3_30b_a3b at 4,096 up to 4% slower), at 512 0.91-1.22x, at
-# mixtral_8x7b's 1,024 1.09-1.29x (products closer to the tensor cores' rate, where CUTLASS's tiles
-# are faster).
+# at 2,048); at 256 0.87-1.04x (qwen3_30b_a3b at 4,096 up to 4% slower), at 512 0.91-1.14x, at
+# 1,024 1.01-1.29x (qwen3_30b_a3b at 16,384 tokens, mixtral_8x7b at 4,096: products closer to the
+# tensor cores' rate, where CUTLASS's tiles are faster).
 MAX_MEAN_ROWS = 128
 # The measured tile: 128 x 128 with 5 stages was the fastest of six shapes or within 4% of it at
 # every point above (128 x 256 with 4 stages: 4% faster at deepseek_v3's d_rows at 4,096 tokens,
