@@ -13,10 +13,7 @@ bytes (w once, a and out once) at HBM."""
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -25,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backward_kernels import timed  # noqa: E402
-from wgrad_probe import HBM, TFLOPS, expert_counts  # noqa: E402
+from wgrad_probe import HBM, TFLOPS, expert_counts, finish, probe_parser, report  # noqa: E402
 
 from flashmoe_py import preset  # noqa: E402
 from flashmoe_py.kernels.expert_dgrad import DgradTiles, RowTiles, expert_dgrad  # noqa: E402
@@ -37,6 +34,7 @@ SHAPES = {  # name: (block_m, block_n, block_k, stages, warps)
     "128x128s5w8": DgradTiles(128, 128, 64, 5, 8),
     "64x256s5w4": DgradTiles(64, 256, 64, 5, 4),
     "256x128s4w8": DgradTiles(256, 128, 64, 4, 8),
+    "256x128s3w8": DgradTiles(256, 128, 64, 3, 8),
     "128x128s3w4": DgradTiles(128, 128, 64, 3, 4),  # 96 KB of shared memory: two programs an SM
     "128x128s3w8": DgradTiles(128, 128, 64, 3, 8),
     "64x128s4w4": DgradTiles(64, 128, 64, 4, 4),
@@ -57,14 +55,8 @@ def reference_err(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, counts: l
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", nargs="+", default=["deepseek_v3", "qwen3_30b_a3b"])
-    p.add_argument("--tokens", type=int, nargs="+", default=[4096])
-    p.add_argument("--skew", type=float, nargs="+", default=[0.0])
+    p = probe_parser(__doc__.splitlines()[0], ["deepseek_v3", "qwen3_30b_a3b"])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default=None)
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -91,24 +83,11 @@ def main() -> int:
                 del out
             times = timed([(fn, [fn_args]) for fn, fn_args in fns.values()], args.iters, args.rounds)
             floor = max(2.0 * S * K * N / TFLOPS, 2.0 * (E * K * N + S * (K + N)) / HBM) * 1e6
-            for v, us in zip(fns, times):
-                med = statistics.median(us)
-                row = {"preset": name, "tokens": T, "skew": skew, "most_over_mean": float(counts.max() * E / S),
-                       "gemm": gemm, "variant": v, "median_us": med, "floor_us": floor, "of_floor": floor / med,
-                       "rel_err": errs[v], "ok": errs[v] <= 1e-2,
-                       "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"),
-                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-                rows.append(row)
-                print(f"{name:14s} {T:6d} {row['most_over_mean']:4.2f} {gemm:7s} {v:12s} {med:9.1f} us  "
-                      f"floor {floor:8.1f}  {floor / med:5.0%}  err {errs[v]:.1e}{'' if row['ok'] else '  FAIL'}",
-                      flush=True)
+            report(rows, {"preset": name, "tokens": T, "skew": skew, "gemm": gemm}, counts,
+                   {v: statistics.median(us) for v, us in zip(fns, times)}, errs, floor)
             del a, w, w_t, fns
             torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0 if all(r["ok"] for r in rows) else 1
+    return finish(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -107,16 +107,46 @@ def expert_counts(T: int, E: int, k: int, skew: float, gen: torch.Generator) -> 
     return torch.bincount((gumbel + bias).topk(k, dim=1).indices.flatten(), minlength=E)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", nargs="+", default=["qwen3_30b_a3b", "deepseek_v3", "mixtral_8x7b", "gpt_oss_120b"])
+def probe_parser(description: str, presets: list[str]) -> argparse.ArgumentParser:
+    """The options the product probes share (this one and bench/dgrad_probe.py)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", nargs="+", default=presets)
     p.add_argument("--tokens", type=int, nargs="+", default=[4096])
     p.add_argument("--skew", type=float, nargs="+", default=[0.0],
                    help="experts' popularity: log-weights N(0, skew), k drawn without replacement (0: uniform)")
-    p.add_argument("--compiled", action="store_true", help="also torch.compile max-autotune's grouped_mm")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None)
+    return p
+
+
+def report(rows: list, point: dict, counts: torch.Tensor, medians: dict, errs: dict, floor: float, **extra) -> None:
+    """Append a row a variant (point: preset, tokens, skew, gemm; medians and errs by variant;
+    floor in µs; extra fields on every row) to rows, with the device, date and commit, and print it."""
+    E, S = counts.shape[0], int(counts.sum())
+    for v, med in medians.items():
+        row = {**point, "most_over_mean": float(counts.max() * E / S), "variant": v, "median_us": med,
+               "floor_us": floor, "of_floor": floor / med, "rel_err": errs[v], "ok": errs[v] <= 1e-2, **extra,
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "torch": torch.__version__, "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        rows.append(row)
+        print(f"{row['preset']:14s} {row['tokens']:6d} {row['most_over_mean']:4.2f} {row['gemm']:7s} {v:15s} "
+              f"{med:9.1f} us  floor {floor:8.1f}  {floor / med:5.0%}  err {errs[v]:.1e}"
+              f"{'' if row['ok'] else '  FAIL'}", flush=True)
+
+
+def finish(rows: list, out: str | None) -> int:
+    """Write rows to out (JSON) if given; the exit code: 1 if any row failed its check."""
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def main() -> int:
+    p = probe_parser(__doc__.splitlines()[0], ["qwen3_30b_a3b", "deepseek_v3", "mixtral_8x7b", "gpt_oss_120b"])
+    p.add_argument("--compiled", action="store_true", help="also torch.compile max-autotune's grouped_mm")
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -136,23 +166,11 @@ def main() -> int:
             times = timed([(fn, [fn_args]) for fn, fn_args in fns.values()], args.iters, args.rounds)
             medians = {v: statistics.median(us) for v, us in zip(fns, times)}
             floor = max(2.0 * S * K * N / TFLOPS, 2.0 * (E * K * N + S * (K + N)) / HBM) * 1e6
-            for v, med in medians.items():
-                row = {"preset": name, "tokens": T, "skew": skew, "most_over_mean": float(counts.max() * E / S),
-                       "gemm": gemm, "variant": v, "median_us": med, "floor_us": floor, "of_floor": floor / med,
-                       "rel_err": errs[v], "ok": errs[v] <= 1e-2, "pad_rows": pad,
-                       "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"),
-                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-                rows.append(row)
-                print(f"{name:14s} {T:6d} {row['most_over_mean']:4.2f} {gemm:7s} {v:15s} {med:9.1f} us  "
-                      f"floor {floor:8.1f}  {floor / med:5.0%}  err {errs[v]:.1e}{'' if row['ok'] else '  FAIL'}",
-                      flush=True)
+            report(rows, {"preset": name, "tokens": T, "skew": skew, "gemm": gemm}, counts, medians, errs, floor,
+                   pad_rows=pad)
             del a, b, fns
             torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0 if all(r["ok"] for r in rows) else 1
+    return finish(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -297,6 +297,32 @@ def test_wgrad_probe_variants_are_each_expert_s_product_over_its_rows():
         assert torch.equal(got[1], torch.zeros_like(got[1])), name
 
 
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs expert_dgrad in the interpreter")
+def test_dgrad_probe_checks_each_variant_against_float32_and_reports_its_rows(tmp_path):
+    """bench/dgrad_probe.py's check finds expert_dgrad's rows right and one wrong row wrong; the
+    probes' rows carry the ratio to the floor and their check, and a failed check is exit code 1."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import dgrad_probe
+    import wgrad_probe
+
+    from flashmoe_py.kernels.expert_dgrad import DgradTiles, expert_dgrad
+
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.tensor([5, 0, 17, 3])
+    a, w = torch.randn(25, 32, generator=gen), torch.randn(4, 48, 32, generator=gen)
+    out = expert_dgrad(a, w, torch.cumsum(counts, 0).to(torch.int32), shape=DgradTiles(32, 64, 32, 2, 4))
+    assert dgrad_probe.reference_err(out, a, w, counts.tolist()) <= 1e-5
+    out[7] = a[7] @ w[0].t()  # a row of expert 2 given expert 0's product
+    assert dgrad_probe.reference_err(out, a, w, counts.tolist()) > 1e-2
+    rows = []
+    wgrad_probe.report(rows, {"preset": "p", "tokens": 8, "skew": 0.0, "gemm": "g"}, counts,
+                       {"grouped": 10.0, "mine": 5.0}, {"grouped": 0.0, "mine": 0.5}, 4.0)
+    assert [(r["variant"], r["ok"], r["of_floor"]) for r in rows] == [("grouped", True, 0.4), ("mine", False, 0.8)]
+    assert wgrad_probe.finish(rows, str(tmp_path / "rows.json")) == 1
+    assert len(json.loads((tmp_path / "rows.json").read_text())) == 2
+
+
 class _Board:
     """A fake energy counter that rises 250 mJ a call of its `call`."""
 

@@ -30,12 +30,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 @dataclass(frozen=True)
 class DgradTiles:
     """A launch's tile shape: block_m rows by block_n columns, block_k deep a step, `stages` steps
-    in flight, `warps` warps a program."""
+    in flight, `warps` warps a program. The defaults are the measured tile (TILES)."""
 
     block_m: int = 128
-    block_n: int = 256
+    block_n: int = 128
     block_k: int = 64
-    stages: int = 4
+    stages: int = 5
     warps: int = 8
 
 
@@ -47,10 +47,11 @@ class DgradTiles:
 # 1,024 1.01-1.29x (qwen3_30b_a3b at 16,384 tokens, mixtral_8x7b at 4,096: products closer to the
 # tensor cores' rate, where CUTLASS's tiles are faster).
 MAX_MEAN_ROWS = 128
-# The measured tile: 128 x 128 with 5 stages was the fastest of six shapes or within 4% of it at
-# every point above (128 x 256 with 4 stages: 4% faster at deepseek_v3's d_rows at 4,096 tokens,
-# 2-19% slower at most others).
-TILES = DgradTiles(128, 128, 64, 5, 8)
+# The measured tile: of eleven shapes and a persistent loop, none was more than 4% faster than
+# 128 x 128 with 5 stages at any point up to MAX_MEAN_ROWS (128 x 256: 4% at deepseek_v3's d_rows at
+# 4,096 tokens; up to 26% slower elsewhere). At mixtral_8x7b's 1,024 rows 256 x 128 was up to 17%
+# faster than it, still slower than torch.
+TILES = DgradTiles()
 
 
 def suits(a: torch.Tensor, w: torch.Tensor, num_experts: int) -> bool:
@@ -112,16 +113,21 @@ def _expert_dgrad_kernel(a_desc, w_desc, out_ptr, tile_expert_ptr, tile_first_pt
 
 
 def _operand_problem(a: torch.Tensor, w: torch.Tensor) -> str | None:
-    """What keeps a and w from the kernel (one dtype, bf16 or fp32 (the interpreter's); a [S, K]
-    and w [E, N, K] contiguous, K a whole number of 16 bytes for TMA rows), or None."""
+    """What keeps a and w from the kernel (one dtype: bf16 on a GPU, fp32 only on the CPU, the
+    interpreter's; a [S, K] and w [E, N, K] contiguous and 16-byte aligned, K a whole number of 16
+    bytes: TMA rows), or None."""
     if a.dtype not in (torch.bfloat16, torch.float32) or w.dtype != a.dtype:
         return f"a and w must share a dtype (bfloat16, or float32 for the interpreter), got {a.dtype} and {w.dtype}"
+    if a.is_cuda and a.dtype == torch.float32:
+        return "float32 runs only in the interpreter (its tiles do not fit a GPU's shared memory): use bfloat16"
     if a.dim() != 2 or w.dim() != 3 or w.shape[2] != a.shape[1]:
         return f"a [S, K] and w [E, N, K] must share K, got {tuple(a.shape)} and {tuple(w.shape)}"
     if not (a.is_contiguous() and w.is_contiguous()):
         return "a and w must be contiguous (w's K innermost)"
     if (a.shape[1] * a.element_size()) % 16:
         return f"a's rows ({a.shape[1]} wide) must be whole 16-byte units for TMA"
+    if a.data_ptr() % 16 or w.data_ptr() % 16:
+        return "a and w must start at 16-byte aligned addresses for TMA"
     return None
 
 
