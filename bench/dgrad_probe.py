@@ -13,7 +13,6 @@ bytes (w once, a and out once) at HBM."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import statistics
 import sys
@@ -22,9 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backward_kernels import timed  # noqa: E402
-from wgrad_probe import HBM, TFLOPS, expert_counts, finish, probe_parser, report  # noqa: E402
+from wgrad_probe import finish, probe_parser, probe_points, product_floor_us, report  # noqa: E402
 
-from flashmoe_py import preset  # noqa: E402
 from flashmoe_py.kernels.expert_dgrad import DgradTiles, RowTiles, expert_dgrad  # noqa: E402
 
 SHAPES = {  # name: (block_m, block_n, block_k, stages, warps)
@@ -60,11 +58,7 @@ def main() -> int:
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for name, T, skew in itertools.product(args.preset, args.tokens, args.skew):
-        cfg = preset(name)
-        H, F, E, k = cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k
-        f_in = 2 * F if cfg.gated else F
-        counts, S = expert_counts(T, E, k, skew, gen), T * k
+    for point, (H, F, f_in, E), counts, S in probe_points(args, gen):
         ends = torch.cumsum(counts, 0).to(torch.int32)
         for gemm, K, N in (("g", H, F), ("d_rows", f_in, H)):
             a = torch.randn(S, K, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -82,9 +76,8 @@ def main() -> int:
                 errs[v] = reference_err(out, a, w, counts.tolist())
                 del out
             times = timed([(fn, [fn_args]) for fn, fn_args in fns.values()], args.iters, args.rounds)
-            floor = max(2.0 * S * K * N / TFLOPS, 2.0 * (E * K * N + S * (K + N)) / HBM) * 1e6
-            report(rows, {"preset": name, "tokens": T, "skew": skew, "gemm": gemm}, counts,
-                   {v: statistics.median(us) for v, us in zip(fns, times)}, errs, floor)
+            report(rows, {**point, "gemm": gemm}, counts, {v: statistics.median(us) for v, us in zip(fns, times)},
+                   errs, product_floor_us(S, K, N, E))
             del a, w, w_t, fns
             torch.cuda.empty_cache()
     return finish(rows, args.out)

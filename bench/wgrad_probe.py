@@ -144,17 +144,29 @@ def finish(rows: list, out: str | None) -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
+def probe_points(args: argparse.Namespace, gen: torch.Generator):
+    """The probes' points, each expert's rows drawn on gen's device: for every preset, token count
+    and skew in args, yield (point: preset, tokens, skew), (H, F, F_in, E), counts [E] int64, S."""
+    for name, T, skew in itertools.product(args.preset, args.tokens, args.skew):
+        cfg = preset(name)
+        H, F, E, k = cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k
+        yield ({"preset": name, "tokens": T, "skew": skew}, (H, F, 2 * F if cfg.gated else F, E),
+               expert_counts(T, E, k, skew, gen), T * k)
+
+
+def product_floor_us(S: int, K: int, N: int, E: int) -> float:
+    """A per-expert product's floor in µs: its FLOPs at TFLOPS or, the larger, its bytes at HBM
+    (E [K, N] weights or weight gradients once, S rows of K and N once; bf16)."""
+    return max(2.0 * S * K * N / TFLOPS, 2.0 * (E * K * N + S * (K + N)) / HBM) * 1e6
+
+
 def main() -> int:
     p = probe_parser(__doc__.splitlines()[0], ["qwen3_30b_a3b", "deepseek_v3", "mixtral_8x7b", "gpt_oss_120b"])
     p.add_argument("--compiled", action="store_true", help="also torch.compile max-autotune's grouped_mm")
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for name, T, skew in itertools.product(args.preset, args.tokens, args.skew):
-        cfg = preset(name)
-        H, F, E, k = cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k
-        f_in = 2 * F if cfg.gated else F
-        counts, S = expert_counts(T, E, k, skew, gen), T * k
+    for point, (H, F, f_in, E), counts, S in probe_points(args, gen):
         for gemm, K, N in (("dw_in", H, f_in), ("dw_out", F, H)):
             a = torch.randn(S, K, device="cuda", generator=gen, dtype=torch.bfloat16)
             b = torch.randn(S, N, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -165,9 +177,7 @@ def main() -> int:
             del ref
             times = timed([(fn, [fn_args]) for fn, fn_args in fns.values()], args.iters, args.rounds)
             medians = {v: statistics.median(us) for v, us in zip(fns, times)}
-            floor = max(2.0 * S * K * N / TFLOPS, 2.0 * (E * K * N + S * (K + N)) / HBM) * 1e6
-            report(rows, {"preset": name, "tokens": T, "skew": skew, "gemm": gemm}, counts, medians, errs, floor,
-                   pad_rows=pad)
+            report(rows, {**point, "gemm": gemm}, counts, medians, errs, product_floor_us(S, K, N, E), pad_rows=pad)
             del a, b, fns
             torch.cuda.empty_cache()
     return finish(rows, args.out)

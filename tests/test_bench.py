@@ -321,6 +321,14 @@ def test_dgrad_probe_checks_each_variant_against_float32_and_reports_its_rows(tm
     assert [(r["variant"], r["ok"], r["of_floor"]) for r in rows] == [("grouped", True, 0.4), ("mine", False, 0.8)]
     assert wgrad_probe.finish(rows, str(tmp_path / "rows.json")) == 1
     assert len(json.loads((tmp_path / "rows.json").read_text())) == 2
+    args = wgrad_probe.probe_parser("", ["qwen3_30b_a3b"]).parse_args(["--tokens", "64", "96", "--skew", "0", "1"])
+    points = list(wgrad_probe.probe_points(args, torch.Generator().manual_seed(0)))
+    assert [(p["tokens"], p["skew"]) for p, *_ in points] == [(64, 0.0), (64, 1.0), (96, 0.0), (96, 1.0)]
+    for point, (H, F, f_in, E), counts, S in points:
+        assert (H, F, f_in, E) == (2048, 768, 1536, 128) and int(counts.sum()) == S == point["tokens"] * 8
+    assert wgrad_probe.product_floor_us(1, 1, 1, 1) > 0
+    compute_bound = 2.0 * 2 ** 20 * 4096 * 4096 / wgrad_probe.TFLOPS * 1e6
+    assert wgrad_probe.product_floor_us(2 ** 20, 4096, 4096, 1) == compute_bound
 
 
 class _Board:

@@ -88,7 +88,6 @@ class RowTiles:
         return RowTiles(expert.to(torch.int32), first.to(torch.int32), ends, block_m)
 
 
-
 @triton.jit
 def _expert_dgrad_kernel(a_desc, w_desc, out_ptr, tile_expert_ptr, tile_first_ptr, ends_ptr, N, K,
                          stride_out, n_tiles_n, num_experts,
