@@ -3,6 +3,8 @@
 Default: torch.profiler over repeated forwards on rank 0 (the routing plan's ops and the kernel);
 --fwd-bwd: over training steps instead, forward and the backward of sum(layer(x) * dy), with the
 layer's backward (--backward), to see where a step's time goes.
+--gaps N (with a GPU): also where the GPU sat idle between activities (a step's span, busy and
+idle time, the N longest gaps with what ran either side), from the profile's trace.
 --trace: inside the fused kernel, from its task timestamps (kernels/fused_moe.py, TRACE): per task
 kind, how many, when the first started and the last ended, median and summed durations, and how
 long programs waited for the count words; one table per rank, JSON with --out.
@@ -19,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -99,6 +102,38 @@ def trace_forward(layer, x, rt) -> dict:
     return summary
 
 
+def idle_gaps(kernels: list[tuple[str, float, float]], steps: int, top: int) -> dict:
+    """kernels: (name, start, duration) in µs of every GPU activity (kernels, copies, sets) over
+    `steps` calls -> where the GPU sat idle between them: per call the span (first start to last
+    end), the busy time (the union of the activities) and the idle rest, and the `top` longest
+    gaps with the activities before and after each. A gap is idle time on every stream."""
+    spans = sorted((start, start + dur, name) for name, start, dur in kernels)
+    gaps, busy, end, before = [], 0.0, None, None
+    for start, stop, name in spans:
+        if end is None or start > end:
+            if end is not None:
+                gaps.append((start - end, before, name))
+            busy += stop - start
+            end, before = stop, name
+        elif stop > end:
+            busy += stop - end
+            end, before = stop, name
+    span = (end - spans[0][0]) if spans else 0.0
+    gaps.sort(key=lambda g: -g[0])
+    return {"span_us": span / steps, "busy_us": busy / steps, "idle_us": (span - busy) / steps,
+            "gaps": [{"us": round(us, 1), "after": a, "before": b} for us, a, b in gaps[:top]]}
+
+
+def gpu_activities(prof) -> list[tuple[str, float, float]]:
+    """(name, start, duration) in µs of every GPU kernel, copy and set in a torch.profiler run, read
+    from its Chrome trace."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    return [(e["name"][:70], float(e["ts"]), float(e["dur"])) for e in events
+            if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
 def profile_steps(layer, x: torch.Tensor, iters: int, fwd_bwd: bool, shapes: bool = False):
     """torch.profiler over `iters` forwards of x [T, H] (inference mode) or, fwd_bwd, training
     steps (forward, then backward of sum(layer(x) * dy), x and the parameters requiring grad),
@@ -141,6 +176,9 @@ def main():
     p.add_argument("--rows", type=int, default=40, help="rows of the profile's table (by self time)")
     p.add_argument("--shapes", action="store_true",
                    help="a row per op and input shapes (which of several calls of an op takes the time)")
+    p.add_argument("--gaps", type=int, default=0,
+                   help="also where the GPU sits idle between activities: a step's span, busy and idle "
+                        "time, and this many of the longest gaps with what ran either side")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     fused = args.trace or args.backend == "flash"
@@ -178,6 +216,14 @@ def main():
                     print(f"\n### {title}: totals over {args.iters} {what}")
                     print(prof.key_averages(group_by_input_shape=args.shapes).table(
                         sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+                    if args.gaps and x.is_cuda:
+                        g = idle_gaps(gpu_activities(prof), args.iters, args.gaps)
+                        print(f"\n### {title}: a step's span {g['span_us']:.0f} us, GPU busy {g['busy_us']:.0f}, "
+                              f"idle {g['idle_us']:.0f}; the longest gaps:")
+                        for gap in g["gaps"]:
+                            print(f"{gap['us']:9.1f} us  after {gap['after']}  before {gap['before']}")
+                        results.append({"preset": args.preset, "tokens_per_rank": T, "world": world,
+                                        "backward": args.backward, **g})
             if layer.backend.name == "flash":
                 layer.backend.close()
     if rt.rank == 0 and args.out:

@@ -60,15 +60,32 @@ def test_a_backend_runs_apart_in_child_processes_under_torchrun(tmp_path):
     assert "ROWS 1 torch True 2" in proc.stdout
 
 
-def _summarize():
-    """bench/kernel_profile.py's summarize."""
+def _kernel_profile():
+    """bench/kernel_profile.py as a module."""
     bench = os.path.join(ROOT, "bench")
     sys.path.insert(0, bench)
     try:
         import kernel_profile
     finally:
         sys.path.remove(bench)
-    return kernel_profile.summarize
+    return kernel_profile
+
+
+def _summarize():
+    """bench/kernel_profile.py's summarize."""
+    return _kernel_profile().summarize
+
+
+def test_idle_gaps_are_the_span_less_the_union_of_activities():
+    """Two steps: overlapping kernels on two streams count once; the longest gaps come first, with
+    the activities either side."""
+    kernels = [("a", 0.0, 10.0), ("b", 5.0, 10.0),   # busy 0-15 (overlap counted once)
+               ("c", 20.0, 5.0),                     # a 5 us gap after b
+               ("d", 24.0, 1.0),                     # inside c
+               ("e", 40.0, 10.0)]                    # a 15 us gap after c: the span ends at 50
+    g = _kernel_profile().idle_gaps(kernels, steps=2, top=1)
+    assert g["span_us"] == 25.0 and g["busy_us"] == 15.0 and g["idle_us"] == 10.0
+    assert g["gaps"] == [{"us": 15.0, "after": "c", "before": "e"}]
 
 
 def test_a_kernel_trace_is_summarised_per_task_kind():

@@ -65,6 +65,22 @@ def test_each_row_gets_its_experts_product_on_the_gpu(case, n_scale):
     assert rel_err(out, want) <= 1e-2
 
 
+@pytest.mark.skipif(not INTERPRETER, reason="interpreter test (the GPU test runs the measured tiles)")
+@pytest.mark.parametrize("case", CASES)
+def test_with_w_kn_each_row_gets_its_experts_product_untransposed(case):
+    """w [E, K, N] (backward="recompute"'s w_in): each row times its expert's w, fp32 CPU bar; the
+    next expert's weights (here inf) never enter a box, K tail included."""
+    counts, K, N = CASES[case]
+    g = torch.Generator().manual_seed(fresh_seed())
+    a, w = torch.randn(sum(counts), K, generator=g), torch.randn(len(counts) + 1, K, N, generator=g)
+    w[-1] = float("inf")  # an expert past the last: its rows must not reach the last expert's box
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    out = torch.full((sum(counts), N), float("nan"))
+    expert_dgrad(a, w[:-1], ends, shape=SMALL, out=out, w_kn=True)
+    want = torch.cat([a[e - n:e].double() @ w[i].double() for i, (n, e) in enumerate(zip(counts, ends.tolist()))])
+    assert rel_err(out, want) <= 1e-5
+
+
 @pytest.mark.skipif(not INTERPRETER, reason="interpreter test")
 def test_a_tile_reaching_into_the_next_expert_writes_only_its_own_rows():
     """Expert 0 has 10 rows, its 32-row tile reaches over expert 1's first 22: with expert 1's tiles

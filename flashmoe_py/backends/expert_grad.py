@@ -130,7 +130,10 @@ class _Groups:
             self.slices = [slice(end - int(n), end) for n, end in zip(counts.tolist(), ends)]
 
     def rows_times(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a: [N, K]; b: [L, K, M] -> [N, M], each expert's rows times its b."""
+        """a: [N, K]; b: [L, K, M] -> [N, M], each expert's rows times its b:
+        kernels/expert_dgrad.py where it suits (b contiguous), else torch._grouped_mm or a loop."""
+        if self.grouped and expert_dgrad.suits(a, b, self.counts.shape[0], w_kn=True):
+            return expert_dgrad.expert_dgrad(a, b, self.offs, self._row_tiles(), w_kn=True)
         if self.grouped:
             return torch._grouped_mm(a, b, offs=self.offs)
         out = a.new_empty(self.n, b.shape[-1])
@@ -142,10 +145,14 @@ class _Groups:
         """a: [N, K]; w: [L, M, K] -> [N, M], each expert's rows times its w^T:
         kernels/expert_dgrad.py where it suits (Hopper, bf16, few rows an expert), else rows_times."""
         if self.grouped and expert_dgrad.suits(a, w, self.counts.shape[0]):
-            if self.row_tiles is None:  # one table a backward, for both products
-                self.row_tiles = expert_dgrad.RowTiles.of(self.offs, self.n, expert_dgrad.TILES.block_m)
-            return expert_dgrad.expert_dgrad(a, w, self.offs, self.row_tiles)
+            return expert_dgrad.expert_dgrad(a, w, self.offs, self._row_tiles())
         return self.rows_times(a, w.transpose(1, 2))
+
+    def _row_tiles(self) -> expert_dgrad.RowTiles:
+        """expert_dgrad's row tiles, made once a backward for all its products."""
+        if self.row_tiles is None:
+            self.row_tiles = expert_dgrad.RowTiles.of(self.offs, self.n, expert_dgrad.TILES.block_m)
+        return self.row_tiles
 
     def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a: [N, K]; b: [N, M] -> [L, K, M], each expert's a^T b over its rows (zero without rows):

@@ -6,6 +6,11 @@ tiles and row tiles come through TMA.
     w_in [E, H, F_in] as stored, N = H); ends [E] int32, the cumulative row counts (the offs of
     torch._grouped_mm); out [S, N] bf16.
 
+With w_kn, w is [E, K, N] (N contiguous) and out[r] = a[r] w[e(r)], untransposed: backward=
+"recompute"'s GEMM1, pre = rows w_in[e] with w_in [E, H, F_in] as stored. Its boxes come through a
+3-D descriptor, [1, BK, BN] a box, so rows past an expert's K arrive as zeros, never the next
+expert's.
+
 Where experts are many and their rows few (deepseek_v3 at 4,096 tokens: 128 rows an expert) each
 expert's weights are read once and used by few rows, so the products stream weights: one program a
 [BM, BN] tile of one expert, its K loop pipelined through TMA boxes of a's rows and w's rows (w read
@@ -54,12 +59,12 @@ MAX_MEAN_ROWS = 128
 TILES = DgradTiles()
 
 
-def suits(a: torch.Tensor, w: torch.Tensor, num_experts: int) -> bool:
+def suits(a: torch.Tensor, w: torch.Tensor, num_experts: int, w_kn: bool = False) -> bool:
     """Whether expert_dgrad takes these operands (check_dgrad's conditions, bf16, a Hopper GPU) and
     is the faster choice for them (at most MAX_MEAN_ROWS rows an expert on average)."""
     if not (a.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0) and a.dtype == torch.bfloat16):
         return False
-    return _operand_problem(a, w) is None and a.shape[0] <= MAX_MEAN_ROWS * num_experts
+    return _operand_problem(a, w, w_kn) is None and a.shape[0] <= MAX_MEAN_ROWS * num_experts
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,8 @@ class RowTiles:
 @triton.jit
 def _expert_dgrad_kernel(a_desc, w_desc, out_ptr, tile_expert_ptr, tile_first_ptr, ends_ptr, N, K,
                          stride_out, n_tiles_n, num_experts,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+                         W_KN: tl.constexpr):
     pid = tl.program_id(0)
     mt = pid // n_tiles_n
     nt = pid % n_tiles_n
@@ -102,8 +108,12 @@ def _expert_dgrad_kernel(a_desc, w_desc, out_ptr, tile_expert_ptr, tile_first_pt
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in tl.range(0, K, BK, num_stages=STAGES):
             a = a_desc.load([first, k])
-            w = w_desc.load([e * N + nt * BN, k])
-            acc = tl.dot(a, w.T, acc)
+            if W_KN:  # w [E, K, N]: a box of this expert only (rows past K are zeros)
+                w = w_desc.load([e, k, nt * BN]).reshape([BK, BN])
+                acc = tl.dot(a, w, acc)
+            else:
+                w = w_desc.load([e * N + nt * BN, k])
+                acc = tl.dot(a, w.T, acc)
         rows = first + tl.arange(0, BM)
         cols = nt * BN + tl.arange(0, BN)
         mask = (rows < end)[:, None] & (cols < N)[None, :]
@@ -111,7 +121,7 @@ def _expert_dgrad_kernel(a_desc, w_desc, out_ptr, tile_expert_ptr, tile_first_pt
                  mask=mask)
 
 
-def _operand_problem(a: torch.Tensor, w: torch.Tensor) -> str | None:
+def _operand_problem(a: torch.Tensor, w: torch.Tensor, w_kn: bool = False) -> str | None:
     """What keeps a and w from the kernel (one dtype: bf16 on a GPU, fp32 only on the CPU, the
     interpreter's; a [S, K] and w [E, N, K] contiguous and 16-byte aligned, K a whole number of 16
     bytes: TMA rows), or None."""
@@ -119,10 +129,13 @@ def _operand_problem(a: torch.Tensor, w: torch.Tensor) -> str | None:
         return f"a and w must share a dtype (bfloat16, or float32 for the interpreter), got {a.dtype} and {w.dtype}"
     if a.is_cuda and a.dtype == torch.float32:
         return "float32 runs only in the interpreter (its tiles do not fit a GPU's shared memory): use bfloat16"
-    if a.dim() != 2 or w.dim() != 3 or w.shape[2] != a.shape[1]:
-        return f"a [S, K] and w [E, N, K] must share K, got {tuple(a.shape)} and {tuple(w.shape)}"
+    if a.dim() != 2 or w.dim() != 3 or w.shape[1 if w_kn else 2] != a.shape[1]:
+        return (f"a [S, K] and w [E, {'K, N' if w_kn else 'N, K'}] must share K, got {tuple(a.shape)} and "
+                f"{tuple(w.shape)}")
     if not (a.is_contiguous() and w.is_contiguous()):
-        return "a and w must be contiguous (w's K innermost)"
+        return f"a and w must be contiguous (w's {'N' if w_kn else 'K'} innermost)"
+    if w_kn and (w.shape[2] * w.element_size()) % 16:
+        return f"w's rows ({w.shape[2]} wide) must be whole 16-byte units for TMA"
     if (a.shape[1] * a.element_size()) % 16:
         return f"a's rows ({a.shape[1]} wide) must be whole 16-byte units for TMA"
     if a.data_ptr() % 16 or w.data_ptr() % 16:
@@ -130,9 +143,9 @@ def _operand_problem(a: torch.Tensor, w: torch.Tensor) -> str | None:
     return None
 
 
-def check_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> None:
+def check_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, w_kn: bool = False) -> None:
     """Raise ValueError (naming the argument) unless expert_dgrad takes these operands."""
-    problem = _operand_problem(a, w)
+    problem = _operand_problem(a, w, w_kn)
     if problem:
         raise ValueError(f"expert_dgrad: {problem}")
     if ends.dim() != 1 or ends.dtype != torch.int32 or ends.shape[0] != w.shape[0]:
@@ -144,14 +157,15 @@ def check_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> None:
 
 
 def expert_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, tiles: RowTiles | None = None,
-                 shape: DgradTiles | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                 shape: DgradTiles | None = None, out: torch.Tensor | None = None, w_kn: bool = False) -> torch.Tensor:
     """a [S, K], w [E, N, K], ends [E] int32 (ends[-1] = S) -> out [S, N] in a's dtype, each row
-    times its expert's w^T in fp32 accumulation. shape: TILES unless given; tiles:
+    times its expert's w^T in fp32 accumulation; with w_kn, w [E, K, N] and each row times its
+    expert's w (backward="recompute"'s GEMM1, rows w_in[e]). shape: TILES unless given; tiles:
     RowTiles.of(ends, S, shape.block_m), made once per routing and reused (made here otherwise).
     ends[-1] must be S (not checked: that would synchronise). One launch, no host synchronisation."""
-    check_dgrad(a, w, ends)
+    check_dgrad(a, w, ends, w_kn)
     S, K = a.shape
-    E, N = w.shape[0], w.shape[1]
+    E, N = w.shape[0], w.shape[2 if w_kn else 1]
     shape = shape or TILES
     if tiles is None:
         tiles = RowTiles.of(ends, S, shape.block_m)
@@ -168,9 +182,11 @@ def expert_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, tiles: Ro
         return out.zero_()
     BM, BN, BK = shape.block_m, shape.block_n, shape.block_k
     a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
-    w_desc = TensorDescriptor.from_tensor(w.view(E * N, K), [BN, BK])
+    w_desc = (TensorDescriptor.from_tensor(w, [1, BK, BN]) if w_kn
+              else TensorDescriptor.from_tensor(w.view(E * N, K), [BN, BK]))
     n_tiles_n = triton.cdiv(N, BN)
     grid = (tiles.expert.shape[0] * n_tiles_n,)
     _expert_dgrad_kernel[grid](a_desc, w_desc, out, tiles.expert, tiles.first, ends, N, K, out.stride(0),
-                               n_tiles_n, E, BM=BM, BN=BN, BK=BK, STAGES=shape.stages, num_warps=shape.warps)
+                               n_tiles_n, E, BM=BM, BN=BN, BK=BK, STAGES=shape.stages, W_KN=w_kn,
+                               num_warps=shape.warps)
     return out

@@ -7,8 +7,9 @@ kept, or "recompute": backends/explicit_backward.py); run one process per GPU:
 
 Every case: fresh random [batch, seq, H] inputs, uneven token counts (one rank with none when
 there are several), every gradient (what each rank's must be: tests/grad_reference.py), against
-float64. --presets (world 1): the full-size presets on backend flash, against a float32 reference
-taken one expert at a time (grad_reference.lean_grad_errors). Exit code 1 if any case fails."""
+float64. --presets (world 1): the full-size presets on backend flash, backward "saved" and
+"recompute", against a float32 reference taken one expert at a time
+(grad_reference.lean_grad_errors). Exit code 1 if any case fails."""
 
 import argparse
 import json
@@ -95,18 +96,19 @@ def run_case(name, overrides, backend, backward, rank, world) -> dict:
     return finish(layer, name, backend, backward or layer.options.backward_for(backend), cfg, errs)
 
 
-def run_preset(name: str, rank: int) -> dict:
-    """A full-size preset on backend flash at world 1, bf16, against the lean float32 reference."""
+def run_preset(name: str, backward: str, rank: int) -> dict:
+    """A full-size preset on backend flash at world 1, bf16, with backward ("saved" or
+    "recompute"), against the lean float32 reference."""
     cfg, tokens = fm.preset(name), PRESET_TOKENS[name]
     seed = same_seed()
-    layer = make_layer(cfg, "flash", None, seed, tokens)
+    layer = make_layer(cfg, "flash", backward, seed, tokens)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(tokens, cfg.hidden_size, generator=g).to("cuda", cfg.torch_dtype).requires_grad_()
     dy = torch.randn(x.shape, generator=g).to("cuda", cfg.torch_dtype)
     start = time.perf_counter()
     report: dict = {}
     errs = lean_grad_errors(layer, x, dy, report=report)
-    return finish(layer, f"preset {name}, {tokens} tokens", "flash", layer.options.backward_for("flash"), cfg, errs,
+    return finish(layer, f"preset {name}, {tokens} tokens", "flash", backward, cfg, errs,
                   seconds=round(time.perf_counter() - start, 1), **report)
 
 
@@ -170,7 +172,7 @@ def main() -> int:
     rows += [router_kernel_kept_for_inference(rank)]
     if presets:
         rows.append(router_builds_agree(presets))
-    rows += [run_preset(n, rank) for n in presets]
+    rows += [run_preset(n, b, rank) for b in ("saved", "recompute") for n in presets]
     if rank == 0:
         for r in rows:
             print(("ok  " if r["ok"] else "FAIL"), r["case"], {k: v for k, v in r.items() if k not in ("case", "ok")},
