@@ -30,6 +30,8 @@ SHAPES = {  # name: (block_m, block_n, block_k, stages, warps)
     "128x256s3w8": DgradTiles(128, 256, 64, 3, 8),
     "128x128s4w4": DgradTiles(128, 128, 64, 4, 4),
     "128x128s5w8": DgradTiles(128, 128, 64, 5, 8),
+    "128x128s5w8wide": DgradTiles(128, 128, 64, 5, 8, wide_last=True),  # 200 KB of shared memory
+    "128x128s4w8wide": DgradTiles(128, 128, 64, 4, 8, wide_last=True),
     "64x256s5w4": DgradTiles(64, 256, 64, 5, 4),
     "256x128s4w8": DgradTiles(256, 128, 64, 4, 8),
     "256x128s3w8": DgradTiles(256, 128, 64, 3, 8),
@@ -66,7 +68,7 @@ def main() -> int:
             w_t = w.transpose(1, 2)
             fns = {"grouped": (lambda a, w_t, ends: torch._grouped_mm(a, w_t, offs=ends), (a, w_t, ends))}
             for v in args.shapes:
-                tiles = RowTiles.of(ends, S, SHAPES[v].block_m)
+                tiles = RowTiles.of(ends, S, SHAPES[v].block_m, SHAPES[v].wide_last)
                 fns[v] = (lambda a, w, ends, tiles=tiles, shape=SHAPES[v]:
                           expert_dgrad(a, w, ends, tiles, shape), (a, w, ends))
             errs = {"grouped": reference_err(torch._grouped_mm(a, w_t, offs=ends), a, w, counts.tolist())}

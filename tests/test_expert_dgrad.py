@@ -12,12 +12,14 @@ import pytest
 import torch
 from grad_reference import rel_err
 
-from flashmoe_py.kernels.expert_dgrad import MAX_MEAN_ROWS, DgradTiles, RowTiles, check_dgrad, expert_dgrad, suits
+from flashmoe_py.kernels.expert_dgrad import (MAX_MEAN_ROWS, TILES, DgradTiles, RowTiles, check_dgrad, expert_dgrad,
+                                              suits)
 from seeds import fresh_seed
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-SMALL = DgradTiles(block_m=32, block_n=64, block_k=32, stages=2, warps=4)  # the interpreter's
+SMALL = DgradTiles(block_m=32, block_n=64, block_k=32, stages=2, warps=4, wide_last=False)  # the interpreter's
+SMALL_WIDE = dataclasses.replace(SMALL, wide_last=True)  # an expert's last 33-48 rows in one tile
 
 CASES = {  # counts of rows an expert, K, N
     "uneven counts, an empty expert, one row": ([70, 0, 1, 129, 64, 33], 64, 96),
@@ -45,29 +47,35 @@ def run_case(counts, K, N, device, dtype, shape):
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="interpreter test (the GPU test runs the measured tiles)")
+@pytest.mark.parametrize("shape", [SMALL, SMALL_WIDE], ids=["block_m tiles", "wide last tiles"])
 @pytest.mark.parametrize("case", CASES)
-def test_each_row_gets_its_experts_product_in_the_interpreter(case):
+def test_each_row_gets_its_experts_product_in_the_interpreter(case, shape):
     """Within fp32's CPU bar of float64; no row left poisoned."""
-    out, want = run_case(*CASES[case], "cpu", torch.float32, SMALL)
+    out, want = run_case(*CASES[case], "cpu", torch.float32, shape)
     assert not out.isnan().any()
     assert rel_err(out, want) <= 1e-5
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="measured for sm_90")
+@pytest.mark.parametrize("wide_last", [False, True], ids=["block_m tiles", "wide last tiles"])
 @pytest.mark.parametrize("n_scale", [1, 64], ids=["narrow", "wide"])
 @pytest.mark.parametrize("case", CASES)
-def test_each_row_gets_its_experts_product_on_the_gpu(case, n_scale):
-    """bf16 within 1e-2 of float64 with the measured tile (none given); nothing poisoned."""
+def test_each_row_gets_its_experts_product_on_the_gpu(case, n_scale, wide_last):
+    """bf16 within 1e-2 of float64 with the measured tile (TILES), its last tiles wide or not, at
+    counts scaled up to the tile; nothing poisoned."""
     counts, K, N = CASES[case]
-    out, want = run_case(counts, K, N * n_scale, "cuda", torch.bfloat16, None)
+    counts = [n * TILES.block_m // SMALL.block_m for n in counts]
+    out, want = run_case(counts, K, N * n_scale, "cuda", torch.bfloat16,
+                         dataclasses.replace(TILES, wide_last=wide_last))
     assert not out.isnan().any()
     assert rel_err(out, want) <= 1e-2
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="interpreter test (the GPU test runs the measured tiles)")
+@pytest.mark.parametrize("shape", [SMALL, SMALL_WIDE], ids=["block_m tiles", "wide last tiles"])
 @pytest.mark.parametrize("case", CASES)
-def test_with_w_kn_each_row_gets_its_experts_product_untransposed(case):
+def test_with_w_kn_each_row_gets_its_experts_product_untransposed(case, shape):
     """w [E, K, N] (backward="recompute"'s w_in): each row times its expert's w, fp32 CPU bar; the
     next expert's weights (here inf) never enter a box, K tail included."""
     counts, K, N = CASES[case]
@@ -76,7 +84,7 @@ def test_with_w_kn_each_row_gets_its_experts_product_untransposed(case):
     w[-1] = float("inf")  # an expert past the last: its rows must not reach the last expert's box
     ends = torch.tensor(counts).cumsum(0).to(torch.int32)
     out = torch.full((sum(counts), N), float("nan"))
-    expert_dgrad(a, w[:-1], ends, shape=SMALL, out=out, w_kn=True)
+    expert_dgrad(a, w[:-1], ends, shape=shape, out=out, w_kn=True)
     want = torch.cat([a[e - n:e].double() @ w[i].double() for i, (n, e) in enumerate(zip(counts, ends.tolist()))])
     assert rel_err(out, want) <= 1e-5
 
@@ -95,6 +103,21 @@ def test_a_tile_reaching_into_the_next_expert_writes_only_its_own_rows():
     assert out[10:].isnan().all()
 
 
+@pytest.mark.skipif(not INTERPRETER, reason="interpreter test")
+def test_a_wide_tile_reaching_into_the_next_expert_writes_only_its_own_rows():
+    """Expert 0 has 40 rows: one wide tile of 48 rows, over expert 1's first 8; with expert 1's
+    tiles taken out of the table, expert 0's rows hold its product and expert 1's stay poisoned."""
+    a, w = torch.randn(72, 32), torch.randn(2, 64, 32)
+    ends = torch.tensor([40, 72], dtype=torch.int32)
+    tiles = RowTiles.of(ends, 72, SMALL.block_m, wide_last=True)
+    assert tiles.wide[0] == 1
+    only_expert_0 = dataclasses.replace(tiles, expert=torch.where(tiles.expert == 0, 0, 2).to(torch.int32))
+    out = torch.full((72, 64), float("nan"))
+    expert_dgrad(a, w, ends, only_expert_0, SMALL_WIDE, out)
+    assert rel_err(out[:40], a[:40].double() @ w[0].double().t()) <= 1e-5
+    assert out[40:].isnan().all()
+
+
 def test_row_tiles_cover_every_experts_rows_once():
     """The table lists, expert by expert, a tile at every block_m rows of the expert and nothing
     else; past the last tile, the expert is E (skipped)."""
@@ -109,6 +132,30 @@ def test_row_tiles_cover_every_experts_rows_once():
     assert got == want
     assert tiles.expert.shape[0] == len(counts) + sum(counts) // 32
     assert (tiles.expert[len(want):] == len(counts)).all()
+    assert not tiles.wide.any()
+
+
+def test_wide_last_tiles_take_an_experts_last_rows_where_they_are_few():
+    """With wide_last (block_m 32): where an expert's rows past its last whole 32 are 1-16, its last
+    tile starts 32 before them and is wide; elsewhere the tiles are as without. Brute force over
+    random counts, the bound S // block_m + E kept."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    for _ in range(200):
+        counts = torch.randint(0, 100, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+        tiles = RowTiles.of(ends, sum(counts), 32, wide_last=True)
+        want, start = [], 0
+        for e, n in enumerate(counts):
+            firsts = list(range(0, n, 32))
+            wide = n > 32 and 0 < n % 32 <= 16
+            if wide:
+                firsts.pop()
+            want += [(e, start + f, int(wide and i == len(firsts) - 1)) for i, f in enumerate(firsts)]
+            start += n
+        got = [(int(e), int(f), int(w)) for e, f, w in zip(tiles.expert, tiles.first, tiles.wide) if e < len(counts)]
+        assert got == want, counts
+        assert tiles.expert.shape[0] == len(counts) + sum(counts) // 32
+        assert (tiles.expert[len(want):] == len(counts)).all() and not tiles.wide[len(want):].any()
 
 
 def test_where_it_suits():

@@ -151,7 +151,8 @@ class _Groups:
     def _row_tiles(self) -> expert_dgrad.RowTiles:
         """expert_dgrad's row tiles, made once a backward for all its products."""
         if self.row_tiles is None:
-            self.row_tiles = expert_dgrad.RowTiles.of(self.offs, self.n, expert_dgrad.TILES.block_m)
+            self.row_tiles = expert_dgrad.RowTiles.of(self.offs, self.n, expert_dgrad.TILES.block_m,
+                                                      expert_dgrad.TILES.wide_last)
         return self.row_tiles
 
     def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

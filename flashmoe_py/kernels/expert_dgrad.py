@@ -42,20 +42,24 @@ class DgradTiles:
     block_k: int = 64
     stages: int = 5
     warps: int = 8
+    wide_last: bool = True  # an expert's last block_m + block_m / 2 rows in one tile (RowTiles)
 
 
 # Where it is used in place of torch._grouped_mm (backends/expert_grad.py): up to this many rows an
 # expert on average. Measured on one H200 (bench/dgrad_probe.py, uniform and skewed routing,
-# bench/results/2026-12-04c-h200x1-expert-dgrad/), TILES against torch's time: 0.78-0.87x at 64 rows
-# an expert (deepseek_v3, gpt_oss_120b at 2,048 tokens), 0.74-0.85x at 128 (those at 4,096, qwen3_30b_a3b
-# at 2,048); at 256 0.87-1.04x (qwen3_30b_a3b at 4,096 up to 4% slower), at 512 0.91-1.14x, at
-# 1,024 1.01-1.29x (qwen3_30b_a3b at 16,384 tokens, mixtral_8x7b at 4,096: products closer to the
-# tensor cores' rate, where CUTLASS's tiles are faster).
-MAX_MEAN_ROWS = 128
+# bench/results/2026-12-04e-h200x1-dgrad-wide-last/), TILES against torch's time: 0.76-0.86x at 64
+# rows an expert (deepseek_v3, gpt_oss_120b at 2,048 tokens), 0.63-0.82x at 128 (those at 4,096,
+# qwen3_30b_a3b at 2,048), 0.79-0.99x at 256 (those at 8,192, qwen3_30b_a3b at 4,096), 0.99-1.05x
+# at 512 (qwen3_30b_a3b at 8,192). Without wide last tiles it was 0.83-1.08x at 256 rows
+# (bench/results/2026-12-04c-h200x1-expert-dgrad/ and the same call).
+MAX_MEAN_ROWS = 256
 # The measured tile: of eleven shapes and a persistent loop, none was more than 4% faster than
-# 128 x 128 with 5 stages at any point up to MAX_MEAN_ROWS (128 x 256: 4% at deepseek_v3's d_rows at
-# 4,096 tokens; up to 26% slower elsewhere). At mixtral_8x7b's 1,024 rows 256 x 128 was up to 17%
-# faster than it, still slower than torch.
+# 128 x 128 with 5 stages at any point up to 128 rows an expert (bench/results/2026-12-04c-h200x1-
+# expert-dgrad/). Wide last tiles (RowTiles): where about half the experts have a few rows past
+# 128 (128 +- 11 rows an expert under uniform routing), a second 128-row tile re-read their weights
+# and computed 128 rows for a handful; one 192-row tile instead takes 13-17% off deepseek_v3's and
+# gpt_oss_120b's products at 4,096 tokens (uniform; 1-4% skewed), and where no tile is wide (2,048
+# tokens) it runs 5% faster to 4% slower. 4 stages with them: 3-11% slower than 5.
 TILES = DgradTiles()
 
 
@@ -69,35 +73,76 @@ def suits(a: torch.Tensor, w: torch.Tensor, num_experts: int, w_kn: bool = False
 
 @dataclass(frozen=True)
 class RowTiles:
-    """Each row tile's expert and first row, for block_m-row tiles that do not cross experts.
+    """Each row tile's expert and first row, for tiles that do not cross experts: block_m rows, or
+    with wide_last, where an expert's rows past its last whole block_m are at most block_m / 2, its
+    last tile takes those with the block_m before them (block_m + block_m / 2 rows, its weights read
+    once and no tile computed for a handful of rows).
 
     expert [T] int32 (E where the tile is past the last: the bound T = S // block_m + E holds every
-    routing's tiles); first [T] int32; ends [E] int32, the cumulative counts."""
+    routing's tiles); first [T] int32; wide [T] int32, 1 for a wide last tile; ends [E] int32, the
+    cumulative counts."""
 
     expert: torch.Tensor
     first: torch.Tensor
+    wide: torch.Tensor
     ends: torch.Tensor
     block_m: int
+    wide_last: bool = False
 
     @staticmethod
-    def of(ends: torch.Tensor, rows: int, block_m: int) -> RowTiles:
+    def of(ends: torch.Tensor, rows: int, block_m: int, wide_last: bool = False) -> RowTiles:
         """ends [E] int32 cumulative row counts (ends[-1] = rows) -> the row tiles, on ends'
         device, without a host synchronisation."""
         counts = torch.diff(ends, prepend=ends.new_zeros(1)).long()
         tiles = (counts + block_m - 1) // block_m
+        rest = counts % block_m
+        wide_e = (counts > block_m) & (rest > 0) & (rest <= block_m // 2) & wide_last
+        tiles = tiles - wide_e.long()
         tile_ends = torch.cumsum(tiles, 0)
         t = torch.arange(ends.shape[0] + rows // block_m, device=ends.device)
         expert = torch.searchsorted(tile_ends, t, right=True)
         e = expert.clamp(max=ends.shape[0] - 1)
-        first = (ends.long() - counts)[e] + (t - (tile_ends - tiles)[e]) * block_m
-        return RowTiles(expert.to(torch.int32), first.to(torch.int32), ends, block_m)
+        i = t - (tile_ends - tiles)[e]  # the tile's place among its expert's
+        first = (ends.long() - counts)[e] + i * block_m
+        wide = wide_e[e] & (i == tiles[e] - 1) & (expert < ends.shape[0])
+        return RowTiles(expert.to(torch.int32), first.to(torch.int32), wide.to(torch.int32), ends, block_m, wide_last)
 
 
 @triton.jit
-def _expert_dgrad_kernel(a_desc, w_desc, out_ptr, tile_expert_ptr, tile_first_ptr, ends_ptr, N, K,
-                         stride_out, n_tiles_n, num_experts,
+def _tile_product(a_desc, a_tail_desc, w_desc, out_ptr, e, first, end, nt, N, K, stride_out,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+                  W_KN: tl.constexpr, TAIL: tl.constexpr):
+    """out[first:first + BM (+ BM / 2 with TAIL), n-tile nt] of expert e (rows from end on not
+    stored): each step's weight box feeds the BM rows' product and, with TAIL, the next BM / 2's."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if TAIL:
+        acc_tail = tl.zeros((BM // 2, BN), dtype=tl.float32)
+    for k in tl.range(0, K, BK, num_stages=STAGES):
+        a = a_desc.load([first, k])
+        if W_KN:  # w [E, K, N]: a box of this expert only (rows past K are zeros)
+            w = w_desc.load([e, k, nt * BN]).reshape([BK, BN])
+        else:
+            w = w_desc.load([e * N + nt * BN, k]).T
+        acc = tl.dot(a, w, acc)
+        if TAIL:
+            acc_tail = tl.dot(a_tail_desc.load([first + BM, k]), w, acc_tail)
+    cols = nt * BN + tl.arange(0, BN)
+    rows = first + tl.arange(0, BM)
+    mask = (rows < end)[:, None] & (cols < N)[None, :]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+    if TAIL:
+        rows = first + BM + tl.arange(0, BM // 2)
+        mask = (rows < end)[:, None] & (cols < N)[None, :]
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :],
+                 acc_tail.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _expert_dgrad_kernel(a_desc, a_tail_desc, w_desc, out_ptr, tile_expert_ptr, tile_first_ptr, tile_wide_ptr,
+                         ends_ptr, N, K, stride_out, n_tiles_n, num_experts,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-                         W_KN: tl.constexpr):
+                         W_KN: tl.constexpr, WIDE_LAST: tl.constexpr):
     pid = tl.program_id(0)
     mt = pid // n_tiles_n
     nt = pid % n_tiles_n
@@ -105,20 +150,12 @@ def _expert_dgrad_kernel(a_desc, w_desc, out_ptr, tile_expert_ptr, tile_first_pt
     if e < num_experts:
         first = tl.load(tile_first_ptr + mt)
         end = tl.load(ends_ptr + e)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in tl.range(0, K, BK, num_stages=STAGES):
-            a = a_desc.load([first, k])
-            if W_KN:  # w [E, K, N]: a box of this expert only (rows past K are zeros)
-                w = w_desc.load([e, k, nt * BN]).reshape([BK, BN])
-                acc = tl.dot(a, w, acc)
-            else:
-                w = w_desc.load([e * N + nt * BN, k])
-                acc = tl.dot(a, w.T, acc)
-        rows = first + tl.arange(0, BM)
-        cols = nt * BN + tl.arange(0, BN)
-        mask = (rows < end)[:, None] & (cols < N)[None, :]
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        if WIDE_LAST and tl.load(tile_wide_ptr + mt) != 0:
+            _tile_product(a_desc, a_tail_desc, w_desc, out_ptr, e, first, end, nt, N, K, stride_out,
+                          BM, BN, BK, STAGES, W_KN, True)
+        else:
+            _tile_product(a_desc, a_tail_desc, w_desc, out_ptr, e, first, end, nt, N, K, stride_out,
+                          BM, BN, BK, STAGES, W_KN, False)
 
 
 def _operand_problem(a: torch.Tensor, w: torch.Tensor, w_kn: bool = False) -> str | None:
@@ -168,10 +205,10 @@ def expert_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, tiles: Ro
     E, N = w.shape[0], w.shape[2 if w_kn else 1]
     shape = shape or TILES
     if tiles is None:
-        tiles = RowTiles.of(ends, S, shape.block_m)
-    elif tiles.block_m != shape.block_m or tiles.ends is not ends:
-        raise ValueError(f"expert_dgrad: tiles were made for block_m={tiles.block_m} and other ends; "
-                         f"this launch has block_m={shape.block_m}")
+        tiles = RowTiles.of(ends, S, shape.block_m, shape.wide_last)
+    elif (tiles.block_m, tiles.wide_last) != (shape.block_m, shape.wide_last) or tiles.ends is not ends:
+        raise ValueError(f"expert_dgrad: tiles were made for block_m={tiles.block_m}, wide_last={tiles.wide_last} "
+                         f"and other ends; this launch has block_m={shape.block_m}, wide_last={shape.wide_last}")
     if out is None:
         out = torch.empty(S, N, dtype=a.dtype, device=a.device)
     elif out.shape != (S, N) or out.dtype != a.dtype or out.stride(1) != 1:
@@ -182,11 +219,12 @@ def expert_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, tiles: Ro
         return out.zero_()
     BM, BN, BK = shape.block_m, shape.block_n, shape.block_k
     a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
+    a_tail_desc = TensorDescriptor.from_tensor(a, [BM // 2, BK])
     w_desc = (TensorDescriptor.from_tensor(w, [1, BK, BN]) if w_kn
               else TensorDescriptor.from_tensor(w.view(E * N, K), [BN, BK]))
     n_tiles_n = triton.cdiv(N, BN)
     grid = (tiles.expert.shape[0] * n_tiles_n,)
-    _expert_dgrad_kernel[grid](a_desc, w_desc, out, tiles.expert, tiles.first, ends, N, K, out.stride(0),
-                               n_tiles_n, E, BM=BM, BN=BN, BK=BK, STAGES=shape.stages, W_KN=w_kn,
-                               num_warps=shape.warps)
+    _expert_dgrad_kernel[grid](a_desc, a_tail_desc, w_desc, out, tiles.expert, tiles.first, tiles.wide, ends, N, K,
+                               out.stride(0), n_tiles_n, E, BM=BM, BN=BN, BK=BK, STAGES=shape.stages, W_KN=w_kn,
+                               WIDE_LAST=shape.wide_last, num_warps=shape.warps)
     return out
