@@ -49,10 +49,13 @@ class DgradTiles:
 # expert on average. Measured on one H200 (bench/dgrad_probe.py, uniform and skewed routing,
 # bench/results/2026-12-04e-h200x1-dgrad-wide-last/), TILES against torch's time: 0.76-0.86x at 64
 # rows an expert (deepseek_v3, gpt_oss_120b at 2,048 tokens), 0.63-0.82x at 128 (those at 4,096,
-# qwen3_30b_a3b at 2,048), 0.79-0.99x at 256 (those at 8,192, qwen3_30b_a3b at 4,096), 0.99-1.05x
-# at 512 (qwen3_30b_a3b at 8,192). Without wide last tiles it was 0.83-1.08x at 256 rows
-# (bench/results/2026-12-04c-h200x1-expert-dgrad/ and the same call).
-MAX_MEAN_ROWS = 256
+# qwen3_30b_a3b at 2,048), 0.79-0.99x at 256 (those at 8,192, qwen3_30b_a3b at 4,096; 0.83-1.08x
+# without wide last tiles), 0.99-1.05x at 512 (qwen3_30b_a3b at 8,192). Not taken at 256 yet:
+# qwen3_30b_a3b's training step at 4,096 tokens, whose host time is close to its GPU time, went
+# from 2,785 / 2,801 us to 2,839 / 3,254 with it (in turn, one call): the kernel's launches and its
+# row-tile table cost more host time than the one torch op each they replace, and the step became
+# host-bound there.
+MAX_MEAN_ROWS = 128
 # The measured tile: of eleven shapes and a persistent loop, none was more than 4% faster than
 # 128 x 128 with 5 stages at any point up to 128 rows an expert (bench/results/2026-12-04c-h200x1-
 # expert-dgrad/). Wide last tiles (RowTiles): where about half the experts have a few rows past
