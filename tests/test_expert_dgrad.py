@@ -18,6 +18,7 @@ from seeds import fresh_seed
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+TABLE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the row-tile table's kernel runs on either
 SMALL = DgradTiles(block_m=32, block_n=64, block_k=32, stages=2, warps=4, wide_last=False)  # the interpreter's
 SMALL_WIDE = dataclasses.replace(SMALL, wide_last=True)  # an expert's last 33-48 rows in one tile
 
@@ -122,7 +123,7 @@ def test_row_tiles_cover_every_experts_rows_once():
     """The table lists, expert by expert, a tile at every block_m rows of the expert and nothing
     else; past the last tile, the expert is E (skipped)."""
     counts = [70, 0, 1, 129, 64, 33]
-    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32).to(TABLE_DEVICE)
     tiles = RowTiles.of(ends, sum(counts), 32)
     want, start = [], 0
     for e, n in enumerate(counts):
@@ -135,6 +136,33 @@ def test_row_tiles_cover_every_experts_rows_once():
     assert not tiles.wide.any()
 
 
+def brute_force_tiles(counts: list[int], block_m: int, wide_last: bool) -> list[tuple[int, int, int]]:
+    """(expert, first row, wide) of every row tile, expert by expert, as RowTiles documents them."""
+    want, start = [], 0
+    for e, n in enumerate(counts):
+        firsts = list(range(0, n, block_m))
+        wide = wide_last and n > block_m and 0 < n % block_m <= block_m // 2
+        if wide:
+            firsts.pop()
+        want += [(e, start + f, int(wide and i == len(firsts) - 1)) for i, f in enumerate(firsts)]
+        start += n
+    return want
+
+
+@pytest.mark.parametrize("wide_last", [False, True])
+def test_the_table_holds_for_many_experts_over_many_programs(wide_last):
+    """300 experts (not a power of two; the table kernel's programs then take 8 tiles each), counts
+    0-400 at random."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    counts = torch.randint(0, 400, (300,), generator=g).tolist()
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32).to(TABLE_DEVICE)
+    tiles = RowTiles.of(ends, sum(counts), 128, wide_last)
+    want = brute_force_tiles(counts, 128, wide_last)
+    got = [(int(e), int(f), int(w)) for e, f, w in zip(tiles.expert, tiles.first, tiles.wide) if e < len(counts)]
+    assert got == want
+    assert (tiles.expert[len(want):] == len(counts)).all() and not tiles.wide[len(want):].any()
+
+
 def test_wide_last_tiles_take_an_experts_last_rows_where_they_are_few():
     """With wide_last (block_m 32): where an expert's rows past its last whole 32 are 1-16, its last
     tile starts 32 before them and is wide; elsewhere the tiles are as without. Brute force over
@@ -142,16 +170,9 @@ def test_wide_last_tiles_take_an_experts_last_rows_where_they_are_few():
     g = torch.Generator().manual_seed(fresh_seed())
     for _ in range(200):
         counts = torch.randint(0, 100, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
-        ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+        ends = torch.tensor(counts).cumsum(0).to(torch.int32).to(TABLE_DEVICE)
         tiles = RowTiles.of(ends, sum(counts), 32, wide_last=True)
-        want, start = [], 0
-        for e, n in enumerate(counts):
-            firsts = list(range(0, n, 32))
-            wide = n > 32 and 0 < n % 32 <= 16
-            if wide:
-                firsts.pop()
-            want += [(e, start + f, int(wide and i == len(firsts) - 1)) for i, f in enumerate(firsts)]
-            start += n
+        want = brute_force_tiles(counts, 32, wide_last=True)
         got = [(int(e), int(f), int(w)) for e, f, w in zip(tiles.expert, tiles.first, tiles.wide) if e < len(counts)]
         assert got == want, counts
         assert tiles.expert.shape[0] == len(counts) + sum(counts) // 32
@@ -176,6 +197,7 @@ def test_where_it_suits():
     ({"a": torch.zeros(8, 3), "w": torch.zeros(2, 16, 3)}, "16-byte"),
     ({"ends": torch.tensor([4, 8])}, "int32"),
     ({"ends": torch.tensor([8], dtype=torch.int32)}, "E = w.shape"),
+    ({"ends": torch.tensor([4, 0, 8, 0], dtype=torch.int32)[::2]}, "contiguous"),
     ({"a": torch.zeros(8 * 32 + 1)[1:].view(8, 32)}, "aligned"),
 ])
 def test_bad_operands_are_refused_by_name(bad, message):
@@ -186,7 +208,17 @@ def test_bad_operands_are_refused_by_name(bad, message):
 
 
 def test_tiles_made_for_another_launch_are_refused():
+    """Before any launch: tiles of another block_m, or another wide_last, than the launch's."""
     a, w = torch.zeros(8, 32), torch.zeros(2, 16, 32)
     ends = torch.tensor([4, 8], dtype=torch.int32)
-    with pytest.raises(ValueError, match="tiles were made"):
-        expert_dgrad(a, w, ends, RowTiles.of(ends, 8, 64), SMALL)
+    table = torch.zeros(3, 2, dtype=torch.int32)  # its contents are never read
+    for block_m, wide_last in ((64, False), (SMALL.block_m, True)):
+        with pytest.raises(ValueError, match="tiles were made"):
+            expert_dgrad(a, w, ends, RowTiles(*table, ends, block_m, wide_last), SMALL)
+
+
+def test_row_tiles_refuse_ends_they_cannot_read():
+    with pytest.raises(ValueError, match="contiguous, non-empty"):
+        RowTiles.of(torch.tensor([4, 0, 8, 0], dtype=torch.int32)[::2], 8, 32)
+    with pytest.raises(ValueError, match="int32"):
+        RowTiles.of(torch.tensor([4, 8]), 8, 32)

@@ -82,8 +82,8 @@ class RowTiles:
     once and no tile computed for a handful of rows).
 
     expert [T] int32 (E where the tile is past the last: the bound T = S // block_m + E holds every
-    routing's tiles); first [T] int32; wide [T] int32, 1 for a wide last tile; ends [E] int32, the
-    cumulative counts."""
+    routing's tiles); first [T] int32 (meaningless past the last tile); wide [T] int32, 1 for a wide
+    last tile; ends [E] int32, the cumulative counts."""
 
     expert: torch.Tensor
     first: torch.Tensor
@@ -94,21 +94,48 @@ class RowTiles:
 
     @staticmethod
     def of(ends: torch.Tensor, rows: int, block_m: int, wide_last: bool = False) -> RowTiles:
-        """ends [E] int32 cumulative row counts (ends[-1] = rows) -> the row tiles, on ends'
-        device, without a host synchronisation."""
-        counts = torch.diff(ends, prepend=ends.new_zeros(1)).long()
-        tiles = (counts + block_m - 1) // block_m
-        rest = counts % block_m
-        wide_e = (counts > block_m) & (rest > 0) & (rest <= block_m // 2) & wide_last
-        tiles = tiles - wide_e.long()
-        tile_ends = torch.cumsum(tiles, 0)
-        t = torch.arange(ends.shape[0] + rows // block_m, device=ends.device)
-        expert = torch.searchsorted(tile_ends, t, right=True)
-        e = expert.clamp(max=ends.shape[0] - 1)
-        i = t - (tile_ends - tiles)[e]  # the tile's place among its expert's
-        first = (ends.long() - counts)[e] + i * block_m
-        wide = wide_e[e] & (i == tiles[e] - 1) & (expert < ends.shape[0])
-        return RowTiles(expert.to(torch.int32), first.to(torch.int32), wide.to(torch.int32), ends, block_m, wide_last)
+        """ends [E] int32 cumulative row counts, contiguous (ends[-1] = rows) -> the row tiles, on
+        ends' device: one small kernel (_row_tiles_kernel), no host synchronisation. In torch ops
+        the table took ~20 of them, ~400 us of host time a backward on the H200 machine
+        (bench/NOTES.md item 70)."""
+        if ends.dim() != 1 or ends.dtype != torch.int32 or not ends.is_contiguous() or ends.shape[0] == 0:
+            raise ValueError(f"RowTiles.of: ends must be a contiguous, non-empty [E] int32 tensor, got "
+                             f"{tuple(ends.shape)} {ends.dtype}")
+        E, T = ends.shape[0], ends.shape[0] + rows // block_m
+        table = torch.empty(3, T, dtype=torch.int32, device=ends.device)
+        e_pow2 = triton.next_power_of_2(E)
+        block_t = max(1, min(128, 4096 // e_pow2))
+        _row_tiles_kernel[(triton.cdiv(T, block_t),)](ends, table[0], table[1], table[2], E, T, BM=block_m,
+                                                      WIDE_LAST=wide_last, E_POW2=e_pow2, BLOCK_T=block_t)
+        return RowTiles(table[0], table[1], table[2], ends, block_m, wide_last)
+
+
+@triton.jit
+def _row_tiles_kernel(ends_ptr, expert_ptr, first_ptr, wide_ptr, num_experts, num_tiles,
+                      BM: tl.constexpr, WIDE_LAST: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr):
+    """RowTiles' table for tiles t of this program's BLOCK_T: every expert's tile count from ends
+    (one scan), then each tile's expert (the experts whose tiles end at or before t) and its place
+    among that expert's tiles."""
+    es = tl.arange(0, E_POW2)
+    live = es < num_experts
+    ends = tl.load(ends_ptr + es, mask=live, other=0)
+    starts = tl.load(ends_ptr + es - 1, mask=live & (es > 0), other=0)
+    counts = ends - starts
+    tiles = (counts + BM - 1) // BM
+    wide_e = (counts > BM) & (counts % BM > 0) & (counts % BM <= BM // 2) & WIDE_LAST
+    tiles -= wide_e.to(tl.int32)
+    tile_ends = tl.cumsum(tiles, 0)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.sum(((tile_ends[None, :] <= t[:, None]) & live[None, :]).to(tl.int32), 1)  # E past the last
+    mine = es[None, :] == e[:, None]  # the tile's expert, one-hot (none past the last tile)
+    i = t - tl.sum(tl.where(mine, (tile_ends - tiles)[None, :], 0), 1)
+    first = tl.sum(tl.where(mine, starts[None, :], 0), 1) + i * BM
+    last = i == tl.sum(tl.where(mine, tiles[None, :], 0), 1) - 1
+    wide = tl.sum(tl.where(mine, wide_e.to(tl.int32)[None, :], 0), 1) * last.to(tl.int32)
+    stored = t < num_tiles
+    tl.store(expert_ptr + t, e, mask=stored)
+    tl.store(first_ptr + t, first, mask=stored)
+    tl.store(wide_ptr + t, wide, mask=stored)
 
 
 @triton.jit
@@ -188,9 +215,9 @@ def check_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, w_kn: bool
     problem = _operand_problem(a, w, w_kn)
     if problem:
         raise ValueError(f"expert_dgrad: {problem}")
-    if ends.dim() != 1 or ends.dtype != torch.int32 or ends.shape[0] != w.shape[0]:
-        raise ValueError(f"expert_dgrad: ends must be [E] int32 with E = w.shape[0] = {w.shape[0]}, got "
-                         f"{tuple(ends.shape)} {ends.dtype}")
+    if ends.dim() != 1 or ends.dtype != torch.int32 or ends.shape[0] != w.shape[0] or not ends.is_contiguous():
+        raise ValueError(f"expert_dgrad: ends must be a contiguous [E] int32 tensor with E = w.shape[0] = "
+                         f"{w.shape[0]}, got {tuple(ends.shape)} {ends.dtype}")
     if not (a.device == w.device == ends.device):
         raise ValueError(f"expert_dgrad: a, w and ends must be on one device, got {a.device}, {w.device}, "
                          f"{ends.device}")
