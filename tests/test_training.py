@@ -20,6 +20,7 @@ from flashmoe_py import MoEConfig, MoELayer, reference_forward
 from flashmoe_py.options import BACKWARDS
 from flashmoe_py.reference import reference_routing
 
+AFTER_A_ROUTING_DIFFERENCE = 10  # steps compared after the first token routed otherwise (the test below)
 CFG = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, dtype="float32")
 VOCAB, BATCH = 64, 32
 
@@ -167,9 +168,13 @@ def test_losses_track_the_float64_reference(dist_pools, world, optimizer, backwa
     """200 steps. Each step's loss is within 1e-5 (relative) of the reference's until the first
     step at which the layer routes some token to other experts than the reference (a near-tie that
     float32 and float64 resolve differently: a legitimate discrete difference), and within 1e-2
-    after it. Measured over 120 runs at world 1 (60 SGD, 60 Adam): at most 8.6e-7 before any
-    routing difference; one Adam run routed differently at step 33 and parted by up to 3.7e-3
-    after it. A router gradient left out moves the losses by ~1e-1 within 20 steps.
+    for the AFTER_A_ROUTING_DIFFERENCE steps from it. Measured over 120 runs at world 1 (60 SGD,
+    60 Adam): at most 8.6e-7 before any routing difference; one Adam run routed differently at
+    step 33 and parted by up to 3.7e-3 after it. From then on the two are different trainings,
+    which need not stay close: one Adam run (seed 1470403619, backward "autograd") routed
+    differently at step 122, parted by 4.4e-3 in the 20 steps after and by 3.1e-2 some 45 steps
+    later; 80 more runs routed no token differently. A router gradient left out moves the losses
+    by ~1e-1 within 20 steps.
     (Adam's eps is 1e-6: with 1e-8, gradient elements at the level of float32 rounding became
     full-size steps of random sign, and one run in 60 parted by 2.7e-2 with no routing difference.)"""
     losses, ref_losses, routing_differs = dist_pools(world).run(
@@ -178,7 +183,8 @@ def test_losses_track_the_float64_reference(dist_pools, world, optimizer, backwa
     first = routing_differs.index(True) if any(routing_differs) else len(dev)
     assert losses[-1] < 0.85 * losses[0]  # the model learns: the comparison is not of constants
     assert max(dev[:first]) <= 1e-5, (first, dev[:first])
-    assert max(dev[first:], default=0.0) <= 1e-2, (first, dev[first:])
+    after = dev[first:first + AFTER_A_ROUTING_DIFFERENCE]
+    assert max(after, default=0.0) <= 1e-2, (first, after)
 
 
 @pytest.mark.parametrize("world", [1, 2])
