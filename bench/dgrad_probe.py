@@ -25,20 +25,20 @@ from wgrad_probe import finish, probe_parser, probe_points, product_floor_us, re
 
 from flashmoe_py.kernels.expert_dgrad import DgradTiles, RowTiles, expert_dgrad  # noqa: E402
 
-SHAPES = {  # name: (block_m, block_n, block_k, stages, warps)
-    "128x256s4w8": DgradTiles(128, 256, 64, 4, 8),
-    "128x256s3w8": DgradTiles(128, 256, 64, 3, 8),
-    "128x128s4w4": DgradTiles(128, 128, 64, 4, 4),
-    "128x128s5w8": DgradTiles(128, 128, 64, 5, 8),
-    "128x128s5w8wide": DgradTiles(128, 128, 64, 5, 8, wide_last=True),  # 200 KB of shared memory
+SHAPES = {  # name: (block_m, block_n, block_k, stages, warps, wide_last); "wide": wide last tiles
+    "128x256s4w8": DgradTiles(128, 256, 64, 4, 8, wide_last=False),
+    "128x256s3w8": DgradTiles(128, 256, 64, 3, 8, wide_last=False),
+    "128x128s4w4": DgradTiles(128, 128, 64, 4, 4, wide_last=False),
+    "128x128s5w8": DgradTiles(128, 128, 64, 5, 8, wide_last=False),
+    "128x128s5w8wide": DgradTiles(128, 128, 64, 5, 8, wide_last=True),  # TILES; 200 KB of shared memory
     "128x128s4w8wide": DgradTiles(128, 128, 64, 4, 8, wide_last=True),
-    "64x256s5w4": DgradTiles(64, 256, 64, 5, 4),
-    "256x128s4w8": DgradTiles(256, 128, 64, 4, 8),
-    "256x128s3w8": DgradTiles(256, 128, 64, 3, 8),
-    "128x128s3w4": DgradTiles(128, 128, 64, 3, 4),  # 96 KB of shared memory: two programs an SM
-    "128x128s3w8": DgradTiles(128, 128, 64, 3, 8),
-    "64x128s4w4": DgradTiles(64, 128, 64, 4, 4),
-    "128x64s6w4": DgradTiles(128, 64, 64, 6, 4),
+    "64x256s5w4": DgradTiles(64, 256, 64, 5, 4, wide_last=False),
+    "256x128s4w8": DgradTiles(256, 128, 64, 4, 8, wide_last=False),
+    "256x128s3w8": DgradTiles(256, 128, 64, 3, 8, wide_last=False),
+    "128x128s3w4": DgradTiles(128, 128, 64, 3, 4, wide_last=False),  # 96 KB of shared memory: two programs an SM
+    "128x128s3w8": DgradTiles(128, 128, 64, 3, 8, wide_last=False),
+    "64x128s4w4": DgradTiles(64, 128, 64, 4, 4, wide_last=False),
+    "128x64s6w4": DgradTiles(128, 64, 64, 6, 4, wide_last=False),
 }
 
 

@@ -129,7 +129,8 @@ def gpu_activities(prof) -> list[tuple[str, float, float]]:
     from its Chrome trace."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        with open(f.name) as trace:
+            events = json.load(trace)["traceEvents"]
     return [(e["name"][:70], float(e["ts"]), float(e["dur"])) for e in events
             if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
@@ -156,7 +157,9 @@ def profile_steps(layer, x: torch.Tensor, iters: int, fwd_bwd: bool, shapes: boo
         with torch.profiler.profile(activities=activities, record_shapes=shapes) as prof:
             for _ in range(iters):
                 step()
-            layer.synchronize()
+            if x.is_cuda:  # the GPU's work done; no copy of the layer's status word inside (--gaps)
+                torch.cuda.synchronize()
+        layer.synchronize()
         dist.barrier()
     return prof
 

@@ -217,6 +217,19 @@ def test_tiles_made_for_another_launch_are_refused():
             expert_dgrad(a, w, ends, RowTiles(*table, ends, block_m, wide_last), SMALL)
 
 
+def test_a_bad_out_or_tile_shape_is_refused_before_the_table_is_made(monkeypatch):
+    """Nothing is launched (here: RowTiles.of, the table's kernel) for a call that is then refused."""
+    def launched(*args, **kwargs):
+        raise AssertionError("RowTiles.of ran before the arguments were checked")
+    monkeypatch.setattr(RowTiles, "of", launched)
+    a, w = torch.zeros(8, 32), torch.zeros(2, 16, 32)
+    ends = torch.tensor([4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="out must be"):
+        expert_dgrad(a, w, ends, shape=SMALL, out=torch.zeros(8, 15))
+    with pytest.raises(ValueError, match="block_m >= 32"):
+        expert_dgrad(a, w, ends, shape=dataclasses.replace(SMALL, block_m=16, wide_last=True))
+
+
 def test_row_tiles_refuse_ends_they_cannot_read():
     with pytest.raises(ValueError, match="contiguous, non-empty"):
         RowTiles.of(torch.tensor([4, 0, 8, 0], dtype=torch.int32)[::2], 8, 32)

@@ -14,7 +14,8 @@ expert's.
 Where experts are many and their rows few (deepseek_v3 at 4,096 tokens: 128 rows an expert) each
 expert's weights are read once and used by few rows, so the products stream weights: one program a
 [BM, BN] tile of one expert, its K loop pipelined through TMA boxes of a's rows and w's rows (w read
-as stored, its box transposed in shared memory for the tensor cores). A row tile that reaches past
+as stored; without w_kn its box is read transposed from shared memory by the tensor cores). A row
+tile that reaches past
 its expert reads the next expert's rows (TMA fills rows past S with zeros); their products land in
 output rows that are not stored. Tiles are numbered row tile major, column tile minor, so the
 programs that run together share a row tile's a in L2 and read distinct weight tiles.
@@ -47,14 +48,14 @@ class DgradTiles:
 
 # Where it is used in place of torch._grouped_mm (backends/expert_grad.py): up to this many rows an
 # expert on average. Measured on one H200 (bench/dgrad_probe.py, uniform and skewed routing,
-# bench/results/2026-12-04e-h200x1-dgrad-wide-last/), TILES against torch's time: 0.76-0.86x at 64
+# bench/results/2026-12-04e-h200x1-dgrad-wide-last/), TILES against torch's time: 0.73-0.86x at 64
 # rows an expert (deepseek_v3, gpt_oss_120b at 2,048 tokens), 0.63-0.82x at 128 (those at 4,096,
 # qwen3_30b_a3b at 2,048), 0.79-0.99x at 256 (those at 8,192, qwen3_30b_a3b at 4,096; 0.83-1.08x
 # without wide last tiles), 0.99-1.05x at 512 (qwen3_30b_a3b at 8,192). Not taken at 256 yet:
 # qwen3_30b_a3b's training step at 4,096 tokens, whose host time is close to its GPU time, went
-# from 2,785 / 2,801 us to 2,839 / 3,254 with it (in turn, one call): the kernel's launches and its
-# row-tile table cost more host time than the one torch op each they replace, and the step became
-# host-bound there.
+# from 2,785 / 2,801 us to 2,839 / 3,254 with it (in turn, one call), host-bound. Most of that host
+# time was the row-tile table in ~20 torch ops (~400 us a backward), since made one kernel (~35-60
+# us); 256 has not been timed again since (bench/NOTES.md item 70).
 MAX_MEAN_ROWS = 128
 # The measured tile: of eleven shapes and a persistent loop, none was more than 4% faster than
 # 128 x 128 with 5 stages at any point up to 128 rows an expert (bench/results/2026-12-04c-h200x1-
@@ -62,7 +63,7 @@ MAX_MEAN_ROWS = 128
 # 128 (128 +- 11 rows an expert under uniform routing), a second 128-row tile re-read their weights
 # and computed 128 rows for a handful; one 192-row tile instead takes 13-17% off deepseek_v3's and
 # gpt_oss_120b's products at 4,096 tokens (uniform; 1-4% skewed), and where no tile is wide (2,048
-# tokens) it runs 5% faster to 4% slower. 4 stages with them: 3-11% slower than 5.
+# tokens) it runs 5% faster to 4% slower. 4 stages with them: 1-11% slower than 5.
 TILES = DgradTiles()
 
 
@@ -228,21 +229,28 @@ def expert_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, tiles: Ro
     """a [S, K], w [E, N, K], ends [E] int32 (ends[-1] = S) -> out [S, N] in a's dtype, each row
     times its expert's w^T in fp32 accumulation; with w_kn, w [E, K, N] and each row times its
     expert's w (backward="recompute"'s GEMM1, rows w_in[e]). shape: TILES unless given; tiles:
-    RowTiles.of(ends, S, shape.block_m), made once per routing and reused (made here otherwise).
-    ends[-1] must be S (not checked: that would synchronise). One launch, no host synchronisation."""
+    RowTiles.of(ends, S, shape.block_m, shape.wide_last), made once per routing and reused (made
+    here otherwise). ends[-1] must be S (not checked: that would synchronise). Every argument is
+    checked before anything is launched; then one launch (two where the tiles are made here), no
+    host synchronisation."""
     check_dgrad(a, w, ends, w_kn)
     S, K = a.shape
     E, N = w.shape[0], w.shape[2 if w_kn else 1]
     shape = shape or TILES
-    if tiles is None:
-        tiles = RowTiles.of(ends, S, shape.block_m, shape.wide_last)
-    elif (tiles.block_m, tiles.wide_last) != (shape.block_m, shape.wide_last) or tiles.ends is not ends:
-        raise ValueError(f"expert_dgrad: tiles were made for block_m={tiles.block_m}, wide_last={tiles.wide_last} "
-                         f"and other ends; this launch has block_m={shape.block_m}, wide_last={shape.wide_last}")
+    if shape.wide_last and shape.block_m < 32:
+        raise ValueError(f"expert_dgrad: wide last tiles need block_m >= 32 (their tail of block_m / 2 rows is a "
+                         f"product of at least 16), got shape.block_m={shape.block_m}")
+    if tiles is not None and ((tiles.block_m, tiles.wide_last) != (shape.block_m, shape.wide_last)
+                              or tiles.ends is not ends):
+        raise ValueError(f"expert_dgrad: tiles were made for block_m={tiles.block_m}, wide_last={tiles.wide_last}"
+                         f"{'' if tiles.ends is ends else ' and other ends'}; this launch has block_m="
+                         f"{shape.block_m}, wide_last={shape.wide_last}")
+    if out is not None and (out.shape != (S, N) or out.dtype != a.dtype or out.stride(1) != 1):
+        raise ValueError(f"expert_dgrad: out must be [{S}, {N}] {a.dtype} with unit column stride")
     if out is None:
         out = torch.empty(S, N, dtype=a.dtype, device=a.device)
-    elif out.shape != (S, N) or out.dtype != a.dtype or out.stride(1) != 1:
-        raise ValueError(f"expert_dgrad: out must be [{S}, {N}] {a.dtype} with unit column stride")
+    if tiles is None:
+        tiles = RowTiles.of(ends, S, shape.block_m, shape.wide_last)
     if S == 0 or N == 0:
         return out
     if K == 0:
