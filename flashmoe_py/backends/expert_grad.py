@@ -134,19 +134,25 @@ class _Groups:
         kernels/expert_dgrad.py where it suits (b contiguous), else torch._grouped_mm or a loop."""
         if self.grouped and expert_dgrad.suits(a, b, self.counts.shape[0], w_kn=True):
             return expert_dgrad.expert_dgrad(a, b, self.offs, self._row_tiles(), w_kn=True)
+        return self._grouped_or_loop(a, b)
+
+    def rows_times_t(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """a: [N, K]; w: [L, M, K] -> [N, M], each expert's rows times its w^T:
+        kernels/expert_dgrad.py where it suits (Hopper, bf16, few rows an expert), else
+        torch._grouped_mm or a loop on w's transposed view."""
+        if self.grouped and expert_dgrad.suits(a, w, self.counts.shape[0]):
+            return expert_dgrad.expert_dgrad(a, w, self.offs, self._row_tiles())
+        return self._grouped_or_loop(a, w.transpose(1, 2))
+
+    def _grouped_or_loop(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a: [N, K]; b: [L, K, M] (any strides) -> [N, M], each expert's rows times its b:
+        torch._grouped_mm where it runs, else a loop over experts."""
         if self.grouped:
             return torch._grouped_mm(a, b, offs=self.offs)
         out = a.new_empty(self.n, b.shape[-1])
         for e, s in enumerate(self.slices):
             out[s] = a[s] @ b[e]
         return out
-
-    def rows_times_t(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """a: [N, K]; w: [L, M, K] -> [N, M], each expert's rows times its w^T:
-        kernels/expert_dgrad.py where it suits (Hopper, bf16, few rows an expert), else rows_times."""
-        if self.grouped and expert_dgrad.suits(a, w, self.counts.shape[0]):
-            return expert_dgrad.expert_dgrad(a, w, self.offs, self._row_tiles())
-        return self.rows_times(a, w.transpose(1, 2))
 
     def _row_tiles(self) -> expert_dgrad.RowTiles:
         """expert_dgrad's row tiles, made once a backward for all its products."""

@@ -70,9 +70,9 @@ TILES = DgradTiles()
 def suits(a: torch.Tensor, w: torch.Tensor, num_experts: int, w_kn: bool = False) -> bool:
     """Whether expert_dgrad takes these operands (check_dgrad's conditions, bf16, a Hopper GPU) and
     is the faster choice for them (at most MAX_MEAN_ROWS rows an expert on average)."""
-    if not (a.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0) and a.dtype == torch.bfloat16):
-        return False
-    return _operand_problem(a, w, w_kn) is None and a.shape[0] <= MAX_MEAN_ROWS * num_experts
+    if a.shape[0] > MAX_MEAN_ROWS * num_experts or not (a.is_cuda and a.dtype == torch.bfloat16):
+        return False  # the cheap tests first: this runs for every product of a backward
+    return torch.cuda.get_device_capability(a.device) == (9, 0) and _operand_problem(a, w, w_kn) is None
 
 
 @dataclass(frozen=True)
@@ -157,16 +157,22 @@ def _tile_product(a_desc, a_tail_desc, w_desc, out_ptr, e, first, end, nt, N, K,
         acc = tl.dot(a, w, acc)
         if TAIL:
             acc_tail = tl.dot(a_tail_desc.load([first + BM, k]), w, acc_tail)
-    cols = nt * BN + tl.arange(0, BN)
+    _store_rows(out_ptr, acc, first, end, nt, N, stride_out)
+    if TAIL:
+        _store_rows(out_ptr, acc_tail, first + BM, end, nt, N, stride_out)
+
+
+@triton.jit
+def _store_rows(out_ptr, acc, first, end, nt, N, stride_out):
+    """out[first:first + acc's rows, n-tile nt] = acc in out's dtype, rows from end on and columns
+    from N on not stored."""
+    BM: tl.constexpr = acc.shape[0]
+    BN: tl.constexpr = acc.shape[1]
     rows = first + tl.arange(0, BM)
+    cols = nt * BN + tl.arange(0, BN)
     mask = (rows < end)[:, None] & (cols < N)[None, :]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask)
-    if TAIL:
-        rows = first + BM + tl.arange(0, BM // 2)
-        mask = (rows < end)[:, None] & (cols < N)[None, :]
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :],
-                 acc_tail.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
