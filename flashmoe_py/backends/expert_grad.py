@@ -28,6 +28,7 @@ from ..config import MoEConfig
 from ..gate_up import gate_and_up
 from ..kernels import expert_dgrad, expert_wgrad
 from ..kernels.activation_grad import activation_grad
+from ..kernels.bias_grad import bias_grads
 from . import torch_ep
 
 
@@ -54,18 +55,29 @@ def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
     dtype = rows.dtype
     if pre is None:
         pre = groups.rows_times(rows, w_in)
-        if b_in is not None:
-            pre = (pre.float() + groups.per_row(b_in).float()).to(dtype)
+        if b_in is not None:  # in fp32, rounded once, as (pre.float() + b.float()).to(dtype)
+            pre = (pre + groups.per_row(b_in)).to(dtype)
     g = groups.rows_times_t(dy, w_out)
     sh, d_pre, dot = _activation_grad(pre, g, scale, config)
-    if b_out is not None:
-        dot = dot + (dy.float() * groups.per_row(b_out).float()).sum(1)
     d_pre_low = d_pre.to(dtype)
     params = {"w_in": groups.outer(rows, d_pre_low), "w_out": groups.outer(sh.to(dtype), dy)}
     if b_in is not None:
-        params["b_in"] = groups.column_sums(d_pre.float()).to(b_in.dtype)
-        params["b_out"] = groups.column_sums(dy.float() * scale[:, None]).to(b_out.dtype)
+        db_in, db_out, dot_b = _bias_grads(d_pre, dy, scale, b_out, groups)
+        dot = dot + dot_b
+        params |= {"b_in": db_in.to(b_in.dtype), "b_out": db_out.to(b_out.dtype)}
     return ExpertGrads(groups.rows_times_t(d_pre_low, w_in), dot, params)
+
+
+def _bias_grads(d_pre: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, b_out: torch.Tensor,
+                groups: _Groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d_pre: [N, F_in], dy: [N, H], scale: [N] fp32, b_out: [L, H] -> (db_in [L, F_in], db_out
+    [L, H], <dy, b_out> per row [N]), fp32: one kernel pass on GPUs (kernels/bias_grad.py), torch
+    ops in fp32 elsewhere."""
+    if dy.is_cuda:
+        return bias_grads(d_pre.contiguous(), dy.contiguous(), scale.contiguous(), b_out.contiguous(), groups.counts)
+    dy = dy.float()
+    return (groups.column_sums(d_pre.float()), groups.column_sums(dy * scale[:, None]),
+            (dy * groups.per_row(b_out).float()).sum(1))
 
 
 def _activation_grad(pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
