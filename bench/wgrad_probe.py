@@ -9,7 +9,7 @@ explicit backward's torch._grouped_mm(a.t(), b, offs), on one GPU, at the preset
   grouped_aT_pad8 that with a^T stored contiguous ([K, S8]: the GEMM's A K-contiguous, which
                   torch._grouped_mm takes only for groups of whole 16 bytes)
   bmm_padded      torch.bmm over the experts' rows padded with zeros to the largest count
-  gluon           kernels/expert_wgrad.py (Hopper, a's width a multiple of 128): a persistent,
+  gluon           kernels/expert_wgrad.py (Hopper, widths multiples of 8): a persistent,
                   warp-specialised kernel whose tile stores drain while the next tiles load
   grouped_compiled (--compiled) the grouped call under torch.compile's max-autotune
 
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backward_kernels import timed  # noqa: E402
 
 from flashmoe_py import preset  # noqa: E402
-from flashmoe_py.kernels.expert_wgrad import BM, expert_wgrad  # noqa: E402
+from flashmoe_py.kernels.expert_wgrad import expert_wgrad  # noqa: E402
 
 # An H200's rates as bench/layer.py's measure_ceilings found them (its rows in
 # bench/results/2026-12-03h-h200x1-token-sum-loop/fb_*.json: 792-805 TFLOP/s, 4,229-4,257 GB/s).
@@ -79,7 +79,7 @@ def variants(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, compiled: b
         "grouped_aT_pad8": (grouped, (a8.t().contiguous(), b8, offs8)),
         "bmm_padded": (torch.bmm, (a_pad.transpose(1, 2), b_pad)),
     }
-    if a.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0) and a.shape[1] % BM == 0:
+    if a.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0) and a.shape[1] % 8 == 0:
         for st, ob in ((3, 1), (2, 2)) if b.shape[1] % 256 == 0 else ((3, 1), ):  # 2 buffers: whole tiles only
             fns[f"gluon_s{st}o{ob}"] = (functools.partial(expert_wgrad, stages=st, out_bufs=ob), (a, b, offs))
     if compiled:

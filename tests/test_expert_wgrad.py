@@ -1,7 +1,7 @@
 """The per-expert weight-gradient kernel (kernels/expert_wgrad.py): out[e] = a_e^T b_e over each
 expert's rows. On a Hopper GPU against float64 products on fresh random inputs (experts without
-rows, with one row, with rows not a multiple of the 64-row step, output columns not a multiple of
-the tile), the output poisoned first; everywhere, the launcher's argument checks."""
+rows, with one row, with rows not a multiple of the 64-row step, output rows and columns not a
+multiple of the tile), the output poisoned first; everywhere, the launcher's argument checks."""
 
 import pytest
 import torch
@@ -17,6 +17,7 @@ CASES = {  # counts of rows an expert, K, N
     "partial column tile": ([33, 95, 128], 128, 200),
     "many experts, few rows": ([3, 17, 0, 64, 65, 1, 127, 2] * 8, 384, 256),
     "every expert empty but the last": ([0, 0, 0, 300], 128, 128),
+    "K not a multiple of the tile (gpt_oss_120b's 2,880 is 22.5)": ([40, 130, 0, 70], 192, 200),
 }
 
 
@@ -69,7 +70,7 @@ def _ok():
 @pytest.mark.parametrize("bad, match", [
     (lambda a, b, e: (a.float(), b, e), "bfloat16"),
     (lambda a, b, e: (a, b[:3], e), "share S"),
-    (lambda a, b, e: (a[:, :100].contiguous(), b, e), "multiple of 128"),
+    (lambda a, b, e: (a[:, :100].contiguous(), b, e), "multiples of 8"),
     (lambda a, b, e: (a, b[:, :60].contiguous(), e), "of 8"),
     (lambda a, b, e: (a, b[:, ::2], e), "contiguous"),
     (lambda a, b, e: (a, b, e.long()), "int32"),
@@ -130,5 +131,6 @@ def test_the_kernel_suits_few_rows_an_expert_only():
         return torch.zeros(S, K, dtype=dtype, device="cuda"), torch.zeros(S, N, dtype=dtype, device="cuda")
     assert suits(*ops(16 * MAX_MEAN_ROWS), 16)
     assert not suits(*ops(16 * MAX_MEAN_ROWS + 1), 16)
-    assert not suits(*ops(64, K=200), 16)
+    assert suits(*ops(64, K=200), 16)  # rows of out past K are not stored (a 3-D TMA box)
+    assert not suits(*ops(64, K=196), 16)  # a's rows not whole 16 bytes for TMA
     assert not suits(*ops(64, dtype=torch.float16), 16)

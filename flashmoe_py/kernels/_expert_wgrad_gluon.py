@@ -42,18 +42,19 @@ class WgradParts:
 
 @gluon.jit
 def _tile(p, t):
-    """Tile t -> (first of its expert's rows, their count, row of out, first column, row of w):
+    """Tile t -> (first of its expert's rows, their count, the expert, first column, row of w):
     expert-major, then column tiles fastest (neighbouring programs share a's [rows, BM] block). A
-    tile is [BM, 2 BN]: each consumer's half one [BM, BN] box of out."""
-    TM: gl.constexpr = p.out_desc.block_type.shape[0]
-    TN: gl.constexpr = 2 * p.out_desc.block_type.shape[1]
+    tile is [BM, 2 BN]: each consumer's half one [1, BM, BN] box of out [E, K, N] (rows past K are
+    not stored)."""
+    TM: gl.constexpr = p.out_desc.block_type.shape[1]
+    TN: gl.constexpr = 2 * p.out_desc.block_type.shape[2]
     n_n = gl.cdiv(p.b_desc.shape[1], TN)
-    per_expert = (p.K // TM) * n_n
+    per_expert = gl.cdiv(p.K, TM) * n_n
     e = t // per_expert
     m = (t % per_expert) // n_n
     start = gl.load(p.ends_ptr + e - 1, mask=e > 0, other=0)
     end = gl.load(p.ends_ptr + e)
-    return start, end - start, e * p.K + m * TM, (t % per_expert % n_n) * TN, m * TM
+    return start, end - start, e, (t % per_expert % n_n) * TN, m * TM
 
 
 @gluon.jit
@@ -82,7 +83,7 @@ def _producer(p, unused: gl.constexpr):
     HALF: gl.constexpr = p.b_bufs.type.shape[2]
     pos = 0
     for t in range(gl.program_id(0), p.num_tiles, gl.num_programs(0)):
-        start, rows, out_row, col, m0 = _tile(p, t)
+        start, rows, e, col, m0 = _tile(p, t)
         for k in range(gl.cdiv(rows, R)):
             s = pos % S
             mbarrier.wait(p.empty.index(s), ((pos // S) & 1) ^ 1)
@@ -105,15 +106,15 @@ def _producer(p, unused: gl.constexpr):
 def _consumer(p, c: gl.constexpr):
     S: gl.constexpr = p.a_bufs.type.shape[0]
     R: gl.constexpr = p.a_bufs.type.shape[1]
-    TM: gl.constexpr = p.out_desc.block_type.shape[0]
-    HALF: gl.constexpr = p.out_desc.block_type.shape[1]
+    TM: gl.constexpr = p.out_desc.block_type.shape[1]
+    HALF: gl.constexpr = p.out_desc.block_type.shape[2]
     OUT_BUFS: gl.constexpr = p.out_bufs.type.shape[0] // 2
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                           instr_shape=[16, HALF, 16])
     pos = 0
     j = 0  # the program's tiles so far
     for t in range(gl.program_id(0), p.num_tiles, gl.num_programs(0)):
-        start, rows, out_row, col, m0 = _tile(p, t)
+        start, rows, e, col, m0 = _tile(p, t)
         steps = gl.cdiv(rows, R)
         acc = gl.zeros((TM, HALF), dtype=gl.float32, layout=acc_layout)
         for k in range(steps):
@@ -129,10 +130,10 @@ def _consumer(p, c: gl.constexpr):
         mbarrier.arrive(p.empty.index((pos + S - 1) % S), pred=steps > 0)
         out_buf = p.out_bufs.index(c * OUT_BUFS + j % OUT_BUFS)
         tma.store_wait(pendings=OUT_BUFS - 1)  # the store that last read out_buf is done
-        out_buf.store(acc.to(p.out_desc.dtype))
+        out_buf.reshape([TM, HALF]).store(acc.to(p.out_desc.dtype))
         fence_async_shared()
         if col + c * HALF < p.b_desc.shape[1]:
-            tma.async_copy_shared_to_global(p.out_desc, [out_row, col + c * HALF], out_buf)
+            tma.async_copy_shared_to_global(p.out_desc, [e, m0, col + c * HALF], out_buf)
         j += 1
     tma.store_wait(pendings=0)
 
@@ -167,8 +168,7 @@ def _descs(a, b, out):
             _LAYOUTS[box] = gl.NVMMASharedLayout.get_default_for(list(box), gl.bfloat16)
         return TensorDescriptor.from_tensor(t, list(box), _LAYOUTS[box])
 
-    E, K, N = out.shape
-    return desc(a, (BR, BM)), desc(b, (BR, BN)), desc(out.view(E * K, N), (BM, BN))
+    return desc(a, (BR, BM)), desc(b, (BR, BN)), desc(out, (1, BM, BN))
 
 
 def launch(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torch.Tensor, stages: int,
@@ -181,7 +181,7 @@ def launch(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torch.Tens
     (bench/results/2026-12-04a-h200x1-expert-wgrad/NOTE.md). ends' alignment is the one
     specialisation that can change between calls: unaligned, the call goes through Triton's launch."""
     E, K, N = out.shape
-    num_tiles = E * (K // BM) * triton.cdiv(N, 2 * BN)
+    num_tiles = E * triton.cdiv(K, BM) * triton.cdiv(N, 2 * BN)
     key = (a.device, stages, out_bufs)
     if warmup or key not in _COMPILED or ends.data_ptr() % 16:
         device_sms = sms if warmup else torch.cuda.get_device_properties(a.device).multi_processor_count

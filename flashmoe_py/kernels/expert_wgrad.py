@@ -23,7 +23,9 @@ shared memory once it has landed (stores only, but for the 8 rows that hold the 
 releases the stage to the consumers on a barrier of its own, so the consumers never touch a box
 (they zeroed their b boxes before: 6-14% slower on one H200, bench/NOTES.md item 68). The consumers
 wait on that barrier only at such steps; the producer arrives on it at every step, so its phases
-keep in step with the ring's (items 68-69). Rows past S arrive as zeros from TMA."""
+keep in step with the ring's (items 68-69). Rows past S and a's columns past K arrive as zeros from
+TMA; out is stored through a [E, K, N] descriptor in [1, BM, BN] boxes, so a tile's rows past K
+(K not a multiple of BM: gpt_oss_120b's 2,880) are not stored."""
 
 from __future__ import annotations
 
@@ -52,16 +54,16 @@ def suits(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> bool:
 
 
 def _operand_problem(a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """What keeps a and b from the kernel (bf16 [S, K] and [S, N], contiguous, K a multiple of BM
-    so that tiles do not cross experts in out, N of 8 for TMA rows of whole 16 bytes), or None."""
+    """What keeps a and b from the kernel (bf16 [S, K] and [S, N], contiguous, K and N multiples
+    of 8 for TMA rows of whole 16 bytes), or None."""
     if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
         return f"a and b must be bfloat16, got {a.dtype} and {b.dtype}"
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
         return f"a [S, K] and b [S, N] must share S, got {tuple(a.shape)} and {tuple(b.shape)}"
     if not (a.is_contiguous() and b.is_contiguous()):
         return "a and b must be contiguous"
-    if a.shape[1] % BM or b.shape[1] % 8:
-        return f"a's width {a.shape[1]} must be a multiple of {BM}, b's {b.shape[1]} of 8"
+    if a.shape[1] % 8 or b.shape[1] % 8:
+        return f"a's width {a.shape[1]} and b's {b.shape[1]} must be multiples of 8"
     return None
 
 
