@@ -2,8 +2,8 @@
 d_pre and of scale * dy, and each row's <dy, b_out[e]>, for rows sorted by expert. In the Triton
 interpreter (float32) and on a GPU (bf16 and float32) against float64 sums on fresh random inputs:
 an expert without rows, one with one row, widths that are not a multiple of the column block, row
-counts that are not a multiple of the row block; the same bits on a second run; the launcher's
-argument checks."""
+counts that are not a multiple of the row block, rows of no expert; on a GPU the same bits on a
+second run; the launcher's argument checks."""
 
 import os
 
@@ -11,6 +11,8 @@ import pytest
 import torch
 from grad_reference import rel_err
 
+from flashmoe_py import MoEConfig
+from flashmoe_py.backends.expert_grad import expert_ffn_backward
 from flashmoe_py.kernels.bias_grad import BLOCK_COLS, BLOCK_ROWS, bias_grads
 from seeds import fresh_seed
 
@@ -63,6 +65,20 @@ def test_sums_match_float64_expert_by_expert(case, dtype):
 
 
 @pytest.mark.skipif(not RUNS, reason="needs a GPU or the Triton interpreter")
+def test_rows_past_the_experts_belong_to_none():
+    """counts summing to less than N: the last rows enter no sum and get dot_b 0; no experts at all:
+    zeros everywhere."""
+    counts, F_in, H = [5, 0, 40], 64, 96
+    d_pre, dy, scale, b_out, _ = draw(counts + [7], F_in, H, torch.float32)
+    db_in, db_out, dot_b = bias_grads(d_pre, dy, scale, b_out[:3], torch.tensor(counts, device=DEVICE))
+    want = reference(d_pre[:45], dy[:45], scale[:45], b_out[:3], counts)
+    assert rel_err(db_in, want[0]) <= 1e-5 and rel_err(db_out, want[1]) <= 1e-5
+    assert rel_err(dot_b[:45], want[2]) <= 1e-5 and not dot_b[45:].any()
+    none = bias_grads(d_pre, dy, scale, b_out[:0], torch.zeros(0, dtype=torch.int64, device=DEVICE))
+    assert [tuple(t.shape) for t in none] == [(0, F_in), (0, H), (52,)] and not none[2].any()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs programs in order: it cannot tell")
 def test_the_same_bits_every_run():
     counts, F_in, H = CASES["uneven counts, an empty expert, one row"]
     inputs = draw(counts, F_in, H, torch.float32)
@@ -70,7 +86,7 @@ def test_the_same_bits_every_run():
         assert torch.equal(first, second)
 
 
-def test_arguments_are_checked_before_any_launch():
+def test_bad_arguments_are_refused_by_name():
     d_pre, dy, scale, b_out, counts = (torch.randn(6, 8), torch.randn(6, 4), torch.ones(6), torch.randn(2, 4),
                                        torch.tensor([2, 4]))
     with pytest.raises(ValueError, match="d_pre"):
@@ -83,3 +99,11 @@ def test_arguments_are_checked_before_any_launch():
         bias_grads(d_pre, dy, scale, b_out, counts.int())
     with pytest.raises(ValueError, match="contiguous"):
         bias_grads(d_pre, torch.randn(4, 6).t(), scale, b_out, counts)
+
+
+def test_the_experts_backward_refuses_one_bias_without_the_other():
+    cfg = MoEConfig(hidden_size=8, ffn_size=8, num_experts=2, top_k=1, dtype="float32", activation="relu")
+    rows, counts = torch.randn(4, 8), torch.tensor([1, 3])
+    weights = {"w_in": torch.randn(2, 8, 8), "w_out": torch.randn(2, 8, 8), "b_in": torch.randn(2, 8), "b_out": None}
+    with pytest.raises(ValueError, match="b_in and b_out"):
+        expert_ffn_backward(rows, torch.randn(4, 8), torch.ones(4), counts, weights, cfg)

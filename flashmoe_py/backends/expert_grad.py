@@ -51,6 +51,8 @@ def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
     [L, F_in], b_out [L, H] or None; pre: [N, F_in], GEMM1's output with b_in as the forward saved
     it, or None to compute it. Activation math in fp32, GEMMs in the rows' dtype."""
     w_in, w_out, b_in, b_out = (weights.get(n) for n in ("w_in", "w_out", "b_in", "b_out"))
+    if (b_in is None) != (b_out is None):
+        raise ValueError("expert_ffn_backward: weights must hold both b_in and b_out or neither")
     groups = _Groups(counts, rows, w_out)
     dtype = rows.dtype
     if pre is None:

@@ -7,7 +7,7 @@ weight scale:
     db_out[e] = sum over e's rows of scale[r] dy[r]     [L, H]     fp32
     dot_b[r]  = <dy[r], b_out[e]>                       [N]        fp32  (b_out's share of <dy, y>)
 
-Each input element is read once. The grid is (experts, column blocks of d_pre then of dy): a program
+d_pre and dy are read once. The grid is (experts, column blocks of d_pre then of dy): a program
 sums its expert's rows of its columns in row order, and writes its columns' share of dot_b into a
 row of partial sums, summed after the launch in a fixed order (no atomics: the same bits every run).
 Under torch ops the same took eight passes over [N, H] and [N, F_in] in fp32 and two index_add_
@@ -59,8 +59,10 @@ def bias_grad_kernel(d_pre_ptr, dy_ptr, scale_ptr, b_out_ptr, ends_ptr, db_in_pt
 def bias_grads(d_pre: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, b_out: torch.Tensor,
                counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d_pre: [N, F_in] and dy: [N, H] in one dtype, contiguous, rows sorted by local expert;
-    scale: [N] fp32; b_out: [L, H]; counts: [L] int64, each expert's rows (sum N) ->
-    (db_in [L, F_in], db_out [L, H], dot_b [N]), all fp32, as the module docstring says."""
+    scale: [N] fp32; b_out: [L, H]; counts: [L] int64, each expert's rows, all on one device ->
+    (db_in [L, F_in], db_out [L, H], dot_b [N]), all fp32, as the module docstring says. counts
+    must sum to at most N (not checked: that would synchronise with the GPU); rows past their sum
+    belong to no expert and get dot_b 0."""
     N, H = dy.shape
     L = counts.shape[0]
     if d_pre.dim() != 2 or d_pre.shape[0] != N or d_pre.dtype != dy.dtype:
@@ -75,11 +77,14 @@ def bias_grads(d_pre: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, b_out
         raise ValueError(f"bias_grads: counts must be [L] int64, got {counts.dtype} {tuple(counts.shape)}")
     if not all(t.is_contiguous() for t in (d_pre, dy, scale, b_out)):
         raise ValueError("bias_grads: d_pre, dy, scale and b_out must be contiguous")
+    if any(t.device != dy.device for t in (d_pre, scale, b_out, counts)):
+        raise ValueError(f"bias_grads: d_pre, dy, scale, b_out and counts must be on one device, got {d_pre.device}, "
+                         f"{dy.device}, {scale.device}, {b_out.device}, {counts.device}")
     F_in = d_pre.shape[1]
     db_in = torch.empty(L, F_in, dtype=torch.float32, device=dy.device)
     db_out = torch.empty(L, H, dtype=torch.float32, device=dy.device)
     in_blocks, out_blocks = triton.cdiv(F_in, BLOCK_COLS), triton.cdiv(H, BLOCK_COLS)
-    partial = torch.empty(out_blocks, N, dtype=torch.float32, device=dy.device)
+    partial = torch.zeros(out_blocks, N, dtype=torch.float32, device=dy.device)  # rows of no expert: 0
     if L:
         ends = torch.cumsum(counts, 0)
         bias_grad_kernel[(L, in_blocks + out_blocks)](d_pre, dy, scale, b_out, ends, db_in, db_out, partial,
