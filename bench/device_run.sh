@@ -11,8 +11,9 @@
 # training steps (PROF_ARGS=--shapes: a row per op and input shapes); gemm1: bench/gemm1_loop.py --peer
 # (the GEMM1 loop's schedules, the warp-specialised Gluon one, triton_kernels; GEMM1_LIMIT seconds at
 # most); wgrad: the weight-gradient kernel's GPU tests, then bench/wgrad_probe.py against torch's
-# grouped products (WGRAD_PRESETS at WGRAD_TOKENS, uniform and skewed routing); sass: the compiled
-# builds.
+# grouped products (WGRAD_PRESETS at WGRAD_TOKENS, uniform and skewed routing); ncuwgrad: ncu over
+# that probe's first NCU_COUNT weight-gradient launches (what bounds it: DRAM, L2, the tensor pipe);
+# sass: the compiled builds.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -85,6 +86,12 @@ for step in "$@"; do
               timeout -k 10 "${WGRAD_LIMIT:-300}" python3 bench/wgrad_probe.py --preset ${WGRAD_PRESETS:-qwen3_30b_a3b deepseek_v3} \
                 --tokens ${WGRAD_TOKENS:-4096 8192} --skew 0 1 --out "$OUT/wgrad_probe.json" > "$OUT/wgrad_probe.log" 2>&1
               echo "=== wgrad probe rc=$?"; grep -E "grouped  |gluon" "$OUT/wgrad_probe.log" ;;
+    ncuwgrad) echo "=== ncu wgrad_kernel"  # what bounds it: DRAM, L2, the tensor pipe (one probe call each)
+              timeout -k 10 "${WGRAD_LIMIT:-300}" ncu --clock-control none -k regex:wgrad_kernel -c "${NCU_COUNT:-2}" \
+                --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+                python3 bench/wgrad_probe.py --preset ${WGRAD_PRESETS:-deepseek_v3} --tokens ${WGRAD_TOKENS:-4096} \
+                --skew 0 --rounds 1 --iters 1 > "$OUT/ncu_wgrad.txt" 2>&1
+              echo "=== ncu rc=$?"; grep -E "wgrad_kernel|Duration|Throughput|Hit Rate|Pipe" "$OUT/ncu_wgrad.txt" | head -40 ;;
     sass) echo "=== sass"; bash .whl/sass_stats.sh fused_moe_kernel > "$OUT/sass.txt" 2>&1; cat "$OUT/sass.txt" ;;
   esac
 done
