@@ -47,7 +47,7 @@ def draw(counts, F_in, H, dtype):
     dy = torch.randn(N, H, device=DEVICE, generator=g).to(dtype)
     scale = torch.rand(N, device=DEVICE, generator=g) + 0.5
     b_out = torch.randn(L, H, device=DEVICE, generator=g).to(dtype)
-    return d_pre, dy, scale, b_out, torch.tensor(counts, device=DEVICE)
+    return d_pre, dy, scale, b_out, torch.tensor(counts, device=DEVICE).cumsum(0).to(torch.int32)
 
 
 @pytest.mark.skipif(not RUNS, reason="needs a GPU or the Triton interpreter")
@@ -70,7 +70,8 @@ def test_rows_past_the_experts_belong_to_none():
     zeros everywhere."""
     counts, F_in, H = [5, 0, 40], 64, 96
     d_pre, dy, scale, b_out, _ = draw(counts + [7], F_in, H, torch.float32)
-    db_in, db_out, dot_b = bias_grads(d_pre, dy, scale, b_out[:3], torch.tensor(counts, device=DEVICE))
+    ends = torch.tensor(counts, device=DEVICE).cumsum(0)
+    db_in, db_out, dot_b = bias_grads(d_pre, dy, scale, b_out[:3], ends)
     want = reference(d_pre[:45], dy[:45], scale[:45], b_out[:3], counts)
     assert rel_err(db_in, want[0]) <= 1e-5 and rel_err(db_out, want[1]) <= 1e-5
     assert rel_err(dot_b[:45], want[2]) <= 1e-5 and not dot_b[45:].any()
@@ -87,18 +88,18 @@ def test_the_same_bits_every_run():
 
 
 def test_bad_arguments_are_refused_by_name():
-    d_pre, dy, scale, b_out, counts = (torch.randn(6, 8), torch.randn(6, 4), torch.ones(6), torch.randn(2, 4),
-                                       torch.tensor([2, 4]))
+    d_pre, dy, scale, b_out, ends = (torch.randn(6, 8), torch.randn(6, 4), torch.ones(6), torch.randn(2, 4),
+                                     torch.tensor([2, 6]))
     with pytest.raises(ValueError, match="d_pre"):
-        bias_grads(d_pre[:5], dy, scale, b_out, counts)
+        bias_grads(d_pre[:5], dy, scale, b_out, ends)
     with pytest.raises(ValueError, match="scale"):
-        bias_grads(d_pre, dy, scale.double(), b_out, counts)
+        bias_grads(d_pre, dy, scale.double(), b_out, ends)
     with pytest.raises(ValueError, match="b_out"):
-        bias_grads(d_pre, dy, scale, b_out[:, :3], counts)
-    with pytest.raises(ValueError, match="counts"):
-        bias_grads(d_pre, dy, scale, b_out, counts.int())
+        bias_grads(d_pre, dy, scale, b_out[:, :3], ends)
+    with pytest.raises(ValueError, match="ends"):
+        bias_grads(d_pre, dy, scale, b_out, ends.float())
     with pytest.raises(ValueError, match="contiguous"):
-        bias_grads(d_pre, torch.randn(4, 6).t(), scale, b_out, counts)
+        bias_grads(d_pre, torch.randn(4, 6).t(), scale, b_out, ends)
 
 
 def test_the_experts_backward_refuses_one_bias_without_the_other():

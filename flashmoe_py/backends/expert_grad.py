@@ -76,7 +76,7 @@ def _bias_grads(d_pre: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, b_ou
     [L, H], <dy, b_out> per row [N]), fp32: one kernel pass on GPUs (kernels/bias_grad.py), torch
     ops in fp32 elsewhere."""
     if dy.is_cuda:
-        return bias_grads(d_pre.contiguous(), dy.contiguous(), scale.contiguous(), b_out.contiguous(), groups.counts)
+        return bias_grads(d_pre.contiguous(), dy.contiguous(), scale.contiguous(), b_out.contiguous(), groups.offs)
     dy = dy.float()
     return (groups.column_sums(d_pre.float()), groups.column_sums(dy * scale[:, None]),
             (dy * groups.per_row(b_out).float()).sum(1))
@@ -131,17 +131,14 @@ class _Groups:
 
     def __init__(self, counts: torch.Tensor, rows: torch.Tensor, w_out: torch.Tensor):
         self.counts, self.n = counts, rows.shape[0]
-        experts = torch.arange(counts.shape[0], device=counts.device)
-        self.row_expert = experts.repeat_interleave(counts, output_size=self.n)  # [N]
+        self.offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [L], each expert's end row
         self.grouped = (torch_ep.grouped_mm_works(rows.device.type, rows.dtype)
                         and torch_ep.grouped_mm_aligned(rows, w_out)
                         and _grouped_outer_works(rows.device.type, rows.dtype))
         if self.grouped:
-            self.offs = torch.cumsum(counts, 0).to(torch.int32)
             self.row_tiles: expert_dgrad.RowTiles | None = None
         else:
-            ends = torch.cumsum(counts, 0).tolist()
-            self.slices = [slice(end - int(n), end) for n, end in zip(counts.tolist(), ends)]
+            self.slices = [slice(end - int(n), end) for n, end in zip(counts.tolist(), self.offs.tolist())]
 
     def rows_times(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a: [N, K]; b: [L, K, M] -> [N, M], each expert's rows times its b:
@@ -188,6 +185,13 @@ class _Groups:
             if s.stop > s.start:
                 out[e] = a[s].t() @ b[s]
         return out
+
+    @functools.cached_property
+    def row_expert(self) -> torch.Tensor:
+        """[N] int64, each row's expert: made where asked (the CPU steps, recompute's b_in), never on
+        a GPU backward without biases."""
+        experts = torch.arange(self.counts.shape[0], device=self.counts.device)
+        return experts.repeat_interleave(self.counts, output_size=self.n)
 
     def column_sums(self, a: torch.Tensor) -> torch.Tensor:
         """a: [N, M] fp32 -> [L, M], each expert's rows summed."""

@@ -57,36 +57,36 @@ def bias_grad_kernel(d_pre_ptr, dy_ptr, scale_ptr, b_out_ptr, ends_ptr, db_in_pt
 
 
 def bias_grads(d_pre: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, b_out: torch.Tensor,
-               counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d_pre: [N, F_in] and dy: [N, H] in one dtype, contiguous, rows sorted by local expert;
-    scale: [N] fp32; b_out: [L, H]; counts: [L] int64, each expert's rows, all on one device ->
-    (db_in [L, F_in], db_out [L, H], dot_b [N]), all fp32, as the module docstring says. counts
-    must sum to at most N (not checked: that would synchronise with the GPU); rows past their sum
-    belong to no expert and get dot_b 0."""
+    scale: [N] fp32; b_out: [L, H]; ends: [L] int32 or int64, contiguous, the cumulative row
+    counts (the offs of torch._grouped_mm), all on one device -> (db_in [L, F_in], db_out [L, H],
+    dot_b [N]), all fp32, as the module docstring says. ends[-1] must be at most N (not checked:
+    that would synchronise with the GPU); rows past it belong to no expert and get dot_b 0."""
     N, H = dy.shape
-    L = counts.shape[0]
+    L = ends.shape[0]
     if d_pre.dim() != 2 or d_pre.shape[0] != N or d_pre.dtype != dy.dtype:
         raise ValueError(f"bias_grads: d_pre {d_pre.dtype} {tuple(d_pre.shape)} must be [N, F_in] in dy's dtype "
                          f"({dy.dtype}, N = {N})")
     if scale.shape != (N,) or scale.dtype != torch.float32:
         raise ValueError(f"bias_grads: scale must be [{N}] float32, got {scale.dtype} {tuple(scale.shape)}")
     if b_out.shape != (L, H):
-        raise ValueError(f"bias_grads: b_out must be [{L}, {H}] (counts' experts, dy's width), got "
+        raise ValueError(f"bias_grads: b_out must be [{L}, {H}] (ends' experts, dy's width), got "
                          f"{tuple(b_out.shape)}")
-    if counts.dim() != 1 or counts.dtype != torch.int64:
-        raise ValueError(f"bias_grads: counts must be [L] int64, got {counts.dtype} {tuple(counts.shape)}")
+    if ends.dim() != 1 or ends.dtype not in (torch.int32, torch.int64) or not ends.is_contiguous():
+        raise ValueError(f"bias_grads: ends must be a contiguous [L] int32 or int64 tensor, got {ends.dtype} "
+                         f"{tuple(ends.shape)}")
     if not all(t.is_contiguous() for t in (d_pre, dy, scale, b_out)):
         raise ValueError("bias_grads: d_pre, dy, scale and b_out must be contiguous")
-    if any(t.device != dy.device for t in (d_pre, scale, b_out, counts)):
-        raise ValueError(f"bias_grads: d_pre, dy, scale, b_out and counts must be on one device, got {d_pre.device}, "
-                         f"{dy.device}, {scale.device}, {b_out.device}, {counts.device}")
+    if any(t.device != dy.device for t in (d_pre, scale, b_out, ends)):
+        raise ValueError(f"bias_grads: d_pre, dy, scale, b_out and ends must be on one device, got {d_pre.device}, "
+                         f"{dy.device}, {scale.device}, {b_out.device}, {ends.device}")
     F_in = d_pre.shape[1]
     db_in = torch.empty(L, F_in, dtype=torch.float32, device=dy.device)
     db_out = torch.empty(L, H, dtype=torch.float32, device=dy.device)
     in_blocks, out_blocks = triton.cdiv(F_in, BLOCK_COLS), triton.cdiv(H, BLOCK_COLS)
     partial = torch.zeros(out_blocks, N, dtype=torch.float32, device=dy.device)  # rows of no expert: 0
     if L:
-        ends = torch.cumsum(counts, 0)
         bias_grad_kernel[(L, in_blocks + out_blocks)](d_pre, dy, scale, b_out, ends, db_in, db_out, partial,
                                                       N, F_in, H, in_blocks, BR=BLOCK_ROWS, BC=BLOCK_COLS)
     return db_in, db_out, partial.sum(0)
