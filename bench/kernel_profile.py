@@ -5,6 +5,8 @@ Default: torch.profiler over repeated forwards on rank 0 (the routing plan's ops
 layer's backward (--backward), to see where a step's time goes.
 --gaps N (with a GPU): also where the GPU sat idle between activities (a step's span, busy and
 idle time, the N longest gaps with what ran either side), from the profile's trace.
+--pyprofile N: where the host's time goes instead (cProfile over the steps, the N functions with the
+most time of their own and the N with the most in total), for steps that are host-bound.
 --trace: inside the fused kernel, from its task timestamps (kernels/fused_moe.py, TRACE): per task
 kind, how many, when the first started and the last ended, median and summed durations, and how
 long programs waited for the count words; one table per rank, JSON with --out.
@@ -17,17 +19,22 @@ long programs waited for the count words; one table per rank, JSON with --out.
 
 import argparse
 import contextlib
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
 import tempfile
+import threading
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
+from flashmoe_py.backends import explicit_backward  # noqa: E402
 from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.kernels.layout import (TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT,  # noqa: E402
                                         TASK_PUBLISH, TASK_SHARED_IN, TASK_SHARED_OUT, TRACE_COLS,
@@ -164,6 +171,53 @@ def profile_steps(layer, x: torch.Tensor, iters: int, fwd_bwd: bool, shapes: boo
     return prof
 
 
+def host_profile(layer, x: torch.Tensor, iters: int, fwd_bwd: bool, top: int) -> str:
+    """cProfile over `iters` forwards (inference mode) or training steps of x [T, H], after five
+    to warm up -> two tables of the `top` functions: by their own time and by their total. On a
+    GPU the backward runs on autograd's device thread, which cProfile before Python 3.12 does not
+    follow: there the layer's backward (explicit_backward's Function) is profiled on that thread,
+    into the same tables."""
+    if fwd_bwd:
+        x = x.detach().requires_grad_(True)
+        step = training_step(layer, x, torch.randn_like(x))
+    else:
+        def step():
+            layer(x)
+    with contextlib.nullcontext() if fwd_bwd else torch.inference_mode():
+        for _ in range(5):
+            step()
+        layer.synchronize()
+        prof, in_backward = cProfile.Profile(), cProfile.Profile()
+        backward = explicit_backward._Explicit.backward
+
+        main_thread = threading.get_ident()
+
+        def profiled_backward(ctx, *grads):
+            if threading.get_ident() == main_thread or sys.version_info >= (3, 12):
+                return backward(ctx, *grads)  # prof sees it already (3.12's cProfile sees every thread)
+            in_backward.enable()
+            try:
+                return backward(ctx, *grads)
+            finally:
+                in_backward.disable()
+        explicit_backward._Explicit.backward = staticmethod(profiled_backward)
+        try:
+            prof.enable()
+            for _ in range(iters):
+                step()
+            prof.disable()
+        finally:
+            explicit_backward._Explicit.backward = staticmethod(backward)
+        layer.synchronize()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    if in_backward.getstats():
+        stats.add(in_backward)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return text.getvalue()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3_30b_a3b")
@@ -177,11 +231,15 @@ def main():
     p.add_argument("--override", type=json.loads, default=None,
                    help="launch settings as JSON, e.g. '{\"stages\": 4}' (MoELayer's launch_override)")
     p.add_argument("--rows", type=int, default=40, help="rows of the profile's table (by self time)")
+    p.add_argument("--sort", choices=("gpu", "cpu"), default="gpu",
+                   help="order the table by each op's own GPU time (on GPUs) or its own host time")
     p.add_argument("--shapes", action="store_true",
                    help="a row per op and input shapes (which of several calls of an op takes the time)")
     p.add_argument("--gaps", type=int, default=0,
                    help="also where the GPU sits idle between activities: a step's span, busy and idle "
                         "time, and this many of the longest gaps with what ran either side")
+    p.add_argument("--pyprofile", type=int, default=0,
+                   help="where the host's time goes instead: cProfile's this many functions by own and total time")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     fused = args.trace or args.backend == "flash"
@@ -211,11 +269,15 @@ def main():
                 if rt.rank == 0:
                     for r, s in enumerate(every):
                         print(f"\n### {title}: trace, rank {r}\n{format_summary(s)}", flush=True)
+            elif args.pyprofile:
+                text = host_profile(layer, x, args.iters, args.fwd_bwd, args.pyprofile)
+                if rt.rank == 0:
+                    print(f"\n### {title}: host time over {args.iters} steps\n{text}", flush=True)
             else:
                 prof = profile_steps(layer, x, args.iters, args.fwd_bwd, args.shapes)
                 if rt.rank == 0:
                     what = "training steps (forward + backward)" if args.fwd_bwd else "forwards"
-                    sort = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
+                    sort = "self_cuda_time_total" if x.is_cuda and args.sort == "gpu" else "self_cpu_time_total"
                     print(f"\n### {title}: totals over {args.iters} {what}")
                     print(prof.key_averages(group_by_input_shape=args.shapes).table(
                         sort_by=sort, row_limit=args.rows, max_name_column_width=60))
