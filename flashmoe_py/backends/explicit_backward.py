@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from ..kernels.router_grad import router_weight_grad
 from ..kernels.token_sum import token_sum
+from ..kernels.weights_grad import weights_grad
 from ..routing import weights_backward
 from .expert_grad import expert_ffn_backward
 from .saved import SavedForward
@@ -107,7 +108,7 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
         dx_slot, dw_slot = d_rows, dot
     grads = {name: g for name, g in expert_grads.items() if name in want}
     dw = torch.zeros(T * k, dtype=torch.float32, device=x.device).index_copy_(0, slot, dw_slot)
-    d_logits = weights_backward(logits, r.experts, cfg, dw.view(T, k))
+    d_logits = _weights_backward(logits, r.experts, cfg, dw.view(T, k))
     dx = _per_token(dx_slot, slot, T, k, d_logits, router_weight)
     if "router_weight" in want:
         grads["router_weight"] = _router_weight_grad(d_logits, x).to(router_weight.dtype)
@@ -137,6 +138,15 @@ def _per_token(rows: torch.Tensor, slot: torch.Tensor, T: int, k: int, d_logits:
     if S < T * k:  # dropped slots: their index S reads the zero row
         rows = torch.cat([rows, rows.new_zeros(1, H)])
     return rows[where].view(T, k, H).sum(1, dtype=torch.float32) + d_logits @ router_weight.float()
+
+
+def _weights_backward(logits: torch.Tensor, experts: torch.Tensor, cfg, grad: torch.Tensor) -> torch.Tensor:
+    """logits: [T, E] fp32, experts: [T, k], grad: [T, k] fp32 (of the scaled routing weights) ->
+    the logits' gradient [T, E] fp32: one kernel on GPUs (kernels/weights_grad.py, one launch for
+    about fourteen), routing.weights_backward's torch ops elsewhere."""
+    if logits.is_cuda:
+        return weights_grad(logits, experts, cfg, grad)
+    return weights_backward(logits, experts, cfg, grad)
 
 
 def _router_weight_grad(d_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
