@@ -81,7 +81,8 @@ def parse_args(argv=None):
                    help="the backwards of the fwd+bwd rows, one row each where the backend has it (flash: "
                         "saved, recompute); default: each backend's own")
     p.add_argument("--user-graph", action="store_true",
-                   help="also time backend flash captured whole in a caller's CUDA graph")
+                   help="also time backend flash captured whole in a caller's CUDA graph (with --fwd-bwd, "
+                        "the training step too)")
     p.add_argument("--out", default=None, help="JSON file (default bench/out/layer-<device>-w<world>.json, "
                    "git-ignored: results are committed under bench/results/ on purpose); the plot "
                    "goes beside it")
@@ -296,6 +297,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
+def rel_err_in_parts(out: torch.Tensor, ref: torch.Tensor, part: int = 1 << 26) -> float:
+    """rel_err over parts of at most `part` elements along dim 0: a weight gradient's fp32 copy
+    whole (deepseek_v3's w_in: 28 GiB) need not fit."""
+    rows = max(1, part // max(1, ref[0].numel()))
+    diff = norm = 0.0
+    for a, b in zip(out.reshape(ref.shape[0], -1).split(rows), ref.reshape(ref.shape[0], -1).split(rows)):
+        diff += float((a.float() - b.float()).square().sum())
+        norm += float(b.float().square().sum())
+    return (diff / norm) ** 0.5
+
+
 def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     """One (config, backend, routing, tokens) point -> a JSON row (on every rank)."""
     fused = backend in FLASH
@@ -354,7 +366,8 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
             for backward in args.backwards or [layer.options.backward_for(layer.backend.name)]:
                 if not (fused and backward == "autograd"):  # the fused kernel has no ops to record
                     layer.options = dataclasses.replace(layer.options, backward=backward)
-                    rows += fwd_bwd_rows(row, layer, xs, iters, tol, device, args.energy_seconds)
+                    rows += fwd_bwd_rows(row, layer, xs, iters, tol, device, args.energy_seconds,
+                                         graph=fused and args.user_graph)
     if fused:
         layer.backend.close()
     elif backend == "flash_shared_torch":
@@ -373,11 +386,12 @@ def training_step(layer, x: torch.Tensor, dy: torch.Tensor):
 
 
 def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, device,
-                 energy_seconds: float = 0.0) -> list[dict]:
+                 energy_seconds: float = 0.0, graph: bool = False) -> list[dict]:
     """row's point timed as forward + backward of sum(layer(x) * dy) (x and every parameter
     requiring grad) with the layer's backward, after dx on CHECK_TOKENS tokens is checked against
-    float64 autograd through the reference -> [a row with mode 'fwd+bwd' and its backward], or []
-    where the backend has no backward."""
+    float64 autograd through the reference -> [a row with mode 'fwd+bwd' and its backward, and
+    with graph the step captured in a CUDA graph (graph_fwd_bwd_row)], or [] where the backend
+    has no backward."""
     cfg = layer.config
     gen = torch.Generator().manual_seed(7)
     dys = [torch.randn(x.shape, generator=gen).to(device, x.dtype) for x in xs]
@@ -406,6 +420,54 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
         out |= energy_row(training_step(layer, xs[0].detach().requires_grad_(True), dys[0]), energy_seconds,
                           out["median_us"], device)
         layer.synchronize()
+        if graph:
+            return [out, *graph_fwd_bwd_row(out, layer, xs, dys, iters, tol, device)]
+    return [out]
+
+
+def graph_fwd_bwd_row(row: dict, layer: MoELayer, xs: list, dys: list, iters: int, tol: float,
+                      device) -> list[dict]:
+    """row's training step captured whole in the caller's CUDA graph on static x and dy (world 1,
+    dropless, bf16: elsewhere the backward refuses the capture), its replay's gradients on the
+    last input set checked against the eager step's, then replays timed with each input set
+    copied in -> [a row with backend 'flash+graph', rel_err against the eager step], or [] where
+    the capture is refused."""
+    check_x = xs[-1].detach().clone().requires_grad_(True)
+    training_step(layer, check_x, dys[-1])()
+    eager = [p.grad for p in layer.parameters() if p.grad is not None] + [check_x.grad]  # kept past zero_grad
+    x, dy = xs[0].detach().clone().requires_grad_(True), dys[0].clone()
+    step = training_step(layer, x, dy)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture's stream
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    captured = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(captured):
+            step()
+    except RuntimeError as e:
+        print(f"fwd+bwd in a CUDA graph skipped: {e}", file=sys.stderr)
+        return []
+    with torch.no_grad():
+        x.copy_(xs[-1])
+        dy.copy_(dys[-1])
+    captured.replay()
+    replayed = [p.grad for p in layer.parameters() if p.grad is not None] + [x.grad]
+    err = max_over_ranks(max(rel_err_in_parts(got, want) for got, want in zip(replayed, eager)), device)
+    del eager, replayed
+    out = {**without_energy(row), "backend": "flash+graph", "rel_err_vs_eager": err, "ok": row["ok"] and err <= tol}
+    times, timer = [], Timer(device)
+    for x_set, dy_set in zip(xs, dys):
+        with torch.no_grad():
+            x.copy_(x_set)
+            dy.copy_(dy_set)
+        times += timer.time(captured.replay, iters, warmup=3)
+    layer.synchronize()
+    out["median_us"] = max_over_ranks(statistics.median(times), device)
+    out["host_us"] = max_over_ranks(statistics.median(timer.host), device)
+    layer.zero_grad(set_to_none=True)  # the graph's gradient buffers go with it
     return [out]
 
 

@@ -71,12 +71,17 @@ def reference_grads(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor) -> dict:
     return grads
 
 
-def grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, forward=None, y=None) -> dict:
+def grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, forward=None, y=None, step=None) -> dict:
     """Backward of sum(forward(x) * dy), x [..., H], forward the layer or a wrapper of it (a
-    compiled one), or of sum(y * dy) with y = layer(x) taken earlier -> {x or parameter name:
-    relative error against the reference}; None where .grad is None (x that needs no gradient)."""
-    y = (layer if forward is None else forward)(x) if y is None else y
-    (y * dy).sum().backward()
+    compiled one), or of sum(y * dy) with y = layer(x) taken earlier, or step() (a CUDA graph's
+    replay of a captured training step on x and dy, leaving the gradients in .grad) -> {x or
+    parameter name: relative error against the reference}; None where .grad is None (x that
+    needs no gradient)."""
+    if step is not None:
+        step()
+    else:
+        y = (layer if forward is None else forward)(x) if y is None else y
+        (y * dy).sum().backward()
     H = layer.config.hidden_size
     want = reference_grads(layer, x.reshape(-1, H), dy.reshape(-1, H))
     got = {"x": None if x.grad is None else x.grad.reshape(-1, H)}

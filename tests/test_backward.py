@@ -10,7 +10,7 @@ from grad_reference import grad_errors, lean_grad_errors, near_a_kink, rel_err
 from seeds import fresh_seed
 
 from flashmoe_py import MoEConfig, MoELayer
-from flashmoe_py.backends import torch_ep
+from flashmoe_py.backends import explicit_backward, torch_ep
 from flashmoe_py.backends.explicit_backward import moe_backward
 from flashmoe_py.backends.flash import CapturedForward, graphs_to_drop
 from flashmoe_py.backends.saved import SavedForward
@@ -88,6 +88,17 @@ def forward_in_context(rank, world, cfg: dict, context: str, backward) -> bool:
     with {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[context]():
         out = layer(torch.randn(5, cfg["hidden_size"], requires_grad=True))
     return out.grad_fn is None and not out.requires_grad
+
+
+def backward_as_if_captured(rank, world, cfg: dict, seed, backward) -> dict:
+    """The layer's backward with explicit_backward taking it to run inside a caller's CUDA graph
+    capture (a training step captured) -> grad_errors, or the backward's error."""
+    previous = explicit_backward._capturing
+    explicit_backward._capturing = lambda x: True
+    try:
+        return layer_grad_errors(rank, world, cfg, seed, shapes_for(world), backward=backward)
+    finally:
+        explicit_backward._capturing = previous
 
 
 # --- tests ---
@@ -448,3 +459,28 @@ def test_kept_graphs_hold_few_training_forwards():
     assert graphs_to_drop(keys, max_graphs=8, max_saving=2) == [(64, False, "s")]
     assert graphs_to_drop(keys, max_graphs=3, max_saving=2) == [(64, False, "s"), (8, True)]
     assert graphs_to_drop(keys, max_graphs=8, max_saving=3) == []
+
+
+@pytest.mark.parametrize("backward", ["saved", "recompute"])
+def test_a_captured_backward_runs_at_world_1_dropless(backward):
+    """Inside a caller's CUDA graph capture the backward runs where it needs no host
+    synchronisation: world 1 and no capacity (the GPU replays: tests/gpu/check_backward.py)."""
+    errs = backward_as_if_captured(0, 1, MoEConfig(**SMALL, top_k=2).to_dict(), fresh_seed(), backward)
+    assert max(e for e in errs.values() if e is not None) <= FP32_TOL, errs
+
+
+@pytest.mark.parametrize("backward", ["saved", "recompute"])
+def test_a_captured_backward_with_capacity_is_refused(backward):
+    cfg = MoEConfig(**SMALL, top_k=2, capacity_factor=1.0).to_dict()
+    with pytest.raises(RuntimeError, match=r"cannot be captured in a CUDA graph here: with capacity_factor=1\.0"):
+        backward_as_if_captured(0, 1, cfg, fresh_seed(), backward)
+
+
+@pytest.mark.parametrize("backward", ["saved", "recompute"])
+def test_a_captured_backward_at_world_2_is_refused_on_every_rank(dist_pools, backward):
+    """At world > 1 the all-to-all's split sizes come to the host: every rank raises, naming it,
+    before any collective (none waits for a peer that gave up)."""
+    out = dist_pools(2).run_all(backward_as_if_captured, MoEConfig(**SMALL, top_k=2).to_dict(), fresh_seed(),
+                                backward)
+    for ok, err in out:
+        assert not ok and err[0] == "RuntimeError" and "at world 2 its all-to-all split sizes" in err[1], err

@@ -135,6 +135,12 @@ class _Groups:
         self.grouped = (torch_ep.grouped_mm_works(rows.device.type, rows.dtype)
                         and torch_ep.grouped_mm_aligned(rows, w_out)
                         and _grouped_outer_works(rows.device.type, rows.dtype))
+        capturable = self.grouped and rows.dtype == torch.bfloat16
+        if rows.is_cuda and torch.cuda.is_current_stream_capturing() and not capturable:
+            raise RuntimeError(  # seen on an H200: torch._grouped_mm's float32 path copies from the host
+                "MoELayer's backward cannot be captured in a CUDA graph here: for "
+                f"{rows.dtype} rows of these sizes its per-expert products (a loop, or torch._grouped_mm's path "
+                "other than bfloat16's) need the row counts on the host")
         if self.grouped:
             self.row_tiles: expert_dgrad.RowTiles | None = None
         else:

@@ -7,7 +7,9 @@ kept, or "recompute": backends/explicit_backward.py); run one process per GPU:
 
 Every case: fresh random [batch, seq, H] inputs, uneven token counts (one rank with none when
 there are several), every gradient (what each rank's must be: tests/grad_reference.py), against
-float64. --presets (world 1): the full-size presets on backend flash, backward "saved" and
+float64. At world 1 also a training step captured whole in the caller's CUDA graph and replayed
+on fresh inputs, and the captures its backward refuses (capacity, the fp32 per-expert products).
+--presets (world 1): the full-size presets on backend flash, backward "saved" and
 "recompute", against a float32 reference taken one expert at a time
 (grad_reference.lean_grad_errors). Exit code 1 if any case fails."""
 
@@ -96,6 +98,80 @@ def run_case(name, overrides, backend, backward, rank, world) -> dict:
     return finish(layer, name, backend, backward or layer.options.backward_for(backend), cfg, errs)
 
 
+CAPTURED_CASES = [  # (name, config overrides): bf16, whose expert products torch._grouped_mm takes
+    ("captured step: bf16 swiglu top-2", dict(top_k=2, dtype="bfloat16")),
+    ("captured step: bf16 gelu top-8, 128 experts, biases", dict(top_k=8, num_experts=128, activation="gelu",
+                                                                 dtype="bfloat16", expert_bias=True)),
+]
+REFUSED_CASES = [  # (name, config overrides, what the error names)
+    ("captured step refused: capacity", dict(top_k=2, dtype="bfloat16", capacity_factor=1.0), "capacity_factor"),
+    ("captured step refused: fp32 per-expert products", dict(top_k=2), "per-expert products"),
+]
+CAPTURED_TOKENS = 96
+
+
+def captured_step(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """A whole training step (grads cleared, then the backward of sum(layer(x) * dy)) captured in
+    a CUDA graph, as a caller would, after two steps on a side stream to warm up."""
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        (layer(x) * dy).sum().backward()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def run_captured(name: str, overrides: dict, backward: str) -> dict:
+    """World 1: a training step captured whole in the caller's CUDA graph, then replayed on three
+    fresh inputs copied into the captured x and dy (each routed otherwise than the captured one):
+    every gradient the replay leaves in .grad against the reference, each time."""
+    cfg = case_config(overrides)
+    seed = same_seed()
+    layer = make_layer(cfg, "flash", backward, seed, CAPTURED_TOKENS)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def draw():
+        return (torch.randn(CAPTURED_TOKENS, cfg.hidden_size, generator=g).to("cuda", cfg.torch_dtype),
+                torch.randn(CAPTURED_TOKENS, cfg.hidden_size, generator=g).to("cuda", cfg.torch_dtype))
+    x0, dy = draw()
+    x = x0.requires_grad_()
+    graph = captured_step(layer, x, dy)
+    errs: dict = {}
+    for _ in range(3):
+        fresh_x, fresh_dy = draw()
+        with torch.no_grad():
+            x.copy_(fresh_x)
+            dy.copy_(fresh_dy)
+        for n, e in grad_errors(layer, x, dy, step=graph.replay).items():
+            errs[n] = e if errs.get(n) is None or e is None else max(errs[n], e)
+    return finish(layer, name, "flash", backward, cfg, errs)
+
+
+def run_refused(name: str, overrides: dict, names: str, backward: str) -> dict:
+    """World 1: where the backward would synchronise with the host, capturing a training step
+    raises a RuntimeError that says why (names) instead of breaking the capture."""
+    cfg = case_config(overrides)
+    layer = make_layer(cfg, "flash", backward, same_seed(), CAPTURED_TOKENS)
+    x = torch.randn(CAPTURED_TOKENS, cfg.hidden_size, device="cuda", dtype=cfg.torch_dtype).requires_grad_()
+    try:
+        captured_step(layer, x, torch.randn_like(x))
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    layer.backend.close()
+    torch.cuda.synchronize()
+    return {"case": name, "backend": "flash", "backward": backward, "error": message[:300],
+            "ok": "cannot be captured in a CUDA graph" in message and names in message}
+
+
 def run_preset(name: str, backward: str, rank: int) -> dict:
     """A full-size preset on backend flash at world 1, bf16, with backward ("saved" or
     "recompute"), against the lean float32 reference."""
@@ -165,10 +241,14 @@ def main() -> int:
     presets = list(PRESET_TOKENS) if args.presets and world == 1 else []
     configs = [(fm.preset(n), PRESET_TOKENS[n]) for n in presets]
     configs += [(case_config(o), max_tokens(world)) for _, o in CASES]
+    configs += [(case_config(c[1]), CAPTURED_TOKENS) for c in CAPTURED_CASES + REFUSED_CASES]
     rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, t) for c, t in configs))
     rank = rt.rank
     runs = [("torch", "autograd"), ("torch", "saved"), ("flash", "saved"), ("flash", "recompute")]
     rows = [run_case(name, o, backend, backward, rank, world) for backend, backward in runs for name, o in CASES]
+    if world == 1:
+        rows += [run_captured(name, o, b) for b in ("saved", "recompute") for name, o in CAPTURED_CASES]
+        rows += [run_refused(name, o, names, b) for b in ("saved", "recompute") for name, o, names in REFUSED_CASES]
     rows += [router_kernel_kept_for_inference(rank)]
     if presets:
         rows.append(router_builds_agree(presets))
