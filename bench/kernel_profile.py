@@ -205,8 +205,8 @@ def host_profile(layer, x: torch.Tensor, iters: int, fwd_bwd: bool, top: int) ->
             prof.enable()
             for _ in range(iters):
                 step()
-            prof.disable()
         finally:
+            prof.disable()
             explicit_backward._Explicit.backward = staticmethod(backward)
         layer.synchronize()
     text = io.StringIO()

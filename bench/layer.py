@@ -305,7 +305,7 @@ def rel_err_in_parts(out: torch.Tensor, ref: torch.Tensor, part: int = 1 << 26) 
     for a, b in zip(out.reshape(ref.shape[0], -1).split(rows), ref.reshape(ref.shape[0], -1).split(rows)):
         diff += float((a.float() - b.float()).square().sum())
         norm += float(b.float().square().sum())
-    return (diff / norm) ** 0.5
+    return (diff / norm) ** 0.5 if norm else (0.0 if diff == 0 else float("inf"))
 
 
 def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
@@ -428,10 +428,10 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
 def graph_fwd_bwd_row(row: dict, layer: MoELayer, xs: list, dys: list, iters: int, tol: float,
                       device) -> list[dict]:
     """row's training step captured whole in the caller's CUDA graph on static x and dy (world 1,
-    dropless, bf16: elsewhere the backward refuses the capture), its replay's gradients on the
-    last input set checked against the eager step's, then replays timed with each input set
-    copied in -> [a row with backend 'flash+graph', rel_err against the eager step], or [] where
-    the capture is refused."""
+    dropless, bf16: elsewhere the layer refuses the capture, backends/capture.py), its replay's
+    gradients on the last input set (with --input-sets 1, the captured one) checked against the
+    eager step's, then replays timed with each input set copied in -> [a row with backend
+    'flash+graph', rel_err_vs_eager], or [] where the capture is refused."""
     check_x = xs[-1].detach().clone().requires_grad_(True)
     training_step(layer, check_x, dys[-1])()
     eager = [p.grad for p in layer.parameters() if p.grad is not None] + [check_x.grad]  # kept past zero_grad

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .backends import capture
 from .backends.flash import FlashBackend
 from .backends.explicit_backward import explicit_forward, moe_backward
 from .backends.torch_ep import TorchEPBackend
@@ -325,6 +326,9 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # None: grad mode off, so no rank can record; else whether this rank does (ranks must agree)
         in_graph = self._records_graph(x) if torch.is_grad_enabled() else None
+        if (self.world_size > 1 and isinstance(x, torch.Tensor) and capture.capturing(x)
+                and (in_graph is not None or self.backend.name == "torch")):
+            capture.refuse_forward(self, self.backend.name)
         if torch.compiler.is_compiling():  # one opaque op per direction for the compiler: no graph break
             flag = -1 if in_graph is None else int(in_graph)
             return torch.ops.flashmoe.moe_forward(x, list(self.parameters()), self._op_id, flag)

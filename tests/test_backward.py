@@ -10,7 +10,7 @@ from grad_reference import grad_errors, lean_grad_errors, near_a_kink, rel_err
 from seeds import fresh_seed
 
 from flashmoe_py import MoEConfig, MoELayer
-from flashmoe_py.backends import explicit_backward, torch_ep
+from flashmoe_py.backends import capture, expert_grad, torch_ep
 from flashmoe_py.backends.explicit_backward import moe_backward
 from flashmoe_py.backends.flash import CapturedForward, graphs_to_drop
 from flashmoe_py.backends.saved import SavedForward
@@ -90,15 +90,33 @@ def forward_in_context(rank, world, cfg: dict, context: str, backward) -> bool:
     return out.grad_fn is None and not out.requires_grad
 
 
-def backward_as_if_captured(rank, world, cfg: dict, seed, backward) -> dict:
-    """The layer's backward with explicit_backward taking it to run inside a caller's CUDA graph
-    capture (a training step captured) -> grad_errors, or the backward's error."""
-    previous = explicit_backward._capturing
-    explicit_backward._capturing = lambda x: True
+def step_as_if_captured(rank, world, cfg: dict, seed, backward, captured: str) -> dict:
+    """A training step on fresh x of shapes_for(world)[rank], after one step without (a capture's
+    warm-up), with capture.capturing saying yes for the whole step (captured="step") or for its
+    backward only ("backward"), as inside a caller's CUDA graph capture -> grad_errors, or the
+    refusal's error."""
+    cfg = MoEConfig.from_dict(cfg)
+    layer = MoELayer(cfg, seed=seed, backward=backward)
+    g = torch.Generator().manual_seed(seed * 1009 + rank)
+    full = layer.full_weight_dict()
+    x = torch.randn(*shapes_for(world)[rank], cfg.hidden_size, generator=g).to(cfg.torch_dtype)
+    while near_a_kink(x, full, cfg):
+        x = torch.randn(*shapes_for(world)[rank], cfg.hidden_size, generator=g).to(cfg.torch_dtype)
+    x.requires_grad_()
+    dy = torch.randn(x.shape, generator=g).to(cfg.torch_dtype)
+    (layer(x) * dy).sum().backward()
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    previous = capture.capturing
     try:
-        return layer_grad_errors(rank, world, cfg, seed, shapes_for(world), backward=backward)
+        if captured == "step":
+            capture.capturing = lambda where: True
+            return grad_errors(layer, x, dy)
+        y = layer(x)
+        capture.capturing = lambda where: True
+        return grad_errors(layer, x, dy, y=y)
     finally:
-        explicit_backward._capturing = previous
+        capture.capturing = previous
 
 
 # --- tests ---
@@ -462,25 +480,59 @@ def test_kept_graphs_hold_few_training_forwards():
 
 
 @pytest.mark.parametrize("backward", ["saved", "recompute"])
-def test_a_captured_backward_runs_at_world_1_dropless(backward):
-    """Inside a caller's CUDA graph capture the backward runs where it needs no host
-    synchronisation: world 1 and no capacity (the GPU replays: tests/gpu/check_backward.py)."""
-    errs = backward_as_if_captured(0, 1, MoEConfig(**SMALL, top_k=2).to_dict(), fresh_seed(), backward)
-    assert max(e for e in errs.values() if e is not None) <= FP32_TOL, errs
+def test_a_captured_step_runs_at_world_1_dropless_in_bf16(backward):
+    """Inside a caller's CUDA graph capture the training step runs where it needs no host
+    synchronisation: world 1, no capacity, bf16 per-expert products (the GPU replays it on new
+    inputs: tests/gpu/check_backward.py)."""
+    cfg = MoEConfig(**{**SMALL, "dtype": "bfloat16"}, top_k=2).to_dict()
+    errs = step_as_if_captured(0, 1, cfg, fresh_seed(), backward, "step")
+    assert max(e for e in errs.values() if e is not None) <= 1e-2, errs
 
 
 @pytest.mark.parametrize("backward", ["saved", "recompute"])
 def test_a_captured_backward_with_capacity_is_refused(backward):
-    cfg = MoEConfig(**SMALL, top_k=2, capacity_factor=1.0).to_dict()
-    with pytest.raises(RuntimeError, match=r"cannot be captured in a CUDA graph here: with capacity_factor=1\.0"):
-        backward_as_if_captured(0, 1, cfg, fresh_seed(), backward)
+    cfg = MoEConfig(**{**SMALL, "dtype": "bfloat16"}, top_k=2, capacity_factor=1.0).to_dict()
+    with pytest.raises(RuntimeError, match=r"backward cannot be captured in a CUDA graph here: with capacity_factor"):
+        step_as_if_captured(0, 1, cfg, fresh_seed(), backward, "step")
+
+
+@pytest.mark.parametrize("backward", ["saved", "recompute"])
+def test_captured_per_expert_products_other_than_bf16_are_refused(backward):
+    """float32 rows: torch._grouped_mm's float32 path (or a loop) reads the row counts on the host."""
+    with pytest.raises(RuntimeError, match=r"for torch\.float32 rows of these sizes its per-expert products"):
+        step_as_if_captured(0, 1, MoEConfig(**SMALL, top_k=2).to_dict(), fresh_seed(), backward, "step")
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_a_captured_training_forward_at_world_2_is_refused_on_every_rank(dist_pools, backward):
+    """At world > 1 a forward under grad mode compares the ranks on the host (and backend torch's
+    all-to-all takes its split sizes there): every rank raises, naming it, before any collective."""
+    out = dist_pools(2).run_all(step_as_if_captured, MoEConfig(**SMALL, top_k=2).to_dict(), fresh_seed(),
+                                backward, "step")
+    for ok, err in out:
+        assert not ok and err[0] == "RuntimeError", err
+        assert "MoELayer's forward cannot be captured in a CUDA graph here: at world 2" in err[1], err
 
 
 @pytest.mark.parametrize("backward", ["saved", "recompute"])
 def test_a_captured_backward_at_world_2_is_refused_on_every_rank(dist_pools, backward):
-    """At world > 1 the all-to-all's split sizes come to the host: every rank raises, naming it,
-    before any collective (none waits for a peer that gave up)."""
-    out = dist_pools(2).run_all(backward_as_if_captured, MoEConfig(**SMALL, top_k=2).to_dict(), fresh_seed(),
-                                backward)
+    """The backward captured on its own after an eager forward: at world > 1 the all-to-all's split
+    sizes come to the host, so every rank raises, naming it, before any collective."""
+    out = dist_pools(2).run_all(step_as_if_captured, MoEConfig(**SMALL, top_k=2).to_dict(), fresh_seed(),
+                                backward, "backward")
     for ok, err in out:
         assert not ok and err[0] == "RuntimeError" and "at world 2 its all-to-all split sizes" in err[1], err
+
+
+@pytest.mark.parametrize("probe", [lambda: torch_ep.grouped_mm_works("cpu", torch.bfloat16),
+                                   lambda: expert_grad._grouped_outer_works("cpu", torch.bfloat16)])
+def test_a_probe_is_never_taken_inside_a_capture(monkeypatch, probe):
+    """The one-time probes of torch._grouped_mm refuse a capture instead of caching a failure
+    there as 'does not work' (which would send every later step down the synchronising loop)."""
+    torch_ep.grouped_mm_works.cache_clear()
+    expert_grad._grouped_outer_works.cache_clear()
+    monkeypatch.setattr(capture, "capturing", lambda where: True)
+    with pytest.raises(RuntimeError, match="probed once, on first use"):
+        probe()
+    monkeypatch.undo()
+    assert probe()  # the refusal cached nothing

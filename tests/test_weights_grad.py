@@ -98,6 +98,8 @@ def test_bad_arguments_are_refused_by_name():
     logits, chosen, grad = torch.randn(4, 6), torch.zeros(4, 2, dtype=torch.int64), torch.randn(4, 2)
     with pytest.raises(ValueError, match="logits"):
         wg.weights_grad(logits.double(), chosen, cfg, grad)
+    with pytest.raises(ValueError, match=r"logits must be \[T, E\]"):
+        wg.weights_grad(logits[None], chosen, cfg, grad)
     with pytest.raises(ValueError, match="experts"):
         wg.weights_grad(logits, chosen[:, :1], cfg, grad)
     with pytest.raises(ValueError, match="experts"):

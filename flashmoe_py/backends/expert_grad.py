@@ -29,7 +29,7 @@ from ..gate_up import gate_and_up
 from ..kernels import expert_dgrad, expert_wgrad
 from ..kernels.activation_grad import activation_grad
 from ..kernels.bias_grad import bias_grads
-from . import torch_ep
+from . import capture, torch_ep
 
 
 @dataclass
@@ -135,12 +135,8 @@ class _Groups:
         self.grouped = (torch_ep.grouped_mm_works(rows.device.type, rows.dtype)
                         and torch_ep.grouped_mm_aligned(rows, w_out)
                         and _grouped_outer_works(rows.device.type, rows.dtype))
-        capturable = self.grouped and rows.dtype == torch.bfloat16
-        if rows.is_cuda and torch.cuda.is_current_stream_capturing() and not capturable:
-            raise RuntimeError(  # seen on an H200: torch._grouped_mm's float32 path copies from the host
-                "MoELayer's backward cannot be captured in a CUDA graph here: for "
-                f"{rows.dtype} rows of these sizes its per-expert products (a loop, or torch._grouped_mm's path "
-                "other than bfloat16's) need the row counts on the host")
+        if capture.capturing(rows) and not (self.grouped and rows.dtype == torch.bfloat16):
+            capture.refuse_products(rows.dtype)
         if self.grouped:
             self.row_tiles: expert_dgrad.RowTiles | None = None
         else:
@@ -211,7 +207,10 @@ class _Groups:
 @functools.cache
 def _grouped_outer_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm takes groups along K (a [K_total, M]^T with b [K_total, N]), as the
-    weight gradients need, and is right for this device and dtype (probed once)."""
+    weight gradients need, and is right for this device and dtype (probed once, never inside a
+    CUDA graph capture)."""
+    if capture.capturing(device_type):
+        capture.refuse_probe("torch._grouped_mm's grouped weight gradients")
     try:
         g = torch.Generator().manual_seed(0)
         a = torch.randn(48, 32, generator=g).to(device_type, dtype)

@@ -2,8 +2,9 @@
 inference (the fused kernel or the torch backend, no graph recorded) and keeps x, and under
 "saved" what backends/saved.py says (its routing, and GEMM1's outputs where the experts ran);
 the backward is explicit steps in torch ops (one host synchronisation for the all-to-all split
-sizes at world > 1, or for the kept slots under capacity; with neither, none: a caller can
-capture a whole training step in a CUDA graph, and elsewhere a backward under capture raises):
+sizes at world > 1, or for the kept slots under capacity; with neither, and bf16 rows in the
+per-expert products, none: a caller can capture a whole training step in a CUDA graph, and
+elsewhere a backward under capture raises, capture.py):
 
 1. the forward's routing ("saved"), or x routed again ("recompute": the same experts and
    capacity drops, since routing is deterministic: the router kernel on GPUs, torch ops
@@ -36,6 +37,7 @@ from ..kernels.router_grad import router_weight_grad
 from ..kernels.token_sum import token_sum
 from ..kernels.weights_grad import weights_grad
 from ..routing import weights_backward
+from . import capture
 from .expert_grad import expert_ffn_backward
 from .saved import SavedForward
 from .torch_ep import exchange_for, slots_by_destination
@@ -79,8 +81,8 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     kept (backward="saved"), or None to route and run GEMM1 again. No autograd inside (the
     compiled layer's backward op runs it below the autograd keys)."""
     cfg = layer.config
-    if _capturing(x):
-        _refuse_capture(layer)
+    if capture.capturing(x):
+        capture.refuse_backward(layer)
     T, k = x.shape[0], cfg.top_k
     if saved is None:
         with torch.no_grad():  # the forward's routing (the router kernel, on GPUs), even under create_graph
@@ -123,25 +125,6 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     if x_needs_grad:
         grads["x"] = dx.to(x.dtype)
     return grads
-
-
-def _capturing(x: torch.Tensor) -> bool:
-    """Whether x's backward runs inside a caller's CUDA graph capture (a training step captured)."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _refuse_capture(layer) -> None:
-    """A captured backward runs only where it needs no host synchronisation: at world 1 and
-    dropless. Elsewhere raise, naming why, before the first step that would synchronise and break
-    the capture."""
-    why = []
-    if layer.world_size > 1:
-        why.append(f"at world {layer.world_size} its all-to-all split sizes come to the host")
-    if layer.config.capacity_factor is not None:
-        why.append(f"with capacity_factor={layer.config.capacity_factor} the kept slots' count comes to the host")
-    if why:
-        raise RuntimeError("MoELayer's backward cannot be captured in a CUDA graph here: " + "; ".join(why)
-                           + ". Capture the forward only, or run the training step without a graph")
 
 
 def _per_token(rows: torch.Tensor, slot: torch.Tensor, T: int, k: int, d_logits: torch.Tensor,

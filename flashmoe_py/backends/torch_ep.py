@@ -14,6 +14,7 @@ import torch.distributed as dist
 from ..config import MoEConfig
 from ..reference import activate
 from ..routing import Routing, histogram
+from . import capture
 from .saved import SavedForward
 from .autograd_ops import Exchange, dispatch_experts_combine, grouped_mm
 
@@ -24,9 +25,12 @@ class PeerInputError(RuntimeError):
 
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm runs and is right for this device and dtype (probed once)."""
+    """Whether torch._grouped_mm runs and is right for this device and dtype (probed once, never
+    inside a CUDA graph capture)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    if capture.capturing(device_type):
+        capture.refuse_probe("torch._grouped_mm")
     try:
         g = torch.Generator().manual_seed(0)
         a = torch.randn(48, 32, generator=g).to(device_type, dtype)

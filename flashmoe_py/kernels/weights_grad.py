@@ -75,9 +75,9 @@ def weights_grad(logits: torch.Tensor, experts: torch.Tensor, config: MoEConfig,
                  grad: torch.Tensor) -> torch.Tensor:
     """routing.weights_backward in one launch: logits [T, E] fp32, experts [T, k] (int32 or int64),
     grad [T, k] fp32 (of the scaled weights), on one device -> the logits' gradient [T, E] fp32."""
-    T, E = logits.shape
     if logits.dtype != torch.float32 or logits.dim() != 2:
         raise ValueError(f"weights_grad: logits must be [T, E] float32, got {logits.dtype} {tuple(logits.shape)}")
+    T, E = logits.shape
     if experts.shape != (T, config.top_k) or experts.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"weights_grad: experts must be [{T}, {config.top_k}] int32 or int64, got "
                          f"{experts.dtype} {tuple(experts.shape)}")

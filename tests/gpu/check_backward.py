@@ -86,7 +86,7 @@ def run_case(name, overrides, backend, backward, rank, world) -> dict:
     def step(x, dy, y=None):
         layer.zero_grad(set_to_none=True)
         for n, e in grad_errors(layer, x, dy, y=y).items():
-            errs[n] = e if errs.get(n) is None or e is None else max(errs[n], e)
+            errs[n] = e if errs.get(n) is None else errs[n] if e is None else max(errs[n], e)
 
     for _ in range(3 if backend == "flash" else 1):
         step(*draw())
@@ -102,6 +102,9 @@ CAPTURED_CASES = [  # (name, config overrides): bf16, whose expert products torc
     ("captured step: bf16 swiglu top-2", dict(top_k=2, dtype="bfloat16")),
     ("captured step: bf16 gelu top-8, 128 experts, biases", dict(top_k=8, num_experts=128, activation="gelu",
                                                                  dtype="bfloat16", expert_bias=True)),
+    ("captured step: bf16 sigmoid_grouped, router bias, weight on input, gated shared expert",
+     dict(top_k=2, routing="sigmoid_grouped", n_group=4, topk_group=2, router_bias=True, weight_on_input=True,
+          shared_experts=1, shared_expert_gate=True, dtype="bfloat16")),
 ]
 REFUSED_CASES = [  # (name, config overrides, what the error names)
     ("captured step refused: capacity", dict(top_k=2, dtype="bfloat16", capacity_factor=1.0), "capacity_factor"),
@@ -151,7 +154,7 @@ def run_captured(name: str, overrides: dict, backward: str) -> dict:
             x.copy_(fresh_x)
             dy.copy_(fresh_dy)
         for n, e in grad_errors(layer, x, dy, step=graph.replay).items():
-            errs[n] = e if errs.get(n) is None or e is None else max(errs[n], e)
+            errs[n] = e if errs.get(n) is None else errs[n] if e is None else max(errs[n], e)
     return finish(layer, name, "flash", backward, cfg, errs)
 
 
