@@ -2,9 +2,10 @@
 backward), and the refusals where that work would synchronise with the host, which breaks a
 capture: each raises a RuntimeError saying why, before the step that would synchronise.
 
-Capturable: at world 1, dropless, with bf16 rows in the backward's per-expert products (a
-training step replayed on new inputs copied in: tests/gpu/check_backward.py). Inference forwards
-(no_grad or inference_mode) at any world on backend flash."""
+Capturable, as run on an H200: backend flash's training step at world 1, dropless, with bf16 rows
+in the backward's per-expert products (replayed on new inputs copied in:
+tests/gpu/check_backward.py), and its inference forwards (no_grad or inference_mode) at any world.
+Backend torch's steps at world 1 have not been run under a capture."""
 
 from __future__ import annotations
 
