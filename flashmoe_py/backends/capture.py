@@ -4,7 +4,8 @@ capture: each raises a RuntimeError saying why, before the step that would synch
 
 Capturable, as run on an H200: backend flash's training step at world 1, dropless, with bf16 rows
 in the backward's per-expert products (replayed on new inputs copied in:
-tests/gpu/check_backward.py), and its inference forwards (no_grad or inference_mode) at any world.
+tests/gpu/check_backward.py), and its inference forwards (no_grad or inference_mode:
+tests/gpu/check_flash.py's "cuda graph" case).
 Backend torch's steps at world 1 have not been run under a capture."""
 
 from __future__ import annotations
