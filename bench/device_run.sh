@@ -6,7 +6,7 @@
 # commits, carried: `git archive C flashmoe_py bench tests/one_rank.py | tar -x -C .variants/C`) and
 # this one, one after another on the same GPU, VARIANT_ROUNDS times in turn (a setting's time moves
 # ~2% between runs: alternate, compare the rounds); fbvariants: the same for flash/saved fwd+bwd
-# (bench/layer.py --fwd-bwd, FB_PRESETS at TOKENS); backkernels: the backward's token-sum and
+# (bench/layer.py --fwd-bwd, FB_PRESETS at TOKENS; FB_ARGS=--user-graph adds the step captured whole); backkernels: the backward's token-sum and
 # router-gradient kernels alone (bench/backward_kernels.py); profbwd: torch.profiler over flash/saved
 # training steps (PROF_ARGS=--shapes: a row per op and input shapes); gemm1: bench/gemm1_loop.py --peer
 # (the GEMM1 loop's schedules, the warp-specialised Gluon one, triton_kernels; GEMM1_LIMIT seconds at
@@ -73,7 +73,7 @@ for step in "$@"; do
               tag=$([ "$root" = . ] && echo current || basename "$root")
               run "fb_${tag}_$round" 300 1 "$root/bench/layer.py" --preset ${FB_PRESETS:-qwen3_30b_a3b deepseek_v3} \
                 --tokens ${TOKENS:-4096} --backends flash --fwd-bwd --backwards saved --iters 20 --input-sets 2 \
-                --out "$OUT/fb_${tag}_$round.json"; done; done ;;
+                ${FB_ARGS:-} --out "$OUT/fb_${tag}_$round.json"; done; done ;;
     backkernels) run backward_kernels 240 1 bench/backward_kernels.py ${BACK_ARGS:-} --out "$OUT/backward_kernels.json" ;;
     profbwd) for p in ${PROF_PRESETS:-qwen3_30b_a3b deepseek_v3}; do  # where a training step's time goes
               run "profile_bwd_$p" 240 1 bench/kernel_profile.py --preset "$p" --tokens ${TOKENS:-4096} --fwd-bwd \
