@@ -326,9 +326,6 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # None: grad mode off, so no rank can record; else whether this rank does (ranks must agree)
         in_graph = self._records_graph(x) if torch.is_grad_enabled() else None
-        if (self.world_size > 1 and isinstance(x, torch.Tensor) and capture.capturing(x)
-                and (in_graph is not None or self.backend.name == "torch")):
-            capture.refuse_forward(self, self.backend.name)
         if torch.compiler.is_compiling():  # one opaque op per direction for the compiler: no graph break
             flag = -1 if in_graph is None else int(in_graph)
             return torch.ops.flashmoe.moe_forward(x, list(self.parameters()), self._op_id, flag)
@@ -338,6 +335,9 @@ class MoELayer(nn.Module):
         """record: run under the explicit backward's autograd Function when backward is "saved"
         or "recompute" (else no graph of the layer's own, or backend torch's autograd ops when
         in_graph and backward="autograd")."""
+        if (self.world_size > 1 and isinstance(x, torch.Tensor) and capture.capturing(x)
+                and (in_graph is not None or self.backend.name == "torch")):
+            capture.refuse_forward(self, self.backend.name)  # also the compiled layer's op, which runs this
         problem = self._input_problem(x)
         x2d = x.reshape(-1, self.config.hidden_size).contiguous() if problem is None else x
         in_graph = in_graph and problem is None
