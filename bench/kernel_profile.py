@@ -142,51 +142,48 @@ def gpu_activities(prof) -> list[tuple[str, float, float]]:
             if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
 
-def profile_steps(layer, x: torch.Tensor, iters: int, fwd_bwd: bool, shapes: bool = False):
-    """torch.profiler over `iters` forwards of x [T, H] (inference mode) or, fwd_bwd, training
-    steps (forward, then backward of sum(layer(x) * dy), x and the parameters requiring grad),
-    after five of them to warm up (graphs captured, kernels compiled) -> the profile (with each
-    op's input shapes recorded if shapes)."""
+@contextlib.contextmanager
+def warmed_step(layer, x: torch.Tensor, fwd_bwd: bool):
+    """-> a forward of x [T, H] (run in inference mode) or, fwd_bwd, a training step (forward, then
+    backward of sum(layer(x) * dy), x and the parameters requiring grad), after five of them to warm
+    up (graphs captured, kernels compiled); the ranks and the layer are in step on entry and exit."""
     if fwd_bwd:
         x = x.detach().requires_grad_(True)
         step = training_step(layer, x, torch.randn_like(x))
     else:
         def step():
             layer(x)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if x.is_cuda:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with contextlib.nullcontext() if fwd_bwd else torch.inference_mode():
         for _ in range(5):
             step()
         layer.synchronize()
         dist.barrier()
+        yield step
+        layer.synchronize()
+        dist.barrier()
+
+
+def profile_steps(layer, x: torch.Tensor, iters: int, fwd_bwd: bool, shapes: bool = False):
+    """torch.profiler over `iters` of warmed_step's steps -> the profile (with each op's input
+    shapes recorded if shapes)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if x.is_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with warmed_step(layer, x, fwd_bwd) as step:
         with torch.profiler.profile(activities=activities, record_shapes=shapes) as prof:
             for _ in range(iters):
                 step()
             if x.is_cuda:  # the GPU's work done; no copy of the layer's status word inside (--gaps)
                 torch.cuda.synchronize()
-        layer.synchronize()
-        dist.barrier()
     return prof
 
 
 def host_profile(layer, x: torch.Tensor, iters: int, fwd_bwd: bool, top: int) -> str:
-    """cProfile over `iters` forwards (inference mode) or training steps of x [T, H], after five
-    to warm up -> two tables of the `top` functions: by their own time and by their total. On a
-    GPU the backward runs on autograd's device thread, which cProfile before Python 3.12 does not
-    follow: there the layer's backward (explicit_backward's Function) is profiled on that thread,
-    into the same tables."""
-    if fwd_bwd:
-        x = x.detach().requires_grad_(True)
-        step = training_step(layer, x, torch.randn_like(x))
-    else:
-        def step():
-            layer(x)
-    with contextlib.nullcontext() if fwd_bwd else torch.inference_mode():
-        for _ in range(5):
-            step()
-        layer.synchronize()
+    """cProfile over `iters` of warmed_step's steps -> two tables of the `top` functions: by their
+    own time and by their total. On a GPU the backward runs on autograd's device thread, which
+    cProfile before Python 3.12 does not follow: there the layer's backward (explicit_backward's
+    Function) is profiled on that thread, into the same tables."""
+    with warmed_step(layer, x, fwd_bwd) as step:
         prof, in_backward = cProfile.Profile(), cProfile.Profile()
         backward = explicit_backward._Explicit.backward
 
@@ -208,7 +205,6 @@ def host_profile(layer, x: torch.Tensor, iters: int, fwd_bwd: bool, top: int) ->
         finally:
             prof.disable()
             explicit_backward._Explicit.backward = staticmethod(backward)
-        layer.synchronize()
     text = io.StringIO()
     stats = pstats.Stats(prof, stream=text)
     if in_backward.getstats():

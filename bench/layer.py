@@ -293,19 +293,17 @@ def save_rows(path: str, rows: list) -> None:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
-
-
-def rel_err_in_parts(out: torch.Tensor, ref: torch.Tensor, part: int = 1 << 26) -> float:
-    """rel_err over parts of at most `part` elements along dim 0: a weight gradient's fp32 copy
-    whole (deepseek_v3's w_in: 28 GiB) need not fit."""
-    rows = max(1, part // max(1, ref[0].numel()))
+def rel_err(out: torch.Tensor, ref: torch.Tensor, part: int = 1 << 26) -> float:
+    """||out - ref|| / ||ref|| (nan for 0 / 0, inf for x / 0) in fp32, over parts of at most `part`
+    elements along dim 0: a weight gradient's fp32 copy whole (deepseek_v3's w_in: 28 GiB) need
+    not fit."""
+    n, row = ref.shape[0], math.prod(ref.shape[1:])
+    rows = max(1, part // max(1, row))
     diff = norm = 0.0
-    for a, b in zip(out.reshape(ref.shape[0], -1).split(rows), ref.reshape(ref.shape[0], -1).split(rows)):
+    for a, b in zip(out.reshape(n, row).split(rows), ref.reshape(n, row).split(rows)):
         diff += float((a.float() - b.float()).square().sum())
         norm += float(b.float().square().sum())
-    return (diff / norm) ** 0.5 if norm else (0.0 if diff == 0 else float("inf"))
+    return (diff / norm) ** 0.5 if norm else (float("nan") if diff == 0 else float("inf"))
 
 
 def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
@@ -436,17 +434,8 @@ def graph_fwd_bwd_row(row: dict, layer: MoELayer, xs: list, dys: list, iters: in
     training_step(layer, check_x, dys[-1])()
     eager = [p.grad for p in layer.parameters() if p.grad is not None] + [check_x.grad]  # kept past zero_grad
     x, dy = xs[0].detach().clone().requires_grad_(True), dys[0].clone()
-    step = training_step(layer, x, dy)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture's stream
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    captured = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(captured):
-            step()
+        captured = captured_graph(training_step(layer, x, dy), warmups=2)
     except RuntimeError as e:
         print(f"fwd+bwd in a CUDA graph skipped: {e}", file=sys.stderr)
         return []
@@ -455,7 +444,7 @@ def graph_fwd_bwd_row(row: dict, layer: MoELayer, xs: list, dys: list, iters: in
         dy.copy_(dys[-1])
     captured.replay()
     replayed = [p.grad for p in layer.parameters() if p.grad is not None] + [x.grad]
-    err = max_over_ranks(max(rel_err_in_parts(got, want) for got, want in zip(replayed, eager)), device)
+    err = max_over_ranks(max(rel_err(got, want) for got, want in zip(replayed, eager)), device)
     del eager, replayed
     out = {**without_energy(row), "backend": "flash+graph", "rel_err_vs_eager": err, "ok": row["ok"] and err <= tol}
     times, timer = [], Timer(device)
@@ -510,19 +499,26 @@ def random_shapes(n: int, seed: int, dtype: str) -> list[tuple[str, MoEConfig]]:
     return shapes
 
 
+def captured_graph(fn, warmups: int) -> torch.cuda.CUDAGraph:
+    """fn() captured in a CUDA graph, as a caller would: after `warmups` calls on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def graph_median_us(layer, xs, iters, device) -> tuple[float, float]:
     """Capture one forward on a static input, then time replays with each input set copied in ->
     (median µs, median host µs: Timer)."""
     static = xs[0].clone()
     with torch.inference_mode():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            layer(static)  # warm-up on the capture stream
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            layer(static)
+        graph = captured_graph(lambda: layer(static), warmups=1)
         times, timer = [], Timer(device)
         for x in xs:
             static.copy_(x)

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backward_kernels import timed  # noqa: E402
+from layer import rel_err  # noqa: E402
 
 from flashmoe_py import preset  # noqa: E402
 from flashmoe_py.kernels.expert_wgrad import expert_wgrad  # noqa: E402
@@ -88,15 +89,6 @@ def variants(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, compiled: b
         fns["grouped_compiled"] = (torch.compile(grouped, mode="max-autotune-no-cudagraphs", dynamic=False),
                                    (a.t(), b, offs))
     return fns, E * most - a.shape[0]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| over [E, K, N] bf16, 16 experts at a time (deepseek_v3's are 15 GB)."""
-    num = den = 0.0
-    for o, r in zip(out.split(16), ref.split(16)):
-        o, r = o.float(), r.float()
-        num, den = num + float((o - r).square().sum()), den + float(r.square().sum())
-    return (num / den) ** 0.5
 
 
 def expert_counts(T: int, E: int, k: int, skew: float, gen: torch.Generator) -> torch.Tensor:

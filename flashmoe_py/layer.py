@@ -337,7 +337,7 @@ class MoELayer(nn.Module):
         in_graph and backward="autograd")."""
         if (self.world_size > 1 and isinstance(x, torch.Tensor) and capture.capturing(x)
                 and (in_graph is not None or self.backend.name == "torch")):
-            capture.refuse_forward(self, self.backend.name)  # also the compiled layer's op, which runs this
+            capture.refuse_forward(self)  # also the compiled layer's op, which runs this
         problem = self._input_problem(x)
         x2d = x.reshape(-1, self.config.hidden_size).contiguous() if problem is None else x
         in_graph = in_graph and problem is None

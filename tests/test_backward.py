@@ -45,6 +45,16 @@ VARIANTS = {
 
 # --- functions run on every rank of a DistPool: fn(rank, world_size, *args) ---
 
+def off_the_kinks(layer: MoELayer, shape: tuple, g: torch.Generator) -> torch.Tensor:
+    """Fresh x of shape (+ [H]) in the layer's dtype, drawn again while a pre-activation sits on a
+    kink of the activation (near_a_kink). Collective: every rank, once."""
+    cfg, full = layer.config, layer.full_weight_dict()
+    x = torch.randn(*shape, cfg.hidden_size, generator=g).to(cfg.torch_dtype)
+    while near_a_kink(x, full, cfg):
+        x = torch.randn(*shape, cfg.hidden_size, generator=g).to(cfg.torch_dtype)
+    return x
+
+
 def layer_grad_errors(rank, world, cfg: dict, seed, shapes, x_needs_grad=None, backward=None) -> dict:
     """Backward of sum(layer(x) * dy) for fresh x of shapes[rank] (+ [H]) on every rank ->
     {gradient: relative error against the reference}; None where .grad is None. x is drawn again
@@ -52,10 +62,7 @@ def layer_grad_errors(rank, world, cfg: dict, seed, shapes, x_needs_grad=None, b
     cfg = MoEConfig.from_dict(cfg)
     layer = MoELayer(cfg, seed=seed, backward=backward)
     g = torch.Generator().manual_seed(seed * 1009 + rank)
-    full = layer.full_weight_dict()  # collective: every rank, once
-    x = torch.randn(*shapes[rank], cfg.hidden_size, generator=g).to(cfg.torch_dtype)
-    while near_a_kink(x, full, cfg):
-        x = torch.randn(*shapes[rank], cfg.hidden_size, generator=g).to(cfg.torch_dtype)
+    x = off_the_kinks(layer, shapes[rank], g)
     x.requires_grad_(x_needs_grad is None or x_needs_grad[rank])
     return grad_errors(layer, x, torch.randn(x.shape, generator=g).to(cfg.torch_dtype))
 
@@ -98,11 +105,7 @@ def step_as_if_captured(rank, world, cfg: dict, seed, backward, captured: str) -
     cfg = MoEConfig.from_dict(cfg)
     layer = MoELayer(cfg, seed=seed, backward=backward)
     g = torch.Generator().manual_seed(seed * 1009 + rank)
-    full = layer.full_weight_dict()
-    x = torch.randn(*shapes_for(world)[rank], cfg.hidden_size, generator=g).to(cfg.torch_dtype)
-    while near_a_kink(x, full, cfg):
-        x = torch.randn(*shapes_for(world)[rank], cfg.hidden_size, generator=g).to(cfg.torch_dtype)
-    x.requires_grad_()
+    x = off_the_kinks(layer, shapes_for(world)[rank], g).requires_grad_()
     dy = torch.randn(x.shape, generator=g).to(cfg.torch_dtype)
     (layer(x) * dy).sum().backward()
     layer.zero_grad(set_to_none=True)

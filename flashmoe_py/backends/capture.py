@@ -22,11 +22,11 @@ def capturing(where: torch.Tensor | torch.device | str) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def refuse_forward(layer, backend: str) -> None:
+def refuse_forward(layer) -> None:
     """A forward at world > 1 captured under grad mode (backend flash: the ranks compare their grad
     modes and token counts on the host first) or on backend torch (its all-to-all's split sizes
     come to the host): raise."""
-    why = ("backend torch's all-to-all split sizes come to the host" if backend == "torch" else
+    why = ("backend torch's all-to-all split sizes come to the host" if layer.backend.name == "torch" else
            "under grad mode the ranks compare their grad modes and token counts on the host first")
     raise RuntimeError(f"MoELayer's forward {NOT_CAPTURABLE}: at world {layer.world_size} {why}. Capture "
                        "backend flash's forwards under torch.no_grad() or torch.inference_mode(), or run "
