@@ -8,7 +8,8 @@
 # ~2% between runs: alternate, compare the rounds); fbvariants: the same for flash/saved fwd+bwd
 # (bench/layer.py --fwd-bwd, FB_PRESETS at TOKENS; FB_ARGS=--user-graph adds the step captured whole); backkernels: the backward's token-sum and
 # router-gradient kernels alone (bench/backward_kernels.py); profbwd: torch.profiler over flash/saved
-# training steps (PROF_ARGS=--shapes: a row per op and input shapes); gemm1: bench/gemm1_loop.py --peer
+# training steps (PROF_ARGS=--shapes: a row per op and input shapes); profvariants: that profile for each
+# tree under .variants/ and this one, in turn (a backward kernel change's time inside the step); gemm1: bench/gemm1_loop.py --peer
 # (the GEMM1 loop's schedules, the warp-specialised Gluon one, triton_kernels; GEMM1_LIMIT seconds at
 # most); wgrad: the weight-gradient kernel's GPU tests, then bench/wgrad_probe.py against torch's
 # grouped products (WGRAD_PRESETS at WGRAD_TOKENS, uniform and skewed routing); ncuwgrad: ncu over
@@ -74,6 +75,13 @@ for step in "$@"; do
               run "fb_${tag}_$round" 300 1 "$root/bench/layer.py" --preset ${FB_PRESETS:-qwen3_30b_a3b deepseek_v3} \
                 --tokens ${TOKENS:-4096} --backends flash --fwd-bwd --backwards saved --iters 20 --input-sets 2 \
                 ${FB_ARGS:-} --out "$OUT/fb_${tag}_$round.json"; done; done ;;
+    profvariants) shopt -s nullglob; for round in $(seq "${VARIANT_ROUNDS:-1}"); do for root in .variants/*/ .; do
+              tag=$([ "$root" = . ] && echo current || basename "$root")  # a backward change's kernels inside the step
+              for p in ${PROF_PRESETS:-qwen3_30b_a3b deepseek_v3}; do
+                run "prof_${tag}_${p}_$round" 240 1 "$root/bench/kernel_profile.py" --preset "$p" --tokens ${TOKENS:-4096} \
+                  --fwd-bwd --backward saved --iters 5 ${PROF_ARGS:-} > /dev/null
+                echo "$tag $p round $round: $(grep -E '_kernel|cutlass|Self CUDA time total' "$OUT/prof_${tag}_${p}_$round.log" \
+                  | awk '{print $1, $(NF-2), $NF}' | head -12 | tr '\n' ';')"; done; done; done ;;
     backkernels) run backward_kernels 240 1 bench/backward_kernels.py ${BACK_ARGS:-} --out "$OUT/backward_kernels.json" ;;
     profbwd) for p in ${PROF_PRESETS:-qwen3_30b_a3b deepseek_v3}; do  # where a training step's time goes
               run "profile_bwd_$p" 240 1 bench/kernel_profile.py --preset "$p" --tokens ${TOKENS:-4096} --fwd-bwd \
