@@ -12,7 +12,7 @@ from torch import nn
 
 from .backends import capture
 from .backends.flash import FlashBackend
-from .backends.explicit_backward import explicit_forward, moe_backward
+from .backends.explicit_backward import explicit_forward, moe_backward, routing_bias_now
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
 from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
@@ -275,11 +275,14 @@ class MoELayer(nn.Module):
                 full[name] = to_halves(full[name])
         return full
 
-    def route(self, x: torch.Tensor, *, keep_logits: bool = False) -> Routing:
+    def route(self, x: torch.Tensor, *, keep_logits: bool = False,
+              correction_bias: torch.Tensor | None = None) -> Routing:
         """This rank's tokens x [T, H] through the layer's router (routing.route, with its biases;
-        keep_logits: the Routing holds the logits too)."""
+        keep_logits: the Routing holds the logits too; correction_bias: another [E] correction bias
+        than the layer's, e.g. a forward's copy for its backward)."""
+        bias = self.e_score_correction_bias if correction_bias is None else correction_bias
         return route(x, self.router_weight, self.config, router_bias=self.router_bias,
-                     e_score_correction_bias=self.e_score_correction_bias, keep_logits=keep_logits)
+                     e_score_correction_bias=bias, keep_logits=keep_logits)
 
     def full_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router_weight [E, H], w_in [E, H, F_in], w_out [E, F, H]) of the full layer, as
@@ -328,7 +331,7 @@ class MoELayer(nn.Module):
         in_graph = self._records_graph(x) if torch.is_grad_enabled() else None
         if torch.compiler.is_compiling():  # one opaque op per direction for the compiler: no graph break
             flag = -1 if in_graph is None else int(in_graph)
-            return torch.ops.flashmoe.moe_forward(x, list(self.parameters()), self._op_id, flag)
+            return torch.ops.flashmoe.moe_forward(x, list(self.parameters()), self._op_id, flag)[0]
         return self._forward(x, in_graph, record=bool(in_graph))
 
     def _forward(self, x: torch.Tensor, in_graph: bool | None, record: bool) -> torch.Tensor:
@@ -398,46 +401,57 @@ _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionar
 # (whatever the layer's `backward`, the compiled one is backward="recompute"'s: an op's outputs
 # would have to carry what "saved" keeps). `params` is the
 # layer's parameters, inputs only so that autograd hands them gradients; in_graph: -1 grad mode
-# off, else whether the caller records the forward (compared across ranks).
+# off, else whether the caller records the forward (compared across ranks). The forward op also
+# returns a copy of the correction bias it routed with (routing='sigmoid_grouped'), made inside
+# the op, for the backward to route with again.
 
 @torch.library.custom_op("flashmoe::moe_forward", mutates_args=())
-def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int) -> torch.Tensor:
-    """MoELayer.forward as a custom op, so torch.compile keeps the layer whole."""
-    return _LAYERS[layer_id]._forward(x, None if in_graph < 0 else bool(in_graph), record=False)
+def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int) -> list[torch.Tensor]:
+    """MoELayer.forward as a custom op, so torch.compile keeps the layer whole -> [out] or [out,
+    the correction bias's copy]."""
+    layer = _LAYERS[layer_id]
+    bias = routing_bias_now(layer)
+    out = layer._forward(x, None if in_graph < 0 else bool(in_graph), record=False)
+    return [out] if bias is None else [out, bias]
 
 
 @_moe_forward.register_fake
-def _(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int) -> torch.Tensor:
-    return torch.empty_like(x)
+def _(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int) -> list[torch.Tensor]:
+    bias = _LAYERS[layer_id].e_score_correction_bias
+    return [torch.empty_like(x)] + ([] if bias is None else [x.new_empty(tuple(bias.shape), dtype=bias.dtype)])
 
 
 @torch.library.custom_op("flashmoe::moe_backward", mutates_args=())
-def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_id: int) -> list[torch.Tensor]:
+def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_id: int,
+                  routing_bias: torch.Tensor | None) -> list[torch.Tensor]:
     """-> [dx, one gradient per parameter] of sum(layer(x) * dy) (backends/explicit_backward.py;
-    collective)."""
+    collective), routed with routing_bias (the forward op's copy of the correction bias, or None)."""
     layer = _LAYERS[layer_id]
     H = layer.config.hidden_size
     names = [name for name, _ in layer.named_parameters()]
     grads = moe_backward(layer, x.reshape(-1, H).contiguous(), dy.reshape(-1, H).contiguous(), set(names),
-                         x_needs_grad=True)
+                         x_needs_grad=True, routing_bias=routing_bias)
     return [grads["x"].view(x.shape)] + [grads[name] for name in names]
 
 
 @_moe_backward.register_fake
-def _(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_id: int) -> list[torch.Tensor]:
+def _(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_id: int,
+      routing_bias: torch.Tensor | None) -> list[torch.Tensor]:
     return [torch.empty_like(x)] + [torch.empty_like(p) for p in params]
 
 
 def _setup_moe_forward(ctx, inputs, output) -> None:
     x, params, layer_id, _ = inputs
-    ctx.layer_id = layer_id
-    ctx.save_for_backward(x, *params)
+    ctx.layer_id, ctx.num_params = layer_id, len(params)
+    ctx.save_for_backward(x, *params, *output[1:])
 
 
-def _moe_forward_backward(ctx, dy):
-    x, *params = ctx.saved_tensors
-    dx, *grads = torch.ops.flashmoe.moe_backward(x, dy.contiguous(), params, ctx.layer_id)
-    return dx, grads, None, None
+def _moe_forward_backward(ctx, grads):
+    x, *rest = ctx.saved_tensors
+    params, bias = rest[:ctx.num_params], rest[ctx.num_params:]
+    dx, *param_grads = torch.ops.flashmoe.moe_backward(x, grads[0].contiguous(), params, ctx.layer_id,
+                                                       bias[0] if bias else None)
+    return dx, param_grads, None, None
 
 
 _moe_forward.register_autograd(_moe_forward_backward, setup_context=_setup_moe_forward)

@@ -391,6 +391,61 @@ def test_an_in_place_update_between_forward_and_backward_is_caught(backward):
         out.sum().backward()
 
 
+@pytest.mark.parametrize("backward", ["saved", "recompute"])
+@pytest.mark.parametrize("tokens", [7, 0])
+def test_an_expanded_output_gradient_is_taken(backward, tokens):
+    """y.sum() hands back a stride-0 gradient (torch._grouped_mm refuses one, and .contiguous()
+    leaves an empty one's strides): the shared experts' products too get the reference's."""
+    cfg = MoEConfig(**{**SMALL, **VARIANTS["gelu, two gated shared experts"]})
+    layer = MoELayer(cfg, seed=fresh_seed(), backward=backward)
+    x = torch.randn(tokens, 32).requires_grad_()
+    if tokens == 0:  # nothing depends on the weights: zeros (the float64 reference has no graph here)
+        layer(x).sum().backward()
+        assert x.grad.shape == x.shape and all(not p.grad.any() for p in layer.parameters())
+        return
+    errs = grad_errors(layer, x, torch.ones(tokens, 32), step=lambda: layer(x).sum().backward())
+    assert max(errs.values()) <= FP32_TOL, errs
+
+
+@pytest.mark.parametrize("backward", ["saved", "recompute", "compiled"])
+def test_a_second_order_gradient_is_refused(backward):
+    """The explicit backward's steps are not differentiable: a gradient penalty through them raises
+    instead of giving wrong or missing second-order gradients."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), backward=None if backward == "compiled" else backward)
+    forward = torch.compile(layer, backend="aot_eager", fullgraph=True) if backward == "compiled" else layer
+    x = torch.randn(7, 32, requires_grad=True)
+    with pytest.raises(NotImplementedError if backward != "compiled" else RuntimeError,
+                       match="first-order gradients only" if backward != "compiled" else "double backward"):
+        gx, = torch.autograd.grad(forward(x).sum(), x, create_graph=True)
+        gx.square().sum().backward()
+
+
+@pytest.mark.parametrize("backward", ["recompute", "compiled", "saved"])
+def test_a_correction_bias_update_before_the_backward_changes_no_gradient(backward):
+    """Balancing without an auxiliary loss moves the correction bias between steps, often between
+    a forward and its backward: a backward that routes again routes as its forward did."""
+    cfg = MoEConfig(**{**SMALL, **VARIANTS["sigmoid_grouped, 2 of 4 groups, scaled"]})
+    layer = MoELayer(cfg, seed=fresh_seed(), backward=None if backward == "compiled" else backward)
+    forward = torch.compile(layer, backend="aot_eager", fullgraph=True) if backward == "compiled" else layer
+    g = torch.Generator().manual_seed(fresh_seed())
+    x, dy = torch.randn(16, 32, generator=g).requires_grad_(), torch.randn(16, 32, generator=g)
+    y = forward(x)
+    bias = layer.e_score_correction_bias
+    at_forward, shifted = bias.clone(), bias + 10 * torch.randn(bias.shape, generator=g)
+    with torch.no_grad():
+        before = layer.route(x).experts
+        bias.copy_(shifted)
+        assert (layer.route(x).experts != before).any()  # the update would route otherwise
+
+    def step():
+        (y * dy).sum().backward()
+        with torch.no_grad():
+            bias.copy_(at_forward)  # for the reference: the function the forward computed
+
+    errs = grad_errors(layer, x, dy, step=step)
+    assert max(errs.values()) <= FP32_TOL, errs
+
+
 def compiled_grad_errors(rank, world, cfg: dict, seed, shapes) -> dict:
     """layer_grad_errors through torch.compile(fullgraph=True): the layer is one forward op and one
     backward op (backward="recompute"'s steps) with no graph break."""

@@ -8,8 +8,9 @@ elsewhere a backward under capture raises, capture.py):
 
 1. the forward's routing ("saved"), or x routed again ("recompute": the same experts and
    capacity drops, since routing is deterministic: the router kernel on GPUs, torch ops
-   elsewhere), its routing weights (those the forward used: each slot's expert output, or with
-   weight_on_input its input, scaled by them) and the fp32 logits they came from;
+   elsewhere, with the correction bias the forward routed with, copied then), its routing
+   weights (those the forward used: each slot's expert output, or with weight_on_input its
+   input, scaled by them) and the fp32 logits they came from;
 2. send each kept slot's row (x, or its weight times x for weight_on_input), dy at its token and
    its scale (its weight, or 1) to the rank that holds its expert: an all-to-all with the
    forward's split sizes (at world 1, a gather);
@@ -23,7 +24,8 @@ elsewhere a backward under capture raises, capture.py):
 Every derivative is written out: no autograd inside, so the compiled layer's backward op (a
 custom op's body runs below the autograd keys) is the same code.
 
-Capacity-dropped slots are not sent: they get no gradient. The backward is collective at world >
+Capacity-dropped slots are not sent: they get no gradient. First-order gradients only: a backward
+asked to record itself (create_graph=True) raises. The backward is collective at world >
 1, as the torch backend's is: every rank that recorded the forward runs it."""
 
 from __future__ import annotations
@@ -59,34 +61,62 @@ class _Explicit(torch.autograd.Function):
     def forward(ctx, x, layer, run, names, *params):
         ctx.layer, ctx.names = layer, names
         ctx.save_for_backward(x, *params)  # saved: an in-place update before backward is caught
+        ctx.routing_bias = routing_bias_now(layer)
         out, ctx.saved_forward = run(x)
         return out
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_create_graph(ctx.layer)
         x, *_ = ctx.saved_tensors
         want = {name for name, needs in zip(ctx.names, ctx.needs_input_grad[4:]) if needs}
         # Released here, not when the autograd graph goes (a caller's `loss` can hold it into the
         # next forward): a CUDA graph lends its buffers only until then (backends/flash.CapturedForward).
         # A second backward through a retained graph recomputes instead: the same gradients.
         saved, ctx.saved_forward = ctx.saved_forward, None
-        grads = moe_backward(ctx.layer, x, dy, want, x_needs_grad=ctx.needs_input_grad[0], saved=saved)
+        grads = moe_backward(ctx.layer, x, dy, want, x_needs_grad=ctx.needs_input_grad[0], saved=saved,
+                             routing_bias=ctx.routing_bias)
         return (grads.get("x"), None, None, None, *(grads.get(name) for name in ctx.names))
 
 
+def refuse_create_graph(layer) -> None:
+    """Raise where the backward is asked to record itself (create_graph=True: a gradient penalty,
+    a Hessian-vector product): its explicit steps are not differentiable, and a graph of them
+    would give second-order gradients that are wrong or missing, not an error."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"MoELayer(backward={layer.options.backward_for(layer.backend.name)!r}) gives first-order gradients "
+            "only: create_graph=True (double backward) is not supported. Use backend='torch' with "
+            "backward='autograd' for higher-order gradients")
+
+
+def routing_bias_now(layer) -> torch.Tensor | None:
+    """A copy of the layer's correction bias ([E] fp32, routing='sigmoid_grouped'), or None: what
+    a backward that routes again must route with. The buffer is not a parameter, and balancing
+    updates it between steps (often between a forward and its backward)."""
+    bias = layer.e_score_correction_bias
+    return None if bias is None else bias.detach().clone()
+
+
 def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_needs_grad: bool,
-                 saved: SavedForward | None = None) -> dict:
+                 saved: SavedForward | None = None, routing_bias: torch.Tensor | None = None) -> dict:
     """x, dy: [T, H] in the layer's dtype -> {"x" (if x_needs_grad) and each parameter name in
     want: its gradient} of sum(layer(x) * dy); collective at world > 1. saved: what the forward
-    kept (backward="saved"), or None to route and run GEMM1 again. No autograd inside (the
-    compiled layer's backward op runs it below the autograd keys)."""
+    kept (backward="saved"), or None to route and run GEMM1 again, with routing_bias: the
+    correction bias the forward routed with (routing_bias_now's copy; None without one). No
+    autograd inside (the compiled layer's backward op runs it below the autograd keys)."""
     cfg = layer.config
     if capture.capturing(x):
         capture.refuse_backward(layer)
+    if saved is None and (routing_bias is None) != (layer.e_score_correction_bias is None):
+        raise ValueError("moe_backward: routing_bias must be the forward's correction bias (routing_bias_now), "
+                         f"given {'none' if routing_bias is None else 'one'} for routing={cfg.routing!r}")
+    # a loss like y.sum() hands back an expanded (stride 0) gradient; .contiguous() keeps an empty one's strides
+    dy = dy.contiguous() if dy.numel() else dy.new_zeros(dy.shape)
     T, k = x.shape[0], cfg.top_k
     if saved is None:
         with torch.no_grad():  # the forward's routing (the router kernel, on GPUs), even under create_graph
-            r = layer.route(x, keep_logits=True)
+            r = layer.route(x, keep_logits=True, correction_bias=routing_bias)
         slot, send_counts = slots_by_destination(r, layer)  # slot t * k + j: token t's j-th expert
     else:
         r, send_counts = saved.routing, saved.send_counts.long()
