@@ -42,8 +42,14 @@ def _is_int(value) -> bool:
 
 
 def _is_positive_number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and value > 0)
+    """A real number > 0 that a finite float holds (an int too large for a float, e.g. 10**400, is
+    not: math.isfinite would raise OverflowError on it)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,8 @@ class MoEConfig:
                      'topk_softmax', whose weights always sum to 1.
     capacity_factor: None = dropless. Otherwise each source rank keeps, per expert, at most
                      ceil(capacity_factor * tokens * top_k / num_experts) token-slots, in order of
-                     (choice rank k, token index); the rest are dropped and counted.
+                     (choice rank k, token index); the rest are dropped and counted. At most
+                     num_experts: from num_experts / top_k on, every slot is kept.
 
     Routing (logits = x @ router_weight^T [+ router_bias], in fp32):
     routing:         'softmax_topk': softmax over all E experts, the k largest (Mixtral, Qwen, OLMoE);
@@ -139,8 +146,15 @@ class MoEConfig:
             if not isinstance(getattr(self, field), bool):
                 _fail(field, getattr(self, field), "must be a bool")
         cf = self.capacity_factor
-        if cf is not None and not _is_positive_number(cf):
-            _fail("capacity_factor", cf, "must be None (dropless) or a finite number > 0")
+        # Upper bound num_experts: a rank sends an expert at most one slot per token, so a capacity of
+        # `tokens` (capacity_factor >= num_experts / top_k) already keeps every slot; anything above
+        # changes nothing. num_experts (>= num_experts / top_k) admits every value that matters, with
+        # headroom for round numbers, and bounds capacity() by tokens * top_k, a sane int (1e300 would
+        # overflow math.ceil in every forward).
+        if cf is not None and not (_is_positive_number(cf) and cf <= self.num_experts):
+            _fail("capacity_factor", cf, "must be None (dropless) or a finite number in "
+                                         f"(0, num_experts={self.num_experts}]; any value >= "
+                                         "num_experts / top_k already keeps every slot")
         self._check_routing()
         self._check_clamped_swiglu()
         self._check_shared_experts()

@@ -127,7 +127,10 @@ def _sigmoid_grouped_block(block: nn.Module) -> Conversion:
     gate, experts = block.gate, block.experts
     _require_silu(experts.act_fn, "expert")
     F = experts.gate_up_proj.shape[1] // 2
-    shared, width = _shared_mlp(block.shared_experts, block.shared_experts.act_fn)
+    shared, width = {}, 0  # n_shared_experts=0 builds an MLP of width 0 (or none): no shared experts
+    mlp = getattr(block, "shared_experts", None)
+    if mlp is not None and mlp.gate_proj.out_features > 0:
+        shared, width = _shared_mlp(mlp, mlp.act_fn)
     if width % F:
         raise UnsupportedBlock(f"the shared experts' width {width} is not a multiple of the experts' {F}")
     weights = {"router_weight": gate.weight, "w_in": experts.gate_up_proj.transpose(1, 2),
@@ -204,6 +207,9 @@ def from_hf_block(block: nn.Module, **layer_kwargs) -> HFMoEBlock:
     layer_kwargs go to MoELayer (backend, placement, process_group, max_tokens_per_rank, ...);
     the device defaults to the block's. Collective when torch.distributed is initialised."""
     conv = convert_block(block)
+    if any(t.is_meta for t in conv.weights.values()):
+        raise UnsupportedBlock(f"{type(block).__name__}: its weights are on the meta device (not loaded "
+                               "yet); materialise them before converting the block")
     layer_kwargs.setdefault("device", conv.weights["w_in"].device)
     moe = MoELayer(conv.config, **layer_kwargs)
     moe.load_full_weights(**conv.weights, gate_up_layout=conv.gate_up_layout)

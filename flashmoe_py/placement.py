@@ -8,6 +8,8 @@ way on every rank (or serialise it with `to_dict`) and the layer checks that all
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,15 @@ class ExpertPlacement:
     slot_of: tuple[int, ...]
 
     def __post_init__(self) -> None:
+        # Python ints only (numpy integers are taken and stored as ints): a float rank or slot
+        # (0.25) would pass the range checks below and misroute an expert silently.
+        for field in ("num_experts", "world_size"):
+            object.__setattr__(self, field, _int(getattr(self, field), field))
+        for field in ("rank_of", "slot_of"):
+            value = getattr(self, field)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise PlacementError(f"{field}={value!r} must be a sequence of ints, one per expert")
+            object.__setattr__(self, field, tuple(_int(v, f"{field}[{e}]") for e, v in enumerate(value)))
         E, W = self.num_experts, self.world_size
         if W < 1 or E < 1 or E % W:
             raise PlacementError(
@@ -91,6 +102,7 @@ class ExpertPlacement:
         rank_of, slot_of = [-1] * E, [-1] * E
         for r, experts in enumerate(experts_by_rank):
             for s, e in enumerate(experts):
+                e = _int(e, f"experts_by_rank[{r}][{s}]")
                 if not 0 <= e < E or rank_of[e] != -1:
                     raise PlacementError(f"expert {e} is out of range or placed twice")
                 rank_of[e], slot_of[e] = r, s
@@ -118,8 +130,9 @@ class ExpertPlacement:
         contiguous or round-robin placement, because those are candidates too.
         """
         load = [float(v) for v in expert_load]
-        if any(v < 0 or v != v for v in load):
-            raise PlacementError("expert_load must be finite and non-negative")
+        for e, v in enumerate(load):
+            if not (math.isfinite(v) and v >= 0):
+                raise PlacementError(f"expert_load must be finite and non-negative; expert_load[{e}]={v}")
         E = len(load)
         L = _local(E, world_size)
         bins: list[list[int]] = [[] for _ in range(world_size)]
@@ -150,7 +163,16 @@ class ExpertPlacement:
         raise PlacementError(f"unknown placement policy {policy!r}; known: {POLICIES}")
 
 
+def _int(value, field: str) -> int:
+    """value as a Python int, if it is an integer (int or numpy integer, not bool); else raise
+    naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PlacementError(f"{field}={value!r} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
 def _local(num_experts: int, world_size: int) -> int:
+    num_experts, world_size = _int(num_experts, "num_experts"), _int(world_size, "world_size")
     if world_size < 1 or num_experts < 1 or num_experts % world_size:
         raise PlacementError(f"num_experts={num_experts} is not divisible by "
                              f"world_size={world_size}")

@@ -35,6 +35,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
     router_weight or router_bias: the kernel has no backward, so the torch ops route then (in
     bf16 a near-tied token may pick another k-th expert than the kernel would). keep_logits: the
     Routing also holds the logits the experts were chosen from (the kernel writes them as it goes)."""
+    _check_router_inputs(x, router_weight, config)
     config.check_weights({"router_bias": router_bias, "e_score_correction_bias": e_score_correction_bias})
     if _router_kernel_fits(x, router_weight, config) and not _records_graph(x, router_weight, router_bias):
         logits = (torch.empty(x.shape[0], config.num_experts, dtype=torch.float32, device=x.device)
@@ -54,6 +55,24 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
     if capacity is not None:
         kept = keep_within_capacity(experts, config.num_experts, capacity)
     return Routing(weights, experts, kept, logits.detach() if keep_logits else None)
+
+
+def _check_router_inputs(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> None:
+    """Raise, naming it, unless x is a floating [tokens, hidden_size] tensor and router_weight a
+    floating [num_experts, hidden_size] one. Every forward runs this (GPUs too): shape and dtype
+    attributes only, no reduction, no device synchronisation."""
+    E, H = config.num_experts, config.hidden_size
+    for name, t in (("x", x), ("router_weight", router_weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} has dtype {t.dtype}; route takes a floating-point tensor")
+    if x.dim() != 2 or x.shape[1] != H:
+        hint = " (2-D: flatten the leading dimensions first)" if x.dim() != 2 else ""
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected [tokens, hidden_size={H}]{hint}")
+    if tuple(router_weight.shape) != (E, H):
+        raise ValueError(f"router_weight has shape {tuple(router_weight.shape)}, expected "
+                         f"[num_experts, hidden_size] = ({E}, {H})")
 
 
 def _router_kernel_fits(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> bool:

@@ -35,6 +35,16 @@ def test_capacity_rounds_up_and_dropless_is_none():
     assert MoEConfig(**GOOD, capacity_factor=1.0).capacity(10) == 3  # ceil(10 * 2 / 8)
 
 
+@pytest.mark.parametrize("value", [1e300, 10**400, 8.001, float("nan"), -0.5])
+def test_capacity_factor_is_finite_positive_and_at_most_num_experts(value):
+    """From num_experts / top_k on every slot is kept; num_experts bounds it, so capacity() stays a
+    sane int (1e300 overflowed in every forward; 10**400 inside validation)."""
+    with pytest.raises(ConfigError, match="MoEConfig.capacity_factor=.*finite number in \\(0, num_experts=8\\]"):
+        MoEConfig(**GOOD, capacity_factor=value)
+    assert MoEConfig(**GOOD, capacity_factor=8).capacity(10) == 20  # every slot: tokens * top_k
+    assert MoEConfig(**GOOD, capacity_factor=4.0).capacity(10) == 10  # num_experts / top_k: tokens
+
+
 def test_roundtrip_and_presets():
     cfg = MoEConfig(**GOOD, activation="gelu", capacity_factor=1.25)
     assert MoEConfig.from_dict(cfg.to_dict()) == cfg

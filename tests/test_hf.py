@@ -183,6 +183,34 @@ def test_float32_router_of_a_bf16_deepseek_is_kept():
     assert (cfg.dtype, cfg.router_dtype) == ("bfloat16", "float32")
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_deepseek_without_shared_experts_converts_exactly():
+    """n_shared_experts=0 (transformers builds a shared MLP of width 0): a layer with no shared experts."""
+    torch.manual_seed(5)
+    cfg = transformers.DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, **MLA, moe_intermediate_size=16,
+                                        n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                        n_shared_experts=0, first_k_dense_replace=0)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert set(patch_model(model).values()) == {"replaced"}
+        got = model(ids).logits
+    assert moe_block(model).moe.config.shared_experts == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_on_the_meta_device_is_reported_and_left_alone():
+    with torch.device("meta"):
+        model = transformers.MixtralForCausalLM(tiny_config("mixtral"))
+    report = patch_model(model)
+    assert report["model.layers.0.mlp"] == ("MixtralSparseMoeBlock: its weights are on the meta device (not "
+                                            "loaded yet); materialise them before converting the block")
+    assert not isinstance(moe_block(model), HFMoEBlock)
+
+
 class Odd(nn.Module):
     """An MoE-looking block no adapter knows."""
 

@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 
 from flashmoe_py import ExpertPlacement, PlacementError
@@ -69,3 +70,36 @@ def test_load_balanced_needs_a_histogram():
         ExpertPlacement.build("load_balanced", 8, 2)
     with pytest.raises(PlacementError, match="unknown placement policy"):
         ExpertPlacement.build("random", 8, 2)
+
+
+@pytest.mark.parametrize("field,bad,match", [
+    ("rank_of", (0,) * 7 + (0.25,), "rank_of\\[7\\]=0.25 must be an int"),
+    ("slot_of", tuple(range(7)) + (7.0,), "slot_of\\[7\\]=7.0 must be an int"),
+    ("rank_of", (0,) * 7 + (False,), "rank_of\\[7\\]=False must be an int"),
+    ("world_size", 1.0, "world_size=1.0 must be an int"),
+    ("num_experts", 8.0, "num_experts=8.0 must be an int"),
+])
+def test_ranks_and_slots_must_be_ints(field, bad, match):
+    """A float rank 0.25 passes 0 <= r < world_size and would misroute an expert silently."""
+    good = dict(num_experts=8, world_size=1, rank_of=(0,) * 8, slot_of=tuple(range(8)))
+    with pytest.raises(PlacementError, match=match):
+        ExpertPlacement(**{**good, field: bad})
+
+
+def test_builders_take_ints_only():
+    with pytest.raises(PlacementError, match="experts_by_rank\\[0\\]\\[1\\]=1.0 must be an int"):
+        ExpertPlacement.from_rank_lists([[0, 1.0]])
+    with pytest.raises(PlacementError, match="world_size=2.0 must be an int"):
+        ExpertPlacement.contiguous(8, 2.0)
+
+
+def test_numpy_integers_are_taken_as_ints():
+    p = ExpertPlacement(np.int64(4), np.int64(2), np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]))
+    assert p == ExpertPlacement.contiguous(4, 2)
+    assert type(p.rank_of[0]) is int and ExpertPlacement.from_json(p.to_json()) == p
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
+def test_load_balanced_needs_finite_non_negative_loads(bad):
+    with pytest.raises(PlacementError, match=f"finite and non-negative; expert_load\\[7\\]={bad}"):
+        ExpertPlacement.load_balanced([1] * 7 + [bad], 2)

@@ -107,3 +107,22 @@ def test_route_names_a_missing_or_unexpected_router_tensor():
     with pytest.raises(ValueError, match="e_score_correction_bias was given, but only a layer with "
                                          "routing='sigmoid_grouped' has it"):
         route(x, w, MoEConfig(**BASE, top_k=2), e_score_correction_bias=torch.zeros(16))
+
+
+@pytest.mark.parametrize("rows", [32, 8])  # more experts than the config (ids out of range), fewer
+def test_route_refuses_a_router_weight_of_another_shape(rows):
+    with pytest.raises(ValueError, match=f"router_weight has shape \\({rows}, 24\\), expected "
+                                         "\\[num_experts, hidden_size\\] = \\(16, 24\\)"):
+        route(torch.randn(4, 24), torch.randn(rows, 24), MoEConfig(**BASE, top_k=2))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 24), (24,), (4, 12)])
+def test_route_takes_x_as_tokens_by_hidden_size(shape):
+    with pytest.raises(ValueError, match=f"x has shape \\({', '.join(map(str, shape))},?\\), "
+                                         "expected \\[tokens, hidden_size=24\\]"):
+        route(torch.randn(shape), torch.randn(16, 24), MoEConfig(**BASE, top_k=2))
+
+
+def test_route_refuses_integer_inputs():
+    with pytest.raises(ValueError, match="router_weight has dtype torch.bool; route takes a floating-point"):
+        route(torch.randn(4, 24), torch.ones(16, 24, dtype=torch.bool), MoEConfig(**BASE, top_k=2))
