@@ -19,10 +19,11 @@ import torch
 PAIR_MAX = 128  # the fused kernel's GEMM1 tile width (kernels/layout.Geometry.block_f) divides by it
 LAYOUTS = ("halves", "interleaved")
 WEIGHTS = ("w_in", "b_in", "shared_w_in")  # gated: their last dimension holds gate and up columns
-# A layer's state_dict entry saying its gated weights are in pairs (value PAIRS_VERSION); a
-# state_dict without it predates the pairs and holds halves.
+# A layer's state_dict entry saying how its gated weights lay out gate and up: PAIRS_VERSION
+# (pairs, what MoELayer.state_dict() writes) or HALVES_VERSION (gate | up halves: a checkpoint
+# from before the pairs, which has no entry, marked so by hand to be converted when loaded).
 STATE_DICT_MARKER = "gate_up_pairs"
-PAIRS_VERSION = 1
+PAIRS_VERSION, HALVES_VERSION = 1, 0
 
 
 def pair_width(ffn: int) -> int:

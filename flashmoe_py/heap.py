@@ -21,6 +21,7 @@ class SymmetricHeap:
         self.tensors: dict[str, torch.Tensor] = {}
         self._peers: dict[str, torch.Tensor] = {}
         self.bytes = 0  # heap bytes held (granule-rounded, without NVSHMEM's reserve)
+        self.freed = False  # free() ran (the layer's close(), or the runtime's finalize())
 
     def allocate(self, buffers: dict) -> dict[str, torch.Tensor]:
         """buffers: {name: (shape, dtype)} -> {name: this rank's copy, zeroed}. Every rank allocates
@@ -81,7 +82,7 @@ class SymmetricHeap:
         until the process exits."""
         if self in self.rt.heaps:
             self.rt.heaps.remove(self)
-        self.bytes = 0
+        self.bytes, self.freed = 0, True
         if not self.tensors:
             return
         if self.rt.failed is not None:

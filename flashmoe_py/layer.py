@@ -16,7 +16,7 @@ from .backends.explicit_backward import explicit_forward, moe_backward, routing_
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
 from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
-from .gate_up import PAIRS_VERSION, STATE_DICT_MARKER, to_halves, to_pairs
+from .gate_up import HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, to_halves, to_pairs
 from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from .kernels.fused_moe import TMA_ROW_MULTIPLE
 from .options import FusedOptions
@@ -107,7 +107,7 @@ class MoELayer(nn.Module):
                                    backward)
         except ValueError as e:
             problem = str(e)
-        problem = problem or self._setup_problem(config, placement, backend, options)
+        problem = problem or self._setup_problem(config, placement, backend, options, seed)
         if self.world_size > 1:
             self._check_ranks_agree(config, placement, backend, options, problem)
         if problem:
@@ -115,22 +115,33 @@ class MoELayer(nn.Module):
         self.config, self.options = config, options
         self.placement = placement or ExpertPlacement.contiguous(config.num_experts, self.world_size)
         self.local_experts = self.placement.local_experts
-        self.device = torch.device(device) if device is not None else _default_device(distributed)
+        # where a tensor made there lands: "cuda" is the current GPU, "cpu:0" the CPU (x is compared with it)
+        self.device = torch.empty(0, device=device).device if device is not None else _default_device(distributed)
         self._make_weights()
         self.register_buffer(STATE_DICT_MARKER, torch.tensor(PAIRS_VERSION, device=self.device))  # gate_up.py
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
+        # the global expert in each of this rank's slots: a state_dict must hold the same ones
+        self.register_buffer("expert_ids", torch.tensor(self.placement.experts_on(self.rank), device=self.device))
         self.reset_parameters(seed)
         self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
         self.last_stats: MoEStats | None = None
         self._op_id = next(_layer_ids)
         _LAYERS[self._op_id] = self
 
-    def _setup_problem(self, config, placement, backend, options: FusedOptions) -> str | None:
+    def _setup_problem(self, config, placement, backend, options: FusedOptions, seed) -> str | None:
         """What is wrong with the constructor arguments on this rank, or None."""
         if not isinstance(config, MoEConfig):
             return f"config must be a MoEConfig, got {type(config).__name__}"
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            return f"seed must be a non-negative int, got {seed!r}"
+        if placement is not None and not isinstance(placement, ExpertPlacement):
+            return (f"placement must be an ExpertPlacement (e.g. ExpertPlacement.build(...)), got "
+                    f"{type(placement).__name__} {placement!r}")
         if backend not in BACKENDS:
             return f"backend={backend!r} is not available; choose one of {BACKENDS}"
+        if backend == "torch" and (options.launch_override is not None or options.transport != "p2p"):
+            return ("launch_override and transport set the fused kernel's launch and transport: backend='torch' "
+                    f"has neither (got launch_override={options.launch_override!r}, transport={options.transport!r})")
         if backend == "flash":
             try:
                 options.require_max_tokens()
@@ -243,7 +254,11 @@ class MoELayer(nn.Module):
         if gate_up_layout != "halves" and not gated:
             raise ValueError(f"gate_up_layout={gate_up_layout!r} needs a gated activation; "
                              f"activation={self.config.activation!r} has no gate")
+        for name, t in given.items():
+            if t is not None and (not t.is_floating_point() or t.device.type == "meta"):
+                raise ValueError(f"{name} must be a real floating-point tensor with data, got {t.dtype} on {t.device}")
         mine = torch.tensor(self.placement.experts_on(self.rank), dtype=torch.long)
+        converted = {}  # every weight converted before any is copied: a failure leaves the layer as it was
         for name, t in given.items():
             if t is None:
                 continue
@@ -251,6 +266,8 @@ class MoELayer(nn.Module):
                 t = t[mine.to(t.device)]  # this rank's experts first: only they are converted
             if gated and name in GATE_UP_WEIGHTS:
                 t = to_pairs(t, gate_up_layout)
+            converted[name] = t
+        for name, t in converted.items():
             getattr(self, name).copy_(t)
         self._check_replicas_agree("load_full_weights")
 
@@ -372,21 +389,60 @@ class MoELayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """A state_dict without gate_up.STATE_DICT_MARKER predates the gate/up pairs: its gated
-        weights are halves, converted here (a plain dict, safetensors and the like keep the
-        entry; optimizer moments of such a checkpoint stay in halves: build a fresh optimizer)."""
-        marker = prefix + STATE_DICT_MARKER
-        if marker not in state_dict:
-            if self.config.gated:
-                for name in GATE_UP_WEIGHTS:
-                    if prefix + name in state_dict:
-                        state_dict[prefix + name] = to_pairs(state_dict[prefix + name])
+        """gate_up.STATE_DICT_MARKER says how a state_dict's gated weights lay out gate and up:
+        PAIRS_VERSION (this layer's pairs, what state_dict() writes) or HALVES_VERSION (gate |
+        up halves, a checkpoint from before the pairs, marked so by hand: converted here; its
+        optimizer moments stay in halves, so build a fresh optimizer). A gated layer's state_dict
+        without the marker is ambiguous (a parameters-only dict, or an old checkpoint): the marker
+        is then a missing key (load_state_dict's strict refuses it; strict=False takes pairs).
+        `expert_ids` (which expert each of this rank's slots holds) must match the layer's
+        placement where the state_dict has it."""
+        marker, ids = prefix + STATE_DICT_MARKER, prefix + "expert_ids"
+        if marker not in state_dict and not self.config.gated:
+            state_dict[marker] = torch.tensor(PAIRS_VERSION)  # one F-wide block: no layout to tell
+        if marker in state_dict and int(state_dict[marker]) == HALVES_VERSION:
+            for name in GATE_UP_WEIGHTS:
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = to_pairs(state_dict[prefix + name])
             state_dict[marker] = torch.tensor(PAIRS_VERSION)
-        elif int(state_dict[marker]) != PAIRS_VERSION:
+        elif marker in state_dict and int(state_dict[marker]) != PAIRS_VERSION:
             error_msgs.append(f"{marker}={int(state_dict[marker])}: a gate/up layout this version does not know")
+            return
+        if ids not in state_dict:  # a checkpoint from before expert_ids: its slots are taken as the layer's
+            state_dict[ids] = self.expert_ids.clone()
+        elif not torch.equal(state_dict[ids].cpu(), self.expert_ids.cpu()):
+            error_msgs.append(f"{ids}: the state_dict's slots hold experts {state_dict[ids].tolist()}, this layer's "
+                              f"placement puts {self.expert_ids.tolist()} there; build the layer with the placement "
+                              "it was saved with, or load full_weight_dict() through load_full_weights")
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        drift = self._drift()
+        if drift:
+            error_msgs.append(f"after loading {prefix or 'the layer'}: {drift}")
+
+    def _drift(self) -> str | None:
+        """Where a weight is no longer in the dtype and on the device the layer was built for, or None."""
+        for name, t in [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]:
+            want = self.config.weight_dtype(name) if name in WEIGHTS + OPTIONAL_WEIGHTS else t.dtype
+            if t.dtype != want or t.device != self.device:
+                return (f"{name} is {t.dtype} on {t.device}, the layer's is {want} on {self.device}: a MoELayer "
+                        "keeps its config's dtype and its device; build a new one there and load its weights")
+        return None
+
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to(), .cuda(), .double() and the like: refused where they would move a weight to
+        another dtype or device (the config names the dtypes the kernels are built for, and the
+        fused backend's CUDA graphs and symmetric heap hold addresses on the device it was built
+        on), taken as no-ops otherwise (a model moved where the layer already is)."""
+        for name, t in [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]:
+            moved = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            if moved.dtype != t.dtype or moved.device != t.device:
+                raise ValueError(f"MoELayer cannot move {name} from {t.dtype} on {t.device} to {moved.dtype} on "
+                                 f"{moved.device}: build the layer with MoEConfig(dtype=..., router_dtype=...) and "
+                                 "device=... where it runs, and load its weights there (load_full_weights or "
+                                 "load_state_dict)")
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"{self.config}, rank={self.rank}/{self.world_size}, "

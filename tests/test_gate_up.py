@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flashmoe_py import MoEConfig, MoELayer, reference_forward
-from flashmoe_py.gate_up import gate_and_up, pair_width, to_halves, to_interleaved, to_pairs
+from flashmoe_py.gate_up import HALVES_VERSION, gate_and_up, pair_width, to_halves, to_interleaved, to_pairs
 from flashmoe_py.reference import activate
 
 
@@ -53,7 +53,7 @@ def test_the_layer_keeps_pairs_and_speaks_halves():
         assert float((layer(x).double() - ref).norm() / ref.norm()) <= 1e-6
 
 
-def test_a_state_dict_of_halves_from_before_the_pairs_loads_converted():
+def test_a_state_dict_of_halves_marked_so_loads_converted():
     cfg = MoEConfig(hidden_size=16, ffn_size=48, num_experts=2, top_k=1, expert_bias=True, dtype="float32")
     saved = MoELayer(cfg, seed=1)
     state = saved.state_dict()
@@ -64,8 +64,27 @@ def test_a_state_dict_of_halves_from_before_the_pairs_loads_converted():
         assert torch.equal(fresh.w_in, saved.w_in) and torch.equal(fresh.b_in, saved.b_in)
     old = {n: (to_halves(t) if n in ("w_in", "b_in") else t) for n, t in state.items() if n != "gate_up_pairs"}
     older = MoELayer(cfg, seed=3)
-    older.load_state_dict(old)  # strict: the missing marker is what says "halves"
+    older.load_state_dict({**old, "gate_up_pairs": torch.tensor(HALVES_VERSION)})  # a checkpoint marked by hand
     assert torch.equal(older.w_in, saved.w_in) and torch.equal(older.b_in, saved.b_in)
     unknown = {**state, "gate_up_pairs": torch.tensor(7)}
+    with pytest.raises(RuntimeError, match='Missing key.*"gate_up_pairs"'):
+        MoELayer(cfg).load_state_dict(old)
     with pytest.raises(RuntimeError, match="gate_up_pairs=7"):
         MoELayer(cfg).load_state_dict(unknown)
+
+
+def test_a_gated_state_dict_without_its_layout_entry_is_refused_not_guessed():
+    """A parameters-only dict of a current layer and an old checkpoint of halves look alike: strict
+    loading refuses it (the entry is a missing key) instead of converting pairs as if they were
+    halves; strict=False takes the layer's own layout and lists the entry as missing."""
+    cfg = MoEConfig(hidden_size=16, ffn_size=48, num_experts=2, top_k=1, dtype="float32")
+    source = MoELayer(cfg, seed=1)
+    params = {n: p.detach().clone() for n, p in source.named_parameters()}
+    with pytest.raises(RuntimeError, match='Missing key.*"gate_up_pairs"'):
+        MoELayer(cfg, seed=2).load_state_dict(params)
+    loose = MoELayer(cfg, seed=2)
+    assert loose.load_state_dict(params, strict=False).missing_keys == ["gate_up_pairs"]
+    assert torch.equal(loose.w_in, source.w_in)
+    plain = MoEConfig(hidden_size=16, ffn_size=48, num_experts=2, top_k=1, activation="gelu", dtype="float32")
+    ungated = MoELayer(plain, seed=3)
+    ungated.load_state_dict({n: p.detach() for n, p in MoELayer(plain, seed=4).named_parameters()})  # no layout

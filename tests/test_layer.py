@@ -1,6 +1,7 @@
 """MoELayer(backend="torch") against the float64 reference, on 1, 2 and 4 gloo ranks."""
 
 import random
+import types
 
 import pytest
 import torch
@@ -8,7 +9,9 @@ import torch
 from dist_pool import RankError
 from seeds import fresh_seed
 from flashmoe_py import ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, preset, reference_forward
+from flashmoe_py.backends.flash import FlashBackend
 from flashmoe_py.gate_up import to_halves
+from flashmoe_py.heap import SymmetricHeap
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -534,3 +537,76 @@ def test_model_presets_at_a_small_width_match_reference(dist_pools, name):
         cfg = cfg.replace(shared_ffn_size=12)
     errs = dist_pools(2).run(variant_vs_reference, cfg.to_dict(), [33, 20], fresh_seed())
     assert max(errs) <= FP32_TOL
+
+
+def test_a_device_without_its_index_is_where_the_layer_runs():
+    """device="cuda" is the current GPU ("cuda:0"), "cpu:0" the CPU: inputs there are taken."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), device="cpu:0")
+    assert layer.device == layer.w_in.device and layer(torch.randn(3, 32)).shape == (3, 32)
+
+
+@pytest.mark.parametrize("move", ["double", "bfloat16", "to_float16"])
+def test_a_move_to_another_dtype_is_refused_before_anything_moves(move):
+    """Module.double() and the like would leave the weights in another dtype than the config's (and
+    the fused kernel's symmetric heap behind): refused, every weight where it was; a no-op move is taken."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    with pytest.raises(ValueError, match="MoELayer cannot move router_weight from torch.float32"):
+        layer.to(torch.float16) if move == "to_float16" else getattr(layer, move)()
+    assert all(p.dtype == torch.float32 for p in layer.parameters())
+    assert layer.to("cpu").float() is layer
+
+
+def test_a_state_dict_of_another_placement_is_refused():
+    """A state_dict holds this rank's slots; which expert each holds is saved with it (expert_ids), so
+    a layer that places the experts otherwise refuses it instead of permuting them."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    saved = MoELayer(cfg, seed=1).state_dict()
+    other = MoELayer(cfg, placement=ExpertPlacement.from_rank_lists([[1, 0, 2, 3, 4, 5, 6, 7]]))
+    with pytest.raises(RuntimeError, match=r"expert_ids: the state_dict's slots hold experts \[0, 1, 2"):
+        other.load_state_dict(saved)
+    older = {n: t for n, t in saved.items() if n != "expert_ids"}  # saved before expert_ids: taken as the layer's
+    same = MoELayer(cfg)
+    same.load_state_dict(older)
+    assert torch.equal(same.w_in, saved["w_in"])
+
+
+def test_load_full_weights_refuses_non_float_weights_and_changes_nothing_then():
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=0)
+    before = {n: p.clone() for n, p in layer.named_parameters()}
+    new = MoELayer(MoEConfig(**SMALL, top_k=2), seed=5).full_weight_dict()
+    for bad in ({"router_weight": new["router_weight"] > 0}, {"w_in": new["w_in"].to(torch.complex64)},
+                {"w_out": new["w_out"].to("meta")}):
+        name, t = next(iter(bad.items()))
+        with pytest.raises(ValueError, match=f"{name} must be a real floating-point tensor with data"):
+            layer.load_full_weights(**{**{k: new[k] for k in ("router_weight", "w_in", "w_out")}, **bad})
+        assert all(torch.equal(p, before[n]) for n, p in layer.named_parameters())
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, True, -1])
+def test_seed_must_be_a_non_negative_int(seed):
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), seed=seed)
+
+
+def test_placement_must_be_an_expert_placement():
+    with pytest.raises(ValueError, match="placement must be an ExpertPlacement"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), placement="round_robin")
+
+
+@pytest.mark.parametrize("option", [dict(launch_override={"stages": 2}), dict(transport="nvshmem")])
+def test_the_torch_backend_refuses_the_fused_kernels_options(option):
+    """They would be ignored: backend torch has no kernel launch and no transport to set."""
+    with pytest.raises(ValueError, match="backend='torch' has neither"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), **option)
+
+
+def test_a_fused_layer_whose_buffers_were_freed_refuses_to_run():
+    """After flashmoe_py.finalize() (or its backend's close()) the kernel would write into freed
+    symmetric memory: the fused backend's forwards check first (the backend itself needs a GPU; its
+    heap and the check run here)."""
+    heap = SymmetricHeap(types.SimpleNamespace(heaps=[], failed=None))
+    backend = types.SimpleNamespace(heap=heap)
+    FlashBackend.raise_if_closed(backend)  # a live heap: nothing to say
+    heap.free()
+    with pytest.raises(RuntimeError, match="symmetric buffers were freed"):
+        FlashBackend.raise_if_closed(backend)

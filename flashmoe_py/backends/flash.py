@@ -162,6 +162,7 @@ class FlashBackend:
         With cuda_graphs, the second forward at a token count captures the whole forward (routing
         plan and kernel) in a CUDA graph, and later ones replay it: the launch overhead of the
         plan's small ops is paid once. Graphs are kept for the MAX_GRAPHS latest token counts."""
+        self.raise_if_closed()
         self.raise_if_failed(block=False)
         layer, geo = self.layer, self.geo
         if in_graph is not None and layer.world_size > 1:
@@ -183,6 +184,7 @@ class FlashBackend:
         replay, which first copies them out if that SavedForward is still alive (its backward has
         not run yet: several forwards before their backwards; CapturedForward). A forward then its
         backward, step after step, copies nothing."""
+        self.raise_if_closed()
         self.raise_if_failed(block=False)
         layer, geo, cfg = self.layer, self.geo, self.layer.config
         T = x.shape[0]
@@ -251,6 +253,13 @@ class FlashBackend:
         if not capturing:
             self.status_ready.record()
         return out, stats, saved
+
+    def raise_if_closed(self) -> None:
+        """Raise RuntimeError where the layer's symmetric buffers were freed: its kernel would write
+        into memory the layer no longer holds."""
+        if self.heap.freed:
+            raise RuntimeError("this MoELayer's symmetric buffers were freed (flashmoe_py.finalize(), or its "
+                               "backend's close()): build the layer again after flashmoe_py.init()")
 
     def raise_if_failed(self, block: bool) -> None:
         """Raise FusedKernelError if a launch recorded a timeout. block=False looks only at the
