@@ -8,7 +8,10 @@ and the HBM floor, at the presets' sizes (one process, one GPU):
               at the tiles it chooses, and those without the router term;
   router_grad d_logits^T @ x (kernels/router_grad.py), against d_logits.t() @ x.float().
 
-Every variant is checked against a float64 product first (fresh random inputs), then timed with
+Every variant is checked against a float64 product first (fresh random inputs; token_sum, which
+takes no out=, after a NaN-filled [T, H] fp32 block was freed, which the caching allocator hands to
+its output, so a tile it skips is NaN, not an earlier variant's value; on a GPU a kernel variant
+whose output missed that block fails), then timed with
 CUDA events around --iters calls back to back, on each of --input-sets input sets, the variants in
 turn for --rounds rounds: the median, least and most µs a call. (The 2026-12-03g results took one
 event pair a call, with its launch gap, and varied 10-30% between calls.)"""
@@ -28,9 +31,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashmoe_py import preset  # noqa: E402
 from flashmoe_py.kernels import router_grad, token_sum  # noqa: E402
-from layer import rel_err  # noqa: E402
+from layer import git_commit, rel_err  # noqa: E402
 
-HBM_BYTES_PER_S = 4.8e12  # an H200's
+# An H200's rates as bench/layer.py's measure_ceilings found them (its rows in
+# bench/results/2026-12-03h-h200x1-token-sum-loop/fb_*.json: 792-805 TFLOP/s, 4,229-4,257 GB/s),
+# not the spec sheet's 4.8 TB/s; bench/wgrad_probe.py's and bench/dgrad_probe.py's floors use them too.
+H200_TFLOPS, HBM_BYTES_PER_S = 792e12, 4.256e12
 TOKEN_SUM_TILES = [(32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 128, 8), (16, 128, 4)]  # tokens, columns, warps
 
 
@@ -61,6 +67,17 @@ def timed(cases: list, iters: int, rounds: int) -> list[list[float]]:
                 end.synchronize()
                 out.append(start.elapsed_time(end) * 1e3 / iters)
     return times
+
+
+def poisoned_call(fn, args: tuple, shape: tuple, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
+    """fn(*args) right after a NaN-filled block of `shape` was allocated and freed (for a function
+    without out=: the caching allocator hands that block to its next allocation of the same size)
+    -> (the output, whether it landed in that block)."""
+    poison = torch.full(shape, float("nan"), dtype=dtype, device=args[0].device)
+    ptr = poison.data_ptr()
+    del poison
+    out = fn(*args)
+    return out, out.data_ptr() == ptr
 
 
 def token_sum_inputs(T: int, k: int, H: int, E: int, router_dtype: torch.dtype, gen: torch.Generator,
@@ -116,15 +133,20 @@ def bench_config(name: str, cfg, T: int, iters: int, input_sets: int, rounds: in
     for label, fn in variants.items():
         ref = want if "no router" not in label else rows.double()[where].sum(1)
         cases.append((fn, ts_sets))
-        meta.append(("token_sum", label, ts_floor, rel_err(fn(rows, where, d_ts, w), ref)))
+        got, poisoned = poisoned_call(fn, (rows, where, d_ts, w), (T, H))
+        # the kernel's output is its first allocation: on a GPU it must have landed in the NaN block
+        # (torch's steps compute every element, wherever their result lands)
+        must = label != "torch" and got.is_cuda
+        meta.append(("token_sum", label, ts_floor, rel_err(got, ref), poisoned or not must))
+        del got
     for label, fn in rg_variants.items():
         cases.append((fn, rg_sets))
-        meta.append(("router_grad", label, rg_floor, rel_err(fn(d, x), rg_want)))
+        meta.append(("router_grad", label, rg_floor, rel_err(fn(d, x), rg_want), True))
     times = timed(cases, iters, rounds)
-    for (op, label, floor, err), us in zip(meta, times):
+    for (op, label, floor, err, poisoned), us in zip(meta, times):
         out_rows.append({"preset": name, "tokens": T, "op": op, "variant": label, "median_us": statistics.median(us),
                          "min_us": min(us), "max_us": max(us), "floor_us": floor, "rel_err": err,
-                         "ok": err <= 1e-5})
+                         "ok": err <= 1e-5 and poisoned})
     return out_rows
 
 
@@ -141,7 +163,7 @@ def main():
     for name in args.preset:
         rows += bench_config(name, preset(name), args.tokens, args.iters, args.input_sets, args.rounds)
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"), "torch": torch.__version__}
+        timespec="seconds"), "commit": git_commit(), "torch": torch.__version__}
     print(f"{'preset':14} {'op':11} {'variant':34} {'median_us':>9} {'floor_us':>8} {'of_floor':>8} {'rel_err':>8}")
     for r in rows:
         r.update(meta)

@@ -8,7 +8,7 @@ a: [S, K] bf16, w: [E, N, K] bf16 (as the layer stores w_out, and w_in with N = 
 rows routed at random as bench/wgrad_probe.py routes them. Every variant is checked against a
 float32 product per expert (ok: within 1e-2; exit code 1 otherwise) with its output poisoned
 first, then timed as bench/backward_kernels.py times (CUDA events around --iters calls, the
-variants in turn, --rounds rounds). The floor is the larger of the products at TFLOPS and the
+variants in turn, --rounds rounds, default 5). The floor is the larger of the products at TFLOPS and the
 bytes (w once, a and out once) at HBM."""
 
 from __future__ import annotations

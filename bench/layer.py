@@ -42,7 +42,15 @@ FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem"}  # benchmark backend -> fus
 FUSED_LAYERS = {**FLASH, "flash_shared_torch": "p2p"}
 BACKENDS = ("torch", "symm_mem", "triton_kernels", *FUSED_LAYERS)
 CHILD_TIMEOUT_S = 1800  # the symm_mem child's whole sweep
-CHECK_TOKENS = 256  # tokens per rank compared against the float32 reference before timing
+CHECK_TOKENS = 256  # tokens per rank compared against the float32 reference before and after timing
+
+
+def checked_tokens(tokens: int, cfg: MoEConfig) -> torch.Tensor:
+    """The CHECK_TOKENS token indices a point compares, spread over all `tokens` to the last (the
+    last tiles too); the first CHECK_TOKENS with capacity, whose drops depend on the tokens before."""
+    if cfg.capacity_factor is not None or tokens <= CHECK_TOKENS:
+        return torch.arange(min(tokens, CHECK_TOKENS))
+    return torch.linspace(0, tokens - 1, CHECK_TOKENS).round().long().unique()
 
 
 def parse_args(argv=None):
@@ -220,7 +228,9 @@ def without_energy(row: dict) -> dict:
 
 
 def max_over_ranks(value: float, device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    """The largest of every rank's value. NaN (the error of a row nothing wrote) counts as inf: NCCL's
+    MAX drops NaN, and gloo's keeps it or not by rank order."""
+    t = torch.tensor([math.inf if math.isnan(value) else value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
@@ -251,8 +261,21 @@ def measure_ceilings(device: torch.device, world: int) -> dict:
     return out
 
 
-def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict) -> float | None:
-    """The physical floor per forward: max of the compute, HBM and NVLink terms (µs)."""
+def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict, fwd_bwd: bool = False) -> float | None:
+    """The physical floor per forward (µs): max of the compute, HBM and NVLink terms; per training
+    step with fwd_bwd: max(3 compute, 3 HBM, 2 NVLink), the backward's dgrad and wgrad GEMMs each
+    the forward's and its weight traffic twice, and two all-to-alls more (dy to the experts, the
+    rows' gradients back) where the forward has two."""
+    terms = floor_terms(cfg, tokens, world, ceilings)
+    if terms is None:
+        return None
+    compute, hbm, link = terms
+    return max(3 * compute, 3 * hbm, 2 * link) if fwd_bwd else max(compute, hbm, link)
+
+
+def floor_terms(cfg: MoEConfig, tokens: int, world: int, ceilings: dict) -> tuple[float, float, float] | None:
+    """A forward's compute, HBM and NVLink terms (µs) at this node's measured ceilings, or None
+    without them."""
     if not ceilings:
         return None
     bytes_el = torch.tensor([], dtype=cfg.torch_dtype).element_size()
@@ -271,7 +294,7 @@ def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict) -> float |
     link = 0.0
     if world > 1:
         link = 2 * slots * H * bytes_el * (world - 1) / world / (ceilings["a2a_gbps"] * 1e3)
-    return max(compute, hbm, link)
+    return compute, hbm, link
 
 
 def git_commit() -> str:
@@ -330,15 +353,16 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     xs = [torch.randn(tokens, cfg.hidden_size, generator=gen).to(device, cfg.torch_dtype)
           for _ in range(args.input_sets)]
     xs = [steer_routing(layer, x, routing, seed) for x in xs]  # same steering on every rank
+    picked = checked_tokens(tokens, cfg).to(device)
     with torch.inference_mode():
         try:
-            out = forward(xs[0])[:CHECK_TOKENS]
+            out = forward(xs[0])[picked]
         except Exception as e:  # an optional peer that cannot run this point fails its row, not the sweep
             if backend != "triton_kernels":
                 raise
             print(f"backend {backend} failed at {tokens} tokens: {e!r}", file=sys.stderr)
-            out = torch.full_like(xs[0][:CHECK_TOKENS], float("nan"))
-        ref = reference_forward(xs[0][:CHECK_TOKENS], config=cfg, **layer.full_weight_dict())
+            out = torch.full_like(xs[0][picked], float("nan"))
+        ref = reference_forward(xs[0][picked], config=cfg, **layer.full_weight_dict())
         layer.synchronize()
     err = max_over_ranks(rel_err(out, ref), device)
     tol = 1e-2 if cfg.dtype == "bfloat16" else (1e-4 if device.type == "cuda" else 1e-5)
@@ -357,9 +381,14 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
             row["host_us"] = max_over_ranks(statistics.median(timer.host), device)
             row |= energy_row(lambda: forward(xs[0]), args.energy_seconds, row["median_us"], device)
             layer.synchronize()  # a failed wait in the energy loops raises here too
+            # the timed calls were the warm ones (CUDA-graph replays, where a backend keeps graphs): checked too
+            row["rel_err_timed"] = max_over_ranks(rel_err(forward(xs[0])[picked], ref), device)
+            row["ok"] = row["rel_err_timed"] <= tol
         if fused and args.user_graph:  # replayed from the caller's own CUDA graph
-            us, host_us = graph_median_us(layer, xs, iters, device)
-            rows.append({**without_energy(row), "backend": "flash+graph", "median_us": us, "host_us": host_us})
+            us, host_us, replayed = graph_median_us(layer, xs, iters, device)
+            err_graph = max_over_ranks(rel_err(replayed[picked], ref), device)
+            rows.append({**without_energy(row), "backend": "flash+graph", "median_us": us, "host_us": host_us,
+                         "rel_err": err_graph, "rel_err_timed": err_graph, "ok": row["ok"] and err_graph <= tol})
         if args.fwd_bwd and forward is layer:
             for backward in args.backwards or [layer.options.backward_for(layer.backend.name)]:
                 if not (fused and backward == "autograd"):  # the fused kernel has no ops to record
@@ -406,8 +435,9 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
     (reference_forward(xr, config=cfg, compute_dtype=torch.float64, **layer.full_weight_dict())
      * dys[0][:CHECK_TOKENS].double()).sum().backward()
     err = max_over_ranks(rel_err(x.grad, xr.grad), device)
+    # dx only: every parameter's gradient at the presets' sizes is tests/gpu/check_backward.py --presets's
     out = {**without_energy(row), "mode": "fwd+bwd", "backward": layer.options.backward_for(layer.backend.name),
-           "rel_err": err, "ok": err <= tol, "median_us": None, "host_us": None}
+           "rel_err": err, "checked": "dx", "ok": err <= tol, "median_us": None, "host_us": None}
     if out["ok"]:
         times, timer = [], Timer(device)
         for x, dy in zip(xs, dys):
@@ -513,19 +543,22 @@ def captured_graph(fn, warmups: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def graph_median_us(layer, xs, iters, device) -> tuple[float, float]:
+def graph_median_us(layer, xs, iters, device) -> tuple[float, float, torch.Tensor]:
     """Capture one forward on a static input, then time replays with each input set copied in ->
-    (median µs, median host µs: Timer)."""
+    (median µs, median host µs: Timer, a replay's output on xs[0], for its check)."""
     static = xs[0].clone()
+    outputs = []
     with torch.inference_mode():
-        graph = captured_graph(lambda: layer(static), warmups=1)
+        graph = captured_graph(lambda: outputs.append(layer(static)), warmups=1)
         times, timer = [], Timer(device)
         for x in xs:
             static.copy_(x)
             times += timer.time(graph.replay, iters, warmup=3)
+        static.copy_(xs[0])
+        graph.replay()
         layer.synchronize()
     return (max_over_ranks(statistics.median(times), device),
-            max_over_ranks(statistics.median(timer.host), device))
+            max_over_ranks(statistics.median(timer.host), device), outputs[-1].clone())
 
 
 def main(argv=None):
@@ -643,12 +676,11 @@ def write_plot(data: dict, out: str) -> None:
 
 
 def add_derived(row: dict, world: int, ceilings: dict) -> None:
-    """The floor, tokens/s and TFLOP/s of a timed row (fwd+bwd: three times the forward's floor and
-    FLOPs, as the backward's dgrad and wgrad GEMMs each match the forward's)."""
+    """The floor, tokens/s and TFLOP/s of a timed row (fwd+bwd: floor_us's training step, and three
+    times the forward's FLOPs, as the backward's dgrad and wgrad GEMMs each match the forward's)."""
     cfg, tokens = MoEConfig.from_dict(row["config"]), row["tokens_per_rank"]
     passes = 3 if row.get("mode") == "fwd+bwd" else 1  # a backward: twice the forward's GEMMs
-    floor = floor_us(cfg, tokens, world, ceilings)
-    row["floor_us"] = None if floor is None else passes * floor
+    row["floor_us"] = floor_us(cfg, tokens, world, ceilings, fwd_bwd=passes == 3)
     if row["median_us"]:
         row["tokens_per_s"] = tokens * world / row["median_us"] * 1e6
         FS = cfg.shared_width

@@ -3,7 +3,13 @@
 peer and flash's fraction of the floor; then the geometric mean of the speed-ups and the worst
 point. Issue 17's measure: never below 1.0x, at least 1.1x on the geometric mean.
 
-    python bench/summary.py bench/results/<run>/sweep_*.json [--peers triton_kernels torch]"""
+    python bench/summary.py bench/results/<run>/sweep_*.json [--peers triton_kernels torch symm_mem]
+
+A point is (preset, routing, tokens per rank, world, device): rows of other worlds or devices are
+never compared with each other, and two rows of one backend at one point (two commits' files of
+the same sweep, say) are refused. A point where flash's row failed its check is listed as failed
+(not dropped); one where a peer's row failed is listed as incomplete (not compared with the next
+peer); both are counted beside the geometric mean."""
 
 from __future__ import annotations
 
@@ -11,27 +17,76 @@ import argparse
 import json
 import math
 
+PEERS = ("triton_kernels", "torch", "symm_mem")  # bench/layer.py's peers of flash
 
-def points(rows: list[dict], flash: str, peers: list[str]) -> list[dict]:
-    """rows (bench/layer.py JSON rows; forward rows, not mode 'fwd+bwd') -> one dict per (preset,
-    routing, tokens) where flash and at
-    least one peer were timed: flash_us, {peer: us}, best peer, speedup = best peer's us / flash's,
-    of_floor = floor / flash."""
+
+def point_key(r: dict) -> tuple:
+    """A row's point: (preset, routing, tokens per rank, world, device)."""
+    return r["preset"], r["routing"], r["tokens_per_rank"], r.get("world"), r.get("device")
+
+
+def timed_ok(r: dict) -> bool:
+    """Whether a row passed its check and was timed."""
+    return bool(r.get("ok")) and bool(r.get("median_us"))
+
+
+def forward_rows(rows: list[dict]) -> dict[tuple, dict]:
+    """rows -> {point: {backend: row}} over forward rows (not mode 'fwd+bwd'), failed ones included;
+    ValueError for two rows of one backend at one point."""
     by_point: dict[tuple, dict] = {}
     for r in rows:
-        if r.get("median_us") and r.get("ok") and r.get("mode") != "fwd+bwd":  # forwards only
-            by_point.setdefault((r["preset"], r["routing"], r["tokens_per_rank"]), {})[r["backend"]] = r
-    out = []
-    for (preset, routing, tokens), got in by_point.items():
-        timed = {p: got[p]["median_us"] for p in peers if p in got}
-        if flash not in got or not timed:
+        if r.get("mode") == "fwd+bwd":
             continue
-        best = min(timed, key=timed.get)
+        got = by_point.setdefault(point_key(r), {})
+        if r["backend"] in got:
+            other = got[r["backend"]]
+            raise ValueError(f"two {r['backend']} rows at {describe(point_key(r))} (commits {other.get('commit')} "
+                             f"and {r.get('commit')}, dates {other.get('date')} and {r.get('date')}): give one "
+                             "run's files")
+        got[r["backend"]] = r
+    return by_point
+
+
+def describe(key: tuple) -> str:
+    preset, routing, tokens, world, device = key
+    return f"{preset} {routing} {tokens} tokens, world {world}, {device}"
+
+
+def outcomes(rows: list[dict], flash: str, peers: list[str]) -> dict[str, list[dict]]:
+    """rows (bench/layer.py JSON rows; forward rows only, not mode 'fwd+bwd') -> per point where
+    flash has a row and some peer in peers has one:
+      compared:   flash and every peer with a row there passed and were timed: flash_us, peers_us
+                  {peer: us}, best peer, speedup = best peer's us / flash's, of_floor = floor / flash;
+      failed:     flash's row failed its check (or was not timed): its rel_err;
+      incomplete: flash passed, a peer's row failed: failed_peers (not compared with the others).
+    Each dict has preset, routing, tokens, world, device."""
+    out: dict[str, list[dict]] = {"compared": [], "failed": [], "incomplete": []}
+    for key, got in forward_rows(rows).items():
+        present = [p for p in peers if p in got]
+        if flash not in got or not present:
+            continue
+        preset, routing, tokens, world, device = key
+        base = {"preset": preset, "routing": routing, "tokens": tokens, "world": world, "device": device}
         f = got[flash]
-        out.append({"preset": preset, "routing": routing, "tokens": tokens, "flash_us": f["median_us"],
-                    "peers_us": timed, "best": best, "speedup": timed[best] / f["median_us"],
-                    "of_floor": (f["floor_us"] / f["median_us"]) if f.get("floor_us") else None})
+        if not timed_ok(f):
+            out["failed"].append({**base, "rel_err": f.get("rel_err")})
+            continue
+        failed_peers = [p for p in present if not timed_ok(got[p])]
+        if failed_peers:
+            out["incomplete"].append({**base, "flash_us": f["median_us"], "failed_peers": failed_peers})
+            continue
+        timed = {p: got[p]["median_us"] for p in present}
+        best = min(timed, key=timed.get)
+        out["compared"].append({**base, "flash_us": f["median_us"], "peers_us": timed, "best": best,
+                                "speedup": timed[best] / f["median_us"],
+                                "of_floor": (f["floor_us"] / f["median_us"]) if f.get("floor_us") else None})
     return out
+
+
+def points(rows: list[dict], flash: str, peers: list[str]) -> list[dict]:
+    """The points where flash and every peer with a row there passed and were timed (outcomes'
+    compared): flash_us, {peer: us}, best peer, speedup, of_floor."""
+    return outcomes(rows, flash, peers)["compared"]
 
 
 def geomean(values: list[float]) -> float:
@@ -42,22 +97,39 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+")
     p.add_argument("--flash", default="flash")
-    p.add_argument("--peers", nargs="+", default=["triton_kernels", "torch"])
+    p.add_argument("--peers", nargs="+", default=None,
+                   help=f"default: those of {list(PEERS)} with rows in the files")
     args = p.parse_args(argv)
     rows = [r for path in args.files for r in json.load(open(path))["rows"]]
-    pts = points(rows, args.flash, args.peers)
-    if not pts:
-        raise SystemExit(f"no point has both {args.flash} and one of {args.peers} timed")
-    print(f"{'preset':28s} {'tokens':>6s} {'flash µs':>10s} " + " ".join(f"{q:>15s}" for q in args.peers)
-          + f" {'vs best':>8s} {'floor':>6s}")
+    peers = args.peers or [b for b in PEERS if any(r["backend"] == b for r in rows)]
+    try:
+        got = outcomes(rows, args.flash, peers)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    pts, failed, incomplete = got["compared"], got["failed"], got["incomplete"]
+    if not (pts or failed or incomplete):
+        raise SystemExit(f"no point has rows of both {args.flash} and one of {peers}")
+    print(f"{'preset':28s} {'tokens':>6s} {'world':>5s} {'device':14s} {'flash µs':>10s} "
+          + " ".join(f"{q:>15s}" for q in peers) + f" {'vs best':>8s} {'floor':>6s}")
     for q in pts:
-        peers = " ".join(f"{q['peers_us'].get(name, float('nan')):15.1f}" for name in args.peers)
+        times = " ".join(f"{q['peers_us'].get(name, float('nan')):15.1f}" for name in peers)
         floor = f"{q['of_floor']:6.0%}" if q["of_floor"] else "     -"
-        print(f"{q['preset']:28s} {q['tokens']:6d} {q['flash_us']:10.1f} {peers} {q['speedup']:7.2f}x {floor}")
+        print(f"{q['preset']:28s} {q['tokens']:6d} {q['world']!s:>5s} {q['device']!s:14.14s} {q['flash_us']:10.1f} "
+              f"{times} {q['speedup']:7.2f}x {floor}")
+    for q in failed:
+        print(f"FAILED      {describe(tuple(q[k] for k in ('preset', 'routing', 'tokens', 'world', 'device')))}: "
+              f"{args.flash} failed its check (rel_err {q['rel_err']})")
+    for q in incomplete:
+        print(f"INCOMPLETE  {describe(tuple(q[k] for k in ('preset', 'routing', 'tokens', 'world', 'device')))}: "
+              f"{', '.join(q['failed_peers'])} failed its check; not compared")
+    counts = f"{len(failed)} points where {args.flash} failed, {len(incomplete)} incomplete (a peer failed)"
+    if not pts:
+        print(f"no point compared; {counts}")
+        return
     worst = min(pts, key=lambda q: q["speedup"])
     print(f"geometric mean {geomean([q['speedup'] for q in pts]):.3f}x over {len(pts)} points; "
           f"worst {worst['speedup']:.2f}x ({worst['preset']}, {worst['tokens']} tokens, against {worst['best']}); "
-          f"{sum(q['speedup'] < 1 for q in pts)} points below 1.0x")
+          f"{sum(q['speedup'] < 1 for q in pts)} points below 1.0x; {counts}")
 
 
 if __name__ == "__main__":

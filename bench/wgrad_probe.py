@@ -15,10 +15,13 @@ explicit backward's torch._grouped_mm(a.t(), b, offs), on one GPU, at the preset
 
 a: [S, K] bf16, b: [S, N] bf16, S = T * top_k rows sorted by expert, routed at random: k experts a
 token drawn without replacement, expert e with weight exp(N(0, skew)) (0: uniform); a row's
-most_over_mean is the busiest expert's rows over the mean. Every variant is checked against
-`grouped` (ok: within 1e-2; exit code 1 otherwise), then timed as bench/backward_kernels.py times
-(CUDA events around --iters calls, the variants in turn, --rounds rounds); the layout copies are
-not timed."""
+most_over_mean is the busiest expert's rows over the mean. Every variant is checked against a
+float32 product per expert (a_e^T b_e over its rows, one expert at a time: deepseek_v3's [E, K, N]
+in float32 would be 30 GB), its output NaN-filled first (out= where the variant takes it, else a
+NaN-filled block of the output's size freed just before the call, which the caching allocator
+hands back), so a tile it skips fails (ok: within 1e-2; exit code 1 otherwise); then timed as
+bench/backward_kernels.py times (CUDA events around --iters calls, the variants in turn, --rounds
+rounds, default 5); the layout copies are not timed."""
 
 from __future__ import annotations
 
@@ -34,15 +37,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from backward_kernels import timed  # noqa: E402
-from layer import rel_err  # noqa: E402
+from backward_kernels import H200_TFLOPS, HBM_BYTES_PER_S, timed  # noqa: E402
+from layer import git_commit  # noqa: E402
 
 from flashmoe_py import preset  # noqa: E402
 from flashmoe_py.kernels.expert_wgrad import expert_wgrad  # noqa: E402
 
-# An H200's rates as bench/layer.py's measure_ceilings found them (its rows in
-# bench/results/2026-12-03h-h200x1-token-sum-loop/fb_*.json: 792-805 TFLOP/s, 4,229-4,257 GB/s).
-TFLOPS, HBM = 792e12, 4.256e12
+# An H200's rates as bench/layer.py's measure_ceilings found them (bench/backward_kernels.py says where)
+TFLOPS, HBM = H200_TFLOPS, HBM_BYTES_PER_S
 
 
 def padded(t: torch.Tensor, counts: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
@@ -107,7 +109,7 @@ def probe_parser(description: str, presets: list[str]) -> argparse.ArgumentParse
     p.add_argument("--skew", type=float, nargs="+", default=[0.0],
                    help="experts' popularity: log-weights N(0, skew), k drawn without replacement (0: uniform)")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5, help="every variant once a round, in turn")
     p.add_argument("--out", default=None)
     return p
 
@@ -120,7 +122,7 @@ def report(rows: list, point: dict, counts: torch.Tensor, medians: dict, errs: d
         row = {**point, "most_over_mean": float(counts.max() * E / S), "variant": v, "median_us": med,
                "floor_us": floor, "of_floor": floor / med, "rel_err": errs[v], "ok": errs[v] <= 1e-2, **extra,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "torch": torch.__version__, "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"),
+               "torch": torch.__version__, "commit": git_commit(),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         rows.append(row)
         print(f"{row['preset']:14s} {row['tokens']:6d} {row['most_over_mean']:4.2f} {row['gemm']:7s} {v:15s} "
@@ -146,6 +148,32 @@ def probe_points(args: argparse.Namespace, gen: torch.Generator):
                expert_counts(T, E, k, skew, gen), T * k)
 
 
+def reference_err(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> float:
+    """||out - ref|| / ||ref|| over [E, K, N], ref[e] = a_e^T b_e over expert e's rows in float32,
+    one expert at a time (zeros for an expert without rows); NaN anywhere in out gives NaN."""
+    num = den = 0.0
+    start = 0
+    for e, n in enumerate(counts):
+        ref = a[start:start + n].float().t() @ b[start:start + n].float()
+        num += float((out[e].float() - ref).square().sum())
+        den += float(ref.square().sum())
+        start += n
+    return (num / den) ** 0.5 if den else (float("nan") if num == 0 else float("inf"))
+
+
+def checked_output(fn, fn_args: tuple, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """fn(*fn_args) with its output NaN-filled before the call: fn's out= (expert_wgrad's) where it
+    takes one, else a NaN block of the output's size allocated and freed just before the call (the
+    caching allocator hands the freed block to the next allocation of that size), so what a
+    variant leaves unwritten is NaN, not a value an earlier variant stored there."""
+    if isinstance(fn, functools.partial) and fn.func is expert_wgrad:
+        out = torch.full(shape, float("nan"), dtype=dtype, device=fn_args[0].device)
+        return fn(*fn_args, out=out)
+    poison = torch.full(shape, float("nan"), dtype=dtype, device=fn_args[0].device)
+    del poison
+    return fn(*fn_args)
+
+
 def product_floor_us(S: int, K: int, N: int, E: int) -> float:
     """A per-expert product's floor in µs: its FLOPs at TFLOPS or, the larger, its bytes at HBM
     (E [K, N] weights or weight gradients once, S rows of K and N once; bf16)."""
@@ -163,10 +191,8 @@ def main() -> int:
             a = torch.randn(S, K, device="cuda", generator=gen, dtype=torch.bfloat16)
             b = torch.randn(S, N, device="cuda", generator=gen, dtype=torch.bfloat16)
             fns, pad = variants(a, b, counts, args.compiled)
-            fn, fn_args = fns["grouped"]
-            ref = fn(*fn_args)
-            errs = {v: rel_err(fn(*fn_args), ref) for v, (fn, fn_args) in fns.items()}
-            del ref
+            errs = {v: reference_err(checked_output(fn, fn_args, (E, K, N), a.dtype), a, b, counts.tolist())
+                    for v, (fn, fn_args) in fns.items()}
             times = timed([(fn, [fn_args]) for fn, fn_args in fns.values()], args.iters, args.rounds)
             medians = {v: statistics.median(us) for v, us in zip(fns, times)}
             report(rows, {**point, "gemm": gemm}, counts, medians, errs, product_floor_us(S, K, N, E), pad_rows=pad)

@@ -144,6 +144,42 @@ def test_the_floor_counts_shared_experts():
                - extra) < 1e-6 * extra
 
 
+def test_a_training_step_s_floor_counts_two_more_all_to_alls_not_four():
+    """A forward moves the slot rows twice over NVLink (dispatch, combine); the backward twice more
+    (dy to the experts, the rows' gradients back): max(3 compute, 3 HBM, 2 NVLink), not 3 x the
+    forward's floor. At world 1 (no link) the two are the same."""
+    layer = _bench_layer_module()
+    from flashmoe_py import PRESETS
+    cfg = PRESETS["qwen3_30b_a3b"]
+    ceilings = {"bf16_tflops": 800.0, "hbm_gbps": 4000.0, "a2a_gbps": 100.0}
+    compute, hbm, link = layer.floor_terms(cfg, 16384, 4, ceilings)
+    assert link > max(compute, hbm)  # a link-bound point
+    assert layer.floor_us(cfg, 16384, 4, ceilings, fwd_bwd=True) == max(3 * compute, 3 * hbm, 2 * link)
+    assert layer.floor_us(cfg, 16384, 1, ceilings, fwd_bwd=True) == 3 * layer.floor_us(cfg, 16384, 1, ceilings)
+
+
+def test_the_checked_tokens_reach_the_last_tile_unless_capacity_orders_them():
+    layer = _bench_layer_module()
+    from flashmoe_py import MoEConfig
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, dtype="float32")
+    picked = layer.checked_tokens(16384, cfg)
+    assert picked[0] == 0 and picked[-1] == 16383 and len(picked) == layer.CHECK_TOKENS
+    assert torch.equal(layer.checked_tokens(100, cfg), torch.arange(100))
+    capped = cfg.replace(capacity_factor=1.0)  # drops depend on the tokens before: the first ones
+    assert torch.equal(layer.checked_tokens(16384, capped), torch.arange(layer.CHECK_TOKENS))
+
+
+def nan_on_one_rank(rank, world):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import layer
+    return layer.max_over_ranks(float("nan") if rank == world - 1 else 1e-3, torch.device("cpu"))
+
+
+def test_an_unwritten_row_s_nan_error_is_not_lost_in_the_max_over_ranks(dist_pools):
+    """gloo's MAX keeps or drops a NaN by rank order (NCCL's drops it): NaN counts as inf."""
+    assert dist_pools(2).run(nan_on_one_rank) == [float("inf")] * 2
+
+
 def test_the_summary_compares_flash_with_the_fastest_peer_at_each_point():
     _bench_layer_module()
     import summary
@@ -153,12 +189,103 @@ def test_the_summary_compares_flash_with_the_fastest_peer_at_each_point():
                 "median_us": us, "ok": ok, "floor_us": 50.0}
 
     rows = [row("flash", 128, 100.0), row("triton_kernels", 128, 80.0), row("torch", 128, 200.0),
-            row("flash", 4096, 100.0), row("triton_kernels", 4096, 125.0, ok=False), row("torch", 4096, 125.0),
+            row("flash", 512, 100.0), row("torch", 512, 125.0),  # triton_kernels has no row: not a peer here
+            row("flash", 4096, 100.0), row("triton_kernels", 4096, 125.0, ok=False), row("torch", 4096, 150.0),
             row("flash", 16384, 100.0)]  # no peer timed: not a point
     pts = summary.points(rows, "flash", ["triton_kernels", "torch"])
     assert [(q["tokens"], q["best"], q["speedup"], q["of_floor"]) for q in pts] == [
-        (128, "triton_kernels", 0.8, 0.5), (4096, "torch", 1.25, 0.5)]  # a failed check does not count
+        (128, "triton_kernels", 0.8, 0.5), (512, "torch", 1.25, 0.5)]
     assert abs(summary.geomean([q["speedup"] for q in pts]) - 1.0) < 1e-12
+    # a peer that failed its check: the point is incomplete, not flash against the next-slowest peer
+    got = summary.outcomes(rows, "flash", ["triton_kernels", "torch"])
+    assert [(q["tokens"], q["failed_peers"]) for q in got["incomplete"]] == [(4096, ["triton_kernels"])]
+
+
+def _summary_rows():
+    _bench_layer_module()
+    import summary
+
+    def row(backend, us, ok=True, world=2, device="NVIDIA H200", tokens=128, **extra):
+        return {"preset": "p", "routing": "uniform", "tokens_per_rank": tokens, "backend": backend, "world": world,
+                "device": device, "median_us": us if ok else None, "ok": ok, "floor_us": 50.0, "rel_err": 0.0,
+                "commit": "abc", **extra}
+    return summary, row
+
+
+def test_the_summary_keeps_worlds_and_devices_apart_and_refuses_two_rows_of_a_backend(capsys, tmp_path):
+    summary, row = _summary_rows()
+    rows = [row("flash", 100.0, world=2), row("torch", 80.0, world=4),           # other worlds: no point
+            row("flash", 100.0, world=8, device="NVIDIA H100"), row("torch", 300.0, world=8),  # other devices
+            row("flash", 100.0, tokens=512), row("torch", 200.0, tokens=512)]   # one world, one device: compared
+    pts = summary.points(rows, "flash", ["torch"])
+    assert [(q["tokens"], q["world"], q["device"], q["speedup"]) for q in pts] == [(512, 2, "NVIDIA H200", 2.0)]
+    with pytest.raises(ValueError, match="two flash rows .*commits abc and def"):
+        summary.points(rows + [row("flash", 90.0, tokens=512, commit="def")], "flash", ["torch"])
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"rows": rows + [row("flash", 90.0, tokens=512, commit="def")]}))
+    with pytest.raises(SystemExit, match="two flash rows"):
+        summary.main([str(path)])
+
+
+def test_the_summary_counts_a_point_where_flash_failed(capsys, tmp_path):
+    summary, row = _summary_rows()
+    rows = [row("flash", 100.0), row("torch", 200.0), row("symm_mem", 150.0),
+            row("flash", None, ok=False, tokens=512, rel_err=0.3), row("torch", 50.0, tokens=512),
+            row("flash", 100.0, tokens=4096), row("torch", 50.0, tokens=4096, mode="fwd+bwd", backward="saved")]
+    got = summary.outcomes(rows, "flash", ["torch", "symm_mem"])
+    assert [q["tokens"] for q in got["failed"]] == [512] and got["incomplete"] == []
+    assert [(q["tokens"], q["best"]) for q in got["compared"]] == [(128, "symm_mem")]  # fwd+bwd rows: not peers
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"rows": rows}))
+    summary.main([str(path)])  # default peers: those with rows, symm_mem included
+    out = capsys.readouterr().out
+    assert "symm_mem" in out.splitlines()[0] and "FAILED" in out
+    assert "over 1 points" in out and "1 points where flash failed, 0 incomplete" in out
+
+
+def test_the_plot_draws_a_line_per_backend_mode_and_backward_with_the_mode_s_floor(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import plot
+
+    def row(backend, tokens, us, floor, ok=True, **extra):
+        return {"preset": "p", "routing": "uniform", "tokens_per_rank": tokens, "backend": backend,
+                "median_us": us, "floor_us": floor, "ok": ok, **extra}
+    bwd = {"mode": "fwd+bwd"}
+    rows = [row("torch", 16, 10.0, 1.0), row("torch", 32, 20.0, 2.0),
+            row("torch", 16, 30.0, 3.0, backward="saved", **bwd), row("torch", 32, 60.0, 6.0, backward="saved", **bwd),
+            row("torch", 16, 40.0, 3.0, backward="autograd", **bwd),
+            row("torch", 32, 99.0, 6.0, ok=False, backward="autograd", **bwd),  # failed: not drawn
+            row("symm_mem", 16, 12.0, 1.0, mode="1d+regroup")]
+    lines, floor = plot.lines_of(rows, "p", "uniform", "forward")
+    assert lines == {"torch": [(16, 10.0), (32, 20.0)], "symm_mem (1d+regroup)": [(16, 12.0)]}
+    assert floor == {16: 1.0, 32: 2.0}
+    lines, floor = plot.lines_of(rows, "p", "uniform", "fwd+bwd")
+    assert lines == {"torch/saved": [(16, 30.0), (32, 60.0)], "torch/autograd": [(16, 40.0)]}
+    assert floor == {16: 3.0, 32: 6.0}
+    meta = {"device": "cpu", "world": 2, "date": "2026-12-05T00:00:00", "commit": "abc"}
+    out = plot.plot({"meta": meta, "rows": rows}, str(tmp_path / "latency.png"))
+    assert os.path.getsize(out) > 0
+
+
+def test_wgrad_probe_checks_against_float32_per_expert_and_a_skipped_tile_fails():
+    """bench/wgrad_probe.py's reference_err: a variant's output against each expert's float32
+    product; an output a variant left NaN (its poisoned buffer) or stale fails."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import wgrad_probe
+
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.tensor([5, 0, 17, 3])
+    a = torch.randn(25, 24, generator=gen).to(torch.bfloat16)
+    b = torch.randn(25, 40, generator=gen).to(torch.bfloat16)
+    fns, _ = wgrad_probe.variants(a, b, counts)
+    for name, (fn, args) in fns.items():
+        out = wgrad_probe.checked_output(fn, args, (4, 24, 40), a.dtype)
+        assert wgrad_probe.reference_err(out, a, b, counts.tolist()) <= 1e-2, name
+    out = fns["grouped"][0](*fns["grouped"][1]).clone()
+    out[2, :8] = float("nan")  # a tile never written into the NaN-filled output
+    assert not wgrad_probe.reference_err(out, a, b, counts.tolist()) <= 1e-2
+    out[2] = out[0]  # another expert's values left behind
+    assert wgrad_probe.reference_err(out, a, b, counts.tolist()) > 1e-2
 
 
 def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path):
