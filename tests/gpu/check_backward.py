@@ -248,18 +248,24 @@ def main() -> int:
     rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, t) for c, t in configs))
     rank = rt.rank
     runs = [("torch", "autograd"), ("torch", "saved"), ("flash", "saved"), ("flash", "recompute")]
-    rows = [run_case(name, o, backend, backward, rank, world) for backend, backward in runs for name, o in CASES]
-    if world == 1:
-        rows += [run_captured(name, o, b) for b in ("saved", "recompute") for name, o in CAPTURED_CASES]
-        rows += [run_refused(name, o, names, b) for b in ("saved", "recompute") for name, o, names in REFUSED_CASES]
-    rows += [router_kernel_kept_for_inference(rank)]
-    if presets:
-        rows.append(router_builds_agree(presets))
-    rows += [run_preset(n, b, rank) for b in ("saved", "recompute") for n in presets]
-    if rank == 0:
-        for r in rows:
+
+    def done(r: dict) -> dict:  # printed as it comes: a run cut short keeps what it checked
+        if rank == 0:
             print(("ok  " if r["ok"] else "FAIL"), r["case"], {k: v for k, v in r.items() if k not in ("case", "ok")},
                   flush=True)
+        return r
+
+    rows = [done(run_case(name, o, backend, backward, rank, world)) for backend, backward in runs
+            for name, o in CASES]
+    if world == 1:
+        rows += [done(run_captured(name, o, b)) for b in ("saved", "recompute") for name, o in CAPTURED_CASES]
+        rows += [done(run_refused(name, o, names, b)) for b in ("saved", "recompute")
+                 for name, o, names in REFUSED_CASES]
+    rows += [done(router_kernel_kept_for_inference(rank))]
+    if presets:
+        rows.append(done(router_builds_agree(presets)))
+    rows += [done(run_preset(n, b, rank)) for b in ("saved", "recompute") for n in presets]
+    if rank == 0:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "world_size": world,
