@@ -647,19 +647,19 @@ def main(argv=None):
             if row["median_us"]:
                 row["speedup"] = {row_name(r): r["median_us"] / row["median_us"] for r in same}
         print_table(rows, ceilings, meta, world)
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
+                                       f"layer-{'gpu' if gpu else 'cpu'}-w{world}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        data = {"meta": {**meta, "world": world, "ceilings": ceilings}, "rows": rows}
+        with open(out, "w") as f:  # first: the summary below may refuse the rows (two of a backend at a point)
+            json.dump(data, f, indent=1)
+        print(f"wrote {out}")
         peers = [b for b in args.backends if b in ("triton_kernels", "torch", "symm_mem")]
         pts = summary.points(rows, "flash", peers) if "flash" in args.backends and peers else []
         if pts:
             speedups = [q["speedup"] for q in pts]
             print(f"flash against the fastest of {peers}: geometric mean {summary.geomean(speedups):.3f}x over "
                   f"{len(pts)} points, {sum(v < 1 for v in speedups)} below 1.0x (bench/summary.py lists them)")
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
-                                       f"layer-{'gpu' if gpu else 'cpu'}-w{world}.json")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        data = {"meta": {**meta, "world": world, "ceilings": ceilings}, "rows": rows}
-        with open(out, "w") as f:
-            json.dump(data, f, indent=1)
-        print(f"wrote {out}")
         write_plot(data, os.path.splitext(out)[0] + ".png")
     if fused:
         fm.finalize()

@@ -38,8 +38,8 @@ def label(row: dict) -> str:
 
 def lines_of(rows: list[dict], preset: str, routing: str, mode: str) -> tuple[dict, dict]:
     """The rows of one panel -> ({label: sorted [(tokens, µs)]}, {tokens: floor µs}): passed and
-    timed rows only; the floor from the panel's own mode (a training step's is the forward's three
-    times)."""
+    timed rows only; the floor from the panel's own mode (a training step's: bench/layer.py's
+    floor_us, max(3 compute, 3 HBM, 2 NVLink))."""
     lines, floor = defaultdict(list), {}
     for r in rows:
         if (r["preset"], r["routing"], kind(r)) == (preset, routing, mode) and r.get("ok") and r.get("median_us"):

@@ -258,16 +258,13 @@ class MoELayer(nn.Module):
             if t is not None and (not t.is_floating_point() or t.device.type == "meta"):
                 raise ValueError(f"{name} must be a real floating-point tensor with data, got {t.dtype} on {t.device}")
         mine = torch.tensor(self.placement.experts_on(self.rank), dtype=torch.long)
-        converted = {}  # every weight converted before any is copied: a failure leaves the layer as it was
-        for name, t in given.items():
+        for name, t in given.items():  # one at a time (a converted copy of every weight at once would not fit)
             if t is None:
                 continue
             if name in EXPERT_WEIGHTS:
                 t = t[mine.to(t.device)]  # this rank's experts first: only they are converted
             if gated and name in GATE_UP_WEIGHTS:
                 t = to_pairs(t, gate_up_layout)
-            converted[name] = t
-        for name, t in converted.items():
             getattr(self, name).copy_(t)
         self._check_replicas_agree("load_full_weights")
 
@@ -401,7 +398,7 @@ class MoELayer(nn.Module):
         if marker not in state_dict and not self.config.gated:
             state_dict[marker] = torch.tensor(PAIRS_VERSION)  # one F-wide block: no layout to tell
         if marker in state_dict and int(state_dict[marker]) == HALVES_VERSION:
-            for name in GATE_UP_WEIGHTS:
+            for name in GATE_UP_WEIGHTS if self.config.gated else ():  # one F-wide block: nothing to convert
                 if prefix + name in state_dict:
                     state_dict[prefix + name] = to_pairs(state_dict[prefix + name])
             state_dict[marker] = torch.tensor(PAIRS_VERSION)
@@ -431,7 +428,8 @@ class MoELayer(nn.Module):
         return None
 
     def _apply(self, fn, recurse: bool = True):
-        """Module.to(), .cuda(), .double() and the like: refused where they would move a weight to
+        """Module.to(), .cuda(), .double() and the like: refused, before any of the layer's tensors
+        moves (a parent's modules visited earlier have moved), where they would move a weight to
         another dtype or device (the config names the dtypes the kernels are built for, and the
         fused backend's CUDA graphs and symmetric heap hold addresses on the device it was built
         on), taken as no-ops otherwise (a model moved where the layer already is)."""
@@ -457,23 +455,23 @@ _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionar
 # (whatever the layer's `backward`, the compiled one is backward="recompute"'s: an op's outputs
 # would have to carry what "saved" keeps). `params` is the
 # layer's parameters, inputs only so that autograd hands them gradients; in_graph: -1 grad mode
-# off, else whether the caller records the forward (compared across ranks). The forward op also
-# returns a copy of the correction bias it routed with (routing='sigmoid_grouped'), made inside
-# the op, for the backward to route with again.
+# off, else whether the caller records the forward (compared across ranks). A recorded forward op
+# also returns a copy of the correction bias it routed with (routing='sigmoid_grouped'), made
+# inside the op, for the backward to route with again.
 
 @torch.library.custom_op("flashmoe::moe_forward", mutates_args=())
 def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int) -> list[torch.Tensor]:
     """MoELayer.forward as a custom op, so torch.compile keeps the layer whole -> [out] or [out,
     the correction bias's copy]."""
     layer = _LAYERS[layer_id]
-    bias = routing_bias_now(layer)
+    bias = routing_bias_now(layer) if in_graph == 1 else None  # only a recorded forward has a backward
     out = layer._forward(x, None if in_graph < 0 else bool(in_graph), record=False)
     return [out] if bias is None else [out, bias]
 
 
 @_moe_forward.register_fake
 def _(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int) -> list[torch.Tensor]:
-    bias = _LAYERS[layer_id].e_score_correction_bias
+    bias = _LAYERS[layer_id].e_score_correction_bias if in_graph == 1 else None
     return [torch.empty_like(x)] + ([] if bias is None else [x.new_empty(tuple(bias.shape), dtype=bias.dtype)])
 
 

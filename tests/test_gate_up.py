@@ -88,3 +88,13 @@ def test_a_gated_state_dict_without_its_layout_entry_is_refused_not_guessed():
     plain = MoEConfig(hidden_size=16, ffn_size=48, num_experts=2, top_k=1, activation="gelu", dtype="float32")
     ungated = MoELayer(plain, seed=3)
     ungated.load_state_dict({n: p.detach() for n, p in MoELayer(plain, seed=4).named_parameters()})  # no layout
+
+
+def test_a_layer_without_a_gate_loads_a_state_dict_marked_halves_unchanged():
+    """gate_up_pairs=0 says "halves" of a gated layer's weights; an ungated layer has one F-wide
+    block, nothing to convert (a mixed model's old checkpoint is marked once for every layer)."""
+    cfg = MoEConfig(hidden_size=16, ffn_size=48, num_experts=2, top_k=1, activation="gelu", dtype="float32")
+    saved = MoELayer(cfg, seed=1)
+    fresh = MoELayer(cfg, seed=2)
+    fresh.load_state_dict({**saved.state_dict(), "gate_up_pairs": torch.tensor(HALVES_VERSION)})
+    assert torch.equal(fresh.w_in, saved.w_in)
