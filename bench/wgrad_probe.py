@@ -37,7 +37,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from backward_kernels import H200_TFLOPS, HBM_BYTES_PER_S, timed  # noqa: E402
+from backward_kernels import H200_TFLOPS, HBM_BYTES_PER_S, poisoned_call, timed  # noqa: E402
 from layer import git_commit  # noqa: E402
 
 from flashmoe_py import preset  # noqa: E402
@@ -161,17 +161,22 @@ def reference_err(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, counts: l
     return (num / den) ** 0.5 if den else (float("nan") if num == 0 else float("inf"))
 
 
-def checked_output(fn, fn_args: tuple, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """fn(*fn_args) with its output NaN-filled before the call: fn's out= (expert_wgrad's) where it
-    takes one, else a NaN block of the output's size allocated and freed just before the call (the
-    caching allocator hands the freed block to the next allocation of that size), so what a
-    variant leaves unwritten is NaN, not a value an earlier variant stored there."""
+def checked_output(fn, fn_args: tuple, shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """fn(*fn_args) with its output NaN-filled before the call -> (the output, whether the poison
+    held): fn's out= (expert_wgrad's) where it takes one, else backward_kernels.poisoned_call's NaN
+    block, freed just before the call; on a GPU an output outside that block fails its row, since
+    what a variant leaves unwritten would then be an earlier variant's value, not NaN."""
     if isinstance(fn, functools.partial) and fn.func is expert_wgrad:
         out = torch.full(shape, float("nan"), dtype=dtype, device=fn_args[0].device)
-        return fn(*fn_args, out=out)
-    poison = torch.full(shape, float("nan"), dtype=dtype, device=fn_args[0].device)
-    del poison
-    return fn(*fn_args)
+        return fn(*fn_args, out=out), True
+    out, landed = poisoned_call(fn, fn_args, shape, dtype)
+    return out, landed or not out.is_cuda
+
+
+def checked_err(fn, fn_args: tuple, a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> float:
+    """A variant's reference_err on its NaN-filled output (inf where the NaN filling missed it)."""
+    out, poisoned = checked_output(fn, fn_args, (len(counts), a.shape[1], b.shape[1]), a.dtype)
+    return reference_err(out, a, b, counts) if poisoned else float("inf")
 
 
 def product_floor_us(S: int, K: int, N: int, E: int) -> float:
@@ -191,8 +196,7 @@ def main() -> int:
             a = torch.randn(S, K, device="cuda", generator=gen, dtype=torch.bfloat16)
             b = torch.randn(S, N, device="cuda", generator=gen, dtype=torch.bfloat16)
             fns, pad = variants(a, b, counts, args.compiled)
-            errs = {v: reference_err(checked_output(fn, fn_args, (E, K, N), a.dtype), a, b, counts.tolist())
-                    for v, (fn, fn_args) in fns.items()}
+            errs = {v: checked_err(fn, fn_args, a, b, counts.tolist()) for v, (fn, fn_args) in fns.items()}
             times = timed([(fn, [fn_args]) for fn, fn_args in fns.values()], args.iters, args.rounds)
             medians = {v: statistics.median(us) for v, us in zip(fns, times)}
             report(rows, {**point, "gemm": gemm}, counts, medians, errs, product_floor_us(S, K, N, E), pad_rows=pad)

@@ -279,8 +279,9 @@ def test_wgrad_probe_checks_against_float32_per_expert_and_a_skipped_tile_fails(
     b = torch.randn(25, 40, generator=gen).to(torch.bfloat16)
     fns, _ = wgrad_probe.variants(a, b, counts)
     for name, (fn, args) in fns.items():
-        out = wgrad_probe.checked_output(fn, args, (4, 24, 40), a.dtype)
-        assert wgrad_probe.reference_err(out, a, b, counts.tolist()) <= 1e-2, name
+        out, poisoned = wgrad_probe.checked_output(fn, args, (4, 24, 40), a.dtype)
+        assert poisoned and wgrad_probe.reference_err(out, a, b, counts.tolist()) <= 1e-2, name
+        assert wgrad_probe.checked_err(fn, args, a, b, counts.tolist()) <= 1e-2, name
     out = fns["grouped"][0](*fns["grouped"][1]).clone()
     out[2, :8] = float("nan")  # a tile never written into the NaN-filled output
     assert not wgrad_probe.reference_err(out, a, b, counts.tolist()) <= 1e-2
