@@ -418,9 +418,13 @@ class MoELayer(nn.Module):
         if drift:
             error_msgs.append(f"after loading {prefix or 'the layer'}: {drift}")
 
+    def _own_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the layer's own parameters and buffers (those it registers)."""
+        return [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]
+
     def _drift(self) -> str | None:
         """Where a weight is no longer in the dtype and on the device the layer was built for, or None."""
-        for name, t in [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]:
+        for name, t in self._own_tensors():
             want = self.config.weight_dtype(name) if name in WEIGHTS + OPTIONAL_WEIGHTS else t.dtype
             if t.dtype != want or t.device != self.device:
                 return (f"{name} is {t.dtype} on {t.device}, the layer's is {want} on {self.device}: a MoELayer "
@@ -433,7 +437,7 @@ class MoELayer(nn.Module):
         another dtype or device (the config names the dtypes the kernels are built for, and the
         fused backend's CUDA graphs and symmetric heap hold addresses on the device it was built
         on), taken as no-ops otherwise (a model moved where the layer already is)."""
-        for name, t in [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]:
+        for name, t in self._own_tensors():
             moved = fn(torch.empty(0, dtype=t.dtype, device=t.device))
             if moved.dtype != t.dtype or moved.device != t.device:
                 raise ValueError(f"MoELayer cannot move {name} from {t.dtype} on {t.device} to {moved.dtype} on "

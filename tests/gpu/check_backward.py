@@ -30,7 +30,10 @@ from flashmoe_py.routing import route
 from flashmoe_py.runtime import detect_launcher
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "bench"))
 from grad_reference import grad_errors, lean_grad_errors  # noqa: E402
+from layer import captured_graph, training_step  # noqa: E402  (bench/layer.py)
 
 TOL = {"bfloat16": 1e-2, "float32": 1e-5}
 FLASH_FP32_TOL = 1e-4  # a GPU kernel's bar (its forward is the fused kernel's)
@@ -115,21 +118,9 @@ CAPTURED_TOKENS = 96
 
 def captured_step(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor) -> torch.cuda.CUDAGraph:
     """A whole training step (grads cleared, then the backward of sum(layer(x) * dy)) captured in
-    a CUDA graph, as a caller would, after two steps on a side stream to warm up."""
-    def step():
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        (layer(x) * dy).sum().backward()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
+    a CUDA graph, as a caller would, after two steps on a side stream to warm up (the benchmark's
+    own capture, bench/layer.py)."""
+    return captured_graph(training_step(layer, x, dy), warmups=2)
 
 
 def run_captured(name: str, overrides: dict, backward: str) -> dict:
