@@ -34,6 +34,8 @@ from flashmoe_py.options import BACKWARDS  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 import summary  # noqa: E402  (bench/, beside this file)
 from energy import meter_for  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from grad_reference import lean_grad_errors  # noqa: E402  (tests/: the gradients' reference)
 
 ROUTINGS = ("uniform", "zipf", "one_hot")
 FLASH = {"flash": "p2p", "flash_nvshmem": "nvshmem"}  # benchmark backend -> fused-kernel transport
@@ -83,8 +85,9 @@ def parse_args(argv=None):
                         "energy_loop_us), over about S seconds of the first input set's calls after its timing")
     p.add_argument("--input-sets", type=int, default=3)
     p.add_argument("--fwd-bwd", action="store_true",
-                   help="also time forward + backward of sum(y * dy) (rows with mode 'fwd+bwd', dx checked "
-                        "against float64 autograd through the reference), on the backends that have a backward")
+                   help="also time forward + backward of sum(y * dy) (rows with mode 'fwd+bwd', every gradient "
+                        "of a step at the timed size checked against the reference before and after timing), on "
+                        "the backends that have a backward")
     p.add_argument("--backwards", nargs="+", default=None, choices=BACKWARDS,
                    help="the backwards of the fwd+bwd rows, one row each where the backend has it (flash: "
                         "saved, recompute); default: each backend's own")
@@ -412,34 +415,44 @@ def training_step(layer, x: torch.Tensor, dy: torch.Tensor):
     return step
 
 
+def step_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, device) -> tuple[float, dict, int]:
+    """One training step of layer on a copy of x [T, H] (every token of the timed size) and dy,
+    every gradient (x's and each parameter's, the experts' summed over ranks) against autograd
+    through the reference taken one expert at a time (grad_reference.lean_grad_errors: float32
+    for bf16 layers, float64 for float32 ones) -> (worst error, max over ranks; {gradient: this
+    rank's error}; tokens the layer's router chose otherwise than the reference's, summed over
+    ranks). Collective."""
+    report: dict = {}
+    dtype = torch.float32 if layer.config.dtype == "bfloat16" else torch.float64
+    layer.zero_grad(set_to_none=True)  # a timed step's gradients would add to this one's
+    errs = lean_grad_errors(layer, x.detach().clone().requires_grad_(True), dy, dtype, report)
+    layer.zero_grad(set_to_none=True)
+    routed_otherwise = torch.tensor([report["tokens_routed_otherwise"]], device=device)
+    if layer.world_size > 1:
+        dist.all_reduce(routed_otherwise)
+    return max_over_ranks(max(errs.values()), device), errs, int(routed_otherwise)
+
+
 def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, device,
                  energy_seconds: float = 0.0, graph: bool = False) -> list[dict]:
     """row's point timed as forward + backward of sum(layer(x) * dy) (x and every parameter
-    requiring grad) with the layer's backward, after dx on CHECK_TOKENS tokens is checked against
-    float64 autograd through the reference -> [a row with mode 'fwd+bwd' and its backward, and
-    with graph the step captured in a CUDA graph (graph_fwd_bwd_row)], or [] where the backend
-    has no backward."""
-    cfg = layer.config
+    requiring grad) with the layer's backward, after every gradient of a step on the first input
+    set (all its tokens) is checked against autograd through the reference, and checked again on
+    a step after the timing (rel_err_timed: the warm state the timed steps ran in) -> [a row with
+    mode 'fwd+bwd' and its backward, and with graph the step captured in a CUDA graph
+    (graph_fwd_bwd_row)], or [] where the backend has no backward."""
     gen = torch.Generator().manual_seed(7)
     dys = [torch.randn(x.shape, generator=gen).to(device, x.dtype) for x in xs]
-    x = xs[0][:CHECK_TOKENS].detach().clone().requires_grad_(True)
     try:
-        (layer(x).float() * dys[0][:CHECK_TOKENS].float()).sum().backward()
+        err, errs, routed_otherwise = step_errors(layer, xs[0], dys[0], device)
     except NotImplementedError as e:
         print(f"fwd+bwd skipped for backend {row['backend']}: {e}", file=sys.stderr)
         return []
-    layer.zero_grad(set_to_none=True)
-    xr = x.detach().double().requires_grad_(True)
-    # the weights stay in the layer's dtype: the reference upcasts one expert at a time (a float64
-    # copy of every expert at once would not fit beside deepseek_v3's on one GPU)
-    (reference_forward(xr, config=cfg, compute_dtype=torch.float64, **layer.full_weight_dict())
-     * dys[0][:CHECK_TOKENS].double()).sum().backward()
-    err = max_over_ranks(rel_err(x.grad, xr.grad), device)
-    # dx only: every parameter's gradient at the presets' sizes is tests/gpu/check_backward.py --presets's
     forward_only = ("rel_err_timed", )  # the forward row's check after its timing, not this step's
     out = {**{k: v for k, v in without_energy(row).items() if k not in forward_only}, "mode": "fwd+bwd",
-           "backward": layer.options.backward_for(layer.backend.name),
-           "rel_err": err, "checked": "dx", "ok": err <= tol, "median_us": None, "host_us": None}
+           "backward": layer.options.backward_for(layer.backend.name), "rel_err": err, "rel_errs": errs,
+           "checked": "every gradient", "tokens_routed_otherwise": routed_otherwise, "ok": err <= tol,
+           "median_us": None, "host_us": None}
     if out["ok"]:
         times, timer = [], Timer(device)
         for x, dy in zip(xs, dys):
@@ -450,6 +463,8 @@ def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, d
         out |= energy_row(training_step(layer, xs[0].detach().requires_grad_(True), dys[0]), energy_seconds,
                           out["median_us"], device)
         layer.synchronize()
+        out["rel_err_timed"] = step_errors(layer, xs[0], dys[0], device)[0]
+        out["ok"] = out["rel_err_timed"] <= tol
         if graph:
             return [out, *graph_fwd_bwd_row(out, layer, xs, dys, iters, tol, device)]
     return [out]

@@ -59,10 +59,10 @@ def reference_grads(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor) -> dict:
     leaves = {"x": x.detach().double().requires_grad_()}
     leaves |= {name: t.requires_grad_() for name, t in full.items() if name != "e_score_correction_bias"}
     out = reference_forward(leaves["x"], config=layer.config, compute_dtype=torch.float64, **full)
+    grads = {name: torch.zeros_like(t) for name, t in leaves.items()}  # no tokens: nothing depends on them
     if out.requires_grad:
-        grads = dict(zip(leaves, torch.autograd.grad((out * dy.double()).sum(), list(leaves.values()))))
-    else:  # no tokens: nothing depends on the weights
-        grads = {name: torch.zeros_like(t) for name, t in leaves.items()}
+        got = torch.autograd.grad((out * dy.double()).sum(), list(leaves.values()), allow_unused=True)
+        grads |= {name: g for name, g in zip(leaves, got) if g is not None}
     mine = torch.tensor(layer.placement.experts_on(layer.rank), device=x.device)
     for name in [n for n in EXPERT_WEIGHTS if n in grads]:  # the same order on every rank
         if layer.world_size > 1:
@@ -104,17 +104,22 @@ def routed_otherwise(layer: MoELayer, x: torch.Tensor, experts: torch.Tensor) ->
 
 def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=torch.float32,
                      report: dict | None = None) -> dict:
-    """grad_errors for full-size layers at world 1, whose float64 copy would not fit beside them:
-    the reference in `dtype`, one expert's weights upcast at a time, each expert's part of the
-    loss differentiated on its own (the routing weights' gradient gathered, then taken through the
-    router once); the errors are summed norms over experts. x: [T, H] (x.requires_grad).
+    """grad_errors for full-size layers, whose float64 copy would not fit beside them: the
+    reference in `dtype`, one expert's weights upcast at a time, each expert's part of the loss
+    differentiated on its own (the routing weights' gradient gathered, then taken through the
+    router once); the errors are summed norms over experts. x: [T, H], this rank's tokens
+    (x.requires_grad). Collective when world_size > 1: each expert's gradient is summed over the
+    ranks' tokens (one all_reduce an expert, in expert order on every rank) and compared on the
+    rank that holds it; x, the router's and the shared experts' gradients are this rank's own
+    (tests/grad_reference.py's header).
 
     A token whose experts the layer's router (the router kernel, on GPUs) chose otherwise than
     the reference's, a near tie in bf16 x (one such token among 2,048 moves every error by ~1e-2),
     is taken with the layer's experts, scored by the reference's logits: the gradient of the
-    function the layer computed. report, when given, receives how many: tokens_routed_otherwise."""
-    assert layer.world_size == 1
+    function the layer computed. report, when given, receives how many: tokens_routed_otherwise
+    (this rank's)."""
     cfg = layer.config
+    assert x.grad is None and all(p.grad is None for p in layer.parameters()), "gradients left from a step before"
     (layer(x) * dy).sum().backward()
     full = layer.full_weight_dict()
     got = {n: p.grad for n, p in layer.named_parameters()}
@@ -141,6 +146,7 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
     dyr, xd = dy.to(dtype), xr.detach()
     dx, dw = torch.zeros_like(xd), torch.zeros_like(weights)
     expert_names = [n for n in EXPERT_WEIGHTS if n in full]
+    slot = {e: i for i, e in enumerate(layer.placement.experts_on(layer.rank))}
     for e in range(cfg.num_experts):
         token, k = torch.nonzero((experts == e) & kept, as_tuple=True)
         leaves = {n: full[n][e].to(dtype).requires_grad_() for n in expert_names}
@@ -154,8 +160,12 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
         g_rows, g_w, *g_params = torch.autograd.grad((y * dyr[token]).sum(), inputs, allow_unused=True)
         dx.index_add_(0, token, g_rows)
         dw[token, k] = g_w[:, 0]
-        for n, g in zip(leaves, g_params):
-            add(n, got[n][e], torch.zeros_like(leaves[n]) if g is None else g)
+        for n, leaf, g in zip(leaves, leaves.values(), g_params):
+            g = torch.zeros_like(leaf) if g is None else g
+            if layer.world_size > 1:  # every rank's tokens' part, summed where the expert is held
+                dist.all_reduce(g, group=layer.process_group)
+            if e in slot:
+                add(n, got[n][slot[e]], g)
     router_grads = torch.autograd.grad(weights, [xr, *router.values()], dw, allow_unused=True)
     dx += router_grads[0]
     for n, g in zip(router, router_grads[1:]):
@@ -166,9 +176,9 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
         y = ffn(xs, shared["shared_w_in"], shared["shared_w_out"], cfg)
         if cfg.shared_expert_gate:
             y = torch.sigmoid(xs @ shared["shared_gate_weight"].t()) * y
-        g_x, *g_shared = torch.autograd.grad((y * dyr).sum(), [xs, *shared.values()])
-        dx += g_x
-        for n, g in zip(shared, g_shared):
-            add(n, got[n], g)
+        g_x, *g_shared = torch.autograd.grad((y * dyr).sum(), [xs, *shared.values()], allow_unused=True)
+        dx += 0 if g_x is None else g_x
+        for n, g in zip(shared, g_shared):  # None: no tokens here
+            add(n, got[n], torch.zeros_like(shared[n]) if g is None else g)
     add("x", x.grad, dx)
     return {n: (d / w) ** 0.5 if w > 0 else d ** 0.5 for n, (d, w) in norms.items()}

@@ -464,17 +464,25 @@ def test_compiled_layer_gradients_match_reference(dist_pools, world):
         assert max(errs.values()) <= FP32_TOL, errs
 
 
-@pytest.mark.parametrize("variant", ["topk_softmax, router bias", "everything at once"])
-def test_the_lean_reference_agrees_with_the_float64_one(variant):
-    """tests/gpu/check_backward.py's full-size reference (one expert at a time, each expert's loss
-    on its own) against grad_errors' float64 autograd through reference_forward."""
-    cfg = MoEConfig(**{**SMALL, **VARIANTS[variant]})
-    seed = fresh_seed()
-    g = torch.Generator().manual_seed(seed)
-    x, dy = torch.randn(13, cfg.hidden_size, generator=g), torch.randn(13, cfg.hidden_size, generator=g)
+def lean_against_full(rank, world, cfg: dict, seed, tokens) -> tuple[dict, dict]:
+    """The lean reference's errors and grad_errors' float64 ones for the same step's gradients
+    (two layers of the same seed, fresh x of tokens[rank] rows)."""
+    cfg = MoEConfig.from_dict(cfg)
+    g = torch.Generator().manual_seed(seed * 1009 + rank)
+    x, dy = (torch.randn(tokens[rank], cfg.hidden_size, generator=g) for _ in range(2))
     lean = lean_grad_errors(MoELayer(cfg, seed=seed), x.clone().requires_grad_(), dy, torch.float64)
-    full = grad_errors(MoELayer(cfg, seed=seed), x.clone().requires_grad_(), dy)
-    assert set(lean) == set(full) and max(lean.values()) <= FP32_TOL, (lean, full)
+    return lean, grad_errors(MoELayer(cfg, seed=seed), x.clone().requires_grad_(), dy)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("variant", ["topk_softmax, router bias", "everything at once"])
+def test_the_lean_reference_agrees_with_the_float64_one(dist_pools, variant, world):
+    """The full-size reference (one expert at a time, each expert's loss on its own; at world 2
+    each expert's gradient summed over the ranks' tokens where it is held) against grad_errors'
+    float64 autograd through reference_forward, one rank with no tokens at world 2."""
+    cfg = MoEConfig(**{**SMALL, **VARIANTS[variant]})
+    for lean, full in dist_pools(world).run(lean_against_full, cfg.to_dict(), fresh_seed(), [13, 0][:world]):
+        assert set(lean) == set(full) and max(lean.values()) <= FP32_TOL, (lean, full)
 
 
 class _Replays:

@@ -291,8 +291,9 @@ def test_wgrad_probe_checks_against_float32_per_expert_and_a_skipped_tile_fails(
 
 def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path):
     """--fwd-bwd: each backend with a backward gets a row per backward asked for, mode 'fwd+bwd',
-    whose dx was compared with autograd through the reference before it was timed (world 2,
-    gloo)."""
+    whose every gradient (x's, the router's, each expert weight's, summed over the ranks) was
+    compared with autograd through the reference at the timed size, before and after it was timed
+    (world 2, gloo)."""
     out = tmp_path / "bench.json"
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
@@ -306,6 +307,10 @@ def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path
     assert [(r.get("mode"), r.get("backward")) for r in rows] == [(None, None), ("fwd+bwd", "autograd"),
                                                                    ("fwd+bwd", "saved")]
     assert all(r["ok"] and r["rel_err"] <= 1e-5 and r["median_us"] > 0 and r["host_us"] > 0 for r in rows)
+    for r in rows[1:]:
+        assert r["checked"] == "every gradient" and r["rel_err_timed"] <= 1e-5, r
+        assert set(r["rel_errs"]) == {"x", "router_weight", "w_in", "w_out"}, r["rel_errs"]
+        assert max(r["rel_errs"].values()) <= r["rel_err"] and r["tokens_routed_otherwise"] == 0, r
     assert "torch/saved +bwd" in proc.stdout and set(rows[1]["speedup"]) == {"torch/autograd", "torch/saved"}
 
 
