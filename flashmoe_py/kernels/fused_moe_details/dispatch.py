@@ -37,8 +37,8 @@ def dispatch_chunk(q, x_ptr, plan, sym, dims, epoch, rank, meta):
         if meta.WEIGHT_ON_INPUT:
             w = tl.load(plan.slot_w + routed, mask=valid, other=0.0)
         dest, e = pos // L, pos % L
-        row = (rank * S + tl.load(plan.region_off + pos) + c * CHUNK + i).to(tl.int64)
-        dst, row = rows_target(sym.recv_x, dest, sym.send_x, row, slot, meta.TRANSPORT)
+        first = (rank * S + tl.load(plan.region_off + pos) + c * CHUNK).to(tl.int64)  # the chunk's row there
+        dst, row = rows_target(sym.recv_x, dest, sym.send_x, first + i, slot, meta.TRANSPORT)
         for n0 in range(0, H, meta.BN):
             cols = n0 + tl.arange(0, meta.BN)
             m = valid[:, None] & (cols[None, :] < H)
@@ -49,5 +49,5 @@ def dispatch_chunk(q, x_ptr, plan, sym, dims, epoch, rank, meta):
         rows = tl.minimum(count - c * CHUNK, CHUNK).to(tl.int64)
         ELT: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth // 8
         rows_sent(sym.chunk_flags, (rank * L + e) * MAXC + c, epoch, dest,
-                  sym.recv_x.local + (rank * S + tl.load(plan.region_off + pos) + c * CHUNK) * H,
+                  sym.recv_x.local + first * H,
                   sym.send_x + tl.min(slot) * H, rows * H * ELT, meta.TRANSPORT)
