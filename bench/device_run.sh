@@ -19,15 +19,17 @@ set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-} FLASHMOE_COMMIT=${FLASHMOE_COMMIT:-unknown}
-NG=$(nvidia-smi -L | wc -l)
 if ls .tcache/triton_cache.tgz.part-* > /dev/null 2>&1 && [ ! -e ~/.triton/.unpacked ]; then  # once per machine
   mkdir -p ~/.triton && cat .tcache/triton_cache.tgz.part-* | tar -xz -C ~/.triton && touch ~/.triton/.unpacked
 fi
+fail=0  # the exit code: 1 once any step failed (or was not known)
+note_rc() { [ "$1" -eq 0 ] || fail=1; }
 run() {  # name, limit_s, nproc, script args...
-  local name=$1 limit=$2 n=$3; shift 3
+  local name=$1 limit=$2 n=$3 rc; shift 3
   echo "=== $name (n=$n, limit ${limit}s) $(date -u +%FT%TZ)"
   timeout -k 10 "$limit" torchrun --nproc-per-node "$n" "$@" > "$OUT/$name.log" 2>&1
-  echo "=== $name rc=$? $(date -u +%FT%TZ)"; tail -n 25 "$OUT/$name.log"
+  rc=$?; note_rc $rc
+  echo "=== $name rc=$rc $(date -u +%FT%TZ)"; tail -n 25 "$OUT/$name.log"
 }
 for step in "$@"; do
   case $step in
@@ -39,21 +41,21 @@ for step in "$@"; do
     inputs*) n=${step#inputs}; run "inputs_w$n" 300 "$n" tests/gpu/check_inputs.py --out "$OUT/inputs_w$n.json" ;;
     killed*) n=${step#killed}; echo "=== killed rank (n=$n)"
               timeout -k 10 240 python3 tests/gpu/check_killed_rank.py --gpus "$n" --out "$OUT/killed_w$n.json" \
-              > "$OUT/killed_w$n.log" 2>&1; echo "=== killed rc=$?"; tail -n 40 "$OUT/killed_w$n.log" ;;
+              > "$OUT/killed_w$n.log" 2>&1; rc=$?; echo "=== killed rc=$rc"; note_rc $rc; tail -n 40 "$OUT/killed_w$n.log" ;;
     timeouts*) echo "=== timeouts (one GPU, one process)"
               timeout -k 10 240 python3 tests/gpu/check_timeouts.py --out "$OUT/timeouts.json" > "$OUT/timeouts.log" 2>&1
-              echo "=== timeouts rc=$?"; tail -n 10 "$OUT/timeouts.log" ;;
+              rc=$?; echo "=== timeouts rc=$rc"; note_rc $rc; tail -n 10 "$OUT/timeouts.log" ;;
     soak*) n=${step#soak}; run "soak_w$n" 400 "$n" tests/gpu/check_soak.py ;;
     hf*) n=${step#hf}; run "hf_w$n" 300 "$n" tests/gpu/check_hf.py --out "$OUT/hf_w$n.json" ;;
     mpicheck*) n=${step#mpicheck}; echo "=== mpirun check (n=$n)"
               NGPUS=$n timeout -k 10 420 bash launch/mpirun.sh tests/gpu/check_flash.py --calls "${CALLS:-1000}" \
-              --out "$OUT/mpicheck_w$n.json" > "$OUT/mpicheck_w$n.log" 2>&1; echo "=== mpicheck rc=$?"
+              --out "$OUT/mpicheck_w$n.json" > "$OUT/mpicheck_w$n.log" 2>&1; rc=$?; echo "=== mpicheck rc=$rc"; note_rc $rc
               tail -n 25 "$OUT/mpicheck_w$n.log" ;;
     tune*) n=${step#tune}; run "tune_w$n" 500 "$n" bench/tune.py ${TUNE_ARGS:-} --out "$OUT/tune_w$n.json" ;;
     bench*) n=${step#bench}; run "bench_w$n" 540 "$n" bench/layer.py --backends ${BACKENDS:-torch flash} \
               ${BENCH_ARGS:-} --out "$OUT/bench_w$n.json" ;;
     kernels) echo "=== kernel tests"; timeout -k 10 300 python3 -m pytest -q tests/test_router_kernel.py \
-              tests/test_plan_kernel.py > "$OUT/kernels.log" 2>&1; echo "=== kernels rc=$?"; tail -n 3 "$OUT/kernels.log" ;;
+              tests/test_plan_kernel.py > "$OUT/kernels.log" 2>&1; rc=$?; echo "=== kernels rc=$rc"; note_rc $rc; tail -n 3 "$OUT/kernels.log" ;;
     sweep1) for p in ${SWEEP_PRESETS:-mixtral_8x7b qwen3_30b_a3b deepseek_v3}; do
               run "sweep_w1_$p" "${SWEEP_LIMIT:-300}" 1 bench/layer.py --preset "$p" \
                 --backends ${SWEEP_BACKENDS:-flash triton_kernels torch} --tokens ${TOKENS:-128 2048 4096 16384} \
@@ -88,18 +90,22 @@ for step in "$@"; do
                 --backward saved --iters 5 ${PROF_ARGS:-}; done ;;
     gemm1) echo "=== gemm1 loop (Triton schedules, ws gluon, triton_kernels)"  # bench/gemm1_loop.py, one GPU
               timeout -k 10 "${GEMM1_LIMIT:-300}" python3 bench/gemm1_loop.py --peer > "$OUT/gemm1_loop.log" 2>&1
-              echo "=== gemm1 rc=$?"; tail -n 30 "$OUT/gemm1_loop.log" ;;
+              rc=$?; echo "=== gemm1 rc=$rc"; note_rc $rc; tail -n 30 "$OUT/gemm1_loop.log" ;;
     wgrad) echo "=== wgrad"; timeout -k 10 150 python3 -m pytest -q tests/test_expert_wgrad.py > "$OUT/wgrad_tests.log" 2>&1
-              echo "=== wgrad tests rc=$?"; tail -n 3 "$OUT/wgrad_tests.log"
+              rc=$?; echo "=== wgrad tests rc=$rc"; note_rc $rc; tail -n 3 "$OUT/wgrad_tests.log"
               timeout -k 10 "${WGRAD_LIMIT:-300}" python3 bench/wgrad_probe.py --preset ${WGRAD_PRESETS:-qwen3_30b_a3b deepseek_v3} \
                 --tokens ${WGRAD_TOKENS:-4096 8192} --skew 0 1 --out "$OUT/wgrad_probe.json" > "$OUT/wgrad_probe.log" 2>&1
-              echo "=== wgrad probe rc=$?"; grep -E "grouped  |gluon" "$OUT/wgrad_probe.log" ;;
+              rc=$?; echo "=== wgrad probe rc=$rc"; note_rc $rc; grep -E "grouped  |gluon" "$OUT/wgrad_probe.log" ;;
     ncuwgrad) echo "=== ncu wgrad_kernel"  # what bounds it: DRAM, L2, the tensor pipe (one probe call each)
               timeout -k 10 "${WGRAD_LIMIT:-300}" ncu --clock-control none -k regex:wgrad_kernel -c "${NCU_COUNT:-2}" \
                 --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                 python3 bench/wgrad_probe.py --preset ${WGRAD_PRESETS:-deepseek_v3} --tokens ${WGRAD_TOKENS:-4096} \
                 --skew 0 --rounds 1 --iters 1 > "$OUT/ncu_wgrad.txt" 2>&1
-              echo "=== ncu rc=$?"; grep -E "wgrad_kernel|Duration|Throughput|Hit Rate|Pipe" "$OUT/ncu_wgrad.txt" | head -40 ;;
-    sass) echo "=== sass"; bash .whl/sass_stats.sh fused_moe_kernel > "$OUT/sass.txt" 2>&1; cat "$OUT/sass.txt" ;;
+              rc=$?; echo "=== ncu rc=$rc"; note_rc $rc; grep -E "wgrad_kernel|Duration|Throughput|Hit Rate|Pipe" "$OUT/ncu_wgrad.txt" | head -40 ;;
+    sass) echo "=== sass"; bash .whl/sass_stats.sh fused_moe_kernel > "$OUT/sass.txt" 2>&1; rc=$?; note_rc $rc
+          cat "$OUT/sass.txt" ;;
+    *) echo "=== unknown step $step"; fail=1 ;;
   esac
 done
+[ "$fail" -eq 0 ] || echo "=== some step failed (rc above)"
+exit "$fail"

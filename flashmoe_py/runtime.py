@@ -49,24 +49,40 @@ _LAUNCHERS = [  # (name, rank, world size, local rank, local world size) environ
 
 
 def detect_launcher(env=None) -> LaunchInfo:
-    """How this process was started: torchrun, Open MPI or MPICH (Hydra) mpirun, or alone."""
+    """How this process was started: torchrun, Open MPI or MPICH (Hydra) mpirun, or alone.
+    Raises ValueError where the environment says two things: two launchers' variables that
+    disagree (a torchrun shell's RANK left beside mpirun's would make every process a world of its
+    own), or an srun job step of several tasks (not a launcher this package reads)."""
     env = os.environ if env is None else env
-    for name, r, w, lr, lw in _LAUNCHERS:
-        if r in env:
-            vals = {}
-            for var, default in ((r, None), (w, None), (lr, env.get(r)), (lw, env.get(w))):
-                raw = env.get(var, default)
-                try:
-                    vals[var] = int(raw)
-                except (TypeError, ValueError):
-                    raise ValueError(f"environment variable {var}={raw!r} is not an integer "
-                                     f"(launcher {name})") from None
-            rank, world, local, local_world = vals[r], vals[w], vals[lr], vals[lw]
-            if not (0 <= rank < world and 0 <= local < local_world <= world):
-                raise ValueError(f"inconsistent launcher environment: {r}={rank}, {w}={world}, "
-                                 f"{lr}={local}, {lw}={local_world}")
-            return LaunchInfo(name, rank, world, local, local_world)
+    found = [_launch_info(env, *names) for names in _LAUNCHERS if names[1] in env]
+    for other in found[1:]:
+        if (other.rank, other.world_size) != (found[0].rank, found[0].world_size):
+            raise ValueError(f"the environment holds two launchers' variables that disagree: {found[0]} and "
+                             f"{other}; unset the stale ones (e.g. RANK and WORLD_SIZE under mpirun)")
+    if found:
+        return found[0]
+    if env.get("SLURM_NTASKS", "").isdigit() and int(env["SLURM_NTASKS"]) > 1:
+        raise ValueError(f"an srun job step of {env['SLURM_NTASKS']} tasks: start the processes with "
+                         "torchrun or mpirun (launch/torchrun.sh, launch/mpirun.sh); alone, each would run "
+                         "as world 1")
     return LaunchInfo("single", 0, 1, 0, 1)
+
+
+def _launch_info(env, name: str, r: str, w: str, lr: str, lw: str) -> LaunchInfo:
+    """One launcher's variables -> LaunchInfo (ValueError naming the variable if one is wrong)."""
+    vals = {}
+    for var, default in ((r, None), (w, None), (lr, env.get(r)), (lw, env.get(w))):
+        raw = env.get(var, default)
+        try:
+            vals[var] = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"environment variable {var}={raw!r} is not an integer "
+                             f"(launcher {name})") from None
+    rank, world, local, local_world = vals[r], vals[w], vals[lr], vals[lw]
+    if not (0 <= rank < world and 0 <= local < local_world <= world):
+        raise ValueError(f"inconsistent launcher environment: {r}={rank}, {w}={world}, "
+                         f"{lr}={local}, {lw}={local_world}")
+    return LaunchInfo(name, rank, world, local, local_world)
 
 
 def find_mismatch(per_rank: list[dict], prefix: str = "") -> str | None:
@@ -201,10 +217,15 @@ def fused_unavailable_reason() -> str | None:
     return None
 
 
-def require_fused() -> Runtime:
+def require_fused(device: torch.device) -> Runtime:
+    """The runtime a fused layer on `device` builds on: RuntimeError if there is none, ValueError
+    if init() bound this process to another GPU (the symmetric heap lives on that one)."""
     reason = fused_unavailable_reason()
     if reason:
         raise RuntimeError(f"backend='flash' is unavailable: {reason}")
+    if torch.device(device) != _current.device:
+        raise ValueError(f"device={device} but flashmoe_py.init() bound this process to {_current.device}: "
+                         "a fused layer lives on the runtime's GPU, where its symmetric heap is")
     return _current
 
 
@@ -245,6 +266,11 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
                  os.environ["NVSHMEM_SYMMETRIC_SIZE"])
     device = torch.device("cpu")
     if torch.cuda.is_available():
+        if info.local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {info.local_rank} ({info.launcher}) but {torch.cuda.device_count()} "
+                               f"GPU(s) visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+                               "each process takes cuda:<local rank> of the node's GPUs, so every process "
+                               "must see them all")
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     owns_group = not dist.is_initialized()

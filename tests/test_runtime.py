@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import flashmoe_py as fm
+from flashmoe_py import runtime
 from flashmoe_py.heap import SymmetricHeap
 from flashmoe_py.kernels.layout import Geometry, format_bytes, heap_bytes_for
 from flashmoe_py.runtime import (ConsistencyError, LaunchInfo, Runtime, _parse_size, _set_heap_size,
@@ -22,6 +23,10 @@ from flashmoe_py.runtime import (ConsistencyError, LaunchInfo, Runtime, _parse_s
     ({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "4"},
      LaunchInfo("mpirun", 2, 4, 2, 4)),
     ({}, LaunchInfo("single", 0, 1, 0, 1)),
+    ({"SLURM_NTASKS": "1"}, LaunchInfo("single", 0, 1, 0, 1)),
+    ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_NTASKS": "8"}, LaunchInfo("torchrun", 1, 2, 1, 2)),  # inside salloc
+    ({"RANK": "1", "WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+     LaunchInfo("torchrun", 1, 2, 1, 2)),  # both, agreeing
 ])
 def test_detects_the_launcher(env, expect):
     assert detect_launcher(env) == expect
@@ -34,6 +39,17 @@ def test_detects_the_launcher(env, expect):
 ])
 def test_garbled_launcher_environment_names_the_variable(env, name):
     with pytest.raises(ValueError, match=name):
+        detect_launcher(env)
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}, "disagree"),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3"}, "srun job step of 4 tasks"),
+])
+def test_an_environment_that_says_two_things_is_refused(env, words):
+    """A torchrun shell's RANK=0 WORLD_SIZE=1 left under mpirun, or srun's tasks, would each run
+    alone as world 1, holding every expert."""
+    with pytest.raises(ValueError, match=words):
         detect_launcher(env)
 
 
@@ -88,6 +104,26 @@ def test_fused_backend_unavailable_on_cpu_says_why():
     with pytest.raises(ValueError, match="backend='flash' is unavailable"):
         fm.MoELayer(fm.MoEConfig(hidden_size=16, ffn_size=16, num_experts=2, top_k=1),
                     backend="flash", max_tokens_per_rank=8)
+
+
+def test_a_local_rank_past_the_visible_gpus_is_named(monkeypatch):
+    """One GPU visible to each process (CUDA_VISIBLE_DEVICES per task) and local rank 3: CUDA's
+    'invalid device ordinal' said nothing of why."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RuntimeError, match=r"local rank 3 \(torchrun\) but 1 GPU\(s\) visible"):
+        fm.init(nvshmem=False)
+
+
+def test_a_fused_layer_on_another_gpu_than_the_runtime_is_refused(monkeypatch):
+    rt = Runtime(LaunchInfo("single", 0, 1, 0, 1), torch.device("cuda", 0), owns_group=False, nvshmem=True)
+    monkeypatch.setattr(runtime, "_current", rt)
+    monkeypatch.setattr(runtime, "fused_unavailable_reason", lambda: None)
+    assert runtime.require_fused(torch.device("cuda", 0)) is rt
+    with pytest.raises(ValueError, match="device=cuda:1 but flashmoe_py.init.. bound this process to cuda:0"):
+        runtime.require_fused(torch.device("cuda", 1))
 
 
 def check_consistent_on_ranks(rank, world, top_k):

@@ -129,7 +129,7 @@ class FlashBackend:
     MAX_SAVING_GRAPHS = 2
 
     def __init__(self, layer, options):
-        self.rt = rt = runtime.require_fused()
+        self.rt = rt = runtime.require_fused(layer.device)
         cfg = layer.config
         self.layer = weakref.proxy(layer)  # the layer owns the backend: no cycle to keep it alive
         self.options = options

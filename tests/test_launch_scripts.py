@@ -1,0 +1,61 @@
+"""The launch scripts on a machine without GPUs: stand-ins for nvidia-smi, torchrun and mpirun
+record what they were asked and exit as told. A GPU check that fails, or a step nobody knows,
+fails launch/gpu_checks.sh; the GPUs are counted, not nvidia-smi's lines (MIG instances print
+lines of their own)."""
+
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMI = """#!/bin/sh
+case "$*" in
+  *--query-gpu=index*) printf '0\\n1\\n' ;;
+  *) printf 'GPU 0: H200\\n  MIG 3g.71gb Device 0\\nGPU 1: H200\\n  MIG 3g.71gb Device 0\\n' ;;
+esac
+"""
+
+
+def scripts_env(tmp_path, rc: int) -> dict:
+    """PATH with nvidia-smi, torchrun and mpirun stand-ins: the last two append their arguments
+    and RANK to tmp_path/calls and exit rc."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(SMI)
+    for name in ("torchrun", "mpirun"):
+        record = f'echo "{name} $* RANK=${{RANK:-unset}}" >> {tmp_path}/calls'
+        (bin_dir / name).write_text(f"#!/bin/sh\n{record}\nexit {rc}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+
+
+def gpu_checks(tmp_path, steps: str, rc: int) -> subprocess.CompletedProcess:
+    env = scripts_env(tmp_path, rc) | {"STEPS": steps, "NGPUS": "1"}
+    return subprocess.run(["bash", "launch/gpu_checks.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("rc, want", [(0, 0), (1, 1), (124, 1)])
+def test_gpu_checks_fail_when_a_check_fails(tmp_path, rc, want):
+    """rc 124: timeout's code for a check cut at its limit."""
+    proc = gpu_checks(tmp_path, "check faults", rc)
+    assert proc.returncode == want, proc.stdout
+    assert (tmp_path / "calls").read_text().count("torchrun") == 2
+
+
+def test_an_unknown_step_fails_the_checks(tmp_path):
+    proc = gpu_checks(tmp_path, "chek faults", 0)
+    assert proc.returncode == 1 and "unknown step chek1" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("script, launcher", [("torchrun.sh", "torchrun"), ("mpirun.sh", "mpirun")])
+def test_the_launchers_take_one_process_a_gpu_and_pass_the_exit_code(tmp_path, script, launcher):
+    env = scripts_env(tmp_path, 3) | {"RANK": "0"}  # a shell torchrun started
+    proc = subprocess.run(["bash", f"launch/{script}", "prog.py", "--flag"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    call = (tmp_path / "calls").read_text()
+    assert proc.returncode == 3 and call.startswith(launcher), (proc.returncode, call)
+    assert ("-np 2" if launcher == "mpirun" else "--nproc-per-node 2") in call and "prog.py --flag" in call
+    assert launcher == "torchrun" or "RANK=unset" in call  # mpirun's processes must not read torchrun's
