@@ -610,3 +610,45 @@ def test_a_fused_layer_whose_buffers_were_freed_refuses_to_run():
     heap.free()
     with pytest.raises(RuntimeError, match="symmetric buffers were freed"):
         FlashBackend.raise_if_closed(backend)
+
+
+class _GraphsSeen:
+    """FlashBackend._run's bookkeeping without a GPU: launches and captures counted, a captured
+    forward's replay standing in for the graph."""
+
+    def __init__(self, layer: MoELayer):
+        self.layer, self.options = layer, types.SimpleNamespace(cuda_graphs=True)
+        self.graphs, self.seen, self.graphed_weights = {}, set(), ()
+        self.status_ready = types.SimpleNamespace(record=lambda: None)
+        self.launches = self.captures = 0
+
+    def _launch(self, x, saving=None):
+        self.launches += 1
+        return x.clone(), {}, None
+
+    def _capture(self, x, saving):
+        self.captures += 1
+        return types.SimpleNamespace(replay=lambda x: (x.clone(), {}, None))
+
+    run = FlashBackend._run
+    MAX_GRAPHS, MAX_SAVING_GRAPHS = FlashBackend.MAX_GRAPHS, FlashBackend.MAX_SAVING_GRAPHS
+
+
+def test_captured_forwards_are_dropped_when_the_weights_are_replaced(monkeypatch):
+    """A CUDA graph replays the addresses it captured: weights replaced rather than updated in
+    place (load_state_dict(assign=True), to_empty, functional_call) would be read from freed
+    memory. Updated in place (an optimizer step), the graphs stay."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU build's raises
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    backend, x = _GraphsSeen(layer), torch.randn(4, SMALL["hidden_size"])
+    for _ in range(3):  # eager, then captured, then replayed
+        backend.run(x, (4, False))
+    assert (backend.launches, backend.captures) == (1, 1)
+    with torch.no_grad():
+        layer.w_in.mul_(2)
+    backend.run(x, (4, False))
+    assert (backend.launches, backend.captures) == (1, 1)
+    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    for _ in range(3):
+        backend.run(x, (4, False))
+    assert (backend.launches, backend.captures) == (2, 2) and len(backend.graphs) == 1

@@ -69,6 +69,15 @@ def routing_plan(r: Routing, positions: torch.Tensor, geo: Geometry, send_order:
                       local_experts=geo.local_experts, chunk=geo.chunk, maxc=geo.max_chunks)
 
 
+def weight_addresses(layer) -> tuple[int, ...]:
+    """Where the tensors a captured forward reads live: the fused kernel's weights, the router's
+    (and the correction bias), the expert positions. A graph replays these addresses; weights
+    replaced rather than updated in place (load_state_dict(assign=True), to_empty,
+    torch.func.functional_call) live elsewhere."""
+    names = (*FUSED_WEIGHTS, "router_weight", "router_bias", "e_score_correction_bias", "expert_positions")
+    return tuple(0 if t is None else t.data_ptr() for t in (getattr(layer, n, None) for n in names))
+
+
 def graphs_to_drop(keys: list[tuple], max_graphs: int, max_saving: int) -> list[tuple]:
     """keys: the kept graphs' keys (FlashBackend._run's), least recently used first -> those to
     drop, so that at most max_saving are training forwards' (keys of three fields: they hold
@@ -149,6 +158,8 @@ class FlashBackend:
         self.trace: torch.Tensor | None = None
         self.graphs: dict[tuple, CapturedForward] = {}  # by _run's key
         self.seen: set[tuple] = set()
+        self.graphed_weights: tuple[int, ...] = ()  # weight_addresses when the kept graphs were captured
+        self.last_stream: torch.cuda.Stream | None = None  # where the last forward was queued
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 
     def forward(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None = None):
@@ -164,6 +175,7 @@ class FlashBackend:
         plan's small ops is paid once. Graphs are kept for the MAX_GRAPHS latest token counts."""
         self.raise_if_closed()
         self.raise_if_failed(block=False)
+        self._after_the_last_forward()
         layer, geo = self.layer, self.geo
         if in_graph is not None and layer.world_size > 1:
             _check_graphs_agree(layer, in_graph, error, 0 if error else x.shape[0])
@@ -186,6 +198,7 @@ class FlashBackend:
         backward, step after step, copies nothing."""
         self.raise_if_closed()
         self.raise_if_failed(block=False)
+        self._after_the_last_forward()
         layer, geo, cfg = self.layer, self.geo, self.layer.config
         T = x.shape[0]
         tokens = _check_graphs_agree(layer, True, None, T) if layer.world_size > 1 else [T]
@@ -195,16 +208,34 @@ class FlashBackend:
         size = sum(a * b for a, b in filter(None, saving)) * x.element_size() + logits_bytes
         return self._run(x, (T, False, saving) if size <= self.GRAPHED_SAVE_BYTES else None, saving)
 
+    def _after_the_last_forward(self) -> None:
+        """Queue this forward after the last one when they come on different streams: every launch
+        shares the workspace (task counters, expected-row counts, status, symmetric buffers), so two
+        at once would mix their rows. Not inside a capture (the caller's graph orders its own)."""
+        if torch.cuda.is_current_stream_capturing():
+            return
+        stream = torch.cuda.current_stream(self.layer.device)
+        if self.last_stream is not None and self.last_stream != stream:
+            stream.wait_stream(self.last_stream)
+        self.last_stream = stream
+
     def _run(self, x: torch.Tensor, key: tuple | None, saving: tuple | None = None):
         """The routing plan and kernel for x [T, H], replayed from the CUDA graph of `key`
         (captured at its second call; the first runs eagerly and compiles the kernel) unless key is
-        None or graphs are off. saving: (pre's shape, shared_pre's or None) for backward="saved".
+        None or graphs are off; every graph is dropped when the weights were replaced since they were
+        captured (weight_addresses). saving: (pre's shape, shared_pre's or None) for backward="saved".
         -> (out, stats, SavedForward or None); when replayed, out and stats are copied out of the
         graph's buffers and the SavedForward is lent (CapturedForward). Graphs are kept for the latest
         keys (graphs_to_drop)."""
         if key is None or not self.options.cuda_graphs or torch.cuda.is_current_stream_capturing():
             return self._launch(x, saving=saving)
         layer = self.layer
+        if (addresses := weight_addresses(layer)) != self.graphed_weights:
+            if self.graphs:  # they would read the old weights' memory (freed, or reused)
+                log.info("rank %d: the layer's weights were replaced: dropping its CUDA graphs", layer.rank)
+            self.graphs.clear()
+            self.seen.clear()
+            self.graphed_weights = addresses
         if key not in self.graphs:
             if key not in self.seen:  # first time at this size: run eagerly (compiles the kernel)
                 self.seen.add(key)
@@ -264,10 +295,11 @@ class FlashBackend:
     def raise_if_failed(self, block: bool) -> None:
         """Raise FusedKernelError if a launch recorded a timeout. block=False looks only at the
         status copied after the last eager launch, if it has landed; block=True waits for all
-        queued work (CUDA-graph replays included) and reads the status word itself."""
+        queued work on the layer's GPU, every stream's (CUDA-graph replays included), and reads the
+        status word itself."""
         if self.failed is None and not torch.cuda.is_current_stream_capturing():
             if block:
-                torch.cuda.current_stream().synchronize()
+                torch.cuda.synchronize(self.layer.device)
                 status = self.ws.scratch.status.tolist()
             elif self.status_ready.query():
                 status = self.status_host.tolist()
