@@ -55,3 +55,7 @@ def test_shapes_and_dtypes_are_checked():
         activation_grad(torch.randn(4, 16), torch.randn(4, 16), torch.ones(4), cfg)  # gated: 32 columns
     with pytest.raises(ValueError, match="scale"):
         activation_grad(torch.randn(4, 32), torch.randn(4, 16), torch.ones(4, dtype=torch.float64), cfg)
+    with pytest.raises(ValueError, match=r"g must be \[N, F\]"):
+        activation_grad(torch.randn(4, 32), torch.randn(64), torch.ones(4), cfg)
+    with pytest.raises(ValueError, match="one device"):
+        activation_grad(torch.randn(4, 32), torch.randn(4, 16), torch.ones(4, device="meta"), cfg)

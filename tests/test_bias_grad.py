@@ -100,6 +100,8 @@ def test_bad_arguments_are_refused_by_name():
         bias_grads(d_pre, dy, scale, b_out, ends.float())
     with pytest.raises(ValueError, match="contiguous"):
         bias_grads(d_pre, torch.randn(4, 6).t(), scale, b_out, ends)
+    with pytest.raises(ValueError, match=r"dy must be \[N, H\]"):
+        bias_grads(d_pre, dy.reshape(-1), scale, b_out, ends)
 
 
 def test_the_experts_backward_refuses_one_bias_without_the_other():

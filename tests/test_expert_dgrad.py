@@ -215,6 +215,9 @@ def test_tiles_made_for_another_launch_are_refused():
     for block_m, wide_last in ((64, False), (SMALL.block_m, True)):
         with pytest.raises(ValueError, match="tiles were made"):
             expert_dgrad(a, w, ends, RowTiles(*table, ends, block_m, wide_last), SMALL)
+    a, ends = torch.zeros(128, 32), torch.tensor([64, 128], dtype=torch.int32)  # 2 + 128 // 32 tiles
+    with pytest.raises(ValueError, match="2 tiles; this launch has .* 128 rows"):  # made for fewer rows:
+        expert_dgrad(a, w, ends, RowTiles(*table, ends, SMALL.block_m, False), SMALL)  # rows left unwritten
 
 
 def test_a_bad_out_or_tile_shape_is_refused_before_the_table_is_made(monkeypatch):

@@ -75,6 +75,8 @@ def _ok():
     (lambda a, b, e: (a, b[:, ::2], e), "contiguous"),
     (lambda a, b, e: (a, b, e.long()), "int32"),
     (lambda a, b, e: (a, b, torch.tensor([2, 0, 4, 0], dtype=torch.int32, device=e.device)[::2]), "contiguous"),
+    (lambda a, b, e: (torch.zeros(a.numel() + 1, dtype=a.dtype, device=a.device)[1:].view(a.shape), b, e),
+     "16-byte aligned"),
 ])
 def test_bad_operands_are_refused_by_name(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -62,3 +62,19 @@ def test_plan_places_every_kept_slot_once_in_its_pairs_rows(T, K, E, W, drop):
     assert torch.equal(plan["slot_w"], weights.cpu())
     rows_back = (counts[:, None] - torch.arange(MAXC) * CHUNK).clamp(0, CHUNK)
     assert torch.equal(comb_expect.cpu(), 5 + rows_back)
+    assert (plan["chunk_c"][plan["chunk_pos"] == -1] == 0).all()  # send chunks past the last
+
+
+@pytest.mark.parametrize("name", ["comb_expect", "positions", "send_order"])
+def test_plan_refuses_what_its_kernels_would_misread(name):
+    """The kernels index these as flat int64 arrays: a strided view of the right size had
+    comb_expect's counts added in the wrong places."""
+    experts, kept, positions, send_order = random_routing(40, 2, 4, 2, 0.0, seed=1)
+    args = {"positions": positions, "send_order": send_order,
+            "comb_expect": torch.zeros(5, 4, dtype=torch.int64).t()}  # [E, MAXC] as a strided view
+    if name != "comb_expect":
+        args["comb_expect"] = args["comb_expect"].contiguous()
+        args[name] = args[name].int()
+    with pytest.raises(ValueError, match=name):
+        build_plan(experts, kept, torch.rand(40, 2), args["positions"], args["send_order"], args["comb_expect"],
+                   local_experts=2, chunk=16, maxc=5)

@@ -99,6 +99,7 @@ def test_non_finite_tokens_get_k_distinct_experts_with_nan_weights(dtype):
 @pytest.mark.parametrize("bad,match", [
     (lambda x, w: router_topk(x, w.t().contiguous(), 2, True), "router_weight"),
     (lambda x, w: router_topk(x, w.double(), 2, True), "router_weight"),
+    (lambda x, w: router_topk(x, w.to("meta"), 2, True), "router_weight.* on meta"),
     (lambda x, w: router_topk(x.t(), w, 2, True), "x: expected"),
     (lambda x, w: router_topk(x, w, 17, True), "top_k=17"),
     (lambda x, w: router_topk(x, torch.zeros(600, 64, device=x.device), 2, True), "600 experts"),

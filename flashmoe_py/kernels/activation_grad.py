@@ -91,6 +91,8 @@ def activation_grad(pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
     """pre: [N, F_in] (gated: the layer's gate/up pairs) and g: [N, F] in one dtype, contiguous;
     scale: [N] fp32 -> (sh [N, F], d_pre [N, F_in] in pre's dtype, dot [N] fp32), as the module
     docstring says; math in fp32."""
+    if g.dim() != 2:
+        raise ValueError(f"activation_grad: g must be [N, F], got {tuple(g.shape)}")
     N, F = g.shape
     f_in = 2 * F if config.gated else F
     if pre.shape != (N, f_in) or pre.dtype != g.dtype or scale.shape != (N,) or scale.dtype != torch.float32:
@@ -99,6 +101,9 @@ def activation_grad(pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
                          f"scale [N] float32")
     if not (pre.is_contiguous() and g.is_contiguous() and scale.is_contiguous()):
         raise ValueError("activation_grad: pre, g and scale must be contiguous")
+    if not pre.device == g.device == scale.device:
+        raise ValueError(f"activation_grad: pre, g and scale must be on one device, got {pre.device}, {g.device}, "
+                         f"{scale.device}")
     sh = torch.empty_like(g)
     d_pre = torch.empty_like(pre)
     blocks = (triton.cdiv(N, BLOCK_ROWS), triton.cdiv(F, BLOCK_COLS))

@@ -247,10 +247,11 @@ def expert_dgrad(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, tiles: Ro
         raise ValueError(f"expert_dgrad: wide last tiles need block_m >= 32 (their tail of block_m / 2 rows is a "
                          f"product of at least 16), got shape.block_m={shape.block_m}")
     if tiles is not None and ((tiles.block_m, tiles.wide_last) != (shape.block_m, shape.wide_last)
-                              or tiles.ends is not ends):
+                              or tiles.ends is not ends or tiles.expert.numel() != E + S // shape.block_m):
         raise ValueError(f"expert_dgrad: tiles were made for block_m={tiles.block_m}, wide_last={tiles.wide_last}"
-                         f"{'' if tiles.ends is ends else ' and other ends'}; this launch has block_m="
-                         f"{shape.block_m}, wide_last={shape.wide_last}")
+                         f"{'' if tiles.ends is ends else ' and other ends'}, {tiles.expert.numel()} tiles; this "
+                         f"launch has block_m={shape.block_m}, wide_last={shape.wide_last} and {S} rows "
+                         f"({E + S // shape.block_m} tiles: RowTiles.of(ends, {S}, ...))")
     if out is not None and (out.shape != (S, N) or out.dtype != a.dtype or out.stride(1) != 1):
         raise ValueError(f"expert_dgrad: out must be [{S}, {N}] {a.dtype} with unit column stride")
     if out is None:

@@ -54,8 +54,8 @@ def suits(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> bool:
 
 
 def _operand_problem(a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """What keeps a and b from the kernel (bf16 [S, K] and [S, N], contiguous, K and N multiples
-    of 8 for TMA rows of whole 16 bytes), or None."""
+    """What keeps a and b from the kernel (bf16 [S, K] and [S, N], contiguous, at 16-byte aligned
+    addresses, K and N multiples of 8 for TMA rows of whole 16 bytes), or None."""
     if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
         return f"a and b must be bfloat16, got {a.dtype} and {b.dtype}"
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
@@ -64,6 +64,8 @@ def _operand_problem(a: torch.Tensor, b: torch.Tensor) -> str | None:
         return "a and b must be contiguous"
     if a.shape[1] % 8 or b.shape[1] % 8:
         return f"a's width {a.shape[1]} and b's {b.shape[1]} must be multiples of 8"
+    if a.data_ptr() % 16 or b.data_ptr() % 16:
+        return "a and b must start at 16-byte aligned addresses for TMA"
     return None
 
 
@@ -99,8 +101,10 @@ def expert_wgrad(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torc
                          f"and 1 unless b's width {N} is a multiple of {2 * BN}")
     if out is None:
         out = torch.empty(E, K, N, dtype=a.dtype, device=a.device)
-    elif out.shape != (E, K, N) or out.dtype != a.dtype or not out.is_contiguous():
-        raise ValueError(f"expert_wgrad: out must be a contiguous [{E}, {K}, {N}] {a.dtype} tensor")
+    elif (out.shape != (E, K, N) or out.dtype != a.dtype or not out.is_contiguous() or out.device != a.device
+          or out.data_ptr() % 16):
+        raise ValueError(f"expert_wgrad: out must be a contiguous [{E}, {K}, {N}] {a.dtype} tensor on {a.device} "
+                         "at a 16-byte aligned address")
     if a.shape[0] == 0 or out.numel() == 0:  # TMA descriptors need positive sizes
         return out.zero_()
     from ._expert_wgrad_gluon import launch  # Gluon: imported only where it runs

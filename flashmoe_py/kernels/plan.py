@@ -5,7 +5,10 @@ forward for qwen3_30b_a3b at 4,096 tokens on an H200, sort included):
 
   slot_ranks   per slot: its (destination, expert slot) pair `pos` and its place among the
                pair's slots, taken from an atomic counter per pair (the order within a pair is
-               not the token order; it does not change any output);
+               not the token order, and on a GPU not the same every run: no forward output
+               depends on it, each row's result being its own, but backward="saved" sums an
+               expert's rows in it, so its weight and bias gradients may differ in the last bits
+               between runs; backward="recompute" orders the slots by token and does not);
   pair_table   one program: each pair's first slot in the sorted order, its CHUNK-aligned
                offset in this rank's region at the destination, and the running count of chunks
                in send order;
@@ -32,7 +35,8 @@ class RoutingPlan(NamedTuple):
     send_slot [T*K] int32: the slots sorted by pair (slot = token * K + choice);
     pos_start, send_counts, region_off [E] int32: each pair's first sorted slot, its slots, and its
     CHUNK-aligned offset in this rank's region at the destination;
-    chunk_pos, chunk_c [C] int32: each send chunk's pair and index within it (-1 past the last);
+    chunk_pos, chunk_c [C] int32: each send chunk's pair and index within it (past the last: pair
+    -1, index 0);
     slot_dest, slot_row, slot_chunk [T, K] int32: each slot's destination rank, row in this
     rank's region there, and chunk counter (pair * MAXC + chunk), -1 for dropped slots;
     slot_w [T, K] fp32: each slot's routing weight."""
@@ -95,8 +99,8 @@ def slot_plan_kernel(pos_ptr, rank_ptr, counts_ptr, pos_start_ptr, region_off_pt
                      CHUNK: tl.constexpr, E_POW2: tl.constexpr, MAXC_POW2: tl.constexpr, BLOCK: tl.constexpr):
     """Programs [0, SLOT_PROGRAMS): BLOCK slots each -> send_slot [NS] int32 (the slots in
     sorted order), slot_dest/slot_row/slot_chunk [NS] int32 (-1 when dropped). The next
-    CHUNK_PROGRAMS: BLOCK send chunks each -> chunk_pos, chunk_c [SEND_CHUNKS] int32 (-1 past the
-    last). The last E: one pair each -> comb_expect[pair, c] (int64, [E, MAXC]) += rows of chunk c."""
+    CHUNK_PROGRAMS: BLOCK send chunks each -> chunk_pos, chunk_c [SEND_CHUNKS] int32 (-1 and 0 past
+    the last). The last E: one pair each -> comb_expect[pair, c] (int64, [E, MAXC]) += rows of chunk c."""
     pid = tl.program_id(0)
     if pid < SLOT_PROGRAMS:
         s = pid * BLOCK + tl.arange(0, BLOCK)
@@ -141,13 +145,16 @@ def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, weights: torch.
                maxc: int) -> tuple[RoutingPlan, dict]:
     """experts: [T, K] int64 global expert ids; kept: [T, K] bool or None (dropless); weights:
     [T, K] routing weights; positions: [E] int64 expert -> pair; send_order: [E] int64 pairs in
-    send order; comb_expect: [E, maxc] int64 (any view of that size), added to. -> (the
-    RoutingPlan, stats {expert_counts: [E] int64, dropped_slots: int64 scalar})."""
+    send order; comb_expect: [E, maxc] int64, contiguous (any shape of that size), added to. ->
+    (the RoutingPlan, stats {expert_counts: [E] int64, dropped_slots: int64 scalar})."""
     T, K = experts.shape
     E, NS, dev = positions.numel(), T * K, experts.device
     if send_order.shape != (E,) or comb_expect.numel() != E * maxc:
         raise ValueError(f"send_order: expected [{E}], got {tuple(send_order.shape)}; comb_expect: expected "
                          f"{E * maxc} elements, got {comb_expect.numel()}")
+    for name, t in (("positions", positions), ("send_order", send_order), ("comb_expect", comb_expect)):
+        if t.dtype != torch.int64 or not t.is_contiguous():  # the kernels index them as flat int64 arrays
+            raise ValueError(f"{name}: expected a contiguous int64 tensor, got {t.dtype} with strides {t.stride()}")
     i32 = torch.int32
     counts = torch.zeros(E + 1, dtype=i32, device=dev)
     expert_counts = torch.zeros(E, dtype=torch.int64, device=dev)

@@ -192,9 +192,10 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
     T, H = x.shape
     E = router_weight.shape[0]
     if (tuple(router_weight.shape) != (E, H) or not router_weight.is_contiguous()
-            or router_weight.dtype not in (x.dtype, torch.float32)):
-        raise ValueError(f"router_weight: expected a contiguous [E, {H}] tensor of {x.dtype} or float32, got "
-                         f"{router_weight.dtype} {tuple(router_weight.shape)}")
+            or router_weight.dtype not in (x.dtype, torch.float32) or router_weight.device != x.device):
+        raise ValueError(f"router_weight: expected a contiguous [E, {H}] tensor of {x.dtype} or float32 on "
+                         f"{x.device}, got {router_weight.dtype} {tuple(router_weight.shape)} on "
+                         f"{router_weight.device}")
     if not 1 <= E <= MAX_EXPERTS:
         raise ValueError(f"router_weight has {E} experts; the router kernel takes 1..{MAX_EXPERTS}")
     if not 1 <= top_k <= min(MAX_TOP_K, E):
