@@ -12,7 +12,7 @@ from torch import nn
 
 from .backends import capture
 from .backends.flash import FlashBackend
-from .backends.explicit_backward import explicit_forward, moe_backward, routing_bias_now
+from .backends.explicit_backward import bound_parameters, explicit_forward, moe_backward, routing_bias_now
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
 from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
@@ -345,7 +345,8 @@ class MoELayer(nn.Module):
         in_graph = self._records_graph(x) if torch.is_grad_enabled() else None
         if torch.compiler.is_compiling():  # one opaque op per direction for the compiler: no graph break
             flag = -1 if in_graph is None else int(in_graph)
-            return torch.ops.flashmoe.moe_forward(x, list(self.parameters()), self._op_id, flag)[0]
+            return torch.ops.flashmoe.moe_forward(x, list(self.parameters()), self.e_score_correction_bias,
+                                                  self._op_id, flag)[0]
         return self._forward(x, in_graph, record=bool(in_graph))
 
     def _forward(self, x: torch.Tensor, in_graph: bool | None, record: bool) -> torch.Tensor:
@@ -457,49 +458,60 @@ _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionar
 
 # Under torch.compile the layer is two custom ops, forward and backward, with a registered autograd
 # (whatever the layer's `backward`, the compiled one is backward="recompute"'s: an op's outputs
-# would have to carry what "saved" keeps). `params` is the
-# layer's parameters, inputs only so that autograd hands them gradients; in_graph: -1 grad mode
-# off, else whether the caller records the forward (compared across ranks). A recorded forward op
-# also returns a copy of the correction bias it routed with (routing='sigmoid_grouped'), made
-# inside the op, for the backward to route with again.
+# would have to carry what "saved" keeps). `params` is the layer's parameters and
+# `correction_bias` its correction bias (or None): the ops compute with these, bound in the layer's
+# place (explicit_backward.bound_parameters), so that what the compiled region made of them (an
+# update before the layer, torch.func.functional_call's tensors) is what they read; in_graph: -1
+# grad mode off, else whether the caller records the forward (compared across ranks). A recorded
+# forward op also returns a copy of the correction bias it routed with (routing='sigmoid_grouped'),
+# made inside the op, for the backward to route with again.
+
+def _param_names(layer: MoELayer) -> list[str]:
+    return [name for name, _ in layer.named_parameters()]
+
 
 @torch.library.custom_op("flashmoe::moe_forward", mutates_args=())
-def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int) -> list[torch.Tensor]:
+def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], correction_bias: torch.Tensor | None, layer_id: int,
+                 in_graph: int) -> list[torch.Tensor]:
     """MoELayer.forward as a custom op, so torch.compile keeps the layer whole -> [out] or [out,
     the correction bias's copy]."""
     layer = _LAYERS[layer_id]
-    bias = routing_bias_now(layer) if in_graph == 1 else None  # only a recorded forward has a backward
-    out = layer._forward(x, None if in_graph < 0 else bool(in_graph), record=False)
+    with bound_parameters(layer, _param_names(layer), params, correction_bias):
+        bias = routing_bias_now(layer) if in_graph == 1 else None  # only a recorded forward has a backward
+        out = layer._forward(x, None if in_graph < 0 else bool(in_graph), record=False)
     return [out] if bias is None else [out, bias]
 
 
 @_moe_forward.register_fake
-def _(x: torch.Tensor, params: list[torch.Tensor], layer_id: int, in_graph: int) -> list[torch.Tensor]:
-    bias = _LAYERS[layer_id].e_score_correction_bias if in_graph == 1 else None
-    return [torch.empty_like(x)] + ([] if bias is None else [x.new_empty(tuple(bias.shape), dtype=bias.dtype)])
+def _(x: torch.Tensor, params: list[torch.Tensor], correction_bias: torch.Tensor | None, layer_id: int,
+      in_graph: int) -> list[torch.Tensor]:
+    bias = correction_bias if in_graph == 1 else None
+    return [x.new_empty(x.shape)] + ([] if bias is None else [x.new_empty(tuple(bias.shape), dtype=bias.dtype)])
 
 
 @torch.library.custom_op("flashmoe::moe_backward", mutates_args=())
 def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_id: int,
                   routing_bias: torch.Tensor | None) -> list[torch.Tensor]:
-    """-> [dx, one gradient per parameter] of sum(layer(x) * dy) (backends/explicit_backward.py;
-    collective), routed with routing_bias (the forward op's copy of the correction bias, or None)."""
+    """-> [dx, one gradient per parameter] of sum(layer(x) * dy) with the layer's parameters read
+    as params (backends/explicit_backward.py; collective), routed with routing_bias (the forward
+    op's copy of the correction bias, or None)."""
     layer = _LAYERS[layer_id]
     H = layer.config.hidden_size
-    names = [name for name, _ in layer.named_parameters()]
-    grads = moe_backward(layer, x.reshape(-1, H).contiguous(), dy.reshape(-1, H).contiguous(), set(names),
-                         x_needs_grad=True, routing_bias=routing_bias)
+    names = _param_names(layer)
+    with bound_parameters(layer, names, params):
+        grads = moe_backward(layer, x.reshape(-1, H).contiguous(), dy.reshape(-1, H).contiguous(), set(names),
+                             x_needs_grad=True, routing_bias=routing_bias)
     return [grads["x"].view(x.shape)] + [grads[name] for name in names]
 
 
 @_moe_backward.register_fake
 def _(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_id: int,
       routing_bias: torch.Tensor | None) -> list[torch.Tensor]:
-    return [torch.empty_like(x)] + [torch.empty_like(p) for p in params]
+    return [x.new_empty(x.shape)] + [torch.empty_like(p) for p in params]
 
 
 def _setup_moe_forward(ctx, inputs, output) -> None:
-    x, params, layer_id, _ = inputs
+    x, params, _, layer_id, _ = inputs
     ctx.layer_id, ctx.num_params = layer_id, len(params)
     ctx.save_for_backward(x, *params, *output[1:])
 
@@ -509,7 +521,7 @@ def _moe_forward_backward(ctx, grads):
     params, bias = rest[:ctx.num_params], rest[ctx.num_params:]
     dx, *param_grads = torch.ops.flashmoe.moe_backward(x, grads[0].contiguous(), params, ctx.layer_id,
                                                        bias[0] if bias else None)
-    return dx, param_grads, None, None
+    return dx, param_grads, None, None, None
 
 
 _moe_forward.register_autograd(_moe_forward_backward, setup_context=_setup_moe_forward)

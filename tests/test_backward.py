@@ -457,6 +457,62 @@ def compiled_grad_errors(rank, world, cfg: dict, seed, shapes) -> dict:
     return grad_errors(layer, x, torch.randn(x.shape, generator=g), compiled)
 
 
+@pytest.mark.parametrize("backward", ["autograd", "saved", "recompute", "compiled"])
+def test_gradients_are_taken_at_the_weights_the_forward_ran_with(backward):
+    """torch.func.functional_call: the forward runs on other tensors than the layer's, put back
+    before the backward; the explicit backwards and the compiled ops read those the forward ran
+    with (they read the layer's own, ~10 off). The same as a layer that holds those weights."""
+    cfg = MoEConfig(**{**SMALL, **VARIANTS["everything at once"]})
+    seed = fresh_seed()
+    layer = MoELayer(cfg, seed=seed, backward=None if backward == "compiled" else backward)
+    holder = MoELayer(cfg, seed=seed)
+    with torch.no_grad():
+        for p in holder.parameters():
+            p.mul_(1.5)
+    new = {n: p.detach().clone().requires_grad_() for n, p in holder.named_parameters()}
+    forward = lambda params, x: torch.func.functional_call(layer, params, (x,))  # noqa: E731
+    if backward == "compiled":
+        forward = torch.compile(forward, backend="aot_eager", fullgraph=True)
+    g = torch.Generator().manual_seed(seed)
+    x, dy = torch.randn(2, 7, cfg.hidden_size, generator=g), torch.randn(2, 7, cfg.hidden_size, generator=g)
+    y = forward(new, x)
+    (y * dy).sum().backward()
+    (holder(x) * dy).sum().backward()
+    assert rel_err(y.detach(), holder(x).detach()) <= FP32_TOL
+    errs = {n: rel_err(new[n].grad, p.grad) for n, p in holder.named_parameters()}
+    assert max(errs.values()) <= FP32_TOL, errs
+
+
+def test_the_compiled_layer_reads_what_the_region_updated_before_it():
+    """Inside one compiled region, a weight and the correction bias updated in place before the
+    layer: the ops' inputs carry the updates (functionalisation applies them to the layer's own
+    tensors only when the region ends), as the eager step has them."""
+    cfg = MoEConfig(**{**SMALL, **VARIANTS["everything at once"]})
+    seed = fresh_seed()
+
+    def step(layer, x):
+        layer.w_out.mul_(2)
+        layer.e_score_correction_bias.add_(torch.arange(cfg.num_experts, dtype=torch.float32))
+        return layer(x)
+
+    x = torch.randn(16, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        eager = step(MoELayer(cfg, seed=seed), x)
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(MoELayer(cfg, seed=seed), x)
+    assert rel_err(compiled, eager) <= FP32_TOL
+
+
+@pytest.mark.parametrize("in_graph", [-1, 0, 1])
+def test_the_forward_op_agrees_with_its_fake_on_a_permuted_input(in_graph):
+    """A sequence-first [S, B, H] view: the op returns a contiguous output; its fake said x's
+    strides (inductor then failed on an assertion about strides)."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    x = torch.randn(3, 2, SMALL["hidden_size"]).transpose(0, 1).requires_grad_(in_graph == 1)
+    checks = torch.library.opcheck(torch.ops.flashmoe.moe_forward.default,
+                                   (x, list(layer.parameters()), None, layer._op_id, in_graph))
+    assert set(checks.values()) == {"SUCCESS"}, checks
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_compiled_layer_gradients_match_reference(dist_pools, world):
     cfg = MoEConfig(**{**SMALL, **VARIANTS["everything at once"]})

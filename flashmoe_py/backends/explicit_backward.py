@@ -30,7 +30,8 @@ asked to record itself (create_graph=True) raises. The backward is collective at
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,15 +69,38 @@ class _Explicit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         refuse_create_graph(ctx.layer)
-        x, *_ = ctx.saved_tensors
+        x, *params = ctx.saved_tensors
         want = {name for name, needs in zip(ctx.names, ctx.needs_input_grad[4:]) if needs}
         # Released here, not when the autograd graph goes (a caller's `loss` can hold it into the
         # next forward): a CUDA graph lends its buffers only until then (backends/flash.CapturedForward).
         # A second backward through a retained graph recomputes instead: the same gradients.
         saved, ctx.saved_forward = ctx.saved_forward, None
-        grads = moe_backward(ctx.layer, x, dy, want, x_needs_grad=ctx.needs_input_grad[0], saved=saved,
-                             routing_bias=ctx.routing_bias)
+        with bound_parameters(ctx.layer, ctx.names, params):  # those the forward ran with
+            grads = moe_backward(ctx.layer, x, dy, want, x_needs_grad=ctx.needs_input_grad[0], saved=saved,
+                                 routing_bias=ctx.routing_bias)
         return (grads.get("x"), None, None, None, *(grads.get(name) for name in ctx.names))
+
+
+@contextlib.contextmanager
+def bound_parameters(layer, names: Sequence[str], tensors: Sequence[torch.Tensor],
+                     correction_bias: torch.Tensor | None = None) -> Iterator[None]:
+    """Inside the block, the layer's parameters `names` read as `tensors` (and its correction bias
+    as correction_bias, when given), restored after: a backward computes with the weights its
+    forward ran with (torch.func.functional_call's, which are gone by then), and the compiled
+    layer's ops with their inputs (a parameter updated earlier in the compiled region reaches them
+    only so)."""
+    held = {name: layer._parameters[name] for name in names}
+    held_bias = layer._buffers.get("e_score_correction_bias")
+    try:
+        for name, t in zip(names, tensors, strict=True):
+            layer._parameters[name] = t
+        if correction_bias is not None:
+            layer._buffers["e_score_correction_bias"] = correction_bias
+        yield
+    finally:
+        layer._parameters.update(held)
+        if correction_bias is not None:
+            layer._buffers["e_score_correction_bias"] = held_bias
 
 
 def refuse_create_graph(layer) -> None:
