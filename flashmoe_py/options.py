@@ -48,6 +48,8 @@ class FusedOptions:
         if self.launch_override is not None and not isinstance(self.launch_override, dict):
             raise ValueError(f"launch_override must be a dict of launch settings or None; got "
                              f"{self.launch_override!r}")
+        if self.launch_override is not None:  # the ranks compared this one: a caller's later edit must not reach it
+            object.__setattr__(self, "launch_override", dict(self.launch_override))
         if self.backward is not None and self.backward not in BACKWARDS:
             raise ValueError(f"backward={self.backward!r}; choose one of {BACKWARDS} or None")
 

@@ -8,6 +8,7 @@ from flashmoe_py import MoEConfig, preset
 from flashmoe_py.backends.flash import sms_limited_by_mps
 from flashmoe_py.kernels.launch_config import FIELDS, SWITCHES, LaunchConfig, choose_launch
 from flashmoe_py.kernels.layout import (STATUS_WORDS, WAIT_CHUNK, WAIT_COUNTS, WAIT_HIDDEN, WAIT_HIDDEN_STATIC,
+                                        WAIT_SHARED_HIDDEN, WAIT_SHARED_OUT,
                                         Geometry, describe_timeout, heap_bytes, heap_bytes_for)
 from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
 
@@ -50,9 +51,19 @@ def test_a_missing_hidden_tile_of_the_static_order_names_it_as_the_likely_cause(
     status[:6] = [1, WAIT_HIDDEN_STATIC.value, 0, 2, 7, 3]
     text = describe_timeout(status, rank=0)
     assert "a hidden tile from another program" in text and "launch_override={'static_ffn_in': 0}" in text
-    status[1] = WAIT_HIDDEN.value  # from the queue, or a shared expert's: no static order to blame
+    status[1] = WAIT_HIDDEN.value  # from the queue: no static order to blame
     text = describe_timeout(status, rank=0)
     assert "a hidden tile from another program" in text and "static_ffn_in" not in text
+
+
+@pytest.mark.parametrize("wait, words", [(WAIT_SHARED_HIDDEN, "the shared experts' hidden tiles from other programs"),
+                                         (WAIT_SHARED_OUT, "the shared experts' output from other programs")])
+def test_a_shared_experts_wait_is_named_with_its_tile(wait, words):
+    """They had the routed experts' wording, with this rank as the peer, and no tile."""
+    status = [0] * STATUS_WORDS
+    status[:6] = [1, wait.value, -1, -1, 5, 2]
+    want = f"fused MoE kernel on rank 3 timed out in call 2 waiting for {words} (tile 5)"
+    assert describe_timeout(status, rank=3) == want
 
 
 def test_a_timeout_is_described_by_its_status_words():

@@ -631,7 +631,7 @@ class _GraphsSeen:
         return types.SimpleNamespace(replay=lambda x: (x.clone(), {}, None))
 
     run = FlashBackend._run
-    MAX_GRAPHS, MAX_SAVING_GRAPHS = FlashBackend.MAX_GRAPHS, FlashBackend.MAX_SAVING_GRAPHS
+    MAX_GRAPHS, MAX_SAVING_GRAPHS, MAX_SEEN = FlashBackend.MAX_GRAPHS, FlashBackend.MAX_SAVING_GRAPHS, 4
 
 
 def test_captured_forwards_are_dropped_when_the_weights_are_replaced(monkeypatch):
@@ -652,3 +652,23 @@ def test_captured_forwards_are_dropped_when_the_weights_are_replaced(monkeypatch
     for _ in range(3):
         backend.run(x, (4, False))
     assert (backend.launches, backend.captures) == (2, 2) and len(backend.graphs) == 1
+
+
+def test_the_sizes_remembered_for_a_capture_are_bounded(monkeypatch):
+    """Training keys follow every rank's token counts: with varying batches they never stopped
+    growing."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    backend = _GraphsSeen(MoELayer(MoEConfig(**SMALL, top_k=2)))
+    for tokens in range(1, 12):
+        backend.run(torch.randn(tokens, SMALL["hidden_size"]), (tokens, False))
+    assert backend.launches == 11 and len(backend.seen) <= backend.MAX_SEEN
+
+
+def test_a_launch_override_edited_after_the_layer_was_built_does_not_reach_it():
+    """The ranks compared the options at construction; an edit of the caller's dict afterwards
+    would change this rank's eager launches only (not its captured ones, nor its peers')."""
+    from flashmoe_py.options import FusedOptions
+    override = {"stages": 2}
+    options = FusedOptions(max_tokens_per_rank=8, launch_override=override)
+    override["stages"] = 4
+    assert options.launch_override == {"stages": 2}

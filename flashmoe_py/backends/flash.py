@@ -136,6 +136,7 @@ class FlashBackend:
     # the MAX_GRAPHS are training forwards' (the least recently used dropped first).
     GRAPHED_SAVE_BYTES = 512 << 20
     MAX_SAVING_GRAPHS = 2
+    MAX_SEEN = 1024  # keys remembered for a capture at their second call
 
     def __init__(self, layer, options):
         self.rt = rt = runtime.require_fused(layer.device)
@@ -238,6 +239,8 @@ class FlashBackend:
             self.graphed_weights = addresses
         if key not in self.graphs:
             if key not in self.seen:  # first time at this size: run eagerly (compiles the kernel)
+                if len(self.seen) >= self.MAX_SEEN:  # many sizes (training's saved shapes follow every rank's)
+                    self.seen.clear()
                 self.seen.add(key)
                 return self._launch(x, saving=saving)
             log.info("rank %d: capturing the fused forward at %s (tokens, inference_mode[, saved shapes]) in a "

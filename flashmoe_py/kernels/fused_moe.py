@@ -111,7 +111,7 @@ class Weights(NamedTuple):
     expert's edges ([1, BK, BF] and [1, BK, BN_OUT] blocks; F_in = 2F for the gated activations:
     gate columns, then up columns); the biases b_in [L, F_in] and b_out [L, H] (Meta.HAS_BIAS); the
     shared experts (Meta.SHARED), one FFN of width Fs: shared_w_in [1, H, Fs_in] and shared_w_out
-    [1, Fs, H] descriptors as the experts', and the gate's weights shared_gate [H] (SHARED_GATE).
+    [1, Fs, H] descriptors as the experts', and the gate's weights shared_gate [1, H] (SHARED_GATE).
     What a config lacks is some other tensor or descriptor, unread."""
 
     w_in: TensorDescriptor
@@ -306,7 +306,7 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
             held = raise_held(held, scratch, epoch)
         if q < 0:  # only with shared experts
             ready = shared_task(q + n_shared, n_sin, n_rows, x_ptr, weights, scratch, saved, dims, tokens, epoch,
-                                 wait_limit, rank, meta)
+                                 wait_limit, meta)
             done = clock_ns() if meta.TRACE else 0
         elif q < n_in:
             if not meta.STATIC_IN:  # else the static loop took every GEMM1 tile: this is never reached

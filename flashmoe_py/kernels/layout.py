@@ -40,11 +40,15 @@ WAIT_CHUNK = tl.constexpr(2)
 WAIT_HIDDEN = tl.constexpr(3)
 WAIT_COMBINE = tl.constexpr(4)
 WAIT_HIDDEN_STATIC = tl.constexpr(5)  # WAIT_HIDDEN for a GEMM1 tile of the static order (STATIC_IN)
+WAIT_SHARED_HIDDEN = tl.constexpr(6)  # a shared experts' output tile for its hidden tiles
+WAIT_SHARED_OUT = tl.constexpr(7)     # a combine tile for the shared experts' output tiles
 WAITS = {WAIT_COUNTS.value: "count words (what each source sends)",
          WAIT_CHUNK.value: "a dispatched chunk to arrive",
          WAIT_HIDDEN.value: "a hidden tile from another program",
          WAIT_COMBINE.value: "expert outputs to come back",
-         WAIT_HIDDEN_STATIC.value: "a hidden tile from another program (GEMM1 tiles in the static order)"}
+         WAIT_HIDDEN_STATIC.value: "a hidden tile from another program (GEMM1 tiles in the static order)",
+         WAIT_SHARED_HIDDEN.value: "the shared experts' hidden tiles from other programs",
+         WAIT_SHARED_OUT.value: "the shared experts' output from other programs"}
 # A static-order GEMM1 tile that never comes is most likely a program that never got an SM.
 HIDDEN_HINT = ("; if other work shares this GPU's SMs (other processes under MPS, other streams), the "
                "static order of GEMM1 tiles at world 1 needs every program resident at once: pass "
@@ -75,7 +79,7 @@ def describe_timeout(status: list[int], rank: int) -> str | None:
                                                                STATUS_TILE, STATUS_EPOCH))
     return (f"fused MoE kernel on rank {rank} timed out in call {epoch} waiting for {WAITS.get(wait, wait)}"
             + (f" from rank {pe}" if pe >= 0 else "")
-            + (f" (local expert {expert}, tile {tile})" if expert >= 0 else "")
+            + (f" (local expert {expert}, tile {tile})" if expert >= 0 else f" (tile {tile})" if tile >= 0 else "")
             + (HIDDEN_HINT if wait == WAIT_HIDDEN_STATIC.value else ""))
 
 

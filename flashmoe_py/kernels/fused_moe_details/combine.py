@@ -4,7 +4,7 @@ weighted and summed into out."""
 import triton
 import triton.language as tl
 
-from ..layout import WAIT_COMBINE, WAIT_HIDDEN
+from ..layout import WAIT_COMBINE, WAIT_SHARED_OUT
 from ..transport import clock_ns, wait_at_least
 from .tasks import report_timeout
 
@@ -47,7 +47,7 @@ def combine_tile(tt, n0, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_
         flags = scratch.shared_y_flags + (tt * BT) // meta.BM * NN + (span * BN) // meta.BN_OUT
         if tl.sum(wait_at_least(flags, span < NN, epoch.to(tl.int32), wait_limit, scratch.status, "gpu",
                                 meta.ON_GPU).to(tl.int32)) > 0:
-            report_timeout(scratch, WAIT_HIDDEN, -1, -1, tt, epoch)
+            report_timeout(scratch, WAIT_SHARED_OUT, -1, -1, tt, epoch)
     ready = clock_ns() if meta.TRACE else 0
     for c in tl.static_range(SPAN):
         if n0 + c < NN:

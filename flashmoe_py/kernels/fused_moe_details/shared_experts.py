@@ -4,7 +4,7 @@ local, no waits but for its own h."""
 import triton
 import triton.language as tl
 
-from ..layout import WAIT_HIDDEN
+from ..layout import WAIT_SHARED_HIDDEN
 from ..transport import clock_ns, signal, wait_at_least
 from .expert_ffn import activate, gemm_in, gemm_out, save_pre
 from .tasks import grouped, report_timeout
@@ -40,7 +40,7 @@ def shared_in_tile(m, j, x_ptr, weights, scratch, saved, dims, tokens, epoch, me
 
 
 @triton.jit
-def shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, rank, meta):
+def shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, meta):
     """y_s[tokens m*BM.., n-tile] = h_s @ shared_w_out[:, n-tile] (times the shared gate) once every
     f-tile of h_s is written. -> ready clock stamp when TRACE, else zero."""
     H, FS = dims.hidden, dims.shared_ffn
@@ -51,7 +51,7 @@ def shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, ran
                           wait_limit, scratch.status, "gpu", meta.ON_GPU)
     ready = clock_ns() if meta.TRACE else 0
     if tl.sum(short.to(tl.int32)) > 0:
-        report_timeout(scratch, WAIT_HIDDEN, rank, -1, m, epoch)
+        report_timeout(scratch, WAIT_SHARED_HIDDEN, -1, -1, m, epoch)
     else:
         t = m * meta.BM + tl.arange(0, meta.BM)
         valid = t < tokens
@@ -67,7 +67,7 @@ def shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, ran
 
 
 @triton.jit
-def shared_task(s, n_sin, n_rows, x_ptr, weights, scratch, saved, dims, tokens, epoch, wait_limit, rank, meta):
+def shared_task(s, n_sin, n_rows, x_ptr, weights, scratch, saved, dims, tokens, epoch, wait_limit, meta):
     """Shared-expert task s: shared_in tiles first, then shared_out tiles, each grid grouped as the
     experts' are. -> ready clock stamp when TRACE. Compiled only with shared experts."""
     ready = clock_ns() if meta.TRACE else 0
@@ -77,5 +77,5 @@ def shared_task(s, n_sin, n_rows, x_ptr, weights, scratch, saved, dims, tokens, 
             shared_in_tile(m, j, x_ptr, weights, scratch, saved, dims, tokens, epoch, meta)
         else:
             m, n = grouped(s - n_sin, n_rows, tl.cdiv(dims.hidden, meta.BN_OUT), meta.GROUP)
-            ready = shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, rank, meta)
+            ready = shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, meta)
     return ready
