@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,12 @@ def _fail(field: str, value, allowed: str) -> None:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int or a numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+INT_FIELDS = ("hidden_size", "ffn_size", "num_experts", "top_k", "n_group", "topk_group", "shared_experts",
+              "shared_ffn_size")
 
 
 def _is_positive_number(value) -> bool:
@@ -127,6 +133,9 @@ class MoEConfig:
     shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
+        for field in INT_FIELDS:  # a numpy integer is kept as the int it is (to_dict, JSON, comparisons)
+            if _is_int(value := getattr(self, field)) and type(value) is not int:
+                object.__setattr__(self, field, int(value))
         for field in ("hidden_size", "ffn_size", "num_experts", "top_k"):
             value = getattr(self, field)
             if not _is_int(value) or value < 1:
@@ -285,7 +294,7 @@ class MoEConfig:
 
     def local_experts(self, world_size: int) -> int:
         """Experts per rank; raises unless num_experts divides evenly over world_size."""
-        if not isinstance(world_size, int) or world_size < 1:
+        if not _is_int(world_size) or world_size < 1:
             raise ConfigError(f"world_size={world_size!r} must be a positive int")
         if self.num_experts % world_size:
             raise ConfigError(

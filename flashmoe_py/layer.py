@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import weakref
 from dataclasses import dataclass
 
@@ -107,6 +108,8 @@ class MoELayer(nn.Module):
                                    backward)
         except ValueError as e:
             problem = str(e)
+        if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+            seed = int(seed)  # a numpy integer
         problem = problem or self._setup_problem(config, placement, backend, options, seed)
         if self.world_size > 1:
             self._check_ranks_agree(config, placement, backend, options, problem)

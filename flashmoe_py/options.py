@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 TRANSPORTS = ("p2p", "nvshmem")
@@ -35,6 +36,8 @@ class FusedOptions:
 
     def __post_init__(self) -> None:
         mt = self.max_tokens_per_rank
+        if isinstance(mt, numbers.Integral) and not isinstance(mt, bool) and type(mt) is not int:
+            object.__setattr__(self, "max_tokens_per_rank", mt := int(mt))  # a numpy integer
         if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
             raise ValueError(f"max_tokens_per_rank must be a positive int (it sizes the symmetric heap) "
                              f"or None; got {mt!r}")

@@ -1,5 +1,7 @@
 """MoEConfig validation: every invalid value is a ConfigError that names its field."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,17 @@ def test_presets_carry_the_models_routing():
         "topk_sigmoid", 1, True, False, 8192)
     nxt = preset("qwen3_next")
     assert (nxt.num_experts, nxt.top_k, nxt.shared_width, nxt.shared_expert_gate) == (512, 10, 512, True)
+
+
+def test_numpy_integers_are_taken_as_the_ints_they_are():
+    """As placements take them: sizes read from an array are numpy integers. Stored as ints, so
+    to_dict stays JSON and the ranks' comparison sees the same values."""
+    cfg = MoEConfig(hidden_size=np.int64(32), ffn_size=np.int32(48), num_experts=np.int64(8), top_k=np.int64(2),
+                    shared_experts=np.int64(1), shared_ffn_size=np.int64(16))
+    assert cfg == MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, shared_experts=1,
+                            shared_ffn_size=16)
+    assert all(type(v) is int for v in (cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k))
+    json.dumps(cfg.to_dict())
+    assert cfg.local_experts(np.int64(2)) == 4
+    with pytest.raises(ConfigError, match="top_k=True"):
+        MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=True)

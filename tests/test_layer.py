@@ -3,6 +3,7 @@
 import random
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -672,3 +673,9 @@ def test_a_launch_override_edited_after_the_layer_was_built_does_not_reach_it():
     options = FusedOptions(max_tokens_per_rank=8, launch_override=override)
     override["stages"] = 4
     assert options.launch_override == {"stages": 2}
+
+
+def test_a_numpy_seed_and_token_limit_are_taken_as_ints():
+    cfg = MoEConfig(**SMALL, top_k=2)
+    layer = MoELayer(cfg, seed=np.int64(3), max_tokens_per_rank=np.int64(8))
+    assert torch.equal(layer.w_in, MoELayer(cfg, seed=3).w_in) and type(layer.options.max_tokens_per_rank) is int
