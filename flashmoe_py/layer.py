@@ -180,8 +180,10 @@ class MoELayer(nn.Module):
                 "placement": placement.to_dict() if placement is not None else "contiguous"}
         everyone = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.process_group)
-        others = [(r, d["problem"]) for r, d in enumerate(everyone) if d["problem"] and r != self.rank]
-        if others and not problem:
+        if problem:
+            return  # this rank raises its own error, which names the argument
+        others = [(r, d["problem"]) for r, d in enumerate(everyone) if d["problem"]]
+        if others:
             raise ConsistencyError(f"rank {others[0][0]} rejected the layer: {others[0][1]}")
         mismatch = find_mismatch([{k: v for k, v in d.items() if k != "problem"} for d in everyone])
         if mismatch:

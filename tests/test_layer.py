@@ -320,6 +320,20 @@ def test_layer_options_must_agree_across_ranks(dist_pools):
     assert all(not ok and err[0] == "ConsistencyError" and "options.timeout_s differs" in err[1] for ok, err in out)
 
 
+def build_with_bad_timeout_on_rank_1(rank, world, cfg: dict):
+    MoELayer(MoEConfig.from_dict(cfg), timeout_s=-1.0 if rank == 1 else 10.0)
+
+
+def test_a_bad_option_on_one_rank_is_named_there_and_on_the_others(dist_pools):
+    """The rejecting rank raises its own error, naming the argument (it raised the ranks'
+    mismatch of its options, None against the others', which named nothing); the others say
+    which rank rejected the layer and why."""
+    out = dist_pools(2).run_all(build_with_bad_timeout_on_rank_1, MoEConfig(**SMALL, top_k=2).to_dict())
+    (ok0, err0), (ok1, err1) = out
+    assert not ok0 and err0[0] == "ConsistencyError" and "rank 1 rejected the layer: timeout_s" in err0[1], out
+    assert not ok1 and err1[0] == "ValueError" and "timeout_s must be a positive" in err1[1], out
+
+
 def test_fused_backend_needs_16_byte_weight_rows():
     with pytest.raises(ValueError, match="hidden_size, ffn_size and the shared experts' width in multiples of 8"):
         MoELayer(MoEConfig(hidden_size=36, ffn_size=48, num_experts=4, top_k=2), backend="flash", max_tokens_per_rank=8)
