@@ -65,7 +65,7 @@ for step in "$@"; do
               --iters 20 --input-sets 2 ${BENCH_ARGS:-} --out "$OUT/random_w1.json" ;;
     backward*) n=${step#backward}; run "backward_w$n" 300 "$n" tests/gpu/check_backward.py ${PRESETS:+--presets} \
               --out "$OUT/backward_w$n.json" ;;
-    cache) tar -cz -C ~/.triton cache | split -b 15m - "$OUT/triton_cache.tgz.part-"  # files come back under 16 MB
+    cache) tar -cz -C ~/.triton cache | split -b 15m - "$OUT/triton_cache.tgz.part-" || fail=1  # files under 16 MB
            ls -la "$OUT"/triton_cache.tgz.part-* ;;
     variants) shopt -s nullglob; for round in $(seq "${VARIANT_ROUNDS:-2}"); do for root in .variants/*/ .; do
               tag=$([ "$root" = . ] && echo current || basename "$root")

@@ -13,7 +13,8 @@ from torch import nn
 
 from .backends import capture
 from .backends.flash import FlashBackend
-from .backends.explicit_backward import bound_parameters, explicit_forward, moe_backward, routing_bias_now
+from .backends.explicit_backward import (bound_parameters, explicit_forward, moe_backward, refuse_parametrized,
+                                         routing_bias_now)
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
 from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
@@ -23,7 +24,7 @@ from .kernels.fused_moe import TMA_ROW_MULTIPLE
 from .options import FusedOptions
 from .placement import ExpertPlacement
 from .routing import Routing, route
-from .runtime import ConsistencyError, find_mismatch, fused_unavailable_reason
+from .runtime import ConsistencyError, find_mismatch, fused_unavailable_reason, runtime_device
 
 BACKENDS = ("torch", "flash")
 
@@ -110,6 +111,11 @@ class MoELayer(nn.Module):
             problem = str(e)
         if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
             seed = int(seed)  # a numpy integer
+        # where a tensor made there lands: "cuda" is the current GPU, "cpu:0" the CPU (x is compared with it)
+        try:
+            self.device = torch.empty(0, device=device).device if device is not None else _default_device(distributed)
+        except (RuntimeError, ValueError, TypeError) as e:
+            self.device, problem = None, problem or f"device={device!r} cannot be used here: {e}"
         problem = problem or self._setup_problem(config, placement, backend, options, seed)
         if self.world_size > 1:
             self._check_ranks_agree(config, placement, backend, options, problem)
@@ -118,8 +124,6 @@ class MoELayer(nn.Module):
         self.config, self.options = config, options
         self.placement = placement or ExpertPlacement.contiguous(config.num_experts, self.world_size)
         self.local_experts = self.placement.local_experts
-        # where a tensor made there lands: "cuda" is the current GPU, "cpu:0" the CPU (x is compared with it)
-        self.device = torch.empty(0, device=device).device if device is not None else _default_device(distributed)
         self._make_weights()
         self.register_buffer(STATE_DICT_MARKER, torch.tensor(PAIRS_VERSION, device=self.device))  # gate_up.py
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
@@ -157,6 +161,9 @@ class MoELayer(nn.Module):
             reason = fused_unavailable_reason()
             if reason:
                 return f"backend='flash' is unavailable: {reason}"
+            if self.device != runtime_device():
+                return (f"device={self.device} but flashmoe_py.init() bound this process to {runtime_device()}: a "
+                        "fused layer lives on the runtime's GPU, where its symmetric heap is")
             if self.process_group not in (None, dist.group.WORLD):
                 return "backend='flash' spans all NVSHMEM PEs: use the default process group"
             if options.backward == "autograd":
@@ -481,6 +488,8 @@ def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], correction_bias: t
     """MoELayer.forward as a custom op, so torch.compile keeps the layer whole -> [out] or [out,
     the correction bias's copy]."""
     layer = _LAYERS[layer_id]
+    if in_graph == 1:
+        refuse_parametrized(layer)
     with bound_parameters(layer, _param_names(layer), params, correction_bias):
         bias = routing_bias_now(layer) if in_graph == 1 else None  # only a recorded forward has a backward
         out = layer._forward(x, None if in_graph < 0 else bool(in_graph), record=False)

@@ -50,22 +50,26 @@ _LAUNCHERS = [  # (name, rank, world size, local rank, local world size) environ
 
 def detect_launcher(env=None) -> LaunchInfo:
     """How this process was started: torchrun, Open MPI or MPICH (Hydra) mpirun, or alone.
-    Raises ValueError where the environment says two things: two launchers' variables that
-    disagree (a torchrun shell's RANK left beside mpirun's would make every process a world of its
-    own), or an srun job step of several tasks (not a launcher this package reads)."""
+    A torchrun worker (TORCHELASTIC_RUN_ID set) reads torchrun's variables, whatever launcher
+    started torchrun itself (srun, mpirun -npernode 1). Otherwise ValueError where two launchers'
+    variables disagree: a torchrun shell's RANK left beside mpirun's would make every process a
+    world of its own."""
     env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
+        return _launch_info(env, *_LAUNCHERS[0])
     found = [_launch_info(env, *names) for names in _LAUNCHERS if names[1] in env]
     for other in found[1:]:
         if (other.rank, other.world_size) != (found[0].rank, found[0].world_size):
             raise ValueError(f"the environment holds two launchers' variables that disagree: {found[0]} and "
                              f"{other}; unset the stale ones (e.g. RANK and WORLD_SIZE under mpirun)")
-    if found:
-        return found[0]
-    if env.get("SLURM_NTASKS", "").isdigit() and int(env["SLURM_NTASKS"]) > 1:
-        raise ValueError(f"an srun job step of {env['SLURM_NTASKS']} tasks: start the processes with "
-                         "torchrun or mpirun (launch/torchrun.sh, launch/mpirun.sh); alone, each would run "
-                         "as world 1")
-    return LaunchInfo("single", 0, 1, 0, 1)
+    return found[0] if found else LaunchInfo("single", 0, 1, 0, 1)
+
+
+def srun_tasks(env=None) -> int:
+    """The tasks of the srun job step this process is one of (SLURM_STEP_NUM_TASKS; a batch
+    script's or salloc's shell has none), or 1."""
+    tasks = (os.environ if env is None else env).get("SLURM_STEP_NUM_TASKS", "")
+    return int(tasks) if tasks.isdigit() else 1
 
 
 def _launch_info(env, name: str, r: str, w: str, lr: str, lw: str) -> LaunchInfo:
@@ -217,16 +221,16 @@ def fused_unavailable_reason() -> str | None:
     return None
 
 
-def require_fused(device: torch.device) -> Runtime:
-    """The runtime a fused layer on `device` builds on: RuntimeError if there is none, ValueError
-    if init() bound this process to another GPU (the symmetric heap lives on that one)."""
+def require_fused() -> Runtime:
     reason = fused_unavailable_reason()
     if reason:
         raise RuntimeError(f"backend='flash' is unavailable: {reason}")
-    if torch.device(device) != _current.device:
-        raise ValueError(f"device={device} but flashmoe_py.init() bound this process to {_current.device}: "
-                         "a fused layer lives on the runtime's GPU, where its symmetric heap is")
     return _current
+
+
+def runtime_device() -> torch.device | None:
+    """The device init() bound this process to, or None before init()."""
+    return None if _current is None else _current.device
 
 
 def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runtime:
@@ -245,6 +249,10 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
         return _current
     os.environ.update(NO_MULTICAST)
     info = detect_launcher()
+    if info.launcher == "single" and not dist.is_initialized() and srun_tasks() > 1:
+        raise RuntimeError(f"an srun job step of {srun_tasks()} tasks, and no launcher's variables this package "
+                           "reads: start the processes with torchrun or mpirun (launch/torchrun.sh, "
+                           "launch/mpirun.sh), or make the process group first; alone, each would run as world 1")
     if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (info.rank, info.world_size):
         # Joining a group the caller made without a launcher's environment (e.g. mp.spawn).
         rank, world = dist.get_rank(), dist.get_world_size()

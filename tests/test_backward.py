@@ -658,3 +658,29 @@ def test_a_probe_is_never_taken_inside_a_capture(monkeypatch, probe):
         probe()
     monkeypatch.undo()
     assert probe()  # the refusal cached nothing
+
+
+class _Scaled(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_a_parametrized_weight_is_refused_by_the_explicit_backwards_and_works_elsewhere():
+    """torch.nn.utils.parametrize keeps w_out as parametrizations.w_out.original: the explicit
+    backwards would give it no gradient (they did, silently), so they refuse; inference (eager and
+    compiled) and backend torch's autograd backward take it."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    x = torch.randn(6, cfg.hidden_size)
+    layers = {b: MoELayer(cfg, seed=3, backward=b) for b in ("autograd", "recompute")}
+    for layer in layers.values():
+        torch.nn.utils.parametrize.register_parametrization(layer, "w_out", _Scaled())
+    with pytest.raises(NotImplementedError, match="parametrization .*parametrizations.w_out.original"):
+        layers["recompute"](x.clone().requires_grad_())
+    with torch.no_grad():
+        eager = layers["recompute"](x)
+        compiled = torch.compile(layers["recompute"], backend="aot_eager", fullgraph=True)(x)
+        plain = MoELayer(cfg, seed=3)
+        plain.w_out.mul_(2)
+        assert rel_err(eager, plain(x)) <= FP32_TOL and rel_err(compiled, eager) <= FP32_TOL
+    (layers["autograd"](x) * x).sum().backward()
+    assert layers["autograd"].parametrizations.w_out.original.grad is not None

@@ -693,3 +693,15 @@ def test_a_numpy_seed_and_token_limit_are_taken_as_ints():
     cfg = MoEConfig(**SMALL, top_k=2)
     layer = MoELayer(cfg, seed=np.int64(3), max_tokens_per_rank=np.int64(8))
     assert torch.equal(layer.w_in, MoELayer(cfg, seed=3).w_in) and type(layer.options.max_tokens_per_rank) is int
+
+
+def test_a_weight_computed_at_each_forward_is_never_captured(monkeypatch):
+    """torch.nn.utils.parametrize makes w_out anew at each forward: a graph would replay the first
+    one's memory, so the fused backend launches every forward."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    torch.nn.utils.parametrize.register_parametrization(layer, "w_out", torch.nn.Identity())
+    backend, x = _GraphsSeen(layer), torch.randn(4, SMALL["hidden_size"])
+    for _ in range(4):
+        backend.run(x, (4, False))
+    assert (backend.launches, backend.captures) == (4, 0)

@@ -23,8 +23,10 @@ from flashmoe_py.runtime import (ConsistencyError, LaunchInfo, Runtime, _parse_s
     ({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "4"},
      LaunchInfo("mpirun", 2, 4, 2, 4)),
     ({}, LaunchInfo("single", 0, 1, 0, 1)),
-    ({"SLURM_NTASKS": "1"}, LaunchInfo("single", 0, 1, 0, 1)),
+    ({"SLURM_NTASKS": "8"}, LaunchInfo("single", 0, 1, 0, 1)),  # a batch script's or salloc's shell
     ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_NTASKS": "8"}, LaunchInfo("torchrun", 1, 2, 1, 2)),  # inside salloc
+    ({"RANK": "9", "WORLD_SIZE": "16", "TORCHELASTIC_RUN_ID": "j", "PMI_RANK": "1", "PMI_SIZE": "2"},
+     LaunchInfo("torchrun", 9, 16, 9, 16)),  # srun --mpi=pmi2 -N2 torchrun: the outer launcher's too
     ({"RANK": "1", "WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
      LaunchInfo("torchrun", 1, 2, 1, 2)),  # both, agreeing
 ])
@@ -42,15 +44,20 @@ def test_garbled_launcher_environment_names_the_variable(env, name):
         detect_launcher(env)
 
 
-@pytest.mark.parametrize("env,words", [
-    ({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}, "disagree"),
-    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3"}, "srun job step of 4 tasks"),
-])
-def test_an_environment_that_says_two_things_is_refused(env, words):
-    """A torchrun shell's RANK=0 WORLD_SIZE=1 left under mpirun, or srun's tasks, would each run
-    alone as world 1, holding every expert."""
-    with pytest.raises(ValueError, match=words):
-        detect_launcher(env)
+def test_launchers_that_disagree_are_refused():
+    """A torchrun shell's RANK=0 WORLD_SIZE=1 left under mpirun: each process would run alone as
+    world 1, holding every expert."""
+    with pytest.raises(ValueError, match="disagree"):
+        detect_launcher({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"})
+
+
+def test_an_srun_step_without_a_launcher_is_refused(monkeypatch):
+    """srun -n 4 python script.py: each task alone as world 1 (with the caller's own process group,
+    as Lightning or submitit make, init joins that instead; a batch script's shell is no step)."""
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert runtime.srun_tasks() == 4 and runtime.srun_tasks({"SLURM_NTASKS": "4"}) == 1
+    with pytest.raises(RuntimeError, match="srun job step of 4 tasks"):
+        fm.init(nvshmem=False)
 
 
 def test_find_mismatch_names_field_and_ranks():
@@ -117,13 +124,17 @@ def test_a_local_rank_past_the_visible_gpus_is_named(monkeypatch):
         fm.init(nvshmem=False)
 
 
-def test_a_fused_layer_on_another_gpu_than_the_runtime_is_refused(monkeypatch):
+def test_a_fused_layer_on_another_device_than_the_runtime_is_refused(monkeypatch):
+    """Its symmetric heap is on the runtime's GPU. Refused among the constructor's checks, which
+    every rank compares (raised in the backend, one rank's refusal left the others blocked in the
+    heap's collective allocation)."""
     rt = Runtime(LaunchInfo("single", 0, 1, 0, 1), torch.device("cuda", 0), owns_group=False, nvshmem=True)
     monkeypatch.setattr(runtime, "_current", rt)
-    monkeypatch.setattr(runtime, "fused_unavailable_reason", lambda: None)
-    assert runtime.require_fused(torch.device("cuda", 0)) is rt
-    with pytest.raises(ValueError, match="device=cuda:1 but flashmoe_py.init.. bound this process to cuda:0"):
-        runtime.require_fused(torch.device("cuda", 1))
+    monkeypatch.setattr(fm.layer, "fused_unavailable_reason", lambda: None)
+    assert runtime.runtime_device() == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="device=cpu but flashmoe_py.init.. bound this process to cuda:0"):
+        fm.MoELayer(fm.MoEConfig(hidden_size=16, ffn_size=16, num_experts=2, top_k=1), backend="flash",
+                    max_tokens_per_rank=8, device="cpu")
 
 
 def check_consistent_on_ranks(rank, world, top_k):

@@ -53,6 +53,7 @@ def explicit_forward(layer, x: torch.Tensor,
     """x: [T, H] -> the output of run(x), the layer's inference forward (with what it saved for
     backward="saved", or None), with the backward above recorded for x and every parameter of
     the layer."""
+    refuse_parametrized(layer)
     names = [name for name, _ in layer.named_parameters()]
     return _Explicit.apply(x, layer, run, names, *(p for _, p in layer.named_parameters()))
 
@@ -89,18 +90,39 @@ def bound_parameters(layer, names: Sequence[str], tensors: Sequence[torch.Tensor
     forward ran with (torch.func.functional_call's, which are gone by then), and the compiled
     layer's ops with their inputs (a parameter updated earlier in the compiled region reaches them
     only so)."""
-    held = {name: layer._parameters[name] for name in names}
+    slots = [_parameter_slot(layer, name) for name in names]
+    held = [params[leaf] for params, leaf in slots]
     held_bias = layer._buffers.get("e_score_correction_bias")
     try:
-        for name, t in zip(names, tensors, strict=True):
-            layer._parameters[name] = t
+        for (params, leaf), t in zip(slots, tensors, strict=True):
+            params[leaf] = t
         if correction_bias is not None:
             layer._buffers["e_score_correction_bias"] = correction_bias
         yield
     finally:
-        layer._parameters.update(held)
+        for (params, leaf), t in zip(slots, held):
+            params[leaf] = t
         if correction_bias is not None:
             layer._buffers["e_score_correction_bias"] = held_bias
+
+
+def _parameter_slot(layer, name: str) -> tuple[dict, str]:
+    """named_parameters()'s name -> (the _parameters dict that holds it, its key there): a dotted
+    name is a submodule's (torch.nn.utils.parametrize keeps w_in as parametrizations.w_in.original)."""
+    owner, _, leaf = name.rpartition(".")
+    return (layer.get_submodule(owner) if owner else layer)._parameters, leaf
+
+
+def refuse_parametrized(layer) -> None:
+    """Raise where a parameter is reparametrized (torch.nn.utils.parametrize: weight_norm, pruning,
+    some LoRA): the explicit backward's steps give the layer's own weights their gradients, and
+    would give the parametrization's inputs none."""
+    names = [name for name, _ in layer.named_parameters() if "." in name]
+    if names:
+        raise NotImplementedError(
+            f"MoELayer(backward={layer.options.backward_for(layer.backend.name)!r}) differentiates its own "
+            f"weights only, not through a parametrization ({', '.join(names)}): use backend='torch' with "
+            "backward='autograd' (not compiled), or train the weights directly")
 
 
 def refuse_create_graph(layer) -> None:

@@ -69,13 +69,27 @@ def routing_plan(r: Routing, positions: torch.Tensor, geo: Geometry, send_order:
                       local_experts=geo.local_experts, chunk=geo.chunk, maxc=geo.max_chunks)
 
 
-def weight_addresses(layer) -> tuple[int, ...]:
+GRAPHED_TENSORS = (*FUSED_WEIGHTS, "router_weight", "router_bias", "e_score_correction_bias", "expert_positions")
+
+
+def weight_addresses(layer) -> tuple[int, ...] | None:
     """Where the tensors a captured forward reads live: the fused kernel's weights, the router's
     (and the correction bias), the expert positions. A graph replays these addresses; weights
     replaced rather than updated in place (load_state_dict(assign=True), to_empty,
-    torch.func.functional_call) live elsewhere."""
-    names = (*FUSED_WEIGHTS, "router_weight", "router_bias", "e_score_correction_bias", "expert_positions")
-    return tuple(0 if t is None else t.data_ptr() for t in (getattr(layer, n, None) for n in names))
+    torch.func.functional_call) live elsewhere. None where a weight is computed at each forward
+    (torch.nn.utils.parametrize): no graph can hold it. Read from the module's own dicts
+    (~3 us, against ~17 through its attributes)."""
+    params, buffers = layer._parameters, layer._buffers
+    addresses = []
+    for name in GRAPHED_TENSORS:
+        t = params[name] if name in params else buffers.get(name, _COMPUTED)
+        if t is _COMPUTED:
+            return None
+        addresses.append(0 if t is None else t.data_ptr())
+    return tuple(addresses)
+
+
+_COMPUTED = object()
 
 
 def graphs_to_drop(keys: list[tuple], max_graphs: int, max_saving: int) -> list[tuple]:
@@ -139,7 +153,7 @@ class FlashBackend:
     MAX_SEEN = 1024  # keys remembered for a capture at their second call
 
     def __init__(self, layer, options):
-        self.rt = rt = runtime.require_fused(layer.device)
+        self.rt = rt = runtime.require_fused()
         cfg = layer.config
         self.layer = weakref.proxy(layer)  # the layer owns the backend: no cycle to keep it alive
         self.options = options
@@ -159,7 +173,7 @@ class FlashBackend:
         self.trace: torch.Tensor | None = None
         self.graphs: dict[tuple, CapturedForward] = {}  # by _run's key
         self.seen: set[tuple] = set()
-        self.graphed_weights: tuple[int, ...] = ()  # weight_addresses when the kept graphs were captured
+        self.graphed_weights: tuple[int, ...] | None = ()  # weight_addresses when the kept graphs were captured
         self.last_stream: torch.cuda.Stream | None = None  # where the last forward was queued
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 
@@ -237,6 +251,8 @@ class FlashBackend:
             self.graphs.clear()
             self.seen.clear()
             self.graphed_weights = addresses
+        if addresses is None:
+            return self._launch(x, saving=saving)
         if key not in self.graphs:
             if key not in self.seen:  # first time at this size: run eagerly (compiles the kernel)
                 if len(self.seen) >= self.MAX_SEEN:  # many sizes (training's saved shapes follow every rank's)
