@@ -11,5 +11,7 @@ cd "$(dirname "$0")/.."
 NGPUS=${NGPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)}
 export OUT=${OUT:-bench/results/gpu-checks-$(date -u +%F)-w$NGPUS}
 steps=()
-for s in ${STEPS:-check nvcheck inputs timeouts faults killed soak hf backward}; do steps+=("$s$NGPUS"); done
+default="check nvcheck inputs timeouts faults killed soak hf backward"
+[ "$NGPUS" -gt 1 ] || default=${default/faults killed /}  # a stalled or killed peer needs a peer
+for s in ${STEPS:-$default}; do steps+=("$s$NGPUS"); done
 exec bash bench/device_run.sh "${steps[@]}"

@@ -7,6 +7,8 @@ of rank r's loss is that of reference_forward on rank r's tokens. What each rank
   router_weight:  rank r's own reference gradient (replicated: only this rank's tokens' part);
   w_in, w_out:    the sum over every rank's reference gradient, for the experts rank r holds."""
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -19,8 +21,11 @@ from flashmoe_py.gate_up import to_halves
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """|got - want| / |want| (|got - want| where want is 0); inf for NaN, which max() and NCCL's MAX
+    would drop beside a finite value."""
     diff, norm = (got.double() - want.double()).norm(), want.double().norm()
-    return float(diff / norm) if norm > 0 else float(diff)
+    err = float(diff / norm) if norm > 0 else float(diff)
+    return math.inf if math.isnan(err) else err
 
 
 def near_a_kink(x: torch.Tensor, full: dict, config) -> bool:
@@ -181,4 +186,5 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
         for n, g in zip(shared, g_shared):  # None: no tokens here
             add(n, got[n], torch.zeros_like(shared[n]) if g is None else g)
     add("x", x.grad, dx)
-    return {n: (d / w) ** 0.5 if w > 0 else d ** 0.5 for n, (d, w) in norms.items()}
+    errs = {n: (d / w) ** 0.5 if w > 0 else d ** 0.5 for n, (d, w) in norms.items()}
+    return {n: math.inf if math.isnan(e) else e for n, e in errs.items()}  # NaN: as rel_err

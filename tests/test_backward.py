@@ -684,3 +684,10 @@ def test_a_parametrized_weight_is_refused_by_the_explicit_backwards_and_works_el
         assert rel_err(eager, plain(x)) <= FP32_TOL and rel_err(compiled, eager) <= FP32_TOL
     (layers["autograd"](x) * x).sum().backward()
     assert layers["autograd"].parametrizations.w_out.original.grad is not None
+
+
+def test_a_nan_error_is_inf_so_that_no_max_drops_it():
+    """max(0.0, nan) is 0.0 and NCCL's MAX keeps the finite value: the GPU checks took a NaN
+    gradient for a pass."""
+    assert rel_err(torch.tensor([float("nan"), 1.0]), torch.ones(2)) == float("inf")
+    assert max(0.0, rel_err(torch.full((2,), float("nan")), torch.ones(2))) == float("inf")

@@ -23,7 +23,7 @@ def scripts_env(tmp_path, rc: int) -> dict:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text(SMI)
-    for name in ("torchrun", "mpirun"):
+    for name in ("torchrun", "mpirun", "python3"):
         record = f'echo "{name} $* RANK=${{RANK:-unset}}" >> {tmp_path}/calls'
         (bin_dir / name).write_text(f"#!/bin/sh\n{record}\nexit {rc}\n")
     for f in bin_dir.iterdir():
@@ -59,3 +59,16 @@ def test_the_launchers_take_one_process_a_gpu_and_pass_the_exit_code(tmp_path, s
     assert proc.returncode == 3 and call.startswith(launcher), (proc.returncode, call)
     assert ("-np 2" if launcher == "mpirun" else "--nproc-per-node 2") in call and "prog.py --flag" in call
     assert launcher == "torchrun" or "RANK=unset" in call  # mpirun's processes must not read torchrun's
+
+
+@pytest.mark.parametrize("gpus, peers_checked", [("1", False), ("2", True)])
+def test_the_default_checks_need_a_peer_only_where_there_is_one(tmp_path, gpus, peers_checked):
+    """A stalled or killed peer cannot be checked on one GPU (those checks exit 2 there): the
+    one-GPU suite leaves them out instead of failing on them."""
+    env = scripts_env(tmp_path, 0) | {"NGPUS": gpus}
+    proc = subprocess.run(["bash", "launch/gpu_checks.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    calls = (tmp_path / "calls").read_text()
+    assert proc.returncode == 0, proc.stdout
+    assert ("check_faults.py" in calls) == peers_checked and ("check_killed_rank.py" in calls) == peers_checked
+    assert "check_flash.py" in calls and "check_soak.py" in calls

@@ -2,8 +2,9 @@
 
     bash launch/torchrun.sh tests/gpu/check_flash.py [--calls 1000] [--transport nvshmem] [--out results.json]
 
-Every case: fresh random inputs, uneven token counts (one rank with none), outputs poisoned first,
-relative error against the float32 reference (max over ranks). Exit code 1 if any case fails."""
+Every case: fresh random inputs, uneven token counts (one rank with none), relative error against
+the float32 reference (max over ranks; NaN counts as inf); the CUDA-graph case's outputs are
+poisoned first (the others are the layer's own new tensors). Exit code 1 if any case fails."""
 
 import argparse
 import json
