@@ -239,7 +239,8 @@ def max_over_ranks(value: float, device) -> float:
 
 
 def measure_ceilings(device: torch.device, world: int) -> dict:
-    """This node's bf16 GEMM rate, HBM copy bandwidth and all-to-all bandwidth per GPU."""
+    """This node's bf16 GEMM rate, HBM copy bandwidth and all-to-all bandwidth per GPU, as achieved
+    (cuBLAS, a copy, NCCL), not as specified: the floors below are at these rates."""
     if device.type != "cuda":
         return {}
     timer = Timer(device)
@@ -278,7 +279,9 @@ def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict, fwd_bwd: b
 
 def floor_terms(cfg: MoEConfig, tokens: int, world: int, ceilings: dict) -> tuple[float, float, float] | None:
     """A forward's compute, HBM and NVLink terms (µs) at this node's measured ceilings, or None
-    without them."""
+    without them, for uniform routing. The link term counts what a token must cross at least: one
+    copy of its row to each other rank that holds one of its experts, and one combined row back
+    (the layer sends one per slot: its own traffic is k / remote_ranks times this)."""
     if not ceilings:
         return None
     bytes_el = torch.tensor([], dtype=cfg.torch_dtype).element_size()
@@ -296,8 +299,14 @@ def floor_terms(cfg: MoEConfig, tokens: int, world: int, ceilings: dict) -> tupl
     hbm = (weights + acts) / (ceilings["hbm_gbps"] * 1e3)
     link = 0.0
     if world > 1:
-        link = 2 * slots * H * bytes_el * (world - 1) / world / (ceilings["a2a_gbps"] * 1e3)
+        link = 2 * tokens * remote_ranks(E, L, k, world) * H * bytes_el / (ceilings["a2a_gbps"] * 1e3)
     return compute, hbm, link
+
+
+def remote_ranks(E: int, L: int, k: int, world: int) -> float:
+    """The other ranks a token's k distinct experts, drawn uniformly from E (L on each rank), land
+    on, on average: each other rank is missed with probability C(E - L, k) / C(E, k)."""
+    return (world - 1) * (1 - math.comb(E - L, k) / math.comb(E, k))
 
 
 def git_commit() -> str:
@@ -669,7 +678,10 @@ def main(argv=None):
         with open(out, "w") as f:  # first: the summary below may refuse the rows (two of a backend at a point)
             json.dump(data, f, indent=1)
         print(f"wrote {out}")
-        peers = [b for b in args.backends if b in ("triton_kernels", "torch", "symm_mem")]
+        asked = [b for b in args.backends if b in ("triton_kernels", "torch", "symm_mem")]
+        peers = [b for b in asked if any(r["backend"] == b for r in rows)]
+        if set(asked) - set(peers):
+            print(f"no rows from {sorted(set(asked) - set(peers))}: the ratio below leaves them out")
         pts = summary.points(rows, "flash", peers) if "flash" in args.backends and peers else []
         if pts:
             speedups = [q["speedup"] for q in pts]

@@ -58,10 +58,14 @@ def outcomes(rows: list[dict], flash: str, peers: list[str]) -> dict[str, list[d
       compared:   flash and every peer with a row there passed and were timed: flash_us, peers_us
                   {peer: us}, best peer, speedup = best peer's us / flash's, of_floor = floor / flash;
       failed:     flash's row failed its check (or was not timed): its rel_err;
-      incomplete: flash passed, a peer's row failed: failed_peers (not compared with the others).
+      incomplete: flash passed, a peer's row failed, or a peer with rows at other points of this
+                  world and device has none here (it refused the config, or its run crashed):
+                  failed_peers (not compared with the others, which may be the weaker).
     Each dict has preset, routing, tokens, world, device."""
     out: dict[str, list[dict]] = {"compared": [], "failed": [], "incomplete": []}
-    for key, got in forward_rows(rows).items():
+    by_point = forward_rows(rows)
+    ran = {(key[3], key[4], b) for key, got in by_point.items() for b in got}  # (world, device, backend)
+    for key, got in by_point.items():
         present = [p for p in peers if p in got]
         if flash not in got or not present:
             continue
@@ -72,6 +76,7 @@ def outcomes(rows: list[dict], flash: str, peers: list[str]) -> dict[str, list[d
             out["failed"].append({**base, "rel_err": f.get("rel_err")})
             continue
         failed_peers = [p for p in present if not timed_ok(got[p])]
+        failed_peers += [p for p in peers if p not in got and (key[3], key[4], p) in ran]
         if failed_peers:
             out["incomplete"].append({**base, "flash_us": f["median_us"], "failed_peers": failed_peers})
             continue
@@ -121,8 +126,9 @@ def main(argv=None) -> None:
               f"{args.flash} failed its check (rel_err {q['rel_err']})")
     for q in incomplete:
         print(f"INCOMPLETE  {describe(tuple(q[k] for k in ('preset', 'routing', 'tokens', 'world', 'device')))}: "
-              f"{', '.join(q['failed_peers'])} failed its check; not compared")
-    counts = f"{len(failed)} points where {args.flash} failed, {len(incomplete)} incomplete (a peer failed)"
+              f"{', '.join(q['failed_peers'])} failed its check or has no row; not compared")
+    counts = (f"{len(failed)} points where {args.flash} failed, {len(incomplete)} incomplete (a peer failed or "
+              "is missing)")
     if not pts:
         print(f"no point compared; {counts}")
         return

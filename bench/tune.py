@@ -1,5 +1,8 @@
 """Launch settings of the fused kernel, compared at full size: each setting checked against the
-reference, then timed (CUDA events, median over iterations and two input sets, max over ranks).
+reference on tokens spread to the last tile, then timed in turn with the others, --rounds times
+(CUDA events, median over iterations, two input sets and the rounds, max over ranks: drift and the
+power cap fall on every setting alike), then checked again on a warm call. Exit code 1 if any
+setting failed a check.
 
     torchrun --nproc-per-node N bench/tune.py --preset mixtral_8x7b --tokens 4096 16384 \\
         --settings 128,8,3,8,256 128,8,3,8,128 [--out tune.json]
@@ -22,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
-from layer import CHECK_TOKENS, Timer, max_over_ranks, random_shapes, rel_err, save_rows  # noqa: E402
+from layer import Timer, checked_tokens, max_over_ranks, random_shapes, rel_err, save_rows  # noqa: E402
 
 KEYS = ("block_m", "num_warps", "stages", "group", "block_n", "dispatch_programs")
 
@@ -58,37 +61,52 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[4096])
     p.add_argument("--settings", nargs="+", default=["128,8,3,8,256", "128,8,3,8,128"])
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=2, help="times every setting is timed, in turn with the others")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     settings = [parse_setting(s) for s in args.settings]
     world = detect_launcher().world_size
     shapes = tuned_shapes(args.preset, args.random, args.only, args.random_seed)
-    rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, max(args.tokens)) for _, c in shapes))
+    # every setting's layer is alive at once (timed in turn): a heap for each
+    rt = fm.init(heap_bytes=len(settings) * max(heap_bytes_for(c, world, max(args.tokens)) for _, c in shapes))
     timer, rows = Timer(rt.device), []
     for name, cfg in shapes:
         for T in args.tokens:
-            gen = torch.Generator().manual_seed(rt.rank + 1)
-            xs = [torch.randn(T, cfg.hidden_size, generator=gen).to(rt.device, cfg.torch_dtype) for _ in range(2)]
-            ref = None
-            for setting in settings:
-                layer = fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=T, seed=17, launch_override=setting)
-                if ref is None:  # the same seed: every setting's layer is the same function
-                    ref = fm.reference_forward(xs[0][:CHECK_TOKENS], config=cfg, **layer.full_weight_dict())
-                with torch.inference_mode():
-                    err = max_over_ranks(rel_err(layer(xs[0])[:CHECK_TOKENS], ref), rt.device)
-                    times = []
-                    for x in xs:
-                        times += timer.time(lambda layer=layer, x=x: layer(x), args.iters, warmup=3)
-                    layer.synchronize()
-                us = max_over_ranks(statistics.median(times), rt.device)
-                rows.append({"preset": name, "tokens_per_rank": T, "world": world, **setting,
-                             "median_us": us, "rel_err": err, "ok": err <= 1e-2})
-                if rt.rank == 0:
-                    print(json.dumps(rows[-1]), flush=True)
-                layer.backend.close()
+            rows += tuned_point(name, cfg, T, settings, args, timer, rt, world)
     if rt.rank == 0 and args.out:
         save_rows(args.out, rows)
     fm.finalize()
+    sys.exit(0 if all(r["ok"] for r in rows) else 1)
+
+
+def tuned_point(name, cfg, T, settings, args, timer, rt, world) -> list[dict]:
+    """One shape at T tokens a rank: a layer per setting (the same seed: the same function), each
+    checked, the settings timed in turn for args.rounds rounds, each checked again -> a row each."""
+    gen = torch.Generator().manual_seed(rt.rank + 1)
+    xs = [torch.randn(T, cfg.hidden_size, generator=gen).to(rt.device, cfg.torch_dtype) for _ in range(2)]
+    picked = checked_tokens(T, cfg).to(rt.device)
+    layers = [fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=T, seed=17, launch_override=setting)
+              for setting in settings]
+    ref = fm.reference_forward(xs[0][picked], config=cfg, **layers[0].full_weight_dict())
+    times: list[list[float]] = [[] for _ in settings]
+    with torch.inference_mode():
+        errs = [max_over_ranks(rel_err(layer(xs[0])[picked], ref), rt.device) for layer in layers]
+        for _ in range(args.rounds):
+            for layer, own in zip(layers, times):
+                for x in xs:
+                    own += timer.time(lambda layer=layer, x=x: layer(x), args.iters, warmup=3)
+        errs_timed = [max_over_ranks(rel_err(layer(xs[0])[picked], ref), rt.device) for layer in layers]
+        for layer in layers:
+            layer.synchronize()
+    rows = []
+    for setting, own, err, err_timed, layer in zip(settings, times, errs, errs_timed, layers):
+        rows.append({"preset": name, "tokens_per_rank": T, "world": world, **setting,
+                     "median_us": max_over_ranks(statistics.median(own), rt.device), "rel_err": err,
+                     "rel_err_timed": err_timed, "ok": max(err, err_timed) <= 1e-2})
+        if rt.rank == 0:
+            print(json.dumps(rows[-1]), flush=True)
+        layer.backend.close()
+    return rows
 
 
 if __name__ == "__main__":

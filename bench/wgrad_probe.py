@@ -181,7 +181,9 @@ def checked_err(fn, fn_args: tuple, a: torch.Tensor, b: torch.Tensor, counts: li
 
 def product_floor_us(S: int, K: int, N: int, E: int) -> float:
     """A per-expert product's floor in µs: its FLOPs at TFLOPS or, the larger, its bytes at HBM
-    (E [K, N] weights or weight gradients once, S rows of K and N once; bf16)."""
+    (E [K, N] weights or weight gradients once, S rows of K and N once; bf16). E: the experts
+    whose weights it must touch (every one for the weight gradients, which are written even where
+    no row came; those with rows for the products that read the weights)."""
     return max(2.0 * S * K * N / TFLOPS, 2.0 * (E * K * N + S * (K + N)) / HBM) * 1e6
 
 

@@ -1,6 +1,7 @@
 """The fresh-machine main job: the benchmark's CPU mode runs end to end and writes valid JSON."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -144,6 +145,19 @@ def test_the_floor_counts_shared_experts():
                - extra) < 1e-6 * extra
 
 
+def test_the_link_term_counts_one_copy_a_token_to_each_other_rank_it_needs():
+    """Not one a slot: a token whose k experts sit on two ranks crosses to at most those two (its
+    outputs combined there come back as one row each)."""
+    layer = _bench_layer_module()
+    from flashmoe_py import PRESETS
+    cfg, ceilings = PRESETS["qwen3_30b_a3b"], {"bf16_tflops": 800.0, "hbm_gbps": 4000.0, "a2a_gbps": 100.0}
+    remote = 1 - math.comb(64, 8) / math.comb(128, 8)  # world 2: the other rank holds 64 of the 128
+    assert abs(layer.remote_ranks(128, 64, 8, 2) - remote) < 1e-12 and layer.remote_ranks(8, 1, 2, 8) < 2
+    link = layer.floor_terms(cfg, 4096, 2, ceilings)[2]
+    assert abs(link - 2 * 4096 * remote * cfg.hidden_size * 2 / 100e3) < 1e-9 * link
+    assert layer.floor_terms(cfg, 4096, 1, ceilings)[2] == 0.0
+
+
 def test_a_training_step_s_floor_counts_two_more_all_to_alls_not_four():
     """A forward moves the slot rows twice over NVLink (dispatch, combine); the backward twice more
     (dy to the experts, the rows' gradients back): max(3 compute, 3 HBM, 2 NVLink), not 3 x the
@@ -189,16 +203,19 @@ def test_the_summary_compares_flash_with_the_fastest_peer_at_each_point():
                 "median_us": us, "ok": ok, "floor_us": 50.0}
 
     rows = [row("flash", 128, 100.0), row("triton_kernels", 128, 80.0), row("torch", 128, 200.0),
-            row("flash", 512, 100.0), row("torch", 512, 125.0),  # triton_kernels has no row: not a peer here
+            row("flash", 1024, 100.0), row("torch", 1024, 125.0),
             row("flash", 4096, 100.0), row("triton_kernels", 4096, 125.0, ok=False), row("torch", 4096, 150.0),
             row("flash", 16384, 100.0)]  # no peer timed: not a point
-    pts = summary.points(rows, "flash", ["triton_kernels", "torch"])
+    pts = summary.points(rows, "flash", ["torch"])
     assert [(q["tokens"], q["best"], q["speedup"], q["of_floor"]) for q in pts] == [
-        (128, "triton_kernels", 0.8, 0.5), (512, "torch", 1.25, 0.5)]
-    assert abs(summary.geomean([q["speedup"] for q in pts]) - 1.0) < 1e-12
-    # a peer that failed its check: the point is incomplete, not flash against the next-slowest peer
+        (128, "torch", 2.0, 0.5), (1024, "torch", 1.25, 0.5), (4096, "torch", 1.5, 0.5)]
+    assert abs(summary.geomean([2.0, 0.5]) - 1.0) < 1e-12
+    # a peer that failed its check, or has no row where it has rows elsewhere (it refused the config, its
+    # run crashed): the point is incomplete, not flash against the next-slowest peer
     got = summary.outcomes(rows, "flash", ["triton_kernels", "torch"])
-    assert [(q["tokens"], q["failed_peers"]) for q in got["incomplete"]] == [(4096, ["triton_kernels"])]
+    assert [(q["tokens"], q["best"], q["speedup"]) for q in got["compared"]] == [(128, "triton_kernels", 0.8)]
+    assert [(q["tokens"], q["failed_peers"]) for q in got["incomplete"]] == [(1024, ["triton_kernels"]),
+                                                                             (4096, ["triton_kernels"])]
 
 
 def _summary_rows():
@@ -565,3 +582,41 @@ def test_the_gpu_s_energy_counter_counts_a_loop_of_products():
     idle = watts(lambda: time.sleep(0.01))
     busy = watts(lambda: [a @ a for _ in range(10)])
     assert busy > idle + 100 and busy < 3000, (idle, busy)
+
+
+def tune_point_on_cpu(rank, world, broken: bool) -> list[dict]:
+    """bench/tune.py's tuned_point with backend torch standing in for the fused layer (a setting
+    only names the layer here); with broken, the second setting's layer returns zeros."""
+    import types
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import layer as bench_layer
+    import tune
+    import flashmoe_py as fm
+
+    class Stand(fm.MoELayer):
+        def __init__(self, cfg, backend, max_tokens_per_rank, seed, launch_override):
+            super().__init__(cfg, seed=seed)
+            self.setting = launch_override
+            self.backend.close = lambda: None
+
+        def forward(self, x):
+            out = super().forward(x)
+            return torch.zeros_like(out) if broken and self.setting else out
+
+    tune.fm = types.SimpleNamespace(MoELayer=Stand, reference_forward=fm.reference_forward)
+    try:
+        rt = types.SimpleNamespace(rank=rank, device=torch.device("cpu"))
+        return tune.tuned_point("tiny", fm.preset("tiny"), 300, [{}, {"stages": 2}],
+                                types.SimpleNamespace(rounds=2, iters=2), bench_layer.Timer(rt.device), rt, world)
+    finally:
+        tune.fm = fm
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_tune_checks_each_setting_before_and_after_timing_them_in_turn(dist_pools, broken):
+    """Tokens spread to the last tile, checked again on a warm call after the rounds; a setting
+    that fails either check is not ok (and tune.py exits 1)."""
+    rows = dist_pools(1).run(tune_point_on_cpu, broken)[0]
+    assert [r.get("stages") for r in rows] == [None, 2]
+    assert all(r["median_us"] > 0 and r["rel_err_timed"] is not None for r in rows)
+    assert [r["ok"] for r in rows] == [True, not broken], rows
