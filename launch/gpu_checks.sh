@@ -14,4 +14,5 @@ steps=()
 default="check nvcheck inputs timeouts faults killed soak hf backward"
 [ "$NGPUS" -gt 1 ] || default=${default/faults killed /}  # a stalled or killed peer needs a peer
 for s in ${STEPS:-$default}; do steps+=("$s$NGPUS"); done
+[ -n "${STEPS:-}" ] || [ "$NGPUS" -eq 1 ] || steps+=(backward1)  # the world-1-only backward cases
 exec bash bench/device_run.sh "${steps[@]}"
