@@ -281,7 +281,8 @@ def floor_terms(cfg: MoEConfig, tokens: int, world: int, ceilings: dict) -> tupl
     """A forward's compute, HBM and NVLink terms (µs) at this node's measured ceilings, or None
     without them, for uniform routing. The link term counts what a token must cross at least: one
     copy of its row to each other rank that holds one of its experts, and one combined row back
-    (the layer sends one per slot: its own traffic is k / remote_ranks times this)."""
+    (the layer sends one per remote slot: its own traffic is k (W - 1) / W / remote_ranks times
+    this)."""
     if not ceilings:
         return None
     bytes_el = torch.tensor([], dtype=cfg.torch_dtype).element_size()
@@ -682,11 +683,12 @@ def main(argv=None):
         peers = [b for b in asked if any(r["backend"] == b for r in rows)]
         if set(asked) - set(peers):
             print(f"no rows from {sorted(set(asked) - set(peers))}: the ratio below leaves them out")
-        pts = summary.points(rows, "flash", peers) if "flash" in args.backends and peers else []
-        if pts:
-            speedups = [q["speedup"] for q in pts]
+        got = summary.outcomes(rows, "flash", peers) if "flash" in args.backends and peers else {}
+        if got.get("compared"):
+            speedups = [q["speedup"] for q in got["compared"]]
             print(f"flash against the fastest of {peers}: geometric mean {summary.geomean(speedups):.3f}x over "
-                  f"{len(pts)} points, {sum(v < 1 for v in speedups)} below 1.0x (bench/summary.py lists them)")
+                  f"{len(speedups)} points, {sum(v < 1 for v in speedups)} below 1.0x; {len(got['failed'])} where "
+                  f"flash failed, {len(got['incomplete'])} incomplete (bench/summary.py lists them)")
         write_plot(data, os.path.splitext(out)[0] + ".png")
     if fused:
         fm.finalize()

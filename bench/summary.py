@@ -59,12 +59,14 @@ def outcomes(rows: list[dict], flash: str, peers: list[str]) -> dict[str, list[d
                   {peer: us}, best peer, speedup = best peer's us / flash's, of_floor = floor / flash;
       failed:     flash's row failed its check (or was not timed): its rel_err;
       incomplete: flash passed, a peer's row failed, or a peer with rows at other points of this
-                  world and device has none here (it refused the config, or its run crashed):
+                  preset, world and device has none here (its run crashed, or it refused that
+                  token count; a peer that refuses the whole preset, as symm_mem does expert
+                  biases, is simply not a peer there):
                   failed_peers (not compared with the others, which may be the weaker).
     Each dict has preset, routing, tokens, world, device."""
     out: dict[str, list[dict]] = {"compared": [], "failed": [], "incomplete": []}
     by_point = forward_rows(rows)
-    ran = {(key[3], key[4], b) for key, got in by_point.items() for b in got}  # (world, device, backend)
+    ran = {(key[0], key[3], key[4], b) for key, got in by_point.items() for b in got}  # preset, world, device
     for key, got in by_point.items():
         present = [p for p in peers if p in got]
         if flash not in got or not present:
@@ -76,7 +78,7 @@ def outcomes(rows: list[dict], flash: str, peers: list[str]) -> dict[str, list[d
             out["failed"].append({**base, "rel_err": f.get("rel_err")})
             continue
         failed_peers = [p for p in present if not timed_ok(got[p])]
-        failed_peers += [p for p in peers if p not in got and (key[3], key[4], p) in ran]
+        failed_peers += [p for p in peers if p not in got and (key[0], key[3], key[4], p) in ran]
         if failed_peers:
             out["incomplete"].append({**base, "flash_us": f["median_us"], "failed_peers": failed_peers})
             continue
@@ -86,12 +88,6 @@ def outcomes(rows: list[dict], flash: str, peers: list[str]) -> dict[str, list[d
                                 "speedup": timed[best] / f["median_us"],
                                 "of_floor": (f["floor_us"] / f["median_us"]) if f.get("floor_us") else None})
     return out
-
-
-def points(rows: list[dict], flash: str, peers: list[str]) -> list[dict]:
-    """The points where flash and every peer with a row there passed and were timed (outcomes'
-    compared): flash_us, {peer: us}, best peer, speedup, of_floor."""
-    return outcomes(rows, flash, peers)["compared"]
 
 
 def geomean(values: list[float]) -> float:

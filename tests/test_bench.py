@@ -206,7 +206,7 @@ def test_the_summary_compares_flash_with_the_fastest_peer_at_each_point():
             row("flash", 1024, 100.0), row("torch", 1024, 125.0),
             row("flash", 4096, 100.0), row("triton_kernels", 4096, 125.0, ok=False), row("torch", 4096, 150.0),
             row("flash", 16384, 100.0)]  # no peer timed: not a point
-    pts = summary.points(rows, "flash", ["torch"])
+    pts = summary.outcomes(rows, "flash", ["torch"])["compared"]
     assert [(q["tokens"], q["best"], q["speedup"], q["of_floor"]) for q in pts] == [
         (128, "torch", 2.0, 0.5), (1024, "torch", 1.25, 0.5), (4096, "torch", 1.5, 0.5)]
     assert abs(summary.geomean([2.0, 0.5]) - 1.0) < 1e-12
@@ -216,6 +216,11 @@ def test_the_summary_compares_flash_with_the_fastest_peer_at_each_point():
     assert [(q["tokens"], q["best"], q["speedup"]) for q in got["compared"]] == [(128, "triton_kernels", 0.8)]
     assert [(q["tokens"], q["failed_peers"]) for q in got["incomplete"]] == [(1024, ["triton_kernels"]),
                                                                              (4096, ["triton_kernels"])]
+    # a peer that refuses a whole preset (symm_mem: expert biases) is no peer there, not a missing one
+    other = [{**r, "preset": "q"} for r in rows if r["tokens_per_rank"] == 1024]
+    got = summary.outcomes(rows + other, "flash", ["triton_kernels", "torch"])
+    assert [(q["preset"], q["tokens"], q["best"]) for q in got["compared"]] == [("p", 128, "triton_kernels"),
+                                                                               ("q", 1024, "torch")]
 
 
 def _summary_rows():
@@ -234,10 +239,10 @@ def test_the_summary_keeps_worlds_and_devices_apart_and_refuses_two_rows_of_a_ba
     rows = [row("flash", 100.0, world=2), row("torch", 80.0, world=4),           # other worlds: no point
             row("flash", 100.0, world=8, device="NVIDIA H100"), row("torch", 300.0, world=8),  # other devices
             row("flash", 100.0, tokens=512), row("torch", 200.0, tokens=512)]   # one world, one device: compared
-    pts = summary.points(rows, "flash", ["torch"])
+    pts = summary.outcomes(rows, "flash", ["torch"])["compared"]
     assert [(q["tokens"], q["world"], q["device"], q["speedup"]) for q in pts] == [(512, 2, "NVIDIA H200", 2.0)]
     with pytest.raises(ValueError, match="two flash rows .*commits abc and def"):
-        summary.points(rows + [row("flash", 90.0, tokens=512, commit="def")], "flash", ["torch"])
+        summary.outcomes(rows + [row("flash", 90.0, tokens=512, commit="def")], "flash", ["torch"])
     path = tmp_path / "a.json"
     path.write_text(json.dumps({"rows": rows + [row("flash", 90.0, tokens=512, commit="def")]}))
     with pytest.raises(SystemExit, match="two flash rows"):

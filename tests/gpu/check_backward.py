@@ -252,7 +252,7 @@ def main() -> int:
         rows += [done(run_captured(name, o, b)) for b in ("saved", "recompute") for name, o in CAPTURED_CASES]
         rows += [done(run_refused(name, o, names, b)) for b in ("saved", "recompute")
                  for name, o, names in REFUSED_CASES]
-    else:  # said, not left out silently: they run in a one-GPU call (backward1)
+    elif rank == 0:  # said, not left out silently: they run in a one-GPU call (backward1, PRESETS=1 for presets)
         print(f"world {world}: the captured-step, refused-capture and --presets cases run at world 1 only", flush=True)
     rows += [done(router_kernel_kept_for_inference(rank))]
     if presets:
