@@ -708,10 +708,13 @@ def write_plot(data: dict, out: str) -> None:
 
 def add_derived(row: dict, world: int, ceilings: dict) -> None:
     """The floor, tokens/s and TFLOP/s of a timed row (fwd+bwd: floor_us's training step, and three
-    times the forward's FLOPs, as the backward's dgrad and wgrad GEMMs each match the forward's)."""
+    times the forward's FLOPs, as the backward's dgrad and wgrad GEMMs each match the forward's).
+    The floor assumes uniform routing: a skewed row (zipf, one_hot) has none (its touched experts
+    and busiest rank differ: qwen3 at 128 tokens under zipf touches 24 of 128 experts)."""
     cfg, tokens = MoEConfig.from_dict(row["config"]), row["tokens_per_rank"]
     passes = 3 if row.get("mode") == "fwd+bwd" else 1  # a backward: twice the forward's GEMMs
-    row["floor_us"] = floor_us(cfg, tokens, world, ceilings, fwd_bwd=passes == 3)
+    uniform = row.get("routing", "uniform") == "uniform"
+    row["floor_us"] = floor_us(cfg, tokens, world, ceilings, fwd_bwd=passes == 3) if uniform else None
     if row["median_us"]:
         row["tokens_per_s"] = tokens * world / row["median_us"] * 1e6
         FS = cfg.shared_width

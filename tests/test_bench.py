@@ -625,3 +625,16 @@ def test_tune_checks_each_setting_before_and_after_timing_them_in_turn(dist_pool
     assert [r.get("stages") for r in rows] == [None, 2]
     assert all(r["median_us"] > 0 and r["rel_err_timed"] is not None for r in rows)
     assert [r["ok"] for r in rows] == [True, not broken], rows
+
+
+def test_a_skewed_row_has_no_uniform_floor():
+    """The floor's touched experts and busiest rank are uniform routing's: under zipf qwen3 at 128
+    tokens touches 24 of its 128 experts, so that floor would be ~5x high."""
+    layer = _bench_layer_module()
+    from flashmoe_py import PRESETS
+    ceilings = {"bf16_tflops": 800.0, "hbm_gbps": 4000.0, "a2a_gbps": 100.0}
+    rows = [{"config": PRESETS["qwen3_30b_a3b"].to_dict(), "tokens_per_rank": 128, "routing": routing,
+             "median_us": 500.0} for routing in ("uniform", "zipf")]
+    for row in rows:
+        layer.add_derived(row, 1, ceilings)
+    assert rows[0]["floor_us"] > 0 and rows[1]["floor_us"] is None and rows[1]["tflops"] > 0
