@@ -43,6 +43,13 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def as_int(value):
+    """value as a plain int where it is an integer (a numpy integer too, not a bool), else as it
+    is (for the caller's check to refuse): sizes read from arrays keep to_dict JSON and the ranks'
+    comparisons plain."""
+    return int(value) if _is_int(value) else value
+
+
 INT_FIELDS = ("hidden_size", "ffn_size", "num_experts", "top_k", "n_group", "topk_group", "shared_experts",
               "shared_ffn_size")
 
@@ -133,9 +140,8 @@ class MoEConfig:
     shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
-        for field in INT_FIELDS:  # a numpy integer is kept as the int it is (to_dict, JSON, comparisons)
-            if _is_int(value := getattr(self, field)) and type(value) is not int:
-                object.__setattr__(self, field, int(value))
+        for field in INT_FIELDS:
+            object.__setattr__(self, field, as_int(getattr(self, field)))
         for field in ("hidden_size", "ffn_size", "num_experts", "top_k"):
             value = getattr(self, field)
             if not _is_int(value) or value < 1:

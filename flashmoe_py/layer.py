@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import numbers
 import weakref
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from .backends.flash import FlashBackend
 from .backends.explicit_backward import (bound_parameters, explicit_forward, moe_backward, refuse_parametrized,
                                          routing_bias_now)
 from .backends.torch_ep import TorchEPBackend
-from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig
+from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig, as_int
 from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
 from .gate_up import HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, to_halves, to_pairs
 from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
@@ -109,8 +108,7 @@ class MoELayer(nn.Module):
                                    backward)
         except ValueError as e:
             problem = str(e)
-        if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-            seed = int(seed)  # a numpy integer
+        seed = as_int(seed)
         # where a tensor made there lands: "cuda" is the current GPU, "cpu:0" the CPU (x is compared with it)
         try:
             self.device = torch.empty(0, device=device).device if device is not None else _default_device(distributed)
@@ -488,9 +486,10 @@ def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], correction_bias: t
     """MoELayer.forward as a custom op, so torch.compile keeps the layer whole -> [out] or [out,
     the correction bias's copy]."""
     layer = _LAYERS[layer_id]
+    names = _param_names(layer)
     if in_graph == 1:
-        refuse_parametrized(layer)
-    with bound_parameters(layer, _param_names(layer), params, correction_bias):
+        refuse_parametrized(layer, names)
+    with bound_parameters(layer, names, params, correction_bias):
         bias = routing_bias_now(layer) if in_graph == 1 else None  # only a recorded forward has a backward
         out = layer._forward(x, None if in_graph < 0 else bool(in_graph), record=False)
     return [out] if bias is None else [out, bias]

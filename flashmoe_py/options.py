@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
+
+from .config import as_int
 
 TRANSPORTS = ("p2p", "nvshmem")
 BACKWARDS = ("autograd", "saved", "recompute")
@@ -35,9 +36,7 @@ class FusedOptions:
     backward: str | None = None
 
     def __post_init__(self) -> None:
-        mt = self.max_tokens_per_rank
-        if isinstance(mt, numbers.Integral) and not isinstance(mt, bool) and type(mt) is not int:
-            object.__setattr__(self, "max_tokens_per_rank", mt := int(mt))  # a numpy integer
+        object.__setattr__(self, "max_tokens_per_rank", mt := as_int(self.max_tokens_per_rank))
         if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
             raise ValueError(f"max_tokens_per_rank must be a positive int (it sizes the symmetric heap) "
                              f"or None; got {mt!r}")

@@ -53,9 +53,10 @@ def explicit_forward(layer, x: torch.Tensor,
     """x: [T, H] -> the output of run(x), the layer's inference forward (with what it saved for
     backward="saved", or None), with the backward above recorded for x and every parameter of
     the layer."""
-    refuse_parametrized(layer)
-    names = [name for name, _ in layer.named_parameters()]
-    return _Explicit.apply(x, layer, run, names, *(p for _, p in layer.named_parameters()))
+    named = list(layer.named_parameters())
+    names = [name for name, _ in named]
+    refuse_parametrized(layer, names)
+    return _Explicit.apply(x, layer, run, names, *(p for _, p in named))
 
 
 class _Explicit(torch.autograd.Function):
@@ -113,11 +114,12 @@ def _parameter_slot(layer, name: str) -> tuple[dict, str]:
     return (layer.get_submodule(owner) if owner else layer)._parameters, leaf
 
 
-def refuse_parametrized(layer) -> None:
-    """Raise where a parameter is reparametrized (torch.nn.utils.parametrize: weight_norm, pruning,
-    some LoRA): the explicit backward's steps give the layer's own weights their gradients, and
-    would give the parametrization's inputs none."""
-    names = [name for name, _ in layer.named_parameters() if "." in name]
+def refuse_parametrized(layer, names: Sequence[str]) -> None:
+    """names: the layer's named_parameters() names. Raise where a parameter is reparametrized
+    (torch.nn.utils.parametrize: weight_norm, pruning, some LoRA; a dotted name): the explicit
+    backward's steps give the layer's own weights their gradients, and would give the
+    parametrization's inputs none."""
+    names = [name for name in names if "." in name]
     if names:
         raise NotImplementedError(
             f"MoELayer(backward={layer.options.backward_for(layer.backend.name)!r}) differentiates its own "

@@ -188,9 +188,7 @@ class FlashBackend:
         With cuda_graphs, the second forward at a token count captures the whole forward (routing
         plan and kernel) in a CUDA graph, and later ones replay it: the launch overhead of the
         plan's small ops is paid once. Graphs are kept for the MAX_GRAPHS latest token counts."""
-        self.raise_if_closed()
-        self.raise_if_failed(block=False)
-        self._after_the_last_forward()
+        self._before_forward()
         layer, geo = self.layer, self.geo
         if in_graph is not None and layer.world_size > 1:
             _check_graphs_agree(layer, in_graph, error, 0 if error else x.shape[0])
@@ -211,9 +209,7 @@ class FlashBackend:
         replay, which first copies them out if that SavedForward is still alive (its backward has
         not run yet: several forwards before their backwards; CapturedForward). A forward then its
         backward, step after step, copies nothing."""
-        self.raise_if_closed()
-        self.raise_if_failed(block=False)
-        self._after_the_last_forward()
+        self._before_forward()
         layer, geo, cfg = self.layer, self.geo, self.layer.config
         T = x.shape[0]
         tokens = _check_graphs_agree(layer, True, None, T) if layer.world_size > 1 else [T]
@@ -223,10 +219,13 @@ class FlashBackend:
         size = sum(a * b for a, b in filter(None, saving)) * x.element_size() + logits_bytes
         return self._run(x, (T, False, saving) if size <= self.GRAPHED_SAVE_BYTES else None, saving)
 
-    def _after_the_last_forward(self) -> None:
-        """Queue this forward after the last one when they come on different streams: every launch
-        shares the workspace (task counters, expected-row counts, status, symmetric buffers), so two
-        at once would mix their rows. Not inside a capture (the caller's graph orders its own)."""
+    def _before_forward(self) -> None:
+        """Refuse a closed or failed layer; then queue this forward after the last one when they come
+        on different streams: every launch shares the workspace (task counters, expected-row counts,
+        status, symmetric buffers), so two at once would mix their rows. Not inside a capture (the
+        caller's graph orders its own)."""
+        self.raise_if_closed()
+        self.raise_if_failed(block=False)
         if torch.cuda.is_current_stream_capturing():
             return
         stream = torch.cuda.current_stream(self.layer.device)
