@@ -603,6 +603,9 @@ def main(argv=None):
     heap = None
     fused = [b for b in args.backends if b in FUSED_LAYERS]
     backends = list(args.backends)
+    if "symm_mem" in backends and detect_launcher().world_size == 1:
+        print("backend symm_mem skipped: torch's symmetric memory needs 2 or more ranks", file=sys.stderr)
+        backends.remove("symm_mem")
     apart = []  # rows measured by the symm_mem child processes
     if fused and "symm_mem" in backends:  # two NVSHMEM owners cannot share a process
         apart = run_apart(args, "symm_mem")

@@ -3,14 +3,15 @@
 Dispatch with `torch.ops.symm_mem.all_to_all_vdev_2d` (rows sorted by (rank, local expert) in,
 grouped by (local expert, source rank) out, each expert's block aligned for the grouped GEMM),
 `torch._grouped_mm` for the expert FFN, and `all_to_all_vdev_2d_offset` back: split sizes never
-leave the device, so there is no host synchronisation. torch refuses the 2-D shuffle for 16 or
-more experts per rank; there it falls back to `all_to_all_vdev` (rows grouped by source) plus a
-local regroup by expert (`mode` says which ran).
+leave the device for the shuffles. torch refuses the 2-D shuffle for 16 or more experts per rank;
+there it falls back to `all_to_all_vdev` (rows grouped by source) plus a local regroup by expert
+(`mode` says which ran).
 
-Receive buffers are sized for the worst case (every source sends all its slots here), and the
-grouped GEMM's activation runs over the whole buffer, since its used length is known only on the
-device. PyTorch's NVSHMEM must be the only NVSHMEM user in the process: run this baseline in a
-process without flashmoe_py.init() (bench/layer.py does)."""
+Receive buffers are sized for the worst case (every source sends all its slots here: W·min(k, L)/k
+times the rows a rank gets under uniform routing). So that the expert FFN, its activation and the
+copies work on the rows that arrived, not on that buffer, one host synchronisation reads how many
+arrived, as backend torch's does. PyTorch's NVSHMEM must be the only NVSHMEM user in the process:
+run this baseline in a process without flashmoe_py.init() (bench/layer.py does)."""
 
 from __future__ import annotations
 
@@ -105,32 +106,39 @@ class SymmMemEP:
         starts = offsets[:, 0]
         last = starts[-1] + torch.clamp((splits[-1].sum() + ALIGN - 1) // ALIGN * ALIGN, min=ALIGN)
         ends = torch.cat([starts[1:], last.view(1)]).to(torch.int32)
-        self.y.copy_(self._grouped_ffn(self.recv, ends))
+        used = int(last)  # the host synchronisation: rows up to the last expert's aligned end
+        self.y[:used].copy_(self._grouped_ffn(self.recv[:used], ends))
         torch.ops.symm_mem.all_to_all_vdev_2d_offset(self.y, self.back, self.out_so, self.back_so,
                                                      self.group_name)
         return self.back
 
     def _ffn_1d(self, counts: torch.Tensor) -> torch.Tensor:
         """counts: [W, L] rows this rank sends to each (rank, local expert)."""
-        W, L = self.layer.world_size, self.layer.local_experts
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts.contiguous())  # [source, local expert]
         self.in_splits.copy_(counts.sum(1))
         torch.ops.symm_mem.all_to_all_vdev(self.send, self.recv, self.in_splits, self.out_so,
                                            self.group_name)
-        # Rows arrived grouped by source, each source's rows by local expert: sort by expert.
-        rows = self.recv.shape[0]
-        i = torch.arange(rows, device=counts.device)
-        src_start = self.out_so[1]
-        src = (torch.searchsorted(src_start, i, right=True) - 1).clamp(min=0)
-        within = i - src_start[src]
-        cum = torch.cumsum(recv_counts, 1)  # [W, L]
-        expert = torch.searchsorted(cum[src], within[:, None], right=True).squeeze(1)
-        total = recv_counts.sum()
-        key = torch.where(i < total, expert * W + src, L * W)
-        perm = torch.sort(key, stable=True).indices
-        ends = torch.cumsum(recv_counts.sum(0), 0).to(torch.int32)
+        perm, ends = regroup_by_expert(recv_counts, self.out_so[1])
         self.y[perm] = self._grouped_ffn(self.recv[perm], ends)
         self.y_splits.copy_(self.out_so[0])
         torch.ops.symm_mem.all_to_all_vdev(self.y, self.back, self.y_splits, self.y_so, self.group_name)
         return self.back
+
+
+def regroup_by_expert(recv_counts: torch.Tensor, src_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1-D shuffle's arrivals regrouped by local expert. recv_counts: [W, L] int64 rows each
+    source sent to each local expert (a source's rows arrive in expert order); src_start: [W] int64
+    row where each source's rows start in the receive buffer. -> (perm, ends): perm [R] int64, the
+    receive-buffer rows of the R = recv_counts.sum() that arrived, by (local expert, source); ends
+    [L] int32, each expert's end row in that order. Synchronises with the host once (R)."""
+    W, L = recv_counts.shape
+    dev, per_src = recv_counts.device, recv_counts.sum(1)
+    total = int(per_src.sum())
+    src = torch.repeat_interleave(torch.arange(W, device=dev), per_src, output_size=total)
+    expert = torch.repeat_interleave(torch.arange(L, device=dev).repeat(W), recv_counts.reshape(-1),
+                                     output_size=total)
+    first = torch.cumsum(per_src, 0) - per_src  # each source's first row among the arrivals
+    rows = src_start[src] + torch.arange(total, device=dev) - first[src]
+    perm = rows[torch.sort(expert * W + src, stable=True).indices]
+    return perm, torch.cumsum(recv_counts.sum(0), 0).to(torch.int32)

@@ -638,3 +638,37 @@ def test_a_skewed_row_has_no_uniform_floor():
     for row in rows:
         layer.add_derived(row, 1, ceilings)
     assert rows[0]["floor_us"] > 0 and rows[1]["floor_us"] is None and rows[1]["tflops"] > 0
+
+
+def test_symm_mem_regroups_only_the_rows_that_arrived_by_expert_then_source():
+    """The 1-D shuffle's arrivals (by source, each source's rows by local expert, sources at their
+    own offsets with gaps between) are taken in (expert, source) order, and nothing else is."""
+    bench = os.path.join(ROOT, "bench")
+    sys.path.insert(0, bench)
+    try:
+        import symm_mem_ep
+    finally:
+        sys.path.remove(bench)
+    gen = torch.Generator().manual_seed(7)
+    W, L = 3, 4
+    recv_counts = torch.randint(0, 5, (W, L), generator=gen)
+    recv_counts[1] = 0  # a source that sent nothing
+    src_start = torch.tensor([0, 40, 50])  # worst-case slots: gaps after each source's rows
+    perm, ends = symm_mem_ep.regroup_by_expert(recv_counts, src_start)
+    want = [int(src_start[s]) + int(recv_counts[s, :e].sum()) + i
+            for e in range(L) for s in range(W) for i in range(int(recv_counts[s, e]))]
+    assert perm.tolist() == want
+    assert ends.dtype == torch.int32 and ends.tolist() == torch.cumsum(recv_counts.sum(0), 0).tolist()
+
+
+def test_symm_mem_is_skipped_by_name_at_one_rank(tmp_path):
+    """torch's symmetric memory refuses a group of one: that backend is left out, saying why, and
+    the others run."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "layer.py"), "--backends", "symm_mem", "torch",
+                           "--tokens", "16", "--iters", "1", "--input-sets", "1", "--out", str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backend symm_mem skipped: torch's symmetric memory needs 2 or more ranks" in proc.stderr
+    assert [r["backend"] for r in json.loads(out.read_text())["rows"]] == ["torch"]
