@@ -265,43 +265,84 @@ def measure_ceilings(device: torch.device, world: int) -> dict:
     return out
 
 
-def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict, fwd_bwd: bool = False) -> float | None:
+def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict, fwd_bwd: bool = False,
+             load: dict | None = None) -> float | None:
     """The physical floor per forward (µs): max of the compute, HBM and NVLink terms; per training
     step with fwd_bwd: max(3 compute, 3 HBM, 2 NVLink), the backward's dgrad and wgrad GEMMs each
     the forward's and its weight traffic twice, and two all-to-alls more (dy to the experts, the
-    rows' gradients back) where the forward has two."""
-    terms = floor_terms(cfg, tokens, world, ceilings)
+    rows' gradients back) where the forward has two. load: the point's routing (routing_load);
+    None: uniform routing's expectation."""
+    terms = floor_terms(cfg, tokens, world, ceilings, load)
     if terms is None:
         return None
     compute, hbm, link = terms
     return max(3 * compute, 3 * hbm, 2 * link) if fwd_bwd else max(compute, hbm, link)
 
 
-def floor_terms(cfg: MoEConfig, tokens: int, world: int, ceilings: dict) -> tuple[float, float, float] | None:
+def floor_terms(cfg: MoEConfig, tokens: int, world: int, ceilings: dict,
+                load: dict | None = None) -> tuple[float, float, float] | None:
     """A forward's compute, HBM and NVLink terms (µs) at this node's measured ceilings, or None
-    without them, for uniform routing. The link term counts what a token must cross at least: one
-    copy of its row to each other rank that holds one of its experts, and one combined row back
-    (the layer sends one per remote slot: its own traffic is k (W - 1) / W / remote_ranks times
-    this)."""
+    without them, each the busiest rank's: a call ends when its slowest rank does. load: each
+    rank's rows, touched experts and link rows under the point's routing (routing_load); None:
+    uniform routing's expectation (uniform_load). The link term counts what a token must cross at
+    least: one copy of its row to each other rank that holds one of its experts, and one combined
+    row back (the layer sends one per remote slot)."""
     if not ceilings:
         return None
+    load = load or uniform_load(cfg, tokens, world)
     bytes_el = torch.tensor([], dtype=cfg.torch_dtype).element_size()
-    H, F, Fin, k = cfg.hidden_size, cfg.ffn_size, cfg.ffn_in_size, cfg.top_k
-    slots = tokens * k  # per rank, balanced on average
+    H, F, Fin = cfg.hidden_size, cfg.ffn_size, cfg.ffn_in_size
     FS = cfg.shared_width  # shared experts: one FFN over every token
     FS_in = 2 * FS if cfg.gated else FS
-    compute = 2 * H * (slots * (Fin + F) + tokens * (FS_in + FS)) / (ceilings["bf16_tflops"] * 1e6)
-    # The weights of the experts some token picks: of a rank's L, each is missed by all W * slots
-    # uniformly routed slots with probability (1 - 1/E)^(W * slots).
-    E, L = cfg.num_experts, cfg.num_experts // world
-    touched = L * (1 - (1 - 1 / E) ** (world * slots))
-    weights = (touched * (Fin + F) + FS_in + FS) * H * bytes_el
-    acts = tokens * H * bytes_el * 2 + slots * H * bytes_el * 4  # x, out, slot rows in and out
-    hbm = (weights + acts) / (ceilings["hbm_gbps"] * 1e3)
+    compute = max(2 * H * (rows * (Fin + F) + t * (FS_in + FS))
+                  for rows, t in zip(load["rows"], load["tokens"])) / (ceilings["bf16_tflops"] * 1e6)
+    # the weights of the experts some token picks, x, out, and the expert rows in and out
+    hbm = max((touched * (Fin + F) + FS_in + FS) * H * bytes_el + t * H * bytes_el * 2 + rows * H * bytes_el * 4
+              for touched, rows, t in zip(load["touched"], load["rows"], load["tokens"])
+              ) / (ceilings["hbm_gbps"] * 1e3)
     link = 0.0
     if world > 1:
-        link = 2 * tokens * remote_ranks(E, L, k, world) * H * bytes_el / (ceilings["a2a_gbps"] * 1e3)
+        link = max(load["link_rows"]) * H * bytes_el / (ceilings["a2a_gbps"] * 1e3)
     return compute, hbm, link
+
+
+def uniform_load(cfg: MoEConfig, tokens: int, world: int) -> dict:
+    """routing_load's figures expected of uniform routing, every rank alike: tokens * top_k rows; of
+    a rank's L experts, each missed by all W * slots slots with probability (1 - 1/E)^(W * slots);
+    link rows out and back, one a token to each other rank holding one of its experts."""
+    E, L, k = cfg.num_experts, cfg.num_experts // world, cfg.top_k
+    slots = tokens * k
+    return {"tokens": [tokens], "rows": [slots], "touched": [L * (1 - (1 - 1 / E) ** (world * slots))],
+            "link_rows": [2 * tokens * remote_ranks(E, L, k, world) if world > 1 else 0.0]}
+
+
+def routing_load(layer: MoELayer, x: torch.Tensor) -> dict:
+    """What the layer's routing of this rank's x [T, H] asks of each rank, gathered from every rank
+    (collective): tokens (T), rows (expert slots its experts receive), touched (its experts with a
+    row), link_rows (rows it sends and receives over the links: one a token to each other rank
+    holding one of the token's experts, and the combined row back; the links carry both ways at
+    once, so this is a direction's). Lists indexed by rank."""
+    W, E, L = layer.world_size, layer.config.num_experts, layer.local_experts
+    with torch.no_grad():
+        experts = layer.route(x).experts  # [T, k] global ids
+    owner = layer.expert_positions[experts] // L  # [T, k] the rank holding each slot's expert
+    needs = torch.zeros(x.shape[0], W, dtype=torch.bool, device=x.device)
+    needs.scatter_(1, owner, True)
+    needs[:, layer.rank] = False
+    mine = torch.cat([torch.tensor([x.shape[0]], device=x.device), needs.sum(0),  # tokens, copies to each rank
+                      torch.bincount(experts.reshape(-1), minlength=E)])
+    every = [torch.empty_like(mine) for _ in range(W)]
+    if W > 1:
+        dist.all_gather(every, mine)
+    else:
+        every = [mine]
+    every = torch.stack(every).cpu()  # [W, 1 + W + E]
+    copies, slots = every[:, 1:1 + W], every[:, 1 + W:].sum(0)  # copies[src, dst]; slots [E] over ranks
+    rank_of = (layer.expert_positions.cpu() // L)  # [E]
+    rows = torch.zeros(W, dtype=torch.int64).index_add_(0, rank_of, slots)
+    touched = torch.zeros(W, dtype=torch.int64).index_add_(0, rank_of, (slots > 0).long())
+    return {"tokens": every[:, 0].tolist(), "rows": rows.tolist(), "touched": touched.tolist(),
+            "link_rows": (copies.sum(1) + copies.sum(0)).tolist()}
 
 
 def remote_ranks(E: int, L: int, k: int, world: int) -> float:
@@ -366,6 +407,7 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     xs = [torch.randn(tokens, cfg.hidden_size, generator=gen).to(device, cfg.torch_dtype)
           for _ in range(args.input_sets)]
     xs = [steer_routing(layer, x, routing, seed) for x in xs]  # same steering on every rank
+    load = routing_load(layer, xs[0])  # the floor's (add_derived)
     picked = checked_tokens(tokens, cfg).to(device)
     with torch.inference_mode():
         try:
@@ -380,7 +422,7 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     err = max_over_ranks(rel_err(out, ref), device)
     tol = 1e-2 if cfg.dtype == "bfloat16" else (1e-4 if device.type == "cuda" else 1e-5)
     row = {"config": cfg.to_dict(), "tokens_per_rank": tokens, "world": world, "backend": backend,
-           "routing": routing, "rel_err": err, "ok": err <= tol, **({"mode": mode} if mode else {})}
+           "routing": routing, "load": load, "rel_err": err, "ok": err <= tol, **({"mode": mode} if mode else {})}
     row["median_us"] = row["host_us"] = None
     rows = [row]
     if row["ok"]:
@@ -712,12 +754,15 @@ def write_plot(data: dict, out: str) -> None:
 def add_derived(row: dict, world: int, ceilings: dict) -> None:
     """The floor, tokens/s and TFLOP/s of a timed row (fwd+bwd: floor_us's training step, and three
     times the forward's FLOPs, as the backward's dgrad and wgrad GEMMs each match the forward's).
-    The floor assumes uniform routing: a skewed row (zipf, one_hot) has none (its touched experts
-    and busiest rank differ: qwen3 at 128 tokens under zipf touches 24 of 128 experts)."""
+    The floor is that of the point's own routing (row["load"], routing_load of its first input
+    set); a row without one has uniform routing's, or none where its routing is skewed (zipf,
+    one_hot: qwen3 at 128 tokens under zipf touches 24 of 128 experts, and one rank may take most
+    rows)."""
     cfg, tokens = MoEConfig.from_dict(row["config"]), row["tokens_per_rank"]
     passes = 3 if row.get("mode") == "fwd+bwd" else 1  # a backward: twice the forward's GEMMs
-    uniform = row.get("routing", "uniform") == "uniform"
-    row["floor_us"] = floor_us(cfg, tokens, world, ceilings, fwd_bwd=passes == 3) if uniform else None
+    load = row.get("load")
+    known = load is not None or row.get("routing", "uniform") == "uniform"
+    row["floor_us"] = floor_us(cfg, tokens, world, ceilings, fwd_bwd=passes == 3, load=load) if known else None
     if row["median_us"]:
         row["tokens_per_s"] = tokens * world / row["median_us"] * 1e6
         FS = cfg.shared_width

@@ -627,17 +627,51 @@ def test_tune_checks_each_setting_before_and_after_timing_them_in_turn(dist_pool
     assert [r["ok"] for r in rows] == [True, not broken], rows
 
 
-def test_a_skewed_row_has_no_uniform_floor():
-    """The floor's touched experts and busiest rank are uniform routing's: under zipf qwen3 at 128
-    tokens touches 24 of its 128 experts, so that floor would be ~5x high."""
+def test_a_skewed_row_s_floor_is_its_own_routing_s_and_none_without_it():
+    """Uniform routing's expected touched experts and busiest rank do not hold under zipf (qwen3 at
+    128 tokens touches 24 of its 128 experts): a row's floor comes from its own routing's load, and
+    a skewed row without one has none."""
     layer = _bench_layer_module()
     from flashmoe_py import PRESETS
+    cfg = PRESETS["qwen3_30b_a3b"]
     ceilings = {"bf16_tflops": 800.0, "hbm_gbps": 4000.0, "a2a_gbps": 100.0}
-    rows = [{"config": PRESETS["qwen3_30b_a3b"].to_dict(), "tokens_per_rank": 128, "routing": routing,
-             "median_us": 500.0} for routing in ("uniform", "zipf")]
+    few = {"tokens": [128], "rows": [1024], "touched": [24], "link_rows": [0]}
+    rows = [{"config": cfg.to_dict(), "tokens_per_rank": 128, "routing": routing, "median_us": 500.0, **extra}
+            for routing, extra in (("uniform", {}), ("zipf", {}), ("zipf", {"load": few}))]
     for row in rows:
         layer.add_derived(row, 1, ceilings)
     assert rows[0]["floor_us"] > 0 and rows[1]["floor_us"] is None and rows[1]["tflops"] > 0
+    # 128 tokens are HBM-bound: 24 experts' weights, x and out, 1,024 rows in and out
+    hbm = (24 * (cfg.ffn_in_size + cfg.ffn_size) + 2 * 128 + 4 * 1024) * cfg.hidden_size * 2 / 4000e3
+    assert abs(rows[2]["floor_us"] - hbm) < 1e-9 * hbm and hbm < 0.25 * rows[0]["floor_us"]
+
+
+def routing_loads(rank, world):
+    """routing_load of a layer whose experts 0-3 sit on rank 0 and 4-7 on rank 1, on inputs steered
+    so that every token picks its experts among a few: each rank's figures, and the routing."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import layer as bench
+    from flashmoe_py import MoEConfig, MoELayer
+    cfg = MoEConfig(hidden_size=32, ffn_size=16, num_experts=8, top_k=2, dtype="float32")
+    moe = MoELayer(cfg, seed=3)
+    x = bench.steer_routing(moe, torch.randn(40 + 9 * rank, 32, generator=torch.Generator().manual_seed(rank)),
+                            "zipf", seed=5)
+    experts = moe.route(x).experts
+    every = [None] * world
+    torch.distributed.all_gather_object(every, experts.tolist())
+    return bench.routing_load(moe, x), every
+
+
+def test_routing_load_counts_each_rank_s_rows_touched_experts_and_link_rows(dist_pools):
+    (load, every), _ = dist_pools(2).run(routing_loads)
+    on = [0, 0, 0, 0, 1, 1, 1, 1]  # expert -> rank (contiguous placement)
+    slots = [e for tokens in every for token in tokens for e in token]
+    assert load["tokens"] == [40, 49]
+    assert load["rows"] == [sum(on[e] == r for e in slots) for r in (0, 1)]
+    assert load["touched"] == [len({e for e in slots if on[e] == r}) for r in (0, 1)]
+    sent = [sum(any(on[e] != src for e in token) for token in every[src]) for src in (0, 1)]
+    assert load["link_rows"] == [sent[0] + sent[1]] * 2  # rank 0 sends sent[0] and receives sent[1]
+    assert 0 < min(load["touched"]) and sum(load["touched"]) < 8  # zipf: some expert untouched
 
 
 def test_symm_mem_regroups_only_the_rows_that_arrived_by_expert_then_source():
