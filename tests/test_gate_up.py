@@ -86,8 +86,9 @@ def test_a_gated_state_dict_without_its_layout_entry_is_refused_not_guessed():
     assert loose.load_state_dict(params, strict=False).missing_keys == ["gate_up_pairs"]
     assert torch.equal(loose.w_in, source.w_in)
     plain = MoEConfig(hidden_size=16, ffn_size=48, num_experts=2, top_k=1, activation="gelu", dtype="float32")
-    ungated = MoELayer(plain, seed=3)
-    ungated.load_state_dict({n: p.detach() for n, p in MoELayer(plain, seed=4).named_parameters()})  # no layout
+    ungated, other = MoELayer(plain, seed=3), MoELayer(plain, seed=4)
+    ungated.load_state_dict({n: p.detach() for n, p in other.named_parameters()})  # no layout
+    assert torch.equal(ungated.w_in, other.w_in) and not torch.equal(ungated.w_in, MoELayer(plain, seed=3).w_in)
 
 
 def test_a_layer_without_a_gate_loads_a_state_dict_marked_halves_unchanged():

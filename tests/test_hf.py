@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from flashmoe_py import MoELayer  # noqa: E402
 from flashmoe_py.hf import HFMoEBlock, block_config, convert_block, from_hf_block, patch_model  # noqa: E402
 from flashmoe_py.routing import route  # noqa: E402
+from seeds import fresh_seed  # noqa: E402
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
@@ -58,13 +59,16 @@ MODELS = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "
 
 
 def tiny_model(kind: str, seed: int):
-    torch.manual_seed(seed)
-    model = getattr(transformers, MODELS[kind])(tiny_config(kind))
-    for p in model.parameters():  # HF leaves some weights at zero; make every path matter
-        p.data.normal_(0, 0.2)
-    for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.normal_(0, 0.2)
+    """A tiny model of `kind`, its weights drawn from `seed` (the global generator left as it was:
+    later tests' unseeded draws stay fresh)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = getattr(transformers, MODELS[kind])(tiny_config(kind))
+        for p in model.parameters():  # HF leaves some weights at zero; make every path matter
+            p.data.normal_(0, 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.2)
     return model.eval()
 
 
@@ -186,14 +190,15 @@ def test_float32_router_of_a_bf16_deepseek_is_kept():
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_deepseek_without_shared_experts_converts_exactly():
     """n_shared_experts=0 (transformers builds a shared MLP of width 0): a layer with no shared experts."""
-    torch.manual_seed(5)
     cfg = transformers.DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, **MLA, moe_intermediate_size=16,
                                         n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
                                         n_shared_experts=0, first_k_dense_replace=0)
-    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    ids = torch.randint(0, 97, (2, 7))
+    with torch.random.fork_rng():  # fresh weights and ids, the global generator left as it was
+        torch.manual_seed(fresh_seed())
+        model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+        for p in model.parameters():
+            p.data.normal_(0, 0.2)
+        ids = torch.randint(0, 97, (2, 7))
     with torch.no_grad():
         want = model(ids).logits
         assert set(patch_model(model).values()) == {"replaced"}
