@@ -14,7 +14,7 @@
 # most); wgrad: the weight-gradient kernel's GPU tests, then bench/wgrad_probe.py against torch's
 # grouped products (WGRAD_PRESETS at WGRAD_TOKENS, uniform and skewed routing); ncuwgrad: ncu over
 # that probe's first NCU_COUNT weight-gradient launches (what bounds it: DRAM, L2, the tensor pipe);
-# sass: the compiled builds.
+# sass: the compiled builds; host: the fused backend's host-side guarantees (tests/gpu/check_host_paths.py).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -45,6 +45,9 @@ for step in "$@"; do
     timeouts*) echo "=== timeouts (one GPU, one process)"
               timeout -k 10 240 python3 tests/gpu/check_timeouts.py --out "$OUT/timeouts.json" > "$OUT/timeouts.log" 2>&1
               rc=$?; echo "=== timeouts rc=$rc"; note_rc $rc; tail -n 10 "$OUT/timeouts.log" ;;
+    host) echo "=== host paths (one GPU, one process)"
+              timeout -k 10 240 python3 tests/gpu/check_host_paths.py --out "$OUT/host.json" > "$OUT/host.log" 2>&1
+              rc=$?; echo "=== host rc=$rc"; note_rc $rc; tail -n 10 "$OUT/host.log" ;;
     soak*) n=${step#soak}; run "soak_w$n" 400 "$n" tests/gpu/check_soak.py ;;
     hf*) n=${step#hf}; run "hf_w$n" 300 "$n" tests/gpu/check_hf.py --out "$OUT/hf_w$n.json" ;;
     mpicheck*) n=${step#mpicheck}; echo "=== mpirun check (n=$n)"

@@ -52,6 +52,12 @@ def test_every_kind_of_stalled_peer_ends_the_kernel_within_the_timeout():
 
 
 @pytest.mark.gpu
+def test_replaced_weights_two_streams_and_a_timed_out_step_are_handled_on_the_host():
+    assert subprocess.run([sys.executable, os.path.join(HERE, "check_host_paths.py")], timeout=300,
+                          cwd=ROOT).returncode == 0
+
+
+@pytest.mark.gpu
 def test_killed_rank_is_a_bounded_error_and_survivors_exit():
     assert subprocess.run([sys.executable, os.path.join(HERE, "check_killed_rank.py")], timeout=300,
                           cwd=ROOT).returncode == 0

@@ -1,0 +1,154 @@
+"""GPU, one process: the fused backend's host-side guarantees that only a GPU can show.
+
+- Weights replaced (not updated in place) after a forward was captured in a CUDA graph: the graph
+  is dropped, and the next forwards (eager, captured, replayed) compute with the new weights; the
+  old weights' memory is poisoned with NaN first, so a graph still reading it fails the case. A
+  weight then updated in place is seen by the replays.
+- Forwards of one layer queued on two streams, with no caller synchronisation between them: the
+  layer orders them (they share one workspace), so every output is its input's.
+- A training forward that timed out (a launch whose static GEMM1 order waits for programs that
+  have no SM), its status landed on the host: the explicit backward raises FusedKernelError rather
+  than returning gradients computed from what that forward saved. Last, since a failure leaves
+  the runtime failed.
+
+Every output is checked against the float32 reference on fresh random inputs (NaN counts as inf).
+
+    python tests/gpu/check_host_paths.py [--out rows.json]"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+import flashmoe_py as fm
+from flashmoe_py import FusedKernelError, MoEConfig, MoELayer, reference_forward
+from flashmoe_py.kernels.layout import heap_bytes_for
+
+TOL = 1e-2  # bf16
+SMALL = MoEConfig(hidden_size=256, ffn_size=384, num_experts=8, top_k=2)
+WIDE = MoEConfig(hidden_size=1024, ffn_size=512, num_experts=16, top_k=4)  # long enough calls to overlap
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    err = float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+    return math.inf if math.isnan(err) else err
+
+
+class Inputs:
+    """Fresh random bf16 inputs [T, H] on the GPU."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, cfg: MoEConfig, tokens: int) -> torch.Tensor:
+        return torch.randn(tokens, cfg.hidden_size, generator=self.gen).to("cuda", cfg.torch_dtype)
+
+
+def replaced_weights(inputs: Inputs, seed: int) -> dict:
+    tokens = 200
+    layer = MoELayer(SMALL, backend="flash", max_tokens_per_rank=tokens, seed=seed)
+    errs = []
+
+    def call() -> None:  # eager the first time at a size, then captured, then replayed
+        x = inputs(SMALL, tokens)
+        out = layer(x)
+        errs.append(rel_err(out, reference_forward(x, config=SMALL, **layer.full_weight_dict())))
+
+    for _ in range(3):
+        call()
+    graphs_before = len(layer.backend.graphs)
+    old = {n: getattr(layer, n) for n in ("w_in", "w_out", "router_weight")}
+    gen = torch.Generator().manual_seed(seed + 1)
+    for n, p in old.items():
+        setattr(layer, n, torch.nn.Parameter(
+            (torch.randn(p.shape, generator=gen) * float(p.float().std())).to(p.device, p.dtype)))
+    for p in old.values():
+        p.data.fill_(float("nan"))  # a graph still reading the old memory reads NaN
+    for _ in range(3):
+        call()
+    layer.w_out.data.mul_(-1.5)  # in place: the kept graph reads it
+    call()
+    layer.synchronize()
+    graphs_after = len(layer.backend.graphs)
+    layer.backend.close()
+    worst = max(errs)
+    return {"case": "weights replaced after a capture, then updated in place", "rel_errs": errs,
+            "graphs_before": graphs_before, "graphs_after": graphs_after, "rel_err": worst,
+            "ok": worst <= TOL and graphs_before == 1 and graphs_after == 1}
+
+
+def two_streams(inputs: Inputs, seed: int, calls: int = 12) -> dict:
+    tokens = 2048
+    layer = MoELayer(WIDE, backend="flash", max_tokens_per_rank=tokens, seed=seed)
+    xs = [inputs(WIDE, tokens) for _ in range(calls)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())  # the inputs are written
+    outs = []
+    for i, x in enumerate(xs):
+        with torch.cuda.stream(streams[i % 2]):
+            outs.append(layer(x))
+    for s in streams:
+        torch.cuda.current_stream().wait_stream(s)
+    layer.synchronize()
+    full = layer.full_weight_dict()
+    errs = [rel_err(out, reference_forward(x, config=WIDE, **full)) for x, out in zip(xs, outs)]
+    layer.backend.close()
+    return {"case": f"{calls} forwards on two streams, alternating, no caller synchronisation",
+            "rel_errs": errs, "rel_err": max(errs), "ok": max(errs) <= TOL}
+
+
+def backward_after_timeout(inputs: Inputs, seed: int) -> dict:
+    tokens, timeout_s = 2048, 1.0
+    programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    layer = MoELayer(WIDE, backend="flash", max_tokens_per_rank=tokens, seed=seed, timeout_s=timeout_s,
+                     backward="saved", cuda_graphs=False,
+                     launch_override={"programs": programs, "static_ffn_in": 1})
+    x = inputs(WIDE, tokens).requires_grad_()
+    t0 = time.perf_counter()
+    out = layer(x)
+    torch.cuda.synchronize()  # the status has landed
+    seconds = time.perf_counter() - t0
+    try:
+        out.float().sum().backward()
+        raised = ""
+    except FusedKernelError as e:
+        raised = str(e)
+    # (the time includes this launch's compilation: check_timeouts holds the bounds)
+    return {"case": "backward after a training forward that timed out", "seconds_to_forward_end": round(seconds, 3),
+            "raised": raised, "x_grad_written": x.grad is not None,
+            "ok": "timed out" in raised and x.grad is None and seconds >= timeout_s}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"seed {seed}", flush=True)
+    fm.init(heap_bytes=max(heap_bytes_for(c, 1, 2048, "p2p") for c in (SMALL, WIDE)))
+    inputs = Inputs(seed)
+    rows = []
+    with torch.no_grad():
+        rows.append(replaced_weights(inputs, seed))
+        print(json.dumps(rows[-1]), flush=True)
+        rows.append(two_streams(inputs, seed + 2))
+        print(json.dumps(rows[-1]), flush=True)
+    rows.append(backward_after_timeout(inputs, seed + 3))
+    print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                       "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"), "seed": seed, "rows": rows}, f,
+                      indent=1)
+    fm.finalize()
+    sys.exit(0 if all(r["ok"] for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()
