@@ -8,6 +8,7 @@ import logging
 from .backends.flash import FusedKernelError
 from .backends.torch_ep import PeerInputError
 from .config import PRESETS, ConfigError, MoEConfig, preset
+from .data_parallel import prepare_ddp
 from .hf import UnsupportedBlock, patch_model
 from .layer import MoELayer, MoEStats
 from .placement import ExpertPlacement, PlacementError
@@ -18,4 +19,4 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["MoEConfig", "MoELayer", "MoEStats", "ExpertPlacement", "PRESETS", "preset",
            "reference_forward", "init", "finalize", "patch_model", "ConfigError", "PlacementError",
-           "ConsistencyError", "PeerInputError", "FusedKernelError", "UnsupportedBlock"]
+           "ConsistencyError", "PeerInputError", "FusedKernelError", "UnsupportedBlock", "prepare_ddp"]

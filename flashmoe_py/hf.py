@@ -18,10 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import DTYPES, ConfigError, MoEConfig
+from .data_parallel import exclude_from_ddp
 from .layer import MoELayer
+from .runtime import ConsistencyError
 
 
 class UnsupportedBlock(ValueError):
@@ -200,19 +203,41 @@ def block_config(block: nn.Module) -> MoEConfig:
     return convert_block(block).config
 
 
-@torch.no_grad()
-def from_hf_block(block: nn.Module, **layer_kwargs) -> HFMoEBlock:
-    """Build this rank's HFMoEBlock from a full (unsharded) transformers block.
-
-    layer_kwargs go to MoELayer (backend, placement, process_group, max_tokens_per_rank, ...);
-    the device defaults to the block's. Collective when torch.distributed is initialised."""
+def _checked_conversion(block: nn.Module) -> tuple[Conversion, dict[str, bool]]:
+    """convert_block, refusing weights not loaded yet, and which of the block's parameter groups
+    train: {"experts", "router", "shared"}: requires_grad of each group's parameters (a group
+    partly frozen is refused: the layer holds each as one set of tensors). Not collective."""
     conv = convert_block(block)
     if any(t.is_meta for t in conv.weights.values()):
         raise UnsupportedBlock(f"{type(block).__name__}: its weights are on the meta device (not loaded "
                                "yet); materialise them before converting the block")
+    experts = set(block.experts.parameters())
+    router = set(conv.router.parameters())
+    groups = {"experts": experts, "router": router,
+              "shared": {p for p in block.parameters() if p not in experts and p not in router}}
+    trainable = {}
+    for group, params in groups.items():
+        states = {p.requires_grad for p in params}
+        if len(states) > 1:
+            raise UnsupportedBlock(f"{type(block).__name__}: its {group} parameters are partly frozen "
+                                   "(requires_grad differs among them); the layer holds them as one set: freeze "
+                                   "or unfreeze them together")
+        if states:
+            trainable[group] = states.pop()
+    return conv, trainable
+
+
+@torch.no_grad()
+def _build(conv: Conversion, trainable: dict[str, bool], **layer_kwargs) -> HFMoEBlock:
+    """The HFMoEBlock of a checked conversion (collective when torch.distributed is initialised);
+    its parameters train where the block's did."""
     layer_kwargs.setdefault("device", conv.weights["w_in"].device)
     moe = MoELayer(conv.config, **layer_kwargs)
     moe.load_full_weights(**conv.weights, gate_up_layout=conv.gate_up_layout)
+    for name, p in moe.named_parameters(recurse=False):
+        group = "router" if name.startswith("router_") else "shared" if name.startswith("shared_") else "experts"
+        if group in trainable:
+            p.requires_grad_(trainable[group])
     router = conv.router
     router.weight = moe.router_weight  # one set of router parameters, one set of gradients
     if moe.router_bias is not None:
@@ -222,21 +247,60 @@ def from_hf_block(block: nn.Module, **layer_kwargs) -> HFMoEBlock:
     return HFMoEBlock(moe, router, conv.router_output)
 
 
+def from_hf_block(block: nn.Module, **layer_kwargs) -> HFMoEBlock:
+    """Build this rank's HFMoEBlock from a full (unsharded) transformers block.
+
+    layer_kwargs go to MoELayer (backend, placement, process_group, max_tokens_per_rank, ...);
+    the device defaults to the block's. Its parameters train where the block's did (a group of
+    them partly frozen is refused). Collective when torch.distributed is initialised: every rank
+    must convert the same block (patch_model compares the ranks' decisions first)."""
+    return _build(*_checked_conversion(block), **layer_kwargs)
+
+
+def _ranks_agree(decisions: list[tuple[str, str | None]], process_group) -> None:
+    """Raise ConsistencyError on every rank unless every rank converts the same blocks (each
+    layer's construction is collective: a rank that skipped one would leave the others waiting).
+    decisions: (module name, None where converted, else why it is left alone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    everyone = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(everyone, decisions, group=process_group)
+
+    def says(reason: str | None) -> str:
+        return "converts it" if reason is None else f"leaves it: {reason}"
+
+    mine = dict(decisions)
+    for rank, theirs in enumerate(everyone):
+        if [name for name, _ in theirs] != list(mine):
+            raise ConsistencyError(f"patch_model: rank {rank}'s model has other MoE blocks than this rank's")
+        for name, reason in theirs:
+            if (reason is None) != (mine[name] is None):
+                raise ConsistencyError(f"patch_model: the ranks disagree on block {name!r}: this rank "
+                                       f"{says(mine[name])}; rank {rank} {says(reason)}")
+
+
 def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     """Replace every MoE block of `model` that ADAPTERS converts (in place) by an HFMoEBlock on
     this rank. Returns {module name: "replaced" or the reason it was left alone} for every module
-    with an `experts` submodule. Every rank must call it on the same model (the layers compare
-    their configs and router weights across ranks)."""
-    report = {}
+    with an `experts` submodule. Every rank must call it on the same model: the ranks' decisions
+    are compared first (ConsistencyError on every rank where they differ, e.g. weights loaded on
+    one rank only), then the layers compare their configs and router weights. The layers'
+    sharded parameters are excluded from DistributedDataParallel wrapping `model`
+    (data_parallel.exclude_from_ddp; prepare_ddp also scales their gradients for DDP's average)."""
+    blocks, decisions = [], []
     for name, module in list(model.named_modules()):
         if isinstance(module, HFMoEBlock) or not isinstance(getattr(module, "experts", None), nn.Module):
             continue
         try:
-            new = from_hf_block(module, **layer_kwargs)
+            blocks.append((name, *_checked_conversion(module)))
+            decisions.append((name, None))
         except UnsupportedBlock as e:
-            report[name] = str(e)
-            continue
+            decisions.append((name, str(e)))
+    _ranks_agree(decisions, layer_kwargs.get("process_group"))
+    for name, conv, trainable in blocks:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        report[name] = "replaced"
-    return report
+        setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                _build(conv, trainable, **layer_kwargs))
+    if blocks:
+        exclude_from_ddp(model)
+    return {name: "replaced" if reason is None else reason for name, reason in decisions}

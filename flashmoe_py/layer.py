@@ -61,22 +61,22 @@ class MoELayer(nn.Module):
     forward(x): x [tokens, H] or [batch, seq, H] in config.dtype on the layer's device; returns the
     same shape and dtype. After each forward, `last_stats` holds this rank's MoEStats.
 
-    Gradients (either backend, any world size): autograd gives x and every parameter their
-    gradients of the sum of every rank's loss; capacity-dropped slots get none. w_in/w_out.grad
-    on a rank sums every rank's tokens routed to its experts; router_weight and the shared
-    experts are replicated, and their .grad holds only this rank's tokens' part, to be summed over
-    ranks with the other replicated parameters, as data parallelism does (exclude w_in, w_out,
-    b_in and b_out from that: they are sharded, not replicated). `backward`: "autograd" (backend
-    torch's default) records the torch backend's ops and saves their activations; "saved"
-    (backend flash's default) runs the forward as for inference, keeping x, its routing and each
-    expert's first GEMM output before the activation (the fused kernel writes them as it goes;
-    backend flash replays a small training forward from a CUDA graph and copies those out, and
-    launches larger ones), and takes the gradients from them in explicit steps; "recompute" keeps
-    only x, and in backward routes again and recomputes each expert's first GEMM
-    (backends/explicit_backward.py). The backward is
-    collective: every rank must record the forward (grad mode on, and x or a parameter requiring
-    grad, on all ranks or on none; a mismatch raises on every rank, except that backend flash
-    cannot see a rank under no_grad beside one recording) and run backward through it.
+    Gradients (either backend, any world size): autograd gives x and every parameter their gradients
+    of the sum of every rank's loss; capacity-dropped slots get none. w_in/w_out.grad on a rank sums
+    every rank's tokens routed to its experts; router_weight and the shared experts are replicated,
+    and their .grad holds only this rank's tokens' part, to be summed over ranks with the other
+    replicated parameters, as data parallelism does (exclude w_in, w_out, b_in and b_out from that:
+    they are sharded, not replicated; under DistributedDataParallel, data_parallel.prepare_ddp does
+    both and matches the experts' gradients to DDP's average). `backward`: "autograd" (backend
+    torch's default) records the torch backend's ops and saves their activations; "saved" (backend
+    flash's default) runs the forward as for inference, keeping x, its routing and each expert's
+    first GEMM output before the activation (the fused kernel writes them as it goes; backend flash
+    replays a small training forward from a CUDA graph and copies those out, and launches larger
+    ones), and takes the gradients from them in explicit steps; "recompute" keeps only x, and in
+    backward routes again and recomputes each expert's first GEMM (backends/explicit_backward.py).
+    The backward is collective: every rank must record the forward (grad mode on, and x or a
+    parameter requiring grad, on all ranks or on none; a mismatch raises on every rank, except that
+    backend flash cannot see a rank under no_grad beside one recording) and run backward through it.
 
     backend: "torch" (all-to-all over torch.distributed; CPU or GPU) or "flash" (the fused NVSHMEM
     kernel; needs flashmoe_py.init() first, `max_tokens_per_rank` to size its buffers, and ends

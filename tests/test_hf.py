@@ -10,7 +10,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from flashmoe_py import MoELayer  # noqa: E402
+from flashmoe_py import ConsistencyError, MoELayer  # noqa: E402
 from flashmoe_py.hf import HFMoEBlock, block_config, convert_block, from_hf_block, patch_model  # noqa: E402
 from flashmoe_py.routing import route  # noqa: E402
 from seeds import fresh_seed  # noqa: E402
@@ -251,3 +251,57 @@ def test_every_family_is_one_the_fused_backend_takes(kind):
     cfg = block_config(moe_block(tiny_model(kind, 0)))
     with pytest.raises(ValueError, match="backend='flash' is unavailable: no CUDA device"):
         MoELayer(cfg, backend="flash", max_tokens_per_rank=64)
+
+
+def patched_with_one_rank_s_block_refused(rank, world, seed):
+    """Rank 1 has block 1 left alone (jitter noise), rank 0 converts it -> what patch_model raised."""
+    model = tiny_model("mixtral", seed)
+    if rank == 1:
+        model.model.layers[1].mlp.jitter_noise = 0.1
+    try:
+        patch_model(model)
+    except ConsistencyError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_that_decide_a_block_differently_all_raise_before_building_any_layer(dist_pools):
+    """Building a layer is collective: a rank leaving a block alone (weights not loaded there, say)
+    beside one converting it must not leave the other waiting. Every rank names the block."""
+    errors = dist_pools(2).run(patched_with_one_rank_s_block_refused, random.SystemRandom().randrange(2**20))
+    assert all(e is not None and "disagree on block 'model.layers.1.mlp'" in e for e in errors), errors
+    assert "rank 1 leaves it: MixtralSparseMoeBlock: router_jitter_noise=0.1" in errors[0]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_frozen_parameters_stay_frozen_and_trainable_ones_train(kind):
+    """A user who froze the router, the experts or the shared experts (the base weights under LoRA,
+    say) keeps them frozen; a group frozen in part is refused, naming it."""
+    for frozen in ("router", "experts", "shared"):
+        model = tiny_model(kind, 1)
+        block = moe_block(model)
+        router = block.gate
+        experts = set(block.experts.parameters())
+        group = {"router": set(router.parameters()), "experts": experts,
+                 "shared": {p for p in block.parameters() if p not in experts and p not in set(router.parameters())}}
+        if not group[frozen]:
+            continue  # mixtral has no shared experts
+        for p in group[frozen]:
+            p.requires_grad_(False)
+        assert patch_model(model)["model.layers.0.mlp"] == "replaced"
+        trains = {n: p.requires_grad for n, p in moe_block(model).moe.named_parameters()}
+        owner = {n: "router" if n.startswith("router_") else "shared" if n.startswith("shared_") else "experts"
+                 for n in trains}
+        assert trains == {n: owner[n] != frozen for n in trains}, (frozen, trains)
+    model = tiny_model(kind, 1)
+    next(iter(moe_block(model).experts.parameters())).requires_grad_(False)
+    assert "its experts parameters are partly frozen" in patch_model(model)["model.layers.0.mlp"]
+
+
+def test_a_patched_model_s_experts_are_left_out_of_ddp():
+    """DistributedDataParallel would copy rank 0's experts to every rank: patch_model names each
+    layer's sharded parameters and buffers for DDP to leave alone."""
+    model = tiny_model("qwen3_moe", 2)
+    patch_model(model)
+    assert sorted(model._ddp_params_and_buffers_to_ignore) == [
+        f"model.layers.{i}.mlp.moe.{n}" for i in (0, 1) for n in ("expert_ids", "w_in", "w_out")]

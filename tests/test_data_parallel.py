@@ -1,0 +1,59 @@
+"""MoELayers inside DistributedDataParallel (gloo): DDP keeps each rank's own experts, and with
+prepare_ddp every gradient is that of the mean of the ranks' losses, the experts' included."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from grad_reference import rel_err
+from seeds import fresh_seed
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from flashmoe_py import MoEConfig, MoELayer, prepare_ddp
+from flashmoe_py.data_parallel import sharded_names
+
+CFG = MoEConfig(hidden_size=32, ffn_size=24, num_experts=8, top_k=2, dtype="float32", expert_bias=True,
+                shared_experts=1, shared_ffn_size=16)
+
+
+def model(seed: int, backward: str) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the Linear's weights, the same on every rank
+        return nn.Sequential(nn.Linear(32, 32), MoELayer(CFG, seed=seed, backward=backward))
+
+
+def ddp_against_plain(rank, world, seed: int, prepared: bool, backward: str):
+    """A step of DDP(model) (prepare_ddp first, or not) and of the same model without DDP, on this
+    rank's own x and dy. -> (whether DDP left this rank's experts as they were; the error of each
+    DDP gradient against the plain model's made the mean loss's: replicated gradients summed over
+    the ranks, then every gradient divided by the world size)."""
+    plain, wrapped = model(seed, backward), model(seed, backward)
+    own = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
+    if prepared:
+        assert sorted(prepare_ddp(wrapped)) == ["1.b_in", "1.b_out", "1.expert_ids", "1.w_in", "1.w_out"]
+    ddp = DistributedDataParallel(wrapped)
+    kept = all(torch.equal(p, own[n]) for n, p in wrapped.named_parameters())
+    g = torch.Generator().manual_seed(seed * 7 + rank)
+    x, dy = torch.randn(9 + 4 * rank, 32, generator=g), torch.randn(9 + 4 * rank, 32, generator=g)
+    (plain(x) * dy).sum().backward()
+    (ddp(x) * dy).sum().backward()
+    sharded = {n.removeprefix("1.") for n in sharded_names(plain)}
+    errs = {}
+    for (n, p), q in zip(plain.named_parameters(), wrapped.parameters()):
+        want = p.grad.clone()
+        if n.removeprefix("1.") not in sharded:
+            dist.all_reduce(want)
+        errs[n] = rel_err(q.grad, want / world)
+    return kept, errs
+
+
+@pytest.mark.parametrize("backward", ["autograd", "saved"])
+def test_ddp_keeps_each_rank_s_experts_and_takes_the_mean_loss_s_gradients(dist_pools, backward):
+    for kept, errs in dist_pools(2).run(ddp_against_plain, fresh_seed(), True, backward):
+        assert kept and max(errs.values()) <= 1e-5, errs
+
+
+def test_unprepared_ddp_would_put_rank_0_s_experts_everywhere(dist_pools):
+    """Why prepare_ddp (or patch_model) must run first: DDP copies rank 0's parameters."""
+    kept = [k for k, _ in dist_pools(2).run(ddp_against_plain, fresh_seed(), False, "autograd")]
+    assert kept == [True, False]
