@@ -57,6 +57,19 @@ class HFMoEBlock(nn.Module):
     def __init__(self, moe: MoELayer, router: nn.Module, router_output: tuple[int, bool] | None = None):
         super().__init__()
         self.moe, self.router, self.router_output = moe, router, router_output
+        self.tie_router()
+        # load_state_dict(assign=True) puts the state_dict's two copies in as two tensors: tie again
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module.tie_router())
+
+    def tie_router(self) -> None:
+        """The router module's parameters (and correction bias) are the layer's: one set, one set
+        of gradients, whatever replaced either."""
+        moe, router = self.moe, self.router
+        router.weight = moe.router_weight
+        if moe.router_bias is not None:
+            router.bias = moe.router_bias
+        if moe.e_score_correction_bias is not None:
+            router.e_score_correction_bias = moe.e_score_correction_bias
 
     def forward(self, hidden_states: torch.Tensor):
         out = self.moe(hidden_states)
@@ -238,13 +251,7 @@ def _build(conv: Conversion, trainable: dict[str, bool], **layer_kwargs) -> HFMo
         group = "router" if name.startswith("router_") else "shared" if name.startswith("shared_") else "experts"
         if group in trainable:
             p.requires_grad_(trainable[group])
-    router = conv.router
-    router.weight = moe.router_weight  # one set of router parameters, one set of gradients
-    if moe.router_bias is not None:
-        router.bias = moe.router_bias
-    if moe.e_score_correction_bias is not None:
-        router.e_score_correction_bias = moe.e_score_correction_bias
-    return HFMoEBlock(moe, router, conv.router_output)
+    return HFMoEBlock(moe, conv.router, conv.router_output)
 
 
 def from_hf_block(block: nn.Module, **layer_kwargs) -> HFMoEBlock:

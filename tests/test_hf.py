@@ -305,3 +305,19 @@ def test_a_patched_model_s_experts_are_left_out_of_ddp():
     patch_model(model)
     assert sorted(model._ddp_params_and_buffers_to_ignore) == [
         f"model.layers.{i}.mlp.moe.{n}" for i in (0, 1) for n in ("expert_ids", "w_in", "w_out")]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_the_router_stays_the_layer_s_after_a_state_dict_is_assigned(kind):
+    """load_state_dict(assign=True) with separate tensors (safetensors, say) for the two names of
+    the router's weights: still one set, the one that routes, and the one the aux loss trains."""
+    model = tiny_model(kind, 4)
+    patch_model(model)
+    count = len(list(model.parameters()))
+    state = {k: v.clone() + 0.01 if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    block = moe_block(model)
+    assert block.router.weight is block.moe.router_weight and len(list(model.parameters())) == count
+    assert torch.equal(block.moe.router_weight, state["model.layers.0.mlp.moe.router_weight"])
+    if block.moe.e_score_correction_bias is not None:
+        assert block.router.e_score_correction_bias is block.moe.e_score_correction_bias
