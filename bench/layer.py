@@ -318,19 +318,20 @@ def uniform_load(cfg: MoEConfig, tokens: int, world: int) -> dict:
 
 def routing_load(layer: MoELayer, x: torch.Tensor) -> dict:
     """What the layer's routing of this rank's x [T, H] asks of each rank, gathered from every rank
-    (collective): tokens (T), rows (expert slots its experts receive), touched (its experts with a
-    row), link_rows (rows it sends and receives over the links: one a token to each other rank
+    (collective): tokens (T), rows (kept expert slots its experts receive), touched (its experts
+    with a row), link_rows (rows it sends and receives over the links: one a token to each other rank
     holding one of the token's experts, and the combined row back; the links carry both ways at
     once, so this is a direction's). Lists indexed by rank."""
     W, E, L = layer.world_size, layer.config.num_experts, layer.local_experts
     with torch.no_grad():
-        experts = layer.route(x).experts  # [T, k] global ids
-    owner = layer.expert_positions[experts] // L  # [T, k] the rank holding each slot's expert
-    needs = torch.zeros(x.shape[0], W, dtype=torch.bool, device=x.device)
-    needs.scatter_(1, owner, True)
+        r = layer.route(x)
+    kept = torch.ones_like(r.experts, dtype=torch.bool) if r.kept is None else r.kept  # capacity drops: no row
+    owner = layer.expert_positions[r.experts] // L  # [T, k] the rank holding each slot's expert
+    needs = torch.zeros(x.shape[0], W + 1, dtype=torch.bool, device=x.device)
+    needs.scatter_(1, torch.where(kept, owner, W), True)  # dropped slots to a column left out
     needs[:, layer.rank] = False
-    mine = torch.cat([torch.tensor([x.shape[0]], device=x.device), needs.sum(0),  # tokens, copies to each rank
-                      torch.bincount(experts.reshape(-1), minlength=E)])
+    mine = torch.cat([torch.tensor([x.shape[0]], device=x.device), needs[:, :W].sum(0),  # tokens, copies to each
+                      torch.bincount(r.experts[kept], minlength=E)])
     every = [torch.empty_like(mine) for _ in range(W)]
     if W > 1:
         dist.all_gather(every, mine)

@@ -120,7 +120,8 @@ class SymmMemEP:
         torch.ops.symm_mem.all_to_all_vdev(self.send, self.recv, self.in_splits, self.out_so,
                                            self.group_name)
         perm, ends = regroup_by_expert(recv_counts, self.out_so[1])
-        self.y[perm] = self._grouped_ffn(self.recv[perm], ends)
+        if perm.numel():  # a rank may receive nothing (skewed routing); the return shuffle still runs
+            self.y[perm] = self._grouped_ffn(self.recv[perm], ends)
         self.y_splits.copy_(self.out_so[0])
         torch.ops.symm_mem.all_to_all_vdev(self.y, self.back, self.y_splits, self.y_so, self.group_name)
         return self.back

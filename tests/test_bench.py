@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dist_pool import free_port
+from seeds import fresh_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = {"config", "tokens_per_rank", "world", "backend", "routing", "median_us", "host_us", "rel_err",
@@ -706,3 +707,26 @@ def test_symm_mem_is_skipped_by_name_at_one_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "backend symm_mem skipped: torch's symmetric memory needs 2 or more ranks" in proc.stderr
     assert [r["backend"] for r in json.loads(out.read_text())["rows"]] == ["torch"]
+
+
+def test_routing_load_counts_only_the_slots_capacity_keeps():
+    layer = _bench_layer_module()
+    from flashmoe_py import MoEConfig, MoELayer
+    moe = MoELayer(MoEConfig(hidden_size=32, ffn_size=16, num_experts=8, top_k=2, dtype="float32",
+                             capacity_factor=0.5), seed=fresh_seed())
+    x = torch.randn(64, 32)
+    r = moe.route(x)
+    load = layer.routing_load(moe, x)
+    assert load["rows"] == [int(r.kept.sum())] < [128]
+    assert load["touched"] == [len(set(r.experts[r.kept].tolist()))]
+
+
+def test_symm_mem_regroups_nothing_where_nothing_arrived():
+    bench = os.path.join(ROOT, "bench")
+    sys.path.insert(0, bench)
+    try:
+        import symm_mem_ep
+    finally:
+        sys.path.remove(bench)
+    perm, ends = symm_mem_ep.regroup_by_expert(torch.zeros(2, 3, dtype=torch.int64), torch.tensor([0, 10]))
+    assert perm.numel() == 0 and ends.tolist() == [0, 0, 0]

@@ -4,8 +4,9 @@
   is dropped, and the next forwards (eager, captured, replayed) compute with the new weights; the
   old weights' memory is poisoned with NaN first, so a graph still reading it fails the case. A
   weight then updated in place is seen by the replays.
-- Forwards of one layer queued on two streams, with no caller synchronisation between them: the
-  layer orders them (they share one workspace), so every output is its input's.
+- Forwards of one layer queued on two streams, with no caller synchronisation between them,
+  launched and replayed from CUDA graphs: the layer orders them (they share one workspace), so
+  every output is its input's.
 - A training forward that timed out (a launch whose static GEMM1 order waits for programs that
   have no SM), its status landed on the host: the explicit backward raises FusedKernelError rather
   than returning gradients computed from what that forward saved. Last, since a failure leaves
@@ -82,9 +83,11 @@ def replaced_weights(inputs: Inputs, seed: int) -> dict:
             "ok": worst <= TOL and graphs_before == 1 and graphs_after == 1}
 
 
-def two_streams(inputs: Inputs, seed: int, calls: int = 12) -> dict:
+def two_streams(inputs: Inputs, seed: int, graphs: bool, calls: int = 12) -> dict:
+    """graphs: replayed from the layer's CUDA graphs after the first two calls (the capture itself
+    synchronises the device), or every call launched."""
     tokens = 2048
-    layer = MoELayer(WIDE, backend="flash", max_tokens_per_rank=tokens, seed=seed)
+    layer = MoELayer(WIDE, backend="flash", max_tokens_per_rank=tokens, seed=seed, cuda_graphs=graphs)
     xs = [inputs(WIDE, tokens) for _ in range(calls)]
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     for s in streams:
@@ -99,7 +102,8 @@ def two_streams(inputs: Inputs, seed: int, calls: int = 12) -> dict:
     full = layer.full_weight_dict()
     errs = [rel_err(out, reference_forward(x, config=WIDE, **full)) for x, out in zip(xs, outs)]
     layer.backend.close()
-    return {"case": f"{calls} forwards on two streams, alternating, no caller synchronisation",
+    return {"case": f"{calls} forwards on two streams, alternating, no caller synchronisation, "
+                    f"{'CUDA graphs' if graphs else 'launched'}",
             "rel_errs": errs, "rel_err": max(errs), "ok": max(errs) <= TOL}
 
 
@@ -137,8 +141,9 @@ def main():
     with torch.no_grad():
         rows.append(replaced_weights(inputs, seed))
         print(json.dumps(rows[-1]), flush=True)
-        rows.append(two_streams(inputs, seed + 2))
-        print(json.dumps(rows[-1]), flush=True)
+        for graphs in (False, True):
+            rows.append(two_streams(inputs, seed + 2, graphs))
+            print(json.dumps(rows[-1]), flush=True)
     rows.append(backward_after_timeout(inputs, seed + 3))
     print(json.dumps(rows[-1]), flush=True)
     if args.out:
