@@ -1,5 +1,6 @@
 """The fresh-machine main job: the benchmark's CPU mode runs end to end and writes valid JSON."""
 
+import importlib
 import json
 import math
 import os
@@ -62,15 +63,18 @@ def test_a_backend_runs_apart_in_child_processes_under_torchrun(tmp_path):
     assert "ROWS 1 torch True 2" in proc.stdout
 
 
-def _kernel_profile():
-    """bench/kernel_profile.py as a module."""
+def _bench_module(name: str):
+    """bench/<name>.py as a module."""
     bench = os.path.join(ROOT, "bench")
     sys.path.insert(0, bench)
     try:
-        import kernel_profile
+        return importlib.import_module(name)
     finally:
         sys.path.remove(bench)
-    return kernel_profile
+
+
+def _kernel_profile():
+    return _bench_module("kernel_profile")
 
 
 def _summarize():
@@ -678,12 +682,7 @@ def test_routing_load_counts_each_rank_s_rows_touched_experts_and_link_rows(dist
 def test_symm_mem_regroups_only_the_rows_that_arrived_by_expert_then_source():
     """The 1-D shuffle's arrivals (by source, each source's rows by local expert, sources at their
     own offsets with gaps between) are taken in (expert, source) order, and nothing else is."""
-    bench = os.path.join(ROOT, "bench")
-    sys.path.insert(0, bench)
-    try:
-        import symm_mem_ep
-    finally:
-        sys.path.remove(bench)
+    symm_mem_ep = _bench_module("symm_mem_ep")
     gen = torch.Generator().manual_seed(7)
     W, L = 3, 4
     recv_counts = torch.randint(0, 5, (W, L), generator=gen)
@@ -722,11 +721,6 @@ def test_routing_load_counts_only_the_slots_capacity_keeps():
 
 
 def test_symm_mem_regroups_nothing_where_nothing_arrived():
-    bench = os.path.join(ROOT, "bench")
-    sys.path.insert(0, bench)
-    try:
-        import symm_mem_ep
-    finally:
-        sys.path.remove(bench)
+    symm_mem_ep = _bench_module("symm_mem_ep")
     perm, ends = symm_mem_ep.regroup_by_expert(torch.zeros(2, 3, dtype=torch.int64), torch.tensor([0, 10]))
     assert perm.numel() == 0 and ends.tolist() == [0, 0, 0]
