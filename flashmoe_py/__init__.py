@@ -9,7 +9,7 @@ from .backends.flash import FusedKernelError
 from .backends.torch_ep import PeerInputError
 from .config import PRESETS, ConfigError, MoEConfig, preset
 from .data_parallel import prepare_ddp
-from .hf import UnsupportedBlock, patch_model
+from .hf import UnsupportedBlock, patch_model, unpatch_model
 from .layer import MoELayer, MoEStats
 from .placement import ExpertPlacement, PlacementError
 from .reference import reference_forward
@@ -18,5 +18,5 @@ from .runtime import ConsistencyError, finalize, init
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["MoEConfig", "MoELayer", "MoEStats", "ExpertPlacement", "PRESETS", "preset",
-           "reference_forward", "init", "finalize", "patch_model", "ConfigError", "PlacementError",
+           "reference_forward", "init", "finalize", "patch_model", "unpatch_model", "ConfigError", "PlacementError",
            "ConsistencyError", "PeerInputError", "FusedKernelError", "UnsupportedBlock", "prepare_ddp"]

@@ -17,12 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import copy
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .config import DTYPES, ConfigError, MoEConfig
-from .data_parallel import exclude_from_ddp
+from .data_parallel import exclude_from_ddp, sharded_names
+from .gate_up import to_interleaved, to_pairs
 from .layer import MoELayer
 from .runtime import ConsistencyError
 
@@ -38,13 +41,16 @@ class Conversion:
     config: the layer's MoEConfig; weights: load_full_weights' arguments (full, unsharded);
     gate_up_layout: how w_in's gate and up columns are laid out; router: the block's router module;
     router_output: None when the block returns hidden states only, else (index into the router's
-    output that the block returns beside them, whether those hidden states are [tokens, H])."""
+    output that the block returns beside them, whether those hidden states are [tokens, H]);
+    shared_mlp: the shared experts' gate/up/down MLP, whose gate and up weights shared_w_in joins
+    (a copy: every other weight is a view of the block's own)."""
 
     config: MoEConfig
     weights: dict[str, torch.Tensor]
     router: nn.Module
     gate_up_layout: str = "halves"
     router_output: tuple[int, bool] | None = None
+    shared_mlp: nn.Module | None = None
 
 
 class HFMoEBlock(nn.Module):
@@ -54,9 +60,13 @@ class HFMoEBlock(nn.Module):
     router module, its parameters tied to the layer's; it runs only when transformers records its
     output (output_router_logits=True hooks it) or the block returns part of it (router_output)."""
 
-    def __init__(self, moe: MoELayer, router: nn.Module, router_output: tuple[int, bool] | None = None):
+    def __init__(self, moe: MoELayer, router: nn.Module, router_output: tuple[int, bool] | None = None,
+                 skeleton: nn.Module | None = None):
         super().__init__()
         self.moe, self.router, self.router_output = moe, router, router_output
+        # the converted block with its parameters on the meta device (no memory), for to_hf(); not a
+        # submodule, so that its parameters are nobody's
+        object.__setattr__(self, "_skeleton", skeleton)
         self.tie_router()
         # load_state_dict(assign=True) puts the state_dict's two copies in as two tensors: tie again
         self.register_load_state_dict_post_hook(lambda module, incompatible: module.tie_router())
@@ -71,6 +81,37 @@ class HFMoEBlock(nn.Module):
         if moe.e_score_correction_bias is not None:
             router.e_score_correction_bias = moe.e_score_correction_bias
 
+    @torch.no_grad()
+    def to_hf(self) -> nn.Module:
+        """The transformers block this one was converted from, holding the layer's weights as they
+        are now (every rank's experts gathered: collective when world_size > 1) and the same router
+        module: for save_pretrained, or a model without flashmoe_py. Each weight is checked to read
+        back through the block's conversion as the layer's (RuntimeError if not)."""
+        if self._skeleton is None:
+            raise RuntimeError("this HFMoEBlock was built without its transformers block's skeleton")
+        moe, block, full = self.moe, copy.deepcopy(self._skeleton), self.moe.full_weight_dict()
+        for module in block.modules():
+            for name, p in module._parameters.items():
+                if p is not None and p.is_meta:
+                    module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=moe.device),
+                                                            requires_grad=p.requires_grad)
+        parent, _, child = self._skeleton._router_path.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, self.router)
+        conv = convert_block(block)
+        want = {n: _in_layout(full[n], n, conv) for n in conv.weights if n not in ROUTER_TENSORS}
+        for name, value in want.items():
+            if name == "shared_w_in":  # joined from the shared MLP's gate and up: split back
+                gate, up = value.chunk(2, dim=1)
+                conv.shared_mlp.gate_proj.weight.copy_(gate.t())
+                conv.shared_mlp.up_proj.weight.copy_(up.t())
+            else:
+                conv.weights[name].copy_(value)
+        back = convert_block(block).weights
+        for name, value in want.items():
+            if not torch.equal(back[name], value):
+                raise RuntimeError(f"to_hf: {type(block).__name__}'s {name} does not read back as the layer's")
+        return block
+
     def forward(self, hidden_states: torch.Tensor):
         out = self.moe(hidden_states)
         if self.router_output is None and not self.router._forward_hooks:
@@ -80,6 +121,26 @@ class HFMoEBlock(nn.Module):
             return out
         index, flat = self.router_output
         return (out.reshape(-1, out.shape[-1]) if flat else out), router_out[index]
+
+
+ROUTER_TENSORS = ("router_weight", "router_bias", "e_score_correction_bias")  # the router module's own
+
+
+def _in_layout(t: torch.Tensor, name: str, conv: Conversion) -> torch.Tensor:
+    """A full_weight_dict tensor (gated: gate | up halves) in the layout the block's conversion
+    reads (gpt-oss: gate and up interleaved)."""
+    if conv.gate_up_layout == "interleaved" and name in ("w_in", "b_in"):
+        return to_interleaved(to_pairs(t))
+    return t
+
+
+def _skeleton(block: nn.Module, router: nn.Module) -> nn.Module:
+    """A copy of `block` whose parameters are on the meta device (no memory; requires_grad kept),
+    its buffers copied, and the path of its router module in `_router_path`."""
+    memo = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in block.parameters()}
+    skeleton = copy.deepcopy(block, memo)
+    skeleton._router_path = next(name for name, m in block.named_modules() if m is router)
+    return skeleton
 
 
 def _dtype_name(t: torch.Tensor, what: str) -> str:
@@ -133,7 +194,8 @@ def _softmax_block(block: nn.Module) -> Conversion:
         shared, width = _shared_mlp(block.shared_expert, block.shared_expert.act_fn)
         weights |= shared | {"shared_gate_weight": block.shared_expert_gate.weight}
         fields |= dict(shared_experts=1, shared_ffn_size=width, shared_expert_gate=True)
-    return Conversion(MoEConfig(**_common(gate.weight, experts.gate_up_proj, **fields)), weights, gate)
+    return Conversion(MoEConfig(**_common(gate.weight, experts.gate_up_proj, **fields)), weights, gate,
+                      shared_mlp=getattr(block, "shared_expert", None))
 
 
 def _sigmoid_grouped_block(block: nn.Module) -> Conversion:
@@ -155,7 +217,8 @@ def _sigmoid_grouped_block(block: nn.Module) -> Conversion:
     fields = dict(ffn_size=F, top_k=gate.top_k, routing="sigmoid_grouped", n_group=gate.num_group,
                   topk_group=gate.topk_group, renormalize=bool(gate.norm_topk_prob),
                   routed_scaling_factor=float(gate.routed_scaling_factor), shared_experts=width // F)
-    return Conversion(MoEConfig(**_common(gate.weight, experts.gate_up_proj, **fields)), weights, gate)
+    return Conversion(MoEConfig(**_common(gate.weight, experts.gate_up_proj, **fields)), weights, gate,
+                      shared_mlp=mlp if width else None)
 
 
 def _llama4_block(block: nn.Module) -> Conversion:
@@ -172,7 +235,7 @@ def _llama4_block(block: nn.Module) -> Conversion:
     fields = dict(ffn_size=experts.gate_up_proj.shape[2] // 2, top_k=router.top_k, routing="topk_sigmoid",
                   renormalize=False, weight_on_input=True, shared_experts=1, shared_ffn_size=width)
     return Conversion(MoEConfig(**_common(router.weight, experts.gate_up_proj, **fields)), weights, router,
-                      router_output=(1, True))
+                      router_output=(1, True), shared_mlp=block.shared_expert)
 
 
 def _gpt_oss_block(block: nn.Module) -> Conversion:
@@ -241,9 +304,10 @@ def _checked_conversion(block: nn.Module) -> tuple[Conversion, dict[str, bool]]:
 
 
 @torch.no_grad()
-def _build(conv: Conversion, trainable: dict[str, bool], **layer_kwargs) -> HFMoEBlock:
-    """The HFMoEBlock of a checked conversion (collective when torch.distributed is initialised);
-    its parameters train where the block's did."""
+def _build(block: nn.Module, conv: Conversion, trainable: dict[str, bool], **layer_kwargs) -> HFMoEBlock:
+    """The HFMoEBlock of block's checked conversion (collective when torch.distributed is
+    initialised); its parameters train where the block's did."""
+    skeleton = _skeleton(block, conv.router)
     layer_kwargs.setdefault("device", conv.weights["w_in"].device)
     moe = MoELayer(conv.config, **layer_kwargs)
     moe.load_full_weights(**conv.weights, gate_up_layout=conv.gate_up_layout)
@@ -251,7 +315,7 @@ def _build(conv: Conversion, trainable: dict[str, bool], **layer_kwargs) -> HFMo
         group = "router" if name.startswith("router_") else "shared" if name.startswith("shared_") else "experts"
         if group in trainable:
             p.requires_grad_(trainable[group])
-    return HFMoEBlock(moe, conv.router, conv.router_output)
+    return HFMoEBlock(moe, conv.router, conv.router_output, skeleton)
 
 
 def from_hf_block(block: nn.Module, **layer_kwargs) -> HFMoEBlock:
@@ -259,9 +323,10 @@ def from_hf_block(block: nn.Module, **layer_kwargs) -> HFMoEBlock:
 
     layer_kwargs go to MoELayer (backend, placement, process_group, max_tokens_per_rank, ...);
     the device defaults to the block's. Its parameters train where the block's did (a group of
-    them partly frozen is refused). Collective when torch.distributed is initialised: every rank
-    must convert the same block (patch_model compares the ranks' decisions first)."""
-    return _build(*_checked_conversion(block), **layer_kwargs)
+    them partly frozen is refused); HFMoEBlock.to_hf() gives the block back with the layer's
+    weights. Collective when torch.distributed is initialised: every rank must convert the same
+    block (patch_model compares the ranks' decisions first)."""
+    return _build(block, *_checked_conversion(block), **layer_kwargs)
 
 
 def _ranks_agree(decisions: list[tuple[str, str | None]], process_group) -> None:
@@ -306,8 +371,27 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     _ranks_agree(decisions, layer_kwargs.get("process_group"))
     for name, conv, trainable in blocks:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                _build(conv, trainable, **layer_kwargs))
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _build(getattr(parent, child), conv, trainable, **layer_kwargs))
     if blocks:
         exclude_from_ddp(model)
     return {name: "replaced" if reason is None else reason for name, reason in decisions}
+
+
+def unpatch_model(model: nn.Module) -> dict[str, str]:
+    """Put back, in place, the transformers block of every HFMoEBlock in `model` (patch_model's),
+    holding the layer's current weights (HFMoEBlock.to_hf: every rank's experts gathered, so
+    every rank must call it; collective): then model.state_dict() and save_pretrained are the
+    unpatched model's. -> {module name: "restored"}."""
+    report = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, HFMoEBlock):
+            parent_name, _, child = name.rpartition(".")
+            gone = set(sharded_names(module))
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_hf())
+            ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
+            if ignored is not None:
+                model._ddp_params_and_buffers_to_ignore = [
+                    n for n in ignored if not (n.startswith(f"{name}.") and n.removeprefix(f"{name}.") in gone)]
+            report[name] = "restored"
+    return report

@@ -11,7 +11,8 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from flashmoe_py import ConsistencyError, MoELayer  # noqa: E402
-from flashmoe_py.hf import HFMoEBlock, block_config, convert_block, from_hf_block, patch_model  # noqa: E402
+from flashmoe_py.hf import (HFMoEBlock, block_config, convert_block, from_hf_block, patch_model,  # noqa: E402
+                             unpatch_model)
 from flashmoe_py.routing import route  # noqa: E402
 from seeds import fresh_seed  # noqa: E402
 
@@ -321,3 +322,53 @@ def test_the_router_stays_the_layer_s_after_a_state_dict_is_assigned(kind):
     assert torch.equal(block.moe.router_weight, state["model.layers.0.mlp.moe.router_weight"])
     if block.moe.e_score_correction_bias is not None:
         assert block.router.e_score_correction_bias is block.moe.e_score_correction_bias
+
+
+def trained_then_unpatched(rank, world, kind, seed):
+    """patch_model, every parameter moved (the same noise on every rank: replicated ones stay
+    equal), unpatch_model -> (report, whether the state_dict's names are the unpatched model's
+    again, the restored model's logits against the patched one's, and a fresh unpatched model's
+    that loaded the restored state_dict (strict), whether any HFMoEBlock is left)."""
+    model = tiny_model(kind, seed)
+    names = sorted(model.state_dict())
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(seed + rank))
+    patch_model(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.dtype))
+        want = model(ids).logits
+        report = unpatch_model(model)
+        got = model(ids).logits
+        fresh = tiny_model(kind, seed + 1)
+        fresh.load_state_dict(model.state_dict())
+        again = fresh(ids).logits
+    left = any(isinstance(m, HFMoEBlock) for m in model.modules())
+    rel = lambda a: float((a - want).norm() / want.norm())  # noqa: E731
+    return report, names == sorted(model.state_dict()), rel(got), rel(again), left
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_unpatch_model_puts_the_blocks_back_with_the_trained_weights(dist_pools, world, kind):
+    """After training a patched model, its transformers blocks come back holding the layers'
+    weights (every rank's experts): the same outputs, the unpatched model's state_dict names, so
+    save_pretrained and an unpatched model can take it."""
+    seed = random.SystemRandom().randrange(2**20)
+    for report, same_names, err, err_fresh, left in dist_pools(world).run(trained_then_unpatched, kind, seed):
+        assert list(report.values()) == ["restored"] * 2 and same_names and not left
+        assert err <= 1e-5 and err_fresh <= 1e-5, (err, err_fresh)
+
+
+def test_a_restored_model_saves_and_loads_with_transformers(tmp_path):
+    model = tiny_model("qwen2_moe", 6)
+    ids = torch.randint(0, 97, (2, 7))
+    patch_model(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.moe.w_out.mul_(1.5)  # trained
+        want = model(ids).logits
+    unpatch_model(model)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
