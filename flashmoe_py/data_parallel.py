@@ -9,6 +9,10 @@ replicated ones is the gradient of their mean."""
 
 from __future__ import annotations
 
+import functools
+
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -39,16 +43,25 @@ def exclude_from_ddp(model: nn.Module) -> list[str]:
 
 
 def prepare_ddp(model: nn.Module) -> list[str]:
-    """Ready `model` for DistributedDataParallel(model): exclude_from_ddp, and each MoELayer's expert
-    gradients divided by its world size as they arrive (a hook on each sharded parameter, added
-    once), so that with DDP's average every gradient is that of the mean of the ranks' losses.
-    Call it before wrapping, on every rank; weights replaced afterwards (new Parameter objects)
-    need it again. -> the names excluded."""
+    """Ready `model` for DistributedDataParallel(model) over the default process group:
+    exclude_from_ddp, and each MoELayer's expert gradients divided by its world size as they
+    arrive (a hook on each sharded parameter that requires grad, added once), so that with DDP's
+    average every gradient is that of the mean of the ranks' losses. Call it before wrapping, on
+    every rank; experts unfrozen or weights replaced afterwards (new Parameter objects) need it
+    again. A layer whose experts span fewer ranks than DDP's (a smaller process group: each
+    expert held by several ranks, whose copies DDP would not keep equal) is refused (ValueError).
+    Clipping gradients by their global norm needs the experts' part summed over the ranks (each
+    rank's own experts differ), or the replicated weights drift apart. -> the names excluded."""
     for module in model.modules():
-        if isinstance(module, MoELayer) and module.world_size > 1:
+        if not isinstance(module, MoELayer):
+            continue
+        if dist.is_initialized() and module.world_size != dist.get_world_size():
+            raise ValueError(f"prepare_ddp: an MoELayer's experts span {module.world_size} ranks, DDP's "
+                             f"default group {dist.get_world_size()}: its expert copies would drift apart")
+        if module.world_size > 1:
             for name in SHARDED:
                 p = module._parameters.get(name)
-                if p is not None and not getattr(p, _SCALED, False):
-                    p.register_hook(lambda g, w=module.world_size: g / w)
+                if p is not None and p.requires_grad and not getattr(p, _SCALED, False):
+                    p.register_hook(functools.partial(torch.div, other=module.world_size))
                     setattr(p, _SCALED, True)
     return exclude_from_ddp(model)

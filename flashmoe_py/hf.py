@@ -53,6 +53,11 @@ class Conversion:
     shared_mlp: nn.Module | None = None
 
 
+def _tie_router_after_load(module: HFMoEBlock, incompatible_keys) -> None:
+    """load_state_dict's post hook (a module-level function: a patched model still pickles)."""
+    module.tie_router()
+
+
 class HFMoEBlock(nn.Module):
     """A drop-in for a transformers MoE block: [batch, seq, H] -> what that block returns.
 
@@ -69,7 +74,7 @@ class HFMoEBlock(nn.Module):
         object.__setattr__(self, "_skeleton", skeleton)
         self.tie_router()
         # load_state_dict(assign=True) puts the state_dict's two copies in as two tensors: tie again
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module.tie_router())
+        self.register_load_state_dict_post_hook(_tie_router_after_load)
 
     def tie_router(self) -> None:
         """The router module's parameters (and correction bias) are the layer's: one set, one set
@@ -84,9 +89,11 @@ class HFMoEBlock(nn.Module):
     @torch.no_grad()
     def to_hf(self) -> nn.Module:
         """The transformers block this one was converted from, holding the layer's weights as they
-        are now (every rank's experts gathered: collective when world_size > 1) and the same router
-        module: for save_pretrained, or a model without flashmoe_py. Each weight is checked to read
-        back through the block's conversion as the layer's (RuntimeError if not)."""
+        are now (every rank's experts gathered, on the layer's device: collective when world_size >
+        1), each training where the layer's does now, and this block's own router module (shared,
+        not copied: unpatch_model's use): for save_pretrained, or a model without flashmoe_py. Each
+        weight is checked to read back through the block's conversion as the layer's (RuntimeError
+        if not)."""
         if self._skeleton is None:
             raise RuntimeError("this HFMoEBlock was built without its transformers block's skeleton")
         moe, block, full = self.moe, copy.deepcopy(self._skeleton), self.moe.full_weight_dict()
@@ -97,6 +104,10 @@ class HFMoEBlock(nn.Module):
                                                             requires_grad=p.requires_grad)
         parent, _, child = self._skeleton._router_path.rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, child, self.router)
+        experts = set(block.experts.parameters())
+        for p in block.parameters():  # the router's are the layer's own
+            if p not in set(self.router.parameters()):
+                p.requires_grad_((moe.w_in if p in experts else moe.shared_w_in).requires_grad)
         conv = convert_block(block)
         want = {n: _in_layout(full[n], n, conv) for n in conv.weights if n not in ROUTER_TENSORS}
         for name, value in want.items():
@@ -135,9 +146,11 @@ def _in_layout(t: torch.Tensor, name: str, conv: Conversion) -> torch.Tensor:
 
 
 def _skeleton(block: nn.Module, router: nn.Module) -> nn.Module:
-    """A copy of `block` whose parameters are on the meta device (no memory; requires_grad kept),
-    its buffers copied, and the path of its router module in `_router_path`."""
+    """A copy of `block` whose parameters are on the meta device (no memory), its buffers copied,
+    its hooks left out, and the path of its router module in `_router_path`."""
     memo = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in block.parameters()}
+    for module in block.modules():  # hooks are the live model's (they may hold it all): not copied
+        memo |= {id(v): type(v)() for k, v in vars(module).items() if "hook" in k and isinstance(v, dict)}
     skeleton = copy.deepcopy(block, memo)
     skeleton._router_path = next(name for name, m in block.named_modules() if m is router)
     return skeleton
@@ -359,13 +372,18 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     one rank only), then the layers compare their configs and router weights. The layers'
     sharded parameters are excluded from DistributedDataParallel wrapping `model`
     (data_parallel.exclude_from_ddp; prepare_ddp also scales their gradients for DDP's average)."""
-    blocks, decisions = [], []
+    blocks, decisions, owner = [], [], {}
     for name, module in list(model.named_modules()):
         if isinstance(module, HFMoEBlock) or not isinstance(getattr(module, "experts", None), nn.Module):
             continue
         try:
+            shared = {owner[id(p)] for p in module.parameters() if id(p) in owner}
+            if shared:
+                raise UnsupportedBlock(f"{type(module).__name__}: shares parameters with block {min(shared)!r} "
+                                       "(each layer holds its own)")
             blocks.append((name, *_checked_conversion(module)))
             decisions.append((name, None))
+            owner |= {id(p): name for p in module.parameters()}
         except UnsupportedBlock as e:
             decisions.append((name, str(e)))
     _ranks_agree(decisions, layer_kwargs.get("process_group"))

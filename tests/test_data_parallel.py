@@ -57,3 +57,26 @@ def test_unprepared_ddp_would_put_rank_0_s_experts_everywhere(dist_pools):
     """Why prepare_ddp (or patch_model) must run first: DDP copies rank 0's parameters."""
     kept = [k for k, _ in dist_pools(2).run(ddp_against_plain, fresh_seed(), False, "autograd")]
     assert kept == [True, False]
+
+
+def prepared_with_frozen_experts_or_a_smaller_group(rank, world):
+    """-> (prepare_ddp on a layer whose experts are frozen: the names it excluded; what it raised
+    for a layer on a group of one rank, whose experts DDP over both ranks would let drift apart)."""
+    frozen = model(5, "autograd")
+    for name in ("w_in", "w_out", "b_in", "b_out"):
+        getattr(frozen[1], name).requires_grad_(False)
+    names = prepare_ddp(frozen)
+    groups = [dist.new_group([r]) for r in range(world)]
+    alone = nn.Sequential(MoELayer(CFG, process_group=groups[rank]))
+    try:
+        prepare_ddp(alone)
+        raised = ""
+    except ValueError as e:
+        raised = str(e)
+    return names, raised
+
+
+def test_frozen_experts_are_excluded_without_a_hook_and_a_smaller_expert_group_is_refused(dist_pools):
+    for names, raised in dist_pools(2).run(prepared_with_frozen_experts_or_a_smaller_group):
+        assert sorted(names) == ["1.b_in", "1.b_out", "1.expert_ids", "1.w_in", "1.w_out"]
+        assert "experts span 1 ranks, DDP's default group 2" in raised

@@ -294,6 +294,14 @@ def test_frozen_parameters_stay_frozen_and_trainable_ones_train(kind):
         owner = {n: "router" if n.startswith("router_") else "shared" if n.startswith("shared_") else "experts"
                  for n in trains}
         assert trains == {n: owner[n] != frozen for n in trains}, (frozen, trains)
+        unpatch_model(model)  # and back: still frozen where it was, nothing left for DDP to skip
+        block = moe_block(model)
+        experts = set(block.experts.parameters())
+        router = set(block.gate.parameters())
+        back = {"router": router, "experts": experts,
+                "shared": {p for p in block.parameters() if p not in experts and p not in router}}
+        assert all(p.requires_grad == (g != frozen) for g, ps in back.items() for p in ps), frozen
+        assert model._ddp_params_and_buffers_to_ignore == []
     model = tiny_model(kind, 1)
     next(iter(moe_block(model).experts.parameters())).requires_grad_(False)
     assert "its experts parameters are partly frozen" in patch_model(model)["model.layers.0.mlp"]
@@ -372,3 +380,25 @@ def test_a_restored_model_saves_and_loads_with_transformers(tmp_path):
     loaded = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_patched_model_pickles_and_its_skeletons_hold_no_hooks(tmp_path):
+    """torch.save(model) pickles every hook (load_state_dict's post hook is a module function);
+    a hook on the original block (which may hold the whole model) is not copied into the skeleton."""
+    model = tiny_model("mixtral", 7)
+    big = torch.zeros(1 << 16)
+    moe_block(model).experts.register_forward_hook(lambda m, i, o, big=big: None)
+    patch_model(model)
+    torch.save(model, tmp_path / "model.pt")
+    skeleton = moe_block(model)._skeleton
+    assert all(not m._forward_hooks for m in skeleton.modules())
+    assert all(t.is_meta for t in skeleton.parameters())
+
+
+def test_blocks_sharing_parameters_are_left_alone_after_the_first():
+    model = tiny_model("mixtral", 8)
+    model.model.layers[1].mlp.gate = model.model.layers[0].mlp.gate
+    report = patch_model(model)
+    assert report["model.layers.0.mlp"] == "replaced"
+    assert report["model.layers.1.mlp"] == ("MixtralSparseMoeBlock: shares parameters with block "
+                                            "'model.layers.0.mlp' (each layer holds its own)")
