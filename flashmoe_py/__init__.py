@@ -8,7 +8,7 @@ import logging
 from .backends.flash import FusedKernelError
 from .backends.torch_ep import PeerInputError
 from .config import PRESETS, ConfigError, MoEConfig, preset
-from .data_parallel import prepare_ddp
+from .data_parallel import clip_grad_norm_, prepare_ddp
 from .hf import UnsupportedBlock, patch_model, unpatch_model
 from .layer import MoELayer, MoEStats
 from .placement import ExpertPlacement, PlacementError
@@ -19,4 +19,5 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["MoEConfig", "MoELayer", "MoEStats", "ExpertPlacement", "PRESETS", "preset",
            "reference_forward", "init", "finalize", "patch_model", "unpatch_model", "ConfigError", "PlacementError",
-           "ConsistencyError", "PeerInputError", "FusedKernelError", "UnsupportedBlock", "prepare_ddp"]
+           "ConsistencyError", "PeerInputError", "FusedKernelError", "UnsupportedBlock", "prepare_ddp",
+           "clip_grad_norm_"]

@@ -5,7 +5,8 @@ rank, and it averages every gradient over the ranks. An MoELayer's experts are s
 holds its own: w_in, w_out, b_in, b_out, and the expert_ids buffer naming them), so DDP would put
 rank 0's experts on every rank, silently. And the layer's expert gradients already sum every
 rank's tokens (the gradient of the sum of the ranks' losses), where DDP's average of the
-replicated ones is the gradient of their mean."""
+replicated ones is the gradient of their mean. And a global gradient norm must count every rank's
+experts."""
 
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def prepare_ddp(model: nn.Module) -> list[str]:
     every rank; experts unfrozen or weights replaced afterwards (new Parameter objects) need it
     again. A layer whose experts span fewer ranks than DDP's (a smaller process group: each
     expert held by several ranks, whose copies DDP would not keep equal) is refused (ValueError).
-    Clipping gradients by their global norm needs the experts' part summed over the ranks (each
-    rank's own experts differ), or the replicated weights drift apart. -> the names excluded."""
+    Clip gradients with clip_grad_norm_ below (torch's sees one rank's experts only).
+    -> the names excluded."""
     for module in model.modules():
         if not isinstance(module, MoELayer):
             continue
@@ -65,3 +66,38 @@ def prepare_ddp(model: nn.Module) -> list[str]:
                     p.register_hook(functools.partial(torch.div, other=module.world_size))
                     setattr(p, _SCALED, True)
     return exclude_from_ddp(model)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for a model whose MoELayers hold each rank's own experts,
+    trained data-parallel (its replicated gradients already equal on every rank, as after DDP's
+    average): the total norm counts every rank's expert gradients (one all_reduce over the
+    default process group) and the replicated ones once, so every rank scales by the same factor
+    (torch's, on one rank's parameters, sees only that rank's experts: the ranks would scale
+    their replicated weights differently and drift apart). norm_type 2 or inf. Collective.
+    -> the total norm (float32, on the gradients' device)."""
+    if norm_type not in (2.0, float("inf")):
+        raise ValueError(f"clip_grad_norm_: norm_type={norm_type}; flashmoe_py's takes 2 or inf")
+    sharded = {id(getattr(m, n)) for m in model.modules() if isinstance(m, MoELayer)
+               for n in SHARDED if isinstance(getattr(m, n), nn.Parameter)}
+    grads = [(p.grad, id(p) in sharded) for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    device = grads[0][0].device
+    parts = torch.zeros(2, device=device)  # [replicated, sharded]
+    for g, own in grads:
+        g = g.detach().float()
+        if norm_type == 2.0:
+            parts[int(own)] += g.square().sum()
+        else:
+            parts[int(own)] = torch.maximum(parts[int(own)], g.abs().max())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        op = dist.ReduceOp.SUM if norm_type == 2.0 else dist.ReduceOp.MAX
+        mine = parts[1:].clone()
+        dist.all_reduce(mine, op=op)
+        parts[1:] = mine
+    total = parts.sum().sqrt() if norm_type == 2.0 else parts.max()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g, _ in grads:
+        g.mul_(scale.to(g.dtype))
+    return total

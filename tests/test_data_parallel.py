@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flashmoe_py import MoEConfig, MoELayer, prepare_ddp
+from flashmoe_py.data_parallel import clip_grad_norm_ as fm_clip
 from flashmoe_py.data_parallel import sharded_names
 
 CFG = MoEConfig(hidden_size=32, ffn_size=24, num_experts=8, top_k=2, dtype="float32", expert_bias=True,
@@ -80,3 +81,34 @@ def test_frozen_experts_are_excluded_without_a_hook_and_a_smaller_expert_group_i
     for names, raised in dist_pools(2).run(prepared_with_frozen_experts_or_a_smaller_group):
         assert sorted(names) == ["1.b_in", "1.b_out", "1.expert_ids", "1.w_in", "1.w_out"]
         assert "experts span 1 ranks, DDP's default group 2" in raised
+
+
+def clipped_under_ddp(rank, world, seed: int):
+    """A DDP step of model(seed) (prepared), its gradients clipped by flashmoe_py's clip_grad_norm_
+    to a third of their norm -> (the norm it returned, the norm over every rank's experts and the
+    replicated gradients once, the clip's factor on this rank, whether the replicated gradients
+    are equal on every rank afterwards)."""
+    net = model(seed, "saved")
+    prepare_ddp(net)
+    ddp = DistributedDataParallel(net)
+    g = torch.Generator().manual_seed(seed * 7 + rank)
+    x, dy = torch.randn(11, 32, generator=g), torch.randn(11, 32, generator=g)
+    (ddp(x) * dy).sum().backward()
+    sharded = {n for n in sharded_names(net)}
+    before = {n: p.grad.clone() for n, p in net.named_parameters()}
+    own = sum(float(v.square().sum()) for n, v in before.items() if n in sharded)
+    every = [None] * world
+    dist.all_gather_object(every, own)
+    want = (sum(every) + sum(float(v.square().sum()) for n, v in before.items() if n not in sharded)) ** 0.5
+    total = float(fm_clip(net, want / 3))
+    factor = float(net[0].weight.grad.norm() / before["0.weight"].norm())
+    replicated = [p.grad for n, p in net.named_parameters() if n not in sharded]
+    mine = torch.cat([r.reshape(-1) for r in replicated])
+    others = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(others, mine)
+    return total, want, factor, all(torch.equal(o, mine) for o in others)
+
+
+def test_clipping_counts_every_rank_s_experts_so_the_ranks_scale_alike(dist_pools):
+    for total, want, factor, equal in dist_pools(2).run(clipped_under_ddp, fresh_seed()):
+        assert abs(total - want) <= 1e-5 * want and abs(factor - 1 / 3) < 1e-5 and equal, (total, want, factor)
