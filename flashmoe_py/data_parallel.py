@@ -81,9 +81,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     sharded = {id(getattr(m, n)) for m in model.modules() if isinstance(m, MoELayer)
                for n in SHARDED if isinstance(getattr(m, n), nn.Parameter)}
     grads = [(p.grad, id(p) in sharded) for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    device = grads[0][0].device
+    # every rank reaches the all_reduce, one without gradients too
+    device = grads[0][0].device if grads else next(model.parameters(), torch.empty(0)).device
     parts = torch.zeros(2, device=device)  # [replicated, sharded]
     for g, own in grads:
         g = g.detach().float()

@@ -112,3 +112,16 @@ def clipped_under_ddp(rank, world, seed: int):
 def test_clipping_counts_every_rank_s_experts_so_the_ranks_scale_alike(dist_pools):
     for total, want, factor, equal in dist_pools(2).run(clipped_under_ddp, fresh_seed()):
         assert abs(total - want) <= 1e-5 * want and abs(factor - 1 / 3) < 1e-5 and equal, (total, want, factor)
+
+
+def clipped_where_one_rank_has_no_gradients(rank, world):
+    net = model(3, "autograd")
+    (net(torch.randn(5, 32)) ** 2).sum().backward()  # the layer's step is collective
+    if rank == 1:
+        net.zero_grad(set_to_none=True)
+    return float(fm_clip(net, 1.0))
+
+
+def test_clipping_is_collective_even_where_a_rank_has_no_gradients(dist_pools):
+    total = dist_pools(2).run(clipped_where_one_rank_has_no_gradients)
+    assert total[0] > 0 and total[1] >= 0  # both ranks returned: nobody left in the all_reduce
