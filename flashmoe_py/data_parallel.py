@@ -16,20 +16,31 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
+from .config import EXPERT_WEIGHTS
 from .layer import MoELayer
 
-SHARDED = ("w_in", "w_out", "b_in", "b_out", "expert_ids")  # each rank's own experts
+SHARDED = (*EXPERT_WEIGHTS, "expert_ids")  # each rank's own experts
 _SCALED = "_flashmoe_expert_grads_averaged"
+
+
+def _sharded(model: nn.Module):
+    """(fully qualified name, MoELayer, tensor) of each sharded parameter and buffer in `model`."""
+    for prefix, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            for n in SHARDED:
+                if (t := getattr(module, n)) is not None:
+                    yield (f"{prefix}.{n}" if prefix else n), module, t
 
 
 def sharded_names(model: nn.Module) -> list[str]:
     """Fully qualified names of the sharded parameters and buffers of every MoELayer in `model`."""
-    names = []
-    for prefix, module in model.named_modules():
-        if isinstance(module, MoELayer):
-            names += [f"{prefix}.{n}" if prefix else n for n in SHARDED if getattr(module, n) is not None]
-    return names
+    return [name for name, _, _ in _sharded(model)]
+
+
+def _set_ignored(model: nn.Module, names: list[str]) -> None:
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
 def exclude_from_ddp(model: nn.Module) -> list[str]:
@@ -38,9 +49,14 @@ def exclude_from_ddp(model: nn.Module) -> list[str]:
     -> the names excluded now."""
     names = sharded_names(model)
     before = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, before + [n for n in names if n not in before])
+    _set_ignored(model, before + [n for n in names if n not in before])
     return names
+
+
+def include_in_ddp(model: nn.Module, names: list[str]) -> None:
+    """exclude_from_ddp's inverse for `names` (those of layers taken out of `model`)."""
+    if hasattr(model, "_ddp_params_and_buffers_to_ignore"):
+        _set_ignored(model, [n for n in model._ddp_params_and_buffers_to_ignore if n not in set(names)])
 
 
 def prepare_ddp(model: nn.Module) -> list[str]:
@@ -54,17 +70,13 @@ def prepare_ddp(model: nn.Module) -> list[str]:
     Clip gradients with clip_grad_norm_ below (torch's sees one rank's experts only).
     -> the names excluded."""
     for module in model.modules():
-        if not isinstance(module, MoELayer):
-            continue
-        if dist.is_initialized() and module.world_size != dist.get_world_size():
+        if isinstance(module, MoELayer) and dist.is_initialized() and module.world_size != dist.get_world_size():
             raise ValueError(f"prepare_ddp: an MoELayer's experts span {module.world_size} ranks, DDP's "
                              f"default group {dist.get_world_size()}: its expert copies would drift apart")
-        if module.world_size > 1:
-            for name in SHARDED:
-                p = module._parameters.get(name)
-                if p is not None and p.requires_grad and not getattr(p, _SCALED, False):
-                    p.register_hook(functools.partial(torch.div, other=module.world_size))
-                    setattr(p, _SCALED, True)
+    for _, module, p in _sharded(model):
+        if module.world_size > 1 and p.requires_grad and not getattr(p, _SCALED, False):
+            p.register_hook(functools.partial(torch.div, other=module.world_size))
+            setattr(p, _SCALED, True)
     return exclude_from_ddp(model)
 
 
@@ -78,25 +90,19 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     -> the total norm (float32, on the gradients' device)."""
     if norm_type not in (2.0, float("inf")):
         raise ValueError(f"clip_grad_norm_: norm_type={norm_type}; flashmoe_py's takes 2 or inf")
-    sharded = {id(getattr(m, n)) for m in model.modules() if isinstance(m, MoELayer)
-               for n in SHARDED if isinstance(getattr(m, n), nn.Parameter)}
-    grads = [(p.grad, id(p) in sharded) for p in model.parameters() if p.grad is not None]
+    sharded = {id(t) for _, _, t in _sharded(model)}
+    params = [p for p in model.parameters() if p.grad is not None]
     # every rank reaches the all_reduce, one without gradients too
-    device = grads[0][0].device if grads else next(model.parameters(), torch.empty(0)).device
-    parts = torch.zeros(2, device=device)  # [replicated, sharded]
-    for g, own in grads:
-        g = g.detach().float()
-        if norm_type == 2.0:
-            parts[int(own)] += g.square().sum()
-        else:
-            parts[int(own)] = torch.maximum(parts[int(own)], g.abs().max())
+    device = params[0].grad.device if params else next(model.parameters(), torch.empty(0)).device
+    norms = []  # [replicated, sharded]: each part's norm on this rank
+    for own in (False, True):
+        grads = [p.grad for p in params if (id(p) in sharded) == own]
+        norms.append(get_total_norm(grads, norm_type).float().to(device) if grads
+                     else torch.zeros((), device=device))
+    two = norm_type == 2.0
+    shard = norms[1].square() if two else norms[1]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        op = dist.ReduceOp.SUM if norm_type == 2.0 else dist.ReduceOp.MAX
-        mine = parts[1:].clone()
-        dist.all_reduce(mine, op=op)
-        parts[1:] = mine
-    total = parts.sum().sqrt() if norm_type == 2.0 else parts.max()
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g, _ in grads:
-        g.mul_(scale.to(g.dtype))
+        dist.all_reduce(shard, op=dist.ReduceOp.SUM if two else dist.ReduceOp.MAX)
+    total = (norms[0].square() + shard).sqrt() if two else torch.maximum(norms[0], shard)
+    clip_grads_with_norm_(params, max_norm, total)
     return total

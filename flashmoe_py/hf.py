@@ -24,8 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import DTYPES, ConfigError, MoEConfig
-from .data_parallel import exclude_from_ddp, sharded_names
-from .gate_up import to_interleaved, to_pairs
+from .data_parallel import exclude_from_ddp, include_in_ddp, sharded_names
 from .layer import MoELayer
 from .runtime import ConsistencyError
 
@@ -96,20 +95,21 @@ class HFMoEBlock(nn.Module):
         if not)."""
         if self._skeleton is None:
             raise RuntimeError("this HFMoEBlock was built without its transformers block's skeleton")
-        moe, block, full = self.moe, copy.deepcopy(self._skeleton), self.moe.full_weight_dict()
+        moe, block = self.moe, copy.deepcopy(self._skeleton)
         for module in block.modules():
             for name, p in module._parameters.items():
                 if p is not None and p.is_meta:
-                    module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=moe.device),
-                                                            requires_grad=p.requires_grad)
+                    module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=moe.device))
         parent, _, child = self._skeleton._router_path.rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, child, self.router)
-        experts = set(block.experts.parameters())
-        for p in block.parameters():  # the router's are the layer's own
-            if p not in set(self.router.parameters()):
-                p.requires_grad_((moe.w_in if p in experts else moe.shared_w_in).requires_grad)
+        groups = _param_groups(block, self.router)  # the router's are the layer's own
+        for p in groups["experts"]:
+            p.requires_grad_(moe.w_in.requires_grad)
+        for p in groups["shared"]:  # (deepseek without shared experts: an MLP of width 0)
+            p.requires_grad_(moe.shared_w_in is not None and moe.shared_w_in.requires_grad)
         conv = convert_block(block)
-        want = {n: _in_layout(full[n], n, conv) for n in conv.weights if n not in ROUTER_TENSORS}
+        full = moe.full_weight_dict(conv.gate_up_layout)
+        want = {n: full[n] for n in conv.weights if n not in ROUTER_TENSORS}
         for name, value in want.items():
             if name == "shared_w_in":  # joined from the shared MLP's gate and up: split back
                 gate, up = value.chunk(2, dim=1)
@@ -137,12 +137,12 @@ class HFMoEBlock(nn.Module):
 ROUTER_TENSORS = ("router_weight", "router_bias", "e_score_correction_bias")  # the router module's own
 
 
-def _in_layout(t: torch.Tensor, name: str, conv: Conversion) -> torch.Tensor:
-    """A full_weight_dict tensor (gated: gate | up halves) in the layout the block's conversion
-    reads (gpt-oss: gate and up interleaved)."""
-    if conv.gate_up_layout == "interleaved" and name in ("w_in", "b_in"):
-        return to_interleaved(to_pairs(t))
-    return t
+def _param_groups(block: nn.Module, router: nn.Module) -> dict[str, set[nn.Parameter]]:
+    """A transformers block's parameters by what the layer holds each as: its experts, its router
+    (`router`, the block's router module), its shared experts (the rest)."""
+    experts, routing = set(block.experts.parameters()), set(router.parameters())
+    return {"experts": experts, "router": routing,
+            "shared": {p for p in block.parameters() if p not in experts and p not in routing}}
 
 
 def _skeleton(block: nn.Module, router: nn.Module) -> nn.Module:
@@ -300,12 +300,8 @@ def _checked_conversion(block: nn.Module) -> tuple[Conversion, dict[str, bool]]:
     if any(t.is_meta for t in conv.weights.values()):
         raise UnsupportedBlock(f"{type(block).__name__}: its weights are on the meta device (not loaded "
                                "yet); materialise them before converting the block")
-    experts = set(block.experts.parameters())
-    router = set(conv.router.parameters())
-    groups = {"experts": experts, "router": router,
-              "shared": {p for p in block.parameters() if p not in experts and p not in router}}
     trainable = {}
-    for group, params in groups.items():
+    for group, params in _param_groups(block, conv.router).items():
         states = {p.requires_grad for p in params}
         if len(states) > 1:
             raise UnsupportedBlock(f"{type(block).__name__}: its {group} parameters are partly frozen "
@@ -405,11 +401,7 @@ def unpatch_model(model: nn.Module) -> dict[str, str]:
     for name, module in list(model.named_modules()):
         if isinstance(module, HFMoEBlock):
             parent_name, _, child = name.rpartition(".")
-            gone = set(sharded_names(module))
+            include_in_ddp(model, [f"{name}.{n}" for n in sharded_names(module)])
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_hf())
-            ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
-            if ignored is not None:
-                model._ddp_params_and_buffers_to_ignore = [
-                    n for n in ignored if not (n.startswith(f"{name}.") and n.removeprefix(f"{name}.") in gone)]
             report[name] = "restored"
     return report

@@ -17,7 +17,7 @@ from .backends.explicit_backward import (bound_parameters, explicit_forward, moe
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig, as_int
 from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
-from .gate_up import HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, to_halves, to_pairs
+from .gate_up import HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, to_halves, to_interleaved, to_pairs
 from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from .kernels.fused_moe import TMA_ROW_MULTIPLE
 from .options import FusedOptions
@@ -278,12 +278,15 @@ class MoELayer(nn.Module):
             getattr(self, name).copy_(t)
         self._check_replicas_agree("load_full_weights")
 
-    def full_weight_dict(self) -> dict[str, torch.Tensor]:
+    def full_weight_dict(self, gate_up_layout: str = "halves") -> dict[str, torch.Tensor]:
         """Every weight of the full (unsharded) layer, named and shaped as MoEConfig.weight_shapes()
-        gives them and load_full_weights and reference_forward take them (gated: gate | up halves,
-        converted from the layer's pairs):
+        gives them and load_full_weights and reference_forward take them (gated: gate and up in
+        gate_up_layout, "halves" or "interleaved" as load_full_weights takes, converted from the
+        layer's pairs):
         the per-expert ones gathered from every rank in global expert order (collective when
         world_size > 1), the replicated ones copied."""
+        if gate_up_layout not in GATE_UP_LAYOUTS:
+            raise ValueError(f"gate_up_layout={gate_up_layout!r}; choose one of {GATE_UP_LAYOUTS}")
         order = torch.argsort(self.expert_positions)  # position p holds expert order[p]
         full = {}
         for name in self.config.weight_shapes():
@@ -296,7 +299,7 @@ class MoELayer(nn.Module):
             else:
                 full[name] = t.clone()
             if self.config.gated and name in GATE_UP_WEIGHTS:
-                full[name] = to_halves(full[name])
+                full[name] = (to_interleaved if gate_up_layout == "interleaved" else to_halves)(full[name])
         return full
 
     def route(self, x: torch.Tensor, *, keep_logits: bool = False,
@@ -390,10 +393,7 @@ class MoELayer(nn.Module):
     def synchronize(self) -> None:
         """Wait for this rank's last forward; raise if the fused kernel reported a failed wait
         (the fused backend otherwise reports it at the next forward, without a host sync)."""
-        if isinstance(self.backend, FlashBackend):
-            self.backend.raise_if_failed(block=True)
-        elif self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.backend.raise_if_failed(block=True)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

@@ -249,8 +249,8 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
         return _current
     os.environ.update(NO_MULTICAST)
     info = detect_launcher()
-    if info.launcher == "single" and not dist.is_initialized() and srun_tasks() > 1:
-        raise RuntimeError(f"an srun job step of {srun_tasks()} tasks, and no launcher's variables this package "
+    if info.launcher == "single" and not dist.is_initialized() and (tasks := srun_tasks()) > 1:
+        raise RuntimeError(f"an srun job step of {tasks} tasks, and no launcher's variables this package "
                            "reads: start the processes with torchrun or mpirun (launch/torchrun.sh, "
                            "launch/mpirun.sh), or make the process group first; alone, each would run as world 1")
     if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (info.rank, info.world_size):

@@ -47,6 +47,11 @@ def test_the_layer_keeps_pairs_and_speaks_halves():
     full = layer.full_weight_dict()
     for name in ("w_in", "b_in", "shared_w_in"):
         assert torch.equal(getattr(layer, name).detach(), to_pairs(full[name]))
+    inter = layer.full_weight_dict("interleaved")  # as gpt-oss lays them out
+    for name in ("w_in", "b_in", "shared_w_in"):
+        assert torch.equal(to_pairs(inter[name], "interleaved"), getattr(layer, name).detach())
+    with pytest.raises(ValueError, match="gate_up_layout='pairs'"):
+        layer.full_weight_dict("pairs")
     x = torch.randn(7, 16)
     with torch.no_grad():
         ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **full)

@@ -156,8 +156,7 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     cfg = layer.config
     if capture.capturing(x):
         capture.refuse_backward(layer)
-    if (failed := getattr(layer.backend, "raise_if_failed", None)) is not None:
-        failed(block=False)  # a fused forward that timed out (where its status has landed) saved garbage
+    layer.backend.raise_if_failed(block=False)  # a fused forward that timed out (where its status landed)
     if saved is None and (routing_bias is None) != (layer.e_score_correction_bias is None):
         raise ValueError("moe_backward: routing_bias must be the forward's correction bias (routing_bias_now), "
                          f"given {'none' if routing_bias is None else 'one'} for routing={cfg.routing!r}")

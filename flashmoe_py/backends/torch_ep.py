@@ -121,6 +121,12 @@ class TorchEPBackend:
     def __init__(self, layer):
         self.layer = weakref.proxy(layer)  # the layer owns the backend: no cycle to keep it alive
 
+    def raise_if_failed(self, block: bool) -> None:
+        """Nothing can have failed on the device here (the all-to-alls raise on the host); block=True
+        waits for the layer's GPU."""
+        if block and self.layer.device.type == "cuda":
+            torch.cuda.synchronize(self.layer.device)
+
     def forward(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None = None):
         """x: [T, hidden] in the layer's dtype and device, or anything when `error` says why it was
         rejected; the error is shared with every rank before it is raised. in_graph: whether this
