@@ -384,8 +384,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor, part: int = 1 << 26) -> float:
     return (diff / norm) ** 0.5 if norm else (float("nan") if diff == 0 else float("inf"))
 
 
-def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
-    """One (config, backend, routing, tokens) point -> a JSON row (on every rank)."""
+def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed, loads: dict):
+    """One (config, backend, routing, tokens) point -> a JSON row (on every rank). loads: the
+    points' routing loads by seed (one a case: its backends share inputs and steering)."""
     fused = backend in FLASH
     extra = {"max_tokens_per_rank": tokens, "transport": FLASH[backend]} if fused else {}
     layer = MoELayer(cfg, backend="flash" if fused else "torch", device=device, seed=seed, **extra)
@@ -408,7 +409,9 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
     xs = [torch.randn(tokens, cfg.hidden_size, generator=gen).to(device, cfg.torch_dtype)
           for _ in range(args.input_sets)]
     xs = [steer_routing(layer, x, routing, seed) for x in xs]  # same steering on every rank
-    load = routing_load(layer, xs[0])  # the floor's (add_derived)
+    if seed not in loads:  # the floor's (add_derived); every rank meets the same points in turn
+        loads[seed] = routing_load(layer, xs[0])
+    load = loads[seed]
     picked = checked_tokens(tokens, cfg).to(device)
     with torch.inference_mode():
         try:
@@ -685,9 +688,9 @@ def main(argv=None):
             progress = tqdm(total=len(points), desc="sweep", file=sys.stderr)
         except ImportError:
             pass
-    rows = []
+    rows, loads = [], {}
     for name, cfg, routing, tokens, backend, seed in points:
-        for row in bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed):
+        for row in bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed, loads):
             row.update(preset=name, **meta)
             rows.append(row)
         if progress:

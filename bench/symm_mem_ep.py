@@ -136,10 +136,8 @@ def regroup_by_expert(recv_counts: torch.Tensor, src_start: torch.Tensor) -> tup
     W, L = recv_counts.shape
     dev, per_src = recv_counts.device, recv_counts.sum(1)
     total = int(per_src.sum())
-    src = torch.repeat_interleave(torch.arange(W, device=dev), per_src, output_size=total)
-    expert = torch.repeat_interleave(torch.arange(L, device=dev).repeat(W), recv_counts.reshape(-1),
-                                     output_size=total)
     first = torch.cumsum(per_src, 0) - per_src  # each source's first row among the arrivals
-    rows = src_start[src] + torch.arange(total, device=dev) - first[src]
-    perm = rows[torch.sort(expert * W + src, stable=True).indices]
-    return perm, torch.cumsum(recv_counts.sum(0), 0).to(torch.int32)
+    rows = torch.arange(total, device=dev) + (src_start - first).repeat_interleave(per_src, output_size=total)
+    expert = torch.arange(L, device=dev).repeat(W).repeat_interleave(recv_counts.reshape(-1), output_size=total)
+    # arrivals are in (source, expert) order: a stable sort by expert gives (expert, source)
+    return rows[torch.sort(expert, stable=True).indices], torch.cumsum(recv_counts.sum(0), 0).to(torch.int32)

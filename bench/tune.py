@@ -92,13 +92,16 @@ def tuned_point(name, cfg, T, settings, args, timer, rt, world) -> list[dict]:
     ref = fm.reference_forward(xs[0][picked], config=cfg, **layers[0].full_weight_dict())
     layers += [build(setting) for setting in settings[1:]]
     times: list[list[float]] = [[] for _ in settings]
+    def errors() -> list[float]:
+        return [max_over_ranks(rel_err(layer(xs[0])[picked], ref), rt.device) for layer in layers]
+
     with torch.inference_mode():
-        errs = [max_over_ranks(rel_err(layer(xs[0])[picked], ref), rt.device) for layer in layers]
+        errs = errors()
         for _ in range(args.rounds):
             for layer, own in zip(layers, times):
                 for x in xs:
                     own += timer.time(lambda layer=layer, x=x: layer(x), args.iters, warmup=3)
-        errs_timed = [max_over_ranks(rel_err(layer(xs[0])[picked], ref), rt.device) for layer in layers]
+        errs_timed = errors()
         for layer in layers:
             layer.synchronize()
     rows = []

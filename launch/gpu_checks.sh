@@ -11,9 +11,8 @@ cd "$(dirname "$0")/.."
 NGPUS=${NGPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)}
 export OUT=${OUT:-bench/results/gpu-checks-$(date -u +%F)-w$NGPUS}
 steps=()
-default="check nvcheck inputs timeouts faults killed soak hf backward"
+default="check nvcheck inputs timeouts faults killed soak hf backward host"
 [ "$NGPUS" -gt 1 ] || default=${default/faults killed /}  # a stalled or killed peer needs a peer
 for s in ${STEPS:-$default}; do steps+=("$s$NGPUS"); done
-[ -n "${STEPS:-}" ] || steps+=(host)  # one process, one GPU: replaced weights, two streams, a timed-out step
 [ -n "${STEPS:-}" ] || [ "$NGPUS" -eq 1 ] || steps+=(backward1)  # the world-1-only backward cases
 exec bash bench/device_run.sh "${steps[@]}"

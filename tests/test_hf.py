@@ -14,6 +14,7 @@ from flashmoe_py import ConsistencyError, MoELayer  # noqa: E402
 from flashmoe_py.hf import (HFMoEBlock, block_config, convert_block, from_hf_block, patch_model,  # noqa: E402
                              unpatch_model)
 from flashmoe_py.routing import route  # noqa: E402
+from grad_reference import rel_err  # noqa: E402
 from seeds import fresh_seed  # noqa: E402
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -269,7 +270,7 @@ def patched_with_one_rank_s_block_refused(rank, world, seed):
 def test_ranks_that_decide_a_block_differently_all_raise_before_building_any_layer(dist_pools):
     """Building a layer is collective: a rank leaving a block alone (weights not loaded there, say)
     beside one converting it must not leave the other waiting. Every rank names the block."""
-    errors = dist_pools(2).run(patched_with_one_rank_s_block_refused, random.SystemRandom().randrange(2**20))
+    errors = dist_pools(2).run(patched_with_one_rank_s_block_refused, fresh_seed())
     assert all(e is not None and "disagree on block 'model.layers.1.mlp'" in e for e in errors), errors
     assert "rank 1 leaves it: MixtralSparseMoeBlock: router_jitter_noise=0.1" in errors[0]
 
@@ -352,8 +353,7 @@ def trained_then_unpatched(rank, world, kind, seed):
         fresh.load_state_dict(model.state_dict())
         again = fresh(ids).logits
     left = any(isinstance(m, HFMoEBlock) for m in model.modules())
-    rel = lambda a: float((a - want).norm() / want.norm())  # noqa: E731
-    return report, names == sorted(model.state_dict()), rel(got), rel(again), left
+    return report, names == sorted(model.state_dict()), rel_err(got, want), rel_err(again, want), left
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -362,7 +362,7 @@ def test_unpatch_model_puts_the_blocks_back_with_the_trained_weights(dist_pools,
     """After training a patched model, its transformers blocks come back holding the layers'
     weights (every rank's experts): the same outputs, the unpatched model's state_dict names, so
     save_pretrained and an unpatched model can take it."""
-    seed = random.SystemRandom().randrange(2**20)
+    seed = fresh_seed()
     for report, same_names, err, err_fresh, left in dist_pools(world).run(trained_then_unpatched, kind, seed):
         assert list(report.values()) == ["restored"] * 2 and same_names and not left
         assert err <= 1e-5 and err_fresh <= 1e-5, (err, err_fresh)

@@ -18,13 +18,15 @@ Every output is checked against the float32 reference on fresh random inputs (Na
 
 import argparse
 import json
-import math
 import os
-import random
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from grad_reference import rel_err  # noqa: E402
+from seeds import fresh_seed  # noqa: E402
 
 import flashmoe_py as fm
 from flashmoe_py import FusedKernelError, MoEConfig, MoELayer, reference_forward
@@ -33,11 +35,6 @@ from flashmoe_py.kernels.layout import heap_bytes_for
 TOL = 1e-2  # bf16
 SMALL = MoEConfig(hidden_size=256, ffn_size=384, num_experts=8, top_k=2)
 WIDE = MoEConfig(hidden_size=1024, ffn_size=512, num_experts=16, top_k=4)  # long enough calls to overlap
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    err = float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
-    return math.inf if math.isnan(err) else err
 
 
 class Inputs:
@@ -133,8 +130,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed {seed}", flush=True)
+    seed = fresh_seed()
     fm.init(heap_bytes=max(heap_bytes_for(c, 1, 2048, "p2p") for c in (SMALL, WIDE)))
     inputs = Inputs(seed)
     rows = []
