@@ -69,12 +69,18 @@ def test_matches_autograd_and_the_torch_steps(routing, tokens, experts, top_k, i
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's sigmoid of -100
 def test_large_logits_agree_with_the_torch_steps(routing):
     """Logits of magnitude ~100 (the softmax's exponent centred, the sigmoid saturated to 0 or 1):
-    the same fp32 values as the torch steps, no NaN. (Against float64 the saturation itself differs.)"""
+    no NaN, and the torch steps' fp32 values to within 4 float32 ulps of the gradient's scale.
+    Saturated, a weight's gradient p(g - sum p g) cancels terms of that scale to ~1e-4 of it, so
+    relative errors are rounding of the terms, not of the result (one seed in some hundreds
+    put the two orders of summation 3.6e-5 apart relatively, 0.46 ulp at the gradient's scale;
+    against float64 the saturation itself differs)."""
     cfg, logits, chosen, grad = draw(21, 32, 4, ROUTINGS[routing])
     logits = logits * 50
     chosen = torch.topk(logits, 4, dim=1).indices  # as a router chooses: a renormalised total is never 0
     got = wg.weights_grad(logits, chosen, cfg, grad)
-    assert not got.isnan().any() and close(got, weights_backward(logits, chosen, cfg, grad))
+    want = weights_backward(logits, chosen, cfg, grad)
+    assert not got.isnan().any()
+    assert (got - want).abs().max() <= 4 * torch.finfo(torch.float32).eps * grad.abs().max()
 
 
 @pytest.mark.skipif(not RUNS, reason="needs a GPU or the Triton interpreter")
