@@ -8,16 +8,17 @@ import logging
 from .backends.flash import FusedKernelError
 from .backends.torch_ep import PeerInputError
 from .config import PRESETS, ConfigError, MoEConfig, preset
-from .data_parallel import clip_grad_norm_, prepare_ddp
+from .data_parallel import clip_grad_norm_, prepare_ddp, prepare_fsdp
 from .hf import UnsupportedBlock, patch_model, unpatch_model
 from .layer import MoELayer, MoEStats
 from .placement import ExpertPlacement, PlacementError
 from .reference import reference_forward
 from .runtime import ConsistencyError, finalize, init
+from .wrappers import DataParallelError
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["MoEConfig", "MoELayer", "MoEStats", "ExpertPlacement", "PRESETS", "preset",
            "reference_forward", "init", "finalize", "patch_model", "unpatch_model", "ConfigError", "PlacementError",
            "ConsistencyError", "PeerInputError", "FusedKernelError", "UnsupportedBlock", "prepare_ddp",
-           "clip_grad_norm_"]
+           "prepare_fsdp", "clip_grad_norm_", "DataParallelError"]

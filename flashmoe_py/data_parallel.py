@@ -1,10 +1,12 @@
-"""MoELayers inside a model trained with torch's DistributedDataParallel (DDP).
+"""MoELayers inside a model trained data-parallel: torch's DistributedDataParallel (DDP) or
+fully_shard (FSDP).
 
-DDP assumes every parameter and buffer is replicated: at construction it copies rank 0's to every
-rank, and it averages every gradient over the ranks. An MoELayer's experts are sharded (each rank
-holds its own: w_in, w_out, b_in, b_out, and the expert_ids buffer naming them), so DDP would put
-rank 0's experts on every rank, silently. And the layer's expert gradients already sum every
-rank's tokens (the gradient of the sum of the ranks' losses), where DDP's average of the
+Both assume every parameter is replicated: DDP copies rank 0's parameters and buffers to every
+rank at construction and averages every gradient over the ranks; FSDP shards each parameter over
+the ranks and gathers it back. An MoELayer's experts are sharded (each rank holds its own: w_in,
+w_out, b_in, b_out, and the expert_ids buffer naming them), so either would replace them,
+silently (wrappers.py refuses such a forward). And the layer's expert gradients already sum every
+rank's tokens (the gradient of the sum of the ranks' losses), where the wrappers' average of the
 replicated ones is the gradient of their mean. And a global gradient norm must count every rank's
 experts."""
 
@@ -15,14 +17,13 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from .config import EXPERT_WEIGHTS
 from .layer import MoELayer
-
-SHARDED = (*EXPERT_WEIGHTS, "expert_ids")  # each rank's own experts
-_SCALED = "_flashmoe_expert_grads_averaged"
+from .wrappers import AVERAGED, FSDP_IGNORED, SHARDED
 
 
 def _sharded(model: nn.Module):
@@ -59,37 +60,69 @@ def include_in_ddp(model: nn.Module, names: list[str]) -> None:
         _set_ignored(model, [n for n in model._ddp_params_and_buffers_to_ignore if n not in set(names)])
 
 
+def _average_expert_grads(model: nn.Module, wrapper: str) -> None:
+    """Refuse a layer whose experts span fewer ranks than the default group (each expert held by
+    several ranks, whose copies the wrapper would not keep equal); divide each sharded parameter's
+    gradient by its layer's world size as it arrives (a hook, added once)."""
+    for module in model.modules():
+        if isinstance(module, MoELayer) and dist.is_initialized() and module.world_size != dist.get_world_size():
+            raise ValueError(f"prepare_{wrapper}: an MoELayer's experts span {module.world_size} ranks, the default "
+                             f"group {dist.get_world_size()}: its expert copies would drift apart")
+    for _, module, p in _sharded(model):
+        if module.world_size > 1 and p.requires_grad and not getattr(p, AVERAGED, False):
+            p.register_hook(functools.partial(torch.div, other=module.world_size))
+            setattr(p, AVERAGED, True)
+
+
 def prepare_ddp(model: nn.Module) -> list[str]:
     """Ready `model` for DistributedDataParallel(model) over the default process group:
     exclude_from_ddp, and each MoELayer's expert gradients divided by its world size as they
-    arrive (a hook on each sharded parameter that requires grad, added once), so that with DDP's
-    average every gradient is that of the mean of the ranks' losses. Call it before wrapping, on
-    every rank; experts unfrozen or weights replaced afterwards (new Parameter objects) need it
-    again. A layer whose experts span fewer ranks than DDP's (a smaller process group: each
-    expert held by several ranks, whose copies DDP would not keep equal) is refused (ValueError).
-    Clip gradients with clip_grad_norm_ below (torch's sees one rank's experts only).
-    -> the names excluded."""
-    for module in model.modules():
-        if isinstance(module, MoELayer) and dist.is_initialized() and module.world_size != dist.get_world_size():
-            raise ValueError(f"prepare_ddp: an MoELayer's experts span {module.world_size} ranks, DDP's "
-                             f"default group {dist.get_world_size()}: its expert copies would drift apart")
-    for _, module, p in _sharded(model):
-        if module.world_size > 1 and p.requires_grad and not getattr(p, _SCALED, False):
-            p.register_hook(functools.partial(torch.div, other=module.world_size))
-            setattr(p, _SCALED, True)
+    arrive, so that with DDP's average every gradient is that of the mean of the ranks' losses.
+    Call it before wrapping, on every rank; experts unfrozen or weights replaced afterwards (new
+    Parameter objects) need it again. A layer whose experts span fewer ranks than DDP's is
+    refused (ValueError). Clip gradients with clip_grad_norm_ below (torch's sees one rank's
+    experts only). -> the names excluded."""
+    _average_expert_grads(model, "ddp")
     return exclude_from_ddp(model)
+
+
+def prepare_fsdp(model: nn.Module) -> set[nn.Parameter]:
+    """Ready `model` for torch's fully_shard over the default process group, as prepare_ddp for
+    DDP: each MoELayer's expert gradients divided by its world size as they arrive, and -> its
+    sharded parameters (frozen ones too), marked, to pass as ignored_params to every fully_shard
+    call (FSDP then neither shards nor reduces them; each rank keeps its own experts). Call it
+    before wrapping, on every rank, and again after replacing expert weights. Clip gradients with
+    clip_grad_norm_ below."""
+    _average_expert_grads(model, "fsdp")
+    ignored = set()
+    for _, _, t in _sharded(model):
+        if isinstance(t, nn.Parameter):
+            setattr(t, FSDP_IGNORED, True)
+            ignored.add(t)
+    return ignored
+
+
+def _in_fsdp_class(model: nn.Module) -> bool:
+    """Whether torch's older FullyShardedDataParallel class wraps `model` or manages parameters of
+    it (given the module inside the wrapper: its flat parameter, or the originals, are marked)."""
+    return (any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+            or any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()))
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ for a model whose MoELayers hold each rank's own experts,
     trained data-parallel (its replicated gradients already equal on every rank, as after DDP's
-    average): the total norm counts every rank's expert gradients (one all_reduce over the
-    default process group) and the replicated ones once, so every rank scales by the same factor
-    (torch's, on one rank's parameters, sees only that rank's experts: the ranks would scale
-    their replicated weights differently and drift apart). norm_type 2 or inf. Collective.
-    -> the total norm (float32, on the gradients' device)."""
+    average, or sharded DTensors, as after FSDP's): the total norm counts every rank's expert
+    gradients (one all_reduce over the default process group) and the replicated ones once, so
+    every rank scales by the same factor (torch's, on one rank's parameters, sees only that rank's
+    experts: the ranks would scale their replicated weights differently and drift apart).
+    norm_type 2 or inf. Collective. -> the total norm (float32, on the gradients' device)."""
     if norm_type not in (2.0, float("inf")):
         raise ValueError(f"clip_grad_norm_: norm_type={norm_type}; flashmoe_py's takes 2 or inf")
+    if _in_fsdp_class(model):
+        raise ValueError("clip_grad_norm_: the model is inside torch's older FullyShardedDataParallel, whose flat "
+                         "gradient shards this function cannot count; use fully_shard, or "
+                         "FullyShardedDataParallel.clip_grad_norm_ (it counts one rank's experts only)")
     sharded = {id(t) for _, _, t in _sharded(model)}
     params = [p for p in model.parameters() if p.grad is not None]
     # every rank reaches the all_reduce, one without gradients too
@@ -97,12 +130,15 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     norms = []  # [replicated, sharded]: each part's norm on this rank
     for own in (False, True):
         grads = [p.grad for p in params if (id(p) in sharded) == own]
-        norms.append(get_total_norm(grads, norm_type).float().to(device) if grads
-                     else torch.zeros((), device=device))
+        norm = get_total_norm(grads, norm_type) if grads else torch.zeros((), device=device)
+        norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().to(device))
     two = norm_type == 2.0
     shard = norms[1].square() if two else norms[1]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(shard, op=dist.ReduceOp.SUM if two else dist.ReduceOp.MAX)
     total = (norms[0].square() + shard).sqrt() if two else torch.maximum(norms[0], shard)
-    clip_grads_with_norm_(params, max_norm, total)
+    for fsdp in (False, True):  # one foreach kernel takes DTensors or tensors, not both
+        group = [p for p in params if isinstance(p.grad, DTensor) == fsdp]
+        if group:
+            clip_grads_with_norm_(group, max_norm, total)
     return total

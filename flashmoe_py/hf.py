@@ -367,7 +367,8 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     are compared first (ConsistencyError on every rank where they differ, e.g. weights loaded on
     one rank only), then the layers compare their configs and router weights. The layers'
     sharded parameters are excluded from DistributedDataParallel wrapping `model`
-    (data_parallel.exclude_from_ddp; prepare_ddp also scales their gradients for DDP's average)."""
+    (data_parallel.exclude_from_ddp; prepare_ddp also scales their gradients for DDP's average,
+    without which a forward under DDP raises)."""
     blocks, decisions, owner = [], [], {}
     for name, module in list(model.named_modules()):
         if isinstance(module, HFMoEBlock) or not isinstance(getattr(module, "experts", None), nn.Module):

@@ -24,6 +24,7 @@ from .options import FusedOptions
 from .placement import ExpertPlacement
 from .routing import Routing, route
 from .runtime import ConsistencyError, find_mismatch, fused_unavailable_reason, runtime_device
+from .wrappers import check_wrappers
 
 BACKENDS = ("torch", "flash")
 
@@ -66,8 +67,9 @@ class MoELayer(nn.Module):
     every rank's tokens routed to its experts; router_weight and the shared experts are replicated,
     and their .grad holds only this rank's tokens' part, to be summed over ranks with the other
     replicated parameters, as data parallelism does (exclude w_in, w_out, b_in and b_out from that:
-    they are sharded, not replicated; under DistributedDataParallel, data_parallel.prepare_ddp does
-    both and matches the experts' gradients to DDP's average). `backward`: "autograd" (backend
+    they are sharded, not replicated; data_parallel.prepare_ddp / prepare_fsdp do both for DDP and
+    FSDP and match the experts' gradients to their average; a forward under either wrapper
+    unprepared raises DataParallelError, wrappers.py). `backward`: "autograd" (backend
     torch's default) records the torch backend's ops and saves their activations; "saved" (backend
     flash's default) runs the forward as for inference, keeping x, its routing and each expert's
     first GEMM output before the activation (the fused kernel writes them as it goes; backend flash
@@ -366,6 +368,7 @@ class MoELayer(nn.Module):
         """record: run under the explicit backward's autograd Function when backward is "saved"
         or "recompute" (else no graph of the layer's own, or backend torch's autograd ops when
         in_graph and backward="autograd")."""
+        check_wrappers(self)  # DDP or FSDP must have left this rank's experts alone
         if (self.world_size > 1 and isinstance(x, torch.Tensor) and capture.capturing(x)
                 and (in_graph is not None or self.backend.name == "torch")):
             capture.refuse_forward(self)  # also the compiled layer's op, which runs this

@@ -1,5 +1,6 @@
-"""MoELayers inside DistributedDataParallel (gloo): DDP keeps each rank's own experts, and with
-prepare_ddp every gradient is that of the mean of the ranks' losses, the experts' included."""
+"""MoELayers inside DistributedDataParallel and FSDP (gloo): prepared, the wrappers keep each rank's
+own experts and every gradient is that of the mean of the ranks' losses, the experts' included;
+unprepared, the layer's forward refuses them."""
 
 import pytest
 import torch
@@ -7,11 +8,14 @@ import torch.distributed as dist
 from grad_reference import rel_err
 from seeds import fresh_seed
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from flashmoe_py import MoEConfig, MoELayer, prepare_ddp
+from flashmoe_py import DataParallelError, MoEConfig, MoELayer, prepare_ddp, prepare_fsdp
 from flashmoe_py.data_parallel import clip_grad_norm_ as fm_clip
-from flashmoe_py.data_parallel import sharded_names
+from flashmoe_py.data_parallel import exclude_from_ddp, sharded_names
 
 CFG = MoEConfig(hidden_size=32, ffn_size=24, num_experts=8, top_k=2, dtype="float32", expert_bias=True,
                 shared_experts=1, shared_ffn_size=16)
@@ -23,41 +27,123 @@ def model(seed: int, backward: str) -> nn.Module:
         return nn.Sequential(nn.Linear(32, 32), MoELayer(CFG, seed=seed, backward=backward))
 
 
-def ddp_against_plain(rank, world, seed: int, prepared: bool, backward: str):
-    """A step of DDP(model) (prepare_ddp first, or not) and of the same model without DDP, on this
-    rank's own x and dy. -> (whether DDP left this rank's experts as they were; the error of each
-    DDP gradient against the plain model's made the mean loss's: replicated gradients summed over
-    the ranks, then every gradient divided by the world size)."""
-    plain, wrapped = model(seed, backward), model(seed, backward)
-    own = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
-    if prepared:
-        assert sorted(prepare_ddp(wrapped)) == ["1.b_in", "1.b_out", "1.expert_ids", "1.w_in", "1.w_out"]
-    ddp = DistributedDataParallel(wrapped)
-    kept = all(torch.equal(p, own[n]) for n, p in wrapped.named_parameters())
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def wrap(net: nn.Module, how: str, world: int) -> nn.Module:
+    """net wrapped data-parallel, prepared first as the README says (how: "ddp", "fsdp": one
+    fully_shard of the whole model, "fsdp_per_block": the layer's block first, as torchtitan
+    shards each block) or not ("ddp_unprepared", "fsdp_unprepared", "fsdp_prepared_not_passed":
+    prepare_fsdp called, its parameters not given to fully_shard, "ddp_excluded_only": patch_model's
+    exclusion without prepare_ddp's averaging)."""
+    if how.startswith("ddp"):
+        if how == "ddp":
+            assert sorted(prepare_ddp(net)) == ["1.b_in", "1.b_out", "1.expert_ids", "1.w_in", "1.w_out"]
+        elif how == "ddp_excluded_only":
+            exclude_from_ddp(net)
+        return DistributedDataParallel(net)
+    mesh = init_device_mesh("cpu", (world,))
+    ignored = prepare_fsdp(net) if how != "fsdp_unprepared" else None
+    if how == "fsdp":
+        assert ignored == {net[1].w_in, net[1].w_out, net[1].b_in, net[1].b_out}
+    ignored = ignored if how != "fsdp_prepared_not_passed" else None
+    if how == "fsdp_per_block":
+        fully_shard(net[1], mesh=mesh, ignored_params=ignored)
+    return fully_shard(net, mesh=mesh, ignored_params=ignored)
+
+
+def wrapped_against_plain(rank, world, seed: int, how: str, backward: str):
+    """A step of wrap(model, how) and of the same model unwrapped, on this rank's own x and dy.
+    -> (whether wrapping left this rank's experts as they were; the error of each wrapped
+    gradient against the plain model's made the mean loss's: replicated gradients summed over
+    the ranks, then every gradient divided by the world size), or what the wrapped forward raised."""
+    plain, net = model(seed, backward), model(seed, backward)
+    own = {n: p.detach().clone() for n, p in net.named_parameters()}
+    wrapped = wrap(net, how, world)
+    kept = all(torch.equal(full(p), own[n]) for n, p in net.named_parameters())
     g = torch.Generator().manual_seed(seed * 7 + rank)
     x, dy = torch.randn(9 + 4 * rank, 32, generator=g), torch.randn(9 + 4 * rank, 32, generator=g)
     (plain(x) * dy).sum().backward()
-    (ddp(x) * dy).sum().backward()
+    try:
+        (wrapped(x) * dy).sum().backward()
+    except DataParallelError as e:
+        return kept, str(e)
     sharded = set(sharded_names(plain))
     errs = {}
-    for (n, p), q in zip(plain.named_parameters(), wrapped.parameters()):
+    for (n, p), q in zip(plain.named_parameters(), net.parameters()):
         want = p.grad.clone()
         if n not in sharded:
             dist.all_reduce(want)
-        errs[n] = rel_err(q.grad, want / world)
+        errs[n] = rel_err(full(q.grad), want / world)
     return kept, errs
 
 
+@pytest.mark.parametrize("how", ["ddp", "fsdp", "fsdp_per_block"])
 @pytest.mark.parametrize("backward", ["autograd", "saved"])
-def test_ddp_keeps_each_rank_s_experts_and_takes_the_mean_loss_s_gradients(dist_pools, backward):
-    for kept, errs in dist_pools(2).run(ddp_against_plain, fresh_seed(), True, backward):
+def test_prepared_wrappers_keep_each_rank_s_experts_and_take_the_mean_loss_s_gradients(dist_pools, how, backward):
+    for kept, errs in dist_pools(2).run(wrapped_against_plain, fresh_seed(), how, backward):
         assert kept and max(errs.values()) <= 1e-5, errs
 
 
-def test_unprepared_ddp_would_put_rank_0_s_experts_everywhere(dist_pools):
-    """Why prepare_ddp (or patch_model) must run first: DDP copies rank 0's parameters."""
-    kept = [k for k, _ in dist_pools(2).run(ddp_against_plain, fresh_seed(), False, "autograd")]
-    assert kept == [True, False]
+def test_unprepared_ddp_copies_rank_0_s_experts_and_the_forward_says_so(dist_pools):
+    """Why prepare_ddp (or patch_model) must run first: DDP copies rank 0's parameters and
+    buffers when it is built; the layer's forward then refuses, naming what DDP manages."""
+    (kept0, raised0), (kept1, raised1) = dist_pools(2).run(wrapped_against_plain, fresh_seed(), "ddp_unprepared",
+                                                           "autograd")
+    assert (kept0, kept1) == (True, False)
+    for raised in (raised0, raised1):
+        assert "DistributedDataParallel manages this MoELayer's w_in, w_out, b_in, b_out, expert_ids" in raised
+
+
+@pytest.mark.parametrize("how, says", [
+    ("fsdp_unprepared", "FSDP manages this MoELayer's w_in"),
+    ("fsdp_prepared_not_passed", "FSDP manages this MoELayer's w_in"),
+    ("ddp_excluded_only", "MoELayer.w_in has no averaging hook"),
+])
+def test_a_wrapper_that_would_mix_experts_or_their_gradients_is_refused_at_the_forward(dist_pools, how, says):
+    for _, raised in dist_pools(2).run(wrapped_against_plain, fresh_seed(), how, "autograd"):
+        assert isinstance(raised, str) and says in raised, raised
+
+
+def under_fsdp1(rank, world, seed: int, use_orig_params: bool, prepared: str):
+    """torch's older FullyShardedDataParallel class around model(seed), prepare_fsdp's parameters
+    given as ignored_states (prepared "passed"), or not ("not_passed"), or prepare_fsdp not called
+    ("no") -> (what its forward raised, or the error of its output
+    and of its expert gradients against the plain model's made the mean loss's; what
+    clip_grad_norm_ raised, given the wrapper and the module inside it)."""
+    plain, net = model(seed, "autograd"), model(seed, "autograd")
+    ignored = list(prepare_fsdp(net)) if prepared != "no" else None
+    ignored = ignored if prepared == "passed" else None
+    wrapped = FullyShardedDataParallel(net, device_id=torch.device("cpu"), use_orig_params=use_orig_params,
+                                       ignored_states=ignored)
+    g = torch.Generator().manual_seed(seed * 7 + rank)
+    x, dy = torch.randn(9 + 4 * rank, 32, generator=g), torch.randn(9 + 4 * rank, 32, generator=g)
+    y = plain(x)
+    (y * dy).sum().backward()
+    try:
+        y_wrapped = wrapped(x)
+    except DataParallelError as e:
+        return str(e), None
+    (y_wrapped * dy).sum().backward()
+    errs = [rel_err(y_wrapped, y)] + [rel_err(getattr(net[1], n).grad, getattr(plain[1], n).grad / world)
+                                      for n in ("w_in", "w_out", "b_in", "b_out")]
+    refusals = []
+    for given in (wrapped, net):
+        with pytest.raises(ValueError) as clipped:
+            fm_clip(given, 1.0)
+        refusals.append(str(clipped.value))
+    return errs, refusals
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_the_older_fsdp_class_is_refused_unless_given_the_experts_as_ignored_states(dist_pools, use_orig_params):
+    for prepared in ("no", "not_passed"):
+        for raised, _ in dist_pools(2).run(under_fsdp1, fresh_seed(), use_orig_params, prepared):
+            assert "FSDP manages this MoELayer's w_in" in raised, prepared
+    for errs, refusals in dist_pools(2).run(under_fsdp1, fresh_seed(), use_orig_params, "passed"):
+        assert max(errs) <= 1e-5, errs
+        assert all("FullyShardedDataParallel.clip_grad_norm_" in r for r in refusals), refusals
 
 
 def prepared_with_frozen_experts_or_a_smaller_group(rank, world):
@@ -80,37 +166,37 @@ def prepared_with_frozen_experts_or_a_smaller_group(rank, world):
 def test_frozen_experts_are_excluded_without_a_hook_and_a_smaller_expert_group_is_refused(dist_pools):
     for names, raised in dist_pools(2).run(prepared_with_frozen_experts_or_a_smaller_group):
         assert sorted(names) == ["1.b_in", "1.b_out", "1.expert_ids", "1.w_in", "1.w_out"]
-        assert "experts span 1 ranks, DDP's default group 2" in raised
+        assert "experts span 1 ranks, the default group 2" in raised
 
 
-def clipped_under_ddp(rank, world, seed: int):
-    """A DDP step of model(seed) (prepared), its gradients clipped by flashmoe_py's clip_grad_norm_
-    to a third of their norm -> (the norm it returned, the norm over every rank's experts and the
+def clipped_when_wrapped(rank, world, seed: int, how: str):
+    """A step of wrap(model(seed), how), its gradients clipped by flashmoe_py's clip_grad_norm_ to
+    a third of their norm -> (the norm it returned, the norm over every rank's experts and the
     replicated gradients once, the clip's factor on this rank, whether the replicated gradients
     are equal on every rank afterwards)."""
     net = model(seed, "saved")
-    prepare_ddp(net)
-    ddp = DistributedDataParallel(net)
+    wrapped = wrap(net, how, world)
     g = torch.Generator().manual_seed(seed * 7 + rank)
     x, dy = torch.randn(11, 32, generator=g), torch.randn(11, 32, generator=g)
-    (ddp(x) * dy).sum().backward()
+    (wrapped(x) * dy).sum().backward()
     sharded = set(sharded_names(net))
-    before = {n: p.grad.clone() for n, p in net.named_parameters()}
+    before = {n: full(p.grad).clone() for n, p in net.named_parameters()}
     own = sum(float(v.square().sum()) for n, v in before.items() if n in sharded)
     every = [None] * world
     dist.all_gather_object(every, own)
     want = (sum(every) + sum(float(v.square().sum()) for n, v in before.items() if n not in sharded)) ** 0.5
     total = float(fm_clip(net, want / 3))
-    factor = float(net[0].weight.grad.norm() / before["0.weight"].norm())
-    replicated = [p.grad for n, p in net.named_parameters() if n not in sharded]
+    factor = float(full(net[0].weight.grad).norm() / before["0.weight"].norm())
+    replicated = [full(p.grad) for n, p in net.named_parameters() if n not in sharded]
     mine = torch.cat([r.reshape(-1) for r in replicated])
     others = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(others, mine)
     return total, want, factor, all(torch.equal(o, mine) for o in others)
 
 
-def test_clipping_counts_every_rank_s_experts_so_the_ranks_scale_alike(dist_pools):
-    for total, want, factor, equal in dist_pools(2).run(clipped_under_ddp, fresh_seed()):
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_clipping_counts_every_rank_s_experts_so_the_ranks_scale_alike(dist_pools, how):
+    for total, want, factor, equal in dist_pools(2).run(clipped_when_wrapped, fresh_seed(), how):
         assert abs(total - want) <= 1e-5 * want and abs(factor - 1 / 3) < 1e-5 and equal, (total, want, factor)
 
 

@@ -1,0 +1,88 @@
+"""What torch's data-parallel wrappers may do to an MoELayer's experts, checked at each forward.
+
+DistributedDataParallel (DDP) and FullyShardedDataParallel (fully_shard, and the older
+FullyShardedDataParallel class) take every parameter they manage for one tensor replicated on
+every rank. An MoELayer sharded over more than one rank holds each rank's own experts (w_in, w_out,
+b_in, b_out, and the expert_ids buffer naming them): DDP would copy rank 0's to every rank, FSDP
+would gather a mix of the ranks' experts, both silently. data_parallel.prepare_ddp and
+prepare_fsdp keep them out and mark them; a forward under a wrapper that manages them, or with
+marks missing, raises DataParallelError before any collective. Reads torch internals that are
+stable across its releases (DistributedDataParallel._get_active_ddp_module, the
+_is_fsdp_managed_module and _fsdp_flattened marks); tests/test_data_parallel.py fails if they change."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import EXPERT_WEIGHTS
+
+SHARDED = (*EXPERT_WEIGHTS, "expert_ids")  # each rank's own experts
+AVERAGED = "_flashmoe_expert_grads_averaged"  # on a sharded parameter: prepare_*'s gradient hook is on it
+FSDP_IGNORED = "_flashmoe_fsdp_ignored"  # on a sharded parameter: prepare_fsdp returned it for ignored_params
+
+
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DDP -> the layers found left alone
+
+
+class DataParallelError(RuntimeError):
+    """A data-parallel wrapper manages, or was not told about, an MoELayer's sharded experts."""
+
+
+def check_wrappers(layer) -> None:
+    """Raise DataParallelError where the DDP running this forward, or an FSDP managing `layer`,
+    would copy or mix its experts, or where their gradients lack prepare_*'s averaging hook. A
+    layer on one rank holds every expert (replicated, as the wrappers assume): nothing to check."""
+    if layer.world_size == 1:
+        return
+    ddp = DistributedDataParallel._get_active_ddp_module()
+    if ddp is not None:
+        _check_ddp(layer, ddp)
+    if layer.__dict__.get("_is_fsdp_managed_module", False):
+        _check_fsdp(layer)
+
+
+def _experts(layer) -> list[tuple[str, torch.Tensor | None]]:
+    return [(n, layer._parameters.get(n)) for n in EXPERT_WEIGHTS]
+
+
+def _check_ddp(layer, ddp: DistributedDataParallel) -> None:
+    checked = _checked.setdefault(ddp, weakref.WeakSet())
+    if layer not in checked:
+        managed = {id(p) for p in ddp._module_parameters}
+        if ddp.broadcast_buffers:
+            managed |= {id(b) for b in ddp.modules_buffers}
+        copied = [n for n, t in [*_experts(layer), ("expert_ids", layer.expert_ids)] if id(t) in managed]
+        if copied:
+            raise DataParallelError(
+                f"DistributedDataParallel manages this MoELayer's {', '.join(copied)}: it copied rank 0's "
+                "experts to every rank when it was built, and averages them. Call fm.prepare_ddp(model) on every "
+                "rank before wrapping (and rebuild the model: this one's experts are rank 0's now)")
+        checked.add(layer)
+    _check_averaged(layer, "DistributedDataParallel", "fm.prepare_ddp(model) before wrapping")
+
+
+def _check_fsdp(layer) -> None:
+    for name, p in _experts(layer):
+        if name in layer._parameters and p is None:
+            continue  # an optional weight the config lacks
+        ignored = isinstance(p, nn.Parameter) and getattr(p, FSDP_IGNORED, False)
+        if not ignored or getattr(p, "_fsdp_flattened", False):  # the older class marks what it flattens
+            raise DataParallelError(
+                f"FSDP manages this MoELayer's {name}: it shards each rank's own experts as one tensor and "
+                "gathers a mix of the ranks' experts. Pass fm.prepare_fsdp(model)'s parameters as ignored_params "
+                "to every fully_shard call (ignored_states for FullyShardedDataParallel), and call it again "
+                "after replacing expert weights")
+    _check_averaged(layer, "FSDP", "fm.prepare_fsdp(model)")
+
+
+def _check_averaged(layer, wrapper: str, remedy: str) -> None:
+    for name, p in _experts(layer):
+        if p is not None and p.requires_grad and not getattr(p, AVERAGED, False):
+            raise DataParallelError(
+                f"MoELayer.{name} has no averaging hook: its gradient sums every rank's tokens while {wrapper} "
+                f"averages the rest (not the mean loss's gradient). Call {remedy}; again after unfreezing or "
+                "replacing expert weights")
