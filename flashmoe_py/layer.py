@@ -13,7 +13,7 @@ from torch import nn
 from .backends import capture
 from .backends.flash import FlashBackend
 from .backends.explicit_backward import (bound_parameters, explicit_forward, moe_backward, refuse_parametrized,
-                                         routing_bias_now)
+                                         routing_bias_now, without_autocast)
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig, as_int
 from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
@@ -343,7 +343,9 @@ class MoELayer(nn.Module):
             return ValueError(f"x has shape {tuple(x.shape)}; expected [tokens, {cfg.hidden_size}] or "
                               f"[batch, seq, {cfg.hidden_size}] (hidden_size={cfg.hidden_size})")
         if x.dtype != cfg.torch_dtype:
-            return ValueError(f"x has dtype {x.dtype}; the layer's dtype is {cfg.torch_dtype}")
+            autocast = (" (the layer does not follow torch.autocast: build it in the dtype to compute in)"
+                        if torch.is_autocast_enabled(x.device.type) else "")
+            return ValueError(f"x has dtype {x.dtype}; the layer's dtype is {cfg.torch_dtype}{autocast}")
         if x.device != self.device:
             return ValueError(f"x is on {x.device}; the layer's experts are on {self.device}")
         tokens, limit = x.numel() // cfg.hidden_size, self.options.max_tokens_per_rank
@@ -369,29 +371,30 @@ class MoELayer(nn.Module):
         or "recompute" (else no graph of the layer's own, or backend torch's autograd ops when
         in_graph and backward="autograd")."""
         check_wrappers(self)  # DDP or FSDP must have left this rank's experts alone
-        if (self.world_size > 1 and isinstance(x, torch.Tensor) and capture.capturing(x)
-                and (in_graph is not None or self.backend.name == "torch")):
-            capture.refuse_forward(self)  # also the compiled layer's op, which runs this
-        problem = self._input_problem(x)
-        x2d = x.reshape(-1, self.config.hidden_size).contiguous() if problem is None else x
-        in_graph = in_graph and problem is None
-        mode = self.options.backward_for(self.backend.name)
-        if record and problem is None and mode != "autograd":
-            stats = {}
+        problem = self._input_problem(x)  # before autocast goes off: a dtype problem names it
+        with without_autocast(self.device.type):  # the layer computes in its own dtype
+            if (self.world_size > 1 and isinstance(x, torch.Tensor) and capture.capturing(x)
+                    and (in_graph is not None or self.backend.name == "torch")):
+                capture.refuse_forward(self)  # also the compiled layer's op, which runs this
+            x2d = x.reshape(-1, self.config.hidden_size).contiguous() if problem is None else x
+            in_graph = in_graph and problem is None
+            mode = self.options.backward_for(self.backend.name)
+            if record and problem is None and mode != "autograd":
+                stats = {}
 
-            def run(rows: torch.Tensor):
-                if mode == "saved":
-                    out, got, saved = self.backend.forward_saving(rows)
-                else:
-                    (out, got), saved = self.backend.forward(rows, None, in_graph=True), None
-                stats.update(got)
-                return out, saved
+                def run(rows: torch.Tensor):
+                    if mode == "saved":
+                        out, got, saved = self.backend.forward_saving(rows)
+                    else:
+                        (out, got), saved = self.backend.forward(rows, None, in_graph=True), None
+                    stats.update(got)
+                    return out, saved
 
-            out = explicit_forward(self, x2d, run)
-        else:
-            out, stats = self.backend.forward(x2d, problem, in_graph=in_graph)
-        self.last_stats = MoEStats(**stats)
-        return out.view(x.shape)
+                out = explicit_forward(self, x2d, run)
+            else:
+                out, stats = self.backend.forward(x2d, problem, in_graph=in_graph)
+            self.last_stats = MoEStats(**stats)
+            return out.view(x.shape)
 
     def synchronize(self) -> None:
         """Wait for this rank's last forward; raise if the fused kernel reported a failed wait

@@ -308,6 +308,32 @@ def test_frozen_parameters_stay_frozen_and_trainable_ones_train(kind):
     assert "its experts parameters are partly frozen" in patch_model(model)["model.layers.0.mlp"]
 
 
+def gradients_with_checkpointing(rank, world, kind, backward, seed):
+    """One training step of a patched model without activation checkpointing, then with
+    transformers' (torch's non-reentrant and reentrant: the layers' forwards rerun in backward,
+    collectives and all) -> {mode: the largest error of a gradient against the first step's, or
+    the names whose gradient one step had and the other not}."""
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(seed + rank))
+    grads = {}
+    for mode in ("off", "non_reentrant", "reentrant"):
+        model = tiny_model(kind, seed)
+        patch_model(model, backward=backward)
+        model.train()
+        if mode != "off":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+        model(ids, labels=ids).loss.backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    want = grads.pop("off")
+    return {mode: (max(rel_err(g[n], w) for n, w in want.items()) if g.keys() == want.keys()
+                   else sorted(g.keys() ^ want.keys())) for mode, g in grads.items()}
+
+
+@pytest.mark.parametrize("backward", ["autograd", "saved", "recompute"])
+def test_activation_checkpointing_gives_the_same_gradients(dist_pools, backward):
+    for errs in dist_pools(2).run(gradients_with_checkpointing, "deepseek_v3", backward, fresh_seed()):
+        assert all(isinstance(e, float) and e <= 1e-6 for e in errs.values()), errs
+
+
 def test_a_patched_model_s_experts_are_left_out_of_ddp():
     """DistributedDataParallel would copy rank 0's experts to every rank: patch_model names each
     layer's sharded parameters and buffers for DDP to leave alone."""

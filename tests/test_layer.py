@@ -401,6 +401,36 @@ def test_router_weights_keep_the_router_dtype():
     assert layer.w_in.dtype == layer.b_in.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("backward", ["autograd", "saved", "recompute"])
+def test_under_autocast_the_layer_computes_in_its_own_dtype_and_says_so_when_x_differs(backward):
+    """torch.autocast does not reach the layer, forward or backward: a float32 layer under a
+    bfloat16 autocast gives what it gives without (backend torch's matmuls, the router's among
+    them, would otherwise run in bfloat16), and a bfloat16 x (a Linear's output there) is refused,
+    naming autocast."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=1, backward=backward)
+    x = make_tokens(fresh_seed(), 0, 6, 32, torch.float32).requires_grad_()
+    got = {}
+    # backward outside autocast, as torch's documentation says; the explicit backwards also inside
+    for when in ("off", "forward", "forward_and_backward")[:2 if backward == "autograd" else 3]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=when != "off"):
+            out = layer(x)
+            if when == "forward_and_backward":
+                out.square().sum().backward()
+        if when != "forward_and_backward":
+            out.square().sum().backward()
+        got[when] = [out.detach(), x.grad, *(p.grad for p in layer.parameters())]
+        x.grad = None
+        layer.zero_grad()
+    want = got.pop("off")
+    for when, tensors in got.items():
+        assert tensors[0].dtype == torch.float32
+        assert all(torch.equal(a, b) for a, b in zip(tensors, want, strict=True)), when
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            ValueError, match=r"x has dtype torch.bfloat16; the layer's dtype is torch.float32 \(the layer does "
+                              "not follow torch.autocast"):
+        layer(x.bfloat16())
+
+
 @torch.no_grad()
 def nan_forward_variant(rank, world, cfg: dict):
     layer = MoELayer(MoEConfig.from_dict(cfg))

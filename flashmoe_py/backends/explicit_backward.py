@@ -77,10 +77,21 @@ class _Explicit(torch.autograd.Function):
         # next forward): a CUDA graph lends its buffers only until then (backends/flash.CapturedForward).
         # A second backward through a retained graph recomputes instead: the same gradients.
         saved, ctx.saved_forward = ctx.saved_forward, None
-        with bound_parameters(ctx.layer, ctx.names, params):  # those the forward ran with
+        # the weights the forward ran with, in the layer's own dtype
+        with bound_parameters(ctx.layer, ctx.names, params), without_autocast(x.device.type):
             grads = moe_backward(ctx.layer, x, dy, want, x_needs_grad=ctx.needs_input_grad[0], saved=saved,
                                  routing_bias=ctx.routing_bias)
         return (grads.get("x"), None, None, None, *(grads.get(name) for name in ctx.names))
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """A block where torch.autocast is off (when it is on): the layer computes in its own dtype,
+    forward and backward, on every backend (backend torch's matmuls would otherwise follow
+    autocast, and its router's choices with them, unlike the fused kernel and a backward that
+    recomputes them)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -11,6 +11,8 @@
   have no SM), its status landed on the host: the explicit backward raises FusedKernelError rather
   than returning gradients computed from what that forward saved. Last, since a failure leaves
   the runtime failed.
+- A float32 layer's training step under a bfloat16 torch.autocast (forward and backward inside
+  it) gives what it gives without: the layer computes in its own dtype.
 
 Every output is checked against the float32 reference on fresh random inputs (NaN counts as inf).
 
@@ -104,6 +106,26 @@ def two_streams(inputs: Inputs, seed: int, graphs: bool, calls: int = 12) -> dic
             "rel_errs": errs, "rel_err": max(errs), "ok": max(errs) <= TOL}
 
 
+def under_autocast(inputs: Inputs, seed: int) -> dict:
+    cfg, tokens = MoEConfig(**{**SMALL.to_dict(), "dtype": "float32"}), 200
+    layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=tokens, seed=seed)
+    x = inputs(cfg, tokens).requires_grad_()
+    dy = inputs(cfg, tokens)
+    got = {}
+    for autocast in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+            (out * dy).sum().backward()  # inside too: the explicit backward turns it off as well
+        got[autocast] = [out.detach(), x.grad, *(p.grad for p in layer.parameters())]
+        x.grad = None
+        layer.zero_grad()
+    errs = [rel_err(a, b) for a, b in zip(got[True], got[False], strict=True)]
+    layer.backend.close()
+    return {"case": "float32 training step under a bfloat16 autocast against one without (the layer ignores it)",
+            "rel_errs": errs, "rel_err": max(errs), "dtype": str(got[True][0].dtype),
+            "ok": max(errs) <= 1e-5 and got[True][0].dtype == torch.float32}
+
+
 def backward_after_timeout(inputs: Inputs, seed: int) -> dict:
     tokens, timeout_s = 2048, 1.0
     programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
@@ -140,6 +162,8 @@ def main():
         for graphs in (False, True):
             rows.append(two_streams(inputs, seed + 2, graphs))
             print(json.dumps(rows[-1]), flush=True)
+    rows.append(under_autocast(inputs, seed + 4))
+    print(json.dumps(rows[-1]), flush=True)
     rows.append(backward_after_timeout(inputs, seed + 3))
     print(json.dumps(rows[-1]), flush=True)
     if args.out:
