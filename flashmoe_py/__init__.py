@@ -7,6 +7,7 @@ import logging
 
 from .backends.flash import FusedKernelError
 from .backends.torch_ep import PeerInputError
+from .checkpoint import load_sharded_state_dict, sharded_state_dict
 from .config import PRESETS, ConfigError, MoEConfig, preset
 from .data_parallel import clip_grad_norm_, prepare_ddp, prepare_fsdp
 from .hf import UnsupportedBlock, patch_model, unpatch_model
@@ -21,4 +22,5 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __all__ = ["MoEConfig", "MoELayer", "MoEStats", "ExpertPlacement", "PRESETS", "preset",
            "reference_forward", "init", "finalize", "patch_model", "unpatch_model", "ConfigError", "PlacementError",
            "ConsistencyError", "PeerInputError", "FusedKernelError", "UnsupportedBlock", "prepare_ddp",
-           "prepare_fsdp", "clip_grad_norm_", "DataParallelError"]
+           "prepare_fsdp", "clip_grad_norm_", "DataParallelError",
+           "sharded_state_dict", "load_sharded_state_dict"]

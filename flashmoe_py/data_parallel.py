@@ -26,7 +26,7 @@ from .layer import MoELayer
 from .wrappers import AVERAGED, FSDP_IGNORED, SHARDED
 
 
-def _sharded(model: nn.Module):
+def sharded_tensors(model: nn.Module):
     """(fully qualified name, MoELayer, tensor) of each sharded parameter and buffer in `model`."""
     for prefix, module in model.named_modules():
         if isinstance(module, MoELayer):
@@ -37,7 +37,7 @@ def _sharded(model: nn.Module):
 
 def sharded_names(model: nn.Module) -> list[str]:
     """Fully qualified names of the sharded parameters and buffers of every MoELayer in `model`."""
-    return [name for name, _, _ in _sharded(model)]
+    return [name for name, _, _ in sharded_tensors(model)]
 
 
 def _set_ignored(model: nn.Module, names: list[str]) -> None:
@@ -68,7 +68,7 @@ def _average_expert_grads(model: nn.Module, wrapper: str) -> None:
         if isinstance(module, MoELayer) and dist.is_initialized() and module.world_size != dist.get_world_size():
             raise ValueError(f"prepare_{wrapper}: an MoELayer's experts span {module.world_size} ranks, the default "
                              f"group {dist.get_world_size()}: its expert copies would drift apart")
-    for _, module, p in _sharded(model):
+    for _, module, p in sharded_tensors(model):
         if module.world_size > 1 and p.requires_grad and not getattr(p, AVERAGED, False):
             p.register_hook(functools.partial(torch.div, other=module.world_size))
             setattr(p, AVERAGED, True)
@@ -95,7 +95,7 @@ def prepare_fsdp(model: nn.Module) -> set[nn.Parameter]:
     clip_grad_norm_ below."""
     _average_expert_grads(model, "fsdp")
     ignored = set()
-    for _, _, t in _sharded(model):
+    for _, _, t in sharded_tensors(model):
         if isinstance(t, nn.Parameter):
             setattr(t, FSDP_IGNORED, True)
             ignored.add(t)
@@ -123,7 +123,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         raise ValueError("clip_grad_norm_: the model is inside torch's older FullyShardedDataParallel, whose flat "
                          "gradient shards this function cannot count; use fully_shard, or "
                          "FullyShardedDataParallel.clip_grad_norm_ (it counts one rank's experts only)")
-    sharded = {id(t) for _, _, t in _sharded(model)}
+    sharded = {id(t) for _, _, t in sharded_tensors(model)}
     params = [p for p in model.parameters() if p.grad is not None]
     # every rank reaches the all_reduce, one without gradients too
     device = params[0].grad.device if params else next(model.parameters(), torch.empty(0)).device

@@ -129,6 +129,7 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
         # the global expert in each of this rank's slots: a state_dict must hold the same ones
         self.register_buffer("expert_ids", torch.tensor(self.placement.experts_on(self.rank), device=self.device))
+        self.__dict__["_expert_ids_seen"] = (self.expert_ids, self.expert_ids._version)  # _expert_ids_problem
         self.reset_parameters(seed)
         self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
         self.last_stats: MoEStats | None = None
@@ -371,7 +372,7 @@ class MoELayer(nn.Module):
         or "recompute" (else no graph of the layer's own, or backend torch's autograd ops when
         in_graph and backward="autograd")."""
         check_wrappers(self)  # DDP or FSDP must have left this rank's experts alone
-        problem = self._input_problem(x)  # before autocast goes off: a dtype problem names it
+        problem = self._input_problem(x) or self._expert_ids_problem()  # before autocast goes off: see dtype
         with without_autocast(self.device.type):  # the layer computes in its own dtype
             if (self.world_size > 1 and isinstance(x, torch.Tensor) and capture.capturing(x)
                     and (in_graph is not None or self.backend.name == "torch")):
@@ -395,6 +396,28 @@ class MoELayer(nn.Module):
                 out, stats = self.backend.forward(x2d, problem, in_graph=in_graph)
             self.last_stats = MoEStats(**stats)
             return out.view(x.shape)
+
+    def _expert_ids_problem(self) -> Exception | None:
+        """Where the expert_ids buffer, written in place since the last look (a checkpoint loaded
+        into the state_dict's tensors, say), no longer names this rank's experts: the error (raised
+        on every rank by the backend), else None. One host read when it was written; none at
+        world 1 (a rank holding every expert loads only a state_dict holding every expert) or
+        during a CUDA graph capture."""
+        ids = self.expert_ids
+        seen = self.__dict__.get("_expert_ids_seen")
+        if self.world_size == 1 or (seen is not None and seen[0] is ids and seen[1] == ids._version):
+            return None
+        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        mine = self.placement.experts_on(self.rank)
+        if ids.tolist() != mine:
+            return RuntimeError(
+                f"expert_ids holds experts {ids.tolist()} on rank {self.rank}, whose placement puts {mine} there: "
+                "the experts were overwritten by another rank's, e.g. a torch.distributed.checkpoint save of "
+                "state_dict() (it keeps one rank's copy of a plain tensor: save fm.sharded_state_dict(model) "
+                "instead, and rebuild this model's experts)")
+        self.__dict__["_expert_ids_seen"] = (ids, ids._version)
+        return None
 
     def synchronize(self) -> None:
         """Wait for this rank's last forward; raise if the fused kernel reported a failed wait
