@@ -365,13 +365,13 @@ class MoELayer(nn.Module):
             flag = -1 if in_graph is None else int(in_graph)
             return torch.ops.flashmoe.moe_forward(x, list(self.parameters()), self.e_score_correction_bias,
                                                   self._op_id, flag)[0]
+        check_wrappers(self)  # DDP or FSDP must have left this rank's experts alone
         return self._forward(x, in_graph, record=bool(in_graph))
 
     def _forward(self, x: torch.Tensor, in_graph: bool | None, record: bool) -> torch.Tensor:
         """record: run under the explicit backward's autograd Function when backward is "saved"
         or "recompute" (else no graph of the layer's own, or backend torch's autograd ops when
         in_graph and backward="autograd")."""
-        check_wrappers(self)  # DDP or FSDP must have left this rank's experts alone
         problem = self._input_problem(x) or self._expert_ids_problem()  # before autocast goes off: see dtype
         with without_autocast(self.device.type):  # the layer computes in its own dtype
             if (self.world_size > 1 and isinstance(x, torch.Tensor) and capture.capturing(x)
@@ -518,6 +518,7 @@ def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], correction_bias: t
     names = _param_names(layer)
     if in_graph == 1:
         refuse_parametrized(layer, names)
+    check_wrappers(layer)  # on the layer's own parameters, before the op's inputs stand in for them
     with bound_parameters(layer, names, params, correction_bias):
         bias = routing_bias_now(layer) if in_graph == 1 else None  # only a recorded forward has a backward
         out = layer._forward(x, None if in_graph < 0 else bool(in_graph), record=False)

@@ -86,6 +86,25 @@ def test_prepared_wrappers_keep_each_rank_s_experts_and_take_the_mean_loss_s_gra
         assert kept and max(errs.values()) <= 1e-5, errs
 
 
+def compiled_step(rank, world, seed: int, how: str) -> str:
+    """One step of torch.compile(wrap(model(seed), how)) (aot_eager: the layer is one custom op
+    there, its check run inside the op) -> "ok" or what it raised."""
+    wrapped = torch.compile(wrap(model(seed, "saved"), how, world), backend="aot_eager")
+    try:
+        wrapped(torch.randn(7, 32)).sum().backward()
+    except DataParallelError as e:
+        return str(e)
+    return "ok"
+
+
+def test_compiled_wrapped_models_are_checked_as_eager_ones(dist_pools):
+    seed = fresh_seed()
+    for how in ("ddp", "fsdp"):
+        assert dist_pools(2).run(compiled_step, seed, how) == ["ok", "ok"], how
+    for said in dist_pools(2).run(compiled_step, seed, "ddp_unprepared"):
+        assert "DistributedDataParallel manages this MoELayer's" in said
+
+
 def test_unprepared_ddp_copies_rank_0_s_experts_and_the_forward_says_so(dist_pools):
     """Why prepare_ddp (or patch_model) must run first: DDP copies rank 0's parameters and
     buffers when it is built; the layer's forward then refuses, naming what DDP manages."""
