@@ -12,8 +12,6 @@ experts."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -23,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from .layer import MoELayer
-from .wrappers import AVERAGED, FSDP_IGNORED, SHARDED
+from .wrappers import FSDP_IGNORED, SHARDED
 
 
 def sharded_tensors(model: nn.Module):
@@ -62,24 +60,22 @@ def include_in_ddp(model: nn.Module, names: list[str]) -> None:
 
 def _average_expert_grads(model: nn.Module, wrapper: str) -> None:
     """Refuse a layer whose experts span fewer ranks than the default group (each expert held by
-    several ranks, whose copies the wrapper would not keep equal); divide each sharded parameter's
-    gradient by its layer's world size as it arrives (a hook, added once)."""
+    several ranks, whose copies the wrapper would not keep equal); have each layer divide its
+    expert weights' gradients by its world size in its backward (MoELayer.expert_grad_divisor:
+    the layer's own, so it survives pickling, copies and replaced weights)."""
     for module in model.modules():
         if isinstance(module, MoELayer) and dist.is_initialized() and module.world_size != dist.get_world_size():
             raise ValueError(f"prepare_{wrapper}: an MoELayer's experts span {module.world_size} ranks, the default "
                              f"group {dist.get_world_size()}: its expert copies would drift apart")
-    for _, module, p in sharded_tensors(model):
-        if module.world_size > 1 and p.requires_grad and not getattr(p, AVERAGED, False):
-            p.register_hook(functools.partial(torch.div, other=module.world_size))
-            setattr(p, AVERAGED, True)
+        if isinstance(module, MoELayer):
+            module.expert_grad_divisor = module.world_size
 
 
 def prepare_ddp(model: nn.Module) -> list[str]:
     """Ready `model` for DistributedDataParallel(model) over the default process group:
     exclude_from_ddp, and each MoELayer's expert gradients divided by its world size as they
-    arrive, so that with DDP's average every gradient is that of the mean of the ranks' losses.
-    Call it before wrapping, on every rank; experts unfrozen or weights replaced afterwards (new
-    Parameter objects) need it again. A layer whose experts span fewer ranks than DDP's is
+    are taken, so that with DDP's average every gradient is that of the mean of the ranks' losses.
+    Call it before wrapping, on every rank. A layer whose experts span fewer ranks than DDP's is
     refused (ValueError). Clip gradients with clip_grad_norm_ below (torch's sees one rank's
     experts only). -> the names excluded."""
     _average_expert_grads(model, "ddp")
@@ -88,7 +84,7 @@ def prepare_ddp(model: nn.Module) -> list[str]:
 
 def prepare_fsdp(model: nn.Module) -> set[nn.Parameter]:
     """Ready `model` for torch's fully_shard over the default process group, as prepare_ddp for
-    DDP: each MoELayer's expert gradients divided by its world size as they arrive, and -> its
+    DDP: each MoELayer's expert gradients divided by its world size as they are taken, and -> its
     sharded parameters (frozen ones too), marked, to pass as ignored_params to every fully_shard
     call (FSDP then neither shards nor reduces them; each rank keeps its own experts). Call it
     before wrapping, on every rank, and again after replacing expert weights. Clip gradients with

@@ -68,8 +68,9 @@ class MoELayer(nn.Module):
     and their .grad holds only this rank's tokens' part, to be summed over ranks with the other
     replicated parameters, as data parallelism does (exclude w_in, w_out, b_in and b_out from that:
     they are sharded, not replicated; data_parallel.prepare_ddp / prepare_fsdp do both for DDP and
-    FSDP and match the experts' gradients to their average; a forward under either wrapper
-    unprepared raises DataParallelError, wrappers.py). `backward`: "autograd" (backend
+    FSDP and match the experts' gradients to their average, setting `expert_grad_divisor` (1 by
+    default; the expert weights' gradients are divided by it in the backward) to the world size;
+    a forward under either wrapper unprepared raises DataParallelError, wrappers.py). `backward`: "autograd" (backend
     torch's default) records the torch backend's ops and saves their activations; "saved" (backend
     flash's default) runs the forward as for inference, keeping x, its routing and each expert's
     first GEMM output before the activation (the fused kernel writes them as it goes; backend flash
@@ -131,6 +132,7 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_ids", torch.tensor(self.placement.experts_on(self.rank), device=self.device))
         self.__dict__["_expert_ids_seen"] = (self.expert_ids, self.expert_ids._version)  # _expert_ids_problem
         self.reset_parameters(seed)
+        self.expert_grad_divisor = 1  # data_parallel.prepare_ddp / prepare_fsdp: the world size
         self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
         self.last_stats: MoEStats | None = None
         self._op_id = next(_layer_ids)

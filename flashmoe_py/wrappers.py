@@ -5,10 +5,11 @@ FullyShardedDataParallel class) take every parameter they manage for one tensor 
 every rank. An MoELayer sharded over more than one rank holds each rank's own experts (w_in, w_out,
 b_in, b_out, and the expert_ids buffer naming them): DDP would copy rank 0's to every rank, FSDP
 would gather a mix of the ranks' experts, both silently. data_parallel.prepare_ddp and
-prepare_fsdp keep them out and mark them; a forward under a wrapper that manages them, or with
-marks missing, raises DataParallelError before any collective. Reads torch internals that are
-stable across its releases (DistributedDataParallel._get_active_ddp_module, the
-_is_fsdp_managed_module and _fsdp_flattened marks); tests/test_data_parallel.py fails if they change."""
+prepare_fsdp keep them out (FSDP's marked) and set the layer's expert_grad_divisor; a forward
+under a wrapper that manages them, or without the divisor, raises DataParallelError before any
+collective. Reads torch internals that are stable across its releases
+(DistributedDataParallel._get_active_ddp_module, the _is_fsdp_managed_module and _fsdp_flattened
+marks); tests/test_data_parallel.py fails if they change."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import EXPERT_WEIGHTS
 
 SHARDED = (*EXPERT_WEIGHTS, "expert_ids")  # each rank's own experts
-AVERAGED = "_flashmoe_expert_grads_averaged"  # on a sharded parameter: prepare_*'s gradient hook is on it
 FSDP_IGNORED = "_flashmoe_fsdp_ignored"  # on a sharded parameter: prepare_fsdp returned it for ignored_params
 
 
@@ -34,7 +34,8 @@ class DataParallelError(RuntimeError):
 
 def check_wrappers(layer) -> None:
     """Raise DataParallelError where the DDP running this forward, or an FSDP managing `layer`,
-    would copy or mix its experts, or where their gradients lack prepare_*'s averaging hook. A
+    would copy or mix its experts, or where their gradients are not averaged (prepare_*'s
+    expert_grad_divisor). A
     layer on one rank holds every expert (replicated, as the wrappers assume): nothing to check."""
     if layer.world_size == 1:
         return
@@ -80,9 +81,9 @@ def _check_fsdp(layer) -> None:
 
 
 def _check_averaged(layer, wrapper: str, remedy: str) -> None:
-    for name, p in _experts(layer):
-        if p is not None and p.requires_grad and not getattr(p, AVERAGED, False):
-            raise DataParallelError(
-                f"MoELayer.{name} has no averaging hook: its gradient sums every rank's tokens while {wrapper} "
-                f"averages the rest (not the mean loss's gradient). Call {remedy}; again after unfreezing or "
-                "replacing expert weights")
+    trained = [name for name, p in _experts(layer) if p is not None and p.requires_grad]
+    if trained and layer.expert_grad_divisor != layer.world_size:
+        raise DataParallelError(
+            f"MoELayer.{trained[0]}'s gradient is not averaged (expert_grad_divisor {layer.expert_grad_divisor}, "
+            f"world size {layer.world_size}): it sums every rank's tokens while {wrapper} averages the rest (not "
+            f"the mean loss's gradient). Call {remedy}")

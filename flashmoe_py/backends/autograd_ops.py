@@ -1,5 +1,5 @@
-"""The torch backend's differentiable pieces: the dispatch and combine all-to-alls, and the grouped
-GEMM.
+"""The torch backend's differentiable pieces: the dispatch and combine all-to-alls, the grouped
+GEMM, and the division of the expert weights' gradients (MoELayer.expert_grad_divisor).
 
 A dispatch is an all-to-all of token rows, so its backward is the all-to-all of their gradients
 back to the sources (split sizes swapped), i.e. a combine; a combine's backward is likewise a
@@ -97,3 +97,20 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     Returns [N, M], group g's rows times b[g]; differentiable in a and b (a group with no rows gets
     a zero gradient)."""
     return _ContiguousGrad.apply(torch._grouped_mm(a, b, offs=offs))
+
+
+class _DivideGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, divisor):
+        ctx.divisor = divisor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g / ctx.divisor, None
+
+
+def divide_grad(t: torch.Tensor | None, divisor: int) -> torch.Tensor | None:
+    """t itself in the forward; its gradient divided by `divisor` in the backward (t where the
+    divisor is 1, or t is None)."""
+    return t if t is None or divisor == 1 else _DivideGrad.apply(t, divisor)

@@ -201,7 +201,8 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
         dx_slot, dw_slot = d_rows * slot_w[:, None], (d_rows * x_slot).sum(1)
     else:
         dx_slot, dw_slot = d_rows, dot
-    grads = {name: g for name, g in expert_grads.items() if name in want}
+    d = layer.expert_grad_divisor
+    grads = {name: g if d == 1 else g / d for name, g in expert_grads.items() if name in want}
     dw = torch.zeros(T * k, dtype=torch.float32, device=x.device).index_copy_(0, slot, dw_slot)
     d_logits = _weights_backward(logits, r.experts, cfg, dw.view(T, k))
     dx = _per_token(dx_slot, slot, T, k, d_logits, router_weight)

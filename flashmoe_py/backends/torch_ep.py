@@ -11,12 +11,12 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ..config import MoEConfig
+from ..config import EXPERT_WEIGHTS, MoEConfig
 from ..reference import activate
 from ..routing import Routing, histogram
 from . import capture
 from .saved import SavedForward
-from .autograd_ops import Exchange, dispatch_experts_combine, grouped_mm
+from .autograd_ops import Exchange, dispatch_experts_combine, divide_grad, grouped_mm
 
 
 class PeerInputError(RuntimeError):
@@ -185,8 +185,9 @@ class TorchEPBackend:
     def _local_experts(self, rows: torch.Tensor, counts: torch.Tensor, keep: bool):
         """rows: [N, hidden] sorted by this rank's local expert, counts: [L] -> ([N, hidden], and
         with keep GEMM1's output [N, ffn_in] before the activation, else None)."""
-        layer = self.layer
-        return _expert_ffn(rows, counts, layer.w_in, layer.w_out, layer.config, layer.b_in, layer.b_out, keep)
+        layer, d = self.layer, self.layer.expert_grad_divisor
+        w_in, w_out, b_in, b_out = (divide_grad(getattr(layer, n), d) for n in EXPERT_WEIGHTS)
+        return _expert_ffn(rows, counts, w_in, w_out, layer.config, b_in, b_out, keep)
 
     def _exchange_counts(self, send_counts: torch.Tensor, error: Exception | None,
                          in_graph: bool) -> torch.Tensor:
