@@ -14,11 +14,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (_get_fqns, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .data_parallel import sharded_names, sharded_tensors
+from .data_parallel import sharded_tensors
 
 
 def _as_rows_of_one(local: torch.Tensor, layer) -> torch.Tensor:
@@ -33,26 +34,51 @@ def _as_rows_of_one(local: torch.Tensor, layer) -> torch.Tensor:
                               stride=torch.empty(shape, device="meta").stride())
 
 
+def _owners(model: nn.Module) -> dict[str, tuple]:
+    """{the state_dict name torch's get_state_dict gives (wrappers' prefixes such as DDP's
+    "module." and torch.compile's "_orig_mod." left out): (MoELayer, attribute name)} of every
+    MoELayer's sharded tensors."""
+    out = {}
+    for name, layer, _ in sharded_tensors(model):
+        (fqn,) = _get_fqns(model, name)
+        out[fqn] = (layer, name.rpartition(".")[2])
+    return out
+
+
+def _per_expert(t, layer, param: torch.Tensor, where: str):
+    """An optimizer's state tensor t of the sharded parameter `param` -> t as this rank's rows
+    (per-expert state: leading dimension the local experts, as Adam's moments, or Adafactor's
+    factors) or t itself (a 0-dim value, as a step count, the same on every rank); ValueError for
+    state that mixes the experts (DCP would keep one rank's copy)."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    if t.dim() == param.dim() and t.shape[0] == param.shape[0]:
+        return _as_rows_of_one(t, layer)
+    raise ValueError(f"sharded_state_dict: the optimizer's {where} has shape {tuple(t.shape)} for a parameter of "
+                     f"{tuple(param.shape)}: state that mixes the experts cannot be saved per rank")
+
+
 def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """What to give dcp.save and dcp.load for `model` (and `optimizer`), on every rank:
-    model.state_dict(), or with an optimizer {"model": ..., "optim": ...} as torch's
-    get_state_dict returns them (its options' defaults; parameters named by their qualified
-    names), each MoELayer's sharded tensors (w_in, w_out, b_in, b_out, expert_ids, and the
-    optimizer's per-parameter tensors of the same shape, Adam's moments say) as DTensors holding
-    this rank's rows. After dcp.load, call load_sharded_state_dict with it."""
-    owners = {name: layer for name, layer, _ in sharded_tensors(model)}
-    state = model.state_dict() if optimizer is None else dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
-    params = state if optimizer is None else state["model"]
-    for name, layer in owners.items():
+    """What to give dcp.save and dcp.load for `model` (and `optimizer`), on every rank: torch's
+    get_model_state_dict(model), or with an optimizer {"model": ..., "optim": ...} as its
+    get_state_dict returns them (their options' defaults; names without wrappers' prefixes),
+    each MoELayer's sharded weights (w_in, w_out, b_in, b_out) and the optimizer's per-expert
+    state of them (Adam's moments, say) and expert_ids as DTensors holding this rank's rows,
+    sharing their memory. After dcp.load, call load_sharded_state_dict with it."""
+    owners = _owners(model)
+    state = ({"model": get_model_state_dict(model)} if optimizer is None
+             else dict(zip(("model", "optim"), get_state_dict(model, optimizer))))
+    params = state["model"]
+    for name, (layer, _) in owners.items():
         params[name] = _as_rows_of_one(params[name], layer)
     if optimizer is not None:
         moments = state["optim"]["state"]
         for name in moments.keys() & owners.keys():
-            shape = owners[name]._parameters[name.rpartition(".")[2]].shape
+            layer, attr = owners[name]
             # a new dict: torch's holds the optimizer's own per-parameter state
-            moments[name] = {key: _as_rows_of_one(t, owners[name]) if isinstance(t, torch.Tensor) and t.shape == shape
-                             else t for key, t in moments[name].items()}
-    return state
+            moments[name] = {key: _per_expert(t, layer, getattr(layer, attr), f"{key} of {name}")
+                             for key, t in moments[name].items()}
+    return state if optimizer is not None else params
 
 
 def _local(t):
@@ -71,11 +97,25 @@ def _own_local(entries: dict, names: set[str]) -> dict:
 
 def load_sharded_state_dict(model: nn.Module, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load what dcp.load read into sharded_state_dict(model[, optimizer]) into the model (and the
-    optimizer): load_state_dict's checks included (a layer whose expert_ids differ from the
-    state's, a placement other than the saved one's, is refused)."""
-    names = set(sharded_names(model))
+    optimizer), through torch's set_model_state_dict / set_state_dict. dcp.load has already
+    written the checkpoint's experts and expert_ids into the layers: where those are not the ones
+    the layer's placement puts on this rank (a checkpoint of another placement) this raises
+    RuntimeError (and so would the layer's forward), and the model must be rebuilt with the saved
+    placement."""
+    owners = _owners(model)
+    params = state if optimizer is None else state["model"]
+    for name, (layer, attr) in owners.items():
+        if attr != "expert_ids":
+            continue
+        saved, mine = _local(params[name]).tolist(), layer.placement.experts_on(layer.rank)
+        if saved != mine:
+            raise RuntimeError(
+                f"load_sharded_state_dict: the checkpoint's {name} on rank {layer.rank} holds experts {saved}, this "
+                f"layer's placement puts {mine} there; dcp.load has written those experts' weights into it: rebuild "
+                "the model with the placement the checkpoint was saved with")
+    names = set(owners)
     if optimizer is None:
-        model.load_state_dict(_own_local(state, names))
+        set_model_state_dict(model, _own_local(params, names))
         return
     optim = {**state["optim"], "state": _own_local(state["optim"]["state"], names)}
-    set_state_dict(model, optimizer, model_state_dict=_own_local(state["model"], names), optim_state_dict=optim)
+    set_state_dict(model, optimizer, model_state_dict=_own_local(params, names), optim_state_dict=optim)

@@ -402,12 +402,11 @@ class MoELayer(nn.Module):
     def _expert_ids_problem(self) -> Exception | None:
         """Where the expert_ids buffer, written in place since the last look (a checkpoint loaded
         into the state_dict's tensors, say), no longer names this rank's experts: the error (raised
-        on every rank by the backend), else None. One host read when it was written; none at
-        world 1 (a rank holding every expert loads only a state_dict holding every expert) or
-        during a CUDA graph capture."""
+        on every rank by the backend), else None. One host read when it was written; none during
+        a CUDA graph capture."""
         ids = self.expert_ids
         seen = self.__dict__.get("_expert_ids_seen")
-        if self.world_size == 1 or (seen is not None and seen[0] is ids and seen[1] == ids._version):
+        if seen is not None and seen[0] is ids and seen[1] == ids._version:
             return None
         if ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
@@ -415,9 +414,9 @@ class MoELayer(nn.Module):
         if ids.tolist() != mine:
             return RuntimeError(
                 f"expert_ids holds experts {ids.tolist()} on rank {self.rank}, whose placement puts {mine} there: "
-                "the experts were overwritten by another rank's, e.g. a torch.distributed.checkpoint save of "
-                "state_dict() (it keeps one rank's copy of a plain tensor: save fm.sharded_state_dict(model) "
-                "instead, and rebuild this model's experts)")
+                "the layer's experts were overwritten, e.g. by a torch.distributed.checkpoint of state_dict() (it "
+                "keeps one rank's copy of a plain tensor: use fm.sharded_state_dict), or by a wrapper that "
+                "broadcasts buffers (FullyShardedDataParallel's sync_module_states). Rebuild the model's experts")
         self.__dict__["_expert_ids_seen"] = (ids, ids._version)
         return None
 

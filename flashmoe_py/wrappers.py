@@ -77,6 +77,13 @@ def _check_fsdp(layer) -> None:
                 "gathers a mix of the ranks' experts. Pass fm.prepare_fsdp(model)'s parameters as ignored_params "
                 "to every fully_shard call (ignored_states for FullyShardedDataParallel), and call it again "
                 "after replacing expert weights")
+    for name, p in layer._parameters.items():
+        if p is not None and p.dtype != layer.config.weight_dtype(name):
+            raise DataParallelError(
+                f"FSDP gives this MoELayer's {name} in {p.dtype}, its config's dtype is "
+                f"{layer.config.weight_dtype(name)}: a MixedPrecisionPolicy's param_dtype cast it. The layer computes "
+                "in its config's dtypes (build it in the one to compute in); give the fully_shard that holds it a "
+                "policy without param_dtype")
     _check_averaged(layer, "FSDP", "fm.prepare_fsdp(model)")
 
 

@@ -1,7 +1,10 @@
 """torch.distributed.checkpoint (gloo, files under pytest's tmp_path): sharded_state_dict saves
-every rank's experts and their optimizer moments, and loads them back at the same and at another
-world size; a plain state_dict's checkpoint keeps one rank's experts, and the layer's forward
-then refuses them."""
+every rank's experts and their optimizer state, and loads them back at the same and at another
+world size, the model wrapped or not; a checkpoint of another placement, or optimizer state that
+mixes the experts, is refused; a plain state_dict's checkpoint keeps one rank's experts, and the
+layer's forward then refuses them."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -12,38 +15,55 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
-from flashmoe_py import MoEConfig, MoELayer, load_sharded_state_dict, prepare_fsdp, sharded_state_dict
+from flashmoe_py import (ExpertPlacement, MoEConfig, MoELayer, load_sharded_state_dict, prepare_ddp, prepare_fsdp,
+                         sharded_state_dict)
 
 CFG = MoEConfig(hidden_size=32, ffn_size=24, num_experts=4, top_k=2, dtype="float32", expert_bias=True)
 SHARDED = ("w_in", "w_out", "b_in", "b_out")
 
 
-def model(seed: int) -> nn.Module:
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """How a run builds and trains its model: wrapped ("ddp", "fsdp", prepared, or None), its
+    optimizer ("adam", "adafactor", or None: the model alone is checkpointed), expert biases, and
+    the placement ("contiguous" or "round_robin")."""
+
+    wrap: str | None = None
+    optim: str | None = "adam"
+    bias: bool = True
+    placement: str = "contiguous"
+
+
+def trained(rank, world, seed: int, run: Run):
+    """The model (a Linear, then an MoELayer) and its optimizer after one step on this rank's tokens
+    (replicated gradients summed over the ranks unwrapped, or the wrapper's average: equal
+    everywhere) -> (the module to checkpoint, the bare model, the optimizer)."""
+    cfg = dataclasses.replace(CFG, expert_bias=run.bias)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(32, 32), MoELayer(CFG, seed=seed))
-
-
-def trained(rank, world, seed: int, fsdp: bool = False):
-    """model(seed) (under fully_shard, prepared, or not) and an Adam after one step on this rank's
-    tokens (replicated gradients summed over the ranks, or FSDP's average: equal everywhere)."""
-    net = model(seed)
-    if fsdp:
+        placement = getattr(ExpertPlacement, run.placement)(cfg.num_experts, world)
+        net = nn.Sequential(nn.Linear(32, 32), MoELayer(cfg, seed=seed, placement=placement))
+    top = net
+    if run.wrap == "fsdp":
         fully_shard(net, mesh=init_device_mesh("cpu", (world,)), ignored_params=prepare_fsdp(net))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    elif run.wrap == "ddp":
+        prepare_ddp(net)
+        top = DistributedDataParallel(net)
+    opt = (torch.optim.Adafactor if run.optim == "adafactor" else torch.optim.Adam)(net.parameters(), lr=1e-2)
     x = torch.randn(10, 32, generator=torch.Generator().manual_seed(seed + rank))
-    net(x).square().sum().backward()
+    top(x).square().sum().backward()
     for name, p in net.named_parameters():
-        if name.rpartition(".")[2] not in SHARDED and world > 1 and not fsdp:
+        if name.rpartition(".")[2] not in SHARDED and world > 1 and run.wrap is None:
             dist.all_reduce(p.grad)
     opt.step()
-    return net, opt
+    return top, net, opt if run.optim else None
 
 
 def everything(net: nn.Module, opt: torch.optim.Optimizer | None, world: int) -> dict:
-    """Every weight and Adam moment (given opt) of the model, the experts' gathered over the ranks
-    (slot-major: expert order for the contiguous placement)."""
+    """Every weight and optimizer state tensor (given opt) of the model, the experts' gathered over
+    the ranks (slot-major)."""
     out = {}
     for name, p in net.named_parameters():
         for key, t in (("", p.detach()), *(opt.state[p].items() if opt else ())):
@@ -56,48 +76,68 @@ def everything(net: nn.Module, opt: torch.optim.Optimizer | None, world: int) ->
     return out
 
 
-def save_sharded(rank, world, seed: int, path: str, fsdp: bool = False, optim: bool = True) -> dict:
-    net, opt = trained(rank, world, seed, fsdp)
-    opt = opt if optim else None
-    dcp.save(sharded_state_dict(net, opt), checkpoint_id=path)
+def save_sharded(rank, world, seed: int, path: str, run: Run) -> dict:
+    top, net, opt = trained(rank, world, seed, run)
+    dcp.save(sharded_state_dict(top, opt), checkpoint_id=path)
     return everything(net, opt, world)
 
 
-def load_sharded(rank, world, seed: int, path: str, fsdp: bool = False, optim: bool = True) -> dict:
-    """A model of other weights and an optimizer after a step of its own, loaded from path (the
-    model alone where not optim)."""
-    net, opt = trained(rank, world, seed + 1, fsdp)
-    opt = opt if optim else None
-    state = sharded_state_dict(net, opt)
+def load_sharded(rank, world, seed: int, path: str, run: Run) -> dict | str:
+    """A model of other weights and its optimizer after a step of its own, loaded from path ->
+    everything, or what load_sharded_state_dict raised."""
+    top, net, opt = trained(rank, world, seed + 1, run)
+    state = sharded_state_dict(top, opt)
     dcp.load(state, checkpoint_id=path)
-    load_sharded_state_dict(net, state, opt)
+    try:
+        load_sharded_state_dict(top, state, opt)
+    except RuntimeError as e:
+        return str(e)
     return everything(net, opt, world)
 
 
-def test_a_sharded_checkpoint_keeps_every_rank_s_experts_and_moments_at_any_world_size(dist_pools, tmp_path):
+def round_trip(dist_pools, path, saved_by: Run, loaded_by: Run, worlds=(2,)) -> tuple[dict, list]:
     seed = fresh_seed()
-    saved = dist_pools(2).run(save_sharded, seed, str(tmp_path / "ckpt"))[0]
+    saved = dist_pools(2).run(save_sharded, seed, str(path), saved_by)[0]
+    return saved, [got for world in worlds for got in dist_pools(world).run(load_sharded, seed, str(path), loaded_by)]
+
+
+@pytest.mark.parametrize("run", [Run(), Run(wrap="ddp"), Run(wrap="fsdp"), Run(optim=None),
+                                 Run(optim="adafactor", bias=False)], ids=str)
+def test_a_sharded_checkpoint_keeps_every_rank_s_experts_and_optimizer_state(dist_pools, tmp_path, run):
+    worlds = (2, 1) if run.wrap is None else (2,)  # and resharded onto one rank
+    saved, loaded = round_trip(dist_pools, tmp_path / "ckpt", run, run, worlds)
     assert saved["1.w_in/"].shape[0] == CFG.num_experts
-    for world in (2, 1):
-        for got in dist_pools(world).run(load_sharded, seed, str(tmp_path / "ckpt")):
-            assert got.keys() == saved.keys()
-            differ = [k for k in saved if not torch.equal(got[k], saved[k])]
-            assert not differ, (world, differ)
-
-
-@pytest.mark.parametrize("fsdp, optim", [(True, True), (False, False)])
-def test_so_does_one_of_a_model_under_fully_shard_or_of_a_model_alone(dist_pools, tmp_path, fsdp, optim):
-    seed = fresh_seed()
-    saved = dist_pools(2).run(save_sharded, seed, str(tmp_path / "ckpt"), fsdp, optim)[0]
-    for got in dist_pools(2).run(load_sharded, seed, str(tmp_path / "ckpt"), fsdp, optim):
+    for got in loaded:
         differ = [k for k in saved if not torch.equal(got[k], saved[k])]
         assert got.keys() == saved.keys() and not differ, differ
 
 
+def test_a_checkpoint_of_another_placement_is_refused_at_the_load(dist_pools, tmp_path):
+    """Saved round robin (rank 0 holds experts 0 and 2), loaded into the contiguous placement at 2
+    ranks and at 1: refused, naming the placement (dcp.load has written the weights by then)."""
+    _, said = round_trip(dist_pools, tmp_path / "ckpt", Run(placement="round_robin"), Run(), worlds=(2, 1))
+    assert isinstance(said[0], str) and "holds experts [0, 2], this layer's placement puts [0, 1]" in said[0]
+    assert isinstance(said[2], str) and "holds experts [0, 2, 1, 3], this layer's placement puts [0, 1, 2, 3]" in (
+        said[2])
+
+
+def adafactor_with_biases(rank, world, seed: int) -> str:
+    """Adafactor's column factor of a 2-D parameter [L, F] is [1, F], over the experts."""
+    top, _, opt = trained(rank, world, seed, Run(optim="adafactor"))
+    with pytest.raises(ValueError) as refused:
+        sharded_state_dict(top, opt)
+    return str(refused.value)
+
+
+def test_optimizer_state_that_mixes_the_experts_is_refused(dist_pools):
+    for said in dist_pools(2).run(adafactor_with_biases, fresh_seed()):
+        assert "optimizer's col_var of 1.b_" in said and "has shape (1, " in said and "mixes the experts" in said
+
+
 def plain_checkpoint_then_forward(rank, world, seed: int, path: str) -> str:
-    net, _ = trained(rank, world, seed)
-    dcp.save(net.state_dict(), checkpoint_id=path)
-    fresh = model(seed + 1)
+    top, _, _ = trained(rank, world, seed, Run(optim=None))
+    dcp.save(top.state_dict(), checkpoint_id=path)
+    fresh, _, _ = trained(rank, world, seed + 1, Run(optim=None))
     state = fresh.state_dict()
     dcp.load(state, checkpoint_id=path)  # into the state_dict's tensors: the layer's own
     with pytest.raises(RuntimeError) as refused:

@@ -11,7 +11,7 @@ from grad_reference import rel_err
 from seeds import fresh_seed
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -39,7 +39,7 @@ def wrap(net: nn.Module, how: str, world: int) -> nn.Module:
     "fsdp_per_block": the layer's block first, as torchtitan shards each block) or not
     ("ddp_unprepared", "fsdp_unprepared", "fsdp_prepared_not_passed": prepare_fsdp called, its
     parameters not given to fully_shard, "ddp_excluded_only": patch_model's exclusion without
-    prepare_ddp's averaging)."""
+    prepare_ddp's averaging, "fsdp_mixed_precision": prepared, under a bfloat16 param_dtype)."""
     if how.startswith("ddp"):
         if how in ("ddp", "ddp_pickled"):
             assert sorted(prepare_ddp(net)) == ["1.b_in", "1.b_out", "1.expert_ids", "1.w_in", "1.w_out"]
@@ -53,6 +53,9 @@ def wrap(net: nn.Module, how: str, world: int) -> nn.Module:
     if how == "fsdp":
         assert ignored == {net[1].w_in, net[1].w_out, net[1].b_in, net[1].b_out}
     ignored = ignored if how != "fsdp_prepared_not_passed" else None
+    if how == "fsdp_mixed_precision":  # casts the router the layer computes with
+        return fully_shard(net, mesh=mesh, ignored_params=ignored,
+                           mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     if how == "fsdp_per_block":
         fully_shard(net[1], mesh=mesh, ignored_params=ignored)
     return fully_shard(net, mesh=mesh, ignored_params=ignored)
@@ -124,6 +127,7 @@ def test_unprepared_ddp_copies_rank_0_s_experts_and_the_forward_says_so(dist_poo
 @pytest.mark.parametrize("how, says", [
     ("fsdp_unprepared", "FSDP manages this MoELayer's w_in"),
     ("fsdp_prepared_not_passed", "FSDP manages this MoELayer's w_in"),
+    ("fsdp_mixed_precision", "FSDP gives this MoELayer's router_weight in torch.bfloat16"),
     ("ddp_excluded_only", "MoELayer.w_in's gradient is not averaged"),
 ])
 def test_a_wrapper_that_would_mix_experts_or_their_gradients_is_refused_at_the_forward(dist_pools, how, says):
