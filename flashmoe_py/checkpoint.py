@@ -99,20 +99,27 @@ def load_sharded_state_dict(model: nn.Module, state: dict, optimizer: torch.opti
     """Load what dcp.load read into sharded_state_dict(model[, optimizer]) into the model (and the
     optimizer), through torch's set_model_state_dict / set_state_dict. dcp.load has already
     written the checkpoint's experts and expert_ids into the layers: where those are not the ones
-    the layer's placement puts on this rank (a checkpoint of another placement) this raises
-    RuntimeError (and so would the layer's forward), and the model must be rebuilt with the saved
-    placement."""
+    the layer's placement puts on a rank (a checkpoint of another placement) this raises
+    RuntimeError on every rank (collective: every rank calls it), and so would the layer's
+    forward; the model must be rebuilt with the saved placement."""
     owners = _owners(model)
     params = state if optimizer is None else state["model"]
+    mismatches = []  # this rank's
     for name, (layer, attr) in owners.items():
         if attr != "expert_ids":
             continue
         saved, mine = _local(params[name]).tolist(), layer.placement.experts_on(layer.rank)
         if saved != mine:
-            raise RuntimeError(
-                f"load_sharded_state_dict: the checkpoint's {name} on rank {layer.rank} holds experts {saved}, this "
-                f"layer's placement puts {mine} there; dcp.load has written those experts' weights into it: rebuild "
-                "the model with the placement the checkpoint was saved with")
+            mismatches.append(f"{name} holds experts {saved} where the placement puts {mine}")
+    everyone = [mismatches]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # refused on every rank
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mismatches)
+    bad = [f"rank {rank}: {m}" for rank, ms in enumerate(everyone) for m in ms]
+    if bad:
+        raise RuntimeError(f"load_sharded_state_dict: a checkpoint of another placement ({'; '.join(bad)}); "
+                           "dcp.load has written those experts' weights into the model: rebuild it with the "
+                           "placement the checkpoint was saved with")
     names = set(owners)
     if optimizer is None:
         set_model_state_dict(model, _own_local(params, names))

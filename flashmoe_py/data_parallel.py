@@ -63,12 +63,13 @@ def _average_expert_grads(model: nn.Module, wrapper: str) -> None:
     several ranks, whose copies the wrapper would not keep equal); have each layer divide its
     expert weights' gradients by its world size in its backward (MoELayer.expert_grad_divisor:
     the layer's own, so it survives pickling, copies and replaced weights)."""
-    for module in model.modules():
-        if isinstance(module, MoELayer) and dist.is_initialized() and module.world_size != dist.get_world_size():
-            raise ValueError(f"prepare_{wrapper}: an MoELayer's experts span {module.world_size} ranks, the default "
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in layers:  # every layer checked before any is changed
+        if dist.is_initialized() and layer.world_size != dist.get_world_size():
+            raise ValueError(f"prepare_{wrapper}: an MoELayer's experts span {layer.world_size} ranks, the default "
                              f"group {dist.get_world_size()}: its expert copies would drift apart")
-        if isinstance(module, MoELayer):
-            module.expert_grad_divisor = module.world_size
+    for layer in layers:
+        layer.expert_grad_divisor = layer.world_size
 
 
 def prepare_ddp(model: nn.Module) -> list[str]:

@@ -95,6 +95,8 @@ class MoELayer(nn.Module):
     across ranks.
     """
 
+    expert_grad_divisor: int = 1  # data_parallel.prepare_ddp / prepare_fsdp set the world size
+
     def __init__(self, config: MoEConfig, *, placement: ExpertPlacement | None = None,
                  process_group=None, backend: str = "torch", device=None, seed: int = 0,
                  max_tokens_per_rank: int | None = None, timeout_s: float = 10.0,
@@ -132,7 +134,6 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_ids", torch.tensor(self.placement.experts_on(self.rank), device=self.device))
         self.__dict__["_expert_ids_seen"] = (self.expert_ids, self.expert_ids._version)  # _expert_ids_problem
         self.reset_parameters(seed)
-        self.expert_grad_divisor = 1  # data_parallel.prepare_ddp / prepare_fsdp: the world size
         self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
         self.last_stats: MoEStats | None = None
         self._op_id = next(_layer_ids)

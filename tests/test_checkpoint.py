@@ -112,13 +112,18 @@ def test_a_sharded_checkpoint_keeps_every_rank_s_experts_and_optimizer_state(dis
         assert got.keys() == saved.keys() and not differ, differ
 
 
-def test_a_checkpoint_of_another_placement_is_refused_at_the_load(dist_pools, tmp_path):
-    """Saved round robin (rank 0 holds experts 0 and 2), loaded into the contiguous placement at 2
-    ranks and at 1: refused, naming the placement (dcp.load has written the weights by then)."""
+def test_a_checkpoint_of_another_placement_is_refused_at_the_load_on_every_rank(dist_pools, tmp_path):
+    """Saved round robin at 2 ranks (rank 0 holds experts 0 and 2), loaded into the contiguous
+    placement at 2 ranks and at 1, and round robin at 4 (ranks 0 and 3 get the experts they had,
+    ranks 1 and 2 do not): refused on every rank, naming the ranks (dcp.load has written the
+    weights by then)."""
     _, said = round_trip(dist_pools, tmp_path / "ckpt", Run(placement="round_robin"), Run(), worlds=(2, 1))
-    assert isinstance(said[0], str) and "holds experts [0, 2], this layer's placement puts [0, 1]" in said[0]
-    assert isinstance(said[2], str) and "holds experts [0, 2, 1, 3], this layer's placement puts [0, 1, 2, 3]" in (
-        said[2])
+    _, said4 = round_trip(dist_pools, tmp_path / "ckpt4", Run(placement="round_robin"),
+                          Run(placement="round_robin"), worlds=(4,))
+    assert all(isinstance(s, str) for s in said + said4), said + said4
+    assert "rank 0: 1.expert_ids holds experts [0, 2] where the placement puts [0, 1]" in said[0]
+    assert "rank 0: 1.expert_ids holds experts [0, 2, 1, 3] where the placement puts [0, 1, 2, 3]" in said[2]
+    assert all("rank 1: 1.expert_ids holds experts [2] where the placement puts [1]; rank 2: " in s for s in said4)
 
 
 def adafactor_with_biases(rank, world, seed: int) -> str:

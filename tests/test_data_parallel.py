@@ -177,23 +177,25 @@ def test_the_older_fsdp_class_is_refused_unless_given_the_experts_as_ignored_sta
 
 def prepared_with_frozen_experts_or_a_smaller_group(rank, world):
     """-> (prepare_ddp on a layer whose experts are frozen: the names it excluded; what it raised
-    for a layer on a group of one rank, whose experts DDP over both ranks would let drift apart)."""
+    for a model whose second layer is on a group of one rank, whose experts DDP over both ranks
+    would let drift apart, and the first layer's divisor after: unchanged)."""
     frozen = model(5, "autograd")
     for name in ("w_in", "w_out", "b_in", "b_out"):
         getattr(frozen[1], name).requires_grad_(False)
     names = prepare_ddp(frozen)
     groups = [dist.new_group([r]) for r in range(world)]
-    alone = nn.Sequential(MoELayer(CFG, process_group=groups[rank]))
+    alone = nn.Sequential(MoELayer(CFG), MoELayer(CFG, process_group=groups[rank]))
     try:
         prepare_ddp(alone)
         raised = ""
     except ValueError as e:
         raised = str(e)
-    return names, raised
+    return names, raised, alone[0].expert_grad_divisor
 
 
 def test_frozen_experts_are_excluded_and_a_smaller_expert_group_is_refused(dist_pools):
-    for names, raised in dist_pools(2).run(prepared_with_frozen_experts_or_a_smaller_group):
+    for names, raised, divisor in dist_pools(2).run(prepared_with_frozen_experts_or_a_smaller_group):
+        assert divisor == 1
         assert sorted(names) == ["1.b_in", "1.b_out", "1.expert_ids", "1.w_in", "1.w_out"]
         assert "experts span 1 ranks, the default group 2" in raised
 
