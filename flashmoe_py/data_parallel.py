@@ -20,8 +20,11 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
+from .config import EXPERT_WEIGHTS
 from .layer import MoELayer
-from .wrappers import FSDP_IGNORED, SHARDED
+from .wrappers import FSDP_IGNORED
+
+SHARDED = (*EXPERT_WEIGHTS, "expert_ids")  # each rank's own experts
 
 
 def sharded_tensors(model: nn.Module):
@@ -58,7 +61,7 @@ def include_in_ddp(model: nn.Module, names: list[str]) -> None:
         _set_ignored(model, [n for n in model._ddp_params_and_buffers_to_ignore if n not in set(names)])
 
 
-def _average_expert_grads(model: nn.Module, wrapper: str) -> None:
+def _set_expert_grad_divisors(model: nn.Module, wrapper: str) -> None:
     """Refuse a layer whose experts span fewer ranks than the default group (each expert held by
     several ranks, whose copies the wrapper would not keep equal); have each layer divide its
     expert weights' gradients by its world size in its backward (MoELayer.expert_grad_divisor:
@@ -79,7 +82,7 @@ def prepare_ddp(model: nn.Module) -> list[str]:
     Call it before wrapping, on every rank. A layer whose experts span fewer ranks than DDP's is
     refused (ValueError). Clip gradients with clip_grad_norm_ below (torch's sees one rank's
     experts only). -> the names excluded."""
-    _average_expert_grads(model, "ddp")
+    _set_expert_grad_divisors(model, "ddp")
     return exclude_from_ddp(model)
 
 
@@ -90,7 +93,7 @@ def prepare_fsdp(model: nn.Module) -> set[nn.Parameter]:
     call (FSDP then neither shards nor reduces them; each rank keeps its own experts). Call it
     before wrapping, on every rank, and again after replacing expert weights. Clip gradients with
     clip_grad_norm_ below."""
-    _average_expert_grads(model, "fsdp")
+    _set_expert_grad_divisors(model, "fsdp")
     ignored = set()
     for _, _, t in sharded_tensors(model):
         if isinstance(t, nn.Parameter):

@@ -405,7 +405,7 @@ class MoELayer(nn.Module):
         into the state_dict's tensors, say), no longer names this rank's experts: the error (raised
         on every rank by the backend), else None. One host read when it was written; none during
         a CUDA graph capture."""
-        ids = self.expert_ids
+        ids = self._buffers["expert_ids"]  # not through Module.__getattr__: ~1.5 us a forward
         seen = self.__dict__.get("_expert_ids_seen")
         if seen is not None and seen[0] is ids and seen[1] == ids._version:
             return None

@@ -21,7 +21,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import EXPERT_WEIGHTS
 
-SHARDED = (*EXPERT_WEIGHTS, "expert_ids")  # each rank's own experts
 FSDP_IGNORED = "_flashmoe_fsdp_ignored"  # on a sharded parameter: prepare_fsdp returned it for ignored_params
 
 
@@ -35,8 +34,8 @@ class DataParallelError(RuntimeError):
 def check_wrappers(layer) -> None:
     """Raise DataParallelError where the DDP running this forward, or an FSDP managing `layer`,
     would copy or mix its experts, or where their gradients are not averaged (prepare_*'s
-    expert_grad_divisor). A
-    layer on one rank holds every expert (replicated, as the wrappers assume): nothing to check."""
+    expert_grad_divisor). A layer on one rank holds every expert (replicated, as the wrappers
+    assume): nothing to check."""
     if layer.world_size == 1:
         return
     ddp = DistributedDataParallel._get_active_ddp_module()
@@ -77,13 +76,10 @@ def _check_fsdp(layer) -> None:
                 "gathers a mix of the ranks' experts. Pass fm.prepare_fsdp(model)'s parameters as ignored_params "
                 "to every fully_shard call (ignored_states for FullyShardedDataParallel), and call it again "
                 "after replacing expert weights")
-    for name, p in layer._parameters.items():
-        if p is not None and p.dtype != layer.config.weight_dtype(name):
-            raise DataParallelError(
-                f"FSDP gives this MoELayer's {name} in {p.dtype}, its config's dtype is "
-                f"{layer.config.weight_dtype(name)}: a MixedPrecisionPolicy's param_dtype cast it. The layer computes "
-                "in its config's dtypes (build it in the one to compute in); give the fully_shard that holds it a "
-                "policy without param_dtype")
+    drift = layer._drift()
+    if drift:
+        raise DataParallelError(f"under FSDP, this MoELayer's {drift}. A MixedPrecisionPolicy's param_dtype casts "
+                                "the layer's weights: give the fully_shard that holds it a policy without param_dtype")
     _check_averaged(layer, "FSDP", "fm.prepare_fsdp(model)")
 
 

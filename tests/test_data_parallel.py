@@ -127,7 +127,7 @@ def test_unprepared_ddp_copies_rank_0_s_experts_and_the_forward_says_so(dist_poo
 @pytest.mark.parametrize("how, says", [
     ("fsdp_unprepared", "FSDP manages this MoELayer's w_in"),
     ("fsdp_prepared_not_passed", "FSDP manages this MoELayer's w_in"),
-    ("fsdp_mixed_precision", "FSDP gives this MoELayer's router_weight in torch.bfloat16"),
+    ("fsdp_mixed_precision", "under FSDP, this MoELayer's router_weight is torch.bfloat16"),
     ("ddp_excluded_only", "MoELayer.w_in's gradient is not averaged"),
 ])
 def test_a_wrapper_that_would_mix_experts_or_their_gradients_is_refused_at_the_forward(dist_pools, how, says):
