@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import copy
+import functools
 
 import torch
 import torch.distributed as dist
@@ -61,8 +62,9 @@ class HFMoEBlock(nn.Module):
     """A drop-in for a transformers MoE block: [batch, seq, H] -> what that block returns.
 
     moe: the expert-parallel MoELayer (router, routed and shared experts). router: the block's own
-    router module, its parameters tied to the layer's; it runs only when transformers records its
-    output (output_router_logits=True hooks it) or the block returns part of it (router_output)."""
+    router module, its parameters tied to the layer's; it runs only when a hook would see its output
+    (transformers' recorder while a call collects router logits, or any other) or the block returns
+    part of it (router_output)."""
 
     def __init__(self, moe: MoELayer, router: nn.Module, router_output: tuple[int, bool] | None = None,
                  skeleton: nn.Module | None = None):
@@ -125,7 +127,7 @@ class HFMoEBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         out = self.moe(hidden_states)
-        if self.router_output is None and not self.router._forward_hooks:
+        if self.router_output is None and not _hooks_want_router(self.router):
             return out
         router_out = self.router(hidden_states.reshape(-1, hidden_states.shape[-1]))
         if self.router_output is None:
@@ -135,6 +137,37 @@ class HFMoEBlock(nn.Module):
 
 
 ROUTER_TENSORS = ("router_weight", "router_bias", "e_score_correction_bias")  # the router module's own
+
+
+@functools.cache
+def _output_collector():
+    """transformers' context variable of the outputs a model call collects (None if it has none)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return None
+    return _active_collector
+
+
+def _hooks_want_router(router: nn.Module) -> bool:
+    """Whether a forward hook on the block's router module would see its output this call: any
+    hook but transformers' output recorder, which stays on the router after the first
+    output_router_logits=True call and records only while a model call collects its key."""
+    hooks = router._forward_hooks.values()
+    if not hooks:
+        return False
+    collector = _output_collector()
+    if collector is None:  # a transformers without it: run the router for whatever its hooks are
+        return True
+    collecting = collector.get() or {}
+    for hook in hooks:
+        code = getattr(hook, "__code__", None)
+        if (getattr(hook, "__module__", None) != "transformers.utils.output_capturing" or code is None
+                or "key" not in code.co_freevars):
+            return True
+        if hook.__closure__[code.co_freevars.index("key")].cell_contents in collecting:
+            return True
+    return False
 
 
 def _param_groups(block: nn.Module, router: nn.Module) -> dict[str, set[nn.Parameter]]:

@@ -2,6 +2,7 @@
 hf.py converts; the same routing as HF's own routers; router logits for transformers' loss; what
 is left alone is reported with its reason; torch.compile."""
 
+import functools
 import random
 
 import pytest
@@ -138,6 +139,31 @@ def test_router_logits_are_recorded_for_transformers(kind):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     if want.aux_loss is not None:
         torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", [k for k in MODELS if k not in ("llama4", "gpt_oss")])
+def test_router_runs_only_while_a_hook_sees_it(kind):
+    """transformers leaves its recorder on the router after an output_router_logits=True call: the
+    block's router runs again only in such calls, or for a hook of the user's."""
+    patched = tiny_model(kind, random.SystemRandom().randrange(2**20))
+    patch_model(patched)
+    routers = [m.router for m in patched.modules() if isinstance(m, HFMoEBlock)]
+    calls = []
+    for router in routers:
+        router.forward = functools.partial(lambda f, *a: calls.append(1) or f(*a), router.forward)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        for kwargs, runs in [({}, 0), ({"output_router_logits": True}, 1), ({}, 0),
+                             ({"output_hidden_states": True}, 0), ({"output_router_logits": True}, 1)]:
+            calls.clear()
+            out = patched(ids, **kwargs)
+            assert len(calls) == runs * len(routers), kwargs
+            assert (getattr(out, "router_logits", None) is not None) == bool(runs), kwargs
+        seen = []
+        routers[0].register_forward_hook(lambda m, args, output: seen.append(output))
+        calls.clear()
+        patched(ids)
+    assert len(calls) == 1 and len(seen) == 1
 
 
 @pytest.mark.parametrize("kind", ["llama4", "gpt_oss"])
