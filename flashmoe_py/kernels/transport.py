@@ -60,6 +60,22 @@ def clock_ns():
                                      pack=1)
 
 
+PROGRAM_LANES = tl.constexpr(1024)  # a tensor this long spans every warp of a program (up to 32 warps)
+
+
+@triton.jit
+def in_any_thread(flag):
+    """flag: an int1 scalar that may differ between a program's threads -> whether any thread has it
+    set, the same in every thread. A reduction over a tensor that spans every warp crosses warps
+    (shared memory); one over a tensor shorter than a warp (a wait's few flags) reduces within each
+    warp only. The move through inline PTX keeps the compiler from taking the tensor for one
+    value. GPU only."""
+    lanes = tl.arange(0, PROGRAM_LANES)
+    each = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [lanes * 0 + flag.to(tl.int32)], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+    return tl.max(each, axis=0) > 0
+
+
 @triton.jit
 def wait_at_least(ptrs, mask, targets, limit, status_ptr, SCOPE: tl.constexpr, ON_GPU: tl.constexpr):
     """Spin until every masked word (flag or counter; they only grow) reaches its target, acquiring
@@ -73,15 +89,20 @@ def wait_at_least(ptrs, mask, targets, limit, status_ptr, SCOPE: tl.constexpr, O
     start = clock_ns() if ON_GPU else tl.cast(0, tl.int64)
     waited = tl.cast(0, tl.int64)  # nanoseconds (ON_GPU) or rounds
     give_up = tl.full((), 0, tl.int1)
-    # Each thread reads the clock and the status word itself, so threads may disagree for a round
-    # about giving up. Whether to go on is the program-wide count of words still short in threads
-    # still waiting: a sum, the same in every thread. Warps that left a loop with a barrier in it
-    # at different rounds would deadlock.
+    # Every warp must leave the loop in the same round: its acquire is a block-wide step (each
+    # word's value reaches every thread through shared memory, between barriers), so a warp that
+    # left a round early would meet the others' barriers out of step, and the program would hang
+    # (seen on an H200: bench/NOTES.md item 78). The words' values are the same in every thread;
+    # the clock and the status word each thread reads itself, so giving up is decided for the
+    # whole program (in_any_thread). The sum below, over a few words, reduces within a warp.
     while tl.sum(tl.where(give_up, 0, short.to(tl.int32))) > 0:
         failed = tl.load(status_ptr, volatile=True) != 0  # before the acquire: both in flight at once
         short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
-        waited = clock_ns() - start if ON_GPU else waited + 1
-        give_up = failed | (waited >= limit)
+        if ON_GPU:
+            give_up = in_any_thread(failed | (clock_ns() - start >= limit))
+        else:  # the interpreter runs a program as one thread
+            waited += 1
+            give_up = failed | (waited >= limit)
     return short
 
 

@@ -6,10 +6,10 @@ never returns rank 0's expert outputs. Each time the kernel (every SM's program)
 wait and rank 1 in its status word and end within timeout_s plus a little, not a multiple of it,
 however many of its programs were waiting: a wait gives up after timeout_s of the GPU's clock, and
 the others at once after the first failure. Then a 1-rank layer launched with twice as many
-programs as SMs, so half of them wait for an SM: in the static GEMM1 order (static_ffn_in=1) the
-GEMM2 tiles that need those programs' tiles must end the call at the timeout with the hidden-tile
-wait, whose description names the override; on the task queue the same launch must simply finish,
-its output the reference's. A kernel that hangs instead is reported with its status and control
+programs as SMs (64- and 128-row tiles), so half of them wait for an SM: in the static GEMM1 order
+(static_ffn_in=1) the GEMM2 tiles that need those programs' tiles must end the call at the timeout
+with the hidden-tile wait, whose description names the override; on the task queue the same launch
+must simply finish, its output the reference's. A kernel that hangs instead is reported with its status and control
 words, and the check exits 2.
 
     python tests/gpu/check_timeouts.py [--repeat N] [--out rows.json]"""
@@ -33,7 +33,7 @@ SLACK_S = 0.25  # routing, launch and the host's wake-up, beside timeout_s
 HUNG_S = 10.0  # past timeout_s: the kernel is hung; say so and what its control words hold, then exit
 
 
-def timed_failure(cfg, tokens, peer_rows, timeout_s, programs, world=2, static_ffn_in=0):
+def timed_failure(cfg, tokens, peer_rows, timeout_s, programs, world=2, static_ffn_in=0, block_m=64):
     """A fresh rank 0 of `world` ranks; rank 1 publishes peer_rows rows per expert (None: publishes
     nothing). -> (status list, seconds from launch to the kernel's end, ctl list, rel err of the
     output against the float32 reference). A kernel still running HUNG_S after its timeout ends the
@@ -43,7 +43,8 @@ def timed_failure(cfg, tokens, peer_rows, timeout_s, programs, world=2, static_f
         rank.peer_published(1, peer_rows)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    x, out = rank.forward(tokens, timeout_s=timeout_s, programs=programs, static_ffn_in=static_ffn_in)
+    x, out = rank.forward(tokens, timeout_s=timeout_s, programs=programs, static_ffn_in=static_ffn_in,
+                          block_m=block_m)
     done = torch.cuda.Event()
     done.record()
     while not done.query():
@@ -88,18 +89,23 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     # Half the programs without an SM at first (one program fills an SM): the static order waits
     # for them and must end at the timeout, naming the override; the queue must not wait at all.
-    for static in (1, 0):  # compiles both world-1 kernels (seconds each) before any is timed
-        timed_failure(cfg, tokens, None, 0.1, 2 * programs, world=1, static_ffn_in=static)
-    for static, timeout_s in [(1, 1.0), (0, 1.0)] * args.repeat:
+    # Row tiles of 64 and of 128 (the chooser's here): where a timeout's give-up was decided warp by
+    # warp, 128-row launches through MoELayer hung in five of seven tries (bench/NOTES.md item 78).
+    launches = [(static, block_m) for static in (1, 0) for block_m in (64, 128)]
+    for static, block_m in launches:  # compiles the world-1 kernels (seconds each) before any is timed
+        timed_failure(cfg, tokens, None, 0.1, 2 * programs, world=1, static_ffn_in=static, block_m=block_m)
+    for static, block_m in launches * args.repeat:
+        timeout_s = 1.0
         status, seconds, ctl, err = timed_failure(cfg, tokens, None, timeout_s, 2 * programs, world=1,
-                                                  static_ffn_in=static)
+                                                  static_ffn_in=static, block_m=block_m)
         text = describe_timeout(status, 0) or ""
         if static:
             ok = (status[:2] == [1, WAIT_HIDDEN_STATIC.value] and "static_ffn_in" in text
                   and timeout_s <= seconds <= timeout_s + SLACK_S and ctl == [2, 0, 0, 0])
         else:
             ok = status[0] == 0 and seconds < timeout_s and err <= 1e-2 and ctl == [2, 0, 0, 0]
-        rows.append({"case": f"twice as many programs as SMs, static_ffn_in={static}", "timeout_s": timeout_s,
+        rows.append({"case": f"twice as many programs as SMs, static_ffn_in={static}, block_m={block_m}",
+                     "timeout_s": timeout_s,
                      "seconds_to_kernel_end": round(seconds, 3), "status": status[:6], "timeout": text,
                      "rel_err": err, "ctl_after": ctl, "programs": 2 * programs, "ok": ok})
         print(json.dumps(rows[-1]), flush=True)
