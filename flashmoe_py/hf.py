@@ -156,6 +156,8 @@ def _hooks_want_router(router: nn.Module) -> bool:
     hooks = router._forward_hooks.values()
     if not hooks:
         return False
+    if torch.compiler.is_compiling():  # dynamo cannot read the recorder's closure: run the router
+        return True
     collector = _output_collector()
     if collector is None:  # a transformers without it: run the router for whatever its hooks are
         return True

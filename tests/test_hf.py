@@ -166,6 +166,24 @@ def test_router_runs_only_while_a_hook_sees_it(kind):
     assert len(calls) == 1 and len(seen) == 1
 
 
+def test_a_compiled_patched_model_records_router_logits():
+    """torch.compile of a patched model, with and without output_router_logits=True, after an eager
+    call left transformers' recorder on the routers: HF's outputs either way."""
+    seed = random.SystemRandom().randrange(2**20)
+    original, patched = tiny_model("qwen3_moe", seed), tiny_model("qwen3_moe", seed)
+    patch_model(patched)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        patched(ids, output_router_logits=True)
+        compiled = torch.compile(patched, backend="aot_eager")
+        for record in (False, True):
+            got, want = compiled(ids, output_router_logits=record), original(ids, output_router_logits=record)
+            torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+            assert (got.router_logits is None) == (not record)
+            for g, w in zip(got.router_logits or (), want.router_logits or (), strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["llama4", "gpt_oss"])
 def test_blocks_that_return_router_output_still_do(kind):
     """Llama-4: (hidden [tokens, H], router logits); gpt-oss: (hidden [batch, seq, H], weights)."""
