@@ -87,15 +87,15 @@ def wait_at_least(ptrs, mask, targets, limit, status_ptr, SCOPE: tl.constexpr, O
     set on success), so a timeout can name what it waited for."""
     short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
     start = clock_ns() if ON_GPU else tl.cast(0, tl.int64)
-    waited = tl.cast(0, tl.int64)  # nanoseconds (ON_GPU) or rounds
+    waited = tl.cast(0, tl.int64)  # rounds, in the interpreter
     give_up = tl.full((), 0, tl.int1)
     # Every warp must leave the loop in the same round: the loop holds barriers (over fewer words
     # than threads, one thread acquires each word and hands its value to the others through
     # shared memory), and a warp that left a round early would meet the others' barriers out of
     # step: the program hangs (seen on an H200: bench/NOTES.md item 78). `short` is the same in
     # every thread; the clock and the status word each thread reads itself, so giving up is
-    # decided for the whole program (in_any_thread). The sum below reduces across warps only
-    # when the words outnumber a warp's threads. (tests/test_wait_ptx.py reads the compiled loop.)
+    # decided for the whole program (in_any_thread). The sum below crosses warps only for words
+    # spread over several warps. (tests/test_wait_ptx.py reads the compiled loop.)
     while tl.sum(tl.where(give_up, 0, short.to(tl.int32))) > 0:
         failed = tl.load(status_ptr, volatile=True) != 0
         short = mask & (tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope=SCOPE) < targets)
