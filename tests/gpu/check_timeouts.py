@@ -9,8 +9,8 @@ the others at once after the first failure. Then a 1-rank layer launched with tw
 programs as SMs (64- and 128-row tiles), so half of them wait for an SM: in the static GEMM1 order
 (static_ffn_in=1) the GEMM2 tiles that need those programs' tiles must end the call at the timeout
 with the hidden-tile wait, whose description names the override; on the task queue the same launch
-must simply finish, its output the reference's. A kernel that hangs instead is reported with its status and control
-words, and the check exits 2.
+must simply finish, its output the reference's. A kernel that hangs instead is reported with its
+status and control words, and the check exits 2.
 
     python tests/gpu/check_timeouts.py [--repeat N] [--out rows.json]"""
 
@@ -91,11 +91,10 @@ def main():
     # for them and must end at the timeout, naming the override; the queue must not wait at all.
     # Row tiles of 64 and of 128 (the chooser's here): where a timeout's give-up was decided warp by
     # warp, 128-row launches through MoELayer hung in five of seven tries (bench/NOTES.md item 78).
-    launches = [(static, block_m) for static in (1, 0) for block_m in (64, 128)]
+    launches, timeout_s = [(static, block_m) for static in (1, 0) for block_m in (64, 128)], 1.0
     for static, block_m in launches:  # compiles the world-1 kernels (seconds each) before any is timed
         timed_failure(cfg, tokens, None, 0.1, 2 * programs, world=1, static_ffn_in=static, block_m=block_m)
     for static, block_m in launches * args.repeat:
-        timeout_s = 1.0
         status, seconds, ctl, err = timed_failure(cfg, tokens, None, timeout_s, 2 * programs, world=1,
                                                   static_ffn_in=static, block_m=block_m)
         text = describe_timeout(status, 0) or ""
