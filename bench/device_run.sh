@@ -3,7 +3,7 @@
 #   source .whl/gpu_env.sh && bash bench/device_run.sh [STEPS...]   (steps: check2 check4 bench4 ...)
 # kernels: the router and plan kernels' GPU tests; sweep1: the one-GPU sweep beside triton_kernels
 # and torch; variants: tune.py's `auto` launch at 4,096 tokens for each tree under .variants/ (other
-# commits, carried: `git archive C flashmoe_py bench tests/one_rank.py | tar -x -C .variants/C`) and
+# commits, carried: `git archive C flashmoe_py bench tests/one_rank.py tests/grad_reference.py | tar -x -C .variants/C`) and
 # this one, one after another on the same GPU, VARIANT_ROUNDS times in turn (a setting's time moves
 # ~2% between runs: alternate, compare the rounds); fbvariants: the same for flash/saved fwd+bwd
 # (bench/layer.py --fwd-bwd, FB_PRESETS at TOKENS; FB_ARGS=--user-graph adds the step captured whole); backkernels: the backward's token-sum and
