@@ -10,7 +10,7 @@ from .backends.torch_ep import PeerInputError
 from .checkpoint import load_sharded_state_dict, sharded_state_dict
 from .config import PRESETS, ConfigError, MoEConfig, preset
 from .data_parallel import clip_grad_norm_, prepare_ddp, prepare_fsdp
-from .hf import UnsupportedBlock, patch_model, unpatch_model
+from .hf import UnsupportedBlock, hf_state_dict, patch_model, unpatch_model
 from .layer import MoELayer, MoEStats
 from .placement import ExpertPlacement, PlacementError
 from .reference import reference_forward
@@ -20,7 +20,8 @@ from .wrappers import DataParallelError
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["MoEConfig", "MoELayer", "MoEStats", "ExpertPlacement", "PRESETS", "preset",
-           "reference_forward", "init", "finalize", "patch_model", "unpatch_model", "ConfigError", "PlacementError",
+           "reference_forward", "init", "finalize", "patch_model", "unpatch_model", "hf_state_dict",
+           "ConfigError", "PlacementError",
            "ConsistencyError", "PeerInputError", "FusedKernelError", "UnsupportedBlock", "prepare_ddp",
            "prepare_fsdp", "clip_grad_norm_", "DataParallelError",
            "sharded_state_dict", "load_sharded_state_dict"]

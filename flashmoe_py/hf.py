@@ -88,20 +88,27 @@ class HFMoEBlock(nn.Module):
             router.e_score_correction_bias = moe.e_score_correction_bias
 
     @torch.no_grad()
-    def to_hf(self) -> nn.Module:
+    def to_hf(self, device: torch.device | str | None = None, dst: int | None = None) -> nn.Module | None:
         """The transformers block this one was converted from, holding the layer's weights as they
-        are now (every rank's experts gathered, on the layer's device: collective when world_size >
-        1), each training where the layer's does now, and this block's own router module (shared,
-        not copied: unpatch_model's use): for save_pretrained, or a model without flashmoe_py. Each
-        weight is checked to read back through the block's conversion as the layer's (RuntimeError
-        if not)."""
+        are now (every rank's experts gathered: collective when world_size > 1), each training
+        where the layer's does now, and this block's own router module (shared, not copied:
+        unpatch_model's use): for save_pretrained, or a model without flashmoe_py. device: where
+        its other parameters are made (default the layer's; MoELayer.full_weight_dict's device).
+        dst: a global rank, the only one given the block (the others take part and get None).
+        Each weight is checked to read back through the block's conversion as the layer's
+        (RuntimeError if not)."""
         if self._skeleton is None:
             raise RuntimeError("this HFMoEBlock was built without its transformers block's skeleton")
-        moe, block = self.moe, copy.deepcopy(self._skeleton)
+        moe = self.moe
+        device = moe.device if device is None else torch.device(device)
+        if dst is not None and dist.is_initialized() and dist.get_rank() != dst:
+            moe.full_weight_dict(device=device, dst=dst)  # this rank's part of the gathers
+            return None
+        block = copy.deepcopy(self._skeleton)
         for module in block.modules():
             for name, p in module._parameters.items():
                 if p is not None and p.is_meta:
-                    module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=moe.device))
+                    module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device))
         parent, _, child = self._skeleton._router_path.rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, child, self.router)
         groups = _param_groups(block, self.router)  # the router's are the layer's own
@@ -110,7 +117,7 @@ class HFMoEBlock(nn.Module):
         for p in groups["shared"]:  # (deepseek without shared experts: an MLP of width 0)
             p.requires_grad_(moe.shared_w_in is not None and moe.shared_w_in.requires_grad)
         conv = convert_block(block)
-        full = moe.full_weight_dict(conv.gate_up_layout)
+        full = moe.full_weight_dict(conv.gate_up_layout, device=device, dst=dst)
         want = {n: full[n] for n in conv.weights if n not in ROUTER_TENSORS}
         for name, value in want.items():
             if name == "shared_w_in":  # joined from the shared MLP's gate and up: split back
@@ -441,3 +448,39 @@ def unpatch_model(model: nn.Module) -> dict[str, str]:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_hf())
             report[name] = "restored"
     return report
+
+
+def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
+    """The state_dict `model` would have unpatched (transformers' names and layouts, every rank's
+    experts), on the CPU and on global rank `dst` only (the others get {}), while `model` stays
+    patched and keeps training: `model.save_pretrained(path, state_dict=hf_state_dict(model),
+    is_main_process=rank == dst)`. Collective: every rank calls it. One layer's experts are
+    gathered at a time, one local expert a collective (HFMoEBlock.to_hf on the CPU), so no GPU
+    holds more than its own experts and one of every rank's; `dst`'s host memory takes the whole
+    model. Tensors that share memory in the model (tied embeddings) share it here too."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not 0 <= dst < world:
+        raise ValueError(f"dst={dst}: a global rank, 0..{world - 1}")
+    keep = not dist.is_initialized() or dist.get_rank() == dst
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, HFMoEBlock)}
+    live = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    copies: dict[tuple, torch.Tensor] = {}
+
+    def on_cpu(t: torch.Tensor) -> torch.Tensor:  # one copy per view of the model's memory
+        if t.device.type == "cpu" and t.untyped_storage().data_ptr() not in live:
+            return t.detach()  # made by to_hf here: not copied again
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key not in copies:
+            copies[key] = t.detach().to("cpu", copy=True)
+        return copies[key]
+
+    state = {}
+    if keep:
+        inside = tuple(f"{name}." for name in blocks)
+        state = {k: on_cpu(t) for k, t in model.state_dict().items() if not k.startswith(inside)}
+    for name, module in blocks.items():
+        block = module.to_hf(device="cpu", dst=dst)
+        if block is not None:
+            state |= {f"{name}.{k}": on_cpu(t) for k, t in block.state_dict().items()}
+    return state
+

@@ -284,29 +284,50 @@ class MoELayer(nn.Module):
             getattr(self, name).copy_(t)
         self._check_replicas_agree("load_full_weights")
 
-    def full_weight_dict(self, gate_up_layout: str = "halves") -> dict[str, torch.Tensor]:
+    def full_weight_dict(self, gate_up_layout: str = "halves", *, device: torch.device | str | None = None,
+                         dst: int | None = None) -> dict[str, torch.Tensor]:
         """Every weight of the full (unsharded) layer, named and shaped as MoEConfig.weight_shapes()
         gives them and load_full_weights and reference_forward take them (gated: gate and up in
         gate_up_layout, "halves" or "interleaved" as load_full_weights takes, converted from the
         layer's pairs):
         the per-expert ones gathered from every rank in global expert order (collective when
-        world_size > 1), the replicated ones copied."""
+        world_size > 1), the replicated ones copied.
+        device: where the dict's tensors are made (default the layer's); the experts are gathered
+        one local expert at a time, so the layer's device holds at most one expert of every rank
+        beyond its own. dst: a global rank; every rank of the layer's group takes part, but only
+        dst keeps and returns the tensors (the others {})."""
         if gate_up_layout not in GATE_UP_LAYOUTS:
             raise ValueError(f"gate_up_layout={gate_up_layout!r}; choose one of {GATE_UP_LAYOUTS}")
-        order = torch.argsort(self.expert_positions)  # position p holds expert order[p]
+        device = self.device if device is None else torch.device(device)
+        keep = dst is None or not dist.is_initialized() or dist.get_rank() == dst
         full = {}
         for name in self.config.weight_shapes():
             t = getattr(self, name).detach()
             if name in EXPERT_WEIGHTS:
-                if self.world_size > 1:
-                    t = _all_gather_cat(t, self.process_group)
-                full[name] = torch.empty_like(t)
-                full[name][order] = t
-            else:
-                full[name] = t.clone()
-            if self.config.gated and name in GATE_UP_WEIGHTS:
-                full[name] = (to_interleaved if gate_up_layout == "interleaved" else to_halves)(full[name])
+                t = self._gathered(t, device, keep)  # collective: every rank, kept or not
+            elif keep:
+                t = t.to(device, copy=True)
+            if keep:
+                gate_up = self.config.gated and name in GATE_UP_WEIGHTS
+                full[name] = (to_interleaved if gate_up_layout == "interleaved" else to_halves)(t) if gate_up else t
         return full
+
+    def _gathered(self, t: torch.Tensor, device: torch.device, keep: bool) -> torch.Tensor | None:
+        """Every rank's rows of the per-expert t [L, ...] as [E, ...] on `device` in global expert
+        order (None where not keep), gathered one local expert at a time."""
+        local = t.shape[0]
+        expert_at = torch.argsort(self.expert_positions).tolist()  # position r·L + i holds expert expert_at[..]
+        out = torch.empty(self.world_size * local, *t.shape[1:], dtype=t.dtype, device=device) if keep else None
+        for i in range(local):
+            if self.world_size == 1:
+                parts = [t[i]]
+            else:
+                parts = [torch.empty_like(t[i]) for _ in range(self.world_size)]
+                dist.all_gather(parts, t[i].contiguous(), group=self.process_group)
+            if keep:
+                for r, part in enumerate(parts):
+                    out[expert_at[r * local + i]].copy_(part)
+        return out
 
     def route(self, x: torch.Tensor, *, keep_logits: bool = False,
               correction_bias: torch.Tensor | None = None) -> Routing:
@@ -591,11 +612,5 @@ def _checksum(t: torch.Tensor) -> str:
 
 
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _all_gather_cat(t: torch.Tensor, group) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from flashmoe_py import ConsistencyError, MoELayer  # noqa: E402
-from flashmoe_py.hf import (HFMoEBlock, block_config, convert_block, from_hf_block, patch_model,  # noqa: E402
+from flashmoe_py.hf import (HFMoEBlock, block_config, convert_block, from_hf_block, hf_state_dict, patch_model,  # noqa: E402
                              unpatch_model)
 from flashmoe_py.routing import route  # noqa: E402
 from grad_reference import rel_err  # noqa: E402
@@ -436,6 +436,94 @@ def test_unpatch_model_puts_the_blocks_back_with_the_trained_weights(dist_pools,
     for report, same_names, err, err_fresh, left in dist_pools(world).run(trained_then_unpatched, kind, seed):
         assert list(report.values()) == ["restored"] * 2 and same_names and not left
         assert err <= 1e-5 and err_fresh <= 1e-5, (err, err_fresh)
+
+
+def exported_while_patched(rank, world, kind, seed):
+    """patch_model, every parameter moved, hf_state_dict to rank 0 -> (whether rank 0 got the
+    unpatched model's names (the others nothing), a fresh unpatched model's logits after loading
+    it (strict) against the patched model's, whether the model is still patched and its logits
+    unchanged, the largest tensor one all_gather sent against one expert's largest weight)."""
+    model = tiny_model(kind, seed)
+    names = sorted(model.state_dict())
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(seed))
+    patch_model(model)
+    g = torch.Generator().manual_seed(seed)
+    sent, all_gather = [], torch.distributed.all_gather
+
+    def recording(parts, t, *args, **kwargs):
+        sent.append(t.numel())
+        return all_gather(parts, t, *args, **kwargs)
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.dtype))
+        want = model(ids).logits
+        torch.distributed.all_gather = recording
+        try:
+            state = hf_state_dict(model)
+        finally:
+            torch.distributed.all_gather = all_gather
+        after = model(ids).logits
+        err_fresh = None
+        if rank == 0:
+            fresh = tiny_model(kind, seed + 1)
+            fresh.load_state_dict(state)
+            err_fresh = rel_err(fresh(ids).logits, want)
+    moe = moe_block(model).moe
+    one_expert = max(t[0].numel() for t in (moe.w_in, moe.w_out))
+    patched = isinstance(moe_block(model), HFMoEBlock)
+    got_names = sorted(state) == names if rank == 0 else state == {}
+    return got_names, err_fresh, patched and torch.equal(after, want), max(sent, default=0), one_expert
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_hf_state_dict_gives_rank_0_the_unpatched_checkpoint_while_the_model_stays_patched(dist_pools, world,
+                                                                                           kind):
+    """Mid-training, the checkpoint transformers would load (every rank's experts, on rank 0's
+    CPU), gathered one expert at a time, the model left patched and unchanged."""
+    seed = fresh_seed()
+    for rank, (names, err_fresh, still_patched, largest, one_expert) in enumerate(
+            dist_pools(world).run(exported_while_patched, kind, seed)):
+        assert names and still_patched, rank
+        assert rank > 0 or err_fresh <= 1e-5, err_fresh
+        assert largest <= one_expert, (largest, one_expert)
+
+
+def test_hf_state_dict_refuses_a_dst_that_is_no_rank():
+    model = tiny_model("mixtral", 3)
+    patch_model(model)
+    with pytest.raises(ValueError, match="dst=1"):
+        hf_state_dict(model, dst=1)
+
+
+def test_hf_state_dict_copies_tied_weights_once_and_leaves_the_model_s_own_alone():
+    model = tiny_model("qwen2_moe", 4)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied
+    patch_model(model)
+    state = hf_state_dict(model)
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    assert state["lm_head.weight"].data_ptr() != model.lm_head.weight.data_ptr()
+    mine = {t.data_ptr() for t in model.parameters()}
+    assert not any(t.data_ptr() in mine for t in state.values())
+
+
+def saved_while_patched(rank, world, path, seed):
+    model = tiny_model("qwen2_moe", seed)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(seed))
+    patch_model(model)
+    with torch.no_grad():
+        moe_block(model).moe.w_out.mul_(1.5)  # trained (each rank's own experts)
+        want = model(ids).logits
+    model.save_pretrained(path, state_dict=hf_state_dict(model), is_main_process=rank == 0)
+    return ids, want
+
+
+def test_a_patched_model_saves_a_transformers_checkpoint_through_hf_state_dict(dist_pools, tmp_path):
+    ids, want = dist_pools(2).run(saved_while_patched, str(tmp_path), fresh_seed())[0]
+    loaded = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_restored_model_saves_and_loads_with_transformers(tmp_path):

@@ -1,7 +1,8 @@
 """GPU: tiny models of every family patch_model converts (fp32; from tests/test_hf.py, every
 parameter re-drawn), patched with backend="flash", against the unpatched model on the same rank's
-input; eager, replayed from the layer's CUDA graphs, and under torch.compile (aot_eager: the graph
-capture is tested, not inductor's code). Weights and inputs are drawn from a fresh seed each run
+input; eager, replayed from the layer's CUDA graphs, under torch.compile (aot_eager: the graph
+capture is tested, not inductor's code), and an unpatched model on rank 0's CPU loaded (strict) with
+fm.hf_state_dict of the patched one. Weights and inputs are drawn from a fresh seed each run
 (recorded); a family whose expert count the world size does not divide gets a row saying so, and
 at least one family must be checked. One process per GPU:
 
@@ -59,6 +60,13 @@ def main():
                 errs.append(rel_err(model(ids).logits, want))
             compiled = torch.compile(model, backend="aot_eager")
             errs.append(rel_err(compiled(ids).logits, want))
+            state = fm.hf_state_dict(model)  # rank 0's CPU: an unpatched model loads it
+            if rt.rank == 0:
+                fresh = tiny_model(kind, seed + 1)
+                fresh.load_state_dict(state)
+                errs.append(rel_err(fresh(ids.cpu()).logits, want.cpu()))
+            elif state:
+                errs.append(float("inf"))  # only rank 0 is given it
         err = torch.tensor([max(errs)], device="cuda")
         torch.distributed.all_reduce(err, op=torch.distributed.ReduceOp.MAX)
         replaced = sum(v == "replaced" for v in report.values())
