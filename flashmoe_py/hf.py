@@ -23,11 +23,16 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 
 from .config import DTYPES, ConfigError, MoEConfig
 from .data_parallel import exclude_from_ddp, include_in_ddp, sharded_names
-from .layer import MoELayer
+from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
+from .gate_up import to_interleaved, to_pairs
+from .layer import MoELayer, check_dst
 from .runtime import ConsistencyError
+from .wrappers import DataParallelError
 
 
 class UnsupportedBlock(ValueError):
@@ -101,8 +106,8 @@ class HFMoEBlock(nn.Module):
             raise RuntimeError("this HFMoEBlock was built without its transformers block's skeleton")
         moe = self.moe
         device = moe.device if device is None else torch.device(device)
-        if dst is not None and dist.is_initialized() and dist.get_rank() != dst:
-            moe.full_weight_dict(device=device, dst=dst)  # this rank's part of the gathers
+        full = moe.full_weight_dict(device=device, dst=dst)  # gate and up as halves; every rank gathers first
+        if not full:  # another rank than dst
             return None
         block = copy.deepcopy(self._skeleton)
         for module in block.modules():
@@ -117,8 +122,9 @@ class HFMoEBlock(nn.Module):
         for p in groups["shared"]:  # (deepseek without shared experts: an MLP of width 0)
             p.requires_grad_(moe.shared_w_in is not None and moe.shared_w_in.requires_grad)
         conv = convert_block(block)
-        full = moe.full_weight_dict(conv.gate_up_layout, device=device, dst=dst)
         want = {n: full[n] for n in conv.weights if n not in ROUTER_TENSORS}
+        if conv.gate_up_layout == "interleaved":
+            want |= {n: to_interleaved(to_pairs(want[n])) for n in GATE_UP_WEIGHTS if n in want and moe.config.gated}
         for name, value in want.items():
             if name == "shared_w_in":  # joined from the shared MLP's gate and up: split back
                 gate, up = value.chunk(2, dim=1)
@@ -457,10 +463,13 @@ def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
     is_main_process=rank == dst)`. Collective: every rank calls it. One layer's experts are
     gathered at a time, one local expert a collective (HFMoEBlock.to_hf on the CPU), so no GPU
     holds more than its own experts and one of every rank's; `dst`'s host memory takes the whole
-    model. Tensors that share memory in the model (tied embeddings) share it here too."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if not 0 <= dst < world:
-        raise ValueError(f"dst={dst}: a global rank, 0..{world - 1}")
+    model. Tensors that share memory in the model (tied embeddings) share it here too. A model
+    under FSDP (sharded parameters) is refused: save it with sharded_state_dict."""
+    check_dst(dst)
+    if any(isinstance(p, DTensor) for p in model.parameters()) or any(
+            isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise DataParallelError("hf_state_dict: `model` is under FSDP (its parameters are sharded); save it with "
+                                "fm.sharded_state_dict and torch.distributed.checkpoint")
     keep = not dist.is_initialized() or dist.get_rank() == dst
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, HFMoEBlock)}
     live = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
@@ -474,13 +483,32 @@ def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
             copies[key] = t.detach().to("cpu", copy=True)
         return copies[key]
 
+    def prefixed(name: str, key: str) -> str:
+        return f"{name}.{key}" if name else key
+
     state = {}
     if keep:
-        inside = tuple(f"{name}." for name in blocks)
+        inside = tuple(prefixed(name, "") for name in blocks)
         state = {k: on_cpu(t) for k, t in model.state_dict().items() if not k.startswith(inside)}
     for name, module in blocks.items():
-        block = module.to_hf(device="cpu", dst=dst)
-        if block is not None:
-            state |= {f"{name}.{k}": on_cpu(t) for k, t in block.state_dict().items()}
+        error = None
+        try:
+            block = module.to_hf(device="cpu", dst=dst)  # the gathers, then dst's conversion alone
+            if block is not None:
+                state |= {prefixed(name, k): on_cpu(t) for k, t in block.state_dict().items()}
+        except Exception as e:  # noqa: BLE001 (told to every rank below, then raised)
+            error = e
+        _raise_everywhere(error, dst, f"hf_state_dict: block {name!r}")
     return state
 
+
+def _raise_everywhere(error: Exception | None, src: int, what: str) -> None:
+    """Raise on every rank where rank `src` raised `error` (the others would wait in the next
+    collective): src re-raises it, the others a RuntimeError naming it."""
+    said = [None if error is None else f"{type(error).__name__}: {error}"]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(said, src=src)
+    if error is not None:
+        raise error
+    if said[0] is not None:
+        raise RuntimeError(f"{what} failed on rank {src}: {said[0]}")

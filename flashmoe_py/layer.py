@@ -292,19 +292,21 @@ class MoELayer(nn.Module):
         layer's pairs):
         the per-expert ones gathered from every rank in global expert order (collective when
         world_size > 1), the replicated ones copied.
-        device: where the dict's tensors are made (default the layer's); the experts are gathered
-        one local expert at a time, so the layer's device holds at most one expert of every rank
-        beyond its own. dst: a global rank; every rank of the layer's group takes part, but only
-        dst keeps and returns the tensors (the others {})."""
+        device: where the dict's tensors are made (default the layer's). dst: a global rank;
+        every rank of the layer's group takes part, but only dst keeps and returns the tensors
+        (the others {}). With either, the experts are gathered one local expert at a time, so the
+        layer's device holds at most one expert of every rank beyond its own; without, in one
+        collective a weight."""
         if gate_up_layout not in GATE_UP_LAYOUTS:
             raise ValueError(f"gate_up_layout={gate_up_layout!r}; choose one of {GATE_UP_LAYOUTS}")
+        check_dst(dst)
         device = self.device if device is None else torch.device(device)
         keep = dst is None or not dist.is_initialized() or dist.get_rank() == dst
         full = {}
         for name in self.config.weight_shapes():
             t = getattr(self, name).detach()
             if name in EXPERT_WEIGHTS:
-                t = self._gathered(t, device, keep)  # collective: every rank, kept or not
+                t = self._gathered(t, device, keep, one_by_one=dst is not None or device != self.device)
             elif keep:
                 t = t.to(device, copy=True)
             if keep:
@@ -312,21 +314,29 @@ class MoELayer(nn.Module):
                 full[name] = (to_interleaved if gate_up_layout == "interleaved" else to_halves)(t) if gate_up else t
         return full
 
-    def _gathered(self, t: torch.Tensor, device: torch.device, keep: bool) -> torch.Tensor | None:
+    def _gathered(self, t: torch.Tensor, device: torch.device, keep: bool, one_by_one: bool) -> torch.Tensor | None:
         """Every rank's rows of the per-expert t [L, ...] as [E, ...] on `device` in global expert
-        order (None where not keep), gathered one local expert at a time."""
-        local = t.shape[0]
-        expert_at = torch.argsort(self.expert_positions).tolist()  # position r·L + i holds expert expert_at[..]
+        order (None where not keep), gathered from every rank of the group (collective), in one
+        collective or one local expert a collective."""
+        order = torch.argsort(self.expert_positions).to(device)  # position r·L + i holds expert order[..]
+        if self.world_size == 1 or not one_by_one:
+            if self.world_size > 1:
+                parts = [torch.empty_like(t) for _ in range(self.world_size)]
+                dist.all_gather(parts, t.contiguous(), group=self.process_group)
+                t = torch.cat(parts)
+            if not keep:
+                return None
+            out = torch.empty(t.shape, dtype=t.dtype, device=device)
+            out[order] = t.to(device)
+            return out
+        local, order = t.shape[0], order.tolist()
         out = torch.empty(self.world_size * local, *t.shape[1:], dtype=t.dtype, device=device) if keep else None
         for i in range(local):
-            if self.world_size == 1:
-                parts = [t[i]]
-            else:
-                parts = [torch.empty_like(t[i]) for _ in range(self.world_size)]
-                dist.all_gather(parts, t[i].contiguous(), group=self.process_group)
+            parts = [torch.empty_like(t[i]) for _ in range(self.world_size)]
+            dist.all_gather(parts, t[i].contiguous(), group=self.process_group)
             if keep:
                 for r, part in enumerate(parts):
-                    out[expert_at[r * local + i]].copy_(part)
+                    out[order[r * local + i]].copy_(part)
         return out
 
     def route(self, x: torch.Tensor, *, keep_logits: bool = False,
@@ -614,3 +624,8 @@ def _checksum(t: torch.Tensor) -> str:
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def check_dst(dst: int | None) -> None:
+    """dst, a global rank to gather to (None: every rank)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if dst is not None and not 0 <= dst < world:
+        raise ValueError(f"dst={dst}: a global rank, 0..{world - 1}")

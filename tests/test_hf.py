@@ -11,7 +11,11 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from flashmoe_py import ConsistencyError, MoELayer  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+import flashmoe_py.hf as hf_module  # noqa: E402
+from flashmoe_py import ConsistencyError, DataParallelError, ExpertPlacement, MoELayer, prepare_fsdp  # noqa: E402
 from flashmoe_py.hf import (HFMoEBlock, block_config, convert_block, from_hf_block, hf_state_dict, patch_model,  # noqa: E402
                              unpatch_model)
 from flashmoe_py.routing import route  # noqa: E402
@@ -438,15 +442,16 @@ def test_unpatch_model_puts_the_blocks_back_with_the_trained_weights(dist_pools,
         assert err <= 1e-5 and err_fresh <= 1e-5, (err, err_fresh)
 
 
-def exported_while_patched(rank, world, kind, seed):
-    """patch_model, every parameter moved, hf_state_dict to rank 0 -> (whether rank 0 got the
+def exported_while_patched(rank, world, kind, seed, dst=0, round_robin=False):
+    """patch_model, every parameter moved, hf_state_dict to rank dst -> (whether dst got the
     unpatched model's names (the others nothing), a fresh unpatched model's logits after loading
     it (strict) against the patched model's, whether the model is still patched and its logits
     unchanged, the largest tensor one all_gather sent against one expert's largest weight)."""
     model = tiny_model(kind, seed)
     names = sorted(model.state_dict())
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(seed))
-    patch_model(model)
+    experts = block_config(moe_block(model)).num_experts
+    patch_model(model, placement=ExpertPlacement.round_robin(experts, world) if round_robin else None)
     g = torch.Generator().manual_seed(seed)
     sent, all_gather = [], torch.distributed.all_gather
 
@@ -460,19 +465,19 @@ def exported_while_patched(rank, world, kind, seed):
         want = model(ids).logits
         torch.distributed.all_gather = recording
         try:
-            state = hf_state_dict(model)
+            state = hf_state_dict(model, dst)
         finally:
             torch.distributed.all_gather = all_gather
         after = model(ids).logits
         err_fresh = None
-        if rank == 0:
+        if rank == dst:
             fresh = tiny_model(kind, seed + 1)
             fresh.load_state_dict(state)
             err_fresh = rel_err(fresh(ids).logits, want)
     moe = moe_block(model).moe
     one_expert = max(t[0].numel() for t in (moe.w_in, moe.w_out))
     patched = isinstance(moe_block(model), HFMoEBlock)
-    got_names = sorted(state) == names if rank == 0 else state == {}
+    got_names = sorted(state) == names if rank == dst else state == {}
     return got_names, err_fresh, patched and torch.equal(after, want), max(sent, default=0), one_expert
 
 
@@ -488,6 +493,63 @@ def test_hf_state_dict_gives_rank_0_the_unpatched_checkpoint_while_the_model_sta
         assert names and still_patched, rank
         assert rank > 0 or err_fresh <= 1e-5, err_fresh
         assert largest <= one_expert, (largest, one_expert)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_hf_state_dict_to_another_rank_with_experts_placed_round_robin(dist_pools, kind):
+    seed = fresh_seed()
+    for rank, (names, err_fresh, still_patched, largest, one_expert) in enumerate(
+            dist_pools(2).run(exported_while_patched, kind, seed, 1, True)):
+        assert names and still_patched, rank
+        assert rank != 1 or err_fresh <= 1e-5, err_fresh
+        assert largest <= one_expert, (largest, one_expert)
+
+
+def export_failing_on_rank_0(rank, world, seed):
+    """hf_state_dict whose conversion (rank 0's alone) raises on rank 0 -> what each rank raised."""
+    model = tiny_model("mixtral", seed)
+    patch_model(model)
+    convert = hf_module.convert_block
+    if rank == 0:
+        hf_module.convert_block = lambda block: (_ for _ in ()).throw(ValueError("no conversion"))
+    try:
+        hf_state_dict(model)
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        hf_module.convert_block = convert
+    return "nothing"
+
+
+def test_a_conversion_failing_on_the_destination_rank_raises_on_every_rank(dist_pools):
+    """(rather than leaving the other ranks in the next block's gathers)"""
+    said = dist_pools(2).run(export_failing_on_rank_0, fresh_seed())
+    assert said[0] == "ValueError: no conversion", said
+    assert said[1].startswith("RuntimeError: hf_state_dict: block 'model.layers.0.mlp' failed on rank 0: "
+                              "ValueError: no conversion"), said
+
+
+def export_under_fully_shard(rank, world, seed):
+    model = tiny_model("qwen3_moe", seed)
+    patch_model(model)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)), ignored_params=prepare_fsdp(model))
+    try:
+        hf_state_dict(model)
+    except DataParallelError as e:
+        return str(e)
+    return "nothing"
+
+
+def test_hf_state_dict_refuses_a_model_under_fully_shard(dist_pools):
+    for said in dist_pools(2).run(export_under_fully_shard, fresh_seed()):
+        assert "under FSDP" in said and "sharded_state_dict" in said, said
+
+
+def test_hf_state_dict_of_a_converted_block_has_the_block_s_own_names():
+    block = moe_block(tiny_model("qwen2_moe", 5))
+    names = sorted(block.state_dict())
+    state = hf_state_dict(from_hf_block(block))
+    assert sorted(state) == names
 
 
 def test_hf_state_dict_refuses_a_dst_that_is_no_rank():

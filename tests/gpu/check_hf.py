@@ -13,6 +13,7 @@ import json
 import os
 import random
 import sys
+import time
 
 import torch
 
@@ -77,7 +78,9 @@ def main():
             print(json.dumps(row), flush=True)
     if rt.rank == 0 and args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "world": world, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                       "commit": os.environ.get("FLASHMOE_COMMIT", "unknown"), "world": world, "rows": rows},
+                      f, indent=1)
     fm.finalize()
     checked = [r for r in rows if r["ok"] is not None]
     sys.exit(0 if checked and all(r["ok"] for r in checked) else 1)
