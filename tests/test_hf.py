@@ -570,6 +570,14 @@ def test_hf_state_dict_copies_tied_weights_once_and_leaves_the_model_s_own_alone
     assert not any(t.data_ptr() in mine for t in state.values())
 
 
+def test_save_pretrained_of_a_patched_model_without_hf_state_dict_is_refused_by_transformers(tmp_path):
+    """(the README's note: nothing unloadable is written silently)"""
+    model = tiny_model("qwen2_moe", 2)
+    patch_model(model)
+    with pytest.raises(RuntimeError, match="shared tensors"):
+        model.save_pretrained(tmp_path)
+
+
 def saved_while_patched(rank, world, path, seed):
     model = tiny_model("qwen2_moe", seed)
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(seed))
