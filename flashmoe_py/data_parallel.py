@@ -102,7 +102,7 @@ def prepare_fsdp(model: nn.Module) -> set[nn.Parameter]:
     return ignored
 
 
-def _in_fsdp_class(model: nn.Module) -> bool:
+def in_fsdp_class(model: nn.Module) -> bool:
     """Whether torch's older FullyShardedDataParallel class wraps `model` or manages parameters of
     it (given the module inside the wrapper: its flat parameter, or the originals, are marked)."""
     return (any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
@@ -119,7 +119,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     norm_type 2 or inf. Collective. -> the total norm (float32, on the gradients' device)."""
     if norm_type not in (2.0, float("inf")):
         raise ValueError(f"clip_grad_norm_: norm_type={norm_type}; flashmoe_py's takes 2 or inf")
-    if _in_fsdp_class(model):
+    if in_fsdp_class(model):
         raise ValueError("clip_grad_norm_: the model is inside torch's older FullyShardedDataParallel, whose flat "
                          "gradient shards this function cannot count; use fully_shard, or "
                          "FullyShardedDataParallel.clip_grad_norm_ (it counts one rank's experts only)")

@@ -23,11 +23,10 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 
 from .config import DTYPES, ConfigError, MoEConfig
-from .data_parallel import exclude_from_ddp, include_in_ddp, sharded_names
+from .data_parallel import exclude_from_ddp, in_fsdp_class, include_in_ddp, sharded_names
 from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from .gate_up import to_interleaved, to_pairs
 from .layer import MoELayer, check_dst
@@ -466,8 +465,7 @@ def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
     model. Tensors that share memory in the model (tied embeddings) share it here too. A model
     under FSDP (sharded parameters) is refused: save it with sharded_state_dict."""
     check_dst(dst)
-    if any(isinstance(p, DTensor) for p in model.parameters()) or any(
-            isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+    if any(isinstance(p, DTensor) for p in model.parameters()) or in_fsdp_class(model):
         raise DataParallelError("hf_state_dict: `model` is under FSDP (its parameters are sharded); save it with "
                                 "fm.sharded_state_dict and torch.distributed.checkpoint")
     keep = not dist.is_initialized() or dist.get_rank() == dst
@@ -486,29 +484,38 @@ def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
     def prefixed(name: str, key: str) -> str:
         return f"{name}.{key}" if name else key
 
-    state = {}
-    if keep:
+    def exported() -> dict[str, torch.Tensor]:  # dst's: the model's own tensors, outside the blocks
         inside = tuple(prefixed(name, "") for name in blocks)
-        state = {k: on_cpu(t) for k, t in model.state_dict().items() if not k.startswith(inside)}
+        return {k: on_cpu(t) for k, t in model.state_dict().items() if not k.startswith(inside)}
+
+    def block_state(name: str, module: HFMoEBlock) -> dict[str, torch.Tensor]:
+        block = module.to_hf(device="cpu", dst=dst)  # the gathers, then dst's conversion alone
+        return {} if block is None else {prefixed(name, k): on_cpu(t) for k, t in block.state_dict().items()}
+
+    state = _on_every_rank(lambda: exported() if keep else {}, "hf_state_dict: the model's state_dict")
     for name, module in blocks.items():
-        error = None
-        try:
-            block = module.to_hf(device="cpu", dst=dst)  # the gathers, then dst's conversion alone
-            if block is not None:
-                state |= {prefixed(name, k): on_cpu(t) for k, t in block.state_dict().items()}
-        except Exception as e:  # noqa: BLE001 (told to every rank below, then raised)
-            error = e
-        _raise_everywhere(error, dst, f"hf_state_dict: block {name!r}")
+        state |= _on_every_rank(functools.partial(block_state, name, module), f"hf_state_dict: block {name!r}")
     return state
 
 
-def _raise_everywhere(error: Exception | None, src: int, what: str) -> None:
-    """Raise on every rank where rank `src` raised `error` (the others would wait in the next
-    collective): src re-raises it, the others a RuntimeError naming it."""
-    said = [None if error is None else f"{type(error).__name__}: {error}"]
+def _on_every_rank(step: Callable, what: str):
+    """step()'s result, where it raised on no rank; else raise on every rank (the others would wait
+    in the next collective): a rank that raised re-raises its own error, the others a
+    RuntimeError naming the first rank's. An error inside step's collectives (a rank's part of a
+    block's gathers) is left to the process group's timeout: the others are waiting in them."""
+    error = None
+    try:
+        result = step()
+    except Exception as e:  # noqa: BLE001 (told to every rank, then raised)
+        error, result = e, None
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    said = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(said, src=src)
+        said = [None] * dist.get_world_size()
+        dist.all_gather_object(said, mine)
     if error is not None:
         raise error
-    if said[0] is not None:
-        raise RuntimeError(f"{what} failed on rank {src}: {said[0]}")
+    failed = next(((rank, text) for rank, text in enumerate(said) if text is not None), None)
+    if failed is not None:
+        raise RuntimeError(f"{what} failed on rank {failed[0]}: {failed[1]}")
+    return result

@@ -505,13 +505,16 @@ def test_hf_state_dict_to_another_rank_with_experts_placed_round_robin(dist_pool
         assert largest <= one_expert, (largest, one_expert)
 
 
-def export_failing_on_rank_0(rank, world, seed):
-    """hf_state_dict whose conversion (rank 0's alone) raises on rank 0 -> what each rank raised."""
+def export_failing_on_rank_0(rank, world, seed, where):
+    """hf_state_dict with rank 0's (dst's) own part raising: its `conversion` of a block (after
+    the gathers), or its `state_dict` of the rest of the model -> what each rank raised."""
     model = tiny_model("mixtral", seed)
     patch_model(model)
     convert = hf_module.convert_block
-    if rank == 0:
+    if rank == 0 and where == "conversion":
         hf_module.convert_block = lambda block: (_ for _ in ()).throw(ValueError("no conversion"))
+    if rank == 0 and where == "state_dict":
+        model.state_dict = lambda: (_ for _ in ()).throw(ValueError("no state_dict"))
     try:
         hf_state_dict(model)
     except (ValueError, RuntimeError) as e:
@@ -521,12 +524,13 @@ def export_failing_on_rank_0(rank, world, seed):
     return "nothing"
 
 
-def test_a_conversion_failing_on_the_destination_rank_raises_on_every_rank(dist_pools):
+@pytest.mark.parametrize("where, what", [("conversion", "block 'model.layers.0.mlp'"),
+                                         ("state_dict", "the model's state_dict")])
+def test_a_failure_on_the_destination_rank_raises_on_every_rank(dist_pools, where, what):
     """(rather than leaving the other ranks in the next block's gathers)"""
-    said = dist_pools(2).run(export_failing_on_rank_0, fresh_seed())
-    assert said[0] == "ValueError: no conversion", said
-    assert said[1].startswith("RuntimeError: hf_state_dict: block 'model.layers.0.mlp' failed on rank 0: "
-                              "ValueError: no conversion"), said
+    said = dist_pools(2).run(export_failing_on_rank_0, fresh_seed(), where)
+    assert said[0] == f"ValueError: no {where}", said
+    assert said[1] == f"RuntimeError: hf_state_dict: {what} failed on rank 0: ValueError: no {where}", said
 
 
 def export_under_fully_shard(rank, world, seed):
