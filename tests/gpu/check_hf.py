@@ -1,10 +1,10 @@
 """GPU: tiny models of every family patch_model converts (fp32; from tests/test_hf.py, every
 parameter re-drawn), patched with backend="flash", against the unpatched model on the same rank's
 input; eager, replayed from the layer's CUDA graphs, under torch.compile (aot_eager: the graph
-capture is tested, not inductor's code), and an unpatched model on rank 0's CPU loaded (strict) with
-fm.hf_state_dict of the patched one. Weights and inputs are drawn from a fresh seed each run
-(recorded); a family whose expert count the world size does not divide gets a row saying so, and
-at least one family must be checked. One process per GPU:
+capture is tested, not inductor's code), an unpatched model on rank 0's CPU loaded (strict) with
+fm.hf_state_dict of the patched one, and the model after unpatch_model. Weights and inputs are
+drawn from a fresh seed each run (recorded); a family whose expert count the world size does not
+divide gets a row saying so, and at least one family must be checked. One process per GPU:
 
     bash launch/torchrun.sh tests/gpu/check_hf.py [--out results.json]"""
 
@@ -23,7 +23,7 @@ from test_hf import MODELS, moe_block, tiny_model  # noqa: E402
 
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py.hf import block_config  # noqa: E402
-from flashmoe_py.hf import patch_model  # noqa: E402
+from flashmoe_py.hf import patch_model, unpatch_model  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
 
 TOKENS = (2, 64)  # batch, seq per rank
@@ -68,6 +68,8 @@ def main():
                 errs.append(rel_err(fresh(ids.cpu()).logits, want.cpu()))
             elif state:
                 errs.append(float("inf"))  # only rank 0 is given it
+            unpatch_model(model)  # the transformers blocks back, on the GPU
+            errs.append(rel_err(model(ids).logits, want))
         err = torch.tensor([max(errs)], device="cuda")
         torch.distributed.all_reduce(err, op=torch.distributed.ReduceOp.MAX)
         replaced = sum(v == "replaced" for v in report.values())
