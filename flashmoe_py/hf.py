@@ -27,8 +27,6 @@ from torch.distributed.tensor import DTensor
 
 from .config import DTYPES, ConfigError, MoEConfig
 from .data_parallel import exclude_from_ddp, in_fsdp_class, include_in_ddp, sharded_names
-from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
-from .gate_up import to_interleaved, to_pairs
 from .layer import MoELayer, check_dst
 from .runtime import ConsistencyError
 from .wrappers import DataParallelError
@@ -105,10 +103,11 @@ class HFMoEBlock(nn.Module):
             raise RuntimeError("this HFMoEBlock was built without its transformers block's skeleton")
         moe = self.moe
         device = moe.device if device is None else torch.device(device)
-        full = moe.full_weight_dict(device=device, dst=dst)  # gate and up as halves; every rank gathers first
+        block = copy.deepcopy(self._skeleton)
+        layout = convert_block(block).gate_up_layout  # (converted on the meta device: no memory)
+        full = moe.full_weight_dict(layout, device=device, dst=dst)  # every rank gathers first
         if not full:  # another rank than dst
             return None
-        block = copy.deepcopy(self._skeleton)
         for module in block.modules():
             for name, p in module._parameters.items():
                 if p is not None and p.is_meta:
@@ -122,8 +121,6 @@ class HFMoEBlock(nn.Module):
             p.requires_grad_(moe.shared_w_in is not None and moe.shared_w_in.requires_grad)
         conv = convert_block(block)
         want = {n: full[n] for n in conv.weights if n not in ROUTER_TENSORS}
-        if conv.gate_up_layout == "interleaved":
-            want |= {n: to_interleaved(to_pairs(want[n])) for n in GATE_UP_WEIGHTS if n in want and moe.config.gated}
         for name, value in want.items():
             if name == "shared_w_in":  # joined from the shared MLP's gate and up: split back
                 gate, up = value.chunk(2, dim=1)

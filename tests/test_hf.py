@@ -506,13 +506,17 @@ def test_hf_state_dict_to_another_rank_with_experts_placed_round_robin(dist_pool
 
 
 def export_failing_on_rank_0(rank, world, seed, where):
-    """hf_state_dict with rank 0's (dst's) own part raising: its `conversion` of a block (after
-    the gathers), or its `state_dict` of the rest of the model -> what each rank raised."""
+    """hf_state_dict with rank 0's (dst's) own part raising: its `conversion` of a block's
+    gathered weights, or its `state_dict` of the rest of the model -> what each rank raised."""
     model = tiny_model("mixtral", seed)
     patch_model(model)
     convert = hf_module.convert_block
-    if rank == 0 and where == "conversion":
-        hf_module.convert_block = lambda block: (_ for _ in ()).throw(ValueError("no conversion"))
+    if rank == 0 and where == "conversion":  # of the gathered weights (that of the meta skeleton runs everywhere)
+        def failing(block):
+            if next(block.parameters()).is_meta:
+                return convert(block)
+            raise ValueError("no conversion")
+        hf_module.convert_block = failing
     if rank == 0 and where == "state_dict":
         model.state_dict = lambda: (_ for _ in ()).throw(ValueError("no state_dict"))
     try:
