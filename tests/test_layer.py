@@ -664,7 +664,7 @@ class _GraphsSeen:
 
     def __init__(self, layer: MoELayer):
         self.layer, self.options = layer, types.SimpleNamespace(cuda_graphs=True)
-        self.graphs, self.seen, self.graphed_weights = {}, set(), ()
+        self.graphs, self.seen, self.graphed = {}, set(), ()
         self.status_ready = types.SimpleNamespace(record=lambda: None)
         self.launches = self.captures = 0
 
@@ -698,6 +698,23 @@ def test_captured_forwards_are_dropped_when_the_weights_are_replaced(monkeypatch
     for _ in range(3):
         backend.run(x, (4, False))
     assert (backend.launches, backend.captures) == (2, 2) and len(backend.graphs) == 1
+
+
+def test_captured_forwards_are_dropped_when_torch_deterministic_setting_switches(monkeypatch):
+    """A captured forward keeps its routing plan's way of numbering an expert's rows
+    (kernels/plan.py): after torch.use_deterministic_algorithms is switched on, or off again, the
+    next forwards are captured anew."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    backend, x = _GraphsSeen(MoELayer(MoEConfig(**SMALL, top_k=2))), torch.randn(4, SMALL["hidden_size"])
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic, seen in ((False, (1, 1)), (True, (2, 2)), (False, (3, 3))):
+            torch.use_deterministic_algorithms(deterministic)
+            for _ in range(3):  # eager, then captured, then replayed
+                backend.run(x, (4, False))
+            assert (backend.launches, backend.captures) == seen and len(backend.graphs) == 1
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def test_the_sizes_remembered_for_a_capture_are_bounded(monkeypatch):

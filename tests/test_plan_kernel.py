@@ -6,7 +6,12 @@ import os
 import pytest
 import torch
 
+from flashmoe_py.backends.flash import routing_plan
+from flashmoe_py.kernels import plan as plan_module
+from flashmoe_py.kernels.layout import Geometry
 from flashmoe_py.kernels.plan import build_plan
+from flashmoe_py.routing import Routing
+from flashmoe_py import MoEConfig
 from seeds import fresh_seed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,9 +31,10 @@ def random_routing(T, K, E, W, drop: float, seed: int):
     return experts, kept, positions, send_order
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("T,K,E,W,drop", [(300, 2, 8, 2, 0.0), (257, 4, 12, 3, 0.0), (100, 8, 64, 4, 0.0),
                                           (200, 3, 8, 1, 0.3), (0, 2, 8, 2, 0.0), (1500, 2, 4, 2, 0.0)])
-def test_plan_places_every_kept_slot_once_in_its_pairs_rows(T, K, E, W, drop):
+def test_plan_places_every_kept_slot_once_in_its_pairs_rows(T, K, E, W, drop, deterministic):
     CHUNK, MAXC = 16, -(-max(T, 1) // 16)
     experts, kept, positions, send_order = random_routing(T, K, E, W, drop, seed=fresh_seed())
     L = E // W
@@ -37,7 +43,7 @@ def test_plan_places_every_kept_slot_once_in_its_pairs_rows(T, K, E, W, drop):
     experts, kept, positions, send_order = (t.to(DEVICE) if t is not None else None
                                             for t in (experts, kept, positions, send_order))
     plan, stats = build_plan(experts, kept, weights, positions, send_order, comb_expect, local_experts=L,
-                             chunk=CHUNK, maxc=MAXC)
+                             chunk=CHUNK, maxc=MAXC, deterministic=deterministic)
     plan = {**{k: v.cpu() for k, v in plan._asdict().items()}, **{k: v.cpu() for k, v in stats.items()}}
     experts, positions = experts.cpu(), positions.cpu()
     kept = kept.cpu() if kept is not None else None
@@ -79,3 +85,47 @@ def test_plan_refuses_what_its_kernels_would_misread(name):
     with pytest.raises(ValueError, match=name):
         build_plan(experts, kept, torch.rand(40, 2), args["positions"], args["send_order"], args["comb_expect"],
                    local_experts=2, chunk=16, maxc=5)
+
+
+class ScrambledRanks:
+    """slot_ranks_kernel, then each pair's places reversed: the order a GPU's atomic counter may
+    hand out (the interpreter runs a program's slots in order, so it never shows another)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.kernel[grid](*args, **kwargs)
+            counts, pos, rank = args[3], args[5], args[6]
+            rank.copy_(counts[pos.long()] - 1 - rank)
+        return launch
+
+
+@pytest.fixture
+def scrambled(monkeypatch):
+    monkeypatch.setattr(plan_module, "slot_ranks_kernel", ScrambledRanks(plan_module.slot_ranks_kernel))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_under_torch_deterministic_algorithms_each_experts_rows_come_in_slot_order(scrambled, monkeypatch,
+                                                                                   deterministic):
+    """backward="saved" sums an expert's rows in the plan's order: under
+    torch.use_deterministic_algorithms the fused backend's plan numbers them in slot order (token,
+    then choice), whatever order the atomic counter took them in, so those sums are the same bits
+    every run. Otherwise the counter's order stands (here reversed)."""
+    T, cfg = 300, MoEConfig(hidden_size=64, ffn_size=64, num_experts=8, top_k=2)
+    geo = Geometry.for_config(cfg, 2, T)
+    gen = torch.Generator().manual_seed(fresh_seed())
+    experts = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(T)]).to(DEVICE)
+    r = Routing(torch.rand(T, 2, device=DEVICE), experts, None, None)
+    positions = torch.arange(8, device=DEVICE)
+    comb_expect = torch.zeros(2, 4, geo.max_chunks, dtype=torch.int64, device=DEVICE)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    plan, _ = routing_plan(r, positions, geo, geo.send_order(0, DEVICE), comb_expect)
+    send_slot, starts, counts = plan.send_slot.cpu(), plan.pos_start.cpu(), plan.send_counts.cpu()
+    for p in range(8):
+        slots = send_slot[starts[p]:starts[p] + counts[p]].tolist()
+        assert slots == sorted(slots, reverse=not deterministic)
+        rows = plan.slot_row.cpu().reshape(-1)[torch.tensor(slots, dtype=torch.long)] - plan.region_off[p].cpu()
+        assert rows.tolist() == list(range(len(slots)))

@@ -208,17 +208,17 @@ class _Groups:
 def _grouped_outer_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm takes groups along K (a [K_total, M]^T with b [K_total, N]), as the
     weight gradients need, and is right for this device and dtype (probed once, never inside a
-    CUDA graph capture)."""
+    CUDA graph capture; the reference is the CPU's, as in torch_ep.grouped_mm_works)."""
     if capture.capturing(device_type):
         capture.refuse_probe("torch._grouped_mm's grouped weight gradients")
     try:
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(48, 32, generator=g).to(device_type, dtype)
-        b = torch.randn(48, 16, generator=g).to(device_type, dtype)
+        a = torch.randn(48, 32, generator=g).to(dtype)
+        b = torch.randn(48, 16, generator=g).to(dtype)
         offs = torch.tensor([16, 16, 48], dtype=torch.int32, device=device_type)
-        got = torch._grouped_mm(a.t(), b, offs=offs).float()
-        want = torch.stack([a[:16].float().t() @ b[:16].float(), torch.zeros(32, 16, device=device_type),
-                            a[16:].float().t() @ b[16:].float()])
+        got = torch._grouped_mm(a.to(device_type).t(), b.to(device_type), offs=offs).cpu().double()
+        want = torch.stack([a[:16].double().t() @ b[:16].double(), torch.zeros(32, 16, dtype=torch.float64),
+                            a[16:].double().t() @ b[16:].double()])
         return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-1))
     except (RuntimeError, NotImplementedError, TypeError):
         return False

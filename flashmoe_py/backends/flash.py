@@ -64,9 +64,12 @@ def routing_plan(r: Routing, positions: torch.Tensor, geo: Geometry, send_order:
     """r: this rank's routing (routing.route); positions: [E] int64 (placement); send_order:
     geo.send_order(this rank), on r's device; comb_expect: [W, L, MAXC] int64, to which the rows
     this rank will get back in each chunk are added. Three small kernels; no host
-    synchronisation. -> (the plan, stats {expert_counts, dropped_slots})."""
+    synchronisation. Under torch.use_deterministic_algorithms each expert's rows come in slot
+    order, so backward="saved" sums them the same way every run (kernels/plan.py). -> (the plan,
+    stats {expert_counts, dropped_slots})."""
     return build_plan(r.experts, r.kept, r.weights, positions, send_order, comb_expect,
-                      local_experts=geo.local_experts, chunk=geo.chunk, maxc=geo.max_chunks)
+                      local_experts=geo.local_experts, chunk=geo.chunk, maxc=geo.max_chunks,
+                      deterministic=torch.are_deterministic_algorithms_enabled())
 
 
 GRAPHED_TENSORS = (*FUSED_WEIGHTS, "router_weight", "router_bias", "e_score_correction_bias", "expert_positions")
@@ -117,12 +120,18 @@ class CapturedForward:
         """Copy x in and replay -> the graph's (out, stats, SavedForward or None), the SavedForward
         a new one over the graph's buffers. The one lent before keeps copies if still alive (its
         backward has not run); on another stream than its own, this replay first waits for that
-        stream (where its backward read the buffers)."""
-        if self.lent_on is not None and self.lent_on != torch.cuda.current_stream():
-            torch.cuda.current_stream().wait_stream(self.lent_on)
+        stream (where its backward read the buffers), and that stream, where its backward will
+        run, waits for the copies, whose memory is kept for it (record_stream)."""
+        current = torch.cuda.current_stream() if self.lent_on is not None else None
+        elsewhere = current is not None and self.lent_on != current
+        if elsewhere:
+            current.wait_stream(self.lent_on)
         held = self.lent and self.lent()
         if held is not None:
             held.keep_copies()
+            if elsewhere:
+                self.lent_on.wait_stream(current)
+                held.record_stream(self.lent_on)
         self.static_x.copy_(x)
         self.graph.replay()
         out, stats, saved = self.outputs
@@ -173,7 +182,8 @@ class FlashBackend:
         self.trace: torch.Tensor | None = None
         self.graphs: dict[tuple, CapturedForward] = {}  # by _run's key
         self.seen: set[tuple] = set()
-        self.graphed_weights: tuple[int, ...] | None = ()  # weight_addresses when the kept graphs were captured
+        # (weight_addresses, torch's deterministic setting) when the kept graphs were captured
+        self.graphed: tuple = ()
         self.last_stream: torch.cuda.Stream | None = None  # where the last forward was queued
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 
@@ -237,19 +247,22 @@ class FlashBackend:
         """The routing plan and kernel for x [T, H], replayed from the CUDA graph of `key`
         (captured at its second call; the first runs eagerly and compiles the kernel) unless key is
         None or graphs are off; every graph is dropped when the weights were replaced since they were
-        captured (weight_addresses). saving: (pre's shape, shared_pre's or None) for backward="saved".
-        -> (out, stats, SavedForward or None); when replayed, out and stats are copied out of the
-        graph's buffers and the SavedForward is lent (CapturedForward). Graphs are kept for the latest
-        keys (graphs_to_drop)."""
+        captured (weight_addresses) or torch.use_deterministic_algorithms was switched (a graph
+        keeps its plan's way of numbering rows, routing_plan's). saving: (pre's shape, shared_pre's
+        or None) for backward="saved". -> (out, stats, SavedForward or None); when replayed, out and
+        stats are copied out of the graph's buffers and the SavedForward is lent (CapturedForward).
+        Graphs are kept for the latest keys (graphs_to_drop)."""
         if key is None or not self.options.cuda_graphs or torch.cuda.is_current_stream_capturing():
             return self._launch(x, saving=saving)
         layer = self.layer
-        if (addresses := weight_addresses(layer)) != self.graphed_weights:
+        addresses = weight_addresses(layer)
+        if (state := (addresses, torch.are_deterministic_algorithms_enabled())) != self.graphed:
             if self.graphs:  # they would read the old weights' memory (freed, or reused)
-                log.info("rank %d: the layer's weights were replaced: dropping its CUDA graphs", layer.rank)
+                log.info("rank %d: the layer's weights were replaced, or torch's deterministic setting switched: "
+                         "dropping its CUDA graphs", layer.rank)
             self.graphs.clear()
             self.seen.clear()
-            self.graphed_weights = addresses
+            self.graphed = state
         if addresses is None:
             return self._launch(x, saving=saving)
         if key not in self.graphs:

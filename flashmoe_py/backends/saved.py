@@ -37,3 +37,11 @@ class SavedForward:
                   None if self.shared_pre is None else self.shared_pre.clone())
         self.routing = routing
         self.slot, self.send_counts, self.pre, self.shared_pre = copies
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Mark every tensor as used on `stream` too (its backward's, when they were made on
+        another), so the caching allocator keeps their memory until that stream's work is done."""
+        r = self.routing
+        for t in (r.weights, r.experts, r.kept, r.logits, self.slot, self.send_counts, self.pre, self.shared_pre):
+            if t is not None:
+                t.record_stream(stream)

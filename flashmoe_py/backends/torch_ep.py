@@ -26,18 +26,20 @@ class PeerInputError(RuntimeError):
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs and is right for this device and dtype (probed once, never
-    inside a CUDA graph capture)."""
+    inside a CUDA graph capture). The reference is the CPU's, so that only _grouped_mm itself is
+    probed (a cuBLAS product raises under torch.use_deterministic_algorithms without
+    CUBLAS_WORKSPACE_CONFIG, which would be cached as "does not work")."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if capture.capturing(device_type):
         capture.refuse_probe("torch._grouped_mm")
     try:
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(48, 32, generator=g).to(device_type, dtype)
-        b = torch.randn(3, 32, 16, generator=g).to(device_type, dtype)
+        a = torch.randn(48, 32, generator=g).to(dtype)
+        b = torch.randn(3, 32, 16, generator=g).to(dtype)
         offs = torch.tensor([16, 16, 48], dtype=torch.int32, device=device_type)
-        got = torch._grouped_mm(a, b, offs=offs).float()
-        want = torch.cat([a[:16].float() @ b[0].float(), a[16:48].float() @ b[2].float()])
+        got = torch._grouped_mm(a.to(device_type), b.to(device_type), offs=offs).cpu().double()
+        want = torch.cat([a[:16].double() @ b[0].double(), a[16:48].double() @ b[2].double()])
         return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
     except (RuntimeError, NotImplementedError, TypeError):
         return False

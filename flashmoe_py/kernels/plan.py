@@ -8,7 +8,9 @@ forward for qwen3_30b_a3b at 4,096 tokens on an H200, sort included):
                not the token order, and on a GPU not the same every run: no forward output
                depends on it, each row's result being its own, but backward="saved" sums an
                expert's rows in it, so its weight and bias gradients may differ in the last bits
-               between runs; backward="recompute" orders the slots by token and does not);
+               between runs). With `deterministic` (torch.use_deterministic_algorithms), the
+               places are taken again in slot order (ranks_in_slot_order: a stable sort and a
+               few small ops), as backward="recompute" orders its rows;
   pair_table   one program: each pair's first slot in the sorted order, its CHUNK-aligned
                offset in this rank's region at the destination, and the running count of chunks
                in send order;
@@ -140,13 +142,25 @@ def slot_plan_kernel(pos_ptr, rank_ptr, counts_ptr, pos_start_ptr, region_off_pt
         tl.store(ptrs, tl.load(ptrs, mask=c < MAXC) + rows, mask=c < MAXC)
 
 
+def ranks_in_slot_order(pos: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """pos: [NS] int32 each slot's pair (E: dropped); counts: [E + 1] int32 the slots of each
+    pair -> [NS] int32 each slot's place among its pair's slots, in slot order (a stable sort: the
+    same every run, whatever order an atomic counter took them in)."""
+    sorted_pos, order = torch.sort(pos, stable=True)
+    first = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    rank = torch.empty_like(pos)
+    rank[order] = torch.arange(pos.numel(), dtype=torch.int32, device=pos.device) - first[sorted_pos.long()]
+    return rank
+
+
 def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, weights: torch.Tensor, positions: torch.Tensor,
                send_order: torch.Tensor, comb_expect: torch.Tensor, *, local_experts: int, chunk: int,
-               maxc: int) -> tuple[RoutingPlan, dict]:
+               maxc: int, deterministic: bool = False) -> tuple[RoutingPlan, dict]:
     """experts: [T, K] int64 global expert ids; kept: [T, K] bool or None (dropless); weights:
     [T, K] routing weights; positions: [E] int64 expert -> pair; send_order: [E] int64 pairs in
-    send order; comb_expect: [E, maxc] int64, contiguous (any shape of that size), added to. ->
-    (the RoutingPlan, stats {expert_counts: [E] int64, dropped_slots: int64 scalar})."""
+    send order; comb_expect: [E, maxc] int64, contiguous (any shape of that size), added to;
+    deterministic: each pair's slots in slot order (token, then choice) instead of the atomic
+    counter's. -> (the RoutingPlan, stats {expert_counts: [E] int64, dropped_slots: int64 scalar})."""
     T, K = experts.shape
     E, NS, dev = positions.numel(), T * K, experts.device
     if send_order.shape != (E,) or comb_expect.numel() != E * maxc:
@@ -165,6 +179,8 @@ def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, weights: torch.
         slot_ranks_kernel[(slot_programs,)](flat, kept.reshape(NS) if kept is not None else flat, positions, counts,
                                             expert_counts, pos, rank, NS, E, HAS_KEPT=kept is not None,
                                             BLOCK=BLOCK)
+        if deterministic:
+            rank = ranks_in_slot_order(pos, counts)
     pos_start, region_off, chunk_cum = (torch.empty(E, dtype=i32, device=dev) for _ in range(3))
     E_POW2 = triton.next_power_of_2(E)
     pair_table_kernel[(1,)](counts, send_order, pos_start, region_off, chunk_cum, E, local_experts, CHUNK=chunk,
