@@ -519,6 +519,13 @@ class MoELayer(nn.Module):
                                  "load_state_dict)")
         return super()._apply(fn, recurse)
 
+    def __setstate__(self, state) -> None:
+        """A copy (copy.deepcopy, or pickle's torch.save / torch.load) gets its own op id: the
+        compiled op finds its layer by it (_LAYERS), and the original's would have run the original."""
+        super().__setstate__(state)
+        self.__dict__["_op_id"] = next(_layer_ids)
+        _LAYERS[self._op_id] = self
+
     def extra_repr(self) -> str:
         return (f"{self.config}, rank={self.rank}/{self.world_size}, "
                 f"local_experts={self.local_experts}, backend={self.backend.name!r}")

@@ -4,6 +4,9 @@ backward: "autograd" (through the torch backend's ops), "saved" and "recompute"
 (backends/explicit_backward.py: explicit steps after an inference forward, from what it saved or
 with routing and GEMM1 run again; backend "flash"'s backwards)."""
 
+import copy
+import io
+
 import pytest
 import torch
 from grad_reference import grad_errors, lean_grad_errors, near_a_kink, rel_err
@@ -504,6 +507,41 @@ def test_the_compiled_layer_reads_what_the_region_updated_before_it():
         eager = step(MoELayer(cfg, seed=seed), x)
         compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(MoELayer(cfg, seed=seed), x)
     assert rel_err(compiled, eager) <= FP32_TOL
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copied_layer_compiled_runs_the_copy(how):
+    """A reference model or an EMA teacher is a copy of the model (copy.deepcopy, or torch.save then
+    torch.load, maybe in another process); the compiled op finds its layer by an id, which a copy
+    kept: it ran the original (its statistics, its backend's buffers), or failed where the original
+    was gone, or in another process ran whichever layer had that id there. Forward and gradients
+    of the copy, changed after copying, against its eager self."""
+    cfg = MoEConfig(**{**SMALL, **VARIANTS["everything at once"]})
+    original = MoELayer(cfg, seed=fresh_seed())
+    if how == "deepcopy":
+        layer = copy.deepcopy(original)
+    else:
+        buffer = io.BytesIO()
+        torch.save(original, buffer)
+        del original  # as in another process
+        buffer.seek(0)
+        layer = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        layer.w_in.mul_(-1)
+        layer.router_weight.mul_(2)
+    x = torch.randn(16, cfg.hidden_size, requires_grad=True)
+    dy = torch.randn(16, cfg.hidden_size)
+    got = {}
+    for mode, forward in (("eager", layer), ("compiled", torch.compile(layer, backend="aot_eager", fullgraph=True))):
+        layer.last_stats = None
+        (forward(x) * dy).sum().backward()
+        assert layer.last_stats is not None
+        got[mode] = [forward(x).detach(), x.grad, *(p.grad for p in layer.parameters())]
+        x.grad = None
+        layer.zero_grad()
+    assert max(rel_err(a, b) for a, b in zip(got["compiled"], got["eager"], strict=True)) <= FP32_TOL
+    if how == "deepcopy":
+        assert original.last_stats is None  # never run
 
 
 @pytest.mark.parametrize("in_graph", [-1, 0, 1])

@@ -1,5 +1,7 @@
 """MoELayer(backend="torch") against the float64 reference, on 1, 2 and 4 gloo ranks."""
 
+import copy
+import io
 import random
 import types
 
@@ -656,6 +658,17 @@ def test_a_fused_layer_whose_buffers_were_freed_refuses_to_run():
     heap.free()
     with pytest.raises(RuntimeError, match="symmetric buffers were freed"):
         FlashBackend.raise_if_closed(backend)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_fused_layer_refuses_to_be_copied(how):
+    """A copy would hold plain tensors where the symmetric buffers were (its kernel storing into the
+    original's on the peers), and a new heap is allocated by every rank together: refused, naming
+    what to do instead (the backend needs a GPU: a bare one stands in here)."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    layer.backend = object.__new__(FlashBackend)
+    with pytest.raises(TypeError, match="load_state_dict"):
+        copy.deepcopy(layer) if how == "deepcopy" else torch.save(layer, io.BytesIO())
 
 
 class _GraphsSeen:

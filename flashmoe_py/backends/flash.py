@@ -187,6 +187,15 @@ class FlashBackend:
         self.last_stream: torch.cuda.Stream | None = None  # where the last forward was queued
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 
+    def __reduce_ex__(self, protocol):
+        """copy.deepcopy and pickle (torch.save of the layer or its model) are refused: a copy would
+        hold plain tensors in place of the symmetric buffers, its kernel storing into the
+        original's on the peers, and a new heap allocation is collective (every rank at once)."""
+        raise TypeError("a MoELayer with backend='flash' cannot be copied or pickled (copy.deepcopy, torch.save of "
+                        "the module): its buffers are symmetric, allocated by every rank together. Build another "
+                        "MoELayer (or patch another model) on every rank and load_state_dict(layer.state_dict()) "
+                        "into it; save state_dicts (fm.sharded_state_dict, fm.hf_state_dict)")
+
     def forward(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None = None):
         """x: [T, H] -> (out [T, H], stats). A rank whose input is rejected still runs the kernel
         with no tokens, so its peers' forwards complete; then it raises. in_graph: whether this
