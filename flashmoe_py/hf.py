@@ -83,6 +83,8 @@ class HFMoEBlock(nn.Module):
         """The router module's parameters (and correction bias) are the layer's: one set, one set
         of gradients, whatever replaced either."""
         moe, router = self.moe, self.router
+        if "weight" not in router._parameters:  # a wrapper's property (peft's modules_to_save)
+            raise RuntimeError(self._router_replaced())
         router.weight = moe.router_weight
         if moe.router_bias is not None:
             router.bias = moe.router_bias
@@ -134,7 +136,15 @@ class HFMoEBlock(nn.Module):
                 raise RuntimeError(f"to_hf: {type(block).__name__}'s {name} does not read back as the layer's")
         return block
 
+    def _router_replaced(self) -> str:
+        return (f"the block's router module ({type(self.router).__name__}) no longer holds its MoELayer's "
+                "router_weight: it was replaced or wrapped (peft's modules_to_save?), but the block routes with "
+                "moe.router_weight, so that module would never train. Leave it out of modules_to_save and, to "
+                "train the router, set requires_grad on each block's moe.router_weight after wrapping")
+
     def forward(self, hidden_states: torch.Tensor):
+        if self.router.weight is not self.moe.router_weight:
+            raise RuntimeError(self._router_replaced())
         out = self.moe(hidden_states)
         if self.router_output is None and not _hooks_want_router(self.router):
             return out

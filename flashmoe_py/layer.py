@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -104,7 +105,8 @@ class MoELayer(nn.Module):
                  backward: str | None = None):
         super().__init__()
         distributed = dist.is_available() and dist.is_initialized()
-        self.process_group = process_group if distributed else None
+        # the default group as None: a layer then copies and pickles (a ProcessGroup does neither)
+        self.process_group = process_group if distributed and process_group is not dist.group.WORLD else None
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.rank = dist.get_rank(process_group) if distributed else 0
         options, problem = None, None
@@ -519,12 +521,24 @@ class MoELayer(nn.Module):
                                  "load_state_dict)")
         return super()._apply(fn, recurse)
 
+    def __deepcopy__(self, memo: dict) -> MoELayer:
+        """copy.deepcopy: as for any module, but the copy runs in the same process group (one made
+        by dist.new_group cannot be copied)."""
+        if self.process_group is not None:
+            memo.setdefault(id(self.process_group), self.process_group)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def __setstate__(self, state) -> None:
-        """A copy (copy.deepcopy, or pickle's torch.save / torch.load) gets its own op id: the
-        compiled op finds its layer by it (_LAYERS), and the original's would have run the original."""
+        """A copy (copy.deepcopy, or pickle's torch.save / torch.load) gets its own op id (the
+        compiled op finds its layer by it, _LAYERS: the original's would have run the original) and
+        its backend bound to it (backend torch's; backend flash's refuses to be copied)."""
         super().__setstate__(state)
         self.__dict__["_op_id"] = next(_layer_ids)
         _LAYERS[self._op_id] = self
+        self.backend.layer = weakref.proxy(self)
 
     def extra_repr(self) -> str:
         return (f"{self.config}, rank={self.rank}/{self.world_size}, "

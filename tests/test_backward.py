@@ -509,6 +509,16 @@ def test_the_compiled_layer_reads_what_the_region_updated_before_it():
     assert rel_err(compiled, eager) <= FP32_TOL
 
 
+def copied(layer: MoELayer, how: str) -> MoELayer:
+    """copy.deepcopy(layer), or torch.save then torch.load of it."""
+    if how == "deepcopy":
+        return copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 def test_a_copied_layer_compiled_runs_the_copy(how):
     """A reference model or an EMA teacher is a copy of the model (copy.deepcopy, or torch.save then
@@ -518,14 +528,9 @@ def test_a_copied_layer_compiled_runs_the_copy(how):
     of the copy, changed after copying, against its eager self."""
     cfg = MoEConfig(**{**SMALL, **VARIANTS["everything at once"]})
     original = MoELayer(cfg, seed=fresh_seed())
-    if how == "deepcopy":
-        layer = copy.deepcopy(original)
-    else:
-        buffer = io.BytesIO()
-        torch.save(original, buffer)
+    layer = copied(original, how)
+    if how == "torch.save":
         del original  # as in another process
-        buffer.seek(0)
-        layer = torch.load(buffer, weights_only=False)
     with torch.no_grad():
         layer.w_in.mul_(-1)
         layer.router_weight.mul_(2)
@@ -542,6 +547,49 @@ def test_a_copied_layer_compiled_runs_the_copy(how):
     assert max(rel_err(a, b) for a, b in zip(got["compiled"], got["eager"], strict=True)) <= FP32_TOL
     if how == "deepcopy":
         assert original.last_stats is None  # never run
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copied_layer_reads_its_own_attributes(how, backward):
+    """prepare_ddp after copying a model sets the copy's expert_grad_divisor; backend torch's
+    forwards read a second, hidden layer's (made by copying the backend's weak reference to its
+    layer), so under DDP the copy's expert gradients were world_size times too large, silently."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    layer = copied(MoELayer(cfg, seed=fresh_seed(), backward=backward), how)
+    x, dy = torch.randn(16, cfg.hidden_size), torch.randn(16, cfg.hidden_size)
+    grads = {}
+    for divisor in (1, 2):
+        layer.expert_grad_divisor = divisor
+        (layer(x) * dy).sum().backward()
+        grads[divisor] = layer.w_in.grad
+        layer.zero_grad(set_to_none=True)
+    assert rel_err(grads[2] * 2, grads[1]) <= FP32_TOL
+
+
+def copy_in_a_group(rank, world, seed, how):
+    """A layer of a dist.new_group over every rank, or of the default group passed by name, copied:
+    the copy's outputs and x gradient against the original's -> the largest relative error."""
+    import torch.distributed as dist
+    cfg = MoEConfig(**SMALL, top_k=2)
+    group = dist.new_group(list(range(world))) if how == "deepcopy, new_group" else dist.group.WORLD
+    original = MoELayer(cfg, seed=seed, process_group=group)
+    layer = copied(original, how.partition(",")[0])
+    x = torch.randn(12, cfg.hidden_size, generator=torch.Generator().manual_seed(seed + rank), requires_grad=True)
+    got = []
+    for each in (original, layer):
+        y = each(x)
+        y.square().sum().backward()
+        got.append((y.detach(), x.grad))
+        x.grad = None
+    return max(rel_err(a, b) for a, b in zip(*got, strict=True))
+
+
+@pytest.mark.parametrize("how", ["deepcopy, new_group", "deepcopy, WORLD", "torch.save, WORLD"])
+def test_a_layer_of_a_process_group_copies(dist_pools, how):
+    """A ProcessGroup can be neither copied nor pickled: a copy shares its layer's group, and the
+    default group passed by name is kept as the default (None)."""
+    assert max(dist_pools(2).run(copy_in_a_group, fresh_seed(), how)) <= FP32_TOL
 
 
 @pytest.mark.parametrize("in_graph", [-1, 0, 1])

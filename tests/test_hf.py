@@ -2,6 +2,7 @@
 hf.py converts; the same routing as HF's own routers; router logits for transformers' loss; what
 is left alone is reported with its reason; torch.compile."""
 
+import copy
 import functools
 import random
 
@@ -405,6 +406,38 @@ def test_the_router_stays_the_layer_s_after_a_state_dict_is_assigned(kind):
     assert torch.equal(block.moe.router_weight, state["model.layers.0.mlp.moe.router_weight"])
     if block.moe.e_score_correction_bias is not None:
         assert block.router.e_score_correction_bias is block.moe.e_score_correction_bias
+
+
+class TrainableCopy(nn.Module):
+    """A router module wrapped as peft's modules_to_save wraps one: the original beside a trainable
+    copy, whose weight the wrapper's `weight` property gives."""
+
+    def __init__(self, router: nn.Module):
+        super().__init__()
+        self.original, self.trained = router, copy.deepcopy(router)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.trained.weight
+
+    def forward(self, x):
+        return self.trained(x)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "deepseek_v3"])
+def test_a_router_module_wrapped_or_replaced_is_refused(kind):
+    """The block routes with its layer's router_weight: a copy of the router module made to train
+    (peft's modules_to_save) never got a gradient, silently, and a state_dict loaded into the
+    wrapper failed on tying its weight with a KeyError naming neither."""
+    model = tiny_model(kind, 4)
+    patch_model(model)
+    block = moe_block(model)
+    block.router = TrainableCopy(block.router)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    with pytest.raises(RuntimeError, match="router_weight"):
+        model(input_ids=ids)
+    with pytest.raises(RuntimeError, match="modules_to_save"):
+        model.load_state_dict(model.state_dict())
 
 
 def trained_then_unpatched(rank, world, kind, seed):

@@ -123,6 +123,12 @@ class TorchEPBackend:
     def __init__(self, layer):
         self.layer = weakref.proxy(layer)  # the layer owns the backend: no cycle to keep it alive
 
+    def __getstate__(self) -> dict:
+        """Copied or pickled with its layer, which binds the copy to itself (MoELayer.__setstate__):
+        the weak proxy would have been copied as a second layer of its own, whose attributes
+        (expert_grad_divisor, set by prepare_ddp on the copy) the copy's forwards then read."""
+        return {k: v for k, v in self.__dict__.items() if k != "layer"}
+
     def raise_if_failed(self, block: bool) -> None:
         """Nothing can have failed on the device here (the all-to-alls raise on the host); block=True
         waits for the layer's GPU."""
