@@ -46,7 +46,7 @@ for step in "$@"; do
               timeout -k 10 240 python3 tests/gpu/check_timeouts.py --out "$OUT/timeouts.json" > "$OUT/timeouts.log" 2>&1
               rc=$?; echo "=== timeouts rc=$rc"; note_rc $rc; tail -n 10 "$OUT/timeouts.log" ;;
     host*) echo "=== host paths (one GPU, one process)"
-              timeout -k 10 240 python3 tests/gpu/check_host_paths.py --out "$OUT/host.json" > "$OUT/host.log" 2>&1
+              timeout -k 10 360 python3 tests/gpu/check_host_paths.py --out "$OUT/host.json" > "$OUT/host.log" 2>&1
               rc=$?; echo "=== host rc=$rc"; note_rc $rc; tail -n 10 "$OUT/host.log" ;;
     soak*) n=${step#soak}; run "soak_w$n" 400 "$n" tests/gpu/check_soak.py ;;
     hf*) n=${step#hf}; run "hf_w$n" 300 "$n" tests/gpu/check_hf.py --out "$OUT/hf_w$n.json" ;;

@@ -138,9 +138,11 @@ class HFMoEBlock(nn.Module):
 
     def _router_replaced(self) -> str:
         return (f"the block's router module ({type(self.router).__name__}) no longer holds its MoELayer's "
-                "router_weight: it was replaced or wrapped (peft's modules_to_save?), but the block routes with "
-                "moe.router_weight, so that module would never train. Leave it out of modules_to_save and, to "
-                "train the router, set requires_grad on each block's moe.router_weight after wrapping")
+                "router_weight: it was replaced or wrapped (peft's modules_to_save?), or given another tensor "
+                "(torch.func.functional_call with tie_weights=False?), but the block routes with moe.router_weight, "
+                "so that module would never train. Leave it out of modules_to_save (to train the router, set "
+                "requires_grad on each block's moe.router_weight after wrapping); keep functional_call's "
+                "tie_weights=True")
 
     def forward(self, hidden_states: torch.Tensor):
         if self.router.weight is not self.moe.router_weight:

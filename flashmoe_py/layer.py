@@ -528,8 +528,14 @@ class MoELayer(nn.Module):
             memo.setdefault(id(self.process_group), self.process_group)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))  # (without a compiled call of the original's)
         return new
+
+    def __copy__(self):
+        """copy.copy is refused: the copy would share the layer's backend (its workspace, and the
+        layer it is bound to), so one of the two would run with the other's attributes."""
+        raise TypeError("copy.copy of a MoELayer would share its backend with the original: use copy.deepcopy "
+                        "(backend torch), or build another layer and load_state_dict into it")
 
     def __setstate__(self, state) -> None:
         """A copy (copy.deepcopy, or pickle's torch.save / torch.load) gets its own op id (the

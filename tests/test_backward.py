@@ -12,7 +12,7 @@ import torch
 from grad_reference import grad_errors, lean_grad_errors, near_a_kink, rel_err
 from seeds import fresh_seed
 
-from flashmoe_py import MoEConfig, MoELayer
+from flashmoe_py import MoEConfig, MoELayer, reference_forward
 from flashmoe_py.backends import capture, expert_grad, torch_ep
 from flashmoe_py.backends.explicit_backward import moe_backward
 from flashmoe_py.backends.flash import CapturedForward, graphs_to_drop
@@ -554,7 +554,8 @@ def test_a_copied_layer_compiled_runs_the_copy(how):
 def test_a_copied_layer_reads_its_own_attributes(how, backward):
     """prepare_ddp after copying a model sets the copy's expert_grad_divisor; backend torch's
     forwards read a second, hidden layer's (made by copying the backend's weak reference to its
-    layer), so under DDP the copy's expert gradients were world_size times too large, silently."""
+    layer), so under DDP the copy's expert gradients were world_size times too large, silently
+    (backward "autograd"; the explicit backwards read the layer itself)."""
     cfg = MoEConfig(**SMALL, top_k=2)
     layer = copied(MoELayer(cfg, seed=fresh_seed(), backward=backward), how)
     x, dy = torch.randn(16, cfg.hidden_size), torch.randn(16, cfg.hidden_size)
@@ -565,6 +566,19 @@ def test_a_copied_layer_reads_its_own_attributes(how, backward):
         grads[divisor] = layer.w_in.grad
         layer.zero_grad(set_to_none=True)
     assert rel_err(grads[2] * 2, grads[1]) <= FP32_TOL
+
+
+def test_a_deep_copy_of_a_layer_compiled_in_place_runs_the_copy():
+    """Module.compile() keeps the compiled call in the module: a deep copy that kept it ran the
+    original."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    original = MoELayer(cfg, seed=fresh_seed())
+    original.compile(backend="aot_eager", fullgraph=True)
+    layer = copy.deepcopy(original)
+    with torch.no_grad():
+        layer.w_in.mul_(-1)
+        x = torch.randn(16, cfg.hidden_size)
+        assert rel_err(layer(x), reference_forward(x, config=cfg, **layer.full_weight_dict())) <= FP32_TOL
 
 
 def copy_in_a_group(rank, world, seed, how):

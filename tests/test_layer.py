@@ -671,6 +671,14 @@ def test_a_fused_layer_refuses_to_be_copied(how):
         copy.deepcopy(layer) if how == "deepcopy" else torch.save(layer, io.BytesIO())
 
 
+def test_a_shallow_copy_of_a_layer_is_refused():
+    """It would share the backend, bound to one of the two layers: the other's forwards would run
+    with its attributes, or fail once it is gone."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    with pytest.raises(TypeError, match="deepcopy"):
+        copy.copy(layer)
+
+
 class _GraphsSeen:
     """FlashBackend._run's bookkeeping without a GPU: launches and captures counted, a captured
     forward's replay standing in for the graph."""

@@ -145,12 +145,13 @@ def slot_plan_kernel(pos_ptr, rank_ptr, counts_ptr, pos_start_ptr, region_off_pt
 def ranks_in_slot_order(pos: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """pos: [NS] int32 each slot's pair (E: dropped); counts: [E + 1] int32 the slots of each
     pair -> [NS] int32 each slot's place among its pair's slots, in slot order (a stable sort: the
-    same every run, whatever order an atomic counter took them in)."""
+    same every run, whatever order an atomic counter took them in). Sorts and gathers only, which
+    CUDA graphs of a training step already hold (torch.sort); no index_put_, whose form under
+    torch's deterministic setting is another path, not seen in a capture here."""
     sorted_pos, order = torch.sort(pos, stable=True)
     first = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    rank = torch.empty_like(pos)
-    rank[order] = torch.arange(pos.numel(), dtype=torch.int32, device=pos.device) - first[sorted_pos.long()]
-    return rank
+    place = torch.arange(pos.numel(), dtype=torch.int32, device=pos.device) - first[sorted_pos.long()]
+    return place[torch.argsort(order)]  # the sorted order's inverse permutation
 
 
 def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, weights: torch.Tensor, positions: torch.Tensor,

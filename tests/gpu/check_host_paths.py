@@ -182,6 +182,9 @@ def forwards_on_two_streams_then_backwards(inputs: Inputs, seed: int, steps: int
     losses = []
     for i, (x, dy) in enumerate(zip(xs, dys)):
         with torch.cuda.stream(streams[i % 2]):
+            # the copies of the last forward's saved tensors come late on this stream: a backward on the
+            # other stream that did not wait for them would read them unwritten
+            torch.cuda._sleep(50_000_000)
             losses.append((layer(x) * dy).sum())
     for i, loss in enumerate(losses):  # each backward runs on its forward's stream
         with torch.cuda.stream(streams[i % 2]):
