@@ -146,7 +146,7 @@ def refuse_create_graph(layer) -> None:
         raise NotImplementedError(
             f"MoELayer(backward={layer.options.backward_for(layer.backend.name)!r}) gives first-order gradients "
             "only: create_graph=True (double backward) is not supported. Use backend='torch' with "
-            "backward='autograd' for higher-order gradients")
+            "backward='autograd' at world 1 for higher-order gradients")
 
 
 def routing_bias_now(layer) -> torch.Tensor | None:
