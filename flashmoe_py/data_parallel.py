@@ -117,6 +117,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     every rank scales by the same factor (torch's, on one rank's parameters, sees only that rank's
     experts: the ranks would scale their replicated weights differently and drift apart).
     norm_type 2 or inf. Collective. -> the total norm (float32, on the gradients' device)."""
+    if not isinstance(model, nn.Module):  # torch's takes parameters: this one needs the modules to find the layers
+        raise TypeError(f"clip_grad_norm_: model must be the nn.Module (it finds the MoELayers' experts in it), "
+                        f"got {type(model).__name__}; call fm.clip_grad_norm_(model, max_norm), not with "
+                        "model.parameters()")
     if norm_type not in (2.0, float("inf")):
         raise ValueError(f"clip_grad_norm_: norm_type={norm_type}; flashmoe_py's takes 2 or inf")
     if in_fsdp_class(model):

@@ -242,3 +242,11 @@ def clipped_where_one_rank_has_no_gradients(rank, world):
 def test_clipping_is_collective_even_where_a_rank_has_no_gradients(dist_pools):
     total = dist_pools(2).run(clipped_where_one_rank_has_no_gradients)
     assert total[0] > 0 and total[1] >= 0  # both ranks returned: nobody left in the all_reduce
+
+
+def test_clipping_refuses_parameters_in_place_of_the_model():
+    """torch's clip_grad_norm_ takes parameters; this one needs the model to find the layers: called
+    torch's way it failed on a generator's missing attribute."""
+    net = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="not with model.parameters"):
+        fm_clip(net.parameters(), 1.0)
