@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from .data_parallel import sharded_tensors
+from .runtime import from_every_rank
 
 
 def _as_rows_of_one(local: torch.Tensor, layer) -> torch.Tensor:
@@ -111,10 +112,7 @@ def load_sharded_state_dict(model: nn.Module, state: dict, optimizer: torch.opti
         saved, mine = _local(params[name]).tolist(), layer.placement.experts_on(layer.rank)
         if saved != mine:
             mismatches.append(f"{name} holds experts {saved} where the placement puts {mine}")
-    everyone = [mismatches]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # refused on every rank
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mismatches)
+    everyone = from_every_rank(mismatches)  # refused on every rank
     bad = [f"rank {rank}: {m}" for rank, ms in enumerate(everyone) for m in ms]
     if bad:
         raise RuntimeError(f"load_sharded_state_dict: a checkpoint of another placement ({'; '.join(bad)}); "

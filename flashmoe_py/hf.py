@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from .config import DTYPES, ConfigError, MoEConfig
 from .data_parallel import exclude_from_ddp, in_fsdp_class, include_in_ddp, sharded_names
 from .layer import MoELayer, check_dst
-from .runtime import ConsistencyError
+from .runtime import ConsistencyError, from_every_rank
 from .wrappers import DataParallelError
 
 
@@ -517,11 +517,7 @@ def _on_every_rank(step: Callable, what: str):
         result = step()
     except Exception as e:  # noqa: BLE001 (told to every rank, then raised)
         error, result = e, None
-    mine = None if error is None else f"{type(error).__name__}: {error}"
-    said = [mine]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        said = [None] * dist.get_world_size()
-        dist.all_gather_object(said, mine)
+    said = from_every_rank(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     failed = next(((rank, text) for rank, text in enumerate(said) if text is not None), None)

@@ -138,8 +138,7 @@ class MoELayer(nn.Module):
         self.reset_parameters(seed)
         self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
         self.last_stats: MoEStats | None = None
-        self._op_id = next(_layer_ids)
-        _LAYERS[self._op_id] = self
+        self._register()
 
     def _setup_problem(self, config, placement, backend, options: FusedOptions, seed) -> str | None:
         """What is wrong with the constructor arguments on this rank, or None."""
@@ -542,9 +541,13 @@ class MoELayer(nn.Module):
         compiled op finds its layer by it, _LAYERS: the original's would have run the original) and
         its backend bound to it (backend torch's; backend flash's refuses to be copied)."""
         super().__setstate__(state)
+        self._register()
+        self.backend.layer = weakref.proxy(self)
+
+    def _register(self) -> None:
+        """A new op id, under which the compiled op finds this layer (_LAYERS)."""
         self.__dict__["_op_id"] = next(_layer_ids)
         _LAYERS[self._op_id] = self
-        self.backend.layer = weakref.proxy(self)
 
     def extra_repr(self) -> str:
         return (f"{self.config}, rank={self.rank}/{self.world_size}, "

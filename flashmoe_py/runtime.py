@@ -89,6 +89,16 @@ def _launch_info(env, name: str, r: str, w: str, lr: str, lw: str) -> LaunchInfo
     return LaunchInfo(name, rank, world, local, local_world)
 
 
+def from_every_rank(obj) -> list:
+    """obj of every rank of the default group, by rank ([obj] outside torch.distributed or at world
+    1). Collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def find_mismatch(per_rank: list[dict], prefix: str = "") -> str | None:
     """The first field whose value differs across ranks, as a sentence naming the ranks, or None.
 
