@@ -399,7 +399,7 @@ class MoELayer(nn.Module):
         if torch.compiler.is_compiling():  # one opaque op per direction for the compiler: no graph break
             flag = -1 if in_graph is None else int(in_graph)
             return torch.ops.flashmoe.moe_forward(x, list(self.parameters()), self.e_score_correction_bias,
-                                                  self._op_id, flag)[0]
+                                                  self._op_key, flag)[0]
         check_wrappers(self)  # DDP or FSDP must have left this rank's experts alone
         return self._forward(x, in_graph, record=bool(in_graph))
 
@@ -545,9 +545,13 @@ class MoELayer(nn.Module):
         self.backend.layer = weakref.proxy(self)
 
     def _register(self) -> None:
-        """A new op id, under which the compiled op finds this layer (_LAYERS)."""
-        self.__dict__["_op_id"] = next(_layer_ids)
-        _LAYERS[self._op_id] = self
+        """A new op id, under which the compiled op finds this layer (_LAYERS), held as a CPU int64
+        tensor (_op_key, not a buffer): a graph input of the compiled region, where an int would
+        be a constant that dynamo guards on, so every layer of a model compiled block by block
+        would compile its own graph (past torch's recompile limit the rest ran uncompiled)."""
+        layer_id = next(_layer_ids)
+        self.__dict__["_op_key"] = torch.tensor(layer_id)
+        _LAYERS[layer_id] = self
 
     def extra_repr(self) -> str:
         return (f"{self.config}, rank={self.rank}/{self.world_size}, "
@@ -568,16 +572,21 @@ _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionar
 # forward op also returns a copy of the correction bias it routed with (routing='sigmoid_grouped'),
 # made inside the op, for the backward to route with again.
 
+def _layer(layer_key: torch.Tensor) -> MoELayer:
+    """The layer whose _op_key holds layer_key's value."""
+    return _LAYERS[int(layer_key)]
+
+
 def _param_names(layer: MoELayer) -> list[str]:
     return [name for name, _ in layer.named_parameters()]
 
 
 @torch.library.custom_op("flashmoe::moe_forward", mutates_args=())
-def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], correction_bias: torch.Tensor | None, layer_id: int,
-                 in_graph: int) -> list[torch.Tensor]:
+def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], correction_bias: torch.Tensor | None,
+                 layer_key: torch.Tensor, in_graph: int) -> list[torch.Tensor]:
     """MoELayer.forward as a custom op, so torch.compile keeps the layer whole -> [out] or [out,
     the correction bias's copy]."""
-    layer = _LAYERS[layer_id]
+    layer = _layer(layer_key)
     names = _param_names(layer)
     if in_graph == 1:
         refuse_parametrized(layer, names)
@@ -589,19 +598,19 @@ def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], correction_bias: t
 
 
 @_moe_forward.register_fake
-def _(x: torch.Tensor, params: list[torch.Tensor], correction_bias: torch.Tensor | None, layer_id: int,
+def _(x: torch.Tensor, params: list[torch.Tensor], correction_bias: torch.Tensor | None, layer_key: torch.Tensor,
       in_graph: int) -> list[torch.Tensor]:
     bias = correction_bias if in_graph == 1 else None
     return [x.new_empty(x.shape)] + ([] if bias is None else [x.new_empty(tuple(bias.shape), dtype=bias.dtype)])
 
 
 @torch.library.custom_op("flashmoe::moe_backward", mutates_args=())
-def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_id: int,
+def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_key: torch.Tensor,
                   routing_bias: torch.Tensor | None) -> list[torch.Tensor]:
     """-> [dx, one gradient per parameter] of sum(layer(x) * dy) with the layer's parameters read
     as params (backends/explicit_backward.py; collective), routed with routing_bias (the forward
     op's copy of the correction bias, or None)."""
-    layer = _LAYERS[layer_id]
+    layer = _layer(layer_key)
     H = layer.config.hidden_size
     names = _param_names(layer)
     with bound_parameters(layer, names, params):
@@ -611,21 +620,21 @@ def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor],
 
 
 @_moe_backward.register_fake
-def _(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_id: int,
+def _(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_key: torch.Tensor,
       routing_bias: torch.Tensor | None) -> list[torch.Tensor]:
     return [x.new_empty(x.shape)] + [torch.empty_like(p) for p in params]
 
 
 def _setup_moe_forward(ctx, inputs, output) -> None:
-    x, params, _, layer_id, _ = inputs
-    ctx.layer_id, ctx.num_params = layer_id, len(params)
-    ctx.save_for_backward(x, *params, *output[1:])
+    x, params, _, layer_key, _ = inputs
+    ctx.num_params = len(params)
+    ctx.save_for_backward(x, layer_key, *params, *output[1:])
 
 
 def _moe_forward_backward(ctx, grads):
-    x, *rest = ctx.saved_tensors
+    x, layer_key, *rest = ctx.saved_tensors
     params, bias = rest[:ctx.num_params], rest[ctx.num_params:]
-    dx, *param_grads = torch.ops.flashmoe.moe_backward(x, grads[0].contiguous(), params, ctx.layer_id,
+    dx, *param_grads = torch.ops.flashmoe.moe_backward(x, grads[0].contiguous(), params, layer_key,
                                                        bias[0] if bias else None)
     return dx, param_grads, None, None, None
 

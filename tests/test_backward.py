@@ -599,6 +599,24 @@ def test_a_deep_copy_of_a_layer_compiled_in_place_runs_the_copy():
         assert rel_err(layer(x), reference_forward(x, config=cfg, **layer.full_weight_dict())) <= FP32_TOL
 
 
+def test_layers_compiled_one_by_one_share_one_graph():
+    """torchtitan compiles a model block by block (block.compile()). The op found its layer by an
+    int attribute, a constant every block's graph guarded on: each block recompiled, and past
+    torch's recompile limit (8) the rest ran uncompiled. Three layers of one shape but their own
+    weights and top-k, compiled one after another without a recompile, each with its own forward
+    and gradients."""
+    torch._dynamo.reset()
+    layers = [MoELayer(MoEConfig(**SMALL, top_k=k), seed=fresh_seed()) for k in (2, 3, 4)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for layer in layers:
+            layer.compile(backend="aot_eager", fullgraph=True)
+            x = torch.randn(16, SMALL["hidden_size"], requires_grad=True)
+            y = layer(x)
+            assert rel_err(y, reference_forward(x, config=layer.config, **layer.full_weight_dict())) <= FP32_TOL
+            errs = grad_errors(layer, x, torch.randn(x.shape), y=y)
+            assert max(errs.values()) <= FP32_TOL, errs
+
+
 def copy_in_a_group(rank, world, seed, how):
     """A layer of a dist.new_group over every rank, or of the default group passed by name, copied:
     the copy's outputs and x gradient against the original's -> the largest relative error."""
@@ -631,7 +649,7 @@ def test_the_forward_op_agrees_with_its_fake_on_a_permuted_input(in_graph):
     layer = MoELayer(MoEConfig(**SMALL, top_k=2))
     x = torch.randn(3, 2, SMALL["hidden_size"]).transpose(0, 1).requires_grad_(in_graph == 1)
     checks = torch.library.opcheck(torch.ops.flashmoe.moe_forward.default,
-                                   (x, list(layer.parameters()), None, layer._op_id, in_graph))
+                                   (x, list(layer.parameters()), None, layer._op_key, in_graph))
     assert set(checks.values()) == {"SUCCESS"}, checks
 
 
