@@ -606,23 +606,27 @@ def _(x: torch.Tensor, params: list[torch.Tensor], correction_bias: torch.Tensor
 
 @torch.library.custom_op("flashmoe::moe_backward", mutates_args=())
 def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_key: torch.Tensor,
-                  routing_bias: torch.Tensor | None) -> list[torch.Tensor]:
-    """-> [dx, one gradient per parameter] of sum(layer(x) * dy) with the layer's parameters read
-    as params (backends/explicit_backward.py; collective), routed with routing_bias (the forward
-    op's copy of the correction bias, or None)."""
+                  routing_bias: torch.Tensor | None, wanted: list[bool]) -> list[torch.Tensor]:
+    """-> the gradients of sum(layer(x) * dy) that wanted asks for ([x's, then each parameter's],
+    in that order: a frozen parameter's weight-gradient GEMMs are not run), with the layer's
+    parameters read as params (backends/explicit_backward.py; collective), routed with
+    routing_bias (the forward op's copy of the correction bias, or None)."""
     layer = _layer(layer_key)
     H = layer.config.hidden_size
     names = _param_names(layer)
     with bound_parameters(layer, names, params):
-        grads = moe_backward(layer, x.reshape(-1, H).contiguous(), dy.reshape(-1, H).contiguous(), set(names),
-                             x_needs_grad=True, routing_bias=routing_bias)
-    return [grads["x"].view(x.shape)] + [grads[name] for name in names]
+        grads = moe_backward(layer, x.reshape(-1, H).contiguous(), dy.reshape(-1, H).contiguous(),
+                             {name for name, want in zip(names, wanted[1:], strict=True) if want},
+                             x_needs_grad=wanted[0], routing_bias=routing_bias)
+    dx = [grads["x"].view(x.shape)] if wanted[0] else []
+    return dx + [grads[name] for name, want in zip(names, wanted[1:]) if want]
 
 
 @_moe_backward.register_fake
 def _(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_key: torch.Tensor,
-      routing_bias: torch.Tensor | None) -> list[torch.Tensor]:
-    return [x.new_empty(x.shape)] + [torch.empty_like(p) for p in params]
+      routing_bias: torch.Tensor | None, wanted: list[bool]) -> list[torch.Tensor]:
+    dx = [x.new_empty(x.shape)] if wanted[0] else []
+    return dx + [torch.empty_like(p) for p, want in zip(params, wanted[1:]) if want]
 
 
 def _setup_moe_forward(ctx, inputs, output) -> None:
@@ -634,8 +638,10 @@ def _setup_moe_forward(ctx, inputs, output) -> None:
 def _moe_forward_backward(ctx, grads):
     x, layer_key, *rest = ctx.saved_tensors
     params, bias = rest[:ctx.num_params], rest[ctx.num_params:]
-    dx, *param_grads = torch.ops.flashmoe.moe_backward(x, grads[0].contiguous(), params, layer_key,
-                                                       bias[0] if bias else None)
+    wanted = [ctx.needs_input_grad[0], *ctx.needs_input_grad[1]]
+    got = iter(torch.ops.flashmoe.moe_backward(x, grads[0].contiguous(), params, layer_key,
+                                               bias[0] if bias else None, wanted))
+    dx, *param_grads = (next(got) if want else None for want in wanted)
     return dx, param_grads, None, None, None
 
 

@@ -342,6 +342,27 @@ def test_frozen_layer_and_input_need_no_backward(backward):
     assert layer(torch.randn(5, 32)).grad_fn is None
 
 
+@pytest.mark.parametrize("backward", ["saved", "recompute", "compiled"])
+def test_frozen_experts_run_no_weight_gradient_gemms(backward, monkeypatch):
+    """Fine-tuning that freezes the experts, routed and shared, and trains the router: the explicit
+    backwards and the compiled op ran every expert's weight-gradient GEMMs (a^T b over its rows)
+    and dropped them. None runs now, and x, the router and the shared gate get their gradients."""
+    cfg = MoEConfig(**SMALL, top_k=2, expert_bias=True, router_bias=True, shared_experts=1, shared_expert_gate=True)
+    layer = MoELayer(cfg, seed=fresh_seed(), backward=None if backward == "compiled" else backward)
+    for name, p in layer.named_parameters():
+        p.requires_grad_(name in ("router_weight", "router_bias", "shared_gate_weight"))
+    forward = torch.compile(layer, backend="aot_eager", fullgraph=True) if backward == "compiled" else layer
+    outer, products = expert_grad._Groups.outer, []
+    monkeypatch.setattr(expert_grad._Groups, "outer", lambda groups, a, b: products.append(a.shape) or
+                        outer(groups, a, b))
+    x = torch.randn(16, SMALL["hidden_size"], requires_grad=True)
+    errs = grad_errors(layer, x, torch.randn(x.shape), forward)
+    assert products == []
+    trained = {n: e for n, e in errs.items() if e is not None}
+    assert set(trained) == {"x", "router_weight", "router_bias", "shared_gate_weight"}
+    assert max(trained.values()) <= FP32_TOL, errs
+
+
 def test_the_saved_backward_keeps_the_routing_and_gemm1_outputs():
     """backward="saved" keeps x, the parameters, and of the experts only GEMM1's outputs before the
     activation, one row per kept slot in the experts' order."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +33,14 @@ from ..kernels.bias_grad import bias_grads
 from . import capture, torch_ep
 
 
+ALL_WEIGHTS = frozenset(("w_in", "w_out", "b_in", "b_out"))
+
+
 @dataclass
 class ExpertGrads:
     """d_rows: [N, H] in the rows' dtype; dot: [N] fp32; params: {w_in, w_out[, b_in, b_out]}
     gradients, in the weights' shapes and dtypes (gated w_in and b_in in the layer's gate/up
-    pairs)."""
+    pairs), of those wanted."""
 
     d_rows: torch.Tensor
     dot: torch.Tensor
@@ -45,11 +49,12 @@ class ExpertGrads:
 
 def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor,
                         weights: dict[str, torch.Tensor | None], config: MoEConfig,
-                        pre: torch.Tensor | None = None) -> ExpertGrads:
+                        pre: torch.Tensor | None = None, want: Collection[str] = ALL_WEIGHTS) -> ExpertGrads:
     """rows, dy: [N, H] in the layer's dtype, sorted by local expert; scale: [N] fp32;
     counts: [L] int64 (sum N); weights: the layer's w_in [L, H, F_in], w_out [L, F, H] and b_in
     [L, F_in], b_out [L, H] or None; pre: [N, F_in], GEMM1's output with b_in as the forward saved
-    it, or None to compute it. Activation math in fp32, GEMMs in the rows' dtype."""
+    it, or None to compute it; want: the weights whose gradients to return (a frozen expert's
+    weight-gradient GEMMs are not run). Activation math in fp32, GEMMs in the rows' dtype."""
     w_in, w_out, b_in, b_out = (weights.get(n) for n in ("w_in", "w_out", "b_in", "b_out"))
     if (b_in is None) != (b_out is None):
         raise ValueError("expert_ffn_backward: weights must hold both b_in and b_out or neither")
@@ -62,11 +67,15 @@ def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
     g = groups.rows_times_t(dy, w_out)
     sh, d_pre, dot = _activation_grad(pre, g, scale, config)
     d_pre_low = d_pre.to(dtype)
-    params = {"w_in": groups.outer(rows, d_pre_low), "w_out": groups.outer(sh.to(dtype), dy)}
-    if b_in is not None:
+    params = {}
+    if "w_in" in want:
+        params["w_in"] = groups.outer(rows, d_pre_low)
+    if "w_out" in want:
+        params["w_out"] = groups.outer(sh.to(dtype), dy)
+    if b_in is not None:  # one pass gives both column sums and <dy, b_out>, which dot needs
         db_in, db_out, dot_b = _bias_grads(d_pre, dy, scale, b_out, groups)
         dot = dot + dot_b
-        params |= {"b_in": db_in.to(b_in.dtype), "b_out": db_out.to(b_out.dtype)}
+        params |= {n: g.to(b.dtype) for n, g, b in (("b_in", db_in, b_in), ("b_out", db_out, b_out)) if n in want}
     return ExpertGrads(groups.rows_times_t(d_pre_low, w_in), dot, params)
 
 

@@ -194,7 +194,7 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     else:
         rows, scale = x[tok], slot_w
     d_rows, dot, expert_grads = _at_the_experts(layer, send_counts, rows, dy[tok], scale,
-                                                None if saved is None else saved.pre)
+                                                None if saved is None else saved.pre, want)
 
     if cfg.weight_on_input:  # the slot's row was w x: d(w x) = d_rows
         d_rows = d_rows.float()
@@ -202,7 +202,7 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
     else:
         dx_slot, dw_slot = d_rows, dot
     d = layer.expert_grad_divisor
-    grads = {name: g if d == 1 else g / d for name, g in expert_grads.items() if name in want}
+    grads = {name: g if d == 1 else g / d for name, g in expert_grads.items()}
     dw = torch.zeros(T * k, dtype=torch.float32, device=x.device).index_copy_(0, slot, dw_slot)
     d_logits = _weights_backward(logits, r.experts, cfg, dw.view(T, k))
     dx = _per_token(dx_slot, slot, T, k, d_logits, router_weight)
@@ -212,7 +212,7 @@ def moe_backward(layer, x: torch.Tensor, dy: torch.Tensor, want: set[str], x_nee
         grads["router_bias"] = d_logits.sum(0).to(layer.router_bias.dtype)
     if cfg.shared_experts:
         shared_pre = None if saved is None else saved.shared_pre
-        grads |= {n: g for n, g in _shared_grads(layer, x, dy, dx, shared_pre).items() if n in want}
+        grads |= _shared_grads(layer, x, dy, dx, shared_pre, want)
     if x_needs_grad:
         grads["x"] = dx.to(x.dtype)
     return grads
@@ -255,32 +255,34 @@ def _router_weight_grad(d_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor
 
 
 def _at_the_experts(layer, send_counts: torch.Tensor, rows: torch.Tensor, dy: torch.Tensor,
-                    scale: torch.Tensor, pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                    scale: torch.Tensor, pre: torch.Tensor | None,
+                    want: set[str]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """send_counts: [W, L] slots this rank sends to each (rank, local expert); rows, dy: [S, H] and
     scale: [S] fp32, the slots in that order; pre: SavedForward.pre, or None. -> (d_rows [S, H]
-    (rows' dtype at world 1, fp32 otherwise), dot [S] fp32, this rank's expert weight gradients),
-    each slot's from the rank that holds its expert."""
+    (rows' dtype at world 1, fp32 otherwise), dot [S] fp32, the gradients of this rank's expert
+    weights named in want), each slot's from the rank that holds its expert."""
     weights = {n: getattr(layer, n) for n in EXPERT_PARAMS}
     if layer.world_size == 1:
         g = expert_ffn_backward(rows, dy, scale, send_counts[0], weights, layer.config,
-                                None if pre is None else pre[:rows.shape[0]])
+                                None if pre is None else pre[:rows.shape[0]], want)
         return g.d_rows, g.dot, g.params
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=layer.process_group)
     exchange, perm = exchange_for(send_counts, recv_counts, layer.process_group)
     recv = [exchange.dispatch(t)[perm] for t in (rows, dy, scale[:, None])]
     g = expert_ffn_backward(recv[0], recv[1], recv[2][:, 0], recv_counts.sum(0), weights, layer.config,
-                            None if pre is None else pre[:recv[0].shape[0]])
+                            None if pre is None else pre[:recv[0].shape[0]], want)
     back = torch.empty(g.d_rows.shape[0], g.d_rows.shape[1] + 1, dtype=torch.float32, device=rows.device)
     back[perm] = torch.cat([g.d_rows.float(), g.dot[:, None]], dim=1)
     back = exchange.combine(back)
     return back[:, :-1], back[:, -1], g.params
 
 
-def _shared_grads(layer, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pre: torch.Tensor | None) -> dict:
-    """The shared experts' parameter gradients (one expert over every row, its output scaled by
-    sigmoid(x shared_gate_weight^T) when gated; pre: their saved GEMM1 output [T, Fs_in], or
-    None); their part of x's gradient is added to dx [T, H] fp32."""
+def _shared_grads(layer, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pre: torch.Tensor | None,
+                  want: set[str]) -> dict:
+    """The gradients of the shared experts' parameters named in want (one expert over every row,
+    its output scaled by sigmoid(x shared_gate_weight^T) when gated; pre: their saved GEMM1 output
+    [T, Fs_in], or None); their part of x's gradient is added to dx [T, H] fp32."""
     cfg = layer.config
     counts = torch.full((1,), x.shape[0], dtype=torch.int64, device=x.device)
     weights = {"w_in": layer.shared_w_in[None], "w_out": layer.shared_w_out[None]}
@@ -289,11 +291,13 @@ def _shared_grads(layer, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pr
         gate_weight = layer.shared_gate_weight.float()  # [1, H]
         gate = torch.sigmoid(x.float() @ gate_weight.t())[:, 0]
     scale = torch.ones(x.shape[0], device=x.device) if gate is None else gate
-    g = expert_ffn_backward(x, dy, scale, counts, weights, cfg, pre)
+    g = expert_ffn_backward(x, dy, scale, counts, weights, cfg, pre,
+                            want={n.removeprefix("shared_") for n in want if n.startswith("shared_w_")})
     dx += g.d_rows
-    grads = {"shared_w_in": g.params["w_in"][0], "shared_w_out": g.params["w_out"][0]}
+    grads = {"shared_" + n: grad[0] for n, grad in g.params.items()}
     if gate is not None:
         d_logit = g.dot * gate * (1 - gate)  # [T]
         dx += d_logit[:, None] * gate_weight
-        grads["shared_gate_weight"] = (d_logit @ x.float())[None].to(layer.shared_gate_weight.dtype)
+        if "shared_gate_weight" in want:
+            grads["shared_gate_weight"] = (d_logit @ x.float())[None].to(layer.shared_gate_weight.dtype)
     return grads
