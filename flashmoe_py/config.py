@@ -54,6 +54,9 @@ INT_FIELDS = ("hidden_size", "ffn_size", "num_experts", "top_k", "n_group", "top
               "shared_ffn_size")
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _is_positive_number(value) -> bool:
     """A real number > 0 that a finite float holds (an int too large for a float, e.g. 10**400, is
     not: math.isfinite would raise OverflowError on it)."""
@@ -195,8 +198,9 @@ class MoEConfig:
         if self.top_k > self.topk_group * per_group:
             _fail("top_k", self.top_k, f"must be <= topk_group * num_experts / n_group = "
                                        f"{self.topk_group * per_group}: the experts of the kept groups")
-        if not _is_positive_number(self.routed_scaling_factor):
-            _fail("routed_scaling_factor", self.routed_scaling_factor, "must be a finite number > 0")
+        if not _is_positive_number(self.routed_scaling_factor) or self.routed_scaling_factor > FLOAT32_MAX:
+            _fail("routed_scaling_factor", self.routed_scaling_factor,
+                  f"must be a number > 0 and <= {FLOAT32_MAX:.4g} (the routing weights are float32)")
 
     def _check_clamped_swiglu(self) -> None:
         defaults = {"swiglu_alpha": GPT_OSS_SWIGLU_ALPHA, "swiglu_limit": GPT_OSS_SWIGLU_LIMIT}

@@ -22,7 +22,7 @@ from .gate_up import HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, to_halves
 from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from .kernels.fused_moe import TMA_ROW_MULTIPLE
 from .options import FusedOptions
-from .placement import ExpertPlacement
+from .placement import EXPERTS_OVERWRITTEN, ExpertPlacement
 from .routing import Routing, route
 from .runtime import ConsistencyError, find_mismatch, fused_unavailable_reason, runtime_device
 from .wrappers import check_wrappers
@@ -118,9 +118,12 @@ class MoELayer(nn.Module):
         seed = as_int(seed)
         # where a tensor made there lands: "cuda" is the current GPU, "cpu:0" the CPU (x is compared with it)
         try:
-            self.device = torch.empty(0, device=device).device if device is not None else _default_device(distributed)
+            where = torch.empty(0, device=device).device if device is not None else _default_device(distributed)
+            if where.type == "meta":
+                raise ValueError("the layer draws its weights when it is built; build it on a real device")
         except (RuntimeError, ValueError, TypeError) as e:
-            self.device, problem = None, problem or f"device={device!r} cannot be used here: {e}"
+            where, problem = None, problem or f"device={device!r} cannot be used here: {e}"
+        self.device = where
         problem = problem or self._setup_problem(config, placement, backend, options, seed)
         if self.world_size > 1:
             self._check_ranks_agree(config, placement, backend, options, problem)
@@ -146,6 +149,9 @@ class MoELayer(nn.Module):
             return f"config must be a MoEConfig, got {type(config).__name__}"
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             return f"seed must be a non-negative int, got {seed!r}"
+        if seed + config.num_experts >= 2**64:
+            return (f"seed={seed} is too large: expert e's weights are drawn from seed + 1 + e, which must stay "
+                    f"below 2**64 (num_experts={config.num_experts})")
         if placement is not None and not isinstance(placement, ExpertPlacement):
             return (f"placement must be an ExpertPlacement (e.g. ExpertPlacement.build(...)), got "
                     f"{type(placement).__name__} {placement!r}")
@@ -264,16 +270,8 @@ class MoELayer(nn.Module):
                  "e_score_correction_bias": e_score_correction_bias, "b_in": b_in, "b_out": b_out,
                  "shared_w_in": shared_w_in, "shared_w_out": shared_w_out,
                  "shared_gate_weight": shared_gate_weight}
-        self.config.check_weights(given)
-        if gate_up_layout not in GATE_UP_LAYOUTS:
-            raise ValueError(f"gate_up_layout={gate_up_layout!r}; choose one of {GATE_UP_LAYOUTS}")
+        self._raise_on_every_rank(self._weights_problem(given, gate_up_layout), "load_full_weights")
         gated = self.config.gated
-        if gate_up_layout != "halves" and not gated:
-            raise ValueError(f"gate_up_layout={gate_up_layout!r} needs a gated activation; "
-                             f"activation={self.config.activation!r} has no gate")
-        for name, t in given.items():
-            if t is not None and (not t.is_floating_point() or t.device.type == "meta"):
-                raise ValueError(f"{name} must be a real floating-point tensor with data, got {t.dtype} on {t.device}")
         mine = torch.tensor(self.placement.experts_on(self.rank), dtype=torch.long)
         for name, t in given.items():  # one at a time (a converted copy of every weight at once would not fit)
             if t is None:
@@ -284,6 +282,34 @@ class MoELayer(nn.Module):
                 t = to_pairs(t, gate_up_layout)
             getattr(self, name).copy_(t)
         self._check_replicas_agree("load_full_weights")
+
+    def _weights_problem(self, given: dict, gate_up_layout: str) -> Exception | None:
+        """What is wrong with load_full_weights' arguments on this rank, or None."""
+        try:
+            self.config.check_weights(given)
+        except (ValueError, TypeError) as e:
+            return e
+        if gate_up_layout not in GATE_UP_LAYOUTS:
+            return ValueError(f"gate_up_layout={gate_up_layout!r}; choose one of {GATE_UP_LAYOUTS}")
+        if gate_up_layout != "halves" and not self.config.gated:
+            return ValueError(f"gate_up_layout={gate_up_layout!r} needs a gated activation; "
+                              f"activation={self.config.activation!r} has no gate")
+        for name, t in given.items():
+            if t is not None and (not t.is_floating_point() or t.device.type == "meta"):
+                return ValueError(f"{name} must be a real floating-point tensor with data, got {t.dtype} on {t.device}")
+        return None
+
+    def _raise_on_every_rank(self, problem: Exception | None, what: str) -> None:
+        """Raise problem here and, at world > 1, a ConsistencyError on every other rank (collective:
+        every rank calls it), so that no rank is left waiting in the collectives of `what`."""
+        if self.world_size > 1:
+            everyone = [None] * self.world_size
+            dist.all_gather_object(everyone, None if problem is None else str(problem), group=self.process_group)
+            refused = [r for r, p in enumerate(everyone) if p]
+            if problem is None and refused:
+                raise ConsistencyError(f"rank {refused[0]} refused {what}: {everyone[refused[0]]}")
+        if problem is not None:
+            raise problem
 
     def full_weight_dict(self, gate_up_layout: str = "halves", *, device: torch.device | str | None = None,
                          dst: int | None = None) -> dict[str, torch.Tensor]:
@@ -298,9 +324,14 @@ class MoELayer(nn.Module):
         (the others {}). With either, the experts are gathered one local expert at a time, so the
         layer's device holds at most one expert of every rank beyond its own; without, in one
         collective a weight."""
-        if gate_up_layout not in GATE_UP_LAYOUTS:
-            raise ValueError(f"gate_up_layout={gate_up_layout!r}; choose one of {GATE_UP_LAYOUTS}")
-        check_dst(dst)
+        problem = None
+        try:
+            if gate_up_layout not in GATE_UP_LAYOUTS:
+                raise ValueError(f"gate_up_layout={gate_up_layout!r}; choose one of {GATE_UP_LAYOUTS}")
+            check_dst(dst)
+        except ValueError as e:
+            problem = e
+        self._raise_on_every_rank(problem, "full_weight_dict")
         device = self.device if device is None else torch.device(device)
         keep = dst is None or not dist.is_initialized() or dist.get_rank() == dst
         full = {}
@@ -433,23 +464,22 @@ class MoELayer(nn.Module):
             return out.view(x.shape)
 
     def _expert_ids_problem(self) -> Exception | None:
-        """Where the expert_ids buffer, written in place since the last look (a checkpoint loaded
-        into the state_dict's tensors, say), no longer names this rank's experts: the error (raised
-        on every rank by the backend), else None. One host read when it was written; none during
-        a CUDA graph capture."""
+        """Where the expert_ids buffer no longer names this rank's experts (a checkpoint loaded into
+        the state_dict's tensors, a broadcast of the model's buffers): the error (raised on every
+        rank by the backend), else None. Read every forward on the CPU; on a GPU only when written
+        through autograd's version counter (a collective's or .data's write is not: backend torch's
+        exchange compares the values on the device at world > 1), and never during a CUDA graph
+        capture."""
         ids = self._buffers["expert_ids"]  # not through Module.__getattr__: ~1.5 us a forward
         seen = self.__dict__.get("_expert_ids_seen")
-        if seen is not None and seen[0] is ids and seen[1] == ids._version:
+        if ids.is_cuda and seen is not None and seen[0] is ids and seen[1] == ids._version:
             return None
         if ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
         mine = self.placement.experts_on(self.rank)
         if ids.tolist() != mine:
-            return RuntimeError(
-                f"expert_ids holds experts {ids.tolist()} on rank {self.rank}, whose placement puts {mine} there: "
-                "the layer's experts were overwritten, e.g. by a torch.distributed.checkpoint of state_dict() (it "
-                "keeps one rank's copy of a plain tensor: use fm.sharded_state_dict), or by a wrapper that "
-                "broadcasts buffers (FullyShardedDataParallel's sync_module_states). Rebuild the model's experts")
+            return RuntimeError(f"expert_ids holds experts {ids.tolist()} on rank {self.rank}, whose placement puts "
+                                f"{mine} there: {EXPERTS_OVERWRITTEN}")
         self.__dict__["_expert_ids_seen"] = (ids, ids._version)
         return None
 
@@ -479,11 +509,12 @@ class MoELayer(nn.Module):
         elif marker in state_dict and int(state_dict[marker]) != PAIRS_VERSION:
             error_msgs.append(f"{marker}={int(state_dict[marker])}: a gate/up layout this version does not know")
             return
+        mine = torch.tensor(self.placement.experts_on(self.rank))  # the placement's, not the buffer's (overwritten?)
         if ids not in state_dict:  # a checkpoint from before expert_ids: its slots are taken as the layer's
-            state_dict[ids] = self.expert_ids.clone()
-        elif not torch.equal(state_dict[ids].cpu(), self.expert_ids.cpu()):
+            state_dict[ids] = mine.to(self.expert_ids.device)
+        elif not torch.equal(state_dict[ids].cpu(), mine):
             error_msgs.append(f"{ids}: the state_dict's slots hold experts {state_dict[ids].tolist()}, this layer's "
-                              f"placement puts {self.expert_ids.tolist()} there; build the layer with the placement "
+                              f"placement puts {mine.tolist()} there; build the layer with the placement "
                               "it was saved with, or load full_weight_dict() through load_full_weights")
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -530,6 +561,18 @@ class MoELayer(nn.Module):
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))  # (without a compiled call of the original's)
         return new
 
+    def __setattr__(self, name: str, value) -> None:
+        """The layer's structure (config, placement, its rank and group, device) is fixed once
+        built: its weights' shapes, expert slots, buffers and backend follow it, so a new value
+        would run with the old ones (a new placement: the old dispatch, silently). And
+        expert_grad_divisor must be a positive int."""
+        if name in _FIXED and name in self.__dict__:
+            raise AttributeError(f"MoELayer.{name} is fixed when the layer is built: build another layer "
+                                 "(MoELayer(config, placement=...)) and load_full_weights or load_state_dict into it")
+        if name == "expert_grad_divisor" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"expert_grad_divisor must be a positive int (the data-parallel world), got {value!r}")
+        super().__setattr__(name, value)
+
     def __copy__(self):
         """copy.copy is refused: the copy would share the layer's backend (its workspace, and the
         layer it is bound to), so one of the two would run with the other's attributes."""
@@ -558,6 +601,7 @@ class MoELayer(nn.Module):
                 f"local_experts={self.local_experts}, backend={self.backend.name!r}")
 
 
+_FIXED = frozenset(("config", "placement", "local_experts", "rank", "world_size", "process_group", "device"))
 _layer_ids = itertools.count()
 _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionary()
 

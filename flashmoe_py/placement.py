@@ -16,6 +16,13 @@ import torch
 
 POLICIES = ("contiguous", "round_robin", "load_balanced")
 
+# why a layer's expert_ids buffer no longer names the experts its placement puts on its rank
+EXPERTS_OVERWRITTEN = (
+    "the layer's experts were overwritten, e.g. by a torch.distributed.checkpoint of state_dict() (it keeps one "
+    "rank's copy of a plain tensor: use fm.sharded_state_dict), by a wrapper that broadcasts buffers "
+    "(FullyShardedDataParallel's sync_module_states), or by a dist.broadcast of the model's tensors (broadcast "
+    "only the replicated ones: router and shared experts). Rebuild the model's experts")
+
 
 class PlacementError(ValueError):
     """An invalid placement or placement request."""

@@ -72,8 +72,9 @@ ROUTED = dict(GOOD, routing="sigmoid_grouped", n_group=4, topk_group=2)
     ("n_group", 8, "needs >= 2 experts per group"),
     ("n_group", 0, "must be a positive int"),
     ("topk_group", 5, "must be <= n_group=4"),
-    ("routed_scaling_factor", 0.0, "finite number > 0"),
-    ("routed_scaling_factor", float("nan"), "finite number > 0"),
+    ("routed_scaling_factor", 0.0, "a number > 0 and <= 3.403e\\+38"),
+    ("routed_scaling_factor", float("nan"), "a number > 0"),
+    ("routed_scaling_factor", 1e39, "the routing weights are float32"),  # every token's output inf
     ("router_dtype", "float16", "None \\(= dtype\\) or one of"),
 ])
 def test_invalid_routing_value_names_the_field(field, value, match):

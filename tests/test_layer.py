@@ -636,6 +636,94 @@ def test_seed_must_be_a_non_negative_int(seed):
         MoELayer(MoEConfig(**SMALL, top_k=2), seed=seed)
 
 
+def test_a_seed_that_would_overflow_an_expert_s_generator_is_refused():
+    """Expert e draws from seed + 1 + e: past 2**64 torch's generator overflowed, inside the
+    collective weight draw, with an error naming no argument (and at 2 ranks, one rank's alone
+    left the other waiting)."""
+    MoELayer(MoEConfig(**SMALL, top_k=2), seed=2**64 - 9)
+    with pytest.raises(ValueError, match=r"seed=18446744073709551608 is too large: .* below 2\*\*64"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), seed=2**64 - 8)
+
+
+def test_the_meta_device_is_refused_naming_it():
+    with pytest.raises(ValueError, match="device='meta' cannot be used here: the layer draws its weights"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), device="meta")
+
+
+def test_the_layer_s_structure_cannot_be_reassigned():
+    """A new placement (or config, rank, group, device) set on a built layer ran the old dispatch
+    with the new placement's weight loading: 1.17 off the reference, silently."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    for name, value in (("placement", ExpertPlacement.from_rank_lists([list(range(7, -1, -1))])),
+                        ("config", MoEConfig(**SMALL, top_k=3)), ("world_size", 2), ("device", torch.device("cpu"))):
+        with pytest.raises(AttributeError, match=f"MoELayer.{name} is fixed when the layer is built"):
+            setattr(layer, name, value)
+    for divisor in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="expert_grad_divisor must be a positive int"):
+            layer.expert_grad_divisor = divisor
+    layer.expert_grad_divisor = 2
+    assert layer.expert_grad_divisor == 2 and layer.placement.experts_on(0) == list(range(8))
+
+
+def refused_on_one_rank(rank, world, what: str) -> tuple[bool, tuple | None]:
+    """Rank 1 alone calls `what` wrongly -> (ok, error) of each rank, none left waiting."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    full = layer.full_weight_dict()
+    if what == "load_full_weights":
+        layer.load_full_weights(**({**full, "w_in": full["w_in"][:, :4]} if rank == 1 else full))
+    else:
+        layer.full_weight_dict(gate_up_layout="pairs" if rank == 1 else "halves")
+
+
+@pytest.mark.parametrize("what", ["load_full_weights", "full_weight_dict"])
+def test_a_collective_method_refused_on_one_rank_raises_on_every_rank(dist_pools, what):
+    """Rank 1's arguments refused before the collectives left rank 0 in them until the process
+    group's timeout."""
+    (ok0, err0), (ok1, err1) = dist_pools(2).run_all(refused_on_one_rank, what)
+    assert not ok1 and err1[0] == "ValueError"
+    assert not ok0 and err0[0] == "ConsistencyError" and f"rank 1 refused {what}: " in err0[1]
+
+
+def broadcast_then_forward(rank, world, seed, device_check_only: bool) -> str:
+    """Every tensor of the model's state_dict broadcast from rank 0, as a script that starts every
+    rank from rank 0's model does -> the error of the next forward on this rank."""
+    import torch.distributed as dist
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=seed)
+    if device_check_only:  # as on a GPU, where the layer's own check reads only the version counter
+        layer._expert_ids_problem = lambda: None
+    for t in layer.state_dict().values():
+        dist.broadcast(t, 0)  # rank 1's experts are rank 0's now; no version counter moves
+    with pytest.raises(RuntimeError) as refused:
+        layer(torch.randn(5, SMALL["hidden_size"]))
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("device_check_only", [False, True])
+def test_experts_overwritten_by_a_broadcast_are_refused_on_every_rank(dist_pools, device_check_only):
+    """A collective writes past autograd's version counter: the forward ran rank 0's experts on
+    rank 1, silently (0.95 / 1.03 off). The layer compares expert_ids with its placement every
+    forward on the CPU, and backend torch's exchange on the device at world > 1."""
+    said = dist_pools(2).run(broadcast_then_forward, fresh_seed(), device_check_only)
+    if device_check_only:
+        assert all("expert_ids on rank(s) [1] names other experts" in s and "dist.broadcast" in s for s in said)
+    else:
+        assert "rank(s) [1] rejected their input" in said[0]
+        assert "expert_ids holds experts [0, 1, 2, 3] on rank 1, whose placement puts [4, 5, 6, 7]" in said[1]
+
+
+def test_a_state_dict_s_experts_are_checked_against_the_placement():
+    """Not against the expert_ids buffer, which a write past its version counter may have changed."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    saved = MoELayer(cfg, seed=1).state_dict()
+    layer = MoELayer(cfg)
+    layer.expert_ids.numpy()[:2] = [1, 0]  # a write autograd does not see
+    layer.load_state_dict(saved)
+    assert layer.expert_ids.tolist() == list(range(8)) and torch.equal(layer.w_in, saved["w_in"])
+    saved["expert_ids"][:2] = torch.tensor([1, 0])
+    with pytest.raises(RuntimeError, match=r"state_dict's slots hold experts \[1, 0, 2"):
+        layer.load_state_dict(saved)
+
+
 def test_placement_must_be_an_expert_placement():
     with pytest.raises(ValueError, match="placement must be an ExpertPlacement"):
         MoELayer(MoEConfig(**SMALL, top_k=2), placement="round_robin")

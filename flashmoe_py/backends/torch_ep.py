@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import EXPERT_WEIGHTS, MoEConfig
+from ..placement import EXPERTS_OVERWRITTEN
 from ..reference import activate
 from ..routing import Routing, histogram
 from . import capture
@@ -200,22 +201,32 @@ class TorchEPBackend:
     def _exchange_counts(self, send_counts: torch.Tensor, error: Exception | None,
                          in_graph: bool) -> torch.Tensor:
         """send_counts: [W, L] rows this rank sends to each (rank, local expert). Returns recv_counts
-        [W, L]: rows each source rank sends to this rank's experts. A flag column carries input
+        [W, L]: rows each source rank sends to this rank's experts. Flag columns carry input
         errors, so a rank that rejects its input still completes this exchange, then all raise;
-        a second one whether this rank records a graph, which every rank must (check_graphs_agree)."""
+        whether this rank records a graph, which every rank must (check_graphs_agree); and whether
+        its expert_ids buffer names other experts than its placement puts there, compared on the
+        device (a broadcast of the model's buffers writes past the version counter that the
+        layer's own check reads on GPUs)."""
         layer = self.layer
-        flags = torch.tensor([[int(error is not None), int(in_graph)]], device=send_counts.device)
-        send = torch.cat([send_counts, flags.expand(layer.world_size, 2)], dim=1).contiguous()
+        L = layer.local_experts
+        placed = torch.argsort(layer.expert_positions)[layer.rank * L:(layer.rank + 1) * L]
+        moved = (layer.expert_ids != placed).any()
+        flags = torch.tensor([int(error is not None), int(in_graph)], device=send_counts.device)
+        flags = torch.cat([flags, moved[None].to(flags.dtype)])
+        send = torch.cat([send_counts, flags.expand(layer.world_size, 3)], dim=1).contiguous()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=layer.process_group)
         if error is not None:
             raise error
-        bad = torch.nonzero(recv[:, -2]).flatten().tolist()
+        bad, overwritten = (torch.nonzero(recv[:, c]).flatten().tolist() for c in (-3, -1))
         if bad:
             raise PeerInputError(f"rank(s) {bad} rejected their input to this MoE forward; "
                                  f"rank {layer.rank} aborts it too (see the error on those ranks)")
-        check_graphs_agree(recv[:, -1].tolist())
-        return recv[:, :-2]
+        if overwritten:
+            raise RuntimeError(f"expert_ids on rank(s) {overwritten} names other experts than the layer's placement "
+                               f"puts there: {EXPERTS_OVERWRITTEN}")
+        check_graphs_agree(recv[:, -2].tolist())
+        return recv[:, :-3]
 
     def _dispatch_compute_combine(self, send_x: torch.Tensor, send_counts: torch.Tensor,
                                   recv_counts: torch.Tensor, in_graph: bool, keep: bool):
