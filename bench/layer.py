@@ -648,6 +648,8 @@ def main(argv=None):
     tokens_list = args.tokens or ([128, 512, 2048, 4096, 8192, 16384] if gpu else [64, 256])
     heap = None
     fused = [b for b in args.backends if b in FUSED_LAYERS]
+    if fused and not gpu:
+        raise SystemExit(f"backend {fused[0]} needs CUDA GPUs (on a CPU: --backends torch)")
     backends = list(args.backends)
     if "symm_mem" in backends and detect_launcher().world_size == 1:
         print("backend symm_mem skipped: torch's symmetric memory needs 2 or more ranks", file=sys.stderr)

@@ -125,8 +125,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         raise ValueError(f"clip_grad_norm_: norm_type={norm_type}; flashmoe_py's takes 2 or inf")
     if in_fsdp_class(model):
         raise ValueError("clip_grad_norm_: the model is inside torch's older FullyShardedDataParallel, whose flat "
-                         "gradient shards this function cannot count; use fully_shard, or "
-                         "FullyShardedDataParallel.clip_grad_norm_ (it counts one rank's experts only)")
+                         "gradient shards this function cannot count; use fully_shard, whose gradients it counts "
+                         "(FullyShardedDataParallel.clip_grad_norm_ would count one rank's experts only)")
     sharded = {id(t) for _, _, t in sharded_tensors(model)}
     params = [p for p in model.parameters() if p.grad is not None]
     # every rank reaches the all_reduce, one without gradients too

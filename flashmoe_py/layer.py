@@ -121,7 +121,7 @@ class MoELayer(nn.Module):
             where = torch.empty(0, device=device).device if device is not None else _default_device(distributed)
             if where.type == "meta":
                 raise ValueError("the layer draws its weights when it is built; build it on a real device")
-        except (RuntimeError, ValueError, TypeError) as e:
+        except (RuntimeError, ValueError, TypeError, AssertionError) as e:  # CPU-only torch asserts on "cuda"
             where, problem = None, problem or f"device={device!r} cannot be used here: {e}"
         self.device = where
         problem = problem or self._setup_problem(config, placement, backend, options, seed)
@@ -192,6 +192,8 @@ class MoELayer(nn.Module):
 
     def _check_ranks_agree(self, config, placement, backend, options, problem) -> None:
         """Every rank must build the same layer; compared before any forward can hang on it."""
+        if placement is None and problem is None:  # the default, compared as what it resolves to
+            placement = ExpertPlacement.contiguous(config.num_experts, self.world_size)
         mine = {"problem": problem, "backend": backend,
                 "options": options.to_dict() if options is not None else None,
                 "config": config.to_dict() if isinstance(config, MoEConfig) else repr(config),
@@ -541,14 +543,20 @@ class MoELayer(nn.Module):
         moves (a parent's modules visited earlier have moved), where they would move a weight to
         another dtype or device (the config names the dtypes the kernels are built for, and the
         fused backend's CUDA graphs and symmetric heap hold addresses on the device it was built
-        on), taken as no-ops otherwise (a model moved where the layer already is)."""
+        on), taken as no-ops otherwise (a model moved where the layer already is). Module.to_empty,
+        which would hand every tensor new, uninitialised storage, is refused too."""
         for name, t in self._own_tensors():
-            moved = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            probe = torch.empty(0, dtype=t.dtype, device=t.device)
+            moved = fn(probe)
             if moved.dtype != t.dtype or moved.device != t.device:
                 raise ValueError(f"MoELayer cannot move {name} from {t.dtype} on {t.device} to {moved.dtype} on "
                                  f"{moved.device}: build the layer with MoEConfig(dtype=..., router_dtype=...) and "
                                  "device=... where it runs, and load its weights there (load_full_weights or "
                                  "load_state_dict)")
+            if moved is not probe:
+                raise ValueError(f"MoELayer cannot give {name} new storage (Module.to_empty): it is built with its "
+                                 "weights where it runs; draw them again with reset_parameters(seed), or load "
+                                 "others with load_full_weights or load_state_dict")
         return super()._apply(fn, recurse)
 
     def __deepcopy__(self, memo: dict) -> MoELayer:
@@ -593,7 +601,7 @@ class MoELayer(nn.Module):
         be a constant that dynamo guards on, so every layer of a model compiled block by block
         would compile its own graph (past torch's recompile limit the rest ran uncompiled)."""
         layer_id = next(_layer_ids)
-        self.__dict__["_op_key"] = torch.tensor(layer_id)
+        self.__dict__["_op_key"] = torch.tensor(layer_id, device="cpu")  # not the default device (meta, say)
         _LAYERS[layer_id] = self
 
     def extra_repr(self) -> str:

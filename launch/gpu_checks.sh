@@ -8,7 +8,7 @@
 #   STEPS="soak faults" NGPUS=2 bash launch/gpu_checks.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NGPUS=${NGPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)}
+source launch/count_gpus.sh
 export OUT=${OUT:-bench/results/gpu-checks-$(date -u +%F)-w$NGPUS}
 steps=()
 default="check nvcheck inputs timeouts faults killed soak hf backward host"

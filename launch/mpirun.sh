@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE  # a torchrun shell's: each process would run alone as world 1
-NGPUS=${NGPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)}
+source launch/count_gpus.sh
 if [ $# -eq 0 ]; then set -- bench/layer.py --backends torch symm_mem flash flash_nvshmem; fi
 exec mpirun --allow-run-as-root --oversubscribe --bind-to none -np "$NGPUS" \
   -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x PYTHONPATH \

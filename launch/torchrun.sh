@@ -8,6 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-NGPUS=${NGPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)}
+source launch/count_gpus.sh
 if [ $# -eq 0 ]; then set -- bench/layer.py --backends torch symm_mem flash flash_nvshmem; fi
 exec torchrun --standalone --nproc-per-node "$NGPUS" "$@"

@@ -620,6 +620,20 @@ def test_a_deep_copy_of_a_layer_compiled_in_place_runs_the_copy():
         assert rel_err(layer(x), reference_forward(x, config=cfg, **layer.full_weight_dict())) <= FP32_TOL
 
 
+def test_a_layer_built_under_the_meta_default_device_compiles():
+    """torchtitan builds its model skeleton under `with torch.device("meta")`: the op's key, made
+    on the default device, was a meta tensor, so the compiled op ran its fake (1.7e29 off the
+    reference, no error). The layer's own tensors are on its device, the key on the CPU."""
+    with torch.device("meta"):
+        layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=fresh_seed(), device="cpu")
+    x = torch.randn(16, SMALL["hidden_size"], requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    assert rel_err(y, reference_forward(x, config=layer.config, **layer.full_weight_dict())) <= FP32_TOL
+    errs = grad_errors(layer, x, torch.randn(x.shape), y=y)
+    assert max(errs.values()) <= FP32_TOL, errs
+
+
 def test_layers_compiled_one_by_one_share_one_graph():
     """torchtitan compiles a model block by block (block.compile()). The op found its layer by an
     int attribute, a constant every block's graph guarded on: each block recompiled, and past

@@ -124,6 +124,14 @@ def _bench_layer_module():
     return layer
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without GPUs")
+@pytest.mark.parametrize("backend", ["flash", "flash_nvshmem"])
+def test_the_fused_backends_on_a_cpu_say_they_need_gpus(backend):
+    """Before: an error about init(nvshmem=True), an argument the user never passed."""
+    with pytest.raises(SystemExit, match=f"backend {backend} needs CUDA GPUs"):
+        _bench_layer_module().main(["--backends", "torch", backend])
+
+
 def test_random_shapes_are_drawn_within_the_issue_s_ranges_and_repeat_by_seed():
     layer = _bench_layer_module()
     shapes = layer.random_shapes(40, seed=3, dtype="bfloat16")

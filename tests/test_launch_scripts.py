@@ -4,6 +4,7 @@ fails launch/gpu_checks.sh; the GPUs are counted, not nvidia-smi's lines (MIG in
 lines of their own)."""
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -75,3 +76,15 @@ def test_the_default_checks_need_a_peer_only_where_there_is_one(tmp_path, gpus, 
     # the backward's world-1-only cases (captured steps, presets) in a one-GPU call of their own
     assert ("--nproc-per-node 1 tests/gpu/check_backward.py" in calls) and calls.count("check_backward.py") == (
         2 if peers_checked else 1)
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "mpirun.sh", "gpu_checks.sh"])
+def test_without_nvidia_smi_the_launchers_ask_for_ngpus(tmp_path, script):
+    """A CPU machine: the GPU count came from nvidia-smi, which failed with a bare shell error."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "date"):  # what the scripts run before they count; no nvidia-smi
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    proc = subprocess.run([shutil.which("bash"), f"launch/{script}"], cwd=ROOT, env={"PATH": str(bin_dir)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no nvidia-smi here to count GPUs: set NGPUS" in proc.stderr, proc

@@ -645,9 +645,25 @@ def test_a_seed_that_would_overflow_an_expert_s_generator_is_refused():
         MoELayer(MoEConfig(**SMALL, top_k=2), seed=2**64 - 8)
 
 
-def test_the_meta_device_is_refused_naming_it():
-    with pytest.raises(ValueError, match="device='meta' cannot be used here: the layer draws its weights"):
-        MoELayer(MoEConfig(**SMALL, top_k=2), device="meta")
+@pytest.mark.parametrize("device, why", [("meta", "the layer draws its weights"),
+                                         pytest.param("cuda", "Torch not compiled with CUDA", marks=pytest.mark.skipif(
+                                             torch.cuda.is_available(), reason="a torch without CUDA"))])
+def test_a_device_that_cannot_hold_the_layer_is_refused_naming_it(device, why):
+    """Before: meta failed inside the weight draw (at 2 ranks after the ranks' comparison, leaving
+    the others waiting), and "cuda" on a CPU-only torch escaped as an AssertionError."""
+    with pytest.raises(ValueError, match=f"device='{device}' cannot be used here: {why}"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), device=device)
+
+
+def test_to_empty_is_refused():
+    """Module.to_empty handed every tensor uninitialised storage (expert_ids too, whose check
+    then blamed a checkpoint; backend flash's CUDA graphs would have kept the old addresses)."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=3)
+    before = layer.w_in.clone()
+    with pytest.raises(ValueError, match="MoELayer cannot give router_weight new storage \\(Module.to_empty\\)"):
+        layer.to_empty(device="cpu")
+    assert torch.equal(layer.w_in, before)
+    layer.to("cpu").float().share_memory()  # moves to where it is: taken
 
 
 def test_the_layer_s_structure_cannot_be_reassigned():
@@ -663,6 +679,18 @@ def test_the_layer_s_structure_cannot_be_reassigned():
             layer.expert_grad_divisor = divisor
     layer.expert_grad_divisor = 2
     assert layer.expert_grad_divisor == 2 and layer.placement.experts_on(0) == list(range(8))
+
+
+def built_with_the_default_placement_on_rank_0(rank, world) -> list[int]:
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2),
+                     placement=None if rank == 0 else ExpertPlacement.contiguous(SMALL["num_experts"], world))
+    return layer.expert_ids.tolist()
+
+
+def test_the_default_placement_agrees_with_the_same_placement_given(dist_pools):
+    """Compared as what None resolves to: the contiguous placement given on rank 1 alone was
+    refused as a mismatch."""
+    assert dist_pools(2).run(built_with_the_default_placement_on_rank_0) == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def refused_on_one_rank(rank, world, what: str) -> tuple[bool, tuple | None]:
@@ -707,7 +735,7 @@ def test_experts_overwritten_by_a_broadcast_are_refused_on_every_rank(dist_pools
     if device_check_only:
         assert all("expert_ids on rank(s) [1] names other experts" in s and "dist.broadcast" in s for s in said)
     else:
-        assert "rank(s) [1] rejected their input" in said[0]
+        assert "rank(s) [1] refused this MoE forward" in said[0]
         assert "expert_ids holds experts [0, 1, 2, 3] on rank 1, whose placement puts [4, 5, 6, 7]" in said[1]
 
 

@@ -75,7 +75,7 @@ def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
     if b_in is not None:  # one pass gives both column sums and <dy, b_out>, which dot needs
         db_in, db_out, dot_b = _bias_grads(d_pre, dy, scale, b_out, groups)
         dot = dot + dot_b
-        params |= {n: g.to(b.dtype) for n, g, b in (("b_in", db_in, b_in), ("b_out", db_out, b_out)) if n in want}
+        params |= {n: d.to(b.dtype) for n, d, b in (("b_in", db_in, b_in), ("b_out", db_out, b_out)) if n in want}
     return ExpertGrads(groups.rows_times_t(d_pre_low, w_in), dot, params)
 
 

@@ -220,7 +220,7 @@ class TorchEPBackend:
             raise error
         bad, overwritten = (torch.nonzero(recv[:, c]).flatten().tolist() for c in (-3, -1))
         if bad:
-            raise PeerInputError(f"rank(s) {bad} rejected their input to this MoE forward; "
+            raise PeerInputError(f"rank(s) {bad} refused this MoE forward (their input, or their layer); "
                                  f"rank {layer.rank} aborts it too (see the error on those ranks)")
         if overwritten:
             raise RuntimeError(f"expert_ids on rank(s) {overwritten} names other experts than the layer's placement "
