@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (_get_fqns, get_model_state_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .data_parallel import sharded_tensors
+from .data_parallel import in_fsdp_class, sharded_tensors
 from .runtime import from_every_rank
 
 
@@ -65,8 +65,15 @@ def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None
     get_state_dict returns them (their options' defaults; names without wrappers' prefixes),
     each MoELayer's sharded weights (w_in, w_out, b_in, b_out) and the optimizer's per-expert
     state of them (Adam's moments, say) and expert_ids as DTensors holding this rank's rows,
-    sharing their memory. After dcp.load, call load_sharded_state_dict with it."""
+    sharing their memory. After dcp.load, call load_sharded_state_dict with it. Collective: each
+    layer's replicated weights (router, shared experts) are compared across ranks first, where no
+    FSDP shards them (DCP would write one rank's copy of replicas that drifted apart, silently)."""
     owners = _owners(model)
+    if not in_fsdp_class(model):
+        for layer in {id(layer): layer for layer, _ in owners.values()}.values():
+            if not any(isinstance(p, DTensor) for p in layer.parameters()):
+                layer._check_replicas_agree("training", "Their gradients must be summed over the ranks: wrap the "
+                                            "model in DDP after fm.prepare_ddp, or fully_shard after fm.prepare_fsdp")
     state = ({"model": get_model_state_dict(model)} if optimizer is None
              else dict(zip(("model", "optim"), get_state_dict(model, optimizer))))
     params = state["model"]

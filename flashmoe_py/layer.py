@@ -388,10 +388,12 @@ class MoELayer(nn.Module):
         full = self.full_weight_dict()
         return full["router_weight"], full["w_in"], full["w_out"]
 
-    def _check_replicas_agree(self, after: str) -> None:
-        """The replicated weights must be bit-identical on every rank (a rank-dependent seed or
-        differently loaded weights would route each rank's tokens differently): their checksums
-        are compared, and a difference raises ConsistencyError on every rank."""
+    def _check_replicas_agree(self, after: str, fix: str = "Every rank must use the same seed and load the same "
+                                                           "router and shared weights") -> None:
+        """The replicated weights must be bit-identical on every rank (a rank-dependent seed,
+        differently loaded weights, or gradients not summed over the ranks would route each rank's
+        tokens differently): their checksums are compared, and a difference raises
+        ConsistencyError on every rank, saying `fix`."""
         if self.world_size == 1:
             return
         mine = {name: _checksum(getattr(self, name)) for name in self.config.weight_shapes()
@@ -400,8 +402,7 @@ class MoELayer(nn.Module):
         dist.all_gather_object(everyone, mine, group=self.process_group)
         mismatch = find_mismatch(everyone)
         if mismatch:
-            raise ConsistencyError(f"after {after}, the replicated weights differ: {mismatch}. Every rank "
-                                   "must use the same seed and load the same router and shared weights")
+            raise ConsistencyError(f"after {after}, the replicated weights differ: {mismatch}. {fix}")
 
     def _input_problem(self, x) -> Exception | None:
         """What is wrong with this forward on this rank (raised on every rank by the backend), or None."""

@@ -17,8 +17,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from flashmoe_py import (ExpertPlacement, MoEConfig, MoELayer, load_sharded_state_dict, prepare_ddp, prepare_fsdp,
-                         sharded_state_dict)
+from flashmoe_py import (ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, load_sharded_state_dict, prepare_ddp,
+                         prepare_fsdp, sharded_state_dict)
 
 CFG = MoEConfig(hidden_size=32, ffn_size=24, num_experts=4, top_k=2, dtype="float32", expert_bias=True)
 SHARDED = ("w_in", "w_out", "b_in", "b_out")
@@ -154,3 +154,25 @@ def test_a_plain_state_dict_s_checkpoint_keeps_one_rank_s_experts_and_the_forwar
                                                                                             tmp_path):
     said = dist_pools(2).run(plain_checkpoint_then_forward, fresh_seed(), str(tmp_path / "plain"))
     assert any("whose placement puts" in s and "fm.sharded_state_dict" in s for s in said), said
+
+
+def drifted_then_saved(rank, world, seed: int) -> str:
+    """A step whose replicated gradients were not summed over the ranks (no DDP): each rank's
+    router took its own step -> the error of sharded_state_dict on this rank."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(32, 32), MoELayer(CFG, seed=seed))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(torch.randn(10, 32, generator=torch.Generator().manual_seed(seed + rank))).square().sum().backward()
+    opt.step()
+    with pytest.raises(ConsistencyError) as refused:
+        sharded_state_dict(net)
+    return str(refused.value)
+
+
+def test_replicas_that_drifted_apart_are_refused_before_dcp_writes_one_of_them(dist_pools):
+    """DCP writes one rank's copy of a replicated tensor: the other ranks' routers were lost,
+    silently (a new user's two-rank loop without DDP: 2.1e-3 apart after one step)."""
+    for said in dist_pools(2).run(drifted_then_saved, fresh_seed()):
+        assert "after training, the replicated weights differ: router_weight differs across ranks" in said
+        assert "fm.prepare_ddp" in said
