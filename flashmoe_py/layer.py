@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ class MoELayer(nn.Module):
         self.register_buffer(STATE_DICT_MARKER, torch.tensor(PAIRS_VERSION, device=self.device))  # gate_up.py
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
         # the global expert in each of this rank's slots: a state_dict must hold the same ones
-        self.register_buffer("expert_ids", torch.tensor(self.placement.experts_on(self.rank), device=self.device))
+        self.register_buffer("expert_ids", torch.tensor(self.placed_experts, device=self.device))
         self.__dict__["_expert_ids_seen"] = (self.expert_ids, self.expert_ids._version)  # _expert_ids_problem
         self.reset_parameters(seed)
         self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
@@ -244,7 +245,7 @@ class MoELayer(nn.Module):
         for name in names:
             if name not in EXPERT_WEIGHTS:
                 draw(getattr(self, name), name)
-        for slot, e in enumerate(self.placement.experts_on(self.rank)):
+        for slot, e in enumerate(self.placed_experts):
             gen.manual_seed(seed + 1 + e)
             for name in names:
                 if name in EXPERT_WEIGHTS:
@@ -274,7 +275,7 @@ class MoELayer(nn.Module):
                  "shared_gate_weight": shared_gate_weight}
         self._raise_on_every_rank(self._weights_problem(given, gate_up_layout), "load_full_weights")
         gated = self.config.gated
-        mine = torch.tensor(self.placement.experts_on(self.rank), dtype=torch.long)
+        mine = torch.tensor(self.placed_experts, dtype=torch.long)
         for name, t in given.items():  # one at a time (a converted copy of every weight at once would not fit)
             if t is None:
                 continue
@@ -307,9 +308,11 @@ class MoELayer(nn.Module):
         if self.world_size > 1:
             everyone = [None] * self.world_size
             dist.all_gather_object(everyone, None if problem is None else str(problem), group=self.process_group)
-            refused = [r for r, p in enumerate(everyone) if p]
+            refused = [r for r, p in enumerate(everyone) if p is not None]
             if problem is None and refused:
-                raise ConsistencyError(f"rank {refused[0]} refused {what}: {everyone[refused[0]]}")
+                group, rank = self.process_group, refused[0]
+                rank = rank if group is None else dist.get_global_rank(group, rank)
+                raise ConsistencyError(f"rank {rank} refused {what}: {everyone[refused[0]]}")
         if problem is not None:
             raise problem
 
@@ -466,6 +469,11 @@ class MoELayer(nn.Module):
             self.last_stats = MoEStats(**stats)
             return out.view(x.shape)
 
+    @functools.cached_property
+    def placed_experts(self) -> list[int]:
+        """The global experts this rank's slots hold, in slot order (the placement's; fixed)."""
+        return self.placement.experts_on(self.rank)
+
     def _expert_ids_problem(self) -> Exception | None:
         """Where the expert_ids buffer no longer names this rank's experts (a checkpoint loaded into
         the state_dict's tensors, a broadcast of the model's buffers): the error (raised on every
@@ -479,7 +487,7 @@ class MoELayer(nn.Module):
             return None
         if ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
-        mine = self.placement.experts_on(self.rank)
+        mine = self.placed_experts
         if ids.tolist() != mine:
             return RuntimeError(f"expert_ids holds experts {ids.tolist()} on rank {self.rank}, whose placement puts "
                                 f"{mine} there: {EXPERTS_OVERWRITTEN}")
@@ -512,7 +520,7 @@ class MoELayer(nn.Module):
         elif marker in state_dict and int(state_dict[marker]) != PAIRS_VERSION:
             error_msgs.append(f"{marker}={int(state_dict[marker])}: a gate/up layout this version does not know")
             return
-        mine = torch.tensor(self.placement.experts_on(self.rank))  # the placement's, not the buffer's (overwritten?)
+        mine = torch.tensor(self.placed_experts)  # the placement's, not the buffer's (overwritten?)
         if ids not in state_dict:  # a checkpoint from before expert_ids: its slots are taken as the layer's
             state_dict[ids] = mine.to(self.expert_ids.device)
         elif not torch.equal(state_dict[ids].cpu(), mine):
@@ -544,8 +552,11 @@ class MoELayer(nn.Module):
         moves (a parent's modules visited earlier have moved), where they would move a weight to
         another dtype or device (the config names the dtypes the kernels are built for, and the
         fused backend's CUDA graphs and symmetric heap hold addresses on the device it was built
-        on), taken as no-ops otherwise (a model moved where the layer already is). Module.to_empty,
-        which would hand every tensor new, uninitialised storage, is refused too."""
+        on), taken as no-ops otherwise (a model moved where the layer already is). One that would
+        copy the tensors where they are (Module.to_empty's uninitialised storage, a CPU index spelled
+        out) leaves the layer's own alone: a copy would hold nothing new (to_empty's, garbage), and
+        backend flash's CUDA graphs hold their addresses."""
+        copies = False
         for name, t in self._own_tensors():
             probe = torch.empty(0, dtype=t.dtype, device=t.device)
             moved = fn(probe)
@@ -554,11 +565,8 @@ class MoELayer(nn.Module):
                                  f"{moved.device}: build the layer with MoEConfig(dtype=..., router_dtype=...) and "
                                  "device=... where it runs, and load its weights there (load_full_weights or "
                                  "load_state_dict)")
-            if moved is not probe:
-                raise ValueError(f"MoELayer cannot give {name} new storage (Module.to_empty): it is built with its "
-                                 "weights where it runs; draw them again with reset_parameters(seed), or load "
-                                 "others with load_full_weights or load_state_dict")
-        return super()._apply(fn, recurse)
+            copies = copies or moved is not probe
+        return self if copies else super()._apply(fn, recurse)
 
     def __deepcopy__(self, memo: dict) -> MoELayer:
         """copy.deepcopy: as for any module, but the copy runs in the same process group (one made

@@ -8,3 +8,7 @@ if [ -z "${NGPUS:-}" ]; then
   fi
   NGPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
 fi
+if ! [[ "$NGPUS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "NGPUS=$NGPUS: the processes to start must be a positive number (nvidia-smi found no GPU?)" >&2
+  exit 2
+fi

@@ -88,3 +88,12 @@ def test_without_nvidia_smi_the_launchers_ask_for_ngpus(tmp_path, script):
     proc = subprocess.run([shutil.which("bash"), f"launch/{script}"], cwd=ROOT, env={"PATH": str(bin_dir)},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no nvidia-smi here to count GPUs: set NGPUS" in proc.stderr, proc
+
+
+@pytest.mark.parametrize("ngpus", ["0", "two"])
+def test_a_count_that_is_no_positive_number_is_refused(tmp_path, ngpus):
+    """nvidia-smi listing no GPU gave torchrun --nproc-per-node 0."""
+    proc = subprocess.run(["bash", "launch/torchrun.sh"], cwd=ROOT, env=scripts_env(tmp_path, 0) | {"NGPUS": ngpus},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"NGPUS={ngpus}: the processes to start must be a positive number" in proc.stderr
+    assert not (tmp_path / "calls").exists()

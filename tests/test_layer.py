@@ -655,15 +655,22 @@ def test_a_device_that_cannot_hold_the_layer_is_refused_naming_it(device, why):
         MoELayer(MoEConfig(**SMALL, top_k=2), device=device)
 
 
-def test_to_empty_is_refused():
-    """Module.to_empty handed every tensor uninitialised storage (expert_ids too, whose check
-    then blamed a checkpoint; backend flash's CUDA graphs would have kept the old addresses)."""
-    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=3)
-    before = layer.w_in.clone()
-    with pytest.raises(ValueError, match="MoELayer cannot give router_weight new storage \\(Module.to_empty\\)"):
-        layer.to_empty(device="cpu")
-    assert torch.equal(layer.w_in, before)
+@pytest.mark.parametrize("move", ["to_empty", "to cpu:0"])
+def test_a_copy_where_the_layer_already_is_leaves_it_alone(move):
+    """Module.to_empty handed every tensor uninitialised storage (expert_ids too, whose check then
+    blamed a checkpoint; backend flash's CUDA graphs would have kept the old addresses), and a CPU
+    device index spelled out copies: both leave the layer's own tensors as they are, as torchtitan's
+    meta skeleton (to_empty of the whole model, then its own initialisation) needs."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=3, device="cpu:0")
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), layer)
+    before = {n: t.clone() for n, t in layer.state_dict().items()}
+    ids = [t.data_ptr() for t in layer.parameters()]
+    model.to_empty(device="cpu") if move == "to_empty" else model.to(torch.device("cpu", 0))
+    assert all(torch.equal(t, before[n]) for n, t in layer.state_dict().items())
+    assert [t.data_ptr() for t in layer.parameters()] == ids
     layer.to("cpu").float().share_memory()  # moves to where it is: taken
+    x = torch.randn(5, 32)
+    assert rel_err(layer(x), reference_forward(x, config=layer.config, **layer.full_weight_dict())) <= FP32_TOL
 
 
 def test_the_layer_s_structure_cannot_be_reassigned():
@@ -737,6 +744,19 @@ def test_experts_overwritten_by_a_broadcast_are_refused_on_every_rank(dist_pools
     else:
         assert "rank(s) [1] refused this MoE forward" in said[0]
         assert "expert_ids holds experts [0, 1, 2, 3] on rank 1, whose placement puts [4, 5, 6, 7]" in said[1]
+
+
+def ids_replaced_on_rank_1(rank, world) -> tuple:
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    if rank == 1:
+        layer.expert_ids = torch.tensor([4, 5, 6])  # another shape: no comparison with the placement's
+    layer(torch.randn(5, SMALL["hidden_size"]))
+
+
+def test_an_expert_ids_buffer_of_another_shape_on_one_rank_raises_on_every_rank(dist_pools):
+    """The device-side comparison raised on that rank before the exchange, leaving the others in it."""
+    (ok0, err0), (ok1, err1) = dist_pools(2).run_all(ids_replaced_on_rank_1)
+    assert not ok0 and not ok1 and "rank(s) [1]" in err0[1] and "expert_ids holds experts [4, 5, 6]" in err1[1]
 
 
 def test_a_state_dict_s_experts_are_checked_against_the_placement():

@@ -198,6 +198,11 @@ class TorchEPBackend:
         w_in, w_out, b_in, b_out = (divide_grad(getattr(layer, n), d) for n in EXPERT_WEIGHTS)
         return _expert_ffn(rows, counts, w_in, w_out, layer.config, b_in, b_out, keep)
 
+    @functools.cached_property
+    def placed_ids(self) -> torch.Tensor:
+        """[L] int64 on the layer's device: the experts its placement puts in this rank's slots."""
+        return torch.tensor(self.layer.placed_experts, device=self.layer.device)
+
     def _exchange_counts(self, send_counts: torch.Tensor, error: Exception | None,
                          in_graph: bool) -> torch.Tensor:
         """send_counts: [W, L] rows this rank sends to each (rank, local expert). Returns recv_counts
@@ -207,12 +212,13 @@ class TorchEPBackend:
         its expert_ids buffer names other experts than its placement puts there, compared on the
         device (a broadcast of the model's buffers writes past the version counter that the
         layer's own check reads on GPUs)."""
-        layer = self.layer
-        L = layer.local_experts
-        placed = torch.argsort(layer.expert_positions)[layer.rank * L:(layer.rank + 1) * L]
-        moved = (layer.expert_ids != placed).any()
-        flags = torch.tensor([int(error is not None), int(in_graph)], device=send_counts.device)
-        flags = torch.cat([flags, moved[None].to(flags.dtype)])
+        layer, ids = self.layer, self.layer.expert_ids
+        placed = self.placed_ids
+        flags = torch.tensor([int(error is not None), int(in_graph), 0], device=send_counts.device)
+        if ids.shape == placed.shape and ids.device == placed.device:
+            flags[2:] = (ids != placed).any()
+        else:  # a buffer replaced by another shape or device: this rank raises here; every rank must exchange
+            flags[2] = 1
         send = torch.cat([send_counts, flags.expand(layer.world_size, 3)], dim=1).contiguous()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=layer.process_group)
