@@ -10,6 +10,7 @@ prints a table and writes JSON rows."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py import PRESETS, MoEConfig, MoELayer, reference_forward  # noqa: E402
 from flashmoe_py.backends.torch_ep import shared_experts  # noqa: E402
+from flashmoe_py.config import EXPERT_WEIGHTS  # noqa: E402
 from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.options import BACKWARDS  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
@@ -88,6 +90,10 @@ def parse_args(argv=None):
                    help="also time forward + backward of sum(y * dy) (rows with mode 'fwd+bwd', every gradient "
                         "of a step at the timed size checked against the reference before and after timing), on "
                         "the backends that have a backward")
+    p.add_argument("--frozen-experts", action="store_true",
+                   help="with --fwd-bwd, also time each step with the experts' weights (routed and shared) frozen, "
+                        "as fine-tuning that trains the router and the rest of the model does (rows with 'frozen': "
+                        "'experts'; no expert weight gradients, so a floor of twice the forward's terms)")
     p.add_argument("--backwards", nargs="+", default=None, choices=BACKWARDS,
                    help="the backwards of the fwd+bwd rows, one row each where the backend has it (flash: "
                         "saved, recompute); default: each backend's own")
@@ -265,18 +271,19 @@ def measure_ceilings(device: torch.device, world: int) -> dict:
     return out
 
 
-def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict, fwd_bwd: bool = False,
+def floor_us(cfg: MoEConfig, tokens: int, world: int, ceilings: dict, passes: int = 1,
              load: dict | None = None) -> float | None:
     """The physical floor per forward (µs): max of the compute, HBM and NVLink terms; per training
-    step with fwd_bwd: max(3 compute, 3 HBM, 2 NVLink), the backward's dgrad and wgrad GEMMs each
+    step (passes 3): max(3 compute, 3 HBM, 2 NVLink), the backward's dgrad and wgrad GEMMs each
     the forward's and its weight traffic twice, and two all-to-alls more (dy to the experts, the
-    rows' gradients back) where the forward has two. load: the point's routing (routing_load);
-    None: uniform routing's expectation."""
+    rows' gradients back) where the forward has two; with the experts frozen (passes 2), dgrad
+    only: max(2 compute, 2 HBM, 2 NVLink). load: the point's routing (routing_load); None:
+    uniform routing's expectation."""
     terms = floor_terms(cfg, tokens, world, ceilings, load)
     if terms is None:
         return None
     compute, hbm, link = terms
-    return max(3 * compute, 3 * hbm, 2 * link) if fwd_bwd else max(compute, hbm, link)
+    return max(passes * compute, passes * hbm, (2 if passes > 1 else 1) * link)
 
 
 def floor_terms(cfg: MoEConfig, tokens: int, world: int, ceilings: dict,
@@ -452,8 +459,9 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed, 
             for backward in args.backwards or [layer.options.backward_for(layer.backend.name)]:
                 if not (fused and backward == "autograd"):  # the fused kernel has no ops to record
                     layer.options = dataclasses.replace(layer.options, backward=backward)
-                    rows += fwd_bwd_rows(row, layer, xs, iters, tol, device, args.energy_seconds,
-                                         graph=fused and args.user_graph)
+                    for frozen in (False, True) if args.frozen_experts else (False,):
+                        rows += fwd_bwd_rows(row, layer, xs, iters, tol, device, args.energy_seconds,
+                                             graph=fused and args.user_graph, frozen=frozen)
     if fused:
         layer.backend.close()
     elif backend == "flash_shared_torch":
@@ -490,13 +498,34 @@ def step_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, device) -> t
 
 
 def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, device,
-                 energy_seconds: float = 0.0, graph: bool = False) -> list[dict]:
+                 energy_seconds: float = 0.0, graph: bool = False, frozen: bool = False) -> list[dict]:
     """row's point timed as forward + backward of sum(layer(x) * dy) (x and every parameter
-    requiring grad) with the layer's backward, after every gradient of a step on the first input
-    set (all its tokens) is checked against autograd through the reference, and checked again on
-    a step after the timing (rel_err_timed: the warm state the timed steps ran in) -> [a row with
-    mode 'fwd+bwd' and its backward, and with graph the step captured in a CUDA graph
-    (graph_fwd_bwd_row)], or [] where the backend has no backward."""
+    requiring grad; with frozen, every one but the experts' weights) with the layer's backward,
+    after every gradient of a step on the first input set (all its tokens) is checked against
+    autograd through the reference, and checked again on a step after the timing (rel_err_timed:
+    the warm state the timed steps ran in) -> [a row with mode 'fwd+bwd' and its backward, and
+    with graph the step captured in a CUDA graph (graph_fwd_bwd_row)], or [] where the backend
+    has no backward."""
+    with experts_frozen(layer, frozen):
+        rows = _fwd_bwd_rows(row, layer, xs, iters, tol, device, energy_seconds, graph)
+    return [r | {"frozen": "experts"} for r in rows] if frozen else rows
+
+
+@contextlib.contextmanager
+def experts_frozen(layer: MoELayer, frozen: bool):
+    """Inside, with frozen, the layer's expert weights (routed and shared) need no gradient."""
+    experts = [p for n, p in layer.named_parameters() if frozen and (n in EXPERT_WEIGHTS or n.startswith("shared_w_"))]
+    for p in experts:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in experts:
+            p.requires_grad_(True)
+
+
+def _fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, device,
+                  energy_seconds: float, graph: bool) -> list[dict]:
     gen = torch.Generator().manual_seed(7)
     dys = [torch.randn(x.shape, generator=gen).to(device, x.dtype) for x in xs]
     try:
@@ -765,10 +794,11 @@ def add_derived(row: dict, world: int, ceilings: dict) -> None:
     one_hot: qwen3 at 128 tokens under zipf touches 24 of 128 experts, and one rank may take most
     rows)."""
     cfg, tokens = MoEConfig.from_dict(row["config"]), row["tokens_per_rank"]
-    passes = 3 if row.get("mode") == "fwd+bwd" else 1  # a backward: twice the forward's GEMMs
+    # a backward: twice the forward's GEMMs, or once without the experts' weight gradients
+    passes = 1 if row.get("mode") != "fwd+bwd" else 2 if row.get("frozen") == "experts" else 3
     load = row.get("load")
     known = load is not None or row.get("routing", "uniform") == "uniform"
-    row["floor_us"] = floor_us(cfg, tokens, world, ceilings, fwd_bwd=passes == 3, load=load) if known else None
+    row["floor_us"] = floor_us(cfg, tokens, world, ceilings, passes, load=load) if known else None
     if row["median_us"]:
         row["tokens_per_s"] = tokens * world / row["median_us"] * 1e6
         FS = cfg.shared_width
@@ -817,8 +847,10 @@ def run_apart(args, backend: str) -> list[dict]:
 
 
 def row_name(row: dict) -> str:
-    """A row's backend, and for fwd+bwd rows its backward: backend/backward."""
-    return row["backend"] + (f"/{row['backward']}" if row.get("backward") else "")
+    """A row's backend, and for fwd+bwd rows its backward: backend/backward (+ ' frozen' for a
+    step with the experts frozen)."""
+    return (row["backend"] + (f"/{row['backward']}" if row.get("backward") else "")
+            + (" frozen" if row.get("frozen") == "experts" else ""))
 
 
 def print_table(rows, ceilings, meta, world):

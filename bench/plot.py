@@ -33,6 +33,7 @@ def label(row: dict) -> str:
     """A line's name: the backend, /backward for a training step's (bench/layer.py's row_name),
     and a forward mode of the backend's own in parentheses."""
     name = row["backend"] + (f"/{row['backward']}" if row.get("backward") else "")
+    name += " frozen" if row.get("frozen") == "experts" else ""
     return name + (f" ({row['mode']})" if row.get("mode") not in (None, "fwd+bwd") else "")
 
 

@@ -130,9 +130,11 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
     got = {n: p.grad for n, p in layer.named_parameters()}
     if cfg.gated:
         got |= {n: to_halves(got[n]) for n in GATE_UP_WEIGHTS if got.get(n) is not None}
-    norms = {n: [0.0, 0.0] for n in ["x", *got]}  # [|got - want|^2, |want|^2]
+    norms = {n: [0.0, 0.0] for n in ["x", *got] if n == "x" or got[n] is not None}  # [|got - want|^2, |want|^2]
 
-    def add(name: str, g: torch.Tensor, want: torch.Tensor) -> None:
+    def add(name: str, g: torch.Tensor | None, want: torch.Tensor) -> None:
+        if name not in norms:  # a frozen parameter's: none to compare
+            return
         norms[name][0] += float((g.double() - want.double()).square().sum())
         norms[name][1] += float(want.double().square().sum())
 
@@ -169,7 +171,7 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
             g = torch.zeros_like(leaf) if g is None else g
             if layer.world_size > 1:  # every rank's tokens' part, summed where the expert is held
                 dist.all_reduce(g, group=layer.process_group)
-            if e in slot:
+            if e in slot and got[n] is not None:
                 add(n, got[n][slot[e]], g)
     router_grads = torch.autograd.grad(weights, [xr, *router.values()], dw, allow_unused=True)
     dx += router_grads[0]

@@ -181,8 +181,10 @@ def test_a_training_step_s_floor_counts_two_more_all_to_alls_not_four():
     ceilings = {"bf16_tflops": 800.0, "hbm_gbps": 4000.0, "a2a_gbps": 100.0}
     compute, hbm, link = layer.floor_terms(cfg, 16384, 4, ceilings)
     assert link > max(compute, hbm)  # a link-bound point
-    assert layer.floor_us(cfg, 16384, 4, ceilings, fwd_bwd=True) == max(3 * compute, 3 * hbm, 2 * link)
-    assert layer.floor_us(cfg, 16384, 1, ceilings, fwd_bwd=True) == 3 * layer.floor_us(cfg, 16384, 1, ceilings)
+    assert layer.floor_us(cfg, 16384, 4, ceilings, passes=3) == max(3 * compute, 3 * hbm, 2 * link)
+    assert layer.floor_us(cfg, 16384, 1, ceilings, passes=3) == 3 * layer.floor_us(cfg, 16384, 1, ceilings)
+    # the experts frozen: no weight-gradient GEMMs, the same two all-to-alls more
+    assert layer.floor_us(cfg, 16384, 4, ceilings, passes=2) == max(2 * compute, 2 * hbm, 2 * link)
 
 
 def test_the_checked_tokens_reach_the_last_tile_unless_capacity_orders_them():
@@ -328,25 +330,29 @@ def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path
     """--fwd-bwd: each backend with a backward gets a row per backward asked for, mode 'fwd+bwd',
     whose every gradient (x's, the router's, each expert weight's, summed over the ranks) was
     compared with autograd through the reference at the timed size, before and after it was timed
-    (world 2, gloo)."""
+    (world 2, gloo); with --frozen-experts a second row each, the experts' weights frozen (x's and
+    the router's gradients checked)."""
     out = tmp_path / "bench.json"
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                            f"--master-port={port}", os.path.join(ROOT, "bench", "layer.py"), "--tokens", "24",
                            "--iters", "2", "--input-sets", "1", "--fwd-bwd", "--backwards", "autograd", "saved",
-                           "--out", str(out)],
+                           "--frozen-experts", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r.get("mode"), r.get("backward")) for r in rows] == [(None, None), ("fwd+bwd", "autograd"),
-                                                                   ("fwd+bwd", "saved")]
+    assert [(r.get("mode"), r.get("backward"), r.get("frozen")) for r in rows] == [
+        (None, None, None), ("fwd+bwd", "autograd", None), ("fwd+bwd", "autograd", "experts"),
+        ("fwd+bwd", "saved", None), ("fwd+bwd", "saved", "experts")]
     assert all(r["ok"] and r["rel_err"] <= 1e-5 and r["median_us"] > 0 and r["host_us"] > 0 for r in rows)
     for r in rows[1:]:
         assert r["checked"] == "every gradient" and r["rel_err_timed"] <= 1e-5, r
-        assert set(r["rel_errs"]) == {"x", "router_weight", "w_in", "w_out"}, r["rel_errs"]
+        trained = {"x", "router_weight"} | (set() if r.get("frozen") else {"w_in", "w_out"})
+        assert set(r["rel_errs"]) == trained, r["rel_errs"]
         assert max(r["rel_errs"].values()) <= r["rel_err"] and r["tokens_routed_otherwise"] == 0, r
-    assert "torch/saved +bwd" in proc.stdout and set(rows[1]["speedup"]) == {"torch/autograd", "torch/saved"}
+    assert "torch/saved +bwd" in proc.stdout and "torch/saved frozen +bwd" in proc.stdout
+    assert set(rows[1]["speedup"]) == {"torch/autograd", "torch/autograd frozen", "torch/saved", "torch/saved frozen"}
 
 
 def test_training_steps_are_profiled_with_their_backward():
