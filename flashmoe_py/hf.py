@@ -173,11 +173,16 @@ def _output_collector():
 def _hooks_want_router(router: nn.Module) -> bool:
     """Whether a forward hook on the block's router module would see its output this call: any
     hook but transformers' output recorder, which stays on the router after the first
-    output_router_logits=True call and records only while a model call collects its key."""
+    output_router_logits=True call and records only while a model call collects its key. Under
+    saved-tensor hooks (activation checkpointing's, which recompute the block in backward, outside
+    the model call that collects), any hook: the forward and its recomputation must run the same
+    ops."""
     hooks = router._forward_hooks.values()
     if not hooks:
         return False
     if torch.compiler.is_compiling():  # dynamo cannot read the recorder's closure: run the router
+        return True
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         return True
     collector = _output_collector()
     if collector is None:  # a transformers without it: run the router for whatever its hooks are
