@@ -116,7 +116,7 @@ def load_sharded_state_dict(model: nn.Module, state: dict, optimizer: torch.opti
     for name, (layer, attr) in owners.items():
         if attr != "expert_ids":
             continue
-        saved, mine = _local(params[name]).tolist(), layer.placement.experts_on(layer.rank)
+        saved, mine = _local(params[name]).tolist(), layer.placed_experts
         if saved != mine:
             mismatches.append(f"{name} holds experts {saved} where the placement puts {mine}")
     everyone = from_every_rank(mismatches)  # refused on every rank

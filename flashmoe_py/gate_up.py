@@ -34,10 +34,15 @@ def pair_width(ffn: int) -> int:
     return g
 
 
-def to_pairs(t: torch.Tensor, layout: str = "halves") -> torch.Tensor:
-    """t [..., 2F], gate and up columns in `layout` (LAYOUTS) -> [..., 2F] in pairs (a new tensor)."""
+def check_layout(layout: str) -> None:
+    """layout, one of LAYOUTS (ValueError naming gate_up_layout otherwise)."""
     if layout not in LAYOUTS:
         raise ValueError(f"gate_up_layout={layout!r}; choose one of {LAYOUTS}")
+
+
+def to_pairs(t: torch.Tensor, layout: str = "halves") -> torch.Tensor:
+    """t [..., 2F], gate and up columns in `layout` (LAYOUTS) -> [..., 2F] in pairs (a new tensor)."""
+    check_layout(layout)
     F = t.shape[-1] // 2
     if layout == "interleaved":
         t = t.unflatten(-1, (F, 2)).transpose(-2, -1).flatten(-2)

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from .config import DTYPES, ConfigError, MoEConfig
 from .data_parallel import exclude_from_ddp, in_fsdp_class, include_in_ddp, sharded_names
 from .layer import MoELayer, check_dst
-from .runtime import ConsistencyError, from_every_rank
+from .runtime import ConsistencyError, on_every_rank
 from .wrappers import DataParallelError
 
 
@@ -513,19 +513,8 @@ def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _on_every_rank(step: Callable, what: str):
-    """step()'s result, where it raised on no rank; else raise on every rank (the others would wait
-    in the next collective): a rank that raised re-raises its own error, the others a
-    RuntimeError naming the first rank's. An error inside step's collectives (a rank's part of a
-    block's gathers) is left to the process group's timeout: the others are waiting in them."""
-    error = None
-    try:
-        result = step()
-    except Exception as e:  # noqa: BLE001 (told to every rank, then raised)
-        error, result = e, None
-    said = from_every_rank(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = next(((rank, text) for rank, text in enumerate(said) if text is not None), None)
-    if failed is not None:
-        raise RuntimeError(f"{what} failed on rank {failed[0]}: {failed[1]}")
-    return result
+    """step()'s result, raised on every rank where it raised on any (runtime.on_every_rank): the
+    others a RuntimeError naming the first such rank's error. An error inside step's collectives
+    (a rank's part of a block's gathers) is left to the process group's timeout: the others are
+    waiting in them."""
+    return on_every_rank(step, lambda rank, text: RuntimeError(f"{what} failed on rank {rank}: {text}"))

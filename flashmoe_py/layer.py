@@ -18,14 +18,15 @@ from .backends.explicit_backward import (bound_parameters, explicit_forward, moe
                                          routing_bias_now, without_autocast)
 from .backends.torch_ep import TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig, as_int
-from .gate_up import LAYOUTS as GATE_UP_LAYOUTS
-from .gate_up import HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, to_halves, to_interleaved, to_pairs
+from .gate_up import (HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, check_layout, to_halves, to_interleaved,
+                      to_pairs)
 from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from .kernels.fused_moe import TMA_ROW_MULTIPLE
 from .options import FusedOptions
 from .placement import EXPERTS_OVERWRITTEN, ExpertPlacement
 from .routing import Routing, route
-from .runtime import ConsistencyError, find_mismatch, fused_unavailable_reason, runtime_device
+from .runtime import (ConsistencyError, find_mismatch, from_every_rank, fused_unavailable_reason, on_every_rank,
+                      runtime_device)
 from .wrappers import check_wrappers
 
 BACKENDS = ("torch", "flash")
@@ -199,8 +200,7 @@ class MoELayer(nn.Module):
                 "options": options.to_dict() if options is not None else None,
                 "config": config.to_dict() if isinstance(config, MoEConfig) else repr(config),
                 "placement": placement.to_dict() if placement is not None else "contiguous"}
-        everyone = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.process_group)
+        everyone = from_every_rank(mine, self.process_group)
         if problem:
             return  # this rank raises its own error, which names the argument
         others = [(r, d["problem"]) for r, d in enumerate(everyone) if d["problem"]]
@@ -273,7 +273,8 @@ class MoELayer(nn.Module):
                  "e_score_correction_bias": e_score_correction_bias, "b_in": b_in, "b_out": b_out,
                  "shared_w_in": shared_w_in, "shared_w_out": shared_w_out,
                  "shared_gate_weight": shared_gate_weight}
-        self._raise_on_every_rank(self._weights_problem(given, gate_up_layout), "load_full_weights")
+        on_every_rank(lambda: self._check_full_weights(given, gate_up_layout), _refused("load_full_weights"),
+                      self.process_group)
         gated = self.config.gated
         mine = torch.tensor(self.placed_experts, dtype=torch.long)
         for name, t in given.items():  # one at a time (a converted copy of every weight at once would not fit)
@@ -286,35 +287,16 @@ class MoELayer(nn.Module):
             getattr(self, name).copy_(t)
         self._check_replicas_agree("load_full_weights")
 
-    def _weights_problem(self, given: dict, gate_up_layout: str) -> Exception | None:
-        """What is wrong with load_full_weights' arguments on this rank, or None."""
-        try:
-            self.config.check_weights(given)
-        except (ValueError, TypeError) as e:
-            return e
-        if gate_up_layout not in GATE_UP_LAYOUTS:
-            return ValueError(f"gate_up_layout={gate_up_layout!r}; choose one of {GATE_UP_LAYOUTS}")
+    def _check_full_weights(self, given: dict, gate_up_layout: str) -> None:
+        """Raise, naming it, for what is wrong with load_full_weights' arguments on this rank."""
+        self.config.check_weights(given)
+        check_layout(gate_up_layout)
         if gate_up_layout != "halves" and not self.config.gated:
-            return ValueError(f"gate_up_layout={gate_up_layout!r} needs a gated activation; "
-                              f"activation={self.config.activation!r} has no gate")
+            raise ValueError(f"gate_up_layout={gate_up_layout!r} needs a gated activation; "
+                             f"activation={self.config.activation!r} has no gate")
         for name, t in given.items():
             if t is not None and (not t.is_floating_point() or t.device.type == "meta"):
-                return ValueError(f"{name} must be a real floating-point tensor with data, got {t.dtype} on {t.device}")
-        return None
-
-    def _raise_on_every_rank(self, problem: Exception | None, what: str) -> None:
-        """Raise problem here and, at world > 1, a ConsistencyError on every other rank (collective:
-        every rank calls it), so that no rank is left waiting in the collectives of `what`."""
-        if self.world_size > 1:
-            everyone = [None] * self.world_size
-            dist.all_gather_object(everyone, None if problem is None else str(problem), group=self.process_group)
-            refused = [r for r, p in enumerate(everyone) if p is not None]
-            if problem is None and refused:
-                group, rank = self.process_group, refused[0]
-                rank = rank if group is None else dist.get_global_rank(group, rank)
-                raise ConsistencyError(f"rank {rank} refused {what}: {everyone[refused[0]]}")
-        if problem is not None:
-            raise problem
+                raise ValueError(f"{name} must be a real floating-point tensor with data, got {t.dtype} on {t.device}")
 
     def full_weight_dict(self, gate_up_layout: str = "halves", *, device: torch.device | str | None = None,
                          dst: int | None = None) -> dict[str, torch.Tensor]:
@@ -329,14 +311,8 @@ class MoELayer(nn.Module):
         (the others {}). With either, the experts are gathered one local expert at a time, so the
         layer's device holds at most one expert of every rank beyond its own; without, in one
         collective a weight."""
-        problem = None
-        try:
-            if gate_up_layout not in GATE_UP_LAYOUTS:
-                raise ValueError(f"gate_up_layout={gate_up_layout!r}; choose one of {GATE_UP_LAYOUTS}")
-            check_dst(dst)
-        except ValueError as e:
-            problem = e
-        self._raise_on_every_rank(problem, "full_weight_dict")
+        on_every_rank(lambda: (check_layout(gate_up_layout), check_dst(dst)), _refused("full_weight_dict"),
+                      self.process_group)
         device = self.device if device is None else torch.device(device)
         keep = dst is None or not dist.is_initialized() or dist.get_rank() == dst
         full = {}
@@ -401,9 +377,7 @@ class MoELayer(nn.Module):
             return
         mine = {name: _checksum(getattr(self, name)) for name in self.config.weight_shapes()
                 if name not in EXPERT_WEIGHTS}
-        everyone = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.process_group)
-        mismatch = find_mismatch(everyone)
+        mismatch = find_mismatch(from_every_rank(mine, self.process_group))
         if mismatch:
             raise ConsistencyError(f"after {after}, the replicated weights differ: {mismatch}. {fix}")
 
@@ -728,6 +702,11 @@ def _checksum(t: torch.Tensor) -> str:
 
 
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _refused(what: str):
+    """on_every_rank's refusal for the layer's collective `what` on the ranks that did not raise."""
+    return lambda rank, text: ConsistencyError(f"rank {rank} refused {what}: {text}")
 
 
 def check_dst(dst: int | None) -> None:

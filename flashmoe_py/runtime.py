@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,14 +90,33 @@ def _launch_info(env, name: str, r: str, w: str, lr: str, lw: str) -> LaunchInfo
     return LaunchInfo(name, rank, world, local, local_world)
 
 
-def from_every_rank(obj) -> list:
-    """obj of every rank of the default group, by rank ([obj] outside torch.distributed or at world
-    1). Collective."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def from_every_rank(obj, group=None) -> list:
+    """obj of every rank of `group` (None: the default group), by the group's rank ([obj] outside
+    torch.distributed or in a group of one). Collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return [obj]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, obj)
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, obj, group=group)
     return everyone
+
+
+def on_every_rank(step: Callable, refusal: Callable[[int, str], Exception], group=None):
+    """step()'s result, where it raised on no rank of `group` (None: the default group); else
+    raise on every rank, since the others would wait in their next collective: a rank that raised
+    re-raises its own error, the others refusal(the first such rank's global rank, its error as
+    "Type: message"). Collective."""
+    error = None
+    try:
+        result = step()
+    except Exception as e:  # noqa: BLE001 (told to every rank, then raised)
+        error, result = e, None
+    said = from_every_rank(None if error is None else f"{type(error).__name__}: {error}", group)
+    if error is not None:
+        raise error
+    failed = next((rank for rank, text in enumerate(said) if text is not None), None)
+    if failed is not None:
+        raise refusal(failed if group is None else dist.get_global_rank(group, failed), said[failed])
+    return result
 
 
 def find_mismatch(per_rank: list[dict], prefix: str = "") -> str | None:
