@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
+import secrets
 import weakref
 from dataclasses import dataclass
 
@@ -582,8 +582,13 @@ class MoELayer(nn.Module):
         """A new op id, under which the compiled op finds this layer (_LAYERS), held as a CPU int64
         tensor (_op_key, not a buffer): a graph input of the compiled region, where an int would
         be a constant that dynamo guards on, so every layer of a model compiled block by block
-        would compile its own graph (past torch's recompile limit the rest ran uncompiled)."""
-        layer_id = next(_layer_ids)
+        would compile its own graph (past torch's recompile limit the rest ran uncompiled). Drawn
+        at random (62 bits), so that a program holding it (torch.export's, saved and loaded in
+        another process) finds no layer there rather than whichever layer that process numbered
+        the same."""
+        layer_id = secrets.randbits(62)
+        while layer_id in _LAYERS:
+            layer_id = secrets.randbits(62)
         self.__dict__["_op_key"] = torch.tensor(layer_id, device="cpu")  # not the default device (meta, say)
         _LAYERS[layer_id] = self
 
@@ -593,7 +598,6 @@ class MoELayer(nn.Module):
 
 
 _FIXED = frozenset(("config", "placement", "local_experts", "rank", "world_size", "process_group", "device"))
-_layer_ids = itertools.count()
 _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionary()
 
 
@@ -608,8 +612,14 @@ _LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionar
 # made inside the op, for the backward to route with again.
 
 def _layer(layer_key: torch.Tensor) -> MoELayer:
-    """The layer whose _op_key holds layer_key's value."""
-    return _LAYERS[int(layer_key)]
+    """The layer whose _op_key holds layer_key's value (RuntimeError where this process has none)."""
+    layer = _LAYERS.get(int(layer_key))
+    if layer is None:
+        raise RuntimeError(f"flashmoe_py's compiled op: no MoELayer of this process has op id {int(layer_key)}. A "
+                           "compiled or exported program calls the layer it was made from, in the process that "
+                           "made it, while that layer lives: one saved (torch.export.save) and loaded elsewhere, "
+                           "or kept after its layer was freed, cannot run")
+    return layer
 
 
 def _param_names(layer: MoELayer) -> list[str]:

@@ -1,8 +1,11 @@
 """MoELayer(backend="torch") against the float64 reference, on 1, 2 and 4 gloo ranks."""
 
 import copy
+import gc
 import io
 import random
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -910,3 +913,33 @@ def test_a_weight_computed_at_each_forward_is_never_captured(monkeypatch):
     for _ in range(4):
         backend.run(x, (4, False))
     assert (backend.launches, backend.captures) == (4, 0)
+
+
+EXPORT_ELSEWHERE = """
+import sys, torch, flashmoe_py as fm
+other = fm.MoELayer(fm.MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=1, dtype="float32"))
+program = torch.export.load(sys.argv[1])
+try:
+    program.module()(torch.randn(6, 32))
+except RuntimeError as e:
+    print(e)
+"""
+
+
+def test_an_exported_layer_runs_in_its_own_process_and_is_refused_in_another(tmp_path):
+    """torch.export's program calls the layer it was made from: right where that layer lives; saved
+    and loaded in another process (whose own layers are other layers, whatever their number) or
+    after its layer was freed, a RuntimeError, not another layer's function."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=fresh_seed())
+    x = torch.randn(6, SMALL["hidden_size"])
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,))
+        assert torch.equal(program.module()(x), layer(x))
+    torch.export.save(program, tmp_path / "moe.pt2")
+    said = subprocess.run([sys.executable, "-c", EXPORT_ELSEWHERE, str(tmp_path / "moe.pt2")], capture_output=True,
+                          text=True, timeout=300)
+    assert "no MoELayer of this process has op id" in said.stdout, said.stdout + said.stderr
+    del layer
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no MoELayer of this process has op id"), torch.no_grad():
+        program.module()(x)
