@@ -38,7 +38,7 @@ def _fail(field: str, value, allowed: str) -> None:
     raise ConfigError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     """An int or a numpy integer, not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -47,7 +47,7 @@ def as_int(value):
     """value as a plain int where it is an integer (a numpy integer too, not a bool), else as it
     is (for the caller's check to refuse): sizes read from arrays keep to_dict JSON and the ranks'
     comparisons plain."""
-    return int(value) if _is_int(value) else value
+    return int(value) if is_int(value) else value
 
 
 INT_FIELDS = ("hidden_size", "ffn_size", "num_experts", "top_k", "n_group", "topk_group", "shared_experts",
@@ -57,7 +57,7 @@ INT_FIELDS = ("hidden_size", "ffn_size", "num_experts", "top_k", "n_group", "top
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def _is_positive_number(value) -> bool:
+def is_positive_number(value) -> bool:
     """A real number > 0 that a finite float holds (an int too large for a float, e.g. 10**400, is
     not: math.isfinite would raise OverflowError on it)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -147,7 +147,7 @@ class MoEConfig:
             object.__setattr__(self, field, as_int(getattr(self, field)))
         for field in ("hidden_size", "ffn_size", "num_experts", "top_k"):
             value = getattr(self, field)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 _fail(field, value, "must be a positive int")
         if self.num_experts > NUM_EXPERTS_LIMIT:
             _fail("num_experts", self.num_experts, f"must be <= {NUM_EXPERTS_LIMIT}")
@@ -169,7 +169,7 @@ class MoEConfig:
         # changes nothing. num_experts (>= num_experts / top_k) admits every value that matters, with
         # headroom for round numbers, and bounds capacity() by tokens * top_k, a sane int (1e300 would
         # overflow math.ceil in every forward).
-        if cf is not None and not (_is_positive_number(cf) and cf <= self.num_experts):
+        if cf is not None and not (is_positive_number(cf) and cf <= self.num_experts):
             _fail("capacity_factor", cf, "must be None (dropless) or a finite number in "
                                          f"(0, num_experts={self.num_experts}]; any value >= "
                                          "num_experts / top_k already keeps every slot")
@@ -182,7 +182,7 @@ class MoEConfig:
             _fail("routing", self.routing, f"must be one of {ROUTINGS}")
         for field in ("n_group", "topk_group"):
             value = getattr(self, field)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 _fail(field, value, "must be a positive int")
             if value != 1 and self.routing != "sigmoid_grouped":
                 _fail(field, value, "only routing='sigmoid_grouped' has expert groups "
@@ -198,7 +198,7 @@ class MoEConfig:
         if self.top_k > self.topk_group * per_group:
             _fail("top_k", self.top_k, f"must be <= topk_group * num_experts / n_group = "
                                        f"{self.topk_group * per_group}: the experts of the kept groups")
-        if not _is_positive_number(self.routed_scaling_factor) or self.routed_scaling_factor > FLOAT32_MAX:
+        if not is_positive_number(self.routed_scaling_factor) or self.routed_scaling_factor > FLOAT32_MAX:
             _fail("routed_scaling_factor", self.routed_scaling_factor,
                   f"must be a number > 0 and <= {FLOAT32_MAX:.4g} (the routing weights are float32)")
 
@@ -206,17 +206,17 @@ class MoEConfig:
         defaults = {"swiglu_alpha": GPT_OSS_SWIGLU_ALPHA, "swiglu_limit": GPT_OSS_SWIGLU_LIMIT}
         for field, default in defaults.items():
             value = getattr(self, field)
-            if not _is_positive_number(value):
+            if not is_positive_number(value):
                 _fail(field, value, "must be a finite number > 0")
             if value != default and self.activation != "clamped_swiglu":
                 _fail(field, value, "only activation='clamped_swiglu' uses it "
                                     f"(activation={self.activation!r})")
 
     def _check_shared_experts(self) -> None:
-        if not _is_int(self.shared_experts) or self.shared_experts < 0:
+        if not is_int(self.shared_experts) or self.shared_experts < 0:
             _fail("shared_experts", self.shared_experts, "must be an int >= 0")
         size = self.shared_ffn_size
-        if size is not None and (not _is_int(size) or size < 1):
+        if size is not None and (not is_int(size) or size < 1):
             _fail("shared_ffn_size", size, "must be None (= ffn_size) or a positive int")
         if self.shared_experts == 0:
             for field, unset in (("shared_ffn_size", None), ("shared_expert_gate", False)):
@@ -304,7 +304,7 @@ class MoEConfig:
 
     def local_experts(self, world_size: int) -> int:
         """Experts per rank; raises unless num_experts divides evenly over world_size."""
-        if not _is_int(world_size) or world_size < 1:
+        if not is_int(world_size) or world_size < 1:
             raise ConfigError(f"world_size={world_size!r} must be a positive int")
         if self.num_experts % world_size:
             raise ConfigError(

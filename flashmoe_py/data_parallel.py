@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from .config import EXPERT_WEIGHTS
+from .config import EXPERT_WEIGHTS, is_positive_number
 from .layer import MoELayer
 from .wrappers import FSDP_IGNORED
 
@@ -121,6 +121,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         raise TypeError(f"clip_grad_norm_: model must be the nn.Module (it finds the MoELayers' experts in it), "
                         f"got {type(model).__name__}; call fm.clip_grad_norm_(model, max_norm), not with "
                         "model.parameters()")
+    if not is_positive_number(max_norm):  # torch's scales by a negative or NaN factor, silently
+        raise ValueError(f"clip_grad_norm_: max_norm={max_norm!r}; expected a positive, finite number")
     if norm_type not in (2.0, float("inf")):
         raise ValueError(f"clip_grad_norm_: norm_type={norm_type}; flashmoe_py's takes 2 or inf")
     if in_fsdp_class(model):

@@ -17,7 +17,7 @@ from .backends.flash import FlashBackend
 from .backends.explicit_backward import (bound_parameters, explicit_forward, moe_backward, refuse_parametrized,
                                          routing_bias_now, without_autocast)
 from .backends.torch_ep import TorchEPBackend
-from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig, as_int
+from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig, as_int, is_int
 from .gate_up import (HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, check_layout, to_halves, to_interleaved,
                       to_pairs)
 from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
@@ -106,6 +106,9 @@ class MoELayer(nn.Module):
                  cuda_graphs: bool = True, transport: str = "p2p", launch_override: dict | None = None,
                  backward: str | None = None):
         super().__init__()
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None (the default group), "
+                            f"got {type(process_group).__name__} {process_group!r}")
         distributed = dist.is_available() and dist.is_initialized()
         # the default group as None: a layer then copies and pickles (a ProcessGroup does neither)
         self.process_group = process_group if distributed and process_group is not dist.group.WORLD else None
@@ -423,7 +426,7 @@ class MoELayer(nn.Module):
             if (self.world_size > 1 and isinstance(x, torch.Tensor) and capture.capturing(x)
                     and (in_graph is not None or self.backend.name == "torch")):
                 capture.refuse_forward(self)  # also the compiled layer's op, which runs this
-            x2d = x.reshape(-1, self.config.hidden_size).contiguous() if problem is None else x
+            x2d = rows_of(x, self.config.hidden_size) if problem is None else x
             in_graph = in_graph and problem is None
             mode = self.options.backward_for(self.backend.name)
             if record and problem is None and mode != "autograd":
@@ -484,6 +487,10 @@ class MoELayer(nn.Module):
         `expert_ids` (which expert each of this rank's slots holds) must match the layer's
         placement where the state_dict has it."""
         marker, ids = prefix + STATE_DICT_MARKER, prefix + "expert_ids"
+        problem = self._state_dict_problem(state_dict, prefix)
+        if problem:
+            error_msgs.append(problem)
+            return
         if marker not in state_dict and not self.config.gated:
             state_dict[marker] = torch.tensor(PAIRS_VERSION)  # one F-wide block: no layout to tell
         if marker in state_dict and int(state_dict[marker]) == HALVES_VERSION:
@@ -495,8 +502,16 @@ class MoELayer(nn.Module):
             error_msgs.append(f"{marker}={int(state_dict[marker])}: a gate/up layout this version does not know")
             return
         mine = torch.tensor(self.placed_experts)  # the placement's, not the buffer's (overwritten?)
-        if ids not in state_dict:  # a checkpoint from before expert_ids: its slots are taken as the layer's
-            state_dict[ids] = mine.to(self.expert_ids.device)
+        if ids not in state_dict:  # a checkpoint from before expert_ids, or parameters only
+            if any(prefix + name in state_dict for name in EXPERT_WEIGHTS) and (
+                    self.world_size > 1 or self.placed_experts != list(range(self.config.num_experts))):
+                error_msgs.append(
+                    f"{ids} is missing beside expert weights: which experts the state_dict's slots hold is unknown "
+                    f"(rank {self.rank} of {self.world_size}, whose placement puts {mine.tolist()} there). A "
+                    "checkpoint saved before expert_ids, by this rank with this placement: set state_dict"
+                    f"[{ids!r}] = torch.tensor(layer.placed_experts) before loading it")
+                return
+            state_dict[ids] = mine.to(self.expert_ids.device)  # every expert in order: the only order
         elif not torch.equal(state_dict[ids].cpu(), mine):
             error_msgs.append(f"{ids}: the state_dict's slots hold experts {state_dict[ids].tolist()}, this layer's "
                               f"placement puts {mine.tolist()} there; build the layer with the placement "
@@ -507,6 +522,22 @@ class MoELayer(nn.Module):
         drift = self._drift()
         if drift:
             error_msgs.append(f"after loading {prefix or 'the layer'}: {drift}")
+
+    def _state_dict_problem(self, state_dict, prefix: str) -> str | None:
+        """What load_state_dict cannot take from state_dict's entries for this layer (a weight
+        that is not floating point, whose copy would truncate it; a gate/up marker or expert_ids
+        that are not integer tensors), or None."""
+        for name in WEIGHTS + OPTIONAL_WEIGHTS:
+            t = state_dict.get(prefix + name)
+            if t is not None and not (torch.is_tensor(t) and t.is_floating_point()):
+                return f"{prefix + name}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
+        for name, shape in ((STATE_DICT_MARKER, ()), ("expert_ids", (self.local_experts,))):
+            t = state_dict.get(prefix + name)
+            if t is not None and not (torch.is_tensor(t) and not t.is_floating_point() and t.dtype != torch.bool
+                                      and not t.is_complex() and tuple(t.shape) == shape):
+                what = f"{t.dtype} {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
+                return f"{prefix + name}: expected an integer tensor of shape {shape}, got {what}"
+        return None
 
     def _own_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """(name, tensor) of the layer's own parameters and buffers (those it registers)."""
@@ -660,7 +691,7 @@ def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor],
     H = layer.config.hidden_size
     names = _param_names(layer)
     with bound_parameters(layer, names, params):
-        grads = moe_backward(layer, x.reshape(-1, H).contiguous(), dy.reshape(-1, H).contiguous(),
+        grads = moe_backward(layer, rows_of(x, H), rows_of(dy, H),
                              {name for name, want in zip(names, wanted[1:], strict=True) if want},
                              x_needs_grad=wanted[0], routing_bias=routing_bias)
     dx = [grads["x"].view(x.shape)] if wanted[0] else []
@@ -719,8 +750,16 @@ def _refused(what: str):
     return lambda rank, text: ConsistencyError(f"rank {rank} refused {what}: {text}")
 
 
+def rows_of(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t as contiguous [rows, width] rows, with the row-major strides an empty one too gets (torch
+    takes any empty tensor for contiguous, so .contiguous() keeps odd strides that grouped GEMMs
+    refuse)."""
+    t = t.reshape(-1, width)
+    return t.contiguous() if t.numel() else t.clone(memory_format=torch.contiguous_format)
+
+
 def check_dst(dst: int | None) -> None:
     """dst, a global rank to gather to (None: every rank)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if dst is not None and not 0 <= dst < world:
-        raise ValueError(f"dst={dst}: a global rank, 0..{world - 1}")
+    if dst is not None and not (is_int(dst) and 0 <= dst < world):
+        raise ValueError(f"dst={dst!r}: a global rank (an int), 0..{world - 1}, or None")

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .config import _is_int, as_int
+from .config import as_int, is_int
 
 TRANSPORTS = ("p2p", "nvshmem")
 BACKWARDS = ("autograd", "saved", "recompute")
@@ -37,7 +37,7 @@ class FusedOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_tokens_per_rank", mt := as_int(self.max_tokens_per_rank))
-        if mt is not None and (not _is_int(mt) or mt < 1):
+        if mt is not None and (not is_int(mt) or mt < 1):
             raise ValueError(f"max_tokens_per_rank must be a positive int (it sizes the symmetric heap) "
                              f"or None; got {mt!r}")
         t = self.timeout_s

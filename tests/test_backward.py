@@ -435,6 +435,17 @@ def test_an_expanded_output_gradient_is_taken(backward, tokens):
     assert max(errs.values()) <= FP32_TOL, errs
 
 
+@pytest.mark.parametrize("backward", ["autograd", "saved", "recompute"])
+def test_an_empty_input_of_any_strides_gets_an_empty_gradient(backward):
+    """An empty slice of a transposed tensor ([0, H], strides (2, 2)): torch takes any empty tensor
+    for contiguous, and the shared experts' grouped products refused those strides."""
+    cfg = MoEConfig(**{**SMALL, **VARIANTS["gelu, two gated shared experts"]})
+    layer = MoELayer(cfg, seed=fresh_seed(), backward=backward)
+    big = torch.randn(32, 2, requires_grad=True)
+    layer(big[:, ::2][:, :0].t()).sum().backward()
+    assert big.grad.shape == big.shape and not big.grad.any() and all(not p.grad.any() for p in layer.parameters())
+
+
 @pytest.mark.parametrize("backward", ["saved", "recompute", "compiled"])
 def test_a_second_order_gradient_is_refused(backward):
     """The explicit backward's steps are not differentiable: a gradient penalty through them raises

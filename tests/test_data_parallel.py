@@ -244,6 +244,16 @@ def test_clipping_is_collective_even_where_a_rank_has_no_gradients(dist_pools):
     assert total[0] > 0 and total[1] >= 0  # both ranks returned: nobody left in the all_reduce
 
 
+@pytest.mark.parametrize("max_norm", [-1.0, 0, float("nan"), float("inf"), "1.0"])
+def test_clipping_refuses_a_max_norm_that_is_no_positive_number(max_norm):
+    """torch's scales every gradient by a negative factor for -1.0 (their signs flipped) and by NaN
+    for NaN, silently."""
+    net = nn.Sequential(nn.Linear(4, 4))
+    net(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(ValueError, match="max_norm=.*expected a positive, finite number"):
+        fm_clip(net, max_norm)
+
+
 def test_clipping_refuses_parameters_in_place_of_the_model():
     """torch's clip_grad_norm_ takes parameters; this one needs the model to find the layers: called
     torch's way it failed on a generator's missing attribute."""

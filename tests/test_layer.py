@@ -615,10 +615,75 @@ def test_a_state_dict_of_another_placement_is_refused():
     other = MoELayer(cfg, placement=ExpertPlacement.from_rank_lists([[1, 0, 2, 3, 4, 5, 6, 7]]))
     with pytest.raises(RuntimeError, match=r"expert_ids: the state_dict's slots hold experts \[0, 1, 2"):
         other.load_state_dict(saved)
-    older = {n: t for n, t in saved.items() if n != "expert_ids"}  # saved before expert_ids: taken as the layer's
+    older = {n: t for n, t in saved.items() if n != "expert_ids"}  # saved before expert_ids: one order it can hold
     same = MoELayer(cfg)
     same.load_state_dict(older)
     assert torch.equal(same.w_in, saved["w_in"])
+
+
+def test_a_state_dict_without_expert_ids_is_taken_only_where_the_slots_can_hold_one_order():
+    """A checkpoint from before expert_ids: at one rank with every expert in order, its slots are the
+    layer's; with another placement its experts' order is unknown and it is refused, saying how to
+    mark it; entries without experts (a router alone) load anywhere."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    older = {n: t for n, t in MoELayer(cfg, seed=1).state_dict().items() if n != "expert_ids"}
+    other = MoELayer(cfg, placement=ExpertPlacement.from_rank_lists([[1, 0, 2, 3, 4, 5, 6, 7]]))
+    with pytest.raises(RuntimeError, match=r"expert_ids is missing beside expert weights.*placed_experts"):
+        other.load_state_dict(dict(older))
+    other.load_state_dict({"router_weight": older["router_weight"]}, strict=False)
+    assert torch.equal(other.router_weight, older["router_weight"])
+    other.load_state_dict({**older, "expert_ids": torch.tensor(other.placed_experts)})  # marked, as the error says
+    assert torch.equal(other.w_in, older["w_in"])
+
+
+def loaded_without_expert_ids(rank, world, seed):
+    """Rank 1 loads rank 0's state_dict without its expert_ids -> the error, or None."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=seed)
+    saved = [{n: t for n, t in layer.state_dict().items() if n != "expert_ids"}]
+    torch.distributed.broadcast_object_list(saved, src=0)
+    try:
+        layer.load_state_dict(saved[0])
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def test_another_rank_s_state_dict_without_expert_ids_is_refused(dist_pools):
+    """It loaded rank 0's experts into rank 1's slots, silently. Rank 0 refuses too: nothing in the
+    state_dict says which rank saved it."""
+    said = dist_pools(2).run(loaded_without_expert_ids, fresh_seed())
+    assert all(f"rank {r} of 2, whose placement puts {[4 * r + i for i in range(4)]} there" in said[r]
+               for r in range(2)), said
+
+
+@pytest.mark.parametrize("entry, value, message", [
+    ("w_in", lambda t: t.long(), "w_in: expected a floating-point tensor, got torch.int64"),
+    ("router_weight", lambda t: t > 0, "router_weight: expected a floating-point tensor, got torch.bool"),
+    ("gate_up_pairs", lambda t: torch.tensor(0.5), r"gate_up_pairs: expected an integer tensor of shape \(\)"),
+    ("expert_ids", lambda t: t.float(), r"expert_ids: expected an integer tensor of shape \(8,\)")])
+def test_a_state_dict_entry_of_another_kind_is_refused_not_cast(entry, value, message):
+    """load_state_dict's copy would truncate an int weight (0.999 off) or a 0.5 layout marker (read as
+    0: halves), silently."""
+    cfg = MoEConfig(**SMALL, top_k=2, activation="swiglu")
+    saved = MoELayer(cfg, seed=1).state_dict()
+    saved[entry] = value(saved[entry])
+    layer = MoELayer(cfg)
+    before = {n: t.clone() for n, t in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match=message):
+        layer.load_state_dict(saved)
+    assert all(torch.equal(t, before[n]) for n, t in layer.state_dict().items())
+
+
+def test_a_process_group_must_be_one():
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup or None"):
+        MoELayer(MoEConfig(**SMALL, top_k=2), process_group="x")
+
+
+@pytest.mark.parametrize("dst", [0.5, True, "0", -1, 1])
+def test_full_weight_dict_refuses_a_dst_that_is_no_rank(dst):
+    """dst=0.5 gave every rank {} (no rank equals 0.5), silently; True was taken as rank 1."""
+    with pytest.raises(ValueError, match=r"a global rank \(an int\), 0..0, or None"):
+        MoELayer(MoEConfig(**SMALL, top_k=2)).full_weight_dict(dst=dst)
 
 
 def test_load_full_weights_refuses_non_float_weights_and_changes_nothing_then():
