@@ -182,13 +182,15 @@ def forwards_on_two_streams_then_backwards(inputs: Inputs, seed: int, steps: int
     losses = []
     for i, (x, dy) in enumerate(zip(xs, dys)):
         with torch.cuda.stream(streams[i % 2]):
-            # the copies of the last forward's saved tensors come late on this stream: a backward on the
-            # other stream that did not wait for them would read them unwritten
+            # the copies of the last forward's saved tensors come late on this stream: that forward's
+            # backward, issued next on the other stream, would read them unwritten if it did not wait
             torch.cuda._sleep(50_000_000)
             losses.append((layer(x) * dy).sum())
-    for i, loss in enumerate(losses):  # each backward runs on its forward's stream
-        with torch.cuda.stream(streams[i % 2]):
-            loss.backward()
+        if i:
+            with torch.cuda.stream(streams[(i - 1) % 2]):  # each backward on its forward's stream
+                losses[i - 1].backward()
+    with torch.cuda.stream(streams[(steps - 1) % 2]):
+        losses[-1].backward()
     for s in streams:
         torch.cuda.current_stream().wait_stream(s)
     layer.synchronize()
