@@ -104,7 +104,24 @@ def parse_args(argv=None):
                    "git-ignored: results are committed under bench/results/ on purpose); the plot "
                    "goes beside it")
     p.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # internal: the symm_mem child
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.preset or ()) - set(PRESETS))
+    if unknown:
+        p.error(f"--preset {' '.join(unknown)}: not a preset; choose from {sorted(PRESETS)}")
+    for flag, values, least in (("--tokens", args.tokens, 1), ("--iters", [args.iters], 1),
+                                ("--input-sets", [args.input_sets], 1), ("--random", [args.random], 0),
+                                ("--custom", args.custom, 1), ("--energy-seconds", [args.energy_seconds], 0)):
+        bad = [v for v in values or () if v is not None and not v >= least]
+        if bad:
+            p.error(f"{flag} {bad[0]}: expected at least {least}")
+    if args.preset == [] and not (args.custom or args.random):
+        p.error("--preset without a preset needs --custom or --random (the shapes to benchmark)")
+    needs = [f for f, on in (("--frozen-experts", args.frozen_experts), ("--backwards", args.backwards)) if on]
+    if needs and not args.fwd_bwd:
+        p.error(f"{' and '.join(needs)} time training steps: add --fwd-bwd")
+    if args.user_graph and not set(args.backends) & set(FLASH):
+        p.error(f"--user-graph times backend flash in a caller's CUDA graph: add one of {sorted(FLASH)} to --backends")
+    return args
 
 
 def setup_distributed(heap_bytes: int | None) -> tuple[int, int, torch.device]:

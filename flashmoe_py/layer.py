@@ -487,7 +487,7 @@ class MoELayer(nn.Module):
         `expert_ids` (which expert each of this rank's slots holds) must match the layer's
         placement where the state_dict has it."""
         marker, ids = prefix + STATE_DICT_MARKER, prefix + "expert_ids"
-        problem = self._state_dict_problem(state_dict, prefix)
+        problem = self._state_dict_problem(state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
         if problem:
             error_msgs.append(problem)
             return
@@ -523,14 +523,19 @@ class MoELayer(nn.Module):
         if drift:
             error_msgs.append(f"after loading {prefix or 'the layer'}: {drift}")
 
-    def _state_dict_problem(self, state_dict, prefix: str) -> str | None:
+    def _state_dict_problem(self, state_dict, prefix: str, assign: bool) -> str | None:
         """What load_state_dict cannot take from state_dict's entries for this layer (a weight
-        that is not floating point, whose copy would truncate it; a gate/up marker or expert_ids
-        that are not integer tensors), or None."""
+        that is not floating point, whose copy would truncate it, or with assign=True not in the
+        layer's dtype and on its device, which would be assigned before any later check; a gate/up
+        marker or expert_ids that are not integer tensors), or None."""
         for name in WEIGHTS + OPTIONAL_WEIGHTS:
             t = state_dict.get(prefix + name)
             if t is not None and not (torch.is_tensor(t) and t.is_floating_point()):
                 return f"{prefix + name}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
+            want = self.config.weight_dtype(name)
+            if t is not None and assign and (t.dtype != want or t.device != self.device):
+                return (f"{prefix + name} is {t.dtype} on {t.device}; load_state_dict(assign=True) would make it the "
+                        f"layer's, whose is {want} on {self.device}: convert it first, or load without assign")
         for name, shape in ((STATE_DICT_MARKER, ()), ("expert_ids", (self.local_experts,))):
             t = state_dict.get(prefix + name)
             if t is not None and not (torch.is_tensor(t) and not t.is_floating_point() and t.dtype != torch.bool

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import is_int
+
 POLICIES = ("contiguous", "round_robin", "load_balanced")
 
 # why a layer's expert_ids buffer no longer names the experts its placement puts on its rank
@@ -69,6 +71,8 @@ class ExpertPlacement:
 
     def experts_on(self, rank: int) -> list[int]:
         """Global expert ids held by `rank`, in local-slot order."""
+        if not (is_int(rank) and 0 <= rank < self.world_size):
+            raise ValueError(f"rank={rank!r}: expected a rank of this placement, 0..{self.world_size - 1}")
         held = sorted((s, e) for e, (r, s) in enumerate(zip(self.rank_of, self.slot_of))
                       if r == rank)
         return [e for _, e in held]
@@ -82,6 +86,8 @@ class ExpertPlacement:
     def rank_loads(self, expert_load) -> list[float]:
         """Sum of `expert_load` ([num_experts]) over the experts each rank holds."""
         load = [float(v) for v in expert_load]
+        if len(load) != self.num_experts:
+            raise ValueError(f"expert_load has {len(load)} values; expected one per expert ({self.num_experts})")
         totals = [0.0] * self.world_size
         for e, r in enumerate(self.rank_of):
             totals[r] += load[e]

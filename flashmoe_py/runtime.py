@@ -10,6 +10,7 @@ a machine with neither."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -342,10 +343,18 @@ def _set_heap_size(needed: int) -> None:
 
 
 def _parse_size(text: str) -> int:
-    """NVSHMEM size syntax: a number with an optional K/M/G/T suffix (powers of 1024)."""
-    text = text.strip().upper().rstrip("B")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
+    """NVSHMEM_SYMMETRIC_SIZE's syntax: a number with an optional K/M/G/T suffix (powers of 1024)
+    -> bytes (ValueError naming the variable where text is none)."""
+    digits = text.strip().upper().rstrip("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(digits[-1:], 1)
+    try:
+        size = float(digits[:-1] if scale > 1 else digits) * scale
+    except ValueError:
+        size = math.nan
+    if not (math.isfinite(size) and size > 0):
+        raise ValueError(f"NVSHMEM_SYMMETRIC_SIZE={text!r}: expected a positive size in bytes, a number with an "
+                         "optional K, M, G or T suffix (powers of 1024), e.g. 2G")
+    return int(size)
 
 
 def _init_process_group(info: LaunchInfo, device: torch.device) -> None:

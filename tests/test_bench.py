@@ -132,6 +132,24 @@ def test_the_fused_backends_on_a_cpu_say_they_need_gpus(backend):
         _bench_layer_module().main(["--backends", "torch", backend])
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--tokens", "16", "0"], "--tokens 0: expected at least 1"),
+    (["--iters", "0"], "--iters 0: expected at least 1"),
+    (["--input-sets", "0"], "--input-sets 0: expected at least 1"),
+    (["--random", "-2"], "--random -2: expected at least 0"),
+    (["--energy-seconds", "nan"], "--energy-seconds nan: expected at least 0"),
+    (["--preset", "bogus"], "--preset bogus: not a preset"),
+    (["--preset"], "--preset without a preset needs --custom or --random"),
+    (["--frozen-experts"], "--frozen-experts time training steps: add --fwd-bwd"),
+    (["--user-graph"], "--user-graph times backend flash")])
+def test_the_benchmark_refuses_flags_that_would_time_nothing_or_fail_later(argv, said, capsys):
+    """--tokens 0 wrote a FAILED row and exited 0, --iters 0 took the default, --frozen-experts
+    without --fwd-bwd added no rows, --preset bogus was a KeyError: each is a usage error now."""
+    with pytest.raises(SystemExit):
+        _bench_layer_module().parse_args(argv)
+    assert said in capsys.readouterr().err
+
+
 def test_random_shapes_are_drawn_within_the_issue_s_ranges_and_repeat_by_seed():
     layer = _bench_layer_module()
     shapes = layer.random_shapes(40, seed=3, dtype="bfloat16")

@@ -674,6 +674,18 @@ def test_a_state_dict_entry_of_another_kind_is_refused_not_cast(entry, value, me
     assert all(torch.equal(t, before[n]) for n, t in layer.state_dict().items())
 
 
+def test_an_assigned_state_dict_of_another_dtype_is_refused_before_anything_is_assigned():
+    """load_state_dict(assign=True) raised after making a float64 w_in the layer's: its forwards then
+    failed deep in torch, naming no weight."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    saved = layer.state_dict()
+    with pytest.raises(RuntimeError, match=r"w_in is torch.float64 on cpu; load_state_dict\(assign=True\)"):
+        layer.load_state_dict({**saved, "w_in": saved["w_in"].double()}, assign=True)
+    assert layer.w_in.dtype == torch.float32
+    layer.load_state_dict({**saved, "w_in": saved["w_in"].double()})  # copied in: cast, as torch does
+    assert layer.w_in.dtype == torch.float32
+
+
 def test_a_process_group_must_be_one():
     with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup or None"):
         MoELayer(MoEConfig(**SMALL, top_k=2), process_group="x")

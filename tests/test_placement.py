@@ -23,6 +23,14 @@ def test_every_expert_placed_exactly_once(E, W, policy):
     assert ExpertPlacement.from_json(p.to_json()) == p
 
 
+@pytest.mark.parametrize("ask", [lambda p: p.experts_on(4), lambda p: p.experts_on(-1), lambda p: p.experts_on(1.0),
+                                 lambda p: p.rank_loads([1.0] * 9)])
+def test_a_rank_or_a_load_list_that_is_not_this_placement_s_is_refused(ask):
+    """experts_on(4) of 4 ranks was [] and rank_loads ignored loads past the experts, silently."""
+    with pytest.raises(ValueError, match="expected"):
+        ask(ExpertPlacement.contiguous(8, 4))
+
+
 def test_contiguous_and_round_robin_layouts():
     assert ExpertPlacement.contiguous(8, 4).experts_on(1) == [2, 3]
     assert ExpertPlacement.round_robin(8, 4).experts_on(1) == [1, 5]

@@ -103,6 +103,13 @@ def test_parse_size():
     assert _parse_size("2G") == 2 << 30 and _parse_size("512M") == 512 << 20 and _parse_size("100") == 100
 
 
+@pytest.mark.parametrize("text", ["garbage", "", "1GiB", "-2G", "0", "nanG"])
+def test_a_heap_size_that_is_no_size_names_its_variable(text):
+    """'could not convert string to float' named nothing, and -2G was taken as a negative capacity."""
+    with pytest.raises(ValueError, match=r"NVSHMEM_SYMMETRIC_SIZE=.*expected a positive size"):
+        _parse_size(text)
+
+
 def test_fused_backend_unavailable_on_cpu_says_why():
     reason = fused_unavailable_reason()
     assert reason and ("CUDA" in reason or "nvshmem4py" in reason)
