@@ -126,23 +126,33 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
     cfg = layer.config
     assert x.grad is None and all(p.grad is None for p in layer.parameters()), "gradients left from a step before"
     (layer(x) * dy).sum().backward()
-    full = layer.full_weight_dict()
+    # the full weights on the host (a second copy of the experts would not fit beside the layer and
+    # its gradients: deepseek_v3 on an 80 GB GPU), each expert's moved to x's device when it is taken
+    full = layer.full_weight_dict(device="cpu")
     got = {n: p.grad for n, p in layer.named_parameters()}
-    if cfg.gated:
-        got |= {n: to_halves(got[n]) for n in GATE_UP_WEIGHTS if got.get(n) is not None}
     norms = {n: [0.0, 0.0] for n in ["x", *got] if n == "x" or got[n] is not None}  # [|got - want|^2, |want|^2]
+
+    def halves(name: str, g: torch.Tensor) -> torch.Tensor:  # a gradient in the reference's layout
+        return to_halves(g) if cfg.gated and name in GATE_UP_WEIGHTS else g
 
     def add(name: str, g: torch.Tensor | None, want: torch.Tensor) -> None:
         if name not in norms:  # a frozen parameter's: none to compare
             return
+        g = halves(name, g)
         norms[name][0] += float((g.double() - want.double()).square().sum())
         norms[name][1] += float(want.double().square().sum())
 
+    def take(name: str, index=None) -> torch.Tensor:
+        t = full[name] if index is None else full[name][index]
+        return t.to(x.device, dtype).requires_grad_()
+
     xr = x.detach().to(dtype).requires_grad_()
-    router = {n: full[n].to(dtype).requires_grad_() for n in ("router_weight", "router_bias") if n in full}
+    router = {n: take(n) for n in ("router_weight", "router_bias") if n in full}
+    correction = full.get("e_score_correction_bias")
     weights, experts, kept = reference_routing(xr, router["router_weight"], cfg, dtype,
                                                router_bias=router.get("router_bias"),
-                                               e_score_correction_bias=full.get("e_score_correction_bias"))
+                                               e_score_correction_bias=None if correction is None
+                                               else correction.to(x.device))
     chosen, otherwise = routed_otherwise(layer, x, experts)
     if report is not None:
         report["tokens_routed_otherwise"] = int(otherwise.sum())
@@ -156,7 +166,7 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
     slot = {e: i for i, e in enumerate(layer.placement.experts_on(layer.rank))}
     for e in range(cfg.num_experts):
         token, k = torch.nonzero((experts == e) & kept, as_tuple=True)
-        leaves = {n: full[n][e].to(dtype).requires_grad_() for n in expert_names}
+        leaves = {n: take(n, e) for n in expert_names}
         rows, w = xd[token].requires_grad_(), weights[token, k].detach().unsqueeze(1).requires_grad_()
         biases = (leaves.get("b_in"), leaves.get("b_out"))
         if cfg.weight_on_input:
@@ -178,7 +188,7 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
     for n, g in zip(router, router_grads[1:]):
         add(n, got[n], g)
     if cfg.shared_experts:
-        shared = {n: full[n].to(dtype).requires_grad_() for n in full if n.startswith("shared_")}
+        shared = {n: take(n) for n in full if n.startswith("shared_")}
         xs = xd.clone().requires_grad_()
         y = ffn(xs, shared["shared_w_in"], shared["shared_w_out"], cfg)
         if cfg.shared_expert_gate:
