@@ -298,8 +298,9 @@ class MoELayer(nn.Module):
             raise ValueError(f"gate_up_layout={gate_up_layout!r} needs a gated activation; "
                              f"activation={self.config.activation!r} has no gate")
         for name, t in given.items():
-            if t is not None and (not t.is_floating_point() or t.device.type == "meta"):
-                raise ValueError(f"{name} must be a real floating-point tensor with data, got {t.dtype} on {t.device}")
+            if t is not None and (not t.is_floating_point() or t.device.type == "meta" or t.layout != torch.strided):
+                raise ValueError(f"{name} must be a dense real floating-point tensor with data, got {t.dtype} "
+                                 f"({t.layout}) on {t.device}")
 
     def full_weight_dict(self, gate_up_layout: str = "halves", *, device: torch.device | str | None = None,
                          dst: int | None = None) -> dict[str, torch.Tensor]:
@@ -389,6 +390,8 @@ class MoELayer(nn.Module):
         cfg = self.config
         if not isinstance(x, torch.Tensor):
             return ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided:
+            return ValueError(f"x is a {x.layout} tensor; the layer takes a dense (strided) one")
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
             return ValueError(f"x has shape {tuple(x.shape)}; expected [tokens, {cfg.hidden_size}] or "
                               f"[batch, seq, {cfg.hidden_size}] (hidden_size={cfg.hidden_size})")

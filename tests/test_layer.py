@@ -686,6 +686,12 @@ def test_an_assigned_state_dict_of_another_dtype_is_refused_before_anything_is_a
     assert layer.w_in.dtype == torch.float32
 
 
+def test_a_sparse_input_is_refused_naming_x():
+    """It failed in torch's reshape ("not implemented"), naming no argument."""
+    with pytest.raises(ValueError, match="x is a torch.sparse_coo tensor"):
+        MoELayer(MoEConfig(**SMALL, top_k=2))(torch.randn(4, SMALL["hidden_size"]).to_sparse())
+
+
 def test_a_process_group_must_be_one():
     with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup or None"):
         MoELayer(MoEConfig(**SMALL, top_k=2), process_group="x")
@@ -703,9 +709,9 @@ def test_load_full_weights_refuses_non_float_weights_and_changes_nothing_then():
     before = {n: p.clone() for n, p in layer.named_parameters()}
     new = MoELayer(MoEConfig(**SMALL, top_k=2), seed=5).full_weight_dict()
     for bad in ({"router_weight": new["router_weight"] > 0}, {"w_in": new["w_in"].to(torch.complex64)},
-                {"w_out": new["w_out"].to("meta")}):
+                {"w_out": new["w_out"].to("meta")}, {"w_out": new["w_out"].to_sparse()}):
         name, t = next(iter(bad.items()))
-        with pytest.raises(ValueError, match=f"{name} must be a real floating-point tensor with data"):
+        with pytest.raises(ValueError, match=f"{name} must be a dense real floating-point tensor with data"):
             layer.load_full_weights(**{**{k: new[k] for k in ("router_weight", "w_in", "w_out")}, **bad})
         assert all(torch.equal(p, before[n]) for n, p in layer.named_parameters())
 
