@@ -59,8 +59,10 @@ class MoELayer(nn.Module):
       shared_w_out:  [F_s, H]
       shared_gate_weight: [1, H]       shared_expert_gate=True
     Weights are drawn from `seed` per global expert, so a layer is the same function at any world
-    size; replicated weights (router, shared experts) must be identical on every rank, which
-    construction and load_full_weights check (ConsistencyError).
+    size (seed None, the default: one drawn from torch's default generator, rank 0's on every rank,
+    so torch.manual_seed decides it and two layers differ, as other modules' weights); replicated
+    weights (router, shared experts) must be identical on every rank, which construction and
+    load_full_weights check (ConsistencyError).
 
     forward(x): x [tokens, H] or [batch, seq, H] in config.dtype on the layer's device; returns the
     same shape and dtype. After each forward, `last_stats` holds this rank's MoEStats.
@@ -90,9 +92,10 @@ class MoELayer(nn.Module):
     FusedKernelError). `transport` (flash only): "p2p" (stores
     through NVLink peer mappings; default, one node) or "nvshmem" (NVSHMEM device-API puts and
     signals; reaches any PE NVSHMEM can, e.g. other nodes). With `cuda_graphs` (default), the fused
-    forward is replayed from a CUDA graph per token count after its first call at that count: it
-    reads the current weights (in place), so replace weights with copy_ (gated w_in, b_in and
-    shared_w_in in the layer's pairs) or load_full_weights (any layout), not new tensors.
+    forward is replayed from a CUDA graph per token count after its first call at that count (the 8
+    latest counts keep theirs): it reads the weights where they are, so update them in place (copy_;
+    gated w_in, b_in and shared_w_in in the layer's pairs) or with load_full_weights (any layout); a
+    weight replaced by a new tensor drops the graphs, which are captured again.
     `launch_override` (flash only, for tuning): launch settings fixed instead of chosen per call
     (kernels/launch_config.py). All of these and `backward` are options.FusedOptions, compared
     across ranks.
@@ -101,7 +104,7 @@ class MoELayer(nn.Module):
     expert_grad_divisor: int = 1  # data_parallel.prepare_ddp / prepare_fsdp set the world size
 
     def __init__(self, config: MoEConfig, *, placement: ExpertPlacement | None = None,
-                 process_group=None, backend: str = "torch", device=None, seed: int = 0,
+                 process_group=None, backend: str = "torch", device=None, seed: int | None = None,
                  max_tokens_per_rank: int | None = None, timeout_s: float = 10.0,
                  cuda_graphs: bool = True, transport: str = "p2p", launch_override: dict | None = None,
                  backward: str | None = None):
@@ -152,9 +155,9 @@ class MoELayer(nn.Module):
         """What is wrong with the constructor arguments on this rank, or None."""
         if not isinstance(config, MoEConfig):
             return f"config must be a MoEConfig, got {type(config).__name__}"
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            return f"seed must be a non-negative int, got {seed!r}"
-        if seed + config.num_experts >= 2**64:
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            return f"seed must be a non-negative int or None, got {seed!r}"
+        if seed is not None and seed + config.num_experts >= 2**64:
             return (f"seed={seed} is too large: expert e's weights are drawn from seed + 1 + e, which must stay "
                     f"below 2**64 (num_experts={config.num_experts})")
         if placement is not None and not isinstance(placement, ExpertPlacement):
@@ -228,11 +231,16 @@ class MoELayer(nn.Module):
                 self.register_parameter(name, None if t is None else nn.Parameter(t))
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int = 0) -> None:
+    def reset_parameters(self, seed: int | None = None) -> None:
         """Replicated weights (router, correction bias, shared experts) from `seed`, drawn in
         weight_shapes order; expert e's weights (w_in, w_out, b_in, b_out) from `seed + 1 + e`
         (independent of placement). Each is N(0, 1 / fan_in), biases included, so a fresh layer
-        exercises every path. Collective when world_size > 1 (replicas compared: ConsistencyError)."""
+        exercises every path. seed None: drawn from torch's default generator, rank 0's taken on
+        every rank. Collective when world_size > 1 (replicas compared: ConsistencyError)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+            if self.world_size > 1:
+                seed = from_every_rank(seed, self.process_group)[0]
         cfg = self.config
         H, F = cfg.hidden_size, cfg.ffn_size
         fan_in = {"router_weight": H, "router_bias": H, "e_score_correction_bias": H, "w_in": H, "b_in": H,

@@ -716,7 +716,27 @@ def test_load_full_weights_refuses_non_float_weights_and_changes_nothing_then():
         assert all(torch.equal(p, before[n]) for n, p in layer.named_parameters())
 
 
-@pytest.mark.parametrize("seed", [None, 1.5, True, -1])
+def default_seeded_weights(rank, world, torch_seed):
+    """Two layers built without a seed after torch.manual_seed(torch_seed + rank) -> their router
+    weights (replicated) and this rank's first expert's w_in."""
+    torch.manual_seed(torch_seed + rank)  # the ranks' generators differ: rank 0's draw is taken
+    layers = [MoELayer(MoEConfig(**SMALL, top_k=2)) for _ in range(2)]
+    return [(layer.router_weight.tolist(), layer.w_in[0].tolist()) for layer in layers]
+
+
+def test_layers_built_without_a_seed_differ_and_follow_torch_s_seed(dist_pools):
+    """With seed=0 by default, every layer of a model built from scratch had the same weights, and
+    torch.manual_seed changed nothing."""
+    seed = fresh_seed()
+    (a, b), = dist_pools(1).run(default_seeded_weights, seed)
+    assert a[0] != b[0] and a[1] != b[1]
+    (again, _), = dist_pools(1).run(default_seeded_weights, seed)
+    assert again == a
+    (r0, _), (r1, _) = dist_pools(2).run(default_seeded_weights, seed)  # one function at any world size
+    assert r0 == a and r1[0] == a[0] and r1[1] != a[1]  # rank 1's first expert is expert 4
+
+
+@pytest.mark.parametrize("seed", [1.5, True, -1, "0"])
 def test_seed_must_be_a_non_negative_int(seed):
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         MoELayer(MoEConfig(**SMALL, top_k=2), seed=seed)
