@@ -50,6 +50,16 @@ def as_int(value):
     return int(value) if is_int(value) else value
 
 
+def as_number(value):
+    """value as a plain int or float where it is a real number (numpy's too, not a bool), else as
+    it is (for the caller's check to refuse): np.float32(1.0) is taken as np.float64's is."""
+    if is_int(value):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 INT_FIELDS = ("hidden_size", "ffn_size", "num_experts", "top_k", "n_group", "topk_group", "shared_experts",
               "shared_ffn_size")
 
@@ -145,6 +155,8 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for field in INT_FIELDS:
             object.__setattr__(self, field, as_int(getattr(self, field)))
+        for field in ("capacity_factor", "routed_scaling_factor", "swiglu_alpha", "swiglu_limit"):
+            object.__setattr__(self, field, as_number(getattr(self, field)))
         for field in ("hidden_size", "ffn_size", "num_experts", "top_k"):
             value = getattr(self, field)
             if not is_int(value) or value < 1:

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .config import as_int, is_int
+from .config import as_int, as_number, is_int
 
 TRANSPORTS = ("p2p", "nvshmem")
 BACKWARDS = ("autograd", "saved", "recompute")
@@ -40,7 +40,7 @@ class FusedOptions:
         if mt is not None and (not is_int(mt) or mt < 1):
             raise ValueError(f"max_tokens_per_rank must be a positive int (it sizes the symmetric heap) "
                              f"or None; got {mt!r}")
-        t = self.timeout_s
+        object.__setattr__(self, "timeout_s", t := as_number(self.timeout_s))
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
             raise ValueError(f"timeout_s must be a positive, finite number of seconds; got {t!r}")
         if not isinstance(self.cuda_graphs, bool):

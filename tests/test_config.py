@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flashmoe_py import PRESETS, ConfigError, MoEConfig, preset
+from flashmoe_py.options import FusedOptions
 
 GOOD = dict(hidden_size=64, ffn_size=128, num_experts=8, top_k=2)
 
@@ -174,6 +175,17 @@ def test_presets_carry_the_models_routing():
         "topk_sigmoid", 1, True, False, 8192)
     nxt = preset("qwen3_next")
     assert (nxt.num_experts, nxt.top_k, nxt.shared_width, nxt.shared_expert_gate) == (512, 10, 512, True)
+
+
+@pytest.mark.parametrize("real", [np.float32, np.float64])
+def test_numpy_floats_are_taken_as_the_floats_they_are(real):
+    """np.float32 was refused ("must be a finite number") where np.float64 was taken, and stored as
+    np.float64; both are plain floats now (to_dict stays JSON, the ranks compare plain values)."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, capacity_factor=real(1.5),
+                    routed_scaling_factor=real(2.5))
+    assert type(cfg.capacity_factor) is float and cfg.capacity_factor == 1.5 and cfg.routed_scaling_factor == 2.5
+    json.dumps(cfg.to_dict())
+    assert type(FusedOptions(timeout_s=real(3.0)).timeout_s) is float
 
 
 def test_numpy_integers_are_taken_as_the_ints_they_are():
