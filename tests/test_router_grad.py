@@ -89,6 +89,18 @@ def test_runs_beyond_the_partial_sum_s_depth_are_launched_in_turn(monkeypatch):
     assert rel_err(got, d_logits.double().t() @ x.double()) <= TOL
 
 
+def test_launches_of_one_run_each_do_not_sum_into_the_buffer_they_reuse(monkeypatch):
+    """With one run a launch, the first launch's sum is partials[0], which the next launch writes
+    again: the output was that last part twice (0.997 off)."""
+    monkeypatch.setattr(router_grad, "MAX_RUN_TOKENS", BLOCK_TOKENS)
+    monkeypatch.setattr(router_grad, "MAX_PARTIALS", 1)
+    T, E, H = 200, 16, 128
+    gen = torch.Generator().manual_seed(fresh_seed())
+    d_logits, x = torch.randn(T, E, generator=gen), torch.randn(T, H, generator=gen)
+    got = router_weight_grad(d_logits.to(DEVICE), x.to(DEVICE)).cpu()
+    assert rel_err(got, d_logits.double().t() @ x.double()) <= TOL
+
+
 def test_no_tokens_give_exact_zeros():
     got = router_weight_grad(torch.zeros(0, 7), torch.zeros(0, 33, dtype=torch.bfloat16))
     assert got.dtype == torch.float32 and got.shape == (7, 33) and torch.equal(got, torch.zeros(7, 33))

@@ -106,6 +106,8 @@ def test_non_finite_tokens_get_k_distinct_experts_with_nan_weights(dtype):
     (lambda x, w: router_topk(x, w, 2, True, block_t=24), "block_t=24"),
     (lambda x, w: router_topk(x, w, 2, True, logits_out=torch.empty(8, 15, device=x.device)), "logits_out"),
     (lambda x, w: router_topk(x, w, 2, True, logits_out=torch.empty(8, 16, device=x.device).half()), "logits_out"),
+    (lambda x, w: router_topk(x, w, 2, True, routing="sigmoid_grouped", n_group=16, topk_group=4,  # one an expert:
+                              correction_bias=torch.zeros(16, device=x.device)), "at least 2 experts a group"),
 ])
 def test_router_rejects_bad_arguments_by_name(bad, match):
     x, w = torch.randn(8, 64, device=DEVICE), torch.randn(16, 64, device=DEVICE)

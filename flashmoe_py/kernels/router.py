@@ -204,10 +204,11 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
         raise ValueError(f"routing={routing!r}: expected one of {sorted(ROUTINGS)}")
     grouped = routing == "sigmoid_grouped"
     if grouped and (correction_bias is None or E % n_group or not 1 <= topk_group <= n_group
-                    or topk_group * (E // n_group) < top_k):
+                    or topk_group * (E // n_group) < top_k or (n_group > 1 and E // n_group < 2)):
         raise ValueError(f"routing='sigmoid_grouped': expected correction_bias [E] and n_group dividing E={E} "
-                         f"with 1 <= topk_group <= n_group and top_k <= topk_group * E / n_group; got "
-                         f"n_group={n_group}, topk_group={topk_group}")
+                         f"with 1 <= topk_group <= n_group, top_k <= topk_group * E / n_group and, with groups, "
+                         f"at least 2 experts a group (a group scores its two best); got n_group={n_group}, "
+                         f"topk_group={topk_group}")
     for name, t in (("router_bias", router_bias), ("correction_bias", correction_bias)):
         if t is not None and (tuple(t.shape) != (E,) or t.device != x.device):
             raise ValueError(f"{name}: expected [{E}] on {x.device}, got {tuple(t.shape)} on {t.device}")

@@ -105,5 +105,8 @@ def router_weight_grad(d_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             d_logits[first:], x[first:], partials, n, E, H, RUN=RUN, **dot_modes(x.dtype, x.is_cuda), BE=BE,
             BH=BLOCK_COLS, BT=BLOCK_TOKENS, num_warps=4)
         part = partials[0] if launch_runs == 1 else partials[:launch_runs].sum(0)
-        out = part if out is None else out.add_(part)
+        if out is None:  # partials[0] is a view of what the next launch, if any, writes again
+            out = part if first + n >= T or launch_runs > 1 else part.clone()
+        else:
+            out.add_(part)
     return out
