@@ -12,6 +12,9 @@ experts."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -20,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from .config import EXPERT_WEIGHTS, is_positive_number
+from .config import EXPERT_WEIGHTS
 from .layer import MoELayer
 from .wrappers import FSDP_IGNORED
 
@@ -109,6 +112,19 @@ def in_fsdp_class(model: nn.Module) -> bool:
             or any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()))
 
 
+def _positive_norm(max_norm) -> float:
+    """clip_grad_norm_'s max_norm as a float: a real number (numpy's, a one-element tensor) > 0, inf
+    included (nothing clipped); -1.0 or NaN, which torch's takes and scales every gradient by a
+    negative or NaN factor, silently, raise ValueError."""
+    real = (isinstance(max_norm, numbers.Real) and not isinstance(max_norm, bool)) or (
+        isinstance(max_norm, torch.Tensor) and max_norm.numel() == 1 and not max_norm.is_complex()
+        and max_norm.dtype != torch.bool)
+    value = float(max_norm) if real else math.nan
+    if not value > 0:
+        raise ValueError(f"clip_grad_norm_: max_norm={max_norm!r}; expected a number > 0 (inf: clip nothing)")
+    return value
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ for a model whose MoELayers hold each rank's own experts,
     trained data-parallel (its replicated gradients already equal on every rank, as after DDP's
@@ -121,8 +137,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         raise TypeError(f"clip_grad_norm_: model must be the nn.Module (it finds the MoELayers' experts in it), "
                         f"got {type(model).__name__}; call fm.clip_grad_norm_(model, max_norm), not with "
                         "model.parameters()")
-    if not is_positive_number(max_norm):  # torch's scales by a negative or NaN factor, silently
-        raise ValueError(f"clip_grad_norm_: max_norm={max_norm!r}; expected a positive, finite number")
+    max_norm = _positive_norm(max_norm)
     if norm_type not in (2.0, float("inf")):
         raise ValueError(f"clip_grad_norm_: norm_type={norm_type}; flashmoe_py's takes 2 or inf")
     if in_fsdp_class(model):

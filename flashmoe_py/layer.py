@@ -235,12 +235,18 @@ class MoELayer(nn.Module):
         """Replicated weights (router, correction bias, shared experts) from `seed`, drawn in
         weight_shapes order; expert e's weights (w_in, w_out, b_in, b_out) from `seed + 1 + e`
         (independent of placement). Each is N(0, 1 / fan_in), biases included, so a fresh layer
-        exercises every path. seed None: drawn from torch's default generator, rank 0's taken on
-        every rank. Collective when world_size > 1 (replicas compared: ConsistencyError)."""
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()))
-            if self.world_size > 1:
-                seed = from_every_rank(seed, self.process_group)[0]
+        exercises every path. seed None: drawn from torch's default (CPU) generator, rank 0's taken
+        on every rank. Collective when world_size > 1: the ranks' seeds are compared (None on every
+        rank or the same int), then the replicas (ConsistencyError on every rank)."""
+        drawn = int(torch.randint(0, 2**62, (), device="cpu")) if seed is None else None  # not a meta default
+        if self.world_size > 1:  # every rank gathers, whatever its seed: the same collectives everywhere
+            everyone = from_every_rank((seed, drawn), self.process_group)
+            seeds = [given for given, _ in everyone]
+            if any(given != seeds[0] for given in seeds):
+                raise ConsistencyError(f"reset_parameters: the ranks' seeds differ ({seeds}): pass the same int "
+                                       "on every rank, or None on every rank (rank 0's draw is taken)")
+            drawn = everyone[0][1]
+        seed = drawn if seed is None else seed
         cfg = self.config
         H, F = cfg.hidden_size, cfg.ffn_size
         fan_in = {"router_weight": H, "router_bias": H, "e_score_correction_bias": H, "w_in": H, "b_in": H,

@@ -635,8 +635,8 @@ def test_a_layer_built_under_the_meta_default_device_compiles():
     """torchtitan builds its model skeleton under `with torch.device("meta")`: the op's key, made
     on the default device, was a meta tensor, so the compiled op ran its fake (1.7e29 off the
     reference, no error). The layer's own tensors are on its device, the key on the CPU."""
-    with torch.device("meta"):
-        layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=fresh_seed(), device="cpu")
+    with torch.device("meta"):  # the default seed too: it is drawn on the CPU
+        layer = MoELayer(MoEConfig(**SMALL, top_k=2), device="cpu")
     x = torch.randn(16, SMALL["hidden_size"], requires_grad=True)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     y = compiled(x)

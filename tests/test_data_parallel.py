@@ -4,6 +4,7 @@ unprepared, the layer's forward refuses them."""
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -244,14 +245,27 @@ def test_clipping_is_collective_even_where_a_rank_has_no_gradients(dist_pools):
     assert total[0] > 0 and total[1] >= 0  # both ranks returned: nobody left in the all_reduce
 
 
-@pytest.mark.parametrize("max_norm", [-1.0, 0, float("nan"), float("inf"), "1.0"])
+@pytest.mark.parametrize("max_norm", [-1.0, 0, float("nan"), "1.0", True, torch.tensor([1.0, 2.0])])
 def test_clipping_refuses_a_max_norm_that_is_no_positive_number(max_norm):
     """torch's scales every gradient by a negative factor for -1.0 (their signs flipped) and by NaN
     for NaN, silently."""
     net = nn.Sequential(nn.Linear(4, 4))
     net(torch.randn(2, 4)).sum().backward()
-    with pytest.raises(ValueError, match="max_norm=.*expected a positive, finite number"):
+    with pytest.raises(ValueError, match=r"max_norm=.*expected a number > 0"):
         fm_clip(net, max_norm)
+
+
+@pytest.mark.parametrize("max_norm", [float("inf"), np.float32(0.5), torch.tensor(0.5)])
+def test_clipping_takes_any_positive_real_max_norm_as_torch_does(max_norm):
+    """inf (measure the norm, clip nothing), numpy's and a one-element tensor's, as torch's takes them."""
+    nets = [nn.Sequential(nn.Linear(4, 4)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets:
+        net(torch.ones(2, 4)).sum().backward()
+    total = fm_clip(nets[0], max_norm)
+    want = torch.nn.utils.clip_grad_norm_(nets[1].parameters(), max_norm)
+    assert torch.allclose(total, want) and all(torch.equal(a.grad, b.grad) for a, b in
+                                                zip(nets[0].parameters(), nets[1].parameters()))
 
 
 def test_clipping_refuses_parameters_in_place_of_the_model():

@@ -553,7 +553,7 @@ def test_rank_dependent_seed_raises_on_every_rank(dist_pools):
     out = dist_pools(2).run_all(build_with_rank_seed, MoEConfig(**SMALL, top_k=2).to_dict())
     for ok, err in out:
         assert not ok and err[0] == "ConsistencyError"
-        assert "after reset_parameters, the replicated weights differ: router_weight differs" in err[1]
+        assert "reset_parameters: the ranks' seeds differ ([0, 1])" in err[1]
 
 
 def load_rank_dependent(rank, world, cfg: dict, name):
@@ -734,6 +734,27 @@ def test_layers_built_without_a_seed_differ_and_follow_torch_s_seed(dist_pools):
     assert again == a
     (r0, _), (r1, _) = dist_pools(2).run(default_seeded_weights, seed)  # one function at any world size
     assert r0 == a and r1[0] == a[0] and r1[1] != a[1]  # rank 1's first expert is expert 4
+
+
+def seeds_differing(rank, world, how):
+    """Rank 0 without a seed, rank 1 with one (built so, or reset so) -> the error or None."""
+    try:
+        if how == "built":
+            MoELayer(MoEConfig(**SMALL, top_k=2), seed=None if rank == 0 else 5)
+        else:
+            layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+            layer.reset_parameters(None if rank == 0 else 5)
+    except ConsistencyError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("how", ["built", "reset"])
+def test_ranks_whose_seeds_differ_all_raise(dist_pools, how):
+    """A rank with seed None drew and gathered where one with an int did not: the next collectives
+    paired up wrongly (a TypeError on one rank, the other waiting until the group's timeout)."""
+    for said in dist_pools(2).run(seeds_differing, how):
+        assert said is not None and "the ranks' seeds differ ([None, 5])" in said, said
 
 
 @pytest.mark.parametrize("seed", [1.5, True, -1, "0"])
