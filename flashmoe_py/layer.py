@@ -549,10 +549,10 @@ class MoELayer(nn.Module):
             t = state_dict.get(prefix + name)
             if t is not None and not (torch.is_tensor(t) and t.is_floating_point()):
                 return f"{prefix + name}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
-            want = self.config.weight_dtype(name)
-            if t is not None and assign and (t.dtype != want or t.device != self.device):
+            want = self._home(name, t) if t is not None and assign else None
+            if want:
                 return (f"{prefix + name} is {t.dtype} on {t.device}; load_state_dict(assign=True) would make it the "
-                        f"layer's, whose is {want} on {self.device}: convert it first, or load without assign")
+                        f"layer's, whose is {want}: convert it first, or load without assign")
         for name, shape in ((STATE_DICT_MARKER, ()), ("expert_ids", (self.local_experts,))):
             t = state_dict.get(prefix + name)
             if t is not None and not (torch.is_tensor(t) and not t.is_floating_point() and t.dtype != torch.bool
@@ -565,12 +565,18 @@ class MoELayer(nn.Module):
         """(name, tensor) of the layer's own parameters and buffers (those it registers)."""
         return [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]
 
+    def _home(self, name: str, t: torch.Tensor) -> str | None:
+        """"<dtype> on <device>", where the layer keeps its tensor `name` and t is not (a weight: its
+        config's dtype; a buffer: t's own), else None."""
+        want = self.config.weight_dtype(name) if name in WEIGHTS + OPTIONAL_WEIGHTS else t.dtype
+        return None if t.dtype == want and t.device == self.device else f"{want} on {self.device}"
+
     def _drift(self) -> str | None:
         """Where a weight is no longer in the dtype and on the device the layer was built for, or None."""
         for name, t in self._own_tensors():
-            want = self.config.weight_dtype(name) if name in WEIGHTS + OPTIONAL_WEIGHTS else t.dtype
-            if t.dtype != want or t.device != self.device:
-                return (f"{name} is {t.dtype} on {t.device}, the layer's is {want} on {self.device}: a MoELayer "
+            want = self._home(name, t)
+            if want:
+                return (f"{name} is {t.dtype} on {t.device}, the layer's is {want}: a MoELayer "
                         "keeps its config's dtype and its device; build a new one there and load its weights")
         return None
 

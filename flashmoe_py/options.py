@@ -4,10 +4,9 @@ backend (so a bad value is refused wherever it is given) and compared across ran
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from .config import as_int, as_number, is_int
+from .config import as_int, as_number, is_int, is_positive_number
 
 TRANSPORTS = ("p2p", "nvshmem")
 BACKWARDS = ("autograd", "saved", "recompute")
@@ -41,7 +40,7 @@ class FusedOptions:
             raise ValueError(f"max_tokens_per_rank must be a positive int (it sizes the symmetric heap) "
                              f"or None; got {mt!r}")
         object.__setattr__(self, "timeout_s", t := as_number(self.timeout_s))
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+        if not is_positive_number(t):
             raise ValueError(f"timeout_s must be a positive, finite number of seconds; got {t!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be a bool; got {self.cuda_graphs!r}")
