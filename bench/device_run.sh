@@ -14,7 +14,8 @@
 # most); wgrad: the weight-gradient kernel's GPU tests, then bench/wgrad_probe.py against torch's
 # grouped products (WGRAD_PRESETS at WGRAD_TOKENS, uniform and skewed routing); ncuwgrad: ncu over
 # that probe's first NCU_COUNT weight-gradient launches (what bounds it: DRAM, L2, the tensor pipe);
-# sass: the compiled builds; host: the fused backend's host-side guarantees (tests/gpu/check_host_paths.py).
+# sass: the compiled builds; host: the fused backend's host-side guarantees (tests/gpu/check_host_paths.py);
+# trainingN: 200 training steps of a tiny model beside its float64 reference on N GPUs (tests/gpu/check_training.py).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -66,6 +67,7 @@ for step in "$@"; do
     random1) run random_w1 "${SWEEP_LIMIT:-300}" 1 bench/layer.py --preset --random "${RANDOM_SHAPES:-6}" \
               --backends ${SWEEP_BACKENDS:-flash triton_kernels torch} --tokens ${TOKENS:-128 2048 4096 16384} \
               --iters 20 --input-sets 2 ${BENCH_ARGS:-} --out "$OUT/random_w1.json" ;;
+    training*) n=${step#training}; run "training_w$n" 300 "$n" tests/gpu/check_training.py --out "$OUT/training_w$n.json" ;;
     backward*) n=${step#backward}; run "backward_w$n" 300 "$n" tests/gpu/check_backward.py ${PRESETS:+--presets} \
               --out "$OUT/backward_w$n.json" ;;
     cache) tar -cz -C ~/.triton cache | split -b 15m - "$OUT/triton_cache.tgz.part-" || fail=1  # files under 16 MB

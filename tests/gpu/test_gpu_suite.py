@@ -66,3 +66,8 @@ def test_killed_rank_is_a_bounded_error_and_survivors_exit():
 @pytest.mark.gpu
 def test_torch_backend_gradients_match_reference_on_all_gpus():
     assert torchrun("check_backward.py", timeout=300).returncode == 0
+
+
+@pytest.mark.gpu
+def test_a_tiny_model_trains_beside_its_float64_reference_on_all_gpus():
+    assert torchrun("check_training.py", timeout=600).returncode == 0
