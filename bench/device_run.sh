@@ -16,6 +16,8 @@
 # that probe's first NCU_COUNT weight-gradient launches (what bounds it: DRAM, L2, the tensor pipe);
 # sass: the compiled builds; host: the fused backend's host-side guarantees (tests/gpu/check_host_paths.py);
 # trainingN: 200 training steps of a tiny model beside its float64 reference on N GPUs (tests/gpu/check_training.py).
+# ranks: the fused kernel at worlds 2, 4 and 8 in one process on one GPU (tests/gpu/check_ranks_on_one_gpu.py;
+# RANKS_ARGS, e.g. "--worlds 2 --calls 3").
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -67,6 +69,9 @@ for step in "$@"; do
     random1) run random_w1 "${SWEEP_LIMIT:-300}" 1 bench/layer.py --preset --random "${RANDOM_SHAPES:-6}" \
               --backends ${SWEEP_BACKENDS:-flash triton_kernels torch} --tokens ${TOKENS:-128 2048 4096 16384} \
               --iters 20 --input-sets 2 ${BENCH_ARGS:-} --out "$OUT/random_w1.json" ;;
+    ranks*) echo "=== ranks on one GPU (one process: worlds 2, 4, 8)"
+              timeout -k 10 420 python3 tests/gpu/check_ranks_on_one_gpu.py ${RANKS_ARGS:-} --out "$OUT/ranks.json" \
+              > "$OUT/ranks.log" 2>&1; rc=$?; echo "=== ranks rc=$rc"; note_rc $rc; tail -n 12 "$OUT/ranks.log" ;;
     training*) n=${step#training}; run "training_w$n" 300 "$n" tests/gpu/check_training.py --out "$OUT/training_w$n.json" ;;
     backward*) n=${step#backward}; run "backward_w$n" 300 "$n" tests/gpu/check_backward.py ${PRESETS:+--presets} \
               --out "$OUT/backward_w$n.json" ;;

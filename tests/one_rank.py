@@ -29,6 +29,24 @@ def kernel_weights(weights: dict, cfg: MoEConfig, mine: slice) -> dict:
     return experts
 
 
+def draw_weights(cfg: MoEConfig, gen: torch.Generator, device) -> dict:
+    """Every weight of the full layer (reference_forward's names and layout), random and scaled by
+    fan-in (biases small, the correction bias in [0, 1/4)), drawn from gen on the CPU, on device
+    in the config's dtypes."""
+    def draw(name: str, shape) -> torch.Tensor:
+        if name == "e_score_correction_bias":
+            return (torch.rand(shape, generator=gen) / 4).to(device)
+        if name in ("router_weight", "shared_gate_weight"):
+            scale = shape[-1] ** -0.5  # [out, H]
+        elif name in ("w_in", "w_out", "shared_w_in", "shared_w_out"):
+            scale = shape[-2] ** -0.5  # [..., in, out]
+        else:  # biases
+            scale = 0.25
+        return (torch.randn(shape, generator=gen) * scale).to(device, cfg.weight_dtype(name))
+
+    return {name: draw(name, shape) for name, shape in cfg.weight_shapes().items()}
+
+
 class OneRank:
     """Rank 0 of `world` ranks where only rank 0 runs: its workspace, and full random weights."""
 
@@ -42,21 +60,9 @@ class OneRank:
         print(f"OneRank seed: {self.seed}")  # shown by pytest when a test fails: replay with it
         gen = torch.Generator().manual_seed(self.seed)
         self.gen = gen
-        self.weights = {name: self._draw(name, shape) for name, shape in cfg.weight_shapes().items()}
+        self.weights = draw_weights(cfg, gen, device)
         self.router, self.w_in, self.w_out = (self.weights[n] for n in ("router_weight", "w_in", "w_out"))
         self.positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions(device)
-
-    def _draw(self, name: str, shape) -> torch.Tensor:
-        """Random weights scaled by fan-in (biases small, the correction bias in [0, 1/4))."""
-        if name == "e_score_correction_bias":
-            return (torch.rand(shape, generator=self.gen) / 4).to(self.device)
-        if name in ("router_weight", "shared_gate_weight"):
-            scale = shape[-1] ** -0.5  # [out, H]
-        elif name in ("w_in", "w_out", "shared_w_in", "shared_w_out"):
-            scale = shape[-2] ** -0.5  # [..., in, out]
-        else:  # biases
-            scale = 0.25
-        return (torch.randn(shape, generator=self.gen) * scale).to(self.device, self.cfg.weight_dtype(name))
 
     def router_extras(self) -> dict:
         """The router's biases by reference_forward's names (those the config has)."""

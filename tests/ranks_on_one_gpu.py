@@ -1,0 +1,123 @@
+"""Every rank of a `world`-rank fused layer in one process on one GPU: each rank's workspace holds
+plain tensors, and its peer table names the other ranks' copies, as a symmetric heap's mapped
+copies would (transport "p2p"). Each rank's kernel runs on its own stream with its share of the
+SMs, so all of them are resident at once and exchange rows, counts and flags through the GPU's
+memory: the multi-rank protocol at the current kernel without a multi-GPU machine. Not NVLink's
+timing, and not the nvshmem transport."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from one_rank import draw_weights, kernel_weights
+
+from flashmoe_py import ExpertPlacement, MoEConfig
+from flashmoe_py.backends.flash import routing_plan
+from flashmoe_py.kernels.fused_moe import launch_fused
+from flashmoe_py.kernels.launch_config import choose_launch
+from flashmoe_py.kernels.layout import Geometry, describe_timeout
+from flashmoe_py.kernels.workspace import Workspace
+from flashmoe_py.reference import ffn
+from flashmoe_py.routing import route
+
+
+class GroupBuffers:
+    """The symmetric buffers of `world` ranks as plain tensors on one device: every rank's copy of
+    each buffer, allocated together when the first rank asks for it; rank(r) is the allocator
+    rank r's Workspace takes (workspace.Allocator)."""
+
+    def __init__(self, device, world: int):
+        self.device, self.world = device, world
+        self.copies: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
+
+    def rank(self, r: int) -> RankBuffers:
+        return RankBuffers(self, r)
+
+
+class RankBuffers:
+    """Rank r's view of a GroupBuffers: its own copies, and every rank's addresses."""
+
+    def __init__(self, group: GroupBuffers, rank: int):
+        self.group, self.rank = group, rank
+
+    def allocate(self, buffers: dict) -> dict[str, torch.Tensor]:
+        g = self.group
+        for name, (shape, dtype) in buffers.items():
+            if name not in g.copies[0]:
+                for copies in g.copies:
+                    copies[name] = torch.zeros(shape, dtype=dtype, device=g.device)
+        return {name: g.copies[self.rank][name] for name in buffers}
+
+    def peer_ptrs(self, name: str) -> torch.Tensor:
+        return torch.tensor([copies[name].data_ptr() for copies in self.group.copies], dtype=torch.int64,
+                            device=self.group.device)
+
+
+def reference_with_routing(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, full: dict,
+                           cfg: MoEConfig) -> torch.Tensor:
+    """x [T, H]; experts, weights [T, k]: a routing's choice and its scaled weights -> [T, H] fp32:
+    each token's experts' outputs (the full layer's weights, fp32) summed with those weights. The
+    reference for the kernel with its own router's choice (no near-tie between routers to excuse);
+    configs without biases, shared experts or weight_on_input."""
+    xc, out = x.float(), torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(cfg.num_experts):
+        token, j = torch.nonzero(experts == e, as_tuple=True)
+        if token.numel():
+            y = ffn(xc[token], full["w_in"][e].float(), full["w_out"][e].float(), cfg)
+            out.index_add_(0, token, weights[token, j].float()[:, None] * y)
+    return out
+
+
+class Ranks:
+    """`world` ranks of one layer (contiguous placement, full random weights), each with its
+    workspace, experts and stream, sharing one GPU's SMs equally."""
+
+    def __init__(self, cfg: MoEConfig, world: int, max_tokens: int, device: str = "cuda"):
+        """device: a GPU; "cpu" runs one program a rank in the Triton interpreter, where kernels run
+        one after another, so only world 1 completes there (its tests check this harness)."""
+        if cfg.expert_bias or cfg.shared_experts or cfg.weight_on_input or cfg.capacity_factor is not None:
+            raise ValueError("Ranks checks configs without expert biases, shared experts, weight_on_input or capacity")
+        self.cfg, self.world, self.device = cfg, world, device
+        self.geo = Geometry.for_config(cfg, world, max_tokens)
+        group = GroupBuffers(device, world)
+        self.ws = [Workspace.allocate(self.geo, cfg.torch_dtype, "p2p", device, group.rank(r)) for r in range(world)]
+        self.seed = random.randrange(2**31)
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.full = draw_weights(cfg, self.gen, device)
+        L = self.geo.local_experts
+        self.experts = [kernel_weights(self.full, cfg, slice(r * L, (r + 1) * L)) for r in range(world)]
+        self.positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions(device)
+        self.send_order = [self.geo.send_order(r, device) for r in range(world)]
+        on_gpu = torch.device(device).type == "cuda"  # elsewhere (world 1, the Triton interpreter): one program
+        self.streams = [torch.cuda.Stream(device) if on_gpu else None for _ in range(world)]
+        self.programs = torch.cuda.get_device_properties(device).multi_processor_count // world if on_gpu else 1
+        self.synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
+
+    def call(self, tokens: list[int], timeout_s: float = 5.0) -> dict:
+        """One forward on every rank at once, rank r on tokens[r] fresh random tokens, outputs
+        NaN-poisoned first -> {rel_err: the worst rank's, against reference_with_routing (inf
+        where NaN), timeouts: each rank's describe_timeout, None where none}."""
+        cfg, geo = self.cfg, self.geo
+        xs = [torch.randn(t, cfg.hidden_size, generator=self.gen).to(self.device, cfg.torch_dtype) for t in tokens]
+        outs = [torch.full_like(x, float("nan")) for x in xs]
+        routes, biases = [], {n: self.full[n] for n in ("router_bias", "e_score_correction_bias") if n in self.full}
+        self.synchronize()
+        for r, (x, out, stream) in enumerate(zip(xs, outs, self.streams)):
+            with torch.cuda.stream(stream):
+                routed = route(x, self.full["router_weight"], cfg, **biases)
+                plan, _ = routing_plan(routed, self.positions, geo, self.send_order[r], self.ws[r].scratch.comb_expect)
+                launch = choose_launch(geo, x.shape[0], x.dtype, self.programs)
+                launch_fused(x, out, self.experts[r], plan, self.ws[r], launch, config=cfg, rank=r,
+                             timeout_s=timeout_s)
+                routes.append(routed)
+        self.synchronize()
+        timeouts = [describe_timeout(ws.scratch.status.tolist(), r) for r, ws in enumerate(self.ws)]
+        worst = 0.0
+        for x, out, routed in zip(xs, outs, routes):
+            if x.shape[0] == 0:
+                continue
+            ref = reference_with_routing(x, routed.experts, routed.weights, self.full, cfg)
+            err = float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+            worst = max(worst, float("inf") if err != err else err)
+        return {"rel_err": worst, "timeouts": timeouts}

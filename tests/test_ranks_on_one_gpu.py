@@ -1,0 +1,51 @@
+"""The pieces of tests/gpu/check_ranks_on_one_gpu.py that run on a CPU: the shared symmetric
+buffers, and the reference it compares each rank's output with."""
+
+import os
+
+import pytest
+import torch
+from one_rank import draw_weights
+from ranks_on_one_gpu import GroupBuffers, Ranks, reference_with_routing
+
+from flashmoe_py import MoEConfig, reference_forward
+from flashmoe_py.kernels.layout import Geometry
+from flashmoe_py.kernels.workspace import Workspace
+from flashmoe_py.reference import reference_routing
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_s_peer_table_names_the_other_ranks_own_buffers(world):
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, dtype="float32")
+    geo = Geometry.for_config(cfg, world, 16)
+    group = GroupBuffers("cpu", world)
+    spaces = [Workspace.allocate(geo, torch.float32, "p2p", "cpu", group.rank(r)) for r in range(world)]
+    for name in ("recv_x", "combine_y", "count_words", "chunk_flags", "combine_counts"):
+        owns = [getattr(ws.sym, name).local.data_ptr() for ws in spaces]
+        assert len(set(owns)) == world  # a copy a rank
+        for ws in spaces:
+            assert getattr(ws.sym, name).peers.tolist() == owns, name
+
+
+@pytest.mark.parametrize("activation, top_k", [("swiglu", 2), ("gelu", 4)])
+def test_the_reference_with_a_given_routing_is_the_reference_with_its_own(activation, top_k):
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=top_k, activation=activation,
+                    dtype="float32")
+    full = draw_weights(cfg, torch.Generator().manual_seed(1), "cpu")
+    x = torch.randn(40, cfg.hidden_size)
+    weights, experts, _ = reference_routing(x, full["router_weight"], cfg, torch.float32)
+    got = reference_with_routing(x, experts, weights, full, cfg)
+    want = reference_forward(x, config=cfg, **full)
+    assert (got - want).norm() / want.norm() <= 1e-6
+    other = reference_with_routing(x, experts.roll(1, dims=0), weights, full, cfg)
+    assert (other - want).norm() / want.norm() > 1e-2  # the routing given is the one used
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the fused kernel in the interpreter")
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_one_rank_through_the_harness_matches_the_reference(activation):
+    """At world 1 the harness's own steps (route, plan, launch, reference) run in the interpreter:
+    kernels there run one after another, so more ranks would wait for each other until the timeout."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, activation=activation, dtype="float32")
+    got = Ranks(cfg, 1, 24, device="cpu").call([20])
+    assert got["timeouts"] == [None] and got["rel_err"] <= 1e-5, got
