@@ -94,23 +94,30 @@ class Ranks:
         self.programs = torch.cuda.get_device_properties(device).multi_processor_count // world if on_gpu else 1
         self.synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
 
-    def call(self, tokens: list[int], timeout_s: float = 5.0) -> dict:
+    def call(self, tokens: list[int], timeout_s: float = 60.0) -> dict:
         """One forward on every rank at once, rank r on tokens[r] fresh random tokens, outputs
         NaN-poisoned first -> {rel_err: the worst rank's, against reference_with_routing (inf
-        where NaN), timeouts: each rank's describe_timeout, None where none}."""
+        where NaN), timeouts: each rank's describe_timeout, None where none}. Every rank's routing
+        and plan are queued before any rank's kernel, so no router or plan kernel is compiled while
+        a fused kernel waits for its peers; a fused kernel variant new to a later rank (Triton
+        specialises the rank: 0, 1, 2..; and the launch's tiles follow its token count) still is,
+        so timeout_s spans a compile (seconds), not a real wait's microseconds."""
         cfg, geo = self.cfg, self.geo
         xs = [torch.randn(t, cfg.hidden_size, generator=self.gen).to(self.device, cfg.torch_dtype) for t in tokens]
         outs = [torch.full_like(x, float("nan")) for x in xs]
-        routes, biases = [], {n: self.full[n] for n in ("router_bias", "e_score_correction_bias") if n in self.full}
+        biases = {n: self.full[n] for n in ("router_bias", "e_score_correction_bias") if n in self.full}
         self.synchronize()
+        routes, plans = [], []
+        for r, (x, stream) in enumerate(zip(xs, self.streams)):
+            with torch.cuda.stream(stream):
+                routes.append(route(x, self.full["router_weight"], cfg, **biases))
+                plans.append(routing_plan(routes[r], self.positions, geo, self.send_order[r],
+                                          self.ws[r].scratch.comb_expect)[0])
         for r, (x, out, stream) in enumerate(zip(xs, outs, self.streams)):
             with torch.cuda.stream(stream):
-                routed = route(x, self.full["router_weight"], cfg, **biases)
-                plan, _ = routing_plan(routed, self.positions, geo, self.send_order[r], self.ws[r].scratch.comb_expect)
                 launch = choose_launch(geo, x.shape[0], x.dtype, self.programs)
-                launch_fused(x, out, self.experts[r], plan, self.ws[r], launch, config=cfg, rank=r,
+                launch_fused(x, out, self.experts[r], plans[r], self.ws[r], launch, config=cfg, rank=r,
                              timeout_s=timeout_s)
-                routes.append(routed)
         self.synchronize()
         timeouts = [describe_timeout(ws.scratch.status.tolist(), r) for r, ws in enumerate(self.ws)]
         worst = 0.0
