@@ -3,11 +3,15 @@ plain tensors, and its peer table names the other ranks' copies, as a symmetric 
 copies would (transport "p2p"). Each rank's kernel runs on its own stream with its share of the
 SMs, so all of them are resident at once and exchange rows, counts and flags through the GPU's
 memory: the multi-rank protocol at the current kernel without a multi-GPU machine. Not NVLink's
-timing, and not the nvshmem transport."""
+timing, and not the nvshmem transport. On the CPU (Triton's interpreter, one program a rank) each
+rank's kernel runs in a thread of its own (interpreter_threads), so the ranks' waits are met there
+too."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
 
 import torch
 from one_rank import draw_weights, kernel_weights
@@ -20,6 +24,56 @@ from flashmoe_py.kernels.layout import Geometry, describe_timeout
 from flashmoe_py.kernels.workspace import Workspace
 from flashmoe_py.reference import ffn
 from flashmoe_py.routing import route
+
+
+@contextlib.contextmanager
+def interpreter_threads():
+    """A block in which Triton interpreter launches may run in several threads at once. The
+    interpreter patches triton.language for each launch (and each device function call) and
+    restores it when the launch ends, so with launches in several threads the first to end would
+    unpatch the others mid-kernel. Inside the block a restore does nothing; every patch is undone
+    at its end, the latest first."""
+    from triton.runtime import interpreter
+
+    original, scopes, lock = interpreter._patch_lang, [], threading.Lock()
+
+    class Kept:
+        def restore(self):
+            pass
+
+    def patch(fn):
+        with lock:
+            scopes.append(original(fn))
+        return Kept()
+
+    interpreter._patch_lang = patch
+    try:
+        yield
+    finally:
+        interpreter._patch_lang = original
+        for scope in reversed(scopes):
+            scope.restore()
+
+
+def _in_threads(launches: list) -> None:
+    """Run each of `launches` (callables) in a thread of its own, inside interpreter_threads; raise
+    the first error any of them raised."""
+    errors = []
+
+    def run(launch):
+        try:
+            launch()
+        except Exception as e:  # re-raised below, in the caller's thread
+            errors.append(e)
+
+    with interpreter_threads():
+        threads = [threading.Thread(target=run, args=(launch,)) for launch in launches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
 
 
 class GroupBuffers:
@@ -74,8 +128,8 @@ class Ranks:
     workspace, experts and stream, sharing one GPU's SMs equally."""
 
     def __init__(self, cfg: MoEConfig, world: int, max_tokens: int, device: str = "cuda"):
-        """device: a GPU; "cpu" runs one program a rank in the Triton interpreter, where kernels run
-        one after another, so only world 1 completes there (its tests check this harness)."""
+        """device: a GPU, or "cpu" (the Triton interpreter: one program a rank, each rank's kernel in
+        a thread of its own)."""
         if cfg.expert_bias or cfg.shared_experts or cfg.weight_on_input or cfg.capacity_factor is not None:
             raise ValueError("Ranks checks configs without expert biases, shared experts, weight_on_input or capacity")
         self.cfg, self.world, self.device = cfg, world, device
@@ -89,7 +143,7 @@ class Ranks:
         self.experts = [kernel_weights(self.full, cfg, slice(r * L, (r + 1) * L)) for r in range(world)]
         self.positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions(device)
         self.send_order = [self.geo.send_order(r, device) for r in range(world)]
-        on_gpu = torch.device(device).type == "cuda"  # elsewhere (world 1, the Triton interpreter): one program
+        self.on_gpu = on_gpu = torch.device(device).type == "cuda"
         self.streams = [torch.cuda.Stream(device) if on_gpu else None for _ in range(world)]
         self.programs = torch.cuda.get_device_properties(device).multi_processor_count // world if on_gpu else 1
         self.synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
@@ -113,11 +167,19 @@ class Ranks:
                 routes.append(route(x, self.full["router_weight"], cfg, **biases))
                 plans.append(routing_plan(routes[r], self.positions, geo, self.send_order[r],
                                           self.ws[r].scratch.comb_expect)[0])
+        launches = []
         for r, (x, out, stream) in enumerate(zip(xs, outs, self.streams)):
-            with torch.cuda.stream(stream):
-                launch = choose_launch(geo, x.shape[0], x.dtype, self.programs)
-                launch_fused(x, out, self.experts[r], plans[r], self.ws[r], launch, config=cfg, rank=r,
+            def launch(r=r, x=x, out=out):
+                tiles = choose_launch(geo, x.shape[0], x.dtype, self.programs)
+                launch_fused(x, out, self.experts[r], plans[r], self.ws[r], tiles, config=cfg, rank=r,
                              timeout_s=timeout_s)
+            launches.append((stream, launch))
+        if self.on_gpu:  # each on its stream, one after another from here: they run at once there
+            for stream, launch in launches:
+                with torch.cuda.stream(stream):
+                    launch()
+        else:
+            _in_threads([launch for _, launch in launches])
         self.synchronize()
         timeouts = [describe_timeout(ws.scratch.status.tolist(), r) for r, ws in enumerate(self.ws)]
         worst = 0.0

@@ -42,10 +42,15 @@ def test_the_reference_with_a_given_routing_is_the_reference_with_its_own(activa
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the fused kernel in the interpreter")
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_one_rank_through_the_harness_matches_the_reference(activation):
-    """At world 1 the harness's own steps (route, plan, launch, reference) run in the interpreter:
-    kernels there run one after another, so more ranks would wait for each other until the timeout."""
-    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, activation=activation, dtype="float32")
-    got = Ranks(cfg, 1, 24, device="cpu").call([20])
-    assert got["timeouts"] == [None] and got["rel_err"] <= 1e-5, got
+@pytest.mark.parametrize("world, activation", [(1, "swiglu"), (2, "gelu"), (4, "swiglu"), (8, "swiglu")])
+def test_every_rank_s_output_matches_the_reference(world, activation):
+    """The fused kernel's multi-rank protocol (dispatch into peers' buffers, count words, chunk
+    flags, rows sent back, combine counters) in the interpreter, each rank's kernel in a thread:
+    uneven token counts over several dispatch chunks, the last rank with none, two calls (the
+    epochs' parity slots both used), float32 (the interpreter's bf16 products are wrong)."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=32, top_k=4, activation=activation, dtype="float32")
+    ranks = Ranks(cfg, world, 100, device="cpu")
+    for tokens in ([100, 37, 9, 1, 64, 70, 2][:world - 1] + [0 if world > 1 else 50],
+                   [1, 100, 33, 17, 0, 8, 99][:world - 1] + [0 if world > 1 else 3]):
+        got = ranks.call(tokens)
+        assert got["timeouts"] == [None] * world and got["rel_err"] <= 1e-5, (tokens, got)
