@@ -111,15 +111,26 @@ class RankBuffers:
 def reference_with_routing(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, full: dict,
                            cfg: MoEConfig) -> torch.Tensor:
     """x [T, H]; experts, weights [T, k]: a routing's choice and its scaled weights -> [T, H] fp32:
-    each token's experts' outputs (the full layer's weights, fp32) summed with those weights. The
-    reference for the kernel with its own router's choice (no near-tie between routers to excuse);
-    configs without biases, shared experts or weight_on_input."""
+    reference_forward's sum (expert biases, weight_on_input, shared experts and their gate, the
+    full layer's weights in fp32) with that routing, dropless. The reference for the kernel with
+    its own router's choice: no near-tie between two routers to excuse."""
     xc, out = x.float(), torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    f32 = {name: t.float() for name, t in full.items()}
     for e in range(cfg.num_experts):
         token, j = torch.nonzero(experts == e, as_tuple=True)
         if token.numel():
-            y = ffn(xc[token], full["w_in"][e].float(), full["w_out"][e].float(), cfg)
-            out.index_add_(0, token, weights[token, j].float()[:, None] * y)
+            w = weights[token, j].float()[:, None]
+            biases = (f32["b_in"][e], f32["b_out"][e]) if cfg.expert_bias else (None, None)
+            if cfg.weight_on_input:
+                y = ffn(w * xc[token], f32["w_in"][e], f32["w_out"][e], cfg, *biases)
+            else:
+                y = w * ffn(xc[token], f32["w_in"][e], f32["w_out"][e], cfg, *biases)
+            out.index_add_(0, token, y)
+    if cfg.shared_experts:
+        shared = ffn(xc, f32["shared_w_in"], f32["shared_w_out"], cfg)
+        if cfg.shared_expert_gate:
+            shared = torch.sigmoid(xc @ f32["shared_gate_weight"].t()) * shared
+        out += shared
     return out
 
 
@@ -130,8 +141,8 @@ class Ranks:
     def __init__(self, cfg: MoEConfig, world: int, max_tokens: int, device: str = "cuda"):
         """device: a GPU, or "cpu" (the Triton interpreter: one program a rank, each rank's kernel in
         a thread of its own)."""
-        if cfg.expert_bias or cfg.shared_experts or cfg.weight_on_input or cfg.capacity_factor is not None:
-            raise ValueError("Ranks checks configs without expert biases, shared experts, weight_on_input or capacity")
+        if cfg.capacity_factor is not None:
+            raise ValueError("Ranks checks dropless configs (its reference takes every slot)")
         self.cfg, self.world, self.device = cfg, world, device
         self.geo = Geometry.for_config(cfg, world, max_tokens)
         group = GroupBuffers(device, world)

@@ -27,13 +27,23 @@ def test_each_rank_s_peer_table_names_the_other_ranks_own_buffers(world):
             assert getattr(ws.sym, name).peers.tolist() == owns, name
 
 
+EXTRAS = {  # config fields beyond plain experts, each covered by the reference and the world-W runs
+    "plain": {},
+    "expert biases, gated shared expert": dict(expert_bias=True, shared_experts=1, shared_expert_gate=True),
+    "weight on input, grouped sigmoid routing": dict(weight_on_input=True, routing="sigmoid_grouped", n_group=4,
+                                                     topk_group=2, routed_scaling_factor=2.5),
+}
+
+
+@pytest.mark.parametrize("extra", list(EXTRAS))
 @pytest.mark.parametrize("activation, top_k", [("swiglu", 2), ("gelu", 4)])
-def test_the_reference_with_a_given_routing_is_the_reference_with_its_own(activation, top_k):
+def test_the_reference_with_a_given_routing_is_the_reference_with_its_own(activation, top_k, extra):
     cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=top_k, activation=activation,
-                    dtype="float32")
+                    dtype="float32", **EXTRAS[extra])
     full = draw_weights(cfg, torch.Generator().manual_seed(1), "cpu")
     x = torch.randn(40, cfg.hidden_size)
-    weights, experts, _ = reference_routing(x, full["router_weight"], cfg, torch.float32)
+    extras = {n: full[n] for n in ("router_bias", "e_score_correction_bias") if n in full}
+    weights, experts, _ = reference_routing(x, full["router_weight"], cfg, torch.float32, **extras)
     got = reference_with_routing(x, experts, weights, full, cfg)
     want = reference_forward(x, config=cfg, **full)
     assert (got - want).norm() / want.norm() <= 1e-6
@@ -42,13 +52,16 @@ def test_the_reference_with_a_given_routing_is_the_reference_with_its_own(activa
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the fused kernel in the interpreter")
-@pytest.mark.parametrize("world, activation", [(1, "swiglu"), (2, "gelu"), (4, "swiglu"), (8, "swiglu")])
-def test_every_rank_s_output_matches_the_reference(world, activation):
+@pytest.mark.parametrize("world, activation, extra", [
+    (1, "swiglu", "plain"), (2, "gelu", "plain"), (4, "swiglu", "plain"), (8, "swiglu", "plain"),
+    (2, "swiglu", "expert biases, gated shared expert"), (4, "gelu", "weight on input, grouped sigmoid routing")])
+def test_every_rank_s_output_matches_the_reference(world, activation, extra):
     """The fused kernel's multi-rank protocol (dispatch into peers' buffers, count words, chunk
     flags, rows sent back, combine counters) in the interpreter, each rank's kernel in a thread:
     uneven token counts over several dispatch chunks, the last rank with none, two calls (the
     epochs' parity slots both used), float32 (the interpreter's bf16 products are wrong)."""
-    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=32, top_k=4, activation=activation, dtype="float32")
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=32, top_k=4, activation=activation, dtype="float32",
+                    **EXTRAS[extra])
     ranks = Ranks(cfg, world, 100, device="cpu")
     for tokens in ([100, 37, 9, 1, 64, 70, 2][:world - 1] + [0 if world > 1 else 50],
                    [1, 100, 33, 17, 0, 8, 99][:world - 1] + [0 if world > 1 else 3]):
