@@ -53,13 +53,12 @@ def test_the_reference_with_a_given_routing_is_the_reference_with_its_own(activa
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the fused kernel in the interpreter")
 @pytest.mark.parametrize("world, activation, extra", [
-    (1, "swiglu", "plain"), (2, "gelu", "plain"), (4, "swiglu", "plain"), (8, "swiglu", "plain"),
-    (2, "swiglu", "expert biases, gated shared expert"), (4, "gelu", "weight on input, grouped sigmoid routing")])
+    (1, "swiglu", "plain"), (2, "gelu", "expert biases, gated shared expert"), (8, "swiglu", "plain")])
 def test_every_rank_s_output_matches_the_reference(world, activation, extra):
-    """The fused kernel's multi-rank protocol (dispatch into peers' buffers, count words, chunk
-    flags, rows sent back, combine counters) in the interpreter, each rank's kernel in a thread:
-    uneven token counts over several dispatch chunks, the last rank with none, two calls (the
-    epochs' parity slots both used), float32 (the interpreter's bf16 products are wrong)."""
+    """The harness of check_ranks_on_one_gpu.py in the interpreter, each rank's kernel in a thread
+    (the kernel's protocol itself is test_fused_kernel.py's, ranks in processes): uneven token
+    counts over several dispatch chunks, the last rank with none, two calls (the epochs' parity
+    slots both used), float32 (the interpreter's bf16 products are wrong)."""
     cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=32, top_k=4, activation=activation, dtype="float32",
                     **EXTRAS[extra])
     ranks = Ranks(cfg, world, 100, device="cpu")
