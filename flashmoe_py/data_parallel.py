@@ -12,9 +12,6 @@ experts."""
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -23,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from .config import EXPERT_WEIGHTS
+from .config import EXPERT_WEIGHTS, as_number
 from .layer import MoELayer
 from .wrappers import FSDP_IGNORED
 
@@ -116,13 +113,13 @@ def _positive_norm(max_norm) -> float:
     """clip_grad_norm_'s max_norm as a float: a real number (numpy's, a one-element tensor) > 0, inf
     included (nothing clipped); -1.0 or NaN, which torch's takes and scales every gradient by a
     negative or NaN factor, silently, raise ValueError."""
-    real = (isinstance(max_norm, numbers.Real) and not isinstance(max_norm, bool)) or (
-        isinstance(max_norm, torch.Tensor) and max_norm.numel() == 1 and not max_norm.is_complex()
-        and max_norm.dtype != torch.bool)
-    value = float(max_norm) if real else math.nan
-    if not value > 0:
+    value = max_norm
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
+    value = as_number(value)
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
         raise ValueError(f"clip_grad_norm_: max_norm={max_norm!r}; expected a number > 0 (inf: clip nothing)")
-    return value
+    return float(value)
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

@@ -155,7 +155,7 @@ class MoELayer(nn.Module):
         """What is wrong with the constructor arguments on this rank, or None."""
         if not isinstance(config, MoEConfig):
             return f"config must be a MoEConfig, got {type(config).__name__}"
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        if seed is not None and (not is_int(seed) or seed < 0):
             return f"seed must be a non-negative int or None, got {seed!r}"
         if seed is not None and seed + config.num_experts >= 2**64:
             return (f"seed={seed} is too large: expert e's weights are drawn from seed + 1 + e, which must stay "

@@ -121,21 +121,37 @@ def reference_forward(x: torch.Tensor, router_weight: torch.Tensor, w_in: torch.
     weights, experts, kept = reference_routing(xc, router_weight, config, compute_dtype,
                                                router_bias=router_bias,
                                                e_score_correction_bias=e_score_correction_bias)
-    out = torch.zeros_like(xc)
+    return routed_sum(xc, weights, experts, kept, w_in, w_out, config, b_in=b_in, b_out=b_out,
+                      shared_w_in=shared_w_in, shared_w_out=shared_w_out,
+                      shared_gate_weight=shared_gate_weight).view(x.shape)
+
+
+def routed_sum(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, kept: torch.Tensor | None,
+               w_in: torch.Tensor, w_out: torch.Tensor, config: MoEConfig, *,
+               b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+               shared_w_in: torch.Tensor | None = None, shared_w_out: torch.Tensor | None = None,
+               shared_gate_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """reference_forward after its routing: x [T, H] in the dtype to compute in; weights, experts,
+    kept [T, k] (a routing's scaled weights, global expert ids, kept slots; kept None: every slot)
+    -> [T, H], each token's kept experts' outputs summed with those weights (weight_on_input: the
+    weight scales the expert's input), plus the shared experts' (gated), in x's dtype. Weights as
+    reference_forward takes them (the full layer's)."""
+    out = torch.zeros_like(x)
     for e in range(config.num_experts):
-        token, k = torch.nonzero((experts == e) & kept, as_tuple=True)
+        chosen = experts == e
+        token, k = torch.nonzero(chosen if kept is None else chosen & kept, as_tuple=True)
         if token.numel() == 0:
             continue
-        w = weights[token, k].unsqueeze(1)
+        w = weights[token, k].to(x.dtype).unsqueeze(1)
         biases = (b_in[e], b_out[e]) if config.expert_bias else (None, None)
         if config.weight_on_input:
-            y = ffn(w * xc[token], w_in[e], w_out[e], config, *biases)
+            y = ffn(w * x[token], w_in[e], w_out[e], config, *biases)
         else:
-            y = w * ffn(xc[token], w_in[e], w_out[e], config, *biases)
+            y = w * ffn(x[token], w_in[e], w_out[e], config, *biases)
         out.index_add_(0, token, y)
     if config.shared_experts:
-        shared = ffn(xc, shared_w_in, shared_w_out, config)
+        shared = ffn(x, shared_w_in, shared_w_out, config)
         if config.shared_expert_gate:
-            shared = torch.sigmoid(xc @ shared_gate_weight.to(compute_dtype).t()) * shared
+            shared = torch.sigmoid(x @ shared_gate_weight.to(x.dtype).t()) * shared
         out = out + shared
-    return out.view(x.shape)
+    return out

@@ -19,6 +19,33 @@ from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
 from flashmoe_py.routing import route
 
 
+def symmetric_copies(geo: Geometry, dtype: torch.dtype, device="cpu", shared_memory: bool = False) -> list[dict]:
+    """Every rank's copy of the symmetric buffers of transport "p2p" ({name: tensor}, zeroed, one
+    dict a rank), in shared memory where ranks in other processes must reach them."""
+    def copy() -> dict:
+        bufs = {n: torch.zeros(shape, dtype=dt, device=device)
+                for n, (shape, dt) in geo.symmetric_buffers(dtype).items()}
+        return {n: t.share_memory_() for n, t in bufs.items()} if shared_memory else bufs
+
+    return [copy() for _ in range(geo.world_size)]
+
+
+class RankBuffers:
+    """A workspace allocator (workspace.Allocator) over symmetric_copies, as rank `rank` sees them:
+    its own copies, and every rank's addresses (in this process's mapping of them), as a symmetric
+    heap's mapped copies would give."""
+
+    def __init__(self, copies: list[dict], rank: int):
+        self.copies, self.rank = copies, rank
+
+    def allocate(self, buffers: dict) -> dict[str, torch.Tensor]:
+        return {name: self.copies[self.rank][name] for name in buffers}
+
+    def peer_ptrs(self, name: str) -> torch.Tensor:
+        return torch.tensor([c[name].data_ptr() for c in self.copies], dtype=torch.int64,
+                            device=self.copies[self.rank][name].device)
+
+
 def kernel_weights(weights: dict, cfg: MoEConfig, mine: slice) -> dict:
     """The fused kernel's weights of the experts `mine` from the full layer's (reference_forward's
     names, gated ones in halves): the layer's own gate/up pairs, as its flash backend passes them."""

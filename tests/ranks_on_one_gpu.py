@@ -14,7 +14,7 @@ import random
 import threading
 
 import torch
-from one_rank import draw_weights, kernel_weights
+from one_rank import RankBuffers, draw_weights, kernel_weights, symmetric_copies
 
 from flashmoe_py import ExpertPlacement, MoEConfig
 from flashmoe_py.backends.flash import routing_plan
@@ -22,7 +22,7 @@ from flashmoe_py.kernels.fused_moe import launch_fused
 from flashmoe_py.kernels.launch_config import choose_launch
 from flashmoe_py.kernels.layout import Geometry, describe_timeout
 from flashmoe_py.kernels.workspace import Workspace
-from flashmoe_py.reference import ffn
+from flashmoe_py.reference import routed_sum
 from flashmoe_py.routing import route
 
 
@@ -76,64 +76,6 @@ def _in_threads(launches: list) -> None:
         raise errors[0]
 
 
-class GroupBuffers:
-    """The symmetric buffers of `world` ranks as plain tensors on one device: every rank's copy of
-    each buffer, allocated together when the first rank asks for it; rank(r) is the allocator
-    rank r's Workspace takes (workspace.Allocator)."""
-
-    def __init__(self, device, world: int):
-        self.device, self.world = device, world
-        self.copies: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
-
-    def rank(self, r: int) -> RankBuffers:
-        return RankBuffers(self, r)
-
-
-class RankBuffers:
-    """Rank r's view of a GroupBuffers: its own copies, and every rank's addresses."""
-
-    def __init__(self, group: GroupBuffers, rank: int):
-        self.group, self.rank = group, rank
-
-    def allocate(self, buffers: dict) -> dict[str, torch.Tensor]:
-        g = self.group
-        for name, (shape, dtype) in buffers.items():
-            if name not in g.copies[0]:
-                for copies in g.copies:
-                    copies[name] = torch.zeros(shape, dtype=dtype, device=g.device)
-        return {name: g.copies[self.rank][name] for name in buffers}
-
-    def peer_ptrs(self, name: str) -> torch.Tensor:
-        return torch.tensor([copies[name].data_ptr() for copies in self.group.copies], dtype=torch.int64,
-                            device=self.group.device)
-
-
-def reference_with_routing(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, full: dict,
-                           cfg: MoEConfig) -> torch.Tensor:
-    """x [T, H]; experts, weights [T, k]: a routing's choice and its scaled weights -> [T, H] fp32:
-    reference_forward's sum (expert biases, weight_on_input, shared experts and their gate, the
-    full layer's weights in fp32) with that routing, dropless. The reference for the kernel with
-    its own router's choice: no near-tie between two routers to excuse."""
-    xc, out = x.float(), torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    f32 = {name: t.float() for name, t in full.items()}
-    for e in range(cfg.num_experts):
-        token, j = torch.nonzero(experts == e, as_tuple=True)
-        if token.numel():
-            w = weights[token, j].float()[:, None]
-            biases = (f32["b_in"][e], f32["b_out"][e]) if cfg.expert_bias else (None, None)
-            if cfg.weight_on_input:
-                y = ffn(w * xc[token], f32["w_in"][e], f32["w_out"][e], cfg, *biases)
-            else:
-                y = w * ffn(xc[token], f32["w_in"][e], f32["w_out"][e], cfg, *biases)
-            out.index_add_(0, token, y)
-    if cfg.shared_experts:
-        shared = ffn(xc, f32["shared_w_in"], f32["shared_w_out"], cfg)
-        if cfg.shared_expert_gate:
-            shared = torch.sigmoid(xc @ f32["shared_gate_weight"].t()) * shared
-        out += shared
-    return out
-
-
 class Ranks:
     """`world` ranks of one layer (contiguous placement, full random weights), each with its
     workspace, experts and stream, sharing one GPU's SMs equally."""
@@ -145,8 +87,9 @@ class Ranks:
             raise ValueError("Ranks checks dropless configs (its reference takes every slot)")
         self.cfg, self.world, self.device = cfg, world, device
         self.geo = Geometry.for_config(cfg, world, max_tokens)
-        group = GroupBuffers(device, world)
-        self.ws = [Workspace.allocate(self.geo, cfg.torch_dtype, "p2p", device, group.rank(r)) for r in range(world)]
+        copies = symmetric_copies(self.geo, cfg.torch_dtype, device)
+        self.ws = [Workspace.allocate(self.geo, cfg.torch_dtype, "p2p", device, RankBuffers(copies, r))
+                   for r in range(world)]
         self.seed = random.randrange(2**31)
         self.gen = torch.Generator().manual_seed(self.seed)
         self.full = draw_weights(cfg, self.gen, device)
@@ -161,7 +104,7 @@ class Ranks:
 
     def call(self, tokens: list[int], timeout_s: float = 60.0) -> dict:
         """One forward on every rank at once, rank r on tokens[r] fresh random tokens, outputs
-        NaN-poisoned first -> {rel_err: the worst rank's, against reference_with_routing (inf
+        NaN-poisoned first -> {rel_err: the worst rank's, against reference() (inf
         where NaN), timeouts: each rank's describe_timeout, None where none}. Every rank's routing
         and plan are queued before any rank's kernel, so no router or plan kernel is compiled while
         a fused kernel waits for its peers; a fused kernel variant new to a later rank (Triton
@@ -197,7 +140,16 @@ class Ranks:
         for x, out, routed in zip(xs, outs, routes):
             if x.shape[0] == 0:
                 continue
-            ref = reference_with_routing(x, routed.experts, routed.weights, self.full, cfg)
+            ref = self.reference(x, routed)
             err = float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
             worst = max(worst, float("inf") if err != err else err)
         return {"rel_err": worst, "timeouts": timeouts}
+
+    def reference(self, x: torch.Tensor, routed) -> torch.Tensor:
+        """x [T, H] and its routing (routing.Routing) -> [T, H] fp32: reference_forward's sum with
+        that routing (reference.routed_sum), the full layer's weights. The kernel's reference with
+        its own router's choice: no near-tie between two routers to excuse."""
+        extras = {n: self.full[n] for n in ("b_in", "b_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
+                  if n in self.full}
+        return routed_sum(x.float(), routed.weights, routed.experts, routed.kept, self.full["w_in"], self.full["w_out"],
+                          self.cfg, **extras)

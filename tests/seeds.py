@@ -12,3 +12,14 @@ def fresh_seed() -> int:
     seed = int(os.environ[REPLAY]) if os.environ.get(REPLAY) else random.SystemRandom().randrange(2**31)
     print(f"fresh_seed: {seed}")
     return seed
+
+
+def same_seed() -> int:
+    """A seed drawn afresh on rank 0 and broadcast (torch.distributed, through the current GPU): the
+    one every rank of a GPU check draws its layer and inputs from."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([random.SystemRandom().randrange(2**31)], device="cuda")
+    dist.broadcast(t, 0)
+    return int(t)

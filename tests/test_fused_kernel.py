@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from one_rank import OneRank, kernel_weights
+from one_rank import OneRank, RankBuffers, kernel_weights, symmetric_copies
 
 from flashmoe_py import ExpertPlacement, MoEConfig, reference_forward
 from flashmoe_py.backends.flash import routing_plan
@@ -341,27 +341,6 @@ def test_expert_tiles_gather_rows_across_sources(W, L, BM):
         assert (out[t, 3, :len(rows)] == e).all() and (out[t, 0, len(rows):] == -1).all()
 
 
-def shared_symmetric_buffers(cfg: MoEConfig, world: int, max_tokens: int):
-    """Each rank's symmetric buffers in shared memory, so ranks in separate processes can reach
-    their peers' copies (each process builds its own peer-address table from its own mapping)."""
-    geo = Geometry.for_config(cfg, world, max_tokens)
-    return [{n: torch.zeros(shape, dtype=dt).share_memory_()
-             for n, (shape, dt) in geo.symmetric_buffers(cfg.torch_dtype).items()} for _ in range(world)]
-
-
-class SharedMemoryBuffers:
-    """A workspace allocator over shared_symmetric_buffers, as rank `rank` sees them."""
-
-    def __init__(self, bufs, rank):
-        self.bufs, self.rank = bufs, rank
-
-    def allocate(self, buffers):
-        return {n: self.bufs[self.rank][n] for n in buffers}
-
-    def peer_ptrs(self, name):
-        return torch.tensor([b[name].data_ptr() for b in self.bufs])
-
-
 def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inputs, launch_fields):
     """One rank of the fused kernel (one program) in this process; weights: every full weight by
     name; launch_fields: LaunchConfig's fields besides programs and block_n; odd calls save
@@ -370,7 +349,7 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
     saved.pre, saved.shared_pre)]."""
     cfg = MoEConfig.from_dict(cfg_dict)
     geo = Geometry.for_config(cfg, world, max_tokens)
-    ws = Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", SharedMemoryBuffers(bufs, rank))
+    ws = Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", RankBuffers(bufs, rank))
     L = geo.local_experts
     mine = slice(rank * L, (rank + 1) * L)
     experts = kernel_weights(weights, cfg, mine)
@@ -419,7 +398,7 @@ def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activa
     calls = [[37, 0, 40, 9], [5, 40, 0, 9], [19, 3, 1, 9], [0, 12, 40, 2], [8, 1, 0, 33], [40, 40, 2, 0], [1, 7, 13, 1],
              [22, 0, 6, 40]][:world]  # per rank, 4 epochs; zeros too
     inputs = [[torch.randn(t, H, generator=gen) for t in ts] for ts in calls]
-    bufs = shared_symmetric_buffers(cfg, world, 40)
+    bufs = symmetric_copies(Geometry.for_config(cfg, world, 40), cfg.torch_dtype, shared_memory=True)
     results = dist_pools(world).run(rank_runs_whole_kernel, cfg.to_dict(), 40, bufs, weights, inputs,
                                     launch_fields)
     for rank_results in results:

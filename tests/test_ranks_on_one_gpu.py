@@ -1,25 +1,26 @@
-"""The pieces of tests/gpu/check_ranks_on_one_gpu.py that run on a CPU: the shared symmetric
-buffers, and the reference it compares each rank's output with."""
+"""The pieces of tests/gpu/check_ranks_on_one_gpu.py that run on a CPU: every rank's symmetric
+buffers (one_rank.symmetric_copies, RankBuffers), the reference it compares each rank's output
+with (reference.routed_sum with that rank's routing), and the harness itself in the interpreter."""
 
 import os
 
 import pytest
 import torch
-from one_rank import draw_weights
-from ranks_on_one_gpu import GroupBuffers, Ranks, reference_with_routing
+from one_rank import RankBuffers, draw_weights, symmetric_copies
+from ranks_on_one_gpu import Ranks
 
 from flashmoe_py import MoEConfig, reference_forward
 from flashmoe_py.kernels.layout import Geometry
 from flashmoe_py.kernels.workspace import Workspace
-from flashmoe_py.reference import reference_routing
+from flashmoe_py.reference import reference_routing, routed_sum
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_each_rank_s_peer_table_names_the_other_ranks_own_buffers(world):
     cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, dtype="float32")
     geo = Geometry.for_config(cfg, world, 16)
-    group = GroupBuffers("cpu", world)
-    spaces = [Workspace.allocate(geo, torch.float32, "p2p", "cpu", group.rank(r)) for r in range(world)]
+    copies = symmetric_copies(geo, torch.float32)
+    spaces = [Workspace.allocate(geo, torch.float32, "p2p", "cpu", RankBuffers(copies, r)) for r in range(world)]
     for name in ("recv_x", "combine_y", "count_words", "chunk_flags", "combine_counts"):
         owns = [getattr(ws.sym, name).local.data_ptr() for ws in spaces]
         assert len(set(owns)) == world  # a copy a rank
@@ -37,17 +38,19 @@ EXTRAS = {  # config fields beyond plain experts, each covered by the reference 
 
 @pytest.mark.parametrize("extra", list(EXTRAS))
 @pytest.mark.parametrize("activation, top_k", [("swiglu", 2), ("gelu", 4)])
-def test_the_reference_with_a_given_routing_is_the_reference_with_its_own(activation, top_k, extra):
+def test_the_sum_with_a_given_routing_is_the_reference_with_its_own(activation, top_k, extra):
     cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=top_k, activation=activation,
                     dtype="float32", **EXTRAS[extra])
     full = draw_weights(cfg, torch.Generator().manual_seed(1), "cpu")
     x = torch.randn(40, cfg.hidden_size)
     extras = {n: full[n] for n in ("router_bias", "e_score_correction_bias") if n in full}
     weights, experts, _ = reference_routing(x, full["router_weight"], cfg, torch.float32, **extras)
-    got = reference_with_routing(x, experts, weights, full, cfg)
+    layer_weights = {n: full[n] for n in ("b_in", "b_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
+                     if n in full}
+    got = routed_sum(x, weights, experts, None, full["w_in"], full["w_out"], cfg, **layer_weights)
     want = reference_forward(x, config=cfg, **full)
     assert (got - want).norm() / want.norm() <= 1e-6
-    other = reference_with_routing(x, experts.roll(1, dims=0), weights, full, cfg)
+    other = routed_sum(x, weights, experts.roll(1, dims=0), None, full["w_in"], full["w_out"], cfg, **layer_weights)
     assert (other - want).norm() / want.norm() > 1e-2  # the routing given is the one used
 
 

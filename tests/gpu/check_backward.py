@@ -16,7 +16,6 @@ on fresh inputs, and the captures its backward refuses (capacity, the fp32 per-e
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                 "bench"))
 from grad_reference import grad_errors, lean_grad_errors  # noqa: E402
+from seeds import same_seed  # noqa: E402
 from layer import captured_graph, training_step  # noqa: E402  (bench/layer.py)
 
 TOL = {"bfloat16": 1e-2, "float32": 1e-5}
@@ -46,12 +46,6 @@ CASES = [  # (name, config overrides); hidden 64, ffn 96, 16 experts unless over
     ("bf16 swiglu top-2", dict(top_k=2, dtype="bfloat16")),
     ("bf16 swiglu top-8, capacity 1.0", dict(top_k=8, dtype="bfloat16", capacity_factor=1.0)),
 ]
-
-
-def same_seed() -> int:
-    t = torch.tensor([random.SystemRandom().randrange(2**31)], device="cuda")
-    dist.broadcast(t, 0)
-    return int(t)
 
 
 def make_layer(cfg: MoEConfig, backend: str, backward: str | None, seed: int, tokens: int) -> MoELayer:

@@ -24,11 +24,9 @@ gradients are held to the bar step by step in check_backward.py. Exit code 1 if 
 import argparse
 import json
 import os
-import random
 import sys
 
 import torch
-import torch.distributed as dist
 
 import flashmoe_py as fm
 from flashmoe_py import MoEConfig, MoELayer
@@ -37,6 +35,7 @@ from flashmoe_py.runtime import detect_launcher
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 from training_loop import BATCH, TinyMoEModel, train_model  # noqa: E402
+from seeds import same_seed  # noqa: E402
 
 BAR = 1e-4  # the GPU kernels' float32 bar; the first run's worst step was 9.3e-7 (bench/NOTES.md item 83)
 CONFIGS = {  # name: config; BATCH tokens a rank a step
@@ -46,12 +45,6 @@ CONFIGS = {  # name: config; BATCH tokens a rank a step
 }
 RUNS = [("flash", "saved", "sgd"), ("flash", "saved", "adam"), ("flash", "recompute", "sgd"),
         ("flash", "recompute", "adam"), ("torch", "autograd", "sgd"), ("torch", "autograd", "adam")]
-
-
-def same_seed() -> int:
-    t = torch.tensor([random.SystemRandom().randrange(2**31)], device="cuda")
-    dist.broadcast(t, 0)
-    return int(t)
 
 
 def run_case(name: str, cfg: MoEConfig, backend: str, backward: str, optimizer: str, steps: int, rank: int,
