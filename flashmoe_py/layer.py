@@ -460,7 +460,7 @@ class MoELayer(nn.Module):
                 out = explicit_forward(self, x2d, run)
             else:
                 out, stats = self.backend.forward(x2d, problem, in_graph=in_graph)
-            self.last_stats = MoEStats(**stats)
+            self.__dict__["last_stats"] = MoEStats(**stats)  # a plain attribute: not through Module.__setattr__
             return out.view(x.shape)
 
     @functools.cached_property

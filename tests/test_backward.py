@@ -766,9 +766,9 @@ def test_a_replayed_training_forward_lends_its_saved_outputs_until_the_next_repl
     routing = Routing(torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int64), kept, torch.rand(3, 8))
     static = SavedForward(routing, torch.arange(6), torch.tensor([[6]]), pre, shared_pre)
     captured = CapturedForward(_Replays(pre, shared_pre), torch.zeros(3, 4), (torch.zeros(3, 4), {}, static))
-    first = captured.replay(torch.ones(3, 4))[2]
+    first = captured.replay(torch.ones(3, 4), None)[2]
     assert first.pre is pre and (pre == 1).all()
-    second = captured.replay(torch.ones(3, 4))[2]  # the first is still waiting for its backward
+    second = captured.replay(torch.ones(3, 4), None)[2]  # the first is still waiting for its backward
     assert (first.pre == 1).all() and (first.shared_pre == 1).all()
     assert all(a is not b for a, b in [(first.pre, pre), (first.shared_pre, shared_pre), (first.slot, static.slot),
                                        (first.routing.kept, kept), (first.routing.weights, routing.weights),
@@ -776,7 +776,7 @@ def test_a_replayed_training_forward_lends_its_saved_outputs_until_the_next_repl
     assert second.pre is pre and (pre == 2).all()
     del first, second  # both released (explicit_backward drops its SavedForward when its backward runs)
     assert captured.lent() is None
-    third = captured.replay(torch.ones(3, 4))[2]
+    third = captured.replay(torch.ones(3, 4), None)[2]
     assert third.pre is pre and (pre == 3).all() and third.routing is routing
 
 

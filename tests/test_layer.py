@@ -949,26 +949,28 @@ class _GraphsSeen:
     def __init__(self, layer: MoELayer):
         self.layer, self.options = layer, types.SimpleNamespace(cuda_graphs=True)
         self.graphs, self.seen, self.graphed = {}, set(), ()
-        self.status_ready = types.SimpleNamespace(record=lambda: None)
+        self.status_ready = types.SimpleNamespace(record=lambda stream: None)
         self.launches = self.captures = 0
 
-    def _launch(self, x, saving=None):
+    def _launch(self, x, stream, saving=None):
         self.launches += 1
-        return x.clone(), {}, None
+        return x.clone(), torch.zeros(SMALL["num_experts"] + 1, dtype=torch.int64), None
 
     def _capture(self, x, saving):
         self.captures += 1
-        return types.SimpleNamespace(replay=lambda x: (x.clone(), {}, None))
+        stats = torch.zeros(SMALL["num_experts"] + 1, dtype=torch.int64)
+        return types.SimpleNamespace(replay=lambda x, stream: (x.clone(), stats, None))
 
-    run = FlashBackend._run
+    def run(self, x, key, stream="the caller's stream"):
+        """_run on the caller's stream (None: inside the caller's capture)."""
+        return FlashBackend._run(self, x, key, stream=stream)
     MAX_GRAPHS, MAX_SAVING_GRAPHS, MAX_SEEN = FlashBackend.MAX_GRAPHS, FlashBackend.MAX_SAVING_GRAPHS, 4
 
 
-def test_captured_forwards_are_dropped_when_the_weights_are_replaced(monkeypatch):
+def test_captured_forwards_are_dropped_when_the_weights_are_replaced():
     """A CUDA graph replays the addresses it captured: weights replaced rather than updated in
     place (load_state_dict(assign=True), to_empty, functional_call) would be read from freed
     memory. Updated in place (an optimizer step), the graphs stay."""
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU build's raises
     layer = MoELayer(MoEConfig(**SMALL, top_k=2))
     backend, x = _GraphsSeen(layer), torch.randn(4, SMALL["hidden_size"])
     for _ in range(3):  # eager, then captured, then replayed
@@ -984,11 +986,10 @@ def test_captured_forwards_are_dropped_when_the_weights_are_replaced(monkeypatch
     assert (backend.launches, backend.captures) == (2, 2) and len(backend.graphs) == 1
 
 
-def test_captured_forwards_are_dropped_when_torch_deterministic_setting_switches(monkeypatch):
+def test_captured_forwards_are_dropped_when_torch_deterministic_setting_switches():
     """A captured forward keeps its routing plan's way of numbering an expert's rows
     (kernels/plan.py): after torch.use_deterministic_algorithms is switched on, or off again, the
     next forwards are captured anew."""
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     backend, x = _GraphsSeen(MoELayer(MoEConfig(**SMALL, top_k=2))), torch.randn(4, SMALL["hidden_size"])
     was = torch.are_deterministic_algorithms_enabled()
     try:
@@ -1001,10 +1002,18 @@ def test_captured_forwards_are_dropped_when_torch_deterministic_setting_switches
         torch.use_deterministic_algorithms(was)
 
 
-def test_the_sizes_remembered_for_a_capture_are_bounded(monkeypatch):
+def test_inside_the_callers_capture_every_forward_is_launched_into_it():
+    """The caller's CUDA graph holds the launches themselves: no graph of the layer's own is
+    captured inside it (a capture cannot nest)."""
+    backend, x = _GraphsSeen(MoELayer(MoEConfig(**SMALL, top_k=2))), torch.randn(4, SMALL["hidden_size"])
+    for _ in range(3):
+        backend.run(x, (4, False), stream=None)
+    assert (backend.launches, backend.captures, backend.graphs) == (3, 0, {})
+
+
+def test_the_sizes_remembered_for_a_capture_are_bounded():
     """Training keys follow every rank's token counts: with varying batches they never stopped
     growing."""
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     backend = _GraphsSeen(MoELayer(MoEConfig(**SMALL, top_k=2)))
     for tokens in range(1, 12):
         backend.run(torch.randn(tokens, SMALL["hidden_size"]), (tokens, False))
@@ -1027,10 +1036,9 @@ def test_a_numpy_seed_and_token_limit_are_taken_as_ints():
     assert torch.equal(layer.w_in, MoELayer(cfg, seed=3).w_in) and type(layer.options.max_tokens_per_rank) is int
 
 
-def test_a_weight_computed_at_each_forward_is_never_captured(monkeypatch):
+def test_a_weight_computed_at_each_forward_is_never_captured():
     """torch.nn.utils.parametrize makes w_out anew at each forward: a graph would replay the first
     one's memory, so the fused backend launches every forward."""
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     layer = MoELayer(MoEConfig(**SMALL, top_k=2))
     torch.nn.utils.parametrize.register_parametrization(layer, "w_out", torch.nn.Identity())
     backend, x = _GraphsSeen(layer), torch.randn(4, SMALL["hidden_size"])

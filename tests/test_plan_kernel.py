@@ -9,7 +9,7 @@ import torch
 from flashmoe_py.backends.flash import routing_plan
 from flashmoe_py.kernels import plan as plan_module
 from flashmoe_py.kernels.layout import Geometry
-from flashmoe_py.kernels.plan import build_plan
+from flashmoe_py.kernels.plan import build_plan, plan_stats
 from flashmoe_py.routing import Routing
 from flashmoe_py import MoEConfig
 from seeds import fresh_seed
@@ -44,7 +44,7 @@ def test_plan_places_every_kept_slot_once_in_its_pairs_rows(T, K, E, W, drop, de
                                             for t in (experts, kept, positions, send_order))
     plan, stats = build_plan(experts, kept, weights, positions, send_order, comb_expect, local_experts=L,
                              chunk=CHUNK, maxc=MAXC, deterministic=deterministic)
-    plan = {**{k: v.cpu() for k, v in plan._asdict().items()}, **{k: v.cpu() for k, v in stats.items()}}
+    plan = {**{k: v.cpu() for k, v in plan._asdict().items()}, **{k: v.cpu() for k, v in plan_stats(stats).items()}}
     experts, positions = experts.cpu(), positions.cpu()
     kept = kept.cpu() if kept is not None else None
     live = kept if kept is not None else torch.ones(T, K, dtype=torch.bool)
@@ -88,23 +88,27 @@ def test_plan_refuses_what_its_kernels_would_misread(name):
 
 
 class ScrambledRanks:
-    """slot_ranks_kernel, then each pair's places reversed: the order a GPU's atomic counter may
-    hand out (the interpreter runs a program's slots in order, so it never shows another)."""
+    """slot_ranks_kernel, then each pair's places reversed: an order the atomic counter may hand
+    out (the interpreter runs a program's slots in order, so it never shows another; on a GPU the
+    counter's own order is already not slot order). `rank`: the places handed out, [NS] int32."""
 
     def __init__(self, kernel):
-        self.kernel = kernel
+        self.kernel, self.rank = kernel, None
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.kernel[grid](*args, **kwargs)
             counts, pos, rank = args[3], args[5], args[6]
             rank.copy_(counts[pos.long()] - 1 - rank)
+            self.rank = rank.cpu()
         return launch
 
 
 @pytest.fixture
 def scrambled(monkeypatch):
-    monkeypatch.setattr(plan_module, "slot_ranks_kernel", ScrambledRanks(plan_module.slot_ranks_kernel))
+    kernel = ScrambledRanks(plan_module.slot_ranks_kernel)
+    monkeypatch.setattr(plan_module, "slot_ranks_kernel", kernel)
+    return kernel
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -113,7 +117,7 @@ def test_under_torch_deterministic_algorithms_each_experts_rows_come_in_slot_ord
     """backward="saved" sums an expert's rows in the plan's order: under
     torch.use_deterministic_algorithms the fused backend's plan numbers them in slot order (token,
     then choice), whatever order the atomic counter took them in, so those sums are the same bits
-    every run. Otherwise the counter's order stands (here reversed)."""
+    every run. Otherwise the counter's order stands (here reversed; on a GPU reversed from its own)."""
     T, cfg = 300, MoEConfig(hidden_size=64, ffn_size=64, num_experts=8, top_k=2)
     geo = Geometry.for_config(cfg, 2, T)
     gen = torch.Generator().manual_seed(fresh_seed())
@@ -124,8 +128,12 @@ def test_under_torch_deterministic_algorithms_each_experts_rows_come_in_slot_ord
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
     plan, _ = routing_plan(r, positions, geo, geo.send_order(0, DEVICE), comb_expect)
     send_slot, starts, counts = plan.send_slot.cpu(), plan.pos_start.cpu(), plan.send_counts.cpu()
+    in_slot_order = []
     for p in range(8):
         slots = send_slot[starts[p]:starts[p] + counts[p]].tolist()
-        assert slots == sorted(slots, reverse=not deterministic)
+        in_slot_order.append(slots == sorted(slots))
+        if not deterministic:
+            assert slots == sorted(slots, key=lambda s: int(scrambled.rank[s]))  # the counter's places
         rows = plan.slot_row.cpu().reshape(-1)[torch.tensor(slots, dtype=torch.long)] - plan.region_off[p].cpu()
         assert rows.tolist() == list(range(len(slots)))
+    assert all(in_slot_order) if deterministic else not any(in_slot_order)

@@ -20,7 +20,7 @@ from .. import runtime
 from ..heap import SymmetricHeap
 from ..kernels.launch_config import choose_launch
 from ..kernels.layout import Geometry, describe_timeout
-from ..kernels.plan import RoutingPlan, build_plan
+from ..kernels.plan import RoutingPlan, build_plan, plan_stats
 from ..kernels.fused_moe import Saved, launch_fused
 from ..kernels.transport import nvshmem_device_library
 from ..kernels.workspace import Workspace
@@ -60,13 +60,13 @@ class FusedKernelError(RuntimeError):
 
 
 def routing_plan(r: Routing, positions: torch.Tensor, geo: Geometry, send_order: torch.Tensor,
-                 comb_expect: torch.Tensor) -> tuple[RoutingPlan, dict]:
+                 comb_expect: torch.Tensor) -> tuple[RoutingPlan, torch.Tensor]:
     """r: this rank's routing (routing.route); positions: [E] int64 (placement); send_order:
     geo.send_order(this rank), on r's device; comb_expect: [W, L, MAXC] int64, to which the rows
     this rank will get back in each chunk are added. Three small kernels; no host
     synchronisation. Under torch.use_deterministic_algorithms each expert's rows come in slot
     order, so backward="saved" sums them the same way every run (kernels/plan.py). -> (the plan,
-    stats {expert_counts, dropped_slots})."""
+    stats [E + 1] int64, plan_stats')."""
     return build_plan(r.experts, r.kept, r.weights, positions, send_order, comb_expect,
                       local_experts=geo.local_experts, chunk=geo.chunk, maxc=geo.max_chunks,
                       deterministic=torch.are_deterministic_algorithms_enabled())
@@ -116,14 +116,14 @@ class CapturedForward:
         self.lent: weakref.ref | None = None
         self.lent_on: torch.cuda.Stream | None = None
 
-    def replay(self, x: torch.Tensor) -> tuple:
-        """Copy x in and replay -> the graph's (out, stats, SavedForward or None), the SavedForward
+    def replay(self, x: torch.Tensor, current: torch.cuda.Stream) -> tuple:
+        """Copy x in and replay on `current` (the caller's current stream) -> the graph's (out,
+        stats, SavedForward or None), the SavedForward
         a new one over the graph's buffers. The one lent before keeps copies if still alive (its
         backward has not run); on another stream than its own, this replay first waits for that
         stream (where its backward read the buffers), and that stream, where its backward will
         run, waits for the copies, whose memory is kept for it (record_stream)."""
-        current = torch.cuda.current_stream() if self.lent_on is not None else None
-        elsewhere = current is not None and self.lent_on != current
+        elsewhere = self.lent_on is not None and self.lent_on != current
         if elsewhere:
             current.wait_stream(self.lent_on)
         held = self.lent and self.lent()
@@ -138,7 +138,7 @@ class CapturedForward:
         if saved is not None:
             saved = dataclasses.replace(saved)
             self.lent = weakref.ref(saved)
-            self.lent_on = torch.cuda.current_stream() if x.is_cuda else None
+            self.lent_on = current
         return out, stats, saved
 
 
@@ -174,6 +174,7 @@ class FlashBackend:
         self.send_order = geo.send_order(layer.rank, layer.device)
         self.status_host = torch.zeros_like(self.ws.scratch.status, device="cpu").pin_memory()
         self.status_ready = torch.cuda.Event()
+        self.device_index = layer.device.index  # an int: torch.cuda.current_stream's cheapest argument
         self.programs = torch.cuda.get_device_properties(layer.device).multi_processor_count
         self.resident = not sms_limited_by_mps()
         self.failed: str | None = None
@@ -207,17 +208,17 @@ class FlashBackend:
         With cuda_graphs, the second forward at a token count captures the whole forward (routing
         plan and kernel) in a CUDA graph, and later ones replay it: the launch overhead of the
         plan's small ops is paid once. Graphs are kept for the MAX_GRAPHS latest token counts."""
-        self._before_forward()
+        stream = self._before_forward()
         layer, geo = self.layer, self.geo
         if in_graph is not None and layer.world_size > 1:
             _check_graphs_agree(layer, in_graph, error, 0 if error else x.shape[0])
         if error is not None:
-            self._launch(torch.empty(0, geo.hidden, dtype=layer.config.torch_dtype, device=layer.device))
+            self._launch(torch.empty(0, geo.hidden, dtype=layer.config.torch_dtype, device=layer.device), stream)
             raise error
         # A graph's static tensors made under inference_mode cannot be written outside it (a
         # training forward after an inference_mode one): one graph per token count and mode.
-        out, stats, _ = self._run(x, (x.shape[0], torch.is_inference_mode_enabled()))
-        return out, stats
+        out, stats, _ = self._run(x, (x.shape[0], torch.is_inference_mode_enabled()), stream)
+        return out, plan_stats(stats)
 
     def forward_saving(self, x: torch.Tensor):
         """A training forward of backward="saved" (every rank runs one): x [T, H] -> (out, stats,
@@ -228,7 +229,7 @@ class FlashBackend:
         replay, which first copies them out if that SavedForward is still alive (its backward has
         not run yet: several forwards before their backwards; CapturedForward). A forward then its
         backward, step after step, copies nothing."""
-        self._before_forward()
+        stream = self._before_forward()
         layer, geo, cfg = self.layer, self.geo, self.layer.config
         T = x.shape[0]
         tokens = _check_graphs_agree(layer, True, None, T) if layer.world_size > 1 else [T]
@@ -236,33 +237,40 @@ class FlashBackend:
                   (T, cfg.shared_ffn_in_size) if cfg.shared_experts else None)
         logits_bytes = T * cfg.num_experts * torch.float32.itemsize
         size = sum(a * b for a, b in filter(None, saving)) * x.element_size() + logits_bytes
-        return self._run(x, (T, False, saving) if size <= self.GRAPHED_SAVE_BYTES else None, saving)
+        out, stats, saved = self._run(x, (T, False, saving) if size <= self.GRAPHED_SAVE_BYTES else None, stream,
+                                      saving)
+        return out, plan_stats(stats), saved
 
-    def _before_forward(self) -> None:
+    def _before_forward(self) -> torch.cuda.Stream | None:
         """Refuse a closed or failed layer; then queue this forward after the last one when they come
         on different streams: every launch shares the workspace (task counters, expected-row counts,
         status, symmetric buffers), so two at once would mix their rows. Not inside a capture (the
-        caller's graph orders its own)."""
+        caller's graph orders its own). -> the stream this forward runs on, None while capturing
+        (what _run and _launch take: one lookup a forward, ~1/4 of a replayed decode call's host
+        time when each step looked it up again, bench/NOTES.md item 83 d)."""
         self.raise_if_closed()
         self.raise_if_failed(block=False)
         if torch.cuda.is_current_stream_capturing():
-            return
-        stream = torch.cuda.current_stream(self.layer.device)
+            return None
+        stream = torch.cuda.current_stream(self.device_index)
         if self.last_stream is not None and self.last_stream != stream:
             stream.wait_stream(self.last_stream)
         self.last_stream = stream
+        return stream
 
-    def _run(self, x: torch.Tensor, key: tuple | None, saving: tuple | None = None):
+    def _run(self, x: torch.Tensor, key: tuple | None, stream: torch.cuda.Stream | None,
+             saving: tuple | None = None):
         """The routing plan and kernel for x [T, H], replayed from the CUDA graph of `key`
         (captured at its second call; the first runs eagerly and compiles the kernel) unless key is
         None or graphs are off; every graph is dropped when the weights were replaced since they were
         captured (weight_addresses) or torch.use_deterministic_algorithms was switched (a graph
         keeps its plan's way of numbering rows, routing_plan's). saving: (pre's shape, shared_pre's
-        or None) for backward="saved". -> (out, stats, SavedForward or None); when replayed, out and
-        stats are copied out of the graph's buffers and the SavedForward is lent (CapturedForward).
-        Graphs are kept for the latest keys (graphs_to_drop)."""
-        if key is None or not self.options.cuda_graphs or torch.cuda.is_current_stream_capturing():
-            return self._launch(x, saving=saving)
+        or None) for backward="saved"; stream: _before_forward's. -> (out, stats [E + 1] int64
+        (plan_stats'), SavedForward or None); when replayed, out and stats are copied out of the
+        graph's buffers and the SavedForward is lent (CapturedForward). Graphs are kept for the
+        latest keys (graphs_to_drop)."""
+        if key is None or not self.options.cuda_graphs or stream is None:
+            return self._launch(x, stream, saving=saving)
         layer = self.layer
         addresses = weight_addresses(layer)
         if (state := (addresses, torch.are_deterministic_algorithms_enabled())) != self.graphed:
@@ -273,13 +281,13 @@ class FlashBackend:
             self.seen.clear()
             self.graphed = state
         if addresses is None:
-            return self._launch(x, saving=saving)
+            return self._launch(x, stream, saving=saving)
         if key not in self.graphs:
             if key not in self.seen:  # first time at this size: run eagerly (compiles the kernel)
                 if len(self.seen) >= self.MAX_SEEN:  # many sizes (training's saved shapes follow every rank's)
                     self.seen.clear()
                 self.seen.add(key)
-                return self._launch(x, saving=saving)
+                return self._launch(x, stream, saving=saving)
             log.info("rank %d: capturing the fused forward at %s (tokens, inference_mode[, saved shapes]) in a "
                      "CUDA graph", layer.rank, key)
             self.graphs[key] = self._capture(x, saving)
@@ -288,20 +296,21 @@ class FlashBackend:
                          "forwards)", layer.rank, dropped, self.MAX_GRAPHS, self.MAX_SAVING_GRAPHS)
                 self.graphs.pop(dropped)
         self.graphs[key] = entry = self.graphs.pop(key)  # most recently used last
-        out, stats, saved = entry.replay(x)
-        self.status_ready.record()
-        return out.clone(), {k: v.clone() for k, v in stats.items()}, saved
+        out, stats, saved = entry.replay(x, stream)
+        self.status_ready.record(stream)
+        return out.clone(), stats.clone(), saved
 
     def _capture(self, x: torch.Tensor, saving: tuple | None) -> CapturedForward:
         static_x = x.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outputs = self._launch(static_x, copy_status=True, saving=saving)
+            outputs = self._launch(static_x, None, copy_status=True, saving=saving)
         return CapturedForward(graph, static_x, outputs)
 
-    def _launch(self, x: torch.Tensor, copy_status: bool = False, saving: tuple | None = None):
-        """Routing plan + one kernel launch for x: [T, H] (T may be 0); saving: as _run's.
-        -> (out, stats, SavedForward or None)."""
+    def _launch(self, x: torch.Tensor, stream: torch.cuda.Stream | None, copy_status: bool = False,
+                saving: tuple | None = None):
+        """Routing plan + one kernel launch for x: [T, H] (T may be 0) on stream (None: inside a
+        capture); saving: as _run's. -> (out, stats [E + 1] int64, SavedForward or None)."""
         layer, geo, ws = self.layer, self.geo, self.ws
         r = layer.route(x, keep_logits=saving is not None)
         plan, stats = routing_plan(r, layer.expert_positions, geo, self.send_order, ws.scratch.comb_expect)
@@ -318,11 +327,10 @@ class FlashBackend:
         launch_fused(x, out, experts, plan, ws, launch, config=layer.config, rank=layer.rank,
                      timeout_s=self.options.timeout_s, trace=self.trace,
                      saved=saved and Saved(saved.pre, saved.pre if saved.shared_pre is None else saved.shared_pre))
-        capturing = torch.cuda.is_current_stream_capturing()
-        if copy_status or not capturing:
+        if copy_status or stream is not None:
             self.status_host.copy_(ws.scratch.status, non_blocking=True)
-        if not capturing:
-            self.status_ready.record()
+        if stream is not None:
+            self.status_ready.record(stream)
         return out, stats, saved
 
     def raise_if_closed(self) -> None:

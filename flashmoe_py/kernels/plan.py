@@ -56,10 +56,11 @@ class RoutingPlan(NamedTuple):
 
 
 @triton.jit
-def slot_ranks_kernel(experts_ptr, kept_ptr, positions_ptr, counts_ptr, expert_counts_ptr, pos_ptr, rank_ptr,
+def slot_ranks_kernel(experts_ptr, kept_ptr, positions_ptr, counts_ptr, stats_ptr, pos_ptr, rank_ptr,
                       NS, E, HAS_KEPT: tl.constexpr, BLOCK: tl.constexpr):
     """experts: [NS] int64 global expert ids; kept: [NS] bool (HAS_KEPT); positions: [E] int64;
-    counts: [E + 1] int32 and expert_counts: [E] int64, zeroed, counted into; pos, rank: [NS] int32."""
+    counts: [E + 1] int32 and stats: [E + 1] int64, zeroed, counted into (stats by expert, its
+    first E); pos, rank: [NS] int32."""
     s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = s < NS
     expert = tl.load(experts_ptr + s, mask=m, other=0)
@@ -67,18 +68,20 @@ def slot_ranks_kernel(experts_ptr, kept_ptr, positions_ptr, counts_ptr, expert_c
     if HAS_KEPT:
         pos = tl.where(tl.load(kept_ptr + s, mask=m, other=0) != 0, pos, E)
     rank = tl.atomic_add(counts_ptr + pos, 1, mask=m, sem="relaxed")
-    tl.atomic_add(expert_counts_ptr + expert, 1, mask=m, sem="relaxed")
+    tl.atomic_add(stats_ptr + expert, 1, mask=m, sem="relaxed")
     tl.store(pos_ptr + s, pos, mask=m)
     tl.store(rank_ptr + s, rank, mask=m)
 
 
 @triton.jit
-def pair_table_kernel(counts_ptr, send_order_ptr, pos_start_ptr, region_off_ptr, chunk_cum_ptr, E, L,
+def pair_table_kernel(counts_ptr, send_order_ptr, pos_start_ptr, region_off_ptr, chunk_cum_ptr, stats_ptr, E, L,
                       CHUNK: tl.constexpr, E_POW2: tl.constexpr):
     """counts: [E + 1] int32 (slot_ranks); send_order: [E] int64 pairs in send order ->
     pos_start: [E] int32 first slot of each pair in pair order; region_off: [E] int32 the pair's
     offset in this rank's region at its destination (pairs of one destination, CHUNK-padded, in
-    slot order); chunk_cum: [E] int32 chunks of the pairs up to each in send order (inclusive)."""
+    slot order); chunk_cum: [E] int32 chunks of the pairs up to each in send order (inclusive);
+    stats[E] (int64, [E + 1]) = counts[E], the dropped slots."""
+    tl.store(stats_ptr + E, tl.load(counts_ptr + E).to(tl.int64))
     p = tl.arange(0, E_POW2)
     m = p < E
     counts = tl.load(counts_ptr + p, mask=m, other=0)
@@ -161,7 +164,8 @@ def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, weights: torch.
     [T, K] routing weights; positions: [E] int64 expert -> pair; send_order: [E] int64 pairs in
     send order; comb_expect: [E, maxc] int64, contiguous (any shape of that size), added to;
     deterministic: each pair's slots in slot order (token, then choice) instead of the atomic
-    counter's. -> (the RoutingPlan, stats {expert_counts: [E] int64, dropped_slots: int64 scalar})."""
+    counter's. -> (the RoutingPlan, stats [E + 1] int64: the slots routed to each expert before any
+    drop, then the dropped slots; plan_stats names them)."""
     T, K = experts.shape
     E, NS, dev = positions.numel(), T * K, experts.device
     if send_order.shape != (E,) or comb_expect.numel() != E * maxc:
@@ -172,20 +176,20 @@ def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, weights: torch.
             raise ValueError(f"{name}: expected a contiguous int64 tensor, got {t.dtype} with strides {t.stride()}")
     i32 = torch.int32
     counts = torch.zeros(E + 1, dtype=i32, device=dev)
-    expert_counts = torch.zeros(E, dtype=torch.int64, device=dev)
+    stats = torch.zeros(E + 1, dtype=torch.int64, device=dev)  # one tensor: a replayed forward copies it once
     pos, rank = torch.empty(NS, dtype=i32, device=dev), torch.empty(NS, dtype=i32, device=dev)
     flat = experts.reshape(NS)
     slot_programs = triton.cdiv(NS, BLOCK)
     if NS:
         slot_ranks_kernel[(slot_programs,)](flat, kept.reshape(NS) if kept is not None else flat, positions, counts,
-                                            expert_counts, pos, rank, NS, E, HAS_KEPT=kept is not None,
+                                            stats, pos, rank, NS, E, HAS_KEPT=kept is not None,
                                             BLOCK=BLOCK)
         if deterministic:
             rank = ranks_in_slot_order(pos, counts)
     pos_start, region_off, chunk_cum = (torch.empty(E, dtype=i32, device=dev) for _ in range(3))
     E_POW2 = triton.next_power_of_2(E)
-    pair_table_kernel[(1,)](counts, send_order, pos_start, region_off, chunk_cum, E, local_experts, CHUNK=chunk,
-                            E_POW2=E_POW2)
+    pair_table_kernel[(1,)](counts, send_order, pos_start, region_off, chunk_cum, stats, E, local_experts,
+                            CHUNK=chunk, E_POW2=E_POW2)
     send_chunks = triton.cdiv(NS, chunk) + E
     out = {name: torch.empty(NS, dtype=i32, device=dev)
            for name in ("send_slot", "slot_dest", "slot_row", "slot_chunk")}
@@ -199,4 +203,10 @@ def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, weights: torch.
     plan = RoutingPlan(out["send_slot"], pos_start, counts[:E], region_off, chunk_pos, chunk_c,
                        out["slot_dest"].view(T, K), out["slot_row"].view(T, K), out["slot_chunk"].view(T, K),
                        weights.float().contiguous())
-    return plan, {"expert_counts": expert_counts, "dropped_slots": counts[E].to(torch.int64)}
+    return plan, stats
+
+
+def plan_stats(stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """build_plan's stats [E + 1] int64 -> {expert_counts: [E] int64, dropped_slots: [] int64}
+    (views of it)."""
+    return {"expert_counts": stats[:-1], "dropped_slots": stats[-1]}

@@ -8,10 +8,9 @@ Every call: fresh random tokens, uneven counts (the last rank none), outputs NaN
 rank's output against the float32 reference with that rank's router's choice (bf16 bar 1e-2, fp32
 1e-4 as for the GPU kernels), and no rank's wait may time out. It checks the multi-rank protocol
 at the current kernel where no multi-GPU machine is lent; NVLink's timing and the nvshmem
-transport need one (launch/gpu_checks.sh). Exit code 1 if any case fails. Written without a GPU
-(2026-12-05): the same harness runs worlds 1-8 in the Triton interpreter, a thread a rank
-(tests/test_ranks_on_one_gpu.py); this script joins launch/gpu_checks.sh and the GPU suite once it
-has passed on a GPU."""
+transport need one (launch/gpu_checks.sh, which runs this script too). Exit code 1 if any case
+fails. The same harness runs worlds 1-8 in the Triton interpreter, a thread a rank
+(tests/test_ranks_on_one_gpu.py). First passed on an H100 on 2026-12-05 (bench/NOTES.md item 84)."""
 
 import os
 

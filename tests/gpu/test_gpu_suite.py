@@ -71,3 +71,9 @@ def test_torch_backend_gradients_match_reference_on_all_gpus():
 @pytest.mark.gpu
 def test_a_tiny_model_trains_beside_its_float64_reference_on_all_gpus():
     assert torchrun("check_training.py", timeout=600).returncode == 0
+
+
+@pytest.mark.gpu
+def test_the_fused_kernel_at_worlds_2_4_and_8_with_every_rank_on_one_gpu():
+    assert subprocess.run([sys.executable, os.path.join(HERE, "check_ranks_on_one_gpu.py")], timeout=420,
+                          cwd=ROOT).returncode == 0
