@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+import time
 
 import torch
 from one_rank import RankBuffers, draw_weights, kernel_weights, symmetric_copies
@@ -116,7 +117,9 @@ class Ranks:
     def call(self, tokens: list[int], timeout_s: float = 60.0) -> dict:
         """One forward on every rank at once, rank r on tokens[r] fresh random tokens, outputs
         NaN-poisoned first -> {rel_err: the worst rank's, against reference() (inf
-        where NaN), timeouts: each rank's describe_timeout, None where none}. Every rank's routing
+        where NaN), timeouts: each rank's describe_timeout, None where none, load_s: on a GPU the
+        seconds each rank's load_variant took (a variant new to the process: its compile, unless
+        Triton's disk cache had it, and its module load)}. Every rank's routing
         and plan are queued before any rank's kernel, and on a GPU every rank's fused kernel
         variant is compiled and loaded before the first is launched (load_variant), so no compile
         or module load happens while a fused kernel waits for its peers. In the interpreter a rank's
@@ -132,12 +135,14 @@ class Ranks:
                 routes.append(route(x, self.full["router_weight"], cfg, **biases))
                 plans.append(routing_plan(routes[r], self.positions, geo, self.send_order[r],
                                           self.ws[r].scratch.comb_expect)[0])
-        launches = []
+        launches, load_s = [], []
         for r, (x, out, stream) in enumerate(zip(xs, outs, self.streams)):
             tiles = choose_launch(geo, x.shape[0], x.dtype, self.programs)
             if self.on_gpu:  # compiled and loaded before any rank's kernel waits (see load_variant)
+                start = time.perf_counter()
                 load_variant(fused_kernel_args(x, out, self.experts[r], plans[r], self.ws[r], tiles, config=cfg,
                                                rank=r, timeout_s=timeout_s), tiles.programs)
+                load_s.append(time.perf_counter() - start)
 
             def launch(r=r, x=x, out=out, tiles=tiles):
                 launch_fused(x, out, self.experts[r], plans[r], self.ws[r], tiles, config=cfg, rank=r,
@@ -158,7 +163,7 @@ class Ranks:
             ref = self.reference(x, routed)
             err = float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
             worst = max(worst, float("inf") if err != err else err)
-        return {"rel_err": worst, "timeouts": timeouts}
+        return {"rel_err": worst, "timeouts": timeouts, "load_s": load_s}
 
     def reference(self, x: torch.Tensor, routed) -> torch.Tensor:
         """x [T, H] and its routing (routing.Routing) -> [T, H] fp32: reference_forward's sum with

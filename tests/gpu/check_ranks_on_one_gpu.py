@@ -6,7 +6,10 @@ through the GPU's memory over transport "p2p". One process, no launcher:
 
 Every call: fresh random tokens, uneven counts (the last rank none), outputs NaN-poisoned, each
 rank's output against the float32 reference with that rank's router's choice (bf16 bar 1e-2, fp32
-1e-4 as for the GPU kernels), and no rank's wait may time out. It checks the multi-rank protocol
+1e-4 as for the GPU kernels), and no rank's wait may time out; load_s records each call's seconds
+a rank's kernel variant took to compile (unless Triton's disk cache had it) and load, before any
+rank launched (Ranks.call): how long a rank meeting a new variant keeps waiting peers on several
+GPUs, where nothing loads it first. It checks the multi-rank protocol
 at the current kernel where no multi-GPU machine is lent; NVLink's timing and the nvshmem
 transport need one (launch/gpu_checks.sh, which runs this script too). Exit code 1 if any case
 fails. The same harness runs worlds 1-8 in the Triton interpreter, a thread a rank
@@ -45,15 +48,16 @@ def run_case(name: str, cfg: MoEConfig, world: int, calls: int) -> dict:
     """`calls` calls, stopped at the first that times out (a status word, once set, stays set: the
     ranks' later calls would end at once)."""
     ranks = Ranks(cfg, world, MAX_TOKENS)
-    worst, timeouts, done = 0.0, [], 0
+    worst, timeouts, done, load_s = 0.0, [], 0, []
     while done < calls and not timeouts:
         tokens = [int(torch.randint(1, MAX_TOKENS + 1, (1,), generator=ranks.gen)) for _ in range(world - 1)] + [0]
         got = ranks.call(tokens)
         worst, done = max(worst, got["rel_err"]), done + 1
         timeouts = [t for t in got["timeouts"] if t is not None]
+        load_s.append([round(s, 3) for s in got["load_s"]])
     return {"case": f"{name}, world {world}", "world": world, "dtype": cfg.dtype, "calls": done,
             "programs_per_rank": ranks.programs, "seed": ranks.seed, "max_rel_err": worst,
-            "timeouts": timeouts, "ok": worst <= BARS[cfg.dtype] and not timeouts}
+            "timeouts": timeouts, "load_s": load_s, "ok": worst <= BARS[cfg.dtype] and not timeouts}
 
 
 def main() -> int:
