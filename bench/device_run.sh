@@ -17,7 +17,8 @@
 # sass: the compiled builds; host: the fused backend's host-side guarantees (tests/gpu/check_host_paths.py);
 # trainingN: 200 training steps of a tiny model beside its float64 reference on N GPUs (tests/gpu/check_training.py).
 # ranks: the fused kernel at worlds 2, 4 and 8 in one process on one GPU (tests/gpu/check_ranks_on_one_gpu.py;
-# RANKS_ARGS, e.g. "--worlds 2 --calls 3").
+# RANKS_ARGS, e.g. "--worlds 2 --calls 3"); compile: FlashBackend.compile_variants leaves no variant for a first
+# forward to compile (tests/gpu/check_compile_variants.py, one GPU, Triton's cache empty).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -72,6 +73,9 @@ for step in "$@"; do
     ranks*) echo "=== ranks on one GPU (one process: worlds 2, 4, 8)"
               timeout -k 10 420 python3 tests/gpu/check_ranks_on_one_gpu.py ${RANKS_ARGS:-} --out "$OUT/ranks.json" \
               > "$OUT/ranks.log" 2>&1; rc=$?; echo "=== ranks rc=$rc"; note_rc $rc; tail -n 12 "$OUT/ranks.log" ;;
+    compile) echo "=== compile_variants (one GPU, one process)"
+              timeout -k 10 240 python3 tests/gpu/check_compile_variants.py --out "$OUT/compile_variants.json" \
+              > "$OUT/compile_variants.log" 2>&1; rc=$?; echo "=== compile rc=$rc"; note_rc $rc; tail -n 6 "$OUT/compile_variants.log" ;;
     training*) n=${step#training}; run "training_w$n" 300 "$n" tests/gpu/check_training.py --out "$OUT/training_w$n.json" ;;
     backward*) n=${step#backward}; run "backward_w$n" 300 "$n" tests/gpu/check_backward.py ${PRESETS:+--presets} \
               --out "$OUT/backward_w$n.json" ;;

@@ -19,23 +19,12 @@ from one_rank import RankBuffers, draw_weights, kernel_weights, symmetric_copies
 
 from flashmoe_py import ExpertPlacement, MoEConfig
 from flashmoe_py.backends.flash import routing_plan
-from flashmoe_py.kernels.fused_moe import fused_kernel_args, fused_moe_kernel, launch_fused
+from flashmoe_py.kernels.fused_moe import compile_fused, launch_fused
 from flashmoe_py.kernels.launch_config import choose_launch
 from flashmoe_py.kernels.layout import Geometry, describe_timeout
 from flashmoe_py.kernels.workspace import Workspace
 from flashmoe_py.reference import routed_sum
 from flashmoe_py.routing import route
-
-
-def load_variant(args_kwargs: tuple, programs: int) -> None:
-    """Compile the fused kernel's variant for these arguments (fused_kernel_args') and load its
-    module, without launching it. Triton specialises the rank (0, 1, other) and the launch's tiles
-    follow the token count, so a later rank may meet a variant new to the process; compiled and
-    loaded at its launch, it would be while earlier ranks' kernels already wait for it, and loading
-    a module may itself wait for the kernels running on the GPU: the waits would time out."""
-    args, kwargs = args_kwargs
-    compiled = fused_moe_kernel.warmup(*args, grid=(programs,), **kwargs)  # compiles, launches nothing
-    assert compiled.run is not None  # reading `run` loads the module (Triton's CompiledKernel._init_handles)
 
 
 @contextlib.contextmanager
@@ -118,11 +107,13 @@ class Ranks:
         """One forward on every rank at once, rank r on tokens[r] fresh random tokens, outputs
         NaN-poisoned first -> {rel_err: the worst rank's, against reference() (inf
         where NaN), timeouts: each rank's describe_timeout, None where none, load_s: on a GPU the
-        seconds each rank's load_variant took (a variant new to the process: its compile, unless
+        seconds each rank's compile_fused took (a variant new to the process: its compile, unless
         Triton's disk cache had it, and its module load)}. Every rank's routing
         and plan are queued before any rank's kernel, and on a GPU every rank's fused kernel
-        variant is compiled and loaded before the first is launched (load_variant), so no compile
-        or module load happens while a fused kernel waits for its peers. In the interpreter a rank's
+        variant is compiled and loaded before the first is launched (kernels/fused_moe.compile_fused:
+        Triton specialises the rank, 0, 1 or other, and the tiles follow the token count), so no
+        compile or module load happens while a fused kernel waits for its peers (a module load may
+        itself wait for the kernels running on the GPU). In the interpreter a rank's
         kernel runs for seconds, so timeout_s is generous."""
         cfg, geo = self.cfg, self.geo
         xs = [torch.randn(t, cfg.hidden_size, generator=self.gen).to(self.device, cfg.torch_dtype) for t in tokens]
@@ -138,10 +129,10 @@ class Ranks:
         launches, load_s = [], []
         for r, (x, out, stream) in enumerate(zip(xs, outs, self.streams)):
             tiles = choose_launch(geo, x.shape[0], x.dtype, self.programs)
-            if self.on_gpu:  # compiled and loaded before any rank's kernel waits (see load_variant)
+            if self.on_gpu:  # compiled and loaded before any rank's kernel waits: its module load would wait for them
                 start = time.perf_counter()
-                load_variant(fused_kernel_args(x, out, self.experts[r], plans[r], self.ws[r], tiles, config=cfg,
-                                               rank=r, timeout_s=timeout_s), tiles.programs)
+                compile_fused(x, out, self.experts[r], plans[r], self.ws[r], tiles, config=cfg, rank=r,
+                              timeout_s=timeout_s)
                 load_s.append(time.perf_counter() - start)
 
             def launch(r=r, x=x, out=out, tiles=tiles):

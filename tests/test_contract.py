@@ -6,7 +6,7 @@ import torch
 
 from flashmoe_py import MoEConfig, preset
 from flashmoe_py.backends.flash import sms_limited_by_mps
-from flashmoe_py.kernels.launch_config import FIELDS, SWITCHES, LaunchConfig, choose_launch
+from flashmoe_py.kernels.launch_config import FIELDS, SWITCHES, LaunchConfig, choose_launch, launch_variants
 from flashmoe_py.kernels.layout import (STATUS_WORDS, WAIT_CHUNK, WAIT_COUNTS, WAIT_HIDDEN, WAIT_HIDDEN_STATIC,
                                         WAIT_SHARED_HIDDEN, WAIT_SHARED_OUT,
                                         Geometry, describe_timeout, heap_bytes, heap_bytes_for)
@@ -98,6 +98,20 @@ def test_half_the_programs_dispatch_for_experts_narrower_than_hidden(name, world
     assert launch.programs == SMS and launch.dispatch_programs == (SMS // 2 if split else SMS)
     more = choose_launch(geometry(name, world, tokens=16384), 16384, torch.bfloat16, SMS, {"programs": 2 * SMS})
     assert more.dispatch_programs == (SMS if split else 2 * SMS)  # half of the programs asked for
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name,world,max_tokens,top_k", [("qwen3_30b_a3b", 1, 4096, 8), ("qwen3_30b_a3b", 2, 300, 8),
+                                                         ("qwen3_30b_a3b", 1, 3000, 3), ("mixtral_8x7b", 4, 2048, 2),
+                                                         ("deepseek_v3", 8, 1000, 8), ("tiny", 2, 7, 2)])
+def test_launch_variants_are_every_launch_a_token_count_can_get(dtype, name, world, max_tokens, top_k):
+    """What a layer on several GPUs compiles when it is built (FlashBackend.compile_variants):
+    every launch of 0..max_tokens tokens, each once, and none that no token count gets (top-3 of
+    128 experts: the rows an expert reach a threshold between two token counts' worth)."""
+    geo = geometry(name, world, tokens=max_tokens, top_k=top_k)
+    every = {choose_launch(geo, t, dtype, SMS) for t in range(max_tokens + 1)}
+    variants = launch_variants(geo, dtype, SMS)
+    assert len(variants) == len(set(variants)) and set(variants) == every
 
 
 @pytest.mark.parametrize("world,tokens,span", [(1, 4096, 2), (1, 128, 1), (2, 4096, 1)])

@@ -15,6 +15,7 @@ import torch
 from dist_pool import RankError
 from seeds import fresh_seed
 from flashmoe_py import ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, preset, reference_forward
+from flashmoe_py.backends import flash
 from flashmoe_py.backends.flash import FlashBackend
 from flashmoe_py.gate_up import to_halves
 from flashmoe_py.heap import SymmetricHeap
@@ -1009,6 +1010,71 @@ def test_inside_the_callers_capture_every_forward_is_launched_into_it():
     for _ in range(3):
         backend.run(x, (4, False), stream=None)
     assert (backend.launches, backend.captures, backend.graphs) == (3, 0, {})
+
+
+@pytest.mark.parametrize("backward,shared", [("saved", 1), ("saved", 0), ("recompute", 1)])
+def test_compile_variants_compiles_each_launch_a_forward_can_take_with_valid_arguments(monkeypatch, backward, shared):
+    """FlashBackend.compile_variants (run when a layer on several GPUs is built): every launch
+    of launch_variants, each also as a training forward saves under backward="saved", on no
+    tokens, with arguments the kernel's launcher accepts (fused_kernel_args checks them)."""
+    from flashmoe_py.kernels.fused_moe import fused_kernel_args
+    from flashmoe_py.kernels.launch_config import launch_variants
+    from flashmoe_py.kernels.layout import Geometry
+    from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
+
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, dtype="bfloat16", shared_experts=shared)
+    layer = MoELayer(cfg, max_tokens_per_rank=512, backward=backward)
+    geo = Geometry.for_config(cfg, 1, 512)
+    compiled = []
+
+    def compile_fused(x, out, experts, plan, ws, launch, *, config, rank, timeout_s, saved=None):
+        fused_kernel_args(x, out, experts, plan, ws, launch, config=config, rank=rank, timeout_s=timeout_s,
+                          saved=saved)
+        compiled.append((x.shape[0], launch, saved is not None))
+
+    monkeypatch.setattr(flash, "compile_fused", compile_fused)
+    backend = types.SimpleNamespace(layer=layer, geo=geo, send_order=geo.send_order(0), options=layer.options,
+                                    ws=Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", LocalBuffers("cpu", 1)),
+                                    name="flash", programs=1, resident=True)  # the interpreter's static order: 1
+    FlashBackend.compile_variants(backend)
+    launches = launch_variants(geo, torch.bfloat16, 1)
+    saves = (False, True) if backward == "saved" else (False,)
+    assert len(launches) == 3 and compiled == [(0, launch, save) for launch in launches for save in saves]
+
+
+@pytest.mark.parametrize("transport", ["p2p", "nvshmem"])
+def test_compile_fused_loads_an_nvshmem_kernel_where_its_module_is_initialised(monkeypatch, transport):
+    """Transport "nvshmem"'s module must get nvshmemx_cumodule_init when Triton loads it, which
+    nvshmem_launch's hook does only inside that context: compiled and loaded ahead (at a layer's
+    build), outside it, the launch would find it loaded and never initialised."""
+    import triton
+
+    from flashmoe_py.kernels import fused_moe, transport as transport_module
+    from flashmoe_py.kernels.launch_config import choose_launch
+    from flashmoe_py.kernels.layout import Geometry
+    from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
+
+    loaded_with_init = []
+
+    class Compiled:
+        @property
+        def run(self):  # Triton loads the module here
+            loaded_with_init.append(transport_module._init_next_load)
+            return object()
+
+    monkeypatch.setattr(fused_moe, "fused_moe_kernel", types.SimpleNamespace(warmup=lambda *a, grid, **k: Compiled()))
+    monkeypatch.setattr(fused_moe, "nvshmem_device_library", lambda: "libnvshmem_device.bc")
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, dtype="bfloat16")
+    layer, geo = MoELayer(cfg, max_tokens_per_rank=64), Geometry.for_config(cfg, 1, 64)
+    x = torch.empty(0, 32, dtype=torch.bfloat16)
+    plan, _ = flash.routing_plan(layer.route(x), layer.expert_positions, geo, geo.send_order(0),
+                                 torch.zeros(geo.local_experts * geo.max_chunks, dtype=torch.int64))
+    ws = Workspace.allocate(geo, cfg.torch_dtype, transport, "cpu", LocalBuffers("cpu", 1))
+    experts = {n: getattr(layer, n) for n in flash.FUSED_WEIGHTS if getattr(layer, n) is not None}
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)  # as on a GPU: compile
+    fused_moe.compile_fused(x, torch.empty_like(x), experts, plan, ws, choose_launch(geo, 0, x.dtype, 1), config=cfg,
+                            rank=0, timeout_s=1.0)
+    assert loaded_with_init == [transport == "nvshmem"]
 
 
 def test_the_sizes_remembered_for_a_capture_are_bounded():

@@ -18,10 +18,10 @@ import torch.distributed as dist
 
 from .. import runtime
 from ..heap import SymmetricHeap
-from ..kernels.launch_config import choose_launch
+from ..kernels.launch_config import choose_launch, launch_variants
 from ..kernels.layout import Geometry, describe_timeout
 from ..kernels.plan import RoutingPlan, build_plan, plan_stats
-from ..kernels.fused_moe import Saved, launch_fused
+from ..kernels.fused_moe import Saved, compile_fused, launch_fused
 from ..kernels.transport import nvshmem_device_library
 from ..kernels.workspace import Workspace
 from ..routing import Routing
@@ -186,7 +186,36 @@ class FlashBackend:
         # (weight_addresses, torch's deterministic setting) when the kept graphs were captured
         self.graphed: tuple = ()
         self.last_stream: torch.cuda.Stream | None = None  # where the last forward was queued
+        if layer.world_size > 1:  # a rank that fails here tells its peers, which would wait in the barrier
+            runtime.on_every_rank(self.compile_variants, lambda rank, text: RuntimeError(
+                f"rank {rank} could not compile the fused kernel when the layer was built: {text}"),
+                layer.process_group)
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
+
+    def compile_variants(self) -> None:
+        """Compile and load every fused kernel variant this rank's forwards can launch (each
+        launch_variants tile set; with backward="saved", each also as a training forward saves),
+        without launching any. At world > 1 the layer does this when built: a rank that met a new
+        variant at a forward would compile it (3.5-5.4 s on an H100's host with Triton's cache
+        empty, bench/NOTES.md item 84) while its peers' kernels already wait for it, under
+        timeout_s."""
+        layer, geo, cfg = self.layer, self.geo, self.layer.config
+        x = torch.empty(0, geo.hidden, dtype=cfg.torch_dtype, device=layer.device)
+        plan, _ = routing_plan(layer.route(x), layer.expert_positions, geo, self.send_order,
+                               self.ws.scratch.comb_expect)  # no tokens: adds nothing
+        experts = {name: getattr(layer, name) for name in FUSED_WEIGHTS if getattr(layer, name) is not None}
+        saves = [None]
+        if self.options.backward_for(self.name) == "saved":
+            pre = torch.empty(0, cfg.ffn_in_size, dtype=x.dtype, device=x.device)
+            shared_pre = torch.empty(0, cfg.shared_ffn_in_size, dtype=x.dtype, device=x.device)
+            saves.append(Saved(pre, shared_pre if cfg.shared_experts else pre))
+        launches = launch_variants(geo, x.dtype, self.programs, self.options.launch_override, self.resident)
+        log.info("rank %d: compiling the fused kernel's %d variants before any forward (seconds each unless "
+                 "Triton's cache has them)", layer.rank, len(launches) * len(saves))
+        for launch in launches:
+            for saved in saves:
+                compile_fused(x, torch.empty_like(x), experts, plan, self.ws, launch, config=cfg, rank=layer.rank,
+                              timeout_s=self.options.timeout_s, saved=saved)
 
     def __reduce_ex__(self, protocol):
         """copy.deepcopy and pickle (torch.save of the layer or its model) are refused: a copy would

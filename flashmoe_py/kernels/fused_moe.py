@@ -468,3 +468,18 @@ def launch_fused(x, out, experts: dict, plan, ws, launch, *, config, rank: int, 
                                      timeout_s=timeout_s, trace=trace, saved=saved)
     with nvshmem_launch() if ws.transport == "nvshmem" else contextlib.nullcontext():
         fused_moe_kernel[(launch.programs,)](*args, **kwargs)
+
+
+def compile_fused(x, out, experts: dict, plan, ws, launch, *, config, rank: int, timeout_s: float,
+                  saved: Saved | None = None) -> None:
+    """Compile launch_fused's kernel variant for these arguments and load its module, launching
+    nothing (on a GPU; the interpreter compiles nothing). A variant is fixed by the launch, the
+    rank and the dtypes, not by the token count: x may have no rows."""
+    if triton.knobs.runtime.interpret:
+        return
+    args, kwargs = fused_kernel_args(x, out, experts, plan, ws, launch, config=config, rank=rank,
+                                     timeout_s=timeout_s, saved=saved)
+    # loaded here, a module of transport "nvshmem" is initialised here too (nvshmem_launch's hook)
+    with nvshmem_launch() if ws.transport == "nvshmem" else contextlib.nullcontext():
+        compiled = fused_moe_kernel.warmup(*args, grid=(launch.programs,), **kwargs)
+        assert compiled.run is not None  # reading `run` loads the module (Triton's CompiledKernel._init_handles)

@@ -14,6 +14,9 @@ SWITCHES = ("static_ffn_in", "h_tma")  # the fields that are 0 or 1
 FIELDS = ("programs", "block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t",
           "combine_span", *SWITCHES)
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
+# Rows an expert (on average) at which choose_launch's tiles change: the static GEMM1 order at
+# world 1, then the taller bf16 tiles. The only way a call's token count reaches its launch.
+STATIC_ROWS, LARGE_ROWS = 64, 128
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # average) to fill them: fewer re-reads of its weights and of h, more math per byte loaded.
     # fp32 keeps 64 x 128: its tiles would not fit shared memory.
     rows_per_expert = tokens * geo.top_k // geo.local_experts
-    large = rows_per_expert >= 128 and dtype == torch.bfloat16
+    large = rows_per_expert >= LARGE_ROWS and dtype == torch.bfloat16
     # Then, for experts narrower than the hidden size (dispatch bytes weigh more against their
     # GEMMs), half the programs send the dispatch chunks while the rest compute the expert tiles
     # that have arrived. 2xH200, 4,096-16,384 tokens, 64 of 132 programs against all: qwen3
@@ -141,6 +144,20 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
               "dispatch_programs": max(1, programs // 2) if overlap and type(programs) is int else None,
               "combine_span": 2 if large and geo.world_size == 1 else 1,
               "static_ffn_in": int(resident and programs == sm_count and geo.world_size == 1
-                                   and rows_per_expert >= 64),
+                                   and rows_per_expert >= STATIC_ROWS),
               "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden)}
     return LaunchConfig(**{"programs": programs, **chosen, **override}).check(geo)
+
+
+def launch_variants(geo: Geometry, dtype: torch.dtype, sm_count: int, override: dict | None = None,
+                    resident: bool = True) -> list[LaunchConfig]:
+    """Every launch choose_launch can give a call of 0 to geo.max_tokens tokens (its arguments
+    otherwise as given), each once, fewest tokens first: the token counts where its rows an
+    expert reach STATIC_ROWS and LARGE_ROWS, and none."""
+    reach = [-(-rows * geo.local_experts // geo.top_k) for rows in (STATIC_ROWS, LARGE_ROWS)]
+    launches = []
+    for tokens in [0, *sorted(t for t in reach if t <= geo.max_tokens)]:
+        launch = choose_launch(geo, tokens, dtype, sm_count, override, resident)
+        if launch not in launches:
+            launches.append(launch)
+    return launches
