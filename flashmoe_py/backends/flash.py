@@ -275,8 +275,8 @@ class FlashBackend:
         on different streams: every launch shares the workspace (task counters, expected-row counts,
         status, symmetric buffers), so two at once would mix their rows. Not inside a capture (the
         caller's graph orders its own). -> the stream this forward runs on, None while capturing
-        (what _run and _launch take: one lookup a forward, ~1/4 of a replayed decode call's host
-        time when each step looked it up again, bench/NOTES.md item 83 d)."""
+        (what _run and _launch take: one lookup a forward, where each step looked it up again;
+        with one stats copy, -12..-20% of a replayed call's host time, bench/NOTES.md item 84 c)."""
         self.raise_if_closed()
         self.raise_if_failed(block=False)
         if torch.cuda.is_current_stream_capturing():

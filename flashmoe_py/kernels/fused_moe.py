@@ -482,4 +482,4 @@ def compile_fused(x, out, experts: dict, plan, ws, launch, *, config, rank: int,
     # loaded here, a module of transport "nvshmem" is initialised here too (nvshmem_launch's hook)
     with nvshmem_launch() if ws.transport == "nvshmem" else contextlib.nullcontext():
         compiled = fused_moe_kernel.warmup(*args, grid=(launch.programs,), **kwargs)
-        assert compiled.run is not None  # reading `run` loads the module (Triton's CompiledKernel._init_handles)
+        compiled.run  # noqa: B018 (a property: reading it loads the module, Triton's CompiledKernel._init_handles)
