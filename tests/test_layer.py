@@ -1070,7 +1070,7 @@ def test_compile_fused_loads_an_nvshmem_kernel_where_its_module_is_initialised(m
     plan, _ = flash.routing_plan(layer.route(x), layer.expert_positions, geo, geo.send_order(0),
                                  torch.zeros(geo.local_experts * geo.max_chunks, dtype=torch.int64))
     ws = Workspace.allocate(geo, cfg.torch_dtype, transport, "cpu", LocalBuffers("cpu", 1))
-    experts = {n: getattr(layer, n) for n in flash.FUSED_WEIGHTS if getattr(layer, n) is not None}
+    experts = flash.kernel_experts(layer)
     monkeypatch.setattr(triton.knobs.runtime, "interpret", False)  # as on a GPU: compile
     fused_moe.compile_fused(x, torch.empty_like(x), experts, plan, ws, choose_launch(geo, 0, x.dtype, 1), config=cfg,
                             rank=0, timeout_s=1.0)

@@ -33,6 +33,11 @@ log = logging.getLogger("flashmoe_py")
 FUSED_WEIGHTS = ("w_in", "w_out", "b_in", "b_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
 
 
+def kernel_experts(layer) -> dict[str, torch.Tensor]:
+    """The layer's weights the fused kernel reads, by FUSED_WEIGHTS name (those the config has)."""
+    return {name: getattr(layer, name) for name in FUSED_WEIGHTS if getattr(layer, name) is not None}
+
+
 def _check_graphs_agree(layer, in_graph: bool, error: Exception | None, tokens: int) -> list[int]:
     """Every rank in grad mode says whether it records this forward (a rank whose input is
     rejected records nothing and is left out) and how many tokens it runs (0 where rejected); raise
@@ -203,7 +208,7 @@ class FlashBackend:
         x = torch.empty(0, geo.hidden, dtype=cfg.torch_dtype, device=layer.device)
         plan, _ = routing_plan(layer.route(x), layer.expert_positions, geo, self.send_order,
                                self.ws.scratch.comb_expect)  # no tokens: adds nothing
-        experts = {name: getattr(layer, name) for name in FUSED_WEIGHTS if getattr(layer, name) is not None}
+        experts = kernel_experts(layer)
         saves = [None]
         if self.options.backward_for(self.name) == "saved":
             pre = torch.empty(0, cfg.ffn_in_size, dtype=x.dtype, device=x.device)
@@ -346,7 +351,7 @@ class FlashBackend:
         out = torch.empty_like(x)
         launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,
                                resident=self.resident)
-        experts = {name: getattr(layer, name) for name in FUSED_WEIGHTS if getattr(layer, name) is not None}
+        experts = kernel_experts(layer)
         saved = None
         if saving is not None:
             pre, shared_pre = (None if shape is None else torch.empty(shape, dtype=x.dtype, device=x.device)

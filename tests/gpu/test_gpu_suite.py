@@ -20,6 +20,11 @@ def torchrun(script: str, *args: str, timeout: int = 900) -> subprocess.Complete
                            os.path.join(HERE, script), *args], env=env, timeout=timeout, cwd=ROOT)
 
 
+def one_process(script: str, timeout: int) -> subprocess.CompletedProcess:
+    """A check that runs in one process on one GPU (no launcher)."""
+    return subprocess.run([sys.executable, os.path.join(HERE, script)], timeout=timeout, cwd=ROOT)
+
+
 @pytest.mark.gpu
 def test_flash_backend_matches_reference_on_all_gpus():
     assert torchrun("check_flash.py", "--calls", "1000").returncode == 0
@@ -47,20 +52,17 @@ def test_bad_input_nan_capacity_and_heap_limits_on_all_gpus():
 
 @pytest.mark.gpu
 def test_every_kind_of_stalled_peer_ends_the_kernel_within_the_timeout():
-    assert subprocess.run([sys.executable, os.path.join(HERE, "check_timeouts.py")], timeout=300,
-                          cwd=ROOT).returncode == 0
+    assert one_process("check_timeouts.py", timeout=300).returncode == 0
 
 
 @pytest.mark.gpu
 def test_replaced_weights_two_streams_and_a_timed_out_step_are_handled_on_the_host():
-    assert subprocess.run([sys.executable, os.path.join(HERE, "check_host_paths.py")], timeout=300,
-                          cwd=ROOT).returncode == 0
+    assert one_process("check_host_paths.py", timeout=300).returncode == 0
 
 
 @pytest.mark.gpu
 def test_killed_rank_is_a_bounded_error_and_survivors_exit():
-    assert subprocess.run([sys.executable, os.path.join(HERE, "check_killed_rank.py")], timeout=300,
-                          cwd=ROOT).returncode == 0
+    assert one_process("check_killed_rank.py", timeout=300).returncode == 0
 
 
 @pytest.mark.gpu
@@ -75,5 +77,4 @@ def test_a_tiny_model_trains_beside_its_float64_reference_on_all_gpus():
 
 @pytest.mark.gpu
 def test_the_fused_kernel_at_worlds_2_4_and_8_with_every_rank_on_one_gpu():
-    assert subprocess.run([sys.executable, os.path.join(HERE, "check_ranks_on_one_gpu.py")], timeout=420,
-                          cwd=ROOT).returncode == 0
+    assert one_process("check_ranks_on_one_gpu.py", timeout=420).returncode == 0
