@@ -73,7 +73,7 @@ for step in "$@"; do
     ranks*) echo "=== ranks on one GPU (one process: worlds 2, 4, 8)"
               timeout -k 10 420 python3 tests/gpu/check_ranks_on_one_gpu.py ${RANKS_ARGS:-} --out "$OUT/ranks.json" \
               > "$OUT/ranks.log" 2>&1; rc=$?; echo "=== ranks rc=$rc"; note_rc $rc; tail -n 12 "$OUT/ranks.log" ;;
-    compile) echo "=== compile_variants (one GPU, one process)"
+    compile*) echo "=== compile_variants (one GPU, one process)"
               timeout -k 10 240 python3 tests/gpu/check_compile_variants.py --out "$OUT/compile_variants.json" \
               > "$OUT/compile_variants.log" 2>&1; rc=$?; echo "=== compile rc=$rc"; note_rc $rc; tail -n 6 "$OUT/compile_variants.log" ;;
     training*) n=${step#training}; run "training_w$n" 300 "$n" tests/gpu/check_training.py --out "$OUT/training_w$n.json" ;;

@@ -4,7 +4,8 @@
 # a peer that never launches, a rank killed mid-job, the 10,000-call soak, the patched HF models and
 # the gradients of both backends (NCCL), a 200-step training loop of both beside its float64 reference,
 # the fused backend's host-side guarantees (one GPU), and the fused kernel at worlds 2, 4 and 8 with
-# every rank on one GPU (the multi-rank protocol where only one GPU is lent).
+# every rank on one GPU (the multi-rank protocol where only one GPU is lent), and a layer built with its
+# kernel variants compiled (no first forward compiles one; one GPU).
 # Logs and JSON go to OUT.
 #   bash launch/gpu_checks.sh                      # all of them
 #   STEPS="soak faults" NGPUS=2 bash launch/gpu_checks.sh
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 source launch/count_gpus.sh
 export OUT=${OUT:-bench/results/gpu-checks-$(date -u +%F)-w$NGPUS}
 steps=()
-default="check nvcheck inputs timeouts faults killed soak hf backward training host ranks"
+default="check nvcheck inputs timeouts faults killed soak hf backward training host ranks compile"
 [ "$NGPUS" -gt 1 ] || default=${default/faults killed /}  # a stalled or killed peer needs a peer
 for s in ${STEPS:-$default}; do steps+=("$s$NGPUS"); done
 [ -n "${STEPS:-}" ] || [ "$NGPUS" -eq 1 ] || steps+=(backward1)  # the world-1-only backward cases

@@ -74,6 +74,7 @@ def test_the_default_checks_need_a_peer_only_where_there_is_one(tmp_path, gpus, 
     assert ("check_faults.py" in calls) == peers_checked and ("check_killed_rank.py" in calls) == peers_checked
     assert "check_flash.py" in calls and "check_soak.py" in calls and "check_host_paths.py" in calls
     assert "check_ranks_on_one_gpu.py" in calls  # worlds 2-8 on one GPU, at any GPU count
+    assert "check_compile_variants.py" in calls  # one GPU, at any GPU count
     assert f"--nproc-per-node {gpus} tests/gpu/check_training.py" in calls
     # the backward's world-1-only cases (captured steps, presets) in a one-GPU call of their own
     assert ("--nproc-per-node 1 tests/gpu/check_backward.py" in calls) and calls.count("check_backward.py") == (

@@ -201,7 +201,7 @@ class FlashBackend:
         """Compile and load every fused kernel variant this rank's forwards can launch (each
         launch_variants tile set; with backward="saved", each also as a training forward saves),
         without launching any. At world > 1 the layer does this when built: a rank that met a new
-        variant at a forward would compile it (3.5-5.4 s on an H100's host with Triton's cache
+        variant at a forward would compile it (3.5-9 s on an H100's host with Triton's cache
         empty, bench/NOTES.md item 84) while its peers' kernels already wait for it, under
         timeout_s."""
         layer, geo, cfg = self.layer, self.geo, self.layer.config

@@ -55,7 +55,7 @@ class RoutingPlan(NamedTuple):
     slot_w: torch.Tensor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NS"])  # one variant at any token count (compile_variants)
 def slot_ranks_kernel(experts_ptr, kept_ptr, positions_ptr, counts_ptr, stats_ptr, pos_ptr, rank_ptr,
                       NS, E, HAS_KEPT: tl.constexpr, BLOCK: tl.constexpr):
     """experts: [NS] int64 global expert ids; kept: [NS] bool (HAS_KEPT); positions: [E] int64;
@@ -97,7 +97,7 @@ def pair_table_kernel(counts_ptr, send_order_ptr, pos_start_ptr, region_off_ptr,
     tl.store(chunk_cum_ptr + p, tl.cumsum((in_order + CHUNK - 1) // CHUNK, 0), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NS", "SEND_CHUNKS", "SLOT_PROGRAMS", "CHUNK_PROGRAMS"])  # as slot_ranks_kernel
 def slot_plan_kernel(pos_ptr, rank_ptr, counts_ptr, pos_start_ptr, region_off_ptr, chunk_cum_ptr, send_order_ptr,
                      send_slot_ptr, slot_dest_ptr, slot_row_ptr, slot_chunk_ptr, chunk_pos_ptr, chunk_c_ptr,
                      comb_expect_ptr, NS, E, L, MAXC, SEND_CHUNKS, SLOT_PROGRAMS, CHUNK_PROGRAMS,

@@ -115,7 +115,7 @@ def _kept_groups(choice, emask, e, meta):
     return in_kept
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one variant at any token count (compile_variants)
 def router_kernel(x_ptr, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_ptr, logits_ptr, T, H, E, scaling,
                   meta):
     """x: [T, H]; w: [E, H] (x's dtype, or fp32 with UPCAST); bias, correction: [E] fp32 (read

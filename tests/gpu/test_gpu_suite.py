@@ -78,3 +78,8 @@ def test_a_tiny_model_trains_beside_its_float64_reference_on_all_gpus():
 @pytest.mark.gpu
 def test_the_fused_kernel_at_worlds_2_4_and_8_with_every_rank_on_one_gpu():
     assert one_process("check_ranks_on_one_gpu.py", timeout=420).returncode == 0
+
+
+@pytest.mark.gpu
+def test_a_layer_built_with_its_variants_compiled_leaves_none_for_a_first_forward():
+    assert one_process("check_compile_variants.py", timeout=240).returncode == 0
