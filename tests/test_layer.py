@@ -1021,6 +1021,7 @@ def test_compile_variants_compiles_each_launch_a_forward_can_take_with_valid_arg
     from flashmoe_py.kernels.fused_moe import fused_kernel_args
     from flashmoe_py.kernels.launch_config import launch_variants
     from flashmoe_py.kernels.layout import Geometry
+    from flashmoe_py.kernels.router import DECODE_TOKENS
     from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
 
     cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, dtype="bfloat16", shared_experts=shared)
@@ -1034,13 +1035,24 @@ def test_compile_variants_compiles_each_launch_a_forward_can_take_with_valid_arg
         compiled.append((x.shape[0], launch, saved is not None))
 
     monkeypatch.setattr(flash, "compile_fused", compile_fused)
+    routed = []
+    route = layer.route
+    monkeypatch.setattr(layer, "route", lambda x, keep_logits=False: routed.append(
+        (x.shape[0], keep_logits, torch.is_grad_enabled())) or route(x, keep_logits=keep_logits))
     backend = types.SimpleNamespace(layer=layer, geo=geo, send_order=geo.send_order(0), options=layer.options,
                                     ws=Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", LocalBuffers("cpu", 1)),
                                     name="flash", programs=1, resident=True)  # the interpreter's static order: 1
+    backend.ws.scratch.comb_expect.zero_()
     FlashBackend.compile_variants(backend)
     launches = launch_variants(geo, torch.bfloat16, 1)
     saves = (False, True) if backward == "saved" else (False,)
     assert len(launches) == 3 and compiled == [(0, launch, save) for launch in launches for save in saves]
+    # the router and plan kernels run (compiled) at a decode size and past it (the router's two block
+    # sizes), as a forward routes: without autograd, with and without the logits a training forward
+    # keeps; the layer's expected rows left as they were
+    assert routed[:4] == [(1, False, False), (1, True, False), (DECODE_TOKENS + 1, False, False),
+                          (DECODE_TOKENS + 1, True, False)]
+    assert not backend.ws.scratch.comb_expect.any()
 
 
 def test_the_kernels_before_the_fused_one_compile_once_for_every_token_count():
@@ -1050,13 +1062,14 @@ def test_the_kernels_before_the_fused_one_compile_once_for_every_token_count():
     wait, unless their token-count arguments are not specialised. Read from Triton's own kernel
     objects, so in a process without the interpreter (which keeps no such list)."""
     code = ("from flashmoe_py.kernels import plan, router\n"
-            "for k in (router.router_kernel, plan.slot_ranks_kernel, plan.slot_plan_kernel):\n"
+            "for k in (router.router_partial_kernel, router.router_kernel, plan.slot_ranks_kernel,\n"
+            "          plan.slot_plan_kernel):\n"
             "    print(k.fn.__name__, sorted(p.name for p in k.params if p.do_not_specialize))")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "router_kernel ['T']", "slot_ranks_kernel ['NS']",
+        "router_partial_kernel ['T']", "router_kernel ['T']", "slot_ranks_kernel ['NS']",
         "slot_plan_kernel ['CHUNK_PROGRAMS', 'NS', 'SEND_CHUNKS', 'SLOT_PROGRAMS']"], proc.stdout
 
 

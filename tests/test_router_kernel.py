@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+import triton
 from decided import decided_choice
 from grad_reference import rel_err
 
@@ -27,10 +28,11 @@ def decided_rows(x, w, top_k, margin=1e-3):
     return (logits[:, :-1] - logits[:, 1:]).min(dim=1).values > margin
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("dtype", [pytest.param("bfloat16", marks=pytest.mark.gpu), "float32"])
 @pytest.mark.parametrize("experts,top_k,renormalize", [(8, 2, True), (60, 4, False), (256, 8, True),
                                                        (16, 1, True), (3, 3, False)])
-def test_router_matches_float64_routing(dtype, experts, top_k, renormalize):
+def test_router_matches_float64_routing(dtype, experts, top_k, renormalize, split):
     cfg = MoEConfig(hidden_size=96, ffn_size=32, num_experts=experts, top_k=top_k, dtype=dtype,
                     renormalize=renormalize)
     gen = torch.Generator().manual_seed(random.randrange(2**31))
@@ -42,7 +44,7 @@ def test_router_matches_float64_routing(dtype, experts, top_k, renormalize):
         if rows.float().mean() > 0.5:
             break
     assert rows.float().mean() > 0.5
-    weights, chosen = (t.cpu() for t in router_topk(x.to(DEVICE), w.to(DEVICE), top_k, renormalize))
+    weights, chosen = (t.cpu() for t in router_topk(x.to(DEVICE), w.to(DEVICE), top_k, renormalize, split=split))
     ref_w, ref_e, _ = reference_routing(x, w, cfg, torch.float64)
     assert weights.dtype == torch.float32 and chosen.dtype == torch.int64
     assert weights.shape == chosen.shape == (tokens, top_k)
@@ -125,15 +127,17 @@ ROUTINGS = [  # (config fields, whether the router has a bias, an fp32 router in
 ]
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("fields,bias", ROUTINGS)
 @pytest.mark.parametrize("experts,top_k", [(64, 8), (32, 3), (512, 10)])
-def test_every_routing_matches_the_reference(fields, bias, experts, top_k):
+def test_every_routing_matches_the_reference(fields, bias, experts, top_k, split):
     """fp32 (the interpreter's dot): the kernel's experts and weights are the reference's on every
-    token whose choice no rounding can change (biased scores and group scores well apart)."""
-    cfg = MoEConfig(hidden_size=64, ffn_size=32, num_experts=experts, top_k=top_k, dtype="float32", **fields)
+    token whose choice no rounding can change (biased scores and group scores well apart), with
+    the dot split over K chunks (hidden 160: 3 chunks, the last one short, or 10) or not."""
+    cfg = MoEConfig(hidden_size=160, ffn_size=32, num_experts=experts, top_k=top_k, dtype="float32", **fields)
     gen = torch.Generator().manual_seed(random.randrange(2**31))
-    x = torch.randn(70, 64, generator=gen)
-    w = torch.randn(experts, 64, generator=gen) / 8
+    x = torch.randn(70, 160, generator=gen)
+    w = torch.randn(experts, 160, generator=gen) / 160**0.5
     router_bias = torch.randn(experts, generator=gen) / 4 if bias else None
     correction = torch.rand(experts, generator=gen) / 4 if cfg.routing == "sigmoid_grouped" else None
     extra = {"router_bias": router_bias, "e_score_correction_bias": correction}
@@ -142,7 +146,7 @@ def test_every_routing_matches_the_reference(fields, bias, experts, top_k):
         x.to(DEVICE), w.to(DEVICE), top_k, cfg.renormalize, routing=cfg.routing,
         router_bias=None if router_bias is None else router_bias.to(DEVICE),
         correction_bias=None if correction is None else correction.to(DEVICE), n_group=cfg.n_group,
-        topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor))
+        topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor, split=split))
     rows = decided_rows(x, w, top_k) if cfg.routing != "sigmoid_grouped" else torch.ones(70, dtype=torch.bool)
     if bias or correction is not None:  # the choice is on biased values: compare where it is clear
         rows = decided_choice(x, w, cfg, router_bias, correction)
@@ -152,16 +156,18 @@ def test_every_routing_matches_the_reference(fields, bias, experts, top_k):
 
 
 @pytest.mark.gpu
-def test_an_fp32_router_in_a_bf16_layer_takes_the_exact_dot_on_upcast_activations():
+@pytest.mark.parametrize("split", [False, True])
+def test_an_fp32_router_in_a_bf16_layer_takes_the_exact_dot_on_upcast_activations(split):
     """DeepSeek-V3's router stays fp32 in a bf16 model: its logits are the fp32 product of the
-    upcast activations, so the picks match float64 routing on every decided token."""
+    upcast activations, so the picks match float64 routing on every decided token (split over K
+    chunks too, as its 7.3 MB router is at decode sizes)."""
     cfg = MoEConfig(hidden_size=512, ffn_size=64, num_experts=256, top_k=8, routing="sigmoid_grouped",
                     n_group=8, topk_group=4, routed_scaling_factor=2.5, router_dtype="float32")
     x = torch.randn(2048, 512, device=DEVICE).to(torch.bfloat16)
     w = torch.randn(256, 512, device=DEVICE) / 512**0.5
     correction = torch.rand(256, device=DEVICE) / 4
     got_w, got_e = router_topk(x, w, 8, True, routing="sigmoid_grouped", correction_bias=correction, n_group=8,
-                               topk_group=4, scaling=2.5)
+                               topk_group=4, scaling=2.5, split=split)
     ref_w, ref_e, _ = reference_routing(x.cpu(), w.cpu(), cfg, torch.float64,
                                         e_score_correction_bias=correction.cpu())
     rows = decided_choice(x.cpu(), w.cpu(), cfg, None, correction.cpu())
@@ -169,10 +175,11 @@ def test_an_fp32_router_in_a_bf16_layer_takes_the_exact_dot_on_upcast_activation
     torch.testing.assert_close(got_w.cpu()[rows].double(), ref_w[rows].double(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("fields,bias", ROUTINGS)
-def test_the_router_writes_the_logits_it_chose_from_and_chooses_the_same(fields, bias):
+def test_the_router_writes_the_logits_it_chose_from_and_chooses_the_same(fields, bias, split):
     """logits_out (NaN before the kernel) holds x @ w^T + bias, every token and expert; asking for
-    it changes no weight and no expert."""
+    it changes no weight and no expert. Split: two K chunks, the second 16 wide."""
     experts, top_k = 40, 4
     cfg = MoEConfig(hidden_size=80, ffn_size=32, num_experts=experts, top_k=top_k, dtype="float32", **fields)
     gen = torch.Generator().manual_seed(random.randrange(2**31))
@@ -181,10 +188,102 @@ def test_the_router_writes_the_logits_it_chose_from_and_chooses_the_same(fields,
     correction = torch.rand(experts, generator=gen) / 4 if cfg.routing == "sigmoid_grouped" else None
     kwargs = dict(routing=cfg.routing, router_bias=None if router_bias is None else router_bias.to(DEVICE),
                   correction_bias=None if correction is None else correction.to(DEVICE), n_group=cfg.n_group,
-                  topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor)
+                  topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor, split=split)
     logits = torch.full((70, experts), float("nan"), device=DEVICE)
     with_logits = router_topk(x.to(DEVICE), w.to(DEVICE), top_k, cfg.renormalize, logits_out=logits, **kwargs)
     without = router_topk(x.to(DEVICE), w.to(DEVICE), top_k, cfg.renormalize, **kwargs)
     want = x.double() @ w.double().t() + (0 if router_bias is None else router_bias.double())
     assert rel_err(logits.cpu(), want) <= 1e-6
     assert torch.equal(with_logits[1], without[1]) and torch.equal(with_logits[0], without[0])
+
+
+class LaunchSpy:
+    """Records the grids a kernel is launched with, and launches it; then calls after(args) with
+    the launch's arguments, if given."""
+
+    def __init__(self, kernel, after=None):
+        self.kernel, self.after, self.grids = kernel, after, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+
+        def launch(*args, **kwargs):
+            self.kernel[grid](*args, **kwargs)
+            if self.after is not None:
+                self.after(args)
+        return launch
+
+
+def decided_draws(tokens: int, experts: int, hidden: int, top_k: int):
+    """x [tokens, hidden], w [experts, hidden] (fp32, on DEVICE) from a fresh seed, drawn again
+    until most tokens' top-k is decided (a single token: until it is) -> (x, w, decided rows)."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    w = torch.randn(experts, hidden, generator=gen) / hidden**0.5
+    for _ in range(20):
+        x = torch.randn(tokens, hidden, generator=gen)
+        rows = decided_rows(x, w, top_k)
+        if rows.float().mean() > 0.5:
+            break
+    assert rows.float().mean() > 0.5
+    return x.to(DEVICE), w.to(DEVICE), rows
+
+
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_the_split_dot_gives_the_unsplit_choice_and_logits(monkeypatch, tokens):
+    """Split over K chunks (hidden 200 in 7 chunks of 32, the last 8; 256 experts, fp32), the
+    router picks the experts it picks unsplit on every decided token, and its logits are the same
+    sums added in another order: equal to fp32 rounding."""
+    from flashmoe_py.kernels import router
+
+    spy = LaunchSpy(router.router_partial_kernel)
+    monkeypatch.setattr(router, "router_partial_kernel", spy)
+    x, w, rows = decided_draws(tokens, 256, 200, 8)
+    got, want = (torch.full((tokens, 256), float("nan"), device=DEVICE) for _ in range(2))
+    split = router_topk(x, w, 8, True, logits_out=got, split=True)
+    whole = router_topk(x, w, 8, True, logits_out=want, split=False)
+    assert spy.grids == [(triton.cdiv(tokens, router.DECODE_BT), 7)]
+    assert rel_err(got.cpu(), want.cpu().double()) <= 1e-6
+    assert torch.equal(split[1].cpu()[rows], whole[1].cpu()[rows])
+    torch.testing.assert_close(split[0].cpu()[rows], whole[0].cpu()[rows], rtol=1e-5, atol=1e-6)
+
+
+def test_a_split_router_chooses_from_the_chunk_sums(monkeypatch):
+    """The router kernel's logits are the partial kernel's sums, not a dot of its own: one added to
+    every sum of chunk 0 after the partial kernel ran comes out in every logit."""
+    from flashmoe_py.kernels import router
+
+    def add_one_to_chunk_0(args):
+        args[2][0] += 1.0  # partial [chunks, T, E]
+
+    monkeypatch.setattr(router, "router_partial_kernel", LaunchSpy(router.router_partial_kernel, add_one_to_chunk_0))
+    x, w, _ = decided_draws(5, 40, 200, 4)
+    got, want = (torch.empty(5, 40, device=DEVICE) for _ in range(2))
+    router_topk(x, w, 4, True, logits_out=got, split=True)
+    router_topk(x, w, 4, True, logits_out=want, split=False)
+    torch.testing.assert_close(got, want + 1.0, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,experts,hidden,chunks", [
+    (1, 128, 4096, 64),  # 2 MB of fp32 router: split, 64 chunks of one 64-wide K step
+    (128, 128, 4096, 64),
+    (129, 128, 4096, None),  # more tokens than DECODE_TOKENS: one dot a block of tokens
+    (1, 120, 4096, None),  # a router weight under SPLIT_MIN_BYTES
+    (1, 128, 8256, 43),  # 129 K steps: three a chunk, so no more than MAX_CHUNKS chunks
+])
+def test_the_router_takes_16_tokens_a_program_and_splits_a_large_weight_at_decode(monkeypatch, tokens, experts,
+                                                                                   hidden, chunks):
+    """Up to DECODE_TOKENS tokens the router kernel takes 16 tokens a program (past them 64, for
+    up to 128 experts), and a router weight of SPLIT_MIN_BYTES or more has its dot split into at
+    most MAX_CHUNKS K chunks first; either way the same experts on every decided token."""
+    from flashmoe_py.kernels import router
+
+    partials, routers = LaunchSpy(router.router_partial_kernel), LaunchSpy(router.router_kernel)
+    monkeypatch.setattr(router, "router_partial_kernel", partials)
+    monkeypatch.setattr(router, "router_kernel", routers)
+    x, w, rows = decided_draws(tokens, experts, hidden, 2)
+    weights, chosen = router_topk(x, w, 2, True)
+    assert partials.grids == ([] if chunks is None else [(triton.cdiv(tokens, router.DECODE_BT), chunks)])
+    assert routers.grids == [(triton.cdiv(tokens, 16 if tokens <= router.DECODE_TOKENS else 64),)]
+    assert chunks is None or chunks <= router.MAX_CHUNKS
+    other = router_topk(x, w, 2, True, split=chunks is None)[1]  # no other choice
+    assert torch.equal(chosen.cpu()[rows], other.cpu()[rows])

@@ -18,7 +18,12 @@ tokens picked a different top-8 than float64 routing: near-ties;
 bench/results/2026-11-23-h200x2-sweep/router_accuracy.log); an fp32 router (DeepSeek-V3 and
 GLM-4.5 keep theirs in fp32) takes the exact fp32 dot of the upcast activations. The k experts
 come best first (ties: the lower expert id). A token with a non-finite logit gets k distinct,
-existing experts with non-finite weights, as under torch's ops (which rank NaN above numbers)."""
+existing experts with non-finite weights, as under torch's ops (which rank NaN above numbers).
+
+For few tokens (decode) a program takes 16 tokens, and for a large router weight the logits' dot
+is split over the hidden size first (router_partial_kernel, a program per block of tokens and K
+chunk; the chunks' sums then added in chunk order): one program would otherwise read the whole
+weight alone."""
 
 from typing import NamedTuple
 
@@ -30,6 +35,14 @@ from ..config import NUM_EXPERTS_LIMIT, TOP_K_LIMIT
 
 MAX_EXPERTS = NUM_EXPERTS_LIMIT  # the whole row of logits lives in registers
 MAX_TOP_K = TOP_K_LIMIT
+# Decode: up to DECODE_TOKENS tokens, DECODE_BT tokens a program (the top-k selection's work
+# follows a program's rows, used or not), and for a router weight of SPLIT_MIN_BYTES or more the
+# dot split into at most MAX_CHUNKS chunks of K. The router alone, one H100, 1-128 tokens, against
+# 32-64 tokens a program and no split: qwen3 20.3-20.5 -> 14.4-16.6 us, gpt_oss 18.3-19.0 ->
+# 14.7-14.8 us (16 tokens; split too: no better, 0.5-0.7 MB routers), deepseek_v3 79-81 -> 28-39
+# us (16 tokens and split, its 3.7 MB router; bench/NOTES.md item 85). Before, below 32-64 tokens
+# the router was one program, reading the whole weight alone and selecting over 32-64 rows.
+DECODE_TOKENS, DECODE_BT, SPLIT_MIN_BYTES, MAX_CHUNKS = 128, 16, 2 * 1024 * 1024, 64
 ROUTINGS = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_grouped": 2, "topk_sigmoid": 3}
 SOFTMAX_TOPK = tl.constexpr(0)
 TOPK_SOFTMAX = tl.constexpr(1)
@@ -42,7 +55,8 @@ class RouterMeta(NamedTuple):
     two), E_POW2 >= E, RENORMALIZE, HAS_BIAS (router bias), N_GROUP (NG_POW2 its power of two),
     TOPK_GROUP and GROUP_SIZE (E / N_GROUP) of sigmoid_grouped, UPCAST (an fp32 router: x is
     upcast, the dot is exact fp32), PRECISION of fp32 dots, SAVE_LOGITS (also write the logits, for
-    a training forward's backward), BT tokens a program, BK the K step."""
+    a training forward's backward), BT tokens a program, BK the K step, SPLIT (the logits are
+    router_partial_kernel's chunk sums, not the kernel's own dot)."""
 
     ROUTING: tl.constexpr
     TOP_K: tl.constexpr
@@ -59,22 +73,65 @@ class RouterMeta(NamedTuple):
     SAVE_LOGITS: tl.constexpr
     BT: tl.constexpr
     BK: tl.constexpr
+    SPLIT: tl.constexpr
+
+
+class DotMeta(NamedTuple):
+    """router_partial_kernel's compile-time settings, RouterMeta's of the same names (only these:
+    one variant of it whatever the routing)."""
+
+    E_POW2: tl.constexpr
+    UPCAST: tl.constexpr
+    PRECISION: tl.constexpr
+    BT: tl.constexpr
+    BK: tl.constexpr
 
 
 @triton.jit
-def _logits(x_ptr, w_ptr, bias_ptr, t, tmask, e, emask, H, meta):
-    """[BT, E_POW2] fp32 logits of tokens t (padding columns -inf)."""
-    logits = tl.zeros((meta.BT, meta.E_POW2), dtype=tl.float32)
-    for k0 in range(0, H, meta.BK):
+def _dot_span(x_ptr, w_ptr, t, tmask, e, emask, H, k_lo, k_hi, meta):
+    """[BT, E_POW2] fp32: x[t, k] . w[e, k] summed over k in [k_lo, k_hi), k_hi <= H (meta: a
+    RouterMeta or DotMeta)."""
+    acc = tl.zeros((meta.BT, meta.E_POW2), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, meta.BK):
         k = k0 + tl.arange(0, meta.BK)
-        kmask = k < H
+        kmask = k < k_hi
         a = tl.load(x_ptr + t.to(tl.int64)[:, None] * H + k[None, :], mask=tmask[:, None] & kmask[None, :],
                     other=0.0)
         b = tl.load(w_ptr + e.to(tl.int64)[None, :] * H + k[:, None], mask=kmask[:, None] & emask[None, :],
                     other=0.0)
         if meta.UPCAST:
             a = a.to(tl.float32)
-        logits += tl.dot(a, b, input_precision=meta.PRECISION)
+        acc += tl.dot(a, b, input_precision=meta.PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["T"])  # one variant at any token count, as router_kernel
+def router_partial_kernel(x_ptr, w_ptr, partial_ptr, T, H, E, CHUNK_K, meta):
+    """The split dot: program (i, c) -> partial[c, t, e] (fp32 [chunks, T, E]) = x[t, k] . w[e, k]
+    over chunk c's k in [c * CHUNK_K, (c + 1) * CHUNK_K) and < H, for tokens t of block i (BT)."""
+    t = tl.program_id(0) * meta.BT + tl.arange(0, meta.BT)
+    c = tl.program_id(1)
+    e = tl.arange(0, meta.E_POW2)
+    tmask, emask = t < T, e < E
+    k_lo = c * CHUNK_K
+    acc = _dot_span(x_ptr, w_ptr, t, tmask, e, emask, H, k_lo, tl.minimum(k_lo + CHUNK_K, H), meta)
+    rows = (c.to(tl.int64) * T + t)[:, None] * E + e[None, :]
+    tl.store(partial_ptr + rows, acc, mask=tmask[:, None] & emask[None, :])
+
+
+@triton.jit
+def _logits(x_ptr, w_ptr, bias_ptr, partial_ptr, t, tmask, e, emask, T, H, E, CHUNKS, meta):
+    """[BT, E_POW2] fp32 logits of tokens t (padding columns -inf): the dot over all of H, or,
+    with SPLIT, router_partial_kernel's CHUNKS chunk sums added in chunk order."""
+    if meta.SPLIT:
+        logits = tl.zeros((meta.BT, meta.E_POW2), dtype=tl.float32)
+        m = tmask[:, None] & emask[None, :]
+        row = t.to(tl.int64)  # chunk c's row of token t: c * T + t
+        for _ in range(CHUNKS):
+            logits += tl.load(partial_ptr + row[:, None] * E + e[None, :], mask=m, other=0.0)
+            row += T
+    else:
+        logits = _dot_span(x_ptr, w_ptr, t, tmask, e, emask, H, 0, H, meta)
     if meta.HAS_BIAS:
         logits += tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)[None, :]
     return tl.where(emask[None, :], logits, float("-inf"))
@@ -116,18 +173,19 @@ def _kept_groups(choice, emask, e, meta):
 
 
 @triton.jit(do_not_specialize=["T"])  # one variant at any token count (compile_variants)
-def router_kernel(x_ptr, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_ptr, logits_ptr, T, H, E, scaling,
-                  meta):
+def router_kernel(x_ptr, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_ptr, logits_ptr, partial_ptr, T, H,
+                  E, CHUNKS, scaling, meta):
     """x: [T, H]; w: [E, H] (x's dtype, or fp32 with UPCAST); bias, correction: [E] fp32 (read
     when HAS_BIAS / sigmoid_grouped); weights: [T, TOP_K] fp32; experts: [T, TOP_K] int64;
-    logits: [T, E] fp32, written when SAVE_LOGITS (with the router bias)."""
+    logits: [T, E] fp32, written when SAVE_LOGITS (with the router bias); partial: [CHUNKS, T, E]
+    fp32 from router_partial_kernel, read in place of x and w when SPLIT."""
     BT: tl.constexpr = meta.BT
     TOP_K: tl.constexpr = meta.TOP_K
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     tmask = t < T
     e = tl.arange(0, meta.E_POW2)
     emask = e < E
-    logits = _logits(x_ptr, w_ptr, bias_ptr, t, tmask, e, emask, H, meta)
+    logits = _logits(x_ptr, w_ptr, bias_ptr, partial_ptr, t, tmask, e, emask, T, H, E, CHUNKS, meta)
     if meta.SAVE_LOGITS:
         tl.store(logits_ptr + t.to(tl.int64)[:, None] * E + e[None, :], logits, mask=tmask[:, None] & emask[None, :])
     if meta.ROUTING == SOFTMAX_TOPK:
@@ -179,13 +237,18 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
                 routing: str = "softmax_topk", router_bias: torch.Tensor | None = None,
                 correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
                 scaling: float = 1.0, block_t: int | None = None,
-                logits_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                logits_out: torch.Tensor | None = None, split: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [T, H]; router_weight: [E, H] in x's dtype or fp32, E <= MAX_EXPERTS, on x's device;
     router_bias: [E] or None; correction_bias: [E] (routing 'sigmoid_grouped'); n_group,
-    topk_group: sigmoid_grouped's groups; scaling: every weight's factor; block_t: tokens per
-    program (a power of two >= 16; default by E); logits_out: a contiguous [T, E] fp32 tensor on
+    topk_group: sigmoid_grouped's groups; scaling: every weight's factor; logits_out: a contiguous [T, E] fp32 tensor on
     x's device into which the logits the choice was made from are written (router bias
-    included), or None.
+    included), or None; split: the dot split over K chunks first (router_partial_kernel; its sums
+    are added in another order, so a logit may differ in its last bits; its [chunks, T, E] fp32
+    sums are a new tensor, so split=True at many tokens takes that memory), or not; None: split up
+    to DECODE_TOKENS tokens for a router weight of SPLIT_MIN_BYTES or more. A hidden size of one K
+    step is never split. block_t, tokens a program: a power of two >= 16, by default DECODE_BT up to
+    DECODE_TOKENS tokens, and past them 64, 32 or 16 by E (up to 128, 256, 512 experts). Each kernel
+    compiles one variant for every token count of a block_t and split.
     -> (weights [T, top_k] fp32, experts [T, top_k] int64), best expert first."""
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"x: expected a contiguous [tokens, hidden] tensor, got {tuple(x.shape)}")
@@ -222,24 +285,36 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
     experts = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
     if T:
         e_pow2 = max(16, triton.next_power_of_2(E))
-        bt = block_t or (64 if e_pow2 <= 128 else 32 if e_pow2 <= 256 else 16)
+        decode = T <= DECODE_TOKENS
+        bt = block_t or (DECODE_BT if decode else 64 if e_pow2 <= 128 else 32 if e_pow2 <= 256 else 16)
         upcast = router_weight.dtype == torch.float32 and x.dtype != torch.float32
+        precision = "ieee" if router_weight.dtype == torch.float32 else "tf32"
         # The router's [BK, E] tile, pipelined: at most 32 KB a stage (fp32 x 512 experts: BK 16).
         bk = max(16, min(64, 32768 // (e_pow2 * router_weight.element_size())))
+        chunk_k = bk * triton.cdiv(triton.cdiv(H, bk), MAX_CHUNKS)
+        chunks = triton.cdiv(H, chunk_k)
+        if split is None:
+            split = decode and router_weight.numel() * router_weight.element_size() >= SPLIT_MIN_BYTES
+        split = split and chunks > 1
         c = tl.constexpr
+        dummy = weights  # for pointers a routing does not read
+        partial = dummy
+        if split:
+            partial = torch.empty(chunks, T, E, dtype=torch.float32, device=x.device)
+            dot_meta = DotMeta(E_POW2=c(e_pow2), UPCAST=c(upcast), PRECISION=c(precision), BT=c(DECODE_BT), BK=c(bk))
+            router_partial_kernel[(triton.cdiv(T, DECODE_BT), chunks)](x, router_weight, partial, T, H, E, chunk_k,
+                                                                        dot_meta, num_warps=4)
         meta = RouterMeta(ROUTING=c(ROUTINGS[routing]), TOP_K=c(top_k), K_POW2=c(triton.next_power_of_2(top_k)),
                           E_POW2=c(e_pow2), RENORMALIZE=c(renormalize), HAS_BIAS=c(router_bias is not None),
                           N_GROUP=c(n_group if grouped else 1),
                           NG_POW2=c(triton.next_power_of_2(n_group if grouped else 1)),
                           TOPK_GROUP=c(topk_group if grouped else 1),
-                          GROUP_SIZE=c(E // n_group if grouped else E), UPCAST=c(upcast),
-                          PRECISION=c("ieee" if router_weight.dtype == torch.float32 else "tf32"),
-                          SAVE_LOGITS=c(logits_out is not None), BT=c(bt), BK=c(bk))
-        dummy = weights  # for pointers a routing does not read
+                          GROUP_SIZE=c(E // n_group if grouped else E), UPCAST=c(upcast), PRECISION=c(precision),
+                          SAVE_LOGITS=c(logits_out is not None), BT=c(bt), BK=c(bk), SPLIT=c(split))
         bias = router_bias.float().contiguous() if router_bias is not None else dummy
         correction = correction_bias.float().contiguous() if grouped else dummy
         router_kernel[(triton.cdiv(T, bt),)](
-            x, router_weight, bias, correction, weights, experts, dummy if logits_out is None else logits_out, T, H,
-            E, float(scaling), meta,
+            x, router_weight, bias, correction, weights, experts, dummy if logits_out is None else logits_out, partial,
+            T, H, E, chunks, float(scaling), meta,
             num_warps=8 if bt * e_pow2 >= 8192 else 4)
     return weights, experts

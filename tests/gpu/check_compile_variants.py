@@ -7,14 +7,16 @@ plan kernels and the fused kernel's variant of few rows an expert; compile_varia
 the others (the static GEMM1 order from 64 rows an expert, the tall tiles from 128). The first
 forwards at SIZES must then take no compile's time (each under QUICK_S; the fused kernel's
 compile takes 3.5-9 s on an H100's host, the router and plan kernels' 0.3-1.7 s) and match
-the float32 reference (bf16 bar 1e-2). SIZES are token counts the first forward did not meet, 1
-and two that are no multiple of 16, which Triton would have specialised the router and plan
-kernels on (they take every token count as one variant). A
+the float32 reference (bf16 bar 1e-2). SIZES are token counts neither the first forward nor
+compile_variants' runs of the router and plan kernels (at 1 and 129 tokens) met, in each of the
+classes Triton would have specialised those kernels on (1, a multiple of 16, neither) up to 128
+tokens (the router's decode variant) and past them (its other one), or the fused kernel's new
+variants: they take every token count of a variant as one. A
 layer of 64 experts, top-8 (variants of its own: the expert count and top-k are the kernel's
 constants; the same rows an expert at each size), not asked to compile them, shows what that time
 is: its first forward at a size whose fused variant is new must take SLOW_S or more (else the
-check could not tell the two layers apart), and at 1 token, whose variant its first forward
-compiled, under QUICK_S.
+check could not tell the two layers apart), and at 1 and 37 tokens, whose variant its first
+forward compiled, under QUICK_S.
 
     python tests/gpu/check_compile_variants.py [--out rows.json]"""
 
@@ -38,7 +40,8 @@ CONFIGS = {True: MoEConfig(hidden_size=1024, ffn_size=768, num_experts=32, top_k
            False: MoEConfig(hidden_size=1024, ffn_size=768, num_experts=64, top_k=8, dtype="bfloat16")}
 MAX_TOKENS = 2048
 FIRST = 16  # 2 rows an expert: few rows' variant, compiled by the first forward
-SIZES = (1, 520, 2047)  # rows an expert: 0 (FIRST's variant), 65 (the static GEMM1 order), 255 (tall tiles too)
+# rows an expert: 0 (FIRST's fused variant) at 1 and 37, 65-66 (the static GEMM1 order), 255 (tall tiles too)
+SIZES = (1, 37, 520, 528, 2047)
 QUICK_S, SLOW_S = 0.2, 1.0  # a warm first forward takes milliseconds
 
 
