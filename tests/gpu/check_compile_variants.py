@@ -14,9 +14,9 @@ tokens (the router's decode variant) and past them (its other one), or the fused
 variants: they take every token count of a variant as one. A
 layer of 64 experts, top-8 (variants of its own: the expert count and top-k are the kernel's
 constants; the same rows an expert at each size), not asked to compile them, shows what that time
-is: its first forward at a size whose fused variant is new must take SLOW_S or more (else the
-check could not tell the two layers apart), and at 1 and 37 tokens, whose variant its first
-forward compiled, under QUICK_S.
+is: its first forward at a size whose fused variant is new to it (520 and 2,047 tokens) must take
+SLOW_S or more (else the check could not tell the two layers apart), and at the others, whose
+variants an earlier forward compiled, under QUICK_S.
 
     python tests/gpu/check_compile_variants.py [--out rows.json]"""
 
@@ -47,11 +47,12 @@ QUICK_S, SLOW_S = 0.2, 1.0  # a warm first forward takes milliseconds
 
 def first_forwards(layer: MoELayer, seed: int) -> list[dict]:
     """The first forward at each of SIZES (after one at FIRST): its seconds, its error, and whether
-    its fused kernel variant is other than FIRST's."""
+    its fused kernel variant is one the layer had not launched before (FIRST's, or an earlier
+    size's)."""
     cfg, gen, b = layer.config, torch.Generator().manual_seed(seed), layer.backend
     launch = lambda tokens: choose_launch(b.geo, tokens, torch.bfloat16, b.programs, b.options.launch_override,  # noqa: E731
                                           b.resident)
-    rows = []
+    rows, launched = [], [launch(FIRST)]
     for tokens in SIZES:
         x = torch.randn(tokens, cfg.hidden_size, generator=gen).to("cuda", torch.bfloat16)
         torch.cuda.synchronize()
@@ -62,7 +63,8 @@ def first_forwards(layer: MoELayer, seed: int) -> list[dict]:
         ref = reference_forward(x.float(), config=cfg, **layer.full_weight_dict())
         err = float((out.float() - ref).norm() / ref.norm())
         rows.append({"tokens": tokens, "first_call_s": round(seconds, 3), "rel_err": err,
-                     "new_fused_variant": launch(tokens) != launch(FIRST)})
+                     "new_fused_variant": launch(tokens) not in launched})
+        launched.append(launch(tokens))
     return rows
 
 
