@@ -33,6 +33,7 @@ def settings(num_experts: int) -> dict:
 
 
 def router_call(cfg, x, w, correction, **setting):
+    """A call of router_topk with the preset's routing on x [T, H] and w [E, H] in a setting."""
     return lambda: router_topk(x, w, cfg.top_k, cfg.renormalize, routing=cfg.routing, correction_bias=correction,
                                n_group=cfg.n_group, topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor,
                                **setting)

@@ -1047,9 +1047,9 @@ def test_compile_variants_compiles_each_launch_a_forward_can_take_with_valid_arg
     launches = launch_variants(geo, torch.bfloat16, 1)
     saves = (False, True) if backward == "saved" else (False,)
     assert len(launches) == 3 and compiled == [(0, launch, save) for launch in launches for save in saves]
-    # the router and plan kernels run (compiled) at a decode size and past it (the router's two block
-    # sizes), as a forward routes: without autograd, with and without the logits a training forward
-    # keeps; the layer's expected rows left as they were
+    # routing and its plan run at a decode size and past it (on a GPU: the router kernel's two block
+    # sizes, compiled), as a forward routes: without autograd, with and without the logits a training
+    # forward keeps; the layer's expected rows left as they were
     assert routed[:4] == [(1, False, False), (1, True, False), (DECODE_TOKENS + 1, False, False),
                           (DECODE_TOKENS + 1, True, False)]
     assert not backend.ws.scratch.comb_expect.any()

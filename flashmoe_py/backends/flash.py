@@ -194,7 +194,8 @@ class FlashBackend:
         self.last_stream: torch.cuda.Stream | None = None  # where the last forward was queued
         if layer.world_size > 1:  # a rank that fails here tells its peers, which would wait in the barrier
             runtime.on_every_rank(self.compile_variants, lambda rank, text: RuntimeError(
-                f"rank {rank} could not compile the fused kernel when the layer was built: {text}"),
+                f"rank {rank} could not compile the fused kernel (or run the router and plan kernels) when the layer "
+                f"was built: {text}"),
                 layer.process_group)
         rt.barrier()  # zeroed flags everywhere before any peer can signal into them
 

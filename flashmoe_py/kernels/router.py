@@ -40,8 +40,11 @@ MAX_TOP_K = TOP_K_LIMIT
 # dot split into at most MAX_CHUNKS chunks of K. The router alone, one H100, 1-128 tokens, against
 # 32-64 tokens a program and no split: qwen3 20.3-20.5 -> 14.4-16.6 us, gpt_oss 18.3-19.0 ->
 # 14.7-14.8 us (16 tokens; split too: no better, 0.5-0.7 MB routers), deepseek_v3 79-81 -> 28-39
-# us (16 tokens and split, its 3.7 MB router; bench/NOTES.md item 85). Before, below 32-64 tokens
-# the router was one program, reading the whole weight alone and selecting over 32-64 rows.
+# us (16 tokens and split, its 3.7 MB router; bench/NOTES.md item 85; these settings timed with a
+# first form of this kernel, the split a runtime branch). 2 MB lies between 0.7 MB (no gain) and
+# 3.7 MB (gain): routers near it (qwen3_next's 2.0 MB, kimi_k2's 5.5 MB) are not measured.
+# Before, below 32-64 tokens the router was one program, reading the whole weight alone and
+# selecting over 32-64 rows.
 DECODE_TOKENS, DECODE_BT, SPLIT_MIN_BYTES, MAX_CHUNKS = 128, 16, 2 * 1024 * 1024, 64
 ROUTINGS = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_grouped": 2, "topk_sigmoid": 3}
 SOFTMAX_TOPK = tl.constexpr(0)

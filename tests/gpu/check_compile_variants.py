@@ -7,11 +7,13 @@ plan kernels and the fused kernel's variant of few rows an expert; compile_varia
 the others (the static GEMM1 order from 64 rows an expert, the tall tiles from 128). The first
 forwards at SIZES must then take no compile's time (each under QUICK_S; the fused kernel's
 compile takes 3.5-9 s on an H100's host, the router and plan kernels' 0.3-1.7 s) and match
-the float32 reference (bf16 bar 1e-2). SIZES are token counts neither the first forward nor
-compile_variants' runs of the router and plan kernels (at 1 and 129 tokens) met, in each of the
-classes Triton would have specialised those kernels on (1, a multiple of 16, neither) up to 128
-tokens (the router's decode variant) and past them (its other one), or the fused kernel's new
-variants: they take every token count of a variant as one. A
+the float32 reference (bf16 bar 1e-2). The routers split their dot at decode sizes as a large
+router does (SPLIT_MIN_BYTES set to 0 here: these are 64-128 KB), so router_partial_kernel is
+among the kernels checked. SIZES: 37 and 528 tokens are counts of a class Triton would have
+specialised the router and plan kernels on (1, a multiple of 16, neither) that neither the first
+forward (16 tokens) nor compile_variants' runs of them (at 1 and 129 tokens) met, on either side
+of the router's decode size (128 tokens); 520 and 2,047 reach the fused kernel's other variants;
+1 is the control layer's first count of its class. They take every token count as one. A
 layer of 64 experts, top-8 (variants of its own: the expert count and top-k are the kernel's
 constants; the same rows an expert at each size), not asked to compile them, shows what that time
 is: its first forward at a size whose fused variant is new to it (520 and 2,047 tokens) must take
@@ -33,6 +35,7 @@ import torch  # noqa: E402
 
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py import MoEConfig, MoELayer, reference_forward  # noqa: E402
+from flashmoe_py.kernels import router  # noqa: E402
 from flashmoe_py.kernels.launch_config import choose_launch, launch_variants  # noqa: E402
 from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 
@@ -50,8 +53,10 @@ def first_forwards(layer: MoELayer, seed: int) -> list[dict]:
     its fused kernel variant is one the layer had not launched before (FIRST's, or an earlier
     size's)."""
     cfg, gen, b = layer.config, torch.Generator().manual_seed(seed), layer.backend
-    launch = lambda tokens: choose_launch(b.geo, tokens, torch.bfloat16, b.programs, b.options.launch_override,  # noqa: E731
-                                          b.resident)
+
+    def launch(tokens: int):
+        return choose_launch(b.geo, tokens, torch.bfloat16, b.programs, b.options.launch_override, b.resident)
+
     rows, launched = [], [launch(FIRST)]
     for tokens in SIZES:
         x = torch.randn(tokens, cfg.hidden_size, generator=gen).to("cuda", torch.bfloat16)
@@ -72,6 +77,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    router.SPLIT_MIN_BYTES = 0  # the split router at decode sizes, as a large router takes it
     fm.init(heap_bytes=sum(heap_bytes_for(cfg, 1, MAX_TOKENS, "p2p") for cfg in CONFIGS.values()))
     variants = None  # the fused kernel's: each launch, and each again as a saving forward (backward="saved")
     results = []
