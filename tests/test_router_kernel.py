@@ -28,6 +28,21 @@ def decided_rows(x, w, top_k, margin=1e-3):
     return (logits[:, :-1] - logits[:, 1:]).min(dim=1).values > margin
 
 
+def decided_draws(tokens: int, experts: int, hidden: int, top_k: int, dtype: torch.dtype = torch.float32):
+    """x [tokens, hidden], w [experts, hidden] (in dtype, on DEVICE) from a fresh seed, x drawn
+    again until most tokens' top-k is decided (a single token: until it is) -> (x, w, decided
+    rows [tokens] bool, on the CPU)."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    w = (torch.randn(experts, hidden, generator=gen) / hidden**0.5).to(dtype)
+    for _ in range(20):
+        x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+        rows = decided_rows(x, w, top_k)
+        if rows.float().mean() > 0.5:
+            break
+    assert rows.float().mean() > 0.5
+    return x.to(DEVICE), w.to(DEVICE), rows
+
+
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("dtype", [pytest.param("bfloat16", marks=pytest.mark.gpu), "float32"])
 @pytest.mark.parametrize("experts,top_k,renormalize", [(8, 2, True), (60, 4, False), (256, 8, True),
@@ -35,17 +50,10 @@ def decided_rows(x, w, top_k, margin=1e-3):
 def test_router_matches_float64_routing(dtype, experts, top_k, renormalize, split):
     cfg = MoEConfig(hidden_size=96, ffn_size=32, num_experts=experts, top_k=top_k, dtype=dtype,
                     renormalize=renormalize)
-    gen = torch.Generator().manual_seed(random.randrange(2**31))
     tokens = random.choice([1, 37, 100, 1000])
-    w = (torch.randn(experts, cfg.hidden_size, generator=gen) / cfg.hidden_size**0.5).to(cfg.torch_dtype)
-    for _ in range(20):  # a single token is drawn again until its top-k is decided
-        x = torch.randn(tokens, cfg.hidden_size, generator=gen).to(cfg.torch_dtype)
-        rows = decided_rows(x, w, top_k)
-        if rows.float().mean() > 0.5:
-            break
-    assert rows.float().mean() > 0.5
-    weights, chosen = (t.cpu() for t in router_topk(x.to(DEVICE), w.to(DEVICE), top_k, renormalize, split=split))
-    ref_w, ref_e, _ = reference_routing(x, w, cfg, torch.float64)
+    x, w, rows = decided_draws(tokens, experts, cfg.hidden_size, top_k, cfg.torch_dtype)
+    weights, chosen = (t.cpu() for t in router_topk(x, w, top_k, renormalize, split=split))
+    ref_w, ref_e, _ = reference_routing(x.cpu(), w.cpu(), cfg, torch.float64)
     assert weights.dtype == torch.float32 and chosen.dtype == torch.int64
     assert weights.shape == chosen.shape == (tokens, top_k)
     assert torch.equal(chosen[rows], ref_e[rows])
@@ -213,20 +221,6 @@ class LaunchSpy:
             if self.after is not None:
                 self.after(args)
         return launch
-
-
-def decided_draws(tokens: int, experts: int, hidden: int, top_k: int):
-    """x [tokens, hidden], w [experts, hidden] (fp32, on DEVICE) from a fresh seed, drawn again
-    until most tokens' top-k is decided (a single token: until it is) -> (x, w, decided rows)."""
-    gen = torch.Generator().manual_seed(random.randrange(2**31))
-    w = torch.randn(experts, hidden, generator=gen) / hidden**0.5
-    for _ in range(20):
-        x = torch.randn(tokens, hidden, generator=gen)
-        rows = decided_rows(x, w, top_k)
-        if rows.float().mean() > 0.5:
-            break
-    assert rows.float().mean() > 0.5
-    return x.to(DEVICE), w.to(DEVICE), rows
 
 
 @pytest.mark.parametrize("tokens", [1, 37])
