@@ -100,15 +100,15 @@ def forward_in_context(rank, world, cfg: dict, context: str, backward) -> bool:
     return out.grad_fn is None and not out.requires_grad
 
 
-def step_as_if_captured(rank, world, cfg: dict, seed, backward, captured: str) -> dict:
-    """A training step on fresh x of shapes_for(world)[rank], after one step without (a capture's
-    warm-up), with capture.capturing saying yes for the whole step (captured="step") or for its
-    backward only ("backward"), as inside a caller's CUDA graph capture -> grad_errors, or the
-    refusal's error."""
+def step_as_if_captured(rank, world, cfg: dict, seed, backward, captured: str, shape: tuple | None = None) -> dict:
+    """A training step on fresh x of `shape` [batch, seq] (default shapes_for(world)[rank]), after
+    one step without (a capture's warm-up), with capture.capturing saying yes for the whole step
+    (captured="step") or for its backward only ("backward"), as inside a caller's CUDA graph
+    capture -> grad_errors, or the refusal's error."""
     cfg = MoEConfig.from_dict(cfg)
     layer = MoELayer(cfg, seed=seed, backward=backward)
     g = torch.Generator().manual_seed(seed * 1009 + rank)
-    x = off_the_kinks(layer, shapes_for(world)[rank], g).requires_grad_()
+    x = off_the_kinks(layer, shape or shapes_for(world)[rank], g).requires_grad_()
     dy = torch.randn(x.shape, generator=g).to(cfg.torch_dtype)
     (layer(x) * dy).sum().backward()
     layer.zero_grad(set_to_none=True)
@@ -809,9 +809,11 @@ def test_kept_graphs_hold_few_training_forwards():
 def test_a_captured_step_runs_at_world_1_dropless_in_bf16(backward):
     """Inside a caller's CUDA graph capture the training step runs where it needs no host
     synchronisation: world 1, no capacity, bf16 per-expert products (the GPU replays it on new
-    inputs: tests/gpu/check_backward.py)."""
+    inputs: tests/gpu/check_backward.py). 64 tokens: over 10, the bf16 router gradient's error
+    against float64 passed 1e-2 in 6 of 1,500 seeds (a token's two expert terms nearly cancel; max
+    2.3e-2), over 64 never (max 6.6e-3)."""
     cfg = MoEConfig(**{**SMALL, "dtype": "bfloat16"}, top_k=2).to_dict()
-    errs = step_as_if_captured(0, 1, cfg, fresh_seed(), backward, "step")
+    errs = step_as_if_captured(0, 1, cfg, fresh_seed(), backward, "step", shape=(4, 16))
     assert None not in errs.values() and max(errs.values()) <= 1e-2, errs
 
 
