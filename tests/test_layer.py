@@ -1021,12 +1021,12 @@ def test_compile_variants_compiles_each_launch_a_forward_can_take_with_valid_arg
     from flashmoe_py.kernels.fused_moe import fused_kernel_args
     from flashmoe_py.kernels.launch_config import launch_variants
     from flashmoe_py.kernels.layout import Geometry
-    from flashmoe_py.kernels.router import DECODE_TOKENS
+    from flashmoe_py.kernels.router import SPLIT_TOKENS
     from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
 
     cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2, dtype="bfloat16", shared_experts=shared)
-    layer = MoELayer(cfg, max_tokens_per_rank=512, backward=backward)
-    geo = Geometry.for_config(cfg, 1, 512)
+    layer = MoELayer(cfg, max_tokens_per_rank=600, backward=backward)
+    geo = Geometry.for_config(cfg, 1, 600)
     compiled = []
 
     def compile_fused(x, out, experts, plan, ws, launch, *, config, rank, timeout_s, saved=None):
@@ -1047,11 +1047,11 @@ def test_compile_variants_compiles_each_launch_a_forward_can_take_with_valid_arg
     launches = launch_variants(geo, torch.bfloat16, 1)
     saves = (False, True) if backward == "saved" else (False,)
     assert len(launches) == 3 and compiled == [(0, launch, save) for launch in launches for save in saves]
-    # routing and its plan run at a decode size and past it (on a GPU: the router kernel's two block
-    # sizes, compiled), as a forward routes: without autograd, with and without the logits a training
-    # forward keeps; the layer's expected rows left as they were
-    assert routed[:4] == [(1, False, False), (1, True, False), (DECODE_TOKENS + 1, False, False),
-                          (DECODE_TOKENS + 1, True, False)]
+    # routing and its plan run at a split size and past it (on a GPU: the router's launches a call
+    # of up to 600 tokens can take, compiled), as a forward routes: without autograd, with and
+    # without the logits a training forward keeps; the layer's expected rows left as they were
+    assert routed[:4] == [(1, False, False), (1, True, False), (SPLIT_TOKENS + 1, False, False),
+                          (SPLIT_TOKENS + 1, True, False)]
     assert not backend.ws.scratch.comb_expect.any()
 
 
@@ -1059,7 +1059,8 @@ def test_the_kernels_before_the_fused_one_compile_once_for_every_token_count():
     """compile_variants compiles the fused kernel's variants ahead; the router and plan kernels
     queued before it would still compile a variant at a token count Triton specialises on (1, a
     multiple of 16: up to 1.7 s on an H100's host, bench/NOTES.md item 85) while peers' kernels
-    wait, unless their token-count arguments are not specialised. Read from Triton's own kernel
+    wait, unless their token-count arguments are not specialised (nor the router's chunk count,
+    which follows the token count: 16 or 8). Read from Triton's own kernel
     objects, so in a process without the interpreter (which keeps no such list)."""
     code = ("from flashmoe_py.kernels import plan, router\n"
             "for k in (router.router_partial_kernel, router.router_kernel, plan.slot_ranks_kernel,\n"
@@ -1069,7 +1070,7 @@ def test_the_kernels_before_the_fused_one_compile_once_for_every_token_count():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "router_partial_kernel ['T']", "router_kernel ['T']", "slot_ranks_kernel ['NS']",
+        "router_partial_kernel ['T']", "router_kernel ['CHUNKS', 'T']", "slot_ranks_kernel ['NS']",
         "slot_plan_kernel ['CHUNK_PROGRAMS', 'NS', 'SEND_CHUNKS', 'SLOT_PROGRAMS']"], proc.stdout
 
 

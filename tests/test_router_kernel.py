@@ -169,7 +169,7 @@ def test_every_routing_matches_the_reference(fields, bias, experts, top_k, split
 def test_an_fp32_router_in_a_bf16_layer_takes_the_exact_dot_on_upcast_activations(split):
     """DeepSeek-V3's router stays fp32 in a bf16 model: its logits are the fp32 product of the
     upcast activations, so the picks match float64 routing on every decided token (split over K
-    chunks too, as its 7.3 MB router is at decode sizes)."""
+    chunks too, as its 7.3 MB fp32 router is up to 512 tokens)."""
     cfg = MoEConfig(hidden_size=512, ffn_size=64, num_experts=256, top_k=8, routing="sigmoid_grouped",
                     n_group=8, topk_group=4, routed_scaling_factor=2.5, router_dtype="float32")
     x = torch.randn(2048, 512, device=DEVICE).to(torch.bfloat16)
@@ -236,7 +236,7 @@ def test_the_split_dot_gives_the_unsplit_choice_and_logits(monkeypatch, tokens):
     got, want = (torch.full((tokens, 256), float("nan"), device=DEVICE) for _ in range(2))
     split = router_topk(x, w, 8, True, logits_out=got, split=True)
     whole = router_topk(x, w, 8, True, logits_out=want, split=False)
-    assert spy.grids == [(triton.cdiv(tokens, router.DECODE_BT), 7)]
+    assert spy.grids == [(triton.cdiv(tokens, router.SMALL_BT), 7)]
     assert rel_err(got.cpu(), want.cpu().double()) <= 1e-6
     assert torch.equal(split[1].cpu()[rows], whole[1].cpu()[rows])
     torch.testing.assert_close(split[0].cpu()[rows], whole[0].cpu()[rows], rtol=1e-5, atol=1e-6)
@@ -258,26 +258,45 @@ def test_a_split_router_chooses_from_the_chunk_sums(monkeypatch):
     torch.testing.assert_close(got, want + 1.0, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("tokens,experts,hidden,chunks", [
-    (1, 128, 4096, 64),  # 2 MB of fp32 router: split, 64 chunks of one 64-wide K step
-    (128, 128, 4096, 64),
-    (129, 128, 4096, None),  # more tokens than DECODE_TOKENS: one dot a block of tokens
-    (1, 120, 4096, None),  # a router weight under SPLIT_MIN_BYTES
-    (1, 128, 8256, 43),  # 129 K steps: three a chunk, so no more than MAX_CHUNKS chunks
+@pytest.mark.parametrize("tokens,hidden,chunks,block_t", [
+    (1, 1024, 16, 16),  # fp32 router, 128 experts (512 KiB): K steps of 64; up to 128 tokens one a chunk
+    (128, 1024, 16, 16),
+    (129, 1024, 8, 16),  # past 128 tokens, at most 8 chunks: two K steps a chunk
+    (512, 1024, 8, 16),
+    (513, 1024, None, 16),  # past SPLIT_TOKENS: no split, one dot a block of 16 tokens
+    (2048, 256, None, 16),
+    (2049, 256, None, 64),  # past SMALL_BT_TOKENS: 64 tokens a program (up to 128 experts)
+    (1, 1088, 9, 16),  # 17 K steps: two a chunk, so no more than 16 chunks
+    (1, 64, None, 16),  # one K step: never split
+    (1, 1008, None, 16),  # a router weight under SPLIT_MIN_BYTES
 ])
-def test_the_router_takes_16_tokens_a_program_and_splits_a_large_weight_at_decode(monkeypatch, tokens, experts,
-                                                                                   hidden, chunks):
-    """Up to DECODE_TOKENS tokens the router kernel takes 16 tokens a program (past them 64, for
-    up to 128 experts), and a router weight of SPLIT_MIN_BYTES or more has its dot split into at
-    most MAX_CHUNKS K chunks first; either way the same experts on every decided token."""
+def test_the_router_splits_its_dot_and_takes_16_tokens_a_program_by_token_count(monkeypatch, tokens, hidden, chunks,
+                                                                                 block_t):
+    """Up to SPLIT_TOKENS tokens a router weight of SPLIT_MIN_BYTES or more has its dot split into
+    K chunks first (at most MAX_CHUNKS up to WIDE_SPLIT_TOKENS tokens, half as many past them); up
+    to SMALL_BT_TOKENS tokens the router kernel takes 16 tokens a program, past them 64 for up to
+    128 experts; either way the same experts on every decided token."""
     from flashmoe_py.kernels import router
 
     partials, routers = LaunchSpy(router.router_partial_kernel), LaunchSpy(router.router_kernel)
     monkeypatch.setattr(router, "router_partial_kernel", partials)
     monkeypatch.setattr(router, "router_kernel", routers)
-    x, w, rows = decided_draws(tokens, experts, hidden, 2)
+    x, w, rows = decided_draws(tokens, 128, hidden, 2)
     weights, chosen = router_topk(x, w, 2, True)
-    assert partials.grids == ([] if chunks is None else [(triton.cdiv(tokens, router.DECODE_BT), chunks)])
-    assert routers.grids == [(triton.cdiv(tokens, 16 if tokens <= router.DECODE_TOKENS else 64),)]
+    assert partials.grids == ([] if chunks is None else [(triton.cdiv(tokens, router.SMALL_BT), chunks)])
+    assert routers.grids == [(triton.cdiv(tokens, block_t),)]
     other = router_topk(x, w, 2, True, split=chunks is None)[1]  # no other choice
     assert torch.equal(chosen.cpu()[rows], other.cpu()[rows])
+
+
+@pytest.mark.parametrize("max_tokens,counts", [(1, [1]), (512, [1]), (513, [1, 513]), (2048, [1, 513]),
+                                               (2049, [1, 513, 2049]), (65536, [1, 513, 2049])])
+def test_router_launch_tokens_names_a_count_of_each_launch_up_to_the_layer_s_most(max_tokens, counts):
+    """One token count for each launch router_topk takes by default (split, 16 tokens a program
+    unsplit, tokens a program by the expert count), fewest first, none past max_tokens: what
+    compile_variants routes at to compile the router's variants before a forward needs one."""
+    from flashmoe_py.kernels import router
+
+    assert router.router_launch_tokens(max_tokens) == counts
+    launches = {(t <= router.SPLIT_TOKENS, t <= router.SMALL_BT_TOKENS) for t in range(1, max_tokens + 1)}
+    assert launches == {(t <= router.SPLIT_TOKENS, t <= router.SMALL_BT_TOKENS) for t in counts}

@@ -22,7 +22,7 @@ from ..kernels.launch_config import choose_launch, launch_variants
 from ..kernels.layout import Geometry, describe_timeout
 from ..kernels.plan import RoutingPlan, build_plan, plan_stats
 from ..kernels.fused_moe import Saved, compile_fused, launch_fused
-from ..kernels.router import DECODE_TOKENS
+from ..kernels.router import router_launch_tokens
 from ..kernels.transport import nvshmem_device_library
 from ..kernels.workspace import Workspace
 from ..routing import Routing
@@ -206,12 +206,12 @@ class FlashBackend:
         variant at a forward would compile it (3.5-9 s on an H100's host with Triton's cache
         empty, bench/NOTES.md item 84) while its peers' kernels already wait for it, under
         timeout_s. The router and plan kernels (one variant each at any token count, but the
-        router's own at decode sizes, and one for a training forward's saved logits) are run here
-        on tokens of zeros, at 1 and past DECODE_TOKENS, which compiles them; the scratch
-        expected-row counts they add to are their own."""
+        router's own at each token count router_launch_tokens names, and one for a training
+        forward's saved logits) are run here on tokens of zeros at those counts, which compiles
+        them; the scratch expected-row counts they add to are their own."""
         layer, geo, cfg = self.layer, self.geo, self.layer.config
         with torch.no_grad():  # as a forward routes (the kernel is not taken where autograd records)
-            for tokens in sorted({1, min(DECODE_TOKENS + 1, geo.max_tokens)}):
+            for tokens in router_launch_tokens(geo.max_tokens):
                 zeros = torch.zeros(tokens, geo.hidden, dtype=cfg.torch_dtype, device=layer.device)
                 for keep_logits in (False, True):
                     routing_plan(layer.route(zeros, keep_logits=keep_logits), layer.expert_positions, geo,

@@ -20,10 +20,10 @@ GLM-4.5 keep theirs in fp32) takes the exact fp32 dot of the upcast activations.
 come best first (ties: the lower expert id). A token with a non-finite logit gets k distinct,
 existing experts with non-finite weights, as under torch's ops (which rank NaN above numbers).
 
-For few tokens (decode) a program takes 16 tokens, and for a large router weight the logits' dot
-is split over the hidden size first (router_partial_kernel, a program per block of tokens and K
-chunk; the chunks' sums then added in chunk order): one program would otherwise read the whole
-weight alone."""
+Up to 2,048 tokens a program takes 16 tokens, and up to 512 tokens, for a router weight of 512 KiB
+or more, the logits' dot is split over the hidden size first (router_partial_kernel, a program per
+16 tokens and K chunk; the chunks' sums then added in chunk order): a program reads the whole
+weight for its tokens, at one SM's rate."""
 
 from typing import NamedTuple
 
@@ -35,17 +35,25 @@ from ..config import NUM_EXPERTS_LIMIT, TOP_K_LIMIT
 
 MAX_EXPERTS = NUM_EXPERTS_LIMIT  # the whole row of logits lives in registers
 MAX_TOP_K = TOP_K_LIMIT
-# Decode: up to DECODE_TOKENS tokens, DECODE_BT tokens a program (the top-k selection's work
-# follows a program's rows, used or not), and for a router weight of SPLIT_MIN_BYTES or more the
-# dot split into at most MAX_CHUNKS chunks of K. The router alone, one H100, 1-128 tokens, against
-# 32-64 tokens a program and no split: qwen3 20.3-20.5 -> 14.4-16.6 us, gpt_oss 18.3-19.0 ->
-# 14.7-14.8 us (16 tokens; split too: no better, 0.5-0.7 MB routers), deepseek_v3 79-81 -> 28-39
-# us (16 tokens and split, its 3.7 MB router; bench/NOTES.md item 85; these settings timed with a
-# first form of this kernel, the split a runtime branch). 2 MB lies between 0.7 MB (no gain) and
-# 3.7 MB (gain): routers near it (qwen3_next's 2.0 MB, kimi_k2's 5.5 MB) are not measured.
-# Before, below 32-64 tokens the router was one program, reading the whole weight alone and
-# selecting over 32-64 rows.
-DECODE_TOKENS, DECODE_BT, SPLIT_MIN_BYTES, MAX_CHUNKS = 128, 16, 2 * 1024 * 1024, 64
+# The launch by token count (the router alone, graph-replayed, one H100 and one H200; bench/NOTES.md
+# items 85-86). A program reads the whole router weight for its rows, so its time is one SM's read
+# of the weight (deepseek_v3's 3.7 MB: ~65 us at any count of 16-row programs up to 2,048 tokens)
+# until the programs' reads together fill L2. Up to SPLIT_TOKENS tokens, for a router weight of
+# SPLIT_MIN_BYTES or more (qwen3's 0.5 MB, the smallest measured, gains; mixtral's 64 KB, one
+# program's read in ~1 us, is not measured), the dot is first split over K chunks, at most
+# MAX_CHUNKS (16) up to 128 tokens and 8 past them: a program per 16 tokens and chunk reads its
+# chunk's share; the router kernel adds the chunk sums, CHUNKS x 16 rows x E floats, where fewer
+# chunks pay as tokens fill its rows. On the H100, against no split: deepseek_v3 65 -> 40-47 us at
+# 1-512 tokens, kimi_k2 126-129 -> 28-42, qwen3_next 47 -> 29-35, gpt_oss 16.5 -> 8.6-11.2; at
+# 1,024 tokens deepseek_v3 and qwen3_next no longer gain. In the layer (H100, 8-512 tokens),
+# against the rule before (up to 128 tokens 16 a program and 56-64 chunks for a router of 2 MB or
+# more, past them by the expert count): qwen3 -3.3..-3.8%, gpt_oss -0.6..-2.6%, deepseek_v3
+# -0.3..-0.5%. Up to SMALL_BT_TOKENS, 16 tokens a program (the top-k selection's work follows a
+# program's rows, used or not): faster than 32-64 for every router at 1-2,048 tokens and slower at
+# 4,096 (H200: qwen3 20.6 -> 15.0 us, deepseek_v3 85.0 -> 67.6 at 2,048; 20.7 -> 21.6, 90.6 ->
+# 96.6 at 4,096). Past that, 64, 32 or 16 tokens by the expert count.
+SMALL_BT, SMALL_BT_TOKENS, SPLIT_TOKENS, MAX_CHUNKS, WIDE_SPLIT_TOKENS = 16, 2048, 512, 16, 128
+SPLIT_MIN_BYTES = 512 * 1024
 ROUTINGS = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_grouped": 2, "topk_sigmoid": 3}
 SOFTMAX_TOPK = tl.constexpr(0)
 TOPK_SOFTMAX = tl.constexpr(1)
@@ -175,7 +183,7 @@ def _kept_groups(choice, emask, e, meta):
     return in_kept
 
 
-@triton.jit(do_not_specialize=["T"])  # one variant at any token count (compile_variants)
+@triton.jit(do_not_specialize=["T", "CHUNKS"])  # one variant at any token and chunk count (compile_variants)
 def router_kernel(x_ptr, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_ptr, logits_ptr, partial_ptr, T, H,
                   E, CHUNKS, scaling, meta):
     """x: [T, H]; w: [E, H] (x's dtype, or fp32 with UPCAST); bias, correction: [E] fp32 (read
@@ -236,6 +244,13 @@ def router_kernel(x_ptr, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_p
     tl.store(experts_ptr + out, top_e.to(tl.int64), mask=m)
 
 
+def router_launch_tokens(max_tokens: int) -> list[int]:
+    """A token count of each launch router_topk takes by default (split, then 16 tokens a program,
+    then by the expert count), up to max_tokens, fewest first: calling it at each compiles every
+    variant a call of 1..max_tokens tokens can launch (for a given router and routing)."""
+    return [tokens for tokens in (1, SPLIT_TOKENS + 1, SMALL_BT_TOKENS + 1) if tokens <= max(max_tokens, 1)]
+
+
 def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renormalize: bool = True, *,
                 routing: str = "softmax_topk", router_bias: torch.Tensor | None = None,
                 correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
@@ -248,10 +263,12 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
     included), or None; split: the dot split over K chunks first (router_partial_kernel; its sums
     are added in another order, so a logit may differ in its last bits; its [chunks, T, E] fp32
     sums are a new tensor, so split=True at many tokens takes that memory), or not; None: split up
-    to DECODE_TOKENS tokens for a router weight of SPLIT_MIN_BYTES or more. A hidden size of one K
-    step is never split. block_t, tokens a program: a power of two >= 16, by default DECODE_BT up to
-    DECODE_TOKENS tokens, and past them 64, 32 or 16 by E (up to 128, 256, 512 experts). Each kernel
-    compiles one variant for every token count of a block_t and split.
+    to SPLIT_TOKENS tokens a router weight of SPLIT_MIN_BYTES or more. At most MAX_CHUNKS chunks up
+    to WIDE_SPLIT_TOKENS tokens and half as many past them; a hidden size of one K step is never
+    split. block_t, tokens a program: a power of two >= 16, by default SMALL_BT up to
+    SMALL_BT_TOKENS tokens, and past them 64, 32 or 16 by E (up to 128, 256, 512 experts). Each
+    kernel compiles one variant for every token count and chunk count of a block_t and split
+    (router_launch_tokens names a count of each).
     -> (weights [T, top_k] fp32, experts [T, top_k] int64), best expert first."""
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"x: expected a contiguous [tokens, hidden] tensor, got {tuple(x.shape)}")
@@ -288,25 +305,25 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
     experts = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
     if T:
         e_pow2 = max(16, triton.next_power_of_2(E))
-        decode = T <= DECODE_TOKENS
-        bt = block_t or (DECODE_BT if decode else 64 if e_pow2 <= 128 else 32 if e_pow2 <= 256 else 16)
+        bt = block_t or (SMALL_BT if T <= SMALL_BT_TOKENS else 64 if e_pow2 <= 128 else 32 if e_pow2 <= 256 else 16)
         upcast = router_weight.dtype == torch.float32 and x.dtype != torch.float32
         precision = "ieee" if router_weight.dtype == torch.float32 else "tf32"
         # The router's [BK, E] tile, pipelined: at most 32 KB a stage (fp32 x 512 experts: BK 16).
         bk = max(16, min(64, 32768 // (e_pow2 * router_weight.element_size())))
-        chunk_k = bk * triton.cdiv(triton.cdiv(H, bk), MAX_CHUNKS)
+        most = MAX_CHUNKS if T <= WIDE_SPLIT_TOKENS else MAX_CHUNKS // 2
+        chunk_k = bk * triton.cdiv(triton.cdiv(H, bk), most)
         chunks = triton.cdiv(H, chunk_k)
         if split is None:
-            split = decode and router_weight.numel() * router_weight.element_size() >= SPLIT_MIN_BYTES
+            split = T <= SPLIT_TOKENS and router_weight.numel() * router_weight.element_size() >= SPLIT_MIN_BYTES
         split = split and chunks > 1
         c = tl.constexpr
         dummy = weights  # for pointers a routing does not read
         partial = dummy
         if split:
             partial = torch.empty(chunks, T, E, dtype=torch.float32, device=x.device)
-            dot_meta = DotMeta(E_POW2=c(e_pow2), UPCAST=c(upcast), PRECISION=c(precision), BT=c(DECODE_BT), BK=c(bk))
-            router_partial_kernel[(triton.cdiv(T, DECODE_BT), chunks)](x, router_weight, partial, T, H, E, chunk_k,
-                                                                        dot_meta, num_warps=4)
+            dot_meta = DotMeta(E_POW2=c(e_pow2), UPCAST=c(upcast), PRECISION=c(precision), BT=c(SMALL_BT), BK=c(bk))
+            router_partial_kernel[(triton.cdiv(T, SMALL_BT), chunks)](x, router_weight, partial, T, H, E, chunk_k,
+                                                                       dot_meta, num_warps=4)
         meta = RouterMeta(ROUTING=c(ROUTINGS[routing]), TOP_K=c(top_k), K_POW2=c(triton.next_power_of_2(top_k)),
                           E_POW2=c(e_pow2), RENORMALIZE=c(renormalize), HAS_BIAS=c(router_bias is not None),
                           N_GROUP=c(n_group if grouped else 1),

@@ -7,13 +7,15 @@ plan kernels and the fused kernel's variant of few rows an expert; compile_varia
 the others (the static GEMM1 order from 64 rows an expert, the tall tiles from 128). The first
 forwards at SIZES must then take no compile's time (each under QUICK_S; the fused kernel's
 compile takes 3.5-9 s on an H100's host, the router and plan kernels' 0.3-1.7 s) and match
-the float32 reference (bf16 bar 1e-2). The routers split their dot at decode sizes as a large
-router does (SPLIT_MIN_BYTES set to 0 here: these are 64-128 KB), so router_partial_kernel is
-among the kernels checked. SIZES: 37 and 528 tokens are counts of a class Triton would have
-specialised the router and plan kernels on (1, a multiple of 16, neither) that neither the first
-forward (16 tokens) nor compile_variants' runs of them (at 1 and 129 tokens) met, on either side
-of the router's decode size (128 tokens); 520 and 2,047 reach the fused kernel's other variants;
-1 is the control layer's first count of its class. They take every token count as one. A
+the float32 reference (bf16 bar 1e-2). The routers split their dot up to 512 tokens as a router
+of 512 KiB or more does (SPLIT_MIN_BYTES set to 0 here: these are 64-128 KB), so
+router_partial_kernel is among the kernels checked. SIZES: 37 and 528 tokens are counts of a
+class Triton would have specialised the router and plan kernels on (1, a multiple of 16, neither)
+that neither the first forward (16 tokens) nor compile_variants' runs of them (at 1 and 513
+tokens) met, on either side of the router's split size (512 tokens); 300 takes the router's
+chunk count past 128 tokens (8 chunks, where 16 divide by 16: another class); 520 and 2,047 reach
+the fused kernel's other variants; 1 is the control layer's first count of its class (the router's
+launch past 2,048 tokens is past this layer's most). They take every token count as one. A
 layer of 64 experts, top-8 (variants of its own: the expert count and top-k are the kernel's
 constants; the same rows an expert at each size), not asked to compile them, shows what that time
 is: its first forward at a size whose fused variant is new to it (520 and 2,047 tokens) must take
@@ -43,8 +45,8 @@ CONFIGS = {True: MoEConfig(hidden_size=1024, ffn_size=768, num_experts=32, top_k
            False: MoEConfig(hidden_size=1024, ffn_size=768, num_experts=64, top_k=8, dtype="bfloat16")}
 MAX_TOKENS = 2048
 FIRST = 16  # 2 rows an expert: few rows' variant, compiled by the first forward
-# rows an expert: 0 (FIRST's fused variant) at 1 and 37, 65-66 (the static GEMM1 order), 255 (tall tiles too)
-SIZES = (1, 37, 520, 528, 2047)
+# rows an expert: 0-37 (FIRST's fused variant) at 1, 37 and 300, 65-66 (the static GEMM1 order), 255 (tall tiles too)
+SIZES = (1, 37, 300, 520, 528, 2047)
 QUICK_S, SLOW_S = 0.2, 1.0  # a warm first forward takes milliseconds
 
 
@@ -77,7 +79,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    router.SPLIT_MIN_BYTES = 0  # the split router at decode sizes, as a large router takes it
+    router.SPLIT_MIN_BYTES = 0  # the split router up to 512 tokens, as a large router takes it
     fm.init(heap_bytes=sum(heap_bytes_for(cfg, 1, MAX_TOKENS, "p2p") for cfg in CONFIGS.values()))
     variants = None  # the fused kernel's: each launch, and each again as a saving forward (backward="saved")
     results = []
