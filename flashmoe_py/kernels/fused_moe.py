@@ -17,7 +17,7 @@ tiles in.
   ffn_in_tile     BM rows of one local expert, gathered across source regions once their chunks
                   have arrived, this rank's own rows straight from x:
                   h = act(x_rows @ w_in[e][:, f-tile]) -> h_buf;
-  ffn_out_tile    y = h_rows @ w_out[e][:, n-tile], streaming over f-tiles as their flags rise,
+  ffn_out_tile    y = h_rows @ w_out[e][:, n-tile] once every f-tile of its rows' h is flagged,
                   written straight into each row's source rank, whose per-chunk row counters a
                   program bumps one tile later (count_tile_rows): after its next tile's GEMM, so
                   the rows drain over NVLink while it computes, or before it takes a combine tile;
