@@ -267,7 +267,6 @@ def test_a_split_router_chooses_from_the_chunk_sums(monkeypatch):
     (2048, 256, None, 16),
     (2049, 256, None, 64),  # past SMALL_BT_TOKENS: 64 tokens a program (up to 128 experts)
     (1, 1088, 9, 16),  # 17 K steps: two a chunk, so no more than 16 chunks
-    (1, 64, None, 16),  # one K step: never split
     (1, 1008, None, 16),  # a router weight under SPLIT_MIN_BYTES
 ])
 def test_the_router_splits_its_dot_and_takes_16_tokens_a_program_by_token_count(monkeypatch, tokens, hidden, chunks,
@@ -289,14 +288,56 @@ def test_the_router_splits_its_dot_and_takes_16_tokens_a_program_by_token_count(
     assert torch.equal(chosen.cpu()[rows], other.cpu()[rows])
 
 
+def test_a_hidden_size_of_one_k_step_is_never_split(monkeypatch):
+    """Asked to split (or over SPLIT_MIN_BYTES), a router of one K step (64 hidden, fp32, 128
+    experts) has no chunks to split into: no partial-sum launch, the same experts."""
+    from flashmoe_py.kernels import router
+
+    partials = LaunchSpy(router.router_partial_kernel)
+    monkeypatch.setattr(router, "router_partial_kernel", partials)
+    monkeypatch.setattr(router, "SPLIT_MIN_BYTES", 0)
+    x, w, rows = decided_draws(5, 128, 64, 2)
+    chosen = router_topk(x, w, 2, True)[1]
+    assert partials.grids == [] and torch.equal(router_topk(x, w, 2, True, split=True)[1], chosen)
+
+
+class LaunchRecorder:
+    """Stands in for a kernel: records each launch's compile-time settings (its last positional
+    argument, a NamedTuple of constexprs, and num_warps) and runs nothing."""
+
+    def __init__(self, name, seen: set):
+        self.name, self.seen = name, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.add((self.name, tuple(getattr(v, "value", v) for v in args[-1]), kwargs.get("num_warps")))
+        return launch
+
+
 @pytest.mark.parametrize("max_tokens,counts", [(1, [1]), (512, [1]), (513, [1, 513]), (2048, [1, 513]),
-                                               (2049, [1, 513, 2049]), (65536, [1, 513, 2049])])
-def test_router_launch_tokens_names_a_count_of_each_launch_up_to_the_layer_s_most(max_tokens, counts):
+                                               (2049, [1, 513, 2049]), (4096, [1, 513, 2049])])
+@pytest.mark.parametrize("hidden", [1024, 256])  # a router of 512 KiB (split up to 512 tokens), one of 128 KiB
+def test_router_launch_tokens_names_a_count_of_each_launch_up_to_the_layer_s_most(monkeypatch, max_tokens, counts,
+                                                                                  hidden):
     """One token count for each launch router_topk takes by default (split, 16 tokens a program
-    unsplit, tokens a program by the expert count), fewest first, none past max_tokens: what
-    compile_variants routes at to compile the router's variants before a forward needs one."""
+    unsplit, tokens a program by the expert count), fewest first, none past max_tokens: routed at
+    those counts (as compile_variants does), the router launches every kernel variant that a call
+    of any count up to max_tokens launches (here at each boundary)."""
     from flashmoe_py.kernels import router
 
     assert router.router_launch_tokens(max_tokens) == counts
-    launches = {(t <= router.SPLIT_TOKENS, t <= router.SMALL_BT_TOKENS) for t in range(1, max_tokens + 1)}
-    assert launches == {(t <= router.SPLIT_TOKENS, t <= router.SMALL_BT_TOKENS) for t in counts}
+    seen = set()
+    for name in ("router_partial_kernel", "router_kernel"):
+        monkeypatch.setattr(router, name, LaunchRecorder(name, seen))
+    w = torch.randn(128, hidden, device=DEVICE)
+
+    def launched(token_counts):
+        seen.clear()
+        for tokens in token_counts:
+            x = torch.randn(tokens, hidden, device=DEVICE)
+            router_topk(x, w, 2, True)
+            router_topk(x, w, 2, True, logits_out=torch.empty(tokens, 128, device=DEVICE))
+        return set(seen)
+
+    edges = [t for t in (1, 16, 128, 129, 512, 513, 2048, 2049, max_tokens) if t <= max_tokens]
+    assert launched(edges) <= launched(router.router_launch_tokens(max_tokens))

@@ -263,7 +263,7 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
     included), or None; split: the dot split over K chunks first (router_partial_kernel; its sums
     are added in another order, so a logit may differ in its last bits; its [chunks, T, E] fp32
     sums are a new tensor, so split=True at many tokens takes that memory), or not; None: split up
-    to SPLIT_TOKENS tokens a router weight of SPLIT_MIN_BYTES or more. At most MAX_CHUNKS chunks up
+    to SPLIT_TOKENS tokens for a router weight of SPLIT_MIN_BYTES or more. At most MAX_CHUNKS chunks up
     to WIDE_SPLIT_TOKENS tokens and half as many past them; a hidden size of one K step is never
     split. block_t, tokens a program: a power of two >= 16, by default SMALL_BT up to
     SMALL_BT_TOKENS tokens, and past them 64, 32 or 16 by E (up to 128, 256, 512 experts). Each
