@@ -207,17 +207,20 @@ def test_the_router_writes_the_logits_it_chose_from_and_chooses_the_same(fields,
 
 
 class LaunchSpy:
-    """Records the grids a kernel is launched with, and launches it; then calls after(args) with
-    the launch's arguments, if given."""
+    """Records the grids a kernel is launched with and each launch's compile-time settings
+    (variants: its last positional argument, a NamedTuple of constexprs, and num_warps), and
+    launches it unless run is False; then calls after(args) with the launch's arguments, if given."""
 
-    def __init__(self, kernel, after=None):
-        self.kernel, self.after, self.grids = kernel, after, []
+    def __init__(self, kernel, after=None, run=True):
+        self.kernel, self.after, self.run, self.grids, self.variants = kernel, after, run, [], set()
 
     def __getitem__(self, grid):
         self.grids.append(grid)
 
         def launch(*args, **kwargs):
-            self.kernel[grid](*args, **kwargs)
+            self.variants.add((tuple(getattr(v, "value", v) for v in args[-1]), kwargs.get("num_warps")))
+            if self.run:
+                self.kernel[grid](*args, **kwargs)
             if self.after is not None:
                 self.after(args)
         return launch
@@ -301,19 +304,6 @@ def test_a_hidden_size_of_one_k_step_is_never_split(monkeypatch):
     assert partials.grids == [] and torch.equal(router_topk(x, w, 2, True, split=True)[1], chosen)
 
 
-class LaunchRecorder:
-    """Stands in for a kernel: records each launch's compile-time settings (its last positional
-    argument, a NamedTuple of constexprs, and num_warps) and runs nothing."""
-
-    def __init__(self, name, seen: set):
-        self.name, self.seen = name, seen
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.seen.add((self.name, tuple(getattr(v, "value", v) for v in args[-1]), kwargs.get("num_warps")))
-        return launch
-
-
 @pytest.mark.parametrize("max_tokens,counts", [(1, [1]), (512, [1]), (513, [1, 513]), (2048, [1, 513]),
                                                (2049, [1, 513, 2049]), (4096, [1, 513, 2049])])
 @pytest.mark.parametrize("hidden", [1024, 256])  # a router of 512 KiB (split up to 512 tokens), one of 128 KiB
@@ -326,18 +316,19 @@ def test_router_launch_tokens_names_a_count_of_each_launch_up_to_the_layer_s_mos
     from flashmoe_py.kernels import router
 
     assert router.router_launch_tokens(max_tokens) == counts
-    seen = set()
-    for name in ("router_partial_kernel", "router_kernel"):
-        monkeypatch.setattr(router, name, LaunchRecorder(name, seen))
+    spies = {name: LaunchSpy(getattr(router, name), run=False) for name in ("router_partial_kernel", "router_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(router, name, spy)
     w = torch.randn(128, hidden, device=DEVICE)
 
     def launched(token_counts):
-        seen.clear()
+        for spy in spies.values():
+            spy.variants.clear()
         for tokens in token_counts:
             x = torch.randn(tokens, hidden, device=DEVICE)
             router_topk(x, w, 2, True)
             router_topk(x, w, 2, True, logits_out=torch.empty(tokens, 128, device=DEVICE))
-        return set(seen)
+        return {(name, variant) for name, spy in spies.items() for variant in spy.variants}
 
     edges = [t for t in (1, 16, 128, 129, 512, 513, 2048, 2049, max_tokens) if t <= max_tokens]
     assert launched(edges) <= launched(router.router_launch_tokens(max_tokens))

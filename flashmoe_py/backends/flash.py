@@ -210,12 +210,13 @@ class FlashBackend:
         forward's saved logits) are run here on tokens of zeros at those counts, which compiles
         them; the scratch expected-row counts they add to are their own."""
         layer, geo, cfg = self.layer, self.geo, self.layer.config
+        expect = torch.zeros_like(self.ws.scratch.comb_expect)  # these runs' own expected rows
         with torch.no_grad():  # as a forward routes (the kernel is not taken where autograd records)
             for tokens in router_launch_tokens(geo.max_tokens):
                 zeros = torch.zeros(tokens, geo.hidden, dtype=cfg.torch_dtype, device=layer.device)
                 for keep_logits in (False, True):
                     routing_plan(layer.route(zeros, keep_logits=keep_logits), layer.expert_positions, geo,
-                                 self.send_order, torch.zeros_like(self.ws.scratch.comb_expect))
+                                 self.send_order, expect)
         x = torch.empty(0, geo.hidden, dtype=cfg.torch_dtype, device=layer.device)
         plan, _ = routing_plan(layer.route(x), layer.expert_positions, geo, self.send_order,
                                self.ws.scratch.comb_expect)  # no tokens: adds nothing
