@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flashmoe_py import MoEConfig, preset  # noqa: E402
 from flashmoe_py.backends.flash import FUSED_WEIGHTS  # noqa: E402
 from flashmoe_py.kernels import fused_moe  # noqa: E402
-from flashmoe_py.kernels.launch_config import choose_launch  # noqa: E402
+from flashmoe_py.kernels.launch_config import choose_launch, partial_slots  # noqa: E402
 from flashmoe_py.kernels.layout import Geometry  # noqa: E402
 from flashmoe_py.kernels.plan import RoutingPlan  # noqa: E402
 from flashmoe_py.kernels.workspace import LocalBuffers, Workspace  # noqa: E402
@@ -74,7 +74,7 @@ def build(cfg: MoEConfig, world: int, tokens: int, transport: str = "p2p", trace
     at `world` ranks, with the launch choose_launch makes on an SM90_PROGRAMS-SM GPU (override:
     LaunchConfig fields fixed instead, as MoELayer's launch_override); save: the training
     forward's build for backward="saved", which also writes GEMM1's outputs (fused_moe.Saved)."""
-    geo = Geometry.for_config(cfg, world, tokens)
+    geo = Geometry.for_config(cfg, world, tokens, partial_slots(override))
     ws = Workspace.allocate(geo, cfg.torch_dtype, transport, "cpu", LocalBuffers("cpu", world))
     launch = choose_launch(geo, tokens, cfg.torch_dtype, SM90_PROGRAMS, override)
     dt, L, H = cfg.torch_dtype, geo.local_experts, cfg.hidden_size
@@ -182,8 +182,9 @@ def main():
         if args.out:
             with open(os.path.join(args.out, f"{name}.ptx"), "w") as f:
                 f.write(ptx)
-        row = {"case": name, "save": args.save, "triton": triton.__version__, "block_m": launch.block_m,
-               "block_n": launch.block_n, "num_warps": launch.num_warps, "stages": launch.stages,
+        row = {"case": name, "save": args.save, "override": args.override, "triton": triton.__version__,
+               "block_m": launch.block_m, "block_n": launch.block_n, "num_warps": launch.num_warps,
+               "stages": launch.stages, "f_split": launch.f_split,
                "shared": kernel.metadata.shared,
                "ptx_instructions": sum(ptx_instructions(ptx).values()), **cubin_stats(kernel.asm["cubin"], workdir)}
         if args.out:

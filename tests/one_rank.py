@@ -78,9 +78,9 @@ class OneRank:
     """Rank 0 of `world` ranks where only rank 0 runs: its workspace, and full random weights."""
 
     def __init__(self, cfg: MoEConfig, max_tokens: int, world: int = 1, device: str = "cpu",
-                 transport: str = "p2p"):
+                 transport: str = "p2p", split_slots: int = 0):
         self.cfg, self.world, self.device = cfg, world, device
-        self.geo = Geometry.for_config(cfg, world, max_tokens)
+        self.geo = Geometry.for_config(cfg, world, max_tokens, split_slots)
         self.ws = Workspace.allocate(self.geo, cfg.torch_dtype, transport, device, LocalBuffers(device, world))
         self.status, self.ctl = self.ws.scratch.status, self.ws.scratch.ctl
         self.seed = random.randrange(2**31)  # every draw below and in forward() follows from it

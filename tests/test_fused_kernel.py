@@ -2,6 +2,7 @@
 one rank; whole, on 2-3 ranks in separate processes sharing 'symmetric' buffers; its tile decode;
 and its bounded waits."""
 
+import itertools
 import os
 import random
 import sys
@@ -20,9 +21,10 @@ from flashmoe_py.backends.flash import routing_plan
 from flashmoe_py.kernels import transport
 from flashmoe_py.gate_up import to_pairs
 from flashmoe_py.kernels.fused_moe import Saved, launch_fused
+from flashmoe_py.kernels.fused_moe_details.expert_ffn import sum_parts
 from flashmoe_py.kernels.fused_moe_details.tasks import expert_tile, tile_table
-from flashmoe_py.kernels.launch_config import LaunchConfig
-from flashmoe_py.kernels.layout import WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, Geometry
+from flashmoe_py.kernels.launch_config import SPLIT_SLOTS, LaunchConfig, partial_slots
+from flashmoe_py.kernels.layout import CTL_EPOCH, WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, Geometry
 from flashmoe_py.kernels.workspace import Workspace
 from flashmoe_py.routing import route
 
@@ -204,11 +206,16 @@ def test_gemm1_tiles_in_a_static_order_at_world_1(fields):
             assert rel_err(rank.saved.pre[:pre.shape[0]], pre) <= 1e-5
 
 
-@pytest.mark.parametrize("fields", [
+# expert variants of the world-1 launch options' tests: plain; biases, input weights, sigmoid routing
+# and capacity drops; shared experts with a gate at top-3
+LAUNCH_VARIANTS = [
     dict(),
     dict(activation="clamped_swiglu", expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
          renormalize=False, capacity_factor=0.6),
-    dict(activation="gelu", shared_experts=1, shared_ffn_size=40, shared_expert_gate=True, top_k=3)])
+    dict(activation="gelu", shared_experts=1, shared_ffn_size=40, shared_expert_gate=True, top_k=3)]
+
+
+@pytest.mark.parametrize("fields", LAUNCH_VARIANTS)
 def test_gemm2_rows_through_tma_at_world_1(fields):
     """h_tma=1: a GEMM2 tile's h rows load as one TMA box a K step (a part-full tile's box reads
     rows past its expert's, whose products are never sent). Outputs as the reference's, from the
@@ -222,6 +229,57 @@ def test_gemm2_rows_through_tma_at_world_1(fields):
         if tokens:
             ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
             assert rel_err(out, ref) <= 1e-5
+
+
+def split_parts_expected(rank, launch_fields) -> tuple[int, int]:
+    """(GEMM2 tiles, parts each) the f_split rule gives rank's last call (64-row tiles of the
+    geometry's block_n): the most parts, a power of two up to f_split, with tiles x parts within
+    the programs and the partial slots, and at least an f-tile a part."""
+    geo, f_split, programs = rank.geo, launch_fields["f_split"], launch_fields["programs"]
+    per_expert = rank.plan.send_counts[:geo.local_experts].long()  # world 1: rows of each expert
+    tiles = int(((per_expert + 63) // 64).sum()) * -(-geo.hidden // geo.block_n)
+    slots = min(programs, geo.split_slots, rank.ws.scratch.out_partials.numel() // (64 * geo.block_n))
+    parts = 1
+    while 2 * parts <= f_split and tiles * 2 * parts <= slots and 2 * parts <= geo.ffn_tiles:
+        parts *= 2
+    return tiles, parts
+
+
+@pytest.mark.parametrize("fields", LAUNCH_VARIANTS)
+def test_few_gemm2_tiles_split_their_k_loop_in_parts(fields):
+    """f_split: a call with few GEMM2 tiles splits each tile's K loop (the FFN's 5 f-tiles of 128)
+    in the most parts the programs hold, each part waiting for its own f-tiles of h (4 parts: runs
+    of 1, 1, 1 and 2; never 8 parts, which would leave parts without an f-tile, however many
+    programs); the last part done sums the parts' partials and sends. Outputs as the
+    reference's, the parts counted on every split tile's ticket (this call's epoch, the parts) and
+    on no other; partial sums poisoned before each call, so none is read unwritten. Calls of no
+    split (too many tiles for the programs), of h rows through TMA and of no tokens between; and
+    a workspace with no partial slots (a layer whose launches never split) never splits."""
+    cfg = MoEConfig(**{**dict(hidden_size=264, ffn_size=520, num_experts=4, top_k=2, dtype="float32"), **fields})
+    unsplit = OneRank(cfg, max_tokens=8)
+    x, out = unsplit.forward(1, f_split=8, programs=36)
+    assert int(unsplit.status[0]) == 0
+    assert rel_err(out, reference_forward(x, config=cfg, compute_dtype=torch.float64, **unsplit.full_weights())) <= 1e-5
+    rank = OneRank(cfg, max_tokens=90, split_slots=SPLIT_SLOTS)
+    tickets = rank.ws.scratch.out_tickets
+    seen = set()
+    for tokens, f_split, programs, h_tma in [(1, 8, 36, 0), (3, 2, 32, 1), (0, 8, 32, 0), (20, 8, 32, 0),
+                                             (5, 4, 9, 0), (90, 8, 32, 0), (2, 8, 32, 1), (1, 8, 128, 0)]:
+        rank.ws.scratch.out_partials.fill_(float("nan"))
+        epoch = int(rank.ctl[CTL_EPOCH.value])
+        fields = dict(f_split=f_split, programs=programs, h_tma=h_tma)
+        x, out = rank.forward(tokens, **fields)
+        assert int(rank.status[0]) == 0
+        if tokens:
+            ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+            assert rel_err(out, ref) <= 1e-5
+        tiles, parts = split_parts_expected(rank, fields) if tokens else (0, 1)
+        now = (tickets >> 8) == epoch
+        assert int(now.sum()) == (tiles if parts > 1 else 0)
+        if parts > 1:
+            assert (tickets[:tiles] == (epoch << 8) + parts).all()
+        seen.add(parts)
+    assert seen == {1, 2, 4}
 
 
 def test_static_gemm1_tiles_are_refused_across_ranks_and_between_interpreted_programs():
@@ -240,6 +298,70 @@ def test_combine_span_must_be_a_power_of_two_the_kernel_can_unroll(span):
     cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
     with pytest.raises(ValueError, match=f"combine_span={span}"):
         OneRank(cfg, max_tokens=8).forward(4, combine_span=span)
+
+
+class PartsScratch(NamedTuple):  # the fields of workspace.Scratch sum_parts reads
+    out_partials: torch.Tensor
+    out_tickets: torch.Tensor
+
+
+class PartsMeta(NamedTuple):  # the fields of fused_moe.Meta sum_parts reads
+    BM: tl.constexpr
+    BN_OUT: tl.constexpr
+
+
+@triton.jit
+def _sum_parts_probe(acc_ptr, valid_ptr, out_ptr, last_ptr, slot, part, parts, epoch, scratch, meta):
+    BM: tl.constexpr = meta.BM
+    cell = tl.arange(0, BM)[:, None] * meta.BN_OUT + tl.arange(0, meta.BN_OUT)[None, :]
+    valid = tl.load(valid_ptr + tl.arange(0, BM)) != 0
+    acc, last = sum_parts(tl.load(acc_ptr + cell), valid, slot, part, parts, scratch, epoch, meta)
+    tl.store(out_ptr + cell, acc)
+    tl.store(last_ptr, last.to(tl.int32))
+
+
+def test_the_last_part_of_a_split_tile_sums_every_part_in_part_order():
+    """sum_parts, a tile's 4 parts run one after another in each of the 24 orders, over a ticket an
+    earlier call left (an older epoch, its parts counted): only the part that comes last is told
+    so, and it returns every part's partial summed in part order on the valid rows, the same bits
+    whatever the order (partials of different magnitudes, so another order would show); the
+    others get their own sums back; the ticket ends at this call's epoch and its parts."""
+    BM, BN, parts, slot, epoch = 64, 128, 4, 2, 9
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    partials = torch.randn(parts, BM, BN, generator=gen) * 10.0 ** torch.tensor([-3.0, 3.0, 0.0, 2.0])[:, None, None]
+    valid = torch.arange(BM) < 37
+    expected = ((partials[0] + partials[1]) + partials[2]) + partials[3]
+    for order in itertools.permutations(range(parts)):
+        scratch = PartsScratch(torch.full((4 * parts * BM * BN,), float("nan")),
+                               torch.tensor([0, 0, ((epoch - 1) << 8) + parts, 5], dtype=torch.int64))
+        for i, part in enumerate(order):
+            out, last = torch.full((BM, BN), float("nan")), torch.zeros(1, dtype=torch.int32)
+            _sum_parts_probe[(1,)](partials[part].contiguous(), valid.int(), out, last, slot, part, parts, epoch,
+                                   scratch, PartsMeta(tl.constexpr(BM), tl.constexpr(BN)))
+            assert int(last) == (i == parts - 1)
+            assert torch.equal(out[valid], expected[valid] if i == parts - 1 else partials[part][valid])
+        assert scratch.out_tickets.tolist() == [0, 0, (epoch << 8) + parts, 5]
+
+
+def test_partial_sums_are_sized_only_for_a_launch_override_that_splits():
+    """partial_slots, which the flash backend builds its geometry with: 8 MiB of fp32 partial
+    sums (and a ticket a slot) when the launch_override asks for a split; none for any other
+    layer, whose launches never split (a value of another type is left to LaunchConfig)."""
+    assert partial_slots(None) == partial_slots({"stages": 3}) == partial_slots({"f_split": 1}) == 0
+    assert partial_slots({"f_split": "2"}) == 0
+    assert partial_slots({"f_split": 2}) == SPLIT_SLOTS
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1)
+    for override, nbytes in [({"f_split": 8}, 8 << 20), (None, 0)]:
+        buffers = Geometry.for_config(cfg, 1, 8, partial_slots(override)).local_buffers(torch.bfloat16)
+        assert buffers["out_partials"] == ((nbytes // 4,), torch.float32)
+        assert buffers["out_tickets"] == ((nbytes // 4 // (64 * 256),), torch.int64)
+
+
+@pytest.mark.parametrize("f_split", [0, 3, 16])
+def test_gemm2_split_must_be_a_power_of_two_up_to_8(f_split):
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
+    with pytest.raises(ValueError, match=f"f_split={f_split}"):
+        OneRank(cfg, max_tokens=8).forward(4, f_split=f_split)
 
 
 @pytest.mark.parametrize("block_t", [16, 48, 256])
@@ -342,20 +464,20 @@ def test_expert_tiles_gather_rows_across_sources(W, L, BM):
 
 
 def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inputs, launch_fields):
-    """One rank of the fused kernel (one program) in this process; weights: every full weight by
-    name; launch_fields: LaunchConfig's fields besides programs and block_n; odd calls save
+    """One rank of the fused kernel in this process; weights: every full weight by name;
+    launch_fields: LaunchConfig's fields besides block_n (one program unless given); odd calls save
     GEMM1's outputs (Saved, room for every row any source could send) -> [(rel err, status,
     epoch, None or (what it sent: x and its plan's send_slot, pos_start, send_counts, slot_w),
-    saved.pre, saved.shared_pre)]."""
+    saved.pre, saved.shared_pre), GEMM2 tiles split in parts (tickets at the call's epoch))]."""
     cfg = MoEConfig.from_dict(cfg_dict)
-    geo = Geometry.for_config(cfg, world, max_tokens)
+    geo = Geometry.for_config(cfg, world, max_tokens, partial_slots(launch_fields))
     ws = Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", RankBuffers(bufs, rank))
     L = geo.local_experts
     mine = slice(rank * L, (rank + 1) * L)
     experts = kernel_weights(weights, cfg, mine)
     router = {name: t for name, t in weights.items() if name in ("router_bias", "e_score_correction_bias")}
     positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions()
-    launch = LaunchConfig(programs=1, block_n=geo.block_n, **launch_fields)
+    launch = LaunchConfig(**{"programs": 1, "block_n": geo.block_n, **launch_fields})
     results = []
     f_in, fs_in = cfg.ffn_in_size, cfg.shared_ffn_in_size
     for call, x in enumerate(inputs[rank]):
@@ -366,11 +488,12 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
         if call % 2:
             saved = Saved(torch.full((world * max_tokens * min(cfg.top_k, L), f_in), float("nan")),
                           torch.full((len(x), fs_in), float("nan")))
+        call_epoch = int(ws.scratch.ctl[CTL_EPOCH.value])
         launch_fused(x, out, experts, plan, ws, launch, config=cfg, rank=rank, timeout_s=120.0, saved=saved)
         ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **weights)
         sent = (x, plan.send_slot, plan.pos_start, plan.send_counts, plan.slot_w)
         results.append((rel_err(out, ref) if len(x) else 0.0, int(ws.scratch.status[0]), int(ws.scratch.ctl[0]),
-                        saved and (sent, *saved)))
+                        saved and (sent, *saved), int(((ws.scratch.out_tickets >> 8) == call_epoch).sum())))
     return results
 
 
@@ -380,15 +503,18 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
                                       renormalize=False)),
     (3, 2, "swiglu", 64, dict(shared_experts=1, shared_expert_gate=True, shared_ffn_size=40)),
     (2, 2, "swiglu", 64, dict(hidden_size=320, combine_span=2)), (4, 2, "swiglu", 64, {}),
-    (8, 2, "swiglu", 64, {})])
+    (8, 2, "swiglu", 64, {}), (2, 2, "swiglu", 64, dict(ffn_size=512, f_split=4, programs=16))])
 def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activation, block_m, variant):
     """The multi-rank protocol (counts, dispatch to peers, tiles across sources, combine counters,
     epochs) with each rank's kernel in its own process, on shared-memory 'symmetric' buffers; and
     the expert variants whose rows are scaled before they are sent (weight_on_input), shared
-    experts computed beside the routed ones, and combine tasks of two column tiles (of 3); up to 8
-    ranks, a node's worth (each sending to every peer, ranks with no tokens in some calls)."""
+    experts computed beside the routed ones, combine tasks of two column tiles (of 3), and GEMM2
+    tiles split over the FFN in parts (f_split; the rule of test_few_gemm2_tiles_split_their_k_loop_in_parts)
+    before their rows go back; up to 8 ranks, a node's worth (each sending to every peer, ranks
+    with no tokens in some calls)."""
     variant = dict(variant)
-    launch_fields = {"block_m": block_m, "combine_span": variant.pop("combine_span", 1)}
+    launch_fields = {"block_m": block_m, **{name: variant.pop(name) for name in ("combine_span", "f_split", "programs")
+                                            if name in variant}}
     cfg = MoEConfig(**{**dict(hidden_size=32, ffn_size=48, num_experts=2 * world, top_k=top_k,
                               activation=activation, dtype="float32"), **variant})
     gen = torch.Generator().manual_seed(random.randrange(2**31))
@@ -402,8 +528,9 @@ def test_whole_kernel_across_ranks_in_processes(dist_pools, world, top_k, activa
     results = dist_pools(world).run(rank_runs_whole_kernel, cfg.to_dict(), 40, bufs, weights, inputs,
                                     launch_fields)
     for rank_results in results:
-        assert [(status, epoch) for _, status, epoch, _ in rank_results] == [(0, 2), (0, 3), (0, 4), (0, 5)]
-        assert max(err for err, _, _, _ in rank_results) <= 1e-5
+        assert [(status, epoch) for _, status, epoch, _, _ in rank_results] == [(0, 2), (0, 3), (0, 4), (0, 5)]
+        assert max(err for err, _, _, _, _ in rank_results) <= 1e-5
+        assert (sum(split for *_, split in rank_results) > 0) == ("f_split" in launch_fields)
     for call in (1, 3):  # the calls that saved GEMM1's outputs: each rank's rows, in its experts' order
         sent = [rank_results[call][3][0] for rank_results in results]
         for dest, rank_results in enumerate(results):

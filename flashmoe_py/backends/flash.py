@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .. import runtime
 from ..heap import SymmetricHeap
-from ..kernels.launch_config import choose_launch, launch_variants
+from ..kernels.launch_config import choose_launch, launch_variants, partial_slots
 from ..kernels.layout import Geometry, describe_timeout
 from ..kernels.plan import RoutingPlan, build_plan, plan_stats
 from ..kernels.fused_moe import Saved, compile_fused, launch_fused
@@ -172,7 +172,8 @@ class FlashBackend:
         cfg = layer.config
         self.layer = weakref.proxy(layer)  # the layer owns the backend: no cycle to keep it alive
         self.options = options
-        self.geo = geo = Geometry.for_config(cfg, layer.world_size, options.require_max_tokens())
+        self.geo = geo = Geometry.for_config(cfg, layer.world_size, options.require_max_tokens(),
+                                             partial_slots(options.launch_override))
         if options.transport == "nvshmem":
             nvshmem_device_library()  # fail here, not at the first forward, if it is missing
         self.heap = SymmetricHeap(rt)

@@ -21,6 +21,9 @@ tiles in.
                   written straight into each row's source rank, whose per-chunk row counters a
                   program bumps one tile later (count_tile_rows): after its next tile's GEMM, so
                   the rows drain over NVLink while it computes, or before it takes a combine tile;
+                  with few such tiles (decode; LaunchConfig.f_split) each is split over the
+                  f-tiles into parts, tasks of their own, each waiting for its own f-tiles' h;
+                  the last part done sums all parts' fp32 partials in part order and sends;
   shared_in_tile  (shared experts) BM of this rank's tokens: h_s = act(x @ shared_w_in[:, f-tile]),
                   and with a shared gate, its sigmoid(x . g) per token; local, no waits: done while
                   this rank's rows are still on their way to and from the experts;
@@ -80,7 +83,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..gate_up import PAIR_MAX, pair_width
 from .fused_moe_details.combine import combine_tile
 from .fused_moe_details.dispatch import dispatch_chunk, publish_counts
-from .fused_moe_details.expert_ffn import count_tile_rows, ffn_in_tile, ffn_out_tile, raise_held
+from .fused_moe_details.expert_ffn import count_tile_rows, ffn_in_tile, ffn_out_tile, raise_held, split_parts
 from .fused_moe_details.shared_experts import shared_task
 from .fused_moe_details.tasks import PendingTile, grouped, report_timeout, stamp, tile_table
 from .layout import (ACT_CODES, CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, TASK_COMBINE,
@@ -138,7 +141,9 @@ class Saved(NamedTuple):
 class Dims(NamedTuple):
     """The layer's sizes on this rank (Geometry): ranks, local experts, hidden, ffn, rows of one
     source's region at a destination (S), chunks per (source, expert) pair (MAXC), the shared
-    experts' width (Fs; 0 without), and this rank."""
+    experts' width (Fs; 0 without), this rank, and the GEMM2 tiles (counting each part) whose
+    partial sums fit the workspace's out_partials at this launch's tile size (LaunchConfig.f_split;
+    the kernel also keeps them within its programs)."""
 
     world: int
     local_experts: int
@@ -148,6 +153,7 @@ class Dims(NamedTuple):
     max_chunks: int
     shared_ffn: int
     rank: int
+    split_slots: int
 
 
 class Meta(NamedTuple):
@@ -159,7 +165,8 @@ class Meta(NamedTuple):
     (dispatch rows), BN (combine columns), BN_OUT (GEMM2 columns), BF (GEMM1 columns), BK (K step),
     BT (combine tokens), SPAN (combine column tiles of one combine task), NF_POW2 (>= GEMM1 column
     tiles); SHARED, SHARED_GATE (shared experts, their sigmoid gate) and NFS_POW2 (>= their GEMM1
-    column tiles); STAGES of the K loops; GROUP of expert tiles taken together; STATIC_IN (world 1
+    column tiles); STAGES of the K loops; GROUP of expert tiles taken together; F_SPLIT: the most
+    parts a GEMM2 tile's K loop is split into (LaunchConfig.f_split); STATIC_IN (world 1
     only): the GEMM1 tiles in a static order (the queue's, program by program), before the compute
     queue, which then holds the other tasks; H_TMA (world 1 only): GEMM2 loads a tile's h rows,
     one block, through TMA (h_rows) instead of gathering them; TRANSPORT (transport.TRANSPORTS);
@@ -199,6 +206,7 @@ class Meta(NamedTuple):
     NFS_POW2: tl.constexpr
     STAGES: tl.constexpr
     GROUP: tl.constexpr
+    F_SPLIT: tl.constexpr
     STATIC_IN: tl.constexpr
     H_TMA: tl.constexpr
     TRANSPORT: tl.constexpr
@@ -275,7 +283,10 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     table = tile_table(words, dims, meta)
     n_tiles = tl.sum(table.tiles)
     n_in = n_tiles * NF
-    n_out = n_tiles * NN_OUT
+    parts = 1  # parts of each GEMM2 tile's K loop
+    if meta.F_SPLIT > 1:
+        parts = split_parts(n_tiles * NN_OUT, NF, tl.minimum(dims.split_slots, P), meta.F_SPLIT)
+    n_out = n_tiles * NN_OUT * parts
     NN_COMB = tl.cdiv(NN, meta.SPAN)  # combine tasks per BT tokens
     n_comb = tl.cdiv(tokens, meta.BT) * NN_COMB
     n_rows = tl.cdiv(tokens, meta.BM)  # shared-expert row tiles
@@ -314,9 +325,9 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
                 ready, done, held = ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, dims,
                                                 epoch, wait_limit, rank, meta)
         elif q < n_in + n_out:
-            q, n = grouped(q - n_in, n_tiles, NN_OUT, meta.GROUP)
-            pend, ready, done = ffn_out_tile(q, n, pend, table, weights, h_rows, sym, scratch, dims, epoch,
-                                             wait_limit, rank, meta)
+            q, n = grouped(q - n_in, n_tiles, NN_OUT * parts, meta.GROUP)
+            pend, ready, done = ffn_out_tile(q, n // parts, n % parts, parts, pend, table, weights, h_rows, sym,
+                                             scratch, dims, epoch, wait_limit, rank, meta)
         else:
             if pend.e >= 0:  # combine tiles wait for counts: none may be left pending behind them
                 count_tile_rows(pend, sym, dims, rank, meta)
@@ -416,12 +427,14 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 NF_POW2=c(triton.next_power_of_2(geo.ffn_tiles)), SHARED=c(FS > 0),
                 SHARED_GATE=c(config.shared_expert_gate),
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),
-                STAGES=c(launch.stages), GROUP=c(launch.group),
+                STAGES=c(launch.stages), GROUP=c(launch.group), F_SPLIT=c(launch.f_split),
                 STATIC_IN=c(bool(launch.static_ffn_in)), H_TMA=c(bool(launch.h_tma)),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None),
                 SAVE=c(saved is not None), APPROX_ACT=c(x.dtype == torch.bfloat16),
                 PEER_SCOPE=c("gpu" if W == 1 else "sys"))
-    dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS, rank)
+    # a split tile's partial sums: BM x BN_OUT fp32 each, packed in out_partials
+    split_slots = min(geo.split_slots, ws.scratch.out_partials.numel() // (launch.block_m * launch.block_n))
+    dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS, rank, split_slots)
     # GEMM1 boxes: gated, a tile's gate and up columns side by side (w_in in gate_up.py's pairs)
     w_in_blocks = [1, geo.block_k, geo.block_f * (2 if gated else 1)]
     w_out_blocks = [1, geo.block_k, launch.block_n]

@@ -12,8 +12,10 @@ from .layout import Geometry
 
 SWITCHES = ("static_ffn_in", "h_tma")  # the fields that are 0 or 1
 FIELDS = ("programs", "block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t",
-          "combine_span", *SWITCHES)
+          "combine_span", "f_split", *SWITCHES)
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
+MAX_F_SPLIT = 8  # parts of one GEMM2 tile's K loop
+SPLIT_SLOTS = 128  # GEMM2 parts a call may hold partial sums for (8 MiB: Geometry.split_slots)
 # Rows an expert (on average) at which choose_launch's tiles change: the static GEMM1 order at
 # world 1, then the taller bf16 tiles. The only way a call's token count reaches its launch.
 STATIC_ROWS, LARGE_ROWS = 64, 128
@@ -39,7 +41,16 @@ class LaunchConfig:
     GEMM2 tiles, and wide last tiles were measured and dropped (bench/NOTES.md items 38, 55, 60).
     h_tma: 1 to load a GEMM2 tile's h rows as TMA boxes, 0 to gather them row by row; world 1
     only, where a tile's rows are one block (with several ranks they can come from several
-    sources)."""
+    sources).
+    f_split: the most parts a GEMM2 tile's K loop (over the FFN, in whole GEMM1 column tiles) may
+    be split into, a power of two up to MAX_F_SPLIT; the kernel takes, per call, the most parts up
+    to it that keep the call's GEMM2 tiles times parts within the programs, the workspace's
+    partial slots and the FFN's column tiles (few tiles: decode), each part a task that waits for
+    its own columns of h only; the last part to finish sums every part's fp32 sum in part order
+    and sends the rows (kernels/fused_moe_details/expert_ffn.py). 1: never split, and choose_launch
+    keeps 1: the split is built for sm_90 but not yet timed on a GPU (bench/NOTES.md item 87; meant
+    for decode's 64-row tiles: with 128-row tiles its sum spills registers). A workspace holds the
+    partial sums only when its launches may split (partial_slots)."""
 
     programs: int
     block_m: int
@@ -50,11 +61,13 @@ class LaunchConfig:
     dispatch_programs: int | None = None
     block_t: int = Geometry.block_t
     combine_span: int = 1
+    f_split: int = 1
     static_ffn_in: int = 0
     h_tma: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group", "block_t", "combine_span"):
+        for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group", "block_t", "combine_span",
+                     "f_split"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LaunchConfig.{name}={value!r}: expected a positive int")
@@ -71,6 +84,8 @@ class LaunchConfig:
         if self.combine_span & (self.combine_span - 1) or self.combine_span > MAX_COMBINE_SPAN:
             raise ValueError(f"combine_span={self.combine_span}: expected a power of two up to {MAX_COMBINE_SPAN} "
                              "(the kernel unrolls its column tiles)")
+        if self.f_split & (self.f_split - 1) or self.f_split > MAX_F_SPLIT:
+            raise ValueError(f"f_split={self.f_split}: expected a power of two up to {MAX_F_SPLIT}")
 
     def check(self, geo: Geometry) -> LaunchConfig:
         """Raise ValueError unless the tiles fit the geometry's buffers and counters; -> self."""
@@ -92,6 +107,14 @@ class LaunchConfig:
             raise ValueError(f"h_tma=1 at world_size={geo.world_size}: only at world 1, where a GEMM2 tile's "
                              "rows all come from one source")
         return self
+
+
+def partial_slots(override: dict | None) -> int:
+    """Geometry.split_slots for a layer launched with `override` (its launch_override): SPLIT_SLOTS
+    when it asks for f_split > 1 (choose_launch never does yet), else none (8 MiB a layer saved);
+    a value of another type is LaunchConfig's to refuse."""
+    f_split = (override or {}).get("f_split", 1)
+    return SPLIT_SLOTS if type(f_split) is int and f_split > 1 else 0
 
 
 def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,

@@ -92,7 +92,9 @@ class Geometry:
     tile, and of the combine counters; block_f, block_k: GEMM1's FFN columns and both GEMMs' K
     step; block_t: tokens of the smallest combine tile (the trace is sized for it; the launch
     may take taller ones, LaunchConfig.block_t); shared_ffn: the width of the shared experts' one FFN
-    (0: none)."""
+    (0: none); split_slots: GEMM2 tiles of min_block_m x 2 * block_n, counting each part, that a
+    call whose GEMM2 K loop is split (LaunchConfig.f_split) can hold fp32 partial sums for (fewer
+    taller or wider tiles; 0: no call splits; launch_config.partial_slots)."""
 
     world_size: int
     local_experts: int
@@ -107,11 +109,12 @@ class Geometry:
     block_k: int = 64
     block_t: int = 32
     shared_ffn: int = 0
+    split_slots: int = 0
 
     @classmethod
-    def for_config(cls, config: MoEConfig, world_size: int, max_tokens: int) -> Geometry:
+    def for_config(cls, config: MoEConfig, world_size: int, max_tokens: int, split_slots: int = 0) -> Geometry:
         return cls(world_size, config.local_experts(world_size), max_tokens, config.hidden_size,
-                   config.ffn_size, config.top_k, shared_ffn=config.shared_width)
+                   config.ffn_size, config.top_k, shared_ffn=config.shared_width, split_slots=split_slots)
 
     @property
     def source_rows(self) -> int:
@@ -169,7 +172,9 @@ class Geometry:
         h, GEMM1's output, with the recv_x layout; h_flags, one per (expert tile, f-tile);
         comb_expect, the rows this rank expects back per (pair, chunk), cumulative over calls; the
         shared experts' GEMM1 output, gate and output per own token, shared_h, shared_scale,
-        shared_y, and their flags per (row tile, column tile) (empty without shared experts)."""
+        shared_y, and their flags per (row tile, column tile) (empty without shared experts);
+        out_partials, the split GEMM2 parts' fp32 sums (split_slots tiles of min_block_m x
+        2 * block_n), and out_tickets, a word per split tile counting its parts done."""
         W, L = self.world_size, self.local_experts
         T = self.max_tokens if self.shared_ffn else 0
         tiles = self.row_tiles if self.shared_ffn else 0
@@ -180,7 +185,9 @@ class Geometry:
                 "shared_h": ((T, self.shared_ffn), dtype), "shared_scale": ((T,), torch.float32),
                 "shared_y": ((T, self.hidden), dtype),
                 "shared_h_flags": ((tiles, self.shared_ffn_tiles), torch.int32),
-                "shared_y_flags": ((tiles, self.hidden_tiles), torch.int32)}
+                "shared_y_flags": ((tiles, self.hidden_tiles), torch.int32),
+                "out_partials": ((self.split_slots * self.min_block_m * 2 * self.block_n,), torch.float32),
+                "out_tickets": ((self.split_slots,), torch.int64)}
 
     def send_order(self, rank: int, device=None) -> torch.Tensor:
         """[W * L] int64: the (destination, expert slot) pairs, as destination * L + slot, in the
@@ -192,11 +199,12 @@ class Geometry:
         return (dests * L + torch.arange(L, device=device)[:, None]).reshape(W * L)
 
     def trace_rows(self, tokens: int, programs: int) -> int:
-        """Rows of a kernel trace of one forward with `tokens` tokens: one per program, one per task."""
+        """Rows of a kernel trace of one forward with `tokens` tokens: one per program, one per task
+        (a split GEMM2 tile's parts are one task each: at most split_slots in all)."""
         pairs = self.world_size * self.local_experts
         shared = -(-tokens // self.min_block_m) * (self.shared_ffn_tiles + self.hidden_tiles) if self.shared_ffn else 0
         return (programs + 1 + -(-tokens * self.top_k // self.chunk) + pairs
-                + self.max_tiles * (self.ffn_tiles + self.hidden_tiles) + shared
+                + self.max_tiles * (self.ffn_tiles + self.hidden_tiles) + self.split_slots + shared
                 + -(-tokens // self.block_t) * self.hidden_tiles)
 
 

@@ -54,6 +54,8 @@ class Scratch(NamedTuple):
     shared_y: torch.Tensor
     shared_h_flags: torch.Tensor
     shared_y_flags: torch.Tensor
+    out_partials: torch.Tensor
+    out_tickets: torch.Tensor
     trace: torch.Tensor
 
 

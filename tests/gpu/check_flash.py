@@ -66,10 +66,11 @@ def tokens_routed_otherwise(layer, x, full) -> int:
     return int(routed_otherwise(layer, x, experts)[1].sum())
 
 
-def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1):
+def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1, override=None):
     seed = random.SystemRandom().randrange(2**31)
     seed = int(max_all(seed))  # the same weights on every rank
-    layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=max_tokens, seed=seed, transport=TRANSPORT)
+    layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=max_tokens, seed=seed, transport=TRANSPORT,
+                     launch_override=override)
     if hot is not None:
         skew(layer, hot)
     full = layer.full_weight_dict()
@@ -90,13 +91,17 @@ def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1):
                 worst = err
     layer.synchronize()
     err = max_all(worst)
+    # a split asked for (f_split) must have happened: GEMM2 tiles whose parts took tickets, any call
+    split = int(max_all(float(((layer.backend.ws.scratch.out_tickets >> 8) > 0).sum()))) if override else None
     layer.backend.close()
     # worst_call: this rank's worst call, its error, its tokens and how many of them the layer's
     # router sent to other experts than the reference's (near ties: such a token's output takes
     # another expert's part; under capacity other tokens' drops can change too)
     row = {"case": name, "transport": TRANSPORT, "config": cfg.to_dict(), "max_tokens": max_tokens, "world": world,
-           "calls": calls, "rel_err": err, "ok": err <= TOL[cfg.dtype], "seed": seed, "worst_call_rank0": worst_call,
-           "seconds": round(time.perf_counter() - t0, 2)}
+           "calls": calls, "rel_err": err, "ok": err <= TOL[cfg.dtype] and split != 0, "seed": seed,
+           "worst_call_rank0": worst_call, "seconds": round(time.perf_counter() - t0, 2)}
+    if override:
+        row.update(launch_override=override, split_tiles=split)
     if rank == 0:
         print(json.dumps(row), flush=True)
     return row
@@ -177,6 +182,14 @@ def main():
     rt = fm.init(heap_bytes=max(heap_bytes_for(c, world, t, TRANSPORT) for _, c, t, _ in cases))
     rank = rt.rank
     rows = [run_case(n, c, t, rank, world, hot) for n, c, t, hot in cases]
+    # GEMM2 tiles split over the FFN in parts at few tokens (LaunchConfig.f_split, which only a
+    # launch_override asks for so far): 8 and 5 f-tiles, 1-16 tokens a call; each case also fails
+    # unless some tile was split
+    rows += [run_case("bf16 swiglu k2, GEMM2 split in up to 8 parts", MoEConfig(**{**small, "ffn_size": 1024}, top_k=2),
+                      8, rank, world, calls=60, override={"f_split": 8}),
+             run_case("fp32 clamped_swiglu, expert biases, k4, GEMM2 split in up to 4 parts",
+                      MoEConfig(**{**small, "ffn_size": 640}, top_k=4, activation="clamped_swiglu", expert_bias=True,
+                                dtype="float32"), 16, rank, world, calls=30, override={"f_split": 4})]
     rows.append(run_graph_case(soak, 200, rank, world))
     if args.calls:
         rows.append(run_case(f"back-to-back x{args.calls}", soak, 256, rank, world, calls=args.calls))

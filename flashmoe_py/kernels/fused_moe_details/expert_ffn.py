@@ -5,10 +5,13 @@ tiles (y = h_rows @ w_out, sent to each row's source and counted there)."""
 import triton
 import triton.language as tl
 
+from ..launch_config import MAX_F_SPLIT
 from ..layout import WAIT_CHUNK, WAIT_HIDDEN, WAIT_HIDDEN_STATIC
 from ..transport import (NVSHMEM, add_count, async_proxy_fence, clock_ns, order_counts, rows_landed, send_tile, signal,
                          wait_at_least)
 from .tasks import PendingTile, expert_tile, report_timeout
+
+SPLIT_STEPS = tl.constexpr(MAX_F_SPLIT.bit_length())  # split_parts tries 2, 4, .. MAX_F_SPLIT parts
 
 
 @triton.jit
@@ -44,15 +47,16 @@ def _times_sigmoid(a, z, meta):
 
 
 @triton.jit
-def _k_loop(acc, a_rows, valid, desc, e, col, K, meta, a_desc=None, a_row0=0):
-    """acc [BM, N] fp32 + the rows a_rows [BM] (row starts of K elements; rows where valid) @ the
-    [K, N] block of expert e of the 3-D descriptor desc from column col, BK at a time (TMA boxes
-    [1, BK, N]). With a_desc (a 2-D descriptor, boxes [BM, BK]) the rows are its BM consecutive
-    rows from a_row0 instead, through TMA too: rows past the valid ones are read (and their
-    products never used), rows past a_desc's end are zeros."""
+def _k_loop(acc, a_rows, valid, desc, e, col, k_lo, k_hi, K, meta, a_desc=None, a_row0=0):
+    """acc [BM, N] fp32 + the rows a_rows [BM] (row starts of K elements; rows where valid),
+    elements k_lo..k_hi of each (k_lo a multiple of BK), @ those rows of the [K, N] block of expert
+    e of the 3-D descriptor desc from column col, BK at a time (TMA boxes [1, BK, N]). With a_desc
+    (a 2-D descriptor, boxes [BM, BK]) the rows are its BM consecutive rows from a_row0 instead,
+    through TMA too: rows past the valid ones are read (and their products never used), rows
+    past a_desc's end are zeros."""
     BK: tl.constexpr = meta.BK
     N: tl.constexpr = acc.shape[1]
-    for k0 in tl.range(0, K, BK, num_stages=meta.STAGES):
+    for k0 in tl.range(k_lo, k_hi, BK, num_stages=meta.STAGES):
         if a_desc is None:
             k = k0 + tl.arange(0, BK)
             a = tl.load(a_rows[:, None] + k[None, :], mask=valid[:, None] & (k < K)[None, :], other=0.0,
@@ -73,7 +77,7 @@ def gemm_in(a_rows, valid, w_in, e, j, H, meta, PAIR: tl.constexpr):
     BF: tl.constexpr = meta.BF
     WIDTH: tl.constexpr = 2 * BF if meta.GATED else BF
     acc = _k_loop(tl.zeros((meta.BM, WIDTH), dtype=tl.float32), a_rows, valid, w_in, e, (j * WIDTH).to(tl.int32),
-                  H, meta)
+                  0, H, H, meta)
     if meta.GATED:
         pairs = acc.reshape(meta.BM, BF // PAIR, 2, PAIR).permute(0, 2, 1, 3).reshape(meta.BM, 2, BF)
         gate, up = pairs.permute(0, 2, 1).split()
@@ -105,12 +109,12 @@ def pair_col(f, PAIR: tl.constexpr):
 
 
 @triton.jit
-def gemm_out(a_rows, valid, w_out, e, col, F, meta, a_desc=None, a_row0=0):
-    """GEMM2 of one tile: a_rows [BM] row starts of F elements (rows where valid), or a_desc's
-    BM rows from a_row0 (_k_loop), @ expert e of the descriptor w_out, columns col.. -> [BM,
-    BN_OUT] fp32."""
-    return _k_loop(tl.zeros((meta.BM, meta.BN_OUT), dtype=tl.float32), a_rows, valid, w_out, e, col, F, meta,
-                   a_desc, a_row0)
+def gemm_out(a_rows, valid, w_out, e, col, f_lo, f_hi, F, meta, a_desc=None, a_row0=0):
+    """GEMM2 of one tile, or of one part of its K loop: a_rows [BM] row starts of F elements (rows
+    where valid), or a_desc's BM rows from a_row0 (_k_loop), their elements f_lo..f_hi, @ those
+    rows of expert e of the descriptor w_out, columns col.. -> [BM, BN_OUT] fp32."""
+    return _k_loop(tl.zeros((meta.BM, meta.BN_OUT), dtype=tl.float32), a_rows, valid, w_out, e, col, f_lo, f_hi, F,
+                   meta, a_desc, a_row0)
 
 
 @triton.jit
@@ -240,14 +244,17 @@ def count_tile_rows(pend, sym, dims, rank, meta):
 
 
 @triton.jit
-def ffn_out_tile(q, n, pend, table, weights, h_rows, sym, scratch, dims, epoch, wait_limit, rank, meta):
-    """y[rows of expert tile q, n-tile (BN_OUT columns)] = h_rows @ w_out[e][:, n-tile] once all
-    f-tiles of h are written, sent into each row's source rank (its combine_y region for this rank
-    mirrors recv_x). The program's previous tile (pend: PendingTile) is counted between this
-    tile's GEMM and its sends. h_rows (read with H_TMA only): scratch.h as a [W * S, F]
-    descriptor, boxes [BM, BK]; at world 1 a tile's rows are consecutive there (one source).
-    -> (the tile left to count, a PendingTile; ready, done clock stamps when TRACE, else
-    zeros).
+def ffn_out_tile(q, n, part, parts, pend, table, weights, h_rows, sym, scratch, dims, epoch, wait_limit, rank, meta):
+    """y[rows of expert tile q, n-tile (BN_OUT columns)] = h_rows @ w_out[e][:, n-tile] once the
+    f-tiles of h it reads are written, sent into each row's source rank (its combine_y region for
+    this rank mirrors recv_x). parts > 1 (f_split): this task is part `part` of the K loop, the
+    FFN's f-tiles split in `parts` runs (split_range), waiting for those f-tiles' h flags only;
+    the part that finishes last sums them all (sum_parts) and sends. The program's previous tile
+    (pend: PendingTile) is counted between this tile's GEMM and its sends (split: by the part that
+    sends). h_rows (read with
+    H_TMA only): scratch.h as a [W * S, F] descriptor, boxes [BM, BK]; at world 1 a tile's rows
+    are consecutive there (one source). -> (the tile left to count, a PendingTile; ready, done
+    clock stamps when TRACE, else zeros).
 
     P2P stores the rows there; NVSHMEM stages the tile in recv_x's rows of the tile (their x is
     consumed: every f-tile of h is done) and puts each row from its own thread."""
@@ -258,26 +265,87 @@ def ffn_out_tile(q, n, pend, table, weights, h_rows, sym, scratch, dims, epoch, 
     r = (t.src * S + t.row).to(tl.int64)
     acc = tl.zeros((meta.BM, BN_OUT), dtype=tl.float32)
     f_tiles = tl.arange(0, meta.NF_POW2)
-    short = wait_at_least(scratch.h_flags + q * NF + f_tiles, f_tiles < NF, epoch.to(tl.int32), wait_limit,
+    if meta.F_SPLIT > 1:
+        j_lo, j_hi = split_range(part, parts, NF)
+        wanted = (f_tiles >= j_lo) & (f_tiles < j_hi)
+        f_lo = j_lo * meta.BF
+        f_hi = tl.minimum(j_hi * meta.BF, F)
+    else:
+        wanted = f_tiles < NF
+        f_lo = 0
+        f_hi = F
+    short = wait_at_least(scratch.h_flags + q * NF + f_tiles, wanted, epoch.to(tl.int32), wait_limit,
                           scratch.status, "gpu", meta.ON_GPU)
     ok = tl.sum(short.to(tl.int32)) == 0
     ready = clock_ns() if meta.TRACE else 0
     if ok:
         if meta.H_TMA:  # world 1: the tile's rows are one block, loaded through TMA
             async_proxy_fence(meta.ON_GPU)  # h came from other programs' stores
-        acc = gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), F, meta,
-                       h_rows if meta.H_TMA else None, tl.min(r).to(tl.int32))
+        acc = gemm_out(scratch.h + r * F, t.valid, weights.w_out, t.e, (n * BN_OUT).to(tl.int32), f_lo, f_hi, F,
+                       meta, h_rows if meta.H_TMA else None, tl.min(r).to(tl.int32))
     done = clock_ns() if meta.TRACE else 0
+    last = ok  # this task sends the tile: its only part, or its last part done
+    if meta.F_SPLIT > 1:
+        if ok & (parts > 1):
+            acc, last = sum_parts(acc, t.valid, q * tl.cdiv(H, BN_OUT) + n, part, parts, scratch, epoch, meta)
     acc = _add_out_bias(acc, t.e, n, weights, H, meta)
     if not ok:
         report_timeout(scratch, WAIT_HIDDEN_STATIC if meta.STATIC_IN else WAIT_HIDDEN, rank, t.e, q, epoch)
-    else:
+    elif last:
         if pend.e >= 0:
             count_tile_rows(pend, sym, dims, rank, meta)
         _send_out(acc, t, r, n, sym, S, H, rank, meta)
-    pend = PendingTile(tl.where(ok, t.e, pend.e), tl.where(ok, t.c, pend.c), tl.where(ok, t.per_src, pend.per_src),
-                       tl.where(ok, t.first, pend.first), tl.where(ok, n, pend.n))
+    pend = PendingTile(tl.where(last, t.e, pend.e), tl.where(last, t.c, pend.c),
+                       tl.where(last, t.per_src, pend.per_src), tl.where(last, t.first, pend.first),
+                       tl.where(last, n, pend.n))
     return pend, ready, done
+
+
+@triton.jit
+def split_range(part, parts, NF):
+    """The f-tiles j_lo <= j < j_hi of part `part` of `parts` (at most NF) over NF f-tiles: runs
+    of NF // parts or one more, none empty."""
+    j_lo = (part * NF // parts).to(tl.int32)  # K offsets of TMA boxes are 32-bit
+    return j_lo, ((part + 1) * NF // parts).to(tl.int32)
+
+
+@triton.jit
+def split_parts(out_tiles, NF, slots, F_SPLIT: tl.constexpr):
+    """Parts to split each of a call's out_tiles GEMM2 tiles into: the most, a power of two up to
+    F_SPLIT, with out_tiles * parts <= slots (the programs and the partial sums' slots: one wave of
+    parts, each with a slot) and parts <= NF (an f-tile a part)."""
+    parts = tl.full((), 1, tl.int32)
+    for p in tl.static_range(1, SPLIT_STEPS):
+        if (1 << p) <= F_SPLIT:
+            fits = ((out_tiles << p) <= slots) & ((1 << p) <= NF)
+            parts = tl.where(fits, 1 << p, parts)
+    return parts
+
+
+@triton.jit
+def sum_parts(acc, valid, slot, part, parts, scratch, epoch, meta):
+    """Part `part` of `parts` of GEMM2 tile `slot` (its index in the call, q * NN_OUT + n): acc [BM,
+    BN_OUT] fp32, its sum over its f-tiles, into scratch.out_partials (rows where valid), then a
+    ticket from the tile's word of scratch.out_tickets: epoch << 8 plus the parts done (brought up
+    to this call's epoch by an atomic max first, so no word is ever reset). -> (the last part: every
+    part's partial summed from memory in part order, its own too, so the same bits whichever part
+    finishes last; another: acc as it was; and whether this part was the last)."""
+    BM: tl.constexpr = meta.BM
+    BN_OUT: tl.constexpr = meta.BN_OUT
+    cell = tl.arange(0, BM)[:, None] * BN_OUT + tl.arange(0, BN_OUT)[None, :]
+    rows = valid[:, None]
+    tile = scratch.out_partials + (slot * parts).to(tl.int64) * (BM * BN_OUT)
+    tl.store(tile + part * (BM * BN_OUT) + cell, acc, mask=rows)
+    tl.debug_barrier()  # every thread's partial before the release below
+    ticket = scratch.out_tickets + slot
+    tl.atomic_max(ticket, epoch.to(tl.int64) << 8, sem="relaxed", scope="gpu")
+    done = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") & 0xFF
+    last = done == parts - 1
+    if last:  # every part's partial from memory, its own too: one sum order whoever is last
+        acc = tl.zeros((BM, BN_OUT), dtype=tl.float32)
+        for p in range(parts):
+            acc += tl.load(tile + p * (BM * BN_OUT) + cell, mask=rows, other=0.0, cache_modifier=".cg")
+    return acc, last
 
 
 @triton.jit
@@ -293,7 +361,8 @@ def _add_out_bias(acc, e, n, weights, H, meta):
 def _send_out(acc, t, r, n, sym, S, H, rank, meta):
     """GEMM2 column tile n of expert tile t into each valid row's source rank (its combine_y rows
     for this rank mirror recv_x). recv_x's rows r of this tile are the staging space: their x is
-    consumed (every f-tile of h is done) and the source sends nothing new into them before these
-    rows reach it."""
+    consumed (every f-tile of h is done: this task waited for their flags, or, the last part of a
+    split tile, acquired its ticket after every other part had waited for its own) and the source
+    sends nothing new into them before these rows reach it."""
     send_tile(acc, sym.combine_y, (rank * S + t.row).to(tl.int64), tl.where(t.valid, t.src, rank),
               sym.recv_x.local, r, t.valid, n * meta.BN_OUT, H, meta.BN_OUT, meta.TRANSPORT)

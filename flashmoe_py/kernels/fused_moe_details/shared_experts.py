@@ -56,7 +56,7 @@ def shared_out_tile(m, n, weights, scratch, dims, tokens, epoch, wait_limit, met
         t = m * meta.BM + tl.arange(0, meta.BM)
         valid = t < tokens
         acc = gemm_out(scratch.shared_h + t.to(tl.int64) * FS, valid, weights.shared_w_out, 0,
-                        (n * BN_OUT).to(tl.int32), FS, meta)
+                        (n * BN_OUT).to(tl.int32), 0, FS, FS, meta)
         if meta.SHARED_GATE:
             acc = acc * tl.load(scratch.shared_scale + t, mask=valid, other=0.0)[:, None]
         cols = n * BN_OUT + tl.arange(0, BN_OUT)
