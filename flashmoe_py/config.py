@@ -168,9 +168,10 @@ class MoEConfig:
                   f"must be <= min({TOP_K_LIMIT}, num_experts={self.num_experts})")
         if self.activation not in ACTIVATIONS:
             _fail("activation", self.activation, f"must be one of {ACTIVATIONS}")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"must be one of {tuple(DTYPES)}")
-        if self.router_dtype is not None and self.router_dtype not in DTYPES:
+        router_dtype = self.router_dtype
+        if router_dtype is not None and (not isinstance(router_dtype, str) or router_dtype not in DTYPES):
             _fail("router_dtype", self.router_dtype, f"must be None (= dtype) or one of {tuple(DTYPES)}")
         for field in ("renormalize", "router_bias", "expert_bias", "weight_on_input", "shared_expert_gate"):
             if not isinstance(getattr(self, field), bool):

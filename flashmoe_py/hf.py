@@ -342,10 +342,16 @@ def convert_block(block: nn.Module) -> Conversion:
     if adapter is None:
         raise UnsupportedBlock(f"{type(block).__name__}: no adapter for this block; flashmoe_py converts "
                                f"{', '.join(ADAPTERS)}")
+    if isinstance(getattr(block, "experts", None), nn.ModuleList):
+        raise UnsupportedBlock(f"{type(block).__name__}: its experts are an nn.ModuleList of per-expert MLPs "
+                               "(transformers 4.x's or a trust_remote_code layout); flashmoe_py converts transformers "
+                               "5's fused experts (load the model with transformers >= 5, without trust_remote_code)")
     try:
         return adapter(block)
     except (UnsupportedBlock, ConfigError) as e:
         raise UnsupportedBlock(f"{type(block).__name__}: {e}") from None
+    except AttributeError as e:  # a block of that name laid out otherwise than the adapter reads
+        raise UnsupportedBlock(f"{type(block).__name__}: not transformers 5's layout of it ({e})") from None
 
 
 def block_config(block: nn.Module) -> MoEConfig:

@@ -155,11 +155,8 @@ class MoELayer(nn.Module):
         """What is wrong with the constructor arguments on this rank, or None."""
         if not isinstance(config, MoEConfig):
             return f"config must be a MoEConfig, got {type(config).__name__}"
-        if seed is not None and (not is_int(seed) or seed < 0):
-            return f"seed must be a non-negative int or None, got {seed!r}"
-        if seed is not None and seed + config.num_experts >= 2**64:
-            return (f"seed={seed} is too large: expert e's weights are drawn from seed + 1 + e, which must stay "
-                    f"below 2**64 (num_experts={config.num_experts})")
+        if (problem := _seed_problem(seed, config.num_experts)) is not None:
+            return problem
         if placement is not None and not isinstance(placement, ExpertPlacement):
             return (f"placement must be an ExpertPlacement (e.g. ExpertPlacement.build(...)), got "
                     f"{type(placement).__name__} {placement!r}")
@@ -237,7 +234,9 @@ class MoELayer(nn.Module):
         (independent of placement). Each is N(0, 1 / fan_in), biases included, so a fresh layer
         exercises every path. seed None: drawn from torch's default (CPU) generator, rank 0's taken
         on every rank. Collective when world_size > 1: the ranks' seeds are compared (None on every
-        rank or the same int), then the replicas (ConsistencyError on every rank)."""
+        rank or the same int), then the replicas (ConsistencyError on every rank). A seed the
+        constructor refuses raises ValueError (on every rank) before anything is drawn."""
+        seed = as_int(seed)  # a numpy integer as the int it is
         drawn = int(torch.randint(0, 2**62, (), device="cpu")) if seed is None else None  # not a meta default
         if self.world_size > 1:  # every rank gathers, whatever its seed: the same collectives everywhere
             everyone = from_every_rank((seed, drawn), self.process_group)
@@ -246,6 +245,8 @@ class MoELayer(nn.Module):
                 raise ConsistencyError(f"reset_parameters: the ranks' seeds differ ({seeds}): pass the same int "
                                        "on every rank, or None on every rank (rank 0's draw is taken)")
             drawn = everyone[0][1]
+        if (problem := _seed_problem(seed, self.config.num_experts)) is not None:  # the same on every rank
+            raise ValueError(f"reset_parameters: {problem}")
         seed = drawn if seed is None else seed
         cfg = self.config
         H, F = cfg.hidden_size, cfg.ffn_size
@@ -256,7 +257,9 @@ class MoELayer(nn.Module):
         gen = torch.Generator(device=self.device)
 
         def draw(t: torch.Tensor, name: str) -> None:
-            t.copy_(torch.randn(t.shape, generator=gen, device=self.device) / fan_in[name] ** 0.5)
+            # float32 draws whatever torch's default dtype: the same seed, the same weights
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32, device=self.device)
+                    / fan_in[name] ** 0.5)
 
         gen.manual_seed(seed)
         for name in names:
@@ -418,6 +421,33 @@ class MoELayer(nn.Module):
         tokens, limit = x.numel() // cfg.hidden_size, self.options.max_tokens_per_rank
         if limit is not None and tokens > limit:
             return ValueError(f"x has {tokens} tokens; max_tokens_per_rank={limit}")
+        return self._weights_problem()
+
+    @functools.cached_property
+    def _weight_specs(self) -> tuple[tuple[str, torch.Size, torch.dtype], ...]:
+        """(name, shape, dtype) of every weight the config has, this rank's experts only."""
+        cfg = self.config
+        return tuple((name, torch.Size(shape), cfg.weight_dtype(name))
+                     for name, shape in cfg.weight_shapes(self.local_experts).items())
+
+    def _weights_problem(self) -> Exception | None:
+        """Where a weight was replaced (`.data =`, or a new Parameter set on the layer) by one of
+        another shape, dtype or device than the layer's, which its GEMMs would read as they are
+        (a wrong result, not always an error): the error naming it, else None. Read every forward
+        (~0.3 us of host time a weight); a weight that a parametrization or a hook-based wrapper
+        (prune, weight_norm) makes at each forward is left to it."""
+        params, buffers, device = self._parameters, self._buffers, self.device
+        for name, shape, dtype in self._weight_specs:
+            t = params.get(name, ...)
+            if t is ...:  # the correction bias, or a weight made by a parametrization
+                t = buffers.get(name, ...)
+                if t is ...:
+                    continue
+            if t is None or t.shape != shape or t.dtype != dtype or t.device != device:
+                got = "None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}"
+                return ValueError(f"{name} is {got}; this layer's is {tuple(shape)} {dtype} on {device} (this "
+                                  "rank's experts only): copy new values into it (load_full_weights, "
+                                  f"load_state_dict, or layer.{name}.copy_ under torch.no_grad())")
         return None
 
     def _records_graph(self, x) -> bool:
@@ -654,6 +684,17 @@ class MoELayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.config}, rank={self.rank}/{self.world_size}, "
                 f"local_experts={self.local_experts}, backend={self.backend.name!r}")
+
+
+def _seed_problem(seed, num_experts: int) -> str | None:
+    """What is wrong with a layer's `seed` (None, or expert e's weights drawn from seed + 1 + e),
+    or None."""
+    if seed is not None and (not is_int(seed) or seed < 0):
+        return f"seed must be a non-negative int or None, got {seed!r}"
+    if seed is not None and seed + num_experts >= 2**64:
+        return (f"seed={seed} is too large: expert e's weights are drawn from seed + 1 + e, which must stay "
+                f"below 2**64 (num_experts={num_experts})")
+    return None
 
 
 _FIXED = frozenset(("config", "placement", "local_experts", "rank", "world_size", "process_group", "device"))

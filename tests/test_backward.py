@@ -9,6 +9,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from grad_reference import grad_errors, lean_grad_errors, near_a_kink, rel_err
 from seeds import fresh_seed
 
@@ -890,6 +891,36 @@ def test_a_parametrized_weight_is_refused_by_the_explicit_backwards_and_works_el
         assert rel_err(eager, plain(x)) <= FP32_TOL and rel_err(compiled, eager) <= FP32_TOL
     (layers["autograd"](x) * x).sum().backward()
     assert layers["autograd"].parametrizations.w_out.original.grad is not None
+
+
+WRAPPERS = {
+    "prune": lambda layer: torch.nn.utils.prune.l1_unstructured(layer, "w_in", amount=0.3),
+    "weight_norm": lambda layer: torch.nn.utils.weight_norm(layer, "w_out", dim=0),
+    "spectral_norm": lambda layer: torch.nn.utils.spectral_norm(layer, "router_weight"),
+    "a parameter of the user's": lambda layer: layer.register_parameter("scale", torch.nn.Parameter(torch.ones(1))),
+}
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS)
+def test_a_hook_wrapped_weight_is_refused_by_the_explicit_backwards_and_trains_under_autograd(wrap):
+    """prune, weight_norm and spectral_norm replace a weight by parameters of their own
+    (w_in_orig, w_out_g and w_out_v, router_weight_orig) and make the weight in a forward
+    pre-hook: the explicit backwards gave those parameters no gradient (None), silently, and the
+    compiled op's backward a KeyError. They refuse now, eager and compiled; backend torch's
+    autograd backward gives every parameter its gradient."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    x = torch.randn(6, cfg.hidden_size, requires_grad=True)
+    layers = {b: MoELayer(cfg, seed=3, backward=b) for b in ("autograd", "saved", "recompute")}
+    for layer in layers.values():
+        WRAPPERS[wrap](layer)
+    for name in ("saved", "recompute"):
+        with pytest.raises(NotImplementedError, match="not through a parametrization or a wrapper's parameters"):
+            layers[name](x)
+    with pytest.raises(NotImplementedError, match="wrapper's parameters"):
+        torch.compile(layers["autograd"], backend="aot_eager")(x)
+    (layers["autograd"](x) * x).sum().backward()
+    missing = [n for n, p in layers["autograd"].named_parameters() if p.grad is None and n != "scale"]
+    assert not missing
 
 
 def test_a_nan_error_is_inf_so_that_no_max_drops_it():

@@ -14,7 +14,7 @@ GOOD = dict(hidden_size=64, ffn_size=128, num_experts=8, top_k=2)
 
 @pytest.mark.parametrize("field,value", [
     ("hidden_size", 0), ("hidden_size", 3.0), ("ffn_size", -1), ("num_experts", True),
-    ("top_k", 0), ("top_k", 17), ("activation", "tanh"), ("dtype", "float16"),
+    ("top_k", 0), ("top_k", 17), ("activation", "tanh"), ("dtype", "float16"), ("dtype", ["float32"]),
     ("renormalize", 1), ("capacity_factor", 0.0), ("capacity_factor", float("inf")),
 ])
 def test_invalid_value_names_the_field(field, value):
@@ -77,6 +77,7 @@ ROUTED = dict(GOOD, routing="sigmoid_grouped", n_group=4, topk_group=2)
     ("routed_scaling_factor", float("nan"), "a number > 0"),
     ("routed_scaling_factor", 1e39, "the routing weights are float32"),  # every token's output inf
     ("router_dtype", "float16", "None \\(= dtype\\) or one of"),
+    ("router_dtype", ["float32"], "None \\(= dtype\\) or one of"),  # was torch's "unhashable type"
 ])
 def test_invalid_routing_value_names_the_field(field, value, match):
     with pytest.raises(ConfigError, match=f"MoEConfig.{field}=.*{match}"):

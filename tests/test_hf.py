@@ -287,6 +287,36 @@ def test_blocks_left_alone_are_reported_with_their_reason():
                                             "MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock")
 
 
+class MixtralSparseMoeBlock(nn.Module):
+    """transformers 4.x's layout of a block whose name an adapter knows: nn.ModuleList experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(4, 2, bias=False)
+        self.experts = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+
+class DeepseekV3MoE(nn.Module):
+    """A block of a known name whose experts lack what its adapter reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(4, 2, bias=False)
+        self.experts = nn.Linear(4, 4)
+
+
+def test_a_known_block_name_in_another_layout_is_reported_not_raised():
+    """Adapters are found by class name: a remote-code or transformers 4.x block of that name
+    raised AttributeError out of patch_model instead of being reported."""
+    model = nn.Sequential()
+    model.add_module("old", MixtralSparseMoeBlock())
+    model.add_module("other", DeepseekV3MoE())
+    report = patch_model(model)
+    assert report["old"].startswith("MixtralSparseMoeBlock: its experts are an nn.ModuleList of per-expert MLPs")
+    assert report["other"].startswith("DeepseekV3MoE: not transformers 5's layout of it (")
+    assert isinstance(model.old, MixtralSparseMoeBlock) and isinstance(model.other, DeepseekV3MoE)
+
+
 def test_compiled_layer_has_no_graph_break():
     layer = MoELayer(block_config(tiny_model("olmoe", 1).model.layers[0].mlp).replace(), seed=3)
     x = torch.randn(2, 5, 32)

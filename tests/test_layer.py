@@ -774,6 +774,63 @@ def test_a_seed_that_would_overflow_an_expert_s_generator_is_refused():
         MoELayer(MoEConfig(**SMALL, top_k=2), seed=2**64 - 8)
 
 
+@pytest.mark.parametrize("seed, match", [(2**64 - 2, "is too large"), (-1, "non-negative int"),
+                                         (True, "non-negative int"), ("3", "non-negative int")])
+def test_reset_parameters_refuses_what_the_constructor_refuses_before_drawing_anything(seed, match):
+    """The overflowing seed redrew the router and half the experts, then raised torch's overflow
+    error (a half-reset layer); -1 was taken; True and "3" raised errors naming no argument."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=3)
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=f"reset_parameters: seed.*{match}"):
+        layer.reset_parameters(seed)
+    assert all(torch.equal(t, before[name]) for name, t in layer.state_dict().items())
+    layer.reset_parameters(np.int64(4))
+    assert torch.equal(layer.w_in, MoELayer(MoEConfig(**SMALL, top_k=2), seed=4).w_in)
+
+
+def test_the_same_seed_draws_the_same_weights_whatever_torch_s_default_dtype():
+    """The draws followed torch.get_default_dtype(): float64 gave other weights for the same seed."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    plain = MoELayer(cfg, seed=7)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        other = MoELayer(cfg, seed=7)
+    finally:
+        torch.set_default_dtype(default)
+    assert all(torch.equal(t, other.state_dict()[name]) for name, t in plain.state_dict().items())
+
+
+@pytest.mark.parametrize("how, match", [
+    ("w_in.data = w_in.data.double()", r"w_in is \(8, 32, 96\) torch.float64 on cpu; this layer's is \(8, 32, 96\) "
+                                       "torch.float32"),
+    ("w_out = torch.nn.Parameter(w_out.transpose(1, 2))", r"w_out is \(8, 32, 48\) .*this layer's is \(8, 48, 32\)"),
+    ("w_in = torch.nn.Parameter(w_in[:4])", r"w_in is \(4, 32, 96\)"),
+    ("router_weight.data = router_weight.data[:, :16]", r"router_weight is \(8, 16\)"),
+])
+def test_a_weight_replaced_by_another_shape_or_dtype_is_refused_naming_it(how, match):
+    """Nothing read the weights' shapes at a forward: one with more expert slots than the layer
+    has was read as it was (a wrong output where torch's grouped GEMM is not used), others failed
+    inside torch naming no weight. A replacement of the same shape and dtype is taken."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=3)
+    x = torch.randn(5, SMALL["hidden_size"])
+    target, value = how.split(" = ")
+    name, _, attr = target.partition(".")
+    original = getattr(layer, name)
+    replacement = eval(value, {"torch": torch}, {name: original})
+    if attr:
+        setattr(original, attr, replacement)
+    else:
+        setattr(layer, name, replacement)
+    with pytest.raises(ValueError, match=match + ".*copy new values into it"):
+        layer(x)
+    fresh = MoELayer(MoEConfig(**SMALL, top_k=2), seed=5)
+    with torch.no_grad():
+        setattr(layer, name, torch.nn.Parameter(getattr(fresh, name).clone()))
+        layer.load_state_dict(fresh.state_dict())
+        assert torch.equal(layer(x), fresh(x))
+
+
 @pytest.mark.parametrize("device, why", [("meta", "the layer draws its weights"),
                                          pytest.param("cuda", "Torch not compiled with CUDA", marks=pytest.mark.skipif(
                                              torch.cuda.is_available(), reason="a torch without CUDA"))])

@@ -126,16 +126,19 @@ def _parameter_slot(layer, name: str) -> tuple[dict, str]:
 
 
 def refuse_parametrized(layer, names: Sequence[str]) -> None:
-    """names: the layer's named_parameters() names. Raise where a parameter is reparametrized
-    (torch.nn.utils.parametrize: weight_norm, pruning, some LoRA; a dotted name): the explicit
-    backward's steps give the layer's own weights their gradients, and would give the
-    parametrization's inputs none."""
-    names = [name for name in names if "." in name]
+    """names: the layer's named_parameters() names. Raise where any is not one of the config's
+    weights: a weight reparametrized (torch.nn.utils.parametrize, some LoRA: a dotted name) or
+    replaced by a hook-based wrapper's parameters (torch.nn.utils.prune's `w_in_orig`,
+    weight_norm's `w_out_g` and `w_out_v`, spectral_norm's `router_weight_orig`), or a parameter
+    set on the layer by its user: the explicit backward's steps give the layer's own weights their
+    gradients, and would give those none."""
+    own = layer.config.weight_shapes()
+    names = [name for name in names if name not in own]
     if names:
         raise NotImplementedError(
             f"MoELayer(backward={layer.options.backward_for(layer.backend.name)!r}) differentiates its own "
-            f"weights only, not through a parametrization ({', '.join(names)}): use backend='torch' with "
-            "backward='autograd' (not compiled), or train the weights directly")
+            f"weights only, not through a parametrization or a wrapper's parameters ({', '.join(names)}): use "
+            "backend='torch' with backward='autograd' (not compiled), or train the weights directly")
 
 
 def refuse_create_graph(layer) -> None:
