@@ -881,7 +881,8 @@ def test_a_parametrized_weight_is_refused_by_the_explicit_backwards_and_works_el
     layers = {b: MoELayer(cfg, seed=3, backward=b) for b in ("autograd", "recompute")}
     for layer in layers.values():
         torch.nn.utils.parametrize.register_parametrization(layer, "w_out", _Scaled())
-    with pytest.raises(NotImplementedError, match="parametrization .*parametrizations.w_out.original"):
+    with pytest.raises(NotImplementedError, match="its weights w_out are not its own parameters; "
+                                                  "parametrizations.w_out.original are parameters but not its weights"):
         layers["recompute"](x.clone().requires_grad_())
     with torch.no_grad():
         eager = layers["recompute"](x)
@@ -914,13 +915,44 @@ def test_a_hook_wrapped_weight_is_refused_by_the_explicit_backwards_and_trains_u
     for layer in layers.values():
         WRAPPERS[wrap](layer)
     for name in ("saved", "recompute"):
-        with pytest.raises(NotImplementedError, match="not through a parametrization or a wrapper's parameters"):
+        with pytest.raises(NotImplementedError, match="gives gradients to its own weights only"):
             layers[name](x)
-    with pytest.raises(NotImplementedError, match="wrapper's parameters"):
+    with pytest.raises(NotImplementedError, match="gives gradients to its own weights only"):
         torch.compile(layers["autograd"], backend="aot_eager")(x)
     (layers["autograd"](x) * x).sum().backward()
     missing = [n for n, p in layers["autograd"].named_parameters() if p.grad is None and n != "scale"]
     assert not missing
+
+
+def test_a_frozen_parameter_of_the_user_s_is_taken_by_the_explicit_backwards():
+    """It needs no gradient: only a parameter that trains is refused."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    x = torch.randn(6, cfg.hidden_size, requires_grad=True)
+    layer, plain = MoELayer(cfg, seed=3, backward="saved"), MoELayer(cfg, seed=3, backward="saved")
+    layer.register_parameter("scale", torch.nn.Parameter(torch.ones(1), requires_grad=False))
+    (layer(x) * x).sum().backward()
+    (plain(x) * x).sum().backward()
+    assert all(torch.equal(p.grad, plain.get_parameter(n).grad) for n, p in layer.named_parameters() if n != "scale")
+
+
+def parametrized_on_rank_0_only(rank, world):
+    """weight_norm on rank 0's w_out only, backward "saved" -> what each rank raised."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=3, backward="saved")
+    if rank == 0:
+        torch.nn.utils.weight_norm(layer, "w_out", dim=0)
+    try:
+        layer(torch.randn(6, SMALL["hidden_size"], requires_grad=True))
+    except (NotImplementedError, RuntimeError) as e:
+        return str(e)
+    return None
+
+
+def test_a_parametrization_on_one_rank_is_refused_on_every_rank(dist_pools):
+    """The refusal was raised by the rank alone, before the forward's exchange: the other rank's
+    forward waited for it until the process group's timeout."""
+    said = dist_pools(2).run(parametrized_on_rank_0_only)
+    assert "gives gradients to its own weights only" in said[0], said
+    assert said[1] is not None and "rank(s) [0] refused this MoE forward" in said[1], said
 
 
 def test_a_nan_error_is_inf_so_that_no_max_drops_it():

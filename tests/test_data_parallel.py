@@ -176,6 +176,28 @@ def test_the_older_fsdp_class_is_refused_unless_given_the_experts_as_ignored_sta
         assert all("FullyShardedDataParallel.clip_grad_norm_" in r for r in refusals), refusals
 
 
+def fsdp1_explicit_backward(rank, world, use_orig_params: bool, backward: str) -> str | None:
+    """The older class around a prepared model whose layer has an explicit backward -> what its
+    training forward raised (None if nothing)."""
+    net = model(3, backward)
+    wrapped = FullyShardedDataParallel(net, device_id=torch.device("cpu"), use_orig_params=use_orig_params,
+                                       ignored_states=list(prepare_fsdp(net)))
+    try:
+        wrapped(torch.randn(5, 32))
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+@pytest.mark.parametrize("backward", ["saved", "recompute"])
+def test_the_older_fsdp_class_is_refused_by_the_explicit_backwards(dist_pools, use_orig_params, backward):
+    """It flattens the router and shared experts into its own parameters: the explicit backwards
+    gave them zero gradients (the router's, with use_orig_params False), or a KeyError (True)."""
+    for said in dist_pools(2).run(fsdp1_explicit_backward, use_orig_params, backward):
+        assert said is not None and "its weights router_weight, shared_w_in, shared_w_out are not its own" in said
+
+
 def prepared_with_frozen_experts_or_a_smaller_group(rank, world):
     """-> (prepare_ddp on a layer whose experts are frozen: the names it excluded; what it raised
     for a model whose second layer is on a group of one rank, whose experts DDP over both ranks

@@ -822,13 +822,42 @@ def test_a_weight_replaced_by_another_shape_or_dtype_is_refused_naming_it(how, m
         setattr(original, attr, replacement)
     else:
         setattr(layer, name, replacement)
-    with pytest.raises(ValueError, match=match + ".*copy new values into it"):
+    with pytest.raises(ValueError, match=match + f".*set layer.{name} = torch.nn.Parameter"):
         layer(x)
     fresh = MoELayer(MoEConfig(**SMALL, top_k=2), seed=5)
     with torch.no_grad():
         setattr(layer, name, torch.nn.Parameter(getattr(fresh, name).clone()))
         layer.load_state_dict(fresh.state_dict())
         assert torch.equal(layer(x), fresh(x))
+
+
+def test_a_weight_the_config_lacks_is_refused_where_backend_torch_would_read_it():
+    """b_in set on a layer built without expert biases changed backend torch's output, silently."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=3)
+    layer.b_in = torch.nn.Parameter(torch.ones(8, 96))
+    with pytest.raises(ValueError, match="b_in was set on a layer whose config has none"):
+        layer(torch.randn(5, SMALL["hidden_size"]))
+
+
+def forward_with_rank_0_s_router_elsewhere(rank, world):
+    """Rank 0's router_weight replaced by one on the meta device -> what each rank raised."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=3)
+    if rank == 0:
+        layer.router_weight = torch.nn.Parameter(layer.router_weight.detach().to("meta"))
+    try:
+        with torch.no_grad():
+            layer(torch.randn(5, SMALL["hidden_size"]))
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    return None
+
+
+def test_a_weight_on_another_device_raises_on_every_rank(dist_pools):
+    """The error exchange was made on router_weight's device: a rank whose router had moved
+    failed on its own, and the other waited until the process group's timeout."""
+    said = dist_pools(2).run(forward_with_rank_0_s_router_elsewhere)
+    assert "router_weight is (8, 32) torch.float32 on meta" in said[0], said
+    assert said[1] is not None and "rank(s) [0] refused this MoE forward" in said[1], said
 
 
 @pytest.mark.parametrize("device, why", [("meta", "the layer draws its weights"),

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..kernels.router_grad import router_weight_grad
 from ..kernels.token_sum import token_sum
@@ -53,10 +54,8 @@ def explicit_forward(layer, x: torch.Tensor,
     """x: [T, H] -> the output of run(x), the layer's inference forward (with what it saved for
     backward="saved", or None), with the backward above recorded for x and every parameter of
     the layer."""
-    named = list(layer.named_parameters())
-    names = [name for name, _ in named]
-    refuse_parametrized(layer, names)
-    return _Explicit.apply(x, layer, run, names, *(p for _, p in named))
+    named = list(layer.named_parameters())  # the layer's own weights (MoELayer._forward: parameters_problem)
+    return _Explicit.apply(x, layer, run, [name for name, _ in named], *(p for _, p in named))
 
 
 class _Explicit(torch.autograd.Function):
@@ -125,20 +124,31 @@ def _parameter_slot(layer, name: str) -> tuple[dict, str]:
     return (layer.get_submodule(owner) if owner else layer)._parameters, leaf
 
 
-def refuse_parametrized(layer, names: Sequence[str]) -> None:
-    """names: the layer's named_parameters() names. Raise where any is not one of the config's
-    weights: a weight reparametrized (torch.nn.utils.parametrize, some LoRA: a dotted name) or
-    replaced by a hook-based wrapper's parameters (torch.nn.utils.prune's `w_in_orig`,
-    weight_norm's `w_out_g` and `w_out_v`, spectral_norm's `router_weight_orig`), or a parameter
-    set on the layer by its user: the explicit backward's steps give the layer's own weights their
-    gradients, and would give those none."""
+def parameters_problem(layer) -> Exception | None:
+    """Where the explicit backward (backward "saved" or "recompute", and the compiled layer's)
+    would not give every parameter that trains its gradient: the error naming them, else None.
+    Its steps give gradients to the config's weights held as the layer's own parameters, so it
+    refuses a weight that is not one (reparametrized by torch.nn.utils.parametrize, some LoRA;
+    made in a forward pre-hook from prune's `w_in_orig`, weight_norm's `w_out_g` and `w_out_v`,
+    spectral_norm's `router_weight_orig`; flattened into a wrapper's parameter by torch's older
+    FullyShardedDataParallel class) and a parameter that is not one of them and trains (one a
+    user set on the layer, a parametrization's)."""
     own = layer.config.weight_shapes()
-    names = [name for name in names if name not in own]
-    if names:
-        raise NotImplementedError(
-            f"MoELayer(backward={layer.options.backward_for(layer.backend.name)!r}) differentiates its own "
-            f"weights only, not through a parametrization or a wrapper's parameters ({', '.join(names)}): use "
-            "backend='torch' with backward='autograd' (not compiled), or train the weights directly")
+    named = dict(layer.named_parameters())
+    # the older FSDP class with use_orig_params=True puts views of its flat parameter in their place
+    fsdp_views = layer.__dict__.get("_is_fsdp_managed_module", False)
+    missing = [name for name in own if name != "e_score_correction_bias"
+               and (name not in named or fsdp_views and not isinstance(named[name], nn.Parameter))]
+    foreign = [name for name, p in named.items() if name not in own and ("." in name or p.requires_grad)]
+    if not missing and not foreign:
+        return None
+    what = ([f"its weights {', '.join(missing)} are not its own parameters"] if missing else []) + (
+        [f"{', '.join(foreign)} are parameters but not its weights"] if foreign else [])
+    return NotImplementedError(
+        f"MoELayer(backward={layer.options.backward_for(layer.backend.name)!r}) gives gradients to its own "
+        f"weights only ({'; '.join(what)}: a parametrization, prune, weight_norm or spectral_norm, torch's older "
+        "FullyShardedDataParallel class, or a parameter set on the layer): use backend='torch' with "
+        "backward='autograd' (not compiled), fully_shard, or train the weights directly")
 
 
 def refuse_create_graph(layer) -> None:

@@ -152,7 +152,7 @@ class TorchEPBackend:
     def _run(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None, keep: bool):
         layer, cfg = self.layer, self.layer.config
         W, L, E, k = layer.world_size, layer.local_experts, cfg.num_experts, cfg.top_k
-        device = layer.router_weight.device
+        device = layer.device  # not a weight's: one replaced on another device is this forward's error
         if error is None:
             r = layer.route(x, keep_logits=keep)
             slot, send_counts = slots_by_destination(r, layer)
