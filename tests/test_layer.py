@@ -860,6 +860,28 @@ def test_a_weight_on_another_device_raises_on_every_rank(dist_pools):
     assert said[1] is not None and "rank(s) [0] refused this MoE forward" in said[1], said
 
 
+def flash_agreement_with_rank_0_rejecting(rank, world, rejects: bool):
+    """backend flash's grad-mode agreement (every rank records; rank 0 rejects its forward when
+    `rejects`) -> what each rank raised, or the tokens it returned."""
+    layer = types.SimpleNamespace(device=torch.device("cpu"), world_size=world, process_group=None, rank=rank)
+    error = ValueError("x has shape (5, 7)") if rejects and rank == 0 else None
+    try:
+        return flash._check_graphs_agree(layer, True, error, 0 if error else 3 + rank)
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+
+
+def test_a_training_forward_rejected_on_one_rank_raises_on_every_rank_before_any_launch(dist_pools):
+    """backend flash: the rejecting rank launched the kernel with no tokens and raised, while the
+    others' training forwards completed and their collective backwards waited for it until the
+    process group's timeout. The grad-mode agreement (run before any launch) raises on all."""
+    assert dist_pools(2).run(flash_agreement_with_rank_0_rejecting, False) == [[3, 4], [3, 4]]
+    said = dist_pools(2).run(flash_agreement_with_rank_0_rejecting, True)
+    assert said[0] == "x has shape (5, 7)"
+    assert said[1] == "rank(s) [0] refused this MoE forward (their input, or their layer); rank 1 aborts it too " \
+                      "(see the error on those ranks)"
+
+
 @pytest.mark.parametrize("device, why", [("meta", "the layer draws its weights"),
                                          pytest.param("cuda", "Torch not compiled with CUDA", marks=pytest.mark.skipif(
                                              torch.cuda.is_available(), reason="a torch without CUDA"))])

@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..kernels.router_grad import router_weight_grad
 from ..kernels.token_sum import token_sum
@@ -136,9 +135,8 @@ def parameters_problem(layer) -> Exception | None:
     own = layer.config.weight_shapes()
     named = dict(layer.named_parameters())
     # the older FSDP class with use_orig_params=True puts views of its flat parameter in their place
-    fsdp_views = layer.__dict__.get("_is_fsdp_managed_module", False)
     missing = [name for name in own if name != "e_score_correction_bias"
-               and (name not in named or fsdp_views and not isinstance(named[name], nn.Parameter))]
+               and (name not in named or getattr(getattr(named[name], "_base", None), "_is_flat_param", False))]
     foreign = [name for name, p in named.items() if name not in own and ("." in name or p.requires_grad)]
     if not missing and not foreign:
         return None

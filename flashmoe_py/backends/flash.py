@@ -27,7 +27,7 @@ from ..kernels.transport import nvshmem_device_library
 from ..kernels.workspace import Workspace
 from ..routing import Routing
 from .saved import SavedForward
-from .torch_ep import check_graphs_agree
+from .torch_ep import check_graphs_agree, peers_refused
 
 log = logging.getLogger("flashmoe_py")
 # The layer's weights the fused kernel reads (those a config has); the router's go to route().
@@ -40,14 +40,22 @@ def kernel_experts(layer) -> dict[str, torch.Tensor]:
 
 
 def _check_graphs_agree(layer, in_graph: bool, error: Exception | None, tokens: int) -> list[int]:
-    """Every rank in grad mode says whether it records this forward (a rank whose input is
-    rejected records nothing and is left out) and how many tokens it runs (0 where rejected); raise
-    on all of them if those that take part differ. -> every rank's tokens."""
+    """Every rank in grad mode says whether it records this forward, whether it rejects it, and
+    how many tokens it runs (0 where rejected). Where a rank rejects it, every rank raises before
+    any launches (that rank its error, the others PeerInputError): the others' training forwards
+    would complete and their collective backwards then wait for it until the process group's
+    timeout. Else raise on all of them if they differ in recording. -> every rank's tokens."""
     mine = torch.tensor([int(in_graph), int(error is not None), tokens], device=layer.device)
-    flags = torch.empty(layer.world_size, 3, dtype=mine.dtype, device=layer.device)
+    flags = torch.empty(layer.world_size * 3, dtype=mine.dtype, device=layer.device)  # flat: gloo's too
     dist.all_gather_into_tensor(flags, mine, group=layer.process_group)
-    check_graphs_agree([f if not bad else None for f, bad, _ in flags.tolist()])
-    return flags[:, 2].tolist()
+    rows = flags.view(layer.world_size, 3).tolist()
+    if error is not None:
+        raise error
+    bad = [rank for rank, (_, rejected, _) in enumerate(rows) if rejected]
+    if bad:
+        raise peers_refused(bad, layer.rank)
+    check_graphs_agree([recording for recording, _, _ in rows])
+    return [n for _, _, n in rows]
 
 
 def sms_limited_by_mps(env=None) -> bool:
@@ -245,12 +253,13 @@ class FlashBackend:
                         "into it; save state_dicts (fm.sharded_state_dict, fm.hf_state_dict)")
 
     def forward(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None = None):
-        """x: [T, H] -> (out [T, H], stats). A rank whose input is rejected still runs the kernel
-        with no tokens, so its peers' forwards complete; then it raises. in_graph: whether this
-        rank records the forward for a backward (None: grad mode off); at world > 1 the ranks in
-        grad mode compare it first (one small all-gather and a host synchronisation), since the
-        backward is collective (a rank under no_grad beside one recording is not seen: the
-        recording rank's backward then waits for it until the process group's timeout).
+        """x: [T, H] -> (out [T, H], stats). A rank whose input is rejected under no_grad still
+        runs the kernel with no tokens, so its peers' forwards complete; then it raises. in_graph:
+        whether this rank records the forward for a backward (None: grad mode off); at world > 1
+        the ranks in grad mode compare it first (one small all-gather and a host synchronisation),
+        since the backward is collective, and all raise, none launching, where one rejects its
+        forward (a rank under no_grad beside one recording is not seen: the recording rank's
+        backward then waits for it until the process group's timeout).
 
         With cuda_graphs, the second forward at a token count captures the whole forward (routing
         plan and kernel) in a CUDA graph, and later ones replay it: the launch overhead of the

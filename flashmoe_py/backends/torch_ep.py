@@ -226,8 +226,7 @@ class TorchEPBackend:
             raise error
         bad, overwritten = (torch.nonzero(recv[:, c]).flatten().tolist() for c in (-3, -1))
         if bad:
-            raise PeerInputError(f"rank(s) {bad} refused this MoE forward (their input, or their layer); "
-                                 f"rank {layer.rank} aborts it too (see the error on those ranks)")
+            raise peers_refused(bad, layer.rank)
         if overwritten:
             raise RuntimeError(f"expert_ids on rank(s) {overwritten} names other experts than the layer's placement "
                                f"puts there: {EXPERTS_OVERWRITTEN}")
@@ -273,6 +272,12 @@ def exchange_for(send_counts: torch.Tensor, recv_counts: torch.Tensor, group) ->
     row_expert = torch.arange(L, device=recv_counts.device).repeat(W)
     row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=sum(splits[1]))
     return Exchange(*splits, group=group), torch.sort(row_expert, stable=True).indices
+
+
+def peers_refused(bad: list[int], rank: int) -> PeerInputError:
+    """The error of a rank whose forward is aborted because ranks `bad` refused theirs."""
+    return PeerInputError(f"rank(s) {bad} refused this MoE forward (their input, or their layer); rank {rank} "
+                          "aborts it too (see the error on those ranks)")
 
 
 def check_graphs_agree(in_graph: list[int | None]) -> None:
