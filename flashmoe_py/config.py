@@ -24,10 +24,11 @@ WEIGHTS = ("router_weight", "w_in", "w_out")
 OPTIONAL_WEIGHTS = ("router_bias", "e_score_correction_bias", "b_in", "b_out", "shared_w_in",
                     "shared_w_out", "shared_gate_weight")
 EXPERT_WEIGHTS = ("w_in", "w_out", "b_in", "b_out")
-_NEEDS = {"router_weight": "a router", "w_in": "experts", "w_out": "experts",
-          "router_bias": "router_bias=True", "e_score_correction_bias": "routing='sigmoid_grouped'",
-          "b_in": "expert_bias=True", "b_out": "expert_bias=True", "shared_w_in": "shared_experts >= 1",
-          "shared_w_out": "shared_experts >= 1", "shared_gate_weight": "shared_expert_gate=True"}
+# what a config needs to have each weight (named in errors)
+WEIGHT_NEEDS = {"router_weight": "a router", "w_in": "experts", "w_out": "experts",
+                "router_bias": "router_bias=True", "e_score_correction_bias": "routing='sigmoid_grouped'",
+                "b_in": "expert_bias=True", "b_out": "expert_bias=True", "shared_w_in": "shared_experts >= 1",
+                "shared_w_out": "shared_experts >= 1", "shared_gate_weight": "shared_expert_gate=True"}
 
 
 class ConfigError(ValueError):
@@ -299,9 +300,9 @@ class MoEConfig:
         for name, t in weights.items():
             if name not in shapes:
                 if t is not None:
-                    raise ValueError(f"{name} was given, but only a layer with {_NEEDS[name]} has it")
+                    raise ValueError(f"{name} was given, but only a layer with {WEIGHT_NEEDS[name]} has it")
             elif t is None:
-                raise ValueError(f"{name} is missing: this config has {_NEEDS[name]}")
+                raise ValueError(f"{name} is missing: this config has {WEIGHT_NEEDS[name]}")
             elif not isinstance(t, torch.Tensor):
                 hint = " (torch.from_numpy converts it)" if type(t).__module__ == "numpy" else ""
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}{hint}")

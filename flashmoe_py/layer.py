@@ -17,7 +17,7 @@ from .backends.flash import FlashBackend
 from .backends.explicit_backward import (bound_parameters, explicit_forward, moe_backward, parameters_problem,
                                          routing_bias_now, without_autocast)
 from .backends.torch_ep import TorchEPBackend
-from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHTS, MoEConfig, as_int, is_int
+from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHT_NEEDS, WEIGHTS, MoEConfig, as_int, is_int
 from .gate_up import (HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, check_layout, to_halves, to_interleaved,
                       to_pairs)
 from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
@@ -448,8 +448,8 @@ class MoELayer(nn.Module):
                     continue
             if shape is None:
                 if t is not None:
-                    return ValueError(f"{name} was set on a layer whose config has none (its backend torch would "
-                                      f"read it, the fused kernel not): build the layer with a config that has it")
+                    return ValueError(f"{name} was set on the layer, but only a layer with {WEIGHT_NEEDS[name]} has "
+                                      "it (backend torch would read it, the fused kernel not)")
             elif t is None or t.shape != shape or t.dtype != dtype or t.device != device:
                 got = "None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}"
                 return ValueError(f"{name} is {got}; this layer's is {tuple(shape)} {dtype} on {device} (this "
@@ -481,15 +481,17 @@ class MoELayer(nn.Module):
         # before autocast goes off: see dtype
         problem = self._input_problem(x) or self._expert_ids_problem() or compiled_problem
         mode = self.options.backward_for(self.backend.name)
-        if problem is None and record and mode != "autograd":  # raised by the backend on every rank
-            problem = parameters_problem(self)
+        explicit = record and mode != "autograd"
+        named = dict(self.named_parameters()) if explicit else None
+        if problem is None and explicit:  # raised by the backend on every rank
+            problem = parameters_problem(self, named)
         with without_autocast(self.device.type):  # the layer computes in its own dtype
             if (self.world_size > 1 and isinstance(x, torch.Tensor) and capture.capturing(x)
                     and (in_graph is not None or self.backend.name == "torch")):
                 capture.refuse_forward(self)  # also the compiled layer's op, which runs this
             x2d = rows_of(x, self.config.hidden_size) if problem is None else x
             in_graph = in_graph and problem is None
-            if record and problem is None and mode != "autograd":
+            if explicit and problem is None:
                 stats = {}
 
                 def run(rows: torch.Tensor):
@@ -500,7 +502,7 @@ class MoELayer(nn.Module):
                     stats.update(got)
                     return out, saved
 
-                out = explicit_forward(self, x2d, run)
+                out = explicit_forward(self, x2d, run, named)
             else:
                 out, stats = self.backend.forward(x2d, problem, in_graph=in_graph)
             self.__dict__["last_stats"] = MoEStats(**stats)  # a plain attribute: not through Module.__setattr__
@@ -745,9 +747,10 @@ def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], correction_bias: t
     """MoELayer.forward as a custom op, so torch.compile keeps the layer whole -> [out] or [out,
     the correction bias's copy]."""
     layer = _layer(layer_key)
-    names = _param_names(layer)
+    named = dict(layer.named_parameters())
     check_wrappers(layer)  # on the layer's own parameters, before the op's inputs stand in for them
-    problem = parameters_problem(layer) if in_graph == 1 else None  # its backward is the explicit one
+    problem = parameters_problem(layer, named) if in_graph == 1 else None  # its backward is the explicit one
+    names = list(named)
     with bound_parameters(layer, names, params, correction_bias):
         bias = routing_bias_now(layer) if in_graph == 1 else None  # only a recorded forward has a backward
         out = layer._forward(x, None if in_graph < 0 else bool(in_graph), record=False, compiled_problem=problem)

@@ -835,7 +835,7 @@ def test_a_weight_the_config_lacks_is_refused_where_backend_torch_would_read_it(
     """b_in set on a layer built without expert biases changed backend torch's output, silently."""
     layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=3)
     layer.b_in = torch.nn.Parameter(torch.ones(8, 96))
-    with pytest.raises(ValueError, match="b_in was set on a layer whose config has none"):
+    with pytest.raises(ValueError, match="b_in was set on the layer, but only a layer with expert_bias=True has it"):
         layer(torch.randn(5, SMALL["hidden_size"]))
 
 

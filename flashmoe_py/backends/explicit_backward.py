@@ -49,12 +49,12 @@ EXPERT_PARAMS = ("w_in", "w_out", "b_in", "b_out")
 
 
 def explicit_forward(layer, x: torch.Tensor,
-                     run: Callable[[torch.Tensor], tuple[torch.Tensor, SavedForward | None]]) -> torch.Tensor:
+                     run: Callable[[torch.Tensor], tuple[torch.Tensor, SavedForward | None]],
+                     named: dict[str, torch.Tensor]) -> torch.Tensor:
     """x: [T, H] -> the output of run(x), the layer's inference forward (with what it saved for
     backward="saved", or None), with the backward above recorded for x and every parameter of
-    the layer."""
-    named = list(layer.named_parameters())  # the layer's own weights (MoELayer._forward: parameters_problem)
-    return _Explicit.apply(x, layer, run, [name for name, _ in named], *(p for _, p in named))
+    the layer (named: its named_parameters(), which parameters_problem found to be its weights)."""
+    return _Explicit.apply(x, layer, run, list(named), *named.values())
 
 
 class _Explicit(torch.autograd.Function):
@@ -123,9 +123,10 @@ def _parameter_slot(layer, name: str) -> tuple[dict, str]:
     return (layer.get_submodule(owner) if owner else layer)._parameters, leaf
 
 
-def parameters_problem(layer) -> Exception | None:
-    """Where the explicit backward (backward "saved" or "recompute", and the compiled layer's)
-    would not give every parameter that trains its gradient: the error naming them, else None.
+def parameters_problem(layer, named: dict[str, torch.Tensor]) -> Exception | None:
+    """named: the layer's named_parameters(). Where the explicit backward (backward "saved" or
+    "recompute", and the compiled layer's) would not give every parameter that trains its
+    gradient: the error naming them, else None.
     Its steps give gradients to the config's weights held as the layer's own parameters, so it
     refuses a weight that is not one (reparametrized by torch.nn.utils.parametrize, some LoRA;
     made in a forward pre-hook from prune's `w_in_orig`, weight_norm's `w_out_g` and `w_out_v`,
@@ -133,7 +134,6 @@ def parameters_problem(layer) -> Exception | None:
     FullyShardedDataParallel class) and a parameter that is not one of them and trains (one a
     user set on the layer, a parametrization's)."""
     own = layer.config.weight_shapes()
-    named = dict(layer.named_parameters())
     # the older FSDP class with use_orig_params=True puts views of its flat parameter in their place
     missing = [name for name in own if name != "e_score_correction_bias"
                and (name not in named or getattr(getattr(named[name], "_base", None), "_is_flat_param", False))]
