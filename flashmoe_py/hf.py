@@ -23,6 +23,7 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import _get_fqns
 from torch.distributed.tensor import DTensor
 
 from .config import DTYPES, ConfigError, MoEConfig
@@ -144,9 +145,28 @@ class HFMoEBlock(nn.Module):
                 "requires_grad on each block's moe.router_weight after wrapping); keep functional_call's "
                 "tie_weights=True")
 
+    def _bias_replaced(self) -> str | None:
+        """Where the router module's bias or correction bias is no longer the layer's tensor (one
+        assigned to the module: the layer would route with the old one, and to_hf export the new)."""
+        moe, router = self.moe, self.router
+        for name, mine in (("bias", moe.router_bias), ("e_score_correction_bias", moe.e_score_correction_bias)):
+            if mine is not None:
+                theirs = router._parameters[name] if name in router._parameters else router._buffers.get(name)
+                if theirs is not mine:
+                    return (f"the block's router module ({type(router).__name__}) was given another {name} tensor, but "
+                            f"the block routes with its MoELayer's ({'router_bias' if name == 'bias' else name}), so "
+                            f"the new one would not be used: update it in place instead (router.{name}.copy_(new), "
+                            "or .add_(delta)), which both hold")
+        return None
+
     def forward(self, hidden_states: torch.Tensor):
         if self.router.weight is not self.moe.router_weight:
             raise RuntimeError(self._router_replaced())
+        if (problem := self._bias_replaced()) is not None:
+            raise RuntimeError(problem)
+        if _router_hooks_refused(self.router):
+            raise RuntimeError(f"the block's router module ({type(self.router).__name__}) has a forward pre-hook or a "
+                               f"backward hook: {ROUTER_HOOKS}")
         out = self.moe(hidden_states)
         if self.router_output is None and not _hooks_want_router(self.router):
             return out
@@ -158,6 +178,14 @@ class HFMoEBlock(nn.Module):
 
 
 ROUTER_TENSORS = ("router_weight", "router_bias", "e_score_correction_bias")  # the router module's own
+ROUTER_HOOKS = ("the layer routes with its own router, so a pre-hook could not change its input and a backward "
+                "hook would not see its gradients (its forward hooks see the router's output: they are kept)")
+
+
+def _router_hooks_refused(router: nn.Module) -> bool:
+    """Whether the block's router module has hooks the layer cannot honour (ROUTER_HOOKS)."""
+    return bool(router._forward_pre_hooks or router._forward_pre_hooks_with_kwargs or router._backward_hooks
+                or router._backward_pre_hooks)
 
 
 @functools.cache
@@ -364,6 +392,14 @@ def _checked_conversion(block: nn.Module) -> tuple[Conversion, dict[str, bool]]:
     train: {"experts", "router", "shared"}: requires_grad of each group's parameters (a group
     partly frozen is refused: the layer holds each as one set of tensors). Not collective."""
     conv = convert_block(block)
+    hooked = [name for name, m in block.named_modules() if name and m is not conv.router and _has_hooks(m)]
+    if hooked:
+        raise UnsupportedBlock(f"{type(block).__name__}: its submodule(s) {hooked} have hooks, which would never run: "
+                               "the layer computes its experts itself (hooks on the block, and forward hooks on "
+                               "its router module, are kept)")
+    if _router_hooks_refused(conv.router):
+        raise UnsupportedBlock(f"{type(block).__name__}: its router module has a forward pre-hook or a backward "
+                               f"hook: {ROUTER_HOOKS}")
     if any(t.is_meta for t in conv.weights.values()):
         raise UnsupportedBlock(f"{type(block).__name__}: its weights are on the meta device (not loaded "
                                "yet); materialise them before converting the block")
@@ -391,7 +427,32 @@ def _build(block: nn.Module, conv: Conversion, trainable: dict[str, bool], **lay
         group = "router" if name.startswith("router_") else "shared" if name.startswith("shared_") else "experts"
         if group in trainable:
             p.requires_grad_(trainable[group])
-    return HFMoEBlock(moe, conv.router, conv.router_output, skeleton)
+    out = HFMoEBlock(moe, conv.router, conv.router_output, skeleton)
+    _move_hooks(block, out)
+    return out
+
+
+# A module's forward and backward hooks (not its state_dict hooks: the layouts differ)
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether any of the module's _HOOK_DICTS holds a hook."""
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Move old's forward and backward hooks to `new` (the module taking old's place: the same
+    inputs and outputs): new takes the very dicts, so the handles that registered them still
+    remove them; old gets empty ones (a hook registered on either then runs on that one only)."""
+    for name in _HOOK_DICTS:
+        if hasattr(old, name):
+            hooks = getattr(old, name)
+            setattr(new, name, hooks)
+            setattr(old, name, type(hooks)())
+    if getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 def from_hf_block(block: nn.Module, **layer_kwargs) -> HFMoEBlock:
@@ -436,6 +497,10 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     sharded parameters are excluded from DistributedDataParallel wrapping `model`
     (data_parallel.exclude_from_ddp; prepare_ddp also scales their gradients for DDP's average,
     without which a forward under DDP raises)."""
+    if isinstance(getattr(model, "experts", None), nn.Module) and not isinstance(model, HFMoEBlock):
+        raise ValueError(f"patch_model: `model` is itself an MoE block ({type(model).__name__}), which it cannot "
+                         "replace in place: pass the module that holds it, or build its replacement with "
+                         "fm.from_hf_block(block)")
     blocks, decisions, owner = [], [], {}
     for name, module in list(model.named_modules()):
         if isinstance(module, HFMoEBlock) or not isinstance(getattr(module, "experts", None), nn.Module):
@@ -465,12 +530,17 @@ def unpatch_model(model: nn.Module) -> dict[str, str]:
     holding the layer's current weights (HFMoEBlock.to_hf: every rank's experts gathered, so
     every rank must call it; collective): then model.state_dict() and save_pretrained are the
     unpatched model's. -> {module name: "restored"}."""
+    if isinstance(model, HFMoEBlock):
+        raise ValueError("unpatch_model: `model` is itself an HFMoEBlock, which it cannot replace in place: pass "
+                         "the module that holds it, or take its transformers block with model.to_hf()")
     report = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, HFMoEBlock):
             parent_name, _, child = name.rpartition(".")
             include_in_ddp(model, [f"{name}.{n}" for n in sharded_names(module)])
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_hf())
+            block = module.to_hf()
+            _move_hooks(module, block)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, block)
             report[name] = "restored"
     return report
 
@@ -482,8 +552,10 @@ def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
     is_main_process=rank == dst)`. Collective: every rank calls it. One layer's experts are
     gathered at a time, one local expert a collective (HFMoEBlock.to_hf on the CPU), so no GPU
     holds more than its own experts and one of every rank's; `dst`'s host memory takes the whole
-    model. Tensors that share memory in the model (tied embeddings) share it here too. A model
-    under FSDP (sharded parameters) is refused: save it with sharded_state_dict."""
+    model. Tensors that share memory in the model (tied embeddings) share it here too. Names are
+    the unwrapped model's (DistributedDataParallel's "module." and torch.compile's "_orig_mod."
+    left out, as from_pretrained reads them). A model under FSDP (sharded parameters) is refused:
+    save it with sharded_state_dict."""
     check_dst(dst)
     if any(isinstance(p, DTensor) for p in model.parameters()) or in_fsdp_class(model):
         raise DataParallelError("hf_state_dict: `model` is under FSDP (its parameters are sharded); save it with "
@@ -504,13 +576,27 @@ def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
     def prefixed(name: str, key: str) -> str:
         return f"{name}.{key}" if name else key
 
+    def unwrapped(name: str) -> str:
+        """name without wrappers' parts (DDP's "module.", torch.compile's "_orig_mod.", the
+        activation-checkpoint wrapper's): torch's reading of its longest attribute path, the
+        rest (a key that is no attribute, as a quantizer's) kept as it is."""
+        parts = name.split(".")
+        for end in range(len(parts), 0, -1):
+            try:
+                (fqn,) = _get_fqns(model, ".".join(parts[:end]))
+            except AttributeError:
+                continue
+            return ".".join([fqn, *parts[end:]]) if fqn else ".".join(parts[end:])
+        return name
+
     def exported() -> dict[str, torch.Tensor]:  # dst's: the model's own tensors, outside the blocks
-        inside = tuple(prefixed(name, "") for name in blocks)
-        return {k: on_cpu(t) for k, t in model.state_dict().items() if not k.startswith(inside)}
+        inside = tuple(prefixed(unwrapped(name), "") for name in blocks)
+        named = ((unwrapped(k), t) for k, t in model.state_dict().items())
+        return {k: on_cpu(t) for k, t in named if not k.startswith(inside)}
 
     def block_state(name: str, module: HFMoEBlock) -> dict[str, torch.Tensor]:
         block = module.to_hf(device="cpu", dst=dst)  # the gathers, then dst's conversion alone
-        return {} if block is None else {prefixed(name, k): on_cpu(t) for k, t in block.state_dict().items()}
+        return {} if block is None else {prefixed(unwrapped(name), k): on_cpu(t) for k, t in block.state_dict().items()}
 
     state = _on_every_rank(lambda: exported() if keep else {}, "hf_state_dict: the model's state_dict")
     for name, module in blocks.items():

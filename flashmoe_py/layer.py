@@ -16,7 +16,7 @@ from .backends import capture
 from .backends.flash import FlashBackend
 from .backends.explicit_backward import (bound_parameters, explicit_forward, moe_backward, parameters_problem,
                                          routing_bias_now, without_autocast)
-from .backends.torch_ep import TorchEPBackend
+from .backends.torch_ep import AUTOGRAD, EXPLICIT, TorchEPBackend
 from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHT_NEEDS, WEIGHTS, MoEConfig, as_int, is_int
 from .gate_up import (HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, check_layout, to_halves, to_interleaved,
                       to_pairs)
@@ -435,10 +435,12 @@ class MoELayer(nn.Module):
     def _weights_problem(self) -> Exception | None:
         """Where a weight was replaced (`.data =`, or a new Parameter set on the layer) by one of
         another shape, dtype or device than the layer's, which its GEMMs would read as they are
-        (a wrong result, not always an error), or one the config lacks was set: the error naming
-        it, else None. Read every forward (host time on this project's CPU: ~1.6 us for three
-        weights, ~2.7 for eight); a weight that a parametrization or a hook-based wrapper (prune,
-        weight_norm) makes at each forward is left to it."""
+        (a wrong result, not always an error), or by a strided view (the fused kernel reads rows
+        of contiguous memory: its launch would be refused after the routing plan was made), or
+        one the config lacks was set: the error naming it, else None. Read every forward (host
+        time on this project's CPU: ~1.8 us for three weights, ~2.7 for eight); a weight that a
+        parametrization or a hook-based wrapper (prune, weight_norm) makes at each forward is
+        left to it."""
         params, buffers, device = self._parameters, self._buffers, self.device
         for name, shape, dtype in self._weight_specs:
             t = params.get(name, ...)
@@ -450,12 +452,13 @@ class MoELayer(nn.Module):
                 if t is not None:
                     return ValueError(f"{name} was set on the layer, but only a layer with {WEIGHT_NEEDS[name]} has "
                                       "it (backend torch would read it, the fused kernel not)")
-            elif t is None or t.shape != shape or t.dtype != dtype or t.device != device:
-                got = "None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}"
-                return ValueError(f"{name} is {got}; this layer's is {tuple(shape)} {dtype} on {device} (this "
-                                  f"rank's experts only): set layer.{name} = torch.nn.Parameter(t) with t of that "
-                                  "shape, dtype and device, or load values into a weight that has them "
-                                  "(load_full_weights, load_state_dict)")
+            elif t is None or t.shape != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
+                got = "None" if t is None else (f"{tuple(t.shape)} {t.dtype} on {t.device}"
+                                                f"{'' if t.is_contiguous() else ', not contiguous'}")
+                return ValueError(f"{name} is {got}; this layer's is {tuple(shape)} {dtype} on {device}, contiguous "
+                                  f"(this rank's experts only): set layer.{name} = torch.nn.Parameter(t) with t of "
+                                  "that shape, dtype and device (t.contiguous()), or load values into a weight that "
+                                  "has them (load_full_weights, load_state_dict)")
         return None
 
     def _records_graph(self, x) -> bool:
@@ -476,8 +479,9 @@ class MoELayer(nn.Module):
                  compiled_problem: Exception | None = None) -> torch.Tensor:
         """record: run under the explicit backward's autograd Function when backward is "saved"
         or "recompute" (else no graph of the layer's own, or backend torch's autograd ops when
-        in_graph and backward="autograd"). compiled_problem: the compiled op's parameters_problem,
-        raised (on every rank) as an input's is."""
+        in_graph and backward="autograd"); False with in_graph: the compiled op, whose backward
+        is the explicit one. compiled_problem: the compiled op's parameters_problem, raised (on every
+        rank) as an input's is."""
         # before autocast goes off: see dtype
         problem = self._input_problem(x) or self._expert_ids_problem() or compiled_problem
         mode = self.options.backward_for(self.backend.name)
@@ -491,14 +495,21 @@ class MoELayer(nn.Module):
                 capture.refuse_forward(self)  # also the compiled layer's op, which runs this
             x2d = rows_of(x, self.config.hidden_size) if problem is None else x
             in_graph = in_graph and problem is None
+            if in_graph:  # what its backward will run, which the ranks compare (torch_ep.GRAPH_KINDS)
+                in_graph = EXPLICIT if explicit or not record else AUTOGRAD  # not record: the compiled op
             if explicit and problem is None:
                 stats = {}
 
+                # Under saved-tensor hooks (non-reentrant activation checkpointing, save_on_cpu),
+                # what "saved" keeps would be held past them (an autograd Function's own, not its
+                # saved tensors): nothing is kept, and its backward recomputes, as "recompute"'s.
+                saving = mode == "saved" and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
                 def run(rows: torch.Tensor):
-                    if mode == "saved":
+                    if saving:
                         out, got, saved = self.backend.forward_saving(rows)
                     else:
-                        (out, got), saved = self.backend.forward(rows, None, in_graph=True), None
+                        (out, got), saved = self.backend.forward(rows, None, in_graph=EXPLICIT), None
                     stats.update(got)
                     return out, saved
 
@@ -562,6 +573,14 @@ class MoELayer(nn.Module):
             state_dict[marker] = torch.tensor(PAIRS_VERSION)
         elif marker in state_dict and int(state_dict[marker]) != PAIRS_VERSION:
             error_msgs.append(f"{marker}={int(state_dict[marker])}: a gate/up layout this version does not know")
+            return
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        strided = [prefix + n for n in WEIGHTS + OPTIONAL_WEIGHTS
+                   if assign and torch.is_tensor(t := state_dict.get(prefix + n)) and not t.is_contiguous()]
+        if strided:  # (as the layout leaves it: halves converted are new tensors)
+            error_msgs.append(f"{strided[0]} is a strided view (not contiguous); load_state_dict(assign=True) would "
+                              "make it the layer's, whose weights are contiguous: pass t.contiguous(), or load "
+                              "without assign")
             return
         mine = torch.tensor(self.placed_experts)  # the placement's, not the buffer's (overwritten?)
         if ids not in state_dict:  # a checkpoint from before expert_ids, or parameters only

@@ -515,6 +515,38 @@ def compiled_grad_errors(rank, world, cfg: dict, seed, shapes) -> dict:
     return grad_errors(layer, x, torch.randn(x.shape, generator=g), compiled)
 
 
+def step_with_rank_0_compiled(rank, world, backward: str, seed: int, compiled: bool):
+    """A training step, rank 0's layer compiled when `compiled` and rank 1's eager (as after
+    torch._dynamo's recompile limit on one rank) -> what the rank raised, else its x gradient."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=seed, backward=backward)
+    forward = torch.compile(layer, backend="aot_eager", fullgraph=True) if compiled and rank == 0 else layer
+    g = torch.Generator().manual_seed(seed + rank)
+    x = torch.randn(6, SMALL["hidden_size"], generator=g, requires_grad=True)
+    try:
+        forward(x).square().sum().backward()
+    except RuntimeError as e:
+        return str(e)
+    return x.grad
+
+
+@pytest.mark.parametrize("backward", ["autograd", "saved"])
+def test_a_compiled_rank_beside_an_eager_one_agrees_on_its_backward_or_raises_on_both(dist_pools, backward):
+    """Under torch.compile the layer's backward is its own (explicit_backward), whose collectives
+    are not backend torch's recorded ops': with backward="autograd", a rank compiled beside an
+    eager one aborted in gloo (a collective's sizes mismatched; NCCL would have hung or mixed the
+    ranks' rows). The forward's agreement compares what each backward will run and raises on
+    both, naming it; with backward="saved" both run the layer's own, as an all-eager step does."""
+    seed = fresh_seed()
+    said = dist_pools(2).run(step_with_rank_0_compiled, backward, seed, True)
+    if backward == "saved":
+        eager = dist_pools(2).run(step_with_rank_0_compiled, backward, seed, False)
+        assert all(rel_err(got, want) <= 1e-5 for got, want in zip(said, eager, strict=True)), said
+    else:
+        for s in said:
+            assert isinstance(s, str) and "would run different collectives: rank(s) [1] backend torch's recorded " \
+                "ops (backward='autograd'); rank(s) [0] the layer's own backward" in s, said
+
+
 @pytest.mark.parametrize("backward", ["autograd", "saved", "recompute", "compiled"])
 def test_gradients_are_taken_at_the_weights_the_forward_ran_with(backward):
     """torch.func.functional_call: the forward runs on other tensors than the layer's, put back
@@ -960,3 +992,44 @@ def test_a_nan_error_is_inf_so_that_no_max_drops_it():
     gradient for a pass."""
     assert rel_err(torch.tensor([float("nan"), 1.0]), torch.ones(2)) == float("inf")
     assert max(0.0, rel_err(torch.full((2,), float("nan")), torch.ones(2))) == float("inf")
+
+
+def _explicit_node(out: torch.Tensor):
+    """The layer's explicit-backward node in out's autograd graph."""
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "_ExplicitBackward":
+            return node
+        stack += [fn for fn, _ in node.next_functions]
+    raise AssertionError("no _ExplicitBackward node")
+
+
+@pytest.mark.parametrize("hooks", ["checkpoint", "save_on_cpu"])
+def test_backward_saved_keeps_nothing_of_its_own_under_saved_tensor_hooks(hooks):
+    """What backward="saved" keeps (GEMM1's rows, the routing) was an autograd Function's own
+    attribute, outside saved-tensor hooks: non-reentrant activation checkpointing freed none of
+    it (2 MiB a layer here, held from forward to backward) and save_on_cpu left it on the device.
+    Under such hooks it keeps nothing and its backward recomputes, with the same gradients."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    layer = MoELayer(cfg, seed=fresh_seed(), backward="saved")
+    x = torch.randn(64, SMALL["hidden_size"], requires_grad=True)
+    dy = torch.randn(x.shape)
+    y = layer(x)
+    assert _explicit_node(y).saved_forward is not None  # without hooks it keeps them
+    y.backward(dy)
+    want = [x.grad.clone(), *(p.grad.clone() for p in layer.parameters())]
+    x.grad = None
+    layer.zero_grad()
+    if hooks == "checkpoint":
+        y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    else:
+        with torch.autograd.graph.save_on_cpu():
+            y = layer(x)
+    assert _explicit_node(y).saved_forward is None
+    y.backward(dy)
+    got = [x.grad, *(p.grad for p in layer.parameters())]
+    assert all(rel_err(g, w) <= 1e-5 for g, w in zip(got, want, strict=True))

@@ -16,8 +16,8 @@ import triton.language as tl
 
 from one_rank import OneRank, RankBuffers, kernel_weights, symmetric_copies
 
-from flashmoe_py import ExpertPlacement, MoEConfig, reference_forward
-from flashmoe_py.backends.flash import routing_plan
+from flashmoe_py import ExpertPlacement, MoEConfig, MoELayer, reference_forward
+from flashmoe_py.backends.flash import FlashBackend, FusedKernelError, routing_plan
 from flashmoe_py.kernels import transport
 from flashmoe_py.gate_up import to_pairs
 from flashmoe_py.kernels.fused_moe import Saved, launch_fused
@@ -616,3 +616,48 @@ def test_shared_experts_are_tasks_of_the_kernel(fields, block_m, block_n):
         if tokens:
             ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
             assert rel_err(out, ref) <= 1e-5
+
+
+def _flash_backend_over(layer, rank: OneRank, override: dict | None) -> FlashBackend:
+    """A FlashBackend of `layer` whose workspace is rank's (one rank, no GPU): what _launch reads."""
+    backend = object.__new__(FlashBackend)
+    backend.__dict__.update(
+        layer=layer, geo=rank.geo, ws=rank.ws, send_order=rank.geo.send_order(0, "cpu"), programs=1, resident=True,
+        trace=None, failed=None, rt=types.SimpleNamespace(failed=None),
+        options=types.SimpleNamespace(launch_override=override, timeout_s=1.0),
+        status_host=torch.zeros_like(rank.ws.scratch.status), status_ready=types.SimpleNamespace(record=lambda s: None))
+    return backend
+
+
+def test_a_launch_refused_before_its_routing_plan_leaves_the_layer_usable():
+    """An override the call's launch refuses is checked before the routing plan adds the call's
+    rows to the counts later launches wait for: the next launch runs, right."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32", activation="relu")
+    layer = MoELayer(cfg, seed=random.randrange(2**31))  # backend torch: its router and weights
+    rank = OneRank(cfg, max_tokens=16)
+    backend, x = _flash_backend_over(layer, rank, {"block_t": 3}), torch.randn(8, 32)
+    with pytest.raises(ValueError, match="block_t=3"):
+        backend._launch(x, "the caller's stream")
+    assert backend.failed is None and not rank.ws.scratch.comb_expect.any()
+    backend.options.launch_override = None
+    out, _, _ = backend._launch(x, "the caller's stream")
+    ref = layer(x)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_a_launch_refused_after_its_routing_plan_marks_the_layer_failed_naming_why():
+    """A launch whose arguments are refused once the plan has added its rows (a strided w_out
+    here, which the layer's own check refuses before any of this) left the counts ahead of what
+    would arrive: the next correct forward waited for rows that never came until timeout_s.
+    The layer is marked failed instead, naming the cause (FusedKernelError at its next forward)."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32", activation="relu")
+    layer = MoELayer(cfg, seed=random.randrange(2**31))
+    rank = OneRank(cfg, max_tokens=16)
+    backend = _flash_backend_over(layer, rank, None)
+    layer.w_out = torch.nn.Parameter(layer.w_out.detach().transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match="w_out: expected a contiguous tensor"):
+        backend._launch(torch.randn(8, 32), "the caller's stream")
+    assert rank.ws.scratch.comb_expect.any()  # the plan had added its rows
+    with pytest.raises(FusedKernelError, match="refused after its routing plan was made.*w_out: expected a contig"):
+        backend.raise_if_failed(block=False)
+    assert backend.rt.failed == backend.failed

@@ -695,14 +695,20 @@ def test_a_restored_model_saves_and_loads_with_transformers(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
+def _hook_holding(module, args, output, big=None) -> None:
+    """A forward hook that holds `big` (module-level: torch.save pickles hooks)."""
+
+
 def test_a_patched_model_pickles_and_its_skeletons_hold_no_hooks(tmp_path):
     """torch.save(model) pickles every hook (load_state_dict's post hook is a module function);
-    a hook on the original block (which may hold the whole model) is not copied into the skeleton."""
+    a hook on the original block (which may hold the whole model) moves to the HFMoEBlock and is
+    not copied into the skeleton."""
     model = tiny_model("mixtral", 7)
     big = torch.zeros(1 << 16)
-    moe_block(model).experts.register_forward_hook(lambda m, i, o, big=big: None)
+    moe_block(model).register_forward_hook(functools.partial(_hook_holding, big=big))
     patch_model(model)
     torch.save(model, tmp_path / "model.pt")
+    assert len(moe_block(model)._forward_hooks) == 1
     skeleton = moe_block(model)._skeleton
     assert all(not m._forward_hooks for m in skeleton.modules())
     assert all(t.is_meta for t in skeleton.parameters())
@@ -715,3 +721,97 @@ def test_blocks_sharing_parameters_are_left_alone_after_the_first():
     assert report["model.layers.0.mlp"] == "replaced"
     assert report["model.layers.1.mlp"] == ("MixtralSparseMoeBlock: shares parameters with block "
                                             "'model.layers.0.mlp' (each layer holds its own)")
+
+
+@pytest.mark.parametrize("kind, name", [("deepseek_v3", "e_score_correction_bias"), ("gpt_oss", "bias")])
+def test_a_router_bias_given_to_the_router_module_is_refused_and_one_updated_in_place_is_read(kind, name):
+    """The layer kept routing with its own tensor while to_hf exported the module's new one (a
+    relative error of 0.77 against the unpatched model, silently; gpt-oss also returned router
+    scores from the new bias beside hidden states routed with the old)."""
+    model = tiny_model(kind, 6)
+    patch_model(model)
+    router = moe_block(model).router
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    new = getattr(router, name).detach() + 0.3
+    setattr(router, name, new if name == "e_score_correction_bias" else nn.Parameter(new))
+    with pytest.raises(RuntimeError, match=f"given another {name} tensor.*update it in place"):
+        model(input_ids=ids)
+    mine = getattr(moe_block(model).moe, "router_bias" if name == "bias" else name)
+    setattr(router, name, mine)  # tied again: updated in place, the layer reads it
+    unpatched = tiny_model(kind, 6)
+    with torch.no_grad():
+        getattr(convert_block(moe_block(unpatched)).router, name).add_(0.3)
+        getattr(router, name).add_(0.3)
+        assert rel_err(model(input_ids=ids).logits, unpatched(input_ids=ids).logits) <= 1e-5
+
+
+def _with_absmax(module, state, prefix, local_metadata) -> None:
+    """A state_dict hook adding a key that is no attribute path (as a quantizer's statistics)."""
+    state[prefix + "weight.absmax"] = torch.ones(1)
+
+
+def test_hf_state_dict_of_a_wrapped_model_has_the_unwrapped_names():
+    """torch.compile's "_orig_mod." (and DDP's "module.") prefixed every name: from_pretrained
+    then started every weight afresh, with only a load report's warning (relative error 1.05).
+    Under the activation-checkpoint wrapper the layers' own tensors (w_in, expert_ids, ...) were
+    exported beside the block's. A key that is no attribute path is kept as it is."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    model = tiny_model("mixtral", 7)
+    model.model.norm._register_state_dict_hook(_with_absmax)
+    want = sorted(model.state_dict())
+    assert "model.norm.weight.absmax" in want
+    patch_model(model)
+    assert sorted(hf_state_dict(torch.compile(model))) == want
+    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "MixtralDecoderLayer")
+    assert sorted(hf_state_dict(model)) == want
+
+
+def test_patch_model_and_unpatch_model_of_a_block_itself_are_refused():
+    """unpatch_model(block) said "restored" and changed nothing (it set a child named ''), and
+    patch_model(block) raised an AttributeError naming ''."""
+    block = moe_block(tiny_model("mixtral", 8))
+    with pytest.raises(ValueError, match="itself an MoE block.*from_hf_block"):
+        patch_model(block)
+    with pytest.raises(ValueError, match=r"itself an HFMoEBlock.*to_hf\(\)"):
+        unpatch_model(from_hf_block(block))
+
+
+def test_hooks_on_a_block_move_to_its_replacement_and_back_and_hooks_it_cannot_run_are_refused():
+    """Hooks on the replaced block never fired after patching, and the report said "replaced".
+    The block's own move to the HFMoEBlock (and back at unpatch_model; the module left behind
+    keeps none), a forward hook on its router module runs the router, and a block whose hooks
+    the layer cannot honour (on its experts, which it computes itself; a router pre-hook, which
+    could not change what it routes) is left alone, saying why, or raises once patched."""
+    model = tiny_model("mixtral", 9)
+    block, seen = moe_block(model), []
+    handle = block.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    block.gate.register_forward_hook(lambda m, i, o: seen.append("router"))
+    assert patch_model(model)["model.layers.0.mlp"] == "replaced"
+    assert not block._forward_hooks  # moved, not shared
+    ids = torch.randint(0, model.config.vocab_size, (1, 4))
+    model(input_ids=ids)
+    assert seen == ["router", "HFMoEBlock"]
+    unpatch_model(model)
+    seen.clear()
+    model(input_ids=ids)
+    assert seen == ["router", "MixtralSparseMoeBlock"]
+    handle.remove()
+    seen.clear()
+    model(input_ids=ids)
+    assert seen == ["router"]
+    for where in ("experts", "gate"):
+        other = tiny_model("mixtral", 9)
+        hooked = getattr(moe_block(other), where)
+        if where == "experts":
+            hooked.register_forward_hook(lambda *args: None)
+        else:
+            hooked.register_forward_pre_hook(lambda *args: None)
+        report = patch_model(other)["model.layers.0.mlp"]
+        assert ("submodule(s) ['experts'] have hooks, which would never run" if where == "experts" else
+                "router module has a forward pre-hook or a backward hook") in report, report
+        assert not isinstance(moe_block(other), HFMoEBlock)
+    patched = tiny_model("mixtral", 9)
+    patch_model(patched)
+    moe_block(patched).router.register_full_backward_hook(lambda *args: None)
+    with pytest.raises(RuntimeError, match="router module .* has a forward pre-hook or a backward hook"):
+        patched(input_ids=ids)

@@ -18,7 +18,7 @@ from seeds import fresh_seed
 from flashmoe_py import ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, preset, reference_forward
 from flashmoe_py.backends import flash
 from flashmoe_py.backends.flash import FlashBackend
-from flashmoe_py.gate_up import to_halves
+from flashmoe_py.gate_up import HALVES_VERSION, STATE_DICT_MARKER, to_halves
 from flashmoe_py.heap import SymmetricHeap
 
 FP32_TOL = 1e-5
@@ -807,6 +807,9 @@ def test_the_same_seed_draws_the_same_weights_whatever_torch_s_default_dtype():
     ("w_out = torch.nn.Parameter(w_out.transpose(1, 2))", r"w_out is \(8, 32, 48\) .*this layer's is \(8, 48, 32\)"),
     ("w_in = torch.nn.Parameter(w_in[:4])", r"w_in is \(4, 32, 96\)"),
     ("router_weight.data = router_weight.data[:, :16]", r"router_weight is \(8, 16\)"),
+    ("w_out = torch.nn.Parameter(w_out.transpose(1, 2).contiguous().transpose(1, 2))",
+     r"w_out is \(8, 48, 32\) torch.float32 on cpu, not contiguous; this layer's is \(8, 48, 32\) torch.float32 on "
+     "cpu, contiguous"),
 ])
 def test_a_weight_replaced_by_another_shape_or_dtype_is_refused_naming_it(how, match):
     """Nothing read the weights' shapes at a forward: one with more expert slots than the layer
@@ -829,6 +832,27 @@ def test_a_weight_replaced_by_another_shape_or_dtype_is_refused_naming_it(how, m
         setattr(layer, name, torch.nn.Parameter(getattr(fresh, name).clone()))
         layer.load_state_dict(fresh.state_dict())
         assert torch.equal(layer(x), fresh(x))
+
+
+def test_a_strided_weight_is_refused_by_load_state_dict_with_assign():
+    """assign=True makes the state_dict's tensor the layer's weight: a strided view would be
+    refused at the next forward (the fused kernel reads rows of contiguous memory), so it is
+    refused here, naming it; the same values made contiguous load."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=3)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["w_out"] = state["w_out"].transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(RuntimeError, match="w_out is a strided view"):
+        layer.load_state_dict(state, assign=True)
+    state["w_out"] = state["w_out"].contiguous()
+    layer.load_state_dict(state, assign=True)
+    layer(torch.randn(3, SMALL["hidden_size"]))
+    halves = to_halves(state["w_in"])  # an old checkpoint's layout, converted into a new tensor when loaded
+    state |= {"w_in": halves.transpose(1, 2).contiguous().transpose(1, 2),
+              STATE_DICT_MARKER: torch.tensor(HALVES_VERSION)}
+    fresh = MoELayer(MoEConfig(**SMALL, top_k=2), seed=4)
+    fresh.load_state_dict(state, assign=True)
+    x = torch.randn(3, SMALL["hidden_size"])
+    assert torch.equal(fresh(x), layer(x))
 
 
 def test_a_weight_the_config_lacks_is_refused_where_backend_torch_would_read_it():

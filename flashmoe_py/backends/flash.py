@@ -27,7 +27,7 @@ from ..kernels.transport import nvshmem_device_library
 from ..kernels.workspace import Workspace
 from ..routing import Routing
 from .saved import SavedForward
-from .torch_ep import check_graphs_agree, peers_refused
+from .torch_ep import EXPLICIT, check_graphs_agree, peers_refused
 
 log = logging.getLogger("flashmoe_py")
 # The layer's weights the fused kernel reads (those a config has); the router's go to route().
@@ -39,12 +39,13 @@ def kernel_experts(layer) -> dict[str, torch.Tensor]:
     return {name: getattr(layer, name) for name in FUSED_WEIGHTS if getattr(layer, name) is not None}
 
 
-def _check_graphs_agree(layer, in_graph: bool, error: Exception | None, tokens: int) -> list[int]:
-    """Every rank in grad mode says whether it records this forward, whether it rejects it, and
-    how many tokens it runs (0 where rejected). Where a rank rejects it, every rank raises before
+def _check_graphs_agree(layer, in_graph: int, error: Exception | None, tokens: int) -> list[int]:
+    """Every rank in grad mode says what its backward of this forward runs (in_graph: 0 none, else
+    a torch_ep.GRAPH_KINDS key), whether it rejects it, and how many tokens it runs (0 where
+    rejected). Where a rank rejects it, every rank raises before
     any launches (that rank its error, the others PeerInputError): the others' training forwards
     would complete and their collective backwards then wait for it until the process group's
-    timeout. Else raise on all of them if they differ in recording. -> every rank's tokens."""
+    timeout. Else raise on all of them if their backwards differ. -> every rank's tokens."""
     mine = torch.tensor([int(in_graph), int(error is not None), tokens], device=layer.device)
     flags = torch.empty(layer.world_size * 3, dtype=mine.dtype, device=layer.device)  # flat: gloo's too
     dist.all_gather_into_tensor(flags, mine, group=layer.process_group)
@@ -252,10 +253,11 @@ class FlashBackend:
                         "MoELayer (or patch another model) on every rank and load_state_dict(layer.state_dict()) "
                         "into it; save state_dicts (fm.sharded_state_dict, fm.hf_state_dict)")
 
-    def forward(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None = None):
+    def forward(self, x: torch.Tensor, error: Exception | None, in_graph: int | None = None):
         """x: [T, H] -> (out [T, H], stats). A rank whose input is rejected under no_grad still
         runs the kernel with no tokens, so its peers' forwards complete; then it raises. in_graph:
-        whether this rank records the forward for a backward (None: grad mode off); at world > 1
+        what this rank's backward of it runs (0 or False: none recorded; else a
+        torch_ep.GRAPH_KINDS key; None: grad mode off); at world > 1
         the ranks in grad mode compare it first (one small all-gather and a host synchronisation),
         since the backward is collective, and all raise, none launching, where one rejects its
         forward (a rank under no_grad beside one recording is not seen: the recording rank's
@@ -288,7 +290,7 @@ class FlashBackend:
         stream = self._before_forward()
         layer, geo, cfg = self.layer, self.geo, self.layer.config
         T = x.shape[0]
-        tokens = _check_graphs_agree(layer, True, None, T) if layer.world_size > 1 else [T]
+        tokens = _check_graphs_agree(layer, EXPLICIT, None, T) if layer.world_size > 1 else [T]
         saving = ((sum(tokens) * min(cfg.top_k, geo.local_experts), cfg.ffn_in_size),
                   (T, cfg.shared_ffn_in_size) if cfg.shared_experts else None)
         logits_bytes = T * cfg.num_experts * torch.float32.itemsize
@@ -366,23 +368,38 @@ class FlashBackend:
     def _launch(self, x: torch.Tensor, stream: torch.cuda.Stream | None, copy_status: bool = False,
                 saving: tuple | None = None):
         """Routing plan + one kernel launch for x: [T, H] (T may be 0) on stream (None: inside a
-        capture); saving: as _run's. -> (out, stats [E + 1] int64, SavedForward or None)."""
+        capture); saving: as _run's. -> (out, stats [E + 1] int64, SavedForward or None).
+
+        The launch is chosen (its override checked) and the weights read before the routing plan,
+        which adds this call's rows to the counts later launches wait for: a launch refused after
+        that would leave them waiting for rows that never come (until timeout_s), so the layer is
+        marked failed then, naming the cause (FusedKernelError at its next forward; not inside a
+        capture, where the plan is only recorded)."""
         layer, geo, ws = self.layer, self.geo, self.ws
-        r = layer.route(x, keep_logits=saving is not None)
-        plan, stats = routing_plan(r, layer.expert_positions, geo, self.send_order, ws.scratch.comb_expect)
-        out = torch.empty_like(x)
         launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,
                                resident=self.resident)
         experts = kernel_experts(layer)
+        out = torch.empty_like(x)
+        r = layer.route(x, keep_logits=saving is not None)
+        plan, stats = routing_plan(r, layer.expert_positions, geo, self.send_order, ws.scratch.comb_expect)
         saved = None
-        if saving is not None:
-            pre, shared_pre = (None if shape is None else torch.empty(shape, dtype=x.dtype, device=x.device)
-                               for shape in saving)
-            saved = SavedForward(r, plan.send_slot, plan.send_counts.view(layer.world_size, geo.local_experts), pre,
-                                 shared_pre)
-        launch_fused(x, out, experts, plan, ws, launch, config=layer.config, rank=layer.rank,
-                     timeout_s=self.options.timeout_s, trace=self.trace,
-                     saved=saved and Saved(saved.pre, saved.pre if saved.shared_pre is None else saved.shared_pre))
+        try:
+            if saving is not None:
+                pre, shared_pre = (None if shape is None else torch.empty(shape, dtype=x.dtype, device=x.device)
+                                   for shape in saving)
+                saved = SavedForward(r, plan.send_slot, plan.send_counts.view(layer.world_size, geo.local_experts),
+                                     pre, shared_pre)
+            launch_fused(x, out, experts, plan, ws, launch, config=layer.config, rank=layer.rank,
+                         timeout_s=self.options.timeout_s, trace=self.trace,
+                         saved=saved and Saved(saved.pre, saved.pre if saved.shared_pre is None else saved.shared_pre))
+        except Exception as e:
+            if stream is not None:  # in a capture the plan was only recorded: it added nothing
+                self.failed = self.rt.failed = (
+                    f"rank {layer.rank}: the fused kernel's launch was refused after its routing plan was made "
+                    f"({type(e).__name__}: {e}); the expected row counts the next launches wait for no longer "
+                    "match what will arrive: the layer is unusable, build it again")
+                log.error("%s", self.failed)
+            raise
         if copy_status or stream is not None:
             self.status_host.copy_(ws.scratch.status, non_blocking=True)
         if stream is not None:

@@ -138,8 +138,9 @@ class TorchEPBackend:
 
     def forward(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None = None):
         """x: [T, hidden] in the layer's dtype and device, or anything when `error` says why it was
-        rejected; the error is shared with every rank before it is raised. in_graph: whether this
-        rank records the forward's graph (compared across ranks; None: grad mode off).
+        rejected; the error is shared with every rank before it is raised. in_graph: what this
+        rank's backward of it runs (0 or False: none recorded; else a GRAPH_KINDS key: compared
+        across ranks; None: grad mode off).
         -> (out [T, hidden], stats)."""
         return self._run(x, error, in_graph, keep=False)[:2]
 
@@ -147,7 +148,7 @@ class TorchEPBackend:
         """A training forward of backward="saved" (collective; every rank in it): x [T, hidden]
         -> (out [T, hidden], stats, SavedForward), no graph recorded."""
         with torch.no_grad():
-            return self._run(x, None, True, keep=True)
+            return self._run(x, None, EXPLICIT, keep=True)
 
     def _run(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None, keep: bool):
         layer, cfg = self.layer, self.layer.config
@@ -168,7 +169,7 @@ class TorchEPBackend:
                 raise error
             y_sorted, pre = self._local_experts(self._rows(x, slot_tok, slot_w), send_counts[0], keep)
         else:
-            recv_counts = self._exchange_counts(send_counts, error, bool(in_graph))
+            recv_counts = self._exchange_counts(send_counts, error, int(in_graph or 0))
             rows = self._rows(x, slot_tok, slot_w)
             y_sorted, pre = self._dispatch_compute_combine(rows, send_counts, recv_counts, bool(in_graph), keep)
 
@@ -204,11 +205,12 @@ class TorchEPBackend:
         return torch.tensor(self.layer.placed_experts, device=self.layer.device)
 
     def _exchange_counts(self, send_counts: torch.Tensor, error: Exception | None,
-                         in_graph: bool) -> torch.Tensor:
+                         in_graph: int) -> torch.Tensor:
         """send_counts: [W, L] rows this rank sends to each (rank, local expert). Returns recv_counts
         [W, L]: rows each source rank sends to this rank's experts. Flag columns carry input
         errors, so a rank that rejects its input still completes this exchange, then all raise;
-        whether this rank records a graph, which every rank must (check_graphs_agree); and whether
+        what this rank's backward runs (in_graph), on which every rank must agree
+        (check_graphs_agree); and whether
         its expert_ids buffer names other experts than its placement puts there, compared on the
         device (a broadcast of the model's buffers writes past the version counter that the
         layer's own check reads on GPUs)."""
@@ -280,14 +282,35 @@ def peers_refused(bad: list[int], rank: int) -> PeerInputError:
                           "aborts it too (see the error on those ranks)")
 
 
+# What a rank's backward of a forward will run (a forward's in_graph, compared across ranks):
+# each kind is its own sequence of collectives, so ranks must agree. 0 (or False): no graph.
+# The explicit backward (backends/explicit_backward.py) runs the same collectives whether its
+# forward saved GEMM1's rows or it recomputes them.
+AUTOGRAD, EXPLICIT = 1, 2
+GRAPH_KINDS = {AUTOGRAD: "backend torch's recorded ops (backward='autograd')",
+               EXPLICIT: "the layer's own backward (backward='saved' or 'recompute', or the layer under "
+                         "torch.compile whatever its backward)"}
+
+
 def check_graphs_agree(in_graph: list[int | None]) -> None:
-    """in_graph: [W] whether each rank records this forward's graph (None: a rank left out). The
-    backward is collective (all-to-alls), so a rank that records one while a peer does not would
-    wait forever in backward: raise on every rank instead."""
-    if len({f for f in in_graph if f is not None}) > 1:
+    """in_graph: [W] what each rank's backward of this forward runs (0: none recorded; else a
+    GRAPH_KINDS key; None: a rank left out). The backward is collective (all-to-alls), so a rank
+    that records one while a peer does not, or runs another kind, would wait forever in
+    backward or mix its data: raise on every rank instead."""
+    kinds = {int(f) for f in in_graph if f is not None}
+    if len(kinds) <= 1:
+        return
+    if 0 in kinds:
         on = [r for r, f in enumerate(in_graph) if f]
         off = [r for r, f in enumerate(in_graph) if f == 0]
         raise RuntimeError(
             f"rank(s) {on} record an autograd graph for this MoE forward and rank(s) {off} do not: "
             "its backward is collective, so run the forward in the same grad mode on every rank "
             "(x or a layer parameter requiring grad under grad mode on all, or on none)")
+    runs = "; ".join(f"rank(s) {[r for r, f in enumerate(in_graph) if f == kind]} {GRAPH_KINDS[kind]}"
+                     for kind in sorted(kinds))
+    raise RuntimeError(
+        f"the ranks' backwards of this MoE forward would run different collectives: {runs}. Give every rank "
+        "the same backward, and compile the layer on every rank or on none (a rank that falls back to eager, "
+        "at torch._dynamo's recompile limit, runs the layer's own backward: mark the token dimension dynamic, "
+        "or raise the limit)")
