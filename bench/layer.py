@@ -125,25 +125,13 @@ def parse_args(argv=None):
 
 
 def setup_distributed(heap_bytes: int | None) -> tuple[int, int, torch.device]:
-    """torch.distributed (NCCL on GPUs, gloo on the CPU); with NVSHMEM too for the fused backend
-    (heap_bytes given)."""
-    if heap_bytes is not None:
-        rt = fm.init(heap_bytes=heap_bytes)
-        return rt.rank, rt.world_size, rt.device
-    if "RANK" not in os.environ:  # plain `python bench/layer.py`: one rank
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
-    for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        os.environ[var] = "1" if var != "NCCL_NVLS_ENABLE" else "0"
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    """torch.distributed through fm.init, whichever launcher started this process (torchrun,
+    mpirun, or none: one rank on a free port): NCCL on GPUs, gloo on the CPU; with NVSHMEM too for
+    the fused backend (heap_bytes given)."""
+    rt = fm.init(nvshmem=heap_bytes is not None, heap_bytes=heap_bytes)
+    if rt.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rt.info.local_world_size))
+    return rt.rank, rt.world_size, rt.device
 
 
 def steer_routing(layer: MoELayer, x: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
@@ -753,7 +741,7 @@ def main(argv=None):
         if rank == 0:
             with open(args.rows_out, "w") as f:
                 json.dump(rows, f)
-        dist.destroy_process_group()
+        fm.finalize()
         return
     case_index = {(n, r, t): i for i, (n, _, r, t) in enumerate(cases)}
     backend_index = {b: i for i, b in enumerate(args.backends)}
@@ -787,10 +775,7 @@ def main(argv=None):
                   f"{len(speedups)} points, {sum(v < 1 for v in speedups)} below 1.0x; {len(got['failed'])} where "
                   f"flash failed, {len(got['incomplete'])} incomplete (bench/summary.py lists them)")
         write_plot(data, os.path.splitext(out)[0] + ".png")
-    if fused:
-        fm.finalize()
-    else:
-        dist.destroy_process_group()
+    fm.finalize()
 
 
 def write_plot(data: dict, out: str) -> None:

@@ -126,7 +126,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     """torch.nn.utils.clip_grad_norm_ for a model whose MoELayers hold each rank's own experts,
     trained data-parallel (its replicated gradients already equal on every rank, as after DDP's
     average, or sharded DTensors, as after FSDP's): the total norm counts every rank's expert
-    gradients (one all_reduce over the default process group) and the replicated ones once, so
+    gradients (one all_reduce over each layer's process group) and the replicated ones once, so
     every rank scales by the same factor (torch's, on one rank's parameters, sees only that rank's
     experts: the ranks would scale their replicated weights differently and drift apart).
     norm_type 2 or inf. Collective. -> the total norm (float32, on the gradients' device)."""
@@ -141,20 +141,25 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         raise ValueError("clip_grad_norm_: the model is inside torch's older FullyShardedDataParallel, whose flat "
                          "gradient shards this function cannot count; use fully_shard, whose gradients it counts "
                          "(FullyShardedDataParallel.clip_grad_norm_ would count one rank's experts only)")
-    sharded = {id(t) for _, _, t in sharded_tensors(model)}
+    group_of = {id(t): layer.process_group for _, layer, t in sharded_tensors(model)}  # None: the default
+    groups = list(dict.fromkeys(group_of.values()))  # each once, in the model's order (the same on its ranks)
     params = [p for p in model.parameters() if p.grad is not None]
-    # every rank reaches the all_reduce, one without gradients too
+    # every rank reaches its groups' all_reduces, one without gradients too
     device = params[0].grad.device if params else next(model.parameters(), torch.empty(0)).device
-    norms = []  # [replicated, sharded]: each part's norm on this rank
-    for own in (False, True):
-        grads = [p.grad for p in params if (id(p) in sharded) == own]
-        norm = get_total_norm(grads, norm_type) if grads else torch.zeros((), device=device)
-        norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().to(device))
     two = norm_type == 2.0
-    shard = norms[1].square() if two else norms[1]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(shard, op=dist.ReduceOp.SUM if two else dist.ReduceOp.MAX)
-    total = (norms[0].square() + shard).sqrt() if two else torch.maximum(norms[0], shard)
+
+    def norm_of(grads: list) -> torch.Tensor:  # this rank's part: squared for norm 2
+        norm = get_total_norm(grads, norm_type) if grads else torch.zeros((), device=device)
+        norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).float().to(device)
+        return norm.square() if two else norm
+
+    total = norm_of([p.grad for p in params if id(p) not in group_of])  # replicated: counted once
+    for group in groups:  # each layer's experts over the ranks of its own group
+        part = norm_of([p.grad for p in params if id(p) in group_of and group_of[id(p)] is group])
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(part, op=dist.ReduceOp.SUM if two else dist.ReduceOp.MAX, group=group)
+        total = total + part if two else torch.maximum(total, part)
+    total = total.sqrt() if two else total
     for fsdp in (False, True):  # one foreach kernel takes DTensors or tensors, not both
         group = [p for p in params if isinstance(p.grad, DTensor) == fsdp]
         if group:

@@ -92,6 +92,14 @@ class HFMoEBlock(nn.Module):
         if moe.e_score_correction_bias is not None:
             router.e_score_correction_bias = moe.e_score_correction_bias
 
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to() and the like, then the router module tied to the layer again: the layer
+        keeps its own tensors where a copy would hold nothing new (MoELayer._apply), while the
+        router module's buffers (the correction bias) are replaced by copies."""
+        out = super()._apply(fn, recurse)
+        self.tie_router()
+        return out
+
     @torch.no_grad()
     def to_hf(self, device: torch.device | str | None = None, dst: int | None = None) -> nn.Module | None:
         """The transformers block this one was converted from, holding the layer's weights as they
@@ -427,9 +435,7 @@ def _build(block: nn.Module, conv: Conversion, trainable: dict[str, bool], **lay
         group = "router" if name.startswith("router_") else "shared" if name.startswith("shared_") else "experts"
         if group in trainable:
             p.requires_grad_(trainable[group])
-    out = HFMoEBlock(moe, conv.router, conv.router_output, skeleton)
-    _move_hooks(block, out)
-    return out
+    return HFMoEBlock(moe, conv.router, conv.router_output, skeleton)
 
 
 # A module's forward and backward hooks (not its state_dict hooks: the layouts differ)
@@ -462,7 +468,8 @@ def from_hf_block(block: nn.Module, **layer_kwargs) -> HFMoEBlock:
     the device defaults to the block's. Its parameters train where the block's did (a group of
     them partly frozen is refused); HFMoEBlock.to_hf() gives the block back with the layer's
     weights. Collective when torch.distributed is initialised: every rank must convert the same
-    block (patch_model compares the ranks' decisions first)."""
+    block (patch_model compares the ranks' decisions first). The block's own hooks stay on it
+    (patch_model moves them to the block's replacement)."""
     return _build(block, *_checked_conversion(block), **layer_kwargs)
 
 
@@ -519,7 +526,10 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     for name, conv, trainable in blocks:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _build(getattr(parent, child), conv, trainable, **layer_kwargs))
+        block = getattr(parent, child)
+        replacement = _build(block, conv, trainable, **layer_kwargs)
+        _move_hooks(block, replacement)
+        setattr(parent, child, replacement)
     if blocks:
         exclude_from_ddp(model)
     return {name: "replaced" if reason is None else reason for name, reason in decisions}
@@ -589,14 +599,18 @@ def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
             return ".".join([fqn, *parts[end:]]) if fqn else ".".join(parts[end:])
         return name
 
+    def block_name(name: str) -> str:  # a path through the block (a wrapper of the block itself unwrapped too)
+        return unwrapped(prefixed(name, "moe")).rpartition(".")[0]
+
     def exported() -> dict[str, torch.Tensor]:  # dst's: the model's own tensors, outside the blocks
-        inside = tuple(prefixed(unwrapped(name), "") for name in blocks)
+        inside = tuple(prefixed(block_name(name), "") for name in blocks)
         named = ((unwrapped(k), t) for k, t in model.state_dict().items())
         return {k: on_cpu(t) for k, t in named if not k.startswith(inside)}
 
     def block_state(name: str, module: HFMoEBlock) -> dict[str, torch.Tensor]:
         block = module.to_hf(device="cpu", dst=dst)  # the gathers, then dst's conversion alone
-        return {} if block is None else {prefixed(unwrapped(name), k): on_cpu(t) for k, t in block.state_dict().items()}
+        where = block_name(name)
+        return {} if block is None else {prefixed(where, k): on_cpu(t) for k, t in block.state_dict().items()}
 
     state = _on_every_rank(lambda: exported() if keep else {}, "hf_state_dict: the model's state_dict")
     for name, module in blocks.items():

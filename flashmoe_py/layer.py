@@ -332,8 +332,8 @@ class MoELayer(nn.Module):
         (the others {}). With either, the experts are gathered one local expert at a time, so the
         layer's device holds at most one expert of every rank beyond its own; without, in one
         collective a weight."""
-        on_every_rank(lambda: (check_layout(gate_up_layout), check_dst(dst)), _refused("full_weight_dict"),
-                      self.process_group)
+        on_every_rank(lambda: (check_layout(gate_up_layout), check_dst(dst, self.process_group)),
+                      _refused("full_weight_dict"), self.process_group)
         device = self.device if device is None else torch.device(device)
         keep = dst is None or not dist.is_initialized() or dist.get_rank() == dst
         full = {}
@@ -435,13 +435,14 @@ class MoELayer(nn.Module):
     def _weights_problem(self) -> Exception | None:
         """Where a weight was replaced (`.data =`, or a new Parameter set on the layer) by one of
         another shape, dtype or device than the layer's, which its GEMMs would read as they are
-        (a wrong result, not always an error), or by a strided view (the fused kernel reads rows
-        of contiguous memory: its launch would be refused after the routing plan was made), or
+        (a wrong result, not always an error), or with backend flash by a strided view (the fused
+        kernel reads rows of contiguous memory: its launch would be refused), or
         one the config lacks was set: the error naming it, else None. Read every forward (host
         time on this project's CPU: ~1.8 us for three weights, ~2.7 for eight); a weight that a
         parametrization or a hook-based wrapper (prune, weight_norm) makes at each forward is
         left to it."""
         params, buffers, device = self._parameters, self._buffers, self.device
+        strided_ok = self.backend.name != "flash"
         for name, shape, dtype in self._weight_specs:
             t = params.get(name, ...)
             if t is ...:  # the correction bias, or a weight made by a parametrization
@@ -452,12 +453,14 @@ class MoELayer(nn.Module):
                 if t is not None:
                     return ValueError(f"{name} was set on the layer, but only a layer with {WEIGHT_NEEDS[name]} has "
                                       "it (backend torch would read it, the fused kernel not)")
-            elif t is None or t.shape != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
+            elif (t is None or t.shape != shape or t.dtype != dtype or t.device != device
+                  or not (strided_ok or t.is_contiguous())):
                 got = "None" if t is None else (f"{tuple(t.shape)} {t.dtype} on {t.device}"
-                                                f"{'' if t.is_contiguous() else ', not contiguous'}")
-                return ValueError(f"{name} is {got}; this layer's is {tuple(shape)} {dtype} on {device}, contiguous "
-                                  f"(this rank's experts only): set layer.{name} = torch.nn.Parameter(t) with t of "
-                                  "that shape, dtype and device (t.contiguous()), or load values into a weight that "
+                                                f"{'' if strided_ok or t.is_contiguous() else ', not contiguous'}")
+                return ValueError(f"{name} is {got}; this layer's is {tuple(shape)} {dtype} on {device}"
+                                  f"{'' if strided_ok else ', contiguous'} (this rank's experts only): set "
+                                  f"layer.{name} = torch.nn.Parameter(t) with t of that shape, dtype and device"
+                                  f"{'' if strided_ok else ' (t.contiguous())'}, or load values into a weight that "
                                   "has them (load_full_weights, load_state_dict)")
         return None
 
@@ -575,12 +578,12 @@ class MoELayer(nn.Module):
             error_msgs.append(f"{marker}={int(state_dict[marker])}: a gate/up layout this version does not know")
             return
         assign = local_metadata.get("assign_to_params_buffers", False)
-        strided = [prefix + n for n in WEIGHTS + OPTIONAL_WEIGHTS
-                   if assign and torch.is_tensor(t := state_dict.get(prefix + n)) and not t.is_contiguous()]
+        strided = [prefix + n for n in WEIGHTS + OPTIONAL_WEIGHTS if assign and self.backend.name == "flash"
+                   and torch.is_tensor(t := state_dict.get(prefix + n)) and not t.is_contiguous()]
         if strided:  # (as the layout leaves it: halves converted are new tensors)
             error_msgs.append(f"{strided[0]} is a strided view (not contiguous); load_state_dict(assign=True) would "
-                              "make it the layer's, whose weights are contiguous: pass t.contiguous(), or load "
-                              "without assign")
+                              "make it the layer's, whose weights backend flash reads as contiguous rows: pass "
+                              "t.contiguous(), or load without assign")
             return
         mine = torch.tensor(self.placed_experts)  # the placement's, not the buffer's (overwritten?)
         if ids not in state_dict:  # a checkpoint from before expert_ids, or parameters only
@@ -861,8 +864,11 @@ def rows_of(t: torch.Tensor, width: int) -> torch.Tensor:
     return t.contiguous() if t.numel() else t.clone(memory_format=torch.contiguous_format)
 
 
-def check_dst(dst: int | None) -> None:
-    """dst, a global rank to gather to (None: every rank)."""
+def check_dst(dst: int | None, group=None) -> None:
+    """dst, a global rank to gather to (None: every rank), one of `group`'s (None: any)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if dst is not None and not (is_int(dst) and 0 <= dst < world):
         raise ValueError(f"dst={dst!r}: a global rank (an int), 0..{world - 1}, or None")
+    if dst is not None and group is not None and dst not in (members := dist.get_process_group_ranks(group)):
+        raise ValueError(f"dst={dst}: not a rank of the layer's process group (global ranks {members}), so no "
+                         "rank would keep the weights")

@@ -12,11 +12,15 @@ TRANSPORTS = ("p2p", "nvshmem")
 BACKWARDS = ("autograd", "saved", "recompute")
 
 
+MAX_TIMEOUT_S = 86_400  # the longest device-side wait FusedOptions takes
+
+
 @dataclass(frozen=True)
 class FusedOptions:
     """max_tokens_per_rank: tokens one rank may pass to a forward; sizes the fused backend's
     symmetric buffers (needed by backend "flash", optional elsewhere, where it is enforced too).
-    timeout_s: seconds of the GPU's clock any device-side wait of the fused kernel may last.
+    timeout_s: seconds of the GPU's clock any device-side wait of the fused kernel may last (up
+    to MAX_TIMEOUT_S).
     cuda_graphs: replay the fused forward from a CUDA graph per token count.
     transport: "p2p" (stores through NVLink peer mappings) or "nvshmem" (device-API puts).
     launch_override: for tuning, launch settings fixed instead of chosen per call ({field:
@@ -40,8 +44,9 @@ class FusedOptions:
             raise ValueError(f"max_tokens_per_rank must be a positive int (it sizes the symmetric heap) "
                              f"or None; got {mt!r}")
         object.__setattr__(self, "timeout_s", t := as_number(self.timeout_s))
-        if not is_positive_number(t):
-            raise ValueError(f"timeout_s must be a positive, finite number of seconds; got {t!r}")
+        if not is_positive_number(t) or t > MAX_TIMEOUT_S:
+            raise ValueError(f"timeout_s must be a positive number of seconds up to {MAX_TIMEOUT_S} (a day: the "
+                             f"kernel counts it in int64 nanoseconds); got {t!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be a bool; got {self.cuda_graphs!r}")
         if self.transport not in TRANSPORTS:

@@ -181,8 +181,12 @@ class Runtime:
         every rank is healthy and arrives (see teardown_together), else alone: the buffers and
         NVSHMEM are left to process exit and the process group is aborted, not destroyed, so no
         rank waits on a peer that is dead, stuck, or tearing down alone. Either way the process
-        can exit."""
+        can exit. Once only, and only while this is init()'s current runtime: a second call, or an
+        old runtime's after finalize() and a new init(), does nothing (it tore down the new one's
+        process group)."""
         global _current
+        if self is not _current:
+            return
         together = self.teardown_together()
         if not together and self.failed is None:
             self.failed = "a peer failed or did not reach finalize()"
@@ -359,21 +363,31 @@ def _parse_size(text: str) -> int:
 
 def _init_process_group(info: LaunchInfo, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if info.launcher == "mpirun" and "MASTER_ADDR" not in os.environ:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
+    if info.launcher == "mpirun" and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        try:
+            from mpi4py import MPI
+        except ImportError as e:
+            raise RuntimeError(f"started by mpirun without MASTER_ADDR and MASTER_PORT: rank 0 sends its address "
+                               f"to the others through mpi4py, which is missing ({e}): pip install "
+                               "'flashmoe_py[mpi]', or set both variables on every rank") from None
         addr_port = None
-        if info.rank == 0:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                addr_port = (socket.gethostname(), s.getsockname()[1])
-        addr_port = comm.bcast(addr_port, root=0)
+        if info.rank == 0:  # (a MASTER_ADDR set without a port is kept)
+            addr_port = (os.environ.get("MASTER_ADDR") or socket.gethostname(), _free_port())
+        addr_port = MPI.COMM_WORLD.bcast(addr_port, root=0)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr_port[0], str(addr_port[1])
-    elif info.launcher == "single":
+    elif info.launcher == "single":  # a free port: two one-process jobs on a host must not share one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29531")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, **kwargs)
+
+
+def _free_port() -> int:
+    """A TCP port no socket on this host holds now (the OS's pick)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _init_nvshmem(info: LaunchInfo) -> None:

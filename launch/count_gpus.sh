@@ -1,14 +1,22 @@
-# Sourced by the launch scripts: NGPUS, the processes to start, one a GPU (default: this node's GPUs,
-# counted by nvidia-smi; where there is none, NGPUS must be given).
+# Sourced by the launch scripts: NGPUS, the processes to start, one a GPU (default: the GPUs this job
+# may use, CUDA_VISIBLE_DEVICES's where it is set, else this node's, counted by nvidia-smi; where
+# there is neither, NGPUS must be given).
 if [ -z "${NGPUS:-}" ]; then
-  if ! command -v nvidia-smi >/dev/null 2>&1; then
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+    NGPUS=${#visible[@]}
+  elif ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "no nvidia-smi here to count GPUs: set NGPUS, the processes to start" \
          "(on a CPU: NGPUS=2 bash launch/torchrun.sh bench/layer.py --backends torch)" >&2
     exit 2
+  elif ! listed=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>&1); then
+    echo "nvidia-smi failed to list the GPUs ($listed): set NGPUS, the processes to start" >&2
+    exit 2
+  else
+    NGPUS=$(printf '%s\n' "$listed" | grep -c .)
   fi
-  NGPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
 fi
 if ! [[ "$NGPUS" =~ ^[1-9][0-9]*$ ]]; then
-  echo "NGPUS=$NGPUS: the processes to start must be a positive number (nvidia-smi found no GPU?)" >&2
+  echo "NGPUS=$NGPUS: the processes to start must be a positive number (no GPU visible?)" >&2
   exit 2
 fi

@@ -10,6 +10,7 @@
 #   bash launch/gpu_checks.sh                      # all of them
 #   STEPS="soak faults" NGPUS=2 bash launch/gpu_checks.sh
 set -euo pipefail
+if [ -n "${OUT:-}" ]; then OUT=$(realpath -m -- "$OUT"); fi  # from the caller's directory, not the root's
 cd "$(dirname "$0")/.."
 source launch/count_gpus.sh
 export OUT=${OUT:-bench/results/gpu-checks-$(date -u +%F)-w$NGPUS}

@@ -296,3 +296,45 @@ def test_clipping_refuses_parameters_in_place_of_the_model():
     net = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(TypeError, match="not with model.parameters"):
         fm_clip(net.parameters(), 1.0)
+
+
+def clip_with_two_expert_groups(rank, world) -> tuple[float, float]:
+    """Ranks {0, 1} and {2, 3} each hold all experts of a layer in their own process group ->
+    (fm's total norm, the norm over this layer's group by hand) after one backward."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    cfg = MoEConfig(hidden_size=32, ffn_size=64, num_experts=4, top_k=2, dtype="float32")
+    layer = MoELayer(cfg, process_group=groups[rank // 2], seed=0)
+    layer(torch.randn(16, 32, generator=torch.Generator().manual_seed(100 + rank))).square().sum().backward()
+    experts = torch.stack([layer.w_in.grad.square().sum(), layer.w_out.grad.square().sum()]).sum()
+    dist.all_reduce(experts, group=groups[rank // 2])
+    want = (experts + layer.router_weight.grad.square().sum()).sqrt().item()
+    return fm_clip(layer, 1e9).item(), want
+
+
+def test_clip_grad_norm_counts_each_layer_s_experts_over_its_own_process_group(dist_pools):
+    """Two expert-parallel groups of two ranks: the experts' norms were summed over the default
+    group, every expert counted twice (392.06 against 308.18 in a review's run)."""
+    for got, want in dist_pools(4).run(clip_with_two_expert_groups):
+        assert abs(got - want) <= 1e-5 * want, (got, want)
+
+
+def gather_to_rank_0_from_the_second_group(rank, world) -> str | None:
+    """full_weight_dict(dst=0) of a layer whose group is ranks {2, 3} -> the error each rank of
+    that group raised (None on ranks 0 and 1, which take no part)."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    layer = MoELayer(MoEConfig(hidden_size=32, ffn_size=64, num_experts=4, top_k=2, dtype="float32"),
+                     process_group=groups[rank // 2], seed=0)
+    if rank < 2:
+        return None
+    try:
+        layer.full_weight_dict(dst=0)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_full_weight_dict_to_a_rank_outside_the_layer_s_group_is_refused(dist_pools):
+    """Every rank of the group gathered and none kept the weights: {} on each, silently."""
+    said = dist_pools(4).run(gather_to_rank_0_from_the_second_group)
+    assert said[:2] == [None, None] and all("dst=0: not a rank of the layer's process group (global ranks [2, 3])"
+                                            in s for s in said[2:]), said

@@ -640,9 +640,11 @@ def test_a_launch_refused_before_its_routing_plan_leaves_the_layer_usable():
         backend._launch(x, "the caller's stream")
     assert backend.failed is None and not rank.ws.scratch.comb_expect.any()
     backend.options.launch_override = None
-    out, _, _ = backend._launch(x, "the caller's stream")
     ref = layer(x)
+    out, _, _ = backend._launch(x, "the caller's stream")
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    out, _, saved = backend._launch(x, "the caller's stream", saving=((8, cfg.ffn_in_size), None))  # a training one
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5 and saved.pre.shape == (8, cfg.ffn_in_size)
 
 
 def test_a_launch_refused_after_its_routing_plan_marks_the_layer_failed_naming_why():

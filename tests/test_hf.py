@@ -762,8 +762,10 @@ def test_hf_state_dict_of_a_wrapped_model_has_the_unwrapped_names():
     assert "model.norm.weight.absmax" in want
     patch_model(model)
     assert sorted(hf_state_dict(torch.compile(model))) == want
-    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "MixtralDecoderLayer")
-    assert sorted(hf_state_dict(model)) == want
+    for wrapped in ("MixtralDecoderLayer", "HFMoEBlock"):  # a wrapper above the block, then of the block itself
+        checkpointed = copy.deepcopy(model)
+        apply_activation_checkpointing(checkpointed, check_fn=lambda m, w=wrapped: type(m).__name__ == w)
+        assert sorted(hf_state_dict(checkpointed)) == want, wrapped
 
 
 def test_patch_model_and_unpatch_model_of_a_block_itself_are_refused():
@@ -815,3 +817,28 @@ def test_hooks_on_a_block_move_to_its_replacement_and_back_and_hooks_it_cannot_r
     moe_block(patched).router.register_full_backward_hook(lambda *args: None)
     with pytest.raises(RuntimeError, match="router module .* has a forward pre-hook or a backward hook"):
         patched(input_ids=ids)
+
+
+def test_a_patched_model_moved_where_it_is_keeps_its_router_tied():
+    """Module.to(cpu:0) and to_empty give the router module a copy of its correction bias while
+    the layer keeps its own (a copy would hold nothing new): the next forward then refused the
+    untied bias. The block ties its router module to the layer again after every move."""
+    model = tiny_model("deepseek_v3", 11)
+    patch_model(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        model.to(torch.device("cpu", 0))
+        assert moe_block(model).router.e_score_correction_bias is moe_block(model).moe.e_score_correction_bias
+        assert torch.equal(model(input_ids=ids).logits, want)
+
+
+def test_from_hf_block_leaves_the_block_s_hooks_on_it():
+    """The block is the caller's, maybe still in their model: only patch_model, which replaces
+    it, moves its hooks."""
+    model = tiny_model("mixtral", 12)
+    block, seen = moe_block(model), []
+    block.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    replacement = from_hf_block(block)
+    model(input_ids=torch.randint(0, model.config.vocab_size, (1, 3)))
+    assert seen == ["MixtralSparseMoeBlock"] and not replacement._forward_hooks

@@ -100,3 +100,32 @@ def test_a_count_that_is_no_positive_number_is_refused(tmp_path, ngpus):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and f"NGPUS={ngpus}: the processes to start must be a positive number" in proc.stderr
     assert not (tmp_path / "calls").exists()
+
+
+@pytest.mark.parametrize("visible, want", [("0,1,2", "3"), ("5", "1")])
+def test_the_launchers_count_the_gpus_this_job_may_use(tmp_path, visible, want):
+    """CUDA_VISIBLE_DEVICES=0,1 on an 8-GPU node started 8 processes (nvidia-smi lists them all)."""
+    env = scripts_env(tmp_path, 0) | {"CUDA_VISIBLE_DEVICES": visible}
+    subprocess.run(["bash", "launch/torchrun.sh", "prog.py"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert f"--nproc-per-node {want} prog.py" in (tmp_path / "calls").read_text()
+
+
+def test_a_failing_nvidia_smi_is_reported(tmp_path):
+    env = scripts_env(tmp_path, 0)
+    (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\necho 'NVML: driver not loaded' >&2\nexit 9\n")
+    proc = subprocess.run(["bash", "launch/torchrun.sh", "prog.py"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "nvidia-smi failed to list the GPUs (NVML: driver not loaded)" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "mpirun.sh"])
+def test_a_program_path_is_read_from_the_callers_directory_else_from_the_repository(tmp_path, script):
+    """The launchers changed to the repository's root first: a program or output path relative to
+    the caller's directory was read from the root."""
+    (tmp_path / "mine.py").write_text("")
+    env = scripts_env(tmp_path, 0) | {"NGPUS": "1"}
+    for program in ("mine.py", "bench/layer.py"):
+        subprocess.run(["bash", os.path.join(ROOT, "launch", script), program, "--out", "x.json"], cwd=tmp_path,
+                       env=env, capture_output=True, timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert " mine.py --out x.json" in calls[0] and f" {ROOT}/bench/layer.py --out x.json" in calls[1], calls

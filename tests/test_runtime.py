@@ -1,5 +1,7 @@
 """The runtime without GPUs: launcher detection, heap sizing, cross-rank consistency, clear errors."""
 
+import os
+import subprocess
 import sys
 import time
 import types
@@ -186,6 +188,7 @@ def fake_heap(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvshmem.core", fake)
     monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "200M")
     rt = Runtime(LaunchInfo("single", 0, 1, 0, 1), torch.device("cpu"), owns_group=False, nvshmem=False)
+    monkeypatch.setattr(runtime, "_current", rt)  # as init() leaves it
     return rt, fake
 
 
@@ -239,3 +242,50 @@ def test_finalize_is_collective_only_when_every_rank_is_healthy_and_present(dist
     one_late = dist_pools(world).run(finalize_on_ranks, -1, world - 1)
     assert all(not together for together, _ in one_late)
     assert all(2.5 < seconds < 5.0 for _, seconds in one_late[:-1])  # waited, then went alone
+
+
+LIFECYCLE = """
+import os, sys, time, torch.distributed as dist
+import flashmoe_py as fm
+from flashmoe_py import runtime
+first = fm.init(nvshmem=False)
+fm.finalize()
+second = fm.init(nvshmem=False)
+first.finalize()  # an old handle: must leave the new runtime alone
+assert dist.is_initialized() and runtime.current() is second, "the old handle tore the new runtime down"
+second.finalize()
+second.finalize()  # twice: nothing
+assert not dist.is_initialized() and runtime.current() is None
+print("port", os.environ["MASTER_PORT"], flush=True)
+"""
+
+
+def _alone(script: str) -> subprocess.Popen:
+    """script in a fresh python whose environment names no launcher (as one process started by hand)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "MPI_", "TORCHELASTIC"))}
+    return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_an_old_runtime_handle_leaves_the_new_one_alone_and_one_process_jobs_take_free_ports():
+    """An old runtime's finalize() after finalize() and a new init() destroyed the new one's
+    process group (the next layer: "Default process group has not been initialized"), and a
+    process alone took port 29531 always: a second one-process job on the host failed with
+    EADDRINUSE. Two such jobs run at once here."""
+    jobs = [_alone(LIFECYCLE) for _ in range(2)]
+    said = [job.communicate(timeout=120) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), said
+    ports = {out.split()[-1] for out, _ in said}
+    assert len(ports) == 2, said
+
+
+def test_mpirun_without_mpi4py_or_a_port_says_how_to_rendezvous(monkeypatch):
+    """Under mpirun with MASTER_ADDR set and no MASTER_PORT the rendezvous was skipped and torch
+    failed on the port; without mpi4py the error was a bare ModuleNotFoundError."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py raises ImportError
+    info = LaunchInfo("mpirun", 0, 2, 0, 2)
+    with pytest.raises(RuntimeError, match=r"mpi4py, which is missing .*pip install 'flashmoe_py\[mpi\]'"):
+        runtime._init_process_group(info, torch.device("cpu"))

@@ -370,23 +370,25 @@ class FlashBackend:
         """Routing plan + one kernel launch for x: [T, H] (T may be 0) on stream (None: inside a
         capture); saving: as _run's. -> (out, stats [E + 1] int64, SavedForward or None).
 
-        The launch is chosen (its override checked) and the weights read before the routing plan,
-        which adds this call's rows to the counts later launches wait for: a launch refused after
-        that would leave them waiting for rows that never come (until timeout_s), so the layer is
-        marked failed then, naming the cause (FusedKernelError at its next forward; not inside a
-        capture, where the plan is only recorded)."""
+        The launch is chosen (its override checked), the weights read and the saved rows' room
+        allocated before the routing plan, which adds this call's rows to the counts later
+        launches wait for: a launch refused after that would leave them waiting for rows that never
+        come (until timeout_s), so the layer is marked failed then, naming the cause
+        (FusedKernelError at its next forward; not inside a capture, where the plan is only
+        recorded)."""
         layer, geo, ws = self.layer, self.geo, self.ws
         launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,
                                resident=self.resident)
         experts = kernel_experts(layer)
         out = torch.empty_like(x)
+        if saving is not None:  # (the largest allocation of the call: before the plan too)
+            pre, shared_pre = (None if shape is None else torch.empty(shape, dtype=x.dtype, device=x.device)
+                               for shape in saving)
         r = layer.route(x, keep_logits=saving is not None)
         plan, stats = routing_plan(r, layer.expert_positions, geo, self.send_order, ws.scratch.comb_expect)
         saved = None
         try:
             if saving is not None:
-                pre, shared_pre = (None if shape is None else torch.empty(shape, dtype=x.dtype, device=x.device)
-                                   for shape in saving)
                 saved = SavedForward(r, plan.send_slot, plan.send_counts.view(layer.world_size, geo.local_experts),
                                      pre, shared_pre)
             launch_fused(x, out, experts, plan, ws, launch, config=layer.config, rank=layer.rank,

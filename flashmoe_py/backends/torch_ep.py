@@ -136,7 +136,7 @@ class TorchEPBackend:
         if block and self.layer.device.type == "cuda":
             torch.cuda.synchronize(self.layer.device)
 
-    def forward(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None = None):
+    def forward(self, x: torch.Tensor, error: Exception | None, in_graph: int | None = None):
         """x: [T, hidden] in the layer's dtype and device, or anything when `error` says why it was
         rejected; the error is shared with every rank before it is raised. in_graph: what this
         rank's backward of it runs (0 or False: none recorded; else a GRAPH_KINDS key: compared
@@ -150,7 +150,7 @@ class TorchEPBackend:
         with torch.no_grad():
             return self._run(x, None, EXPLICIT, keep=True)
 
-    def _run(self, x: torch.Tensor, error: Exception | None, in_graph: bool | None, keep: bool):
+    def _run(self, x: torch.Tensor, error: Exception | None, in_graph: int | None, keep: bool):
         layer, cfg = self.layer, self.layer.config
         W, L, E, k = layer.world_size, layer.local_experts, cfg.num_experts, cfg.top_k
         device = layer.device  # not a weight's: one replaced on another device is this forward's error
