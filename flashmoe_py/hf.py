@@ -93,12 +93,29 @@ class HFMoEBlock(nn.Module):
             router.e_score_correction_bias = moe.e_score_correction_bias
 
     def _apply(self, fn, recurse: bool = True):
-        """Module.to() and the like, then the router module tied to the layer again: the layer
-        keeps its own tensors where a copy would hold nothing new (MoELayer._apply), while the
-        router module's buffers (the correction bias) are replaced by copies."""
+        """Module.to() and the like, then the router module's tensors that were the layer's tied
+        again: the layer keeps its own where a copy would hold nothing new (MoELayer._apply), while
+        the router module's buffers (the correction bias) are replaced by copies. One the user
+        had replaced stays replaced (the next forward refuses it, naming the remedy)."""
+        tied = self._tied_router_tensors()
         out = super()._apply(fn, recurse)
-        self.tie_router()
+        router = self.router
+        for name, mine in self._router_tensors():
+            if name in tied:
+                setattr(router, name, mine)
         return out
+
+    def _router_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(the router module's name, the layer's tensor) of each router tensor the layer has."""
+        moe = self.moe
+        return [(name, t) for name, t in (("weight", moe.router_weight), ("bias", moe.router_bias),
+                                          ("e_score_correction_bias", moe.e_score_correction_bias)) if t is not None]
+
+    def _tied_router_tensors(self) -> set[str]:
+        """The names of the router module's tensors that are the layer's own."""
+        router = self.router
+        return {name for name, mine in self._router_tensors()
+                if (router._parameters[name] if name in router._parameters else router._buffers.get(name)) is mine}
 
     @torch.no_grad()
     def to_hf(self, device: torch.device | str | None = None, dst: int | None = None) -> nn.Module | None:

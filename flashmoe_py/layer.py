@@ -808,7 +808,8 @@ def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor],
 def _(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_key: torch.Tensor,
       routing_bias: torch.Tensor | None, wanted: list[bool]) -> list[torch.Tensor]:
     dx = [x.new_empty(x.shape)] if wanted[0] else []
-    return dx + [torch.empty_like(p) for p, want in zip(params, wanted[1:]) if want]
+    # contiguous, as moe_backward makes them, whatever a parameter's strides (backend torch takes strided weights)
+    return dx + [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p, want in zip(params, wanted[1:]) if want]
 
 
 def _setup_moe_forward(ctx, inputs, output) -> None:

@@ -13,7 +13,7 @@ if [ -z "${NGPUS:-}" ]; then
     echo "nvidia-smi failed to list the GPUs ($listed): set NGPUS, the processes to start" >&2
     exit 2
   else
-    NGPUS=$(printf '%s\n' "$listed" | grep -c .)
+    NGPUS=$(printf '%s\n' "$listed" | grep -c . || true)  # (grep -c exits 1 when it counts none)
   fi
 fi
 if ! [[ "$NGPUS" =~ ^[1-9][0-9]*$ ]]; then

@@ -1033,3 +1033,17 @@ def test_backward_saved_keeps_nothing_of_its_own_under_saved_tensor_hooks(hooks)
     y.backward(dy)
     got = [x.grad, *(p.grad for p in layer.parameters())]
     assert all(rel_err(g, w) <= 1e-5 for g, w in zip(got, want, strict=True))
+
+
+def test_the_compiled_backward_s_shapes_are_contiguous_as_its_gradients_are():
+    """Backend torch takes a strided weight; the compiled backward op's fake gave its gradient the
+    weight's strides while moe_backward makes contiguous ones, so inductor's stride assertion
+    failed ("expected ... stride 128==1")."""
+    import flashmoe_py.layer  # noqa: F401  (registers the ops)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        strided = torch.empty(8, 4).t()
+        x, dy = torch.empty(3, 4), torch.empty(3, 4)
+        grads = torch.ops.flashmoe.moe_backward(x, dy, [strided], torch.empty(1, dtype=torch.int64), None,
+                                                [True, True])
+    assert [tuple(g.shape) for g in grads] == [(3, 4), (4, 8)] and all(g.is_contiguous() for g in grads)
