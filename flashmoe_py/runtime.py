@@ -271,7 +271,8 @@ def runtime_device() -> torch.device | None:
 def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runtime:
     """Bring up torch.distributed (NCCL with CUDA, else gloo) and, if `nvshmem`, NVSHMEM on this
     process's GPU (cuda:local_rank), with NVLink multicast off. Idempotent: a second call returns
-    the same runtime. Raises RuntimeError naming what is missing when NVSHMEM cannot be used.
+    the same runtime (RuntimeError where it asks for a larger symmetric heap than NVSHMEM started
+    with). Raises RuntimeError naming what is missing when NVSHMEM cannot be used.
 
     The symmetric heap is sized before NVSHMEM starts: `heap_bytes`, or enough for `layers`, a
     list of (MoEConfig, max_tokens_per_rank[, transport]) for the fused layers this process will build (each
@@ -281,6 +282,11 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
         if nvshmem and not _current.nvshmem:
             raise RuntimeError("flashmoe_py.init(nvshmem=True) after init(nvshmem=False): "
                                "call finalize() first")
+        needed = _heap_needed(heap_bytes, layers, _current.world_size)
+        if _current.nvshmem and needed is not None and needed > _current.heap_capacity:
+            raise RuntimeError(f"flashmoe_py.init() asks for a symmetric heap of {format_bytes(needed)}, but NVSHMEM "
+                               f"started with {format_bytes(_current.heap_capacity)}, which cannot grow: pass every "
+                               "layer to the first init(layers=...), or finalize() first")
         return _current
     os.environ.update(NO_MULTICAST)
     info = detect_launcher()
@@ -300,9 +306,7 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
             import nvshmem.core  # noqa: F401
         except ImportError as e:
             raise RuntimeError(f"NVSHMEM needs nvshmem4py: pip install nvshmem4py-cu13 ({e})") from e
-    if layers:
-        heap_bytes = max(heap_bytes or 0, sum(heap_bytes_for(c, info.world_size, *rest)
-                                                   for c, *rest in layers))
+    heap_bytes = _heap_needed(heap_bytes, layers, info.world_size)
     if nvshmem and heap_bytes is not None:
         _set_heap_size(heap_bytes)
         log.info("symmetric heap: %s per rank (NVSHMEM_SYMMETRIC_SIZE=%s)", format_bytes(heap_bytes),
@@ -326,6 +330,14 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
         _init_nvshmem(info)
     _current = Runtime(info, device, owns_group, nvshmem, job_id[0])
     return _current
+
+
+def _heap_needed(heap_bytes: int | None, layers, world_size: int) -> int | None:
+    """The symmetric heap init() is asked for: heap_bytes, or more where `layers` need it (None:
+    neither given)."""
+    if layers:
+        return max(heap_bytes or 0, sum(heap_bytes_for(c, world_size, *rest) for c, *rest in layers))
+    return heap_bytes
 
 
 def finalize() -> None:

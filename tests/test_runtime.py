@@ -289,3 +289,16 @@ def test_mpirun_without_mpi4py_or_a_port_says_how_to_rendezvous(monkeypatch):
     info = LaunchInfo("mpirun", 0, 2, 0, 2)
     with pytest.raises(RuntimeError, match=r"mpi4py, which is missing .*pip install 'flashmoe_py\[mpi\]'"):
         runtime._init_process_group(info, torch.device("cpu"))
+
+
+def test_a_second_init_that_needs_a_larger_heap_is_refused(monkeypatch):
+    """A second init() returned the running runtime whatever heap it asked for, so the layers it
+    sized the heap for then failed to fit, told to pass them to init(layers=...), as was done."""
+    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "100M")
+    running = Runtime(LaunchInfo("single", 0, 1, 0, 1), torch.device("cpu"), owns_group=False, nvshmem=True)
+    monkeypatch.setattr(runtime, "_current", running)
+    assert fm.init(heap_bytes=64 << 20) is running
+    with pytest.raises(RuntimeError, match=r"a symmetric heap of 1.00 GiB, but NVSHMEM started with 100.00 MiB"):
+        fm.init(heap_bytes=1 << 30)
+    with pytest.raises(RuntimeError, match="pass every layer to the first init"):
+        fm.init(layers=[(fm.MoEConfig(hidden_size=2048, ffn_size=1024, num_experts=64, top_k=8), 4096)])
