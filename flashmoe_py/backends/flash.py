@@ -42,10 +42,10 @@ def kernel_experts(layer) -> dict[str, torch.Tensor]:
 def _check_graphs_agree(layer, in_graph: int, error: Exception | None, tokens: int) -> list[int]:
     """Every rank in grad mode says what its backward of this forward runs (in_graph: 0 none, else
     a torch_ep.GRAPH_KINDS key), whether it rejects it, and how many tokens it runs (0 where
-    rejected). Where a rank rejects it, every rank raises before
-    any launches (that rank its error, the others PeerInputError): the others' training forwards
-    would complete and their collective backwards then wait for it until the process group's
-    timeout. Else raise on all of them if their backwards differ. -> every rank's tokens."""
+    rejected). Where a rank rejects it, every rank raises before any launches (that rank its
+    error, the others PeerInputError): the others' training forwards would complete and their
+    collective backwards then wait for it until the process group's timeout. Else raise on all
+    of them if their backwards differ. -> every rank's tokens."""
     mine = torch.tensor([int(in_graph), int(error is not None), tokens], device=layer.device)
     flags = torch.empty(layer.world_size * 3, dtype=mine.dtype, device=layer.device)  # flat: gloo's too
     dist.all_gather_into_tensor(flags, mine, group=layer.process_group)
@@ -257,11 +257,11 @@ class FlashBackend:
         """x: [T, H] -> (out [T, H], stats). A rank whose input is rejected under no_grad still
         runs the kernel with no tokens, so its peers' forwards complete; then it raises. in_graph:
         what this rank's backward of it runs (0 or False: none recorded; else a
-        torch_ep.GRAPH_KINDS key; None: grad mode off); at world > 1
-        the ranks in grad mode compare it first (one small all-gather and a host synchronisation),
-        since the backward is collective, and all raise, none launching, where one rejects its
-        forward (a rank under no_grad beside one recording is not seen: the recording rank's
-        backward then waits for it until the process group's timeout).
+        torch_ep.GRAPH_KINDS key; None: grad mode off); at world > 1 the ranks in grad mode
+        compare it first (one small all-gather and a host synchronisation), since the backward is
+        collective, and all raise, none launching, where one rejects its forward (a rank under
+        no_grad beside one recording is not seen: the recording rank's backward then waits for it
+        until the process group's timeout).
 
         With cuda_graphs, the second forward at a token count captures the whole forward (routing
         plan and kernel) in a CUDA graph, and later ones replay it: the launch overhead of the
