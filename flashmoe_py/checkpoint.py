@@ -56,7 +56,8 @@ def _per_expert(t, layer, param: torch.Tensor, where: str):
     if t.dim() == param.dim() and t.shape[0] == param.shape[0]:
         return _as_rows_of_one(t, layer)
     raise ValueError(f"sharded_state_dict: the optimizer's {where} has shape {tuple(t.shape)} for a parameter of "
-                     f"{tuple(param.shape)}: state that mixes the experts cannot be saved per rank")
+                     f"{tuple(param.shape)}: state that mixes the experts cannot be saved or loaded per rank (a "
+                     "checkpoint saved where each rank held one expert loads only where each still does)")
 
 
 def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
