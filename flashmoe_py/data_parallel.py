@@ -122,6 +122,9 @@ def _positive_norm(max_norm) -> float:
     return float(value)
 
 
+_REPLICATED = object()  # clip_grad_norm_'s group of a parameter that is no layer's expert weight
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ for a model whose MoELayers hold each rank's own experts,
     trained data-parallel (its replicated gradients already equal on every rank, as after DDP's
@@ -155,7 +158,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
 
     total = norm_of([p.grad for p in params if id(p) not in group_of])  # replicated: counted once
     for group in groups:  # each layer's experts over the ranks of its own group
-        part = norm_of([p.grad for p in params if id(p) in group_of and group_of[id(p)] is group])
+        part = norm_of([p.grad for p in params if group_of.get(id(p), _REPLICATED) is group])
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(part, op=dist.ReduceOp.SUM if two else dist.ReduceOp.MAX, group=group)
         total = total + part if two else torch.maximum(total, part)

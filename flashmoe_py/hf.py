@@ -80,29 +80,24 @@ class HFMoEBlock(nn.Module):
         # load_state_dict(assign=True) puts the state_dict's two copies in as two tensors: tie again
         self.register_load_state_dict_post_hook(_tie_router_after_load)
 
-    def tie_router(self) -> None:
+    def tie_router(self, names: set[str] | None = None) -> None:
         """The router module's parameters (and correction bias) are the layer's: one set, one set
-        of gradients, whatever replaced either."""
-        moe, router = self.moe, self.router
+        of gradients, whatever replaced either (names: only those, by the router module's names)."""
+        router = self.router
         if "weight" not in router._parameters:  # a wrapper's property (peft's modules_to_save)
             raise RuntimeError(self._router_replaced())
-        router.weight = moe.router_weight
-        if moe.router_bias is not None:
-            router.bias = moe.router_bias
-        if moe.e_score_correction_bias is not None:
-            router.e_score_correction_bias = moe.e_score_correction_bias
+        for name, mine in self._router_tensors():
+            if names is None or name in names:
+                setattr(router, name, mine)
 
     def _apply(self, fn, recurse: bool = True):
         """Module.to() and the like, then the router module's tensors that were the layer's tied
         again: the layer keeps its own where a copy would hold nothing new (MoELayer._apply), while
         the router module's buffers (the correction bias) are replaced by copies. One the user
         had replaced stays replaced (the next forward refuses it, naming the remedy)."""
-        tied = self._tied_router_tensors()
+        tied = {name for name, mine in self._router_tensors() if _held(self.router, name) is mine}
         out = super()._apply(fn, recurse)
-        router = self.router
-        for name, mine in self._router_tensors():
-            if name in tied:
-                setattr(router, name, mine)
+        self.tie_router(tied)
         return out
 
     def _router_tensors(self) -> list[tuple[str, torch.Tensor]]:
@@ -110,12 +105,6 @@ class HFMoEBlock(nn.Module):
         moe = self.moe
         return [(name, t) for name, t in (("weight", moe.router_weight), ("bias", moe.router_bias),
                                           ("e_score_correction_bias", moe.e_score_correction_bias)) if t is not None]
-
-    def _tied_router_tensors(self) -> set[str]:
-        """The names of the router module's tensors that are the layer's own."""
-        router = self.router
-        return {name for name, mine in self._router_tensors()
-                if (router._parameters[name] if name in router._parameters else router._buffers.get(name)) is mine}
 
     @torch.no_grad()
     def to_hf(self, device: torch.device | str | None = None, dst: int | None = None) -> nn.Module | None:
@@ -173,15 +162,13 @@ class HFMoEBlock(nn.Module):
     def _bias_replaced(self) -> str | None:
         """Where the router module's bias or correction bias is no longer the layer's tensor (one
         assigned to the module: the layer would route with the old one, and to_hf export the new)."""
-        moe, router = self.moe, self.router
-        for name, mine in (("bias", moe.router_bias), ("e_score_correction_bias", moe.e_score_correction_bias)):
-            if mine is not None:
-                theirs = router._parameters[name] if name in router._parameters else router._buffers.get(name)
-                if theirs is not mine:
-                    return (f"the block's router module ({type(router).__name__}) was given another {name} tensor, but "
-                            f"the block routes with its MoELayer's ({'router_bias' if name == 'bias' else name}), so "
-                            f"the new one would not be used: update it in place instead (router.{name}.copy_(new), "
-                            "or .add_(delta)), which both hold")
+        router = self.router
+        for name, mine in self._router_tensors():
+            if name != "weight" and _held(router, name) is not mine:  # (the weight: _router_replaced)
+                return (f"the block's router module ({type(router).__name__}) was given another {name} tensor, but "
+                        f"the block routes with its MoELayer's ({'router_bias' if name == 'bias' else name}), so "
+                        f"the new one would not be used: update it in place instead (router.{name}.copy_(new), "
+                        "or .add_(delta)), which both hold")
         return None
 
     def forward(self, hidden_states: torch.Tensor):
@@ -205,6 +192,11 @@ class HFMoEBlock(nn.Module):
 ROUTER_TENSORS = ("router_weight", "router_bias", "e_score_correction_bias")  # the router module's own
 ROUTER_HOOKS = ("the layer routes with its own router, so a pre-hook could not change its input and a backward "
                 "hook would not see its gradients (its forward hooks see the router's output: they are kept)")
+
+
+def _held(module: nn.Module, name: str) -> torch.Tensor | None:
+    """module's own parameter or buffer `name` (not through Module.__getattr__), or None."""
+    return module._parameters[name] if name in module._parameters else module._buffers.get(name)
 
 
 def _router_hooks_refused(router: nn.Module) -> bool:

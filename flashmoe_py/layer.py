@@ -435,14 +435,14 @@ class MoELayer(nn.Module):
     def _weights_problem(self) -> Exception | None:
         """Where a weight was replaced (`.data =`, or a new Parameter set on the layer) by one of
         another shape, dtype or device than the layer's, which its GEMMs would read as they are
-        (a wrong result, not always an error), or with backend flash by a strided view (the fused
-        kernel reads rows of contiguous memory: its launch would be refused), or
+        (a wrong result, not always an error), or by a strided view where the backend reads
+        contiguous rows (backend flash: its launch would be refused), or
         one the config lacks was set: the error naming it, else None. Read every forward (host
         time on this project's CPU: ~1.8 us for three weights, ~2.7 for eight); a weight that a
         parametrization or a hook-based wrapper (prune, weight_norm) makes at each forward is
         left to it."""
         params, buffers, device = self._parameters, self._buffers, self.device
-        strided_ok = self.backend.name != "flash"
+        contiguous = self.backend.contiguous_weights
         for name, shape, dtype in self._weight_specs:
             t = params.get(name, ...)
             if t is ...:  # the correction bias, or a weight made by a parametrization
@@ -454,13 +454,13 @@ class MoELayer(nn.Module):
                     return ValueError(f"{name} was set on the layer, but only a layer with {WEIGHT_NEEDS[name]} has "
                                       "it (backend torch would read it, the fused kernel not)")
             elif (t is None or t.shape != shape or t.dtype != dtype or t.device != device
-                  or not (strided_ok or t.is_contiguous())):
-                got = "None" if t is None else (f"{tuple(t.shape)} {t.dtype} on {t.device}"
-                                                f"{'' if strided_ok or t.is_contiguous() else ', not contiguous'}")
-                return ValueError(f"{name} is {got}; this layer's is {tuple(shape)} {dtype} on {device}"
-                                  f"{'' if strided_ok else ', contiguous'} (this rank's experts only): set "
+                  or (contiguous and not t.is_contiguous())):
+                got = "None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}" + (
+                    ", not contiguous" if contiguous and not t.is_contiguous() else "")
+                want = f"{tuple(shape)} {dtype} on {device}" + (", contiguous" if contiguous else "")
+                return ValueError(f"{name} is {got}; this layer's is {want} (this rank's experts only): set "
                                   f"layer.{name} = torch.nn.Parameter(t) with t of that shape, dtype and device"
-                                  f"{'' if strided_ok else ' (t.contiguous())'}, or load values into a weight that "
+                                  f"{' (t.contiguous())' if contiguous else ''}, or load values into a weight that "
                                   "has them (load_full_weights, load_state_dict)")
         return None
 
@@ -578,7 +578,7 @@ class MoELayer(nn.Module):
             error_msgs.append(f"{marker}={int(state_dict[marker])}: a gate/up layout this version does not know")
             return
         assign = local_metadata.get("assign_to_params_buffers", False)
-        strided = [prefix + n for n in WEIGHTS + OPTIONAL_WEIGHTS if assign and self.backend.name == "flash"
+        strided = [prefix + n for n in WEIGHTS + OPTIONAL_WEIGHTS if assign and self.backend.contiguous_weights
                    and torch.is_tensor(t := state_dict.get(prefix + n)) and not t.is_contiguous()]
         if strided:  # (as the layout leaves it: halves converted are new tensors)
             error_msgs.append(f"{strided[0]} is a strided view (not contiguous); load_state_dict(assign=True) would "

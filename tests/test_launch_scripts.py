@@ -110,20 +110,17 @@ def test_the_launchers_count_the_gpus_this_job_may_use(tmp_path, visible, want):
     assert f"--nproc-per-node {want} prog.py" in (tmp_path / "calls").read_text()
 
 
-def test_an_nvidia_smi_that_lists_no_gpu_is_reported(tmp_path):
+@pytest.mark.parametrize("smi, said", [
+    ("exit 0", "NGPUS=0: the processes to start must be a positive number"),  # lists no GPU
+    ("echo 'NVML: driver not loaded' >&2\nexit 9", "nvidia-smi failed to list the GPUs (NVML: driver not loaded)"),
+])
+def test_an_nvidia_smi_that_fails_or_lists_no_gpu_is_reported(tmp_path, smi, said):
+    """A failing nvidia-smi ended the script (pipefail) with its own code and no message."""
     env = scripts_env(tmp_path, 0)
-    (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "nvidia-smi").write_text(f"#!/bin/sh\n{smi}\n")
     proc = subprocess.run(["bash", "launch/torchrun.sh", "prog.py"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
-    assert proc.returncode == 2 and "NGPUS=0: the processes to start must be a positive number" in proc.stderr
-
-
-def test_a_failing_nvidia_smi_is_reported(tmp_path):
-    env = scripts_env(tmp_path, 0)
-    (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\necho 'NVML: driver not loaded' >&2\nexit 9\n")
-    proc = subprocess.run(["bash", "launch/torchrun.sh", "prog.py"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 2 and "nvidia-smi failed to list the GPUs (NVML: driver not loaded)" in proc.stderr
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("script", ["torchrun.sh", "mpirun.sh"])

@@ -164,6 +164,7 @@ class FlashBackend:
     options: the layer's FusedOptions; its launch_override fixes launch settings (tuning)."""
 
     name = "flash"
+    contiguous_weights = True  # the kernel reads rows of contiguous memory (TMA boxes)
 
     MAX_GRAPHS = 8
     # A training forward is replayed from a graph while what it saves takes at most this many
@@ -386,11 +387,9 @@ class FlashBackend:
                                for shape in saving)
         r = layer.route(x, keep_logits=saving is not None)
         plan, stats = routing_plan(r, layer.expert_positions, geo, self.send_order, ws.scratch.comb_expect)
-        saved = None
+        saved = None if saving is None else SavedForward(
+            r, plan.send_slot, plan.send_counts.view(layer.world_size, geo.local_experts), pre, shared_pre)
         try:
-            if saving is not None:
-                saved = SavedForward(r, plan.send_slot, plan.send_counts.view(layer.world_size, geo.local_experts),
-                                     pre, shared_pre)
             launch_fused(x, out, experts, plan, ws, launch, config=layer.config, rank=layer.rank,
                          timeout_s=self.options.timeout_s, trace=self.trace,
                          saved=saved and Saved(saved.pre, saved.pre if saved.shared_pre is None else saved.shared_pre))

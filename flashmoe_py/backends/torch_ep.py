@@ -120,6 +120,7 @@ class TorchEPBackend:
     """Expert parallelism with torch.distributed all-to-all (single process when world_size == 1)."""
 
     name = "torch"
+    contiguous_weights = False  # torch's products read strided weights as they are
 
     def __init__(self, layer):
         self.layer = weakref.proxy(layer)  # the layer owns the backend: no cycle to keep it alive
