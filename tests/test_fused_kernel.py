@@ -18,12 +18,13 @@ from one_rank import OneRank, RankBuffers, kernel_weights, symmetric_copies
 
 from flashmoe_py import ExpertPlacement, MoEConfig, MoELayer, reference_forward
 from flashmoe_py.backends.flash import FlashBackend, FusedKernelError, routing_plan
-from flashmoe_py.kernels import transport
+from flashmoe_py.kernels import fused_moe, transport
 from flashmoe_py.gate_up import to_pairs
 from flashmoe_py.kernels.fused_moe import Saved, launch_fused
 from flashmoe_py.kernels.fused_moe_details.expert_ffn import sum_parts
 from flashmoe_py.kernels.fused_moe_details.tasks import expert_tile, tile_table
 from flashmoe_py.kernels.launch_config import SPLIT_SLOTS, LaunchConfig, partial_slots
+from flashmoe_py.kernels.sorted_rows import sort_rows
 from flashmoe_py.kernels.layout import CTL_EPOCH, WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, Geometry
 from flashmoe_py.kernels.workspace import Workspace
 from flashmoe_py.routing import route
@@ -197,10 +198,17 @@ def test_gemm1_tiles_in_a_static_order_at_world_1(fields):
     rank = OneRank(cfg, max_tokens=90)
     for tokens, static in [(90, 1), (31, 0), (0, 1), (57, 1)]:
         x, out = rank.forward(tokens, static_ffn_in=static, save=tokens > 0)
-        assert int(rank.status[0]) == 0
-        if tokens:
-            ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
-            assert rel_err(out, ref) <= 1e-5
+        check_call(rank, cfg, x, out)
+
+
+def check_call(rank: OneRank, cfg, x, out) -> None:
+    """rank's last call (forward(x) -> out): no timeout; out, and gate and up where saved, as the
+    reference's."""
+    assert int(rank.status[0]) == 0
+    if x.shape[0]:
+        ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+        assert rel_err(out, ref) <= 1e-5
+        if rank.saved is not None:
             p = rank.plan
             pre = expected_pre(cfg, rank.weights, 0, [(x, p.send_slot, p.pos_start, p.send_counts, p.slot_w)])
             assert rel_err(rank.saved.pre[:pre.shape[0]], pre) <= 1e-5
@@ -229,6 +237,51 @@ def test_gemm2_rows_through_tma_at_world_1(fields):
         if tokens:
             ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
             assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("fields", LAUNCH_VARIANTS)
+def test_gemm1_rows_copied_into_expert_order_come_through_tma_at_world_1(fields, monkeypatch):
+    """sorted_rows=1: a kernel before the launch copies x's kept slots' rows into recv_x where
+    their expert tiles read them, and a GEMM1 tile's rows load as one TMA box a K step (a part-full
+    tile's box reads the next expert's rows, whose products are never stored). Outputs, and gate
+    and up saved for the backward, as the reference's, from the queue and in the static order,
+    over calls with and without it in turn (flags, epochs and counters shared), an empty call
+    included; recv_x poisoned before each call, so no row is read that was not copied."""
+    cfg = MoEConfig(**{**dict(hidden_size=264, ffn_size=200, num_experts=4, top_k=2, dtype="float32"), **fields})
+    rank = OneRank(cfg, max_tokens=90)
+    # 128-row tiles too (a box from a tile's first row can pass recv_x's end: zeros, never stored)
+    for tokens, static, sorted_rows, h_tma, block_m in [(90, 0, 1, 0, 64), (31, 1, 1, 1, 64), (57, 1, 0, 0, 64),
+                                                        (0, 0, 1, 0, 64), (75, 1, 1, 0, 64), (88, 0, 1, 0, 128)]:
+        rank.ws.sym.recv_x.local.fill_(float("nan"))
+        x, out = rank.forward(tokens, static_ffn_in=static, sorted_rows=sorted_rows, h_tma=h_tma, block_m=block_m,
+                              save=tokens > 0)
+        check_call(rank, cfg, x, out)
+    # the tiles read recv_x, not x: without the copy they read its poison (which clamped_swiglu clamps)
+    monkeypatch.setattr(fused_moe, "sort_rows", lambda *args: None)
+    rank.ws.sym.recv_x.local.fill_(float("nan"))
+    x, out = rank.forward(40, sorted_rows=1)
+    ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+    assert not rel_err(out.nan_to_num(1e9), ref) <= 1e-2
+
+
+def test_sort_rows_puts_each_kept_slot_s_row_where_the_plan_says():
+    """recv[slot_row[t, k]] = x[t] for kept slots; a dropped slot's row (-1) writes nothing."""
+    T, K, H = 9, 3, 40
+    x = torch.randn(T, H)
+    slot_row = torch.randperm(40)[:T * K].view(T, K).int()
+    slot_row[2, 1] = slot_row[7, 0] = -1
+    recv = torch.full((40, H), float("nan"))
+    sort_rows(x, slot_row, recv)
+    kept = slot_row >= 0
+    rows = slot_row[kept].long()
+    assert torch.equal(recv[rows], x[:, None].expand(T, K, H)[kept])
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[rows] = False
+    assert recv[untouched].isnan().all()
+    with pytest.raises(ValueError, match="slot_row: expected contiguous int32"):
+        sort_rows(x, slot_row.long(), recv)
+    with pytest.raises(ValueError, match="recv: expected contiguous torch.float32 rows of 40"):
+        sort_rows(x, slot_row, recv[:, :32])
 
 
 def split_parts_expected(rank, launch_fields) -> tuple[int, int]:
@@ -288,6 +341,8 @@ def test_static_gemm1_tiles_are_refused_across_ranks_and_between_interpreted_pro
         LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, static_ffn_in=1).check(geo)
     with pytest.raises(ValueError, match="h_tma=1 at world_size=2"):
         LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, h_tma=1).check(geo)
+    with pytest.raises(ValueError, match="sorted_rows=1 at world_size=2"):
+        LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, sorted_rows=1).check(geo)
     cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2, top_k=1, dtype="float32")
     with pytest.raises(ValueError, match="static_ffn_in=1 in the Triton interpreter needs programs=1"):
         OneRank(cfg, max_tokens=8).forward(4, programs=2, static_ffn_in=1)

@@ -33,7 +33,8 @@ tiles in.
 
 An expert's tiles span all sources, so its weights are read once per BM rows it received in all,
 not once per source. Weight tiles come through the tensor memory accelerator (TMA: Weights),
-token rows through gathered loads, except GEMM2's h rows at world 1 for wide experts (H_TMA):
+token rows through gathered loads, except at world 1 for wide experts: GEMM2's h rows (H_TMA), and
+GEMM1's token rows once a kernel before the launch has copied them into expert order (SORTED_IN):
 one source, so a tile's rows are one block, loaded as TMA boxes too.
 
 Deadlock freedom: front tasks wait on nothing, and some program takes them from the start; a compute
@@ -86,6 +87,7 @@ from .fused_moe_details.dispatch import dispatch_chunk, publish_counts
 from .fused_moe_details.expert_ffn import count_tile_rows, ffn_in_tile, ffn_out_tile, raise_held, split_parts
 from .fused_moe_details.shared_experts import shared_task
 from .fused_moe_details.tasks import PendingTile, grouped, report_timeout, stamp, tile_table
+from .sorted_rows import compile_sort_rows, sort_rows
 from .layout import (ACT_CODES, CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, TASK_COMBINE,
                      TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT, TASK_SHARED_IN, TASK_SHARED_OUT, TRACE_COLS,
                      WAITED_COUNTS, WAIT_COUNTS)
@@ -114,8 +116,10 @@ class Weights(NamedTuple):
     expert's edges ([1, BK, BF] and [1, BK, BN_OUT] blocks; F_in = 2F for the gated activations:
     gate columns, then up columns); the biases b_in [L, F_in] and b_out [L, H] (Meta.HAS_BIAS); the
     shared experts (Meta.SHARED), one FFN of width Fs: shared_w_in [1, H, Fs_in] and shared_w_out
-    [1, Fs, H] descriptors as the experts', and the gate's weights shared_gate [1, H] (SHARED_GATE).
-    What a config lacks is some other tensor or descriptor, unread."""
+    [1, Fs, H] descriptors as the experts', and the gate's weights shared_gate [1, H] (SHARED_GATE);
+    x_rows, recv_x as a [W * S, H] descriptor (boxes [BM, BK]), GEMM1's token rows with
+    Meta.SORTED_IN. What a config lacks, or a launch does not read, is some other tensor or
+    descriptor, unread."""
 
     w_in: TensorDescriptor
     w_out: TensorDescriptor
@@ -124,6 +128,7 @@ class Weights(NamedTuple):
     shared_w_in: TensorDescriptor
     shared_w_out: TensorDescriptor
     shared_gate: torch.Tensor
+    x_rows: TensorDescriptor
 
 
 class Saved(NamedTuple):
@@ -169,7 +174,9 @@ class Meta(NamedTuple):
     parts a GEMM2 tile's K loop is split into (LaunchConfig.f_split); STATIC_IN (world 1
     only): the GEMM1 tiles in a static order (the queue's, program by program), before the compute
     queue, which then holds the other tasks; H_TMA (world 1 only): GEMM2 loads a tile's h rows,
-    one block, through TMA (h_rows) instead of gathering them; TRANSPORT (transport.TRANSPORTS);
+    one block, through TMA (h_rows) instead of gathering them; SORTED_IN (world 1 only): GEMM1
+    loads a tile's token rows, copied into recv_x in expert order before the launch
+    (kernels/sorted_rows.py), through TMA too (Weights.x_rows); TRANSPORT (transport.TRANSPORTS);
     ON_GPU: compiled for a GPU (not the Triton interpreter, which runs no PTX: no clock, no
     fences); TRACE: record task timestamps; SAVE: GEMM1's outputs before the activation into
     Saved; APPROX_ACT: bf16 data, whose activations may take the GPU's approximate sigmoid
@@ -209,6 +216,7 @@ class Meta(NamedTuple):
     F_SPLIT: tl.constexpr
     STATIC_IN: tl.constexpr
     H_TMA: tl.constexpr
+    SORTED_IN: tl.constexpr
     TRANSPORT: tl.constexpr
     ON_GPU: tl.constexpr
     TRACE: tl.constexpr
@@ -238,15 +246,15 @@ def static_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, s
 
 
 @triton.jit(do_not_specialize=["tokens", "wait_limit", "send_chunks", "dispatch_programs"])
-def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, h_rows, plan, sym, scratch,
+def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, x_rows, h_rows, plan, sym, scratch,
                      saved, dims, tokens, wait_limit, send_chunks, dispatch_programs, meta):
     """See the module docstring. x, out: [tokens, H]; w_in .. shared_w_out: the descriptors of Weights,
-    biases: Biases; h_rows: scratch.h as a [W * S, F] descriptor (boxes [BM, BK]), GEMM2's rows
+    biases: Biases; x_rows: Weights.x_rows; h_rows: scratch.h as a [W * S, F] descriptor (boxes [BM, BK]), GEMM2's rows
     with H_TMA (another descriptor, unread, without); plan: kernels/plan.RoutingPlan; sym:
     workspace.Symmetric; scratch: workspace.Scratch; saved: Saved; dims: Dims; send_chunks:
     entries of plan.chunk_pos; dispatch_programs: programs that start on the front queue;
     wait_limit: nanoseconds (meta.ON_GPU) or rounds any one wait may last; meta: Meta."""
-    weights = Weights(w_in, w_out, biases.b_in, biases.b_out, shared_w_in, shared_w_out, biases.shared_gate)
+    weights = Weights(w_in, w_out, biases.b_in, biases.b_out, shared_w_in, shared_w_out, biases.shared_gate, x_rows)
     rank = dims.rank
     W, L, H, F = dims.world, dims.local_experts, dims.hidden, dims.ffn
     NF = tl.cdiv(F, meta.BF)
@@ -429,6 +437,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),
                 STAGES=c(launch.stages), GROUP=c(launch.group), F_SPLIT=c(launch.f_split),
                 STATIC_IN=c(bool(launch.static_ffn_in)), H_TMA=c(bool(launch.h_tma)),
+                SORTED_IN=c(bool(launch.sorted_rows)),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None),
                 SAVE=c(saved is not None), APPROX_ACT=c(x.dtype == torch.bfloat16),
                 PEER_SCOPE=c("gpu" if W == 1 else "sys"))
@@ -448,7 +457,11 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
     # GEMM2's h rows as TMA boxes, with h_tma (otherwise another descriptor, unread)
     h_rows = (TensorDescriptor.from_tensor(scratch.h.view(-1, F), [launch.block_m, geo.block_k]) if launch.h_tma
               else w_out_desc)
-    args = (x, out, w_in_desc, w_out_desc, s_in if FS else w_in_desc, s_out if FS else w_out_desc, biases, h_rows,
+    # GEMM1's token rows as TMA boxes, with sorted_rows (launch_fused copies them there first)
+    x_rows = (TensorDescriptor.from_tensor(ws.sym.recv_x.local.view(-1, H), [launch.block_m, geo.block_k])
+              if launch.sorted_rows else w_out_desc)
+    args = (x, out, w_in_desc, w_out_desc, s_in if FS else w_in_desc, s_out if FS else w_out_desc, biases, x_rows,
+            h_rows,
             plan, ws.sym, scratch, saved or Saved(out, out), dims, T, wait_limit, plan.chunk_pos.numel(),
             launch.dispatch_programs, meta)
     kwargs = {"num_warps": launch.num_warps}
@@ -476,9 +489,12 @@ def _check_saved(saved: Saved, x: torch.Tensor, geo, config) -> None:
 
 def launch_fused(x, out, experts: dict, plan, ws, launch, *, config, rank: int, timeout_s: float,
                  trace: torch.Tensor | None = None, saved: Saved | None = None) -> None:
-    """One forward's kernel launch on launch.programs programs (arguments: fused_kernel_args)."""
+    """One forward's kernel launch on launch.programs programs (arguments: fused_kernel_args);
+    with launch.sorted_rows, after the kernel that copies x's rows into recv_x in expert order."""
     args, kwargs = fused_kernel_args(x, out, experts, plan, ws, launch, config=config, rank=rank,
                                      timeout_s=timeout_s, trace=trace, saved=saved)
+    if launch.sorted_rows:
+        sort_rows(x, plan.slot_row, ws.sym.recv_x.local)
     with nvshmem_launch() if ws.transport == "nvshmem" else contextlib.nullcontext():
         fused_moe_kernel[(launch.programs,)](*args, **kwargs)
 
@@ -496,3 +512,5 @@ def compile_fused(x, out, experts: dict, plan, ws, launch, *, config, rank: int,
     with nvshmem_launch() if ws.transport == "nvshmem" else contextlib.nullcontext():
         compiled = fused_moe_kernel.warmup(*args, grid=(launch.programs,), **kwargs)
         compiled.run  # noqa: B018 (a property: reading it loads the module, Triton's CompiledKernel._init_handles)
+    if launch.sorted_rows:
+        compile_sort_rows(x, plan.slot_row, ws.sym.recv_x.local)

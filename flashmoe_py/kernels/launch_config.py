@@ -10,7 +10,7 @@ import torch
 
 from .layout import Geometry
 
-SWITCHES = ("static_ffn_in", "h_tma")  # the fields that are 0 or 1
+SWITCHES = ("static_ffn_in", "h_tma", "sorted_rows")  # the fields that are 0 or 1
 FIELDS = ("programs", "block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t",
           "combine_span", "f_split", *SWITCHES)
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
@@ -19,6 +19,9 @@ SPLIT_SLOTS = 128  # GEMM2 parts a call may hold partial sums for (8 MiB: Geomet
 # Rows an expert (on average) at which choose_launch's tiles change: the static GEMM1 order at
 # world 1, then the taller bf16 tiles. The only way a call's token count reaches its launch.
 STATIC_ROWS, LARGE_ROWS = 64, 128
+# Expert width from which choose_launch copies the rows into expert order (sorted_rows): the copy
+# costs ~1 / (F / 200) of GEMM1's time, the TMA loop saves 5-7% of it (kernels/sorted_rows.py).
+SORTED_MIN_FFN = 4096
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,10 @@ class LaunchConfig:
     GEMM2 tiles, and wide last tiles were measured and dropped (bench/NOTES.md items 38, 55, 60).
     h_tma: 1 to load a GEMM2 tile's h rows as TMA boxes, 0 to gather them row by row; world 1
     only, where a tile's rows are one block (with several ranks they can come from several
-    sources).
+    sources). sorted_rows: 1 to copy the token rows into expert order before the launch
+    (kernels/sorted_rows.py), so that a GEMM1 tile's rows are one block, loaded as TMA boxes; 0
+    to gather them from x row by row; world 1 only (`auto` there for bf16 experts of 128 rows or
+    more and at least SORTED_MIN_FFN wide).
     f_split: the most parts a GEMM2 tile's K loop (over the FFN, in whole GEMM1 column tiles) may
     be split into, a power of two up to MAX_F_SPLIT; the kernel takes, per call, the most parts up
     to it that keep the call's GEMM2 tiles times parts within the programs, the workspace's
@@ -64,6 +70,7 @@ class LaunchConfig:
     f_split: int = 1
     static_ffn_in: int = 0
     h_tma: int = 0
+    sorted_rows: int = 0
 
     def __post_init__(self) -> None:
         for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group", "block_t", "combine_span",
@@ -106,6 +113,8 @@ class LaunchConfig:
         if self.h_tma and geo.world_size != 1:
             raise ValueError(f"h_tma=1 at world_size={geo.world_size}: only at world 1, where a GEMM2 tile's "
                              "rows all come from one source")
+        if self.sorted_rows and geo.world_size != 1:
+            raise ValueError(f"sorted_rows=1 at world_size={geo.world_size}: only at world 1")
         return self
 
 
@@ -157,6 +166,12 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # rows: mixtral (ffn 3.5x hidden) at 4,096 / 16,384 tokens -2.8% / -1.5% (2,048: +1.4%,
     # within that point's run-to-run spread); gpt_oss (1x) +0.6..+3.1% and qwen3 (0.375x)
     # +0.3..+1.0% (bench/NOTES.md item 57).
+    # At world 1, with the tall bf16 tiles, the token rows copied into expert order by a kernel
+    # before the launch, GEMM1 reading them as TMA boxes, where experts are at least SORTED_MIN_FFN
+    # wide. One H200, against gathering them, two calls: mixtral (F 14,336) at 2,048 / 4,096 /
+    # 16,384 tokens -2.1 / -0.8 / -1.5% and -2.8 / -4.3 / -2.6%; a random shape of F 5,888 with 9
+    # experts -6.1..-0.1%, one with 23 experts -0.8 / +0.2%; gpt_oss (F 2,880) -0.5..+3.8%, qwen3
+    # (768) +2.1% (bench/NOTES.md item 90).
     override = dict(override or {})
     unknown = sorted(set(override) - set(FIELDS))
     if unknown:
@@ -168,7 +183,8 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
               "combine_span": 2 if large and geo.world_size == 1 else 1,
               "static_ffn_in": int(resident and programs == sm_count and geo.world_size == 1
                                    and rows_per_expert >= STATIC_ROWS),
-              "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden)}
+              "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden),
+              "sorted_rows": int(large and geo.world_size == 1 and geo.ffn >= SORTED_MIN_FFN)}
     return LaunchConfig(**{"programs": programs, **chosen, **override}).check(geo)
 
 

@@ -194,6 +194,15 @@ def main():
              run_case("fp32 clamped_swiglu, expert biases, k4, GEMM2 split in up to 4 parts",
                       MoEConfig(**{**small, "ffn_size": 640}, top_k=4, activation="clamped_swiglu", expert_bias=True,
                                 dtype="float32"), 16, rank, world, calls=30, override={"f_split": 4})]
+    if world == 1:  # token rows copied into expert order before the launch (sorted_rows: world 1 only)
+        rows += [run_case("bf16 swiglu k2, rows in expert order (sorted_rows)", MoEConfig(**small, top_k=2), 300, rank,
+                          world, calls=30, override={"sorted_rows": 1}),
+                 run_case("bf16 skewed k2, rows in expert order (sorted_rows)", MoEConfig(**small, top_k=2), 300, rank,
+                          world, hot=[E - 1, 0], override={"sorted_rows": 1}),
+                 run_case("fp32 clamped_swiglu, biases, weight on input, capacity 1.0, rows in expert order",
+                          MoEConfig(**small, top_k=1, activation="clamped_swiglu", expert_bias=True,
+                                    weight_on_input=True, capacity_factor=1.0, dtype="float32"),
+                          200, rank, world, calls=30, override={"sorted_rows": 1})]
     rows.append(run_graph_case(soak, 200, rank, world))
     if args.calls:
         rows.append(run_case(f"back-to-back x{args.calls}", soak, 256, rank, world, calls=args.calls))

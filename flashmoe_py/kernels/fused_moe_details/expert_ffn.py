@@ -68,7 +68,7 @@ def _k_loop(acc, a_rows, valid, desc, e, col, k_lo, k_hi, K, meta, a_desc=None, 
 
 
 @triton.jit
-def gemm_in(a_rows, valid, w_in, e, j, H, meta, PAIR: tl.constexpr):
+def gemm_in(a_rows, valid, w_in, e, j, H, meta, PAIR: tl.constexpr, a_desc=None, a_row0=0):
     """GEMM1 of one tile: a_rows [BM] row starts of H elements (rows where valid) @ expert e of
     the descriptor w_in, FFN columns j*BF.. -> (gate, up) [BM, BF] fp32 (up: gate again unless
     GATED). GATED: w_in holds gate and up in pairs of PAIR columns (gate_up.py), so the gate
@@ -77,7 +77,7 @@ def gemm_in(a_rows, valid, w_in, e, j, H, meta, PAIR: tl.constexpr):
     BF: tl.constexpr = meta.BF
     WIDTH: tl.constexpr = 2 * BF if meta.GATED else BF
     acc = _k_loop(tl.zeros((meta.BM, WIDTH), dtype=tl.float32), a_rows, valid, w_in, e, (j * WIDTH).to(tl.int32),
-                  0, H, H, meta)
+                  0, H, H, meta, a_desc, a_row0)
     if meta.GATED:
         pairs = acc.reshape(meta.BM, BF // PAIR, 2, PAIR).permute(0, 2, 1, 3).reshape(meta.BM, 2, BF)
         gate, up = pairs.permute(0, 2, 1).split()
@@ -147,7 +147,8 @@ def ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, di
 @triton.jit
 def ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta):
     """The work of ffn_in_tile once expert tile t (ExpertTile q) has its rows: this rank's own rows
-    straight from x (by the plan's token of each slot), never copied, others' from recv_x; GEMM1,
+    straight from x (by the plan's token of each slot), others' from recv_x; with SORTED_IN (world
+    1) every row from recv_x, where a kernel before the launch copied them, as TMA boxes; GEMM1,
     then the h flag `held` of the program's previous GEMM1 tile raised (unless -1), biases,
     activation, h stored. The tile's own h flag is left to the caller: raised one tile late, its
     release finds the stores it orders long done, where raised at once it waits for them to reach
@@ -163,12 +164,19 @@ def ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, 
         first_own = t.base
     else:
         first_own = tl.load(plan.pos_start + rank * L + t.e)
-    routed = tl.load(plan.send_slot + first_own + t.pair_row, mask=own, other=0)  # token * TOP_K + choice
-    tok = (routed // meta.TOP_K).to(tl.int64)
-    a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
     f = j * BF + tl.arange(0, BF)
     fmask = f < F
-    gate, up = gemm_in(a_rows, t.valid, weights.w_in, t.e, j, H, meta, meta.PAIR)
+    routed = tl.zeros_like(t.row)  # token * TOP_K + choice of each own row, where read
+    if (meta.SORTED_IN == 0) | meta.WEIGHT_ON_INPUT:
+        routed = tl.load(plan.send_slot + first_own + t.pair_row, mask=own, other=0)
+    if meta.SORTED_IN:  # world 1: the rows were copied into recv_x in expert order before the launch
+        row0 = tl.min(tl.where(t.valid, r, 2**62)).to(tl.int32)  # the box's rows past the valid ones: unused
+        gate, up = gemm_in(sym.recv_x.local + r * H, t.valid, weights.w_in, t.e, j, H, meta, meta.PAIR,
+                           weights.x_rows, row0)
+    else:
+        tok = (routed // meta.TOP_K).to(tl.int64)
+        a_rows = tl.where(own, x_ptr + tok * H, sym.recv_x.local + r * H)  # [BM] row starts
+        gate, up = gemm_in(a_rows, t.valid, weights.w_in, t.e, j, H, meta, meta.PAIR)
     done = clock_ns() if meta.TRACE else 0
     raise_held(held, scratch, epoch)
     if meta.WEIGHT_ON_INPUT:
