@@ -702,6 +702,32 @@ def test_a_launch_refused_before_its_routing_plan_leaves_the_layer_usable():
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5 and saved.pre.shape == (8, cfg.ffn_in_size)
 
 
+@pytest.mark.parametrize("world,weights_refused,launched,failed", [(2, False, [0], False), (2, True, [], True),
+                                                                  (1, False, [], False), (1, True, [], False)])
+def test_a_forward_refused_under_no_grad_serves_the_peers_unless_its_weights_were_refused(world, weights_refused,
+                                                                                          launched, failed):
+    """Under no_grad the peers of a rank whose forward is refused were not told: its kernel runs
+    with no tokens of its own, so the rows they sent its experts are computed. Where its weights
+    were refused it cannot (it routed with, and read, those weights: a wrong shape raised there,
+    in place of the error naming the weight); its peers end at timeout_s, and the layer is failed
+    here, naming the error. At world 1 there is no peer to serve: nothing is launched."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2 * world, top_k=1)
+    error = ValueError("w_in is (1, 2) torch.bfloat16 on cpu; this layer's is ..")
+    layer = types.SimpleNamespace(world_size=world, rank=world - 1, config=cfg, device=torch.device("cpu"),
+                                  _weights_problem=lambda lacking: error if weights_refused else None)
+    backend, launches = object.__new__(FlashBackend), []
+    backend.__dict__.update(layer=layer, geo=Geometry.for_config(cfg, world, 8), failed=None,
+                            rt=types.SimpleNamespace(failed=None), _before_forward=lambda: "the caller's stream",
+                            _launch=lambda x, stream: launches.append(x.shape[0]))
+    refused = error if weights_refused else ValueError("x has 9 tokens; max_tokens_per_rank=8")
+    with pytest.raises(ValueError) as raised:
+        backend.forward(torch.randn(9, 32), refused)
+    assert raised.value is refused and launches == launched
+    assert (backend.failed is not None) == failed and backend.rt.failed == backend.failed
+    if failed:
+        assert "rank 1: a forward was refused for its weights (w_in is (1, 2)" in backend.failed
+
+
 def test_a_launch_refused_after_its_routing_plan_marks_the_layer_failed_naming_why():
     """A launch whose arguments are refused once the plan has added its rows (a strided w_out
     here, which the layer's own check refuses before any of this) left the counts ahead of what

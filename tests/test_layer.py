@@ -871,6 +871,10 @@ def test_a_weight_the_config_lacks_is_refused_where_backend_torch_would_read_it(
     layer.b_in = torch.nn.Parameter(torch.ones(8, 96))
     with pytest.raises(ValueError, match="b_in was set on the layer, but only a layer with expert_bias=True has it"):
         layer(torch.randn(5, SMALL["hidden_size"]))
+    # the weights its forward reads are fine: a flash rank refused for it still serves its peers
+    assert layer._weights_problem(lacking=False) is None
+    layer.w_out = torch.nn.Parameter(layer.w_out.detach()[:1])
+    assert "w_out is (1, " in str(layer._weights_problem(lacking=False))
 
 
 def forward_with_rank_0_s_router_elsewhere(rank, world):

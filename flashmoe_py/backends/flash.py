@@ -255,8 +255,8 @@ class FlashBackend:
                         "into it; save state_dicts (fm.sharded_state_dict, fm.hf_state_dict)")
 
     def forward(self, x: torch.Tensor, error: Exception | None, in_graph: int | None = None):
-        """x: [T, H] -> (out [T, H], stats). A rank whose input is rejected under no_grad still
-        runs the kernel with no tokens, so its peers' forwards complete; then it raises. in_graph:
+        """x: [T, H] -> (out [T, H], stats). A rank whose forward is refused (error) under no_grad
+        at world > 1 serves its peers first (_serve_peers); then it raises. in_graph:
         what this rank's backward of it runs (0 or False: none recorded; else a
         torch_ep.GRAPH_KINDS key; None: grad mode off); at world > 1 the ranks in grad mode
         compare it first (one small all-gather and a host synchronisation), since the backward is
@@ -268,16 +268,33 @@ class FlashBackend:
         plan and kernel) in a CUDA graph, and later ones replay it: the launch overhead of the
         plan's small ops is paid once. Graphs are kept for the MAX_GRAPHS latest token counts."""
         stream = self._before_forward()
-        layer, geo = self.layer, self.geo
+        layer = self.layer
         if in_graph is not None and layer.world_size > 1:
             _check_graphs_agree(layer, in_graph, error, 0 if error else x.shape[0])
         if error is not None:
-            self._launch(torch.empty(0, geo.hidden, dtype=layer.config.torch_dtype, device=layer.device), stream)
+            if layer.world_size > 1:
+                self._serve_peers(error, stream)
             raise error
         # A graph's static tensors made under inference_mode cannot be written outside it (a
         # training forward after an inference_mode one): one graph per token count and mode.
         out, stats, _ = self._run(x, (x.shape[0], torch.is_inference_mode_enabled()), stream)
         return out, plan_stats(stats)
+
+    def _serve_peers(self, error: Exception, stream: torch.cuda.Stream | None) -> None:
+        """A rank whose forward is refused where its peers were not told (under no_grad) still
+        runs the kernel with no tokens of its own, so the rows its peers send to its experts are
+        computed and their forwards complete. Not where a weight it reads is what was refused: it
+        cannot compute with it (nor read it, were its shape wrong), so its peers' kernels end at
+        timeout_s (FusedKernelError there), and the layer is marked failed here, naming the error:
+        its kernel's epoch now trails theirs. (A weight set that the config lacks is not read.)"""
+        layer = self.layer
+        if layer._weights_problem(lacking=False) is None:
+            self._launch(torch.empty(0, self.geo.hidden, dtype=layer.config.torch_dtype, device=layer.device), stream)
+            return
+        self.failed = self.rt.failed = (
+            f"rank {layer.rank}: a forward was refused for its weights ({error}) while its peers' kernels waited "
+            "for its experts' rows (they end at timeout_s): the layer is unusable, build it again")
+        log.error("%s", self.failed)
 
     def forward_saving(self, x: torch.Tensor):
         """A training forward of backward="saved" (every rank runs one): x [T, H] -> (out, stats,
