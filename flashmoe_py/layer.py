@@ -432,7 +432,7 @@ class MoELayer(nn.Module):
         return tuple((name, torch.Size(shapes[name]), cfg.weight_dtype(name)) if name in shapes else (name, None, None)
                      for name in WEIGHTS + OPTIONAL_WEIGHTS)
 
-    def _weights_problem(self, lacking: bool = True) -> Exception | None:
+    def _weights_problem(self, names: tuple[str, ...] | None = None) -> Exception | None:
         """Where a weight was replaced (`.data =`, or a new Parameter set on the layer) by one of
         another shape, dtype or device than the layer's, which its GEMMs would read as they are
         (a wrong result, not always an error), or by a strided view where the backend reads
@@ -440,17 +440,20 @@ class MoELayer(nn.Module):
         one the config lacks was set: the error naming it, else None. Read every forward (host
         time on this project's CPU: ~1.8 us for three weights, ~2.7 for eight); a weight that a
         parametrization or a hook-based wrapper (prune, weight_norm) makes at each forward is
-        left to it. lacking=False: only the weights the config has (those the forward reads)."""
+        left to it. names: only these, of the weights the config has (one it lacks is read by
+        nothing)."""
         params, buffers, device = self._parameters, self._buffers, self.device
         contiguous = self.backend.contiguous_weights
         for name, shape, dtype in self._weight_specs:
+            if names is not None and (name not in names or shape is None):
+                continue
             t = params.get(name, ...)
             if t is ...:  # the correction bias, or a weight made by a parametrization
                 t = buffers.get(name, ...)
                 if t is ...:
                     continue
             if shape is None:
-                if t is not None and lacking:
+                if t is not None:
                     return ValueError(f"{name} was set on the layer, but only a layer with {WEIGHT_NEEDS[name]} has "
                                       "it (backend torch would read it, the fused kernel not)")
             elif (t is None or t.shape != shape or t.dtype != dtype or t.device != device

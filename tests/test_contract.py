@@ -143,16 +143,20 @@ def test_gemm2_rows_come_through_tma_at_world_1_for_experts_twice_as_wide_as_hid
     assert choose_launch(geo, 4096, torch.float32, SMS).h_tma == 0  # measured in bf16 only
 
 
-@pytest.mark.parametrize("preset,world,tokens,sorted_rows", [
-    ("mixtral_8x7b", 1, 4096, 1), ("mixtral_8x7b", 1, 512, 1), ("mixtral_8x7b", 1, 511, 0),
-    ("mixtral_8x7b", 2, 4096, 0), ("gpt_oss_120b", 1, 16384, 0), ("qwen3_30b_a3b", 1, 16384, 0)])
-def test_gemm1_rows_are_copied_into_expert_order_at_world_1_for_experts_4096_wide(preset, world, tokens,
-                                                                                   sorted_rows):
-    """Measured faster for mixtral (ffn 14,336) and a 5,888-wide random shape, slower for gpt_oss
-    (2,880) and qwen3 (768): the copy costs ~200 / F of GEMM1, which the TMA loop gains back from
-    ~4,096. With the tall tiles only (from 128 rows an expert: mixtral's 8 experts at top-2 reach
-    it at 512 tokens); several ranks cannot (their rows arrive from other sources)."""
-    geo = geometry(preset, world, tokens=tokens)
+@pytest.mark.parametrize("preset,world,tokens,changes,sorted_rows", [
+    ("mixtral_8x7b", 1, 4096, {}, 1), ("mixtral_8x7b", 1, 512, {}, 1), ("mixtral_8x7b", 1, 511, {}, 0),
+    ("mixtral_8x7b", 2, 4096, {}, 0), ("gpt_oss_120b", 1, 16384, {}, 0), ("qwen3_30b_a3b", 1, 16384, {}, 0),
+    ("mixtral_8x7b", 1, 4096, {"ffn_size": 4096}, 1), ("mixtral_8x7b", 1, 4096, {"ffn_size": 3968}, 0),
+    ("mixtral_8x7b", 1, 4096, {"ffn_size": 4096, "activation": "gelu"}, 0),
+    ("mixtral_8x7b", 1, 4096, {"ffn_size": 8192, "activation": "relu"}, 1)])
+def test_gemm1_rows_are_copied_into_expert_order_at_world_1_where_gemm1_is_8192_wide(preset, world, tokens, changes,
+                                                                                     sorted_rows):
+    """Measured faster for mixtral (gated, ffn 14,336) and a 5,888-wide random shape, slower for
+    gpt_oss (2,880) and qwen3 (768): the copy costs ~400 / GEMM1's columns (2F gated, F not) of
+    GEMM1's time, which the TMA loop gains back from ~8,192 columns. With the tall tiles only
+    (from 128 rows an expert: mixtral's 8 experts at top-2 reach it at 512 tokens); several ranks
+    cannot (their rows arrive from other sources)."""
+    geo = geometry(preset, world, tokens=tokens, **changes)
     assert choose_launch(geo, tokens, torch.bfloat16, SMS).sorted_rows == sorted_rows
     assert choose_launch(geo, tokens, torch.float32, SMS).sorted_rows == 0  # measured in bf16 only
 

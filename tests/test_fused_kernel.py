@@ -17,6 +17,7 @@ import triton.language as tl
 from one_rank import OneRank, RankBuffers, kernel_weights, symmetric_copies
 
 from flashmoe_py import ExpertPlacement, MoEConfig, MoELayer, reference_forward
+from flashmoe_py.config import EXPERT_WEIGHTS
 from flashmoe_py.backends.flash import FlashBackend, FusedKernelError, routing_plan
 from flashmoe_py.kernels import fused_moe, transport
 from flashmoe_py.gate_up import to_pairs
@@ -702,30 +703,45 @@ def test_a_launch_refused_before_its_routing_plan_leaves_the_layer_usable():
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5 and saved.pre.shape == (8, cfg.ffn_in_size)
 
 
-@pytest.mark.parametrize("world,weights_refused,launched,failed", [(2, False, [0], False), (2, True, [], True),
-                                                                  (1, False, [], False), (1, True, [], False)])
-def test_a_forward_refused_under_no_grad_serves_the_peers_unless_its_weights_were_refused(world, weights_refused,
-                                                                                          launched, failed):
+@pytest.mark.parametrize("world,refused,launched,failed", [(2, None, [0], None), (2, "weights", [], "w_in is (1, 2)"),
+                                                         (2, "launch", [0], "block_t=3"), (1, None, [], None),
+                                                         (1, "weights", [], None)])
+def test_a_forward_refused_under_no_grad_serves_the_peers_unless_it_cannot(world, refused, launched, failed):
     """Under no_grad the peers of a rank whose forward is refused were not told: its kernel runs
-    with no tokens of its own, so the rows they sent its experts are computed. Where its weights
-    were refused it cannot (it routed with, and read, those weights: a wrong shape raised there,
-    in place of the error naming the weight); its peers end at timeout_s, and the layer is failed
-    here, naming the error. At world 1 there is no peer to serve: nothing is launched."""
+    with no tokens of its own, so the rows they sent its experts are computed. Where an expert
+    weight is wrong it cannot (it routed with, and read, those weights: a wrong shape raised there,
+    in place of the forward's error), nor where that launch is refused: its peers end at timeout_s,
+    and the layer is failed here, naming why. Its error is raised either way. At world 1 there is
+    no peer to serve: nothing is launched."""
     cfg = MoEConfig(hidden_size=32, ffn_size=32, num_experts=2 * world, top_k=1)
-    error = ValueError("w_in is (1, 2) torch.bfloat16 on cpu; this layer's is ..")
+    wrong = ValueError("w_in is (1, 2) torch.bfloat16 on cpu; this layer's is ..")
+    asked = []
+
+    def weights_problem(names):
+        asked.append(names)
+        return wrong if refused == "weights" else None
+
+    def launch(x, stream):
+        launches.append(x.shape[0])
+        if refused == "launch":
+            raise ValueError("block_t=3: expected a power of two")
+
     layer = types.SimpleNamespace(world_size=world, rank=world - 1, config=cfg, device=torch.device("cpu"),
-                                  _weights_problem=lambda lacking: error if weights_refused else None)
+                                  _weights_problem=weights_problem)
     backend, launches = object.__new__(FlashBackend), []
     backend.__dict__.update(layer=layer, geo=Geometry.for_config(cfg, world, 8), failed=None,
                             rt=types.SimpleNamespace(failed=None), _before_forward=lambda: "the caller's stream",
-                            _launch=lambda x, stream: launches.append(x.shape[0]))
-    refused = error if weights_refused else ValueError("x has 9 tokens; max_tokens_per_rank=8")
+                            _launch=launch)
+    error = wrong if refused == "weights" else ValueError("x has 9 tokens; max_tokens_per_rank=8")
     with pytest.raises(ValueError) as raised:
-        backend.forward(torch.randn(9, 32), refused)
-    assert raised.value is refused and launches == launched
-    assert (backend.failed is not None) == failed and backend.rt.failed == backend.failed
-    if failed:
-        assert "rank 1: a forward was refused for its weights (w_in is (1, 2)" in backend.failed
+        backend.forward(torch.randn(9, 32), error)
+    assert raised.value is error and launches == launched
+    assert asked == ([EXPERT_WEIGHTS] if world > 1 else [])  # only the weights that compute the peers' rows
+    assert backend.rt.failed == backend.failed
+    if failed is None:
+        assert backend.failed is None
+    else:
+        assert f"rank 1: its forward was refused ({error})" in backend.failed and failed in backend.failed
 
 
 def test_a_launch_refused_after_its_routing_plan_marks_the_layer_failed_naming_why():

@@ -18,6 +18,7 @@ from seeds import fresh_seed
 from flashmoe_py import ConsistencyError, ExpertPlacement, MoEConfig, MoELayer, preset, reference_forward
 from flashmoe_py.backends import flash
 from flashmoe_py.backends.flash import FlashBackend
+from flashmoe_py.config import EXPERT_WEIGHTS
 from flashmoe_py.gate_up import HALVES_VERSION, STATE_DICT_MARKER, to_halves
 from flashmoe_py.heap import SymmetricHeap
 
@@ -871,10 +872,13 @@ def test_a_weight_the_config_lacks_is_refused_where_backend_torch_would_read_it(
     layer.b_in = torch.nn.Parameter(torch.ones(8, 96))
     with pytest.raises(ValueError, match="b_in was set on the layer, but only a layer with expert_bias=True has it"):
         layer(torch.randn(5, SMALL["hidden_size"]))
-    # the weights its forward reads are fine: a flash rank refused for it still serves its peers
-    assert layer._weights_problem(lacking=False) is None
+    # the expert weights that compute its peers' rows are fine: a flash rank refused for it still
+    # serves them, and for a router weight's problem too (a launch with no tokens routes nothing)
+    assert layer._weights_problem(EXPERT_WEIGHTS) is None
+    layer.router_weight = torch.nn.Parameter(layer.router_weight.detach().double())
+    assert "router_weight is" in str(layer._weights_problem()) and layer._weights_problem(EXPERT_WEIGHTS) is None
     layer.w_out = torch.nn.Parameter(layer.w_out.detach()[:1])
-    assert "w_out is (1, " in str(layer._weights_problem(lacking=False))
+    assert "w_out is (1, " in str(layer._weights_problem(EXPERT_WEIGHTS))
 
 
 def forward_with_rank_0_s_router_elsewhere(rank, world):

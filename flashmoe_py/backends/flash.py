@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .. import runtime
+from ..config import EXPERT_WEIGHTS
 from ..heap import SymmetricHeap
 from ..kernels.launch_config import choose_launch, launch_variants, partial_slots
 from ..kernels.layout import Geometry, describe_timeout
@@ -283,17 +284,24 @@ class FlashBackend:
     def _serve_peers(self, error: Exception, stream: torch.cuda.Stream | None) -> None:
         """A rank whose forward is refused where its peers were not told (under no_grad) still
         runs the kernel with no tokens of its own, so the rows its peers send to its experts are
-        computed and their forwards complete. Not where a weight it reads is what was refused: it
-        cannot compute with it (nor read it, were its shape wrong), so its peers' kernels end at
-        timeout_s (FusedKernelError there), and the layer is marked failed here, naming the error:
-        its kernel's epoch now trails theirs. (A weight set that the config lacks is not read.)"""
+        computed and their forwards complete. Not where an expert weight that computes them is
+        what is wrong (another shape, dtype or device; one the config lacks is read by nothing),
+        nor where that launch is refused: its peers' kernels then end at timeout_s
+        (FusedKernelError there), and the layer is marked failed here, naming why: its kernel's
+        epoch now trails theirs. The caller raises `error` after."""
         layer = self.layer
-        if layer._weights_problem(lacking=False) is None:
-            self._launch(torch.empty(0, self.geo.hidden, dtype=layer.config.torch_dtype, device=layer.device), stream)
-            return
+        problem = layer._weights_problem(EXPERT_WEIGHTS)
+        if problem is None:
+            try:
+                self._launch(torch.empty(0, self.geo.hidden, dtype=layer.config.torch_dtype, device=layer.device),
+                             stream)
+                return
+            except Exception as e:  # noqa: BLE001 (any refusal: the peers are left waiting all the same)
+                problem = e
         self.failed = self.rt.failed = (
-            f"rank {layer.rank}: a forward was refused for its weights ({error}) while its peers' kernels waited "
-            "for its experts' rows (they end at timeout_s): the layer is unusable, build it again")
+            f"rank {layer.rank}: its forward was refused ({error}) and it could not compute its peers' rows "
+            f"({type(problem).__name__}: {problem}), so their kernels wait until timeout_s: the layer is unusable, "
+            "build it again")
         log.error("%s", self.failed)
 
     def forward_saving(self, x: torch.Tensor):

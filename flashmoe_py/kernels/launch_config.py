@@ -19,9 +19,10 @@ SPLIT_SLOTS = 128  # GEMM2 parts a call may hold partial sums for (8 MiB: Geomet
 # Rows an expert (on average) at which choose_launch's tiles change: the static GEMM1 order at
 # world 1, then the taller bf16 tiles. The only way a call's token count reaches its launch.
 STATIC_ROWS, LARGE_ROWS = 64, 128
-# Expert width from which choose_launch copies the rows into expert order (sorted_rows): the copy
-# costs ~1 / (F / 200) of GEMM1's time, the TMA loop saves 5-7% of it (kernels/sorted_rows.py).
-SORTED_MIN_FFN = 4096
+# GEMM1 columns (2F for gated experts, F otherwise) from which choose_launch copies the rows into
+# expert order (sorted_rows): the copy costs ~400 / columns of GEMM1's time, the TMA loop saves
+# 5-7% of it (kernels/sorted_rows.py).
+SORTED_MIN_COLUMNS = 8192
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class LaunchConfig:
     sources). sorted_rows: 1 to copy the token rows into expert order before the launch
     (kernels/sorted_rows.py), so that a GEMM1 tile's rows are one block, loaded as TMA boxes; 0
     to gather them from x row by row; world 1 only (`auto` there for bf16 experts of 128 rows or
-    more and at least SORTED_MIN_FFN wide).
+    more whose GEMM1 is at least SORTED_MIN_COLUMNS wide: gated experts of 4,096).
     f_split: the most parts a GEMM2 tile's K loop (over the FFN, in whole GEMM1 column tiles) may
     be split into, a power of two up to MAX_F_SPLIT; the kernel takes, per call, the most parts up
     to it that keep the call's GEMM2 tiles times parts within the programs, the workspace's
@@ -167,8 +168,9 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # within that point's run-to-run spread); gpt_oss (1x) +0.6..+3.1% and qwen3 (0.375x)
     # +0.3..+1.0% (bench/NOTES.md item 57).
     # At world 1, with the tall bf16 tiles, the token rows copied into expert order by a kernel
-    # before the launch, GEMM1 reading them as TMA boxes, where experts are at least SORTED_MIN_FFN
-    # wide. One H200, against gathering them, two calls: mixtral (F 14,336) at 2,048 / 4,096 /
+    # before the launch, GEMM1 reading them as TMA boxes, where GEMM1 is at least SORTED_MIN_COLUMNS
+    # wide (gated experts of 4,096; non-gated ones of 8,192, by the copy's cost, not measured).
+    # One H200, against gathering them, two calls: mixtral (gated, F 14,336) at 2,048 / 4,096 /
     # 16,384 tokens -2.1 / -0.8 / -1.5% and -2.8 / -4.3 / -2.6%; a random shape of F 5,888 with 9
     # experts -6.1..-0.1%, one with 23 experts -0.8 / +0.2%; gpt_oss (F 2,880) -0.5..+3.8%, qwen3
     # (768) +2.1% (bench/NOTES.md item 90).
@@ -184,7 +186,8 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
               "static_ffn_in": int(resident and programs == sm_count and geo.world_size == 1
                                    and rows_per_expert >= STATIC_ROWS),
               "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden),
-              "sorted_rows": int(large and geo.world_size == 1 and geo.ffn >= SORTED_MIN_FFN)}
+              "sorted_rows": int(large and geo.world_size == 1
+                                 and geo.ffn * (2 if geo.gated else 1) >= SORTED_MIN_COLUMNS)}
     return LaunchConfig(**{"programs": programs, **chosen, **override}).check(geo)
 
 

@@ -94,7 +94,8 @@ class Geometry:
     may take taller ones, LaunchConfig.block_t); shared_ffn: the width of the shared experts' one FFN
     (0: none); split_slots: GEMM2 tiles of min_block_m x 2 * block_n, counting each part, that a
     call whose GEMM2 K loop is split (LaunchConfig.f_split) can hold fp32 partial sums for (fewer
-    taller or wider tiles; 0: no call splits; launch_config.partial_slots)."""
+    taller or wider tiles; 0: no call splits; launch_config.partial_slots); gated: GEMM1 computes
+    gate and up columns (2 * ffn of them), as the gated activations do."""
 
     world_size: int
     local_experts: int
@@ -110,11 +111,13 @@ class Geometry:
     block_t: int = 32
     shared_ffn: int = 0
     split_slots: int = 0
+    gated: bool = True
 
     @classmethod
     def for_config(cls, config: MoEConfig, world_size: int, max_tokens: int, split_slots: int = 0) -> Geometry:
         return cls(world_size, config.local_experts(world_size), max_tokens, config.hidden_size,
-                   config.ffn_size, config.top_k, shared_ffn=config.shared_width, split_slots=split_slots)
+                   config.ffn_size, config.top_k, shared_ffn=config.shared_width, split_slots=split_slots,
+                   gated=config.ffn_in_size != config.ffn_size)
 
     @property
     def source_rows(self) -> int:

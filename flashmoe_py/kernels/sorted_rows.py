@@ -4,9 +4,10 @@ one block, loaded as TMA boxes instead of gathered row by row (cp.async, a CTA b
 
     recv[slot_row[t, k]] = x[t]      for each kept slot (slot_row >= 0)       [S, H]
 
-The copy costs about 1 / (F / 200) of GEMM1's time on an H200 (4 bytes an element of a slot's row
-at the copy rate, against 4F flops an element at the GEMM rate), and the TMA loop saves 5-7% of
-it (bench/NOTES.md items 57 and 90), so it pays from an expert width of about 4,096."""
+The copy costs about 400 / C of GEMM1's time on an H200, C GEMM1's columns (2F for gated experts,
+F otherwise): 4 bytes an element of a slot's row at the copy rate, against 2C flops an element
+at the GEMM rate. The TMA loop saves 5-7% of it (bench/NOTES.md items 57 and 90), so it pays
+from about 8,192 columns (gated experts 4,096 wide: launch_config.SORTED_MIN_COLUMNS)."""
 
 from __future__ import annotations
 
