@@ -49,12 +49,21 @@ CHILD_TIMEOUT_S = 1800  # the symm_mem child's whole sweep
 CHECK_TOKENS = 256  # tokens per rank compared against the float32 reference before and after timing
 
 
-def checked_tokens(tokens: int, cfg: MoEConfig) -> torch.Tensor:
+def checked_tokens(tokens: int) -> torch.Tensor:
     """The CHECK_TOKENS token indices a point compares, spread over all `tokens` to the last (the
-    last tiles too); the first CHECK_TOKENS with capacity, whose drops depend on the tokens before."""
-    if cfg.capacity_factor is not None or tokens <= CHECK_TOKENS:
-        return torch.arange(min(tokens, CHECK_TOKENS))
+    last tiles too)."""
+    if tokens <= CHECK_TOKENS:
+        return torch.arange(tokens)
     return torch.linspace(0, tokens - 1, CHECK_TOKENS).round().long().unique()
+
+
+def reference_rows(x: torch.Tensor, picked: torch.Tensor, cfg: MoEConfig, weights: dict) -> torch.Tensor:
+    """reference_forward's outputs of the tokens `picked` of x [T, H]: from those tokens alone,
+    or with capacity (whose drops depend on every token's routing, and whose capacity on T) from
+    all of them."""
+    if cfg.capacity_factor is not None:
+        return reference_forward(x, config=cfg, **weights)[picked]
+    return reference_forward(x[picked], config=cfg, **weights)
 
 
 def parse_args(argv=None):
@@ -402,6 +411,11 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed, 
     fused = backend in FLASH
     extra = {"max_tokens_per_rank": tokens, "transport": FLASH[backend]} if fused else {}
     layer = MoELayer(cfg, backend="flash" if fused else "torch", device=device, seed=seed, **extra)
+    gen = torch.Generator().manual_seed(seed * 131 + rank)
+    xs = [torch.randn(tokens, cfg.hidden_size, generator=gen).to(device, cfg.torch_dtype)
+          for _ in range(args.input_sets)]
+    xs = [steer_routing(layer, x, routing, seed) for x in xs]  # same steering on every rank
+    # the peers and wrappers after the steering, which rewrites the router: some copy it when built
     forward, mode = layer, None
     try:
         if backend == "flash_shared_torch":
@@ -417,14 +431,10 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed, 
     except ValueError as e:  # a peer without this config's features: no row for it
         print(f"backend {backend} skipped for {cfg}: {e}", file=sys.stderr)
         return []
-    gen = torch.Generator().manual_seed(seed * 131 + rank)
-    xs = [torch.randn(tokens, cfg.hidden_size, generator=gen).to(device, cfg.torch_dtype)
-          for _ in range(args.input_sets)]
-    xs = [steer_routing(layer, x, routing, seed) for x in xs]  # same steering on every rank
     if seed not in loads:  # the floor's (add_derived); every rank meets the same points in turn
         loads[seed] = routing_load(layer, xs[0])
     load = loads[seed]
-    picked = checked_tokens(tokens, cfg).to(device)
+    picked = checked_tokens(tokens).to(device)
     with torch.inference_mode():
         try:
             out = forward(xs[0])[picked]
@@ -433,7 +443,7 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed, 
                 raise
             print(f"backend {backend} failed at {tokens} tokens: {e!r}", file=sys.stderr)
             out = torch.full_like(xs[0][picked], float("nan"))
-        ref = reference_forward(xs[0][picked], config=cfg, **layer.full_weight_dict())
+        ref = reference_rows(xs[0], picked, cfg, layer.full_weight_dict())
         layer.synchronize()
     err = max_over_ranks(rel_err(out, ref), device)
     tol = 1e-2 if cfg.dtype == "bfloat16" else (1e-4 if device.type == "cuda" else 1e-5)

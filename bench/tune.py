@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 from flashmoe_py.runtime import detect_launcher  # noqa: E402
-from layer import Timer, checked_tokens, max_over_ranks, random_shapes, rel_err, save_rows  # noqa: E402
+from layer import Timer, checked_tokens, max_over_ranks, random_shapes, reference_rows, rel_err, save_rows  # noqa: E402
 
 KEYS = ("block_m", "num_warps", "stages", "group", "block_n", "dispatch_programs")
 
@@ -84,12 +84,12 @@ def tuned_point(name, cfg, T, settings, args, timer, rt, world) -> list[dict]:
     checked, the settings timed in turn for args.rounds rounds, each checked again -> a row each."""
     gen = torch.Generator().manual_seed(rt.rank + 1)
     xs = [torch.randn(T, cfg.hidden_size, generator=gen).to(rt.device, cfg.torch_dtype) for _ in range(2)]
-    picked = checked_tokens(T, cfg).to(rt.device)
+    picked = checked_tokens(T).to(rt.device)
     def build(setting):
         return fm.MoELayer(cfg, backend="flash", max_tokens_per_rank=T, seed=17, launch_override=setting)
 
     layers = [build(settings[0])]  # the reference first: its full copy of the weights is gone before the others
-    ref = fm.reference_forward(xs[0][picked], config=cfg, **layers[0].full_weight_dict())
+    ref = reference_rows(xs[0], picked, cfg, layers[0].full_weight_dict())
     layers += [build(setting) for setting in settings[1:]]
     times: list[list[float]] = [[] for _ in settings]
     def errors() -> list[float]:

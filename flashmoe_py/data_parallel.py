@@ -144,7 +144,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         raise ValueError("clip_grad_norm_: the model is inside torch's older FullyShardedDataParallel, whose flat "
                          "gradient shards this function cannot count; use fully_shard, whose gradients it counts "
                          "(FullyShardedDataParallel.clip_grad_norm_ would count one rank's experts only)")
-    group_of = {id(t): layer.process_group for _, layer, t in sharded_tensors(model)}  # None: the default
+    # each expert-parallel layer's experts by its group (None: the default); a layer of world 1 (built
+    # before the process group, say) holds every expert, replicated like the rest
+    group_of = {id(t): layer.process_group for _, layer, t in sharded_tensors(model) if layer.world_size > 1}
     groups = list(dict.fromkeys(group_of.values()))  # each once, in the model's order (the same on its ranks)
     params = [p for p in model.parameters() if p.grad is not None]
     # every rank reaches its groups' all_reduces, one without gradients too

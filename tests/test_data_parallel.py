@@ -3,6 +3,7 @@ own experts and every gradient is that of the mean of the ranks' losses, the exp
 unprepared, the layer's forward refuses them."""
 
 import pickle
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -315,6 +316,24 @@ def test_clip_grad_norm_counts_each_layer_s_experts_over_its_own_process_group(d
     """Two expert-parallel groups of two ranks: the experts' norms were summed over the default
     group, every expert counted twice (392.06 against 308.18 in a review's run)."""
     for got, want in dist_pools(4).run(clip_with_two_expert_groups):
+        assert abs(got - want) <= 1e-5 * want, (got, want)
+
+
+def clip_a_layer_built_before_the_process_group(rank, world) -> tuple[float, float]:
+    """A layer built before the process group (world 1: every expert on every rank), the same
+    gradients on each rank -> (fm's total norm, torch's over this rank's parameters)."""
+    with unittest.mock.patch.object(dist, "is_initialized", lambda: False):
+        layer = MoELayer(MoEConfig(hidden_size=32, ffn_size=64, num_experts=4, top_k=2, dtype="float32"), seed=0)
+    assert layer.world_size == 1 and layer.process_group is None
+    layer(torch.randn(16, 32, generator=torch.Generator().manual_seed(100))).square().sum().backward()
+    want = torch.nn.utils.get_total_norm([p.grad for p in layer.parameters()]).item()
+    return fm_clip(layer, 1e9).item(), want
+
+
+def test_clip_grad_norm_counts_a_layer_of_world_1_s_experts_once(dist_pools):
+    """Its experts are replicated, as under DDP: they were summed over the default group, counted
+    once a rank (a review's run at world 2: 16.43 against 15.14), every step over-clipped."""
+    for got, want in dist_pools(2).run(clip_a_layer_built_before_the_process_group):
         assert abs(got - want) <= 1e-5 * want, (got, want)
 
 
