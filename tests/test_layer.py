@@ -873,7 +873,8 @@ def test_a_weight_the_config_lacks_is_refused_where_backend_torch_would_read_it(
     with pytest.raises(ValueError, match="b_in was set on the layer, but only a layer with expert_bias=True has it"):
         layer(torch.randn(5, SMALL["hidden_size"]))
     # the expert weights that compute its peers' rows are fine: a flash rank refused for it still
-    # serves them, and for a router weight's problem too (a launch with no tokens routes nothing)
+    # serves them, and for a router weight of another dtype too (a launch with no tokens routes
+    # nothing; one of another shape the routing still refuses, which fails the layer)
     assert layer._weights_problem(EXPERT_WEIGHTS) is None
     layer.router_weight = torch.nn.Parameter(layer.router_weight.detach().double())
     assert "router_weight is" in str(layer._weights_problem()) and layer._weights_problem(EXPERT_WEIGHTS) is None
