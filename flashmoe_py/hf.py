@@ -110,7 +110,8 @@ class HFMoEBlock(nn.Module):
     def to_hf(self, device: torch.device | str | None = None, dst: int | None = None) -> nn.Module | None:
         """The transformers block this one was converted from, holding the layer's weights as they
         are now (every rank's experts gathered: collective when world_size > 1), each training
-        where the layer's does now, and this block's own router module (shared, not copied:
+        where the layer's does now, in this block's train or eval mode and with the model's
+        transformers config (shared), and this block's own router module (shared, not copied:
         unpatch_model's use): for save_pretrained, or a model without flashmoe_py. device: where
         its other parameters are made (default the layer's; MoELayer.full_weight_dict's device).
         dst: a global rank, the only one given the block (the others take part and get None).
@@ -120,7 +121,8 @@ class HFMoEBlock(nn.Module):
             raise RuntimeError("this HFMoEBlock was built without its transformers block's skeleton")
         moe = self.moe
         device = moe.device if device is None else torch.device(device)
-        block = copy.deepcopy(self._skeleton)
+        block = copy.deepcopy(self._skeleton, _live_configs(self._skeleton))
+        block.train(self.training)  # as this block is now, not as it was when converted
         layout = convert_block(block).gate_up_layout  # (converted on the meta device: no memory)
         full = moe.full_weight_dict(layout, device=device, dst=dst)  # every rank gathers first
         if not full:  # another rank than dst
@@ -251,10 +253,23 @@ def _param_groups(block: nn.Module, router: nn.Module) -> dict[str, set[nn.Param
             "shared": {p for p in block.parameters() if p not in experts and p not in routing}}
 
 
+def _live_configs(block: nn.Module) -> dict[int, object]:
+    """A deepcopy memo keeping the transformers configs `block`'s modules hold as they are: the
+    model's own, shared (its experts read settings from it at each call, as
+    set_experts_implementation changes them), not copies frozen when the block was."""
+    try:
+        from transformers import PretrainedConfig
+    except ImportError:  # a block not of transformers: none to keep
+        return {}
+    return {id(v): v for m in block.modules() for v in vars(m).values() if isinstance(v, PretrainedConfig)}
+
+
 def _skeleton(block: nn.Module, router: nn.Module) -> nn.Module:
     """A copy of `block` whose parameters are on the meta device (no memory), its buffers copied,
-    its hooks left out, and the path of its router module in `_router_path`."""
+    its hooks left out, its transformers config the model's own (_live_configs), and the path of
+    its router module in `_router_path`."""
     memo = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in block.parameters()}
+    memo |= _live_configs(block)
     for module in block.modules():  # hooks are the live model's (they may hold it all): not copied
         memo |= {id(v): type(v)() for k, v in vars(module).items() if "hook" in k and isinstance(v, dict)}
     skeleton = copy.deepcopy(block, memo)

@@ -779,6 +779,50 @@ def test_patch_model_and_unpatch_model_of_a_block_itself_are_refused():
         unpatch_model(from_hf_block(block))
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_unpatched_blocks_share_the_model_s_config_and_take_its_train_or_eval_mode(kind):
+    """A review's finds: the blocks put back held a copy of the model's config frozen at patching
+    (set_experts_implementation then changed nothing of theirs), and the train flag they had then."""
+    model = tiny_model(kind, 10)
+    model.train()
+    patch_model(model)
+    model.eval()
+    unpatch_model(model)
+    block = moe_block(model)
+    configs = [v for m in block.modules() for v in vars(m).values() if isinstance(v, type(model.config))]
+    assert configs and all(c is model.config for c in configs)
+    assert not any(m.training for m in model.modules())
+
+
+def test_trainer_decays_the_patched_expert_biases_unless_told_as_the_readme_says():
+    """transformers' Trainer keeps names with "bias" out of weight decay; the layer's b_in / b_out
+    (gpt-oss's expert biases) are not so named: it decays them, where it does not decay the
+    unpatched model's (a review's AdamW step: 1e-3 apart). The README's override leaves out what
+    it leaves out of the unpatched model."""
+    from transformers import Trainer
+
+    class MoETrainer(Trainer):  # the README's
+        def get_decay_parameter_names(self, model):
+            return [n for n in super().get_decay_parameter_names(model) if not n.endswith((".b_in", ".b_out"))]
+
+    def decayed(trainer, model) -> list[tuple]:  # the shapes of the parameters it decays, each once
+        params = dict(model.named_parameters(remove_duplicate=False))  # (its names include unset ones)
+        unique = {id(params[n]): params[n] for n in trainer.get_decay_parameter_names(object.__new__(trainer), model)
+                  if n in params}
+        return sorted(tuple(p.shape) for p in unique.values())
+
+    model = tiny_model("gpt_oss", 11)
+    plain = decayed(Trainer, model)
+    patch_model(model)
+    default = Trainer.get_decay_parameter_names(object.__new__(Trainer), model)
+    assert any(n.endswith(".moe.b_in") for n in default)  # decayed by default: the README's note holds
+    assert decayed(Trainer, model) != plain
+    told = MoETrainer.get_decay_parameter_names(object.__new__(MoETrainer), model)
+    assert not any(n.endswith((".b_in", ".b_out")) for n in told)
+    # the same parameters decayed as before patching (w_in holds gate_up_proj, w_out down_proj)
+    assert len(decayed(MoETrainer, model)) == len(plain)
+
+
 def test_hooks_on_a_block_move_to_its_replacement_and_back_and_hooks_it_cannot_run_are_refused():
     """Hooks on the replaced block never fired after patching, and the report said "replaced".
     The block's own move to the HFMoEBlock (and back at unpatch_model; the module left behind
