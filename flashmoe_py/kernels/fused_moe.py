@@ -87,10 +87,10 @@ from .fused_moe_details.dispatch import dispatch_chunk, publish_counts
 from .fused_moe_details.expert_ffn import count_tile_rows, ffn_in_tile, ffn_out_tile, raise_held, split_parts
 from .fused_moe_details.shared_experts import shared_task
 from .fused_moe_details.tasks import PendingTile, grouped, report_timeout, stamp, tile_table
-from .sorted_rows import compile_sort_rows, sort_rows
 from .layout import (ACT_CODES, CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, TASK_COMBINE,
                      TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT, TASK_SHARED_IN, TASK_SHARED_OUT, TRACE_COLS,
                      WAITED_COUNTS, WAIT_COUNTS)
+from .sorted_rows import compile_sort_rows, sort_rows
 from .transport import TRANSPORTS, clock_ns, nvshmem_device_library, nvshmem_launch, puts_complete, wait_at_least
 
 # The interpreter runs no PTX, so has no clock: its waits count polling rounds instead (about 0.7 ms
@@ -246,14 +246,15 @@ def static_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, s
 
 
 @triton.jit(do_not_specialize=["tokens", "wait_limit", "send_chunks", "dispatch_programs"])
-def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, x_rows, h_rows, plan, sym, scratch,
-                     saved, dims, tokens, wait_limit, send_chunks, dispatch_programs, meta):
-    """See the module docstring. x, out: [tokens, H]; w_in .. shared_w_out: the descriptors of Weights,
-    biases: Biases; x_rows: Weights.x_rows; h_rows: scratch.h as a [W * S, F] descriptor (boxes [BM, BK]), GEMM2's rows
-    with H_TMA (another descriptor, unread, without); plan: kernels/plan.RoutingPlan; sym:
-    workspace.Symmetric; scratch: workspace.Scratch; saved: Saved; dims: Dims; send_chunks:
-    entries of plan.chunk_pos; dispatch_programs: programs that start on the front queue;
-    wait_limit: nanoseconds (meta.ON_GPU) or rounds any one wait may last; meta: Meta."""
+def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, x_rows, h_rows, plan, sym,
+                     scratch, saved, dims, tokens, wait_limit, send_chunks, dispatch_programs, meta):
+    """See the module docstring. x, out: [tokens, H]; w_in .. shared_w_out: the descriptors of
+    Weights, biases: Biases; x_rows: Weights.x_rows; h_rows: scratch.h as a [W * S, F]
+    descriptor (boxes [BM, BK]), GEMM2's rows with H_TMA (another descriptor, unread, without);
+    plan: kernels/plan.RoutingPlan; sym: workspace.Symmetric; scratch: workspace.Scratch; saved:
+    Saved; dims: Dims; send_chunks: entries of plan.chunk_pos; dispatch_programs: programs that
+    start on the front queue; wait_limit: nanoseconds (meta.ON_GPU) or rounds any one wait may
+    last; meta: Meta."""
     weights = Weights(w_in, w_out, biases.b_in, biases.b_out, shared_w_in, shared_w_out, biases.shared_gate, x_rows)
     rank = dims.rank
     W, L, H, F = dims.world, dims.local_experts, dims.hidden, dims.ffn
@@ -461,8 +462,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
     x_rows = (TensorDescriptor.from_tensor(ws.sym.recv_x.local.view(-1, H), [launch.block_m, geo.block_k])
               if launch.sorted_rows else w_out_desc)
     args = (x, out, w_in_desc, w_out_desc, s_in if FS else w_in_desc, s_out if FS else w_out_desc, biases, x_rows,
-            h_rows,
-            plan, ws.sym, scratch, saved or Saved(out, out), dims, T, wait_limit, plan.chunk_pos.numel(),
+            h_rows, plan, ws.sym, scratch, saved or Saved(out, out), dims, T, wait_limit, plan.chunk_pos.numel(),
             launch.dispatch_programs, meta)
     kwargs = {"num_warps": launch.num_warps}
     if ws.transport == "nvshmem":

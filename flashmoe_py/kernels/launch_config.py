@@ -115,7 +115,8 @@ class LaunchConfig:
             raise ValueError(f"h_tma=1 at world_size={geo.world_size}: only at world 1, where a GEMM2 tile's "
                              "rows all come from one source")
         if self.sorted_rows and geo.world_size != 1:
-            raise ValueError(f"sorted_rows=1 at world_size={geo.world_size}: only at world 1")
+            raise ValueError(f"sorted_rows=1 at world_size={geo.world_size}: only at world 1, where a GEMM1 tile's "
+                             "rows are all this rank's own")
         return self
 
 
