@@ -19,8 +19,10 @@ from torch.distributed.checkpoint.state_dict import (_get_fqns, get_model_state_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from .config import EXPERT_WEIGHTS
 from .data_parallel import in_fsdp_class, sharded_tensors
-from .runtime import from_every_rank
+from .layer import _checksum
+from .runtime import ConsistencyError, from_every_rank
 
 
 def _as_rows_of_one(local: torch.Tensor, layer) -> torch.Tensor:
@@ -60,6 +62,39 @@ def _per_expert(t, layer, param: torch.Tensor, where: str):
                      "checkpoint saved where each rank held one expert loads only where each still does)")
 
 
+def _checksums(layer, which) -> dict[str, str]:
+    """{name: checksum} of the layer's weights (those its config has) whose names `which` takes."""
+    return {n: _checksum(getattr(layer, n)) for n in layer.config.weight_shapes() if which(n)}
+
+
+def _check_groups_agree(layers: list) -> None:
+    """Layers whose expert group is smaller than the world (several groups, each holding every
+    expert): every group saves each piece under the same name and DCP keeps one copy, so the
+    groups must hold the same model: the same replicated weights everywhere, and on ranks of the
+    same rank in their group the same experts and the same weights of them (a group that drifted,
+    or one placed otherwise, would be saved mixed with the others, silently). Compared over the
+    default group (collective: every rank); ConsistencyError on every rank otherwise."""
+    if not dist.is_initialized() or all(layer.world_size == dist.get_world_size() for layer in layers):
+        return
+    mine = [None if layer.world_size == dist.get_world_size() else {
+        "group rank": layer.rank, "experts": layer.placed_experts,
+        "replicated": _checksums(layer, lambda n: n not in EXPERT_WEIGHTS),
+        "expert weights": _checksums(layer, lambda n: n in EXPERT_WEIGHTS)} for layer in layers]
+    everyone = from_every_rank(mine)
+    for i in range(len(layers)):
+        rows = [(rank, d[i]) for rank, d in enumerate(everyone) if d[i] is not None]
+        for rank, row in rows:
+            first = next(r for r in rows if r[1]["group rank"] == row["group rank"])
+            for field in ("replicated", "experts", "expert weights"):
+                other = rows[0] if field == "replicated" else first
+                if row[field] != other[1][field]:
+                    raise ConsistencyError(
+                        f"sharded_state_dict: layer {i}'s expert groups differ ({field} of rank {rank} and rank "
+                        f"{other[0]}): each group of its process group saves its experts under the same names, and "
+                        "DCP keeps one copy of each, so the checkpoint would mix them. Keep the groups' replicas "
+                        "the same (sum their gradients over the groups too) and their placements alike")
+
+
 def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """What to give dcp.save and dcp.load for `model` (and `optimizer`), on every rank: torch's
     get_model_state_dict(model), or with an optimizer {"model": ..., "optim": ...} as its
@@ -68,13 +103,17 @@ def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None
     state of them (Adam's moments, say) and expert_ids as DTensors holding this rank's rows,
     sharing their memory. After dcp.load, call load_sharded_state_dict with it. Collective: each
     layer's replicated weights (router, shared experts) are compared across ranks first, where no
-    FSDP shards them (DCP would write one rank's copy of replicas that drifted apart, silently)."""
+    FSDP shards them (DCP would write one rank's copy of replicas that drifted apart, silently),
+    and with expert groups smaller than the world, the groups with each other (_check_groups_agree:
+    then every rank of the default group calls it)."""
     owners = _owners(model)
     if not in_fsdp_class(model):
-        for layer in {id(layer): layer for layer, _ in owners.values()}.values():
-            if not any(isinstance(p, DTensor) for p in layer.parameters()):
-                layer._check_replicas_agree("training", "Their gradients must be summed over the ranks: wrap the "
-                                            "model in DDP after fm.prepare_ddp, or fully_shard after fm.prepare_fsdp")
+        plain = [layer for layer in {id(layer): layer for layer, _ in owners.values()}.values()
+                 if not any(isinstance(p, DTensor) for p in layer.parameters())]
+        for layer in plain:
+            layer._check_replicas_agree("training", "Their gradients must be summed over the ranks: wrap the "
+                                        "model in DDP after fm.prepare_ddp, or fully_shard after fm.prepare_fsdp")
+        _check_groups_agree(plain)
     state = ({"model": get_model_state_dict(model)} if optimizer is None
              else dict(zip(("model", "optim"), get_state_dict(model, optimizer))))
     params = state["model"]

@@ -176,3 +176,42 @@ def test_replicas_that_drifted_apart_are_refused_before_dcp_writes_one_of_them(d
     for said in dist_pools(2).run(drifted_then_saved, fresh_seed()):
         assert "after training, the replicated weights differ: router_weight differs across ranks" in said
         assert "fm.prepare_ddp" in said
+
+
+def save_two_expert_groups(rank, world, path: str, change: str) -> str:
+    """Ranks {0, 1} and {2, 3} each hold every expert of a layer in their own process group, the
+    second group changed as `change` says -> what sharded_state_dict raised, or after a save and a
+    load into a layer of other weights, whether it holds this rank's weights again."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    cfg = MoEConfig(hidden_size=16, ffn_size=8, num_experts=4, top_k=2, dtype="float32")
+    second = rank >= 2
+    placement = ExpertPlacement.round_robin(4, 2) if second and change == "placement" else None
+    layer = MoELayer(cfg, process_group=groups[rank // 2], seed=1, placement=placement)
+    if second and change in ("router", "experts"):
+        with torch.no_grad():
+            (layer.router_weight if change == "router" else layer.w_in).add_(1.0)
+    try:
+        dcp.save(sharded_state_dict(layer), checkpoint_id=path)
+    except ConsistencyError as e:
+        return str(e)
+    fresh = MoELayer(cfg, process_group=groups[rank // 2], seed=2, placement=placement)
+    state = sharded_state_dict(fresh)
+    dcp.load(state, checkpoint_id=path)
+    load_sharded_state_dict(fresh, state)
+    same = all(torch.equal(getattr(fresh, n), getattr(layer, n)) for n in ("router_weight", "w_in", "w_out"))
+    return "loaded back" if same else "loaded other weights"
+
+
+@pytest.mark.parametrize("change", ["nothing", "router", "experts", "placement"])
+def test_expert_groups_smaller_than_the_world_save_only_when_they_hold_the_same_model(dist_pools, tmp_path,
+                                                                                      change):
+    """Every group saves its experts under the same names and DCP keeps one copy of each: a group
+    whose router or experts drifted, or which placed its experts otherwise, was saved mixed with
+    the other (a review's run: every rank loaded one group's router and the other's w_in, or other
+    experts' rows), silently. Now refused on every rank; groups alike save and load back."""
+    said = dist_pools(4).run(save_two_expert_groups, str(tmp_path / "ckpt"), change)
+    if change == "nothing":
+        assert said == ["loaded back"] * 4, said
+    else:
+        want = {"router": "replicated", "experts": "expert weights", "placement": "experts"}[change]
+        assert all(f"expert groups differ ({want} of rank" in s for s in said), said
