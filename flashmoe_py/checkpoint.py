@@ -21,7 +21,6 @@ from torch.distributed.tensor import DTensor, Shard
 
 from .config import EXPERT_WEIGHTS
 from .data_parallel import in_fsdp_class, sharded_tensors
-from .layer import _checksum
 from .runtime import ConsistencyError, from_every_rank
 
 
@@ -62,11 +61,6 @@ def _per_expert(t, layer, param: torch.Tensor, where: str):
                      "checkpoint saved where each rank held one expert loads only where each still does)")
 
 
-def _checksums(layer, which) -> dict[str, str]:
-    """{name: checksum} of the layer's weights (those its config has) whose names `which` takes."""
-    return {n: _checksum(getattr(layer, n)) for n in layer.config.weight_shapes() if which(n)}
-
-
 def _check_groups_agree(layers: list) -> None:
     """Layers whose expert group is smaller than the world (several groups, each holding every
     expert): every group saves each piece under the same name and DCP keeps one copy, so the
@@ -78,8 +72,8 @@ def _check_groups_agree(layers: list) -> None:
         return
     mine = [None if layer.world_size == dist.get_world_size() else {
         "group rank": layer.rank, "experts": layer.placed_experts,
-        "replicated": _checksums(layer, lambda n: n not in EXPERT_WEIGHTS),
-        "expert weights": _checksums(layer, lambda n: n in EXPERT_WEIGHTS)} for layer in layers]
+        "replicated": layer._checksums(lambda n: n not in EXPERT_WEIGHTS),
+        "expert weights": layer._checksums(lambda n: n in EXPERT_WEIGHTS)} for layer in layers]
     everyone = from_every_rank(mine)
     for i in range(len(layers)):
         rows = [(rank, d[i]) for rank, d in enumerate(everyone) if d[i] is not None]

@@ -388,6 +388,10 @@ class MoELayer(nn.Module):
         full = self.full_weight_dict()
         return full["router_weight"], full["w_in"], full["w_out"]
 
+    def _checksums(self, which) -> dict[str, str]:
+        """{name: _checksum} of the weights the config has whose names `which` takes."""
+        return {name: _checksum(getattr(self, name)) for name in self.config.weight_shapes() if which(name)}
+
     def _check_replicas_agree(self, after: str, fix: str = "Every rank must use the same seed and load the same "
                                                            "router and shared weights") -> None:
         """The replicated weights must be bit-identical on every rank (a rank-dependent seed,
@@ -396,8 +400,7 @@ class MoELayer(nn.Module):
         ConsistencyError on every rank, saying `fix`."""
         if self.world_size == 1:
             return
-        mine = {name: _checksum(getattr(self, name)) for name in self.config.weight_shapes()
-                if name not in EXPERT_WEIGHTS}
+        mine = self._checksums(lambda name: name not in EXPERT_WEIGHTS)
         mismatch = find_mismatch(from_every_rank(mine, self.process_group))
         if mismatch:
             raise ConsistencyError(f"after {after}, the replicated weights differ: {mismatch}. {fix}")
