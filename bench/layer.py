@@ -259,8 +259,10 @@ def max_over_ranks(value: float, device) -> float:
 
 
 def measure_ceilings(device: torch.device, world: int) -> dict:
-    """This node's bf16 GEMM rate, HBM copy bandwidth and all-to-all bandwidth per GPU, as achieved
-    (cuBLAS, a copy, NCCL), not as specified: the floors below are at these rates."""
+    """This node's bf16 GEMM rate, HBM copy and read bandwidths and all-to-all bandwidth per GPU, as
+    achieved (cuBLAS, a copy, a sum, NCCL), not as specified: the floors below are at these rates.
+    The read rate (a sum over 1 GiB, read once) can pass the copy's (1 GiB read and 1 GiB written):
+    weights are only read."""
     if device.type != "cuda":
         return {}
     timer = Timer(device)
@@ -271,10 +273,12 @@ def measure_ceilings(device: torch.device, world: int) -> dict:
     src = torch.randn(1 << 29, device=device, dtype=torch.bfloat16)  # 1 GiB
     dst = torch.empty_like(src)
     copy_us = statistics.median(timer.time(lambda: dst.copy_(src), 10, 3))
+    read_us = statistics.median(timer.time(lambda: src.sum(dtype=torch.float32), 10, 3))
     a = b = src = dst = None  # 2.5 GiB back before the all-to-all buffers
     # The slowest rank's rates (max of negatives).
     out = {"bf16_tflops": -max_over_ranks(-2 * n**3 / gemm_us / 1e6, device),
-           "hbm_gbps": -max_over_ranks(-2 * (1 << 30) / copy_us / 1e3, device)}
+           "hbm_gbps": -max_over_ranks(-2 * (1 << 30) / copy_us / 1e3, device),
+           "hbm_read_gbps": -max_over_ranks(-(1 << 30) / read_us / 1e3, device)}
     if world > 1:
         per_rank = 256 << 20
         send = torch.randn(per_rank // 2, device=device, dtype=torch.bfloat16)
@@ -305,9 +309,12 @@ def floor_terms(cfg: MoEConfig, tokens: int, world: int, ceilings: dict,
     """A forward's compute, HBM and NVLink terms (µs) at this node's measured ceilings, or None
     without them, each the busiest rank's: a call ends when its slowest rank does. load: each
     rank's rows, touched experts and link rows under the point's routing (routing_load); None:
-    uniform routing's expectation (uniform_load). The link term counts what a token must cross at
-    least: one copy of its row to each other rank that holds one of its experts, and one combined
-    row back (the layer sends one per remote slot)."""
+    uniform routing's expectation (uniform_load). The HBM term counts what must move at least: the
+    weights of the experts some token picks, x read and out written, at the faster of the measured
+    copy and read rates (hbm_read_gbps, where measured); not the gathered rows or the expert
+    outputs, which an implementation need not pass through HBM. The link term counts what a token
+    must cross at least: one copy of its row to each other rank that holds one of its experts, and
+    one combined row back (the layer sends one per remote slot)."""
     if not ceilings:
         return None
     load = load or uniform_load(cfg, tokens, world)
@@ -317,10 +324,10 @@ def floor_terms(cfg: MoEConfig, tokens: int, world: int, ceilings: dict,
     FS_in = 2 * FS if cfg.gated else FS
     compute = max(2 * H * (rows * (Fin + F) + t * (FS_in + FS))
                   for rows, t in zip(load["rows"], load["tokens"])) / (ceilings["bf16_tflops"] * 1e6)
-    # the weights of the experts some token picks, x, out, and the expert rows in and out
-    hbm = max((touched * (Fin + F) + FS_in + FS) * H * bytes_el + t * H * bytes_el * 2 + rows * H * bytes_el * 4
-              for touched, rows, t in zip(load["touched"], load["rows"], load["tokens"])
-              ) / (ceilings["hbm_gbps"] * 1e3)
+    # the weights of the experts some token picks, x and out
+    hbm = max((touched * (Fin + F) + FS_in + FS) * H * bytes_el + t * H * bytes_el * 2
+              for touched, t in zip(load["touched"], load["tokens"])
+              ) / (max(ceilings["hbm_gbps"], ceilings.get("hbm_read_gbps", 0.0)) * 1e3)
     link = 0.0
     if world > 1:
         link = max(load["link_rows"]) * H * bytes_el / (ceilings["a2a_gbps"] * 1e3)

@@ -6,10 +6,12 @@ point. Issue 17's measure: never below 1.0x, at least 1.1x on the geometric mean
     python bench/summary.py bench/results/<run>/sweep_*.json [--peers triton_kernels torch symm_mem]
 
 A point is (preset, routing, tokens per rank, world, device): rows of other worlds or devices are
-never compared with each other, and two rows of one backend at one point (two commits' files of
-the same sweep, say) are refused. A point where flash's row failed its check is listed as failed
-(not dropped); one where a peer's row failed is listed as incomplete (not compared with the next
-peer); both are counted beside the geometric mean."""
+never compared with each other; two rows of one backend at one point (two commits' files of
+the same sweep, say), and rows of one point from different commits or of different configs (two
+runs' files, or two custom shapes of one name), are refused: a ratio comes from one run. A point
+where flash's row failed its check is listed as failed (not dropped); one where a peer's row
+failed, or where flash or every peer has no row (a file that did not come back), is listed as
+incomplete (not compared with the next peer); both are counted beside the geometric mean."""
 
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def timed_ok(r: dict) -> bool:
 
 def forward_rows(rows: list[dict]) -> dict[tuple, dict]:
     """rows -> {point: {backend: row}} over forward rows (not mode 'fwd+bwd'), failed ones included;
-    ValueError for two rows of one backend at one point."""
+    ValueError for two rows of one backend at one point, or rows of one point from different
+    commits or of different configs."""
     by_point: dict[tuple, dict] = {}
     for r in rows:
         if r.get("mode") == "fwd+bwd":
@@ -43,6 +46,12 @@ def forward_rows(rows: list[dict]) -> dict[tuple, dict]:
             raise ValueError(f"two {r['backend']} rows at {describe(point_key(r))} (commits {other.get('commit')} "
                              f"and {r.get('commit')}, dates {other.get('date')} and {r.get('date')}): give one "
                              "run's files")
+        for other in got.values():
+            for field in ("commit", "config"):
+                if other.get(field) != r.get(field):
+                    raise ValueError(f"{other['backend']} and {r['backend']} rows at {describe(point_key(r))} "
+                                     f"differ in {field} ({other.get(field)} and {r.get(field)}): a ratio comes "
+                                     "from one run of one config; give one run's files")
         got[r["backend"]] = r
     return by_point
 
@@ -54,29 +63,37 @@ def describe(key: tuple) -> str:
 
 def outcomes(rows: list[dict], flash: str, peers: list[str]) -> dict[str, list[dict]]:
     """rows (bench/layer.py JSON rows; forward rows only, not mode 'fwd+bwd') -> per point where
-    flash has a row and some peer in peers has one:
+    flash or some peer in peers has a row:
       compared:   flash and every peer with a row there passed and were timed: flash_us, peers_us
                   {peer: us}, best peer, speedup = best peer's us / flash's, of_floor = floor / flash;
       failed:     flash's row failed its check (or was not timed): its rel_err;
       incomplete: flash passed, a peer's row failed, or a peer with rows at other points of this
                   preset, world and device has none here (its run crashed, or it refused that
                   token count; a peer that refuses the whole preset, as symm_mem does expert
-                  biases, is simply not a peer there):
-                  failed_peers (not compared with the others, which may be the weaker).
+                  biases, is simply not a peer there), or no peer has a row here (then every
+                  peer with rows elsewhere in the preset, or all of them), or flash has none:
+                  failed_peers, the backends missing or failed (not compared with the others,
+                  which may be the weaker).
     Each dict has preset, routing, tokens, world, device."""
     out: dict[str, list[dict]] = {"compared": [], "failed": [], "incomplete": []}
     by_point = forward_rows(rows)
     ran = {(key[0], key[3], key[4], b) for key, got in by_point.items() for b in got}  # preset, world, device
     for key, got in by_point.items():
         present = [p for p in peers if p in got]
-        if flash not in got or not present:
-            continue
+        if flash not in got and not present:
+            continue  # rows of other backends only: not a point of this comparison
         preset, routing, tokens, world, device = key
         base = {"preset": preset, "routing": routing, "tokens": tokens, "world": world, "device": device}
-        f = got[flash]
-        if not timed_ok(f):
-            out["failed"].append({**base, "rel_err": f.get("rel_err")})
+        if flash in got and not timed_ok(got[flash]):
+            out["failed"].append({**base, "rel_err": got[flash].get("rel_err")})
             continue
+        if flash not in got or not present:
+            missing = [flash] if flash not in got else (
+                [p for p in peers if (key[0], key[3], key[4], p) in ran] or list(peers))
+            out["incomplete"].append({**base, "flash_us": got[flash]["median_us"] if flash in got else None,
+                                      "failed_peers": missing})
+            continue
+        f = got[flash]
         failed_peers = [p for p in present if not timed_ok(got[p])]
         failed_peers += [p for p in peers if p not in got and (key[0], key[3], key[4], p) in ran]
         if failed_peers:

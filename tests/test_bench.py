@@ -246,7 +246,7 @@ def test_the_summary_compares_flash_with_the_fastest_peer_at_each_point():
     rows = [row("flash", 128, 100.0), row("triton_kernels", 128, 80.0), row("torch", 128, 200.0),
             row("flash", 1024, 100.0), row("torch", 1024, 125.0),
             row("flash", 4096, 100.0), row("triton_kernels", 4096, 125.0, ok=False), row("torch", 4096, 150.0),
-            row("flash", 16384, 100.0)]  # no peer timed: not a point
+            row("flash", 16384, 100.0)]  # no peer has a row: incomplete, not dropped
     pts = summary.outcomes(rows, "flash", ["torch"])["compared"]
     assert [(q["tokens"], q["best"], q["speedup"], q["of_floor"]) for q in pts] == [
         (128, "torch", 2.0, 0.5), (1024, "torch", 1.25, 0.5), (4096, "torch", 1.5, 0.5)]
@@ -255,8 +255,8 @@ def test_the_summary_compares_flash_with_the_fastest_peer_at_each_point():
     # run crashed): the point is incomplete, not flash against the next-slowest peer
     got = summary.outcomes(rows, "flash", ["triton_kernels", "torch"])
     assert [(q["tokens"], q["best"], q["speedup"]) for q in got["compared"]] == [(128, "triton_kernels", 0.8)]
-    assert [(q["tokens"], q["failed_peers"]) for q in got["incomplete"]] == [(1024, ["triton_kernels"]),
-                                                                             (4096, ["triton_kernels"])]
+    assert [(q["tokens"], q["failed_peers"]) for q in got["incomplete"]] == [
+        (1024, ["triton_kernels"]), (4096, ["triton_kernels"]), (16384, ["triton_kernels", "torch"])]
     # a peer that refuses a whole preset (symm_mem: expert biases) is no peer there, not a missing one
     other = [{**r, "preset": "q"} for r in rows if r["tokens_per_rank"] == 1024]
     got = summary.outcomes(rows + other, "flash", ["triton_kernels", "torch"])
@@ -290,20 +290,47 @@ def test_the_summary_keeps_worlds_and_devices_apart_and_refuses_two_rows_of_a_ba
         summary.main([str(path)])
 
 
+def test_the_summary_counts_every_point_a_file_left_out_and_refuses_rows_of_two_runs(capsys, tmp_path):
+    """A point where flash has no row, or where no peer has one (one of a sweep's files did not
+    come back: its only peer's whole preset is missing), is counted incomplete, never dropped
+    from the count beside the geometric mean; rows of one point from two commits or of two
+    configs (two custom shapes of one name) are refused, as two rows of one backend are."""
+    summary, row = _summary_rows()
+    rows = [row("flash", 100.0), row("torch", 200.0),
+            row("torch", 50.0, tokens=512),                                            # flash's row lost
+            row("flash", 100.0, preset="q", tokens=4096), row("flash", 80.0, preset="q")]  # torch's file lost
+    got = summary.outcomes(rows, "flash", ["torch"])
+    assert [q["tokens"] for q in got["compared"]] == [128]
+    assert [(q["preset"], q["tokens"], q["failed_peers"]) for q in got["incomplete"]] == [
+        ("p", 512, ["flash"]), ("q", 4096, ["torch"]), ("q", 128, ["torch"])]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"rows": rows}))
+    summary.main([str(path)])
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "over 1 points" in last and "0 points where flash failed, 3 incomplete" in last
+    with pytest.raises(ValueError, match="flash and torch rows at p uniform 128 tokens.* differ in commit"):
+        summary.outcomes([row("flash", 100.0), row("torch", 200.0, commit="def")], "flash", ["torch"])
+    with pytest.raises(ValueError, match="differ in config"):
+        summary.outcomes([row("flash", 100.0, config={"hidden_size": 2048}),
+                          row("torch", 200.0, config={"hidden_size": 7168})], "flash", ["torch"])
+
+
 def test_the_summary_counts_a_point_where_flash_failed(capsys, tmp_path):
     summary, row = _summary_rows()
     rows = [row("flash", 100.0), row("torch", 200.0), row("symm_mem", 150.0),
             row("flash", None, ok=False, tokens=512, rel_err=0.3), row("torch", 50.0, tokens=512),
             row("flash", 100.0, tokens=4096), row("torch", 50.0, tokens=4096, mode="fwd+bwd", backward="saved")]
     got = summary.outcomes(rows, "flash", ["torch", "symm_mem"])
-    assert [q["tokens"] for q in got["failed"]] == [512] and got["incomplete"] == []
-    assert [(q["tokens"], q["best"]) for q in got["compared"]] == [(128, "symm_mem")]  # fwd+bwd rows: not peers
+    assert [q["tokens"] for q in got["failed"]] == [512]
+    assert [(q["tokens"], q["best"]) for q in got["compared"]] == [(128, "symm_mem")]
+    # fwd+bwd rows are not peers of forward ones: flash's forward at 4,096 has none
+    assert [(q["tokens"], q["failed_peers"]) for q in got["incomplete"]] == [(4096, ["torch", "symm_mem"])]
     path = tmp_path / "a.json"
     path.write_text(json.dumps({"rows": rows}))
     summary.main([str(path)])  # default peers: those with rows, symm_mem included
     out = capsys.readouterr().out
     assert "symm_mem" in out.splitlines()[0] and "FAILED" in out
-    assert "over 1 points" in out and "1 points where flash failed, 0 incomplete" in out
+    assert "over 1 points" in out and "1 points where flash failed, 1 incomplete" in out
 
 
 def test_the_plot_draws_a_line_per_backend_mode_and_backward_with_the_mode_s_floor(tmp_path):
@@ -686,9 +713,29 @@ def test_a_skewed_row_s_floor_is_its_own_routing_s_and_none_without_it():
     for row in rows:
         layer.add_derived(row, 1, ceilings)
     assert rows[0]["floor_us"] > 0 and rows[1]["floor_us"] is None and rows[1]["tflops"] > 0
-    # 128 tokens are HBM-bound: 24 experts' weights, x and out, 1,024 rows in and out
-    hbm = (24 * (cfg.ffn_in_size + cfg.ffn_size) + 2 * 128 + 4 * 1024) * cfg.hidden_size * 2 / 4000e3
+    # 128 tokens are HBM-bound: 24 experts' weights, x read and out written
+    hbm = (24 * (cfg.ffn_in_size + cfg.ffn_size) + 2 * 128) * cfg.hidden_size * 2 / 4000e3
     assert abs(rows[2]["floor_us"] - hbm) < 1e-9 * hbm and hbm < 0.25 * rows[0]["floor_us"]
+
+
+def test_the_hbm_term_counts_what_must_move_at_the_faster_measured_rate():
+    """The physical floor's HBM term: the touched experts' weights, x and out, not the gathered
+    rows or the expert outputs (an implementation need not pass them through HBM), at the faster
+    of the copy rate and the read rate (weights are only read: a weight-bound point measured
+    103% of a floor at the copy rate)."""
+    layer = _bench_layer_module()
+    from flashmoe_py import PRESETS
+    cfg = PRESETS["mixtral_8x7b"]
+    H, bytes_el = cfg.hidden_size, 2
+    weights = cfg.num_experts * (cfg.ffn_in_size + cfg.ffn_size) * H * bytes_el
+    copy = {"bf16_tflops": 800.0, "hbm_gbps": 3000.0}
+    read = {**copy, "hbm_read_gbps": 3300.0}
+    for tokens in (128, 2048):  # every expert touched
+        moved = weights + 2 * tokens * H * bytes_el
+        assert abs(layer.floor_terms(cfg, tokens, 1, copy)[1] - moved / 3000e3) < 1e-9 * moved
+        assert abs(layer.floor_terms(cfg, tokens, 1, read)[1] - moved / 3300e3) < 1e-9 * moved
+    slow_read = {**copy, "hbm_read_gbps": 2000.0}  # a read rate under the copy's: the copy's
+    assert layer.floor_terms(cfg, 128, 1, slow_read)[1] == layer.floor_terms(cfg, 128, 1, copy)[1]
 
 
 def routing_loads(rank, world):
