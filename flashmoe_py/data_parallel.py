@@ -45,11 +45,19 @@ def _set_ignored(model: nn.Module, names: list[str]) -> None:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
+def ddp_spellings(names: list[str]) -> list[str]:
+    """names, and for those of `model`'s own tensors (no dot: an MoELayer wrapped itself) DDP's
+    reducer's spelling too: it names a parameter f"{module name}.{name}", ".w_in" for the wrapped
+    module's own, where its copy from rank 0 names it "w_in" (torch 2.x): with "w_in" alone the
+    reducer averaged the ranks' different experts."""
+    return [*names, *(f".{n}" for n in names if "." not in n)]
+
+
 def exclude_from_ddp(model: nn.Module) -> list[str]:
     """Have DDP, when it wraps `model` itself, leave every MoELayer's sharded parameters and
     buffers alone (neither copied from rank 0 nor averaged), beside any names already set there.
     -> the names excluded now."""
-    names = sharded_names(model)
+    names = ddp_spellings(sharded_names(model))
     before = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     _set_ignored(model, before + [n for n in names if n not in before])
     return names
@@ -58,7 +66,8 @@ def exclude_from_ddp(model: nn.Module) -> list[str]:
 def include_in_ddp(model: nn.Module, names: list[str]) -> None:
     """exclude_from_ddp's inverse for `names` (those of layers taken out of `model`)."""
     if hasattr(model, "_ddp_params_and_buffers_to_ignore"):
-        _set_ignored(model, [n for n in model._ddp_params_and_buffers_to_ignore if n not in set(names)])
+        gone = set(ddp_spellings(names))
+        _set_ignored(model, [n for n in model._ddp_params_and_buffers_to_ignore if n not in gone])
 
 
 def _set_expert_grad_divisors(model: nn.Module, wrapper: str) -> None:

@@ -174,7 +174,7 @@ class HFMoEBlock(nn.Module):
         return None
 
     def forward(self, hidden_states: torch.Tensor):
-        if self.router.weight is not self.moe.router_weight:
+        if getattr(self.router, "weight", None) is not self.moe.router_weight:  # a wrapper may have none
             raise RuntimeError(self._router_replaced())
         if (problem := self._bias_replaced()) is not None:
             raise RuntimeError(problem)
@@ -531,7 +531,7 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     if isinstance(getattr(model, "experts", None), nn.Module) and not isinstance(model, HFMoEBlock):
         raise ValueError(f"patch_model: `model` is itself an MoE block ({type(model).__name__}), which it cannot "
                          "replace in place: pass the module that holds it, or build its replacement with "
-                         "fm.from_hf_block(block)")
+                         "flashmoe_py.hf.from_hf_block(block)")
     blocks, decisions, owner = [], [], {}
     for name, module in list(model.named_modules()):
         if isinstance(module, HFMoEBlock) or not isinstance(getattr(module, "experts", None), nn.Module):

@@ -464,8 +464,9 @@ class MoELayer(nn.Module):
                 got = "None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}" + (
                     ", not contiguous" if contiguous and not t.is_contiguous() else "")
                 want = f"{tuple(shape)} {dtype} on {device}" + (", contiguous" if contiguous else "")
+                made = "t" if name in buffers else "torch.nn.Parameter(t)"  # a buffer stays one (no gradient)
                 return ValueError(f"{name} is {got}; this layer's is {want} (this rank's experts only): set "
-                                  f"layer.{name} = torch.nn.Parameter(t) with t of that shape, dtype and device"
+                                  f"layer.{name} = {made} with t of that shape, dtype and device"
                                   f"{' (t.contiguous())' if contiguous else ''}, or load values into a weight that "
                                   "has them (load_full_weights, load_state_dict)")
         return None

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import MoEConfig, as_int, is_int
 from .kernels.layout import format_bytes, heap_bytes_for
+from .options import TRANSPORTS
 
 log = logging.getLogger("flashmoe_py")
 
@@ -334,9 +336,21 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
 
 def _heap_needed(heap_bytes: int | None, layers, world_size: int) -> int | None:
     """The symmetric heap init() is asked for: heap_bytes, or more where `layers` need it (None:
-    neither given)."""
+    neither given); ValueError naming `layers` where an entry is not (MoEConfig,
+    max_tokens_per_rank >= 1[, transport])."""
+    if isinstance(layers, MoEConfig) or not isinstance(layers, (list, tuple)):
+        raise ValueError(f"init(layers=...): expected a list of (MoEConfig, max_tokens_per_rank[, transport]) "
+                         f"tuples, got {type(layers).__name__}")
+    for i, entry in enumerate(layers):
+        fits = isinstance(entry, (list, tuple)) and len(entry) in (2, 3) and isinstance(entry[0], MoEConfig)
+        if fits:
+            tokens = as_int(entry[1])
+            fits = is_int(tokens) and tokens >= 1 and (len(entry) == 2 or entry[2] in TRANSPORTS)
+        if not fits:
+            raise ValueError(f"init(layers=...): entry {i} is {entry!r}; expected (MoEConfig, max_tokens_per_rank "
+                             f"(an int >= 1)[, transport, one of {TRANSPORTS}])")
     if layers:
-        return max(heap_bytes or 0, sum(heap_bytes_for(c, world_size, *rest) for c, *rest in layers))
+        return max(heap_bytes or 0, sum(heap_bytes_for(c, world_size, as_int(t), *rest) for c, t, *rest in layers))
     return heap_bytes
 
 

@@ -52,7 +52,9 @@ def _experts(layer) -> list[tuple[str, torch.Tensor | None]]:
 def _check_ddp(layer, ddp: DistributedDataParallel) -> None:
     checked = _checked.setdefault(ddp, weakref.WeakSet())
     if layer not in checked:
-        managed = {id(p) for p in ddp._module_parameters}
+        # what DDP copied from rank 0, and what its reducer averages (which spells names its own way:
+        # data_parallel.ddp_spellings)
+        managed = {id(p) for p in [*ddp._module_parameters, *ddp._build_params_for_reducer()[0]]}
         if ddp.broadcast_buffers:
             managed |= {id(b) for b in ddp.modules_buffers}
         copied = [n for n, t in [*_experts(layer), ("expert_ids", layer.expert_ids)] if id(t) in managed]

@@ -64,22 +64,29 @@ def wrap(net: nn.Module, how: str, world: int) -> nn.Module:
 
 
 def wrapped_against_plain(rank, world, seed: int, how: str, backward: str):
-    """A step of wrap(model, how) and of the same model unwrapped, on this rank's own x and dy.
-    -> (whether wrapping left this rank's experts as they were; the error of each wrapped
-    gradient against the plain model's made the mean loss's: replicated gradients summed over
-    the ranks, then every gradient divided by the world size), or what the wrapped forward raised."""
+    """A step of wrap(model, how) and of the same model unwrapped (step_against_plain) -> (whether
+    wrapping left this rank's experts as they were; step_against_plain's errors, or what the
+    wrapped forward raised)."""
     plain, net = model(seed, backward), model(seed, backward)
     own = {n: p.detach().clone() for n, p in net.named_parameters()}
     wrapped = wrap(net, how, world)
     net = wrapped.module if isinstance(wrapped, DistributedDataParallel) else net
     kept = all(torch.equal(full(p), own[n]) for n, p in net.named_parameters())
+    return kept, step_against_plain(plain, net, wrapped, rank, world, seed)
+
+
+def step_against_plain(plain: nn.Module, net: nn.Module, wrapped: nn.Module, rank, world, seed: int):
+    """A step of `wrapped` (around `net`) and of `plain` on this rank's own x and dy -> what the
+    wrapped forward raised, or the error of each of net's gradients against plain's made the
+    mean loss's (replicated gradients summed over the ranks, then every gradient divided by the
+    world size)."""
     g = torch.Generator().manual_seed(seed * 7 + rank)
     x, dy = torch.randn(9 + 4 * rank, 32, generator=g), torch.randn(9 + 4 * rank, 32, generator=g)
     (plain(x) * dy).sum().backward()
     try:
         (wrapped(x) * dy).sum().backward()
     except DataParallelError as e:
-        return kept, str(e)
+        return str(e)
     sharded = set(sharded_names(plain))
     errs = {}
     for (n, p), q in zip(plain.named_parameters(), net.parameters()):
@@ -87,7 +94,7 @@ def wrapped_against_plain(rank, world, seed: int, how: str, backward: str):
         if n not in sharded:
             dist.all_reduce(want)
         errs[n] = rel_err(full(q.grad), want / world)
-    return kept, errs
+    return errs
 
 
 @pytest.mark.parametrize("how", ["ddp", "ddp_pickled", "fsdp", "fsdp_per_block"])
@@ -124,6 +131,30 @@ def test_unprepared_ddp_copies_rank_0_s_experts_and_the_forward_says_so(dist_poo
     assert (kept0, kept1) == (True, False)
     for raised in (raised0, raised1):
         assert "DistributedDataParallel manages this MoELayer's w_in, w_out, b_in, b_out, expert_ids" in raised
+
+
+def bare_layer_under_ddp(rank, world, seed: int, excluded: str):
+    """DDP around an MoELayer itself (no parent module), prepared by prepare_ddp ("prepared"), or
+    with its sharded tensors excluded by their names alone and its gradients averaged ("names"):
+    DDP's reducer spells the wrapped module's own parameters ".w_in", so "w_in" alone left it
+    averaging the ranks' different experts. -> (what the forward raised, or the error of each
+    gradient against the plain layer's made the mean loss's)."""
+    plain, layer = MoELayer(CFG, seed=seed), MoELayer(CFG, seed=seed)
+    prepare_ddp(layer)
+    if excluded == "names":
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(layer, sharded_names(layer))
+    return step_against_plain(plain, layer, DistributedDataParallel(layer), rank, world, seed)
+
+
+def test_ddp_around_a_bare_layer_keeps_each_rank_s_expert_gradients(dist_pools):
+    """DDP(layer), the README's training example with the layer as the model: the experts'
+    gradients are each rank's own (DDP's reducer averaged them across ranks before, silently);
+    excluded under one spelling only, the forward refuses, naming what DDP averages."""
+    seed = fresh_seed()
+    for errs in dist_pools(2).run(bare_layer_under_ddp, seed, "prepared"):
+        assert max(errs.values()) <= 1e-5, errs
+    for raised in dist_pools(2).run(bare_layer_under_ddp, seed, "names"):
+        assert isinstance(raised, str) and "DistributedDataParallel manages this MoELayer's w_in" in raised, raised
 
 
 @pytest.mark.parametrize("how, says", [

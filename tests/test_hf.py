@@ -476,12 +476,26 @@ def test_a_router_module_wrapped_or_replaced_is_refused(kind):
     model = tiny_model(kind, 4)
     patch_model(model)
     block = moe_block(model)
-    block.router = TrainableCopy(block.router)
+    router = block.router
+    block.router = TrainableCopy(router)
     ids = torch.randint(0, model.config.vocab_size, (2, 5))
     with pytest.raises(RuntimeError, match="router_weight"):
         model(input_ids=ids)
     with pytest.raises(RuntimeError, match="modules_to_save"):
         model.load_state_dict(model.state_dict())
+    for wrapper in (nn.Sequential(router), Wrapping(router)):  # no `weight` of their own: not an AttributeError
+        block.router = wrapper
+        with pytest.raises(RuntimeError, match="no longer holds its MoELayer's router_weight"):
+            model(input_ids=ids)
+
+
+class Wrapping(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
 
 
 def trained_then_unpatched(rank, world, kind, seed):
@@ -773,7 +787,7 @@ def test_patch_model_and_unpatch_model_of_a_block_itself_are_refused():
     """unpatch_model(block) said "restored" and changed nothing (it set a child named ''), and
     patch_model(block) raised an AttributeError naming ''."""
     block = moe_block(tiny_model("mixtral", 8))
-    with pytest.raises(ValueError, match="itself an MoE block.*from_hf_block"):
+    with pytest.raises(ValueError, match=r"itself an MoE block.*flashmoe_py\.hf\.from_hf_block\(block\)"):
         patch_model(block)
     with pytest.raises(ValueError, match=r"itself an HFMoEBlock.*to_hf\(\)"):
         unpatch_model(from_hf_block(block))

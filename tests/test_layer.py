@@ -804,6 +804,22 @@ def test_the_same_seed_draws_the_same_weights_whatever_torch_s_default_dtype():
     assert all(torch.equal(t, other.state_dict()[name]) for name, t in plain.state_dict().items())
 
 
+def test_a_replaced_correction_bias_is_refused_with_advice_that_keeps_it_a_buffer():
+    """The correction bias is a buffer (it picks experts, no gradient): the advice was
+    nn.Parameter(t), which made it a parameter that never gets a gradient (DDP then fails its
+    second step). Set as the message says, it stays a buffer and the forward takes it."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2, routing="sigmoid_grouped"), seed=3)
+    x = torch.randn(5, SMALL["hidden_size"])
+    good = layer.e_score_correction_bias.clone() + 0.5
+    layer.e_score_correction_bias = good.double()
+    with pytest.raises(ValueError, match=r"e_score_correction_bias is \(8,\) torch.float64 .*set "
+                                         r"layer.e_score_correction_bias = t with t of that shape"):
+        layer(x)
+    layer.e_score_correction_bias = good
+    assert "e_score_correction_bias" not in dict(layer.named_parameters())
+    assert torch.equal(dict(layer.named_buffers())["e_score_correction_bias"], good) and layer(x).isfinite().all()
+
+
 @pytest.mark.parametrize("how, match", [
     ("w_in.data = w_in.data.double()", r"w_in is \(8, 32, 96\) torch.float64 on cpu; this layer's is \(8, 32, 96\) "
                                        "torch.float32"),

@@ -6,6 +6,7 @@ import sys
 import time
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -289,6 +290,26 @@ def test_mpirun_without_mpi4py_or_a_port_says_how_to_rendezvous(monkeypatch):
     info = LaunchInfo("mpirun", 0, 2, 0, 2)
     with pytest.raises(RuntimeError, match=r"mpi4py, which is missing .*pip install 'flashmoe_py\[mpi\]'"):
         runtime._init_process_group(info, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("layers", [
+    fm.MoEConfig(hidden_size=64, ffn_size=64, num_experts=4, top_k=1), [("tiny", 64)],
+    [(fm.MoEConfig(hidden_size=64, ffn_size=64, num_experts=4, top_k=1),)],
+    [(fm.MoEConfig(hidden_size=64, ffn_size=64, num_experts=4, top_k=1), -5)],
+    [(fm.MoEConfig(hidden_size=64, ffn_size=64, num_experts=4, top_k=1), 64, "bogus")]])
+def test_init_refuses_layers_it_cannot_size_the_heap_for_naming_the_argument(layers):
+    """init(layers=...) took a negative token count and an unknown transport, and failed on other
+    entries inside its sizing, naming neither `layers` nor the entry."""
+    with pytest.raises(ValueError, match=r"init\(layers=\.\.\.\): (expected a list|entry 0)"):
+        runtime._heap_needed(None, layers, 1)
+
+
+def test_init_sizes_the_heap_for_each_layer_given():
+    cfg = fm.MoEConfig(hidden_size=64, ffn_size=64, num_experts=4, top_k=1)
+    one = runtime._heap_needed(None, [(cfg, 64)], 2)
+    both = runtime._heap_needed(None, [(cfg, 64), [cfg, np.int64(64), "nvshmem"]], 2)
+    assert one == heap_bytes_for(cfg, 2, 64) > 0 and both == one + heap_bytes_for(cfg, 2, 64, "nvshmem")
+    assert runtime._heap_needed(1 << 40, [(cfg, 64)], 2) == 1 << 40 and runtime._heap_needed(7, (), 2) == 7
 
 
 def test_a_second_init_that_needs_a_larger_heap_is_refused(monkeypatch):
