@@ -790,7 +790,8 @@ def main(argv=None):
             speedups = [q["speedup"] for q in got["compared"]]
             print(f"flash against the fastest of {peers}: geometric mean {summary.geomean(speedups):.3f}x over "
                   f"{len(speedups)} points, {sum(v < 1 for v in speedups)} below 1.0x; {len(got['failed'])} where "
-                  f"flash failed, {len(got['incomplete'])} incomplete (bench/summary.py lists them)")
+                  f"flash failed, {len(got['incomplete'])} incomplete, {len(got['unpeered'])} with no peer's row in "
+                  "their preset (bench/summary.py lists them)")
         write_plot(data, os.path.splitext(out)[0] + ".png")
     fm.finalize()
 

@@ -10,8 +10,11 @@ never compared with each other; two rows of one backend at one point (two commit
 the same sweep, say), and rows of one point from different commits or of different configs (two
 runs' files, or two custom shapes of one name), are refused: a ratio comes from one run. A point
 where flash's row failed its check is listed as failed (not dropped); one where a peer's row
-failed, or where flash or every peer has no row (a file that did not come back), is listed as
-incomplete (not compared with the next peer); both are counted beside the geometric mean."""
+failed, or where flash has no row or a peer has none while it has rows elsewhere in the preset
+(a point its run lost), is listed as incomplete (not compared with the next peer); one where no
+peer has a row anywhere in its preset (every peer refused the preset's features, or their files
+did not come back: the rows cannot tell which) as unpeered; all three counted beside the
+geometric mean."""
 
 from __future__ import annotations
 
@@ -70,12 +73,15 @@ def outcomes(rows: list[dict], flash: str, peers: list[str]) -> dict[str, list[d
       incomplete: flash passed, a peer's row failed, or a peer with rows at other points of this
                   preset, world and device has none here (its run crashed, or it refused that
                   token count; a peer that refuses the whole preset, as symm_mem does expert
-                  biases, is simply not a peer there), or no peer has a row here (then every
-                  peer with rows elsewhere in the preset, or all of them), or flash has none:
-                  failed_peers, the backends missing or failed (not compared with the others,
-                  which may be the weaker).
-    Each dict has preset, routing, tokens, world, device."""
-    out: dict[str, list[dict]] = {"compared": [], "failed": [], "incomplete": []}
+                  biases, is simply not a peer there), or flash has none: failed_peers, the
+                  backends missing or failed (not compared with the others, which may be the
+                  weaker);
+      unpeered:   flash has a row and no peer has one anywhere in this preset, world and
+                  device (the peers refused the preset, or their files are missing).
+    Each dict has preset, routing, tokens, world, device. No peers: nothing."""
+    out: dict[str, list[dict]] = {"compared": [], "failed": [], "incomplete": [], "unpeered": []}
+    if not peers:
+        return out
     by_point = forward_rows(rows)
     ran = {(key[0], key[3], key[4], b) for key, got in by_point.items() for b in got}  # preset, world, device
     for key, got in by_point.items():
@@ -87,11 +93,11 @@ def outcomes(rows: list[dict], flash: str, peers: list[str]) -> dict[str, list[d
         if flash in got and not timed_ok(got[flash]):
             out["failed"].append({**base, "rel_err": got[flash].get("rel_err")})
             continue
-        if flash not in got or not present:
-            missing = [flash] if flash not in got else (
-                [p for p in peers if (key[0], key[3], key[4], p) in ran] or list(peers))
-            out["incomplete"].append({**base, "flash_us": got[flash]["median_us"] if flash in got else None,
-                                      "failed_peers": missing})
+        if flash not in got:
+            out["incomplete"].append({**base, "flash_us": None, "failed_peers": [flash]})
+            continue
+        if not any((key[0], key[3], key[4], p) in ran for p in peers):
+            out["unpeered"].append({**base, "flash_us": got[flash]["median_us"]})
             continue
         f = got[flash]
         failed_peers = [p for p in present if not timed_ok(got[p])]
@@ -124,8 +130,8 @@ def main(argv=None) -> None:
         got = outcomes(rows, args.flash, peers)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    pts, failed, incomplete = got["compared"], got["failed"], got["incomplete"]
-    if not (pts or failed or incomplete):
+    pts, failed, incomplete, unpeered = got["compared"], got["failed"], got["incomplete"], got["unpeered"]
+    if not (pts or failed or incomplete or unpeered):
         raise SystemExit(f"no point has rows of both {args.flash} and one of {peers}")
     print(f"{'preset':28s} {'tokens':>6s} {'world':>5s} {'device':14s} {'flash µs':>10s} "
           + " ".join(f"{q:>15s}" for q in peers) + f" {'vs best':>8s} {'floor':>6s}")
@@ -140,8 +146,11 @@ def main(argv=None) -> None:
     for q in incomplete:
         print(f"INCOMPLETE  {describe(tuple(q[k] for k in ('preset', 'routing', 'tokens', 'world', 'device')))}: "
               f"{', '.join(q['failed_peers'])} failed its check or has no row; not compared")
+    for q in unpeered:
+        print(f"UNPEERED    {describe(tuple(q[k] for k in ('preset', 'routing', 'tokens', 'world', 'device')))}: "
+              f"no row of {', '.join(peers)} in this preset (refused, or its file is missing); not compared")
     counts = (f"{len(failed)} points where {args.flash} failed, {len(incomplete)} incomplete (a peer failed or "
-              "is missing)")
+              f"is missing), {len(unpeered)} with no peer's row in their preset")
     if not pts:
         print(f"no point compared; {counts}")
         return

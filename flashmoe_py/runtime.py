@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -336,11 +336,12 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
 
 def _heap_needed(heap_bytes: int | None, layers, world_size: int) -> int | None:
     """The symmetric heap init() is asked for: heap_bytes, or more where `layers` need it (None:
-    neither given); ValueError naming `layers` where an entry is not (MoEConfig,
-    max_tokens_per_rank >= 1[, transport])."""
-    if isinstance(layers, MoEConfig) or not isinstance(layers, (list, tuple)):
+    neither given); `layers` any iterable (None: none); ValueError naming it where an entry is
+    not (MoEConfig, max_tokens_per_rank >= 1[, transport])."""
+    if isinstance(layers, (MoEConfig, str, bytes)) or not isinstance(layers, Iterable | None):
         raise ValueError(f"init(layers=...): expected a list of (MoEConfig, max_tokens_per_rank[, transport]) "
                          f"tuples, got {type(layers).__name__}")
+    layers = list(layers or ())
     for i, entry in enumerate(layers):
         fits = isinstance(entry, (list, tuple)) and len(entry) in (2, 3) and isinstance(entry[0], MoEConfig)
         if fits:

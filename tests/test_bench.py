@@ -246,7 +246,7 @@ def test_the_summary_compares_flash_with_the_fastest_peer_at_each_point():
     rows = [row("flash", 128, 100.0), row("triton_kernels", 128, 80.0), row("torch", 128, 200.0),
             row("flash", 1024, 100.0), row("torch", 1024, 125.0),
             row("flash", 4096, 100.0), row("triton_kernels", 4096, 125.0, ok=False), row("torch", 4096, 150.0),
-            row("flash", 16384, 100.0)]  # no peer has a row: incomplete, not dropped
+            row("flash", 16384, 100.0)]  # no peer has a row: incomplete where they ran elsewhere in the preset
     pts = summary.outcomes(rows, "flash", ["torch"])["compared"]
     assert [(q["tokens"], q["best"], q["speedup"], q["of_floor"]) for q in pts] == [
         (128, "torch", 2.0, 0.5), (1024, "torch", 1.25, 0.5), (4096, "torch", 1.5, 0.5)]
@@ -291,23 +291,29 @@ def test_the_summary_keeps_worlds_and_devices_apart_and_refuses_two_rows_of_a_ba
 
 
 def test_the_summary_counts_every_point_a_file_left_out_and_refuses_rows_of_two_runs(capsys, tmp_path):
-    """A point where flash has no row, or where no peer has one (one of a sweep's files did not
-    come back: its only peer's whole preset is missing), is counted incomplete, never dropped
-    from the count beside the geometric mean; rows of one point from two commits or of two
-    configs (two custom shapes of one name) are refused, as two rows of one backend are."""
+    """A point where flash has no row is counted incomplete; one of a preset where no peer has a
+    row (the peers refused its features, or their file did not come back: the rows cannot tell
+    which) unpeered; neither is dropped from the count beside the geometric mean. Rows of one
+    point from two commits or of two configs (two custom shapes of one name) are refused, as two
+    rows of one backend are. Files of flash's rows alone have no point to compare."""
     summary, row = _summary_rows()
     rows = [row("flash", 100.0), row("torch", 200.0),
             row("torch", 50.0, tokens=512),                                            # flash's row lost
-            row("flash", 100.0, preset="q", tokens=4096), row("flash", 80.0, preset="q")]  # torch's file lost
+            row("flash", 100.0, preset="q", tokens=4096), row("flash", 80.0, preset="q")]  # no torch row in q
     got = summary.outcomes(rows, "flash", ["torch"])
     assert [q["tokens"] for q in got["compared"]] == [128]
-    assert [(q["preset"], q["tokens"], q["failed_peers"]) for q in got["incomplete"]] == [
-        ("p", 512, ["flash"]), ("q", 4096, ["torch"]), ("q", 128, ["torch"])]
+    assert [(q["preset"], q["tokens"], q["failed_peers"]) for q in got["incomplete"]] == [("p", 512, ["flash"])]
+    assert [(q["preset"], q["tokens"]) for q in got["unpeered"]] == [("q", 4096), ("q", 128)]
     path = tmp_path / "a.json"
     path.write_text(json.dumps({"rows": rows}))
     summary.main([str(path)])
-    last = capsys.readouterr().out.splitlines()[-1]
-    assert "over 1 points" in last and "0 points where flash failed, 3 incomplete" in last
+    out = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("UNPEERED") for line in out) == 2
+    assert "over 1 points" in out[-1] and "0 points where flash failed, 1 incomplete" in out[-1]
+    assert "2 with no peer's row in their preset" in out[-1]
+    path.write_text(json.dumps({"rows": [r for r in rows if r["backend"] == "flash"]}))
+    with pytest.raises(SystemExit, match="no point has rows of both flash and one of"):
+        summary.main([str(path)])
     with pytest.raises(ValueError, match="flash and torch rows at p uniform 128 tokens.* differ in commit"):
         summary.outcomes([row("flash", 100.0), row("torch", 200.0, commit="def")], "flash", ["torch"])
     with pytest.raises(ValueError, match="differ in config"):

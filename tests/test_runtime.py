@@ -293,7 +293,7 @@ def test_mpirun_without_mpi4py_or_a_port_says_how_to_rendezvous(monkeypatch):
 
 
 @pytest.mark.parametrize("layers", [
-    fm.MoEConfig(hidden_size=64, ffn_size=64, num_experts=4, top_k=1), [("tiny", 64)],
+    fm.MoEConfig(hidden_size=64, ffn_size=64, num_experts=4, top_k=1), "layers", 5, [("tiny", 64)],
     [(fm.MoEConfig(hidden_size=64, ffn_size=64, num_experts=4, top_k=1),)],
     [(fm.MoEConfig(hidden_size=64, ffn_size=64, num_experts=4, top_k=1), -5)],
     [(fm.MoEConfig(hidden_size=64, ffn_size=64, num_experts=4, top_k=1), 64, "bogus")]])
@@ -310,6 +310,9 @@ def test_init_sizes_the_heap_for_each_layer_given():
     both = runtime._heap_needed(None, [(cfg, 64), [cfg, np.int64(64), "nvshmem"]], 2)
     assert one == heap_bytes_for(cfg, 2, 64) > 0 and both == one + heap_bytes_for(cfg, 2, 64, "nvshmem")
     assert runtime._heap_needed(1 << 40, [(cfg, 64)], 2) == 1 << 40 and runtime._heap_needed(7, (), 2) == 7
+    # any iterable, None for none
+    assert runtime._heap_needed(None, ((c, t) for c, t in [(cfg, 64)]), 2) == one
+    assert runtime._heap_needed(None, zip([cfg], [64]), 2) == one and runtime._heap_needed(7, None, 2) == 7
 
 
 def test_a_second_init_that_needs_a_larger_heap_is_refused(monkeypatch):
