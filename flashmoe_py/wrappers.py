@@ -16,6 +16,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -25,6 +26,7 @@ FSDP_IGNORED = "_flashmoe_fsdp_ignored"  # on a sharded parameter: prepare_fsdp 
 
 
 _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DDP -> the layers found left alone
+_averaged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DDP -> ids of the parameters its reducer averages
 
 
 class DataParallelError(RuntimeError):
@@ -49,12 +51,24 @@ def _experts(layer) -> list[tuple[str, torch.Tensor | None]]:
     return [(n, layer._parameters.get(n)) for n in EXPERT_WEIGHTS]
 
 
+def _group_ranks(group) -> list[int]:
+    """The global ranks of a process group (None: the default one)."""
+    return sorted(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+
+
 def _check_ddp(layer, ddp: DistributedDataParallel) -> None:
     checked = _checked.setdefault(ddp, weakref.WeakSet())
     if layer not in checked:
+        if _group_ranks(ddp.process_group) != (mine := _group_ranks(layer.process_group)):
+            raise DataParallelError(
+                f"DistributedDataParallel averages over ranks {_group_ranks(ddp.process_group)}, this MoELayer's "
+                f"experts span ranks {mine}: its replicated weights (router, shared experts) would drift apart "
+                "between the ranks DDP does not average over, and no gradient would be the mean loss's. Wrap "
+                "with the layer's process group")
         # what DDP copied from rank 0, and what its reducer averages (which spells names its own way:
         # data_parallel.ddp_spellings)
-        managed = {id(p) for p in [*ddp._module_parameters, *ddp._build_params_for_reducer()[0]]}
+        averaged = _averaged.setdefault(ddp, {id(p) for p in ddp._build_params_for_reducer()[0]})
+        managed = averaged | {id(p) for p in ddp._module_parameters}
         if ddp.broadcast_buffers:
             managed |= {id(b) for b in ddp.modules_buffers}
         copied = [n for n, t in [*_experts(layer), ("expert_ids", layer.expert_ids)] if id(t) in managed]
@@ -64,6 +78,16 @@ def _check_ddp(layer, ddp: DistributedDataParallel) -> None:
                 "experts to every rank when it was built, and averages them. Call fm.prepare_ddp(model) on every "
                 "rank before wrapping (and rebuild the model: this one's experts are rank 0's now)")
         checked.add(layer)
+    # a replicated weight replaced after DDP was built is not averaged (with find_unused_parameters or
+    # static_graph, torch says nothing): its copies would drift apart
+    sharded = set(EXPERT_WEIGHTS)
+    averaged = _averaged[ddp]
+    for name, p in layer._parameters.items():
+        if name not in sharded and p is not None and p.requires_grad and id(p) not in averaged:
+            raise DataParallelError(
+                f"MoELayer.{name} was replaced, or set to require grad, after DistributedDataParallel was built, "
+                "which does not average its gradient: its copies on the ranks would drift apart. Load new values into "
+                f"the existing one (load_state_dict, or layer.{name}.data.copy_(t)), or replace it before wrapping")
     _check_averaged(layer, "DistributedDataParallel", "fm.prepare_ddp(model) before wrapping")
 
 

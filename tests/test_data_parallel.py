@@ -3,6 +3,7 @@ own experts and every gradient is that of the mean of the ranks' losses, the exp
 unprepared, the layer's forward refuses them."""
 
 import pickle
+import re
 import unittest.mock
 
 import numpy as np
@@ -155,6 +156,48 @@ def test_ddp_around_a_bare_layer_keeps_each_rank_s_expert_gradients(dist_pools):
         assert max(errs.values()) <= 1e-5, errs
     for raised in dist_pools(2).run(bare_layer_under_ddp, seed, "names"):
         assert isinstance(raised, str) and "DistributedDataParallel manages this MoELayer's w_in" in raised, raised
+
+
+def ddp_misuse(rank, world, seed: int, how: str) -> str:
+    """A prepared model under DDP over half the ranks ("subgroup"), or whose router weight is a new
+    nn.Parameter set after DDP was built (find_unused_parameters, where torch says nothing), or
+    refreshed in place ("in_place") -> what its forward raised, or "ok" after two steps."""
+    net = model(seed, "autograd")
+    prepare_ddp(net)
+    halves = [dist.new_group(list(range(h, world, 2))) for h in (0, 1)]  # every rank makes every group
+    if how == "subgroup":
+        wrapped = DistributedDataParallel(net, process_group=halves[rank % 2])
+    else:
+        wrapped = DistributedDataParallel(net, find_unused_parameters=True)
+    layer = net[1]
+    x = torch.randn(6, 32)
+    try:
+        for _ in range(2):
+            wrapped(x).sum().backward()
+            if how == "replaced":
+                layer.router_weight = nn.Parameter(layer.router_weight.detach().clone())
+            elif how == "in_place":
+                with torch.no_grad():
+                    layer.router_weight.copy_(layer.router_weight * 0.5)
+    except DataParallelError as e:
+        return str(e)
+    return "ok"
+
+
+@pytest.mark.parametrize("how, says", [
+    ("subgroup", r"DistributedDataParallel averages over ranks \[[0-3], [0-3]\], this MoELayer's experts span ranks "
+                 r"\[0, 1, 2, 3\]"),
+    ("replaced", "MoELayer.router_weight was replaced, or set to require grad, after DistributedDataParallel was "
+                 "built"),
+    ("in_place", "ok")])
+def test_ddp_that_would_leave_replicated_weights_unaveraged_is_refused(dist_pools, how, says):
+    """DDP over fewer ranks than the layer's (its router and shared experts averaged among some
+    ranks only: 1.05 off the mean loss's gradient, copies drifting apart), or a replicated weight
+    replaced after wrapping (its gradient never averaged: torch says nothing with
+    find_unused_parameters or static_graph) trained silently; refused now. Values loaded in place
+    are averaged as before."""
+    for said in dist_pools(4).run(ddp_misuse, fresh_seed(), how):
+        assert re.search(says, said) if says != "ok" else said == "ok", said
 
 
 @pytest.mark.parametrize("how, says", [
