@@ -7,9 +7,11 @@ b_in, b_out, and the expert_ids buffer naming them): DDP would copy rank 0's to 
 would gather a mix of the ranks' experts, both silently. data_parallel.prepare_ddp and
 prepare_fsdp keep them out (FSDP's marked) and set the layer's expert_grad_divisor; a forward
 under a wrapper that manages them, or without the divisor, raises DataParallelError before any
-collective. Reads torch internals that are stable across its releases
-(DistributedDataParallel._get_active_ddp_module, the _is_fsdp_managed_module and _fsdp_flattened
-marks); tests/test_data_parallel.py fails if they change."""
+collective; so does DDP over other ranks than the layer's, or with a replicated weight its
+reducer does not average (replaced or unfrozen after DDP was built). Reads torch internals that
+are stable across its releases (DistributedDataParallel._get_active_ddp_module,
+_module_parameters and _build_params_for_reducer, the _is_fsdp_managed_module and
+_fsdp_flattened marks); tests/test_data_parallel.py fails if they change."""
 
 from __future__ import annotations
 
