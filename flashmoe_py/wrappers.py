@@ -16,6 +16,7 @@ _fsdp_flattened marks); tests/test_data_parallel.py fails if they change."""
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,18 @@ from .config import EXPERT_WEIGHTS
 FSDP_IGNORED = "_flashmoe_fsdp_ignored"  # on a sharded parameter: prepare_fsdp returned it for ignored_params
 
 
-_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DDP -> the layers found left alone
-_averaged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DDP -> ids of the parameters its reducer averages
+SHARDED_WEIGHTS = frozenset(EXPERT_WEIGHTS)
+
+
+class _SeenDDP(NamedTuple):
+    """What _check_ddp keeps of one DDP: the layers found left alone, and the ids of the
+    parameters its reducer averages (read once: it is fixed when DDP is built)."""
+
+    layers: weakref.WeakSet
+    averaged: frozenset[int]
+
+
+_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DDP -> _SeenDDP
 
 
 class DataParallelError(RuntimeError):
@@ -59,8 +70,9 @@ def _group_ranks(group) -> list[int]:
 
 
 def _check_ddp(layer, ddp: DistributedDataParallel) -> None:
-    checked = _checked.setdefault(ddp, weakref.WeakSet())
-    if layer not in checked:
+    if (seen := _seen.get(ddp)) is None:
+        seen = _seen[ddp] = _SeenDDP(weakref.WeakSet(), frozenset(id(p) for p in ddp._build_params_for_reducer()[0]))
+    if layer not in seen.layers:
         if _group_ranks(ddp.process_group) != (mine := _group_ranks(layer.process_group)):
             raise DataParallelError(
                 f"DistributedDataParallel averages over ranks {_group_ranks(ddp.process_group)}, this MoELayer's "
@@ -69,8 +81,7 @@ def _check_ddp(layer, ddp: DistributedDataParallel) -> None:
                 "with the layer's process group")
         # what DDP copied from rank 0, and what its reducer averages (which spells names its own way:
         # data_parallel.ddp_spellings)
-        averaged = _averaged.setdefault(ddp, {id(p) for p in ddp._build_params_for_reducer()[0]})
-        managed = averaged | {id(p) for p in ddp._module_parameters}
+        managed = seen.averaged | {id(p) for p in ddp._module_parameters}
         if ddp.broadcast_buffers:
             managed |= {id(b) for b in ddp.modules_buffers}
         copied = [n for n, t in [*_experts(layer), ("expert_ids", layer.expert_ids)] if id(t) in managed]
@@ -79,13 +90,11 @@ def _check_ddp(layer, ddp: DistributedDataParallel) -> None:
                 f"DistributedDataParallel manages this MoELayer's {', '.join(copied)}: it copied rank 0's "
                 "experts to every rank when it was built, and averages them. Call fm.prepare_ddp(model) on every "
                 "rank before wrapping (and rebuild the model: this one's experts are rank 0's now)")
-        checked.add(layer)
+        seen.layers.add(layer)
     # a replicated weight replaced after DDP was built is not averaged (with find_unused_parameters or
     # static_graph, torch says nothing): its copies would drift apart
-    sharded = set(EXPERT_WEIGHTS)
-    averaged = _averaged[ddp]
     for name, p in layer._parameters.items():
-        if name not in sharded and p is not None and p.requires_grad and id(p) not in averaged:
+        if name not in SHARDED_WEIGHTS and p is not None and p.requires_grad and id(p) not in seen.averaged:
             raise DataParallelError(
                 f"MoELayer.{name} was replaced, or set to require grad, after DistributedDataParallel was built, "
                 "which does not average its gradient: its copies on the ranks would drift apart. Load new values into "

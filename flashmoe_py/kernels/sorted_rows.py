@@ -56,7 +56,7 @@ def sort_rows(x: torch.Tensor, slot_row: torch.Tensor, recv: torch.Tensor) -> No
     slot's row in recv (kernels/plan.RoutingPlan.slot_row: this rank's region at world 1), -1 for
     a dropped slot; recv: [.., H] of x's dtype, holding every row slot_row names."""
     grid, args, kwargs = _launch_args(x, slot_row, recv)
-    if args[3]:
+    if slot_row.numel():
         sort_rows_kernel[grid](*args, **kwargs)
 
 
