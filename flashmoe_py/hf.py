@@ -30,6 +30,7 @@ from .config import DTYPES, ConfigError, MoEConfig
 from .data_parallel import exclude_from_ddp, in_fsdp_class, include_in_ddp, sharded_names
 from .layer import MoELayer, check_dst
 from .runtime import ConsistencyError, on_every_rank
+from .taken_params import take_out
 from .wrappers import DataParallelError
 
 
@@ -73,6 +74,8 @@ class HFMoEBlock(nn.Module):
                  skeleton: nn.Module | None = None):
         super().__init__()
         self.moe, self.router, self.router_output = moe, router, router_output
+        # what the conversion read from the router module (top_k, ...): the layer's config, fixed
+        self._routing = {name: getattr(router, name) for name in ROUTING_ATTRS if hasattr(router, name)}
         # the converted block with its parameters on the meta device (no memory), for to_hf(); not a
         # submodule, so that its parameters are nobody's
         object.__setattr__(self, "_skeleton", skeleton)
@@ -173,10 +176,21 @@ class HFMoEBlock(nn.Module):
                         "or .add_(delta)), which both hold")
         return None
 
+    def _routing_changed(self) -> str | None:
+        """Where a routing attribute of the router module (top_k, ...) no longer holds the value
+        the layer's config was built from (the layer would route as before, silently)."""
+        for name, was in self._routing.items():
+            now = getattr(self.router, name, None)
+            if now != was:
+                return (f"the block's router module ({type(self.router).__name__}) has {name}={now!r}, but its "
+                        f"MoELayer was built from {name}={was!r} and routes by its config, fixed when built: set it "
+                        "back, or unpatch_model, change the transformers block and patch_model again")
+        return None
+
     def forward(self, hidden_states: torch.Tensor):
         if getattr(self.router, "weight", None) is not self.moe.router_weight:  # a wrapper may have none
             raise RuntimeError(self._router_replaced())
-        if (problem := self._bias_replaced()) is not None:
+        if (problem := self._bias_replaced() or self._routing_changed()) is not None:
             raise RuntimeError(problem)
         if _router_hooks_refused(self.router):
             raise RuntimeError(f"the block's router module ({type(self.router).__name__}) has a forward pre-hook or a "
@@ -192,6 +206,9 @@ class HFMoEBlock(nn.Module):
 
 
 ROUTER_TENSORS = ("router_weight", "router_bias", "e_score_correction_bias")  # the router module's own
+# the router module's attributes a conversion reads into the layer's config (or that fix its shape)
+ROUTING_ATTRS = ("top_k", "num_experts", "n_routed_experts", "norm_topk_prob", "num_group", "n_group",
+                 "topk_group", "routed_scaling_factor")
 ROUTER_HOOKS = ("the layer routes with its own router, so a pre-hook could not change its input and a backward "
                 "hook would not see its gradients (its forward hooks see the router's output: they are kept)")
 
@@ -453,6 +470,7 @@ def _build(block: nn.Module, conv: Conversion, trainable: dict[str, bool], **lay
     initialised); its parameters train where the block's did."""
     skeleton = _skeleton(block, conv.router)
     layer_kwargs.setdefault("device", conv.weights["w_in"].device)
+    layer_kwargs.setdefault("seed", 0)  # its weights are loaded below: no draw from torch's generator
     moe = MoELayer(conv.config, **layer_kwargs)
     moe.load_full_weights(**conv.weights, gate_up_layout=conv.gate_up_layout)
     for name, p in moe.named_parameters(recurse=False):
@@ -551,12 +569,21 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         block = getattr(parent, child)
+        before = list(block.named_parameters())
         replacement = _build(block, conv, trainable, **layer_kwargs)
         _move_hooks(block, replacement)
         setattr(parent, child, replacement)
+        _take_out_replaced(name, before, replacement, "patch_model")
     if blocks:
         exclude_from_ddp(model)
     return {name: "replaced" if reason is None else reason for name, reason in decisions}
+
+
+def _take_out_replaced(name: str, before: list[tuple[str, nn.Parameter]], replacement: nn.Module, why: str) -> None:
+    """The parameters the module at `name` held (before) that its replacement does not: an
+    optimizer holding one is refused at its next step (taken_params)."""
+    kept = {id(p) for p in replacement.parameters()}
+    take_out([(f"{name}.{n}", p) for n, p in before if id(p) not in kept], why)
 
 
 def unpatch_model(model: nn.Module) -> dict[str, str]:
@@ -572,9 +599,11 @@ def unpatch_model(model: nn.Module) -> dict[str, str]:
         if isinstance(module, HFMoEBlock):
             parent_name, _, child = name.rpartition(".")
             include_in_ddp(model, [f"{name}.{n}" for n in sharded_names(module)])
+            before = list(module.named_parameters())
             block = module.to_hf()
             _move_hooks(module, block)
             setattr(model.get_submodule(parent_name) if parent_name else model, child, block)
+            _take_out_replaced(name, before, block, "unpatch_model")
             report[name] = "restored"
     return report
 

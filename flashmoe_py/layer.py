@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.fx.node
 from torch import nn
 
 from .backends import capture
@@ -416,9 +417,9 @@ class MoELayer(nn.Module):
             return ValueError(f"x has shape {tuple(x.shape)}; expected [tokens, {cfg.hidden_size}] or "
                               f"[batch, seq, {cfg.hidden_size}] (hidden_size={cfg.hidden_size})")
         if x.dtype != cfg.torch_dtype:
-            autocast = (" (the layer does not follow torch.autocast: build it in the dtype to compute in)"
-                        if torch.is_autocast_enabled(x.device.type) else "")
-            return ValueError(f"x has dtype {x.dtype}; the layer's dtype is {cfg.torch_dtype}{autocast}")
+            # (said whether or not autocast is on here: inside the compiled op it never is)
+            return ValueError(f"x has dtype {x.dtype}; the layer's dtype is {cfg.torch_dtype} (the layer does not "
+                              "follow torch.autocast: build it in the dtype to compute in)")
         if x.device != self.device:
             return ValueError(f"x is on {x.device}; the layer's experts are on {self.device}")
         tokens, limit = x.numel() // cfg.hidden_size, self.options.max_tokens_per_rank
@@ -820,14 +821,22 @@ def _(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_key: 
 
 
 def _setup_moe_forward(ctx, inputs, output) -> None:
-    x, params, _, layer_key, _ = inputs
+    x, params, correction_bias, layer_key, _ = inputs
     ctx.num_params = len(params)
+    # traced with grad off (torch.export under no_grad): no copy of the bias it routed with
+    ctx.bias_lost = correction_bias is not None and len(output) == 1
     ctx.save_for_backward(x, layer_key, *params, *output[1:])
 
 
 def _moe_forward_backward(ctx, grads):
     x, layer_key, *rest = ctx.saved_tensors
     params, bias = rest[:ctx.num_params], rest[ctx.num_params:]
+    if ctx.bias_lost:
+        raise RuntimeError("flashmoe_py's compiled op: this forward was traced without a graph to record (grad mode "
+                           "off, or x and every parameter frozen: torch.export under torch.no_grad?), so it kept no "
+                           "copy of the correction bias it routed with, and its backward cannot route again as it "
+                           "did: export or compile the program with grad enabled and something requiring grad to "
+                           "train through it")
     wanted = [ctx.needs_input_grad[0], *ctx.needs_input_grad[1]]
     got = iter(torch.ops.flashmoe.moe_backward(x, grads[0].contiguous(), params, layer_key,
                                                bias[0] if bias else None, wanted))
@@ -836,6 +845,12 @@ def _moe_forward_backward(ctx, grads):
 
 
 _moe_forward.register_autograd(_moe_forward_backward, setup_context=_setup_moe_forward)
+# Both ops are collective (all-to-alls at world > 1) and count the call (last_stats): never dead code.
+# Without this, inductor dropped a call whose outputs have no elements (a rank with no tokens) where
+# they fed another op (reading a zero-element buffer is a no-op), so that rank skipped the
+# all-to-alls its peers were in.
+torch.fx.node.has_side_effect(torch.ops.flashmoe.moe_forward.default)
+torch.fx.node.has_side_effect(torch.ops.flashmoe.moe_backward.default)
 
 
 def _default_device(distributed: bool) -> torch.device:

@@ -547,6 +547,40 @@ def test_a_compiled_rank_beside_an_eager_one_agrees_on_its_backward_or_raises_on
                 "ops (backward='autograd'); rank(s) [0] the layer's own backward" in s, said
 
 
+def block_with_an_empty_rank(rank, world, seed, mode: str, compiled: bool):
+    """A block h + 2 * layer(h), rank 1 with no tokens, compiled with inductor (torch.compile's
+    default) or eager, mode "no_grad", "grad" or "frozen" (x's gradient only: the backward op's
+    one output has no elements on rank 1) -> (the output, and x's gradient where taken)."""
+    grad = mode != "no_grad"
+    torch._dynamo.reset()
+    cfg = MoEConfig(**SMALL, top_k=2)
+    layer = MoELayer(cfg, seed=seed).requires_grad_(mode != "frozen")
+    block = lambda h: h + 2 * layer(h)  # noqa: E731
+    forward = torch.compile(block, fullgraph=True) if compiled else block
+    import torch._inductor.config as inductor_config  # compiled afresh: the cache's key omits side effects
+    x = torch.randn(6 if rank == 0 else 0, cfg.hidden_size, generator=torch.Generator().manual_seed(seed),
+                    requires_grad=grad)
+    with torch.set_grad_enabled(grad), inductor_config.patch(fx_graph_cache=False):
+        y = forward(x)
+        if grad:
+            y.square().sum().backward()
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "grad", "frozen"])
+def test_a_rank_with_no_tokens_runs_the_compiled_layer_where_its_output_feeds_another_op(dist_pools, mode):
+    """inductor dropped the layer's op on a rank with no tokens where its output (no elements) fed
+    another op (a zero-element load is a no-op, and the op looked free of side effects): that rank
+    skipped the all-to-alls its peer waited in (gloo: "connection closed by peer", or a collective
+    size mismatch with grad; NCCL would wait until its timeout). Both ops are side-effectful now."""
+    seed = fresh_seed()
+    compiled = dist_pools(2).run(block_with_an_empty_rank, seed, mode, True)
+    eager = dist_pools(2).run(block_with_an_empty_rank, seed, mode, False)
+    for (y, dx), (y_ref, dx_ref) in zip(compiled, eager, strict=True):
+        assert y.shape == y_ref.shape and (y.numel() == 0 or rel_err(y, y_ref) <= 1e-5)
+        assert (dx is None) == (dx_ref is None) and (dx is None or dx.numel() == 0 or rel_err(dx, dx_ref) <= 1e-5)
+
+
 @pytest.mark.parametrize("backward", ["autograd", "saved", "recompute", "compiled"])
 def test_gradients_are_taken_at_the_weights_the_forward_ran_with(backward):
     """torch.func.functional_call: the forward runs on other tensors than the layer's, put back

@@ -901,3 +901,61 @@ def test_from_hf_block_leaves_the_block_s_hooks_on_it():
     replacement = from_hf_block(block)
     model(input_ids=torch.randint(0, model.config.vocab_size, (1, 3)))
     assert seen == ["MixtralSparseMoeBlock"] and not replacement._forward_hooks
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "llama4", "deepseek_v3"])
+def test_a_routing_attribute_changed_on_the_router_module_is_refused(kind):
+    """gpt-oss's and Llama-4's routers keep top_k on the router module, which the patched block
+    keeps: set to 1 after patching it was ignored (the patched model 3.1e-1 / 4.8e-1 off the
+    unpatched one's, silently). The layer's config is fixed when built, so the change is refused."""
+    model = tiny_model(kind, 8)
+    patch_model(model)
+    router = moe_block(model).router
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    was = router.top_k
+    router.top_k = 1
+    with pytest.raises(RuntimeError, match=f"has top_k=1, but its MoELayer was built from top_k={was}"):
+        model(input_ids=ids)
+    router.top_k = was
+    model(input_ids=ids)
+
+
+def sgd_step(model, opt, ids):
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_an_optimizer_built_before_patching_or_unpatching_is_refused_at_its_step(kind):
+    """An optimizer built before patch_model held the transformers blocks' tensors, which no longer
+    compute anything: its step trained the rest of the model and left the experts, the router and
+    the shared experts as they were, silently (up to 3.2e-2 off the unpatched step's weights)."""
+    ids = torch.randint(0, 97, (2, 5))
+    model = tiny_model(kind, 9)
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    patch_model(model)
+    with pytest.raises(RuntimeError, match=r"SGD holds \d+ parameter\(s\) no longer in the model, e\.g\. "
+                                           r"model\.layers\.0\.mlp\..*\(patch_model\).*Build the optimizer after"):
+        sgd_step(model, early, ids)
+    model.zero_grad()  # (that backward ran)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built after patching: steps as the unpatched model's
+    sgd_step(model, opt, ids)
+    reference = tiny_model(kind, 9)
+    sgd_step(reference, torch.optim.SGD(reference.parameters(), lr=0.1), ids)
+    unpatch_model(model)
+    trained, want = model.state_dict(), reference.state_dict()
+    assert trained.keys() == want.keys()
+    assert max(rel_err(trained[k], want[k]) for k in want if want[k].is_floating_point()) <= 1e-5
+    with pytest.raises(RuntimeError, match=r"\(unpatch_model\)"):  # checked again: the model changed since
+        opt.step()
+
+
+def test_patch_model_leaves_torch_s_generator_as_it_was():
+    """Each layer drew its seed from torch's default generator (weights it then overwrote with the
+    block's): patching changed a seeded program's later draws."""
+    model = tiny_model("mixtral", 10)
+    torch.manual_seed(5)
+    patch_model(model)
+    after = torch.rand(4)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(4))

@@ -435,10 +435,11 @@ def test_under_autocast_the_layer_computes_in_its_own_dtype_and_says_so_when_x_d
     for when, tensors in got.items():
         assert tensors[0].dtype == torch.float32
         assert all(torch.equal(a, b) for a, b in zip(tensors, want, strict=True)), when
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
-            ValueError, match=r"x has dtype torch.bfloat16; the layer's dtype is torch.float32 \(the layer does "
-                              "not follow torch.autocast"):
-        layer(x.bfloat16())
+    for forward in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):  # compiled: said too
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+                ValueError, match=r"x has dtype torch.bfloat16; the layer's dtype is torch.float32 \(the layer does "
+                                  "not follow torch.autocast"):
+            forward(x.bfloat16())
 
 
 @torch.no_grad()
@@ -1340,3 +1341,25 @@ def test_an_exported_layer_runs_in_its_own_process_and_is_refused_in_another(tmp
     gc.collect()
     with pytest.raises(RuntimeError, match="no MoELayer of this process has op id"), torch.no_grad():
         program.module()(x)
+
+
+@pytest.mark.parametrize("routing", ["softmax_topk", "sigmoid_grouped"])
+def test_a_program_exported_without_grad_trains_or_says_why_not(routing):
+    """Exported under torch.no_grad (as for inference), the forward op keeps no copy of the
+    correction bias it routed with: trained through anyway, sigmoid_grouped's backward raised an
+    internal error (moe_backward's routing_bias); it now says to export with grad enabled. Routings
+    without the bias train as the layer does."""
+    extra = dict(routing=routing, n_group=4, topk_group=2) if routing == "sigmoid_grouped" else {}
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2, **extra), seed=fresh_seed())
+    x = torch.randn(9, SMALL["hidden_size"], device=layer.device)
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,)).module()
+    got, want = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer(want).square().sum().backward()
+    if routing == "sigmoid_grouped":
+        with pytest.raises(RuntimeError, match="traced without a graph to record.*export or compile the program "
+                                               "with grad enabled"):
+            program(got).square().sum().backward()
+    else:
+        program(got).square().sum().backward()
+        assert rel_err(got.grad, want.grad) <= 1e-5
