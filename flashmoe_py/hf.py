@@ -179,8 +179,10 @@ class HFMoEBlock(nn.Module):
     def _routing_changed(self) -> str | None:
         """Where a routing attribute of the router module (top_k, ...) no longer holds the value
         the layer's config was built from (the layer would route as before, silently)."""
-        for name, was in self._routing.items():
-            now = getattr(self.router, name, None)
+        for name, was in getattr(self, "_routing", {}).items():  # (a block pickled before it was kept: none)
+            if not hasattr(self.router, name):  # a wrapper's (peft's LoRA around Llama-4's nn.Linear router)
+                return self._router_replaced()
+            now = getattr(self.router, name)
             if now != was:
                 return (f"the block's router module ({type(self.router).__name__}) has {name}={now!r}, but its "
                         f"MoELayer was built from {name}={was!r} and routes by its config, fixed when built: set it "
@@ -565,25 +567,19 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
         except UnsupportedBlock as e:
             decisions.append((name, str(e)))
     _ranks_agree(decisions, layer_kwargs.get("process_group"))
+    replaced = []  # the blocks' parameters (an optimizer built before holds these)
     for name, conv, trainable in blocks:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         block = getattr(parent, child)
-        before = list(block.named_parameters())
+        replaced += [(f"{name}.{n}", p) for n, p in block.named_parameters()]
         replacement = _build(block, conv, trainable, **layer_kwargs)
         _move_hooks(block, replacement)
         setattr(parent, child, replacement)
-        _take_out_replaced(name, before, replacement, "patch_model")
     if blocks:
         exclude_from_ddp(model)
+    take_out(model, replaced, "patch_model")
     return {name: "replaced" if reason is None else reason for name, reason in decisions}
-
-
-def _take_out_replaced(name: str, before: list[tuple[str, nn.Parameter]], replacement: nn.Module, why: str) -> None:
-    """The parameters the module at `name` held (before) that its replacement does not: an
-    optimizer holding one is refused at its next step (taken_params)."""
-    kept = {id(p) for p in replacement.parameters()}
-    take_out([(f"{name}.{n}", p) for n, p in before if id(p) not in kept], why)
 
 
 def unpatch_model(model: nn.Module) -> dict[str, str]:
@@ -594,17 +590,17 @@ def unpatch_model(model: nn.Module) -> dict[str, str]:
     if isinstance(model, HFMoEBlock):
         raise ValueError("unpatch_model: `model` is itself an HFMoEBlock, which it cannot replace in place: pass "
                          "the module that holds it, or take its transformers block with model.to_hf()")
-    report = {}
+    report, replaced = {}, []
     for name, module in list(model.named_modules()):
         if isinstance(module, HFMoEBlock):
             parent_name, _, child = name.rpartition(".")
             include_in_ddp(model, [f"{name}.{n}" for n in sharded_names(module)])
-            before = list(module.named_parameters())
+            replaced += [(f"{name}.{n}", p) for n, p in module.named_parameters()]
             block = module.to_hf()
             _move_hooks(module, block)
             setattr(model.get_submodule(parent_name) if parent_name else model, child, block)
-            _take_out_replaced(name, before, block, "unpatch_model")
             report[name] = "restored"
+    take_out(model, replaced, "unpatch_model")
     return report
 
 

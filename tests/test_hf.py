@@ -950,6 +950,45 @@ def test_an_optimizer_built_before_patching_or_unpatching_is_refused_at_its_step
         opt.step()
 
 
+def test_parameters_the_model_still_holds_or_holds_again_are_not_refused():
+    """A block's parameter the model also holds elsewhere (tied to a module outside the blocks) was
+    never taken out; a block put back by hand holds its parameters again: an optimizer over
+    model.parameters() steps in both (both were refused, naming a parameter that was there)."""
+    ids = torch.randint(0, 97, (2, 5))
+    model = tiny_model("mixtral", 11)
+    model.tied = nn.Linear(TINY["hidden_size"], 8, bias=False)
+    model.tied.weight = moe_block(model).gate.weight  # [8 experts, hidden]: the router's own tensor
+    blocks = [layer.mlp for layer in model.model.layers]
+    patch_model(model)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for layer, block in zip(model.model.layers, blocks):
+        layer.mlp = block
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sgd_step(model, opt, ids)
+    assert all(p.grad is not None for p in blocks[0].experts.parameters())
+
+
+def test_a_router_module_wrapped_keeps_the_wrapped_message_and_an_old_pickle_runs():
+    """A wrapper without the router's attributes (peft's LoRA around Llama-4's router, an
+    nn.Linear) said "top_k=None ... set it back"; it gets the wrapped-router message. A block
+    pickled before the routing attributes were kept has none to compare: it runs."""
+    model = tiny_model("llama4", 12)
+    patch_model(model)
+    block = moe_block(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    router = block.router
+    block.router = Wrapping(router)
+    block.router.weight = router.weight
+    with pytest.raises(RuntimeError, match="no longer holds its MoELayer's router_weight: it was replaced or wrapped"):
+        model(input_ids=ids)
+    block.router = router
+    del block._routing
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
+
+
 def test_patch_model_leaves_torch_s_generator_as_it_was():
     """Each layer drew its seed from torch's default generator (weights it then overwrote with the
     block's): patching changed a seeded program's later draws."""
