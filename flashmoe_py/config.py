@@ -66,6 +66,7 @@ INT_FIELDS = ("hidden_size", "ffn_size", "num_experts", "top_k", "n_group", "top
 
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32: below, a factor flushes to 0
 
 
 def is_positive_number(value) -> bool:
@@ -77,6 +78,11 @@ def is_positive_number(value) -> bool:
         return math.isfinite(float(value)) and value > 0
     except OverflowError:
         return False
+
+
+def _float32_factor(value) -> bool:
+    """A positive number that float32 holds as a normal number (neither inf nor flushed to 0)."""
+    return is_positive_number(value) and FLOAT32_TINY <= value <= FLOAT32_MAX
 
 
 @dataclass(frozen=True)
@@ -212,16 +218,17 @@ class MoEConfig:
         if self.top_k > self.topk_group * per_group:
             _fail("top_k", self.top_k, f"must be <= topk_group * num_experts / n_group = "
                                        f"{self.topk_group * per_group}: the experts of the kept groups")
-        if not is_positive_number(self.routed_scaling_factor) or self.routed_scaling_factor > FLOAT32_MAX:
+        if not _float32_factor(self.routed_scaling_factor):
             _fail("routed_scaling_factor", self.routed_scaling_factor,
-                  f"must be a number > 0 and <= {FLOAT32_MAX:.4g} (the routing weights are float32)")
+                  f"must be a number in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}] (the routing weights are float32)")
 
     def _check_clamped_swiglu(self) -> None:
         defaults = {"swiglu_alpha": GPT_OSS_SWIGLU_ALPHA, "swiglu_limit": GPT_OSS_SWIGLU_LIMIT}
         for field, default in defaults.items():
             value = getattr(self, field)
-            if not is_positive_number(value):
-                _fail(field, value, "must be a finite number > 0")
+            if not _float32_factor(value):
+                _fail(field, value, f"must be a number in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}] (the activation "
+                                    "computes in float32)")
             if value != default and self.activation != "clamped_swiglu":
                 _fail(field, value, "only activation='clamped_swiglu' uses it "
                                     f"(activation={self.activation!r})")
@@ -388,6 +395,6 @@ PRESETS: dict[str, MoEConfig] = {
 
 def preset(name: str, **overrides) -> MoEConfig:
     """A named preset, optionally with fields overridden (e.g. dtype='float32')."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)

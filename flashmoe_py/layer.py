@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.fx.node
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .backends import capture
 from .backends.flash import FlashBackend
@@ -310,6 +311,10 @@ class MoELayer(nn.Module):
 
     def _check_full_weights(self, given: dict, gate_up_layout: str) -> None:
         """Raise, naming it, for what is wrong with load_full_weights' arguments on this rank."""
+        for name, t in given.items():
+            if isinstance(t, DTensor):
+                raise ValueError(f"{name} is a DTensor; load_full_weights takes the full weight as a plain tensor "
+                                 f"({name}.full_tensor())")
         self.config.check_weights(given)
         check_layout(gate_up_layout)
         if gate_up_layout != "halves" and not self.config.gated:
@@ -333,15 +338,25 @@ class MoELayer(nn.Module):
         (the others {}). With either, the experts are gathered one local expert at a time, so the
         layer's device holds at most one expert of every rank beyond its own; without, in one
         collective a weight."""
-        on_every_rank(lambda: (check_layout(gate_up_layout), check_dst(dst, self.process_group)),
-                      _refused("full_weight_dict"), self.process_group)
-        device = self.device if device is None else torch.device(device)
+        def check() -> None:
+            check_layout(gate_up_layout)
+            check_dst(dst, self.process_group)
+            _as_device(device)
+
+        on_every_rank(check, _refused("full_weight_dict"), self.process_group)
+        device = _as_device(device) or self.device
+        one_by_one = dst is not None or device != self.device
+        plans = from_every_rank((dst, one_by_one), self.process_group)  # the same collectives on every rank
+        if any(plan != plans[0] for plan in plans):
+            raise ConsistencyError(f"full_weight_dict: the ranks' (dst, a gather per local expert) differ: {plans} "
+                                   "(device= other than the layer's, or a dst, gathers one local expert at a time): "
+                                   "pass the same dst, and devices alike, on every rank")
         keep = dst is None or not dist.is_initialized() or dist.get_rank() == dst
         full = {}
         for name in self.config.weight_shapes():
             t = getattr(self, name).detach()
             if name in EXPERT_WEIGHTS:
-                t = self._gathered(t, device, keep, one_by_one=dst is not None or device != self.device)
+                t = self._gathered(t, device, keep, one_by_one=one_by_one)
             elif keep:
                 t = t.to(device, copy=True)
             if keep:
@@ -411,6 +426,9 @@ class MoELayer(nn.Module):
         cfg = self.config
         if not isinstance(x, torch.Tensor):
             return ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if isinstance(x, DTensor):
+            return ValueError("x is a DTensor; the layer takes this rank's tokens as a plain tensor (x.to_local(), "
+                              "or x.full_tensor() where every rank's should be taken)")
         if x.layout != torch.strided:
             return ValueError(f"x is a {x.layout} tensor; the layer takes a dense (strided) one")
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
@@ -553,6 +571,24 @@ class MoELayer(nn.Module):
             return RuntimeError(f"expert_ids holds experts {ids.tolist()} on rank {self.rank}, whose placement puts "
                                 f"{mine} there: {EXPERTS_OVERWRITTEN}")
         self.__dict__["_expert_ids_seen"] = (ids, ids._version)
+        return self._positions_problem()
+
+    def _positions_problem(self) -> Exception | None:
+        """Where the expert_positions buffer (each expert's slot over the ranks, which routes every
+        token) is no longer the placement's, replaced or written since it was last read (it sent
+        tokens to other experts' weights, silently): the error, else None."""
+        positions = self._buffers["expert_positions"]
+        seen = self.__dict__.get("_positions_seen")
+        if seen is not None and seen[0] is positions and seen[1] == positions._version:
+            return None
+        if positions.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        want = self.placement.positions(torch.device("cpu")).tolist()
+        if positions.dim() != 1 or positions.tolist() != want:
+            return RuntimeError(f"expert_positions holds {positions.tolist()}, where the layer's placement puts the "
+                                f"experts at {want}: it is the placement's, fixed when the layer is built (build "
+                                "another layer with placement=..., and load its weights)")
+        self.__dict__["_positions_seen"] = (positions, positions._version)
         return None
 
     def synchronize(self) -> None:
@@ -578,9 +614,16 @@ class MoELayer(nn.Module):
         if marker not in state_dict and not self.config.gated:
             state_dict[marker] = torch.tensor(PAIRS_VERSION)  # one F-wide block: no layout to tell
         if marker in state_dict and int(state_dict[marker]) == HALVES_VERSION:
+            shapes = self.config.weight_shapes()
             for name in GATE_UP_WEIGHTS if self.config.gated else ():  # one F-wide block: nothing to convert
                 if prefix + name in state_dict:
-                    state_dict[prefix + name] = to_pairs(state_dict[prefix + name])
+                    t, want = state_dict[prefix + name], getattr(self, name).shape
+                    if t.shape != want:  # (the conversion needs it: 2F gate and up columns)
+                        error_msgs.append(f"size mismatch for {prefix + name}: copying a param with shape "
+                                          f"{tuple(t.shape)} from checkpoint, the shape in current model is "
+                                          f"{tuple(want)} (the full layer's: {tuple(shapes[name])})")
+                        return
+                    state_dict[prefix + name] = to_pairs(t)
             state_dict[marker] = torch.tensor(PAIRS_VERSION)
         elif marker in state_dict and int(state_dict[marker]) != PAIRS_VERSION:
             error_msgs.append(f"{marker}={int(state_dict[marker])}: a gate/up layout this version does not know")
@@ -851,6 +894,16 @@ _moe_forward.register_autograd(_moe_forward_backward, setup_context=_setup_moe_f
 # all-to-alls its peers were in.
 torch.fx.node.has_side_effect(torch.ops.flashmoe.moe_forward.default)
 torch.fx.node.has_side_effect(torch.ops.flashmoe.moe_backward.default)
+
+
+def _as_device(device) -> torch.device | None:
+    """full_weight_dict's device as a torch.device (None: none given); ValueError naming it."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device: {e}") from None
 
 
 def _default_device(distributed: bool) -> torch.device:

@@ -99,6 +99,11 @@ class ExpertPlacement:
 
     @classmethod
     def from_dict(cls, d: dict) -> ExpertPlacement:
+        keys = ("num_experts", "world_size", "rank_of", "slot_of")
+        missing = [k for k in keys if not isinstance(d, dict) or k not in d]
+        if missing:
+            raise PlacementError(f"ExpertPlacement.from_dict: {missing} missing (to_dict() gives num_experts, "
+                                 "world_size, rank_of, slot_of)")
         return cls(d["num_experts"], d["world_size"], tuple(d["rank_of"]), tuple(d["slot_of"]))
 
     def to_json(self) -> str:
@@ -111,6 +116,10 @@ class ExpertPlacement:
     @classmethod
     def from_rank_lists(cls, experts_by_rank: list[list[int]]) -> ExpertPlacement:
         """Build from, for each rank, the global experts it holds in slot order."""
+        if isinstance(experts_by_rank, (str, bytes)) or not all(
+                isinstance(x, (list, tuple)) for x in experts_by_rank):
+            raise PlacementError(f"experts_by_rank must be a list of lists (each rank's experts in slot order), got "
+                                 f"{experts_by_rank!r}")
         E = sum(len(x) for x in experts_by_rank)
         rank_of, slot_of = [-1] * E, [-1] * E
         for r, experts in enumerate(experts_by_rank):
@@ -142,7 +151,7 @@ class ExpertPlacement:
         refined by pairwise swaps that lower the maximum; the result is never worse than the
         contiguous or round-robin placement, because those are candidates too.
         """
-        load = [float(v) for v in expert_load]
+        load = _loads(expert_load)
         for e, v in enumerate(load):
             if not (math.isfinite(v) and v >= 0):
                 raise PlacementError(f"expert_load must be finite and non-negative; expert_load[{e}]={v}")
@@ -169,11 +178,26 @@ class ExpertPlacement:
         if policy == "round_robin":
             return cls.round_robin(num_experts, world_size)
         if policy == "load_balanced":
-            if expert_load is None or len(expert_load) != num_experts:
+            if expert_load is None or len(_loads(expert_load)) != num_experts:
                 raise PlacementError("policy 'load_balanced' needs expert_load with "
                                      f"num_experts={num_experts} entries")
             return cls.load_balanced(expert_load, world_size)
         raise PlacementError(f"unknown placement policy {policy!r}; known: {POLICIES}")
+
+
+def _loads(expert_load) -> list[float]:
+    """expert_load (a list or tuple of real numbers, or a 1-D tensor or array of them) as floats;
+    else PlacementError naming it."""
+    if hasattr(expert_load, "tolist") and hasattr(expert_load, "ndim"):  # a tensor or an array
+        if expert_load.ndim != 1:
+            raise PlacementError(f"expert_load must be 1-D ([num_experts]), got shape {tuple(expert_load.shape)}")
+        expert_load = expert_load.tolist()
+    if not isinstance(expert_load, (list, tuple)):
+        raise PlacementError(f"expert_load must be a list of per-expert loads, got {type(expert_load).__name__}")
+    for e, v in enumerate(expert_load):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise PlacementError(f"expert_load[{e}]={v!r} must be a real number")
+    return [float(v) for v in expert_load]
 
 
 def _int(value, field: str) -> int:

@@ -114,9 +114,11 @@ def reference_forward(x: torch.Tensor, router_weight: torch.Tensor, w_in: torch.
     up); w_out [E, F, H]; and those of the optional ones the config has (MoELayer.full_weight_dict()
     returns them all). Returns x's shape in compute_dtype. Capacity, if configured, is applied per
     source rank, so pass exactly the tokens one rank routes."""
-    config.check_weights({"router_weight": router_weight, "w_in": w_in, "w_out": w_out, "b_in": b_in,
-                          "b_out": b_out, "shared_w_in": shared_w_in, "shared_w_out": shared_w_out,
-                          "shared_gate_weight": shared_gate_weight})
+    given = {"router_weight": router_weight, "w_in": w_in, "w_out": w_out, "b_in": b_in, "b_out": b_out,
+             "shared_w_in": shared_w_in, "shared_w_out": shared_w_out, "shared_gate_weight": shared_gate_weight}
+    config.check_weights(given)
+    _check_inputs(x, compute_dtype, config, given | {"router_bias": router_bias,
+                                                     "e_score_correction_bias": e_score_correction_bias})
     xc = x.reshape(-1, config.hidden_size).to(compute_dtype)
     weights, experts, kept = reference_routing(xc, router_weight, config, compute_dtype,
                                                router_bias=router_bias,
@@ -124,6 +126,23 @@ def reference_forward(x: torch.Tensor, router_weight: torch.Tensor, w_in: torch.
     return routed_sum(xc, weights, experts, kept, w_in, w_out, config, b_in=b_in, b_out=b_out,
                       shared_w_in=shared_w_in, shared_w_out=shared_w_out,
                       shared_gate_weight=shared_gate_weight).view(x.shape)
+
+
+def _check_inputs(x, compute_dtype, config: MoEConfig, given: dict) -> None:
+    """ValueError naming the argument: x not [T, H] or [B, S, H] of real floating point, a weight
+    not real floating point, compute_dtype not a floating-point torch.dtype (as the layer refuses)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a real floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() not in (2, 3) or x.shape[-1] != config.hidden_size:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected [tokens, {config.hidden_size}] or "
+                         f"[batch, seq, {config.hidden_size}] (hidden_size={config.hidden_size})")
+    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+        raise ValueError(f"compute_dtype must be a floating-point torch.dtype (e.g. torch.float64), got "
+                         f"{compute_dtype!r}")
+    for name, t in given.items():
+        if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            got = getattr(t, "dtype", type(t).__name__)
+            raise ValueError(f"{name} must be a real floating-point tensor, got {got}")
 
 
 def routed_sum(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, kept: torch.Tensor | None,

@@ -280,6 +280,9 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
     list of (MoEConfig, max_tokens_per_rank[, transport]) for the fused layers this process will build (each
     holds its own buffers); a user-set NVSHMEM_SYMMETRIC_SIZE that is too small is refused."""
     global _current
+    if not isinstance(nvshmem, bool):
+        raise ValueError(f"init(nvshmem={nvshmem!r}): expected True or False")
+    _heap_needed(heap_bytes, layers, 1)  # its arguments checked before anything starts
     if _current is not None:
         if nvshmem and not _current.nvshmem:
             raise RuntimeError("flashmoe_py.init(nvshmem=True) after init(nvshmem=False): "
@@ -337,7 +340,10 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
 def _heap_needed(heap_bytes: int | None, layers, world_size: int) -> int | None:
     """The symmetric heap init() is asked for: heap_bytes, or more where `layers` need it (None:
     neither given); `layers` any iterable (None: none); ValueError naming it where an entry is
-    not (MoEConfig, max_tokens_per_rank >= 1[, transport])."""
+    not (MoEConfig, max_tokens_per_rank >= 1[, transport]), or heap_bytes not None nor an int >= 1."""
+    if heap_bytes is not None and not (is_int(as_int(heap_bytes)) and as_int(heap_bytes) >= 1):
+        raise ValueError(f"init(heap_bytes={heap_bytes!r}): expected None or a number of bytes (an int >= 1)")
+    heap_bytes = as_int(heap_bytes)
     if isinstance(layers, (MoEConfig, str, bytes)) or not isinstance(layers, Iterable | None):
         raise ValueError(f"init(layers=...): expected a list of (MoEConfig, max_tokens_per_rank[, transport]) "
                          f"tuples, got {type(layers).__name__}")

@@ -80,11 +80,16 @@ def bad_forward(rank, world, cfg: dict, bad_rank, kind):
     cfg = MoEConfig.from_dict(cfg)
     layer = MoELayer(cfg)
     x = make_tokens(1, rank, 6, cfg.hidden_size, cfg.torch_dtype)
+    if kind == "dtensor":  # (every rank makes the mesh)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Replicate
+        mesh = init_device_mesh("cpu", (world,))
     if rank == bad_rank:
         x = {"hidden": lambda: make_tokens(1, rank, 6, cfg.hidden_size + 1, cfg.torch_dtype),
              "dtype": lambda: x.double(),
              "device": lambda: x.to("meta"),
-             "rank1": lambda: x[0]}[kind]()
+             "rank1": lambda: x[0],
+             "dtensor": lambda: DTensor.from_local(x, mesh, [Replicate()], run_check=False)}[kind]()
     layer(x)
 
 
@@ -174,7 +179,7 @@ def test_dropless_never_drops(dist_pools):
 
 
 @pytest.mark.parametrize("kind,field", [("hidden", "hidden_size"), ("dtype", "dtype"),
-                                        ("device", "meta"), ("rank1", "shape")])
+                                        ("device", "meta"), ("rank1", "shape"), ("dtensor", "x is a DTensor")])
 def test_bad_input_raises_on_every_rank(dist_pools, kind, field):
     out = dist_pools(2).run_all(bad_forward, MoEConfig(**SMALL, top_k=2).to_dict(), 0, kind)
     (ok0, err0), (ok1, err1) = out
@@ -440,6 +445,76 @@ def test_under_autocast_the_layer_computes_in_its_own_dtype_and_says_so_when_x_d
                 ValueError, match=r"x has dtype torch.bfloat16; the layer's dtype is torch.float32 \(the layer does "
                                   "not follow torch.autocast"):
             forward(x.bfloat16())
+
+
+def load_a_dtensor_weight_on_rank_1(rank, world, seed):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+    mesh = init_device_mesh("cpu", (world,))
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=seed)
+    weights = layer.full_weight_dict()
+    if rank == 1:
+        weights["w_out"] = DTensor.from_local(weights["w_out"], mesh, [Replicate()], run_check=False)
+    layer.load_full_weights(**weights)
+
+
+def test_a_dtensor_weight_is_refused_on_every_rank_before_any_is_copied(dist_pools):
+    """load_full_weights took a DTensor w_out on one rank past its checks: that rank failed indexing
+    it after the router's and w_in's copies, and the other waited in the replicas' comparison
+    until the process group's timeout."""
+    (ok0, err0), (ok1, err1) = dist_pools(2).run_all(load_a_dtensor_weight_on_rank_1, fresh_seed())
+    assert not ok1 and err1[0] == "ValueError" and "w_out is a DTensor" in err1[1]
+    assert not ok0 and err0[0] == "ConsistencyError" and "w_out is a DTensor" in err0[1]
+
+
+def full_weights_asked_otherwise_on_rank_1(rank, world, seed, how):
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=seed)
+    asked = {"bad device": {"device": "gpu"}, "dst": {"dst": 0}, "device": {"device": "cpu:0"}}[how]
+    layer.full_weight_dict(**(asked if rank == 1 else {}))
+
+
+@pytest.mark.parametrize("how", ["bad device", "dst", "device"])
+def test_full_weight_dict_asked_otherwise_on_one_rank_raises_on_every_rank(dist_pools, how):
+    """A device torch cannot parse on one rank raised torch's bare error there while the other
+    waited in its gather until the process group's timeout; a dst or a device given on one rank
+    only took other collectives there (one a local expert) and gloo aborted the process."""
+    (ok0, err0), (ok1, err1) = dist_pools(2).run_all(full_weights_asked_otherwise_on_rank_1, fresh_seed(), how)
+    assert not ok0 and not ok1 and err0[0] == "ConsistencyError"
+    if how == "bad device":
+        assert err1[0] == "ValueError" and "device='gpu' is not a device" in err1[1], err1
+    else:
+        assert err1[0] == "ConsistencyError" and "the ranks' (dst, a gather per local expert) differ" in err1[1]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("x [5, 2H]", r"x has shape \(5, 64\)"), ("x 1-D", r"x has shape \(32,\)"), ("x int", "x must be a real"),
+    ("x complex", "x must be a real"), ("compute_dtype str", "compute_dtype must be a floating-point torch.dtype"),
+    ("router_weight int", "router_weight must be a real")])
+def test_reference_forward_refuses_what_the_layer_refuses(bad, match):
+    """The specification read a [5, 2H] x as 10 tokens and gave it back as [5, 2H], dropped a
+    complex x's imaginary part, cast integer x and weights, and failed with torch's bare errors on
+    a string compute_dtype."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    w = MoELayer(cfg, seed=fresh_seed()).full_weight_dict()
+    x, dtype = torch.randn(5, SMALL["hidden_size"]), torch.float64
+    x = {"x [5, 2H]": torch.randn(5, 2 * SMALL["hidden_size"]), "x 1-D": x[0], "x int": x.long(),
+         "x complex": x.to(torch.complex64)}.get(bad, x)
+    dtype = "float64" if bad == "compute_dtype str" else dtype
+    if bad == "router_weight int":
+        w["router_weight"] = w["router_weight"].long()
+    with pytest.raises(ValueError, match=match):
+        reference_forward(x, w.pop("router_weight"), w.pop("w_in"), w.pop("w_out"), cfg, dtype, **w)
+
+
+@pytest.mark.parametrize("shape", [(8, 32, 95), (8, 32), ()])
+def test_a_halves_checkpoint_of_another_shape_is_refused_naming_the_key(shape):
+    """A checkpoint marked as halves converts its gated weights to pairs before load_state_dict's
+    own shape check: a mis-shaped w_in failed inside the conversion with torch's bare error
+    (unflatten's sizes, or an IndexError), naming no key."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=fresh_seed())
+    state = layer.state_dict() | {"w_in": torch.randn(shape), STATE_DICT_MARKER: torch.tensor(HALVES_VERSION)}
+    with pytest.raises(RuntimeError, match=r"size mismatch for w_in: copying a param with shape"):
+        layer.load_state_dict(state)
 
 
 @torch.no_grad()
@@ -1048,6 +1123,24 @@ def ids_replaced_on_rank_1(rank, world) -> tuple:
     if rank == 1:
         layer.expert_ids = torch.tensor([4, 5, 6])  # another shape: no comparison with the placement's
     layer(torch.randn(5, SMALL["hidden_size"]))
+
+
+@pytest.mark.parametrize("how", ["assigned", "written in place"])
+def test_expert_positions_replaced_or_written_is_refused(how):
+    """The buffer that sends each slot to its expert's rank and slot, overwritten, routed tokens to
+    other experts' weights silently (1.49 off the reference): it is the placement's, refused."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=fresh_seed())
+    x = torch.randn(6, SMALL["hidden_size"])
+    layer(x)
+    reversed_ = layer.expert_positions.flip(0)
+    if how == "assigned":
+        layer.expert_positions = reversed_
+    else:
+        layer.expert_positions.copy_(reversed_)
+    with pytest.raises(RuntimeError, match="expert_positions holds .* it is the placement's"):
+        layer(x)
+    layer.expert_positions.copy_(reversed_.flip(0))  # the placement's again: taken
+    assert rel_err(layer(x), reference_forward(x, *layer.full_weights(), layer.config)) <= 1e-5
 
 
 def test_an_expert_ids_buffer_of_another_shape_on_one_rank_raises_on_every_rank(dist_pools):

@@ -4,6 +4,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from flashmoe_py import ExpertPlacement, PlacementError
 
@@ -111,3 +112,29 @@ def test_numpy_integers_are_taken_as_ints():
 def test_load_balanced_needs_finite_non_negative_loads(bad):
     with pytest.raises(PlacementError, match=f"finite and non-negative; expert_load\\[7\\]={bad}"):
         ExpertPlacement.load_balanced([1] * 7 + [bad], 2)
+
+
+@pytest.mark.parametrize("load, match", [
+    ("1234", "expert_load must be a list of per-expert loads, got str"),  # was read as loads 1, 2, 3, 4
+    (["a", "b"], r"expert_load\[0\]='a' must be a real number"),
+    (torch.ones(2, 2), r"expert_load must be 1-D \(\[num_experts\]\), got shape \(2, 2\)"),
+    (5, "got int"), (None, "got NoneType"), ([1 + 1j, 1], r"expert_load\[0\]=\(1\+1j\) must be a real number")])
+def test_load_balanced_names_expert_load_when_it_is_no_list_of_real_loads(load, match):
+    with pytest.raises(PlacementError, match=match):
+        ExpertPlacement.load_balanced(load, 2)
+
+
+def test_load_balanced_takes_a_tensor_or_an_array_of_loads():
+    load = [5.0, 1.0, 1.0, 5.0]
+    want = ExpertPlacement.load_balanced(load, 2)
+    assert ExpertPlacement.load_balanced(torch.tensor(load), 2) == want
+    assert ExpertPlacement.build("load_balanced", 4, 2, np.array(load)) == want
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ExpertPlacement.from_rank_lists([0, 1]), "experts_by_rank must be a list of lists"),
+    (lambda: ExpertPlacement.from_dict({"num_experts": 4}), r"\['world_size', 'rank_of', 'slot_of'\] missing"),
+    (lambda: ExpertPlacement.build("load_balanced", 4, 2, np.float64(3)), "expert_load must be 1-D")])
+def test_malformed_placement_arguments_are_refused_naming_them(call, match):
+    with pytest.raises(PlacementError, match=match):
+        call()

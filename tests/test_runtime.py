@@ -304,6 +304,18 @@ def test_init_refuses_layers_it_cannot_size_the_heap_for_naming_the_argument(lay
         runtime._heap_needed(None, layers, 1)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"heap_bytes": -1}, r"init\(heap_bytes=-1\): expected None or a number of bytes"),
+    ({"heap_bytes": "lots"}, r"init\(heap_bytes='lots'\)"), ({"heap_bytes": 1.5}, r"init\(heap_bytes=1.5\)"),
+    ({"nvshmem": "no"}, r"init\(nvshmem='no'\): expected True or False")])
+def test_init_refuses_a_heap_size_or_an_nvshmem_flag_it_cannot_take(kwargs, match):
+    """heap_bytes=-1 went to NVSHMEM as NVSHMEM_SYMMETRIC_SIZE='-1', a string failed a comparison
+    inside the sizing, and nvshmem='no' was taken as True; refused before anything starts."""
+    with pytest.raises(ValueError, match=match):
+        fm.init(**{"nvshmem": False, **kwargs})
+    assert runtime._current is None
+
+
 def test_init_sizes_the_heap_for_each_layer_given():
     cfg = fm.MoEConfig(hidden_size=64, ffn_size=64, num_experts=4, top_k=1)
     one = runtime._heap_needed(None, [(cfg, 64)], 2)
