@@ -368,7 +368,8 @@ class MoELayer(nn.Module):
         """Every rank's rows of the per-expert t [L, ...] as [E, ...] on `device` in global expert
         order (None where not keep), gathered from every rank of the group (collective), in one
         collective or one local expert a collective."""
-        order = torch.argsort(self.expert_positions).to(device)  # position r·L + i holds expert order[..]
+        # position r·L + i holds expert order[..] (the placement's: the buffer may have been written)
+        order = torch.argsort(self.placement.positions()).to(device)
         if self.world_size == 1 or not one_by_one:
             if self.world_size > 1:
                 parts = [torch.empty_like(t) for _ in range(self.world_size)]
@@ -563,9 +564,9 @@ class MoELayer(nn.Module):
         ids = self._buffers["expert_ids"]  # not through Module.__getattr__: ~1.5 us a forward
         seen = self.__dict__.get("_expert_ids_seen")
         if ids.is_cuda and seen is not None and seen[0] is ids and seen[1] == ids._version:
-            return None
+            return self._positions_problem()
         if ids.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
+            return self._positions_problem()
         mine = self.placed_experts
         if ids.tolist() != mine:
             return RuntimeError(f"expert_ids holds experts {ids.tolist()} on rank {self.rank}, whose placement puts "
@@ -575,15 +576,16 @@ class MoELayer(nn.Module):
 
     def _positions_problem(self) -> Exception | None:
         """Where the expert_positions buffer (each expert's slot over the ranks, which routes every
-        token) is no longer the placement's, replaced or written since it was last read (it sent
-        tokens to other experts' weights, silently): the error, else None."""
+        token) is no longer the placement's (it sent tokens to other experts' weights, silently):
+        the error, else None. Read as expert_ids is: every forward on the CPU; on a GPU where
+        replaced or written through autograd's version counter, never during a capture."""
         positions = self._buffers["expert_positions"]
         seen = self.__dict__.get("_positions_seen")
-        if seen is not None and seen[0] is positions and seen[1] == positions._version:
+        if positions.is_cuda and seen is not None and seen[0] is positions and seen[1] == positions._version:
             return None
         if positions.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
-        want = self.placement.positions(torch.device("cpu")).tolist()
+        want = self.placement.position_list
         if positions.dim() != 1 or positions.tolist() != want:
             return RuntimeError(f"expert_positions holds {positions.tolist()}, where the layer's placement puts the "
                                 f"experts at {want}: it is the placement's, fixed when the layer is built (build "

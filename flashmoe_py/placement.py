@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -77,11 +78,15 @@ class ExpertPlacement:
                       if r == rank)
         return [e for _, e in held]
 
+    @property
+    def position_list(self) -> list[int]:
+        """rank_of[e] * local_experts + slot_of[e] for each expert e: its place in the (rank, slot)
+        order that dispatch sorts by."""
+        return [r * self.local_experts + s for r, s in zip(self.rank_of, self.slot_of)]
+
     def positions(self, device=None) -> torch.Tensor:
-        """[num_experts] int64: rank_of[e] * local_experts + slot_of[e], the expert's place in the
-        (rank, slot) order that dispatch sorts by."""
-        pos = [r * self.local_experts + s for r, s in zip(self.rank_of, self.slot_of)]
-        return torch.tensor(pos, dtype=torch.int64, device=device)
+        """position_list as a [num_experts] int64 tensor."""
+        return torch.tensor(self.position_list, dtype=torch.int64, device=device)
 
     def rank_loads(self, expert_load) -> list[float]:
         """Sum of `expert_load` ([num_experts]) over the experts each rank holds."""
@@ -100,7 +105,7 @@ class ExpertPlacement:
     @classmethod
     def from_dict(cls, d: dict) -> ExpertPlacement:
         keys = ("num_experts", "world_size", "rank_of", "slot_of")
-        missing = [k for k in keys if not isinstance(d, dict) or k not in d]
+        missing = [k for k in keys if not isinstance(d, Mapping) or k not in d]
         if missing:
             raise PlacementError(f"ExpertPlacement.from_dict: {missing} missing (to_dict() gives num_experts, "
                                  "world_size, rank_of, slot_of)")
@@ -117,7 +122,7 @@ class ExpertPlacement:
     def from_rank_lists(cls, experts_by_rank: list[list[int]]) -> ExpertPlacement:
         """Build from, for each rank, the global experts it holds in slot order."""
         if isinstance(experts_by_rank, (str, bytes)) or not all(
-                isinstance(x, (list, tuple)) for x in experts_by_rank):
+                hasattr(x, "__len__") and not isinstance(x, (str, bytes)) for x in experts_by_rank):
             raise PlacementError(f"experts_by_rank must be a list of lists (each rank's experts in slot order), got "
                                  f"{experts_by_rank!r}")
         E = sum(len(x) for x in experts_by_rank)
@@ -178,26 +183,29 @@ class ExpertPlacement:
         if policy == "round_robin":
             return cls.round_robin(num_experts, world_size)
         if policy == "load_balanced":
-            if expert_load is None or len(_loads(expert_load)) != num_experts:
+            load = None if expert_load is None else _loads(expert_load)  # (once: it may be a generator)
+            if load is None or len(load) != num_experts:
                 raise PlacementError("policy 'load_balanced' needs expert_load with "
                                      f"num_experts={num_experts} entries")
-            return cls.load_balanced(expert_load, world_size)
+            return cls.load_balanced(load, world_size)
         raise PlacementError(f"unknown placement policy {policy!r}; known: {POLICIES}")
 
 
 def _loads(expert_load) -> list[float]:
-    """expert_load (a list or tuple of real numbers, or a 1-D tensor or array of them) as floats;
-    else PlacementError naming it."""
-    if hasattr(expert_load, "tolist") and hasattr(expert_load, "ndim"):  # a tensor or an array
-        if expert_load.ndim != 1:
-            raise PlacementError(f"expert_load must be 1-D ([num_experts]), got shape {tuple(expert_load.shape)}")
-        expert_load = expert_load.tolist()
-    if not isinstance(expert_load, (list, tuple)):
-        raise PlacementError(f"expert_load must be a list of per-expert loads, got {type(expert_load).__name__}")
-    for e, v in enumerate(expert_load):
+    """expert_load (an iterable of real numbers: a list, a 1-D tensor or array, 0-d tensors, a
+    generator) as floats; else PlacementError naming it."""
+    if getattr(expert_load, "ndim", 1) != 1:
+        raise PlacementError(f"expert_load must be 1-D ([num_experts]), got shape {tuple(expert_load.shape)}")
+    if isinstance(expert_load, (str, bytes)) or not isinstance(expert_load, Iterable):
+        raise PlacementError(f"expert_load must be an iterable of per-expert loads, got {type(expert_load).__name__}")
+    load = []
+    for e, v in enumerate(expert_load.tolist() if hasattr(expert_load, "tolist") else expert_load):
+        if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # a 0-d tensor or array
+            v = v.item()
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise PlacementError(f"expert_load[{e}]={v!r} must be a real number")
-    return [float(v) for v in expert_load]
+        load.append(float(v))
+    return load
 
 
 def _int(value, field: str) -> int:

@@ -280,8 +280,9 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
     list of (MoEConfig, max_tokens_per_rank[, transport]) for the fused layers this process will build (each
     holds its own buffers); a user-set NVSHMEM_SYMMETRIC_SIZE that is too small is refused."""
     global _current
-    if not isinstance(nvshmem, bool):
+    if isinstance(nvshmem, (str, bytes)) or nvshmem not in (True, False):  # (0, 1, numpy's bools too)
         raise ValueError(f"init(nvshmem={nvshmem!r}): expected True or False")
+    nvshmem = bool(nvshmem)
     _heap_needed(heap_bytes, layers, 1)  # its arguments checked before anything starts
     if _current is not None:
         if nvshmem and not _current.nvshmem:

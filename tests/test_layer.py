@@ -1125,22 +1125,30 @@ def ids_replaced_on_rank_1(rank, world) -> tuple:
     layer(torch.randn(5, SMALL["hidden_size"]))
 
 
-@pytest.mark.parametrize("how", ["assigned", "written in place"])
+@pytest.mark.parametrize("how", ["assigned", "written in place", "written through .data"])
 def test_expert_positions_replaced_or_written_is_refused(how):
     """The buffer that sends each slot to its expert's rank and slot, overwritten, routed tokens to
-    other experts' weights silently (1.49 off the reference): it is the placement's, refused."""
+    other experts' weights silently (1.49 off the reference): it is the placement's, refused (a
+    write through .data too, which autograd's version counter does not see). The weights export
+    by the placement meanwhile, not by the buffer (they came out permuted)."""
     layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=fresh_seed())
     x = torch.randn(6, SMALL["hidden_size"])
+    want = layer.full_weight_dict()
     layer(x)
     reversed_ = layer.expert_positions.flip(0)
     if how == "assigned":
         layer.expert_positions = reversed_
-    else:
+    elif how == "written in place":
         layer.expert_positions.copy_(reversed_)
+    else:
+        layer.expert_positions.data.copy_(reversed_)
     with pytest.raises(RuntimeError, match="expert_positions holds .* it is the placement's"):
         layer(x)
+    got = layer.full_weight_dict()
+    assert all(torch.equal(got[n], want[n]) for n in want)
     layer.expert_positions.copy_(reversed_.flip(0))  # the placement's again: taken
-    assert rel_err(layer(x), reference_forward(x, *layer.full_weights(), layer.config)) <= 1e-5
+    with torch.no_grad():
+        assert rel_err(layer(x), reference_forward(x, *layer.full_weights(), layer.config)) <= 1e-5
 
 
 def test_an_expert_ids_buffer_of_another_shape_on_one_rank_raises_on_every_rank(dist_pools):

@@ -1,6 +1,7 @@
 """Expert placement policies: exact cover, serialisation, and load balancing."""
 
 import random
+import types
 
 import numpy as np
 import pytest
@@ -115,20 +116,31 @@ def test_load_balanced_needs_finite_non_negative_loads(bad):
 
 
 @pytest.mark.parametrize("load, match", [
-    ("1234", "expert_load must be a list of per-expert loads, got str"),  # was read as loads 1, 2, 3, 4
+    ("1234", "expert_load must be an iterable of per-expert loads, got str"),  # was read as loads 1, 2, 3, 4
     (["a", "b"], r"expert_load\[0\]='a' must be a real number"),
     (torch.ones(2, 2), r"expert_load must be 1-D \(\[num_experts\]\), got shape \(2, 2\)"),
-    (5, "got int"), (None, "got NoneType"), ([1 + 1j, 1], r"expert_load\[0\]=\(1\+1j\) must be a real number")])
+    (5, "got int"), (None, "got NoneType"), (torch.tensor(3.0), r"must be 1-D .*got shape \(\)"),
+    ([1 + 1j, 1], r"expert_load\[0\]=\(1\+1j\) must be a real number")])
 def test_load_balanced_names_expert_load_when_it_is_no_list_of_real_loads(load, match):
     with pytest.raises(PlacementError, match=match):
         ExpertPlacement.load_balanced(load, 2)
 
 
-def test_load_balanced_takes_a_tensor_or_an_array_of_loads():
+def test_load_balanced_takes_any_iterable_of_real_loads():
+    """Tensors, arrays, a list of 0-d tensors (a tensor's entries), generators and dict views."""
     load = [5.0, 1.0, 1.0, 5.0]
     want = ExpertPlacement.load_balanced(load, 2)
-    assert ExpertPlacement.load_balanced(torch.tensor(load), 2) == want
+    counts = torch.tensor(load)
+    for given in (counts, np.array(load), list(counts), (v for v in load), dict(enumerate(load)).values(),
+                  range(4)):
+        expected = want if not isinstance(given, range) else ExpertPlacement.load_balanced([0, 1, 2, 3], 2)
+        assert ExpertPlacement.load_balanced(given, 2) == expected
     assert ExpertPlacement.build("load_balanced", 4, 2, np.array(load)) == want
+    assert ExpertPlacement.build("load_balanced", 4, 2, (v for v in load)) == want
+    assert ExpertPlacement.from_rank_lists(np.array_split(np.arange(4), 2)) == ExpertPlacement.contiguous(4, 2)
+    assert ExpertPlacement.from_rank_lists([range(0, 2), range(2, 4)]) == ExpertPlacement.contiguous(4, 2)
+    d = ExpertPlacement.round_robin(4, 2).to_dict()
+    assert ExpertPlacement.from_dict(types.MappingProxyType(d)) == ExpertPlacement.round_robin(4, 2)
 
 
 @pytest.mark.parametrize("call, match", [
