@@ -283,7 +283,7 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
     if isinstance(nvshmem, (str, bytes)) or nvshmem not in (True, False):  # (0, 1, numpy's bools too)
         raise ValueError(f"init(nvshmem={nvshmem!r}): expected True or False")
     nvshmem = bool(nvshmem)
-    _heap_needed(heap_bytes, layers, 1)  # its arguments checked before anything starts
+    heap_bytes, layers = _heap_args(heap_bytes, layers)  # checked before anything starts; an iterator read once
     if _current is not None:
         if nvshmem and not _current.nvshmem:
             raise RuntimeError("flashmoe_py.init(nvshmem=True) after init(nvshmem=False): "
@@ -340,8 +340,17 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
 
 def _heap_needed(heap_bytes: int | None, layers, world_size: int) -> int | None:
     """The symmetric heap init() is asked for: heap_bytes, or more where `layers` need it (None:
-    neither given); `layers` any iterable (None: none); ValueError naming it where an entry is
-    not (MoEConfig, max_tokens_per_rank >= 1[, transport]), or heap_bytes not None nor an int >= 1."""
+    neither given); the arguments as _heap_args takes them."""
+    heap_bytes, layers = _heap_args(heap_bytes, layers)
+    if layers:
+        return max(heap_bytes or 0, sum(heap_bytes_for(c, world_size, as_int(t), *rest) for c, t, *rest in layers))
+    return heap_bytes
+
+
+def _heap_args(heap_bytes, layers) -> tuple[int | None, list]:
+    """init's heap_bytes (None or an int >= 1) and layers (any iterable, None: none, of
+    (MoEConfig, max_tokens_per_rank >= 1[, transport])) -> (heap_bytes as an int, layers as a
+    list); ValueError naming the argument or entry that is not so."""
     if heap_bytes is not None and not (is_int(as_int(heap_bytes)) and as_int(heap_bytes) >= 1):
         raise ValueError(f"init(heap_bytes={heap_bytes!r}): expected None or a number of bytes (an int >= 1)")
     heap_bytes = as_int(heap_bytes)
@@ -357,9 +366,7 @@ def _heap_needed(heap_bytes: int | None, layers, world_size: int) -> int | None:
         if not fits:
             raise ValueError(f"init(layers=...): entry {i} is {entry!r}; expected (MoEConfig, max_tokens_per_rank "
                              f"(an int >= 1)[, transport, one of {TRANSPORTS}])")
-    if layers:
-        return max(heap_bytes or 0, sum(heap_bytes_for(c, world_size, as_int(t), *rest) for c, t, *rest in layers))
-    return heap_bytes
+    return heap_bytes, layers
 
 
 def finalize() -> None:
