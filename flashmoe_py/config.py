@@ -80,6 +80,14 @@ def is_positive_number(value) -> bool:
         return False
 
 
+def x_shape_problem(x: torch.Tensor, hidden_size: int) -> str | None:
+    """What is wrong with x's shape for a layer of hidden_size ([tokens, H] or [batch, seq, H]), or None."""
+    if x.dim() not in (2, 3) or x.shape[-1] != hidden_size:
+        return (f"x has shape {tuple(x.shape)}; expected [tokens, {hidden_size}] or [batch, seq, {hidden_size}] "
+                f"(hidden_size={hidden_size})")
+    return None
+
+
 def _float32_factor(value) -> bool:
     """A positive number that float32 holds as a normal number (neither inf nor flushed to 0)."""
     return is_positive_number(value) and FLOAT32_TINY <= value <= FLOAT32_MAX

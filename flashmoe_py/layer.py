@@ -19,7 +19,8 @@ from .backends.flash import FlashBackend
 from .backends.explicit_backward import (bound_parameters, explicit_forward, moe_backward, parameters_problem,
                                          routing_bias_now, without_autocast)
 from .backends.torch_ep import AUTOGRAD, EXPLICIT, TorchEPBackend
-from .config import EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHT_NEEDS, WEIGHTS, MoEConfig, as_int, is_int
+from .config import (EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHT_NEEDS, WEIGHTS, MoEConfig, as_int, is_int,
+                     x_shape_problem)
 from .gate_up import (HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, check_layout, to_halves, to_interleaved,
                       to_pairs)
 from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
@@ -147,7 +148,8 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
         # the global expert in each of this rank's slots: a state_dict must hold the same ones
         self.register_buffer("expert_ids", torch.tensor(self.placed_experts, device=self.device))
-        self.__dict__["_expert_ids_seen"] = (self.expert_ids, self.expert_ids._version)  # _expert_ids_problem
+        for name in ("expert_ids", "expert_positions"):  # _placement_buffer_problem: as built
+            self.__dict__[f"_{name}_seen"] = (self._buffers[name], self._buffers[name]._version)
         self.reset_parameters(seed)
         self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
         self.last_stats: MoEStats | None = None
@@ -432,9 +434,8 @@ class MoELayer(nn.Module):
                               "or x.full_tensor() where every rank's should be taken)")
         if x.layout != torch.strided:
             return ValueError(f"x is a {x.layout} tensor; the layer takes a dense (strided) one")
-        if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
-            return ValueError(f"x has shape {tuple(x.shape)}; expected [tokens, {cfg.hidden_size}] or "
-                              f"[batch, seq, {cfg.hidden_size}] (hidden_size={cfg.hidden_size})")
+        if (shape := x_shape_problem(x, cfg.hidden_size)) is not None:
+            return ValueError(shape)
         if x.dtype != cfg.torch_dtype:
             # (said whether or not autocast is on here: inside the compiled op it never is)
             return ValueError(f"x has dtype {x.dtype}; the layer's dtype is {cfg.torch_dtype} (the layer does not "
@@ -556,41 +557,35 @@ class MoELayer(nn.Module):
 
     def _expert_ids_problem(self) -> Exception | None:
         """Where the expert_ids buffer no longer names this rank's experts (a checkpoint loaded into
-        the state_dict's tensors, a broadcast of the model's buffers): the error (raised on every
-        rank by the backend), else None. Read every forward on the CPU; on a GPU only when written
-        through autograd's version counter (a collective's or .data's write is not: backend torch's
-        exchange compares the values on the device at world > 1), and never during a CUDA graph
-        capture."""
-        ids = self._buffers["expert_ids"]  # not through Module.__getattr__: ~1.5 us a forward
-        seen = self.__dict__.get("_expert_ids_seen")
-        if ids.is_cuda and seen is not None and seen[0] is ids and seen[1] == ids._version:
-            return self._positions_problem()
-        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
-            return self._positions_problem()
-        mine = self.placed_experts
-        if ids.tolist() != mine:
-            return RuntimeError(f"expert_ids holds experts {ids.tolist()} on rank {self.rank}, whose placement puts "
-                                f"{mine} there: {EXPERTS_OVERWRITTEN}")
-        self.__dict__["_expert_ids_seen"] = (ids, ids._version)
-        return self._positions_problem()
+        the state_dict's tensors, a broadcast of the model's buffers), or the expert_positions
+        buffer (each expert's place over the ranks, which routes every token) is no longer the
+        placement's (it sent tokens to other experts' weights, silently): the error (raised on
+        every rank by the backend), else None."""
+        ids = self._placement_buffer_problem("expert_ids", lambda: self.placed_experts)
+        if ids is not None:
+            return RuntimeError(f"expert_ids holds experts {ids[0]} on rank {self.rank}, whose placement puts "
+                                f"{ids[1]} there: {EXPERTS_OVERWRITTEN}")
+        positions = self._placement_buffer_problem("expert_positions", lambda: self.placement.position_list)
+        if positions is not None:
+            return RuntimeError(f"expert_positions holds {positions[0]}, where the layer's placement puts the "
+                                f"experts at {positions[1]}: it is the placement's, fixed when the layer is built "
+                                "(build another layer with placement=..., and load its weights)")
+        return None
 
-    def _positions_problem(self) -> Exception | None:
-        """Where the expert_positions buffer (each expert's slot over the ranks, which routes every
-        token) is no longer the placement's (it sent tokens to other experts' weights, silently):
-        the error, else None. Read as expert_ids is: every forward on the CPU; on a GPU where
-        replaced or written through autograd's version counter, never during a capture."""
-        positions = self._buffers["expert_positions"]
-        seen = self.__dict__.get("_positions_seen")
-        if positions.is_cuda and seen is not None and seen[0] is positions and seen[1] == positions._version:
+    def _placement_buffer_problem(self, name: str, want) -> tuple[list, list] | None:
+        """(what buffer `name` holds, want()) where they differ, else None. Read every forward on the
+        CPU; on a GPU only when replaced or written through autograd's version counter (a
+        collective's or .data's write is not: backend torch's exchange compares expert_ids on the
+        device at world > 1), and never during a CUDA graph capture."""
+        t = self._buffers[name]  # not through Module.__getattr__: ~1.5 us a forward
+        seen = self.__dict__.get(f"_{name}_seen")
+        if t.is_cuda and (seen is not None and seen[0] is t and seen[1] == t._version
+                          or torch.cuda.is_current_stream_capturing()):
             return None
-        if positions.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        want = self.placement.position_list
-        if positions.dim() != 1 or positions.tolist() != want:
-            return RuntimeError(f"expert_positions holds {positions.tolist()}, where the layer's placement puts the "
-                                f"experts at {want}: it is the placement's, fixed when the layer is built (build "
-                                "another layer with placement=..., and load its weights)")
-        self.__dict__["_positions_seen"] = (positions, positions._version)
+        got, wanted = t.tolist(), want()
+        if got != wanted:
+            return got, wanted
+        self.__dict__[f"_{name}_seen"] = (t, t._version)
         return None
 
     def synchronize(self) -> None:

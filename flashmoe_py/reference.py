@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT, MoEConfig
+from .config import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT, MoEConfig, x_shape_problem
 from .gate_up import gate_and_up
 
 
@@ -133,9 +133,8 @@ def _check_inputs(x, compute_dtype, config: MoEConfig, given: dict) -> None:
     not real floating point, compute_dtype not a floating-point torch.dtype (as the layer refuses)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"x must be a real floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.dim() not in (2, 3) or x.shape[-1] != config.hidden_size:
-        raise ValueError(f"x has shape {tuple(x.shape)}; expected [tokens, {config.hidden_size}] or "
-                         f"[batch, seq, {config.hidden_size}] (hidden_size={config.hidden_size})")
+    if (shape := x_shape_problem(x, config.hidden_size)) is not None:
+        raise ValueError(shape)
     if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
         raise ValueError(f"compute_dtype must be a floating-point torch.dtype (e.g. torch.float64), got "
                          f"{compute_dtype!r}")

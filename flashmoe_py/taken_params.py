@@ -11,7 +11,6 @@ the set of taken-out parameters has changed since its last step."""
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from collections.abc import Iterable
 
@@ -20,8 +19,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 _TAKEN: dict[int, tuple[weakref.ref, str, weakref.ref]] = {}  # id(parameter) -> (it, where it was, its model)
-_CHANGES = itertools.count(1)
-_STATE = {"change": 0, "hook": None}
+_STATE = {"change": 0, "hook": None}  # take_out's calls so far; the hook, once registered
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (change, parameter count)
 
 
@@ -37,7 +35,7 @@ def take_out(model: nn.Module, params: Iterable[tuple[str, torch.Tensor]], why: 
         key = id(p)
         _TAKEN[key] = (weakref.ref(p, lambda _, key=key: _TAKEN.pop(key, None)), f"{name} ({why})",
                        weakref.ref(model))
-    _STATE["change"] = next(_CHANGES)
+    _STATE["change"] += 1
     if _STATE["hook"] is None:
         _STATE["hook"] = register_optimizer_step_pre_hook(_refuse_taken)
 
@@ -46,11 +44,13 @@ def _still_taken(params: list[torch.Tensor]) -> list[str]:
     """Where each of params that was taken out of a model was ("<name> (<why>)"), but for those
     their model holds again (put back by hand), whose entries go."""
     found = [(p, entry) for p in params if (entry := _TAKEN.get(id(p))) is not None and entry[0]() is p]
-    held: dict[int, set[int]] = {}  # id(model) -> ids of its parameters now
+    held: dict[int, set[int]] = {}  # id(model) -> ids of its parameters now, read once a model
     stale = []
     for p, (_, where, model_ref) in found:
         model = model_ref()
-        if model is not None and id(p) in held.setdefault(id(model), {id(q) for q in model.parameters()}):
+        if model is not None and id(model) not in held:
+            held[id(model)] = {id(q) for q in model.parameters()}
+        if model is not None and id(p) in held[id(model)]:
             _TAKEN.pop(id(p), None)
         else:
             stale.append(where)
@@ -60,11 +60,10 @@ def _still_taken(params: list[torch.Tensor]) -> list[str]:
 @torch.compiler.disable
 def _refuse_taken(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """The step pre-hook: RuntimeError where the optimizer holds a parameter taken out."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    seen = (_STATE["change"], len(params))
-    if _CHECKED.get(optimizer) == seen:
+    seen = (_STATE["change"], sum(len(group["params"]) for group in optimizer.param_groups))
+    if _CHECKED.get(optimizer) == seen:  # (every step: no list of its parameters made here)
         return
-    stale = _still_taken(params)
+    stale = _still_taken([p for group in optimizer.param_groups for p in group["params"]])
     if stale:
         raise RuntimeError(
             f"{type(optimizer).__name__} holds {len(stale)} parameter(s) no longer in the model, e.g. {stale[0]}: "
