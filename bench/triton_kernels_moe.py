@@ -36,10 +36,10 @@ def available() -> str | None:
     return None
 
 
-def swiglu_gemm1(w_in: torch.Tensor, b_in: torch.Tensor | None, activation: str = "swiglu",
+def swiglu_gemm1(w_in: torch.Tensor, bias_in: torch.Tensor | None, activation: str = "swiglu",
                  swiglu_alpha: float = 1.0, swiglu_limit: float | None = None) -> tuple:
     """A GEMM1 with a gated activation ("swiglu" or "clamped_swiglu", MoEConfig's) as matmul_ogs
-    takes it: w_in [E, H, 2F] (and b_in [E, 2F] or None) in the layer's gate/up pairs -> (w1
+    takes it: w_in [E, H, 2F] (and bias_in [E, 2F] or None) in the layer's gate/up pairs -> (w1
     [E, H, 2F] and b1 [E, 2F] fp32 with gate and up interleaved column by column, its fused
     activation). Its gpt-oss form s * (up + 1) is swiglu with alpha 1, no limit and -1 on the up
     columns' bias."""
@@ -47,7 +47,7 @@ def swiglu_gemm1(w_in: torch.Tensor, b_in: torch.Tensor | None, activation: str 
     from triton_kernels.swiglu import swiglu_fn
     E, _, F2 = w_in.shape
     w1 = to_interleaved(w_in).contiguous()
-    b1 = (to_interleaved(b_in.float()) if b_in is not None
+    b1 = (to_interleaved(bias_in.float()) if bias_in is not None
           else torch.zeros(E, F2, dtype=torch.float32, device=w_in.device))
     if activation == "swiglu":
         b1[:, 1::2] -= 1.0  # (up - 1) + 1 = up
@@ -69,10 +69,11 @@ class TritonKernelsMoE:
             raise ValueError("the triton_kernels baseline runs one rank, dropless, with (clamped) swiglu experts "
                              "weighted at their output")
         self.layer, self.cfg = layer, cfg
-        self.w1, self.b1, self.act = swiglu_gemm1(layer.w_in.detach(), layer.b_in.detach() if cfg.expert_bias else None,
-                                                  cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+        bias_in = layer.bias_in.detach() if cfg.expert_bias else None
+        self.w1, self.b1, self.act = swiglu_gemm1(layer.w_in.detach(), bias_in, cfg.activation, cfg.swiglu_alpha,
+                                                  cfg.swiglu_limit)
         self.w2 = layer.w_out.detach().contiguous()
-        self.b2 = layer.b_out.detach().float().contiguous() if cfg.expert_bias else None
+        self.b2 = layer.bias_out.detach().float().contiguous() if cfg.expert_bias else None
         self.graphs: dict[int, tuple] = {}
 
     def _routing(self, r):

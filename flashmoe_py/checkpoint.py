@@ -93,7 +93,7 @@ def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None
     """What to give dcp.save and dcp.load for `model` (and `optimizer`), on every rank: torch's
     get_model_state_dict(model), or with an optimizer {"model": ..., "optim": ...} as its
     get_state_dict returns them (their options' defaults; names without wrappers' prefixes),
-    each MoELayer's sharded weights (w_in, w_out, b_in, b_out) and the optimizer's per-expert
+    each MoELayer's sharded weights (w_in, w_out, bias_in, bias_out) and the optimizer's per-expert
     state of them (Adam's moments, say) and expert_ids as DTensors holding this rank's rows,
     sharing their memory. After dcp.load, call load_sharded_state_dict with it. Collective: each
     layer's replicated weights (router, shared experts) are compared across ranks first, where no

@@ -21,13 +21,15 @@ GPT_OSS_SWIGLU_LIMIT = 7.0
 # The weights every layer has, then the optional ones a config may add, by name; the per-expert
 # ones (sharded over ranks along dim 0) are EXPERT_WEIGHTS, the others are replicated on every rank.
 WEIGHTS = ("router_weight", "w_in", "w_out")
-OPTIONAL_WEIGHTS = ("router_bias", "e_score_correction_bias", "b_in", "b_out", "shared_w_in",
+OPTIONAL_WEIGHTS = ("router_bias", "e_score_correction_bias", "bias_in", "bias_out", "shared_w_in",
                     "shared_w_out", "shared_gate_weight")
-EXPERT_WEIGHTS = ("w_in", "w_out", "b_in", "b_out")
+EXPERT_WEIGHTS = ("w_in", "w_out", "bias_in", "bias_out")
+# names a state_dict written before 2026-12-06 has for weights renamed since (load_state_dict takes them)
+RENAMED_WEIGHTS = {"b_in": "bias_in", "b_out": "bias_out"}
 # what a config needs to have each weight (named in errors)
 WEIGHT_NEEDS = {"router_weight": "a router", "w_in": "experts", "w_out": "experts",
                 "router_bias": "router_bias=True", "e_score_correction_bias": "routing='sigmoid_grouped'",
-                "b_in": "expert_bias=True", "b_out": "expert_bias=True", "shared_w_in": "shared_experts >= 1",
+                "bias_in": "expert_bias=True", "bias_out": "expert_bias=True", "shared_w_in": "shared_experts >= 1",
                 "shared_w_out": "shared_experts >= 1", "shared_gate_weight": "shared_expert_gate=True"}
 
 
@@ -131,7 +133,7 @@ class MoEConfig:
                      keep their router in 'float32' in bf16 models.
 
     Experts:
-    expert_bias:     both projections have a bias, b_in [E, F_in] and b_out [E, H] (gpt-oss).
+    expert_bias:     both projections have a bias, bias_in [E, F_in] and bias_out [E, H] (gpt-oss).
     swiglu_alpha, swiglu_limit: 'clamped_swiglu' only (gpt-oss: 1.702 and 7.0).
     weight_on_input: the routing weight scales the expert's input, not its output (Llama-4):
                      expert(w * x) instead of w * expert(x).
@@ -286,9 +288,9 @@ class MoEConfig:
         (EXPERT_WEIGHTS) hold; default num_experts, the full (unsharded) layer.
 
         router_weight [E, H]; w_in [E, H, F_in]; w_out [E, F, H]; router_bias [E];
-        e_score_correction_bias [E] ('sigmoid_grouped'); b_in [E, F_in] and b_out [E, H]
+        e_score_correction_bias [E] ('sigmoid_grouped'); bias_in [E, F_in] and bias_out [E, H]
         (expert_bias); shared_w_in [H, F_s_in] and shared_w_out [F_s, H] (shared experts);
-        shared_gate_weight [1, H]. Gated, the last dimension of w_in, b_in and shared_w_in holds
+        shared_gate_weight [1, H]. Gated, the last dimension of w_in, bias_in and shared_w_in holds
         gate and up columns: as halves in full weights (reference_forward, load_full_weights),
         in pairs in a layer's own parameters (gate_up.py)."""
         E, H, F = self.num_experts, self.hidden_size, self.ffn_size
@@ -300,7 +302,7 @@ class MoEConfig:
         if self.routing == "sigmoid_grouped":
             shapes["e_score_correction_bias"] = (E,)
         if self.expert_bias:
-            shapes["b_in"], shapes["b_out"] = (L, self.ffn_in_size), (L, H)
+            shapes["bias_in"], shapes["bias_out"] = (L, self.ffn_in_size), (L, H)
         if self.shared_experts:
             shapes["shared_w_in"], shapes["shared_w_out"] = (H, 2 * Fs if self.gated else Fs), (Fs, H)
         if self.shared_expert_gate:

@@ -4,7 +4,7 @@ fully_shard (FSDP).
 Both assume every parameter is replicated: DDP copies rank 0's parameters and buffers to every
 rank at construction and averages every gradient over the ranks; FSDP shards each parameter over
 the ranks and gathers it back. An MoELayer's experts are sharded (each rank holds its own: w_in,
-w_out, b_in, b_out, and the expert_ids buffer naming them), so either would replace them,
+w_out, bias_in, bias_out, and the expert_ids buffer naming them), so either would replace them,
 silently (wrappers.py refuses such a forward). And the layer's expert gradients already sum every
 rank's tokens (the gradient of the sum of the ranks' losses), where the wrappers' average of the
 replicated ones is the gradient of their mean. And a global gradient norm must count every rank's

@@ -1,4 +1,4 @@
-"""Where a gated expert's gate and up columns sit in w_in, b_in and shared_w_in: the layer's own
+"""Where a gated expert's gate and up columns sit in w_in, bias_in and shared_w_in: the layer's own
 layout, and the conversions at its edges.
 
 The layer keeps them in pairs: the last dimension, 2F wide, is F / g pairs of g gate columns
@@ -18,7 +18,7 @@ import torch
 
 PAIR_MAX = 128  # the fused kernel's GEMM1 tile width (kernels/layout.Geometry.block_f) divides by it
 LAYOUTS = ("halves", "interleaved")
-WEIGHTS = ("w_in", "b_in", "shared_w_in")  # gated: their last dimension holds gate and up columns
+WEIGHTS = ("w_in", "bias_in", "shared_w_in")  # gated: their last dimension holds gate and up columns
 # A layer's state_dict entry saying how its gated weights lay out gate and up: PAIRS_VERSION
 # (pairs, what MoELayer.state_dict() writes) or HALVES_VERSION (gate | up halves: a checkpoint
 # from before the pairs, which has no entry, marked so by hand to be converted when loaded).

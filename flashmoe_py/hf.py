@@ -397,7 +397,7 @@ def _gpt_oss_block(block: nn.Module) -> Conversion:
     [E, 2F], down_proj [E, F, H], down_proj_bias [E, H]. Returns (hidden states, routing weights)."""
     router, experts = block.router, block.experts
     weights = {"router_weight": router.weight, "router_bias": router.bias, "w_in": experts.gate_up_proj,
-               "b_in": experts.gate_up_proj_bias, "w_out": experts.down_proj, "b_out": experts.down_proj_bias}
+               "bias_in": experts.gate_up_proj_bias, "w_out": experts.down_proj, "bias_out": experts.down_proj_bias}
     fields = dict(ffn_size=experts.gate_up_proj.shape[2] // 2, top_k=router.top_k, routing="topk_softmax",
                   router_bias=True, expert_bias=True, activation="clamped_swiglu",
                   swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))

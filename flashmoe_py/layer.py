@@ -19,8 +19,8 @@ from .backends.flash import FlashBackend
 from .backends.explicit_backward import (bound_parameters, explicit_forward, moe_backward, parameters_problem,
                                          routing_bias_now, without_autocast)
 from .backends.torch_ep import AUTOGRAD, EXPLICIT, TorchEPBackend
-from .config import (EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, WEIGHT_NEEDS, WEIGHTS, MoEConfig, as_int, is_int,
-                     x_shape_problem)
+from .config import (EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, RENAMED_WEIGHTS, WEIGHT_NEEDS, WEIGHTS, MoEConfig, as_int,
+                     is_int, x_shape_problem)
 from .gate_up import (HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, check_layout, to_halves, to_interleaved,
                       to_pairs)
 from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
@@ -57,7 +57,7 @@ class MoELayer(nn.Module):
       w_in:          [L, H, F_in]      F_in = 2F for gated activations (gate and up columns in pairs,
                                        flashmoe_py/gate_up.py), else F
       w_out:         [L, F, H]
-      b_in, b_out:   [L, F_in], [L, H] expert_bias=True (b_in's columns as w_in's)
+      bias_in, bias_out:   [L, F_in], [L, H] expert_bias=True (bias_in's columns as w_in's)
       shared_w_in:   [H, F_s_in]       shared experts, replicated like the router (gated: in pairs)
       shared_w_out:  [F_s, H]
       shared_gate_weight: [1, H]       shared_expert_gate=True
@@ -74,7 +74,7 @@ class MoELayer(nn.Module):
     of the sum of every rank's loss; capacity-dropped slots get none. w_in/w_out.grad on a rank sums
     every rank's tokens routed to its experts; router_weight and the shared experts are replicated,
     and their .grad holds only this rank's tokens' part, to be summed over ranks with the other
-    replicated parameters, as data parallelism does (exclude w_in, w_out, b_in and b_out from that:
+    replicated parameters, as data parallelism does (exclude w_in, w_out, bias_in and bias_out from that:
     they are sharded, not replicated; data_parallel.prepare_ddp / prepare_fsdp do both for DDP and
     FSDP and match the experts' gradients to their average, setting `expert_grad_divisor` (1 by
     default; the expert weights' gradients are divided by it in the backward) to the world size;
@@ -97,7 +97,7 @@ class MoELayer(nn.Module):
     signals; reaches any PE NVSHMEM can, e.g. other nodes). With `cuda_graphs` (default), the fused
     forward is replayed from a CUDA graph per token count after its first call at that count (the 8
     latest counts keep theirs): it reads the weights where they are, so update them in place (copy_;
-    gated w_in, b_in and shared_w_in in the layer's pairs) or with load_full_weights (any layout); a
+    gated w_in, bias_in and shared_w_in in the layer's pairs) or with load_full_weights (any layout); a
     weight replaced by a new tensor drops the graphs, which are captured again.
     `launch_override` (flash only, for tuning): launch settings fixed instead of chosen per call
     (kernels/launch_config.py). All of these and `backward` are options.FusedOptions, compared
@@ -234,7 +234,7 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
         """Replicated weights (router, correction bias, shared experts) from `seed`, drawn in
-        weight_shapes order; expert e's weights (w_in, w_out, b_in, b_out) from `seed + 1 + e`
+        weight_shapes order; expert e's weights (w_in, w_out, bias_in, bias_out) from `seed + 1 + e`
         (independent of placement). Each is N(0, 1 / fan_in), biases included, so a fresh layer
         exercises every path. seed None: drawn from torch's default (CPU) generator, rank 0's taken
         on every rank. Collective when world_size > 1: the ranks' seeds are compared (None on every
@@ -254,8 +254,8 @@ class MoELayer(nn.Module):
         seed = drawn if seed is None else seed
         cfg = self.config
         H, F = cfg.hidden_size, cfg.ffn_size
-        fan_in = {"router_weight": H, "router_bias": H, "e_score_correction_bias": H, "w_in": H, "b_in": H,
-                  "w_out": F, "b_out": F, "shared_w_in": H, "shared_w_out": cfg.shared_width,
+        fan_in = {"router_weight": H, "router_bias": H, "e_score_correction_bias": H, "w_in": H, "bias_in": H,
+                  "w_out": F, "bias_out": F, "shared_w_in": H, "shared_w_out": cfg.shared_width,
                   "shared_gate_weight": H}
         names = list(cfg.weight_shapes())
         gen = torch.Generator(device=self.device)
@@ -280,7 +280,7 @@ class MoELayer(nn.Module):
     def load_full_weights(self, router_weight: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, *,
                           gate_up_layout: str = "halves", router_bias: torch.Tensor | None = None,
                           e_score_correction_bias: torch.Tensor | None = None,
-                          b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+                          bias_in: torch.Tensor | None = None, bias_out: torch.Tensor | None = None,
                           shared_w_in: torch.Tensor | None = None, shared_w_out: torch.Tensor | None = None,
                           shared_gate_weight: torch.Tensor | None = None) -> None:
         """Load the full (unsharded) layer's weights and keep this rank's experts.
@@ -288,13 +288,13 @@ class MoELayer(nn.Module):
         Names and shapes as MoEConfig.weight_shapes() gives them (full_weight_dict() returns them
         so): router_weight [E, H]; w_in [E, H, F_in]; w_out [E, F, H]; and each optional weight the
         config has, which is then required (one it lacks is refused). Any dtype and device.
-        gate_up_layout: how the gated w_in, b_in and shared_w_in lay out their last dimension:
+        gate_up_layout: how the gated w_in, bias_in and shared_w_in lay out their last dimension:
         'halves' (every gate column, then every up column) or 'interleaved' (gate, up, gate, up,
         ...: gpt-oss); the layer keeps them in its own pairs (gate_up.py). Collective when
         world_size > 1: the replicated weights are compared across ranks (ConsistencyError if
         they differ)."""
         given = {"router_weight": router_weight, "w_in": w_in, "w_out": w_out, "router_bias": router_bias,
-                 "e_score_correction_bias": e_score_correction_bias, "b_in": b_in, "b_out": b_out,
+                 "e_score_correction_bias": e_score_correction_bias, "bias_in": bias_in, "bias_out": bias_out,
                  "shared_w_in": shared_w_in, "shared_w_out": shared_w_out,
                  "shared_gate_weight": shared_gate_weight}
         on_every_rank(lambda: self._check_full_weights(given, gate_up_layout), _refused("load_full_weights"),
@@ -602,7 +602,11 @@ class MoELayer(nn.Module):
         without the marker is ambiguous (a parameters-only dict, or an old checkpoint): the marker
         is then a missing key (load_state_dict's strict refuses it; strict=False takes pairs).
         `expert_ids` (which expert each of this rank's slots holds) must match the layer's
-        placement where the state_dict has it."""
+        placement where the state_dict has it. A weight under its name before a rename
+        (RENAMED_WEIGHTS) loads as the weight (load_state_dict hands this a copy of the dict)."""
+        for old, new in RENAMED_WEIGHTS.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
         marker, ids = prefix + STATE_DICT_MARKER, prefix + "expert_ids"
         problem = self._state_dict_problem(state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
         if problem:

@@ -89,14 +89,14 @@ def reference_routing(x: torch.Tensor, router_weight: torch.Tensor, config: MoEC
 
 
 def ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, config: MoEConfig,
-        b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None) -> torch.Tensor:
-    """One expert (or the shared experts): x [n, H] @ w_in [H, F_in] (+ b_in), activation,
-    @ w_out [F, H] (+ b_out), in x's dtype."""
+        bias_in: torch.Tensor | None = None, bias_out: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert (or the shared experts): x [n, H] @ w_in [H, F_in] (+ bias_in), activation,
+    @ w_out [F, H] (+ bias_out), in x's dtype."""
     h = x @ w_in.to(x.dtype)
-    if b_in is not None:
-        h = h + b_in.to(x.dtype)
+    if bias_in is not None:
+        h = h + bias_in.to(x.dtype)
     y = activate(h, config.activation, config.swiglu_alpha, config.swiglu_limit) @ w_out.to(x.dtype)
-    return y + b_out.to(x.dtype) if b_out is not None else y
+    return y + bias_out.to(x.dtype) if bias_out is not None else y
 
 
 def reference_forward(x: torch.Tensor, router_weight: torch.Tensor, w_in: torch.Tensor,
@@ -104,7 +104,7 @@ def reference_forward(x: torch.Tensor, router_weight: torch.Tensor, w_in: torch.
                       compute_dtype: torch.dtype = torch.float32, *,
                       router_bias: torch.Tensor | None = None,
                       e_score_correction_bias: torch.Tensor | None = None,
-                      b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+                      bias_in: torch.Tensor | None = None, bias_out: torch.Tensor | None = None,
                       shared_w_in: torch.Tensor | None = None, shared_w_out: torch.Tensor | None = None,
                       shared_gate_weight: torch.Tensor | None = None) -> torch.Tensor:
     """One rank's tokens through the full (unsharded) layer.
@@ -114,7 +114,7 @@ def reference_forward(x: torch.Tensor, router_weight: torch.Tensor, w_in: torch.
     up); w_out [E, F, H]; and those of the optional ones the config has (MoELayer.full_weight_dict()
     returns them all). Returns x's shape in compute_dtype. Capacity, if configured, is applied per
     source rank, so pass exactly the tokens one rank routes."""
-    given = {"router_weight": router_weight, "w_in": w_in, "w_out": w_out, "b_in": b_in, "b_out": b_out,
+    given = {"router_weight": router_weight, "w_in": w_in, "w_out": w_out, "bias_in": bias_in, "bias_out": bias_out,
              "shared_w_in": shared_w_in, "shared_w_out": shared_w_out, "shared_gate_weight": shared_gate_weight}
     config.check_weights(given)
     _check_inputs(x, compute_dtype, config, given | {"router_bias": router_bias,
@@ -123,7 +123,7 @@ def reference_forward(x: torch.Tensor, router_weight: torch.Tensor, w_in: torch.
     weights, experts, kept = reference_routing(xc, router_weight, config, compute_dtype,
                                                router_bias=router_bias,
                                                e_score_correction_bias=e_score_correction_bias)
-    return routed_sum(xc, weights, experts, kept, w_in, w_out, config, b_in=b_in, b_out=b_out,
+    return routed_sum(xc, weights, experts, kept, w_in, w_out, config, bias_in=bias_in, bias_out=bias_out,
                       shared_w_in=shared_w_in, shared_w_out=shared_w_out,
                       shared_gate_weight=shared_gate_weight).view(x.shape)
 
@@ -146,7 +146,7 @@ def _check_inputs(x, compute_dtype, config: MoEConfig, given: dict) -> None:
 
 def routed_sum(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, kept: torch.Tensor | None,
                w_in: torch.Tensor, w_out: torch.Tensor, config: MoEConfig, *,
-               b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+               bias_in: torch.Tensor | None = None, bias_out: torch.Tensor | None = None,
                shared_w_in: torch.Tensor | None = None, shared_w_out: torch.Tensor | None = None,
                shared_gate_weight: torch.Tensor | None = None) -> torch.Tensor:
     """reference_forward after its routing: x [T, H] in the dtype to compute in; weights, experts,
@@ -161,7 +161,7 @@ def routed_sum(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, ke
         if token.numel() == 0:
             continue
         w = weights[token, k].to(x.dtype).unsqueeze(1)
-        biases = (b_in[e], b_out[e]) if config.expert_bias else (None, None)
+        biases = (bias_in[e], bias_out[e]) if config.expert_bias else (None, None)
         if config.weight_on_input:
             y = ffn(w * x[token], w_in[e], w_out[e], config, *biases)
         else:

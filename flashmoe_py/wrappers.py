@@ -3,7 +3,7 @@
 DistributedDataParallel (DDP) and FullyShardedDataParallel (fully_shard, and the older
 FullyShardedDataParallel class) take every parameter they manage for one tensor replicated on
 every rank. An MoELayer sharded over more than one rank holds each rank's own experts (w_in, w_out,
-b_in, b_out, and the expert_ids buffer naming them): DDP would copy rank 0's to every rank, FSDP
+bias_in, bias_out, and the expert_ids buffer naming them): DDP would copy rank 0's to every rank, FSDP
 would gather a mix of the ranks' experts, both silently. data_parallel.prepare_ddp and
 prepare_fsdp keep them out (FSDP's marked) and set the layer's expert_grad_divisor; a forward
 under a wrapper that manages them, or without the divisor, raises DataParallelError before any

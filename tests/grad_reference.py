@@ -29,7 +29,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def near_a_kink(x: torch.Tensor, full: dict, config) -> bool:
-    """Whether a pre-activation of x [..., H] (x w_in[e] (+ b_in[e]) at any expert, and x
+    """Whether a pre-activation of x [..., H] (x w_in[e] (+ bias_in[e]) at any expert, and x
     shared_w_in) lies within float32's rounding of a point where the activation's derivative jumps:
     relu's 0, clamped_swiglu's gate at swiglu_limit and up at +-swiglu_limit (the smooth ones have
     none). There the layer's float32 and the reference's float64 can fall on either side, and a
@@ -39,7 +39,7 @@ def near_a_kink(x: torch.Tensor, full: dict, config) -> bool:
     if config.activation not in ("relu", "clamped_swiglu"):
         return False
     x = x.reshape(-1, x.shape[-1]).double()
-    blocks = [(full["w_in"].double(), None if full.get("b_in") is None else full["b_in"].double())]
+    blocks = [(full["w_in"].double(), None if full.get("bias_in") is None else full["bias_in"].double())]
     if full.get("shared_w_in") is not None:
         blocks.append((full["shared_w_in"].double()[None], None))
     for w, b in blocks:  # w [E, H, F_in], b [E, F_in]
@@ -168,7 +168,7 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
         token, k = torch.nonzero((experts == e) & kept, as_tuple=True)
         leaves = {n: take(n, e) for n in expert_names}
         rows, w = xd[token].requires_grad_(), weights[token, k].detach().unsqueeze(1).requires_grad_()
-        biases = (leaves.get("b_in"), leaves.get("b_out"))
+        biases = (leaves.get("bias_in"), leaves.get("bias_out"))
         if cfg.weight_on_input:
             y = ffn(w * rows, leaves["w_in"], leaves["w_out"], cfg, *biases)
         else:

@@ -160,7 +160,7 @@ class Ranks:
         """x [T, H] and its routing (routing.Routing) -> [T, H] fp32: reference_forward's sum with
         that routing (reference.routed_sum), the full layer's weights. The kernel's reference with
         its own router's choice: no near-tie between two routers to excuse."""
-        extras = {n: self.full[n] for n in ("b_in", "b_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
+        extras = {n: self.full[n] for n in ("bias_in", "bias_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
                   if n in self.full}
         return routed_sum(x.float(), routed.weights, routed.experts, routed.kept, self.full["w_in"], self.full["w_out"],
                           self.cfg, **extras)

@@ -178,7 +178,7 @@ def test_inputs_on_a_kink_are_found(activation):
     else:
         pytest.fail("near_a_kink found a kink in 100 draws of random rows")
     kink = 0.0 if activation == "relu" else -1.0  # up's lower limit (the up half: columns F..)
-    for w, b, col in ((full["w_in"][3].double(), full["b_in"][3].double(), cfg.ffn_in_size - 1),
+    for w, b, col in ((full["w_in"][3].double(), full["bias_in"][3].double(), cfg.ffn_in_size - 1),
                       (full["shared_w_in"].double(), None, cfg.shared_ffn_in_size - 1)):
         on = x.clone()  # row 2 moved along column col's weights until its pre-activation is the kink
         pre = on[2] @ w[:, col] + (0 if b is None else b[col])
@@ -376,7 +376,7 @@ def test_the_saved_backward_keeps_the_routing_and_gemm1_outputs():
     experts = saved.routing.experts.reshape(-1)[saved.slot]
     assert torch.equal(experts, experts.sort().values)  # one rank: in the experts' order
     with torch.no_grad():
-        want = torch.stack([x[s // 2] @ layer.w_in[e] + layer.b_in[e] for s, e in zip(saved.slot, experts)])
+        want = torch.stack([x[s // 2] @ layer.w_in[e] + layer.bias_in[e] for s, e in zip(saved.slot, experts)])
     assert saved.pre.shape == (14, 2 * 48) and rel_err(saved.pre, want) <= FP32_TOL
     assert saved.shared_pre is None
     assert rel_err(saved.routing.logits, x.detach() @ layer.router_weight.detach().t()) <= FP32_TOL

@@ -1,5 +1,5 @@
 """The expert biases' gradients in one pass (kernels/bias_grad.py): each expert's column sums of
-d_pre and of scale * dy, and each row's <dy, b_out[e]>, for rows sorted by expert. In the Triton
+d_pre and of scale * dy, and each row's <dy, bias_out[e]>, for rows sorted by expert. In the Triton
 interpreter (float32) and on a GPU (bf16 and float32) against float64 sums on fresh random inputs:
 an expert without rows, one with one row, widths that are not a multiple of the column block, row
 counts that are not a multiple of the row block, rows of no expert; on a GPU the same bits on a
@@ -27,16 +27,16 @@ CASES = {  # counts of rows an expert, F_in, H
 }
 
 
-def reference(d_pre, dy, scale, b_out, counts):
+def reference(d_pre, dy, scale, bias_out, counts):
     """float64 sums, expert by expert."""
     ends = torch.tensor(counts).cumsum(0).tolist()
-    d_pre, dy, scale, b_out = (t.double() for t in (d_pre, dy, scale, b_out))
+    d_pre, dy, scale, bias_out = (t.double() for t in (d_pre, dy, scale, bias_out))
     db_in, db_out, dot = [], [], []
     for e, (n, end) in enumerate(zip(counts, ends)):
         rows = slice(end - n, end)
         db_in.append(d_pre[rows].sum(0))
         db_out.append((scale[rows, None] * dy[rows]).sum(0))
-        dot.append(dy[rows] @ b_out[e])
+        dot.append(dy[rows] @ bias_out[e])
     return torch.stack(db_in), torch.stack(db_out), torch.cat(dot)
 
 
@@ -46,8 +46,8 @@ def draw(counts, F_in, H, dtype):
     d_pre = torch.randn(N, F_in, device=DEVICE, generator=g).to(dtype)
     dy = torch.randn(N, H, device=DEVICE, generator=g).to(dtype)
     scale = torch.rand(N, device=DEVICE, generator=g) + 0.5
-    b_out = torch.randn(L, H, device=DEVICE, generator=g).to(dtype)
-    return d_pre, dy, scale, b_out, torch.tensor(counts, device=DEVICE).cumsum(0).to(torch.int32)
+    bias_out = torch.randn(L, H, device=DEVICE, generator=g).to(dtype)
+    return d_pre, dy, scale, bias_out, torch.tensor(counts, device=DEVICE).cumsum(0).to(torch.int32)
 
 
 @pytest.mark.skipif(not RUNS, reason="needs a GPU or the Triton interpreter")
@@ -69,13 +69,13 @@ def test_rows_past_the_experts_belong_to_none():
     """counts summing to less than N: the last rows enter no sum and get dot_b 0; no experts at all:
     zeros everywhere."""
     counts, F_in, H = [5, 0, 40], 64, 96
-    d_pre, dy, scale, b_out, _ = draw(counts + [7], F_in, H, torch.float32)
+    d_pre, dy, scale, bias_out, _ = draw(counts + [7], F_in, H, torch.float32)
     ends = torch.tensor(counts, device=DEVICE).cumsum(0)
-    db_in, db_out, dot_b = bias_grads(d_pre, dy, scale, b_out[:3], ends)
-    want = reference(d_pre[:45], dy[:45], scale[:45], b_out[:3], counts)
+    db_in, db_out, dot_b = bias_grads(d_pre, dy, scale, bias_out[:3], ends)
+    want = reference(d_pre[:45], dy[:45], scale[:45], bias_out[:3], counts)
     assert rel_err(db_in, want[0]) <= 1e-5 and rel_err(db_out, want[1]) <= 1e-5
     assert rel_err(dot_b[:45], want[2]) <= 1e-5 and not dot_b[45:].any()
-    none = bias_grads(d_pre, dy, scale, b_out[:0], torch.zeros(0, dtype=torch.int64, device=DEVICE))
+    none = bias_grads(d_pre, dy, scale, bias_out[:0], torch.zeros(0, dtype=torch.int64, device=DEVICE))
     assert [tuple(t.shape) for t in none] == [(0, F_in), (0, H), (52,)] and not none[2].any()
 
 
@@ -88,25 +88,26 @@ def test_the_same_bits_every_run():
 
 
 def test_bad_arguments_are_refused_by_name():
-    d_pre, dy, scale, b_out, ends = (torch.randn(6, 8), torch.randn(6, 4), torch.ones(6), torch.randn(2, 4),
+    d_pre, dy, scale, bias_out, ends = (torch.randn(6, 8), torch.randn(6, 4), torch.ones(6), torch.randn(2, 4),
                                      torch.tensor([2, 6]))
     with pytest.raises(ValueError, match="d_pre"):
-        bias_grads(d_pre[:5], dy, scale, b_out, ends)
+        bias_grads(d_pre[:5], dy, scale, bias_out, ends)
     with pytest.raises(ValueError, match="scale"):
-        bias_grads(d_pre, dy, scale.double(), b_out, ends)
-    with pytest.raises(ValueError, match="b_out"):
-        bias_grads(d_pre, dy, scale, b_out[:, :3], ends)
+        bias_grads(d_pre, dy, scale.double(), bias_out, ends)
+    with pytest.raises(ValueError, match="bias_out"):
+        bias_grads(d_pre, dy, scale, bias_out[:, :3], ends)
     with pytest.raises(ValueError, match="ends"):
-        bias_grads(d_pre, dy, scale, b_out, ends.float())
+        bias_grads(d_pre, dy, scale, bias_out, ends.float())
     with pytest.raises(ValueError, match="contiguous"):
-        bias_grads(d_pre, torch.randn(4, 6).t(), scale, b_out, ends)
+        bias_grads(d_pre, torch.randn(4, 6).t(), scale, bias_out, ends)
     with pytest.raises(ValueError, match=r"dy must be \[N, H\]"):
-        bias_grads(d_pre, dy.reshape(-1), scale, b_out, ends)
+        bias_grads(d_pre, dy.reshape(-1), scale, bias_out, ends)
 
 
 def test_the_experts_backward_refuses_one_bias_without_the_other():
     cfg = MoEConfig(hidden_size=8, ffn_size=8, num_experts=2, top_k=1, dtype="float32", activation="relu")
     rows, counts = torch.randn(4, 8), torch.tensor([1, 3])
-    weights = {"w_in": torch.randn(2, 8, 8), "w_out": torch.randn(2, 8, 8), "b_in": torch.randn(2, 8), "b_out": None}
-    with pytest.raises(ValueError, match="b_in and b_out"):
+    weights = {"w_in": torch.randn(2, 8, 8), "w_out": torch.randn(2, 8, 8), "bias_in": torch.randn(2, 8),
+               "bias_out": None}
+    with pytest.raises(ValueError, match="bias_in and bias_out"):
         expert_ffn_backward(rows, torch.randn(4, 8), torch.ones(4), counts, weights, cfg)

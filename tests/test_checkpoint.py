@@ -21,7 +21,7 @@ from flashmoe_py import (ConsistencyError, ExpertPlacement, MoEConfig, MoELayer,
                          prepare_fsdp, sharded_state_dict)
 
 CFG = MoEConfig(hidden_size=32, ffn_size=24, num_experts=4, top_k=2, dtype="float32", expert_bias=True)
-SHARDED = ("w_in", "w_out", "b_in", "b_out")
+SHARDED = ("w_in", "w_out", "bias_in", "bias_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,7 @@ def adafactor_with_biases(rank, world, seed: int) -> str:
 
 def test_optimizer_state_that_mixes_the_experts_is_refused(dist_pools):
     for said in dist_pools(2).run(adafactor_with_biases, fresh_seed()):
-        assert "optimizer's col_var of 1.b_" in said and "has shape (1, " in said and "mixes the experts" in said
+        assert "optimizer's col_var of 1.bias_" in said and "has shape (1, " in said and "mixes the experts" in said
 
 
 def plain_checkpoint_then_forward(rank, world, seed: int, path: str) -> str:

@@ -139,7 +139,7 @@ def test_weight_shapes_name_every_weight_of_the_config():
                     shared_experts=2, shared_ffn_size=16, shared_expert_gate=True)
     assert cfg.weight_shapes(experts=2) == {
         "router_weight": (8, 64), "w_in": (2, 64, 256), "w_out": (2, 128, 64), "router_bias": (8,),
-        "e_score_correction_bias": (8,), "b_in": (2, 256), "b_out": (2, 64),
+        "e_score_correction_bias": (8,), "bias_in": (2, 256), "bias_out": (2, 64),
         "shared_w_in": (64, 64), "shared_w_out": (32, 64), "shared_gate_weight": (1, 64)}
     assert list(MoEConfig(**GOOD).weight_shapes()) == ["router_weight", "w_in", "w_out"]
 
@@ -148,8 +148,8 @@ def test_check_weights_names_the_weight():
     cfg = MoEConfig(**GOOD, router_bias=True)
     with pytest.raises(ValueError, match="router_bias is missing: this config has router_bias=True"):
         cfg.check_weights({"router_bias": None})
-    with pytest.raises(ValueError, match="b_in was given, but only a layer with expert_bias=True has it"):
-        cfg.check_weights({"b_in": torch.zeros(8, 256)})
+    with pytest.raises(ValueError, match="bias_in was given, but only a layer with expert_bias=True has it"):
+        cfg.check_weights({"bias_in": torch.zeros(8, 256)})
     with pytest.raises(TypeError, match="router_bias must be a torch.Tensor, got ndarray .*torch.from_numpy"):
         cfg.check_weights({"router_bias": np.zeros(8)})
     with pytest.raises(ValueError, match="router_bias has shape \\(9,\\), expected \\(8,\\)"):

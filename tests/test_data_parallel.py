@@ -45,7 +45,7 @@ def wrap(net: nn.Module, how: str, world: int) -> nn.Module:
     prepare_ddp's averaging, "fsdp_mixed_precision": prepared, under a bfloat16 param_dtype)."""
     if how.startswith("ddp"):
         if how in ("ddp", "ddp_pickled"):
-            assert sorted(prepare_ddp(net)) == ["1.b_in", "1.b_out", "1.expert_ids", "1.w_in", "1.w_out"]
+            assert sorted(prepare_ddp(net)) == ["1.bias_in", "1.bias_out", "1.expert_ids", "1.w_in", "1.w_out"]
         if how == "ddp_pickled":  # a prepared model saved whole and loaded (a Parameter's hooks would be lost)
             net = pickle.loads(pickle.dumps(net))
         elif how == "ddp_excluded_only":
@@ -54,7 +54,7 @@ def wrap(net: nn.Module, how: str, world: int) -> nn.Module:
     mesh = init_device_mesh("cpu", (world,))
     ignored = prepare_fsdp(net) if how != "fsdp_unprepared" else None
     if how == "fsdp":
-        assert ignored == {net[1].w_in, net[1].w_out, net[1].b_in, net[1].b_out}
+        assert ignored == {net[1].w_in, net[1].w_out, net[1].bias_in, net[1].bias_out}
     ignored = ignored if how != "fsdp_prepared_not_passed" else None
     if how == "fsdp_mixed_precision":  # casts the router the layer computes with
         return fully_shard(net, mesh=mesh, ignored_params=ignored,
@@ -131,7 +131,7 @@ def test_unprepared_ddp_copies_rank_0_s_experts_and_the_forward_says_so(dist_poo
                                                            "autograd")
     assert (kept0, kept1) == (True, False)
     for raised in (raised0, raised1):
-        assert "DistributedDataParallel manages this MoELayer's w_in, w_out, b_in, b_out, expert_ids" in raised
+        assert "DistributedDataParallel manages this MoELayer's w_in, w_out, bias_in, bias_out, expert_ids" in raised
 
 
 def bare_layer_under_ddp(rank, world, seed: int, excluded: str):
@@ -232,7 +232,7 @@ def under_fsdp1(rank, world, seed: int, use_orig_params: bool, prepared: str):
         return str(e), None
     (y_wrapped * dy).sum().backward()
     errs = [rel_err(y_wrapped, y)] + [rel_err(getattr(net[1], n).grad, getattr(plain[1], n).grad / world)
-                                      for n in ("w_in", "w_out", "b_in", "b_out")]
+                                      for n in ("w_in", "w_out", "bias_in", "bias_out")]
     refusals = []
     for given in (wrapped, net):
         with pytest.raises(ValueError) as clipped:
@@ -278,7 +278,7 @@ def prepared_with_frozen_experts_or_a_smaller_group(rank, world):
     for a model whose second layer is on a group of one rank, whose experts DDP over both ranks
     would let drift apart, and the first layer's divisor after: unchanged)."""
     frozen = model(5, "autograd")
-    for name in ("w_in", "w_out", "b_in", "b_out"):
+    for name in ("w_in", "w_out", "bias_in", "bias_out"):
         getattr(frozen[1], name).requires_grad_(False)
     names = prepare_ddp(frozen)
     groups = [dist.new_group([r]) for r in range(world)]
@@ -294,7 +294,7 @@ def prepared_with_frozen_experts_or_a_smaller_group(rank, world):
 def test_frozen_experts_are_excluded_and_a_smaller_expert_group_is_refused(dist_pools):
     for names, raised, divisor in dist_pools(2).run(prepared_with_frozen_experts_or_a_smaller_group):
         assert divisor == 1
-        assert sorted(names) == ["1.b_in", "1.b_out", "1.expert_ids", "1.w_in", "1.w_out"]
+        assert sorted(names) == ["1.bias_in", "1.bias_out", "1.expert_ids", "1.w_in", "1.w_out"]
         assert "experts span 1 ranks, the default group 2" in raised
 
 

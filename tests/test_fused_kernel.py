@@ -44,9 +44,9 @@ def expected_pre(cfg, weights, dest, sent):
     pair. weights: the full layer's, in halves; sent: per source rank (x, send_slot, pos_start,
     send_counts, slot_w) of its plan."""
     L = cfg.local_experts(len(sent))
-    w_in, b_in = weights["w_in"].double(), weights.get("b_in")
+    w_in, bias_in = weights["w_in"].double(), weights.get("bias_in")
     if cfg.gated:
-        w_in, b_in = to_pairs(w_in), None if b_in is None else to_pairs(b_in)
+        w_in, bias_in = to_pairs(w_in), None if bias_in is None else to_pairs(bias_in)
     rows = []
     for e in range(L):
         g = dest * L + e
@@ -55,7 +55,7 @@ def expected_pre(cfg, weights, dest, sent):
             a = x[slots // cfg.top_k].double()
             if cfg.weight_on_input:
                 a = a * slot_w.reshape(-1)[slots].double()[:, None]
-            rows.append(a @ w_in[g] + (0 if b_in is None else b_in[g].double()))
+            rows.append(a @ w_in[g] + (0 if bias_in is None else bias_in[g].double()))
     return torch.cat(rows)
 
 

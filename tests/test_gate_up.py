@@ -45,10 +45,10 @@ def test_the_layer_keeps_pairs_and_speaks_halves():
                     shared_ffn_size=40, dtype="float32")
     layer = MoELayer(cfg, seed=5)
     full = layer.full_weight_dict()
-    for name in ("w_in", "b_in", "shared_w_in"):
+    for name in ("w_in", "bias_in", "shared_w_in"):
         assert torch.equal(getattr(layer, name).detach(), to_pairs(full[name]))
     inter = layer.full_weight_dict("interleaved")  # as gpt-oss lays them out
-    for name in ("w_in", "b_in", "shared_w_in"):
+    for name in ("w_in", "bias_in", "shared_w_in"):
         assert torch.equal(to_pairs(inter[name], "interleaved"), getattr(layer, name).detach())
     with pytest.raises(ValueError, match="gate_up_layout='pairs'"):
         layer.full_weight_dict("pairs")
@@ -66,11 +66,11 @@ def test_a_state_dict_of_halves_marked_so_loads_converted():
     for current in (state, dict(state)):  # a plain dict (safetensors, dcp) has no _metadata: the same
         fresh = MoELayer(cfg, seed=2)
         fresh.load_state_dict(current)
-        assert torch.equal(fresh.w_in, saved.w_in) and torch.equal(fresh.b_in, saved.b_in)
-    old = {n: (to_halves(t) if n in ("w_in", "b_in") else t) for n, t in state.items() if n != "gate_up_pairs"}
+        assert torch.equal(fresh.w_in, saved.w_in) and torch.equal(fresh.bias_in, saved.bias_in)
+    old = {n: (to_halves(t) if n in ("w_in", "bias_in") else t) for n, t in state.items() if n != "gate_up_pairs"}
     older = MoELayer(cfg, seed=3)
     older.load_state_dict({**old, "gate_up_pairs": torch.tensor(HALVES_VERSION)})  # a checkpoint marked by hand
-    assert torch.equal(older.w_in, saved.w_in) and torch.equal(older.b_in, saved.b_in)
+    assert torch.equal(older.w_in, saved.w_in) and torch.equal(older.bias_in, saved.bias_in)
     unknown = {**state, "gate_up_pairs": torch.tensor(7)}
     with pytest.raises(RuntimeError, match='Missing key.*"gate_up_pairs"'):
         MoELayer(cfg).load_state_dict(old)

@@ -808,33 +808,26 @@ def test_unpatched_blocks_share_the_model_s_config_and_take_its_train_or_eval_mo
     assert not any(m.training for m in model.modules())
 
 
-def test_trainer_decays_the_patched_expert_biases_unless_told_as_the_readme_says():
-    """transformers' Trainer keeps names with "bias" out of weight decay; the layer's b_in / b_out
-    (gpt-oss's expert biases) are not so named: it decays them, where it does not decay the
-    unpatched model's (a review's AdamW step: 1e-3 apart). The README's override leaves out what
-    it leaves out of the unpatched model."""
+def test_trainer_decays_the_same_parameters_patched_as_unpatched():
+    """transformers' Trainer keeps names with "bias" out of weight decay (as does the common
+    `"bias" in name` rule): the layer's expert biases (gpt-oss's gate_up_proj_bias and
+    down_proj_bias) are named bias_in and bias_out, so it decays the same parameters of a patched
+    model as of the unpatched one (named b_in and b_out before, they were decayed: 1e-3 apart
+    after one AdamW step)."""
     from transformers import Trainer
 
-    class MoETrainer(Trainer):  # the README's
-        def get_decay_parameter_names(self, model):
-            return [n for n in super().get_decay_parameter_names(model) if not n.endswith((".b_in", ".b_out"))]
-
-    def decayed(trainer, model) -> list[tuple]:  # the shapes of the parameters it decays, each once
+    def decayed(model) -> list[tuple]:  # the shapes of the parameters Trainer decays, each once
         params = dict(model.named_parameters(remove_duplicate=False))  # (its names include unset ones)
-        unique = {id(params[n]): params[n] for n in trainer.get_decay_parameter_names(object.__new__(trainer), model)
+        unique = {id(params[n]): params[n] for n in Trainer.get_decay_parameter_names(object.__new__(Trainer), model)
                   if n in params}
         return sorted(tuple(p.shape) for p in unique.values())
 
     model = tiny_model("gpt_oss", 11)
-    plain = decayed(Trainer, model)
+    plain = decayed(model)
     patch_model(model)
-    default = Trainer.get_decay_parameter_names(object.__new__(Trainer), model)
-    assert any(n.endswith(".moe.b_in") for n in default)  # decayed by default: the README's note holds
-    assert decayed(Trainer, model) != plain
-    told = MoETrainer.get_decay_parameter_names(object.__new__(MoETrainer), model)
-    assert not any(n.endswith((".b_in", ".b_out")) for n in told)
-    # the same parameters decayed as before patching (w_in holds gate_up_proj, w_out down_proj)
-    assert len(decayed(MoETrainer, model)) == len(plain)
+    names = dict(model.named_parameters())
+    assert any(n.endswith(".bias_in") for n in names) and any(n.endswith(".bias_out") for n in names)
+    assert decayed(model) == plain  # (w_in holds gate_up_proj, w_out down_proj: the same shapes)
 
 
 def test_hooks_on_a_block_move_to_its_replacement_and_back_and_hooks_it_cannot_run_are_refused():

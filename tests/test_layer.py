@@ -413,7 +413,7 @@ def test_router_weights_keep_the_router_dtype():
     layer = MoELayer(MoEConfig(**{**SMALL, "dtype": "bfloat16"}, top_k=2, routing="topk_softmax",
                                router_bias=True, router_dtype="float32", expert_bias=True))
     assert layer.router_weight.dtype == layer.router_bias.dtype == torch.float32
-    assert layer.w_in.dtype == layer.b_in.dtype == torch.bfloat16
+    assert layer.w_in.dtype == layer.bias_in.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("backward", ["autograd", "saved", "recompute"])
@@ -539,7 +539,7 @@ def test_layer_holds_the_parameters_of_its_config():
                     shared_ffn_size=16, shared_expert_gate=True)
     layer = MoELayer(cfg)
     assert {n: tuple(p.shape) for n, p in layer.named_parameters()} == {
-        "router_weight": (8, 32), "w_in": (8, 32, 96), "w_out": (8, 48, 32), "b_in": (8, 96), "b_out": (8, 32),
+        "router_weight": (8, 32), "w_in": (8, 32, 96), "w_out": (8, 48, 32), "bias_in": (8, 96), "bias_out": (8, 32),
         "shared_w_in": (32, 64), "shared_w_out": (32, 32), "shared_gate_weight": (1, 32)}
     assert layer.e_score_correction_bias.dtype == torch.float32 and "e_score_correction_bias" in layer.state_dict()
     assert layer.router_bias is None
@@ -571,7 +571,7 @@ def load_and_gather_every_weight(rank, world, cfg: dict, seed):
     full = full_variant_weights(cfg, seed)
     layer = MoELayer(cfg, placement=ExpertPlacement.round_robin(8, world))
     layer.load_full_weights(**full)
-    assert torch.equal(to_halves(layer.b_in[1]), full["b_in"][world + rank])  # slot 1 holds expert world + rank
+    assert torch.equal(to_halves(layer.bias_in[1]), full["bias_in"][world + rank])  # slot 1 holds expert world + rank
     gathered = layer.full_weight_dict()
     return list(gathered) == list(full) and all(torch.equal(gathered[n], full[n]) for n in full)
 
@@ -585,7 +585,7 @@ def test_interleaved_gate_up_columns_are_converted_when_loaded():
     cfg = MoEConfig(**SMALL, top_k=2, activation="clamped_swiglu", expert_bias=True, shared_experts=1)
     full = full_variant_weights(cfg, 0)
     layer = MoELayer(cfg)
-    interleaved = {n: (torch.stack(t.chunk(2, dim=-1), dim=-1).flatten(-2) if n in ("w_in", "b_in", "shared_w_in")
+    interleaved = {n: (torch.stack(t.chunk(2, dim=-1), dim=-1).flatten(-2) if n in ("w_in", "bias_in", "shared_w_in")
                        else t) for n, t in full.items()}
     assert torch.equal(interleaved["w_in"][..., 1], full["w_in"][..., 48])  # the first up column
     layer.load_full_weights(**interleaved, gate_up_layout="interleaved")
@@ -614,8 +614,8 @@ def test_load_full_weights_names_a_missing_or_unexpected_weight():
     with pytest.raises(ValueError, match="shared_gate_weight is missing: this config has shared_expert_gate=True"):
         layer.load_full_weights(**{**full, "shared_gate_weight": None})
     plain = MoELayer(MoEConfig(**SMALL, top_k=2))
-    with pytest.raises(ValueError, match="b_out was given, but only a layer with expert_bias=True has it"):
-        plain.load_full_weights(full["router_weight"], full["w_in"], full["w_out"], b_out=full["b_out"])
+    with pytest.raises(ValueError, match="bias_out was given, but only a layer with expert_bias=True has it"):
+        plain.load_full_weights(full["router_weight"], full["w_in"], full["w_out"], bias_out=full["bias_out"])
 
 
 def test_reference_forward_takes_batch_seq_hidden():
@@ -700,6 +700,23 @@ def test_a_state_dict_of_another_placement_is_refused():
     same = MoELayer(cfg)
     same.load_state_dict(older)
     assert torch.equal(same.w_in, saved["w_in"])
+
+
+def test_a_state_dict_with_the_expert_biases_old_names_loads_them():
+    """The expert biases were b_in and b_out before 2026-12-06 (renamed so that weight-decay rules
+    that skip names with "bias" skip them): a state_dict saved then loads, strict, into the new
+    names, and the caller's dict is left as it was."""
+    cfg = MoEConfig(**SMALL, top_k=2, expert_bias=True)
+    saved = MoELayer(cfg, seed=fresh_seed()).state_dict()
+    old = {{"bias_in": "b_in", "bias_out": "b_out"}.get(n, n): t for n, t in saved.items()}
+    keys = list(old)
+    layer = MoELayer(cfg, seed=fresh_seed())
+    layer.load_state_dict(old)
+    assert all(torch.equal(getattr(layer, n), saved[n]) for n in ("bias_in", "bias_out", "w_in"))
+    assert list(old) == keys
+    both = {**old, "bias_in": saved["bias_in"]}  # the new name too: the old one is not a weight
+    with pytest.raises(RuntimeError, match='Unexpected key.*"b_in"'):
+        layer.load_state_dict(both)
 
 
 def test_a_state_dict_without_expert_ids_is_taken_only_where_the_slots_can_hold_one_order():
@@ -959,10 +976,10 @@ def test_a_strided_weight_is_refused_where_the_fused_kernel_would_read_it():
 
 
 def test_a_weight_the_config_lacks_is_refused_where_backend_torch_would_read_it():
-    """b_in set on a layer built without expert biases changed backend torch's output, silently."""
+    """bias_in set on a layer built without expert biases changed backend torch's output, silently."""
     layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=3)
-    layer.b_in = torch.nn.Parameter(torch.ones(8, 96))
-    with pytest.raises(ValueError, match="b_in was set on the layer, but only a layer with expert_bias=True has it"):
+    layer.bias_in = torch.nn.Parameter(torch.ones(8, 96))
+    with pytest.raises(ValueError, match="bias_in was set on the layer, but only a layer with expert_bias=True has it"):
         layer(torch.randn(5, SMALL["hidden_size"]))
     # the expert weights that compute its peers' rows are fine: a flash rank refused for it still
     # serves them, and for a router weight of another dtype too (a launch with no tokens routes

@@ -45,7 +45,7 @@ def test_the_sum_with_a_given_routing_is_the_reference_with_its_own(activation, 
     x = torch.randn(40, cfg.hidden_size)
     extras = {n: full[n] for n in ("router_bias", "e_score_correction_bias") if n in full}
     weights, experts, _ = reference_routing(x, full["router_weight"], cfg, torch.float32, **extras)
-    layer_weights = {n: full[n] for n in ("b_in", "b_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
+    layer_weights = {n: full[n] for n in ("bias_in", "bias_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
                      if n in full}
     got = routed_sum(x, weights, experts, None, full["w_in"], full["w_out"], cfg, **layer_weights)
     want = reference_forward(x, config=cfg, **full)

@@ -2,12 +2,12 @@
 (backward="saved") or with GEMM1 run again on the rows (backward="recompute").
 
 Rows are sorted by local expert, counts[e] of them for expert e. For a row r of expert e:
-pre = r w_in[e] (+ b_in[e]), h = act(pre), y = h w_out[e] (+ b_out[e]); the row enters the layer's
+pre = r w_in[e] (+ bias_in[e]), h = act(pre), y = h w_out[e] (+ bias_out[e]); the row enters the layer's
 output as scale * y (scale: the slot's routing weight, or 1 where the weight went into r). With dy
 the gradient of the layer's output at the row's token:
 
     g      = dy w_out[e]^T                      [N, F]       (GEMM2 transposed)
-    dot    = <dy, y> = sum(h * g) + <dy, b_out>  [N]          (y is not recomputed)
+    dot    = <dy, y> = sum(h * g) + <dy, bias_out>  [N]          (y is not recomputed)
     d_pre  = act'(pre) (scale * g)              [N, F_in]
     d_rows = d_pre w_in[e]^T                    [N, H]
     dw_in[e] = r_e^T d_pre_e,  dw_out[e] = (scale h)_e^T dy_e,  db_in, db_out: the column sums of
@@ -33,13 +33,13 @@ from ..kernels.bias_grad import bias_grads
 from . import capture, torch_ep
 
 
-ALL_WEIGHTS = frozenset(("w_in", "w_out", "b_in", "b_out"))
+ALL_WEIGHTS = frozenset(("w_in", "w_out", "bias_in", "bias_out"))
 
 
 @dataclass
 class ExpertGrads:
-    """d_rows: [N, H] in the rows' dtype; dot: [N] fp32; params: {w_in, w_out[, b_in, b_out]}
-    gradients, in the weights' shapes and dtypes (gated w_in and b_in in the layer's gate/up
+    """d_rows: [N, H] in the rows' dtype; dot: [N] fp32; params: {w_in, w_out[, bias_in, bias_out]}
+    gradients, in the weights' shapes and dtypes (gated w_in and bias_in in the layer's gate/up
     pairs), of those wanted."""
 
     d_rows: torch.Tensor
@@ -51,19 +51,19 @@ def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
                         weights: dict[str, torch.Tensor | None], config: MoEConfig,
                         pre: torch.Tensor | None = None, want: Collection[str] = ALL_WEIGHTS) -> ExpertGrads:
     """rows, dy: [N, H] in the layer's dtype, sorted by local expert; scale: [N] fp32;
-    counts: [L] int64 (sum N); weights: the layer's w_in [L, H, F_in], w_out [L, F, H] and b_in
-    [L, F_in], b_out [L, H] or None; pre: [N, F_in], GEMM1's output with b_in as the forward saved
+    counts: [L] int64 (sum N); weights: the layer's w_in [L, H, F_in], w_out [L, F, H] and bias_in
+    [L, F_in], bias_out [L, H] or None; pre: [N, F_in], GEMM1's output with bias_in as the forward saved
     it, or None to compute it; want: the weights whose gradients to return (a frozen expert's
     weight-gradient GEMMs are not run). Activation math in fp32, GEMMs in the rows' dtype."""
-    w_in, w_out, b_in, b_out = (weights.get(n) for n in ("w_in", "w_out", "b_in", "b_out"))
-    if (b_in is None) != (b_out is None):
-        raise ValueError("expert_ffn_backward: weights must hold both b_in and b_out or neither")
+    w_in, w_out, bias_in, bias_out = (weights.get(n) for n in ("w_in", "w_out", "bias_in", "bias_out"))
+    if (bias_in is None) != (bias_out is None):
+        raise ValueError("expert_ffn_backward: weights must hold both bias_in and bias_out or neither")
     groups = _Groups(counts, rows, w_out)
     dtype = rows.dtype
     if pre is None:
         pre = groups.rows_times(rows, w_in)
-        if b_in is not None:  # in fp32, rounded once, as (pre.float() + b.float()).to(dtype)
-            pre = (pre + groups.per_row(b_in)).to(dtype)
+        if bias_in is not None:  # in fp32, rounded once, as (pre.float() + b.float()).to(dtype)
+            pre = (pre + groups.per_row(bias_in)).to(dtype)
     g = groups.rows_times_t(dy, w_out)
     sh, d_pre, dot = _activation_grad(pre, g, scale, config)
     d_pre_low = d_pre.to(dtype)
@@ -72,23 +72,24 @@ def expert_ffn_backward(rows: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
         params["w_in"] = groups.outer(rows, d_pre_low)
     if "w_out" in want:
         params["w_out"] = groups.outer(sh.to(dtype), dy)
-    if b_in is not None:  # one pass gives both column sums and <dy, b_out>, which dot needs
-        db_in, db_out, dot_b = _bias_grads(d_pre, dy, scale, b_out, groups)
+    if bias_in is not None:  # one pass gives both column sums and <dy, bias_out>, which dot needs
+        db_in, db_out, dot_b = _bias_grads(d_pre, dy, scale, bias_out, groups)
         dot = dot + dot_b
-        params |= {n: d.to(b.dtype) for n, d, b in (("b_in", db_in, b_in), ("b_out", db_out, b_out)) if n in want}
+        params |= {n: d.to(b.dtype) for n, d, b in (("bias_in", db_in, bias_in), ("bias_out", db_out, bias_out))
+                   if n in want}
     return ExpertGrads(groups.rows_times_t(d_pre_low, w_in), dot, params)
 
 
-def _bias_grads(d_pre: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, b_out: torch.Tensor,
+def _bias_grads(d_pre: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, bias_out: torch.Tensor,
                 groups: _Groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """d_pre: [N, F_in], dy: [N, H], scale: [N] fp32, b_out: [L, H] -> (db_in [L, F_in], db_out
-    [L, H], <dy, b_out> per row [N]), fp32: one kernel pass on GPUs (kernels/bias_grad.py), torch
+    """d_pre: [N, F_in], dy: [N, H], scale: [N] fp32, bias_out: [L, H] -> (db_in [L, F_in], db_out
+    [L, H], <dy, bias_out> per row [N]), fp32: one kernel pass on GPUs (kernels/bias_grad.py), torch
     ops in fp32 elsewhere."""
     if dy.is_cuda:
-        return bias_grads(d_pre.contiguous(), dy.contiguous(), scale.contiguous(), b_out.contiguous(), groups.offs)
+        return bias_grads(d_pre.contiguous(), dy.contiguous(), scale.contiguous(), bias_out.contiguous(), groups.offs)
     dy = dy.float()
     return (groups.column_sums(d_pre.float()), groups.column_sums(dy * scale[:, None]),
-            (dy * groups.per_row(b_out).float()).sum(1))
+            (dy * groups.per_row(bias_out).float()).sum(1))
 
 
 def _activation_grad(pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
@@ -199,7 +200,7 @@ class _Groups:
 
     @functools.cached_property
     def row_expert(self) -> torch.Tensor:
-        """[N] int64, each row's expert: made where asked (the CPU steps, recompute's b_in), never on
+        """[N] int64, each row's expert: made where asked (the CPU steps, recompute's bias_in), never on
         a GPU backward without biases."""
         experts = torch.arange(self.counts.shape[0], device=self.counts.device)
         return experts.repeat_interleave(self.counts, output_size=self.n)

@@ -45,7 +45,7 @@ from .expert_grad import expert_ffn_backward
 from .saved import SavedForward
 from .torch_ep import exchange_for, slots_by_destination
 
-EXPERT_PARAMS = ("w_in", "w_out", "b_in", "b_out")
+EXPERT_PARAMS = ("w_in", "w_out", "bias_in", "bias_out")
 
 
 def explicit_forward(layer, x: torch.Tensor,

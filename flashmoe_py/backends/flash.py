@@ -32,7 +32,7 @@ from .torch_ep import EXPLICIT, check_graphs_agree, peers_refused
 
 log = logging.getLogger("flashmoe_py")
 # The layer's weights the fused kernel reads (those a config has); the router's go to route().
-FUSED_WEIGHTS = ("w_in", "w_out", "b_in", "b_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
+FUSED_WEIGHTS = ("w_in", "w_out", "bias_in", "bias_out", "shared_w_in", "shared_w_out", "shared_gate_weight")
 
 
 def kernel_experts(layer) -> dict[str, torch.Tensor]:

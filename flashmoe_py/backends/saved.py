@@ -17,7 +17,7 @@ class SavedForward:
     kept slots (token * top_k + choice) first, sorted by the (rank, local expert) of their expert
     and, within one, in the order that expert numbered them; send_counts: [W, L] int, the kept
     slots per (rank, local expert), S in all; pre: [>= R, ffn_in] in the layer's dtype, GEMM1's
-    output with b_in (and the input weight) before the activation, of the R rows this rank's
+    output with bias_in (and the input weight) before the activation, of the R rows this rank's
     experts received, in the experts' order (local expert, then source rank, then the source's
     order; gated: the layer's gate/up pairs); shared_pre: [T, shared ffn_in], the shared experts'
     own, or None."""

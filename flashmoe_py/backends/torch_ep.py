@@ -52,20 +52,20 @@ def grouped_mm_aligned(x: torch.Tensor, w_out: torch.Tensor) -> bool:
 
 
 def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
-               config: MoEConfig, b_in: torch.Tensor | None = None,
-               b_out: torch.Tensor | None = None) -> torch.Tensor:
+               config: MoEConfig, bias_in: torch.Tensor | None = None,
+               bias_out: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped expert FFN over rows sorted by local expert.
 
     x: [N, hidden]; counts: [local_experts] int64 rows per expert (sum N); w_in: [L, hidden, ffn_in];
-    w_out: [L, ffn, hidden]; b_in: [L, ffn_in] and b_out: [L, hidden], or None; gated w_in and b_in
+    w_out: [L, ffn, hidden]; bias_in: [L, ffn_in] and bias_out: [L, hidden], or None; gated w_in and bias_in
     in the layer's pairs of columns (gate_up.py). Returns [N, hidden] in x.dtype; biases and
     activation in fp32."""
-    return _expert_ffn(x, counts, w_in, w_out, config, b_in, b_out, keep_pre=False)[0]
+    return _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre=False)[0]
 
 
-def _expert_ffn(x, counts, w_in, w_out, config, b_in, b_out, keep_pre: bool):
+def _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre: bool):
     """expert_ffn's output, and with keep_pre (backward="saved") pre [N, ffn_in] in x.dtype: GEMM1's
-    output plus b_in, before the activation (else None)."""
+    output plus bias_in, before the activation (else None)."""
     kept = []
 
     def act(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -78,8 +78,8 @@ def _expert_ffn(x, counts, w_in, w_out, config, b_in, b_out, keep_pre: bool):
         return y if bias is None else (y.float() + bias.float()).to(x.dtype)
 
     if x.shape[0] == 0:  # empty products, still of the weights: a recorded graph gives them zero gradients
-        a = act(x @ w_in[0], None if b_in is None else b_in[0])
-        return add_bias(a @ w_out[0], None if b_out is None else b_out[0]), kept[0] if keep_pre else None
+        a = act(x @ w_in[0], None if bias_in is None else bias_in[0])
+        return add_bias(a @ w_out[0], None if bias_out is None else bias_out[0]), kept[0] if keep_pre else None
 
     if grouped_mm_works(x.device.type, x.dtype) and grouped_mm_aligned(x, w_out):
         offs = torch.cumsum(counts, 0).to(torch.int32)
@@ -87,14 +87,14 @@ def _expert_ffn(x, counts, w_in, w_out, config, b_in, b_out, keep_pre: bool):
         def per_row(bias: torch.Tensor | None) -> torch.Tensor | None:  # [L, n] -> [N, n]
             return None if bias is None else bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
 
-        a = act(grouped_mm(x, w_in, offs), per_row(b_in))
-        return add_bias(grouped_mm(a, w_out, offs), per_row(b_out)), kept[0] if keep_pre else None
+        a = act(grouped_mm(x, w_in, offs), per_row(bias_in))
+        return add_bias(grouped_mm(a, w_out, offs), per_row(bias_out)), kept[0] if keep_pre else None
     out = torch.empty(x.shape[0], w_out.shape[-1], dtype=x.dtype, device=x.device)
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n:
-            a = act(x[start:start + n] @ w_in[e], None if b_in is None else b_in[e])
-            out[start:start + n] = add_bias(a @ w_out[e], None if b_out is None else b_out[e])
+            a = act(x[start:start + n] @ w_in[e], None if bias_in is None else bias_in[e])
+            out[start:start + n] = add_bias(a @ w_out[e], None if bias_out is None else bias_out[e])
             start += n
     return out, torch.cat(kept) if keep_pre else None
 
@@ -197,8 +197,8 @@ class TorchEPBackend:
         """rows: [N, hidden] sorted by this rank's local expert, counts: [L] -> ([N, hidden], and
         with keep GEMM1's output [N, ffn_in] before the activation, else None)."""
         layer, d = self.layer, self.layer.expert_grad_divisor
-        w_in, w_out, b_in, b_out = (divide_grad(getattr(layer, n), d) for n in EXPERT_WEIGHTS)
-        return _expert_ffn(rows, counts, w_in, w_out, layer.config, b_in, b_out, keep)
+        w_in, w_out, bias_in, bias_out = (divide_grad(getattr(layer, n), d) for n in EXPERT_WEIGHTS)
+        return _expert_ffn(rows, counts, w_in, w_out, layer.config, bias_in, bias_out, keep)
 
     @functools.cached_property
     def placed_ids(self) -> torch.Tensor:

@@ -5,7 +5,7 @@ weight scale:
 
     db_in[e]  = sum over e's rows of d_pre[r]           [L, F_in]  fp32
     db_out[e] = sum over e's rows of scale[r] dy[r]     [L, H]     fp32
-    dot_b[r]  = <dy[r], b_out[e]>                       [N]        fp32  (b_out's share of <dy, y>)
+    dot_b[r]  = <dy[r], bias_out[e]>                       [N]        fp32  (bias_out's share of <dy, y>)
 
 d_pre and dy are read once. The grid is (experts, column blocks of d_pre then of dy): a program
 sums its expert's rows of its columns in row order, and writes its columns' share of dot_b into a
@@ -28,9 +28,9 @@ BLOCK_COLS = 128
 @triton.jit
 def bias_grad_kernel(d_pre_ptr, dy_ptr, scale_ptr, b_out_ptr, ends_ptr, db_in_ptr, db_out_ptr, dot_ptr,
                      N, F_IN, H, IN_BLOCKS, BR: tl.constexpr, BC: tl.constexpr):
-    """d_pre: [N, F_IN]; dy: [N, H]; scale: [N] fp32; b_out: [L, H]; ends: [L] -> db_in [L, F_IN],
+    """d_pre: [N, F_IN]; dy: [N, H]; scale: [N] fp32; bias_out: [L, H]; ends: [L] -> db_in [L, F_IN],
     db_out [L, H] fp32 and dot: [column blocks of H, N] fp32, this block's partial sums of
-    dy * b_out. Program (e, c): expert e, column block c of d_pre (c < IN_BLOCKS) or of dy."""
+    dy * bias_out. Program (e, c): expert e, column block c of d_pre (c < IN_BLOCKS) or of dy."""
     e = tl.program_id(0)
     c = tl.program_id(1)
     end = tl.load(ends_ptr + e).to(tl.int64)
@@ -57,10 +57,10 @@ def bias_grad_kernel(d_pre_ptr, dy_ptr, scale_ptr, b_out_ptr, ends_ptr, db_in_pt
         tl.store(db_out_ptr + e.to(tl.int64) * H + cols, tl.sum(acc, axis=0), mask=cols < H)
 
 
-def bias_grads(d_pre: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, b_out: torch.Tensor,
+def bias_grads(d_pre: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, bias_out: torch.Tensor,
                ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d_pre: [N, F_in] and dy: [N, H] in one dtype, contiguous, rows sorted by local expert;
-    scale: [N] fp32; b_out: [L, H]; ends: [L] int32 or int64, contiguous, the cumulative row
+    scale: [N] fp32; bias_out: [L, H]; ends: [L] int32 or int64, contiguous, the cumulative row
     counts (the offs of torch._grouped_mm), all on one device -> (db_in [L, F_in], db_out [L, H],
     dot_b [N]), all fp32, as the module docstring says. ends[-1] must be at most N (not checked:
     that would synchronise with the GPU); rows past it belong to no expert and get dot_b 0."""
@@ -73,23 +73,23 @@ def bias_grads(d_pre: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, b_out
                          f"({dy.dtype}, N = {N})")
     if scale.shape != (N,) or scale.dtype != torch.float32:
         raise ValueError(f"bias_grads: scale must be [{N}] float32, got {scale.dtype} {tuple(scale.shape)}")
-    if b_out.shape != (L, H):
-        raise ValueError(f"bias_grads: b_out must be [{L}, {H}] (ends' experts, dy's width), got "
-                         f"{tuple(b_out.shape)}")
+    if bias_out.shape != (L, H):
+        raise ValueError(f"bias_grads: bias_out must be [{L}, {H}] (ends' experts, dy's width), got "
+                         f"{tuple(bias_out.shape)}")
     if ends.dim() != 1 or ends.dtype not in (torch.int32, torch.int64) or not ends.is_contiguous():
         raise ValueError(f"bias_grads: ends must be a contiguous [L] int32 or int64 tensor, got {ends.dtype} "
                          f"{tuple(ends.shape)}")
-    if not all(t.is_contiguous() for t in (d_pre, dy, scale, b_out)):
-        raise ValueError("bias_grads: d_pre, dy, scale and b_out must be contiguous")
-    if any(t.device != dy.device for t in (d_pre, scale, b_out, ends)):
-        raise ValueError(f"bias_grads: d_pre, dy, scale, b_out and ends must be on one device, got {d_pre.device}, "
-                         f"{dy.device}, {scale.device}, {b_out.device}, {ends.device}")
+    if not all(t.is_contiguous() for t in (d_pre, dy, scale, bias_out)):
+        raise ValueError("bias_grads: d_pre, dy, scale and bias_out must be contiguous")
+    if any(t.device != dy.device for t in (d_pre, scale, bias_out, ends)):
+        raise ValueError(f"bias_grads: d_pre, dy, scale, bias_out and ends must be on one device, got {d_pre.device}, "
+                         f"{dy.device}, {scale.device}, {bias_out.device}, {ends.device}")
     F_in = d_pre.shape[1]
     db_in = torch.empty(L, F_in, dtype=torch.float32, device=dy.device)
     db_out = torch.empty(L, H, dtype=torch.float32, device=dy.device)
     in_blocks, out_blocks = triton.cdiv(F_in, BLOCK_COLS), triton.cdiv(H, BLOCK_COLS)
     partial = torch.zeros(out_blocks, N, dtype=torch.float32, device=dy.device)  # rows of no expert: 0
     if L:
-        bias_grad_kernel[(L, in_blocks + out_blocks)](d_pre, dy, scale, b_out, ends, db_in, db_out, partial,
+        bias_grad_kernel[(L, in_blocks + out_blocks)](d_pre, dy, scale, bias_out, ends, db_in, db_out, partial,
                                                       N, F_in, H, in_blocks, BR=BLOCK_ROWS, BC=BLOCK_COLS)
     return db_in, db_out, partial.sum(0)

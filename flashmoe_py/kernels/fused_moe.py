@@ -104,8 +104,8 @@ class Biases(NamedTuple):
     """The weights of Weights that are plain tensors, as the kernel takes them (Triton 3.6's
     launcher takes tensor descriptors only as arguments of their own, not inside a tuple)."""
 
-    b_in: torch.Tensor
-    b_out: torch.Tensor
+    bias_in: torch.Tensor
+    bias_out: torch.Tensor
     shared_gate: torch.Tensor
 
 
@@ -114,7 +114,7 @@ class Weights(NamedTuple):
     its descriptor arguments and Biases): w_in [L, H, F_in] and w_out [L, F, H] as tensor descriptors,
     so their tiles are loaded by the tensor memory accelerator (TMA) and zero-filled past each
     expert's edges ([1, BK, BF] and [1, BK, BN_OUT] blocks; F_in = 2F for the gated activations:
-    gate columns, then up columns); the biases b_in [L, F_in] and b_out [L, H] (Meta.HAS_BIAS); the
+    gate columns, then up columns); the biases bias_in [L, F_in] and bias_out [L, H] (Meta.HAS_BIAS); the
     shared experts (Meta.SHARED), one FFN of width Fs: shared_w_in [1, H, Fs_in] and shared_w_out
     [1, Fs, H] descriptors as the experts', and the gate's weights shared_gate [1, H] (SHARED_GATE);
     x_rows, recv_x as a [W * S, H] descriptor (boxes [BM, BK]), GEMM1's token rows with
@@ -123,8 +123,8 @@ class Weights(NamedTuple):
 
     w_in: TensorDescriptor
     w_out: TensorDescriptor
-    b_in: torch.Tensor
-    b_out: torch.Tensor
+    bias_in: torch.Tensor
+    bias_out: torch.Tensor
     shared_w_in: TensorDescriptor
     shared_w_out: TensorDescriptor
     shared_gate: torch.Tensor
@@ -255,7 +255,8 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     Saved; dims: Dims; send_chunks: entries of plan.chunk_pos; dispatch_programs: programs that
     start on the front queue; wait_limit: nanoseconds (meta.ON_GPU) or rounds any one wait may
     last; meta: Meta."""
-    weights = Weights(w_in, w_out, biases.b_in, biases.b_out, shared_w_in, shared_w_out, biases.shared_gate, x_rows)
+    weights = Weights(w_in, w_out, biases.bias_in, biases.bias_out, shared_w_in, shared_w_out, biases.shared_gate,
+                      x_rows)
     rank = dims.rank
     W, L, H, F = dims.world, dims.local_experts, dims.hidden, dims.ffn
     NF = tl.cdiv(F, meta.BF)
@@ -368,7 +369,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
     kwargs hold the constexpr-free launch options num_warps and, for NVSHMEM, extern_libs).
 
     x, out: [T, H]; experts: this rank's expert weights by name, w_in [L, H, F_in], w_out [L, F, H]
-    and, when config.expert_bias, b_in [L, F_in], b_out [L, H] (gated: w_in, b_in and shared_w_in
+    and, when config.expert_bias, bias_in [L, F_in], bias_out [L, H] (gated: w_in, bias_in and shared_w_in
     in the layer's gate/up pairs, gate_up.py; x's dtype and device; rows of
     16-byte multiples, as TMA needs: hidden and ffn multiples of 8, checked by the layer);
     config: the layer's MoEConfig; plan: a
@@ -388,7 +389,8 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
     expect = {"x": (x, (T, geo.hidden)), "out": (out, (T, H)), "w_in": (w_in, (L, H, F * (2 if gated else 1))),
               "w_out": (w_out, (L, F, H))}
     if config.expert_bias:
-        expect.update(b_in=(experts["b_in"], (L, F * (2 if gated else 1))), b_out=(experts["b_out"], (L, H)))
+        expect.update(bias_in=(experts["bias_in"], (L, F * (2 if gated else 1))),
+                      bias_out=(experts["bias_out"], (L, H)))
     FS = config.shared_width
     if FS:
         expect.update(shared_w_in=(experts["shared_w_in"], (H, FS * (2 if gated else 1))),
@@ -453,7 +455,8 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
     if FS:  # one FFN: a descriptor of one expert
         s_in = TensorDescriptor.from_tensor(experts["shared_w_in"][None], w_in_blocks)
         s_out = TensorDescriptor.from_tensor(experts["shared_w_out"][None], w_out_blocks)
-    biases = Biases(experts.get("b_in", w_in), experts.get("b_out", w_in), experts.get("shared_gate_weight", w_in))
+    biases = Biases(experts.get("bias_in", w_in), experts.get("bias_out", w_in),
+                    experts.get("shared_gate_weight", w_in))
     scratch = ws.with_trace(trace)
     # GEMM2's h rows as TMA boxes, with h_tma (otherwise another descriptor, unread)
     h_rows = (TensorDescriptor.from_tensor(scratch.h.view(-1, F), [launch.block_m, geo.block_k]) if launch.h_tma

@@ -184,11 +184,11 @@ def ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, 
         gate = gate * scale
         up = up * scale
     if meta.HAS_BIAS:
-        b_in = weights.b_in + t.e.to(tl.int64) * (2 * F if meta.GATED else F)
+        bias_in = weights.bias_in + t.e.to(tl.int64) * (2 * F if meta.GATED else F)
         g = pair_col(f, meta.PAIR) if meta.GATED else f
-        gate += tl.load(b_in + g, mask=fmask, other=0.0).to(tl.float32)[None, :]
+        gate += tl.load(bias_in + g, mask=fmask, other=0.0).to(tl.float32)[None, :]
         if meta.GATED:
-            up += tl.load(b_in + g + meta.PAIR, mask=fmask, other=0.0).to(tl.float32)[None, :]
+            up += tl.load(bias_in + g + meta.PAIR, mask=fmask, other=0.0).to(tl.float32)[None, :]
     if meta.SAVE:
         rows = t.base + t.c * meta.BM + tl.arange(0, meta.BM)
         save_pre(saved.pre, rows, t.valid, gate, up, f, F, meta.PAIR, meta)
@@ -358,10 +358,10 @@ def sum_parts(acc, valid, slot, part, parts, scratch, epoch, meta):
 
 @triton.jit
 def _add_out_bias(acc, e, n, weights, H, meta):
-    """acc [BM, BN_OUT] of GEMM2 column tile n of expert e, plus b_out's columns when HAS_BIAS."""
+    """acc [BM, BN_OUT] of GEMM2 column tile n of expert e, plus bias_out's columns when HAS_BIAS."""
     if meta.HAS_BIAS:
         cols = n * meta.BN_OUT + tl.arange(0, meta.BN_OUT)
-        acc += tl.load(weights.b_out + e.to(tl.int64) * H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(weights.bias_out + e.to(tl.int64) * H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
