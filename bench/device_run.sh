@@ -77,7 +77,7 @@ for step in "$@"; do
               timeout -k 10 240 python3 tests/gpu/check_compile_variants.py --out "$OUT/compile_variants.json" \
               > "$OUT/compile_variants.log" 2>&1; rc=$?; echo "=== compile rc=$rc"; note_rc $rc; tail -n 6 "$OUT/compile_variants.log" ;;
     training*) n=${step#training}; run "training_w$n" 300 "$n" tests/gpu/check_training.py --out "$OUT/training_w$n.json" ;;
-    backward*) n=${step#backward}; run "backward_w$n" 300 "$n" tests/gpu/check_backward.py ${PRESETS:+--presets} \
+    backward*) n=${step#backward}; run "backward_w$n" 480 "$n" tests/gpu/check_backward.py ${PRESETS:+--presets} \
               --out "$OUT/backward_w$n.json" ;;
     cache) tar -cz -C ~/.triton cache | split -b 15m - "$OUT/triton_cache.tgz.part-" || fail=1  # files under 16 MB
            ls -la "$OUT"/triton_cache.tgz.part-* ;;

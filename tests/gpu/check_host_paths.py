@@ -19,6 +19,10 @@
 - Training forwards replayed from a CUDA graph on alternating streams, every backward after the
   last forward: each replay copies out what the one before saved, and that one's backward, on
   its own stream, reads the copies.
+- The placement's buffers (expert_positions, which routes every token, and expert_ids) written in
+  place or replaced after forwards were captured and replayed: the next forward refuses them (a
+  GPU buffer is read again when its version or identity changes, not every call), and once they
+  hold the placement's values again the forwards compute right. A DTensor x is refused.
 
 Every output is checked against the float32 reference on fresh random inputs (NaN counts as inf).
 
@@ -201,6 +205,49 @@ def forwards_on_two_streams_then_backwards(inputs: Inputs, seed: int, steps: int
             "ok": max(errs) <= TOL}
 
 
+def placement_buffers(inputs: Inputs, seed: int) -> dict:
+    tokens = 200
+    layer = MoELayer(SMALL, backend="flash", max_tokens_per_rank=tokens, seed=seed)
+    full = layer.full_weight_dict()
+    errs, refused = [], {}
+
+    def call() -> None:  # eager the first time at a size, then captured, then replayed
+        x = inputs(SMALL, tokens)
+        errs.append(rel_err(layer(x), reference_forward(x, config=SMALL, **full)))
+
+    for _ in range(3):
+        call()
+    for name in ("expert_positions", "expert_ids"):
+        placed = getattr(layer, name).clone()
+        for how in ("written in place", "replaced"):
+            if how == "replaced":
+                setattr(layer, name, placed.flip(0).clone())
+            else:
+                getattr(layer, name).copy_(placed.flip(0))
+            try:
+                call()
+                refused[f"{name} {how}"] = ""
+            except RuntimeError as e:
+                refused[f"{name} {how}"] = str(e)
+            getattr(layer, name).copy_(placed)  # the placement's again: taken
+            for _ in range(3):
+                call()
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+    x = DTensor.from_local(inputs(SMALL, tokens), init_device_mesh("cuda", (1,)), [Replicate()], run_check=False)
+    try:
+        layer(x)
+        refused["DTensor x"] = ""
+    except ValueError as e:
+        refused["DTensor x"] = str(e)
+    layer.synchronize()
+    layer.backend.close()
+    return {"case": "placement buffers written or replaced after captures, then put back; a DTensor x",
+            "refused": refused, "rel_errs": errs, "rel_err": max(errs),
+            "ok": max(errs) <= TOL and len(errs) == 15 and all(
+                f"{what.split()[0]} holds" in msg or (what == "DTensor x" and "x is a DTensor" in msg)
+                for what, msg in refused.items())}
+
+
 def backward_after_timeout(inputs: Inputs, seed: int) -> dict:
     tokens, timeout_s = 2048, 1.0
     programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
@@ -243,6 +290,9 @@ def main():
     rows.append(deterministic_steps(inputs, seed + 5))
     print(json.dumps(rows[-1]), flush=True)
     rows.append(forwards_on_two_streams_then_backwards(inputs, seed + 6))
+    print(json.dumps(rows[-1]), flush=True)
+    with torch.no_grad():
+        rows.append(placement_buffers(inputs, seed + 7))
     print(json.dumps(rows[-1]), flush=True)
     rows.append(backward_after_timeout(inputs, seed + 3))
     print(json.dumps(rows[-1]), flush=True)
