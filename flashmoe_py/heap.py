@@ -4,6 +4,7 @@ addresses for kernels (how much each layer needs: kernels/layout.py)."""
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -14,14 +15,18 @@ log = logging.getLogger("flashmoe_py")
 
 class SymmetricHeap:
     """Named buffers on the NVSHMEM symmetric heap of runtime `rt` (collective operations); an
-    allocator for kernels/workspace.Workspace."""
+    allocator for kernels/workspace.Workspace. With an owner (a fused layer's backend, the only
+    holder of the buffers), they go back to the heap once the owner is gone on every rank: at the
+    next allocation, a collective (free_ownerless), or at the runtime's finalize()."""
 
-    def __init__(self, rt):
+    def __init__(self, rt, owner=None):
         self.rt = rt
+        self.owner = None if owner is None else weakref.ref(owner)
         self.tensors: dict[str, torch.Tensor] = {}
         self._peers: dict[str, torch.Tensor] = {}
         self.bytes = 0  # heap bytes held (granule-rounded, without NVSHMEM's reserve)
-        self.freed = False  # free() ran (the layer's close(), or the runtime's finalize())
+        self.freed = False  # free() ran (the layer's close(), the owner gone, or the runtime's finalize())
+        self.number = -1  # its place among the runtime's allocations (the same on every rank), once allocated
 
     def allocate(self, buffers: dict) -> dict[str, torch.Tensor]:
         """buffers: {name: (shape, dtype)} -> {name: this rank's copy, zeroed}. Every rank allocates
@@ -33,6 +38,7 @@ class SymmetricHeap:
         for name in buffers:
             if name in self.tensors:
                 raise ValueError(f"symmetric buffer {name!r} is already allocated")
+        free_ownerless(self.rt)
         need = heap_bytes(buffers) - HEAP_RESERVE
         free = self.rt.heap_capacity - HEAP_RESERVE - self.rt.heap_used()
         if need > free:
@@ -43,7 +49,9 @@ class SymmetricHeap:
                 f"max_tokens_per_rank), ...]) or lower max_tokens_per_rank")
         log.info("rank %d: %s of the symmetric heap for %s (%s free of %s)", self.rt.rank, format_bytes(need),
                  sorted(buffers), format_bytes(free), format_bytes(self.rt.heap_capacity))
-        self.rt.heaps.append(self)
+        if self not in self.rt.heaps:
+            self.number, self.rt.heaps_made = self.rt.heaps_made, self.rt.heaps_made + 1
+            self.rt.heaps.append(self)
         for name in sorted(buffers):
             shape, dtype = buffers[name]
             try:
@@ -94,3 +102,19 @@ class SymmetricHeap:
         self.rt.barrier()  # no peer may still be writing into them
         for name in sorted(self.tensors, reverse=True):
             nv.free_tensor(self.tensors.pop(name))
+
+
+def free_ownerless(rt) -> None:
+    """Free the heaps of runtime `rt` whose owner is gone on every rank, in allocation order
+    (collective: every rank calls it, from an allocation). An owner gone on some ranks only (a
+    reference cycle that one rank's garbage collector has not reached yet) keeps its heap until
+    a later call finds it gone everywhere."""
+    gone = [h.number for h in rt.heaps if h.owner is not None and h.owner() is None]
+    if rt.world_size > 1:
+        import torch.distributed as dist
+        everyone = [None] * rt.world_size
+        dist.all_gather_object(everyone, gone)
+        gone = sorted(set.intersection(*(set(g) for g in everyone)))
+    for heap in [h for h in rt.heaps if h.number in gone]:
+        log.info("rank %d: freeing %s of the symmetric heap, its layer gone", rt.rank, format_bytes(heap.bytes))
+        heap.free()

@@ -149,6 +149,7 @@ class Runtime:
         self.rank, self.world_size, self.local_rank = info.rank, info.world_size, info.local_rank
         self.launcher = info.launcher
         self.heaps: list = []  # SymmetricHeaps allocated under this runtime, freed at finalize
+        self.heaps_made = 0  # how many were allocated (each numbered in turn: heap.free_ownerless)
         # NVSHMEM_SYMMETRIC_SIZE as NVSHMEM read it at init (its default is 1 GiB).
         self.heap_capacity = _parse_size(os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "1G"))
         # Set when a fused kernel timed out: a peer may be gone, so teardown stays local.

@@ -209,6 +209,61 @@ def test_heap_refuses_buffers_beyond_its_size_before_allocating(fake_heap):
     assert fake.live == 1
 
 
+class Owner:
+    """Stands in for a fused layer's backend, the one holder of its heap's buffers."""
+
+
+def test_a_heap_goes_back_once_its_owner_is_gone(fake_heap):
+    """A fused layer deleted (or dropped by unpatch_model) kept its symmetric buffers until
+    finalize(), so building layers again was refused for want of heap. Its buffers now go back at
+    the next allocation; a live owner's stay, and so do a heap's without an owner."""
+    rt, fake = fake_heap
+    owners = [Owner(), Owner()]
+    heaps = [SymmetricHeap(rt, owner=o) for o in owners] + [SymmetricHeap(rt)]
+    for heap, name in zip(heaps, "abc"):
+        heap.allocate({name: ((40 << 20,), torch.uint8)})  # 120 MiB of 200 - 64 reserved
+    later, keep = SymmetricHeap(rt, owner=(owner := Owner())), owner
+    with pytest.raises(RuntimeError, match="16.00 MiB is free"):
+        later.allocate({"d": ((40 << 20,), torch.uint8)})
+    del owners[0]
+    later.allocate({"d": ((40 << 20,), torch.uint8)})
+    assert [h.freed for h in heaps] == [True, False, False] and fake.live == 3 and rt.heap_used() == 120 << 20
+    assert keep is owner and not later.freed
+
+
+def heaps_on_ranks(rank, world, gone_on):
+    """A rank of dist_pools: its owner of a first heap gone on the ranks gone_on, then everywhere
+    -> (first freed after the second allocation, after the third, buffers live at the end)."""
+    held = {name: sys.modules.get(name) for name in ("nvshmem", "nvshmem.core")}
+    fake = FakeNvshmem()
+    sys.modules["nvshmem"], sys.modules["nvshmem.core"] = types.ModuleType("nvshmem"), fake
+    try:
+        rt = Runtime(LaunchInfo("single", rank, world, rank, world), torch.device("cpu"), owns_group=False,
+                     nvshmem=False)
+        owners = [Owner(), Owner()]
+        first = SymmetricHeap(rt, owner=owners[0])
+        first.allocate({"a": ((1 << 20,), torch.uint8)})
+        if rank in gone_on:
+            owners[0] = None
+        SymmetricHeap(rt, owner=owners[1]).allocate({"b": ((1 << 20,), torch.uint8)})
+        freed_then = first.freed
+        owners[0] = None
+        SymmetricHeap(rt, owner=owners[1]).allocate({"c": ((1 << 20,), torch.uint8)})
+        return freed_then, first.freed, fake.live
+    finally:
+        for name, module in held.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def test_a_heap_goes_back_only_once_its_owner_is_gone_on_every_rank(dist_pools):
+    """Freeing is collective: an owner gone on one rank only (a reference cycle the other rank's
+    garbage collector has not reached) keeps the heap on both until it is gone on both."""
+    assert dist_pools(2).run(heaps_on_ranks, [0]) == [(False, True, 2)] * 2
+
+
 def test_after_a_kernel_timeout_teardown_is_local(fake_heap):
     """A timed-out fused kernel may mean a dead peer: freeing (a collective) would hang, so the
     buffers are kept until the process exits, and finalize does not wait on anyone."""

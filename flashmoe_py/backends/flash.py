@@ -187,7 +187,7 @@ class FlashBackend:
                                              partial_slots(options.launch_override))
         if options.transport == "nvshmem":
             nvshmem_device_library()  # fail here, not at the first forward, if it is missing
-        self.heap = SymmetricHeap(rt)
+        self.heap = SymmetricHeap(rt, owner=self)  # its buffers go back to the heap once this is gone
         self.ws = Workspace.allocate(geo, cfg.torch_dtype, options.transport, layer.device, self.heap)
         self.send_order = geo.send_order(layer.rank, layer.device)
         self.status_host = torch.zeros_like(self.ws.scratch.status, device="cpu").pin_memory()

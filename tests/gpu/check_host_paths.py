@@ -23,12 +23,16 @@
   place or replaced after forwards were captured and replayed: the next forward refuses them (a
   GPU buffer is read again when its version or identity changes, not every call), and once they
   hold the placement's values again the forwards compute right. A DTensor x is refused.
+- A fused layer deleted after its forwards (launched, captured, replayed): its symmetric buffers go
+  back to the heap when the next layer is built, so a second layer of the same size fits a heap
+  sized for one, and computes right.
 
 Every output is checked against the float32 reference on fresh random inputs (NaN counts as inf).
 
     python tests/gpu/check_host_paths.py [--out rows.json]"""
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -248,6 +252,28 @@ def placement_buffers(inputs: Inputs, seed: int) -> dict:
                 for what, msg in refused.items())}
 
 
+def deleted_layer_heap(inputs: Inputs, seed: int) -> dict:
+    tokens, rt = 2048, fm.runtime.current()
+    before = rt.heap_used()
+    layer = MoELayer(WIDE, backend="flash", max_tokens_per_rank=tokens, seed=seed)
+    for _ in range(3):  # eager, captured, replayed
+        layer(inputs(WIDE, tokens))
+    held = rt.heap_used()
+    del layer
+    gc.collect()
+    try:
+        again = MoELayer(WIDE, backend="flash", max_tokens_per_rank=tokens, seed=seed + 1)
+    except RuntimeError as e:
+        return {"case": "a deleted layer's buffers back for the next one", "error": str(e), "ok": False}
+    x = inputs(WIDE, tokens)
+    err = rel_err(again(x), reference_forward(x, config=WIDE, **again.full_weight_dict()))
+    again.synchronize()
+    again.backend.close()
+    return {"case": "a deleted layer's buffers back for the next one (the heap holds one)", "heap_held": held,
+            "heap_after": rt.heap_used(), "rel_err": err,
+            "ok": err <= TOL and held > before and rt.heap_used() == before}
+
+
 def backward_after_timeout(inputs: Inputs, seed: int) -> dict:
     tokens, timeout_s = 2048, 1.0
     programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
@@ -293,6 +319,8 @@ def main():
     print(json.dumps(rows[-1]), flush=True)
     with torch.no_grad():
         rows.append(placement_buffers(inputs, seed + 7))
+        print(json.dumps(rows[-1]), flush=True)
+        rows.append(deleted_layer_heap(inputs, seed + 8))
     print(json.dumps(rows[-1]), flush=True)
     rows.append(backward_after_timeout(inputs, seed + 3))
     print(json.dumps(rows[-1]), flush=True)
