@@ -604,8 +604,8 @@ class MoELayer(nn.Module):
         `expert_ids` (which expert each of this rank's slots holds) must match the layer's
         placement where the state_dict has it. A weight under its name before a rename
         (RENAMED_WEIGHTS) loads as the weight (load_state_dict hands this a copy of the dict)."""
-        for old, new in RENAMED_WEIGHTS.items():
-            if prefix + old in state_dict and prefix + new not in state_dict:
+        for old, new in RENAMED_WEIGHTS.items():  # (where the layer has it: elsewhere torch names the old key)
+            if prefix + old in state_dict and prefix + new not in state_dict and self._parameters.get(new) is not None:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
         marker, ids = prefix + STATE_DICT_MARKER, prefix + "expert_ids"
         problem = self._state_dict_problem(state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
@@ -740,6 +740,9 @@ class MoELayer(nn.Module):
                                  "(MoELayer(config, placement=...)) and load_full_weights or load_state_dict into it")
         if name == "expert_grad_divisor" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"expert_grad_divisor must be a positive int (the data-parallel world), got {value!r}")
+        if name in RENAMED_WEIGHTS:  # set under its old name, it would be a parameter the layer never reads
+            raise AttributeError(f"MoELayer.{name} is {RENAMED_WEIGHTS[name]} since 2026-12-06: set "
+                                 f"{RENAMED_WEIGHTS[name]}")
         super().__setattr__(name, value)
 
     def __copy__(self):
@@ -751,7 +754,10 @@ class MoELayer(nn.Module):
     def __setstate__(self, state) -> None:
         """A copy (copy.deepcopy, or pickle's torch.save / torch.load) gets its own op id (the
         compiled op finds its layer by it, _LAYERS: the original's would have run the original) and
-        its backend bound to it (backend torch's; backend flash's refuses to be copied)."""
+        its backend bound to it (backend torch's; backend flash's refuses to be copied). A layer
+        pickled before a rename of its weights (RENAMED_WEIGHTS) gets them under their names."""
+        if any(old in state.get("_parameters", {}) for old in RENAMED_WEIGHTS):
+            state["_parameters"] = {RENAMED_WEIGHTS.get(n, n): p for n, p in state["_parameters"].items()}
         super().__setstate__(state)
         self._register()
         self.backend.layer = weakref.proxy(self)

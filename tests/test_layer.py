@@ -717,6 +717,30 @@ def test_a_state_dict_with_the_expert_biases_old_names_loads_them():
     both = {**old, "bias_in": saved["bias_in"]}  # the new name too: the old one is not a weight
     with pytest.raises(RuntimeError, match='Unexpected key.*"b_in"'):
         layer.load_state_dict(both)
+    plain = MoELayer(MoEConfig(**SMALL, top_k=2))  # no expert biases: the caller's keys are named
+    with pytest.raises(RuntimeError, match='Unexpected key.*"b_in", "b_out"'):
+        plain.load_state_dict({**plain.state_dict(), "b_in": old["b_in"], "b_out": old["b_out"]})
+
+
+def test_a_layer_pickled_before_the_rename_runs_and_an_old_name_set_is_refused():
+    """A layer pickled (torch.save of the module) while its biases were b_in and b_out unpickles
+    with them as bias_in and bias_out, and computes as the original; setting b_in now would
+    register a parameter the layer never reads, silently: refused, naming the new name."""
+    cfg = MoEConfig(**SMALL, top_k=2, expert_bias=True)
+    layer = MoELayer(cfg, seed=fresh_seed())
+    old = copy.deepcopy(layer)
+    old.__dict__["_parameters"] = {{"bias_in": "b_in", "bias_out": "b_out"}.get(n, n): p
+                                   for n, p in old._parameters.items()}  # as pickled before the rename
+    blob = io.BytesIO()
+    torch.save(old, blob)
+    blob.seek(0)
+    back = torch.load(blob, weights_only=False)
+    assert [n for n, _ in back.named_parameters()] == [n for n, _ in layer.named_parameters()]
+    x = torch.randn(5, SMALL["hidden_size"])
+    with torch.no_grad():
+        assert torch.equal(back(x), layer(x))
+    with pytest.raises(AttributeError, match="MoELayer.b_in is bias_in since 2026-12-06"):
+        layer.b_in = torch.nn.Parameter(torch.zeros_like(layer.bias_in))
 
 
 def test_a_state_dict_without_expert_ids_is_taken_only_where_the_slots_can_hold_one_order():
