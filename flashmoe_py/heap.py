@@ -108,13 +108,19 @@ def free_ownerless(rt) -> None:
     """Free the heaps of runtime `rt` whose owner is gone on every rank, in allocation order
     (collective: every rank calls it, from an allocation). An owner gone on some ranks only (a
     reference cycle that one rank's garbage collector has not reached yet) keeps its heap until
-    a later call finds it gone everywhere."""
+    a later call finds it gone everywhere. Where a fused kernel failed on any rank (rt.failed)
+    nothing is freed: free() would keep that rank's buffers, skipping the collective its peers
+    enter, and the heap's count would drop below what NVSHMEM holds."""
     gone = [h.number for h in rt.heaps if h.owner is not None and h.owner() is None]
+    failed = rt.failed is not None
     if rt.world_size > 1:
         import torch.distributed as dist
         everyone = [None] * rt.world_size
-        dist.all_gather_object(everyone, gone)
-        gone = sorted(set.intersection(*(set(g) for g in everyone)))
+        dist.all_gather_object(everyone, (gone, failed))
+        failed = any(f for _, f in everyone)
+        gone = sorted(set.intersection(*(set(g) for g, _ in everyone)))
+    if failed:
+        return
     for heap in [h for h in rt.heaps if h.number in gone]:
         log.info("rank %d: freeing %s of the symmetric heap, its layer gone", rt.rank, format_bytes(heap.bytes))
         heap.free()

@@ -231,25 +231,30 @@ def test_a_heap_goes_back_once_its_owner_is_gone(fake_heap):
     assert keep is owner and not later.freed
 
 
-def heaps_on_ranks(rank, world, gone_on):
+def heaps_on_ranks(rank, world, gone_on, failed_on=()):
     """A rank of dist_pools: its owner of a first heap gone on the ranks gone_on, then everywhere
-    -> (first freed after the second allocation, after the third, buffers live at the end)."""
+    (its runtime failed on the ranks failed_on) -> (first freed after the second allocation, after
+    the third, buffers live at the end, barriers run)."""
     held = {name: sys.modules.get(name) for name in ("nvshmem", "nvshmem.core")}
     fake = FakeNvshmem()
     sys.modules["nvshmem"], sys.modules["nvshmem.core"] = types.ModuleType("nvshmem"), fake
     try:
         rt = Runtime(LaunchInfo("single", rank, world, rank, world), torch.device("cpu"), owns_group=False,
                      nvshmem=False)
+        barriers = []
+        rt.barrier = lambda: (barriers.append(1), torch.distributed.barrier())
         owners = [Owner(), Owner()]
         first = SymmetricHeap(rt, owner=owners[0])
         first.allocate({"a": ((1 << 20,), torch.uint8)})
         if rank in gone_on:
             owners[0] = None
+        if rank in failed_on:
+            rt.failed = "fused MoE kernel timed out"
         SymmetricHeap(rt, owner=owners[1]).allocate({"b": ((1 << 20,), torch.uint8)})
         freed_then = first.freed
         owners[0] = None
         SymmetricHeap(rt, owner=owners[1]).allocate({"c": ((1 << 20,), torch.uint8)})
-        return freed_then, first.freed, fake.live
+        return freed_then, first.freed, fake.live, len(barriers)
     finally:
         for name, module in held.items():
             if module is None:
@@ -261,7 +266,14 @@ def heaps_on_ranks(rank, world, gone_on):
 def test_a_heap_goes_back_only_once_its_owner_is_gone_on_every_rank(dist_pools):
     """Freeing is collective: an owner gone on one rank only (a reference cycle the other rank's
     garbage collector has not reached) keeps the heap on both until it is gone on both."""
-    assert dist_pools(2).run(heaps_on_ranks, [0]) == [(False, True, 2)] * 2
+    assert dist_pools(2).run(heaps_on_ranks, [0]) == [(False, True, 2, 1)] * 2
+
+
+def test_no_heap_goes_back_after_a_kernel_failed_on_any_rank(dist_pools):
+    """After a fused kernel failed on one rank, free() keeps that rank's buffers (nothing
+    collective is safe) while its peer would enter the barrier and NVSHMEM's free: no rank frees
+    anything then, and the heaps stay counted."""
+    assert dist_pools(2).run(heaps_on_ranks, [0, 1], [0]) == [(False, False, 3, 0)] * 2
 
 
 def test_after_a_kernel_timeout_teardown_is_local(fake_heap):
