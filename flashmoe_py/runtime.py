@@ -84,8 +84,8 @@ def _launch_info(env, name: str, r: str, w: str, lr: str, lw: str) -> LaunchInfo
         try:
             vals[var] = int(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"environment variable {var}={raw!r} is not an integer "
-                             f"(launcher {name})") from None
+            raise ValueError(f"environment variable {var} is not set (launcher {name}, {r} is)" if raw is None else
+                             f"environment variable {var}={raw!r} is not an integer (launcher {name})") from None
     rank, world, local, local_world = vals[r], vals[w], vals[lr], vals[lw]
     if not (0 <= rank < world and 0 <= local < local_world <= world):
         raise ValueError(f"inconsistent launcher environment: {r}={rank}, {w}={world}, "
@@ -156,6 +156,9 @@ class Runtime:
         self.failed: str | None = None
         # How long finalize() waits for every rank to arrive before tearing down alone.
         self.finalize_wait_s = 60.0
+        self.heap_size_set: str | None = None  # NVSHMEM_SYMMETRIC_SIZE as init() set it (finalize takes it back)
+        self.unclaimed = True  # no `with` has taken it yet, and no later init() returned it: __enter__
+        self._withs: list[bool] = []  # per `with` block open on it: whether that block's exit finalizes
 
     def barrier(self) -> None:
         """Every rank's queued device work is done before any rank goes on."""
@@ -197,6 +200,8 @@ class Runtime:
                  "" if together else f" ({self.failed})")
         for heap in list(self.heaps):
             heap.free()
+        if self.heap_size_set is not None and os.environ.get("NVSHMEM_SYMMETRIC_SIZE") == self.heap_size_set:
+            del os.environ["NVSHMEM_SYMMETRIC_SIZE"]  # init()'s, not the user's: a later init() sizes it again
         if self.nvshmem and self.failed is None:
             import nvshmem.core as nv
             self.barrier()
@@ -206,6 +211,7 @@ class Runtime:
                 dist.distributed_c10d._abort_process_group()
             else:
                 dist.destroy_process_group()
+            _STATE["group_destroyed"] |= self.world_size > 1
         _current = None
 
     def teardown_together(self) -> bool:
@@ -233,13 +239,20 @@ class Runtime:
         return store.compare_set(decision, "", verdict) == b"together"
 
     def __enter__(self) -> Runtime:
+        """`with fm.init(...) as rt:` finalizes at the block's end when that init() made the runtime
+        (a `with` of a later init(), which returned the runtime already made, a helper's say, leaves
+        it to its maker)."""
+        self._withs.append(self.unclaimed)
+        self.unclaimed = False
         return self
 
     def __exit__(self, *exc) -> None:
-        self.finalize()
+        if self._withs.pop() if self._withs else True:
+            self.finalize()
 
 
 _current: Runtime | None = None
+_STATE = {"group_destroyed": False}  # finalize() destroyed a group of 2+ ranks init() made, in this process
 
 
 def current() -> Runtime | None:
@@ -294,7 +307,10 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
             raise RuntimeError(f"flashmoe_py.init() asks for a symmetric heap of {format_bytes(needed)}, but NVSHMEM "
                                f"started with {format_bytes(_current.heap_capacity)}, which cannot grow: pass every "
                                "layer to the first init(layers=...), or finalize() first")
+        _current.unclaimed = False  # (a `with` of this call does not finalize it: __enter__)
         return _current
+    if "NVSHMEM_SYMMETRIC_SIZE" in os.environ:  # read by the Runtime: refused before the group is made
+        _parse_size(os.environ["NVSHMEM_SYMMETRIC_SIZE"])
     os.environ.update(NO_MULTICAST)
     info = detect_launcher()
     if info.launcher == "single" and not dist.is_initialized() and (tasks := srun_tasks()) > 1:
@@ -313,9 +329,14 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
             import nvshmem.core  # noqa: F401
         except ImportError as e:
             raise RuntimeError(f"NVSHMEM needs nvshmem4py: pip install nvshmem4py-cu13 ({e})") from e
+    if info.world_size > 1 and not dist.is_initialized() and _STATE["group_destroyed"]:
+        raise RuntimeError("flashmoe_py.init() after finalize() at world > 1: torch's env:// rendezvous would find "
+                           "the last group's keys in its store and hang or fail (pytorch#55967). Call init() once "
+                           "a process, or make the process group yourself (init() joins it)")
     heap_bytes = _heap_needed(heap_bytes, layers, info.world_size)
+    heap_size_set = None
     if nvshmem and heap_bytes is not None:
-        _set_heap_size(heap_bytes)
+        heap_size_set = _set_heap_size(heap_bytes)
         log.info("symmetric heap: %s per rank (NVSHMEM_SYMMETRIC_SIZE=%s)", format_bytes(heap_bytes),
                  os.environ["NVSHMEM_SYMMETRIC_SIZE"])
     device = torch.device("cpu")
@@ -336,6 +357,7 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
     if nvshmem:
         _init_nvshmem(info)
     _current = Runtime(info, device, owns_group, nvshmem, job_id[0])
+    _current.heap_size_set = heap_size_set
     return _current
 
 
@@ -376,16 +398,18 @@ def finalize() -> None:
         _current.finalize()
 
 
-def _set_heap_size(needed: int) -> None:
+def _set_heap_size(needed: int) -> str | None:
     """Size NVSHMEM's symmetric heap before init; a user-set NVSHMEM_SYMMETRIC_SIZE that is too
-    small is refused, a larger one kept."""
+    small is refused, a larger one kept. -> the value set, or None (the user's kept)."""
     user = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
     if user is None:
         os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(needed)
-    elif _parse_size(user) < needed:
+        return str(needed)
+    if _parse_size(user) < needed:
         raise RuntimeError(f"the symmetric heap needs {format_bytes(needed)} ({needed} bytes) but "
                            f"NVSHMEM_SYMMETRIC_SIZE={user} allows {format_bytes(_parse_size(user))}; "
                            f"raise it or lower max_tokens_per_rank")
+    return None
 
 
 def _parse_size(text: str) -> int:
@@ -405,7 +429,8 @@ def _parse_size(text: str) -> int:
 
 def _init_process_group(info: LaunchInfo, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if info.launcher == "mpirun" and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+    if info.launcher == "mpirun" and info.world_size > 1 and not ("MASTER_ADDR" in os.environ
+                                                                  and "MASTER_PORT" in os.environ):
         try:
             from mpi4py import MPI
         except ImportError as e:
@@ -417,7 +442,7 @@ def _init_process_group(info: LaunchInfo, device: torch.device) -> None:
             addr_port = (os.environ.get("MASTER_ADDR") or socket.gethostname(), _free_port())
         addr_port = MPI.COMM_WORLD.bcast(addr_port, root=0)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr_port[0], str(addr_port[1])
-    elif info.launcher == "single":  # a free port: two one-process jobs on a host must not share one
+    elif info.world_size == 1:  # alone (or mpirun -np 1): a free port, two one-process jobs must not share one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())

@@ -5,6 +5,7 @@ if [ -z "${NGPUS:-}" ]; then
   if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
     IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
     NGPUS=${#visible[@]}
+    case "${visible[0]:-}" in -*|NoDevFiles) NGPUS=0 ;; esac  # (CUDA's ways to hide every GPU)
   elif ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "no nvidia-smi here to count GPUs: set NGPUS, the processes to start" \
          "(on a CPU: NGPUS=2 bash launch/torchrun.sh bench/layer.py --backends torch)" >&2
@@ -12,8 +13,8 @@ if [ -z "${NGPUS:-}" ]; then
   elif ! listed=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>&1); then
     echo "nvidia-smi failed to list the GPUs ($listed): set NGPUS, the processes to start" >&2
     exit 2
-  else
-    NGPUS=$(printf '%s\n' "$listed" | grep -c . || true)  # (grep -c exits 1 when it counts none)
+  else  # its index lines, not a warning it printed beside them (grep -c exits 1 when it counts none)
+    NGPUS=$(printf '%s\n' "$listed" | grep -cE '^ *[0-9]+ *$' || true)
   fi
 fi
 if ! [[ "$NGPUS" =~ ^[1-9][0-9]*$ ]]; then

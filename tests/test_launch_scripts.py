@@ -110,6 +110,26 @@ def test_the_launchers_count_the_gpus_this_job_may_use(tmp_path, visible, want):
     assert f"--nproc-per-node {want} prog.py" in (tmp_path / "calls").read_text()
 
 
+def test_a_warning_nvidia_smi_prints_beside_its_list_is_no_gpu(tmp_path):
+    """nvidia-smi's output was read with its errors (2>&1) and every line counted: a warning
+    printed beside four GPUs started five processes."""
+    env = scripts_env(tmp_path, 0)
+    (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\necho 'Warning: persistence mode "
+                                                  "is disabled' >&2\nprintf '2\\n3\\n'\n")
+    subprocess.run(["bash", "launch/torchrun.sh", "prog.py"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert "--nproc-per-node 4 prog.py" in (tmp_path / "calls").read_text()
+
+
+@pytest.mark.parametrize("visible", ["-1", "NoDevFiles", ""])
+def test_a_cuda_visible_devices_that_hides_every_gpu_starts_nothing(tmp_path, visible):
+    """CUDA_VISIBLE_DEVICES=-1 (or NoDevFiles) hides every GPU, and one process was started."""
+    env = scripts_env(tmp_path, 0) | {"CUDA_VISIBLE_DEVICES": visible}
+    proc = subprocess.run(["bash", "launch/torchrun.sh", "prog.py"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "NGPUS=0: the processes to start must be a positive number" in proc.stderr
+    assert not (tmp_path / "calls").exists()
+
+
 @pytest.mark.parametrize("smi, said", [
     ("exit 0", "NGPUS=0: the processes to start must be a positive number"),  # lists no GPU
     ("echo 'NVML: driver not loaded' >&2\nexit 9", "nvidia-smi failed to list the GPUs (NVML: driver not loaded)"),

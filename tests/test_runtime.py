@@ -405,3 +405,101 @@ def test_a_second_init_that_needs_a_larger_heap_is_refused(monkeypatch):
         fm.init(heap_bytes=1 << 30)
     with pytest.raises(RuntimeError, match="pass every layer to the first init"):
         fm.init(layers=[(fm.MoEConfig(hidden_size=2048, ffn_size=1024, num_experts=64, top_k=8), 4096)])
+
+
+NESTED_WITH = """
+import torch.distributed as dist
+import flashmoe_py as fm
+from flashmoe_py import runtime
+rt = fm.init(nvshmem=False)
+with fm.init(nvshmem=False) as again:  # a helper's block, the runtime made before it
+    assert again is rt
+assert runtime.current() is rt and dist.is_initialized()
+rt.finalize()
+with fm.init(nvshmem=False) as made:  # made by this block's init(): finalized at its end
+    with fm.init(nvshmem=False):
+        pass
+    assert runtime.current() is made and dist.is_initialized()
+assert runtime.current() is None and not dist.is_initialized()
+print("ok", flush=True)
+"""
+
+
+def test_only_the_with_block_whose_init_made_the_runtime_finalizes_it():
+    """A helper's `with fm.init(...)` got the program's runtime back from init() and finalized it
+    at the block's end: the program's next layer found no process group."""
+    job = _alone(NESTED_WITH)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0 and out.split() == ["ok"], err
+
+
+BAD_SIZE = """
+import torch.distributed as dist
+import flashmoe_py as fm
+try:
+    fm.init(nvshmem=False)
+except ValueError as e:
+    print("refused", "NVSHMEM_SYMMETRIC_SIZE='garbage'" in str(e), dist.is_initialized(), flush=True)
+"""
+
+
+def test_a_malformed_heap_size_is_refused_before_the_process_group_is_made():
+    """NVSHMEM_SYMMETRIC_SIZE was read after init() had made the process group: the refused call left a
+    group nobody owned, which a retry then took for the caller's and never tore down."""
+    job = _alone(f"import os\nos.environ['NVSHMEM_SYMMETRIC_SIZE'] = 'garbage'\n{BAD_SIZE}")
+    out, err = job.communicate(timeout=120)
+    assert out.split() == ["refused", "True", "False"], err
+
+
+def test_the_heap_size_init_set_is_taken_back_at_finalize(monkeypatch):
+    """init(layers=...) wrote NVSHMEM_SYMMETRIC_SIZE, and a later init() after finalize() took it for the
+    user's and refused a larger heap. A value the user set (or changed since) is kept."""
+    monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE", raising=False)
+    assert runtime._set_heap_size(1 << 30) == str(1 << 30)
+    assert runtime._set_heap_size(1 << 20) is None  # (now set: kept, large enough)
+    for now, kept in ((str(1 << 30), False), ("2G", True)):
+        monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", now)
+        rt = Runtime(LaunchInfo("single", 0, 1, 0, 1), torch.device("cpu"), owns_group=False, nvshmem=False)
+        rt.heap_size_set = str(1 << 30)
+        monkeypatch.setattr(runtime, "_current", rt)
+        rt.finalize()
+        assert ("NVSHMEM_SYMMETRIC_SIZE" in os.environ) == kept
+
+
+REINIT = """
+import os, sys
+os.environ.update(RANK=sys.argv[1], WORLD_SIZE="2", LOCAL_RANK=sys.argv[1], LOCAL_WORLD_SIZE="2",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+import torch.distributed as dist
+import flashmoe_py as fm
+fm.init(nvshmem=False)
+dist.barrier()
+fm.finalize()
+try:
+    fm.init(nvshmem=False)
+    print("started", flush=True)
+except RuntimeError as e:
+    print("refused", "after finalize() at world > 1" in str(e), dist.is_initialized(), flush=True)
+"""
+
+
+def test_init_after_finalize_at_two_ranks_is_refused_not_hung():
+    """torch's env:// rendezvous reads the last group's keys from its store (pytorch#55967): a second
+    init() after finalize() at world 2 hung or failed in gloo's connect. Refused now, on every rank."""
+    port = str(runtime._free_port())
+    jobs = [subprocess.Popen([sys.executable, "-c", REINIT, str(r), port], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "OMPI_"))})
+            for r in range(2)]
+    said = [job.communicate(timeout=120) for job in jobs]
+    assert [out.split() for out, _ in said] == [["refused", "True", "False"]] * 2, said
+
+
+def test_mpirun_of_one_process_needs_no_rendezvous():
+    """mpirun -np 1 without mpi4py was refused for want of it: one process has no one to meet."""
+    job = _alone("import os, sys\nsys.modules['mpi4py'] = None\n"
+                 "os.environ.update(OMPI_COMM_WORLD_RANK='0', OMPI_COMM_WORLD_SIZE='1')\n"
+                 "import flashmoe_py as fm\nrt = fm.init(nvshmem=False)\n"
+                 "print(rt.launcher, rt.world_size)\nrt.finalize()")
+    out, err = job.communicate(timeout=120)
+    assert out.split() == ["mpirun", "1"], err
