@@ -157,8 +157,6 @@ class Runtime:
         # How long finalize() waits for every rank to arrive before tearing down alone.
         self.finalize_wait_s = 60.0
         self.heap_size_set: str | None = None  # NVSHMEM_SYMMETRIC_SIZE as init() set it (finalize takes it back)
-        self.unclaimed = True  # no `with` has taken it yet, and no later init() returned it: __enter__
-        self._withs: list[bool] = []  # per `with` block open on it: whether that block's exit finalizes
 
     def barrier(self) -> None:
         """Every rank's queued device work is done before any rank goes on."""
@@ -239,16 +237,12 @@ class Runtime:
         return store.compare_set(decision, "", verdict) == b"together"
 
     def __enter__(self) -> Runtime:
-        """`with fm.init(...) as rt:` finalizes at the block's end when that init() made the runtime
-        (a `with` of a later init(), which returned the runtime already made, a helper's say, leaves
-        it to its maker)."""
-        self._withs.append(self.unclaimed)
-        self.unclaimed = False
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._withs.pop() if self._withs else True:
-            self.finalize()
+        """The block's end finalizes the runtime, also where its init() returned one made before
+        (a helper's `with fm.init()`): helpers call init() plainly."""
+        self.finalize()
 
 
 _current: Runtime | None = None
@@ -307,7 +301,6 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
             raise RuntimeError(f"flashmoe_py.init() asks for a symmetric heap of {format_bytes(needed)}, but NVSHMEM "
                                f"started with {format_bytes(_current.heap_capacity)}, which cannot grow: pass every "
                                "layer to the first init(layers=...), or finalize() first")
-        _current.unclaimed = False  # (a `with` of this call does not finalize it: __enter__)
         return _current
     if "NVSHMEM_SYMMETRIC_SIZE" in os.environ:  # read by the Runtime: refused before the group is made
         _parse_size(os.environ["NVSHMEM_SYMMETRIC_SIZE"])
@@ -349,13 +342,18 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     owns_group = not dist.is_initialized()
-    if owns_group:
-        _init_process_group(info, device)
-    job_id = [uuid.uuid4().hex]
-    if info.world_size > 1:
-        dist.broadcast_object_list(job_id, src=0)
-    if nvshmem:
-        _init_nvshmem(info)
+    try:
+        if owns_group:
+            _init_process_group(info, device)
+        job_id = [uuid.uuid4().hex]
+        if info.world_size > 1:
+            dist.broadcast_object_list(job_id, src=0)
+        if nvshmem:
+            _init_nvshmem(info)
+    except BaseException:
+        if heap_size_set is not None and os.environ.get("NVSHMEM_SYMMETRIC_SIZE") == heap_size_set:
+            del os.environ["NVSHMEM_SYMMETRIC_SIZE"]  # init()'s: a retry sizes it again
+        raise
     _current = Runtime(info, device, owns_group, nvshmem, job_id[0])
     _current.heap_size_set = heap_size_set
     return _current

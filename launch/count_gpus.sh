@@ -4,8 +4,12 @@
 if [ -z "${NGPUS:-}" ]; then
   if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
     IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
-    NGPUS=${#visible[@]}
-    case "${visible[0]:-}" in -*|NoDevFiles) NGPUS=0 ;; esac  # (CUDA's ways to hide every GPU)
+    NGPUS=0  # CUDA's rule: the entries before the first one that names no GPU (-1, NoDevFiles, empty)
+    for dev in "${visible[@]}"; do
+      dev=$(echo "$dev" | tr -d '[:space:]')
+      [[ "$dev" =~ ^([0-9]+|GPU-.+|MIG-.+)$ ]] || break
+      NGPUS=$((NGPUS + 1))
+    done
   elif ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "no nvidia-smi here to count GPUs: set NGPUS, the processes to start" \
          "(on a CPU: NGPUS=2 bash launch/torchrun.sh bench/layer.py --backends torch)" >&2

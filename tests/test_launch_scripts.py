@@ -102,9 +102,11 @@ def test_a_count_that_is_no_positive_number_is_refused(tmp_path, ngpus):
     assert not (tmp_path / "calls").exists()
 
 
-@pytest.mark.parametrize("visible, want", [("0,1,2", "3"), ("5", "1")])
+@pytest.mark.parametrize("visible, want", [("0,1,2", "3"), ("5", "1"), ("GPU-a1,GPU-b2", "2"), (" 0", "1"),
+                                           ("0,-1", "1"), ("0,1,-1,2", "2"), ("0,,1", "1")])
 def test_the_launchers_count_the_gpus_this_job_may_use(tmp_path, visible, want):
-    """CUDA_VISIBLE_DEVICES=0,1 on an 8-GPU node started 8 processes (nvidia-smi lists them all)."""
+    """CUDA_VISIBLE_DEVICES=0,1 on an 8-GPU node started 8 processes (nvidia-smi lists them all);
+    CUDA stops at the first entry that names no GPU, and every entry was counted."""
     env = scripts_env(tmp_path, 0) | {"CUDA_VISIBLE_DEVICES": visible}
     subprocess.run(["bash", "launch/torchrun.sh", "prog.py"], cwd=ROOT, env=env, capture_output=True, timeout=60)
     assert f"--nproc-per-node {want} prog.py" in (tmp_path / "calls").read_text()
@@ -120,7 +122,7 @@ def test_a_warning_nvidia_smi_prints_beside_its_list_is_no_gpu(tmp_path):
     assert "--nproc-per-node 4 prog.py" in (tmp_path / "calls").read_text()
 
 
-@pytest.mark.parametrize("visible", ["-1", "NoDevFiles", ""])
+@pytest.mark.parametrize("visible", ["-1", "NoDevFiles", " -1", ""])
 def test_a_cuda_visible_devices_that_hides_every_gpu_starts_nothing(tmp_path, visible):
     """CUDA_VISIBLE_DEVICES=-1 (or NoDevFiles) hides every GPU, and one process was started."""
     env = scripts_env(tmp_path, 0) | {"CUDA_VISIBLE_DEVICES": visible}

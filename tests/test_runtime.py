@@ -407,32 +407,6 @@ def test_a_second_init_that_needs_a_larger_heap_is_refused(monkeypatch):
         fm.init(layers=[(fm.MoEConfig(hidden_size=2048, ffn_size=1024, num_experts=64, top_k=8), 4096)])
 
 
-NESTED_WITH = """
-import torch.distributed as dist
-import flashmoe_py as fm
-from flashmoe_py import runtime
-rt = fm.init(nvshmem=False)
-with fm.init(nvshmem=False) as again:  # a helper's block, the runtime made before it
-    assert again is rt
-assert runtime.current() is rt and dist.is_initialized()
-rt.finalize()
-with fm.init(nvshmem=False) as made:  # made by this block's init(): finalized at its end
-    with fm.init(nvshmem=False):
-        pass
-    assert runtime.current() is made and dist.is_initialized()
-assert runtime.current() is None and not dist.is_initialized()
-print("ok", flush=True)
-"""
-
-
-def test_only_the_with_block_whose_init_made_the_runtime_finalizes_it():
-    """A helper's `with fm.init(...)` got the program's runtime back from init() and finalized it
-    at the block's end: the program's next layer found no process group."""
-    job = _alone(NESTED_WITH)
-    out, err = job.communicate(timeout=120)
-    assert job.returncode == 0 and out.split() == ["ok"], err
-
-
 BAD_SIZE = """
 import torch.distributed as dist
 import flashmoe_py as fm
@@ -453,7 +427,9 @@ def test_a_malformed_heap_size_is_refused_before_the_process_group_is_made():
 
 def test_the_heap_size_init_set_is_taken_back_at_finalize(monkeypatch):
     """init(layers=...) wrote NVSHMEM_SYMMETRIC_SIZE, and a later init() after finalize() took it for the
-    user's and refused a larger heap. A value the user set (or changed since) is kept."""
+    user's and refused a larger heap. _set_heap_size says what it wrote (init() keeps it on the
+    runtime, a GPU path), and finalize() takes back that value; one the user set, or changed
+    since, is kept."""
     monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE", raising=False)
     assert runtime._set_heap_size(1 << 30) == str(1 << 30)
     assert runtime._set_heap_size(1 << 20) is None  # (now set: kept, large enough)
@@ -503,3 +479,32 @@ def test_mpirun_of_one_process_needs_no_rendezvous():
                  "print(rt.launcher, rt.world_size)\nrt.finalize()")
     out, err = job.communicate(timeout=120)
     assert out.split() == ["mpirun", "1"], err
+
+
+FAILED_INIT = """
+import os
+os.environ.pop("NVSHMEM_SYMMETRIC_SIZE", None)  # (none set by the user)
+import torch.distributed as dist
+import flashmoe_py as fm
+from flashmoe_py import runtime
+runtime.torch.cuda.is_available = lambda: True  # as on a GPU node, up to NVSHMEM's start
+runtime.torch.cuda.device_count = lambda: 1
+runtime.torch.cuda.set_device = lambda device: None
+def refused(*args, **kwargs):
+    raise RuntimeError("no process group here")
+runtime._init_process_group = refused
+import sys, types
+sys.modules["nvshmem"], sys.modules["nvshmem.core"] = types.ModuleType("nvshmem"), types.ModuleType("nvshmem.core")
+try:
+    fm.init(heap_bytes=1 << 20)
+except RuntimeError as e:
+    print(str(e) == "no process group here", "NVSHMEM_SYMMETRIC_SIZE" in os.environ, flush=True)
+"""
+
+
+def test_an_init_that_fails_takes_back_the_heap_size_it_wrote():
+    """init() wrote NVSHMEM_SYMMETRIC_SIZE before its process group and NVSHMEM started; where
+    either failed, a retry took the value for the user's and refused a larger heap."""
+    job = _alone(FAILED_INIT)
+    out, err = job.communicate(timeout=120)
+    assert out.split() == ["True", "False"], err
