@@ -16,6 +16,7 @@ from flashmoe_py.kernels.fused_moe import Saved, launch_fused
 from flashmoe_py.kernels.launch_config import LaunchConfig
 from flashmoe_py.kernels.layout import CTL_EPOCH, Geometry
 from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
+from flashmoe_py.reference import routed_sum
 from flashmoe_py.routing import route
 
 
@@ -91,6 +92,16 @@ class OneRank:
         self.router, self.w_in, self.w_out = (self.weights[n] for n in ("router_weight", "w_in", "w_out"))
         self.positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions(device)
 
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The float64 reference of the last forward's x through the routing that forward took (its
+        experts and weights): where two experts' logits lie within float32's rounding, the float64
+        routing of reference_forward may choose the other (a near tie, not the combine's error)."""
+        r = self.routing
+        return routed_sum(x.double(), r.weights.double(), r.experts, r.kept,
+                          **{n: t.double() for n, t in self.weights.items()
+                             if n not in ("router_weight", "router_bias", "e_score_correction_bias")},
+                          config=self.cfg)
+
     def router_extras(self) -> dict:
         """The router's biases by reference_forward's names (those the config has)."""
         return {n: t for n, t in self.weights.items() if n in ("router_bias", "e_score_correction_bias")}
@@ -119,7 +130,7 @@ class OneRank:
                                  **fields})
         L = geo.local_experts
         experts = kernel_weights(self.weights, cfg, slice(0, L))
-        self.plan, self.saved = plan, None
+        self.plan, self.saved, self.routing = plan, None, r
         if save:
             f_in, fs_in = cfg.ffn_in_size, cfg.shared_ffn_in_size
             self.saved = Saved(*(torch.full((rows, cols), float("nan"), dtype=cfg.torch_dtype, device=self.device)

@@ -149,8 +149,7 @@ def test_combine_tiles_may_hold_more_tokens_and_columns():
                                   (150, 32, 4)]:
         x, out = rank.forward(tokens, block_m=128, block_t=block_t, combine_span=span, programs=2)
         assert int(rank.status[0]) == 0
-        ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
-        assert rel_err(out, ref) <= 1e-5
+        assert rel_err(out, rank.reference(x)) <= 1e-5  # (the call's routing: 3 of 4 experts meet near ties)
 
 
 @pytest.mark.parametrize("fields", [
