@@ -7,6 +7,7 @@ import logging
 import weakref
 
 import torch
+import torch.distributed as dist
 
 from .kernels.layout import HEAP_RESERVE, format_bytes, heap_bytes
 
@@ -114,7 +115,6 @@ def free_ownerless(rt) -> None:
     gone = [h.number for h in rt.heaps if h.owner is not None and h.owner() is None]
     failed = rt.failed is not None
     if rt.world_size > 1:
-        import torch.distributed as dist
         everyone = [None] * rt.world_size
         dist.all_gather_object(everyone, (gone, failed))
         failed = any(f for _, f in everyone)

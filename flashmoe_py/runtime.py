@@ -198,8 +198,7 @@ class Runtime:
                  "" if together else f" ({self.failed})")
         for heap in list(self.heaps):
             heap.free()
-        if self.heap_size_set is not None and os.environ.get("NVSHMEM_SYMMETRIC_SIZE") == self.heap_size_set:
-            del os.environ["NVSHMEM_SYMMETRIC_SIZE"]  # init()'s, not the user's: a later init() sizes it again
+        _take_back_heap_size(self.heap_size_set)
         if self.nvshmem and self.failed is None:
             import nvshmem.core as nv
             self.barrier()
@@ -351,8 +350,7 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
         if nvshmem:
             _init_nvshmem(info)
     except BaseException:
-        if heap_size_set is not None and os.environ.get("NVSHMEM_SYMMETRIC_SIZE") == heap_size_set:
-            del os.environ["NVSHMEM_SYMMETRIC_SIZE"]  # init()'s: a retry sizes it again
+        _take_back_heap_size(heap_size_set)
         raise
     _current = Runtime(info, device, owns_group, nvshmem, job_id[0])
     _current.heap_size_set = heap_size_set
@@ -408,6 +406,14 @@ def _set_heap_size(needed: int) -> str | None:
                            f"NVSHMEM_SYMMETRIC_SIZE={user} allows {format_bytes(_parse_size(user))}; "
                            f"raise it or lower max_tokens_per_rank")
     return None
+
+
+def _take_back_heap_size(value: str | None) -> None:
+    """Unset NVSHMEM_SYMMETRIC_SIZE where it still holds `value`, what init() set (_set_heap_size;
+    None: init() set nothing): a later init() sizes the heap again rather than take it for the
+    user's. A value the user set, or changed since, is kept."""
+    if value is not None and os.environ.get("NVSHMEM_SYMMETRIC_SIZE") == value:
+        del os.environ["NVSHMEM_SYMMETRIC_SIZE"]
 
 
 def _parse_size(text: str) -> int:
