@@ -57,10 +57,15 @@ def detect_launcher(env=None) -> LaunchInfo:
     A torchrun worker (TORCHELASTIC_RUN_ID set) reads torchrun's variables, whatever launcher
     started torchrun itself (srun, mpirun -npernode 1). Otherwise ValueError where two launchers'
     variables disagree: a torchrun shell's RANK left beside mpirun's would make every process a
-    world of its own."""
+    world of its own; and where a world size above 1 is set without its rank (WORLD_SIZE=2 alone:
+    each process would run as world 1, holding every expert)."""
     env = os.environ if env is None else env
     if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
         return _launch_info(env, *_LAUNCHERS[0])
+    for name, r, w, *_ in _LAUNCHERS:
+        if r not in env and env.get(w, "1").strip() != "1":
+            raise ValueError(f"environment variable {r} is not set, where {w}={env[w]!r} is (launcher {name}): "
+                             f"set {r} in each process, or unset {w} to run as one process")
     found = [_launch_info(env, *names) for names in _LAUNCHERS if names[1] in env]
     for other in found[1:]:
         if (other.rank, other.world_size) != (found[0].rank, found[0].world_size):

@@ -27,6 +27,7 @@ from flashmoe_py.runtime import (ConsistencyError, LaunchInfo, Runtime, _parse_s
      LaunchInfo("mpirun", 2, 4, 2, 4)),
     ({}, LaunchInfo("single", 0, 1, 0, 1)),
     ({"SLURM_NTASKS": "8"}, LaunchInfo("single", 0, 1, 0, 1)),  # a batch script's or salloc's shell
+    ({"WORLD_SIZE": "1"}, LaunchInfo("single", 0, 1, 0, 1)),  # a world of one needs no rank
     ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_NTASKS": "8"}, LaunchInfo("torchrun", 1, 2, 1, 2)),  # inside salloc
     ({"RANK": "9", "WORLD_SIZE": "16", "TORCHELASTIC_RUN_ID": "j", "PMI_RANK": "1", "PMI_SIZE": "2"},
      LaunchInfo("torchrun", 9, 16, 9, 16)),  # srun --mpi=pmi2 -N2 torchrun: the outer launcher's too
@@ -41,6 +42,8 @@ def test_detects_the_launcher(env, expect):
     ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK"),
     ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2"),
     ({"OMPI_COMM_WORLD_RANK": "0"}, "OMPI_COMM_WORLD_SIZE"),
+    ({"WORLD_SIZE": "2"}, "RANK is not set"),  # each process would run alone as world 1
+    ({"PMI_SIZE": "4", "MPI_LOCALNRANKS": "4"}, "PMI_RANK is not set"),
 ])
 def test_garbled_launcher_environment_names_the_variable(env, name):
     with pytest.raises(ValueError, match=name):
