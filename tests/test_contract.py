@@ -76,11 +76,13 @@ def test_a_timeout_is_described_by_its_status_words():
     assert describe_timeout(status, rank=0).endswith("waiting for count words (what each source sends)")
 
 
-@pytest.mark.parametrize("tokens,block_m,stages", [(128, 64, 4), (2047, 64, 4), (2048, 128, 3)])
-def test_bf16_tiles_grow_tall_once_experts_fill_them_and_stream_deeper_before(tokens, block_m, stages):
-    """qwen3 at world 1: 128 experts, top-8 -> tokens / 16 rows per expert; 128 rows or more take
-    128 x 256 tiles, fewer 64 x 256 tiles with a fourth pipeline stage (weight-bound decode)."""
-    launch = choose_launch(geometry(tokens=tokens), tokens, torch.bfloat16, SMS)
+@pytest.mark.parametrize("world,tokens,block_m,stages", [(1, 128, 64, 4), (1, 1023, 64, 4), (1, 1024, 128, 3),
+                                                          (2, 512, 64, 4), (2, 1023, 64, 4), (2, 1024, 128, 3)])
+def test_bf16_tiles_grow_tall_once_experts_fill_them_and_stream_deeper_before(world, tokens, block_m, stages):
+    """qwen3: 128 experts, top-8, so tokens * 8 / (128 / world) rows a local expert (tokens a
+    rank); 64 rows or more at world 1 (128 on several ranks) take 128 x 256 tiles, fewer 64 x 256
+    tiles with a fourth pipeline stage (weight-bound decode)."""
+    launch = choose_launch(geometry(world=world, tokens=tokens), tokens, torch.bfloat16, SMS)
     assert (launch.block_m, launch.block_n, launch.stages) == (block_m, 256, stages)
 
 

@@ -16,9 +16,11 @@ FIELDS = ("programs", "block_m", "block_n", "num_warps", "stages", "group", "dis
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
 MAX_F_SPLIT = 8  # parts of one GEMM2 tile's K loop
 SPLIT_SLOTS = 128  # GEMM2 parts a call may hold partial sums for (8 MiB: Geometry.split_slots)
-# Rows an expert (on average) at which choose_launch's tiles change: the static GEMM1 order at
-# world 1, then the taller bf16 tiles. The only way a call's token count reaches its launch.
-STATIC_ROWS, LARGE_ROWS = 64, 128
+# Rows an expert (on average) at which choose_launch's launch changes: at world 1 the static GEMM1
+# order and the taller bf16 tiles (TALL_ROWS); then the taller tiles on several ranks, two-column
+# combine tasks, the sorted rows and the dispatch overlap (LARGE_ROWS). The only way a call's
+# token count reaches its launch.
+STATIC_ROWS, TALL_ROWS, LARGE_ROWS = 64, 64, 128
 # GEMM1 columns (2F for gated experts, F otherwise) from which choose_launch copies the rows into
 # expert order (sorted_rows): the copy costs ~400 / columns of GEMM1's time, the TMA loop saves
 # 5-7% of it (kernels/sorted_rows.py).
@@ -138,9 +140,16 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     the queue, whose order needs no program to have started. Checked against the geometry."""
     # Taller expert tiles, and twice as wide GEMM2 tiles, once an expert gets enough rows (on
     # average) to fill them: fewer re-reads of its weights and of h, more math per byte loaded.
-    # fp32 keeps 64 x 128: its tiles would not fit shared memory.
+    # fp32 keeps 64 x 128: its tiles would not fit shared memory. At world 1 from 64 rows an
+    # expert, where each expert's rows fill at least half a tall tile: one H100, 64-124 rows an
+    # expert, 128 x 256 tiles with 3 stages against 64 x 256 with 4, same call: -6.0 to -12.6% on
+    # five random shapes (4,608 x 5,888 with 23 experts at 512 tokens 1,501 -> 1,356 us), gpt_oss
+    # at 2,048 tokens -7.2%, qwen3 at 1,024 -0.9% (bench/NOTES.md item 99). On several ranks a
+    # tall tile waits for more chunks before it starts: from 128 rows there, as measured before.
     rows_per_expert = tokens * geo.top_k // geo.local_experts
-    large = rows_per_expert >= LARGE_ROWS and dtype == torch.bfloat16
+    bf16 = dtype == torch.bfloat16
+    tall = bf16 and rows_per_expert >= (TALL_ROWS if geo.world_size == 1 else LARGE_ROWS)
+    large = rows_per_expert >= LARGE_ROWS and bf16
     # Then, for experts narrower than the hidden size (dispatch bytes weigh more against their
     # GEMMs), half the programs send the dispatch chunks while the rest compute the expert tiles
     # that have arrived. 2xH200, 4,096-16,384 tokens, 64 of 132 programs against all: qwen3
@@ -152,7 +161,6 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # One H200, 128 tokens, against 64 x 128 with 3 stages: gpt_oss -13%, qwen3 -16%, mixtral -7%.
     # fp32 tiles hold twice the bytes: two stages (a gated GEMM1 box, 64 x 256 fp32, needs 295 KB
     # of shared memory at three, 213 KB at two).
-    bf16 = dtype == torch.bfloat16
     # Combine tasks of two column tiles once there are many tokens, at world 1: one H200, 4,096 and
     # 16,384 tokens, against one: 5 of 6 pairs faster (-0.3..-2.4%, one +0.8%; -0.9% on the
     # geometric mean), a small gain beside the ~2% spread of one setting between runs (bench/NOTES.md
@@ -180,8 +188,8 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     if unknown:
         raise ValueError(f"launch override {unknown}: expected fields of {FIELDS}")
     programs = override.get("programs", sm_count)  # LaunchConfig checks it
-    chosen = {"block_m": 128 if large else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
-              "stages": (4 if not large else 3) if bf16 else 2,
+    chosen = {"block_m": 128 if tall else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
+              "stages": (3 if tall else 4) if bf16 else 2,
               "dispatch_programs": max(1, programs // 2) if overlap and type(programs) is int else None,
               "combine_span": 2 if large and geo.world_size == 1 else 1,
               "static_ffn_in": int(resident and programs == sm_count and geo.world_size == 1
@@ -196,8 +204,8 @@ def launch_variants(geo: Geometry, dtype: torch.dtype, sm_count: int, override: 
                     resident: bool = True) -> list[LaunchConfig]:
     """Every launch choose_launch can give a call of 0 to geo.max_tokens tokens (its arguments
     otherwise as given), each once, fewest tokens first: the token counts where its rows an
-    expert reach STATIC_ROWS and LARGE_ROWS, and none."""
-    reach = [-(-rows * geo.local_experts // geo.top_k) for rows in (STATIC_ROWS, LARGE_ROWS)]
+    expert reach STATIC_ROWS, TALL_ROWS and LARGE_ROWS, and none."""
+    reach = [-(-rows * geo.local_experts // geo.top_k) for rows in (STATIC_ROWS, TALL_ROWS, LARGE_ROWS)]
     launches = []
     for tokens in [0, *sorted(t for t in reach if t <= geo.max_tokens)]:
         launch = choose_launch(geo, tokens, dtype, sm_count, override, resident)
