@@ -309,11 +309,11 @@ class MoEConfig:
             shapes["shared_gate_weight"] = (1, H)
         return shapes
 
-    def check_weights(self, weights: dict, experts: int | None = None) -> None:
+    def check_weights(self, weights: dict) -> None:
         """Raise, naming it, for the first of `weights` (name -> tensor or None) that this
         config's layer lacks but is given, has but is None, is not a tensor (TypeError), or has
-        another shape than weight_shapes(experts) gives."""
-        shapes = self.weight_shapes(experts)
+        another shape than weight_shapes() gives (every expert's)."""
+        shapes = self.weight_shapes()
         for name, t in weights.items():
             if name not in shapes:
                 if t is not None:

@@ -46,8 +46,8 @@ def _set_ignored(model: nn.Module, names: list[str]) -> None:
 
 
 def ddp_spellings(names: list[str]) -> list[str]:
-    """names, and for those of `model`'s own tensors (no dot: an MoELayer wrapped itself) DDP's
-    reducer's spelling too: it names a parameter f"{module name}.{name}", ".w_in" for the wrapped
+    """names, and for those without a dot (the wrapped module's own: an MoELayer wrapped itself)
+    DDP's reducer's spelling too: it names a parameter f"{module name}.{name}", ".w_in" for the wrapped
     module's own, where its copy from rank 0 names it "w_in" (torch 2.x): with "w_in" alone the
     reducer averaged the ranks' different experts."""
     return [*names, *(f".{n}" for n in names if "." not in n)]

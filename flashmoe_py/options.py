@@ -24,7 +24,8 @@ class FusedOptions:
     cuda_graphs: replay the fused forward from a CUDA graph per token count.
     transport: "p2p" (stores through NVLink peer mappings) or "nvshmem" (device-API puts).
     launch_override: for tuning, launch settings fixed instead of chosen per call ({field:
-    value} of kernels/launch_config.FIELDS; checked when a forward is launched).
+    value} of kernels/launch_config.FIELDS; checked when the layer is built at world > 1, where
+    backend flash compiles its launches then, else at the first forward).
     backward: how gradients are taken (backends/explicit_backward.py): "autograd" records the
     torch backend's ops and saves their activations; "saved" keeps x, the routing and GEMM1's
     outputs before the activation (backends/saved.py) and runs explicit steps from them (backend

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MoEConfig
-from .kernels.router import MAX_EXPERTS, router_topk
+from .kernels.router import router_topk
 
 
 @dataclass
@@ -30,11 +30,11 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
     """x: [tokens, hidden]; router_weight: [num_experts, hidden]; router_bias: [num_experts] when
     config.router_bias; e_score_correction_bias: [num_experts] when config.routing is
     'sigmoid_grouped' (MoEConfig describes each routing). Scores in fp32, the best expert first.
-    On a GPU, with router_weight in x's dtype or fp32 and up to MAX_EXPERTS experts, every
-    routing is one kernel (kernels/router.py), unless autograd records a graph through x,
-    router_weight or router_bias: the kernel has no backward, so the torch ops route then (in
-    bf16 a near-tied token may pick another k-th expert than the kernel would). keep_logits: the
-    Routing also holds the logits the experts were chosen from (the kernel writes them as it goes)."""
+    On a GPU, with router_weight in x's dtype or fp32, every routing is one kernel
+    (kernels/router.py), unless autograd records a graph through x, router_weight or router_bias:
+    the kernel has no backward, so the torch ops route then (in bf16 a near-tied token may pick
+    another k-th expert than the kernel would). keep_logits: the Routing also holds the logits the
+    experts were chosen from (the kernel writes them as it goes)."""
     _check_router_inputs(x, router_weight, config)
     config.check_weights({"router_bias": router_bias, "e_score_correction_bias": e_score_correction_bias})
     if _router_kernel_fits(x, router_weight, config) and not _records_graph(x, router_weight, router_bias):
@@ -76,8 +76,7 @@ def _check_router_inputs(x: torch.Tensor, router_weight: torch.Tensor, config: M
 
 
 def _router_kernel_fits(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> bool:
-    return (x.is_cuda and router_weight.dtype in (x.dtype, torch.float32)
-            and config.num_experts <= MAX_EXPERTS)
+    return x.is_cuda and router_weight.dtype in (x.dtype, torch.float32)
 
 
 # Each chooser: logits [T, E] fp32 -> experts [T, k] int64, best first; weights_for scores them.

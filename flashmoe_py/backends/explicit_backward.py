@@ -1,10 +1,10 @@
 """The layer's autograd with backward="saved" or "recompute": the forward runs as it does for
 inference (the fused kernel or the torch backend, no graph recorded) and keeps x, and under
-"saved" what backends/saved.py says (its routing, and GEMM1's outputs where the experts ran);
-the backward is explicit steps in torch ops (one host synchronisation for the all-to-all split
-sizes at world > 1, or for the kept slots under capacity; with neither, and bf16 rows in the
-per-expert products, none: a caller can capture a whole training step in a CUDA graph, and
-elsewhere a backward under capture raises, capture.py):
+"saved" what backends/saved.py says (its routing, and GEMM1's outputs where the experts ran); the
+backward is explicit steps (the project's kernels on GPUs, torch ops elsewhere; one host
+synchronisation for the all-to-all split sizes at world > 1, or for the kept slots under capacity;
+with neither, and bf16 rows in the per-expert products, none: a caller can capture a whole training
+step in a CUDA graph, and elsewhere a backward under capture raises, capture.py):
 
 1. the forward's routing ("saved"), or x routed again ("recompute": the same experts and
    capacity drops, since routing is deterministic: the router kernel on GPUs, torch ops

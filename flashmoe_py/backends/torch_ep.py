@@ -293,12 +293,12 @@ GRAPH_KINDS = {AUTOGRAD: "backend torch's recorded ops (backward='autograd')",
                          "torch.compile whatever its backward)"}
 
 
-def check_graphs_agree(in_graph: list[int | None]) -> None:
+def check_graphs_agree(in_graph: list[int]) -> None:
     """in_graph: [W] what each rank's backward of this forward runs (0: none recorded; else a
-    GRAPH_KINDS key; None: a rank left out). The backward is collective (all-to-alls), so a rank
+    GRAPH_KINDS key). The backward is collective (all-to-alls), so a rank
     that records one while a peer does not, or runs another kind, would wait forever in
     backward or mix its data: raise on every rank instead."""
-    kinds = {int(f) for f in in_graph if f is not None}
+    kinds = set(in_graph)
     if len(kinds) <= 1:
         return
     if 0 in kinds:

@@ -113,13 +113,13 @@ class Weights(NamedTuple):
     """This rank's expert weights, as the kernel's stages see them (fused_moe_kernel builds it from
     its descriptor arguments and Biases): w_in [L, H, F_in] and w_out [L, F, H] as tensor descriptors,
     so their tiles are loaded by the tensor memory accelerator (TMA) and zero-filled past each
-    expert's edges ([1, BK, BF] and [1, BK, BN_OUT] blocks; F_in = 2F for the gated activations:
-    gate columns, then up columns); the biases bias_in [L, F_in] and bias_out [L, H] (Meta.HAS_BIAS); the
-    shared experts (Meta.SHARED), one FFN of width Fs: shared_w_in [1, H, Fs_in] and shared_w_out
-    [1, Fs, H] descriptors as the experts', and the gate's weights shared_gate [1, H] (SHARED_GATE);
-    x_rows, recv_x as a [W * S, H] descriptor (boxes [BM, BK]), GEMM1's token rows with
-    Meta.SORTED_IN. What a config lacks, or a launch does not read, is some other tensor or
-    descriptor, unread."""
+    expert's edges ([1, BK, BF] and [1, BK, BN_OUT] blocks; gated: F_in = 2F, gate and up columns in
+    pairs of PAIR (gate_up.py), a GEMM1 block [1, BK, 2 * BF]); the biases bias_in [L, F_in] and
+    bias_out [L, H] (Meta.HAS_BIAS); the shared experts (Meta.SHARED), one FFN of width Fs:
+    shared_w_in [1, H, Fs_in] and shared_w_out [1, Fs, H] descriptors as the experts', and the
+    gate's weights shared_gate [1, H] (SHARED_GATE); x_rows, recv_x as a [W * S, H] descriptor
+    (boxes [BM, BK]), GEMM1's token rows with Meta.SORTED_IN. What a config lacks, or a launch
+    does not read, is some other tensor or descriptor, unread."""
 
     w_in: TensorDescriptor
     w_out: TensorDescriptor

@@ -159,7 +159,7 @@ def ranks_in_slot_order(pos: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
 
 def build_plan(experts: torch.Tensor, kept: torch.Tensor | None, weights: torch.Tensor, positions: torch.Tensor,
                send_order: torch.Tensor, comb_expect: torch.Tensor, *, local_experts: int, chunk: int,
-               maxc: int, deterministic: bool = False) -> tuple[RoutingPlan, dict]:
+               maxc: int, deterministic: bool = False) -> tuple[RoutingPlan, torch.Tensor]:
     """experts: [T, K] int64 global expert ids; kept: [T, K] bool or None (dropless); weights:
     [T, K] routing weights; positions: [E] int64 expert -> pair; send_order: [E] int64 pairs in
     send order; comb_expect: [E, maxc] int64, contiguous (any shape of that size), added to;

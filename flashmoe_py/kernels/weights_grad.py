@@ -1,7 +1,7 @@
 """The routing weights' backward in one pass (backends/explicit_backward.py; routing.weights_backward
 is the same in torch ops, which the CPU backward keeps): from each token's fp32 router logits, its
-chosen experts and the gradient of their weights (before routed_scaling_factor), the logits'
-gradient [T, E] fp32, for every routing mode of config.ROUTINGS:
+chosen experts and the gradient of their weights as routed_scaling_factor scaled them, the
+logits' gradient [T, E] fp32, for every routing mode of config.ROUTINGS:
 
     softmax_topk    p = softmax(logits); w = p[chosen] (/ their sum when renormalised)
     topk_softmax    w = softmax(logits[chosen])
