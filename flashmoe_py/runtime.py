@@ -57,21 +57,32 @@ def detect_launcher(env=None) -> LaunchInfo:
     A torchrun worker (TORCHELASTIC_RUN_ID set) reads torchrun's variables, whatever launcher
     started torchrun itself (srun, mpirun -npernode 1). Otherwise ValueError where two launchers'
     variables disagree: a torchrun shell's RANK left beside mpirun's would make every process a
-    world of its own; and where a world size above 1 is set without its rank (WORLD_SIZE=2 alone:
-    each process would run as world 1, holding every expert)."""
+    world of its own."""
     env = os.environ if env is None else env
     if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
         return _launch_info(env, *_LAUNCHERS[0])
-    for name, r, w, *_ in _LAUNCHERS:
-        if r not in env and env.get(w, "1").strip() != "1":
-            raise ValueError(f"environment variable {r} is not set, where {w}={env[w]!r} is (launcher {name}): "
-                             f"set {r} in each process, or unset {w} to run as one process")
     found = [_launch_info(env, *names) for names in _LAUNCHERS if names[1] in env]
     for other in found[1:]:
         if (other.rank, other.world_size) != (found[0].rank, found[0].world_size):
             raise ValueError(f"the environment holds two launchers' variables that disagree: {found[0]} and "
                              f"{other}; unset the stale ones (e.g. RANK and WORLD_SIZE under mpirun)")
     return found[0] if found else LaunchInfo("single", 0, 1, 0, 1)
+
+
+def rankless_world(env=None) -> tuple[str, int] | None:
+    """(a world-size variable, its value) where one says more than one process and no launcher's
+    rank is set (WORLD_SIZE=4 alone, as a launcher that makes the process group itself exports,
+    or a stale export), else None."""
+    env = os.environ if env is None else env
+    if any(names[1] in env for names in _LAUNCHERS):
+        return None
+    for _, _, w, *_ in _LAUNCHERS:
+        try:
+            if int(env.get(w, "1")) > 1:
+                return w, int(env[w])
+        except ValueError:
+            continue
+    return None
 
 
 def srun_tasks(env=None) -> int:
@@ -314,6 +325,11 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
         raise RuntimeError(f"an srun job step of {tasks} tasks, and no launcher's variables this package "
                            "reads: start the processes with torchrun or mpirun (launch/torchrun.sh, "
                            "launch/mpirun.sh), or make the process group first; alone, each would run as world 1")
+    if info.launcher == "single" and not dist.is_initialized() and (bare := rankless_world()):
+        raise RuntimeError(f"{bare[0]}={bare[1]} is set but no rank variable (RANK, or an MPI launcher's): start "
+                           "the processes with torchrun or mpirun (launch/torchrun.sh, launch/mpirun.sh), or make the "
+                           f"process group first (init() joins it), or unset {bare[0]} to run one process; alone, "
+                           "each would run as world 1")
     if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (info.rank, info.world_size):
         # Joining a group the caller made without a launcher's environment (e.g. mp.spawn).
         rank, world = dist.get_rank(), dist.get_world_size()

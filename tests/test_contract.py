@@ -86,6 +86,16 @@ def test_bf16_tiles_grow_tall_once_experts_fill_them_and_stream_deeper_before(wo
     assert (launch.block_m, launch.block_n, launch.stages) == (block_m, 256, stages)
 
 
+@pytest.mark.parametrize("tokens,block_m,stages", [(1024, 64, 4), (4096, 64, 4), (128, 128, 3)])
+def test_an_overridden_tile_height_brings_its_own_pipeline_depth(tokens, block_m, stages):
+    """launch_override={"block_m": 64} gives decode's 64 x 256 tiles with 4 stages whatever the
+    rows, and 128 the tall tiles' 3; a stages override still wins."""
+    geo = geometry(tokens=4096)
+    launch = choose_launch(geo, tokens, torch.bfloat16, SMS, {"block_m": block_m})
+    assert (launch.block_m, launch.stages) == (block_m, stages)
+    assert choose_launch(geo, tokens, torch.bfloat16, SMS, {"block_m": block_m, "stages": 2}).stages == 2
+
+
 def test_fp32_keeps_small_tiles():
     for tokens in (128, 16384):
         launch = choose_launch(geometry(tokens=tokens), tokens, torch.float32, SMS)
@@ -155,8 +165,8 @@ def test_gemm1_rows_are_copied_into_expert_order_at_world_1_where_gemm1_is_8192_
                                                                                      sorted_rows):
     """Measured faster for mixtral (gated, ffn 14,336) and a 5,888-wide random shape, slower for
     gpt_oss (2,880) and qwen3 (768): the copy costs ~400 / GEMM1's columns (2F gated, F not) of
-    GEMM1's time, which the TMA loop gains back from ~8,192 columns. With the tall tiles only
-    (from 128 rows an expert: mixtral's 8 experts at top-2 reach it at 512 tokens); several ranks
+    GEMM1's time, which the TMA loop gains back from ~8,192 columns. From 128 rows an expert
+    only (mixtral's 8 experts at top-2 reach it at 512 tokens), as measured; several ranks
     cannot (their rows arrive from other sources)."""
     geo = geometry(preset, world, tokens=tokens, **changes)
     assert choose_launch(geo, tokens, torch.bfloat16, SMS).sorted_rows == sorted_rows

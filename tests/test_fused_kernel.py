@@ -75,7 +75,7 @@ def test_whole_kernel_matches_reference(activation, top_k, block_m):
         x, out = rank.forward(tokens, block_m=block_m)
         assert int(rank.status[0]) == 0
         if tokens:
-            ref = reference_forward(x, rank.router, rank.w_in, rank.w_out, cfg, torch.float64)
+            ref = rank.reference(x)
             assert rel_err(out, ref) <= 1e-5
         assert rank.ctl.tolist() == [call + 2, 0, 0, 0]  # next epoch open, task counters rewound
 
@@ -89,7 +89,7 @@ def test_programs_split_between_dispatch_and_compute(programs, dispatch_programs
     for call, tokens in enumerate([50, 17]):
         x, out = rank.forward(tokens, programs=programs, dispatch_programs=dispatch_programs)
         assert int(rank.status[0]) == 0 and rank.ctl.tolist() == [call + 2, 0, 0, 0]
-        ref = reference_forward(x, rank.router, rank.w_in, rank.w_out, cfg, torch.float64)
+        ref = rank.reference(x)
         assert rel_err(out, ref) <= 1e-5
 
 
@@ -127,7 +127,7 @@ def test_gemm2_tile_width_may_change_between_calls():
     for tokens, block_n in [(40, 256), (23, 128), (40, 256)]:
         x, out = rank.forward(tokens, block_n=block_n)
         assert int(rank.status[0]) == 0
-        ref = reference_forward(x, rank.router, rank.w_in, rank.w_out, cfg, torch.float64)
+        ref = rank.reference(x)
         assert rel_err(out, ref) <= 1e-5
 
 
@@ -169,7 +169,7 @@ def test_a_training_forward_saves_gemm1_outputs_in_the_experts_order(fields, sta
     for tokens, save in [(90, True), (31, False), (57, True)]:
         x, out = rank.forward(tokens, save=save, static_ffn_in=static)
         assert int(rank.status[0]) == 0
-        ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+        ref = rank.reference(x)
         assert rel_err(out, ref) <= 1e-5
         if not save:
             continue
@@ -206,7 +206,7 @@ def check_call(rank: OneRank, cfg, x, out) -> None:
     reference's."""
     assert int(rank.status[0]) == 0
     if x.shape[0]:
-        ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+        ref = rank.reference(x)
         assert rel_err(out, ref) <= 1e-5
         if rank.saved is not None:
             p = rank.plan
@@ -235,7 +235,7 @@ def test_gemm2_rows_through_tma_at_world_1(fields):
         x, out = rank.forward(tokens, static_ffn_in=static, h_tma=h_tma)
         assert int(rank.status[0]) == 0
         if tokens:
-            ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+            ref = rank.reference(x)
             assert rel_err(out, ref) <= 1e-5
 
 
@@ -312,7 +312,7 @@ def test_few_gemm2_tiles_split_their_k_loop_in_parts(fields):
     unsplit = OneRank(cfg, max_tokens=8)
     x, out = unsplit.forward(1, f_split=8, programs=36)
     assert int(unsplit.status[0]) == 0
-    assert rel_err(out, reference_forward(x, config=cfg, compute_dtype=torch.float64, **unsplit.full_weights())) <= 1e-5
+    assert rel_err(out, unsplit.reference(x)) <= 1e-5
     rank = OneRank(cfg, max_tokens=90, split_slots=SPLIT_SLOTS)
     tickets = rank.ws.scratch.out_tickets
     seen = set()
@@ -324,7 +324,7 @@ def test_few_gemm2_tiles_split_their_k_loop_in_parts(fields):
         x, out = rank.forward(tokens, **fields)
         assert int(rank.status[0]) == 0
         if tokens:
-            ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+            ref = rank.reference(x)
             assert rel_err(out, ref) <= 1e-5
         tiles, parts = split_parts_expected(rank, fields) if tokens else (0, 1)
         now = (tickets >> 8) == epoch
@@ -651,7 +651,7 @@ def test_whole_kernel_with_every_routing_and_expert_variant(fields):
     for tokens in (30, 7):
         x, out = rank.forward(tokens)
         assert int(rank.status[0]) == 0
-        ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+        ref = rank.reference(x)
         assert rel_err(out, ref) <= 1e-5
 
 
@@ -669,7 +669,7 @@ def test_shared_experts_are_tasks_of_the_kernel(fields, block_m, block_n):
         x, out = rank.forward(tokens, block_m=block_m, block_n=block_n, programs=2)
         assert int(rank.status[0]) == 0
         if tokens:
-            ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
+            ref = rank.reference(x)
             assert rel_err(out, ref) <= 1e-5
 
 

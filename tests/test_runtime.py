@@ -27,7 +27,9 @@ from flashmoe_py.runtime import (ConsistencyError, LaunchInfo, Runtime, _parse_s
      LaunchInfo("mpirun", 2, 4, 2, 4)),
     ({}, LaunchInfo("single", 0, 1, 0, 1)),
     ({"SLURM_NTASKS": "8"}, LaunchInfo("single", 0, 1, 0, 1)),  # a batch script's or salloc's shell
-    ({"WORLD_SIZE": "1"}, LaunchInfo("single", 0, 1, 0, 1)),  # a world of one needs no rank
+    ({"WORLD_SIZE": "2"}, LaunchInfo("single", 0, 1, 0, 1)),  # init() refuses it alone (below)
+    ({"WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"},
+     LaunchInfo("mpirun", 1, 4, 1, 4)),  # WORLD_SIZE inherited under mpirun: its own variables count
     ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_NTASKS": "8"}, LaunchInfo("torchrun", 1, 2, 1, 2)),  # inside salloc
     ({"RANK": "9", "WORLD_SIZE": "16", "TORCHELASTIC_RUN_ID": "j", "PMI_RANK": "1", "PMI_SIZE": "2"},
      LaunchInfo("torchrun", 9, 16, 9, 16)),  # srun --mpi=pmi2 -N2 torchrun: the outer launcher's too
@@ -42,8 +44,6 @@ def test_detects_the_launcher(env, expect):
     ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK"),
     ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2"),
     ({"OMPI_COMM_WORLD_RANK": "0"}, "OMPI_COMM_WORLD_SIZE"),
-    ({"WORLD_SIZE": "2"}, "RANK is not set"),  # each process would run alone as world 1
-    ({"PMI_SIZE": "4", "MPI_LOCALNRANKS": "4"}, "PMI_RANK is not set"),
 ])
 def test_garbled_launcher_environment_names_the_variable(env, name):
     with pytest.raises(ValueError, match=name):
@@ -472,6 +472,46 @@ def test_init_after_finalize_at_two_ranks_is_refused_not_hung():
             for r in range(2)]
     said = [job.communicate(timeout=120) for job in jobs]
     assert [out.split() for out, _ in said] == [["refused", "True", "False"]] * 2, said
+
+
+RANKLESS = """
+import os, sys
+os.environ.update(WORLD_SIZE="2", LOCAL_RANK=sys.argv[1], MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+for k in ("RANK", "LOCAL_WORLD_SIZE"):
+    os.environ.pop(k, None)
+import torch.distributed as dist
+import flashmoe_py as fm
+if sys.argv[3] == "own-group":  # as Lightning's launcher does: WORLD_SIZE exported, the group made by hand
+    dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2)
+try:
+    rt = fm.init(nvshmem=False)
+    print("joined", rt.rank, rt.world_size, flush=True)
+    rt.finalize()
+except RuntimeError as e:
+    print("refused", "WORLD_SIZE=2 is set but no rank variable" in str(e), flush=True)
+"""
+
+
+@pytest.mark.parametrize("group", ["own-group", "none"])
+def test_a_world_size_without_a_rank_joins_the_callers_group_or_is_refused(group):
+    """WORLD_SIZE=2 exported without RANK (PyTorch Lightning's launcher exports it and makes the
+    group itself): init() joins a group the caller made; without one each process would run
+    alone as world 1, holding every expert: refused, naming the variable."""
+    port = str(runtime._free_port())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "OMPI_", "PMI_"))}
+    jobs = [subprocess.Popen([sys.executable, "-c", RANKLESS, str(r), port, group], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
+    said = sorted(out.strip() for out, _ in (job.communicate(timeout=120) for job in jobs))
+    assert said == (["joined 0 2", "joined 1 2"] if group == "own-group" else ["refused True"] * 2)
+
+
+@pytest.mark.parametrize("env,bare", [
+    ({"WORLD_SIZE": "4"}, ("WORLD_SIZE", 4)), ({"PMI_SIZE": "2"}, ("PMI_SIZE", 2)),
+    ({"WORLD_SIZE": "1"}, None), ({"WORLD_SIZE": ""}, None), ({}, None),
+    ({"WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}, None),  # under mpirun
+])
+def test_a_world_size_set_without_any_launchers_rank_is_found(env, bare):
+    assert runtime.rankless_world(env) == bare
 
 
 def test_mpirun_of_one_process_needs_no_rendezvous():

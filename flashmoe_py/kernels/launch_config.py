@@ -16,10 +16,10 @@ FIELDS = ("programs", "block_m", "block_n", "num_warps", "stages", "group", "dis
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
 MAX_F_SPLIT = 8  # parts of one GEMM2 tile's K loop
 SPLIT_SLOTS = 128  # GEMM2 parts a call may hold partial sums for (8 MiB: Geometry.split_slots)
-# Rows an expert (on average) at which choose_launch's launch changes: at world 1 the static GEMM1
-# order and the taller bf16 tiles (TALL_ROWS); then the taller tiles on several ranks, two-column
-# combine tasks, the sorted rows and the dispatch overlap (LARGE_ROWS). The only way a call's
-# token count reaches its launch.
+# Rows an expert (on average) at which choose_launch's launch changes, the only way a call's token
+# count reaches its launch: at world 1 the static GEMM1 order (STATIC_ROWS) and the taller bf16
+# tiles (TALL_ROWS); from LARGE_ROWS the taller tiles on several ranks, and two-column combine
+# tasks, the sorted rows and the dispatch overlap.
 STATIC_ROWS, TALL_ROWS, LARGE_ROWS = 64, 64, 128
 # GEMM1 columns (2F for gated experts, F otherwise) from which choose_launch copies the rows into
 # expert order (sorted_rows): the copy costs ~400 / columns of GEMM1's time, the TMA loop saves
@@ -176,7 +176,7 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # rows: mixtral (ffn 3.5x hidden) at 4,096 / 16,384 tokens -2.8% / -1.5% (2,048: +1.4%,
     # within that point's run-to-run spread); gpt_oss (1x) +0.6..+3.1% and qwen3 (0.375x)
     # +0.3..+1.0% (bench/NOTES.md item 57).
-    # At world 1, with the tall bf16 tiles, the token rows copied into expert order by a kernel
+    # At world 1, from 128 rows an expert in bf16, the token rows copied into expert order by a kernel
     # before the launch, GEMM1 reading them as TMA boxes, where GEMM1 is at least SORTED_MIN_COLUMNS
     # wide (gated experts of 4,096; non-gated ones of 8,192, by the copy's cost, not measured).
     # One H200, against gathering them, two calls: mixtral (gated, F 14,336) at 2,048 / 4,096 /
@@ -188,8 +188,10 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     if unknown:
         raise ValueError(f"launch override {unknown}: expected fields of {FIELDS}")
     programs = override.get("programs", sm_count)  # LaunchConfig checks it
-    chosen = {"block_m": 128 if tall else 64, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
-              "stages": (3 if tall else 4) if bf16 else 2,
+    block_m = override.get("block_m", 128 if tall else 64)  # LaunchConfig checks an override
+    chosen = {"block_m": block_m, "block_n": 2 * geo.block_n if bf16 else geo.block_n,
+              # the pipeline depth follows the tile height, an override's too (64 rows: decode's)
+              "stages": (3 if type(block_m) is int and block_m >= 128 else 4) if bf16 else 2,
               "dispatch_programs": max(1, programs // 2) if overlap and type(programs) is int else None,
               "combine_span": 2 if large and geo.world_size == 1 else 1,
               "static_ffn_in": int(resident and programs == sm_count and geo.world_size == 1

@@ -4,7 +4,8 @@ bench/NOTES.md item 84) while its peers' kernels wait for it; at world 1 it is c
 
 With Triton's cache in a new, empty directory: one forward of FIRST tokens compiles the router and
 plan kernels and the fused kernel's variant of few rows an expert; compile_variants then compiles
-the others (the static GEMM1 order from 64 rows an expert, the tall tiles from 128). The first
+the others (the static GEMM1 order and the tall tiles from 64 rows an expert, two-column
+combine tasks from 128). The first
 forwards at SIZES must then take no compile's time (each under QUICK_S; the fused kernel's
 compile takes 3.5-9 s on an H100's host, the router and plan kernels' 0.3-1.7 s) and match
 the float32 reference (bf16 bar 1e-2). The routers split their dot up to 512 tokens as a router
@@ -45,7 +46,8 @@ CONFIGS = {True: MoEConfig(hidden_size=1024, ffn_size=768, num_experts=32, top_k
            False: MoEConfig(hidden_size=1024, ffn_size=768, num_experts=64, top_k=8, dtype="bfloat16")}
 MAX_TOKENS = 2048
 FIRST = 16  # 2 rows an expert: few rows' variant, compiled by the first forward
-# rows an expert: 0-37 (FIRST's fused variant) at 1, 37 and 300, 65-66 (the static GEMM1 order), 255 (tall tiles too)
+# rows an expert: 0-37 (FIRST's fused variant) at 1, 37 and 300, 65-66 (the static order, tall tiles), 255 (combine
+# tasks of two column tiles too)
 SIZES = (1, 37, 300, 520, 528, 2047)
 QUICK_S, SLOW_S = 0.2, 1.0  # a warm first forward takes milliseconds
 
