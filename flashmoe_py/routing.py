@@ -37,7 +37,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
     experts were chosen from (the kernel writes them as it goes)."""
     _check_router_inputs(x, router_weight, config)
     config.check_weights({"router_bias": router_bias, "e_score_correction_bias": e_score_correction_bias})
-    if _router_kernel_fits(x, router_weight, config) and not _records_graph(x, router_weight, router_bias):
+    if _router_kernel_fits(x, router_weight) and not _records_graph(x, router_weight, router_bias):
         logits = (torch.empty(x.shape[0], config.num_experts, dtype=torch.float32, device=x.device)
                   if keep_logits else None)
         weights, experts = router_topk(
@@ -75,7 +75,7 @@ def _check_router_inputs(x: torch.Tensor, router_weight: torch.Tensor, config: M
                          f"[num_experts, hidden_size] = ({E}, {H})")
 
 
-def _router_kernel_fits(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> bool:
+def _router_kernel_fits(x: torch.Tensor, router_weight: torch.Tensor) -> bool:
     return x.is_cuda and router_weight.dtype in (x.dtype, torch.float32)
 
 
