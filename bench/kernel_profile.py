@@ -1,7 +1,7 @@
 """Where a forward's time goes (GPU).
 
 Default: torch.profiler over repeated forwards on rank 0 (the routing plan's ops and the kernel);
---fwd-bwd: over training steps instead, forward and the backward of sum(layer(x) * dy), with the
+--fwd-bwd: over training steps instead, forward and the backward from dy (layer(x).backward(dy)), with the
 layer's backward (--backward), to see where a step's time goes.
 --gaps N (with a GPU): also where the GPU sat idle between activities (a step's span, busy and
 idle time, the N longest gaps with what ran either side), from the profile's trace.
@@ -145,7 +145,7 @@ def gpu_activities(prof) -> list[tuple[str, float, float]]:
 @contextlib.contextmanager
 def warmed_step(layer, x: torch.Tensor, fwd_bwd: bool):
     """-> a forward of x [T, H] (run in inference mode) or, fwd_bwd, a training step (forward, then
-    backward of sum(layer(x) * dy), x and the parameters requiring grad), after five of them to warm
+    backward from a gradient dy of the output, x and the parameters requiring grad), after five to warm
     up (graphs captured, kernels compiled); the ranks and the layer are in step on entry and exit."""
     if fwd_bwd:
         x = x.detach().requires_grad_(True)

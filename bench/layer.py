@@ -96,8 +96,9 @@ def parse_args(argv=None):
                         "energy_loop_us), over about S seconds of the first input set's calls after its timing")
     p.add_argument("--input-sets", type=int, default=3)
     p.add_argument("--fwd-bwd", action="store_true",
-                   help="also time forward + backward of sum(y * dy) (rows with mode 'fwd+bwd', every gradient "
-                        "of a step at the timed size checked against the reference before and after timing), on "
+                   help="also time forward + backward from a gradient dy of the output (rows with mode "
+                        "'fwd+bwd', every gradient of a step at the timed size checked against the reference "
+                        "before and after timing), on "
                         "the backends that have a backward")
     p.add_argument("--frozen-experts", action="store_true",
                    help="with --fwd-bwd, also time each step with the experts' weights (routed and shared) frozen, "
@@ -493,11 +494,11 @@ def bench_point(cfg, backend, routing, tokens, world, rank, device, args, seed, 
 
 def training_step(layer, x: torch.Tensor, dy: torch.Tensor):
     """-> a training step of layer on x [T, H] (requiring grad): the layer's and x's gradients
-    cleared, then the backward of sum(layer(x) * dy)."""
+    cleared, then layer(x)'s backward from dy (no loss built around it: the layer's work alone)."""
     def step():
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        (layer(x) * dy).sum().backward()
+        layer(x).backward(dy)
     return step
 
 
@@ -521,7 +522,7 @@ def step_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, device) -> t
 
 def fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, device,
                  energy_seconds: float = 0.0, graph: bool = False, frozen: bool = False) -> list[dict]:
-    """row's point timed as forward + backward of sum(layer(x) * dy) (x and every parameter
+    """row's point timed as forward + backward from dy, layer(x).backward(dy) (x and every parameter
     requiring grad; with frozen, every one but the experts' weights) with the layer's backward,
     after every gradient of a step on the first input set (all its tokens) is checked against
     autograd through the reference, and checked again on a step after the timing (rel_err_timed:
@@ -767,8 +768,9 @@ def main(argv=None):
     for row in rows:
         add_derived(row, world, ceilings)
     if rank == 0:
-        for row in rows:  # speed-up over each other backend at the same point
-            same = [r for r in rows if r["median_us"] and (r["preset"], r["routing"], r["tokens_per_rank"])
+        for row in rows:  # speed-up over each other backend at the same point (rows that passed their checks)
+            same = [r for r in rows if r["median_us"] and r.get("ok")
+                    and (r["preset"], r["routing"], r["tokens_per_rank"])
                     == (row["preset"], row["routing"], row["tokens_per_rank"])
                     and (r.get("mode") == "fwd+bwd") == (row.get("mode") == "fwd+bwd")]
             if row["median_us"]:
@@ -785,13 +787,15 @@ def main(argv=None):
         peers = [b for b in asked if any(r["backend"] == b for r in rows)]
         if set(asked) - set(peers):
             print(f"no rows from {sorted(set(asked) - set(peers))}: the ratio below leaves them out")
-        got = summary.outcomes(rows, "flash", peers) if "flash" in args.backends and peers else {}
-        if got.get("compared"):
-            speedups = [q["speedup"] for q in got["compared"]]
-            print(f"flash against the fastest of {peers}: geometric mean {summary.geomean(speedups):.3f}x over "
-                  f"{len(speedups)} points, {sum(v < 1 for v in speedups)} below 1.0x; {len(got['failed'])} where "
-                  f"flash failed, {len(got['incomplete'])} incomplete, {len(got['unpeered'])} with no peer's row in "
-                  "their preset (bench/summary.py lists them)")
+        for training in [None, *sorted({r["backward"] for r in rows if r.get("mode") == "fwd+bwd"})]:
+            got = summary.outcomes(rows, "flash", peers, training) if "flash" in args.backends and peers else {}
+            if got.get("compared") or got.get("failed"):
+                speedups = [q["speedup"] for q in got["compared"]]
+                mean = f"geometric mean {summary.geomean(speedups):.3f}x over " if speedups else ""
+                print(f"flash against the fastest of {peers}{f' (fwd+bwd, {training})' if training else ''}: "
+                      f"{mean}{len(speedups)} points, {sum(v < 1 for v in speedups)} below 1.0x; "
+                      f"{len(got['failed'])} where flash failed, {len(got['incomplete'])} incomplete, "
+                      f"{len(got['unpeered'])} with no peer's row in their preset (bench/summary.py lists them)")
         write_plot(data, os.path.splitext(out)[0] + ".png")
     fm.finalize()
 
@@ -879,7 +883,7 @@ def print_table(rows, ceilings, meta, world):
     if ceilings:
         print("ceilings: " + "  ".join(f"{k}={v:.0f}" for k, v in ceilings.items()))
     head = f"{'preset':<14}{'routing':<9}{'tokens':>7} {'backend':<16}{'median_us':>11}{'host_us':>9}" \
-           f"{'floor_us':>10}{'of_floor':>9}{'TFLOP/s':>9}{'J/call':>8}{'rel_err':>10}"
+           f"{'floor_us':>10}{'of_floor':>9}{'TFLOP/s':>9}{'J/call':>8}{'rel_err':>10} check"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -890,8 +894,9 @@ def print_table(rows, ceilings, meta, world):
         host = f"{r['host_us']:.0f}" if r.get("host_us") else "-"
         joules = f"{r['joules_per_call']:.3f}" if r.get("joules_per_call") else "-"
         label = row_name(r) + {"1d+regroup": " (1d)", "fwd+bwd": " +bwd"}.get(r.get("mode"), "")
+        err = max(r["rel_err"], r.get("rel_err_timed") or 0.0)  # the worse of its checks before and after timing
         print(f"{r['preset']:<14}{r['routing']:<9}{r['tokens_per_rank']:>7} {label:<16}{med:>11}{host:>9}"
-              f"{fl:>10}{frac:>9}{tf:>9}{joules:>8}{r['rel_err']:>10.1e}")
+              f"{fl:>10}{frac:>9}{tf:>9}{joules:>8}{err:>10.1e} {'ok' if r.get('ok') else 'FAIL'}")
     if any(r.get("mode") == "1d+regroup" for r in rows):
         print("(1d): torch's all_to_all_vdev_2d refuses >= 16 experts per rank; symm_mem ran "
               "all_to_all_vdev + a local regroup by expert instead")

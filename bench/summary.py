@@ -14,7 +14,10 @@ failed, or where flash has no row or a peer has none while it has rows elsewhere
 (a point its run lost), is listed as incomplete (not compared with the next peer); one where no
 peer has a row anywhere in its preset (every peer refused the preset's features, or their files
 did not come back: the rows cannot tell which) as unpeered; all three counted beside the
-geometric mean."""
+geometric mean.
+
+    python bench/summary.py FILES --fwd-bwd saved   # training steps (issue 19): flash against torch,
+                                                     # both with backward="saved", and the floor's fraction"""
 
 from __future__ import annotations
 
@@ -35,13 +38,14 @@ def timed_ok(r: dict) -> bool:
     return bool(r.get("ok")) and bool(r.get("median_us"))
 
 
-def forward_rows(rows: list[dict]) -> dict[tuple, dict]:
-    """rows -> {point: {backend: row}} over forward rows (not mode 'fwd+bwd'), failed ones included;
-    ValueError for two rows of one backend at one point, or rows of one point from different
-    commits or of different configs."""
+def forward_rows(rows: list[dict], training: str | None = None) -> dict[tuple, dict]:
+    """rows -> {point: {backend: row}} over forward rows (not mode 'fwd+bwd'), or with training (a
+    backward mode, e.g. "saved") over the training steps run with that backward; failed ones
+    included; ValueError for two rows of one backend at one point, or rows of one point from
+    different commits or of different configs."""
     by_point: dict[tuple, dict] = {}
     for r in rows:
-        if r.get("mode") == "fwd+bwd":
+        if (r.get("mode") == "fwd+bwd") != (training is not None) or (training and r.get("backward") != training):
             continue
         got = by_point.setdefault(point_key(r), {})
         if r["backend"] in got:
@@ -64,9 +68,9 @@ def describe(key: tuple) -> str:
     return f"{preset} {routing} {tokens} tokens, world {world}, {device}"
 
 
-def outcomes(rows: list[dict], flash: str, peers: list[str]) -> dict[str, list[dict]]:
-    """rows (bench/layer.py JSON rows; forward rows only, not mode 'fwd+bwd') -> per point where
-    flash or some peer in peers has a row:
+def outcomes(rows: list[dict], flash: str, peers: list[str], training: str | None = None) -> dict[str, list[dict]]:
+    """rows (bench/layer.py JSON rows; forward rows, or with training the training steps of that
+    backward mode: forward_rows) -> per point where flash or some peer in peers has a row:
       compared:   flash and every peer with a row there passed and were timed: flash_us, peers_us
                   {peer: us}, best peer, speedup = best peer's us / flash's, of_floor = floor / flash;
       failed:     flash's row failed its check (or was not timed): its rel_err;
@@ -82,7 +86,7 @@ def outcomes(rows: list[dict], flash: str, peers: list[str]) -> dict[str, list[d
     out: dict[str, list[dict]] = {"compared": [], "failed": [], "incomplete": [], "unpeered": []}
     if not peers:
         return out
-    by_point = forward_rows(rows)
+    by_point = forward_rows(rows, training)
     ran = {(key[0], key[3], key[4], b) for key, got in by_point.items() for b in got}  # preset, world, device
     for key, got in by_point.items():
         present = [p for p in peers if p in got]
@@ -122,12 +126,15 @@ def main(argv=None) -> None:
     p.add_argument("files", nargs="+")
     p.add_argument("--flash", default="flash")
     p.add_argument("--peers", nargs="+", default=None,
-                   help=f"default: those of {list(PEERS)} with rows in the files")
+                   help=f"default: those of {list(PEERS)} with rows in the files (of the training steps asked for)")
+    p.add_argument("--fwd-bwd", default=None, metavar="BACKWARD",
+                   help="the training steps (mode fwd+bwd) run with this backward, e.g. saved, not the forwards")
     args = p.parse_args(argv)
     rows = [r for path in args.files for r in json.load(open(path))["rows"]]
-    peers = args.peers or [b for b in PEERS if any(r["backend"] == b for r in rows)]
     try:
-        got = outcomes(rows, args.flash, peers)
+        kept = forward_rows(rows, args.fwd_bwd)
+        peers = args.peers or [b for b in PEERS if any(b in got for got in kept.values())]
+        got = outcomes(rows, args.flash, peers, args.fwd_bwd)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     pts, failed, incomplete, unpeered = got["compared"], got["failed"], got["incomplete"], got["unpeered"]
@@ -155,9 +162,13 @@ def main(argv=None) -> None:
         print(f"no point compared; {counts}")
         return
     worst = min(pts, key=lambda q: q["speedup"])
+    floors = [q for q in pts if q["of_floor"]]
+    lowest = min(floors, key=lambda q: q["of_floor"]) if floors else None
     print(f"geometric mean {geomean([q['speedup'] for q in pts]):.3f}x over {len(pts)} points; "
           f"worst {worst['speedup']:.2f}x ({worst['preset']}, {worst['tokens']} tokens, against {worst['best']}); "
-          f"{sum(q['speedup'] < 1 for q in pts)} points below 1.0x; {counts}")
+          f"{sum(q['speedup'] < 1 for q in pts)} points below 1.0x; "
+          + (f"lowest fraction of the floor {lowest['of_floor']:.0%} ({lowest['preset']}, {lowest['tokens']} tokens); "
+             if lowest else "") + counts)
 
 
 if __name__ == "__main__":

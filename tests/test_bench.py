@@ -339,6 +339,40 @@ def test_the_summary_counts_a_point_where_flash_failed(capsys, tmp_path):
     assert "over 1 points" in out and "1 points where flash failed, 1 incomplete" in out
 
 
+def test_the_summary_compares_training_steps_of_one_backward_apart_from_forwards(capsys, tmp_path):
+    """--fwd-bwd saved: flash's training steps with backward="saved" against the peers' with the
+    same backward, and the lowest fraction of the floor (issue 19's 70%); forward rows and other
+    backwards are not their peers, and a training step that failed its check is counted failed."""
+    summary, row = _summary_rows()
+    step = dict(mode="fwd+bwd", backward="saved")
+    rows = [row("flash", 100.0), row("torch", 150.0),                                   # forwards
+            row("flash", 300.0, **step), row("torch", 450.0, **step),                    # compared
+            row("torch", 200.0, backward="autograd", mode="fwd+bwd"),                     # another backward
+            row("flash", None, ok=False, tokens=512, rel_err=0.2, **step), row("torch", 900.0, tokens=512, **step)]
+    got = summary.outcomes(rows, "flash", ["torch"], "saved")
+    assert [(q["tokens"], q["speedup"], q["of_floor"]) for q in got["compared"]] == [(128, 1.5, 50.0 / 300.0)]
+    assert [q["tokens"] for q in got["failed"]] == [512]
+    assert [q["speedup"] for q in summary.outcomes(rows, "flash", ["torch"])["compared"]] == [1.5]  # forwards
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"rows": rows}))
+    summary.main([str(path), "--fwd-bwd", "saved"])
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "1.500x over 1 points" in last and "lowest fraction of the floor 17% (p, 128 tokens)" in last
+    assert "1 points where flash failed" in last
+
+
+def test_the_benchmark_table_marks_a_row_that_failed_a_check_and_its_worse_error(capsys):
+    """A row that passed before its timing and failed after it (rel_err_timed) is printed FAIL with
+    that error, not as the passing row it was before."""
+    layer = _bench_layer_module()
+    base = {"preset": "p", "routing": "uniform", "tokens_per_rank": 128, "backend": "flash", "median_us": 3000.0,
+            "floor_us": 1230.0, "rel_err": 3.7e-3}
+    rows = [{**base, "rel_err_timed": 0.5, "ok": False}, {**base, "rel_err_timed": 3.8e-3, "ok": True}]
+    layer.print_table(rows, {}, {"device": "d", "comm": "gloo", "torch": "t", "commit": "c", "date": "now"}, 1)
+    lines = capsys.readouterr().out.splitlines()[-2:]
+    assert lines[0].endswith("5.0e-01 FAIL") and lines[1].endswith("3.8e-03 ok")
+
+
 def test_the_plot_draws_a_line_per_backend_mode_and_backward_with_the_mode_s_floor(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import plot
