@@ -80,8 +80,9 @@ class MoELayer(nn.Module):
     default; the expert weights' gradients are divided by it in the backward) to the world size;
     a forward under either wrapper unprepared raises DataParallelError, wrappers.py). `backward`: "autograd" (backend
     torch's default) records the torch backend's ops and saves their activations; "saved" (backend
-    flash's default) runs the forward as for inference, keeping x, its routing and each expert's
-    first GEMM output before the activation (the fused kernel writes them as it goes; backend flash
+    flash's default) runs the forward as for inference, keeping x, its routing (with the fp32
+    logits) and each expert row's first GEMM output before the activation (and the shared experts'
+    a token; the fused kernel writes them as it goes; backend flash
     replays a small training forward from a CUDA graph and copies those out, and launches larger
     ones), and takes the gradients from them in explicit steps; "recompute" keeps only x, and in
     backward routes again and recomputes each expert's first GEMM (backends/explicit_backward.py).
