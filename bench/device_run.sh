@@ -87,7 +87,8 @@ for step in "$@"; do
               run "tune_${tag}_$round" 300 1 "$root/bench/tune.py" --preset ${VARIANT_PRESETS:-mixtral_8x7b qwen3_30b_a3b} \
                 --tokens ${VARIANT_TOKENS:-4096} --settings ${VARIANT_SETTINGS:-auto} --iters 20 \
                 --out "$OUT/tune_${tag}_$round.json"; done; done ;;
-    points) for point in ${POINTS:?POINTS=\"shape:tokens ...\" (a preset or a random_ shape of --random 6)}; do
+    points) [ -n "${POINTS:-}" ] || { echo "=== points: set POINTS=\"shape:tokens ...\" (a preset or a random_ shape)"; fail=1; }
+            for point in ${POINTS:-}; do
               shape=${point%%:*}; tok=${point##*:}  # each point its own tune.py run: its settings in turn
               case $shape in random_*) pick="--random 6 --only $shape" ;; *) pick="--preset $shape" ;; esac
               run "tune_${shape}_$tok" 150 1 bench/tune.py $pick --tokens "$tok" \

@@ -787,12 +787,19 @@ def main(argv=None):
         peers = [b for b in asked if any(r["backend"] == b for r in rows)]
         if set(asked) - set(peers):
             print(f"no rows from {sorted(set(asked) - set(peers))}: the ratio below leaves them out")
-        for training in [None, *sorted({r["backward"] for r in rows if r.get("mode") == "fwd+bwd"})]:
-            got = summary.outcomes(rows, "flash", peers, training) if "flash" in args.backends and peers else {}
+        kinds = sorted({(r["backward"], r.get("frozen") == "experts") for r in rows if r.get("mode") == "fwd+bwd"})
+        for training, frozen in [(None, False), *kinds]:
+            what = f" (fwd+bwd, {training}{', experts frozen' if frozen else ''})" if training else ""
+            try:
+                got = (summary.outcomes(rows, "flash", peers, training, frozen) if "flash" in args.backends and peers
+                       else {})
+            except ValueError as e:  # rows the summary refuses (a backward asked for twice): said, not fatal
+                print(f"no summary{what or ' of the forwards'}: {e}")
+                continue
             if got.get("compared") or got.get("failed"):
                 speedups = [q["speedup"] for q in got["compared"]]
                 mean = f"geometric mean {summary.geomean(speedups):.3f}x over " if speedups else ""
-                print(f"flash against the fastest of {peers}{f' (fwd+bwd, {training})' if training else ''}: "
+                print(f"flash against the fastest of {peers}{what}: "
                       f"{mean}{len(speedups)} points, {sum(v < 1 for v in speedups)} below 1.0x; "
                       f"{len(got['failed'])} where flash failed, {len(got['incomplete'])} incomplete, "
                       f"{len(got['unpeered'])} with no peer's row in their preset (bench/summary.py lists them)")
@@ -894,7 +901,9 @@ def print_table(rows, ceilings, meta, world):
         host = f"{r['host_us']:.0f}" if r.get("host_us") else "-"
         joules = f"{r['joules_per_call']:.3f}" if r.get("joules_per_call") else "-"
         label = row_name(r) + {"1d+regroup": " (1d)", "fwd+bwd": " +bwd"}.get(r.get("mode"), "")
-        err = max(r["rel_err"], r.get("rel_err_timed") or 0.0)  # the worse of its checks before and after timing
+        # the worst of its checks: before and after timing, and a graph's replay against eager
+        checks = [e for e in (r["rel_err"], r.get("rel_err_timed"), r.get("rel_err_vs_eager")) if e is not None]
+        err = float("nan") if any(math.isnan(e) for e in checks) else max(checks)
         print(f"{r['preset']:<14}{r['routing']:<9}{r['tokens_per_rank']:>7} {label:<16}{med:>11}{host:>9}"
               f"{fl:>10}{frac:>9}{tf:>9}{joules:>8}{err:>10.1e} {'ok' if r.get('ok') else 'FAIL'}")
     if any(r.get("mode") == "1d+regroup" for r in rows):

@@ -38,14 +38,17 @@ def timed_ok(r: dict) -> bool:
     return bool(r.get("ok")) and bool(r.get("median_us"))
 
 
-def forward_rows(rows: list[dict], training: str | None = None) -> dict[tuple, dict]:
+def forward_rows(rows: list[dict], training: str | None = None, frozen: bool = False) -> dict[tuple, dict]:
     """rows -> {point: {backend: row}} over forward rows (not mode 'fwd+bwd'), or with training (a
-    backward mode, e.g. "saved") over the training steps run with that backward; failed ones
+    backward mode, e.g. "saved") over the training steps run with that backward, those with the
+    experts frozen (bench/layer.py --frozen-experts) where frozen, the others where not; failed ones
     included; ValueError for two rows of one backend at one point, or rows of one point from
     different commits or of different configs."""
     by_point: dict[tuple, dict] = {}
     for r in rows:
         if (r.get("mode") == "fwd+bwd") != (training is not None) or (training and r.get("backward") != training):
+            continue
+        if training and (r.get("frozen") == "experts") != frozen:
             continue
         got = by_point.setdefault(point_key(r), {})
         if r["backend"] in got:
@@ -68,9 +71,11 @@ def describe(key: tuple) -> str:
     return f"{preset} {routing} {tokens} tokens, world {world}, {device}"
 
 
-def outcomes(rows: list[dict], flash: str, peers: list[str], training: str | None = None) -> dict[str, list[dict]]:
+def outcomes(rows: list[dict], flash: str, peers: list[str], training: str | None = None,
+             frozen: bool = False) -> dict[str, list[dict]]:
     """rows (bench/layer.py JSON rows; forward rows, or with training the training steps of that
-    backward mode: forward_rows) -> per point where flash or some peer in peers has a row:
+    backward mode, with the experts frozen or not: forward_rows) -> per point where flash or some
+    peer in peers has a row:
       compared:   flash and every peer with a row there passed and were timed: flash_us, peers_us
                   {peer: us}, best peer, speedup = best peer's us / flash's, of_floor = floor / flash;
       failed:     flash's row failed its check (or was not timed): its rel_err;
@@ -86,7 +91,7 @@ def outcomes(rows: list[dict], flash: str, peers: list[str], training: str | Non
     out: dict[str, list[dict]] = {"compared": [], "failed": [], "incomplete": [], "unpeered": []}
     if not peers:
         return out
-    by_point = forward_rows(rows, training)
+    by_point = forward_rows(rows, training, frozen)
     ran = {(key[0], key[3], key[4], b) for key, got in by_point.items() for b in got}  # preset, world, device
     for key, got in by_point.items():
         present = [p for p in peers if p in got]
@@ -129,12 +134,16 @@ def main(argv=None) -> None:
                    help=f"default: those of {list(PEERS)} with rows in the files (of the training steps asked for)")
     p.add_argument("--fwd-bwd", default=None, metavar="BACKWARD",
                    help="the training steps (mode fwd+bwd) run with this backward, e.g. saved, not the forwards")
+    p.add_argument("--frozen-experts", action="store_true",
+                   help="with --fwd-bwd, the steps with the experts' weights frozen (bench/layer.py --frozen-experts)")
     args = p.parse_args(argv)
+    if args.frozen_experts and not args.fwd_bwd:
+        p.error("--frozen-experts compares training steps: give --fwd-bwd BACKWARD too")
     rows = [r for path in args.files for r in json.load(open(path))["rows"]]
     try:
-        kept = forward_rows(rows, args.fwd_bwd)
+        kept = forward_rows(rows, args.fwd_bwd, args.frozen_experts)
         peers = args.peers or [b for b in PEERS if any(b in got for got in kept.values())]
-        got = outcomes(rows, args.flash, peers, args.fwd_bwd)
+        got = outcomes(rows, args.flash, peers, args.fwd_bwd, args.frozen_experts)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     pts, failed, incomplete, unpeered = got["compared"], got["failed"], got["incomplete"], got["unpeered"]

@@ -359,6 +359,11 @@ def test_the_summary_compares_training_steps_of_one_backward_apart_from_forwards
     last = capsys.readouterr().out.splitlines()[-1]
     assert "1.500x over 1 points" in last and "lowest fraction of the floor 17% (p, 128 tokens)" in last
     assert "1 points where flash failed" in last
+    # steps with the experts frozen (--frozen-experts) are their own comparison, not a second row
+    frozen = [row("flash", 200.0, frozen="experts", **step), row("torch", 250.0, frozen="experts", **step)]
+    assert [q["speedup"] for q in summary.outcomes(rows + frozen, "flash", ["torch"], "saved")["compared"]] == [1.5]
+    assert [q["speedup"] for q in summary.outcomes(rows + frozen, "flash", ["torch"], "saved", True)["compared"]] \
+        == [1.25]
 
 
 def test_the_benchmark_table_marks_a_row_that_failed_a_check_and_its_worse_error(capsys):
