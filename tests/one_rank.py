@@ -75,6 +75,17 @@ def draw_weights(cfg: MoEConfig, gen: torch.Generator, device) -> dict:
     return {name: draw(name, shape) for name, shape in cfg.weight_shapes().items()}
 
 
+def routed_reference(x: torch.Tensor, routing, weights: dict, cfg: MoEConfig) -> torch.Tensor:
+    """The float64 reference of x through `routing` (a Routing: its experts, weights and kept
+    slots) with the full layer's weights (reference_forward's names): where two experts' logits
+    lie within float32's rounding, the float64 routing of reference_forward may choose the other
+    (a near tie, not the kernel's error)."""
+    return routed_sum(x.double(), routing.weights.double(), routing.experts, routing.kept,
+                      **{n: t.double() for n, t in weights.items()
+                         if n not in ("router_weight", "router_bias", "e_score_correction_bias")},
+                      config=cfg)
+
+
 class OneRank:
     """Rank 0 of `world` ranks where only rank 0 runs: its workspace, and full random weights."""
 
@@ -93,14 +104,8 @@ class OneRank:
         self.positions = ExpertPlacement.contiguous(cfg.num_experts, world).positions(device)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The float64 reference of the last forward's x through the routing that forward took (its
-        experts and weights): where two experts' logits lie within float32's rounding, the float64
-        routing of reference_forward may choose the other (a near tie, not the combine's error)."""
-        r = self.routing
-        return routed_sum(x.double(), r.weights.double(), r.experts, r.kept,
-                          **{n: t.double() for n, t in self.weights.items()
-                             if n not in ("router_weight", "router_bias", "e_score_correction_bias")},
-                          config=self.cfg)
+        """The float64 reference of the last forward's x through the routing that forward took."""
+        return routed_reference(x, self.routing, self.weights, self.cfg)
 
     def router_extras(self) -> dict:
         """The router's biases by reference_forward's names (those the config has)."""

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from one_rank import OneRank, RankBuffers, kernel_weights, symmetric_copies
+from one_rank import OneRank, RankBuffers, kernel_weights, routed_reference, symmetric_copies
 
 from flashmoe_py import ExpertPlacement, MoEConfig, MoELayer, reference_forward
 from flashmoe_py.config import EXPERT_WEIGHTS
@@ -545,7 +545,7 @@ def rank_runs_whole_kernel(rank, world, cfg_dict, max_tokens, bufs, weights, inp
                           torch.full((len(x), fs_in), float("nan")))
         call_epoch = int(ws.scratch.ctl[CTL_EPOCH.value])
         launch_fused(x, out, experts, plan, ws, launch, config=cfg, rank=rank, timeout_s=120.0, saved=saved)
-        ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **weights)
+        ref = routed_reference(x, r, weights, cfg)
         sent = (x, plan.send_slot, plan.pos_start, plan.send_counts, plan.slot_w)
         results.append((rel_err(out, ref) if len(x) else 0.0, int(ws.scratch.status[0]), int(ws.scratch.ctl[0]),
                         saved and (sent, *saved), int(((ws.scratch.out_tickets >> 8) == call_epoch).sum())))
