@@ -32,6 +32,7 @@ from ..kernels.activation_grad import activation_grad
 from ..kernels.bias_grad import bias_grads
 from . import capture, torch_ep
 
+CPU_CHUNK_ROWS = 1024  # rows of the CPU activation backward's fp32 temporaries at a time
 
 ALL_WEIGHTS = frozenset(("w_in", "w_out", "bias_in", "bias_out"))
 
@@ -96,12 +97,22 @@ def _activation_grad(pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
                      config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """pre: [N, F_in], g = dy w_out^T: [N, F], scale: [N] fp32 -> (scale * act(pre) [N, F], d_pre
     [N, F_in], <act(pre), g> [N] fp32): one kernel pass on GPUs (kernels/activation_grad.py),
-    torch ops in fp32 elsewhere."""
+    torch ops in fp32 elsewhere, CPU_CHUNK_ROWS rows at a time (their fp32 temporaries, several of
+    [rows, F] at once, held for one chunk: on the whole step's rows they peaked at 1.7-1.9x
+    autograd's whole training step)."""
     if pre.is_cuda:
         return activation_grad(pre.contiguous(), g.contiguous(), scale.contiguous(), config)
-    g = g.float()
-    h, d_pre = activation_backward(pre.float(), g * scale[:, None], config)
-    return h * scale[:, None], d_pre, (h * g).sum(1)
+    N, F = g.shape
+    sh = torch.empty(N, F, dtype=torch.float32, device=pre.device)
+    d_pre = torch.empty(pre.shape, dtype=torch.float32, device=pre.device)
+    dot = torch.empty(N, dtype=torch.float32, device=pre.device)
+    for lo in range(0, N, CPU_CHUNK_ROWS):
+        rows = slice(lo, lo + CPU_CHUNK_ROWS)
+        g_c, s_c = g[rows].float(), scale[rows, None]
+        h, d_pre[rows] = activation_backward(pre[rows].float(), g_c * s_c, config)
+        torch.mul(h, s_c, out=sh[rows])
+        torch.sum(h * g_c, 1, out=dot[rows])
+    return sh, d_pre, dot
 
 
 def activation_backward(pre: torch.Tensor, grad: torch.Tensor, config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
