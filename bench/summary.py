@@ -38,7 +38,7 @@ def timed_ok(r: dict) -> bool:
     return bool(r.get("ok")) and bool(r.get("median_us"))
 
 
-def forward_rows(rows: list[dict], training: str | None = None, frozen: bool = False) -> dict[tuple, dict]:
+def rows_by_point(rows: list[dict], training: str | None = None, frozen: bool = False) -> dict[tuple, dict]:
     """rows -> {point: {backend: row}} over forward rows (not mode 'fwd+bwd'), or with training (a
     backward mode, e.g. "saved") over the training steps run with that backward, those with the
     experts frozen (bench/layer.py --frozen-experts) where frozen, the others where not; failed ones
@@ -74,7 +74,7 @@ def describe(key: tuple) -> str:
 def outcomes(rows: list[dict], flash: str, peers: list[str], training: str | None = None,
              frozen: bool = False) -> dict[str, list[dict]]:
     """rows (bench/layer.py JSON rows; forward rows, or with training the training steps of that
-    backward mode, with the experts frozen or not: forward_rows) -> per point where flash or some
+    backward mode, with the experts frozen or not: rows_by_point) -> per point where flash or some
     peer in peers has a row:
       compared:   flash and every peer with a row there passed and were timed: flash_us, peers_us
                   {peer: us}, best peer, speedup = best peer's us / flash's, of_floor = floor / flash;
@@ -91,7 +91,7 @@ def outcomes(rows: list[dict], flash: str, peers: list[str], training: str | Non
     out: dict[str, list[dict]] = {"compared": [], "failed": [], "incomplete": [], "unpeered": []}
     if not peers:
         return out
-    by_point = forward_rows(rows, training, frozen)
+    by_point = rows_by_point(rows, training, frozen)
     ran = {(key[0], key[3], key[4], b) for key, got in by_point.items() for b in got}  # preset, world, device
     for key, got in by_point.items():
         present = [p for p in peers if p in got]
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
         p.error("--frozen-experts compares training steps: give --fwd-bwd BACKWARD too")
     rows = [r for path in args.files for r in json.load(open(path))["rows"]]
     try:
-        kept = forward_rows(rows, args.fwd_bwd, args.frozen_experts)
+        kept = rows_by_point(rows, args.fwd_bwd, args.frozen_experts)
         peers = args.peers or [b for b in PEERS if any(b in got for got in kept.values())]
         got = outcomes(rows, args.flash, peers, args.fwd_bwd, args.frozen_experts)
     except ValueError as e:

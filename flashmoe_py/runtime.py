@@ -85,6 +85,20 @@ def rankless_world(env=None) -> tuple[str, int] | None:
     return None
 
 
+def _refuse_a_job_of_processes_alone() -> None:
+    """RuntimeError where this process, with no launcher's rank and no process group, is one of
+    several (an srun job step, or a world size exported without a rank): alone, each would run as
+    world 1, holding every expert."""
+    remedy = ("start the processes with torchrun or mpirun (launch/torchrun.sh, launch/mpirun.sh), or make the "
+              "process group first (init() joins it)")
+    if (tasks := srun_tasks()) > 1:
+        raise RuntimeError(f"an srun job step of {tasks} tasks, and no launcher's variables this package reads: "
+                           f"{remedy}; alone, each would run as world 1")
+    if bare := rankless_world():
+        raise RuntimeError(f"{bare[0]}={bare[1]} is set but no rank variable (RANK, or an MPI launcher's): {remedy}, "
+                           f"or unset {bare[0]} to run one process; alone, each would run as world 1")
+
+
 def srun_tasks(env=None) -> int:
     """The tasks of the srun job step this process is one of (SLURM_STEP_NUM_TASKS; a batch
     script's or salloc's shell has none), or 1."""
@@ -321,15 +335,8 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
         _parse_size(os.environ["NVSHMEM_SYMMETRIC_SIZE"])
     os.environ.update(NO_MULTICAST)
     info = detect_launcher()
-    if info.launcher == "single" and not dist.is_initialized() and (tasks := srun_tasks()) > 1:
-        raise RuntimeError(f"an srun job step of {tasks} tasks, and no launcher's variables this package "
-                           "reads: start the processes with torchrun or mpirun (launch/torchrun.sh, "
-                           "launch/mpirun.sh), or make the process group first; alone, each would run as world 1")
-    if info.launcher == "single" and not dist.is_initialized() and (bare := rankless_world()):
-        raise RuntimeError(f"{bare[0]}={bare[1]} is set but no rank variable (RANK, or an MPI launcher's): start "
-                           "the processes with torchrun or mpirun (launch/torchrun.sh, launch/mpirun.sh), or make the "
-                           f"process group first (init() joins it), or unset {bare[0]} to run one process; alone, "
-                           "each would run as world 1")
+    if info.launcher == "single" and not dist.is_initialized():
+        _refuse_a_job_of_processes_alone()
     if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (info.rank, info.world_size):
         # Joining a group the caller made without a launcher's environment (e.g. mp.spawn).
         rank, world = dist.get_rank(), dist.get_world_size()
