@@ -171,10 +171,8 @@ def _descs(a, b, out):
     return desc(a, (BR, BM)), desc(b, (BR, BN)), desc(out, (1, BM, BN))
 
 
-def launch(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torch.Tensor, stages: int,
-           out_bufs: int, sms: int | None = None, warmup: bool = False):
-    """One launch (or, warmup, its compile only, for sms programs: no GPU is asked) writing out;
-    expert_wgrad checks the operands.
+def launch(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torch.Tensor, stages: int, out_bufs: int):
+    """One launch writing out; expert_wgrad checks the operands.
     One persistent program an SM, at most one a tile. The first call of a device and setting goes
     through Triton's launch (which works out every argument's specialisation each call); later ones
     launch the kernel it compiled directly, the form the training-step timings were taken with
@@ -183,17 +181,15 @@ def launch(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torch.Tens
     E, K, N = out.shape
     num_tiles = E * triton.cdiv(K, BM) * triton.cdiv(N, 2 * BN)
     key = (a.device, stages, out_bufs)
-    if warmup or key not in _COMPILED or ends.data_ptr() % 16:
-        device_sms = sms if warmup else torch.cuda.get_device_properties(a.device).multi_processor_count
-        grid = (max(1, min(sms or device_sms, num_tiles)), )
-        args = (ends, num_tiles, K, *_descs(a, b, out), stages, out_bufs, CONSUMER_REGS, PRODUCER_REGS)
-        if warmup:
-            return wgrad_kernel.warmup(*args, num_warps=4, grid=grid)
-        kernel = wgrad_kernel[grid](*args, num_warps=4)
+    if key not in _COMPILED or ends.data_ptr() % 16:
+        device_sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+        grid = (max(1, min(device_sms, num_tiles)), )
+        kernel = wgrad_kernel[grid](ends, num_tiles, K, *_descs(a, b, out), stages, out_bufs, CONSUMER_REGS,
+                                    PRODUCER_REGS, num_warps=4)
         if ends.data_ptr() % 16 == 0:
             _COMPILED[key] = (kernel, device_sms)
         return kernel
     kernel, device_sms = _COMPILED[key]
-    kernel[(max(1, min(sms or device_sms, num_tiles)), 1, 1)](ends, num_tiles, K, *_descs(a, b, out), stages,
-                                                              out_bufs, CONSUMER_REGS, PRODUCER_REGS, 4)
+    kernel[(max(1, min(device_sms, num_tiles)), 1, 1)](ends, num_tiles, K, *_descs(a, b, out), stages, out_bufs,
+                                                       CONSUMER_REGS, PRODUCER_REGS, 4)
     return kernel

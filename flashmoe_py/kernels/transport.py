@@ -122,9 +122,9 @@ def async_proxy_fence(ON_GPU: tl.constexpr):
 # scalar extern call runs in every thread of the program: *_block calls are collective over the
 # program (NVSHMEM elects one thread for their signal), others are issued from one thread.
 
-def _extern(symbol, args, types, ret, semantic, pure=False):
+def _extern(symbol, args, types, ret, semantic):
     cast = [core.cast(a, t, _semantic=semantic) for a, t in zip(args, types)]
-    return core.extern_elementwise("", "", cast, {tuple(types): (symbol, ret)}, is_pure=pure,
+    return core.extern_elementwise("", "", cast, {tuple(types): (symbol, ret)}, is_pure=False,
                                    _semantic=semantic)
 
 

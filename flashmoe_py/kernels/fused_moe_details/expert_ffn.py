@@ -139,14 +139,14 @@ def ffn_in_tile(q, j, held, x_ptr, plan, table, weights, sym, scratch, saved, di
     ready = clock_ns() if meta.TRACE else 0
     done = ready
     if n_short == 0:
-        done = ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta)
+        done = ffn_in_rows(t, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta)
         held = (q * tl.cdiv(dims.ffn, meta.BF) + j).to(tl.int64)
     return ready, done, held
 
 
 @triton.jit
-def ffn_in_rows(t, q, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta):
-    """The work of ffn_in_tile once expert tile t (ExpertTile q) has its rows: this rank's own rows
+def ffn_in_rows(t, j, held, x_ptr, plan, weights, sym, scratch, saved, dims, epoch, rank, meta):
+    """The work of ffn_in_tile once expert tile t has its rows: this rank's own rows
     straight from x (by the plan's token of each slot), others' from recv_x; with SORTED_IN (world
     1) every row from recv_x, where a kernel before the launch copied them, as TMA boxes; GEMM1,
     then the h flag `held` of the program's previous GEMM1 tile raised (unless -1), biases,
