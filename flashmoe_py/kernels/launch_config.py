@@ -23,8 +23,8 @@ SPLIT_SLOTS = 128  # GEMM2 parts a call may hold partial sums for (8 MiB: Geomet
 STATIC_ROWS, TALL_ROWS, LARGE_ROWS = 64, 64, 128
 # GEMM1 columns (2F for gated experts, F otherwise) from which choose_launch copies the rows into
 # expert order (sorted_rows): the copy costs ~400 / columns of GEMM1's time, the TMA loop saves
-# 5-7% of it (kernels/sorted_rows.py).
-SORTED_MIN_COLUMNS = 8192
+# 5-7% of it (kernels/sorted_rows.py); and the slots (tokens x top-k) a call needs for it to pay.
+SORTED_MIN_COLUMNS, SORTED_MIN_SLOTS = 8192, 4096
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,11 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # One H200, against gathering them, two calls: mixtral (gated, F 14,336) at 2,048 / 4,096 /
     # 16,384 tokens -2.1 / -0.8 / -1.5% and -2.8 / -4.3 / -2.6%; a random shape of F 5,888 with 9
     # experts -6.1..-0.1%, one with 23 experts -0.8 / +0.2%; gpt_oss (F 2,880) -0.5..+3.8%, qwen3
-    # (768) +2.1% (bench/NOTES.md item 90).
+    # (768) +2.1% (bench/NOTES.md item 90). From SORTED_MIN_SLOTS slots a call (tokens x top-k):
+    # one H100, the copy's slower below at all four points of 128-256 rows an expert and 1,024-
+    # 3,072 slots (+1.4..+2.7%: mixtral at 512 / 1,024 tokens, 5,888-wide shapes at 1,024), faster
+    # or even from 4,096 at 8 of 10 (mixtral at 2,048 / 4,096 / 16,384 -6.6 / -7.6 / -2.7%, 3,328 x
+    # 7,424 with 75 experts at top-1, 218 rows, -5.3%; +1.2% and +1.9% at the other two) (item 100).
     override = dict(override or {})
     unknown = sorted(set(override) - set(FIELDS))
     if unknown:
@@ -197,7 +201,7 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
               "static_ffn_in": int(resident and programs == sm_count and geo.world_size == 1
                                    and rows_per_expert >= STATIC_ROWS),
               "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden),
-              "sorted_rows": int(large and geo.world_size == 1
+              "sorted_rows": int(large and geo.world_size == 1 and tokens * geo.top_k >= SORTED_MIN_SLOTS
                                  and geo.ffn * (2 if geo.gated else 1) >= SORTED_MIN_COLUMNS)}
     return LaunchConfig(**{"programs": programs, **chosen, **override}).check(geo)
 
@@ -206,8 +210,10 @@ def launch_variants(geo: Geometry, dtype: torch.dtype, sm_count: int, override: 
                     resident: bool = True) -> list[LaunchConfig]:
     """Every launch choose_launch can give a call of 0 to geo.max_tokens tokens (its arguments
     otherwise as given), each once, fewest tokens first: the token counts where its rows an
-    expert reach STATIC_ROWS, TALL_ROWS and LARGE_ROWS, and none."""
+    expert reach STATIC_ROWS, TALL_ROWS and LARGE_ROWS, where its slots reach SORTED_MIN_SLOTS,
+    and none."""
     reach = [-(-rows * geo.local_experts // geo.top_k) for rows in (STATIC_ROWS, TALL_ROWS, LARGE_ROWS)]
+    reach.append(-(-SORTED_MIN_SLOTS // geo.top_k))
     launches = []
     for tokens in [0, *sorted(t for t in reach if t <= geo.max_tokens)]:
         launch = choose_launch(geo, tokens, dtype, sm_count, override, resident)
