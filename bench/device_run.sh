@@ -15,7 +15,7 @@
 # grouped products (WGRAD_PRESETS at WGRAD_TOKENS, uniform and skewed routing); ncuwgrad: ncu over
 # that probe's first NCU_COUNT weight-gradient launches (what bounds it: DRAM, L2, the tensor pipe);
 # points: bench/tune.py's SETTINGS (default auto), timed in turn, at each POINTS entry "shape:tokens"
-# (a preset, or a random_ shape of bench/layer.py --random 6), one run a point; sass: the compiled builds; host: the fused backend's host-side guarantees (tests/gpu/check_host_paths.py);
+# (a preset, or a random_ shape of bench/layer.py --random 6 --random-seed RANDOM_SEED, default 0), one run a point; sass: the compiled builds; host: the fused backend's host-side guarantees (tests/gpu/check_host_paths.py);
 # trainingN: 200 training steps of a tiny model beside its float64 reference on N GPUs (tests/gpu/check_training.py).
 # ranks: the fused kernel at worlds 2, 4 and 8 in one process on one GPU (tests/gpu/check_ranks_on_one_gpu.py;
 # RANKS_ARGS, e.g. "--worlds 2 --calls 3"); compile: FlashBackend.compile_variants leaves no variant for a first
@@ -90,7 +90,8 @@ for step in "$@"; do
     points) [ -n "${POINTS:-}" ] || { echo "=== points: set POINTS=\"shape:tokens ...\" (a preset or a random_ shape)"; fail=1; }
             for point in ${POINTS:-}; do
               shape=${point%%:*}; tok=${point##*:}  # each point its own tune.py run: its settings in turn
-              case $shape in random_*) pick="--random 6 --only $shape" ;; *) pick="--preset $shape" ;; esac
+              case $shape in random_*) pick="--random 6 --random-seed ${RANDOM_SEED:-0} --only $shape" ;;
+                *) pick="--preset $shape" ;; esac
               run "tune_${shape}_$tok" 150 1 bench/tune.py $pick --tokens "$tok" \
                 --settings ${SETTINGS:-auto} --rounds 2 --out "$OUT/tune_${shape}_$tok.json"; done ;;
     fbvariants) shopt -s nullglob; for round in $(seq "${VARIANT_ROUNDS:-2}"); do for root in .variants/*/ .; do
