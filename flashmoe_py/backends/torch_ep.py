@@ -17,7 +17,7 @@ from ..reference import activate
 from ..routing import Routing, histogram
 from . import capture
 from .saved import SavedForward
-from .autograd_ops import Exchange, dispatch_experts_combine, divide_grad, grouped_mm
+from .autograd_ops import Exchange, dispatch_experts_combine, divide_grad, grouped_mm, recomputed
 
 
 class PeerInputError(RuntimeError):
@@ -63,16 +63,31 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out:
     return _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre=False)[0]
 
 
+def _activated(h: torch.Tensor, bias: torch.Tensor | None, config: MoEConfig) -> torch.Tensor:
+    """GEMM1's output h [N, ffn_in] (+ bias [N, ffn_in]) -> the activation [N, ffn] in h's dtype,
+    computed in fp32."""
+    pre = h.float() if bias is None else h.float() + bias.float()
+    return activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(h.dtype)
+
+
+def _weighted_sum(y: torch.Tensor, slot_w: torch.Tensor | None, slot_tok: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The slots' expert outputs y [N, H], each times its weight slot_w [N] (None: weighted
+    already), summed per token (slot_tok [N]) -> [tokens, H] fp32."""
+    rows = y.float() if slot_w is None else y.float() * slot_w.unsqueeze(1)
+    return torch.zeros(tokens, y.shape[1], dtype=torch.float32, device=y.device).index_add_(0, slot_tok, rows)
+
+
 def _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre: bool):
     """expert_ffn's output, and with keep_pre (backward="saved") pre [N, ffn_in] in x.dtype: GEMM1's
     output plus bias_in, before the activation (else None)."""
     kept = []
 
     def act(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        h = h.float() if bias is None else h.float() + bias.float()
-        if keep_pre:
-            kept.append(h.to(x.dtype))
-        return activate(h, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(x.dtype)
+        if not keep_pre:
+            return recomputed(_activated, h, bias, config)
+        pre = h.float() if bias is None else h.float() + bias.float()
+        kept.append(pre.to(x.dtype))
+        return activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(x.dtype)
 
     def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return y if bias is None else (y.float() + bias.float()).to(x.dtype)
@@ -174,11 +189,8 @@ class TorchEPBackend:
             rows = self._rows(x, slot_tok, slot_w)
             y_sorted, pre = self._dispatch_compute_combine(rows, send_counts, recv_counts, bool(in_graph), keep)
 
-        out = torch.zeros(x.shape[0], cfg.hidden_size, dtype=torch.float32, device=device)
-        if cfg.weight_on_input:  # the weight was applied to the expert's input
-            out.index_add_(0, slot_tok, y_sorted.float())
-        else:
-            out.index_add_(0, slot_tok, y_sorted.float() * slot_w.unsqueeze(1))
+        # (with weight_on_input the weight was applied to the expert's input)
+        out = recomputed(_weighted_sum, y_sorted, None if cfg.weight_on_input else slot_w, slot_tok, x.shape[0])
         shared_pre = None
         if cfg.shared_experts:
             y_shared, shared_pre = _shared_experts(x, layer, keep)
