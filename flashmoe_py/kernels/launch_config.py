@@ -16,10 +16,10 @@ FIELDS = ("programs", "block_m", "block_n", "num_warps", "stages", "group", "dis
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
 MAX_F_SPLIT = 8  # parts of one GEMM2 tile's K loop
 SPLIT_SLOTS = 128  # GEMM2 parts a call may hold partial sums for (8 MiB: Geometry.split_slots)
-# Rows an expert (on average) at which choose_launch's launch changes, the only way a call's token
-# count reaches its launch: at world 1 the static GEMM1 order (STATIC_ROWS) and the taller bf16
-# tiles (TALL_ROWS); from LARGE_ROWS the taller tiles on several ranks, and two-column combine
-# tasks, the sorted rows and the dispatch overlap.
+# Rows an expert (on average) at which choose_launch's launch changes, one of the two ways a call's
+# token count reaches its launch (the other: SORTED_MIN_SLOTS): at world 1 the static GEMM1 order
+# (STATIC_ROWS) and the taller bf16 tiles (TALL_ROWS); from LARGE_ROWS the taller tiles on several
+# ranks, and two-column combine tasks, the sorted rows (with enough slots) and the dispatch overlap.
 STATIC_ROWS, TALL_ROWS, LARGE_ROWS = 64, 64, 128
 # GEMM1 columns (2F for gated experts, F otherwise) from which choose_launch copies the rows into
 # expert order (sorted_rows): the copy costs ~400 / columns of GEMM1's time, the TMA loop saves
@@ -50,7 +50,8 @@ class LaunchConfig:
     sources). sorted_rows: 1 to copy the token rows into expert order before the launch
     (kernels/sorted_rows.py), so that a GEMM1 tile's rows are one block, loaded as TMA boxes; 0
     to gather them from x row by row; world 1 only (`auto` there for bf16 experts of 128 rows or
-    more whose GEMM1 is at least SORTED_MIN_COLUMNS wide: gated experts of 4,096).
+    more whose GEMM1 is at least SORTED_MIN_COLUMNS wide, gated experts of 4,096, in calls of at
+    least SORTED_MIN_SLOTS slots: tokens x top-k).
     f_split: the most parts a GEMM2 tile's K loop (over the FFN, in whole GEMM1 column tiles) may
     be split into, a power of two up to MAX_F_SPLIT; the kernel takes, per call, the most parts up
     to it that keep the call's GEMM2 tiles times parts within the programs, the workspace's
