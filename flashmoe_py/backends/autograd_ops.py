@@ -1,6 +1,5 @@
 """The torch backend's differentiable pieces: the dispatch and combine all-to-alls, the grouped
-GEMM, the division of the expert weights' gradients (MoELayer.expert_grad_divisor), and steps
-whose fp32 temporaries the backward computes again (recomputed).
+GEMM, and the division of the expert weights' gradients (MoELayer.expert_grad_divisor).
 
 A dispatch is an all-to-all of token rows, so its backward is the all-to-all of their gradients
 back to the sources (split sizes swapped), i.e. a combine; a combine's backward is likewise a
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 
 
 @dataclass(frozen=True)
@@ -129,17 +127,3 @@ def divide_grad(t: torch.Tensor | None, divisor: int) -> torch.Tensor | None:
     """t itself in the forward; its gradient divided by `divisor` in the backward (t where the
     divisor is 1, or t is None)."""
     return t if t is None or divisor == 1 else _DivideGrad.apply(t, divisor)
-
-
-def recomputed(fn, *args):
-    """fn(*args), where autograd records: keeping fn's inputs, not its fp32 intermediates, which the
-    backward computes again (torch's non-reentrant checkpoint: double backward works). For the
-    activation and the weighted sum, backend torch's autograd otherwise kept fp32 copies of GEMM1's
-    output and of the expert outputs, and the activation's fp32 temporaries: what a bf16 forward
-    keeps a token went 20.6 -> 9.4 KB with swiglu, 32.9 -> 9.4 KB with clamped_swiglu (hidden 256,
-    8 experts of FFN 512 at top-2, weights not counted). The backward makes those temporaries again,
-    one layer at a time: a stack of 2-4 such layers peaks 13-45% lower, one layer alone 9-13%
-    higher (CPU, 4,096 tokens; bench/NOTES.md item 100)."""
-    if not torch.is_grad_enabled():
-        return fn(*args)
-    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)

@@ -19,20 +19,18 @@ dot is the gradient of the slot's scale; d_rows that of its row. GEMM2 never run
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
 from ..config import MoEConfig
-from ..gate_up import gate_and_up
 from ..kernels import expert_dgrad, expert_wgrad
 from ..kernels.activation_grad import activation_grad
 from ..kernels.bias_grad import bias_grads
 from . import capture, torch_ep
+from .lean_autograd import CPU_CHUNK_ROWS, activation_backward
 
-CPU_CHUNK_ROWS = 1024  # rows of the CPU activation backward's fp32 temporaries at a time
 
 ALL_WEIGHTS = frozenset(("w_in", "w_out", "bias_in", "bias_out"))
 
@@ -113,37 +111,6 @@ def _activation_grad(pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
         torch.mul(h, s_c, out=sh[rows])
         torch.sum(h * g_c, 1, out=dot[rows])
     return sh, d_pre, dot
-
-
-def activation_backward(pre: torch.Tensor, grad: torch.Tensor, config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """pre: [N, F_in] fp32 (gated: the layer's gate/up pairs); grad: [N, F] fp32, the gradient of
-    h = act(pre) -> (h [N, F], d_pre [N, F_in]), by the derivatives written out (no autograd: this
-    runs inside a custom op's body too, below the autograd keys)."""
-    act = config.activation
-    if act == "relu":
-        return pre.clamp_min(0), grad * (pre > 0)
-    if act == "gelu":
-        cdf = 0.5 * (1 + torch.erf(pre * 0.5 ** 0.5))
-        return pre * cdf, grad * (cdf + pre * torch.exp(-0.5 * pre * pre) * (2 * math.pi) ** -0.5)
-    gate, up = gate_and_up(pre)
-    grad = grad.view(gate.shape)
-    d_pre = torch.empty_like(pre)
-    d_gate, d_up = gate_and_up(d_pre)
-    if act == "swiglu":
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        d_gate.copy_(grad * up * sig * (1 + gate * (1 - sig)))
-        d_up.copy_(grad * silu)
-        return (silu * up).flatten(-2), d_pre
-    if act != "clamped_swiglu":
-        raise ValueError(f"unknown activation {act!r}")
-    alpha, limit = config.swiglu_alpha, config.swiglu_limit
-    g_c, u_c = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
-    sig = torch.sigmoid(alpha * g_c)
-    glu = g_c * sig
-    d_gate.copy_(grad * (u_c + 1) * sig * (1 + alpha * g_c * (1 - sig)) * (gate <= limit))
-    d_up.copy_(grad * glu * ((up >= -limit) & (up <= limit)))
-    return (glu * (u_c + 1)).flatten(-2), d_pre
 
 
 class _Groups:

@@ -17,7 +17,8 @@ from ..reference import activate
 from ..routing import Routing, histogram
 from . import capture
 from .saved import SavedForward
-from .autograd_ops import Exchange, dispatch_experts_combine, divide_grad, grouped_mm, recomputed
+from .autograd_ops import Exchange, dispatch_experts_combine, divide_grad, grouped_mm
+from .lean_autograd import activated, weighted_sum
 
 
 class PeerInputError(RuntimeError):
@@ -63,28 +64,17 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out:
     return _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre=False)[0]
 
 
-def _activated(h: torch.Tensor, bias: torch.Tensor | None, config: MoEConfig) -> torch.Tensor:
-    """GEMM1's output h [N, ffn_in] (+ bias [N, ffn_in]) -> the activation [N, ffn] in h's dtype,
-    computed in fp32."""
-    pre = h.float() if bias is None else h.float() + bias.float()
-    return activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(h.dtype)
-
-
-def _weighted_sum(y: torch.Tensor, slot_w: torch.Tensor | None, slot_tok: torch.Tensor, tokens: int) -> torch.Tensor:
-    """The slots' expert outputs y [N, H], each times its weight slot_w [N] (None: weighted
-    already), summed per token (slot_tok [N]) -> [tokens, H] fp32."""
-    rows = y.float() if slot_w is None else y.float() * slot_w.unsqueeze(1)
-    return torch.zeros(tokens, y.shape[1], dtype=torch.float32, device=y.device).index_add_(0, slot_tok, rows)
-
-
 def _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre: bool):
     """expert_ffn's output, and with keep_pre (backward="saved") pre [N, ffn_in] in x.dtype: GEMM1's
     output plus bias_in, before the activation (else None)."""
     kept = []
 
-    def act(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def act(h: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """bias: one expert's [ffn_in], or every expert's [L, ffn_in] with counts [L] (h's rows)."""
         if not keep_pre:
-            return recomputed(_activated, h, bias, config)
+            return activated(h, bias, counts, config)
+        if counts is not None:
+            bias = bias.repeat_interleave(counts, dim=0, output_size=h.shape[0])
         pre = h.float() if bias is None else h.float() + bias.float()
         kept.append(pre.to(x.dtype))
         return activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(x.dtype)
@@ -102,7 +92,7 @@ def _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre: boo
         def per_row(bias: torch.Tensor | None) -> torch.Tensor | None:  # [L, n] -> [N, n]
             return None if bias is None else bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
 
-        a = act(grouped_mm(x, w_in, offs), per_row(bias_in))
+        a = act(grouped_mm(x, w_in, offs), bias_in, None if bias_in is None else counts)
         return add_bias(grouped_mm(a, w_out, offs), per_row(bias_out)), kept[0] if keep_pre else None
     out = torch.empty(x.shape[0], w_out.shape[-1], dtype=x.dtype, device=x.device)
     start = 0
@@ -190,7 +180,7 @@ class TorchEPBackend:
             y_sorted, pre = self._dispatch_compute_combine(rows, send_counts, recv_counts, bool(in_graph), keep)
 
         # (with weight_on_input the weight was applied to the expert's input)
-        out = recomputed(_weighted_sum, y_sorted, None if cfg.weight_on_input else slot_w, slot_tok, x.shape[0])
+        out = weighted_sum(y_sorted, None if cfg.weight_on_input else slot_w, slot_tok, x.shape[0])
         shared_pre = None
         if cfg.shared_experts:
             y_shared, shared_pre = _shared_experts(x, layer, keep)

@@ -1,0 +1,156 @@
+"""Backend torch's autograd steps whose derivatives are written out, so that autograd keeps their
+inputs in the layer's dtype and no fp32 copy: the expert activation (GEMM1's output, bias_in in
+fp32, the activation in fp32) and the weighted sum of the slots' expert outputs per token. The
+activation's derivative (activation_backward) is also the explicit backward's on the CPU
+(expert_grad.py).
+
+A first-order backward takes the written-out derivatives; on the CPU the activation's fp32
+temporaries are held CPU_CHUNK_ROWS rows at a time. A backward that records itself
+(create_graph=True: a gradient penalty) runs the step's torch ops again under autograd and
+differentiates them, so second-order gradients are what autograd gives through those ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import MoEConfig
+from ..gate_up import gate_and_up
+from ..reference import activate
+
+CPU_CHUNK_ROWS = 1024  # rows of the CPU activation backward's fp32 temporaries at a time
+
+
+def activated(h: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor | None,
+              config: MoEConfig) -> torch.Tensor:
+    """act(h + bias) [N, ffn] in h's dtype, computed in fp32 (float64 stays), keeping h (and bias) for
+    the backward.
+    h: [N, ffn_in], GEMM1's output; bias: None, bias_in of one expert [ffn_in], or of every local
+    expert [L, ffn_in] with counts [L] its rows in h (sorted by expert)."""
+    return _WrittenOut.apply(_activated_ops, _activation_first_order, h, bias, counts, config)
+
+
+def weighted_sum(y: torch.Tensor, slot_w: torch.Tensor | None, slot_tok: torch.Tensor, tokens: int) -> torch.Tensor:
+    """sum over the slots s of token t of slot_w[s] * y[s] -> [tokens, H] fp32 (float64 y: float64), keeping y in its
+    dtype for the backward. y: [N, H], the slots' expert outputs; slot_w: [N] fp32, or None where
+    the weight went into the expert's input; slot_tok: [N] int64, each slot's token."""
+    return _WrittenOut.apply(_weighted_sum_ops, _weighted_sum_first_order, y, slot_w, slot_tok, tokens)
+
+
+def activation_backward(pre: torch.Tensor, grad: torch.Tensor, config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """pre: [N, F_in] fp32 (gated: the layer's gate/up pairs); grad: [N, F] fp32, the gradient of
+    h = act(pre) -> (h [N, F], d_pre [N, F_in]), by the derivatives written out (no autograd: this
+    runs inside a custom op's body too, below the autograd keys)."""
+    act = config.activation
+    if act == "relu":
+        return pre.clamp_min(0), grad * (pre > 0)
+    if act == "gelu":
+        cdf = 0.5 * (1 + torch.erf(pre * 0.5 ** 0.5))
+        return pre * cdf, grad * (cdf + pre * torch.exp(-0.5 * pre * pre) * (2 * math.pi) ** -0.5)
+    gate, up = gate_and_up(pre)
+    grad = grad.view(gate.shape)
+    d_pre = torch.empty_like(pre)
+    d_gate, d_up = gate_and_up(d_pre)
+    if act == "swiglu":
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        d_gate.copy_(grad * up * sig * (1 + gate * (1 - sig)))
+        d_up.copy_(grad * silu)
+        return (silu * up).flatten(-2), d_pre
+    if act != "clamped_swiglu":
+        raise ValueError(f"unknown activation {act!r}")
+    alpha, limit = config.swiglu_alpha, config.swiglu_limit
+    g_c, u_c = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    sig = torch.sigmoid(alpha * g_c)
+    glu = g_c * sig
+    d_gate.copy_(grad * (u_c + 1) * sig * (1 + alpha * g_c * (1 - sig)) * (gate <= limit))
+    d_up.copy_(grad * glu * ((up >= -limit) & (up <= limit)))
+    return (glu * (u_c + 1)).flatten(-2), d_pre
+
+
+def _bias_rows(bias: torch.Tensor | None, counts: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """bias [ffn_in] as it is (it broadcasts), [L, ffn_in] one row per row of h: [n, ffn_in]."""
+    if bias is None or counts is None:
+        return bias
+    return bias.repeat_interleave(counts, dim=0, output_size=n)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or as it is where it is wider (float64: the tests' gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _pre(h: torch.Tensor, bias_rows: torch.Tensor | None) -> torch.Tensor:
+    return _wide(h) if bias_rows is None else _wide(h) + _wide(bias_rows)
+
+
+def _activated_ops(h, bias, counts, config):
+    """The forward's torch ops (recorded again for a second-order backward)."""
+    pre = _pre(h, _bias_rows(bias, counts, h.shape[0]))
+    return activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(h.dtype)
+
+
+def _weighted_sum_ops(y, slot_w, slot_tok, tokens):
+    rows = _wide(y) if slot_w is None else _wide(y) * slot_w.unsqueeze(1)
+    return rows.new_zeros(tokens, y.shape[1]).index_add_(0, slot_tok, rows)
+
+
+def _recorded_again(ops, grad, inputs, needs, *rest):
+    """The gradients of ops(*inputs, *rest) at the inputs that need one, by autograd through the
+    ops run again, recorded (create_graph)."""
+    with torch.enable_grad():
+        out = ops(*inputs, *rest)
+        wrt = [t for t, need in zip(inputs, needs) if need]
+        got = iter(torch.autograd.grad(out, wrt, grad, create_graph=True, allow_unused=True))
+    return [next(got) if need else None for need in needs]
+
+
+def _activation_first_order(grad, needs, h, bias, counts, config):
+    """(d_h, d_bias) of _activated_ops, each where needed."""
+    n = h.shape[0]
+    bias_rows = _bias_rows(bias, counts, n)
+    d_pre = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+    step = CPU_CHUNK_ROWS if h.device.type == "cpu" else max(n, 1)
+    for lo in range(0, n, step):
+        rows = slice(lo, lo + step)
+        b = None if bias_rows is None else (bias_rows if counts is None else bias_rows[rows])
+        d_pre[rows] = activation_backward(_pre(h[rows], b), _wide(grad[rows]), config)[1]
+    d_bias = None
+    if needs[1]:
+        if counts is None:
+            d_bias = d_pre.sum(0).to(bias.dtype)
+        else:
+            expert = torch.repeat_interleave(torch.arange(counts.shape[0], device=h.device), counts, output_size=n)
+            d_bias = d_pre.new_zeros(bias.shape).index_add_(0, expert, d_pre).to(bias.dtype)
+    return d_pre.to(h.dtype) if needs[0] else None, d_bias
+
+
+def _weighted_sum_first_order(grad, needs, y, slot_w, slot_tok, tokens):
+    """(d_y, d_slot_w) of _weighted_sum_ops, each where needed."""
+    g = grad[slot_tok]  # [N, H]: each slot's token's gradient
+    d_y = (g if slot_w is None else g * slot_w.unsqueeze(1)).to(y.dtype) if needs[0] else None
+    d_w = (g * _wide(y)).sum(1).to(slot_w.dtype) if needs[1] else None
+    return d_y, d_w
+
+
+class _WrittenOut(torch.autograd.Function):
+    """ops(a, b, c, d) with the derivatives first_order(grad, needs, a, b, c, d) writes out for a
+    and b (c: a tensor, d: anything, neither differentiated), keeping a, b and c for the backward;
+    a backward that records itself differentiates ops run again."""
+
+    @staticmethod
+    def forward(ctx, ops, first_order, a, b, c, d):
+        ctx.ops, ctx.first_order, ctx.d = ops, first_order, d
+        ctx.save_for_backward(a, b, c)
+        return ops(a, b, c, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, c = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:4]
+        if torch.is_grad_enabled():
+            grads = _recorded_again(ctx.ops, grad, (a, b), needs, c, ctx.d)
+        else:
+            grads = ctx.first_order(grad, needs, a, b, c, ctx.d)
+        return (None, None, *grads, None, None)
