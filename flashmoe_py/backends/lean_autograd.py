@@ -4,8 +4,8 @@ fp32, the activation in fp32) and the weighted sum of the slots' expert outputs 
 activation's derivative (activation_backward) is also the explicit backward's on the CPU
 (expert_grad.py).
 
-A first-order backward takes the written-out derivatives; on the CPU the activation's fp32
-temporaries are held CPU_CHUNK_ROWS rows at a time. A backward that records itself
+A first-order backward takes the written-out derivatives; on the CPU the activation's derivative
+makes its fp32 temporaries CPU_CHUNK_ROWS rows at a time (its result, d_pre, is whole). A backward that records itself
 (create_graph=True: a gradient penalty) runs the step's torch ops again under autograd and
 differentiates them, so second-order gradients are what autograd gives through those ops."""
 
