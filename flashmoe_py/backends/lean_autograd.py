@@ -5,9 +5,10 @@ activation's derivative (activation_backward) is also the explicit backward's on
 (expert_grad.py).
 
 A first-order backward takes the written-out derivatives; on the CPU the activation's derivative
-makes its fp32 temporaries CPU_CHUNK_ROWS rows at a time (its result, d_pre, is whole). A backward that records itself
-(create_graph=True: a gradient penalty) runs the step's torch ops again under autograd and
-differentiates them, so second-order gradients are what autograd gives through those ops."""
+makes its fp32 temporaries CPU_CHUNK_ROWS rows at a time (its result, d_pre, is whole). A
+backward that records itself (create_graph=True: a gradient penalty) runs the step's torch ops
+again under autograd and differentiates them, so second-order gradients are what autograd gives
+through those ops."""
 
 from __future__ import annotations
 
@@ -24,17 +25,17 @@ CPU_CHUNK_ROWS = 1024  # rows of the CPU activation backward's fp32 temporaries 
 
 def activated(h: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor | None,
               config: MoEConfig) -> torch.Tensor:
-    """act(h + bias) [N, ffn] in h's dtype, computed in fp32 (float64 stays), keeping h (and bias) for
-    the backward.
-    h: [N, ffn_in], GEMM1's output; bias: None, bias_in of one expert [ffn_in], or of every local
+    """act(h + bias) [N, ffn] in h's dtype, computed in fp32 (float64 stays), keeping h (and bias)
+    for the backward. h: [N, ffn_in], GEMM1's output; bias: None, bias_in of one expert [ffn_in], or of every local
     expert [L, ffn_in] with counts [L] its rows in h (sorted by expert)."""
     return _WrittenOut.apply(_activated_ops, _activation_first_order, h, bias, counts, config)
 
 
 def weighted_sum(y: torch.Tensor, slot_w: torch.Tensor | None, slot_tok: torch.Tensor, tokens: int) -> torch.Tensor:
-    """sum over the slots s of token t of slot_w[s] * y[s] -> [tokens, H] fp32 (float64 y: float64), keeping y in its
-    dtype for the backward. y: [N, H], the slots' expert outputs; slot_w: [N] fp32, or None where
-    the weight went into the expert's input; slot_tok: [N] int64, each slot's token."""
+    """sum over the slots s of token t of slot_w[s] * y[s] -> [tokens, H] fp32 (float64 y: float64),
+    keeping y in its dtype for the backward. y: [N, H], the slots' expert outputs; slot_w: [N]
+    fp32, or None where the weight went into the expert's input; slot_tok: [N] int64, each slot's
+    token."""
     return _WrittenOut.apply(_weighted_sum_ops, _weighted_sum_first_order, y, slot_w, slot_tok, tokens)
 
 
@@ -85,9 +86,15 @@ def _pre(h: torch.Tensor, bias_rows: torch.Tensor | None) -> torch.Tensor:
     return _wide(h) if bias_rows is None else _wide(h) + _wide(bias_rows)
 
 
+def pre_activation(h: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor | None) -> torch.Tensor:
+    """h + bias in fp32 (float64 stays) [N, ffn_in], the activation's input; bias and counts as
+    activated takes them."""
+    return _pre(h, _bias_rows(bias, counts, h.shape[0]))
+
+
 def _activated_ops(h, bias, counts, config):
     """The forward's torch ops (recorded again for a second-order backward)."""
-    pre = _pre(h, _bias_rows(bias, counts, h.shape[0]))
+    pre = pre_activation(h, bias, counts)
     return activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(h.dtype)
 
 

@@ -18,7 +18,7 @@ from ..routing import Routing, histogram
 from . import capture
 from .saved import SavedForward
 from .autograd_ops import Exchange, dispatch_experts_combine, divide_grad, grouped_mm
-from .lean_autograd import activated, weighted_sum
+from .lean_autograd import activated, pre_activation, weighted_sum
 
 
 class PeerInputError(RuntimeError):
@@ -73,9 +73,7 @@ def _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre: boo
         """bias: one expert's [ffn_in], or every expert's [L, ffn_in] with counts [L] (h's rows)."""
         if not keep_pre:
             return activated(h, bias, counts, config)
-        if counts is not None:
-            bias = bias.repeat_interleave(counts, dim=0, output_size=h.shape[0])
-        pre = h.float() if bias is None else h.float() + bias.float()
+        pre = pre_activation(h, bias, counts)  # (backward="saved": no graph recorded)
         kept.append(pre.to(x.dtype))
         return activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(x.dtype)
 
