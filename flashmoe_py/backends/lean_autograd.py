@@ -26,8 +26,9 @@ CPU_CHUNK_ROWS = 1024  # rows of the CPU activation backward's fp32 temporaries 
 def activated(h: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor | None,
               config: MoEConfig) -> torch.Tensor:
     """act(h + bias) [N, ffn] in h's dtype, computed in fp32 (float64 stays), keeping h (and bias)
-    for the backward. h: [N, ffn_in], GEMM1's output; bias: None, bias_in of one expert [ffn_in], or of every local
-    expert [L, ffn_in] with counts [L] its rows in h (sorted by expert)."""
+    for the backward. h: [N, ffn_in], GEMM1's output; bias: None, bias_in of one expert
+    [ffn_in], or of every local expert [L, ffn_in] with counts [L] its rows in h (sorted by
+    expert)."""
     return _WrittenOut.apply(_activated_ops, _activation_first_order, h, bias, counts, config)
 
 
