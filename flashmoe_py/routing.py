@@ -9,6 +9,7 @@ import torch
 
 from .config import MoEConfig
 from .kernels.router import router_topk
+from .lean_autograd import fp32_product
 
 
 @dataclass
@@ -45,7 +46,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
             router_bias=router_bias, correction_bias=e_score_correction_bias, n_group=config.n_group,
             topk_group=config.topk_group, scaling=config.routed_scaling_factor, logits_out=logits)
     else:
-        logits = x.float() @ router_weight.float().t()
+        logits = fp32_product(x, router_weight).float()  # keeping x, not an fp32 copy, for autograd
         if router_bias is not None:
             logits = logits + router_bias.float()
         experts = _CHOOSERS[config.routing](logits, config, e_score_correction_bias)

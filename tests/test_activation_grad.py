@@ -1,5 +1,5 @@
 """The activation backward's kernel (kernels/activation_grad.py) in the Triton interpreter,
-against the torch steps the CPU backward takes (backends/lean_autograd.activation_backward) and
+against the torch steps the CPU backward takes (lean_autograd.activation_backward) and
 against autograd of the reference activation, on fresh random rows and routing weights."""
 
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flashmoe_py import MoEConfig
-from flashmoe_py.backends.lean_autograd import activation_backward
+from flashmoe_py.lean_autograd import activation_backward
 from flashmoe_py.gate_up import to_halves
 from flashmoe_py.kernels.activation_grad import activation_grad
 from flashmoe_py.reference import activate

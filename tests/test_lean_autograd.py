@@ -1,14 +1,14 @@
-"""Backend torch's autograd steps with written-out derivatives (backends/lean_autograd.py): their
-first- and second-order gradients are autograd's through the same ops (torch's gradcheck in
-float64), over every activation, every form of bias, and rows taken a few at a time."""
+"""Autograd steps with written-out derivatives (lean_autograd.py): their first- and second-order
+gradients are autograd's through the same ops (torch's gradcheck in float64), over every
+activation, every form of bias, and rows taken a few at a time."""
 
 import pytest
 import torch
 from seeds import fresh_seed
 
 from flashmoe_py import MoEConfig
-from flashmoe_py.backends import lean_autograd
-from flashmoe_py.backends.lean_autograd import activated, weighted_sum
+from flashmoe_py import lean_autograd
+from flashmoe_py.lean_autograd import activated, fp32_product, scaled_rows, weighted_sum
 
 L, F = 3, 4
 
@@ -67,3 +67,15 @@ def test_the_weighted_sum_has_autograd_gradients_of_both_orders(weighted):
     assert torch.autograd.gradgradcheck(f, inputs)
     out = weighted_sum(y.detach().bfloat16(), slot_w.detach().float() if weighted else None, slot_tok, 6)
     assert out.dtype == torch.float32 and not out[[2, 4]].any()  # bf16 rows summed in fp32
+
+
+def test_scaled_rows_and_the_fp32_product_have_autograd_gradients_of_both_orders():
+    g = torch.Generator().manual_seed(fresh_seed())
+    y = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(7, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    for f, inputs in ((scaled_rows, (y, s)), (fp32_product, (y, w))):
+        assert torch.autograd.gradcheck(f, inputs)
+        assert torch.autograd.gradgradcheck(f, inputs)
+    assert fp32_product(y.detach().bfloat16(), w.detach().bfloat16()).dtype == torch.float32
+    assert scaled_rows(y.detach().bfloat16(), s.detach().float()).dtype == torch.float32

@@ -29,7 +29,7 @@ from ..kernels import expert_dgrad, expert_wgrad
 from ..kernels.activation_grad import activation_grad
 from ..kernels.bias_grad import bias_grads
 from . import capture, torch_ep
-from .lean_autograd import CPU_CHUNK_ROWS, activation_backward
+from ..lean_autograd import CPU_CHUNK_ROWS, activation_backward
 
 
 ALL_WEIGHTS = frozenset(("w_in", "w_out", "bias_in", "bias_out"))

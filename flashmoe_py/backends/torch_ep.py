@@ -18,7 +18,7 @@ from ..routing import Routing, histogram
 from . import capture
 from .saved import SavedForward
 from .autograd_ops import Exchange, dispatch_experts_combine, divide_grad, grouped_mm
-from .lean_autograd import activated, pre_activation, weighted_sum
+from ..lean_autograd import activated, fp32_product, pre_activation, scaled_rows, weighted_sum
 
 
 class PeerInputError(RuntimeError):
@@ -113,10 +113,9 @@ def _shared_experts(x: torch.Tensor, layer, keep_pre: bool) -> tuple[torch.Tenso
     cfg = layer.config
     counts = torch.full((1,), x.shape[0], dtype=torch.int64, device=x.device)
     y, pre = _expert_ffn(x, counts, layer.shared_w_in[None], layer.shared_w_out[None], cfg, None, None, keep_pre)
-    y = y.float()
     if cfg.shared_expert_gate:
-        y = y * torch.sigmoid(x.float() @ layer.shared_gate_weight.float().t())
-    return y, pre
+        return scaled_rows(y, torch.sigmoid(fp32_product(x, layer.shared_gate_weight))[:, 0]), pre
+    return y.float(), pre
 
 
 class TorchEPBackend:
@@ -191,7 +190,7 @@ class TorchEPBackend:
         token times its routing weight."""
         if not self.layer.config.weight_on_input:
             return x[slot_tok]
-        return (x[slot_tok].float() * slot_w.unsqueeze(1)).to(x.dtype)
+        return scaled_rows(x[slot_tok], slot_w).to(x.dtype)
 
     def _local_experts(self, rows: torch.Tensor, counts: torch.Tensor, keep: bool):
         """rows: [N, hidden] sorted by this rank's local expert, counts: [L] -> ([N, hidden], and

@@ -1,8 +1,9 @@
-"""Backend torch's autograd steps whose derivatives are written out, so that autograd keeps their
-inputs in the layer's dtype and no fp32 copy: the expert activation (GEMM1's output, bias_in in
-fp32, the activation in fp32) and the weighted sum of the slots' expert outputs per token. The
-activation's derivative (activation_backward) is also the explicit backward's on the CPU
-(expert_grad.py).
+"""Autograd steps whose derivatives are written out, so that autograd keeps their inputs in the
+layer's dtype and no fp32 copy (backend torch's autograd, and the router's torch ops): the expert
+activation (GEMM1's output, bias_in in fp32, the activation in fp32), rows scaled by per-row
+weights in fp32 (the routing weights, the shared experts' gate) and the product of rows and a
+weight in fp32 (the router's logits, the shared experts' gate). The activation's derivative
+(activation_backward) is also the explicit backward's on the CPU (backends/expert_grad.py).
 
 A first-order backward takes the written-out derivatives; on the CPU the activation's derivative
 makes its fp32 temporaries CPU_CHUNK_ROWS rows at a time (its result, d_pre, is whole). A
@@ -16,9 +17,9 @@ import math
 
 import torch
 
-from ..config import MoEConfig
-from ..gate_up import gate_and_up
-from ..reference import activate
+from .config import MoEConfig
+from .gate_up import gate_and_up
+from .reference import activate
 
 CPU_CHUNK_ROWS = 1024  # rows of the CPU activation backward's fp32 temporaries at a time
 
@@ -38,6 +39,16 @@ def weighted_sum(y: torch.Tensor, slot_w: torch.Tensor | None, slot_tok: torch.T
     fp32, or None where the weight went into the expert's input; slot_tok: [N] int64, each slot's
     token."""
     return _WrittenOut.apply(_weighted_sum_ops, _weighted_sum_first_order, y, slot_w, slot_tok, tokens)
+
+
+def scaled_rows(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """y [N, H] times s [N] per row, in fp32 (float64 y: float64), keeping y in its dtype and s."""
+    return _WrittenOut.apply(_scaled_rows_ops, _scaled_rows_first_order, y, s, None, None)
+
+
+def fp32_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, H] @ w [E, H]^T in fp32 (float64 stays) -> [T, E], keeping x and w in their dtypes."""
+    return _WrittenOut.apply(_product_ops, _product_first_order, x, w, None, None)
 
 
 def activation_backward(pre: torch.Tensor, grad: torch.Tensor, config: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +111,16 @@ def _activated_ops(h, bias, counts, config):
 
 
 def _weighted_sum_ops(y, slot_w, slot_tok, tokens):
-    rows = _wide(y) if slot_w is None else _wide(y) * slot_w.unsqueeze(1)
+    rows = _wide(y) if slot_w is None else _scaled_rows_ops(y, slot_w, None, None)
     return rows.new_zeros(tokens, y.shape[1]).index_add_(0, slot_tok, rows)
+
+
+def _scaled_rows_ops(y, s, _c, _d):
+    return _wide(y) * s.unsqueeze(1)
+
+
+def _product_ops(x, w, _c, _d):
+    return _wide(x) @ _wide(w).t()
 
 
 def _recorded_again(ops, grad, inputs, needs, *rest):
@@ -134,12 +153,26 @@ def _activation_first_order(grad, needs, h, bias, counts, config):
     return d_pre.to(h.dtype) if needs[0] else None, d_bias
 
 
-def _weighted_sum_first_order(grad, needs, y, slot_w, slot_tok, tokens):
+def _weighted_sum_first_order(grad, needs, y, slot_w, slot_tok, _tokens):
     """(d_y, d_slot_w) of _weighted_sum_ops, each where needed."""
     g = grad[slot_tok]  # [N, H]: each slot's token's gradient
-    d_y = (g if slot_w is None else g * slot_w.unsqueeze(1)).to(y.dtype) if needs[0] else None
-    d_w = (g * _wide(y)).sum(1).to(slot_w.dtype) if needs[1] else None
-    return d_y, d_w
+    if slot_w is None:
+        return g.to(y.dtype) if needs[0] else None, None
+    return _scaled_rows_first_order(g, needs, y, slot_w, None, None)
+
+
+def _scaled_rows_first_order(grad, needs, y, s, _c, _d):
+    """(d_y, d_s) of _scaled_rows_ops, each where needed."""
+    d_y = (grad * s.unsqueeze(1)).to(y.dtype) if needs[0] else None
+    d_s = (grad * _wide(y)).sum(1).to(s.dtype) if needs[1] else None
+    return d_y, d_s
+
+
+def _product_first_order(grad, needs, x, w, _c, _d):
+    """(d_x, d_w) of _product_ops, each where needed."""
+    d_x = (grad @ _wide(w)).to(x.dtype) if needs[0] else None
+    d_w = (grad.t() @ _wide(x)).to(w.dtype) if needs[1] else None
+    return d_x, d_w
 
 
 class _WrittenOut(torch.autograd.Function):
