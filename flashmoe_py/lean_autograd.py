@@ -47,7 +47,8 @@ def scaled_rows(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def fp32_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [T, H] @ w [E, H]^T in fp32 (float64 stays) -> [T, E], keeping x and w in their dtypes."""
+    """x [T, H] @ w [E, H]^T in fp32 (in float64 where either is) -> [T, E], keeping x and w in
+    their dtypes."""
     return _WrittenOut.apply(_product_ops, _product_first_order, x, w, None, None)
 
 
@@ -119,8 +120,14 @@ def _scaled_rows_ops(y, s, _c, _d):
     return _wide(y) * s.unsqueeze(1)
 
 
+def _product_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """fp32, or float64 where x or w is (the router takes any floating dtypes, mixed)."""
+    return torch.promote_types(torch.promote_types(x.dtype, w.dtype), torch.float32)
+
+
 def _product_ops(x, w, _c, _d):
-    return _wide(x) @ _wide(w).t()
+    dtype = _product_dtype(x, w)
+    return x.to(dtype) @ w.to(dtype).t()
 
 
 def _recorded_again(ops, grad, inputs, needs, *rest):
@@ -170,8 +177,9 @@ def _scaled_rows_first_order(grad, needs, y, s, _c, _d):
 
 def _product_first_order(grad, needs, x, w, _c, _d):
     """(d_x, d_w) of _product_ops, each where needed."""
-    d_x = (grad @ _wide(w)).to(x.dtype) if needs[0] else None
-    d_w = (grad.t() @ _wide(x)).to(w.dtype) if needs[1] else None
+    dtype = _product_dtype(x, w)
+    d_x = (grad @ w.to(dtype)).to(x.dtype) if needs[0] else None
+    d_w = (grad.t() @ x.to(dtype)).to(w.dtype) if needs[1] else None
     return d_x, d_w
 
 

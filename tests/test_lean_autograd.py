@@ -78,4 +78,5 @@ def test_scaled_rows_and_the_fp32_product_have_autograd_gradients_of_both_orders
         assert torch.autograd.gradcheck(f, inputs)
         assert torch.autograd.gradgradcheck(f, inputs)
     assert fp32_product(y.detach().bfloat16(), w.detach().bfloat16()).dtype == torch.float32
+    assert fp32_product(y.detach(), w.detach().float()).dtype == torch.float64  # mixed: the wider
     assert scaled_rows(y.detach().bfloat16(), s.detach().float()).dtype == torch.float32
