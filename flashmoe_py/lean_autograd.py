@@ -83,8 +83,9 @@ def activation_backward(pre: torch.Tensor, grad: torch.Tensor, config: MoEConfig
     return (glu * (u_c + 1)).flatten(-2), d_pre
 
 
-def _bias_rows(bias: torch.Tensor | None, counts: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """bias [ffn_in] as it is (it broadcasts), [L, ffn_in] one row per row of h: [n, ffn_in]."""
+def bias_rows(bias: torch.Tensor | None, counts: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """A bias per row of n rows sorted by expert: one expert's [width] as it is (counts None: it
+    broadcasts), every expert's [L, width] one row per row, [n, width], by counts [L]."""
     if bias is None or counts is None:
         return bias
     return bias.repeat_interleave(counts, dim=0, output_size=n)
@@ -95,20 +96,24 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _pre(h: torch.Tensor, bias_rows: torch.Tensor | None) -> torch.Tensor:
-    return _wide(h) if bias_rows is None else _wide(h) + _wide(bias_rows)
+def _pre(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _wide(h) if bias is None else _wide(h) + _wide(bias)
 
 
 def pre_activation(h: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor | None) -> torch.Tensor:
     """h + bias in fp32 (float64 stays) [N, ffn_in], the activation's input; bias and counts as
     activated takes them."""
-    return _pre(h, _bias_rows(bias, counts, h.shape[0]))
+    return _pre(h, bias_rows(bias, counts, h.shape[0]))
+
+
+def activation_of(pre: torch.Tensor, config: MoEConfig, dtype: torch.dtype) -> torch.Tensor:
+    """The config's activation of pre [N, ffn_in] (the layer's gate/up pairs) -> [N, ffn] in dtype."""
+    return activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(dtype)
 
 
 def _activated_ops(h, bias, counts, config):
     """The forward's torch ops (recorded again for a second-order backward)."""
-    pre = pre_activation(h, bias, counts)
-    return activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(h.dtype)
+    return activation_of(pre_activation(h, bias, counts), config, h.dtype)
 
 
 def _weighted_sum_ops(y, slot_w, slot_tok, tokens):
@@ -143,12 +148,12 @@ def _recorded_again(ops, grad, inputs, needs, *rest):
 def _activation_first_order(grad, needs, h, bias, counts, config):
     """(d_h, d_bias) of _activated_ops, each where needed."""
     n = h.shape[0]
-    bias_rows = _bias_rows(bias, counts, n)
+    per_row = bias_rows(bias, counts, n)
     d_pre = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
     step = CPU_CHUNK_ROWS if h.device.type == "cpu" else max(n, 1)
     for lo in range(0, n, step):
         rows = slice(lo, lo + step)
-        b = None if bias_rows is None else (bias_rows if counts is None else bias_rows[rows])
+        b = None if per_row is None else (per_row if counts is None else per_row[rows])
         d_pre[rows] = activation_backward(_pre(h[rows], b), _wide(grad[rows]), config)[1]
     d_bias = None
     if needs[1]:

@@ -78,10 +78,11 @@ def rankless_world(env=None) -> tuple[str, int] | None:
         return None
     for _, _, w, *_ in _LAUNCHERS:
         try:
-            if int(env.get(w, "1")) > 1:
-                return w, int(env[w])
+            size = int(env.get(w, "1"))
         except ValueError:
             continue
+        if size > 1:
+            return w, size
     return None
 
 

@@ -13,12 +13,12 @@ import torch.distributed as dist
 
 from ..config import EXPERT_WEIGHTS, MoEConfig
 from ..placement import EXPERTS_OVERWRITTEN
-from ..reference import activate
 from ..routing import Routing, histogram
 from . import capture
 from .saved import SavedForward
 from .autograd_ops import Exchange, dispatch_experts_combine, divide_grad, grouped_mm
-from ..lean_autograd import activated, fp32_product, pre_activation, scaled_rows, weighted_sum
+from ..lean_autograd import (activated, activation_of, bias_rows, fp32_product, pre_activation, scaled_rows,
+                             weighted_sum)
 
 
 class PeerInputError(RuntimeError):
@@ -75,7 +75,7 @@ def _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre: boo
             return activated(h, bias, counts, config)
         pre = pre_activation(h, bias, counts)  # (backward="saved": no graph recorded)
         kept.append(pre.to(x.dtype))
-        return activate(pre, config.activation, config.swiglu_alpha, config.swiglu_limit, paired=True).to(x.dtype)
+        return activation_of(pre, config, x.dtype)
 
     def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return y if bias is None else (y.float() + bias.float()).to(x.dtype)
@@ -86,12 +86,9 @@ def _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre: boo
 
     if grouped_mm_works(x.device.type, x.dtype) and grouped_mm_aligned(x, w_out):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-
-        def per_row(bias: torch.Tensor | None) -> torch.Tensor | None:  # [L, n] -> [N, n]
-            return None if bias is None else bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
-
         a = act(grouped_mm(x, w_in, offs), bias_in, None if bias_in is None else counts)
-        return add_bias(grouped_mm(a, w_out, offs), per_row(bias_out)), kept[0] if keep_pre else None
+        y = add_bias(grouped_mm(a, w_out, offs), bias_rows(bias_out, counts, x.shape[0]))
+        return y, kept[0] if keep_pre else None
     out = torch.empty(x.shape[0], w_out.shape[-1], dtype=x.dtype, device=x.device)
     start = 0
     for e, n in enumerate(counts.tolist()):
