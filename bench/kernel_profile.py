@@ -217,6 +217,9 @@ def host_profile(layer, x: torch.Tensor, iters: int, fwd_bwd: bool, top: int) ->
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3_30b_a3b")
+    p.add_argument("--custom", nargs=4, type=int, metavar=("HIDDEN", "FFN", "EXPERTS", "TOP_K"),
+                   help="this shape in place of the preset's, in the preset's dtype (e.g. one of "
+                        "bench/layer.py's random_HxF_eEkK shapes)")
     p.add_argument("--tokens", type=int, nargs="+", default=[128])
     p.add_argument("--backend", default="flash")
     p.add_argument("--iters", type=int, default=20)
@@ -241,7 +244,13 @@ def main():
     fused = args.trace or args.backend == "flash"
     if args.override is not None and not fused:
         p.error(f"--override sets the fused kernel's launch: backend {args.backend!r} has none")
+    if args.custom and min(args.custom) < 1:
+        p.error(f"--custom {args.custom}: expected positive sizes")
     cfg = fm.preset(args.preset)
+    if args.custom:
+        h, f, e, k = args.custom
+        cfg = fm.MoEConfig(h, f, e, k, dtype=cfg.dtype)
+    name = f"custom_{h}x{f}_e{e}k{k}" if args.custom else args.preset
     world = detect_launcher().world_size
     transports = args.transport if fused else [None]
     rt = fm.init(nvshmem=fused, heap_bytes=max(heap_bytes_for(cfg, world, t, tr or "p2p") for t in args.tokens
@@ -254,13 +263,13 @@ def main():
             layer = fm.MoELayer(cfg, backend="flash" if args.trace else args.backend,
                                 backward=args.backward if args.fwd_bwd else None, **extra)
             x = torch.randn(T, cfg.hidden_size, device=rt.device, dtype=cfg.torch_dtype)
-            title = f"{args.preset} {transport or args.backend} tokens={T} world={world}"
+            title = f"{name} {transport or args.backend} tokens={T} world={world}"
             if args.trace:
                 with torch.inference_mode():
                     summary = trace_forward(layer, x, rt)
                 every = [None] * world
                 dist.all_gather_object(every, summary)
-                results.append({"preset": args.preset, "tokens_per_rank": T, "world": world,
+                results.append({"preset": name, "tokens_per_rank": T, "world": world,
                                 "transport": transport, "override": args.override, "ranks": every})
                 if rt.rank == 0:
                     for r, s in enumerate(every):
@@ -283,7 +292,7 @@ def main():
                               f"idle {g['idle_us']:.0f}; the longest gaps:")
                         for gap in g["gaps"]:
                             print(f"{gap['us']:9.1f} us  after {gap['after']}  before {gap['before']}")
-                        results.append({"preset": args.preset, "tokens_per_rank": T, "world": world,
+                        results.append({"preset": name, "tokens_per_rank": T, "world": world,
                                         "backward": args.backward, **g})
             if layer.backend.name == "flash":
                 layer.backend.close()

@@ -568,6 +568,7 @@ def _fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, 
         layer.synchronize()
         out["median_us"] = max_over_ranks(statistics.median(times), device)
         out["host_us"] = max_over_ranks(statistics.median(timer.host), device)
+        out["step_peak_bytes"] = step_peak_bytes(layer, xs[0], dys[0], device)
         out |= energy_row(training_step(layer, xs[0].detach().requires_grad_(True), dys[0]), energy_seconds,
                           out["median_us"], device)
         layer.synchronize()
@@ -576,6 +577,21 @@ def _fwd_bwd_rows(row: dict, layer: MoELayer, xs: list, iters: int, tol: float, 
         if graph:
             return [out, *graph_fwd_bwd_row(out, layer, xs, dys, iters, tol, device)]
     return [out]
+
+
+def step_peak_bytes(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, device) -> int | None:
+    """-> the most GPU memory one training step on x [T, H] and dy allocated beyond what was
+    allocated before it, the layer's gradients cleared first (what the step's activations, saved
+    tensors and gradients cost), max over ranks; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    layer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    training_step(layer, x.detach().requires_grad_(True), dy)()
+    torch.cuda.synchronize(device)
+    return int(max_over_ranks(torch.cuda.max_memory_allocated(device) - before, device))
 
 
 def graph_fwd_bwd_row(row: dict, layer: MoELayer, xs: list, dys: list, iters: int, tol: float,

@@ -446,6 +446,7 @@ def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path
     assert all(r["ok"] and r["rel_err"] <= 1e-5 and r["median_us"] > 0 and r["host_us"] > 0 for r in rows)
     for r in rows[1:]:
         assert r["checked"] == "every gradient" and r["rel_err_timed"] <= 1e-5, r
+        assert r["step_peak_bytes"] is None, r  # GPU memory: measured on CUDA only
         trained = {"x", "router_weight"} | (set() if r.get("frozen") else {"w_in", "w_out"})
         assert set(r["rel_errs"]) == trained, r["rel_errs"]
         assert max(r["rel_errs"].values()) <= r["rel_err"] and r["tokens_routed_otherwise"] == 0, r
@@ -456,18 +457,20 @@ def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path
 def test_training_steps_are_profiled_with_their_backward():
     """bench/kernel_profile.py --fwd-bwd: torch.profiler over forward + backward steps (world 2,
     gloo, backend torch, backward 'saved'), its table showing the backward's ops, a row per input
-    shapes with --shapes."""
+    shapes with --shapes; --custom profiles that shape in the preset's dtype."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                            f"--master-port={port}", os.path.join(ROOT, "bench", "kernel_profile.py"),
-                           "--preset", "tiny", "--backend", "torch", "--tokens", "24", "--iters", "2", "--fwd-bwd",
-                           "--backward", "saved", "--shapes"],
+                           "--preset", "tiny", "--custom", "48", "80", "6", "3", "--backend", "torch", "--tokens", "24",
+                           "--iters", "2", "--fwd-bwd", "--backward", "saved", "--shapes"],
                           env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "totals over 2 training steps (forward + backward)" in proc.stdout
     assert "_ExplicitBackward" in proc.stdout  # the 'saved' backward's autograd node ran and was timed
     assert "Input Shapes" in proc.stdout
+    assert "### custom_48x80_e6k3 torch tokens=24 world=2" in proc.stdout
+    assert "[24, 48]" in proc.stdout  # x's shape: the custom hidden size, not tiny's
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel in the interpreter")
