@@ -5,8 +5,9 @@ weights in fp32 (the routing weights, the shared experts' gate) and the product 
 weight in fp32 (the router's logits, the shared experts' gate). The activation's derivative
 (activation_backward) is also the explicit backward's on the CPU (backends/expert_grad.py).
 
-A first-order backward takes the written-out derivatives; on the CPU the activation's derivative
-makes its fp32 temporaries CPU_CHUNK_ROWS rows at a time (its result, d_pre, is whole). A
+A first-order backward takes the written-out derivatives: the activation's in one kernel pass on
+GPUs (kernels/activation_grad.py), on the CPU in torch ops whose fp32 temporaries are made
+CPU_CHUNK_ROWS rows at a time (its result, d_pre, is whole). A
 backward that records itself (create_graph=True: a gradient penalty) runs the step's torch ops
 again under autograd and differentiates them, so second-order gradients are what autograd gives
 through those ops."""
@@ -19,6 +20,7 @@ import torch
 
 from .config import MoEConfig
 from .gate_up import gate_and_up
+from .kernels.activation_grad import activation_input_grad
 from .reference import activate
 
 CPU_CHUNK_ROWS = 1024  # rows of the CPU activation backward's fp32 temporaries at a time
@@ -146,15 +148,20 @@ def _recorded_again(ops, grad, inputs, needs, *rest):
 
 
 def _activation_first_order(grad, needs, h, bias, counts, config):
-    """(d_h, d_bias) of _activated_ops, each where needed."""
+    """(d_h, d_bias) of _activated_ops, each where needed: on GPUs one kernel pass (in h's dtype
+    without a bias; with one, on h + bias and the gradient in fp32, so that d_bias sums fp32
+    terms), elsewhere torch ops CPU_CHUNK_ROWS rows at a time."""
     n = h.shape[0]
     per_row = bias_rows(bias, counts, n)
-    d_pre = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-    step = CPU_CHUNK_ROWS if h.device.type == "cpu" else max(n, 1)
-    for lo in range(0, n, step):
-        rows = slice(lo, lo + step)
-        b = None if per_row is None else (per_row if counts is None else per_row[rows])
-        d_pre[rows] = activation_backward(_pre(h[rows], b), _wide(grad[rows]), config)[1]
+    if h.is_cuda and h.dtype != torch.float64:  # (the kernel's math is fp32)
+        pre, g = (h, grad) if per_row is None else (_pre(h, per_row), _wide(grad))
+        d_pre = activation_input_grad(pre.contiguous(), g.to(pre.dtype).contiguous(), config)
+    else:
+        d_pre = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        for lo in range(0, n, CPU_CHUNK_ROWS):
+            rows = slice(lo, lo + CPU_CHUNK_ROWS)
+            b = None if per_row is None else (per_row if counts is None else per_row[rows])
+            d_pre[rows] = activation_backward(_pre(h[rows], b), _wide(grad[rows]), config)[1]
     d_bias = None
     if needs[1]:
         if counts is None:

@@ -11,7 +11,7 @@ import torch
 from flashmoe_py import MoEConfig
 from flashmoe_py.lean_autograd import activation_backward
 from flashmoe_py.gate_up import to_halves
-from flashmoe_py.kernels.activation_grad import activation_grad
+from flashmoe_py.kernels.activation_grad import activation_grad, activation_input_grad
 from flashmoe_py.reference import activate
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -47,6 +47,28 @@ def test_one_pass_matches_the_activations_derivatives(activation, rows, ffn):
     assert rel_err(d_pre, torch_d_pre) <= 1e-6 and rel_err(sh, scale[:, None] * torch_h) <= 1e-6
     if cfg.gated:  # the pairs, not halves: the up gradient of gate column f sits PAIR columns on
         assert rel_err(to_halves(d_pre), to_halves(leaf.grad)) <= 1e-6
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "clamped_swiglu", "gelu", "relu"])
+@pytest.mark.parametrize("rows,ffn", [(45, 200), (70, 48), (0, 48)])
+def test_the_input_gradient_alone_is_the_torch_steps(activation, rows, ffn):
+    """activation_input_grad (autograd's backward of the activation on GPUs, lean_autograd.py):
+    d_pre alone, unscaled, as the torch steps give it, and no more written than d_pre."""
+    clamp = {"swiglu_limit": 0.8} if activation == "clamped_swiglu" else {}
+    cfg = MoEConfig(hidden_size=32, ffn_size=ffn, num_experts=2, top_k=1, activation=activation, dtype="float32",
+                    **clamp)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    pre = torch.randn(rows, 2 * ffn if cfg.gated else ffn, generator=gen)
+    g = torch.randn(rows, ffn, generator=gen)
+    before = (pre.clone(), g.clone())
+    d_pre = activation_input_grad(pre, g, cfg)
+    _, want = activation_backward(pre.double(), g.double(), cfg)
+    assert d_pre.shape == pre.shape and d_pre.dtype == torch.float32
+    if rows:
+        assert rel_err(d_pre, want) <= 1e-6
+    assert torch.equal(pre, before[0]) and torch.equal(g, before[1])
+    with pytest.raises(ValueError, match="expected pre"):
+        activation_input_grad(pre[:, :ffn // 2], g, cfg)
 
 
 def test_shapes_and_dtypes_are_checked():
