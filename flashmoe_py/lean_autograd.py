@@ -153,7 +153,7 @@ def _activation_first_order(grad, needs, h, bias, counts, config):
     terms), elsewhere torch ops CPU_CHUNK_ROWS rows at a time."""
     n = h.shape[0]
     per_row = bias_rows(bias, counts, n)
-    if h.is_cuda and h.dtype != torch.float64:  # (the kernel's math is fp32)
+    if _one_pass(h):
         pre, g = (h, grad) if per_row is None else (_pre(h, per_row), _wide(grad))
         d_pre = activation_input_grad(pre.contiguous(), g.to(pre.dtype).contiguous(), config)
     else:
@@ -170,6 +170,12 @@ def _activation_first_order(grad, needs, h, bias, counts, config):
             expert = torch.repeat_interleave(torch.arange(counts.shape[0], device=h.device), counts, output_size=n)
             d_bias = d_pre.new_zeros(bias.shape).index_add_(0, expert, d_pre).to(bias.dtype)
     return d_pre.to(h.dtype) if needs[0] else None, d_bias
+
+
+def _one_pass(h: torch.Tensor) -> bool:
+    """Whether the activation's first-order backward of h runs as one kernel pass: on GPUs,
+    but not in float64 (the kernel's math is fp32)."""
+    return h.is_cuda and h.dtype != torch.float64
 
 
 def _weighted_sum_first_order(grad, needs, y, slot_w, slot_tok, _tokens):
