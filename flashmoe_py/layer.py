@@ -27,7 +27,7 @@ from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from .kernels.fused_moe import TMA_ROW_MULTIPLE
 from .options import FusedOptions
 from .placement import EXPERTS_OVERWRITTEN, ExpertPlacement
-from .routing import Routing, route
+from .routing import Routing, load_balancing_loss, route, router_logits
 from .runtime import (ConsistencyError, find_mismatch, from_every_rank, fused_unavailable_reason, on_every_rank,
                       runtime_device)
 from .wrappers import check_wrappers
@@ -401,6 +401,26 @@ class MoELayer(nn.Module):
         bias = self.e_score_correction_bias if correction_bias is None else correction_bias
         return route(x, self.router_weight, self.config, router_bias=self.router_bias,
                      e_score_correction_bias=bias, keep_logits=keep_logits)
+
+    def load_balancing_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The auxiliary load-balancing loss of this rank's tokens x [..., H] (the layer's dtype and
+        device) under the layer's router, for training a layer from scratch: num_experts * sum_e
+        f_e P_e, as transformers' Mixtral and Switch Transformer take it (routing.load_balancing_loss
+        says how each routing's probabilities are taken), top_k when the routing is uniform. The
+        experts are those the forward chooses (capacity drops counted as chosen); the router's
+        logits are computed again in fp32, so the loss is differentiable in x, router_weight and
+        router_bias, with every backend and backward. A scalar fp32 of this rank's tokens alone
+        (pass only real tokens, not padding): add coef * loss to the training loss (transformers'
+        router_aux_loss_coef is 0.001-0.02)."""
+        problem = self._input_problem(x)
+        if problem is not None:
+            raise problem
+        rows = x.reshape(-1, self.config.hidden_size)
+        with without_autocast(self.device.type):
+            with torch.no_grad():  # the choice (on GPUs the router kernel's) carries no gradient
+                experts = self.route(rows).experts
+            return load_balancing_loss(router_logits(rows, self.router_weight, self.router_bias), experts,
+                                       self.config)
 
     def full_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router_weight [E, H], w_in [E, H, F_in], w_out [E, F, H]) of the full layer, as

@@ -46,9 +46,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
             router_bias=router_bias, correction_bias=e_score_correction_bias, n_group=config.n_group,
             topk_group=config.topk_group, scaling=config.routed_scaling_factor, logits_out=logits)
     else:
-        logits = fp32_product(x, router_weight).float()  # keeping x, not an fp32 copy, for autograd
-        if router_bias is not None:
-            logits = logits + router_bias.float()
+        logits = router_logits(x, router_weight, router_bias)
         experts = _CHOOSERS[config.routing](logits, config, e_score_correction_bias)
         weights = weights_for(logits, experts, config)
     kept = None
@@ -56,6 +54,13 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
     if capacity is not None:
         kept = keep_within_capacity(experts, config.num_experts, capacity)
     return Routing(weights, experts, kept, logits.detach() if keep_logits else None)
+
+
+def router_logits(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, H] @ router_weight [E, H]^T (+ router_bias [E]) -> logits [T, E] fp32, in torch ops,
+    differentiable, autograd keeping x and the weight (not fp32 copies)."""
+    logits = fp32_product(x, router_weight).float()
+    return logits if router_bias is None else logits + router_bias.float()
 
 
 def _check_router_inputs(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> None:
@@ -156,6 +161,26 @@ def weights_backward(logits: torch.Tensor, experts: torch.Tensor, config: MoECon
 
 def _records_graph(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def load_balancing_loss(logits: torch.Tensor, experts: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """The auxiliary load-balancing loss of Switch Transformer and Mixtral, as transformers'
+    load_balancing_loss_func takes it: num_experts * sum_e f_e P_e, where f_e is expert e's chosen
+    slots over the tokens (top_k slots a token; no gradient through it) and P_e the mean over the
+    tokens of the router's probability of e: the softmax of the logits over every expert, or for
+    the sigmoid routings each token's sigmoid scores over their sum (as DeepSeek-V3's sequence-wise
+    balance loss normalises them). logits: [T, E] fp32 (router bias included), differentiable;
+    experts: [T, k] the chosen global ids -> a scalar fp32: top_k when routing is uniform, 0 (in
+    logits' graph) without tokens."""
+    if logits.shape[0] == 0:
+        return logits.sum()
+    if config.routing in ("sigmoid_grouped", "topk_sigmoid"):
+        scores = torch.sigmoid(logits)
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    share = histogram(experts.reshape(-1), config.num_experts).to(logits.dtype) / logits.shape[0]
+    return config.num_experts * (share * probs.mean(dim=0)).sum()
 
 
 def keep_within_capacity(experts: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
