@@ -247,8 +247,9 @@ class MoELayer(nn.Module):
             everyone = from_every_rank((seed, drawn), self.process_group)
             seeds = [given for given, _ in everyone]
             if any(given != seeds[0] for given in seeds):
-                raise ConsistencyError(f"reset_parameters: the ranks' seeds differ ({seeds}): pass the same int "
-                                       "on every rank, or None on every rank (rank 0's draw is taken)")
+                raise ConsistencyError(f"seed (MoELayer(seed=...) or reset_parameters(seed=...)): the ranks' seeds "
+                                       f"differ ({seeds}): pass the same int on every rank, or None on every rank "
+                                       "(rank 0's draw is taken)")
             drawn = everyone[0][1]
         if (problem := _seed_problem(seed, self.config.num_experts)) is not None:  # the same on every rank
             raise ValueError(f"reset_parameters: {problem}")

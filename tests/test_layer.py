@@ -634,7 +634,7 @@ def test_rank_dependent_seed_raises_on_every_rank(dist_pools):
     out = dist_pools(2).run_all(build_with_rank_seed, MoEConfig(**SMALL, top_k=2).to_dict())
     for ok, err in out:
         assert not ok and err[0] == "ConsistencyError"
-        assert "reset_parameters: the ranks' seeds differ ([0, 1])" in err[1]
+        assert "seed (MoELayer(seed=...) or reset_parameters(seed=...)): the ranks' seeds differ ([0, 1])" in err[1]
 
 
 def load_rank_dependent(rank, world, cfg: dict, name):
