@@ -408,14 +408,23 @@ class MoELayer(nn.Module):
         device) under the layer's router, for training a layer from scratch: num_experts * sum_e
         f_e P_e, as transformers' Mixtral and Switch Transformer take it (routing.load_balancing_loss
         says how each routing's probabilities are taken), top_k when the routing is uniform. The
-        experts are those the forward chooses (capacity drops counted as chosen); the router's
-        logits are computed again in fp32, so the loss is differentiable in x, router_weight and
-        router_bias, with every backend and backward. A scalar fp32 of this rank's tokens alone
-        (pass only real tokens, not padding): add coef * loss to the training loss (transformers'
-        router_aux_loss_coef is 0.001-0.02)."""
+        experts are those the layer's router chooses (capacity drops counted as chosen; on GPUs in
+        bf16 the router kernel's choice, which for a near-tied token may differ from a recording
+        forward's torch ops); the router's logits are computed again in fp32, so the loss is
+        differentiable in x, router_weight and router_bias, with every backend and backward. A
+        scalar fp32 of this rank's tokens alone (pass only real tokens, not padding): add coef *
+        loss to the training loss; transformers' router_aux_loss_coef (0.001-0.02) weighs one term
+        for the whole model, so with L layers take the mean of theirs. Under a fully_shard of the
+        layer alone, call it inside the forward of what it wraps (outside, the router is sharded:
+        refused)."""
         problem = self._input_problem(x)
         if problem is not None:
             raise problem
+        for name in ("router_weight", "router_bias"):
+            if isinstance(getattr(self, name), DTensor):
+                raise ValueError(f"load_balancing_loss: {name} is sharded here (a DTensor: fully_shard gathers it "
+                                 "for the forward of the module it wraps); call it inside that forward (e.g. the "
+                                 "block's, where the layer runs), or shard the layer with its parent")
         rows = x.reshape(-1, self.config.hidden_size)
         with without_autocast(self.device.type):
             with torch.no_grad():  # the choice (on GPUs the router kernel's) carries no gradient

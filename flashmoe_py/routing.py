@@ -169,9 +169,10 @@ def load_balancing_loss(logits: torch.Tensor, experts: torch.Tensor, config: MoE
     slots over the tokens (top_k slots a token; no gradient through it) and P_e the mean over the
     tokens of the router's probability of e: the softmax of the logits over every expert, or for
     the sigmoid routings each token's sigmoid scores over their sum (as DeepSeek-V3's sequence-wise
-    balance loss normalises them). logits: [T, E] fp32 (router bias included), differentiable;
-    experts: [T, k] the chosen global ids -> a scalar fp32: top_k when routing is uniform, 0 (in
-    logits' graph) without tokens."""
+    balance loss normalises them; that loss is per sequence and 1 when uniform, this one over the
+    tokens given and top_k: k times it, its experts those chosen with the correction bias).
+    logits: [T, E] fp32 (router bias included), differentiable; experts: [T, k] the chosen global
+    ids -> a scalar fp32: top_k when routing is uniform, 0 (in logits' graph) without tokens."""
     if logits.shape[0] == 0:
         return logits.sum()
     if config.routing in ("sigmoid_grouped", "topk_sigmoid"):

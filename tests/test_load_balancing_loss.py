@@ -87,3 +87,21 @@ def test_bad_input_is_refused_by_name():
         layer.load_balancing_loss(torch.randn(5, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="x"):
         layer.load_balancing_loss(torch.randn(5, 15))
+
+
+def loss_under_fsdp_per_block(rank, world) -> str:
+    """tests/test_data_parallel's model (a Linear, then the layer), the layer's block sharded on its
+    own, as torchtitan shards blocks -> what load_balancing_loss raised outside its forward."""
+    from test_data_parallel import model, wrap
+    net = model(3, "autograd")
+    wrap(net, "fsdp_per_block", world)
+    try:
+        net[1].load_balancing_loss(torch.randn(5, 32))
+    except ValueError as e:
+        return str(e)
+    return "nothing raised"
+
+
+def test_a_sharded_router_is_refused_by_name(dist_pools):
+    for said in dist_pools(2).run(loss_under_fsdp_per_block):
+        assert "load_balancing_loss: router_weight is sharded here" in said, said
