@@ -246,11 +246,10 @@ def main():
         p.error(f"--override sets the fused kernel's launch: backend {args.backend!r} has none")
     if args.custom and min(args.custom) < 1:
         p.error(f"--custom {args.custom}: expected positive sizes")
-    cfg = fm.preset(args.preset)
+    cfg, name = fm.preset(args.preset), args.preset
     if args.custom:
         h, f, e, k = args.custom
-        cfg = fm.MoEConfig(h, f, e, k, dtype=cfg.dtype)
-    name = f"custom_{h}x{f}_e{e}k{k}" if args.custom else args.preset
+        cfg, name = fm.MoEConfig(h, f, e, k, dtype=cfg.dtype), f"custom_{h}x{f}_e{e}k{k}"
     world = detect_launcher().world_size
     transports = args.transport if fused else [None]
     rt = fm.init(nvshmem=fused, heap_bytes=max(heap_bytes_for(cfg, world, t, tr or "p2p") for t in args.tokens

@@ -77,8 +77,11 @@ def _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre: boo
         kept.append(pre.to(x.dtype))
         return activation_of(pre, config, x.dtype)
 
-    def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return y if bias is None else (y.float() + bias.float()).to(x.dtype)
+    def add_bias(y: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """bias as act takes it, expanded to the rows in fp32: its gradient is then the rows' sum in
+        fp32, rounded once (expanded in bf16, a GPU summed the rows' bf16 gradients in bf16:
+        gpt_oss's bias_out at 4,096 tokens 1.4e-2 off)."""
+        return y if bias is None else (y.float() + bias_rows(bias.float(), counts, y.shape[0])).to(x.dtype)
 
     if x.shape[0] == 0:  # empty products, still of the weights: a recorded graph gives them zero gradients
         a = act(x @ w_in[0], None if bias_in is None else bias_in[0])
@@ -86,12 +89,8 @@ def _expert_ffn(x, counts, w_in, w_out, config, bias_in, bias_out, keep_pre: boo
 
     if grouped_mm_works(x.device.type, x.dtype) and grouped_mm_aligned(x, w_out):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        a = act(grouped_mm(x, w_in, offs), bias_in, None if bias_in is None else counts)
-        # bias_out expanded in fp32: its gradient is then the rows' sum in fp32, rounded once (expanded
-        # in bf16, a GPU summed the rows' gradients in bf16: gpt_oss at 4,096 tokens 1.4e-2 off)
-        y = add_bias(grouped_mm(a, w_out, offs), bias_rows(None if bias_out is None else bias_out.float(), counts,
-                                                          x.shape[0]))
-        return y, kept[0] if keep_pre else None
+        a = act(grouped_mm(x, w_in, offs), bias_in, counts)
+        return add_bias(grouped_mm(a, w_out, offs), bias_out, counts), kept[0] if keep_pre else None
     out = torch.empty(x.shape[0], w_out.shape[-1], dtype=x.dtype, device=x.device)
     start = 0
     for e, n in enumerate(counts.tolist()):
