@@ -264,6 +264,38 @@ def test_gemm1_rows_copied_into_expert_order_come_through_tma_at_world_1(fields,
     assert not rel_err(out.nan_to_num(1e9), ref) <= 1e-2
 
 
+@pytest.mark.parametrize("fields", [
+    dict(),
+    dict(activation="clamped_swiglu", expert_bias=True, weight_on_input=True, routing="topk_sigmoid",
+         renormalize=False, capacity_factor=0.6),
+    dict(activation="gelu", expert_bias=True, routed_scaling_factor=2.5)])
+def test_top1_gemm2_tiles_store_weighted_rows_straight_into_the_output(fields):
+    """direct_out=1 (world 1, top-1, no shared experts): each GEMM2 tile stores its rows, times their
+    routing weights (biases in; input weights already applied), into their tokens' rows of out,
+    and no row goes to the combine buffer (poisoned before each call, still poison after); with
+    capacity, dropped tokens' rows are zeros. Outputs as the reference's over calls with and
+    without it in turn, with the static GEMM1 order, TMA rows and a split K loop, an empty call
+    included: a call without it after calls with it waits on combine counters that were kept."""
+    cfg = MoEConfig(**{**dict(hidden_size=264, ffn_size=200, num_experts=4, top_k=1, dtype="float32"), **fields})
+    rank = OneRank(cfg, max_tokens=90, split_slots=SPLIT_SLOTS)
+    combine_y = rank.ws.sym.combine_y.local
+    for tokens, direct, more in [(90, 1, {}), (31, 0, {}), (57, 1, dict(static_ffn_in=1, h_tma=1)), (0, 1, {}),
+                                 (75, 1, dict(sorted_rows=1, block_m=128)), (3, 1, dict(f_split=4, programs=8)),
+                                 (40, 0, dict(static_ffn_in=1))]:
+        combine_y.fill_(float("nan"))
+        x, out = rank.forward(tokens, direct_out=direct, save=tokens > 0, **more)
+        check_call(rank, cfg, x, out)
+        assert bool(combine_y.isnan().all()) == bool(direct or not tokens)
+
+
+def test_direct_output_is_refused_where_a_token_has_more_than_one_row_to_sum():
+    small = dict(hidden_size=32, ffn_size=32, num_experts=4)
+    for fields, world in [(dict(top_k=2), 1), (dict(top_k=1), 2), (dict(top_k=1, shared_experts=1), 1)]:
+        geo = Geometry.for_config(MoEConfig(**small, **fields), world, 16)
+        with pytest.raises(ValueError, match=f"direct_out=1 at world_size={world}"):
+            LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, direct_out=1).check(geo)
+
+
 def test_sort_rows_puts_each_kept_slot_s_row_where_the_plan_says():
     """recv[slot_row[t, k]] = x[t] for kept slots; a dropped slot's row (-1) writes nothing."""
     T, K, H = 9, 3, 40

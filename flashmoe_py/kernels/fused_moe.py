@@ -176,7 +176,9 @@ class Meta(NamedTuple):
     queue, which then holds the other tasks; H_TMA (world 1 only): GEMM2 loads a tile's h rows,
     one block, through TMA (h_rows) instead of gathering them; SORTED_IN (world 1 only): GEMM1
     loads a tile's token rows, copied into recv_x in expert order before the launch
-    (kernels/sorted_rows.py), through TMA too (Weights.x_rows); TRANSPORT (transport.TRANSPORTS);
+    (kernels/sorted_rows.py), through TMA too (Weights.x_rows); DIRECT_OUT (world 1, top-1, no
+    shared experts): GEMM2 tiles store their rows, weighted, into out, and no combine tasks run
+    (LaunchConfig.direct_out); TRANSPORT (transport.TRANSPORTS);
     ON_GPU: compiled for a GPU (not the Triton interpreter, which runs no PTX: no clock, no
     fences); TRACE: record task timestamps; SAVE: GEMM1's outputs before the activation into
     Saved; APPROX_ACT: bf16 data, whose activations may take the GPU's approximate sigmoid
@@ -217,6 +219,7 @@ class Meta(NamedTuple):
     STATIC_IN: tl.constexpr
     H_TMA: tl.constexpr
     SORTED_IN: tl.constexpr
+    DIRECT_OUT: tl.constexpr
     TRANSPORT: tl.constexpr
     ON_GPU: tl.constexpr
     TRACE: tl.constexpr
@@ -298,7 +301,7 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
         parts = split_parts(n_tiles * NN_OUT, NF, tl.minimum(dims.split_slots, P), meta.F_SPLIT)
     n_out = n_tiles * NN_OUT * parts
     NN_COMB = tl.cdiv(NN, meta.SPAN)  # combine tasks per BT tokens
-    n_comb = tl.cdiv(tokens, meta.BT) * NN_COMB
+    n_comb = 0 if meta.DIRECT_OUT else tl.cdiv(tokens, meta.BT) * NN_COMB
     n_rows = tl.cdiv(tokens, meta.BM)  # shared-expert row tiles
     n_sin = n_rows * tl.cdiv(dims.shared_ffn, meta.BF) if meta.SHARED else 0
     n_sout = n_rows * NN_OUT if meta.SHARED else 0
@@ -336,8 +339,8 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
                                                 epoch, wait_limit, rank, meta)
         elif q < n_in + n_out:
             q, n = grouped(q - n_in, n_tiles, NN_OUT * parts, meta.GROUP)
-            pend, ready, done = ffn_out_tile(q, n // parts, n % parts, parts, pend, table, weights, h_rows, sym,
-                                             scratch, dims, epoch, wait_limit, rank, meta)
+            pend, ready, done = ffn_out_tile(q, n // parts, n % parts, parts, pend, table, weights, h_rows, out_ptr,
+                                             plan, sym, scratch, dims, epoch, wait_limit, rank, meta)
         else:
             if pend.e >= 0:  # combine tiles wait for counts: none may be left pending behind them
                 count_tile_rows(pend, sym, dims, rank, meta)
@@ -440,7 +443,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 NFS_POW2=c(triton.next_power_of_2(max(geo.shared_ffn_tiles, 1))),
                 STAGES=c(launch.stages), GROUP=c(launch.group), F_SPLIT=c(launch.f_split),
                 STATIC_IN=c(bool(launch.static_ffn_in)), H_TMA=c(bool(launch.h_tma)),
-                SORTED_IN=c(bool(launch.sorted_rows)),
+                SORTED_IN=c(bool(launch.sorted_rows)), DIRECT_OUT=c(bool(launch.direct_out)),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None),
                 SAVE=c(saved is not None), APPROX_ACT=c(x.dtype == torch.bfloat16),
                 PEER_SCOPE=c("gpu" if W == 1 else "sys"))
@@ -493,9 +496,13 @@ def _check_saved(saved: Saved, x: torch.Tensor, geo, config) -> None:
 def launch_fused(x, out, experts: dict, plan, ws, launch, *, config, rank: int, timeout_s: float,
                  trace: torch.Tensor | None = None, saved: Saved | None = None) -> None:
     """One forward's kernel launch on launch.programs programs (arguments: fused_kernel_args);
-    with launch.sorted_rows, after the kernel that copies x's rows into recv_x in expert order."""
+    with launch.sorted_rows, after the kernel that copies x's rows into recv_x in expert order;
+    with launch.direct_out and a capacity, after out is zeroed (a dropped token's row is written by
+    no expert tile)."""
     args, kwargs = fused_kernel_args(x, out, experts, plan, ws, launch, config=config, rank=rank,
                                      timeout_s=timeout_s, trace=trace, saved=saved)
+    if launch.direct_out and config.capacity_factor is not None:
+        out.zero_()
     if launch.sorted_rows:
         sort_rows(x, plan.slot_row, ws.sym.recv_x.local)
     with nvshmem_launch() if ws.transport == "nvshmem" else contextlib.nullcontext():

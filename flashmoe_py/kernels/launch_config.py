@@ -10,7 +10,7 @@ import torch
 
 from .layout import Geometry
 
-SWITCHES = ("static_ffn_in", "h_tma", "sorted_rows")  # the fields that are 0 or 1
+SWITCHES = ("static_ffn_in", "h_tma", "sorted_rows", "direct_out")  # the fields that are 0 or 1
 FIELDS = ("programs", "block_m", "block_n", "num_warps", "stages", "group", "dispatch_programs", "block_t",
           "combine_span", "f_split", *SWITCHES)
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
@@ -60,7 +60,12 @@ class LaunchConfig:
     and sends the rows (kernels/fused_moe_details/expert_ffn.py). 1: never split, and choose_launch
     keeps 1: the split is built for sm_90 but not yet timed on a GPU (bench/NOTES.md item 87; meant
     for decode's 64-row tiles: with 128-row tiles its sum spills registers). A workspace holds the
-    partial sums only when its launches may split (partial_slots)."""
+    partial sums only when its launches may split (partial_slots).
+    direct_out: 1 to have each GEMM2 tile store its rows, times their routing weights, straight
+    into out: the combine of a top-1 layer is one scaled row a token, so the call has no combine
+    tasks; 0 to send the rows to the combine; world 1, top-1 and no shared experts only (with
+    capacity the launcher zeroes out first: a dropped token has no row). choose_launch keeps 0
+    until it is timed on a GPU."""
 
     programs: int
     block_m: int
@@ -75,6 +80,7 @@ class LaunchConfig:
     static_ffn_in: int = 0
     h_tma: int = 0
     sorted_rows: int = 0
+    direct_out: int = 0
 
     def __post_init__(self) -> None:
         for name in ("programs", "block_m", "block_n", "num_warps", "stages", "group", "block_t", "combine_span",
@@ -120,6 +126,10 @@ class LaunchConfig:
         if self.sorted_rows and geo.world_size != 1:
             raise ValueError(f"sorted_rows=1 at world_size={geo.world_size}: only at world 1, where a GEMM1 tile's "
                              "rows are all this rank's own")
+        if self.direct_out and (geo.world_size != 1 or geo.top_k != 1 or geo.shared_ffn):
+            raise ValueError(f"direct_out=1 at world_size={geo.world_size}, top_k={geo.top_k}, shared ffn "
+                             f"{geo.shared_ffn}: only at world 1, top-1 and without shared experts, where a "
+                             "token's output is one expert row")
         return self
 
 

@@ -202,7 +202,14 @@ def main():
                  run_case("fp32 clamped_swiglu, biases, weight on input, capacity 1.0, rows in expert order",
                           MoEConfig(**small, top_k=1, activation="clamped_swiglu", expert_bias=True,
                                     weight_on_input=True, capacity_factor=1.0, dtype="float32"),
-                          200, rank, world, calls=30, override={"sorted_rows": 1})]
+                          200, rank, world, calls=30, override={"sorted_rows": 1}),
+                 # top-1: GEMM2 tiles store into the output, no combine tasks (direct_out: world 1 only)
+                 run_case("bf16 swiglu k1, rows stored into the output (direct_out)", MoEConfig(**small, top_k=1), 300,
+                          rank, world, calls=30, override={"direct_out": 1}),
+                 run_case("fp32 clamped_swiglu, biases, weight on input, capacity 0.7, direct_out and sorted_rows",
+                          MoEConfig(**small, top_k=1, activation="clamped_swiglu", expert_bias=True,
+                                    weight_on_input=True, capacity_factor=0.7, dtype="float32"),
+                          200, rank, world, calls=30, override={"direct_out": 1, "sorted_rows": 1})]
     rows.append(run_graph_case(soak, 200, rank, world))
     if args.calls:
         rows.append(run_case(f"back-to-back x{args.calls}", soak, 256, rank, world, calls=args.calls))

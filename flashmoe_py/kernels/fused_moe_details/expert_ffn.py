@@ -252,7 +252,8 @@ def count_tile_rows(pend, sym, dims, rank, meta):
 
 
 @triton.jit
-def ffn_out_tile(q, n, part, parts, pend, table, weights, h_rows, sym, scratch, dims, epoch, wait_limit, rank, meta):
+def ffn_out_tile(q, n, part, parts, pend, table, weights, h_rows, out_ptr, plan, sym, scratch, dims, epoch, wait_limit,
+                 rank, meta):
     """y[rows of expert tile q, n-tile (BN_OUT columns)] = h_rows @ w_out[e][:, n-tile] once the
     f-tiles of h it reads are written, sent into each row's source rank (its combine_y region for
     this rank mirrors recv_x). parts > 1 (f_split): this task is part `part` of the K loop, the
@@ -261,8 +262,10 @@ def ffn_out_tile(q, n, part, parts, pend, table, weights, h_rows, sym, scratch, 
     (pend: PendingTile) is counted between this tile's GEMM and its sends (split: by the part that
     sends). h_rows (read with
     H_TMA only): scratch.h as a [W * S, F] descriptor, boxes [BM, BK]; at world 1 a tile's rows
-    are consecutive there (one source). -> (the tile left to count, a PendingTile; ready, done
-    clock stamps when TRACE, else zeros).
+    are consecutive there (one source). DIRECT_OUT: the rows go to out ([tokens, H]) instead, each
+    times its routing weight (_store_out), and are counted all the same (the combine counters are
+    cumulative over calls: a later call launched without it expects every earlier call's counts).
+    -> (the tile left to count, a PendingTile; ready, done clock stamps when TRACE, else zeros).
 
     P2P stores the rows there; NVSHMEM stages the tile in recv_x's rows of the tile (their x is
     consumed: every f-tile of h is done) and puts each row from its own thread."""
@@ -302,7 +305,10 @@ def ffn_out_tile(q, n, part, parts, pend, table, weights, h_rows, sym, scratch, 
     elif last:
         if pend.e >= 0:
             count_tile_rows(pend, sym, dims, rank, meta)
-        _send_out(acc, t, r, n, sym, S, H, rank, meta)
+        if meta.DIRECT_OUT:
+            _store_out(acc, t, n, out_ptr, plan, H, meta)
+        else:
+            _send_out(acc, t, r, n, sym, S, H, rank, meta)
     pend = PendingTile(tl.where(last, t.e, pend.e), tl.where(last, t.c, pend.c),
                        tl.where(last, t.per_src, pend.per_src), tl.where(last, t.first, pend.first),
                        tl.where(last, n, pend.n))
@@ -374,3 +380,19 @@ def _send_out(acc, t, r, n, sym, S, H, rank, meta):
     sends nothing new into them before these rows reach it."""
     send_tile(acc, sym.combine_y, (rank * S + t.row).to(tl.int64), tl.where(t.valid, t.src, rank),
               sym.recv_x.local, r, t.valid, n * meta.BN_OUT, H, meta.BN_OUT, meta.TRANSPORT)
+
+
+@triton.jit
+def _store_out(acc, t, n, out_ptr, plan, H, meta):
+    """DIRECT_OUT (world 1, top-1, no shared experts): GEMM2 column tile n of expert tile t, acc
+    [BM, BN_OUT] fp32, stored into out's rows of its valid rows' tokens, each times its slot's
+    weight (1 with WEIGHT_ON_INPUT: the weight went in with the row): the whole combine of a token
+    with one expert row. A row's slot is the plan's sorted slot t.base + t.pair_row (as
+    ffn_in_rows reads it at world 1), and at top-1 a slot is its token."""
+    BN_OUT: tl.constexpr = meta.BN_OUT
+    slot = tl.load(plan.send_slot + t.base + t.pair_row, mask=t.valid, other=0).to(tl.int64)
+    if not meta.WEIGHT_ON_INPUT:
+        acc = acc * tl.load(plan.slot_w + slot, mask=t.valid, other=0.0)[:, None]
+    cols = n * BN_OUT + tl.arange(0, BN_OUT)
+    tl.store(out_ptr + slot[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=t.valid[:, None] & (cols < H)[None, :])
