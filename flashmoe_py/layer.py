@@ -145,6 +145,7 @@ class MoELayer(nn.Module):
         self.placement = placement or ExpertPlacement.contiguous(config.num_experts, self.world_size)
         self.local_experts = self.placement.local_experts
         self._make_weights()
+        self._weight_specs = self._expected_weights()
         self.register_buffer(STATE_DICT_MARKER, torch.tensor(PAIRS_VERSION, device=self.device))  # gate_up.py
         self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
         # the global expert in each of this rank's slots: a state_dict must hold the same ones
@@ -478,10 +479,11 @@ class MoELayer(nn.Module):
             return ValueError(f"x has {tokens} tokens; max_tokens_per_rank={limit}")
         return self._weights_problem()
 
-    @functools.cached_property
-    def _weight_specs(self) -> tuple[tuple[str, torch.Size | None, torch.dtype | None], ...]:
+    def _expected_weights(self) -> tuple[tuple[str, torch.Size | None, torch.dtype | None], ...]:
         """(name, shape, dtype) of every weight the config has, this rank's experts only; (name,
-        None, None) of each it lacks (which must stay None)."""
+        None, None) of each it lacks (which must stay None). Kept as _weight_specs from the
+        constructor on: a plain attribute, which torch.compile reads inside a graph (a
+        cached_property filled on first use broke the graph of a fresh layer)."""
         cfg = self.config
         shapes = cfg.weight_shapes(self.local_experts)
         return tuple((name, torch.Size(shapes[name]), cfg.weight_dtype(name)) if name in shapes else (name, None, None)

@@ -38,6 +38,21 @@ def test_the_loss_is_transformers_and_its_gradients_add_to_the_layers(backward):
     assert rel_err(layer.router_weight.grad, full["router_weight"].grad) <= 1e-5
 
 
+def test_a_fresh_layer_s_loss_and_forward_compile_into_one_graph():
+    """torch.compile(fullgraph=True) of a step's forward (the layer's output and its loss) on a layer
+    that has not run yet: one graph, no break (the weights' expected shapes are set when the
+    layer is built, not on first use), and the eager step's values."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=24, num_experts=6, top_k=2, dtype="float32")
+    layer = MoELayer(cfg, seed=fresh_seed())
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(fresh_seed()))
+
+    def step(x):
+        return layer(x).sum() + layer.load_balancing_loss(x)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(x)
+    assert rel_err(compiled, step(x)) <= 1e-6
+
+
 @pytest.mark.parametrize("routing", ["softmax_topk", "topk_softmax", "sigmoid_grouped", "topk_sigmoid"])
 def test_uniform_routing_gives_top_k_and_crowding_more(routing):
     """Every expert with the same share of slots and equal probabilities: top_k, for every
