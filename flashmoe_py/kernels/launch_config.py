@@ -64,8 +64,8 @@ class LaunchConfig:
     direct_out: 1 to have each GEMM2 tile store its rows, times their routing weights, straight
     into out: the combine of a top-1 layer is one scaled row a token, so the call has no combine
     tasks; 0 to send the rows to the combine; world 1, top-1 and no shared experts only (with
-    capacity the launcher zeroes out first: a dropped token has no row). choose_launch keeps 0
-    until it is timed on a GPU."""
+    capacity the launcher zeroes out first: a dropped token has no row); `auto` wherever it
+    applies."""
 
     programs: int
     block_m: int
@@ -198,6 +198,10 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # 3,072 slots (+1.4..+2.7%: mixtral at 512 / 1,024 tokens, 5,888-wide shapes at 1,024), faster
     # or even from 4,096 at 8 of 10 (mixtral at 2,048 / 4,096 / 16,384 -6.6 / -7.6 / -2.7%, 3,328 x
     # 7,424 with 75 experts at top-1, 218 rows, -5.3%; +1.2% and +1.9% at the other two) (item 100).
+    # At world 1, top-1, without shared experts, GEMM2 tiles store their weighted rows into the
+    # output and no combine task runs (direct_out). One H100, against the combine, same call:
+    # 3,328 x 7,424 with 75 experts at 4,096 / 16,384 tokens -1.5 / -3.8%, 3,840 x 4,096 with 161
+    # experts at 2,048 / 16,384 -0.8 / -6.5% (bench/NOTES.md item 102).
     override = dict(override or {})
     unknown = sorted(set(override) - set(FIELDS))
     if unknown:
@@ -213,7 +217,8 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
                                    and rows_per_expert >= STATIC_ROWS),
               "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden),
               "sorted_rows": int(large and geo.world_size == 1 and tokens * geo.top_k >= SORTED_MIN_SLOTS
-                                 and geo.ffn * (2 if geo.gated else 1) >= SORTED_MIN_COLUMNS)}
+                                 and geo.ffn * (2 if geo.gated else 1) >= SORTED_MIN_COLUMNS),
+              "direct_out": int(geo.world_size == 1 and geo.top_k == 1 and not geo.shared_ffn)}
     return LaunchConfig(**{"programs": programs, **chosen, **override}).check(geo)
 
 
