@@ -123,14 +123,11 @@ def _checked(name: str, pre: torch.Tensor, g: torch.Tensor, scale: torch.Tensor 
         raise ValueError(f"{name}: g must be [N, F], got {tuple(g.shape)}")
     N, F = g.shape
     f_in = 2 * F if config.gated else F
-    if scale is None:
-        if pre.shape != (N, f_in) or pre.dtype != g.dtype:
-            raise ValueError(f"{name}: pre {pre.dtype} {tuple(pre.shape)} and g {g.dtype} {tuple(g.shape)}; "
-                             f"expected pre [N, {f_in}] in g's dtype")
-    elif pre.shape != (N, f_in) or pre.dtype != g.dtype or scale.shape != (N,) or scale.dtype != torch.float32:
-        raise ValueError(f"{name}: pre {pre.dtype} {tuple(pre.shape)}, g {g.dtype} {tuple(g.shape)} and "
-                         f"scale {scale.dtype} {tuple(scale.shape)}; expected pre [N, {f_in}] in g's dtype and "
-                         f"scale [N] float32")
+    if pre.shape != (N, f_in) or pre.dtype != g.dtype:
+        raise ValueError(f"{name}: pre {pre.dtype} {tuple(pre.shape)} and g {g.dtype} {tuple(g.shape)}; "
+                         f"expected pre [N, {f_in}] in g's dtype")
+    if scale is not None and (scale.shape != (N,) or scale.dtype != torch.float32):
+        raise ValueError(f"{name}: scale {scale.dtype} {tuple(scale.shape)}; expected [N={N}] float32")
     given = [t for t in (pre, g, scale) if t is not None]
     names = "pre, g and scale" if scale is not None else "pre and g"
     if not all(t.is_contiguous() for t in given):
