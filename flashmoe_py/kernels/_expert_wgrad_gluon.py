@@ -10,7 +10,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
-from .expert_wgrad import BM, BN, BR
 
 CONSUMER_REGS, PRODUCER_REGS = 232, 40
 
@@ -162,7 +161,9 @@ _LAYOUTS = {}  # box shape -> its shared-memory layout, made once
 _COMPILED = {}  # (device, stages, out_bufs) -> (the compiled kernel, the device's SMs)
 
 
-def _descs(a, b, out):
+def _descs(a, b, out, tile):
+    BM, BN, BR = tile
+
     def desc(t, box):
         if box not in _LAYOUTS:
             _LAYOUTS[box] = gl.NVMMASharedLayout.get_default_for(list(box), gl.bfloat16)
@@ -171,25 +172,28 @@ def _descs(a, b, out):
     return desc(a, (BR, BM)), desc(b, (BR, BN)), desc(out, (1, BM, BN))
 
 
-def launch(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torch.Tensor, stages: int, out_bufs: int):
-    """One launch writing out; expert_wgrad checks the operands.
+def launch(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torch.Tensor, stages: int, out_bufs: int,
+           tile: tuple[int, int, int]):
+    """One launch writing out; expert_wgrad checks the operands and names the tile (BM, BN, BR:
+    expert_wgrad.py's), whose boxes the descriptors carry to the kernel.
     One persistent program an SM, at most one a tile. The first call of a device and setting goes
     through Triton's launch (which works out every argument's specialisation each call); later ones
     launch the kernel it compiled directly, the form the training-step timings were taken with
     (bench/results/2026-12-04a-h200x1-expert-wgrad/NOTE.md). ends' alignment is the one
     specialisation that can change between calls: unaligned, the call goes through Triton's launch."""
     E, K, N = out.shape
+    BM, BN, _ = tile
     num_tiles = E * triton.cdiv(K, BM) * triton.cdiv(N, 2 * BN)
     key = (a.device, stages, out_bufs)
     if key not in _COMPILED or ends.data_ptr() % 16:
         device_sms = torch.cuda.get_device_properties(a.device).multi_processor_count
         grid = (max(1, min(device_sms, num_tiles)), )
-        kernel = wgrad_kernel[grid](ends, num_tiles, K, *_descs(a, b, out), stages, out_bufs, CONSUMER_REGS,
+        kernel = wgrad_kernel[grid](ends, num_tiles, K, *_descs(a, b, out, tile), stages, out_bufs, CONSUMER_REGS,
                                     PRODUCER_REGS, num_warps=4)
         if ends.data_ptr() % 16 == 0:
             _COMPILED[key] = (kernel, device_sms)
         return kernel
     kernel, device_sms = _COMPILED[key]
-    kernel[(max(1, min(device_sms, num_tiles)), 1, 1)](ends, num_tiles, K, *_descs(a, b, out), stages, out_bufs,
+    kernel[(max(1, min(device_sms, num_tiles)), 1, 1)](ends, num_tiles, K, *_descs(a, b, out, tile), stages, out_bufs,
                                                        CONSUMER_REGS, PRODUCER_REGS, 4)
     return kernel

@@ -108,5 +108,5 @@ def expert_wgrad(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torc
     if a.shape[0] == 0 or out.numel() == 0:  # TMA descriptors need positive sizes
         return out.zero_()
     from ._expert_wgrad_gluon import launch  # Gluon: imported only where it runs
-    launch(a, b, ends, out, stages, out_bufs)
+    launch(a, b, ends, out, stages, out_bufs, (BM, BN, BR))
     return out
