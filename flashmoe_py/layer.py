@@ -396,13 +396,14 @@ class MoELayer(nn.Module):
         return out
 
     def route(self, x: torch.Tensor, *, keep_logits: bool = False,
-              correction_bias: torch.Tensor | None = None) -> Routing:
+              correction_bias: torch.Tensor | None = None, x_at: torch.Tensor | None = None) -> Routing:
         """This rank's tokens x [T, H] through the layer's router (routing.route, with its biases;
         keep_logits: the Routing holds the logits too; correction_bias: another [E] correction bias
-        than the layer's, e.g. a forward's copy for its backward)."""
+        than the layer's, e.g. a forward's copy for its backward; x_at: routing.route's, x's rows
+        read at the address that word holds)."""
         bias = self.e_score_correction_bias if correction_bias is None else correction_bias
         return route(x, self.router_weight, self.config, router_bias=self.router_bias,
-                     e_score_correction_bias=bias, keep_logits=keep_logits)
+                     e_score_correction_bias=bias, keep_logits=keep_logits, x_at=x_at)
 
     def load_balancing_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The auxiliary load-balancing loss of this rank's tokens x [..., H] (the layer's dtype and

@@ -27,7 +27,8 @@ class Routing:
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
           router_bias: torch.Tensor | None = None,
-          e_score_correction_bias: torch.Tensor | None = None, keep_logits: bool = False) -> Routing:
+          e_score_correction_bias: torch.Tensor | None = None, keep_logits: bool = False,
+          x_at: torch.Tensor | None = None) -> Routing:
     """x: [tokens, hidden]; router_weight: [num_experts, hidden]; router_bias: [num_experts] when
     config.router_bias; e_score_correction_bias: [num_experts] when config.routing is
     'sigmoid_grouped' (MoEConfig describes each routing). Scores in fp32, the best expert first.
@@ -35,16 +36,22 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
     (kernels/router.py), unless autograd records a graph through x, router_weight or router_bias:
     the kernel has no backward, so the torch ops route then (in bf16 a near-tied token may pick
     another k-th expert than the kernel would). keep_logits: the Routing also holds the logits the
-    experts were chosen from (the kernel writes them as it goes)."""
+    experts were chosen from (the kernel writes them as it goes). x_at: the kernel reads x's rows
+    at the address this int64 word holds (router_topk's x_at: a CUDA graph's replays write it);
+    where the torch ops would route instead (kernel_routes), a ValueError."""
     _check_router_inputs(x, router_weight, config)
     config.check_weights({"router_bias": router_bias, "e_score_correction_bias": e_score_correction_bias})
-    if _router_kernel_fits(x, router_weight) and not _records_graph(x, router_weight, router_bias):
+    if kernel_routes(x, router_weight, router_bias):
         logits = (torch.empty(x.shape[0], config.num_experts, dtype=torch.float32, device=x.device)
                   if keep_logits else None)
         weights, experts = router_topk(
             x.contiguous(), router_weight.contiguous(), config.top_k, config.renormalize, routing=config.routing,
             router_bias=router_bias, correction_bias=e_score_correction_bias, n_group=config.n_group,
-            topk_group=config.topk_group, scaling=config.routed_scaling_factor, logits_out=logits)
+            topk_group=config.topk_group, scaling=config.routed_scaling_factor, logits_out=logits, x_at=x_at)
+    elif x_at is not None:
+        raise ValueError("x_at: the router kernel reads x at an address word, but here torch's ops route (x on "
+                         f"{x.device}, router_weight {router_weight.dtype} against x's {x.dtype}, or autograd "
+                         "recording through them)")
     else:
         logits = router_logits(x, router_weight, router_bias)
         experts = _CHOOSERS[config.routing](logits, config, e_score_correction_bias)
@@ -81,8 +88,11 @@ def _check_router_inputs(x: torch.Tensor, router_weight: torch.Tensor, config: M
                          f"[num_experts, hidden_size] = ({E}, {H})")
 
 
-def _router_kernel_fits(x: torch.Tensor, router_weight: torch.Tensor) -> bool:
-    return x.is_cuda and router_weight.dtype in (x.dtype, torch.float32)
+def kernel_routes(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None) -> bool:
+    """Whether route() takes the router kernel for these tensors now (a GPU, router_weight in x's
+    dtype or fp32, no autograd recording through them), not torch's ops."""
+    return (x.is_cuda and router_weight.dtype in (x.dtype, torch.float32)
+            and not _records_graph(x, router_weight, router_bias))
 
 
 # Each chooser: logits [T, E] fp32 -> experts [T, k] int64, best first; weights_for scores them.

@@ -12,7 +12,8 @@ from flashmoe_py.config import EXPERT_WEIGHTS
 from flashmoe_py.backends.flash import FUSED_WEIGHTS, routing_plan
 from flashmoe_py.gate_up import WEIGHTS as GATE_UP_WEIGHTS
 from flashmoe_py.gate_up import to_pairs
-from flashmoe_py.kernels.fused_moe import Saved, launch_fused
+from flashmoe_py.kernels.addresses import write_addresses
+from flashmoe_py.kernels.fused_moe import Saved, launch_fused, zeroed_out
 from flashmoe_py.kernels.launch_config import LaunchConfig
 from flashmoe_py.kernels.layout import CTL_EPOCH, Geometry
 from flashmoe_py.kernels.workspace import LocalBuffers, Workspace
@@ -121,11 +122,14 @@ class OneRank:
         epoch = int(self.ctl[CTL_EPOCH.value])
         self.ws.sym.count_words.local[epoch % 2, src] = (epoch << 32) | rows
 
-    def forward(self, tokens: int, timeout_s: float = 1.0, save: bool = False, **fields):
+    def forward(self, tokens: int, timeout_s: float = 1.0, save: bool = False, addressed: bool = False,
+                **fields):
         """One launch on `tokens` fresh random tokens -> (x, out); out is NaN where not written.
         fields: LaunchConfig's (default one program, 64-row tiles, the geometry's block_n
         and block_t). The call's routing plan is left in self.plan; save: the launch also fills
-        self.saved (kernels/fused_moe.Saved, NaN where not written)."""
+        self.saved (kernels/fused_moe.Saved, NaN where not written); addressed: the kernels find x
+        and out through address words (kernels/addresses.py), their arguments a NaN stand-in that
+        must stay NaN (out zeroed first where fused_moe.zeroed_out, as a graph's replay does)."""
         cfg, geo = self.cfg, self.geo
         x = torch.randn(tokens, cfg.hidden_size, generator=self.gen).to(self.device, cfg.torch_dtype)
         out = torch.full_like(x, float("nan"))
@@ -140,6 +144,15 @@ class OneRank:
             f_in, fs_in = cfg.ffn_in_size, cfg.shared_ffn_in_size
             self.saved = Saved(*(torch.full((rows, cols), float("nan"), dtype=cfg.torch_dtype, device=self.device)
                                  for rows, cols in ((tokens * min(cfg.top_k, L), f_in), (tokens, fs_in))))
-        launch_fused(x, out, experts, plan, self.ws, launch, config=cfg, rank=0, timeout_s=timeout_s,
-                     saved=self.saved)
+        io = None
+        stand_in = x
+        if addressed:
+            io = torch.zeros(2, dtype=torch.int64, device=self.device)
+            stand_in = torch.full_like(x, float("nan"))
+            if zeroed_out(launch, cfg):
+                out.zero_()
+            write_addresses(io, x, out)
+        launch_fused(stand_in, stand_in if addressed else out, experts, plan, self.ws, launch, config=cfg, rank=0,
+                     timeout_s=timeout_s, saved=self.saved, io=io)
+        assert not addressed or stand_in.isnan().all()
         return x, out

@@ -851,6 +851,35 @@ class _Replays:
             b.fill_(self.calls)
 
 
+def test_an_addressed_replay_names_the_caller_s_x_and_a_new_output_to_the_graph():
+    """A forward captured `addressed` (its kernels reading x and writing out through the address
+    words) copies nothing in or out: each replay writes x's address and a new output's into the
+    words, before the graph runs, and returns that output (zeros first where the launch leaves
+    dropped tokens' rows unwritten); an x that is not contiguous or 16-byte aligned is read from
+    an aligned copy."""
+    io = torch.zeros(2, dtype=torch.int64)
+    seen = []
+
+    class Graph:
+        def replay(self):
+            seen.append(io.tolist())
+
+    static_out = torch.zeros(3, 4)
+    for zero_out in (False, True):
+        captured = CapturedForward(Graph(), torch.zeros(3, 4), (static_out, torch.zeros(3), None), io,
+                                   addressed=True, zero_out=zero_out)
+        x = torch.randn(3, 4)
+        out, stats, _ = captured.replay(x, None)
+        assert seen[-1] == [x.data_ptr(), out.data_ptr()] and out is not static_out and out.shape == (3, 4)
+        assert not zero_out or not out.any()
+        later, _, _ = captured.replay(torch.randn(3, 4), None)
+        assert later.data_ptr() != out.data_ptr()  # the earlier output is the caller's, untouched
+    big = torch.randn(13)
+    for x in (big[1:13].view(3, 4), torch.randn(4, 3).t()):  # 4 bytes off alignment, strided
+        captured.replay(x, None)
+        assert seen[-1][0] != x.data_ptr() and seen[-1][0] % 16 == 0
+
+
 def test_a_replayed_training_forward_lends_its_saved_outputs_until_the_next_replay():
     """A replayed saving forward hands out the graph's own buffers, no copy. The next replay
     first gives the SavedForward lent before copies of them if it is still alive (its backward
@@ -858,7 +887,9 @@ def test_a_replayed_training_forward_lends_its_saved_outputs_until_the_next_repl
     pre, shared_pre, kept = torch.zeros(6, 4), torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.bool)
     routing = Routing(torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int64), kept, torch.rand(3, 8))
     static = SavedForward(routing, torch.arange(6), torch.tensor([[6]]), pre, shared_pre)
-    captured = CapturedForward(_Replays(pre, shared_pre), torch.zeros(3, 4), (torch.zeros(3, 4), {}, static))
+    outputs = (torch.zeros(3, 4), torch.zeros(3), static)
+    captured = CapturedForward(_Replays(pre, shared_pre), torch.zeros(3, 4), outputs, torch.zeros(2, dtype=torch.int64),
+                               addressed=False, zero_out=False)
     first = captured.replay(torch.ones(3, 4), None)[2]
     assert first.pre is pre and (pre == 1).all()
     second = captured.replay(torch.ones(3, 4), None)[2]  # the first is still waiting for its backward

@@ -257,7 +257,7 @@ def test_gemm1_rows_copied_into_expert_order_come_through_tma_at_world_1(fields,
                               save=tokens > 0)
         check_call(rank, cfg, x, out)
     # the tiles read recv_x, not x: without the copy they read its poison (which clamped_swiglu clamps)
-    monkeypatch.setattr(fused_moe, "sort_rows", lambda *args: None)
+    monkeypatch.setattr(fused_moe, "sort_rows", lambda *args, **kwargs: None)
     rank.ws.sym.recv_x.local.fill_(float("nan"))
     x, out = rank.forward(40, sorted_rows=1)
     ref = reference_forward(x, config=cfg, compute_dtype=torch.float64, **rank.full_weights())
@@ -294,6 +294,26 @@ def test_direct_output_is_refused_where_a_token_has_more_than_one_row_to_sum():
         geo = Geometry.for_config(MoEConfig(**small, **fields), world, 16)
         with pytest.raises(ValueError, match=f"direct_out=1 at world_size={world}"):
             LaunchConfig(programs=2, block_m=64, block_n=geo.block_n, direct_out=1).check(geo)
+
+
+@pytest.mark.parametrize("fields", LAUNCH_VARIANTS)
+def test_the_kernel_reads_x_and_writes_out_at_the_addresses_of_its_words(fields):
+    """io words (a CUDA graph replayed on a caller's x, into a new out: kernels/addresses.py): the
+    kernel's x and out arguments are a NaN stand-in, never read or written; x's rows are read and
+    out's written at the addresses the words hold, by the row copy into expert order and by the
+    GEMM1 tiles, the combine or the GEMM2 tiles storing the output (top-1), the shared experts
+    too. Outputs as the reference's over calls with and without the words in turn."""
+    cfg = MoEConfig(**{**dict(hidden_size=264, ffn_size=200, num_experts=4, top_k=2, dtype="float32"), **fields})
+    rank = OneRank(cfg, max_tokens=90)
+    for tokens, addressed, more in [(90, 1, {}), (31, 0, {}), (57, 1, dict(static_ffn_in=1, h_tma=1)), (0, 1, {}),
+                                    (75, 1, dict(sorted_rows=1, block_m=128)), (40, 1, dict(programs=3))]:
+        x, out = rank.forward(tokens, addressed=bool(addressed), save=tokens > 0, **more)
+        check_call(rank, cfg, x, out)
+    if cfg.top_k == 2 and not cfg.shared_experts:  # top-1, its GEMM2 tiles storing the output
+        top1 = OneRank(MoEConfig(**{**cfg.__dict__, "top_k": 1}), max_tokens=90)
+        for tokens, direct in [(90, 1), (33, 0)]:
+            x, out = top1.forward(tokens, addressed=True, direct_out=direct)
+            check_call(top1, top1.cfg, x, out)
 
 
 def test_sort_rows_puts_each_kept_slot_s_row_where_the_plan_says():
@@ -712,7 +732,8 @@ def _flash_backend_over(layer, rank: OneRank, override: dict | None) -> FlashBac
         layer=layer, geo=rank.geo, ws=rank.ws, send_order=rank.geo.send_order(0, "cpu"), programs=1, resident=True,
         trace=None, failed=None, rt=types.SimpleNamespace(failed=None),
         options=types.SimpleNamespace(launch_override=override, timeout_s=1.0),
-        status_host=torch.zeros_like(rank.ws.scratch.status), status_ready=types.SimpleNamespace(record=lambda s: None))
+        status_host=torch.zeros_like(rank.ws.scratch.status), status_ready=types.SimpleNamespace(record=lambda s: None),
+        io=torch.zeros(2, dtype=torch.int64))
     return backend
 
 

@@ -1339,24 +1339,26 @@ def test_compile_variants_compiles_each_launch_a_forward_can_take_with_valid_arg
     geo = Geometry.for_config(cfg, 1, 600)
     compiled = []
 
-    def compile_fused(x, out, experts, plan, ws, launch, *, config, rank, timeout_s, saved=None):
+    def compile_fused(x, out, experts, plan, ws, launch, *, config, rank, timeout_s, saved=None, io=None):
         fused_kernel_args(x, out, experts, plan, ws, launch, config=config, rank=rank, timeout_s=timeout_s,
-                          saved=saved)
-        compiled.append((x.shape[0], launch, saved is not None))
+                          saved=saved, io=io)
+        compiled.append((x.shape[0], launch, saved is not None, io is backend.io))
 
     monkeypatch.setattr(flash, "compile_fused", compile_fused)
     routed = []
     route = layer.route
-    monkeypatch.setattr(layer, "route", lambda x, keep_logits=False: routed.append(
-        (x.shape[0], keep_logits, torch.is_grad_enabled())) or route(x, keep_logits=keep_logits))
+    monkeypatch.setattr(layer, "route", lambda x, keep_logits=False, x_at=None: routed.append(
+        (x.shape[0], keep_logits, torch.is_grad_enabled())) or route(x, keep_logits=keep_logits, x_at=x_at))
     backend = types.SimpleNamespace(layer=layer, geo=geo, send_order=geo.send_order(0), options=layer.options,
                                     ws=Workspace.allocate(geo, cfg.torch_dtype, "p2p", "cpu", LocalBuffers("cpu", 1)),
-                                    name="flash", programs=1, resident=True)  # the interpreter's static order: 1
+                                    name="flash", programs=1, resident=True,  # the interpreter's static order: 1
+                                    io=torch.zeros(2, dtype=torch.int64))
     backend.ws.scratch.comb_expect.zero_()
     FlashBackend.compile_variants(backend)
     launches = launch_variants(geo, torch.bfloat16, 1)
     saves = (False, True) if backward == "saved" else (False,)
-    assert len(launches) == 3 and compiled == [(0, launch, save) for launch in launches for save in saves]
+    # each as a forward launches it: x and out through the address words
+    assert len(launches) == 3 and compiled == [(0, launch, save, True) for launch in launches for save in saves]
     # routing and its plan run at a split size and past it (on a GPU: the router's launches a call
     # of up to 600 tokens can take, compiled), as a forward routes: without autograd, with and
     # without the logits a training forward keeps; the layer's expected rows left as they were

@@ -86,6 +86,22 @@ def test_router_takes_a_block_of_tokens_per_program_and_zero_tokens():
 
 
 @pytest.mark.parametrize("split", [False, True])
+def test_the_router_reads_x_at_the_address_its_word_holds(split):
+    """x_at (a CUDA graph replayed on new tokens): the kernels read the rows at the address the
+    word holds, x only standing in for their shape, dtype and alignment (here NaN, never read):
+    the choice, weights and logits of those rows, as routing them directly gives (split: the dot
+    in 4 chunks of 64)."""
+    x = torch.randn(70, 256, device=DEVICE)
+    w = torch.randn(32, 256, device=DEVICE) / 16
+    stand_in = torch.full_like(x, float("nan"))
+    x_at = torch.tensor([x.data_ptr()], device=DEVICE)
+    logits, want_logits = (torch.empty(70, 32, device=DEVICE) for _ in range(2))
+    got = router_topk(stand_in, w, 4, True, split=split, logits_out=logits, x_at=x_at)
+    want = router_topk(x, w, 4, True, split=split, logits_out=want_logits)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]) and torch.equal(logits, want_logits)
+
+
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=pytest.mark.gpu), torch.float32])
 def test_non_finite_tokens_get_k_distinct_experts_with_nan_weights(dtype, split):
     """A token whose logits are not all finite (NaN or Inf in its activations, or in a router
@@ -115,6 +131,7 @@ def test_non_finite_tokens_get_k_distinct_experts_with_nan_weights(dtype, split)
     (lambda x, w: router_topk(x, w, 17, True), "top_k=17"),
     (lambda x, w: router_topk(x, torch.zeros(600, 64, device=x.device), 2, True), "600 experts"),
     (lambda x, w: router_topk(x, w, 2, True, block_t=24), "block_t=24"),
+    (lambda x, w: router_topk(x, w, 2, True, x_at=torch.zeros(1, device=x.device)), "x_at"),
     (lambda x, w: router_topk(x, w, 2, True, logits_out=torch.empty(8, 15, device=x.device)), "logits_out"),
     (lambda x, w: router_topk(x, w, 2, True, logits_out=torch.empty(8, 16, device=x.device).half()), "logits_out"),
     (lambda x, w: router_topk(x, w, 2, True, routing="sigmoid_grouped", n_group=16, topk_group=4,  # one an expert:
@@ -251,7 +268,7 @@ def test_a_split_router_chooses_from_the_chunk_sums(monkeypatch):
     from flashmoe_py.kernels import router
 
     def add_one_to_chunk_0(args):
-        args[2][0] += 1.0  # partial [chunks, T, E]
+        args[3][0] += 1.0  # partial [chunks, T, E]
 
     monkeypatch.setattr(router, "router_partial_kernel", LaunchSpy(router.router_partial_kernel, add_one_to_chunk_0))
     x, w, _ = decided_draws(5, 40, 200, 4)

@@ -126,3 +126,11 @@ def test_route_takes_x_as_tokens_by_hidden_size(shape):
 def test_route_refuses_integer_inputs():
     with pytest.raises(ValueError, match="router_weight has dtype torch.bool; route takes a floating-point"):
         route(torch.randn(4, 24), torch.ones(16, 24, dtype=torch.bool), MoEConfig(**BASE, top_k=2))
+
+
+def test_an_address_word_for_x_is_refused_where_torch_routes():
+    """x_at names where the router kernel reads x; torch's ops (here: the CPU) would read x itself,
+    silently other rows than the word names: refused."""
+    with pytest.raises(ValueError, match="x_at: the router kernel reads x at an address word, but here torch's ops"):
+        route(torch.randn(4, 24), torch.randn(16, 24), MoEConfig(**BASE, top_k=2),
+              x_at=torch.zeros(1, dtype=torch.int64))

@@ -4,7 +4,11 @@ Per forward: the router and the routing plan (kernels/router.py, kernels/plan.py
 synchronisation), then one kernel launch that dispatches, runs the expert FFN and combines (and,
 for backward="saved", keeps GEMM1's outputs: backends/saved.py).
 Buffers live on the NVSHMEM symmetric heap and are reached through peer addresses (transport
-"p2p") or NVSHMEM's device API ("nvshmem")."""
+"p2p") or NVSHMEM's device API ("nvshmem"). The router, the row copy and the fused kernel find x
+and the output through two address words (kernels/addresses.py), written before each forward's
+kernels: a forward replayed from the layer's CUDA graph then reads the caller's x where it is and
+writes a new output, instead of copying x into the graph's tensor and the output out of it (two
+copies of T x H elements a call)."""
 
 from __future__ import annotations
 
@@ -22,11 +26,12 @@ from ..heap import SymmetricHeap
 from ..kernels.launch_config import choose_launch, launch_variants, partial_slots
 from ..kernels.layout import Geometry, describe_timeout
 from ..kernels.plan import RoutingPlan, build_plan, plan_stats
-from ..kernels.fused_moe import Saved, compile_fused, launch_fused
+from ..kernels.addresses import ALIGN, write_addresses
+from ..kernels.fused_moe import Saved, compile_fused, launch_fused, zeroed_out
 from ..kernels.router import router_launch_tokens
 from ..kernels.transport import nvshmem_device_library
 from ..kernels.workspace import Workspace
-from ..routing import Routing
+from ..routing import Routing, kernel_routes
 from .saved import SavedForward
 from .torch_ep import EXPLICIT, check_graphs_agree, peers_refused
 
@@ -125,16 +130,24 @@ class CapturedForward:
     """One forward captured in a CUDA graph: its static input and _launch's outputs, which every
     replay overwrites; the SavedForward last lent out of them (a weak reference, dead once its
     backward has run: explicit_backward releases it there) and the stream of that replay, on
-    which autograd runs that backward."""
+    which autograd runs that backward. io: the backend's address words, which the graph's kernels
+    read x and out through, when captured `addressed` (each replay writes them); otherwise (the
+    router in torch's ops, which read the static input) written in the graph, each replay
+    copying x in and the output out. zero_out: a replay's new output starts zeroed
+    (fused_moe.zeroed_out)."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, static_x: torch.Tensor, outputs: tuple):
+    def __init__(self, graph: torch.cuda.CUDAGraph, static_x: torch.Tensor, outputs: tuple, io: torch.Tensor,
+                 addressed: bool, zero_out: bool):
         self.graph, self.static_x, self.outputs = graph, static_x, outputs
+        self.io, self.addressed, self.zero_out = io, addressed, zero_out
         self.lent: weakref.ref | None = None
         self.lent_on: torch.cuda.Stream | None = None
 
     def replay(self, x: torch.Tensor, current: torch.cuda.Stream) -> tuple:
-        """Copy x in and replay on `current` (the caller's current stream) -> the graph's (out,
-        stats, SavedForward or None), the SavedForward
+        """Replay on `current` (the caller's current stream) for x -> (out, stats, SavedForward
+        or None): out and stats the caller's own (addressed: x read where it is, unless it is
+        not contiguous or ALIGN-aligned, then from a copy, and out a new tensor the graph writes;
+        otherwise x copied in and both copied out), the SavedForward
         a new one over the graph's buffers. The one lent before keeps copies if still alive (its
         backward has not run); on another stream than its own, this replay first waits for that
         stream (where its backward read the buffers), and that stream, where its backward will
@@ -148,14 +161,20 @@ class CapturedForward:
             if elsewhere:
                 self.lent_on.wait_stream(current)
                 held.record_stream(self.lent_on)
-        self.static_x.copy_(x)
+        if self.addressed:
+            if not x.is_contiguous() or x.data_ptr() % ALIGN:
+                x = x.clone(memory_format=torch.contiguous_format)
+            out = torch.zeros_like(x) if self.zero_out else torch.empty_like(x)
+            write_addresses(self.io, x, out)
+        else:
+            self.static_x.copy_(x)
         self.graph.replay()
-        out, stats, saved = self.outputs
+        static_out, stats, saved = self.outputs
         if saved is not None:
             saved = dataclasses.replace(saved)
             self.lent = weakref.ref(saved)
             self.lent_on = current
-        return out, stats, saved
+        return out if self.addressed else static_out.clone(), stats.clone(), saved
 
 
 class FlashBackend:
@@ -199,6 +218,8 @@ class FlashBackend:
         # bench/kernel_profile.py: an int64 [geo.trace_rows(tokens, programs), TRACE_COLS] tensor here
         # makes each launch record its tasks' timestamps into it (kernels/fused_moe.py).
         self.trace: torch.Tensor | None = None
+        # the addresses of the x and out each forward's kernels read and write (kernels/addresses.py)
+        self.io = torch.zeros(2, dtype=torch.int64, device=layer.device)
         self.graphs: dict[tuple, CapturedForward] = {}  # by _run's key
         self.seen: set[tuple] = set()
         # (weight_addresses, torch's deterministic setting) when the kept graphs were captured
@@ -226,8 +247,10 @@ class FlashBackend:
         with torch.no_grad():  # as a forward routes (the kernel is not taken where autograd records)
             for tokens in router_launch_tokens(geo.max_tokens):
                 zeros = torch.zeros(tokens, geo.hidden, dtype=cfg.torch_dtype, device=layer.device)
+                write_addresses(self.io, zeros, zeros)  # as a forward reads x (_launch)
+                at = self.io if kernel_routes(zeros, layer.router_weight, layer.router_bias) else None
                 for keep_logits in (False, True):
-                    routing_plan(layer.route(zeros, keep_logits=keep_logits), layer.expert_positions, geo,
+                    routing_plan(layer.route(zeros, keep_logits=keep_logits, x_at=at), layer.expert_positions, geo,
                                  self.send_order, expect)
         x = torch.empty(0, geo.hidden, dtype=cfg.torch_dtype, device=layer.device)
         plan, _ = routing_plan(layer.route(x), layer.expert_positions, geo, self.send_order,
@@ -244,7 +267,7 @@ class FlashBackend:
         for launch in launches:
             for saved in saves:
                 compile_fused(x, torch.empty_like(x), experts, plan, self.ws, launch, config=cfg, rank=layer.rank,
-                              timeout_s=self.options.timeout_s, saved=saved)
+                              timeout_s=self.options.timeout_s, saved=saved, io=self.io)
 
     def __reduce_ex__(self, protocol):
         """copy.deepcopy and pickle (torch.save of the layer or its model) are refused: a copy would
@@ -350,8 +373,9 @@ class FlashBackend:
         captured (weight_addresses) or torch.use_deterministic_algorithms was switched (a graph
         keeps its plan's way of numbering rows, routing_plan's). saving: (pre's shape, shared_pre's
         or None) for backward="saved"; stream: _before_forward's. -> (out, stats [E + 1] int64
-        (plan_stats'), SavedForward or None); when replayed, out and stats are copied out of the
-        graph's buffers and the SavedForward is lent (CapturedForward). Graphs are kept for the
+        (plan_stats'), SavedForward or None); when replayed, out is a new tensor the graph wrote
+        (or, where torch's ops route, a copy of its own), stats a copy, and the SavedForward is
+        lent (CapturedForward.replay). Graphs are kept for the
         latest keys (graphs_to_drop)."""
         if key is None or not self.options.cuda_graphs or stream is None:
             return self._launch(x, stream, saving=saving)
@@ -382,19 +406,28 @@ class FlashBackend:
         self.graphs[key] = entry = self.graphs.pop(key)  # most recently used last
         out, stats, saved = entry.replay(x, stream)
         self.status_ready.record(stream)
-        return out.clone(), stats.clone(), saved
+        return out, stats, saved
 
     def _capture(self, x: torch.Tensor, saving: tuple | None) -> CapturedForward:
+        """x's forward captured in a CUDA graph, addressed where the router kernel routes (every
+        kernel then reads x and writes out through the address words), else on a static copy of x."""
+        layer = self.layer
+        addressed = kernel_routes(x, layer.router_weight, layer.router_bias)
         static_x = x.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outputs = self._launch(static_x, None, copy_status=True, saving=saving)
-        return CapturedForward(graph, static_x, outputs)
+            outputs = self._launch(static_x, None, copy_status=True, saving=saving, addressed=addressed)
+        launch = choose_launch(self.geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,
+                               resident=self.resident)
+        return CapturedForward(graph, static_x, outputs, self.io, addressed, zeroed_out(launch, layer.config))
 
     def _launch(self, x: torch.Tensor, stream: torch.cuda.Stream | None, copy_status: bool = False,
-                saving: tuple | None = None):
+                saving: tuple | None = None, addressed: bool = False):
         """Routing plan + one kernel launch for x: [T, H] (T may be 0) on stream (None: inside a
-        capture); saving: as _run's. -> (out, stats [E + 1] int64, SavedForward or None).
+        capture); saving: as _run's. -> (out, stats [E + 1] int64, SavedForward or None). The
+        kernels read x and write out through the address words self.io, written here first
+        (inside a capture, by the graph), except `addressed` (the layer's own capture: the
+        replays write them, and out is x itself, standing in for the outputs they name).
 
         The launch is chosen (its override checked), the weights read and the saved rows' room
         allocated before the routing plan, which adds this call's rows to the counts later
@@ -406,17 +439,22 @@ class FlashBackend:
         launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,
                                resident=self.resident)
         experts = kernel_experts(layer)
-        out = torch.empty_like(x)
+        routed = kernel_routes(x, layer.router_weight, layer.router_bias)
+        if x.data_ptr() % ALIGN and not addressed:  # (a view at an odd offset) the kernels read it aligned
+            x = x.clone()
+        out = x if addressed else torch.zeros_like(x) if zeroed_out(launch, layer.config) else torch.empty_like(x)
+        if not addressed:
+            write_addresses(self.io, x, out)
         if saving is not None:  # (the largest allocation of the call: before the plan too)
             pre, shared_pre = (None if shape is None else torch.empty(shape, dtype=x.dtype, device=x.device)
                                for shape in saving)
-        r = layer.route(x, keep_logits=saving is not None)
+        r = layer.route(x, keep_logits=saving is not None, x_at=self.io if routed else None)
         plan, stats = routing_plan(r, layer.expert_positions, geo, self.send_order, ws.scratch.comb_expect)
         saved = None if saving is None else SavedForward(
             r, plan.send_slot, plan.send_counts.view(layer.world_size, geo.local_experts), pre, shared_pre)
         try:
             launch_fused(x, out, experts, plan, ws, launch, config=layer.config, rank=layer.rank,
-                         timeout_s=self.options.timeout_s, trace=self.trace,
+                         timeout_s=self.options.timeout_s, trace=self.trace, io=self.io,
                          saved=saved and Saved(saved.pre, saved.pre if saved.shared_pre is None else saved.shared_pre))
         except Exception as e:
             if stream is not None:  # in a capture the plan was only recorded: it added nothing

@@ -90,6 +90,7 @@ from .fused_moe_details.tasks import PendingTile, grouped, report_timeout, stamp
 from .layout import (ACT_CODES, CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, TASK_COMBINE,
                      TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT, TASK_SHARED_IN, TASK_SHARED_OUT, TRACE_COLS,
                      WAITED_COUNTS, WAIT_COUNTS)
+from .addresses import rebase
 from .sorted_rows import compile_sort_rows, sort_rows
 from .transport import TRANSPORTS, clock_ns, nvshmem_device_library, nvshmem_launch, puts_complete, wait_at_least
 
@@ -185,7 +186,8 @@ class Meta(NamedTuple):
     (_times_sigmoid); PEER_SCOPE: the memory scope of the words and rows ranks exchange, "sys"
     (other GPUs read and write them), or "gpu" at world 1, where no other GPU takes part and a
     GPU-scope fence or atomic suffices (cheaper than a system-scope one, which each GEMM2 tile's
-    row count and each combine tile's wait would pay)."""
+    row count and each combine tile's wait would pay); IO_AT: x and out are the tensors whose
+    addresses the kernel's io words hold (kernels/addresses.py), not its x and out arguments."""
 
     TOP_K: tl.constexpr
     K_POW2: tl.constexpr
@@ -226,6 +228,7 @@ class Meta(NamedTuple):
     SAVE: tl.constexpr
     APPROX_ACT: tl.constexpr
     PEER_SCOPE: tl.constexpr
+    IO_AT: tl.constexpr
 
 
 @triton.jit
@@ -249,9 +252,10 @@ def static_ffn_in_tiles(n_in, n_tiles, trace_row, x_ptr, plan, table, weights, s
 
 
 @triton.jit(do_not_specialize=["tokens", "wait_limit", "send_chunks", "dispatch_programs"])
-def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, biases, x_rows, h_rows, plan, sym,
+def fused_moe_kernel(x_ptr, out_ptr, io, w_in, w_out, shared_w_in, shared_w_out, biases, x_rows, h_rows, plan, sym,
                      scratch, saved, dims, tokens, wait_limit, send_chunks, dispatch_programs, meta):
-    """See the module docstring. x, out: [tokens, H]; w_in .. shared_w_out: the descriptors of
+    """See the module docstring. x, out: [tokens, H], or with IO_AT the tensors of their shape,
+    dtype and alignment at the addresses in io ([2] int64: x's, out's); w_in .. shared_w_out: the descriptors of
     Weights, biases: Biases; x_rows: Weights.x_rows; h_rows: scratch.h as a [W * S, F]
     descriptor (boxes [BM, BK]), GEMM2's rows with H_TMA (another descriptor, unread, without);
     plan: kernels/plan.RoutingPlan; sym: workspace.Symmetric; scratch: workspace.Scratch; saved:
@@ -260,6 +264,8 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
     last; meta: Meta."""
     weights = Weights(w_in, w_out, biases.bias_in, biases.bias_out, shared_w_in, shared_w_out, biases.shared_gate,
                       x_rows)
+    x_ptr = rebase(x_ptr, io, meta.IO_AT)
+    out_ptr = rebase(out_ptr, io + 1, meta.IO_AT)
     rank = dims.rank
     W, L, H, F = dims.world, dims.local_experts, dims.hidden, dims.ffn
     NF = tl.cdiv(F, meta.BF)
@@ -367,7 +373,8 @@ def fused_moe_kernel(x_ptr, out_ptr, w_in, w_out, shared_w_in, shared_w_out, bia
 
 
 def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: int, timeout_s: float,
-                      trace: torch.Tensor | None = None, saved: Saved | None = None) -> tuple[tuple, dict]:
+                      trace: torch.Tensor | None = None, saved: Saved | None = None,
+                      io: torch.Tensor | None = None) -> tuple[tuple, dict]:
     """Check shapes and build fused_moe_kernel's arguments for one forward -> (args, kwargs;
     kwargs hold the constexpr-free launch options num_warps and, for NVSHMEM, extern_libs).
 
@@ -383,7 +390,9 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
     the kernel's task timestamps (module docstring; bench/kernel_profile.py); saved: None, or the
     Saved tensors this launch fills for backward="saved" (x's dtype and device: pre [R, F_in]
     with R at least the rows this rank's experts receive; shared_pre [T, Fs_in] with shared
-    experts)."""
+    experts); io: None, or [2] int64 words on x's device holding the addresses of the x and out
+    the kernel reads and writes instead (x and out then stand in for tensors of their shape, dtype
+    and alignment: kernels/addresses.py; a CUDA graph's replays write the words)."""
     geo = ws.geo
     T, H = x.shape
     W, L, F = geo.world_size, geo.local_experts, geo.ffn
@@ -415,6 +424,8 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
         raise ValueError(f"the workspace holds shared experts of width {geo.shared_ffn}, the config {FS}")
     if saved is not None:
         _check_saved(saved, x, geo, config)
+    if io is not None and (io.dtype != torch.int64 or io.shape != (2,) or io.device != x.device):
+        raise ValueError(f"io: expected [2] int64 on {x.device}, got {io.dtype} {tuple(io.shape)} on {io.device}")
     if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 2
                               or trace.shape[1] != TRACE_COLS.value
                               or trace.shape[0] < geo.trace_rows(T, launch.programs)):
@@ -446,7 +457,7 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
                 SORTED_IN=c(bool(launch.sorted_rows)), DIRECT_OUT=c(bool(launch.direct_out)),
                 TRANSPORT=c(TRANSPORTS[ws.transport]), ON_GPU=c(on_gpu), TRACE=c(trace is not None),
                 SAVE=c(saved is not None), APPROX_ACT=c(x.dtype == torch.bfloat16),
-                PEER_SCOPE=c("gpu" if W == 1 else "sys"))
+                PEER_SCOPE=c("gpu" if W == 1 else "sys"), IO_AT=c(io is not None))
     # a split tile's partial sums: BM x BN_OUT fp32 each, packed in out_partials
     split_slots = min(geo.split_slots, ws.scratch.out_partials.numel() // (launch.block_m * launch.block_n))
     dims = Dims(W, L, H, F, geo.source_rows, geo.max_chunks, FS, rank, split_slots)
@@ -467,8 +478,9 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
     # GEMM1's token rows as TMA boxes, with sorted_rows (launch_fused copies them there first)
     x_rows = (TensorDescriptor.from_tensor(ws.sym.recv_x.local.view(-1, H), [launch.block_m, geo.block_k])
               if launch.sorted_rows else w_out_desc)
-    args = (x, out, w_in_desc, w_out_desc, s_in if FS else w_in_desc, s_out if FS else w_out_desc, biases, x_rows,
-            h_rows, plan, ws.sym, scratch, saved or Saved(out, out), dims, T, wait_limit, plan.chunk_pos.numel(),
+    args = (x, out, plan.chunk_pos if io is None else io,  # (io unread without IO_AT)
+            w_in_desc, w_out_desc, s_in if FS else w_in_desc, s_out if FS else w_out_desc, biases, x_rows, h_rows,
+            plan, ws.sym, scratch, saved or Saved(out, out), dims, T, wait_limit, plan.chunk_pos.numel(),
             launch.dispatch_programs, meta)
     kwargs = {"num_warps": launch.num_warps}
     if ws.transport == "nvshmem":
@@ -494,33 +506,38 @@ def _check_saved(saved: Saved, x: torch.Tensor, geo, config) -> None:
 
 
 def launch_fused(x, out, experts: dict, plan, ws, launch, *, config, rank: int, timeout_s: float,
-                 trace: torch.Tensor | None = None, saved: Saved | None = None) -> None:
+                 trace: torch.Tensor | None = None, saved: Saved | None = None, io: torch.Tensor | None = None) -> None:
     """One forward's kernel launch on launch.programs programs (arguments: fused_kernel_args);
     with launch.sorted_rows, after the kernel that copies x's rows into recv_x in expert order;
-    with launch.direct_out and a capacity, after out is zeroed (a dropped token's row is written by
-    no expert tile)."""
+    where zeroed_out, after out is zeroed (with io, the out io names must come zeroed)."""
     args, kwargs = fused_kernel_args(x, out, experts, plan, ws, launch, config=config, rank=rank,
-                                     timeout_s=timeout_s, trace=trace, saved=saved)
-    if launch.direct_out and config.capacity_factor is not None:
+                                     timeout_s=timeout_s, trace=trace, saved=saved, io=io)
+    if zeroed_out(launch, config) and io is None:
         out.zero_()
     if launch.sorted_rows:
-        sort_rows(x, plan.slot_row, ws.sym.recv_x.local)
+        sort_rows(x, plan.slot_row, ws.sym.recv_x.local, x_at=io)
     with nvshmem_launch() if ws.transport == "nvshmem" else contextlib.nullcontext():
         fused_moe_kernel[(launch.programs,)](*args, **kwargs)
 
 
+def zeroed_out(launch, config) -> bool:
+    """Whether launch_fused's out must be zeros before its kernel: launch.direct_out with a
+    capacity, where a dropped token's row is written by no expert tile."""
+    return bool(launch.direct_out) and config.capacity_factor is not None
+
+
 def compile_fused(x, out, experts: dict, plan, ws, launch, *, config, rank: int, timeout_s: float,
-                  saved: Saved | None = None) -> None:
+                  saved: Saved | None = None, io: torch.Tensor | None = None) -> None:
     """Compile launch_fused's kernel variant for these arguments and load its module, launching
     nothing (on a GPU; the interpreter compiles nothing). A variant is fixed by the launch, the
     rank and the dtypes, not by the token count: x may have no rows."""
     if triton.knobs.runtime.interpret:
         return
     args, kwargs = fused_kernel_args(x, out, experts, plan, ws, launch, config=config, rank=rank,
-                                     timeout_s=timeout_s, saved=saved)
+                                     timeout_s=timeout_s, saved=saved, io=io)
     # loaded here, a module of transport "nvshmem" is initialised here too (nvshmem_launch's hook)
     with nvshmem_launch() if ws.transport == "nvshmem" else contextlib.nullcontext():
         compiled = fused_moe_kernel.warmup(*args, grid=(launch.programs,), **kwargs)
         compiled.run  # noqa: B018 (a property: reading it loads the module, Triton's CompiledKernel._init_handles)
     if launch.sorted_rows:
-        compile_sort_rows(x, plan.slot_row, ws.sym.recv_x.local)
+        compile_sort_rows(x, plan.slot_row, ws.sym.recv_x.local, x_at=io)

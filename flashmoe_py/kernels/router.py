@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..config import NUM_EXPERTS_LIMIT, TOP_K_LIMIT
+from .addresses import rebase
 
 MAX_EXPERTS = NUM_EXPERTS_LIMIT  # the whole row of logits lives in registers
 MAX_TOP_K = TOP_K_LIMIT
@@ -67,7 +68,8 @@ class RouterMeta(NamedTuple):
     TOPK_GROUP and GROUP_SIZE (E / N_GROUP) of sigmoid_grouped, UPCAST (an fp32 router: x is
     upcast, the dot is exact fp32), PRECISION of fp32 dots, SAVE_LOGITS (also write the logits, for
     a training forward's backward), BT tokens a program, BK the K step, SPLIT (the logits are
-    router_partial_kernel's chunk sums, not the kernel's own dot)."""
+    router_partial_kernel's chunk sums, not the kernel's own dot), X_AT (x's address is the word
+    x_at holds: kernels/addresses.py)."""
 
     ROUTING: tl.constexpr
     TOP_K: tl.constexpr
@@ -85,6 +87,7 @@ class RouterMeta(NamedTuple):
     BT: tl.constexpr
     BK: tl.constexpr
     SPLIT: tl.constexpr
+    X_AT: tl.constexpr
 
 
 class DotMeta(NamedTuple):
@@ -96,6 +99,7 @@ class DotMeta(NamedTuple):
     PRECISION: tl.constexpr
     BT: tl.constexpr
     BK: tl.constexpr
+    X_AT: tl.constexpr
 
 
 @triton.jit
@@ -117,9 +121,11 @@ def _dot_span(x_ptr, w_ptr, t, tmask, e, emask, H, k_lo, k_hi, meta):
 
 
 @triton.jit(do_not_specialize=["T"])  # one variant at any token count, as router_kernel
-def router_partial_kernel(x_ptr, w_ptr, partial_ptr, T, H, E, CHUNK_K, meta):
+def router_partial_kernel(x_ptr, x_at, w_ptr, partial_ptr, T, H, E, CHUNK_K, meta):
     """The split dot: program (i, c) -> partial[c, t, e] (fp32 [chunks, T, E]) = x[t, k] . w[e, k]
-    over chunk c's k in [c * CHUNK_K, (c + 1) * CHUNK_K) and < H, for tokens t of block i (BT)."""
+    over chunk c's k in [c * CHUNK_K, (c + 1) * CHUNK_K) and < H, for tokens t of block i (BT);
+    x at the address x_at holds with X_AT."""
+    x_ptr = rebase(x_ptr, x_at, meta.X_AT)
     t = tl.program_id(0) * meta.BT + tl.arange(0, meta.BT)
     c = tl.program_id(1)
     e = tl.arange(0, meta.E_POW2)
@@ -184,12 +190,14 @@ def _kept_groups(choice, emask, e, meta):
 
 
 @triton.jit(do_not_specialize=["T", "CHUNKS"])  # one variant at any token and chunk count (compile_variants)
-def router_kernel(x_ptr, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_ptr, logits_ptr, partial_ptr, T, H,
-                  E, CHUNKS, scaling, meta):
-    """x: [T, H]; w: [E, H] (x's dtype, or fp32 with UPCAST); bias, correction: [E] fp32 (read
+def router_kernel(x_ptr, x_at, w_ptr, bias_ptr, correction_ptr, weights_ptr, experts_ptr, logits_ptr, partial_ptr, T,
+                  H, E, CHUNKS, scaling, meta):
+    """x: [T, H] (with X_AT, at the address the int64 x_at holds); w: [E, H] (x's dtype, or fp32
+    with UPCAST); bias, correction: [E] fp32 (read
     when HAS_BIAS / sigmoid_grouped); weights: [T, TOP_K] fp32; experts: [T, TOP_K] int64;
     logits: [T, E] fp32, written when SAVE_LOGITS (with the router bias); partial: [CHUNKS, T, E]
     fp32 from router_partial_kernel, read in place of x and w when SPLIT."""
+    x_ptr = rebase(x_ptr, x_at, meta.X_AT)
     BT: tl.constexpr = meta.BT
     TOP_K: tl.constexpr = meta.TOP_K
     t = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -255,7 +263,8 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
                 routing: str = "softmax_topk", router_bias: torch.Tensor | None = None,
                 correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
                 scaling: float = 1.0, block_t: int | None = None,
-                logits_out: torch.Tensor | None = None, split: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                logits_out: torch.Tensor | None = None, split: bool | None = None,
+                x_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [T, H]; router_weight: [E, H] in x's dtype or fp32, E <= MAX_EXPERTS, on x's device;
     router_bias: [E] or None; correction_bias: [E] (routing 'sigmoid_grouped'); n_group,
     topk_group: sigmoid_grouped's groups; scaling: every weight's factor; logits_out: a contiguous [T, E] fp32 tensor on
@@ -268,7 +277,10 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
     split. block_t, tokens a program: a power of two >= 16, by default SMALL_BT up to
     SMALL_BT_TOKENS tokens, and past them 64, 32 or 16 by E (up to 128, 256, 512 experts). Each
     kernel compiles one variant for every token count and chunk count of a block_t and split
-    (router_launch_tokens names a count of each).
+    (router_launch_tokens names a count of each). x_at: None, or an int64 word on x's device
+    holding the address the kernels read x's rows from instead (kernels/addresses.py: x then
+    stands in for a tensor of its shape, dtype and alignment; a CUDA graph's replays write the
+    word).
     -> (weights [T, top_k] fp32, experts [T, top_k] int64), best expert first."""
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"x: expected a contiguous [tokens, hidden] tensor, got {tuple(x.shape)}")
@@ -295,6 +307,9 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
     for name, t in (("router_bias", router_bias), ("correction_bias", correction_bias)):
         if t is not None and (tuple(t.shape) != (E,) or t.device != x.device):
             raise ValueError(f"{name}: expected [{E}] on {x.device}, got {tuple(t.shape)} on {t.device}")
+    if x_at is not None and (x_at.dtype != torch.int64 or x_at.numel() < 1 or x_at.device != x.device):
+        raise ValueError(f"x_at: expected an int64 word on {x.device}, got {x_at.dtype} {tuple(x_at.shape)} on "
+                         f"{x_at.device}")
     if logits_out is not None and (tuple(logits_out.shape) != (T, E) or logits_out.dtype != torch.float32
                                    or not logits_out.is_contiguous() or logits_out.device != x.device):
         raise ValueError(f"logits_out: expected a contiguous [{T}, {E}] float32 tensor on {x.device}, got "
@@ -318,11 +333,13 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
         split = split and chunks > 1
         c = tl.constexpr
         dummy = weights  # for pointers a routing does not read
+        at = dummy if x_at is None else x_at
         partial = dummy
         if split:
             partial = torch.empty(chunks, T, E, dtype=torch.float32, device=x.device)
-            dot_meta = DotMeta(E_POW2=c(e_pow2), UPCAST=c(upcast), PRECISION=c(precision), BT=c(SMALL_BT), BK=c(bk))
-            router_partial_kernel[(triton.cdiv(T, SMALL_BT), chunks)](x, router_weight, partial, T, H, E, chunk_k,
+            dot_meta = DotMeta(E_POW2=c(e_pow2), UPCAST=c(upcast), PRECISION=c(precision), BT=c(SMALL_BT), BK=c(bk),
+                               X_AT=c(x_at is not None))
+            router_partial_kernel[(triton.cdiv(T, SMALL_BT), chunks)](x, at, router_weight, partial, T, H, E, chunk_k,
                                                                        dot_meta, num_warps=4)
         meta = RouterMeta(ROUTING=c(ROUTINGS[routing]), TOP_K=c(top_k), K_POW2=c(triton.next_power_of_2(top_k)),
                           E_POW2=c(e_pow2), RENORMALIZE=c(renormalize), HAS_BIAS=c(router_bias is not None),
@@ -330,11 +347,12 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
                           NG_POW2=c(triton.next_power_of_2(n_group if grouped else 1)),
                           TOPK_GROUP=c(topk_group if grouped else 1),
                           GROUP_SIZE=c(E // n_group if grouped else E), UPCAST=c(upcast), PRECISION=c(precision),
-                          SAVE_LOGITS=c(logits_out is not None), BT=c(bt), BK=c(bk), SPLIT=c(split))
+                          SAVE_LOGITS=c(logits_out is not None), BT=c(bt), BK=c(bk), SPLIT=c(split),
+                          X_AT=c(x_at is not None))
         bias = router_bias.float().contiguous() if router_bias is not None else dummy
         correction = correction_bias.float().contiguous() if grouped else dummy
         router_kernel[(triton.cdiv(T, bt),)](
-            x, router_weight, bias, correction, weights, experts, dummy if logits_out is None else logits_out, partial,
-            T, H, E, chunks, float(scaling), meta,
+            x, at, router_weight, bias, correction, weights, experts, dummy if logits_out is None else logits_out,
+            partial, T, H, E, chunks, float(scaling), meta,
             num_warps=8 if bt * e_pow2 >= 8192 else 4)
     return weights, experts

@@ -143,6 +143,43 @@ def run_graph_case(cfg, tokens, rank, world, replays=5):
     return row
 
 
+def run_own_graph_case(cfg, tokens, rank, world, name):
+    """The layer's own CUDA graph (captured at its second call of a token count), replayed on x
+    wherever it lies: new tensors, a view at a 16-byte offset into a larger one, one at a 2-byte
+    offset (read from an aligned copy) and a strided one; each call's output a tensor of its own,
+    unchanged by the calls after it."""
+    seed = int(max_all(random.SystemRandom().randrange(2**31)))
+    layer = MoELayer(cfg, backend="flash", max_tokens_per_rank=tokens, seed=seed, transport=TRANSPORT)
+    full = layer.full_weight_dict()
+    gen = torch.Generator().manual_seed(seed + rank)
+    H = cfg.hidden_size
+
+    def draw():
+        return torch.randn(tokens, H, generator=gen).to("cuda", cfg.torch_dtype)
+
+    big = torch.randn(tokens * H + 64, generator=gen).to("cuda", cfg.torch_dtype)
+    xs = [draw(), draw(), draw(), big[8:8 + tokens * H].view(tokens, H), big[1:1 + tokens * H].view(tokens, H),
+          torch.randn(H, tokens, generator=gen).to("cuda", cfg.torch_dtype).t(), draw()]
+    kept = []
+    worst = 0.0
+    for x in xs:
+        out = layer(x)
+        worst = max(worst, rel_err(out, reference_forward(x, config=cfg, **full)))
+        kept.append((out, out.clone()))
+    layer.synchronize()
+    changed = sum(not torch.equal(out, copy) for out, copy in kept)  # a later call wrote an earlier output
+    graphs = len(layer.backend.graphs)
+    err = max_all(worst)
+    ok = err <= TOL[cfg.dtype] and max_all(float(changed)) == 0 and graphs == 1
+    layer.backend.close()
+    row = {"case": name, "transport": TRANSPORT, "config": cfg.to_dict(), "max_tokens": tokens, "world": world,
+           "calls": len(xs), "rel_err": err, "outputs_overwritten": changed, "graphs": graphs, "ok": ok,
+           "seed": seed}
+    if rank == 0:
+        print(json.dumps(row), flush=True)
+    return row
+
+
 def main():
     torch.set_grad_enabled(False)  # inference checks: no graph, nothing saved for a backward
     p = argparse.ArgumentParser()
@@ -211,6 +248,9 @@ def main():
                                     weight_on_input=True, capacity_factor=0.7, dtype="float32"),
                           200, rank, world, calls=30, override={"direct_out": 1, "sorted_rows": 1})]
     rows.append(run_graph_case(soak, 200, rank, world))
+    rows += [run_own_graph_case(soak, 200, rank, world, "the layer's graph on x wherever it lies"),
+             run_own_graph_case(MoEConfig(**small, top_k=1, capacity_factor=0.7), 200, rank, world,
+                                "the layer's graph on x wherever it lies, top-1, capacity 0.7")]
     if args.calls:
         rows.append(run_case(f"back-to-back x{args.calls}", soak, 256, rank, world, calls=args.calls))
     if rank == 0 and args.out:
