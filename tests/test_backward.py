@@ -851,7 +851,7 @@ class _Replays:
             b.fill_(self.calls)
 
 
-def test_an_addressed_replay_names_the_caller_s_x_and_a_new_output_to_the_graph():
+def test_an_addressed_replay_names_the_caller_s_x_and_a_new_output_to_the_graph(monkeypatch):
     """A forward captured `addressed` (its kernels reading x and writing out through the address
     words) copies nothing in or out: each replay writes x's address and a new output's into the
     words, before the graph runs, and returns that output (zeros first where the launch leaves
@@ -865,13 +865,15 @@ def test_an_addressed_replay_names_the_caller_s_x_and_a_new_output_to_the_graph(
             seen.append(io.tolist())
 
     static_out = torch.zeros(3, 4)
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))  # not zeros
     for zero_out in (False, True):
         captured = CapturedForward(Graph(), torch.zeros(3, 4), (static_out, torch.zeros(3), None), io,
                                    addressed=True, zero_out=zero_out)
         x = torch.randn(3, 4)
         out, stats, _ = captured.replay(x, None)
         assert seen[-1] == [x.data_ptr(), out.data_ptr()] and out is not static_out and out.shape == (3, 4)
-        assert not zero_out or not out.any()
+        assert (not out.any()) if zero_out else out.isnan().all()
         later, _, _ = captured.replay(torch.randn(3, 4), None)
         assert later.data_ptr() != out.data_ptr()  # the earlier output is the caller's, untouched
     big = torch.randn(13)

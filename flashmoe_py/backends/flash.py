@@ -127,17 +127,17 @@ def graphs_to_drop(keys: list[tuple], max_graphs: int, max_saving: int) -> list[
 
 
 class CapturedForward:
-    """One forward captured in a CUDA graph: its static input and _launch's outputs, which every
-    replay overwrites; the SavedForward last lent out of them (a weak reference, dead once its
-    backward has run: explicit_backward releases it there) and the stream of that replay, on
-    which autograd runs that backward. io: the backend's address words, which the graph's kernels
-    read x and out through, when captured `addressed` (each replay writes them); otherwise (the
-    router in torch's ops, which read the static input) written in the graph, each replay
-    copying x in and the output out. zero_out: a replay's new output starts zeroed
-    (fused_moe.zeroed_out)."""
+    """One forward captured in a CUDA graph: its static input (None when addressed) and _launch's
+    outputs, which every replay overwrites (an addressed one: all but out); the SavedForward last
+    lent out of them (a weak reference, dead once its backward has run: explicit_backward
+    releases it there) and the stream of that replay, on which autograd runs that backward. io:
+    the backend's address words, which the graph's kernels read x and out through; captured
+    `addressed`, each replay writes them; otherwise (the router in torch's ops, which read the
+    static input) the graph writes them, each replay copying x in and the output out. zero_out:
+    a replay's new output starts zeroed (fused_moe.zeroed_out)."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, static_x: torch.Tensor, outputs: tuple, io: torch.Tensor,
-                 addressed: bool, zero_out: bool):
+    def __init__(self, graph: torch.cuda.CUDAGraph, static_x: torch.Tensor | None, outputs: tuple,
+                 io: torch.Tensor, addressed: bool, zero_out: bool):
         self.graph, self.static_x, self.outputs = graph, static_x, outputs
         self.io, self.addressed, self.zero_out = io, addressed, zero_out
         self.lent: weakref.ref | None = None
@@ -164,7 +164,9 @@ class CapturedForward:
         if self.addressed:
             if not x.is_contiguous() or x.data_ptr() % ALIGN:
                 x = x.clone(memory_format=torch.contiguous_format)
-            out = torch.zeros_like(x) if self.zero_out else torch.empty_like(x)
+            out = torch.empty_like(x)
+            if self.zero_out:
+                out.zero_()
             write_addresses(self.io, x, out)
         else:
             self.static_x.copy_(x)
@@ -239,19 +241,23 @@ class FlashBackend:
         variant at a forward would compile it (3.5-9 s on an H100's host with Triton's cache
         empty, bench/NOTES.md item 84) while its peers' kernels already wait for it, under
         timeout_s. The router and plan kernels (one variant each at any token count, but the
-        router's own at each token count router_launch_tokens names, and one for a training
-        forward's saved logits) are run here on tokens of zeros at those counts, which compiles
-        them; the scratch expected-row counts they add to are their own."""
+        router's own at each token count router_launch_tokens names, one for a training
+        forward's saved logits, and each as a forward routes, x through an address word, and as a
+        backward or load_balancing_loss routes again, x itself) are run here on tokens of zeros at
+        those counts, which compiles them; the scratch expected-row counts they add to, and the
+        address word they read, are their own (a forward in flight keeps the layer's)."""
         layer, geo, cfg = self.layer, self.geo, self.layer.config
         expect = torch.zeros_like(self.ws.scratch.comb_expect)  # these runs' own expected rows
+        words = torch.zeros_like(self.io)
         with torch.no_grad():  # as a forward routes (the kernel is not taken where autograd records)
             for tokens in router_launch_tokens(geo.max_tokens):
                 zeros = torch.zeros(tokens, geo.hidden, dtype=cfg.torch_dtype, device=layer.device)
-                write_addresses(self.io, zeros, zeros)  # as a forward reads x (_launch)
-                at = self.io if kernel_routes(zeros, layer.router_weight, layer.router_bias) else None
-                for keep_logits in (False, True):
-                    routing_plan(layer.route(zeros, keep_logits=keep_logits, x_at=at), layer.expert_positions, geo,
-                                 self.send_order, expect)
+                write_addresses(words, zeros, zeros)
+                builds = [None, words] if kernel_routes(zeros, layer.router_weight, layer.router_bias) else [None]
+                for at in builds:
+                    for keep_logits in (False, True):
+                        routing_plan(layer.route(zeros, keep_logits=keep_logits, x_at=at), layer.expert_positions,
+                                     geo, self.send_order, expect)
         x = torch.empty(0, geo.hidden, dtype=cfg.torch_dtype, device=layer.device)
         plan, _ = routing_plan(layer.route(x), layer.expert_positions, geo, self.send_order,
                                self.ws.scratch.comb_expect)  # no tokens: adds nothing
@@ -267,7 +273,7 @@ class FlashBackend:
         for launch in launches:
             for saved in saves:
                 compile_fused(x, torch.empty_like(x), experts, plan, self.ws, launch, config=cfg, rank=layer.rank,
-                              timeout_s=self.options.timeout_s, saved=saved, io=self.io)
+                              timeout_s=self.options.timeout_s, saved=saved, io=words)
 
     def __reduce_ex__(self, protocol):
         """copy.deepcopy and pickle (torch.save of the layer or its model) are refused: a copy would
@@ -410,16 +416,19 @@ class FlashBackend:
 
     def _capture(self, x: torch.Tensor, saving: tuple | None) -> CapturedForward:
         """x's forward captured in a CUDA graph, addressed where the router kernel routes (every
-        kernel then reads x and writes out through the address words), else on a static copy of x."""
+        kernel then reads x and writes out through the address words: the tensor captured as x
+        only lends its address, which they never read through, so it is not kept), else on a
+        static copy of x."""
         layer = self.layer
         addressed = kernel_routes(x, layer.router_weight, layer.router_bias)
-        static_x = x.clone()
+        static_x = torch.empty_like(x) if addressed else x.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self._launch(static_x, None, copy_status=True, saving=saving, addressed=addressed)
         launch = choose_launch(self.geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,
                                resident=self.resident)
-        return CapturedForward(graph, static_x, outputs, self.io, addressed, zeroed_out(launch, layer.config))
+        return CapturedForward(graph, None if addressed else static_x, outputs, self.io, addressed,
+                               zeroed_out(launch, layer.config))
 
     def _launch(self, x: torch.Tensor, stream: torch.cuda.Stream | None, copy_status: bool = False,
                 saving: tuple | None = None, addressed: bool = False):

@@ -276,8 +276,8 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
     to WIDE_SPLIT_TOKENS tokens and half as many past them; a hidden size of one K step is never
     split. block_t, tokens a program: a power of two >= 16, by default SMALL_BT up to
     SMALL_BT_TOKENS tokens, and past them 64, 32 or 16 by E (up to 128, 256, 512 experts). Each
-    kernel compiles one variant for every token count and chunk count of a block_t and split
-    (router_launch_tokens names a count of each). x_at: None, or an int64 word on x's device
+    kernel compiles one variant for every token count and chunk count of a block_t and split,
+    with x_at and without (router_launch_tokens names a count of each). x_at: None, or an int64 word on x's device
     holding the address the kernels read x's rows from instead (kernels/addresses.py: x then
     stands in for a tensor of its shape, dtype and alignment; a CUDA graph's replays write the
     word).

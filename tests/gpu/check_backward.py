@@ -200,9 +200,10 @@ def router_kernel_kept_for_inference(rank) -> dict:
 
 def router_builds_agree(presets: list[str], draws: int = 16, tokens: int = 2048) -> dict:
     """The router kernel chooses the same experts and weights, bit for bit, with and without
-    keep_logits (its SAVE_LOGITS build): backward="recompute" routes again with the logits kept
-    after a forward that routed without them. Fresh random x and router weights, each preset's
-    routing at full size."""
+    keep_logits (its SAVE_LOGITS build), and reading x through an address word (X_AT) or not:
+    backward="recompute" routes x again with the logits kept after a forward that routed it
+    through the layer's address word without them. Fresh random x and router weights, each
+    preset's routing at full size."""
     differ = 0
     for name in presets:
         cfg = fm.preset(name)
@@ -214,9 +215,14 @@ def router_builds_agree(presets: list[str], draws: int = 16, tokens: int = 2048)
                                       if cfg.router_bias else None),
                       "e_score_correction_bias": (torch.randn(E, device="cuda") / 10
                                                   if cfg.routing == "sigmoid_grouped" else None)}
-            plain, kept = route(x, w, cfg, **biases), route(x, w, cfg, keep_logits=True, **biases)
-            differ += int(((plain.experts != kept.experts) | (plain.weights != kept.weights)).any(1).sum())
-    return {"case": "router kernel's choice with and without keep_logits", "ok": differ == 0,
+            word = torch.tensor([x.data_ptr()], device="cuda")
+            stand_in = torch.full_like(x, float("nan"))
+            plain = route(x, w, cfg, **biases)
+            for other in (route(x, w, cfg, keep_logits=True, **biases), route(stand_in, w, cfg, x_at=word, **biases),
+                          route(stand_in, w, cfg, keep_logits=True, x_at=word, **biases)):
+                differ += int(((plain.experts != other.experts) | (plain.weights != other.weights)).any(1).sum())
+    return {"case": "router kernel's choice with and without keep_logits and x through an address word",
+            "ok": differ == 0,
             "tokens_differing": differ, "tokens": draws * tokens * len(presets)}
 
 
