@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 ALIGN = 16  # bytes: what Triton assumes of a tensor argument's address, and rebase keeps
+_ALIGN = tl.constexpr(ALIGN)  # the same, as a jit function may read a global
 
 
 def write_addresses(words: torch.Tensor, *tensors: torch.Tensor) -> None:
@@ -30,5 +31,5 @@ def rebase(ptr, word, AT: tl.constexpr):
     it), so the kernel's loads and stores through it stay as wide as through ptr."""
     if AT:
         ELT: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
-        ptr = ptr + tl.multiple_of((tl.load(word) - ptr.to(tl.int64)) // ELT, ALIGN // ELT)
+        ptr = ptr + tl.multiple_of((tl.load(word) - ptr.to(tl.int64)) // ELT, _ALIGN // ELT)
     return ptr
