@@ -38,9 +38,13 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, *,
     another k-th expert than the kernel would). keep_logits: the Routing also holds the logits the
     experts were chosen from (the kernel writes them as it goes). x_at: the kernel reads x's rows
     at the address this int64 word holds (router_topk's x_at: a CUDA graph's replays write it);
-    where the torch ops would route instead (kernel_routes), a ValueError."""
+    where the torch ops would route instead (kernel_routes), or x is not contiguous (the kernel
+    reads the word's rows as a contiguous [tokens, hidden] tensor), a ValueError."""
     _check_router_inputs(x, router_weight, config)
     config.check_weights({"router_bias": router_bias, "e_score_correction_bias": e_score_correction_bias})
+    if x_at is not None and not x.is_contiguous():
+        raise ValueError(f"x: with x_at the router kernel reads x's rows where the word points as a contiguous "
+                         f"[tokens, hidden] tensor; got one with strides {x.stride()}")
     if kernel_routes(x, router_weight, router_bias):
         logits = (torch.empty(x.shape[0], config.num_experts, dtype=torch.float32, device=x.device)
                   if keep_logits else None)

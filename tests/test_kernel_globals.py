@@ -4,7 +4,7 @@ functions, Triton's builtins, classes (aggregates among them) and `tl.constexpr`
 The interpreter runs jit functions as Python, so a kernel that reads a plain int from its module
 passes every CPU test and then fails to build on a GPU ("Cannot access global variable ..."):
 kernels/addresses.py's ALIGN did, on an H200 (bench/NOTES.md item 103). Read from the source,
-without building anything."""
+without building anything. A name bound nowhere is ruff's undefined name (F821), which CI checks."""
 
 import ast
 import importlib

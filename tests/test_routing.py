@@ -134,3 +134,11 @@ def test_an_address_word_for_x_is_refused_where_torch_routes():
     with pytest.raises(ValueError, match="x_at: the router kernel reads x at an address word, but here torch's ops"):
         route(torch.randn(4, 24), torch.randn(16, 24), MoEConfig(**BASE, top_k=2),
               x_at=torch.zeros(1, dtype=torch.int64))
+
+
+def test_an_address_word_for_a_strided_x_is_refused():
+    """The kernel reads the word's rows as a contiguous [tokens, hidden] tensor, so an x of other
+    strides (whose contiguous copy route would pass the kernel) cannot stand in for them."""
+    with pytest.raises(ValueError, match=r"x: with x_at the router kernel reads x's rows .* strides \(1, 4\)"):
+        route(torch.randn(24, 4).t(), torch.randn(16, 24), MoEConfig(**BASE, top_k=2),
+              x_at=torch.zeros(1, dtype=torch.int64))
