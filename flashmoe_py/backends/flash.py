@@ -26,7 +26,7 @@ from ..heap import SymmetricHeap
 from ..kernels.launch_config import choose_launch, launch_variants, partial_slots
 from ..kernels.layout import Geometry, describe_timeout
 from ..kernels.plan import RoutingPlan, build_plan, plan_stats
-from ..kernels.addresses import ALIGN, write_addresses
+from ..kernels.addresses import aligned_rows, write_addresses
 from ..kernels.fused_moe import Saved, compile_fused, launch_fused, zeroed_out
 from ..kernels.router import router_launch_tokens
 from ..kernels.transport import nvshmem_device_library
@@ -146,8 +146,8 @@ class CapturedForward:
 
     def replay(self, x: torch.Tensor, current: torch.cuda.Stream) -> tuple:
         """Replay on `current` (the caller's current stream) for x -> (out, stats, SavedForward
-        or None): out and stats the caller's own (addressed: x read where it is, unless it is
-        not contiguous or ALIGN-aligned, then from a copy, and out a new tensor the graph writes;
+        or None): out and stats the caller's own (addressed: x read where it is, or from
+        aligned_rows' copy, and out a new tensor the graph writes;
         otherwise x copied in and both copied out), the SavedForward
         a new one over the graph's buffers. The one lent before keeps copies if still alive (its
         backward has not run); on another stream than its own, this replay first waits for that
@@ -163,8 +163,7 @@ class CapturedForward:
                 self.lent_on.wait_stream(current)
                 held.record_stream(self.lent_on)
         if self.addressed:
-            if not x.is_contiguous() or x.data_ptr() % ALIGN:
-                x = x.clone(memory_format=torch.contiguous_format)
+            x = aligned_rows(x)
             out = torch.empty_like(x)
             if self.zero_out:
                 out.zero_()
@@ -451,8 +450,7 @@ class FlashBackend:
                                resident=self.resident)
         experts = kernel_experts(layer)
         routed = kernel_routes(x, layer.router_weight, layer.router_bias)
-        if x.data_ptr() % ALIGN and not addressed:  # (a view at an odd offset) the kernels read it aligned
-            x = x.clone()
+        x = aligned_rows(x)  # (a view at an odd offset: a copy; the addressed capture's own x: itself)
         out = x if addressed else torch.zeros_like(x) if zeroed_out(launch, layer.config) else torch.empty_like(x)
         if not addressed:
             write_addresses(self.io, x, out)

@@ -14,6 +14,14 @@ ALIGN = 16  # bytes: what Triton assumes of a tensor argument's address, and reb
 _ALIGN = tl.constexpr(ALIGN)  # the same, as a jit function may read a global
 
 
+def aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself where the kernels can read it through its address (contiguous, at an ALIGN-byte
+    aligned address), else a contiguous copy (a strided view, or one at an odd offset)."""
+    if x.is_contiguous() and x.data_ptr() % ALIGN == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def write_addresses(words: torch.Tensor, *tensors: torch.Tensor) -> None:
     """words[i] := tensors[i]'s address, on the current stream (a kernel each, ordered before the
     kernels that read the words). words: [len(tensors)] int64 on the tensors' device; each tensor
