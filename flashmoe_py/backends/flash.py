@@ -128,8 +128,8 @@ def graphs_to_drop(keys: list[tuple], max_graphs: int, max_saving: int) -> list[
 
 class CapturedForward:
     """One forward captured in a CUDA graph: its static input (None when addressed) and _launch's
-    outputs, which every replay overwrites (an addressed one: all but out, whose place the tensor
-    captured as x holds); the SavedForward last
+    outputs, which every replay overwrites (an addressed one: all but out, None there); the
+    SavedForward last
     lent out of them (a weak reference, dead once its backward has run: explicit_backward
     releases it there) and the stream of that replay, on which autograd runs that backward. io:
     the backend's address words, which the graph's kernels read x and out through; captured
@@ -417,8 +417,8 @@ class FlashBackend:
     def _capture(self, x: torch.Tensor, saving: tuple | None) -> CapturedForward:
         """x's forward captured in a CUDA graph, addressed where the router kernel routes (every
         kernel then reads x and writes out through the address words: the tensor captured as x
-        only lends its address, which they never read through; it stays in the outputs as out's
-        stand-in, one [T, H] tensor where a graph on a static copy of x keeps two), else on a
+        only lends its address, which they never read through, and is freed after the capture, so
+        the graph keeps no [T, H] tensor where one on a static copy of x keeps two), else on a
         static copy of x."""
         layer = self.layer
         addressed = kernel_routes(x, layer.router_weight, layer.router_bias)
@@ -428,8 +428,9 @@ class FlashBackend:
             outputs = self._launch(static_x, None, copy_status=True, saving=saving, addressed=addressed)
         launch = choose_launch(self.geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,
                                resident=self.resident)
-        return CapturedForward(graph, None if addressed else static_x, outputs, self.io, addressed,
-                               zeroed_out(launch, layer.config))
+        if addressed:  # (its out is the stand-in x: the replays write new outputs)
+            static_x, outputs = None, (None, *outputs[1:])
+        return CapturedForward(graph, static_x, outputs, self.io, addressed, zeroed_out(launch, layer.config))
 
     def _launch(self, x: torch.Tensor, stream: torch.cuda.Stream | None, copy_status: bool = False,
                 saving: tuple | None = None, addressed: bool = False):

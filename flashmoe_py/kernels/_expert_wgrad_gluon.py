@@ -158,7 +158,7 @@ def wgrad_kernel(ends_ptr, num_tiles, K, a_desc, b_desc, out_desc, STAGES: gl.co
 
 
 _LAYOUTS = {}  # box shape -> its shared-memory layout, made once
-_COMPILED = {}  # (device, stages, out_bufs) -> (the compiled kernel, the device's SMs)
+_COMPILED = {}  # (device, stages, out_bufs, tile) -> (the compiled kernel, the device's SMs)
 
 
 def _descs(a, b, out, tile):
@@ -184,7 +184,7 @@ def launch(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, out: torch.Tens
     E, K, N = out.shape
     BM, BN, _ = tile
     num_tiles = E * triton.cdiv(K, BM) * triton.cdiv(N, 2 * BN)
-    key = (a.device, stages, out_bufs)
+    key = (a.device, stages, out_bufs, tuple(tile))
     if key not in _COMPILED or ends.data_ptr() % 16:
         device_sms = torch.cuda.get_device_properties(a.device).multi_processor_count
         grid = (max(1, min(device_sms, num_tiles)), )
