@@ -116,12 +116,13 @@ def test_half_the_programs_dispatch_for_experts_narrower_than_hidden(name, world
 @pytest.mark.parametrize("name,world,max_tokens,top_k", [("qwen3_30b_a3b", 1, 4096, 8), ("qwen3_30b_a3b", 2, 300, 8),
                                                          ("qwen3_30b_a3b", 1, 3000, 3), ("mixtral_8x7b", 4, 2048, 2),
                                                          ("deepseek_v3", 8, 1000, 8), ("tiny", 2, 7, 2),
-                                                         ("mixtral_8x7b", 1, 4500, 1)])
+                                                         ("mixtral_8x7b", 1, 4500, 1), ("llama4_scout", 1, 7000, 1)])
 def test_launch_variants_are_every_launch_a_token_count_can_get(dtype, name, world, max_tokens, top_k):
     """What a layer on several GPUs compiles when it is built (FlashBackend.compile_variants):
     every launch of 0..max_tokens tokens, each once, and none that no token count gets (top-3 of
     128 experts: the rows an expert reach a threshold between two token counts' worth; mixtral at
-    top-1: the slots a call reach the sorted rows' threshold well after its rows do)."""
+    top-1: the slots a call reach the sorted rows' threshold well after its rows do; llama4_scout's
+    16 experts at top-1: the rows, after the slots)."""
     geo = geometry(name, world, tokens=max_tokens, top_k=top_k)
     every = {choose_launch(geo, t, dtype, SMS) for t in range(max_tokens + 1)}
     variants = launch_variants(geo, dtype, SMS)
@@ -160,21 +161,24 @@ def test_gemm2_rows_come_through_tma_at_world_1_for_experts_twice_as_wide_as_hid
 @pytest.mark.parametrize("preset,world,tokens,changes,sorted_rows", [
     ("mixtral_8x7b", 1, 4096, {}, 1), ("mixtral_8x7b", 1, 2048, {}, 1), ("mixtral_8x7b", 1, 2047, {}, 0),
     ("mixtral_8x7b", 1, 1024, {}, 0), ("mixtral_8x7b", 1, 2048, {"num_experts": 64}, 0),
-    ("mixtral_8x7b", 1, 4096, {"top_k": 1, "num_experts": 16}, 1),
-    ("mixtral_8x7b", 1, 4095, {"top_k": 1, "num_experts": 16}, 0),
+    ("mixtral_8x7b", 1, 6144, {"top_k": 1, "num_experts": 16}, 1),
+    ("mixtral_8x7b", 1, 6143, {"top_k": 1, "num_experts": 16}, 0),
+    ("mixtral_8x7b", 1, 4096, {"top_k": 1, "num_experts": 16}, 0),
+    ("mixtral_8x7b", 1, 2048, {"top_k": 1, "num_experts": 4}, 0),
     ("mixtral_8x7b", 2, 4096, {}, 0), ("gpt_oss_120b", 1, 16384, {}, 0), ("qwen3_30b_a3b", 1, 16384, {}, 0),
     ("mixtral_8x7b", 1, 4096, {"ffn_size": 4096}, 1), ("mixtral_8x7b", 1, 4096, {"ffn_size": 3968}, 0),
     ("mixtral_8x7b", 1, 4096, {"ffn_size": 4096, "activation": "gelu"}, 0),
     ("mixtral_8x7b", 1, 4096, {"ffn_size": 8192, "activation": "relu"}, 1)])
-def test_gemm1_rows_are_copied_into_expert_order_at_world_1_for_8192_columns_and_4096_slots(
+def test_gemm1_rows_are_copied_into_expert_order_at_world_1_from_384_rows_8192_columns_and_4096_slots(
         preset, world, tokens, changes, sorted_rows):
     """Measured faster for mixtral (gated, ffn 14,336) and a 5,888-wide random shape, slower for
     gpt_oss (2,880) and qwen3 (768): the copy costs ~400 / GEMM1's columns (2F gated, F not) of
-    GEMM1's time, which the TMA loop gains back from ~8,192 columns. From 128 rows an expert
+    GEMM1's time, which the TMA loop gains back from ~8,192 columns. From 384 rows an expert
     and 4,096 slots (tokens x top-k) a call, as measured: mixtral's 8 experts at top-2 reach both
     at 2,048 tokens (at 1,024, 256 rows an expert are not enough); 64 experts have 4,096 slots
-    there but 64 rows an expert; top-1 needs 4,096 tokens. Several ranks cannot (their rows arrive
-    from other sources)."""
+    there but 64 rows an expert; 16 experts at top-1 have 4,096 slots at 4,096 tokens but 256
+    rows, and reach 384 at 6,144; 4 experts at top-1 have 512 rows at 2,048 tokens but 2,048
+    slots. Several ranks cannot (their rows arrive from other sources)."""
     geo = geometry(preset, world, tokens=tokens, **changes)
     assert choose_launch(geo, tokens, torch.bfloat16, SMS).sorted_rows == sorted_rows
     assert choose_launch(geo, tokens, torch.float32, SMS).sorted_rows == 0  # measured in bf16 only

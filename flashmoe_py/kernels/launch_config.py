@@ -19,8 +19,9 @@ SPLIT_SLOTS = 128  # GEMM2 parts a call may hold partial sums for (8 MiB: Geomet
 # Rows an expert (on average) at which choose_launch's launch changes, one of the two ways a call's
 # token count reaches its launch (the other: SORTED_MIN_SLOTS): at world 1 the static GEMM1 order
 # (STATIC_ROWS) and the taller bf16 tiles (TALL_ROWS); from LARGE_ROWS the taller tiles on several
-# ranks, and two-column combine tasks, the sorted rows (with enough slots) and the dispatch overlap.
-STATIC_ROWS, TALL_ROWS, LARGE_ROWS = 64, 64, 128
+# ranks, and two-column combine tasks and the dispatch overlap; from SORTED_ROWS the sorted rows
+# (with enough slots and columns).
+STATIC_ROWS, TALL_ROWS, LARGE_ROWS, SORTED_ROWS = 64, 64, 128, 384
 # GEMM1 columns (2F for gated experts, F otherwise) from which choose_launch copies the rows into
 # expert order (sorted_rows): the copy costs ~400 / columns of GEMM1's time, the TMA loop saves
 # 5-7% of it (kernels/sorted_rows.py); and the slots (tokens x top-k) a call needs for it to pay.
@@ -49,9 +50,9 @@ class LaunchConfig:
     only, where a tile's rows are one block (with several ranks they can come from several
     sources). sorted_rows: 1 to copy the token rows into expert order before the launch
     (kernels/sorted_rows.py), so that a GEMM1 tile's rows are one block, loaded as TMA boxes; 0
-    to gather them from x row by row; world 1 only (`auto` there for bf16 experts of 128 rows or
-    more whose GEMM1 is at least SORTED_MIN_COLUMNS wide, gated experts of 4,096, in calls of at
-    least SORTED_MIN_SLOTS slots: tokens x top-k).
+    to gather them from x row by row; world 1 only (`auto` there for bf16 experts of SORTED_ROWS
+    rows or more whose GEMM1 is at least SORTED_MIN_COLUMNS wide, gated experts of 4,096, in calls
+    of at least SORTED_MIN_SLOTS slots: tokens x top-k).
     f_split: the most parts a GEMM2 tile's K loop (over the FFN, in whole GEMM1 column tiles) may
     be split into, a power of two up to MAX_F_SPLIT; the kernel takes, per call, the most parts up
     to it that keep the call's GEMM2 tiles times parts within the programs, the workspace's
@@ -187,7 +188,7 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # rows: mixtral (ffn 3.5x hidden) at 4,096 / 16,384 tokens -2.8% / -1.5% (2,048: +1.4%,
     # within that point's run-to-run spread); gpt_oss (1x) +0.6..+3.1% and qwen3 (0.375x)
     # +0.3..+1.0% (bench/NOTES.md item 57).
-    # At world 1, from 128 rows an expert in bf16, the token rows copied into expert order by a kernel
+    # At world 1, from SORTED_ROWS rows an expert in bf16, the token rows copied into expert order by a kernel
     # before the launch, GEMM1 reading them as TMA boxes, where GEMM1 is at least SORTED_MIN_COLUMNS
     # wide (gated experts of 4,096; non-gated ones of 8,192, by the copy's cost, not measured).
     # One H200, against gathering them, two calls: mixtral (gated, F 14,336) at 2,048 / 4,096 /
@@ -198,6 +199,13 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # 3,072 slots (+1.4..+2.7%: mixtral at 512 / 1,024 tokens, 5,888-wide shapes at 1,024), faster
     # or even from 4,096 at 8 of 10 (mixtral at 2,048 / 4,096 / 16,384 -6.6 / -7.6 / -2.7%, 3,328 x
     # 7,424 with 75 experts at top-1, 218 rows, -5.3%; +1.2% and +1.9% at the other two) (item 100).
+    # From SORTED_ROWS rows an expert: one H100 (with the direct output, item 102), the copy
+    # against gathering, same call: slower at three of four points of 136-273 rows (4,352 x 5,120
+    # with 60 experts at 136 / 273 rows +1.7..+1.8% / +1.2%, 3,328 x 7,424 with 75 at top-1, 218
+    # rows, +0.8..+1.1%; 2,816 x 6,912 with 35, 234 rows, -0.3%), faster at five of six from 455
+    # (4,864 x 5,888 with 9 at 455 / 910 rows -1.1 / -10.7%, the 35 experts at 468 / 936 -2.6 /
+    # -1.6%, mixtral at 1,024 / 4,096 -5.0 / -4.9%; the 60 experts at 546 +0.7%) (bench/NOTES.md
+    # item 104).
     # At world 1, top-1, without shared experts, GEMM2 tiles store their weighted rows into the
     # output and no combine task runs (direct_out). One H100, against the combine, same call:
     # 3,328 x 7,424 with 75 experts at 4,096 / 16,384 tokens -1.5 / -3.8%, 3,840 x 4,096 with 161
@@ -216,7 +224,8 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
               "static_ffn_in": int(resident and programs == sm_count and geo.world_size == 1
                                    and rows_per_expert >= STATIC_ROWS),
               "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden),
-              "sorted_rows": int(large and geo.world_size == 1 and tokens * geo.top_k >= SORTED_MIN_SLOTS
+              "sorted_rows": int(bf16 and geo.world_size == 1 and rows_per_expert >= SORTED_ROWS
+                                 and tokens * geo.top_k >= SORTED_MIN_SLOTS
                                  and geo.ffn * (2 if geo.gated else 1) >= SORTED_MIN_COLUMNS),
               "direct_out": int(geo.world_size == 1 and geo.top_k == 1 and not geo.shared_ffn)}
     return LaunchConfig(**{"programs": programs, **chosen, **override}).check(geo)
@@ -226,9 +235,10 @@ def launch_variants(geo: Geometry, dtype: torch.dtype, sm_count: int, override: 
                     resident: bool = True) -> list[LaunchConfig]:
     """Every launch choose_launch can give a call of 0 to geo.max_tokens tokens (its arguments
     otherwise as given), each once, fewest tokens first: the token counts where its rows an
-    expert reach STATIC_ROWS, TALL_ROWS and LARGE_ROWS, where its slots reach SORTED_MIN_SLOTS,
-    and none."""
-    reach = [-(-rows * geo.local_experts // geo.top_k) for rows in (STATIC_ROWS, TALL_ROWS, LARGE_ROWS)]
+    expert reach STATIC_ROWS, TALL_ROWS, LARGE_ROWS and SORTED_ROWS, where its slots reach
+    SORTED_MIN_SLOTS, and none."""
+    reach = [-(-rows * geo.local_experts // geo.top_k)
+             for rows in (STATIC_ROWS, TALL_ROWS, LARGE_ROWS, SORTED_ROWS)]
     reach.append(-(-SORTED_MIN_SLOTS // geo.top_k))
     launches = []
     for tokens in [0, *sorted(t for t in reach if t <= geo.max_tokens)]:

@@ -8,7 +8,8 @@ The copy costs about 400 / C of GEMM1's time on an H200, C GEMM1's columns (2F f
 F otherwise): 4 bytes an element of a slot's row at the copy rate, against 2C flops an element
 at the GEMM rate. The TMA loop saves 5-7% of it (bench/NOTES.md items 57 and 90), so it pays
 from about 8,192 columns (gated experts 4,096 wide: launch_config.SORTED_MIN_COLUMNS), in calls of
-4,096 slots or more (tokens x top-k: SORTED_MIN_SLOTS; fewer measured slower on one H100)."""
+4,096 slots or more (tokens x top-k: SORTED_MIN_SLOTS) and from 384 rows an expert (SORTED_ROWS):
+fewer of either measured slower on one H100."""
 
 from __future__ import annotations
 
