@@ -864,15 +864,13 @@ def test_an_addressed_replay_names_the_caller_s_x_and_a_new_output_to_the_graph(
         def replay(self):
             seen.append(io.tolist())
 
-    static_out = torch.zeros(3, 4)
     empty_like = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))  # not zeros
-    for zero_out in (False, True):
-        captured = CapturedForward(Graph(), torch.zeros(3, 4), (static_out, torch.zeros(3), None), io,
-                                   addressed=True, zero_out=zero_out)
+    for zero_out in (False, True):  # as _capture leaves it: neither the captured x nor its out kept
+        captured = CapturedForward(Graph(), None, (None, torch.zeros(3), None), io, addressed=True, zero_out=zero_out)
         x = torch.randn(3, 4)
         out, stats, _ = captured.replay(x, None)
-        assert seen[-1] == [x.data_ptr(), out.data_ptr()] and out is not static_out and out.shape == (3, 4)
+        assert seen[-1] == [x.data_ptr(), out.data_ptr()] and out.shape == (3, 4)
         assert (not out.any()) if zero_out else out.isnan().all()
         later, _, _ = captured.replay(torch.randn(3, 4), None)
         assert later.data_ptr() != out.data_ptr()  # the earlier output is the caller's, untouched

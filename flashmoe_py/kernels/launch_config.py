@@ -202,7 +202,7 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # From SORTED_ROWS rows an expert: one H100 (with the direct output, item 102), the copy
     # against gathering, same call: slower at three of four points of 136-273 rows (4,352 x 5,120
     # with 60 experts at 136 / 273 rows +1.7..+1.8% / +1.2%, 3,328 x 7,424 with 75 at top-1, 218
-    # rows, +0.8..+1.1%; 2,816 x 6,912 with 35, 234 rows, -0.3%), faster at five of six from 455
+    # rows, +0.8..+1.1%; 2,816 x 6,912 with 35, 234 rows, -0.3%), faster at six of seven from 455
     # (4,864 x 5,888 with 9 at 455 / 910 rows -1.1 / -10.7%, the 35 experts at 468 / 936 -2.6 /
     # -1.6%, mixtral at 1,024 / 4,096 -5.0 / -4.9%; the 60 experts at 546 +0.7%) (bench/NOTES.md
     # item 104).

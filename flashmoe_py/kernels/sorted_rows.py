@@ -9,7 +9,7 @@ F otherwise): 4 bytes an element of a slot's row at the copy rate, against 2C fl
 at the GEMM rate. The TMA loop saves 5-7% of it (bench/NOTES.md items 57 and 90), so it pays
 from about 8,192 columns (gated experts 4,096 wide: launch_config.SORTED_MIN_COLUMNS), in calls of
 4,096 slots or more (tokens x top-k: SORTED_MIN_SLOTS) and from 384 rows an expert (SORTED_ROWS):
-fewer of either measured slower on one H100."""
+fewer slots, and fewer rows at three of four points, measured slower on one H100."""
 
 from __future__ import annotations
 
