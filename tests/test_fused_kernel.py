@@ -25,6 +25,7 @@ from flashmoe_py.kernels.fused_moe import Saved, launch_fused
 from flashmoe_py.kernels.fused_moe_details.expert_ffn import sum_parts
 from flashmoe_py.kernels.fused_moe_details.tasks import expert_tile, tile_table
 from flashmoe_py.kernels.launch_config import SPLIT_SLOTS, LaunchConfig, partial_slots
+from flashmoe_py.kernels.addresses import check_words
 from flashmoe_py.kernels.sorted_rows import sort_rows
 from flashmoe_py.kernels.layout import CTL_EPOCH, WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, Geometry
 from flashmoe_py.kernels.workspace import Workspace
@@ -314,6 +315,19 @@ def test_the_kernel_reads_x_and_writes_out_at_the_addresses_of_its_words(fields)
         for tokens, direct in [(90, 1), (33, 0)]:
             x, out = top1.forward(tokens, addressed=True, direct_out=direct)
             check_call(top1, top1.cfg, x, out)
+
+
+@pytest.mark.parametrize("word", [torch.zeros(1), torch.zeros(1, 1, dtype=torch.int64),
+                                  torch.zeros(0, dtype=torch.int64)])
+def test_the_row_copy_and_the_kernel_refuse_an_address_word_that_is_not_int64_words(word):
+    """x_at / io must be int64 words in one dimension on x's device, as many as the kernel reads
+    (the row copy one, the fused kernel two: x's and out's), refused by name before any launch."""
+    x, slot_row, recv = torch.randn(3, 8), torch.zeros(3, 1, dtype=torch.int32), torch.zeros(3, 8)
+    with pytest.raises(ValueError, match="x_at: expected at least 1 int64 word"):
+        sort_rows(x, slot_row, recv, x_at=word)
+    with pytest.raises(ValueError, match="io: expected at least 2 int64 word"):  # fused_kernel_args' check
+        check_words("io", torch.zeros(1, dtype=torch.int64) if word.dtype == torch.int64 else word, 2, x.device)
+    check_words("io", torch.zeros(2, dtype=torch.int64), 2, x.device)
 
 
 def test_sort_rows_puts_each_kept_slot_s_row_where_the_plan_says():

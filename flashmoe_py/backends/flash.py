@@ -164,9 +164,7 @@ class CapturedForward:
                 held.record_stream(self.lent_on)
         if self.addressed:
             x = aligned_rows(x)
-            out = torch.empty_like(x)
-            if self.zero_out:
-                out.zero_()
+            out = torch.zeros_like(x) if self.zero_out else torch.empty_like(x)
             write_addresses(self.io, x, out)
         else:
             self.static_x.copy_(x)
@@ -426,11 +424,15 @@ class FlashBackend:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self._launch(static_x, None, copy_status=True, saving=saving, addressed=addressed)
-        launch = choose_launch(self.geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,
-                               resident=self.resident)
         if addressed:  # (its out is the stand-in x: the replays write new outputs)
             static_x, outputs = None, (None, *outputs[1:])
-        return CapturedForward(graph, static_x, outputs, self.io, addressed, zeroed_out(launch, layer.config))
+        return CapturedForward(graph, static_x, outputs, self.io, addressed,
+                               zeroed_out(self._launch_for(x), layer.config))
+
+    def _launch_for(self, x: torch.Tensor):
+        """choose_launch's launch for x [T, H] on this backend's programs and override."""
+        return choose_launch(self.geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,
+                             resident=self.resident)
 
     def _launch(self, x: torch.Tensor, stream: torch.cuda.Stream | None, copy_status: bool = False,
                 saving: tuple | None = None, addressed: bool = False):
@@ -447,8 +449,7 @@ class FlashBackend:
         (FusedKernelError at its next forward; not inside a capture, where the plan is only
         recorded)."""
         layer, geo, ws = self.layer, self.geo, self.ws
-        launch = choose_launch(geo, x.shape[0], x.dtype, self.programs, self.options.launch_override,
-                               resident=self.resident)
+        launch = self._launch_for(x)
         experts = kernel_experts(layer)
         routed = kernel_routes(x, layer.router_weight, layer.router_bias)
         x = aligned_rows(x)  # (a view at an odd offset: a copy; the addressed capture's own x: itself)

@@ -22,6 +22,14 @@ def aligned_rows(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
+def check_words(name: str, words: torch.Tensor, count: int, device: torch.device) -> None:
+    """Raise a ValueError naming `name` unless words holds at least `count` int64 words, one
+    dimension, on `device` (the kernels read words[0 .. count - 1])."""
+    if words.dtype != torch.int64 or words.dim() != 1 or words.numel() < count or words.device != device:
+        raise ValueError(f"{name}: expected at least {count} int64 word(s) in one dimension on {device}, got "
+                         f"{words.dtype} {tuple(words.shape)} on {words.device}")
+
+
 def write_addresses(words: torch.Tensor, *tensors: torch.Tensor) -> None:
     """words[i] := tensors[i]'s address, on the current stream (a kernel each, ordered before the
     kernels that read the words). words: [len(tensors)] int64 on the tensors' device; each tensor

@@ -90,7 +90,7 @@ from .fused_moe_details.tasks import PendingTile, grouped, report_timeout, stamp
 from .layout import (ACT_CODES, CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, TASK_COMBINE,
                      TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT, TASK_SHARED_IN, TASK_SHARED_OUT, TRACE_COLS,
                      WAITED_COUNTS, WAIT_COUNTS)
-from .addresses import rebase
+from .addresses import check_words, rebase
 from .sorted_rows import compile_sort_rows, sort_rows
 from .transport import TRANSPORTS, clock_ns, nvshmem_device_library, nvshmem_launch, puts_complete, wait_at_least
 
@@ -424,8 +424,8 @@ def fused_kernel_args(x, out, experts: dict, plan, ws, launch, *, config, rank: 
         raise ValueError(f"the workspace holds shared experts of width {geo.shared_ffn}, the config {FS}")
     if saved is not None:
         _check_saved(saved, x, geo, config)
-    if io is not None and (io.dtype != torch.int64 or io.shape != (2,) or io.device != x.device):
-        raise ValueError(f"io: expected [2] int64 on {x.device}, got {io.dtype} {tuple(io.shape)} on {io.device}")
+    if io is not None:
+        check_words("io", io, 2, x.device)
     if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 2
                               or trace.shape[1] != TRACE_COLS.value
                               or trace.shape[0] < geo.trace_rows(T, launch.programs)):

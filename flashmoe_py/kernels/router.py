@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ..config import NUM_EXPERTS_LIMIT, TOP_K_LIMIT
-from .addresses import rebase
+from .addresses import check_words, rebase
 
 MAX_EXPERTS = NUM_EXPERTS_LIMIT  # the whole row of logits lives in registers
 MAX_TOP_K = TOP_K_LIMIT
@@ -307,9 +307,8 @@ def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renorm
     for name, t in (("router_bias", router_bias), ("correction_bias", correction_bias)):
         if t is not None and (tuple(t.shape) != (E,) or t.device != x.device):
             raise ValueError(f"{name}: expected [{E}] on {x.device}, got {tuple(t.shape)} on {t.device}")
-    if x_at is not None and (x_at.dtype != torch.int64 or x_at.numel() < 1 or x_at.device != x.device):
-        raise ValueError(f"x_at: expected an int64 word on {x.device}, got {x_at.dtype} {tuple(x_at.shape)} on "
-                         f"{x_at.device}")
+    if x_at is not None:
+        check_words("x_at", x_at, 1, x.device)
     if logits_out is not None and (tuple(logits_out.shape) != (T, E) or logits_out.dtype != torch.float32
                                    or not logits_out.is_contiguous() or logits_out.device != x.device):
         raise ValueError(f"logits_out: expected a contiguous [{T}, {E}] float32 tensor on {x.device}, got "

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .addresses import rebase
+from .addresses import check_words, rebase
 
 BLOCK_SLOTS = 16
 BLOCK_COLS = 512
@@ -52,6 +52,8 @@ def _launch_args(x: torch.Tensor, slot_row: torch.Tensor, recv: torch.Tensor, x_
                          f"{tuple(slot_row.shape)}")
     if recv.dtype != x.dtype or recv.shape[-1] != H or not recv.is_contiguous():
         raise ValueError(f"recv: expected contiguous {x.dtype} rows of {H}, got {recv.dtype} {tuple(recv.shape)}")
+    if x_at is not None:
+        check_words("x_at", x_at, 1, x.device)
     NS = slot_row.numel()
     return ((triton.cdiv(NS, BLOCK_SLOTS),), (x, slot_row if x_at is None else x_at, slot_row, recv, NS, H),
             {"TOP_K": slot_row.shape[1], "BS": BLOCK_SLOTS, "BH": BLOCK_COLS, "X_AT": x_at is not None,
