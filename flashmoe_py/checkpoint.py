@@ -51,8 +51,9 @@ def _per_expert(t, layer, param: torch.Tensor, where: str):
     """An optimizer's state tensor t of the sharded parameter `param` -> t as this rank's rows
     (per-expert state: leading dimension the local experts, as Adam's moments, or Adafactor's
     factors) or t itself (a 0-dim value, as a step count, the same on every rank); ValueError for
-    state that mixes the experts (DCP would keep one rank's copy)."""
-    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+    state that mixes the experts (DCP would keep one rank's copy); t itself at world 1 (every
+    expert on every rank: nothing sharded, any state saved as torch's get_state_dict gives it)."""
+    if layer.world_size == 1 or not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t
     if t.dim() == param.dim() and t.shape[0] == param.shape[0]:
         return _as_rows_of_one(t, layer)
@@ -129,7 +130,8 @@ def _local(t):
 
 def _own_local(entries: dict, names: set[str]) -> dict:
     """entries {name: tensor, or {key: tensor} for an optimizer's} with the DTensors that
-    sharded_state_dict made (under `names`) back to this rank's tensors; FSDP's own left as they are."""
+    sharded_state_dict made (under `names`: layers of world > 1) back to this rank's tensors;
+    FSDP's own left as they are (a layer of world 1 under fully_shard: its experts are FSDP's)."""
     out = dict(entries)
     for name in out.keys() & names:
         v = out[name]
@@ -159,7 +161,7 @@ def load_sharded_state_dict(model: nn.Module, state: dict, optimizer: torch.opti
         raise RuntimeError(f"load_sharded_state_dict: a checkpoint of another placement ({'; '.join(bad)}); "
                            "dcp.load has written those experts' weights into the model: rebuild it with the "
                            "placement the checkpoint was saved with")
-    names = set(owners)
+    names = {name for name, (layer, _) in owners.items() if layer.world_size > 1}  # (_as_rows_of_one's)
     if optimizer is None:
         set_model_state_dict(model, _own_local(params, names))
         return

@@ -28,8 +28,10 @@ SHARDED = (*EXPERT_WEIGHTS, "expert_ids")  # each rank's own experts
 
 
 def sharded_tensors(model: nn.Module):
-    """(fully qualified name, MoELayer, tensor) of each sharded parameter and buffer in `model`."""
-    for prefix, module in model.named_modules():
+    """(fully qualified name, MoELayer, tensor) of each sharded parameter and buffer in `model`,
+    under every name of a layer used in several places (state_dict names its tensors under each:
+    a name left out went to a checkpoint as a plain tensor, one rank's copy)."""
+    for prefix, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, MoELayer):
             for n in SHARDED:
                 if (t := getattr(module, n)) is not None:
@@ -49,8 +51,11 @@ def ddp_spellings(names: list[str]) -> list[str]:
     """names, and for those without a dot (the wrapped module's own: an MoELayer wrapped itself)
     DDP's reducer's spelling too: it names a parameter f"{module name}.{name}", ".w_in" for the wrapped
     module's own, where its copy from rank 0 names it "w_in" (torch 2.x): with "w_in" alone the
-    reducer averaged the ranks' different experts."""
-    return [*names, *(f".{n}" for n in names if "." not in n)]
+    reducer averaged the ranks' different experts. And each under torch.compile's "_orig_mod."
+    too: DDP(torch.compile(model)) reads the names set on model through the compiled wrapper,
+    whose parameters it names so (without them it copied rank 0's experts to every rank)."""
+    spelled = [*names, *(f".{n}" for n in names if "." not in n)]
+    return [*spelled, *(f"_orig_mod.{n}" for n in names)]
 
 
 def exclude_from_ddp(model: nn.Module) -> list[str]:
@@ -134,6 +139,19 @@ def _positive_norm(max_norm) -> float:
 _REPLICATED = object()  # clip_grad_norm_'s group of a parameter that is no layer's expert weight
 
 
+def _reduce_part(part: torch.Tensor, two: bool, group) -> torch.Tensor:
+    """A layer's experts' part of the norm (squared for norm 2) over the ranks of its group: their
+    sum, or for inf their max, NaN where any rank's is (a MAX all_reduce keeps or drops a NaN by
+    the ranks' order under gloo, and NCCL drops it: a rank's NaN expert gradient went uncounted,
+    the total finite, as torch's norm on one rank's gradients never is)."""
+    if two:  # a sum carries a NaN
+        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+        return part
+    both = torch.stack([torch.where(part.isnan(), 0.0, part), part.isnan().float()])  # (inf kept)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    return torch.where(both[1] > 0, float("nan"), both[0])
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ for a model whose MoELayers hold each rank's own experts,
     trained data-parallel (its replicated gradients already equal on every rank, as after DDP's
@@ -171,7 +189,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     for group in groups:  # each layer's experts over the ranks of its own group
         part = norm_of([p.grad for p in params if group_of.get(id(p), _REPLICATED) is group])
         if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(part, op=dist.ReduceOp.SUM if two else dist.ReduceOp.MAX, group=group)
+            part = _reduce_part(part, two, group)
         total = total + part if two else torch.maximum(total, part)
     total = total.sqrt() if two else total
     for fsdp in (False, True):  # one foreach kernel takes DTensors or tensors, not both

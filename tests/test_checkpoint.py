@@ -215,3 +215,89 @@ def test_expert_groups_smaller_than_the_world_save_only_when_they_hold_the_same_
     else:
         want = {"router": "replicated", "experts": "expert weights", "placement": "experts"}[change]
         assert all(f"expert groups differ ({want} of rank" in s for s in said), said
+
+
+def world_1_layer_under_fully_shard(rank, world, path: str) -> bool:
+    """Each rank its own process group of one (pure data parallelism: every expert on every rank,
+    replicated like the rest), the model under fully_shard, Adam: a step, saved, loaded into a
+    model of other weights after a step of its own -> whether every weight and moment came back."""
+    def built(seed: int):
+        solo = [dist.new_group([r]) for r in range(world)][rank]
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = nn.Sequential(nn.Linear(32, 32), MoELayer(CFG, seed=seed, process_group=solo))
+        assert net[1].world_size == 1
+        fully_shard(net, mesh=init_device_mesh("cpu", (world,)))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        net(torch.randn(10, 32, generator=torch.Generator().manual_seed(seed + rank))).square().sum().backward()
+        opt.step()
+        return net, opt
+
+    net, opt = built(1)
+    saved = everything(net, opt, 1)
+    dcp.save(sharded_state_dict(net, opt), checkpoint_id=path)
+    fresh, fresh_opt = built(2)
+    state = sharded_state_dict(fresh, fresh_opt)
+    dcp.load(state, checkpoint_id=path)
+    load_sharded_state_dict(fresh, state, fresh_opt)
+    got = everything(fresh, fresh_opt, 1)
+    return got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
+
+
+def test_a_layer_of_world_1_under_fully_shard_loads_back(dist_pools, tmp_path):
+    """Its experts are FSDP's DTensors: the load turned them into this rank's shards, which
+    set_state_dict then refused (size mismatch for 1.w_in: [2, 32, 48] against [4, 32, 48])."""
+    assert dist_pools(2).run(world_1_layer_under_fully_shard, str(tmp_path / "ckpt")) == [True, True]
+
+
+class Twice(nn.Module):
+    """One MoELayer in two places (weights shared across depth): state_dict names its tensors under
+    both."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.a = MoELayer(CFG, seed=seed)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def shared_layer_saved_and_loaded(rank, world, path: str) -> bool:
+    """-> whether a checkpoint of Twice loads this rank's experts back into a Twice of other weights."""
+    layer = Twice(1)
+    state = sharded_state_dict(layer)
+    assert all(isinstance(state[f"{p}.{n}"], DTensor) for p in "ab" for n in (*SHARDED, "expert_ids"))
+    dcp.save(state, checkpoint_id=path)
+    fresh = Twice(2)
+    state = sharded_state_dict(fresh)
+    dcp.load(state, checkpoint_id=path)
+    load_sharded_state_dict(fresh, state)
+    return all(torch.equal(getattr(fresh.a, n), getattr(layer.a, n)) for n in (*SHARDED, "router_weight"))
+
+
+def test_a_layer_used_in_two_places_keeps_every_rank_s_experts(dist_pools, tmp_path):
+    """Its second name was saved as a plain tensor (one rank's copy), which the load wrote over the
+    first's rows, then refused as a checkpoint of another placement (a review's run)."""
+    assert dist_pools(2).run(shared_layer_saved_and_loaded, str(tmp_path / "ckpt")) == [True, True]
+
+
+def test_adafactor_state_of_a_layer_of_world_1_saves_as_torch_s_own(tmp_path):
+    """One process, no process group: nothing is sharded, so Adafactor's factors over the experts
+    ([1, 2F] for bias_in [E, 2F]) are refused nowhere (they were, as state that mixes experts)."""
+    layer = MoELayer(CFG, seed=0)
+    opt = torch.optim.Adafactor(layer.parameters(), lr=1e-2)
+    layer(torch.randn(8, 32)).square().sum().backward()
+    opt.step()
+    state = sharded_state_dict(layer, opt)
+    assert state["optim"]["state"]["bias_in"]["col_var"].shape == (1, CFG.ffn_in_size)
+    dcp.save(state, checkpoint_id=tmp_path / "ckpt")
+    fresh = MoELayer(CFG, seed=1)
+    fresh_opt = torch.optim.Adafactor(fresh.parameters(), lr=1e-2)
+    fresh(torch.randn(8, 32)).square().sum().backward()
+    fresh_opt.step()
+    loaded = sharded_state_dict(fresh, fresh_opt)
+    dcp.load(loaded, checkpoint_id=tmp_path / "ckpt")
+    load_sharded_state_dict(fresh, loaded, fresh_opt)
+    assert torch.equal(fresh.w_in, layer.w_in) and torch.equal(fresh_opt.state[fresh.bias_in]["col_var"],
+                                                               opt.state[layer.bias_in]["col_var"])

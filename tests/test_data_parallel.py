@@ -38,14 +38,18 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def wrap(net: nn.Module, how: str, world: int) -> nn.Module:
     """net wrapped data-parallel, prepared first as the README says (how: "ddp", "ddp_pickled":
-    pickled and unpickled after prepare_ddp, "fsdp": one fully_shard of the whole model,
+    pickled and unpickled after prepare_ddp, "ddp_compiled_inside": DDP(torch.compile(net)) after
+    prepare_ddp(net), nanoGPT's order, "fsdp": one fully_shard of the whole model,
     "fsdp_per_block": the layer's block first, as torchtitan shards each block) or not
     ("ddp_unprepared", "fsdp_unprepared", "fsdp_prepared_not_passed": prepare_fsdp called, its
     parameters not given to fully_shard, "ddp_excluded_only": patch_model's exclusion without
     prepare_ddp's averaging, "fsdp_mixed_precision": prepared, under a bfloat16 param_dtype)."""
     if how.startswith("ddp"):
-        if how in ("ddp", "ddp_pickled"):
-            assert sorted(prepare_ddp(net)) == ["1.bias_in", "1.bias_out", "1.expert_ids", "1.w_in", "1.w_out"]
+        if how in ("ddp", "ddp_pickled", "ddp_compiled_inside"):
+            names = ["1.bias_in", "1.bias_out", "1.expert_ids", "1.w_in", "1.w_out"]
+            assert sorted(prepare_ddp(net)) == [*names, *(f"_orig_mod.{n}" for n in names)]
+        if how == "ddp_compiled_inside":  # (DDP names the parameters through the compiled wrapper)
+            return DistributedDataParallel(torch.compile(net, backend="eager"))
         if how == "ddp_pickled":  # a prepared model saved whole and loaded (a Parameter's hooks would be lost)
             net = pickle.loads(pickle.dumps(net))
         elif how == "ddp_excluded_only":
@@ -71,7 +75,8 @@ def wrapped_against_plain(rank, world, seed: int, how: str, backward: str):
     plain, net = model(seed, backward), model(seed, backward)
     own = {n: p.detach().clone() for n, p in net.named_parameters()}
     wrapped = wrap(net, how, world)
-    net = wrapped.module if isinstance(wrapped, DistributedDataParallel) else net
+    if isinstance(wrapped, DistributedDataParallel):
+        net = getattr(wrapped.module, "_orig_mod", wrapped.module)  # (torch.compile's wrapper: the model in it)
     kept = all(torch.equal(full(p), own[n]) for n, p in net.named_parameters())
     return kept, step_against_plain(plain, net, wrapped, rank, world, seed)
 
@@ -98,9 +103,12 @@ def step_against_plain(plain: nn.Module, net: nn.Module, wrapped: nn.Module, ran
     return errs
 
 
-@pytest.mark.parametrize("how", ["ddp", "ddp_pickled", "fsdp", "fsdp_per_block"])
+@pytest.mark.parametrize("how", ["ddp", "ddp_pickled", "ddp_compiled_inside", "fsdp", "fsdp_per_block"])
 @pytest.mark.parametrize("backward", ["autograd", "saved"])
 def test_prepared_wrappers_keep_each_rank_s_experts_and_take_the_mean_loss_s_gradients(dist_pools, how, backward):
+    """ddp_compiled_inside: the names prepare_ddp set were read through the compiled wrapper, whose
+    parameters DDP names "_orig_mod.1.w_in": none matched, DDP copied rank 0's experts to rank 1
+    and the forward refused them, naming prepare_ddp, which had been called (a review's run)."""
     for kept, errs in dist_pools(2).run(wrapped_against_plain, fresh_seed(), how, backward):
         assert kept and max(errs.values()) <= 1e-5, errs
 
@@ -294,7 +302,8 @@ def prepared_with_frozen_experts_or_a_smaller_group(rank, world):
 def test_frozen_experts_are_excluded_and_a_smaller_expert_group_is_refused(dist_pools):
     for names, raised, divisor in dist_pools(2).run(prepared_with_frozen_experts_or_a_smaller_group):
         assert divisor == 1
-        assert sorted(names) == ["1.bias_in", "1.bias_out", "1.expert_ids", "1.w_in", "1.w_out"]
+        plain = ["1.bias_in", "1.bias_out", "1.expert_ids", "1.w_in", "1.w_out"]
+        assert sorted(names) == [*plain, *(f"_orig_mod.{n}" for n in plain)]
         assert "experts span 1 ranks, the default group 2" in raised
 
 
@@ -340,6 +349,27 @@ def clipped_where_one_rank_has_no_gradients(rank, world):
 def test_clipping_is_collective_even_where_a_rank_has_no_gradients(dist_pools):
     total = dist_pools(2).run(clipped_where_one_rank_has_no_gradients)
     assert total[0] > 0 and total[1] >= 0  # both ranks returned: nobody left in the all_reduce
+
+
+def clipped_with_a_nan_expert_gradient(rank, world, nan_rank: int, norm_type: float) -> float:
+    """DDP, one step, then a NaN in rank nan_rank's own expert gradient (an overflow there) -> the
+    total norm fm's clip returns on this rank."""
+    net = model(4, "autograd")
+    wrapped = wrap(net, "ddp", world)
+    (wrapped(torch.randn(7, 32, generator=torch.Generator().manual_seed(rank))) ** 2).sum().backward()
+    if rank == nan_rank:
+        net[1].w_in.grad[0, 0, 0] = float("nan")
+    return float(fm_clip(net, 1.0, norm_type))
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+@pytest.mark.parametrize("nan_rank", [0, 1])
+def test_clipping_returns_nan_where_any_rank_s_expert_gradient_is_nan(dist_pools, nan_rank, norm_type):
+    """As torch's norm does on a rank's own gradients, on every rank: a loop that skips a step on a
+    non-finite norm must see it. With inf, a MAX all_reduce dropped rank 1's NaN (a review's run:
+    2.834 on both ranks, rank 1's w_in NaN)."""
+    totals = dist_pools(2).run(clipped_with_a_nan_expert_gradient, nan_rank, norm_type)
+    assert all(np.isnan(t) for t in totals), totals
 
 
 @pytest.mark.parametrize("max_norm", [-1.0, 0, float("nan"), "1.0", True, torch.tensor([1.0, 2.0])])

@@ -429,11 +429,12 @@ def test_activation_checkpointing_with_the_router_loss(dist_pools, kind):
 
 def test_a_patched_model_s_experts_are_left_out_of_ddp():
     """DistributedDataParallel would copy rank 0's experts to every rank: patch_model names each
-    layer's sharded parameters and buffers for DDP to leave alone."""
+    layer's sharded parameters and buffers for DDP to leave alone, under torch.compile's
+    "_orig_mod." too (DDP(torch.compile(model)) names them so)."""
     model = tiny_model("qwen3_moe", 2)
     patch_model(model)
-    assert sorted(model._ddp_params_and_buffers_to_ignore) == [
-        f"model.layers.{i}.mlp.moe.{n}" for i in (0, 1) for n in ("expert_ids", "w_in", "w_out")]
+    names = [f"model.layers.{i}.mlp.moe.{n}" for i in (0, 1) for n in ("expert_ids", "w_in", "w_out")]
+    assert sorted(model._ddp_params_and_buffers_to_ignore) == [*(f"_orig_mod.{n}" for n in names), *names]
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "deepseek_v3", "gpt_oss"])
