@@ -84,6 +84,9 @@ def is_positive_number(value) -> bool:
 
 def x_shape_problem(x: torch.Tensor, hidden_size: int) -> str | None:
     """What is wrong with x's shape for a layer of hidden_size ([tokens, H] or [batch, seq, H]), or None."""
+    if x.is_nested:  # (strided or jagged: a nested tensor has no sizes to read)
+        return (f"x is a nested tensor; expected a dense [tokens, {hidden_size}] or [batch, seq, {hidden_size}] "
+                "one (torch.cat of its sequences)")
     if x.dim() not in (2, 3) or x.shape[-1] != hidden_size:
         return (f"x has shape {tuple(x.shape)}; expected [tokens, {hidden_size}] or [batch, seq, {hidden_size}] "
                 f"(hidden_size={hidden_size})")

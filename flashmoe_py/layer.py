@@ -458,7 +458,18 @@ class MoELayer(nn.Module):
             raise ConsistencyError(f"after {after}, the replicated weights differ: {mismatch}. {fix}")
 
     def _input_problem(self, x) -> Exception | None:
-        """What is wrong with this forward on this rank (raised on every rank by the backend), or None."""
+        """What is wrong with this forward on this rank (raised on every rank by the backend), or None;
+        an x whose checks themselves fail is refused as such (raised here, the peers would wait for
+        this rank's collectives until the group's timeout)."""
+        try:
+            return self._x_problem(x)
+        except Exception as e:  # noqa: BLE001 (any: the peers must hear of it)
+            return ValueError(f"x could not be checked ({type(e).__name__}: {e}); the layer takes a dense "
+                              f"[tokens, {self.config.hidden_size}] or [batch, seq, {self.config.hidden_size}] "
+                              "torch.Tensor")
+
+    def _x_problem(self, x) -> Exception | None:
+        """_input_problem's checks."""
         cfg = self.config
         if not isinstance(x, torch.Tensor):
             return ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -549,6 +560,9 @@ class MoELayer(nn.Module):
         rank) as an input's is."""
         # before autocast goes off: see dtype
         problem = self._input_problem(x) or self._expert_ids_problem() or compiled_problem
+        if problem is None and in_graph and x.is_inference():  # every recording forward saves x
+            problem = ValueError("x was made under torch.inference_mode and cannot be saved for backward: make it "
+                                 "outside inference_mode (or x.clone() there), or run this forward under it too")
         mode = self.options.backward_for(self.backend.name)
         explicit = record and mode != "autograd"
         named = dict(self.named_parameters()) if explicit else None
@@ -938,13 +952,15 @@ torch.fx.node.has_side_effect(torch.ops.flashmoe.moe_backward.default)
 
 
 def _as_device(device) -> torch.device | None:
-    """full_weight_dict's device as a torch.device (None: none given); ValueError naming it."""
+    """full_weight_dict's device as a torch.device where a tensor made there lands (None: none
+    given); ValueError naming it where it is no device, or one this torch cannot use (a CPU-only
+    torch asserts on "cuda")."""
     if device is None:
         return None
     try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a device: {e}") from None
+        return torch.empty(0, device=device).device
+    except (RuntimeError, TypeError, AssertionError) as e:
+        raise ValueError(f"device={device!r} cannot be used here: {e}") from None
 
 
 def _default_device(distributed: bool) -> torch.device:

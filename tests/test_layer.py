@@ -89,8 +89,20 @@ def bad_forward(rank, world, cfg: dict, bad_rank, kind):
              "dtype": lambda: x.double(),
              "device": lambda: x.to("meta"),
              "rank1": lambda: x[0],
-             "dtensor": lambda: DTensor.from_local(x, mesh, [Replicate()], run_check=False)}[kind]()
+             "dtensor": lambda: DTensor.from_local(x, mesh, [Replicate()], run_check=False),
+             "nested": lambda: torch.nested.nested_tensor([x[:2], x[2:]])}[kind]()
     layer(x)
+
+
+def training_forward_of_an_inference_x(rank, world, cfg: dict, bad_rank, backward: str):
+    """A training forward (and its backward), rank bad_rank's x made under torch.inference_mode."""
+    cfg = MoEConfig.from_dict(cfg)
+    layer = MoELayer(cfg, backward=backward)
+    x = make_tokens(1, rank, 6, cfg.hidden_size, cfg.torch_dtype)
+    if rank == bad_rank:
+        with torch.inference_mode():
+            x = x.clone()
+    layer(x).sum().backward()
 
 
 def build_layer(rank, world, cfgs: list, placements=None):
@@ -179,11 +191,27 @@ def test_dropless_never_drops(dist_pools):
 
 
 @pytest.mark.parametrize("kind,field", [("hidden", "hidden_size"), ("dtype", "dtype"),
-                                        ("device", "meta"), ("rank1", "shape"), ("dtensor", "x is a DTensor")])
+                                        ("device", "meta"), ("rank1", "shape"), ("dtensor", "x is a DTensor"),
+                                        ("nested", "x is a nested tensor")])
 def test_bad_input_raises_on_every_rank(dist_pools, kind, field):
+    """nested: reading its shape raised torch's internal error on rank 0 alone, the other rank
+    waiting until the group's timeout (a review's run)."""
     out = dist_pools(2).run_all(bad_forward, MoEConfig(**SMALL, top_k=2).to_dict(), 0, kind)
     (ok0, err0), (ok1, err1) = out
     assert not ok0 and err0[0] == "ValueError" and field in err0[1]
+    assert not ok1 and err1[0] == "PeerInputError" and "rank(s) [0]" in err1[1]
+
+
+@pytest.mark.parametrize("backward", ["autograd", "saved", "recompute"])
+def test_an_x_made_under_inference_mode_is_refused_by_a_training_forward_on_every_rank(dist_pools, backward):
+    """Every training forward saves x: torch raised "Inference tensors cannot be saved for
+    backward" on that rank alone (autograd: at the router's product; saved and recompute: after the
+    forward's all-to-alls, the other rank's backward waiting), the other rank waiting until the
+    group's timeout (a review's runs)."""
+    out = dist_pools(2).run_all(training_forward_of_an_inference_x, MoEConfig(**SMALL, top_k=2).to_dict(), 0,
+                                backward)
+    (ok0, err0), (ok1, err1) = out
+    assert not ok0 and err0[0] == "ValueError" and "x was made under torch.inference_mode" in err0[1]
     assert not ok1 and err1[0] == "PeerInputError" and "rank(s) [0]" in err1[1]
 
 
@@ -469,19 +497,23 @@ def test_a_dtensor_weight_is_refused_on_every_rank_before_any_is_copied(dist_poo
 
 def full_weights_asked_otherwise_on_rank_1(rank, world, seed, how):
     layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=seed)
-    asked = {"bad device": {"device": "gpu"}, "dst": {"dst": 0}, "device": {"device": "cpu:0"}}[how]
+    asked = {"bad device": {"device": "gpu"}, "unusable device": {"device": "cuda:99"}, "dst": {"dst": 0},
+             "device": {"device": "meta"}}[how]  # ("cpu:0" is the layer's own device)
     layer.full_weight_dict(**(asked if rank == 1 else {}))
 
 
-@pytest.mark.parametrize("how", ["bad device", "dst", "device"])
+@pytest.mark.parametrize("how", ["bad device", "unusable device", "dst", "device"])
 def test_full_weight_dict_asked_otherwise_on_one_rank_raises_on_every_rank(dist_pools, how):
     """A device torch cannot parse on one rank raised torch's bare error there while the other
-    waited in its gather until the process group's timeout; a dst or a device given on one rank
-    only took other collectives there (one a local expert) and gloo aborted the process."""
+    waited in its gather until the process group's timeout; one it parses but cannot use (a GPU
+    this torch or machine lacks) raised torch's bare error (AssertionError on a CPU-only torch)
+    at the first copy; a dst or a device given on one rank only took other collectives there (one
+    a local expert) and gloo aborted the process."""
     (ok0, err0), (ok1, err1) = dist_pools(2).run_all(full_weights_asked_otherwise_on_rank_1, fresh_seed(), how)
     assert not ok0 and not ok1 and err0[0] == "ConsistencyError"
-    if how == "bad device":
-        assert err1[0] == "ValueError" and "device='gpu' is not a device" in err1[1], err1
+    if how.endswith("device") and how != "device":
+        device = "gpu" if how == "bad device" else "cuda:99"
+        assert err1[0] == "ValueError" and f"device='{device}' cannot be used here" in err1[1], err1
     else:
         assert err1[0] == "ConsistencyError" and "the ranks' (dst, a gather per local expert) differ" in err1[1]
 
