@@ -61,12 +61,21 @@ def detect_launcher(env=None) -> LaunchInfo:
     env = os.environ if env is None else env
     if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
         return _launch_info(env, *_LAUNCHERS[0])
-    found = [_launch_info(env, *names) for names in _LAUNCHERS if names[1] in env]
-    for other in found[1:]:
-        if (other.rank, other.world_size) != (found[0].rank, found[0].world_size):
-            raise ValueError(f"the environment holds two launchers' variables that disagree: {found[0]} and "
-                             f"{other}; unset the stale ones (e.g. RANK and WORLD_SIZE under mpirun)")
-    return found[0] if found else LaunchInfo("single", 0, 1, 0, 1)
+    named = [names for names in _LAUNCHERS if names[1] in env]
+    found = [_launch_info(env, *names) for names in named]
+    # those whose own local-rank variable is set (the others' is their rank, as on one node)
+    local = [info for info, names in zip(found, named) if names[3] in env]
+    _refuse_disagreeing(found, lambda info: (info.rank, info.world_size), "rank")
+    _refuse_disagreeing(local, lambda info: info.local_rank, "local rank")
+    return (local or found or [LaunchInfo("single", 0, 1, 0, 1)])[0]
+
+
+def _refuse_disagreeing(infos: list[LaunchInfo], key: Callable, what: str) -> None:
+    """ValueError where two launchers' LaunchInfo differ in key(info) (their `what`)."""
+    for other in infos[1:]:
+        if key(other) != key(infos[0]):
+            raise ValueError(f"the environment holds two launchers' variables that disagree ({what}): {infos[0]} and "
+                             f"{other}; unset the stale ones (e.g. RANK, WORLD_SIZE and LOCAL_RANK under mpirun)")
 
 
 def rankless_world(env=None) -> tuple[str, int] | None:
@@ -156,8 +165,9 @@ def on_every_rank(step: Callable, refusal: Callable[[int, str], Exception], grou
 def find_mismatch(per_rank: list[dict], prefix: str = "") -> str | None:
     """The first field whose value differs across ranks, as a sentence naming the ranks, or None.
 
-    per_rank: one dict per rank (nested dicts are compared field by field)."""
-    for key in per_rank[0]:
+    per_rank: one dict per rank (nested dicts are compared field by field; a key some rank lacks
+    differs, as None there: a key of another rank than 0 alone was let through)."""
+    for key in dict.fromkeys(k for d in per_rank for k in d):
         values = [d.get(key) for d in per_rank]
         if all(isinstance(v, dict) for v in values):
             found = find_mismatch(values, f"{prefix}{key}.")
@@ -276,7 +286,9 @@ class Runtime:
 
 
 _current: Runtime | None = None
-_STATE = {"group_destroyed": False}  # finalize() destroyed a group of 2+ ranks init() made, in this process
+# group_destroyed: finalize() destroyed a group of 2+ ranks init() made, in this process; left_group:
+# the process group an init() made before it failed (init() owns it if it is still the default group)
+_STATE = {"group_destroyed": False, "left_group": None}
 
 
 def current() -> Runtime | None:
@@ -366,12 +378,17 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
             raise RuntimeError(f"local rank {info.local_rank} ({info.launcher}) but {torch.cuda.device_count()} "
                                f"GPU(s) visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
                                "each process takes cuda:<local rank> of the node's GPUs, so every process "
-                               "must see them all")
+                               "must see them all (a launcher that exports no local rank, such as srun's PMI "
+                               "without MPI_LOCALRANKID, has its global rank taken for it: one node only)")
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
-    owns_group = not dist.is_initialized()
+    make_group = not dist.is_initialized()
+    # a group an init() that failed made and left is still this package's (a retry took it for the
+    # caller's, and its finalize() never tore it down)
+    left, _STATE["left_group"] = _STATE["left_group"], None
+    owns_group = make_group or left is dist.distributed_c10d._get_default_group()
     try:
-        if owns_group:
+        if make_group:
             _init_process_group(info, device)
         job_id = [uuid.uuid4().hex]
         if info.world_size > 1:
@@ -380,6 +397,8 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
             _init_nvshmem(info)
     except BaseException:
         _take_back_heap_size(heap_size_set)
+        if owns_group and dist.is_initialized():  # kept for a retry (init(nvshmem=False), say), which owns it
+            _STATE["left_group"] = dist.distributed_c10d._get_default_group()
         raise
     _current = Runtime(info, device, owns_group, nvshmem, job_id[0])
     _current.heap_size_set = heap_size_set
@@ -471,8 +490,9 @@ def _init_process_group(info: LaunchInfo, device: torch.device) -> None:
                                f"to the others through mpi4py, which is missing ({e}): pip install "
                                "'flashmoe_py[mpi]', or set both variables on every rank") from None
         addr_port = None
-        if info.rank == 0:  # (a MASTER_ADDR set without a port is kept)
-            addr_port = (os.environ.get("MASTER_ADDR") or socket.gethostname(), _free_port())
+        if info.rank == 0:  # (a MASTER_ADDR or a MASTER_PORT set without the other is kept)
+            addr_port = (os.environ.get("MASTER_ADDR") or socket.gethostname(),
+                         int(os.environ.get("MASTER_PORT") or _free_port()))
         addr_port = MPI.COMM_WORLD.bcast(addr_port, root=0)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr_port[0], str(addr_port[1])
     elif info.world_size == 1:  # alone (or mpirun -np 1): a free port, two one-process jobs must not share one

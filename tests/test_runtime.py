@@ -35,6 +35,9 @@ from flashmoe_py.runtime import (ConsistencyError, LaunchInfo, Runtime, _parse_s
      LaunchInfo("torchrun", 9, 16, 9, 16)),  # srun --mpi=pmi2 -N2 torchrun: the outer launcher's too
     ({"RANK": "1", "WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
      LaunchInfo("torchrun", 1, 2, 1, 2)),  # both, agreeing
+    ({"RANK": "9", "WORLD_SIZE": "16", "OMPI_COMM_WORLD_RANK": "9", "OMPI_COMM_WORLD_SIZE": "16",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"},
+     LaunchInfo("mpirun", 9, 16, 1, 8)),  # RANK exported for env:// under mpirun, no LOCAL_RANK: mpirun's
 ])
 def test_detects_the_launcher(env, expect):
     assert detect_launcher(env) == expect
@@ -57,6 +60,15 @@ def test_launchers_that_disagree_are_refused():
         detect_launcher({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"})
 
 
+def test_launchers_whose_local_ranks_disagree_are_refused():
+    """A LOCAL_RANK=0 left in the shell beside mpirun's own local rank 1: the torchrun variables
+    won, and rank 1 took cuda:0 beside rank 0 (a review's run)."""
+    with pytest.raises(ValueError, match=r"disagree \(local rank\)"):
+        detect_launcher({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "OMPI_COMM_WORLD_RANK": "1",
+                         "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                         "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+
+
 def test_an_srun_step_without_a_launcher_is_refused(monkeypatch):
     """srun -n 4 python script.py: each task alone as world 1 (with the caller's own process group,
     as Lightning or submitit make, init joins that instead; a batch script's shell is no step)."""
@@ -72,6 +84,9 @@ def test_find_mismatch_names_field_and_ranks():
     other = {"config": {"top_k": 4, "hidden_size": 64}, "max_tokens_per_rank": 128}
     msg = find_mismatch([same, same, other])
     assert msg == "config.top_k differs across ranks: rank 0 has 2, rank 2 has 4"
+    # a key rank 0 lacks (one more symmetric buffer on rank 1: NVSHMEM needs the same everywhere)
+    more = {**same, "extra": [1 << 20]}
+    assert find_mismatch([same, more]) == "extra differs across ranks: rank 0 has None, rank 1 has [1048576]"
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
@@ -543,6 +558,53 @@ try:
 except RuntimeError as e:
     print(str(e) == "no process group here", "NVSHMEM_SYMMETRIC_SIZE" in os.environ, flush=True)
 """
+
+
+NVSHMEM_FAILS = """
+import os, sys, types
+os.environ.pop("NVSHMEM_SYMMETRIC_SIZE", None)
+import torch, torch.distributed as dist
+import flashmoe_py as fm
+from flashmoe_py import runtime
+runtime.torch.cuda.is_available = lambda: True  # as on a GPU node, the group on gloo
+runtime.torch.cuda.device_count = lambda: 1
+runtime.torch.cuda.set_device = lambda device: None
+make_group = runtime._init_process_group
+runtime._init_process_group = lambda info, device: make_group(info, torch.device("cpu"))
+sys.modules["nvshmem"], sys.modules["nvshmem.core"] = types.ModuleType("nvshmem"), types.ModuleType("nvshmem.core")
+def fails(info):
+    raise RuntimeError("NVSHMEM did not start")
+runtime._init_nvshmem = fails
+try:
+    fm.init()
+except RuntimeError:
+    pass
+rt = fm.init(nvshmem=False)  # the fallback, backend torch
+owned = rt.owns_group
+fm.finalize()
+print(owned, dist.is_initialized(), flush=True)
+"""
+
+
+def test_a_process_group_an_init_that_failed_made_is_torn_down_by_the_retry_s_finalize():
+    """NVSHMEM failing after init() made the process group left the group up; the retry took it
+    for the caller's (owns_group False) and its finalize() never tore it down (a review's run)."""
+    job = _alone(NVSHMEM_FAILS)
+    out, err = job.communicate(timeout=120)
+    assert out.split() == ["True", "False"], err
+
+
+def test_mpirun_keeps_a_master_port_set_without_an_address(monkeypatch):
+    """Rank 0 picked a free port and sent it, replacing the one the user fixed (the only one a
+    firewall opens, say); an address set alone was kept already."""
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29517")
+    sent = []
+    comm = types.SimpleNamespace(bcast=lambda obj, root: sent.append(obj) or obj)
+    monkeypatch.setitem(sys.modules, "mpi4py", types.SimpleNamespace(MPI=types.SimpleNamespace(COMM_WORLD=comm)))
+    monkeypatch.setattr(runtime.dist, "init_process_group", lambda *args, **kwargs: None)
+    runtime._init_process_group(LaunchInfo("mpirun", 0, 2, 0, 2), torch.device("cpu"))
+    assert sent[0][1] == 29517 and os.environ["MASTER_PORT"] == "29517"
 
 
 def test_an_init_that_fails_takes_back_the_heap_size_it_wrote():
