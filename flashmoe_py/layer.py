@@ -130,11 +130,12 @@ class MoELayer(nn.Module):
         seed = as_int(seed)
         # where a tensor made there lands: "cuda" is the current GPU, "cpu:0" the CPU (x is compared with it)
         try:
-            where = torch.empty(0, device=device).device if device is not None else _default_device(distributed)
+            where = _as_device(device) or _default_device(distributed)
             if where.type == "meta":
-                raise ValueError("the layer draws its weights when it is built; build it on a real device")
-        except (RuntimeError, ValueError, TypeError, AssertionError) as e:  # CPU-only torch asserts on "cuda"
-            where, problem = None, problem or f"device={device!r} cannot be used here: {e}"
+                raise ValueError(f"device={device!r} cannot be used here: the layer draws its weights when it is "
+                                 "built; build it on a real device")
+        except ValueError as e:
+            where, problem = None, problem or str(e)
         self.device = where
         problem = problem or self._setup_problem(config, placement, backend, options, seed)
         if self.world_size > 1:
@@ -952,9 +953,9 @@ torch.fx.node.has_side_effect(torch.ops.flashmoe.moe_backward.default)
 
 
 def _as_device(device) -> torch.device | None:
-    """full_weight_dict's device as a torch.device where a tensor made there lands (None: none
-    given); ValueError naming it where it is no device, or one this torch cannot use (a CPU-only
-    torch asserts on "cuda")."""
+    """A device argument (the constructor's, full_weight_dict's) as the torch.device where a tensor
+    made there lands ("cuda": the current GPU; None: none given); ValueError naming it where it is
+    no device, or one this torch cannot use (a CPU-only torch asserts on "cuda")."""
     if device is None:
         return None
     try:
