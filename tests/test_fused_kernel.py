@@ -2,6 +2,7 @@
 one rank; whole, on 2-3 ranks in separate processes sharing 'symmetric' buffers; its tile decode;
 and its bounded waits."""
 
+import dataclasses
 import itertools
 import os
 import random
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 
 from one_rank import OneRank, RankBuffers, kernel_weights, routed_reference, symmetric_copies
+from seeds import fresh_seed
 
 from flashmoe_py import ExpertPlacement, MoEConfig, MoELayer, reference_forward
 from flashmoe_py.config import EXPERT_WEIGHTS
@@ -24,7 +26,7 @@ from flashmoe_py.gate_up import to_pairs
 from flashmoe_py.kernels.fused_moe import Saved, launch_fused
 from flashmoe_py.kernels.fused_moe_details.expert_ffn import sum_parts
 from flashmoe_py.kernels.fused_moe_details.tasks import expert_tile, tile_table
-from flashmoe_py.kernels.launch_config import SPLIT_SLOTS, LaunchConfig, partial_slots
+from flashmoe_py.kernels.launch_config import SPLIT_SLOTS, LaunchConfig, launch_variants, partial_slots
 from flashmoe_py.kernels.addresses import check_words
 from flashmoe_py.kernels.sorted_rows import sort_rows
 from flashmoe_py.kernels.layout import CTL_EPOCH, WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, Geometry
@@ -719,6 +721,79 @@ def test_whole_kernel_with_every_routing_and_expert_variant(fields):
         assert int(rank.status[0]) == 0
         ref = rank.reference(x)
         assert rel_err(out, ref) <= 1e-5
+
+
+def _random_config(rng: random.Random) -> MoEConfig:
+    """A config drawn from what MoEConfig takes: sizes off the tiles (multiples of 8, as the
+    kernel's rows must be), 1-17 experts, top-k up to 8, every activation and routing, and each
+    option (router bias, capacity, expert biases, weight on input, shared experts) by chance."""
+    while True:
+        experts, routing = rng.randint(1, 17), rng.choice(["softmax_topk", "topk_softmax", "sigmoid_grouped",
+                                                          "topk_sigmoid"])
+        fields = dict(hidden_size=8 * rng.randint(3, 25), ffn_size=8 * rng.randint(1, 25), num_experts=experts,
+                      top_k=rng.randint(1, min(8, experts)), dtype="float32", routing=routing,
+                      activation=rng.choice(["swiglu", "gelu", "relu", "clamped_swiglu"]),
+                      router_bias=rng.random() < 0.3, expert_bias=rng.random() < 0.3,
+                      weight_on_input=rng.random() < 0.3,
+                      capacity_factor=rng.choice([None, None, 0.3, 0.6, 1.3]))
+        if routing == "sigmoid_grouped":
+            groups = rng.choice([g for g in range(1, experts + 1) if experts % g == 0])
+            fields.update(n_group=groups, topk_group=rng.randint(1, groups))
+        if rng.random() < 0.3:
+            fields.update(shared_experts=rng.randint(1, 2), shared_ffn_size=8 * rng.randint(1, 20),
+                          shared_expert_gate=rng.random() < 0.5)
+        try:
+            return MoEConfig(**fields)
+        except ValueError:  # a combination the config refuses (a grouping top-k cannot fill): draw again
+            continue
+
+
+def _random_launch(rng: random.Random, geo: Geometry, top_k_1: bool) -> dict:
+    """One of launch_variants' launches for a few programs, its tile sizes, depth, order and
+    variants redrawn among those LaunchConfig.check takes for geo."""
+    while True:
+        programs = rng.choice([1, 2, 5, 16])
+        fields = dataclasses.asdict(rng.choice(launch_variants(geo, torch.float32, programs)))
+        fields.update(block_m=rng.choice([64, 128]), block_n=rng.choice([128, 256]), stages=rng.randint(1, 4),
+                      group=rng.choice([1, 2, 8]), combine_span=rng.choice([1, 2, 4]),
+                      f_split=rng.choice([1, 1, 2, 4]), h_tma=int(rng.random() < 0.4),
+                      sorted_rows=int(rng.random() < 0.4), direct_out=int(top_k_1 and rng.random() < 0.5),
+                      dispatch_programs=rng.randint(1, programs))
+        fields["block_t"] = rng.choice([t for t in (32, 64, 128) if t <= fields["block_m"]])
+        if fields["static_ffn_in"]:  # (the interpreter runs programs one after another: one program)
+            fields.update(programs=1, dispatch_programs=1)
+        try:
+            LaunchConfig(**fields).check(geo)
+            return fields
+        except ValueError:
+            continue
+
+
+@pytest.mark.parametrize("draw", range(4))
+def test_a_random_config_and_launch_match_the_reference_each_run(draw):
+    """Drawn afresh every run (the seed printed): a config, a geometry with or without split GEMM2
+    tiles, and three calls of random token counts (0 and 1 among them) under random launches,
+    training forwards among them; out matches the float64 reference and a training forward's
+    saved GEMM1 outputs match the reference's, written nowhere past the kept rows."""
+    rng = random.Random(fresh_seed())
+    cfg = _random_config(rng)
+    max_tokens = rng.choice([1, 7, 33, 65, 130])
+    rank = OneRank(cfg, max_tokens=max_tokens, split_slots=rng.choice([0, SPLIT_SLOTS]))
+    for _ in range(3):
+        tokens = rng.choice([0, 1, max_tokens, rng.randint(0, max_tokens)])
+        launch, save = _random_launch(rng, rank.geo, cfg.top_k == 1 and not cfg.shared_experts), rng.random() < 0.5
+        rank.ws.sym.recv_x.local.fill_(float("nan"))  # (sorted rows are copied there: none stale)
+        x, out = rank.forward(tokens, save=save, addressed=rng.random() < 0.3, **launch)
+        assert int(rank.status[0]) == 0, (cfg, launch)
+        if tokens == 0:
+            continue
+        ref = rank.reference(x)
+        assert rel_err(out, ref) <= 1e-5 if ref.norm() else out.abs().max() == 0, (cfg, launch)
+        if save:
+            p = rank.plan
+            pre = expected_pre(cfg, rank.weights, 0, [(x, p.send_slot, p.pos_start, p.send_counts, p.slot_w)])
+            assert rel_err(rank.saved.pre[:len(pre)], pre) <= 1e-5 if pre.norm() else True, (cfg, launch)
+            assert rank.saved.pre[len(pre):].isnan().all(), (cfg, launch)
 
 
 @pytest.mark.parametrize("fields", [dict(shared_experts=1), dict(shared_experts=2, shared_ffn_size=24,
