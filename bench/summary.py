@@ -17,13 +17,24 @@ did not come back: the rows cannot tell which) as unpeered; all three counted be
 geometric mean.
 
     python bench/summary.py FILES --fwd-bwd saved   # training steps (issue 19): flash against torch,
-                                                     # both with backward="saved", and the floor's fraction"""
+                                                     # both with backward="saved", and the floor's fraction
+
+Several runs of the same points (on one kind of GPU, a point's ratio moves between runs: by a
+median of 0.5% between two H100 runs of the same kernels and inputs, by up to 14% at one point,
+bench/NOTES.md item 107), each run's files after its own --run:
+
+    python bench/summary.py --run RUN1_FILES --run RUN2_FILES --run RUN3_FILES
+
+Each run's ratios come from that run alone, as above; then per point its ratio in every run that
+compared it, their median, and the runs where flash was behind; the geometric mean of the
+medians, and the points whose median is below 1.0x (and those behind in every run)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import statistics
 
 PEERS = ("triton_kernels", "torch", "symm_mem")  # bench/layer.py's peers of flash
 
@@ -126,9 +137,54 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def across_runs(runs: list[list[dict]], flash: str, peers: list[str], training: str | None = None,
+                frozen: bool = False) -> list[dict]:
+    """runs: each run's rows (outcomes' arguments otherwise) -> per point compared in at least one
+    run, in the order first met: preset, routing, tokens, world, device, speedups (one a run that
+    compared it, in the runs' order; a run where the point failed or was incomplete gives none),
+    median (of those), behind (how many are below 1.0x) and runs (how many runs were given).
+    Each ratio comes from one run (outcomes refuses a run whose files mix runs)."""
+    by_point: dict[tuple, dict] = {}
+    for rows in runs:
+        for q in outcomes(rows, flash, peers, training, frozen)["compared"]:
+            key = (q["preset"], q["routing"], q["tokens"], q["world"], q["device"])
+            base = {k: q[k] for k in ("preset", "routing", "tokens", "world", "device")}
+            by_point.setdefault(key, {**base, "speedups": []})["speedups"].append(q["speedup"])
+    for point in by_point.values():
+        point |= {"median": statistics.median(point["speedups"]),
+                  "behind": sum(v < 1.0 for v in point["speedups"]), "runs": len(runs)}
+    return list(by_point.values())
+
+
+def print_across_runs(runs: list[list[dict]], flash: str, peers: list[str], training: str | None,
+                      frozen: bool) -> None:
+    """across_runs' table and its verdict: the geometric mean of the points' medians, the points
+    whose median is below 1.0x, those behind in every run, and those some run did not compare."""
+    pts = across_runs(runs, flash, peers, training, frozen)
+    if not pts:
+        raise SystemExit(f"no run compared a point of {flash} and one of {peers}")
+    commits = [sorted({r.get("commit") for r in rows if r.get("commit")}) for rows in runs]
+    print("runs: " + "; ".join(f"{i + 1}: commit {', '.join(map(str, c)) or '?'}" for i, c in enumerate(commits)))
+    print(f"{'preset':28s} {'tokens':>6s} {'world':>5s} {'device':14s} {'median':>7s} {'behind':>7s}  each run")
+    for q in pts:
+        each = " ".join(f"{v:.3f}x" for v in q["speedups"])
+        print(f"{q['preset']:28s} {q['tokens']:6d} {q['world']!s:>5s} {q['device']!s:14.14s} {q['median']:6.3f}x "
+              f"{q['behind']:3d}/{len(q['speedups']):<3d}  {each}")
+    below = [q for q in pts if q["median"] < 1.0]
+    always = [q for q in pts if q["behind"] == len(q["speedups"])]
+    partial = [q for q in pts if len(q["speedups"]) < q["runs"]]
+    names = ", ".join(f"{q['preset']} {q['tokens']}" for q in below)
+    named = f" ({names})" if below else ""
+    print(f"geometric mean of the medians {geomean([q['median'] for q in pts]):.3f}x over {len(pts)} points and "
+          f"{len(runs)} runs; median below 1.0x at {len(below)}{named}; behind in every run at {len(always)}; "
+          f"{len(partial)} points compared in fewer runs than given")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="*", help="one run's files (or give --run for each of several runs)")
+    p.add_argument("--run", nargs="+", action="append", default=[], metavar="FILE",
+                   help="one run's files; give it once a run to compare several runs of the same points")
     p.add_argument("--flash", default="flash")
     p.add_argument("--peers", nargs="+", default=None,
                    help=f"default: those of {list(PEERS)} with rows in the files (of the training steps asked for)")
@@ -139,6 +195,17 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.frozen_experts and not args.fwd_bwd:
         p.error("--frozen-experts compares training steps: give --fwd-bwd BACKWARD too")
+    if bool(args.files) == bool(args.run):
+        p.error("give one run's files, or each run's after its own --run, not both")
+    if args.run:
+        runs = [[r for path in files for r in json.load(open(path))["rows"]] for files in args.run]
+        try:
+            kept = [rows_by_point(rows, args.fwd_bwd, args.frozen_experts) for rows in runs]
+            peers = args.peers or [b for b in PEERS if any(b in got for run in kept for got in run.values())]
+            print_across_runs(runs, args.flash, peers, args.fwd_bwd, args.frozen_experts)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        return
     rows = [r for path in args.files for r in json.load(open(path))["rows"]]
     try:
         kept = rows_by_point(rows, args.fwd_bwd, args.frozen_experts)

@@ -366,6 +366,42 @@ def test_the_summary_compares_training_steps_of_one_backward_apart_from_forwards
         == [1.25]
 
 
+def test_the_summary_of_several_runs_takes_each_point_s_median_ratio(capsys, tmp_path):
+    """--run a run's files, once a run: each ratio comes from one run; a point's verdict is the
+    median of its runs' ratios, with the runs where flash was behind counted; a point one run did
+    not compare is counted, not dropped. A run whose files mix two runs is refused, as one run's."""
+    summary, row = _summary_rows()
+
+    def run(commit, us_128, us_512, us_4096=None):  # torch at 100 us everywhere
+        rows = [row("flash", us_128, commit=commit), row("torch", 100.0, commit=commit),
+                row("flash", us_512, tokens=512, commit=commit), row("torch", 100.0, tokens=512, commit=commit)]
+        if us_4096 is not None:
+            rows += [row("flash", us_4096, tokens=4096, commit=commit), row("torch", 100.0, tokens=4096, commit=commit)]
+        return rows
+
+    runs = [run("a", 80.0, 104.0, 50.0), run("b", 125.0, 101.0), run("c", 50.0, 90.0, 200.0)]
+    pts = summary.across_runs(runs, "flash", ["torch"])
+    got = {q["tokens"]: q for q in pts}
+    assert got[128]["speedups"] == [1.25, 0.8, 2.0] and got[128]["median"] == 1.25 and got[128]["behind"] == 1
+    assert got[512]["median"] == pytest.approx(100 / 101) and got[512]["behind"] == 2  # behind at its median
+    assert got[4096]["speedups"] == [2.0, 0.5] and got[4096]["median"] == 1.25 and got[4096]["runs"] == 3
+    paths = []
+    for i, rows in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps({"rows": rows}))
+    summary.main([a for p in paths for a in ("--run", str(p))])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "runs: 1: commit a; 2: commit b; 3: commit c"
+    assert "over 3 points and 3 runs; median below 1.0x at 1 (p 512); behind in every run at 0" in out[-1]
+    assert "1 points compared in fewer runs than given" in out[-1]
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps({"rows": runs[0] + [row("flash", 90.0, commit="b")]}))
+    with pytest.raises(SystemExit, match="two flash rows"):
+        summary.main(["--run", str(mixed), "--run", str(paths[1])])
+    with pytest.raises(SystemExit):  # files of one run and --run runs together: which is which?
+        summary.main([str(paths[0]), "--run", str(paths[1])])
+
+
 def test_the_benchmark_table_marks_a_row_that_failed_a_check_and_its_worse_error(capsys):
     """A row that passed before its timing and failed after it (rel_err_timed) is printed FAIL with
     that error, not as the passing row it was before."""
