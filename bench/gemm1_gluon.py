@@ -18,7 +18,10 @@ layout is gemm1_loop.py's: x [T, H], rows [R] int32, tiles [row tiles, 3] int32 
 row, rows; every tile full: the epilogue stores whole boxes), w_in [E, H, 2F] in pairs of BF gate
 and BF up columns, h [R, F].
 
-Built offline for sm_90 (bench/gemm1_loop.py --offline); not yet run on a GPU."""
+Built offline for sm_90 (bench/gemm1_loop.py --offline). On one H200 (bench/NOTES.md item 67 a) it
+was correct (1.7e-3 from the reference) and slower than the Triton loops: mixtral 12,365 us against
+12,059 nested and 11,155 flattened; the two narrow shapes 1,307 / 1,354 against the faster Triton
+schedule's 1,123 / 1,212."""
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

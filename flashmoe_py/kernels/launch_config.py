@@ -59,9 +59,10 @@ class LaunchConfig:
     partial slots and the FFN's column tiles (few tiles: decode), each part a task that waits for
     its own columns of h only; the last part to finish sums every part's fp32 sum in part order
     and sends the rows (kernels/fused_moe_details/expert_ffn.py). 1: never split, and choose_launch
-    keeps 1: the split is built for sm_90 but not yet timed on a GPU (bench/NOTES.md item 87; meant
-    for decode's 64-row tiles: with 128-row tiles its sum spills registers). A workspace holds the
-    partial sums only when its launches may split (partial_slots).
+    keeps 1: on one H100, f_split=8 against it at 1 / 8 tokens, mixtral -6.2% / +0.5%, gpt_oss
+    +5.0% / +0.4%, qwen3 +2.5% / +1.2% (bench/NOTES.md items 87, 89; meant for decode's 64-row
+    tiles: with 128-row tiles its sum spills registers). A workspace holds the partial sums only
+    when its launches may split (partial_slots).
     direct_out: 1 to have each GEMM2 tile store its rows, times their routing weights, straight
     into out: the combine of a top-1 layer is one scaled row a token, so the call has no combine
     tasks; 0 to send the rows to the combine; world 1, top-1 and no shared experts only (with
