@@ -93,6 +93,14 @@ def x_shape_problem(x: torch.Tensor, hidden_size: int) -> str | None:
     return None
 
 
+def rows_of(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t as contiguous [rows, width] rows, with the row-major strides an empty one too gets (torch
+    takes any empty tensor for contiguous, so .contiguous() keeps odd strides that grouped GEMMs
+    refuse)."""
+    t = t.reshape(-1, width)
+    return t.contiguous() if t.numel() else t.clone(memory_format=torch.contiguous_format)
+
+
 def _float32_factor(value) -> bool:
     """A positive number that float32 holds as a normal number (neither inf nor flushed to 0)."""
     return is_positive_number(value) and FLOAT32_TINY <= value <= FLOAT32_MAX

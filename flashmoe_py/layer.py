@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import copy
 import functools
-import secrets
 import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.fx.node
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from . import compiled_op
 from .backends import capture
 from .backends.flash import FlashBackend
-from .backends.explicit_backward import (bound_parameters, explicit_forward, moe_backward, parameters_problem,
-                                         routing_bias_now, without_autocast)
+from .backends.explicit_backward import explicit_forward, parameters_problem, without_autocast
 from .backends.torch_ep import AUTOGRAD, EXPLICIT, TorchEPBackend
 from .config import (EXPERT_WEIGHTS, OPTIONAL_WEIGHTS, RENAMED_WEIGHTS, WEIGHT_NEEDS, WEIGHTS, MoEConfig, as_int,
-                     is_int, x_shape_problem)
+                     is_int, rows_of, x_shape_problem)
 from .gate_up import (HALVES_VERSION, PAIRS_VERSION, STATE_DICT_MARKER, check_layout, to_halves, to_interleaved,
                       to_pairs)
 from .gate_up import WEIGHTS as GATE_UP_WEIGHTS
@@ -802,7 +800,7 @@ class MoELayer(nn.Module):
 
     def __setstate__(self, state) -> None:
         """A copy (copy.deepcopy, or pickle's torch.save / torch.load) gets its own op id (the
-        compiled op finds its layer by it, _LAYERS: the original's would have run the original) and
+        compiled op finds its layer by it, compiled_op.register: the original's would have run the original) and
         its backend bound to it (backend torch's; backend flash's refuses to be copied). A layer
         pickled before a rename of its weights (RENAMED_WEIGHTS) gets them under their names."""
         if any(old in state.get("_parameters", {}) for old in RENAMED_WEIGHTS):
@@ -812,18 +810,9 @@ class MoELayer(nn.Module):
         self.backend.layer = weakref.proxy(self)
 
     def _register(self) -> None:
-        """A new op id, under which the compiled op finds this layer (_LAYERS), held as a CPU int64
-        tensor (_op_key, not a buffer): a graph input of the compiled region, where an int would
-        be a constant that dynamo guards on, so every layer of a model compiled block by block
-        would compile its own graph (past torch's recompile limit the rest ran uncompiled). Drawn
-        at random (62 bits), so that a program holding it (torch.export's, saved and loaded in
-        another process) finds no layer there rather than whichever layer that process numbered
-        the same."""
-        layer_id = secrets.randbits(62)
-        while layer_id in _LAYERS:
-            layer_id = secrets.randbits(62)
-        self.__dict__["_op_key"] = torch.tensor(layer_id, device="cpu")  # not the default device (meta, say)
-        _LAYERS[layer_id] = self
+        """A new op key, under which the compiled op finds this layer (compiled_op.register): a CPU
+        int64 tensor (_op_key, not a buffer), a graph input of the compiled region."""
+        self.__dict__["_op_key"] = compiled_op.register(self)
 
     def extra_repr(self) -> str:
         return (f"{self.config}, rank={self.rank}/{self.world_size}, "
@@ -842,114 +831,6 @@ def _seed_problem(seed, num_experts: int) -> str | None:
 
 
 _FIXED = frozenset(("config", "placement", "local_experts", "rank", "world_size", "process_group", "device"))
-_LAYERS: weakref.WeakValueDictionary[int, MoELayer] = weakref.WeakValueDictionary()
-
-
-# Under torch.compile the layer is two custom ops, forward and backward, with a registered autograd
-# (whatever the layer's `backward`, the compiled one is backward="recompute"'s: an op's outputs
-# would have to carry what "saved" keeps). `params` is the layer's parameters and
-# `correction_bias` its correction bias (or None): the ops compute with these, bound in the layer's
-# place (explicit_backward.bound_parameters), so that what the compiled region made of them (an
-# update before the layer, torch.func.functional_call's tensors) is what they read; in_graph: -1
-# grad mode off, else whether the caller records the forward (compared across ranks). A recorded
-# forward op also returns a copy of the correction bias it routed with (routing='sigmoid_grouped'),
-# made inside the op, for the backward to route with again.
-
-def _layer(layer_key: torch.Tensor) -> MoELayer:
-    """The layer whose _op_key holds layer_key's value (RuntimeError where this process has none)."""
-    layer = _LAYERS.get(int(layer_key))
-    if layer is None:
-        raise RuntimeError(f"flashmoe_py's compiled op: no MoELayer of this process has op id {int(layer_key)}. A "
-                           "compiled or exported program calls the layer it was made from, in the process that "
-                           "made it, while that layer lives: one saved (torch.export.save) and loaded elsewhere, "
-                           "or kept after its layer was freed, cannot run")
-    return layer
-
-
-def _param_names(layer: MoELayer) -> list[str]:
-    return [name for name, _ in layer.named_parameters()]
-
-
-@torch.library.custom_op("flashmoe::moe_forward", mutates_args=())
-def _moe_forward(x: torch.Tensor, params: list[torch.Tensor], correction_bias: torch.Tensor | None,
-                 layer_key: torch.Tensor, in_graph: int) -> list[torch.Tensor]:
-    """MoELayer.forward as a custom op, so torch.compile keeps the layer whole -> [out] or [out,
-    the correction bias's copy]."""
-    layer = _layer(layer_key)
-    named = dict(layer.named_parameters())
-    check_wrappers(layer)  # on the layer's own parameters, before the op's inputs stand in for them
-    problem = parameters_problem(layer, named) if in_graph == 1 else None  # its backward is the explicit one
-    names = list(named)
-    with bound_parameters(layer, names, params, correction_bias):
-        bias = routing_bias_now(layer) if in_graph == 1 else None  # only a recorded forward has a backward
-        out = layer._forward(x, None if in_graph < 0 else bool(in_graph), record=False, compiled_problem=problem)
-    return [out] if bias is None else [out, bias]
-
-
-@_moe_forward.register_fake
-def _(x: torch.Tensor, params: list[torch.Tensor], correction_bias: torch.Tensor | None, layer_key: torch.Tensor,
-      in_graph: int) -> list[torch.Tensor]:
-    bias = correction_bias if in_graph == 1 else None
-    return [x.new_empty(x.shape)] + ([] if bias is None else [x.new_empty(tuple(bias.shape), dtype=bias.dtype)])
-
-
-@torch.library.custom_op("flashmoe::moe_backward", mutates_args=())
-def _moe_backward(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_key: torch.Tensor,
-                  routing_bias: torch.Tensor | None, wanted: list[bool]) -> list[torch.Tensor]:
-    """-> the gradients of sum(layer(x) * dy) that wanted asks for ([x's, then each parameter's],
-    in that order: a frozen parameter's weight-gradient GEMMs are not run), with the layer's
-    parameters read as params (backends/explicit_backward.py; collective), routed with
-    routing_bias (the forward op's copy of the correction bias, or None)."""
-    layer = _layer(layer_key)
-    H = layer.config.hidden_size
-    names = _param_names(layer)
-    with bound_parameters(layer, names, params):
-        grads = moe_backward(layer, rows_of(x, H), rows_of(dy, H),
-                             {name for name, want in zip(names, wanted[1:], strict=True) if want},
-                             x_needs_grad=wanted[0], routing_bias=routing_bias)
-    dx = [grads["x"].view(x.shape)] if wanted[0] else []
-    return dx + [grads[name] for name, want in zip(names, wanted[1:]) if want]
-
-
-@_moe_backward.register_fake
-def _(x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor], layer_key: torch.Tensor,
-      routing_bias: torch.Tensor | None, wanted: list[bool]) -> list[torch.Tensor]:
-    dx = [x.new_empty(x.shape)] if wanted[0] else []
-    # contiguous, as moe_backward makes them, whatever a parameter's strides (backend torch takes strided weights)
-    return dx + [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p, want in zip(params, wanted[1:]) if want]
-
-
-def _setup_moe_forward(ctx, inputs, output) -> None:
-    x, params, correction_bias, layer_key, _ = inputs
-    ctx.num_params = len(params)
-    # traced with grad off (torch.export under no_grad): no copy of the bias it routed with
-    ctx.bias_lost = correction_bias is not None and len(output) == 1
-    ctx.save_for_backward(x, layer_key, *params, *output[1:])
-
-
-def _moe_forward_backward(ctx, grads):
-    x, layer_key, *rest = ctx.saved_tensors
-    params, bias = rest[:ctx.num_params], rest[ctx.num_params:]
-    if ctx.bias_lost:
-        raise RuntimeError("flashmoe_py's compiled op: this forward was traced without a graph to record (grad mode "
-                           "off, or x and every parameter frozen: torch.export under torch.no_grad?), so it kept no "
-                           "copy of the correction bias it routed with, and its backward cannot route again as it "
-                           "did: export or compile the program with grad enabled and something requiring grad to "
-                           "train through it")
-    wanted = [ctx.needs_input_grad[0], *ctx.needs_input_grad[1]]
-    got = iter(torch.ops.flashmoe.moe_backward(x, grads[0].contiguous(), params, layer_key,
-                                               bias[0] if bias else None, wanted))
-    dx, *param_grads = (next(got) if want else None for want in wanted)
-    return dx, param_grads, None, None, None
-
-
-_moe_forward.register_autograd(_moe_forward_backward, setup_context=_setup_moe_forward)
-# Both ops are collective (all-to-alls at world > 1) and count the call (last_stats): never dead code.
-# Without this, inductor dropped a call whose outputs have no elements (a rank with no tokens) where
-# they fed another op (reading a zero-element buffer is a no-op), so that rank skipped the
-# all-to-alls its peers were in.
-torch.fx.node.has_side_effect(torch.ops.flashmoe.moe_forward.default)
-torch.fx.node.has_side_effect(torch.ops.flashmoe.moe_backward.default)
 
 
 def _as_device(device) -> torch.device | None:
@@ -988,14 +869,6 @@ _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 def _refused(what: str):
     """on_every_rank's refusal for the layer's collective `what` on the ranks that did not raise."""
     return lambda rank, text: ConsistencyError(f"rank {rank} refused {what}: {text}")
-
-
-def rows_of(t: torch.Tensor, width: int) -> torch.Tensor:
-    """t as contiguous [rows, width] rows, with the row-major strides an empty one too gets (torch
-    takes any empty tensor for contiguous, so .contiguous() keeps odd strides that grouped GEMMs
-    refuse)."""
-    t = t.reshape(-1, width)
-    return t.contiguous() if t.numel() else t.clone(memory_format=torch.contiguous_format)
 
 
 def check_dst(dst: int | None, group=None) -> None:
