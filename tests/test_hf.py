@@ -85,6 +85,22 @@ def moe_block(model):
     return layer.feed_forward if hasattr(layer, "feed_forward") else layer.mlp
 
 
+def compiled_and_ops(model):
+    """-> (torch.compile(model) with aot_eager, the set of ops its compiled graphs call, filled as
+    it compiles). Dynamo is reset first: transformers' forward wrapper is one code object for
+    every family, so the graphs of earlier models count toward dynamo's recompile limit, past
+    which it runs the model eagerly with only a warning (a ninth family did, on a GPU), and a
+    compiled check would test nothing compiled. Assert the layer's op is among the ops."""
+    torch._dynamo.reset()
+    ops: set[str] = set()
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        ops.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return aot_eager(gm, example_inputs)
+    return torch.compile(model, backend=backend), ops
+
+
 def patched_vs_original(rank, world, kind, seed):
     model = tiny_model(kind, seed)
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(seed + rank))
@@ -180,9 +196,10 @@ def test_a_compiled_patched_model_records_router_logits():
     ids = torch.randint(0, 97, (2, 7))
     with torch.no_grad():
         patched(ids, output_router_logits=True)
-        compiled = torch.compile(patched, backend="aot_eager")
+        compiled, ops = compiled_and_ops(patched)
         for record in (False, True):
             got, want = compiled(ids, output_router_logits=record), original(ids, output_router_logits=record)
+            assert "flashmoe.moe_forward" in ops  # the layer compiled as its op, not run eagerly
             torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
             assert (got.router_logits is None) == (not record)
             for g, w in zip(got.router_logits or (), want.router_logits or (), strict=True):

@@ -1,7 +1,8 @@
 """GPU: tiny models of every family patch_model converts (fp32; from tests/test_hf.py, every
 parameter re-drawn), patched with backend="flash", against the unpatched model on the same rank's
 input; eager, replayed from the layer's CUDA graphs, under torch.compile (aot_eager: the graph
-capture is tested, not inductor's code), an unpatched model on rank 0's CPU loaded (strict) with
+capture is tested, not inductor's code; the compiled graphs must call the layer's op, not fall
+back to eager), an unpatched model on rank 0's CPU loaded (strict) with
 fm.hf_state_dict of the patched one, and the model after unpatch_model. Weights and inputs are
 drawn from a fresh seed each run (recorded); a family whose expert count the world size does not
 divide gets a row saying so, and at least one family must be checked. One process per GPU:
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grad_reference import rel_err  # noqa: E402  (NaN counts as inf)
-from test_hf import MODELS, moe_block, tiny_model  # noqa: E402
+from test_hf import MODELS, compiled_and_ops, moe_block, tiny_model  # noqa: E402
 
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py.hf import block_config  # noqa: E402
@@ -59,8 +60,9 @@ def main():
             errs = []
             for _ in range(3):  # eager, then a captured CUDA graph replayed
                 errs.append(rel_err(model(ids).logits, want))
-            compiled = torch.compile(model, backend="aot_eager")
+            compiled, ops = compiled_and_ops(model)
             errs.append(rel_err(compiled(ids).logits, want))
+            op_compiled = "flashmoe.moe_forward" in ops  # not dynamo's eager fallback
             state = fm.hf_state_dict(model)  # rank 0's CPU: an unpatched model loads it
             if rt.rank == 0:
                 fresh = tiny_model(kind, seed + 1)
@@ -73,8 +75,12 @@ def main():
         err = torch.tensor([max(errs)], device="cuda")
         torch.distributed.all_reduce(err, op=torch.distributed.ReduceOp.MAX)
         replaced = sum(v == "replaced" for v in report.values())
+        everywhere = torch.tensor([float(op_compiled)], device="cuda")
+        torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
+        op_compiled = bool(everywhere.item())  # every rank's compiled model ran the layer's op
         row = {"model": kind, "world": world, "seed": seed, "replaced": replaced, "rel_err_logits": float(err),
-               "ok": float(err) <= 1e-4 and replaced == 2}  # nothing replaced: the model against itself
+               "op_compiled": op_compiled,
+               "ok": float(err) <= 1e-4 and replaced == 2 and op_compiled}  # nothing replaced: the model against itself
         rows.append(row)
         if rt.rank == 0:
             print(json.dumps(row), flush=True)
