@@ -80,8 +80,9 @@ def grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, forward=None
     """Backward of sum(forward(x) * dy), x [..., H], forward the layer or a wrapper of it (a
     compiled one), or of sum(y * dy) with y = layer(x) taken earlier, or step() (a CUDA graph's
     replay of a captured training step on x and dy, leaving the gradients in .grad) -> {x or
-    parameter name: relative error against the reference}; None where .grad is None (x that
-    needs no gradient)."""
+    parameter name: relative error against the reference}; None where nothing needs that gradient
+    (x or a parameter that requires none), inf where one is needed and .grad is None (a backward
+    that never produced it must not pass)."""
     if step is not None:
         step()
     else:
@@ -94,7 +95,8 @@ def grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, forward=None
     if layer.config.gated:  # the layer's gate/up pairs -> the reference's halves
         got |= {n: to_halves(got[n]) for n in GATE_UP_WEIGHTS if got.get(n) is not None}
     assert set(got) == set(want), (sorted(got), sorted(want))
-    return {n: None if got[n] is None else rel_err(got[n], want[n]) for n in want}
+    needed = {"x": x.is_leaf and x.requires_grad} | {name: p.requires_grad for name, p in layer.named_parameters()}
+    return {n: (math.inf if needed[n] else None) if got[n] is None else rel_err(got[n], want[n]) for n in want}
 
 
 def routed_otherwise(layer: MoELayer, x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,4 +201,6 @@ def lean_grad_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, dtype=t
             add(n, got[n], torch.zeros_like(shared[n]) if g is None else g)
     add("x", x.grad, dx)
     errs = {n: (d / w) ** 0.5 if w > 0 else d ** 0.5 for n, (d, w) in norms.items()}
+    # a parameter that requires a gradient and got none: the backward never produced it
+    errs |= {n: math.inf for n, p in layer.named_parameters() if p.requires_grad and p.grad is None}
     return {n: math.inf if math.isnan(e) else e for n, e in errs.items()}  # NaN: as rel_err

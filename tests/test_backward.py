@@ -1138,3 +1138,19 @@ def test_the_compiled_backward_s_shapes_are_contiguous_as_its_gradients_are():
         grads = torch.ops.flashmoe.moe_backward(x, dy, [strided], torch.empty(1, dtype=torch.int64), None,
                                                 [True, True])
     assert [tuple(g.shape) for g in grads] == [(3, 4), (4, 8)] and all(g.is_contiguous() for g in grads)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_a_gradient_the_backward_never_produced_fails_the_comparison(lean):
+    """grad_errors and lean_grad_errors (the GPU checks' comparisons): a parameter that requires a
+    gradient and is left without one (a backward that dropped it) counts as inf, not as nothing
+    to compare; a frozen one is still skipped."""
+    cfg = MoEConfig(hidden_size=64, ffn_size=96, num_experts=8, top_k=2, dtype="float32")
+    layer = MoELayer(cfg, backend="torch", seed=fresh_seed())
+    layer.w_in.requires_grad_(False)  # frozen: nothing to compare
+    for name in ("router_weight", "w_out"):  # dropped after autograd accumulated it
+        getattr(layer, name).register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    x, dy = torch.randn(37, 64, requires_grad=True), torch.randn(37, 64)
+    errs = lean_grad_errors(layer, x, dy) if lean else grad_errors(layer, x, dy)
+    assert errs["router_weight"] == errs["w_out"] == float("inf")
+    assert errs["x"] <= 1e-5 and errs.get("w_in") is None

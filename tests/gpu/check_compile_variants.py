@@ -5,8 +5,9 @@ bench/NOTES.md item 84) while its peers' kernels wait for it; at world 1 it is c
 With Triton's cache in a new, empty directory: one forward of FIRST tokens compiles the router and
 plan kernels and the fused kernel's variant of few rows an expert; compile_variants then compiles
 the others (the static GEMM1 order and the tall tiles from 64 rows an expert, two-column
-combine tasks from 128). The first
-forwards at SIZES must then take no compile's time (each under QUICK_S; the fused kernel's
+combine tasks from 128), each also as a training forward of backward="saved" saves. The first
+forwards at SIZES, under no_grad and then recording a graph (the saving builds), must then take
+no compile's time (each under QUICK_S; the fused kernel's
 compile takes 3.5-9 s on an H100's host, the router and plan kernels' 0.3-1.7 s) and match
 the float32 reference (bf16 bar 1e-2). The routers split their dot up to 512 tokens as a router
 of 512 KiB or more does (SPLIT_MIN_BYTES set to 0 here: these are 64-128 KB), so
@@ -19,9 +20,10 @@ the fused kernel's other variants; 1 is the control layer's first count of its c
 launch past 2,048 tokens is past this layer's most). They take every token count as one. A
 layer of 64 experts, top-8 (variants of its own: the expert count and top-k are the kernel's
 constants; the same rows an expert at each size), not asked to compile them, shows what that time
-is: its first forward at a size whose fused variant is new to it (520 and 2,047 tokens) must take
-SLOW_S or more (else the check could not tell the two layers apart), and at the others, whose
-variants an earlier forward compiled, under QUICK_S.
+is: its first forward at a size whose fused variant is new to it (520 and 2,047 tokens, and its
+first training forward, 1 token) must take SLOW_S or more (else the check could not tell the two
+layers apart), and under no_grad at the others, whose variants an earlier forward compiled,
+under QUICK_S.
 
     python tests/gpu/check_compile_variants.py [--out rows.json]"""
 
@@ -52,26 +54,28 @@ SIZES = (1, 37, 300, 520, 528, 2047)
 QUICK_S, SLOW_S = 0.2, 1.0  # a warm first forward takes milliseconds
 
 
-def first_forwards(layer: MoELayer, seed: int) -> list[dict]:
-    """The first forward at each of SIZES (after one at FIRST): its seconds, its error, and whether
-    its fused kernel variant is one the layer had not launched before (FIRST's, or an earlier
-    size's)."""
+def first_forwards(layer: MoELayer, seed: int, training: bool) -> list[dict]:
+    """The first forward at each of SIZES (after one at FIRST, under no_grad): its seconds, its
+    error, and whether its fused kernel variant is one the layer had not launched before (FIRST's,
+    or an earlier size's). training: forwards that record a graph (x requires grad), which with
+    backward="saved" launch each variant's saving build, one no forward before them launched."""
     cfg, gen, b = layer.config, torch.Generator().manual_seed(seed), layer.backend
 
     def launch(tokens: int):
         return choose_launch(b.geo, tokens, torch.bfloat16, b.programs, b.options.launch_override, b.resident)
 
-    rows, launched = [], [launch(FIRST)]
+    rows, launched = [], [] if training else [launch(FIRST)]
     for tokens in SIZES:
-        x = torch.randn(tokens, cfg.hidden_size, generator=gen).to("cuda", torch.bfloat16)
+        x = torch.randn(tokens, cfg.hidden_size, generator=gen).to("cuda", torch.bfloat16).requires_grad_(training)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out = layer(x)
+        with torch.set_grad_enabled(training):
+            out = layer(x)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        ref = reference_forward(x.float(), config=cfg, **layer.full_weight_dict())
-        err = float((out.float() - ref).norm() / ref.norm())
-        rows.append({"tokens": tokens, "first_call_s": round(seconds, 3), "rel_err": err,
+        ref = reference_forward(x.detach().float(), config=cfg, **layer.full_weight_dict())
+        err = float((out.detach().float() - ref).norm() / ref.norm())
+        rows.append({"tokens": tokens, "training": training, "first_call_s": round(seconds, 3), "rel_err": err,
                      "new_fused_variant": launch(tokens) not in launched})
         launched.append(launch(tokens))
     return rows
@@ -96,11 +100,15 @@ def main() -> int:
                 launches = launch_variants(b.geo, torch.bfloat16, b.programs, b.options.launch_override, b.resident)
                 variants = len(launches) * (2 if b.options.backward_for(b.name) == "saved" else 1)
             compile_s = time.perf_counter() - start
-            rows = first_forwards(layer, seed=99 + compiled)
+            rows = first_forwards(layer, seed=99 + compiled, training=False)
+        rows += first_forwards(layer, seed=199 + compiled, training=True)  # the saving builds
         # compiled ahead: no first forward compiles; the other layer's show the compile avoided where
         # its fused variant is new (else this check could not tell the two apart), and none elsewhere
-        timed = [r["first_call_s"] < QUICK_S if compiled or not r["new_fused_variant"] else r["first_call_s"] >= SLOW_S
-                 for r in rows]
+        # under no_grad (its training forwards' router builds are new to it too: only where the
+        # fused variant is new is their time asked of them)
+        timed = [r["first_call_s"] < QUICK_S if compiled
+                 else r["first_call_s"] >= SLOW_S if r["new_fused_variant"]
+                 else r["training"] or r["first_call_s"] < QUICK_S for r in rows]
         ok = all(r["rel_err"] <= 1e-2 for r in rows) and all(timed)
         results.append({"compile_variants": compiled, "hidden_size": cfg.hidden_size, "compile_s": round(compile_s, 3),
                         "rows": rows, "ok": ok})

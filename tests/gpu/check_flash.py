@@ -240,9 +240,12 @@ def main():
                           MoEConfig(**small, top_k=1, activation="clamped_swiglu", expert_bias=True,
                                     weight_on_input=True, capacity_factor=1.0, dtype="float32"),
                           200, rank, world, calls=30, override={"sorted_rows": 1}),
-                 # top-1: GEMM2 tiles store into the output, no combine tasks (direct_out: world 1 only)
+                 # top-1: GEMM2 tiles store into the output, no combine tasks (direct_out: world 1 only, where
+                 # choose_launch takes it for every top-1 layer without shared experts), and the combine it replaces
                  run_case("bf16 swiglu k1, rows stored into the output (direct_out)", MoEConfig(**small, top_k=1), 300,
                           rank, world, calls=30, override={"direct_out": 1}),
+                 run_case("bf16 swiglu k1, through the combine (direct_out=0)", MoEConfig(**small, top_k=1), 300,
+                          rank, world, calls=30, override={"direct_out": 0}),
                  run_case("fp32 clamped_swiglu, biases, weight on input, capacity 0.7, direct_out and sorted_rows",
                           MoEConfig(**small, top_k=1, activation="clamped_swiglu", expert_bias=True,
                                     weight_on_input=True, capacity_factor=0.7, dtype="float32"),
