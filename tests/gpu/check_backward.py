@@ -87,12 +87,14 @@ def run_case(name, overrides, backend, backward, rank, world) -> dict:
 
     for _ in range(3 if backend == "flash" else 1):
         step(*draw())
+    extra = {}
     if backend == "flash":
         inputs = [draw(), draw()]
         outputs = [layer(x) for x, _ in inputs]
         for (x, dy), y in zip(inputs, outputs):
             step(x, dy, y)
-    return finish(layer, name, backend, backward or layer.options.backward_for(backend), cfg, errs)
+        extra["graphs_kept"] = len(layer.backend.graphs)  # recorded: whether the replays above were replays
+    return finish(layer, name, backend, backward or layer.options.backward_for(backend), cfg, errs, **extra)
 
 
 CAPTURED_CASES = [  # (name, config overrides): bf16, whose expert products torch._grouped_mm takes
