@@ -800,9 +800,10 @@ class MoELayer(nn.Module):
 
     def __setstate__(self, state) -> None:
         """A copy (copy.deepcopy, or pickle's torch.save / torch.load) gets its own op id (the
-        compiled op finds its layer by it, compiled_op.register: the original's would have run the original) and
-        its backend bound to it (backend torch's; backend flash's refuses to be copied). A layer
-        pickled before a rename of its weights (RENAMED_WEIGHTS) gets them under their names."""
+        compiled op finds its layer by it, compiled_op.register: the original's would have run the
+        original) and its backend bound to it (backend torch's; backend flash's refuses to be
+        copied). A layer pickled before a rename of its weights (RENAMED_WEIGHTS) gets them under
+        their names."""
         if any(old in state.get("_parameters", {}) for old in RENAMED_WEIGHTS):
             state["_parameters"] = {RENAMED_WEIGHTS.get(n, n): p for n, p in state["_parameters"].items()}
         super().__setstate__(state)
