@@ -21,9 +21,9 @@ launch past 2,048 tokens is past this layer's most). They take every token count
 layer of 64 experts, top-8 (variants of its own: the expert count and top-k are the kernel's
 constants; the same rows an expert at each size), not asked to compile them, shows what that time
 is: its first forward at a size whose fused variant is new to it (520 and 2,047 tokens, and as
-training forwards, whose saving builds are all new to it, 1, 520 and 2,047) must take SLOW_S or more (else the check could not tell the two
-layers apart), and under no_grad at the others, whose variants an earlier forward compiled,
-under QUICK_S.
+training forwards, whose saving builds are all new to it, 1, 520 and 2,047) must take SLOW_S or
+more (else the check could not tell the two layers apart), and under no_grad at the others,
+whose variants an earlier forward compiled, under QUICK_S.
 
     python tests/gpu/check_compile_variants.py [--out rows.json]"""
 
