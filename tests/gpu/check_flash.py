@@ -27,6 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from grad_reference import routed_otherwise  # noqa: E402
 
 TOL = {"bfloat16": 1e-2, "float32": 1e-4}
+# one token's row, routed as the reference routed it (worst_row): bf16 rows of backend torch on the
+# CPU reach ~6.4e-3 (2,048 tokens, three configs, six seeds); a wrong row is off by ~1
+ROW_TOL = {"bfloat16": 5e-2, "float32": 1e-3}
 TRANSPORT = "p2p"  # --transport
 
 
@@ -56,14 +59,27 @@ def tokens_for(rank, world, max_tokens, gen):
     return int(torch.randint(1, max_tokens + 1, (1,), generator=gen))
 
 
-def tokens_routed_otherwise(layer, x, full) -> int:
-    """Tokens of x [T, H] whose experts the layer's router (the router kernel, on GPUs) chose
-    otherwise than the float32 reference's routing."""
+def routed_otherwise_mask(layer, x, full) -> torch.Tensor:
+    """bool [T]: the tokens of x [T, H] whose experts the layer's router (the router kernel, on
+    GPUs) chose otherwise than the float32 reference's routing (near ties)."""
     with torch.no_grad():
         _, experts, _ = reference_routing(x, full["router_weight"], layer.config,
                                           router_bias=full.get("router_bias"),
                                           e_score_correction_bias=full.get("e_score_correction_bias"))
-    return int(routed_otherwise(layer, x, experts)[1].sum())
+    return routed_otherwise(layer, x, experts)[1]
+
+
+def worst_row(out, ref, otherwise) -> float:
+    """The largest relative error of one row (token) of out [T, H] against ref, over the rows
+    routed as the reference routed them (not otherwise [T]): a norm over all T rows hides one
+    wrong row at large T (at 16,384 tokens a zeroed row adds ~0.008 to it, under the bf16 bar)."""
+    same = ~otherwise.to(out.device)
+    if not same.any():
+        return 0.0
+    o, r = out[same].float(), ref[same].float()
+    if not o.isfinite().all():
+        return math.inf
+    return float(((o - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-30)).max())
 
 
 def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1, override=None):
@@ -75,7 +91,7 @@ def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1, override=Non
         skew(layer, hot)
     full = layer.full_weight_dict()
     gen = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
-    worst, worst_call, dropped, t0 = 0.0, {}, 0, time.perf_counter()
+    worst, worst_call, dropped, row_worst, t0 = 0.0, {}, 0, 0.0, time.perf_counter()
     for call in range(calls):
         T = tokens_for(rank, world, max_tokens, gen) if calls == 1 or call % 3 else max_tokens
         x = torch.randn(T, cfg.hidden_size, generator=gen).to("cuda", cfg.torch_dtype)
@@ -86,12 +102,15 @@ def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1, override=Non
         ref = reference_forward(x, config=cfg, **full)
         if T:
             err = rel_err(out, ref) if out.isfinite().all() else math.inf
+            otherwise = routed_otherwise_mask(layer, x, full)
+            if cfg.capacity_factor is None:  # (under capacity one near tie moves other tokens' drops too)
+                row_worst = max(row_worst, worst_row(out, ref, otherwise))
             if err >= worst:
-                worst_call = {"rel_err": err, "tokens": T,
-                              "tokens_routed_otherwise": tokens_routed_otherwise(layer, x, full)}
+                worst_call = {"rel_err": err, "tokens": T, "tokens_routed_otherwise": int(otherwise.sum())}
                 worst = err
     layer.synchronize()
     err = max_all(worst)
+    row_worst = max_all(row_worst)
     # a split asked for (f_split) must have happened: GEMM2 tiles whose parts took tickets, any call
     split = None
     if (override or {}).get("f_split", 1) > 1:
@@ -105,8 +124,9 @@ def run_case(name, cfg, max_tokens, rank, world, hot=None, calls=1, override=Non
     # router sent to other experts than the reference's (near ties: such a token's output takes
     # another expert's part; under capacity other tokens' drops can change too)
     row = {"case": name, "transport": TRANSPORT, "config": cfg.to_dict(), "max_tokens": max_tokens, "world": world,
-           "calls": calls, "rel_err": err, "ok": err <= TOL[cfg.dtype] and split != 0 and drops_seen, "seed": seed,
-           "dropped_slots_max_rank": dropped,
+           "calls": calls, "rel_err": err, "worst_row_rel_err": row_worst,
+           "ok": err <= TOL[cfg.dtype] and row_worst <= ROW_TOL[cfg.dtype] and split != 0 and drops_seen,
+           "seed": seed, "dropped_slots_max_rank": dropped,
            "worst_call_rank0": worst_call, "seconds": round(time.perf_counter() - t0, 2)}
     if override:
         row["launch_override"] = override
