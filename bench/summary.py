@@ -37,6 +37,7 @@ import math
 import statistics
 
 PEERS = ("triton_kernels", "torch", "symm_mem")  # bench/layer.py's peers of flash
+POINT = ("preset", "routing", "tokens", "world", "device")  # an outcome's point, in point_key's order
 
 
 def point_key(r: dict) -> tuple:
@@ -108,8 +109,7 @@ def outcomes(rows: list[dict], flash: str, peers: list[str], training: str | Non
         present = [p for p in peers if p in got]
         if flash not in got and not present:
             continue  # rows of other backends only: not a point of this comparison
-        preset, routing, tokens, world, device = key
-        base = {"preset": preset, "routing": routing, "tokens": tokens, "world": world, "device": device}
+        base = dict(zip(POINT, key))
         if flash in got and not timed_ok(got[flash]):
             out["failed"].append({**base, "rel_err": got[flash].get("rel_err")})
             continue
@@ -147,9 +147,8 @@ def across_runs(runs: list[list[dict]], flash: str, peers: list[str], training: 
     by_point: dict[tuple, dict] = {}
     for rows in runs:
         for q in outcomes(rows, flash, peers, training, frozen)["compared"]:
-            key = (q["preset"], q["routing"], q["tokens"], q["world"], q["device"])
-            base = {k: q[k] for k in ("preset", "routing", "tokens", "world", "device")}
-            by_point.setdefault(key, {**base, "speedups": []})["speedups"].append(q["speedup"])
+            point = {k: q[k] for k in POINT}
+            by_point.setdefault(tuple(point.values()), {**point, "speedups": []})["speedups"].append(q["speedup"])
     for point in by_point.values():
         point |= {"median": statistics.median(point["speedups"]),
                   "behind": sum(v < 1.0 for v in point["speedups"]), "runs": len(runs)}
@@ -197,20 +196,14 @@ def main(argv=None) -> None:
         p.error("--frozen-experts compares training steps: give --fwd-bwd BACKWARD too")
     if bool(args.files) == bool(args.run):
         p.error("give one run's files, or each run's after its own --run, not both")
-    if args.run:
-        runs = [[r for path in files for r in json.load(open(path))["rows"]] for files in args.run]
-        try:
-            kept = [rows_by_point(rows, args.fwd_bwd, args.frozen_experts) for rows in runs]
-            peers = args.peers or [b for b in PEERS if any(b in got for run in kept for got in run.values())]
-            print_across_runs(runs, args.flash, peers, args.fwd_bwd, args.frozen_experts)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        return
-    rows = [r for path in args.files for r in json.load(open(path))["rows"]]
+    runs = [[r for path in files for r in json.load(open(path))["rows"]] for files in (args.run or [args.files])]
     try:
-        kept = rows_by_point(rows, args.fwd_bwd, args.frozen_experts)
-        peers = args.peers or [b for b in PEERS if any(b in got for got in kept.values())]
-        got = outcomes(rows, args.flash, peers, args.fwd_bwd, args.frozen_experts)
+        kept = [rows_by_point(rows, args.fwd_bwd, args.frozen_experts) for rows in runs]
+        peers = args.peers or [b for b in PEERS if any(b in got for run in kept for got in run.values())]
+        if args.run:
+            print_across_runs(runs, args.flash, peers, args.fwd_bwd, args.frozen_experts)
+            return
+        got = outcomes(runs[0], args.flash, peers, args.fwd_bwd, args.frozen_experts)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     pts, failed, incomplete, unpeered = got["compared"], got["failed"], got["incomplete"], got["unpeered"]
@@ -224,13 +217,13 @@ def main(argv=None) -> None:
         print(f"{q['preset']:28s} {q['tokens']:6d} {q['world']!s:>5s} {q['device']!s:14.14s} {q['flash_us']:10.1f} "
               f"{times} {q['speedup']:7.2f}x {floor}")
     for q in failed:
-        print(f"FAILED      {describe(tuple(q[k] for k in ('preset', 'routing', 'tokens', 'world', 'device')))}: "
+        print(f"FAILED      {describe(tuple(q[k] for k in POINT))}: "
               f"{args.flash} failed its check (rel_err {q['rel_err']})")
     for q in incomplete:
-        print(f"INCOMPLETE  {describe(tuple(q[k] for k in ('preset', 'routing', 'tokens', 'world', 'device')))}: "
+        print(f"INCOMPLETE  {describe(tuple(q[k] for k in POINT))}: "
               f"{', '.join(q['failed_peers'])} failed its check or has no row; not compared")
     for q in unpeered:
-        print(f"UNPEERED    {describe(tuple(q[k] for k in ('preset', 'routing', 'tokens', 'world', 'device')))}: "
+        print(f"UNPEERED    {describe(tuple(q[k] for k in POINT))}: "
               f"no row of {', '.join(peers)} in this preset (refused, or its file is missing); not compared")
     counts = (f"{len(failed)} points where {args.flash} failed, {len(incomplete)} incomplete (a peer failed or "
               f"is missing), {len(unpeered)} with no peer's row in their preset")
