@@ -129,10 +129,12 @@ def test_launch_variants_are_every_launch_a_token_count_can_get(dtype, name, wor
     assert len(variants) == len(set(variants)) and set(variants) == every
 
 
-@pytest.mark.parametrize("world,tokens,span", [(1, 4096, 2), (1, 128, 1), (2, 4096, 1)])
-def test_combine_tasks_take_two_column_tiles_at_world_1_with_many_tokens(world, tokens, span):
-    """Measured on one H200 only: several ranks keep a task per column tile; so does decode,
-    where halving the combine tasks would leave programs idle."""
+@pytest.mark.parametrize("world,tokens,span", [(1, 4096, 4), (1, 16384, 4), (1, 4095, 2), (1, 2048, 2),
+                                               (1, 2047, 1), (1, 128, 1), (2, 4096, 1)])
+def test_combine_tasks_take_several_column_tiles_at_world_1_with_many_tokens(world, tokens, span):
+    """qwen3 (128 rows an expert from 2,048 tokens): two column tiles a task from there, four from
+    4,096 tokens (where four were measured). Several ranks keep a task per column tile (measured
+    at world 1 only); so does decode, where fewer combine tasks would leave programs idle."""
     launch = choose_launch(geometry("qwen3_30b_a3b", world, tokens=tokens), tokens, torch.bfloat16, SMS)
     assert launch.combine_span == span
 

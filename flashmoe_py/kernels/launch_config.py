@@ -16,12 +16,15 @@ FIELDS = ("programs", "block_m", "block_n", "num_warps", "stages", "group", "dis
 MAX_COMBINE_SPAN = 64  # combine column tiles of one task (hidden 8,192 in tiles of 128)
 MAX_F_SPLIT = 8  # parts of one GEMM2 tile's K loop
 SPLIT_SLOTS = 128  # GEMM2 parts a call may hold partial sums for (8 MiB: Geometry.split_slots)
-# Rows an expert (on average) at which choose_launch's launch changes, one of the two ways a call's
-# token count reaches its launch (the other: SORTED_MIN_SLOTS): at world 1 the static GEMM1 order
-# (STATIC_ROWS) and the taller bf16 tiles (TALL_ROWS); from LARGE_ROWS the taller tiles on several
-# ranks, and two-column combine tasks and the dispatch overlap; from SORTED_ROWS the sorted rows
-# (with enough slots and columns).
+# Rows an expert (on average) at which choose_launch's launch changes, one of the three ways a call's
+# token count reaches its launch (the others: SORTED_MIN_SLOTS, WIDE_COMBINE_TOKENS): at world 1 the
+# static GEMM1 order (STATIC_ROWS) and the taller bf16 tiles (TALL_ROWS); from LARGE_ROWS the taller
+# tiles on several ranks, and combine tasks of several column tiles and the dispatch overlap; from
+# SORTED_ROWS the sorted rows (with enough slots and columns).
 STATIC_ROWS, TALL_ROWS, LARGE_ROWS, SORTED_ROWS = 64, 64, 128, 384
+# Tokens a call from which the combine tasks of a world-1 call with LARGE_ROWS rows an expert take
+# four column tiles instead of two (the token count where it was measured: below it, untried).
+WIDE_COMBINE_TOKENS = 4096
 # GEMM1 columns (2F for gated experts, F otherwise) from which choose_launch copies the rows into
 # expert order (sorted_rows): the copy costs ~400 / columns of GEMM1's time, the TMA loop saves
 # 5-7% of it (kernels/sorted_rows.py); and the slots (tokens x top-k) a call needs for it to pay.
@@ -177,7 +180,10 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
     # Combine tasks of two column tiles once there are many tokens, at world 1: one H200, 4,096 and
     # 16,384 tokens, against one: 5 of 6 pairs faster (-0.3..-2.4%, one +0.8%; -0.9% on the
     # geometric mean), a small gain beside the ~2% spread of one setting between runs (bench/NOTES.md
-    # item 52). Not measured on several GPUs, where a task's one wait covers rows from more sources.
+    # item 52). Four from WIDE_COMBINE_TOKENS tokens: one H100, against two, in turn: mixtral and
+    # qwen3 at 16,384 -0.8 / -0.4%, gpt_oss at 4,096 -0.4%, 2,816 x 6,912 with 35 experts at top-2
+    # at 4,096 / 16,384 +0.1 / -1.3%, 4,352 x 5,120 with 60 at top-2 at 16,384 -0.5% (bench/NOTES.md
+    # item 109). Not measured on several GPUs, where a task's one wait covers rows from more sources.
     # At world 1, with 64 or more rows an expert, the GEMM1 tiles in a static order, each program
     # its own (no queue atomic per tile). One H200, against the queue, same call: mixtral / qwen3 /
     # gpt_oss at 4,096 tokens -4.1% / -4.1% / -6.4%, at 16,384 -1.0% / -0.8% / -2.9%; qwen3 and
@@ -221,7 +227,7 @@ def choose_launch(geo: Geometry, tokens: int, dtype: torch.dtype, sm_count: int,
               # the pipeline depth follows the tile height, an override's too (64 rows: decode's)
               "stages": (3 if type(block_m) is int and block_m >= 128 else 4) if bf16 else 2,
               "dispatch_programs": max(1, programs // 2) if overlap and type(programs) is int else None,
-              "combine_span": 2 if large and geo.world_size == 1 else 1,
+              "combine_span": (4 if tokens >= WIDE_COMBINE_TOKENS else 2) if large and geo.world_size == 1 else 1,
               "static_ffn_in": int(resident and programs == sm_count and geo.world_size == 1
                                    and rows_per_expert >= STATIC_ROWS),
               "h_tma": int(bf16 and geo.world_size == 1 and geo.ffn >= 2 * geo.hidden),
@@ -237,10 +243,10 @@ def launch_variants(geo: Geometry, dtype: torch.dtype, sm_count: int, override: 
     """Every launch choose_launch can give a call of 0 to geo.max_tokens tokens (its arguments
     otherwise as given), each once, fewest tokens first: the token counts where its rows an
     expert reach STATIC_ROWS, TALL_ROWS, LARGE_ROWS and SORTED_ROWS, where its slots reach
-    SORTED_MIN_SLOTS, and none."""
+    SORTED_MIN_SLOTS, WIDE_COMBINE_TOKENS, and none."""
     reach = [-(-rows * geo.local_experts // geo.top_k)
              for rows in (STATIC_ROWS, TALL_ROWS, LARGE_ROWS, SORTED_ROWS)]
-    reach.append(-(-SORTED_MIN_SLOTS // geo.top_k))
+    reach += [-(-SORTED_MIN_SLOTS // geo.top_k), WIDE_COMBINE_TOKENS]
     launches = []
     for tokens in [0, *sorted(t for t in reach if t <= geo.max_tokens)]:
         launch = choose_launch(geo, tokens, dtype, sm_count, override, resident)
