@@ -139,6 +139,14 @@ def test_combine_tasks_take_several_column_tiles_at_world_1_with_many_tokens(wor
     assert launch.combine_span == span
 
 
+@pytest.mark.parametrize("dtype,top_k", [(torch.float32, 8), (torch.bfloat16, 3)])
+def test_combine_tasks_keep_one_column_tile_in_fp32_or_below_128_rows_an_expert(dtype, top_k):
+    """Many tokens alone do not widen the combine tasks: fp32 layers keep one column tile a task,
+    and so do bf16 calls whose experts average under 128 rows (qwen3 at top-3: 96 at 4,096 tokens)."""
+    launch = choose_launch(geometry("qwen3_30b_a3b", 1, tokens=4096, top_k=top_k), 4096, dtype, SMS)
+    assert launch.combine_span == 1
+
+
 @pytest.mark.parametrize("world,tokens,static", [(1, 1024, 1), (1, 16384, 1), (1, 1023, 0), (1, 128, 0),
                                                   (2, 4096, 0)])
 def test_gemm1_tiles_take_a_static_order_at_world_1_from_64_rows_an_expert(world, tokens, static):

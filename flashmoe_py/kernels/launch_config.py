@@ -243,7 +243,7 @@ def launch_variants(geo: Geometry, dtype: torch.dtype, sm_count: int, override: 
     """Every launch choose_launch can give a call of 0 to geo.max_tokens tokens (its arguments
     otherwise as given), each once, fewest tokens first: the token counts where its rows an
     expert reach STATIC_ROWS, TALL_ROWS, LARGE_ROWS and SORTED_ROWS, where its slots reach
-    SORTED_MIN_SLOTS, WIDE_COMBINE_TOKENS, and none."""
+    SORTED_MIN_SLOTS, WIDE_COMBINE_TOKENS itself, and none."""
     reach = [-(-rows * geo.local_experts // geo.top_k)
              for rows in (STATIC_ROWS, TALL_ROWS, LARGE_ROWS, SORTED_ROWS)]
     reach += [-(-SORTED_MIN_SLOTS // geo.top_k), WIDE_COMBINE_TOKENS]
