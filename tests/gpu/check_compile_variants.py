@@ -5,24 +5,24 @@ bench/NOTES.md item 84) while its peers' kernels wait for it; at world 1 it is c
 With Triton's cache in a new, empty directory: one forward of FIRST tokens compiles the router and
 plan kernels and the fused kernel's variant of few rows an expert; compile_variants then compiles
 the others (the static GEMM1 order and the tall tiles from 64 rows an expert, two-column
-combine tasks from 128), each also as a training forward of backward="saved" saves. The first
-forwards at SIZES, under no_grad and then recording a graph (the saving builds), must then take
-no compile's time (each under QUICK_S; the fused kernel's
-compile takes 3.5-9 s on an H100's host, the router and plan kernels' 0.3-1.7 s) and match
-the float32 reference (bf16 bar 1e-2). The routers split their dot up to 512 tokens as a router
+combine tasks from 128, four-column ones from 4,096 tokens), each also as a training forward of
+backward="saved" saves. The first forwards at SIZES, under no_grad and then recording a graph
+(the saving builds), must then take no compile's time (each under QUICK_S; the fused kernel's
+compile takes 3.5-9 s on an H100's host, the router and plan kernels' 0.3-1.7 s) and match the
+float32 reference (bf16 bar 1e-2). The routers split their dot up to 512 tokens as a router
 of 512 KiB or more does (SPLIT_MIN_BYTES set to 0 here: these are 64-128 KB), so
 router_partial_kernel is among the kernels checked. SIZES: 37 and 528 tokens are counts of a
 class Triton would have specialised the router and plan kernels on (1, a multiple of 16, neither)
 that neither the first forward (16 tokens) nor compile_variants' runs of them (at 1 and 513
 tokens) met, on either side of the router's split size (512 tokens); 300 takes the router's
-chunk count past 128 tokens (8 chunks, where 16 divide by 16: another class); 520 and 2,047 reach
-the fused kernel's other variants; 1 is the control layer's first count of its class (the router's
-launch past 2,048 tokens is past this layer's most). They take every token count as one. A
+chunk count past 128 tokens (8 chunks, where 16 divide by 16: another class); 520, 2,047 and
+4,096 reach the fused kernel's other variants (4,096 the router's launch past 2,048 tokens too); 1
+is the control layer's first count of its class. They take every token count as one. A
 layer of 64 experts, top-8 (variants of its own: the expert count and top-k are the kernel's
 constants; the same rows an expert at each size), not asked to compile them, shows what that time
-is: its first forward at a size whose fused variant is new to it (520 and 2,047 tokens, and as
-training forwards, whose saving builds are all new to it, 1, 520 and 2,047) must take SLOW_S or
-more (else the check could not tell the two layers apart), and under no_grad at the others,
+is: its first forward at a size whose fused variant is new to it (520, 2,047 and 4,096 tokens,
+and as training forwards, whose saving builds are all new to it, 1, 520, 2,047 and 4,096) must
+take SLOW_S or more (else the check could not tell the two layers apart), and under no_grad at the others,
 whose variants an earlier forward compiled, under QUICK_S.
 
     python tests/gpu/check_compile_variants.py [--out rows.json]"""
@@ -46,11 +46,11 @@ from flashmoe_py.kernels.layout import heap_bytes_for  # noqa: E402
 
 CONFIGS = {True: MoEConfig(hidden_size=1024, ffn_size=768, num_experts=32, top_k=4, dtype="bfloat16"),
            False: MoEConfig(hidden_size=1024, ffn_size=768, num_experts=64, top_k=8, dtype="bfloat16")}
-MAX_TOKENS = 2048
+MAX_TOKENS = 4096
 FIRST = 16  # 2 rows an expert: few rows' variant, compiled by the first forward
 # rows an expert: 0-37 (FIRST's fused variant) at 1, 37 and 300, 65-66 (the static order, tall tiles), 255 (combine
-# tasks of two column tiles too)
-SIZES = (1, 37, 300, 520, 528, 2047)
+# tasks of two column tiles too), 512 (four column tiles)
+SIZES = (1, 37, 300, 520, 528, 2047, 4096)
 QUICK_S, SLOW_S = 0.2, 1.0  # a warm first forward takes milliseconds
 
 
