@@ -26,8 +26,11 @@ bench/NOTES.md item 107), each run's files after its own --run:
     python bench/summary.py --run RUN1_FILES --run RUN2_FILES --run RUN3_FILES
 
 Each run's ratios come from that run alone, as above; then per point its ratio in every run that
-compared it, their median, and the runs where flash was behind; the geometric mean of the
-medians, and the points whose median is below 1.0x (and those behind in every run)."""
+compared it (or why a run did not: flash failed, a peer failed or is missing, no peer, no row),
+their median, and the runs where flash was behind; the geometric mean of the medians, the points
+whose median is below 1.0x, those behind in every run, and those some run did not compare. A run
+that compared a point against fewer peers than another run did is incomplete there; a point of
+two configs in two runs, and one run given twice, are refused."""
 
 from __future__ import annotations
 
@@ -137,46 +140,91 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def shape_name(q: dict) -> str:
+    """A point's preset as the verdict lines name it, with its routing where not uniform."""
+    return q["preset"] if q["routing"] == "uniform" else f"{q['preset']} {q['routing']}"
+
+
+def point_name(q: dict) -> str:
+    """A point as the verdict lines name it: shape_name and tokens."""
+    return f"{shape_name(q)} {q['tokens']}"
+
+
 def across_runs(runs: list[list[dict]], flash: str, peers: list[str], training: str | None = None,
                 frozen: bool = False) -> list[dict]:
-    """runs: each run's rows (outcomes' arguments otherwise) -> per point compared in at least one
-    run, in the order first met: preset, routing, tokens, world, device, speedups (one a run that
-    compared it, in the runs' order; a run where the point failed or was incomplete gives none),
-    median (of those), behind (how many are below 1.0x) and runs (how many runs were given).
-    Each ratio comes from one run (outcomes refuses a run whose files mix runs)."""
+    """runs: each run's rows (outcomes' arguments otherwise) -> per point some run has rows of, in
+    the order first met: preset, routing, tokens, world, device; each, one entry a run: its
+    speedup where that run compared the point, else "failed", "incomplete" or "unpeered" as
+    outcomes says, or None where the run has no row there; speedups (the compared ones, in the
+    runs' order), median (of those; None if none), behind (how many are below 1.0x) and runs (how
+    many runs were given). A run that compared a point against fewer peers than another run did
+    there (the other peers' files not given, say) is incomplete there, not compared with the
+    weaker peers. Each ratio comes from one run: ValueError for a run whose files mix runs
+    (outcomes), for rows of one point of different configs in two runs (two custom shapes of one
+    name), and for two runs holding rows of one commit and date (the same run given twice)."""
+    stamps: dict[tuple, int] = {}
+    for i, rows in enumerate(runs):
+        for stamp in {(r.get("commit"), r.get("date")) for r in rows if r.get("date")}:
+            if stamps.setdefault(stamp, i) != i:
+                raise ValueError(f"runs {stamps[stamp] + 1} and {i + 1} both hold rows of commit {stamp[0]} dated "
+                                 f"{stamp[1]}: the same run given twice")
     by_point: dict[tuple, dict] = {}
-    for rows in runs:
-        for q in outcomes(rows, flash, peers, training, frozen)["compared"]:
-            point = {k: q[k] for k in POINT}
-            by_point.setdefault(tuple(point.values()), {**point, "speedups": []})["speedups"].append(q["speedup"])
+    configs: dict[tuple, tuple] = {}  # a point's config and the run it was first met in
+    for i, rows in enumerate(runs):
+        for key, got in rows_by_point(rows, training, frozen).items():
+            config = next(iter(got.values())).get("config")
+            first = configs.setdefault(key, (config, i))
+            if first[0] != config:
+                raise ValueError(f"{describe(key)} has rows of different configs in runs {first[1] + 1} and {i + 1} "
+                                 f"({first[0]} and {config}): two shapes of one name are not one point")
+        for status, found in outcomes(rows, flash, peers, training, frozen).items():
+            for q in found:
+                key = tuple(q[k] for k in POINT)
+                point = by_point.setdefault(key, {**dict(zip(POINT, key)), "each": [None] * len(runs), "peers": set()})
+                point["each"][i] = q if status == "compared" else status
+                if status == "compared":
+                    point["peers"] |= set(q["peers_us"])
     for point in by_point.values():
-        point |= {"median": statistics.median(point["speedups"]),
-                  "behind": sum(v < 1.0 for v in point["speedups"]), "runs": len(runs)}
+        each = [q if not isinstance(q, dict) else q["speedup"] if set(q["peers_us"]) == point["peers"]
+                else "incomplete" for q in point.pop("each")]
+        speedups = [v for v in each if isinstance(v, float)]
+        point.pop("peers")
+        point |= {"each": each, "speedups": speedups, "median": statistics.median(speedups) if speedups else None,
+                  "behind": sum(v < 1.0 for v in speedups), "runs": len(runs)}
     return list(by_point.values())
 
 
 def print_across_runs(runs: list[list[dict]], flash: str, peers: list[str], training: str | None,
                       frozen: bool) -> None:
-    """across_runs' table and its verdict: the geometric mean of the points' medians, the points
-    whose median is below 1.0x, those behind in every run, and those some run did not compare."""
+    """across_runs' table and its verdict: the geometric mean of the medians of the points some
+    run compared, the points whose median is below 1.0x, those behind in every run (every run
+    compared them), those some run did not compare, and those where flash failed in some run."""
     pts = across_runs(runs, flash, peers, training, frozen)
     if not pts:
-        raise SystemExit(f"no run compared a point of {flash} and one of {peers}")
+        raise SystemExit(f"no run has a point of {flash} and one of {peers}")
     commits = [sorted({r.get("commit") for r in rows if r.get("commit")}) for rows in runs]
     print("runs: " + "; ".join(f"{i + 1}: commit {', '.join(map(str, c)) or '?'}" for i, c in enumerate(commits)))
-    print(f"{'preset':28s} {'tokens':>6s} {'world':>5s} {'device':14s} {'median':>7s} {'behind':>7s}  each run")
+    print(f"{'preset':28s} {'routing':8s} {'tokens':>6s} {'world':>5s} {'device':14s} {'median':>7s} {'behind':>7s}"
+          "  each run")
     for q in pts:
-        each = " ".join(f"{v:.3f}x" for v in q["speedups"])
-        print(f"{q['preset']:28s} {q['tokens']:6d} {q['world']!s:>5s} {q['device']!s:14.14s} {q['median']:6.3f}x "
-              f"{q['behind']:3d}/{len(q['speedups']):<3d}  {each}")
-    below = [q for q in pts if q["median"] < 1.0]
-    always = [q for q in pts if q["behind"] == len(q["speedups"])]
+        each = " ".join(f"{v:.3f}x" if isinstance(v, float) else (v or "-") for v in q["each"])
+        median = f"{q['median']:6.3f}x" if q["median"] is not None else "      -"
+        print(f"{q['preset']:28s} {q['routing']:8s} {q['tokens']:6d} {q['world']!s:>5s} {q['device']!s:14.14s} "
+              f"{median} {q['behind']:3d}/{len(q['speedups']):<3d}  {each}")
+    compared = [q for q in pts if q["speedups"]]
+    below = [q for q in compared if q["median"] < 1.0]
+    always = [q for q in compared if q["behind"] == q["runs"]]
     partial = [q for q in pts if len(q["speedups"]) < q["runs"]]
-    names = ", ".join(f"{q['preset']} {q['tokens']}" for q in below)
+    failed = [q for q in pts if "failed" in q["each"]]
+    counts = f"{len(partial)} points compared in fewer runs than given ({flash} failed in some run at {len(failed)})"
+    if not compared:
+        print(f"no point compared in any run; {counts}")
+        return
+    names = ", ".join(point_name(q) for q in below)
     named = f" ({names})" if below else ""
-    print(f"geometric mean of the medians {geomean([q['median'] for q in pts]):.3f}x over {len(pts)} points and "
-          f"{len(runs)} runs; median below 1.0x at {len(below)}{named}; behind in every run at {len(always)}; "
-          f"{len(partial)} points compared in fewer runs than given")
+    print(f"geometric mean of the medians {geomean([q['median'] for q in compared]):.3f}x over {len(compared)} points "
+          f"and {len(runs)} runs; median below 1.0x at {len(below)}{named}; behind in every run at {len(always)}; "
+          f"{counts}")
 
 
 def main(argv=None) -> None:
@@ -209,12 +257,13 @@ def main(argv=None) -> None:
     pts, failed, incomplete, unpeered = got["compared"], got["failed"], got["incomplete"], got["unpeered"]
     if not (pts or failed or incomplete or unpeered):
         raise SystemExit(f"no point has rows of both {args.flash} and one of {peers}")
-    print(f"{'preset':28s} {'tokens':>6s} {'world':>5s} {'device':14s} {'flash µs':>10s} "
+    print(f"{'preset':28s} {'routing':8s} {'tokens':>6s} {'world':>5s} {'device':14s} {'flash µs':>10s} "
           + " ".join(f"{q:>15s}" for q in peers) + f" {'vs best':>8s} {'floor':>6s}")
     for q in pts:
         times = " ".join(f"{q['peers_us'].get(name, float('nan')):15.1f}" for name in peers)
         floor = f"{q['of_floor']:6.0%}" if q["of_floor"] else "     -"
-        print(f"{q['preset']:28s} {q['tokens']:6d} {q['world']!s:>5s} {q['device']!s:14.14s} {q['flash_us']:10.1f} "
+        print(f"{q['preset']:28s} {q['routing']:8s} {q['tokens']:6d} {q['world']!s:>5s} {q['device']!s:14.14s} "
+              f"{q['flash_us']:10.1f} "
               f"{times} {q['speedup']:7.2f}x {floor}")
     for q in failed:
         print(f"FAILED      {describe(tuple(q[k] for k in POINT))}: "
@@ -233,11 +282,11 @@ def main(argv=None) -> None:
     worst = min(pts, key=lambda q: q["speedup"])
     floors = [q for q in pts if q["of_floor"]]
     lowest = min(floors, key=lambda q: q["of_floor"]) if floors else None
+    floor = (f"lowest fraction of the floor {lowest['of_floor']:.0%} ({shape_name(lowest)}, {lowest['tokens']} "
+             "tokens); ") if lowest else ""
     print(f"geometric mean {geomean([q['speedup'] for q in pts]):.3f}x over {len(pts)} points; "
-          f"worst {worst['speedup']:.2f}x ({worst['preset']}, {worst['tokens']} tokens, against {worst['best']}); "
-          f"{sum(q['speedup'] < 1 for q in pts)} points below 1.0x; "
-          + (f"lowest fraction of the floor {lowest['of_floor']:.0%} ({lowest['preset']}, {lowest['tokens']} tokens); "
-             if lowest else "") + counts)
+          f"worst {worst['speedup']:.2f}x ({shape_name(worst)}, {worst['tokens']} tokens, against {worst['best']}); "
+          f"{sum(q['speedup'] < 1 for q in pts)} points below 1.0x; {floor}{counts}")
 
 
 if __name__ == "__main__":

@@ -402,6 +402,51 @@ def test_the_summary_of_several_runs_takes_each_point_s_median_ratio(capsys, tmp
         summary.main([str(paths[0]), "--run", str(paths[1])])
 
 
+def test_several_runs_list_what_each_run_did_not_compare_and_refuse_what_is_not_one_point(capsys, tmp_path):
+    """Across runs a point is listed with every run's outcome: a run where flash failed, where a
+    peer another run compared it with is missing (its file not given), or with no row there, gives
+    no ratio, and "behind in every run" needs every run's. Routing tells points apart in the table
+    and the verdict. Refused: two configs under one name in two runs, and one run given twice."""
+    summary, row = _summary_rows()
+
+    def run(commit, flash_us, peer_us=80.0, peer="triton_kernels", **extra):  # torch at 100 us, a peer faster
+        rows = [row("flash", flash_us, ok=flash_us is not None, commit=commit, date=commit, **extra),
+                row("torch", 100.0, commit=commit, date=commit, **extra)]
+        return rows + ([row(peer, peer_us, commit=commit, date=commit, **extra)] if peer else [])
+
+    runs = [run("a", 90.0), run("b", None), run("c", 95.0, peer=None)]  # behind, failed, no triton_kernels
+    (q,) = summary.across_runs(runs, "flash", ["triton_kernels", "torch"])
+    assert q["each"] == [80.0 / 90.0, "failed", "incomplete"] and q["speedups"] == [80.0 / 90.0]
+    assert q["behind"] == 1 and q["runs"] == 3
+    paths = []
+    for i, rows in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps({"rows": rows}))
+    summary.main([a for p in paths for a in ("--run", str(p))])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split()[-3:] == ["0.889x", "failed", "incomplete"]
+    assert "behind in every run at 0; 1 points compared in fewer runs than given (flash failed in some run at 1)" \
+        in out[-1]
+    # a point flash failed in every run is listed, with no median
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps({"rows": run("d", None)}))
+    summary.main(["--run", str(paths[1]), "--run", str(again)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split()[-4:] == ["-", "0/0", "failed", "failed"]
+    assert out[-1] == "no point compared in any run; 1 points compared in fewer runs than given (flash failed in " \
+        "some run at 1)"
+    # routing: two points at one preset and token count, told apart
+    zipf = [run("e", 50.0, routing="zipf")[0], run("e", 100.0, routing="zipf")[1]]
+    pts = summary.across_runs([run("e", 100.0, peer=None) + zipf], "flash", ["torch"])
+    assert [(q["routing"], q["median"]) for q in pts] == [("uniform", 1.0), ("zipf", 2.0)]
+    assert summary.point_name(pts[1]) == "p zipf 128" and summary.point_name(pts[0]) == "p 128"
+    with pytest.raises(ValueError, match="different configs in runs 1 and 2"):
+        summary.across_runs([run("f", 90.0, config={"hidden_size": 2048}),
+                             run("g", 90.0, config={"hidden_size": 7168})], "flash", ["torch"])
+    with pytest.raises(SystemExit, match="runs 1 and 2 both hold rows of commit a"):
+        summary.main(["--run", str(paths[0]), "--run", str(paths[0])])
+
+
 def test_the_benchmark_table_marks_a_row_that_failed_a_check_and_its_worse_error(capsys):
     """A row that passed before its timing and failed after it (rel_err_timed) is printed FAIL with
     that error, not as the passing row it was before."""
