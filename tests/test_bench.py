@@ -366,6 +366,16 @@ def test_the_summary_compares_training_steps_of_one_backward_apart_from_forwards
         == [1.25]
 
 
+def summary_of_runs(summary, runs: list[list[dict]], tmp_path) -> list:
+    """Each run's rows written to a file of its own, then summary.main over them, a --run each -> the paths."""
+    paths = []
+    for i, rows in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps({"rows": rows}))
+    summary.main([a for p in paths for a in ("--run", str(p))])
+    return paths
+
+
 def test_the_summary_of_several_runs_takes_each_point_s_median_ratio(capsys, tmp_path):
     """--run a run's files, once a run: each ratio comes from one run; a point's verdict is the
     median of its runs' ratios, with the runs where flash was behind counted; a point one run did
@@ -385,11 +395,7 @@ def test_the_summary_of_several_runs_takes_each_point_s_median_ratio(capsys, tmp
     assert got[128]["speedups"] == [1.25, 0.8, 2.0] and got[128]["median"] == 1.25 and got[128]["behind"] == 1
     assert got[512]["median"] == pytest.approx(100 / 101) and got[512]["behind"] == 2  # behind at its median
     assert got[4096]["speedups"] == [2.0, 0.5] and got[4096]["median"] == 1.25 and got[4096]["runs"] == 3
-    paths = []
-    for i, rows in enumerate(runs):
-        paths.append(tmp_path / f"run{i}.json")
-        paths[-1].write_text(json.dumps({"rows": rows}))
-    summary.main([a for p in paths for a in ("--run", str(p))])
+    paths = summary_of_runs(summary, runs, tmp_path)
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "runs: 1: commit a; 2: commit b; 3: commit c"
     assert "over 3 points and 3 runs; median below 1.0x at 1 (p 512); behind in every run at 0" in out[-1]
@@ -418,11 +424,7 @@ def test_several_runs_list_what_each_run_did_not_compare_and_refuse_what_is_not_
     (q,) = summary.across_runs(runs, "flash", ["triton_kernels", "torch"])
     assert q["each"] == [80.0 / 90.0, "failed", "incomplete"] and q["speedups"] == [80.0 / 90.0]
     assert q["behind"] == 1 and q["runs"] == 3
-    paths = []
-    for i, rows in enumerate(runs):
-        paths.append(tmp_path / f"run{i}.json")
-        paths[-1].write_text(json.dumps({"rows": rows}))
-    summary.main([a for p in paths for a in ("--run", str(p))])
+    paths = summary_of_runs(summary, runs, tmp_path)
     out = capsys.readouterr().out.splitlines()
     assert out[2].split()[-3:] == ["0.889x", "failed", "incomplete"]
     assert "behind in every run at 0; 1 points compared in fewer runs than given (flash failed in some run at 1)" \
