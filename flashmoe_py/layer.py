@@ -146,11 +146,12 @@ class MoELayer(nn.Module):
         self._make_weights()
         self._weight_specs = self._expected_weights()
         self.register_buffer(STATE_DICT_MARKER, torch.tensor(PAIRS_VERSION, device=self.device))  # gate_up.py
-        self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
-        # the global expert in each of this rank's slots: a state_dict must hold the same ones
-        self.register_buffer("expert_ids", torch.tensor(self.placed_experts, device=self.device))
+        with torch.inference_mode(False):  # built under inference_mode too: buffers whose writes are counted
+            self.register_buffer("expert_positions", self.placement.positions(self.device), persistent=False)
+            # the global expert in each of this rank's slots: a state_dict must hold the same ones
+            self.register_buffer("expert_ids", torch.tensor(self.placed_experts, device=self.device))
         for name in ("expert_ids", "expert_positions"):  # _placement_buffer_problem: as built
-            self.__dict__[f"_{name}_seen"] = (self._buffers[name], self._buffers[name]._version)
+            self.__dict__[f"_{name}_seen"] = (self._buffers[name], _version(self._buffers[name]))
         self.reset_parameters(seed)
         self.backend = TorchEPBackend(self) if backend == "torch" else FlashBackend(self, options)
         self.last_stats: MoEStats | None = None
@@ -626,13 +627,13 @@ class MoELayer(nn.Module):
         device at world > 1), and never during a CUDA graph capture."""
         t = self._buffers[name]  # not through Module.__getattr__: ~1.5 us a forward
         seen = self.__dict__.get(f"_{name}_seen")
-        if t.is_cuda and (seen is not None and seen[0] is t and seen[1] == t._version
+        if t.is_cuda and (seen is not None and seen[0] is t and seen[1] is not None and seen[1] == _version(t)
                           or torch.cuda.is_current_stream_capturing()):
             return None
         got, wanted = t.tolist(), want()
         if got != wanted:
             return got, wanted
-        self.__dict__[f"_{name}_seen"] = (t, t._version)
+        self.__dict__[f"_{name}_seen"] = (t, _version(t))
         return None
 
     def synchronize(self) -> None:
@@ -774,7 +775,9 @@ class MoELayer(nn.Module):
             memo.setdefault(id(self.process_group), self.process_group)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))  # (without a compiled call of the original's)
+        # Module's state (without a compiled call of the original's), not a parametrized layer's
+        # __getstate__, which refuses pickling (torch.nn.utils.parametrize) but not copies
+        new.__setstate__(copy.deepcopy(nn.Module.__getstate__(self), memo))
         return new
 
     def __setattr__(self, name: str, value) -> None:
@@ -818,6 +821,12 @@ class MoELayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.config}, rank={self.rank}/{self.world_size}, "
                 f"local_experts={self.local_experts}, backend={self.backend.name!r}")
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """t's version counter (its in-place writes), or None for an inference tensor, which keeps none
+    (a buffer loaded from one, assign=True): _placement_buffer_problem then reads it every time."""
+    return None if t.is_inference() else t._version
 
 
 def _seed_problem(seed, num_experts: int) -> str | None:

@@ -1286,6 +1286,42 @@ def test_a_shallow_copy_of_a_layer_is_refused():
         copy.copy(layer)
 
 
+def test_a_layer_with_a_parametrized_weight_deep_copies_and_still_refuses_pickling():
+    """torch.nn.utils.parametrize refuses to pickle a parametrized module, not to copy it (an EMA
+    copy of a model, say): the copy computes with the same parametrization and its own op key."""
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2), seed=fresh_seed(), backward="autograd")
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.nn.utils.parametrize.register_parametrization(layer, "w_out", Doubled())
+    twin = copy.deepcopy(layer)
+    x = torch.randn(7, SMALL["hidden_size"])
+    assert torch.equal(twin(x), layer(x)) and int(twin._op_key) != int(layer._op_key)
+    assert torch.equal(twin.w_out, 2 * layer.parametrizations.w_out.original)
+    with pytest.raises(RuntimeError, match="parametrized modules"):
+        torch.save(layer, io.BytesIO())
+
+
+def test_a_layer_built_under_inference_mode_runs_and_so_do_placement_buffers_loaded_from_it():
+    """As an nn.Linear can be: its placement buffers, whose in-place writes the layer watches,
+    are ordinary tensors even then; ones loaded from inference tensors (assign=True) are read
+    every forward, having no version counter."""
+    cfg = MoEConfig(**SMALL, top_k=2)
+    x = torch.randn(5, SMALL["hidden_size"])
+    with torch.inference_mode():
+        built = MoELayer(cfg, seed=1)
+        out = built(x)
+    assert not built.expert_ids.is_inference()
+    assert rel_err(out, reference_forward(x, config=cfg, **built.full_weight_dict())) <= FP32_TOL
+    layer = MoELayer(cfg, seed=1)
+    with torch.inference_mode():
+        buffers = {name: b.clone() for name, b in built.named_buffers() if name == "expert_ids"}
+    layer.load_state_dict(buffers, strict=False, assign=True)
+    assert layer.expert_ids.is_inference() and torch.equal(layer(x), out)
+
+
 class _GraphsSeen:
     """FlashBackend._run's bookkeeping without a GPU: launches and captures counted, a captured
     forward's replay standing in for the graph."""
