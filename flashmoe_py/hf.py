@@ -539,6 +539,21 @@ def _ranks_agree(decisions: list[tuple[str, str | None]], process_group) -> None
                                        f"{says(mine[name])}; rank {rank} {says(reason)}")
 
 
+def _tied_elsewhere(model: nn.Module, name: str, block: nn.Module) -> str | None:
+    """How the block at `name` is tied to the rest of `model`, or None: the same module at another
+    path too (one block in two layers), or a parameter of it also held by a module outside it
+    (another block's, a dense layer's). Its replacement would hold copies, and the first
+    optimizer step would untie them."""
+    others = [path for path, m in model.named_modules(remove_duplicate=False) if m is block and path != name]
+    if others:
+        return f"is also the module at {others[0]!r}"
+    mine = {id(p) for p in block.parameters()}
+    outside = sorted(path for path, m in model.named_modules(remove_duplicate=False)
+                     if path != name and not path.startswith(f"{name}.")
+                     and any(id(p) in mine for p in m.parameters(recurse=False)))
+    return f"shares parameters with {outside[0]!r}" if outside else None
+
+
 def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     """Replace every MoE block of `model` that ADAPTERS converts (in place) by an HFMoEBlock on
     this rank. Returns {module name: "replaced" or the reason it was left alone} for every module
@@ -552,18 +567,16 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
         raise ValueError(f"patch_model: `model` is itself an MoE block ({type(model).__name__}), which it cannot "
                          "replace in place: pass the module that holds it, or build its replacement with "
                          "flashmoe_py.hf.from_hf_block(block)")
-    blocks, decisions, owner = [], [], {}
-    for name, module in list(model.named_modules()):
+    blocks, decisions = [], []
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, HFMoEBlock) or not isinstance(getattr(module, "experts", None), nn.Module):
             continue
         try:
-            shared = {owner[id(p)] for p in module.parameters() if id(p) in owner}
-            if shared:
-                raise UnsupportedBlock(f"{type(module).__name__}: shares parameters with block {min(shared)!r} "
-                                       "(each layer holds its own)")
+            if (tie := _tied_elsewhere(model, name, module)) is not None:
+                raise UnsupportedBlock(f"{type(module).__name__}: {tie} (a layer holds copies of its block's "
+                                       "weights: converting it would untie them)")
             blocks.append((name, *_checked_conversion(module)))
             decisions.append((name, None))
-            owner |= {id(p): name for p in module.parameters()}
         except UnsupportedBlock as e:
             decisions.append((name, str(e)))
     _ranks_agree(decisions, layer_kwargs.get("process_group"))

@@ -746,13 +746,30 @@ def test_a_patched_model_pickles_and_its_skeletons_hold_no_hooks(tmp_path):
     assert all(t.is_meta for t in skeleton.parameters())
 
 
-def test_blocks_sharing_parameters_are_left_alone_after_the_first():
-    model = tiny_model("mixtral", 8)
-    model.model.layers[1].mlp.gate = model.model.layers[0].mlp.gate
+@pytest.mark.parametrize("tie", ["a router", "one block", "a dense layer"])
+def test_blocks_tied_to_the_rest_of_the_model_are_left_alone(tie):
+    """A layer holds copies of its block's weights: converting a block whose module or parameters
+    the model also reaches elsewhere would untie them at the first optimizer step (patched and
+    unpatched training apart by 1e-5..1e-4 after one SGD step). Every block so tied is left
+    alone, the first one met too; an untied one is replaced."""
+    kind = "qwen2_moe" if tie == "a dense layer" else "mixtral"
+    model = tiny_model(kind, 8)
+    layers = model.model.layers
+    if tie == "a router":
+        layers[1].mlp.gate = layers[0].mlp.gate
+    elif tie == "one block":
+        layers[1].mlp = layers[0].mlp
+    else:  # the shared expert's up projection tied to another module's (a dense MLP's, say)
+        model.dense = torch.nn.Linear(1, 1)
+        model.dense.weight = layers[0].mlp.shared_expert.up_proj.weight
     report = patch_model(model)
-    assert report["model.layers.0.mlp"] == "replaced"
-    assert report["model.layers.1.mlp"] == ("MixtralSparseMoeBlock: shares parameters with block "
-                                            "'model.layers.0.mlp' (each layer holds its own)")
+    why = {"a router": "shares parameters with 'model.layers.1.mlp.gate'",
+           "one block": "is also the module at 'model.layers.1.mlp'",
+           "a dense layer": "shares parameters with 'dense'"}[tie]
+    assert report["model.layers.0.mlp"].split(": ", 1)[1].startswith(why)
+    replaced = tie == "a dense layer"  # layer 1's block is tied to nothing then
+    assert (report["model.layers.1.mlp"] == "replaced") == replaced
+    assert [isinstance(layer.mlp, HFMoEBlock) for layer in layers[:2]] == [False, replaced]
 
 
 @pytest.mark.parametrize("kind, name", [("deepseek_v3", "e_score_correction_bias"), ("gpt_oss", "bias")])
