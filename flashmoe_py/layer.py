@@ -320,6 +320,10 @@ class MoELayer(nn.Module):
             if isinstance(t, DTensor):
                 raise ValueError(f"{name} is a DTensor; load_full_weights takes the full weight as a plain tensor "
                                  f"({name}.full_tensor())")
+            if t is not None and isinstance(getattr(self, name), DTensor):
+                raise ValueError(f"the layer's {name} is sharded by fully_shard (a DTensor): load the full weights "
+                                 "before wrapping the model, or load a checkpoint of the wrapped model "
+                                 "(flashmoe_py.sharded_state_dict)")
         self.config.check_weights(given)
         check_layout(gate_up_layout)
         if gate_up_layout != "halves" and not self.config.gated:
@@ -337,7 +341,8 @@ class MoELayer(nn.Module):
         gate_up_layout, "halves" or "interleaved" as load_full_weights takes, converted from the
         layer's pairs):
         the per-expert ones gathered from every rank in global expert order (collective when
-        world_size > 1), the replicated ones copied.
+        world_size > 1), the replicated ones copied (whole: ones fully_shard sharded gathered from
+        its mesh, collective there too).
         device: where the dict's tensors are made (default the layer's). dst: a global rank;
         every rank of the layer's group takes part, but only dst keeps and returns the tensors
         (the others {}). With either, the experts are gathered one local expert at a time, so the
@@ -360,6 +365,8 @@ class MoELayer(nn.Module):
         full = {}
         for name in self.config.weight_shapes():
             t = getattr(self, name).detach()
+            if isinstance(t, DTensor):  # under fully_shard: every rank takes part, as in the experts' gathers
+                t = t.full_tensor()
             if name in EXPERT_WEIGHTS:
                 t = self._gathered(t, device, keep, one_by_one=one_by_one)
             elif keep:

@@ -113,6 +113,35 @@ def test_prepared_wrappers_keep_each_rank_s_experts_and_take_the_mean_loss_s_gra
         assert kept and max(errs.values()) <= 1e-5, errs
 
 
+def full_weights_under_fully_shard(rank, world, seed: int):
+    """model(seed)'s layer under fully_shard: full_weight_dict (to every rank, and to rank 0 only)
+    against the same layer's before wrapping, and what load_full_weights says."""
+    net = model(seed, "autograd")
+    before = net[1].full_weight_dict()
+    wrap(net, "fsdp", world)
+    sharded = [n for n in before if isinstance(getattr(net[1], n), DTensor)]
+    after, at_0 = net[1].full_weight_dict(), net[1].full_weight_dict(dst=0)
+    same = all(type(t) is torch.Tensor and torch.equal(t, before[n]) for n, t in after.items())
+    same_at_0 = all(torch.equal(t, before[n]) for n, t in at_0.items()) and bool(at_0) == (rank == 0)
+    try:
+        net[1].load_full_weights(**before)
+        said = "loaded"
+    except ValueError as e:
+        said = str(e)
+    return sharded, sorted(after) == sorted(before) and same, same_at_0, said
+
+
+def test_full_weights_under_fully_shard_are_whole_and_loading_them_there_is_refused(dist_pools):
+    """fully_shard makes the router and shared experts DTensors: full_weight_dict gathers them
+    (before, each rank's dict held its own rows of them, which load_full_weights refused and a
+    saved dict kept half of); load_full_weights into them says to load before wrapping (before,
+    torch's "mixed torch.Tensor and DTensor")."""
+    for sharded, whole, whole_at_0, said in dist_pools(2).run(full_weights_under_fully_shard, fresh_seed()):
+        assert "router_weight" in sharded and "shared_w_in" in sharded, sharded
+        assert whole and whole_at_0
+        assert "sharded by fully_shard" in said and "before wrapping" in said, said
+
+
 def compiled_step(rank, world, seed: int, how: str) -> str:
     """One step of torch.compile(wrap(model(seed), how)) (aot_eager: the layer is one custom op
     there, its check run inside the op) -> "ok" or what it raised."""
