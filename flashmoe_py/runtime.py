@@ -334,6 +334,9 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
         raise ValueError(f"init(nvshmem={nvshmem!r}): expected True or False")
     nvshmem = bool(nvshmem)
     heap_bytes, layers = _heap_args(heap_bytes, layers)  # checked before anything starts; an iterator read once
+    if not nvshmem and (heap_bytes is not None or layers):
+        raise ValueError("init(nvshmem=False) with heap_bytes or layers: they size NVSHMEM's symmetric heap, which "
+                         "a runtime without NVSHMEM has none of (backend 'torch' needs none)")
     if _current is not None:
         if nvshmem and not _current.nvshmem:
             raise RuntimeError("flashmoe_py.init(nvshmem=True) after init(nvshmem=False): "
@@ -367,11 +370,6 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
                            "the last group's keys in its store and hang or fail (pytorch#55967). Call init() once "
                            "a process, or make the process group yourself (init() joins it)")
     heap_bytes = _heap_needed(heap_bytes, layers, info.world_size)
-    heap_size_set = None
-    if nvshmem and heap_bytes is not None:
-        heap_size_set = _set_heap_size(heap_bytes)
-        log.info("symmetric heap: %s per rank (NVSHMEM_SYMMETRIC_SIZE=%s)", format_bytes(heap_bytes),
-                 os.environ["NVSHMEM_SYMMETRIC_SIZE"])
     device = torch.device("cpu")
     if torch.cuda.is_available():
         if info.local_rank >= torch.cuda.device_count():
@@ -382,6 +380,11 @@ def init(nvshmem: bool = True, heap_bytes: int | None = None, layers=()) -> Runt
                                "without MPI_LOCALRANKID, has its global rank taken for it: one node only)")
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
+    heap_size_set = None  # (after every refusal above: a refused init() leaves no variable of its own behind)
+    if nvshmem and heap_bytes is not None:
+        heap_size_set = _set_heap_size(heap_bytes)
+        log.info("symmetric heap: %s per rank (NVSHMEM_SYMMETRIC_SIZE=%s)", format_bytes(heap_bytes),
+                 os.environ["NVSHMEM_SYMMETRIC_SIZE"])
     make_group = not dist.is_initialized()
     # a group an init() that failed made and left is still this package's (a retry took it for the
     # caller's, and its finalize() never tore it down)
@@ -495,10 +498,12 @@ def _init_process_group(info: LaunchInfo, device: torch.device) -> None:
                          int(os.environ.get("MASTER_PORT") or _free_port()))
         addr_port = MPI.COMM_WORLD.bcast(addr_port, root=0)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr_port[0], str(addr_port[1])
-    elif info.world_size == 1:  # alone (or mpirun -np 1): a free port, two one-process jobs must not share one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
+    elif info.world_size == 1 and info.launcher != "torchrun":
+        # alone (or mpirun -np 1): a rendezvous with itself, on this host at a free port, whatever
+        # MASTER_ADDR / MASTER_PORT a shell left exported (an unreachable address hung the rendezvous
+        # for torch's 30 minutes; a fixed port made a second one-process job fail with EADDRINUSE).
+        # (torchrun's worker keeps its agent's store.)
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, **kwargs)
 

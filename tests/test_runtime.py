@@ -152,6 +152,29 @@ def test_a_local_rank_past_the_visible_gpus_is_named(monkeypatch):
         fm.init(nvshmem=False)
 
 
+def test_a_refused_local_rank_leaves_no_heap_size_of_its_own(monkeypatch):
+    """init(heap_bytes=...) wrote NVSHMEM_SYMMETRIC_SIZE before the local-rank check refused the
+    call, and a retry then blamed that variable ("allows 1.00 GiB; raise it"), not the local rank."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setitem(sys.modules, "nvshmem", types.ModuleType("nvshmem"))
+    monkeypatch.setitem(sys.modules, "nvshmem.core", types.ModuleType("nvshmem.core"))
+    monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE", raising=False)
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    for heap in (1 << 30, 2 << 30):
+        with pytest.raises(RuntimeError, match=r"local rank 1 \(torchrun\) but 1 GPU"):
+            fm.init(heap_bytes=heap)
+        assert "NVSHMEM_SYMMETRIC_SIZE" not in os.environ
+
+
+@pytest.mark.parametrize("sizes", [dict(heap_bytes=1 << 30), dict(layers=[(fm.MoEConfig(16, 16, 2, 1), 8)])])
+def test_a_heap_size_without_nvshmem_is_refused(sizes):
+    """It sizes NVSHMEM's symmetric heap: without NVSHMEM it did nothing, silently."""
+    with pytest.raises(ValueError, match="init.nvshmem=False. with heap_bytes or layers"):
+        fm.init(nvshmem=False, **sizes)
+
+
 def test_a_fused_layer_on_another_device_than_the_runtime_is_refused(monkeypatch):
     """Its symmetric heap is on the runtime's GPU. Refused among the constructor's checks, which
     every rank compares (raised in the backend, one rank's refusal left the others blocked in the
@@ -352,6 +375,19 @@ def _alone(script: str) -> subprocess.Popen:
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "MPI_", "TORCHELASTIC"))}
     return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+
+
+def test_a_process_alone_rendezvouses_on_this_host_whatever_a_shell_left_exported():
+    """A MASTER_ADDR left exported (a cluster script's, a .bashrc's) that names no reachable host
+    hung a one-process init() for torch's 30-minute rendezvous timeout; a MASTER_PORT left there
+    made two one-process jobs collide."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "MPI_", "TORCHELASTIC"))}
+    env |= {"MASTER_ADDR": "no.such.host.invalid", "MASTER_PORT": "1"}
+    job = subprocess.Popen([sys.executable, "-c", LIFECYCLE], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0 and out.split()[-1] != "1", err[-2000:]
 
 
 def test_an_old_runtime_handle_leaves_the_new_one_alone_and_one_process_jobs_take_free_ports():
