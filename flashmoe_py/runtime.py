@@ -501,9 +501,12 @@ def _init_process_group(info: LaunchInfo, device: torch.device) -> None:
     elif info.world_size == 1 and info.launcher != "torchrun":
         # alone (or mpirun -np 1): a rendezvous with itself, on this host at a free port, whatever
         # MASTER_ADDR / MASTER_PORT a shell left exported (an unreachable address hung the rendezvous
-        # for torch's 30 minutes; a fixed port made a second one-process job fail with EADDRINUSE).
-        # (torchrun's worker keeps its agent's store.)
+        # for torch's 30 minutes; a fixed port made a second one-process job fail with EADDRINUSE)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    elif info.world_size == 1:  # RANK and WORLD_SIZE: a torchrun worker keeps its agent's store; set by hand, here
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, **kwargs)
 

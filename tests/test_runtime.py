@@ -388,6 +388,12 @@ def test_a_process_alone_rendezvouses_on_this_host_whatever_a_shell_left_exporte
                            stderr=subprocess.PIPE, text=True)
     out, err = job.communicate(timeout=120)
     assert job.returncode == 0 and out.split()[-1] != "1", err[-2000:]
+    # RANK=0 and WORLD_SIZE=1 set by hand, nothing else: the variables a torchrun worker would have are filled in
+    env = {k: v for k, v in env.items() if not k.startswith("MASTER_")} | {"RANK": "0", "WORLD_SIZE": "1"}
+    job = subprocess.Popen([sys.executable, "-c", LIFECYCLE], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err[-2000:]
 
 
 def test_an_old_runtime_handle_leaves_the_new_one_alone_and_one_process_jobs_take_free_ports():
