@@ -539,18 +539,29 @@ def _ranks_agree(decisions: list[tuple[str, str | None]], process_group) -> None
                                        f"{says(mine[name])}; rank {rank} {says(reason)}")
 
 
-def _tied_elsewhere(model: nn.Module, name: str, block: nn.Module) -> str | None:
-    """How the block at `name` is tied to the rest of `model`, or None: the same module at another
-    path too (one block in two layers), or a parameter of it also held by a module outside it
-    (another block's, a dense layer's). Its replacement would hold copies, and the first
-    optimizer step would untie them."""
-    others = [path for path, m in model.named_modules(remove_duplicate=False) if m is block and path != name]
+def _holders(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """Every path of each module of `model` (one reached twice has two) and the paths of the
+    modules holding each parameter as their own: {id(module): paths}, {id(parameter): paths}."""
+    paths: dict[int, list[str]] = {}
+    holders: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(path)
+    return paths, holders
+
+
+def _tied_elsewhere(index: tuple, name: str, block: nn.Module) -> str | None:
+    """How the block at `name` is tied to the rest of the model (`index`: _holders of it), or
+    None: the same module at another path too (one block in two layers), or a parameter of it
+    also held by a module outside it (another block's, a dense layer's). Its replacement would
+    hold copies, and the first optimizer step would untie them."""
+    paths, holders = index
+    others = [path for path in paths[id(block)] if path != name]
     if others:
         return f"is also the module at {others[0]!r}"
-    mine = {id(p) for p in block.parameters()}
-    outside = sorted(path for path, m in model.named_modules(remove_duplicate=False)
-                     if path != name and not path.startswith(f"{name}.")
-                     and any(id(p) in mine for p in m.parameters(recurse=False)))
+    outside = sorted(path for p in block.parameters() for path in holders[id(p)]
+                     if path != name and not path.startswith(f"{name}."))
     return f"shares parameters with {outside[0]!r}" if outside else None
 
 
@@ -567,12 +578,12 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
         raise ValueError(f"patch_model: `model` is itself an MoE block ({type(model).__name__}), which it cannot "
                          "replace in place: pass the module that holds it, or build its replacement with "
                          "flashmoe_py.hf.from_hf_block(block)")
-    blocks, decisions = [], []
+    blocks, decisions, index = [], [], _holders(model)
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, HFMoEBlock) or not isinstance(getattr(module, "experts", None), nn.Module):
             continue
         try:
-            if (tie := _tied_elsewhere(model, name, module)) is not None:
+            if (tie := _tied_elsewhere(index, name, module)) is not None:
                 raise UnsupportedBlock(f"{type(module).__name__}: {tie} (a layer holds copies of its block's "
                                        "weights: converting it would untie them)")
             blocks.append((name, *_checked_conversion(module)))
