@@ -573,14 +573,19 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     one rank only), then the layers compare their configs and router weights. The layers'
     sharded parameters are excluded from DistributedDataParallel wrapping `model`
     (data_parallel.exclude_from_ddp; prepare_ddp also scales their gradients for DDP's average,
-    without which a forward under DDP raises)."""
+    without which a forward under DDP raises). A model already holding an HFMoEBlock is refused
+    (ValueError): unpatch_model first to patch it with other arguments."""
     if isinstance(getattr(model, "experts", None), nn.Module) and not isinstance(model, HFMoEBlock):
         raise ValueError(f"patch_model: `model` is itself an MoE block ({type(model).__name__}), which it cannot "
                          "replace in place: pass the module that holds it, or build its replacement with "
                          "flashmoe_py.hf.from_hf_block(block)")
-    blocks, decisions, index = [], [], _holders(model)
+    blocks, decisions, patched, index = [], [], [], _holders(model)
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(module, HFMoEBlock) or not isinstance(getattr(module, "experts", None), nn.Module):
+        if isinstance(module, HFMoEBlock):
+            decisions.append((name, "already an HFMoEBlock"))
+            patched.append(name)
+            continue
+        if not isinstance(getattr(module, "experts", None), nn.Module):
             continue
         try:
             if (tie := _tied_elsewhere(index, name, module)) is not None:
@@ -591,6 +596,10 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
         except UnsupportedBlock as e:
             decisions.append((name, str(e)))
     _ranks_agree(decisions, layer_kwargs.get("process_group"))
+    if patched:  # on every rank, once they agree
+        raise ValueError(f"patch_model: `model` is already patched ({len(patched)} HFMoEBlock(s), the first at "
+                         f"{patched[0]!r}); a second call would leave them as they are and ignore its arguments: "
+                         "call flashmoe_py.hf.unpatch_model(model) first to patch it again")
     replaced = []  # the blocks' parameters (an optimizer built before holds these)
     for name, conv, trainable in blocks:
         parent_name, _, child = name.rpartition(".")

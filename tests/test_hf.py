@@ -371,6 +371,39 @@ def test_ranks_that_decide_a_block_differently_all_raise_before_building_any_lay
     assert "rank 1 leaves it: MixtralSparseMoeBlock: router_jitter_noise=0.1" in errors[0]
 
 
+def test_a_second_patch_model_is_refused_until_the_model_is_unpatched():
+    """A second call used to return {} and keep the first call's layers, its arguments (another
+    backend, say) silently ignored."""
+    model = tiny_model("mixtral", fresh_seed())
+    patch_model(model)
+    layers = [m for m in model.modules() if isinstance(m, HFMoEBlock)]
+    with pytest.raises(ValueError, match=r"already patched \(2 HFMoEBlock\(s\), the first at 'model\.layers\.0\.mlp'\)"
+                       r".*unpatch_model\(model\) first"):
+        patch_model(model, backend="torch")
+    assert [m for m in model.modules() if isinstance(m, HFMoEBlock)] == layers
+    unpatch_model(model)
+    assert patch_model(model, backend="torch") == {f"model.layers.{i}.mlp": "replaced" for i in range(2)}
+
+
+def patched_on_one_rank_only(rank, world, seed):
+    """Rank 0's model was patched before, rank 1's not -> what a second patch_model raised."""
+    model = tiny_model("mixtral", seed)
+    alone = [torch.distributed.new_group([r]) for r in range(world)]  # collective: every rank makes both
+    if rank == 0:
+        patch_model(model, process_group=alone[0])
+    try:
+        patch_model(model)
+    except (ConsistencyError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def test_a_model_patched_on_some_ranks_only_raises_on_every_rank(dist_pools):
+    errors = dist_pools(2).run(patched_on_one_rank_only, fresh_seed())
+    assert all(e is not None and e.startswith("ConsistencyError: patch_model: the ranks disagree on block "
+                                              "'model.layers.0.mlp'") for e in errors), errors
+
+
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_frozen_parameters_stay_frozen_and_trainable_ones_train(kind):
     """A user who froze the router, the experts or the shared experts (the base weights under LoRA,
