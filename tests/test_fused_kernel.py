@@ -29,7 +29,8 @@ from flashmoe_py.kernels.fused_moe_details.tasks import expert_tile, tile_table
 from flashmoe_py.kernels.launch_config import SPLIT_SLOTS, LaunchConfig, launch_variants, partial_slots
 from flashmoe_py.kernels.addresses import check_words
 from flashmoe_py.kernels.sorted_rows import sort_rows
-from flashmoe_py.kernels.layout import CTL_EPOCH, WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, Geometry
+from flashmoe_py.kernels.layout import (CTL_EPOCH, EPOCH_LAST, WAIT_CHUNK, WAIT_COMBINE, WAIT_COUNTS, Geometry,
+                                       describe_timeout)
 from flashmoe_py.kernels.workspace import Workspace
 from flashmoe_py.routing import route
 
@@ -512,6 +513,37 @@ def test_missing_peer_times_out_with_status():
     assert int(rank.ctl[0]) == 2  # the program still left cleanly and opened the next epoch
 
 
+@pytest.mark.parametrize("shared", [0, 1])
+def test_a_call_past_the_last_epoch_runs_no_task_and_says_so_until_restarted(shared):
+    """Flags number calls up to EPOCH_LAST (h flags as int32; count words as epoch << 32 in an
+    int64): past it they would wrap, and a wait would pass on an earlier call's flag (a count word
+    no peer published passed the count wait at epoch 2**31). A launch there runs no task and names
+    why; restart_epochs opens epoch 1 again, every flag and counter zeroed."""
+    cfg = MoEConfig(hidden_size=48, ffn_size=80, num_experts=4, top_k=2, dtype="float32", shared_experts=shared)
+    rank = OneRank(cfg, max_tokens=40)
+    x, out = rank.forward(40, save=True)  # flags and counters of epoch 1 written
+    rank.ctl[0] = EPOCH_LAST.value
+    x, out = rank.forward(33)
+    check_call(rank, cfg, x, out)  # the last call a flag can number runs
+    x, out = rank.forward(33)
+    assert out.isnan().all()
+    assert describe_timeout(rank.status.tolist(), 0) == (
+        f"fused MoE kernel on rank 0 ran no task in call {2**31}: its flags number calls up to {2**31 - 1} (the "
+        "layer restarts them before then, except where its forwards are replayed from a CUDA graph the caller "
+        "captured, which it cannot count): build the layer again")
+    assert rank.ctl.tolist() == [2**31 + 1, 0, 0, 0]  # (rewound all the same)
+    rank.status.zero_()
+    rank.ws.restart_epochs()
+    assert rank.ctl.tolist() == [1, 0, 0, 0]
+    ws = rank.ws
+    assert not any(t.any() for t in (ws.sym.count_words.local, ws.sym.chunk_flags.local, ws.sym.combine_counts.local,
+                                     ws.scratch.h_flags, ws.scratch.shared_h_flags, ws.scratch.shared_y_flags,
+                                     ws.scratch.comb_expect, ws.scratch.out_tickets))
+    for tokens in (40, 0, 17, 40):
+        x, out = rank.forward(tokens, save=tokens > 0)
+        check_call(rank, cfg, x, out)
+
+
 @pytest.mark.parametrize("peer_rows,wait", [(24, WAIT_CHUNK), (0, WAIT_COMBINE)])
 def test_a_peer_that_stops_after_publishing_its_counts_is_named_with_the_wait(peer_rows, wait):
     """Rank 1 announces its rows for this call, then never runs: rank 0 gives up waiting for the
@@ -841,6 +873,34 @@ def test_a_launch_refused_before_its_routing_plan_leaves_the_layer_usable():
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
     out, _, saved = backend._launch(x, "the caller's stream", saving=((8, cfg.ffn_in_size), None))  # a training one
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5 and saved.pre.shape == (8, cfg.ffn_in_size)
+
+
+def test_the_backend_restarts_the_call_numbers_every_epoch_restart_forwards(monkeypatch):
+    """FlashBackend counts the forwards that reach it outside a capture; before the one past
+    EPOCH_RESTART (EPOCH_LAST: as many as a flag can number) it waits for every rank (a barrier
+    after the device's queued work), zeroes the flags and opens call number 1, then waits again.
+    The outputs stay right across restarts."""
+    cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=4, top_k=2, dtype="float32")
+    layer = MoELayer(cfg, seed=fresh_seed())  # backend torch: its router and weights
+    rank = OneRank(cfg, max_tokens=16)
+    backend, barriers = _flash_backend_over(layer, rank, None), []
+    backend.__dict__.update(rt=types.SimpleNamespace(failed=None, barrier=lambda: barriers.append(int(rank.ctl[0]))),
+                            heap=types.SimpleNamespace(freed=False), last_stream=None, device_index=0, forwards=0,
+                            status_ready=types.SimpleNamespace(query=lambda: False, record=lambda s: None))
+    assert FlashBackend.EPOCH_RESTART == EPOCH_LAST.value
+    backend.EPOCH_RESTART = 3
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "the caller's stream")
+    epochs = []
+    for tokens in (16, 5, 16, 0, 9, 16, 16, 3):
+        x = torch.randn(tokens, 32)
+        with torch.no_grad():
+            out, _, _ = backend._launch(x, backend._before_forward())
+            if tokens:
+                assert rel_err(out, layer(x)) <= 1e-5
+        epochs.append(int(rank.ctl[0]))  # the next call's number
+    assert epochs == [2, 3, 4, 2, 3, 4, 2, 3]
+    assert barriers == [4, 1, 4, 1]  # around each restart: the flags zeroed in between
 
 
 @pytest.mark.parametrize("world,refused,launched,failed", [(2, None, [0], None), (2, "weights", [], "w_in is (1, 2)"),

@@ -24,7 +24,7 @@ from .. import runtime
 from ..config import EXPERT_WEIGHTS
 from ..heap import SymmetricHeap
 from ..kernels.launch_config import choose_launch, launch_variants, partial_slots
-from ..kernels.layout import Geometry, describe_timeout
+from ..kernels.layout import EPOCH_LAST, Geometry, describe_timeout
 from ..kernels.plan import RoutingPlan, build_plan, plan_stats
 from ..kernels.addresses import aligned_rows, write_addresses
 from ..kernels.fused_moe import Saved, compile_fused, launch_fused, zeroed_out
@@ -196,6 +196,9 @@ class FlashBackend:
     GRAPHED_SAVE_BYTES = 512 << 20
     MAX_SAVING_GRAPHS = 2
     MAX_SEEN = 1024  # keys remembered for a capture at their second call
+    # Forwards between restarts of the workspace's call numbers (restart_epochs): as many as its
+    # flags can number (layout.EPOCH_LAST; a check lowers it on an instance to exercise a restart).
+    EPOCH_RESTART = EPOCH_LAST.value
 
     def __init__(self, layer, options):
         self.rt = rt = runtime.require_fused()
@@ -225,6 +228,7 @@ class FlashBackend:
         # (weight_addresses, torch's deterministic setting) when the kept graphs were captured
         self.graphed: tuple = ()
         self.last_stream: torch.cuda.Stream | None = None  # where the last forward was queued
+        self.forwards = 0  # launched or replayed since the call numbers (re)started (_before_forward)
         if layer.world_size > 1:  # a rank that fails here tells its peers, which would wait in the barrier
             runtime.on_every_rank(self.compile_variants, lambda rank, text: RuntimeError(
                 f"rank {rank} could not compile the fused kernel (or run the router and plan kernels) when the layer "
@@ -363,11 +367,30 @@ class FlashBackend:
         self.raise_if_failed(block=False)
         if torch.cuda.is_current_stream_capturing():
             return None
+        if self.forwards == self.EPOCH_RESTART:
+            self.restart_epochs()
+        self.forwards += 1
         stream = torch.cuda.current_stream(self.device_index)
         if self.last_stream is not None and self.last_stream != stream:
             stream.wait_stream(self.last_stream)
         self.last_stream = stream
         return stream
+
+    def restart_epochs(self) -> None:
+        """Every rank at once, between forwards: wait until no launch of any rank's is queued or
+        running, zero the workspace's flags and counters and open call number 1 again
+        (Workspace.restart_epochs), then let every rank go on. _before_forward calls it after
+        EPOCH_RESTART forwards, at the same forward on every rank (each counts the forwards that
+        reach the backend outside a capture: every rank takes part in each, its kernel launched or
+        replayed, or all raise). A forward the caller captured in a CUDA graph of its own is
+        counted once, at its capture, however often replayed: the kernel refuses a call past
+        EPOCH_LAST (FusedKernelError) rather than let a flag wrap. Collective."""
+        log.info("rank %d: %d forwards: restarting the fused kernel's call numbers (every rank)", self.layer.rank,
+                 self.forwards)
+        self.rt.barrier()
+        self.ws.restart_epochs()
+        self.rt.barrier()
+        self.forwards = 0
 
     def _run(self, x: torch.Tensor, key: tuple | None, stream: torch.cuda.Stream | None,
              saving: tuple | None = None):

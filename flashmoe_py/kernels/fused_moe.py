@@ -60,7 +60,8 @@ acquired), row num_programs + task holds (pid, kind, start, ready, math done, en
 TASK_* codes (compute tasks numbered after the front tasks): ready when the task's waits are
 over, math done after its GEMM loop (combine: after its weighted sum; front tasks: both = start).
 
-Epochs: ctl[CTL_EPOCH] holds the call number (from 1). Flags store it, so none is reset. Count words are
+Epochs: ctl[CTL_EPOCH] holds the call number (from 1 to layout.EPOCH_LAST; a launch past it runs no task and
+reports WAIT_EPOCHS, until Workspace.restart_epochs). Flags store it, so none is reset between calls. Count words are
 double-buffered by epoch parity: a fast peer may publish call n+1's counts while a slow program
 here still reads call n's. Combine counters only grow; the source compares them with its own
 running total of rows it expects (comb_expect, advanced by the routing plan before each call).
@@ -87,9 +88,9 @@ from .fused_moe_details.dispatch import dispatch_chunk, publish_counts
 from .fused_moe_details.expert_ffn import count_tile_rows, ffn_in_tile, ffn_out_tile, raise_held, split_parts
 from .fused_moe_details.shared_experts import shared_task
 from .fused_moe_details.tasks import PendingTile, grouped, report_timeout, stamp, tile_table
-from .layout import (ACT_CODES, CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, TASK_COMBINE,
-                     TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT, TASK_SHARED_IN, TASK_SHARED_OUT, TRACE_COLS,
-                     WAITED_COUNTS, WAIT_COUNTS)
+from .layout import (ACT_CODES, CTL_COMPUTE_TASKS, CTL_EPOCH, CTL_FRONT_TASKS, CTL_PROGRAMS_DONE, EPOCH_LAST,
+                     TASK_COMBINE, TASK_DISPATCH, TASK_FFN_IN, TASK_FFN_OUT, TASK_SHARED_IN, TASK_SHARED_OUT,
+                     TRACE_COLS, WAITED_COUNTS, WAIT_COUNTS, WAIT_EPOCHS)
 from .addresses import check_words, rebase
 from .sorted_rows import compile_sort_rows, sort_rows
 from .transport import TRANSPORTS, clock_ns, nvshmem_device_library, nvshmem_launch, puts_complete, wait_at_least
@@ -273,10 +274,13 @@ def fused_moe_kernel(x_ptr, out_ptr, io, w_in, w_out, shared_w_in, shared_w_out,
     NN_OUT = tl.cdiv(H, meta.BN_OUT)  # GEMM2 column tiles
     ctl = scratch.ctl
     epoch = tl.load(ctl + CTL_EPOCH)
+    numbered = epoch <= EPOCH_LAST  # else its flags would wrap: no task runs (and no count is published)
+    if epoch > EPOCH_LAST:
+        report_timeout(scratch, WAIT_EPOCHS, -1, -1, -1, epoch)
     n_front = 1 + send_chunks
     P = tl.num_programs(0)
     task = tl.cast(n_front, tl.int64)
-    if tl.program_id(0) < dispatch_programs:
+    if (tl.program_id(0) < dispatch_programs) & numbered:
         task = tl.atomic_add(ctl + CTL_FRONT_TASKS, 1, sem="relaxed")
     while task < n_front:
         start = clock_ns() if meta.TRACE else 0
@@ -297,7 +301,7 @@ def fused_moe_kernel(x_ptr, out_ptr, io, w_in, w_out, shared_w_in, shared_w_out,
     n_short = tl.sum(short.to(tl.int32))
     if n_short > 0:
         report_timeout(scratch, WAIT_COUNTS, tl.min(tl.where(short, idx // L, W)), -1, -1, epoch)
-    healthy = n_short == 0  # a sum: the same in every warp (the counts are not to be used otherwise)
+    healthy = (n_short == 0) & numbered  # a sum: the same in every warp (the counts are not to be used otherwise)
     stamp(scratch.trace, tl.program_id(0), WAITED_COUNTS, start, start, start, meta.TRACE)
     table = tile_table(words, dims, meta)
     n_tiles = tl.sum(table.tiles)

@@ -20,6 +20,11 @@ ACT_CODES = {"swiglu": 0, "gelu": 1, "relu": 2, "clamped_swiglu": 3}
 
 # ctl: [CTL_WORDS] int64, this GPU's task queues and call number.
 CTL_EPOCH = tl.constexpr(0)          # the call number, from 1; flags carry it, so none is reset
+# The last call number a flag can carry: h flags hold it as int32, count words as epoch << 32 in an
+# int64. A launch past it runs no task and reports WAIT_EPOCHS; Workspace.restart_epochs, with no
+# launch in flight on any rank, zeroes the flags and opens epoch 1 again (backends/flash.py does so
+# before its count of calls gets there).
+EPOCH_LAST = tl.constexpr(2**31 - 1)
 CTL_FRONT_TASKS = tl.constexpr(1)    # counter of the front queue (publish counts, dispatch chunks)
 CTL_PROGRAMS_DONE = tl.constexpr(2)  # programs that finished this call; the last one rewinds
 CTL_COMPUTE_TASKS = tl.constexpr(3)  # counter of the compute queue (shared, ffn_in unless static, ffn_out, combine)
@@ -42,6 +47,7 @@ WAIT_COMBINE = tl.constexpr(4)
 WAIT_HIDDEN_STATIC = tl.constexpr(5)  # WAIT_HIDDEN for a GEMM1 tile of the static order (STATIC_IN)
 WAIT_SHARED_HIDDEN = tl.constexpr(6)  # a shared experts' output tile for its hidden tiles
 WAIT_SHARED_OUT = tl.constexpr(7)     # a combine tile for the shared experts' output tiles
+WAIT_EPOCHS = tl.constexpr(8)         # no wait: the call's epoch is past EPOCH_LAST, so none ran
 WAITS = {WAIT_COUNTS.value: "count words (what each source sends)",
          WAIT_CHUNK.value: "a dispatched chunk to arrive",
          WAIT_HIDDEN.value: "a hidden tile from another program",
@@ -77,6 +83,10 @@ def describe_timeout(status: list[int], rank: int) -> str | None:
         return None
     wait, pe, expert, tile, epoch = (status[s.value] for s in (STATUS_WAIT, STATUS_PEER, STATUS_EXPERT,
                                                                STATUS_TILE, STATUS_EPOCH))
+    if wait == WAIT_EPOCHS.value:
+        return (f"fused MoE kernel on rank {rank} ran no task in call {epoch}: its flags number calls up to "
+                f"{EPOCH_LAST.value} (the layer restarts them before then, except where its forwards are replayed "
+                "from a CUDA graph the caller captured, which it cannot count): build the layer again")
     return (f"fused MoE kernel on rank {rank} timed out in call {epoch} waiting for {WAITS.get(wait, wait)}"
             + (f" from rank {pe}" if pe >= 0 else "")
             + (f" (local expert {expert}, tile {tile})" if expert >= 0 else f" (tile {tile})" if tile >= 0 else "")

@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from .layout import Geometry
+from .layout import CTL_EPOCH, Geometry
 
 
 class SymBuffer(NamedTuple):
@@ -116,8 +116,20 @@ class Workspace:
                               send_x=mine["send_x"] if transport == "nvshmem" else mine["recv_x"])
         local = {name: torch.zeros(shape, dtype=dt, device=device)
                  for name, (shape, dt) in geo.local_buffers(dtype).items()}
-        local["ctl"][0] = 1  # the first call's epoch
+        local["ctl"][CTL_EPOCH.value] = 1  # the first call's epoch
         return cls(geo, transport, symmetric, Scratch(**local, trace=local["status"]), allocator)
+
+    def restart_epochs(self) -> None:
+        """Zero every word that carries a call number or counts rows over calls (count words, chunk
+        flags, combine counters; h, shared and split-tile flags, expected rows, task counters) and
+        open epoch 1, as allocate leaves them; the status words stay. Only with no launch of this
+        layer queued or running on any rank, and on every rank before any launches again
+        (layout.EPOCH_LAST)."""
+        for t in (self.sym.count_words.local, self.sym.chunk_flags.local, self.sym.combine_counts.local,
+                  self.scratch.h_flags, self.scratch.shared_h_flags, self.scratch.shared_y_flags,
+                  self.scratch.comb_expect, self.scratch.out_tickets, self.scratch.ctl):
+            t.zero_()
+        self.scratch.ctl[CTL_EPOCH.value] = 1
 
     def with_trace(self, trace: torch.Tensor | None) -> Scratch:
         """The scratch bundle for one launch, recording into `trace` when given."""

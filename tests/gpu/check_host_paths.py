@@ -27,6 +27,11 @@
   back to the heap when the next layer is built, so a second layer of the same size fits a heap
   sized for one, and computes right.
 
+- The call numbers the kernel's flags carry restarted every 3 forwards (EPOCH_RESTART lowered on
+  the instance), launched, captured and replayed: every output right. Then a call numbered past
+  EPOCH_LAST, as replays of a graph the caller captured would leave it: the kernel runs no task
+  and the layer raises FusedKernelError naming it (the layer is failed: near the end).
+
 Every output is checked against the float32 reference on fresh random inputs (NaN counts as inf).
 
     python tests/gpu/check_host_paths.py [--out rows.json]"""
@@ -46,7 +51,7 @@ from seeds import fresh_seed  # noqa: E402
 
 import flashmoe_py as fm
 from flashmoe_py import FusedKernelError, MoEConfig, MoELayer, reference_forward
-from flashmoe_py.kernels.layout import heap_bytes_for
+from flashmoe_py.kernels.layout import EPOCH_LAST, heap_bytes_for
 
 TOL = 1e-2  # bf16
 FP32_TOL = 1e-4  # float32 on a GPU (the project's bar for its GPU kernels)
@@ -284,6 +289,32 @@ def deleted_layer_heap(inputs: Inputs, seed: int) -> dict:
             "ok": err <= TOL and held > before and rt.heap_used() == before}
 
 
+def restarted_call_numbers(inputs: Inputs, seed: int) -> dict:
+    tokens = 200
+    layer = MoELayer(SMALL, backend="flash", max_tokens_per_rank=tokens, seed=seed)
+    backend = layer.backend
+    backend.EPOCH_RESTART = 3  # (EPOCH_LAST otherwise)
+    errs, numbers = [], []
+    for i in range(10):  # two sizes, each eager, captured, then replayed
+        x = inputs(SMALL, tokens if i % 2 else 120)
+        errs.append(rel_err(layer(x), reference_forward(x, config=SMALL, **layer.full_weight_dict())))
+        numbers.append(int(backend.ws.scratch.ctl[0]))  # the next call's number
+    layer.synchronize()
+    backend.ws.scratch.ctl[0] = EPOCH_LAST.value + 1  # as replays of a graph the caller captured would leave it
+    layer(inputs(SMALL, tokens))  # replayed from the layer's graph
+    try:
+        layer.synchronize()
+        raised = ""
+    except FusedKernelError as e:
+        raised = str(e)
+    layer.backend.close()
+    worst = max(errs)
+    return {"case": "the call numbers restarted every 3 forwards (eager, captured, replayed); a call past EPOCH_LAST "
+            "refused", "rel_errs": errs, "next_numbers": numbers, "raised": raised, "rel_err": worst,
+            "ok": (worst <= TOL and numbers == [2, 3, 4] * 3 + [2]
+                   and f"ran no task in call {EPOCH_LAST.value + 1}" in raised)}
+
+
 def backward_after_timeout(inputs: Inputs, seed: int) -> dict:
     tokens, timeout_s = 2048, 1.0
     programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
@@ -331,6 +362,9 @@ def main():
         rows.append(placement_buffers(inputs, seed + 7))
         print(json.dumps(rows[-1]), flush=True)
         rows.append(deleted_layer_heap(inputs, seed + 8))
+    print(json.dumps(rows[-1]), flush=True)
+    with torch.no_grad():
+        rows.append(restarted_call_numbers(inputs, seed + 9))
     print(json.dumps(rows[-1]), flush=True)
     rows.append(backward_after_timeout(inputs, seed + 3))
     print(json.dumps(rows[-1]), flush=True)
