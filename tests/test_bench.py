@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -535,6 +536,36 @@ def test_forward_and_backward_rows_are_checked_against_float64_autograd(tmp_path
         assert max(r["rel_errs"].values()) <= r["rel_err"] and r["tokens_routed_otherwise"] == 0, r
     assert "torch/saved +bwd" in proc.stdout and "torch/saved frozen +bwd" in proc.stdout
     assert set(rows[1]["speedup"]) == {"torch/autograd", "torch/autograd frozen", "torch/saved", "torch/saved frozen"}
+
+
+@pytest.mark.parametrize("dtype,errors,want", [
+    ("float32", {"float64": 2e-5, "float32": 3e-6}, (3e-6, True)),  # float32 arithmetic's own distance
+    ("float32", {"float64": 2e-5, "float32": 2e-5}, (2e-5, False)),  # the float32 reference agrees: wrong
+    ("float32", {"float64": 4e-6}, (4e-6, True)),  # within the bar: the float32 reference not taken
+    ("bfloat16", {"float32": 2e-2}, (2e-2, False))])  # bf16 layers: against float32 only, as before
+def test_a_float32_step_over_the_bar_is_compared_with_the_float32_reference_too(monkeypatch, dtype, errors, want):
+    """A review's find: with routing steered one-hot, a float32 layer's router gradient was
+    1.1e-5 from float64 autograd (the bar 1e-5) and bit for bit the float32 reference's, which is
+    as far from float64 (a saturated softmax): the row said FAILED. Such a step is compared with
+    the float32 reference too, and passes where it matches it; both errors are kept."""
+    layer_module = _bench_layer_module()
+    asked = []
+
+    def lean_grad_errors(layer, x, dy, dtype, report):
+        name = {torch.float64: "float64", torch.float32: "float32"}[dtype]
+        asked.append(name)
+        report["tokens_routed_otherwise"] = 0
+        return {"x": errors[name], "router_weight": errors[name] / 2}
+
+    monkeypatch.setattr(layer_module, "lean_grad_errors", lean_grad_errors)
+    monkeypatch.setattr(layer_module, "max_over_ranks", lambda value, device: value)  # one rank, no process group
+    layer = types.SimpleNamespace(config=types.SimpleNamespace(dtype=dtype), world_size=1, zero_grad=lambda **k: None)
+    x = torch.zeros(2, 4)
+    worst, errs, errs32, routed = layer_module.step_errors(layer, x, x, torch.device("cpu"), 1e-2 if dtype == "bfloat16"
+                                                           else 1e-5)
+    assert asked == list(errors) and (worst, worst <= (1e-2 if dtype == "bfloat16" else 1e-5)) == want
+    assert errs["x"] == errors[asked[0]] and routed == 0
+    assert errs32 == ({"x": errors["float32"], "router_weight": errors["float32"] / 2} if len(asked) == 2 else None)
 
 
 def test_training_steps_are_profiled_with_their_backward():
