@@ -77,7 +77,8 @@ def parse_args(argv=None):
                    help="also N shapes drawn at random (random_shapes: hidden 2048-7168, expert FFN "
                         "512-14336, 8-256 experts, top-k 1-8, at most 16 GB of expert weights)")
     p.add_argument("--random-seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="bfloat16 (GPU default) or float32 (CPU default)")
     p.add_argument("--tokens", nargs="+", type=int, default=None,
                    help="tokens per rank (default 128 ... 16384 on GPUs, 64 256 on the CPU)")
     p.add_argument("--backends", nargs="+", default=["torch"], choices=BACKENDS,
