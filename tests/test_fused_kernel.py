@@ -517,7 +517,7 @@ def test_missing_peer_times_out_with_status():
 def test_a_call_past_the_last_epoch_runs_no_task_and_says_so_until_restarted(shared):
     """Flags number calls up to EPOCH_LAST (h flags as int32; count words as epoch << 32 in an
     int64): past it they would wrap, and a wait would pass on an earlier call's flag (a count word
-    no peer published passed the count wait at epoch 2**31). A launch there runs no task and names
+    no peer published passed the count wait at epoch 2**31). A launch there computes nothing and names
     why; restart_epochs opens epoch 1 again, every flag and counter zeroed."""
     cfg = MoEConfig(hidden_size=48, ffn_size=80, num_experts=4, top_k=2, dtype="float32", shared_experts=shared)
     rank = OneRank(cfg, max_tokens=40)
@@ -528,7 +528,7 @@ def test_a_call_past_the_last_epoch_runs_no_task_and_says_so_until_restarted(sha
     x, out = rank.forward(33)
     assert out.isnan().all()
     assert describe_timeout(rank.status.tolist(), 0) == (
-        f"fused MoE kernel on rank 0 ran no task in call {2**31}: its flags number calls up to {2**31 - 1} (the "
+        f"fused MoE kernel on rank 0 computed nothing in call {2**31}: its flags number calls up to {2**31 - 1} (the "
         "layer restarts them before then, except where its forwards are replayed from a CUDA graph the caller "
         "captured, which it cannot count): build the layer again")
     assert rank.ctl.tolist() == [2**31 + 1, 0, 0, 0]  # (rewound all the same)

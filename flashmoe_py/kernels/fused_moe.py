@@ -60,7 +60,7 @@ acquired), row num_programs + task holds (pid, kind, start, ready, math done, en
 TASK_* codes (compute tasks numbered after the front tasks): ready when the task's waits are
 over, math done after its GEMM loop (combine: after its weighted sum; front tasks: both = start).
 
-Epochs: ctl[CTL_EPOCH] holds the call number (from 1 to layout.EPOCH_LAST; a launch past it runs no task and
+Epochs: ctl[CTL_EPOCH] holds the call number (from 1 to layout.EPOCH_LAST; a launch past it computes nothing and
 reports WAIT_EPOCHS, until Workspace.restart_epochs). Flags store it, so none is reset between calls. Count words are
 double-buffered by epoch parity: a fast peer may publish call n+1's counts while a slow program
 here still reads call n's. Combine counters only grow; the source compares them with its own
@@ -274,13 +274,11 @@ def fused_moe_kernel(x_ptr, out_ptr, io, w_in, w_out, shared_w_in, shared_w_out,
     NN_OUT = tl.cdiv(H, meta.BN_OUT)  # GEMM2 column tiles
     ctl = scratch.ctl
     epoch = tl.load(ctl + CTL_EPOCH)
-    numbered = epoch <= EPOCH_LAST  # else its flags would wrap: no task runs (and no count is published)
-    if epoch > EPOCH_LAST:
-        report_timeout(scratch, WAIT_EPOCHS, -1, -1, -1, epoch)
+    late = epoch > EPOCH_LAST  # its flags would wrap: no count is waited for and nothing computed
     n_front = 1 + send_chunks
     P = tl.num_programs(0)
     task = tl.cast(n_front, tl.int64)
-    if (tl.program_id(0) < dispatch_programs) & numbered:
+    if tl.program_id(0) < dispatch_programs:
         task = tl.atomic_add(ctl + CTL_FRONT_TASKS, 1, sem="relaxed")
     while task < n_front:
         start = clock_ns() if meta.TRACE else 0
@@ -296,12 +294,14 @@ def fused_moe_kernel(x_ptr, out_ptr, io, w_in, w_out, shared_w_in, shared_w_out,
     words = sym.count_words.local + (epoch % 2) * W * L
     start = clock_ns() if meta.TRACE else 0
     idx = tl.arange(0, meta.E_POW2)
-    pairs = idx < W * L
+    pairs = idx < tl.where(late, 0, W * L)
     short = wait_at_least(words + idx, pairs, epoch << 32, wait_limit, scratch.status, meta.PEER_SCOPE, meta.ON_GPU)
     n_short = tl.sum(short.to(tl.int32))
-    if n_short > 0:
-        report_timeout(scratch, WAIT_COUNTS, tl.min(tl.where(short, idx // L, W)), -1, -1, epoch)
-    healthy = (n_short == 0) & numbered  # a sum: the same in every warp (the counts are not to be used otherwise)
+    if (n_short > 0) | late:  # (one report for both: a second inlined here spilled registers in Triton 3.6)
+        report_timeout(scratch, tl.where(late, WAIT_EPOCHS, WAIT_COUNTS),
+                       tl.where(late, -1, tl.min(tl.where(short, idx // L, W))), -1, -1, epoch)
+    # a sum: the same in every warp (the counts are not to be used otherwise)
+    healthy = (n_short == 0) & (epoch <= EPOCH_LAST)
     stamp(scratch.trace, tl.program_id(0), WAITED_COUNTS, start, start, start, meta.TRACE)
     table = tile_table(words, dims, meta)
     n_tiles = tl.sum(table.tiles)

@@ -21,9 +21,9 @@ ACT_CODES = {"swiglu": 0, "gelu": 1, "relu": 2, "clamped_swiglu": 3}
 # ctl: [CTL_WORDS] int64, this GPU's task queues and call number.
 CTL_EPOCH = tl.constexpr(0)          # the call number, from 1; flags carry it, so none is reset
 # The last call number a flag can carry: h flags hold it as int32, count words as epoch << 32 in an
-# int64. A launch past it runs no task and reports WAIT_EPOCHS; Workspace.restart_epochs, with no
-# launch in flight on any rank, zeroes the flags and opens epoch 1 again (backends/flash.py does so
-# before its count of calls gets there).
+# int64. A launch past it computes nothing (its counts and rows are sent, none waited for) and
+# reports WAIT_EPOCHS; Workspace.restart_epochs, with no launch in flight on any rank, zeroes the
+# flags and opens epoch 1 again (backends/flash.py does so before its count of calls gets there).
 EPOCH_LAST = tl.constexpr(2**31 - 1)
 CTL_FRONT_TASKS = tl.constexpr(1)    # counter of the front queue (publish counts, dispatch chunks)
 CTL_PROGRAMS_DONE = tl.constexpr(2)  # programs that finished this call; the last one rewinds
@@ -47,7 +47,7 @@ WAIT_COMBINE = tl.constexpr(4)
 WAIT_HIDDEN_STATIC = tl.constexpr(5)  # WAIT_HIDDEN for a GEMM1 tile of the static order (STATIC_IN)
 WAIT_SHARED_HIDDEN = tl.constexpr(6)  # a shared experts' output tile for its hidden tiles
 WAIT_SHARED_OUT = tl.constexpr(7)     # a combine tile for the shared experts' output tiles
-WAIT_EPOCHS = tl.constexpr(8)         # no wait: the call's epoch is past EPOCH_LAST, so none ran
+WAIT_EPOCHS = tl.constexpr(8)         # no wait: the call's epoch is past EPOCH_LAST, nothing computed
 WAITS = {WAIT_COUNTS.value: "count words (what each source sends)",
          WAIT_CHUNK.value: "a dispatched chunk to arrive",
          WAIT_HIDDEN.value: "a hidden tile from another program",
@@ -84,7 +84,7 @@ def describe_timeout(status: list[int], rank: int) -> str | None:
     wait, pe, expert, tile, epoch = (status[s.value] for s in (STATUS_WAIT, STATUS_PEER, STATUS_EXPERT,
                                                                STATUS_TILE, STATUS_EPOCH))
     if wait == WAIT_EPOCHS.value:
-        return (f"fused MoE kernel on rank {rank} ran no task in call {epoch}: its flags number calls up to "
+        return (f"fused MoE kernel on rank {rank} computed nothing in call {epoch}: its flags number calls up to "
                 f"{EPOCH_LAST.value} (the layer restarts them before then, except where its forwards are replayed "
                 "from a CUDA graph the caller captured, which it cannot count): build the layer again")
     return (f"fused MoE kernel on rank {rank} timed out in call {epoch} waiting for {WAITS.get(wait, wait)}"

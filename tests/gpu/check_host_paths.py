@@ -29,7 +29,7 @@
 
 - The call numbers the kernel's flags carry restarted every 3 forwards (EPOCH_RESTART lowered on
   the instance), launched, captured and replayed: every output right. Then a call numbered past
-  EPOCH_LAST, as replays of a graph the caller captured would leave it: the kernel runs no task
+  EPOCH_LAST, as replays of a graph the caller captured would leave it: the kernel computes nothing
   and the layer raises FusedKernelError naming it (the layer is failed: near the end).
 
 Every output is checked against the float32 reference on fresh random inputs (NaN counts as inf).
@@ -312,7 +312,7 @@ def restarted_call_numbers(inputs: Inputs, seed: int) -> dict:
     return {"case": "the call numbers restarted every 3 forwards (eager, captured, replayed); a call past EPOCH_LAST "
             "refused", "rel_errs": errs, "next_numbers": numbers, "raised": raised, "rel_err": worst,
             "ok": (worst <= TOL and numbers == [2, 3, 4] * 3 + [2]
-                   and f"ran no task in call {EPOCH_LAST.value + 1}" in raised)}
+                   and f"computed nothing in call {EPOCH_LAST.value + 1}" in raised)}
 
 
 def backward_after_timeout(inputs: Inputs, seed: int) -> dict:
