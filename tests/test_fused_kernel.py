@@ -875,11 +875,29 @@ def test_a_launch_refused_before_its_routing_plan_leaves_the_layer_usable():
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5 and saved.pre.shape == (8, cfg.ffn_in_size)
 
 
+def test_a_call_past_the_last_epoch_publishes_no_count_to_its_peers():
+    """It waits for nothing, so the call after it could overwrite the parity slot a peer still
+    reads for the last numbered call (this rank two calls ahead) with a wrapped epoch (a review
+    showed 0x7fffffff00000007 become 0x800000010000000d). The count words stay as they were."""
+    cfg = MoEConfig(hidden_size=48, ffn_size=80, num_experts=4, top_k=2, dtype="float32")
+    rank = OneRank(cfg, max_tokens=40, world=2)
+    peer_words = rank.ws.allocator.scratch["count_words"]  # what rank 0 writes into rank 1's
+    peer_words[1, 0] = (EPOCH_LAST.value << 32) | 7  # rank 1 still reads its last numbered call
+    before = peer_words.clone()
+    for epoch in (EPOCH_LAST.value + 1, EPOCH_LAST.value + 2):
+        rank.status.zero_()
+        rank.ctl[0] = epoch
+        rank.forward(33)
+        assert describe_timeout(rank.status.tolist(), 0).startswith(f"fused MoE kernel on rank 0 computed nothing "
+                                                                    f"in call {epoch}")
+        assert torch.equal(peer_words, before)
+
+
 def test_the_backend_restarts_the_call_numbers_every_epoch_restart_forwards(monkeypatch):
     """FlashBackend counts the forwards that reach it outside a capture; before the one past
-    EPOCH_RESTART (EPOCH_LAST: as many as a flag can number) it waits for every rank (a barrier
-    after the device's queued work), zeroes the flags and opens call number 1, then waits again.
-    The outputs stay right across restarts."""
+    EPOCH_RESTART (EPOCH_LAST: as many as a flag can number) it checks that no rank's launch
+    failed, waits for every rank (a barrier after the device's queued work), zeroes the flags and
+    opens call number 1, then waits again. The outputs stay right across restarts."""
     cfg = MoEConfig(hidden_size=32, ffn_size=48, num_experts=4, top_k=2, dtype="float32")
     layer = MoELayer(cfg, seed=fresh_seed())  # backend torch: its router and weights
     rank = OneRank(cfg, max_tokens=16)
@@ -891,6 +909,7 @@ def test_the_backend_restarts_the_call_numbers_every_epoch_restart_forwards(monk
     backend.EPOCH_RESTART = 3
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "the caller's stream")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     epochs = []
     for tokens in (16, 5, 16, 0, 9, 16, 16, 3):
         x = torch.randn(tokens, 32)
@@ -901,6 +920,16 @@ def test_the_backend_restarts_the_call_numbers_every_epoch_restart_forwards(monk
         epochs.append(int(rank.ctl[0]))  # the next call's number
     assert epochs == [2, 3, 4, 2, 3, 4, 2, 3]
     assert barriers == [4, 1, 4, 1]  # around each restart: the flags zeroed in between
+    # A failed launch before a restart raises first (every rank, once they have compared), where a
+    # rank raising alone would leave the others in the barrier: nothing zeroed, no barrier entered.
+    backend.forwards = 3
+    rank.status[:6] = torch.tensor([1, WAIT_COUNTS.value, 1, -1, -1, 3])
+    flags = [t.clone() for t in (rank.ctl, rank.ws.scratch.comb_expect, rank.ws.sym.chunk_flags.local)]
+    with pytest.raises(FusedKernelError, match="timed out in call 3 waiting for count words"):
+        backend._before_forward()
+    assert barriers == [4, 1, 4, 1] and int(rank.ctl[0]) == 3
+    assert all(torch.equal(a, b) for a, b in zip(flags, (rank.ctl, rank.ws.scratch.comb_expect,
+                                                          rank.ws.sym.chunk_flags.local)))
 
 
 @pytest.mark.parametrize("world,refused,launched,failed", [(2, None, [0], None), (2, "weights", [], "w_in is (1, 2)"),

@@ -364,11 +364,12 @@ class FlashBackend:
         (what _run and _launch take: one lookup a forward, where each step looked it up again;
         with one stats copy, -12..-20% of a replayed call's host time, bench/NOTES.md item 84 c)."""
         self.raise_if_closed()
-        self.raise_if_failed(block=False)
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        if self.forwards == self.EPOCH_RESTART:
+        capturing = torch.cuda.is_current_stream_capturing()
+        if self.forwards == self.EPOCH_RESTART and not capturing:  # (before a failure seen here raises alone)
             self.restart_epochs()
+        self.raise_if_failed(block=False)
+        if capturing:
+            return None
         self.forwards += 1
         stream = torch.cuda.current_stream(self.device_index)
         if self.last_stream is not None and self.last_stream != stream:
@@ -378,15 +379,20 @@ class FlashBackend:
 
     def restart_epochs(self) -> None:
         """Every rank at once, between forwards: wait until no launch of any rank's is queued or
-        running, zero the workspace's flags and counters and open call number 1 again
-        (Workspace.restart_epochs), then let every rank go on. _before_forward calls it after
-        EPOCH_RESTART forwards, at the same forward on every rank (each counts the forwards that
-        reach the backend outside a capture: every rank takes part in each, its kernel launched or
-        replayed, or all raise). A forward the caller captured in a CUDA graph of its own is
-        counted once, at its capture, however often replayed: the kernel refuses a call past
-        EPOCH_LAST (FusedKernelError) rather than let a flag wrap. Collective."""
-        log.info("rank %d: %d forwards: restarting the fused kernel's call numbers (every rank)", self.layer.rank,
+        running, raise FusedKernelError on every rank if any rank's last launch failed (one rank
+        raising alone would leave the others in the barrier), zero the workspace's flags and
+        counters and open call number 1 again (Workspace.restart_epochs), then let every rank go
+        on. _before_forward calls it after EPOCH_RESTART forwards, at the same forward on every
+        rank (each counts the forwards that reach the backend outside a capture: every rank takes
+        part in each, its kernel launched or replayed, or all raise). A forward inside a CUDA
+        graph the caller captures is not counted (nothing runs at the capture), nor are its
+        replays: the kernel refuses a call past EPOCH_LAST (FusedKernelError) rather than let a
+        flag wrap. Collective."""
+        layer = self.layer
+        log.info("rank %d: %d forwards: restarting the fused kernel's call numbers (every rank)", layer.rank,
                  self.forwards)
+        runtime.on_every_rank(lambda: self.raise_if_failed(block=True), lambda rank, text: FusedKernelError(
+            f"rank {rank}'s fused kernel failed before the layer's call numbers restarted: {text}"))
         self.rt.barrier()
         self.ws.restart_epochs()
         self.rt.barrier()

@@ -4,16 +4,20 @@ the dispatch chunks of token rows."""
 import triton
 import triton.language as tl
 
+from ..layout import EPOCH_LAST
 from ..transport import rows_sent, rows_target, set_count_words
 
 
 @triton.jit
 def publish_counts(sym, plan, dims, epoch, rank, meta):
     """Write (epoch << 32 | rows) for every (destination, local expert) into the destination's
-    count words [2, W, L] (parity slot epoch % 2, row `rank`)."""
+    count words [2, W, L] (parity slot epoch % 2, row `rank`). None past layout.EPOCH_LAST: such a
+    call waits for nothing, so the next one could write the slot a peer still reads for the last
+    numbered call (a source two calls ahead), with a wrapped epoch."""
     W, L = dims.world, dims.local_experts
-    set_count_words(sym.count_words, plan.send_counts, ((epoch % 2) * W + rank) * L, W, L, epoch,
-                    meta.E_POW2, meta.TRANSPORT)
+    if epoch <= EPOCH_LAST:
+        set_count_words(sym.count_words, plan.send_counts, ((epoch % 2) * W + rank) * L, W, L, epoch,
+                        meta.E_POW2, meta.TRANSPORT)
 
 
 @triton.jit
