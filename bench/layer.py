@@ -504,7 +504,7 @@ def training_step(layer, x: torch.Tensor, dy: torch.Tensor):
 
 
 def step_errors(layer: MoELayer, x: torch.Tensor, dy: torch.Tensor, device,
-                tol: float = float("inf")) -> tuple[float, dict, dict | None, int]:
+                tol: float) -> tuple[float, dict, dict | None, int]:
     """One training step of layer on a copy of x [T, H] (every token of the timed size) and dy,
     every gradient (x's and each parameter's, the experts' summed over ranks) against autograd
     through the reference taken one expert at a time (grad_reference.lean_grad_errors: float32

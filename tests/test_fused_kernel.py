@@ -539,6 +539,10 @@ def test_a_call_past_the_last_epoch_runs_no_task_and_says_so_until_restarted(sha
     assert not any(t.any() for t in (ws.sym.count_words.local, ws.sym.chunk_flags.local, ws.sym.combine_counts.local,
                                      ws.scratch.h_flags, ws.scratch.shared_h_flags, ws.scratch.shared_y_flags,
                                      ws.scratch.comb_expect, ws.scratch.out_tickets))
+    # every integer buffer (flag or counter, a later one too) but the status and ctl words
+    words = [getattr(ws.sym, n).local for n in ws.geo.symmetric_buffers(torch.float32)]
+    words += [getattr(ws.scratch, n) for n in ws.geo.local_buffers(torch.float32) if n not in ("status", "ctl")]
+    assert not any(t.any() for t in words if not t.is_floating_point())
     for tokens in (40, 0, 17, 40):
         x, out = rank.forward(tokens, save=tokens > 0)
         check_call(rank, cfg, x, out)

@@ -120,15 +120,16 @@ class Workspace:
         return cls(geo, transport, symmetric, Scratch(**local, trace=local["status"]), allocator)
 
     def restart_epochs(self) -> None:
-        """Zero every word that carries a call number or counts rows over calls (count words, chunk
-        flags, combine counters; h, shared and split-tile flags, expected rows, task counters) and
-        open epoch 1, as allocate leaves them; the status words stay. Only with no launch of this
-        layer queued or running on any rank, and on every rank before any launches again
-        (layout.EPOCH_LAST)."""
-        for t in (self.sym.count_words.local, self.sym.chunk_flags.local, self.sym.combine_counts.local,
-                  self.scratch.h_flags, self.scratch.shared_h_flags, self.scratch.shared_y_flags,
-                  self.scratch.comb_expect, self.scratch.out_tickets, self.scratch.ctl):
-            t.zero_()
+        """Zero every integer buffer but the status words (the words that carry a call number or
+        count rows over calls: count words, chunk flags, combine counters; h, shared and split-tile
+        flags, expected rows, task counters; the other buffers hold rows) and open epoch 1, as
+        allocate leaves them. Only with no launch of this layer queued or running on any rank, and
+        on every rank before any launches again (layout.EPOCH_LAST)."""
+        words = [b.local for b in self.sym if isinstance(b, SymBuffer)]
+        words += [t for name, t in self.scratch._asdict().items() if name not in ("status", "trace")]
+        for t in words:
+            if not t.is_floating_point():
+                t.zero_()
         self.scratch.ctl[CTL_EPOCH.value] = 1
 
     def with_trace(self, trace: torch.Tensor | None) -> Scratch:
