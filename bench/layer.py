@@ -125,6 +125,11 @@ def parse_args(argv=None):
         bad = [v for v in values or () if v is not None and not v >= least]
         if bad:
             p.error(f"{flag} {bad[0]}: expected at least {least}")
+    if args.custom:
+        try:  # every rank would end in the config's traceback
+            MoEConfig(*args.custom)
+        except ValueError as e:
+            p.error(f"--custom {' '.join(map(str, args.custom))}: {e}")
     if args.preset == [] and not (args.custom or args.random):
         p.error("--preset without a preset needs --custom or --random (the shapes to benchmark)")
     needs = [f for f, on in (("--frozen-experts", args.frozen_experts), ("--backwards", args.backwards)) if on]

@@ -13,6 +13,11 @@ set -euo pipefail
 if [ -n "${OUT:-}" ]; then OUT=$(realpath -m -- "$OUT"); fi  # from the caller's directory, not the root's
 cd "$(dirname "$0")/.."
 source launch/count_gpus.sh
+if ! command -v nvidia-smi >/dev/null 2>&1 && [ ! -e /proc/driver/nvidia/version ]; then
+  echo "gpu_checks.sh: no NVIDIA driver here (no nvidia-smi, no /proc/driver/nvidia): the GPU checks" \
+       "need GPUs; on a CPU the tests are: python -m pytest -q tests" >&2  # (every step failed in turn)
+  exit 2
+fi
 export OUT=${OUT:-bench/results/gpu-checks-$(date -u +%F)-w$NGPUS}
 steps=()
 default="check nvcheck inputs timeouts faults killed soak hf backward training host ranks compile"

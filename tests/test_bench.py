@@ -141,13 +141,14 @@ def test_the_fused_backends_on_a_cpu_say_they_need_gpus(backend):
     (["--energy-seconds", "nan"], "--energy-seconds nan: expected at least 0"),
     (["--preset", "bogus"], "--preset bogus: not a preset"),
     (["--preset"], "--preset without a preset needs --custom or --random"),
+    (["--custom", "48", "80", "6", "9"], "--custom 48 80 6 9: MoEConfig.top_k=9 is invalid"),
     (["--frozen-experts"], "--frozen-experts time training steps: add --fwd-bwd"),
     (["--user-graph"], "--user-graph times backend flash"),
     (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'")])
 def test_the_benchmark_refuses_flags_that_would_time_nothing_or_fail_later(argv, said, capsys):
     """--tokens 0 wrote a FAILED row and exited 0, --iters 0 took the default, --frozen-experts
-    without --fwd-bwd added no rows, --preset bogus was a KeyError, --dtype float16 a traceback from
-    the config: each is a usage error now."""
+    without --fwd-bwd added no rows, --preset bogus was a KeyError, --dtype float16 and a --custom
+    shape the config refuses a traceback on every rank: each is a usage error now."""
     with pytest.raises(SystemExit):
         _bench_layer_module().parse_args(argv)
     assert said in capsys.readouterr().err

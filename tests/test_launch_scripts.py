@@ -93,6 +93,17 @@ def test_without_nvidia_smi_the_launchers_ask_for_ngpus(tmp_path, script):
     assert proc.returncode == 2 and "no nvidia-smi here to count GPUs: set NGPUS" in proc.stderr, proc
 
 
+def test_the_gpu_checks_refuse_a_machine_without_a_driver_even_given_ngpus(tmp_path):
+    """NGPUS set on a CPU machine ran every check in turn, each to its own failure."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "date", "realpath"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    proc = subprocess.run([shutil.which("bash"), "launch/gpu_checks.sh"], cwd=ROOT,
+                          env={"PATH": str(bin_dir), "NGPUS": "2"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no NVIDIA driver here" in proc.stderr, proc
+
+
 @pytest.mark.parametrize("ngpus", ["0", "two"])
 def test_a_count_that_is_no_positive_number_is_refused(tmp_path, ngpus):
     """nvidia-smi listing no GPU gave torchrun --nproc-per-node 0."""
