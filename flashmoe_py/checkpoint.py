@@ -128,14 +128,27 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _own_local(entries: dict, names: set[str]) -> dict:
+def _own(t, own):
+    """t (a DTensor sharded_state_dict made of `own`, this rank's tensor, or a plain tensor) ->
+    `own` itself where t's rows are own's memory (dcp.load has written them there: the copy
+    torch's loaders make is then a no-op; to_local's view of a one-expert [1, ...] own, restrided,
+    would be refused by their copy_ as overlapping), else t's local tensor."""
+    local = _local(t)
+    if (own is not None and local.data_ptr() == own.data_ptr() and local.shape == own.shape
+            and local.dtype == own.dtype):
+        return own.detach()
+    return local
+
+
+def _own_local(entries: dict, owns: dict) -> dict:
     """entries {name: tensor, or {key: tensor} for an optimizer's} with the DTensors that
-    sharded_state_dict made (under `names`: layers of world > 1) back to this rank's tensors;
-    FSDP's own left as they are (a layer of world 1 under fully_shard: its experts are FSDP's)."""
+    sharded_state_dict made (under owns' names, layers of world > 1: {name: this rank's tensor, or
+    {key: the optimizer's}}) back to this rank's tensors; FSDP's own left as they are (a layer of
+    world 1 under fully_shard: its experts are FSDP's)."""
     out = dict(entries)
-    for name in out.keys() & names:
-        v = out[name]
-        out[name] = {key: _local(t) for key, t in v.items()} if isinstance(v, dict) else _local(v)
+    for name in out.keys() & owns.keys():
+        v, own = out[name], owns[name]
+        out[name] = {key: _own(t, own.get(key)) for key, t in v.items()} if isinstance(v, dict) else _own(v, own)
     return out
 
 
@@ -161,9 +174,10 @@ def load_sharded_state_dict(model: nn.Module, state: dict, optimizer: torch.opti
         raise RuntimeError(f"load_sharded_state_dict: a checkpoint of another placement ({'; '.join(bad)}); "
                            "dcp.load has written those experts' weights into the model: rebuild it with the "
                            "placement the checkpoint was saved with")
-    names = {name for name, (layer, _) in owners.items() if layer.world_size > 1}  # (_as_rows_of_one's)
+    mine = {name: getattr(layer, attr) for name, (layer, attr) in owners.items() if layer.world_size > 1}
     if optimizer is None:
-        set_model_state_dict(model, _own_local(params, names))
+        set_model_state_dict(model, _own_local(params, mine))
         return
-    optim = {**state["optim"], "state": _own_local(state["optim"]["state"], names)}
-    set_state_dict(model, optimizer, model_state_dict=_own_local(params, names), optim_state_dict=optim)
+    moments = {name: optimizer.state.get(t, {}) for name, t in mine.items()}
+    optim = {**state["optim"], "state": _own_local(state["optim"]["state"], moments)}
+    set_state_dict(model, optimizer, model_state_dict=_own_local(params, mine), optim_state_dict=optim)

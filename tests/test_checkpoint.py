@@ -126,6 +126,41 @@ def test_a_checkpoint_of_another_placement_is_refused_at_the_load_on_every_rank(
     assert all("rank 1: 1.expert_ids holds experts [2] where the placement puts [1]; rank 2: " in s for s in said4)
 
 
+def strided_one_expert_round_trip(rank, world, seed: int, path: str) -> bool:
+    """Saved and loaded at one expert a rank, into a layer whose w_in (and so Adam's moments of it)
+    load_state_dict(assign=True) made a strided view -> whether the load restored every weight and
+    moment."""
+    cfg = dataclasses.replace(CFG, num_experts=world)
+    layers, opts = [], []
+    for s in (seed, seed + 1):
+        layer = MoELayer(cfg, seed=s)
+        if s != seed:
+            state = layer.state_dict()
+            layer.load_state_dict(state | {"w_in": state["w_in"].transpose(1, 2).contiguous().transpose(1, 2)},
+                                  assign=True)
+            assert not layer.w_in.is_contiguous()
+        opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+        layer(torch.randn(6, 32, generator=torch.Generator().manual_seed(s + rank))).square().sum().backward()
+        for name, p in layer.named_parameters():
+            if name not in SHARDED:
+                dist.all_reduce(p.grad)
+        opt.step()
+        layers.append(layer)
+        opts.append(opt)
+    dcp.save(sharded_state_dict(layers[0], opts[0]), checkpoint_id=path)
+    state = sharded_state_dict(layers[1], opts[1])
+    dcp.load(state, checkpoint_id=path)
+    load_sharded_state_dict(layers[1], state, opts[1])
+    want, got = everything(layers[0], opts[0], 1), everything(layers[1], opts[1], 1)  # this rank's own
+    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_strided_expert_weight_loads_at_one_expert_a_rank(dist_pools, tmp_path):
+    """DTensor's view of a one-expert [1, ...] weight is restrided, and torch's loader refused to
+    copy it into the weight whose memory it is ("refer to a single memory location")."""
+    assert all(dist_pools(2).run(strided_one_expert_round_trip, fresh_seed(), str(tmp_path / "ckpt")))
+
+
 def adafactor_with_biases(rank, world, seed: int) -> str:
     """Adafactor's column factor of a 2-D parameter [L, F] is [1, F], over the experts."""
     top, _, opt = trained(rank, world, seed, Run(optim="adafactor"))
