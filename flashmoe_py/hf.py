@@ -98,6 +98,7 @@ class HFMoEBlock(nn.Module):
         again: the layer keeps its own where a copy would hold nothing new (MoELayer._apply), while
         the router module's buffers (the correction bias) are replaced by copies. One the user
         had replaced stays replaced (the next forward refuses it, naming the remedy)."""
+        _refuse_move(self, "", fn)
         tied = {name for name, mine in self._router_tensors() if _held(self.router, name) is mine}
         out = super()._apply(fn, recurse)
         self.tie_router(tied)
@@ -573,8 +574,10 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     one rank only), then the layers compare their configs and router weights. The layers'
     sharded parameters are excluded from DistributedDataParallel wrapping `model`
     (data_parallel.exclude_from_ddp; prepare_ddp also scales their gradients for DDP's average,
-    without which a forward under DDP raises). A model already holding an HFMoEBlock is refused
-    (ValueError): unpatch_model first to patch it with other arguments."""
+    without which a forward under DDP raises). The model and every module between it and a block
+    refuse a move their blocks' layers would refuse (.to(), .half(), .cuda() elsewhere), before any
+    module moves (_guarded_apply; unpatch_model takes it off). A model already holding an
+    HFMoEBlock is refused (ValueError): unpatch_model first to patch it with other arguments."""
     if isinstance(getattr(model, "experts", None), nn.Module) and not isinstance(model, HFMoEBlock):
         raise ValueError(f"patch_model: `model` is itself an MoE block ({type(model).__name__}), which it cannot "
                          "replace in place: pass the module that holds it, or build its replacement with "
@@ -606,13 +609,54 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
         parent = model.get_submodule(parent_name) if parent_name else model
         block = getattr(parent, child)
         replaced += [(f"{name}.{n}", p) for n, p in block.named_parameters()]
-        replacement = _build(block, conv, trainable, **layer_kwargs)
+        with torch.inference_mode(False):  # patched under inference_mode: the model's tensors, not inference tensors
+            replacement = _build(block, conv, trainable, **layer_kwargs)
         _move_hooks(block, replacement)
         setattr(parent, child, replacement)
     if blocks:
         exclude_from_ddp(model)
+        _guard_holders(model, [name for name, _, _ in blocks])
     take_out(model, replaced, "patch_model")
     return {name: "replaced" if reason is None else reason for name, reason in decisions}
+
+
+def _refuse_move(block: HFMoEBlock, name: str, fn) -> None:
+    """Raise ValueError where Module._apply(fn) (.to(), .half(), .cuda(), ...) would move a tensor
+    of the patched block `name` to another dtype or device, which its MoELayer refuses."""
+    refused, _ = block.moe.move_refused(fn)
+    if refused:
+        raise ValueError(f"the patched block {name or type(block).__name__!r} (patch_model's) cannot move "
+                         f"{refused}; nothing was moved. Its MoELayer keeps the dtype and device it was built "
+                         "with: move or cast the model before patch_model (or load it so: from_pretrained(dtype=..., "
+                         "device_map=...)), or unpatch_model(model), move it, and patch_model again")
+
+
+def _guarded_apply(holder: nn.Module, fn, recurse: bool = True):
+    """Module._apply of a module holding patched blocks (the model, and each module between it and
+    a block; patch_model sets it): refused before any module moves where a block's layer would
+    refuse the move (torch moves the modules one by one, so the layer's own refusal came after
+    those before it had moved: a model cast in part, and a later .float() rounds its weights
+    through the other dtype), else the holder's own _apply."""
+    for name, module in holder.named_modules():
+        if isinstance(module, HFMoEBlock):
+            _refuse_move(module, name, fn)
+    return type(holder)._apply(holder, fn, recurse)
+
+
+def _guard_holders(model: nn.Module, blocks: list[str]) -> None:
+    """_guarded_apply as the _apply of `model` and of every module between it and the blocks (by
+    name); a functools.partial, so copy.deepcopy and pickling keep it."""
+    holders = {".".join(name.split(".")[:i]) for name in blocks for i in range(name.count(".") + 1)}
+    for name in holders:
+        holder = model.get_submodule(name)
+        holder._apply = functools.partial(_guarded_apply, holder)
+
+
+def _unguard_holders(model: nn.Module) -> None:
+    for module in model.modules():
+        guard = module.__dict__.get("_apply")
+        if isinstance(guard, functools.partial) and guard.func is _guarded_apply:
+            del module.__dict__["_apply"]
 
 
 def unpatch_model(model: nn.Module) -> dict[str, str]:
@@ -633,6 +677,7 @@ def unpatch_model(model: nn.Module) -> dict[str, str]:
             _move_hooks(module, block)
             setattr(model.get_submodule(parent_name) if parent_name else model, child, block)
             report[name] = "restored"
+    _unguard_holders(model)
     take_out(model, replaced, "unpatch_model")
     return report
 

@@ -763,17 +763,25 @@ class MoELayer(nn.Module):
         copy the tensors where they are (Module.to_empty's uninitialised storage, a CPU index spelled
         out) leaves the layer's own alone: a copy would hold nothing new (to_empty's, garbage), and
         backend flash's CUDA graphs hold their addresses."""
+        refused, copies = self.move_refused(fn)
+        if refused:
+            raise ValueError(f"MoELayer cannot move {refused}: build the layer with MoEConfig(dtype=..., "
+                             "router_dtype=...) and device=... where it runs, and load its weights there "
+                             "(load_full_weights or load_state_dict)")
+        return self if copies else super()._apply(fn, recurse)
+
+    def move_refused(self, fn) -> tuple[str | None, bool]:
+        """What _apply(fn) would refuse ("w_in from torch.float32 on cpu to torch.bfloat16 on cpu"),
+        or None; and whether fn copies a tensor where it is (probed on an empty tensor of each of
+        the layer's dtypes and devices: fn moves nothing)."""
         copies = False
         for name, t in self._own_tensors():
             probe = torch.empty(0, dtype=t.dtype, device=t.device)
             moved = fn(probe)
             if moved.dtype != t.dtype or moved.device != t.device:
-                raise ValueError(f"MoELayer cannot move {name} from {t.dtype} on {t.device} to {moved.dtype} on "
-                                 f"{moved.device}: build the layer with MoEConfig(dtype=..., router_dtype=...) and "
-                                 "device=... where it runs, and load its weights there (load_full_weights or "
-                                 "load_state_dict)")
+                return f"{name} from {t.dtype} on {t.device} to {moved.dtype} on {moved.device}", copies
             copies = copies or moved is not probe
-        return self if copies else super()._apply(fn, recurse)
+        return None, copies
 
     def __deepcopy__(self, memo: dict) -> MoELayer:
         """copy.deepcopy: as for any module, but the copy runs in the same process group (one made

@@ -4,6 +4,7 @@ is left alone is reported with its reason; torch.compile."""
 
 import copy
 import functools
+import io
 import random
 
 import pytest
@@ -951,6 +952,52 @@ def test_a_patched_model_moved_where_it_is_keeps_its_router_tied():
         model.to(torch.device("cpu", 0))
         assert moe_block(model).router.e_score_correction_bias is moe_block(model).moe.e_score_correction_bias
         assert torch.equal(model(input_ids=ids).logits, want)
+
+
+def test_a_patched_model_cast_elsewhere_is_refused_before_any_module_moves():
+    """model.bfloat16() reached the first patched block's layer after the embedding and the first
+    attention had been cast: the layer refused, the model was left in two dtypes, and a .float()
+    to undo it rounded those weights through bf16 (2.5e-3 of the logits). The model and every
+    module between it and a block refuse first now, naming the remedy; copies and pickles too."""
+    model = tiny_model("mixtral", 13)
+    patch_model(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    dtypes = {n: t.dtype for n, t in model.state_dict().items()}
+    copied = copy.deepcopy(model)
+    pickled = io.BytesIO()
+    torch.save(model, pickled)
+    pickled.seek(0)
+    loaded = torch.load(pickled, weights_only=False)
+    casts = [model.bfloat16, model.half, lambda: model.to(torch.float64), model.model.bfloat16,
+             model.model.layers[0].bfloat16, moe_block(model).bfloat16, copied.bfloat16, loaded.bfloat16]
+    for cast in casts:
+        with pytest.raises(ValueError, match="cannot move router_weight from torch.float32 on cpu to torch.*nothing "
+                                             "was moved.*unpatch_model"):
+            cast()
+    for m in (model, copied, loaded):
+        assert {n: t.dtype for n, t in m.state_dict().items()} == dtypes
+        with torch.no_grad():
+            assert torch.equal(m(input_ids=ids).logits, want)
+    model.float().to("cpu")  # where it is: taken
+    unpatch_model(model)
+    model.bfloat16()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_a_model_patched_under_inference_mode_trains():
+    """The layers were built of inference tensors there, and the first backward failed in torch
+    ("Inference tensors cannot be saved for backward"), where the unpatched model trained."""
+    ids = torch.randint(0, 64, (2, 5))
+    grads = []
+    for inference in (True, False):
+        model = tiny_model("qwen3_moe", 14)
+        with torch.inference_mode(inference):
+            patch_model(model)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[1])
 
 
 def test_from_hf_block_leaves_the_block_s_hooks_on_it():
