@@ -653,6 +653,7 @@ def _guard_holders(model: nn.Module, blocks: list[str]) -> None:
 
 
 def _unguard_holders(model: nn.Module) -> None:
+    """_guard_holders undone: every module of `model` takes its class's _apply again."""
     for module in model.modules():
         guard = module.__dict__.get("_apply")
         if isinstance(guard, functools.partial) and guard.func is _guarded_apply:
