@@ -17,7 +17,7 @@ that is the layer's clamped_swiglu as it is, and with alpha = 1, no limit and a 
 up columns it is silu(gate) * up, the layer's swiglu. Expert biases go to its bias inputs; shared
 experts are added by the layer's torch path. Its weights are copies in its own layout (gate and up
 interleaved column by column). The whole forward is replayed from a CUDA graph, as the fused
-layer's is."""
+layer's is, on the caller's x in place."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ class TritonKernelsMoE:
                                                   cfg.swiglu_limit)
         self.w2 = layer.w_out.detach().contiguous()
         self.b2 = layer.bias_out.detach().float().contiguous() if cfg.expert_bias else None
-        self.graphs: dict[int, tuple] = {}
+        self.seen: set[int] = set()  # token counts run once eagerly
+        self.graphs: dict[tuple, tuple] = {}  # (x's shape, strides, address) -> (graph, its output)
 
     def _routing(self, r):
         """triton_kernels' routing metadata for the layer's routing r (weights/experts [T, k]).
@@ -112,20 +113,19 @@ class TritonKernelsMoE:
         return y
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The first call at a token count runs eagerly (compiles), the second captures a CUDA
-        graph, later ones replay it."""
-        T = x.shape[0]
-        entry = self.graphs.get(T)
-        if entry is None:
-            self.graphs[T] = "seen"
+        """The first call at a token count runs eagerly (compiles); later ones replay a CUDA graph
+        captured on x itself (one a tensor: the benchmark's input sets), which reads it in place
+        as the fused layer's graphs do: a copy into a static input would add 2 T H bytes to this
+        peer's time alone (44 µs of 3,330 at qwen3's 16,384 tokens on an H100)."""
+        if x.shape[0] not in self.seen:
+            self.seen.add(x.shape[0])
             return self._forward(x)
-        if entry == "seen":
-            static_x = x.clone()
+        key = (x.shape, x.stride(), x.data_ptr())
+        if key not in self.graphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self._forward(static_x)
-            self.graphs[T] = entry = (graph, static_x, static_out)
-        graph, static_x, static_out = entry
-        static_x.copy_(x)
+                out = self._forward(x)
+            self.graphs[key] = (graph, out)
+        graph, out = self.graphs[key]
         graph.replay()
-        return static_out
+        return out

@@ -931,6 +931,28 @@ def test_routing_load_counts_each_rank_s_rows_touched_experts_and_link_rows(dist
     assert 0 < min(load["touched"]) and sum(load["touched"]) < 8  # zipf: some expert untouched
 
 
+def point_with_three_input_sets(rank, world):
+    """bench_point at 6 tokens over three input sets -> (its row's load, each set's routing_load)."""
+    bench = _bench_layer_module()
+    from flashmoe_py import MoEConfig
+    seen, real = [], bench.routing_load
+    bench.routing_load = lambda layer, x: seen.append(real(layer, x)) or seen[-1]
+    cfg = MoEConfig(hidden_size=32, ffn_size=16, num_experts=8, top_k=1, dtype="float32")
+    args = bench.parse_args(["--tokens", "6", "--iters", "1", "--input-sets", "3"])
+    (row,) = bench.bench_point(cfg, "torch", "uniform", 6, world, rank, torch.device("cpu"), args, 7, {})
+    bench.routing_load = real
+    return row["load"], seen
+
+
+def test_a_point_s_floor_takes_the_routing_of_every_input_set_it_is_timed_over(dist_pools):
+    """The median runs over every input set, the floor took the first set's routing only (at 128
+    tokens deepseek_v3's sets touch 246-255 of 256 experts): now each set's load, averaged."""
+    (load, seen), = dist_pools(1).run(point_with_three_input_sets)
+    assert len(seen) == 3 and load["touched"] == [sum(each["touched"][0] for each in seen) / 3]
+    assert len({each["touched"][0] for each in seen}) > 1  # 6 tokens over 8 experts: these sets differ
+    assert _bench_layer_module().mean_load([{"rows": [1, 4]}, {"rows": [2, 8]}]) == {"rows": [1.5, 6.0]}
+
+
 def test_symm_mem_regroups_only_the_rows_that_arrived_by_expert_then_source():
     """The 1-D shuffle's arrivals (by source, each source's rows by local expert, sources at their
     own offsets with gaps between) are taken in (expert, source) order, and nothing else is."""
