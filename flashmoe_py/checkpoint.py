@@ -62,13 +62,14 @@ def _per_expert(t, layer, param: torch.Tensor, where: str):
                      "checkpoint saved where each rank held one expert loads only where each still does)")
 
 
-def _check_groups_agree(layers: list) -> None:
+def check_groups_agree(layers: list, what: str = "sharded_state_dict") -> None:
     """Layers whose expert group is smaller than the world (several groups, each holding every
-    expert): every group saves each piece under the same name and DCP keeps one copy, so the
-    groups must hold the same model: the same replicated weights everywhere, and on ranks of the
-    same rank in their group the same experts and the same weights of them (a group that drifted,
-    or one placed otherwise, would be saved mixed with the others, silently). Compared over the
-    default group (collective: every rank); ConsistencyError on every rank otherwise."""
+    expert): every group saves each piece under the same name and DCP keeps one copy (`what`:
+    the caller; hf_state_dict keeps one group's), so the groups must hold the same model: the
+    same replicated weights everywhere, and on ranks of the same rank in their group the same
+    experts and the same weights of them (a group that drifted, or one placed otherwise, would be
+    saved mixed with the others, or left out, silently). Compared over the default group
+    (collective: every rank); ConsistencyError on every rank otherwise."""
     if not dist.is_initialized() or all(layer.world_size == dist.get_world_size() for layer in layers):
         return
     mine = [None if layer.world_size == dist.get_world_size() else {
@@ -84,10 +85,11 @@ def _check_groups_agree(layers: list) -> None:
                 other = rows[0] if field == "replicated" else first
                 if row[field] != other[1][field]:
                     raise ConsistencyError(
-                        f"sharded_state_dict: layer {i}'s expert groups differ ({field} of rank {rank} and rank "
+                        f"{what}: layer {i}'s expert groups differ ({field} of rank {rank} and rank "
                         f"{other[0]}): each group of its process group saves its experts under the same names, and "
-                        "DCP keeps one copy of each, so the checkpoint would mix them. Keep the groups' replicas "
-                        "the same (sum their gradients over the groups too) and their placements alike")
+                        "one copy of each is kept, so the checkpoint would mix them or leave a group's out. Keep "
+                        "the groups' replicas the same (sum their gradients over the groups too) and their "
+                        "placements alike")
 
 
 def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
@@ -99,7 +101,7 @@ def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None
     sharing their memory. After dcp.load, call load_sharded_state_dict with it. Collective: each
     layer's replicated weights (router, shared experts) are compared across ranks first, where no
     FSDP shards them (DCP would write one rank's copy of replicas that drifted apart, silently),
-    and with expert groups smaller than the world, the groups with each other (_check_groups_agree:
+    and with expert groups smaller than the world, the groups with each other (check_groups_agree:
     then every rank of the default group calls it)."""
     owners = _owners(model)
     if not in_fsdp_class(model):
@@ -108,7 +110,7 @@ def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None
         for layer in plain:
             layer._check_replicas_agree("training", "Their gradients must be summed over the ranks: wrap the "
                                         "model in DDP after fm.prepare_ddp, or fully_shard after fm.prepare_fsdp")
-        _check_groups_agree(plain)
+        check_groups_agree(plain)
     state = ({"model": get_model_state_dict(model)} if optimizer is None
              else dict(zip(("model", "optim"), get_state_dict(model, optimizer))))
     params = state["model"]

@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import _get_fqns
 from torch.distributed.tensor import DTensor
 
+from .checkpoint import check_groups_agree
 from .config import DTYPES, ConfigError, MoEConfig
 from .data_parallel import exclude_from_ddp, in_fsdp_class, include_in_ddp, sharded_names
 from .layer import MoELayer, check_dst
@@ -692,14 +693,17 @@ def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
     holds more than its own experts and one of every rank's; `dst`'s host memory takes the whole
     model. Tensors that share memory in the model (tied embeddings) share it here too. Names are
     the unwrapped model's (DistributedDataParallel's "module." and torch.compile's "_orig_mod."
-    left out, as from_pretrained reads them). A model under FSDP (sharded parameters) is refused:
-    save it with sharded_state_dict."""
+    left out, as from_pretrained reads them). With expert groups smaller than the world (each
+    holding every expert), dst's group's experts are taken, the groups compared first
+    (checkpoint.check_groups_agree: ConsistencyError on every rank where they differ). A model
+    under FSDP (sharded parameters) is refused: save it with sharded_state_dict."""
     check_dst(dst)
     if any(isinstance(p, DTensor) for p in model.parameters()) or in_fsdp_class(model):
         raise DataParallelError("hf_state_dict: `model` is under FSDP (its parameters are sharded); save it with "
                                 "fm.sharded_state_dict and torch.distributed.checkpoint")
     keep = not dist.is_initialized() or dist.get_rank() == dst
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, HFMoEBlock)}
+    check_groups_agree([m.moe for m in blocks.values()], "hf_state_dict")  # dst's group's experts are saved
     live = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     copies: dict[tuple, torch.Tensor] = {}
 
@@ -736,6 +740,9 @@ def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
         return {k: on_cpu(t) for k, t in named if not k.startswith(inside)}
 
     def block_state(name: str, module: HFMoEBlock) -> dict[str, torch.Tensor]:
+        group = module.moe.process_group
+        if group is not None and dst not in dist.get_process_group_ranks(group):
+            return {}  # another expert group: dst's holds every expert (compared with it above)
         block = module.to_hf(device="cpu", dst=dst)  # the gathers, then dst's conversion alone
         where = block_name(name)
         return {} if block is None else {prefixed(where, k): on_cpu(t) for k, t in block.state_dict().items()}

@@ -585,16 +585,21 @@ def test_unpatch_model_puts_the_blocks_back_with_the_trained_weights(dist_pools,
         assert err <= 1e-5 and err_fresh <= 1e-5, (err, err_fresh)
 
 
-def exported_while_patched(rank, world, kind, seed, dst=0, round_robin=False):
-    """patch_model, every parameter moved, hf_state_dict to rank dst -> (whether dst got the
-    unpatched model's names (the others nothing), a fresh unpatched model's logits after loading
-    it (strict) against the patched model's, whether the model is still patched and its logits
-    unchanged, the largest tensor one all_gather sent against one expert's largest weight)."""
+def exported_while_patched(rank, world, kind, seed, dst=0, round_robin=False, groups=1):
+    """patch_model (in `groups` expert groups of the world, each holding every expert), every
+    parameter moved, hf_state_dict to rank dst -> (whether dst got the unpatched model's names
+    (the others nothing), a fresh unpatched model's logits after loading it (strict) against the
+    patched model's, whether the model is still patched and its logits unchanged, the largest
+    tensor one all_gather sent against one expert's largest weight)."""
     model = tiny_model(kind, seed)
     names = sorted(model.state_dict())
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(seed))
     experts = block_config(moe_block(model)).num_experts
-    patch_model(model, placement=ExpertPlacement.round_robin(experts, world) if round_robin else None)
+    size = world // groups
+    group = ([torch.distributed.new_group(list(range(g * size, (g + 1) * size))) for g in range(groups)][rank // size]
+             if groups > 1 else None)
+    patch_model(model, placement=ExpertPlacement.round_robin(experts, size) if round_robin else None,
+                process_group=group)
     g = torch.Generator().manual_seed(seed)
     sent, all_gather = [], torch.distributed.all_gather
 
@@ -646,6 +651,38 @@ def test_hf_state_dict_to_another_rank_with_experts_placed_round_robin(dist_pool
         assert names and still_patched, rank
         assert rank != 1 or err_fresh <= 1e-5, err_fresh
         assert largest <= one_expert, (largest, one_expert)
+
+
+@pytest.mark.parametrize("dst", [0, 2])
+def test_hf_state_dict_with_expert_groups_takes_dst_s_group(dist_pools, dst):
+    """Two expert groups of two ranks, each holding every expert: every rank outside dst's group
+    raised (dst is no rank of its layers' group), so no checkpoint could be made. dst's group
+    gathers its experts; the groups are compared first."""
+    seed = fresh_seed()
+    for rank, (names, err_fresh, still_patched, largest, one_expert) in enumerate(
+            dist_pools(4).run(exported_while_patched, "mixtral", seed, dst, True, 2)):
+        assert names and still_patched, rank
+        assert rank != dst or err_fresh <= 1e-5, err_fresh
+        assert largest <= one_expert, (largest, one_expert)
+
+
+def drifted_groups_exported(rank, world, seed):
+    """Two expert groups, the second's experts moved: what hf_state_dict raised on this rank."""
+    model = tiny_model("mixtral", seed)
+    groups = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
+    patch_model(model, process_group=groups[rank // 2])
+    if rank >= 2:
+        with torch.no_grad():
+            moe_block(model).moe.w_in.add_(1.0)
+    with pytest.raises(ConsistencyError) as refused:
+        hf_state_dict(model)
+    return str(refused.value)
+
+
+def test_hf_state_dict_refuses_expert_groups_that_drifted_apart(dist_pools):
+    """One group's experts would be left out of the checkpoint, silently."""
+    for said in dist_pools(4).run(drifted_groups_exported, fresh_seed()):
+        assert said.startswith("hf_state_dict: layer 0's expert groups differ (expert weights of rank 2"), said
 
 
 def export_failing_on_rank_0(rank, world, seed, where):
