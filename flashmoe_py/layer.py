@@ -60,8 +60,8 @@ class MoELayer(nn.Module):
       shared_w_out:  [F_s, H]
       shared_gate_weight: [1, H]       shared_expert_gate=True
     Weights are drawn from `seed` per global expert, so a layer is the same function at any world
-    size (seed None, the default: one drawn from torch's default generator, rank 0's on every rank,
-    so torch.manual_seed decides it and two layers differ, as other modules' weights); replicated
+    size (seed None, the default: one drawn from torch's default generator, the first rank's of the
+    layer's process group on each of its ranks, so torch.manual_seed decides it and two layers differ, as other modules' weights); replicated
     weights (router, shared experts) must be identical on every rank, which construction and
     load_full_weights check (ConsistencyError).
 
@@ -238,8 +238,8 @@ class MoELayer(nn.Module):
         """Replicated weights (router, correction bias, shared experts) from `seed`, drawn in
         weight_shapes order; expert e's weights (w_in, w_out, bias_in, bias_out) from `seed + 1 + e`
         (independent of placement). Each is N(0, 1 / fan_in), biases included, so a fresh layer
-        exercises every path. seed None: drawn from torch's default (CPU) generator, rank 0's taken
-        on every rank. Collective when world_size > 1: the ranks' seeds are compared (None on every
+        exercises every path. seed None: drawn from torch's default (CPU) generator, the process
+        group's first rank's taken on each of its ranks. Collective when world_size > 1: the ranks' seeds are compared (None on every
         rank or the same int), then the replicas (ConsistencyError on every rank). A seed the
         constructor refuses raises ValueError (on every rank) before anything is drawn."""
         seed = as_int(seed)  # a numpy integer as the int it is
