@@ -61,9 +61,9 @@ class MoELayer(nn.Module):
       shared_gate_weight: [1, H]       shared_expert_gate=True
     Weights are drawn from `seed` per global expert, so a layer is the same function at any world
     size (seed None, the default: one drawn from torch's default generator, the first rank's of the
-    layer's process group on each of its ranks, so torch.manual_seed decides it and two layers differ, as other modules' weights); replicated
-    weights (router, shared experts) must be identical on every rank, which construction and
-    load_full_weights check (ConsistencyError).
+    layer's process group on each of its ranks, so torch.manual_seed decides it and two layers
+    differ, as other modules' weights); replicated weights (router, shared experts) must be
+    identical on every rank, which construction and load_full_weights check (ConsistencyError).
 
     forward(x): x [tokens, H] or [batch, seq, H] in config.dtype on the layer's device; returns the
     same shape and dtype. After each forward, `last_stats` holds this rank's MoEStats.
@@ -239,9 +239,10 @@ class MoELayer(nn.Module):
         weight_shapes order; expert e's weights (w_in, w_out, bias_in, bias_out) from `seed + 1 + e`
         (independent of placement). Each is N(0, 1 / fan_in), biases included, so a fresh layer
         exercises every path. seed None: drawn from torch's default (CPU) generator, the process
-        group's first rank's taken on each of its ranks. Collective when world_size > 1: the ranks' seeds are compared (None on every
-        rank or the same int), then the replicas (ConsistencyError on every rank). A seed the
-        constructor refuses raises ValueError (on every rank) before anything is drawn."""
+        group's first rank's taken on each of its ranks. Collective when world_size > 1: the
+        ranks' seeds are compared (None on every rank or the same int), then the replicas
+        (ConsistencyError on every rank). A seed the constructor refuses raises ValueError (on
+        every rank) before anything is drawn."""
         seed = as_int(seed)  # a numpy integer as the int it is
         drawn = int(torch.randint(0, 2**62, (), device="cpu")) if seed is None else None  # not a meta default
         if self.world_size > 1:  # every rank gathers, whatever its seed: the same collectives everywhere
