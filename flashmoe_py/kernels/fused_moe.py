@@ -301,7 +301,7 @@ def fused_moe_kernel(x_ptr, out_ptr, io, w_in, w_out, shared_w_in, shared_w_out,
         report_timeout(scratch, tl.where(late, WAIT_EPOCHS, WAIT_COUNTS),
                        tl.where(late, -1, tl.min(tl.where(short, idx // L, W))), -1, -1, epoch)
     # a sum: the same in every warp (the counts are not to be used otherwise)
-    healthy = (n_short == 0) & (epoch <= EPOCH_LAST)
+    healthy = (n_short == 0) & ~late
     stamp(scratch.trace, tl.program_id(0), WAITED_COUNTS, start, start, start, meta.TRACE)
     table = tile_table(words, dims, meta)
     n_tiles = tl.sum(table.tiles)
