@@ -1,8 +1,9 @@
 """Launch settings of the fused kernel, compared at full size: each setting checked against the
 reference on tokens spread to the last tile, then timed in turn with the others, --rounds times
 (CUDA events, median over iterations, two input sets and the rounds, max over ranks: drift and the
-power cap fall on every setting alike), then checked again on a warm call. Exit code 1 if any
-setting failed a check.
+power cap fall on every setting alike), then checked again on a warm call. A setting whose kernel
+does not fit the GPU (Triton's OutOfResources: shared memory, registers) is a row with its
+`error`, untimed, and the others go on. Exit code 1 if any setting failed a check or did not fit.
 
     torchrun --nproc-per-node N bench/tune.py --preset mixtral_8x7b --tokens 4096 16384 \\
         --settings 128,8,3,8,256 128,8,3,8,128 [--out tune.json]
@@ -20,6 +21,7 @@ import statistics
 import sys
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flashmoe_py as fm  # noqa: E402
@@ -81,7 +83,8 @@ def main():
 
 def tuned_point(name, cfg, T, settings, args, timer, rt, world) -> list[dict]:
     """One shape at T tokens a rank: a layer per setting (the same seed: the same function), each
-    checked, the settings timed in turn for args.rounds rounds, each checked again -> a row each."""
+    checked, the settings timed in turn for args.rounds rounds, each checked again -> a row each
+    (one whose kernel does not fit the GPU: not ok, its `error` and no time)."""
     gen = torch.Generator().manual_seed(rt.rank + 1)
     xs = [torch.randn(T, cfg.hidden_size, generator=gen).to(rt.device, cfg.torch_dtype) for _ in range(2)]
     picked = checked_tokens(T).to(rt.device)
@@ -91,24 +94,35 @@ def tuned_point(name, cfg, T, settings, args, timer, rt, world) -> list[dict]:
     layers = [build(settings[0])]  # the reference first: its full copy of the weights is gone before the others
     ref = reference_rows(xs[0], picked, cfg, layers[0].full_weight_dict())
     layers += [build(setting) for setting in settings[1:]]
-    times: list[list[float]] = [[] for _ in settings]
-    def errors() -> list[float]:
-        return [max_over_ranks(rel_err(layer(xs[0])[picked], ref), rt.device) for layer in layers]
+    def error(layer) -> float:
+        return max_over_ranks(rel_err(layer(xs[0])[picked], ref), rt.device)
 
     with torch.inference_mode():
-        errs = errors()
+        errs, refused = [], []
+        for layer in layers:  # the first call compiles the setting's kernel
+            try:
+                errs.append(error(layer))
+                refused.append(None)
+            except OutOfResources as e:  # the same kernel on every rank: each refuses it alike
+                errs.append(None)
+                refused.append(str(e))
+        live = [i for i, why in enumerate(refused) if why is None]
+        times: list[list[float]] = [[] for _ in settings]
         for _ in range(args.rounds):
-            for layer, own in zip(layers, times):
+            for i in live:
                 for x in xs:
-                    own += timer.time(lambda layer=layer, x=x: layer(x), args.iters, warmup=3)
-        errs_timed = errors()
-        for layer in layers:
-            layer.synchronize()
+                    times[i] += timer.time(lambda layer=layers[i], x=x: layer(x), args.iters, warmup=3)
+        errs_timed = [error(layer) if why is None else None for layer, why in zip(layers, refused)]
+        for i in live:
+            layers[i].synchronize()
     rows = []
-    for setting, own, err, err_timed, layer in zip(settings, times, errs, errs_timed, layers):
-        rows.append({"preset": name, "tokens_per_rank": T, "world": world, **setting,
-                     "median_us": max_over_ranks(statistics.median(own), rt.device), "rel_err": err,
-                     "rel_err_timed": err_timed, "ok": max(err, err_timed) <= 1e-2})
+    for setting, own, err, err_timed, why, layer in zip(settings, times, errs, errs_timed, refused, layers):
+        if why is None:
+            row = {"median_us": max_over_ranks(statistics.median(own), rt.device), "rel_err": err,
+                   "rel_err_timed": err_timed, "ok": max(err, err_timed) <= 1e-2}
+        else:
+            row = {"median_us": None, "rel_err": None, "rel_err_timed": None, "ok": False, "error": why}
+        rows.append({"preset": name, "tokens_per_rank": T, "world": world, **setting, **row})
         if rt.rank == 0:
             print(json.dumps(rows[-1]), flush=True)
         layer.backend.close()

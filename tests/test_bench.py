@@ -826,9 +826,11 @@ def test_the_gpu_s_energy_counter_counts_a_loop_of_products():
     assert busy > idle + 100 and busy < 3000, (idle, busy)
 
 
-def tune_point_on_cpu(rank, world, broken: bool) -> list[dict]:
+def tune_point_on_cpu(rank, world, broken: bool | str) -> list[dict]:
     """bench/tune.py's tuned_point with backend torch standing in for the fused layer (a setting
-    only names the layer here); with broken, the second setting's layer returns zeros."""
+    only names the layer here); with broken, the second setting's layer returns zeros; with
+    broken="too big", its forward raises Triton's OutOfResources, as a kernel that does not fit
+    the GPU's shared memory does at its first launch."""
     import types
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import layer as bench_layer
@@ -842,6 +844,9 @@ def tune_point_on_cpu(rank, world, broken: bool) -> list[dict]:
             self.backend.close = lambda: None
 
         def forward(self, x):
+            if broken == "too big" and self.setting:
+                from triton.runtime.errors import OutOfResources
+                raise OutOfResources(245800, 232448, "shared memory")
             out = super().forward(x)
             return torch.zeros_like(out) if broken and self.setting else out
 
@@ -862,6 +867,18 @@ def test_tune_checks_each_setting_before_and_after_timing_them_in_turn(dist_pool
     assert [r.get("stages") for r in rows] == [None, 2]
     assert all(r["median_us"] > 0 and r["rel_err_timed"] is not None for r in rows)
     assert [r["ok"] for r in rows] == [True, not broken], rows
+
+
+def test_tune_a_setting_whose_kernel_does_not_fit_is_a_failed_row_and_the_others_are_timed(dist_pools):
+    """A setting past the GPU's shared memory (stages=5 at 128 x 256 tiles: 245,800 bytes of
+    232,448) ended the whole run in its traceback, the other settings untimed: it is a row of
+    its own now, not ok, naming why, with no time."""
+    rows = dist_pools(1).run(tune_point_on_cpu, "too big")[0]
+    assert [r.get("stages") for r in rows] == [None, 2]
+    fits, too_big = rows
+    assert fits["ok"] and fits["median_us"] > 0 and fits["rel_err"] < 1e-2 and "error" not in fits
+    assert not too_big["ok"] and too_big["median_us"] is None and too_big["rel_err"] is None
+    assert "shared memory, Required: 245800" in too_big["error"]
 
 
 def test_a_skewed_row_s_floor_is_its_own_routing_s_and_none_without_it():

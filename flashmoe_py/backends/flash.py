@@ -476,7 +476,10 @@ class FlashBackend:
         launches wait for: a launch refused after that would leave them waiting for rows that never
         come (until timeout_s), so the layer is marked failed then, naming the cause
         (FusedKernelError at its next forward; not inside a capture, where the plan is only
-        recorded)."""
+        recorded). At world > 1 the runtime is too (its peers' kernels wait for this rank's rows,
+        so nothing collective is safe); at world 1 no kernel waits, and the layer's buffers are
+        freed as any layer's (a launch setting whose kernel does not fit the GPU, in bench/tune.py,
+        leaves the others' runs as they were)."""
         layer, geo, ws = self.layer, self.geo, self.ws
         launch = self._launch_for(x)
         experts = kernel_experts(layer)
@@ -498,11 +501,13 @@ class FlashBackend:
                          saved=saved and Saved(saved.pre, saved.pre if saved.shared_pre is None else saved.shared_pre))
         except Exception as e:
             if stream is not None:  # in a capture the plan was only recorded: it added nothing
-                self.failed = self.rt.failed = (
+                self.failed = (
                     f"rank {layer.rank}: the fused kernel's launch was refused after its routing plan was made "
                     f"({type(e).__name__}: {e}); the expected row counts the next launches wait for no longer "
                     "match what will arrive: the layer is unusable, build it again")
                 log.error("%s", self.failed)
+                if layer.world_size > 1:  # the peers' kernels wait for this rank's rows: teardown stays local
+                    self.rt.failed = self.failed
             raise
         if copy_status or stream is not None:
             self.status_host.copy_(ws.scratch.status, non_blocking=True)
