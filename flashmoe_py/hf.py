@@ -63,6 +63,24 @@ def _tie_router_after_load(module: HFMoEBlock, incompatible_keys) -> None:
     module.tie_router()
 
 
+def _refuse_other_keys(module: HFMoEBlock, state_dict, prefix, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs) -> None:
+    """load_state_dict's pre hook: a key under this block outside its own modules and tensors
+    ("experts.", "gate.", "shared_expert.", ...) is the unpatched block's (a transformers
+    checkpoint: save_pretrained's, Trainer's, hf_state_dict's), which `strict=False` (Trainer's
+    resume_from_checkpoint) would skip, leaving the experts and router as they were: an error
+    naming the remedy instead, whatever `strict` says. (Keys inside the layer are the layer's to
+    judge: it takes its weights' old names.)"""
+    own = {*module._modules, *module._parameters, *module._buffers}
+    other = sorted(k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".")[0] not in own)
+    if other:
+        error_msgs.append(
+            f"{prefix[:-1] or type(module).__name__} is a patched block (flashmoe_py's HFMoEBlock) and the state_dict "
+            f"holds {len(other)} key(s) of another layout under it, e.g. {other[0]!r}: a transformers checkpoint of "
+            "the unpatched model? Load that with from_pretrained, then patch_model; a patched model loads its own "
+            "state_dict (model.state_dict(), fm.sharded_state_dict)")
+
+
 class HFMoEBlock(nn.Module):
     """A drop-in for a transformers MoE block: [batch, seq, H] -> what that block returns.
 
@@ -83,6 +101,7 @@ class HFMoEBlock(nn.Module):
         self.tie_router()
         # load_state_dict(assign=True) puts the state_dict's two copies in as two tensors: tie again
         self.register_load_state_dict_post_hook(_tie_router_after_load)
+        self.register_load_state_dict_pre_hook(_refuse_other_keys)
 
     def tie_router(self, names: set[str] | None = None) -> None:
         """The router module's parameters (and correction bias) are the layer's: one set, one set
@@ -577,7 +596,9 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     (data_parallel.exclude_from_ddp; prepare_ddp also scales their gradients for DDP's average,
     without which a forward under DDP raises). The model and every module between it and a block
     refuse a move their blocks' layers would refuse (.to(), .half(), .cuda() elsewhere), before any
-    module moves (_guarded_apply; unpatch_model takes it off). A model already holding an
+    module moves (_guarded_apply; unpatch_model takes it off). A transformers model's
+    save_pretrained without a state_dict saves hf_state_dict's in one process, and is refused
+    with several (_save_pretrained; unpatch_model takes it off). A model already holding an
     HFMoEBlock is refused (ValueError): unpatch_model first to patch it with other arguments."""
     if isinstance(getattr(model, "experts", None), nn.Module) and not isinstance(model, HFMoEBlock):
         raise ValueError(f"patch_model: `model` is itself an MoE block ({type(model).__name__}), which it cannot "
@@ -617,6 +638,8 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     if blocks:
         exclude_from_ddp(model)
         _guard_holders(model, [name for name, _, _ in blocks])
+        if callable(getattr(type(model), "save_pretrained", None)):
+            model.save_pretrained = functools.partial(_save_pretrained, model)
     take_out(model, replaced, "patch_model")
     return {name: "replaced" if reason is None else reason for name, reason in decisions}
 
@@ -661,6 +684,26 @@ def _unguard_holders(model: nn.Module) -> None:
             del module.__dict__["_apply"]
 
 
+def _save_pretrained(model: nn.Module, save_directory, *args, state_dict: dict | None = None, **kwargs):
+    """A patched model's save_pretrained (patch_model sets it on the model, a functools.partial,
+    so copy.deepcopy and pickling keep it): the class's, given hf_state_dict(model) where no
+    state_dict is passed, in one process (transformers refuses the patched model's own
+    state_dict: each block's router weight is also its layer's). So Trainer's checkpoints and
+    push_to_hub write the unpatched model's checkpoint there. With several processes, where
+    hf_state_dict is collective but Trainer saves from one rank only, that call is refused (a
+    ValueError naming how to save) rather than left waiting for the other ranks."""
+    if state_dict is None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                f"save_pretrained of a patched model without state_dict= at world size {dist.get_world_size()}: "
+                "its experts are gathered from every rank, and this call may come from one rank only (Trainer's "
+                "checkpoints do). On every rank: model.save_pretrained(path, state_dict=fm.hf_state_dict(model), "
+                "is_main_process=rank == 0); under Trainer set save_strategy='no' and save so from a callback "
+                "(or fm.sharded_state_dict to resume)")
+        state_dict = hf_state_dict(model)
+    return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
+
+
 def unpatch_model(model: nn.Module) -> dict[str, str]:
     """Put back, in place, the transformers block of every HFMoEBlock in `model` (patch_model's),
     holding the layer's current weights (HFMoEBlock.to_hf: every rank's experts gathered, so
@@ -680,6 +723,9 @@ def unpatch_model(model: nn.Module) -> dict[str, str]:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, block)
             report[name] = "restored"
     _unguard_holders(model)
+    saver = model.__dict__.get("save_pretrained")
+    if isinstance(saver, functools.partial) and saver.func is _save_pretrained:
+        del model.__dict__["save_pretrained"]
     take_out(model, replaced, "unpatch_model")
     return report
 

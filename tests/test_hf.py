@@ -758,21 +758,80 @@ def test_hf_state_dict_copies_tied_weights_once_and_leaves_the_model_s_own_alone
     assert not any(t.data_ptr() in mine for t in state.values())
 
 
-def test_save_pretrained_of_a_patched_model_without_hf_state_dict_is_refused_by_transformers(tmp_path):
-    """(the README's note: nothing unloadable is written silently)"""
-    model = tiny_model("qwen2_moe", 2)
-    patch_model(model)
-    with pytest.raises(RuntimeError, match="shared tensors"):
-        model.save_pretrained(tmp_path)
-
-
-def saved_while_patched(rank, world, path, seed):
+def trained_patched_qwen2(seed: int):
+    """A patched tiny qwen2_moe whose experts trained (w_out scaled), input ids and its logits."""
     model = tiny_model("qwen2_moe", seed)
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(seed))
     patch_model(model)
     with torch.no_grad():
         moe_block(model).moe.w_out.mul_(1.5)  # trained (each rank's own experts)
         want = model(ids).logits
+    return model, ids, want
+
+
+def test_save_pretrained_of_a_patched_model_in_one_process_writes_the_unpatched_checkpoint(tmp_path):
+    """transformers refused the patched model's own state_dict ("shared tensors": each block's
+    router weight is also its layer's), so Trainer's checkpoints (save_pretrained with no
+    state_dict, from the rank that saves) failed at the first save. In one process the patched
+    model saves hf_state_dict's checkpoint by itself, as Trainer calls it, stays patched, and
+    its copies do the same; unpatched, save_pretrained is the class's again."""
+    model, ids, want = trained_patched_qwen2(fresh_seed())
+    copied = copy.deepcopy(model)
+    for m, path in ((model, tmp_path / "model"), (copied, tmp_path / "copy")):
+        m.save_pretrained(path, state_dict=None, safe_serialization=True)  # Trainer's call
+        loaded = transformers.Qwen2MoeForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert isinstance(moe_block(model), HFMoEBlock)
+    unpatch_model(model)
+    assert "save_pretrained" not in model.__dict__
+    model.save_pretrained(tmp_path / "unpatched")
+    loaded = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "unpatched").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_patched_model_refuses_a_transformers_checkpoint_in_load_state_dict(tmp_path, strict):
+    """Trainer's resume_from_checkpoint loads the saved file with load_state_dict(strict=False):
+    a patched model took the attention and norms and skipped every expert and router key (a
+    warning only), training on as before with the checkpoint's other weights. It refuses such a
+    state_dict now, whatever `strict` says, naming the remedy; its own state_dict loads."""
+    from safetensors.torch import load_file
+    model, ids, want = trained_patched_qwen2(fresh_seed())
+    model.save_pretrained(tmp_path)
+    on_disk = load_file(str(tmp_path / "model.safetensors"))  # transformers' checkpoint layout
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    for state in (on_disk, hf_state_dict(model)):
+        with pytest.raises(RuntimeError, match="model.layers.0.mlp is a patched block .* key\\(s\\) of another "
+                                               "layout under it.*from_pretrained, then patch_model"):
+            model.load_state_dict(state, strict=strict)
+    mine = model.state_dict()
+    assert all(torch.equal(mine[k], t) for k, t in before.items())
+    model.load_state_dict({k: t * 1 for k, t in before.items()}, strict=strict)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
+
+
+def saved_by_one_rank(rank, world, path, seed):
+    model, _, _ = trained_patched_qwen2(seed)
+    try:
+        model.save_pretrained(path)  # Trainer saves from rank 0 only: hf_state_dict would wait for the others
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_save_pretrained_of_a_patched_model_across_ranks_without_state_dict_names_how(dist_pools, tmp_path):
+    errors = dist_pools(2).run(saved_by_one_rank, str(tmp_path / "ckpt"), fresh_seed())
+    for error in errors:
+        assert error is not None and "at world size 2" in error and "state_dict=fm.hf_state_dict(model)" in error
+        assert "save_strategy='no'" in error
+    assert not (tmp_path / "ckpt").exists()
+
+
+def saved_while_patched(rank, world, path, seed):
+    model, ids, want = trained_patched_qwen2(seed)
     model.save_pretrained(path, state_dict=hf_state_dict(model), is_main_process=rank == 0)
     return ids, want
 
