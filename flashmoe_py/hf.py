@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import copy
 import functools
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -63,22 +64,35 @@ def _tie_router_after_load(module: HFMoEBlock, incompatible_keys) -> None:
     module.tie_router()
 
 
-def _refuse_other_keys(module: HFMoEBlock, state_dict, prefix, local_metadata, strict, missing_keys,
+def _refuse_other_keys(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,
                        unexpected_keys, error_msgs) -> None:
-    """load_state_dict's pre hook: a key under this block outside its own modules and tensors
-    ("experts.", "gate.", "shared_expert.", ...) is the unpatched block's (a transformers
-    checkpoint: save_pretrained's, Trainer's, hf_state_dict's), which `strict=False` (Trainer's
-    resume_from_checkpoint) would skip, leaving the experts and router as they were: an error
-    naming the remedy instead, whatever `strict` says. (Keys inside the layer are the layer's to
-    judge: it takes its weights' old names.)"""
-    own = {*module._modules, *module._parameters, *module._buffers}
-    other = sorted(k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".")[0] not in own)
-    if other:
-        error_msgs.append(
-            f"{prefix[:-1] or type(module).__name__} is a patched block (flashmoe_py's HFMoEBlock) and the state_dict "
-            f"holds {len(other)} key(s) of another layout under it, e.g. {other[0]!r}: a transformers checkpoint of "
-            "the unpatched model? Load that with from_pretrained, then patch_model; a patched model loads its own "
-            "state_dict (model.state_dict(), fm.sharded_state_dict)")
+    """load_state_dict's pre hook of each HFMoEBlock and of the module patch_model patched (a
+    module-level function: a patched model still pickles): a key under a patched block outside its
+    own modules and tensors ("experts.", "gate.", "shared_expert.", ...) is the unpatched block's
+    (a transformers checkpoint: save_pretrained's, Trainer's, hf_state_dict's), which
+    `strict=False` (Trainer's resume_from_checkpoint) would skip, leaving the experts and router
+    as they were: RuntimeError naming the remedy instead, whatever `strict` says, raised before
+    any tensor of the model is copied (the patched module's hook runs before its children load).
+    Keys inside the layer are the layer's to judge (it takes its weights' old names)."""
+    for name, block in module.named_modules():
+        if not isinstance(block, HFMoEBlock):
+            continue
+        under = f"{prefix}{name}." if name else prefix
+        own = {*block._modules, *block._parameters, *block._buffers}
+        other = sorted(k for k in state_dict if k.startswith(under) and k[len(under):].split(".")[0] not in own)
+        if other:
+            raise RuntimeError(
+                f"load_state_dict: {under[:-1] or type(block).__name__} is a patched block (flashmoe_py's "
+                f"HFMoEBlock) and the state_dict holds {len(other)} key(s) of another layout under it, e.g. "
+                f"{other[0]!r}: a transformers checkpoint of the unpatched model? Nothing was loaded. Load that "
+                "with from_pretrained, then patch_model; a patched model loads its own state_dict "
+                "(model.state_dict(), fm.sharded_state_dict)")
+
+
+def _load_guards(module: nn.Module) -> list:
+    """The keys of module's load_state_dict pre hooks that are _refuse_other_keys."""
+    hooks = getattr(module, "_load_state_dict_pre_hooks", {})
+    return [key for key, hook in hooks.items() if getattr(hook, "hook", None) is _refuse_other_keys]
 
 
 class HFMoEBlock(nn.Module):
@@ -638,6 +652,8 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     if blocks:
         exclude_from_ddp(model)
         _guard_holders(model, [name for name, _, _ in blocks])
+        if not _load_guards(model):
+            model.register_load_state_dict_pre_hook(_refuse_other_keys)
         if callable(getattr(type(model), "save_pretrained", None)):
             model.save_pretrained = functools.partial(_save_pretrained, model)
     take_out(model, replaced, "patch_model")
@@ -684,7 +700,7 @@ def _unguard_holders(model: nn.Module) -> None:
             del module.__dict__["_apply"]
 
 
-def _save_pretrained(model: nn.Module, save_directory, *args, state_dict: dict | None = None, **kwargs):
+def _save_pretrained(model: nn.Module, *args, **kwargs):
     """A patched model's save_pretrained (patch_model sets it on the model, a functools.partial,
     so copy.deepcopy and pickling keep it): the class's, given hf_state_dict(model) where no
     state_dict is passed, in one process (transformers refuses the patched model's own
@@ -692,7 +708,8 @@ def _save_pretrained(model: nn.Module, save_directory, *args, state_dict: dict |
     push_to_hub write the unpatched model's checkpoint there. With several processes, where
     hf_state_dict is collective but Trainer saves from one rank only, that call is refused (a
     ValueError naming how to save) rather than left waiting for the other ranks."""
-    if state_dict is None:
+    call = inspect.signature(type(model).save_pretrained).bind(model, *args, **kwargs)
+    if call.arguments.get("state_dict") is None:
         if dist.is_initialized() and dist.get_world_size() > 1:
             raise ValueError(
                 f"save_pretrained of a patched model without state_dict= at world size {dist.get_world_size()}: "
@@ -700,8 +717,8 @@ def _save_pretrained(model: nn.Module, save_directory, *args, state_dict: dict |
                 "checkpoints do). On every rank: model.save_pretrained(path, state_dict=fm.hf_state_dict(model), "
                 "is_main_process=rank == 0); under Trainer set save_strategy='no' and save so from a callback "
                 "(or fm.sharded_state_dict to resume)")
-        state_dict = hf_state_dict(model)
-    return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
+        call.arguments["state_dict"] = hf_state_dict(model)
+    return type(model).save_pretrained(*call.args, **call.kwargs)
 
 
 def unpatch_model(model: nn.Module) -> dict[str, str]:
@@ -723,9 +740,12 @@ def unpatch_model(model: nn.Module) -> dict[str, str]:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, block)
             report[name] = "restored"
     _unguard_holders(model)
-    saver = model.__dict__.get("save_pretrained")
-    if isinstance(saver, functools.partial) and saver.func is _save_pretrained:
-        del model.__dict__["save_pretrained"]
+    for module in model.modules():  # (patch_model's, wherever it was called: a wrapper's inner model too)
+        saver = module.__dict__.get("save_pretrained")
+        if isinstance(saver, functools.partial) and saver.func is _save_pretrained:
+            del module.__dict__["save_pretrained"]
+        for key in _load_guards(module):
+            del module._load_state_dict_pre_hooks[key]
     take_out(model, replaced, "unpatch_model")
     return report
 

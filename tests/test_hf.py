@@ -782,9 +782,20 @@ def test_save_pretrained_of_a_patched_model_in_one_process_writes_the_unpatched_
         loaded = transformers.Qwen2MoeForCausalLM.from_pretrained(path).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "given", True, None)  # transformers' positional order: is_main_process, state_dict
+    model.save_pretrained(tmp_path / "passed", True, hf_state_dict(model))
+    for path in ("given", "passed"):
+        loaded = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / path).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
     assert isinstance(moe_block(model), HFMoEBlock)
     unpatch_model(model)
     assert "save_pretrained" not in model.__dict__
+    inner = tiny_model("qwen2_moe", 3)
+    patch_model(inner.model)  # a wrapper's (here the causal LM's) inner model, unpatched through the outer one
+    assert "save_pretrained" in inner.model.__dict__
+    unpatch_model(inner)
+    assert all("save_pretrained" not in m.__dict__ and not m._load_state_dict_pre_hooks for m in inner.modules())
     model.save_pretrained(tmp_path / "unpatched")
     loaded = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "unpatched").eval()
     with torch.no_grad():
@@ -793,22 +804,27 @@ def test_save_pretrained_of_a_patched_model_in_one_process_writes_the_unpatched_
 
 @pytest.mark.parametrize("strict", [True, False])
 def test_a_patched_model_refuses_a_transformers_checkpoint_in_load_state_dict(tmp_path, strict):
-    """Trainer's resume_from_checkpoint loads the saved file with load_state_dict(strict=False):
-    a patched model took the attention and norms and skipped every expert and router key (a
-    warning only), training on as before with the checkpoint's other weights. It refuses such a
-    state_dict now, whatever `strict` says, naming the remedy; its own state_dict loads."""
+    """Trainer's resume_from_checkpoint (and load_best_model_at_end) loads the saved file with
+    load_state_dict(strict=False): a patched model took another checkpoint's attention and norms
+    and skipped every expert and router key (a warning only), training on with its old experts.
+    It refuses such a state_dict now, whatever `strict` says, naming the remedy, before any tensor
+    is copied; its own state_dict loads."""
     from safetensors.torch import load_file
     model, ids, want = trained_patched_qwen2(fresh_seed())
-    model.save_pretrained(tmp_path)
+    other, _, _ = trained_patched_qwen2(fresh_seed())
+    other.save_pretrained(tmp_path)
     on_disk = load_file(str(tmp_path / "model.safetensors"))  # transformers' checkpoint layout
     before = {k: t.clone() for k, t in model.state_dict().items()}
-    for state in (on_disk, hf_state_dict(model)):
+    for state in (on_disk, hf_state_dict(other)):
         with pytest.raises(RuntimeError, match="model.layers.0.mlp is a patched block .* key\\(s\\) of another "
-                                               "layout under it.*from_pretrained, then patch_model"):
+                                               "layout under it.*Nothing was loaded.*from_pretrained, then patch_model"):
             model.load_state_dict(state, strict=strict)
-    mine = model.state_dict()
-    assert all(torch.equal(mine[k], t) for k, t in before.items())
-    model.load_state_dict({k: t * 1 for k, t in before.items()}, strict=strict)
+        assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="'' is a patched block|HFMoEBlock is a patched block"):
+        moe_block(model).load_state_dict({k.removeprefix("model.layers.0.mlp."): t for k, t in on_disk.items()
+                                          if k.startswith("model.layers.0.mlp.")}, strict=strict)
+    model.load_state_dict(other.state_dict(), strict=strict)  # its own layout: taken
+    model.load_state_dict(before, strict=strict)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
 
