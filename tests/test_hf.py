@@ -817,7 +817,8 @@ def test_a_patched_model_refuses_a_transformers_checkpoint_in_load_state_dict(tm
     before = {k: t.clone() for k, t in model.state_dict().items()}
     for state in (on_disk, hf_state_dict(other)):
         with pytest.raises(RuntimeError, match="model.layers.0.mlp is a patched block .* key\\(s\\) of another "
-                                               "layout under it.*Nothing was loaded.*from_pretrained, then patch_model"):
+                                               "layout under it.*Nothing was loaded.*from_pretrained, then "
+                                               "patch_model"):
             model.load_state_dict(state, strict=strict)
         assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
     with pytest.raises(RuntimeError, match="'' is a patched block|HFMoEBlock is a patched block"):
