@@ -3,7 +3,9 @@ parameter re-drawn), patched with backend="flash", against the unpatched model o
 input, new ids each call; eager, replayed from the layer's CUDA graphs (each layer must have
 one), under torch.compile (aot_eager: the graph capture is tested, not inductor's code; the
 compiled graphs must call the layer's op, not fall back to eager), an unpatched model on rank 0's
-CPU loaded (strict) with fm.hf_state_dict of the patched one, and the model after unpatch_model.
+CPU loaded (strict) with fm.hf_state_dict of the patched one, at world 1 the checkpoint the
+patched model's save_pretrained writes with no state_dict (Trainer's call) read back by
+from_pretrained (at world > 1 that call must raise ValueError), and the model after unpatch_model.
 Weights and inputs are drawn from a fresh seed each run (recorded); a family whose expert count
 the world size does not divide gets a row saying so, and at least one family must be checked.
 One process per GPU:
@@ -15,9 +17,11 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 
 import torch
+import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grad_reference import rel_err  # noqa: E402  (NaN counts as inf)
@@ -33,6 +37,21 @@ TOKENS = (2, 64)  # batch, seq per rank
 
 def model_on_gpu(kind: str, seed: int):
     return tiny_model(kind, seed).to("cuda", torch.float32)  # fp32: HF and flashmoe_py route alike
+
+
+def default_save_error(model, kind: str, world: int, ids, want) -> float:
+    """save_pretrained with no state_dict, as Trainer's checkpoints call it: at world 1 the
+    unpatched model's checkpoint, read back by from_pretrained on the CPU -> its logits' error;
+    at world > 1 refused with ValueError -> 0.0 (inf where it is not)."""
+    with tempfile.TemporaryDirectory() as path:
+        try:
+            model.save_pretrained(path)
+        except ValueError:
+            return 0.0 if world > 1 else float("inf")
+        if world > 1:
+            return float("inf")
+        loaded = getattr(transformers, MODELS[kind]).from_pretrained(path).eval()
+        return rel_err(loaded(ids.cpu()).logits, want.cpu())
 
 
 def main():
@@ -74,6 +93,7 @@ def main():
                 errs.append(rel_err(fresh(ids.cpu()).logits, want.cpu()))
             elif state:
                 errs.append(float("inf"))  # only rank 0 is given it
+            errs.append(default_save_error(model, kind, world, ids, want))
             unpatch_model(model)  # the transformers blocks back, on the GPU
             errs.append(rel_err(model(ids).logits, want))
         err = torch.tensor([max(errs)], device="cuda")
