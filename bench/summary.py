@@ -29,8 +29,9 @@ Each run's ratios come from that run alone, as above; then per point its ratio i
 compared it (or why a run did not: flash failed, a peer failed or is missing, no peer, no row),
 their median, and the runs where flash was behind; the geometric mean of the medians, the points
 whose median is below 1.0x, those behind in every run, and those some run did not compare. A run
-that compared a point against fewer peers than another run did is incomplete there; a point of
-two configs in two runs, and one run given twice, are refused."""
+that compared a point against fewer peers than another run did is incomplete there (a note after
+the table names such peers, and the --peers that leaves them out); a point of two configs in two
+runs, and one run given twice, are refused."""
 
 from __future__ import annotations
 
@@ -227,6 +228,19 @@ def print_across_runs(runs: list[list[dict]], flash: str, peers: list[str], trai
           f"{counts}")
 
 
+def print_peers_of_some_runs(kept: list[dict]) -> None:
+    """After a table of several runs (each run's points: {point: {backend: row}}): the peers some
+    runs have rows of and others lack (each point of a run without one is incomplete against it),
+    and the --peers that compares every run with the peers all of them have."""
+    have = [{b for got in run.values() for b in got if b in PEERS} for run in kept]
+    common, partial = set.intersection(*have), sorted(set.union(*have) - set.intersection(*have))
+    if partial:
+        hint = (f"--peers {' '.join(b for b in PEERS if b in common)} compares each run with the peers every run has"
+                if common else "no peer has rows in every run")
+        print(f"note: {', '.join(partial)} has rows in some runs only (their points are incomplete in the others); "
+              f"{hint}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="*", help="one run's files (or give --run for each of several runs)")
@@ -250,6 +264,8 @@ def main(argv=None) -> None:
         peers = args.peers or [b for b in PEERS if any(b in got for run in kept for got in run.values())]
         if args.run:
             print_across_runs(runs, args.flash, peers, args.fwd_bwd, args.frozen_experts)
+            if not args.peers:
+                print_peers_of_some_runs(kept)
             return
         got = outcomes(runs[0], args.flash, peers, args.fwd_bwd, args.frozen_experts)
     except ValueError as e:
