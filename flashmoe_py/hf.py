@@ -610,9 +610,10 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     (data_parallel.exclude_from_ddp; prepare_ddp also scales their gradients for DDP's average,
     without which a forward under DDP raises). The model and every module between it and a block
     refuse a move their blocks' layers would refuse (.to(), .half(), .cuda() elsewhere), before any
-    module moves (_guarded_apply; unpatch_model takes it off). A transformers model's
-    save_pretrained without a state_dict saves hf_state_dict's in one process, and is refused
-    with several (_save_pretrained; unpatch_model takes it off). A model already holding an
+    module moves (_guarded_apply). A transformers model's save_pretrained without a
+    state_dict saves hf_state_dict's in one process, and is refused with several
+    (_save_pretrained). A state_dict of the unpatched blocks' layout is refused (_refuse_other_keys).
+    unpatch_model takes these off (_guard, _unguard). A model already holding an
     HFMoEBlock is refused (ValueError): unpatch_model first to patch it with other arguments."""
     if isinstance(getattr(model, "experts", None), nn.Module) and not isinstance(model, HFMoEBlock):
         raise ValueError(f"patch_model: `model` is itself an MoE block ({type(model).__name__}), which it cannot "
@@ -651,11 +652,7 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
         setattr(parent, child, replacement)
     if blocks:
         exclude_from_ddp(model)
-        _guard_holders(model, [name for name, _, _ in blocks])
-        if not _load_guards(model):
-            model.register_load_state_dict_pre_hook(_refuse_other_keys)
-        if callable(getattr(type(model), "save_pretrained", None)):
-            model.save_pretrained = functools.partial(_save_pretrained, model)
+        _guard(model, [name for name, _, _ in blocks])
     take_out(model, replaced, "patch_model")
     return {name: "replaced" if reason is None else reason for name, reason in decisions}
 
@@ -683,21 +680,33 @@ def _guarded_apply(holder: nn.Module, fn, recurse: bool = True):
     return type(holder)._apply(holder, fn, recurse)
 
 
-def _guard_holders(model: nn.Module, blocks: list[str]) -> None:
-    """_guarded_apply as the _apply of `model` and of every module between it and the blocks (by
-    name); a functools.partial, so copy.deepcopy and pickling keep it."""
+def _guard(model: nn.Module, blocks: list[str]) -> None:
+    """What patch_model puts on the patched `model` and the modules holding its blocks (by name),
+    each a module-level function or a functools.partial of one, so copy.deepcopy and pickling keep
+    them: _guarded_apply as the _apply of `model` and of every module between it and the blocks;
+    _refuse_other_keys as `model`'s load_state_dict pre hook; and, on a transformers model,
+    _save_pretrained as its save_pretrained. _unguard takes them off."""
     holders = {".".join(name.split(".")[:i]) for name in blocks for i in range(name.count(".") + 1)}
     for name in holders:
         holder = model.get_submodule(name)
         holder._apply = functools.partial(_guarded_apply, holder)
+    if not _load_guards(model):
+        model.register_load_state_dict_pre_hook(_refuse_other_keys)
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = functools.partial(_save_pretrained, model)
 
 
-def _unguard_holders(model: nn.Module) -> None:
-    """_guard_holders undone: every module of `model` takes its class's _apply again."""
+def _unguard(model: nn.Module) -> None:
+    """_guard undone on every module of `model` (patch_model's, wherever it was called: a
+    wrapper's inner model too): each takes its class's _apply and save_pretrained again, and
+    loses the load guard."""
     for module in model.modules():
-        guard = module.__dict__.get("_apply")
-        if isinstance(guard, functools.partial) and guard.func is _guarded_apply:
-            del module.__dict__["_apply"]
+        for name, func in (("_apply", _guarded_apply), ("save_pretrained", _save_pretrained)):
+            put = module.__dict__.get(name)
+            if isinstance(put, functools.partial) and put.func is func:
+                del module.__dict__[name]
+        for key in _load_guards(module):
+            del module._load_state_dict_pre_hooks[key]
 
 
 def _save_pretrained(model: nn.Module, *args, **kwargs):
@@ -739,13 +748,7 @@ def unpatch_model(model: nn.Module) -> dict[str, str]:
             _move_hooks(module, block)
             setattr(model.get_submodule(parent_name) if parent_name else model, child, block)
             report[name] = "restored"
-    _unguard_holders(model)
-    for module in model.modules():  # (patch_model's, wherever it was called: a wrapper's inner model too)
-        saver = module.__dict__.get("save_pretrained")
-        if isinstance(saver, functools.partial) and saver.func is _save_pretrained:
-            del module.__dict__["save_pretrained"]
-        for key in _load_guards(module):
-            del module._load_state_dict_pre_hooks[key]
+    _unguard(model)
     take_out(model, replaced, "unpatch_model")
     return report
 
