@@ -141,19 +141,21 @@ def test_gemm2_tile_width_must_be_a_power_of_two_multiple_of_the_combine_tile():
         OneRank(cfg, max_tokens=8).forward(4, block_n=192)
 
 
-def test_combine_tiles_may_hold_more_tokens_and_columns():
+@pytest.mark.parametrize("top_k", [3, 6])
+def test_combine_tiles_may_hold_more_tokens_and_columns(top_k):
     """Combine tiles of 64 or 128 tokens (block_t) sum the same rows as those of 32, shared
     expert included (a combine tile reads one shared tile of block_m rows), and so do tasks of
     2 or 4 column tiles (combine_span; hidden 640 has 5, so either ends in a partial task); calls
-    may switch."""
-    cfg = MoEConfig(hidden_size=640, ffn_size=48, num_experts=4, top_k=3, dtype="float32",
+    may switch. Both ways of summing a task's columns: as one wide tile (top-3) and tile by tile
+    (top-6, above combine.WIDE_TOP_K)."""
+    cfg = MoEConfig(hidden_size=640, ffn_size=48, num_experts=8, top_k=top_k, dtype="float32",
                     shared_experts=1, shared_ffn_size=40)
     rank = OneRank(cfg, max_tokens=150)
     for tokens, block_t, span in [(150, 128, 1), (150, 64, 2), (70, 64, 4), (150, 32, 1), (1, 128, 2),
                                   (150, 32, 4)]:
         x, out = rank.forward(tokens, block_m=128, block_t=block_t, combine_span=span, programs=2)
         assert int(rank.status[0]) == 0
-        assert rel_err(out, rank.reference(x)) <= 1e-5  # (the call's routing: 3 of 4 experts meet near ties)
+        assert rel_err(out, rank.reference(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("fields", [
