@@ -24,6 +24,7 @@ from flashmoe_py.backends.flash import FlashBackend, FusedKernelError, routing_p
 from flashmoe_py.kernels import fused_moe, transport
 from flashmoe_py.gate_up import to_pairs
 from flashmoe_py.kernels.fused_moe import Saved, launch_fused
+from flashmoe_py.kernels.fused_moe_details.combine import WIDE_TOP_K
 from flashmoe_py.kernels.fused_moe_details.expert_ffn import sum_parts
 from flashmoe_py.kernels.fused_moe_details.tasks import expert_tile, tile_table
 from flashmoe_py.kernels.launch_config import SPLIT_SLOTS, LaunchConfig, launch_variants, partial_slots
@@ -148,6 +149,7 @@ def test_combine_tiles_may_hold_more_tokens_and_columns(top_k):
     2 or 4 column tiles (combine_span; hidden 640 has 5, so either ends in a partial task); calls
     may switch. Both ways of summing a task's columns: as one wide tile (top-3) and tile by tile
     (top-6, above combine.WIDE_TOP_K)."""
+    assert (top_k <= WIDE_TOP_K.value) == (top_k == 3)
     cfg = MoEConfig(hidden_size=640, ffn_size=48, num_experts=8, top_k=top_k, dtype="float32",
                     shared_experts=1, shared_ffn_size=40)
     rank = OneRank(cfg, max_tokens=150)
