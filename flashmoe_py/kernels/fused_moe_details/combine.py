@@ -60,11 +60,11 @@ def combine_tile(tt, n0, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_
             report_timeout(scratch, WAIT_SHARED_OUT, -1, -1, tt, epoch)
     ready = clock_ns() if meta.TRACE else 0
     if TOP_K <= WIDE_TOP_K:
-        _sum_columns(t, tmask, n0 * BN, out_ptr, plan, sym, scratch, H, S, meta, SPAN * BN, True)
+        _sum_columns(t, tmask, n0 * BN, out_ptr, plan, sym, scratch, H, S, meta, SPAN * BN)
     else:
         for c in tl.static_range(SPAN):
             if n0 + c < NN:
-                _sum_columns(t, tmask, (n0 + c) * BN, out_ptr, plan, sym, scratch, H, S, meta, BN, False)
+                _sum_columns(t, tmask, (n0 + c) * BN, out_ptr, plan, sym, scratch, H, S, meta, BN)
     done = clock_ns() if meta.TRACE else 0
     if missing < W:
         report_timeout(scratch, WAIT_COMBINE, missing, -1, tt, epoch)
@@ -72,11 +72,10 @@ def combine_tile(tt, n0, out_ptr, plan, sym, scratch, dims, tokens, epoch, wait_
 
 
 @triton.jit
-def _sum_columns(t, tmask, c0, out_ptr, plan, sym, scratch, H, S, meta, WIDTH: tl.constexpr,
-                 WIDE: tl.constexpr):
+def _sum_columns(t, tmask, c0, out_ptr, plan, sym, scratch, H, S, meta, WIDTH: tl.constexpr):
     """out[t, c0 : c0 + WIDTH] (those < H) = the weighted sum of t's slots' rows (+ the shared
-    output's). WIDE: each slot's row and weight read with its destination (a dropped slot's too,
-    not used), not after it."""
+    output's). Up to WIDE_TOP_K choices, each slot's row and weight are read with its destination
+    (a dropped slot's too, not used), not after it."""
     cols = c0 + tl.arange(0, WIDTH)
     cmask = cols < H
     t64 = t.to(tl.int64)
@@ -88,7 +87,7 @@ def _sum_columns(t, tmask, c0, out_ptr, plan, sym, scratch, H, S, meta, WIDTH: t
         s = t64 * meta.TOP_K + kk
         d = tl.load(plan.slot_dest + s, mask=tmask, other=-1)
         ok = d >= 0
-        read = tmask if WIDE else ok
+        read = tmask if meta.TOP_K <= WIDE_TOP_K else ok
         row = tl.load(plan.slot_row + s, mask=read, other=0).to(tl.int64)
         if meta.WEIGHT_ON_INPUT:  # the weight went in with the rows: their outputs add as they are
             w = tl.where(ok, 1.0, 0.0)
