@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import copy
 import functools
 import inspect
+import sys
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import _get_fqns
 from torch.distributed.tensor import DTensor
 
+from . import hub_layout
 from .checkpoint import check_groups_agree
 from .config import DTYPES, ConfigError, MoEConfig
 from .data_parallel import exclude_from_ddp, in_fsdp_class, include_in_ddp, sharded_names
@@ -64,35 +66,95 @@ def _tie_router_after_load(module: HFMoEBlock, incompatible_keys) -> None:
     module.tie_router()
 
 
-def _refuse_other_keys(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,
-                       unexpected_keys, error_msgs) -> None:
+def _take_transformers_keys(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,
+                            unexpected_keys, error_msgs) -> None:
     """load_state_dict's pre hook of each HFMoEBlock and of the module patch_model patched (a
-    module-level function: a patched model still pickles): a key under a patched block outside its
-    own modules and tensors ("experts.", "gate.", "shared_expert.", ...) is the unpatched block's
-    (a transformers checkpoint: save_pretrained's, Trainer's, hf_state_dict's), which
-    `strict=False` (Trainer's resume_from_checkpoint) would skip, leaving the experts and router
-    as they were: RuntimeError naming the remedy instead, whatever `strict` says, raised before
-    any tensor of the model is copied (the patched module's hook runs before its children load).
-    Keys inside the layer are the layer's to judge (it takes its weights' old names)."""
-    for name, block in module.named_modules():
-        if not isinstance(block, HFMoEBlock):
-            continue
-        under = f"{prefix}{name}." if name else prefix
+    module-level function: a patched model still pickles). A transformers checkpoint (Trainer's
+    resume_from_checkpoint and load_best_model_at_end load what a patched model's save_pretrained
+    wrote; hf_state_dict's) holds each patched block's weights under its transformers block's
+    keys, which `strict=False` would skip, leaving the experts and router as they were. Each
+    block's are replaced in state_dict by its own (HFMoEBlock.state_from_hf: this rank's experts,
+    in the layer's layout), whether in the layout of the transformers modules (keys under the
+    block but not all of the block's own layout: some outside its modules, or none its layer's
+    "moe."), or, within a transformers model, the Hub's
+    (save_pretrained's default: hub_layout.py; Mixtral's under another name), before any tensor
+    of the model is copied (the patched module's hook runs before its children load). Every block
+    is converted before state_dict changes: where one cannot be (keys of two layouts, or not the
+    whole block: a shard of a checkpoint split inside it) RuntimeError names it, nothing of
+    state_dict loaded. While loading, state_dict holds each block's converted weights of this
+    rank beside the checkpoint's. Keys inside the layer are the layer's to judge (it takes its
+    weights' old names)."""
+    blocks = [(f"{prefix}{name}." if name else prefix, block) for name, block in module.named_modules()
+              if isinstance(block, HFMoEBlock)]
+    hub_keys, source = set(), state_dict
+    if (hub := _blocks_in_hub_layout(module, prefix, blocks, state_dict)) is not None:
+        hub_keys, module_state = hub
+        source = {**{k: t for k, t in state_dict.items() if k not in hub_keys}, **module_state}
+    converted = []
+    for under, block in blocks:
         own = {*block._modules, *block._parameters, *block._buffers}
-        other = sorted(k for k in state_dict if k.startswith(under) and k[len(under):].split(".")[0] not in own)
-        if other:
+        keys = [k for k in source if k.startswith(under)]
+        if not keys or (any(k.startswith(under + "moe.") for k in keys)  # none, or the block's own layout
+                        and all(k[len(under):].split(".")[0] in own for k in keys)):
+            continue
+        try:
+            converted.append((under, block.state_from_hf({k[len(under):]: source[k] for k in keys})))
+        except (RuntimeError, ValueError) as e:
             raise RuntimeError(
-                f"load_state_dict: {under[:-1] or type(block).__name__} is a patched block (flashmoe_py's "
-                f"HFMoEBlock) and the state_dict holds {len(other)} key(s) of another layout under it, e.g. "
-                f"{other[0]!r}: a transformers checkpoint of the unpatched model? Nothing was loaded. Load that "
-                "with from_pretrained, then patch_model; a patched model loads its own state_dict "
-                "(model.state_dict(), fm.sharded_state_dict)")
+                f"load_state_dict: {under[:-1] or type(block).__name__} is a patched block (flashmoe_py's HFMoEBlock) "
+                f"and the state_dict holds keys of its transformers block, which it takes by converting them, but "
+                f"could not: {e}. Nothing of this state_dict was loaded") from e
+    for key in {*hub_keys, *(k for k in state_dict for under, _ in converted if k.startswith(under))}:
+        del state_dict[key]
+    for under, state in converted:
+        state_dict.update({under + key: t for key, t in state.items()})
+
+
+def _blocks_in_hub_layout(module: nn.Module, prefix: str, blocks: list[tuple[str, HFMoEBlock]],
+                          state_dict) -> tuple[set[str], dict[str, torch.Tensor]] | None:
+    """Where state_dict holds some of the patched blocks' weights in the Hub's layout (what
+    save_pretrained writes), each block's read through the conversions of the outermost
+    transformers model holding it in `module` (keys under `prefix`): (those keys, the same
+    weights in the layout of the transformers blocks' modules, full keys); None where it holds
+    none in that layout. RuntimeError where it holds a block's in part, beside keys of its
+    modules' layout, or they do not convert."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return None
+    models = [(f"{prefix}{name}." if name else prefix, m) for name, m in module.named_modules()
+              if isinstance(m, transformers.PreTrainedModel)]  # (outermost first)
+    hub_keys, module_state = set(), {}
+    for under, block in blocks:
+        base, model = next(((base, m) for base, m in models if under.startswith(base)), (None, None))
+        if model is None or block._skeleton is None:
+            continue
+        module_names, names = block.hub_names(model, under[len(base):])
+        if not any(base + name in state_dict for name in names - module_names):
+            continue
+        try:
+            missing = sorted(base + name for name in names if base + name not in state_dict)
+            if missing:
+                raise RuntimeError(f"{len(missing)} of its keys are missing, e.g. {missing[:3]} (a shard of a "
+                                   "checkpoint whose shards split the block? save with a larger max_shard_size)")
+            both = sorted(base + name for name in module_names - names if base + name in state_dict)
+            if both:
+                raise RuntimeError(f"it also holds {both[:3]}, keys of the transformers modules' layout")
+            state = hub_layout.from_hub_layout(model, {name: state_dict[base + name] for name in names})
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise RuntimeError(
+                f"load_state_dict: the state_dict holds the weights of the patched block {under[:-1]} in the Hub's "
+                f"layout (transformers' save_pretrained's), which it takes by converting them, but could not: {e}. "
+                "Nothing of this state_dict was loaded. Load the checkpoint with from_pretrained, then "
+                "patch_model") from e
+        hub_keys |= {base + name for name in names}
+        module_state.update({base + k: t for k, t in state.items()})
+    return (hub_keys, module_state) if hub_keys else None
 
 
 def _load_guards(module: nn.Module) -> list:
-    """The keys of module's load_state_dict pre hooks that are _refuse_other_keys."""
+    """The keys of module's load_state_dict pre hooks that are _take_transformers_keys."""
     hooks = getattr(module, "_load_state_dict_pre_hooks", {})
-    return [key for key, hook in hooks.items() if getattr(hook, "hook", None) is _refuse_other_keys]
+    return [key for key, hook in hooks.items() if getattr(hook, "hook", None) is _take_transformers_keys]
 
 
 class HFMoEBlock(nn.Module):
@@ -115,7 +177,7 @@ class HFMoEBlock(nn.Module):
         self.tie_router()
         # load_state_dict(assign=True) puts the state_dict's two copies in as two tensors: tie again
         self.register_load_state_dict_post_hook(_tie_router_after_load)
-        self.register_load_state_dict_pre_hook(_refuse_other_keys)
+        self.register_load_state_dict_pre_hook(_take_transformers_keys)
 
     def tie_router(self, names: set[str] | None = None) -> None:
         """The router module's parameters (and correction bias) are the layer's: one set, one set
@@ -190,6 +252,51 @@ class HFMoEBlock(nn.Module):
             if not torch.equal(back[name], value):
                 raise RuntimeError(f"to_hf: {type(block).__name__}'s {name} does not read back as the layer's")
         return block
+
+    def hub_names(self, model: nn.Module, name: str) -> tuple[frozenset[str], frozenset[str]]:
+        """(the keys of the transformers block's modules, the keys save_pretrained writes for them)
+        under the transformers model `model` holding this block as `name` ("model.layers.0.mlp."),
+        kept for the next call with the same model type, name and conversions."""
+        key = (type(model), name, id(getattr(model, "_weight_conversions", None)))
+        cached = self.__dict__.get("_hub_names")
+        if cached is None or cached[0] != key:
+            meta = {name + k: t for k, t in self._skeleton.state_dict().items()}
+            cached = (key, frozenset(meta), frozenset(hub_layout.to_hub_layout(model, meta)))
+            self.__dict__["_hub_names"] = cached
+        return cached[1], cached[2]
+
+    @torch.no_grad()
+    def state_from_hf(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This block's state_dict (keys relative to it) holding the weights of `hf_state`, the whole
+        state_dict of the transformers block it was converted from (keys relative to that block,
+        as a transformers checkpoint holds them under it), read through the block's conversion:
+        this rank's experts in the layer's layout (MoELayer.state_from_full), the router module's
+        tensors the layer's. RuntimeError naming the keys where hf_state is not that block's whole
+        state_dict; ValueError (the conversion's or the layer's) for a weight it cannot take."""
+        if self._skeleton is None:
+            raise RuntimeError("this HFMoEBlock was built without its transformers block's skeleton")
+        block = copy.deepcopy(self._skeleton, _live_configs(self._skeleton))
+        want = set(block.state_dict())
+        missing, unexpected = sorted(want - set(hf_state)), sorted(set(hf_state) - want)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{type(block).__name__}'s state_dict has {sorted(want)}; missing {missing}, unexpected {unexpected} "
+                "(a shard of a checkpoint whose shards split the block? save with a larger max_shard_size)")
+        for key, t in hf_state.items():
+            if not (torch.is_tensor(t) and t.is_floating_point() and t.layout == torch.strided) or t.is_meta:
+                raise ValueError(f"{key}: expected a dense floating-point tensor with data, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)}")
+        block.load_state_dict(hf_state, assign=True)  # the skeleton's meta tensors -> hf_state's
+        conv = convert_block(block)
+        state = {f"moe.{name}": t for name, t in self.moe.state_from_full(conv.weights, conv.gate_up_layout).items()}
+        own = self.state_dict(keep_vars=True)
+        by_tensor = {id(t): f"moe.{name}" for name, t in self.moe.state_dict(keep_vars=True).items()}
+        for key, t in own.items():  # the router module's tensors: the layer's (tie_router)
+            if key not in state and id(t) in by_tensor:
+                state[key] = state[by_tensor[id(t)]]
+        if set(state) != set(own):
+            raise RuntimeError(f"the block's own state_dict has {sorted(own)}, converted were {sorted(state)}")
+        return state
 
     def _router_replaced(self) -> str:
         return (f"the block's router module ({type(self.router).__name__}) no longer holds its MoELayer's "
@@ -612,7 +719,8 @@ def patch_model(model: nn.Module, **layer_kwargs) -> dict[str, str]:
     refuse a move their blocks' layers would refuse (.to(), .half(), .cuda() elsewhere), before any
     module moves (_guarded_apply). A transformers model's save_pretrained without a
     state_dict saves hf_state_dict's in one process, and is refused with several
-    (_save_pretrained). A state_dict of the unpatched blocks' layout is refused (_refuse_other_keys).
+    (_save_pretrained). A state_dict of the unpatched blocks' layout is converted as it loads
+    (_take_transformers_keys).
     unpatch_model takes these off (_guard, _unguard). A model already holding an
     HFMoEBlock is refused (ValueError): unpatch_model first to patch it with other arguments."""
     if isinstance(getattr(model, "experts", None), nn.Module) and not isinstance(model, HFMoEBlock):
@@ -684,14 +792,14 @@ def _guard(model: nn.Module, blocks: list[str]) -> None:
     """What patch_model puts on the patched `model` and the modules holding its blocks (by name),
     each a module-level function or a functools.partial of one, so copy.deepcopy and pickling keep
     them: _guarded_apply as the _apply of `model` and of every module between it and the blocks;
-    _refuse_other_keys as `model`'s load_state_dict pre hook; and, on a transformers model,
+    _take_transformers_keys as `model`'s load_state_dict pre hook; and, on a transformers model,
     _save_pretrained as its save_pretrained. _unguard takes them off."""
     holders = {".".join(name.split(".")[:i]) for name in blocks for i in range(name.count(".") + 1)}
     for name in holders:
         holder = model.get_submodule(name)
         holder._apply = functools.partial(_guarded_apply, holder)
     if not _load_guards(model):
-        model.register_load_state_dict_pre_hook(_refuse_other_keys)
+        model.register_load_state_dict_pre_hook(_take_transformers_keys)
     if callable(getattr(type(model), "save_pretrained", None)):
         model.save_pretrained = functools.partial(_save_pretrained, model)
 

@@ -303,17 +303,35 @@ class MoELayer(nn.Module):
                  "shared_gate_weight": shared_gate_weight}
         on_every_rank(lambda: self._check_full_weights(given, gate_up_layout), _refused("load_full_weights"),
                       self.process_group)
-        gated = self.config.gated
-        mine = torch.tensor(self.placed_experts, dtype=torch.long)
         for name, t in given.items():  # one at a time (a converted copy of every weight at once would not fit)
-            if t is None:
-                continue
-            if name in EXPERT_WEIGHTS:
-                t = t[mine.to(t.device)]  # this rank's experts first: only they are converted
-            if gated and name in GATE_UP_WEIGHTS:
-                t = to_pairs(t, gate_up_layout)
-            getattr(self, name).copy_(t)
+            if t is not None:
+                getattr(self, name).copy_(self._local_weight(name, t, gate_up_layout))
         self._check_replicas_agree("load_full_weights")
+
+    def state_from_full(self, full: dict[str, torch.Tensor], gate_up_layout: str = "halves") -> dict[str, torch.Tensor]:
+        """The state_dict (keys relative to the layer) of this rank's layer holding the full layer's
+        weights `full` (load_full_weights' names, shapes and gate_up_layout; the config's optional
+        weights required, as there): this rank's experts, gate and up in pairs, the marker and
+        expert_ids, each weight in full's dtype and on its device. Checked as load_full_weights
+        checks its arguments (ValueError), on this rank alone: nothing is compared across ranks."""
+        given = {name: full.get(name) for name in (*WEIGHTS, *OPTIONAL_WEIGHTS)}
+        unknown = sorted(set(full) - set(given))
+        if unknown:
+            raise ValueError(f"state_from_full: {unknown} are not weights of a layer; expected names of {list(given)}")
+        self._check_full_weights(given, gate_up_layout)
+        state = {name: self._local_weight(name, t, gate_up_layout) for name, t in given.items() if t is not None}
+        state[STATE_DICT_MARKER] = torch.tensor(PAIRS_VERSION)
+        return {**state, "expert_ids": torch.tensor(self.placed_experts)}
+
+    def _local_weight(self, name: str, t: torch.Tensor, gate_up_layout: str) -> torch.Tensor:
+        """t, the full layer's weight `name` in gate_up_layout -> this rank's part in the layer's
+        layout: an expert weight's rows of this rank's experts (taken first: only they are
+        converted), a gated weight's gate and up columns in pairs."""
+        if name in EXPERT_WEIGHTS:
+            t = t[torch.tensor(self.placed_experts, device=t.device)]
+        if self.config.gated and name in GATE_UP_WEIGHTS:
+            t = to_pairs(t, gate_up_layout)
+        return t
 
     def _check_full_weights(self, given: dict, gate_up_layout: str) -> None:
         """Raise, naming it, for what is wrong with load_full_weights' arguments on this rank."""

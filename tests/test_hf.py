@@ -5,6 +5,7 @@ is left alone is reported with its reason; torch.compile."""
 import copy
 import functools
 import io
+import json
 import random
 
 import pytest
@@ -802,32 +803,136 @@ def test_save_pretrained_of_a_patched_model_in_one_process_writes_the_unpatched_
         torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("strict", [True, False])
-def test_a_patched_model_refuses_a_transformers_checkpoint_in_load_state_dict(tmp_path, strict):
-    """Trainer's resume_from_checkpoint (and load_best_model_at_end) loads the saved file with
-    load_state_dict(strict=False): a patched model took another checkpoint's attention and norms
-    and skipped every expert and router key (a warning only), training on with its old experts.
-    It refuses such a state_dict now, whatever `strict` says, naming the remedy, before any tensor
-    is copied; its own state_dict loads."""
+def loaded_a_transformers_checkpoint(rank, world, kind, path, seed, strict, ids):
+    """A patched model of `kind` after load_state_dict of the transformers checkpoint at `path`:
+    (its logits, the result's missing and unexpected keys, whether every parameter is the object
+    it was before (an optimizer's), whether the router module still holds the layer's weight)."""
     from safetensors.torch import load_file
-    model, ids, want = trained_patched_qwen2(fresh_seed())
-    other, _, _ = trained_patched_qwen2(fresh_seed())
-    other.save_pretrained(tmp_path)
-    on_disk = load_file(str(tmp_path / "model.safetensors"))  # transformers' checkpoint layout
-    before = {k: t.clone() for k, t in model.state_dict().items()}
-    for state in (on_disk, hf_state_dict(other)):
-        with pytest.raises(RuntimeError, match="model.layers.0.mlp is a patched block .* key\\(s\\) of another "
-                                               "layout under it.*Nothing was loaded.*from_pretrained, then "
-                                               "patch_model"):
-            model.load_state_dict(state, strict=strict)
-        assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
-    with pytest.raises(RuntimeError, match="'' is a patched block|HFMoEBlock is a patched block"):
-        moe_block(model).load_state_dict({k.removeprefix("model.layers.0.mlp."): t for k, t in on_disk.items()
-                                          if k.startswith("model.layers.0.mlp.")}, strict=strict)
-    model.load_state_dict(other.state_dict(), strict=strict)  # its own layout: taken
-    model.load_state_dict(before, strict=strict)
+    model = tiny_model(kind, seed)
+    patch_model(model)
+    params = dict(model.named_parameters())
+    result = model.load_state_dict(load_file(path), strict=strict)
+    block = moe_block(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
+        logits = model(ids).logits
+    return (logits, result.missing_keys, result.unexpected_keys,
+            all(p is params[n] for n, p in model.named_parameters()), block.router.weight is block.moe.router_weight)
+
+
+@pytest.mark.parametrize("world,kind", [(1, kind) for kind in MODELS] + [(2, "qwen2_moe"), (2, "gpt_oss")])
+def test_a_patched_model_loads_a_transformers_checkpoint_in_load_state_dict(dist_pools, tmp_path, world, kind):
+    """Trainer's resume_from_checkpoint and load_best_model_at_end load the checkpoint a patched
+    model's save_pretrained wrote (transformers' layout) with load_state_dict(strict=False), which
+    took its attention and norms and skipped every expert and router key (a warning only). Each
+    patched block now converts its transformers block's keys as it loads them (each rank its own
+    experts): the model computes what the checkpoint's model computes, strict or not, into the
+    same parameters (an optimizer holding them keeps them)."""
+    seed, strict = fresh_seed(), world == 1
+    other = tiny_model(kind, seed + 1).eval()
+    other.save_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        want = other(ids).logits
+    for logits, missing, unexpected, same_params, tied in dist_pools(world).run(
+            loaded_a_transformers_checkpoint, kind, str(tmp_path / "model.safetensors"), seed, strict, ids):
+        assert rel_err(logits, want) < 1e-5
+        assert missing == [] and unexpected == [] and same_params and tied
+
+
+def test_a_patched_block_loads_its_transformers_block_s_keys_and_a_checkpoint_in_shards(tmp_path):
+    """A block's own load_state_dict converts its transformers block's keys (the modules' layout:
+    it has no model to take the Hub's layout's conversions from), and a checkpoint in shards
+    (Trainer's load_sharded_checkpoint: one load_state_dict(strict=False) a shard) loads where
+    each shard holds its blocks whole."""
+    from safetensors.torch import load_file, save_file
+    from transformers.trainer_utils import load_sharded_checkpoint
+    seed = fresh_seed()
+    other, model = tiny_model("qwen2_moe", seed + 1).eval(), tiny_model("qwen2_moe", seed).eval()
+    patch_model(model)
+    ids = torch.randint(0, 97, (2, 7))
+    under = "model.layers.0.mlp."
+    moe_block(model).load_state_dict({k.removeprefix(under): t for k, t in other.state_dict().items()
+                                      if k.startswith(under)})
+    with torch.no_grad():
+        x = other.model.embed_tokens(ids)
+        assert rel_err(moe_block(model)(x), moe_block(other)(x)) < 1e-5
+    other.save_pretrained(tmp_path / "whole")
+    on_disk = load_file(str(tmp_path / "whole" / "model.safetensors"))  # the Hub's layout: experts one by one
+    assert "model.layers.1.mlp.experts.0.up_proj.weight" in on_disk
+    shards = {"a.safetensors": {k: t for k, t in on_disk.items() if ".layers.1." not in k},
+              "b.safetensors": {k: t for k, t in on_disk.items() if ".layers.1." in k}}
+    (tmp_path / "sharded").mkdir()
+    for name, part in shards.items():
+        save_file(part, str(tmp_path / "sharded" / name), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    load_sharded_checkpoint(model, str(tmp_path / "sharded"), strict=False)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, other(ids).logits) < 1e-5
+
+
+def test_a_patched_model_refuses_a_transformers_checkpoint_it_cannot_convert_before_loading_anything(tmp_path):
+    """Where a block's keys are not its transformers block's whole state_dict (a shard that splits
+    the block, or keys of both layouts under it), in either layout, load_state_dict raises naming
+    them, whatever `strict` says, before any tensor of the model is copied (the other block,
+    which it could convert, is unchanged too)."""
+    from safetensors.torch import load_file
+    model, _, _ = trained_patched_qwen2(fresh_seed())
+    tiny_model("qwen2_moe", 5).save_pretrained(tmp_path / "hub")
+    tiny_model("qwen2_moe", 5).save_pretrained(tmp_path / "modules", save_original_format=False)
+    hub, modules = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("hub", "modules"))
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    w_out = before["model.layers.1.mlp.moe.w_out"]
+    cases = (({k: t for k, t in hub.items() if k != "model.layers.1.mlp.experts.3.up_proj.weight"},
+              r"1 of its keys are missing.*experts.3.up_proj.*max_shard_size"),
+             ({k: t for k, t in modules.items() if k != "model.layers.1.mlp.experts.down_proj"},
+              r"missing \['experts.down_proj'\].*max_shard_size"),
+             ({**hub, "model.layers.1.mlp.moe.w_out": w_out}, r"unexpected \['moe.w_out'\]"),
+             ({**hub, "model.layers.1.mlp.experts.down_proj": modules["model.layers.1.mlp.experts.down_proj"]},
+              r"also holds \['model.layers.1.mlp.experts.down_proj'\], keys of the transformers modules' layout"),
+             ({**modules, "model.layers.1.mlp.moe.w_out": w_out}, r"unexpected \['moe.w_out'\]"))
+    for state, problem in cases:
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=f"model.layers.1.mlp.* could not: .*{problem}.*Nothing of this"):
+                model.load_state_dict(state, strict=strict)
+            assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "llama4"])
+def test_a_shard_of_a_block_s_router_alone_is_refused_not_loaded(kind):
+    """gpt-oss's and Llama-4's router modules keep their name ("router") in the patched block, so a
+    shard holding a block's router keys alone loaded them as the block's own, and the next shard,
+    with its experts, was refused: the block half loaded. Keys under a block without its layer's
+    ("moe.") are its transformers block's, whole or refused."""
+    model = tiny_model(kind, fresh_seed())
+    patch_model(model)
+    other = tiny_model(kind, 3).state_dict()
+    block = next(name for name, m in model.named_modules() if isinstance(m, HFMoEBlock))
+    router = {k: t for k, t in other.items() if k.startswith(f"{block}.router.")}
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=f"{block} is a patched block .* missing .*experts.* Nothing of this"):
+        model.load_state_dict(router, strict=False)
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+
+def test_a_transformers_model_inside_another_module_loads_its_checkpoint_in_the_hub_s_layout():
+    """patch_model on a module holding a transformers model (Mixtral, whose Hub layout puts the
+    experts under block_sparse_moe, outside the patched block): its state_dict of the Hub's layout
+    under the holder's name is read through the transformers model's conversions."""
+    from safetensors.torch import load_file
+    seed = fresh_seed()
+    other, holder = tiny_model("mixtral", seed + 1).eval(), nn.ModuleDict({"inner": tiny_model("mixtral", seed)})
+    patch_model(holder)
+    import tempfile
+    with tempfile.TemporaryDirectory() as path:
+        other.save_pretrained(path)
+        on_disk = load_file(f"{path}/model.safetensors")
+    assert any(".block_sparse_moe.experts.0." in k for k in on_disk)
+    result = holder.load_state_dict({f"inner.{k}": t for k, t in on_disk.items()}, strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        assert rel_err(holder["inner"].eval()(ids).logits, other(ids).logits) < 1e-5
 
 
 def saved_by_one_rank(rank, world, path, seed):

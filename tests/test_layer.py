@@ -280,6 +280,34 @@ def load_and_gather(rank, world, seed):
     return all(torch.equal(a, b) for a, b in zip(layer.full_weights(), full))
 
 
+def test_state_from_full_is_the_state_dict_load_full_weights_leaves(dist_pools):
+    """MoELayer.state_from_full(full, layout): this rank's state_dict for the full weights, without
+    loading them (hf.py converts a transformers checkpoint with it, on each rank alone); a layer
+    loading it holds what load_full_weights(**full) gives, in either gate/up layout."""
+    assert all(dist_pools(2).run(state_from_full_and_loaded, fresh_seed()))
+
+
+def state_from_full_and_loaded(rank, world, seed):
+    cfg = MoEConfig(**SMALL, top_k=2)
+    g = torch.Generator().manual_seed(seed)
+    full = {"router_weight": torch.randn(8, 32, generator=g), "w_in": torch.randn(8, 32, 96, generator=g),
+            "w_out": torch.randn(8, 48, 32, generator=g)}
+    same = []
+    for layout in ("halves", "interleaved"):
+        loaded, taken = (MoELayer(cfg, placement=ExpertPlacement.round_robin(8, world)) for _ in range(2))
+        loaded.load_full_weights(**full, gate_up_layout=layout)
+        before = {k: t.clone() for k, t in taken.state_dict().items()}
+        state = taken.state_from_full(full, layout)
+        same.append(all(torch.equal(t, before[k]) for k, t in taken.state_dict().items()))  # nothing loaded
+        taken.load_state_dict(state)
+        same.append(all(torch.equal(t, loaded.state_dict()[k]) for k, t in taken.state_dict().items()))
+    with pytest.raises(ValueError, match=r"\['w_mid'\] are not weights of a layer"):
+        taken.state_from_full({**full, "w_mid": full["w_out"]})
+    with pytest.raises(ValueError, match="w_out is missing"):
+        taken.state_from_full({k: t for k, t in full.items() if k != "w_out"})
+    return all(same)
+
+
 def test_load_full_weights_checks_shapes():
     layer = MoELayer(MoEConfig(**SMALL, top_k=2))
     with pytest.raises(ValueError, match="w_out has shape"):
