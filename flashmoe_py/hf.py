@@ -256,12 +256,17 @@ class HFMoEBlock(nn.Module):
     def hub_names(self, model: nn.Module, name: str) -> tuple[frozenset[str], frozenset[str]]:
         """(the keys of the transformers block's modules, the keys save_pretrained writes for them)
         under the transformers model `model` holding this block as `name` ("model.layers.0.mlp."),
-        kept for the next call with the same model type, name and conversions."""
+        kept for the next call with the same model type, name and conversions; the modules' keys
+        again where transformers cannot revert them (nothing of the Hub's layout to look for)."""
         key = (type(model), name, id(getattr(model, "_weight_conversions", None)))
         cached = self.__dict__.get("_hub_names")
         if cached is None or cached[0] != key:
             meta = {name + k: t for k, t in self._skeleton.state_dict().items()}
-            cached = (key, frozenset(meta), frozenset(hub_layout.to_hub_layout(model, meta)))
+            try:
+                written = hub_layout.to_hub_layout(model, meta)
+            except Exception:  # (a transformers release whose save_pretrained cannot write this model's either)
+                written = meta
+            cached = (key, frozenset(meta), frozenset(written))
             self.__dict__["_hub_names"] = cached
         return cached[1], cached[2]
 

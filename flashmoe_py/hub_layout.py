@@ -18,14 +18,16 @@ from torch import nn
 
 def _conversions(model: nn.Module) -> tuple[list, list]:
     """(renamings, converters): the weight conversions save_pretrained reverts for `model`."""
+    from transformers import core_model_loading
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    # from_pretrained's, else the model type's without PrefixChange (a WeightRenaming), as revert_weight_conversion
+    # from_pretrained's, else the model type's without PrefixChange (a WeightRenaming; newer transformers 5
+    # releases have it), as revert_weight_conversion
     conversions = getattr(model, "_weight_conversions", None)
     if conversions is None:
         conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
-                       if not isinstance(c, PrefixChange)]
+                       if not isinstance(c, getattr(core_model_loading, "PrefixChange", ()))]
     return ([c for c in conversions if isinstance(c, WeightRenaming)],
             [c for c in conversions if isinstance(c, WeightConverter)])
 
@@ -56,7 +58,10 @@ def from_hub_layout(model: nn.Module, hub: dict[str, torch.Tensor]) -> dict[str,
         transform.add_tensor(target, key, pattern, t)
     state = {}
     for first, transform in collecting.items():
-        for name, value in transform.convert(first, model=model, config=model.config).items():
+        realized = transform.convert(first, model=model, config=model.config)
+        if isinstance(realized, tuple):  # (the tensors, conversion errors): transformers 5.0's
+            realized = realized[0]
+        for name, value in realized.items():
             state[name] = value[0] if isinstance(value, list) else value
     back = to_hub_layout(model, state)
     if set(back) != set(hub) or not all(torch.equal(back[k], t) for k, t in hub.items()):
