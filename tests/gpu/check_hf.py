@@ -5,7 +5,9 @@ one), under torch.compile (aot_eager: the graph capture is tested, not inductor'
 compiled graphs must call the layer's op, not fall back to eager), an unpatched model on rank 0's
 CPU loaded (strict) with fm.hf_state_dict of the patched one, at world 1 the checkpoint the
 patched model's save_pretrained writes with no state_dict (Trainer's call) read back by
-from_pretrained (at world > 1 that call must raise ValueError), and the model after unpatch_model.
+from_pretrained (at world > 1 that call must raise ValueError), another model's checkpoint (the
+Hub's layout its save_pretrained writes) loaded into the patched model by load_state_dict
+(strict=False: Trainer's resume_from_checkpoint), and the model after unpatch_model.
 Weights and inputs are drawn from a fresh seed each run (recorded); a family whose expert count
 the world size does not divide gets a row saying so, and at least one family must be checked.
 One process per GPU:
@@ -54,6 +56,21 @@ def default_save_error(model, kind: str, world: int, ids, want) -> float:
         return rel_err(loaded(ids.cpu()).logits, want.cpu())
 
 
+def another_checkpoint(model, kind: str, seed: int, ids) -> torch.Tensor:
+    """Another model's checkpoint as its save_pretrained writes it (the Hub's layout), loaded into
+    the patched `model` as Trainer's resume_from_checkpoint does (load_state_dict(strict=False) of
+    the file, on every rank) -> that other model's logits on ids."""
+    from safetensors.torch import load_file
+    other = model_on_gpu(kind, seed).eval()
+    with tempfile.TemporaryDirectory() as path:
+        other.save_pretrained(path)
+        state = load_file(os.path.join(path, "model.safetensors"))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"{kind}: loading another model's checkpoint left {result}")
+    return other(ids).logits.float()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -94,8 +111,10 @@ def main():
             elif state:
                 errs.append(float("inf"))  # only rank 0 is given it
             errs.append(default_save_error(model, kind, world, ids, want))
+            other_want = another_checkpoint(model, kind, seed + 2, ids)  # now the model's weights
+            errs.append(rel_err(model(ids).logits, other_want))
             unpatch_model(model)  # the transformers blocks back, on the GPU
-            errs.append(rel_err(model(ids).logits, want))
+            errs.append(rel_err(model(ids).logits, other_want))
         err = torch.tensor([max(errs)], device="cuda")
         torch.distributed.all_reduce(err, op=torch.distributed.ReduceOp.MAX)
         replaced = sum(v == "replaced" for v in report.values())
