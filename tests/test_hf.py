@@ -898,6 +898,33 @@ def test_a_patched_model_refuses_a_transformers_checkpoint_it_cannot_convert_bef
             assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
 
 
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_the_hub_s_layout_reads_back_as_the_modules_and_a_disagreement_is_refused(monkeypatch, kind):
+    """hub_layout.from_hub_layout runs the model's own weight conversions forwards: what
+    save_pretrained writes for a model's state_dict reads back as that state_dict, bit for bit.
+    It checks its result through transformers' save direction, so where the two disagree (a
+    converter misread) it raises instead of handing back other weights."""
+    from flashmoe_py import hub_layout
+    model = tiny_model(kind, fresh_seed())
+    own = model.state_dict()
+    own.pop("lm_head.weight", None)  # (tied to the embedding: save_pretrained leaves it out)
+    hub = hub_layout.to_hub_layout(model, own)
+    back = hub_layout.from_hub_layout(model, hub)
+    assert set(back) == set(own) and all(torch.equal(back[k], t) for k, t in own.items())
+    written = hub_layout.to_hub_layout
+
+    def one_element_off(m, state):
+        out = dict(written(m, state))
+        key = max(out)  # (any one tensor)
+        out[key] = out[key].clone()
+        out[key].view(-1)[0] += 1
+        return out
+
+    monkeypatch.setattr(hub_layout, "to_hub_layout", one_element_off)
+    with pytest.raises(RuntimeError, match="conversions do not read .* back as written"):
+        hub_layout.from_hub_layout(model, hub)
+
+
 @pytest.mark.parametrize("kind", ["qwen2_moe", "mixtral", "gpt_oss"])
 def test_trainer_resumes_a_patched_model_as_if_it_had_not_stopped(tmp_path, kind):
     """transformers' Trainer with a patched model: resume_from_checkpoint from the checkpoint its
