@@ -17,7 +17,11 @@ transformers = pytest.importorskip("transformers")
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
+from safetensors.torch import load_file, save_file  # noqa: E402  (transformers' dependency)
+from transformers.trainer_utils import load_sharded_checkpoint  # noqa: E402
+
 import flashmoe_py.hf as hf_module  # noqa: E402
+from flashmoe_py import hub_layout  # noqa: E402
 from flashmoe_py import ConsistencyError, DataParallelError, ExpertPlacement, MoELayer, prepare_fsdp  # noqa: E402
 from flashmoe_py.hf import (HFMoEBlock, block_config, convert_block, from_hf_block, hf_state_dict, patch_model,  # noqa: E402
                              unpatch_model)
@@ -807,7 +811,6 @@ def loaded_a_transformers_checkpoint(rank, world, kind, path, seed, strict, ids)
     """A patched model of `kind` after load_state_dict of the transformers checkpoint at `path`:
     (its logits, the result's missing and unexpected keys, whether every parameter is the object
     it was before (an optimizer's), whether the router module still holds the layer's weight)."""
-    from safetensors.torch import load_file
     model = tiny_model(kind, seed)
     patch_model(model)
     params = dict(model.named_parameters())
@@ -844,8 +847,6 @@ def test_a_patched_block_loads_its_transformers_block_s_keys_and_a_checkpoint_in
     it has no model to take the Hub's layout's conversions from), and a checkpoint in shards
     (Trainer's load_sharded_checkpoint: one load_state_dict(strict=False) a shard) loads where
     each shard holds its blocks whole."""
-    from safetensors.torch import load_file, save_file
-    from transformers.trainer_utils import load_sharded_checkpoint
     seed = fresh_seed()
     other, model = tiny_model("qwen2_moe", seed + 1).eval(), tiny_model("qwen2_moe", seed).eval()
     patch_model(model)
@@ -876,7 +877,6 @@ def test_a_patched_model_refuses_a_transformers_checkpoint_it_cannot_convert_bef
     the block, or keys of both layouts under it), in either layout, load_state_dict raises naming
     them, whatever `strict` says, before any tensor of the model is copied (the other block,
     which it could convert, is unchanged too)."""
-    from safetensors.torch import load_file
     model, _, _ = trained_patched_qwen2(fresh_seed())
     tiny_model("qwen2_moe", 5).save_pretrained(tmp_path / "hub")
     tiny_model("qwen2_moe", 5).save_pretrained(tmp_path / "modules", save_original_format=False)
@@ -904,7 +904,6 @@ def test_the_hub_s_layout_reads_back_as_the_modules_and_a_disagreement_is_refuse
     save_pretrained writes for a model's state_dict reads back as that state_dict, bit for bit.
     It checks its result through transformers' save direction, so where the two disagree (a
     converter misread) it raises instead of handing back other weights."""
-    from flashmoe_py import hub_layout
     model = tiny_model(kind, fresh_seed())
     own = model.state_dict()
     own.pop("lm_head.weight", None)  # (tied to the embedding: save_pretrained leaves it out)
@@ -979,18 +978,15 @@ def test_a_shard_of_a_block_s_router_alone_is_refused_not_loaded(kind):
     assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
 
 
-def test_a_transformers_model_inside_another_module_loads_its_checkpoint_in_the_hub_s_layout():
+def test_a_transformers_model_inside_another_module_loads_its_checkpoint_in_the_hub_s_layout(tmp_path):
     """patch_model on a module holding a transformers model (Mixtral, whose Hub layout puts the
     experts under block_sparse_moe, outside the patched block): its state_dict of the Hub's layout
     under the holder's name is read through the transformers model's conversions."""
-    from safetensors.torch import load_file
     seed = fresh_seed()
     other, holder = tiny_model("mixtral", seed + 1).eval(), nn.ModuleDict({"inner": tiny_model("mixtral", seed)})
     patch_model(holder)
-    import tempfile
-    with tempfile.TemporaryDirectory() as path:
-        other.save_pretrained(path)
-        on_disk = load_file(f"{path}/model.safetensors")
+    other.save_pretrained(tmp_path)
+    on_disk = load_file(str(tmp_path / "model.safetensors"))
     assert any(".block_sparse_moe.experts.0." in k for k in on_disk)
     result = holder.load_state_dict({f"inner.{k}": t for k, t in on_disk.items()}, strict=False)
     assert result.missing_keys == [] and result.unexpected_keys == []
