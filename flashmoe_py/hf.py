@@ -78,52 +78,78 @@ def _take_transformers_keys(module: nn.Module, state_dict, prefix, local_metadat
     block but not all of the block's own layout: some outside its modules, or none its layer's
     "moe."), or, within a transformers model, the Hub's
     (save_pretrained's default: hub_layout.py; Mixtral's under another name), before any tensor
-    of the model is copied (the patched module's hook runs before its children load). Every block
-    is converted before state_dict changes: where one cannot be (keys of two layouts, or not the
-    whole block: a shard of a checkpoint split inside it) RuntimeError names it, nothing of
-    state_dict loaded. While loading, state_dict holds each block's converted weights of this
+    of the model is copied (the patched module's hook runs before its children load).
+
+    A block whose keys come in part (a shard of a checkpoint split inside it: Trainer's
+    load_sharded_checkpoint loads one shard a load_state_dict(strict=False)) waits: its keys are
+    held back, nothing of the block loaded (a strict load then names the block's own keys
+    missing), and taken with the next load's until the block is whole, its forward refusing to
+    run meanwhile. Every block is converted before state_dict changes: where one cannot be (keys
+    of two layouts, a key the block does not have, a weight it cannot take) RuntimeError names it,
+    nothing of state_dict loaded. While loading, state_dict holds each block's converted weights of this
     rank beside the checkpoint's. Keys inside the layer are the layer's to judge (it takes its
     weights' old names)."""
     blocks = [(f"{prefix}{name}." if name else prefix, block) for name, block in module.named_modules()
               if isinstance(block, HFMoEBlock)]
-    hub_keys, source = set(), state_dict
+    waited = {k: t for k, t in module.__dict__.get("_waiting_keys", {}).items() if k not in state_dict}
+    state_dict.update(waited)  # (a key of this state_dict's own replaces the one held back)
+    hub_keys, source, parts = set(), state_dict, []
     if (hub := _blocks_in_hub_layout(module, prefix, blocks, state_dict)) is not None:
-        hub_keys, module_state = hub
+        hub_keys, module_state, parts = hub
         source = {**{k: t for k, t in state_dict.items() if k not in hub_keys}, **module_state}
     converted = []
     for under, block in blocks:
+        if any(b is block for b, _ in parts):
+            continue
         own = {*block._modules, *block._parameters, *block._buffers}
         keys = [k for k in source if k.startswith(under)]
         if not keys or (any(k.startswith(under + "moe.") for k in keys)  # none, or the block's own layout
                         and all(k[len(under):].split(".")[0] in own for k in keys)):
             continue
+        if block._skeleton is not None and {k[len(under):] for k in keys} < block.hf_keys():
+            parts.append((block, (under, set(keys))))  # (hooks are told strict=True whatever the load's is)
+            continue
         try:
-            converted.append((under, block.state_from_hf({k[len(under):]: source[k] for k in keys})))
+            converted.append((under, block, block.state_from_hf({k[len(under):]: source[k] for k in keys})))
         except (RuntimeError, ValueError) as e:
             raise RuntimeError(
                 f"load_state_dict: {under[:-1] or type(block).__name__} is a patched block (flashmoe_py's HFMoEBlock) "
                 f"and the state_dict holds keys of its transformers block, which it takes by converting them, but "
                 f"could not: {e}. Nothing of this state_dict was loaded") from e
-    for key in {*hub_keys, *(k for k in state_dict for under, _ in converted if k.startswith(under))}:
-        del state_dict[key]
-    for under, state in converted:
+    if local_metadata.get("assign_to_params_buffers", False):
+        _refuse_assign_elsewhere(converted)
+    taken = {*hub_keys, *(k for k in state_dict for under, _, _ in converted if k.startswith(under))}
+    held = {k for _, (_, keys) in parts for k in keys}
+    # held back: the parts' keys, and those held before that this load did not take (no block's here)
+    waiting = {k: state_dict[k] for k in held} | {k: t for k, t in waited.items() if k not in taken}
+    for key in taken | set(waiting):
+        state_dict.pop(key, None)
+    for under, block, state in converted:
         state_dict.update({under + key: t for key, t in state.items()})
+        block._waiting = None
+    for block, (under, keys) in parts:
+        block._waiting = (f"{under[:-1] or type(block).__name__}: a load_state_dict took "
+                          f"{len(keys)} of its transformers block's keys (e.g. {sorted(keys)[:2]}) and holds them "
+                          "back, nothing of the block loaded, until a next load brings the rest (a shard of a "
+                          "checkpoint split inside the block: load the shard holding the rest before running it)")
+    module.__dict__["_waiting_keys"] = waiting
 
 
 def _blocks_in_hub_layout(module: nn.Module, prefix: str, blocks: list[tuple[str, HFMoEBlock]],
-                          state_dict) -> tuple[set[str], dict[str, torch.Tensor]] | None:
+                          state_dict) -> tuple[set[str], dict[str, torch.Tensor], list] | None:
     """Where state_dict holds some of the patched blocks' weights in the Hub's layout (what
     save_pretrained writes), each block's read through the conversions of the outermost
     transformers model holding it in `module` (keys under `prefix`): (those keys, the same
-    weights in the layout of the transformers blocks' modules, full keys); None where it holds
-    none in that layout. RuntimeError where it holds a block's in part, beside keys of its
-    modules' layout, or they do not convert."""
+    weights in the layout of the transformers blocks' modules, full keys, and the blocks it holds
+    in part, (block, (its key prefix, those keys)) each); None where it holds none in that layout.
+    RuntimeError where it holds a block's beside keys of its modules' layout, or they do not
+    convert."""
     transformers = sys.modules.get("transformers")
     if transformers is None:
         return None
     models = [(f"{prefix}{name}." if name else prefix, m) for name, m in module.named_modules()
               if isinstance(m, transformers.PreTrainedModel)]  # (outermost first)
-    hub_keys, module_state = set(), {}
+    hub_keys, module_state, parts = set(), {}, []
     for under, block in blocks:
         base, model = next(((base, m) for base, m in models if under.startswith(base)), (None, None))
         if model is None or block._skeleton is None:
@@ -132,13 +158,13 @@ def _blocks_in_hub_layout(module: nn.Module, prefix: str, blocks: list[tuple[str
         if not any(base + name in state_dict for name in names - module_names):
             continue
         try:
-            missing = sorted(base + name for name in names if base + name not in state_dict)
-            if missing:
-                raise RuntimeError(f"{len(missing)} of its keys are missing, e.g. {missing[:3]} (a shard of a "
-                                   "checkpoint whose shards split the block? save with a larger max_shard_size)")
             both = sorted(base + name for name in module_names - names if base + name in state_dict)
             if both:
                 raise RuntimeError(f"it also holds {both[:3]}, keys of the transformers modules' layout")
+            present = {base + name for name in names if base + name in state_dict}
+            if len(present) < len(names):
+                parts.append((block, (under, present)))
+                continue
             state = hub_layout.from_hub_layout(model, {name: state_dict[base + name] for name in names})
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise RuntimeError(
@@ -148,7 +174,22 @@ def _blocks_in_hub_layout(module: nn.Module, prefix: str, blocks: list[tuple[str
                 "patch_model") from e
         hub_keys |= {base + name for name in names}
         module_state.update({base + k: t for k, t in state.items()})
-    return (hub_keys, module_state) if hub_keys else None
+    return (hub_keys, module_state, parts) if hub_keys or parts else None
+
+
+def _refuse_assign_elsewhere(converted: list[tuple[str, HFMoEBlock, dict[str, torch.Tensor]]]) -> None:
+    """load_state_dict(assign=True) makes the converted weights the layers' own: RuntimeError, before
+    anything is loaded, where one is not in its layer's dtype and on its device (MoELayer would
+    refuse it while loading, after the model's other modules had been assigned theirs)."""
+    for under, block, state in converted:
+        for key, t in state.items():
+            name = key.removeprefix("moe.")
+            if key.startswith("moe.") and name in block.moe._parameters and (want := block.moe._home(name, t)):
+                raise RuntimeError(
+                    f"load_state_dict(assign=True): the state_dict's weights of the patched block {under[:-1]} are "
+                    f"{t.dtype} on {t.device} ({name}), its layer's are {want}: the layer keeps its dtype and device, "
+                    "so they cannot be assigned; load without assign (copies convert them), or convert the "
+                    "checkpoint first. Nothing of this state_dict was loaded")
 
 
 def _load_guards(module: nn.Module) -> list:
@@ -174,6 +215,7 @@ class HFMoEBlock(nn.Module):
         # the converted block with its parameters on the meta device (no memory), for to_hf(); not a
         # submodule, so that its parameters are nobody's
         object.__setattr__(self, "_skeleton", skeleton)
+        self._waiting = None  # why a forward refuses to run: part of a checkpoint held back (_take_transformers_keys)
         self.tie_router()
         # load_state_dict(assign=True) puts the state_dict's two copies in as two tensors: tie again
         self.register_load_state_dict_post_hook(_tie_router_after_load)
@@ -270,6 +312,12 @@ class HFMoEBlock(nn.Module):
             self.__dict__["_hub_names"] = cached
         return cached[1], cached[2]
 
+    def hf_keys(self) -> frozenset[str]:
+        """The keys of the transformers block's state_dict (its modules' layout, relative to it)."""
+        if "_hf_keys" not in self.__dict__:
+            self.__dict__["_hf_keys"] = frozenset(self._skeleton.state_dict())
+        return self.__dict__["_hf_keys"]
+
     @torch.no_grad()
     def state_from_hf(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This block's state_dict (keys relative to it) holding the weights of `hf_state`, the whole
@@ -285,15 +333,18 @@ class HFMoEBlock(nn.Module):
         missing, unexpected = sorted(want - set(hf_state)), sorted(set(hf_state) - want)
         if missing or unexpected:
             raise RuntimeError(
-                f"{type(block).__name__}'s state_dict has {sorted(want)}; missing {missing}, unexpected {unexpected} "
-                "(a shard of a checkpoint whose shards split the block? save with a larger max_shard_size)")
+                f"{type(block).__name__}'s state_dict has {sorted(want)}; missing {missing}, unexpected {unexpected}")
         for key, t in hf_state.items():
             if not (torch.is_tensor(t) and t.is_floating_point() and t.layout == torch.strided) or t.is_meta:
                 raise ValueError(f"{key}: expected a dense floating-point tensor with data, got "
                                  f"{getattr(t, 'dtype', type(t).__name__)}")
-        block.load_state_dict(hf_state, assign=True)  # the skeleton's meta tensors -> hf_state's
+        # the skeleton's meta tensors -> hf_state's (float16's, float64's as float32: the copies into the layer
+        # cast them as they would cast the checkpoint's own)
+        block.load_state_dict({k: t if t.dtype in DTYPES.values() else t.float() for k, t in hf_state.items()},
+                              assign=True)
         conv = convert_block(block)
-        state = {f"moe.{name}": t for name, t in self.moe.state_from_full(conv.weights, conv.gate_up_layout).items()}
+        state = {f"moe.{name}": t.contiguous()  # (a transposed view converted: assign=True takes it as the layer's)
+                 for name, t in self.moe.state_from_full(conv.weights, conv.gate_up_layout).items()}
         own = self.state_dict(keep_vars=True)
         by_tensor = {id(t): f"moe.{name}" for name, t in self.moe.state_dict(keep_vars=True).items()}
         for key, t in own.items():  # the router module's tensors: the layer's (tie_router)
@@ -337,6 +388,8 @@ class HFMoEBlock(nn.Module):
         return None
 
     def forward(self, hidden_states: torch.Tensor):
+        if (waiting := self.__dict__.get("_waiting")) is not None:  # (a block pickled before it had one: None)
+            raise RuntimeError(waiting)
         if getattr(self.router, "weight", None) is not self.moe.router_weight:  # a wrapper may have none
             raise RuntimeError(self._router_replaced())
         if (problem := self._bias_replaced() or self._routing_changed()) is not None:

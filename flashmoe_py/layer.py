@@ -751,7 +751,11 @@ class MoELayer(nn.Module):
             if t is not None and not (torch.is_tensor(t) and not t.is_floating_point() and t.dtype != torch.bool
                                       and not t.is_complex() and tuple(t.shape) == shape):
                 what = f"{t.dtype} {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
-                return f"{prefix + name}: expected an integer tensor of shape {shape}, got {what}"
+                other = (name == "expert_ids" and torch.is_tensor(t) and t.dim() == 1 and not t.is_floating_point()
+                         and f" (the state_dict's layer holds {t.numel()} experts a rank, this one "
+                             f"{self.local_experts}: {self.config.num_experts} over {self.world_size} ranks; a "
+                             "checkpoint of a layer with another number of experts or ranks)")
+                return f"{prefix + name}: expected an integer tensor of shape {shape}, got {what}{other or ''}"
         return None
 
     def _own_tensors(self) -> list[tuple[str, torch.Tensor]]:

@@ -868,6 +868,15 @@ def test_an_assigned_state_dict_of_another_dtype_is_refused_before_anything_is_a
     assert layer.w_in.dtype == torch.float32
 
 
+def test_a_state_dict_of_a_layer_with_another_number_of_experts_is_refused_saying_so():
+    """Its expert_ids, the first entry checked, named only a shape: the experts' counts now."""
+    saved = MoELayer(MoEConfig(**{**SMALL, "num_experts": 4}, top_k=2), seed=1).state_dict()
+    layer = MoELayer(MoEConfig(**SMALL, top_k=2))
+    with pytest.raises(RuntimeError, match=r"expert_ids: .* \(the state_dict's layer holds 4 experts a rank, this one "
+                                           r"8: 8 over 1 ranks; a checkpoint of a layer with another number"):
+        layer.load_state_dict(saved)
+
+
 def test_a_sparse_input_is_refused_naming_x():
     """It failed in torch's reshape ("not implemented"), naming no argument."""
     with pytest.raises(ValueError, match="x is a torch.sparse_coo tensor"):
