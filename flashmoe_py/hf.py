@@ -83,56 +83,88 @@ def _take_transformers_keys(module: nn.Module, state_dict, prefix, local_metadat
     A block whose keys come in part (a shard of a checkpoint split inside it: Trainer's
     load_sharded_checkpoint loads one shard a load_state_dict(strict=False)) waits: its keys are
     held back, nothing of the block loaded (a strict load then names the block's own keys
-    missing), and taken with the next load's until the block is whole, its forward refusing to
-    run meanwhile. Every block is converted before state_dict changes: where one cannot be (keys
-    of two layouts, a key the block does not have, a weight it cannot take) RuntimeError names it,
-    nothing of state_dict loaded. While loading, state_dict holds each block's converted weights of this
-    rank beside the checkpoint's. Keys inside the layer are the layer's to judge (it takes its
-    weights' old names)."""
+    missing), and join the next load's until the block is whole, its forward refusing to run
+    meanwhile. A key of the next load replaces the one held; a held part that cannot join it (a
+    whole checkpoint in another layout) is dropped, that load taken alone. Every block is
+    converted before state_dict changes: where one cannot be (keys of two layouts, a key the block
+    does not have, a weight it cannot take; with assign=True, one not in the layer's dtype)
+    RuntimeError names it, nothing of state_dict loaded. While loading, state_dict holds each
+    block's converted weights of this rank beside the checkpoint's. Keys inside the layer are the
+    layer's to judge (it takes its weights' old names)."""
     blocks = [(f"{prefix}{name}." if name else prefix, block) for name, block in module.named_modules()
               if isinstance(block, HFMoEBlock)]
-    waited = {k: t for k, t in module.__dict__.get("_waiting_keys", {}).items() if k not in state_dict}
-    state_dict.update(waited)  # (a key of this state_dict's own replaces the one held back)
-    hub_keys, source, parts = set(), state_dict, []
-    if (hub := _blocks_in_hub_layout(module, prefix, blocks, state_dict)) is not None:
-        hub_keys, module_state, parts = hub
-        source = {**{k: t for k, t in state_dict.items() if k not in hub_keys}, **module_state}
-    converted = []
+    held = module.__dict__.get("_held_keys", {})  # the parts earlier loads held back, keys relative to `module`
+    joined = {prefix + k: t for k, t in held.items() if prefix + k not in state_dict}
+    assign = local_metadata.get("assign_to_params_buffers", False)
+    try:
+        hub_keys, converted, parts, loaded = _plan_load(module, prefix, blocks, {**state_dict, **joined}, assign)
+    except RuntimeError:
+        if not joined:
+            raise
+        joined = {}  # the held part cannot join this load: dropped, this load taken alone
+        hub_keys, converted, parts, loaded = _plan_load(module, prefix, blocks, state_dict, assign)
+    state_dict.update(joined)
+    holding = {k: state_dict[k] for _, _, keys in parts for k in keys}
+    taken = {*hub_keys, *(k for k in state_dict for under, _, _ in converted if k.startswith(under))}
+    for key in taken | set(holding) | set(joined):  # (a joined key no block here took is dropped)
+        state_dict.pop(key, None)
+    for under, _, state in converted:
+        state_dict.update({under + key: t for key, t in state.items()})
+    waiting = {id(block): len(keys) for block, _, keys in parts}
+    done = loaded | {id(block) for _, block, _ in converted} | ({id(b) for _, b in blocks} if held and not joined
+                                                                 else set())
     for under, block in blocks:
-        if any(b is block for b, _ in parts):
+        if id(block) in waiting:
+            block._waiting = (f"{under[:-1] or type(block).__name__}: a load_state_dict took {waiting[id(block)]} "
+                              "of its transformers block's keys and holds them back, nothing of the block loaded, "
+                              "until a next load brings the rest (a shard of a checkpoint split inside the block: "
+                              "load the shard holding the rest before running it, or a state_dict holding the "
+                              "whole block)")
+        elif id(block) in done:
+            block._waiting = None
+    module.__dict__["_held_keys"] = {k[len(prefix):]: t for k, t in holding.items()}
+
+
+def _plan_load(module: nn.Module, prefix: str, blocks: list[tuple[str, HFMoEBlock]], state: dict, assign: bool):
+    """What _take_transformers_keys does with `state` (not changed here): (the keys of the Hub's
+    layout it takes, [(key prefix, block, the block's converted state)], [(block, key prefix, the
+    keys of its part)] of the blocks it holds in part, ids of the blocks whose own layout it
+    loads). RuntimeError naming the block it cannot take."""
+    hub_keys, source, parts = set(), state, []
+    if (hub := _blocks_in_hub_layout(module, prefix, blocks, state)) is not None:
+        hub_keys, module_state, parts = hub
+        source = {**{k: t for k, t in state.items() if k not in hub_keys}, **module_state}
+    converted, loaded = [], set()
+    for under, block in blocks:
+        if any(b is block for b, _, _ in parts):
             continue
         own = {*block._modules, *block._parameters, *block._buffers}
         keys = [k for k in source if k.startswith(under)]
-        if not keys or (any(k.startswith(under + "moe.") for k in keys)  # none, or the block's own layout
-                        and all(k[len(under):].split(".")[0] in own for k in keys)):
+        if keys and any(k.startswith(under + "moe.") for k in keys) and all(k[len(under):].split(".")[0] in own
+                                                                           for k in keys):
+            loaded.add(id(block))  # the block's own layout: its layer judges it
+            if assign:
+                _refuse_assign_elsewhere(under, block, {k[len(under):]: source[k] for k in keys})
+            continue
+        if not keys:
             continue
         if block._skeleton is not None and {k[len(under):] for k in keys} < block.hf_keys():
-            parts.append((block, (under, set(keys))))  # (hooks are told strict=True whatever the load's is)
+            parts.append((block, under, set(keys)))  # (hooks are told strict=True whatever the load's is)
             continue
         try:
-            converted.append((under, block, block.state_from_hf({k[len(under):]: source[k] for k in keys})))
+            if assign and (odd := next((k for k in keys if source[k].dtype not in DTYPES.values()), None)):
+                raise RuntimeError(f"{odd} is {source[odd].dtype}, which assign=True would make a layer's weight "
+                                   f"(flashmoe_py takes {tuple(DTYPES)}): load without assign (copies cast it)")
+            state_of_block = block.state_from_hf({k[len(under):]: source[k] for k in keys})
+            if assign:
+                _refuse_assign_elsewhere(under, block, state_of_block)
         except (RuntimeError, ValueError) as e:
             raise RuntimeError(
                 f"load_state_dict: {under[:-1] or type(block).__name__} is a patched block (flashmoe_py's HFMoEBlock) "
                 f"and the state_dict holds keys of its transformers block, which it takes by converting them, but "
                 f"could not: {e}. Nothing of this state_dict was loaded") from e
-    if local_metadata.get("assign_to_params_buffers", False):
-        _refuse_assign_elsewhere(converted)
-    taken = {*hub_keys, *(k for k in state_dict for under, _, _ in converted if k.startswith(under))}
-    held = {k for _, (_, keys) in parts for k in keys}
-    # held back: the parts' keys, and those held before that this load did not take (no block's here)
-    waiting = {k: state_dict[k] for k in held} | {k: t for k, t in waited.items() if k not in taken}
-    for key in taken | set(waiting):
-        state_dict.pop(key, None)
-    for under, block, state in converted:
-        state_dict.update({under + key: t for key, t in state.items()})
-        block._waiting = None
-    for block, (under, keys) in parts:
-        block._waiting = (f"{under[:-1] or type(block).__name__}: a load_state_dict took "
-                          f"{len(keys)} of its transformers block's keys (e.g. {sorted(keys)[:2]}) and holds them "
-                          "back, nothing of the block loaded, until a next load brings the rest (a shard of a "
-                          "checkpoint split inside the block: load the shard holding the rest before running it)")
-    module.__dict__["_waiting_keys"] = waiting
+        converted.append((under, block, state_of_block))
+    return hub_keys, converted, parts, loaded
 
 
 def _blocks_in_hub_layout(module: nn.Module, prefix: str, blocks: list[tuple[str, HFMoEBlock]],
@@ -141,7 +173,7 @@ def _blocks_in_hub_layout(module: nn.Module, prefix: str, blocks: list[tuple[str
     save_pretrained writes), each block's read through the conversions of the outermost
     transformers model holding it in `module` (keys under `prefix`): (those keys, the same
     weights in the layout of the transformers blocks' modules, full keys, and the blocks it holds
-    in part, (block, (its key prefix, those keys)) each); None where it holds none in that layout.
+    in part, (block, its key prefix, those keys) each); None where it holds none in that layout.
     RuntimeError where it holds a block's beside keys of its modules' layout, or they do not
     convert."""
     transformers = sys.modules.get("transformers")
@@ -161,9 +193,11 @@ def _blocks_in_hub_layout(module: nn.Module, prefix: str, blocks: list[tuple[str
             both = sorted(base + name for name in module_names - names if base + name in state_dict)
             if both:
                 raise RuntimeError(f"it also holds {both[:3]}, keys of the transformers modules' layout")
+            if mine := sorted(k for k in state_dict if k.startswith(under + "moe.")):
+                raise RuntimeError(f"it also holds {mine[:3]}, keys of the patched block's own layout")
             present = {base + name for name in names if base + name in state_dict}
             if len(present) < len(names):
-                parts.append((block, (under, present)))
+                parts.append((block, under, present))
                 continue
             state = hub_layout.from_hub_layout(model, {name: state_dict[base + name] for name in names})
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -177,19 +211,20 @@ def _blocks_in_hub_layout(module: nn.Module, prefix: str, blocks: list[tuple[str
     return (hub_keys, module_state, parts) if hub_keys or parts else None
 
 
-def _refuse_assign_elsewhere(converted: list[tuple[str, HFMoEBlock, dict[str, torch.Tensor]]]) -> None:
-    """load_state_dict(assign=True) makes the converted weights the layers' own: RuntimeError, before
-    anything is loaded, where one is not in its layer's dtype and on its device (MoELayer would
-    refuse it while loading, after the model's other modules had been assigned theirs)."""
-    for under, block, state in converted:
-        for key, t in state.items():
-            name = key.removeprefix("moe.")
-            if key.startswith("moe.") and name in block.moe._parameters and (want := block.moe._home(name, t)):
-                raise RuntimeError(
-                    f"load_state_dict(assign=True): the state_dict's weights of the patched block {under[:-1]} are "
-                    f"{t.dtype} on {t.device} ({name}), its layer's are {want}: the layer keeps its dtype and device, "
-                    "so they cannot be assigned; load without assign (copies convert them), or convert the "
-                    "checkpoint first. Nothing of this state_dict was loaded")
+def _refuse_assign_elsewhere(under: str, block: HFMoEBlock, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict(assign=True) makes a block's weights (`state`, keys relative to the block)
+    its layer's own: RuntimeError, before anything is loaded, where one is not in its layer's
+    dtype and on its device (MoELayer would refuse it while loading, after the model's other
+    modules had been assigned theirs)."""
+    for key, t in state.items():
+        name = key.removeprefix("moe.")
+        if key.startswith("moe.") and name in block.moe._parameters and torch.is_tensor(t) and (
+                want := block.moe._home(name, t)):
+            raise RuntimeError(
+                f"load_state_dict(assign=True): the state_dict's weights of the patched block {under[:-1]} are "
+                f"{t.dtype} on {t.device} ({name}), its layer's are {want}: the layer keeps its dtype and device, "
+                "so they cannot be assigned; load without assign (copies convert them), or convert the "
+                "checkpoint first. Nothing of this state_dict was loaded")
 
 
 def _load_guards(module: nn.Module) -> list:
@@ -873,6 +908,16 @@ def _unguard(model: nn.Module) -> None:
                 del module.__dict__[name]
         for key in _load_guards(module):
             del module._load_state_dict_pre_hooks[key]
+        module.__dict__.pop("_held_keys", None)
+
+
+def _refuse_waiting(model: nn.Module, what: str) -> None:
+    """RuntimeError naming the first HFMoEBlock in `model` whose weights wait for the rest of a
+    checkpoint (_take_transformers_keys): what it holds is neither the old weights nor the new."""
+    for name, m in model.named_modules():
+        if isinstance(m, HFMoEBlock) and (waiting := m.__dict__.get("_waiting")) is not None:
+            raise RuntimeError(f"{what}: the block {name} waits for the rest of a checkpoint, so its weights are not "
+                               f"the checkpoint's: {waiting}")
 
 
 def _save_pretrained(model: nn.Module, *args, **kwargs):
@@ -904,6 +949,7 @@ def unpatch_model(model: nn.Module) -> dict[str, str]:
     if isinstance(model, HFMoEBlock):
         raise ValueError("unpatch_model: `model` is itself an HFMoEBlock, which it cannot replace in place: pass "
                          "the module that holds it, or take its transformers block with model.to_hf()")
+    _refuse_waiting(model, "unpatch_model")
     report, replaced = {}, []
     for name, module in list(model.named_modules()):
         if isinstance(module, HFMoEBlock):
@@ -933,6 +979,7 @@ def hf_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor]:
     (checkpoint.check_groups_agree: ConsistencyError on every rank where they differ). A model
     under FSDP (sharded parameters) is refused: save it with sharded_state_dict."""
     check_dst(dst)
+    _refuse_waiting(model, "hf_state_dict")
     if any(isinstance(p, DTensor) for p in model.parameters()) or in_fsdp_class(model):
         raise DataParallelError("hf_state_dict: `model` is under FSDP (its parameters are sharded); save it with "
                                 "fm.sharded_state_dict and torch.distributed.checkpoint")

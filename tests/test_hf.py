@@ -883,7 +883,8 @@ def test_a_patched_model_refuses_a_transformers_checkpoint_it_cannot_convert_bef
     hub, modules = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("hub", "modules"))
     before = {k: t.clone() for k, t in model.state_dict().items()}
     w_out = before["model.layers.1.mlp.moe.w_out"]
-    cases = (({**hub, "model.layers.1.mlp.moe.w_out": w_out}, r"unexpected \['moe.w_out'\]"),
+    cases = (({**hub, "model.layers.1.mlp.moe.w_out": w_out},
+              r"also holds \['model.layers.1.mlp.moe.w_out'\], keys of the patched block's own layout"),
              ({**hub, "model.layers.1.mlp.experts.down_proj": modules["model.layers.1.mlp.experts.down_proj"]},
               r"also holds \['model.layers.1.mlp.experts.down_proj'\], keys of the transformers modules' layout"),
              ({**modules, "model.layers.1.mlp.moe.w_out": w_out}, r"unexpected \['moe.w_out'\]"))
@@ -1016,6 +1017,57 @@ def test_a_checkpoint_whose_shards_split_its_blocks_loads_shard_by_shard(tmp_pat
         assert rel_err(model(ids).logits, want) < 1e-5 and rel_err(fresh(ids).logits, want) < 1e-5
 
 
+@pytest.mark.parametrize("kind, hub_block", [("qwen3_moe", "mlp"), ("mixtral", "block_sparse_moe")])
+def test_a_held_part_gives_way_to_a_whole_checkpoint_and_joins_its_rest_through_a_wrapper(tmp_path, kind, hub_block):
+    """A part held back by a load that never finished stays out of the way: a later whole
+    checkpoint, in the block's own layout or the transformers modules' (a key of the new load
+    replaces the held one, a part that cannot join it is dropped), loads and runs, nothing left
+    held; and a part held through a module holding the model joins the model's own load (its keys
+    are kept relative to the model)."""
+    seed = fresh_seed()
+    a, b = tiny_model(kind, seed + 1), tiny_model(kind, seed + 2)
+    a.save_pretrained(tmp_path)
+    hub = load_file(str(tmp_path / "model.safetensors"))
+    router = f"model.layers.0.{hub_block}.gate.weight"
+    expert = {k: t for k, t in hub.items() if k.startswith(f"model.layers.0.{hub_block}.experts.0.")}
+    patched_b = tiny_model(kind, seed + 2)
+    patch_model(patched_b)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        want = b(ids).logits
+    for part, whole in (({router: hub[router]}, patched_b.state_dict()),  # the block's own layout
+                        (expert, b.state_dict()),  # the transformers modules' layout, beside a held Hub part
+                        ({router: hub[router]}, hub)):  # the same key again: a whole checkpoint replaces it
+        model = tiny_model(kind, seed)
+        patch_model(model)
+        model.load_state_dict(part, strict=False)
+        with pytest.raises(RuntimeError, match="model.layers.0.mlp: a load_state_dict took .* holds them back"):
+            model(ids)
+        model.load_state_dict(whole, strict=False)
+        assert not model.__dict__["_held_keys"]  # nothing stays held
+        with torch.no_grad():
+            assert rel_err(model(ids).logits, want if whole is not hub else a(ids).logits) < 1e-5
+    model = tiny_model(kind, seed)
+    patch_model(model)
+    nn.ModuleDict({"inner": model}).load_state_dict({f"inner.{router}": hub[router]}, strict=False)
+    model.load_state_dict({k: t for k, t in hub.items() if k != router}, strict=False)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, a(ids).logits) < 1e-5
+
+
+def test_a_model_whose_block_waits_refuses_to_be_saved_or_unpatched(tmp_path):
+    """While a block waits for the rest of a checkpoint its weights are neither the old ones nor
+    the checkpoint's: hf_state_dict, save_pretrained and unpatch_model refuse, naming it, where they
+    wrote or restored the old weights silently."""
+    model = tiny_model("qwen2_moe", fresh_seed())
+    patch_model(model)
+    model.load_state_dict({"model.layers.1.mlp.gate.weight": torch.randn(8, 32)}, strict=False)
+    for call in (lambda: hf_state_dict(model), lambda: model.save_pretrained(tmp_path), lambda: unpatch_model(model)):
+        with pytest.raises(RuntimeError, match="the block model.layers.1.mlp waits for the rest of a checkpoint"):
+            call()
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_a_checkpoint_in_another_dtype_loads_as_into_the_unpatched_model(tmp_path, dtype):
     """A float16 or float64 checkpoint: the conversion refused its dtype (flashmoe_py computes in
@@ -1062,6 +1114,15 @@ def test_assign_takes_a_transformers_checkpoint_in_the_layer_s_dtype_and_refuses
         bf16.load_state_dict(state, assign=True)
     after = bf16.state_dict()
     assert all(after[k].dtype == t.dtype and torch.equal(after[k], t) for k, t in before.items())
+    fp32 = tiny_model("qwen2_moe", seed)
+    patch_model(fp32)
+    own = fp32.state_dict()
+    for wrong, problem in (({k: t.half() for k, t in state.items()}, r"is torch.float16, which assign=True would"),
+                           ({**own, "model.layers.0.mlp.moe.w_in": own["model.layers.0.mlp.moe.w_in"].double()},
+                            r"are torch.float64 on cpu \(w_in\), its layer's are torch.float32")):
+        with pytest.raises(RuntimeError, match=problem):
+            fp32.load_state_dict(wrong, assign=True)
+        assert all(t.dtype == torch.float32 for t in fp32.state_dict().values() if t.is_floating_point())
 
 
 def test_a_transformers_model_inside_another_module_loads_its_checkpoint_in_the_hub_s_layout(tmp_path):
