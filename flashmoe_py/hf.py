@@ -98,11 +98,13 @@ def _take_transformers_keys(module: nn.Module, state_dict, prefix, local_metadat
     assign = local_metadata.get("assign_to_params_buffers", False)
     try:
         hub_keys, converted, parts, loaded = _plan_load(module, prefix, blocks, {**state_dict, **joined}, assign)
-    except RuntimeError:
+    except RuntimeError as error:
         if not joined:
             raise
-        joined = {}  # the held part cannot join this load: dropped, this load taken alone
+        joined = {}  # the held part cannot join this load: dropped where this load takes its blocks whole
         hub_keys, converted, parts, loaded = _plan_load(module, prefix, blocks, state_dict, assign)
+        if parts:  # (it holds a part again: the fault is in the keys, not a stale part; say it)
+            raise error
     state_dict.update(joined)
     holding = {k: state_dict[k] for _, _, keys in parts for k in keys}
     taken = {*hub_keys, *(k for k in state_dict for under, _, _ in converted if k.startswith(under))}

@@ -1531,3 +1531,23 @@ def test_patch_model_leaves_torch_s_generator_as_it_was():
     after = torch.rand(4)
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(4))
+
+
+@pytest.mark.parametrize("bad", ["first", "second"])
+def test_a_bad_tensor_in_a_block_split_across_shards_is_refused_not_held(tmp_path, bad):
+    """A block whose shards hold a tensor of the wrong shape: its conversion fails when the rest
+    joins the held part, and that error is raised (a retry without the held part held the rest as
+    another part, the load returned and the block waited for ever)."""
+    other, model = tiny_model("qwen3_moe", fresh_seed()), tiny_model("qwen3_moe", 1)
+    patch_model(model)
+    other.save_pretrained(tmp_path, save_original_format=False)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    under = "model.layers.0.mlp."
+    first = {k: state[k] for k in sorted(k for k in state if k.startswith(under))[:1]}
+    second = {k: t for k, t in state.items() if k not in first}
+    part = first if bad == "first" else second
+    key = next(k for k in sorted(part) if k.startswith(under))
+    part[key] = part[key][..., :-1].contiguous()
+    model.load_state_dict(first, strict=False)
+    with pytest.raises(RuntimeError, match=f"(?s){under[:-1]} is a patched block .* could not: .*size mismatch"):
+        model.load_state_dict(second, strict=False)
